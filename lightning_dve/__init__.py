@@ -1,0 +1,36 @@
+"""lightning_dve: data value embeddings (DVEmb) for PyTorch Lightning.
+
+Record per-sample gradients during ``fit`` with :class:`DataValueEmbedding`, then ask which training samples,
+used at which step, shaped the final model with :meth:`DataValueEmbeddings.influence`.
+"""
+
+from lightning_dve.callback import DataValueEmbedding
+from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from lightning_dve.errors import (
+    ConfigError,
+    DVEError,
+    GradientError,
+    LayerMismatchError,
+    SampleIdError,
+    StoreError,
+    UnsupportedError,
+)
+from lightning_dve.influence import DataValueEmbeddings, InfluenceResult, Ranking
+
+__all__ = [
+    "DEFAULT_PROJECTION_DIM",
+    "AccumulatorLayout",
+    "ConfigError",
+    "DVEConfig",
+    "DVEError",
+    "DataValueEmbedding",
+    "DataValueEmbeddings",
+    "GradientError",
+    "InfluenceResult",
+    "LayerMismatchError",
+    "LossReduction",
+    "Ranking",
+    "SampleIdError",
+    "StoreError",
+    "UnsupportedError",
+]

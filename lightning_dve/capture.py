@@ -1,0 +1,358 @@
+"""Capture of projected per-sample gradients from the training backward itself (method.md §3).
+
+A forward hook on each tracked layer projects its input (``P_in v``, the only activation kept); a tensor hook
+on the layer's output projects the output gradient (``P_out delta``) when the backward reaches it and forms
+the per-sample block at once. No second forward or backward pass is made. The loss reduction's local scale is
+undone at the end of the step, so what leaves this module is the gradient of the per-sample loss itself
+(method.md §2, scale conventions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from lightning_dve import layers as layer_specs
+from lightning_dve.config import DVEConfig, LossReduction
+from lightning_dve.errors import ConfigError, GradientError, SampleIdError, UnsupportedError
+from lightning_dve.projection import LayerProjection
+
+IdFn = Callable[[Any], Any]
+WeightFn = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackedLayer:
+    """A module whose per-sample gradients are captured, with its spec and projection."""
+
+    name: str
+    module: nn.Module
+    spec: layer_specs.LayerSpec
+    projection: LayerProjection
+
+    def describe(self) -> dict[str, Any]:
+        """Manifest entry: kind, exact shape and projection."""
+        d_out, d_in = self.spec.dims(self.module)
+        return {"name": self.name, "kind": self.spec.kind, "out_dim": d_out, "in_dim": d_in,
+                "projection": self.projection.to_dict()}
+
+
+def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``name`` or one of its parent modules matches an exclude pattern."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+
+def _own_trainable(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def _check_trackable(name: str, module: nn.Module) -> layer_specs.LayerSpec:
+    """Return the spec of a module to track, or raise naming the problem and the fix."""
+    spec = layer_specs.spec_for(module)
+    fix = f"Add {name!r} to `exclude=` to train it without measuring its data value."
+    if spec is None:
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) is not a supported layer type; supported types are "
+            f"{', '.join(layer_specs.supported_types())}. {fix}"
+        )
+    if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm or "
+            f"another parametrization): its weight is computed from other parameters, so the captured gradient "
+            f"would not be the gradient of what the optimizer updates. {fix}"
+        )
+    extra = set(_own_trainable(module)) - {"weight", "bias"}
+    if extra or not module.weight.requires_grad:
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(_own_trainable(module))} but "
+            f"capture needs a trainable 'weight' and at most a 'bias'. {fix}"
+        )
+    spec.check(name, module)
+    return spec
+
+
+def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLayer]:
+    """Pick the layers to track (``config.layers`` or every supported trainable module, minus excludes).
+
+    Raises:
+        ConfigError: if a named layer does not exist or nothing is left to track.
+        UnsupportedError: if a tracked layer is unsupported, or (default selection) a module with trainable
+            parameters would silently go untracked.
+    """
+    modules = dict(model.named_modules())
+    if config.layers is not None:
+        missing = [n for n in config.layers if n not in modules]
+        if missing:
+            candidates = [n for n, m in modules.items() if layer_specs.spec_for(m) is not None]
+            raise ConfigError(f"layers {missing} are not modules of {type(model).__name__}; "
+                              f"supported modules it has: {candidates}.")
+        names = [n for n in config.layers if not _excluded(n, config.exclude)]
+    else:
+        if _own_trainable(model):
+            raise UnsupportedError(
+                f"{type(model).__name__} itself owns trainable parameters {_own_trainable(model)}; capture tracks "
+                "submodules only. Move them into a supported submodule (e.g. nn.Linear) or freeze them."
+            )
+        owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and _own_trainable(m)]
+        names = [n for n in dict.fromkeys(owners) if not _excluded(n, config.exclude)]
+    tracked = {}
+    for name in names:
+        module = modules[name]
+        spec = _check_trackable(name, module)
+        d_out, d_in = spec.dims(module)
+        projection = LayerProjection.create(name, d_out, d_in, config.projection_dim, config.seed)
+        tracked[name] = TrackedLayer(name, module, spec, projection)
+    if not tracked:
+        raise ConfigError(f"no layer to track in {type(model).__name__} (layers={config.layers}, "
+                          f"exclude={config.exclude}); supported types are {layer_specs.supported_types()}.")
+    return tracked
+
+
+def check_no_batchnorm_training(model: nn.Module) -> None:
+    """Refuse BatchNorm in train mode: its batch statistics mix samples, so per-sample gradients do not exist.
+
+    Raises:
+        UnsupportedError: naming the first such module.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise UnsupportedError(
+                f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
+                "samples of a batch, so a sample's gradient depends on the others and its data value is not "
+                "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
+                "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
+            )
+
+
+class GradientCapture:
+    """Hooks that collect one step's per-sample blocks ``{layer: [B, k_l]}`` for the tracked layers.
+
+    Use :meth:`attach` once, then for each step :meth:`begin`, run the forward/backward, and :meth:`finish`.
+    Hooks do nothing outside ``begin``/``finish``, so validation and prediction are untouched.
+    """
+
+    def __init__(self, layers: dict[str, TrackedLayer]) -> None:
+        self.layers = layers
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._active = False
+        self._inputs: dict[str, list[torch.Tensor | None]] = {}
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._keep_outputs = False
+        self.outputs: list[torch.Tensor] = []
+
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if not self._handles:
+            self._handles = [t.module.register_forward_hook(partial(self._on_forward, t)) for t in self.layers.values()]
+
+    def detach(self) -> None:
+        """Remove every hook and drop pending state."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reset(active=False)
+
+    def _reset(self, active: bool, keep_outputs: bool = False) -> None:
+        self._active = active
+        self._keep_outputs = keep_outputs
+        self._inputs = {name: [] for name in self.layers}
+        self._blocks = {}
+        self.outputs = []
+
+    def begin(self, keep_outputs: bool = False) -> None:
+        """Start collecting a step.
+
+        Args:
+            keep_outputs: also keep the tracked layers' outputs in :attr:`outputs`, for a caller that runs
+                its own ``torch.autograd.grad`` with respect to them (queries, which must not touch ``.grad``).
+        """
+        self._reset(active=True, keep_outputs=keep_outputs)
+
+    def abort(self) -> None:
+        """Stop collecting and drop whatever the step collected."""
+        self._reset(active=False)
+
+    @property
+    def captured(self) -> bool:
+        """Whether the backward of the current step reached at least one tracked layer."""
+        return bool(self._blocks)
+
+    def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        p_in = layer.projection.side_matrix("in", module.weight.dtype, module.weight.device)
+        pending = self._inputs[layer.name]
+        pending.append(layer.spec.project_input(module, args, p_in))
+        if self._keep_outputs:
+            self.outputs.append(output)
+        output.register_hook(partial(self._on_output_grad, layer, len(pending) - 1))
+
+    def _on_output_grad(self, layer: TrackedLayer, call: int, grad: torch.Tensor) -> None:
+        in_side = self._inputs[layer.name][call]
+        if not self._active or in_side is None:
+            return
+        self._inputs[layer.name][call] = None  # release the projected activation as soon as it is used
+        p_out = layer.projection.side_matrix("out", grad.dtype, grad.device)
+        out_side = layer.spec.project_output_grad(layer.module, grad.detach(), p_out)
+        block = layer_specs.outer_block(out_side, in_side.detach())
+        previous = self._blocks.get(layer.name)
+        self._blocks[layer.name] = block if previous is None else previous + block
+
+    def weights(self) -> dict[str, nn.Parameter]:
+        """The tracked layers' weight parameters, in layer order."""
+        return {name: layer.module.weight for name, layer in self.layers.items()}
+
+    def check_all_reached(self) -> None:
+        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it.
+
+        This happens when a model uses a layer's weight functionally (e.g. ``nn.MultiheadAttention`` calls
+        ``out_proj.weight`` without calling ``out_proj``).
+
+        Raises:
+            UnsupportedError: naming the layer and how to exclude it.
+        """
+        for name, weight in self.weights().items():
+            if name not in self._blocks and weight.grad is not None and bool(weight.grad.ne(0).any()):
+                raise UnsupportedError(
+                    f"layer {name!r} received a gradient but its forward was never called: the model uses its "
+                    f"weight directly (functionally), which capture cannot see. Pass exclude=({name!r},) and track "
+                    "the layers that are called as modules."
+                )
+
+    def batch_size(self) -> int:
+        """Number of samples in the captured step (first dim of the captured blocks)."""
+        sizes = {name: block.shape[0] for name, block in self._blocks.items()}
+        if len(set(sizes.values())) != 1:
+            raise UnsupportedError(
+                f"tracked layers saw different batch sizes {sizes}: a tracked layer must see the batch as its "
+                "first dimension. Exclude layers that run on reshaped inputs."
+            )
+        return next(iter(sizes.values()))
+
+    def finish(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Close the step: undo the loss reduction and return ``{layer: g [B, k_l]}`` on the CPU.
+
+        The hooked block of sample ``i`` is ``w_i * grad l_i``; dividing by ``w_i`` gives the gradient of the
+        per-sample loss (method.md §2). Samples with ``w_i = 0`` get a zero gradient (they do not enter the
+        step). Layers the backward never reached get zeros.
+
+        Args:
+            weights: per-sample loss weights ``w`` ``[B]`` applied inside the loss (``1/B`` for a mean).
+        """
+        batch = self.batch_size()
+        reference = next(iter(self._blocks.values()))
+        inverse = torch.where(weights != 0, 1.0 / weights.to(torch.float64), 0.0)
+        grads = {}
+        for name, layer in self.layers.items():
+            block = self._blocks.get(name)
+            if block is None:
+                block = reference.new_zeros(batch, layer.projection.dim)
+            grads[name] = (block * inverse.to(block.device, block.dtype).unsqueeze(1)).detach().cpu()
+        self._reset(active=False)
+        return grads
+
+
+def reduction_weights(
+    reduction: LossReduction, batch: Any, batch_size: int, weight_fn: WeightFn | None
+) -> torch.Tensor:
+    """Per-sample loss weights ``w [B]`` inside the loss: ``1/B`` (mean), ``1`` (sum) or ``weight_fn(batch)``.
+
+    Raises:
+        ConfigError: if the reduction needs ``weight_fn`` and none is given, or it returns a wrong shape.
+    """
+    if reduction is LossReduction.MEAN:
+        return torch.full((batch_size,), 1.0 / batch_size, dtype=torch.float64)
+    if reduction is LossReduction.SUM:
+        return torch.ones(batch_size, dtype=torch.float64)
+    if weight_fn is None:
+        raise ConfigError("this store was recorded with per-sample loss weights (a loss_reduction callable); pass "
+                          "the same callable as `loss_weights=` to DataValueEmbeddings.load, or pass `loss_fn=`.")
+    weights = torch.as_tensor(weight_fn(batch)).detach().to("cpu", torch.float64)
+    if weights.shape != (batch_size,):
+        raise ConfigError(f"loss_reduction callable returned shape {tuple(weights.shape)}; expected "
+                          f"({batch_size},), one weight per sample of the batch.")
+    return weights
+
+
+def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> torch.Tensor:
+    """Read the dataset indices ``[B]`` of a batch (a dict key or a callable).
+
+    Raises:
+        SampleIdError: if the ids are missing, not integers, or not one per sample.
+    """
+    if callable(sample_ids):
+        ids = sample_ids(batch)
+    elif isinstance(batch, dict):
+        if sample_ids not in batch:
+            raise SampleIdError(f"batch has no key {sample_ids!r} (keys: {sorted(map(str, batch))}). Return the "
+                                f"dataset index under {sample_ids!r} from your Dataset, or pass "
+                                "`sample_ids=callable(batch) -> LongTensor[B]`.")
+        ids = batch[sample_ids]
+    else:
+        raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
+                            "Pass `sample_ids=callable(batch) -> LongTensor[B]` that returns the dataset indices.")
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
+    if ids.shape != (batch_size,):
+        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples; "
+                            "return one id per sample as a 1-D LongTensor.")
+    return ids.detach().to("cpu", torch.int64)
+
+
+def check_unique(sample_ids: torch.Tensor, step: int) -> None:
+    """Refuse the same id twice in one step.
+
+    Raises:
+        SampleIdError: naming the duplicated ids and ``allow_duplicate_ids=True``.
+    """
+    values, counts = torch.unique(sample_ids, return_counts=True)
+    if (counts > 1).any():
+        raise SampleIdError(f"sample ids {values[counts > 1].tolist()[:10]} occur more than once in step {step}. "
+                            "If your sampler draws with replacement, pass allow_duplicate_ids=True (each copy is "
+                            "then its own occurrence); otherwise fix the ids your batches carry.")
+
+
+def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int) -> None:
+    """Refuse NaN or infinite per-sample gradients, naming the layer, step and samples.
+
+    Raises:
+        GradientError: if any captured value is not finite.
+    """
+    for name, block in grads.items():
+        bad = ~torch.isfinite(block).all(dim=1)
+        if bad.any():
+            ids = sample_ids[bad.cpu()].tolist()[:10]
+            raise GradientError(
+                f"non-finite per-sample gradient in layer {name!r} at step {step} for sample ids {ids}. Training "
+                "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
+                "clipping, or remove those samples. Steps before this one are kept in the store."
+            )
+
+
+@contextlib.contextmanager
+def muted_logging(module: nn.Module) -> Iterator[None]:
+    """Make ``module.log`` and ``module.log_dict`` no-ops while running ``training_step`` outside a loop."""
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    for name in saved:
+        if hasattr(module, name):
+            setattr(module, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, value)

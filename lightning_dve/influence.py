@@ -1,0 +1,229 @@
+"""Queries: test gradients through the recorded capture and projection, dot products, top-k (method.md §2).
+
+``TSLOO^{(t)}(z; z_test) ~= grad l(theta_T, z_test)^T e_{t,z}``: after training, the influence of every
+recorded occurrence on a test point is one dot product per layer block with that point's projected gradient at
+the final parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dve import layers as layer_specs
+from lightning_dve.capture import GradientCapture, TrackedLayer, WeightFn, muted_logging, reduction_weights
+from lightning_dve.config import DVEConfig
+from lightning_dve.errors import ConfigError, LayerMismatchError, StoreError
+from lightning_dve.projection import LayerProjection
+from lightning_dve.store import EMBEDDINGS, STEPS, TrajectoryStore
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Occurrences or samples ranked by one score each.
+
+    Attributes:
+        sample_ids: ``[k]`` dataset indices.
+        steps: ``[k]`` optimizer steps (``-1`` for all-occurrence totals).
+        scores: ``[k]`` influence scores (test-loss change when removed; positive = helpful).
+    """
+
+    sample_ids: torch.Tensor
+    steps: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceResult:
+    """Influence of training occurrences (or samples) on test points.
+
+    Attributes:
+        sample_ids: ``[m]`` dataset index of each column.
+        steps: ``[m]`` optimizer step of each column (counted from 0), or ``-1`` for per-sample totals.
+        scores: ``[n_test, m]``; ``scores[i, j]`` estimates ``l(theta'_T, test_i) - l(theta_T, test_i)`` when
+            column ``j`` is removed from training (method.md §1). Positive means the sample helped.
+    """
+
+    sample_ids: torch.Tensor
+    steps: torch.Tensor
+    scores: torch.Tensor
+
+    def top_k(self, k: int = 10, test_index: int | None = None) -> tuple[Ranking, Ranking]:
+        """The ``k`` most helpful and the ``k`` most harmful columns.
+
+        Args:
+            k: how many of each.
+            test_index: rank by that test point's row; ``None`` ranks by the mean over test points.
+
+        Returns:
+            ``(helpful, harmful)``: highest scores first, then lowest scores first.
+        """
+        row = self.scores.mean(dim=0) if test_index is None else self.scores[test_index]
+        k = min(k, row.numel())
+
+        def pick(order: torch.Tensor) -> Ranking:
+            return Ranking(self.sample_ids[order], self.steps[order], row[order])
+
+        return pick(torch.topk(row, k).indices), pick(torch.topk(-row, k).indices)
+
+
+@contextlib.contextmanager
+def _query_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode with gradients on; restores every submodule's mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+class DataValueEmbeddings:
+    """The embeddings of a finished recording, with the projection needed to score test points against them.
+
+    Create with :meth:`load` (any process) or from ``DataValueEmbedding.embeddings`` after ``fit``.
+    """
+
+    def __init__(self, store: TrajectoryStore, loss_weights: WeightFn | None = None) -> None:
+        self.store = store
+        self.config = DVEConfig.from_dict(store.manifest["settings"])
+        self.loss_weights = loss_weights
+        self.projections = {
+            entry["name"]: LayerProjection.from_dict(entry["name"], entry["projection"])
+            for entry in store.manifest["layers"]
+        }
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        loss_weights: WeightFn | None = None,
+        settings: DVEConfig | None = None,
+    ) -> DataValueEmbeddings:
+        """Open the embeddings in ``path`` (a ``save_dir``), checking that every file is present.
+
+        Args:
+            path: the callback's ``save_dir``.
+            loss_weights: the ``loss_reduction`` callable used in training, if it was one.
+            settings: if given, refuse a store written with other settings.
+
+        Raises:
+            StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
+        """
+        store = TrajectoryStore.open(path)
+        store.require("status", "complete", "The recording did not finish (the run was interrupted); record again.")
+        store.require("embeddings", "complete", "The backward recursion did not finish; record the run again.")
+        if settings is not None and settings.settings_hash() != store.settings_hash:
+            recorded = store.manifest["settings"]
+            diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
+            raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
+                             "recorded settings, or record a new run with the new ones.")
+        for sub in (STEPS, EMBEDDINGS):
+            missing = [s for s in store.steps if not (Path(path) / sub / f"step_{s:08d}.safetensors").is_file()]
+            if missing:
+                raise StoreError(f"store {path} is missing {len(missing)} {sub} file(s), first for steps "
+                                 f"{missing[:5]}; restore them or record the run again.")
+        return cls(store, loss_weights)
+
+    @property
+    def steps(self) -> list[int]:
+        """Recorded optimizer steps."""
+        return self.store.steps
+
+    def _tracked_layers(self, module: nn.Module) -> dict[str, TrackedLayer]:
+        """Match the recorded layers in ``module`` by name, type and shape.
+
+        Raises:
+            LayerMismatchError: listing every missing or reshaped layer.
+        """
+        modules = dict(module.named_modules())
+        problems, tracked = [], {}
+        for entry in self.store.manifest["layers"]:
+            name, found = entry["name"], modules.get(entry["name"])
+            spec = None if found is None else layer_specs.spec_for(found)
+            shape = None if spec is None or found is None else spec.dims(found)
+            expected = (entry["out_dim"], entry["in_dim"])
+            if spec is None or spec.kind != entry["kind"] or shape != expected:
+                what = "missing" if found is None else f"{type(found).__name__} with exact block {shape}"
+                problems.append(f"{name!r}: recorded {entry['kind']} {expected}, found {what}")
+            else:
+                tracked[name] = TrackedLayer(name, found, spec, self.projections[name])
+        if problems:
+            raise LayerMismatchError(f"{type(module).__name__} does not hold the recorded layers: "
+                                     f"{'; '.join(problems)}. Pass the model that was trained (or one with the same "
+                                     "layer names and shapes).")
+        return tracked
+
+    def _test_loss(self, module: nn.Module, batch: Any, loss_fn: LossFn | None) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms."""
+        if loss_fn is not None:
+            losses = loss_fn(module, batch)
+            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+                raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
+                                  f"{getattr(losses, 'shape', type(losses))}.")
+            return losses.sum(), lambda n: torch.ones(n, dtype=torch.float64)
+        if not callable(getattr(module, "training_step", None)):
+            raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
+                              "Tensor[B] of per-sample test losses.")
+        with muted_logging(module):
+            out = module.training_step(batch, 0)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn.")
+        reduction = self.config.loss_reduction
+        return loss, lambda n: reduction_weights(reduction, batch, n, self.loss_weights)
+
+    def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
+        """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
+
+        ``module`` runs in eval mode with gradients enabled; its modes, parameters and ``.grad`` are left as they
+        were (gradients are taken with ``torch.autograd.grad`` with respect to the layer outputs).
+        """
+        capture = GradientCapture(self._tracked_layers(module))
+        capture.attach()
+        try:
+            with _query_mode(module):
+                capture.begin(keep_outputs=True)
+                loss, weights_for = self._test_loss(module, batch, loss_fn)
+                torch.autograd.grad(loss, capture.outputs, allow_unused=True)
+                return capture.finish(weights_for(capture.batch_size()))
+        finally:
+            capture.detach()
+
+    def influence(
+        self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False
+    ) -> InfluenceResult:
+        """Scores of every recorded occurrence (or sample) on each test point of ``batch``.
+
+        Args:
+            module: the trained module (or one with the same tracked layers).
+            batch: a test batch in the training batch format.
+            loss_fn: ``(module, batch) -> Tensor[n]`` per-sample test losses; default: ``training_step`` with
+                logging muted, split into per-sample terms with the recorded loss reduction.
+            per_step: one column per (step, sample) occurrence instead of per-sample totals.
+        """
+        test = self.test_gradients(module, batch, loss_fn)
+        ids, steps, columns = [], [], []
+        for step in self.store.steps:
+            step_ids, embeddings = self.store.read_embeddings(step)
+            dtype = torch.promote_types(embeddings[next(iter(embeddings))].dtype, test[next(iter(test))].dtype)
+            columns.append(sum(test[n].to(dtype) @ e.to(dtype).T for n, e in embeddings.items()))
+            ids.append(step_ids)
+            steps.append(torch.full_like(step_ids, step))
+        sample_ids, occurrence_steps, scores = torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1)
+        if per_step:
+            return InfluenceResult(sample_ids, occurrence_steps, scores)
+        unique, inverse = torch.unique(sample_ids, return_inverse=True)
+        totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
+        return InfluenceResult(unique, torch.full_like(unique, -1), totals)

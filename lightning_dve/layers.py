@@ -1,0 +1,243 @@
+"""Per-layer-type maths of per-sample gradients, with a registry (one small spec per layer type).
+
+Every supported layer's weight gradient for one sample has the form ``G = sum_p u_p v_p^T`` over positions
+``p`` (tokens, pixels), with ``u_p`` the gradient of the loss with respect to the layer output at ``p``
+(``delta``) and ``v_p`` the layer input at ``p`` (method.md §3). A spec turns the module's input into
+``v: [B, P, d_in]`` and its output gradient into ``u: [B, P, d_out]``, each already multiplied by its side's
+projection, so that the block ``sum_p (P_out u_p)(P_in v_p)^T`` is one batched matrix product.
+
+Exact layouts (projection = identity), which :func:`split_block` maps back to parameter gradients:
+
+- ``nn.Linear``: ``[d_out, d_in (+1 bias column)]``, i.e. ``[weight | bias]``.
+- ``nn.Conv2d``: ``[C_out, C_in*kh*kw (+1 bias column)]`` (input unfolded into patches).
+- ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_dve.errors import UnsupportedError
+
+InputFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "torch.Tensor | None"], torch.Tensor]
+OutputFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """How one layer type exposes its per-sample gradient factors.
+
+    Attributes:
+        kind: short name written to the manifest.
+        dims: ``module -> (d_out, d_in)`` of the exact block.
+        project_input: ``(module, forward args, P_in [k_in, d_in] or None) -> [B, P, k_in]``.
+        project_output_grad: ``(module, grad of output, P_out [k_out, d_out] or None) -> [B, P, k_out]``.
+        check: raises :class:`UnsupportedError` for configurations the maths does not cover.
+    """
+
+    kind: str
+    dims: Callable[[nn.Module], tuple[int, int]]
+    project_input: InputFn
+    project_output_grad: OutputFn
+    check: Callable[[str, nn.Module], None]
+
+
+_REGISTRY: dict[type[nn.Module], LayerSpec] = {}
+
+
+def register(module_type: type[nn.Module], spec: LayerSpec) -> None:
+    """Register the spec of ``module_type`` (subclasses are matched through their MRO)."""
+    _REGISTRY[module_type] = spec
+
+
+def spec_for(module: nn.Module) -> LayerSpec | None:
+    """Return the registered spec for ``module``'s type, or ``None`` if unsupported."""
+    for klass in type(module).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    return None
+
+
+def supported_types() -> list[str]:
+    """Names of the supported layer types, for error messages."""
+    return sorted(t.__name__ for t in _REGISTRY)
+
+
+def _apply(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+    """Multiply the last dim of ``x: [..., d]`` by ``proj: [k, d]`` (identity when ``None``)."""
+    return x if proj is None else x @ proj.to(x.dtype).T
+
+
+def _with_bias_column(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Append a column of ones (the bias input) to ``x: [B, P, d]`` when the layer has a trainable bias."""
+    if not has_bias:
+        return x
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def has_trainable_bias(module: nn.Module) -> bool:
+    """Whether ``module.bias`` exists and is trained."""
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, torch.Tensor) and bias.requires_grad
+
+
+def _as_positions(x: torch.Tensor) -> torch.Tensor:
+    """Reshape ``[B, ..., d]`` to ``[B, P, d]`` (positions are summed over, e.g. tokens)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+# --- nn.Linear -------------------------------------------------------------------------------------------
+
+
+def _check_linear(name: str, module: nn.Module) -> None:
+    del name, module
+
+
+def _linear_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
+    return _apply(_with_bias_column(_as_positions(args[0]), has_trainable_bias(module)), proj)
+
+
+def _linear_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+    del module
+    return _apply(_as_positions(grad), proj)
+
+
+register(
+    nn.Linear,
+    LayerSpec(
+        kind="linear",
+        dims=lambda m: (m.out_features, m.in_features + int(has_trainable_bias(m))),
+        project_input=_linear_input,
+        project_output_grad=_linear_output,
+        check=_check_linear,
+    ),
+)
+
+
+# --- nn.Conv2d -------------------------------------------------------------------------------------------
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return (totals[0] // 2, totals[1] // 2)
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
+def _check_conv(name: str, module: nn.Module) -> None:
+    assert isinstance(module, nn.Conv2d)
+    problems = []
+    if module.groups != 1:
+        problems.append(f"groups={module.groups} (only groups=1)")
+    if module.padding_mode != "zeros":
+        problems.append(f"padding_mode={module.padding_mode!r} (only 'zeros')")
+    if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+        problems.append("padding='same' with an even effective kernel (asymmetric padding)")
+    if problems:
+        raise UnsupportedError(
+            f"layer {name!r} (Conv2d) uses {', '.join(problems)}, which per-sample capture does not support. "
+            f"Add {name!r} to `exclude=` (its data value is then not measured) or use a supported configuration."
+        )
+
+
+def _conv_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
+    assert isinstance(module, nn.Conv2d)
+    x = args[0]
+    if x.dim() == 3:
+        raise UnsupportedError("Conv2d called on an unbatched [C, H, W] input; per-sample capture needs [B, C, H, W].")
+    patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
+    return _apply(_with_bias_column(patches.transpose(1, 2), has_trainable_bias(module)), proj)
+
+
+def _conv_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+    del module
+    return _apply(grad.flatten(2).transpose(1, 2), proj)
+
+
+register(
+    nn.Conv2d,
+    LayerSpec(
+        kind="conv2d",
+        dims=lambda m: (
+            m.out_channels,
+            m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(has_trainable_bias(m)),
+        ),
+        project_input=_conv_input,
+        project_output_grad=_conv_output,
+        check=_check_conv,
+    ),
+)
+
+
+# --- nn.Embedding ----------------------------------------------------------------------------------------
+
+
+def _check_embedding(name: str, module: nn.Module) -> None:
+    assert isinstance(module, nn.Embedding)
+    if module.max_norm is not None:
+        raise UnsupportedError(
+            f"layer {name!r} (Embedding) uses max_norm={module.max_norm}, which rescales rows in place during "
+            f"forward; per-sample capture does not support it. Add {name!r} to `exclude=` or drop max_norm."
+        )
+
+
+def _embedding_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
+    """Input side of an embedding: the one-hot row ``e_idx``, i.e. column ``idx`` of ``P_in`` ([B, P, k_in])."""
+    assert isinstance(module, nn.Embedding)
+    idx = args[0].reshape(args[0].shape[0], -1)
+    weight = module.weight
+    if proj is None:
+        rows = F.one_hot(idx, module.num_embeddings).to(weight.dtype)
+    else:
+        rows = proj.to(weight.dtype).T[idx]
+    if module.padding_idx is not None:
+        rows = rows * (idx != module.padding_idx).unsqueeze(-1).to(rows.dtype)
+    return rows
+
+
+register(
+    nn.Embedding,
+    LayerSpec(
+        kind="embedding",
+        dims=lambda m: (m.embedding_dim, m.num_embeddings),
+        project_input=_embedding_input,
+        project_output_grad=_linear_output,
+        check=_check_embedding,
+    ),
+)
+
+
+def outer_block(out_side: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
+    """Per-sample block ``sum_p u_p v_p^T`` as ``[B, k_out * k_in]`` (method.md §3, Kronecker projection).
+
+    Args:
+        out_side: projected output gradients ``[B, P, k_out]``.
+        in_side: projected inputs ``[B, P, k_in]``.
+    """
+    dtype = torch.promote_types(out_side.dtype, torch.float32)
+    block = torch.bmm(out_side.transpose(1, 2).to(dtype), in_side.to(dtype))
+    return block.flatten(1)
+
+
+def split_block(module: nn.Module, block: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Map one sample's exact block ``[k]`` back to parameter-shaped gradients (for tests and tooling)."""
+    spec = spec_for(module)
+    assert spec is not None
+    d_out, d_in = spec.dims(module)
+    matrix = block.reshape(d_out, d_in)
+    if spec.kind == "embedding":
+        return {"weight": matrix.T}
+    out = {}
+    bias = has_trainable_bias(module)
+    weight = matrix[:, :-1] if bias else matrix
+    out["weight"] = weight.reshape(module.weight.shape)
+    if bias:
+        out["bias"] = matrix[:, -1]
+    return out

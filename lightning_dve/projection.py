@@ -1,0 +1,131 @@
+"""Seeded Kronecker random projections (method.md §3), saved and restored by seed and shape.
+
+A layer's per-sample gradient ``G = sum_p delta_p a_p^T`` (``[d_out, d_in]``) is projected to
+``(P_out delta_p)(P_in a_p)^T`` summed over positions, which equals ``(P_out kron P_in) vec(G)``. Each side has
+its own seed, derived with ``hashlib`` from the base seed, the layer name and the side, so that it is the same
+in every process. The matrices are drawn on the CPU in float64 and checksummed, so a store can refuse to be
+scored with another projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+import torch
+
+from lightning_dve.errors import StoreError
+
+
+def derive_seed(base_seed: int, layer: str, side: str) -> int:
+    """Return a 63-bit seed for one side of one layer, stable across processes (unlike ``hash()``)."""
+    digest = hashlib.sha256(f"{base_seed}/{layer}/{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def split_dim(projection_dim: int, out_dim: int, in_dim: int) -> tuple[int, int]:
+    """Split a per-layer budget ``k`` into ``(k_out, k_in)`` with ``k_out * k_in <= k``.
+
+    The split is as square as the layer allows; a side never exceeds its true size (then it is unprojected)
+    and the leftover budget goes to the other side.
+    """
+    k_out = min(out_dim, max(1, math.isqrt(projection_dim)))
+    k_in = min(in_dim, max(1, projection_dim // k_out))
+    k_out = min(out_dim, max(1, projection_dim // k_in))
+    return k_out, k_in
+
+
+@dataclasses.dataclass(frozen=True)
+class SideProjection:
+    """One side's projection ``P: [k, d]``; identity (``seed is None``) when ``k == d`` in exact mode.
+
+    Attributes:
+        dim: true size ``d`` of that side (input side includes the bias column).
+        projected_dim: projected size ``k``.
+        seed: generator seed, or ``None`` for the identity.
+    """
+
+    dim: int
+    projected_dim: int
+    seed: int | None
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether this side is left unprojected."""
+        return self.seed is None
+
+    def matrix(self) -> torch.Tensor:
+        """Return ``P`` as a float64 CPU tensor ``[k, d]`` with entries ``N(0, 1/k)``."""
+        if self.seed is None:
+            return torch.eye(self.dim, dtype=torch.float64)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        draw = torch.randn(self.projected_dim, self.dim, generator=generator, dtype=torch.float64)
+        return draw / math.sqrt(self.projected_dim)
+
+    def checksum(self) -> str:
+        """Return a sha256 prefix of the matrix bytes (identity: a fixed tag)."""
+        if self.seed is None:
+            return "identity"
+        return hashlib.sha256(self.matrix().numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProjection:
+    """The pair of projections of one layer and its cached device copies."""
+
+    output: SideProjection
+    input: SideProjection
+    _cache: dict[tuple[torch.dtype, torch.device, str], torch.Tensor | None] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @classmethod
+    def create(cls, name: str, out_dim: int, in_dim: int, projection_dim: int | None, seed: int) -> LayerProjection:
+        """Build the projections of layer ``name`` for a budget ``projection_dim`` (``None``: exact)."""
+        if projection_dim is None:
+            return cls(SideProjection(out_dim, out_dim, None), SideProjection(in_dim, in_dim, None))
+        k_out, k_in = split_dim(projection_dim, out_dim, in_dim)
+        return cls(
+            SideProjection(out_dim, k_out, derive_seed(seed, name, "out")),
+            SideProjection(in_dim, k_in, derive_seed(seed, name, "in")),
+        )
+
+    @property
+    def dim(self) -> int:
+        """Projected size ``k_out * k_in`` of the layer's per-sample block."""
+        return self.output.projected_dim * self.input.projected_dim
+
+    def side_matrix(self, side: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Return the side's matrix ``[k, d]`` in ``dtype`` on ``device``, or ``None`` for the identity."""
+        key = (dtype, device, side)
+        if key not in self._cache:
+            proj = self.output if side == "out" else self.input
+            self._cache[key] = None if proj.is_identity else proj.matrix().to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the manifest entry: seeds, shapes and checksums of both sides."""
+        return {
+            side: {"dim": p.dim, "projected_dim": p.projected_dim, "seed": p.seed, "checksum": p.checksum()}
+            for side, p in (("out", self.output), ("in", self.input))
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> LayerProjection:
+        """Restore from a manifest entry and verify the regenerated matrices against their checksums.
+
+        Raises:
+            StoreError: if a regenerated matrix does not match its recorded checksum.
+        """
+        sides = {s: SideProjection(data[s]["dim"], data[s]["projected_dim"], data[s]["seed"]) for s in ("out", "in")}
+        for side, proj in sides.items():
+            if proj.checksum() != data[side]["checksum"]:
+                raise StoreError(
+                    f"projection of layer {name!r} ({side} side, seed {proj.seed}) regenerates with checksum "
+                    f"{proj.checksum()}, but the store recorded {data[side]['checksum']}: this store was written "
+                    "with another projection (or another torch random generator). Re-record the run with this "
+                    "installation, or score it with the torch version that wrote it."
+                )
+        return cls(sides["out"], sides["in"])

@@ -1,0 +1,87 @@
+"""The backward recursion that turns recorded gradients into data value embeddings (method.md §2, Thm. 2).
+
+With the step Hessian replaced by the empirical Fisher ``H_k = sum_z w_{k,z} g_{k,z} g_{k,z}^T``::
+
+    M = 0
+    for t = T-1 down to 0:
+        s_{t,z} = lr_t w_{t,z} g_{t,z}
+        e_{t,z} = s_{t,z} - M s_{t,z}            # every z in B_t uses the same M
+        M       = M + sum_z e_{t,z} g_{t,z}^T
+
+so that ``I - M_t = prod_{k=T-1..t+1} (I - lr_k H_k)`` and ``e_{t,z}`` is the embedding of occurrence (t, z).
+``M`` is not symmetric; the product is ``M s``. Layers are grouped: one ``M`` per layer (block-diagonal) or
+one for all layers (:class:`~lightning_dve.config.AccumulatorLayout`). ``M`` is held in float32 or wider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lightning_dve.config import AccumulatorLayout
+from lightning_dve.store import StepRecord, TrajectoryStore
+
+
+def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
+    """Groups of layers that share one accumulation matrix."""
+    if layout is AccumulatorLayout.FULL:
+        return [list(layer_names)]
+    return [[name] for name in layer_names]
+
+
+class BackwardRecursion:
+    """State of the recursion (the accumulation matrices ``M``), advanced one step at a time backwards."""
+
+    def __init__(self, layer_names: list[str], layout: AccumulatorLayout) -> None:
+        self.layer_names = list(layer_names)
+        self.groups = layer_groups(self.layer_names, layout)
+        self.accumulators: list[torch.Tensor | None] = [None] * len(self.groups)  # M per group
+
+    def step(self, record: StepRecord) -> dict[str, torch.Tensor]:
+        """Embed one step's occurrences and fold the step into ``M`` (the loop body above).
+
+        Args:
+            record: the step; ``record.lrs[l]`` is the learning rate of layer ``l`` (per-group rates give a
+                diagonal ``lr``: ``s = Lambda w g``).
+
+        Returns:
+            ``{layer: e [B, k_l]}``, in the accumulation dtype.
+        """
+        lr_of = dict(zip(self.layer_names, record.lrs.tolist()))
+        out: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(self.groups):
+            dtype = torch.promote_types(record.grads[group[0]].dtype, torch.float32)
+            grads = torch.cat([record.grads[name].to(dtype) for name in group], dim=1)  # g: [B, K]
+            scaled = torch.cat(
+                [record.grads[name].to(dtype) * lr_of[name] for name in group], dim=1
+            ) * record.weights.to(dtype).unsqueeze(1)  # s = lr w g: [B, K]
+            accumulator = self.accumulators[index]
+            if accumulator is None:
+                accumulator = grads.new_zeros(grads.shape[1], grads.shape[1])
+            embedding = scaled - scaled @ accumulator.T  # e = s - M s
+            self.accumulators[index] = accumulator + embedding.T @ grads  # M += sum_z e g^T
+            out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
+        return out
+
+
+def compute_embeddings(
+    store: TrajectoryStore,
+    layout: AccumulatorLayout,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run the recursion over a finished store, backwards, writing each step's embeddings to the store.
+
+    Args:
+        store: a store whose recording is complete.
+        layout: accumulation-matrix layout.
+        progress: optional ``(done, total)`` callback, called after each step.
+    """
+    recursion = BackwardRecursion(store.layer_names, layout)
+    total = len(store.steps)
+    for done, record in enumerate(store.iter_backward(), start=1):
+        store.write_embeddings(record.step, recursion.step(record), record.sample_ids)
+        if progress is not None:
+            progress(done, total)
+    store.manifest["embeddings"] = "complete"
+    store.write_manifest()

@@ -1,0 +1,234 @@
+"""The on-disk trajectory and embeddings: manifest, atomic appends, backward reads, integrity checks.
+
+Layout of a store directory::
+
+    manifest.json                      schema version, settings (+ hash), layers and projections, status
+    steps/step_00000042.safetensors    one recorded optimizer step (a :class:`StepRecord`)
+    embeddings/step_00000042.safetensors   the embeddings of that step's occurrences
+
+Every file is written to a temporary name and renamed, so a file that exists is complete; a run that dies
+keeps every step it finished. Nothing is pickled: tensors are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lightning_dve.errors import StoreError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STEPS = "steps"
+EMBEDDINGS = "embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """Everything the recursion needs from one optimizer step.
+
+    Attributes:
+        step: optimizer step index, counted from 0.
+        sample_ids: dataset indices ``[B]`` (int64).
+        weights: loss weight ``w`` of each sample ``[B]`` as the optimizer applied it (method.md §2).
+        lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
+        grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
+    """
+
+    step: int
+    sample_ids: torch.Tensor
+    weights: torch.Tensor
+    lrs: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flatten to the safetensors dict written on disk."""
+        out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
+        out.update({f"grad/{name}": g for name, g in self.grads.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
+        """Rebuild from what :meth:`to_tensors` wrote."""
+        grads = {k[len("grad/"):]: v for k, v in tensors.items() if k.startswith("grad/")}
+        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads)
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
+
+
+def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file under a temporary name, then rename it into place.
+
+    Raises:
+        StoreError: if the disk is full or the write fails; the temporary file is removed and files written
+            earlier are untouched.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
+        raise StoreError(
+            f"could not write {path}: {reason}. Every step written before is kept in {path.parent.parent}; "
+            "free space (or point save_dir elsewhere) and run again."
+        ) from err
+
+
+def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
+    """Read a store file, refusing a missing, corrupt or foreign one.
+
+    Raises:
+        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), or was written with
+            other settings than the manifest's.
+    """
+    if not path.is_file():
+        raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
+                         "Restore the file or record the run again.")
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            metadata = json.loads(handle.read(header_len)).get("__metadata__", {})
+    except (SafetensorError, ValueError, OSError) as err:
+        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
+                         "run again, or restore the file from a backup.") from err
+    if metadata.get("settings_hash") != settings_hash:
+        raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
+                         f"manifest says {settings_hash}: files of two runs are mixed in one directory. Use a "
+                         "fresh save_dir for each run (or overwrite=True).")
+    return tensors
+
+
+class TrajectoryStore:
+    """A store directory: create or open it, append steps, read them backwards, hold embeddings."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @property
+    def settings_hash(self) -> str:
+        """Hash of the settings that wrote this store."""
+        return self.manifest["settings_hash"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Tracked layer names in manifest order."""
+        return [layer["name"] for layer in self.manifest["layers"]]
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], manifest: dict[str, Any], overwrite: bool) -> TrajectoryStore:
+        """Start a new store in ``root``.
+
+        Raises:
+            StoreError: if ``root`` already holds files and ``overwrite`` is False.
+        """
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            if not overwrite:
+                raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
+                                 "overwrite=True to replace it, or choose another save_dir.")
+            for sub in (STEPS, EMBEDDINGS):
+                for file in (root / sub).glob("*.safetensors"):
+                    file.unlink()
+            (root / MANIFEST).unlink(missing_ok=True)
+        (root / STEPS).mkdir(parents=True, exist_ok=True)
+        (root / EMBEDDINGS).mkdir(exist_ok=True)
+        store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
+                           "steps": [], **manifest})
+        store.write_manifest()
+        return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> TrajectoryStore:
+        """Open an existing store and validate its manifest.
+
+        Raises:
+            StoreError: if the manifest is missing, truncated, of another schema, or the recording never
+                finished.
+        """
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"no store at {root}: {MANIFEST} is missing. Point to the save_dir of a finished fit.")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"{path} is truncated or corrupt ({err}); the store cannot be trusted. Record the run "
+                             "again into a fresh save_dir.") from err
+        if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("format") != "lightning_dve":
+            raise StoreError(f"{path} has schema {manifest.get('schema_version')!r} (format "
+                             f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "
+                             "lightning_dve version that wrote it.")
+        return cls(Path(root), manifest)
+
+    def write_manifest(self) -> None:
+        """Write the manifest atomically."""
+        path = self.root / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _metadata(self, step: int) -> dict[str, str]:
+        return {"step": str(step), "settings_hash": self.settings_hash}
+
+    def append(self, record: StepRecord) -> None:
+        """Persist one step (atomically) and list it in the in-memory manifest."""
+        write_atomic(self.root / STEPS / _step_name(record.step), record.to_tensors(), self._metadata(record.step))
+        self.manifest["steps"].append(record.step)
+
+    def finish_recording(self, extra: dict[str, Any]) -> None:
+        """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
+        self.manifest.update(status="complete", **extra)
+        self.write_manifest()
+
+    @property
+    def steps(self) -> list[int]:
+        """Recorded optimizer steps in increasing order."""
+        return list(self.manifest["steps"])
+
+    def read_step(self, step: int) -> StepRecord:
+        """Read one recorded step."""
+        return StepRecord.from_tensors(step, read_checked(self.root / STEPS / _step_name(step), self.settings_hash))
+
+    def iter_backward(self) -> Iterator[StepRecord]:
+        """Yield the recorded steps from the last to the first, one file at a time."""
+        for step in reversed(self.steps):
+            yield self.read_step(step)
+
+    def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor) -> None:
+        """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences."""
+        tensors = {f"emb/{name}": e.contiguous() for name, e in embeddings.items()}
+        tensors["sample_ids"] = sample_ids.contiguous()
+        write_atomic(self.root / EMBEDDINGS / _step_name(step), tensors, self._metadata(step))
+
+    def read_embeddings(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step."""
+        tensors = read_checked(self.root / EMBEDDINGS / _step_name(step), self.settings_hash)
+        return tensors["sample_ids"], {k[len("emb/"):]: v for k, v in tensors.items() if k.startswith("emb/")}
+
+    def require(self, status_key: str, value: str, fix: str) -> None:
+        """Raise unless ``manifest[status_key] == value``.
+
+        Raises:
+            StoreError: naming the actual state and ``fix``.
+        """
+        actual = self.manifest.get(status_key)
+        if actual != value:
+            raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
+
+    def bytes_on_disk(self, sub: str) -> int:
+        """Total size of the files under ``sub`` (``steps`` or ``embeddings``)."""
+        return sum(f.stat().st_size for f in (self.root / sub).glob("*.safetensors"))
