@@ -213,12 +213,22 @@ class DataValueEmbeddings:
                 logging muted, split into per-sample terms with the recorded loss reduction.
             per_step: one column per (step, sample) occurrence instead of per-sample totals.
         """
-        test = self.test_gradients(module, batch, loss_fn)
+        return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step)
+
+    def score(self, test_gradients: dict[str, torch.Tensor], per_step: bool = False) -> InfluenceResult:
+        """Scores of every recorded occurrence (or sample) against given projected test gradients.
+
+        ``scores[i, (t, z)] = sum_l <g_test_i^l, e_{t,z}^l>`` (method.md §2). Use it with the mean gradient of a
+        reference set (one row) to get a per-step influence curve at one dot product per occurrence.
+
+        Args:
+            test_gradients: ``{layer: [n, k_l]}`` as returned by :meth:`test_gradients` (any row count).
+            per_step: one column per occurrence instead of per-sample totals.
+        """
         ids, steps, columns = [], [], []
         for step in self.store.steps:
             step_ids, embeddings = self.store.read_embeddings(step)
-            dtype = torch.promote_types(embeddings[next(iter(embeddings))].dtype, test[next(iter(test))].dtype)
-            columns.append(sum(test[n].to(dtype) @ e.to(dtype).T for n, e in embeddings.items()))
+            columns.append(_dot(test_gradients, embeddings))
             ids.append(step_ids)
             steps.append(torch.full_like(step_ids, step))
         sample_ids, occurrence_steps, scores = torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1)
@@ -227,3 +237,10 @@ class DataValueEmbeddings:
         unique, inverse = torch.unique(sample_ids, return_inverse=True)
         totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
         return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+
+
+def _dot(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_l test_l @ e_l^T``: ``[n, B]`` scores of one step, in the wider of the two dtypes."""
+    first = next(iter(embeddings))
+    dtype = torch.promote_types(embeddings[first].dtype, test[first].dtype)
+    return sum(test[name].to(dtype) @ e.to(dtype).T for name, e in embeddings.items())
