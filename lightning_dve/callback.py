@@ -132,7 +132,7 @@ class DataValueEmbedding(pl.Callback):
         grads = hooks.finish(weights)
         capture.check_finite(grads, ids, self._step)
         assert self._store is not None
-        self._store.append(StepRecord(self._step, ids, weights, self._step_lrs, grads))
+        self._store.append(StepRecord(self._step, ids, weights, self._step_lrs, grads, trainer.current_epoch))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store

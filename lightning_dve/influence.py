@@ -141,6 +141,16 @@ class DataValueEmbeddings:
         """Recorded optimizer steps."""
         return self.store.steps
 
+    @property
+    def epochs(self) -> list[int]:
+        """Training epoch of each recorded step."""
+        return self.store.epochs
+
+    @property
+    def learning_rates(self) -> torch.Tensor:
+        """Learning rate of each tracked layer at each recorded step, ``[T, L]`` (layer order of the manifest)."""
+        return self.store.learning_rates
+
     def _tracked_layers(self, module: nn.Module) -> dict[str, TrackedLayer]:
         """Match the recorded layers in ``module`` by name, type and shape.
 

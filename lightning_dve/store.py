@@ -42,6 +42,7 @@ class StepRecord:
         weights: loss weight ``w`` of each sample ``[B]`` as the optimizer applied it (method.md §2).
         lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
         grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
+        epoch: training epoch of the step.
     """
 
     step: int
@@ -49,6 +50,7 @@ class StepRecord:
     weights: torch.Tensor
     lrs: torch.Tensor
     grads: dict[str, torch.Tensor]
+    epoch: int = 0
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk."""
@@ -57,10 +59,10 @@ class StepRecord:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
+    def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
         """Rebuild from what :meth:`to_tensors` wrote."""
         grads = {k[len("grad/"):]: v for k, v in tensors.items() if k.startswith("grad/")}
-        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads)
+        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads, epoch)
 
 
 def _step_name(step: int) -> str:
@@ -148,7 +150,7 @@ class TrajectoryStore:
         (root / STEPS).mkdir(parents=True, exist_ok=True)
         (root / EMBEDDINGS).mkdir(exist_ok=True)
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
-                           "steps": [], **manifest})
+                           "steps": [], "epochs": [], "lrs": [], **manifest})
         store.write_manifest()
         return store
 
@@ -185,9 +187,11 @@ class TrajectoryStore:
         return {"step": str(step), "settings_hash": self.settings_hash}
 
     def append(self, record: StepRecord) -> None:
-        """Persist one step (atomically) and list it in the in-memory manifest."""
+        """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
         write_atomic(self.root / STEPS / _step_name(record.step), record.to_tensors(), self._metadata(record.step))
         self.manifest["steps"].append(record.step)
+        self.manifest["epochs"].append(record.epoch)
+        self.manifest["lrs"].append(record.lrs.tolist())
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
@@ -199,14 +203,27 @@ class TrajectoryStore:
         """Recorded optimizer steps in increasing order."""
         return list(self.manifest["steps"])
 
-    def read_step(self, step: int) -> StepRecord:
-        """Read one recorded step."""
-        return StepRecord.from_tensors(step, read_checked(self.root / STEPS / _step_name(step), self.settings_hash))
+    def read_step(self, step: int, epoch: int | None = None) -> StepRecord:
+        """Read one recorded step (``epoch``: its epoch if the caller knows it, else looked up)."""
+        if epoch is None:
+            epoch = dict(zip(self.manifest["steps"], self.manifest["epochs"]))[step]
+        tensors = read_checked(self.root / STEPS / _step_name(step), self.settings_hash)
+        return StepRecord.from_tensors(step, epoch, tensors)
 
     def iter_backward(self) -> Iterator[StepRecord]:
         """Yield the recorded steps from the last to the first, one file at a time."""
-        for step in reversed(self.steps):
-            yield self.read_step(step)
+        for step, epoch in zip(reversed(self.steps), reversed(self.epochs)):
+            yield self.read_step(step, epoch)
+
+    @property
+    def epochs(self) -> list[int]:
+        """Training epoch of each recorded step."""
+        return list(self.manifest["epochs"])
+
+    @property
+    def learning_rates(self) -> torch.Tensor:
+        """Learning rate applied to each tracked layer at each recorded step, ``[T, L]`` (float64)."""
+        return torch.tensor(self.manifest["lrs"], dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
 
     def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor) -> None:
         """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences."""
