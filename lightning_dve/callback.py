@@ -9,13 +9,15 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_dve import capture
+import torch
+
+from lightning_dve import capture, distributed, sync
 from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
-from lightning_dve.errors import ConfigError, UnsupportedError
+from lightning_dve.errors import ConfigError, DVEError, UnsupportedError
 from lightning_dve.influence import DataValueEmbeddings
 from lightning_dve.optim import layer_learning_rates, sgd_proxy_reason
-from lightning_dve.recursion import compute_embeddings
-from lightning_dve.store import STEPS, StepRecord, TrajectoryStore
+from lightning_dve.recursion import layer_groups
+from lightning_dve.store import SHARDS, STEPS, TrajectoryStore
 
 _SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64")
 
@@ -69,8 +71,15 @@ class DataValueEmbedding(pl.Callback):
         self.overwrite = overwrite
         self._store: TrajectoryStore | None = None
         self._capture: capture.GradientCapture | None = None
-        self._step_lrs: Any = None
-        self._step: int = -1
+        self._assembler: sync.StepAssembler
+        self._comm: distributed.Communicator = distributed.SingleProcess()
+        self._owned: list[list[str]] = []
+        self._dims: dict[str, int] = {}
+        self._root: Path | None = None
+        self._resume: dict[str, Any] | None = None
+        self._step_lrs: torch.Tensor | None = None
+        self._step = -1
+        self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
 
     @property
@@ -79,25 +88,46 @@ class DataValueEmbedding(pl.Callback):
 
     @property
     def embeddings(self) -> DataValueEmbeddings:
-        """The embeddings of the last finished ``fit``.
+        """The embeddings of the last finished ``fit`` (on any rank: read from rank 0's ``save_dir``).
 
         Raises:
-            ConfigError: if no ``fit`` has finished with this callback yet.
+            ConfigError: if no ``fit`` has finished, or this rank cannot see rank 0's ``save_dir``.
         """
         if self._embeddings is None:
-            raise ConfigError("no embeddings yet: call trainer.fit(...) with this callback first, or load a finished "
-                              "store with DataValueEmbeddings.load(save_dir).")
+            root = self._root or (Path(self.save_dir) if self.save_dir is not None else None)
+            if root is None or not (root / "manifest.json").is_file():
+                raise ConfigError(f"no embeddings at {root}: call trainer.fit(...) with this callback first. Under "
+                                  "DDP they live in rank 0's save_dir; on other ranks use a shared save_dir, or "
+                                  "DataValueEmbeddings.load(save_dir) on rank 0.")
+            self._embeddings = DataValueEmbeddings.load(root, self._weight_fn)
         return self._embeddings
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the same store."""
+        return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
+                "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
+        self._resume = dict(state_dict)
 
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_unsupported(trainer, pl_module)
+        self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
-        root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+        self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
+        groups = layer_groups(list(tracked), self.config.layout)
+        self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
+        self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         manifest = {"settings": self.config.to_dict(), "settings_hash": self.config.settings_hash(),
-                    "layers": [layer.describe() for layer in tracked.values()]}
-        self._store = TrajectoryStore.create(root, manifest, overwrite=self.overwrite)
+                    "layers": [layer.describe() for layer in tracked.values()], "world_size": self._comm.world_size,
+                    "rank": self._comm.rank, "owned_layers": self._owned[self._comm.rank],
+                    "dtype": str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")}
+        self._store = self._open_store(manifest)
+        self._assembler = sync.StepAssembler(self._comm, list(tracked), self._owned[self._comm.rank],
+                                             self.config.allow_duplicate_ids)
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._embeddings = None
@@ -108,7 +138,6 @@ class DataValueEmbedding(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         capture.check_no_batchnorm_training(pl_module)
-        self._step_lrs = None
         self._active_capture().begin()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -120,35 +149,82 @@ class DataValueEmbedding(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        hooks = self._active_capture()
-        if self._step_lrs is None or not hooks.captured:  # skipped step: no backward or no optimizer step
-            hooks.abort()
+        hooks, error = self._active_capture(), None
+        try:
+            if hooks.captured:
+                self._assembler.add(self._micro_batch(trainer, batch))
+            else:  # skipped micro-batch: training_step returned None
+                hooks.abort()
+        except DVEError as err:
+            error = err
+        sync.agree_on_errors(self._comm, error)
+        if self._step_lrs is None:  # accumulating, or no optimizer step happened
             return
-        batch_size = hooks.batch_size()
-        ids = capture.extract_sample_ids(batch, self.sample_ids, batch_size)
-        if not self.config.allow_duplicate_ids:
-            capture.check_unique(ids, self._step)
-        weights = capture.reduction_weights(self.config.loss_reduction, batch, batch_size, self._weight_fn)
-        grads = hooks.finish(weights)
-        capture.check_finite(grads, ids, self._step)
+        record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch)
+        self._step_lrs = None
         assert self._store is not None
-        self._store.append(StepRecord(self._step, ids, weights, self._step_lrs, grads, trainer.current_epoch))
+        self._store.append(record)
+        self._last_step = record.step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
         assert store is not None
         self._release()
+        if self._assembler.padding_duplicates:
+            rank_zero_warn(f"DataValueEmbedding: {self._assembler.padding_duplicates} sample(s) were repeated by the "
+                           "distributed sampler's padding; each copy was trained on and is kept as its own occurrence.")
         steps_bytes = store.bytes_on_disk(STEPS)
-        store.finish_recording({"bytes_total": steps_bytes,
-                                "bytes_per_step": steps_bytes // max(1, len(store.steps))})
-        compute_embeddings(store, self.config.layout)
-        self._embeddings = DataValueEmbeddings(store, self._weight_fn)
+        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps))})
+        dtype = getattr(torch, store.manifest["dtype"])
+        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype)
+        if self._comm.rank == 0:
+            self._embeddings = DataValueEmbeddings(store, self._weight_fn)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _micro_batch(self, trainer: pl.Trainer, batch: Any) -> sync.MicroBatch:
+        """Close one micro-batch: ids, the weight the optimizer applies (method.md §2), per-sample gradients.
+
+        The loss the hooks saw is ``sum_i w_i l_i / n`` (``n`` micro-batches); DDP then averages over ``W``
+        ranks, so the applied weight is ``w_i / (n W)``.
+        """
+        hooks = self._active_capture()
+        size = hooks.batch_size()
+        ids = capture.extract_sample_ids(batch, self.sample_ids, size)
+        local = capture.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
+        accumulation = trainer.accumulate_grad_batches
+        grads = hooks.finish(local / accumulation)
+        capture.check_finite(grads, ids, trainer.global_step)
+        return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads)
+
+    def _open_store(self, manifest: dict[str, Any]) -> TrajectoryStore:
+        """Create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``save_dir``."""
+        assert self._root is not None
+        rank = self._comm.rank
+        root = self._root if rank == 0 else self._root / SHARDS / f"rank_{rank}"
+        store, error = None, None
+        if rank == 0 or self._resume is not None:
+            store, error = self._try_open(root, manifest)
+        sync.agree_on_errors(self._comm, error)  # rank 0 has checked and cleared save_dir before others write
+        if store is None:
+            store, error = self._try_open(root, manifest)
+            sync.agree_on_errors(self._comm, error)
+        assert store is not None
+        return store
+
+    def _try_open(self, root: Path, manifest: dict[str, Any]) -> tuple[TrajectoryStore | None, DVEError | None]:
+        try:
+            if self._resume is None:
+                return TrajectoryStore.create(root, manifest, overwrite=self.overwrite), None
+            return resume_store(root, self._resume, self.config.settings_hash(), self._comm.world_size), None
+        except DVEError as err:
+            return None, err
 
     def _release(self) -> None:
         if self._capture is not None:
@@ -159,6 +235,22 @@ class DataValueEmbedding(pl.Callback):
         return self._capture
 
 
+def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int) -> TrajectoryStore:
+    """Reopen the store a checkpoint points to, after checking it was written with the same setup.
+
+    Raises:
+        ConfigError: if the checkpoint was recorded with other callback settings or another world size.
+    """
+    if state.get("settings_hash") != settings_hash:
+        raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
+                          f", this callback has {settings_hash}: resuming would mix two recordings. Resume with the "
+                          "same callback arguments, or start a fresh fit without ckpt_path.")
+    if state.get("world_size") != world_size:
+        raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
+                          f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
+    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
+
+
 def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Refuse training setups the recursion would get wrong (each one lands with a later release).
 
@@ -166,10 +258,6 @@ def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
         UnsupportedError: naming the setting and what to change.
     """
     problems = []
-    if trainer.world_size > 1:
-        problems.append(f"{trainer.world_size} processes (use devices=1, num_nodes=1)")
-    if trainer.accumulate_grad_batches > 1:
-        problems.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches} (use 1)")
     if not pl_module.automatic_optimization:
         problems.append("manual optimization (use automatic optimization)")
     if len(trainer.optimizers) != 1:

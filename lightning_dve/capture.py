@@ -311,19 +311,6 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
     return ids.detach().to("cpu", torch.int64)
 
 
-def check_unique(sample_ids: torch.Tensor, step: int) -> None:
-    """Refuse the same id twice in one step.
-
-    Raises:
-        SampleIdError: naming the duplicated ids and ``allow_duplicate_ids=True``.
-    """
-    values, counts = torch.unique(sample_ids, return_counts=True)
-    if (counts > 1).any():
-        raise SampleIdError(f"sample ids {values[counts > 1].tolist()[:10]} occur more than once in step {step}. "
-                            "If your sampler draws with replacement, pass allow_duplicate_ids=True (each copy is "
-                            "then its own occurrence); otherwise fix the ids your batches carry.")
-
-
 def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int) -> None:
     """Refuse NaN or infinite per-sample gradients, naming the layer, step and samples.
 

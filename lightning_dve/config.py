@@ -142,3 +142,88 @@ class DVEConfig:
         """Return a stable short hash of the settings (sha256 of their canonical JSON)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class CurveScale(_Option):
+    """Which per-step influence curve a summary is computed on (method.md §4, "Training dynamics").
+
+    ``RAW`` is the average influence of a step's samples on the reference loss; ``PER_LR`` divides it by the
+    step's learning rate (the paper's Fig. 1a quantity, independent of the schedule's scale).
+    """
+
+    RAW = "raw"
+    PER_LR = "per_lr"
+
+
+def _check_fraction(name: str, value: Any, low: float, high: float, fix: str) -> float:
+    """Return ``value`` as a float if ``low <= value < high``; raise naming the value, the rule and ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise ConfigError(f"{name} must be a number in [{low}, {high}); got {value!r}. {fix}")
+    return float(value)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """Raise unless ``value`` is an int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """What the train-end report computes and where it goes (``lightning_dve.reporting``).
+
+    Attributes:
+        max_reference_samples: cap on the reference samples whose mean test-loss gradient is the query vector.
+        top_k: how many most helpful and most harmful training samples to list.
+        early_fraction: share of the recorded steps that forms the early stage (from the start).
+        late_fraction: share of the recorded steps that forms the late stage (at the end);
+            ``early_fraction + late_fraction < 1`` (the rest is the middle stage).
+        smoothing_fraction: width of the centred moving average, as a share of the recorded steps
+            (``0`` disables smoothing; the window is at least one step and odd).
+        phase_threshold: a phase boundary is where the smoothed curve crosses
+            ``basin + phase_threshold * (peak - basin)`` on the way down (warm-up end) or up (ascent start).
+        min_phase_rise: a warm-up or ascent is reported only if its peak rises above the basin by at least
+            this share of the smoothed curve's range.
+        histogram_bins: number of bins of the per-sample total influence histogram.
+        stage_scale: which curve the stage summary and phase detection use.
+        figures: write PNG figures (matplotlib) and log them.
+        log_to_loggers: also log to ``trainer.loggers`` (files under ``save_dir/report/`` are always written).
+        render_samples: look the top-k samples up in the training dataloader to show their label and input.
+    """
+
+    max_reference_samples: int = 512
+    top_k: int = 10
+    early_fraction: float = 0.1
+    late_fraction: float = 0.1
+    smoothing_fraction: float = 0.05
+    phase_threshold: float = 0.2
+    min_phase_rise: float = 0.1
+    histogram_bins: int = 30
+    stage_scale: CurveScale = CurveScale.PER_LR
+    figures: bool = True
+    log_to_loggers: bool = True
+    render_samples: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale))
+        _check_count("max_reference_samples", self.max_reference_samples, 1)
+        _check_count("top_k", self.top_k, 0)
+        _check_count("histogram_bins", self.histogram_bins, 1)
+        stages = "Use early_fraction + late_fraction < 1, e.g. 0.1 and 0.1."
+        early = _check_fraction("early_fraction", self.early_fraction, 0.0, 1.0, stages)
+        late = _check_fraction("late_fraction", self.late_fraction, 0.0, 1.0, stages)
+        if early + late >= 1.0:
+            raise ConfigError(f"early_fraction + late_fraction must be < 1 (the middle stage is the rest); got "
+                              f"{early} + {late} = {early + late}. {stages}")
+        _check_fraction("smoothing_fraction", self.smoothing_fraction, 0.0, 1.0, "Use e.g. 0.05, or 0 for none.")
+        _check_fraction("phase_threshold", self.phase_threshold, 0.0, 1.0, "Use e.g. 0.2.")
+        _check_fraction("min_phase_rise", self.min_phase_rise, 0.0, 1.0, "Use e.g. 0.1.")
+        for name in ("figures", "log_to_loggers", "render_samples"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool; got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of the settings."""
+        out = dataclasses.asdict(self)
+        out["stage_scale"] = self.stage_scale.value
+        return out

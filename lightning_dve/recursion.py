@@ -15,12 +15,10 @@ one for all layers (:class:`~lightning_dve.config.AccumulatorLayout`). ``M`` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from lightning_dve.config import AccumulatorLayout
-from lightning_dve.store import StepRecord, TrajectoryStore
+from lightning_dve.store import StepRecord
 
 
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
@@ -31,11 +29,17 @@ def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list
 
 
 class BackwardRecursion:
-    """State of the recursion (the accumulation matrices ``M``), advanced one step at a time backwards."""
+    """State of the recursion (the accumulation matrices ``M``), advanced one step at a time backwards.
 
-    def __init__(self, layer_names: list[str], layout: AccumulatorLayout) -> None:
-        self.layer_names = list(layer_names)
-        self.groups = layer_groups(self.layer_names, layout)
+    Args:
+        layer_order: every tracked layer in manifest order (the order of ``StepRecord.lrs``).
+        layout: accumulation-matrix layout, which groups the layers.
+        owned: run only the groups of these layers (a rank's share); ``None`` runs every group.
+    """
+
+    def __init__(self, layer_order: list[str], layout: AccumulatorLayout, owned: list[str] | None = None) -> None:
+        self.layer_order = list(layer_order)
+        self.groups = [g for g in layer_groups(self.layer_order, layout) if owned is None or g[0] in owned]
         self.accumulators: list[torch.Tensor | None] = [None] * len(self.groups)  # M per group
 
     def step(self, record: StepRecord) -> dict[str, torch.Tensor]:
@@ -46,9 +50,9 @@ class BackwardRecursion:
                 diagonal ``lr``: ``s = Lambda w g``).
 
         Returns:
-            ``{layer: e [B, k_l]}``, in the accumulation dtype.
+            ``{layer: e [B, k_l]}`` for the layers of :attr:`groups`, in the accumulation dtype.
         """
-        lr_of = dict(zip(self.layer_names, record.lrs.tolist()))
+        lr_of = dict(zip(self.layer_order, record.lrs.tolist()))
         out: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(record.grads[group[0]].dtype, torch.float32)
@@ -63,25 +67,3 @@ class BackwardRecursion:
             self.accumulators[index] = accumulator + embedding.T @ grads  # M += sum_z e g^T
             out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
-
-
-def compute_embeddings(
-    store: TrajectoryStore,
-    layout: AccumulatorLayout,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Run the recursion over a finished store, backwards, writing each step's embeddings to the store.
-
-    Args:
-        store: a store whose recording is complete.
-        layout: accumulation-matrix layout.
-        progress: optional ``(done, total)`` callback, called after each step.
-    """
-    recursion = BackwardRecursion(store.layer_names, layout)
-    total = len(store.steps)
-    for done, record in enumerate(store.iter_backward(), start=1):
-        store.write_embeddings(record.step, recursion.step(record), record.sample_ids)
-        if progress is not None:
-            progress(done, total)
-    store.manifest["embeddings"] = "complete"
-    store.write_manifest()

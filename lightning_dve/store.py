@@ -16,12 +16,13 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lightning_dve.errors import StoreError
@@ -30,6 +31,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STEPS = "steps"
 EMBEDDINGS = "embeddings"
+SHARDS = "shards"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +148,7 @@ class TrajectoryStore:
             for sub in (STEPS, EMBEDDINGS):
                 for file in (root / sub).glob("*.safetensors"):
                     file.unlink()
+            shutil.rmtree(root / SHARDS, ignore_errors=True)
             (root / MANIFEST).unlink(missing_ok=True)
         (root / STEPS).mkdir(parents=True, exist_ok=True)
         (root / EMBEDDINGS).mkdir(exist_ok=True)
@@ -183,12 +186,37 @@ class TrajectoryStore:
         tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
         os.replace(tmp, path)
 
-    def _metadata(self, step: int) -> dict[str, str]:
-        return {"step": str(step), "settings_hash": self.settings_hash}
+    @classmethod
+    def reopen(cls, root: str | os.PathLike[str], last_step: int) -> TrajectoryStore:
+        """Reopen a store to continue recording after ``last_step`` (resume from a checkpoint).
+
+        The step list is rebuilt from the step files (the manifest on disk may predate them); steps after
+        ``last_step``, which the resumed run redoes, are deleted, and so are embeddings.
+        """
+        store = cls.open(root)
+        steps_dir = store.root / STEPS
+        entries = []
+        for path in sorted(steps_dir.glob("step_*.safetensors")):
+            step = int(path.stem.split("_")[1])
+            if step > last_step:
+                path.unlink()
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                entries.append((step, int(handle.metadata()["epoch"]), handle.get_tensor("lrs").tolist()))
+        for file in (store.root / EMBEDDINGS).glob("*.safetensors"):
+            file.unlink()
+        store.manifest.update(status="recording", embeddings=None, steps=[e[0] for e in entries],
+                              epochs=[e[1] for e in entries], lrs=[e[2] for e in entries])
+        store.write_manifest()
+        return store
+
+    def _metadata(self, step: int, epoch: int = 0) -> dict[str, str]:
+        return {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash}
 
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
-        write_atomic(self.root / STEPS / _step_name(record.step), record.to_tensors(), self._metadata(record.step))
+        path = self.root / STEPS / _step_name(record.step)
+        write_atomic(path, record.to_tensors(), self._metadata(record.step, record.epoch))
         self.manifest["steps"].append(record.step)
         self.manifest["epochs"].append(record.epoch)
         self.manifest["lrs"].append(record.lrs.tolist())

@@ -1,0 +1,81 @@
+"""The only code that talks to other ranks, behind a small interface with a single-process implementation.
+
+Collectives are made of fixed-shape ``all_gather``/``all_reduce`` calls (gathers of unequal shapes break on
+gloo): sizes are exchanged first and tensors padded to the largest. Every method is a collective: call it on
+every rank, in the same order, never from rank-zero-only code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator(Protocol):
+    """What the rest of the package may ask of the other ranks."""
+
+    rank: int
+    world_size: int
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        ...
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (2-D, any number of rows and columns), indexed by rank."""
+        ...
+
+
+class SingleProcess:
+    """The communicator of a run with one process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def any(self, flag: bool) -> bool:
+        """Return ``flag``."""
+        return flag
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Return ``[tensor]``."""
+        return [tensor]
+
+
+class ProcessGroup:
+    """Collectives over the default ``torch.distributed`` process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+
+    def any(self, flag: bool) -> bool:
+        """All-reduce (max) of one flag."""
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Exchange shapes, pad to the largest, ``all_gather``, and trim each rank's part back."""
+        shape = torch.tensor(list(tensor.shape), device=self.device, dtype=torch.int64)
+        shapes = [torch.empty_like(shape) for _ in range(self.world_size)]
+        dist.all_gather(shapes, shape)
+        sizes = [tuple(s.tolist()) for s in shapes]
+        rows, cols = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        padded = tensor.new_zeros(rows, cols, device=self.device)
+        padded[: tensor.shape[0], : tensor.shape[1]] = tensor.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return [part[:r, :c].to(tensor.device) for part, (r, c) in zip(parts, sizes)]
+
+
+def communicator() -> Communicator:
+    """The communicator of this process: :class:`ProcessGroup` when a group of more than one is running."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ProcessGroup()
+    return SingleProcess()

@@ -1,0 +1,186 @@
+"""One optimizer step over every micro-batch and rank, and the embeddings back on rank 0 (method.md §2).
+
+One optimizer step is one factor over everything that entered it: the micro-batches of gradient accumulation
+and the shards of every data-parallel rank. :class:`StepAssembler` buffers a rank's micro-batches, agrees on
+errors with the other ranks (so one failing rank ends the run instead of deadlocking it), and gathers the
+global step. Each rank keeps only the layer groups it owns, so the recursion is split across ranks;
+:func:`gather_embeddings` brings the owned embeddings back to rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lightning_dve.config import AccumulatorLayout
+from lightning_dve.distributed import Communicator
+from lightning_dve.errors import DVEError, SampleIdError
+from lightning_dve.recursion import BackwardRecursion
+from lightning_dve.store import StepRecord, TrajectoryStore
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """What one rank captured in one micro-batch.
+
+    Attributes:
+        sample_ids: ``[b]`` dataset indices.
+        weights: ``[b]`` weight ``w`` the optimizer applies to each sample's gradient (loss reduction, divided
+            by the number of micro-batches and by the world size).
+        grads: ``{layer: [b, k_l]}`` per-sample gradients of the per-sample loss.
+    """
+
+    sample_ids: torch.Tensor
+    weights: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+
+class RemoteRankError(DVEError, RuntimeError):
+    """Another rank raised; this rank stops too (see that rank's traceback for the cause)."""
+
+
+def assign_groups(groups: list[list[str]], dims: dict[str, int], world_size: int) -> list[list[str]]:
+    """Split layer groups over ranks, largest recursion cost (``K^2``) first to the least loaded rank.
+
+    Returns:
+        The layer names owned by each rank (identical on every rank).
+    """
+    load = [0] * world_size
+    owned: list[list[str]] = [[] for _ in range(world_size)]
+    for group in sorted(groups, key=lambda g: -sum(dims[n] for n in g) ** 2):
+        rank = min(range(world_size), key=lambda r: load[r])
+        owned[rank].extend(group)
+        load[rank] += sum(dims[n] for n in group) ** 2
+    return owned
+
+
+def agree_on_errors(comm: Communicator, error: BaseException | None) -> None:
+    """Collective: raise on every rank if any rank had an error (the failing rank raises its own).
+
+    Raises:
+        RemoteRankError: on ranks that did not fail themselves.
+    """
+    failed = comm.any(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RemoteRankError("another rank failed in DataValueEmbedding; this rank stops too. The cause is in "
+                              "that rank's traceback.")
+
+
+class StepAssembler:
+    """Buffer a rank's micro-batches and assemble the global step restricted to this rank's layers."""
+
+    def __init__(self, comm: Communicator, layer_names: list[str], owned: list[str], allow_duplicate_ids: bool) -> None:
+        self.comm = comm
+        self.layer_names = layer_names
+        self.owned = owned
+        self.allow_duplicate_ids = allow_duplicate_ids
+        self._buffer: list[MicroBatch] = []
+        self.padding_duplicates = 0
+
+    def add(self, micro: MicroBatch) -> None:
+        """Buffer one micro-batch of this rank."""
+        self._buffer.append(micro)
+
+    def discard(self) -> None:
+        """Drop the buffered micro-batches (a step that was skipped)."""
+        self._buffer = []
+
+    def close(self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool) -> StepRecord:
+        """Collective: gather every rank's micro-batches into the global step's record.
+
+        Rows are ordered by rank, then micro-batch, then position. Only the layers this rank owns are kept.
+
+        Args:
+            step: optimizer step index.
+            lrs: learning rate of each tracked layer ``[L]`` (the same on every rank).
+            epoch: training epoch.
+            last_batch: whether this is the epoch's last step (where ``DistributedSampler`` pads).
+
+        Raises:
+            SampleIdError: on every rank, if an id occurs twice in the step and that is not allowed.
+        """
+        buffer, self._buffer = self._buffer, []
+        ids = torch.cat([m.sample_ids for m in buffer])
+        meta = torch.stack([ids.to(torch.float64), torch.cat([m.weights for m in buffer]).to(torch.float64)], 1)
+        grads = torch.cat([torch.cat([m.grads[n] for n in self.layer_names], dim=1) for m in buffer])
+        metas = self.comm.all_gather_rows(meta)
+        all_grads = torch.cat(self.comm.all_gather_rows(grads))
+        ranks = torch.cat([torch.full((len(m),), r) for r, m in enumerate(metas)])
+        meta = torch.cat(metas)
+        sample_ids = meta[:, 0].to(torch.int64)
+        self._check_duplicates(sample_ids, ranks, step, last_batch)
+        sizes = [buffer[0].grads[n].shape[1] for n in self.layer_names]
+        split = dict(zip(self.layer_names, all_grads.split(sizes, dim=1)))
+        return StepRecord(step, sample_ids, meta[:, 1], lrs, {n: split[n].contiguous() for n in self.owned}, epoch)
+
+    def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
+        values, counts = torch.unique(ids, return_counts=True)
+        duplicated = values[counts > 1]
+        if duplicated.numel() == 0 or self.allow_duplicate_ids:
+            return
+        cross_rank = all(ranks[ids == v].unique().numel() == (ids == v).sum() for v in duplicated)
+        if last_batch and self.comm.world_size > 1 and cross_rank:
+            self.padding_duplicates += int((counts[counts > 1] - 1).sum())
+            return
+        raise SampleIdError(f"sample ids {duplicated.tolist()[:10]} occur more than once in step {step}. If your "
+                            "sampler draws with replacement, pass allow_duplicate_ids=True (each copy is then its "
+                            "own occurrence); otherwise fix the ids your batches carry.")
+
+
+def gather_embeddings(
+    comm: Communicator,
+    owned: list[list[str]],
+    dims: dict[str, int],
+    embeddings: dict[str, torch.Tensor],
+    rows: int,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Collective: every rank's embeddings of one step merged into ``{layer: [B, k_l]}`` (used on rank 0).
+
+    Args:
+        comm: communicator.
+        owned: layer names owned by each rank.
+        dims: projected size of every layer.
+        embeddings: this rank's embeddings of the step, for its owned layers.
+        rows: occurrences in the step (``B``), for ranks that own no layer.
+        dtype: accumulation dtype (identical on every rank).
+    """
+    mine = owned[comm.rank]
+    local = torch.cat([embeddings[n].to(dtype) for n in mine], 1) if mine else torch.zeros(rows, 0, dtype=dtype)
+    merged: dict[str, torch.Tensor] = {}
+    for names, block in zip(owned, comm.all_gather_rows(local)):
+        if names:
+            merged.update(zip(names, block.split([dims[n] for n in names], dim=1)))
+    return merged
+
+
+def embed_trajectory(
+    comm: Communicator,
+    store: TrajectoryStore,
+    layout: AccumulatorLayout,
+    owned: list[list[str]],
+    dims: dict[str, int],
+    dtype: torch.dtype,
+) -> None:
+    """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
+
+    Args:
+        comm: communicator.
+        store: this rank's store (rank 0's is the one users read).
+        layout: accumulation-matrix layout.
+        owned: layer names owned by each rank.
+        dims: projected size of every layer.
+        dtype: accumulation dtype, float32 or wider (identical on every rank).
+    """
+    recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
+    for record in store.iter_backward():
+        embeddings = recursion.step(record)
+        merged = gather_embeddings(comm, owned, dims, embeddings, record.sample_ids.numel(), dtype)
+        if comm.rank == 0:
+            store.write_embeddings(record.step, merged, record.sample_ids)
+    if comm.rank == 0:
+        store.manifest["embeddings"] = "complete"
+        store.write_manifest()
