@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import torch
 
-from lightning_dve import capture, distributed, sync
-from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from lightning_dve import capture, distributed, reporting, sync
+from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction, ReportConfig
 from lightning_dve.errors import ConfigError, DVEError, UnsupportedError
 from lightning_dve.influence import DataValueEmbeddings
 from lightning_dve.optim import layer_learning_rates, sgd_proxy_reason
@@ -38,6 +39,11 @@ class DataValueEmbedding(pl.Callback):
         allow_duplicate_ids: accept the same id twice in one step (sampling with replacement).
         seed: base seed of the projections.
         overwrite: allow a fresh ``fit`` into a non-empty ``save_dir`` (its store is replaced).
+        report: what the train-end influence report computes and logs (:class:`ReportConfig`); ``None``
+            disables it. It is written to ``<save_dir>/report/`` and to ``trainer.loggers`` on global rank 0.
+        reference: a batch or a ``DataLoader`` whose mean test-loss gradient is the report's query; default the
+            trainer's validation dataloader (at most ``report.max_reference_samples`` samples).
+        describe: ``sample -> str`` text of a training sample (one row of a batch) for the top-k tables.
     """
 
     def __init__(
@@ -52,6 +58,9 @@ class DataValueEmbedding(pl.Callback):
         allow_duplicate_ids: bool = False,
         seed: int = 0,
         overwrite: bool = False,
+        report: ReportConfig | None = ReportConfig(),
+        reference: Any = None,
+        describe: Callable[[Any], str] | None = None,
     ) -> None:
         self._weight_fn = loss_reduction if callable(loss_reduction) else None
         self.config = DVEConfig(
@@ -69,6 +78,7 @@ class DataValueEmbedding(pl.Callback):
         self.sample_ids = sample_ids
         self.save_dir = save_dir
         self.overwrite = overwrite
+        self.report_config, self.reference, self.describe = report, reference, describe
         self._store: TrajectoryStore | None = None
         self._capture: capture.GradientCapture | None = None
         self._assembler: sync.StepAssembler
@@ -126,8 +136,8 @@ class DataValueEmbedding(pl.Callback):
                     "rank": self._comm.rank, "owned_layers": self._owned[self._comm.rank],
                     "dtype": str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")}
         self._store = self._open_store(manifest)
-        self._assembler = sync.StepAssembler(self._comm, list(tracked), self._owned[self._comm.rank],
-                                             self.config.allow_duplicate_ids)
+        self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
+                                             getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids)
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._embeddings = None
@@ -162,9 +172,10 @@ class DataValueEmbedding(pl.Callback):
             return
         record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch)
         self._step_lrs = None
-        assert self._store is not None
-        self._store.append(record)
-        self._last_step = record.step
+        if record is not None:
+            assert self._store is not None
+            self._store.append(record)
+            self._last_step = record.step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
@@ -179,6 +190,8 @@ class DataValueEmbedding(pl.Callback):
         sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
+        reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,
+                                   self.describe, self.sample_ids)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
@@ -200,7 +213,7 @@ class DataValueEmbedding(pl.Callback):
         local = capture.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         grads = hooks.finish(local / accumulation)
-        capture.check_finite(grads, ids, trainer.global_step)
+        capture.check_finite(grads, ids, self._step if self._step_lrs is not None else trainer.global_step)
         return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads)
 
     def _open_store(self, manifest: dict[str, Any]) -> TrajectoryStore:
@@ -214,7 +227,7 @@ class DataValueEmbedding(pl.Callback):
         sync.agree_on_errors(self._comm, error)  # rank 0 has checked and cleared save_dir before others write
         if store is None:
             store, error = self._try_open(root, manifest)
-            sync.agree_on_errors(self._comm, error)
+        sync.agree_on_errors(self._comm, error)
         assert store is not None
         return store
 

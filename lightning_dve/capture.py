@@ -149,6 +149,7 @@ class GradientCapture:
         self._inputs: dict[str, list[torch.Tensor | None]] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self._keep_outputs = False
+        self._generation = 0
         self.outputs: list[torch.Tensor] = []
 
     def attach(self) -> None:
@@ -164,6 +165,7 @@ class GradientCapture:
         self._reset(active=False)
 
     def _reset(self, active: bool, keep_outputs: bool = False) -> None:
+        self._generation += 1  # output hooks of an earlier step become no-ops
         self._active = active
         self._keep_outputs = keep_outputs
         self._inputs = {name: [] for name in self.layers}
@@ -196,11 +198,13 @@ class GradientCapture:
         pending.append(layer.spec.project_input(module, args, p_in))
         if self._keep_outputs:
             self.outputs.append(output)
-        output.register_hook(partial(self._on_output_grad, layer, len(pending) - 1))
+        output.register_hook(partial(self._on_output_grad, layer, self._generation, len(pending) - 1))
 
-    def _on_output_grad(self, layer: TrackedLayer, call: int, grad: torch.Tensor) -> None:
+    def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int, grad: torch.Tensor) -> None:
+        if not self._active or generation != self._generation:
+            return
         in_side = self._inputs[layer.name][call]
-        if not self._active or in_side is None:
+        if in_side is None:
             return
         self._inputs[layer.name][call] = None  # release the projected activation as soon as it is used
         p_out = layer.projection.side_matrix("out", grad.dtype, grad.device)

@@ -209,6 +209,9 @@ class ReportConfig:
         _check_count("max_reference_samples", self.max_reference_samples, 1)
         _check_count("top_k", self.top_k, 0)
         _check_count("histogram_bins", self.histogram_bins, 1)
+        if self.histogram_bins > 512:
+            raise ConfigError(f"histogram_bins must be <= 512 (the most W&B histograms hold); got "
+                              f"{self.histogram_bins}. Use fewer bins, e.g. 30.")
         stages = "Use early_fraction + late_fraction < 1, e.g. 0.1 and 0.1."
         early = _check_fraction("early_fraction", self.early_fraction, 0.0, 1.0, stages)
         late = _check_fraction("late_fraction", self.late_fraction, 0.0, 1.0, stages)

@@ -186,6 +186,12 @@ def _check_embedding(name: str, module: nn.Module) -> None:
             f"layer {name!r} (Embedding) uses max_norm={module.max_norm}, which rescales rows in place during "
             f"forward; per-sample capture does not support it. Add {name!r} to `exclude=` or drop max_norm."
         )
+    if module.scale_grad_by_freq:
+        raise UnsupportedError(
+            f"layer {name!r} (Embedding) uses scale_grad_by_freq=True, which divides each row's gradient by its "
+            f"frequency in the whole batch, so one sample's gradient depends on the others. Add {name!r} to "
+            "`exclude=` or set scale_grad_by_freq=False."
+        )
 
 
 def _embedding_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:

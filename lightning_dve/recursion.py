@@ -23,7 +23,7 @@ from lightning_dve.store import StepRecord
 
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
     """Groups of layers that share one accumulation matrix."""
-    if layout is AccumulatorLayout.FULL:
+    if AccumulatorLayout.parse(layout) is AccumulatorLayout.FULL:
         return [list(layer_names)]
     return [[name] for name in layer_names]
 

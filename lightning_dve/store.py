@@ -177,7 +177,10 @@ class TrajectoryStore:
             raise StoreError(f"{path} has schema {manifest.get('schema_version')!r} (format "
                              f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "
                              "lightning_dve version that wrote it.")
-        return cls(Path(root), manifest)
+        store = cls(Path(root), manifest)
+        if manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
+            store._scan_steps()
+        return store
 
     def write_manifest(self) -> None:
         """Write the manifest atomically."""
@@ -186,27 +189,38 @@ class TrajectoryStore:
         tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
         os.replace(tmp, path)
 
+    def _scan_steps(self, after: int | None = None) -> None:
+        """Rebuild the step list from the step files (complete by construction: they are renamed into place).
+
+        Args:
+            after: delete the step files after this step (``None`` keeps all).
+        """
+        entries = []
+        for path in sorted((self.root / STEPS).glob("step_*.safetensors")):
+            step = int(path.stem.split("_")[1])
+            if after is not None and step > after:
+                path.unlink()
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    entries.append((step, int(handle.metadata()["epoch"]), handle.get_tensor("lrs").tolist()))
+            except (SafetensorError, OSError, KeyError, ValueError) as err:
+                raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later "
+                                 "step file) to keep the steps before it, or record the run again.") from err
+        self.manifest.update(steps=[e[0] for e in entries], epochs=[e[1] for e in entries],
+                             lrs=[e[2] for e in entries])
+
     @classmethod
     def reopen(cls, root: str | os.PathLike[str], last_step: int) -> TrajectoryStore:
         """Reopen a store to continue recording after ``last_step`` (resume from a checkpoint).
 
-        The step list is rebuilt from the step files (the manifest on disk may predate them); steps after
-        ``last_step``, which the resumed run redoes, are deleted, and so are embeddings.
+        Steps after ``last_step``, which the resumed run redoes, are deleted, and so are the embeddings.
         """
         store = cls.open(root)
-        steps_dir = store.root / STEPS
-        entries = []
-        for path in sorted(steps_dir.glob("step_*.safetensors")):
-            step = int(path.stem.split("_")[1])
-            if step > last_step:
-                path.unlink()
-                continue
-            with safe_open(str(path), framework="pt") as handle:
-                entries.append((step, int(handle.metadata()["epoch"]), handle.get_tensor("lrs").tolist()))
+        store._scan_steps(after=last_step)
         for file in (store.root / EMBEDDINGS).glob("*.safetensors"):
             file.unlink()
-        store.manifest.update(status="recording", embeddings=None, steps=[e[0] for e in entries],
-                              epochs=[e[1] for e in entries], lrs=[e[2] for e in entries])
+        store.manifest.update(status="recording", embeddings=None)
         store.write_manifest()
         return store
 

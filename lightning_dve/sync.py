@@ -70,11 +70,28 @@ def agree_on_errors(comm: Communicator, error: BaseException | None) -> None:
 
 
 class StepAssembler:
-    """Buffer a rank's micro-batches and assemble the global step restricted to this rank's layers."""
+    """Buffer a rank's micro-batches and assemble the global step restricted to this rank's layers.
 
-    def __init__(self, comm: Communicator, layer_names: list[str], owned: list[str], allow_duplicate_ids: bool) -> None:
+    Args:
+        comm: communicator.
+        dims: projected size of every tracked layer, in manifest order.
+        owned: the layers this rank keeps.
+        dtype: storage dtype of the gradients (identical on every rank).
+        allow_duplicate_ids: accept an id twice in one step.
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        dims: dict[str, int],
+        owned: list[str],
+        dtype: torch.dtype,
+        allow_duplicate_ids: bool,
+    ) -> None:
         self.comm = comm
-        self.layer_names = layer_names
+        self.dims = dims
+        self.layer_names = list(dims)
+        self.dtype = dtype
         self.owned = owned
         self.allow_duplicate_ids = allow_duplicate_ids
         self._buffer: list[MicroBatch] = []
@@ -88,7 +105,7 @@ class StepAssembler:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []
 
-    def close(self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool) -> StepRecord:
+    def close(self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 
         Rows are ordered by rank, then micro-batch, then position. Only the layers this rank owns are kept.
@@ -99,22 +116,34 @@ class StepAssembler:
             epoch: training epoch.
             last_batch: whether this is the epoch's last step (where ``DistributedSampler`` pads).
 
+        Returns:
+            The record, or ``None`` if no rank captured anything (every ``training_step`` returned ``None``).
+
         Raises:
             SampleIdError: on every rank, if an id occurs twice in the step and that is not allowed.
         """
-        buffer, self._buffer = self._buffer, []
-        ids = torch.cat([m.sample_ids for m in buffer])
-        meta = torch.stack([ids.to(torch.float64), torch.cat([m.weights for m in buffer]).to(torch.float64)], 1)
-        grads = torch.cat([torch.cat([m.grads[n] for n in self.layer_names], dim=1) for m in buffer])
+        meta, grads = self._local_rows()
         metas = self.comm.all_gather_rows(meta)
         all_grads = torch.cat(self.comm.all_gather_rows(grads))
+        if all_grads.shape[0] == 0:  # every micro-batch of every rank was skipped
+            return None
         ranks = torch.cat([torch.full((len(m),), r) for r, m in enumerate(metas)])
         meta = torch.cat(metas)
         sample_ids = meta[:, 0].to(torch.int64)
         self._check_duplicates(sample_ids, ranks, step, last_batch)
-        sizes = [buffer[0].grads[n].shape[1] for n in self.layer_names]
-        split = dict(zip(self.layer_names, all_grads.split(sizes, dim=1)))
+        split = dict(zip(self.layer_names, all_grads.split([self.dims[n] for n in self.layer_names], dim=1)))
         return StepRecord(step, sample_ids, meta[:, 1], lrs, {n: split[n].contiguous() for n in self.owned}, epoch)
+
+    def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, sum k_l]`` gradients."""
+        buffer, self._buffer = self._buffer, []
+        meta = torch.zeros(0, 2, dtype=torch.float64)
+        grads = torch.zeros(0, sum(self.dims.values()), dtype=self.dtype)
+        for m in buffer:
+            rows = torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1)
+            meta = torch.cat([meta, rows])
+            grads = torch.cat([grads, torch.cat([m.grads[n].to(self.dtype) for n in self.layer_names], dim=1)])
+        return meta, grads
 
     def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
         values, counts = torch.unique(ids, return_counts=True)

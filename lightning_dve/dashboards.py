@@ -1,0 +1,182 @@
+"""Show a train-end report on the trainer's loggers: tables, charts, scalars and figures under ``dve/``.
+
+- ``WandbLogger``: the curve, epoch and stage tables, ``wandb.plot.line`` charts of the curves, a histogram of
+  per-sample influence, top-k tables (with ``wandb.Image`` inputs), the figures and the summary scalars, in
+  one ``log_metrics`` call at the run's current step (never a past ``step=``: W&B would drop those rows).
+- ``TensorBoardLogger``: per-step curve scalars at their training steps, summary scalars, figures, the
+  histogram and markdown tables.
+- ``CSVLogger``: per-step curve scalars and summary scalars.
+- Any other logger: the summary scalars.
+
+Only global rank 0 calls this module (through :mod:`lightning_dve.reporting`); it holds no collective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from matplotlib.figure import Figure
+
+from lightning_dve import figures
+from lightning_dve.curves import CurveReport, RankedSample
+from lightning_dve.samples import SampleView
+
+if TYPE_CHECKING:
+    from lightning_dve.reporting import TrainEndReport
+
+CURVE_COLUMNS = ["step", "epoch", "lr", "n_samples", "influence", "influence_per_lr", "influence_smoothed",
+                 "influence_per_lr_smoothed"]
+EPOCH_COLUMNS = ["epoch", "first_step", "last_step", "influence", "influence_per_lr", "total"]
+STAGE_COLUMNS = ["stage", "first_step", "last_step", "n_steps", "share", "abs_share", "mean"]
+TOP_K_COLUMNS = ["rank", "sample_id", "score", "steps", "label", "description"]
+
+
+def clean(value: Any) -> Any:
+    """JSON/CSV-safe scalar: NaN and infinities become ``None``; tensors become Python numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def curve_rows(report: CurveReport) -> list[list[Any]]:
+    """One row per recorded step, in :data:`CURVE_COLUMNS` order."""
+    c = report.curve
+    columns = (c.steps, c.epochs, c.learning_rates, c.counts, c.influence, c.influence_per_lr, report.smoothed,
+               report.smoothed_per_lr)
+    return [[clean(v) for v in row] for row in zip(*(col.tolist() for col in columns))]
+
+
+def epoch_rows(report: CurveReport) -> list[list[Any]]:
+    """One row per epoch, in :data:`EPOCH_COLUMNS` order."""
+    e = report.epochs
+    columns = (e.epochs, e.first_steps, e.last_steps, e.influence, e.influence_per_lr, e.total)
+    return [[clean(v) for v in row] for row in zip(*(col.tolist() for col in columns))]
+
+
+def stage_rows(report: CurveReport) -> list[list[Any]]:
+    """One row per stage, in :data:`STAGE_COLUMNS` order."""
+    return [[s.stage.value, s.first_step, s.last_step, s.n_steps, clean(s.share), clean(s.abs_share),
+             clean(s.mean)] for s in report.stages]
+
+
+def top_k_rows(ranked: list[RankedSample], samples: dict[int, SampleView]) -> list[list[Any]]:
+    """One row per ranked sample, in :data:`TOP_K_COLUMNS` order."""
+    rows = []
+    for sample in ranked:
+        view = samples.get(sample.sample_id, SampleView(None, "(not found in the training dataloader)", None))
+        rows.append([sample.rank, sample.sample_id, sample.score, " ".join(map(str, sample.steps)), view.label,
+                     view.text])
+    return rows
+
+
+def summary_scalars(report: TrainEndReport) -> dict[str, float]:
+    """Scalars under ``dve/``: reference size, total influence, stage shares and means, phase steps."""
+    c = report.curves
+    out = {"dve/reference/n_samples": float(report.reference.n_samples),
+           "dve/total_influence": float(c.totals.sum())}
+    for s in c.stages:
+        prefix = f"dve/stages/{s.stage.value}"
+        out.update({f"{prefix}/share": s.share, f"{prefix}/abs_share": s.abs_share, f"{prefix}/mean": s.mean})
+    for name in ("warmup_end", "basin", "ascent_start"):
+        step = getattr(c.phases, name)
+        if step is not None:
+            out[f"dve/phases/{name}_step"] = float(step)
+    return {key: value for key, value in out.items() if math.isfinite(value)}
+
+
+def step_scalars(report: CurveReport) -> Iterable[tuple[int, dict[str, float]]]:
+    """``(step, {key: value})`` per recorded step, for loggers that accept any step (TensorBoard, CSV)."""
+    c = report.curve
+    for step, raw, per_lr, smoothed in zip(c.steps.tolist(), c.influence.tolist(), c.influence_per_lr.tolist(),
+                                           report.smoothed_per_lr.tolist()):
+        values = {"dve/curve/influence": raw, "dve/curve/influence_per_lr": per_lr,
+                  "dve/curve/influence_per_lr_smoothed": smoothed}
+        yield step, {key: value for key, value in values.items() if math.isfinite(value)}
+
+
+def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure]) -> None:
+    """Log the report to every logger of the trainer (see the module docstring for what goes where)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            log_wandb(logger, report)
+        elif isinstance(logger, TensorBoardLogger):
+            log_tensorboard(logger, report, plots, trainer.global_step)
+        elif isinstance(logger, CSVLogger):
+            for step, values in step_scalars(report.curves):
+                logger.log_metrics(values, step=step)
+            logger.log_metrics(summary_scalars(report), step=trainer.global_step)
+            logger.save()
+        else:
+            logger.log_metrics(summary_scalars(report), step=trainer.global_step)
+
+
+def log_wandb(logger: WandbLogger, report: TrainEndReport) -> None:
+    """Log tables, line charts, histogram, top-k tables, figures and scalars in one ``log_metrics`` call."""
+    import wandb
+
+    c = report.curves
+    curve = wandb.Table(columns=CURVE_COLUMNS, data=curve_rows(c))
+    epochs = wandb.Table(columns=EPOCH_COLUMNS, data=epoch_rows(c))
+    counts, edges = c.histogram
+    metrics: dict[str, Any] = {
+        "dve/curve/table": curve,
+        "dve/curve/influence": wandb.plot.line(curve, "step", "influence",
+                                               title="Mean influence of each step's samples"),
+        "dve/curve/influence_per_lr": wandb.plot.line(curve, "step", "influence_per_lr",
+                                                      title="Influence / learning rate per step"),
+        "dve/curve/influence_per_lr_smoothed": wandb.plot.line(curve, "step", "influence_per_lr_smoothed",
+                                                               title="Influence / learning rate (smoothed)"),
+        "dve/epochs/table": epochs,
+        "dve/epochs/influence_per_lr": wandb.plot.line(epochs, "epoch", "influence_per_lr",
+                                                       title="Influence / learning rate per epoch"),
+        "dve/stages/table": wandb.Table(columns=STAGE_COLUMNS, data=stage_rows(c)),
+        "dve/samples/total_influence": wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy())),
+        **summary_scalars(report),
+    }
+    for name, ranked in (("helpful", c.helpful), ("harmful", c.harmful)):
+        metrics[f"dve/top_k/{name}"] = _wandb_top_k(ranked, report.samples)
+    for name in ("curve", "epochs", "histogram", "top_k"):
+        if f"{name}_png" in report.files:
+            metrics[f"dve/figures/{name}"] = wandb.Image(str(report.files[f"{name}_png"]))
+    logger.log_metrics(metrics)
+
+
+def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> Any:
+    """A ``wandb.Table`` of ranked samples, with an ``image`` column when any sample is an image."""
+    import wandb
+
+    rows = top_k_rows(ranked, samples)
+    images = [samples[s.sample_id].image if s.sample_id in samples else None for s in ranked]
+    if not any(image is not None for image in images):
+        return wandb.Table(columns=TOP_K_COLUMNS, data=rows)
+    data = [row + [None if image is None else wandb.Image(image)] for row, image in zip(rows, images)]
+    return wandb.Table(columns=[*TOP_K_COLUMNS, "image"], data=data)
+
+
+def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, Figure], step: int) -> None:
+    """Per-step and summary scalars, figures, the per-sample histogram and markdown tables."""
+    for curve_step, values in step_scalars(report.curves):
+        logger.log_metrics(values, step=curve_step)
+    logger.log_metrics(summary_scalars(report), step=step)
+    writer = logger.experiment
+    for name, figure in plots.items():
+        writer.add_image(f"dve/figures/{name}", figures.to_rgb(figure), step, dataformats="HWC")
+    writer.add_histogram("dve/samples/total_influence", report.curves.totals.numpy(), step)
+    writer.add_text("dve/stages", _markdown(STAGE_COLUMNS, stage_rows(report.curves)), step)
+    for name, ranked in (("helpful", report.curves.helpful), ("harmful", report.curves.harmful)):
+        writer.add_text(f"dve/top_k/{name}", _markdown(TOP_K_COLUMNS, top_k_rows(ranked, report.samples)), step)
+    writer.flush()
+
+
+def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table (TensorBoard renders text summaries as markdown)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if v is None else str(v).replace("|", "/") for v in row) + " |" for row in rows]
+    return "\n".join(lines)

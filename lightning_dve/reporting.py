@@ -1,0 +1,317 @@
+"""The train-end report: reference gradient -> curves -> ``save_dir/report/`` -> the trainer's loggers.
+
+The reference set's mean test-loss gradient at the final weights is one query vector ``g_ref``; scoring every
+recorded occurrence against it (one dot product each) gives the per-step influence curve of
+:mod:`lightning_dve.curves`. Everything here runs on global rank 0 only and holds no collective, so it is
+safe under DDP; the embeddings it reads already cover every rank's samples.
+
+Whatever the loggers, the same content is written as CSV, JSON and PNG files under ``<save_dir>/report/``;
+:mod:`lightning_dve.dashboards` then logs it to ``trainer.loggers`` under ``dve/...`` keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lightning_dve import curves, dashboards, figures
+from lightning_dve.config import ReportConfig
+from lightning_dve.curves import CurveReport
+from lightning_dve.dashboards import (
+    CURVE_COLUMNS,
+    EPOCH_COLUMNS,
+    STAGE_COLUMNS,
+    TOP_K_COLUMNS,
+    clean,
+    curve_rows,
+    epoch_rows,
+    stage_rows,
+    top_k_rows,
+)
+from lightning_dve.errors import ConfigError
+from lightning_dve.influence import DataValueEmbeddings
+from lightning_dve.samples import SampleView, find_samples
+
+#: Folder of the report inside the callback's ``save_dir``.
+REPORT_DIR = "report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The query of the report.
+
+    Attributes:
+        gradients: ``{layer: [1, k_l]}`` mean projected test-loss gradient of the reference samples.
+        n_samples: how many reference samples were averaged.
+        source: where they came from (for the summary).
+    """
+
+    gradients: dict[str, torch.Tensor]
+    n_samples: int
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEndReport:
+    """What :func:`report_train_end` computed and wrote.
+
+    Attributes:
+        directory: the report folder.
+        reference: the reference query.
+        lr_layer: the tracked layer whose learning rate normalises the curve.
+        curves: curves, stage summary, phases, histogram and rankings.
+        samples: label and rendering of the top-k samples that were found, by sample id.
+        files: written files by name (``summary``, ``curve_csv``, ``curve_png``, ...).
+    """
+
+    directory: Path
+    reference: Reference
+    lr_layer: str
+    curves: CurveReport
+    samples: dict[int, SampleView]
+    files: dict[str, Path]
+
+
+def report_train_end(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    embeddings: DataValueEmbeddings | None,
+    config: ReportConfig | None,
+    reference: Any = None,
+    describe: Callable[[Any], str] | None = None,
+    sample_ids: str | Callable[[Any], Any] = "index",
+) -> TrainEndReport | None:
+    """Compute the report, write it under ``<save_dir>/report/`` and log it (global rank 0 only).
+
+    Args:
+        trainer: the trainer that just finished ``fit``.
+        pl_module: the trained module (queried at its final weights).
+        embeddings: the finished embeddings (``None`` on ranks other than 0).
+        config: report settings; ``None`` disables the report.
+        reference: a batch or a ``DataLoader`` of reference samples; default the trainer's validation loader.
+        describe: ``sample -> str`` text of a training sample for the top-k tables.
+        sample_ids: the callback's ``sample_ids`` (dict key or ``batch -> ids``), to find top-k samples.
+
+    Returns:
+        The report, or ``None`` if disabled, not rank 0, or there is nothing to report.
+    """
+    if config is None or embeddings is None or not trainer.is_global_zero:
+        return None
+    if not embeddings.steps:
+        rank_zero_warn("DataValueEmbedding: no optimizer step was recorded, so there is no influence report.")
+        return None
+    show = trainer.progress_bar_callback is not None
+    batches, source = resolve_reference(trainer, reference)
+    if batches is None:
+        rank_zero_warn("DataValueEmbedding: no reference set (the trainer ran no validation dataloader and no "
+                       "`reference=` was given), so the influence report is skipped. Pass `reference=` (a batch or "
+                       "a DataLoader) to the callback, or define `validation_step` and a validation dataloader.")
+        return None
+    prepare = partial(_prepare_batch, trainer, pl_module)
+    query = reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source, show)
+    result = embeddings.score(query.gradients, per_step=True)
+    lr_layer, lrs = _curve_learning_rates(embeddings)
+    summary = curves.summarise(result, embeddings.steps, embeddings.epochs, lrs, config)
+    wanted = {s.sample_id for s in (*summary.helpful, *summary.harmful)}
+    samples = {}
+    if config.render_samples and wanted:
+        samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, len(embeddings.steps), show)
+    directory = embeddings.store.root / REPORT_DIR
+    report = TrainEndReport(directory, query, lr_layer, summary, samples, {})
+    plots = _figures(report) if config.figures else {}
+    report.files.update(write_files(report, plots))
+    if config.log_to_loggers:
+        dashboards.log_to_loggers(trainer, report, plots)
+    rank_zero_info(f"DataValueEmbedding: influence report in {directory} ({_stage_line(summary)}).")
+    return report
+
+
+def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any] | None, str]:
+    """The reference batches and a description of their source (``None`` batches if there is none)."""
+    if reference is not None:
+        if isinstance(reference, DataLoader):
+            return reference, "the `reference` DataLoader"
+        return [reference], "the `reference` batch"
+    loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
+        loaders = trainer.datamodule.val_dataloader()
+    if loaders is None and trainer.lightning_module is not None and is_overridden(
+        "val_dataloader", trainer.lightning_module
+    ):
+        loaders = trainer.lightning_module.val_dataloader()
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) > 1:
+            rank_zero_info(f"DataValueEmbedding: {len(loaders)} validation dataloaders; the first is the reference.")
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        return None, ""
+    return loaders, "the validation dataloader"
+
+
+def _prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
+    """What the training loop does to a batch: precision conversion, the module's transfer hooks, device."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = module.on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch)
+
+
+def reference_gradient(
+    embeddings: DataValueEmbeddings,
+    module: pl.LightningModule,
+    batches: Iterable[Any],
+    prepare: Callable[[Any], Any],
+    max_samples: int,
+    source: str,
+    show_progress: bool,
+) -> Reference:
+    """Mean projected test-loss gradient over the first ``max_samples`` reference samples, ``{layer: [1, k_l]}``.
+
+    ``g_ref = (1/n) sum_i grad l(theta_T, z_i)`` (per-sample gradients of the per-sample loss, projected), which
+    is the gradient of the mean reference loss. ``prepare`` readies a batch for ``module`` (dtype, device).
+
+    Raises:
+        ConfigError: if the reference holds no sample.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with tqdm(total=total, desc="DVE reference gradient", disable=not show_progress, leave=False) as bar:
+        for batch in batches:
+            grads = embeddings.test_gradients(module, prepare(batch))
+            rows = min(next(iter(grads.values())).shape[0], max_samples - count)
+            for name, grad in grads.items():
+                part = grad[:rows].detach().to("cpu", torch.float64).sum(dim=0, keepdim=True)
+                sums[name] = sums[name] + part if name in sums else part
+            count += rows
+            bar.update(1)
+            if count >= max_samples:
+                break
+    if count == 0:
+        raise ConfigError(f"the reference set ({source}) holds no sample; pass a non-empty `reference=`.")
+    return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
+
+
+def _curve_learning_rates(embeddings: DataValueEmbeddings) -> tuple[str, torch.Tensor]:
+    """The first tracked layer's learning rate per step ``[T]`` (warn if layers used different rates)."""
+    lrs = embeddings.learning_rates
+    name = embeddings.store.layer_names[0]
+    if lrs.shape[1] > 1 and not torch.allclose(lrs, lrs[:, :1].expand_as(lrs)):
+        rank_zero_warn(f"DataValueEmbedding: tracked layers used different learning rates; the influence curve is "
+                       f"divided by the learning rate of the first tracked layer, {name!r}.")
+    return name, lrs[:, 0]
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def _figures(report: TrainEndReport) -> dict[str, Figure]:
+    """The report's figures by name (``top_k`` only when the top-k samples have images)."""
+    plots = {"curve": figures.curve_figure(report.curves), "epochs": figures.epoch_figure(report.curves),
+             "histogram": figures.histogram_figure(report.curves)}
+    images = {i: view.image for i, view in report.samples.items() if view.image is not None}
+    labels = {i: view.label for i, view in report.samples.items()}
+    grid = figures.top_k_figure(report.curves.helpful, report.curves.harmful, images, labels)
+    if grid is not None:
+        plots["top_k"] = grid
+    return plots
+
+
+def summary_dict(report: TrainEndReport) -> dict[str, Any]:
+    """The JSON summary: reference, settings, stage summary, phases, totals and top-k lists."""
+    c = report.curves
+    return {
+        "reference": {"n_samples": report.reference.n_samples, "source": report.reference.source},
+        "settings": c.config.to_dict(),
+        "learning_rate_of_layer": report.lr_layer,
+        "n_steps": c.curve.steps.numel(),
+        "n_samples": c.sample_ids.numel(),
+        "total_influence": clean(c.totals.sum()),
+        "stages": [dict(zip(STAGE_COLUMNS, row)) for row in stage_rows(c)],
+        "phases": {"warmup_end": c.phases.warmup_end, "basin": c.phases.basin,
+                   "ascent_start": c.phases.ascent_start},
+        "top_k": {name: [dict(zip(TOP_K_COLUMNS, row)) for row in top_k_rows(ranked, report.samples)]
+                  for name, ranked in (("helpful", c.helpful), ("harmful", c.harmful))},
+    }
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, Path]:
+    """Write the CSV, JSON and PNG files of the report into ``report.directory``; return them by name."""
+    directory, c = report.directory, report.curves
+    directory.mkdir(parents=True, exist_ok=True)
+    counts, edges = c.histogram
+    files = {
+        "curve_csv": _write_csv(directory / "curve.csv", CURVE_COLUMNS, curve_rows(c)),
+        "epochs_csv": _write_csv(directory / "epochs.csv", EPOCH_COLUMNS, epoch_rows(c)),
+        "stages_csv": _write_csv(directory / "stages.csv", STAGE_COLUMNS, stage_rows(c)),
+        "samples_csv": _write_csv(directory / "sample_totals.csv", ["sample_id", "total_influence"],
+                                  [[i, clean(t)] for i, t in zip(c.sample_ids.tolist(), c.totals.tolist())]),
+        "histogram_csv": _write_csv(directory / "histogram.csv", ["bin_low", "bin_high", "count"],
+                                    [[lo, hi, n] for lo, hi, n in zip(edges[:-1].tolist(), edges[1:].tolist(),
+                                                                      counts.tolist())]),
+        "top_k_csv": _write_csv(directory / "top_k.csv", ["kind", *TOP_K_COLUMNS],
+                                [[kind, *row] for kind, ranked in (("helpful", c.helpful), ("harmful", c.harmful))
+                                 for row in top_k_rows(ranked, report.samples)]),
+    }
+    files.update({f"{name}_png": figures.save_png(figure, directory / f"{name}.png") for name, figure in plots.items()})
+    summary = summary_dict(report)
+    summary["files"] = {name: path.name for name, path in files.items()}
+    files["summary"] = directory / "summary.json"
+    files["summary"].write_text(json.dumps(summary, indent=2))
+    return files
+
+
+def _stage_line(report: CurveReport) -> str:
+    """One-line stage summary, e.g. ``early 41% / middle 37% / late 22% of |influence / lr|``."""
+    parts = [f"{s.stage.value} {100 * s.abs_share:.0f}%" for s in report.stages if math.isfinite(s.abs_share)]
+    scale = "influence / lr" if report.config.stage_scale.value == "per_lr" else "influence"
+    return " / ".join(parts) + f" of |{scale}|"
+
+
+def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
+    """Human-readable stage summary, phases and top-``k`` samples of a ``summary.json`` dict."""
+    ref, phases = summary["reference"], summary["phases"]
+    lines = [f"Reference: {ref['n_samples']} samples from {ref['source']}; {summary['n_steps']} steps, "
+             f"{summary['n_samples']} training samples, total influence {summary['total_influence']:+.3e}.",
+             f"Stage summary ({summary['settings']['stage_scale']} curve; share of the total and of |total|):"]
+    lines += [f"  {s['stage']:<6} steps {s['first_step']:>5}-{s['last_step']:<5}  share {_percent(s['share'])}  "
+              f"|share| {_percent(s['abs_share'], signed=False)}  mean {_number(s['mean'])}" for s in summary["stages"]
+              if s["n_steps"]]
+    lines.append(f"Phases (step): warm-up end {phases['warmup_end']}, basin {phases['basin']}, ascent start "
+                 f"{phases['ascent_start']}")
+    for name, rows in summary["top_k"].items():
+        lines.append(f"Top-{min(k, len(rows))} {name} training samples:")
+        lines += [f"  #{r['rank']} id {r['sample_id']:>5}  score {r['score']:+.3e}  label {r['label']}  steps "
+                  f"[{r['steps']}]" for r in rows[:k]]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None, signed: bool = True) -> str:
+    return "   n/a" if value is None else f"{100 * value:{'+' if signed else ''}6.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3e}"

@@ -1,0 +1,140 @@
+"""Find training samples by id in the training dataloader and render them for top-k tables.
+
+A sample is one row of a collated batch: every tensor (or list of strings) whose first dimension is the batch
+size is indexed, everything else is kept as it is. Its label and input are read from common keys of a dict
+batch (or positions 1 and 0 of a tuple batch); the text is the user's ``describe(sample)`` when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lightning_dve.figures import image_array
+
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "text")
+_TEXT_LIMIT = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleView:
+    """How a sample is shown in a top-k table.
+
+    Attributes:
+        label: the sample's label as text, if one was found.
+        text: ``describe(sample)``, the text input, or a short summary of the input tensor.
+        image: ``[H, W]`` or ``[H, W, C]`` uint8 if the input looks like an image, else ``None``.
+    """
+
+    label: str | None
+    text: str
+    image: np.ndarray | None
+
+
+def batch_ids(batch: Any, sample_ids: str | Callable[[Any], Any]) -> torch.Tensor | None:
+    """The ``[B]`` sample ids of a batch, or ``None`` if they cannot be read."""
+    try:
+        ids = sample_ids(batch) if callable(sample_ids) else batch[sample_ids]
+        return torch.as_tensor(ids).reshape(-1).to("cpu", torch.int64)
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError):
+        return None
+
+
+def row(batch: Any, index: int, size: int) -> Any:
+    """Row ``index`` of a collated batch of ``size`` samples."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)) and batch.ndim > 0 and batch.shape[0] == size:
+        return batch[index]
+    if isinstance(batch, Mapping):
+        return {key: row(value, index, size) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == size and all(isinstance(item, str) for item in batch):
+            return batch[index]
+        return type(batch)(row(value, index, size) for value in batch) if type(batch) in (list, tuple) else batch
+    return batch
+
+
+def find_samples(
+    loader: Any,
+    wanted: set[int],
+    sample_ids: str | Callable[[Any], Any],
+    describe: Callable[[Any], str] | None,
+    max_batches: int,
+    show_progress: bool,
+) -> dict[int, SampleView]:
+    """Scan the training dataloader (at most ``max_batches`` batches) for the ``wanted`` sample ids.
+
+    Samples that are not found (e.g. on another rank's shard, or a loader that is gone) are left out.
+    """
+    loader = _single_loader(loader)
+    if loader is None:
+        return {}
+    found: dict[int, SampleView] = {}
+    with tqdm(total=len(wanted), desc="DVE top-k samples", disable=not show_progress, leave=False) as bar:
+        for batch in itertools.islice(loader, max_batches):
+            ids = batch_ids(batch, sample_ids)
+            if ids is None:
+                return found
+            for index, sample_id in enumerate(ids.tolist()):
+                if sample_id in wanted and sample_id not in found:
+                    found[sample_id] = view(row(batch, index, ids.numel()), describe)
+                    bar.update(1)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def _single_loader(loaders: Any) -> Iterable[Any] | None:
+    """The one training loader (the first of a list or dict of them)."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders
+
+
+def _pick(sample: Any, keys: tuple[str, ...], position: int) -> Any:
+    if isinstance(sample, Mapping):
+        return next((sample[key] for key in keys if key in sample), None)
+    if isinstance(sample, (list, tuple)) and len(sample) > position:
+        return sample[position]
+    return sample if position == 0 else None
+
+
+def _label_text(value: Any) -> str | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (np.generic, np.ndarray)) and np.size(value) == 1:
+        value = np.asarray(value).item()
+    return None if value is None or isinstance(value, (torch.Tensor, np.ndarray)) else str(value)
+
+
+def summarise_tensor(value: Any) -> str:
+    """A short text for an input: the string itself, integer tokens, or shape and value range."""
+    if isinstance(value, str):
+        return value if len(value) <= _TEXT_LIMIT else value[: _TEXT_LIMIT - 3] + "..."
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        return repr(value)[:_TEXT_LIMIT]
+    shape = "x".join(map(str, value.shape)) or "scalar"
+    dtype = str(value.dtype).removeprefix("torch.")
+    if not value.dtype.is_floating_point:
+        head = " ".join(map(str, value.reshape(-1)[:16].tolist()))
+        return f"{dtype}[{shape}]: {head}{' ...' if value.numel() > 16 else ''}"
+    flat = value.detach().to(torch.float64).reshape(-1)
+    return f"{dtype}[{shape}] mean {flat.mean():.3g}, min {flat.min():.3g}, max {flat.max():.3g}"
+
+
+def view(sample: Any, describe: Callable[[Any], str] | None) -> SampleView:
+    """Label, text and image of one sample."""
+    value = _pick(sample, INPUT_KEYS, 0)
+    image = image_array(value) if isinstance(value, torch.Tensor) else None
+    text = str(describe(sample)) if describe is not None else summarise_tensor(value)
+    return SampleView(_label_text(_pick(sample, LABEL_KEYS, 1)), text, image)

@@ -1,0 +1,138 @@
+"""Small generic fixtures for the integration tests: digits as dict batches, a tiny MLP, a quiet ``fit``.
+
+Items are ``{"x": float32 [64], "y": long, "index": long}`` where ``index`` is the digit's index in sklearn's
+``load_digits`` (a stable sample id). The MLP is ``net = Linear(64, hidden) -> Tanh -> Linear(hidden, 10)``
+trained with plain SGD on mean cross-entropy; subclass it (``mlp_cls`` fixture) to vary one hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(digits.target, dtype=torch.long)
+    return x, y
+
+
+class DigitsDict(Dataset):
+    """Digits ``indices`` of sklearn's ``load_digits`` as dict items with their index as sample id."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        x, y = _digits()
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        self.x, self.y = x[self.indices].clone(), y[self.indices].clone()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i], "index": self.indices[i]}
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """Every item as one collated batch."""
+        return {"x": self.x.clone(), "y": self.y.clone(), "index": self.indices.clone()}
+
+
+class TinyMLP(L.LightningModule):
+    """``Linear(64, hidden) -> Tanh -> Linear(hidden, 10)``, mean cross-entropy, plain SGD(lr)."""
+
+    def __init__(self, hidden: int = 16, lr: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.fixture
+def mlp_cls() -> type[TinyMLP]:
+    """The tiny MLP class, to subclass in a test."""
+    return TinyMLP
+
+
+@pytest.fixture
+def make_loader() -> Callable[..., DataLoader]:
+    """``make_loader(n=64, batch_size=16, offset=0, **dataloader_kwargs)``: digits ``offset..offset+n-1``."""
+
+    def make(n: int = 64, batch_size: int = 16, offset: int = 0, **kwargs: Any) -> DataLoader:
+        return DataLoader(DigitsDict(range(offset, offset + n)), batch_size=batch_size, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def test_batch() -> dict[str, torch.Tensor]:
+    """Twelve held-out digits (indices 1500..1511) as one batch."""
+    return DigitsDict(range(1500, 1512)).batch()
+
+
+def run_fit(model: L.LightningModule, callback: L.Callback | None, train: DataLoader | None = None,
+            val: DataLoader | None = None, **trainer_kwargs: Any) -> L.Trainer:
+    """Fit ``model`` for one quiet CPU epoch (by default on digits 0..63 in batches of 16, i.e. 4 steps)."""
+    options: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                   enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
+                                   num_sanity_val_steps=0)
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=[] if callback is None else [callback], **options)
+    if train is None:
+        train = DataLoader(DigitsDict(range(64)), batch_size=16)
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+    return trainer
+
+
+@pytest.fixture
+def fit() -> Callable[..., L.Trainer]:
+    """``fit(model, callback, train=None, val=None, **trainer_kwargs) -> Trainer`` (see :func:`run_fit`)."""
+    return run_fit
+
+
+@pytest.fixture
+def save_dir(tmp_path: Path) -> Path:
+    """A fresh, not yet existing store directory."""
+    return tmp_path / "dve"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A finished recording to read (copy ``root`` before damaging it; deep-copy ``model`` before changing it).
+
+    ``TinyMLP()`` trained 2 epochs on digits 0..63 in batches of 16 (8 steps), ``projection_dim=64``.
+    Attributes: ``root`` (the store), ``model`` (trained), ``dve`` (the callback).
+    """
+    from lightning_dve import DataValueEmbedding
+
+    root = tmp_path_factory.mktemp("trained") / "dve"
+    model, dve = TinyMLP(), DataValueEmbedding(root, projection_dim=64)
+    run_fit(model, dve, max_epochs=2)
+    return SimpleNamespace(root=root, model=model, dve=dve)

@@ -1,0 +1,148 @@
+"""Train the digits MLP with DataValueEmbedding in one of several setups and save rank 0's scores.
+
+Run as a script (Lightning's ``ddp`` strategy relaunches ``sys.argv`` for the other ranks)::
+
+    python tests/scripts/ddp_run.py --mode ddp --out DIR
+
+Modes: ``single`` (one process over the global batches a 2-rank run sees), ``ddp``, ``ddp_spawn``.
+``--fail-rank R`` drops the id key from rank R's third batch, to test that both ranks stop with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_dve import DataValueEmbedding
+
+N_TRAIN, PER_RANK_BATCH, WORLD = 37, 8, 2  # 37 samples: DistributedSampler pads one, last batches are uneven
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0), torch.tensor(y)
+
+
+class Digits(Dataset):
+    def __init__(self, fail_rank: int) -> None:
+        self.x, self.y = digits()
+        self.fail_rank = fail_rank
+
+    def __len__(self) -> int:
+        return N_TRAIN
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i], "index": i}
+
+
+class MLP(L.LightningModule):
+    def __init__(self, fail_rank: int = -1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
+        self.fail_rank = fail_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2 and self.global_rank == self.fail_rank:
+            batch.pop("index")
+        loss = nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class GlobalBatches:
+    """The global batches a 2-rank run sees, epoch by epoch, for a single process.
+
+    Lightning gives each rank a ``DistributedSampler`` (shuffled with seed 0, even for ``shuffle=False``
+    loaders); it pads the dataset to a multiple of the world size. Global step ``t`` is rank 0's ``t``-th
+    batch followed by rank 1's.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch = 0
+
+    def __iter__(self):
+        shards = []
+        for rank in range(WORLD):
+            sampler = DistributedSampler(self.dataset, num_replicas=WORLD, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(self.epoch)
+            shards.append(list(sampler))
+        self.epoch += 1
+        for t in range(len(self)):
+            yield sum((s[t * PER_RANK_BATCH:(t + 1) * PER_RANK_BATCH] for s in shards), [])
+
+    def __len__(self) -> int:
+        return -(-(-(-N_TRAIN // WORLD)) // PER_RANK_BATCH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["single", "ddp", "ddp_spawn"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--projection-dim", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = Digits(args.fail_rank)
+    dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
+                             projection_dim=args.projection_dim or None, overwrite=True)
+    common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  accelerator="cpu")
+    timeout = datetime.timedelta(seconds=60)
+    if args.mode == "single":
+        trainer = L.Trainer(devices=1, **common)
+        loader = DataLoader(data, batch_sampler=GlobalBatches(data))
+    else:
+        start = "popen" if args.mode == "ddp" else "spawn"
+        strategy = DDPStrategy(timeout=timeout, start_method=start)
+        trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
+        loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
+    model = MLP(args.fail_rank).double()  # float64 before a restore: see test_resume_accumulation.py
+    if args.resume:
+        ckpt_dir = args.out / "ckpt"
+        first = L.Trainer(**{**common, "max_epochs": 1, "enable_checkpointing": True,
+                             "callbacks": [dve, ModelCheckpoint(dirpath=ckpt_dir)]}, devices=WORLD,
+                          strategy=DDPStrategy(timeout=timeout))
+        first.fit(MLP().double(), loader)
+        dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", projection_dim=args.projection_dim or None)
+        trainer = L.Trainer(**{**common, "callbacks": [dve]}, devices=WORLD, strategy=DDPStrategy(timeout=timeout))
+        trainer.fit(model, loader, ckpt_path=next(ckpt_dir.glob("*.ckpt")))
+    else:
+        trainer.fit(model, loader)
+    if args.mode == "ddp" and not trainer.is_global_zero:
+        return
+    emb = dve.embeddings  # under ddp_spawn, the main process reads rank 0's save_dir
+    layers = [entry["name"] for entry in emb.store.manifest["layers"]]
+    per_step = [emb.store.read_embeddings(step)[1] for step in emb.steps]
+    out = {f"emb/{n}": torch.cat([e[n] for e in per_step]) for n in layers}
+    if args.mode != "ddp_spawn":  # the spawn parent's model holds float32 copies of the float64 weights
+        test = {"x": data.x[100:108], "y": data.y[100:108], "index": torch.arange(100, 108)}
+        result = emb.influence(model, test, per_step=True)
+        out.update(scores=result.scores, steps=result.steps, ids=result.sample_ids)
+    save_file(out, str(args.out / f"scores_{args.mode}.safetensors"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

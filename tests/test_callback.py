@@ -1,0 +1,442 @@
+"""Integration of DataValueEmbedding with the real Lightning Trainer (CPU, a few steps per test).
+
+Bad input must fail early with a specific error class and a message that names the problem and the fix;
+supported setups must record exactly one step file per optimizer step, with the learning rates and loss
+weights the optimizer actually applied.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dve import (
+    ConfigError,
+    DataValueEmbedding,
+    GradientError,
+    SampleIdError,
+    StoreError,
+    UnsupportedError,
+)
+from lightning_dve.store import TrajectoryStore
+
+
+def step_files(root) -> list[str]:
+    return sorted(p.name for p in (root / "steps").glob("*.safetensors"))
+
+
+def stored_ids(root) -> list[int]:
+    store = TrajectoryStore.open(root)
+    return [i for s in store.steps for i in store.read_step(s).sample_ids.tolist()]
+
+
+# --- sample ids --------------------------------------------------------------------------------------------
+
+
+def test_missing_id_key_in_dict_batch(fit, mlp_cls, save_dir):
+    with pytest.raises(SampleIdError, match=r"batch has no key 'idx'"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids="idx"))
+
+
+def test_tuple_batch_with_key_sample_ids(fit, mlp_cls, save_dir):
+    class TupleMLP(mlp_cls):
+        def loss(self, batch):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+    data = DataLoader(TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
+    with pytest.raises(SampleIdError, match=r"not a dict.*sample_ids=callable"):
+        fit(TupleMLP(), DataValueEmbedding(save_dir, sample_ids="index"), train=data)
+
+
+def test_float_sample_ids(fit, mlp_cls, save_dir):
+    with pytest.raises(SampleIdError, match=r"must be integers.*float"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"].float()))
+
+
+def test_sample_ids_of_wrong_length(fit, mlp_cls, save_dir):
+    with pytest.raises(SampleIdError, match=r"shape \(15,\) but the batch has 16 samples"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"][:-1]))
+
+
+def test_duplicate_ids_in_one_step(fit, mlp_cls, make_loader, save_dir):
+    drawn = [0, 0, 1, 2, 3, 3, 4, 5]  # a sampler with replacement
+    loader = make_loader(n=8, batch_size=8, sampler=drawn)
+    with pytest.raises(SampleIdError, match=r"\[0, 3\] occur more than once in step 0.*allow_duplicate_ids=True"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids="index"), train=loader)
+
+
+def test_allow_duplicate_ids_records_each_copy(fit, mlp_cls, make_loader, tmp_path, test_batch):
+    drawn = [0, 0, 1, 2, 3, 3, 4, 5]
+    dve = DataValueEmbedding(tmp_path / "dve", allow_duplicate_ids=True)
+    fit(mlp_cls(), dve, train=make_loader(n=8, batch_size=8, sampler=drawn), max_epochs=2)
+    assert stored_ids(tmp_path / "dve") == drawn * 2
+
+    model = mlp_cls()  # any module with the same layers scores the embeddings
+    per_step = dve.embeddings.influence(model, test_batch, per_step=True)
+    assert per_step.sample_ids.tolist() == drawn * 2
+    assert per_step.steps.tolist() == [0] * 8 + [1] * 8
+    # both copies of a sample in one step saw the same parameters and the same M: equal embeddings
+    torch.testing.assert_close(per_step.scores[:, 0], per_step.scores[:, 1])
+    assert per_step.scores[:, 0].abs().max() > 0
+    totals = dve.embeddings.influence(model, test_batch)
+    assert totals.sample_ids.tolist() == [0, 1, 2, 3, 4, 5]
+    expected = per_step.scores[:, [0, 1, 8, 9]].sum(dim=1)  # the four occurrences of sample 0
+    torch.testing.assert_close(totals.scores[:, 0], expected)
+
+
+# --- unsupported models ------------------------------------------------------------------------------------
+
+
+def test_batchnorm_in_train_mode_is_refused(fit, mlp_cls, save_dir):
+    class BatchNormMLP(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16, affine=False), nn.Tanh(),
+                                     nn.Linear(16, 10))
+
+    with pytest.raises(UnsupportedError, match=r"'net\.1' \(BatchNorm1d\) is in train mode"):
+        fit(BatchNormMLP(), DataValueEmbedding(save_dir))
+
+    class EvalBatchNormMLP(BatchNormMLP):  # the fix the message suggests
+        def on_train_epoch_start(self):
+            self.net[1].eval()
+
+    trainer = fit(EvalBatchNormMLP(), DataValueEmbedding(save_dir, overwrite=True))
+    assert len(step_files(save_dir)) == trainer.global_step == 4
+
+
+def test_untracked_trainable_module_names_it_and_exclude(fit, mlp_cls, save_dir):
+    class LayerNormMLP(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 10))
+
+    with pytest.raises(UnsupportedError, match=r"'net\.1' \(LayerNorm\).*exclude="):
+        fit(LayerNormMLP(), DataValueEmbedding(save_dir))
+
+    dve = DataValueEmbedding(save_dir, exclude=("net.1",), overwrite=True)
+    trainer = fit(LayerNormMLP(), dve)
+    assert len(step_files(save_dir)) == trainer.global_step == 4
+    assert TrajectoryStore.open(save_dir).layer_names == ["net.0", "net.3"]
+
+
+def test_parametrised_layer_is_refused(fit, mlp_cls, save_dir):
+    class WeightNormMLP(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            first = nn.utils.parametrizations.weight_norm(nn.Linear(64, 16))
+            self.net = nn.Sequential(first, nn.Tanh(), nn.Linear(16, 10))
+
+    with pytest.raises(UnsupportedError, match=r"'net\.0' \(\w*Linear\) has a parametrised weight.*exclude="):
+        fit(WeightNormMLP(), DataValueEmbedding(save_dir))
+
+    trainer = fit(WeightNormMLP(), DataValueEmbedding(save_dir, exclude=("net.0",), overwrite=True))
+    assert TrajectoryStore.open(save_dir).layer_names == ["net.2"]
+    assert len(step_files(save_dir)) == trainer.global_step == 4
+
+
+def test_unknown_layer_name_lists_candidates(fit, mlp_cls, save_dir):
+    with pytest.raises(ConfigError, match=r"\['net\.5'\] are not modules.*\['net\.0', 'net\.2'\]"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, layers=["net.5"]))
+
+
+# --- NaN gradients -----------------------------------------------------------------------------------------
+
+
+def test_nan_gradient_raises_and_keeps_earlier_steps(fit, mlp_cls, save_dir):
+    class NanAtStep2(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            return loss * float("nan") if batch_idx == 2 else loss
+
+    model = NanAtStep2()
+    with pytest.raises(GradientError, match=r"non-finite per-sample gradient in layer 'net\.\d' at step \d+ for "
+                                            r"sample ids \[32, 33, .*Steps before this one are kept"):
+        fit(model, DataValueEmbedding(save_dir))
+    assert step_files(save_dir) == ["step_00000000.safetensors", "step_00000001.safetensors"]
+    assert TrajectoryStore.open(save_dir).manifest["status"] == "recording"
+    for name in step_files(save_dir):  # complete, readable files with finite gradients
+        tensors = load_file(save_dir / "steps" / name)
+        grads = [t for key, t in tensors.items() if key.startswith("grad/")]
+        assert len(grads) == 2 and all(torch.isfinite(g).all() for g in grads)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())  # released on the exception too
+
+
+@pytest.mark.parametrize(("accumulate", "nan_batch"), [(1, 2), (2, 4), (2, 5)])
+def test_nan_gradient_error_names_the_failing_optimizer_step(fit, mlp_cls, make_loader, save_dir, accumulate,
+                                                            nan_batch):
+    # Every case fails inside optimizer step 2 (counted from 0, like the store's step files).
+    class NanAt(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            return loss * float("nan") if batch_idx == nan_batch else loss
+
+    with pytest.raises(GradientError, match=r"at step 2 "):
+        fit(NanAt(), DataValueEmbedding(save_dir), train=make_loader(n=64, batch_size=16 // accumulate),
+            accumulate_grad_batches=accumulate)
+
+
+# --- unsupported trainer settings --------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_records_one_step_per_optimizer_step(fit, mlp_cls, make_loader, save_dir):
+    # Supported since the accumulation release: the micro-batches of a step form one record, and each sample's
+    # weight is the one the optimizer applied, 1 / (micro-batch size * micro-batches) for a mean loss.
+    trainer = fit(mlp_cls(), DataValueEmbedding(save_dir), train=make_loader(n=64, batch_size=8),
+                  accumulate_grad_batches=2)
+    assert trainer.global_step == 4
+    store = TrajectoryStore.open(save_dir)
+    assert store.steps == [0, 1, 2, 3] and len(step_files(save_dir)) == 4
+    for step in store.steps:
+        record = store.read_step(step)
+        assert record.sample_ids.tolist() == list(range(16 * step, 16 * step + 16))
+        assert record.weights.tolist() == pytest.approx([1 / 16] * 16)
+
+
+@pytest.mark.skip(reason="devices>1 needs several processes; covered by the DDP tests")
+def test_several_devices():
+    pass
+
+
+def test_bf16_mixed_precision_is_refused(fit, mlp_cls, save_dir):
+    with pytest.raises(UnsupportedError, match=r"precision='bf16-mixed'"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir), precision="bf16-mixed")
+
+
+def test_manual_optimization_is_refused(fit, mlp_cls, save_dir):
+    class Manual(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self.loss(batch))
+            opt.step()
+
+    with pytest.raises(UnsupportedError, match=r"manual optimization"):
+        fit(Manual(), DataValueEmbedding(save_dir))
+
+
+def test_two_optimizers_are_refused(fit, mlp_cls, save_dir):
+    # Lightning itself only accepts several optimizers under manual optimization.
+    class TwoOptimizers(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                    torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+    with pytest.raises(UnsupportedError, match=r"2 optimizers \(use exactly one\)"):
+        fit(TwoOptimizers(), DataValueEmbedding(save_dir))
+
+
+# --- save_dir ----------------------------------------------------------------------------------------------
+
+
+def test_fresh_fit_into_non_empty_save_dir(fit, mlp_cls, save_dir):
+    fit(mlp_cls(), DataValueEmbedding(save_dir))
+    with pytest.raises(StoreError, match=r"is not empty.*overwrite=True"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir))
+    trainer = fit(mlp_cls(), DataValueEmbedding(save_dir, overwrite=True), limit_train_batches=2)
+    assert step_files(save_dir) == ["step_00000000.safetensors", "step_00000001.safetensors"]
+    assert TrajectoryStore.open(save_dir).steps == [0, 1] and trainer.global_step == 2
+
+    other = save_dir.parent / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a store")
+    with pytest.raises(StoreError, match=r"is not empty"):
+        fit(mlp_cls(), DataValueEmbedding(other))
+
+
+def test_default_save_dir_is_under_default_root_dir(fit, mlp_cls, tmp_path):
+    dve = DataValueEmbedding()
+    fit(mlp_cls(), dve, default_root_dir=tmp_path)
+    assert (tmp_path / "dve" / "manifest.json").is_file()
+    assert len(step_files(tmp_path / "dve")) == 4
+    assert dve.embeddings.store.root == tmp_path / "dve"
+
+
+# --- what is recorded --------------------------------------------------------------------------------------
+
+
+def test_validation_and_sanity_check_record_nothing(fit, mlp_cls, make_loader, save_dir):
+    calls = []
+
+    class CountingMLP(mlp_cls):
+        def validation_step(self, batch, batch_idx):
+            calls.append(self.trainer.sanity_checking)
+            self.log("val_loss", self.loss(batch))
+
+    trainer = fit(CountingMLP(), DataValueEmbedding(save_dir), val=make_loader(n=32, batch_size=8, offset=500),
+                  num_sanity_val_steps=2, max_epochs=2)
+    assert calls.count(True) == 2 and calls.count(False) == 8  # the val loop did run
+    assert trainer.global_step == 8
+    assert len(step_files(save_dir)) == 8
+    assert TrajectoryStore.open(save_dir).steps == list(range(8))
+    assert stored_ids(save_dir) == list(range(64)) * 2  # no validation sample anywhere
+
+
+def test_training_step_returning_none_records_nothing(fit, mlp_cls, save_dir):
+    class SkipSecond(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    trainer = fit(SkipSecond(), DataValueEmbedding(save_dir))
+    # Lightning still counts the skipped batch as an optimizer step: the store has a gap at step 1
+    assert trainer.global_step == 4
+    assert TrajectoryStore.open(save_dir).steps == [0, 2, 3]
+    assert step_files(save_dir) == [f"step_0000000{s}.safetensors" for s in (0, 2, 3)]
+    assert stored_ids(save_dir) == list(range(16)) + list(range(32, 64))  # batch 1 (ids 16..31) absent
+
+
+def _proxy_warnings(record) -> list[str]:
+    """The optimizer warnings (other DataValueEmbedding warnings, e.g. about the reference set, are ignored)."""
+    return [str(w.message) for w in record if "treated as plain SGD" in str(w.message)]
+
+
+def test_adam_warns_once(fit, mlp_cls, save_dir):
+    class AdamMLP(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    with pytest.warns(UserWarning, match=r"Adam is not SGD.*treated as plain SGD") as record:
+        fit(AdamMLP(), DataValueEmbedding(save_dir))
+    assert len(_proxy_warnings(record)) == 1
+    assert len(step_files(save_dir)) == 4
+
+
+def test_sgd_with_momentum_warns_once(fit, mlp_cls, save_dir):
+    class MomentumMLP(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    with pytest.warns(UserWarning, match=r"SGD with \{'momentum': 0\.9\}") as record:
+        fit(MomentumMLP(), DataValueEmbedding(save_dir))
+    assert len(_proxy_warnings(record)) == 1
+
+
+def test_plain_sgd_does_not_warn(fit, mlp_cls, save_dir):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(mlp_cls(), DataValueEmbedding(save_dir))
+    assert _proxy_warnings(record) == []
+
+
+def test_learning_rates_follow_step_scheduler(fit, mlp_cls, save_dir):
+    class Scheduled(mlp_cls):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.4)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    fit(Scheduled(), DataValueEmbedding(save_dir))
+    store = TrajectoryStore.open(save_dir)
+    assert store.steps == [0, 1, 2, 3]
+    for step in store.steps:
+        lrs = store.read_step(step).lrs
+        assert lrs.dtype == torch.float64
+        assert lrs.tolist() == pytest.approx([0.4 * 0.5**step] * 2)
+
+
+def test_learning_rates_per_param_group(fit, mlp_cls, save_dir):
+    class TwoGroups(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.net[2].parameters(), "lr": 0.01},
+                                    {"params": self.net[0].parameters(), "lr": 0.3}], lr=0.1)
+
+    fit(TwoGroups(), DataValueEmbedding(save_dir))
+    store = TrajectoryStore.open(save_dir)
+    assert store.layer_names == ["net.0", "net.2"]
+    for step in store.steps:
+        assert store.read_step(step).lrs.tolist() == pytest.approx([0.3, 0.01])
+
+
+# --- loss reductions ---------------------------------------------------------------------------------------
+
+
+class _Reduced:
+    """Mixin: per-sample cross-entropy reduced by sum or by given weights instead of the mean."""
+
+    reduction = "mean"
+
+    def loss(self, batch):
+        losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+        if self.reduction == "sum":
+            return losses.sum()
+        if self.reduction == "weights":
+            return (losses * sample_weights(batch).to(losses.dtype)).sum()
+        return losses.mean()
+
+
+def sample_weights(batch) -> torch.Tensor:
+    """Uneven per-sample weights (deterministic in the sample id)."""
+    return (1.0 + (batch["index"] % 3).double()) / 30.0
+
+
+def test_sum_and_weights_store_the_per_sample_gradients_of_the_mean_path(fit, mlp_cls, tmp_path, test_batch):
+    def run(reduction, lr, loss_reduction):
+        model = type("M", (_Reduced, mlp_cls), {"reduction": reduction})(lr=lr)
+        dve = DataValueEmbedding(tmp_path / reduction, loss_reduction=loss_reduction, projection_dim=256)
+        fit(model, dve, precision="64-true")
+        return dve, model, TrajectoryStore.open(tmp_path / reduction)
+
+    batch = 16
+    test_batch = {**test_batch, "x": test_batch["x"].double()}
+    mean_dve, mean_model, mean = run("mean", 0.1, "mean")
+    sum_dve, sum_model, summed = run("sum", 0.1 / batch, "sum")
+    w_dve, _, weighted = run("weights", 0.1, sample_weights)
+
+    first = mean.read_step(0)
+    assert first.weights.tolist() == [1 / batch] * batch
+    assert summed.read_step(0).weights.tolist() == [1.0] * batch
+    torch.testing.assert_close(weighted.read_step(0).weights, sample_weights({"index": first.sample_ids}))
+    # per-sample gradients of the per-sample loss: the same at theta_0 whatever the reduction
+    for other in (summed, weighted):
+        record = other.read_step(0)
+        assert record.grads.keys() == first.grads.keys()
+        for name in first.grads:
+            torch.testing.assert_close(record.grads[name], first.grads[name], rtol=1e-9, atol=1e-12)
+    # mean with lr and sum with lr / B are the same trajectory, so every step and every embedding agree
+    for step in mean.steps:
+        for name, g in mean.read_step(step).grads.items():
+            torch.testing.assert_close(summed.read_step(step).grads[name], g, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(sum_dve.embeddings.influence(sum_model, test_batch).scores,
+                               mean_dve.embeddings.influence(mean_model, test_batch).scores, rtol=1e-6, atol=1e-10)
+    assert math.isfinite(float(w_dve.embeddings.influence(mean_model, test_batch).scores.sum()))
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------------
+
+
+def test_embeddings_before_fit_raise(save_dir):
+    with pytest.raises(ConfigError, match=r"no embeddings.*call trainer\.fit"):
+        DataValueEmbedding(save_dir).embeddings
+
+
+def test_hooks_are_removed_after_fit(fit, mlp_cls, save_dir, test_batch):
+    model = mlp_cls()
+    dve = DataValueEmbedding(save_dir)
+    fit(model, dve)
+    tracked = [model.net[0], model.net[2]]
+    assert all(len(m._forward_hooks) == 0 for m in tracked)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+    model.train()
+    loss = model.loss(test_batch)
+    loss.backward()
+    capture = dve._capture
+    assert capture._blocks == {} and capture.outputs == []
+    assert all(pending == [] for pending in capture._inputs.values())
+    assert len(step_files(save_dir)) == 4  # nothing new recorded

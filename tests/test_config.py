@@ -1,0 +1,160 @@
+"""DVEConfig: validation messages, manifest (de)serialisation and the settings hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from lightning_dve.errors import ConfigError
+
+# --- projection_dim ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, False, "1024", 1024.0])
+def test_bad_projection_dim_is_rejected(value):
+    with pytest.raises(ConfigError, match=rf"projection_dim must be a positive int .* or None .*; got {re.escape(repr(value))}\."):
+        DVEConfig(projection_dim=value)
+
+
+@pytest.mark.parametrize("value", [1, 7, DEFAULT_PROJECTION_DIM, None])
+def test_good_projection_dim_is_kept(value):
+    config = DVEConfig(projection_dim=value)
+    assert config.projection_dim == value
+    assert config.exact is (value is None)
+
+
+# --- layers / exclude ----------------------------------------------------------------------------------
+
+
+def test_string_layers_is_rejected_suggesting_a_tuple():
+    with pytest.raises(ConfigError, match=r"layers must be a sequence of module names, not a string; got 'net\.0'\. "
+                                          r"Use layers=\('net\.0',\)\."):
+        DVEConfig(layers="net.0")
+
+
+def test_string_exclude_is_rejected_suggesting_a_tuple():
+    with pytest.raises(ConfigError, match=r"exclude must be a sequence of module names, not a string; got 'head'\. "
+                                          r"Use exclude=\('head',\)\."):
+        DVEConfig(exclude="head")
+
+
+def test_layer_sequences_become_tuples():
+    config = DVEConfig(layers=["a", "b"], exclude=["c*"])
+    assert config.layers == ("a", "b") and config.exclude == ("c*",)
+    assert config == DVEConfig(layers=("a", "b"), exclude=("c*",))
+
+
+# --- enums ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "enum_type", "bad"),
+    [("loss_reduction", LossReduction, "avg"), ("loss_reduction", LossReduction, None),
+     ("layout", AccumulatorLayout, "diagonal"), ("layout", AccumulatorLayout, "PER_LAYER")],
+)
+def test_bad_enum_value_lists_every_allowed_value(field, enum_type, bad):
+    with pytest.raises(ConfigError, match=rf"{enum_type.__name__} got {re.escape(repr(bad))}; allowed values are") as info:
+        DVEConfig(**{field: bad})
+    message = str(info.value)
+    for member in enum_type:
+        assert repr(member.value) in message, (member, message)
+
+
+@pytest.mark.parametrize("value", ["sum", LossReduction.SUM])
+def test_enum_accepts_member_or_value(value):
+    config = DVEConfig(loss_reduction=value, layout="full")
+    assert config.loss_reduction is LossReduction.SUM
+    assert config.layout is AccumulatorLayout.FULL
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "0", None])
+def test_bad_seed_is_rejected(value):
+    with pytest.raises(ConfigError, match=rf"seed must be an int; got {re.escape(repr(value))}\."):
+        DVEConfig(seed=value)
+
+
+# --- to_dict / from_dict -------------------------------------------------------------------------------
+
+CONFIGS = [
+    DVEConfig(),
+    DVEConfig(projection_dim=None, loss_reduction="sum", layers=("net.0", "net.2"), exclude=("head*",),
+              layout="full", allow_duplicate_ids=True, seed=17),
+    DVEConfig(projection_dim=3, loss_reduction=LossReduction.WEIGHTS, layers=(), seed=-4),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_round_trip_through_json(config):
+    data = json.loads(json.dumps(config.to_dict()))
+    restored = DVEConfig.from_dict(data)
+    assert restored == config
+    assert restored.settings_hash() == config.settings_hash()
+    assert isinstance(restored.loss_reduction, LossReduction) and isinstance(restored.layout, AccumulatorLayout)
+    assert restored.layers is None or isinstance(restored.layers, tuple)
+    assert isinstance(restored.exclude, tuple)
+
+
+def test_to_dict_is_plain_json():
+    data = CONFIGS[1].to_dict()
+    assert data == {"projection_dim": None, "loss_reduction": "sum", "layers": ["net.0", "net.2"],
+                    "exclude": ["head*"], "layout": "full", "allow_duplicate_ids": True, "seed": 17}
+
+
+def test_unknown_keys_are_rejected():
+    data = DVEConfig().to_dict()
+    data["projection"] = 64
+    data["zz_extra"] = 1
+    with pytest.raises(ConfigError, match=r"unknown settings \['projection', 'zz_extra'\] in manifest; known settings "
+                                          r"are \['allow_duplicate_ids', 'exclude', 'layers', 'layout', "
+                                          r"'loss_reduction', 'projection_dim', 'seed'\]"):
+        DVEConfig.from_dict(data)
+
+
+def test_from_dict_validates_values():
+    data = DVEConfig().to_dict()
+    data["layout"] = "blockwise"
+    with pytest.raises(ConfigError, match=r"AccumulatorLayout got 'blockwise'; allowed values are 'per_layer', 'full'"):
+        DVEConfig.from_dict(data)
+
+
+# --- settings_hash -------------------------------------------------------------------------------------
+
+#: One changed value per field: every field must move the hash (a new field must be added here).
+VARIANTS = {
+    "projection_dim": [None, 1023, 1],
+    "loss_reduction": ["sum", "weights"],
+    "layers": [(), ("net.0",), ("net.0", "net.2"), ("net.2", "net.0")],
+    "exclude": [("net.0",), ("net.*",)],
+    "layout": ["full"],
+    "allow_duplicate_ids": [True],
+    "seed": [1, -1],
+}
+
+
+def test_settings_hash_is_pinned_and_stable():
+    """Manifests written by an earlier version must keep matching: the default hash is pinned."""
+    assert DVEConfig().settings_hash() == "a5312b4406c14de7"
+    assert DVEConfig().settings_hash() == DVEConfig().settings_hash()
+    same = DVEConfig(projection_dim=DEFAULT_PROJECTION_DIM, loss_reduction=LossReduction.MEAN, layers=None,
+                     exclude=[], layout=AccumulatorLayout.PER_LAYER, allow_duplicate_ids=False, seed=0)
+    assert same.settings_hash() == DVEConfig().settings_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", DVEConfig().settings_hash())
+
+
+def test_settings_hash_is_sensitive_to_every_field():
+    assert set(VARIANTS) == {field.name for field in dataclasses.fields(DVEConfig)}
+    hashes = {DVEConfig().settings_hash(): "default"}
+    for field, values in VARIANTS.items():
+        for value in values:
+            digest = DVEConfig(**{field: value}).settings_hash()
+            assert digest not in hashes, (field, value, hashes.get(digest))
+            hashes[digest] = f"{field}={value!r}"
+
+
+def test_settings_hash_independent_of_input_spelling():
+    assert DVEConfig(layers=["a"], layout="full").settings_hash() == DVEConfig(
+        layers=("a",), layout=AccumulatorLayout.FULL).settings_hash()

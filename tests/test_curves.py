@@ -1,0 +1,229 @@
+"""Unit tests of lightning_dve.curves (pure maths) and ReportConfig validation, on hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_dve import curves
+from lightning_dve.config import CurveScale, ReportConfig
+from lightning_dve.curves import Phases, Stage
+from lightning_dve.errors import ConfigError
+from lightning_dve.influence import InfluenceResult
+
+
+def occurrences(rows: list[tuple[int, int, float]]) -> InfluenceResult:
+    """``(step, sample_id, score)`` rows as a one-row per-step InfluenceResult."""
+    steps, ids, scores = zip(*rows)
+    return InfluenceResult(torch.tensor(ids), torch.tensor(steps), torch.tensor([scores], dtype=torch.float64))
+
+
+# A synthetic curve of 100 steps: a warm-up falling linearly from 10 to 1.45 (steps 0..19), a flat basin at 1
+# (steps 20..69) and an ascent rising linearly from 1 to 5 (steps 70..99).
+STEPS = torch.arange(100)
+WARMUP = torch.linspace(10.0, 1.0, 21, dtype=torch.float64)[:-1]
+BASIN = torch.ones(50, dtype=torch.float64)
+ASCENT = torch.linspace(1.0, 5.0, 30, dtype=torch.float64)
+CURVE = torch.cat([WARMUP, BASIN, ASCENT])
+
+
+# --- the per-step curve -------------------------------------------------------------------------------------
+
+
+def test_step_curve_averages_each_steps_occurrences_and_divides_by_lr():
+    result = occurrences([(0, 7, 1.0), (0, 8, 3.0), (1, 7, -2.0), (3, 9, 4.0), (3, 7, 0.0), (3, 8, 2.0)])
+    curve = curves.step_curve(result, [0, 1, 3], [0, 0, 1], torch.tensor([0.5, 0.25, 2.0]))
+    assert curve.steps.tolist() == [0, 1, 3]
+    assert curve.epochs.tolist() == [0, 0, 1]
+    assert curve.counts.tolist() == [2, 1, 3]
+    assert curve.influence.tolist() == [2.0, -2.0, 2.0]
+    assert curve.influence_per_lr.tolist() == [4.0, -8.0, 1.0]
+
+
+def test_step_curve_averages_rows_like_their_mean_query():
+    result = InfluenceResult(torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1]),
+                             torch.tensor([[1.0, 3.0, 5.0], [3.0, 5.0, -1.0]], dtype=torch.float64))
+    curve = curves.step_curve(result, [0, 1], [0, 0], torch.ones(2))
+    assert curve.influence.tolist() == [3.0, 2.0]
+
+
+def test_step_curve_zero_learning_rate_gives_nan_per_lr():
+    curve = curves.step_curve(occurrences([(0, 1, 0.0), (1, 1, 2.0)]), [0, 1], [0, 0], torch.tensor([0.0, 1.0]))
+    assert math.isnan(curve.influence_per_lr[0]) and curve.influence_per_lr[1] == 2.0
+
+
+def test_step_curve_refuses_a_step_that_was_not_recorded():
+    with pytest.raises(ConfigError, match="not recorded steps"):
+        curves.step_curve(occurrences([(0, 1, 1.0), (5, 1, 1.0)]), [0, 1], [0, 0], torch.ones(2))
+
+
+def test_step_curve_refuses_lists_of_other_lengths():
+    with pytest.raises(ConfigError, match="one entry per recorded step"):
+        curves.step_curve(occurrences([(0, 1, 1.0)]), [0], [0, 0], torch.ones(1))
+
+
+# --- smoothing and epochs -----------------------------------------------------------------------------------
+
+
+def test_smoothing_window_is_odd_and_at_least_one():
+    assert curves.smoothing_window(100, 0.05) == 5
+    assert curves.smoothing_window(100, 0.04) == 5
+    assert curves.smoothing_window(100, 0.0) == 1
+    assert curves.smoothing_window(3, 0.05) == 1
+
+
+def test_smooth_is_a_centred_mean_that_skips_nan_and_shrinks_at_edges():
+    values = torch.tensor([1.0, math.nan, 3.0, 4.0, 5.0])
+    assert curves.smooth(values, 3).tolist() == [1.0, 2.0, 3.5, 4.0, 4.5]
+    assert torch.equal(curves.smooth(CURVE, 1), CURVE)
+
+
+def test_epoch_curve_means_per_epoch_and_sums_occurrences():
+    result = occurrences([(0, 1, 1.0), (0, 2, 3.0), (1, 1, 6.0), (2, 2, -1.0)])
+    curve = curves.step_curve(result, [0, 1, 2], [0, 0, 1], torch.tensor([1.0, 2.0, 0.5]))
+    epochs = curves.epoch_curve(curve)
+    assert epochs.epochs.tolist() == [0, 1]
+    assert epochs.first_steps.tolist() == [0, 2] and epochs.last_steps.tolist() == [1, 2]
+    assert epochs.influence.tolist() == [4.0, -1.0]  # mean of step means 2 and 6
+    assert epochs.influence_per_lr.tolist() == [2.5, -2.0]  # mean of 2 and 3
+    assert epochs.total.tolist() == [10.0, -1.0]
+
+
+# --- stages and phases --------------------------------------------------------------------------------------
+
+
+def test_stage_bounds():
+    assert curves.stage_bounds(100, 0.1, 0.2) == (10, 80)
+    assert curves.stage_bounds(5, 0.01, 0.01) == (1, 4)  # each non-zero stage gets a step
+    assert curves.stage_bounds(1, 0.1, 0.1) == (1, 1)  # early wins, the late stage is empty
+    assert curves.stage_bounds(10, 0.0, 0.0) == (0, 10)
+
+
+def test_stage_summary_on_the_synthetic_curve():
+    early, middle, late = curves.stage_summary(STEPS, CURVE, early_fraction=0.2, late_fraction=0.3)
+    total = CURVE.sum().item()
+    assert [s.stage for s in (early, middle, late)] == [Stage.EARLY, Stage.MIDDLE, Stage.LATE]
+    assert (early.first_step, early.last_step, early.n_steps) == (0, 19, 20)
+    assert (middle.first_step, middle.last_step, middle.n_steps) == (20, 69, 50)
+    assert (late.first_step, late.last_step, late.n_steps) == (70, 99, 30)
+    assert early.share == pytest.approx(WARMUP.sum().item() / total)  # 115 / 255
+    assert middle.share == pytest.approx(50 / total)
+    assert late.share == pytest.approx(90 / total)
+    assert early.abs_share == pytest.approx(early.share)
+    assert middle.mean == pytest.approx(1.0) and late.mean == pytest.approx(3.0)
+
+
+def test_stage_summary_abs_share_differs_from_share_with_negative_values():
+    values = torch.tensor([4.0, -1.0, -1.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    early, middle, late = curves.stage_summary(torch.arange(6), values, 1 / 6, 1 / 6)
+    assert early.share == pytest.approx(4 / 6) and early.abs_share == pytest.approx(4 / 10)
+    assert middle.share == pytest.approx(0.0) and middle.abs_share == pytest.approx(4 / 10)
+    assert late.share == pytest.approx(2 / 6) and late.abs_share == pytest.approx(2 / 10)
+
+
+def test_stage_summary_of_an_all_zero_curve_has_nan_shares():
+    early, _, _ = curves.stage_summary(torch.arange(4), torch.zeros(4), 0.25, 0.25)
+    assert math.isnan(early.share) and math.isnan(early.abs_share)
+
+
+def test_detect_phases_on_the_synthetic_curve():
+    # level on the warm-up side: 1 + 0.2 * (10 - 1) = 2.8, first reached at step 17 (10 - 0.45 t <= 2.8);
+    # on the ascent side: 1 + 0.2 * (5 - 1) = 1.8, last step at or below it is 75 (1 + 4 (t - 70) / 29).
+    assert curves.detect_phases(STEPS, CURVE, threshold=0.2) == Phases(warmup_end=16, basin=20, ascent_start=75)
+
+
+def test_detect_phases_survives_noise_after_smoothing():
+    noisy = CURVE + 0.3 * torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    phases = curves.detect_phases(STEPS, curves.smooth(noisy, 5), threshold=0.2)
+    assert abs(phases.warmup_end - 16) <= 2
+    assert 20 <= phases.basin <= 70
+    assert abs(phases.ascent_start - 75) <= 3
+
+
+def test_detect_phases_reports_absent_phases_as_none():
+    falling = torch.linspace(5.0, 1.0, 20, dtype=torch.float64)  # level 1.8 first reached at step 16
+    assert curves.detect_phases(torch.arange(20), falling) == Phases(16, 19, None)
+    rising = falling.flip(0)  # the mirror image: last step at or below 1.8 is 3
+    assert curves.detect_phases(torch.arange(20), rising) == Phases(None, 0, 3)
+    v_shape = torch.tensor([5.0, 1.0, 5.0], dtype=torch.float64)  # crossings only at the basin itself
+    assert curves.detect_phases(torch.arange(3), v_shape) == Phases(None, 1, None)
+    flat_then_rise = torch.cat([torch.ones(10), torch.linspace(1.0, 3.0, 10)]).double()
+    assert curves.detect_phases(torch.arange(20), flat_then_rise).warmup_end is None
+    assert curves.detect_phases(torch.arange(2), torch.ones(2)) == Phases(None, None, None)
+
+
+def test_detect_phases_ignores_a_rise_below_min_rise():
+    small_ascent = torch.cat([WARMUP, BASIN, torch.linspace(1.0, 1.5, 30, dtype=torch.float64)])
+    assert curves.detect_phases(STEPS, small_ascent, min_rise=0.1).ascent_start is None
+    assert curves.detect_phases(STEPS, small_ascent, min_rise=0.01).ascent_start is not None
+
+
+# --- samples ------------------------------------------------------------------------------------------------
+
+
+def test_sample_totals_histogram_and_top_k():
+    result = occurrences([(0, 5, 1.0), (0, 6, -2.0), (1, 5, 2.0), (1, 7, 0.5), (2, 6, 1.0), (2, 8, 0.5)])
+    ids, totals, steps_used = curves.sample_totals(result)
+    assert ids.tolist() == [5, 6, 7, 8]
+    assert totals.tolist() == [3.0, -1.0, 0.5, 0.5]
+    assert steps_used == [(0, 1), (0, 2), (1,), (2,)]
+    counts, edges = curves.histogram(totals, 4)
+    assert counts.tolist() == [1, 2, 0, 1] and edges.tolist() == [-1.0, 0.0, 1.0, 2.0, 3.0]
+    helpful, harmful = curves.top_k_samples(ids, totals, steps_used, 3)
+    assert [(s.rank, s.sample_id, s.score, s.steps) for s in helpful] == [(1, 5, 3.0, (0, 1)), (2, 7, 0.5, (1,)),
+                                                                          (3, 8, 0.5, (2,))]
+    assert [s.sample_id for s in harmful] == [6, 7, 8]  # ties broken by the smaller id
+
+
+def test_histogram_of_a_constant_uses_a_unit_range():
+    counts, edges = curves.histogram(torch.full((3,), 2.0, dtype=torch.float64), 2)
+    assert counts.tolist() == [0, 3] and edges.tolist() == [1.5, 2.0, 2.5]
+
+
+def test_summarise_uses_the_configured_scale():
+    rows = [(t, 100 + t, float(v)) for t, v in enumerate(CURVE.tolist())]
+    lrs = torch.full((100,), 0.5, dtype=torch.float64)
+    config = ReportConfig(early_fraction=0.2, late_fraction=0.3, smoothing_fraction=0.0, top_k=2)
+    report = curves.summarise(occurrences(rows), STEPS.tolist(), [0] * 100, lrs, config)
+    assert torch.allclose(report.curve.influence_per_lr, 2 * CURVE)
+    assert report.phases == Phases(16, 20, 75)
+    assert report.stages[2].mean == pytest.approx(6.0)  # per-lr curve: twice the raw late mean
+    raw = curves.summarise(occurrences(rows), STEPS.tolist(), [0] * 100, lrs,
+                           ReportConfig(early_fraction=0.2, late_fraction=0.3, stage_scale="raw"))
+    assert raw.stages[2].mean == pytest.approx(3.0)
+    assert [s.sample_id for s in report.helpful] == [100, 101] and [s.sample_id for s in report.harmful] == [120, 121]
+
+
+# --- ReportConfig -------------------------------------------------------------------------------------------
+
+
+def test_report_config_defaults_and_dict():
+    config = ReportConfig()
+    assert config.stage_scale is CurveScale.PER_LR
+    assert config.to_dict()["stage_scale"] == "per_lr"
+    assert ReportConfig(stage_scale="raw").stage_scale is CurveScale.RAW
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stage_scale": "log"}, "allowed values are 'raw', 'per_lr'"),
+        ({"max_reference_samples": 0}, "max_reference_samples must be an int >= 1"),
+        ({"top_k": -1}, "top_k must be an int >= 0"),
+        ({"top_k": 2.5}, "top_k must be an int"),
+        ({"histogram_bins": 0}, "histogram_bins must be an int >= 1"),
+        ({"histogram_bins": 513}, "histogram_bins must be <= 512"),
+        ({"early_fraction": 1.0}, r"early_fraction must be a number in \[0.0, 1.0\)"),
+        ({"late_fraction": -0.1}, r"late_fraction must be a number in \[0.0, 1.0\)"),
+        ({"early_fraction": 0.6, "late_fraction": 0.4}, "early_fraction \\+ late_fraction must be < 1"),
+        ({"smoothing_fraction": True}, "smoothing_fraction must be a number"),
+        ({"phase_threshold": 1.0}, "phase_threshold must be a number"),
+        ({"min_phase_rise": "0.1"}, "min_phase_rise must be a number"),
+        ({"figures": 1}, "figures must be a bool"),
+    ],
+)
+def test_report_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ReportConfig(**kwargs)

@@ -1,0 +1,138 @@
+"""DDP (2 CPU ranks, gloo), gradient accumulation and resume: each equal to its single-process reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings
+from lightning_dve.distributed import SingleProcess
+from lightning_dve.errors import SampleIdError
+from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
+
+
+def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("single")
+    proc = run_script("single", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(out / "scores_single.safetensors"))
+
+
+def assert_same_embeddings(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    names = [k for k in ref if k.startswith("emb/")]
+    assert names and sorted(names) == sorted(k for k in got if k.startswith("emb/"))
+    for name in names:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "ddp_spawn"])
+def test_two_ranks_equal_single_process(mode: str, tmp_path: Path, single_reference: dict[str, torch.Tensor]) -> None:
+    """37 samples on 2 ranks: the sampler shuffles, pads one sample, and the last batches are uneven (3+3)."""
+    proc = run_script(mode, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / f"scores_{mode}.safetensors"))
+    assert_same_embeddings(got, single_reference)
+    if mode == "ddp":
+        assert torch.equal(got["ids"], single_reference["ids"]) and torch.equal(got["steps"], single_reference["steps"])
+        torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
+        assert (got["ids"] == got["ids"][0]).sum() >= 1
+    # rank 0's save_dir holds everything; rank 1 only wrote its shard below shards/
+    store = DataValueEmbeddings.load(tmp_path / f"dve_{mode}").store
+    assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
+    assert (tmp_path / f"dve_{mode}" / "shards" / "rank_1" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_from_checkpoint_equal_single_process(
+    tmp_path: Path, single_reference: dict[str, torch.Tensor]
+) -> None:
+    proc = run_script("ddp", tmp_path, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "scores_ddp.safetensors"))
+    assert_same_embeddings(got, single_reference)
+    torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_padded_sample_is_an_occurrence_per_copy(single_reference: dict[str, torch.Tensor]) -> None:
+    """The sampler pads 37 samples to 38: one sample is trained twice per epoch, so it has 2 occurrences."""
+    ids, steps = single_reference["ids"], single_reference["steps"]
+    first_epoch = steps < steps.max() // 2 + 1
+    counts = torch.bincount(ids[first_epoch])
+    assert int((counts == 2).sum()) == 1 and int((counts == 1).sum()) == 36
+
+
+@pytest.mark.slow
+def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--fail-rank", "1", "--epochs", "1", timeout=200)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "batch has no key 'index'" in proc.stderr  # rank 1's own error
+    assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 0 stops with it
+    assert elapsed < 55, f"took {elapsed:.0f}s: a rank waited for the 60s gloo timeout"
+
+
+class TwoRanks:
+    """A stand-in for rank 0 of 2 whose peer sent fixed rows (for the pure assembly logic)."""
+
+    rank, world_size = 0, 2
+
+    def __init__(self, peer_rows: list[torch.Tensor]) -> None:
+        self.peer_rows = list(peer_rows)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor, self.peer_rows.pop(0).to(tensor.dtype)]
+
+
+def micro(ids: list[int], k: int = 2) -> MicroBatch:
+    n = len(ids)
+    return MicroBatch(torch.tensor(ids), torch.full((n,), 0.125, dtype=torch.float64),
+                      {"a": torch.arange(n * k, dtype=torch.float64).reshape(n, k)})
+
+
+def test_padding_duplicates_across_ranks_in_last_batch_are_kept() -> None:
+    peer = [torch.tensor([[7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro([7]))
+    record = assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=True)
+    assert record is not None and record.sample_ids.tolist() == [7, 7]
+    assert assembler.padding_duplicates == 1
+
+
+def test_duplicates_elsewhere_are_refused() -> None:
+    peer = [torch.tensor([[7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro([7]))
+    with pytest.raises(SampleIdError, match="allow_duplicate_ids=True"):
+        assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=False)
+
+
+def test_skipped_step_on_every_rank_records_nothing() -> None:
+    assembler = StepAssembler(SingleProcess(), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assert assembler.close(step=0, lrs=torch.ones(1), epoch=0, last_batch=False) is None
+
+
+def test_layer_groups_are_balanced_by_recursion_cost() -> None:
+    dims = {"big": 100, "mid": 60, "small1": 50, "small2": 40}
+    owned = assign_groups([[n] for n in dims], dims, 2)
+    assert sorted(sum(owned, [])) == sorted(dims)
+    assert owned[0] == ["big"] and set(owned[1]) == {"mid", "small1", "small2"}

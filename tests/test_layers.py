@@ -1,0 +1,535 @@
+"""Hooked per-sample gradients against a per-example backward loop (the batch-size-1 oracle).
+
+The capture under test (``GradientCapture``) builds every sample's gradient block from the one batched backward
+of the training loss (method.md §3). The oracle runs the model on one sample at a time and differentiates that
+sample's own loss ``l_i`` (never divided by the batch size) with ``torch.autograd.grad``. Everything is float64
+so exact agreement is checked to ~1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_dve.capture import GradientCapture, resolve_layers
+from lightning_dve.config import DVEConfig
+from lightning_dve.errors import UnsupportedError
+from lightning_dve.layers import split_block
+
+DTYPE = torch.float64
+ATOL = 1e-10
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Nonlinear per-sample loss ``[B]``: summed over every non-batch dim (tokens, pixels, features)."""
+    return (0.5 * (out - target) ** 2 + 0.1 * torch.tanh(out) ** 3).flatten(1).sum(1)
+
+
+def batch_weights(kind: str, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample weights ``w`` inside the loss: 1/B (mean), 1 (sum) or an arbitrary positive vector."""
+    if kind == "mean":
+        return torch.full((batch,), 1.0 / batch, dtype=DTYPE)
+    if kind == "sum":
+        return torch.ones(batch, dtype=DTYPE)
+    return 0.25 + torch.rand(batch, dtype=DTYPE, generator=generator) * 2.0
+
+
+def reduce_loss(losses: torch.Tensor, kind: str, weights: torch.Tensor) -> torch.Tensor:
+    """The training loss as the user would write it (``mean()`` / ``sum()`` / an explicit weighted sum)."""
+    if kind == "mean":
+        return losses.mean()
+    if kind == "sum":
+        return losses.sum()
+    return (weights * losses).sum()
+
+
+def make_capture(model: nn.Module, **config) -> tuple[dict, GradientCapture]:
+    config.setdefault("projection_dim", None)
+    tracked = resolve_layers(model, DVEConfig(**config))
+    capture = GradientCapture(tracked)
+    capture.attach()
+    return tracked, capture
+
+
+def captured_grads(
+    capture: GradientCapture, model: nn.Module, x: torch.Tensor, target: torch.Tensor, kind: str,
+    weights: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """One hooked training step: begin, forward, backward of the reduced loss, finish(weights)."""
+    model.zero_grad(set_to_none=True)
+    capture.begin()
+    loss = reduce_loss(per_sample_loss(model(x), target), kind, weights)
+    loss.backward()
+    return capture.finish(weights)
+
+
+def oracle_grads(model: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor) -> list[dict]:
+    """Per-example loop: ``grad l_i`` w.r.t. ``module``'s trainable parameters, one sample at a time."""
+    names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    params = [getattr(module, n) for n in names]
+    out = []
+    for i in range(x.shape[0]):
+        loss_i = per_sample_loss(model(x[i : i + 1]), target[i : i + 1])[0]
+        grads = torch.autograd.grad(loss_i, params, allow_unused=True)
+        out.append({n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)})
+    return out
+
+
+def assert_matches_oracle(
+    model: nn.Module, tracked: dict, grads: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor
+) -> None:
+    for name, layer in tracked.items():
+        block = grads[name]
+        assert block.shape == (x.shape[0], layer.projection.dim)
+        assert block.dtype == DTYPE
+        expected = oracle_grads(model, layer.module, x, target)
+        for i, exp in enumerate(expected):
+            got = split_block(layer.module, block[i])
+            assert set(got) == set(exp), (name, sorted(got), sorted(exp))
+            for pname, value in exp.items():
+                torch.testing.assert_close(got[pname], value, atol=ATOL, rtol=0, msg=f"{name}.{pname} sample {i}")
+
+
+def exact_block(module: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Exact per-sample block ``G [d_out, d_in]`` from parameter gradients (written independently of the package)."""
+    if isinstance(module, nn.Embedding):
+        return grads["weight"].T
+    weight = grads["weight"].reshape(grads["weight"].shape[0], -1)
+    if "bias" in grads:
+        return torch.cat([weight, grads["bias"].unsqueeze(1)], dim=1)
+    return weight
+
+
+class Twice(nn.Module):
+    """One square Linear applied twice in one forward (weight sharing), then a head."""
+
+    def __init__(self, d: int, d_out: int) -> None:
+        super().__init__()
+        self.shared = nn.Linear(d, d)
+        self.head = nn.Linear(d, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class TokenModel(nn.Module):
+    """Embedding -> Linear over a token sequence."""
+
+    def __init__(self, vocab: int, dim: int, d_out: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.proj = nn.Linear(dim, d_out)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.emb(idx)))
+
+
+# --- nn.Linear -----------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    tokens=st.one_of(st.none(), st.integers(1, 4)),
+    d_in=st.integers(1, 6),
+    d_hidden=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    bias=st.booleans(),
+    kind=st.sampled_from(["mean", "sum", "weights"]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_per_example_loop(batch, tokens, d_in, d_hidden, d_out, bias, kind, seed):
+    """2-D inputs ``[B, d]`` and token sequences ``[B, T, d]`` (per-sample gradient sums over positions)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, d_hidden, bias=bias), nn.Tanh(), nn.Linear(d_hidden, d_out)).to(DTYPE)
+    shape = (batch, d_in) if tokens is None else (batch, tokens, d_in)
+    x = torch.randn(*shape, dtype=DTYPE)
+    target = torch.randn(*shape[:-1], d_out, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    assert list(tracked) == ["0", "2"]
+    weights = batch_weights(kind, batch)
+    grads = captured_grads(capture, model, x, target, kind, weights)
+    assert_matches_oracle(model, tracked, grads, x, target)
+
+
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+def test_captured_blocks_sum_to_the_training_gradient(kind):
+    """sum_i w_i g_i equals the ``.grad`` the optimizer sees (the scale convention of method.md §2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).to(DTYPE)
+    x, target = torch.randn(6, 3, 5, dtype=DTYPE), torch.randn(6, 3, 3, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    weights = batch_weights(kind, 6)
+    grads = captured_grads(capture, model, x, target, kind, weights)
+    for name, layer in tracked.items():
+        total = (weights.unsqueeze(1) * grads[name]).sum(0)
+        got = split_block(layer.module, total)
+        torch.testing.assert_close(got["weight"], layer.module.weight.grad, atol=ATOL, rtol=0)
+        if "bias" in got:
+            torch.testing.assert_close(got["bias"], layer.module.bias.grad, atol=ATOL, rtol=0)
+
+
+def test_linear_frozen_bias_has_no_bias_column():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3)).to(DTYPE)
+    model[0].bias.requires_grad_(False)
+    x, target = torch.randn(3, 4, dtype=DTYPE), torch.randn(3, 3, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    assert tracked["0"].projection.dim == 3 * 4
+    grads = captured_grads(capture, model, x, target, "mean", batch_weights("mean", 3))
+    assert set(split_block(model[0], grads["0"][0])) == {"weight"}
+    assert_matches_oracle(model, tracked, grads, x, target)
+
+
+@pytest.mark.parametrize("tokens", [None, 3])
+def test_module_called_twice_sums_both_calls(tokens):
+    torch.manual_seed(2)
+    model = Twice(4, 2).to(DTYPE)
+    shape = (5, 4) if tokens is None else (5, tokens, 4)
+    x = torch.randn(*shape, dtype=DTYPE)
+    target = torch.randn(*shape[:-1], 2, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, x, target, "mean", batch_weights("mean", 5))
+    assert_matches_oracle(model, tracked, grads, x, target)
+
+
+def test_custom_weight_vector_including_zero():
+    """A weighted loss: dividing by w_i recovers grad l_i; a sample with w_i = 0 gets a zero gradient."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    x, target = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    weights = torch.tensor([0.3, 2.0, 0.0, 1.5], dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, x, target, "weights", weights)
+    keep = torch.tensor([0, 1, 3])
+    for name in tracked:
+        assert torch.equal(grads[name][2], torch.zeros_like(grads[name][2]))
+    assert_matches_oracle(model, tracked, {n: g[keep] for n, g in grads.items()}, x[keep], target[keep])
+
+
+def test_layer_the_backward_never_reaches_gets_zeros():
+    torch.manual_seed(4)
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.unused(x)  # called, but its output does not enter the loss
+            return self.used(x)
+
+    model = Branches().to(DTYPE)
+    x, target = torch.randn(3, 3, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, x, target, "sum", batch_weights("sum", 3))
+    assert torch.equal(grads["unused"], torch.zeros(3, 2 * 4, dtype=DTYPE))
+    assert_matches_oracle(model, {"used": tracked["used"]}, grads, x, target)
+
+
+# --- nn.Conv2d -----------------------------------------------------------------------------------------
+
+
+def _conv_model(c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
+    ).to(DTYPE)
+
+
+def _check_conv(model: nn.Module, batch: int, c_in: int, height: int, width: int, kind: str) -> None:
+    x = torch.randn(batch, c_in, height, width, dtype=DTYPE)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, x, target, kind, batch_weights(kind, batch))
+    assert_matches_oracle(model, tracked, grads, x, target)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    c_in=st.integers(1, 3),
+    c_out=st.integers(1, 4),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.just("same"), st.just("valid")),
+    extra=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    bias=st.booleans(),
+    kind=st.sampled_from(["mean", "sum", "weights"]),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_matches_per_example_loop(
+    batch, c_in, c_out, kh, kw, stride, dilation, padding, extra, bias, kind, seed
+):
+    torch.manual_seed(seed)
+    if padding == "same":
+        stride = (1, 1)  # torch refuses padding='same' with stride > 1
+    pads = (0, 0) if isinstance(padding, str) else padding
+    height = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0]) + extra[0]
+    width = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1]) + extra[1]
+    model = _conv_model(c_in, c_out, (kh, kw), stride, padding, dilation, bias)
+    asymmetric = padding == "same" and any(d * (k - 1) % 2 for d, k in zip(dilation, (kh, kw)))
+    if asymmetric:
+        with pytest.raises(UnsupportedError, match=r"'0'.*asymmetric.*exclude="):
+            make_capture(model)
+        return
+    _check_conv(model, batch, c_in, height, width, kind)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"),
+    [
+        (3, 1, 0, 1),
+        (3, 2, 1, 1),
+        ((2, 3), (2, 1), (1, 0), (1, 2)),
+        (3, 1, "same", 1),
+        (3, 1, "same", 2),
+        (2, 1, "same", 2),  # even kernel but even effective size d*(k-1) = 2: symmetric padding, supported
+        ((1, 3), 1, "same", (3, 1)),
+        (3, 1, "valid", 1),
+        (1, 1, 0, 1),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_variants(kernel, stride, padding, dilation, bias):
+    torch.manual_seed(5)
+    model = _conv_model(2, 3, kernel, stride, padding, dilation, bias)
+    _check_conv(model, 3, 2, 7, 6, "mean")
+
+
+def test_conv2d_in_a_cnn_with_inplace_relu():
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 3, stride=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+    ).to(DTYPE)
+    x = torch.randn(4, 1, 6, 6, dtype=DTYPE)
+    target = torch.randn(4, 3, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    assert list(tracked) == ["0", "2", "5"]
+    grads = captured_grads(capture, model, x, target, "mean", batch_weights("mean", 4))
+    assert_matches_oracle(model, tracked, grads, x, target)
+
+
+# --- nn.Embedding --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+@pytest.mark.parametrize("index_shape", [(5,), (5, 4), (5, 2, 3)])
+def test_embedding_matches_per_example_loop(padding_idx, index_shape):
+    torch.manual_seed(7)
+    model = TokenModel(vocab=6, dim=3, d_out=2, padding_idx=padding_idx).to(DTYPE)
+    idx = torch.randint(0, 6, index_shape)
+    idx.view(-1)[::3] = 3  # repeated tokens (and the padding row when padding_idx == 3)
+    idx.view(-1)[1] = 0
+    target = torch.randn(*index_shape, 2, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, idx, target, "mean", batch_weights("mean", index_shape[0]))
+    assert_matches_oracle(model, tracked, grads, idx, target)
+    if padding_idx is not None:
+        rows = torch.stack([split_block(model.emb, g)["weight"][padding_idx] for g in grads["emb"]])
+        assert torch.equal(rows, torch.zeros_like(rows))
+
+
+# --- Kronecker projection (method.md §3) ---------------------------------------------------------------
+
+
+def _check_kronecker(model: nn.Module, x: torch.Tensor, target: torch.Tensor, projection_dim: int, kind: str):
+    tracked, capture = make_capture(model, projection_dim=projection_dim, seed=11)
+    batch = x.shape[0]
+    weights = batch_weights(kind, batch, torch.Generator().manual_seed(0))
+    grads = captured_grads(capture, model, x, target, kind, weights)
+    for name, layer in tracked.items():
+        p_out = layer.projection.output.matrix()
+        p_in = layer.projection.input.matrix()
+        d_out, d_in = layer.spec.dims(layer.module)
+        assert p_out.shape[1] == d_out and p_in.shape[1] == d_in
+        assert p_out.shape[0] < d_out and p_in.shape[0] < d_in, "the test must project both sides"
+        kron = torch.kron(p_out, p_in)
+        for i, exact in enumerate(oracle_grads(model, layer.module, x, target)):
+            g_exact = exact_block(layer.module, exact)
+            assert g_exact.shape == (d_out, d_in)
+            expected = kron @ g_exact.reshape(-1)
+            torch.testing.assert_close(grads[name][i], expected, atol=ATOL, rtol=0, msg=f"{name} sample {i}")
+
+
+def test_kronecker_identity_linear_tokens():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5)).to(DTYPE)
+    x, target = torch.randn(4, 3, 7, dtype=DTYPE), torch.randn(4, 3, 5, dtype=DTYPE)
+    _check_kronecker(model, x, target, projection_dim=12, kind="weights")
+
+
+def test_kronecker_identity_conv2d():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1, stride=2)).to(DTYPE)
+    x = torch.randn(3, 2, 6, 5, dtype=DTYPE)
+    target = torch.randn(3, 5, 3, 3, dtype=DTYPE)
+    _check_kronecker(model, x, target, projection_dim=12, kind="mean")
+
+
+def test_kronecker_identity_embedding():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Embedding(10, 6, padding_idx=2)).to(DTYPE)
+    idx = torch.randint(0, 10, (4, 5))
+    idx[:, 0] = 2
+    idx[:, 1] = 7
+    target = torch.randn(4, 5, 6, dtype=DTYPE)
+    _check_kronecker(model, idx, target, projection_dim=8, kind="sum")
+
+
+# --- hooks are inert outside begin/finish --------------------------------------------------------------
+
+
+def _assert_idle(capture: GradientCapture) -> None:
+    assert not capture.captured
+    assert capture.outputs == []
+    assert all(not pending for pending in capture._inputs.values())
+
+
+def test_hooks_do_nothing_outside_begin_finish():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    tracked, capture = make_capture(model)
+    x1, t1 = torch.randn(3, 3, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE)
+    x2, t2 = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+
+    # attached but never begun: nothing is recorded
+    per_sample_loss(model(x1), t1).sum().backward()
+    _assert_idle(capture)
+
+    grads = captured_grads(capture, model, x1, t1, "mean", batch_weights("mean", 3))
+    assert_matches_oracle(model, tracked, grads, x1, t1)
+
+    # after finish: a forward/backward (e.g. validation with grad) leaves no state
+    per_sample_loss(model(x2), t2).sum().backward()
+    _assert_idle(capture)
+    with torch.no_grad():
+        model(x2)
+    _assert_idle(capture)
+
+    # and the next step sees only its own batch
+    grads = captured_grads(capture, model, x2, t2, "sum", batch_weights("sum", 2))
+    assert_matches_oracle(model, tracked, grads, x2, t2)
+
+    # detach removes the hooks: begin + backward records nothing
+    capture.detach()
+    capture.begin()
+    per_sample_loss(model(x2), t2).sum().backward()
+    _assert_idle(capture)
+
+
+def test_backward_after_abort_is_ignored():
+    """A graph built during a step that is then aborted must not touch the capture when backpropagated."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DTYPE)
+    tracked, capture = make_capture(model)
+    capture.begin()
+    loss = per_sample_loss(model(torch.randn(2, 3, dtype=DTYPE)), torch.zeros(2, 2, dtype=DTYPE)).sum()
+    capture.abort()
+    loss.backward()
+    _assert_idle(capture)
+
+
+def test_graph_of_an_aborted_step_does_not_leak_into_the_next_step():
+    """Hooks registered in an aborted step must not fire into the next step's state (same layer, same call
+    index 0): the next step must still capture exactly its own per-sample gradients."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DTYPE)
+    tracked, capture = make_capture(model)
+    x1, t1 = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+    x2, t2 = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+    capture.begin()
+    stale = per_sample_loss(model(x1), t1).sum()
+    capture.abort()
+    capture.begin()
+    fresh = per_sample_loss(model(x2), t2).sum()
+    stale.backward()
+    assert not capture.captured
+    fresh.backward()
+    grads = capture.finish(torch.ones(2, dtype=DTYPE))
+    assert_matches_oracle(model, tracked, grads, x2, t2)
+
+
+def test_second_backward_after_finish_is_ignored():
+    """``retain_graph`` + a second backward after ``finish`` must leave the capture idle."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 2)).to(DTYPE)
+    tracked, capture = make_capture(model)
+    x, target = torch.randn(2, 3, dtype=DTYPE), torch.randn(2, 2, dtype=DTYPE)
+    capture.begin()
+    loss = per_sample_loss(model(x), target).sum()
+    loss.backward(retain_graph=True)
+    capture.finish(torch.ones(2, dtype=DTYPE))
+    loss.backward()
+    _assert_idle(capture)
+
+
+# --- unsupported layers --------------------------------------------------------------------------------
+
+
+def _frozen_weight() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[1].weight.requires_grad_(False)  # bias still trains
+    return model
+
+
+class _WithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    ("build", "layer", "reason"),
+    [
+        (_frozen_weight, "1", r"capture needs a trainable 'weight'"),
+        (_WithNorm, "norm", r"LayerNorm\) is not a supported layer type; supported types are Conv2d, Embedding, Linear"),
+        (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", r"groups=2 \(only groups=1\)"),
+        (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", r"padding_mode='reflect'"),
+        (lambda: nn.Sequential(nn.Conv2d(2, 4, 2, padding="same")), "0", r"asymmetric padding"),
+        (lambda: nn.Sequential(nn.Conv1d(2, 4, 3)), "0", r"Conv1d\) is not a supported layer type"),
+        (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
+        (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))), "0", r"parametrised weight"),
+    ],
+)
+def test_unsupported_layer_is_refused_naming_it_and_exclude(build, layer, reason):
+    model = build()
+    with pytest.raises(UnsupportedError, match=reason) as info:
+        resolve_layers(model, DVEConfig(projection_dim=None))
+    message = str(info.value)
+    assert f"layer {layer!r}" in message
+    assert "exclude" in message
+    # the advice works: excluding the layer leaves the rest trackable
+    if layer != "0":
+        tracked = resolve_layers(model, DVEConfig(projection_dim=None, exclude=(layer,)))
+        assert layer not in tracked
+
+
+def test_unsupported_layer_named_explicitly_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2))
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(Conv2d\) uses groups=2.*Add '1' to `exclude=`"):
+        resolve_layers(model, DVEConfig(projection_dim=None, layers=("0", "1")))
+    assert list(resolve_layers(model, DVEConfig(projection_dim=None, layers=("0",)))) == ["0"]
+
+
+def test_embedding_scale_grad_by_freq_is_refused():
+    """``scale_grad_by_freq`` divides each row's gradient by the token's count in the whole *batch*: a sample's
+    gradient then depends on the other samples (like BatchNorm), and the hooked blocks do not sum to ``.grad``.
+    It must be refused like ``max_norm``, not captured silently wrong."""
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True)).to(DTYPE)
+    with pytest.raises(UnsupportedError, match=r"layer '0' \(Embedding\).*scale_grad_by_freq.*exclude"):
+        resolve_layers(model, DVEConfig(projection_dim=None))

@@ -1,0 +1,304 @@
+"""The train-end report end to end: files under ``save_dir/report/``, and what real loggers wrote, read back.
+
+W&B runs are real offline runs; their ``.wandb`` transaction log is parsed here (wandb 0.31 ships no Python
+reader): it is LevelDB's log format (a 7-byte ``:W&B`` header, 32 KiB blocks of records with a 7-byte
+``crc32, length, type`` header, split records joined), each record a ``wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import json
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_dve import DataValueEmbedding
+from lightning_dve.config import ReportConfig
+from lightning_dve.dashboards import CURVE_COLUMNS
+from tests.conftest import DigitsDict, TinyMLP
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ReportConfig(top_k=3, max_reference_samples=40, histogram_bins=8)
+
+
+class ImageDigits(Dataset):
+    """Digits ``indices`` as ``{"x": float32 [1, 8, 8], "y": long, "index": long}``."""
+
+    def __init__(self, indices: range) -> None:
+        self.items = DigitsDict(indices)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.items[i]
+        return {**item, "x": item["x"].reshape(1, 8, 8)}
+
+
+class ImageMLP(TinyMLP):
+    """TinyMLP on ``[B, 1, 8, 8]`` inputs, with a validation loss and a per-step learning-rate schedule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["y"]))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1.0 + 0.1 * t))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def loaders(n_train: int = 64) -> tuple[DataLoader, DataLoader]:
+    """Digits 0..n_train-1 in batches of 16, and 64 held-out digits (1500..1563) in batches of 16."""
+    return (DataLoader(ImageDigits(range(n_train)), batch_size=16),
+            DataLoader(ImageDigits(range(1500, 1564)), batch_size=16))
+
+
+def report_dir(callback: DataValueEmbedding) -> Path:
+    return callback.embeddings.store.root / "report"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def direct_curve(callback: DataValueEmbedding, model: TinyMLP, reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``mean over reference samples and over each step's samples of <g_test, e>`` / lr, from per-sample scores."""
+    embeddings = callback.embeddings
+    result = embeddings.influence(model, reference, per_step=True)  # [n, m]: no mean-gradient shortcut
+    per_occurrence = result.scores.double().mean(dim=0)
+    steps = torch.tensor(embeddings.steps)
+    means = torch.stack([per_occurrence[result.steps == step].mean() for step in steps])
+    return means / embeddings.learning_rates[:, 0]
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep W&B's data, cache and config dirs (artifact staging) under ``tmp_path``; restore the env after."""
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it; this restores it afterwards
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path
+
+
+def wandb_records(run_dir: Path) -> Iterator[Any]:
+    """Every protobuf record of an offline run's ``run-*.wandb`` file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending, block = 7, b"", 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # block trailer too small for a header: skip to the next block
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            pending = b""
+            yield record
+        elif kind in (2, 3):  # FIRST, MIDDLE
+            pending += chunk
+
+
+def finished_run_records(run_dir: Path, timeout: float = 20.0) -> list[Any]:
+    """The run's records once its ``exit`` record is on disk (wandb-core may still be writing after finish)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(run_dir))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+# --- files and correctness ----------------------------------------------------------------------------------
+
+
+def test_curve_files_equal_direct_scores_with_the_reference_cap(fit, tmp_path, capsys):
+    train, val = loaders()
+    model, callback = ImageMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=SMALL)
+    fit(model, callback, train, val, max_epochs=2, precision="64-true")
+    model.double()
+    directory = report_dir(callback)
+    assert {p.name for p in directory.iterdir()} >= {"curve.csv", "epochs.csv", "stages.csv", "sample_totals.csv",
+                                                     "histogram.csv", "top_k.csv", "summary.json", "curve.png",
+                                                     "epochs.png", "histogram.png", "top_k.png"}
+    rows = read_csv(directory / "curve.csv")
+    assert list(rows[0]) == CURVE_COLUMNS
+    assert [int(r["step"]) for r in rows] == callback.embeddings.steps == list(range(8))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1 / (1 + 0.1 * t) for t in range(8)])
+    reference = {key: value[:40] for key, value in DigitsDict(range(1500, 1540)).batch().items()}
+    reference["x"] = reference["x"].reshape(-1, 1, 8, 8).double()
+    expected = direct_curve(callback, model, reference)
+    assert torch.tensor([float(r["influence_per_lr"]) for r in rows], dtype=torch.float64) == pytest.approx(
+        expected, rel=1e-9, abs=1e-15)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["reference"] == {"n_samples": 40, "source": "the validation dataloader"}
+    totals = callback.embeddings.influence(model, reference).scores.double().mean(dim=0)
+    assert [r["sample_id"] for r in summary["top_k"]["helpful"]] == torch.topk(totals, 3).indices.tolist()
+    assert summary["top_k"]["helpful"][0]["label"] is not None
+    assert "DVE reference gradient" not in capsys.readouterr().err  # the trainer's progress bar is off
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_user_reference_batch_and_describe(fit, tmp_path):
+    train, _ = loaders()
+    reference = next(iter(DataLoader(ImageDigits(range(1500, 1510)), batch_size=10)))
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference,
+                                  describe=lambda sample: f"digit {int(sample['y'])} #{int(sample['index'])}")
+    fit(ImageMLP(), callback, train)
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    assert summary["reference"] == {"n_samples": 10, "source": "the `reference` batch"}
+    for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:
+        assert row["description"] == f"digit {row['label']} #{row['sample_id']}"
+
+
+def test_no_reference_warns_and_writes_nothing(fit, mlp_cls, tmp_path):
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    with pytest.warns(UserWarning, match="no reference set"):
+        fit(mlp_cls(), callback)
+    assert not (tmp_path / "dve" / "report").exists()
+
+
+def test_report_none_disables_the_report(fit, tmp_path):
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+    fit(ImageMLP(), callback, train, val)
+    assert not (tmp_path / "dve" / "report").exists()
+
+
+# --- loggers, read back -------------------------------------------------------------------------------------
+
+
+def test_wandb_offline_run_is_read_back(fit, wandb_env, capsys):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    train, val = loaders()
+    callback = DataValueEmbedding(wandb_env / "dve", projection_dim=16, report=SMALL)
+    logger = WandbLogger(offline=True, save_dir=str(wandb_env), project="dve-test")
+    try:
+        trainer = fit(ImageMLP(), callback, train, val, max_epochs=2, logger=logger, log_every_n_steps=1,
+                      enable_progress_bar=True)
+        run_dir = Path(logger.experiment.dir).parent
+    finally:
+        wandb.finish()
+    assert "DVE reference gradient" in capsys.readouterr().err
+    records = finished_run_records(run_dir)
+    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    dve_rows = [row for row in history if any(key.startswith("dve/") for key in row)]
+    assert len(dve_rows) == 1  # everything in one log_metrics call
+    row = dve_rows[0]
+    assert row["_step"] == max(h["_step"] for h in history)
+    # logged at the run's current trainer step (step_sync), never at a past one
+    assert row["trainer/global_step"] == max(h.get("trainer/global_step", 0) for h in history)
+    assert 0 < row["trainer/global_step"] <= trainer.global_step
+    for key in ("dve/curve/table/_type", "dve/curve/influence_per_lr_table/_type", "dve/top_k/helpful/_type",
+                "dve/top_k/harmful/_type", "dve/stages/table/_type", "dve/epochs/table/_type",
+                "dve/samples/total_influence/_type", "dve/figures/curve/_type", "dve/stages/early/share",
+                "dve/stages/late/abs_share", "dve/reference/n_samples", "dve/total_influence"):
+        assert key in row, key
+    assert row["dve/reference/n_samples"] == 40
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    assert row["dve/stages/early/share"] == pytest.approx(summary["stages"][0]["share"])
+    charts = {item_key(i) for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
+    assert {"_wandb/visualize/dve/curve/influence", "_wandb/visualize/dve/curve/influence_per_lr",
+            "_wandb/visualize/dve/curve/influence_per_lr_smoothed"} <= charts
+    media = run_dir / "files" / row["dve/curve/table/path"]
+    table = json.loads(media.read_text())
+    assert table["columns"] == CURVE_COLUMNS
+    assert table["data"] == [[_number(v) for v in r.values()] for r in read_csv(report_dir(callback) / "curve.csv")]
+    top = json.loads((run_dir / "files" / row["dve/top_k/helpful/path"]).read_text())
+    assert top["columns"][-1] == "image"
+    assert [r[1] for r in top["data"]] == [r["sample_id"] for r in summary["top_k"]["helpful"]]
+    staged = [entry.local_path for r in records if r.WhichOneof("record_type") == "artifact"
+              for entry in r.artifact.manifest.contents if entry.path == "dve/top_k/helpful.table.json"]
+    cells = json.loads(Path(staged[0]).read_text())["data"]
+    assert all(cell[-1]["_type"] == "image-file" for cell in cells)  # inputs rendered as wandb.Image
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def test_tensorboard_event_files_are_read_back(fit, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    fit(ImageMLP(), callback, train, val, max_epochs=2, logger=logger)
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0,
+                                                                              "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    per_lr = events.Scalars("dve/curve/influence_per_lr")
+    rows = read_csv(report_dir(callback) / "curve.csv")
+    assert [e.step for e in per_lr] == [int(r["step"]) for r in rows]
+    assert [e.value for e in per_lr] == pytest.approx([float(r["influence_per_lr"]) for r in rows], rel=1e-5)
+    assert {"dve/curve/influence", "dve/curve/influence_per_lr_smoothed", "dve/stages/early/share",
+            "dve/total_influence"} <= set(tags["scalars"])
+    assert {"dve/figures/curve", "dve/figures/histogram", "dve/figures/top_k"} <= set(tags["images"])
+    assert "dve/samples/total_influence" in tags["histograms"]
+    assert {"dve/top_k/helpful/text_summary", "dve/stages/text_summary"} <= set(tags["tensors"])
+
+
+def test_csv_logger_gets_per_step_and_summary_scalars(fit, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    trainer = fit(ImageMLP(), callback, train, val, max_epochs=2, logger=logger)
+    metrics = read_csv(Path(logger.log_dir) / "metrics.csv")
+    curve = [r for r in metrics if r.get("dve/curve/influence_per_lr")]
+    assert [int(r["step"]) for r in curve] == callback.embeddings.steps
+    summary = [r for r in metrics if r.get("dve/stages/early/share")]
+    assert len(summary) == 1 and int(summary[0]["step"]) == trainer.global_step
+    expected = json.loads((report_dir(callback) / "summary.json").read_text())["stages"][0]["share"]
+    assert float(summary[0]["dve/stages/early/share"]) == pytest.approx(expected)
+
+
+# --- the example --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard", "csv", "none"])
+def test_digits_example_smoke(logger, wandb_env, capsys):
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    out = wandb_env / "run"
+    report = digits.main(["--max-epochs", "1", "--train-size", "96", "--val-size", "48", "--logger", logger,
+                          "--out", str(out), "--projection-dim", "32", "--no-progress-bar"])
+    printed = capsys.readouterr().out
+    assert (report / "summary.json").is_file() and (report / "curve.png").is_file()
+    assert "Stage summary" in printed and "Top-5 helpful" in printed and "Top-5 harmful" in printed
+    assert f"Report folder: {report}" in printed
+    if logger == "wandb":
+        assert "W&B run (offline)" in printed and glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))

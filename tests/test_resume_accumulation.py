@@ -1,0 +1,99 @@
+"""Gradient accumulation equals one big batch; resuming from a checkpoint equals an uninterrupted run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
+from lightning_dve.store import TrajectoryStore
+
+
+def scores_of(dve: DataValueEmbedding, model: L.LightningModule, batch: dict) -> torch.Tensor:
+    return dve.embeddings.influence(model.double(), {**batch, "x": batch["x"].double()}, per_step=True).scores
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_twice_the_size(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    runs = {}
+    for name, batch_size, accumulate in (("big", 16, 1), ("accumulated", 8, 2)):
+        model, dve = mlp_cls(), DataValueEmbedding(tmp_path / name, projection_dim=None)
+        trainer = fit(model, dve, make_loader(n=64, batch_size=batch_size), max_epochs=2, precision="64-true",
+                      accumulate_grad_batches=accumulate)
+        store = dve.embeddings.store
+        runs[name] = (trainer.global_step, store.steps, store.read_step(0), scores_of(dve, model, test_batch))
+    (steps_a, list_a, first_a, scores_a), (steps_b, list_b, first_b, scores_b) = runs["big"], runs["accumulated"]
+    assert steps_a == steps_b == 8 and list_a == list_b == list(range(8))
+    assert torch.equal(first_a.sample_ids, first_b.sample_ids)
+    torch.testing.assert_close(first_b.weights, torch.full((16,), 1 / 16, dtype=torch.float64))
+    for name in first_a.grads:
+        torch.testing.assert_close(first_b.grads[name], first_a.grads[name], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(scores_b, scores_a, rtol=1e-8, atol=1e-13)
+
+
+def checkpointing_trainer(root: Path, epochs: int, callbacks: list) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, precision="64-true", logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                     callbacks=callbacks)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+) -> None:
+    # Models start in float64: Lightning restores a checkpoint before precision="64-true" converts the module,
+    # so a float32 module would round the restored float64 weights (a 4e-8 change, not the callback's doing).
+    reference_model, reference = mlp_cls().double(), DataValueEmbedding(tmp_path / "reference", projection_dim=32)
+    checkpointing_trainer(tmp_path, 3, [reference]).fit(reference_model, make_loader())
+    expected = scores_of(reference, reference_model, test_batch)
+
+    # "crashed" run: checkpoints every epoch, dies after 2 epochs; we resume from the end of epoch 0 so that the
+    # steps it recorded in epoch 1 must be dropped and redone.
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first = DataValueEmbedding(tmp_path / "resumed", projection_dim=32)
+    checkpointing_trainer(tmp_path, 2, [first, ckpts]).fit(mlp_cls().double(), make_loader())
+    assert TrajectoryStore.open(tmp_path / "resumed").steps == list(range(8))
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+
+    model, resumed = mlp_cls().double(), DataValueEmbedding(tmp_path / "resumed", projection_dim=32)
+    checkpointing_trainer(tmp_path, 3, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")]).fit(
+        model, make_loader(), ckpt_path=epoch0)
+    assert resumed.embeddings.steps == list(range(12))
+    torch.testing.assert_close(scores_of(resumed, model, test_batch), expected, rtol=1e-9, atol=1e-13)
+    loaded = DataValueEmbeddings.load(tmp_path / "resumed")
+    torch.testing.assert_close(loaded.influence(model, {**test_batch, "x": test_batch["x"].double()},
+                                                per_step=True).scores, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_resume_with_other_settings_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls(), make_loader())
+    ckpt = sorted((tmp_path / "ckpt").glob("*.ckpt"))[0]
+    other = DataValueEmbedding(tmp_path / "dve", projection_dim=32, seed=1)
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    (key,) = [k for k in state if "DataValueEmbedding" in k]
+    other.load_state_dict(state[key])  # as Lightning would if the state key matched
+    with pytest.raises(ConfigError, match="recorded with settings .* resuming would mix two recordings"):
+        checkpointing_trainer(tmp_path, 2, [other]).fit(mlp_cls(), make_loader())
+
+
+def test_resume_with_another_world_size_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 1, [dve, ckpts]).fit(mlp_cls(), make_loader())
+    state = dve.state_dict() | {"world_size": 4}
+    again = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    again.load_state_dict(state)
+    with pytest.raises(ConfigError, match="recorded on 4 process.*Resume with the same number of devices"):
+        checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader())
