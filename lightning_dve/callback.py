@@ -13,7 +13,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 
 from lightning_dve import capture, distributed, reporting, sync
-from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction, ReportConfig
+from lightning_dve.config import (
+    DEFAULT_PROJECTION_DIM,
+    AccumulatorLayout,
+    DVEConfig,
+    LossReduction,
+    ReportConfig,
+    StorageDtype,
+)
 from lightning_dve.errors import ConfigError, DVEError, UnsupportedError
 from lightning_dve.influence import DataValueEmbeddings
 from lightning_dve.optim import layer_learning_rates, sgd_proxy_reason
@@ -39,6 +46,10 @@ class DataValueEmbedding(pl.Callback):
         allow_duplicate_ids: accept the same id twice in one step (sampling with replacement).
         seed: base seed of the projections.
         overwrite: allow a fresh ``fit`` into a non-empty ``save_dir`` (its store is replaced).
+        storage_dtype: dtype of the stored gradients: ``"auto"`` (training dtype in exact mode, row-scaled
+            float16 when projected), ``"float64"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        segments: influence checkpointing: run the train-end recursion in this many parallel segments; their
+            boundaries also give the data value dynamics (:meth:`DataValueEmbeddings.influence_at`).
         report: what the train-end influence report computes and logs (:class:`ReportConfig`); ``None``
             disables it. It is written to ``<save_dir>/report/`` and to ``trainer.loggers`` on global rank 0.
         reference: a batch or a ``DataLoader`` whose mean test-loss gradient is the report's query; default the
@@ -58,6 +69,8 @@ class DataValueEmbedding(pl.Callback):
         allow_duplicate_ids: bool = False,
         seed: int = 0,
         overwrite: bool = False,
+        storage_dtype: str | StorageDtype = "auto",
+        segments: int = 1,
         report: ReportConfig | None = ReportConfig(),
         reference: Any = None,
         describe: Callable[[Any], str] | None = None,
@@ -71,6 +84,8 @@ class DataValueEmbedding(pl.Callback):
             layout=layout,
             allow_duplicate_ids=allow_duplicate_ids,
             seed=seed,
+            storage_dtype=storage_dtype,
+            segments=segments,
         )
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
@@ -131,10 +146,7 @@ class DataValueEmbedding(pl.Callback):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
-        manifest = {"settings": self.config.to_dict(), "settings_hash": self.config.settings_hash(),
-                    "layers": [layer.describe() for layer in tracked.values()], "world_size": self._comm.world_size,
-                    "rank": self._comm.rank, "owned_layers": self._owned[self._comm.rank],
-                    "dtype": str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")}
+        manifest = self._manifest(tracked, pl_module)
         self._store = self._open_store(manifest)
         self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids)
@@ -187,7 +199,8 @@ class DataValueEmbedding(pl.Callback):
         steps_bytes = store.bytes_on_disk(STEPS)
         store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps))})
         dtype = getattr(torch, store.manifest["dtype"])
-        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype)
+        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
+                              self.config.segments)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
         reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,
@@ -215,6 +228,14 @@ class DataValueEmbedding(pl.Callback):
         grads = hooks.finish(local / accumulation)
         capture.check_finite(grads, ids, self._step if self._step_lrs is not None else trainer.global_step)
         return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads)
+
+    def _manifest(self, tracked: dict[str, capture.TrackedLayer], pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The store manifest: settings, layers and projections, this rank's share, dtypes."""
+        training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
+        return {"settings": self.config.to_dict(), "settings_hash": self.config.settings_hash(),
+                "layers": [layer.describe() for layer in tracked.values()], "world_size": self._comm.world_size,
+                "rank": self._comm.rank, "owned_layers": self._owned[self._comm.rank], "dtype": training_dtype,
+                "storage_dtype": self.config.storage_dtype.resolve(training_dtype, self.config.exact).value}
 
     def _open_store(self, manifest: dict[str, Any]) -> TrajectoryStore:
         """Create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``save_dir``."""

@@ -63,6 +63,27 @@ class AccumulatorLayout(_Option):
     FULL = "full"
 
 
+class StorageDtype(_Option):
+    """Dtype of the per-sample gradients on disk (the accumulation matrices are always float32 or wider).
+
+    ``AUTO`` keeps the training dtype in exact mode and uses ``FLOAT16`` in projected mode (chosen by
+    measurement: see ``benchmarks/storage.py``). ``FLOAT16`` stores each row scaled by its largest magnitude
+    (a float32 scale per row), so small late-training gradients do not become subnormals.
+    """
+
+    AUTO = "auto"
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    def resolve(self, training_dtype: str, exact: bool) -> StorageDtype:
+        """The concrete dtype for a run trained in ``training_dtype`` (``"float32"``, ``"float64"``)."""
+        if self is not StorageDtype.AUTO:
+            return self
+        return StorageDtype(training_dtype) if exact else StorageDtype.FLOAT16
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DVEConfig:
     """Identity-defining settings of a recording; saved in the manifest and compared on reuse.
@@ -79,6 +100,10 @@ class DVEConfig:
         allow_duplicate_ids: accept the same sample id twice in one step (samplers drawing with replacement);
             each copy is then its own occurrence.
         seed: base seed from which every projection seed is derived with ``hashlib``.
+        storage_dtype: dtype of the stored per-sample gradients.
+        segments: influence checkpointing (method.md §3): the recursion runs in this many contiguous segments
+            of the trajectory, in parallel threads, and queries chain the segments' factors ``I - M_seg``. The
+            same factors give the influence on each segment boundary (data value dynamics).
     """
 
     projection_dim: int | None = DEFAULT_PROJECTION_DIM
@@ -88,10 +113,15 @@ class DVEConfig:
     layout: AccumulatorLayout = AccumulatorLayout.PER_LAYER
     allow_duplicate_ids: bool = False
     seed: int = 0
+    storage_dtype: StorageDtype = StorageDtype.AUTO
+    segments: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction))
         object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout))
+        object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype))
+        if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+            raise ConfigError(f"segments must be a positive int (1 = one sequential recursion); got {self.segments!r}.")
         if self.projection_dim is not None and (
             isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int) or self.projection_dim < 1
         ):
@@ -121,6 +151,7 @@ class DVEConfig:
         out = dataclasses.asdict(self)
         out["loss_reduction"] = self.loss_reduction.value
         out["layout"] = self.layout.value
+        out["storage_dtype"] = self.storage_dtype.value
         out["layers"] = None if self.layers is None else list(self.layers)
         out["exclude"] = list(self.exclude)
         return out

@@ -22,6 +22,7 @@ from lightning_dve.capture import GradientCapture, TrackedLayer, WeightFn, muted
 from lightning_dve.config import DVEConfig
 from lightning_dve.errors import ConfigError, LayerMismatchError, StoreError
 from lightning_dve.projection import LayerProjection
+from lightning_dve.recursion import layer_groups
 from lightning_dve.store import EMBEDDINGS, STEPS, TrajectoryStore
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -99,6 +100,7 @@ class DataValueEmbeddings:
         self.store = store
         self.config = DVEConfig.from_dict(store.manifest["settings"])
         self.loss_weights = loss_weights
+        self._factors = store.read_segments()
         self.projections = {
             entry["name"]: LayerProjection.from_dict(entry["name"], entry["projection"])
             for entry in store.manifest["layers"]
@@ -225,20 +227,39 @@ class DataValueEmbeddings:
         """
         return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step)
 
-    def score(self, test_gradients: dict[str, torch.Tensor], per_step: bool = False) -> InfluenceResult:
+    @property
+    def segment_boundaries(self) -> list[int]:
+        """Last optimizer step of each influence-checkpointing segment (one entry when ``segments=1``).
+
+        Boundary ``b`` is the model right after step ``segment_boundaries[b]``, i.e. at
+        ``global_step == segment_boundaries[b] + 1`` (a ``ModelCheckpoint(every_n_train_steps=...)`` there).
+        """
+        return [last for _, last in self.store.manifest.get("segments", [])]
+
+    def score(
+        self, test_gradients: dict[str, torch.Tensor], per_step: bool = False, boundary: int | None = None
+    ) -> InfluenceResult:
         """Scores of every recorded occurrence (or sample) against given projected test gradients.
 
         ``scores[i, (t, z)] = sum_l <g_test_i^l, e_{t,z}^l>`` (method.md §2). Use it with the mean gradient of a
-        reference set (one row) to get a per-step influence curve at one dot product per occurrence.
+        reference set (one row) to get a per-step influence curve at one dot product per occurrence. With
+        segments, the stored embeddings are segment-local and the test gradient is carried back through the
+        later segments' factors instead: ``g^T (I - M_{K-1}) ... (I - M_{s+1}) e_loc`` (method.md §3).
 
         Args:
-            test_gradients: ``{layer: [n, k_l]}`` as returned by :meth:`test_gradients` (any row count).
+            test_gradients: ``{layer: [n, k_l]}`` as returned by :meth:`test_gradients` (any row count), taken at
+                the final weights, or at the weights of ``boundary``.
             per_step: one column per occurrence instead of per-sample totals.
+            boundary: score the influence on the model at that segment boundary (data value dynamics): only
+                occurrences up to it count. ``None`` means the final model.
         """
+        carried = self._carry_back(test_gradients, boundary)
         ids, steps, columns = [], [], []
-        for step in self.store.steps:
+        for segment, step in self._segment_of_steps():
+            if segment >= len(carried):
+                break
             step_ids, embeddings = self.store.read_embeddings(step)
-            columns.append(_dot(test_gradients, embeddings))
+            columns.append(_dot(carried[segment], embeddings))
             ids.append(step_ids)
             steps.append(torch.full_like(step_ids, step))
         sample_ids, occurrence_steps, scores = torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1)
@@ -247,6 +268,48 @@ class DataValueEmbeddings:
         unique, inverse = torch.unique(sample_ids, return_inverse=True)
         totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
         return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+
+    def influence_at(
+        self, boundary: int, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False
+    ) -> InfluenceResult:
+        """Data value dynamics: influence of the occurrences up to segment ``boundary`` on the model there.
+
+        Args:
+            boundary: index into :attr:`segment_boundaries`.
+            module: the model with the weights it had at that boundary (e.g. loaded from a checkpoint).
+            batch, loss_fn, per_step: as in :meth:`influence`.
+        """
+        if not 0 <= boundary < len(self.segment_boundaries):
+            raise ConfigError(f"boundary {boundary} is out of range: this store has {len(self.segment_boundaries)} "
+                              f"segment boundaries (after steps {self.segment_boundaries}). Record with more "
+                              "`segments=` for more boundaries.")
+        return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step, boundary=boundary)
+
+    def _segment_of_steps(self) -> Iterator[tuple[int, int]]:
+        """``(segment index, step)`` of every recorded step, in order."""
+        lasts = self.segment_boundaries or [max(self.steps, default=-1)]
+        segment = 0
+        for step in self.steps:
+            while step > lasts[segment]:
+                segment += 1
+            yield segment, step
+
+    def _carry_back(self, test: dict[str, torch.Tensor], boundary: int | None) -> list[dict[str, torch.Tensor]]:
+        """Test gradients carried back to each segment up to ``boundary``: ``t_b = g``, ``t_s = t_{s+1} F_{s+1}``."""
+        last = len(self._factors) - 1 if boundary is None else boundary
+        carried = [test]
+        for segment in range(last, 0, -1):
+            carried.insert(0, self._apply_factors(carried[0], self._factors[segment]))
+        return carried
+
+    def _apply_factors(self, test: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Row vectors times each group's factor: ``g^T (I - M)`` per group."""
+        out = {}
+        for group in layer_groups(self.store.layer_names, self.config.layout):
+            factor = factors[group[0]]
+            rows = torch.cat([test[name].to(factor.dtype) for name in group], dim=1) @ factor
+            out.update(zip(group, rows.split([test[name].shape[1] for name in group], dim=1)))
+        return out
 
 
 def _dot(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:

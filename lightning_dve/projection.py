@@ -39,7 +39,7 @@ def split_dim(projection_dim: int, out_dim: int, in_dim: int) -> tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class SideProjection:
-    """One side's projection ``P: [k, d]``; identity (``seed is None``) when ``k == d`` in exact mode.
+    """One side's projection ``P: [k, d]``; the identity (``seed is None``) when the side fits (``k == d``).
 
     Attributes:
         dim: true size ``d`` of that side (input side includes the bias column).
@@ -88,8 +88,8 @@ class LayerProjection:
             return cls(SideProjection(out_dim, out_dim, None), SideProjection(in_dim, in_dim, None))
         k_out, k_in = split_dim(projection_dim, out_dim, in_dim)
         return cls(
-            SideProjection(out_dim, k_out, derive_seed(seed, name, "out")),
-            SideProjection(in_dim, k_in, derive_seed(seed, name, "in")),
+            SideProjection(out_dim, k_out, None if k_out == out_dim else derive_seed(seed, name, "out")),
+            SideProjection(in_dim, k_in, None if k_in == in_dim else derive_seed(seed, name, "in")),
         )
 
     @property

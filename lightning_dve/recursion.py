@@ -62,8 +62,26 @@ class BackwardRecursion:
             ) * record.weights.to(dtype).unsqueeze(1)  # s = lr w g: [B, K]
             accumulator = self.accumulators[index]
             if accumulator is None:
-                accumulator = grads.new_zeros(grads.shape[1], grads.shape[1])
-            embedding = scaled - scaled @ accumulator.T  # e = s - M s
-            self.accumulators[index] = accumulator + embedding.T @ grads  # M += sum_z e g^T
+                accumulator = self.accumulators[index] = grads.new_zeros(grads.shape[1], grads.shape[1])
+            embedding = torch.addmm(scaled, scaled, accumulator.T, alpha=-1)  # e = s - M s
+            accumulator.addmm_(embedding.T, grads)  # M += sum_z e g^T (in place)
             out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """``I - M`` of every group run so far, keyed by the group's first layer (method.md §3, checkpointing).
+
+        After a segment's steps, ``I - M = prod_{k in segment} (I - lr_k H_k)``: the segment's factor.
+        """
+        out = {}
+        for group, accumulator in zip(self.groups, self.accumulators):
+            if accumulator is not None:
+                out[group[0]] = torch.eye(accumulator.shape[0], dtype=accumulator.dtype) - accumulator
+        return out
+
+
+def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:
+    """Split ``num_steps`` recorded steps into at most ``segments`` contiguous ``[lo, hi)`` index ranges."""
+    segments = max(1, min(segments, num_steps))
+    edges = [round(i * num_steps / segments) for i in range(segments + 1)]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:])]

@@ -44,7 +44,7 @@ from lightning_dve.dashboards import (
 )
 from lightning_dve.errors import ConfigError
 from lightning_dve.influence import DataValueEmbeddings
-from lightning_dve.samples import SampleView, find_samples
+from lightning_dve.samples import SampleView, find_samples, unsharded
 
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
@@ -144,7 +144,7 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     """The reference batches and a description of their source (``None`` batches if there is none)."""
     if reference is not None:
         if isinstance(reference, DataLoader):
-            return reference, "the `reference` DataLoader"
+            return unsharded(reference), "the `reference` DataLoader"
         return [reference], "the `reference` batch"
     loaders = trainer.val_dataloaders
     if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
@@ -161,7 +161,7 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
         loaders = loaders[0] if loaders else None
     if loaders is None:
         return None, ""
-    return loaders, "the validation dataloader"
+    return unsharded(loaders), "the validation dataloader"
 
 
 def _prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:

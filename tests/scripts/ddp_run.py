@@ -101,12 +101,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--projection-dim", type=int, default=0)
+    parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
-                             projection_dim=args.projection_dim or None, overwrite=True)
+                             projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments)
     common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu")

@@ -1,0 +1,179 @@
+"""Influence checkpointing (segments), data value dynamics, storage dtypes, interruption and memory bounds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
+from lightning_dve.store import StepRecord, TrajectoryStore, decode, encode
+
+
+def float64_batch(batch: dict) -> dict:
+    return {**batch, "x": batch["x"].double()}
+
+
+def run(mlp_cls: type, fit: Callable, loader: DataLoader, root: Path, max_steps: int = -1, **kwargs) -> tuple:
+    """Fit a float64 MLP for 2 epochs (8 steps) with float64 storage, so only round-off separates variants."""
+    model = mlp_cls().double()
+    dve = DataValueEmbedding(root, projection_dim=32, storage_dtype="float64", **kwargs)
+    fit(model, dve, loader, precision="64-true", max_epochs=2, max_steps=max_steps)
+    return model, dve
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "full"])
+def test_segment_parallel_equals_sequential(mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path,
+                                            test_batch: dict, layout: str) -> None:
+    model, sequential = run(mlp_cls, fit, make_loader(), tmp_path / "one", layout=layout)
+    _, segmented = run(mlp_cls, fit, make_loader(), tmp_path / "three", layout=layout, segments=3)
+    assert segmented.embeddings.segment_boundaries == [2, 4, 7]  # 8 steps split 3/2/3
+    batch = float64_batch(test_batch)
+    expected = sequential.embeddings.influence(model, batch, per_step=True)
+    got = segmented.embeddings.influence(model, batch, per_step=True)
+    assert torch.equal(got.steps, expected.steps) and torch.equal(got.sample_ids, expected.sample_ids)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-10, atol=1e-15)
+    # the last segment's local embeddings are the final ones; earlier ones differ (they are segment-local)
+    last = sequential.embeddings.store.read_embeddings(7)[1]
+    assert all(torch.allclose(last[n], segmented.embeddings.store.read_embeddings(7)[1][n]) for n in last)
+    first_seq, first_seg = (e.store.read_embeddings(0)[1] for e in (sequential.embeddings, segmented.embeddings))
+    assert not all(torch.allclose(first_seq[n], first_seg[n]) for n in first_seq)
+
+
+def test_dynamics_at_last_boundary_equal_final_and_intermediate_equal_a_shorter_run(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    batch = float64_batch(test_batch)
+    model, dve = run(mlp_cls, fit, make_loader(), tmp_path / "long", segments=4)
+    emb = dve.embeddings
+    torch.testing.assert_close(emb.influence_at(3, model, batch).scores, emb.influence(model, batch).scores)
+    # the model at boundary 1 (after step 3) is the model of a run stopped after 4 steps
+    boundary_step = emb.segment_boundaries[1]
+    short_model, short = run(mlp_cls, fit, make_loader(), tmp_path / "short", max_steps=boundary_step + 1)
+    expected = short.embeddings.influence(short_model, batch, per_step=True)
+    got = emb.influence_at(1, short_model, batch, per_step=True)
+    assert got.steps.max().item() == boundary_step
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-10, atol=1e-15)
+    with pytest.raises(ConfigError, match="boundary 4 is out of range: this store has 4"):
+        emb.influence_at(4, model, batch)
+
+
+def test_float16_rows_are_scaled_so_late_gradients_do_not_underflow() -> None:
+    tiny = torch.randn(4, 256) * 1e-7  # below float16's normal range (6e-5)
+    plain = tiny.to(torch.float16).to(torch.float32)
+    scaled = decode("a", encode("a", tiny, "float16"))
+    rel = lambda x: ((x - tiny).norm() / tiny.norm()).item()  # noqa: E731
+    assert rel(plain) > 1e-2 and rel(scaled) < 1e-3
+    assert decode("a", encode("a", tiny, "bfloat16")).dtype == torch.float32
+    assert decode("a", encode("a", tiny.double(), "float64")).dtype == torch.float64
+
+
+@pytest.mark.parametrize("storage, expected", [("auto", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_storage_dtype_setting_reaches_the_files(mlp_cls: type, fit: Callable, tmp_path: Path, storage: str,
+                                                 expected: str) -> None:
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, storage_dtype=storage)
+    fit(mlp_cls(), dve)
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert store.manifest["storage_dtype"] == expected
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "dve" / "steps" / "step_00000000.safetensors"), "pt") as handle:
+        assert handle.get_tensor("grad/net.0").dtype == getattr(torch, expected)
+    assert store.manifest["bytes_per_step"] > 0 and store.manifest["bytes_total"] >= store.manifest["bytes_per_step"]
+
+
+def test_exact_mode_keeps_float64(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None)
+    fit(mlp_cls().double(), dve, precision="64-true")
+    record = TrajectoryStore.open(tmp_path / "dve").read_step(0)
+    assert TrajectoryStore.open(tmp_path / "dve").manifest["storage_dtype"] == "float64"
+    assert all(g.dtype == torch.float64 for g in record.grads.values())
+
+
+WRITER = textwrap.dedent('''
+    import sys, time, torch, lightning as L
+    sys.path.insert(0, {tests!r})
+    from conftest import TinyMLP, DigitsDict
+    from torch.utils.data import DataLoader
+    from lightning_dve import DataValueEmbedding
+
+    class Slow(L.Callback):
+        def on_train_batch_end(self, *args):
+            if args[-1] >= 3:
+                print("READY", flush=True)
+                time.sleep(60)
+
+    dve = DataValueEmbedding({root!r}, projection_dim=32, report=None)
+    L.Trainer(max_epochs=1, callbacks=[dve, Slow()], logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False).fit(
+        TinyMLP(), DataLoader(DigitsDict(range(128)), batch_size=16))
+''')
+
+
+def test_killed_run_keeps_its_completed_steps_and_is_refused_for_queries(tmp_path: Path) -> None:
+    root = tmp_path / "dve"
+    script = WRITER.format(tests=str(Path(__file__).parent), root=str(root))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout is not None and "READY" in proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = TrajectoryStore.open(root)
+    assert store.manifest["status"] == "recording" and store.steps == [0, 1, 2, 3]
+    assert store.read_step(3).grads["net.0"].shape == (16, store.read_step(3).grads["net.0"].shape[1])
+    with pytest.raises(StoreError, match="status='recording'.*interrupted"):
+        DataValueEmbeddings.load(root)
+    # a write cut off in the middle of a step file is detected, never used
+    path = root / "steps" / "step_00000003.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StoreError, match="corrupt or truncated.*Delete it"):
+        TrajectoryStore.open(root)
+
+
+MEMORY = textwrap.dedent('''
+    import resource, sys, torch
+    from pathlib import Path
+    from lightning_dve.store import StepRecord, TrajectoryStore
+    from lightning_dve.sync import embed_trajectory
+    from lightning_dve.distributed import SingleProcess
+    from lightning_dve.config import AccumulatorLayout
+    torch.set_num_threads(1)
+    root, steps = Path(sys.argv[1]), int(sys.argv[2])
+    manifest = {"settings": {}, "settings_hash": "x", "storage_dtype": "float16",
+                "layers": [{"name": "a"}, {"name": "b"}]}
+    store = TrajectoryStore.create(root, manifest, overwrite=True)
+    g = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        grads = {n: torch.randn(32, 1024, generator=g) for n in ("a", "b")}
+        store.append(StepRecord(t, torch.arange(32) + 32 * t, torch.full((32,), 1 / 32, dtype=torch.float64),
+                                torch.tensor([0.1, 0.1], dtype=torch.float64), grads))
+    store.finish_recording({})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [["a", "b"]], {"a": 1024, "b": 1024},
+                     torch.float32)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+''')
+
+
+@pytest.mark.slow
+def test_recursion_peak_memory_does_not_grow_with_the_trajectory(tmp_path: Path) -> None:
+    """400 steps of 32 x 2 x 1024 gradients are 52 MB in float16 and 105 MB of float32 embeddings; the
+    recursion holds two 4 MB matrices and one step at a time, so its peak must stay far below either."""
+    growth = {}
+    for steps in (50, 400):
+        out = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path / f"s{steps}"), str(steps)],
+                             capture_output=True, text=True, check=True)
+        growth[steps] = int(out.stdout.strip().splitlines()[-1])  # KiB
+    assert growth[400] < 40 * 1024, growth
+    assert growth[400] < growth[50] + 16 * 1024, growth
