@@ -205,6 +205,8 @@ def main() -> None:
                         "misses its target)")
     C.add_contention_args(parser)
     args = parser.parse_args()
+    if args.quick and "--quiet" not in " ".join(__import__("sys").argv):
+        args.quiet = 0.0  # a CI smoke does not wait for a quiet machine
     C.setup(args.threads)
     mode_name = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or {"quick": 1, "default": 3, "full": 5}[mode_name]

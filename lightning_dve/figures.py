@@ -54,8 +54,10 @@ def _shade_stages(axes: Axes, report: CurveReport) -> None:
     a, b = stage_bounds(steps.numel(), report.config.early_fraction, report.config.late_fraction)
     for stage, (low, high) in zip(Stage, ((0, a), (a, b), (b, steps.numel()))):
         if high > low:
-            axes.axvspan(steps[low].item() - 0.5, steps[high - 1].item() + 0.5, color=_STAGE_COLOURS[stage],
-                         alpha=0.08, linewidth=0)
+            left, right = steps[low].item() - 0.5, steps[high - 1].item() + 0.5
+            axes.axvspan(left, right, color=_STAGE_COLOURS[stage], alpha=0.08, linewidth=0)
+            axes.text((left + right) / 2, 0.97, stage.value, transform=axes.get_xaxis_transform(), ha="center",
+                      va="top", fontsize="x-small", color=_STAGE_COLOURS[stage])
 
 
 def _mark_phases(axes: Axes, report: CurveReport) -> None:

@@ -42,7 +42,7 @@ from lightning_dve.dashboards import (
     stage_rows,
     top_k_rows,
 )
-from lightning_dve.errors import ConfigError
+from lightning_dve.errors import ConfigError, DVEError
 from lightning_dve.influence import DataValueEmbeddings
 from lightning_dve.samples import SampleView, find_samples, unsharded
 
@@ -111,18 +111,10 @@ def report_train_end(
     """
     if config is None or embeddings is None or not trainer.is_global_zero:
         return None
-    if not embeddings.steps:
-        rank_zero_warn("DataValueEmbedding: no optimizer step was recorded, so there is no influence report.")
-        return None
     show = trainer.progress_bar_callback is not None
-    batches, source = resolve_reference(trainer, reference)
-    if batches is None:
-        rank_zero_warn("DataValueEmbedding: no reference set (the trainer ran no validation dataloader and no "
-                       "`reference=` was given), so the influence report is skipped. Pass `reference=` (a batch or "
-                       "a DataLoader) to the callback, or define `validation_step` and a validation dataloader.")
+    query = _reference_query(trainer, pl_module, embeddings, config, reference, show)
+    if query is None:
         return None
-    prepare = partial(_prepare_batch, trainer, pl_module)
-    query = reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source, show)
     result = embeddings.score(query.gradients, per_step=True)
     lr_layer, lrs = _curve_learning_rates(embeddings)
     summary = curves.summarise(result, embeddings.steps, embeddings.epochs, lrs, config)
@@ -130,14 +122,41 @@ def report_train_end(
     samples = {}
     if config.render_samples and wanted:
         samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, len(embeddings.steps), show)
-    directory = embeddings.store.root / REPORT_DIR
-    report = TrainEndReport(directory, query, lr_layer, summary, samples, {})
+    report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {})
     plots = _figures(report) if config.figures else {}
     report.files.update(write_files(report, plots))
     if config.log_to_loggers:
         dashboards.log_to_loggers(trainer, report, plots)
-    rank_zero_info(f"DataValueEmbedding: influence report in {directory} ({_stage_line(summary)}).")
+    rank_zero_info(f"DataValueEmbedding: influence report in {report.directory} ({_stage_line(summary)}).")
     return report
+
+
+def _reference_query(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    embeddings: DataValueEmbeddings,
+    config: ReportConfig,
+    reference: Any,
+    show_progress: bool,
+) -> Reference | None:
+    """The reference query, or ``None`` (with a warning saying why and what to do) if there is none."""
+    skipped = "DataValueEmbedding: the influence report is skipped:"
+    if not embeddings.steps:
+        rank_zero_warn(f"{skipped} no optimizer step was recorded.")
+        return None
+    batches, source = resolve_reference(trainer, reference)
+    if batches is None:
+        rank_zero_warn(f"{skipped} no reference set (the trainer ran no validation dataloader and no `reference=` "
+                       "was given). Pass `reference=` (a batch or a DataLoader) to the callback, or define "
+                       "`validation_step` and a validation dataloader.")
+        return None
+    prepare = partial(_prepare_batch, trainer, pl_module)
+    try:
+        return reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source,
+                                  show_progress)
+    except DVEError as err:
+        rank_zero_warn(f"{skipped} {err}")
+        return None
 
 
 def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any] | None, str]:

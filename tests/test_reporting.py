@@ -184,6 +184,15 @@ def test_no_reference_warns_and_writes_nothing(fit, mlp_cls, tmp_path):
     assert not (tmp_path / "dve" / "report").exists()
 
 
+def test_empty_reference_warns_and_writes_nothing(fit, tmp_path):
+    train, _ = loaders()
+    empty = DataLoader(ImageDigits(range(0)), batch_size=4)
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=empty)
+    with pytest.warns(UserWarning, match="the `reference` DataLoader\\) holds no sample"):
+        fit(ImageMLP(), callback, train)
+    assert not (tmp_path / "dve" / "report").exists()
+
+
 def test_report_none_disables_the_report(fit, tmp_path):
     train, val = loaders()
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
