@@ -518,3 +518,86 @@ def percent(x: float) -> float:
 
 def is_finite(x: float) -> bool:
     return isinstance(x, float) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic trajectories (random projected gradients written through the package's own store)
+
+#: tracked layers of ``TinyLM()`` (4 blocks, width 256) at the default projection: 19 layers of 1024 dims
+LM_LAYERS = ["tok", "pos"] + [f"blocks.{i}.{n}" for i in range(4) for n in ("qkv", "proj", "fc1", "fc2")] + ["head"]
+
+
+def default_storage_dtype(exact: bool = False) -> str:
+    """What the callback stores by default for a float32 run (``"auto"`` resolved), or float32 if unknown."""
+    try:
+        from lightning_dve.config import StorageDtype
+
+        return StorageDtype.AUTO.resolve("float32", exact).value
+    except (ImportError, AttributeError):
+        return "float32"
+
+
+def synthetic_manifest(layers: dict[str, int], storage_dtype: str, world_size: int = 1, rank: int = 0,
+                       owned: list[str] | None = None, layout: str = "per_layer") -> dict[str, Any]:
+    """A manifest like the callback's, for ``{layer: k}`` linear layers of ``k = 32 x 32``-like blocks."""
+    from lightning_dve.config import DVEConfig
+
+    extra = {"storage_dtype": storage_dtype} if "storage_dtype" in DVEConfig.__dataclass_fields__ else {}
+    config = DVEConfig(projection_dim=max(layers.values()), layout=layout, **extra)
+    entries = []
+    for name, k in layers.items():
+        k_out = int(math.isqrt(k))
+        k_in = k // k_out
+        entries.append({"name": name, "kind": "linear", "out_dim": k_out, "in_dim": k_in, "synthetic": True,
+                        "projection": {"out": {"dim": k_out, "projected_dim": k_out, "seed": None, "checksum": "identity"},
+                                       "in": {"dim": k_in, "projected_dim": k_in, "seed": None, "checksum": "identity"}}})
+    return {"settings": config.to_dict(), "settings_hash": config.settings_hash(), "layers": entries,
+            "world_size": world_size, "rank": rank, "owned_layers": list(layers) if owned is None else owned,
+            "dtype": "float32", "storage_dtype": storage_dtype}
+
+
+def synthetic_step(step: int, layers: dict[str, int], batch: int, keep: list[str] | None = None,
+                   lr: float = 0.05, seed: int = 0):
+    """One ``StepRecord`` of random gradients (the same for a given step/seed, whichever layers are kept).
+
+    Gradient rows are ``N(0, 1/k)`` (unit norm on average), so ``lr * w * |g|^2`` stays well below 1 and the
+    recursion stays stable.
+    """
+    from lightning_dve.store import StepRecord
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    grads = {}
+    for name, k in layers.items():
+        g = torch.randn(batch, k, generator=gen) / math.sqrt(k)
+        if keep is None or name in keep:
+            grads[name] = g
+    ids = torch.arange(step * batch, (step + 1) * batch, dtype=torch.int64)
+    weights = torch.full((batch,), 1.0 / batch, dtype=torch.float64)
+    lrs = torch.full((len(layers),), lr, dtype=torch.float64)
+    return StepRecord(step, ids, weights, lrs, grads, 0)
+
+
+def write_synthetic_store(root: Path, layers: dict[str, int], steps: int, batch: int, storage_dtype: str,
+                          keep: list[str] | None = None, world_size: int = 1, rank: int = 0,
+                          layout: str = "per_layer"):
+    """Create a complete store of ``steps`` random steps with the package's ``TrajectoryStore``."""
+    from lightning_dve.store import TrajectoryStore
+
+    store = TrajectoryStore.create(root, synthetic_manifest(layers, storage_dtype, world_size, rank, keep, layout),
+                                   overwrite=True)
+    for t in range(steps):
+        store.append(synthetic_step(t, layers, batch, keep))
+    store.finish_recording({"bytes_total": store.bytes_on_disk("steps"),
+                            "bytes_per_step": store.bytes_on_disk("steps") // max(1, steps)})
+    return store
+
+
+def embed_kwargs(segments: int) -> dict[str, Any]:
+    """``segments=`` for ``embed_trajectory`` if this version takes it."""
+    from lightning_dve import sync
+
+    if "segments" in inspect.signature(sync.embed_trajectory).parameters:
+        return {"segments": segments}
+    if segments != 1:
+        raise TypeError("this lightning_dve has no segment-parallel recursion (embed_trajectory(segments=))")
+    return {}

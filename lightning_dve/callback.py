@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from lightning_dve import capture, distributed, reporting, sync
 from lightning_dve.config import (
@@ -158,6 +159,9 @@ class DataValueEmbedding(pl.Callback):
             rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
                            "(method.md §2 is exact for plain SGD only).")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _warn_sampler_padding(trainer)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         capture.check_no_batchnorm_training(pl_module)
         self._active_capture().begin()
@@ -193,11 +197,11 @@ class DataValueEmbedding(pl.Callback):
         store = self._store
         assert store is not None
         self._release()
-        if self._assembler.padding_duplicates:
-            rank_zero_warn(f"DataValueEmbedding: {self._assembler.padding_duplicates} sample(s) were repeated by the "
-                           "distributed sampler's padding; each copy was trained on and is kept as its own occurrence.")
         steps_bytes = store.bytes_on_disk(STEPS)
-        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps))})
+        per_step = steps_bytes // max(1, len(store.steps))
+        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
+        rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
+                       f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
         dtype = getattr(torch, store.manifest["dtype"])
         sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
                               self.config.segments)
@@ -267,6 +271,15 @@ class DataValueEmbedding(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
+
+
+def _warn_sampler_padding(trainer: pl.Trainer) -> None:
+    """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks."""
+    sampler = getattr(trainer.train_dataloader, "sampler", None)
+    padded = sampler.total_size - len(sampler.dataset) if isinstance(sampler, DistributedSampler) else 0
+    if padded > 0:
+        rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
+                       "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
 
 
 def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int) -> TrajectoryStore:

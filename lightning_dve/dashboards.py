@@ -70,7 +70,7 @@ def top_k_rows(ranked: list[RankedSample], samples: dict[int, SampleView]) -> li
     """One row per ranked sample, in :data:`TOP_K_COLUMNS` order."""
     rows = []
     for sample in ranked:
-        view = samples.get(sample.sample_id, SampleView(None, "(not found in the training dataloader)", None))
+        view = samples.get(sample.sample_id, SampleView(None, "", None))  # not looked up, or not found
         rows.append([sample.rank, sample.sample_id, sample.score, " ".join(map(str, sample.steps)), view.label,
                      view.text])
     return rows

@@ -43,7 +43,7 @@ def curve_figure(report: CurveReport) -> Figure:
         _shade_stages(axes, report)
     _mark_phases(lr_axes, report)
     lr_axes.set_xlabel("training step")
-    lr_axes.legend(loc="upper center", fontsize="small", ncol=3)
+    lr_axes.legend(loc="lower right", fontsize="small", ncol=3)
     figure.suptitle("Influence of each training step on the final reference loss (positive = helped)")
     return figure
 

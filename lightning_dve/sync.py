@@ -96,7 +96,6 @@ class StepAssembler:
         self.owned = owned
         self.allow_duplicate_ids = allow_duplicate_ids
         self._buffer: list[MicroBatch] = []
-        self.padding_duplicates = 0
 
     def add(self, micro: MicroBatch) -> None:
         """Buffer one micro-batch of this rank."""
@@ -152,8 +151,7 @@ class StepAssembler:
         if duplicated.numel() == 0 or self.allow_duplicate_ids:
             return
         cross_rank = all(ranks[ids == v].unique().numel() == (ids == v).sum() for v in duplicated)
-        if last_batch and self.comm.world_size > 1 and cross_rank:
-            self.padding_duplicates += int((counts[counts > 1] - 1).sum())
+        if last_batch and self.comm.world_size > 1 and cross_rank:  # DistributedSampler padding: kept, warned once
             return
         raise SampleIdError(f"sample ids {duplicated.tolist()[:10]} occur more than once in step {step}. If your "
                             "sampler draws with replacement, pass allow_duplicate_ids=True (each copy is then its "

@@ -169,8 +169,13 @@ def test_user_reference_batch_and_describe(fit, tmp_path):
     train, _ = loaders()
     reference = next(iter(DataLoader(ImageDigits(range(1500, 1510)), batch_size=10)))
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference,
-                                  describe=lambda sample: f"digit {int(sample['y'])} #{int(sample['index'])}")
-    fit(ImageMLP(), callback, train)
+                                  describe=lambda sample: f"digit {int(sample['y'])} #{int(sample['index'])}",
+                                  segments=2)
+    model = ImageMLP()
+    fit(model, callback, train, max_epochs=2)
+    rows = read_csv(report_dir(callback) / "curve.csv")  # segment-local embeddings, carried-back query
+    expected = direct_curve(callback, model, reference)
+    assert [float(r["influence_per_lr"]) for r in rows] == pytest.approx(expected.tolist(), rel=1e-4)
     summary = json.loads((report_dir(callback) / "summary.json").read_text())
     assert summary["reference"] == {"n_samples": 10, "source": "the `reference` batch"}
     for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:

@@ -177,3 +177,33 @@ def test_recursion_peak_memory_does_not_grow_with_the_trajectory(tmp_path: Path)
         growth[steps] = int(out.stdout.strip().splitlines()[-1])  # KiB
     assert growth[400] < 40 * 1024, growth
     assert growth[400] < growth[50] + 16 * 1024, growth
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path: Path, segments: int) -> None:
+    from lightning_dve.config import AccumulatorLayout
+    from lightning_dve.distributed import SingleProcess
+    from lightning_dve.recursion import BackwardRecursion
+    from lightning_dve.sync import embed_trajectory
+
+    g = torch.Generator().manual_seed(0)
+    dims = {"a": 6, "b": 4}
+    records = [StepRecord(t, torch.arange(5) + 5 * t, torch.rand(5, generator=g, dtype=torch.float64),
+                          torch.rand(2, generator=g, dtype=torch.float64),
+                          {n: torch.randn(5, k, generator=g, dtype=torch.float64) for n, k in dims.items()})
+               for t in range(7)]
+    in_memory = BackwardRecursion(list(dims), AccumulatorLayout.PER_LAYER)
+    expected = {r.step: in_memory.step(r) for r in reversed(records)}
+    manifest = {"settings": {}, "settings_hash": "h", "storage_dtype": "float64",
+                "layers": [{"name": n} for n in dims]}
+    store = TrajectoryStore.create(tmp_path / "s", manifest, overwrite=False)
+    for record in records:
+        store.append(record)
+    store.finish_recording({})
+    embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [list(dims)], dims, torch.float64,
+                     segments)
+    last_segment_first_step = {1: 0, 3: 5}[segments]
+    for step in range(last_segment_first_step, 7):  # the last segment's embeddings are final
+        _, streamed = store.read_embeddings(step)
+        for name in dims:
+            torch.testing.assert_close(streamed[name], expected[step][name], rtol=1e-12, atol=1e-14)

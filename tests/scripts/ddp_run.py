@@ -133,6 +133,7 @@ def main() -> None:
     else:
         trainer.fit(model, loader)
     if args.mode == "ddp" and not trainer.is_global_zero:
+        assert dve.embeddings.steps == list(range(12))  # rank 1 reads rank 0's save_dir (shared here)
         return
     emb = dve.embeddings  # under ddp_spawn, the main process reads rank 0's save_dir
     layers = [entry["name"] for entry in emb.store.manifest["layers"]]
