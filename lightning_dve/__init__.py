@@ -4,9 +4,9 @@ Record per-sample gradients during ``fit`` with :class:`DataValueEmbedding`, the
 used at which step, shaped the final model with :meth:`DataValueEmbeddings.influence`.
 """
 
-from lightning_dve.callback import DataValueEmbedding
-from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
-from lightning_dve.errors import (
+from .callback import DataValueEmbedding
+from .config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from .errors import (
     ConfigError,
     DVEError,
     GradientError,
@@ -15,7 +15,7 @@ from lightning_dve.errors import (
     StoreError,
     UnsupportedError,
 )
-from lightning_dve.influence import DataValueEmbeddings, InfluenceResult, Ranking
+from .influence import DataValueEmbeddings, InfluenceResult, Ranking
 
 __all__ = [
     "DEFAULT_PROJECTION_DIM",

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch.utils.data import DistributedSampler
 
-from lightning_dve import capture, distributed, reporting, sync
-from lightning_dve.config import (
+from . import capture, distributed, reporting, sync
+from .config import (
     DEFAULT_PROJECTION_DIM,
     AccumulatorLayout,
     DVEConfig,
@@ -22,11 +22,12 @@ from lightning_dve.config import (
     ReportConfig,
     StorageDtype,
 )
-from lightning_dve.errors import ConfigError, DVEError, UnsupportedError
-from lightning_dve.influence import DataValueEmbeddings
-from lightning_dve.optim import layer_learning_rates, sgd_proxy_reason
-from lightning_dve.recursion import layer_groups
-from lightning_dve.store import SHARDS, STEPS, TrajectoryStore
+from .errors import ConfigError, DVEError, UnsupportedError
+from .influence import DataValueEmbeddings
+from .optim import layer_learning_rates, sgd_proxy_reason
+from .dynamics import plan_boundaries
+from .recursion import bounds_after, layer_groups, segment_bounds
+from .store import SHARDS, STEPS, TrajectoryStore
 
 _SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64")
 
@@ -107,6 +108,7 @@ class DataValueEmbedding(pl.Callback):
         self._step = -1
         self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
+        self._boundaries: list[int] = []
 
     @property
     def state_key(self) -> str:
@@ -161,6 +163,8 @@ class DataValueEmbedding(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _warn_sampler_padding(trainer)
+        # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
+        self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         capture.check_no_batchnorm_training(pl_module)
@@ -192,6 +196,8 @@ class DataValueEmbedding(pl.Callback):
             assert self._store is not None
             self._store.append(record)
             self._last_step = record.step
+            if record.step in self._boundaries:
+                reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config, self.reference)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
@@ -203,8 +209,9 @@ class DataValueEmbedding(pl.Callback):
         rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
                        f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
         dtype = getattr(torch, store.manifest["dtype"])
-        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
-                              self.config.segments)
+        bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
+                  else segment_bounds(len(store.steps), self.config.segments))
+        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
         reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,

@@ -21,10 +21,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from lightning_dve import layers as layer_specs
-from lightning_dve.config import DVEConfig, LossReduction
-from lightning_dve.errors import ConfigError, GradientError, SampleIdError, UnsupportedError
-from lightning_dve.projection import LayerProjection
+from . import layers as layer_specs
+from .config import DVEConfig, LossReduction
+from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
+from .projection import LayerProjection
 
 IdFn = Callable[[Any], Any]
 WeightFn = Callable[[Any], Any]

@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from lightning_dve.errors import ConfigError
+from .errors import ConfigError
 
 #: Default Kronecker-projected dimension, counted **per tracked layer** (k_out * k_in <= this).
 #: 1024 is the paper's choice for Pythia-410M; for small layers the exact size is used when it is smaller.

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_dve.config import CurveScale, ReportConfig
-from lightning_dve.errors import ConfigError
-from lightning_dve.influence import InfluenceResult
+from .config import CurveScale, ReportConfig
+from .errors import ConfigError
+from .influence import InfluenceResult
 
 
 class Stage(str, enum.Enum):

@@ -15,12 +15,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_dve.curves import CurveReport, RankedSample, Stage, stage_bounds
+from .curves import CurveReport, RankedSample, Stage, stage_bounds
 
 _STAGE_COLOURS = {Stage.EARLY: "tab:orange", Stage.MIDDLE: "tab:gray", Stage.LATE: "tab:green"}
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    """A figure (inches) with its own Agg canvas, unknown to pyplot."""
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     return figure

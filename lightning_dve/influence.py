@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dve import layers as layer_specs
-from lightning_dve.capture import GradientCapture, TrackedLayer, WeightFn, muted_logging, reduction_weights
-from lightning_dve.config import DVEConfig
-from lightning_dve.errors import ConfigError, LayerMismatchError, StoreError
-from lightning_dve.projection import LayerProjection
-from lightning_dve.recursion import layer_groups
-from lightning_dve.store import EMBEDDINGS, STEPS, TrajectoryStore
+from . import layers as layer_specs
+from .capture import GradientCapture, TrackedLayer, WeightFn, muted_logging, reduction_weights
+from .config import DVEConfig
+from .errors import ConfigError, LayerMismatchError, StoreError
+from .projection import LayerProjection
+from .recursion import layer_groups
+from .store import EMBEDDINGS, STEPS, TrajectoryStore
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

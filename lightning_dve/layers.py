@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dve.errors import UnsupportedError
+from .errors import UnsupportedError
 
 InputFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "torch.Tensor | None"], torch.Tensor]
 OutputFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightning_dve.errors import StoreError
+from .errors import StoreError
 
 
 def derive_seed(base_seed: int, layer: str, side: str) -> int:

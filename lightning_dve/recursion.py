@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_dve.config import AccumulatorLayout
-from lightning_dve.store import StepRecord
+from .config import AccumulatorLayout
+from .store import StepRecord
 
 
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
@@ -78,6 +78,13 @@ class BackwardRecursion:
             if accumulator is not None:
                 out[group[0]] = torch.eye(accumulator.shape[0], dtype=accumulator.dtype) - accumulator
         return out
+
+
+def bounds_after(steps: list[int], boundary_steps: list[int]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` index ranges of ``steps`` cut right after each of ``boundary_steps`` that was recorded."""
+    cuts = [i + 1 for i, step in enumerate(steps) if step in set(boundary_steps) and i + 1 < len(steps)]
+    edges = [0, *cuts, len(steps)]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:])]
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[tuple[int, int]]:

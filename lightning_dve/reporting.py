@@ -6,7 +6,7 @@ recorded occurrence against it (one dot product each) gives the per-step influen
 safe under DDP; the embeddings it reads already cover every rank's samples.
 
 Whatever the loggers, the same content is written as CSV, JSON and PNG files under ``<save_dir>/report/``;
-:mod:`lightning_dve.dashboards` then logs it to ``trainer.loggers`` under ``dve/...`` keys.
+:mod:`lightning_dve.reporting_loggers` then logs it to ``trainer.loggers`` under ``dve/...`` keys.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lightning_dve import curves, dashboards, figures
-from lightning_dve.config import ReportConfig
-from lightning_dve.curves import CurveReport
-from lightning_dve.dashboards import (
+from . import curves, figures, reporting_loggers
+from .config import ReportConfig
+from .curves import CurveReport
+from .reporting_loggers import (
     CURVE_COLUMNS,
     EPOCH_COLUMNS,
     STAGE_COLUMNS,
@@ -42,9 +42,11 @@ from lightning_dve.dashboards import (
     stage_rows,
     top_k_rows,
 )
-from lightning_dve.errors import ConfigError, DVEError
-from lightning_dve.influence import DataValueEmbeddings
-from lightning_dve.samples import SampleView, find_samples, unsharded
+from .dynamics import DYNAMICS_COLUMNS, dynamics_rows
+from .errors import ConfigError, DVEError
+from .influence import DataValueEmbeddings
+from .store import TrajectoryStore
+from .samples import SampleView, find_samples, unsharded
 
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
@@ -84,6 +86,7 @@ class TrainEndReport:
     curves: CurveReport
     samples: dict[int, SampleView]
     files: dict[str, Path]
+    dynamics: list[list[Any]] = dataclasses.field(default_factory=list)
 
 
 def report_train_end(
@@ -122,13 +125,41 @@ def report_train_end(
     samples = {}
     if config.render_samples and wanted:
         samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, len(embeddings.steps), show)
-    report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {})
+    report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
+                            _dynamics(embeddings, query))
     plots = _figures(report) if config.figures else {}
     report.files.update(write_files(report, plots))
     if config.log_to_loggers:
-        dashboards.log_to_loggers(trainer, report, plots)
+        reporting_loggers.log_to_loggers(trainer, report, plots)
     rank_zero_info(f"DataValueEmbedding: influence report in {report.directory} ({_stage_line(summary)}).")
     return report
+
+
+def save_boundary_reference(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, store: TrajectoryStore, config: ReportConfig | None,
+    reference: Any,
+) -> None:
+    """At a segment boundary during training, keep the reference gradient for the dynamics report (rank 0).
+
+    The training RNG state is preserved (iterating a loader draws a seed from the global generator).
+    """
+    if config is None or not trainer.is_global_zero:
+        return
+    with torch.random.fork_rng(devices=[]):
+        query = _reference_query(trainer, pl_module, DataValueEmbeddings(store), config, reference, False)
+    if query is not None:
+        store.write_reference(store.steps[-1], query.gradients)
+
+
+def _dynamics(embeddings: DataValueEmbeddings, query: Reference) -> list[list[Any]]:
+    """Dynamics rows for every boundary that has a reference gradient (the last one is the final model)."""
+    boundaries = embeddings.segment_boundaries
+    if len(boundaries) < 2:
+        return []
+    saved = embeddings.store.read_references()
+    references = {b: saved[step] for b, step in enumerate(boundaries[:-1]) if step in saved}
+    references[len(boundaries) - 1] = query.gradients
+    return dynamics_rows(embeddings, references)
 
 
 def _reference_query(
@@ -270,6 +301,7 @@ def summary_dict(report: TrainEndReport) -> dict[str, Any]:
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> Path:
+    """Write a header and rows to ``path``; return ``path``."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -291,6 +323,7 @@ def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, P
         "histogram_csv": _write_csv(directory / "histogram.csv", ["bin_low", "bin_high", "count"],
                                     [[lo, hi, n] for lo, hi, n in zip(edges[:-1].tolist(), edges[1:].tolist(),
                                                                       counts.tolist())]),
+        "dynamics_csv": _write_csv(directory / "dynamics.csv", DYNAMICS_COLUMNS, report.dynamics),
         "top_k_csv": _write_csv(directory / "top_k.csv", ["kind", *TOP_K_COLUMNS],
                                 [[kind, *row] for kind, ranked in (("helpful", c.helpful), ("harmful", c.harmful))
                                  for row in top_k_rows(ranked, report.samples)]),
@@ -329,8 +362,10 @@ def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
 
 
 def _percent(value: float | None, signed: bool = True) -> str:
+    """A share as a percentage (``n/a`` for ``None``)."""
     return "   n/a" if value is None else f"{100 * value:{'+' if signed else ''}6.1f}%"
 
 
 def _number(value: float | None) -> str:
+    """A number in scientific notation (``n/a`` for ``None``)."""
     return "n/a" if value is None else f"{value:+.3e}"

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lightning_dve.figures import image_array
+from .figures import image_array
 
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "text")
@@ -112,6 +112,7 @@ def unsharded(loader: Iterable[Any]) -> Iterable[Any]:
 
 
 def _pick(sample: Any, keys: tuple[str, ...], position: int) -> Any:
+    """The first of ``keys`` in a dict sample, else element ``position`` of a tuple sample."""
     if isinstance(sample, Mapping):
         return next((sample[key] for key in keys if key in sample), None)
     if isinstance(sample, (list, tuple)) and len(sample) > position:
@@ -120,6 +121,7 @@ def _pick(sample: Any, keys: tuple[str, ...], position: int) -> Any:
 
 
 def _label_text(value: Any) -> str | None:
+    """A scalar label as text; ``None`` if absent or not a scalar."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, (np.generic, np.ndarray)) and np.size(value) == 1:

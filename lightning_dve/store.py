@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_dve.errors import StoreError
+from .errors import StoreError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,6 +33,7 @@ STEPS = "steps"
 EMBEDDINGS = "embeddings"
 SHARDS = "shards"
 SEGMENTS = "segments.safetensors"
+REFERENCES = "references"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ class TrajectoryStore:
             if not overwrite:
                 raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
                                  "overwrite=True to replace it, or choose another save_dir.")
-            for sub in (STEPS, EMBEDDINGS):
+            for sub in (STEPS, EMBEDDINGS, REFERENCES):
                 for file in (root / sub).glob("*.safetensors"):
                     file.unlink()
             shutil.rmtree(root / SHARDS, ignore_errors=True)
@@ -241,6 +242,9 @@ class TrajectoryStore:
         store._scan_steps(after=last_step)
         for file in (store.root / EMBEDDINGS).glob("*.safetensors"):
             file.unlink()
+        for file in (store.root / REFERENCES).glob("*.safetensors"):
+            if int(file.stem.split("_")[1]) > last_step:
+                file.unlink()
         store.manifest.update(status="recording", embeddings=None)
         store.write_manifest()
         return store
@@ -318,6 +322,16 @@ class TrajectoryStore:
                 _, seg, group = key.split("/", 2)
                 factors[int(seg)][group] = tensor
         return factors
+
+    def write_reference(self, step: int, gradients: dict[str, torch.Tensor]) -> None:
+        """Persist the report's reference gradient ``{layer: [1, k_l]}`` at the weights after ``step``."""
+        (self.root / REFERENCES).mkdir(exist_ok=True)
+        write_atomic(self.root / REFERENCES / _step_name(step), gradients, self._metadata(step))
+
+    def read_references(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Reference gradients saved during training, by the step after which they were taken."""
+        paths = sorted((self.root / REFERENCES).glob("step_*.safetensors"))
+        return {int(p.stem.split("_")[1]): read_checked(p, self.settings_hash) for p in paths}
 
     def require(self, status_key: str, value: str, fix: str) -> None:
         """Raise unless ``manifest[status_key] == value``.

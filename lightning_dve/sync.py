@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lightning_dve.config import AccumulatorLayout
-from lightning_dve.distributed import Communicator
-from lightning_dve.errors import DVEError, SampleIdError
-from lightning_dve.recursion import BackwardRecursion, layer_groups, segment_bounds
-from lightning_dve.store import StepRecord, TrajectoryStore
+from .config import AccumulatorLayout
+from .distributed import Communicator
+from .errors import DVEError, SampleIdError
+from .recursion import BackwardRecursion, layer_groups
+from .store import StepRecord, TrajectoryStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +192,11 @@ def embed_trajectory(
     owned: list[list[str]],
     dims: dict[str, int],
     dtype: torch.dtype,
-    segments: int = 1,
+    bounds: list[tuple[int, int]] | None = None,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
-    With ``segments > 1`` the trajectory is split into contiguous segments whose recursions run in parallel
+    With several ``bounds`` the trajectory is split into contiguous segments whose recursions run in parallel
     threads, each from ``M = 0`` (influence checkpointing, method.md §3). The stored embeddings are then
     segment-local, and the segments' factors ``I - M_seg`` are stored for queries to chain.
 
@@ -207,9 +207,10 @@ def embed_trajectory(
         owned: layer names owned by each rank.
         dims: projected size of every layer.
         dtype: accumulation dtype, float32 or wider (identical on every rank).
-        segments: number of segments.
+        bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
+            ``None`` is one segment.
     """
-    bounds = segment_bounds(len(store.steps), segments)
+    bounds = bounds or [(0, len(store.steps))]
 
     def run(bound: tuple[int, int]) -> dict[str, torch.Tensor]:
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])

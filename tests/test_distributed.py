@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,9 +21,17 @@ from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``ddp_run.py`` on its own free port (so parallel runs on one machine cannot collide)."""
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_dve import DataValueEmbedding
 from lightning_dve.config import ReportConfig
-from lightning_dve.dashboards import CURVE_COLUMNS
+from lightning_dve.reporting_loggers import CURVE_COLUMNS
 from tests.conftest import DigitsDict, TinyMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,11 +323,21 @@ def test_digits_example_smoke(logger, wandb_env, capsys):
 # --- DDP ----------------------------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A free local port, so parallel DDP runs on one machine cannot collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(tmp_path):
     script = ROOT / "tests" / "scripts" / "ddp_report.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=240, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "reports.txt").read_text() == "0\n"  # rank 0 only
     summary = json.loads((tmp_path / "dve" / "report" / "summary.json").read_text())

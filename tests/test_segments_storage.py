@@ -183,7 +183,7 @@ def test_recursion_peak_memory_does_not_grow_with_the_trajectory(tmp_path: Path)
 def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path: Path, segments: int) -> None:
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.distributed import SingleProcess
-    from lightning_dve.recursion import BackwardRecursion
+    from lightning_dve.recursion import BackwardRecursion, segment_bounds
     from lightning_dve.sync import embed_trajectory
 
     g = torch.Generator().manual_seed(0)
@@ -201,9 +201,53 @@ def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path
         store.append(record)
     store.finish_recording({})
     embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [list(dims)], dims, torch.float64,
-                     segments)
+                     segment_bounds(7, segments))
     last_segment_first_step = {1: 0, 3: 5}[segments]
     for step in range(last_segment_first_step, 7):  # the last segment's embeddings are final
         _, streamed = store.read_embeddings(step)
         for name in dims:
             torch.testing.assert_close(streamed[name], expected[step][name], rtol=1e-12, atol=1e-14)
+
+
+class WithValidation:
+    """Mixin: a validation step, so the report's reference set is the validation loader."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
+
+
+def test_report_dynamics_use_reference_gradients_taken_at_each_boundary(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path
+) -> None:
+    """The reference gradient saved after step 3 equals the one a run stopped there takes at its end, taking it
+    does not disturb training, and the dynamics rows are the boundary scores summed per segment."""
+    model_cls = type("MLPWithValidation", (WithValidation, mlp_cls), {})
+    val = make_loader(n=40, batch_size=20, offset=100)
+
+    def train(root: Path, **kwargs) -> tuple:
+        model = model_cls().double()
+        dve = DataValueEmbedding(root, projection_dim=32, storage_dtype="float64", **kwargs)
+        fit(model, dve, make_loader(), val, precision="64-true", max_epochs=3)
+        return model, dve
+
+    model, dve = train(tmp_path / "long", segments=3)
+    emb = dve.embeddings
+    assert emb.segment_boundaries == [3, 7, 11]
+    saved = emb.store.read_references()
+    assert sorted(saved) == [3, 7]
+    short_model = model_cls().double()
+    short = DataValueEmbedding(tmp_path / "short", projection_dim=32, storage_dtype="float64")
+    fit(short_model, short, make_loader(), val, precision="64-true", max_steps=4)
+    from lightning_dve.reporting import reference_gradient
+
+    expected = reference_gradient(short.embeddings, short_model, list(val), lambda b: float64_batch(b), 256, "val",
+                                  False)
+    for name, grad in saved[3].items():
+        torch.testing.assert_close(grad, expected.gradients[name], rtol=1e-10, atol=1e-14)
+    quiet_model, _ = train(tmp_path / "quiet", segments=3, report=None)
+    for p, q in zip(model.parameters(), quiet_model.parameters()):
+        assert torch.equal(p, q)  # the mid-training reference query left the trajectory untouched
+    rows = [line.split(",") for line in (tmp_path / "long" / "report" / "dynamics.csv").read_text().splitlines()[1:]]
+    assert [(int(r[0]), int(r[2])) for r in rows] == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    at_first = emb.score(saved[3], per_step=True, boundary=0)
+    assert float(rows[0][5]) == pytest.approx(float(at_first.scores.sum()), rel=1e-12)

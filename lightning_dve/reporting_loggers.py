@@ -22,12 +22,13 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
-from lightning_dve import figures
-from lightning_dve.curves import CurveReport, RankedSample
-from lightning_dve.samples import SampleView
+from . import figures
+from .curves import CurveReport, RankedSample
+from .dynamics import DYNAMICS_COLUMNS
+from .samples import SampleView
 
 if TYPE_CHECKING:
-    from lightning_dve.reporting import TrainEndReport
+    from .reporting import TrainEndReport
 
 CURVE_COLUMNS = ["step", "epoch", "lr", "n_samples", "influence", "influence_per_lr", "influence_smoothed",
                  "influence_per_lr_smoothed"]
@@ -142,6 +143,8 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport) -> None:
     }
     for name, ranked in (("helpful", c.helpful), ("harmful", c.harmful)):
         metrics[f"dve/top_k/{name}"] = _wandb_top_k(ranked, report.samples)
+    if report.dynamics:
+        metrics["dve/dynamics/table"] = wandb.Table(columns=DYNAMICS_COLUMNS, data=report.dynamics)
     for name in ("curve", "epochs", "histogram", "top_k"):
         if f"{name}_png" in report.files:
             metrics[f"dve/figures/{name}"] = wandb.Image(str(report.files[f"{name}_png"]))
@@ -172,6 +175,8 @@ def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: di
     writer.add_text("dve/stages", _markdown(STAGE_COLUMNS, stage_rows(report.curves)), step)
     for name, ranked in (("helpful", report.curves.helpful), ("harmful", report.curves.harmful)):
         writer.add_text(f"dve/top_k/{name}", _markdown(TOP_K_COLUMNS, top_k_rows(ranked, report.samples)), step)
+    if report.dynamics:
+        writer.add_text("dve/dynamics", _markdown(DYNAMICS_COLUMNS, report.dynamics), step)
     writer.flush()
 
 

@@ -1,0 +1,49 @@
+"""Data value dynamics (paper §4.4): influence of each segment's occurrences on the model at each boundary.
+
+With influence checkpointing the trajectory is cut into segments; the factors ``I - M_seg`` give the influence
+of any occurrence on the model at any later segment boundary (:meth:`DataValueEmbeddings.score` with
+``boundary=``). Given the reference gradient at each boundary's weights, this module tabulates, for every
+boundary ``b`` and every segment ``s <= b``, the summed influence of segment ``s``'s occurrences on the
+reference loss at ``b``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .influence import DataValueEmbeddings
+
+DYNAMICS_COLUMNS = ["boundary", "boundary_step", "segment", "first_step", "last_step", "influence"]
+
+
+def plan_boundaries(total_steps: float, segments: int) -> list[int]:
+    """Steps after which the intermediate boundaries fall, for a run of ``total_steps`` optimizer steps.
+
+    They match :func:`lightning_dve.recursion.segment_bounds` when every planned step is recorded; an
+    unknown length (``inf``) plans none.
+    """
+    from .recursion import segment_bounds
+
+    if segments < 2 or not 0 < total_steps < float("inf"):
+        return []
+    return [hi - 1 for _, hi in segment_bounds(int(total_steps), segments)[:-1]]
+
+
+def dynamics_rows(
+    embeddings: DataValueEmbeddings, references: dict[int, dict[str, torch.Tensor]]
+) -> list[list[float | int]]:
+    """Rows of :data:`DYNAMICS_COLUMNS`: summed influence of each segment on the reference loss at each boundary.
+
+    Args:
+        embeddings: finished embeddings recorded with ``segments > 1``.
+        references: ``{boundary index: {layer: [1, k_l]}}`` mean reference gradients at each boundary's weights.
+    """
+    segments = embeddings.store.manifest.get("segments", [])
+    rows: list[list[float | int]] = []
+    for boundary, gradients in sorted(references.items()):
+        result = embeddings.score(gradients, per_step=True, boundary=boundary)
+        for segment, (first, last) in enumerate(segments[: boundary + 1]):
+            inside = (result.steps >= first) & (result.steps <= last)
+            rows.append([boundary, segments[boundary][1], segment, first, last,
+                         float(result.scores[0, inside].sum())])
+    return rows
