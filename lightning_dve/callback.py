@@ -211,7 +211,8 @@ class DataValueEmbedding(pl.Callback):
         dtype = getattr(torch, store.manifest["dtype"])
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
-        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds)
+        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
+                              progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
         reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,

@@ -13,6 +13,7 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import AccumulatorLayout
 from .distributed import Communicator
@@ -193,6 +194,7 @@ def embed_trajectory(
     dims: dict[str, int],
     dtype: torch.dtype,
     bounds: list[tuple[int, int]] | None = None,
+    progress: bool = False,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
@@ -209,16 +211,19 @@ def embed_trajectory(
         dtype: accumulation dtype, float32 or wider (identical on every rank).
         bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
             ``None`` is one segment.
+        progress: show a progress bar (rank 0).
     """
     bounds = bounds or [(0, len(store.steps))]
+    bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
     def run(bound: tuple[int, int]) -> dict[str, torch.Tensor]:
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
         for record in store.iter_backward(*bound):
             store.write_embeddings(record.step, recursion.step(record), record.sample_ids)
+            bar.update(1)
         return recursion.factors()
 
-    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+    with bar, ThreadPoolExecutor(max_workers=len(bounds)) as pool:
         factors = list(pool.map(run, bounds))
     if comm.world_size > 1:
         _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
