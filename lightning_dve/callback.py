@@ -24,7 +24,7 @@ from .config import (
 )
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .optim import layer_learning_rates, sgd_proxy_reason
+from .optim import clip_factor, layer_learning_rates, sgd_proxy_reason
 from .dynamics import plan_boundaries
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .store import SHARDS, STEPS, TrajectoryStore
@@ -157,6 +157,9 @@ class DataValueEmbedding(pl.Callback):
         self._capture.attach()
         self._embeddings = None
         reason = sgd_proxy_reason(trainer.optimizers[0])
+        if trainer.gradient_clip_val and _clip_algorithm(trainer) == "value":
+            rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
+                           "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
         if reason is not None:
             rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
                            "(method.md §2 is exact for plain SGD only).")
@@ -173,7 +176,8 @@ class DataValueEmbedding(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
         hooks.check_all_reached()
-        self._step_lrs = layer_learning_rates(optimizer, hooks.weights())
+        clip = clip_factor(optimizer, trainer.gradient_clip_val, _clip_algorithm(trainer))
+        self._step_lrs = layer_learning_rates(optimizer, hooks.weights()) * clip
         self._step = trainer.global_step
 
     def on_train_batch_end(
@@ -279,6 +283,12 @@ class DataValueEmbedding(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
+
+
+def _clip_algorithm(trainer: pl.Trainer) -> str | None:
+    """The trainer's clipping algorithm as a plain string (``"norm"``, ``"value"`` or ``None``)."""
+    algorithm = trainer.gradient_clip_algorithm
+    return None if algorithm is None else str(getattr(algorithm, "value", algorithm))
 
 
 def _warn_sampler_padding(trainer: pl.Trainer) -> None:

@@ -1,0 +1,66 @@
+"""What the optimizer applied: learning rates per layer and norm-clipping factors, against the real update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding
+from lightning_dve.store import TrajectoryStore
+from tests.conftest import DigitsDict
+
+
+class UpdateProbe(L.Callback):
+    """Records, per step, the raw (unclipped) gradient and the update the optimizer applied to ``net.0``."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor] = []
+        self.updates: list[torch.Tensor] = []
+        self._before: torch.Tensor | None = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        weight = pl_module.net[0].weight
+        self.grads.append(weight.grad.detach().clone())
+        self._before = weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert self._before is not None
+        self.updates.append(pl_module.net[0].weight.detach() - self._before)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_recorded_learning_rate_times_gradient_is_the_applied_update(
+    mlp_cls: type, tmp_path: Path, clip: float | None
+) -> None:
+    """With a step schedule and (optionally) norm clipping that binds, ``-lr_recorded * grad == update``."""
+
+    class Scheduled(mlp_cls):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.5)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)]
+
+    probe, dve = UpdateProbe(), DataValueEmbedding(tmp_path / "dve", projection_dim=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="64-true", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        gradient_clip_val=clip, callbacks=[dve, probe])
+    trainer.fit(Scheduled().double(), DataLoader(DigitsDict(range(64)), batch_size=16))
+    store = TrajectoryStore.open(tmp_path / "dve")
+    lrs = store.learning_rates[:, store.layer_names.index("net.0")]
+    clipped = 0
+    for step, (grad, update) in enumerate(zip(probe.grads, probe.updates)):
+        torch.testing.assert_close(update, -lrs[step] * grad, rtol=1e-10, atol=1e-15)
+        scheduled = 0.5 * 0.7**step
+        clipped += bool(lrs[step] < scheduled * (1 - 1e-9))
+    assert clipped == (4 if clip else 0)  # the clip binds on every step at 0.05
+
+
+def test_value_clipping_warns_that_it_is_ignored(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="gradient_clip_algorithm='value' clips each coordinate"):
+        fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), gradient_clip_val=0.1,
+            gradient_clip_algorithm="value")
