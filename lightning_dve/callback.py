@@ -156,13 +156,7 @@ class DataValueEmbedding(pl.Callback):
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._embeddings = None
-        reason = sgd_proxy_reason(trainer.optimizers[0])
-        if trainer.gradient_clip_val and _clip_algorithm(trainer) == "value":
-            rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
-                           "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
-        if reason is not None:
-            rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
-                           "(method.md §2 is exact for plain SGD only).")
+        _warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _warn_sampler_padding(trainer)
@@ -283,6 +277,17 @@ class DataValueEmbedding(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
+
+
+def _warn_approximations(trainer: pl.Trainer) -> None:
+    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping."""
+    reason = sgd_proxy_reason(trainer.optimizers[0])
+    if reason is not None:
+        rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
+                       "(method.md §2 is exact for plain SGD only).")
+    if trainer.gradient_clip_val and _clip_algorithm(trainer) == "value":
+        rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
+                       "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
 
 
 def _clip_algorithm(trainer: pl.Trainer) -> str | None:

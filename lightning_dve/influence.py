@@ -262,6 +262,9 @@ class DataValueEmbeddings:
             columns.append(_dot(carried[segment], embeddings))
             ids.append(step_ids)
             steps.append(torch.full_like(step_ids, step))
+        if not columns:  # nothing recorded (every step skipped)
+            empty = torch.zeros(0, dtype=torch.int64)
+            return InfluenceResult(empty, empty, torch.zeros(next(iter(carried[-1].values())).shape[0], 0))
         sample_ids, occurrence_steps, scores = torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1)
         if per_step:
             return InfluenceResult(sample_ids, occurrence_steps, scores)
