@@ -24,7 +24,7 @@ from .config import (
 )
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .optim import clip_factor, layer_learning_rates, sgd_proxy_reason
+from .optim import clip_factor, sgd_proxy_reason, step_terms, uses_momentum_or_decay
 from .dynamics import plan_boundaries
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .store import SHARDS, STEPS, TrajectoryStore
@@ -105,6 +105,7 @@ class DataValueEmbedding(pl.Callback):
         self._root: Path | None = None
         self._resume: dict[str, Any] | None = None
         self._step_lrs: torch.Tensor | None = None
+        self._step_optim: dict[str, torch.Tensor] = {}
         self._step = -1
         self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
@@ -142,7 +143,7 @@ class DataValueEmbedding(pl.Callback):
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_unsupported(trainer, pl_module)
+        _refuse_unsupported(trainer, pl_module, self.config.segments)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
@@ -171,7 +172,7 @@ class DataValueEmbedding(pl.Callback):
         hooks = self._active_capture()
         hooks.check_all_reached()
         clip = clip_factor(optimizer, trainer.gradient_clip_val, _clip_algorithm(trainer))
-        self._step_lrs = layer_learning_rates(optimizer, hooks.weights()) * clip
+        self._step_lrs, self._step_optim = step_terms(optimizer, hooks.weights(), clip)
         self._step = trainer.global_step
 
     def on_train_batch_end(
@@ -188,7 +189,8 @@ class DataValueEmbedding(pl.Callback):
         sync.agree_on_errors(self._comm, error)
         if self._step_lrs is None:  # accumulating, or no optimizer step happened
             return
-        record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch)
+        record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch,
+                                       self._step_optim)
         self._step_lrs = None
         if record is not None:
             assert self._store is not None
@@ -321,13 +323,15 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
     return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
 
 
-def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, segments: int) -> None:
     """Refuse training setups the recursion would get wrong (each one lands with a later release).
 
     Raises:
         UnsupportedError: naming the setting and what to change.
     """
     problems = []
+    if segments > 1 and trainer.optimizers and uses_momentum_or_decay(trainer.optimizers[0]):
+        problems.append(f"segments={segments} with SGD momentum or weight decay (use segments=1)")
     if not pl_module.automatic_optimization:
         problems.append("manual optimization (use automatic optimization)")
     if len(trainer.optimizers) != 1:

@@ -27,21 +27,47 @@ def layer_learning_rates(optimizer: torch.optim.Optimizer, weights: dict[str, nn
 
 
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
-    """Why ``optimizer`` is not plain SGD (no momentum, no weight decay), or ``None`` if it is.
+    """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
-    The recursion of method.md §2 is exact for plain SGD; anything else is treated as SGD with its current
-    learning rate.
+    ``torch.optim.SGD`` with momentum, dampening and weight decay is modelled (:mod:`lightning_dve.recursion`);
+    Nesterov momentum and other optimizers are treated as SGD with their current learning rate.
     """
-    name = type(optimizer).__name__
     if not isinstance(optimizer, torch.optim.SGD):
-        return f"{name} is not SGD"
-    for group in optimizer.param_groups:
-        extras = {k: group.get(k) for k in ("momentum", "weight_decay", "dampening") if group.get(k)}
-        if group.get("nesterov"):
-            extras["nesterov"] = True
-        if extras:
-            return f"SGD with {extras}"
+        return f"{type(optimizer).__name__} is not SGD"
+    if any(group.get("nesterov") for group in optimizer.param_groups):
+        return "SGD with Nesterov momentum (its momentum is not modelled)"
     return None
+
+
+def uses_momentum_or_decay(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a modelled SGD optimizer has momentum or weight decay (the two-state recursion)."""
+    return sgd_proxy_reason(optimizer) is None and any(
+        group.get("momentum") or group.get("weight_decay") for group in optimizer.param_groups
+    )
+
+
+def step_terms(
+    optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter], clip: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Learning rates ``[L]`` and optimizer terms ``{name: [L]}`` of this step, with norm clipping folded in.
+
+    Plain SGD: the clip factor scales the learning rate (the whole update). With momentum or weight decay it
+    scales only the gradient entering the velocity (``gain = clip * (1 - dampening)``); the weight decay, which
+    torch dampens but does not clip, is divided by the clip factor so that ``gain * weight_decay`` is applied.
+    """
+    lrs = layer_learning_rates(optimizer, weights)
+    if not uses_momentum_or_decay(optimizer):
+        return lrs * clip, {}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    momentum, gain, decay = [], [], []
+    for weight in weights.values():
+        group = group_of[id(weight)]
+        first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then
+        momentum.append(float(group["momentum"]))
+        gain.append(clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"])))
+        decay.append(float(group["weight_decay"]) / clip)  # torch dampens the decay with the gradient
+    terms = {"momentum": momentum, "gain": gain, "weight_decay": decay}
+    return lrs, {name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}
 
 
 def clip_factor(optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None) -> float:

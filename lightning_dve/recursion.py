@@ -31,6 +31,17 @@ def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list
 class BackwardRecursion:
     """State of the recursion (the accumulation matrices ``M``), advanced one step at a time backwards.
 
+    Plain SGD is the loop above. SGD with momentum ``mu``, dampening ``tau`` and weight decay ``lambda``
+    (``torch.optim.SGD``, not Nesterov) carries the velocity as state: with ``A_t = I - M_t`` the map of a
+    parameter change after step ``t`` to the final parameters and ``S_t`` the map of a velocity change at step
+    ``t``, going backwards from ``A = I``, ``S = 0``::
+
+        S_t     = A_t Lambda_t + S_{t+1} diag(mu_{t+1})          # a velocity change is applied at later rates
+        e_{t,z} = S_t (c_t w_{t,z} g_{t,z})                        # c_t = 1 - tau (1 on the buffer's first step)
+        M_{t-1} = M_t + S_t diag(c_t lambda) + sum_z e_{t,z} g_{t,z}^T
+
+    which reduces to the SGD loop when ``mu = lambda = 0``. Terms come from ``record.optim`` (per layer).
+
     Args:
         layer_order: every tracked layer in manifest order (the order of ``StepRecord.lrs``).
         layout: accumulation-matrix layout, which groups the layers.
@@ -41,32 +52,62 @@ class BackwardRecursion:
         self.layer_order = list(layer_order)
         self.groups = [g for g in layer_groups(self.layer_order, layout) if owned is None or g[0] in owned]
         self.accumulators: list[torch.Tensor | None] = [None] * len(self.groups)  # M per group
+        self.velocity_maps: list[torch.Tensor | None] = [None] * len(self.groups)  # S_{t+1} per group
+        self.next_momentum: list[torch.Tensor | None] = [None] * len(self.groups)  # mu_{t+1} per column
+
+    def _columns(self, record: StepRecord, group: list[str], values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-layer values ``[L]`` spread over the group's columns ``[K]``."""
+        of = dict(zip(self.layer_order, values.tolist()))
+        return torch.cat([torch.full((record.grads[n].shape[1],), of[n], dtype=dtype) for n in group])
 
     def step(self, record: StepRecord) -> dict[str, torch.Tensor]:
-        """Embed one step's occurrences and fold the step into ``M`` (the loop body above).
+        """Embed one step's occurrences and fold the step into the state (the loops above).
 
         Args:
             record: the step; ``record.lrs[l]`` is the learning rate of layer ``l`` (per-group rates give a
-                diagonal ``lr``: ``s = Lambda w g``).
+                diagonal ``Lambda``), ``record.optim`` the optimizer terms.
 
         Returns:
             ``{layer: e [B, k_l]}`` for the layers of :attr:`groups`, in the accumulation dtype.
         """
-        lr_of = dict(zip(self.layer_order, record.lrs.tolist()))
         out: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(record.grads[group[0]].dtype, torch.float32)
             grads = torch.cat([record.grads[name].to(dtype) for name in group], dim=1)  # g: [B, K]
-            scaled = torch.cat(
-                [record.grads[name].to(dtype) * lr_of[name] for name in group], dim=1
-            ) * record.weights.to(dtype).unsqueeze(1)  # s = lr w g: [B, K]
-            accumulator = self.accumulators[index]
-            if accumulator is None:
-                accumulator = self.accumulators[index] = grads.new_zeros(grads.shape[1], grads.shape[1])
-            embedding = torch.addmm(scaled, scaled, accumulator.T, alpha=-1)  # e = s - M s
-            accumulator.addmm_(embedding.T, grads)  # M += sum_z e g^T (in place)
+            lr = self._columns(record, group, record.lrs, dtype)
+            if self.accumulators[index] is None:
+                self.accumulators[index] = grads.new_zeros(grads.shape[1], grads.shape[1])
+            if record.optim:
+                embedding = self._momentum_step(index, record, group, grads, lr)
+            else:
+                embedding = self._sgd_step(index, grads * lr * record.weights.to(dtype).unsqueeze(1), grads)
             out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
+
+    def _sgd_step(self, index: int, scaled: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """``e = s - M s`` with ``s = lr w g``, then ``M += sum_z e g^T`` (in place)."""
+        accumulator = self.accumulators[index]
+        assert accumulator is not None
+        embedding = torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
+        accumulator.addmm_(embedding.T, grads)
+        return embedding
+
+    def _momentum_step(
+        self, index: int, record: StepRecord, group: list[str], grads: torch.Tensor, lr: torch.Tensor
+    ) -> torch.Tensor:
+        """One step of the momentum form (class docstring)."""
+        accumulator = self.accumulators[index]
+        assert accumulator is not None
+        columns = {k: self._columns(record, group, v, grads.dtype) for k, v in record.optim.items()}
+        velocity = (torch.eye(len(lr), dtype=grads.dtype) - accumulator) * lr  # A_t Lambda_t
+        if self.velocity_maps[index] is not None:
+            velocity += self.velocity_maps[index] * self.next_momentum[index]  # + S_{t+1} diag(mu_{t+1})
+        gain = columns["gain"]  # c_t
+        embedding = (grads * gain * record.weights.to(grads.dtype).unsqueeze(1)) @ velocity.T  # e = S (c w g)
+        accumulator += velocity * (gain * columns["weight_decay"])
+        accumulator.addmm_(embedding.T, grads)
+        self.velocity_maps[index], self.next_momentum[index] = velocity, columns["momentum"]
+        return embedding
 
     def factors(self) -> dict[str, torch.Tensor]:
         """``I - M`` of every group run so far, keyed by the group's first layer (method.md §3, checkpointing).

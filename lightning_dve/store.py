@@ -47,6 +47,8 @@ class StepRecord:
         lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
         grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
         epoch: training epoch of the step.
+        optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain`` = 1 - dampening,
+            ``weight_decay``), empty for plain SGD.
     """
 
     step: int
@@ -55,10 +57,12 @@ class StepRecord:
     lrs: torch.Tensor
     grads: dict[str, torch.Tensor]
     epoch: int = 0
+    optim: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
         out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
+        out.update({f"optim/{name}": value for name, value in self.optim.items()})
         for name, grad in self.grads.items():
             out.update(encode(name, grad, storage))
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -67,7 +71,8 @@ class StepRecord:
     def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
         """Rebuild from what :meth:`to_tensors` wrote (gradients decoded to float32, or float64 if stored so)."""
         grads = {k[len("grad/"):]: decode(k[len("grad/"):], tensors) for k in tensors if k.startswith("grad/")}
-        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads, epoch)
+        optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
+        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads, epoch, optim)
 
 
 def encode(name: str, grad: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:

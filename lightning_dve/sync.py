@@ -106,7 +106,9 @@ class StepAssembler:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []
 
-    def close(self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool) -> StepRecord | None:
+    def close(
+        self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool, optim: dict[str, torch.Tensor] | None = None
+    ) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 
         Rows are ordered by rank, then micro-batch, then position. Only the layers this rank owns are kept.
@@ -116,6 +118,7 @@ class StepAssembler:
             lrs: learning rate of each tracked layer ``[L]`` (the same on every rank).
             epoch: training epoch.
             last_batch: whether this is the epoch's last step (where ``DistributedSampler`` pads).
+            optim: optimizer terms per layer (the same on every rank).
 
         Returns:
             The record, or ``None`` if no rank captured anything (every ``training_step`` returned ``None``).
@@ -133,7 +136,8 @@ class StepAssembler:
         sample_ids = meta[:, 0].to(torch.int64)
         self._check_duplicates(sample_ids, ranks, step, last_batch)
         split = dict(zip(self.layer_names, all_grads.split([self.dims[n] for n in self.layer_names], dim=1)))
-        return StepRecord(step, sample_ids, meta[:, 1], lrs, {n: split[n].contiguous() for n in self.owned}, epoch)
+        owned = {n: split[n].contiguous() for n in self.owned}
+        return StepRecord(step, sample_ids, meta[:, 1], lrs, owned, epoch, optim or {})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, sum k_l]`` gradients."""

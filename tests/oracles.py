@@ -18,6 +18,7 @@ with a dict of parameters; the loss is per-sample cross-entropy. Layer blocks ar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -465,3 +466,35 @@ def spread_occurrences(batch_sizes: Sequence[int], count: int, seed: int = 0) ->
                 chosen.add((step, position))
                 break
     return sorted(chosen)
+
+
+def optimizer_tsloo(
+    net: nn.Module,
+    batches: Sequence[Batch],
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    occurrences: Sequence[Occurrence],
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+) -> torch.Tensor:
+    """Exact TSLOO ``[n_test, m]`` for any ``torch.optim`` optimizer, by replaying it in float64.
+
+    Each run starts from a deep copy of ``net`` (and a fresh optimizer, so no state is shared between runs),
+    uses the identical batches, and drops occurrence ``(t, i)``'s term from step ``t``'s mean loss only (the
+    others keep their ``1/B`` weights).
+    """
+
+    def run(remove: Occurrence | None) -> torch.Tensor:
+        model = copy.deepcopy(net)
+        optimizer = make_optimizer(list(model.parameters()))
+        for t, batch in enumerate(batches):
+            losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none") / len(batch["y"])
+            if remove is not None and remove[0] == t:
+                losses = losses * (torch.arange(len(losses)) != remove[1])
+            optimizer.zero_grad()
+            losses.sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            return F.cross_entropy(model(x_test), y_test, reduction="none")
+
+    base = run(None)
+    return torch.stack([run(occurrence) - base for occurrence in occurrences], dim=1)

@@ -317,20 +317,25 @@ def test_adam_warns_once(fit, mlp_cls, save_dir):
     assert len(step_files(save_dir)) == 4
 
 
-def test_sgd_with_momentum_warns_once(fit, mlp_cls, save_dir):
-    class MomentumMLP(mlp_cls):
+def test_sgd_with_nesterov_momentum_warns_once(fit, mlp_cls, save_dir):
+    class NesterovMLP(mlp_cls):
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True)
 
-    with pytest.warns(UserWarning, match=r"SGD with \{'momentum': 0\.9\}") as record:
-        fit(MomentumMLP(), DataValueEmbedding(save_dir))
+    with pytest.warns(UserWarning, match=r"SGD with Nesterov momentum \(its momentum is not modelled\)") as record:
+        fit(NesterovMLP(), DataValueEmbedding(save_dir))
     assert len(_proxy_warnings(record)) == 1
 
 
-def test_plain_sgd_does_not_warn(fit, mlp_cls, save_dir):
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}])
+def test_modelled_sgd_does_not_warn(fit, mlp_cls, save_dir, options):
+    class Modelled(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, **options)
+
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fit(mlp_cls(), DataValueEmbedding(save_dir))
+        fit(Modelled(), DataValueEmbedding(save_dir))
     assert _proxy_warnings(record) == []
 
 
