@@ -171,6 +171,8 @@ class DataValueEmbedding(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
         hooks.check_all_reached()
+        if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1:
+            hooks.check_blocks_sum_to_grad()  # once: tied or functionally used weights
         clip = clip_factor(optimizer, trainer.gradient_clip_val, _clip_algorithm(trainer))
         self._step_lrs, self._step_optim = step_terms(optimizer, hooks.weights(), clip)
         self._step = trainer.global_step

@@ -234,6 +234,36 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
+    def check_blocks_sum_to_grad(self, tolerance: float = 1e-2) -> None:
+        """Refuse a layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
+
+        The hooks see only what flows through the module's own calls; a weight that is tied to another
+        module's or also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient
+        the hooks cannot attribute to samples. Valid right after one backward of the whole step (no
+        accumulation, one process), before clipping.
+
+        Raises:
+            UnsupportedError: naming the layer, with the relative mismatch.
+        """
+        for name, layer in self.layers.items():
+            block, full = self._blocks.get(name), layer_specs.gradient_block(layer.module)
+            if block is None or full is None:
+                continue
+            p_out = layer.projection.side_matrix("out", block.dtype, block.device)
+            p_in = layer.projection.side_matrix("in", block.dtype, block.device)
+            expected = full.to(block.dtype)
+            expected = expected if p_out is None else p_out @ expected
+            expected = expected if p_in is None else expected @ p_in.T
+            captured = block.sum(dim=0)
+            error = float((captured - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
+            if error > tolerance:
+                raise UnsupportedError(
+                    f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
+                    f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
+                    "(tied or shared with another module, or used functionally, e.g. a language-model head "
+                    f"tied to the embedding). Untie it, or pass exclude=({name!r},)."
+                )
+
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks)."""
         sizes = {name: block.shape[0] for name, block in self._blocks.items()}

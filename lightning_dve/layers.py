@@ -247,3 +247,20 @@ def split_block(module: nn.Module, block: torch.Tensor) -> dict[str, torch.Tenso
     if bias:
         out["bias"] = matrix[:, -1]
     return out
+
+
+def gradient_block(module: nn.Module) -> torch.Tensor | None:
+    """The module's accumulated ``.grad`` in the exact block layout ``[d_out, d_in]`` (inverse of
+    :func:`split_block`), or ``None`` if the weight has no gradient."""
+    weight_grad = module.weight.grad
+    if weight_grad is None:
+        return None
+    spec = spec_for(module)
+    assert spec is not None
+    if spec.kind == "embedding":
+        return weight_grad.T
+    matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+    if has_trainable_bias(module):
+        bias_grad = module.bias.grad if module.bias.grad is not None else torch.zeros_like(module.bias)
+        matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
+    return matrix
