@@ -357,7 +357,8 @@ def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
     for name, rows in summary["top_k"].items():
         lines.append(f"Top-{min(k, len(rows))} {name} training samples:")
         lines += [f"  #{r['rank']} id {r['sample_id']:>5}  score {r['score']:+.3e}  label {r['label']}  steps "
-                  f"[{r['steps']}]" for r in rows[:k]]
+                  f"[{r['steps']}]" + (f"  {r['description'][:60]!r}" if r.get("description") else "")
+                  for r in rows[:k]]
     return "\n".join(lines)
 
 
