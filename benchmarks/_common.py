@@ -512,14 +512,6 @@ def digits_dataset(kind: str, dtype: torch.dtype = torch.float32) -> DictDataset
     return DictDataset(x.unsqueeze(1) if kind == "cnn" else x.reshape(len(x), 64), y)
 
 
-def percent(x: float) -> float:
-    return round(100.0 * x, 2)
-
-
-def is_finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # synthetic trajectories (random projected gradients written through the package's own store)
 
@@ -592,12 +584,24 @@ def write_synthetic_store(root: Path, layers: dict[str, int], steps: int, batch:
     return store
 
 
-def embed_kwargs(segments: int) -> dict[str, Any]:
-    """``segments=`` for ``embed_trajectory`` if this version takes it."""
+def embed_kwargs(segments: int, num_steps: int) -> dict[str, Any]:
+    """Segment arguments for ``sync.embed_trajectory`` in whichever form this version takes.
+
+    ``bounds=`` (``recursion.segment_bounds``) in newer versions, ``segments=`` in older ones; nothing for one
+    segment.
+
+    Raises:
+        TypeError: if ``segments > 1`` and this version has no segment-parallel recursion.
+    """
     from lightning_dve import sync
 
-    if "segments" in inspect.signature(sync.embed_trajectory).parameters:
+    params = inspect.signature(sync.embed_trajectory).parameters
+    if segments == 1:
+        return {}
+    if "bounds" in params:
+        from lightning_dve.recursion import segment_bounds
+
+        return {"bounds": segment_bounds(num_steps, segments)}
+    if "segments" in params:
         return {"segments": segments}
-    if segments != 1:
-        raise TypeError("this lightning_dve has no segment-parallel recursion (embed_trajectory(segments=))")
-    return {}
+    raise TypeError("this lightning_dve has no segment-parallel recursion (embed_trajectory(bounds=/segments=))")

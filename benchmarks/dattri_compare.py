@@ -247,7 +247,6 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
     batches = p.batches()
     steps_per_epoch = len(batches) // cfg["epochs"]
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], cfg["occurrences"], seed=0)
-    init = p.lr_module().net
     truth, info = tsloo(p, batches, occurrences, p.lr_module().net)
 
     if name == "small":

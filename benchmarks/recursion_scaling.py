@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     before = C.proc_status()
     with C.MemorySampler() as mem, C.Stopwatch() as sw:
         sync.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned, dims,
-                              torch.float32, **C.embed_kwargs(args.segments))
+                              torch.float32, **C.embed_kwargs(args.segments, len(store.steps)))
     after = C.proc_status()
     out = {"wall_s": sw.seconds, "steps": len(store.steps), "vm_hwm": after["VmHWM"], "peak_rss": mem.peak_rss,
            "peak_anon": mem.peak_anon, "rss_before": before["VmRSS"], "anon_before": before["RssAnon"],
@@ -160,7 +160,7 @@ def scaling(args: argparse.Namespace, layers: dict[str, int], batch: int, t0: in
 
 def segment_runs(args: argparse.Namespace, store: Path, steps: int, repeats: int) -> None:
     try:
-        C.embed_kwargs(2)
+        C.embed_kwargs(2, steps)
     except TypeError as err:
         C.emit({"benchmark": "recursion_segments", "skipped": str(err)})
         return

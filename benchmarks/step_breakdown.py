@@ -18,7 +18,10 @@ from this script (never into the package files): ``no_grad`` (projections in the
 is folded into the product as ``x @ P[:, :-1].T + P[:, -1]`` instead of concatenating a column of ones).
 Their stored gradients are checked against the unpatched ones.
 
-    .venv/bin/python benchmarks/step_breakdown.py                 # LM at 1024 and 64, MLP at 1024 (~1.5 min)
+Finally (``step_breakdown_in_fit``) the callback's own hooks are timed inside real ``Trainer.fit`` runs of
+``capture_overhead.py``'s models, next to the extra training-loop time per step they cause.
+
+    .venv/bin/python benchmarks/step_breakdown.py                 # LM at 1024 and 64, MLP, CNN (~2-3 min)
     .venv/bin/python benchmarks/step_breakdown.py --quick
     .venv/bin/python benchmarks/step_breakdown.py --threads 1     # less sensitive to a busy machine
 """
@@ -128,7 +131,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
     from lightning_dve.store import TrajectoryStore
 
     net, loss_fn, batch, exclude = build(kind, quick)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)  # small: the weights barely move over many iterations
     b = batch["y"].shape[0]
     weights = torch.full((b,), 1.0 / b, dtype=torch.float64)
 
@@ -162,15 +165,20 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
         with patched(v if v != "capture" else "none"):
             caps[v] = new_capture()
     times: dict[str, list[float]] = {v: [] for v in variants}
-    hook_totals: dict[str, float] = defaultdict(float)
     reference_grads = None
+    plain_step()  # warm-up, then size the run: ~3 s of plain steps, 15..300 iterations
+    probe = statistics.median(plain_step() for _ in range(3))
+    iters = max(iters, min(300, int(3.0 / max(probe, 1e-4)))) if not quick else iters
+    variant_hooks: dict[str, dict[str, float]] = {v: defaultdict(float) for v in variants[1:]}
     clean, dropped, i = 0, 0, 0
     while clean < iters + 2 and i < 4 * (iters + 2):
-        if quiet > 0:
+        if quiet > 0 and (clean % 10 == 0 or dropped):
             C.wait_for_quiet(quiet, max_wait_s)
         row: dict[str, float] = {}
+        row_hooks: dict[str, dict[str, float]] = {}
+        shift = i % len(variants)
         with C.Contention() as c:
-            for v in variants:
+            for v in variants[shift:] + variants[:shift]:
                 if v == "plain":
                     row[v] = plain_step()
                 else:
@@ -180,21 +188,23 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
                     with patched(v if v != "capture" else "none"):
                         row[v], grads = capture_step(cap)
                     cap.detach()
-                    if v == "capture":
-                        row_hooks = dict(timers.total)
+                    row_hooks[v] = dict(timers.total)
                     if v == "capture" and reference_grads is None:
                         reference_grads = grads
-                        opt.zero_grad()
         i += 1
-        if quiet > 0 and c.foreign >= quiet:  # another process was busy during this iteration: drop it
+        # another process was busy during this iteration: drop it (only judged on iterations of >= 50 ms: the
+        # kernel counts CPU time in 10 ms ticks, so a shorter window cannot tell)
+        if quiet > 0 and c.foreign >= quiet and sum(row.values()) >= 0.05:
             dropped += 1
             continue
         clean += 1
         if clean > 2:  # the first two clean iterations warm up
             for v, dt in row.items():
                 times[v].append(dt)
-            for key, val in row_hooks.items():
-                hook_totals[key] += val
+            for v, hooks_of_v in row_hooks.items():
+                for key, val in hooks_of_v.items():
+                    variant_hooks[v][key] += val
+    hook_totals = variant_hooks["capture"]
     timers.restore()
     # equality of the experiments' gradients: one more step from identical weights
     checks = {}
@@ -232,7 +242,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
     book, check, rec_t, write_t = [], [], [], []
     recursion = BackwardRecursion(list(dims), AccumulatorLayout.PER_LAYER)
     lrs = torch.full((len(dims),), 0.01, dtype=torch.float64)
-    for step in range(iters + 2):
+    for step in range(min(iters, 60) + 2):
         ids = torch.arange(b) + step * b
         t0 = time.perf_counter()
         capture.check_finite(grads, ids, step)
@@ -287,8 +297,60 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
     }
     if experiments:
         rec["experiments_capture_ms"] = {v: ms(med[v] - base) for v in variants[1:]}
+        rec["experiments_hook_ms"] = {v: {k: ms(t / n_iter) for k, t in variant_hooks[v].items()}
+                                      for v in variants[1:]}
         rec["experiments_max_rel_diff_vs_unpatched"] = checks
     C.emit(rec)
+
+
+def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, quiet: float, max_wait_s: float) -> None:
+    """Time the callback's own hooks inside real ``Trainer.fit`` runs (``capture_overhead.py``'s setup)."""
+    import capture_overhead as co
+
+    from lightning_dve import callback, capture, sync
+    from lightning_dve.store import TrajectoryStore
+
+    cfg = co.model_configs("quick" if quick else "default")[kind]
+    ds = co.dataset(kind, cfg)
+    timers = HookTimers()
+    for name in ("on_fit_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
+                 "on_train_end"):
+        timers.wrap(callback.DataValueEmbedding, name, f"callback.{name}")
+    for owner, name, label in ((capture.GradientCapture, "_on_forward", "capture.forward_hooks"),
+                               (capture.GradientCapture, "_on_output_grad", "capture.output_grad_hooks"),
+                               (capture.GradientCapture, "finish", "capture.finish"),
+                               (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
+                               (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
+                               (capture, "check_no_batchnorm_training", "capture.check_no_batchnorm_training"),
+                               (capture, "check_finite", "capture.check_finite"),
+                               (sync, "agree_on_errors", "sync.agree_on_errors"),
+                               (sync.StepAssembler, "close", "sync.StepAssembler.close"),
+                               (TrajectoryStore, "append", "store.append"),
+                               (sync, "embed_trajectory", "sync.embed_trajectory")):
+        if hasattr(owner, name):
+            timers.wrap(owner, name, label)
+    co.one_fit(kind, cfg, ds, "off")
+    co.one_fit(kind, cfg, ds, dim)
+    off, on, totals = [], [], defaultdict(float)
+    for _ in range(repeats):
+        off.append(C.measured(lambda: co.one_fit(kind, cfg, ds, "off"), quiet, 2, max_wait_s))
+        timers.reset()
+        on.append(C.measured(lambda: co.one_fit(kind, cfg, ds, dim), quiet, 2, max_wait_s))
+        for k, v in timers.total.items():
+            totals[k] += v
+    timers.restore()
+    steps = on[0]["steps"]
+    per_step = {k: round(1000 * v / repeats / steps, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    loop_delta = statistics.median(x["train_loop_s"] for x in on) - statistics.median(x["train_loop_s"] for x in off)
+    C.emit({"benchmark": "step_breakdown_in_fit", "model": kind, "projection_dim": dim, "steps": steps,
+            "repeats": repeats, "threads": torch.get_num_threads(),
+            "train_step_ms_without_callback": round(1000 * statistics.median(x["train_loop_s"] for x in off) / steps, 3),
+            "train_loop_extra_ms_per_step": round(1000 * loop_delta / steps, 3),
+            "hook_ms_per_step": per_step,
+            "note": "inclusive wall time per optimizer step (all fits' totals / steps); nested entries are inside "
+                    "their callers (capture.* run inside Lightning's forward/backward; check_finite, close and "
+                    "append inside on_train_batch_end; embed_trajectory inside on_train_end, amortised per step)",
+            "foreign_load": [x["foreign_load"] for x in off + on]})
 
 
 def main() -> None:
@@ -298,6 +360,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-experiments", dest="experiments", action="store_false")
     parser.add_argument("--cases", default=None, help="e.g. lm:1024,lm:64,mlp:1024,cnn:1024")
+    parser.add_argument("--fit-cases", default=None, help="cases also timed inside Trainer.fit (default lm:1024)")
     C.add_contention_args(parser)
     args = parser.parse_args()
     if args.quick and "--quiet" not in " ".join(__import__("sys").argv):
@@ -312,6 +375,11 @@ def main() -> None:
             breakdown(kind, None if dim == "exact" else int(dim), iters, args.quick, args.experiments,
                       args.quiet, args.max_wait)
         C.emit({"benchmark": "step_breakdown", "kind": "contention", "case": case, "foreign_load": round(c.foreign, 3)})
+    fit_cases = args.fit_cases or ("lm:64" if args.quick else "lm:1024,mlp:1024")
+    for case in fit_cases.split(","):
+        kind, dim = case.split(":")
+        lightning_breakdown(kind, None if dim == "exact" else int(dim), 1 if args.quick else 3, args.quick,
+                            args.quiet, args.max_wait)
     C.emit({"benchmark": "step_breakdown", "kind": "done", "loadavg_end": C.loadavg()})
 
 

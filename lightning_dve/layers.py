@@ -73,11 +73,17 @@ def _apply(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     return x if proj is None else x @ proj.to(x.dtype).T
 
 
-def _with_bias_column(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """Append a column of ones (the bias input) to ``x: [B, P, d]`` when the layer has a trainable bias."""
+def _project_input(x: torch.Tensor, has_bias: bool, proj: torch.Tensor | None) -> torch.Tensor:
+    """``P_in [x, 1]`` for ``x: [B, P, d]``: the input with a ones column for the bias, projected.
+
+    With a projection the ones column is never materialised: ``P [x, 1] = P[:, :d] x + P[:, d]``.
+    """
     if not has_bias:
-        return x
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return _apply(x, proj)
+    if proj is None:
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    proj = proj.to(x.dtype)
+    return torch.addmm(proj[:, -1], x.reshape(-1, x.shape[-1]), proj[:, :-1].T).reshape(*x.shape[:-1], -1)
 
 
 def has_trainable_bias(module: nn.Module) -> bool:
@@ -99,7 +105,7 @@ def _check_linear(name: str, module: nn.Module) -> None:
 
 
 def _linear_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
-    return _apply(_with_bias_column(_as_positions(args[0]), has_trainable_bias(module)), proj)
+    return _project_input(_as_positions(args[0]), has_trainable_bias(module), proj)
 
 
 def _linear_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +159,7 @@ def _conv_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.T
     if x.dim() == 3:
         raise UnsupportedError("Conv2d called on an unbatched [C, H, W] input; per-sample capture needs [B, C, H, W].")
     patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
-    return _apply(_with_bias_column(patches.transpose(1, 2), has_trainable_bias(module)), proj)
+    return _project_input(patches.transpose(1, 2), has_trainable_bias(module), proj)
 
 
 def _conv_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:

@@ -220,18 +220,27 @@ def embed_trajectory(
     bounds = bounds or [(0, len(store.steps))]
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
-    def run(bound: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def run(bound: tuple[int, int], merge: bool) -> dict[str, torch.Tensor]:
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
         for record in store.iter_backward(*bound):
-            store.write_embeddings(record.step, recursion.step(record), record.sample_ids)
+            embeddings = recursion.step(record)
+            if merge:  # one segment: gather each step to rank 0 as it is computed (a collective)
+                embeddings = gather_embeddings(comm, owned, dims, embeddings, record.sample_ids.numel(), dtype)
+            if comm.rank == 0 or not merge:
+                store.write_embeddings(record.step, embeddings, record.sample_ids)
             bar.update(1)
         return recursion.factors()
 
-    with bar, ThreadPoolExecutor(max_workers=len(bounds)) as pool:
-        factors = list(pool.map(run, bounds))
-    if comm.world_size > 1:
-        _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
-        factors = [_gather_factors(comm, owned, layout, f, dtype) for f in factors]
+    with bar:
+        if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
+            run(bounds[0], merge=comm.world_size > 1)
+            factors: list[dict[str, torch.Tensor]] = [{}]
+        else:
+            with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+                factors = list(pool.map(lambda bound: run(bound, merge=False), bounds))
+            if comm.world_size > 1:
+                _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
+                factors = [_gather_factors(comm, owned, layout, f, dtype) for f in factors]
     if comm.rank == 0:
         store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
