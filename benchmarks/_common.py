@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -605,3 +606,33 @@ def embed_kwargs(segments: int, num_steps: int) -> dict[str, Any]:
     if "segments" in params:
         return {"segments": segments}
     raise TypeError("this lightning_dve has no segment-parallel recursion (embed_trajectory(bounds=/segments=))")
+
+
+class FunctionTimers:
+    """Accumulate wall time spent inside selected package functions (patched on their classes/modules)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        total = self.total
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                total[label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def reset(self) -> None:
+        self.total.clear()
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo = []

@@ -76,7 +76,7 @@ class ByteCounter:
         dist.all_gather, dist.all_reduce = self._gather, self._reduce
 
 
-class PhaseTimers:
+class PhaseTimers(C.FunctionTimers):
     """Wall time inside the phases of ``embed_trajectory`` (patched in this process only; skipped if absent).
 
     ``recursion_step``, ``read_step`` and ``write_embeddings`` cover the recursion pass; the module-level
@@ -89,8 +89,7 @@ class PhaseTimers:
         from lightning_dve.recursion import BackwardRecursion
         from lightning_dve.store import TrajectoryStore
 
-        self.total: dict[str, float] = defaultdict(float)
-        self._undo: list[tuple[Any, str, Any]] = []
+        super().__init__()
         for owner, name, label in ((sync, "_merge_embeddings_on_rank_zero", "merge_embeddings_on_rank_zero"),
                                    (sync, "_gather_factors", "gather_factors"),
                                    (BackwardRecursion, "step", "recursion_step"),
@@ -99,25 +98,8 @@ class PhaseTimers:
                                    (TrajectoryStore, "read_embeddings", "read_embeddings"),
                                    (TrajectoryStore, "write_segments", "write_segments")):
             if hasattr(owner, name):
-                self._wrap(owner, name, label)
+                self.wrap(owner, name, label)
 
-    def _wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-        total = self.total
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                total[label] += time.perf_counter() - t
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original))
-
-    def restore(self) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
 
 
 def _init(rank: int, world: int, port: int) -> None:

@@ -42,34 +42,7 @@ import _common as C
 import torch
 
 
-class HookTimers:
-    """Accumulate wall time spent inside selected package functions (patched on their classes/modules)."""
-
-    def __init__(self) -> None:
-        self.total: dict[str, float] = defaultdict(float)
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-        total = self.total
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                total[label] += time.perf_counter() - t
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original))
-
-    def reset(self) -> None:
-        self.total.clear()
-
-    def restore(self) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
-        self._undo = []
+HookTimers = C.FunctionTimers
 
 
 @contextlib.contextmanager

@@ -22,6 +22,9 @@ from .recursion import BackwardRecursion, layer_groups
 from .store import StepRecord, TrajectoryStore
 
 
+GATHER_STEPS = 16  # steps of embeddings gathered to rank 0 per collective (latency, not bandwidth, dominates)
+
+
 @dataclasses.dataclass(frozen=True)
 class MicroBatch:
     """What one rank captured in one micro-batch.
@@ -222,12 +225,12 @@ def embed_trajectory(
 
     def run(bound: tuple[int, int], merge: bool) -> dict[str, torch.Tensor]:
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
+        pending: list[tuple[StepRecord, dict[str, torch.Tensor]]] = []
         for record in store.iter_backward(*bound):
-            embeddings = recursion.step(record)
-            if merge:  # one segment: gather each step to rank 0 as it is computed (a collective)
-                embeddings = gather_embeddings(comm, owned, dims, embeddings, record.sample_ids.numel(), dtype)
-            if comm.rank == 0 or not merge:
-                store.write_embeddings(record.step, embeddings, record.sample_ids)
+            pending.append((record, recursion.step(record)))
+            if not merge or len(pending) == GATHER_STEPS or record.step == store.steps[bound[0]]:
+                _write_pending(comm, store, owned, dims, dtype, pending, merge)
+                pending = []
             bar.update(1)
         return recursion.factors()
 
@@ -245,6 +248,27 @@ def embed_trajectory(
         store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
         store.write_manifest()
+
+
+def _write_pending(
+    comm: Communicator,
+    store: TrajectoryStore,
+    owned: list[list[str]],
+    dims: dict[str, int],
+    dtype: torch.dtype,
+    pending: list[tuple[StepRecord, dict[str, torch.Tensor]]],
+    merge: bool,
+) -> None:
+    """Write computed steps' embeddings; with ``merge``, first gather them to rank 0 in one collective."""
+    if merge:
+        sizes = [record.sample_ids.numel() for record, _ in pending]
+        mine = {name: torch.cat([e[name] for _, e in pending]) for name in owned[comm.rank]}
+        merged = gather_embeddings(comm, owned, dims, mine, sum(sizes), dtype)
+        parts = {name: block.split(sizes) for name, block in merged.items()}
+        pending = [(record, {n: parts[n][i] for n in parts}) for i, (record, _) in enumerate(pending)]
+    if comm.rank == 0 or not merge:
+        for record, embeddings in pending:
+            store.write_embeddings(record.step, embeddings, record.sample_ids)
 
 
 def _merge_embeddings_on_rank_zero(
