@@ -229,6 +229,7 @@ def comm_worker(rank: int, world: int, port: int, layers: dict[str, int], per_ra
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "sent": dict(counter.sent), "received": dict(counter.received), "calls": dict(counter.calls),
         "ms_per_step": 1000 * sorted(times[1:])[len(times[1:]) // 2]}))
+    dist.barrier()  # let the peer finish its last collective before the group goes away
     dist.destroy_process_group()
 
 
