@@ -5,7 +5,15 @@ used at which step, shaped the final model with :meth:`DataValueEmbeddings.influ
 """
 
 from .callback import DataValueEmbedding
-from .config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from .config import (
+    DEFAULT_PROJECTION_DIM,
+    AccumulatorLayout,
+    CurveScale,
+    DVEConfig,
+    LossReduction,
+    ReportConfig,
+    StorageDtype,
+)
 from .errors import (
     ConfigError,
     DVEError,
@@ -21,6 +29,7 @@ __all__ = [
     "DEFAULT_PROJECTION_DIM",
     "AccumulatorLayout",
     "ConfigError",
+    "CurveScale",
     "DVEConfig",
     "DVEError",
     "DataValueEmbedding",
@@ -30,7 +39,9 @@ __all__ = [
     "LayerMismatchError",
     "LossReduction",
     "Ranking",
+    "ReportConfig",
     "SampleIdError",
+    "StorageDtype",
     "StoreError",
     "UnsupportedError",
 ]
