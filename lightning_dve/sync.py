@@ -10,6 +10,7 @@ global step. Each rank keeps only the layer groups it owns, so the recursion is 
 from __future__ import annotations
 
 import dataclasses
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -239,7 +240,7 @@ def embed_trajectory(
             run(bounds[0], merge=comm.world_size > 1)
             factors: list[dict[str, torch.Tensor]] = [{}]
         else:
-            with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+            with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
                 factors = list(pool.map(lambda bound: run(bound, merge=False), bounds))
             if comm.world_size > 1:
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
@@ -248,6 +249,11 @@ def embed_trajectory(
         store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
         store.write_manifest()
+
+
+def _segment_workers(segments: int) -> int:
+    """Threads for the segments: no more than the cores leave room for, given torch's own threads per matmul."""
+    return max(1, min(segments, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
 
 
 def _write_pending(
