@@ -1,29 +1,27 @@
-"""What the optimizer actually applied in a step: learning rates per tracked layer, and the SGD model check."""
+"""What the optimizer actually applied in a step: learning rates and SGD terms per tracked layer, clipping."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 
-def layer_learning_rates(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> torch.Tensor:
-    """Learning rate applied to each tracked layer's weight in this step, ``[L]`` in the order of ``weights``.
 
-    Read in ``on_before_optimizer_step``, i.e. after any scheduler update for this step, so it is the rate
-    actually applied.
+def _groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
+    """The param group of each tracked weight, in the order of ``weights``.
 
     Raises:
-        ValueError: if a tracked weight is in none of the optimizer's param groups (it is never updated).
+        ConfigError: if a tracked weight is in none of the optimizer's param groups (it is never updated).
     """
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    rates = []
-    for name, weight in weights.items():
-        group = group_of.get(id(weight))
-        if group is None:
-            raise ValueError(f"tracked layer {name!r} is not in any optimizer param group, so the optimizer never "
-                             f"updates it; add it to the optimizer or pass exclude=({name!r},).")
-        rates.append(float(group["lr"]))
-    return torch.tensor(rates, dtype=torch.float64)
+    missing = [name for name, weight in weights.items() if id(weight) not in group_of]
+    if missing:
+        raise ConfigError(f"tracked layers {missing} are not in any optimizer param group, so the optimizer never "
+                          f"updates them; add them to the optimizer or pass exclude={tuple(missing)!r}.")
+    return [group_of[id(weight)] for weight in weights.values()]
 
 
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
@@ -51,17 +49,19 @@ def step_terms(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Learning rates ``[L]`` and optimizer terms ``{name: [L]}`` of this step, with norm clipping folded in.
 
+    Read in ``on_before_optimizer_step``, after any scheduler update for this step, so the rates are the ones
+    actually applied.
+
     Plain SGD: the clip factor scales the learning rate (the whole update). With momentum or weight decay it
     scales only the gradient entering the velocity (``gain = clip * (1 - dampening)``); the weight decay, which
     torch dampens but does not clip, is divided by the clip factor so that ``gain * weight_decay`` is applied.
     """
-    lrs = layer_learning_rates(optimizer, weights)
+    groups = _groups_of(optimizer, weights)
+    lrs = torch.tensor([float(group["lr"]) for group in groups], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer):
         return lrs * clip, {}
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     momentum, gain, decay = [], [], []
-    for weight in weights.values():
-        group = group_of[id(weight)]
+    for weight, group in zip(weights.values(), groups):
         first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then
         momentum.append(float(group["momentum"]))
         gain.append(clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"])))

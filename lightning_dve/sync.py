@@ -132,7 +132,8 @@ class StepAssembler:
         """
         meta, grads = self._local_rows()
         metas = self.comm.all_gather_rows(meta)
-        all_grads = torch.cat(self.comm.all_gather_rows(grads))
+        parts = self.comm.all_gather_rows(grads)
+        all_grads = parts[0] if len(parts) == 1 else torch.cat(parts)
         if all_grads.shape[0] == 0:  # every micro-batch of every rank was skipped
             return None
         ranks = torch.cat([torch.full((len(m),), r) for r, m in enumerate(metas)])
@@ -140,19 +141,16 @@ class StepAssembler:
         sample_ids = meta[:, 0].to(torch.int64)
         self._check_duplicates(sample_ids, ranks, step, last_batch)
         split = dict(zip(self.layer_names, all_grads.split([self.dims[n] for n in self.layer_names], dim=1)))
-        owned = {n: split[n].contiguous() for n in self.owned}
+        owned = {n: split[n] for n in self.owned}  # column views; the store makes them contiguous on write
         return StepRecord(step, sample_ids, meta[:, 1], lrs, owned, epoch, optim or {})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, sum k_l]`` gradients."""
         buffer, self._buffer = self._buffer, []
-        meta = torch.zeros(0, 2, dtype=torch.float64)
-        grads = torch.zeros(0, sum(self.dims.values()), dtype=self.dtype)
-        for m in buffer:
-            rows = torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1)
-            meta = torch.cat([meta, rows])
-            grads = torch.cat([grads, torch.cat([m.grads[n].to(self.dtype) for n in self.layer_names], dim=1)])
-        return meta, grads
+        meta = [torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1) for m in buffer]
+        grads = [torch.cat([m.grads[n].to(self.dtype) for n in self.layer_names], dim=1) for m in buffer]
+        return (torch.cat([torch.zeros(0, 2, dtype=torch.float64), *meta]),
+                torch.cat([torch.zeros(0, sum(self.dims.values()), dtype=self.dtype), *grads]))
 
     def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
         values, counts = torch.unique(ids, return_counts=True)

@@ -8,7 +8,6 @@ trained with plain SGD on mean cross-entropy; subclass it (``mlp_cls`` fixture) 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,36 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from tests.helpers import DigitsDataset
 
 
-@lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(digits.target, dtype=torch.long)
-    return x, y
-
-
-class DigitsDict(Dataset):
-    """Digits ``indices`` of sklearn's ``load_digits`` as dict items with their index as sample id."""
+class DigitsDict(DigitsDataset):
+    """Digits ``indices`` of sklearn's ``load_digits`` as float32 dict items (the Trainer's default precision)."""
 
     def __init__(self, indices: Sequence[int]) -> None:
-        x, y = _digits()
-        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
-        self.x, self.y = x[self.indices].clone(), y[self.indices].clone()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i], "index": self.indices[i]}
-
-    def batch(self) -> dict[str, torch.Tensor]:
-        """Every item as one collated batch."""
-        return {"x": self.x.clone(), "y": self.y.clone(), "index": self.indices.clone()}
+        super().__init__(indices, dtype=torch.float32)
 
 
 class TinyMLP(L.LightningModule):

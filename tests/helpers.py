@@ -45,15 +45,15 @@ def split_indices(n_train: int, n_test: int, seed: int = SPLIT_SEED) -> tuple[li
 
 
 class DigitsDataset(Dataset):
-    """A subset of the digits; item ``i`` is ``{"x": float64 [64], "y": long, "index": long}``.
+    """A subset of the digits; item ``i`` is ``{"x": [64] in ``dtype``, "y": long, "index": long}``.
 
     ``index`` is the digit's index in the full sklearn dataset (a stable sample id).
     """
 
-    def __init__(self, indices: Sequence[int]) -> None:
+    def __init__(self, indices: Sequence[int], dtype: torch.dtype = torch.float64) -> None:
         x, y = load_digits_arrays()
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
-        self.x = torch.from_numpy(x)[self.indices].clone()
+        self.x = torch.from_numpy(x)[self.indices].to(dtype)
         self.y = torch.from_numpy(y)[self.indices].clone()
 
     def __len__(self) -> int:

@@ -64,3 +64,15 @@ def test_value_clipping_warns_that_it_is_ignored(mlp_cls: type, fit: Callable, t
     with pytest.warns(UserWarning, match="gradient_clip_algorithm='value' clips each coordinate"):
         fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), gradient_clip_val=0.1,
             gradient_clip_algorithm="value")
+
+
+def test_tracked_layer_outside_the_optimizer_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    from lightning_dve import ConfigError
+
+    class HeadOnly(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+    with pytest.raises(ConfigError, match=r"tracked layers \['net.0'\] are not in any optimizer param group.*"
+                                          r"exclude=\('net.0',\)"):
+        fit(HeadOnly(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None))

@@ -101,8 +101,8 @@ def test_exact_mode_keeps_float64(mlp_cls: type, fit: Callable, tmp_path: Path) 
 
 WRITER = textwrap.dedent('''
     import sys, time, torch, lightning as L
-    sys.path.insert(0, {tests!r})
-    from conftest import TinyMLP, DigitsDict
+    sys.path.insert(0, {root!r})
+    from tests.conftest import TinyMLP, DigitsDict
     from torch.utils.data import DataLoader
     from lightning_dve import DataValueEmbedding
 
@@ -112,7 +112,7 @@ WRITER = textwrap.dedent('''
                 print("READY", flush=True)
                 time.sleep(60)
 
-    dve = DataValueEmbedding({root!r}, projection_dim=32, report=None)
+    dve = DataValueEmbedding({store!r}, projection_dim=32, report=None)
     L.Trainer(max_epochs=1, callbacks=[dve, Slow()], logger=False, enable_progress_bar=False,
               enable_checkpointing=False, enable_model_summary=False).fit(
         TinyMLP(), DataLoader(DigitsDict(range(128)), batch_size=16))
@@ -121,7 +121,7 @@ WRITER = textwrap.dedent('''
 
 def test_killed_run_keeps_its_completed_steps_and_is_refused_for_queries(tmp_path: Path) -> None:
     root = tmp_path / "dve"
-    script = WRITER.format(tests=str(Path(__file__).parent), root=str(root))
+    script = WRITER.format(root=str(Path(__file__).parents[1]), store=str(root))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
