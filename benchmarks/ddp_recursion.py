@@ -47,14 +47,14 @@ def free_port() -> int:
 
 
 class ByteCounter:
-    """Wrap ``dist.all_gather`` / ``dist.all_reduce`` and count their payloads by the current phase label."""
+    """Wrap ``dist.all_gather`` / ``dist.gather`` / ``dist.all_reduce``; count their payloads by phase label."""
 
     def __init__(self) -> None:
         self.phase = "other"
         self.sent: dict[str, int] = defaultdict(int)  # this rank's payload bytes per collective
         self.received: dict[str, int] = defaultdict(int)  # bytes of the other ranks' payloads this rank receives
         self.calls: dict[str, int] = defaultdict(int)
-        self._gather, self._reduce = dist.all_gather, dist.all_reduce
+        self._gather, self._reduce, self._gather_to = dist.all_gather, dist.all_reduce, dist.gather
 
         def all_gather(tensor_list, tensor, *a, **k):
             n = tensor.numel() * tensor.element_size()
@@ -70,16 +70,27 @@ class ByteCounter:
             self.calls[self.phase] += 1
             return self._reduce(tensor, *a, **k)
 
-        dist.all_gather, dist.all_reduce = all_gather, all_reduce
+        def gather(tensor, gather_list=None, *a, **k):  # to rank 0: peers send, rank 0 receives
+            n = tensor.numel() * tensor.element_size()
+            if gather_list is None:
+                self.sent[self.phase] += n
+            else:
+                self.received[self.phase] += n * (len(gather_list) - 1)
+            self.calls[self.phase] += 1
+            return self._gather_to(tensor, gather_list, *a, **k)
+
+        dist.all_gather, dist.all_reduce, dist.gather = all_gather, all_reduce, gather
 
     def restore(self) -> None:
-        dist.all_gather, dist.all_reduce = self._gather, self._reduce
+        dist.all_gather, dist.all_reduce, dist.gather = self._gather, self._reduce, self._gather_to
 
 
 class PhaseTimers(C.FunctionTimers):
     """Wall time inside the phases of ``embed_trajectory`` (patched in this process only; skipped if absent).
 
-    ``recursion_step``, ``read_step`` and ``write_embeddings`` cover the recursion pass; the module-level
+    ``recursion_step`` / ``recursion_block``, ``read_step`` and ``write_embeddings`` cover the recursion pass;
+    ``write_pending`` (the gather to rank 0 plus the writes, in a background thread that overlaps the next
+    block) and ``gather_embeddings`` nest the writes and the gathers; the module-level
     ``_merge_embeddings_on_rank_zero`` (re-read, gather and rewrite of every step's embeddings) and
     ``_gather_factors`` (the segment factors ``I - M``) run after it on more than one rank.
     """
@@ -93,6 +104,9 @@ class PhaseTimers(C.FunctionTimers):
         for owner, name, label in ((sync, "_merge_embeddings_on_rank_zero", "merge_embeddings_on_rank_zero"),
                                    (sync, "_gather_factors", "gather_factors"),
                                    (BackwardRecursion, "step", "recursion_step"),
+                                   (BackwardRecursion, "block", "recursion_block"),
+                                   (sync, "_write_pending", "write_pending_background"),
+                                   (sync, "gather_embeddings", "gather_embeddings"),
                                    (TrajectoryStore, "read_step", "read_step"),
                                    (TrajectoryStore, "write_embeddings", "write_embeddings"),
                                    (TrajectoryStore, "read_embeddings", "read_embeddings"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +16,35 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from . import capture, distributed, reporting, sync
+from .checkpoints import CHECKPOINTS, CheckpointRecorder
 from .config import (
     DEFAULT_PROJECTION_DIM,
     AccumulatorLayout,
+    Curvature,
     DVEConfig,
     LossReduction,
     ReportConfig,
     StorageDtype,
 )
-from .errors import ConfigError, DVEError, UnsupportedError
+from .curvature import sampled_label_grad
+from .errors import ConfigError, DVEError, GradientError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .optim import clip_factor, sgd_proxy_reason, step_terms, uses_momentum_or_decay
+from .adam import adam_factors, adam_terms, second_moment_terms
+from .optim import (
+    clip_factor,
+    grads_finite,
+    is_adam,
+    sgd_proxy_reason,
+    step_terms,
+    uses_momentum_or_decay,
+)
 from .dynamics import plan_boundaries
 from .recursion import bounds_after, layer_groups, segment_bounds
+from .replay_data import training_data_of
 from .store import SHARDS, STEPS, TrajectoryStore
+from .writer import StepWriter
 
-_SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64")
+_SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
 
 
 class DataValueEmbedding(pl.Callback):
@@ -52,11 +67,19 @@ class DataValueEmbedding(pl.Callback):
             float16 when projected), ``"float64"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         segments: influence checkpointing: run the train-end recursion in this many parallel segments; their
             boundaries also give the data value dynamics (:meth:`DataValueEmbeddings.influence_at`).
+        curvature: the step Hessian of the recursion: ``"empirical_fisher"`` (the paper's, free),
+            ``"ggn"`` (Gauss-Newton of a softmax cross-entropy on the last tracked layer's output, one extra
+            activation backward per step and twice the stored rows) or ``"none"`` (:class:`Curvature`).
         report: what the train-end influence report computes and logs (:class:`ReportConfig`); ``None``
             disables it. It is written to ``<save_dir>/report/`` and to ``trainer.loggers`` on global rank 0.
         reference: a batch or a ``DataLoader`` whose mean test-loss gradient is the report's query; default the
             trainer's validation dataloader (at most ``report.max_reference_samples`` samples).
         describe: ``sample -> str`` text of a training sample (one row of a batch) for the top-k tables.
+        checkpoint_interval: steps between the parameter and optimizer-state checkpoints of exact replay
+            (:meth:`DataValueEmbeddings.exact_influence`): an int, ``"auto"`` (disk use at most 10% of the
+            gradient store's) or ``None`` (off). Written on global rank 0 under ``save_dir/checkpoints/``.
+        adam_second_moment: with Adam/AdamW in exact mode (``projection_dim=None``), also model each removed
+            sample's effect on the second moment ``v`` (the "v pass" of the train-end recursion).
     """
 
     def __init__(
@@ -73,9 +96,12 @@ class DataValueEmbedding(pl.Callback):
         overwrite: bool = False,
         storage_dtype: str | StorageDtype = "auto",
         segments: int = 1,
+        curvature: str | Curvature = "empirical_fisher",
         report: ReportConfig | None = ReportConfig(),
         reference: Any = None,
         describe: Callable[[Any], str] | None = None,
+        checkpoint_interval: int | str | None = "auto",
+        adam_second_moment: bool = False,
     ) -> None:
         self._weight_fn = loss_reduction if callable(loss_reduction) else None
         self.config = DVEConfig(
@@ -88,6 +114,9 @@ class DataValueEmbedding(pl.Callback):
             seed=seed,
             storage_dtype=storage_dtype,
             segments=segments,
+            curvature=curvature,
+            checkpoint_interval=checkpoint_interval,
+            adam_second_moment=adam_second_moment,
         )
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
@@ -97,6 +126,7 @@ class DataValueEmbedding(pl.Callback):
         self.overwrite = overwrite
         self.report_config, self.reference, self.describe = report, reference, describe
         self._store: TrajectoryStore | None = None
+        self._writer: StepWriter | None = None  # appends steps to the store in a background thread
         self._capture: capture.GradientCapture | None = None
         self._assembler: sync.StepAssembler
         self._comm: distributed.Communicator = distributed.SingleProcess()
@@ -106,10 +136,18 @@ class DataValueEmbedding(pl.Callback):
         self._resume: dict[str, Any] | None = None
         self._step_lrs: torch.Tensor | None = None
         self._step_optim: dict[str, torch.Tensor] = {}
+        self._step_vectors: dict[str, dict[str, torch.Tensor]] = {}
         self._step = -1
         self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
         self._boundaries: list[int] = []
+        self._recorder: CheckpointRecorder | None = None  # replay checkpoints (global rank 0)
+        self._training_data: Any = None
+        self._train_started = 0.0
+        self._batch: Any = None
+        self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
+        self._skipped = False  # the grad scaler skips this step (non-finite gradients)
+        self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
 
     @property
     def state_key(self) -> str:
@@ -129,10 +167,13 @@ class DataValueEmbedding(pl.Callback):
                                   "DDP they live in rank 0's save_dir; on other ranks use a shared save_dir, or "
                                   "DataValueEmbeddings.load(save_dir) on rank 0.")
             self._embeddings = DataValueEmbeddings.load(root, self._weight_fn)
+            self._embeddings.training_data = self._training_data
         return self._embeddings
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume the same store."""
+        """What a checkpoint needs to resume the same store (every step up to ``last_step`` is on disk)."""
+        if self._writer is not None:
+            self._writer.flush()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size}
 
@@ -143,7 +184,7 @@ class DataValueEmbedding(pl.Callback):
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_unsupported(trainer, pl_module, self.config.segments)
+        _refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
@@ -152,8 +193,16 @@ class DataValueEmbedding(pl.Callback):
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         manifest = self._manifest(tracked, pl_module)
         self._store = self._open_store(manifest)
+        self._writer = StepWriter(self._store)
         self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
-                                             getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids)
+                                             getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
+                                             extra_kinds=self._extra_kinds(trainer))
+        if self._comm.rank == 0:  # replay checkpoints: parameters are the same on every rank
+            resume = None if self._resume is None else int(self._resume.get("last_step", -1))
+            self._recorder = CheckpointRecorder(self._root / CHECKPOINTS, self.config.checkpoint_interval,
+                                                self.config.settings_hash(), resume,
+                                                self.sample_ids if isinstance(self.sample_ids, str) else None,
+                                                str(trainer.precision))
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._embeddings = None
@@ -163,47 +212,95 @@ class DataValueEmbedding(pl.Callback):
         _warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
         self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
+        self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
+                                               partial(reporting.prepare_batch, trainer, pl_module))
+        self._train_started = time.perf_counter()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         capture.check_no_batchnorm_training(pl_module)
-        self._active_capture().begin()
+        hooks = self._active_capture()
+        hooks.begin(keep_outputs=self._ggn)
+        if self._preconditioned_rows(trainer):  # projected Adam: rows through its preconditioner too (adam.py)
+            hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
+        self._batch = batch
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        hooks = self._active_capture()
+        scaler = _grad_scaler(trainer)
+        self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
+        if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
+            ids = capture.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
+            hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
+                                                                       trainer.global_step))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
         hooks.check_all_reached()
-        if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1:
-            hooks.check_blocks_sum_to_grad()  # once: tied or functionally used weights
+        self._skipped = _grad_scaler(trainer) is not None and not grads_finite(optimizer)
+        if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
+                and not self._skipped:
+            hooks.check_blocks_sum_to_grad(self._loss_scale)  # once: tied or functionally used weights
         clip = clip_factor(optimizer, trainer.gradient_clip_val, _clip_algorithm(trainer))
-        self._step_lrs, self._step_optim = step_terms(optimizer, hooks.weights(), clip)
+        if is_adam(optimizer):
+            self._step_lrs, self._step_optim, self._step_vectors = adam_terms(optimizer, hooks.modules(), clip,
+                                                                              self.config.exact)
+        else:
+            (self._step_lrs, self._step_optim), self._step_vectors = step_terms(optimizer, hooks.modules(), clip), {}
+        if self.config.adam_second_moment:  # the v pass: the second-moment channel (adam.py, recursion.py)
+            terms, vectors = second_moment_terms(optimizer, hooks.modules(), clip)
+            self._step_optim.update(terms)
+            self._step_vectors.update(vectors)
         self._step = trainer.global_step
+        if self._recorder is not None:
+            clipping = {"value": trainer.gradient_clip_val, "algorithm": _clip_algorithm(trainer)}
+            self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         hooks, error = self._active_capture(), None
         try:
+            self._active_writer().check()  # a failed background write (e.g. a full disk) stops every rank
             if hooks.captured:
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None
                 hooks.abort()
+            if self._step_lrs is not None and not self._skipped and self._deferred is not None:
+                raise self._deferred
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
         if self._step_lrs is None:  # accumulating, or no optimizer step happened
             return
+        self._deferred = None
+        if self._skipped:  # the grad scaler skipped the step: nothing was applied, so nothing is recorded
+            self._assembler.discard()
+            self._step_lrs = None
+            return
         record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch,
-                                       self._step_optim)
+                                       self._step_optim, self._step_vectors)
         self._step_lrs = None
         if record is not None:
             assert self._store is not None
-            self._store.append(record)
+            self._active_writer().append(record)
             self._last_step = record.step
+            if self._recorder is not None:
+                self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
             if record.step in self._boundaries:
                 reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config, self.reference)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
         assert store is not None
+        if self._recorder is not None:
+            self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
+                                  time.perf_counter() - self._train_started)
+        error = None
+        try:
+            self._active_writer().close()  # every queued step is on disk before the store is finished
+        except DVEError as err:
+            error = err
+        sync.agree_on_errors(self._comm, error)
         self._release()
         steps_bytes = store.bytes_on_disk(STEPS)
         per_step = steps_bytes // max(1, len(store.steps))
@@ -217,6 +314,7 @@ class DataValueEmbedding(pl.Callback):
                               progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
+            self._embeddings.training_data = self._training_data
         reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,
                                    self.describe, self.sample_ids)
 
@@ -239,9 +337,19 @@ class DataValueEmbedding(pl.Callback):
         ids = capture.extract_sample_ids(batch, self.sample_ids, size)
         local = capture.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
-        grads = hooks.finish(local / accumulation)
-        capture.check_finite(grads, ids, self._step if self._step_lrs is not None else trainer.global_step)
-        return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads)
+        scale = local * self._loss_scale / accumulation
+        extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
+                 for kind in self._extra_kinds(trainer)}
+        grads = hooks.finish(scale)
+        step = self._step if self._step_lrs is not None else trainer.global_step
+        try:
+            for rows in (grads, *extra.values()):
+                capture.check_finite(rows, ids, step)
+        except GradientError as err:
+            if _grad_scaler(trainer) is None:
+                raise
+            self._deferred = err  # a scaled fp16 step may overflow; the scaler then skips it
+        return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads, extra)
 
     def _manifest(self, tracked: dict[str, capture.TrackedLayer], pl_module: pl.LightningModule) -> dict[str, Any]:
         """The store manifest: settings, layers and projections, this rank's share, dtypes."""
@@ -274,9 +382,30 @@ class DataValueEmbedding(pl.Callback):
         except DVEError as err:
             return None, err
 
+    @property
+    def _ggn(self) -> bool:
+        return self.config.curvature is Curvature.GGN
+
+    def _extra_kinds(self, trainer: pl.Trainer) -> tuple[str, ...]:
+        """The rows a step records besides the gradients: curvature rows (GGN), preconditioned rows (Adam)."""
+        kinds = (capture.CURVATURE,) if self._ggn else ()
+        if self._preconditioned_rows(trainer):
+            kinds += (capture.GRADS_Q, capture.CURVATURE_Q) if self._ggn else (capture.GRADS_Q,)
+        return kinds
+
+    def _preconditioned_rows(self, trainer: pl.Trainer) -> bool:
+        """Projected Adam captures preconditioned rows; exact mode applies the exact preconditioner per coordinate."""
+        return is_adam(trainer.optimizers[0]) and not self.config.exact
+
     def _release(self) -> None:
         if self._capture is not None:
             self._capture.detach()
+        if self._writer is not None:  # on an exception: keep what was queued, raise nothing new
+            self._writer.close(raise_error=False)
+
+    def _active_writer(self) -> StepWriter:
+        assert self._writer is not None, "on_fit_start has not run"
+        return self._writer
 
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
@@ -292,6 +421,11 @@ def _warn_approximations(trainer: pl.Trainer) -> None:
     if trainer.gradient_clip_val and _clip_algorithm(trainer) == "value":
         rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
                        "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
+
+
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's ``GradScaler`` (fp16 mixed precision), or ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def _clip_algorithm(trainer: pl.Trainer) -> str | None:
@@ -325,21 +459,26 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
     return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
 
 
-def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, segments: int) -> None:
+def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, config: DVEConfig) -> None:
     """Refuse training setups the recursion would get wrong (each one lands with a later release).
 
     Raises:
         UnsupportedError: naming the setting and what to change.
     """
     problems = []
-    if segments > 1 and trainer.optimizers and uses_momentum_or_decay(trainer.optimizers[0]):
-        problems.append(f"segments={segments} with SGD momentum or weight decay (use segments=1)")
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    if config.segments > 1 and optimizer is not None and uses_momentum_or_decay(optimizer):
+        problems.append(f"segments={config.segments} with optimizer state (SGD momentum, weight decay, Adam; use "
+                        "segments=1)")
+    if config.adam_second_moment and not (optimizer is not None and is_adam(optimizer)):
+        problems.append(f"adam_second_moment=True with {type(optimizer).__name__} (it models the second moment of "
+                        "Adam/AdamW; drop the setting)")
     if not pl_module.automatic_optimization:
         problems.append("manual optimization (use automatic optimization)")
     if len(trainer.optimizers) != 1:
         problems.append(f"{len(trainer.optimizers)} optimizers (use exactly one)")
     if str(trainer.precision) not in _SUPPORTED_PRECISION:
-        problems.append(f"precision={trainer.precision!r} (use '32-true' or '64-true')")
+        problems.append(f"precision={trainer.precision!r} (use '32-true', '64-true', 'bf16-mixed' or '16-mixed')")
     if problems:
         raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + " yet: the recorded "
                                "gradients would not match the update the optimizer applied.")

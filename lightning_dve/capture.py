@@ -25,6 +25,11 @@ from . import layers as layer_specs
 from .config import DVEConfig, LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 from .projection import LayerProjection
+from .transfer import to_host
+
+#: Kinds of per-sample rows a step yields: gradients, curvature rows, and their preconditioned versions.
+GRADS, CURVATURE, GRADS_Q, CURVATURE_Q = "grads", "curvature", "preconditioned", "curvature_preconditioned"
+ROW_KINDS = (GRADS, CURVATURE, GRADS_Q, CURVATURE_Q)
 
 IdFn = Callable[[Any], Any]
 WeightFn = Callable[[Any], Any]
@@ -147,7 +152,11 @@ class GradientCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
         self._inputs: dict[str, list[torch.Tensor | None]] = {}
-        self._blocks: dict[str, torch.Tensor] = {}
+        self._inputs_q: dict[str, list[torch.Tensor | None]] = {}
+        self._rows: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in ROW_KINDS}
+        self._blocks = self._rows[GRADS]
+        self._preconditioner: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._curvature_pass = False
         self._keep_outputs = False
         self._generation = 0
         self.outputs: list[torch.Tensor] = []
@@ -169,7 +178,9 @@ class GradientCapture:
         self._active = active
         self._keep_outputs = keep_outputs
         self._inputs = {name: [] for name in self.layers}
-        self._blocks = {}
+        self._inputs_q = {name: [] for name in self.layers}
+        self._rows = {kind: {} for kind in ROW_KINDS}
+        self._blocks = self._rows[GRADS]
         self.outputs = []
 
     def begin(self, keep_outputs: bool = False) -> None:
@@ -185,6 +196,26 @@ class GradientCapture:
         """Stop collecting and drop whatever the step collected."""
         self._reset(active=False)
 
+    def set_preconditioner(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Also capture preconditioned rows ``P_out (r * delta) (P_in (c * a))^T`` (``None``: stop).
+
+        The rank-1 preconditioner ``r c^T`` of a layer's block (Adam's ``1 / (sqrt(v) + eps)``, optim.py) scales
+        the projection matrices' columns, so the preconditioned rows cost two more thin matmuls per layer.
+
+        Args:
+            factors: ``{layer: (r [d_out], c [d_in])}`` for every tracked layer.
+        """
+        self._preconditioner = {}
+        for name, (r, c) in (factors or {}).items():
+            layer = self.layers[name]
+            d_out, d_in = layer.spec.dims(layer.module)
+            sides = []
+            for side, scale, dim in (("out", r, d_out), ("in", c, d_in)):
+                matrix = layer.projection.side_matrix(side, scale.dtype, scale.device)
+                sides.append((torch.eye(dim, dtype=scale.dtype, device=scale.device) if matrix is None else matrix)
+                             * scale.unsqueeze(0))
+            self._preconditioner[name] = (sides[0], sides[1])
+
     @property
     def captured(self) -> bool:
         """Whether the backward of the current step reached at least one tracked layer."""
@@ -196,6 +227,9 @@ class GradientCapture:
         p_in = layer.projection.side_matrix("in", module.weight.dtype, module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(layer.spec.project_input(module, args, p_in))
+        if self._preconditioner:
+            p_in_q = self._preconditioner[layer.name][1]
+            self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
         if self._keep_outputs:
             self.outputs.append(output)
         output.register_hook(partial(self._on_output_grad, layer, self._generation, len(pending) - 1))
@@ -206,12 +240,63 @@ class GradientCapture:
         in_side = self._inputs[layer.name][call]
         if in_side is None:
             return
-        self._inputs[layer.name][call] = None  # release the projected activation as soon as it is used
+        in_q = self._inputs_q[layer.name][call] if self._preconditioner else None
+        if not self._curvature_pass:  # the training backward comes last: release the projected activations
+            self._inputs[layer.name][call] = None
+            if in_q is not None:
+                self._inputs_q[layer.name][call] = None
+        kind, kind_q = (CURVATURE, CURVATURE_Q) if self._curvature_pass else (GRADS, GRADS_Q)
         p_out = layer.projection.side_matrix("out", grad.dtype, grad.device)
+        self._add(kind, layer, grad, p_out, in_side)
+        if in_q is not None:
+            self._add(kind_q, layer, grad, self._preconditioner[layer.name][0], in_q)
+
+    def _add(self, kind: str, layer: TrackedLayer, grad: torch.Tensor, p_out: torch.Tensor | None,
+             in_side: torch.Tensor) -> None:
+        """Add ``(P_out delta)(in side)^T`` per sample to the step's rows of ``kind`` (method.md §3)."""
         out_side = layer.spec.project_output_grad(layer.module, grad.detach(), p_out)
         block = layer_specs.outer_block(out_side, in_side.detach())
-        previous = self._blocks.get(layer.name)
-        self._blocks[layer.name] = block if previous is None else previous + block
+        previous = self._rows[kind].get(layer.name)
+        self._rows[kind][layer.name] = block if previous is None else previous + block
+
+    def curvature_backward(self, output_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Capture curvature rows: backpropagate ``output_grad(logits)`` from the last tracked output (method.md §2).
+
+        Runs before the training backward (graph retained) and computes gradients of activations only: the
+        tracked layers' hooks form the per-sample blocks ``J_z^T v_z`` of the vectors ``v = output_grad(logits)
+        [B, C]`` given at the last tracked layer's output, kept apart from the gradients. Needs
+        ``begin(keep_outputs=True)``.
+        """
+        logits = self.outputs[-1]
+        self._curvature_pass = True
+        try:
+            torch.autograd.grad(logits, self.outputs, output_grad(logits.detach()), retain_graph=True,
+                                allow_unused=True)
+        finally:
+            self._curvature_pass = False
+            self.outputs = []
+
+    def take(self, kind: str, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The step's rows of ``kind`` (one of :data:`ROW_KINDS`) ``{layer: [B, k_l]}`` on the CPU.
+
+        Rows of the training backward hold ``w_i * grad l_i``: pass the loss weights ``w`` ``[B]`` to divide them
+        out (method.md §2); samples with ``w_i = 0`` get zeros. Curvature rows are per sample as they are.
+        Layers not reached get zeros.
+        """
+        batch = self.batch_size()
+        reference = next(iter(self._blocks.values()))
+        inverse = None if weights is None else torch.where(weights != 0, 1.0 / weights.to(torch.float64), 0.0)
+        rows = {}
+        for name, layer in self.layers.items():
+            block = self._rows[kind].get(name)
+            if block is None:
+                block = reference.new_zeros(batch, layer.projection.dim)
+            rows[name] = block if inverse is None else block * inverse.to(block.device, block.dtype).unsqueeze(1)
+        return to_host(rows)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The tracked modules, in layer order."""
+        return {name: layer.module for name, layer in self.layers.items()}
 
     def weights(self) -> dict[str, nn.Parameter]:
         """The tracked layers' weight parameters, in layer order."""
@@ -234,13 +319,13 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
-    def check_blocks_sum_to_grad(self, tolerance: float = 1e-2) -> None:
+    def check_blocks_sum_to_grad(self, loss_scale: float = 1.0, tolerance: float = 1e-2) -> None:
         """Refuse a layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
 
         The hooks see only what flows through the module's own calls; a weight that is tied to another
         module's or also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient
         the hooks cannot attribute to samples. Valid right after one backward of the whole step (no
-        accumulation, one process), before clipping.
+        accumulation, one process), before clipping; ``loss_scale`` is the grad scaler's factor on the loss.
 
         Raises:
             UnsupportedError: naming the layer, with the relative mismatch.
@@ -254,7 +339,7 @@ class GradientCapture:
             expected = full.to(block.dtype)
             expected = expected if p_out is None else p_out @ expected
             expected = expected if p_in is None else expected @ p_in.T
-            captured = block.sum(dim=0)
+            captured = block.sum(dim=0) / loss_scale  # the hooks saw the scaled loss, .grad is unscaled
             error = float((captured - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
             if error > tolerance:
                 raise UnsupportedError(
@@ -284,15 +369,7 @@ class GradientCapture:
         Args:
             weights: per-sample loss weights ``w`` ``[B]`` applied inside the loss (``1/B`` for a mean).
         """
-        batch = self.batch_size()
-        reference = next(iter(self._blocks.values()))
-        inverse = torch.where(weights != 0, 1.0 / weights.to(torch.float64), 0.0)
-        grads = {}
-        for name, layer in self.layers.items():
-            block = self._blocks.get(name)
-            if block is None:
-                block = reference.new_zeros(batch, layer.projection.dim)
-            grads[name] = (block * inverse.to(block.device, block.dtype).unsqueeze(1)).detach().cpu()
+        grads = self.take(GRADS, weights)
         self._reset(active=False)
         return grads
 

@@ -63,6 +63,21 @@ class AccumulatorLayout(_Option):
     FULL = "full"
 
 
+class Curvature(_Option):
+    """The step Hessian ``H_t`` of the recursion's factors ``I - lr_t H_t`` (method.md §2).
+
+    ``EMPIRICAL_FISHER`` is the paper's ``sum_z w g g^T`` from the recorded gradients (no extra cost).
+    ``GGN`` is the Gauss-Newton matrix of a softmax cross-entropy loss, ``sum_z w J^T (diag p - p p^T) J``,
+    estimated without bias from one pseudo-gradient per sample, ``J^T (p - onehot(y~))`` with ``y~`` drawn from
+    the model's own prediction ``p``; it costs one extra backward pass (of activations only) per step and twice
+    the stored rows. ``NONE`` drops the curvature (``e = lr w g``): the no-curvature baseline.
+    """
+
+    EMPIRICAL_FISHER = "empirical_fisher"
+    GGN = "ggn"
+    NONE = "none"
+
+
 class StorageDtype(_Option):
     """Dtype of the per-sample gradients on disk (the accumulation matrices are always float32 or wider).
 
@@ -85,6 +100,15 @@ class StorageDtype(_Option):
         return StorageDtype(training_dtype) if exact else StorageDtype.FLOAT16
 
 
+#: Settings added after schema 1; hashed only when they differ from their default (:meth:`DVEConfig.settings_hash`).
+ADDED_FIELDS = ("curvature", "checkpoint_interval", "adam_second_moment")
+
+
+def _plain(value: Any) -> Any:
+    """The JSON form of a setting's value (an option's string)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DVEConfig:
     """Identity-defining settings of a recording; saved in the manifest and compared on reuse.
@@ -105,6 +129,12 @@ class DVEConfig:
         segments: influence checkpointing (method.md §3): the recursion runs in this many contiguous segments
             of the trajectory, in parallel threads, and queries chain the segments' factors ``I - M_seg``. The
             same factors give the influence on each segment boundary (data value dynamics).
+        curvature: the step Hessian of the recursion (:class:`Curvature`).
+        checkpoint_interval: steps between the parameter and optimizer-state checkpoints that exact replay
+            (``DataValueEmbeddings.exact_influence``) starts from: an int, ``"auto"`` (their disk use stays under
+            10% of the gradient store's), or ``None`` (off: exact replay is then refused).
+        adam_second_moment: with Adam/AdamW, also model the removed sample's effect on the second moment ``v``
+            in the train-end recursion (the "v pass"; exact per-sample gradients only, ``projection_dim=None``).
     """
 
     projection_dim: int | None = DEFAULT_PROJECTION_DIM
@@ -116,11 +146,19 @@ class DVEConfig:
     seed: int = 0
     storage_dtype: StorageDtype = StorageDtype.AUTO
     segments: int = 1
+    curvature: Curvature = Curvature.EMPIRICAL_FISHER
+    checkpoint_interval: int | str | None = "auto"
+    adam_second_moment: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction))
         object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout))
         object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype))
+        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
+        interval = self.checkpoint_interval
+        if interval not in ("auto", None) and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ConfigError(f"checkpoint_interval must be a positive int (steps between replay checkpoints), 'auto' "
+                              f"or None (off); got {interval!r}.")
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ConfigError(f"segments must be a positive int (1 = one sequential recursion); got {self.segments!r}.")
         if self.projection_dim is not None and (
@@ -141,6 +179,12 @@ class DVEConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int; got {self.seed!r}.")
+        if not isinstance(self.adam_second_moment, bool):
+            raise ConfigError(f"adam_second_moment must be a bool; got {self.adam_second_moment!r}.")
+        if self.adam_second_moment and self.projection_dim is not None:
+            raise ConfigError("adam_second_moment=True needs exact per-sample gradients (projection_dim=None): the "
+                              "correction multiplies each sample's gradient elementwise by the batch gradient, which "
+                              f"a Kronecker projection cannot carry; got projection_dim={self.projection_dim}.")
 
     @property
     def exact(self) -> bool:
@@ -153,6 +197,7 @@ class DVEConfig:
         out["loss_reduction"] = self.loss_reduction.value
         out["layout"] = self.layout.value
         out["storage_dtype"] = self.storage_dtype.value
+        out["curvature"] = self.curvature.value
         out["layers"] = None if self.layers is None else list(self.layers)
         out["exclude"] = list(self.exclude)
         return out
@@ -171,8 +216,17 @@ class DVEConfig:
         return cls(**data)
 
     def settings_hash(self) -> str:
-        """Return a stable short hash of the settings (sha256 of their canonical JSON)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Return a stable short hash of the settings (sha256 of their canonical JSON).
+
+        Fields added after the first release (:data:`ADDED_FIELDS`) are left out while they hold their default,
+        so stores written before they existed keep their hash.
+        """
+        data = self.to_dict()
+        defaults = DVEConfig.__dataclass_fields__
+        for name in ADDED_FIELDS:
+            if data[name] == _plain(defaults[name].default):
+                del data[name]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -200,6 +254,18 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}.")
 
 
+class CurveSource(_Option):
+    """Where the report's per-occurrence scores come from.
+
+    ``EMBEDDINGS``: one dot product of each embedding with the reference gradient (test-agnostic, free).
+    ``EXACT_REPLAY``: :meth:`~lightning_dve.influence.DataValueEmbeddings.exact_influence` of the mean reference
+    loss (the first-order limit through the actual optimizer; needs the replay checkpoints, costs a replay).
+    """
+
+    EMBEDDINGS = "embeddings"
+    EXACT_REPLAY = "exact_replay"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     """What the train-end report computes and where it goes (``lightning_dve.reporting``).
@@ -221,6 +287,7 @@ class ReportConfig:
         figures: write PNG figures (matplotlib) and log them.
         log_to_loggers: also log to ``trainer.loggers`` (files under ``save_dir/report/`` are always written).
         render_samples: look the top-k samples up in the training dataloader to show their label and input.
+        curve_source: where the per-occurrence scores of the curves and tables come from (:class:`CurveSource`).
     """
 
     max_reference_samples: int = 512
@@ -235,9 +302,11 @@ class ReportConfig:
     figures: bool = True
     log_to_loggers: bool = True
     render_samples: bool = True
+    curve_source: CurveSource = CurveSource.EMBEDDINGS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale))
+        object.__setattr__(self, "curve_source", CurveSource.parse(self.curve_source))
         _check_count("max_reference_samples", self.max_reference_samples, 1)
         _check_count("top_k", self.top_k, 0)
         _check_count("histogram_bins", self.histogram_bins, 1)
@@ -261,4 +330,5 @@ class ReportConfig:
         """Return a JSON-ready dict of the settings."""
         out = dataclasses.asdict(self)
         out["stage_scale"] = self.stage_scale.value
+        out["curve_source"] = self.curve_source.value
         return out

@@ -27,6 +27,10 @@ class Communicator(Protocol):
         """Every rank's ``tensor`` (2-D, any number of rows and columns), indexed by rank."""
         ...
 
+    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """On rank 0 every rank's ``tensor`` (2-D), indexed by rank; on other ranks ``[]`` (half the bytes)."""
+        ...
+
 
 class SingleProcess:
     """The communicator of a run with one process: every collective is the identity."""
@@ -39,6 +43,10 @@ class SingleProcess:
         return flag
 
     def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Return ``[tensor]``."""
+        return [tensor]
+
+    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Return ``[tensor]``."""
         return [tensor]
 
@@ -62,16 +70,28 @@ class ProcessGroup:
 
     def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Exchange shapes, pad to the largest, ``all_gather``, and trim each rank's part back."""
-        shape = torch.tensor(list(tensor.shape), device=self.device, dtype=torch.int64)
-        shapes = [torch.empty_like(shape) for _ in range(self.world_size)]
-        dist.all_gather(shapes, shape)
-        sizes = [tuple(s.tolist()) for s in shapes]
-        rows, cols = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        padded = tensor.new_zeros(rows, cols, device=self.device)
-        padded[: tensor.shape[0], : tensor.shape[1]] = tensor.to(self.device)
+        sizes, padded = self._padded(tensor)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return [part[:r, :c].to(tensor.device) for part, (r, c) in zip(parts, sizes)]
+
+    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Exchange shapes, pad to the largest, ``gather`` on rank 0, and trim each rank's part back there."""
+        sizes, padded = self._padded(tensor)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        return [part[:r, :c].to(tensor.device) for part, (r, c) in zip(parts or [], sizes)]
+
+    def _padded(self, tensor: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Every rank's ``(rows, cols)`` and ``tensor`` zero-padded to the largest, on the group's device."""
+        shape = torch.tensor(list(tensor.shape), device=self.device, dtype=torch.int64)
+        shapes = [torch.empty_like(shape) for _ in range(self.world_size)]
+        dist.all_gather(shapes, shape)
+        sizes = [(int(s[0]), int(s[1])) for s in shapes]
+        rows, cols = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        padded = tensor.new_zeros(rows, cols, device=self.device)
+        padded[: tensor.shape[0], : tensor.shape[1]] = tensor.to(self.device)
+        return sizes, padded
 
 
 def communicator() -> Communicator:

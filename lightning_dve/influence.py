@@ -23,6 +23,8 @@ from .config import DVEConfig
 from .errors import ConfigError, LayerMismatchError, StoreError
 from .projection import LayerProjection
 from .recursion import layer_groups
+from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
+from .replay_data import split_batch, step_loss_terms
 from .store import EMBEDDINGS, STEPS, TrajectoryStore
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -101,6 +103,8 @@ class DataValueEmbeddings:
         self.config = DVEConfig.from_dict(store.manifest["settings"])
         self.loss_weights = loss_weights
         self._factors = store.read_segments()
+        self.training_data: TrainingData | None = None  # set by the callback after fit, for exact_influence
+        self.replay_cost: ReplayCost | None = None  # cost of the last exact_influence
         self.projections = {
             entry["name"]: LayerProjection.from_dict(entry["name"], entry["projection"])
             for entry in store.manifest["layers"]
@@ -227,6 +231,52 @@ class DataValueEmbeddings:
         """
         return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step)
 
+    def exact_influence(
+        self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
+        dataset: Any = None, *, collate_fn: Callable[[list[Any]], Any] | None = None,
+        train_loss_fn: TrainLossFn | None = None,
+    ) -> InfluenceResult:
+        """Exact first-order scores by replaying training (same result type and meaning as :meth:`influence`).
+
+        ``scores[i, (t, z)] = -w_{t,z} dl(theta_T, test_i)/dw_{t,z}``: the derivative of the final test loss in
+        the weight of occurrence ``(t, z)``, by reverse-mode differentiation through every later recorded step of
+        the actual optimizer (SGD with momentum, Nesterov, weight decay; Adam, AdamW), learning rates and
+        clipping (:mod:`lightning_dve.replay`). It is the first-order limit of TSLOO, not TSLOO itself. The cost
+        relative to training is in :attr:`replay_cost` afterwards.
+
+        Args:
+            module, batch, loss_fn, per_step: as in :meth:`influence` (without ``loss_fn``, each test sample's
+                loss is ``training_step`` on a one-sample batch divided by its recorded reduction weight).
+            dataset: the training dataset (map-style); default the one seen in ``fit``, required after
+                :meth:`load`. Batches are rebuilt as ``collate_fn([dataset[i] for i in ids])``.
+            collate_fn: default the training dataloader's (after :meth:`load`: ``default_collate``).
+            train_loss_fn: ``(module, batch) -> Tensor[B]`` per-sample training losses (one forward per step);
+                default ``training_step`` on one-sample batches (logging muted), one forward per sample.
+
+        Raises:
+            ConfigError: checkpoints were off, no dataset, or ``module`` is not the final trained module.
+            UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
+                random transforms, or the replay does not reproduce the checkpoints).
+        """
+        base = self.training_data or TrainingData(None)
+        data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
+                            base.sample_ids, base.prepare)
+        ids, steps, scores, self.replay_cost = exact_influence_scores(
+            self.store, self.config.checkpoint_interval, module, self._replay_target(batch, loss_fn), data,
+            train_loss_fn, self.config.loss_reduction, self.loss_weights)
+        return _result(ids, steps, scores, per_step)
+
+    def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
+        return self._replay_target(batch, None)(module)
+
+    def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
+        """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""
+        if loss_fn is not None:
+            return lambda module: loss_fn(module, batch)
+        singles, reduction = split_batch(batch), self.config.loss_reduction
+        return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights)
+
     @property
     def segment_boundaries(self) -> list[int]:
         """Last optimizer step of each influence-checkpointing segment (one entry when ``segments=1``).
@@ -313,6 +363,15 @@ class DataValueEmbeddings:
             rows = torch.cat([test[name].to(factor.dtype) for name in group], dim=1) @ factor
             out.update(zip(group, rows.split([test[name].shape[1] for name in group], dim=1)))
         return out
+
+
+def _result(sample_ids: torch.Tensor, steps: torch.Tensor, scores: torch.Tensor, per_step: bool) -> InfluenceResult:
+    """Per-occurrence columns, or (``per_step=False``) per-sample totals ordered by sample id."""
+    if per_step:
+        return InfluenceResult(sample_ids, steps, scores)
+    unique, inverse = torch.unique(sample_ids, return_inverse=True)
+    totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
+    return InfluenceResult(unique, torch.full_like(unique, -1), totals)
 
 
 def _dot(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -258,15 +258,25 @@ def split_block(module: nn.Module, block: torch.Tensor) -> dict[str, torch.Tenso
 def gradient_block(module: nn.Module) -> torch.Tensor | None:
     """The module's accumulated ``.grad`` in the exact block layout ``[d_out, d_in]`` (inverse of
     :func:`split_block`), or ``None`` if the weight has no gradient."""
-    weight_grad = module.weight.grad
-    if weight_grad is None:
+    if module.weight.grad is None:
         return None
+    bias = module.bias.grad if has_trainable_bias(module) else None
+    return parameter_block(module, module.weight.grad, bias)
+
+
+def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Parameter-shaped values (a gradient, an optimizer's second moment) in the block layout ``[d_out, d_in]``.
+
+    Args:
+        weight: shaped like ``module.weight``.
+        bias: shaped like ``module.bias`` (zeros if ``None`` while the bias is trained).
+    """
     spec = spec_for(module)
     assert spec is not None
     if spec.kind == "embedding":
-        return weight_grad.T
-    matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+        return weight.T
+    matrix = weight.reshape(weight.shape[0], -1)
     if has_trainable_bias(module):
-        bias_grad = module.bias.grad if module.bias.grad is not None else torch.zeros_like(module.bias)
-        matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
+        bias = bias if bias is not None else torch.zeros_like(module.bias)
+        matrix = torch.cat([matrix, bias.unsqueeze(1)], dim=1)
     return matrix

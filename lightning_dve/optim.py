@@ -1,4 +1,7 @@
-"""What the optimizer actually applied in a step: learning rates and SGD terms per tracked layer, clipping."""
+"""What the optimizer actually applied in a step: learning rates and SGD terms per tracked layer, clipping.
+
+Which optimizers are modelled is decided here; Adam and AdamW terms are in :mod:`lightning_dve.adam`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from torch import nn
 
 from .errors import ConfigError
 
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
-def _groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
+
+def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
     """The param group of each tracked weight, in the order of ``weights``.
 
     Raises:
@@ -27,25 +32,32 @@ def _groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
-    ``torch.optim.SGD`` with momentum, dampening and weight decay is modelled (:mod:`lightning_dve.recursion`);
-    Nesterov momentum and other optimizers are treated as SGD with their current learning rate.
+    ``torch.optim.SGD`` with momentum (heavy-ball or Nesterov), dampening and weight decay, and Adam / AdamW
+    without ``amsgrad`` or ``maximize`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
+    treated as SGD with their current learning rate.
     """
-    if not isinstance(optimizer, torch.optim.SGD):
-        return f"{type(optimizer).__name__} is not SGD"
-    if any(group.get("nesterov") for group in optimizer.param_groups):
-        return "SGD with Nesterov momentum (its momentum is not modelled)"
-    return None
+    if isinstance(optimizer, torch.optim.SGD):
+        return None
+    if isinstance(optimizer, _ADAM):
+        flags = [flag for flag in ("amsgrad", "maximize") if any(g.get(flag) for g in optimizer.param_groups)]
+        return f"{type(optimizer).__name__} with {' and '.join(flags)}" if flags else None
+    return f"{type(optimizer).__name__} is not SGD, Adam or AdamW"
+
+
+def is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a modelled Adam or AdamW."""
+    return isinstance(optimizer, _ADAM) and sgd_proxy_reason(optimizer) is None
 
 
 def uses_momentum_or_decay(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a modelled SGD optimizer has momentum or weight decay (the two-state recursion)."""
-    return sgd_proxy_reason(optimizer) is None and any(
+    """Whether a modelled optimizer carries state or decays weights (the two-state recursion)."""
+    return is_adam(optimizer) or sgd_proxy_reason(optimizer) is None and any(
         group.get("momentum") or group.get("weight_decay") for group in optimizer.param_groups
     )
 
 
 def step_terms(
-    optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter], clip: float
+    optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], clip: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Learning rates ``[L]`` and optimizer terms ``{name: [L]}`` of this step, with norm clipping folded in.
 
@@ -55,18 +67,28 @@ def step_terms(
     Plain SGD: the clip factor scales the learning rate (the whole update). With momentum or weight decay it
     scales only the gradient entering the velocity (``gain = clip * (1 - dampening)``); the weight decay, which
     torch dampens but does not clip, is divided by the clip factor so that ``gain * weight_decay`` is applied.
+    Nesterov adds ``lead = momentum`` and ``direct = clip`` (recursion.py, ``BackwardRecursion``). Adam and
+    AdamW: :func:`lightning_dve.adam.adam_terms`.
+
+    Args:
+        modules: the tracked layers by name.
     """
-    groups = _groups_of(optimizer, weights)
+    weights = {name: module.weight for name, module in modules.items()}
+    groups = groups_of(optimizer, weights)
     lrs = torch.tensor([float(group["lr"]) for group in groups], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer):
         return lrs * clip, {}
-    momentum, gain, decay = [], [], []
+    terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
     for weight, group in zip(weights.values(), groups):
         first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then
-        momentum.append(float(group["momentum"]))
-        gain.append(clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"])))
-        decay.append(float(group["weight_decay"]) / clip)  # torch dampens the decay with the gradient
-    terms = {"momentum": momentum, "gain": gain, "weight_decay": decay}
+        nesterov = bool(group.get("nesterov"))
+        terms["momentum"].append(float(group["momentum"]))
+        terms["gain"].append(clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"])))
+        terms["weight_decay"].append(float(group["weight_decay"]) / clip)  # torch dampens the decay with the gradient
+        terms["lead"].append(float(group["momentum"]) if nesterov else 1.0)
+        terms["direct"].append(clip if nesterov else 0.0)
+    if not any(group.get("nesterov") for group in groups):
+        del terms["lead"], terms["direct"]
     return lrs, {name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}
 
 
@@ -85,3 +107,9 @@ def clip_factor(optimizer: torch.optim.Optimizer, clip_val: float | None, algori
         return 1.0
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]), 2.0)
     return min(1.0, float(clip_val) / (float(norm) + 1e-6))
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient is finite: a ``GradScaler`` skips the step otherwise (checked after unscaling)."""
+    return all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None)

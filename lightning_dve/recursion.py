@@ -1,13 +1,16 @@
 """The backward recursion that turns recorded gradients into data value embeddings (method.md §2, Thm. 2).
 
-With the step Hessian replaced by the empirical Fisher ``H_k = sum_z w_{k,z} g_{k,z} g_{k,z}^T``::
+With the step Hessian written as ``H_k = sum_z w_{k,z} h_{k,z} h_{k,z}^T``::
 
     M = 0
     for t = T-1 down to 0:
         s_{t,z} = lr_t w_{t,z} g_{t,z}
         e_{t,z} = s_{t,z} - M s_{t,z}            # every z in B_t uses the same M
-        M       = M + sum_z e_{t,z} g_{t,z}^T
+        M       = M + sum_z lr_t w_{t,z} (h_{t,z} - M h_{t,z}) h_{t,z}^T
 
+where the curvature rows ``h`` are the gradients themselves for the empirical Fisher (the paper's choice; the
+update is then ``M += sum_z e_{t,z} g_{t,z}^T``), pseudo-gradients for the Gauss-Newton matrix, and absent for
+``Curvature.NONE`` (``M`` stays 0)
 so that ``I - M_t = prod_{k=T-1..t+1} (I - lr_k H_k)`` and ``e_{t,z}`` is the embedding of occurrence (t, z).
 ``M`` is not symmetric; the product is ``M s``. Layers are grouped: one ``M`` per layer (block-diagonal) or
 one for all layers (:class:`~lightning_dve.config.AccumulatorLayout`). ``M`` is held in float32 or wider.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import AccumulatorLayout
+from .config import AccumulatorLayout, Curvature
 from .store import StepRecord
 
 
@@ -32,28 +35,51 @@ class BackwardRecursion:
     """State of the recursion (the accumulation matrices ``M``), advanced one step at a time backwards.
 
     Plain SGD is the loop above. SGD with momentum ``mu``, dampening ``tau`` and weight decay ``lambda``
-    (``torch.optim.SGD``, not Nesterov) carries the velocity as state: with ``A_t = I - M_t`` the map of a
-    parameter change after step ``t`` to the final parameters and ``S_t`` the map of a velocity change at step
-    ``t``, going backwards from ``A = I``, ``S = 0``::
+    (``torch.optim.SGD``) carries the velocity as state: with ``A_t = I - M_t`` the map of a parameter change
+    after step ``t`` to the final parameters and ``S_t`` the map of a velocity change at step ``t``, going
+    backwards from ``A = I``, ``S = 0``::
 
-        S_t     = A_t Lambda_t + S_{t+1} diag(mu_{t+1})          # a velocity change is applied at later rates
-        e_{t,z} = S_t (c_t w_{t,z} g_{t,z})                        # c_t = 1 - tau (1 on the buffer's first step)
-        M_{t-1} = M_t + S_t diag(c_t lambda) + sum_z e_{t,z} g_{t,z}^T
+        S_t     = A_t Lambda_t diag(l_t) + S_{t+1} diag(mu_{t+1})  # a velocity change is applied at later rates
+        D_t     = S_t diag(c_t) + A_t Lambda_t diag(d_t)           # the map of a gradient change at step t
+        e_{t,z} = D_t (w_{t,z} g_{t,z})
+        M_{t-1} = M_t + D_t diag(lambda) + sum_z D_t (w_{t,z} h_{t,z}) h_{t,z}^T
 
-    which reduces to the SGD loop when ``mu = lambda = 0``. Terms come from ``record.optim`` (per layer).
+    with ``c_t = clip_t (1 - tau)`` (no dampening on the buffer's first step), ``l_t = 1`` and ``d_t = 0`` for
+    heavy-ball momentum, ``l_t = mu_t`` and ``d_t = clip_t`` for Nesterov (its update ``g' + mu v`` uses the
+    gradient directly and the velocity scaled by ``mu``); ``lambda`` is stored divided by ``clip_t`` (torch
+    clips the gradient, not the decay). It reduces to the SGD loop when ``mu = lambda = 0``. Terms come from
+    ``record.optim`` (per layer; ``gain`` is ``c``, ``lead`` is ``l``, ``direct`` is ``d``).
+
+    Adam and AdamW (adam.py) are this form with the preconditioner ``P``: in exact mode as a per-coordinate rate
+    (``Lambda_t = diag(lr_t P_t)``, ``record.vectors["precond"]``); in projected mode on preconditioned rows (the
+    source and the left factor of the curvature become ``P g`` and ``P h``: ``record.preconditioned``,
+    ``record.curvature_preconditioned``). AdamW's decoupled decay adds ``M_{t-1} += A_t diag(shrink_t)``
+    (``shrink = lr lambda``). The second-moment channel (``record.vectors["kappa"]``) adds a third map ``V``
+    (:meth:`_second_moment_map`): ``e -= V (w v_gain g' * g)`` and ``M_{t-1} -= sum_z V (w v_gain g' * h) h^T``.
 
     Args:
         layer_order: every tracked layer in manifest order (the order of ``StepRecord.lrs``).
         layout: accumulation-matrix layout, which groups the layers.
         owned: run only the groups of these layers (a rank's share); ``None`` runs every group.
+        curvature: the step Hessian: the gradients, the records' pseudo-gradients (``StepRecord.curvature``), or
+            none.
     """
 
-    def __init__(self, layer_order: list[str], layout: AccumulatorLayout, owned: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        layer_order: list[str],
+        layout: AccumulatorLayout,
+        owned: list[str] | None = None,
+        curvature: Curvature = Curvature.EMPIRICAL_FISHER,
+    ) -> None:
         self.layer_order = list(layer_order)
+        self.curvature = Curvature.parse(curvature)
         self.groups = [g for g in layer_groups(self.layer_order, layout) if owned is None or g[0] in owned]
         self.accumulators: list[torch.Tensor | None] = [None] * len(self.groups)  # M per group
         self.velocity_maps: list[torch.Tensor | None] = [None] * len(self.groups)  # S_{t+1} per group
         self.next_momentum: list[torch.Tensor | None] = [None] * len(self.groups)  # mu_{t+1} per column
+        self.second_moment_maps: list[torch.Tensor | None] = [None] * len(self.groups)  # V_{t+1} per group (Adam)
+        self.next_decay: list[torch.Tensor | None] = [None] * len(self.groups)  # beta2_{t+1} per column
 
     def _columns(self, record: StepRecord, group: list[str], values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-layer values ``[L]`` spread over the group's columns ``[K]``."""
@@ -77,37 +103,136 @@ class BackwardRecursion:
             lr = self._columns(record, group, record.lrs, dtype)
             if self.accumulators[index] is None:
                 self.accumulators[index] = grads.new_zeros(grads.shape[1], grads.shape[1])
+            rows = self._curvature_rows(record, group, grads)
             if record.optim:
-                embedding = self._momentum_step(index, record, group, grads, lr)
-            else:
-                embedding = self._sgd_step(index, grads * lr * record.weights.to(dtype).unsqueeze(1), grads)
+                embedding = self._momentum_step(index, record, group, grads, rows, lr)
+            else:  # plain SGD records carry no preconditioned rows
+                embedding = self._sgd_step(index, lr * record.weights.to(dtype).unsqueeze(1), grads, rows)
             out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
 
-    def _sgd_step(self, index: int, scaled: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """``e = s - M s`` with ``s = lr w g``, then ``M += sum_z e g^T`` (in place)."""
+    def _curvature_rows(self, record: StepRecord, group: list[str], grads: torch.Tensor) -> torch.Tensor | None:
+        """The rows ``h [B, K]`` of the step Hessian (module docstring); ``grads`` itself for the empirical Fisher."""
+        if self.curvature is Curvature.NONE:
+            return None
+        if self.curvature is Curvature.EMPIRICAL_FISHER:
+            return grads
+        return _cat(record.curvature, group, grads.dtype)
+
+    def _sgd_step(
+        self, index: int, scale: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``e = s - M s`` with ``s = lr w g``, then ``M += sum_z lr w (h - M h) h^T`` (in place).
+
+        Args:
+            scale: ``lr w`` per row and column, ``[B, K]`` (or broadcastable).
+        """
         accumulator = self.accumulators[index]
         assert accumulator is not None
+        scaled = grads * scale
         embedding = torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
-        accumulator.addmm_(embedding.T, grads)
+        if rows is grads:
+            accumulator.addmm_(embedding.T, grads)
+        elif rows is not None:
+            scaled = rows * scale
+            accumulator.addmm_(torch.addmm(scaled, scaled, accumulator.T, alpha=-1).T, rows)
         return embedding
 
     def _momentum_step(
-        self, index: int, record: StepRecord, group: list[str], grads: torch.Tensor, lr: torch.Tensor
+        self,
+        index: int,
+        record: StepRecord,
+        group: list[str],
+        grads: torch.Tensor,
+        rows: torch.Tensor | None,
+        lr: torch.Tensor,
     ) -> torch.Tensor:
         """One step of the momentum form (class docstring)."""
         accumulator = self.accumulators[index]
         assert accumulator is not None
         columns = {k: self._columns(record, group, v, grads.dtype) for k, v in record.optim.items()}
-        velocity = (torch.eye(len(lr), dtype=grads.dtype) - accumulator) * lr  # A_t Lambda_t
+        if "precond" in record.vectors:  # exact-mode Adam: the rate of each coordinate is lr P
+            lr = lr * torch.cat([record.vectors["precond"][name].to(grads.dtype) for name in group])
+        transfer = torch.eye(len(lr), dtype=grads.dtype) - accumulator  # A_t
+        step_map = transfer * lr  # A_t Lambda_t
+        velocity = step_map * columns["lead"] if "lead" in columns else step_map.clone()
         if self.velocity_maps[index] is not None:
             velocity += self.velocity_maps[index] * self.next_momentum[index]  # + S_{t+1} diag(mu_{t+1})
-        gain = columns["gain"]  # c_t
-        embedding = (grads * gain * record.weights.to(grads.dtype).unsqueeze(1)) @ velocity.T  # e = S (c w g)
-        accumulator += velocity * (gain * columns["weight_decay"])
-        accumulator.addmm_(embedding.T, grads)
+        direct = velocity * columns["gain"]  # D_t = S_t diag(c_t) (+ A_t Lambda_t diag(clip_t), Nesterov)
+        if "direct" in columns:
+            direct += step_map * columns["direct"]
+        weights = record.weights.to(grads.dtype).unsqueeze(1)
+        second = self._second_moment_map(index, record, group, transfer, columns)
+
+        def to_final(plain: torch.Tensor, preconditioned: torch.Tensor) -> torch.Tensor:
+            """``D (w P x) - V (w v_gain g' * x)`` per row: a gradient-like change's effect on the final weights."""
+            out = (preconditioned * weights) @ direct.T
+            return out if second is None else out - (plain * second[1] * weights) @ second[0].T
+
+        sources = _cat(record.preconditioned, group, grads.dtype) if record.preconditioned else grads  # P g (Adam)
+        embedding = to_final(grads, sources)  # e = D (w P g) (- V (w v_gain g' * g))
+        update = direct * columns["weight_decay"]
+        if second is not None:  # Adam's L2 decay also moves v: - V diag(v_gain g' lambda)
+            update -= second[0] * (second[1] * columns["weight_decay"])
+        if "shrink" in columns:  # decoupled decay: A_{t-1} = A_t diag(1 - lr lambda) - ...
+            update += transfer * columns["shrink"]
+        accumulator += update
+        if rows is grads:
+            accumulator.addmm_(embedding.T, grads)
+        elif rows is not None:
+            rows_q = _cat(record.curvature_preconditioned, group, grads.dtype) if record.preconditioned else rows
+            accumulator.addmm_(to_final(rows, rows_q).T, rows)
         self.velocity_maps[index], self.next_momentum[index] = velocity, columns["momentum"]
         return embedding
+
+    def block(self, records: list[StepRecord], update: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Embed several consecutive steps at once; equal to :meth:`step` on each, latest first (round-off).
+
+        Plain-SGD steps go through :func:`block_sgd` (one pass over each ``M`` per block instead of three per
+        step); a block with momentum or weight decay terms is run step by step.
+
+        Args:
+            records: consecutive steps from the latest to the earliest (the order :meth:`step` takes them).
+            update: fold the block into ``M``; ``False`` when no earlier step follows and no factor is needed.
+
+        Returns:
+            The embeddings of each record, ``{layer: e [B, k_l]}``, in the order of ``records``.
+        """
+        if any(record.optim for record in records):
+            return [self.step(record) for record in records]
+        out: list[dict[str, torch.Tensor]] = [{} for _ in records]
+        sizes = [record.sample_ids.numel() for record in records]
+        for index, group in enumerate(self.groups):
+            dtype = torch.promote_types(records[0].grads[group[0]].dtype, torch.float32)
+            grads = torch.cat([torch.cat([r.grads[n].to(dtype) for n in group], dim=1) for r in records])
+            scale = torch.cat([self._columns(r, group, r.lrs, dtype) * r.weights.to(dtype).unsqueeze(1)
+                               for r in records])  # lr w per row and column: [n, K]
+            rows = None
+            if self.curvature is Curvature.GGN:
+                rows = torch.cat([torch.cat([r.curvature[n].to(dtype) for n in group], dim=1) for r in records])
+            elif self.curvature is Curvature.EMPIRICAL_FISHER:
+                rows = grads
+            embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
+                                                            update)
+            widths = [records[0].grads[n].shape[1] for n in group]
+            for i, part in enumerate(embedding.split(sizes)):
+                out[i].update(zip(group, part.split(widths, dim=1)))
+        return out
+
+    def _second_moment_map(
+        self, index: int, record: StepRecord, group: list[str], transfer: torch.Tensor, columns: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Adam's second-moment channel (``adam_second_moment``): ``V_t = A_t diag(kappa_t) + V_{t+1}
+        diag(beta2_{t+1})``, the map of a change of ``v_t`` to the final parameters, and ``v_gain g'_t`` [K]."""
+        if "kappa" not in record.vectors:
+            return None
+        kappa = torch.cat([record.vectors["kappa"][name].to(transfer.dtype) for name in group])
+        second = transfer * kappa
+        if self.second_moment_maps[index] is not None:
+            second += self.second_moment_maps[index] * self.next_decay[index]
+        self.second_moment_maps[index], self.next_decay[index] = second, columns["v_decay"]
+        batch_grad = torch.cat([record.vectors["batch_grad"][name].to(transfer.dtype) for name in group])
+        return second, batch_grad * columns["v_gain"]
 
     def factors(self) -> dict[str, torch.Tensor]:
         """``I - M`` of every group run so far, keyed by the group's first layer (method.md §3, checkpointing).
@@ -119,6 +244,65 @@ class BackwardRecursion:
             if accumulator is not None:
                 out[group[0]] = torch.eye(accumulator.shape[0], dtype=accumulator.dtype) - accumulator
         return out
+
+
+def block_sgd(
+    accumulator: torch.Tensor | None,
+    grads: torch.Tensor,
+    scale: torch.Tensor,
+    rows: torch.Tensor | None,
+    sizes: list[int],
+    update: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain-SGD recursion over a block of ``s`` steps with one product by ``M`` (module docstring).
+
+    With ``M_0`` the accumulator before the block, steps ``j = 0..s-1`` from the latest, ``S_j = lr w g_j`` and
+    ``R_j = lr w h_j`` (scaled curvature rows), the per-step updates ``M_j = M_{j-1} + U_j^T H_j`` unroll to::
+
+        U_j + sum_{i<j} (R_j H_i^T) U_i = R_j - R_j M_0^T        # U_j = R_j - R_j M_{j-1}^T
+        E_j = S_j - S_j M_0^T - sum_{i<j} (S_j H_i^T) U_i          # e = s - M_{j-1} s
+        M_s = M_0 + U^T H
+
+    a unit block-lower-triangular solve in the small Gram matrices (``n = sum B_j`` rows), so ``M`` is read
+    twice per block instead of three times per step. For the empirical Fisher ``H = G``, ``R = S`` and ``U = E``.
+
+    Args:
+        accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
+        grads: ``g [n, K]``, the steps' rows stacked from the latest step.
+        scale: ``lr w`` per row and column, ``[n, K]``.
+        rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
+        sizes: rows of each step, ``B_j``.
+        update: fold the block into ``accumulator``.
+
+    Returns:
+        The embeddings ``E [n, K]`` and the accumulator (``M_s``, or ``M_0`` when not ``update``).
+    """
+    scaled = grads * scale
+    if rows is None:  # no curvature: M stays 0 and e = s
+        zeros = grads.new_zeros(grads.shape[1], grads.shape[1]) if update and accumulator is None else None
+        return scaled, accumulator if zeros is None else zeros
+    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    earlier = (step_of.unsqueeze(1) > step_of.unsqueeze(0)).to(grads.dtype)  # i < j: [n, n]
+    identity = torch.eye(len(step_of), dtype=grads.dtype)
+    embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
+    if rows is grads:
+        lower = identity + (scaled @ grads.T) * earlier
+        updates = embedding = torch.linalg.solve_triangular(lower, embedding, upper=False, unitriangular=True)
+    else:
+        scaled_rows = rows * scale
+        lower = identity + (scaled_rows @ rows.T) * earlier
+        updates = scaled_rows if accumulator is None else torch.addmm(scaled_rows, scaled_rows, accumulator.T,
+                                                                      alpha=-1)
+        updates = torch.linalg.solve_triangular(lower, updates, upper=False, unitriangular=True)
+        embedding = embedding - ((scaled @ rows.T) * earlier) @ updates
+    if update:
+        accumulator = updates.T @ rows if accumulator is None else accumulator.addmm_(updates.T, rows)
+    return embedding, accumulator
+
+
+def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """A group's rows side by side, ``[B, K]``."""
+    return torch.cat([rows[name].to(dtype) for name in group], dim=1)
 
 
 def bounds_after(steps: list[int], boundary_steps: list[int]) -> list[tuple[int, int]]:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import curves, figures, reporting_loggers
-from .config import ReportConfig
+from .config import CurveSource, ReportConfig
 from .curves import CurveReport
 from .reporting_loggers import (
     CURVE_COLUMNS,
@@ -44,7 +44,7 @@ from .reporting_loggers import (
 )
 from .dynamics import DYNAMICS_COLUMNS, dynamics_rows
 from .errors import ConfigError, DVEError
-from .influence import DataValueEmbeddings
+from .influence import DataValueEmbeddings, InfluenceResult
 from .store import TrajectoryStore
 from .samples import SampleView, find_samples, unsharded
 
@@ -118,7 +118,7 @@ def report_train_end(
     query = _reference_query(trainer, pl_module, embeddings, config, reference, show)
     if query is None:
         return None
-    result = embeddings.score(query.gradients, per_step=True)
+    result = _scores(trainer, pl_module, embeddings, config, reference, query)
     lr_layer, lrs = _curve_learning_rates(embeddings)
     summary = curves.summarise(result, embeddings.steps, embeddings.epochs, lrs, config)
     wanted = {s.sample_id for s in (*summary.helpful, *summary.harmful)}
@@ -133,6 +133,33 @@ def report_train_end(
         reporting_loggers.log_to_loggers(trainer, report, plots)
     rank_zero_info(f"DataValueEmbedding: influence report in {report.directory} ({_stage_line(summary)}).")
     return report
+
+
+def _scores(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, embeddings: DataValueEmbeddings, config: ReportConfig,
+    reference: Any, query: Reference,
+) -> InfluenceResult:
+    """Per-step scores of the mean reference loss: one dot product per occurrence, or the exact replay.
+
+    A replay that cannot run (checkpoints off, dropout, ...) warns and falls back to the embeddings.
+    """
+    if config.curve_source is CurveSource.EXACT_REPLAY:
+
+        def mean_reference_loss(module: torch.nn.Module, _: Any) -> torch.Tensor:
+            losses, count = [], 0
+            for batch in resolve_reference(trainer, reference)[0] or []:
+                losses.append(embeddings.test_losses(module, prepare_batch(trainer, pl_module, batch)))
+                count += len(losses[-1])
+                if count >= query.n_samples:
+                    break
+            return torch.cat(losses)[: query.n_samples].mean().unsqueeze(0)
+
+        try:
+            return embeddings.exact_influence(pl_module, None, loss_fn=mean_reference_loss, per_step=True)
+        except DVEError as err:
+            rank_zero_warn(f"DataValueEmbedding: the exact-replay curve is not available ({err}) The report uses the "
+                           "embeddings instead.")
+    return embeddings.score(query.gradients, per_step=True)
 
 
 def save_boundary_reference(
@@ -181,7 +208,7 @@ def _reference_query(
                        "was given). Pass `reference=` (a batch or a DataLoader) to the callback, or define "
                        "`validation_step` and a validation dataloader.")
         return None
-    prepare = partial(_prepare_batch, trainer, pl_module)
+    prepare = partial(prepare_batch, trainer, pl_module)
     try:
         return reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source,
                                   show_progress)
@@ -214,7 +241,7 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     return unsharded(loaders), "the validation dataloader"
 
 
-def _prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
+def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
     """What the training loop does to a batch: precision conversion, the module's transfer hooks, device."""
     batch = trainer.precision_plugin.convert_input(batch)
     batch = module.on_before_batch_transfer(batch, 0)

@@ -49,6 +49,12 @@ class StepRecord:
         epoch: training epoch of the step.
         optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain`` = 1 - dampening,
             ``weight_decay``), empty for plain SGD.
+        curvature: one curvature row per sample ``{layer: [B, k_l]}`` (the Gauss-Newton pseudo-gradients of
+            ``Curvature.GGN``), empty when the curvature comes from ``grads`` or is off.
+        preconditioned: the gradients through the optimizer's rank-1 preconditioner (Adam), or empty.
+        curvature_preconditioned: the curvature rows through the same preconditioner, or empty.
+        vectors: per-coordinate step terms ``{kind: {layer: [k_l]}}``: Adam's second-moment sensitivity
+            ``kappa`` and the step's gradient ``batch_grad`` (``adam_second_moment``), else empty.
     """
 
     step: int
@@ -58,39 +64,62 @@ class StepRecord:
     grads: dict[str, torch.Tensor]
     epoch: int = 0
     optim: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    curvature: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    curvature_preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
         out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
         out.update({f"optim/{name}": value for name, value in self.optim.items()})
-        for name, grad in self.grads.items():
-            out.update(encode(name, grad, storage))
+        for field, kind in ROW_FILE_KINDS.items():
+            for name, rows in getattr(self, field).items():
+                out.update(encode(name, rows, storage, kind))
+        out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items() for name, value in values.items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
         """Rebuild from what :meth:`to_tensors` wrote (gradients decoded to float32, or float64 if stored so)."""
-        grads = {k[len("grad/"):]: decode(k[len("grad/"):], tensors) for k in tensors if k.startswith("grad/")}
+        rows = {kind: {k.split("/", 1)[1]: decode(k.split("/", 1)[1], tensors, kind) for k in tensors
+                       if k.startswith(f"{kind}/")} for kind in ROW_FILE_KINDS.values()}
         optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
-        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], grads, epoch, optim)
+        vectors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("vec/"):
+                _, kind, name = key.split("/", 2)
+                vectors.setdefault(kind, {})[name] = value
+        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], rows[GRADIENT], epoch, optim,
+                   vectors=vectors, **{field: rows[kind] for field, kind in ROW_FILE_KINDS.items() if field != "grads"})
 
 
-def encode(name: str, grad: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
-    """Gradient rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
+GRADIENT = "grad"
+#: File prefix of each kind of stored rows, by ``StepRecord`` field.
+ROW_FILE_KINDS = {"grads": GRADIENT, "curvature": "curv", "preconditioned": "pgrad", "curvature_preconditioned": "pcurv"}
+
+
+def _scale_key(name: str, kind: str) -> str:
+    return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
+
+
+def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
+    """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
 
     The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
     """
     if storage != "float16":
-        return {f"grad/{name}": grad.to(getattr(torch, storage))}
+        return {f"{kind}/{name}": grad.to(getattr(torch, storage))}
     scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
-    return {f"grad/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16), f"scale/{name}": scale}
+    return {f"{kind}/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16),
+            _scale_key(name, kind): scale}
 
 
-def decode(name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
     """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
-    grad = tensors[f"grad/{name}"]
+    grad = tensors[f"{kind}/{name}"]
     grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
-    scale = tensors.get(f"scale/{name}")
+    scale = tensors.get(_scale_key(name, kind))
     return grad if scale is None else grad * scale.unsqueeze(1)
 
 

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import AccumulatorLayout
+from .config import AccumulatorLayout, DVEConfig
 from .distributed import Communicator
 from .errors import DVEError, SampleIdError
 from .recursion import BackwardRecursion, layer_groups
 from .store import StepRecord, TrajectoryStore
 
 
-GATHER_STEPS = 16  # steps of embeddings gathered to rank 0 per collective (latency, not bandwidth, dominates)
+BLOCK_ROWS = 256  # occurrences per recursion block (one product by M, one gather to rank 0 per block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,14 @@ class MicroBatch:
         weights: ``[b]`` weight ``w`` the optimizer applies to each sample's gradient (loss reduction, divided
             by the number of micro-batches and by the world size).
         grads: ``{layer: [b, k_l]}`` per-sample gradients of the per-sample loss.
+        extra: further rows per sample by ``StepRecord`` field (``curvature``, ``preconditioned``,
+            ``curvature_preconditioned``), each ``{layer: [b, k_l]}``.
     """
 
     sample_ids: torch.Tensor
     weights: torch.Tensor
     grads: dict[str, torch.Tensor]
+    extra: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class RemoteRankError(DVEError, RuntimeError):
@@ -49,13 +53,15 @@ class RemoteRankError(DVEError, RuntimeError):
 def assign_groups(groups: list[list[str]], dims: dict[str, int], world_size: int) -> list[list[str]]:
     """Split layer groups over ranks, largest recursion cost (``K^2``) first to the least loaded rank.
 
+    Ties go to the highest rank, so rank 0, which also writes every embedding, gets the smaller share.
+
     Returns:
         The layer names owned by each rank (identical on every rank).
     """
     load = [0] * world_size
     owned: list[list[str]] = [[] for _ in range(world_size)]
     for group in sorted(groups, key=lambda g: -sum(dims[n] for n in g) ** 2):
-        rank = min(range(world_size), key=lambda r: load[r])
+        rank = min(range(world_size), key=lambda r: (load[r], -r))
         owned[rank].extend(group)
         load[rank] += sum(dims[n] for n in group) ** 2
     return owned
@@ -84,6 +90,8 @@ class StepAssembler:
         owned: the layers this rank keeps.
         dtype: storage dtype of the gradients (identical on every rank).
         allow_duplicate_ids: accept an id twice in one step.
+        extra_kinds: the further rows the micro-batches carry (:attr:`MicroBatch.extra`), gathered and kept like
+            the gradients.
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class StepAssembler:
         owned: list[str],
         dtype: torch.dtype,
         allow_duplicate_ids: bool,
+        extra_kinds: tuple[str, ...] = (),
     ) -> None:
         self.comm = comm
         self.dims = dims
@@ -100,6 +109,7 @@ class StepAssembler:
         self.dtype = dtype
         self.owned = owned
         self.allow_duplicate_ids = allow_duplicate_ids
+        self.kinds = ("grads", *extra_kinds)
         self._buffer: list[MicroBatch] = []
 
     def add(self, micro: MicroBatch) -> None:
@@ -111,7 +121,8 @@ class StepAssembler:
         self._buffer = []
 
     def close(
-        self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool, optim: dict[str, torch.Tensor] | None = None
+        self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool, optim: dict[str, torch.Tensor] | None = None,
+        vectors: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 
@@ -123,6 +134,7 @@ class StepAssembler:
             epoch: training epoch.
             last_batch: whether this is the epoch's last step (where ``DistributedSampler`` pads).
             optim: optimizer terms per layer (the same on every rank).
+            vectors: per-coordinate step terms ``{kind: {layer: [k_l]}}`` (the same on every rank).
 
         Returns:
             The record, or ``None`` if no rank captured anything (every ``training_step`` returned ``None``).
@@ -140,17 +152,24 @@ class StepAssembler:
         meta = torch.cat(metas)
         sample_ids = meta[:, 0].to(torch.int64)
         self._check_duplicates(sample_ids, ranks, step, last_batch)
-        split = dict(zip(self.layer_names, all_grads.split([self.dims[n] for n in self.layer_names], dim=1)))
-        owned = {n: split[n] for n in self.owned}  # column views; the store makes them contiguous on write
-        return StepRecord(step, sample_ids, meta[:, 1], lrs, owned, epoch, optim or {})
+        sizes = [self.dims[n] for n in self.layer_names]
+        kinds = dict(zip(self.kinds, all_grads.split(sum(sizes), dim=1)))
+        # column views; the store makes them contiguous on write
+        owned = {kind: dict(zip(self.layer_names, rows.split(sizes, dim=1))) for kind, rows in kinds.items()}
+        owned = {kind: {n: rows[n] for n in self.owned} for kind, rows in owned.items()}
+        vectors = {kind: {n: values[n] for n in self.owned} for kind, values in (vectors or {}).items()}
+        return StepRecord(step, sample_ids, meta[:, 1], lrs, owned["grads"], epoch, optim or {},
+                          vectors=vectors, **{kind: owned[kind] for kind in self.kinds[1:]})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, sum k_l]`` gradients."""
+        """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, kinds * sum k_l]`` rows."""
         buffer, self._buffer = self._buffer, []
         meta = [torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1) for m in buffer]
-        grads = [torch.cat([m.grads[n].to(self.dtype) for n in self.layer_names], dim=1) for m in buffer]
+        grads = [torch.cat([{"grads": m.grads, **m.extra}[kind][n].to(self.dtype) for kind in self.kinds
+                            for n in self.layer_names], dim=1) for m in buffer]
+        width = sum(self.dims.values()) * len(self.kinds)
         return (torch.cat([torch.zeros(0, 2, dtype=torch.float64), *meta]),
-                torch.cat([torch.zeros(0, sum(self.dims.values()), dtype=self.dtype), *grads]))
+                torch.cat([torch.zeros(0, width, dtype=self.dtype), *grads]))
 
     def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
         values, counts = torch.unique(ids, return_counts=True)
@@ -173,7 +192,7 @@ def gather_embeddings(
     rows: int,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Collective: every rank's embeddings of one step merged into ``{layer: [B, k_l]}`` (used on rank 0).
+    """Collective: every rank's embeddings of one step merged into ``{layer: [B, k_l]}`` on rank 0 (``{}`` elsewhere).
 
     Args:
         comm: communicator.
@@ -186,7 +205,7 @@ def gather_embeddings(
     mine = owned[comm.rank]
     local = torch.cat([embeddings[n].to(dtype) for n in mine], 1) if mine else torch.zeros(rows, 0, dtype=dtype)
     merged: dict[str, torch.Tensor] = {}
-    for names, block in zip(owned, comm.all_gather_rows(local)):
+    for names, block in zip(owned, comm.gather_rows(local)):
         if names:
             merged.update(zip(names, block.split([dims[n] for n in names], dim=1)))
     return merged
@@ -220,26 +239,33 @@ def embed_trajectory(
         progress: show a progress bar (rank 0).
     """
     bounds = bounds or [(0, len(store.steps))]
+    curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
-    def run(bound: tuple[int, int], merge: bool) -> dict[str, torch.Tensor]:
-        recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank])
-        pending: list[tuple[StepRecord, dict[str, torch.Tensor]]] = []
-        for record in store.iter_backward(*bound):
-            pending.append((record, recursion.step(record)))
-            if not merge or len(pending) == GATHER_STEPS or record.step == store.steps[bound[0]]:
-                _write_pending(comm, store, owned, dims, dtype, pending, merge)
-                pending = []
-            bar.update(1)
+    def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
+        recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank], curvature)
+        first = store.steps[bounds[segment][0]]
+        with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block
+            written: list[Future[None]] = []
+            for block in _blocks(store.iter_backward(*bounds[segment])):
+                # M after the segment's first step is needed only for a segment factor (segment 0's never is)
+                embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
+                written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
+                                             list(zip(block, embeddings)), merge))
+                if len(written) > 1:
+                    written[-2].result()  # at most one block waits: memory stays bounded; errors surface
+                bar.update(len(block))
+            for future in written:
+                future.result()
         return recursion.factors()
 
     with bar:
         if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
-            run(bounds[0], merge=comm.world_size > 1)
+            run(0, merge=comm.world_size > 1)
             factors: list[dict[str, torch.Tensor]] = [{}]
         else:
             with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
-                factors = list(pool.map(lambda bound: run(bound, merge=False), bounds))
+                factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
             if comm.world_size > 1:
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
                 factors = [_gather_factors(comm, owned, layout, f, dtype) for f in factors]
@@ -247,6 +273,18 @@ def embed_trajectory(
         store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
         store.write_manifest()
+
+
+def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS) -> Iterator[list[StepRecord]]:
+    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller)."""
+    block: list[StepRecord] = []
+    for record in records:
+        block.append(record)
+        if sum(r.sample_ids.numel() for r in block) >= rows:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
 def _segment_workers(segments: int) -> int:

@@ -498,3 +498,72 @@ def optimizer_tsloo(
 
     base = run(None)
     return torch.stack([run(occurrence) - base for occurrence in occurrences], dim=1)
+
+
+def trainer_tsloo(
+    net: nn.Module,
+    batches: Sequence[Batch],
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    occurrences: Sequence[Occurrence],
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    lrs: Sequence[float] | None = None,
+    clip: float | None = None,
+    autocast: torch.dtype | None = None,
+    remove_fraction: float = 1.0,
+) -> tuple[torch.Tensor, Params]:
+    """Exact TSLOO ``[n_test, m]`` of a run with a per-step learning rate and norm clipping, and ``theta_T``.
+
+    As :func:`optimizer_tsloo` (a deep copy of ``net`` and a fresh optimizer per run, identical batches, the
+    occurrence's term dropped from its step's mean loss only), and applying exactly what a Lightning Trainer
+    applies at each step ``t``: every param group's learning rate set to ``lrs[t]`` (the rate the Trainer's
+    optimizer used at that step, after its scheduler), the gradients of all the optimizer's parameters clipped
+    to total 2-norm ``clip`` (``torch.nn.utils.clip_grad_norm_``, Lightning's ``gradient_clip_val`` with the norm
+    algorithm; the removal changes the norm, and the replay keeps that), then ``optimizer.step()``.
+    ``autocast`` runs the forward and loss under ``torch.autocast("cpu", autocast)`` (to check a mixed-precision
+    run's batch order; the ground truth itself is meant to run without it, in float64). Each counterfactual starts
+    from a copy of the unperturbed run's model and optimizer state just before its removed step (bitwise the same
+    as replaying from the start: the steps before it are identical). ``remove_fraction`` < 1 drops only that
+    fraction of the occurrence's weight (for finite-difference derivatives of the removal).
+
+    Returns:
+        ``(tsloo [n_test, m], final parameters of the unperturbed run)``.
+    """
+
+    starts = {step for step, _ in occurrences}
+    saved: dict[int, tuple[dict, dict]] = {}  # step -> (model and optimizer state before it), unperturbed run
+
+    def run(remove: Occurrence | None) -> tuple[torch.Tensor, Params]:
+        model = copy.deepcopy(net)
+        optimizer = make_optimizer(list(model.parameters()))
+        first = 0
+        if remove is not None:  # identical to the unperturbed run before the removed step: start from there
+            first = remove[0]
+            model_state, optimizer_state = saved[first]
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        for t in range(first, len(batches)):
+            batch = batches[t]
+            if remove is None and t in starts:
+                saved[t] = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            if lrs is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lrs[t])
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none") / len(batch["y"])
+            if remove is not None and remove[0] == t:
+                keep = torch.ones(len(losses), dtype=losses.dtype)
+                keep[remove[1]] = 1.0 - remove_fraction
+                losses = losses * keep
+            optimizer.zero_grad()
+            losses.sum().backward()
+            if clip is not None:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+        with torch.no_grad():
+            return F.cross_entropy(model(x_test), y_test, reduction="none"), params_of(model)
+
+    base, final = run(None)
+    columns = [run(occurrence)[0] - base for occurrence in occurrences]
+    return (torch.stack(columns, dim=1) if columns else base.new_zeros(len(base), 0)), final

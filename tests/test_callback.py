@@ -201,14 +201,10 @@ def test_gradient_accumulation_records_one_step_per_optimizer_step(fit, mlp_cls,
         assert record.weights.tolist() == pytest.approx([1 / 16] * 16)
 
 
-@pytest.mark.skip(reason="devices>1 needs several processes; covered by the DDP tests")
-def test_several_devices():
-    pass
-
-
-def test_bf16_mixed_precision_is_refused(fit, mlp_cls, save_dir):
-    with pytest.raises(UnsupportedError, match=r"precision='bf16-mixed'"):
-        fit(mlp_cls(), DataValueEmbedding(save_dir), precision="bf16-mixed")
+def test_half_precision_weights_are_refused(fit, mlp_cls, save_dir):
+    with pytest.raises(UnsupportedError, match=r"precision='bf16-true' \(use '32-true', '64-true', 'bf16-mixed' or "
+                                               r"'16-mixed'\)"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir), precision="bf16-true")
 
 
 def test_manual_optimization_is_refused(fit, mlp_cls, save_dir):
@@ -306,32 +302,33 @@ def _proxy_warnings(record) -> list[str]:
     return [str(w.message) for w in record if "treated as plain SGD" in str(w.message)]
 
 
-def test_adam_warns_once(fit, mlp_cls, save_dir):
-    class AdamMLP(mlp_cls):
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: torch.optim.RMSprop(p, lr=1e-3), "RMSprop is not SGD, Adam or AdamW"),
+    (lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True), "Adam with amsgrad"),
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, maximize=True), "AdamW with maximize"),
+])
+def test_unmodelled_optimizer_warns_once(fit, mlp_cls, save_dir, make, message):
+    class Unmodelled(mlp_cls):
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
+            return make(self.parameters())
 
-    with pytest.warns(UserWarning, match=r"Adam is not SGD.*treated as plain SGD") as record:
-        fit(AdamMLP(), DataValueEmbedding(save_dir))
+    with pytest.warns(UserWarning, match=message + r".*treated as plain SGD") as record:
+        fit(Unmodelled(), DataValueEmbedding(save_dir))
     assert len(_proxy_warnings(record)) == 1
     assert len(step_files(save_dir)) == 4
 
 
-def test_sgd_with_nesterov_momentum_warns_once(fit, mlp_cls, save_dir):
-    class NesterovMLP(mlp_cls):
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-
-    with pytest.warns(UserWarning, match=r"SGD with Nesterov momentum \(its momentum is not modelled\)") as record:
-        fit(NesterovMLP(), DataValueEmbedding(save_dir))
-    assert len(_proxy_warnings(record)) == 1
-
-
-@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}])
-def test_modelled_sgd_does_not_warn(fit, mlp_cls, save_dir, options):
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.1),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
+    lambda p: torch.optim.AdamW(p, lr=1e-3),
+])
+def test_modelled_optimizer_does_not_warn(fit, mlp_cls, save_dir, make):
     class Modelled(mlp_cls):
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, **options)
+            return make(self.parameters())
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

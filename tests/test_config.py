@@ -102,7 +102,9 @@ def test_to_dict_is_plain_json():
     data = CONFIGS[1].to_dict()
     assert data == {"projection_dim": None, "loss_reduction": "sum", "layers": ["net.0", "net.2"],
                     "exclude": ["head*"], "layout": "full", "allow_duplicate_ids": True, "seed": 17,
-                    "storage_dtype": "auto", "segments": 1}
+                    "storage_dtype": "auto", "segments": 1, "curvature": "empirical_fisher",
+                    "checkpoint_interval": "auto",
+                    "adam_second_moment": False}
 
 
 def test_unknown_keys_are_rejected():
@@ -110,8 +112,9 @@ def test_unknown_keys_are_rejected():
     data["projection"] = 64
     data["zz_extra"] = 1
     with pytest.raises(ConfigError, match=r"unknown settings \['projection', 'zz_extra'\] in manifest; known settings "
-                                          r"are \['allow_duplicate_ids', 'exclude', 'layers', 'layout', "
-                                          r"'loss_reduction', 'projection_dim', 'seed', 'segments', 'storage_dtype'\]"):
+                                          r"are \['adam_second_moment', 'allow_duplicate_ids', 'checkpoint_interval', "
+                                          r"'curvature', 'exclude', 'layers', 'layout', 'loss_reduction', "
+                                          r"'projection_dim', 'seed', 'segments', 'storage_dtype'\]"):
         DVEConfig.from_dict(data)
 
 
@@ -135,7 +138,12 @@ VARIANTS = {
     "seed": [1, -1],
     "storage_dtype": ["float64", "float32", "bfloat16", "float16"],
     "segments": [2, 5],
+    "curvature": ["ggn", "none"],
+    "checkpoint_interval": [None, 1, 7],
+    "adam_second_moment": [True],
 }
+#: Other settings a variant needs to be valid.
+NEEDS = {"adam_second_moment": {"projection_dim": None}}
 
 
 def test_settings_hash_is_pinned_and_stable():
@@ -153,11 +161,39 @@ def test_settings_hash_is_sensitive_to_every_field():
     hashes = {DVEConfig().settings_hash(): "default"}
     for field, values in VARIANTS.items():
         for value in values:
-            digest = DVEConfig(**{field: value}).settings_hash()
+            digest = DVEConfig(**{field: value, **NEEDS.get(field, {})}).settings_hash()
             assert digest not in hashes, (field, value, hashes.get(digest))
             hashes[digest] = f"{field}={value!r}"
+
+
+def test_adam_second_moment_needs_exact_gradients():
+    with pytest.raises(ConfigError, match=r"adam_second_moment=True needs exact per-sample gradients "
+                                          r"\(projection_dim=None\).*got projection_dim=1024"):
+        DVEConfig(adam_second_moment=True)
+    with pytest.raises(ConfigError, match="adam_second_moment must be a bool; got 1"):
+        DVEConfig(adam_second_moment=1, projection_dim=None)
+
+
+def test_added_fields_at_default_keep_old_hashes():
+    """A manifest written before ``curvature`` existed has no such key: it must read back to the same hash."""
+    old = DVEConfig().to_dict()
+    del old["curvature"]
+    assert DVEConfig.from_dict(old).settings_hash() == DVEConfig().settings_hash()
 
 
 def test_settings_hash_independent_of_input_spelling():
     assert DVEConfig(layers=["a"], layout="full").settings_hash() == DVEConfig(
         layers=("a",), layout=AccumulatorLayout.FULL).settings_hash()
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "never", "AUTO"])
+def test_bad_checkpoint_interval_is_rejected(value):
+    with pytest.raises(ConfigError, match=rf"checkpoint_interval must be a positive int .*, 'auto' or None \(off\); "
+                                          rf"got {re.escape(repr(value))}\."):
+        DVEConfig(checkpoint_interval=value)
+
+
+def test_checkpoint_interval_at_default_keeps_old_hashes():
+    old = DVEConfig().to_dict()
+    del old["checkpoint_interval"]
+    assert DVEConfig.from_dict(old).settings_hash() == DVEConfig().settings_hash()

@@ -91,6 +91,19 @@ def test_two_ranks_with_segments_equal_single_process(
 
 
 @pytest.mark.slow
+def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(tmp_path: Path) -> None:
+    """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
+    kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""
+    runs = {}
+    for mode in ("single", "ddp"):
+        proc = run_script(mode, tmp_path / mode, "--curvature", "ggn", "--optimizer", "adamw")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
+    assert_same_embeddings(runs["ddp"], runs["single"])
+    torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
 def test_padded_sample_is_an_occurrence_per_copy(single_reference: dict[str, torch.Tensor]) -> None:
     """The sampler pads 37 samples to 38: one sample is trained twice per epoch, so it has 2 occurrences."""
     ids, steps = single_reference["ids"], single_reference["steps"]
@@ -156,4 +169,6 @@ def test_layer_groups_are_balanced_by_recursion_cost() -> None:
     dims = {"big": 100, "mid": 60, "small1": 50, "small2": 40}
     owned = assign_groups([[n] for n in dims], dims, 2)
     assert sorted(sum(owned, [])) == sorted(dims)
-    assert owned[0] == ["big"] and set(owned[1]) == {"mid", "small1", "small2"}
+    assert owned[1] == ["big"] and set(owned[0]) == {"mid", "small1", "small2"}
+    equal = {f"l{i}": 8 for i in range(19)}
+    assert [len(o) for o in assign_groups([[n] for n in equal], equal, 2)] == [9, 10]  # rank 0 also writes

@@ -21,14 +21,17 @@ LAYERS = {"a": 3, "b": 2}
 LR = 0.02  # SGD momentum 0.9: effective step lr / (1 - momentum) = 0.2
 
 
-def random_records(seed: int, steps: int = 6) -> list[StepRecord]:
+def random_records(seed: int, steps: int = 6, nesterov: bool = False) -> list[StepRecord]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in range(steps):
         n = int(torch.randint(1, 4, (1,), generator=g))
+        clip = 0.5 + torch.rand(2, generator=g, dtype=torch.float64)  # a clip factor per step
         optim = {"momentum": torch.tensor([0.9, 0.5], dtype=torch.float64),
                  "gain": torch.tensor([1.0 if t == 0 else 0.8, 1.0 if t == 0 else 0.7], dtype=torch.float64),
                  "weight_decay": torch.tensor([0.05, 0.02], dtype=torch.float64)}
+        if nesterov:  # torch: no dampening with Nesterov; clip scales the gradient, not the decay
+            optim.update(gain=clip, weight_decay=optim["weight_decay"] / clip, lead=optim["momentum"], direct=clip)
         out.append(StepRecord(t, torch.arange(n), torch.rand(n, generator=g, dtype=torch.float64),
                               0.1 + torch.rand(2, generator=g, dtype=torch.float64),
                               {k: torch.randn(n, d, generator=g, dtype=torch.float64) for k, d in LAYERS.items()},
@@ -53,15 +56,22 @@ def linearised_removal(records: list[StepRecord], t_s: int, z: int, blocks: list
         lam, mu, gain = (columns(r, r.optim[k]) for k in ("weight_decay", "momentum", "gain"))
         lr = columns(r, r.lrs)
         direct = -r.weights[z] * grads[z] if t == t_s else torch.zeros(size, dtype=torch.float64)
+        if "direct" in r.optim:  # Nesterov: g' = clip (H theta + source) + lambda theta; v = mu v + g'; p -= lr (g' + mu v)
+            clip = columns(r, r.optim["direct"])
+            step_grad = clip * (hessian @ theta + direct) + lam * clip * theta
+            velocity = mu * velocity + step_grad
+            theta = theta - lr * (step_grad + mu * velocity)
+            continue
         velocity = mu * velocity + gain * (hessian @ theta + lam * theta + direct)
         theta = theta - lr * velocity
     return theta
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("layout", ["per_layer", "full"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_momentum_recursion_equals_the_linearised_dynamics(layout: str, seed: int) -> None:
-    records = random_records(seed)
+def test_momentum_recursion_equals_the_linearised_dynamics(layout: str, seed: int, nesterov: bool) -> None:
+    records = random_records(seed, nesterov=nesterov)
     blocks = [slice(0, 3), slice(3, 5)] if layout == "per_layer" else [slice(0, 5)]
     recursion = BackwardRecursion(list(LAYERS), AccumulatorLayout.parse(layout))
     embeddings = {r.step: recursion.step(r) for r in reversed(records)}
@@ -85,8 +95,14 @@ def test_zero_momentum_and_decay_give_the_plain_sgd_embeddings() -> None:
 
 
 class MomentumMLP(TinyMLP):
+    options = {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.05, **self.options)
+
+
+class NesterovMLP(MomentumMLP):
+    options = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
 
 
 class UpdateProbe(L.Callback):
@@ -102,13 +118,15 @@ class UpdateProbe(L.Callback):
         self.rows[-1] = (grad, theta, pl_module.net[0].weight.detach() - theta)
 
 
-def test_recorded_momentum_terms_reproduce_the_applied_update(tmp_path: Path) -> None:
-    """With clipping binding, the recorded lr, momentum, gain and decay rebuild torch's momentum buffer."""
+@pytest.mark.parametrize("model", [MomentumMLP, NesterovMLP])
+def test_recorded_momentum_terms_reproduce_the_applied_update(tmp_path: Path, model: type[MomentumMLP]) -> None:
+    """With clipping binding, the recorded lr, momentum, gain, decay (and Nesterov's lead and direct terms)
+    rebuild torch's momentum buffer and update."""
     probe, dve = UpdateProbe(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="64-true", logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                         gradient_clip_val=0.05, callbacks=[dve, probe])
-    trainer.fit(MomentumMLP().double(), DataLoader(DigitsDict(range(64)), batch_size=16))
+    trainer.fit(model().double(), DataLoader(DigitsDict(range(64)), batch_size=16))
     store = TrajectoryStore.open(tmp_path / "dve")
     layer = store.layer_names.index("net.0")
     buffer = None
@@ -118,7 +136,12 @@ def test_recorded_momentum_terms_reproduce_the_applied_update(tmp_path: Path) ->
         assert mu == 0.9 and (gain < 1.0)  # clipping binds at 0.05; dampening applies from the second step
         contribution = gain * (grad + decay * theta)
         buffer = contribution if buffer is None else mu * buffer + contribution
-        torch.testing.assert_close(update, -float(record.lrs[layer]) * buffer, rtol=1e-9, atol=1e-14)
+        applied = buffer
+        if "direct" in record.optim:  # Nesterov: p -= lr (g' + mu * buffer), g' = clip grad + lambda theta
+            direct, lead = (float(record.optim[k][layer]) for k in ("direct", "lead"))
+            assert direct == gain and lead == mu
+            applied = direct * (grad + decay * theta) + lead * buffer
+        torch.testing.assert_close(update, -float(record.lrs[layer]) * applied, rtol=1e-9, atol=1e-14)
 
 
 def test_segments_with_momentum_are_refused(tmp_path: Path) -> None:
@@ -127,7 +150,7 @@ def test_segments_with_momentum_are_refused(tmp_path: Path) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[DataValueEmbedding(tmp_path / "dve", segments=2, report=None)])
-    with pytest.raises(UnsupportedError, match="segments=2 with SGD momentum or weight decay"):
+    with pytest.raises(UnsupportedError, match=r"segments=2 with optimizer state \(SGD momentum, weight decay, Adam; use segments=1\)"):
         trainer.fit(MomentumMLP(), DataLoader(DigitsDict(range(64)), batch_size=16))
 
 

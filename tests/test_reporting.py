@@ -7,6 +7,8 @@ reader): it is LevelDB's log format (a 7-byte ``:W&B`` header, 32 KiB blocks of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import glob
 import importlib.util
@@ -163,6 +165,36 @@ def test_curve_files_equal_direct_scores_with_the_reference_cap(fit, tmp_path, c
     assert "DVE reference gradient" not in capsys.readouterr().err  # the trainer's progress bar is off
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_exact_replay_curve_equals_the_exact_influence_of_the_reference(fit, tmp_path):
+    """``curve_source="exact_replay"``: the curve is the exact first-order influence on the mean reference loss,
+    equal to the mean over reference samples of :meth:`exact_influence` (linear in the target), and not the
+    embeddings' curve."""
+    train, val = loaders()
+    config = dataclasses.replace(SMALL, curve_source="exact_replay")
+    model, callback = ImageMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=config)
+    fit(model, callback, train, val, max_epochs=2, precision="64-true")
+    model.double()
+    rows = read_csv(report_dir(callback) / "curve.csv")
+    reference = {key: value[:40] for key, value in DigitsDict(range(1500, 1540)).batch().items()}
+    reference["x"] = reference["x"].reshape(-1, 1, 8, 8).double()
+    exact = callback.embeddings.exact_influence(model, reference, per_step=True)
+    per_occurrence = exact.scores.double().mean(dim=0)
+    expected = torch.stack([per_occurrence[exact.steps == step].mean() for step in callback.embeddings.steps])
+    got = torch.tensor([float(r["influence"]) for r in rows], dtype=torch.float64)
+    assert got == pytest.approx(expected, rel=1e-8, abs=1e-15)
+    embedded = direct_curve(callback, model, reference) * callback.embeddings.learning_rates[:, 0]
+    assert not torch.allclose(got, embedded, rtol=1e-3)
+
+
+def test_exact_replay_curve_without_checkpoints_warns_and_uses_the_embeddings(fit, tmp_path):
+    train, val = loaders()
+    config = dataclasses.replace(SMALL, curve_source="exact_replay")
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=config, checkpoint_interval=None)
+    with pytest.warns(UserWarning, match="the exact-replay curve is not available .*checkpoint"):
+        fit(ImageMLP(), callback, train, val)
+    assert (report_dir(callback) / "curve.csv").is_file()
 
 
 def test_user_reference_batch_and_describe(fit, tmp_path):

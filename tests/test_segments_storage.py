@@ -101,6 +101,7 @@ def test_exact_mode_keeps_float64(mlp_cls: type, fit: Callable, tmp_path: Path) 
 
 WRITER = textwrap.dedent('''
     import sys, time, torch, lightning as L
+    from pathlib import Path
     sys.path.insert(0, {root!r})
     from tests.conftest import TinyMLP, DigitsDict
     from torch.utils.data import DataLoader
@@ -109,6 +110,11 @@ WRITER = textwrap.dedent('''
     class Slow(L.Callback):
         def on_train_batch_end(self, *args):
             if args[-1] >= 3:
+                last = Path({store!r}) / "steps" / "step_00000003.safetensors"
+                for _ in range(600):  # steps are written by a background thread: wait for step 3's file
+                    if last.exists():
+                        break
+                    time.sleep(0.01)
                 print("READY", flush=True)
                 time.sleep(60)
 

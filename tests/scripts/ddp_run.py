@@ -48,8 +48,9 @@ class Digits(Dataset):
 
 
 class MLP(L.LightningModule):
-    def __init__(self, fail_rank: int = -1) -> None:
+    def __init__(self, fail_rank: int = -1, optimizer: str = "sgd") -> None:
         super().__init__()
+        self.optimizer = optimizer
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
         self.fail_rank = fail_rank
@@ -65,6 +66,8 @@ class MLP(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
@@ -102,12 +105,15 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--projection-dim", type=int, default=0)
     parser.add_argument("--segments", type=int, default=1)
+    parser.add_argument("--curvature", default="empirical_fisher")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
-                             projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments)
+                             projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments,
+                             curvature=args.curvature)
     common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu")
@@ -120,7 +126,7 @@ def main() -> None:
         strategy = DDPStrategy(timeout=timeout, start_method=start)
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
-    model = MLP(args.fail_rank).double()  # float64 before a restore: see test_resume_accumulation.py
+    model = MLP(args.fail_rank, args.optimizer).double()  # float64 before a restore: see test_resume_accumulation.py
     if args.resume:
         ckpt_dir = args.out / "ckpt"
         first = L.Trainer(**{**common, "max_epochs": 1, "enable_checkpointing": True,

@@ -1,0 +1,269 @@
+"""Replay checkpoints: parameters and optimizer state at periodic steps, and what every step's update applied.
+
+Layout under ``save_dir/checkpoints/``::
+
+    replay.json                        optimizer kind (or why replay is refused), param groups by parameter name,
+                                       interval, clipping, module modes, training time
+    state_00000000.safetensors         parameters and optimizer state right before step 0 (then every interval,
+                                       and after the last step)
+    steps/step_00000042.json           hyperparameters of every param group at step 42 (learning rate after the
+                                       scheduler, momentum, betas, ...) and the clip factor
+
+Written on global rank 0 only (parameters are identical on every DDP rank). Tensors are safetensors, the rest
+JSON; every file is written under a temporary name and renamed (:func:`lightning_dve.store.write_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from .errors import ConfigError, DVEError, StoreError
+from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
+from .store import StepRecord, read_checked, write_atomic
+
+CHECKPOINTS = "checkpoints"
+REPLAY_MANIFEST = "replay.json"
+HYPER_STEPS = "steps"
+AUTO = "auto"
+REPLAYABLE_PRECISION = ("32-true", "32", "64-true", "64")
+#: ``checkpoint_interval="auto"`` keeps the checkpoints' disk use under this share of the gradient store's.
+AUTO_BUDGET = 0.1
+
+
+def auto_interval(snapshot_bytes: int, step_bytes: int, budget: float = AUTO_BUDGET) -> int:
+    """Steps between checkpoints so that one checkpoint per interval costs at most ``budget`` of the steps' bytes."""
+    return max(1, math.ceil(snapshot_bytes / (budget * max(1, step_bytes))))
+
+
+def _snapshot_name(step: int) -> str:
+    return f"state_{step:08d}.safetensors"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def parameter_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Names (in ``module``) of the parameters of every optimizer param group.
+
+    Raises:
+        ConfigError: if the optimizer holds a parameter that is not one of ``module``'s.
+    """
+    names = {id(p): name for name, p in module.named_parameters()}
+    missing = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in names]
+    if missing:
+        raise ConfigError(f"the optimizer holds {len(missing)} parameter(s) that are not the module's (shapes "
+                          f"{missing[:3]}); exact replay needs every updated parameter to belong to the module.")
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+class CheckpointStore:
+    """The ``checkpoints/`` folder of a store: snapshots, per-step hyperparameters and ``replay.json``."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def create(cls, root: Path, manifest: dict[str, Any]) -> CheckpointStore:
+        """Start an empty folder (removing any earlier checkpoints in it)."""
+        root = Path(root)
+        (root / HYPER_STEPS).mkdir(parents=True, exist_ok=True)
+        for file in [*root.glob("state_*.safetensors"), *(root / HYPER_STEPS).glob("step_*.json")]:
+            file.unlink()
+        store = cls(root, manifest)
+        store.write_manifest()
+        return store
+
+    @classmethod
+    def open(cls, root: Path) -> CheckpointStore:
+        """Open a folder written by :class:`CheckpointRecorder`.
+
+        Raises:
+            StoreError: if ``replay.json`` is missing (recorded without checkpoints or by an older version).
+        """
+        path = Path(root) / REPLAY_MANIFEST
+        if not path.is_file():
+            raise StoreError(f"no replay checkpoints in {root} ({REPLAY_MANIFEST} is missing): the run was recorded "
+                             "without them. Record it again with checkpoint_interval='auto' (the default).")
+        return cls(Path(root), json.loads(path.read_text()))
+
+    @classmethod
+    def reopen(cls, root: Path, last_step: int) -> CheckpointStore:
+        """Continue after ``last_step`` (resume): later snapshots and step files are deleted, as in the store."""
+        store = cls.open(root)
+        for file in store.root.glob("state_*.safetensors"):
+            if int(file.stem.split("_")[1]) > last_step:
+                file.unlink()
+        for file in (store.root / HYPER_STEPS).glob("step_*.json"):
+            if int(file.stem.split("_")[1]) > last_step:
+                file.unlink()
+        store.manifest["final_step"] = None
+        store.write_manifest()
+        return store
+
+    def write_manifest(self) -> None:
+        _write_json(self.root / REPLAY_MANIFEST, self.manifest)
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """Steps before which a snapshot was taken, increasing."""
+        return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("state_*.safetensors"))
+
+    def write_snapshot(self, step: int, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Persist ``theta_step`` (``{name: tensor}``) and the optimizer state ``{name: {key: tensor}}``."""
+        tensors = {f"param/{name}": p.detach().cpu().clone().contiguous() for name, p in params.items()}
+        for name, entries in state.items():
+            tensors.update({f"state/{name}/{key}": v.detach().cpu().clone().contiguous() for key, v in entries.items()})
+        write_atomic(self.root / _snapshot_name(step), tensors, {"step": str(step), "settings_hash": self.settings_hash})
+
+    def read_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """``(params, state)`` as written by :meth:`write_snapshot` (fresh tensors: safe to update)."""
+        tensors = read_checked(self.root / _snapshot_name(step), self.settings_hash)
+        params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state/"):
+                name, entry = key[len("state/"):].rsplit("/", 1)
+                state.setdefault(name, {})[entry] = value
+        return params, state
+
+    @property
+    def settings_hash(self) -> str:
+        return self.manifest["settings_hash"]
+
+    def write_hyper(self, step: int, record: dict[str, Any]) -> None:
+        _write_json(self.root / HYPER_STEPS / f"step_{step:08d}.json", record)
+
+    def read_hyper(self, step: int) -> dict[str, Any]:
+        """Hyperparameters of ``step``: ``{"groups": [{...}], "clip_factor": c}``.
+
+        Raises:
+            StoreError: if the step's file is missing.
+        """
+        path = self.root / HYPER_STEPS / f"step_{step:08d}.json"
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the optimizer hyperparameters of step {step} were not recorded. "
+                             "Restore the file or record the run again.")
+        return json.loads(path.read_text())
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("state_*.safetensors"))
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, names: list[list[str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of the optimizer state of every parameter, by parameter name (absent entries left out)."""
+    out = {}
+    for group, group_names in zip(optimizer.param_groups, names):
+        for p, name in zip(group["params"], group_names):
+            entries = {k: v for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+            if entries:
+                out[name] = entries
+    return out
+
+
+class CheckpointRecorder:
+    """Writes the replay checkpoints during ``fit`` (global rank 0). The callback calls one method per hook.
+
+    Args:
+        root: ``save_dir/checkpoints``.
+        interval: steps between snapshots, ``"auto"`` (disk use ``<= AUTO_BUDGET`` of the gradient store), or
+            ``None`` (off: only ``replay.json`` is written, so that queries can say how to turn them on).
+        settings_hash: the store's settings hash (stamped into every snapshot).
+        resume_after: continue an earlier recording after this step (``None``: a fresh one).
+        sample_ids: the callback's ``sample_ids`` key (kept so that queries after ``load`` can map ids to
+            dataset positions), ``None`` for a callable.
+        precision: the trainer's precision (mixed precision is refused for replay).
+    """
+
+    def __init__(self, root: Path, interval: int | str | None, settings_hash: str, resume_after: int | None,
+                 sample_ids: str | None = None, precision: str = "32-true") -> None:
+        self.interval = interval
+        self.precision = precision
+        self._started = False
+        self._snapshots = False  # whether one snapshot exists (the first step always takes one)
+        if resume_after is not None and (Path(root) / REPLAY_MANIFEST).is_file():
+            self.store = CheckpointStore.reopen(Path(root), resume_after)
+            self.interval = self.store.manifest.get("interval", interval)
+            self._started = True
+            self._snapshots = bool(self.store.snapshot_steps)
+        else:
+            self.store = CheckpointStore.create(Path(root), {"settings_hash": settings_hash, "sample_ids": sample_ids,
+                                                             "requested_interval": interval, "interval": None})
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None and self.store.manifest.get("refusal") is None
+
+    def _start(self, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any]) -> None:
+        """Describe the run once, at its first step: optimizer, groups, clipping, module modes."""
+        manifest = self.store.manifest
+        try:
+            kind = optimizer_kind(optimizer)
+            moments = 2 if kind is not OptimizerKind.SGD else int(any(g["momentum"] for g in optimizer.param_groups))
+            manifest.update(kind=kind.value, groups=parameter_groups(module, optimizer), refusal=None,
+                            state_tensors=moments)
+        except DVEError as err:
+            manifest.update(kind=type(optimizer).__name__, groups=None, refusal=str(err))
+        if self.precision not in REPLAYABLE_PRECISION:
+            manifest.update(refusal=f"precision={self.precision!r}: autocast and loss scaling are not replayed. "
+                                    "Train with precision '32-true' or '64-true' to use exact_influence.")
+        manifest.update(
+            clip=clip,
+            eval_modules=[name for name, m in module.named_modules() if not m.training],
+            dropout_modules=[name for name, m in module.named_modules()
+                             if isinstance(m, _DropoutNd) and m.training and m.p > 0],
+            training_seconds=manifest.get("training_seconds", 0.0))
+        self.store.write_manifest()
+        self._started = True
+
+    def before_step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
+                    clip_factor: float) -> None:
+        """Record ``step``'s hyperparameters and, when due, ``theta_step`` and the optimizer state before it."""
+        if not self._started:
+            self._start(module, optimizer, clip)
+        if not self.enabled:
+            return
+        kind = OptimizerKind(self.store.manifest["kind"])
+        self.store.write_hyper(step, {"groups": group_hyperparameters(optimizer, kind), "clip_factor": clip_factor})
+        interval = self.interval if isinstance(self.interval, int) else None
+        if step == 0 or (interval is not None and step % interval == 0) or not self._snapshots:
+            self._snapshot(step, module, optimizer)
+
+    def _snapshot(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._snapshots = True
+        names = self.store.manifest["groups"]
+        params = dict(module.named_parameters())
+        self.store.write_snapshot(step, {n: params[n] for group in names for n in group},
+                                  _optimizer_state(optimizer, names))
+
+    def after_step(self, record: StepRecord, storage_dtype: str, module: nn.Module) -> None:
+        """Resolve ``interval="auto"`` from the bytes of the first recorded step (this rank's share)."""
+        if self.interval != AUTO or not self.enabled:
+            return
+        step_bytes = sum(v.numel() * v.element_size() for v in record.to_tensors(storage_dtype).values())
+        names = {n for group in self.store.manifest["groups"] for n in group}
+        param_bytes = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n in names)
+        self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes)
+        self.store.manifest["interval"] = self.interval
+        self.store.write_manifest()
+
+    def finish(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, seconds: float) -> None:
+        """Snapshot the final state (``theta_T``, before step ``T = step``) and record the training time."""
+        manifest = self.store.manifest
+        manifest["training_seconds"] = manifest.get("training_seconds", 0.0) + seconds
+        if self.enabled:
+            self._snapshot(step, module, optimizer)
+            manifest.update(final_step=step, interval=self.interval, bytes_total=self.store.bytes_on_disk())
+        self.store.write_manifest()

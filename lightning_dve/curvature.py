@@ -1,0 +1,50 @@
+"""Curvature rows of the Gauss-Newton option: pseudo-gradients with labels drawn from the model (method.md §2).
+
+For a softmax cross-entropy loss the Hessian in the logits is ``diag(p) - p p^T``. With a label ``y~`` drawn
+from the model's own prediction ``p``, the output gradient ``v = p - onehot(y~)`` has ``E[v v^T] = diag(p) -
+p p^T``, so the pseudo-gradient ``h = J^T v`` gives ``E[h h^T] = J^T (diag p - p p^T) J``: the Gauss-Newton
+matrix of the per-sample loss, without bias, at the cost of one backward pass of activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import UnsupportedError
+
+
+def label_uniforms(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    """One uniform number in ``[0, 1)`` per sample, a function of ``(seed, step, sample id)`` alone.
+
+    Keyed by the sample rather than drawn from a stream, so the draw does not depend on how the step's samples
+    are split over ranks or micro-batches (a data-parallel run equals the single-process one).
+    """
+    states = [np.random.SeedSequence([seed, step, int(i)]).generate_state(2, np.uint32) for i in sample_ids]
+    values = [(int(a) * 2**32 + int(b)) / 2.0**64 for a, b in states]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def sampled_label_grad(logits: torch.Tensor, sample_ids: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """Output gradients ``v = p - onehot(y~)`` with ``y~ ~ softmax(logits)`` per row, ``[B, C]``.
+
+    Args:
+        logits: the last tracked layer's output ``[B, C]``, taken as the logits of a softmax cross-entropy.
+        sample_ids: dataset indices ``[B]`` (key the draws).
+        seed: the run's seed.
+        step: optimizer step (keys the draws, so each step draws afresh).
+
+    Raises:
+        UnsupportedError: if the output is not ``[B, C]`` logits of ``B`` samples.
+    """
+    if logits.dim() != 2 or logits.shape[0] != sample_ids.numel():
+        raise UnsupportedError(
+            f"curvature='ggn' takes the last tracked layer's output as the [batch, classes] logits of a softmax "
+            f"cross-entropy loss; it has shape {tuple(logits.shape)} for a batch of {sample_ids.numel()}. Make the "
+            "classifier head the last tracked layer, or use curvature='empirical_fisher'."
+        )
+    probs = torch.softmax(logits.to(torch.float64), dim=1)
+    uniforms = label_uniforms(seed, step, sample_ids).to(probs.device)
+    labels = torch.searchsorted(probs.cumsum(dim=1), uniforms.unsqueeze(1)).clamp_max(probs.shape[1] - 1)
+    onehot = torch.nn.functional.one_hot(labels.squeeze(1), probs.shape[1]).to(probs.dtype)
+    return (probs - onehot).to(logits.dtype)

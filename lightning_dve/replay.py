@@ -1,0 +1,333 @@
+"""Exact replay mode: the first-order influence of every occurrence, by reverse mode through the recorded run.
+
+For a fixed target ``L(theta_T) = l(theta_T, z_test)`` the score of occurrence ``(t, z)`` is the first-order limit
+of TSLOO (method.md §1) for the *actual* update, whatever the optimizer:
+
+    score(t, z) = -w_{t,z} dL(theta_T) / dw_{t,z},      theta_{k+1}, s_{k+1} = U_k(theta_k, s_k, sum_z w_{k,z} grad l_z)
+
+where ``U_k`` is the optimizer step (SGD with momentum / Nesterov / weight decay, Adam, AdamW: the functional
+copies of :mod:`lightning_dve.replay_optim`) with step ``k``'s recorded hyperparameters and clipping, and ``s`` its
+state. The adjoint ``(a_theta, a_s)`` starts at ``(grad L(theta_T), 0)`` and is carried back one step at a time by
+a vector-Jacobian product of ``U_k`` (a double backward through the gradient); the same product gives
+``dL/dw_{k,z}`` for the step's samples. Parameters and optimizer state come from the checkpoints
+(:mod:`lightning_dve.checkpoints`); each segment between two of them is replayed forward from the recorded batches
+(``collate_fn([dataset[i] for i in ids])``) and checked against the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import WeightFn
+from .checkpoints import CHECKPOINTS, CheckpointStore
+from .config import LossReduction
+from .errors import ConfigError, StoreError, UnsupportedError
+from .replay_data import BatchSource, TrainingData, call_with, checked_losses, modes, step_loss_terms
+from .replay_optim import OptimizerKind, clip_gradients, update
+from .store import TrajectoryStore
+
+Params = dict[str, torch.Tensor]
+OptState = dict[str, dict[str, torch.Tensor]]
+TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state.
+MAX_STATES_IN_MEMORY = 64
+#: Relative deviation ``||theta_replayed - theta_checkpoint|| / ||theta_checkpoint||`` above which replay is refused.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayCost:
+    """What an exact replay cost, against the training it replays.
+
+    Attributes:
+        seconds: wall time of the replay.
+        training_seconds: wall time of the recorded training loop (``on_train_start`` to ``on_train_end``).
+        steps: optimizer steps replayed backwards.
+        forward_steps: steps replayed forwards (more than ``steps`` when long segments are replayed twice).
+        per_sample_forwards: losses came from one ``training_step`` per sample (no ``train_loss_fn``).
+    """
+
+    seconds: float
+    training_seconds: float
+    steps: int
+    forward_steps: int
+    per_sample_forwards: bool
+
+    @property
+    def relative(self) -> float:
+        """``seconds / training_seconds``."""
+        return self.seconds / self.training_seconds if self.training_seconds > 0 else float("nan")
+
+
+# --- the replayed run ----------------------------------------------------------------------------------------
+
+
+class Replayer:
+    """Forward steps (from the recorded batches, weights and hyperparameters) and their vector-Jacobian products.
+
+    Args:
+        module: the trained module (its structure and loss; its parameters are swapped, never changed).
+        store: the gradient store (sample ids and weights of every step).
+        checkpoints: snapshots and per-step hyperparameters.
+        source: rebuilds batches.
+        losses: ``(module, ids) -> Tensor[B]`` per-sample training losses of a recorded step's samples.
+        per_sample_forwards: whether ``losses`` runs one forward per sample (reported in the cost).
+    """
+
+    def __init__(self, module: nn.Module, store: TrajectoryStore, checkpoints: CheckpointStore, source: BatchSource,
+                 losses: Callable[[nn.Module, torch.Tensor], torch.Tensor], per_sample_forwards: bool = True) -> None:
+        self.module, self.store, self.checkpoints, self.source, self.losses = module, store, checkpoints, source, losses
+        self.per_sample_forwards = per_sample_forwards
+        manifest = checkpoints.manifest
+        self.kind = OptimizerKind(manifest["kind"])
+        self.groups: list[list[str]] = manifest["groups"]
+        self.names = [name for group in self.groups for name in group]
+        self.clip = manifest.get("clip") or {}
+        self.forward_steps = 0
+        self._records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sample_ids [B], weights [B])`` of a recorded step (weights on the module's device)."""
+        if step not in self._records:
+            record = self.store.read_step(step)
+            self._records[step] = (record.sample_ids, record.weights.to(self.source.device))
+        return self._records[step]
+
+    def snapshot(self, step: int) -> tuple[Params, OptState]:
+        """Parameters and optimizer state checkpointed before ``step``, on the module's device."""
+        params, state = self.checkpoints.read_snapshot(step)
+        device = self.source.device
+        return ({n: p.to(device) for n, p in params.items()},
+                {n: {k: v if k == "step" else v.to(device) for k, v in e.items()} for n, e in state.items()})
+
+    def _gradient(self, params: Params, step: int, weights: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
+        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter."""
+        ids, _ = self.record(step)
+        losses = call_with(self.module, params, self.losses, ids)
+        total = (weights.to(losses.dtype) * losses).sum()
+        grads = torch.autograd.grad(total, [params[n] for n in self.names], create_graph=create_graph,
+                                    allow_unused=True)
+        return clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))
+
+    def _update(self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int) -> tuple[Params, OptState]:
+        hyper = self.checkpoints.read_hyper(step)["groups"]
+        new_params, new_state, grad_of = {}, {}, dict(zip(self.names, grads))
+        for names, h in zip(self.groups, hyper):
+            for name in names:
+                new_params[name], entries = update(self.kind, params[name], grad_of[name], state.get(name, {}), h)
+                if entries:
+                    new_state[name] = entries
+        return new_params, new_state
+
+    def forward(self, params: Params, state: OptState, step: int) -> tuple[Params, OptState]:
+        """``(theta_{t+1}, s_{t+1})`` from ``(theta_t, s_t)``."""
+        self.forward_steps += 1
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
+        with torch.no_grad():
+            new_params, new_state = self._update(leaves, state, [None if g is None else g.detach() for g in grads], step)
+        return {n: p.detach() for n, p in new_params.items()}, new_state
+
+    def reverse(self, params: Params, state: OptState, step: int, adjoint: dict[tuple[str, str], torch.Tensor]
+                ) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
+        """Carry the adjoint of ``(theta_{t+1}, s_{t+1})`` back to ``(theta_t, s_t)``.
+
+        Args:
+            adjoint: ``{(name, "param") or (name, state key): [n, *shape]}``, one row per target.
+
+        Returns:
+            the adjoint at step ``t`` (same form) and ``dL/dw_{t,z}`` ``[n, B]``.
+        """
+        p_leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        s_leaves = {n: {k: v.detach().requires_grad_(k != "step") for k, v in e.items()} for n, e in state.items()}
+        weights = self.record(step)[1].to(next(iter(params.values())).dtype).clone().requires_grad_(True)
+        new_params, new_state = self._update(p_leaves, s_leaves, self._gradient(p_leaves, step, weights, True), step)
+        keys = list(adjoint)
+        outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in keys]
+        in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in s_leaves.items() for k in e if k != "step"]
+        inputs = [p_leaves[n] if k == "param" else s_leaves[n][k] for n, k in in_keys] + [weights]
+        rows = next(iter(adjoint.values())).shape[0]
+        carried: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in in_keys}
+        dweights = []
+        for i in range(rows):
+            got = torch.autograd.grad(outputs, inputs, [adjoint[key][i] for key in keys], retain_graph=i < rows - 1,
+                                      allow_unused=True)
+            for key, value, leaf in zip(in_keys, got, inputs):
+                carried[key].append(torch.zeros_like(leaf) if value is None else value.detach())
+            dweights.append(torch.zeros_like(weights) if got[-1] is None else got[-1].detach())
+        return {key: torch.stack(v) for key, v in carried.items()}, torch.stack(dweights)
+
+
+# --- segments and the whole run ------------------------------------------------------------------------------
+
+
+def _deviation(replayed: Params, expected: Params) -> float:
+    """``||replayed - expected|| / ||expected||`` over all parameters."""
+    diff = sum(float((replayed[n].double() - e.double()).square().sum()) for n, e in expected.items())
+    norm = sum(float(e.double().square().sum()) for e in expected.values())
+    return (diff / max(norm, 1e-300)) ** 0.5
+
+
+def _verify(replayed: Params, expected: Params, step: int) -> None:
+    """Refuse a replay that does not land on the checkpoint of ``step``.
+
+    Raises:
+        UnsupportedError: with the measured deviation and the likely causes.
+    """
+    tolerance = TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
+    deviation = _deviation(replayed, expected)
+    if not deviation <= tolerance:
+        raise UnsupportedError(
+            f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
+            f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
+            "the recorded batches (randomness in training_step such as functional dropout, a dataset or collate_fn "
+            "other than training's, or a train_loss_fn that is not training's loss). Exact replay is refused; "
+            "influence() still works.")
+
+
+def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int
+           ) -> tuple[list[tuple[Params, OptState]], tuple[Params, OptState]]:
+    """Replay ``steps`` forward from ``start``; keep the state before every ``stride``-th step, return the end."""
+    kept, (params, state) = [], start
+    for i, step in enumerate(steps):
+        if i % stride == 0:
+            kept.append((params, state))
+        params, state = replayer.forward(params, state, step)
+    return kept, (params, state)
+
+
+def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: list[int], end: Params,
+                    adjoint: dict[tuple[str, str], torch.Tensor], columns: dict[int, torch.Tensor]
+                    ) -> dict[tuple[str, str], torch.Tensor]:
+    """Replay one segment forward (checked against the checkpoint ``end`` after it), then carry ``adjoint`` back
+    through it, writing ``dL/dw`` ``[n, B]`` of every step into ``columns``. A segment longer than
+    :data:`MAX_STATES_IN_MEMORY` keeps every ``ceil(sqrt(n))``-th state and replays each chunk again."""
+    stride = 1 if len(steps) <= MAX_STATES_IN_MEMORY else int(len(steps) ** 0.5 + 0.999999)
+    kept, (last, _) = _sweep(replayer, start, steps, stride)
+    _verify(last, end, steps[-1] + 1)
+    for j in reversed(range(len(kept))):
+        chunk = steps[j * stride:(j + 1) * stride]
+        states = kept[j:j + 1] if stride == 1 else _sweep(replayer, kept[j], chunk, 1)[0]
+        for step, (params, state) in zip(reversed(chunk), reversed(states)):
+            adjoint, columns[step] = replayer.reverse(params, state, step, adjoint)
+    return adjoint
+
+
+def target_gradients(module: nn.Module, params: Params, target: Callable[[nn.Module], torch.Tensor]
+                     ) -> dict[tuple[str, str], torch.Tensor]:
+    """``grad_theta L_i(theta_T)`` for every target row ``i``: ``{(name, "param"): [n, *shape]}`` (eval mode)."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    with modes(module, None):
+        losses = call_with(module, leaves, target)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            raise ConfigError(f"the test loss must be per-sample, a 1-D Tensor[n]; got {getattr(losses, 'shape', losses)}.")
+        rows = [torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True, allow_unused=True)
+                for i in range(losses.shape[0])]
+    return {(n, "param"): torch.stack([torch.zeros_like(leaves[n]) if r[j] is None else r[j] for r in rows])
+            for j, n in enumerate(leaves)}
+
+
+def _check_final(module: nn.Module, final: Params) -> None:
+    """Refuse a module whose parameters are not the recorded final ones (the target is ``L(theta_T)``)."""
+    own = dict(module.named_parameters())
+    missing = [n for n in final if n not in own]
+    if missing:
+        raise ConfigError(f"{type(module).__name__} has no parameters {missing[:5]}: pass the module that was trained.")
+    deviation = _deviation({n: own[n].detach() for n in final}, final)
+    if deviation > TOLERANCE.get(next(iter(final.values())).dtype, 1e-4):
+        raise ConfigError(f"the module's parameters differ from those recorded at the end of training (relative "
+                          f"deviation {deviation:.1e}): exact replay scores the final model of the recorded run. Pass "
+                          "the trained module as it was when fit returned.")
+
+
+def replay_scores(replayer: Replayer, target: Callable[[nn.Module], torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ReplayCost]:
+    """``(sample_ids [m], steps [m], scores [n, m], cost)`` of every recorded occurrence, by step then position.
+
+    ``scores[i, (t, z)] = -w_{t,z} dL_i(theta_T)/dw_{t,z}`` (the first-order TSLOO, module docstring).
+    """
+    started = time.perf_counter()
+    checkpoints, store = replayer.checkpoints, replayer.store
+    manifest = checkpoints.manifest
+    final_step = manifest["final_step"]
+    bounds = [s for s in checkpoints.snapshot_steps if s < final_step] + [final_step]
+    steps = store.steps
+    if steps and steps[0] < bounds[0]:
+        raise StoreError(f"the first replay checkpoint is before step {bounds[0]} but steps from {steps[0]} are "
+                         f"recorded; checkpoint files are missing in {checkpoints.root}. Record the run again.")
+    end_params, _ = replayer.snapshot(final_step)
+    _check_final(replayer.module, end_params)
+    adjoint = target_gradients(replayer.module, end_params, target)
+    columns: dict[int, torch.Tensor] = {}
+    with modes(replayer.module, manifest.get("eval_modules", [])):
+        for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
+            segment = [s for s in steps if lo <= s < hi]
+            start = replayer.snapshot(lo)
+            if segment:
+                adjoint = reverse_segment(replayer, start, segment, end_params, adjoint, columns)
+            end_params = start[0]
+    ids = [replayer.record(s)[0] for s in steps]
+    scores = [(-replayer.record(s)[1].to(columns[s].dtype) * columns[s]).cpu() for s in steps]
+    cost = ReplayCost(time.perf_counter() - started, float(manifest.get("training_seconds", 0.0)), len(steps),
+                      replayer.forward_steps, replayer.per_sample_forwards)
+    return (torch.cat(ids), torch.cat([torch.full_like(i, s) for i, s in zip(ids, steps)]),
+            torch.cat(scores, dim=1), cost)
+
+
+def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
+    """The replay checkpoints of the store at ``root``, refusing a run that cannot be replayed exactly.
+
+    Raises:
+        ConfigError: if checkpoints were turned off (``checkpoint_interval=None``).
+        UnsupportedError: for an optimizer the replay does not model, or dropout active in training.
+        StoreError: if the checkpoints are missing or training did not finish.
+    """
+    if interval is None:
+        raise ConfigError("this run was recorded with checkpoint_interval=None (no replay checkpoints), so "
+                          "exact_influence cannot replay it. Record it again with checkpoint_interval='auto' (the "
+                          "default) or an int number of steps between checkpoints.")
+    checkpoints = CheckpointStore.open(root / CHECKPOINTS)
+    manifest = checkpoints.manifest
+    if manifest.get("refusal"):
+        raise UnsupportedError(f"exact replay is refused for this run: {manifest['refusal']}")
+    if manifest.get("dropout_modules"):
+        raise UnsupportedError(f"modules {manifest['dropout_modules']} ran dropout in train mode, and the random "
+                               "masks are not recorded, so the training steps cannot be replayed exactly. Train "
+                               "with dropout off (p=0 or the modules in eval mode) to use exact_influence.")
+    if manifest.get("final_step") is None:
+        raise StoreError(f"the replay checkpoints in {checkpoints.root} have no final state: training did not "
+                         "finish. Record the run again.")
+    return checkpoints
+
+
+def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, module: nn.Module,
+                           target: Callable[[nn.Module], torch.Tensor], data: TrainingData | None,
+                           train_loss_fn: TrainLossFn | None, reduction: LossReduction, weight_fn: WeightFn | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ReplayCost]:
+    """Check that the run can be replayed, then :func:`replay_scores` (arguments as in
+    :meth:`lightning_dve.DataValueEmbeddings.exact_influence`; ``target(module) -> Tensor[n]`` test losses)."""
+    checkpoints = open_checkpoints(store.root, interval)
+    if data is not None and data.sample_ids is None:  # after load: the recorded sample_ids key, if it was one
+        data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
+    if data is None or data.dataset is None:
+        raise ConfigError("exact_influence needs the training dataset to rebuild the recorded batches: pass "
+                          "dataset= (required when the embeddings were loaded from disk; after fit it defaults to "
+                          "the training dataloader's dataset).")
+    source = BatchSource(data, next(module.parameters()).device)
+    if train_loss_fn is None:
+        def losses(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return step_loss_terms(m, source.singles(ids), reduction, weight_fn)
+    else:
+        def losses(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
+    replayer = Replayer(module, store, checkpoints, source, losses, per_sample_forwards=train_loss_fn is None)
+    if store.steps:
+        source.check(replayer.record(store.steps[0])[0])
+    return replay_scores(replayer, target)

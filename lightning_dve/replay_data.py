@@ -1,0 +1,234 @@
+"""Replay inputs: the training batches rebuilt from the dataset, per-sample losses, the modes training ran in.
+
+Only what replay needs to call the user's code exactly as training did: ``collate_fn([dataset[i] for i in ids])``
+(refusing datasets that cannot give the same batch twice), ``training_step`` on one-sample batches or a user
+``train_loss_fn`` for the per-sample losses, and the module modes of the recorded run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import IterableDataset, default_collate
+
+from .capture import WeightFn, extract_sample_ids, muted_logging, reduction_weights
+from .config import LossReduction
+from .errors import ConfigError, UnsupportedError
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Where replay rebuilds the training batches from.
+
+    Attributes:
+        dataset: the training dataset (map-style: ``dataset[i]`` for a sample at position ``i``).
+        collate_fn: turns a list of items into a batch; ``None`` means ``torch.utils.data.default_collate``.
+        sample_ids: the callback's ``sample_ids`` (key or callable), to map recorded ids to dataset positions;
+            ``None`` assumes the id is the position.
+        prepare: what the training loop did to a collated batch (precision conversion, transfer hooks, device);
+            ``None`` only moves it to the module's device.
+    """
+
+    dataset: Any
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    sample_ids: str | Callable[[Any], Any] | None = None
+    prepare: Callable[[Any], Any] | None = None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two dataset items (nested tensors, containers, numbers) are identical."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError):  # e.g. numpy arrays
+        return bool((a == b).all())
+
+
+class BatchSource:
+    """Rebuilds recorded batches from the training dataset, refusing one that cannot be replayed exactly."""
+
+    def __init__(self, data: TrainingData, device: torch.device | None = None) -> None:
+        self.data = data
+        self.collate = data.collate_fn or default_collate
+        self.device = device
+        self._position: dict[int, int] | None = None
+
+    def check(self, ids: torch.Tensor) -> None:
+        """Refuse a non-indexable dataset or one whose items change between reads (random transforms).
+
+        Raises:
+            UnsupportedError: naming the reason.
+        """
+        dataset = self.data.dataset
+        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise UnsupportedError(f"the training dataset ({type(dataset).__name__}) is not indexable (map-style "
+                                   "with __getitem__ and __len__), so recorded batches cannot be rebuilt. Pass "
+                                   "dataset= a map-style dataset with the same samples.")
+        for position in self.positions(ids)[:4]:
+            if not _same(dataset[position], dataset[position]):
+                raise UnsupportedError(f"dataset[{position}] differs between two reads (a random transform or "
+                                       "augmentation): replay cannot rebuild the batches training saw. Pass "
+                                       "dataset= the same data without random transforms (only valid if training "
+                                       "used none).")
+
+    def positions(self, ids: torch.Tensor) -> list[int]:
+        """Dataset positions of recorded sample ids (the id itself when the dataset says so)."""
+        if self._position is None:
+            self._position = self._lookup(ids)
+        if not self._position:
+            return [int(i) for i in ids]
+        missing = [int(i) for i in ids if int(i) not in self._position]
+        if missing:
+            raise ConfigError(f"sample ids {missing[:5]} are not in the dataset passed to exact_influence; pass "
+                              "dataset= the training dataset.")
+        return [self._position[int(i)] for i in ids]
+
+    def _ids_of(self, positions: Sequence[int]) -> torch.Tensor:
+        batch = self.collate([self.data.dataset[p] for p in positions])
+        return extract_sample_ids(batch, self.data.sample_ids, len(positions))
+
+    def _lookup(self, ids: torch.Tensor) -> dict[int, int]:
+        """``{}`` if ids are positions, else ``{id: position}`` from one scan of the dataset."""
+        if self.data.sample_ids is None:
+            return {}
+        with contextlib.suppress(IndexError, KeyError, ValueError):
+            if torch.equal(self._ids_of([int(i) for i in ids]), ids):
+                return {}
+        lookup, n = {}, len(self.data.dataset)
+        for lo in range(0, n, 256):
+            chunk = list(range(lo, min(n, lo + 256)))
+            lookup.update({int(i): p for i, p in zip(self._ids_of(chunk), chunk)})
+        return lookup
+
+    def batch(self, ids: torch.Tensor) -> Any:
+        """``collate_fn([dataset[i] for i in ids])``, prepared as training prepared it."""
+        return self._prepared(self.collate([self.data.dataset[p] for p in self.positions(ids)]))
+
+    def singles(self, ids: torch.Tensor) -> list[Any]:
+        """One-sample batches ``collate_fn([dataset[i]])``, prepared as training prepared them."""
+        return [self._prepared(self.collate([self.data.dataset[p]])) for p in self.positions(ids)]
+
+    def _prepared(self, batch: Any) -> Any:
+        return self.data.prepare(batch) if self.data.prepare is not None else to_device(batch, self.device)
+
+
+def to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor (in dicts, lists, tuples) moved to ``device`` (``None``: unchanged)."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class _Bound(nn.Module):
+    """``fn(module, *args)`` as a module, so ``torch.func.functional_call`` can swap ``module``'s parameters."""
+
+    def __init__(self, module: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.inner, self.fn = module, fn
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.fn(self.inner, *args)
+
+
+def call_with(module: nn.Module, params: Params, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(module, *args)`` with ``module``'s parameters replaced by ``params`` (the rest unchanged)."""
+    return functional_call(_Bound(module, fn), {f"inner.{k}": v for k, v in params.items()}, args, strict=False)
+
+
+def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:
+    """``losses`` if it is a ``Tensor[n]``.
+
+    Raises:
+        ConfigError: naming ``what`` returned the wrong thing.
+    """
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        raise ConfigError(f"{what} must return per-sample losses as a 1-D Tensor[{n}]; got "
+                          f"{getattr(losses, 'shape', type(losses))}.")
+    return losses
+
+
+def step_loss_terms(module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None) -> torch.Tensor:
+    """Per-sample losses ``l(theta, z)`` ``[B]`` from ``training_step`` on one-sample batches (logging muted):
+    each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum)."""
+    losses = []
+    with muted_logging(module):
+        for single in batches:
+            out = module.training_step(single, 0)
+            loss = out["loss"] if isinstance(out, dict) else out
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
+                                  "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
+            losses.append(loss / float(reduction_weights(reduction, single, 1, weight_fn)[0]))
+    return torch.stack(losses)
+
+
+@contextlib.contextmanager
+def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[None]:
+    """Train mode except ``eval_modules`` (the modes training ran in); ``None`` means eval mode throughout.
+    Every submodule's mode is restored afterwards."""
+    saved = {m: m.training for m in module.modules()}
+    module.train(eval_modules is not None)
+    named = dict(module.named_modules())
+    for name in eval_modules or ():
+        named[name].eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, training in saved.items():
+            m.train(training)
+
+
+def split_batch(batch: Any) -> list[Any]:
+    """A collated batch as one-sample batches (tensors sliced ``[i:i+1]`` along dim 0, lists indexed)."""
+    def size(x: Any) -> int | None:
+        if isinstance(x, torch.Tensor):
+            return x.shape[0] if x.dim() else None
+        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        return next((s for s in map(size, values) if s is not None), None)
+
+    def pick(x: Any, i: int, n: int) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x[i : i + 1] if x.dim() and x.shape[0] == n else x
+        if isinstance(x, dict):
+            return {k: pick(v, i, n) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
+            return type(x)(pick(v, i, n) for v in x)
+        return [x[i]] if isinstance(x, list) and len(x) == n else x
+
+    n = size(batch)
+    if n is None:
+        raise ConfigError(f"cannot split the test batch ({type(batch).__name__}) into samples: no tensor with a "
+                          "batch dimension. Pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
+    return [pick(batch, i, n) for i in range(n)]
+
+
+
+
+def training_data_of(
+    loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None
+) -> TrainingData | None:
+    """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        return None
+    return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare)

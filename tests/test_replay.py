@@ -1,0 +1,543 @@
+"""Exact replay mode (``DataValueEmbeddings.exact_influence``): functional optimizers, reverse mode against an
+independent unrolled oracle in float64, checkpoints, every refusal, and Spearman against exact TSLOO.
+
+The oracle here (``unrolled_first_order``) writes the whole run as one differentiable float64 graph with its own
+copy of each optimizer's math (checked first to reproduce the Trainer's trajectory), with the per-sample weights
+``W[t]`` as leaves: one backward gives ``dL/dW`` for every occurrence, and ``-W dL/dW`` is the first-order TSLOO.
+Ground-truth TSLOO (``tsloo_by_training``) retrains with ``torch.optim`` itself, its scheduler and clipping, with
+one occurrence dropped; state is deep-copied when a counterfactual starts from a saved step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
+from lightning_dve import replay, replay_optim
+from lightning_dve.checkpoints import CheckpointStore, auto_interval, parameter_groups
+from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
+from tests import oracles
+from tests.helpers import DigitsDataset, epoch_batches, make_loader, make_trainer, split_indices
+
+WARMUP = 5
+
+
+# --- settings shared by the module, the oracles and the benchmark -------------------------------------------
+
+
+def make_optimizer(params: Any, setting: dict[str, Any]) -> torch.optim.Optimizer:
+    """``setting["optimizer"]`` in sgd / adam / adamw with the remaining optimizer keyword arguments."""
+    kwargs = {k: v for k, v in setting.items() if k not in ("optimizer", "schedule", "clip", "net", "clip_algorithm")}
+    return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[setting["optimizer"]](
+        params, **kwargs)
+
+
+def lr_factor(setting: dict[str, Any], step: int, total: int) -> float:
+    """Schedule factor of ``step``: constant, or linear warm-up over ``WARMUP`` steps then cosine to 0."""
+    if setting.get("schedule") != "cosine":
+        return 1.0
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, total - WARMUP)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, setting: dict[str, Any], total: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(setting, t, total))
+
+
+def make_net(kind: str, seed: int, dropout: float = 0.0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        f64 = {"dtype": torch.float64}
+        if kind == "mlp":  # the same initial weights as tests.helpers.DigitsMLP(hidden=32, seed=seed)
+            layers = [nn.Linear(64, 32, **f64), nn.Tanh(), *([nn.Dropout(dropout)] if dropout else []),
+                      nn.Linear(32, 10, **f64)]
+        else:  # a small CNN on the 8x8 digits
+            layers = [nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1, **f64), nn.Tanh(), nn.MaxPool2d(2),
+                      nn.Flatten(), nn.Linear(8 * 16, 10, **f64)]
+        return nn.Sequential(*layers)
+
+
+class ReplayNet(L.LightningModule):
+    """Digits classifier trained with ``setting`` (optimizer, per-step schedule); mean cross-entropy."""
+
+    def __init__(self, setting: dict[str, Any], total_steps: int, seed: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.setting, self.total_steps = setting, total_steps
+        self.net = make_net(setting.get("net", "mlp"), seed, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch["x"]), batch["y"])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = make_optimizer(self.parameters(), self.setting)
+        if self.setting.get("schedule") is None:
+            return optimizer
+        scheduler = make_scheduler(optimizer, self.setting, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fit_setting(root: Path, setting: dict[str, Any], dataset: DigitsDataset, epochs: int, batch: int,
+                loader_seed: int = 1, **dve_kwargs: Any) -> tuple[ReplayNet, DataValueEmbedding, nn.Module]:
+    """Train with the callback; returns the trained module, the callback and a copy of the initial net."""
+    loader = make_loader(dataset, batch, seed=loader_seed)
+    module = ReplayNet(setting, epochs * len(loader))
+    initial = copy.deepcopy(module.net)
+    dve_kwargs.setdefault("projection_dim", 64)
+    dve = DataValueEmbedding(root, report=None, **dve_kwargs)
+    clip = {"gradient_clip_val": setting["clip"], "gradient_clip_algorithm": setting.get("clip_algorithm", "norm")} \
+        if "clip" in setting else {}
+    make_trainer(epochs, callbacks=[dve], **clip).fit(module, loader)
+    return module, dve, initial
+
+
+def _clip(grads: list[torch.Tensor], setting: dict[str, Any]) -> list[torch.Tensor]:
+    if "clip" not in setting:
+        return grads
+    if setting.get("clip_algorithm") == "value":
+        return [g.clamp(-setting["clip"], setting["clip"]) for g in grads]
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    return [g * torch.clamp(setting["clip"] / (norm + 1e-6), max=1.0) for g in grads]
+
+
+def _oracle_step(p: torch.Tensor, g: torch.Tensor, s: dict, h: dict[str, Any], kind: str, lr: float) -> torch.Tensor:
+    """The optimizers' math as written in their papers / torch docs (independent of ``replay_optim``)."""
+    wd = h.get("weight_decay", 0.0)
+    if kind == "sgd":
+        mu, tau = h.get("momentum", 0.0), h.get("dampening", 0.0)
+        g = g + wd * p
+        if mu:
+            s["b"] = g if "b" not in s else mu * s["b"] + (1 - tau) * g
+            g = g + mu * s["b"] if h.get("nesterov") else s["b"]
+        return p - lr * g
+    beta1, beta2 = h.get("betas", (0.9, 0.999))
+    s["k"] = s.get("k", 0) + 1
+    if kind == "adamw":
+        p = p * (1 - lr * wd)
+    elif wd:
+        g = g + wd * p
+    s["m"] = beta1 * s.get("m", 0) + (1 - beta1) * g
+    s["v"] = beta2 * s.get("v", 0) + (1 - beta2) * g * g
+    m_hat, v_hat = s["m"] / (1 - beta1 ** s["k"]), s["v"] / (1 - beta2 ** s["k"])
+    sqrt_v = torch.where(v_hat > 0, v_hat.clamp_min(1e-300).sqrt(), torch.zeros_like(v_hat))
+    return p - lr * m_hat / (sqrt_v + h.get("eps", 1e-8))
+
+
+def unrolled_first_order(net: nn.Module, batches: list, setting: dict[str, Any], test: dict
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(-W dL/dW [n_test, m], final params)`` by one differentiable float64 graph over the whole run."""
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    weights = [torch.full((len(b["y"]),), 1.0 / len(b["y"]), dtype=torch.float64, requires_grad=True) for b in batches]
+    state: dict[str, dict] = {k: {} for k in params}
+    hyper = {k: v for k, v in setting.items() if k not in ("optimizer", "lr", "schedule", "clip", "net", "clip_algorithm")}
+    current = dict(params)
+    for t, batch in enumerate(batches):
+        losses = F.cross_entropy(functional_call(net, current, (batch["x"],)), batch["y"], reduction="none")
+        grads = _clip(list(torch.autograd.grad((weights[t] * losses).sum(), list(current.values()), create_graph=True)),
+                      setting)
+        lr = setting["lr"] * lr_factor(setting, t, len(batches))
+        current = {k: _oracle_step(current[k], g, state[k], hyper, setting["optimizer"], lr)
+                   for k, g in zip(current, grads)}
+    test_losses = F.cross_entropy(functional_call(net, current, (test["x"],)), test["y"], reduction="none")
+    rows = []
+    for i in range(len(test_losses)):
+        dw = torch.autograd.grad(test_losses[i], weights, retain_graph=True)
+        rows.append(torch.cat([-w.detach() * d for w, d in zip(weights, dw)]))
+    return torch.stack(rows), {k: v.detach() for k, v in current.items()}
+
+
+def tsloo_by_training(net: nn.Module, batches: list, setting: dict[str, Any], occurrences: list, test: dict
+                      ) -> torch.Tensor:
+    """Exact TSLOO ``[n_test, m]``: training with torch.optim, its scheduler and clipping, one term dropped.
+
+    The base run saves model, optimizer and scheduler state before every step; a counterfactual for step ``t``
+    starts from deep copies of them (``load_state_dict`` would alias the saved tensors)."""
+    total = len(batches)
+
+    def run(model: nn.Module, optimizer: Any, scheduler: Any, start: int, remove: tuple[int, int] | None,
+            saves: list | None) -> torch.Tensor:
+        for t in range(start, total):
+            if saves is not None:
+                saves.append(copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict())))
+            batch = batches[t]
+            losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none") / len(batch["y"])
+            if remove is not None and remove[0] == t:
+                losses = losses * (torch.arange(len(losses)) != remove[1])
+            optimizer.zero_grad()
+            losses.sum().backward()
+            if "clip" in setting:
+                if setting.get("clip_algorithm") == "value":
+                    torch.nn.utils.clip_grad_value_(model.parameters(), setting["clip"])
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), setting["clip"])
+            optimizer.step()
+            scheduler.step()
+        with torch.no_grad():
+            return F.cross_entropy(model(test["x"]), test["y"], reduction="none")
+
+    def fresh() -> tuple[nn.Module, Any, Any]:
+        model = copy.deepcopy(net)
+        optimizer = make_optimizer(model.parameters(), setting)
+        return model, optimizer, make_scheduler(optimizer, setting, total)
+
+    saves: list = []
+    base = run(*fresh(), 0, None, saves)
+    columns = []
+    for step, position in occurrences:
+        model, optimizer, scheduler = fresh()
+        model_state, optimizer_state, scheduler_state = copy.deepcopy(saves[step])
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        columns.append(run(model, optimizer, scheduler, step, (step, position), None) - base)
+    return torch.stack(columns, dim=1)
+
+
+# --- functional optimizers --------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd momentum dampening decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, maximize=True),
+    "adam l2": lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_functional_optimizers_reproduce_torch(name: str, dtype: torch.dtype) -> None:
+    """Same values as torch.optim over 15 steps, with a parameter row that never gets gradient (Adam's v = 0)
+    and a second parameter skipped (no gradient) at some steps, as torch skips it."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=g, dtype=dtype, requires_grad=True),
+              torch.randn(5, generator=g, dtype=dtype, requires_grad=True)]
+    optimizer = OPTIMIZERS[name](params)
+    kind = replay_optim.optimizer_kind(optimizer)
+    mine = [p.detach().clone() for p in params]
+    states: list[dict] = [{}, {}]
+    for step in range(15):
+        grads = [torch.randn(4, 3, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype)]
+        grads[0][0] = 0
+        grads[1] = None if step % 4 == 1 else grads[1]
+        hyper = replay_optim.group_hyperparameters(optimizer, kind)[0]
+        for p, grad in zip(params, grads):
+            p.grad = None if grad is None else grad.clone()
+        optimizer.step()
+        for i, grad in enumerate(grads):
+            mine[i], states[i] = replay_optim.update(kind, mine[i], grad, states[i], hyper)
+    for p, m in zip(params, mine):
+        torch.testing.assert_close(m, p.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("algorithm", "value"), [("norm", 0.5), ("norm", 100.0), ("value", 0.1)])
+def test_clipping_matches_torch(algorithm: str, value: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)]
+    params = [torch.zeros_like(x, requires_grad=True) for x in grads]
+    for p, x in zip(params, grads):
+        p.grad = x.clone()
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(params, value)
+    else:
+        torch.nn.utils.clip_grad_value_(params, value)
+    for p, mine in zip(params, replay_optim.clip_gradients([*grads, None][:2], value, algorithm)):
+        torch.testing.assert_close(mine, p.grad, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.RMSprop(p), lambda p: torch.optim.Adam(p, amsgrad=True)])
+def test_unmodelled_optimizers_are_refused(make) -> None:
+    with pytest.raises(UnsupportedError, match="RMSprop|amsgrad=True"):
+        replay_optim.optimizer_kind(make([torch.zeros(2, requires_grad=True)]))
+
+
+# --- reverse mode against the unrolled oracle ------------------------------------------------------------
+
+SETTINGS = {
+    "sgd": {"optimizer": "sgd", "lr": 0.3},
+    "sgd momentum dampening decay": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.1,
+                                     "weight_decay": 0.01},
+    "sgd nesterov": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+    "adam l2": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 1e-3},
+    "adamw cosine warm-up": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine"},
+    "sgd clip norm": {"optimizer": "sgd", "lr": 0.3, "clip": 0.3},
+    "sgd momentum clip value": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "clip": 0.02,
+                                "clip_algorithm": "value"},
+    "cnn adamw": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "net": "cnn"},
+}
+
+
+@pytest.fixture(scope="module")
+def small_data() -> tuple[DigitsDataset, dict]:
+    train, test = split_indices(48, 5, seed=2)
+    return DigitsDataset(train), DigitsDataset(test).batch()
+
+
+def _small_fit(tmp_path: Path, small_data, setting: dict[str, Any], **kwargs: Any):
+    dataset, test = small_data
+    module, dve, initial = fit_setting(tmp_path / "dve", setting, dataset, epochs=2, batch=16, **kwargs)
+    return module, dve, initial, epoch_batches(make_loader(dataset, 16, seed=1), 2), test
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_exact_influence_equals_the_unrolled_first_order_oracle(tmp_path: Path, small_data, name: str) -> None:
+    """6 steps (48 digits, batch 16, 2 epochs), a checkpoint every 4 steps: relative error < 1e-9 in float64."""
+    module, dve, initial, batches, test = _small_fit(tmp_path, small_data, SETTINGS[name], checkpoint_interval=4)
+    expected, final = unrolled_first_order(initial, batches, SETTINGS[name], test)
+    for key, value in final.items():  # the oracle's copy of the optimizer is the run the Trainer made
+        torch.testing.assert_close(value, dict(module.net.named_parameters())[key].detach(), rtol=1e-10, atol=1e-12)
+    result = dve.embeddings.exact_influence(module, test, per_step=True)
+    assert torch.equal(result.sample_ids, torch.cat([b["index"] for b in batches]))
+    error = float((result.scores - expected).abs().max() / expected.abs().max())
+    assert error < 1e-9, error
+    cost = dve.embeddings.replay_cost
+    assert cost.steps == 6 and cost.forward_steps == 6 and cost.per_sample_forwards and cost.relative > 0
+
+
+def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, small_data, monkeypatch) -> None:
+    setting = SETTINGS["sgd momentum dampening decay"]
+    module, dve, _, _, test = _small_fit(tmp_path, small_data, setting, checkpoint_interval=None)
+    module2, dve2, _, _, _ = _small_fit(tmp_path / "b", small_data, setting, checkpoint_interval=6)
+    with pytest.raises(ConfigError, match=r"recorded with checkpoint_interval=None .* checkpoint_interval='auto'"):
+        dve.embeddings.exact_influence(module, test)
+    base = dve2.embeddings.exact_influence(module2, test)
+
+    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    fast = dve2.embeddings.exact_influence(module2, test, train_loss_fn=per_sample, loss_fn=per_sample)
+    assert not dve2.embeddings.replay_cost.per_sample_forwards
+    torch.testing.assert_close(fast.scores, base.scores, rtol=1e-10, atol=1e-14)
+    monkeypatch.setattr(replay, "MAX_STATES_IN_MEMORY", 2)  # 6 steps in chunks of 3, each replayed twice
+    chunked = dve2.embeddings.exact_influence(module2, test)
+    assert dve2.embeddings.replay_cost.forward_steps == 12
+    torch.testing.assert_close(chunked.scores, base.scores, rtol=1e-12, atol=1e-15)
+    assert torch.equal(base.steps, torch.full_like(base.sample_ids, -1))
+
+
+def test_after_load_the_dataset_is_required_and_enough(tmp_path: Path, small_data) -> None:
+    module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS["sgd"])
+    expected = dve.embeddings.exact_influence(module, test, per_step=True).scores
+    loaded = DataValueEmbeddings.load(tmp_path / "dve")
+    with pytest.raises(ConfigError, match="needs the training dataset .* pass dataset="):
+        loaded.exact_influence(module, test)
+    got = loaded.exact_influence(module, test, per_step=True, dataset=small_data[0])  # ids mapped by a scan
+    torch.testing.assert_close(got.scores, expected, rtol=0, atol=0)
+
+
+def test_auto_interval_and_checkpoint_files(tmp_path: Path, small_data) -> None:
+    module, dve, _, _, _ = _small_fit(tmp_path, small_data, SETTINGS["adam l2"], projection_dim=None)
+    checkpoints = CheckpointStore.open(tmp_path / "dve" / "checkpoints")
+    manifest = checkpoints.manifest
+    step_bytes = dve.embeddings.store.manifest["bytes_per_step"]
+    params = sum(p.numel() * 8 for p in module.parameters())
+    assert manifest["interval"] == auto_interval(3 * params, step_bytes) == math.ceil(3 * params / (0.1 * step_bytes))
+    assert checkpoints.snapshot_steps == sorted({0, 6, *range(0, 6, manifest["interval"])})
+    assert manifest["final_step"] == 6 and manifest["kind"] == "Adam" and manifest["state_tensors"] == 2
+    _, state = checkpoints.read_snapshot(6)
+    assert set(state["net.0.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert auto_interval(10, 1000) == 1 and auto_interval(1000, 10) == 1000
+
+
+def test_resume_drops_later_checkpoints(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    store = CheckpointStore.create(root, {"settings_hash": "h", "interval": 2, "final_step": 9})
+    for step in (0, 2, 4):
+        store.write_snapshot(step, {"w": torch.ones(2)}, {})
+        store.write_hyper(step, {"groups": []})
+    reopened = CheckpointStore.reopen(root, last_step=2)
+    assert reopened.snapshot_steps == [0, 2] and reopened.manifest["final_step"] is None
+    with pytest.raises(StoreError, match="hyperparameters of step 4 were not recorded"):
+        reopened.read_hyper(4)
+
+
+# --- refusals -------------------------------------------------------------------------------------------
+
+
+class NoisyDigits(DigitsDataset):
+    """A random transform: every read adds fresh noise."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        return {**item, "x": item["x"] + 0.01 * torch.randn_like(item["x"])}
+
+
+class StreamOfDigits(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, small_data):
+    """One finished SGD recording to query (copy ``root`` before damaging it)."""
+    root = tmp_path_factory.mktemp("recorded") / "dve"
+    module, dve, _ = fit_setting(root, SETTINGS["sgd"], small_data[0], epochs=2, batch=16)
+    return root, module, dve
+
+
+def _damaged(recorded, tmp_path: Path) -> tuple[Path, DataValueEmbeddings]:
+    import shutil
+
+    root = tmp_path / "dve"
+    shutil.copytree(recorded[0], root)
+    return root, DataValueEmbeddings.load(root)
+
+
+def test_refuses_random_transforms_and_non_indexable_datasets(recorded, small_data) -> None:
+    _, module, dve = recorded
+    test = small_data[1]
+    with pytest.raises(UnsupportedError, match=r"dataset\[\d+\] differs between two reads .* random transform"):
+        dve.embeddings.exact_influence(module, test, dataset=NoisyDigits(small_data[0].indices.tolist()))
+    with pytest.raises(UnsupportedError, match="StreamOfDigits.* is not indexable"):
+        dve.embeddings.exact_influence(module, test, dataset=StreamOfDigits())
+
+
+def test_refuses_a_dataset_that_is_not_training_s(recorded, small_data) -> None:
+    _, module, dve = recorded
+    scaled = DigitsDataset(small_data[0].indices.tolist())
+    scaled.x = scaled.x * 1.01  # deterministic, same ids, other values: the replay leaves the checkpoints
+    with pytest.raises(UnsupportedError, match=r"does not reproduce the parameters checkpointed .*\(relative "
+                                               r"deviation .* Exact replay is refused"):
+        dve.embeddings.exact_influence(module, small_data[1], dataset=scaled)
+    with pytest.raises(ConfigError, match=r"sample ids \[.*\] are not in the dataset"):
+        dve.embeddings.exact_influence(module, small_data[1], dataset=DigitsDataset(range(1700, 1710)))
+
+
+def test_refuses_a_module_that_is_not_the_final_one(recorded, small_data) -> None:
+    _, module, dve = recorded
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        other.net[0].weight.add_(0.01)
+    with pytest.raises(ConfigError, match="differ from those recorded at the end of training"):
+        dve.embeddings.exact_influence(other, small_data[1])
+    with pytest.raises(ConfigError, match=r"has no parameters \['net.0.bias', 'net.0.weight'"):
+        dve.embeddings.exact_influence(nn.Sequential(nn.Linear(2, 2)), small_data[1], loss_fn=lambda m, b: b)
+
+
+def test_refuses_bad_loss_functions(recorded, small_data) -> None:
+    _, module, dve = recorded
+    test = small_data[1]
+    with pytest.raises(ConfigError, match=r"train_loss_fn must return per-sample losses as a 1-D Tensor\[16\]"):
+        dve.embeddings.exact_influence(module, test, train_loss_fn=lambda m, b: m(b["x"]).sum())
+    with pytest.raises(ConfigError, match="the test loss must be per-sample, a 1-D Tensor"):
+        dve.embeddings.exact_influence(module, test, loss_fn=lambda m, b: m(b["x"]).sum())
+    vector_step = type("VectorLoss", (nn.Module,), {"training_step": lambda self, batch, i: torch.ones(2)})()
+    with pytest.raises(ConfigError, match="did not return a scalar loss on a one-sample batch"):
+        step_loss_terms(vector_step, [{}], None, None)
+    with pytest.raises(ConfigError, match="cannot split the test batch"):
+        split_batch({"name": "a"})
+
+
+def test_split_batch_slices_tensors_and_lists() -> None:
+    singles = split_batch({"x": torch.arange(6).reshape(3, 2), "tags": ["a", "b", "c"], "scale": torch.tensor(2.0)})
+    assert len(singles) == 3 and torch.equal(singles[1]["x"], torch.tensor([[2, 3]]))
+    assert singles[2]["tags"] == ["c"] and float(singles[0]["scale"]) == 2.0
+
+
+def test_refuses_missing_or_unfinished_checkpoints(recorded, small_data, tmp_path: Path) -> None:
+    module, test, dataset = recorded[1], small_data[1], small_data[0]
+    root, emb = _damaged(recorded, tmp_path / "a")
+    (root / "checkpoints" / "replay.json").unlink()
+    with pytest.raises(StoreError, match="no replay checkpoints .* checkpoint_interval='auto'"):
+        emb.exact_influence(module, test, dataset=dataset)
+    root, emb = _damaged(recorded, tmp_path / "b")
+    manifest = json.loads((root / "checkpoints" / "replay.json").read_text())
+    (root / "checkpoints" / "replay.json").write_text(json.dumps({**manifest, "final_step": None}))
+    with pytest.raises(StoreError, match="no final state: training did not finish"):
+        emb.exact_influence(module, test, dataset=dataset)
+    root, emb = _damaged(recorded, tmp_path / "c")
+    (root / "checkpoints" / "state_00000000.safetensors").unlink()
+    with pytest.raises(StoreError, match="checkpoint files are missing"):
+        emb.exact_influence(module, test, dataset=dataset)
+    root, emb = _damaged(recorded, tmp_path / "d")
+    (root / "checkpoints" / "steps" / "step_00000002.json").unlink()
+    with pytest.raises(StoreError, match="hyperparameters of step 2 were not recorded"):
+        emb.exact_influence(module, test, dataset=dataset)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"dropout": 0.2}, r"modules \['net.2'\] ran dropout in train mode"),
+    ({"optimizer": "rmsprop"}, "exact replay is refused for this run: exact replay models torch.optim SGD, Adam, "
+                               "AdamW exactly; the run used RMSprop"),
+    ({"precision": "bf16-mixed"}, r"precision='bf16-mixed': autocast and loss scaling are not replayed"),
+])
+def test_refuses_runs_that_cannot_be_replayed(tmp_path: Path, small_data, kwargs: dict, match: str) -> None:
+    dataset, test = small_data
+    module = ReplayNet(SETTINGS["sgd"], 6, dropout=kwargs.get("dropout", 0.0))
+    if kwargs.get("optimizer") == "rmsprop":
+        module.configure_optimizers = lambda: torch.optim.RMSprop(module.parameters(), lr=1e-3)
+    trainer_kwargs = {"precision": kwargs["precision"]} if "precision" in kwargs else {}
+    if "precision" in kwargs:
+        module = module.float()
+        dataset = DigitsDataset(dataset.indices.tolist(), dtype=torch.float32)
+        test = {k: v.float() if v.is_floating_point() else v for k, v in test.items()}
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=64, report=None)
+    make_trainer(2, callbacks=[dve], **trainer_kwargs).fit(module, make_loader(dataset, 16, seed=1))
+    with pytest.raises(UnsupportedError, match=match):
+        dve.embeddings.exact_influence(module, test)
+
+
+def test_parameter_groups_refuses_foreign_parameters() -> None:
+    module = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([*module.parameters(), torch.zeros(3, requires_grad=True)], lr=0.1)
+    with pytest.raises(ConfigError, match=r"holds 1 parameter\(s\) that are not the module's \(shapes \[\(3,\)\]\)"):
+        parameter_groups(module, optimizer)
+
+
+def test_batch_source_maps_ids_to_positions(small_data) -> None:
+    dataset = small_data[0]
+    ids = dataset.indices[[5, 0, 7]]
+    source = BatchSource(TrainingData(dataset, None, "index"))
+    assert source.positions(ids) == [5, 0, 7]
+    assert BatchSource(TrainingData(dataset, None, None)).positions(torch.tensor([1, 2])) == [1, 2]
+
+
+# --- fidelity against exact TSLOO -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("net", "setting"), [
+    ("mlp", {"optimizer": "sgd", "lr": 0.3, "clip": 0.5}),
+    ("mlp", {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01}),
+    ("cnn", {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "schedule": "cosine"}),
+])
+def test_spearman_against_exact_tsloo(tmp_path: Path, net: str, setting: dict[str, Any]) -> None:
+    """The core fidelity problem (384 digits, batch 32, 3 epochs = 36 steps, 16 test points, 40 occurrences).
+
+    Measured here: 0.960, 0.962, 0.995 (deterministic: float64, fixed seeds). ``python benchmarks/replay_cost.py``
+    measures 12 settings: 0.90-1.00 (the first-order limit misses 0.95 on the CNN at SGD lr 0.3, 0.904, and with
+    norm clipping, 0.947). Asserted: the target, >= 0.95, on these three.
+    """
+    train_ids, test_ids = split_indices(384, 16)
+    dataset, test = DigitsDataset(train_ids), DigitsDataset(test_ids).batch()
+    setting = {**setting, "net": net}
+    module, dve, initial = fit_setting(tmp_path / "dve", setting, dataset, epochs=3, batch=32)
+    batches = epoch_batches(make_loader(dataset, 32, seed=1), 3)
+    occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], 40, 0)
+    columns = [32 * t + i for t, i in occurrences]  # every batch holds 32 samples (384 = 12 x 32)
+
+    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    scores = dve.embeddings.exact_influence(module, test, per_step=True, train_loss_fn=per_sample).scores
+    truth = tsloo_by_training(initial, batches, setting, occurrences, test)
+    rho = oracles.mean_spearman(scores[:, columns], truth)[0]
+    print(f"\nexact replay, {net} {setting}: mean Spearman vs exact TSLOO {rho:.4f}")
+    assert rho >= 0.95
