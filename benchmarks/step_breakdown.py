@@ -7,7 +7,7 @@ reported; iterations during which other processes used more than ``--quiet`` of 
 and redone. Wrappers around the capture hooks split the capture time into the forward hooks (input projection),
 the output-gradient hooks (output projection and the per-sample outer product), ``finish`` (undo the loss
 scale, copy to CPU) and a residual (hook dispatch, autograd and allocator effects). The per-step bookkeeping of
-the callback (``sync.StepAssembler`` close, ``TrajectoryStore.append``, ``capture.check_finite``, and the
+the callback (``sync.StepAssembler`` close, ``TrajectoryStore.append``, ``batches.check_finite``, and the
 ``state_key`` that Lightning evaluates as a profiler label on every hook call, ~6 per step) and the
 backward recursion's per-step cost (``recursion.BackwardRecursion.block`` over blocks of ``sync.BLOCK_ROWS``
 occurrences, as the train end runs it, plus ``write_embeddings``) are timed
@@ -99,7 +99,7 @@ def build(kind: str, quick: bool):
 
 def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: bool, quiet: float = 0.0,
               max_wait_s: float = 20.0) -> None:
-    from lightning_dve import capture, distributed, sync
+    from lightning_dve import batches, capture, distributed, sync
     from lightning_dve.config import AccumulatorLayout, DVEConfig
     from lightning_dve.recursion import BackwardRecursion
     from lightning_dve.store import TrajectoryStore
@@ -219,7 +219,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
     for step in range(min(iters, 60) + 2):
         ids = torch.arange(b) + step * b
         t0 = time.perf_counter()
-        capture.check_finite(grads, ids, step)
+        batches.check_finite(grads, ids, step)
         t1 = time.perf_counter()
         assembler.add(sync.MicroBatch(ids, weights, grads))
         sync.agree_on_errors(distributed.SingleProcess(), None)
@@ -285,7 +285,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
     """Time the callback's own hooks inside real ``Trainer.fit`` runs (``capture_overhead.py``'s setup)."""
     import capture_overhead as co
 
-    from lightning_dve import callback, capture, sync
+    from lightning_dve import batches, callback, capture, sync
     from lightning_dve.store import TrajectoryStore
 
     cfg = co.model_configs("quick" if quick else "default")[kind]
@@ -300,7 +300,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
                                (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
                                (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
                                (capture, "check_no_batchnorm_training", "capture.check_no_batchnorm_training"),
-                               (capture, "check_finite", "capture.check_finite"),
+                               (batches, "check_finite", "batches.check_finite"),
                                (sync, "agree_on_errors", "sync.agree_on_errors"),
                                (sync.StepAssembler, "close", "sync.StepAssembler.close"),
                                (TrajectoryStore, "append", "store.append"),

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 import torch
-from torch.utils.data import DistributedSampler
 
-from . import capture, distributed, reporting, sync
+from . import batches, capture, distributed, reporting, sync, callback_setup
 from .checkpoints import CHECKPOINTS, CheckpointRecorder
 from .config import (
     DEFAULT_PROJECTION_DIM,
@@ -27,24 +26,17 @@ from .config import (
     StorageDtype,
 )
 from .curvature import sampled_label_grad
-from .errors import ConfigError, DVEError, GradientError, UnsupportedError
+from .errors import ConfigError, DVEError, GradientError
 from .influence import DataValueEmbeddings
-from .adam import adam_factors, adam_terms, second_moment_terms
-from .optim import (
-    clip_factor,
-    grads_finite,
-    is_adam,
-    sgd_proxy_reason,
-    step_terms,
-    uses_momentum_or_decay,
-)
+from .adam import adam_factors
+from .optim import clip_factor, grads_finite, is_adam
 from .dynamics import plan_boundaries
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
 from .store import SHARDS, STEPS, TrajectoryStore
+from .updates import StepTerms, step_terms
 from .writer import StepWriter
 
-_SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
 
 
 class DataValueEmbedding(pl.Callback):
@@ -85,9 +77,9 @@ class DataValueEmbedding(pl.Callback):
     def __init__(
         self,
         save_dir: str | os.PathLike[str] | None = None,
-        sample_ids: str | capture.IdFn = "index",
+        sample_ids: str | batches.IdFn = "index",
         projection_dim: int | None = DEFAULT_PROJECTION_DIM,
-        loss_reduction: str | LossReduction | capture.WeightFn = "mean",
+        loss_reduction: str | LossReduction | batches.WeightFn = "mean",
         layers: tuple[str, ...] | list[str] | None = None,
         exclude: tuple[str, ...] | list[str] = (),
         layout: str | AccumulatorLayout = "per_layer",
@@ -118,6 +110,7 @@ class DataValueEmbedding(pl.Callback):
             checkpoint_interval=checkpoint_interval,
             adam_second_moment=adam_second_moment,
         )
+        self._state_key = self._generate_state_key(settings_hash=self.config.settings_hash())
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
                               f"{sample_ids!r}.")
@@ -134,9 +127,7 @@ class DataValueEmbedding(pl.Callback):
         self._dims: dict[str, int] = {}
         self._root: Path | None = None
         self._resume: dict[str, Any] | None = None
-        self._step_lrs: torch.Tensor | None = None
-        self._step_optim: dict[str, torch.Tensor] = {}
-        self._step_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
         self._step = -1
         self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
@@ -151,7 +142,7 @@ class DataValueEmbedding(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(settings_hash=self.config.settings_hash())
+        return self._state_key  # Lightning reads it at every hook: hashed once
 
     @property
     def embeddings(self) -> DataValueEmbeddings:
@@ -184,7 +175,7 @@ class DataValueEmbedding(pl.Callback):
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_unsupported(trainer, pl_module, self.config)
+        callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
@@ -206,17 +197,19 @@ class DataValueEmbedding(pl.Callback):
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._embeddings = None
-        _warn_approximations(trainer)
+        callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _warn_sampler_padding(trainer)
+        callback_setup.warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
         self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
         self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
                                                partial(reporting.prepare_batch, trainer, pl_module))
         self._train_started = time.perf_counter()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         capture.check_no_batchnorm_training(pl_module)
         hooks = self._active_capture()
         hooks.begin(keep_outputs=self._ggn)
@@ -226,33 +219,25 @@ class DataValueEmbedding(pl.Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         hooks = self._active_capture()
-        scaler = _grad_scaler(trainer)
+        scaler = callback_setup.grad_scaler(trainer)
         self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
         if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
-            ids = capture.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
+            ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
         hooks.check_all_reached()
-        self._skipped = _grad_scaler(trainer) is not None and not grads_finite(optimizer)
+        self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
                 and not self._skipped:
             hooks.check_blocks_sum_to_grad(self._loss_scale)  # once: tied or functionally used weights
-        clip = clip_factor(optimizer, trainer.gradient_clip_val, _clip_algorithm(trainer))
-        if is_adam(optimizer):
-            self._step_lrs, self._step_optim, self._step_vectors = adam_terms(optimizer, hooks.modules(), clip,
-                                                                              self.config.exact)
-        else:
-            (self._step_lrs, self._step_optim), self._step_vectors = step_terms(optimizer, hooks.modules(), clip), {}
-        if self.config.adam_second_moment:  # the v pass: the second-moment channel (adam.py, recursion.py)
-            terms, vectors = second_moment_terms(optimizer, hooks.modules(), clip)
-            self._step_optim.update(terms)
-            self._step_vectors.update(vectors)
+        clip = clip_factor(optimizer, trainer.gradient_clip_val, callback_setup.clip_algorithm(trainer))
+        self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
         self._step = trainer.global_step
         if self._recorder is not None:
-            clipping = {"value": trainer.gradient_clip_val, "algorithm": _clip_algorithm(trainer)}
+            clipping = {"value": trainer.gradient_clip_val, "algorithm": callback_setup.clip_algorithm(trainer)}
             self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
 
     def on_train_batch_end(
@@ -265,21 +250,21 @@ class DataValueEmbedding(pl.Callback):
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None
                 hooks.abort()
-            if self._step_lrs is not None and not self._skipped and self._deferred is not None:
+            if self._terms is not None and not self._skipped and self._deferred is not None:
                 raise self._deferred
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
-        if self._step_lrs is None:  # accumulating, or no optimizer step happened
+        if self._terms is None:  # accumulating, or no optimizer step happened
             return
         self._deferred = None
         if self._skipped:  # the grad scaler skipped the step: nothing was applied, so nothing is recorded
             self._assembler.discard()
-            self._step_lrs = None
+            self._terms = None
             return
-        record = self._assembler.close(self._step, self._step_lrs, trainer.current_epoch, trainer.is_last_batch,
-                                       self._step_optim, self._step_vectors)
-        self._step_lrs = None
+        record = self._assembler.close(self._step, self._terms.lrs, trainer.current_epoch, trainer.is_last_batch,
+                                       self._terms.optim, self._terms.vectors)
+        self._terms = None
         if record is not None:
             assert self._store is not None
             self._active_writer().append(record)
@@ -334,19 +319,19 @@ class DataValueEmbedding(pl.Callback):
         """
         hooks = self._active_capture()
         size = hooks.batch_size()
-        ids = capture.extract_sample_ids(batch, self.sample_ids, size)
-        local = capture.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
+        ids = batches.extract_sample_ids(batch, self.sample_ids, size)
+        local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation
         extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
                  for kind in self._extra_kinds(trainer)}
         grads = hooks.finish(scale)
-        step = self._step if self._step_lrs is not None else trainer.global_step
+        step = self._step if self._terms is not None else trainer.global_step
         try:
             for rows in (grads, *extra.values()):
-                capture.check_finite(rows, ids, step)
+                batches.check_finite(rows, ids, step)
         except GradientError as err:
-            if _grad_scaler(trainer) is None:
+            if callback_setup.grad_scaler(trainer) is None:
                 raise
             self._deferred = err  # a scaled fp16 step may overflow; the scaler then skips it
         return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads, extra)
@@ -378,7 +363,8 @@ class DataValueEmbedding(pl.Callback):
         try:
             if self._resume is None:
                 return TrajectoryStore.create(root, manifest, overwrite=self.overwrite), None
-            return resume_store(root, self._resume, self.config.settings_hash(), self._comm.world_size), None
+            resumed = callback_setup.resume_store(root, self._resume, self.config.settings_hash(), self._comm.world_size)
+            return resumed, None
         except DVEError as err:
             return None, err
 
@@ -410,75 +396,3 @@ class DataValueEmbedding(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
-
-
-def _warn_approximations(trainer: pl.Trainer) -> None:
-    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping."""
-    reason = sgd_proxy_reason(trainer.optimizers[0])
-    if reason is not None:
-        rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
-                       "(method.md §2 is exact for plain SGD only).")
-    if trainer.gradient_clip_val and _clip_algorithm(trainer) == "value":
-        rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
-                       "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
-
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    """The precision plugin's ``GradScaler`` (fp16 mixed precision), or ``None``."""
-    return getattr(trainer.precision_plugin, "scaler", None)
-
-
-def _clip_algorithm(trainer: pl.Trainer) -> str | None:
-    """The trainer's clipping algorithm as a plain string (``"norm"``, ``"value"`` or ``None``)."""
-    algorithm = trainer.gradient_clip_algorithm
-    return None if algorithm is None else str(getattr(algorithm, "value", algorithm))
-
-
-def _warn_sampler_padding(trainer: pl.Trainer) -> None:
-    """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks."""
-    sampler = getattr(trainer.train_dataloader, "sampler", None)
-    padded = sampler.total_size - len(sampler.dataset) if isinstance(sampler, DistributedSampler) else 0
-    if padded > 0:
-        rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
-                       "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
-
-
-def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int) -> TrajectoryStore:
-    """Reopen the store a checkpoint points to, after checking it was written with the same setup.
-
-    Raises:
-        ConfigError: if the checkpoint was recorded with other callback settings or another world size.
-    """
-    if state.get("settings_hash") != settings_hash:
-        raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
-                          f", this callback has {settings_hash}: resuming would mix two recordings. Resume with the "
-                          "same callback arguments, or start a fresh fit without ckpt_path.")
-    if state.get("world_size") != world_size:
-        raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
-                          f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
-
-
-def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, config: DVEConfig) -> None:
-    """Refuse training setups the recursion would get wrong (each one lands with a later release).
-
-    Raises:
-        UnsupportedError: naming the setting and what to change.
-    """
-    problems = []
-    optimizer = trainer.optimizers[0] if trainer.optimizers else None
-    if config.segments > 1 and optimizer is not None and uses_momentum_or_decay(optimizer):
-        problems.append(f"segments={config.segments} with optimizer state (SGD momentum, weight decay, Adam; use "
-                        "segments=1)")
-    if config.adam_second_moment and not (optimizer is not None and is_adam(optimizer)):
-        problems.append(f"adam_second_moment=True with {type(optimizer).__name__} (it models the second moment of "
-                        "Adam/AdamW; drop the setting)")
-    if not pl_module.automatic_optimization:
-        problems.append("manual optimization (use automatic optimization)")
-    if len(trainer.optimizers) != 1:
-        problems.append(f"{len(trainer.optimizers)} optimizers (use exactly one)")
-    if str(trainer.precision) not in _SUPPORTED_PRECISION:
-        problems.append(f"precision={trainer.precision!r} (use '32-true', '64-true', 'bf16-mixed' or '16-mixed')")
-    if problems:
-        raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + " yet: the recorded "
-                               "gradients would not match the update the optimizer applied.")

@@ -9,10 +9,9 @@ undone at the end of the step, so what leaves this module is the gradient of the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -22,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from . import layers as layer_specs
-from .config import DVEConfig, LossReduction
-from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
+from .config import DVEConfig
+from .errors import ConfigError, UnsupportedError
 from .projection import LayerProjection
 from .transfer import to_host
 
@@ -31,8 +30,6 @@ from .transfer import to_host
 GRADS, CURVATURE, GRADS_Q, CURVATURE_Q = "grads", "curvature", "preconditioned", "curvature_preconditioned"
 ROW_KINDS = (GRADS, CURVATURE, GRADS_Q, CURVATURE_Q)
 
-IdFn = Callable[[Any], Any]
-WeightFn = Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,85 +369,3 @@ class GradientCapture:
         grads = self.take(GRADS, weights)
         self._reset(active=False)
         return grads
-
-
-def reduction_weights(
-    reduction: LossReduction, batch: Any, batch_size: int, weight_fn: WeightFn | None
-) -> torch.Tensor:
-    """Per-sample loss weights ``w [B]`` inside the loss: ``1/B`` (mean), ``1`` (sum) or ``weight_fn(batch)``.
-
-    Raises:
-        ConfigError: if the reduction needs ``weight_fn`` and none is given, or it returns a wrong shape.
-    """
-    if reduction is LossReduction.MEAN:
-        return torch.full((batch_size,), 1.0 / batch_size, dtype=torch.float64)
-    if reduction is LossReduction.SUM:
-        return torch.ones(batch_size, dtype=torch.float64)
-    if weight_fn is None:
-        raise ConfigError("this store was recorded with per-sample loss weights (a loss_reduction callable); pass "
-                          "the same callable as `loss_weights=` to DataValueEmbeddings.load, or pass `loss_fn=`.")
-    weights = torch.as_tensor(weight_fn(batch)).detach().to("cpu", torch.float64)
-    if weights.shape != (batch_size,):
-        raise ConfigError(f"loss_reduction callable returned shape {tuple(weights.shape)}; expected "
-                          f"({batch_size},), one weight per sample of the batch.")
-    return weights
-
-
-def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> torch.Tensor:
-    """Read the dataset indices ``[B]`` of a batch (a dict key or a callable).
-
-    Raises:
-        SampleIdError: if the ids are missing, not integers, or not one per sample.
-    """
-    if callable(sample_ids):
-        ids = sample_ids(batch)
-    elif isinstance(batch, dict):
-        if sample_ids not in batch:
-            raise SampleIdError(f"batch has no key {sample_ids!r} (keys: {sorted(map(str, batch))}). Return the "
-                                f"dataset index under {sample_ids!r} from your Dataset, or pass "
-                                "`sample_ids=callable(batch) -> LongTensor[B]`.")
-        ids = batch[sample_ids]
-    else:
-        raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
-                            "Pass `sample_ids=callable(batch) -> LongTensor[B]` that returns the dataset indices.")
-    ids = torch.as_tensor(ids)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
-    if ids.shape != (batch_size,):
-        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples; "
-                            "return one id per sample as a 1-D LongTensor.")
-    return ids.detach().to("cpu", torch.int64)
-
-
-def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int) -> None:
-    """Refuse NaN or infinite per-sample gradients, naming the layer, step and samples.
-
-    Raises:
-        GradientError: if any captured value is not finite.
-    """
-    for name, block in grads.items():
-        bad = ~torch.isfinite(block).all(dim=1)
-        if bad.any():
-            ids = sample_ids[bad.cpu()].tolist()[:10]
-            raise GradientError(
-                f"non-finite per-sample gradient in layer {name!r} at step {step} for sample ids {ids}. Training "
-                "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
-                "clipping, or remove those samples. Steps before this one are kept in the store."
-            )
-
-
-@contextlib.contextmanager
-def muted_logging(module: nn.Module) -> Iterator[None]:
-    """Make ``module.log`` and ``module.log_dict`` no-ops while running ``training_step`` outside a loop."""
-    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    for name in saved:
-        if hasattr(module, name):
-            setattr(module, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                setattr(module, name, value)

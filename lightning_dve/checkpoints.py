@@ -33,7 +33,9 @@ CHECKPOINTS = "checkpoints"
 REPLAY_MANIFEST = "replay.json"
 HYPER_STEPS = "steps"
 AUTO = "auto"
-REPLAYABLE_PRECISION = ("32-true", "32", "64-true", "64")
+REPLAYABLE_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed")
+#: Precision whose forward runs under bf16 autocast (replayed under the same autocast).
+AUTOCAST_PRECISION = "bf16-mixed"
 #: ``checkpoint_interval="auto"`` keeps the checkpoints' disk use under this share of the gradient store's.
 AUTO_BUDGET = 0.1
 
@@ -121,12 +123,15 @@ class CheckpointStore:
         """Steps before which a snapshot was taken, increasing."""
         return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("state_*.safetensors"))
 
-    def write_snapshot(self, step: int, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]) -> None:
+    def write_snapshot(
+        self, step: int, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
+    ) -> None:
         """Persist ``theta_step`` (``{name: tensor}``) and the optimizer state ``{name: {key: tensor}}``."""
         tensors = {f"param/{name}": p.detach().cpu().clone().contiguous() for name, p in params.items()}
         for name, entries in state.items():
             tensors.update({f"state/{name}/{key}": v.detach().cpu().clone().contiguous() for key, v in entries.items()})
-        write_atomic(self.root / _snapshot_name(step), tensors, {"step": str(step), "settings_hash": self.settings_hash})
+        metadata = {"step": str(step), "settings_hash": self.settings_hash}
+        write_atomic(self.root / _snapshot_name(step), tensors, metadata)
 
     def read_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """``(params, state)`` as written by :meth:`write_snapshot` (fresh tensors: safe to update)."""
@@ -184,7 +189,7 @@ class CheckpointRecorder:
         resume_after: continue an earlier recording after this step (``None``: a fresh one).
         sample_ids: the callback's ``sample_ids`` key (kept so that queries after ``load`` can map ids to
             dataset positions), ``None`` for a callable.
-        precision: the trainer's precision (mixed precision is refused for replay).
+        precision: the trainer's precision (bf16 autocast is replayed under autocast; fp16 is refused).
     """
 
     def __init__(self, root: Path, interval: int | str | None, settings_hash: str, resume_after: int | None,
@@ -217,8 +222,9 @@ class CheckpointRecorder:
         except DVEError as err:
             manifest.update(kind=type(optimizer).__name__, groups=None, refusal=str(err))
         if self.precision not in REPLAYABLE_PRECISION:
-            manifest.update(refusal=f"precision={self.precision!r}: autocast and loss scaling are not replayed. "
-                                    "Train with precision '32-true' or '64-true' to use exact_influence.")
+            manifest.update(refusal=f"precision={self.precision!r}: fp16 loss scaling (skipped steps) is not replayed. "
+                                    "Train with precision '32-true', '64-true' or 'bf16-mixed' to use exact_influence.")
+        manifest.update(precision=self.precision)
         manifest.update(
             clip=clip,
             eval_modules=[name for name, m in module.named_modules() if not m.training],

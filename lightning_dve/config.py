@@ -156,7 +156,9 @@ class DVEConfig:
         object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype))
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
         interval = self.checkpoint_interval
-        if interval not in ("auto", None) and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        if interval not in ("auto", None) and (
+            isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
+        ):
             raise ConfigError(f"checkpoint_interval must be a positive int (steps between replay checkpoints), 'auto' "
                               f"or None (off); got {interval!r}.")
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:

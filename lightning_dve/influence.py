@@ -7,7 +7,6 @@ the final parameters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .capture import GradientCapture, TrackedLayer, WeightFn, muted_logging, reduction_weights
+from .batches import WeightFn, modes, muted_logging, reduction_weights
+from .capture import GradientCapture, TrackedLayer
 from .config import DVEConfig
 from .errors import ConfigError, LayerMismatchError, StoreError
 from .projection import LayerProjection
@@ -77,19 +77,6 @@ class InfluenceResult:
             return Ranking(self.sample_ids[order], self.steps[order], row[order])
 
         return pick(torch.topk(row, k).indices), pick(torch.topk(-row, k).indices)
-
-
-@contextlib.contextmanager
-def _query_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode with gradients on; restores every submodule's mode afterwards."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
 
 
 class DataValueEmbeddings:
@@ -181,7 +168,9 @@ class DataValueEmbeddings:
                                      "layer names and shapes).")
         return tracked
 
-    def _test_loss(self, module: nn.Module, batch: Any, loss_fn: LossFn | None) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+    def _test_loss(
+        self, module: nn.Module, batch: Any, loss_fn: LossFn | None
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
         """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms."""
         if loss_fn is not None:
             losses = loss_fn(module, batch)
@@ -209,7 +198,7 @@ class DataValueEmbeddings:
         capture = GradientCapture(self._tracked_layers(module))
         capture.attach()
         try:
-            with _query_mode(module):
+            with modes(module, None):  # eval mode, gradients on
                 capture.begin(keep_outputs=True)
                 loss, weights_for = self._test_loss(module, batch, loss_fn)
                 torch.autograd.grad(loss, capture.outputs, allow_unused=True)
@@ -355,7 +344,9 @@ class DataValueEmbeddings:
             carried.insert(0, self._apply_factors(carried[0], self._factors[segment]))
         return carried
 
-    def _apply_factors(self, test: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _apply_factors(
+        self, test: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Row vectors times each group's factor: ``g^T (I - M)`` per group."""
         out = {}
         for group in layer_groups(self.store.layer_names, self.config.layout):

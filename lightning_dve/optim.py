@@ -56,7 +56,7 @@ def uses_momentum_or_decay(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def step_terms(
+def sgd_terms(
     optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], clip: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Learning rates ``[L]`` and optimizer terms ``{name: [L]}`` of this step, with norm clipping folded in.

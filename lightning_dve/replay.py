@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import WeightFn
-from .checkpoints import CHECKPOINTS, CheckpointStore
+from .checkpoints import AUTOCAST_PRECISION, CHECKPOINTS, CheckpointStore
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
-from .replay_data import BatchSource, TrainingData, call_with, checked_losses, modes, step_loss_terms
+from .batches import WeightFn, modes
+from .replay_data import BatchSource, TrainingData, call_with, checked_losses, step_loss_terms
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import TrajectoryStore
 
@@ -40,6 +40,8 @@ TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
 MAX_STATES_IN_MEMORY = 64
 #: Relative deviation ``||theta_replayed - theta_checkpoint|| / ||theta_checkpoint||`` above which replay is refused.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+#: The same under bf16 autocast: a one-sample forward rounds differently from the batched one (8-bit mantissa).
+AUTOCAST_TOLERANCE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Replayer:
         self.groups: list[list[str]] = manifest["groups"]
         self.names = [name for group in self.groups for name in group]
         self.clip = manifest.get("clip") or {}
+        self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
         self._records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -107,16 +110,21 @@ class Replayer:
         return ({n: p.to(device) for n, p in params.items()},
                 {n: {k: v if k == "step" else v.to(device) for k, v in e.items()} for n, e in state.items()})
 
-    def _gradient(self, params: Params, step: int, weights: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
+    def _gradient(
+        self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
+    ) -> list[torch.Tensor | None]:
         """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter."""
         ids, _ = self.record(step)
-        losses = call_with(self.module, params, self.losses, ids)
+        with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            losses = call_with(self.module, params, self.losses, ids)
         total = (weights.to(losses.dtype) * losses).sum()
         grads = torch.autograd.grad(total, [params[n] for n in self.names], create_graph=create_graph,
                                     allow_unused=True)
         return clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))
 
-    def _update(self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int) -> tuple[Params, OptState]:
+    def _update(
+        self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int
+    ) -> tuple[Params, OptState]:
         hyper = self.checkpoints.read_hyper(step)["groups"]
         new_params, new_state, grad_of = {}, {}, dict(zip(self.names, grads))
         for names, h in zip(self.groups, hyper):
@@ -132,7 +140,8 @@ class Replayer:
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
         with torch.no_grad():
-            new_params, new_state = self._update(leaves, state, [None if g is None else g.detach() for g in grads], step)
+            detached = [None if g is None else g.detach() for g in grads]
+            new_params, new_state = self._update(leaves, state, detached, step)
         return {n: p.detach() for n, p in new_params.items()}, new_state
 
     def reverse(self, params: Params, state: OptState, step: int, adjoint: dict[tuple[str, str], torch.Tensor]
@@ -175,13 +184,13 @@ def _deviation(replayed: Params, expected: Params) -> float:
     return (diff / max(norm, 1e-300)) ** 0.5
 
 
-def _verify(replayed: Params, expected: Params, step: int) -> None:
+def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> None:
     """Refuse a replay that does not land on the checkpoint of ``step``.
 
     Raises:
         UnsupportedError: with the measured deviation and the likely causes.
     """
-    tolerance = TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
+    tolerance = AUTOCAST_TOLERANCE if autocast else TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
     deviation = _deviation(replayed, expected)
     if not deviation <= tolerance:
         raise UnsupportedError(
@@ -211,7 +220,7 @@ def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: l
     :data:`MAX_STATES_IN_MEMORY` keeps every ``ceil(sqrt(n))``-th state and replays each chunk again."""
     stride = 1 if len(steps) <= MAX_STATES_IN_MEMORY else int(len(steps) ** 0.5 + 0.999999)
     kept, (last, _) = _sweep(replayer, start, steps, stride)
-    _verify(last, end, steps[-1] + 1)
+    _verify(last, end, steps[-1] + 1, replayer.autocast)
     for j in reversed(range(len(kept))):
         chunk = steps[j * stride:(j + 1) * stride]
         states = kept[j:j + 1] if stride == 1 else _sweep(replayer, kept[j], chunk, 1)[0]
@@ -227,7 +236,8 @@ def target_gradients(module: nn.Module, params: Params, target: Callable[[nn.Mod
     with modes(module, None):
         losses = call_with(module, leaves, target)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            raise ConfigError(f"the test loss must be per-sample, a 1-D Tensor[n]; got {getattr(losses, 'shape', losses)}.")
+            raise ConfigError("the test loss must be per-sample, a 1-D Tensor[n]; got "
+                              f"{getattr(losses, 'shape', losses)}.")
         rows = [torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True, allow_unused=True)
                 for i in range(losses.shape[0])]
     return {(n, "param"): torch.stack([torch.zeros_like(leaves[n]) if r[j] is None else r[j] for r in rows])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import IterableDataset, default_collate
 
-from .capture import WeightFn, extract_sample_ids, muted_logging, reduction_weights
+from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights
 from .config import LossReduction
 from .errors import ConfigError, UnsupportedError
 
@@ -73,7 +73,8 @@ class BatchSource:
             UnsupportedError: naming the reason.
         """
         dataset = self.data.dataset
-        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        indexable = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        if isinstance(dataset, IterableDataset) or not indexable:
             raise UnsupportedError(f"the training dataset ({type(dataset).__name__}) is not indexable (map-style "
                                    "with __getitem__ and __len__), so recorded batches cannot be rebuilt. Pass "
                                    "dataset= a map-style dataset with the same samples.")
@@ -166,7 +167,9 @@ def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:
     return losses
 
 
-def step_loss_terms(module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None) -> torch.Tensor:
+def step_loss_terms(
+    module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None
+) -> torch.Tensor:
     """Per-sample losses ``l(theta, z)`` ``[B]`` from ``training_step`` on one-sample batches (logging muted):
     each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum)."""
     losses = []
@@ -179,23 +182,6 @@ def step_loss_terms(module: nn.Module, batches: list[Any], reduction: LossReduct
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
             losses.append(loss / float(reduction_weights(reduction, single, 1, weight_fn)[0]))
     return torch.stack(losses)
-
-
-@contextlib.contextmanager
-def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[None]:
-    """Train mode except ``eval_modules`` (the modes training ran in); ``None`` means eval mode throughout.
-    Every submodule's mode is restored afterwards."""
-    saved = {m: m.training for m in module.modules()}
-    module.train(eval_modules is not None)
-    named = dict(module.named_modules())
-    for name in eval_modules or ():
-        named[name].eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, training in saved.items():
-            m.train(training)
 
 
 def split_batch(batch: Any) -> list[Any]:

@@ -118,7 +118,9 @@ def adam_update(param: Tensor, grad: Tensor, state: State, h: dict[str, Any], de
     return param.addcdiv(exp_avg, denom, value=-step_size), new_state
 
 
-def update(kind: OptimizerKind, param: Tensor, grad: Tensor | None, state: State, h: dict[str, Any]) -> tuple[Tensor, State]:
+def update(
+    kind: OptimizerKind, param: Tensor, grad: Tensor | None, state: State, h: dict[str, Any]
+) -> tuple[Tensor, State]:
     """One optimizer update of one parameter; a parameter without a gradient is skipped, as torch does."""
     if grad is None:
         return param, state
@@ -127,7 +129,9 @@ def update(kind: OptimizerKind, param: Tensor, grad: Tensor | None, state: State
     return adam_update(param, grad, state, h, decoupled=kind is OptimizerKind.ADAMW)
 
 
-def clip_gradients(grads: Sequence[Tensor | None], clip_val: float | None, algorithm: str | None) -> list[Tensor | None]:
+def clip_gradients(
+    grads: Sequence[Tensor | None], clip_val: float | None, algorithm: str | None
+) -> list[Tensor | None]:
     """Lightning's ``gradient_clip_val``: ``torch.nn.utils.clip_grad_norm_`` (factor
     ``min(1, c / (||g||_2 + 1e-6))`` over all gradients) or ``clip_grad_value_`` (``clamp(g, -c, c)``)."""
     if not clip_val:

@@ -76,7 +76,8 @@ class StepRecord:
         for field, kind in ROW_FILE_KINDS.items():
             for name, rows in getattr(self, field).items():
                 out.update(encode(name, rows, storage, kind))
-        out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items() for name, value in values.items()})
+        out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items()
+                    for name, value in values.items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
@@ -96,7 +97,8 @@ class StepRecord:
 
 GRADIENT = "grad"
 #: File prefix of each kind of stored rows, by ``StepRecord`` field.
-ROW_FILE_KINDS = {"grads": GRADIENT, "curvature": "curv", "preconditioned": "pgrad", "curvature_preconditioned": "pcurv"}
+ROW_FILE_KINDS = {"grads": GRADIENT, "curvature": "curv", "preconditioned": "pgrad",
+                  "curvature_preconditioned": "pcurv"}
 
 
 def _scale_key(name: str, kind: str) -> str:
@@ -341,7 +343,8 @@ class TrajectoryStore:
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
-        tensors = {f"factor/{s}/{group}": f.contiguous() for s, fs in enumerate(factors) if s for group, f in fs.items()}
+        tensors = {f"factor/{s}/{group}": f.contiguous()
+                   for s, fs in enumerate(factors) if s for group, f in fs.items()}
         if tensors:
             write_atomic(self.root / SEGMENTS, tensors, self._metadata(-1))
         steps = self.steps

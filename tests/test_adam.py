@@ -3,7 +3,6 @@ preconditioned rows against a per-example oracle, the recorded terms against tor
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import lightning as L
@@ -74,20 +73,6 @@ def linearised_removal(records: list[StepRecord], t_s: int, z: int, blocks: list
     return theta
 
 
-@pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN])
-@pytest.mark.parametrize("layout", ["per_layer", "full"])
-def test_adam_recursion_equals_the_linearised_dynamics(layout: str, curvature: Curvature) -> None:
-    records = random_records(0, curvature)
-    blocks = [slice(0, 3), slice(3, 5)] if layout == "per_layer" else [slice(0, 5)]
-    recursion = BackwardRecursion(list(LAYERS), AccumulatorLayout.parse(layout), curvature=curvature)
-    embeddings = {r.step: recursion.step(r) for r in reversed(records)}
-    for r in records:
-        for z in range(len(r.sample_ids)):
-            got = torch.cat([embeddings[r.step][k][z] for k in LAYERS])
-            expected = linearised_removal(records, r.step, z, blocks, curvature)
-            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
-
-
 def exact_records(seed: int, curvature: Curvature, steps: int = 6) -> list[StepRecord]:
     """Exact-mode Adam records with the second-moment channel: per-coordinate rate factors, kappa, g'."""
     g = torch.Generator().manual_seed(seed)
@@ -127,19 +112,20 @@ def linearised_with_second_moment(records: list[StepRecord], t_s: int, z: int, b
     return theta
 
 
+@pytest.mark.parametrize("form", ["projected", "exact_second_moment"])
 @pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN])
 @pytest.mark.parametrize("layout", ["per_layer", "full"])
-def test_exact_adam_recursion_with_second_moment_equals_the_linearised_dynamics(
-    layout: str, curvature: Curvature
-) -> None:
-    records = exact_records(1, curvature)
+def test_adam_recursion_equals_the_linearised_dynamics(layout: str, curvature: Curvature, form: str) -> None:
+    """Projected form (preconditioned rows) and exact form (per-coordinate rates, with the second-moment channel)."""
+    records, oracle = ((random_records(0, curvature), linearised_removal) if form == "projected"
+                       else (exact_records(1, curvature), linearised_with_second_moment))
     blocks = [slice(0, 3), slice(3, 5)] if layout == "per_layer" else [slice(0, 5)]
     recursion = BackwardRecursion(list(LAYERS), AccumulatorLayout.parse(layout), curvature=curvature)
     embeddings = {r.step: recursion.step(r) for r in reversed(records)}
     for r in records:
         for z in range(len(r.sample_ids)):
             got = torch.cat([embeddings[r.step][k][z] for k in LAYERS])
-            expected = linearised_with_second_moment(records, r.step, z, blocks, curvature)
+            expected = oracle(records, r.step, z, blocks, curvature)
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
 
 

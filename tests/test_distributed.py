@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings
+from lightning_dve import DataValueEmbeddings
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups

@@ -20,6 +20,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
+from scipy.stats import spearmanr
 from torch import nn
 from torch.func import functional_call
 
@@ -476,14 +478,15 @@ def test_refuses_missing_or_unfinished_checkpoints(recorded, small_data, tmp_pat
     ({"dropout": 0.2}, r"modules \['net.2'\] ran dropout in train mode"),
     ({"optimizer": "rmsprop"}, "exact replay is refused for this run: exact replay models torch.optim SGD, Adam, "
                                "AdamW exactly; the run used RMSprop"),
-    ({"precision": "bf16-mixed"}, r"precision='bf16-mixed': autocast and loss scaling are not replayed"),
+    ({"precision": "16-mixed"}, r"precision='16-mixed': fp16 loss scaling \(skipped steps\) is not replayed"),
 ])
 def test_refuses_runs_that_cannot_be_replayed(tmp_path: Path, small_data, kwargs: dict, match: str) -> None:
     dataset, test = small_data
     module = ReplayNet(SETTINGS["sgd"], 6, dropout=kwargs.get("dropout", 0.0))
     if kwargs.get("optimizer") == "rmsprop":
         module.configure_optimizers = lambda: torch.optim.RMSprop(module.parameters(), lr=1e-3)
-    trainer_kwargs = {"precision": kwargs["precision"]} if "precision" in kwargs else {}
+    trainer_kwargs = {"precision": None, "plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]} \
+        if "precision" in kwargs else {}
     if "precision" in kwargs:
         module = module.float()
         dataset = DigitsDataset(dataset.indices.tolist(), dtype=torch.float32)
@@ -492,6 +495,21 @@ def test_refuses_runs_that_cannot_be_replayed(tmp_path: Path, small_data, kwargs
     make_trainer(2, callbacks=[dve], **trainer_kwargs).fit(module, make_loader(dataset, 16, seed=1))
     with pytest.raises(UnsupportedError, match=match):
         dve.embeddings.exact_influence(module, test)
+
+
+def test_bf16_autocast_run_is_replayed_under_autocast(tmp_path: Path, small_data) -> None:
+    """A ``bf16-mixed`` run replays under the same autocast (landing on its checkpoints within 1e-2) and scores
+    like the float32 run of the same data and initialisation (Spearman over all occurrences and test points)."""
+    dataset, test = DigitsDataset(small_data[0].indices.tolist(), dtype=torch.float32), small_data[1]
+    test = {k: v.float() if v.is_floating_point() else v for k, v in test.items()}
+    scores = {}
+    for precision in ("bf16-mixed", "32-true"):
+        module = ReplayNet(SETTINGS["sgd"], 6).float()
+        dve = DataValueEmbedding(tmp_path / precision, projection_dim=64, report=None)
+        make_trainer(2, callbacks=[dve], precision=precision).fit(module, make_loader(dataset, 16, seed=1))
+        scores[precision] = dve.embeddings.exact_influence(module, test, per_step=True).scores.flatten()
+    rho = spearmanr(scores["bf16-mixed"].numpy(), scores["32-true"].numpy())[0]
+    assert rho >= 0.95, rho
 
 
 def test_parameter_groups_refuses_foreign_parameters() -> None:

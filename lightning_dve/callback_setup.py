@@ -1,0 +1,91 @@
+"""What the callback reads from and checks on the Trainer: supported setups, warnings, clipping, the grad
+scaler, and the store a checkpoint resumes. Framework glue for :mod:`lightning_dve.callback`, nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DistributedSampler
+
+from .config import DVEConfig
+from .errors import ConfigError, UnsupportedError
+from .optim import is_adam, sgd_proxy_reason, uses_momentum_or_decay
+from .store import TrajectoryStore
+
+#: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
+SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
+
+
+def warn_approximations(trainer: pl.Trainer) -> None:
+    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping."""
+    reason = sgd_proxy_reason(trainer.optimizers[0])
+    if reason is not None:
+        rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
+                       "(method.md §2 is exact for plain SGD only).")
+    if trainer.gradient_clip_val and clip_algorithm(trainer) == "value":
+        rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
+                       "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's ``GradScaler`` (fp16 mixed precision), or ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def clip_algorithm(trainer: pl.Trainer) -> str | None:
+    """The trainer's clipping algorithm as a plain string (``"norm"``, ``"value"`` or ``None``)."""
+    algorithm = trainer.gradient_clip_algorithm
+    return None if algorithm is None else str(getattr(algorithm, "value", algorithm))
+
+
+def warn_sampler_padding(trainer: pl.Trainer) -> None:
+    """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks."""
+    sampler = getattr(trainer.train_dataloader, "sampler", None)
+    padded = sampler.total_size - len(sampler.dataset) if isinstance(sampler, DistributedSampler) else 0
+    if padded > 0:
+        rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
+                       "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
+
+
+def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int) -> TrajectoryStore:
+    """Reopen the store a checkpoint points to, after checking it was written with the same setup.
+
+    Raises:
+        ConfigError: if the checkpoint was recorded with other callback settings or another world size.
+    """
+    if state.get("settings_hash") != settings_hash:
+        raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
+                          f", this callback has {settings_hash}: resuming would mix two recordings. Resume with the "
+                          "same callback arguments, or start a fresh fit without ckpt_path.")
+    if state.get("world_size") != world_size:
+        raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
+                          f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
+    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
+
+
+def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, config: DVEConfig) -> None:
+    """Refuse training setups the recursion would get wrong (each one lands with a later release).
+
+    Raises:
+        UnsupportedError: naming the setting and what to change.
+    """
+    problems = []
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    if config.segments > 1 and optimizer is not None and uses_momentum_or_decay(optimizer):
+        problems.append(f"segments={config.segments} with optimizer state (SGD momentum, weight decay, Adam; use "
+                        "segments=1)")
+    if config.adam_second_moment and not (optimizer is not None and is_adam(optimizer)):
+        problems.append(f"adam_second_moment=True with {type(optimizer).__name__} (it models the second moment of "
+                        "Adam/AdamW; drop the setting)")
+    if not pl_module.automatic_optimization:
+        problems.append("manual optimization (use automatic optimization)")
+    if len(trainer.optimizers) != 1:
+        problems.append(f"{len(trainer.optimizers)} optimizers (use exactly one)")
+    if str(trainer.precision) not in SUPPORTED_PRECISION:
+        problems.append(f"precision={trainer.precision!r} (use '32-true', '64-true', 'bf16-mixed' or '16-mixed')")
+    if problems:
+        raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + " yet: the recorded "
+                               "gradients would not match the update the optimizer applied.")

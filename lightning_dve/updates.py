@@ -1,0 +1,47 @@
+"""The terms of one optimizer step as the recursion needs them: SGD (:mod:`lightning_dve.optim`) or Adam/AdamW
+(:mod:`lightning_dve.adam`), read in ``on_before_optimizer_step`` from the optimizer's type and state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .adam import Vectors, adam_terms, second_moment_terms
+from .config import DVEConfig
+from .optim import is_adam, sgd_terms
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTerms:
+    """What a ``StepRecord`` carries about the update besides the rows.
+
+    Attributes:
+        lrs: learning rate of each tracked layer ``[L]`` (clipping folded in for plain SGD).
+        optim: optimizer terms per layer ``{name: [L]}`` (empty for plain SGD).
+        vectors: per-coordinate terms ``{kind: {layer: [k_l]}}`` (exact-mode Adam, the second-moment channel).
+    """
+
+    lrs: torch.Tensor
+    optim: dict[str, torch.Tensor]
+    vectors: Vectors
+
+
+def step_terms(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], clip: float,
+               config: DVEConfig) -> StepTerms:
+    """The step's terms for the recursion (recursion.py, ``BackwardRecursion``).
+
+    Args:
+        modules: the tracked layers by name.
+        clip: the factor norm clipping applies to this step's gradient.
+        config: the recording's settings (exact mode, ``adam_second_moment``).
+    """
+    if is_adam(optimizer):
+        lrs, optim, vectors = adam_terms(optimizer, modules, clip, config.exact)
+    else:
+        (lrs, optim), vectors = sgd_terms(optimizer, modules, clip), {}
+    if config.adam_second_moment:
+        terms, channel = second_moment_terms(optimizer, modules, clip)
+        optim, vectors = {**optim, **terms}, {**vectors, **channel}
+    return StepTerms(lrs, optim, vectors)
