@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import torch
 
-from . import batches, capture, distributed, reporting, sync, callback_setup
+from . import batches, callback_setup, capture, distributed, reporting, sync
+from .adam import adam_factors
 from .checkpoints import CHECKPOINTS, CheckpointRecorder
 from .config import (
     DEFAULT_PROJECTION_DIM,
@@ -26,17 +28,15 @@ from .config import (
     StorageDtype,
 )
 from .curvature import sampled_label_grad
+from .dynamics import plan_boundaries
 from .errors import ConfigError, DVEError, GradientError
 from .influence import DataValueEmbeddings
-from .adam import adam_factors
 from .optim import clip_factor, grads_finite, is_adam
-from .dynamics import plan_boundaries
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
 from .store import SHARDS, STEPS, TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
-
 
 
 class DataValueEmbedding(pl.Callback):
@@ -184,7 +184,7 @@ class DataValueEmbedding(pl.Callback):
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         manifest = self._manifest(tracked, pl_module)
         self._store = self._open_store(manifest)
-        self._writer = StepWriter(self._store)
+        self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
                                              extra_kinds=self._extra_kinds(trainer))
@@ -271,8 +271,11 @@ class DataValueEmbedding(pl.Callback):
             self._last_step = record.step
             if self._recorder is not None:
                 self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
-            if record.step in self._boundaries:
-                reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config, self.reference)
+            if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
+                with contextlib.suppress(DVEError):  # a failed write is raised at the next (agreed) check
+                    self._active_writer().flush()
+                reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config, self.reference,
+                                                  record.step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store

@@ -164,18 +164,21 @@ def _scores(
 
 def save_boundary_reference(
     trainer: pl.Trainer, pl_module: pl.LightningModule, store: TrajectoryStore, config: ReportConfig | None,
-    reference: Any,
+    reference: Any, step: int,
 ) -> None:
     """At a segment boundary during training, keep the reference gradient for the dynamics report (rank 0).
 
     The training RNG state is preserved (iterating a loader draws a seed from the global generator).
+
+    Args:
+        step: the boundary step just closed (it may still be queued for writing, so not yet in ``store.steps``).
     """
     if config is None or not trainer.is_global_zero:
         return
     with torch.random.fork_rng(devices=[]):
         query = _reference_query(trainer, pl_module, DataValueEmbeddings(store), config, reference, False)
     if query is not None:
-        store.write_reference(store.steps[-1], query.gradients)
+        store.write_reference(step, query.gradients)
 
 
 def _dynamics(embeddings: DataValueEmbeddings, query: Reference) -> list[list[Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import StoreError
 
@@ -160,10 +160,9 @@ def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
         raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
                          "Restore the file or record the run again.")
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            metadata = json.loads(handle.read(header_len)).get("__metadata__", {})
+        with safe_open(str(path), framework="pt") as handle:  # one read for the header and the tensors
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, ValueError, OSError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
                          "run again, or restore the file from a backup.") from err

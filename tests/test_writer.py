@@ -42,10 +42,11 @@ def slow_save_file(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: str
     monkeypatch.setattr(lightning_dve.store, "save_file", save_file)
 
 
-def test_steps_are_written_in_order_and_listed_once_written(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("background", [True, False])
+def test_steps_are_written_in_order_and_listed_once_written(tmp_path: Path, monkeypatch, background: bool) -> None:
     slow_save_file(monkeypatch, 0.01)
     store = TrajectoryStore.create(tmp_path, MANIFEST, overwrite=False)
-    writer = StepWriter(store, depth=2)
+    writer = StepWriter(store, depth=2, background=background)
     for step in range(8):
         writer.append(record(step))
     writer.close()
@@ -69,10 +70,11 @@ def test_training_thread_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch)
     writer.close()
 
 
-def test_write_error_surfaces_and_nothing_is_written_after_it(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("background", [True, False])
+def test_write_error_surfaces_and_nothing_is_written_after_it(tmp_path: Path, monkeypatch, background: bool) -> None:
     slow_save_file(monkeypatch, 0.0, fail_at="step_00000003")
     store = TrajectoryStore.create(tmp_path, MANIFEST, overwrite=False)
-    writer = StepWriter(store)
+    writer = StepWriter(store, background=background)
     for step in range(6):
         writer.append(record(step))  # never raises: the error is reported by check / flush / close
     with pytest.raises(StoreError, match=r"step_00000003\.safetensors: the disk is full.*kept"):
@@ -97,8 +99,9 @@ def test_close_without_raising_writes_what_was_queued(tmp_path: Path, monkeypatc
     assert TrajectoryStore.open(tmp_path).steps == [0, 1, 2, 3]
 
 
-def test_append_after_close_is_refused(tmp_path: Path) -> None:
-    writer = StepWriter(TrajectoryStore.create(tmp_path, MANIFEST, overwrite=False))
+@pytest.mark.parametrize("background", [True, False])
+def test_append_after_close_is_refused(tmp_path: Path, background: bool) -> None:
+    writer = StepWriter(TrajectoryStore.create(tmp_path, MANIFEST, overwrite=False), background=background)
     writer.close()
     with pytest.raises(RuntimeError, match="after close"):
         writer.append(record(0))
@@ -136,3 +139,13 @@ def test_failed_write_stops_the_fit_at_a_later_step(fit, mlp_cls, save_dir, monk
     assert step_files(save_dir) == ["step_00000000.safetensors"]
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     assert not [t for t in threading.enumerate() if t.name == "lightning_dve-writer"]
+
+
+def test_callback_writes_inline_when_training_on_the_cpu(fit, mlp_cls, save_dir, monkeypatch) -> None:
+    """On the CPU a writer thread would compete with torch's threads: the callback writes inside the step."""
+    threads: list[str] = []
+    real = TrajectoryStore.append
+    monkeypatch.setattr(TrajectoryStore, "append", lambda self, r: (threads.append(threading.current_thread().name),
+                                                                     real(self, r))[1])
+    fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
+    assert threads and set(threads) == {threading.main_thread().name}
