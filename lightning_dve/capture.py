@@ -151,7 +151,6 @@ class GradientCapture:
         self._inputs: dict[str, list[torch.Tensor | None]] = {}
         self._inputs_q: dict[str, list[torch.Tensor | None]] = {}
         self._rows: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in ROW_KINDS}
-        self._blocks = self._rows[GRADS]
         self._preconditioner: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._curvature_pass = False
         self._keep_outputs = False
@@ -177,7 +176,6 @@ class GradientCapture:
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
-        self._blocks = self._rows[GRADS]
         self.outputs = []
 
     def begin(self, keep_outputs: bool = False) -> None:
@@ -196,7 +194,7 @@ class GradientCapture:
     def set_preconditioner(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Also capture preconditioned rows ``P_out (r * delta) (P_in (c * a))^T`` (``None``: stop).
 
-        The rank-1 preconditioner ``r c^T`` of a layer's block (Adam's ``1 / (sqrt(v) + eps)``, optim.py) scales
+        The rank-1 preconditioner ``r c^T`` of a layer's block (Adam's ``1 / (sqrt(v) + eps)``, adam.py) scales
         the projection matrices' columns, so the preconditioned rows cost two more thin matmuls per layer.
 
         Args:
@@ -212,6 +210,11 @@ class GradientCapture:
                 sides.append((torch.eye(dim, dtype=scale.dtype, device=scale.device) if matrix is None else matrix)
                              * scale.unsqueeze(0))
             self._preconditioner[name] = (sides[0], sides[1])
+
+    @property
+    def _blocks(self) -> dict[str, torch.Tensor]:
+        """The step's gradient rows so far, ``{layer: [B, k_l]}`` (loss weights not yet divided out)."""
+        return self._rows[GRADS]
 
     @property
     def captured(self) -> bool:
