@@ -47,8 +47,9 @@ class StepRecord:
         lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
         grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
         epoch: training epoch of the step.
-        optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain`` = 1 - dampening,
-            ``weight_decay``), empty for plain SGD.
+        optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain``, ``weight_decay``;
+            Nesterov's ``lead`` and ``direct``; AdamW's ``shrink``; the second moment's ``v_decay`` and ``v_gain``:
+            ``recursion.BackwardRecursion``), empty for plain SGD.
         curvature: one curvature row per sample ``{layer: [B, k_l]}`` (the Gauss-Newton pseudo-gradients of
             ``Curvature.GGN``), empty when the curvature comes from ``grads`` or is off.
         preconditioned: the gradients through the optimizer's rank-1 preconditioner (Adam), or empty.
