@@ -376,11 +376,7 @@ class DataValueEmbedding(pl.Callback):
         return self.config.curvature is Curvature.GGN
 
     def _extra_kinds(self, trainer: pl.Trainer) -> tuple[str, ...]:
-        """The rows a step records besides the gradients: curvature rows (GGN), preconditioned rows (Adam)."""
-        kinds = (capture.CURVATURE,) if self._ggn else ()
-        if self._preconditioned_rows(trainer):
-            kinds += (capture.GRADS_Q, capture.CURVATURE_Q) if self._ggn else (capture.GRADS_Q,)
-        return kinds
+        return capture.extra_row_kinds(self._ggn, self._preconditioned_rows(trainer))
 
     def _preconditioned_rows(self, trainer: pl.Trainer) -> bool:
         """Projected Adam captures preconditioned rows; exact mode applies the exact preconditioner per coordinate."""

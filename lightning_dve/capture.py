@@ -31,6 +31,15 @@ GRADS, CURVATURE, GRADS_Q, CURVATURE_Q = "grads", "curvature", "preconditioned",
 ROW_KINDS = (GRADS, CURVATURE, GRADS_Q, CURVATURE_Q)
 
 
+def extra_row_kinds(curvature_rows: bool, preconditioned: bool) -> tuple[str, ...]:
+    """The rows a step records besides the gradients: curvature rows (GGN) and, under projected Adam, the
+    gradients (and curvature rows) through its preconditioner."""
+    kinds = (CURVATURE,) if curvature_rows else ()
+    if preconditioned:
+        kinds += (GRADS_Q, CURVATURE_Q) if curvature_rows else (GRADS_Q,)
+    return kinds
+
+
 
 @dataclasses.dataclass(frozen=True)
 class TrackedLayer:

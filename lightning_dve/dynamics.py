@@ -47,3 +47,20 @@ def dynamics_rows(
             rows.append([boundary, segments[boundary][1], segment, first, last,
                          float(result.scores[0, inside].sum())])
     return rows
+
+
+def boundary_rows(
+    embeddings: DataValueEmbeddings, final_reference: dict[str, torch.Tensor]
+) -> list[list[float | int]]:
+    """Dynamics rows for every boundary with a reference gradient saved during training, the final model last.
+
+    Args:
+        final_reference: the reference gradient at the final weights, ``{layer: [1, k_l]}``.
+    """
+    boundaries = embeddings.segment_boundaries
+    if len(boundaries) < 2:
+        return []
+    saved = embeddings.store.read_references()
+    references = {b: saved[step] for b, step in enumerate(boundaries[:-1]) if step in saved}
+    references[len(boundaries) - 1] = final_reference
+    return dynamics_rows(embeddings, references)

@@ -42,7 +42,7 @@ from .reporting_loggers import (
     stage_rows,
     top_k_rows,
 )
-from .dynamics import DYNAMICS_COLUMNS, dynamics_rows
+from .dynamics import DYNAMICS_COLUMNS, boundary_rows
 from .errors import ConfigError, DVEError
 from .influence import DataValueEmbeddings, InfluenceResult
 from .store import TrajectoryStore
@@ -126,7 +126,7 @@ def report_train_end(
     if config.render_samples and wanted:
         samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, len(embeddings.steps), show)
     report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
-                            _dynamics(embeddings, query))
+                            boundary_rows(embeddings, query.gradients))
     plots = _figures(report) if config.figures else {}
     report.files.update(write_files(report, plots))
     if config.log_to_loggers:
@@ -179,17 +179,6 @@ def save_boundary_reference(
         query = _reference_query(trainer, pl_module, DataValueEmbeddings(store), config, reference, False)
     if query is not None:
         store.write_reference(step, query.gradients)
-
-
-def _dynamics(embeddings: DataValueEmbeddings, query: Reference) -> list[list[Any]]:
-    """Dynamics rows for every boundary that has a reference gradient (the last one is the final model)."""
-    boundaries = embeddings.segment_boundaries
-    if len(boundaries) < 2:
-        return []
-    saved = embeddings.store.read_references()
-    references = {b: saved[step] for b, step in enumerate(boundaries[:-1]) if step in saved}
-    references[len(boundaries) - 1] = query.gradients
-    return dynamics_rows(embeddings, references)
 
 
 def _reference_query(
