@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
 from lightning_dve import replay, replay_optim
-from lightning_dve.checkpoints import CheckpointStore, auto_interval, parameter_groups
+from lightning_dve.checkpoints import AUTO_MIN_INTERVAL, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
 from tests import oracles
 from tests.helpers import DigitsDataset, epoch_batches, make_loader, make_trainer, split_indices
@@ -350,12 +350,13 @@ def test_auto_interval_and_checkpoint_files(tmp_path: Path, small_data) -> None:
     manifest = checkpoints.manifest
     step_bytes = dve.embeddings.store.manifest["bytes_per_step"]
     params = sum(p.numel() * 8 for p in module.parameters())
-    assert manifest["interval"] == auto_interval(3 * params, step_bytes) == math.ceil(3 * params / (0.1 * step_bytes))
+    assert manifest["interval"] == auto_interval(3 * params, step_bytes) == max(
+        AUTO_MIN_INTERVAL, math.ceil(3 * params / (0.1 * step_bytes)))
     assert checkpoints.snapshot_steps == sorted({0, 6, *range(0, 6, manifest["interval"])})
     assert manifest["final_step"] == 6 and manifest["kind"] == "Adam" and manifest["state_tensors"] == 2
     _, state = checkpoints.read_snapshot(6)
     assert set(state["net.0.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
-    assert auto_interval(10, 1000) == 1 and auto_interval(1000, 10) == 1000
+    assert auto_interval(10, 1000) == AUTO_MIN_INTERVAL and auto_interval(1000, 10) == 1000
 
 
 def test_resume_drops_later_checkpoints(tmp_path: Path) -> None:
