@@ -136,6 +136,8 @@ class DataValueEmbedding(pl.Callback):
         self._training_data: Any = None
         self._train_started = 0.0
         self._batch: Any = None
+        self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
+        self._kinds: tuple[str, ...] = ()  # the rows a step records besides the gradients
         self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)
         self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
@@ -185,9 +187,12 @@ class DataValueEmbedding(pl.Callback):
         manifest = self._manifest(tracked, pl_module)
         self._store = self._open_store(manifest)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
+        # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows
+        self._preconditioned = is_adam(trainer.optimizers[0]) and not self.config.exact
+        self._kinds = capture.extra_row_kinds(self._ggn, self._preconditioned)
         self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
-                                             extra_kinds=self._extra_kinds(trainer))
+                                             extra_kinds=self._kinds)
         if self._comm.rank == 0:  # replay checkpoints: parameters are the same on every rank
             resume = None if self._resume is None else int(self._resume.get("last_step", -1))
             self._recorder = CheckpointRecorder(self._root / CHECKPOINTS, self.config.checkpoint_interval,
@@ -213,7 +218,7 @@ class DataValueEmbedding(pl.Callback):
         capture.check_no_batchnorm_training(pl_module)
         hooks = self._active_capture()
         hooks.begin(keep_outputs=self._ggn)
-        if self._preconditioned_rows(trainer):  # projected Adam: rows through its preconditioner too (adam.py)
+        if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
         self._batch = batch
 
@@ -233,11 +238,12 @@ class DataValueEmbedding(pl.Callback):
         if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
                 and not self._skipped:
             hooks.check_blocks_sum_to_grad(self._loss_scale)  # once: tied or functionally used weights
-        clip = clip_factor(optimizer, trainer.gradient_clip_val, callback_setup.clip_algorithm(trainer))
+        algorithm = callback_setup.clip_algorithm(trainer)
+        clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
         self._step = trainer.global_step
         if self._recorder is not None:
-            clipping = {"value": trainer.gradient_clip_val, "algorithm": callback_setup.clip_algorithm(trainer)}
+            clipping = {"value": trainer.gradient_clip_val, "algorithm": algorithm}
             self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
 
     def on_train_batch_end(
@@ -327,7 +333,7 @@ class DataValueEmbedding(pl.Callback):
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation
         extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
-                 for kind in self._extra_kinds(trainer)}
+                 for kind in self._kinds}
         grads = hooks.finish(scale)
         step = self._step if self._terms is not None else trainer.global_step
         try:
@@ -374,13 +380,6 @@ class DataValueEmbedding(pl.Callback):
     @property
     def _ggn(self) -> bool:
         return self.config.curvature is Curvature.GGN
-
-    def _extra_kinds(self, trainer: pl.Trainer) -> tuple[str, ...]:
-        return capture.extra_row_kinds(self._ggn, self._preconditioned_rows(trainer))
-
-    def _preconditioned_rows(self, trainer: pl.Trainer) -> bool:
-        """Projected Adam captures preconditioned rows; exact mode applies the exact preconditioner per coordinate."""
-        return is_adam(trainer.optimizers[0]) and not self.config.exact
 
     def _release(self) -> None:
         if self._capture is not None:

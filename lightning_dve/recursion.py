@@ -99,7 +99,7 @@ class BackwardRecursion:
         out: dict[str, torch.Tensor] = {}
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(record.grads[group[0]].dtype, torch.float32)
-            grads = torch.cat([record.grads[name].to(dtype) for name in group], dim=1)  # g: [B, K]
+            grads = _cat(record.grads, group, dtype)  # g: [B, K]
             lr = self._columns(record, group, record.lrs, dtype)
             if self.accumulators[index] is None:
                 self.accumulators[index] = grads.new_zeros(grads.shape[1], grads.shape[1])
@@ -152,7 +152,7 @@ class BackwardRecursion:
         assert accumulator is not None
         columns = {k: self._columns(record, group, v, grads.dtype) for k, v in record.optim.items()}
         if "precond" in record.vectors:  # exact-mode Adam: the rate of each coordinate is lr P
-            lr = lr * torch.cat([record.vectors["precond"][name].to(grads.dtype) for name in group])
+            lr = lr * _cat_vector(record.vectors["precond"], group, grads.dtype)
         transfer = torch.eye(len(lr), dtype=grads.dtype) - accumulator  # A_t
         step_map = transfer * lr  # A_t Lambda_t
         velocity = step_map * columns["lead"] if "lead" in columns else step_map.clone()
@@ -204,12 +204,12 @@ class BackwardRecursion:
         sizes = [record.sample_ids.numel() for record in records]
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(records[0].grads[group[0]].dtype, torch.float32)
-            grads = torch.cat([torch.cat([r.grads[n].to(dtype) for n in group], dim=1) for r in records])
+            grads = torch.cat([_cat(r.grads, group, dtype) for r in records])
             scale = torch.cat([self._columns(r, group, r.lrs, dtype) * r.weights.to(dtype).unsqueeze(1)
                                for r in records])  # lr w per row and column: [n, K]
             rows = None
             if self.curvature is Curvature.GGN:
-                rows = torch.cat([torch.cat([r.curvature[n].to(dtype) for n in group], dim=1) for r in records])
+                rows = torch.cat([_cat(r.curvature, group, dtype) for r in records])
             elif self.curvature is Curvature.EMPIRICAL_FISHER:
                 rows = grads
             embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
@@ -226,12 +226,12 @@ class BackwardRecursion:
         diag(beta2_{t+1})``, the map of a change of ``v_t`` to the final parameters, and ``v_gain g'_t`` [K]."""
         if "kappa" not in record.vectors:
             return None
-        kappa = torch.cat([record.vectors["kappa"][name].to(transfer.dtype) for name in group])
+        kappa = _cat_vector(record.vectors["kappa"], group, transfer.dtype)
         second = transfer * kappa
         if self.second_moment_maps[index] is not None:
             second += self.second_moment_maps[index] * self.next_decay[index]
         self.second_moment_maps[index], self.next_decay[index] = second, columns["v_decay"]
-        batch_grad = torch.cat([record.vectors["batch_grad"][name].to(transfer.dtype) for name in group])
+        batch_grad = _cat_vector(record.vectors["batch_grad"], group, transfer.dtype)
         return second, batch_grad * columns["v_gain"]
 
     def factors(self) -> dict[str, torch.Tensor]:
@@ -303,6 +303,11 @@ def block_sgd(
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
     """A group's rows side by side, ``[B, K]``."""
     return torch.cat([rows[name].to(dtype) for name in group], dim=1)
+
+
+def _cat_vector(values: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """A group's per-coordinate values end to end, ``[K]``."""
+    return torch.cat([values[name].to(dtype) for name in group])
 
 
 def bounds_after(steps: list[int], boundary_steps: list[int]) -> list[tuple[int, int]]:

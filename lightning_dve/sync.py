@@ -165,11 +165,15 @@ class StepAssembler:
         """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, kinds * sum k_l]`` rows."""
         buffer, self._buffer = self._buffer, []
         meta = [torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1) for m in buffer]
-        grads = [torch.cat([{"grads": m.grads, **m.extra}[kind][n].to(self.dtype) for kind in self.kinds
-                            for n in self.layer_names], dim=1) for m in buffer]
+        grads = [self._row(m) for m in buffer]
         width = sum(self.dims.values()) * len(self.kinds)
         return (torch.cat([torch.zeros(0, 2, dtype=torch.float64), *meta]),
                 torch.cat([torch.zeros(0, width, dtype=self.dtype), *grads]))
+
+    def _row(self, micro: MicroBatch) -> torch.Tensor:
+        """A micro-batch's rows of every kind side by side, ``[b, kinds * sum k_l]`` in the storage dtype."""
+        rows = {"grads": micro.grads, **micro.extra}
+        return torch.cat([rows[kind][n].to(self.dtype) for kind in self.kinds for n in self.layer_names], dim=1)
 
     def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
         values, counts = torch.unique(ids, return_counts=True)
@@ -278,11 +282,13 @@ def embed_trajectory(
 def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS) -> Iterator[list[StepRecord]]:
     """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller)."""
     block: list[StepRecord] = []
+    count = 0
     for record in records:
         block.append(record)
-        if sum(r.sample_ids.numel() for r in block) >= rows:
+        count += record.sample_ids.numel()
+        if count >= rows:
             yield block
-            block = []
+            block, count = [], 0
     if block:
         yield block
 

@@ -480,24 +480,10 @@ def optimizer_tsloo(
 
     Each run starts from a deep copy of ``net`` (and a fresh optimizer, so no state is shared between runs),
     uses the identical batches, and drops occurrence ``(t, i)``'s term from step ``t``'s mean loss only (the
-    others keep their ``1/B`` weights).
+    others keep their ``1/B`` weights): :func:`trainer_tsloo` with the optimizer's own learning rates, no
+    clipping.
     """
-
-    def run(remove: Occurrence | None) -> torch.Tensor:
-        model = copy.deepcopy(net)
-        optimizer = make_optimizer(list(model.parameters()))
-        for t, batch in enumerate(batches):
-            losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none") / len(batch["y"])
-            if remove is not None and remove[0] == t:
-                losses = losses * (torch.arange(len(losses)) != remove[1])
-            optimizer.zero_grad()
-            losses.sum().backward()
-            optimizer.step()
-        with torch.no_grad():
-            return F.cross_entropy(model(x_test), y_test, reduction="none")
-
-    base = run(None)
-    return torch.stack([run(occurrence) - base for occurrence in occurrences], dim=1)
+    return trainer_tsloo(net, batches, make_optimizer, occurrences, x_test, y_test)[0]
 
 
 def trainer_tsloo(
