@@ -401,7 +401,8 @@ def lm_dataset(n_seq: int, seq_len: int) -> DictDataset:
 # models (plain SGD, so the callback's "treated as plain SGD" warning never fires)
 
 
-def _lightning_module(net_fn: Callable[[], nn.Module], loss_fn: Callable, lr: float, seed: int, dtype: torch.dtype):
+def _lightning_module(net_fn: Callable[[], nn.Module], loss_fn: Callable, lr: float, seed: int, dtype: torch.dtype,
+                      optimizer: str = "sgd"):
     import lightning as L
 
     class Module(L.LightningModule):
@@ -418,6 +419,8 @@ def _lightning_module(net_fn: Callable[[], nn.Module], loss_fn: Callable, lr: fl
             return loss_fn(self.net(batch["x"]), batch["y"])
 
         def configure_optimizers(self):
+            if optimizer == "adamw":  # a transformer's usual optimizer: AdamW at lr 1e-3, weight decay 0.01
+                return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
             return torch.optim.SGD(self.parameters(), lr=lr)
 
     return Module()
@@ -496,14 +499,14 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def make_module(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **kw: Any):
-    """A LightningModule for ``kind`` in {"mlp", "cnn", "lm"} (plain SGD)."""
+def make_module(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, optimizer: str = "sgd", **kw: Any):
+    """A LightningModule for ``kind`` in {"mlp", "cnn", "lm"} (plain SGD, or ``optimizer="adamw"``)."""
     if kind == "mlp":
-        return _lightning_module(lambda: mlp_net(**kw), classification_loss, 0.1, seed, dtype)
+        return _lightning_module(lambda: mlp_net(**kw), classification_loss, 0.1, seed, dtype, optimizer)
     if kind == "cnn":
-        return _lightning_module(cnn_net, classification_loss, 0.05, seed, dtype)
+        return _lightning_module(cnn_net, classification_loss, 0.05, seed, dtype, optimizer)
     if kind == "lm":
-        return _lightning_module(lambda: TinyLM(**kw), lm_loss, 0.05, seed, dtype)
+        return _lightning_module(lambda: TinyLM(**kw), lm_loss, 0.05, seed, dtype, optimizer)
     raise ValueError(kind)
 
 

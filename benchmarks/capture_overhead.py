@@ -74,9 +74,9 @@ def dataset(kind: str, cfg: dict[str, Any]) -> C.DictDataset:
     return C.DictDataset(ds.x[: cfg["n"]], ds.y[: cfg["n"]])
 
 
-def one_fit(kind: str, cfg: dict[str, Any], ds: C.DictDataset, dim: Any) -> dict[str, Any]:
+def one_fit(kind: str, cfg: dict[str, Any], ds: C.DictDataset, dim: Any, optimizer: str = "sgd") -> dict[str, Any]:
     """One fit; ``dim`` is ``"off"`` (no callback), an int, or ``None`` (exact)."""
-    module = C.make_module(kind, seed=0, **cfg["module"])
+    module = C.make_module(kind, seed=0, optimizer=optimizer, **cfg["module"])
     save_dir = Path(tempfile.mkdtemp(prefix="dve_bench_"))
     callbacks = []
     if dim != "off":

@@ -2,7 +2,8 @@
 
 1. ``recursion_vs_training``: the byte-level transformer LM of ``capture_overhead.py`` (4 blocks, width 256,
    sequence 128, batch 16, 19 tracked layers at the default projection 1024) is fitted with and without the
-   callback, interleaved. ``on_train_end`` (store finalisation, backward recursion, embedding writes; report
+   callback, interleaved, with plain SGD and with AdamW (lr 1e-3, weight decay 0.01: the momentum form of the
+   recursion on preconditioned rows; ``--optimizers``). ``on_train_end`` (store finalisation, backward recursion, embedding writes; report
    off) is timed between two timestamp callbacks and divided by the training loop of the fit without the
    callback. **Issue #5 target: <= 0.25.**
 2. ``recursion_scaling``: a synthetic trajectory with the same layer shapes (19 layers x 1024 dims, batch 16,
@@ -174,21 +175,23 @@ def segment_runs(args: argparse.Namespace, store: Path, steps: int, repeats: int
                 "ratio": C.ratio_stats(par, seq)})
 
 
-def vs_training(args: argparse.Namespace, repeats: int, quick: bool) -> dict[str, Any]:
+def vs_training(args: argparse.Namespace, repeats: int, quick: bool, optimizer: str = "sgd") -> dict[str, Any]:
     import capture_overhead as co
 
     cfg = co.model_configs("quick" if quick else "default")["lm"]
     dim = 1024 if not quick else 64
     ds = co.dataset("lm", cfg)
-    co.one_fit("lm", cfg, ds, "off")  # warm-up
+    co.one_fit("lm", cfg, ds, "off", optimizer)  # warm-up
     off, on = [], []
     for r in range(repeats):
         pair = [("off", off), (dim, on)]
         for v, sink in (pair if r % 2 == 0 else pair[::-1]):
-            sink.append(C.measured(lambda v=v: co.one_fit("lm", cfg, ds, v), args.quiet, args.retries, args.max_wait))
+            sink.append(C.measured(lambda v=v: co.one_fit("lm", cfg, ds, v, optimizer), args.quiet, args.retries,
+                                   args.max_wait))
     train = [x["train_loop_s"] for x in off]
     end = [x["train_end_s"] for x in on]
-    rec = {"benchmark": "recursion_vs_training", "model": "lm", "module": cfg["module"], "projection_dim": dim,
+    rec = {"benchmark": "recursion_vs_training", "model": "lm", "optimizer": optimizer, "module": cfg["module"],
+           "projection_dim": dim,
            "steps": on[0]["steps"], "batch": cfg["batch"], "repeats": repeats,
            "train_loop_s_without_callback": C.stats(train), "train_end_s": C.stats(end),
            "train_end_over_train_loop": C.ratio_stats(end, train),
@@ -213,6 +216,8 @@ def main() -> None:
     parser.add_argument("--t0", type=int, default=None, help="steps of the 1x trajectory")
     parser.add_argument("--no-segments", dest="segments", action="store_false")
     parser.add_argument("--no-training", dest="training", action="store_false", help="skip recursion_vs_training")
+    parser.add_argument("--optimizers", default="sgd,adamw", help="recursion_vs_training's LM optimizers: sgd "
+                        "(plain-SGD recursion), adamw (momentum form with preconditioned rows)")
     parser.add_argument("--inprocess", action="store_true", help="run the recursions in this process (default "
                         "with --quick; memory figures are then not per-run)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -237,7 +242,10 @@ def main() -> None:
     C.emit({"benchmark": "recursion_scaling", "kind": "machine", "mode": mode_name, **C.machine(),
             "quiet_threshold": args.quiet, "loadavg_start": C.loadavg()})
     started = time.perf_counter()
-    training = vs_training(args, repeats, args.quick) if args.training else None
+    training = None
+    for optimizer in args.optimizers.split(",") if args.training else []:
+        result = vs_training(args, repeats, args.quick, optimizer)
+        training = training or result  # the long-run estimate below uses the first (plain SGD by default)
     tmp = Path(tempfile.mkdtemp(prefix="dve_rec_"))
     try:
         longest = scaling(args, layers, 16, t0, repeats, tmp)

@@ -18,10 +18,15 @@ one for all layers (:class:`~lightning_dve.config.AccumulatorLayout`). ``M`` is 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .config import AccumulatorLayout, Curvature
+from .recursion_blocks import StepScalars, block_momentum, block_sgd
 from .store import StepRecord
+
+SCALAR_TERMS = {field.name for field in dataclasses.fields(StepScalars)}
 
 
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
@@ -188,8 +193,10 @@ class BackwardRecursion:
     def block(self, records: list[StepRecord], update: bool = True) -> list[dict[str, torch.Tensor]]:
         """Embed several consecutive steps at once; equal to :meth:`step` on each, latest first (round-off).
 
-        Plain-SGD steps go through :func:`block_sgd` (one pass over each ``M`` per block instead of three per
-        step); a block with momentum or weight decay terms is run step by step.
+        Plain-SGD steps go through :func:`~lightning_dve.recursion_blocks.block_sgd` (one pass over each ``M`` per
+        block instead of three per step), steps with momentum, decay or Adam rows whose terms are one scalar per
+        group through :func:`~lightning_dve.recursion_blocks.block_momentum`; per-coordinate terms (exact-mode
+        Adam, the second-moment channel) or terms that differ between the layers of a group run step by step.
 
         Args:
             records: consecutive steps from the latest to the earliest (the order :meth:`step` takes them).
@@ -199,7 +206,10 @@ class BackwardRecursion:
             The embeddings of each record, ``{layer: e [B, k_l]}``, in the order of ``records``.
         """
         if any(record.optim for record in records):
-            return [self.step(record) for record in records]
+            scalars = self._block_scalars(records)
+            if scalars is None:
+                return [self.step(record) for record in records]
+            return self._block_momentum(records, scalars, update)
         out: list[dict[str, torch.Tensor]] = [{} for _ in records]
         sizes = [record.sample_ids.numel() for record in records]
         for index, group in enumerate(self.groups):
@@ -214,6 +224,50 @@ class BackwardRecursion:
                 rows = grads
             embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
                                                             update)
+            widths = [records[0].grads[n].shape[1] for n in group]
+            for i, part in enumerate(embedding.split(sizes)):
+                out[i].update(zip(group, part.split(widths, dim=1)))
+        return out
+
+    def _block_scalars(self, records: list[StepRecord]) -> list[list[StepScalars]] | None:
+        """Every group's scalar terms of every record, or ``None`` if some term is not one scalar per group."""
+        if any(not record.optim or record.vectors for record in records):
+            return None
+        out = []
+        for index, group in enumerate(self.groups):
+            following = self.next_momentum[index]
+            if following is not None and bool((following != following[0]).any()):
+                return None
+            terms = [_group_scalars(self.layer_order, record, group) for record in records]
+            if any(t is None for t in terms):
+                return None
+            out.append(terms)
+        return out  # type: ignore[return-value]
+
+    def _block_momentum(
+        self, records: list[StepRecord], scalars: list[list[StepScalars]], update: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`block` for the momentum form, through :func:`~lightning_dve.recursion_blocks.block_momentum`."""
+        out: list[dict[str, torch.Tensor]] = [{} for _ in records]
+        sizes = [record.sample_ids.numel() for record in records]
+        for index, (group, terms) in enumerate(zip(self.groups, scalars)):
+            dtype = torch.promote_types(records[0].grads[group[0]].dtype, torch.float32)
+            weights = torch.cat([r.weights for r in records]).to(dtype).unsqueeze(1)
+            sources = torch.cat([_cat(r.preconditioned or r.grads, group, dtype) for r in records]) * weights
+            left = right = None
+            if self.curvature is Curvature.EMPIRICAL_FISHER:
+                left, right = sources, torch.cat([_cat(r.grads, group, dtype) for r in records])
+            elif self.curvature is Curvature.GGN:
+                right = torch.cat([_cat(r.curvature, group, dtype) for r in records])
+                left = torch.cat([_cat(r.curvature_preconditioned if r.preconditioned else r.curvature, group, dtype)
+                                  for r in records]) * weights
+            following = self.next_momentum[index]
+            embedding, accumulator, velocity = block_momentum(
+                self.accumulators[index], self.velocity_maps[index], 0.0 if following is None else float(following[0]),
+                sources, left, right, terms, sizes, update)
+            if update:
+                self.accumulators[index], self.velocity_maps[index] = accumulator, velocity
+                self.next_momentum[index] = torch.full((sources.shape[1],), terms[-1].momentum, dtype=dtype)
             widths = [records[0].grads[n].shape[1] for n in group]
             for i, part in enumerate(embedding.split(sizes)):
                 out[i].update(zip(group, part.split(widths, dim=1)))
@@ -246,58 +300,17 @@ class BackwardRecursion:
         return out
 
 
-def block_sgd(
-    accumulator: torch.Tensor | None,
-    grads: torch.Tensor,
-    scale: torch.Tensor,
-    rows: torch.Tensor | None,
-    sizes: list[int],
-    update: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain-SGD recursion over a block of ``s`` steps with one product by ``M`` (module docstring).
-
-    With ``M_0`` the accumulator before the block, steps ``j = 0..s-1`` from the latest, ``S_j = lr w g_j`` and
-    ``R_j = lr w h_j`` (scaled curvature rows), the per-step updates ``M_j = M_{j-1} + U_j^T H_j`` unroll to::
-
-        U_j + sum_{i<j} (R_j H_i^T) U_i = R_j - R_j M_0^T        # U_j = R_j - R_j M_{j-1}^T
-        E_j = S_j - S_j M_0^T - sum_{i<j} (S_j H_i^T) U_i          # e = s - M_{j-1} s
-        M_s = M_0 + U^T H
-
-    a unit block-lower-triangular solve in the small Gram matrices (``n = sum B_j`` rows), so ``M`` is read
-    twice per block instead of three times per step. For the empirical Fisher ``H = G``, ``R = S`` and ``U = E``.
-
-    Args:
-        accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
-        grads: ``g [n, K]``, the steps' rows stacked from the latest step.
-        scale: ``lr w`` per row and column, ``[n, K]``.
-        rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
-        sizes: rows of each step, ``B_j``.
-        update: fold the block into ``accumulator``.
-
-    Returns:
-        The embeddings ``E [n, K]`` and the accumulator (``M_s``, or ``M_0`` when not ``update``).
-    """
-    scaled = grads * scale
-    if rows is None:  # no curvature: M stays 0 and e = s
-        zeros = grads.new_zeros(grads.shape[1], grads.shape[1]) if update and accumulator is None else None
-        return scaled, accumulator if zeros is None else zeros
-    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    earlier = (step_of.unsqueeze(1) > step_of.unsqueeze(0)).to(grads.dtype)  # i < j: [n, n]
-    identity = torch.eye(len(step_of), dtype=grads.dtype)
-    embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
-    if rows is grads:
-        lower = identity + (scaled @ grads.T) * earlier
-        updates = embedding = torch.linalg.solve_triangular(lower, embedding, upper=False, unitriangular=True)
-    else:
-        scaled_rows = rows * scale
-        lower = identity + (scaled_rows @ rows.T) * earlier
-        updates = scaled_rows if accumulator is None else torch.addmm(scaled_rows, scaled_rows, accumulator.T,
-                                                                      alpha=-1)
-        updates = torch.linalg.solve_triangular(lower, updates, upper=False, unitriangular=True)
-        embedding = embedding - ((scaled @ rows.T) * earlier) @ updates
-    if update:
-        accumulator = updates.T @ rows if accumulator is None else accumulator.addmm_(updates.T, rows)
-    return embedding, accumulator
+def _group_scalars(layer_order: list[str], record: StepRecord, group: list[str]) -> StepScalars | None:
+    """A record's rate and optimizer terms for ``group`` as scalars, or ``None`` if a term differs between its layers
+    or is not one of :class:`~lightning_dve.recursion_blocks.StepScalars` (the second-moment channel's)."""
+    values = {}
+    for key, tensor in (("lr", record.lrs), *record.optim.items()):
+        of = dict(zip(layer_order, tensor.tolist()))
+        found = {of[name] for name in group}
+        if len(found) != 1 or key not in SCALAR_TERMS:
+            return None
+        values[key] = found.pop()
+    return StepScalars(**values) if {"momentum", "gain", "weight_decay"} <= set(values) else None
 
 
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:

@@ -11,6 +11,9 @@ import torch
 from lightning_dve.config import AccumulatorLayout, Curvature
 from lightning_dve.recursion import BackwardRecursion
 from lightning_dve.store import StepRecord
+from lightning_dve import recursion_blocks
+from tests.test_adam import exact_records as adam_exact_records
+from tests.test_adam import random_records as adam_records
 from tests.test_momentum import random_records as momentum_records
 from tests.test_recursion import LAYERS, assert_embeddings_close, random_records, reference
 
@@ -96,13 +99,87 @@ def test_first_block_without_update_leaves_no_accumulator():
     assert recursion.factors() == {}
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("split", [[6], [2, 4], [1, 2, 3]])
-def test_momentum_blocks_match_the_step_by_step_recursion(nesterov, split):
-    records = momentum_records(seed=7, nesterov=nesterov)
-    got, _ = blocked(records, AccumulatorLayout.PER_LAYER, split)
-    expected, _ = stepwise(records, AccumulatorLayout.PER_LAYER)
+@pytest.fixture
+def momentum_calls(monkeypatch) -> list[int]:
+    """Count the calls of the blocked momentum form (to tell it from the step-by-step fallback)."""
+    calls: list[int] = []
+    original = recursion_blocks.block_momentum
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("lightning_dve.recursion.block_momentum", counted)
+    return calls
+
+
+def assert_same_state(got: BackwardRecursion, expected: BackwardRecursion) -> None:
+    """``M``, the velocity maps and the following step's momentum equal (the state the next block starts from)."""
+    for field in ("accumulators", "velocity_maps", "next_momentum"):
+        for mine, theirs in zip(getattr(got, field), getattr(expected, field)):
+            assert (mine is None) == (theirs is None), field
+            if mine is not None:
+                torch.testing.assert_close(mine, theirs, atol=1e-10, rtol=1e-10, msg=field)
+
+
+def run_both(records: list[StepRecord], layout, split: list[int], curvature=Curvature.EMPIRICAL_FISHER):
+    """Embeddings and final state of the blocked and the step-by-step recursion over the same records."""
+    blocks, steps = (BackwardRecursion(ORDER, layout, curvature=curvature) for _ in range(2))
+    backward, got, start = records[::-1], [], 0
+    for size in split:
+        got.extend(blocks.block(backward[start:start + size]))
+        start += size
+    expected = [steps.step(r) for r in backward]
     assert_embeddings_close(got, expected, ORDER)
+    assert_same_state(blocks, steps)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("split", [[6], [2, 4], [1, 2, 3], [1] * 6])
+def test_momentum_blocks_match_the_step_by_step_recursion(nesterov, split, momentum_calls):
+    """Heavy ball and Nesterov with weight decay, dampening and clip factors (terms differ per layer and step)."""
+    run_both(momentum_records(seed=7, nesterov=nesterov), AccumulatorLayout.PER_LAYER, split)
+    assert len(momentum_calls) == 2 * len(split)  # one call per block and layer: no fallback
+
+
+@pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN, Curvature.NONE])
+@pytest.mark.parametrize("split", [[6], [3, 3], [1, 4, 1]])
+def test_adam_blocks_match_the_step_by_step_recursion(curvature, split, momentum_calls):
+    """Projected Adam/AdamW records: preconditioned rows (and curvature rows), decoupled decay and L2 decay."""
+    run_both(adam_records(seed=8, curvature=curvature), AccumulatorLayout.PER_LAYER, split, curvature)
+    assert len(momentum_calls) == 2 * len(split)
+
+
+def uniform_terms(records: list[StepRecord]) -> list[StepRecord]:
+    """The same records with every term and rate equal across layers (one scalar per step for the full layout)."""
+    return [dataclasses.replace(r, lrs=r.lrs[:1].expand_as(r.lrs).clone(),
+                                optim={k: v[:1].expand_as(v).clone() for k, v in r.optim.items()}) for r in records]
+
+
+def test_full_layout_blocks_with_one_scalar_per_step(momentum_calls):
+    run_both(uniform_terms(momentum_records(seed=9, nesterov=True)), AccumulatorLayout.FULL, [2, 4])
+    assert len(momentum_calls) == 2
+
+
+def test_terms_that_differ_between_the_layers_of_a_group_run_step_by_step(momentum_calls):
+    run_both(momentum_records(seed=10), AccumulatorLayout.FULL, [3, 3])
+    assert momentum_calls == []
+
+
+def test_exact_adam_with_the_second_moment_runs_step_by_step(momentum_calls):
+    """Per-coordinate rates and the second-moment channel are not scalars: the step-by-step form takes them."""
+    run_both(adam_exact_records(seed=11, curvature=Curvature.GGN), AccumulatorLayout.PER_LAYER, [3, 3], Curvature.GGN)
+    assert momentum_calls == []
+
+
+def test_momentum_block_without_update_gives_the_same_embeddings_and_keeps_the_state():
+    records = momentum_records(seed=12)
+    full, _ = blocked(records, AccumulatorLayout.PER_LAYER, [2, 4])
+    partial, factors = blocked(records, AccumulatorLayout.PER_LAYER, [2, 4], update_last=False)
+    assert_embeddings_close(partial, full, ORDER)
+    _, after_first = blocked(records[4:], AccumulatorLayout.PER_LAYER, [2])
+    for key in factors:
+        torch.testing.assert_close(factors[key], after_first[key], atol=1e-12, rtol=1e-12)
 
 
 def test_float32_blocks_stay_within_round_off_of_float64():

@@ -1,0 +1,220 @@
+"""Blocked forms of the backward recursion: several steps per pass over each ``M`` (recursion.py).
+
+The step-by-step recursion reads and writes every ``[K, K]`` matrix at least once per step (three times for
+plain SGD; about eight dense passes for the momentum form). Over a block of consecutive steps both forms below
+touch the big matrices a fixed number of times per *block* and do the per-step work in ``[K, n]`` and
+``[n, n]`` matrices (``n`` = rows in the block), with identical results up to round-off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def block_sgd(
+    accumulator: torch.Tensor | None,
+    grads: torch.Tensor,
+    scale: torch.Tensor,
+    rows: torch.Tensor | None,
+    sizes: list[int],
+    update: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain-SGD recursion over a block of ``s`` steps with one product by ``M`` (module docstring).
+
+    With ``M_0`` the accumulator before the block, steps ``j = 0..s-1`` from the latest, ``S_j = lr w g_j`` and
+    ``R_j = lr w h_j`` (scaled curvature rows), the per-step updates ``M_j = M_{j-1} + U_j^T H_j`` unroll to::
+
+        U_j + sum_{i<j} (R_j H_i^T) U_i = R_j - R_j M_0^T        # U_j = R_j - R_j M_{j-1}^T
+        E_j = S_j - S_j M_0^T - sum_{i<j} (S_j H_i^T) U_i          # e = s - M_{j-1} s
+        M_s = M_0 + U^T H
+
+    a unit block-lower-triangular solve in the small Gram matrices (``n = sum B_j`` rows), so ``M`` is read
+    twice per block instead of three times per step. For the empirical Fisher ``H = G``, ``R = S`` and ``U = E``.
+
+    Args:
+        accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
+        grads: ``g [n, K]``, the steps' rows stacked from the latest step.
+        scale: ``lr w`` per row and column, ``[n, K]``.
+        rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
+        sizes: rows of each step, ``B_j``.
+        update: fold the block into ``accumulator``.
+
+    Returns:
+        The embeddings ``E [n, K]`` and the accumulator (``M_s``, or ``M_0`` when not ``update``).
+    """
+    scaled = grads * scale
+    if rows is None:  # no curvature: M stays 0 and e = s
+        zeros = grads.new_zeros(grads.shape[1], grads.shape[1]) if update and accumulator is None else None
+        return scaled, accumulator if zeros is None else zeros
+    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    earlier = (step_of.unsqueeze(1) > step_of.unsqueeze(0)).to(grads.dtype)  # i < j: [n, n]
+    identity = torch.eye(len(step_of), dtype=grads.dtype)
+    embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
+    if rows is grads:
+        lower = identity + (scaled @ grads.T) * earlier
+        updates = embedding = torch.linalg.solve_triangular(lower, embedding, upper=False, unitriangular=True)
+    else:
+        scaled_rows = rows * scale
+        lower = identity + (scaled_rows @ rows.T) * earlier
+        updates = scaled_rows if accumulator is None else torch.addmm(scaled_rows, scaled_rows, accumulator.T,
+                                                                      alpha=-1)
+        updates = torch.linalg.solve_triangular(lower, updates, upper=False, unitriangular=True)
+        embedding = embedding - ((scaled @ rows.T) * earlier) @ updates
+    if update:
+        accumulator = updates.T @ rows if accumulator is None else accumulator.addmm_(updates.T, rows)
+    return embedding, accumulator
+
+
+@dataclasses.dataclass(frozen=True)
+class StepScalars:
+    """One step's optimizer terms for one layer group, all scalars (recursion.py, ``BackwardRecursion``).
+
+    Attributes:
+        lr: learning rate ``lr_t``.
+        momentum: ``mu_t``.
+        gain: ``c_t``.
+        weight_decay: ``lambda_t``.
+        lead: Nesterov's ``l_t`` (1 for heavy ball).
+        direct: Nesterov's ``d_t`` (0 for heavy ball).
+        shrink: AdamW's decoupled decay ``lr lambda`` (0 otherwise).
+    """
+
+    lr: float
+    momentum: float
+    gain: float
+    weight_decay: float
+    lead: float = 1.0
+    direct: float = 0.0
+    shrink: float = 0.0
+
+
+@dataclasses.dataclass
+class Affine:
+    """A ``[K, K]`` matrix ``i I + m M_0 + s S_0 + L R[:c]`` over a block: ``L [K, c]`` pairs with the first ``c``
+    curvature rows ``R`` of the block (the rows of the steps processed so far)."""
+
+    i: float
+    m: float
+    s: float
+    low: torch.Tensor
+
+    def combine(self, a: float, other: Affine, b: float, cols: int) -> Affine:
+        """``a self + b other``, its low-rank factor over the first ``cols`` rows."""
+        low = torch.add(_prefix(self.low, cols) * a, _prefix(other.low, cols), alpha=b)
+        return Affine(a * self.i + b * other.i, a * self.m + b * other.m, a * self.s + b * other.s, low)
+
+    def shift(self, value: float) -> Affine:
+        """``self + value I`` (in place)."""
+        self.i += value
+        return self
+
+    def dense(self, start: torch.Tensor | None, velocity: torch.Tensor | None, right: torch.Tensor | None
+              ) -> torch.Tensor:
+        """The matrix itself, ``[K, K]``."""
+        width = self.low.shape[1]
+        out = self.low @ right[:width] if right is not None and width else self.low.new_zeros(len(self.low),
+                                                                                                len(self.low))
+        if start is not None:
+            out.add_(start, alpha=self.m)
+        if velocity is not None:
+            out.add_(velocity, alpha=self.s)
+        out.diagonal().add_(self.i)
+        return out
+
+
+def _prefix(low: torch.Tensor, cols: int) -> torch.Tensor:
+    """The first ``cols`` columns of ``low``, zero-padded if it has fewer."""
+    return low[:, :cols] if low.shape[1] >= cols else torch.nn.functional.pad(low, (0, cols - low.shape[1]))
+
+
+def block_momentum(
+    accumulator: torch.Tensor | None,
+    velocity: torch.Tensor | None,
+    next_momentum: float,
+    sources: torch.Tensor,
+    left: torch.Tensor | None,
+    right: torch.Tensor | None,
+    terms: list[StepScalars],
+    sizes: list[int],
+    update: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The momentum form of ``BackwardRecursion`` (heavy ball, Nesterov, Adam/AdamW rows) over a block of steps.
+
+    With scalar terms per step, every matrix of the recursion inside a block stays of the form
+    ``i I + m M_0 + s S_0 + L R`` (:class:`Affine`): ``M_0`` and ``S_0`` are the accumulator and velocity map before
+    the block and ``R`` the block's curvature rows. Each step then updates the three scalars and the ``[K, n]``
+    factor ``L``; ``M_0`` and ``S_0`` are read once for the products ``X M_0^T``, ``X S_0^T`` of the block's rows,
+    and ``M``, ``S`` are formed once at the end::
+
+        A_t = I - M_t
+        S_t = lr_t l_t A_t + mu_{t+1} S_{t+1}
+        D_t = c_t S_t + lr_t d_t A_t
+        e_{t,z} = D_t u_{t,z}                                   # u = w P g, the rows of ``sources``
+        M_{t-1} = M_t + lambda_t D_t + shrink_t A_t + sum_z D_t q_{t,z} h_{t,z}^T
+
+    Args:
+        accumulator: ``M_0 [K, K]`` (``None``: zero).
+        velocity: ``S_0 [K, K]``, the velocity map of the step after the block (``None``: zero).
+        next_momentum: ``mu`` of the step after the block (any value when ``velocity`` is ``None``).
+        sources: ``u [n, K]``: weighted (preconditioned) gradients, the steps stacked from the latest.
+        left: ``q [n, K]``, weighted (preconditioned) curvature rows; ``sources`` itself for the empirical Fisher
+            (``None`` without curvature).
+        right: ``h [n, K]``, the curvature rows (``None`` without curvature).
+        terms: each step's scalars, from the latest.
+        sizes: rows of each step.
+        update: return the new ``M`` and velocity map (``False``: no earlier step follows; both ``None``).
+
+    Returns:
+        ``(E [n, K], M, S)``: the embeddings, then ``M`` and the velocity map after the block's earliest step.
+    """
+    empty = sources.new_zeros(sources.shape[1], 0)
+    products = _products(accumulator, velocity, sources, left, right)
+    mat = Affine(0.0, 1.0, 0.0, empty)  # M_t
+    vel = Affine(0.0, 0.0, 1.0 if velocity is not None else 0.0, empty)  # S_{t+1}
+    mu_next, lo, out = (next_momentum if velocity is not None else 0.0), 0, []
+    for step, size in zip(terms, sizes):
+        hi = lo + size
+        rate, nesterov = step.lr * step.lead, step.lr * step.direct  # with A_t = I - M_t:
+        vel = mat.combine(-rate, vel, mu_next, lo).shift(rate)  # S_t = rate A_t + mu S_{t+1}
+        direct = vel.combine(step.gain, mat, -nesterov, lo).shift(nesterov)  # D_t = c S_t + lr d A_t
+        out.append(_apply(direct, products, sources, lo, hi, "u"))
+        mat = mat.combine(1.0 - step.shrink, direct, step.weight_decay, lo).shift(step.shrink)  # + lambda D + s A
+        if right is not None:  # + D_t q h^T: the step's own columns of L
+            mat.low = torch.cat([mat.low, _apply(direct, products, left, lo, hi, "q").T], dim=1)
+        mu_next, lo = step.momentum, hi
+    if not update:
+        return torch.cat(out), None, None
+    return torch.cat(out), mat.dense(accumulator, velocity, right), vel.dense(accumulator, velocity, right)
+
+
+def _products(accumulator: torch.Tensor | None, velocity: torch.Tensor | None, sources: torch.Tensor,
+              left: torch.Tensor | None, right: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The block's rows against ``M_0``, ``S_0`` and the curvature rows: one pass over each big matrix."""
+    products: dict[str, torch.Tensor] = {}
+    for key, rows in (("u", sources), ("q", left)):
+        if rows is None or (key == "q" and rows is sources):
+            continue
+        if accumulator is not None:
+            products[f"{key}M"] = rows @ accumulator.T
+        if velocity is not None:
+            products[f"{key}S"] = rows @ velocity.T
+        if right is not None:
+            products[f"{key}R"] = rows @ right.T  # [n, n]
+    if left is sources:
+        products.update({f"q{k[1:]}": v for k, v in list(products.items()) if k.startswith("u")})
+    return products
+
+
+def _apply(matrix: Affine, products: dict[str, torch.Tensor], rows: torch.Tensor, lo: int, hi: int, key: str
+           ) -> torch.Tensor:
+    """``rows[lo:hi] matrix^T`` from the precomputed products (``key``: ``"u"`` sources, ``"q"`` left rows)."""
+    out = matrix.i * rows[lo:hi]
+    if f"{key}M" in products:
+        out = out + matrix.m * products[f"{key}M"][lo:hi]
+    if f"{key}S" in products:
+        out = out + matrix.s * products[f"{key}S"][lo:hi]
+    if lo and f"{key}R" in products:
+        out = out + products[f"{key}R"][lo:hi, :lo] @ matrix.low.T
+    return out
