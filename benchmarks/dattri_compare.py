@@ -35,12 +35,29 @@ Settings:
   ``proj_dim=3072`` (32 x 32 per layer, same total), with lightning_dve's default per-layer ``M`` and with
   ``layout="full"`` (one ``M`` over all layers, as dattri). TSLOO by float64 replay from the same initial
   weights. Projected lightning_dve runs store gradients in its default storage dtype.
+- ``cnn`` (float32): 1437 train / 360 test digits as ``[1, 8, 8]`` images, ``_common.cnn_net`` (conv 1->16,
+  conv 16->32, 2x2 max-pool, linear 512->64, linear 64->10, ReLU; 38,282 parameters), SGD lr 0.05, batch 32,
+  3 epochs (135 steps). dattri's ``"kronecker"`` only handles ``nn.Linear``, so a conv net must use
+  ``factorization_type="none"``: ``vmap(grad)`` per-sample gradients over all parameters, then dattri's CPU
+  ``BasicProjector`` (dense Gaussian, generated in blocks of 100 columns and regenerated on every call), then one
+  dense ``M``. Methods: lightning_dve default projection (conv layers projected in the capture hooks: 16 x 10,
+  32 x 32, 32 x 32 and 10 x 65 per layer, 2858 dims in all), per-layer ``M`` and ``layout="full"``, against
+  dattri ``"none"`` with ``proj_dim`` = that same total (read from our manifest); also lightning_dve at 4096
+  per layer with ``layout="full"`` (9002 dims: 16 x 10, 32 x 128, 64 x 64, 10 x 65), because a Kronecker
+  projection keeps less of the gradient than dattri's dense Gaussian at equal size. dattri ``"none"`` without
+  projection is not run: its ``M`` over 38,282 parameters would be 5.9 GB in float32 and every step would cost
+  ~2 x 32 x 38282^2 = 9e10 flops twice over; lightning_dve exact (``projection_dim=None``) is not run either
+  (a 32,832^2 per-layer ``M`` for the 512->64 layer).
 
 **Issue #5 target: lightning_dve <= 0.2x dattri's end-to-end time at equal or better Spearman.**
 
-    .venv/bin/python benchmarks/dattri_compare.py            # default, ~2 min on 2 cores
-    .venv/bin/python benchmarks/dattri_compare.py --quick    # CI smoke (small setting, 1 epoch, no repeats)
-    .venv/bin/python benchmarks/dattri_compare.py --full     # 5 repeats
+    .venv/bin/python benchmarks/dattri_compare.py                   # small and large, ~2 min on 2 cores
+    .venv/bin/python benchmarks/dattri_compare.py --settings cnn    # the CNN setting only
+    .venv/bin/python benchmarks/dattri_compare.py --quick           # CI smoke (small setting, 1 epoch, no repeats)
+    .venv/bin/python benchmarks/dattri_compare.py --full            # 5 repeats
+
+``--quick`` runs the ``small`` setting unless ``--settings`` is given (``--quick --settings cnn``: the CNN
+setting for one epoch, one repeat).
 """
 
 from __future__ import annotations
@@ -80,10 +97,12 @@ class EpochPermutation(torch.utils.data.Sampler[int]):
 
 
 SETTINGS = {
-    "small": dict(n_train=384, n_test=16, hidden=32, depth=1, lr=0.1, batch=32, epochs=3, dtype=torch.float64,
-                  n_tsloo_test=16, occurrences=40),
-    "large": dict(n_train=1437, n_test=360, hidden=256, depth=2, lr=0.1, batch=32, epochs=3, dtype=torch.float32,
-                  n_tsloo_test=16, occurrences=40),
+    "small": dict(model="mlp", n_train=384, n_test=16, hidden=32, depth=1, lr=0.1, batch=32, epochs=3,
+                  dtype=torch.float64, n_tsloo_test=16, occurrences=40),
+    "large": dict(model="mlp", n_train=1437, n_test=360, hidden=256, depth=2, lr=0.1, batch=32, epochs=3,
+                  dtype=torch.float32, n_tsloo_test=16, occurrences=40),
+    "cnn": dict(model="cnn", n_train=1437, n_test=360, lr=0.05, batch=32, epochs=3, dtype=torch.float32,
+                n_tsloo_test=16, occurrences=40),
 }
 
 
@@ -93,7 +112,7 @@ class Problem:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         x, y = C.digits_arrays(cfg["dtype"])
-        x = x.reshape(len(x), 64)
+        x = x.unsqueeze(1) if cfg["model"] == "cnn" else x.reshape(len(x), 64)  # as C.digits_dataset
         perm = np.random.default_rng(0).permutation(len(x))
         train = torch.as_tensor(perm[: cfg["n_train"]])
         test = torch.as_tensor(perm[cfg["n_train"]: cfg["n_train"] + cfg["n_test"]])
@@ -114,6 +133,8 @@ class Problem:
         return out
 
     def module(self):
+        if self.cfg["model"] == "cnn":
+            return C.make_module("cnn", seed=0, dtype=self.cfg["dtype"])
         return C.make_module("mlp", seed=0, dtype=self.cfg["dtype"], hidden=self.cfg["hidden"], depth=self.cfg["depth"])
 
     def lr_module(self):
@@ -157,10 +178,24 @@ def run_ours(p: Problem, **dve_kwargs: Any) -> dict[str, Any]:
     module, fit_s, ids = fit(p, [dve])
     with C.Stopwatch() as sw:
         result = dve.embeddings.influence(module, p.test, per_step=True)
+    dim = projected_total(save / "dve" / "manifest.json")
     shutil.rmtree(save, ignore_errors=True)
     lookup = {(int(s), int(i)): j for j, (s, i) in enumerate(zip(result.steps, result.sample_ids))}
     return {"fit_s": fit_s, "embed_s": 0.0, "score_s": sw.seconds, "total_s": fit_s + sw.seconds, "ids": ids,
-            "scores": result.scores, "column": lambda step, sid, epoch: lookup[(step, sid)], "module": module}
+            "scores": result.scores, "column": lambda step, sid, epoch: lookup[(step, sid)], "module": module,
+            "embedding_dim": dim}
+
+
+def projected_total(manifest: Path) -> int | None:
+    """Total embedding dimension of a lightning_dve run: sum over layers of ``out x in`` projected dims."""
+    import json
+
+    try:
+        layers = json.loads(manifest.read_text())["layers"]
+        return sum(int(layer["projection"]["out"]["projected_dim"]) * int(layer["projection"]["in"]["projected_dim"])
+                   for layer in layers)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def run_dattri(p: Problem, factorization: str, proj_dim: int | None) -> dict[str, Any]:
@@ -202,10 +237,11 @@ def run_dattri(p: Problem, factorization: str, proj_dim: int | None) -> dict[str
         with C.Stopwatch() as sw_score:
             total = attributor.attribute(test_loader)  # [n_train_ids, n_test], summed over epochs
         per_epoch = {e: attributor.attribute(test_loader, epoch=e).T for e in attributor.embeddings}  # untimed
+    dim = next(iter(attributor.embeddings.values())).shape[1]
     del total
     return {"fit_s": sw_fit.seconds, "embed_s": sw_embed.seconds, "score_s": sw_score.seconds,
             "total_s": sw_fit.seconds + sw_embed.seconds + sw_score.seconds, "ids": rec.ids,
-            "per_epoch": per_epoch, "column": None, "module": module}
+            "per_epoch": per_epoch, "column": None, "module": module, "embedding_dim": dim}
 
 
 def occurrence_scores(run: dict[str, Any], p: Problem, batches, occurrences, steps_per_epoch: int) -> torch.Tensor:
@@ -262,7 +298,7 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
                  ("lightning_dve exact full", "dattri exact (none)"),
                  ("lightning_dve projected 1024/layer", "dattri kronecker 2048"),
                  ("lightning_dve projected 1024/layer full", "dattri kronecker 2048")]
-    else:
+    elif name == "large":
         methods = {
             "lightning_dve projected 1024/layer": lambda: run_ours(p),
             "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
@@ -270,6 +306,22 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
         }
         pairs = [("lightning_dve projected 1024/layer", "dattri kronecker 3072"),
                  ("lightning_dve projected 1024/layer full", "dattri kronecker 3072")]
+    else:  # cnn: dattri's "kronecker" has no conv layers; "none" + its projector at our total dimension
+        dim = run_ours(p)["embedding_dim"]  # also the warm-up of our code path
+        theirs = f"dattri none proj {dim}"
+        methods = {
+            "lightning_dve projected 1024/layer": lambda: run_ours(p),
+            "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
+            "lightning_dve projected 4096/layer full": lambda: run_ours(p, projection_dim=4096, layout="full"),
+            theirs: lambda: run_dattri(p, "none", dim),
+        }
+        pairs = [("lightning_dve projected 1024/layer", theirs), ("lightning_dve projected 1024/layer full", theirs),
+                 ("lightning_dve projected 4096/layer full", theirs)]
+        n_params = sum(q.numel() for q in p.module().parameters())
+        C.emit({"benchmark": "dattri_compare", "setting": name, "kind": "not_run",
+                "method": "dattri none (no projection)", "parameters": n_params,
+                "why": f"dense M of {n_params}^2 float32 = {n_params ** 2 * 4 / 1e9:.1f} GB and "
+                       f"~{4 * cfg['batch'] * n_params ** 2:.1e} flops per step"})
 
     plain = []
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in methods}
@@ -291,6 +343,7 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
         rho, per_row = oracles.mean_spearman(est, truth)
         rec = {
             "benchmark": "dattri_compare", "setting": name, "method": k, "repeats": repeats,
+            "model": cfg["model"], "embedding_dim": rs[0].get("embedding_dim"),
             "steps": len(batches), "n_train": cfg["n_train"], "n_test_scored": cfg["n_test"],
             "dtype": str(cfg["dtype"]).removeprefix("torch."),
             "total_s": C.stats([x["total_s"] for x in rs]), "fit_s": C.stats([x["fit_s"] for x in rs]),
@@ -319,7 +372,8 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--full", action="store_true")
-    parser.add_argument("--settings", default="small,large")
+    parser.add_argument("--settings", default=None, help=f"comma-separated, of {','.join(SETTINGS)} "
+                        "(default small,large; --quick: small)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     C.add_contention_args(parser)
@@ -339,7 +393,10 @@ def main() -> None:
             "dattri": getattr(dattri, "__version__", "0.3.0"), "quiet_threshold": args.quiet,
             "loadavg_start": C.loadavg()})
     started = time.perf_counter()
-    settings = ["small"] if args.quick else args.settings.split(",")
+    settings = (args.settings or ("small" if args.quick else "small,large")).split(",")
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
     for name in settings:
         compare(name, args, repeats, epochs=1 if args.quick else None)
     C.emit({"benchmark": "dattri_compare", "kind": "done", "wall_s": round(time.perf_counter() - started, 1),
