@@ -7,8 +7,9 @@
    Each configuration runs ``sync.embed_trajectory`` in processes started with ``torch.multiprocessing.spawn``
    (gloo on localhost; ``lightning_dve.distributed.ProcessGroup()`` on 2 ranks, ``SingleProcess()`` on 1) with
    ``torch.set_num_threads(1)`` in every process, so both configurations use at most 2 cores. Time is
-   barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0. The 2-rank embeddings
-   are checked against the 1-rank ones. The time inside each phase of ``embed_trajectory`` (the recursion
+   barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0; before each repeat the
+   embeddings of the previous one are deleted (untimed), so every run writes into an empty ``embeddings/`` as
+   the callback's train end does. The 2-rank embeddings are checked against the 1-rank ones. The time inside each phase of ``embed_trajectory`` (the recursion
    steps, step reads, embedding writes, the merge onto rank 0 and the gather of segment factors) is reported
    per rank (``phases_s``; the phases nest: ``merge`` includes its reads and writes). **Issue #4 target: 2 ranks <= 0.6x of 1 rank.**
 2. ``ddp_comm_volume``: the per-step exchange of training (``sync.StepAssembler.close`` after the per-micro-batch
@@ -47,7 +48,8 @@ def free_port() -> int:
 
 
 class ByteCounter:
-    """Wrap ``dist.all_gather`` / ``dist.gather`` / ``dist.all_reduce``; count their payloads by phase label."""
+    """Wrap ``dist.all_gather`` / ``dist.gather`` / ``dist.all_reduce`` and the point-to-point ``dist.send`` /
+    ``dist.irecv``; count their payloads by phase label."""
 
     def __init__(self) -> None:
         self.phase = "other"
@@ -55,6 +57,7 @@ class ByteCounter:
         self.received: dict[str, int] = defaultdict(int)  # bytes of the other ranks' payloads this rank receives
         self.calls: dict[str, int] = defaultdict(int)
         self._gather, self._reduce, self._gather_to = dist.all_gather, dist.all_reduce, dist.gather
+        self._send, self._irecv = dist.send, dist.irecv
 
         def all_gather(tensor_list, tensor, *a, **k):
             n = tensor.numel() * tensor.element_size()
@@ -79,18 +82,31 @@ class ByteCounter:
             self.calls[self.phase] += 1
             return self._gather_to(tensor, gather_list, *a, **k)
 
+        def send(tensor, *a, **k):  # a peer's payload to rank 0 (``send_to_zero``)
+            self.sent[self.phase] += tensor.numel() * tensor.element_size()
+            self.calls[self.phase] += 1
+            return self._send(tensor, *a, **k)
+
+        def irecv(tensor, *a, **k):
+            self.received[self.phase] += tensor.numel() * tensor.element_size()
+            self.calls[self.phase] += 1
+            return self._irecv(tensor, *a, **k)
+
         dist.all_gather, dist.all_reduce, dist.gather = all_gather, all_reduce, gather
+        dist.send, dist.irecv = send, irecv
 
     def restore(self) -> None:
         dist.all_gather, dist.all_reduce, dist.gather = self._gather, self._reduce, self._gather_to
+        dist.send, dist.irecv = self._send, self._irecv
 
 
 class PhaseTimers(C.FunctionTimers):
     """Wall time inside the phases of ``embed_trajectory`` (patched in this process only; skipped if absent).
 
     ``recursion_step`` / ``recursion_block``, ``read_step`` and ``write_embeddings`` cover the recursion pass;
-    ``write_pending`` (the gather to rank 0 plus the writes, in a background thread that overlaps the next
-    block) and ``gather_embeddings`` nest the writes and the gathers; the module-level
+    ``write_pending`` (the sends to rank 0 plus the writes, in a background thread that overlaps the next
+    block) and ``gather_embeddings`` (the sends, which wait for the peer's block) nest the writes and the
+    sends; the module-level
     ``_merge_embeddings_on_rank_zero`` (re-read, gather and rewrite of every step's embeddings) and
     ``_gather_factors`` (the segment factors ``I - M``) run after it on more than one rank.
     """
@@ -157,6 +173,9 @@ def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: i
 
 def run_embed(world: int, roots: list[str], segments: int, args: argparse.Namespace) -> dict[str, Any]:
     def once() -> dict[str, Any]:
+        for root in roots:  # as at a real train end, the embeddings go into an empty directory, not over files
+            for path in Path(root, "embeddings").glob("*.safetensors"):  # of an earlier repeat (ext4 flushes
+                path.unlink()  # a file renamed over another: a cost no real run pays)
         out = tempfile.mkdtemp(prefix="dve_ddp_out_")
         mp.spawn(embed_worker, args=(world, free_port(), roots, segments, out), nprocs=world, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]

@@ -10,7 +10,7 @@ Layout under ``save_dir/checkpoints/``::
                                        scheduler, momentum, betas, ...) and the clip factor
 
 Written on global rank 0 only (parameters are identical on every DDP rank). Tensors are safetensors, the rest
-JSON; every file is written under a temporary name and renamed (:func:`lightning_dve.store.write_atomic`).
+JSON; every file is written under a temporary name and renamed (:func:`lightning_dve.files.write_atomic`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
 from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
-from .store import StepRecord, read_checked, write_atomic
+from .files import read_checked, write_atomic
+from .store import StepRecord
 
 CHECKPOINTS = "checkpoints"
 REPLAY_MANIFEST = "replay.json"

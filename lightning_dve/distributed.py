@@ -1,8 +1,10 @@
 """The only code that talks to other ranks, behind a small interface with a single-process implementation.
 
 Collectives are made of fixed-shape ``all_gather``/``all_reduce`` calls (gathers of unequal shapes break on
-gloo): sizes are exchanged first and tensors padded to the largest. Every method is a collective: call it on
-every rank, in the same order, never from rank-zero-only code.
+gloo): sizes are exchanged first and tensors padded to the largest. Where every rank already knows every
+rank's size, :meth:`Communicator.send_to_zero` skips the exchange and the padding: point-to-point sends to
+rank 0, which receives each rank's exact bytes. Every method is a collective: call it on every rank, in the
+same order, never from rank-zero-only code.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ class Communicator(Protocol):
         """Every rank's ``tensor`` (2-D, any number of rows and columns), indexed by rank."""
         ...
 
-    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """On rank 0 every rank's ``tensor`` (2-D), indexed by rank; on other ranks ``[]`` (half the bytes)."""
+    def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
+        """On rank 0 every rank's 1-D ``tensor`` (rank 0's own as given), indexed by rank; ``[]`` elsewhere.
+
+        ``numels[r]`` is the size of rank ``r``'s tensor, known on every rank: nothing is exchanged or padded.
+        The dtype is the same on every rank.
+        """
         ...
 
 
@@ -46,7 +52,7 @@ class SingleProcess:
         """Return ``[tensor]``."""
         return [tensor]
 
-    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
         """Return ``[tensor]``."""
         return [tensor]
 
@@ -75,12 +81,20 @@ class ProcessGroup:
         dist.all_gather(parts, padded)
         return [part[:r, :c].to(tensor.device) for part, (r, c) in zip(parts, sizes)]
 
-    def gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Exchange shapes, pad to the largest, ``gather`` on rank 0, and trim each rank's part back there."""
-        sizes, padded = self._padded(tensor)
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(padded, parts, dst=0)
-        return [part[:r, :c].to(tensor.device) for part, (r, c) in zip(parts or [], sizes)]
+    def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
+        """Other ranks ``send`` their tensor to rank 0, which receives each into a buffer of its known size.
+
+        Rank 0 posts every receive before waiting, so the ranks' transfers proceed side by side.
+        """
+        if self.rank != 0:
+            if numels[self.rank]:
+                dist.send(tensor.to(self.device), dst=0)
+            return []
+        parts = [torch.empty(n, dtype=tensor.dtype, device=self.device) for n in numels[1:]]
+        works = [dist.irecv(part, src=r) for r, part in enumerate(parts, 1) if part.numel()]
+        for work in works:
+            work.wait()
+        return [tensor] + [part.to(tensor.device) for part in parts]
 
     def _padded(self, tensor: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """Every rank's ``(rows, cols)`` and ``tensor`` zero-padded to the largest, on the group's device."""

@@ -13,7 +13,6 @@ keeps every step it finished. Nothing is pickled: tensors are safetensors, metad
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -23,9 +22,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import StoreError
+from .files import read_checked, write_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -128,50 +127,6 @@ def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) ->
 
 def _step_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
-
-
-def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temporary name, then rename it into place.
-
-    Raises:
-        StoreError: if the disk is full or the write fails; the temporary file is removed and files written
-            earlier are untouched.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
-        raise StoreError(
-            f"could not write {path}: {reason}. Every step written before is kept in {path.parent.parent}; "
-            "free space (or point save_dir elsewhere) and run again."
-        ) from err
-
-
-def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
-    """Read a store file, refusing a missing, corrupt or foreign one.
-
-    Raises:
-        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), or was written with
-            other settings than the manifest's.
-    """
-    if not path.is_file():
-        raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
-                         "Restore the file or record the run again.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:  # one read for the header and the tensors
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, ValueError, OSError) as err:
-        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
-                         "run again, or restore the file from a backup.") from err
-    if metadata.get("settings_hash") != settings_hash:
-        raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
-                         f"manifest says {settings_hash}: files of two runs are mixed in one directory. Use a "
-                         "fresh save_dir for each run (or overwrite=True).")
-    return tensors
 
 
 class TrajectoryStore:

@@ -192,26 +192,35 @@ def gather_embeddings(
     comm: Communicator,
     owned: list[list[str]],
     dims: dict[str, int],
-    embeddings: dict[str, torch.Tensor],
+    embeddings: list[dict[str, torch.Tensor]],
     rows: int,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Collective: every rank's embeddings of one step merged into ``{layer: [B, k_l]}`` on rank 0 (``{}`` elsewhere).
+    """Collective: the other ranks' embeddings of some consecutive occurrences, on rank 0 (``{}`` elsewhere).
+
+    Every rank knows every rank's size from ``owned``, ``dims`` and ``rows``, so nothing is exchanged or padded:
+    each rank sends its layers one after the other, flattened, and rank 0 views each layer of what it receives
+    as one contiguous ``[B, k_l]`` block, whose rows of one step are contiguous too (written as they are).
 
     Args:
         comm: communicator.
         owned: layer names owned by each rank.
         dims: projected size of every layer.
-        embeddings: this rank's embeddings of the step, for its owned layers.
-        rows: occurrences in the step (``B``), for ranks that own no layer.
+        embeddings: this rank's embeddings of its owned layers in consecutive pieces of rows (one per step, say)
+            that add up to ``rows``; not read on rank 0.
+        rows: occurrences in the pieces (``B``), the same on every rank.
         dtype: accumulation dtype (identical on every rank).
+
+    Returns:
+        On rank 0 ``{layer: [B, k_l]}`` for the layers of every other rank; ``{}`` on the other ranks.
     """
-    mine = owned[comm.rank]
-    local = torch.cat([embeddings[n].to(dtype) for n in mine], 1) if mine else torch.zeros(rows, 0, dtype=dtype)
+    pieces = [piece[n].to(dtype).reshape(-1) for n in owned[comm.rank] for piece in embeddings] if comm.rank else []
+    local = torch.cat([torch.zeros(0, dtype=dtype), *pieces])
+    parts = comm.send_to_zero(local, [rows * sum(dims[n] for n in names) for names in owned])
     merged: dict[str, torch.Tensor] = {}
-    for names, block in zip(owned, comm.gather_rows(local)):
-        if names:
-            merged.update(zip(names, block.split([dims[n] for n in names], dim=1)))
+    for names, flat in zip(owned[1:], parts[1:]):
+        blocks = flat.split([rows * dims[n] for n in names])
+        merged.update((n, block.view(rows, dims[n])) for n, block in zip(names, blocks))
     return merged
 
 
@@ -261,7 +270,7 @@ def embed_trajectory(
                 bar.update(len(block))
             for future in written:
                 future.result()
-        return recursion.factors()
+        return recursion.factors() if segment > 0 else {}  # segment 0's factor is never needed
 
     with bar:
         if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
@@ -272,7 +281,7 @@ def embed_trajectory(
                 factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
             if comm.world_size > 1:
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
-                factors = [_gather_factors(comm, owned, layout, f, dtype) for f in factors]
+                factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     if comm.rank == 0:
         store.write_segments(bounds, factors)
         store.manifest["embeddings"] = "complete"
@@ -307,16 +316,17 @@ def _write_pending(
     pending: list[tuple[StepRecord, dict[str, torch.Tensor]]],
     merge: bool,
 ) -> None:
-    """Write computed steps' embeddings; with ``merge``, first gather them to rank 0 in one collective."""
+    """Write computed steps' embeddings; with ``merge``, first send the other ranks' to rank 0 in one collective."""
     if merge:
         sizes = [record.sample_ids.numel() for record, _ in pending]
-        mine = {name: torch.cat([e[name] for _, e in pending]) for name in owned[comm.rank]}
-        merged = gather_embeddings(comm, owned, dims, mine, sum(sizes), dtype)
-        parts = {name: block.split(sizes) for name, block in merged.items()}
-        pending = [(record, {n: parts[n][i] for n in parts}) for i, (record, _) in enumerate(pending)]
-    if comm.rank == 0 or not merge:
-        for record, embeddings in pending:
-            store.write_embeddings(record.step, embeddings, record.sample_ids)
+        received = gather_embeddings(comm, owned, dims, [e for _, e in pending], sum(sizes), dtype)
+        if comm.rank != 0:
+            return
+        parts = {name: block.split(sizes) for name, block in received.items()}
+        pending = [(record, {**{n: e[n].to(dtype) for n in owned[0]}, **{n: parts[n][i] for n in parts}})
+                   for i, (record, e) in enumerate(pending)]
+    for record, embeddings in pending:
+        store.write_embeddings(record.step, embeddings, record.sample_ids)
 
 
 def _merge_embeddings_on_rank_zero(
@@ -325,9 +335,9 @@ def _merge_embeddings_on_rank_zero(
     """Collective: replace rank 0's per-step embedding files by the merge of every rank's owned layers."""
     for step in store.steps:
         sample_ids, local = store.read_embeddings(step)
-        merged = gather_embeddings(comm, owned, dims, local, sample_ids.numel(), dtype)
+        received = gather_embeddings(comm, owned, dims, [local], sample_ids.numel(), dtype)
         if comm.rank == 0:
-            store.write_embeddings(step, merged, sample_ids)
+            store.write_embeddings(step, {**{n: local[n].to(dtype) for n in owned[0]}, **received}, sample_ids)
 
 
 def _gather_factors(

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lightning_dve.store
+import lightning_dve.files
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, StoreError
 from lightning_dve.store import TrajectoryStore
 
@@ -183,7 +183,7 @@ def test_store_whose_recording_did_not_finish(fit, mlp_cls, save_dir):
 
 
 def test_disk_full_during_append(fit, mlp_cls, save_dir, monkeypatch):
-    real_save_file = lightning_dve.store.save_file
+    real_save_file = lightning_dve.files.write_safetensors
 
     def save_file_until_full(tensors, filename, metadata=None):
         if "step_00000003" in filename:
@@ -191,7 +191,7 @@ def test_disk_full_during_append(fit, mlp_cls, save_dir, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real_save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(lightning_dve.store, "save_file", save_file_until_full)
+    monkeypatch.setattr(lightning_dve.files, "write_safetensors", save_file_until_full)
     model = mlp_cls()
     with pytest.raises(StoreError, match=r"step_00000003\.safetensors: the disk is full.*kept"):
         fit(model, DataValueEmbedding(save_dir))
@@ -210,7 +210,70 @@ def test_other_write_error_during_append(fit, mlp_cls, save_dir, monkeypatch):
     def failing_save_file(tensors, filename, metadata=None):
         raise OSError(errno.EACCES, "Permission denied", filename)
 
-    monkeypatch.setattr(lightning_dve.store, "save_file", failing_save_file)
+    monkeypatch.setattr(lightning_dve.files, "write_safetensors", failing_save_file)
     with pytest.raises(StoreError, match=r"the write failed .*Permission denied"):
         fit(mlp_cls(), DataValueEmbedding(save_dir))
     assert tmp_files(save_dir) == []
+
+
+# --- the safetensors writer (files.py) --------------------------------------------------------------------------
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype the writer handles itself, equal element sizes of two dtypes, empty, 0-dim and strided tensors."""
+    gen = torch.Generator().manual_seed(0)
+    return {"b": torch.randn(3, 4, generator=gen), "a": torch.randn(2, dtype=torch.float64, generator=gen),
+            "ids": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "h": torch.randn(2, 2).half(),
+            "bf": torch.randn(3, generator=gen).bfloat16(), "i16": torch.arange(2, dtype=torch.int16),
+            "i8": torch.arange(2, dtype=torch.int8), "u8": torch.arange(2, dtype=torch.uint8),
+            "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+            "strided": torch.randn(4, 3, generator=gen).T}
+
+
+def test_writer_bytes_equal_safetensors_save_file(tmp_path):
+    tensors, metadata = mixed_tensors(), {"step": "3", "settings_hash": "abc"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "reference", metadata=metadata)
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours"), metadata)
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "reference").read_bytes()
+    back = load_file(tmp_path / "ours")
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def test_writer_falls_back_to_save_file_for_other_dtypes(tmp_path):
+    tensors = {"c": torch.randn(2, dtype=torch.complex64), "x": torch.ones(2)}
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "f"), {"k": "v"})
+    back = load_file(tmp_path / "f")
+    assert torch.equal(back["c"], tensors["c"]) and torch.equal(back["x"], tensors["x"])
+
+
+def test_writer_finishes_short_writes(tmp_path, monkeypatch):
+    """``writev`` may write fewer bytes than asked (signals, pipes, some file systems): the rest is written."""
+    real = os.writev
+
+    def at_most_seven_bytes(fd, buffers):
+        first = bytes(buffers[0])[:7]
+        return real(fd, [first])
+
+    monkeypatch.setattr(os, "writev", at_most_seven_bytes)
+    tensors = mixed_tensors()
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "f"), {})
+    back = load_file(tmp_path / "f")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_writer_disk_full_raises_a_store_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real = os.writev
+    calls = []
+
+    def full_after_the_header(fd, buffers):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers[:1])
+
+    monkeypatch.setattr(os, "writev", full_after_the_header)
+    with pytest.raises(StoreError, match=r"could not write .*f\.safetensors: the disk is full"):
+        lightning_dve.files.write_atomic(tmp_path / "f.safetensors", {"x": torch.ones(1000)}, {})
+    assert list(tmp_path.iterdir()) == []

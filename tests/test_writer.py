@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_dve.store
+import lightning_dve.files
 from lightning_dve import DataValueEmbedding, StoreError
 from lightning_dve.store import StepRecord, TrajectoryStore
 from lightning_dve.writer import StepWriter
@@ -30,7 +30,7 @@ def step_files(root: Path) -> list[str]:
 
 
 def slow_save_file(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: str | None = None) -> None:
-    real = lightning_dve.store.save_file
+    real = lightning_dve.files.write_safetensors
 
     def save_file(tensors, filename, metadata=None):
         time.sleep(seconds)
@@ -39,7 +39,7 @@ def slow_save_file(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: str
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(lightning_dve.store, "save_file", save_file)
+    monkeypatch.setattr(lightning_dve.files, "write_safetensors", save_file)
 
 
 @pytest.mark.parametrize("background", [True, False])
