@@ -9,9 +9,10 @@
    ``torch.set_num_threads(1)`` in every process, so both configurations use at most 2 cores. Time is
    barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0; before each repeat the
    embeddings of the previous one are deleted (untimed), so every run writes into an empty ``embeddings/`` as
-   the callback's train end does. The 2-rank embeddings are checked against the 1-rank ones. The time inside each phase of ``embed_trajectory`` (the recursion
-   steps, step reads, embedding writes, the merge onto rank 0 and the gather of segment factors) is reported
-   per rank (``phases_s``; the phases nest: ``merge`` includes its reads and writes). **Issue #4 target: 2 ranks <= 0.6x of 1 rank.**
+   the callback's train end does. The 2-rank embeddings are checked against the 1-rank ones. The time inside
+   each phase of ``embed_trajectory`` (the recursion steps, step reads, embedding writes, the merge onto rank 0
+   and the gather of segment factors) is reported per rank (``phases_s``; the phases nest: ``merge`` includes
+   its reads and writes). **Issue #4 target: 2 ranks <= 0.6x of 1 rank.**
 2. ``ddp_comm_volume``: the per-step exchange of training (``sync.StepAssembler.close`` after the per-micro-batch
    ``agree_on_errors``) run for real on 2 gloo ranks with LM-shaped micro-batches, counting the bytes of every
    ``all_gather`` / ``all_reduce`` call, next to the formula and next to DDP's own gradient all-reduce of the
@@ -222,7 +223,8 @@ def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, 
         "one_rank_s": C.stats([x["wall_s"] for x in one]), "two_ranks_s": C.stats([x["wall_s"] for x in two]),
         "ratio": C.ratio_stats([x["wall_s"] for x in two], [x["wall_s"] for x in one]),
         "target": 0.6,
-        "meets_target": C.ratio_stats([x["wall_s"] for x in two], [x["wall_s"] for x in one])["median_of_paired"] <= 0.6,
+        "meets_target": C.ratio_stats([x["wall_s"] for x in two],
+                                      [x["wall_s"] for x in one])["median_of_paired"] <= 0.6,
         "rank_wall_s_two_ranks": [[round(rk["wall_s"], 3) for rk in x["ranks"]] for x in two],
         "rank_cpu_s_two_ranks": [[round(rk["cpu_s"], 3) for rk in x["ranks"]] for x in two],
         "phases_s_one_rank": {k: round(v, 3) for k, v in one[0]["ranks"][0]["phases_s"].items()},

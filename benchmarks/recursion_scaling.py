@@ -3,9 +3,9 @@
 1. ``recursion_vs_training``: the byte-level transformer LM of ``capture_overhead.py`` (4 blocks, width 256,
    sequence 128, batch 16, 19 tracked layers at the default projection 1024) is fitted with and without the
    callback, interleaved, with plain SGD and with AdamW (lr 1e-3, weight decay 0.01: the momentum form of the
-   recursion on preconditioned rows; ``--optimizers``). ``on_train_end`` (store finalisation, backward recursion, embedding writes; report
-   off) is timed between two timestamp callbacks and divided by the training loop of the fit without the
-   callback. **Issue #5 target: <= 0.25.**
+   recursion on preconditioned rows; ``--optimizers``). ``on_train_end`` (store finalisation, backward
+   recursion, embedding writes; report off) is timed between two timestamp callbacks and divided by the
+   training loop of the fit without the callback. **Issue #5 target: <= 0.25.**
 2. ``recursion_scaling``: a synthetic trajectory with the same layer shapes (19 layers x 1024 dims, batch 16,
    random gradients stored in the callback's default storage dtype) is written with
    ``TrajectoryStore.create`` / ``append(StepRecord(...))`` at T0 x {1, 2, 4, 8} steps, and

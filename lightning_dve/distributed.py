@@ -32,8 +32,8 @@ class Communicator(Protocol):
     def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
         """On rank 0 every rank's 1-D ``tensor`` (rank 0's own as given), indexed by rank; ``[]`` elsewhere.
 
-        ``numels[r]`` is the size of rank ``r``'s tensor, known on every rank: nothing is exchanged or padded.
-        The dtype is the same on every rank.
+        ``numels[r]`` is the size of rank ``r``'s tensor, known on every rank: nothing is exchanged (rank 0's
+        entry is not used). The dtype is the same on every rank.
         """
         ...
 
@@ -84,8 +84,19 @@ class ProcessGroup:
     def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
         """Other ranks ``send`` their tensor to rank 0, which receives each into a buffer of its known size.
 
-        Rank 0 posts every receive before waiting, so the ranks' transfers proceed side by side.
+        Rank 0 posts every receive before waiting, so the ranks' transfers proceed side by side. NCCL (which
+        would open a communicator per pair for point-to-point calls) takes one ``gather`` padded to the largest
+        known size instead.
+
+        Raises:
+            ValueError: on a rank whose tensor does not have the size every rank expects of it (a mismatch would
+                otherwise hang or corrupt the transfer).
         """
+        if self.rank != 0 and tensor.numel() != numels[self.rank]:
+            raise ValueError(f"rank {self.rank} would send {tensor.numel()} values to rank 0, which expects "
+                             f"{numels[self.rank]}: the ranks disagree about the layers or rows.")
+        if dist.get_backend() == "nccl":
+            return self._gather_padded(tensor, numels)
         if self.rank != 0:
             if numels[self.rank]:
                 dist.send(tensor.to(self.device), dst=0)
@@ -95,6 +106,15 @@ class ProcessGroup:
         for work in works:
             work.wait()
         return [tensor] + [part.to(tensor.device) for part in parts]
+
+    def _gather_padded(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
+        """:meth:`send_to_zero` as one ``gather`` of the tensors padded to the largest of ``numels``."""
+        padded = torch.zeros(max(numels), dtype=tensor.dtype, device=self.device)
+        if self.rank != 0:
+            padded[: tensor.numel()] = tensor.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        return [tensor] + [part[:n].to(tensor.device) for part, n in zip(parts[1:], numels[1:])] if parts else []
 
     def _padded(self, tensor: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """Every rank's ``(rows, cols)`` and ``tensor`` zero-padded to the largest, on the group's device."""

@@ -23,14 +23,19 @@ _DTYPE_CODES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", 
                 torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
 _LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
     """Write a safetensors file: the JSON header, then every tensor's bytes straight from its memory.
 
-    Byte for byte what ``safetensors.torch.save_file`` writes (tensors ordered by dtype, then name; data 8-byte
-    aligned), with one ``writev`` instead of its per-tensor copies and checks, which cost more than the write
-    itself for the small per-step files. Other dtypes go through ``save_file``.
+    The layout ``safetensors.torch.save_file`` writes (tensors ordered by dtype, then name; data 8-byte aligned;
+    byte for byte the same file up to the order of the metadata keys, which ``save_file`` does not fix), with
+    one ``writev`` instead of its per-tensor copies and checks, which cost more than the write itself for the
+    small per-step files. Other dtypes go through ``save_file``.
+
+    Raises:
+        OSError: if the file cannot be written (disk full, permissions), or the system writes nothing.
     """
     if not all(t.dtype in _DTYPE_CODES for t in tensors.values()):
         save_file(tensors, filename, metadata=metadata)
@@ -47,10 +52,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     buffers.insert(0, memoryview(len(text).to_bytes(8, "little") + text))
+    _write_all(filename, buffers)
+
+
+def _write_all(filename: str, buffers: list[memoryview]) -> None:
+    """Write ``buffers`` to a new file, as many per ``writev`` as the system takes."""
     fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         while buffers:  # writev may write less than asked: drop what was written, write the rest
-            written = os.writev(fd, buffers[:1024])
+            written = os.writev(fd, buffers[:_IOV_MAX])
+            if written == 0:
+                raise OSError(errno.EIO, f"writev wrote nothing to {filename}")
             while buffers and written >= len(buffers[0]):
                 written -= len(buffers.pop(0))
             if buffers:
@@ -77,6 +89,9 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             f"could not write {path}: {reason}. Every step written before is kept in {path.parent.parent}; "
             "free space (or point save_dir elsewhere) and run again."
         ) from err
+    except BaseException:  # an interrupt or another error: no temporary file is left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:

@@ -239,10 +239,11 @@ class BackwardRecursion:
             if following is not None and bool((following != following[0]).any()):
                 return None
             terms = [_group_scalars(self.layer_order, record, group) for record in records]
-            if any(t is None for t in terms):
+            scalars = [t for t in terms if t is not None]
+            if len(scalars) < len(terms):
                 return None
-            out.append(terms)
-        return out  # type: ignore[return-value]
+            out.append(scalars)
+        return out
 
     def _block_momentum(
         self, records: list[StepRecord], scalars: list[list[StepScalars]], update: bool

@@ -92,41 +92,48 @@ class StepScalars:
 
 @dataclasses.dataclass
 class Affine:
-    """A ``[K, K]`` matrix ``i I + m M_0 + s S_0 + L R[:c]`` over a block: ``L [K, c]`` pairs with the first ``c``
-    curvature rows ``R`` of the block (the rows of the steps processed so far)."""
+    """A ``[K, K]`` matrix ``a I + b M_0 + c S_0 + L R[:n]`` over a block (:func:`block_momentum`).
 
-    i: float
-    m: float
-    s: float
-    low: torch.Tensor
+    Attributes:
+        identity: ``a``, the coefficient of the identity.
+        accumulator: ``b``, the coefficient of ``M_0``, the accumulator before the block.
+        velocity: ``c``, the coefficient of ``S_0``, the velocity map before the block.
+        factor: ``L [K, n]``, paired with the first ``n`` curvature rows ``R`` of the block (the rows of the
+            steps processed so far).
+    """
+
+    identity: float
+    accumulator: float
+    velocity: float
+    factor: torch.Tensor
 
     def combine(self, a: float, other: Affine, b: float, cols: int) -> Affine:
         """``a self + b other``, its low-rank factor over the first ``cols`` rows."""
-        low = torch.add(_prefix(self.low, cols) * a, _prefix(other.low, cols), alpha=b)
-        return Affine(a * self.i + b * other.i, a * self.m + b * other.m, a * self.s + b * other.s, low)
+        factor = torch.add(_prefix(self.factor, cols) * a, _prefix(other.factor, cols), alpha=b)
+        return Affine(a * self.identity + b * other.identity, a * self.accumulator + b * other.accumulator,
+                      a * self.velocity + b * other.velocity, factor)
 
     def shift(self, value: float) -> Affine:
         """``self + value I`` (in place)."""
-        self.i += value
+        self.identity += value
         return self
 
     def dense(self, start: torch.Tensor | None, velocity: torch.Tensor | None, right: torch.Tensor | None
               ) -> torch.Tensor:
-        """The matrix itself, ``[K, K]``."""
-        width = self.low.shape[1]
-        out = self.low @ right[:width] if right is not None and width else self.low.new_zeros(len(self.low),
-                                                                                                len(self.low))
+        """The matrix itself, ``[K, K]``, given ``M_0``, ``S_0`` (``None``: zero) and the curvature rows."""
+        size, width = len(self.factor), self.factor.shape[1]
+        out = self.factor @ right[:width] if right is not None and width else self.factor.new_zeros(size, size)
         if start is not None:
-            out.add_(start, alpha=self.m)
+            out.add_(start, alpha=self.accumulator)
         if velocity is not None:
-            out.add_(velocity, alpha=self.s)
-        out.diagonal().add_(self.i)
+            out.add_(velocity, alpha=self.velocity)
+        out.diagonal().add_(self.identity)
         return out
 
 
-def _prefix(low: torch.Tensor, cols: int) -> torch.Tensor:
-    """The first ``cols`` columns of ``low``, zero-padded if it has fewer."""
-    return low[:, :cols] if low.shape[1] >= cols else torch.nn.functional.pad(low, (0, cols - low.shape[1]))
+def _prefix(factor: torch.Tensor, cols: int) -> torch.Tensor:
+    """The first ``cols`` columns of ``factor``, zero-padded if it has fewer."""
+    return factor[:, :cols] if factor.shape[1] >= cols else torch.nn.functional.pad(factor, (0, cols - factor.shape[1]))
 
 
 def block_momentum(
@@ -143,7 +150,7 @@ def block_momentum(
     """The momentum form of ``BackwardRecursion`` (heavy ball, Nesterov, Adam/AdamW rows) over a block of steps.
 
     With scalar terms per step, every matrix of the recursion inside a block stays of the form
-    ``i I + m M_0 + s S_0 + L R`` (:class:`Affine`): ``M_0`` and ``S_0`` are the accumulator and velocity map before
+    ``a I + b M_0 + c S_0 + L R`` (:class:`Affine`): ``M_0`` and ``S_0`` are the accumulator and velocity map before
     the block and ``R`` the block's curvature rows. Each step then updates the three scalars and the ``[K, n]``
     factor ``L``; ``M_0`` and ``S_0`` are read once for the products ``X M_0^T``, ``X S_0^T`` of the block's rows,
     and ``M``, ``S`` are formed once at the end::
@@ -182,7 +189,7 @@ def block_momentum(
         out.append(_apply(direct, products, sources, lo, hi, "u"))
         mat = mat.combine(1.0 - step.shrink, direct, step.weight_decay, lo).shift(step.shrink)  # + lambda D + s A
         if right is not None:  # + D_t q h^T: the step's own columns of L
-            mat.low = torch.cat([mat.low, _apply(direct, products, left, lo, hi, "q").T], dim=1)
+            mat.factor = torch.cat([mat.factor, _apply(direct, products, left, lo, hi, "q").T], dim=1)
         mu_next, lo = step.momentum, hi
     if not update:
         return torch.cat(out), None, None
@@ -210,11 +217,11 @@ def _products(accumulator: torch.Tensor | None, velocity: torch.Tensor | None, s
 def _apply(matrix: Affine, products: dict[str, torch.Tensor], rows: torch.Tensor, lo: int, hi: int, key: str
            ) -> torch.Tensor:
     """``rows[lo:hi] matrix^T`` from the precomputed products (``key``: ``"u"`` sources, ``"q"`` left rows)."""
-    out = matrix.i * rows[lo:hi]
+    out = matrix.identity * rows[lo:hi]
     if f"{key}M" in products:
-        out = out + matrix.m * products[f"{key}M"][lo:hi]
+        out = out + matrix.accumulator * products[f"{key}M"][lo:hi]
     if f"{key}S" in products:
-        out = out + matrix.s * products[f"{key}S"][lo:hi]
+        out = out + matrix.velocity * products[f"{key}S"][lo:hi]
     if lo and f"{key}R" in products:
-        out = out + products[f"{key}R"][lo:hi, :lo] @ matrix.low.T
+        out = out + products[f"{key}R"][lo:hi, :lo] @ matrix.factor.T
     return out

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lightning_dve import DataValueEmbeddings
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError
-from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
+from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups, gather_embeddings
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
@@ -172,3 +172,32 @@ def test_layer_groups_are_balanced_by_recursion_cost() -> None:
     assert owned[1] == ["big"] and set(owned[0]) == {"mid", "small1", "small2"}
     equal = {f"l{i}": 8 for i in range(19)}
     assert [len(o) for o in assign_groups([[n] for n in equal], equal, 2)] == [9, 10]  # rank 0 also writes
+
+
+class MailboxRank:
+    """One rank of a simulated group: ``send_to_zero`` leaves the tensor in a shared mailbox, rank 0 collects."""
+
+    def __init__(self, rank: int, world_size: int, mailbox: dict[int, torch.Tensor]) -> None:
+        self.rank, self.world_size, self.mailbox = rank, world_size, mailbox
+
+    def send_to_zero(self, tensor: torch.Tensor, numels: list[int]) -> list[torch.Tensor]:
+        if self.rank:
+            assert tensor.numel() == numels[self.rank]
+            self.mailbox[self.rank] = tensor.clone()
+            return []
+        return [tensor] + [self.mailbox.get(r, tensor.new_zeros(0)) for r in range(1, self.world_size)]
+
+
+def test_embeddings_of_other_ranks_arrive_on_rank_zero_layer_by_layer() -> None:
+    """Three ranks, one owning no layer, two pieces of rows (steps): rank 0 gets every other rank's layers whole."""
+    owned, dims, sizes = [["a"], [], ["b", "c"]], {"a": 2, "b": 3, "c": 1}, [2, 3]
+    gen = torch.Generator().manual_seed(0)
+    pieces = {n: [torch.randn(rows, dims[n], generator=gen) for rows in sizes] for n in dims}
+    mailbox: dict[int, torch.Tensor] = {}
+    for rank in (2, 1):
+        mine = [{n: pieces[n][i] for n in owned[rank]} for i in range(len(sizes))]
+        assert gather_embeddings(MailboxRank(rank, 3, mailbox), owned, dims, mine, sum(sizes), torch.float64) == {}
+    merged = gather_embeddings(MailboxRank(0, 3, mailbox), owned, dims, [], sum(sizes), torch.float64)
+    assert set(merged) == {"b", "c"}
+    for name in merged:
+        torch.testing.assert_close(merged[name], torch.cat(pieces[name]).double(), rtol=0, atol=0)

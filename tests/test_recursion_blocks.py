@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
+from lightning_dve import recursion_blocks
 from lightning_dve.config import AccumulatorLayout, Curvature
 from lightning_dve.recursion import BackwardRecursion
 from lightning_dve.store import StepRecord
-from lightning_dve import recursion_blocks
 from tests.test_adam import exact_records as adam_exact_records
 from tests.test_adam import random_records as adam_records
 from tests.test_momentum import random_records as momentum_records
@@ -191,3 +191,61 @@ def test_float32_blocks_stay_within_round_off_of_float64():
     expected = torch.cat([exact.step(r)["a"] for r in records[::-1]])
     assert got.dtype == torch.float32
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def without_preconditioned_rows(records: list[StepRecord], first: int) -> list[StepRecord]:
+    """The first ``first`` steps without preconditioned rows, as projected Adam records its first step."""
+    return [dataclasses.replace(r, preconditioned={}, curvature_preconditioned={}) if i < first else r
+            for i, r in enumerate(records)]
+
+
+@pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN])
+def test_adam_blocks_mixing_steps_with_and_without_preconditioned_rows(curvature, momentum_calls):
+    records = without_preconditioned_rows(adam_records(seed=13, curvature=curvature), first=2)
+    run_both(records, AccumulatorLayout.PER_LAYER, [4, 2], curvature)
+    assert len(momentum_calls) == 4
+
+
+@pytest.mark.parametrize("curvature", [Curvature.GGN, Curvature.NONE])
+def test_momentum_blocks_with_separate_curvature_rows_or_none(curvature, momentum_calls):
+    records = with_curvature_rows(momentum_records(seed=14, nesterov=True), seed=14)
+    run_both(records, AccumulatorLayout.PER_LAYER, [2, 4], curvature)
+    assert len(momentum_calls) == 4
+
+
+def test_a_blocked_momentum_block_hands_its_state_to_the_step_by_step_form_and_back(momentum_calls):
+    """Full layout: terms equal across layers in some steps only. Latest steps uniform (blocked), then steps
+    with per-layer terms (step by step), then uniform again: refused, since the following momentum differs
+    between the layers of the group."""
+    mixed = momentum_records(seed=15)
+    records = uniform_terms(mixed[:2]) + mixed[2:4] + uniform_terms(mixed[4:])
+    run_both(records, AccumulatorLayout.FULL, [2, 2, 2])
+    assert len(momentum_calls) == 1
+
+
+def test_float32_momentum_blocks_stay_within_round_off_of_float64():
+    records = [dataclasses.replace(r, optim={**r.optim, "momentum": torch.full((1,), 0.9, dtype=torch.float64),
+                                             "gain": torch.ones(1, dtype=torch.float64),
+                                             "weight_decay": torch.full((1,), 0.01, dtype=torch.float64)},
+                                   lrs=r.lrs[:1])
+               for r in random_records(seed=16, batches=[16] * 32, layers={"a": 64})]
+    as32 = [dataclasses.replace(r, grads={n: g.float() for n, g in r.grads.items()}) for r in records]
+    got = torch.cat([e["a"] for e in BackwardRecursion(["a"], AccumulatorLayout.PER_LAYER).block(as32[::-1])])
+    exact = BackwardRecursion(["a"], AccumulatorLayout.PER_LAYER)
+    expected = torch.cat([exact.step(r)["a"] for r in records[::-1]])
+    assert got.dtype == torch.float32
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def sized(sizes: list[int]) -> list[StepRecord]:
+    return [StepRecord(t, torch.arange(n), torch.ones(n), torch.ones(1), {}) for t, n in enumerate(sizes)]
+
+
+def test_a_trajectory_with_fewer_rows_than_half_of_m_is_one_block():
+    from lightning_dve.sync import _blocks
+
+    assert [len(b) for b in _blocks(iter(sized([100] * 5)), rows=256, whole=500)] == [5]
+    long = sized([100] * 6)  # 600 rows > 500: the usual blocks of >= 256 rows, unchanged
+    assert [len(b) for b in _blocks(iter(long), rows=256, whole=500)] == [3, 3]
+    assert [len(b) for b in _blocks(iter(long), rows=256)] == [3, 3]
+    assert list(_blocks(iter([]), whole=500)) == []

@@ -1,0 +1,114 @@
+"""``files.py``: the safetensors writer against ``safetensors`` itself, short writes, many buffers, failures."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lightning_dve.files
+from lightning_dve import StoreError
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype the writer handles itself, equal element sizes of two dtypes, empty, 0-dim and strided tensors."""
+    gen = torch.Generator().manual_seed(0)
+    return {"b": torch.randn(3, 4, generator=gen), "a": torch.randn(2, dtype=torch.float64, generator=gen),
+            "ids": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "h": torch.randn(2, 2).half(),
+            "bf": torch.randn(3, generator=gen).bfloat16(), "i16": torch.arange(2, dtype=torch.int16),
+            "i8": torch.arange(2, dtype=torch.int8), "u8": torch.arange(2, dtype=torch.uint8),
+            "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+            "strided": torch.randn(4, 3, generator=gen).T}
+
+
+def header_and_data(path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def test_writer_bytes_equal_safetensors_save_file(tmp_path):
+    """One metadata key: the same bytes as ``save_file``. Several: ``save_file`` orders the metadata keys at
+    random (a hash map), so the parsed headers and the data section are compared."""
+    tensors = mixed_tensors()
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(contiguous, tmp_path / "reference", metadata={"step": "3"})
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours"), {"step": "3"})
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "reference").read_bytes()
+    metadata = {"step": "3", "epoch": "1", "settings_hash": "abc"}
+    save_file(contiguous, tmp_path / "reference3", metadata=metadata)
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours3"), metadata)
+    assert header_and_data(tmp_path / "ours3") == header_and_data(tmp_path / "reference3")
+    back = load_file(tmp_path / "ours3")
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(str(tmp_path / "ours3"), framework="pt") as handle:
+        assert handle.metadata() == metadata
+
+
+def test_writer_takes_more_tensors_than_one_writev_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(lightning_dve.files, "_IOV_MAX", 16)
+    tensors = {f"t{i:04d}": torch.full((i % 3 + 1,), float(i)) for i in range(100)}
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "f"), {})
+    back = load_file(tmp_path / "f")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_writer_refuses_a_writev_that_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: 0)
+    with pytest.raises(StoreError, match="writev wrote nothing"):
+        lightning_dve.files.write_atomic(tmp_path / "f.safetensors", {"x": torch.ones(3)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(fd, buffers):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "writev", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lightning_dve.files.write_atomic(tmp_path / "f.safetensors", {"x": torch.ones(3)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_falls_back_to_save_file_for_other_dtypes(tmp_path):
+    tensors = {"c": torch.randn(2, dtype=torch.complex64), "x": torch.ones(2)}
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "f"), {"k": "v"})
+    back = load_file(tmp_path / "f")
+    assert torch.equal(back["c"], tensors["c"]) and torch.equal(back["x"], tensors["x"])
+
+
+def test_writer_finishes_short_writes(tmp_path, monkeypatch):
+    """``writev`` may write fewer bytes than asked (signals, pipes, some file systems): the rest is written."""
+    real = os.writev
+
+    def at_most_seven_bytes(fd, buffers):
+        first = bytes(buffers[0])[:7]
+        return real(fd, [first])
+
+    monkeypatch.setattr(os, "writev", at_most_seven_bytes)
+    tensors = mixed_tensors()
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "f"), {})
+    back = load_file(tmp_path / "f")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_writer_disk_full_raises_a_store_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real = os.writev
+    calls = []
+
+    def full_after_the_header(fd, buffers):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers[:1])
+
+    monkeypatch.setattr(os, "writev", full_after_the_header)
+    with pytest.raises(StoreError, match=r"could not write .*f\.safetensors: the disk is full"):
+        lightning_dve.files.write_atomic(tmp_path / "f.safetensors", {"x": torch.ones(1000)}, {})
+    assert list(tmp_path.iterdir()) == []
