@@ -10,7 +10,6 @@ global step. Each rank keeps only the layer groups it owns, so the recursion is 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,6 @@ from .store import StepRecord, TrajectoryStore
 
 
 BLOCK_ROWS = 256  # occurrences per recursion block (one product by M, one gather to rank 0 per block)
-WHOLE_BLOCK = 0.5  # a segment with at most this many times the widest group's K occurrences is one block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,14 +255,12 @@ def embed_trajectory(
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
-    whole = int(WHOLE_BLOCK * max(sum(dims[n] for n in group) for group in layer_groups(store.layer_names, layout)))
-
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank], curvature)
         first = store.steps[bounds[segment][0]]
         with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block
             written: list[Future[None]] = []
-            for block in _blocks(store.iter_backward(*bounds[segment]), whole=whole):
+            for block in _blocks(store.iter_backward(*bounds[segment])):
                 # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                 embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
                 written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
@@ -292,29 +288,11 @@ def embed_trajectory(
         store.write_manifest()
 
 
-def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS, whole: int = 0) -> Iterator[list[StepRecord]]:
-    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller).
-
-    Records that hold at most ``whole`` occurrences in all form a single block: for a trajectory with fewer rows
-    ``n`` than ``M`` has columns ``K``, the block's Gram-matrix form (``~2 n^2 K``) costs less than passes over
-    ``M`` (``~3 n K^2``), and no ``M`` is formed at all when no earlier step follows. At most ``whole`` records'
-    rows are held before the choice is made.
-    """
-    records = iter(records)
-    head: list[StepRecord] = []
-    total = 0
-    for record in records:
-        head.append(record)
-        total += record.sample_ids.numel()
-        if total > whole:
-            break
-    else:
-        if head:
-            yield head
-        return
+def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS) -> Iterator[list[StepRecord]]:
+    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller)."""
     block: list[StepRecord] = []
     count = 0
-    for record in itertools.chain(head, records):
+    for record in records:
         block.append(record)
         count += record.sample_ids.numel()
         if count >= rows:

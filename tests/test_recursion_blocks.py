@@ -226,17 +226,3 @@ def test_float32_momentum_blocks_stay_within_round_off_of_float64():
     expected = torch.cat([exact.step(r)["a"] for r in records[::-1]])
     assert got.dtype == torch.float32
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
-
-
-def sized(sizes: list[int]) -> list[StepRecord]:
-    return [StepRecord(t, torch.arange(n), torch.ones(n), torch.ones(1), {}) for t, n in enumerate(sizes)]
-
-
-def test_a_trajectory_with_fewer_rows_than_half_of_m_is_one_block():
-    from lightning_dve.sync import _blocks
-
-    assert [len(b) for b in _blocks(iter(sized([100] * 5)), rows=256, whole=500)] == [5]
-    long = sized([100] * 6)  # 600 rows > 500: the usual blocks of >= 256 rows, unchanged
-    assert [len(b) for b in _blocks(iter(long), rows=256, whole=500)] == [3, 3]
-    assert [len(b) for b in _blocks(iter(long), rows=256)] == [3, 3]
-    assert list(_blocks(iter([]), whole=500)) == []
