@@ -91,14 +91,6 @@ class BackwardRecursion:
         of = dict(zip(self.layer_order, values.tolist()))
         return torch.cat([torch.full((record.grads[n].shape[1],), of[n], dtype=dtype) for n in group])
 
-    def _rates(self, record: StepRecord, group: list[str], dtype: torch.dtype) -> torch.Tensor:
-        """The group's learning rates per column ``[K]``, or ``[1]`` when the group's layers share one rate."""
-        of = dict(zip(self.layer_order, record.lrs.tolist()))
-        rates = {of[name] for name in group}
-        if len(rates) == 1:
-            return torch.tensor([rates.pop()], dtype=dtype)
-        return self._columns(record, group, record.lrs, dtype)
-
     def step(self, record: StepRecord) -> dict[str, torch.Tensor]:
         """Embed one step's occurrences and fold the step into the state (the loops above).
 
@@ -223,8 +215,8 @@ class BackwardRecursion:
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(records[0].grads[group[0]].dtype, torch.float32)
             grads = torch.cat([_cat(r.grads, group, dtype) for r in records])
-            scale = torch.cat([self._rates(r, group, dtype) * r.weights.to(dtype).unsqueeze(1)
-                               for r in records])  # lr w per row and column: [n, K], or [n, 1] for one rate
+            scale = torch.cat([self._columns(r, group, r.lrs, dtype) * r.weights.to(dtype).unsqueeze(1)
+                               for r in records])  # lr w per row and column: [n, K]
             rows = None
             if self.curvature is Curvature.GGN:
                 rows = torch.cat([_cat(r.curvature, group, dtype) for r in records])

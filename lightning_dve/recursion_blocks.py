@@ -36,7 +36,7 @@ def block_sgd(
     Args:
         accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
         grads: ``g [n, K]``, the steps' rows stacked from the latest step.
-        scale: ``lr w`` per row and column, ``[n, K]`` (or ``[n, 1]`` when the columns share one rate).
+        scale: ``lr w`` per row and column, ``[n, K]``.
         rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
         sizes: rows of each step, ``B_j``.
         update: fold the block into ``accumulator``.
@@ -131,6 +131,35 @@ class Affine:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """A block's rows ``X [n, K]`` and their products with ``M_0``, ``S_0`` and the curvature rows ``R``, each
+    formed once per block (``None`` where that matrix is zero or absent)."""
+
+    rows: torch.Tensor
+    by_start: torch.Tensor | None
+    by_velocity: torch.Tensor | None
+    by_curvature: torch.Tensor | None
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, start: torch.Tensor | None, velocity: torch.Tensor | None,
+           right: torch.Tensor | None) -> _Rows:
+        """``X`` with ``X M_0^T [n, K]``, ``X S_0^T [n, K]`` and ``X R^T [n, n]``."""
+        return cls(rows, None if start is None else rows @ start.T, None if velocity is None else rows @ velocity.T,
+                   None if right is None else rows @ right.T)
+
+    def times(self, matrix: Affine, lo: int, hi: int) -> torch.Tensor:
+        """``X[lo:hi] matrix^T``, where ``matrix``'s factor covers the first ``lo`` rows."""
+        out = matrix.identity * self.rows[lo:hi]
+        if self.by_start is not None:
+            out = out + matrix.accumulator * self.by_start[lo:hi]
+        if self.by_velocity is not None:
+            out = out + matrix.velocity * self.by_velocity[lo:hi]
+        if lo and self.by_curvature is not None:
+            out = out + self.by_curvature[lo:hi, :lo] @ matrix.factor.T
+        return out
+
+
 def _prefix(factor: torch.Tensor, cols: int) -> torch.Tensor:
     """The first ``cols`` columns of ``factor``, zero-padded if it has fewer."""
     return factor[:, :cols] if factor.shape[1] >= cols else torch.nn.functional.pad(factor, (0, cols - factor.shape[1]))
@@ -177,7 +206,8 @@ def block_momentum(
         ``(E [n, K], M, S)``: the embeddings, then ``M`` and the velocity map after the block's earliest step.
     """
     empty = sources.new_zeros(sources.shape[1], 0)
-    products = _products(accumulator, velocity, sources, left, right)
+    u = _Rows.of(sources, accumulator, velocity, right)
+    q = u if left is sources else None if left is None else _Rows.of(left, accumulator, velocity, right)
     mat = Affine(0.0, 1.0, 0.0, empty)  # M_t
     vel = Affine(0.0, 0.0, 1.0 if velocity is not None else 0.0, empty)  # S_{t+1}
     mu_next, lo, out = (next_momentum if velocity is not None else 0.0), 0, []
@@ -186,42 +216,11 @@ def block_momentum(
         rate, nesterov = step.lr * step.lead, step.lr * step.direct  # with A_t = I - M_t:
         vel = mat.combine(-rate, vel, mu_next, lo).shift(rate)  # S_t = rate A_t + mu S_{t+1}
         direct = vel.combine(step.gain, mat, -nesterov, lo).shift(nesterov)  # D_t = c S_t + lr d A_t
-        out.append(_apply(direct, products, sources, lo, hi, "u"))
+        out.append(u.times(direct, lo, hi))
         mat = mat.combine(1.0 - step.shrink, direct, step.weight_decay, lo).shift(step.shrink)  # + lambda D + s A
-        if right is not None:  # + D_t q h^T: the step's own columns of L
-            mat.factor = torch.cat([mat.factor, _apply(direct, products, left, lo, hi, "q").T], dim=1)
+        if q is not None:  # + D_t q h^T: the step's own columns of L
+            mat.factor = torch.cat([mat.factor, q.times(direct, lo, hi).T], dim=1)
         mu_next, lo = step.momentum, hi
     if not update:
         return torch.cat(out), None, None
     return torch.cat(out), mat.dense(accumulator, velocity, right), vel.dense(accumulator, velocity, right)
-
-
-def _products(accumulator: torch.Tensor | None, velocity: torch.Tensor | None, sources: torch.Tensor,
-              left: torch.Tensor | None, right: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The block's rows against ``M_0``, ``S_0`` and the curvature rows: one pass over each big matrix."""
-    products: dict[str, torch.Tensor] = {}
-    for key, rows in (("u", sources), ("q", left)):
-        if rows is None or (key == "q" and rows is sources):
-            continue
-        if accumulator is not None:
-            products[f"{key}M"] = rows @ accumulator.T
-        if velocity is not None:
-            products[f"{key}S"] = rows @ velocity.T
-        if right is not None:
-            products[f"{key}R"] = rows @ right.T  # [n, n]
-    if left is sources:
-        products.update({f"q{k[1:]}": v for k, v in list(products.items()) if k.startswith("u")})
-    return products
-
-
-def _apply(matrix: Affine, products: dict[str, torch.Tensor], rows: torch.Tensor, lo: int, hi: int, key: str
-           ) -> torch.Tensor:
-    """``rows[lo:hi] matrix^T`` from the precomputed products (``key``: ``"u"`` sources, ``"q"`` left rows)."""
-    out = matrix.identity * rows[lo:hi]
-    if f"{key}M" in products:
-        out = out + matrix.accumulator * products[f"{key}M"][lo:hi]
-    if f"{key}S" in products:
-        out = out + matrix.velocity * products[f"{key}S"][lo:hi]
-    if lo and f"{key}R" in products:
-        out = out + products[f"{key}R"][lo:hi, :lo] @ matrix.factor.T
-    return out

@@ -468,24 +468,6 @@ def spread_occurrences(batch_sizes: Sequence[int], count: int, seed: int = 0) ->
     return sorted(chosen)
 
 
-def optimizer_tsloo(
-    net: nn.Module,
-    batches: Sequence[Batch],
-    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-    occurrences: Sequence[Occurrence],
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-) -> torch.Tensor:
-    """Exact TSLOO ``[n_test, m]`` for any ``torch.optim`` optimizer, by replaying it in float64.
-
-    Each run starts from a deep copy of ``net`` (and a fresh optimizer, so no state is shared between runs),
-    uses the identical batches, and drops occurrence ``(t, i)``'s term from step ``t``'s mean loss only (the
-    others keep their ``1/B`` weights): :func:`trainer_tsloo` with the optimizer's own learning rates, no
-    clipping.
-    """
-    return trainer_tsloo(net, batches, make_optimizer, occurrences, x_test, y_test)[0]
-
-
 def trainer_tsloo(
     net: nn.Module,
     batches: Sequence[Batch],
@@ -500,9 +482,11 @@ def trainer_tsloo(
 ) -> tuple[torch.Tensor, Params]:
     """Exact TSLOO ``[n_test, m]`` of a run with a per-step learning rate and norm clipping, and ``theta_T``.
 
-    As :func:`optimizer_tsloo` (a deep copy of ``net`` and a fresh optimizer per run, identical batches, the
-    occurrence's term dropped from its step's mean loss only), and applying exactly what a Lightning Trainer
-    applies at each step ``t``: every param group's learning rate set to ``lrs[t]`` (the rate the Trainer's
+    Works for any ``torch.optim`` optimizer, replayed in float64: each run starts from a deep copy of ``net`` and a
+    fresh optimizer (no state is shared between runs), uses the identical batches, and drops occurrence
+    ``(t, i)``'s term from step ``t``'s mean loss only (the others keep their ``1/B`` weights). With ``lrs`` and
+    ``clip`` it applies exactly what a Lightning Trainer applies at each step ``t`` (without them, the
+    optimizer's own rates and no clipping): every param group's learning rate set to ``lrs[t]`` (the rate the Trainer's
     optimizer used at that step, after its scheduler), the gradients of all the optimizer's parameters clipped
     to total 2-norm ``clip`` (``torch.nn.utils.clip_grad_norm_``, Lightning's ``gradient_clip_val`` with the norm
     algorithm; the removal changes the norm, and the replay keeps that), then ``optimizer.step()``.

@@ -299,7 +299,7 @@ def test_adamw_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) -> 
     batches = epoch_batches(make_loader(DigitsDataset(train_ids), 32, seed=1), 3)
     test = DigitsDataset(test_ids).batch()
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], 40, 0)
-    truth = oracles.optimizer_tsloo(AdamW(hidden=32, seed=0).net, batches, make, occurrences, test["x"], test["y"])
+    truth = oracles.trainer_tsloo(AdamW(hidden=32, seed=0).net, batches, make, occurrences, test["x"], test["y"])[0]
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     cols = [int(offsets[t]) + i for t, i in occurrences]
     rho = {}

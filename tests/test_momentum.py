@@ -180,9 +180,9 @@ def test_momentum_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) 
     make_trainer(3, callbacks=[dve]).fit(model, loader)
     test = DigitsDataset(test_ids).batch()
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], 40, 0)
-    truth = oracles.optimizer_tsloo(
+    truth = oracles.trainer_tsloo(
         initial, batches, lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, weight_decay=1e-3), occurrences,
-        test["x"], test["y"])
+        test["x"], test["y"])[0]
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     cols = [int(offsets[t]) + i for t, i in occurrences]
     emb = dve.embeddings
