@@ -364,11 +364,14 @@ def test_resume_drops_later_checkpoints(tmp_path: Path) -> None:
     store = CheckpointStore.create(root, {"settings_hash": "h", "interval": 2, "final_step": 9})
     for step in (0, 2, 4):
         store.write_snapshot(step, {"w": torch.ones(2)}, {})
-        store.write_hyper(step, {"groups": []})
+        store.write_hyper(step, {"groups": [{"lr": step}]})
+    store.close()
     reopened = CheckpointStore.reopen(root, last_step=2)
     assert reopened.snapshot_steps == [0, 2] and reopened.manifest["final_step"] is None
+    assert [reopened.read_hyper(step)["groups"] for step in (0, 2)] == [[{"lr": 0}], [{"lr": 2}]]
     with pytest.raises(StoreError, match="hyperparameters of step 4 were not recorded"):
         reopened.read_hyper(4)
+    assert [json.loads(line)["step"] for line in (root / "hyper.jsonl").read_text().splitlines()] == [0, 2]
 
 
 # --- refusals -------------------------------------------------------------------------------------------
@@ -470,7 +473,10 @@ def test_refuses_missing_or_unfinished_checkpoints(recorded, small_data, tmp_pat
     with pytest.raises(StoreError, match="checkpoint files are missing"):
         emb.exact_influence(module, test, dataset=dataset)
     root, emb = _damaged(recorded, tmp_path / "d")
-    (root / "checkpoints" / "steps" / "step_00000002.json").unlink()
+    hyper = root / "checkpoints" / "hyper.jsonl"
+    lines = hyper.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["step"] for line in lines] == list(range(len(lines)))  # one line per step, in order
+    hyper.write_text("".join(line for line in lines if json.loads(line)["step"] != 2))
     with pytest.raises(StoreError, match="hyperparameters of step 2 were not recorded"):
         emb.exact_influence(module, test, dataset=dataset)
 
