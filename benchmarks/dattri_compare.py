@@ -287,10 +287,10 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
 
     if name == "small":
         methods = {
-            "lightning_dve exact per_layer": lambda: run_ours(p, projection_dim=None),
+            "lightning_dve exact per_layer": lambda: run_ours(p, projection_dim=None, layout="per_layer"),
             "lightning_dve exact full": lambda: run_ours(p, projection_dim=None, layout="full"),
             "dattri exact (none)": lambda: run_dattri(p, "none", None),
-            "lightning_dve projected 1024/layer": lambda: run_ours(p),
+            "lightning_dve projected 1024/layer": lambda: run_ours(p, layout="per_layer"),
             "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
             "dattri kronecker 2048": lambda: run_dattri(p, "kronecker", 2048),
         }
@@ -300,17 +300,17 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
                  ("lightning_dve projected 1024/layer full", "dattri kronecker 2048")]
     elif name == "large":
         methods = {
-            "lightning_dve projected 1024/layer": lambda: run_ours(p),
+            "lightning_dve projected 1024/layer": lambda: run_ours(p, layout="per_layer"),
             "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
             "dattri kronecker 3072": lambda: run_dattri(p, "kronecker", 3072),
         }
         pairs = [("lightning_dve projected 1024/layer", "dattri kronecker 3072"),
                  ("lightning_dve projected 1024/layer full", "dattri kronecker 3072")]
     else:  # cnn: dattri's "kronecker" has no conv layers; "none" + its projector at our total dimension
-        dim = run_ours(p)["embedding_dim"]  # also the warm-up of our code path
+        dim = run_ours(p, layout="per_layer")["embedding_dim"]  # also the warm-up of our code path
         theirs = f"dattri none proj {dim}"
         methods = {
-            "lightning_dve projected 1024/layer": lambda: run_ours(p),
+            "lightning_dve projected 1024/layer": lambda: run_ours(p, layout="per_layer"),
             "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
             "lightning_dve projected 4096/layer full": lambda: run_ours(p, projection_dim=4096, layout="full"),
             theirs: lambda: run_dattri(p, "none", dim),

@@ -2,7 +2,7 @@
 
 **Problem.** 384 sklearn digits (train) and 16 held-out test points, batch 32, 3 epochs (36 optimizer steps),
 the same fixed batch order for every run, trained by the real Lightning Trainer (float64, except the bf16
-setting). Three models, small enough that exact (unprojected) per-layer curvature fits in memory: a tanh MLP
+setting). Three models, small enough that exact (unprojected) curvature over all layers fits in memory: a tanh MLP
 64-32-10 (``mlp``); a small tanh CNN, conv 1->4, conv 4->8, 2x2 max-pool, linear 128->10 (``cnn``); the same CNN
 with a stride-2 second convolution instead of the max-pool (``cnn_strided``), because the max-pool's switching
 makes the response to one removal non-linear (see the ``linearity`` lines).
@@ -29,7 +29,9 @@ bf16 autocast in float32 to show the batches and rates are the Trainer's.
 
 - ``exact_replay``: ``DataValueEmbeddings.exact_influence`` (first-order derivative through the real optimizer).
 - ``ef``, ``ggn``, ``none``: the callback with ``curvature=`` each option, exact per-sample gradients
-  (``projection_dim=None``), per-layer ``M``, with whatever optimizer model the callback records
+  (``projection_dim=None``), the default ``layout="auto"`` (one full ``M`` over all layers for these models;
+  ``ef_per_layer`` and ``ggn_per_layer`` repeat the first two with one ``M`` per layer, the default before
+  ``"auto"``), with whatever optimizer model the callback records
   (``optimizer_model``: ``"sgd"`` for plain SGD, ``"modelled"`` when the records carry optimizer terms, with the
   term names in ``optim_terms``, ``"sgd_proxy_fallback"`` when the callback warned that it treats the optimizer as
   plain SGD).
@@ -39,8 +41,8 @@ bf16 autocast in float32 to show the batches and rates are the Trainer's.
   Where the records carry no terms (plain SGD, or the fallback) the paper's estimator is the ``ef`` line.
 - ``ef_v_pass``, ``ggn_v_pass`` (AdamW only, when the callback has ``adam_second_moment``): the Adam model with
   the removed sample's effect on the second moment (the "v pass"; exact per-sample gradients only).
-- ``default``: ``DataValueEmbedding()`` with every default (projection 1024 per layer, default curvature, storage):
-  the test-agnostic default. ``projected_<curvature>``: projection 1024 with the other curvature options. Each
+- ``default``: ``DataValueEmbedding()`` with every default (projection 1024 per layer, default curvature, storage,
+  ``layout="auto"``): the test-agnostic default; ``default_per_layer`` the same with ``layout="per_layer"``. ``projected_<curvature>``: projection 1024 with the other curvature options. Each
   projected line carries ``ratio_to_unprojected`` (projected Spearman / the same curvature unprojected).
 
 Each value is the Spearman correlation between the estimator's scores and the truth over the 40 occurrences,
@@ -251,6 +253,11 @@ def proxy_scores(dve: DataValueEmbedding, module: nn.Module, test: dict) -> tupl
             torch.cat([blocks[s][1] for s in steps], dim=1))
 
 
+def layout_of(dve: DataValueEmbedding) -> str:
+    """The accumulation-matrix layout a run used (``layout="auto"`` resolved at its fit)."""
+    return dve.embeddings.store.manifest["settings"]["layout"]
+
+
 def optimizer_model(dve: DataValueEmbedding, messages: list[str]) -> tuple[str, list[str]]:
     store = dve.embeddings.store
     terms = sorted(store.read_step(store.steps[0]).optim)
@@ -337,7 +344,8 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
         value = rho(result.scores, result.steps, result.sample_ids)
         unprojected[curvature] = value
         line = {"estimator": SHORT[curvature], "curvature": curvature, "projection_dim": None,
-                "optimizer_model": model_kind, "optim_terms": terms, "spearman_vs_tsloo": value}
+                "layout": layout_of(dve), "optimizer_model": model_kind, "optim_terms": terms,
+                "spearman_vs_tsloo": value}
         if curvature == "empirical_fisher" and not terms:
             line["paper_estimator"] = True
         if messages:
@@ -350,6 +358,14 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
             if curvature == "empirical_fisher":
                 line["paper_estimator"] = True
             out(line)
+
+    # the previous default layout, one M per layer, for comparison (no curvature has no M)
+    for curvature in CURVATURES[:2]:
+        module, dve, _, _ = problem.fit(projection_dim=None, curvature=curvature, checkpoint_interval=None,
+                                        layout="per_layer")
+        result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
+        out({"estimator": f"{SHORT[curvature]}_per_layer", "curvature": curvature, "projection_dim": None,
+             "layout": "per_layer", "spearman_vs_tsloo": rho(result.scores, result.steps, result.sample_ids)})
 
     # AdamW: the "v pass" (adam_second_moment=True, exact per-sample gradients only), if this version has it
     if setting["optimizer"] == "adamw" and "adam_second_moment" in inspect.signature(DataValueEmbedding).parameters:
@@ -370,16 +386,21 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
     result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
     value = rho(result.scores, result.steps, result.sample_ids)
     out({"estimator": "default", "curvature": default_curvature, "projection_dim": settings["projection_dim"],
-         "storage_dtype": dve.embeddings.store.manifest.get("storage_dtype"), "optimizer_model": model_kind,
-         "optim_terms": terms, "spearman_vs_tsloo": value,
+         "layout": settings["layout"], "storage_dtype": dve.embeddings.store.manifest.get("storage_dtype"),
+         "optimizer_model": model_kind, "optim_terms": terms, "spearman_vs_tsloo": value,
          "ratio_to_unprojected": round(value / unprojected[default_curvature], 4)})
+    module, dve, _, _ = problem.fit(checkpoint_interval=None, layout="per_layer")
+    result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
+    out({"estimator": "default_per_layer", "curvature": default_curvature, "layout": "per_layer",
+         "projection_dim": settings["projection_dim"], "note": "the default before layout='auto'",
+         "spearman_vs_tsloo": rho(result.scores, result.steps, result.sample_ids)})
     for curvature in CURVATURES:
         if curvature in (default_curvature, "none"):
             continue
         module, dve, _, messages = problem.fit(curvature=curvature, checkpoint_interval=None)
         result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
         value = rho(result.scores, result.steps, result.sample_ids)
-        out({"estimator": f"projected_{SHORT[curvature]}", "curvature": curvature,
+        out({"estimator": f"projected_{SHORT[curvature]}", "curvature": curvature, "layout": layout_of(dve),
              "projection_dim": dve.embeddings.store.manifest["settings"]["projection_dim"],
              "optimizer_model": optimizer_model(dve, messages)[0], "spearman_vs_tsloo": value,
              "ratio_to_unprojected": round(value / unprojected[curvature], 4)})
@@ -430,15 +451,16 @@ def targets(lines: list[dict]) -> None:
 # --- the earlier benchmark: exact / projected / storage dtype on the core problem ---------------------------
 
 
-CORE_VARIANTS = {
-    "exact per_layer": dict(projection_dim=None),
+CORE_VARIANTS = {  # one M per layer except where named: the earlier benchmark's variants, then the default
+    "exact per_layer": dict(projection_dim=None, layout="per_layer"),
     "exact full": dict(projection_dim=None, layout="full"),
-    "projected 64": dict(projection_dim=64),
-    "projected 256": dict(projection_dim=256),
-    "projected 1024 (default, float16 storage)": dict(),
-    "projected 1024, float32 storage": dict(storage_dtype="float32"),
-    "projected 1024, bfloat16 storage": dict(storage_dtype="bfloat16"),
-    "projected 4096": dict(projection_dim=4096),
+    "projected 64": dict(projection_dim=64, layout="per_layer"),
+    "projected 256": dict(projection_dim=256, layout="per_layer"),
+    "projected 1024, float16 storage": dict(layout="per_layer"),
+    "projected 1024, float32 storage": dict(storage_dtype="float32", layout="per_layer"),
+    "projected 1024, bfloat16 storage": dict(storage_dtype="bfloat16", layout="per_layer"),
+    "projected 4096": dict(projection_dim=4096, layout="per_layer"),
+    "default (projected 1024, float16 storage, layout auto = full here)": dict(),
 }
 
 
@@ -467,7 +489,7 @@ def core_section() -> None:
               "spearman_vs_exact_mode_all_occurrences": round(oracles.mean_spearman(scores, exact_scores)[0], 3),
               "bytes_per_step": manifest.get("bytes_per_step")})
     reference = all_scores["projected 1024, float32 storage"]
-    for name in ("projected 1024 (default, float16 storage)", "projected 1024, bfloat16 storage"):
+    for name in ("projected 1024, float16 storage", "projected 1024, bfloat16 storage"):
         emit({"benchmark": "storage_dtype", "estimator": name,
               "spearman_vs_float32_storage": round(oracles.mean_spearman(all_scores[name], reference)[0], 5),
               "max_relative_score_error": float((all_scores[name] - reference).abs().max() / reference.abs().max())})
@@ -485,6 +507,7 @@ def main() -> None:
     parser.add_argument("--occurrences", type=int, default=N_OCCURRENCES)
     parser.add_argument("--test-points", type=int, default=N_TEST)
     parser.add_argument("--no-core", action="store_true", help="skip the core section")
+    parser.add_argument("--core-only", action="store_true", help="only the core section")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     setup(args.threads)
@@ -496,11 +519,12 @@ def main() -> None:
     emit({"benchmark": "fidelity", "machine": machine(), "quick": args.quick, "train": N_TRAIN, "batch": BATCH,
           "epochs": EPOCHS, "occurrences": args.occurrences, "test_points": args.test_points})
     lines: list[dict] = []
-    for model in args.models.split(","):
+    for model in [] if args.core_only else args.models.split(","):
         for name in args.settings.split(","):
             with tempfile.TemporaryDirectory(prefix="dve_fidelity_") as workdir:
                 run_problem(Problem(model, name, SETTINGS[name], args.occurrences, args.test_points, workdir), lines)
-    targets(lines)
+    if lines:
+        targets(lines)
     if not args.no_core:
         core_section()
     emit({"benchmark": "fidelity", "done": True, "seconds": round(time.perf_counter() - started, 1)})

@@ -282,10 +282,15 @@ def embed_trajectory(
             if comm.world_size > 1:
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
+    error = None
     if comm.rank == 0:
-        store.write_segments(bounds, factors)
-        store.manifest["embeddings"] = "complete"
-        store.write_manifest()
+        try:
+            store.write_segments(bounds, factors)
+            store.manifest["embeddings"] = "complete"
+            store.write_manifest()
+        except DVEError as err:
+            error = err
+    agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store
 
 
 def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS) -> Iterator[list[StepRecord]]:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lightning_dve.config import DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
+from lightning_dve.config import AUTO_FULL_MAX_DIM, DEFAULT_PROJECTION_DIM, AccumulatorLayout, DVEConfig, LossReduction
 from lightning_dve.errors import ConfigError
 
 # --- projection_dim ------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_unknown_keys_are_rejected():
 def test_from_dict_validates_values():
     data = DVEConfig().to_dict()
     data["layout"] = "blockwise"
-    with pytest.raises(ConfigError, match=r"AccumulatorLayout got 'blockwise'; allowed values are 'per_layer', 'full'"):
+    with pytest.raises(ConfigError, match=r"AccumulatorLayout got 'blockwise'; allowed values are 'auto', 'per_layer', 'full'"):
         DVEConfig.from_dict(data)
 
 
@@ -148,11 +148,12 @@ NEEDS = {"adam_second_moment": {"projection_dim": None}}
 
 def test_settings_hash_is_pinned_and_stable():
     """Manifests written by an earlier version must keep matching: the default hash is pinned."""
-    assert DVEConfig().settings_hash() == "71e764a3caf5f8b9"
+    per_layer = DVEConfig().resolved(AUTO_FULL_MAX_DIM + 1)  # stores hold the resolved layout
+    assert per_layer.settings_hash() == "71e764a3caf5f8b9"
     assert DVEConfig().settings_hash() == DVEConfig().settings_hash()
     same = DVEConfig(projection_dim=DEFAULT_PROJECTION_DIM, loss_reduction=LossReduction.MEAN, layers=None,
                      exclude=[], layout=AccumulatorLayout.PER_LAYER, allow_duplicate_ids=False, seed=0)
-    assert same.settings_hash() == DVEConfig().settings_hash()
+    assert same.settings_hash() == per_layer.settings_hash()
     assert re.fullmatch(r"[0-9a-f]{16}", DVEConfig().settings_hash())
 
 
@@ -197,3 +198,12 @@ def test_checkpoint_interval_at_default_keeps_old_hashes():
     old = DVEConfig().to_dict()
     del old["checkpoint_interval"]
     assert DVEConfig.from_dict(old).settings_hash() == DVEConfig().settings_hash()
+
+
+def test_auto_layout_is_full_up_to_the_limit_and_per_layer_above():
+    assert DVEConfig().layout is AccumulatorLayout.AUTO
+    assert DVEConfig().resolved(AUTO_FULL_MAX_DIM).layout is AccumulatorLayout.FULL
+    assert DVEConfig().resolved(AUTO_FULL_MAX_DIM + 1).layout is AccumulatorLayout.PER_LAYER
+    for explicit in (AccumulatorLayout.FULL, AccumulatorLayout.PER_LAYER):  # a user's choice is kept at any size
+        assert DVEConfig(layout=explicit).resolved(1).layout is explicit
+        assert DVEConfig(layout=explicit).resolved(10**6).layout is explicit

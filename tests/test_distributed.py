@@ -91,6 +91,19 @@ def test_two_ranks_with_segments_equal_single_process(
 
 
 @pytest.mark.slow
+def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_path: Path) -> None:
+    """``layout="full"`` is one group, so rank 1 owns no layer: it still takes part in every collective (the
+    segment factors, the merge) and reads rank 0's finished store after the train end."""
+    runs = {}
+    for mode in ("single", "ddp"):
+        proc = run_script(mode, tmp_path / mode, "--layout", "full", "--segments", "3")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
+    assert_same_embeddings(runs["ddp"], runs["single"])
+    torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
 def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(tmp_path: Path) -> None:
     """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
     kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""

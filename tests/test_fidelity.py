@@ -90,6 +90,7 @@ def fit_dve(tmp_path_factory) -> Callable:
     cache: dict = {}
 
     def run(p: Problem, **kwargs):
+        kwargs.setdefault("layout", "per_layer")  # the oracles' default; "auto" would be "full" on this MLP
         key = (p.lr_decay, tuple(sorted(kwargs.items())))
         if key not in cache:
             module = DigitsMLP(hidden=HIDDEN, lr=LR, seed=MODEL_SEED, lr_decay=p.lr_decay)
@@ -221,6 +222,16 @@ def test_exact_mode_equals_reference_dvemb(
     print(f"\nexact mode, layout={layout}, lr_decay={lr_decay}: max |package - reference| / max |reference| = "
           f"{error:.2e}")
     assert error < 1e-8
+
+
+@pytest.mark.slow
+def test_auto_layout_runs_one_full_matrix_on_a_small_model(problem: Problem, fit_dve) -> None:
+    """2410 exact dimensions in all (<= ``AUTO_FULL_MAX_DIM``): the default layout resolves to the full matrix."""
+    module, dve = fit_dve(problem, projection_dim=None, layout="auto")
+    assert dve.embeddings.store.manifest["settings"]["layout"] == "full"
+    assert dve.config.layout.value == "full" and dve._requested.layout.value == "auto"
+    result = dve.embeddings.influence(module, problem.test, per_step=True)
+    assert relative_max_error(result.scores.cpu().double(), problem.reference["full"]) < 1e-8
 
 
 @pytest.mark.slow

@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--projection-dim", type=int, default=0)
     parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--curvature", default="empirical_fisher")
+    parser.add_argument("--layout", default="per_layer", help="per_layer: the layers are sharded over the ranks")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     args = parser.parse_args()
@@ -113,7 +114,7 @@ def main() -> None:
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
                              projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments,
-                             curvature=args.curvature)
+                             curvature=args.curvature, layout=args.layout)
     common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu")
@@ -133,7 +134,8 @@ def main() -> None:
                              "callbacks": [dve, ModelCheckpoint(dirpath=ckpt_dir)]}, devices=WORLD,
                           strategy=DDPStrategy(timeout=timeout))
         first.fit(MLP().double(), loader)
-        dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", projection_dim=args.projection_dim or None)
+        dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", projection_dim=args.projection_dim or None,
+                                 layout=args.layout)
         trainer = L.Trainer(**{**common, "callbacks": [dve]}, devices=WORLD, strategy=DDPStrategy(timeout=timeout))
         trainer.fit(model, loader, ckpt_path=next(ckpt_dir.glob("*.ckpt")))
     else:
