@@ -27,7 +27,7 @@ from .config import (
     ReportConfig,
     StorageDtype,
 )
-from .curvature import sampled_label_grad
+from .curvature import check_cross_entropy, sampled_label_grad
 from .dynamics import plan_boundaries
 from .errors import ConfigError, DVEError, GradientError
 from .influence import DataValueEmbeddings
@@ -51,7 +51,9 @@ class DataValueEmbedding(pl.Callback):
             ``batch -> Tensor[B]`` of per-sample weights (e.g. token-mean language-model losses).
         layers: module names to track; default every supported module with trainable parameters.
         exclude: module names (``fnmatch`` patterns, children included) not to track.
-        layout: ``"per_layer"`` (one accumulation matrix per layer) or ``"full"`` (one for all layers).
+        layout: ``"auto"`` (default: ``"full"`` when the tracked layers have at most 4096 projected
+            dimensions in all, else ``"per_layer"``), ``"per_layer"`` (one accumulation matrix per layer) or
+            ``"full"`` (one for all layers, which also carries cross-layer curvature).
         allow_duplicate_ids: accept the same id twice in one step (sampling with replacement).
         seed: base seed of the projections.
         overwrite: allow a fresh ``fit`` into a non-empty ``save_dir`` (its store is replaced).
@@ -82,7 +84,7 @@ class DataValueEmbedding(pl.Callback):
         loss_reduction: str | LossReduction | batches.WeightFn = "mean",
         layers: tuple[str, ...] | list[str] | None = None,
         exclude: tuple[str, ...] | list[str] = (),
-        layout: str | AccumulatorLayout = "per_layer",
+        layout: str | AccumulatorLayout = "auto",
         allow_duplicate_ids: bool = False,
         seed: int = 0,
         overwrite: bool = False,
@@ -110,6 +112,7 @@ class DataValueEmbedding(pl.Callback):
             checkpoint_interval=checkpoint_interval,
             adam_second_moment=adam_second_moment,
         )
+        self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
         self._state_key = self._generate_state_key(settings_hash=self.config.settings_hash())
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
@@ -137,6 +140,7 @@ class DataValueEmbedding(pl.Callback):
         self._train_started = 0.0
         self._batch: Any = None
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
+        self._ggn = False  # Gauss-Newton curvature rows (curvature.py)
         self._kinds: tuple[str, ...] = ()  # the rows a step records besides the gradients
         self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)
@@ -181,6 +185,8 @@ class DataValueEmbedding(pl.Callback):
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
+        self.config = self._requested.resolved(sum(self._dims.values()))
+        self._ggn = self.config.curvature is Curvature.GGN
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
@@ -334,6 +340,8 @@ class DataValueEmbedding(pl.Callback):
         scale = local * self._loss_scale / accumulation
         extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
                  for kind in self._kinds}
+        if self._ggn and hooks.logits is not None and hooks.logits[1] is not None:
+            check_cross_entropy(hooks.logits[0], hooks.logits[1], scale)
         grads = hooks.finish(scale)
         step = self._step if self._terms is not None else trainer.global_step
         try:
@@ -376,10 +384,6 @@ class DataValueEmbedding(pl.Callback):
             return resumed, None
         except DVEError as err:
             return None, err
-
-    @property
-    def _ggn(self) -> bool:
-        return self.config.curvature is Curvature.GGN
 
     def _release(self) -> None:
         if self._capture is not None:

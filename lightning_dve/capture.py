@@ -165,6 +165,7 @@ class GradientCapture:
         self._keep_outputs = False
         self._generation = 0
         self.outputs: list[torch.Tensor] = []
+        self.logits: tuple[torch.Tensor, torch.Tensor | None] | None = None  # last output and its training grad
 
     def attach(self) -> None:
         """Register the forward hooks (idempotent)."""
@@ -186,13 +187,15 @@ class GradientCapture:
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
         self.outputs = []
+        self.logits = None
 
     def begin(self, keep_outputs: bool = False) -> None:
         """Start collecting a step.
 
         Args:
             keep_outputs: also keep the tracked layers' outputs in :attr:`outputs`, for a caller that runs
-                its own ``torch.autograd.grad`` with respect to them (queries, which must not touch ``.grad``).
+                its own ``torch.autograd.grad`` with respect to them (queries, which must not touch ``.grad``),
+                and the last one with its gradient in the training backward in :attr:`logits`.
         """
         self._reset(active=True, keep_outputs=keep_outputs)
 
@@ -230,6 +233,7 @@ class GradientCapture:
         """Whether the backward of the current step reached at least one tracked layer."""
         return bool(self._blocks)
 
+    @torch.no_grad()  # the projected inputs need no graph: autograd records nothing for them
     def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
@@ -241,11 +245,16 @@ class GradientCapture:
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
         if self._keep_outputs:
             self.outputs.append(output)
-        output.register_hook(partial(self._on_output_grad, layer, self._generation, len(pending) - 1))
+            self.logits = (output.detach(), None)
+        hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1, self.logits)
+        output.register_hook(hook)
 
-    def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int, grad: torch.Tensor) -> None:
+    def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,
+                        logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:
         if not self._active or generation != self._generation:
             return
+        if logits is not None and logits is self.logits and not self._curvature_pass:
+            self.logits = (logits[0], grad.detach())
         in_side = self._inputs[layer.name][call]
         if in_side is None:
             return

@@ -48,3 +48,36 @@ def sampled_label_grad(logits: torch.Tensor, sample_ids: torch.Tensor, seed: int
     labels = torch.searchsorted(probs.cumsum(dim=1), uniforms.unsqueeze(1)).clamp_max(probs.shape[1] - 1)
     onehot = torch.nn.functional.one_hot(labels.squeeze(1), probs.shape[1]).to(probs.dtype)
     return (probs - onehot).to(logits.dtype)
+
+
+def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> None:
+    """Refuse a training loss that is not a softmax cross-entropy of ``logits``, which ``curvature='ggn'`` assumes.
+
+    For a sample's loss ``w CE(softmax(z), t)`` with any target distribution ``t`` (a label, or a smoothed one)
+    the gradient at the logits is ``w (softmax(z) - t)``, so ``t = softmax(z) - grad / w`` must be a probability
+    vector. Rounding of the logits' dtype is allowed for.
+
+    Args:
+        logits: the last tracked layer's output ``[B, C]`` in the training step.
+        grad: its gradient in the training backward ``[B, C]``.
+        weights: the weight ``w`` of each sample's loss in that backward ``[B]`` (zero: not checked).
+
+    Raises:
+        UnsupportedError: naming how far the implied targets are from a probability vector.
+    """
+    keep = weights != 0
+    probs = torch.softmax(logits.to(torch.float64)[keep], dim=1)
+    targets = probs - grad.to(torch.float64)[keep] / weights.to(probs)[keep].unsqueeze(1)
+    if not targets.numel():
+        return
+    eps = torch.finfo(grad.dtype).eps
+    off_sum = float((targets.sum(dim=1) - 1).abs().max())
+    below = float(-targets.min().clamp_max(0.0))
+    if off_sum > 1e-3 + logits.shape[1] * 4 * eps or below > 1e-3 + 4 * eps:
+        raise UnsupportedError(
+            "curvature='ggn' needs the training loss to be a softmax cross-entropy of the last tracked layer's "
+            f"output, weighted per sample as loss_reduction says; the gradient at that output implies targets "
+            f"that are not probabilities (sum off by {off_sum:.2g}, entries down to {-below:.2g}). Use "
+            "curvature='empirical_fisher' for other losses, or declare per-sample (e.g. class) weights with "
+            "loss_reduction=callable."
+        )

@@ -442,3 +442,31 @@ def test_hooks_are_removed_after_fit(fit, mlp_cls, save_dir, test_batch):
     assert capture._blocks == {} and capture.outputs == []
     assert all(pending == [] for pending in capture._inputs.values())
     assert len(step_files(save_dir)) == 4  # nothing new recorded
+
+
+def test_default_layout_resolves_from_the_tracked_sizes_at_each_fit(fit, mlp_cls, tmp_path):
+    """``layout="auto"``: TinyMLP has 16*65 + 10*17 = 1210 exact dimensions (one full matrix); with hidden 128
+    it has 128*65 + 10*129 = 9610 (one matrix per layer). The same callback object resolves afresh per fit."""
+    from lightning_dve.config import AccumulatorLayout
+
+    dve = DataValueEmbedding(tmp_path / "small", projection_dim=None)
+    fit(mlp_cls(), dve)
+    assert dve.embeddings.store.manifest["settings"]["layout"] == "full"
+    dve.save_dir = tmp_path / "wide"
+    fit(mlp_cls(hidden=128), dve)
+    assert dve.config.layout is AccumulatorLayout.PER_LAYER
+    assert dve.embeddings.store.manifest["settings"]["layout"] == "per_layer"
+
+
+def test_check_finite_names_the_layer_and_samples_and_ignores_an_overflowing_sum():
+    from lightning_dve.batches import check_finite
+
+    ids = torch.tensor([5, 6, 7])
+    big = torch.full((3, 4), 3e38)  # finite rows whose float32 sum overflows: no error
+    check_finite({"a": torch.zeros(3, 2), "b": big}, ids, step=3)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        rows = torch.zeros(3, 4)
+        rows[1, 2] = bad
+        with pytest.raises(GradientError, match=r"layer 'b' at step 3 for sample ids \[6\]"):
+            check_finite({"a": torch.zeros(3, 2), "b": rows}, ids, step=3)
+    check_finite({}, ids, step=3)

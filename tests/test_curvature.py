@@ -13,7 +13,7 @@ from torch import nn
 from lightning_dve import DataValueEmbedding
 from lightning_dve.capture import CURVATURE, GradientCapture, resolve_layers
 from lightning_dve.config import AccumulatorLayout, Curvature, DVEConfig
-from lightning_dve.curvature import label_uniforms, sampled_label_grad
+from lightning_dve.curvature import check_cross_entropy, label_uniforms, sampled_label_grad
 from lightning_dve.errors import UnsupportedError
 from lightning_dve.layers import split_block
 from lightning_dve.recursion import BackwardRecursion
@@ -165,6 +165,63 @@ def test_ggn_rows_are_recorded_and_stored(tmp_path: Path) -> None:
         got = split_block(head, record.curvature["net.2"][i])
         torch.testing.assert_close(got["weight"], weight, atol=1e-12, rtol=0)
         torch.testing.assert_close(got["bias"], bias, atol=1e-12, rtol=0)
+
+
+class OtherLoss(TinyMLP):
+    """TinyMLP trained with another loss on its output: ``"mse"`` (one-hot targets) or ``"smoothed"``
+    (cross-entropy with label smoothing, still a softmax cross-entropy)."""
+
+    def __init__(self, loss: str) -> None:
+        super().__init__(hidden=8)
+        self.kind = loss
+
+    def loss(self, batch):
+        logits = self(batch["x"])
+        if self.kind == "mse":
+            return F.mse_loss(logits, F.one_hot(batch["y"], 10).to(logits.dtype))
+        return F.cross_entropy(logits, batch["y"], label_smoothing=0.1)
+
+
+def ggn_fit(tmp_path: Path, model: TinyMLP, **kwargs) -> DataValueEmbedding:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    dve = DataValueEmbedding(tmp_path / "dve", curvature="ggn", report=None, **kwargs)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[dve], **(
+                            {"precision": "bf16-mixed"} if kwargs.pop("bf16", False) else {}))
+    trainer.fit(model, DataLoader(DigitsDict(range(32)), batch_size=16))
+    return dve
+
+
+def test_ggn_refuses_a_loss_that_is_not_a_softmax_cross_entropy(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match=r"curvature='ggn' needs the training loss to be a softmax "
+                                               r"cross-entropy.*Use curvature='empirical_fisher'"):
+        ggn_fit(tmp_path, OtherLoss("mse"))
+    assert not list((tmp_path / "dve" / "steps").glob("*.safetensors"))  # refused before anything is recorded
+
+
+def test_ggn_accepts_label_smoothing_and_declared_class_weights() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    smoothed = F.cross_entropy(logits, labels, label_smoothing=0.2, reduction="sum") / 6
+    check_cross_entropy(logits.detach(), torch.autograd.grad(smoothed, logits)[0], torch.full((6,), 1 / 6))
+    class_weight = torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64)
+    weighted = (class_weight[labels] * F.cross_entropy(logits, labels, reduction="none")).mean()
+    grad = torch.autograd.grad(weighted, logits)[0]
+    check_cross_entropy(logits.detach(), grad, class_weight[labels] / 6)  # declared: accepted
+    with pytest.raises(UnsupportedError, match="not probabilities"):  # undeclared class weights: refused
+        check_cross_entropy(logits.detach(), grad, torch.full((6,), 1 / 6))
+    bf16 = logits.detach().bfloat16()  # bf16 autocast: rounding of the logits' dtype is allowed for
+    check_cross_entropy(bf16, (torch.softmax(bf16.double(), 1) - F.one_hot(labels, 4)).bfloat16() / 6,
+                        torch.full((6,), 1 / 6))
+
+
+def test_ggn_fit_with_label_smoothing_records_curvature_rows(tmp_path: Path) -> None:
+    dve = ggn_fit(tmp_path, OtherLoss("smoothed"))
+    record = dve.embeddings.store.read_step(0)
+    assert set(record.curvature) == {"net.0", "net.2"}
 
 
 @pytest.mark.slow
