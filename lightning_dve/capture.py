@@ -245,7 +245,7 @@ class GradientCapture:
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
         if self._keep_outputs:
             self.outputs.append(output)
-            self.logits = (output.detach(), None)
+            self.logits = (output.detach(), None)  # the last output so far; its hook adds the training gradient
         hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1, self.logits)
         output.register_hook(hook)
 
@@ -253,7 +253,7 @@ class GradientCapture:
                         logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:
         if not self._active or generation != self._generation:
             return
-        if logits is not None and logits is self.logits and not self._curvature_pass:
+        if logits is not None and logits is self.logits and not self._curvature_pass:  # still the last output
             self.logits = (logits[0], grad.detach())
         in_side = self._inputs[layer.name][call]
         if in_side is None:

@@ -60,17 +60,18 @@ def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch
     Args:
         logits: the last tracked layer's output ``[B, C]`` in the training step.
         grad: its gradient in the training backward ``[B, C]``.
-        weights: the weight ``w`` of each sample's loss in that backward ``[B]`` (zero: not checked).
+        weights: the weight ``w`` of each sample's loss in that backward ``[B]`` (zero: not checked). Rows with
+            non-finite gradients are not checked either: the finiteness check (or the grad scaler) handles them.
 
     Raises:
         UnsupportedError: naming how far the implied targets are from a probability vector.
     """
-    keep = weights != 0
-    probs = torch.softmax(logits.to(torch.float64)[keep], dim=1)
-    targets = probs - grad.to(torch.float64)[keep] / weights.to(probs)[keep].unsqueeze(1)
+    eps = torch.finfo(grad.dtype).eps
+    logits, grad, weights = (t.detach().to("cpu", torch.float64) for t in (logits, grad, weights))
+    keep = (weights != 0) & torch.isfinite(grad).all(dim=1)
+    targets = torch.softmax(logits[keep], dim=1) - grad[keep] / weights[keep].unsqueeze(1)
     if not targets.numel():
         return
-    eps = torch.finfo(grad.dtype).eps
     off_sum = float((targets.sum(dim=1) - 1).abs().max())
     below = float(-targets.min().clamp_max(0.0))
     if off_sum > 1e-3 + logits.shape[1] * 4 * eps or below > 1e-3 + 4 * eps:

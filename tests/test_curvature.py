@@ -213,6 +213,9 @@ def test_ggn_accepts_label_smoothing_and_declared_class_weights() -> None:
     check_cross_entropy(logits.detach(), grad, class_weight[labels] / 6)  # declared: accepted
     with pytest.raises(UnsupportedError, match="not probabilities"):  # undeclared class weights: refused
         check_cross_entropy(logits.detach(), grad, torch.full((6,), 1 / 6))
+    overflowed = grad.clone()
+    overflowed[2, 1] = -float("inf")  # a scaled fp16 step that overflowed: left to the finiteness check
+    check_cross_entropy(logits.detach(), overflowed, class_weight[labels] / 6)
     bf16 = logits.detach().bfloat16()  # bf16 autocast: rounding of the logits' dtype is allowed for
     check_cross_entropy(bf16, (torch.softmax(bf16.double(), 1) - F.one_hot(labels, 4)).bfloat16() / 6,
                         torch.full((6,), 1 / 6))
