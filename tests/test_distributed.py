@@ -90,30 +90,29 @@ def test_two_ranks_with_segments_equal_single_process(
     torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.slow
-def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_path: Path) -> None:
-    """``layout="full"`` is one group, so rank 1 owns no layer: it still takes part in every collective (the
-    segment factors, the merge) and reads rank 0's finished store after the train end."""
+def assert_ddp_equals_single(tmp_path: Path, *extra: str) -> None:
+    """Run the script on 1 process and on 2 ranks with ``extra`` arguments: same embeddings and scores."""
     runs = {}
     for mode in ("single", "ddp"):
-        proc = run_script(mode, tmp_path / mode, "--layout", "full", "--segments", "3")
+        proc = run_script(mode, tmp_path / mode, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
     assert_same_embeddings(runs["ddp"], runs["single"])
     torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_path: Path) -> None:
+    """``layout="full"`` is one group, so rank 1 owns no layer: it still takes part in every collective (the
+    segment factors, the merge) and reads rank 0's finished store after the train end."""
+    assert_ddp_equals_single(tmp_path, "--layout", "full", "--segments", "3")
 
 
 @pytest.mark.slow
 def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(tmp_path: Path) -> None:
     """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
     kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""
-    runs = {}
-    for mode in ("single", "ddp"):
-        proc = run_script(mode, tmp_path / mode, "--curvature", "ggn", "--optimizer", "adamw")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
-    assert_same_embeddings(runs["ddp"], runs["single"])
-    torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
+    assert_ddp_equals_single(tmp_path, "--curvature", "ggn", "--optimizer", "adamw")
 
 
 @pytest.mark.slow
