@@ -375,6 +375,7 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
             result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
             model_kind, terms = optimizer_model(dve, messages)
             out({"estimator": f"{SHORT[curvature]}_v_pass", "curvature": curvature, "projection_dim": None,
+                 "layout": layout_of(dve),
                  "adam_second_moment": True, "optimizer_model": model_kind, "optim_terms": terms,
                  "spearman_vs_tsloo": rho(result.scores, result.steps, result.sample_ids)})
 

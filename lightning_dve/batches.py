@@ -74,7 +74,7 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
         GradientError: if any captured value is not finite.
     """
     if not grads or bool(torch.isfinite(torch.stack([block.sum() for block in grads.values()])).all()):
-        return  # one synchronisation in the common case: a NaN or infinity makes its block's sum non-finite
+        return  # one reduction per layer in the common case: a NaN or infinity makes its block's sum non-finite
     for name, block in grads.items():  # (a sum that overflowed on finite values finds nothing here)
         bad = ~torch.isfinite(block).all(dim=1)
         if bad.any():

@@ -34,7 +34,7 @@ from .influence import DataValueEmbeddings
 from .optim import clip_factor, grads_finite, is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
-from .store import SHARDS, STEPS, TrajectoryStore
+from .store import STEPS, TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
 
@@ -113,7 +113,8 @@ class DataValueEmbedding(pl.Callback):
             adam_second_moment=adam_second_moment,
         )
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
-        self._state_key = self._generate_state_key(settings_hash=self.config.settings_hash())
+        # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state
+        self._state_key = self._generate_state_key(settings_hash=self.config.resolved(10**9).settings_hash())
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
                               f"{sample_ids!r}.")
@@ -190,8 +191,9 @@ class DataValueEmbedding(pl.Callback):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
-        manifest = self._manifest(tracked, pl_module)
-        self._store = self._open_store(manifest)
+        manifest = callback_setup.store_manifest(self.config, tracked, pl_module, self._comm, self._owned)
+        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, self._resume, self.overwrite,
+                                                     self.config.settings_hash())
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows
         self._preconditioned = is_adam(trainer.optimizers[0]) and not self.config.exact
@@ -207,7 +209,7 @@ class DataValueEmbedding(pl.Callback):
                                                 str(trainer.precision))
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
-        self._embeddings = None
+        self._embeddings, self._resume, self._last_step = None, None, -1  # a later fit starts afresh
         callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -258,6 +260,8 @@ class DataValueEmbedding(pl.Callback):
         hooks, error = self._active_capture(), None
         try:
             self._active_writer().check()  # a failed background write (e.g. a full disk) stops every rank
+            if self._recorder is not None:
+                self._recorder.check()  # so does a failed checkpoint write (rank 0 only)
             if hooks.captured:
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None
@@ -292,11 +296,11 @@ class DataValueEmbedding(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
         assert store is not None
-        if self._recorder is not None:
-            self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
-                                  time.perf_counter() - self._train_started)
         error = None
         try:
+            if self._recorder is not None:
+                self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
+                                      time.perf_counter() - self._train_started)
             self._active_writer().close()  # every queued step is on disk before the store is finished
         except DVEError as err:
             error = err
@@ -353,41 +357,11 @@ class DataValueEmbedding(pl.Callback):
             self._deferred = err  # a scaled fp16 step may overflow; the scaler then skips it
         return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads, extra)
 
-    def _manifest(self, tracked: dict[str, capture.TrackedLayer], pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The store manifest: settings, layers and projections, this rank's share, dtypes."""
-        training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
-        return {"settings": self.config.to_dict(), "settings_hash": self.config.settings_hash(),
-                "layers": [layer.describe() for layer in tracked.values()], "world_size": self._comm.world_size,
-                "rank": self._comm.rank, "owned_layers": self._owned[self._comm.rank], "dtype": training_dtype,
-                "storage_dtype": self.config.storage_dtype.resolve(training_dtype, self.config.exact).value}
-
-    def _open_store(self, manifest: dict[str, Any]) -> TrajectoryStore:
-        """Create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``save_dir``."""
-        assert self._root is not None
-        rank = self._comm.rank
-        root = self._root if rank == 0 else self._root / SHARDS / f"rank_{rank}"
-        store, error = None, None
-        if rank == 0 or self._resume is not None:
-            store, error = self._try_open(root, manifest)
-        sync.agree_on_errors(self._comm, error)  # rank 0 has checked and cleared save_dir before others write
-        if store is None:
-            store, error = self._try_open(root, manifest)
-        sync.agree_on_errors(self._comm, error)
-        assert store is not None
-        return store
-
-    def _try_open(self, root: Path, manifest: dict[str, Any]) -> tuple[TrajectoryStore | None, DVEError | None]:
-        try:
-            if self._resume is None:
-                return TrajectoryStore.create(root, manifest, overwrite=self.overwrite), None
-            resumed = callback_setup.resume_store(root, self._resume, self.config.settings_hash(), self._comm.world_size)
-            return resumed, None
-        except DVEError as err:
-            return None, err
-
     def _release(self) -> None:
         if self._capture is not None:
             self._capture.detach()
+        if self._recorder is not None:
+            self._recorder.store.close()
         if self._writer is not None:  # on an exception: keep what was queued, raise nothing new
             self._writer.close(raise_error=False)
 

@@ -1,5 +1,6 @@
 """What the callback reads from and checks on the Trainer: supported setups, warnings, clipping, the grad
-scaler, and the store a checkpoint resumes. Framework glue for :mod:`lightning_dve.callback`, nothing else."""
+scaler, and each rank's store (created, or the one a checkpoint resumes). Framework glue for
+:mod:`lightning_dve.callback`, nothing else."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
+import torch
+
+from . import sync
+from .capture import TrackedLayer
 from .config import DVEConfig
-from .errors import ConfigError, UnsupportedError
+from .distributed import Communicator
+from .errors import ConfigError, DVEError, UnsupportedError
 from .optim import is_adam, sgd_proxy_reason, uses_momentum_or_decay
-from .store import TrajectoryStore
+from .store import SHARDS, TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
@@ -64,6 +70,42 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
     return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
+
+
+def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,
+                   comm: Communicator, owned: list[list[str]]) -> dict[str, Any]:
+    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes."""
+    training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
+    return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
+            "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
+            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
+            "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value}
+
+
+def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,
+                    overwrite: bool, settings_hash: str) -> TrajectoryStore:
+    """Collective: create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``root``.
+
+    Rank 0 checks and clears ``root`` before the other ranks write their shards under it; an error on any rank
+    is raised on every rank.
+    """
+    rank_root = root if comm.rank == 0 else root / SHARDS / f"rank_{comm.rank}"
+
+    def attempt() -> tuple[TrajectoryStore | None, DVEError | None]:
+        try:
+            if resume is None:
+                return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
+            return resume_store(rank_root, resume, settings_hash, comm.world_size), None
+        except DVEError as err:
+            return None, err
+
+    store, error = attempt() if comm.rank == 0 or resume is not None else (None, None)
+    sync.agree_on_errors(comm, error)  # rank 0 has checked and cleared save_dir before others write
+    if store is None:
+        store, error = attempt()
+    sync.agree_on_errors(comm, error)
+    assert store is not None
+    return store
 
 
 def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, config: DVEConfig) -> None:

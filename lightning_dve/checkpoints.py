@@ -17,13 +17,8 @@ JSON; every file is written under a temporary name and renamed (:func:`lightning
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
-import os
-import warnings
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +28,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
 from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
-from .files import read_checked, write_atomic
+from .files import LineLog, json_line, read_checked, read_json_lines, write_atomic, write_text_atomic
 from .store import StepRecord
 
 CHECKPOINTS = "checkpoints"
@@ -62,59 +57,9 @@ def _snapshot_name(step: int) -> str:
     return f"state_{step:08d}.safetensors"
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON under a temporary name, then rename it into place."""
-    _write_text(path, json.dumps(data, indent=1, sort_keys=True))
-
-
-def _hyper_line(record: dict[str, Any]) -> str:
-    """One line of ``hyper.jsonl``: compact JSON, newline-terminated."""
-    return json.dumps(record, separators=(",", ":")) + "\n"
-
-
-def _parse_hyper_line(raw: bytes) -> dict[str, Any] | None:
-    """The record of one line, or ``None`` if it is not a JSON object with an integer ``step``."""
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and type(record.get("step")) is int else None
-
-
-def read_hyper_file(path: Path) -> dict[int, dict[str, Any]]:
-    """Every record of ``hyper.jsonl`` by step (the last line of a step wins; none if the file is missing).
-
-    A torn last line (a run killed while writing it: no newline at its end, or not JSON) is dropped with a
-    warning.
-
-    Raises:
-        StoreError: if a line before the last one is corrupt.
-    """
-    if not path.is_file():
-        return {}
-    lines = path.read_bytes().split(b"\n")  # a complete file ends with a newline: its last item is empty
-    torn = lines.pop() != b""
-    records = {}
-    for number, raw in enumerate(lines, start=1):
-        record = _parse_hyper_line(raw)
-        if record is None and number == len(lines) and not torn:
-            torn = True  # the last line is newline-terminated but not JSON: torn as well
-        elif record is None:
-            raise StoreError(f"{path} is corrupt: line {number} is not a JSON record of a step. Record the run "
-                             "again (with a fresh save_dir or overwrite=True).")
-        else:
-            records[record["step"]] = record
-    if torn:
-        warnings.warn(f"{path}: the last line was incomplete (the run was interrupted while writing it) and is "
-                      "dropped; its step's hyperparameters are not recorded.", stacklevel=2)
-    return records
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def parameter_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -138,9 +83,7 @@ class CheckpointStore:
         self.root = Path(root)
         self.manifest = manifest
         self._hyper: dict[int, dict[str, Any]] | None = None  # hyper.jsonl parsed, by step (None: not read yet)
-        self._fd: int | None = None  # hyper.jsonl opened for appending (lazily, by write_hyper)
-        self._size = 0  # bytes of hyper.jsonl after the last complete append
-        self._closer: weakref.finalize | None = None  # closes the descriptor if the store is dropped unclosed
+        self._log = LineLog(self.root / HYPER_FILE)  # appends to hyper.jsonl
 
     @classmethod
     def create(cls, root: Path, manifest: dict[str, Any]) -> CheckpointStore:
@@ -191,8 +134,8 @@ class CheckpointStore:
                 file.unlink()
         path = store.root / HYPER_FILE
         if path.is_file():
-            kept = [r for r in read_hyper_file(path).values() if r["step"] <= last_step]
-            _write_text(path, "".join(_hyper_line(r) for r in kept))
+            kept = [r for r in read_json_lines(path).values() if r["step"] <= last_step]
+            write_text_atomic(path, "".join(json_line(r) for r in kept))
         store.manifest["final_step"] = None
         store.write_manifest()
         return store
@@ -230,45 +173,18 @@ class CheckpointStore:
     def settings_hash(self) -> str:
         return self.manifest["settings_hash"]
 
-    def _append_fd(self) -> int:
-        """The descriptor of ``hyper.jsonl`` opened for appending (opened on first use, kept open)."""
-        if self._fd is None:
-            fd = os.open(self.root / HYPER_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            self._fd, self._size = fd, os.fstat(fd).st_size
-            self._closer = weakref.finalize(self, os.close, fd)
-        return self._fd
-
     def write_hyper(self, step: int, record: dict[str, Any]) -> None:
         """Append ``step``'s hyperparameters (``{"groups": [...], "clip_factor": c}``) as one line of ``hyper.jsonl``.
 
         Raises:
-            StoreError: if the disk is full or the write fails; the lines of earlier steps are kept (a partly
-                written line is cut off again).
+            StoreError: if the disk is full or the write fails; the lines of earlier steps are kept.
         """
-        line, path = _hyper_line({"step": step, **record}).encode(), self.root / HYPER_FILE
         self._hyper = None
-        try:
-            fd, rest = self._append_fd(), line
-            while rest:  # one write, unless the system writes less than asked
-                written = os.write(fd, rest)
-                if written == 0:
-                    raise OSError(errno.EIO, f"write wrote nothing to {path}")
-                rest = rest[written:]
-        except OSError as err:
-            if self._fd is not None:  # cut off a partly written line (best effort: reads drop a torn one anyway)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-            reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
-            raise StoreError(f"could not append the hyperparameters of step {step} to {path}: {reason}. Every step "
-                             f"written before is kept in {path}; free space (or point save_dir elsewhere) and run "
-                             "again.") from err
-        self._size += len(line)
+        self._log.append(json_line({"step": step, **record}))
 
     def close(self) -> None:
         """Close ``hyper.jsonl`` (safe to call twice; a later :meth:`write_hyper` opens it again)."""
-        if self._closer is not None:
-            self._closer()
-        self._fd, self._closer = None, None
+        self._log.close()
 
     def read_hyper(self, step: int) -> dict[str, Any]:
         """Hyperparameters of ``step``: ``{"groups": [{...}], "clip_factor": c}`` (shared: do not modify).
@@ -280,7 +196,7 @@ class CheckpointStore:
         """
         if self._hyper is None:
             self._hyper = {s: {k: v for k, v in r.items() if k != "step"}
-                           for s, r in read_hyper_file(self.root / HYPER_FILE).items()}
+                           for s, r in read_json_lines(self.root / HYPER_FILE).items()}
         if step not in self._hyper:
             raise StoreError(f"{self.root / HYPER_FILE} has no line for step {step}: the optimizer hyperparameters "
                              f"of step {step} were not recorded. Record the run again.")
@@ -321,6 +237,7 @@ class CheckpointRecorder:
         self.precision = precision
         self._started = False
         self._snapshots = False  # whether one snapshot exists (the first step always takes one)
+        self.error: DVEError | None = None  # the first failed write, raised on every rank by :meth:`check`
         if resume_after is not None and (Path(root) / REPLAY_MANIFEST).is_file():
             self.store = CheckpointStore.reopen(Path(root), resume_after)
             self.interval = self.store.manifest.get("interval", interval)
@@ -357,9 +274,24 @@ class CheckpointRecorder:
         self.store.write_manifest()
         self._started = True
 
+    def check(self) -> None:
+        """Raise the first failed checkpoint write; the callback calls this where the ranks agree on errors."""
+        if self.error is not None:
+            raise self.error
+
     def before_step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
                     clip_factor: float) -> None:
-        """Record ``step``'s hyperparameters and, when due, ``theta_step`` and the optimizer state before it."""
+        """Record ``step``'s hyperparameters and, when due, ``theta_step`` and the optimizer state before it (a
+        failed write is kept for :meth:`check`)."""
+        try:
+            self._before_step(step, module, optimizer, clip, clip_factor)
+        except DVEError as err:
+            self.error = self.error or err
+
+    def _before_step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
+                     clip_factor: float) -> None:
+        if self.error is not None:
+            return
         if not self._started:
             self._start(module, optimizer, clip)
         if not self.enabled:
@@ -378,18 +310,27 @@ class CheckpointRecorder:
                                   _optimizer_state(optimizer, names))
 
     def after_step(self, record: StepRecord, storage_dtype: str, module: nn.Module) -> None:
-        """Resolve ``interval="auto"`` from the bytes of the first recorded step (this rank's share)."""
-        if self.interval != AUTO or not self.enabled:
+        """Resolve ``interval="auto"`` from the bytes of the first recorded step (this rank's share; a failed
+        manifest write is kept for :meth:`check`)."""
+        if self.interval != AUTO or not self.enabled or self.error is not None:
             return
         step_bytes = sum(v.numel() * v.element_size() for v in record.to_tensors(storage_dtype).values())
         names = {n for group in self.store.manifest["groups"] for n in group}
         param_bytes = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n in names)
         self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes)
         self.store.manifest["interval"] = self.interval
-        self.store.write_manifest()
+        try:
+            self.store.write_manifest()
+        except DVEError as err:
+            self.error = err
 
     def finish(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, seconds: float) -> None:
-        """Snapshot the final state (``theta_T``, before step ``T = step``) and record the training time."""
+        """Snapshot the final state (``theta_T``, before step ``T = step``) and record the training time.
+
+        Raises:
+            StoreError: a write failed now or at an earlier step.
+        """
+        self.check()
         manifest = self.store.manifest
         manifest["training_seconds"] = manifest.get("training_seconds", 0.0) + seconds
         if self.enabled:

@@ -51,11 +51,13 @@ def sampled_label_grad(logits: torch.Tensor, sample_ids: torch.Tensor, seed: int
 
 
 def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor) -> None:
-    """Refuse a training loss that is not a softmax cross-entropy of ``logits``, which ``curvature='ggn'`` assumes.
+    """Refuse a training loss whose gradient at ``logits`` is not that of a softmax cross-entropy (``'ggn'``'s
+    assumption).
 
     For a sample's loss ``w CE(softmax(z), t)`` with any target distribution ``t`` (a label, or a smoothed one)
     the gradient at the logits is ``w (softmax(z) - t)``, so ``t = softmax(z) - grad / w`` must be a probability
-    vector. Rounding of the logits' dtype is allowed for.
+    vector. Rounding of the logits' dtype is allowed for. The condition is necessary, not sufficient: a
+    cross-entropy scaled by ``c <= 1`` per sample also passes.
 
     Args:
         logits: the last tracked layer's output ``[B, C]`` in the training step.

@@ -117,10 +117,7 @@ class DataValueEmbeddings:
         store = TrajectoryStore.open(path)
         store.require("status", "complete", "The recording did not finish (the run was interrupted); record again.")
         store.require("embeddings", "complete", "The backward recursion did not finish; record the run again.")
-        if settings is not None:
-            settings = settings.resolved(sum(layer["projection"]["out"]["projected_dim"] *
-                                             layer["projection"]["in"]["projected_dim"]
-                                             for layer in store.manifest["layers"]))
+        settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
         if settings is not None and settings.settings_hash() != store.settings_hash:
             recorded = store.manifest["settings"]
             diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}

@@ -32,8 +32,7 @@ SCALAR_TERMS = {field.name for field in dataclasses.fields(StepScalars)}
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
     """Groups of layers that share one accumulation matrix (``layout`` resolved, not ``AUTO``)."""
     layout = AccumulatorLayout.parse(layout)
-    if layout is AccumulatorLayout.AUTO:
-        raise ValueError("layout 'auto' must be resolved (AccumulatorLayout.resolve) before grouping layers")
+    assert layout is not AccumulatorLayout.AUTO, "resolve layout 'auto' (DVEConfig.resolved) before grouping"
     if layout is AccumulatorLayout.FULL:
         return [list(layer_names)] if layer_names else []  # a DDP rank may own no layer
     return [[name] for name in layer_names]

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import read_checked, write_atomic
+from .files import read_checked, write_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -146,6 +146,12 @@ class TrajectoryStore:
         """Tracked layer names in manifest order."""
         return [layer["name"] for layer in self.manifest["layers"]]
 
+    @property
+    def projected_dim(self) -> int:
+        """Projected dimensions of all tracked layers together, ``sum_l k_out k_in`` (from the manifest)."""
+        return sum(entry["projection"]["out"]["projected_dim"] * entry["projection"]["in"]["projected_dim"]
+                   for entry in self.manifest["layers"])
+
     @classmethod
     def create(cls, root: str | os.PathLike[str], manifest: dict[str, Any], overwrite: bool) -> TrajectoryStore:
         """Start a new store in ``root``.
@@ -196,11 +202,12 @@ class TrajectoryStore:
         return store
 
     def write_manifest(self) -> None:
-        """Write the manifest atomically."""
-        path = self.root / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        """Write the manifest atomically.
+
+        Raises:
+            StoreError: if the disk is full or the write fails (the previous manifest is kept).
+        """
+        write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
 
     def _scan_steps(self, after: int | None = None) -> None:
         """Rebuild the step list from the step files (complete by construction: they are renamed into place).

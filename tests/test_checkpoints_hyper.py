@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from lightning_dve import StoreError
-from lightning_dve import checkpoints
+from lightning_dve import checkpoints, files
 from lightning_dve.checkpoints import HYPER_FILE, CheckpointStore
+from lightning_dve.files import read_json_lines
 
 
 def _record(step: int) -> dict[str, Any]:
@@ -57,8 +58,8 @@ def test_appends_one_line_per_step_and_reads_back_exactly(tmp_path: Path) -> Non
 def test_read_parses_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _store(tmp_path, range(3)).close()
     opened, calls = CheckpointStore.open(tmp_path), []
-    parse = checkpoints.read_hyper_file
-    monkeypatch.setattr(checkpoints, "read_hyper_file", lambda path: calls.append(path) or parse(path))
+    parse = checkpoints.read_json_lines
+    monkeypatch.setattr(checkpoints, "read_json_lines", lambda path: calls.append(path) or parse(path))
     assert [opened.read_hyper(s)["clip_factor"] for s in (0, 1, 2, 1)] == [_record(s)["clip_factor"]
                                                                            for s in (0, 1, 2, 1)]
     assert calls == [tmp_path / HYPER_FILE]
@@ -71,7 +72,7 @@ def test_last_line_of_a_step_written_twice_wins(tmp_path: Path) -> None:
     assert CheckpointStore.open(tmp_path).read_hyper(1) == _record(9)
 
 
-@pytest.mark.parametrize("torn", ['{"step":3,"groups":[{"lr"', '{"step":3,"groups":[]}', '{"step":3,"gro\n'])
+@pytest.mark.parametrize("torn", ['{"step":3,"groups":[{"lr"', '{"step":3,"groups":[]}'])
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path: Path, torn: str) -> None:
     _store(tmp_path, range(3)).close()
     with open(tmp_path / HYPER_FILE, "a") as handle:  # a run killed while writing step 3's line
@@ -84,6 +85,15 @@ def test_torn_last_line_is_dropped_with_a_warning(tmp_path: Path, torn: str) -> 
         assert [opened.read_hyper(s) for s in (0, 1)] == [_record(0), _record(1)]
         with pytest.raises(StoreError, match="hyperparameters of step 3 were not recorded"):
             opened.read_hyper(3)
+
+
+def test_a_complete_but_unreadable_last_line_is_refused(tmp_path: Path) -> None:
+    """Each line is one write ending in its newline, so a newline-terminated bad line is corruption, not a crash."""
+    _store(tmp_path, range(3)).close()
+    with open(tmp_path / HYPER_FILE, "a") as handle:
+        handle.write('{"step":3,"gro\n')
+    with pytest.raises(StoreError, match=r"hyper\.jsonl is corrupt: line 4"):
+        CheckpointStore.open(tmp_path).read_hyper(0)
 
 
 def test_corrupt_line_before_the_last_is_refused(tmp_path: Path) -> None:
@@ -123,8 +133,8 @@ def test_disk_full_keeps_the_lines_written_before(tmp_path: Path, monkeypatch: p
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoints.os, "write", full)
-    with pytest.raises(StoreError, match=r"step 3 to .*hyper\.jsonl: the disk is full\. Every step written before "
+    monkeypatch.setattr(files, "_write", full)
+    with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full\. Every step written before "
                                          r"is kept .* free space \(or point save_dir elsewhere\)"):
         store.write_hyper(3, _record(3))
     monkeypatch.undo()
@@ -146,7 +156,7 @@ def test_partly_written_line_is_cut_off(tmp_path: Path, monkeypatch: pytest.Monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(fd, bytes(data[:len(data) // 2]))
 
-    monkeypatch.setattr(checkpoints.os, "write", short)
+    monkeypatch.setattr(files, "_write", short)
     with pytest.raises(StoreError, match="the disk is full"):
         store.write_hyper(2, _record(2))
     monkeypatch.undo()
@@ -174,3 +184,39 @@ def test_open_refuses_the_per_step_files_of_older_versions(tmp_path: Path) -> No
         CheckpointStore.open(tmp_path)
     with pytest.raises(StoreError, match="older version"):
         CheckpointStore.reopen(tmp_path, last_step=0)
+
+
+def test_a_failed_hyperparameter_append_stops_the_fit_at_the_step_end(fit, mlp_cls, save_dir, monkeypatch) -> None:
+    """The append runs in ``on_before_optimizer_step`` on rank 0 only; its error is kept and raised where the ranks
+    agree on errors (the step's end), so under DDP every rank stops, and the steps before are kept."""
+    from lightning_dve import DataValueEmbedding
+    from lightning_dve.store import TrajectoryStore
+
+    write, calls = files._write, []
+
+    def full_at_step_3(fd: int, data: bytes) -> int:
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(files, "_write", full_at_step_3)
+    with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, report=None))
+    assert TrajectoryStore.open(save_dir).steps == [0, 1, 2]  # step 3 was stopped before it was recorded
+    assert sorted(read_json_lines(save_dir / "checkpoints" / HYPER_FILE)) == [0, 1, 2]
+
+
+def test_recorder_keeps_a_write_error_for_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = checkpoints.CheckpointRecorder(tmp_path, "auto", "hash", None)
+    failure = StoreError("boom")
+
+    def fail(*args: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(recorder, "_before_step", fail)
+    recorder.before_step(0, None, None, {}, 1.0)  # type: ignore[arg-type]  (kept, not raised here)
+    with pytest.raises(StoreError, match="boom"):
+        recorder.check()
+    with pytest.raises(StoreError, match="boom"):
+        recorder.finish(1, None, None, 0.0)  # type: ignore[arg-type]

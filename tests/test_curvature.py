@@ -182,15 +182,14 @@ class OtherLoss(TinyMLP):
         return F.cross_entropy(logits, batch["y"], label_smoothing=0.1)
 
 
-def ggn_fit(tmp_path: Path, model: TinyMLP, **kwargs) -> DataValueEmbedding:
+def ggn_fit(tmp_path: Path, model: TinyMLP, **trainer_kwargs) -> DataValueEmbedding:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    dve = DataValueEmbedding(tmp_path / "dve", curvature="ggn", report=None, **kwargs)
+    dve = DataValueEmbedding(tmp_path / "dve", curvature="ggn", report=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, callbacks=[dve], **(
-                            {"precision": "bf16-mixed"} if kwargs.pop("bf16", False) else {}))
-    trainer.fit(model, DataLoader(DigitsDict(range(32)), batch_size=16))
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[dve], **trainer_kwargs)
+    trainer.fit(model, DataLoader(DigitsDict(range(32)), batch_size=8))
     return dve
 
 
@@ -221,10 +220,18 @@ def test_ggn_accepts_label_smoothing_and_declared_class_weights() -> None:
                         torch.full((6,), 1 / 6))
 
 
-def test_ggn_fit_with_label_smoothing_records_curvature_rows(tmp_path: Path) -> None:
-    dve = ggn_fit(tmp_path, OtherLoss("smoothed"))
-    record = dve.embeddings.store.read_step(0)
-    assert set(record.curvature) == {"net.0", "net.2"}
+@pytest.mark.parametrize("setup", ["plain", "accumulation", "bf16", "fp16_scaler"])
+def test_ggn_fit_with_label_smoothing_records_curvature_rows(tmp_path: Path, setup: str) -> None:
+    """The loss check divides the gradient at the logits by the weight the hooks saw: micro-batch accumulation
+    (1/n) and the fp16 grad scaler's factor included; bf16 and fp16 rounding pass."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    kwargs = {"plain": {}, "accumulation": {"accumulate_grad_batches": 2}, "bf16": {"precision": "bf16-mixed"},
+              "fp16_scaler": {"plugins": [MixedPrecision("16-mixed", "cpu",
+                                                         torch.amp.GradScaler("cpu", init_scale=2.0**8))]}}[setup]
+    dve = ggn_fit(tmp_path, OtherLoss("smoothed"), **kwargs)
+    store = dve.embeddings.store
+    assert store.steps and set(store.read_step(store.steps[0]).curvature) == {"net.0", "net.2"}
 
 
 @pytest.mark.slow

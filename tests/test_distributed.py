@@ -103,8 +103,9 @@ def assert_ddp_equals_single(tmp_path: Path, *extra: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_path: Path) -> None:
-    """``layout="full"`` is one group, so rank 1 owns no layer: it still takes part in every collective (the
-    segment factors, the merge) and reads rank 0's finished store after the train end."""
+    """``layout="full"`` is one group (owned by rank 1: ties go to the highest rank), so rank 0 owns no layer: it
+    still takes part in every collective (the segment factors, the merge) and writes the finished store, which
+    rank 1 reads after the train end."""
     assert_ddp_equals_single(tmp_path, "--layout", "full", "--segments", "3")
 
 

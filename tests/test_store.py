@@ -163,6 +163,10 @@ def test_load_with_other_settings_lists_the_differences(trained):
     with pytest.raises(StoreError, match=r"'projection_dim': \(64, 32\).*'seed': \(0, 3\)"):
         DataValueEmbeddings.load(trained.root, settings=DVEConfig(projection_dim=32, seed=3))
     assert DataValueEmbeddings.load(trained.root, settings=DVEConfig(projection_dim=64)).steps == list(range(8))
+    # "auto" (the default) resolves with the store's 128 dims to "full", as the recording did; "per_layer" differs
+    assert trained.dve.embeddings.store.manifest["settings"]["layout"] == "full"
+    with pytest.raises(StoreError, match=r"'layout': \('full', 'per_layer'\)"):
+        DataValueEmbeddings.load(trained.root, settings=DVEConfig(projection_dim=64, layout="per_layer"))
 
 
 # --- unfinished recordings ---------------------------------------------------------------------------------
