@@ -470,3 +470,10 @@ def test_check_finite_names_the_layer_and_samples_and_ignores_an_overflowing_sum
         with pytest.raises(GradientError, match=r"layer 'b' at step 3 for sample ids \[6\]"):
             check_finite({"a": torch.zeros(3, 2), "b": rows}, ids, step=3)
     check_finite({}, ids, step=3)
+
+
+def test_state_key_of_the_auto_layout_matches_the_earlier_per_layer_default():
+    """Lightning finds a callback's state in a checkpoint by ``state_key``: a checkpoint written when
+    ``"per_layer"`` was the default must still resume a callback created with today's defaults."""
+    assert DataValueEmbedding().state_key == DataValueEmbedding(layout="per_layer").state_key
+    assert DataValueEmbedding().state_key != DataValueEmbedding(projection_dim=64).state_key
