@@ -115,7 +115,8 @@ class DataValueEmbedding(pl.Callback):
         )
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
         # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state
-        self._state_key = self._generate_state_key(settings_hash=self.config.resolved(AUTO_FULL_MAX_DIM + 1).settings_hash())
+        keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
+        self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash())
         if not (callable(sample_ids) or isinstance(sample_ids, str)):
             raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
                               f"{sample_ids!r}.")
