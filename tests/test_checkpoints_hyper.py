@@ -134,8 +134,8 @@ def test_disk_full_keeps_the_lines_written_before(tmp_path: Path, monkeypatch: p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(files, "_write", full)
-    with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full\. Every step written before "
-                                         r"is kept .* free space \(or point save_dir elsewhere\)"):
+    with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full\. Every step written "
+                                         r"before is kept .* free space \(or point save_dir elsewhere\)"):
         store.write_hyper(3, _record(3))
     monkeypatch.undo()
     assert (tmp_path / HYPER_FILE).read_bytes() == before
