@@ -152,9 +152,9 @@ class CheckpointStore:
         self, step: int, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
     ) -> None:
         """Persist ``theta_step`` (``{name: tensor}``) and the optimizer state ``{name: {key: tensor}}``."""
-        tensors = {f"param/{name}": p.detach().cpu().clone().contiguous() for name, p in params.items()}
+        tensors = {f"param/{name}": p.detach() for name, p in params.items()}  # written at once: no copies needed
         for name, entries in state.items():
-            tensors.update({f"state/{name}/{key}": v.detach().cpu().clone().contiguous() for key, v in entries.items()})
+            tensors.update({f"state/{name}/{key}": v.detach() for key, v in entries.items()})
         metadata = {"step": str(step), "settings_hash": self.settings_hash}
         write_atomic(self.root / _snapshot_name(step), tensors, metadata)
 
