@@ -17,8 +17,10 @@ JSON; every file is written under a temporary name and renamed (:func:`lightning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,19 +281,24 @@ class CheckpointRecorder:
         if self.error is not None:
             raise self.error
 
+    @contextlib.contextmanager
+    def _keeping_errors(self) -> Iterator[None]:
+        """Keep a failed write for :meth:`check` instead of raising it here (on rank 0 only)."""
+        try:
+            yield
+        except DVEError as err:
+            self.error = self.error or err
+
     def before_step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
                     clip_factor: float) -> None:
         """Record ``step``'s hyperparameters and, when due, ``theta_step`` and the optimizer state before it (a
         failed write is kept for :meth:`check`)."""
-        try:
-            self._before_step(step, module, optimizer, clip, clip_factor)
-        except DVEError as err:
-            self.error = self.error or err
+        if self.error is None:
+            with self._keeping_errors():
+                self._record(step, module, optimizer, clip, clip_factor)
 
-    def _before_step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
-                     clip_factor: float) -> None:
-        if self.error is not None:
-            return
+    def _record(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, clip: dict[str, Any],
+                clip_factor: float) -> None:
         if not self._started:
             self._start(module, optimizer, clip)
         if not self.enabled:
@@ -319,10 +326,8 @@ class CheckpointRecorder:
         param_bytes = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n in names)
         self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes)
         self.store.manifest["interval"] = self.interval
-        try:
+        with self._keeping_errors():
             self.store.write_manifest()
-        except DVEError as err:
-            self.error = err
 
     def finish(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, seconds: float) -> None:
         """Snapshot the final state (``theta_T``, before step ``T = step``) and record the training time.
@@ -336,5 +341,4 @@ class CheckpointRecorder:
         if self.enabled:
             self._snapshot(step, module, optimizer)
             manifest.update(final_step=step, interval=self.interval, bytes_total=self.store.bytes_on_disk())
-        self.store.close()
         self.store.write_manifest()

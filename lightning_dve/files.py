@@ -202,7 +202,7 @@ class LineLog:
         Raises:
             StoreError: if the disk is full or the write fails; a partly written line is cut off again.
         """
-        rest = line.encode()
+        data = rest = line.encode()
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -217,7 +217,7 @@ class LineLog:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._size)
             raise write_error(self.path, err) from err
-        self._size += len(line.encode())
+        self._size += len(data)
 
     def close(self) -> None:
         """Close the file (safe to call twice; a later :meth:`append` opens it again)."""

@@ -214,7 +214,7 @@ def test_recorder_keeps_a_write_error_for_check(tmp_path: Path, monkeypatch: pyt
     def fail(*args: Any) -> None:
         raise failure
 
-    monkeypatch.setattr(recorder, "_before_step", fail)
+    monkeypatch.setattr(recorder, "_record", fail)
     recorder.before_step(0, None, None, {}, 1.0)  # type: ignore[arg-type]  (kept, not raised here)
     with pytest.raises(StoreError, match="boom"):
         recorder.check()
