@@ -56,11 +56,13 @@ def warn_sampler_padding(trainer: pl.Trainer) -> None:
                        "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
 
 
-def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int) -> TrajectoryStore:
+def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int,
+                 layers: list[dict[str, Any]]) -> TrajectoryStore:
     """Reopen the store a checkpoint points to, after checking it was written with the same setup.
 
     Raises:
         ConfigError: if the checkpoint was recorded with other callback settings or another world size.
+        StoreError: if the store tracked other layers or projections than ``layers`` (this run's manifest entries).
     """
     if state.get("settings_hash") != settings_hash:
         raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
@@ -69,7 +71,7 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
     if state.get("world_size") != world_size:
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)))
+    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), layers)
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,
@@ -95,7 +97,7 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
         try:
             if resume is None:
                 return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
-            return resume_store(rank_root, resume, settings_hash, comm.world_size), None
+            return resume_store(rank_root, resume, settings_hash, comm.world_size, manifest["layers"]), None
         except DVEError as err:
             return None, err
 

@@ -105,6 +105,14 @@ def _scale_key(name: str, kind: str) -> str:
     return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
 
 
+def _layer_summary(layers: list[dict[str, Any]]) -> str:
+    """``name [d_out x d_in] -> k_out x k_in (out checksum, in checksum)`` per layer, for error messages."""
+    return "; ".join(
+        f"{e['name']} [{e['out_dim']}x{e['in_dim']}] -> {e['projection']['out']['projected_dim']}x"
+        f"{e['projection']['in']['projected_dim']} ({e['projection']['out']['checksum']}, "
+        f"{e['projection']['in']['checksum']})" for e in layers)
+
+
 def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
     """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
 
@@ -231,12 +239,27 @@ class TrajectoryStore:
                              lrs=[e[2] for e in entries])
 
     @classmethod
-    def reopen(cls, root: str | os.PathLike[str], last_step: int) -> TrajectoryStore:
+    def reopen(cls, root: str | os.PathLike[str], last_step: int,
+               layers: list[dict[str, Any]] | None = None) -> TrajectoryStore:
         """Reopen a store to continue recording after ``last_step`` (resume from a checkpoint).
 
         Steps after ``last_step``, which the resumed run redoes, are deleted, and so are the embeddings.
+
+        Args:
+            layers: the resuming run's manifest layer entries (names, shapes, projection seeds and checksums);
+                a store that recorded other ones is refused before anything in it changes.
+
+        Raises:
+            StoreError: if ``layers`` differ from the store's.
         """
         store = cls.open(root)
+        if layers is not None and store.manifest["layers"] != layers:
+            raise StoreError(
+                f"the store at {store.root} recorded layers {_layer_summary(store.manifest['layers'])}, the resumed "
+                f"run tracks {_layer_summary(layers)}: resuming would mix two projections or models in one "
+                "trajectory. Resume with the model, callback settings and lightning_dve version that started the "
+                "run, or start a fresh fit without ckpt_path."
+            )
         store._scan_steps(after=last_step)
         for file in (store.root / EMBEDDINGS).glob("*.safetensors"):
             file.unlink()

@@ -97,3 +97,26 @@ def test_resume_with_another_world_size_is_refused(
     again.load_state_dict(state)
     with pytest.raises(ConfigError, match="recorded on 4 process.*Resume with the same number of devices"):
         checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader())
+
+
+def test_resume_with_another_projection_is_refused_and_keeps_the_store(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same callback settings, but the projection regenerates differently (another lightning_dve version): the
+    resumed run is refused before the store drops any step, instead of mixing two projections in one trajectory."""
+    from lightning_dve import StoreError
+    from lightning_dve.projection import SideProjection
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls().double(), make_loader())
+    before = sorted(p.name for p in (tmp_path / "dve").rglob("*") if p.is_file())
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    original = SideProjection.matrix
+    monkeypatch.setattr(SideProjection, "matrix", lambda self: -original(self))
+    resumed = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    with pytest.raises(StoreError, match=r"recorded layers net\.0 \[16x65\] -> 5x6 \(\w+, \w+\);.* resuming "
+                                         r"would mix two projections or models"):
+        checkpointing_trainer(tmp_path, 3, [resumed]).fit(mlp_cls().double(), make_loader(), ckpt_path=epoch0)
+    assert sorted(p.name for p in (tmp_path / "dve").rglob("*") if p.is_file()) == before
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(8))
