@@ -5,6 +5,12 @@ A layer's per-sample gradient ``G = sum_p delta_p a_p^T`` (``[d_out, d_in]``) is
 its own seed, derived with ``hashlib`` from the base seed, the layer name and the side, so that it is the same
 in every process. The matrices are drawn on the CPU in float64 and checksummed, so a store can refuse to be
 scored with another projection.
+
+A side is an orthogonalised Gaussian: ``k`` orthonormal rows (the Q factor of a Gaussian draw, a uniformly random
+``k``-dimensional subspace) scaled by ``sqrt(d / k)``. Like a Gaussian ``P`` with ``N(0, 1/k)`` entries it is
+unbiased, ``E[P^T P] = I``, but the variance of a projected inner product ``<P x, P y>`` shrinks by ``1 - k / d``:
+exact at ``k = d`` and a large gain on small layers (``k = 32`` of ``d = 65``: half the variance). Stores written
+before it (no ``"orthogonal"`` in their manifest) keep their plain Gaussian sides.
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ class SideProjection:
         dim: true size ``d`` of that side (input side includes the bias column).
         projected_dim: projected size ``k``.
         seed: generator seed, or ``None`` for the identity.
+        orthogonal: whether the rows are orthogonalised (module docstring); ``False`` for stores written before.
     """
 
     dim: int
     projected_dim: int
     seed: int | None
+    orthogonal: bool = False
 
     @property
     def is_identity(self) -> bool:
@@ -57,12 +65,20 @@ class SideProjection:
         return self.seed is None
 
     def matrix(self) -> torch.Tensor:
-        """Return ``P`` as a float64 CPU tensor ``[k, d]`` with entries ``N(0, 1/k)``."""
+        """Return ``P`` as a float64 CPU tensor ``[k, d]`` with ``E[P^T P] = I``.
+
+        Orthogonal: ``sqrt(d / k) Q^T`` with ``Q R`` the QR factorisation of the Gaussian draw's transpose, the
+        signs of ``R``'s diagonal moved into ``Q`` (so ``Q`` is Haar-distributed and fixed by the seed); else the
+        draw itself with entries ``N(0, 1/k)``.
+        """
         if self.seed is None:
             return torch.eye(self.dim, dtype=torch.float64)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         draw = torch.randn(self.projected_dim, self.dim, generator=generator, dtype=torch.float64)
-        return draw / math.sqrt(self.projected_dim)
+        if not self.orthogonal:
+            return draw / math.sqrt(self.projected_dim)
+        q, r = torch.linalg.qr(draw.T)
+        return (q * torch.sign(torch.diagonal(r))).T * math.sqrt(self.dim / self.projected_dim)
 
     def checksum(self) -> str:
         """Return a sha256 prefix of the matrix bytes (identity: a fixed tag)."""
@@ -88,8 +104,8 @@ class LayerProjection:
             return cls(SideProjection(out_dim, out_dim, None), SideProjection(in_dim, in_dim, None))
         k_out, k_in = split_dim(projection_dim, out_dim, in_dim)
         return cls(
-            SideProjection(out_dim, k_out, None if k_out == out_dim else derive_seed(seed, name, "out")),
-            SideProjection(in_dim, k_in, None if k_in == in_dim else derive_seed(seed, name, "in")),
+            SideProjection(out_dim, k_out, None if k_out == out_dim else derive_seed(seed, name, "out"), True),
+            SideProjection(in_dim, k_in, None if k_in == in_dim else derive_seed(seed, name, "in"), True),
         )
 
     @property
@@ -108,7 +124,8 @@ class LayerProjection:
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest entry: seeds, shapes and checksums of both sides."""
         return {
-            side: {"dim": p.dim, "projected_dim": p.projected_dim, "seed": p.seed, "checksum": p.checksum()}
+            side: {"dim": p.dim, "projected_dim": p.projected_dim, "seed": p.seed, "orthogonal": p.orthogonal,
+                   "checksum": p.checksum()}
             for side, p in (("out", self.output), ("in", self.input))
         }
 
@@ -119,7 +136,8 @@ class LayerProjection:
         Raises:
             StoreError: if a regenerated matrix does not match its recorded checksum.
         """
-        sides = {s: SideProjection(data[s]["dim"], data[s]["projected_dim"], data[s]["seed"]) for s in ("out", "in")}
+        sides = {s: SideProjection(data[s]["dim"], data[s]["projected_dim"], data[s]["seed"],
+                                   data[s].get("orthogonal", False)) for s in ("out", "in")}
         for side, proj in sides.items():
             if proj.checksum() != data[side]["checksum"]:
                 raise StoreError(

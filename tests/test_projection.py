@@ -103,6 +103,40 @@ def test_side_matrix_shape_scale_and_determinism():
     assert torch.equal(identity.matrix(), torch.eye(4, dtype=DTYPE)) and identity.checksum() == "identity"
 
 
+def test_orthogonal_side_has_orthonormal_rows_scaled_to_keep_norms():
+    side = SideProjection(dim=300, projected_dim=200, seed=derive_seed(0, "fc", "in"), orthogonal=True)
+    matrix = side.matrix()
+    assert matrix.shape == (200, 300) and torch.equal(matrix, side.matrix())
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(200, dtype=DTYPE) * 300 / 200, rtol=0, atol=1e-12)
+    assert LayerProjection.create("fc", 30, 41, 100, seed=0).input.orthogonal  # what new recordings use
+
+
+def test_orthogonal_sides_are_unbiased_and_shrink_the_inner_product_variance_by_one_minus_k_over_d():
+    """Over 600 seeds, ``<P x, P y>`` averages ``<x, y>`` for both kinds; the orthogonal kind's variance is the
+    Gaussian's times ``1 - k / d`` (0.508 at k = 32 of d = 65, the digits MLP's first layer)."""
+    d, k = 65, 32
+    gen = torch.Generator().manual_seed(0)
+    x, y = _unit_rows(torch.randn(2, d, generator=gen, dtype=DTYPE))
+    values: dict[bool, list[float]] = {False: [], True: []}
+    for seed in range(600):
+        for orthogonal in values:
+            p = SideProjection(dim=d, projected_dim=k, seed=seed, orthogonal=orthogonal).matrix()
+            values[orthogonal].append(float((p @ x) @ (p @ y)))
+    samples = {kind: torch.tensor(v, dtype=DTYPE) for kind, v in values.items()}
+    for kind, v in samples.items():  # unbiased: within 4 standard errors
+        assert abs(float(v.mean()) - float(x @ y)) < 4 * float(v.std()) / math.sqrt(len(v)), kind
+    ratio = float(samples[True].var() / samples[False].var())
+    assert 0.38 < ratio < 0.65, ratio  # 1 - 32/65 = 0.508; each variance has a ~6 % standard error
+
+
+def test_stores_written_before_orthogonal_sides_keep_their_gaussian_projection():
+    legacy = SideProjection(dim=41, projected_dim=10, seed=derive_seed(5, "fc", "in"))
+    entry = {side: {"dim": p.dim, "projected_dim": p.projected_dim, "seed": p.seed, "checksum": p.checksum()}
+             for side, p in (("out", SideProjection(30, 30, None)), ("in", legacy))}  # no "orthogonal" key
+    restored = LayerProjection.from_dict("fc", entry)
+    assert not restored.input.orthogonal and torch.equal(restored.input.matrix(), legacy.matrix())
+
+
 def test_layer_projection_sides_differ_and_follow_the_split():
     layer = LayerProjection.create("fc", 30, 41, 100, seed=0)
     assert (layer.output.projected_dim, layer.input.projected_dim) == split_dim(100, 30, 41)
