@@ -175,7 +175,8 @@ class DataValueEmbedding(pl.Callback):
         if self._writer is not None:
             self._writer.flush()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
-                "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size}
+                "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
+                "run_id": None if self._store is None else self._store.manifest.get("run_id")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
@@ -211,7 +212,9 @@ class DataValueEmbedding(pl.Callback):
                                                 str(trainer.precision))
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
-        self._embeddings, self._resume, self._last_step = None, None, -1  # a later fit starts afresh
+        # a later fit starts afresh; a resumed one continues after the checkpoint's last step
+        self._last_step = -1 if self._resume is None else int(self._resume.get("last_step", -1))
+        self._embeddings, self._resume = None, None
         callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,6 +4,7 @@ scaler, and each rank's store (created, or the one a checkpoint resumes). Framew
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,13 @@ def warn_sampler_padding(trainer: pl.Trainer) -> None:
 
 
 def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int,
-                 layers: list[dict[str, Any]]) -> TrajectoryStore:
+                 layers: list[dict[str, Any]], rank: int) -> TrajectoryStore:
     """Reopen the store a checkpoint points to, after checking it was written with the same setup.
 
     Raises:
         ConfigError: if the checkpoint was recorded with other callback settings or another world size.
-        StoreError: if the store tracked other layers or projections than ``layers`` (this run's manifest entries).
+        StoreError: if the store tracked other layers or projections than ``layers`` (this run's manifest entries),
+            is not the one the checkpoint was saved with (rank 0's ``run_id``), or lacks the checkpoint's last step.
     """
     if state.get("settings_hash") != settings_hash:
         raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
@@ -71,7 +73,8 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
     if state.get("world_size") != world_size:
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), layers)
+    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), layers,
+                                  state.get("run_id") if rank == 0 else None)  # the checkpoint holds rank 0's
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,
@@ -80,7 +83,7 @@ def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_modul
     training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
-            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
+            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype, "run_id": uuid.uuid4().hex,
             "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value}
 
 
@@ -97,7 +100,8 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
         try:
             if resume is None:
                 return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
-            return resume_store(rank_root, resume, settings_hash, comm.world_size, manifest["layers"]), None
+            return resume_store(rank_root, resume, settings_hash, comm.world_size, manifest["layers"],
+                                comm.rank), None
         except DVEError as err:
             return None, err
 

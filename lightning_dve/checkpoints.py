@@ -86,6 +86,8 @@ class CheckpointStore:
         self.manifest = manifest
         self._hyper: dict[int, dict[str, Any]] | None = None  # hyper.jsonl parsed, by step (None: not read yet)
         self._log = LineLog(self.root / HYPER_FILE)  # appends to hyper.jsonl
+        # reopened: the step to continue after and the hyperparameter lines to keep, applied at the first write
+        self._resume_after: tuple[int, list[dict[str, Any]] | None] | None = None
 
     @classmethod
     def create(cls, root: Path, manifest: dict[str, Any]) -> CheckpointStore:
@@ -122,27 +124,36 @@ class CheckpointStore:
 
     @classmethod
     def reopen(cls, root: Path, last_step: int) -> CheckpointStore:
-        """Continue after ``last_step`` (resume): later snapshots and hyperparameters are dropped, as in the store.
+        """Continue after ``last_step`` (resume): later snapshots and hyperparameters are dropped, as in the store,
+        at the first write, so a resumed fit that trains no further changes nothing.
 
-        ``hyper.jsonl`` is rewritten (temporary file, then rename) with the lines of steps ``<= last_step`` only;
-        a torn last line is dropped with them.
+        ``hyper.jsonl`` is read now (a torn last line is dropped with a warning) and rewritten at that write
+        (temporary file, then rename) with the lines of steps ``<= last_step`` only.
 
         Raises:
             StoreError: as :meth:`open`, or if ``hyper.jsonl`` is corrupt before its last line.
         """
         store = cls.open(root)
-        for file in store.root.glob("state_*.safetensors"):
-            if int(file.stem.split("_")[1]) > last_step:
-                file.unlink()
         path = store.root / HYPER_FILE
-        if path.is_file():
-            kept = [r for r in read_json_lines(path).values() if r["step"] <= last_step]
-            write_text_atomic(path, "".join(json_line(r) for r in kept))
-        store.manifest["final_step"] = None
-        store.write_manifest()
+        kept = [r for r in read_json_lines(path).values() if r["step"] <= last_step] if path.is_file() else None
+        store._resume_after = (last_step, kept)
         return store
 
+    def _truncate_for_resume(self) -> None:
+        """The deferred part of :meth:`reopen`."""
+        if self._resume_after is None:
+            return
+        (after, kept), self._resume_after = self._resume_after, None
+        for file in self.root.glob("state_*.safetensors"):
+            if int(file.stem.split("_")[1]) > after:
+                file.unlink()
+        if kept is not None:
+            write_text_atomic(self.root / HYPER_FILE, "".join(json_line(r) for r in kept))
+        self.manifest["final_step"] = None
+        self.write_manifest()
+
     def write_manifest(self) -> None:
+        self._truncate_for_resume()
         _write_json(self.root / REPLAY_MANIFEST, self.manifest)
 
     @property
@@ -154,6 +165,7 @@ class CheckpointStore:
         self, step: int, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
     ) -> None:
         """Persist ``theta_step`` (``{name: tensor}``) and the optimizer state ``{name: {key: tensor}}``."""
+        self._truncate_for_resume()
         tensors = {f"param/{name}": p.detach() for name, p in params.items()}  # written at once: no copies needed
         for name, entries in state.items():
             tensors.update({f"state/{name}/{key}": v.detach() for key, v in entries.items()})
@@ -181,6 +193,7 @@ class CheckpointStore:
         Raises:
             StoreError: if the disk is full or the write fails; the lines of earlier steps are kept.
         """
+        self._truncate_for_resume()
         self._hyper = None
         self._log.append(json_line({"step": step, **record}))
 

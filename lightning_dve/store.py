@@ -143,6 +143,7 @@ class TrajectoryStore:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = Path(root)
         self.manifest = manifest
+        self._resume_after: int | None = None  # reopened: drop later steps at the first write (reopen)
 
     @property
     def settings_hash(self) -> str:
@@ -239,42 +240,59 @@ class TrajectoryStore:
                              lrs=[e[2] for e in entries])
 
     @classmethod
-    def reopen(cls, root: str | os.PathLike[str], last_step: int,
-               layers: list[dict[str, Any]] | None = None) -> TrajectoryStore:
+    def reopen(cls, root: str | os.PathLike[str], last_step: int, layers: list[dict[str, Any]] | None = None,
+               run_id: str | None = None) -> TrajectoryStore:
         """Reopen a store to continue recording after ``last_step`` (resume from a checkpoint).
 
-        Steps after ``last_step``, which the resumed run redoes, are deleted, and so are the embeddings.
+        Steps after ``last_step``, which the resumed run redoes, are deleted, and so are the embeddings, but only
+        when the resumed run first writes (:meth:`append` or :meth:`finish_recording`): a resumed fit that trains
+        no further (its checkpoint was at the end) leaves the store as it was.
 
         Args:
-            layers: the resuming run's manifest layer entries (names, shapes, projection seeds and checksums);
-                a store that recorded other ones is refused before anything in it changes.
+            layers: the resuming run's manifest layer entries (names, shapes, projection seeds and checksums).
+            run_id: the ``run_id`` of the store the checkpoint was saved with (``None``: not checked).
 
         Raises:
-            StoreError: if ``layers`` differ from the store's.
+            StoreError: if the store recorded other ``layers``, is another fit's (``run_id``) or does not hold
+                ``last_step``; nothing in it has changed then.
         """
         store = cls.open(root)
+        recorded = f"the store at {store.root}"
+        fix = "Resume into the save_dir the checkpoint was recorded in, or start a fresh fit without ckpt_path."
         if layers is not None and store.manifest["layers"] != layers:
-            raise StoreError(
-                f"the store at {store.root} recorded layers {_layer_summary(store.manifest['layers'])}, the resumed "
-                f"run tracks {_layer_summary(layers)}: resuming would mix two projections or models in one "
-                "trajectory. Resume with the model, callback settings and lightning_dve version that started the "
-                "run, or start a fresh fit without ckpt_path."
-            )
-        store._scan_steps(after=last_step)
-        for file in (store.root / EMBEDDINGS).glob("*.safetensors"):
-            file.unlink()
-        for file in (store.root / REFERENCES).glob("*.safetensors"):
-            if int(file.stem.split("_")[1]) > last_step:
-                file.unlink()
-        store.manifest.update(status="recording", embeddings=None)
-        store.write_manifest()
+            raise StoreError(f"{recorded} recorded layers {_layer_summary(store.manifest['layers'])}, the resumed run "
+                             f"tracks {_layer_summary(layers)}: resuming would mix two projections or models in one "
+                             "trajectory. Resume with the model, callback settings and lightning_dve version that "
+                             "started the run, or start a fresh fit without ckpt_path.")
+        if run_id is not None and store.manifest.get("run_id") != run_id:
+            raise StoreError(f"{recorded} was recorded by another fit (run {store.manifest.get('run_id')}) than the "
+                             f"checkpoint's (run {run_id}): it was overwritten since. {fix}")
+        if last_step >= 0 and last_step not in store.steps:
+            raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
+                             f"steps: {store.steps[:3]}...{store.steps[-3:]}): resuming would leave a gap. {fix}")
+        store._resume_after = last_step
         return store
+
+    def _truncate_for_resume(self) -> None:
+        """The deferred part of :meth:`reopen`: drop the steps after the checkpoint's and the embeddings."""
+        after, self._resume_after = self._resume_after, None
+        if after is None:
+            return
+        self._scan_steps(after=after)
+        for file in (self.root / EMBEDDINGS).glob("*.safetensors"):
+            file.unlink()
+        for file in (self.root / REFERENCES).glob("*.safetensors"):
+            if int(file.stem.split("_")[1]) > after:
+                file.unlink()
+        self.manifest.update(status="recording", embeddings=None)
+        self.write_manifest()
 
     def _metadata(self, step: int, epoch: int = 0) -> dict[str, str]:
         return {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash}
 
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
+        self._truncate_for_resume()
         path = self.root / STEPS / _step_name(record.step)
         tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
         write_atomic(path, tensors, self._metadata(record.step, record.epoch))
@@ -284,6 +302,7 @@ class TrajectoryStore:
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
+        self._truncate_for_resume()
         self.manifest.update(status="complete", **extra)
         self.write_manifest()
 

@@ -256,6 +256,8 @@ def embed_trajectory(
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
+        if bounds[segment][0] >= bounds[segment][1]:  # nothing recorded (every step skipped): nothing to embed
+            return {}
         recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank], curvature)
         first = store.steps[bounds[segment][0]]
         with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block

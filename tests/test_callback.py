@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dve import (
     ConfigError,
     DataValueEmbedding,
+    DataValueEmbeddings,
     GradientError,
     SampleIdError,
     StoreError,
@@ -295,6 +296,20 @@ def test_training_step_returning_none_records_nothing(fit, mlp_cls, save_dir):
     assert TrajectoryStore.open(save_dir).steps == [0, 2, 3]
     assert step_files(save_dir) == [f"step_0000000{s}.safetensors" for s in (0, 2, 3)]
     assert stored_ids(save_dir) == list(range(16)) + list(range(32, 64))  # batch 1 (ids 16..31) absent
+
+
+def test_a_fit_that_records_no_step_finishes_with_empty_embeddings(fit, mlp_cls, save_dir, test_batch):
+    """Every ``training_step`` returns ``None``: the fit ends normally, the store is complete and empty, and
+    queries return no occurrences (the train end crashed on the empty segment before)."""
+    class SkipAll(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    model, dve = SkipAll(), DataValueEmbedding(save_dir)
+    fit(model, dve)
+    assert TrajectoryStore.open(save_dir).steps == [] and step_files(save_dir) == []
+    result = DataValueEmbeddings.load(save_dir).influence(mlp_cls(), test_batch)  # SkipAll has no loss
+    assert result.scores.shape == (len(test_batch["y"]), 0) and dve.embeddings.steps == []
 
 
 def _proxy_warnings(record) -> list[str]:

@@ -114,8 +114,7 @@ def test_reopen_keeps_steps_up_to_the_last_and_appends_after_it(tmp_path: Path) 
         handle.write('{"step":6,"gr')  # torn as well: dropped by the rewrite
     with pytest.warns(UserWarning, match="last line was incomplete"):
         store = CheckpointStore.reopen(tmp_path, last_step=2)
-    assert _steps(tmp_path) == [0, 1, 2]
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / HYPER_FILE).read_text().endswith('{"step":6,"gr')  # nothing changes until the next write
     for step in (3, 4):  # the resumed run records its steps 3, 4 again, differently
         store.write_hyper(step, _record(10 + step))
     store.close()

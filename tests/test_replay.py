@@ -367,6 +367,8 @@ def test_resume_drops_later_checkpoints(tmp_path: Path) -> None:
         store.write_hyper(step, {"groups": [{"lr": step}]})
     store.close()
     reopened = CheckpointStore.reopen(root, last_step=2)
+    assert reopened.snapshot_steps == [0, 2, 4]  # nothing changes until the resumed run writes
+    reopened.write_manifest()
     assert reopened.snapshot_steps == [0, 2] and reopened.manifest["final_step"] is None
     assert [reopened.read_hyper(step)["groups"] for step in (0, 2)] == [[{"lr": 0}], [{"lr": 2}]]
     with pytest.raises(StoreError, match="hyperparameters of step 4 were not recorded"):

@@ -120,3 +120,61 @@ def test_resume_with_another_projection_is_refused_and_keeps_the_store(
         checkpointing_trainer(tmp_path, 3, [resumed]).fit(mlp_cls().double(), make_loader(), ckpt_path=epoch0)
     assert sorted(p.name for p in (tmp_path / "dve").rglob("*") if p.is_file()) == before
     assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(8))
+
+
+def test_resuming_a_finished_run_from_its_last_checkpoint_keeps_its_embeddings(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+) -> None:
+    """``fit(ckpt_path=last.ckpt)`` with nothing left to train: Lightning skips the loop (no ``on_train_end``), so
+    the reopened store must be left exactly as it was, complete with its embeddings and replay checkpoints, and
+    the callback must still report the checkpoint's last step (a later checkpoint would otherwise drop every step)."""
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = mlp_cls().double()
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        model, make_loader())
+    before = {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()}
+    batch = {**test_batch, "x": test_batch["x"].double()}
+    expected = DataValueEmbeddings.load(tmp_path / "dve").influence(model, batch).scores
+    again = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls().double(), make_loader(),
+                                                    ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()} == before
+    assert again.state_dict()["last_step"] == 7
+    torch.testing.assert_close(DataValueEmbeddings.load(tmp_path / "dve").influence(model, batch).scores,
+                               expected, rtol=0, atol=0)
+
+
+def test_resume_into_a_store_another_fit_overwrote_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """Run A checkpoints after epoch 1; a fresh fit B (``overwrite=True``, same settings) then records into the same
+    save_dir. Resuming A would splice A's later steps onto B's: refused, and B's store is kept."""
+    from lightning_dve import StoreError
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls().double(), make_loader())
+    epoch1 = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))[0]
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True)]).fit(
+        mlp_cls(seed=5).double(), make_loader())
+    before = {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=r"recorded by another fit \(run \w+\) than the checkpoint's \(run \w+\): it "
+                                         "was overwritten since"):
+        checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
+            mlp_cls().double(), make_loader(), ckpt_path=epoch1)
+    assert {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()} == before
+
+
+def test_resume_into_a_store_without_the_checkpoints_last_step_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """A checkpoint from before the run id existed (no ``run_id``) whose store lost its later steps."""
+    from lightning_dve import StoreError
+
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 1, [dve]).fit(mlp_cls(), make_loader())
+    state = {k: v for k, v in dve.state_dict().items() if k != "run_id"} | {"last_step": 9}
+    again = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    again.load_state_dict(state)
+    with pytest.raises(StoreError, match=r"continues after step 9, which the store at .* does not hold .* gap"):
+        checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader())
