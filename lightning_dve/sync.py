@@ -150,7 +150,7 @@ class StepAssembler:
             return None
         ranks = torch.cat([torch.full((len(m),), r) for r, m in enumerate(metas)])
         meta = torch.cat(metas)
-        sample_ids = meta[:, 0].to(torch.int64)
+        sample_ids = (meta[:, 0].to(torch.int64) << 32) | meta[:, 1].to(torch.int64)
         self._check_duplicates(sample_ids, ranks, step, last_batch)
         sizes = [self.dims[n] for n in self.layer_names]
         kinds = dict(zip(self.kinds, all_grads.split(sum(sizes), dim=1)))
@@ -158,16 +158,18 @@ class StepAssembler:
         owned = {kind: dict(zip(self.layer_names, rows.split(sizes, dim=1))) for kind, rows in kinds.items()}
         owned = {kind: {n: rows[n] for n in self.owned} for kind, rows in owned.items()}
         vectors = {kind: {n: values[n] for n in self.owned} for kind, values in (vectors or {}).items()}
-        return StepRecord(step, sample_ids, meta[:, 1], lrs, owned["grads"], epoch, optim or {},
+        return StepRecord(step, sample_ids, meta[:, 2], lrs, owned["grads"], epoch, optim or {},
                           vectors=vectors, **{kind: owned[kind] for kind in self.kinds[1:]})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's buffered rows: ``[b, 2]`` (id, weight) in float64 and ``[b, kinds * sum k_l]`` rows."""
+        """This rank's buffered rows: ``[b, 3]`` (id's high and low 32 bits, weight) in float64, exact for every
+        int64 id, and ``[b, kinds * sum k_l]`` rows."""
         buffer, self._buffer = self._buffer, []
-        meta = [torch.stack([m.sample_ids.to(torch.float64), m.weights.to(torch.float64)], dim=1) for m in buffer]
+        meta = [torch.stack([(m.sample_ids >> 32).to(torch.float64), (m.sample_ids & 0xFFFFFFFF).to(torch.float64),
+                             m.weights.to(torch.float64)], dim=1) for m in buffer]
         grads = [self._row(m) for m in buffer]
         width = sum(self.dims.values()) * len(self.kinds)
-        return (torch.cat([torch.zeros(0, 2, dtype=torch.float64), *meta]),
+        return (torch.cat([torch.zeros(0, 3, dtype=torch.float64), *meta]),
                 torch.cat([torch.zeros(0, width, dtype=self.dtype), *grads]))
 
     def _row(self, micro: MicroBatch) -> torch.Tensor:

@@ -158,7 +158,7 @@ def micro(ids: list[int], k: int = 2) -> MicroBatch:
 
 
 def test_padding_duplicates_across_ranks_in_last_batch_are_kept() -> None:
-    peer = [torch.tensor([[7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
     record = assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=True)
@@ -166,11 +166,21 @@ def test_padding_duplicates_across_ranks_in_last_batch_are_kept() -> None:
 
 
 def test_duplicates_elsewhere_are_refused() -> None:
-    peer = [torch.tensor([[7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
     with pytest.raises(SampleIdError, match="allow_duplicate_ids=True"):
         assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=False)
+
+
+def test_sample_ids_beyond_float64_precision_are_gathered_exactly() -> None:
+    """Ids travel as two exact 32-bit halves (hashed ids above 2**53 were rounded through float64 before, so two
+    distinct ids could be refused as duplicates)."""
+    ids = [2**53, 2**53 + 1, 2**62 + 7, 3]
+    assembler = StepAssembler(SingleProcess(), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro(ids))
+    record = assembler.close(step=0, lrs=torch.ones(1), epoch=0, last_batch=False)
+    assert record is not None and record.sample_ids.tolist() == ids and record.sample_ids.dtype == torch.int64
 
 
 def test_skipped_step_on_every_rank_records_nothing() -> None:
