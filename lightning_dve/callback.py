@@ -133,6 +133,7 @@ class DataValueEmbedding(pl.Callback):
         self._dims: dict[str, int] = {}
         self._root: Path | None = None
         self._resume: dict[str, Any] | None = None
+        self._deferred_write: DVEError | None = None  # rank 0's failed boundary-reference write, for the next check
         self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
         self._step = -1
         self._last_step = -1
@@ -214,7 +215,7 @@ class DataValueEmbedding(pl.Callback):
         self._capture.attach()
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if self._resume is None else int(self._resume.get("last_step", -1))
-        self._embeddings, self._resume = None, None
+        self._embeddings, self._resume, self._deferred_write = None, None, None
         callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -264,9 +265,7 @@ class DataValueEmbedding(pl.Callback):
     ) -> None:
         hooks, error = self._active_capture(), None
         try:
-            self._active_writer().check()  # a failed background write (e.g. a full disk) stops every rank
-            if self._recorder is not None:
-                self._recorder.check()  # so does a failed checkpoint write (rank 0 only)
+            self._check_writes()
             if hooks.captured:
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None
@@ -295,25 +294,29 @@ class DataValueEmbedding(pl.Callback):
             if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
                 with contextlib.suppress(DVEError):  # a failed write is raised at the next (agreed) check
                     self._active_writer().flush()
-                reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config, self.reference,
-                                                  record.step)
+                try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree
+                    reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config,
+                                                      self.reference, record.step)
+                except DVEError as err:
+                    self._deferred_write = err
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
         assert store is not None
-        error = None
+        error, steps_bytes, per_step = None, 0, 0
         try:
+            self._check_writes()
             if self._recorder is not None:
                 self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
                                       time.perf_counter() - self._train_started)
             self._active_writer().close()  # every queued step is on disk before the store is finished
+            steps_bytes = store.bytes_on_disk(STEPS)
+            per_step = steps_bytes // max(1, len(store.steps))
+            store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
         self._release()
-        steps_bytes = store.bytes_on_disk(STEPS)
-        per_step = steps_bytes // max(1, len(store.steps))
-        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
         rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
                        f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
         dtype = getattr(torch, store.manifest["dtype"])
@@ -369,6 +372,16 @@ class DataValueEmbedding(pl.Callback):
             self._recorder.store.close()
         if self._writer is not None:  # on an exception: keep what was queued, raise nothing new
             self._writer.close(raise_error=False)
+
+    def _check_writes(self) -> None:
+        """Raise a write that failed since the last check: the step store's (e.g. a full disk), and on rank 0 the
+        replay checkpoints' or a boundary reference's. Called where the ranks agree on errors."""
+        self._active_writer().check()
+        if self._recorder is not None:
+            self._recorder.check()
+        error, self._deferred_write = self._deferred_write, None
+        if error is not None:
+            raise error
 
     def _active_writer(self) -> StepWriter:
         assert self._writer is not None, "on_fit_start has not run"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -255,6 +256,7 @@ def embed_trajectory(
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
+    errors: list[DVEError] = []  # rank 0's failed writes: the collectives go on, the ranks agree at the end
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
 
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
@@ -268,7 +270,7 @@ def embed_trajectory(
                 # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                 embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
                 written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
-                                             list(zip(block, embeddings)), merge))
+                                             list(zip(block, embeddings)), merge, errors))
                 if len(written) > 1:
                     written[-2].result()  # at most one block waits: memory stays bounded; errors surface
                 bar.update(len(block))
@@ -284,10 +286,10 @@ def embed_trajectory(
             with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
                 factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
             if comm.world_size > 1:
-                _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype)
+                _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
-    error = None
-    if comm.rank == 0:
+    error = errors[0] if errors else None
+    if comm.rank == 0 and error is None:
         try:
             store.write_segments(bounds, factors)
             store.manifest["embeddings"] = "complete"
@@ -324,8 +326,13 @@ def _write_pending(
     dtype: torch.dtype,
     pending: list[tuple[StepRecord, dict[str, torch.Tensor]]],
     merge: bool,
+    errors: list[DVEError],
 ) -> None:
-    """Write computed steps' embeddings; with ``merge``, first send the other ranks' to rank 0 in one collective."""
+    """Write computed steps' embeddings; with ``merge``, first send the other ranks' to rank 0 in one collective.
+
+    A failed write is appended to ``errors`` and no later step is written, but the collectives still run, so no
+    rank waits for one that has stopped.
+    """
     if merge:
         sizes = [record.sample_ids.numel() for record, _ in pending]
         received = gather_embeddings(comm, owned, dims, [e for _, e in pending], sum(sizes), dtype)
@@ -335,18 +342,31 @@ def _write_pending(
         pending = [(record, {**{n: e[n].to(dtype) for n in owned[0]}, **{n: parts[n][i] for n in parts}})
                    for i, (record, e) in enumerate(pending)]
     for record, embeddings in pending:
-        store.write_embeddings(record.step, embeddings, record.sample_ids)
+        _attempt(errors, partial(store.write_embeddings, record.step, embeddings, record.sample_ids))
+
+
+def _attempt(errors: list[DVEError], write: Callable[[], None]) -> None:
+    """``write()`` unless a write has failed already; keep its error in ``errors`` instead of raising it here."""
+    if errors:
+        return
+    try:
+        write()
+    except DVEError as err:
+        errors.append(err)
 
 
 def _merge_embeddings_on_rank_zero(
-    comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int], dtype: torch.dtype
+    comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int], dtype: torch.dtype,
+    errors: list[DVEError],
 ) -> None:
-    """Collective: replace rank 0's per-step embedding files by the merge of every rank's owned layers."""
+    """Collective: replace rank 0's per-step embedding files by the merge of every rank's owned layers (a failed
+    write goes to ``errors``, as in :func:`_write_pending`)."""
     for step in store.steps:
         sample_ids, local = store.read_embeddings(step)
         received = gather_embeddings(comm, owned, dims, [local], sample_ids.numel(), dtype)
         if comm.rank == 0:
-            store.write_embeddings(step, {**{n: local[n].to(dtype) for n in owned[0]}, **received}, sample_ids)
+            merged = {**{n: local[n].to(dtype) for n in owned[0]}, **received}
+            _attempt(errors, partial(store.write_embeddings, step, merged, sample_ids))
 
 
 def _gather_factors(

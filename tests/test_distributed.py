@@ -136,6 +136,19 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
     assert elapsed < 55, f"took {elapsed:.0f}s: a rank waited for the 60s gloo timeout"
 
 
+@pytest.mark.slow
+def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(tmp_path: Path) -> None:
+    """Rank 0 writes every embedding at train end; a full disk there used to leave rank 1 in the next collective
+    (gloo: "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--fail-embedding-write", "1", "--epochs", "1", timeout=200)
+    assert proc.returncode != 0
+    assert "embeddings/step_1: the disk is full" in proc.stderr  # rank 0's own error
+    assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 1 stops with it
+    assert "Connection closed by peer" not in proc.stderr
+    assert time.monotonic() - start < 55, "a rank waited for the 60s gloo timeout"
+
+
 class TwoRanks:
     """A stand-in for rank 0 of 2 whose peer sent fixed rows (for the pure assembly logic)."""
 

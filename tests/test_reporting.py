@@ -380,3 +380,25 @@ def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(tmp_pa
     metrics = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in metrics if r.get("dve/curve/influence_per_lr")] == list(range(8))
     assert len([r for r in metrics if r.get("dve/stages/early/share")]) == 1
+
+
+def test_a_failed_boundary_reference_write_stops_the_fit_at_the_next_check(fit, tmp_path, monkeypatch):
+    """The boundary reference is written on rank 0 only, after the step's agreement point: its error is kept and
+    raised at the next check where the ranks agree (so under DDP every rank stops), and the steps are kept."""
+    import errno
+
+    from lightning_dve import StoreError
+    from lightning_dve.files import write_error
+    from lightning_dve.store import TrajectoryStore
+
+    def full_disk(store, step, gradients):
+        raise write_error(store.root / "references" / f"step_{step}", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(TrajectoryStore, "write_reference", full_disk)
+    train, _ = loaders()
+    reference = next(iter(DataLoader(ImageDigits(range(1500, 1510)), batch_size=10)))
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference, segments=2)
+    with pytest.raises(StoreError, match=r"could not write .*references/step_\d+: the disk is full"):
+        fit(ImageMLP(), callback, train, max_epochs=2)
+    steps = TrajectoryStore.open(tmp_path / "dve").steps
+    assert steps and steps == list(range(len(steps)))

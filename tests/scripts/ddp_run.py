@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_dve import DataValueEmbedding
+from lightning_dve.files import write_error
+from lightning_dve.store import TrajectoryStore
 
 N_TRAIN, PER_RANK_BATCH, WORLD = 37, 8, 2  # 37 samples: DistributedSampler pads one, last batches are uneven
 
@@ -97,6 +101,18 @@ class GlobalBatches:
         return -(-(-(-N_TRAIN // WORLD)) // PER_RANK_BATCH)
 
 
+def fail_embedding_write(step: int) -> None:
+    """Make rank 0's ``write_embeddings`` of ``step`` fail as on a full disk."""
+    original = TrajectoryStore.write_embeddings
+
+    def failing(store: TrajectoryStore, at: int, *args: object) -> None:
+        if at == step and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            raise write_error(store.root / "embeddings" / f"step_{at}", OSError(errno.ENOSPC, "No space left on device"))
+        original(store, at, *args)
+
+    TrajectoryStore.write_embeddings = failing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "ddp_spawn"], required=True)
@@ -109,7 +125,11 @@ def main() -> None:
     parser.add_argument("--layout", default="per_layer", help="per_layer: the layers are sharded over the ranks")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
+    parser.add_argument("--fail-embedding-write", type=int, default=-1,
+                        help="rank 0's embedding write of this step fails with a full disk at train end")
     args = parser.parse_args()
+    if args.fail_embedding_write >= 0:
+        fail_embedding_write(args.fail_embedding_write)
     torch.set_num_threads(1)
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
