@@ -285,7 +285,7 @@ def embed_trajectory(
         else:
             with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
                 factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
-            if comm.world_size > 1:
+            if comm.world_size > 1 and not comm.any(bool(errors)):  # after a failed write, agree below instead
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     error = errors[0] if errors else None
