@@ -172,9 +172,14 @@ class DataValueEmbedding(pl.Callback):
         return self._embeddings
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume the same store (every step up to ``last_step`` is on disk)."""
+        """What a checkpoint needs to resume the same store (every step up to ``last_step`` is on disk).
+
+        A failed step write is not raised here, inside Lightning's checkpoint save on this rank alone: the next
+        agreed check raises it on every rank, and a checkpoint whose last step never reached the disk is refused
+        on resume.
+        """
         if self._writer is not None:
-            self._writer.flush()
+            self._writer.wait()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
                 "run_id": None if self._store is None else self._store.manifest.get("run_id")}

@@ -81,9 +81,13 @@ class StepWriter:
         if self._error is not None:
             raise self._error
 
-    def flush(self) -> None:
-        """Wait until every queued step is written (or dropped after an error), then :meth:`check`."""
+    def wait(self) -> None:
+        """Wait until every queued step is written (or dropped after an error); raise nothing."""
         self._queue.join()
+
+    def flush(self) -> None:
+        """:meth:`wait`, then :meth:`check`."""
+        self.wait()
         self.check()
 
     def close(self, raise_error: bool = True) -> None:

@@ -178,3 +178,34 @@ def test_resume_into_a_store_without_the_checkpoints_last_step_is_refused(
     again.load_state_dict(state)
     with pytest.raises(StoreError, match=r"continues after step 9, which the store at .* does not hold .* gap"):
         checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader())
+
+
+def test_a_checkpoint_saved_after_a_failed_step_write_is_refused_on_resume(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 2's write fails (full disk) and a ModelCheckpoint saves right after: the callback's state does not raise
+    inside Lightning's save (on one rank alone), the next agreed check stops the fit with the write error, and the
+    checkpoint that names step 2 as recorded is refused on resume, since step 2 never reached the disk."""
+    import errno
+
+    from lightning_dve import StoreError
+    from lightning_dve.files import write_error
+
+    original = TrajectoryStore.append
+
+    def full_disk_at_step_2(store: TrajectoryStore, record) -> None:
+        if record.step == 2:
+            raise write_error(store.root / "steps" / "step_2", OSError(errno.ENOSPC, "No space left on device"))
+        original(store, record)
+
+    monkeypatch.setattr(TrajectoryStore, "append", full_disk_at_step_2)
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    with pytest.raises(StoreError, match=r"steps/step_2: the disk is full"):
+        checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+            mlp_cls().double(), make_loader())
+    monkeypatch.setattr(TrajectoryStore, "append", original)
+    assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 1]
+    after_step_2 = sorted((tmp_path / "ckpt").glob("*step=3.ckpt"))[0]
+    with pytest.raises(StoreError, match="continues after step 2, which the store .* does not hold"):
+        checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
+            mlp_cls().double(), make_loader(), ckpt_path=after_step_2)
