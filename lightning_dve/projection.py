@@ -64,27 +64,37 @@ class SideProjection:
         """Whether this side is left unprojected."""
         return self.seed is None
 
+    def _draw(self) -> torch.Tensor:
+        """The seeded Gaussian ``[k, d]`` (float64, CPU): the same bytes on every machine and thread count."""
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return torch.randn(self.projected_dim, self.dim, generator=generator, dtype=torch.float64)
+
     def matrix(self) -> torch.Tensor:
         """Return ``P`` as a float64 CPU tensor ``[k, d]`` with ``E[P^T P] = I``.
 
         Orthogonal: ``sqrt(d / k) Q^T`` with ``Q R`` the QR factorisation of the Gaussian draw's transpose, the
-        signs of ``R``'s diagonal moved into ``Q`` (so ``Q`` is Haar-distributed and fixed by the seed); else the
-        draw itself with entries ``N(0, 1/k)``.
+        signs of ``R``'s diagonal moved into ``Q`` (so ``Q`` is Haar-distributed and fixed by the seed; its last
+        bits depend on the LAPACK kernel and thread count, ~1e-16 relative); else the draw with entries
+        ``N(0, 1/k)``.
         """
         if self.seed is None:
             return torch.eye(self.dim, dtype=torch.float64)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        draw = torch.randn(self.projected_dim, self.dim, generator=generator, dtype=torch.float64)
+        draw = self._draw()
         if not self.orthogonal:
             return draw / math.sqrt(self.projected_dim)
         q, r = torch.linalg.qr(draw.T)
         return (q * torch.sign(torch.diagonal(r))).T * math.sqrt(self.dim / self.projected_dim)
 
     def checksum(self) -> str:
-        """Return a sha256 prefix of the matrix bytes (identity: a fixed tag)."""
+        """Return a sha256 prefix that identifies the matrix (identity: a fixed tag).
+
+        Gaussian sides hash the matrix bytes; orthogonal sides hash their draw with a tag, because the QR factor's
+        last bits differ between thread counts and CPUs while the draw's do not.
+        """
         if self.seed is None:
             return "identity"
-        return hashlib.sha256(self.matrix().numpy().tobytes()).hexdigest()[:16]
+        data = b"orthogonal:" + self._draw().numpy().tobytes() if self.orthogonal else self.matrix().numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -229,3 +229,21 @@ def test_kronecker_projection_is_unbiased_on_rank_one_gradients():
     # each ratio has sd ~ sqrt(2/64 + 2/64) = 0.25; the mean of 40 has sd ~ 0.04
     assert abs(ratios_t.mean().item() - 1.0) < 0.15
     assert ratios_t.std().item() < 0.5
+
+
+def test_orthogonal_checksum_does_not_depend_on_the_thread_count():
+    """The QR factor's last bits differ between thread counts (Lightning's DDP launchers set cores / processes),
+    so a store recorded under DDP must still load in a one-thread or many-thread process: the checksum covers the
+    seeded draw, and the matrices agree to round-off."""
+    side = SideProjection(dim=129, projected_dim=102, seed=derive_seed(0, "head", "in"), orthogonal=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((side.checksum(), side.matrix()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len({checksum for checksum, _ in results}) == 1
+    for _, matrix in results[1:]:
+        torch.testing.assert_close(matrix, results[0][1], rtol=0, atol=1e-13)
