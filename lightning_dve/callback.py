@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 
 import torch
 
@@ -35,7 +34,7 @@ from .influence import DataValueEmbeddings
 from .optim import clip_factor, grads_finite, is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
-from .store import STEPS, TrajectoryStore
+from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
 
@@ -172,12 +171,8 @@ class DataValueEmbedding(pl.Callback):
         return self._embeddings
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume the same store (every step up to ``last_step`` is on disk).
-
-        A failed step write is not raised here, inside Lightning's checkpoint save on this rank alone: the next
-        agreed check raises it on every rank, and a checkpoint whose last step never reached the disk is refused
-        on resume.
-        """
+        """What a checkpoint needs to resume the same store. A failed step write is not raised here (in Lightning's
+        save, on one rank): the next agreed check raises it, and resuming from this checkpoint is then refused."""
         if self._writer is not None:
             self._writer.wait()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
@@ -191,6 +186,7 @@ class DataValueEmbedding(pl.Callback):
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        resume, self._resume = self._resume, None  # a refused resume is not retried by a later fit
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
@@ -201,7 +197,7 @@ class DataValueEmbedding(pl.Callback):
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         manifest = callback_setup.store_manifest(self.config, tracked, pl_module, self._comm, self._owned)
-        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, self._resume, self.overwrite,
+        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite,
                                                      self.config.settings_hash())
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows
@@ -211,16 +207,16 @@ class DataValueEmbedding(pl.Callback):
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
                                              extra_kinds=self._kinds)
         if self._comm.rank == 0:  # replay checkpoints: parameters are the same on every rank
-            resume = None if self._resume is None else int(self._resume.get("last_step", -1))
+            after = None if resume is None else int(resume.get("last_step", -1))
             self._recorder = CheckpointRecorder(self._root / CHECKPOINTS, self.config.checkpoint_interval,
-                                                self.config.settings_hash(), resume,
+                                                self.config.settings_hash(), after,
                                                 self.sample_ids if isinstance(self.sample_ids, str) else None,
                                                 str(trainer.precision))
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
-        self._last_step = -1 if self._resume is None else int(self._resume.get("last_step", -1))
-        self._embeddings, self._resume, self._deferred_write = None, None, None
+        self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
+        self._embeddings, self._deferred_write = None, None
         callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,6 +257,10 @@ class DataValueEmbedding(pl.Callback):
         clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
         self._step = trainer.global_step
+        try:  # a resumed run's first step: both stores drop their later steps now (the replay checkpoints below)
+            self._active_store().truncate_for_resume()
+        except DVEError as err:  # raised at the step's end, where the ranks agree
+            self._deferred_write = self._deferred_write or err
         if self._recorder is not None:
             clipping = {"value": trainer.gradient_clip_val, "algorithm": algorithm}
             self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
@@ -308,22 +308,18 @@ class DataValueEmbedding(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         store = self._store
         assert store is not None
-        error, steps_bytes, per_step = None, 0, 0
+        error = None
         try:
             self._check_writes()
             if self._recorder is not None:
                 self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
                                       time.perf_counter() - self._train_started)
             self._active_writer().close()  # every queued step is on disk before the store is finished
-            steps_bytes = store.bytes_on_disk(STEPS)
-            per_step = steps_bytes // max(1, len(store.steps))
-            store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
         self._release()
-        rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
-                       f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
+        sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
         dtype = getattr(torch, store.manifest["dtype"])
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
@@ -387,6 +383,10 @@ class DataValueEmbedding(pl.Callback):
         error, self._deferred_write = self._deferred_write, None
         if error is not None:
             raise error
+
+    def _active_store(self) -> TrajectoryStore:
+        assert self._store is not None, "on_fit_start has not run"
+        return self._store
 
     def _active_writer(self) -> StepWriter:
         assert self._writer is not None, "on_fit_start has not run"

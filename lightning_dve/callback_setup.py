@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 import torch
@@ -20,7 +20,7 @@ from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .optim import is_adam, sgd_proxy_reason, uses_momentum_or_decay
-from .store import SHARDS, TrajectoryStore
+from .store import SHARDS, STEPS, TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
@@ -75,6 +75,21 @@ def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_si
                           f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
     return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), layers,
                                   state.get("run_id") if rank == 0 else None)  # the checkpoint holds rank 0's
+
+
+def finish_store(store: TrajectoryStore) -> DVEError | None:
+    """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
+    the ranks to agree on."""
+    try:
+        store.truncate_for_resume()  # a resumed run that recorded nothing new
+        steps_bytes = store.bytes_on_disk(STEPS)
+        per_step = steps_bytes // max(1, len(store.steps))
+        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
+    except DVEError as err:
+        return err
+    rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
+                   f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
+    return None
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,

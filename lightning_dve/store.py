@@ -273,9 +273,10 @@ class TrajectoryStore:
         store._resume_after = last_step
         return store
 
-    def _truncate_for_resume(self) -> None:
-        """The deferred part of :meth:`reopen`: drop the steps after the checkpoint's and the embeddings."""
-        after, self._resume_after = self._resume_after, None
+    def truncate_for_resume(self) -> None:
+        """The deferred part of :meth:`reopen`: drop the steps after the checkpoint's and the embeddings (once; the
+        callback calls it at the resumed run's first optimizer step, with the replay checkpoints' own)."""
+        after = self._resume_after
         if after is None:
             return
         self._scan_steps(after=after)
@@ -286,13 +287,14 @@ class TrajectoryStore:
                 file.unlink()
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()
+        self._resume_after = None  # done (a failed write above is retried by the next write)
 
     def _metadata(self, step: int, epoch: int = 0) -> dict[str, str]:
         return {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash}
 
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
-        self._truncate_for_resume()
+        self.truncate_for_resume()
         path = self.root / STEPS / _step_name(record.step)
         tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
         write_atomic(path, tensors, self._metadata(record.step, record.epoch))
@@ -302,7 +304,7 @@ class TrajectoryStore:
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
-        self._truncate_for_resume()
+        self.truncate_for_resume()
         self.manifest.update(status="complete", **extra)
         self.write_manifest()
 

@@ -112,8 +112,8 @@ def test_resume_with_another_projection_is_refused_and_keeps_the_store(
         mlp_cls().double(), make_loader())
     before = sorted(p.name for p in (tmp_path / "dve").rglob("*") if p.is_file())
     epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
-    original = SideProjection.matrix
-    monkeypatch.setattr(SideProjection, "matrix", lambda self: -original(self))
+    original = SideProjection._draw  # another torch generator or lightning_dve version draws other matrices
+    monkeypatch.setattr(SideProjection, "_draw", lambda self: -original(self))
     resumed = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
     with pytest.raises(StoreError, match=r"recorded layers net\.0 \[16x65\] -> 5x6 \(\w+, \w+\);.* resuming "
                                          r"would mix two projections or models"):
@@ -209,3 +209,37 @@ def test_a_checkpoint_saved_after_a_failed_step_write_is_refused_on_resume(
     with pytest.raises(StoreError, match="continues after step 2, which the store .* does not hold"):
         checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
             mlp_cls().double(), make_loader(), ckpt_path=after_step_2)
+
+
+def test_a_resumed_run_that_fails_at_its_first_step_leaves_both_stores_truncated_alike(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """Resume a finished run from epoch 0; the first resumed step fails (NaN loss) after its optimizer step began.
+    The step store and the replay checkpoints are cut back at the same moment (the first optimizer step), so both
+    read as an interrupted recording of steps 0..3: never a 'complete' store next to truncated checkpoints."""
+    import json
+
+    from lightning_dve import GradientError
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32,
+                                                           checkpoint_interval=2), ckpts]).fit(
+        mlp_cls().double(), make_loader())
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+
+    class NaNAtStep4(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 4 else loss
+
+    with pytest.raises(GradientError):
+        checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32,
+                                                               checkpoint_interval=2)]).fit(
+            NaNAtStep4().double(), make_loader(), ckpt_path=epoch0)
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert store.manifest["status"] == "recording" and store.steps == [0, 1, 2, 3]
+    assert not list((tmp_path / "dve" / "embeddings").glob("*.safetensors"))
+    replay = json.loads((tmp_path / "dve" / "checkpoints" / "replay.json").read_text())
+    assert replay["final_step"] is None
+    assert sorted(p.name for p in (tmp_path / "dve" / "checkpoints").glob("state_*")) == [
+        "state_00000000.safetensors", "state_00000002.safetensors", "state_00000004.safetensors"]
