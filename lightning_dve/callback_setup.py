@@ -4,7 +4,6 @@ scaler, and each rank's store (created, or the one a checkpoint resumes). Framew
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,7 @@ def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_modul
     training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
-            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype, "run_id": uuid.uuid4().hex,
+            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
             "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value}
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class TrajectoryStore:
         (root / STEPS).mkdir(parents=True, exist_ok=True)
         (root / EMBEDDINGS).mkdir(exist_ok=True)
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
-                           "steps": [], "epochs": [], "lrs": [], **manifest})
+                           "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [], **manifest})
         store.write_manifest()
         return store
 
@@ -250,7 +251,8 @@ class TrajectoryStore:
 
         Args:
             layers: the resuming run's manifest layer entries (names, shapes, projection seeds and checksums).
-            run_id: the ``run_id`` of the store the checkpoint was saved with (``None``: not checked).
+            run_id: the ``run_id`` of the store the checkpoint was saved with (``None``: not checked); a checkpoint
+                of an earlier branch of this store is accepted up to the last step the branches share.
 
         Raises:
             StoreError: if the store recorded other ``layers``, is another fit's (``run_id``) or does not hold
@@ -264,9 +266,11 @@ class TrajectoryStore:
                              f"tracks {_layer_summary(layers)}: resuming would mix two projections or models in one "
                              "trajectory. Resume with the model, callback settings and lightning_dve version that "
                              "started the run, or start a fresh fit without ckpt_path.")
-        if run_id is not None and store.manifest.get("run_id") != run_id:
-            raise StoreError(f"{recorded} was recorded by another fit (run {store.manifest.get('run_id')}) than the "
-                             f"checkpoint's (run {run_id}): it was overwritten since. {fix}")
+        shared = dict(store.manifest.get("run_lineage", []))  # earlier run ids: the last step each still holds
+        if run_id is not None and run_id != store.manifest.get("run_id") and last_step > shared.get(run_id, -2):
+            raise StoreError(f"{recorded} holds another recording than the checkpoint's (store run "
+                             f"{store.manifest.get('run_id')}, checkpoint run {run_id} after step {last_step}): it "
+                             f"was overwritten, or resumed from an earlier checkpoint and continued, since. {fix}")
         if last_step >= 0 and last_step not in store.steps:
             raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
                              f"steps: {store.steps[:3]}...{store.steps[-3:]}): resuming would leave a gap. {fix}")
@@ -285,6 +289,9 @@ class TrajectoryStore:
         for file in (self.root / REFERENCES).glob("*.safetensors"):
             if int(file.stem.split("_")[1]) > after:
                 file.unlink()
+        if self.manifest.get("run_id") is not None:  # a new branch: the old run's checkpoints hold up to ``after``
+            self.manifest["run_lineage"] = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
+            self.manifest["run_id"] = uuid.uuid4().hex
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()
         self._resume_after = None  # done (a failed write above is retried by the next write)

@@ -158,8 +158,8 @@ def test_resume_into_a_store_another_fit_overwrote_is_refused(
     checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True)]).fit(
         mlp_cls(seed=5).double(), make_loader())
     before = {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()}
-    with pytest.raises(StoreError, match=r"recorded by another fit \(run \w+\) than the checkpoint's \(run \w+\): it "
-                                         "was overwritten since"):
+    with pytest.raises(StoreError, match=r"holds another recording than the checkpoint's \(store run \w+, checkpoint "
+                                         r"run \w+ after step 7\): it was overwritten"):
         checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
             mlp_cls().double(), make_loader(), ckpt_path=epoch1)
     assert {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()} == before
@@ -243,3 +243,30 @@ def test_a_resumed_run_that_fails_at_its_first_step_leaves_both_stores_truncated
     assert replay["final_step"] is None
     assert sorted(p.name for p in (tmp_path / "dve" / "checkpoints").glob("state_*")) == [
         "state_00000000.safetensors", "state_00000002.safetensors", "state_00000004.safetensors"]
+
+
+def test_resuming_an_earlier_branch_past_the_steps_it_shares_with_the_store_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """Run A checkpoints every epoch; B resumes A's epoch 0 on other data and finishes. A's epoch-1 checkpoint (after
+    step 7) would splice B's steps 4..7 into A's trajectory: refused. A's epoch-0 checkpoint (after step 3, which
+    both branches share) is accepted."""
+    from lightning_dve import StoreError
+
+    def ckpts(name: str) -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1)
+
+    checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts("a")]).fit(
+        mlp_cls().double(), make_loader())
+    a0, a1 = (sorted((tmp_path / "a").glob(f"epoch={e}*.ckpt"))[0] for e in (0, 1))
+    checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts("b")]).fit(
+        mlp_cls().double(), make_loader(offset=200), ckpt_path=a0)
+    before = {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=r"checkpoint run \w+ after step 7\).* resumed from an earlier checkpoint"):
+        checkpointing_trainer(tmp_path, 3, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
+            mlp_cls().double(), make_loader(), ckpt_path=a1)
+    assert {p: p.read_bytes() for p in (tmp_path / "dve").rglob("*") if p.is_file()} == before
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 3, [dve]).fit(mlp_cls().double(), make_loader(), ckpt_path=a0)
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert store.steps == list(range(12)) and all(int(store.read_step(s).sample_ids[0]) < 64 for s in store.steps)
