@@ -27,11 +27,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: A spawned child that finished its fit can still abort at exit while a gloo worker thread is alive (torch's
+#: process-group teardown; multiprocessing children skip Lightning's atexit clean-up): seen once in about a dozen
+#: ``ddp_spawn`` runs on the 2-core CI machine. Such a run is repeated once; any other failure is not.
+TEARDOWN_ABORT = ("`Trainer.fit` stopped", "terminate called without an active exception", "signal SIGABRT")
+
+
 def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``ddp_run.py`` on its own free port (so parallel runs on one machine cannot collide)."""
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    return subprocess.run([sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    for _ in range(2):
+        env = {**os.environ, "MASTER_PORT": str(free_port())}
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if mode != "ddp_spawn" or not all(mark in proc.stderr for mark in TEARDOWN_ABORT):
+            return proc
+    return proc
 
 
 @pytest.fixture(scope="module")
