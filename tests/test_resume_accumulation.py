@@ -270,3 +270,17 @@ def test_resuming_an_earlier_branch_past_the_steps_it_shares_with_the_store_is_r
     checkpointing_trainer(tmp_path, 3, [dve]).fit(mlp_cls().double(), make_loader(), ckpt_path=a0)
     store = TrajectoryStore.open(tmp_path / "dve")
     assert store.steps == list(range(12)) and all(int(store.read_step(s).sample_ids[0]) < 64 for s in store.steps)
+
+
+def test_a_refused_resume_is_not_retried_by_the_next_fit(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """The checkpoint state is used by one fit only: after a refused resume, a plain ``fit`` starts afresh."""
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 1, [dve]).fit(mlp_cls(), make_loader())
+    again = DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True)
+    again.load_state_dict(dve.state_dict() | {"world_size": 4})
+    with pytest.raises(ConfigError, match="recorded on 4 process"):
+        checkpointing_trainer(tmp_path, 1, [again]).fit(mlp_cls(), make_loader())
+    checkpointing_trainer(tmp_path, 1, [again]).fit(mlp_cls(), make_loader())
+    assert again.embeddings.steps == list(range(4))
