@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -197,8 +196,7 @@ class DataValueEmbedding(pl.Callback):
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         manifest = callback_setup.store_manifest(self.config, tracked, pl_module, self._comm, self._owned)
-        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite,
-                                                     self.config.settings_hash())
+        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows
         self._preconditioned = is_adam(trainer.optimizers[0]) and not self.config.exact
@@ -297,8 +295,7 @@ class DataValueEmbedding(pl.Callback):
             if self._recorder is not None:
                 self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
             if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
-                with contextlib.suppress(DVEError):  # a failed write is raised at the next (agreed) check
-                    self._active_writer().flush()
+                self._active_writer().wait()  # a failed write is raised at the next (agreed) check
                 try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree
                     reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config,
                                                       self.reference, record.step)

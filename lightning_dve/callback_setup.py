@@ -56,24 +56,25 @@ def warn_sampler_padding(trainer: pl.Trainer) -> None:
                        "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
 
 
-def resume_store(root: Path, state: dict[str, Any], settings_hash: str, world_size: int,
-                 layers: list[dict[str, Any]], rank: int) -> TrajectoryStore:
-    """Reopen the store a checkpoint points to, after checking it was written with the same setup.
+def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> TrajectoryStore:
+    """Reopen the store a checkpoint points to, after checking it was written with the same setup as ``manifest``
+    (this rank's, as :func:`store_manifest` builds it).
 
     Raises:
         ConfigError: if the checkpoint was recorded with other callback settings or another world size.
-        StoreError: if the store tracked other layers or projections than ``layers`` (this run's manifest entries),
-            is not the one the checkpoint was saved with (rank 0's ``run_id``), or lacks the checkpoint's last step.
+        StoreError: if the store tracked other layers or projections, is not the one the checkpoint was saved
+            with (rank 0's ``run_id``), or lacks the checkpoint's last step.
     """
-    if state.get("settings_hash") != settings_hash:
+    if state.get("settings_hash") != manifest["settings_hash"]:
         raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
-                          f", this callback has {settings_hash}: resuming would mix two recordings. Resume with the "
-                          "same callback arguments, or start a fresh fit without ckpt_path.")
-    if state.get("world_size") != world_size:
+                          f", this callback has {manifest['settings_hash']}: resuming would mix two recordings. Resume "
+                          "with the same callback arguments, or start a fresh fit without ckpt_path.")
+    if state.get("world_size") != manifest["world_size"]:
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
-                          f"{world_size}: the store is sharded by rank. Resume with the same number of devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), layers,
-                                  state.get("run_id") if rank == 0 else None)  # the checkpoint holds rank 0's
+                          f"{manifest['world_size']}: the store is sharded by rank. Resume with the same number of "
+                          "devices.")
+    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"],
+                                  state.get("run_id") if manifest["rank"] == 0 else None)  # the checkpoint has rank 0's
 
 
 def finish_store(store: TrajectoryStore) -> DVEError | None:
@@ -102,7 +103,7 @@ def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_modul
 
 
 def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,
-                    overwrite: bool, settings_hash: str) -> TrajectoryStore:
+                    overwrite: bool) -> TrajectoryStore:
     """Collective: create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``root``.
 
     Rank 0 checks and clears ``root`` before the other ranks write their shards under it; an error on any rank
@@ -114,8 +115,7 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
         try:
             if resume is None:
                 return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
-            return resume_store(rank_root, resume, settings_hash, comm.world_size, manifest["layers"],
-                                comm.rank), None
+            return resume_store(rank_root, resume, manifest), None
         except DVEError as err:
             return None, err
 
