@@ -326,6 +326,27 @@ def _cat_vector(values: dict[str, torch.Tensor], group: list[str], dtype: torch.
     return torch.cat([values[name].to(dtype) for name in group])
 
 
+def whole_segment_rows(widths: list[int], curvature: Curvature) -> int:
+    """Most occurrences a segment of plain-SGD steps may have to be embedded as one block.
+
+    One block over the whole segment never multiplies by ``M``: it costs the Gram matrix and the unit-triangular
+    solve of :func:`~lightning_dve.recursion_blocks.block_sgd`, about ``3 N^2 K`` flops per group of width ``K``
+    for ``N`` rows (``7 N^2 K`` with separate curvature rows), against ``4 N K^2`` (``6 N K^2``) for blocks of a
+    few hundred rows, which read ``M`` twice each. The triangular solve and the ``[N, N]`` masks run at about
+    two thirds of a matrix product's rate, so one block pays off up to ``N = K`` (``K / 2`` with curvature
+    rows), with ``K`` the groups' cost-weighted width ``sum K^2 / sum K``. Its ``[N, N]`` and ``[N, sum K]``
+    matrices are then no larger than the accumulators themselves, so memory stays bounded in the steps.
+
+    Args:
+        widths: the width ``K`` of every layer group.
+        curvature: the recursion's curvature.
+    """
+    if not widths or sum(widths) == 0:
+        return 0
+    width = sum(k * k for k in widths) // sum(widths)
+    return width // 2 if curvature is Curvature.GGN else width
+
+
 def bounds_after(steps: list[int], boundary_steps: list[int]) -> list[tuple[int, int]]:
     """``[lo, hi)`` index ranges of ``steps`` cut right after each of ``boundary_steps`` that was recorded."""
     cuts = [i + 1 for i, step in enumerate(steps) if step in set(boundary_steps) and i + 1 < len(steps)]

@@ -49,22 +49,34 @@ def block_sgd(
         zeros = grads.new_zeros(grads.shape[1], grads.shape[1]) if update and accumulator is None else None
         return scaled, accumulator if zeros is None else zeros
     step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    earlier = (step_of.unsqueeze(1) > step_of.unsqueeze(0)).to(grads.dtype)  # i < j: [n, n]
-    identity = torch.eye(len(step_of), dtype=grads.dtype)
+    earlier = step_of.unsqueeze(1) > step_of.unsqueeze(0)  # i < j: [n, n]
     embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
     if rows is grads:
-        lower = identity + (scaled @ grads.T) * earlier
+        lower = _earlier_products(scaled, grads, earlier)
+        lower.diagonal().add_(1)
         updates = embedding = torch.linalg.solve_triangular(lower, embedding, upper=False, unitriangular=True)
     else:
         scaled_rows = rows * scale
-        lower = identity + (scaled_rows @ rows.T) * earlier
+        lower = _earlier_products(scaled_rows, rows, earlier)
+        lower.diagonal().add_(1)
         updates = scaled_rows if accumulator is None else torch.addmm(scaled_rows, scaled_rows, accumulator.T,
                                                                       alpha=-1)
         updates = torch.linalg.solve_triangular(lower, updates, upper=False, unitriangular=True)
-        embedding = embedding - ((scaled @ rows.T) * earlier) @ updates
+        embedding = embedding - _earlier_products(scaled, rows, earlier) @ updates
     if update:
         accumulator = updates.T @ rows if accumulator is None else accumulator.addmm_(updates.T, rows)
     return embedding, accumulator
+
+
+def _earlier_products(left: torch.Tensor, right: torch.Tensor, earlier: torch.Tensor, chunk: int = 256
+                      ) -> torch.Tensor:
+    """``(left @ right.T) * earlier`` ``[n, n]`` for a block-lower-triangular ``earlier`` (rows stacked from the
+    latest step): each chunk of rows is multiplied only by the rows above its end, about half the products."""
+    out = left.new_zeros(len(left), len(right))
+    for lo in range(0, len(left), chunk):
+        hi = min(lo + chunk, len(left))
+        torch.mm(left[lo:hi], right[:hi].T, out=out[lo:hi, :hi])
+    return out.mul_(earlier)
 
 
 @dataclasses.dataclass(frozen=True)

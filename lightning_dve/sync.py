@@ -10,6 +10,7 @@ global step. Each rank keeps only the layer groups it owns, so the recursion is 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .config import AccumulatorLayout, DVEConfig
 from .distributed import Communicator
 from .errors import DVEError, SampleIdError
-from .recursion import BackwardRecursion, layer_groups
+from .recursion import BackwardRecursion, layer_groups, whole_segment_rows
 from .store import StepRecord, TrajectoryStore
 
 
@@ -258,6 +259,9 @@ def embed_trajectory(
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
     errors: list[DVEError] = []  # rank 0's failed writes: the collectives go on, the ranks agree at the end
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
+    # the same on every rank (all groups' widths), so the blocks' collectives match
+    whole = whole_segment_rows([sum(dims[n] for n in group) for group in layer_groups(store.layer_names, layout)],
+                               curvature)
 
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
         if bounds[segment][0] >= bounds[segment][1]:  # nothing recorded (every step skipped): nothing to embed
@@ -266,7 +270,7 @@ def embed_trajectory(
         first = store.steps[bounds[segment][0]]
         with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block
             written: list[Future[None]] = []
-            for block in _blocks(store.iter_backward(*bounds[segment])):
+            for block in _blocks(store.iter_backward(*bounds[segment]), BLOCK_ROWS, whole):
                 # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                 embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
                 written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
@@ -299,11 +303,27 @@ def embed_trajectory(
     agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store
 
 
-def _blocks(records: Iterator[StepRecord], rows: int = BLOCK_ROWS) -> Iterator[list[StepRecord]]:
-    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller)."""
-    block: list[StepRecord] = []
+def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[list[StepRecord]]:
+    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller).
+
+    A segment of plain-SGD steps with at most ``whole`` occurrences in all is one block
+    (:func:`~lightning_dve.recursion.whole_segment_rows`); the records read to find out are blocked as usual
+    otherwise.
+    """
+    head: list[StepRecord] = []
     count = 0
     for record in records:
+        head.append(record)
+        count += record.sample_ids.numel()
+        if count > whole or record.optim or record.vectors:
+            break
+    else:
+        if head:
+            yield head
+        return
+    block: list[StepRecord] = []
+    count = 0
+    for record in itertools.chain(head, records):
         block.append(record)
         count += record.sample_ids.numel()
         if count >= rows:

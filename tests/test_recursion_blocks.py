@@ -73,6 +73,20 @@ def test_blocks_with_separate_curvature_rows_or_none_match_the_step_by_step_recu
         torch.testing.assert_close(got_factors[key], factor, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN])
+def test_gram_products_in_row_chunks_match_the_step_by_step_recursion(curvature, monkeypatch):
+    """One block over all steps with its Gram products formed in chunks of 3 rows (fewer than a step's), so
+    chunks end inside steps and each multiplies only the rows above its end."""
+    original = recursion_blocks._earlier_products
+    monkeypatch.setattr(recursion_blocks, "_earlier_products", lambda left, right, earlier: original(
+        left, right, earlier, chunk=3))
+    records = with_curvature_rows(random_records(seed=5), seed=5)
+    for layout in (AccumulatorLayout.PER_LAYER, AccumulatorLayout.FULL):
+        got, _ = blocked(records, layout, [6], curvature)
+        expected, _ = stepwise(records, layout, curvature)
+        assert_embeddings_close(got, expected, ORDER)
+
+
 def test_ggn_rows_change_the_embeddings():
     """The curvature rows really enter: the same gradients with other rows give other embeddings."""
     records = with_curvature_rows(random_records(seed=4), seed=4)

@@ -183,12 +183,23 @@ def test_recursion_peak_memory_does_not_grow_with_the_trajectory(tmp_path: Path)
     assert growth[400] < growth[50] + 16 * 1024, growth
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "one_block"])
 @pytest.mark.parametrize("segments", [1, 3])
-def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path: Path, segments: int) -> None:
+def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path: Path, segments: int, whole: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both blockings of the streamed recursion (a short segment in one block, or blocks of ``BLOCK_ROWS``; rows
+    of 5 here, so 2 steps per block) against the step-by-step recursion held in memory."""
+    from lightning_dve import sync
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.distributed import SingleProcess
     from lightning_dve.recursion import BackwardRecursion, segment_bounds
     from lightning_dve.sync import embed_trajectory
+
+    monkeypatch.setattr(sync, "BLOCK_ROWS", 10)
+    monkeypatch.setattr(sync, "whole_segment_rows", lambda widths, curvature: 10**6 if whole else 0)
+    blocks = []
+    monkeypatch.setattr(BackwardRecursion, "block", lambda self, records, update=True, _original=BackwardRecursion.block:
+                        blocks.append(len(records)) or _original(self, records, update))
 
     g = torch.Generator().manual_seed(0)
     dims = {"a": 6, "b": 4}
@@ -206,11 +217,37 @@ def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path
     store.finish_recording({})
     embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [list(dims)], dims, torch.float64,
                      segment_bounds(7, segments))
+    expected_blocks = {(1, False): [2, 2, 2, 1], (1, True): [7], (3, False): [2, 1, 2, 2], (3, True): [3, 2, 2]}
+    assert sorted(blocks) == sorted(expected_blocks[segments, whole])
     last_segment_first_step = {1: 0, 3: 5}[segments]
     for step in range(last_segment_first_step, 7):  # the last segment's embeddings are final
         _, streamed = store.read_embeddings(step)
         for name in dims:
             torch.testing.assert_close(streamed[name], expected[step][name], rtol=1e-12, atol=1e-14)
+
+
+def test_one_block_only_for_short_plain_sgd_segments() -> None:
+    """A segment is one block while it has at most ``whole`` occurrences of plain-SGD steps; a longer one, or one
+    with optimizer terms (the momentum form), is cut into blocks of ``rows``."""
+    from lightning_dve.config import Curvature
+    from lightning_dve.recursion import whole_segment_rows
+    from lightning_dve.sync import _blocks
+
+    def records(n: int, optim: bool = False) -> list[StepRecord]:
+        terms = {"momentum": torch.tensor([0.9])} if optim else {}
+        return [StepRecord(t, torch.arange(4), torch.ones(4), torch.ones(1), {"a": torch.zeros(4, 2)}, optim=terms)
+                for t in range(n)]
+
+    sizes = lambda blocks: [len(b) for b in blocks]  # noqa: E731
+    assert sizes(_blocks(iter(records(5)), rows=8, whole=20)) == [5]
+    assert sizes(_blocks(iter(records(6)), rows=8, whole=20)) == [2, 2, 2]
+    assert sizes(_blocks(iter(records(5, optim=True)), rows=8, whole=20)) == [2, 2, 1]
+    assert sizes(_blocks(iter([]), rows=8, whole=20)) == []
+    # the cost-weighted width of the groups; half of it where separate curvature rows double the Gram work
+    assert whole_segment_rows([1024, 1024], Curvature.EMPIRICAL_FISHER) == 1024
+    assert whole_segment_rows([300, 100], Curvature.EMPIRICAL_FISHER) == 250
+    assert whole_segment_rows([300, 100], Curvature.GGN) == 125
+    assert whole_segment_rows([], Curvature.EMPIRICAL_FISHER) == 0
 
 
 class WithValidation:
