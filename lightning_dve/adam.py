@@ -50,12 +50,18 @@ def _state_block(optimizer: torch.optim.Optimizer, module: nn.Module, key: str) 
     return parameter_block(module, state[key], bias)
 
 
+def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``group``'s weight decay is decoupled (AdamW, or ``Adam(decoupled_weight_decay=True)``, which is the
+    same update) rather than added to the gradient (Adam's L2 decay)."""
+    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
 def _moments(optimizer: torch.optim.Optimizer, module: nn.Module, group: dict[str, Any], clip: float) -> _Moments:
     """``g'_t``, ``m_t`` and ``v_hat_t`` from the state before the step and the (unclipped) ``.grad``."""
     beta1, beta2 = group["betas"]
     bias = module.bias if has_trainable_bias(module) else None
     step_grad = clip * parameter_block(module, module.weight.grad, None if bias is None else bias.grad)
-    if not isinstance(optimizer, torch.optim.AdamW):
+    if not decoupled_decay(optimizer, group):
         step_grad = step_grad + group["weight_decay"] * parameter_block(
             module, module.weight.detach(), None if bias is None else bias.detach())
     first, second = (_state_block(optimizer, module, key) for key in ("exp_avg", "exp_avg_sq"))
@@ -126,7 +132,7 @@ def adam_terms(
     lrs, precond = [], {}
     for (name, module), group in zip(modules.items(), groups_of(optimizer, weights)):
         beta1, eps = group["betas"][0], float(group["eps"])
-        decay, decoupled = float(group["weight_decay"]), isinstance(optimizer, torch.optim.AdamW)
+        decay, decoupled = float(group["weight_decay"]), decoupled_decay(optimizer, group)
         moments = _moments(optimizer, module, group, clip)
         scale, decay_scale = 1.0, 1.0
         if exact:

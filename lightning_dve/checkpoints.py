@@ -40,6 +40,8 @@ HYPER_FILE = "hyper.jsonl"
 OLD_HYPER_STEPS = "steps"
 AUTO = "auto"
 REPLAYABLE_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed")
+#: Precision whose training loop converts floating inputs to float64 (a replay after ``load`` does the same).
+DOUBLE_PRECISION = ("64-true", "64")
 #: Precision whose forward runs under bf16 autocast (replayed under the same autocast).
 AUTOCAST_PRECISION = "bf16-mixed"
 #: ``checkpoint_interval="auto"`` keeps the checkpoints' disk use under this share of the gradient store's.

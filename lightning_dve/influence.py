@@ -293,7 +293,7 @@ class DataValueEmbeddings:
             boundary: score the influence on the model at that segment boundary (data value dynamics): only
                 occurrences up to it count. ``None`` means the final model.
         """
-        carried = self._carry_back(test_gradients, boundary)
+        carried = self._carry_back(self._checked(test_gradients), boundary)
         ids, steps, columns = [], [], []
         for segment, step in self._segment_of_steps():
             if segment >= len(carried):
@@ -336,6 +336,22 @@ class DataValueEmbeddings:
             while step > lasts[segment]:
                 segment += 1
             yield segment, step
+
+    def _checked(self, test_gradients: Any) -> dict[str, torch.Tensor]:
+        """``test_gradients`` if it is ``{layer: [n, k_l]}`` for every recorded layer, with one row count ``n``.
+
+        Raises:
+            ConfigError: naming the expected and the given shapes, and how to build the input.
+        """
+        widths = {name: self.projections[name].dim for name in self.store.layer_names}
+        given = test_gradients if isinstance(test_gradients, dict) else {}
+        shapes = {name: tuple(getattr(given.get(name), "shape", ())) for name in widths}
+        if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or any(
+                len(shapes[name]) != 2 or shapes[name][1] != width for name, width in widths.items()):
+            found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
+            raise ConfigError(f"test_gradients must map every recorded layer to a Tensor[n, k_l] with the same n: "
+                              f"widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
+        return given
 
     def _carry_back(self, test: dict[str, torch.Tensor], boundary: int | None) -> list[dict[str, torch.Tensor]]:
         """Test gradients carried back to each segment up to ``boundary``: ``t_b = g``, ``t_s = t_{s+1} F_{s+1}``."""

@@ -17,6 +17,7 @@ a vector-Jacobian product of ``U_k`` (a double backward through the gradient); t
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import AUTOCAST_PRECISION, CHECKPOINTS, CheckpointStore
+from .checkpoints import AUTOCAST_PRECISION, CHECKPOINTS, DOUBLE_PRECISION, CheckpointStore
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
@@ -192,6 +193,11 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
     """
     tolerance = AUTOCAST_TOLERANCE if autocast else TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
     deviation = _deviation(replayed, expected)
+    if math.isnan(deviation):
+        raise UnsupportedError(
+            f"replaying the recorded steps gives NaN parameters before step {step}: a replayed loss or gradient is "
+            "not finite (a train_loss_fn or training_step that returns NaN or inf on a one-sample batch). Pass a "
+            "train_loss_fn(module, batch) -> Tensor[B] of finite per-sample training losses; influence() still works.")
     if not deviation <= tolerance:
         raise UnsupportedError(
             f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
@@ -283,10 +289,13 @@ def replay_scores(replayer: Replayer, target: Callable[[nn.Module], torch.Tensor
             if segment:
                 adjoint = reverse_segment(replayer, start, segment, end_params, adjoint, columns)
             end_params = start[0]
-    ids = [replayer.record(s)[0] for s in steps]
-    scores = [(-replayer.record(s)[1].to(columns[s].dtype) * columns[s]).cpu() for s in steps]
     cost = ReplayCost(time.perf_counter() - started, float(manifest.get("training_seconds", 0.0)), len(steps),
                       replayer.forward_steps, replayer.per_sample_forwards)
+    if not steps:  # nothing recorded (every training_step returned None): no occurrence to score
+        empty, rows = torch.zeros(0, dtype=torch.int64), next(iter(adjoint.values()))
+        return empty, empty, rows.new_zeros(rows.shape[0], 0).cpu(), cost
+    ids = [replayer.record(s)[0] for s in steps]
+    scores = [(-replayer.record(s)[1].to(columns[s].dtype) * columns[s]).cpu() for s in steps]
     return (torch.cat(ids), torch.cat([torch.full_like(i, s) for i, s in zip(ids, steps)]),
             torch.cat(scores, dim=1), cost)
 
@@ -330,7 +339,8 @@ def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, m
         raise ConfigError("exact_influence needs the training dataset to rebuild the recorded batches: pass "
                           "dataset= (required when the embeddings were loaded from disk; after fit it defaults to "
                           "the training dataloader's dataset).")
-    source = BatchSource(data, next(module.parameters()).device)
+    double = checkpoints.manifest.get("precision") in DOUBLE_PRECISION  # the input conversion of training
+    source = BatchSource(data, next(module.parameters()).device, torch.float64 if double else None)
     if train_loss_fn is None:
         def losses(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             return step_loss_terms(m, source.singles(ids), reduction, weight_fn)

@@ -34,7 +34,8 @@ class TrainingData:
         sample_ids: the callback's ``sample_ids`` (key or callable), to map recorded ids to dataset positions;
             ``None`` assumes the id is the position.
         prepare: what the training loop did to a collated batch (precision conversion, transfer hooks, device);
-            ``None`` only moves it to the module's device.
+            ``None`` (after ``load``) moves it to the module's device and converts it as the recorded precision
+            did (``"64-true"``: floating tensors to float64).
     """
 
     dataset: Any
@@ -60,10 +61,11 @@ def _same(a: Any, b: Any) -> bool:
 class BatchSource:
     """Rebuilds recorded batches from the training dataset, refusing one that cannot be replayed exactly."""
 
-    def __init__(self, data: TrainingData, device: torch.device | None = None) -> None:
+    def __init__(self, data: TrainingData, device: torch.device | None = None,
+                 float_dtype: torch.dtype | None = None) -> None:
         self.data = data
         self.collate = data.collate_fn or default_collate
-        self.device = device
+        self.device, self.float_dtype = device, float_dtype  # used where ``data.prepare`` is None
         self._position: dict[int, int] | None = None
 
     def check(self, ids: torch.Tensor) -> None:
@@ -123,19 +125,21 @@ class BatchSource:
         return [self._prepared(self.collate([self.data.dataset[p]])) for p in self.positions(ids)]
 
     def _prepared(self, batch: Any) -> Any:
-        return self.data.prepare(batch) if self.data.prepare is not None else to_device(batch, self.device)
+        if self.data.prepare is not None:
+            return self.data.prepare(batch)
+        return to_device(batch, self.device, self.float_dtype)
 
 
-def to_device(batch: Any, device: torch.device | None) -> Any:
-    """``batch`` with every tensor (in dicts, lists, tuples) moved to ``device`` (``None``: unchanged)."""
-    if device is None:
-        return batch
+def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:
+    """``batch`` with every tensor (in dicts, lists, tuples) moved to ``device`` and its floating tensors converted
+    to ``float_dtype`` (``None``: unchanged)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
+        return batch.to(device or batch.device, dtype)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
     return batch
 
 
@@ -171,7 +175,13 @@ def step_loss_terms(
     module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None
 ) -> torch.Tensor:
     """Per-sample losses ``l(theta, z)`` ``[B]`` from ``training_step`` on one-sample batches (logging muted):
-    each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum)."""
+    each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum). A sample of
+    weight 0 gets a zero loss: it does not enter the step (as in capture, method.md §2), and ``0 / 0`` would be NaN."""
+    if reduction is LossReduction.WEIGHTS and weight_fn is None:
+        raise ConfigError("this store was recorded with per-sample loss weights (a loss_reduction callable), which "
+                          "the losses from training_step must be divided by: pass the same callable as "
+                          "`loss_weights=` to DataValueEmbeddings.load, or per-sample losses directly, "
+                          "`train_loss_fn=` for the replayed training steps and `loss_fn=` for the test losses.")
     losses = []
     with muted_logging(module):
         for single in batches:
@@ -180,7 +190,8 @@ def step_loss_terms(
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
-            losses.append(loss / float(reduction_weights(reduction, single, 1, weight_fn)[0]))
+            weight = float(reduction_weights(reduction, single, 1, weight_fn)[0])
+            losses.append(loss / weight if weight != 0 else loss * 0.0)
     return torch.stack(losses)
 
 

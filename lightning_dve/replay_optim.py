@@ -34,7 +34,7 @@ class OptimizerKind(enum.Enum):
         """The param-group entries an update reads (recorded at every step, so schedules on any of them work)."""
         if self is OptimizerKind.SGD:
             return ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-        return ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad")
+        return ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad", "decoupled_weight_decay")
 
     @property
     def state_keys(self) -> tuple[str, ...]:
@@ -126,7 +126,8 @@ def update(
         return param, state
     if kind is OptimizerKind.SGD:
         return sgd_update(param, grad, state, h)
-    return adam_update(param, grad, state, h, decoupled=kind is OptimizerKind.ADAMW)
+    decoupled = kind is OptimizerKind.ADAMW or bool(h.get("decoupled_weight_decay", False))  # Adam(decoupled=True)
+    return adam_update(param, grad, state, h, decoupled=decoupled)
 
 
 def clip_gradients(

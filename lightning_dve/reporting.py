@@ -124,7 +124,8 @@ def report_train_end(
     wanted = {s.sample_id for s in (*summary.helpful, *summary.harmful)}
     samples = {}
     if config.render_samples and wanted:
-        samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, len(embeddings.steps), show)
+        batches = len(embeddings.steps) * trainer.accumulate_grad_batches * trainer.world_size  # every micro-batch
+        samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, batches, show)
     report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
                             boundary_rows(embeddings, query.gradients))
     plots = _figures(report) if config.figures else {}
@@ -234,9 +235,13 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
 
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
-    """What the training loop does to a batch: precision conversion, the module's transfer hooks, device."""
+    """What the training loop does to a batch: precision conversion, the transfer hooks, device.
+
+    The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
+    the others), which calls a DataModule's override instead of the module's, as the training loop does.
+    """
     batch = trainer.precision_plugin.convert_input(batch)
-    batch = module.on_before_batch_transfer(batch, 0)
+    batch = module._on_before_batch_transfer(batch, 0)
     return trainer.strategy.batch_to_device(batch)
 
 

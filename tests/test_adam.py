@@ -196,6 +196,9 @@ class AdamMLP(TinyMLP):
     def configure_optimizers(self):
         if self.kind == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+        if self.kind == "adam_decoupled":  # the same update as AdamW
+            return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1,
+                                    decoupled_weight_decay=True)
         return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99))
 
 
@@ -213,7 +216,7 @@ def fit_adam(tmp_path: Path, kind: str, projection_dim: int | None, second_momen
     return probe, TrajectoryStore.open(tmp_path / "dve")
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam"])
+@pytest.mark.parametrize("kind", ["adamw", "adam", "adam_decoupled"])
 def test_recorded_adam_terms_reproduce_the_applied_update(tmp_path: Path, kind: str) -> None:
     """Exact mode, clipping binding: the recorded preconditioner equals torch's ``1 / (sqrt(v / (1 - beta2^t))
     + eps)`` after the step, and ``theta' = (1 - shrink) theta - lr P * m`` with ``m = beta1 m + gain g`` rebuilds
@@ -231,7 +234,24 @@ def test_recorded_adam_terms_reproduce_the_applied_update(tmp_path: Path, kind: 
         momentum = contribution if momentum is None else mu * momentum + contribution
         expected = (1 - shrink) * row["theta"] - float(record.lrs[layer]) * precond * momentum
         torch.testing.assert_close(row["after"], expected, rtol=1e-9, atol=1e-14)
-        assert (shrink > 0) == (kind == "adamw")
+        assert (shrink > 0) == (kind != "adam")
+
+
+def test_adam_with_decoupled_decay_is_modelled_and_replayed_as_adamw(tmp_path: Path) -> None:
+    """``Adam(decoupled_weight_decay=True)`` applies AdamW's update: the same run with either optimizer gets the
+    same estimates and the same exact replay (which checks itself against the recorded checkpoints)."""
+    test = {k: v.double() if v.is_floating_point() else v for k, v in DigitsDict(range(1500, 1506)).batch().items()}
+    scores = {}
+    for kind in ("adamw", "adam_decoupled"):
+        dve = DataValueEmbedding(tmp_path / kind, projection_dim=None, report=None)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="64-true", logger=False,
+                            enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                            callbacks=[dve])
+        model = type("Model", (AdamMLP,), {"kind": kind})().double()
+        trainer.fit(model, DataLoader(DigitsDict(range(64)), batch_size=16))
+        scores[kind] = (dve.embeddings.influence(model, test).scores, dve.embeddings.exact_influence(model, test).scores)
+    for estimate, expected in zip(scores["adam_decoupled"], scores["adamw"]):
+        torch.testing.assert_close(estimate, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_recorded_second_moment_terms_are_the_derivative_of_the_update(tmp_path: Path) -> None:

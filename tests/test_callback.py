@@ -310,6 +310,9 @@ def test_a_fit_that_records_no_step_finishes_with_empty_embeddings(fit, mlp_cls,
     assert TrajectoryStore.open(save_dir).steps == [] and step_files(save_dir) == []
     result = DataValueEmbeddings.load(save_dir).influence(mlp_cls(), test_batch)  # SkipAll has no loss
     assert result.scores.shape == (len(test_batch["y"]), 0) and dve.embeddings.steps == []
+    per_sample = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    exact = dve.embeddings.exact_influence(model, test_batch, loss_fn=per_sample)
+    assert exact.scores.shape == (len(test_batch["y"]), 0) and exact.sample_ids.numel() == 0
 
 
 def _proxy_warnings(record) -> list[str]:

@@ -111,6 +111,22 @@ def test_totals_are_per_step_columns_summed_by_sample(trained, test_batch):
     assert torch.bincount(per_step.sample_ids).tolist() == [2] * 64
 
 
+def test_score_refuses_test_gradients_of_other_shapes(trained, test_batch):
+    embeddings = trained.dve.embeddings
+    grads = embeddings.test_gradients(trained.model, test_batch)
+    first = next(iter(grads))
+    bad = {"missing layer": {k: v for k, v in grads.items() if k != first},
+           "wrong width": {**grads, first: grads[first][:, :-1]},
+           "1-D row": {k: v[0] for k, v in grads.items()},
+           "row counts differ": {**grads, first: grads[first][:2]},
+           "not a dict": list(grads.values())}
+    for case, value in bad.items():
+        with pytest.raises(ConfigError, match=r"test_gradients must map every recorded layer to a Tensor\[n, k_l\] "
+                                              r".* Build it with test_gradients\(module, batch\)"):
+            embeddings.score(value)
+    assert embeddings.score(grads).scores.shape[0] == len(test_batch["y"])
+
+
 def test_top_k_returns_highest_and_lowest_mean_scores(trained, test_batch):
     result = trained.dve.embeddings.influence(trained.model, test_batch, per_step=True)
     mean = result.scores.mean(dim=0)

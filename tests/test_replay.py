@@ -344,6 +344,16 @@ def test_after_load_the_dataset_is_required_and_enough(tmp_path: Path, small_dat
     torch.testing.assert_close(got.scores, expected, rtol=0, atol=0)
 
 
+def test_after_load_float32_data_is_converted_as_64_true_training_did(tmp_path: Path, small_data) -> None:
+    """Training at ``precision="64-true"`` converts float32 batches to float64; a replay after ``load`` (no trainer
+    to ask) applies the recorded precision's conversion too."""
+    dataset = DigitsDataset(small_data[0].indices.tolist(), dtype=torch.float32)
+    module, dve, _ = fit_setting(tmp_path / "dve", SETTINGS["sgd"], dataset, epochs=1, batch=16)
+    expected = dve.embeddings.exact_influence(module, small_data[1]).scores
+    got = DataValueEmbeddings.load(tmp_path / "dve").exact_influence(module, small_data[1], dataset=dataset)
+    torch.testing.assert_close(got.scores, expected, rtol=0, atol=0)
+
+
 def test_auto_interval_and_checkpoint_files(tmp_path: Path, small_data) -> None:
     module, dve, _, _, _ = _small_fit(tmp_path, small_data, SETTINGS["adam l2"], projection_dim=None)
     checkpoints = CheckpointStore.open(tmp_path / "dve" / "checkpoints")
@@ -451,6 +461,56 @@ def test_refuses_bad_loss_functions(recorded, small_data) -> None:
         step_loss_terms(vector_step, [{}], None, None)
     with pytest.raises(ConfigError, match="cannot split the test batch"):
         split_batch({"name": "a"})
+
+
+def test_refuses_a_replay_that_turns_nan_with_the_cause(recorded, small_data) -> None:
+    _, module, dve = recorded
+    with pytest.raises(UnsupportedError, match=r"gives NaN parameters before step \d+: a replayed loss .* not finite"):
+        dve.embeddings.exact_influence(module, small_data[1], train_loss_fn=lambda m, b: m(b["x"]).sum(1) * math.nan)
+
+
+def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
+    """Samples whose loss weight is 0 (``loss_reduction`` callable) do not enter their steps: the replay through
+    ``training_step`` gives them zero scores, and the same scores as a replay through the per-sample losses."""
+    class Weighted(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.base = DigitsDataset(range(64))
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {**self.base[i], "w": torch.tensor(0.0 if i % 8 == 0 else 1.0, dtype=torch.float64)}
+
+    class WeightedMLP(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+            return (batch["w"] * losses).sum() / len(losses)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = WeightedMLP()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
+                             loss_reduction=lambda b: b["w"] / len(b["w"]))
+    make_trainer(1, [dve]).fit(module, torch.utils.data.DataLoader(Weighted(), batch_size=16))
+    test = DigitsDataset(range(1500, 1504)).batch()
+    per_sample = lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"], reduction="none")  # noqa: E731
+    replayed = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True)
+    reference = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True,
+                                               train_loss_fn=per_sample)
+    absent = replayed.sample_ids % 8 == 0
+    assert bool(absent.any()) and bool((replayed.scores[:, absent] == 0).all())
+    torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
+    loaded = DataValueEmbeddings.load(tmp_path / "dve")  # without loss_weights=: training_step cannot be split
+    with pytest.raises(ConfigError, match=r"pass the same callable as `loss_weights=` .* `train_loss_fn=` for the "
+                                          r"replayed training steps"):
+        loaded.exact_influence(module, test, loss_fn=per_sample, dataset=Weighted())
 
 
 def test_split_batch_slices_tensors_and_lists() -> None:

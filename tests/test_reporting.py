@@ -214,6 +214,19 @@ def test_user_reference_batch_and_describe(fit, tmp_path):
         assert row["description"] == f"digit {row['label']} #{row['sample_id']}"
 
 
+def test_top_k_samples_are_found_under_gradient_accumulation(fit, tmp_path):
+    """Four micro-batches per optimizer step: the top-k scan reads every micro-batch of the run, not one per step
+    (which found only the first quarter of the data)."""
+    _, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, describe=lambda sample: f"#{int(sample['index'])}",
+                                  report=dataclasses.replace(SMALL, top_k=12))
+    fit(ImageMLP(), callback, DataLoader(ImageDigits(range(64)), batch_size=4), val, accumulate_grad_batches=4)
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    rows = summary["top_k"]["helpful"] + summary["top_k"]["harmful"]
+    assert max(r["sample_id"] for r in rows) >= 16  # beyond the first quarter
+    assert all(r["description"] == f"#{r['sample_id']}" and r["label"] is not None for r in rows)
+
+
 def test_no_reference_warns_and_writes_nothing(fit, mlp_cls, tmp_path):
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
     with pytest.warns(UserWarning, match="no reference set"):
@@ -402,3 +415,28 @@ def test_a_failed_boundary_reference_write_stops_the_fit_at_the_next_check(fit, 
         fit(ImageMLP(), callback, train, max_epochs=2)
     steps = TrajectoryStore.open(tmp_path / "dve").steps
     assert steps and steps == list(range(len(steps)))
+
+
+def test_a_datamodule_batch_hook_is_applied_as_in_training(tmp_path):
+    """A DataModule's ``on_before_batch_transfer`` (here a rescaling) reaches the batches the report and the exact
+    replay prepare, as it reaches training's: the replay reproduces the recorded checkpoints only with it."""
+    import lightning as L
+
+    from lightning_dve.reporting import prepare_batch
+
+    class Rescaled(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(DigitsDict(range(64)), batch_size=16)
+
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return {**batch, "x": batch["x"] * 3.0}
+
+    model, dve = TinyMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1)
+    trainer.fit(model, datamodule=Rescaled())
+    raw = DigitsDict(range(1500, 1504)).batch()
+    torch.testing.assert_close(prepare_batch(trainer, model, raw)["x"], raw["x"] * 3.0)
+    test = Rescaled().on_before_batch_transfer(raw, 0)
+    result = dve.embeddings.exact_influence(model, test)  # refused if the replayed batches missed the rescaling
+    assert result.scores.shape == (4, 64) and bool(result.scores.abs().sum() > 0)
