@@ -307,19 +307,15 @@ def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[li
     """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller).
 
     A segment of plain-SGD steps with at most ``whole`` occurrences in all is one block
-    (:func:`~lightning_dve.recursion.whole_segment_rows`); the records read to find out are blocked as usual
-    otherwise.
+    (:func:`~lightning_dve.recursion.whole_segment_rows`); otherwise the records read to find out are blocked too.
     """
     head: list[StepRecord] = []
-    count = 0
     for record in records:
         head.append(record)
-        count += record.sample_ids.numel()
-        if count > whole or record.optim or record.vectors:
+        if sum(r.sample_ids.numel() for r in head) > whole or record.optim or record.vectors:
             break
     else:
-        if head:
-            yield head
+        yield from [head] if head else []
         return
     block: list[StepRecord] = []
     count = 0
