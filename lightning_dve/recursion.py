@@ -329,13 +329,14 @@ def _cat_vector(values: dict[str, torch.Tensor], group: list[str], dtype: torch.
 def whole_segment_rows(widths: list[int], curvature: Curvature) -> int:
     """Most occurrences a segment of plain-SGD steps may have to be embedded as one block.
 
-    One block over the whole segment never multiplies by ``M``: it costs the Gram matrix and the unit-triangular
-    solve of :func:`~lightning_dve.recursion_blocks.block_sgd`, about ``3 N^2 K`` flops per group of width ``K``
-    for ``N`` rows (``7 N^2 K`` with separate curvature rows), against ``4 N K^2`` (``6 N K^2``) for blocks of a
-    few hundred rows, which read ``M`` twice each. The triangular solve and the ``[N, N]`` masks run at about
-    two thirds of a matrix product's rate, so one block pays off up to ``N = K`` (``K / 2`` with curvature
-    rows), with ``K`` the groups' cost-weighted width ``sum K^2 / sum K``. Its ``[N, N]`` and ``[N, sum K]``
-    matrices are then no larger than the accumulators themselves, so memory stays bounded in the steps.
+    One block over the whole segment never multiplies by ``M``: for ``N`` rows of a group of width ``K`` it costs
+    half a Gram matrix (``N^2 K`` flops) and a unit-triangular solve (``N^2 K``, at about two thirds of a matrix
+    product's rate) in :func:`~lightning_dve.recursion_blocks.block_sgd`; with separate curvature rows two half
+    Gram matrices, the solve and one ``[N, N]`` product. Blocks of a few hundred rows cost ``4 N K^2`` (``6 N K^2``)
+    instead. One block breaks even near ``N = 1.6 K`` (``1.1 K``), measured ``1.4 K`` on the dattri benchmark's
+    larger MLP, so it is taken up to ``N = K`` (``K / 2``), with ``K`` the groups' cost-weighted width
+    ``sum K^2 / sum K``. Its ``[N, N]`` and ``[N, sum K]`` matrices are then no larger than the accumulators, so
+    memory stays bounded in the number of steps.
 
     Args:
         widths: the width ``K`` of every layer group.
