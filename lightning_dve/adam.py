@@ -50,6 +50,11 @@ def _state_block(optimizer: torch.optim.Optimizer, module: nn.Module, key: str) 
     return parameter_block(module, state[key], bias)
 
 
+def _bias_size(module: nn.Module) -> int:
+    """Entries of the bias column of the layer's block (its output size when the bias is trained, else 0)."""
+    return int(module.bias.numel()) if has_trainable_bias(module) else 0
+
+
 def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
     """Whether ``group``'s weight decay is decoupled (AdamW, or ``Adam(decoupled_weight_decay=True)``, which is the
     same update) rather than added to the gradient (Adam's L2 decay)."""
@@ -131,6 +136,13 @@ def adam_terms(
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "shrink": []}
     lrs, precond = [], {}
     for (name, module), group in zip(modules.items(), groups_of(optimizer, weights)):
+        if module.weight.grad is None:  # torch skips the layer: no update, its moments kept as they are
+            lrs.append(0.0)
+            for key, value in (("momentum", 1.0), ("gain", 0.0), ("weight_decay", 0.0), ("shrink", 0.0)):
+                terms[key].append(value)
+            if exact:
+                precond[name] = torch.zeros(module.weight.numel() + _bias_size(module), dtype=module.weight.dtype)
+            continue
         beta1, eps = group["betas"][0], float(group["eps"])
         decay, decoupled = float(group["weight_decay"]), decoupled_decay(optimizer, group)
         moments = _moments(optimizer, module, group, clip)
@@ -167,6 +179,12 @@ def second_moment_terms(
     terms: dict[str, list[float]] = {"v_decay": [], "v_gain": []}
     vectors: Vectors = {"kappa": {}, "batch_grad": {}}
     for (name, module), group in zip(modules.items(), groups_of(optimizer, weights)):
+        if module.weight.grad is None:  # skipped by torch: v kept, no update through it
+            zeros = torch.zeros(module.weight.numel() + _bias_size(module), dtype=module.weight.dtype)
+            vectors["kappa"][name], vectors["batch_grad"][name] = zeros, zeros
+            terms["v_decay"].append(1.0)
+            terms["v_gain"].append(0.0)
+            continue
         beta1, beta2 = group["betas"]
         moments = _moments(optimizer, module, group, clip)
         root = moments.v_hat.sqrt()

@@ -147,6 +147,7 @@ class DataValueEmbedding(pl.Callback):
         self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)
         self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
+        self._reached: set[str] = set()  # layers captured by the step's earlier micro-batches
 
     @property
     def state_key(self) -> str:
@@ -215,6 +216,8 @@ class DataValueEmbedding(pl.Callback):
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
         self._embeddings, self._deferred_write = None, None
+        # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
+        self._terms, self._skipped, self._deferred, self._step, self._reached = None, False, None, -1, set()
         callback_setup.warn_approximations(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -246,7 +249,8 @@ class DataValueEmbedding(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
-        hooks.check_all_reached()
+        if self._comm.world_size == 1:  # under DDP .grad also holds the other ranks' layers
+            hooks.check_all_reached(self._reached)
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
                 and not self._skipped:
@@ -270,6 +274,7 @@ class DataValueEmbedding(pl.Callback):
         try:
             self._check_writes()
             if hooks.captured:
+                self._reached |= hooks.reached()
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None
                 hooks.abort()
@@ -280,7 +285,7 @@ class DataValueEmbedding(pl.Callback):
         sync.agree_on_errors(self._comm, error)
         if self._terms is None:  # accumulating, or no optimizer step happened
             return
-        self._deferred = None
+        self._deferred, self._reached = None, set()
         if self._skipped:  # the grad scaler skipped the step: nothing was applied, so nothing is recorded
             self._assembler.discard()
             self._terms = None

@@ -320,8 +320,13 @@ class GradientCapture:
         """The tracked layers' weight parameters, in layer order."""
         return {name: layer.module.weight for name, layer in self.layers.items()}
 
-    def check_all_reached(self) -> None:
-        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it.
+    def reached(self) -> set[str]:
+        """The tracked layers whose blocks the current micro-batch captured."""
+        return set(self._blocks)
+
+    def check_all_reached(self, earlier: set[str] | frozenset[str] = frozenset()) -> None:
+        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it (in this
+        micro-batch nor in the ``earlier`` ones of the step, under gradient accumulation).
 
         This happens when a model uses a layer's weight functionally (e.g. ``nn.MultiheadAttention`` calls
         ``out_proj.weight`` without calling ``out_proj``).
@@ -330,7 +335,8 @@ class GradientCapture:
             UnsupportedError: naming the layer and how to exclude it.
         """
         for name, weight in self.weights().items():
-            if name not in self._blocks and weight.grad is not None and bool(weight.grad.ne(0).any()):
+            if name not in self._blocks and name not in earlier and weight.grad is not None \
+                    and bool(weight.grad.ne(0).any()):
                 raise UnsupportedError(
                     f"layer {name!r} received a gradient but its forward was never called: the model uses its "
                     f"weight directly (functionally), which capture cannot see. Pass exclude=({name!r},) and track "

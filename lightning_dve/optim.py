@@ -32,8 +32,8 @@ def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
-    ``torch.optim.SGD`` with momentum (heavy-ball or Nesterov), dampening and weight decay, and Adam / AdamW
-    without ``amsgrad`` or ``maximize`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
+    ``torch.optim.SGD`` with momentum (heavy-ball or Nesterov), dampening, weight decay and ``maximize``, and Adam /
+    AdamW without ``amsgrad`` or ``maximize`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
     treated as SGD with their current learning rate.
     """
     if isinstance(optimizer, torch.optim.SGD):
@@ -75,18 +75,22 @@ def sgd_terms(
     """
     weights = {name: module.weight for name, module in modules.items()}
     groups = groups_of(optimizer, weights)
-    lrs = torch.tensor([float(group["lr"]) for group in groups], dtype=torch.float64)
+    # torch skips a weight without a gradient (rate 0); ``maximize`` steps along +grad (the gradient's sign flips)
+    reached = [weight.grad is not None for weight in weights.values()]
+    signs = [-1.0 if group.get("maximize") else 1.0 for group in groups]
+    lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer):
-        return lrs * clip, {}
+        return lrs * clip * torch.tensor(signs, dtype=torch.float64), {}
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
-    for weight, group in zip(weights.values(), groups):
+    for weight, group, sign, on in zip(weights.values(), groups, signs, reached):
         first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then
         nesterov = bool(group.get("nesterov"))
-        terms["momentum"].append(float(group["momentum"]))
-        terms["gain"].append(clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"])))
-        terms["weight_decay"].append(float(group["weight_decay"]) / clip)  # torch dampens the decay with the gradient
+        gain = clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"]))
+        terms["momentum"].append(float(group["momentum"]) if on else 1.0)  # a skipped layer keeps its velocity
+        terms["gain"].append(sign * gain * on)
+        terms["weight_decay"].append(sign * float(group["weight_decay"]) / clip)  # torch dampens it with the gradient
         terms["lead"].append(float(group["momentum"]) if nesterov else 1.0)
-        terms["direct"].append(clip if nesterov else 0.0)
+        terms["direct"].append(sign * clip * on if nesterov else 0.0)
     if not any(group.get("nesterov") for group in groups):
         del terms["lead"], terms["direct"]
     return lrs, {name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}

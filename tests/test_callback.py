@@ -495,3 +495,41 @@ def test_state_key_of_the_auto_layout_matches_the_earlier_per_layer_default():
     ``"per_layer"`` was the default must still resume a callback created with today's defaults."""
     assert DataValueEmbedding().state_key == DataValueEmbedding(layout="per_layer").state_key
     assert DataValueEmbedding().state_key != DataValueEmbedding(projection_dim=64).state_key
+
+
+def test_a_layer_used_by_some_micro_batches_only_is_not_refused(fit, mlp_cls, save_dir):
+    """Under gradient accumulation a head used by the first micro-batch of a step only has a ``.grad`` but no
+    rows from the last one: it was reached, not used functionally."""
+    class TwoHeads(mlp_cls):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
+
+    dve = DataValueEmbedding(save_dir, projection_dim=16, report=None)
+    fit(TwoHeads(), dve, accumulate_grad_batches=2)
+    assert dve.embeddings.steps == [0, 1]
+
+
+def test_a_fit_after_one_that_failed_inside_a_step_records_only_its_own_steps(fit, mlp_cls, save_dir):
+    """The first fit stops with a NaN loss in the second micro-batch of its second step; the same callback's next
+    fit starts clean (the failed step's optimizer terms were left behind and closed its first micro-batch)."""
+    class NaNOnce(mlp_cls):
+        poison = True
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            return loss * math.nan if self.poison and batch_idx == 3 else loss
+
+    dve = DataValueEmbedding(save_dir, projection_dim=16, report=None, overwrite=True)
+    with pytest.raises(GradientError):
+        fit(NaNOnce(), dve, accumulate_grad_batches=2)
+    healthy = NaNOnce()
+    healthy.poison = False
+    fit(healthy, dve, accumulate_grad_batches=2)
+    store = TrajectoryStore.open(save_dir)
+    assert store.steps == [0, 1]
+    assert [store.read_step(s).sample_ids.tolist() for s in store.steps] == [list(range(32)), list(range(32, 64))]

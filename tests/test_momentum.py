@@ -105,6 +105,14 @@ class NesterovMLP(MomentumMLP):
     options = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
 
 
+class AscentMomentumMLP(MomentumMLP):  # maximize: the gradient enters with its sign flipped, the decay does not
+    options = {**MomentumMLP.options, "maximize": True}
+
+
+class AscentNesterovMLP(MomentumMLP):
+    options = {**NesterovMLP.options, "maximize": True}
+
+
 class UpdateProbe(L.Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (raw grad, theta, update)
@@ -118,7 +126,7 @@ class UpdateProbe(L.Callback):
         self.rows[-1] = (grad, theta, pl_module.net[0].weight.detach() - theta)
 
 
-@pytest.mark.parametrize("model", [MomentumMLP, NesterovMLP])
+@pytest.mark.parametrize("model", [MomentumMLP, NesterovMLP, AscentMomentumMLP, AscentNesterovMLP])
 def test_recorded_momentum_terms_reproduce_the_applied_update(tmp_path: Path, model: type[MomentumMLP]) -> None:
     """With clipping binding, the recorded lr, momentum, gain, decay (and Nesterov's lead and direct terms)
     rebuild torch's momentum buffer and update."""

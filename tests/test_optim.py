@@ -76,3 +76,63 @@ def test_tracked_layer_outside_the_optimizer_is_refused(mlp_cls: type, fit: Call
     with pytest.raises(ConfigError, match=r"tracked layers \['net.0'\] are not in any optimizer param group.*"
                                           r"exclude=\('net.0',\)"):
         fit(HeadOnly(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None))
+
+
+def test_maximize_steps_along_the_gradient(tmp_path: Path) -> None:
+    """``SGD(maximize=True)`` applies ``+lr * grad``: the recorded rate carries the sign (the momentum form flips
+    its gain, tests/test_momentum.py)."""
+    from tests.conftest import TinyMLP
+
+    class Ascent(TinyMLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, maximize=True)
+
+    probe, dve = UpdateProbe(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="64-true", logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[dve, probe])
+    trainer.fit(Ascent().double(), DataLoader(DigitsDict(range(64)), batch_size=16))
+    lrs = TrajectoryStore.open(tmp_path / "dve").learning_rates[:, 0]
+    assert bool((lrs == -0.05).all())
+    for step, (grad, update) in enumerate(zip(probe.grads, probe.updates)):
+        torch.testing.assert_close(update, -lrs[step] * grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("projection_dim", [None, 16])
+def test_a_layer_the_step_does_not_reach_is_skipped_as_torch_skips_it(
+    tmp_path: Path, optimizer: str, projection_dim: int | None
+) -> None:
+    """A head used on even steps only has no ``.grad`` on odd steps: torch neither moves it nor its optimizer
+    state, so its recorded rate and gain are 0 and its momentum 1 (the velocity carries over unchanged)."""
+    from tests.conftest import TinyMLP
+
+    class TwoHeads(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
+
+        def configure_optimizers(self):
+            if optimizer == "adamw":
+                return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+
+    model = TwoHeads()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=projection_dim, report=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[dve])
+    trainer.fit(model, DataLoader(DigitsDict(range(64)), batch_size=16))
+    store = TrajectoryStore.open(tmp_path / "dve")
+    aux = store.layer_names.index("aux")
+    for step in store.steps:
+        record = store.read_step(step)
+        skipped = step % 2 == 1
+        assert (float(record.lrs[aux]) == 0.0) == skipped
+        assert (float(record.optim["gain"][aux]) == 0.0) == skipped
+        assert (float(record.optim["momentum"][aux]) == 1.0) == skipped
+        assert bool((record.grads["aux"] == 0).all()) == skipped
+    assert dve.embeddings.influence(model, DigitsDict(range(1500, 1504)).batch()).scores.isfinite().all()
