@@ -62,8 +62,10 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
     if ids.shape != (batch_size,):
-        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples; "
-                            "return one id per sample as a 1-D LongTensor.")
+        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples (the "
+                            "first dimension of the tracked layers' inputs); return one id per sample as a 1-D "
+                            "LongTensor. If the ids are right, a tracked layer sees a sequence-first input ([T, B, "
+                            "...], e.g. nn.Transformer without batch_first=True): make it batch-first or exclude it.")
     return ids.detach().to("cpu", torch.int64)
 
 

@@ -133,8 +133,7 @@ class DataValueEmbedding(pl.Callback):
         self._resume: dict[str, Any] | None = None
         self._deferred_write: DVEError | None = None  # rank 0's failed boundary-reference write, for the next check
         self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
-        self._step = -1
-        self._last_step = -1
+        self._step = self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
         self._boundaries: list[int] = []
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (global rank 0)
@@ -164,8 +163,9 @@ class DataValueEmbedding(pl.Callback):
             root = self._root or (Path(self.save_dir) if self.save_dir is not None else None)
             if root is None or not (root / "manifest.json").is_file():
                 raise ConfigError(f"no embeddings at {root}: call trainer.fit(...) with this callback first. Under "
-                                  "DDP they live in rank 0's save_dir; on other ranks use a shared save_dir, or "
-                                  "DataValueEmbeddings.load(save_dir) on rank 0.")
+                                  "DDP they are in rank 0's save_dir (use a shared one on other ranks); after strategy="
+                                  "'ddp_spawn' the fit ran in child processes: here use DataValueEmbeddings.load("
+                                  "save_dir) (save_dir=None is <trainer.default_root_dir>/dve).")
             self._embeddings = DataValueEmbeddings.load(root, self._weight_fn)
             self._embeddings.training_data = self._training_data
         return self._embeddings
@@ -218,7 +218,7 @@ class DataValueEmbedding(pl.Callback):
         self._embeddings, self._deferred_write = None, None
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
         self._terms, self._skipped, self._deferred, self._step, self._reached = None, False, None, -1, set()
-        callback_setup.warn_approximations(trainer)
+        callback_setup.warn_approximations(trainer, self._capture.modules())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback_setup.warn_sampler_padding(trainer)

@@ -17,16 +17,22 @@ from . import sync
 from .capture import TrackedLayer
 from .config import DVEConfig
 from .distributed import Communicator
-from .errors import ConfigError, DVEError, UnsupportedError
-from .optim import is_adam, sgd_proxy_reason, uses_momentum_or_decay
-from .store import SHARDS, STEPS, TrajectoryStore
+from .errors import ConfigError, DVEError, StoreError, UnsupportedError
+from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
+from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
 
 
-def warn_approximations(trainer: pl.Trainer) -> None:
-    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping."""
+def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]) -> None:
+    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping, biases
+    in other param groups than their weights (``modules``: the tracked layers)."""
+    split = split_bias_groups(trainer.optimizers[0], modules)
+    if split:
+        rank_zero_warn(f"DataValueEmbedding: {'; '.join(f'{k}: {v}' for k, v in split.items())}. The recursion "
+                       "applies the weight's param group to the whole layer, bias included; put each tracked layer's "
+                       "bias in its weight's group for exact terms (exact_influence replays every parameter exactly).")
     reason = sgd_proxy_reason(trainer.optimizers[0])
     if reason is not None:
         rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
@@ -115,6 +121,11 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
         try:
             if resume is None:
                 return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
+            recorded = resume.get("save_dir")
+            if recorded is not None and Path(recorded) != root and not (rank_root / MANIFEST).is_file():
+                raise StoreError(f"no store at {root} to resume: the checkpoint's DataValueEmbedding recorded into "
+                                 f"{recorded}. Pass save_dir={recorded!r} (or move that folder here), or start a "
+                                 "fresh fit without ckpt_path.")
             return resume_store(rank_root, resume, manifest), None
         except DVEError as err:
             return None, err

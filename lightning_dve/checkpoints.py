@@ -30,7 +30,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
 from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
-from .files import LineLog, json_line, read_checked, read_json_lines, write_atomic, write_text_atomic
+from .files import LineLog, json_line, read_checked, read_json, read_json_lines, write_atomic, write_text_atomic
 from .store import StepRecord
 
 CHECKPOINTS = "checkpoints"
@@ -122,7 +122,7 @@ class CheckpointStore:
             raise StoreError(f"the replay checkpoints in {root} were written by an older version of lightning_dve "
                              f"(per-step hyperparameter files in {old}, no {HYPER_FILE}), which this one does not "
                              "read: record the run again.")
-        return cls(Path(root), json.loads(path.read_text()))
+        return cls(Path(root), read_json(path))
 
     @classmethod
     def reopen(cls, root: Path, last_step: int) -> CheckpointStore:

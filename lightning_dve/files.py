@@ -108,6 +108,19 @@ def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON manifest.
+
+    Raises:
+        StoreError: if it is truncated or corrupt.
+    """
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{path} is truncated or corrupt ({err}); the store cannot be trusted. Record the run "
+                         "again into a fresh save_dir.") from err
+
+
 def write_error(path: Path, err: OSError) -> StoreError:
     """The error of a failed store write: what failed, that earlier files are kept, and what to do."""
     reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"

@@ -192,6 +192,11 @@ def _check_embedding(name: str, module: nn.Module) -> None:
             f"layer {name!r} (Embedding) uses max_norm={module.max_norm}, which rescales rows in place during "
             f"forward; per-sample capture does not support it. Add {name!r} to `exclude=` or drop max_norm."
         )
+    if module.sparse:
+        raise UnsupportedError(
+            f"layer {name!r} (Embedding) uses sparse=True: its weight gets a sparse gradient, which the capture's "
+            f"checks and the optimizer terms read as a dense block. Add {name!r} to `exclude=` or set sparse=False."
+        )
     if module.scale_grad_by_freq:
         raise UnsupportedError(
             f"layer {name!r} (Embedding) uses scale_grad_by_freq=True, which divides each row's gradient by its "

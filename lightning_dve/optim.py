@@ -29,6 +29,33 @@ def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]
     return [group_of[id(weight)] for weight in weights.values()]
 
 
+def split_bias_groups(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Tracked layers whose trained bias is in no param group or in one with other hyperparameters than the weight's.
+
+    The recursion applies the weight's group to the layer's whole block, bias column included.
+
+    Returns:
+        ``{layer: what differs}``, empty when every bias shares its weight's hyperparameters.
+    """
+    def settings(group: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out = {}
+    for name, module in modules.items():
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, nn.Parameter) or not bias.requires_grad or id(module.weight) not in group_of:
+            continue
+        if id(bias) not in group_of:
+            out[name] = "its bias is in no param group"
+            continue
+        weight, other = settings(group_of[id(module.weight)]), settings(group_of[id(bias)])
+        differ = sorted(k for k in weight.keys() | other.keys() if weight.get(k) != other.get(k))
+        if differ:
+            out[name] = ", ".join(f"{k} {other.get(k)} for the bias, {weight.get(k)} for the weight" for k in differ)
+    return out
+
+
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import read_checked, write_atomic, write_text_atomic
+from .files import read_checked, read_json, write_atomic, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -197,11 +197,7 @@ class TrajectoryStore:
         path = Path(root) / MANIFEST
         if not path.is_file():
             raise StoreError(f"no store at {root}: {MANIFEST} is missing. Point to the save_dir of a finished fit.")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{path} is truncated or corrupt ({err}); the store cannot be trusted. Record the run "
-                             "again into a fresh save_dir.") from err
+        manifest = read_json(path)
         if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("format") != "lightning_dve":
             raise StoreError(f"{path} has schema {manifest.get('schema_version')!r} (format "
                              f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "

@@ -67,6 +67,23 @@ def test_sample_ids_of_wrong_length(fit, mlp_cls, save_dir):
         fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"][:-1]))
 
 
+def test_a_sequence_first_layer_is_named_in_the_error(fit, mlp_cls, save_dir):
+    """A Linear on ``[T, B, d]`` (sequence first) sees T as the batch: the error says so instead of only blaming
+    the ids."""
+    class SequenceFirst(mlp_cls):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            tokens = x.reshape(x.shape[0], 8, 8).transpose(0, 1)  # [T=8, B=16, 8]
+            return self.net[2](torch.tanh(self.proj(tokens)).mean(0).repeat(1, 2))
+
+    with pytest.raises(SampleIdError, match=r"shape \(16,\) but the batch has 8 samples .* sequence-first input "
+                                            r"\(\[T, B, \.\.\.\], e\.g\. nn\.Transformer without batch_first=True\)"):
+        fit(SequenceFirst(), DataValueEmbedding(save_dir, exclude=("net.0", "net.2")))
+
+
 def test_duplicate_ids_in_one_step(fit, mlp_cls, make_loader, save_dir):
     drawn = [0, 0, 1, 2, 3, 3, 4, 5]  # a sampler with replacement
     loader = make_loader(n=8, batch_size=8, sampler=drawn)
@@ -533,3 +550,12 @@ def test_a_fit_after_one_that_failed_inside_a_step_records_only_its_own_steps(fi
     store = TrajectoryStore.open(save_dir)
     assert store.steps == [0, 1]
     assert [store.read_step(s).sample_ids.tolist() for s in store.steps] == [list(range(32)), list(range(32, 64))]
+
+
+def test_embeddings_before_any_fit_say_where_to_load_them_from():
+    """Before a fit in this process (e.g. after ``ddp_spawn``, whose fit ran in child processes) the error says to
+    load the store, and where the default ``save_dir`` is."""
+    with pytest.raises(ConfigError, match=r"no embeddings at None: call trainer.fit.* After strategy='ddp_spawn' .*"
+                                          r"DataValueEmbeddings.load\(save_dir\) \(save_dir=None is "
+                                          r"<trainer.default_root_dir>/dve\)"):
+        DataValueEmbedding().embeddings

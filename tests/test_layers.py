@@ -503,6 +503,7 @@ class _WithNorm(nn.Module):
         (lambda: nn.Sequential(nn.Conv2d(2, 4, 2, padding="same")), "0", r"asymmetric padding"),
         (lambda: nn.Sequential(nn.Conv1d(2, 4, 3)), "0", r"Conv1d\) is not a supported layer type"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
+        (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", r"sparse=True: its weight gets a sparse gradient"),
         (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))), "0", r"parametrised weight"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,3 +137,28 @@ def test_a_layer_the_step_does_not_reach_is_skipped_as_torch_skips_it(
         assert (float(record.optim["momentum"][aux]) == 1.0) == skipped
         assert bool((record.grads["aux"] == 0).all()) == skipped
     assert dve.embeddings.influence(model, DigitsDict(range(1500, 1504)).batch()).scores.isfinite().all()
+
+
+def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """The recursion applies the weight's group to the whole layer: a bias group with its own learning rate (or
+    no group at all) is named in a warning; biases that share their weight's settings are not."""
+    class SplitGroups(mlp_cls):
+        def configure_optimizers(self):
+            first, head = self.net[0], self.net[2]
+            return torch.optim.SGD([{"params": [first.weight, head.weight, head.bias]},
+                                    {"params": [first.bias], "lr": 0.01}], lr=0.1)
+
+    with pytest.warns(UserWarning, match=r"net\.0: lr 0\.01 for the bias, 0\.1 for the weight\. The recursion "
+                                         r"applies the weight's param group") as record:
+        fit(SplitGroups(), DataValueEmbedding(tmp_path / "a", projection_dim=16, report=None))
+    assert not any("net.2" in str(w.message) for w in record)
+
+    class SameSettings(mlp_cls):
+        def configure_optimizers(self):
+            weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
+            biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+            return torch.optim.SGD([{"params": weights}, {"params": biases}], lr=0.1)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*param group.*")
+        fit(SameSettings(), DataValueEmbedding(tmp_path / "b", projection_dim=16, report=None))

@@ -541,6 +541,10 @@ def test_refuses_missing_or_unfinished_checkpoints(recorded, small_data, tmp_pat
     hyper.write_text("".join(line for line in lines if json.loads(line)["step"] != 2))
     with pytest.raises(StoreError, match="hyperparameters of step 2 were not recorded"):
         emb.exact_influence(module, test, dataset=dataset)
+    root, emb = _damaged(recorded, tmp_path / "e")
+    (root / "checkpoints" / "replay.json").write_text('{"kind": "SG')  # cut off mid-write
+    with pytest.raises(StoreError, match=r"replay.json is truncated or corrupt .* Record the run again"):
+        emb.exact_influence(module, test, dataset=dataset)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
 from lightning_dve.store import TrajectoryStore
 
 
@@ -104,7 +104,6 @@ def test_resume_with_another_projection_is_refused_and_keeps_the_store(
 ) -> None:
     """Same callback settings, but the projection regenerates differently (another lightning_dve version): the
     resumed run is refused before the store drops any step, instead of mixing two projections in one trajectory."""
-    from lightning_dve import StoreError
     from lightning_dve.projection import SideProjection
 
     ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
@@ -284,3 +283,16 @@ def test_a_refused_resume_is_not_retried_by_the_next_fit(
         checkpointing_trainer(tmp_path, 1, [again]).fit(mlp_cls(), make_loader())
     checkpointing_trainer(tmp_path, 1, [again]).fit(mlp_cls(), make_loader())
     assert again.embeddings.steps == list(range(4))
+
+
+def test_resume_into_another_save_dir_names_the_recorded_one(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first = DataValueEmbedding(tmp_path / "recorded", projection_dim=32, report=None)
+    checkpointing_trainer(tmp_path, 1, [first, ckpts]).fit(mlp_cls().double(), make_loader())
+    moved = DataValueEmbedding(tmp_path / "elsewhere", projection_dim=32, report=None)
+    with pytest.raises(StoreError, match=r"no store at .*elsewhere to resume: the checkpoint's DataValueEmbedding "
+                                         r"recorded into .*recorded\. Pass save_dir="):
+        checkpointing_trainer(tmp_path, 2, [moved]).fit(mlp_cls().double(), make_loader(),
+                                                         ckpt_path=sorted((tmp_path / "ckpt").glob("*.ckpt"))[0])
