@@ -555,7 +555,7 @@ def test_a_fit_after_one_that_failed_inside_a_step_records_only_its_own_steps(fi
 def test_embeddings_before_any_fit_say_where_to_load_them_from():
     """Before a fit in this process (e.g. after ``ddp_spawn``, whose fit ran in child processes) the error says to
     load the store, and where the default ``save_dir`` is."""
-    with pytest.raises(ConfigError, match=r"no embeddings at None: call trainer.fit.* After strategy='ddp_spawn' .*"
+    with pytest.raises(ConfigError, match=r"no embeddings at None: call trainer.fit.* after strategy='ddp_spawn' .*"
                                           r"DataValueEmbeddings.load\(save_dir\) \(save_dir=None is "
                                           r"<trainer.default_root_dir>/dve\)"):
         DataValueEmbedding().embeddings
