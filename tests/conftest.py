@@ -54,6 +54,18 @@ class TinyMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class TwoHeadMLP(TinyMLP):
+    """TinyMLP plus an ``aux`` head (``Linear(64, 10)``) that only even batches use: odd ones leave it no ``.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(64, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.loss(batch)
+        return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
+
+
 @pytest.fixture
 def mlp_cls() -> type[TinyMLP]:
     """The tiny MLP class, to subclass in a test."""

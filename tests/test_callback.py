@@ -514,20 +514,13 @@ def test_state_key_of_the_auto_layout_matches_the_earlier_per_layer_default():
     assert DataValueEmbedding().state_key != DataValueEmbedding(projection_dim=64).state_key
 
 
-def test_a_layer_used_by_some_micro_batches_only_is_not_refused(fit, mlp_cls, save_dir):
+def test_a_layer_used_by_some_micro_batches_only_is_not_refused(fit, save_dir):
     """Under gradient accumulation a head used by the first micro-batch of a step only has a ``.grad`` but no
     rows from the last one: it was reached, not used functionally."""
-    class TwoHeads(mlp_cls):
-        def __init__(self) -> None:
-            super().__init__()
-            self.aux = torch.nn.Linear(64, 10)
-
-        def training_step(self, batch, batch_idx):
-            loss = self.loss(batch)
-            return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
+    from tests.conftest import TwoHeadMLP
 
     dve = DataValueEmbedding(save_dir, projection_dim=16, report=None)
-    fit(TwoHeads(), dve, accumulate_grad_batches=2)
+    fit(TwoHeadMLP(), dve, accumulate_grad_batches=2)
     assert dve.embeddings.steps == [0, 1]
 
 

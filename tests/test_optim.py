@@ -106,17 +106,9 @@ def test_a_layer_the_step_does_not_reach_is_skipped_as_torch_skips_it(
 ) -> None:
     """A head used on even steps only has no ``.grad`` on odd steps: torch neither moves it nor its optimizer
     state, so its recorded rate and gain are 0 and its momentum 1 (the velocity carries over unchanged)."""
-    from tests.conftest import TinyMLP
+    from tests.conftest import TwoHeadMLP
 
-    class TwoHeads(TinyMLP):
-        def __init__(self) -> None:
-            super().__init__()
-            self.aux = torch.nn.Linear(64, 10)
-
-        def training_step(self, batch, batch_idx):
-            loss = self.loss(batch)
-            return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
-
+    class TwoHeads(TwoHeadMLP):
         def configure_optimizers(self):
             if optimizer == "adamw":
                 return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
