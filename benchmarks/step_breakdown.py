@@ -230,7 +230,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
             check.append(t1 - t0)
             book.append(t2 - t1)
     records = list(store.iter_backward(2))
-    blocks = list(sync._blocks(iter(records)))
+    blocks = list(sync._blocks(iter(records), sync.BLOCK_ROWS, 0))  # streamed blocks, as a long run
     t2 = time.perf_counter()
     embedded = [e for block in blocks for e in recursion.block(block)]  # every block folded into M: long run
     t3 = time.perf_counter()
