@@ -249,8 +249,8 @@ class DataValueEmbedding(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
-        if self._comm.world_size == 1:  # under DDP .grad also holds the other ranks' layers
-            hooks.check_all_reached(self._reached)
+        reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
+        hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
                 and not self._skipped:

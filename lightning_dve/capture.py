@@ -324,9 +324,9 @@ class GradientCapture:
         """The tracked layers whose blocks the current micro-batch captured."""
         return set(self._blocks)
 
-    def check_all_reached(self, earlier: set[str] | frozenset[str] = frozenset()) -> None:
-        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it (in this
-        micro-batch nor in the ``earlier`` ones of the step, under gradient accumulation).
+    def check_all_reached(self, reached: set[str] | frozenset[str] = frozenset()) -> None:
+        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it, in this
+        micro-batch or in ``reached`` (the step's other micro-batches and ranks).
 
         This happens when a model uses a layer's weight functionally (e.g. ``nn.MultiheadAttention`` calls
         ``out_proj.weight`` without calling ``out_proj``).
@@ -335,7 +335,7 @@ class GradientCapture:
             UnsupportedError: naming the layer and how to exclude it.
         """
         for name, weight in self.weights().items():
-            if name not in self._blocks and name not in earlier and weight.grad is not None \
+            if name not in self._blocks and name not in reached and weight.grad is not None \
                     and bool(weight.grad.ne(0).any()):
                 raise UnsupportedError(
                     f"layer {name!r} received a gradient but its forward was never called: the model uses its "

@@ -37,8 +37,9 @@ def split_bias_groups(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Mo
     Returns:
         ``{layer: what differs}``, empty when every bias shares its weight's hyperparameters.
     """
-    def settings(group: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+    def settings(group: dict[str, Any]) -> dict[str, Any]:  # hyperparameters only, not names or other user keys
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in group.items()
+                if k in optimizer.defaults}
 
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     out = {}
@@ -77,9 +78,9 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def uses_momentum_or_decay(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a modelled optimizer carries state or decays weights (the two-state recursion)."""
+    """Whether a modelled optimizer carries state, decays weights or maximizes (the two-state recursion)."""
     return is_adam(optimizer) or sgd_proxy_reason(optimizer) is None and any(
-        group.get("momentum") or group.get("weight_decay") for group in optimizer.param_groups
+        group.get("momentum") or group.get("weight_decay") or group.get("maximize") for group in optimizer.param_groups
     )
 
 
@@ -91,7 +92,8 @@ def sgd_terms(
     Read in ``on_before_optimizer_step``, after any scheduler update for this step, so the rates are the ones
     actually applied.
 
-    Plain SGD: the clip factor scales the learning rate (the whole update). With momentum or weight decay it
+    Plain SGD: the clip factor scales the learning rate (the whole update). With momentum, weight decay or
+    ``maximize`` (whose gradient enters with its sign flipped: a negative gain, the rates stay positive) it
     scales only the gradient entering the velocity (``gain = clip * (1 - dampening)``); the weight decay, which
     torch dampens but does not clip, is divided by the clip factor so that ``gain * weight_decay`` is applied.
     Nesterov adds ``lead = momentum`` and ``direct = clip`` (recursion.py, ``BackwardRecursion``). Adam and
@@ -107,7 +109,7 @@ def sgd_terms(
     signs = [-1.0 if group.get("maximize") else 1.0 for group in groups]
     lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer):
-        return lrs * clip * torch.tensor(signs, dtype=torch.float64), {}
+        return lrs * clip, {}
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
     for weight, group, sign, on in zip(weights.values(), groups, signs, reached):
         first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then

@@ -282,13 +282,16 @@ def reference_gradient(
 
 
 def _curve_learning_rates(embeddings: DataValueEmbeddings) -> tuple[str, torch.Tensor]:
-    """The first tracked layer's learning rate per step ``[T]`` (warn if layers used different rates)."""
+    """The first tracked layer's learning rate per step ``[T]`` (warn if layers used different rates); at a step that
+    did not reach it (rate 0) the first layer's that moved."""
     lrs = embeddings.learning_rates
     name = embeddings.store.layer_names[0]
-    if lrs.shape[1] > 1 and not torch.allclose(lrs, lrs[:, :1].expand_as(lrs)):
+    moved = lrs != 0
+    rate = lrs.gather(1, moved.to(torch.int8).argmax(dim=1, keepdim=True))
+    if lrs.shape[1] > 1 and not bool((torch.isclose(lrs, rate.expand_as(lrs)) | ~moved).all()):
         rank_zero_warn(f"DataValueEmbedding: tracked layers used different learning rates; the influence curve is "
                        f"divided by the learning rate of the first tracked layer, {name!r}.")
-    return name, lrs[:, 0]
+    return name, rate[:, 0]
 
 
 # --- files ------------------------------------------------------------------------------------------------

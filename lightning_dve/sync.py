@@ -96,21 +96,10 @@ class StepAssembler:
             the gradients.
     """
 
-    def __init__(
-        self,
-        comm: Communicator,
-        dims: dict[str, int],
-        owned: list[str],
-        dtype: torch.dtype,
-        allow_duplicate_ids: bool,
-        extra_kinds: tuple[str, ...] = (),
-    ) -> None:
-        self.comm = comm
-        self.dims = dims
-        self.layer_names = list(dims)
-        self.dtype = dtype
-        self.owned = owned
-        self.allow_duplicate_ids = allow_duplicate_ids
+    def __init__(self, comm: Communicator, dims: dict[str, int], owned: list[str], dtype: torch.dtype,
+                 allow_duplicate_ids: bool, extra_kinds: tuple[str, ...] = ()) -> None:
+        self.comm, self.dims, self.layer_names, self.dtype = comm, dims, list(dims), dtype
+        self.owned, self.allow_duplicate_ids = owned, allow_duplicate_ids
         self.kinds = ("grads", *extra_kinds)
         self._buffer: list[MicroBatch] = []
 
@@ -226,6 +215,16 @@ def gather_embeddings(
         blocks = flat.split([rows * dims[n] for n in names])
         merged.update((n, block.view(rows, dims[n])) for n, block in zip(names, blocks))
     return merged
+
+
+def reached_on_any_rank(comm: Communicator, names: list[str], reached: set[str]) -> set[str]:
+    """Collective: the layers of ``names`` some rank's hooks reached in this step (``reached``: this rank's ones);
+    under DDP every rank's gradient is in ``.grad``."""
+    if comm.world_size == 1:
+        return set(reached)
+    flags = torch.tensor([[float(name in reached) for name in names]])
+    union = torch.cat(comm.all_gather_rows(flags)).amax(dim=0)
+    return {name for name, flag in zip(names, union.tolist()) if flag > 0}
 
 
 def embed_trajectory(

@@ -147,6 +147,19 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_weight_used_functionally_is_refused_on_both_ranks_and_a_rank_only_head_is_not(tmp_path: Path) -> None:
+    """Under DDP ``.grad`` holds every rank's gradient: a layer whose weight is used without calling it is refused
+    on both ranks (no rank reached it), a head that only rank 0 uses is not (rank 0 reached it)."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path / "functional", "--head", "functional", "--epochs", "1", timeout=200)
+    assert proc.returncode != 0 and time.monotonic() - start < 55
+    assert proc.stderr.count("layer 'net.4' received a gradient but its forward was never called") >= 2, \
+        proc.stderr[-3000:]
+    proc = run_script("ddp", tmp_path / "rank0", "--head", "rank0", "--epochs", "1", timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(tmp_path: Path) -> None:
     """Rank 0 writes every embedding at train end; a full disk there used to leave rank 1 in the next collective
     (gloo: "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree."""

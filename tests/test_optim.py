@@ -80,8 +80,9 @@ def test_tracked_layer_outside_the_optimizer_is_refused(mlp_cls: type, fit: Call
 
 
 def test_maximize_steps_along_the_gradient(tmp_path: Path) -> None:
-    """``SGD(maximize=True)`` applies ``+lr * grad``: the recorded rate carries the sign (the momentum form flips
-    its gain, tests/test_momentum.py)."""
+    """``SGD(maximize=True)`` applies ``+lr * grad``: recorded in the momentum form with a negative gain (so the
+    recorded learning rates, which the report's curves divide by, stay the optimizer's; with momentum:
+    tests/test_momentum.py)."""
     from tests.conftest import TinyMLP
 
     class Ascent(TinyMLP):
@@ -93,10 +94,21 @@ def test_maximize_steps_along_the_gradient(tmp_path: Path) -> None:
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[dve, probe])
     trainer.fit(Ascent().double(), DataLoader(DigitsDict(range(64)), batch_size=16))
-    lrs = TrajectoryStore.open(tmp_path / "dve").learning_rates[:, 0]
-    assert bool((lrs == -0.05).all())
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert bool((store.learning_rates == 0.05).all())
     for step, (grad, update) in enumerate(zip(probe.grads, probe.updates)):
-        torch.testing.assert_close(update, -lrs[step] * grad, rtol=1e-10, atol=1e-15)
+        terms = store.read_step(step).optim
+        assert float(terms["gain"][0]) == -1.0 and float(terms["momentum"][0]) == 0.0
+        torch.testing.assert_close(update, 0.05 * grad, rtol=1e-10, atol=1e-15)  # = -lr * gain * grad
+    # one step, no curvature: the estimate is the exact first-order influence, sign included
+    model, dve = Ascent().double(), DataValueEmbedding(tmp_path / "one", projection_dim=None, report=None,
+                                                       curvature="none")
+    L.Trainer(accelerator="cpu", devices=1, max_steps=1, precision="64-true", logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False, callbacks=[dve]).fit(
+        model, DataLoader(DigitsDict(range(64)), batch_size=16))
+    test = {k: v.double() if v.is_floating_point() else v for k, v in DigitsDict(range(1500, 1504)).batch().items()}
+    expected = dve.embeddings.exact_influence(model, test).scores
+    torch.testing.assert_close(dve.embeddings.influence(model, test).scores, expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
@@ -149,7 +161,8 @@ def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_p
         def configure_optimizers(self):
             weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
             biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
-            return torch.optim.SGD([{"params": weights}, {"params": biases}], lr=0.1)
+            return torch.optim.SGD([{"params": weights, "name": "weights"}, {"params": biases, "name": "biases"}],
+                                   lr=0.1)  # a name is not a hyperparameter
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*param group.*")

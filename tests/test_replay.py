@@ -513,6 +513,47 @@ def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
         loaded.exact_influence(module, test, loss_fn=per_sample, dataset=Weighted())
 
 
+def test_a_sample_with_no_tokens_replays_as_absent(tmp_path: Path) -> None:
+    """Token-mean loss with ignored labels: a sequence whose labels are all ignored has weight 0 in its steps and a
+    NaN loss on its own (a mean over no tokens, weight 0 / 0). The replay through ``training_step`` gives it zero
+    scores, and everything else as a replay through finite per-sample losses."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (32, 5), generator=gen)
+    y[0], y[1::2, 3:] = -100, -100  # sequence 0 has no labelled token; others are padded
+    data = [{"x": x[i], "y": y[i], "index": i} for i in range(32)]
+
+    class Tokens(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch["x"]).flatten(0, 1), batch["y"].flatten(), ignore_index=-100)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def per_sample(m: nn.Module, b: dict) -> torch.Tensor:
+        mask = b["y"] != -100
+        ce = F.cross_entropy(m.net(b["x"]).transpose(1, 2), b["y"].clamp_min(0), reduction="none")
+        return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def token_share(b: dict) -> torch.Tensor:
+        tokens = (b["y"] != -100).sum(1).double()
+        return tokens / tokens.sum()
+
+    module = Tokens()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, loss_reduction=token_share)
+    make_trainer(1, [dve]).fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    test = {"x": x[8:12], "y": y[8:12].clamp_min(0)}
+    replayed = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True)
+    reference = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True,
+                                               train_loss_fn=per_sample)
+    assert bool(replayed.scores.isfinite().all()) and bool((replayed.scores[:, replayed.sample_ids == 0] == 0).all())
+    torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
+
+
 def test_split_batch_slices_tensors_and_lists() -> None:
     singles = split_batch({"x": torch.arange(6).reshape(3, 2), "tags": ["a", "b", "c"], "scale": torch.tensor(2.0)})
     assert len(singles) == 3 and torch.equal(singles[1]["x"], torch.tensor([[2, 3]]))

@@ -440,3 +440,23 @@ def test_a_datamodule_batch_hook_is_applied_as_in_training(tmp_path):
     test = Rescaled().on_before_batch_transfer(raw, 0)
     result = dve.embeddings.exact_influence(model, test)  # refused if the replayed batches missed the rescaling
     assert result.scores.shape == (4, 64) and bool(result.scores.abs().sum() > 0)
+
+
+def test_curve_rates_skip_layers_a_step_did_not_reach():
+    """A layer a step did not reach records rate 0 there: the curve uses the first layer that moved, and equal
+    rates elsewhere do not warn; rates that really differ do."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning_dve.reporting import _curve_learning_rates
+
+    def embeddings(lrs: list[list[float]]) -> SimpleNamespace:
+        return SimpleNamespace(learning_rates=torch.tensor(lrs, dtype=torch.float64),
+                               store=SimpleNamespace(layer_names=["aux", "net"]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        name, rates = _curve_learning_rates(embeddings([[0.1, 0.1], [0.0, 0.1], [0.05, 0.05]]))
+    assert name == "aux" and rates.tolist() == [0.1, 0.1, 0.05]
+    with pytest.warns(UserWarning, match="tracked layers used different learning rates"):
+        _curve_learning_rates(embeddings([[0.1, 0.2], [0.1, 0.2]]))

@@ -52,15 +52,22 @@ class Digits(Dataset):
 
 
 class MLP(L.LightningModule):
-    def __init__(self, fail_rank: int = -1, optimizer: str = "sgd") -> None:
+    """``--head functional``: the last layer's weight is used without calling it; ``rank0``: an extra ``aux`` head
+    that only rank 0's batches use."""
+
+    def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module") -> None:
         super().__init__()
-        self.optimizer = optimizer
+        self.optimizer, self.head = optimizer, head
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
+        self.aux = nn.Linear(64, 10) if head == "rank0" else None
         self.fail_rank = fail_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.head == "functional":
+            return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
+        out = self.net(x)
+        return out + self.aux(x) if self.aux is not None and self.global_rank == 0 else out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if batch_idx == 2 and self.global_rank == self.fail_rank:
@@ -125,6 +132,7 @@ def main() -> None:
     parser.add_argument("--layout", default="per_layer", help="per_layer: the layers are sharded over the ranks")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
+    parser.add_argument("--head", choices=["module", "functional", "rank0"], default="module")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="rank 0's embedding write of this step fails with a full disk at train end")
     args = parser.parse_args()
@@ -144,10 +152,10 @@ def main() -> None:
         loader = DataLoader(data, batch_sampler=GlobalBatches(data))
     else:
         start = "popen" if args.mode == "ddp" else "spawn"
-        strategy = DDPStrategy(timeout=timeout, start_method=start)
+        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head == "rank0")
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
-    model = MLP(args.fail_rank, args.optimizer).double()  # float64 before a restore: see test_resume_accumulation.py
+    model = MLP(args.fail_rank, args.optimizer, args.head).double()  # float64 before a restore: see test_resume_accumulation.py
     if args.resume:
         ckpt_dir = args.out / "ckpt"
         first = L.Trainer(**{**common, "max_epochs": 1, "enable_checkpointing": True,
