@@ -178,7 +178,12 @@ def run_embed(world: int, roots: list[str], segments: int, args: argparse.Namesp
             for path in Path(root, "embeddings").glob("*.safetensors"):  # of an earlier repeat (ext4 flushes
                 path.unlink()  # a file renamed over another: a cost no real run pays)
         out = tempfile.mkdtemp(prefix="dve_ddp_out_")
-        mp.spawn(embed_worker, args=(world, free_port(), roots, segments, out), nprocs=world, join=True)
+        try:
+            mp.spawn(embed_worker, args=(world, free_port(), roots, segments, out), nprocs=world, join=True)
+        except mp.ProcessExitedException as err:  # a finished rank can abort at exit in gloo's teardown (once in
+            done = all(Path(out, f"rank{r}.json").is_file() for r in range(world))  # ~20 runs; test_distributed.py)
+            if not done or err.signal_name != "SIGABRT":
+                raise
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
         shutil.rmtree(out, ignore_errors=True)
         return {"wall_s": max(r["wall_s"] for r in ranks), "ranks": ranks}

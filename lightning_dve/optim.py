@@ -37,9 +37,12 @@ def split_bias_groups(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Mo
     Returns:
         ``{layer: what differs}``, empty when every bias shares its weight's hyperparameters.
     """
+    def plain(value: Any) -> Any:  # tensors and lists compare as tuples and numbers
+        value = value.tolist() if isinstance(value, torch.Tensor) else value
+        return tuple(map(plain, value)) if isinstance(value, (list, tuple)) else value
+
     def settings(group: dict[str, Any]) -> dict[str, Any]:  # hyperparameters only, not names or other user keys
-        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in group.items()
-                if k in optimizer.defaults}
+        return {k: plain(v) for k, v in group.items() if k in optimizer.defaults}
 
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     out = {}
@@ -78,9 +81,9 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def uses_momentum_or_decay(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a modelled optimizer carries state, decays weights or maximizes (the two-state recursion)."""
+    """Whether a modelled optimizer carries state or decays weights (the two-state recursion)."""
     return is_adam(optimizer) or sgd_proxy_reason(optimizer) is None and any(
-        group.get("momentum") or group.get("weight_decay") or group.get("maximize") for group in optimizer.param_groups
+        group.get("momentum") or group.get("weight_decay") for group in optimizer.param_groups
     )
 
 
@@ -106,9 +109,10 @@ def sgd_terms(
     groups = groups_of(optimizer, weights)
     # torch skips a weight without a gradient (rate 0); ``maximize`` steps along +grad (the gradient's sign flips)
     reached = [weight.grad is not None for weight in weights.values()]
-    signs = [-1.0 if group.get("maximize") else 1.0 for group in groups]
+    ascent = isinstance(optimizer, torch.optim.SGD)  # other optimizers are the plain-SGD proxy (warned)
+    signs = [-1.0 if ascent and group.get("maximize") else 1.0 for group in groups]
     lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
-    if not uses_momentum_or_decay(optimizer):
+    if not uses_momentum_or_decay(optimizer) and signs.count(-1.0) == 0:
         return lrs * clip, {}
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
     for weight, group, sign, on in zip(weights.values(), groups, signs, reached):

@@ -177,8 +177,8 @@ def step_loss_terms(
 ) -> torch.Tensor:
     """Per-sample losses ``l(theta, z)`` ``[B]`` from ``training_step`` on one-sample batches (logging muted):
     each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum). A sample of
-    weight 0 (or ``0 / 0``, e.g. a token mean over no tokens) gets a constant zero loss: it does not enter the step
-    (as in capture, method.md §2)."""
+    weight 0 (or ``0 / 0``, e.g. a token mean over no tokens) gets a zero loss: it does not enter the step (as in
+    capture, method.md §2)."""
     if reduction is LossReduction.WEIGHTS and weight_fn is None:
         raise ConfigError("this store was recorded with per-sample loss weights (a loss_reduction callable), which "
                           "the losses from training_step must be divided by: pass the same callable as "
@@ -193,8 +193,10 @@ def step_loss_terms(
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
             weight = float(reduction_weights(reduction, single, 1, weight_fn)[0])  # 0 / 0 = NaN for no tokens
-            absent = weight == 0 or math.isnan(weight)  # not in the step; its own loss may be NaN too
-            losses.append(loss.new_zeros((), requires_grad=True) if absent else loss / weight)
+            if weight != 0 and not math.isnan(weight):
+                losses.append(loss / weight)
+            else:  # not in the step: zero, tied to the parameters as in training unless its own loss is NaN
+                losses.append(loss * 0.0 if bool(torch.isfinite(loss)) else loss.new_zeros((), requires_grad=True))
     return torch.stack(losses)
 
 

@@ -135,9 +135,9 @@ def clip_gradients(
 ) -> list[Tensor | None]:
     """Lightning's ``gradient_clip_val``: ``torch.nn.utils.clip_grad_norm_`` (factor
     ``min(1, c / (||g||_2 + 1e-6))`` over all gradients) or ``clip_grad_value_`` (``clamp(g, -c, c)``)."""
-    if not clip_val:
-        return list(grads)
     present = [g for g in grads if g is not None]
+    if not clip_val or not present:
+        return list(grads)
     if algorithm == "value":
         return [None if g is None else g.clamp(-clip_val, clip_val) for g in grads]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in present]), 2.0)

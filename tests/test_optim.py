@@ -109,6 +109,16 @@ def test_maximize_steps_along_the_gradient(tmp_path: Path) -> None:
     test = {k: v.double() if v.is_floating_point() else v for k, v in DigitsDict(range(1500, 1504)).batch().items()}
     expected = dve.embeddings.exact_influence(model, test).scores
     torch.testing.assert_close(dve.embeddings.influence(model, test).scores, expected, rtol=1e-9, atol=1e-12)
+    # ascent carries no optimizer state: segments are allowed and chain to the same final embeddings
+    scores = []
+    for segments in (1, 2):
+        model, dve = Ascent().double(), DataValueEmbedding(tmp_path / f"s{segments}", projection_dim=None,
+                                                           report=None, segments=segments)
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="64-true", logger=False,
+                  enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                  callbacks=[dve]).fit(model, DataLoader(DigitsDict(range(64)), batch_size=16))
+        scores.append(dve.embeddings.influence(model, test).scores)
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
@@ -164,6 +174,13 @@ def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_p
             return torch.optim.SGD([{"params": weights, "name": "weights"}, {"params": biases, "name": "biases"}],
                                    lr=0.1)  # a name is not a hyperparameter
 
+    class ListBetas(mlp_cls):  # betas from a config file arrive as a list: the same values as the tuple
+        def configure_optimizers(self):
+            weights = [p for n, p in self.named_parameters() if n.endswith("weight")]
+            biases = [p for n, p in self.named_parameters() if n.endswith("bias")]
+            return torch.optim.AdamW([{"params": weights}, {"params": biases, "betas": [0.9, 0.999]}], lr=0.01)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*param group.*")
         fit(SameSettings(), DataValueEmbedding(tmp_path / "b", projection_dim=16, report=None))
+        fit(ListBetas(), DataValueEmbedding(tmp_path / "c", projection_dim=16, report=None))

@@ -513,6 +513,45 @@ def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
         loaded.exact_influence(module, test, loss_fn=per_sample, dataset=Weighted())
 
 
+def test_a_step_whose_samples_all_have_weight_zero_is_replayed(tmp_path: Path) -> None:
+    """A whole batch of weight 0 still gets a (zero) gradient in training, which moves momentum and decay: the replay
+    through ``training_step`` keeps it (and norm clipping of it), as a replay through per-sample losses does."""
+    class Weighted(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.base = DigitsDataset(range(48))
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {**self.base[i], "w": torch.tensor(0.0 if 16 <= i < 32 else 1.0, dtype=torch.float64)}
+
+    class WeightedMLP(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+            return (batch["w"] * losses).sum() / len(losses)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+    module = WeightedMLP()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
+                             loss_reduction=lambda b: b["w"] / len(b["w"]))
+    make_trainer(1, [dve], gradient_clip_val=1.0).fit(module, torch.utils.data.DataLoader(Weighted(), batch_size=16))
+    test = DigitsDataset(range(1500, 1504)).batch()
+    per_sample = lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"], reduction="none")  # noqa: E731
+    replayed = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True)
+    reference = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True,
+                                               train_loss_fn=per_sample)
+    assert bool((replayed.scores[:, replayed.steps == 1] == 0).all())
+    torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
+
+
 def test_a_sample_with_no_tokens_replays_as_absent(tmp_path: Path) -> None:
     """Token-mean loss with ignored labels: a sequence whose labels are all ignored has weight 0 in its steps and a
     NaN loss on its own (a mean over no tokens, weight 0 / 0). The replay through ``training_step`` gives it zero
