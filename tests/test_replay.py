@@ -14,6 +14,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -469,85 +470,68 @@ def test_refuses_a_replay_that_turns_nan_with_the_cause(recorded, small_data) ->
         dve.embeddings.exact_influence(module, small_data[1], train_loss_fn=lambda m, b: m(b["x"]).sum(1) * math.nan)
 
 
-def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
-    """Samples whose loss weight is 0 (``loss_reduction`` callable) do not enter their steps: the replay through
-    ``training_step`` gives them zero scores, and the same scores as a replay through the per-sample losses."""
-    class Weighted(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.base = DigitsDataset(range(64))
+class WeightedDigits(torch.utils.data.Dataset):
+    """Digits ``0..n-1`` with a loss weight ``w``: 0 where ``absent(i)``, else 1."""
 
-        def __len__(self) -> int:
-            return len(self.base)
+    def __init__(self, n: int, absent: Callable[[int], bool]) -> None:
+        self.base, self.absent = DigitsDataset(range(n)), absent
 
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {**self.base[i], "w": torch.tensor(0.0 if i % 8 == 0 else 1.0, dtype=torch.float64)}
+    def __len__(self) -> int:
+        return len(self.base)
 
-    class WeightedMLP(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**self.base[i], "w": torch.tensor(0.0 if self.absent(i) else 1.0, dtype=torch.float64)}
 
-        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-            losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-            return (batch["w"] * losses).sum() / len(losses)
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+class WeightedMLP(L.LightningModule):
+    """``sum_i w_i l_i / B`` in ``training_step`` (declared as ``loss_reduction=w / B``), SGD with ``options``."""
 
-    module = WeightedMLP()
+    def __init__(self, **options: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+        self.options = options
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+        return (batch["w"] * losses).sum() / len(losses)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, **self.options)
+
+
+def weighted_replays(tmp_path: Path, data: WeightedDigits, module: WeightedMLP, **trainer_kwargs: Any):
+    """Fit ``module`` on ``data``; exact replay through ``training_step`` and through per-sample losses."""
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
                              loss_reduction=lambda b: b["w"] / len(b["w"]))
-    make_trainer(1, [dve]).fit(module, torch.utils.data.DataLoader(Weighted(), batch_size=16))
+    make_trainer(1, [dve], **trainer_kwargs).fit(module, torch.utils.data.DataLoader(data, batch_size=16))
     test = DigitsDataset(range(1500, 1504)).batch()
     per_sample = lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"], reduction="none")  # noqa: E731
     replayed = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True)
     reference = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True,
                                                train_loss_fn=per_sample)
+    return replayed, reference, test, per_sample
+
+
+def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
+    """Samples whose loss weight is 0 (``loss_reduction`` callable) do not enter their steps: the replay through
+    ``training_step`` gives them zero scores, and the same scores as a replay through the per-sample losses."""
+    module, data = WeightedMLP(), WeightedDigits(64, lambda i: i % 8 == 0)
+    replayed, reference, test, per_sample = weighted_replays(tmp_path, data, module)
     absent = replayed.sample_ids % 8 == 0
     assert bool(absent.any()) and bool((replayed.scores[:, absent] == 0).all())
     torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
     loaded = DataValueEmbeddings.load(tmp_path / "dve")  # without loss_weights=: training_step cannot be split
     with pytest.raises(ConfigError, match=r"pass the same callable as `loss_weights=` .* `train_loss_fn=` for the "
                                           r"replayed training steps"):
-        loaded.exact_influence(module, test, loss_fn=per_sample, dataset=Weighted())
+        loaded.exact_influence(module, test, loss_fn=per_sample, dataset=data)
 
 
 def test_a_step_whose_samples_all_have_weight_zero_is_replayed(tmp_path: Path) -> None:
     """A whole batch of weight 0 still gets a (zero) gradient in training, which moves momentum and decay: the replay
     through ``training_step`` keeps it (and norm clipping of it), as a replay through per-sample losses does."""
-    class Weighted(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.base = DigitsDataset(range(48))
-
-        def __len__(self) -> int:
-            return len(self.base)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {**self.base[i], "w": torch.tensor(0.0 if 16 <= i < 32 else 1.0, dtype=torch.float64)}
-
-    class WeightedMLP(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
-
-        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-            losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-            return (batch["w"] * losses).sum() / len(losses)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-
-    module = WeightedMLP()
-    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
-                             loss_reduction=lambda b: b["w"] / len(b["w"]))
-    make_trainer(1, [dve], gradient_clip_val=1.0).fit(module, torch.utils.data.DataLoader(Weighted(), batch_size=16))
-    test = DigitsDataset(range(1500, 1504)).batch()
-    per_sample = lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"], reduction="none")  # noqa: E731
-    replayed = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True)
-    reference = dve.embeddings.exact_influence(module, test, loss_fn=per_sample, per_step=True,
-                                               train_loss_fn=per_sample)
+    module, data = WeightedMLP(momentum=0.9, weight_decay=0.01), WeightedDigits(48, lambda i: 16 <= i < 32)
+    replayed, reference, _, _ = weighted_replays(tmp_path, data, module, gradient_clip_val=1.0)
     assert bool((replayed.scores[:, replayed.steps == 1] == 0).all())
     torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
 
