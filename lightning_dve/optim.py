@@ -112,7 +112,7 @@ def sgd_terms(
     ascent = isinstance(optimizer, torch.optim.SGD)  # other optimizers are the plain-SGD proxy (warned)
     signs = [-1.0 if ascent and group.get("maximize") else 1.0 for group in groups]
     lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
-    if not uses_momentum_or_decay(optimizer) and signs.count(-1.0) == 0:
+    if not uses_momentum_or_decay(optimizer) and -1.0 not in signs:
         return lrs * clip, {}
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
     for weight, group, sign, on in zip(weights.values(), groups, signs, reached):
