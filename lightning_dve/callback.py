@@ -286,8 +286,8 @@ class DataValueEmbedding(pl.Callback):
         if self._terms is None:  # accumulating, or no optimizer step happened
             return
         self._deferred, self._reached = None, set()
-        if self._skipped:  # the grad scaler skipped the step: nothing was applied, so nothing is recorded
-            self._assembler.discard()
+        if self._skipped or (not outputs and callback_setup.grad_scaler(trainer) is not None):
+            self._assembler.discard()  # not applied: skipped by the scaler, or by Lightning (last micro-batch None)
             self._terms = None
             return
         record = self._assembler.close(self._step, self._terms.lrs, trainer.current_epoch, trainer.is_last_batch,

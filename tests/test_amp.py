@@ -89,3 +89,21 @@ def test_fp16_grad_scaler_scale_is_divided_out_and_skipped_steps_are_dropped(tmp
         got = record.grads["net.0"]
         assert (got - expected).norm() / expected.norm() < 0.01
         assert split_block(model.net[0], got[0])["weight"].shape == (16, 64)
+
+
+def test_fp16_step_whose_last_micro_batch_returned_none_is_not_recorded(tmp_path: Path) -> None:
+    """With a grad scaler, Lightning skips the whole optimizer step when the last micro-batch's ``training_step``
+    returns None (the earlier micro-batches' gradients are never applied): nothing is recorded for it."""
+    class LastSkipped(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) if batch_idx % 2 == 0 else None
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    model, dve = LastSkipped(hidden=16, lr=0.2), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+              enable_checkpointing=False, enable_model_summary=False, callbacks=[dve], accumulate_grad_batches=2,
+              plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(model, DataLoader(DigitsDict(range(64)),
+                                                                                         batch_size=16))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no step was applied
+    assert TrajectoryStore.open(tmp_path / "dve").steps == []
