@@ -64,14 +64,14 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
     ``torch.optim.SGD`` with momentum (heavy-ball or Nesterov), dampening, weight decay and ``maximize``, and Adam /
-    AdamW without ``amsgrad`` or ``maximize`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
+    AdamW (``maximize`` too) without ``amsgrad`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
     treated as SGD with their current learning rate.
     """
     if isinstance(optimizer, torch.optim.SGD):
         return None
     if isinstance(optimizer, _ADAM):
-        flags = [flag for flag in ("amsgrad", "maximize") if any(g.get(flag) for g in optimizer.param_groups)]
-        return f"{type(optimizer).__name__} with {' and '.join(flags)}" if flags else None
+        amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+        return f"{type(optimizer).__name__} with amsgrad" if amsgrad else None
     return f"{type(optimizer).__name__} is not SGD, Adam or AdamW"
 
 

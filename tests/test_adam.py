@@ -196,6 +196,8 @@ class AdamMLP(TinyMLP):
     def configure_optimizers(self):
         if self.kind == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+        if self.kind == "adamw_max":  # maximize: the gradient enters the moments negated
+            return torch.optim.AdamW(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, maximize=True)
         if self.kind == "adam_decoupled":  # the same update as AdamW
             return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1,
                                     decoupled_weight_decay=True)
@@ -216,7 +218,7 @@ def fit_adam(tmp_path: Path, kind: str, projection_dim: int | None, second_momen
     return probe, TrajectoryStore.open(tmp_path / "dve")
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam", "adam_decoupled"])
+@pytest.mark.parametrize("kind", ["adamw", "adam", "adam_decoupled", "adamw_max"])
 def test_recorded_adam_terms_reproduce_the_applied_update(tmp_path: Path, kind: str) -> None:
     """Exact mode, clipping binding: the recorded preconditioner equals torch's ``1 / (sqrt(v / (1 - beta2^t))
     + eps)`` after the step, and ``theta' = (1 - shrink) theta - lr P * m`` with ``m = beta1 m + gain g`` rebuilds
@@ -254,10 +256,11 @@ def test_adam_with_decoupled_decay_is_modelled_and_replayed_as_adamw(tmp_path: P
         torch.testing.assert_close(estimate, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_recorded_second_moment_terms_are_the_derivative_of_the_update(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["adamw", "adamw_max"])
+def test_recorded_second_moment_terms_are_the_derivative_of_the_update(tmp_path: Path, kind: str) -> None:
     """``kappa`` is ``d theta_{t+1} / d v_t`` of torch's AdamW update (by autograd at the step's m and v) and
-    ``batch_grad`` the clipped gradient the step applied."""
-    probe, store = fit_adam(tmp_path, "adamw", None, second_moment=True)
+    ``batch_grad`` the clipped gradient the step applied (negated by ``maximize``, with the gain's sign)."""
+    probe, store = fit_adam(tmp_path, kind, None, second_moment=True)
     layer = store.layer_names.index("net.0")
     for step, row in enumerate(probe.rows):
         record = store.read_step(step)

@@ -340,7 +340,6 @@ def _proxy_warnings(record) -> list[str]:
 @pytest.mark.parametrize(("make", "message"), [
     (lambda p: torch.optim.RMSprop(p, lr=1e-3), "RMSprop is not SGD, Adam or AdamW"),
     (lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True), "Adam with amsgrad"),
-    (lambda p: torch.optim.AdamW(p, lr=1e-3, maximize=True), "AdamW with maximize"),
 ])
 def test_unmodelled_optimizer_warns_once(fit, mlp_cls, save_dir, make, message):
     class Unmodelled(mlp_cls):
