@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .layers import has_trainable_bias, parameter_block
-from .optim import groups_of
+from .optim import gradient_sign, groups_of
 
 Terms = dict[str, torch.Tensor]
 Vectors = dict[str, dict[str, torch.Tensor]]
@@ -55,11 +55,6 @@ def _bias_size(module: nn.Module) -> int:
     return int(module.bias.numel()) if has_trainable_bias(module) else 0
 
 
-def _sign(group: dict[str, Any]) -> float:
-    """-1 for ``maximize`` (torch negates the gradient before the moments and the L2 decay), else 1."""
-    return -1.0 if group.get("maximize") else 1.0
-
-
 def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
     """Whether ``group``'s weight decay is decoupled (AdamW, or ``Adam(decoupled_weight_decay=True)``, which is the
     same update) rather than added to the gradient (Adam's L2 decay)."""
@@ -71,7 +66,8 @@ def _moments(optimizer: torch.optim.Optimizer, module: nn.Module, group: dict[st
     ``maximize``, as torch does before the decay)."""
     beta1, beta2 = group["betas"]
     bias = module.bias if has_trainable_bias(module) else None
-    step_grad = _sign(group) * clip * parameter_block(module, module.weight.grad, None if bias is None else bias.grad)
+    grad = parameter_block(module, module.weight.grad, None if bias is None else bias.grad)
+    step_grad = gradient_sign(group) * clip * grad
     if not decoupled_decay(optimizer, group):
         step_grad = step_grad + group["weight_decay"] * parameter_block(
             module, module.weight.detach(), None if bias is None else bias.detach())
@@ -161,8 +157,8 @@ def adam_terms(
             decay_scale = _weighted_preconditioner(moments.previous_v_hat, eps)
         lrs.append(float(group["lr"]) / (1.0 - beta1**moments.count) * scale)
         terms["momentum"].append(float(beta1))
-        terms["gain"].append(_sign(group) * (1.0 - beta1) * clip)  # gain * weight_decay keeps the decay's sign
-        terms["weight_decay"].append(0.0 if decoupled else _sign(group) * decay * decay_scale / clip)
+        terms["gain"].append(gradient_sign(group) * (1.0 - beta1) * clip)  # gain * weight_decay keeps the decay's sign
+        terms["weight_decay"].append(0.0 if decoupled else gradient_sign(group) * decay * decay_scale / clip)
         terms["shrink"].append(float(group["lr"]) * decay if decoupled else 0.0)
     return (torch.tensor(lrs, dtype=torch.float64), {k: torch.tensor(v, dtype=torch.float64) for k, v in terms.items()},
             {"precond": precond} if exact else {})
@@ -198,5 +194,5 @@ def second_moment_terms(
         vectors["kappa"][name] = (kappa / ((1 - beta1**moments.count) * (1 - beta2**moments.count))).flatten()
         vectors["batch_grad"][name] = moments.step_grad.flatten()
         terms["v_decay"].append(float(beta2))
-        terms["v_gain"].append(_sign(group) * 2 * (1 - beta2) * clip)
+        terms["v_gain"].append(gradient_sign(group) * 2 * (1 - beta2) * clip)
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in terms.items()}, vectors

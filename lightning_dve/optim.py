@@ -29,6 +29,11 @@ def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]
     return [group_of[id(weight)] for weight in weights.values()]
 
 
+def gradient_sign(group: dict[str, Any]) -> float:
+    """-1 for a ``maximize`` param group (torch negates the gradient before momentum, moments and decay), else 1."""
+    return -1.0 if group.get("maximize") else 1.0
+
+
 def split_bias_groups(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Tracked layers whose trained bias is in no param group or in one with other hyperparameters than the weight's.
 
@@ -110,7 +115,7 @@ def sgd_terms(
     # torch skips a weight without a gradient (rate 0); ``maximize`` steps along +grad (the gradient's sign flips)
     reached = [weight.grad is not None for weight in weights.values()]
     ascent = isinstance(optimizer, torch.optim.SGD)  # other optimizers are the plain-SGD proxy (warned)
-    signs = [-1.0 if ascent and group.get("maximize") else 1.0 for group in groups]
+    signs = [gradient_sign(group) if ascent else 1.0 for group in groups]
     lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer) and -1.0 not in signs:
         return lrs * clip, {}

@@ -309,11 +309,13 @@ def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[li
     (:func:`~lightning_dve.recursion.whole_segment_rows`); otherwise the records read to find out are blocked too.
     """
     head: list[StepRecord] = []
+    count = 0
     for record in records:
         head.append(record)
-        if sum(r.sample_ids.numel() for r in head) > whole or record.optim or record.vectors:
+        count += record.sample_ids.numel()
+        if count > whole or record.optim or record.vectors:
             break
-    else:
+    else:  # the whole segment fits in one block
         yield from [head] if head else []
         return
     block: list[StepRecord] = []
