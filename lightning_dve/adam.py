@@ -50,9 +50,10 @@ def _state_block(optimizer: torch.optim.Optimizer, module: nn.Module, key: str) 
     return parameter_block(module, state[key], bias)
 
 
-def _bias_size(module: nn.Module) -> int:
-    """Entries of the bias column of the layer's block (its output size when the bias is trained, else 0)."""
-    return int(module.bias.numel()) if has_trainable_bias(module) else 0
+def _block_zeros(module: nn.Module) -> torch.Tensor:
+    """Zeros, one per entry of the layer's block (its weight, and the bias column when the bias is trained)."""
+    size = module.weight.numel() + (module.bias.numel() if has_trainable_bias(module) else 0)
+    return torch.zeros(size, dtype=module.weight.dtype)
 
 
 def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -143,7 +144,7 @@ def adam_terms(
             for key, value in (("momentum", 1.0), ("gain", 0.0), ("weight_decay", 0.0), ("shrink", 0.0)):
                 terms[key].append(value)
             if exact:
-                precond[name] = torch.zeros(module.weight.numel() + _bias_size(module), dtype=module.weight.dtype)
+                precond[name] = _block_zeros(module)
             continue
         beta1, eps = group["betas"][0], float(group["eps"])
         decay, decoupled = float(group["weight_decay"]), decoupled_decay(optimizer, group)
@@ -182,7 +183,7 @@ def second_moment_terms(
     vectors: Vectors = {"kappa": {}, "batch_grad": {}}
     for (name, module), group in zip(modules.items(), groups_of(optimizer, weights)):
         if module.weight.grad is None:  # skipped by torch: v kept, no update through it
-            zeros = torch.zeros(module.weight.numel() + _bias_size(module), dtype=module.weight.dtype)
+            zeros = _block_zeros(module)
             vectors["kappa"][name], vectors["batch_grad"][name] = zeros, zeros
             terms["v_decay"].append(1.0)
             terms["v_gain"].append(0.0)
