@@ -583,7 +583,7 @@ def write_synthetic_store(root: Path, layers: dict[str, int], steps: int, batch:
                                    overwrite=True)
     for t in range(steps):
         store.append(synthetic_step(t, layers, batch, keep))
-    store.finish_recording({"bytes_total": store.bytes_on_disk("steps"),
+    store.finish_recording({"bytes_steps": store.bytes_on_disk("steps"),
                             "bytes_per_step": store.bytes_on_disk("steps") // max(1, steps)})
     return store
 

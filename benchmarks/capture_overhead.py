@@ -94,7 +94,7 @@ def one_fit(kind: str, cfg: dict[str, Any], ds: C.DictDataset, dim: Any, optimiz
     if dim != "off":
         manifest = json.loads((save_dir / "dve" / "manifest.json").read_text())
         out["bytes_per_step"] = manifest.get("bytes_per_step")
-        out["bytes_total"] = manifest.get("bytes_total")
+        out["bytes_steps"] = manifest.get("bytes_steps")
         out["embedding_bytes"] = sum(f.stat().st_size for f in (save_dir / "dve" / "embeddings").glob("*"))
         out["tracked_layers"] = len(manifest["layers"])
         out["projected_dims"] = sum(layer["projection"]["out"]["projected_dim"] * layer["projection"]["in"]["projected_dim"]
@@ -171,7 +171,7 @@ def run_model(kind: str, cfg: dict[str, Any], repeats: int, target: float | None
             },
             "train_end_over_train_loop": round(med("train_end_s", runs) / med("train_loop_s", base), 4),
             "capture_ms_per_step": round(1000 * (med("train_loop_s", runs) - med("train_loop_s", base)) / steps, 3),
-            "bytes_per_step": runs[0]["bytes_per_step"], "bytes_total": runs[0]["bytes_total"],
+            "bytes_per_step": runs[0]["bytes_per_step"], "bytes_steps": runs[0]["bytes_steps"],
             "embedding_bytes_total": runs[0]["embedding_bytes"],
         }
         if target is not None and v == 1024:

@@ -248,6 +248,7 @@ def comm_worker(rank: int, world: int, port: int, layers: dict[str, int], per_ra
     from lightning_dve import distributed, sync
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.recursion import layer_groups
+    from lightning_dve.updates import StepTerms
 
     comm = distributed.ProcessGroup()
     owned = sync.assign_groups(layer_groups(list(layers), AccumulatorLayout.PER_LAYER), layers, world)
@@ -263,7 +264,7 @@ def comm_worker(rank: int, world: int, port: int, layers: dict[str, int], per_ra
         assembler.add(sync.MicroBatch(ids, weights, grads))
         sync.agree_on_errors(comm, None)
         counter.phase = "step_gather" if step else "warmup"
-        assembler.close(step, torch.full((len(layers),), 0.1, dtype=torch.float64), 0, False)
+        assembler.close(step, StepTerms(torch.full((len(layers),), 0.1, dtype=torch.float64), {}, {}), 0, False)
         times.append(time.perf_counter() - t0)
     counter.restore()
     Path(out, f"rank{rank}.json").write_text(json.dumps({

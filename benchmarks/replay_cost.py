@@ -80,7 +80,7 @@ def measure(name: str, setting: dict[str, Any], net: str) -> dict[str, Any]:
         fast_s = time.perf_counter() - start
         checkpoint_bytes = emb.store.root.joinpath("checkpoints")
         ckpt = sum(p.stat().st_size for p in checkpoint_bytes.glob("state_*.safetensors"))
-        steps_bytes = emb.store.manifest["bytes_total"]
+        steps_bytes = emb.store.manifest["bytes_steps"]
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], N_OCCURRENCES, 0)
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     columns = [int(offsets[t]) + i for t, i in occurrences]

@@ -211,6 +211,8 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
     tmp = Path(tempfile.mkdtemp(prefix="dve_bd_"))
     storage = C.default_storage_dtype(exact=dim is None)
     store = TrajectoryStore.create(tmp / "s", C.synthetic_manifest(dims, storage), overwrite=True)
+    from lightning_dve.updates import StepTerms
+
     assembler = sync.StepAssembler(distributed.SingleProcess(), dims, list(dims), torch.float32, False)
     grads = {n: g.to(torch.float32) for n, g in reference_grads.items()}
     book, check = [], []
@@ -223,7 +225,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
         t1 = time.perf_counter()
         assembler.add(sync.MicroBatch(ids, weights, grads))
         sync.agree_on_errors(distributed.SingleProcess(), None)
-        record = assembler.close(step, lrs, 0, False)
+        record = assembler.close(step, StepTerms(lrs, {}, {}), 0, False)
         store.append(record)  # synchronous here; the callback's StepWriter does this in a background thread
         t2 = time.perf_counter()
         if step >= 2:

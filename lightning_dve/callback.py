@@ -1,4 +1,6 @@
-"""The Lightning callback: maps trainer hooks onto capture -> store -> recursion -> query. Nothing else."""
+"""The Lightning callback: maps trainer hooks onto capture -> store -> recursion -> query. Nothing else.
+
+The per-step hooks are in ``callback_step.py``; this module holds the fit's lifecycle."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import lightning.pytorch as pl
 import torch
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
-from .adam import adam_factors
-from .checkpoints import CHECKPOINTS, CheckpointRecorder
+from .callback_step import StepHooks
+from .checkpoints import CheckpointRecorder
 from .config import (
     AUTO_FULL_MAX_DIM,
     DEFAULT_PROJECTION_DIM,
@@ -26,20 +28,22 @@ from .config import (
     ReportConfig,
     StorageDtype,
 )
-from .curvature import check_cross_entropy, sampled_label_grad
 from .dynamics import plan_boundaries
-from .errors import ConfigError, DVEError, GradientError
+from .errors import ConfigError, DVEError
+from .guards import StepGuard, watched_parameters
 from .influence import DataValueEmbeddings
-from .optim import clip_factor, grads_finite, is_adam
+from .optim import is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
-from .store import TrajectoryStore
-from .updates import StepTerms, step_terms
+from .store import CHECKPOINTS, TrajectoryStore
+from .updates import StepTerms
 from .writer import StepWriter
 
 
-class DataValueEmbedding(pl.Callback):
+class DataValueEmbedding(StepHooks):
     """Record per-sample gradients during ``fit`` and turn them into data value embeddings at train end.
+
+    The per-step hooks are :class:`lightning_dve.callback_step.StepHooks`; this class holds the fit's lifecycle.
 
     Args:
         save_dir: store directory; ``None`` means ``<trainer.default_root_dir>/dve``.
@@ -125,6 +129,8 @@ class DataValueEmbedding(pl.Callback):
         self._store: TrajectoryStore | None = None
         self._writer: StepWriter | None = None  # appends steps to the store in a background thread
         self._capture: capture.GradientCapture | None = None
+        self._guard: StepGuard | None = None  # the applied update is the recorded one (guards.py)
+        self._factor: float | None = None  # modelled applied/backward gradient ratio of the step (None: unchecked)
         self._assembler: sync.StepAssembler
         self._comm: distributed.Communicator = distributed.SingleProcess()
         self._owned: list[list[str]] = []
@@ -138,7 +144,7 @@ class DataValueEmbedding(pl.Callback):
         self._boundaries: list[int] = []
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (global rank 0)
         self._training_data: Any = None
-        self._train_started = 0.0
+        self._train_started, self._resumed, self._train_ended = 0.0, False, False
         self._batch: Any = None
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
         self._ggn = False  # Gauss-Newton curvature rows (curvature.py)
@@ -183,6 +189,11 @@ class DataValueEmbedding(pl.Callback):
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
         self._resume = dict(state_dict)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # a recording under other settings has another state key, so Lightning would not pass it to
+        # ``load_state_dict``: resuming must still refuse it rather than start a store afresh
+        self._resume = callback_setup.recording_in(checkpoint, self.state_key, self._store_root(trainer))
+
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -195,7 +206,7 @@ class DataValueEmbedding(pl.Callback):
         self._ggn = self.config.curvature is Curvature.GGN
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
-        self._root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+        self._root = self._store_root(trainer)
         manifest = callback_setup.store_manifest(self.config, tracked, pl_module, self._comm, self._owned)
         self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
@@ -213,9 +224,11 @@ class DataValueEmbedding(pl.Callback):
                                                 str(trainer.precision))
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
+        self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
         self._embeddings, self._deferred_write = None, None
+        self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
         self._terms, self._skipped, self._deferred, self._step, self._reached = None, False, None, -1, set()
         callback_setup.warn_approximations(trainer, self._capture.modules())
@@ -228,98 +241,37 @@ class DataValueEmbedding(pl.Callback):
                                                partial(reporting.prepare_batch, trainer, pl_module))
         self._train_started = time.perf_counter()
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        capture.check_no_batchnorm_training(pl_module)
-        hooks = self._active_capture()
-        hooks.begin(keep_outputs=self._ggn)
-        if self._preconditioned:
-            hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch = batch
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        hooks = self._active_capture()
-        scaler = callback_setup.grad_scaler(trainer)
-        self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
-        if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
-            ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
-            hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
-                                                                       trainer.global_step))
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        hooks = self._active_capture()
-        reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
-        hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
-        self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
-        if self._last_step < 0 and trainer.accumulate_grad_batches == 1 and self._comm.world_size == 1 \
-                and not self._skipped:
-            hooks.check_blocks_sum_to_grad(self._loss_scale)  # once: tied or functionally used weights
-        algorithm = callback_setup.clip_algorithm(trainer)
-        clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
-        self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
-        self._step = trainer.global_step
-        try:  # a resumed run's first step: both stores drop their later steps now (the replay checkpoints below)
-            self._active_store().truncate_for_resume()
-        except DVEError as err:  # raised at the step's end, where the ranks agree
-            self._deferred_write = self._deferred_write or err
-        if self._recorder is not None:
-            clipping = {"value": trainer.gradient_clip_val, "algorithm": algorithm}
-            self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        hooks, error = self._active_capture(), None
-        try:
-            self._check_writes()
-            if hooks.captured:
-                self._reached |= hooks.reached()
-                self._assembler.add(self._micro_batch(trainer, batch))
-            else:  # skipped micro-batch: training_step returned None
-                hooks.abort()
-            if self._terms is not None and not self._skipped and self._deferred is not None:
-                raise self._deferred
-        except DVEError as err:
-            error = err
-        sync.agree_on_errors(self._comm, error)
-        if self._terms is None:  # accumulating, or no optimizer step happened
-            return
-        self._deferred, self._reached = None, set()
-        if self._skipped or (not outputs and callback_setup.grad_scaler(trainer) is not None):
-            self._assembler.discard()  # not applied: skipped by the scaler, or by Lightning (last micro-batch None)
-            self._terms = None
-            return
-        record = self._assembler.close(self._step, self._terms.lrs, trainer.current_epoch, trainer.is_last_batch,
-                                       self._terms.optim, self._terms.vectors)
-        self._terms = None
-        if record is not None:
-            assert self._store is not None
-            self._active_writer().append(record)
-            self._last_step = record.step
-            if self._recorder is not None:
-                self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
-            if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
-                self._active_writer().wait()  # a failed write is raised at the next (agreed) check
-                try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree
-                    reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config,
-                                                      self.reference, record.step)
-                except DVEError as err:
-                    self._deferred_write = err
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        store = self._store
-        assert store is not None
-        error = None
+        self._finish_fit(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit whose loop had nothing left to train (Lightning calls no ``on_train_end`` then): finish a resumed
+        store whose train end failed (its steps are all on disk); otherwise nothing was recorded."""
+        store = self._active_store()
+        if self._train_ended:
+            return
+        if self._resumed and (store.manifest.get("status"), store.manifest.get("embeddings")) != ("complete",) * 2:
+            self.on_train_start(trainer, pl_module)  # boundaries, training data
+            self._finish_fit(trainer, pl_module)
+            return
+        self._release()
+        callback_setup.warn_nothing_recorded(store.root)
+
+    def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the recording on every rank, run the backward recursion and write the report."""
+        store, error, replay_error, self._train_ended = self._active_store(), None, None, True
         try:
             self._check_writes()
-            if self._recorder is not None:
-                self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
-                                      time.perf_counter() - self._train_started)
             self._active_writer().close()  # every queued step is on disk before the store is finished
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
+        try:  # rank 0; only exact replay needs the final snapshot: its failure does not cost the embeddings
+            if self._recorder is not None:
+                self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
+                                      time.perf_counter() - self._train_started)
+        except DVEError as err:
+            replay_error = err
         self._release()
         sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
         dtype = getattr(torch, store.manifest["dtype"])
@@ -330,43 +282,19 @@ class DataValueEmbedding(pl.Callback):
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
-        reporting.report_train_end(trainer, pl_module, self._embeddings, self.report_config, self.reference,
-                                   self.describe, self.sample_ids)
+        callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
+                                      self.report_config, self.reference, self.describe, self.sample_ids), store.root)
+        if replay_error is not None:
+            callback_setup.warn_replay_lost(replay_error)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
+        self._resume = None  # restored by validate/test/predict(ckpt_path=...): not for a later fit
 
     # --- helpers -----------------------------------------------------------------------------------------
-
-    def _micro_batch(self, trainer: pl.Trainer, batch: Any) -> sync.MicroBatch:
-        """Close one micro-batch: ids, the weight the optimizer applies (method.md §2), per-sample gradients.
-
-        The loss the hooks saw is ``sum_i w_i l_i / n`` (``n`` micro-batches); DDP then averages over ``W``
-        ranks, so the applied weight is ``w_i / (n W)``.
-        """
-        hooks = self._active_capture()
-        size = hooks.batch_size()
-        ids = batches.extract_sample_ids(batch, self.sample_ids, size)
-        local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
-        accumulation = trainer.accumulate_grad_batches
-        scale = local * self._loss_scale / accumulation
-        extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
-                 for kind in self._kinds}
-        if self._ggn and hooks.logits is not None and hooks.logits[1] is not None:
-            check_cross_entropy(hooks.logits[0], hooks.logits[1], scale)
-        grads = hooks.finish(scale)
-        step = self._step if self._terms is not None else trainer.global_step
-        try:
-            for rows in (grads, *extra.values()):
-                batches.check_finite(rows, ids, step)
-        except GradientError as err:
-            if callback_setup.grad_scaler(trainer) is None:
-                raise
-            self._deferred = err  # a scaled fp16 step may overflow; the scaler then skips it
-        return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads, extra)
 
     def _release(self) -> None:
         if self._capture is not None:
@@ -376,24 +304,5 @@ class DataValueEmbedding(pl.Callback):
         if self._writer is not None:  # on an exception: keep what was queued, raise nothing new
             self._writer.close(raise_error=False)
 
-    def _check_writes(self) -> None:
-        """Raise a write that failed since the last check: the step store's (e.g. a full disk), and on rank 0 the
-        replay checkpoints' or a boundary reference's. Called where the ranks agree on errors."""
-        self._active_writer().check()
-        if self._recorder is not None:
-            self._recorder.check()
-        error, self._deferred_write = self._deferred_write, None
-        if error is not None:
-            raise error
-
-    def _active_store(self) -> TrajectoryStore:
-        assert self._store is not None, "on_fit_start has not run"
-        return self._store
-
-    def _active_writer(self) -> StepWriter:
-        assert self._writer is not None, "on_fit_start has not run"
-        return self._writer
-
-    def _active_capture(self) -> capture.GradientCapture:
-        assert self._capture is not None, "on_fit_start has not run"
-        return self._capture
+    def _store_root(self, trainer: pl.Trainer) -> Path:
+        return Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"

@@ -4,6 +4,7 @@ scaler, and each rank's store (created, or the one a checkpoint resumes). Framew
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +86,56 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
 
 def finish_store(store: TrajectoryStore) -> DVEError | None:
     """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
-    the ranks to agree on."""
+    the ranks to agree on. ``bytes_steps`` and ``bytes_per_step`` count the step files, ``bytes_total`` the whole
+    store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``)."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
         steps_bytes = store.bytes_on_disk(STEPS)
         per_step = steps_bytes // max(1, len(store.steps))
-        store.finish_recording({"bytes_total": steps_bytes, "bytes_per_step": per_step})
+        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": per_step,
+                                "bytes_total": store.disk_use()})
     except DVEError as err:
         return err
     rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
                    f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
     return None
+
+
+def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict[str, Any] | None:
+    """The store state a Lightning checkpoint holds for this callback under another state key (other settings),
+    for ``load_state_dict``'s check to refuse; ``None`` when it has this key's (Lightning passes that one) or none.
+
+    A checkpoint of several such callbacks picks the one that recorded into ``root``.
+    """
+    states = {key: state for key, state in (checkpoint.get("callbacks") or {}).items()
+              if isinstance(state, dict) and {"settings_hash", "last_step"} <= state.keys()}
+    if state_key in states or not states:
+        return None
+    same_dir = [state for state in states.values() if state.get("save_dir") == str(root)]
+    candidates = same_dir or list(states.values())
+    return dict(candidates[0]) if len(candidates) == 1 else None
+
+
+def warn_nothing_recorded(root: Path) -> None:
+    """Say that a fit trained no optimizer step (its loop was done, or had no batches): nothing was recorded."""
+    rank_zero_warn(f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded; {root} is as "
+                   "it was (a store of an earlier fit is kept).")
+
+
+def report(write: Callable[[], None], root: Path) -> None:
+    """Write the train-end report; a failed write (a full disk) warns instead of failing a finished fit: the
+    embeddings are complete by then."""
+    try:
+        write()
+    except OSError as err:
+        rank_zero_warn(f"DataValueEmbedding: the train-end report could not be written ({err}). The embeddings are "
+                       f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}).")
+
+
+def warn_replay_lost(error: DVEError) -> None:
+    """Say that exact replay is unavailable because the final replay checkpoint failed (the embeddings are fine)."""
+    rank_zero_warn(f"DataValueEmbedding: the final replay checkpoint could not be written ({error}); the embeddings "
+                   "and report are complete, but exact_influence will refuse this run.")
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,

@@ -57,7 +57,7 @@ class TrackedLayer:
                 "projection": self.projection.to_dict()}
 
 
-def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
+def excluded(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether ``name`` or one of its parent modules matches an exclude pattern."""
     parts = name.split(".")
     prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
@@ -108,7 +108,7 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
             candidates = [n for n, m in modules.items() if layer_specs.spec_for(m) is not None]
             raise ConfigError(f"layers {missing} are not modules of {type(model).__name__}; "
                               f"supported modules it has: {candidates}.")
-        names = [n for n in config.layers if not _excluded(n, config.exclude)]
+        names = [n for n in config.layers if not excluded(n, config.exclude)]
     else:
         if _own_trainable(model):
             raise UnsupportedError(
@@ -116,7 +116,7 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
                 "submodules only. Move them into a supported submodule (e.g. nn.Linear) or freeze them."
             )
         owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and _own_trainable(m)]
-        names = [n for n in dict.fromkeys(owners) if not _excluded(n, config.exclude)]
+        names = [n for n in dict.fromkeys(owners) if not excluded(n, config.exclude)]
     tracked = {}
     for name in names:
         module = modules[name]

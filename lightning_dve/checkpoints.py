@@ -30,10 +30,10 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
 from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
-from .files import LineLog, json_line, read_checked, read_json, read_json_lines, write_atomic, write_text_atomic
+from .files import (LineLog, json_line, read_checked, read_json, read_json_lines, remove_files, write_atomic,
+                    write_text_atomic)
 from .store import StepRecord
 
-CHECKPOINTS = "checkpoints"
 REPLAY_MANIFEST = "replay.json"
 HYPER_FILE = "hyper.jsonl"
 #: The per-step JSON files of older versions (``steps/step_00000042.json``), refused by :meth:`CheckpointStore.open`.
@@ -90,20 +90,30 @@ class CheckpointStore:
         self._log = LineLog(self.root / HYPER_FILE)  # appends to hyper.jsonl
         # reopened: the step to continue after and the hyperparameter lines to keep, applied at the first write
         self._resume_after: tuple[int, list[dict[str, Any]] | None] | None = None
+        self._replaces = False  # created over earlier checkpoints: remove them at the first write (create)
 
     @classmethod
     def create(cls, root: Path, manifest: dict[str, Any]) -> CheckpointStore:
-        """Start an empty folder (removing any earlier checkpoints in it)."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        for file in [*root.glob("state_*.safetensors"), *(root / OLD_HYPER_STEPS).glob("step_*.json")]:
-            file.unlink()
-        (root / HYPER_FILE).unlink(missing_ok=True)
-        if (root / OLD_HYPER_STEPS).is_dir() and not any((root / OLD_HYPER_STEPS).iterdir()):
-            (root / OLD_HYPER_STEPS).rmdir()
-        store = cls(root, manifest)
-        store.write_manifest()
+        """Start a fresh folder (an empty one gets its ``replay.json`` now). Earlier checkpoints in it are removed
+        only at the first write, as :meth:`reopen` defers its truncation: a fit that trains nothing keeps them."""
+        store = cls(Path(root), manifest)
+        store._replaces = store.root.is_dir() and any(store.root.iterdir())
+        if not store._replaces:
+            store.write_manifest()
         return store
+
+    def _clear_replaced(self) -> None:
+        """The deferred part of :meth:`create`: remove the earlier checkpoints (``replay.json`` first, so a run
+        killed meanwhile leaves none rather than damaged ones), then write this folder's ``replay.json``."""
+        if not self._replaces:
+            return
+        old = self.root / OLD_HYPER_STEPS
+        remove_files([self.root / REPLAY_MANIFEST, *self.root.glob("state_*.safetensors"), *old.glob("step_*.json"),
+                      self.root / HYPER_FILE])
+        if old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+        _write_json(self.root / REPLAY_MANIFEST, self.manifest)
+        self._replaces = False
 
     @classmethod
     def open(cls, root: Path) -> CheckpointStore:
@@ -142,7 +152,8 @@ class CheckpointStore:
         return store
 
     def _truncate_for_resume(self) -> None:
-        """The deferred part of :meth:`reopen`."""
+        """The deferred part of :meth:`reopen` or :meth:`create`, at the first write."""
+        self._clear_replaced()
         if self._resume_after is None:
             return
         (after, kept), self._resume_after = self._resume_after, None
@@ -156,6 +167,7 @@ class CheckpointStore:
 
     def write_manifest(self) -> None:
         self._truncate_for_resume()
+        self.root.mkdir(parents=True, exist_ok=True)
         _write_json(self.root / REPLAY_MANIFEST, self.manifest)
 
     @property
@@ -257,12 +269,14 @@ class CheckpointRecorder:
         self.error: DVEError | None = None  # the first failed write, raised on every rank by :meth:`check`
         if resume_after is not None and (Path(root) / REPLAY_MANIFEST).is_file():
             self.store = CheckpointStore.reopen(Path(root), resume_after)
-            self.interval = self.store.manifest.get("interval", interval)
+            recorded = self.store.manifest.get("interval")  # None: "auto" unresolved yet (after_step resolves it)
+            self.interval = self.store.manifest.get("requested_interval", interval) if recorded is None else recorded
             self._started = True
             self._snapshots = bool(self.store.snapshot_steps)
         else:
             self.store = CheckpointStore.create(Path(root), {"settings_hash": settings_hash, "sample_ids": sample_ids,
-                                                             "requested_interval": interval, "interval": None})
+                                                             "requested_interval": interval,
+                                                             "interval": None if interval == AUTO else interval})
 
     @property
     def enabled(self) -> bool:

@@ -84,18 +84,19 @@ class StageShare:
         first_step: first step of the stage (``None`` if the stage is empty).
         last_step: last step of the stage (``None`` if the stage is empty).
         n_steps: recorded steps in the stage.
-        share: ``sum(curve in stage) / sum(curve)`` (NaN if the total is 0).
-        abs_share: ``sum(|curve| in stage) / sum(|curve|)`` (NaN if the total is 0).
-        mean: mean of the curve over the stage (NaN if empty).
+        share: ``sum(curve in stage) / sum(curve)`` over the defined (non-NaN) values (NaN if the total is 0,
+            ``None`` if the stage has no defined value).
+        abs_share: ``sum(|curve| in stage) / sum(|curve|)``, likewise.
+        mean: mean of the stage's defined values (``None`` if it has none, e.g. only steps with ``lr == 0``).
     """
 
     stage: Stage
     first_step: int | None
     last_step: int | None
     n_steps: int
-    share: float
-    abs_share: float
-    mean: float
+    share: float | None
+    abs_share: float | None
+    mean: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,28 +237,37 @@ def stage_summary(
 ) -> tuple[StageShare, ...]:
     """Share of the curve's total (and of its total magnitude) in the early, middle and late stages.
 
+    Undefined (NaN) values, e.g. ``influence / lr`` at a step with ``lr == 0``, are left out of every sum and
+    mean: ``share = nansum(stage) / nansum(curve)``, ``mean = nanmean(stage)``.
+
     Args:
         steps: ``[T]`` steps of the curve.
-        values: ``[T]`` curve values; NaN entries count as 0.
+        values: ``[T]`` curve values; NaN entries are undefined.
         early_fraction: share of the steps in the early stage.
         late_fraction: share of the steps in the late stage.
     """
-    values = torch.nan_to_num(values.to(torch.float64), nan=0.0)
+    values = values.to(torch.float64)
     a, b = stage_bounds(values.numel(), early_fraction, late_fraction)
-    total, total_abs = values.sum().item(), values.abs().sum().item()
+    total, total_abs = values.nansum().item(), values.abs().nansum().item()
     out = []
     for stage, (low, high) in zip(Stage, ((0, a), (a, b), (b, values.numel()))):
         part = values[low:high]
+        defined = bool((~torch.isnan(part)).any())
         out.append(StageShare(
             stage=stage,
             first_step=int(steps[low]) if high > low else None,
             last_step=int(steps[high - 1]) if high > low else None,
             n_steps=high - low,
-            share=part.sum().item() / total if total != 0 else math.nan,
-            abs_share=part.abs().sum().item() / total_abs if total_abs != 0 else math.nan,
-            mean=part.mean().item() if high > low else math.nan,
+            share=_ratio(part.nansum().item(), total) if defined else None,
+            abs_share=_ratio(part.abs().nansum().item(), total_abs) if defined else None,
+            mean=part.nanmean().item() if defined else None,
         ))
     return tuple(out)
+
+
+def _ratio(part: float, total: float) -> float:
+    """``part / total``, NaN if ``total`` is 0."""
+    return part / total if total != 0 else math.nan
 
 
 def sample_totals(result: InfluenceResult) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]:

@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,34 @@ def _write_all(filename: str, buffers: list[memoryview]) -> None:
         os.close(fd)
 
 
+#: File prefix of the gradient rows (other row kinds: ``store.ROW_FILE_KINDS``).
+GRADIENT = "grad"
+
+
+def _scale_key(name: str, kind: str) -> str:
+    return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
+
+
+def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
+    """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
+
+    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
+    """
+    if storage != "float16":
+        return {f"{kind}/{name}": grad.to(getattr(torch, storage))}
+    scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return {f"{kind}/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16),
+            _scale_key(name, kind): scale}
+
+
+def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
+    """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
+    grad = tensors[f"{kind}/{name}"]
+    grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
+    scale = tensors.get(_scale_key(name, kind))
+    return grad if scale is None else grad * scale.unsqueeze(1)
+
+
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file (:func:`write_safetensors`) under a temporary name, then rename it into place.
 
@@ -109,23 +137,54 @@ def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON manifest.
+    """A JSON manifest (one JSON object).
 
     Raises:
-        StoreError: if it is truncated or corrupt.
+        StoreError: if it is truncated or corrupt, or valid JSON but not an object (``null``, a list, ...).
     """
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StoreError(f"{path} is truncated or corrupt ({err}); the store cannot be trusted. Record the run "
                          "again into a fresh save_dir.") from err
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} holds a JSON {type(data).__name__}, not a JSON object: it is not a manifest "
+                         "lightning_dve wrote (overwritten or damaged). Restore the file, or record the run again "
+                         "into a fresh save_dir.")
+    return data
 
 
 def write_error(path: Path, err: OSError) -> StoreError:
-    """The error of a failed store write: what failed, that earlier files are kept, and what to do."""
+    """The error of a failed store write: what failed, what is kept (:func:`_kept`), and what to do."""
     reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
-    return StoreError(f"could not write {path}: {reason}. Every step written before is kept in {path.parent}; "
-                      "free space (or point save_dir elsewhere) and run again.")
+    return StoreError(f"could not write {path}: {reason}. {_kept(path)}; free space (or point save_dir "
+                      "elsewhere) and run again.")
+
+
+def _kept(path: Path) -> str:
+    """What a failed write of ``path`` leaves intact, by the kind of file (a step, an appended log, any other)."""
+    if path.parent.name == "steps":
+        return f"Every step written before is kept in {path.parent}"
+    if path.suffix == ".jsonl":  # one line per step, appended: a partly written line is cut off again
+        return f"Every step written before is kept in {path}"
+    return f"{path.name} is unchanged (its previous version, if any, is kept), and so are the files in {path.parent}"
+
+
+def remove_files(paths: Iterable[Path]) -> None:
+    """Delete the files at ``paths`` (missing ones are skipped)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def disk_bytes(paths: Iterable[Path]) -> int:
+    """Total size of the files at ``paths``, and of every file under those that are folders (missing: 0)."""
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
 
 
 def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
@@ -150,6 +209,23 @@ def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
                          f"manifest says {settings_hash}: files of two runs are mixed in one directory. Use a "
                          "fresh save_dir for each run (or overwrite=True).")
     return tensors
+
+
+def read_step_header(path: Path) -> tuple[int, list[float], list[float]]:
+    """The epoch, learning rates ``[L]`` and applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
+    rates where an earlier version did not write them) of a step file, read without its gradients.
+
+    Raises:
+        StoreError: if the file is corrupt or truncated.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            lrs = handle.get_tensor("lrs").tolist()
+            applied = handle.get_tensor("applied_lrs").tolist() if "applied_lrs" in handle.keys() else lrs
+            return int(handle.metadata()["epoch"]), lrs, applied
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
+                         "file) to keep the steps before it, or record the run again.") from err
 
 
 # --- append-only JSON lines (one record per training step) ------------------------------------------------

@@ -142,8 +142,9 @@ class DataValueEmbeddings:
 
     @property
     def learning_rates(self) -> torch.Tensor:
-        """Learning rate of each tracked layer at each recorded step, ``[T, L]`` (layer order of the manifest)."""
-        return self.store.learning_rates
+        """The param-group learning rate of each tracked layer at each recorded step, ``[T, L]`` (layer order of the
+        manifest; 0 where a step did not reach the layer)."""
+        return self.store.applied_learning_rates
 
     def _tracked_layers(self, module: nn.Module) -> dict[str, TrackedLayer]:
         """Match the recorded layers in ``module`` by name, type and shape.
@@ -224,7 +225,7 @@ class DataValueEmbeddings:
     def exact_influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
         dataset: Any = None, *, collate_fn: Callable[[list[Any]], Any] | None = None,
-        train_loss_fn: TrainLossFn | None = None,
+        train_loss_fn: TrainLossFn | None = None, sample_ids: str | Callable[[Any], Any] | None = None,
     ) -> InfluenceResult:
         """Exact first-order scores by replaying training (same result type and meaning as :meth:`influence`).
 
@@ -242,15 +243,19 @@ class DataValueEmbeddings:
             collate_fn: default the training dataloader's (after :meth:`load`: ``default_collate``).
             train_loss_fn: ``(module, batch) -> Tensor[B]`` per-sample training losses (one forward per step);
                 default ``training_step`` on one-sample batches (logging muted), one forward per sample.
+            sample_ids: how dataset items map to the recorded ids, as given to the callback (a dict key, or
+                ``batch -> LongTensor[B]``); default the callback's after ``fit``, after :meth:`load` the recorded
+                key, or, for a callable (not saved), ids are taken as dataset positions.
 
         Raises:
-            ConfigError: checkpoints were off, no dataset, or ``module`` is not the final trained module.
+            ConfigError: checkpoints were off, no dataset, recorded ids outside it with no ``sample_ids`` to map
+                them, or ``module`` is not the final trained module.
             UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
                 random transforms, or the replay does not reproduce the checkpoints).
         """
         base = self.training_data or TrainingData(None)
         data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
-                            base.sample_ids, base.prepare)
+                            base.sample_ids if sample_ids is None else sample_ids, base.prepare)
         ids, steps, scores, self.replay_cost = exact_influence_scores(
             self.store, self.config.checkpoint_interval, module, self._replay_target(batch, loss_fn), data,
             train_loss_fn, self.config.loss_reduction, self.loss_weights)

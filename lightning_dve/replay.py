@@ -26,16 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import AUTOCAST_PRECISION, CHECKPOINTS, DOUBLE_PRECISION, CheckpointStore
+from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, CheckpointStore
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
-from .replay_data import BatchSource, TrainingData, call_with, checked_losses, step_loss_terms
+from .replay_data import BatchSource, TrainingData, checked_losses, parameters_as, step_loss_terms
 from .replay_optim import OptimizerKind, clip_gradients, update
-from .store import TrajectoryStore
+from .store import CHECKPOINTS, TrajectoryStore
 
 Params = dict[str, torch.Tensor]
 OptState = dict[str, dict[str, torch.Tensor]]
+Adjoint = dict[tuple[str, str], torch.Tensor]
 TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
 #: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state.
 MAX_STATES_IN_MEMORY = 64
@@ -114,10 +115,11 @@ class Replayer:
     def _gradient(
         self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
     ) -> list[torch.Tensor | None]:
-        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter."""
+        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter (called
+        inside ``parameters_as(self.module, params)``)."""
         ids, _ = self.record(step)
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            losses = call_with(self.module, params, self.losses, ids)
+            losses = self.losses(self.module, ids)
         total = (weights.to(losses.dtype) * losses).sum()
         grads = torch.autograd.grad(total, [params[n] for n in self.names], create_graph=create_graph,
                                     allow_unused=True)
@@ -139,14 +141,14 @@ class Replayer:
         """``(theta_{t+1}, s_{t+1})`` from ``(theta_t, s_t)``."""
         self.forward_steps += 1
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
+        with parameters_as(self.module, leaves):
+            grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
         with torch.no_grad():
             detached = [None if g is None else g.detach() for g in grads]
             new_params, new_state = self._update(leaves, state, detached, step)
         return {n: p.detach() for n, p in new_params.items()}, new_state
 
-    def reverse(self, params: Params, state: OptState, step: int, adjoint: dict[tuple[str, str], torch.Tensor]
-                ) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
+    def reverse(self, params: Params, state: OptState, step: int, adjoint: Adjoint) -> tuple[Adjoint, torch.Tensor]:
         """Carry the adjoint of ``(theta_{t+1}, s_{t+1})`` back to ``(theta_t, s_t)``.
 
         Args:
@@ -158,6 +160,12 @@ class Replayer:
         p_leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         s_leaves = {n: {k: v.detach().requires_grad_(k != "step") for k, v in e.items()} for n, e in state.items()}
         weights = self.record(step)[1].to(next(iter(params.values())).dtype).clone().requires_grad_(True)
+        with parameters_as(self.module, p_leaves):  # the double backward may recompute checkpointed activations
+            return self._carry(p_leaves, s_leaves, weights, step, adjoint)
+
+    def _carry(self, p_leaves: Params, s_leaves: OptState, weights: torch.Tensor, step: int, adjoint: Adjoint
+               ) -> tuple[Adjoint, torch.Tensor]:
+        """:meth:`reverse` on leaf tensors, inside ``parameters_as(self.module, p_leaves)``."""
         new_params, new_state = self._update(p_leaves, s_leaves, self._gradient(p_leaves, step, weights, True), step)
         keys = list(adjoint)
         outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in keys]
@@ -203,7 +211,8 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
             f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
             "the recorded batches (randomness in training_step such as functional dropout, a dataset or collate_fn "
-            "other than training's, or a train_loss_fn that is not training's loss). Exact replay is refused; "
+            "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
+            "a train_loss_fn that is not training's loss). Exact replay is refused; "
             "influence() still works.")
 
 
@@ -239,8 +248,8 @@ def target_gradients(module: nn.Module, params: Params, target: Callable[[nn.Mod
                      ) -> dict[tuple[str, str], torch.Tensor]:
     """``grad_theta L_i(theta_T)`` for every target row ``i``: ``{(name, "param"): [n, *shape]}`` (eval mode)."""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-    with modes(module, None):
-        losses = call_with(module, leaves, target)
+    with modes(module, None), parameters_as(module, leaves):  # grad inside too: checkpointing recomputes there
+        losses = target(module)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             raise ConfigError("the test loss must be per-sample, a 1-D Tensor[n]; got "
                               f"{getattr(losses, 'shape', losses)}.")
@@ -333,6 +342,10 @@ def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, m
     """Check that the run can be replayed, then :func:`replay_scores` (arguments as in
     :meth:`lightning_dve.DataValueEmbeddings.exact_influence`; ``target(module) -> Tensor[n]`` test losses)."""
     checkpoints = open_checkpoints(store.root, interval)
+    if data is not None and not (data.sample_ids is None or isinstance(data.sample_ids, str)
+                                 or callable(data.sample_ids)):
+        raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B], as given to the "
+                          f"callback; got {data.sample_ids!r}.")
     if data is not None and data.sample_ids is None:  # after load: the recorded sample_ids key, if it was one
         data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
     if data is None or data.dataset is None:

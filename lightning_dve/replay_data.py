@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module  # the context manager behind torch.func.functional_call
 from torch.utils.data import IterableDataset, default_collate
 
 from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights
@@ -33,7 +33,7 @@ class TrainingData:
         dataset: the training dataset (map-style: ``dataset[i]`` for a sample at position ``i``).
         collate_fn: turns a list of items into a batch; ``None`` means ``torch.utils.data.default_collate``.
         sample_ids: the callback's ``sample_ids`` (key or callable), to map recorded ids to dataset positions;
-            ``None`` assumes the id is the position.
+            ``None`` assumes the id is the position (and refuses ids outside ``range(len(dataset))``).
         prepare: what the training loop did to a collated batch (precision conversion, transfer hooks, device);
             ``None`` (after ``load``) moves it to the module's device and converts it as the recorded precision
             did (``"64-true"``: floating tensors to float64).
@@ -93,12 +93,27 @@ class BatchSource:
         if self._position is None:
             self._position = self._lookup(ids)
         if not self._position:
-            return [int(i) for i in ids]
+            return self._in_range([int(i) for i in ids])
         missing = [int(i) for i in ids if int(i) not in self._position]
         if missing:
             raise ConfigError(f"sample ids {missing[:5]} are not in the dataset passed to exact_influence; pass "
                               "dataset= the training dataset.")
         return [self._position[int(i)] for i in ids]
+
+    def _in_range(self, positions: list[int]) -> list[int]:
+        """``positions`` if each is one of the dataset's, ``0 <= i < len(dataset)``.
+
+        Raises:
+            ConfigError: ids outside the dataset, with no ``sample_ids`` to map them (a callable is not saved).
+        """
+        n = len(self.data.dataset)
+        outside = [i for i in positions if not 0 <= i < n]
+        if outside:
+            raise ConfigError(
+                f"recorded sample ids {outside[:5]} are not positions in the dataset passed to exact_influence "
+                f"({n} items), and there is no sample_ids to map ids to items (a sample_ids callable is not saved "
+                "with the store). Pass sample_ids= to exact_influence: the callback's key or callable batch -> ids.")
+        return positions
 
     def _ids_of(self, positions: Sequence[int]) -> torch.Tensor:
         batch = self.collate([self.data.dataset[p] for p in positions])
@@ -140,24 +155,26 @@ def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype 
     if isinstance(batch, dict):
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device, float_dtype) for v in batch)
+        return rebuilt(batch, (to_device(v, device, float_dtype) for v in batch))
     return batch
 
 
-class _Bound(nn.Module):
-    """``fn(module, *args)`` as a module, so ``torch.func.functional_call`` can swap ``module``'s parameters."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
-        self.inner, self.fn = module, fn
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        return self.fn(self.inner, *args)
+def rebuilt(sequence: list[Any] | tuple[Any, ...], items: Iterable[Any]) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple of ``sequence``'s type holding ``items``; a namedtuple takes them as positional fields."""
+    if hasattr(sequence, "_fields"):
+        return type(sequence)(*items)
+    return type(sequence)(items)
 
 
-def call_with(module: nn.Module, params: Params, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``fn(module, *args)`` with ``module``'s parameters replaced by ``params`` (the rest unchanged)."""
-    return functional_call(_Bound(module, fn), {f"inner.{k}": v for k, v in params.items()}, args, strict=False)
+@contextlib.contextmanager
+def parameters_as(module: nn.Module, params: Params) -> Iterator[None]:
+    """``module`` with its parameters replaced by ``params`` (the rest unchanged, tied names filled) in the block.
+
+    The forward *and* every ``torch.autograd.grad`` through it must run inside: activation checkpointing
+    (``torch.utils.checkpoint``) recomputes the forward during backward, reading the module's parameters then.
+    """
+    with _reparametrize_module(module, dict(params), tie_weights=True):
+        yield
 
 
 def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:
@@ -214,7 +231,7 @@ def split_batch(batch: Any) -> list[Any]:
         if isinstance(x, dict):
             return {k: pick(v, i, n) for k, v in x.items()}
         if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
-            return type(x)(pick(v, i, n) for v in x)
+            return rebuilt(x, (pick(v, i, n) for v in x))
         return [x[i]] if isinstance(x, list) and len(x) == n else x
 
     n = size(batch)

@@ -46,10 +46,11 @@ from .dynamics import DYNAMICS_COLUMNS, boundary_rows
 from .errors import ConfigError, DVEError
 from .influence import DataValueEmbeddings, InfluenceResult
 from .store import TrajectoryStore
-from .samples import SampleView, find_samples, unsharded
+from .samples import SampleView, training_samples, unsharded
 
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
+format_summary = reporting_loggers.format_summary  # public here: the examples import it from this module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,11 @@ def report_train_end(
     samples = {}
     if config.render_samples and wanted:
         batches = len(embeddings.steps) * trainer.accumulate_grad_batches * trainer.world_size  # every micro-batch
-        samples = find_samples(trainer.train_dataloader, wanted, sample_ids, describe, batches, show)
+        samples = training_samples(trainer.train_dataloader, wanted, sample_ids, describe, batches, show)
+        if len(samples) < len(wanted):
+            rank_zero_warn(f"DataValueEmbedding: {len(wanted) - len(samples)} of the {len(wanted)} top-k training "
+                           "samples were not found in the training dataset (or, for a dataset without positions, "
+                           "in one pass of the training dataloader); their label and rendering are left empty.")
     report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
                             boundary_rows(embeddings, query.gradients))
     plots = _figures(report) if config.figures else {}
@@ -176,8 +181,14 @@ def save_boundary_reference(
     """
     if config is None or not trainer.is_global_zero:
         return
-    with torch.random.fork_rng(devices=[]):
-        query = _reference_query(trainer, pl_module, DataValueEmbeddings(store), config, reference, False)
+    try:  # any failure of the user's reference data or hooks must not stop training mid-run
+        with torch.random.fork_rng(devices=[]):
+            query = _reference_query(trainer, pl_module, DataValueEmbeddings(store), config, reference, False)
+    except Exception as err:  # noqa: BLE001 -- reported, and training goes on
+        rank_zero_warn(f"DataValueEmbedding: the reference gradient at the segment boundary (step {step}) failed "
+                       f"({type(err).__name__}: {err}); the dynamics report leaves this boundary out. Training "
+                       "continues; check the reference data (`reference=` or the validation dataloader).")
+        return
     if query is not None:
         store.write_reference(step, query.gradients)
 
@@ -260,11 +271,14 @@ def reference_gradient(
     is the gradient of the mean reference loss. ``prepare`` readies a batch for ``module`` (dtype, device).
 
     Raises:
-        ConfigError: if the reference holds no sample.
+        ConfigError: if the reference holds no sample, or its gradient is not finite.
     """
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset without __len__
+        total = None
     with tqdm(total=total, desc="DVE reference gradient", disable=not show_progress, leave=False) as bar:
         for batch in batches:
             grads = embeddings.test_gradients(module, prepare(batch))
@@ -278,6 +292,10 @@ def reference_gradient(
                 break
     if count == 0:
         raise ConfigError(f"the reference set ({source}) holds no sample; pass a non-empty `reference=`.")
+    if not all(bool(torch.isfinite(total_grad).all()) for total_grad in sums.values()):
+        raise ConfigError(f"the reference gradient is not finite (NaN or inf) over {count} samples of {source}, e.g. "
+                          "a NaN in the reference or validation data, or a loss that overflows at the final weights. "
+                          "Clean the reference data (or pass a finite `reference=`).")
     return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
 
 
@@ -359,41 +377,13 @@ def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, P
     summary = summary_dict(report)
     summary["files"] = {name: path.name for name, path in files.items()}
     files["summary"] = directory / "summary.json"
-    files["summary"].write_text(json.dumps(summary, indent=2))
+    files["summary"].write_text(json.dumps(summary, indent=2, allow_nan=False))  # every value is clean()
     return files
 
 
 def _stage_line(report: CurveReport) -> str:
     """One-line stage summary, e.g. ``early 41% / middle 37% / late 22% of |influence / lr|``."""
-    parts = [f"{s.stage.value} {100 * s.abs_share:.0f}%" for s in report.stages if math.isfinite(s.abs_share)]
+    parts = [f"{s.stage.value} {100 * s.abs_share:.0f}%" for s in report.stages
+             if s.abs_share is not None and math.isfinite(s.abs_share)]
     scale = "influence / lr" if report.config.stage_scale.value == "per_lr" else "influence"
     return " / ".join(parts) + f" of |{scale}|"
-
-
-def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
-    """Human-readable stage summary, phases and top-``k`` samples of a ``summary.json`` dict."""
-    ref, phases = summary["reference"], summary["phases"]
-    lines = [f"Reference: {ref['n_samples']} samples from {ref['source']}; {summary['n_steps']} steps, "
-             f"{summary['n_samples']} training samples, total influence {summary['total_influence']:+.3e}.",
-             f"Stage summary ({summary['settings']['stage_scale']} curve; share of the total and of |total|):"]
-    lines += [f"  {s['stage']:<6} steps {s['first_step']:>5}-{s['last_step']:<5}  share {_percent(s['share'])}  "
-              f"|share| {_percent(s['abs_share'], signed=False)}  mean {_number(s['mean'])}" for s in summary["stages"]
-              if s["n_steps"]]
-    lines.append(f"Phases (step): warm-up end {phases['warmup_end']}, basin {phases['basin']}, ascent start "
-                 f"{phases['ascent_start']}")
-    for name, rows in summary["top_k"].items():
-        lines.append(f"Top-{min(k, len(rows))} {name} training samples:")
-        lines += [f"  #{r['rank']} id {r['sample_id']:>5}  score {r['score']:+.3e}  label {r['label']}  steps "
-                  f"[{r['steps']}]" + (f"  {r['description'][:60]!r}" if r.get("description") else "")
-                  for r in rows[:k]]
-    return "\n".join(lines)
-
-
-def _percent(value: float | None, signed: bool = True) -> str:
-    """A share as a percentage (``n/a`` for ``None``)."""
-    return "   n/a" if value is None else f"{100 * value:{'+' if signed else ''}6.1f}%"
-
-
-def _number(value: float | None) -> str:
-    """A number in scientific notation (``n/a`` for ``None``)."""
-    return "n/a" if value is None else f"{value:+.3e}"

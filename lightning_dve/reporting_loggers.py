@@ -8,13 +8,16 @@
 - ``CSVLogger``: per-step curve scalars and summary scalars.
 - Any other logger: the summary scalars.
 
+Undefined values (NaN, infinities, a stage with no defined value) become ``None`` in rows and are left out of
+scalars and histograms. :func:`format_summary` turns a ``summary.json`` dict into the text the examples print.
+
 Only global rank 0 calls this module (through :mod:`lightning_dve.reporting`); it holds no collective.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -72,7 +75,7 @@ def top_k_rows(ranked: list[RankedSample], samples: dict[int, SampleView]) -> li
     rows = []
     for sample in ranked:
         view = samples.get(sample.sample_id, SampleView(None, "", None))  # not looked up, or not found
-        rows.append([sample.rank, sample.sample_id, sample.score, " ".join(map(str, sample.steps)), view.label,
+        rows.append([sample.rank, sample.sample_id, clean(sample.score), " ".join(map(str, sample.steps)), view.label,
                      view.text])
     return rows
 
@@ -80,7 +83,7 @@ def top_k_rows(ranked: list[RankedSample], samples: dict[int, SampleView]) -> li
 def summary_scalars(report: TrainEndReport) -> dict[str, float]:
     """Scalars under ``dve/``: reference size, total influence, stage shares and means, phase steps."""
     c = report.curves
-    out = {"dve/reference/n_samples": float(report.reference.n_samples),
+    out: dict[str, float | None] = {"dve/reference/n_samples": float(report.reference.n_samples),
            "dve/total_influence": float(c.totals.sum())}
     for s in c.stages:
         prefix = f"dve/stages/{s.stage.value}"
@@ -89,7 +92,7 @@ def summary_scalars(report: TrainEndReport) -> dict[str, float]:
         step = getattr(c.phases, name)
         if step is not None:
             out[f"dve/phases/{name}_step"] = float(step)
-    return {key: value for key, value in out.items() if math.isfinite(value)}
+    return {key: value for key, value in out.items() if value is not None and math.isfinite(value)}
 
 
 def step_scalars(report: CurveReport) -> Iterable[tuple[int, dict[str, float]]]:
@@ -171,7 +174,10 @@ def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: di
     writer = logger.experiment
     for name, figure in plots.items():
         writer.add_image(f"dve/figures/{name}", figures.to_rgb(figure), step, dataformats="HWC")
-    writer.add_histogram("dve/samples/total_influence", report.curves.totals.numpy(), step)
+    totals = report.curves.totals
+    finite = totals[torch.isfinite(totals)]
+    if finite.numel():  # add_histogram refuses an empty array (every total NaN)
+        writer.add_histogram("dve/samples/total_influence", finite.numpy(), step)
     writer.add_text("dve/stages", _markdown(STAGE_COLUMNS, stage_rows(report.curves)), step)
     for name, ranked in (("helpful", report.curves.helpful), ("harmful", report.curves.harmful)):
         writer.add_text(f"dve/top_k/{name}", _markdown(TOP_K_COLUMNS, top_k_rows(ranked, report.samples)), step)
@@ -185,3 +191,32 @@ def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if v is None else str(v).replace("|", "/") for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
+    """Human-readable stage summary, phases and top-``k`` samples of a ``summary.json`` dict (``n/a`` for ``None``)."""
+    ref, phases = summary["reference"], summary["phases"]
+    lines = [f"Reference: {ref['n_samples']} samples from {ref['source']}; {summary['n_steps']} steps, "
+             f"{summary['n_samples']} training samples, total influence {_number(summary['total_influence'])}.",
+             f"Stage summary ({summary['settings']['stage_scale']} curve; share of the total and of |total|):"]
+    lines += [f"  {s['stage']:<6} steps {s['first_step']:>5}-{s['last_step']:<5}  share {_percent(s['share'])}  "
+              f"|share| {_percent(s['abs_share'], signed=False)}  mean {_number(s['mean'])}" for s in summary["stages"]
+              if s["n_steps"]]
+    lines.append(f"Phases (step): warm-up end {phases['warmup_end']}, basin {phases['basin']}, ascent start "
+                 f"{phases['ascent_start']}")
+    for name, rows in summary["top_k"].items():
+        lines.append(f"Top-{min(k, len(rows))} {name} training samples:")
+        lines += [f"  #{r['rank']} id {r['sample_id']:>5}  score {_number(r['score'])}  label {r['label']}  steps "
+                  f"[{r['steps']}]" + (f"  {r['description'][:60]!r}" if r.get("description") else "")
+                  for r in rows[:k]]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None, signed: bool = True) -> str:
+    """A share as a percentage (``n/a`` for ``None``)."""
+    return "   n/a" if value is None else f"{100 * value:{'+' if signed else ''}6.1f}%"
+
+
+def _number(value: float | None) -> str:
+    """A number in scientific notation (``n/a`` for ``None``)."""
+    return "n/a" if value is None else f"{value:+.3e}"

@@ -1,4 +1,8 @@
-"""Find training samples by id in the training dataloader and render them for top-k tables.
+"""Find training samples by id in the training data and render them for top-k tables.
+
+A sample is read from the training dataset at its position (the id -> position map of
+:class:`~lightning_dve.replay_data.BatchSource`, the one exact replay uses), so neither the loader's shuffle nor
+a DDP shard decides which samples are found. A dataset that cannot be indexed is scanned in one pass of the loader.
 
 A sample is one row of a collated batch: every tensor (or list of strings) whose first dimension is the batch
 size is indexed, everything else is kept as it is. Its label and input are read from common keys of a dict
@@ -14,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
+from .errors import ConfigError, DVEError
 from .figures import image_array
+from .replay_data import BatchSource, TrainingData, training_data_of
 
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "text")
@@ -59,6 +65,81 @@ def row(batch: Any, index: int, size: int) -> Any:
             return batch[index]
         return type(batch)(row(value, index, size) for value in batch) if type(batch) in (list, tuple) else batch
     return batch
+
+
+def training_samples(
+    loader: Any,
+    wanted: set[int],
+    sample_ids: str | Callable[[Any], Any],
+    describe: Callable[[Any], str] | None,
+    max_batches: int,
+    show_progress: bool,
+) -> dict[int, SampleView]:
+    """The ``wanted`` sample ids of the training data, looked up in its dataset, else scanned in its loader.
+
+    A map-style dataset is read at each sample's position (whatever the loader's shuffle or sampler, and every
+    rank's samples under DDP). Otherwise :func:`find_samples` scans one pass: of the whole dataset in order if the
+    loader shuffles it, else of at most ``max_batches`` batches of the loader. Samples not found are left out.
+    """
+    single = _single_loader(loader)
+    found = None if single is None else by_position(training_data_of(single, sample_ids), wanted, describe)
+    if found is not None:
+        return found
+    whole, limit = sequential(single)
+    return find_samples(whole, wanted, sample_ids, describe, max_batches if limit is None else limit, show_progress)
+
+
+def by_position(
+    data: TrainingData | None, wanted: set[int], describe: Callable[[Any], str] | None
+) -> dict[int, SampleView] | None:
+    """The ``wanted`` samples read from a map-style dataset at their positions, or ``None`` if it cannot be indexed.
+
+    Positions come from :meth:`BatchSource.positions` (the ids themselves if the dataset says so, else one scan
+    of the dataset); each read item must carry its id. Ids that are not in the dataset are left out.
+    """
+    dataset = None if data is None else data.dataset
+    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        return None
+    source, ids = BatchSource(data), sorted(wanted)
+    try:
+        try:
+            positions = dict(zip(ids, source.positions(torch.tensor(ids))))
+        except ConfigError:  # some ids are not in the dataset: the rest one by one (the map is built once)
+            positions = {i: p for i in ids for p in _position(source, i)}
+        found = {}
+        for sample_id, position in positions.items():
+            batch = source.collate([dataset[position]])
+            if _carries(batch, data.sample_ids, sample_id):
+                found[sample_id] = view(row(batch, 0, 1), describe)
+        return found
+    except (DVEError, IndexError, KeyError, TypeError, ValueError, RuntimeError):
+        return None  # not indexable by position: scan the loader instead
+
+
+def _carries(batch: Any, sample_ids: str | Callable[[Any], Any] | None, sample_id: int) -> bool:
+    """Whether a one-sample batch is sample ``sample_id`` (always, when ids are dataset positions)."""
+    if sample_ids is None:
+        return True
+    ids = batch_ids(batch, sample_ids)
+    return ids is not None and ids.tolist() == [sample_id]
+
+
+def _position(source: BatchSource, sample_id: int) -> list[int]:
+    """``[position]`` of one id in ``source``'s dataset, ``[]`` if it is not there."""
+    try:
+        return source.positions(torch.tensor([sample_id]))
+    except ConfigError:
+        return []
+
+
+def sequential(loader: Iterable[Any]) -> tuple[Iterable[Any], int | None]:
+    """``(loader, None)``, or for a ``DataLoader`` that shuffles or shards positions ``range(len(dataset))``
+    ``(a sequential loader over its whole dataset, its number of batches)`` (same batch size and collate function,
+    no workers). Another sampler's keys may not be positions: its loader is read as it is."""
+    if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, (RandomSampler, DistributedSampler)):
+        return loader, None
+    whole = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
+    return whole, len(whole)
 
 
 def find_samples(

@@ -12,7 +12,6 @@ keeps every step it finished. Nothing is pickled: tensors are safetensors, metad
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import read_checked, read_json, write_atomic, write_text_atomic
+from .files import disk_bytes, read_checked, read_json, read_step_header, remove_files, write_atomic, write_text_atomic
+from .records import StepRecord
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,76 +33,7 @@ EMBEDDINGS = "embeddings"
 SHARDS = "shards"
 SEGMENTS = "segments.safetensors"
 REFERENCES = "references"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """Everything the recursion needs from one optimizer step.
-
-    Attributes:
-        step: optimizer step index, counted from 0.
-        sample_ids: dataset indices ``[B]`` (int64).
-        weights: loss weight ``w`` of each sample ``[B]`` as the optimizer applied it (method.md §2).
-        lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
-        grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
-        epoch: training epoch of the step.
-        optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain``, ``weight_decay``;
-            Nesterov's ``lead`` and ``direct``; AdamW's ``shrink``; the second moment's ``v_decay`` and ``v_gain``:
-            ``recursion.BackwardRecursion``), empty for plain SGD.
-        curvature: one curvature row per sample ``{layer: [B, k_l]}`` (the Gauss-Newton pseudo-gradients of
-            ``Curvature.GGN``), empty when the curvature comes from ``grads`` or is off.
-        preconditioned: the gradients through the optimizer's rank-1 preconditioner (Adam), or empty.
-        curvature_preconditioned: the curvature rows through the same preconditioner, or empty.
-        vectors: per-coordinate step terms ``{kind: {layer: [k_l]}}``: Adam's second-moment sensitivity
-            ``kappa`` and the step's gradient ``batch_grad`` (``adam_second_moment``), else empty.
-    """
-
-    step: int
-    sample_ids: torch.Tensor
-    weights: torch.Tensor
-    lrs: torch.Tensor
-    grads: dict[str, torch.Tensor]
-    epoch: int = 0
-    optim: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    curvature: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    curvature_preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
-
-    def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
-        """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
-        out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
-        out.update({f"optim/{name}": value for name, value in self.optim.items()})
-        for field, kind in ROW_FILE_KINDS.items():
-            for name, rows in getattr(self, field).items():
-                out.update(encode(name, rows, storage, kind))
-        out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items()
-                    for name, value in values.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-    @classmethod
-    def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
-        """Rebuild from what :meth:`to_tensors` wrote (gradients decoded to float32, or float64 if stored so)."""
-        rows = {kind: {k.split("/", 1)[1]: decode(k.split("/", 1)[1], tensors, kind) for k in tensors
-                       if k.startswith(f"{kind}/")} for kind in ROW_FILE_KINDS.values()}
-        optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
-        vectors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("vec/"):
-                _, kind, name = key.split("/", 2)
-                vectors.setdefault(kind, {})[name] = value
-        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], rows[GRADIENT], epoch, optim,
-                   vectors=vectors, **{field: rows[kind] for field, kind in ROW_FILE_KINDS.items() if field != "grads"})
-
-
-GRADIENT = "grad"
-#: File prefix of each kind of stored rows, by ``StepRecord`` field.
-ROW_FILE_KINDS = {"grads": GRADIENT, "curvature": "curv", "preconditioned": "pgrad",
-                  "curvature_preconditioned": "pcurv"}
-
-
-def _scale_key(name: str, kind: str) -> str:
-    return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
+CHECKPOINTS = "checkpoints"
 
 
 def _layer_summary(layers: list[dict[str, Any]]) -> str:
@@ -112,26 +42,6 @@ def _layer_summary(layers: list[dict[str, Any]]) -> str:
         f"{e['name']} [{e['out_dim']}x{e['in_dim']}] -> {e['projection']['out']['projected_dim']}x"
         f"{e['projection']['in']['projected_dim']} ({e['projection']['out']['checksum']}, "
         f"{e['projection']['in']['checksum']})" for e in layers)
-
-
-def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
-    """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
-
-    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
-    """
-    if storage != "float16":
-        return {f"{kind}/{name}": grad.to(getattr(torch, storage))}
-    scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
-    return {f"{kind}/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16),
-            _scale_key(name, kind): scale}
-
-
-def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
-    """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
-    grad = tensors[f"{kind}/{name}"]
-    grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
-    scale = tensors.get(_scale_key(name, kind))
-    return grad if scale is None else grad * scale.unsqueeze(1)
 
 
 def _step_name(step: int) -> str:
@@ -145,6 +55,7 @@ class TrajectoryStore:
         self.root = Path(root)
         self.manifest = manifest
         self._resume_after: int | None = None  # reopened: drop later steps at the first write (reopen)
+        self._replaces = False  # created over an earlier store: clear it at the first write (create)
 
     @property
     def settings_hash(self) -> str:
@@ -164,31 +75,46 @@ class TrajectoryStore:
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], manifest: dict[str, Any], overwrite: bool) -> TrajectoryStore:
-        """Start a new store in ``root``.
+        """Start a new store in ``root`` (into an empty one: its manifest is written now). With ``overwrite``, an
+        earlier store there is cleared only at the first write (:meth:`truncate_for_resume`, as for :meth:`reopen`),
+        so a fit that trains nothing keeps it.
 
         Raises:
             StoreError: if ``root`` already holds files and ``overwrite`` is False.
         """
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
-                                 "overwrite=True to replace it, or choose another save_dir.")
-            for sub in (STEPS, EMBEDDINGS, REFERENCES):
-                for file in (root / sub).glob("*.safetensors"):
-                    file.unlink()
-            shutil.rmtree(root / SHARDS, ignore_errors=True)
-            (root / MANIFEST).unlink(missing_ok=True)
-        (root / STEPS).mkdir(parents=True, exist_ok=True)
-        (root / EMBEDDINGS).mkdir(exist_ok=True)
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
-                           "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [], **manifest})
-        store.write_manifest()
+                           "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [],
+                           "applied_lrs": [], **manifest})
+        store._replaces = root.exists() and any(root.iterdir())
+        if store._replaces and not overwrite:
+            raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
+                             "overwrite=True to replace it, or choose another save_dir.")
+        if not store._replaces:
+            store.write_manifest()
         return store
 
+    def _clear_replaced(self) -> None:
+        """The deferred part of :meth:`create`: delete the earlier store's files in this store's folder, manifest
+        first (a run killed meanwhile leaves no store, not a damaged one), then write this store's manifest. Each
+        DDP rank clears its own folder; rank 0 also the shard folders of ranks this run does not have."""
+        if not self._replaces:
+            return
+        (self.root / MANIFEST).unlink(missing_ok=True)
+        remove_files([self.root / SEGMENTS, *(f for sub in (STEPS, EMBEDDINGS, REFERENCES)
+                                              for f in (self.root / sub).glob("*.safetensors"))])
+        ranks = {f"rank_{r}" for r in range(self.manifest.get("world_size", 1))}
+        for shard in (s for s in (self.root / SHARDS).glob("rank_*") if s.name not in ranks):
+            shutil.rmtree(shard, ignore_errors=True)
+        self._write_manifest()
+        self._replaces = False  # done (a failed manifest write is retried by the next write)
+
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> TrajectoryStore:
+    def open(cls, root: str | os.PathLike[str], until: int | None = None) -> TrajectoryStore:
         """Open an existing store and validate its manifest.
+
+        Args:
+            until: of an interrupted recording, list (and read) only the step files up to this step.
 
         Raises:
             StoreError: if the manifest is missing, truncated, of another schema, or the recording never
@@ -204,37 +130,41 @@ class TrajectoryStore:
                              "lightning_dve version that wrote it.")
         store = cls(Path(root), manifest)
         if manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
-            store._scan_steps()
+            store._scan_steps(until)
         return store
 
     def write_manifest(self) -> None:
-        """Write the manifest atomically.
+        """Write the manifest atomically (after clearing the store it replaces, :meth:`create`).
 
         Raises:
             StoreError: if the disk is full or the write fails (the previous manifest is kept).
         """
+        self._clear_replaced()
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """:meth:`write_manifest` with nothing deferred applied first (its folders made if needed)."""
+        (self.root / STEPS).mkdir(parents=True, exist_ok=True)
+        (self.root / EMBEDDINGS).mkdir(exist_ok=True)
         write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
 
-    def _scan_steps(self, after: int | None = None) -> None:
+    def _scan_steps(self, after: int | None = None, drop: bool = False) -> None:
         """Rebuild the step list from the step files (complete by construction: they are renamed into place).
 
         Args:
-            after: delete the step files after this step (``None`` keeps all).
+            after: leave out the step files after this step, unread (``None`` lists all).
+            drop: delete those files.
         """
         entries = []
         for path in sorted((self.root / STEPS).glob("step_*.safetensors")):
             step = int(path.stem.split("_")[1])
             if after is not None and step > after:
-                path.unlink()
+                if drop:
+                    path.unlink()
                 continue
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    entries.append((step, int(handle.metadata()["epoch"]), handle.get_tensor("lrs").tolist()))
-            except (SafetensorError, OSError, KeyError, ValueError) as err:
-                raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later "
-                                 "step file) to keep the steps before it, or record the run again.") from err
+            entries.append((step, *read_step_header(path)))
         self.manifest.update(steps=[e[0] for e in entries], epochs=[e[1] for e in entries],
-                             lrs=[e[2] for e in entries])
+                             lrs=[e[2] for e in entries], applied_lrs=[e[3] for e in entries])
 
     @classmethod
     def reopen(cls, root: str | os.PathLike[str], last_step: int, layers: list[dict[str, Any]] | None = None,
@@ -254,7 +184,7 @@ class TrajectoryStore:
             StoreError: if the store recorded other ``layers``, is another fit's (``run_id``) or does not hold
                 ``last_step``; nothing in it has changed then.
         """
-        store = cls.open(root)
+        store = cls.open(root, until=last_step)  # the later step files are deleted unread (a torn one too)
         recorded = f"the store at {store.root}"
         fix = "Resume into the save_dir the checkpoint was recorded in, or start a fresh fit without ckpt_path."
         if layers is not None and store.manifest["layers"] != layers:
@@ -274,17 +204,16 @@ class TrajectoryStore:
         return store
 
     def truncate_for_resume(self) -> None:
-        """The deferred part of :meth:`reopen`: drop the steps after the checkpoint's and the embeddings (once; the
-        callback calls it at the resumed run's first optimizer step, with the replay checkpoints' own)."""
+        """The deferred part of :meth:`reopen` (drop the steps after the checkpoint's and the embeddings) or of
+        :meth:`create` (clear the store it replaces): once, at the first write; the callback calls it at the first
+        optimizer step, with the replay checkpoints' own."""
+        self._clear_replaced()
         after = self._resume_after
         if after is None:
             return
-        self._scan_steps(after=after)
-        for file in (self.root / EMBEDDINGS).glob("*.safetensors"):
-            file.unlink()
-        for file in (self.root / REFERENCES).glob("*.safetensors"):
-            if int(file.stem.split("_")[1]) > after:
-                file.unlink()
+        self._scan_steps(after=after, drop=True)
+        later = [f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after]
+        remove_files([*(self.root / EMBEDDINGS).glob("*.safetensors"), *later])
         if self.manifest.get("run_id") is not None:  # a new branch: the old run's checkpoints hold up to ``after``
             self.manifest["run_lineage"] = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
             self.manifest["run_id"] = uuid.uuid4().hex
@@ -298,12 +227,13 @@ class TrajectoryStore:
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
         self.truncate_for_resume()
-        path = self.root / STEPS / _step_name(record.step)
         tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
-        write_atomic(path, tensors, self._metadata(record.step, record.epoch))
+        write_atomic(self.root / STEPS / _step_name(record.step), tensors, self._metadata(record.step, record.epoch))
         self.manifest["steps"].append(record.step)
         self.manifest["epochs"].append(record.epoch)
         self.manifest["lrs"].append(record.lrs.tolist())
+        applied = record.lrs if record.applied_lrs is None else record.applied_lrs
+        self.manifest.setdefault("applied_lrs", []).append(applied.tolist())
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
@@ -336,11 +266,22 @@ class TrajectoryStore:
 
     @property
     def learning_rates(self) -> torch.Tensor:
-        """Learning rate applied to each tracked layer at each recorded step, ``[T, L]`` (float64)."""
+        """The recursion's rate of each tracked layer at each recorded step, ``[T, L]`` (float64; ``StepRecord.lrs``:
+        clipping and Adam's bias correction folded in)."""
         return torch.tensor(self.manifest["lrs"], dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
+
+    @property
+    def applied_learning_rates(self) -> torch.Tensor:
+        """Each tracked layer's param-group learning rate at each recorded step, ``[T, L]`` (``StepRecord.applied_lrs``;
+        :attr:`learning_rates` for a store of an earlier version that did not record them)."""
+        applied = self.manifest.get("applied_lrs")
+        if applied is None or len(applied) != len(self.steps):
+            return self.learning_rates
+        return torch.tensor(applied, dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
 
     def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor) -> None:
         """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences."""
+        self.truncate_for_resume()
         tensors = {f"emb/{name}": e.contiguous() for name, e in embeddings.items()}
         tensors["sample_ids"] = sample_ids.contiguous()
         write_atomic(self.root / EMBEDDINGS / _step_name(step), tensors, self._metadata(step))
@@ -352,6 +293,7 @@ class TrajectoryStore:
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
+        self.truncate_for_resume()
         tensors = {f"factor/{s}/{group}": f.contiguous()
                    for s, fs in enumerate(factors) if s for group, f in fs.items()}
         if tensors:
@@ -371,6 +313,7 @@ class TrajectoryStore:
 
     def write_reference(self, step: int, gradients: dict[str, torch.Tensor]) -> None:
         """Persist the report's reference gradient ``{layer: [1, k_l]}`` at the weights after ``step``."""
+        self.truncate_for_resume()
         (self.root / REFERENCES).mkdir(exist_ok=True)
         write_atomic(self.root / REFERENCES / _step_name(step), gradients, self._metadata(step))
 
@@ -392,3 +335,13 @@ class TrajectoryStore:
     def bytes_on_disk(self, sub: str) -> int:
         """Total size of the files under ``sub`` (``steps`` or ``embeddings``)."""
         return sum(f.stat().st_size for f in (self.root / sub).glob("*.safetensors"))
+
+    def disk_use(self) -> int:
+        """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints."""
+        parts = (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS)
+        return disk_bytes(self.root / part for part in parts)
+
+    def record_disk_use(self) -> None:
+        """Write the manifest with the whole store's disk use (``bytes_total``), once the embeddings are written."""
+        self.manifest["bytes_total"] = self.disk_use()
+        self.write_manifest()

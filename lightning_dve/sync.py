@@ -24,6 +24,7 @@ from .distributed import Communicator
 from .errors import DVEError, SampleIdError
 from .recursion import BackwardRecursion, layer_groups, whole_segment_rows
 from .store import StepRecord, TrajectoryStore
+from .updates import StepTerms
 
 
 BLOCK_ROWS = 256  # occurrences per recursion block (one product by M, one gather to rank 0 per block)
@@ -111,21 +112,16 @@ class StepAssembler:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []
 
-    def close(
-        self, step: int, lrs: torch.Tensor, epoch: int, last_batch: bool, optim: dict[str, torch.Tensor] | None = None,
-        vectors: dict[str, dict[str, torch.Tensor]] | None = None,
-    ) -> StepRecord | None:
+    def close(self, step: int, terms: StepTerms, epoch: int, last_batch: bool) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 
         Rows are ordered by rank, then micro-batch, then position. Only the layers this rank owns are kept.
 
         Args:
             step: optimizer step index.
-            lrs: learning rate of each tracked layer ``[L]`` (the same on every rank).
+            terms: the step's rates and optimizer terms (the same on every rank).
             epoch: training epoch.
             last_batch: whether this is the epoch's last step (where ``DistributedSampler`` pads).
-            optim: optimizer terms per layer (the same on every rank).
-            vectors: per-coordinate step terms ``{kind: {layer: [k_l]}}`` (the same on every rank).
 
         Returns:
             The record, or ``None`` if no rank captured anything (every ``training_step`` returned ``None``).
@@ -148,9 +144,9 @@ class StepAssembler:
         # column views; the store makes them contiguous on write
         owned = {kind: dict(zip(self.layer_names, rows.split(sizes, dim=1))) for kind, rows in kinds.items()}
         owned = {kind: {n: rows[n] for n in self.owned} for kind, rows in owned.items()}
-        vectors = {kind: {n: values[n] for n in self.owned} for kind, values in (vectors or {}).items()}
-        return StepRecord(step, sample_ids, meta[:, 2], lrs, owned["grads"], epoch, optim or {},
-                          vectors=vectors, **{kind: owned[kind] for kind in self.kinds[1:]})
+        vectors = {kind: {n: values[n] for n in self.owned} for kind, values in terms.vectors.items()}
+        return StepRecord(step, sample_ids, meta[:, 2], terms.lrs, owned["grads"], epoch, terms.optim, vectors=vectors,
+                          applied_lrs=terms.applied_lrs, **{kind: owned[kind] for kind in self.kinds[1:]})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's buffered rows: ``[b, 3]`` (id's high and low 32 bits, weight) in float64, exact for every
@@ -296,7 +292,7 @@ def embed_trajectory(
         try:
             store.write_segments(bounds, factors)
             store.manifest["embeddings"] = "complete"
-            store.write_manifest()
+            store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
         except DVEError as err:
             error = err
     agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store

@@ -10,7 +10,7 @@ from torch import nn
 
 from .adam import Vectors, adam_terms, second_moment_terms
 from .config import DVEConfig
-from .optim import is_adam, sgd_terms
+from .optim import groups_of, is_adam, sgd_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,14 +18,18 @@ class StepTerms:
     """What a ``StepRecord`` carries about the update besides the rows.
 
     Attributes:
-        lrs: learning rate of each tracked layer ``[L]`` (clipping folded in for plain SGD).
+        lrs: the recursion's rate of each tracked layer ``[L]`` (clipping folded in for plain SGD, Adam's bias
+            correction for Adam).
         optim: optimizer terms per layer ``{name: [L]}`` (empty for plain SGD).
         vectors: per-coordinate terms ``{kind: {layer: [k_l]}}`` (exact-mode Adam, the second-moment channel).
+        applied_lrs: each tracked layer's param-group learning rate ``[L]``, 0 where the step does not reach it
+            (``StepRecord.applied_lrs``).
     """
 
     lrs: torch.Tensor
     optim: dict[str, torch.Tensor]
     vectors: Vectors
+    applied_lrs: torch.Tensor | None = None
 
 
 def step_terms(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], clip: float,
@@ -44,4 +48,7 @@ def step_terms(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], 
     if config.adam_second_moment:
         terms, channel = second_moment_terms(optimizer, modules, clip)
         optim, vectors = {**optim, **terms}, {**vectors, **channel}
-    return StepTerms(lrs, optim, vectors)
+    weights = [module.weight for module in modules.values()]
+    groups = groups_of(optimizer, dict(zip(modules, weights)))
+    applied = [float(group["lr"]) * (weight.grad is not None) for group, weight in zip(groups, weights)]
+    return StepTerms(lrs, optim, vectors, torch.tensor(applied, dtype=torch.float64))

@@ -95,7 +95,8 @@ def run_fit(model: L.LightningModule, callback: L.Callback | None, train: DataLo
                                    enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
                                    num_sanity_val_steps=0)
     options.update(trainer_kwargs)
-    trainer = L.Trainer(callbacks=[] if callback is None else [callback], **options)
+    others = list(options.pop("callbacks", []))  # further callbacks, after ``callback``
+    trainer = L.Trainer(callbacks=([] if callback is None else [callback]) + others, **options)
     if train is None:
         train = DataLoader(DigitsDict(range(64)), batch_size=16)
     trainer.fit(model, train_dataloaders=train, val_dataloaders=val)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lightning_dve import StoreError
 from lightning_dve import checkpoints, files
@@ -219,3 +220,82 @@ def test_recorder_keeps_a_write_error_for_check(tmp_path: Path, monkeypatch: pyt
         recorder.check()
     with pytest.raises(StoreError, match="boom"):
         recorder.finish(1, None, None, 0.0)  # type: ignore[arg-type]
+
+
+# --- replay.json: a JSON that is no object; overwriting; the interval of a resumed run ----------------------
+
+
+def test_a_replay_manifest_that_is_json_but_not_an_object_is_refused(tmp_path: Path) -> None:
+    _store(tmp_path, range(1)).close()
+    (tmp_path / "replay.json").write_text("[]")
+    with pytest.raises(StoreError, match=r"replay\.json holds a JSON list, not a JSON object"):
+        CheckpointStore.open(tmp_path)
+
+
+@pytest.mark.parametrize("write", ["write_manifest", "write_snapshot", "write_hyper"])
+def test_create_keeps_earlier_checkpoints_until_the_first_write(tmp_path: Path, write: str) -> None:
+    old = _store(tmp_path, range(3))
+    old.write_snapshot(0, {"w": torch.ones(2)}, {})
+    old.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    store = CheckpointStore.create(tmp_path, {"settings_hash": "h2", "interval": 4, "final_step": None})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # a fit that trains nothing
+    args = {"write_snapshot": (5, {"w": torch.zeros(2)}, {}), "write_hyper": (5, _record(5))}
+    getattr(store, write)(*args.get(write, ()))
+    store.close()
+    expected = {"replay.json", *{"write_snapshot": ["state_00000005.safetensors"], "write_hyper": [HYPER_FILE]}.get(
+        write, [])}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert CheckpointStore.open(tmp_path).manifest["settings_hash"] == "h2"
+
+
+def test_an_int_interval_is_recorded_at_create(tmp_path: Path) -> None:
+    checkpoints.CheckpointRecorder(tmp_path / "int", 3, "hash", None)
+    checkpoints.CheckpointRecorder(tmp_path / "auto", "auto", "hash", None)
+    assert CheckpointStore.open(tmp_path / "int").manifest["interval"] == 3
+    assert CheckpointStore.open(tmp_path / "auto").manifest["interval"] is None  # resolved at the first step
+
+
+@pytest.mark.parametrize("requested", [2, "auto"])
+def test_a_reopened_recorder_without_a_resolved_interval_uses_the_requested_one(tmp_path: Path,
+                                                                               requested: int | str) -> None:
+    """A run killed before ``finish`` with ``interval`` unset in ``replay.json`` (an ``"auto"`` not resolved yet,
+    or an int written by an older version): the resumed recorder keeps replay on (``"auto"`` is resolved again)."""
+    store = CheckpointStore.create(tmp_path, {"settings_hash": "hash", "requested_interval": requested,
+                                              "interval": None, "kind": "SGD", "refusal": None})
+    store.write_hyper(0, _record(0))
+    store.close()
+    recorder = checkpoints.CheckpointRecorder(tmp_path, requested, "hash", resume_after=0)
+    assert recorder.interval == requested and recorder.enabled
+
+
+def test_a_crashed_run_with_an_int_interval_resumes_with_exact_replay(mlp_cls, make_loader, tmp_path: Path) -> None:
+    """Killed in epoch 1 (after step 5), resumed from the epoch-0 checkpoint: the replay checkpoints go on every 2
+    steps to the end, as in an uninterrupted run, so exact replay stays available."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_dve import DataValueEmbedding
+
+    class Crashes(mlp_cls):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.trainer.global_step == 6:
+                raise RuntimeError("killed")
+            return super().training_step(batch, batch_idx)
+
+    def run(model: Any, callbacks: list, **fit: Any) -> None:
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=3, precision="64-true", logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                  callbacks=callbacks).fit(model, make_loader(), **fit)
+
+    def dve() -> DataValueEmbedding:
+        return DataValueEmbedding(tmp_path / "dve", projection_dim=32, checkpoint_interval=2, report=None)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(Crashes().double(), [dve(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)])
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    run(mlp_cls().double(), [dve()], ckpt_path=epoch0)
+    store = CheckpointStore.open(tmp_path / "dve" / "checkpoints")
+    assert store.manifest["interval"] == 2 and store.manifest["final_step"] == 12
+    assert store.snapshot_steps == list(range(0, 13, 2))
+    assert sorted(read_json_lines(store.root / HYPER_FILE)) == list(range(12))

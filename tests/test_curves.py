@@ -128,6 +128,19 @@ def test_stage_summary_of_an_all_zero_curve_has_nan_shares():
     assert math.isnan(early.share) and math.isnan(early.abs_share)
 
 
+def test_stage_summary_leaves_undefined_values_out():
+    """NaN values (influence / lr at a step with lr 0, e.g. a warm-up from 0) are undefined, not 0: the mean is
+    the mean of the defined values, the shares are sums of defined values, and a stage with none is ``None``."""
+    values = torch.tensor([math.nan, 2.0, math.nan, 4.0, -2.0, 6.0], dtype=torch.float64)
+    early, middle, late = curves.stage_summary(torch.arange(6), values, 2 / 6, 2 / 6)
+    assert early.mean == pytest.approx(2.0) and middle.mean == pytest.approx(4.0) and late.mean == pytest.approx(2.0)
+    assert early.share == pytest.approx(2 / 10) and late.share == pytest.approx(4 / 10)
+    assert late.abs_share == pytest.approx(8 / 14)
+    undefined, rest, _ = curves.stage_summary(torch.arange(4), torch.tensor([math.nan, 1.0, 3.0, 2.0]), 0.25, 0.25)
+    assert (undefined.n_steps, undefined.share, undefined.abs_share, undefined.mean) == (1, None, None, None)
+    assert rest.share == pytest.approx(4 / 6) and rest.mean == pytest.approx(2.0)
+
+
 def test_detect_phases_on_the_synthetic_curve():
     # level on the warm-up side: 1 + 0.2 * (10 - 1) = 2.8, first reached at step 17 (10 - 0.45 t <= 2.8);
     # on the ascent side: 1 + 0.2 * (5 - 1) = 1.8, last step at or below it is 75 (1 + 4 (t - 70) / 29).

@@ -17,6 +17,7 @@ from lightning_dve import DataValueEmbeddings
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups, gather_embeddings
+from lightning_dve.updates import StepTerms
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 
@@ -197,7 +198,7 @@ def test_padding_duplicates_across_ranks_in_last_batch_are_kept() -> None:
     peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
-    record = assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=True)
+    record = assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=True)
     assert record is not None and record.sample_ids.tolist() == [7, 7]
 
 
@@ -206,7 +207,7 @@ def test_duplicates_elsewhere_are_refused() -> None:
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
     with pytest.raises(SampleIdError, match="allow_duplicate_ids=True"):
-        assembler.close(step=3, lrs=torch.ones(1), epoch=0, last_batch=False)
+        assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
 
 
 def test_sample_ids_beyond_float64_precision_are_gathered_exactly() -> None:
@@ -215,13 +216,13 @@ def test_sample_ids_beyond_float64_precision_are_gathered_exactly() -> None:
     ids = [2**53, 2**53 + 1, 2**62 + 7, 3]
     assembler = StepAssembler(SingleProcess(), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro(ids))
-    record = assembler.close(step=0, lrs=torch.ones(1), epoch=0, last_batch=False)
+    record = assembler.close(step=0, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
     assert record is not None and record.sample_ids.tolist() == ids and record.sample_ids.dtype == torch.int64
 
 
 def test_skipped_step_on_every_rank_records_nothing() -> None:
     assembler = StepAssembler(SingleProcess(), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
-    assert assembler.close(step=0, lrs=torch.ones(1), epoch=0, last_batch=False) is None
+    assert assembler.close(step=0, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False) is None
 
 
 def test_layer_groups_are_balanced_by_recursion_cost() -> None:

@@ -112,3 +112,38 @@ def test_writer_disk_full_raises_a_store_error_and_leaves_no_temporary_file(tmp_
     with pytest.raises(StoreError, match=r"could not write .*f\.safetensors: the disk is full"):
         lightning_dve.files.write_atomic(tmp_path / "f.safetensors", {"x": torch.ones(1000)}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+# --- manifests that are valid JSON but no object; what a failed write says is kept --------------------------
+
+
+@pytest.mark.parametrize("text", ["null", "[]", "[1, 2]", "3", '"manifest"'])
+def test_read_json_refuses_valid_json_that_is_not_an_object(tmp_path, text):
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    with pytest.raises(StoreError, match=r"manifest\.json holds a JSON \w+, not a JSON object.*Restore the file, or "
+                                         r"record the run again"):
+        lightning_dve.files.read_json(path)
+
+
+@pytest.mark.parametrize("sub, name, kept", [
+    ("steps", "step_00000003.safetensors", r"Every step written before is kept in .*steps;"),
+    ("embeddings", "step_00000003.safetensors", r"step_00000003\.safetensors is unchanged .* files in .*embeddings;"),
+    ("", "segments.safetensors", r"segments\.safetensors is unchanged \(its previous version, if any, is kept\)"),
+    ("checkpoints", "state_00000004.safetensors", r"state_00000004\.safetensors is unchanged .*checkpoints;"),
+    ("", "manifest.json", r"manifest\.json is unchanged \(its previous version, if any, is kept\)"),
+])
+def test_a_failed_write_says_what_is_kept_for_each_kind_of_file(tmp_path, monkeypatch, sub, name, kept):
+    def full(tensors, filename, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lightning_dve.files, "write_safetensors", full)
+    monkeypatch.setattr(lightning_dve.files.Path, "write_text", lambda self, text: full(None, self, None))
+    (tmp_path / sub).mkdir(exist_ok=True)
+    path = tmp_path / sub / name
+    with pytest.raises(StoreError, match=rf"could not write .*{name}: the disk is full\. {kept}.* free space") as info:
+        if name.endswith(".json"):
+            lightning_dve.files.write_text_atomic(path, "{}")
+        else:
+            lightning_dve.files.write_atomic(path, {"x": torch.ones(2)}, {})
+    assert sub == "steps" or "Every step" not in str(info.value)

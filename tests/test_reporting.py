@@ -227,6 +227,22 @@ def test_top_k_samples_are_found_under_gradient_accumulation(fit, tmp_path):
     assert all(r["description"] == f"#{r['sample_id']}" and r["label"] is not None for r in rows)
 
 
+def test_top_k_samples_are_found_when_a_shuffled_epoch_stops_early(fit, tmp_path):
+    """Training stops after 3 of 6 batches of a shuffled loader whose ids are not positions: every top-k sample is
+    read from the dataset (re-iterating the loader draws another order, which missed about half of them)."""
+    _, val = loaders()
+    train = DataLoader(ImageDigits(range(100, 196)), batch_size=16, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, describe=lambda s: f"#{int(s['index'])}",
+                                  report=dataclasses.replace(SMALL, top_k=8))
+    fit(ImageMLP(), callback, train, val, max_steps=3)
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    labels = ImageDigits(range(100, 196)).items.y
+    for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:
+        assert row["description"] == f"#{row['sample_id']}"
+        assert row["label"] == str(int(labels[row["sample_id"] - 100]))
+
+
 def test_no_reference_warns_and_writes_nothing(fit, mlp_cls, tmp_path):
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
     with pytest.warns(UserWarning, match="no reference set"):
@@ -248,6 +264,139 @@ def test_report_none_disables_the_report(fit, tmp_path):
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
     fit(ImageMLP(), callback, train, val)
     assert not (tmp_path / "dve" / "report").exists()
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """The items of :class:`ImageDigits` as a stream: no ``__len__`` (its DataLoader's ``len`` raises)."""
+
+    def __init__(self, indices: range) -> None:
+        self.items = ImageDigits(indices)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self.items[i] for i in range(len(self.items)))
+
+
+def test_a_reference_loader_without_len_feeds_the_boundaries_and_the_report(fit, tmp_path):
+    """A validation loader over an IterableDataset: its unknown length is no error at the segment boundary (where
+    it stopped training) nor at train end."""
+    train, _ = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, segments=2)
+    fit(ImageMLP(), callback, train, DataLoader(ImageStream(range(1500, 1564)), batch_size=16), max_epochs=2)
+    assert callback.embeddings.steps == list(range(8))
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    assert summary["reference"] == {"n_samples": 40, "source": "the validation dataloader"}
+    dynamics = read_csv(report_dir(callback) / "dynamics.csv")
+    assert {r["boundary"] for r in dynamics} == {"0", "1"}  # the boundary's reference (step 3) and the final one
+
+
+class FailsOnce(ImageDigits):
+    """ImageDigits whose first read raises (a corrupt record the first time the data is read)."""
+
+    failed = False
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("corrupt record")
+        return super().__getitem__(i)
+
+
+def test_a_failing_boundary_reference_warns_and_training_goes_on(fit, tmp_path):
+    """Any error of the reference data at a segment boundary (here not a DVEError) is a warning that leaves the
+    boundary out of the dynamics; training and the final report go on."""
+    train, _ = loaders()
+    reference = DataLoader(FailsOnce(range(1500, 1510)), batch_size=10)
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference, segments=2)
+    with pytest.warns(UserWarning, match=r"segment boundary \(step 3\) failed \(RuntimeError: corrupt record\)"):
+        fit(ImageMLP(), callback, train, max_epochs=2)
+    assert callback.embeddings.steps == list(range(8))
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    assert summary["reference"]["n_samples"] == 10
+    assert {r["boundary"] for r in read_csv(report_dir(callback) / "dynamics.csv")} == {"1"}  # the final one only
+
+
+def test_a_nan_reference_skips_the_report_with_a_warning(fit, tmp_path):
+    """A NaN in the reference data makes every curve value NaN: the report is skipped and says why."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    train, _ = loaders()
+    reference = next(iter(DataLoader(ImageDigits(range(1500, 1520)), batch_size=20)))
+    reference["x"][3, 0, 2, 2] = float("nan")
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    with pytest.warns(UserWarning, match=r"report is skipped: the reference gradient is not finite .*20 samples of "
+                                         r"the `reference` batch.*NaN in the reference or validation data"):
+        fit(ImageMLP(), callback, train, logger=logger)
+    assert not report_dir(callback).exists()
+
+
+def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp_path):
+    """A NaN score (here sample 0's) is ``null`` in summary.json (strict JSON), ``n/a`` in the printed summary,
+    and left out of the TensorBoard histogram, which gets the finite totals."""
+    import math
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from lightning_dve import curves
+    from lightning_dve.influence import InfluenceResult
+    from lightning_dve.reporting import Reference, TrainEndReport, format_summary, write_files
+    from lightning_dve.reporting_loggers import log_tensorboard
+
+    scores = torch.tensor([[math.nan, 1.0, 2.0, -1.0, 3.0, -2.0]], dtype=torch.float64)
+    result = InfluenceResult(torch.arange(6), torch.tensor([0, 0, 1, 1, 2, 2]), scores)
+    config = dataclasses.replace(SMALL, top_k=6)
+    summary = curves.summarise(result, [0, 1, 2], [0, 0, 0], torch.full((3,), 0.1), config)
+    report = TrainEndReport(tmp_path / "report", Reference({}, 4, "a test"), "net.0", summary, {}, {})
+    files = write_files(report, {})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"bare {constant} in summary.json")
+
+    written = json.loads(files["summary"].read_text(), parse_constant=refuse)
+    assert written["total_influence"] is None
+    assert [r["score"] for r in written["top_k"]["helpful"] if r["sample_id"] == 0] == [None]
+    text = format_summary(written, k=6)
+    assert "total influence n/a" in text and "id     0  score n/a" in text
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    log_tensorboard(logger, report, {}, 3)
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    assert events.Histograms("dve/samples/total_influence")[0].histogram_value.num == 5
+
+
+class WarmUpFromZero(ImageMLP):
+    """A linear warm-up from learning rate 0: step 0 has lr 0, so its influence / lr is undefined."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, t / 4))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_steps_with_undefined_influence_per_lr_do_not_count_in_the_stages(fit, tmp_path):
+    """The early stage holds only step 0 (lr 0): it has no defined value (``None``, not 0, in the files, the printed
+    summary and the loggers); the other stages' means and shares are over their defined steps."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_dve.reporting import format_summary
+
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    fit(WarmUpFromZero(), callback, train, val, max_epochs=2, logger=logger)
+    rows = read_csv(report_dir(callback) / "curve.csv")
+    assert float(rows[0]["lr"]) == 0.0 and rows[0]["influence_per_lr"] == ""
+    per_lr = torch.tensor([float(r["influence_per_lr"]) for r in rows[1:]], dtype=torch.float64)
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    early, middle, late = summary["stages"]
+    assert (early["n_steps"], early["share"], early["abs_share"], early["mean"]) == (1, None, None, None)
+    assert middle["mean"] == pytest.approx(per_lr[:6].mean().item())
+    assert middle["share"] + late["share"] == pytest.approx(1.0)
+    assert "early  steps     0-0      share    n/a" in format_summary(summary)
+    metrics = read_csv(Path(logger.log_dir) / "metrics.csv")
+    stage_row = next(r for r in metrics if r.get("dve/stages/middle/mean"))
+    assert stage_row.get("dve/stages/early/mean", "") == ""
 
 
 # --- loggers, read back -------------------------------------------------------------------------------------
@@ -460,3 +609,27 @@ def test_curve_rates_skip_layers_a_step_did_not_reach():
     assert name == "aux" and rates.tolist() == [0.1, 0.1, 0.05]
     with pytest.warns(UserWarning, match="tracked layers used different learning rates"):
         _curve_learning_rates(embeddings([[0.1, 0.2], [0.1, 0.2]]))
+
+
+@pytest.mark.parametrize("optimizer, clip", [("adamw", None), ("adamw_projected", None), ("sgd", 0.05)])
+def test_the_curve_is_divided_by_the_param_groups_learning_rate(fit, tmp_path, optimizer, clip):
+    """The recursion's rate folds in clipping and Adam's bias correction (and, projected, its preconditioner): the
+    curve's ``lr``, ``DataValueEmbeddings.learning_rates`` and the stage summary use the optimizer's own rate."""
+    import warnings
+
+    class Model(ImageMLP):
+        def configure_optimizers(self):
+            if optimizer.startswith("adamw"):
+                return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    lr = 1e-3 if optimizer.startswith("adamw") else 0.5
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=1024 if optimizer == "adamw_projected" else None,
+                                  report=SMALL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*tracked layers used different learning rates")
+        fit(Model(), callback, *loaders(), max_epochs=2, gradient_clip_val=clip)
+    rows = read_csv(report_dir(callback) / "curve.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr] * 8, rel=1e-12)
+    assert torch.equal(callback.embeddings.learning_rates, torch.full((8, 2), lr, dtype=torch.float64))
+    assert not torch.allclose(callback.embeddings.store.learning_rates, torch.full((8, 2), lr, dtype=torch.float64))

@@ -66,3 +66,47 @@ def test_unsharded_replaces_a_distributed_sampler_by_the_whole_dataset():
     assert [b[0].tolist() for b in whole] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     plain = DataLoader(data, batch_size=4)
     assert samples.unsharded(plain) is plain
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Ten dict items ``{"x": [4], "y": id % 3, "index": id}`` for ids 100..109, at positions 0..9."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.full((4,), float(position)), "y": torch.tensor(position % 3),
+                "index": torch.tensor(100 + position)}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The items of :class:`_Keyed` as a stream (no ``__getitem__``, no ``__len__``)."""
+
+    def __iter__(self):
+        return (_Keyed()[i] for i in range(10))
+
+
+def test_training_samples_reads_a_shuffled_dataset_at_the_ids_positions():
+    """A shuffled loader (a new order on every pass) and ids that are not positions: each wanted id is read from
+    the dataset at its position, however few batches the run used."""
+    loader = DataLoader(_Keyed(), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    found = samples.training_samples(loader, {100, 104, 109, 999}, "index", None, max_batches=1,
+                                     show_progress=False)
+    assert set(found) == {100, 104, 109}  # 999 is not in the data
+    assert [found[i].label for i in (100, 104, 109)] == ["0", "1", "0"]
+    assert found[104].text.startswith("float32[4] mean 4")
+
+
+def test_training_samples_scans_a_stream_in_at_most_max_batches():
+    """A dataset without positions (an IterableDataset) is scanned in the loader, bounded by ``max_batches``."""
+    loader = DataLoader(_Stream(), batch_size=2)
+    assert set(samples.training_samples(loader, {100, 103, 108}, "index", None, 5, False)) == {100, 103, 108}
+    assert set(samples.training_samples(loader, {100, 103, 108}, "index", None, 2, False)) == {100, 103}
+
+
+def test_sequential_reads_a_shuffled_loader_in_order_and_keeps_other_loaders():
+    shuffled = DataLoader(_Keyed(), batch_size=4, shuffle=True)
+    whole, limit = samples.sequential(shuffled)
+    assert limit == 3 and [b["index"].tolist() for b in whole][0] == [100, 101, 102, 103]
+    plain = DataLoader(_Keyed(), batch_size=4)
+    assert samples.sequential(plain) == (plain, None)

@@ -18,9 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from torch.utils.data import DataLoader
+
 import lightning_dve.files
+import lightning_dve.store
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, StoreError
-from lightning_dve.store import TrajectoryStore
+from lightning_dve.store import StepRecord, TrajectoryStore
+from tests.conftest import DigitsDict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,3 +222,155 @@ def test_other_write_error_during_append(fit, mlp_cls, save_dir, monkeypatch):
     with pytest.raises(StoreError, match=r"the write failed .*Permission denied"):
         fit(mlp_cls(), DataValueEmbedding(save_dir))
     assert tmp_files(save_dir) == []
+
+
+@pytest.mark.parametrize("text", ["null", "[]"])
+def test_manifest_that_is_json_but_not_an_object(store_copy, text):
+    (store_copy / "manifest.json").write_text(text)
+    with pytest.raises(StoreError, match=r"manifest\.json holds a JSON \w+, not a JSON object"):
+        DataValueEmbeddings.load(store_copy)
+
+
+# --- a store written step by step (no Trainer) -------------------------------------------------------------
+
+SMALL = {"settings": {}, "settings_hash": "h", "storage_dtype": "float32", "layers": [{"name": "a"}]}
+
+
+def record(step: int) -> StepRecord:
+    """A one-layer step of 2 occurrences (ids ``2 step, 2 step + 1``)."""
+    return StepRecord(step, torch.arange(2) + 2 * step, torch.full((2,), 0.5, dtype=torch.float64),
+                      torch.tensor([0.1], dtype=torch.float64), {"a": torch.full((2, 3), float(step))})
+
+
+def recorded(root: Path, steps: int, finish: bool = True, **manifest) -> TrajectoryStore:
+    """A store of ``steps`` steps in ``root`` (finished, with embeddings, references and segments, or interrupted)."""
+    store = TrajectoryStore.create(root, {**SMALL, **manifest}, overwrite=False)
+    for step in range(steps):
+        store.append(record(step))
+    if finish:
+        store.finish_recording({})
+        for step in range(steps):
+            store.write_embeddings(step, {"a": torch.ones(2, 3)}, torch.arange(2))
+        store.write_reference(1, {"a": torch.ones(1, 3)})
+        store.write_segments([(0, 1), (1, steps)], [{}, {"a": torch.eye(3)}])
+        store.manifest["embeddings"] = "complete"
+        store.record_disk_use()
+    return store
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_does_not_read_a_corrupt_step_file_after_the_checkpoint(tmp_path):
+    """A run killed in the middle of step 5's file (zero bytes after a power loss) resumes from a checkpoint after
+    step 3: the resumed run redoes steps 4 and 5, so that file is deleted unread; a corrupt step the checkpoint
+    keeps is still refused."""
+    root = tmp_path / "dve"
+    recorded(root, 6, finish=False)
+    (root / "steps" / "step_00000005.safetensors").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"step_00000005\.safetensors is corrupt or truncated"):
+        TrajectoryStore.open(root)
+    store = TrajectoryStore.reopen(root, last_step=3)
+    assert store.steps == [0, 1, 2, 3] and (root / "steps" / "step_00000005.safetensors").is_file()
+    store.append(record(4))
+    assert sorted(p.name for p in (root / "steps").iterdir()) == [f"step_0000000{s}.safetensors" for s in range(5)]
+    assert TrajectoryStore.open(root).steps == [0, 1, 2, 3, 4]
+    (root / "steps" / "step_00000002.safetensors").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"step_00000002\.safetensors is corrupt or truncated"):
+        TrajectoryStore.reopen(root, last_step=3)
+
+
+def test_overwrite_keeps_the_earlier_store_until_the_first_write(tmp_path):
+    root = tmp_path / "dve"
+    recorded(root, 4)
+    before = files_of(root)
+    with pytest.raises(StoreError, match="is not empty"):  # refused at create, without overwrite
+        TrajectoryStore.create(root, SMALL, overwrite=False)
+    store = TrajectoryStore.create(root, {**SMALL, "settings_hash": "h2"}, overwrite=True)
+    assert files_of(root) == before  # a fit that trains nothing changes nothing
+    assert TrajectoryStore.open(root).steps == [0, 1, 2, 3]
+    store.append(record(0))
+    assert sorted(files_of(root)) == ["manifest.json", "steps/step_00000000.safetensors"]
+    reopened = TrajectoryStore.open(root)
+    assert reopened.manifest["status"] == "recording" and reopened.steps == [0] and reopened.settings_hash == "h2"
+
+
+@pytest.mark.parametrize("write", ["finish_recording", "write_manifest", "write_embeddings", "write_reference",
+                                   "write_segments", "truncate_for_resume"])
+def test_every_first_write_clears_the_store_it_overwrites(tmp_path, write):
+    root = tmp_path / "dve"
+    recorded(root, 3)
+    store = TrajectoryStore.create(root, SMALL, overwrite=True)
+    args = {"finish_recording": ({},), "write_embeddings": (0, {"a": torch.ones(2, 3)}, torch.arange(2)),
+            "write_reference": (0, {"a": torch.ones(1, 3)}), "write_segments": ([(0, 0)], [{}])}
+    getattr(store, write)(*args.get(write, ()))
+    left = {name for name in files_of(root) if name != "manifest.json"}
+    assert left <= {"embeddings/step_00000000.safetensors", "references/step_00000000.safetensors"}
+    assert TrajectoryStore.open(root).manifest["run_id"] == store.manifest["run_id"]
+
+
+def test_a_run_killed_while_clearing_the_store_it_overwrites_leaves_no_store(tmp_path, monkeypatch):
+    """The earlier manifest goes first: an interrupted clearing leaves no store, never a damaged one."""
+    root = tmp_path / "dve"
+    recorded(root, 3)
+    store = TrajectoryStore.create(root, SMALL, overwrite=True)
+
+    def killed(paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lightning_dve.store, "remove_files", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(record(0))
+    with pytest.raises(StoreError, match=r"manifest\.json is missing"):
+        TrajectoryStore.open(root)
+
+
+def test_ranks_clear_only_their_own_folder_of_an_overwritten_ddp_store(tmp_path):
+    """An earlier 3-rank store overwritten by a 2-rank run: rank 0 clears its files and rank 2's stale shard at its
+    first write, never rank 1's folder, which rank 1 clears at its own first write (whenever that comes)."""
+    root = tmp_path / "dve"
+    recorded(root, 2, world_size=3)
+    for rank in (1, 2):
+        recorded(root / "shards" / f"rank_{rank}", 2, world_size=3, rank=rank)
+    rank0 = TrajectoryStore.create(root, {**SMALL, "world_size": 2, "rank": 0}, overwrite=True)
+    rank1 = TrajectoryStore.create(root / "shards" / "rank_1", {**SMALL, "world_size": 2, "rank": 1}, overwrite=True)
+    shard1 = files_of(root / "shards" / "rank_1")
+    rank0.append(record(0))
+    assert not (root / "shards" / "rank_2").exists()
+    assert files_of(root / "shards" / "rank_1") == shard1
+    rank1.append(record(0))
+    assert sorted(files_of(root / "shards" / "rank_1")) == ["manifest.json", "steps/step_00000000.safetensors"]
+    assert sorted(files_of(root)) == ["manifest.json", "shards/rank_1/manifest.json",
+                                      "shards/rank_1/steps/step_00000000.safetensors",
+                                      "steps/step_00000000.safetensors"]
+
+
+# --- overwrite and disk use through the Trainer ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("again", ["same trainer", "no batches"])
+def test_an_overwriting_fit_that_trains_nothing_keeps_the_finished_store(fit, mlp_cls, save_dir, test_batch, again):
+    model, dve = mlp_cls(), DataValueEmbedding(save_dir, projection_dim=32, overwrite=True, report=None)
+    trainer = fit(model, dve, max_epochs=2)
+    expected = DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores
+    before = files_of(save_dir)
+    if again == "same trainer":  # max_epochs already reached: the fit loop is done at once
+        trainer.fit(model, DataLoader(DigitsDict(range(64)), batch_size=16))
+    else:
+        fit(model, DataValueEmbedding(save_dir, projection_dim=32, overwrite=True, report=None), max_epochs=2,
+            limit_train_batches=0)
+    assert files_of(save_dir) == before
+    torch.testing.assert_close(DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores, expected)
+
+
+def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
+    fit(mlp_cls(), DataValueEmbedding(save_dir, report=None, segments=2), max_epochs=2)
+    manifest = json.loads((save_dir / "manifest.json").read_text())
+    size = {sub: sum(p.stat().st_size for p in (save_dir / sub).rglob("*") if p.is_file())
+            for sub in ("steps", "embeddings", "checkpoints", "references")}
+    whole = sum(p.stat().st_size for p in save_dir.rglob("*") if p.is_file())
+    assert size["embeddings"] > 0 and size["checkpoints"] > 0 and (save_dir / "segments.safetensors").is_file()
+    assert manifest["bytes_steps"] == size["steps"] and manifest["bytes_per_step"] == size["steps"] // 8
+    assert 0 <= whole - manifest["bytes_total"] < 1024  # the manifest, counted before its last write, grew since
+    assert manifest["bytes_total"] > size["steps"] + size["embeddings"] + size["checkpoints"]

@@ -1,0 +1,196 @@
+"""The callback's per-step hooks: capture during the step, close it in ``on_train_batch_end`` (method.md §2).
+
+:class:`StepHooks` is the half of :class:`lightning_dve.callback.DataValueEmbedding` that runs at every step; the
+fit lifecycle (store, train-end recursion, report, checkpoint state) is in ``callback.py``, which sets every
+attribute declared here in ``__init__`` and ``on_fit_start``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+import torch
+
+from . import batches, callback_setup, capture, distributed, reporting, sync
+from .adam import adam_factors
+from .checkpoints import CheckpointRecorder
+from .config import DVEConfig, ReportConfig
+from .curvature import check_cross_entropy, sampled_label_grad
+from .errors import DVEError, GradientError
+from .guards import StepGuard
+from .optim import clip_factor, grads_finite, sgd_proxy_reason
+from .store import TrajectoryStore
+from .updates import StepTerms, step_terms
+from .writer import StepWriter
+
+
+class StepHooks(pl.Callback):
+    """Per-step hooks of :class:`lightning_dve.callback.DataValueEmbedding` (not used on its own)."""
+
+    config: DVEConfig
+    sample_ids: str | batches.IdFn
+    report_config: ReportConfig | None
+    reference: Any
+    _weight_fn: batches.WeightFn | None
+    _comm: distributed.Communicator
+    _store: TrajectoryStore | None
+    _writer: StepWriter | None
+    _recorder: CheckpointRecorder | None
+    _capture: capture.GradientCapture | None
+    _guard: StepGuard | None
+    _assembler: sync.StepAssembler
+    _kinds: tuple[str, ...]
+    _ggn: bool
+    _preconditioned: bool
+    _boundaries: list[int]
+    _batch: Any
+    _loss_scale: float
+    _skipped: bool
+    _factor: float | None
+    _terms: StepTerms | None
+    _step: int
+    _last_step: int
+    _reached: set[str]
+    _deferred: DVEError | None
+    _deferred_write: DVEError | None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        capture.check_no_batchnorm_training(pl_module)
+        self._active_guard().check_trainable(trainer.global_step)  # before the forward hooks read the layout
+        hooks = self._active_capture()
+        hooks.begin(keep_outputs=self._ggn)
+        if self._preconditioned:
+            hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
+        self._batch = batch
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        hooks = self._active_capture()
+        scaler = callback_setup.grad_scaler(trainer)
+        self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
+        if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
+            ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
+            hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
+                                                                       trainer.global_step))
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ``.grad`` is this micro-batch's alone on one process, or in the first micro-batch of an accumulation
+        self._active_guard().after_backward(self._comm.world_size == 1 or trainer.accumulate_grad_batches > 1)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        hooks = self._active_capture()
+        reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
+        hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
+        self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
+        self._active_guard().check_trainable(trainer.global_step)
+        algorithm = callback_setup.clip_algorithm(trainer)
+        clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
+        modelled = algorithm != "value" and sgd_proxy_reason(optimizer) is None and not self._skipped
+        self._factor = clip / self._loss_scale if modelled else None  # .grad was as scaled as the loss then
+        self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
+        self._step = trainer.global_step
+        try:  # a resumed run's first step: both stores drop their later steps now (the replay checkpoints below)
+            self._active_store().truncate_for_resume()
+        except DVEError as err:  # raised at the step's end, where the ranks agree
+            self._deferred_write = self._deferred_write or err
+        if self._recorder is not None:
+            clipping = {"value": trainer.gradient_clip_val, "algorithm": algorithm}
+            self._recorder.before_step(self._step, pl_module, optimizer, clipping, clip)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        hooks, error = self._active_capture(), None
+        applied = outputs or callback_setup.grad_scaler(trainer) is None  # else Lightning skips the optimizer step
+        try:
+            self._check_writes()
+            if hooks.captured:
+                self._reached |= hooks.reached()
+                self._assembler.add(self._micro_batch(trainer, batch))
+            else:  # skipped micro-batch: training_step returned None
+                hooks.abort()
+            if self._terms is not None and not self._skipped and self._deferred is not None:
+                raise self._deferred
+            if self._terms is not None and self._factor is not None and applied:
+                self._active_guard().check_applied(self._step, self._factor)
+        except DVEError as err:
+            error = err
+        sync.agree_on_errors(self._comm, error)
+        if self._terms is None:  # accumulating, or no optimizer step happened
+            return
+        self._deferred, self._reached = None, set()
+        if self._skipped or not applied:
+            self._assembler.discard()  # not applied: skipped by the scaler, or by Lightning (last micro-batch None)
+            self._terms = None
+            return
+        record = self._assembler.close(self._step, self._terms, trainer.current_epoch, trainer.is_last_batch)
+        self._terms = None
+        if record is not None:
+            assert self._store is not None
+            self._active_writer().append(record)
+            self._last_step = record.step
+            if self._recorder is not None:
+                self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
+            if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
+                self._active_writer().wait()  # a failed write is raised at the next (agreed) check
+                try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree
+                    reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config,
+                                                      self.reference, record.step)
+                except DVEError as err:
+                    self._deferred_write = err
+
+    def _micro_batch(self, trainer: pl.Trainer, batch: Any) -> sync.MicroBatch:
+        """Close one micro-batch: ids, the weight the optimizer applies (method.md §2), per-sample gradients.
+
+        The loss the hooks saw is ``sum_i w_i l_i / n`` (``n`` micro-batches); DDP then averages over ``W``
+        ranks, so the applied weight is ``w_i / (n W)``.
+        """
+        hooks = self._active_capture()
+        size = hooks.batch_size()
+        ids = batches.extract_sample_ids(batch, self.sample_ids, size)
+        local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
+        accumulation = trainer.accumulate_grad_batches
+        scale = local * self._loss_scale / accumulation
+        extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)
+                 for kind in self._kinds}
+        if self._ggn and hooks.logits is not None and hooks.logits[1] is not None:
+            check_cross_entropy(hooks.logits[0], hooks.logits[1], scale)
+        grads = hooks.finish(scale)
+        step = self._step if self._terms is not None else trainer.global_step
+        try:
+            for rows in (grads, *extra.values()):
+                batches.check_finite(rows, ids, step)
+        except GradientError as err:
+            if callback_setup.grad_scaler(trainer) is None:
+                raise
+            self._deferred = err  # a scaled fp16 step may overflow; the scaler then skips it
+        return sync.MicroBatch(ids, local / (accumulation * self._comm.world_size), grads, extra)
+
+    def _check_writes(self) -> None:
+        """Raise a write that failed since the last check: the step store's (e.g. a full disk), and on rank 0 the
+        replay checkpoints' or a boundary reference's. Called where the ranks agree on errors."""
+        self._active_writer().check()
+        if self._recorder is not None:
+            self._recorder.check()
+        error, self._deferred_write = self._deferred_write, None
+        if error is not None:
+            raise error
+
+    def _active_store(self) -> TrajectoryStore:
+        assert self._store is not None, "on_fit_start has not run"
+        return self._store
+
+    def _active_writer(self) -> StepWriter:
+        assert self._writer is not None, "on_fit_start has not run"
+        return self._writer
+
+    def _active_guard(self) -> StepGuard:
+        assert self._guard is not None, "on_fit_start has not run"
+        return self._guard
+
+    def _active_capture(self) -> capture.GradientCapture:
+        assert self._capture is not None, "on_fit_start has not run"
+        return self._capture

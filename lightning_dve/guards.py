@@ -1,0 +1,121 @@
+"""Checks that the update the optimizer applies is the one the hooks recorded (method.md §2: ``theta_{t+1} =
+theta_t - lr_t sum_z w_z g_z``, with the step's terms read in ``on_before_optimizer_step``).
+
+Three ways a run can break that silently, each refused with what to change:
+
+- a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
+  the captured per-sample blocks is not its ``.grad`` (checked once per fit, on the first backward);
+- gradients changed after the backward by something the callback does not model (clipping in
+  ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
+  another callback): the gradients the optimizer applied are compared with those of the backward on a fixed
+  sample of coordinates per tracked weight, and must be the same up to the modelled factor ``clip / loss
+  scale``;
+- parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
+  starts, so a change would drop updates or leave a layer untracked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import GradientCapture, excluded
+from .config import DVEConfig
+from .errors import UnsupportedError
+
+#: Coordinates sampled per tracked weight to compare the applied gradient with the backward's.
+SAMPLED = 64
+#: Relative tolerance of the applied gradient against ``factor * backward gradient`` (float32 rounding of one
+#: scaling is ~1e-7).
+TOLERANCE = 1e-4
+
+
+def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) -> dict[str, nn.Parameter]:
+    """The parameters whose ``requires_grad`` must not change during ``fit``: the tracked layers', and with the
+    default layer selection every parameter outside the excluded modules (one unfrozen later would be
+    trained untracked)."""
+    if config.layers is not None:
+        return {f"{m}.{n}": p for m in tracked for n, p in model.get_submodule(m).named_parameters(recurse=False)}
+    return {n: p for n, p in model.named_parameters() if not excluded(n.rpartition(".")[0], config.exclude)}
+
+
+class StepGuard:
+    """The checks of the module docstring, for one ``fit``.
+
+    Args:
+        capture: the hooks (tracked layers and their captured blocks).
+        watched: :func:`watched_parameters`.
+    """
+
+    def __init__(self, capture: GradientCapture, watched: dict[str, nn.Parameter]) -> None:
+        self.capture = capture
+        self.watched = watched
+        self._trainable = {name: p.requires_grad for name, p in watched.items()}
+        self._index = {name: torch.linspace(0, w.numel() - 1, SAMPLED, device=w.device).long()
+                       for name, w in capture.weights().items()}  # repeats coordinates of a weight below SAMPLED
+        self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))
+        self.blocks_checked = False
+
+    def _sample(self) -> tuple[list[str], torch.Tensor]:
+        """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
+        grads = {name: w.grad for name, w in self.capture.weights().items() if w.grad is not None}
+        rows = [g.detach().reshape(-1).index_select(0, self._index[name]).double() for name, g in grads.items()]
+        return list(grads), torch.stack(rows) if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
+
+    def after_backward(self, check_blocks: bool) -> None:
+        """Sample the gradients as the backward left them (before any change to them); on the fit's first
+        backward, when ``check_blocks`` (``.grad`` holds this micro-batch's gradient alone: one process or the
+        first micro-batch of an accumulation), refuse tied or functionally used weights.
+
+        Raises:
+            UnsupportedError: from :meth:`GradientCapture.check_blocks_sum_to_grad`.
+        """
+        self._backward = self._sample()
+        if check_blocks and not self.blocks_checked:
+            self.capture.check_blocks_sum_to_grad(loss_scale=1.0)  # ``.grad`` is as scaled as the blocks here
+        self.blocks_checked = True
+
+    def check_trainable(self, step: int) -> None:
+        """Refuse a parameter frozen or unfrozen since ``fit`` started.
+
+        Raises:
+            UnsupportedError: naming the parameters and the fix.
+        """
+        changed = [name for name, p in self.watched.items() if p.requires_grad != self._trainable[name]]
+        if changed:
+            now = "frozen" if not self.watched[changed[0]].requires_grad else "unfrozen"
+            raise UnsupportedError(
+                f"step {step}: parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} were {now} during fit. "
+                "The tracked layers and their bias columns are fixed when fit starts, so their updates would be "
+                "dropped or trained untracked. Freeze or unfreeze between fits (one fit per stage instead of, e.g., "
+                "BackboneFinetuning), or exclude those modules.")
+
+    def check_applied(self, step: int, factor: float) -> None:
+        """Refuse a step whose applied gradients are not ``factor`` times the backward's (``factor = clip /
+        loss scale``) on the sampled coordinates. Call after the optimizer step, before ``zero_grad``.
+
+        Raises:
+            UnsupportedError: naming the layer, the measured and the modelled factor, and the fix.
+        """
+        (names, before), (now, after) = self._backward, self._sample()
+        if names != now or not names:
+            return  # a weight lost or gained its .grad in the step (a user's optimizer_step): nothing to compare
+        measured = (after * before).sum(1) / before.square().sum(1)
+        spread = (after - measured[:, None] * before).norm(dim=1) / after.norm(dim=1)
+        # rows with nothing to compare: no gradient sampled, or zeroed since (a user's optimizer_step)
+        compared = before.ne(0).any(1) & after.ne(0).any(1)
+        wrong = compared & ((spread > TOLERANCE) | ((measured - factor).abs() > TOLERANCE * abs(factor)))
+        if bool(wrong.any()):
+            i = int(wrong.nonzero()[0, 0])
+            self._refuse(step, names[i], float(measured[i]), factor, float(spread[i]))
+
+    @staticmethod
+    def _refuse(step: int, name: str, measured: float, factor: float, spread: float) -> None:
+        how = (f"times {measured:.6g} where the Trainer's settings give {factor:.6g}" if spread <= TOLERANCE
+               else "changed coordinate by coordinate (not by one factor)")
+        raise UnsupportedError(
+            f"step {step}: the gradient the optimizer applied to {name!r} is the backward's {how}: something "
+            "changed the gradients after the backward that the callback does not model (clipping in "
+            "configure_gradient_clipping, in the LightningModule's on_after_backward or on_before_optimizer_step, "
+            "or another callback), so the recorded update would not be the applied one. Clip with "
+            "Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), which the callback models.")

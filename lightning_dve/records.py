@@ -1,0 +1,81 @@
+"""One recorded optimizer step, as the recursion reads it and as it is flattened into its step file."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .files import GRADIENT, decode, encode
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """Everything the recursion needs from one optimizer step.
+
+    Attributes:
+        step: optimizer step index, counted from 0.
+        sample_ids: dataset indices ``[B]`` (int64).
+        weights: loss weight ``w`` of each sample ``[B]`` as the optimizer applied it (method.md §2).
+        lrs: learning rate applied to each tracked layer ``[L]``, in manifest layer order.
+        grads: per-sample gradients of the per-sample loss, ``{layer: [B, k_l]}``.
+        epoch: training epoch of the step.
+        optim: optimizer terms per layer ``[L]`` beyond plain SGD (``momentum``, ``gain``, ``weight_decay``;
+            Nesterov's ``lead`` and ``direct``; AdamW's ``shrink``; the second moment's ``v_decay`` and ``v_gain``:
+            ``recursion.BackwardRecursion``), empty for plain SGD.
+        curvature: one curvature row per sample ``{layer: [B, k_l]}`` (the Gauss-Newton pseudo-gradients of
+            ``Curvature.GGN``), empty when the curvature comes from ``grads`` or is off.
+        preconditioned: the gradients through the optimizer's rank-1 preconditioner (Adam), or empty.
+        curvature_preconditioned: the curvature rows through the same preconditioner, or empty.
+        vectors: per-coordinate step terms ``{kind: {layer: [k_l]}}``: Adam's second-moment sensitivity
+            ``kappa`` and the step's gradient ``batch_grad`` (``adam_second_moment``), else empty.
+        applied_lrs: each tracked layer's param-group learning rate ``[L]`` (the schedule's; 0 where the step did
+            not reach the layer), for reports: ``lrs`` is the recursion's rate, with clipping and Adam's bias
+            correction folded in. ``None`` in stores of earlier versions (read as ``lrs``).
+    """
+
+    step: int
+    sample_ids: torch.Tensor
+    weights: torch.Tensor
+    lrs: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    epoch: int = 0
+    optim: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    curvature: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    curvature_preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    applied_lrs: torch.Tensor | None = None
+
+    def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
+        """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
+        out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
+        if self.applied_lrs is not None:
+            out["applied_lrs"] = self.applied_lrs
+        out.update({f"optim/{name}": value for name, value in self.optim.items()})
+        for field, kind in ROW_FILE_KINDS.items():
+            for name, rows in getattr(self, field).items():
+                out.update(encode(name, rows, storage, kind))
+        out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items()
+                    for name, value in values.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:
+        """Rebuild from what :meth:`to_tensors` wrote (gradients decoded to float32, or float64 if stored so)."""
+        rows = {kind: {k.split("/", 1)[1]: decode(k.split("/", 1)[1], tensors, kind) for k in tensors
+                       if k.startswith(f"{kind}/")} for kind in ROW_FILE_KINDS.values()}
+        optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
+        vectors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("vec/"):
+                _, kind, name = key.split("/", 2)
+                vectors.setdefault(kind, {})[name] = value
+        return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], rows[GRADIENT], epoch, optim,
+                   vectors=vectors, applied_lrs=tensors.get("applied_lrs"),
+                   **{field: rows[kind] for field, kind in ROW_FILE_KINDS.items() if field != "grads"})
+
+
+#: File prefix of each kind of stored rows, by ``StepRecord`` field.
+ROW_FILE_KINDS = {"grads": GRADIENT, "curvature": "curv", "preconditioned": "pgrad",
+                  "curvature_preconditioned": "pcurv"}

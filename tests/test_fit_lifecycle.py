@@ -1,0 +1,139 @@
+"""Fits that do not run the usual way: a checkpoint of other settings, a train end that failed and is finished by
+resuming, a fit with nothing to train, checkpoints restored by validate, a report or replay write that fails."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
+from lightning_dve.store import TrajectoryStore
+from tests.test_resume_accumulation import checkpointing_trainer
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_resume_from_a_checkpoint_of_other_settings_is_refused_and_keeps_the_store(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, overwrite: bool
+) -> None:
+    """Other settings key the callback's state differently, so Lightning does not pass it to ``load_state_dict``;
+    ``on_load_checkpoint`` still finds it and the resume is refused, even with ``overwrite=True``."""
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls().double(), make_loader())
+    before = _files(tmp_path / "dve")
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    other = DataValueEmbedding(tmp_path / "dve", projection_dim=16, overwrite=overwrite)
+    with pytest.raises(ConfigError, match="recorded with settings .* resuming would mix two recordings"):
+        checkpointing_trainer(tmp_path, 3, [other]).fit(mlp_cls().double(), make_loader(), ckpt_path=epoch0)
+    assert _files(tmp_path / "dve") == before
+
+
+def test_a_failed_train_end_is_finished_by_resuming_from_the_last_checkpoint(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recursion fails (here: a full disk while writing embeddings) after every step is on disk; resuming from
+    ``last.ckpt`` trains nothing, so Lightning calls no ``on_train_end``: ``on_fit_end`` finishes the store, with
+    the embeddings of an uninterrupted run."""
+    from lightning_dve import store as store_module
+
+    batch = {**test_batch, "x": test_batch["x"].double()}
+    reference_model, reference = mlp_cls().double(), DataValueEmbedding(tmp_path / "reference", projection_dim=32)
+    checkpointing_trainer(tmp_path, 2, [reference]).fit(reference_model, make_loader())
+    expected = reference.embeddings.influence(reference_model, batch, per_step=True).scores
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise StoreError(f"cannot write: {errno.errorcode[errno.ENOSPC]}")
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.TrajectoryStore, "write_embeddings", full_disk)
+        with pytest.raises(StoreError, match="ENOSPC"):
+            checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+                mlp_cls().double(), make_loader())
+    with pytest.raises(StoreError, match="record the run again"):
+        DataValueEmbeddings.load(tmp_path / "dve")
+    model, again = mlp_cls().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 2, [again]).fit(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    torch.testing.assert_close(model.net[0].weight, reference_model.net[0].weight, rtol=0, atol=0)
+    assert again.embeddings.steps == list(range(8))
+    torch.testing.assert_close(again.embeddings.influence(model, batch, per_step=True).scores, expected,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_a_fit_with_nothing_to_train_warns_and_keeps_the_store(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+) -> None:
+    """A second ``fit`` of the same trainer (its loop already done) records nothing and says so; the first fit's
+    store stays complete and queryable, even with ``overwrite=True``."""
+    model, dve = mlp_cls().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True)
+    trainer = checkpointing_trainer(tmp_path, 1, [dve])
+    trainer.fit(model, make_loader())
+    before = _files(tmp_path / "dve")
+    with pytest.warns(UserWarning, match="this fit trained no optimizer step, so nothing was recorded"):
+        trainer.fit(model, make_loader())
+    assert _files(tmp_path / "dve") == before
+    assert dve.embeddings.steps == list(range(4))
+
+
+def test_a_checkpoint_restored_by_validate_is_not_resumed_by_a_later_fit(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    class Validated(mlp_cls):
+        def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            return self.loss(batch)
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True, report=None)
+    model = Validated().double()
+    checkpointing_trainer(tmp_path, 1, [dve, ckpts]).fit(model, make_loader())
+    trainer = checkpointing_trainer(tmp_path, 2, [dve])
+    trainer.validate(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer.fit(model, make_loader())  # fresh: two epochs from step 0
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(8))
+
+
+def test_a_report_that_cannot_be_written_warns_and_keeps_the_embeddings(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_dve import reporting
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reporting, "report_train_end", full_disk)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    with pytest.warns(UserWarning, match=r"report could not be written .*No space left.* embeddings are complete"):
+        fit(mlp_cls(), dve, make_loader(), make_loader(n=16, offset=100))
+    assert dve.embeddings.steps == list(range(4))
+
+
+def test_a_failed_final_replay_checkpoint_keeps_the_embeddings(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_dve.checkpoints import CheckpointRecorder
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise StoreError("cannot write the final snapshot: disk full")
+
+    monkeypatch.setattr(CheckpointRecorder, "finish", full_disk)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None)
+    with pytest.warns(UserWarning, match="final replay checkpoint could not be written .*disk full.* exact_influence "
+                                         "will refuse"):
+        model = mlp_cls()
+        fit(model, dve, make_loader())
+    assert dve.embeddings.steps == list(range(4))
+    with pytest.raises(StoreError):
+        dve.embeddings.exact_influence(model, test_batch)

@@ -1,0 +1,110 @@
+"""The applied update must be the recorded one: tied weights under accumulation, gradients changed after the
+backward outside the Trainer's clipping, parameters frozen or unfrozen during fit (``guards.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_dve import DataValueEmbedding, UnsupportedError
+from tests.conftest import TinyMLP
+
+APPLIED = r"step 0: the gradient the optimizer applied to 'net.0' is the backward's"
+
+
+def _dve(tmp_path: Path, **kwargs: Any) -> DataValueEmbedding:
+    return DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None, **kwargs)
+
+
+class ClipsItself(TinyMLP):
+    """Clips the gradient norm in ``configure_gradient_clipping``, ignoring the Trainer's setting."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 0.05)
+
+
+class ClipsInHook(TinyMLP):
+    """Clips in its own ``on_before_optimizer_step`` (after the callback's)."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 0.05)
+
+
+class ClipsValueAfterBackward(TinyMLP):
+    """Clamps coordinates in ``on_after_backward`` (after the callback's): not one factor."""
+
+    def on_after_backward(self) -> None:
+        for p in self.parameters():
+            p.grad.clamp_(-1e-3, 1e-3)
+
+
+@pytest.mark.parametrize("model_cls", [ClipsItself, ClipsInHook])
+def test_clipping_outside_the_trainer_is_refused(model_cls: type, fit: Callable, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match=APPLIED + r" times 0\.\d+ where the Trainer's settings give 1"
+                                              r".*gradient_clip_val"):
+        fit(model_cls(), _dve(tmp_path))
+
+
+def test_coordinate_changes_after_backward_are_refused(fit: Callable, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match=APPLIED + r" changed coordinate by coordinate"):
+        fit(ClipsValueAfterBackward(), _dve(tmp_path), accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trainer_norm_clipping_passes_the_check(fit: Callable, tmp_path: Path, precision: str) -> None:
+    """The modelled factor is the measured one when the Trainer clips (it binds at 0.05 on every step)."""
+    trainer = fit(TinyMLP(), _dve(tmp_path), gradient_clip_val=0.05, precision=precision)
+    assert trainer.global_step == 4
+
+
+def test_tied_weight_under_accumulation_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """The first micro-batch's ``.grad`` is its own: the tied head is caught with accumulation too."""
+
+    class TiedHead(mlp_cls):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.tanh(self.net[0](x))
+            return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
+
+    with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .*tied"):
+        fit(TiedHead(), _dve(tmp_path), accumulate_grad_batches=2)
+
+
+class FreezeAt(L.Callback):
+    """Sets ``requires_grad`` of the named parameters at the start of epoch 1."""
+
+    def __init__(self, model: TinyMLP, names: list[str], trainable: bool) -> None:
+        self.params = dict(model.named_parameters())
+        self.names, self.trainable = names, trainable
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            for name in self.names:
+                self.params[name].requires_grad_(self.trainable)
+
+
+@pytest.mark.parametrize("names", [["net.2.weight", "net.2.bias"], ["net.2.bias"]])
+def test_freezing_a_tracked_layer_during_fit_is_refused(fit: Callable, tmp_path: Path, names: list[str]) -> None:
+    model = TinyMLP()
+    with pytest.raises(UnsupportedError, match=r"step 4: parameters \['net.2.*\] were frozen during fit"):
+        fit(model, _dve(tmp_path), max_epochs=2, callbacks=[FreezeAt(model, names, False)])
+
+
+def test_unfreezing_an_untracked_layer_during_fit_is_refused(fit: Callable, tmp_path: Path) -> None:
+    model = TinyMLP()
+    model.net[0].requires_grad_(False)  # frozen at fit start: not tracked
+    with pytest.raises(UnsupportedError, match=r"parameters \['net.0.weight', 'net.0.bias'\] were unfrozen"):
+        fit(model, _dve(tmp_path), max_epochs=2, callbacks=[FreezeAt(model, ["net.0.weight", "net.0.bias"], True)])
+
+
+def test_freezing_an_excluded_layer_is_allowed(fit: Callable, tmp_path: Path) -> None:
+    model = TinyMLP()
+    trainer = fit(model, _dve(tmp_path, exclude=("net.0",)), max_epochs=2,
+                  callbacks=[FreezeAt(model, ["net.0.weight", "net.0.bias"], False)])
+    assert trainer.global_step == 8

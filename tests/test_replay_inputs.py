@@ -1,0 +1,158 @@
+"""Exact replay on the inputs users give it: namedtuple batches, activation checkpointing, and sample ids recorded
+by a callable (not saved with the store) after ``DataValueEmbeddings.load``.
+
+Every run is a real Lightning ``fit`` on 48 digits (batch 16, 3 steps, a checkpoint every 2 steps) in float64;
+each replay is compared with the same run in a form replay already handled (dict or plain-tuple batches, no
+checkpointing, the replay right after ``fit``).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import Dataset, default_collate
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, replay
+from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, to_device
+from tests.helpers import DigitsDataset, DigitsMLP, make_loader, make_trainer, split_indices
+
+Sample = namedtuple("Sample", ["x", "y", "idx"])
+
+
+class TupleDigits(Dataset):
+    """Digits as ``Sample(x, y, idx)`` namedtuples, or as plain ``(x, y, idx)`` tuples."""
+
+    def __init__(self, digits: DigitsDataset, named: bool) -> None:
+        self.digits, self.named = digits, named
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self.digits[i]
+        values = (item["x"], item["y"], item["index"])
+        return Sample(*values) if self.named else values
+
+
+class TupleMLP(DigitsMLP):
+    """:class:`DigitsMLP` reading ``(x, y, ...)`` sequence batches."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+class CheckpointedMLP(DigitsMLP):
+    """:class:`DigitsMLP` with its first layer and tanh under non-reentrant activation checkpointing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = checkpoint(lambda t: self.net[1](self.net[0](t)), x, use_reentrant=False)
+        return self.net[2](hidden)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[DigitsDataset, DigitsDataset]:
+    """48 training digits, 5 test digits (ids are sklearn indices, not positions)."""
+    train, test = split_indices(48, 5, seed=2)
+    return DigitsDataset(train), DigitsDataset(test)
+
+
+def _fit(root: Path, module: DigitsMLP, dataset: Dataset, **dve_kwargs: Any) -> DataValueEmbedding:
+    """One epoch of 3 steps with the callback (a checkpoint every 2 steps); returns the callback."""
+    dve = DataValueEmbedding(root, report=None, projection_dim=None, checkpoint_interval=2, **dve_kwargs)
+    make_trainer(1, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
+    return dve
+
+
+# --- namedtuple batches ------------------------------------------------------------------------------------
+
+
+def test_to_device_and_split_batch_keep_namedtuples() -> None:
+    batch = Sample(torch.ones(3, 2, dtype=torch.float32), torch.arange(3), torch.arange(3) + 10)
+    moved = to_device(batch, torch.device("cpu"), torch.float64)
+    assert type(moved) is Sample and moved.x.dtype == torch.float64 and moved.y.dtype == torch.int64
+    singles = split_batch(batch)
+    assert all(type(s) is Sample for s in singles) and torch.equal(singles[2].idx, torch.tensor([12]))
+
+
+def test_namedtuple_batches_replay_like_plain_tuples(tmp_path: Path, digits) -> None:
+    """A namedtuple batch is rebuilt, moved and split field by field: the same scores as the same run with tuples."""
+    train, test = digits
+    scores = {}
+    for named in (False, True):
+        module, data = TupleMLP(hidden=8), TupleDigits(train, named)
+        dve = _fit(tmp_path / str(named), module, data, sample_ids=lambda b: b[2])
+        test_batch = default_collate([TupleDigits(test, named)[i] for i in range(len(test))])
+        assert type(test_batch) is (Sample if named else list)
+        scores[named] = dve.embeddings.exact_influence(module, test_batch, per_step=True).scores
+    torch.testing.assert_close(scores[True], scores[False], rtol=0, atol=0)
+
+
+# --- activation checkpointing ------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_replays_like_the_plain_model(tmp_path: Path, digits) -> None:
+    """The checkpoint's recomputation in backward sees the replayed parameters: the scores of the plain model."""
+    train, test = digits
+    plain, checkpointed = DigitsMLP(hidden=8), CheckpointedMLP(hidden=8)
+    expected = _fit(tmp_path / "plain", plain, train).embeddings.exact_influence(plain, test.batch(), per_step=True)
+    embeddings = _fit(tmp_path / "ckpt", checkpointed, train).embeddings
+    trained = {n: p.detach().clone() for n, p in checkpointed.named_parameters()}
+    got = embeddings.exact_influence(checkpointed, test.batch(), per_step=True)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-12, atol=1e-14)
+
+    def per_sample(m: DigitsMLP, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    fast = embeddings.exact_influence(checkpointed, test.batch(), per_step=True, train_loss_fn=per_sample)
+    torch.testing.assert_close(fast.scores, expected.scores, rtol=1e-10, atol=1e-14)
+    for name, parameter in checkpointed.named_parameters():  # swapped back, unchanged
+        assert isinstance(parameter, torch.nn.Parameter) and torch.equal(parameter, trained[name])
+
+
+def test_target_gradients_at_other_parameters_see_them_through_checkpointing(digits) -> None:
+    """``grad L(theta)`` at parameters that are not the module's: the recomputation must use ``theta`` too."""
+    test = digits[1].batch()
+    plain, checkpointed = DigitsMLP(hidden=8), CheckpointedMLP(hidden=8)
+    theta = {n: p.detach() + 0.1 for n, p in plain.named_parameters()}
+
+    def target(m: DigitsMLP) -> torch.Tensor:
+        return F.cross_entropy(m(test["x"]), test["y"], reduction="none")
+
+    expected = replay.target_gradients(plain, theta, target)
+    got = replay.target_gradients(checkpointed, theta, target)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-14)
+
+
+# --- sample ids recorded by a callable, after load ---------------------------------------------------------
+
+
+def test_after_load_callable_ids_need_sample_ids(tmp_path: Path, digits) -> None:
+    """The callable is not saved: ids outside the dataset are refused with the fix, and ``sample_ids=`` maps them."""
+    train, test = digits
+    module = DigitsMLP(hidden=8)
+    dve = _fit(tmp_path / "dve", module, train, sample_ids=lambda b: b["index"])
+    expected = dve.embeddings.exact_influence(module, test.batch(), per_step=True)
+    loaded = DataValueEmbeddings.load(tmp_path / "dve")
+    with pytest.raises(ConfigError, match=r"recorded sample ids \[\d+.*\] are not positions in the dataset passed "
+                                          r"to exact_influence \(48 items\).* Pass sample_ids="):
+        loaded.exact_influence(module, test.batch(), dataset=train)
+    with pytest.raises(ConfigError, match=r"sample_ids must be a dict key \(str\) or a callable .* got 3"):
+        loaded.exact_influence(module, test.batch(), dataset=train, sample_ids=3)
+    for sample_ids in ("index", lambda b: b["index"]):
+        got = loaded.exact_influence(module, test.batch(), per_step=True, dataset=train, sample_ids=sample_ids)
+        assert torch.equal(got.sample_ids, expected.sample_ids)
+        torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0)
+
+
+def test_positions_refuse_ids_outside_the_dataset(digits) -> None:
+    source = BatchSource(TrainingData(digits[0], None, None))
+    assert source.positions(torch.tensor([0, 47])) == [0, 47]
+    with pytest.raises(ConfigError, match=r"sample ids \[-1, 48\] are not positions .* \(48 items\)"):
+        source.positions(torch.tensor([-1, 48, 3]))
