@@ -152,8 +152,9 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
                     overwrite: bool) -> TrajectoryStore:
     """Collective: create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``root``.
 
-    Rank 0 checks and clears ``root`` before the other ranks write their shards under it; an error on any rank
-    is raised on every rank.
+    Rank 0 checks ``root`` (a non-empty one needs ``overwrite``) before the other ranks create their shards under
+    it; each rank's store clears what it replaces at its own first write. An error on any rank is raised on every
+    rank.
     """
     rank_root = root if comm.rank == 0 else root / SHARDS / f"rank_{comm.rank}"
 
@@ -171,7 +172,7 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
             return None, err
 
     store, error = attempt() if comm.rank == 0 or resume is not None else (None, None)
-    sync.agree_on_errors(comm, error)  # rank 0 has checked and cleared save_dir before others write
+    sync.agree_on_errors(comm, error)  # rank 0 has checked save_dir before the others create their shards
     if store is None:
         store, error = attempt()
     sync.agree_on_errors(comm, error)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DVEError
 from .figures import image_array
-from .replay_data import BatchSource, TrainingData, training_data_of
+from .replay_data import BatchSource, TrainingData, rebuilt, training_data_of
 
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "text")
@@ -63,7 +63,7 @@ def row(batch: Any, index: int, size: int) -> Any:
     if isinstance(batch, (list, tuple)):
         if len(batch) == size and all(isinstance(item, str) for item in batch):
             return batch[index]
-        return type(batch)(row(value, index, size) for value in batch) if type(batch) in (list, tuple) else batch
+        return rebuilt(batch, (row(value, index, size) for value in batch))
     return batch
 
 

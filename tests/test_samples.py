@@ -18,6 +18,14 @@ def test_row_indexes_tensors_arrays_and_string_lists_of_the_batch_size():
     assert one["pair"][0].item() == 8 and one["pair"][1] == "tag"
 
 
+def test_row_of_a_namedtuple_batch_is_that_namedtuple():
+    from collections import namedtuple
+
+    Sample = namedtuple("Sample", ["x", "y"])
+    one = samples.row(Sample(torch.arange(6).reshape(3, 2), torch.tensor([4, 5, 6])), 2, 3)
+    assert isinstance(one, Sample) and one.x.tolist() == [4, 5] and one.y.item() == 6
+
+
 def test_view_reads_label_image_and_summary_from_a_dict_sample():
     sample = {"x": torch.rand(1, 8, 8), "y": torch.tensor(4), "index": torch.tensor(12)}
     view = samples.view(sample, None)
