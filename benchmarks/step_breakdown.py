@@ -287,14 +287,14 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
     """Time the callback's own hooks inside real ``Trainer.fit`` runs (``capture_overhead.py``'s setup)."""
     import capture_overhead as co
 
-    from lightning_dve import batches, callback, capture, sync
+    from lightning_dve import batches, callback, capture, guards, sync
     from lightning_dve.store import TrajectoryStore
 
     cfg = co.model_configs("quick" if quick else "default")[kind]
     ds = co.dataset(kind, cfg)
     timers = HookTimers()
-    for name in ("on_fit_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end",
-                 "on_train_end"):
+    for name in ("on_fit_start", "on_train_batch_start", "on_after_backward", "on_before_optimizer_step",
+                 "on_train_batch_end", "on_train_end"):
         timers.wrap(callback.DataValueEmbedding, name, f"callback.{name}")
     for owner, name, label in ((capture.GradientCapture, "_on_forward", "capture.forward_hooks"),
                                (capture.GradientCapture, "_on_output_grad", "capture.output_grad_hooks"),
@@ -302,6 +302,8 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
                                (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
                                (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
                                (capture, "check_no_batchnorm_training", "capture.check_no_batchnorm_training"),
+                               (guards.StepGuard, "check_applied", "guards.check_applied"),
+                               (guards.StepGuard, "check_trainable", "guards.check_trainable"),
                                (batches, "check_finite", "batches.check_finite"),
                                (sync, "agree_on_errors", "sync.agree_on_errors"),
                                (sync.StepAssembler, "close", "sync.StepAssembler.close"),

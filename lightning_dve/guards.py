@@ -59,8 +59,9 @@ class StepGuard:
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
         grads = {name: w.grad for name, w in self.capture.weights().items() if w.grad is not None}
-        rows = [g.detach().reshape(-1).index_select(0, self._index[name]).double() for name, g in grads.items()]
-        return list(grads), torch.stack(rows) if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
+        rows = [g.detach().reshape(-1).index_select(0, self._index[name]) for name, g in grads.items()]
+        rows = rows if len({r.dtype for r in rows}) <= 1 else [r.double() for r in rows]  # layers in other dtypes
+        return list(grads), torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
 
     def after_backward(self, check_blocks: bool) -> None:
         """Sample the gradients as the backward left them (before any change to them); on the fit's first

@@ -6,7 +6,32 @@ import dataclasses
 
 import torch
 
-from .files import GRADIENT, decode, encode
+#: File prefix of the gradient rows (other row kinds: :data:`ROW_FILE_KINDS`).
+GRADIENT = "grad"
+
+
+def _scale_key(name: str, kind: str) -> str:
+    return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
+
+
+def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
+    """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
+
+    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
+    """
+    if storage != "float16":
+        return {f"{kind}/{name}": grad.to(getattr(torch, storage))}
+    scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return {f"{kind}/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16),
+            _scale_key(name, kind): scale}
+
+
+def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
+    """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
+    grad = tensors[f"{kind}/{name}"]
+    grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
+    scale = tensors.get(_scale_key(name, kind))
+    return grad if scale is None else grad * scale.unsqueeze(1)
 
 
 @dataclasses.dataclass(frozen=True)

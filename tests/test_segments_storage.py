@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
-from lightning_dve.files import decode, encode
+from lightning_dve.records import decode, encode
 from lightning_dve.store import StepRecord, TrajectoryStore
 
 
