@@ -245,17 +245,21 @@ class DataValueEmbedding(StepHooks):
         self._finish_fit(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A fit whose loop had nothing left to train (Lightning calls no ``on_train_end`` then): finish a resumed
-        store whose train end failed (its steps are all on disk); otherwise nothing was recorded."""
+        """A fit whose loop had nothing to train (Lightning calls no ``on_train_end`` then): finish a resumed store
+        whose train end failed (its steps are all on disk), or a fresh one (empty, as when every ``training_step``
+        returns ``None``); an earlier store that this fit would overwrite stays as it was."""
         store = self._active_store()
         if self._train_ended:
             return
-        if self._resumed and (store.manifest.get("status"), store.manifest.get("embeddings")) != ("complete",) * 2:
+        replaces = self._comm.any(store.replaces_earlier)  # collective: every rank takes the same branch
+        done = (store.manifest.get("status"), store.manifest.get("embeddings")) == ("complete",) * 2
+        if not replaces and not (self._resumed and done):
             self.on_train_start(trainer, pl_module)  # boundaries, training data
             self._finish_fit(trainer, pl_module)
-            return
-        self._release()
-        callback_setup.warn_nothing_recorded(store.root)
+        else:
+            self._release()
+        if not self._resumed:
+            callback_setup.warn_nothing_recorded(store.root)
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the recording on every rank, run the backward recursion and write the report."""

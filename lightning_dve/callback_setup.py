@@ -118,8 +118,8 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
 
 def warn_nothing_recorded(root: Path) -> None:
     """Say that a fit trained no optimizer step (its loop was done, or had no batches): nothing was recorded."""
-    rank_zero_warn(f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded; {root} is as "
-                   "it was (a store of an earlier fit is kept).")
+    rank_zero_warn(f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded in {root} (a "
+                   "store of an earlier fit there is kept as it was).")
 
 
 def report(write: Callable[[], None], root: Path) -> None:

@@ -367,6 +367,8 @@ class CheckpointRecorder:
         self.check()
         manifest = self.store.manifest
         manifest["training_seconds"] = manifest.get("training_seconds", 0.0) + seconds
+        if not self._started:  # no step was trained: describe the run all the same, for an empty replay
+            self._start(module, optimizer, {})
         if self.enabled:
             self._snapshot(step, module, optimizer)
             manifest.update(final_step=step, interval=self.interval, bytes_total=self.store.bytes_on_disk())

@@ -109,6 +109,11 @@ class TrajectoryStore:
         self._write_manifest()
         self._replaces = False  # done (a failed manifest write is retried by the next write)
 
+    @property
+    def replaces_earlier(self) -> bool:
+        """Whether this new store will clear an earlier one at its first write (``create`` with ``overwrite``)."""
+        return self._replaces
+
     @classmethod
     def open(cls, root: str | os.PathLike[str], until: int | None = None) -> TrajectoryStore:
         """Open an existing store and validate its manifest.

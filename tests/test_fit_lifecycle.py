@@ -137,3 +137,14 @@ def test_a_failed_final_replay_checkpoint_keeps_the_embeddings(
     assert dve.embeddings.steps == list(range(4))
     with pytest.raises(StoreError):
         dve.embeddings.exact_influence(model, test_batch)
+
+
+def test_a_first_fit_with_no_batches_ends_with_an_empty_complete_store(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    dve, model, loader = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None), mlp_cls(), make_loader()
+    with pytest.warns(UserWarning, match="this fit trained no optimizer step"):
+        fit(model, dve, loader, limit_train_batches=0)
+    assert dve.embeddings.steps == [] and DataValueEmbeddings.load(tmp_path / "dve").steps == []
+    assert dve.embeddings.influence(model, test_batch).scores.shape == (12, 0)
+    assert dve.embeddings.exact_influence(model, test_batch, dataset=loader.dataset).scores.shape == (12, 0)
