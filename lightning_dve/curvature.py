@@ -18,9 +18,11 @@ def label_uniforms(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tens
     """One uniform number in ``[0, 1)`` per sample, a function of ``(seed, step, sample id)`` alone.
 
     Keyed by the sample rather than drawn from a stream, so the draw does not depend on how the step's samples
-    are split over ranks or micro-batches (a data-parallel run equals the single-process one).
+    are split over ranks or micro-batches (a data-parallel run equals the single-process one). Negative ids and
+    seeds enter as their 64-bit two's complement (``SeedSequence`` takes non-negative integers; others unchanged).
     """
-    states = [np.random.SeedSequence([seed, step, int(i)]).generate_state(2, np.uint32) for i in sample_ids]
+    keys = [[seed % 2**64, step, int(i) % 2**64] for i in sample_ids]
+    states = [np.random.SeedSequence(key).generate_state(2, np.uint32) for key in keys]
     values = [(int(a) * 2**32 + int(b)) / 2.0**64 for a, b in states]
     return torch.tensor(values, dtype=torch.float64)
 

@@ -51,6 +51,16 @@ def test_labels_depend_on_seed_step_and_sample_id_only() -> None:
     assert not torch.equal(label_uniforms(1, 4, ids), label_uniforms(2, 4, ids))
 
 
+def test_negative_ids_and_seeds_draw_labels_and_leave_other_draws_unchanged() -> None:
+    ids = torch.tensor([-1, -(2**63), 2**63 - 1, 3])
+    draws = label_uniforms(-5, 2, ids)
+    assert draws.shape == (4,) and bool(((draws >= 0) & (draws < 1)).all())
+    assert len(set(draws.tolist())) == 4 and torch.equal(label_uniforms(-5, 2, ids), draws)
+    import numpy as np  # the non-negative keys draw as before the change
+    state = np.random.SeedSequence([7, 2, 3]).generate_state(2, np.uint32)
+    assert label_uniforms(7, 2, torch.tensor([3])).item() == (int(state[0]) * 2**32 + int(state[1])) / 2.0**64
+
+
 def test_non_classifier_output_is_refused() -> None:
     with pytest.raises(UnsupportedError, match=r"curvature='ggn'.*\[batch, classes\] logits.*shape \(2, 3, 4\)"):
         sampled_label_grad(torch.zeros(2, 3, 4), torch.arange(2), seed=0, step=0)
