@@ -106,6 +106,9 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
     for ``load_state_dict``'s check to refuse; ``None`` when it has this key's (Lightning passes that one) or none.
 
     A checkpoint of several such callbacks picks the one that recorded into ``root``.
+
+    Raises:
+        ConfigError: if several recordings are candidates and none recorded into ``root``.
     """
     states = {key: state for key, state in (checkpoint.get("callbacks") or {}).items()
               if isinstance(state, dict) and {"settings_hash", "last_step"} <= state.keys()}
@@ -113,7 +116,12 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
         return None
     same_dir = [state for state in states.values() if state.get("save_dir") == str(root)]
     candidates = same_dir or list(states.values())
-    return dict(candidates[0]) if len(candidates) == 1 else None
+    if len(candidates) > 1:
+        raise ConfigError(f"the checkpoint holds {len(candidates)} DataValueEmbedding recordings (save_dirs "
+                          f"{sorted(str(s.get('save_dir')) for s in candidates)}), none with this callback's settings "
+                          f"or save_dir {root}: resuming cannot tell which one it continues. Resume with the settings "
+                          "and save_dir of one of them, or start a fresh fit without ckpt_path.")
+    return dict(candidates[0])
 
 
 def warn_nothing_recorded(root: Path) -> None:

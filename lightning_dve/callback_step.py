@@ -20,7 +20,7 @@ from .config import DVEConfig, ReportConfig
 from .curvature import check_cross_entropy, sampled_label_grad
 from .errors import DVEError, GradientError
 from .guards import StepGuard
-from .optim import clip_factor, grads_finite, sgd_proxy_reason
+from .optim import clip_factor, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
@@ -77,18 +77,20 @@ class StepHooks(pl.Callback):
                                                                        trainer.global_step))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # ``.grad`` is this micro-batch's alone on one process, or in the first micro-batch of an accumulation
-        self._active_guard().after_backward(self._comm.world_size == 1 or trainer.accumulate_grad_batches > 1)
+        # one process: the fit's first backward starts from zeroed gradients (under DDP .grad may be averaged)
+        self._active_guard().after_backward(check_blocks=self._comm.world_size == 1)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         hooks = self._active_capture()
         reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
         hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
+        self._active_guard().before_step(self._skipped)
         self._active_guard().check_trainable(trainer.global_step)
         algorithm = callback_setup.clip_algorithm(trainer)
         clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
-        modelled = algorithm != "value" and sgd_proxy_reason(optimizer) is None and not self._skipped
+        modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
+                    and not self._skipped)
         self._factor = clip / self._loss_scale if modelled else None  # .grad was as scaled as the loss then
         self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
         self._step = trainer.global_step

@@ -4,12 +4,14 @@ theta_t - lr_t sum_z w_z g_z``, with the step's terms read in ``on_before_optimi
 Three ways a run can break that silently, each refused with what to change:
 
 - a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
-  the captured per-sample blocks is not its ``.grad`` (checked once per fit, on the first backward);
+  the captured per-sample blocks is not its ``.grad`` (one process: checked once per fit, on the first
+  backward of the first step that is applied);
 - gradients changed after the backward by something the callback does not model (clipping in
   ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
-  another callback): the gradients the optimizer applied are compared with those of the backward on a fixed
-  sample of coordinates per tracked weight, and must be the same up to the modelled factor ``clip / loss
-  scale``;
+  a callback after this one): the gradients the optimizer applied are compared with those of the backward on a
+  fixed sample of coordinates per tracked weight, and must be the same up to the modelled factor ``clip / loss
+  scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or Nesterov SGD, whose
+  foreach step adds the momentum into ``.grad``);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked.
 """
@@ -39,6 +41,12 @@ def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) 
     return {n: p for n, p in model.named_parameters() if not excluded(n.rpartition(".")[0], config.exclude)}
 
 
+def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch.Tensor:
+    """``SAMPLED`` evenly spaced flat coordinates of a weight with ``numel`` entries (repeated below ``SAMPLED``),
+    computed in integers: a float grid rounds past the end of a weight above 2**24 entries."""
+    return torch.arange(SAMPLED, device=device) * (numel - 1) // (SAMPLED - 1)
+
+
 class StepGuard:
     """The checks of the module docstring, for one ``fit``.
 
@@ -51,10 +59,12 @@ class StepGuard:
         self.capture = capture
         self.watched = watched
         self._trainable = {name: p.requires_grad for name, p in watched.items()}
-        self._index = {name: torch.linspace(0, w.numel() - 1, SAMPLED, device=w.device).long()
-                       for name, w in capture.weights().items()}  # repeats coordinates of a weight below SAMPLED
+        self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in capture.weights().items()}
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))
-        self.blocks_checked = False
+        self.blocks_checked = False  # the tied-weight check has run on a step that was applied
+        self._first_backward = True  # the next backward is its step's first
+        self._tied_ran = False  # the tied-weight check ran in this step
+        self._tied: UnsupportedError | None = None  # and refused
 
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
@@ -64,17 +74,31 @@ class StepGuard:
         return list(grads), torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
 
     def after_backward(self, check_blocks: bool) -> None:
-        """Sample the gradients as the backward left them (before any change to them); on the fit's first
-        backward, when ``check_blocks`` (``.grad`` holds this micro-batch's gradient alone: one process or the
-        first micro-batch of an accumulation), refuse tied or functionally used weights.
+        """Sample the gradients as the backward left them (before any later change to them). On a step's first
+        backward, until a step is applied, when ``check_blocks`` (one process: ``.grad`` holds this micro-batch's
+        gradient alone), compare the weights' ``.grad`` with the captured blocks; :meth:`before_step` raises."""
+        self._backward = self._sample()
+        if check_blocks and self._first_backward and not self.blocks_checked:
+            self._tied_ran = True
+            try:
+                self.capture.check_blocks_sum_to_grad(loss_scale=1.0)  # ``.grad`` is as scaled as the blocks here
+            except UnsupportedError as err:
+                self._tied = err
+        self._first_backward = False
+
+    def before_step(self, skipped: bool) -> None:
+        """Close the step's tied-weight check: it counts only for a step that is applied (an fp16 step the grad
+        scaler skips has overflowed gradients: the next step is checked instead).
 
         Raises:
-            UnsupportedError: from :meth:`GradientCapture.check_blocks_sum_to_grad`.
+            UnsupportedError: a tracked weight that is tied or used functionally.
         """
-        self._backward = self._sample()
-        if check_blocks and not self.blocks_checked:
-            self.capture.check_blocks_sum_to_grad(loss_scale=1.0)  # ``.grad`` is as scaled as the blocks here
-        self.blocks_checked = True
+        ran, refused = self._tied_ran, self._tied
+        self._tied_ran, self._tied, self._first_backward = False, None, True
+        if ran and not skipped:
+            self.blocks_checked = True
+            if refused is not None:
+                raise refused
 
     def check_trainable(self, step: int) -> None:
         """Refuse a parameter frozen or unfrozen since ``fit`` started.
@@ -99,12 +123,11 @@ class StepGuard:
             UnsupportedError: naming the layer, the measured and the modelled factor, and the fix.
         """
         (names, before), (now, after) = self._backward, self._sample()
-        if names != now or not names:
-            return  # a weight lost or gained its .grad in the step (a user's optimizer_step): nothing to compare
+        if names != now or not bool(after.ne(0).any()):
+            return  # .grad gained, lost or zeroed everywhere since (a user's optimizer_step): nothing to compare
         measured = (after * before).sum(1) / before.square().sum(1)
-        spread = (after - measured[:, None] * before).norm(dim=1) / after.norm(dim=1)
-        # rows with nothing to compare: no gradient sampled, or zeroed since (a user's optimizer_step)
-        compared = before.ne(0).any(1) & after.ne(0).any(1)
+        spread = (after - measured[:, None] * before).norm(dim=1) / after.norm(dim=1).clamp_min(1e-300)
+        compared = before.ne(0).any(1)  # rows with a sampled gradient (a layer zeroed alone is refused)
         wrong = compared & ((spread > TOLERANCE) | ((measured - factor).abs() > TOLERANCE * abs(factor)))
         if bool(wrong.any()):
             i = int(wrong.nonzero()[0, 0])

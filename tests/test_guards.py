@@ -108,3 +108,63 @@ def test_freezing_an_excluded_layer_is_allowed(fit: Callable, tmp_path: Path) ->
     trainer = fit(model, _dve(tmp_path, exclude=("net.0",)), max_epochs=2,
                   callbacks=[FreezeAt(model, ["net.0.weight", "net.0.bias"], False)])
     assert trainer.global_step == 8
+
+
+def test_sampled_coordinates_stay_inside_large_weights() -> None:
+    from lightning_dve.guards import SAMPLED, sampled_coordinates
+
+    for numel in (1, 5, 64, 65, 50257 * 768, 32000 * 4096, 2**40 + 3):
+        index = sampled_coordinates(numel)
+        assert index.shape == (SAMPLED,) and int(index[0]) == 0 and int(index[-1]) == numel - 1
+        assert bool((index[1:] >= index[:-1]).all())
+
+
+def test_nesterov_momentum_on_the_foreach_path_is_not_refused(fit: Callable, tmp_path: Path) -> None:
+    """torch's foreach Nesterov SGD adds the momentum into ``.grad`` in place during the step: not a change to
+    refuse (its gradients are not compared)."""
+
+    class Nesterov(TinyMLP):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True, foreach=True)
+
+    assert fit(Nesterov(), _dve(tmp_path), max_epochs=2, gradient_clip_val=0.5).global_step == 8
+
+
+class ZeroesALayer(TinyMLP):
+    """Zeroes the first layer's gradient in its own ``on_before_optimizer_step`` (after the callback's)."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.net[0].weight.grad.zero_()
+
+
+def test_a_layer_zeroed_after_the_backward_is_refused(fit: Callable, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match=APPLIED + r" times 0 where the Trainer's settings give 1"):
+        fit(ZeroesALayer(), _dve(tmp_path))
+
+
+def test_a_tied_weight_is_caught_after_fp16_overflow_steps(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """The first steps overflow at a large loss scale (skipped, non-finite gradients): the tied-weight check
+    waits for the first finite backward instead of passing on NaN."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class TiedHead(mlp_cls):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.tanh(self.net[0](x))
+            return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .*tied"):
+        fit(TiedHead(), _dve(tmp_path), max_epochs=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+
+
+def test_a_checkpoint_of_several_recordings_none_of_them_this_ones_is_refused() -> None:
+    from lightning_dve import ConfigError
+    from lightning_dve.callback_setup import recording_in
+
+    state = {"settings_hash": "a", "last_step": 3, "world_size": 1, "run_id": "r"}
+    checkpoint = {"callbacks": {"DVE{a}": {**state, "save_dir": "/x"}, "DVE{b}": {**state, "save_dir": "/y"},
+                                "Other": {"best": 1}}}
+    assert recording_in(checkpoint, "DVE{a}", Path("/z")) is None  # Lightning passes this key's own state
+    assert recording_in(checkpoint, "DVE{c}", Path("/y"))["save_dir"] == "/y"
+    with pytest.raises(ConfigError, match=r"holds 2 DataValueEmbedding recordings .*'/x', '/y'.* cannot tell"):
+        recording_in(checkpoint, "DVE{c}", Path("/z"))
