@@ -66,6 +66,14 @@ class TwoHeadMLP(TinyMLP):
         return loss + self.aux(batch["x"]).square().mean() if batch_idx % 2 == 0 else loss
 
 
+class TiedHeadMLP(TinyMLP):
+    """TinyMLP whose head weight is also used functionally (``F.linear``): gradient the hooks cannot attribute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.net[0](x))
+        return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
+
+
 @pytest.fixture
 def mlp_cls() -> type[TinyMLP]:
     """The tiny MLP class, to subclass in a test."""

@@ -10,10 +10,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_dve import DataValueEmbedding, UnsupportedError
-from tests.conftest import TinyMLP
+from tests.conftest import TiedHeadMLP, TinyMLP
 
 APPLIED = r"step 0: the gradient the optimizer applied to 'net.0' is the backward's"
 
@@ -64,16 +63,10 @@ def test_trainer_norm_clipping_passes_the_check(fit: Callable, tmp_path: Path, p
     assert trainer.global_step == 4
 
 
-def test_tied_weight_under_accumulation_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+def test_tied_weight_under_accumulation_is_refused(fit: Callable, tmp_path: Path) -> None:
     """The first micro-batch's ``.grad`` is its own: the tied head is caught with accumulation too."""
-
-    class TiedHead(mlp_cls):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            hidden = torch.tanh(self.net[0](x))
-            return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
-
     with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .*tied"):
-        fit(TiedHead(), _dve(tmp_path), accumulate_grad_batches=2)
+        fit(TiedHeadMLP(), _dve(tmp_path), accumulate_grad_batches=2)
 
 
 class FreezeAt(L.Callback):
@@ -142,19 +135,14 @@ def test_a_layer_zeroed_after_the_backward_is_refused(fit: Callable, tmp_path: P
         fit(ZeroesALayer(), _dve(tmp_path))
 
 
-def test_a_tied_weight_is_caught_after_fp16_overflow_steps(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
-    """The first steps overflow at a large loss scale (skipped, non-finite gradients): the tied-weight check
-    waits for the first finite backward instead of passing on NaN."""
+def test_a_tied_weight_is_caught_after_fp16_overflow_steps(fit: Callable, tmp_path: Path) -> None:
+    """The first steps overflow at a large loss scale (skipped by the grad scaler): the tied-weight check counts
+    only on the first step that is applied."""
     from lightning.pytorch.plugins import MixedPrecision
-
-    class TiedHead(mlp_cls):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            hidden = torch.tanh(self.net[0](x))
-            return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
     with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .*tied"):
-        fit(TiedHead(), _dve(tmp_path), max_epochs=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+        fit(TiedHeadMLP(), _dve(tmp_path), max_epochs=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
 
 
 def test_a_checkpoint_of_several_recordings_none_of_them_this_ones_is_refused() -> None:

@@ -7,20 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_dve import DataValueEmbedding, UnsupportedError
+from tests.conftest import TiedHeadMLP
 
 
-def test_weight_also_used_functionally_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
-    class TiedHead(mlp_cls):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            hidden = torch.tanh(self.net[0](x))
-            return self.net[2](hidden) + 0.5 * F.linear(hidden, self.net[2].weight)
-
+def test_weight_also_used_functionally_is_refused(fit: Callable, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .* by \d+%.*tied.*exclude=\('net.2',\)"):
-        fit(TiedHead(), DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None))
+        fit(TiedHeadMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None))
 
 
 def test_weight_shared_by_two_tracked_modules_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
