@@ -159,12 +159,17 @@ def disk_bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
+def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dict[str, torch.Tensor]:
     """Read a store file, refusing a missing, corrupt or foreign one.
 
+    Args:
+        path: the file.
+        settings_hash: the manifest's; the file's metadata must hold the same.
+        step: if given, the step the file's metadata must name (a file of one step is never another's).
+
     Raises:
-        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), or was written with
-            other settings than the manifest's.
+        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), was written with
+            other settings than the manifest's, or holds another step than ``step``.
     """
     if not path.is_file():
         raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
@@ -180,6 +185,10 @@ def read_checked(path: Path, settings_hash: str) -> dict[str, torch.Tensor]:
         raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
                          f"manifest says {settings_hash}: files of two runs are mixed in one directory. Use a "
                          "fresh save_dir for each run (or overwrite=True).")
+    if step is not None and metadata.get("step") != str(step):
+        raise StoreError(f"store file {path} holds step {metadata.get('step')}'s data, not step {step}'s: a file "
+                         "of another step was copied or renamed over it (the store is damaged). Restore the file "
+                         "from a backup, or record the run again.")
     return tensors
 
 

@@ -7,76 +7,32 @@ the final parameters.
 
 from __future__ import annotations
 
-import dataclasses
+import numbers
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import layers as layer_specs
 from .batches import WeightFn, modes, muted_logging, reduction_weights
-from .capture import GradientCapture, TrackedLayer
+from .capture import GradientCapture
 from .config import DVEConfig
-from .errors import ConfigError, LayerMismatchError, StoreError
+from .errors import ConfigError, StoreError
+from .files import read_json
 from .projection import LayerProjection
+from .query_layers import backward_to_layers, check_loss_count, recorded_layers, require_autograd
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
-from .store import EMBEDDINGS, STEPS, TrajectoryStore
+from .results import InfluenceResult, Ranking, columns_result, dot_layers
+from .store import EMBEDDINGS, MANIFEST, STEPS, TrajectoryStore
+
+__all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """Occurrences or samples ranked by one score each.
-
-    Attributes:
-        sample_ids: ``[k]`` dataset indices.
-        steps: ``[k]`` optimizer steps (``-1`` for all-occurrence totals).
-        scores: ``[k]`` influence scores (test-loss change when removed; positive = helpful).
-    """
-
-    sample_ids: torch.Tensor
-    steps: torch.Tensor
-    scores: torch.Tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class InfluenceResult:
-    """Influence of training occurrences (or samples) on test points.
-
-    Attributes:
-        sample_ids: ``[m]`` dataset index of each column.
-        steps: ``[m]`` optimizer step of each column (counted from 0), or ``-1`` for per-sample totals.
-        scores: ``[n_test, m]``; ``scores[i, j]`` estimates ``l(theta'_T, test_i) - l(theta_T, test_i)`` when
-            column ``j`` is removed from training (method.md §1). Positive means the sample helped.
-    """
-
-    sample_ids: torch.Tensor
-    steps: torch.Tensor
-    scores: torch.Tensor
-
-    def top_k(self, k: int = 10, test_index: int | None = None) -> tuple[Ranking, Ranking]:
-        """The ``k`` most helpful and the ``k`` most harmful columns.
-
-        Args:
-            k: how many of each.
-            test_index: rank by that test point's row; ``None`` ranks by the mean over test points.
-
-        Returns:
-            ``(helpful, harmful)``: highest scores first, then lowest scores first.
-        """
-        row = self.scores.mean(dim=0) if test_index is None else self.scores[test_index]
-        k = min(k, row.numel())
-
-        def pick(order: torch.Tensor) -> Ranking:
-            return Ranking(self.sample_ids[order], self.steps[order], row[order])
-
-        return pick(torch.topk(row, k).indices), pick(torch.topk(-row, k).indices)
 
 
 class DataValueEmbeddings:
@@ -90,6 +46,7 @@ class DataValueEmbeddings:
         self.config = DVEConfig.from_dict(store.manifest["settings"])
         self.loss_weights = loss_weights
         self._factors = store.read_segments()
+        self._run_id = store.manifest.get("run_id")  # the recording the cached factors belong to
         self.training_data: TrainingData | None = None  # set by the callback after fit, for exact_influence
         self.replay_cost: ReplayCost | None = None  # cost of the last exact_influence
         self.projections = {
@@ -146,29 +103,23 @@ class DataValueEmbeddings:
         manifest; 0 where a step did not reach the layer)."""
         return self.store.applied_learning_rates
 
-    def _tracked_layers(self, module: nn.Module) -> dict[str, TrackedLayer]:
-        """Match the recorded layers in ``module`` by name, type and shape.
+    def _check_current(self) -> None:
+        """Refuse a query when the store was recorded again since this handle was opened (one manifest read).
 
         Raises:
-            LayerMismatchError: listing every missing or reshaped layer.
+            StoreError: if the manifest's ``run_id`` is no longer the one this handle (and its cached segment
+                factors) belongs to, or the manifest is gone.
         """
-        modules = dict(module.named_modules())
-        problems, tracked = [], {}
-        for entry in self.store.manifest["layers"]:
-            name, found = entry["name"], modules.get(entry["name"])
-            spec = None if found is None else layer_specs.spec_for(found)
-            shape = None if spec is None or found is None else spec.dims(found)
-            expected = (entry["out_dim"], entry["in_dim"])
-            if spec is None or spec.kind != entry["kind"] or shape != expected:
-                what = "missing" if found is None else f"{type(found).__name__} with exact block {shape}"
-                problems.append(f"{name!r}: recorded {entry['kind']} {expected}, found {what}")
-            else:
-                tracked[name] = TrackedLayer(name, found, spec, self.projections[name])
-        if problems:
-            raise LayerMismatchError(f"{type(module).__name__} does not hold the recorded layers: "
-                                     f"{'; '.join(problems)}. Pass the model that was trained (or one with the same "
-                                     "layer names and shapes).")
-        return tracked
+        path = self.store.root / MANIFEST
+        again = f"DataValueEmbeddings.load({str(self.store.root)!r}) again to query the recording there now"
+        if not path.is_file():
+            raise StoreError(f"the store at {self.store.root} has no {MANIFEST} any more (deleted or being recorded "
+                             f"again) since this handle was opened; {again}.")
+        run_id = read_json(path).get("run_id")
+        if run_id != self._run_id:
+            raise StoreError(f"the store at {self.store.root} was recorded again since this handle was opened (run "
+                             f"{self._run_id}, now {run_id}): its files belong to another run than this handle's "
+                             f"cached factors; {again}.")
 
     def _test_loss(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None
@@ -179,7 +130,7 @@ class DataValueEmbeddings:
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
                                   f"{getattr(losses, 'shape', type(losses))}.")
-            return losses.sum(), lambda n: torch.ones(n, dtype=torch.float64)
+            return losses.sum(), partial(check_loss_count, losses)
         if not callable(getattr(module, "training_step", None)):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
@@ -194,19 +145,27 @@ class DataValueEmbeddings:
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
 
-        ``module`` runs in eval mode with gradients enabled; its modes, parameters and ``.grad`` are left as they
-        were (gradients are taken with ``torch.autograd.grad`` with respect to the layer outputs).
+        ``module`` runs in eval mode with gradients enabled; its modes, parameters, ``requires_grad`` flags and
+        ``.grad`` are left as they were (gradients are taken with ``torch.autograd.grad`` with respect to the layer
+        outputs; frozen tracked layers are made trainable for the query only).
+
+        Raises:
+            LayerMismatchError: if ``module`` does not hold the recorded layers.
+            ConfigError: under ``torch.inference_mode()``, if the test loss does not depend on the tracked layers,
+                or ``loss_fn`` does not return one loss per sample of ``batch``.
         """
-        capture = GradientCapture(self._tracked_layers(module))
-        capture.attach()
-        try:
-            with modes(module, None):  # eval mode, gradients on
-                capture.begin(keep_outputs=True)
-                loss, weights_for = self._test_loss(module, batch, loss_fn)
-                torch.autograd.grad(loss, capture.outputs, allow_unused=True)
-                return capture.finish(weights_for(capture.batch_size()))
-        finally:
-            capture.detach()
+        require_autograd()
+        with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
+            capture = GradientCapture(tracked)
+            capture.attach()
+            try:
+                with modes(module, None):  # eval mode, gradients on
+                    capture.begin(keep_outputs=True)
+                    loss, weights_for = self._test_loss(module, batch, loss_fn)
+                    backward_to_layers(loss, capture)
+                    return capture.finish(weights_for(capture.batch_size()))
+            finally:
+                capture.detach()
 
     def influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False
@@ -219,8 +178,12 @@ class DataValueEmbeddings:
             loss_fn: ``(module, batch) -> Tensor[n]`` per-sample test losses; default: ``training_step`` with
                 logging muted, split into per-sample terms with the recorded loss reduction.
             per_step: one column per (step, sample) occurrence instead of per-sample totals.
+
+        Raises:
+            StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
-        return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step)
+        self._check_current()
+        return self._score(self.test_gradients(module, batch, loss_fn), per_step, None)
 
     def exact_influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
@@ -253,13 +216,14 @@ class DataValueEmbeddings:
             UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
                 random transforms, or the replay does not reproduce the checkpoints).
         """
+        self._check_current()
         base = self.training_data or TrainingData(None)
         data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
                             base.sample_ids if sample_ids is None else sample_ids, base.prepare)
         ids, steps, scores, self.replay_cost = exact_influence_scores(
             self.store, self.config.checkpoint_interval, module, self._replay_target(batch, loss_fn), data,
             train_loss_fn, self.config.loss_reduction, self.loss_weights)
-        return _result(ids, steps, scores, per_step)
+        return columns_result(ids, steps, scores, per_step)
 
     def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
         """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
@@ -296,26 +260,46 @@ class DataValueEmbeddings:
                 the final weights, or at the weights of ``boundary``.
             per_step: one column per occurrence instead of per-sample totals.
             boundary: score the influence on the model at that segment boundary (data value dynamics): only
-                occurrences up to it count. ``None`` means the final model.
+                occurrences up to it count; an index into :attr:`segment_boundaries`. ``None`` means the final
+                model.
+
+        Raises:
+            ConfigError: if ``test_gradients`` has other shapes, or ``boundary`` is not a segment boundary.
+            StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
+        self._check_boundary(boundary)
+        self._check_current()
+        return self._score(test_gradients, per_step, boundary)
+
+    def _check_boundary(self, boundary: int | None) -> None:
+        """Refuse a ``boundary`` that is not an index into :attr:`segment_boundaries` (``None`` passes).
+
+        Raises:
+            ConfigError: listing the valid boundaries.
+        """
+        count = len(self.segment_boundaries)
+        if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, numbers.Integral)
+                                     or not 0 <= boundary < count):
+            raise ConfigError(f"boundary {boundary!r} is out of range: this store has {count} segment boundaries "
+                              f"(after steps {self.segment_boundaries}), so boundary must be one of "
+                              f"{list(range(count))} or None for the final model. Record with more `segments=` for "
+                              "more boundaries.")
+
+    def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
+        """:meth:`score` once ``boundary`` and the store are checked."""
         carried = self._carry_back(self._checked(test_gradients), boundary)
         ids, steps, columns = [], [], []
         for segment, step in self._segment_of_steps():
             if segment >= len(carried):
                 break
-            step_ids, embeddings = self.store.read_embeddings(step)
-            columns.append(_dot(carried[segment], embeddings))
+            step_ids, embeddings = self.store.read_embeddings(step, self.store.layer_names)
+            columns.append(dot_layers(carried[segment], embeddings))
             ids.append(step_ids)
             steps.append(torch.full_like(step_ids, step))
         if not columns:  # nothing recorded (every step skipped)
             empty = torch.zeros(0, dtype=torch.int64)
             return InfluenceResult(empty, empty, torch.zeros(next(iter(carried[-1].values())).shape[0], 0))
-        sample_ids, occurrence_steps, scores = torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1)
-        if per_step:
-            return InfluenceResult(sample_ids, occurrence_steps, scores)
-        unique, inverse = torch.unique(sample_ids, return_inverse=True)
-        totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
-        return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+        return columns_result(torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1), per_step)
 
     def influence_at(
         self, boundary: int, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False
@@ -326,12 +310,14 @@ class DataValueEmbeddings:
             boundary: index into :attr:`segment_boundaries`.
             module: the model with the weights it had at that boundary (e.g. loaded from a checkpoint).
             batch, loss_fn, per_step: as in :meth:`influence`.
+
+        Raises:
+            ConfigError: if ``boundary`` is not a segment boundary (and as :meth:`influence`).
+            StoreError: as :meth:`influence`.
         """
-        if not 0 <= boundary < len(self.segment_boundaries):
-            raise ConfigError(f"boundary {boundary} is out of range: this store has {len(self.segment_boundaries)} "
-                              f"segment boundaries (after steps {self.segment_boundaries}). Record with more "
-                              "`segments=` for more boundaries.")
-        return self.score(self.test_gradients(module, batch, loss_fn), per_step=per_step, boundary=boundary)
+        self._check_boundary(boundary)
+        self._check_current()
+        return self._score(self.test_gradients(module, batch, loss_fn), per_step, boundary)
 
     def _segment_of_steps(self) -> Iterator[tuple[int, int]]:
         """``(segment index, step)`` of every recorded step, in order."""
@@ -377,18 +363,3 @@ class DataValueEmbeddings:
             out.update(zip(group, rows.split([test[name].shape[1] for name in group], dim=1)))
         return out
 
-
-def _result(sample_ids: torch.Tensor, steps: torch.Tensor, scores: torch.Tensor, per_step: bool) -> InfluenceResult:
-    """Per-occurrence columns, or (``per_step=False``) per-sample totals ordered by sample id."""
-    if per_step:
-        return InfluenceResult(sample_ids, steps, scores)
-    unique, inverse = torch.unique(sample_ids, return_inverse=True)
-    totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
-    return InfluenceResult(unique, torch.full_like(unique, -1), totals)
-
-
-def _dot(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``sum_l test_l @ e_l^T``: ``[n, B]`` scores of one step, in the wider of the two dtypes."""
-    first = next(iter(embeddings))
-    dtype = torch.promote_types(embeddings[first].dtype, test[first].dtype)
-    return sum(test[name].to(dtype) @ e.to(dtype).T for name, e in embeddings.items())

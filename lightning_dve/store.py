@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,29 @@ def _layer_summary(layers: list[dict[str, Any]]) -> str:
         f"{e['projection']['in']['checksum']})" for e in layers)
 
 
+def _check_embeddings(path: Path, sample_ids: torch.Tensor | None, embeddings: dict[str, torch.Tensor],
+                      widths: dict[str, int | None], required: Sequence[str]) -> None:
+    """Refuse an embeddings file without 1-D ``sample_ids [B]``, without a ``required`` layer, or with a layer that
+    is not ``[B, k_l]``.
+
+    Raises:
+        StoreError: naming the file, every problem, and the fix.
+    """
+    rows = sample_ids.shape[0] if isinstance(sample_ids, torch.Tensor) and sample_ids.dim() == 1 else None
+    problems = [] if rows is not None else ["no 1-D sample_ids"]
+    problems += [f"layer {name!r} is missing" for name in required if name not in embeddings]
+    for name, block in embeddings.items():
+        fits = block.dim() == 2 and block.shape[0] == rows and widths.get(name) in (None, block.shape[1])
+        if name not in widths:
+            problems.append(f"layer {name!r} is not a tracked layer")
+        elif rows is not None and not fits:
+            problems.append(f"layer {name!r} is {list(block.shape)}, not [{rows}, {widths[name]}] (one row per "
+                            "sample id, the layer's projected width)")
+    if problems:
+        raise StoreError(f"embeddings file {path} does not match the manifest: {'; '.join(problems)}. The file is "
+                         "damaged or from another recording: restore it from a backup, or record the run again.")
+
+
 def _step_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
@@ -66,6 +89,13 @@ class TrajectoryStore:
     def layer_names(self) -> list[str]:
         """Tracked layer names in manifest order."""
         return [layer["name"] for layer in self.manifest["layers"]]
+
+    @property
+    def layer_widths(self) -> dict[str, int | None]:
+        """Projected width ``k_l = k_out k_in`` of each tracked layer's per-sample block (from the manifest; ``None``
+        for an entry without its projection)."""
+        return {e["name"]: e["projection"]["out"]["projected_dim"] * e["projection"]["in"]["projected_dim"]
+                if "projection" in e else None for e in self.manifest["layers"]}
 
     @property
     def projected_dim(self) -> int:
@@ -291,10 +321,27 @@ class TrajectoryStore:
         tensors["sample_ids"] = sample_ids.contiguous()
         write_atomic(self.root / EMBEDDINGS / _step_name(step), tensors, self._metadata(step))
 
-    def read_embeddings(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step."""
-        tensors = read_checked(self.root / EMBEDDINGS / _step_name(step), self.settings_hash)
-        return tensors["sample_ids"], {k[len("emb/"):]: v for k, v in tensors.items() if k.startswith("emb/")}
+    def read_embeddings(
+        self, step: int, layers: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step, checked against the manifest.
+
+        Args:
+            step: a recorded step.
+            layers: the layers the file must hold; default the store's own (a DDP rank's ``owned_layers`` before
+                rank 0 merges them, every tracked layer otherwise). Every layer it holds is checked.
+
+        Raises:
+            StoreError: if the file is missing, corrupt, of other settings or of another step, lacks one of
+                ``layers``, or a layer is not ``[B, k_l]`` (one row per sample id, its projected width).
+        """
+        path = self.root / EMBEDDINGS / _step_name(step)
+        tensors = read_checked(path, self.settings_hash, step=step)
+        ids = tensors.get("sample_ids")
+        embeddings = {k[len("emb/"):]: v for k, v in tensors.items() if k.startswith("emb/")}
+        required = self.manifest.get("owned_layers", self.layer_names) if layers is None else layers
+        _check_embeddings(path, ids, embeddings, self.layer_widths, required)
+        return ids, embeddings  # type: ignore[return-value]  # checked to be a tensor
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""

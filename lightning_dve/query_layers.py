@@ -1,0 +1,130 @@
+"""The recorded layers in a query module, and the checks of a query's test loss against them.
+
+A query takes test gradients with respect to the tracked layers' outputs, whatever the module's
+``requires_grad`` flags: frozen weights (``LightningModule.freeze()``) are made trainable for the query's
+duration only, with each bias set to the layout the recording used (its ``in_dim`` has a bias column or not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import layers as layer_specs
+from .capture import GradientCapture, TrackedLayer
+from .errors import ConfigError, LayerMismatchError
+from .projection import LayerProjection
+
+
+def _set_flag(tensor: Any, flag: bool, saved: list[tuple[torch.Tensor, bool]]) -> None:
+    """Set ``tensor.requires_grad`` to ``flag`` (a leaf tensor only), remembering the old flag in ``saved``."""
+    if isinstance(tensor, torch.Tensor) and tensor.is_leaf and tensor.requires_grad != flag:
+        saved.append((tensor, tensor.requires_grad))
+        tensor.requires_grad_(flag)
+
+
+def _as_recorded(module: nn.Module, spec: layer_specs.LayerSpec, in_dim: int,
+                 saved: list[tuple[torch.Tensor, bool]]) -> None:
+    """Make ``module``'s weight require grad, and its bias exactly when the recorded block has a bias column.
+
+    The bias is dropped only when that makes the block's input width the recorded ``in_dim`` (the bias was
+    frozen in training); otherwise it stays trainable, so a mismatch is reported with the module's full shape.
+    """
+    _set_flag(getattr(module, "weight", None), True, saved)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        _set_flag(bias, True, saved)
+        if spec.dims(module)[1] - 1 == in_dim:
+            _set_flag(bias, False, saved)
+
+
+@contextlib.contextmanager
+def recorded_layers(
+    module: nn.Module, entries: list[dict[str, Any]], projections: dict[str, LayerProjection]
+) -> Iterator[dict[str, TrackedLayer]]:
+    """Match the recorded layers in ``module`` by name, type and shape, trainable as recorded while open.
+
+    Each tracked layer's weight requires grad inside the context (and its bias when the recorded block has a
+    bias column); every flag is restored on exit.
+
+    Args:
+        module: the query module.
+        entries: the manifest's layer entries (``name``, ``kind``, ``out_dim``, ``in_dim``).
+        projections: each layer's recorded projection.
+
+    Raises:
+        LayerMismatchError: listing every missing or reshaped layer.
+    """
+    modules, saved = dict(module.named_modules()), []
+    try:
+        problems, tracked = [], {}
+        for entry in entries:
+            name, found = entry["name"], modules.get(entry["name"])
+            spec = None if found is None else layer_specs.spec_for(found)
+            if spec is not None and found is not None:
+                _as_recorded(found, spec, entry["in_dim"], saved)
+            shape = None if spec is None or found is None else spec.dims(found)
+            expected = (entry["out_dim"], entry["in_dim"])
+            if spec is None or spec.kind != entry["kind"] or shape != expected:
+                what = "missing" if found is None else f"{type(found).__name__} with exact block {shape}"
+                problems.append(f"{name!r}: recorded {entry['kind']} {expected}, found {what}")
+            else:
+                tracked[name] = TrackedLayer(name, found, spec, projections[name])
+        if problems:
+            raise LayerMismatchError(f"{type(module).__name__} does not hold the recorded layers: "
+                                     f"{'; '.join(problems)}. Pass the model that was trained (or one with the same "
+                                     "layer names and shapes).")
+        yield tracked
+    finally:
+        for tensor, flag in reversed(saved):
+            tensor.requires_grad_(flag)
+
+
+def require_autograd() -> None:
+    """Refuse a query under ``torch.inference_mode()``, where no gradient can be taken.
+
+    Raises:
+        ConfigError: saying to call the query outside ``inference_mode``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ConfigError("influence queries take test gradients and need autograd, which torch.inference_mode() "
+                          "turns off: call the query outside the inference_mode block (torch.no_grad() is fine: "
+                          "queries turn gradients on themselves).")
+
+
+def backward_to_layers(loss: torch.Tensor, capture: GradientCapture) -> None:
+    """``torch.autograd.grad`` of ``loss`` with respect to the tracked layers' outputs (the capture's hooks collect
+    the per-sample blocks; ``.grad`` is untouched).
+
+    Raises:
+        ConfigError: if ``loss`` does not depend on any tracked layer's output (detached, or computed without
+            calling those layers).
+    """
+    names = ", ".join(repr(name) for name in capture.layers)
+    problem = ConfigError(f"the test loss does not depend on the tracked layers ({names}): it is detached "
+                          "(.detach(), torch.no_grad(), .item()) or computed without calling them. Compute it from "
+                          "the module's forward on the batch, e.g. loss_fn = lambda module, batch: "
+                          "F.cross_entropy(module(batch['x']), batch['y'], reduction='none').")
+    if not loss.requires_grad or not capture.outputs:
+        raise problem
+    torch.autograd.grad(loss, capture.outputs, allow_unused=True)
+    if not capture.captured:
+        raise problem
+
+
+def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Unit weights ``[B]`` of ``loss_fn``'s per-sample losses, once their count is checked against the batch.
+
+    Raises:
+        ConfigError: if ``losses`` does not hold one loss per sample of the batch the tracked layers saw.
+    """
+    if losses.shape[0] != batch_size:
+        raise ConfigError(f"loss_fn returned {losses.shape[0]} losses for a batch of {batch_size} samples (the "
+                          f"batch size the tracked layers saw): it must return one loss per sample of the batch, "
+                          f"a Tensor[B] with B = {batch_size} (e.g. reduction='none'), not a mean or a "
+                          "concatenation.")
+    return torch.ones(batch_size, dtype=torch.float64)

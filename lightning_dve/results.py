@@ -1,0 +1,103 @@
+"""Query results: scores of training occurrences on test points, per-sample totals and top-k rankings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Occurrences or samples ranked by one score each.
+
+    Attributes:
+        sample_ids: ``[k]`` dataset indices.
+        steps: ``[k]`` optimizer steps (``-1`` for all-occurrence totals).
+        scores: ``[k]`` influence scores (test-loss change when removed; positive = helpful).
+    """
+
+    sample_ids: torch.Tensor
+    steps: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceResult:
+    """Influence of training occurrences (or samples) on test points.
+
+    Attributes:
+        sample_ids: ``[m]`` dataset index of each column.
+        steps: ``[m]`` optimizer step of each column (counted from 0), or ``-1`` for per-sample totals.
+        scores: ``[n_test, m]``; ``scores[i, j]`` estimates ``l(theta'_T, test_i) - l(theta_T, test_i)`` when
+            column ``j`` is removed from training (method.md §1). Positive means the sample helped.
+    """
+
+    sample_ids: torch.Tensor
+    steps: torch.Tensor
+    scores: torch.Tensor
+
+    def top_k(self, k: int = 10, test_index: int | None = None) -> tuple[Ranking, Ranking]:
+        """The ``k`` most helpful and the ``k`` most harmful columns.
+
+        Columns whose score is NaN (for the mean: NaN for any test point) are left out of both rankings, so
+        either may hold fewer than ``k`` columns.
+
+        Args:
+            k: how many of each (``>= 0``; fewer when there are fewer columns).
+            test_index: rank by that test point's row (``-n_test <= test_index < n_test``); ``None`` ranks by the
+                mean over test points.
+
+        Returns:
+            ``(helpful, harmful)``: highest scores first, then lowest scores first.
+
+        Raises:
+            ConfigError: if ``k`` is negative or ``test_index`` is not a row of :attr:`scores`.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"top_k(k={k!r}): k must be an int >= 0 (how many columns to rank each way).")
+        rows = self.scores.shape[0]
+        if test_index is not None and not -rows <= test_index < rows:
+            raise ConfigError(f"top_k(test_index={test_index}) is out of range: the result has {rows} test "
+                              f"point(s), so test_index must be in [{-rows}, {rows - 1}], or None for their mean.")
+        row = self.scores.mean(dim=0) if test_index is None else self.scores[test_index]
+        valid = (~row.isnan()).nonzero().squeeze(1)  # [m'] columns with a score
+        k = min(k, valid.numel())
+
+        def pick(order: torch.Tensor) -> Ranking:
+            columns = valid[order]
+            return Ranking(self.sample_ids[columns], self.steps[columns], row[columns])
+
+        return pick(torch.topk(row[valid], k).indices), pick(torch.topk(-row[valid], k).indices)
+
+
+def columns_result(
+    sample_ids: torch.Tensor, steps: torch.Tensor, scores: torch.Tensor, per_step: bool
+) -> InfluenceResult:
+    """Per-occurrence columns, or (``per_step=False``) per-sample totals ordered by sample id.
+
+    Args:
+        sample_ids: ``[m]`` sample id of each occurrence.
+        steps: ``[m]`` optimizer step of each occurrence.
+        scores: ``[n, m]``; the totals are ``sum_t scores[:, (t, z)]`` per sample ``z``.
+        per_step: keep one column per occurrence.
+    """
+    if per_step:
+        return InfluenceResult(sample_ids, steps, scores)
+    unique, inverse = torch.unique(sample_ids, return_inverse=True)
+    totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
+    return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+
+
+def dot_layers(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_l test_l @ e_l^T``: ``[n, B]`` scores of one step, in the wider of the two dtypes.
+
+    Args:
+        test: ``{layer: [n, k_l]}`` test gradients.
+        embeddings: ``{layer: [B, k_l]}`` embeddings of one step's occurrences.
+    """
+    first = next(iter(embeddings))
+    dtype = torch.promote_types(embeddings[first].dtype, test[first].dtype)
+    return sum(test[name].to(dtype) @ e.to(dtype).T for name, e in embeddings.items())

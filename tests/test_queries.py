@@ -1,0 +1,202 @@
+"""Queries refuse what they cannot answer: wrong-length or detached test losses, frozen modules, bad boundaries,
+damaged embeddings files, a handle of a store recorded again, and bad or NaN rankings."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult, StoreError
+
+
+def per_sample_ce(module, batch):
+    return F.cross_entropy(module(batch["x"]), batch["y"], reduction="none")
+
+
+def flags(module):
+    return {name: p.requires_grad for name, p in module.named_parameters()}
+
+
+# --- the test loss -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn, count", [
+    (lambda m, b: per_sample_ce(m, b).mean().reshape(1), 1),
+    (lambda m, b: torch.cat([per_sample_ce(m, b), per_sample_ce(m, b)]), 24),
+])
+def test_loss_fn_of_another_length_than_the_batch(trained, test_batch, loss_fn, count):
+    with pytest.raises(ConfigError, match=rf"loss_fn returned {count} losses for a batch of 12 samples .* one loss "
+                                          r"per sample of the batch, a Tensor\[B\] with B = 12"):
+        trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda m, b: per_sample_ce(m, b).detach(),
+    lambda m, b: torch.zeros(len(b["y"]), requires_grad=True),  # never calls the module
+    lambda m, b: m(b["x"]).detach().sum(1) + m.net[0].weight.sum(),  # reaches a weight, not a tracked output
+])
+def test_loss_that_does_not_depend_on_the_tracked_layers(trained, test_batch, loss_fn):
+    with pytest.raises(ConfigError, match=r"the test loss does not depend on the tracked layers \('net\.0', "
+                                          r"'net\.2'\): it is detached"):
+        trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=loss_fn)
+
+
+# --- frozen modules ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze", [
+    lambda m: m.freeze(),
+    lambda m: m.net[2].bias.requires_grad_(False),
+    lambda m: m.net[0].requires_grad_(False),
+])
+def test_query_on_a_frozen_module_scores_like_the_trained_one(trained, test_batch, freeze):
+    reference = trained.dve.embeddings.influence(trained.model, test_batch, per_step=True)
+    model = copy.deepcopy(trained.model)
+    freeze(model)
+    before, training = flags(model), model.training
+
+    result = trained.dve.embeddings.influence(model, test_batch, per_step=True)
+
+    torch.testing.assert_close(result.scores, reference.scores)
+    assert flags(model) == before and model.training == training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_flags_come_back_after_a_layer_mismatch(trained, mlp_cls, test_batch):
+    model = mlp_cls(hidden=8)
+    model.freeze()
+    with pytest.raises(Exception, match="does not hold the recorded layers"):
+        trained.dve.embeddings.influence(model, test_batch)
+    assert not any(flags(model).values())
+
+
+def test_query_uses_the_recorded_bias_layout(fit, mlp_cls, save_dir, test_batch):
+    model = mlp_cls()
+    model.net[2].bias.requires_grad_(False)  # recorded without net.2's bias column
+    dve = DataValueEmbedding(save_dir, projection_dim=64, report=None)
+    fit(model, dve)
+    reference = dve.embeddings.influence(model, test_batch)
+    unfrozen = copy.deepcopy(model)
+    unfrozen.net[2].bias.requires_grad_(True)
+
+    torch.testing.assert_close(dve.embeddings.influence(unfrozen, test_batch).scores, reference.scores)
+    assert unfrozen.net[2].bias.requires_grad and not model.net[2].bias.requires_grad
+
+
+def test_query_under_inference_mode(trained, test_batch):
+    with torch.inference_mode(), pytest.raises(ConfigError, match=r"need autograd, which torch.inference_mode\(\) "
+                                                                  r"turns off: call the query outside"):
+        trained.dve.embeddings.influence(trained.model, test_batch)
+
+
+# --- segment boundaries ------------------------------------------------------------------------------------
+
+
+def test_score_refuses_a_boundary_out_of_range(fit, mlp_cls, save_dir, test_batch):
+    model, dve = mlp_cls(), DataValueEmbedding(save_dir, projection_dim=64, report=None, segments=2)
+    fit(model, dve)
+    embeddings = dve.embeddings
+    grads = embeddings.test_gradients(model, test_batch)
+    assert len(embeddings.segment_boundaries) == 2
+    for boundary in (-1, 2):
+        with pytest.raises(ConfigError, match=rf"boundary {boundary} is out of range: this store has 2 segment "
+                                              r"boundaries .* must be one of \[0, 1\] or None"):
+            embeddings.score(grads, boundary=boundary)
+        with pytest.raises(ConfigError, match=rf"boundary {boundary} is out of range"):
+            embeddings.influence_at(boundary, model, test_batch)
+    assert embeddings.score(grads, boundary=1).scores.shape == (12, 64)
+
+
+# --- damaged embeddings files ------------------------------------------------------------------------------
+
+
+def rewrite(root: Path, step: int, change) -> None:
+    path = root / "embeddings" / f"step_{step:08d}.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(change(tensors), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: {k: v for k, v in t.items() if k != "emb/net.2"}, r"layer 'net\.2' is missing"),
+    (lambda t: {k: v[:2] if k.startswith("emb/") else v for k, v in t.items()},
+     r"layer 'net\.0' is \[2, 64\], not \[16, 64\] \(one row per sample id"),
+    (lambda t: {**t, "emb/net.2": t["emb/net.2"][:, :3].contiguous()}, r"layer 'net\.2' is \[16, 3\], not \[16, 64\]"),
+    (lambda t: {k: v for k, v in t.items() if k != "sample_ids"}, r"no 1-D sample_ids"),
+    (lambda t: {**t, "emb/head": t["emb/net.2"].clone()}, r"layer 'head' is not a tracked layer"),
+])
+def test_damaged_embeddings_file(trained, tmp_path, test_batch, change, message):
+    root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
+    rewrite(root, 2, change)
+    with pytest.raises(StoreError, match=rf"embeddings file .*step_00000002\.safetensors does not match the "
+                                         rf"manifest: {message}.* restore it from a backup, or record the run again"):
+        DataValueEmbeddings.load(root).influence(trained.model, test_batch)
+
+
+def test_embeddings_file_of_another_step(trained, tmp_path, test_batch):
+    root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
+    shutil.copy(root / "embeddings" / "step_00000001.safetensors", root / "embeddings" / "step_00000003.safetensors")
+    with pytest.raises(StoreError, match=r"step_00000003\.safetensors holds step 1's data, not step 3's"):
+        DataValueEmbeddings.load(root).influence(trained.model, test_batch)
+
+
+# --- a handle of a store recorded again --------------------------------------------------------------------
+
+
+def test_handle_of_a_store_recorded_again(fit, mlp_cls, save_dir, test_batch):
+    first = DataValueEmbedding(save_dir, projection_dim=64, report=None, segments=2)
+    fit(mlp_cls(), first)
+    old = DataValueEmbeddings.load(save_dir)
+    model = mlp_cls(lr=0.05)
+    fit(model, DataValueEmbedding(save_dir, projection_dim=64, report=None, segments=2, overwrite=True))
+    grads = old.test_gradients(model, test_batch)
+    queries = {"influence": lambda e: e.influence(model, test_batch), "score": lambda e: e.score(grads),
+               "influence_at": lambda e: e.influence_at(0, model, test_batch),
+               "exact_influence": lambda e: e.exact_influence(model, test_batch)}
+    for name, query in queries.items():
+        for handle in (old, first.embeddings):
+            with pytest.raises(StoreError, match=r"was recorded again since this handle was opened .* "
+                                                 r"DataValueEmbeddings\.load\(.*\) again"):
+                query(handle)
+    assert DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores.shape == (12, 64)
+
+
+def test_handle_of_a_store_whose_manifest_is_gone(trained, tmp_path, test_batch):
+    root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
+    embeddings = DataValueEmbeddings.load(root)
+    (root / "manifest.json").unlink()
+    with pytest.raises(StoreError, match=r"has no manifest\.json any more .* DataValueEmbeddings\.load\(.*\) again"):
+        embeddings.influence(trained.model, test_batch)
+
+
+# --- rankings ----------------------------------------------------------------------------------------------
+
+
+def test_top_k_refuses_a_negative_k_and_a_test_index_out_of_range():
+    result = InfluenceResult(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4))
+    with pytest.raises(ConfigError, match=r"top_k\(k=-1\): k must be an int >= 0"):
+        result.top_k(-1)
+    for index in (3, -4):
+        with pytest.raises(ConfigError, match=rf"top_k\(test_index={index}\) is out of range: the result has 3 "
+                                              r"test point\(s\), so test_index must be in \[-3, 2\]"):
+            result.top_k(2, test_index=index)
+    last, _ = result.top_k(1, test_index=-1)
+    assert last.scores.tolist() == [result.scores[2].max().item()]
+
+
+def test_top_k_leaves_nan_scores_out():
+    scores = torch.tensor([[1.0, float("nan"), -2.0, 0.5], [1.0, 3.0, -2.0, float("nan")]])
+    result = InfluenceResult(torch.tensor([10, 11, 12, 13]), torch.full((4,), -1), scores)
+    helpful, harmful = result.top_k(4)
+    assert helpful.sample_ids.tolist() == [10, 12] and harmful.sample_ids.tolist() == [12, 10]
+    by_row, against_row = result.top_k(2, test_index=1)
+    assert by_row.sample_ids.tolist() == [11, 10] and against_row.sample_ids.tolist() == [12, 10]
+    none, _ = InfluenceResult(torch.tensor([1]), torch.tensor([-1]), torch.tensor([[float("nan")]])).top_k(3)
+    assert none.scores.numel() == 0
