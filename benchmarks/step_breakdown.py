@@ -287,7 +287,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
     """Time the callback's own hooks inside real ``Trainer.fit`` runs (``capture_overhead.py``'s setup)."""
     import capture_overhead as co
 
-    from lightning_dve import batches, callback, capture, guards, sync
+    from lightning_dve import batches, callback, callback_step, capture, guards, sync
     from lightning_dve.store import TrajectoryStore
 
     cfg = co.model_configs("quick" if quick else "default")[kind]
@@ -301,7 +301,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
                                (capture.GradientCapture, "finish", "capture.finish"),
                                (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
                                (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
-                               (capture, "check_no_batchnorm_training", "capture.check_no_batchnorm_training"),
+                               (callback_step, "check_no_batchnorm_training", "guards.check_no_batchnorm_training"),
                                (guards.StepGuard, "check_applied", "guards.check_applied"),
                                (guards.StepGuard, "check_trainable", "guards.check_trainable"),
                                (batches, "check_finite", "batches.check_finite"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
@@ -35,6 +36,7 @@ from .influence import DataValueEmbeddings
 from .optim import is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
+from .records import accumulation_dtype
 from .store import CHECKPOINTS, TrajectoryStore
 from .updates import StepTerms
 from .writer import StepWriter
@@ -191,8 +193,10 @@ class DataValueEmbedding(StepHooks):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # a recording under other settings has another state key, so Lightning would not pass it to
-        # ``load_state_dict``: resuming must still refuse it rather than start a store afresh
-        self._resume = callback_setup.recording_in(checkpoint, self.state_key, self._store_root(trainer))
+        # ``load_state_dict``: resuming must still refuse it rather than start a store afresh (validate, test and
+        # predict restore checkpoints too, but resume nothing)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._resume = callback_setup.recording_in(checkpoint, self.state_key, self._store_root(trainer))
 
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
@@ -278,7 +282,7 @@ class DataValueEmbedding(StepHooks):
             replay_error = err
         self._release()
         sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
-        dtype = getattr(torch, store.manifest["dtype"])
+        dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
         sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,

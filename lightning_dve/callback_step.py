@@ -15,11 +15,11 @@ import torch
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
-from .checkpoints import CheckpointRecorder
+from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import check_cross_entropy, sampled_label_grad
 from .errors import DVEError, GradientError
-from .guards import StepGuard
+from .guards import StepGuard, check_no_batchnorm_training
 from .optim import clip_factor, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
@@ -42,6 +42,7 @@ class StepHooks(pl.Callback):
     _guard: StepGuard | None
     _assembler: sync.StepAssembler
     _kinds: tuple[str, ...]
+    _dims: dict[str, int]
     _ggn: bool
     _preconditioned: bool
     _boundaries: list[int]
@@ -59,7 +60,7 @@ class StepHooks(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        capture.check_no_batchnorm_training(pl_module)
+        check_no_batchnorm_training(pl_module)
         self._active_guard().check_trainable(trainer.global_step)  # before the forward hooks read the layout
         hooks = self._active_capture()
         hooks.begin(keep_outputs=self._ggn)
@@ -135,7 +136,10 @@ class StepHooks(pl.Callback):
             self._active_writer().append(record)
             self._last_step = record.step
             if self._recorder is not None:
-                self._recorder.after_step(record, self._store.manifest["storage_dtype"], pl_module)
+                others = [dim for name, dim in self._dims.items() if name not in self._assembler.owned]
+                step_bytes = step_store_bytes(record, self._store.manifest["storage_dtype"], others,
+                                              len(self._assembler.kinds))
+                self._recorder.after_step(step_bytes, pl_module)
             if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
                 self._active_writer().wait()  # a failed write is raised at the next (agreed) check
                 try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from . import layers as layer_specs
@@ -128,22 +127,6 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
         raise ConfigError(f"no layer to track in {type(model).__name__} (layers={config.layers}, "
                           f"exclude={config.exclude}); supported types are {layer_specs.supported_types()}.")
     return tracked
-
-
-def check_no_batchnorm_training(model: nn.Module) -> None:
-    """Refuse BatchNorm in train mode: its batch statistics mix samples, so per-sample gradients do not exist.
-
-    Raises:
-        UnsupportedError: naming the first such module.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.training:
-            raise UnsupportedError(
-                f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
-                "samples of a batch, so a sample's gradient depends on the others and its data value is not "
-                "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
-                "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
-            )
 
 
 class GradientCapture:
@@ -343,21 +326,25 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
-    def check_blocks_sum_to_grad(self, loss_scale: float = 1.0, tolerance: float = 1e-2) -> None:
+    def check_blocks_sum_to_grad(self, loss_scale: float = 1.0, tolerance: float = 1e-2,
+                                 only: set[str] | None = None) -> set[str]:
         """Refuse a layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
 
         The hooks see only what flows through the module's own calls; a weight that is tied to another
         module's or also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient
         the hooks cannot attribute to samples. Valid right after one backward of the whole step (no
-        accumulation, one process), before clipping; ``loss_scale`` is the grad scaler's factor on the loss.
+        accumulation, one process), before clipping; ``loss_scale`` is the grad scaler's factor on the loss. Returns
+        the layers checked (of ``only``, default all): those the step reached.
 
         Raises:
             UnsupportedError: naming the layer, with the relative mismatch.
         """
+        checked = set()
         for name, layer in self.layers.items():
             block, full = self._blocks.get(name), layer_specs.gradient_block(layer.module)
-            if block is None or full is None:
+            if block is None or full is None or (only is not None and name not in only):
                 continue
+            checked.add(name)
             p_out = layer.projection.side_matrix("out", block.dtype, block.device)
             p_in = layer.projection.side_matrix("in", block.dtype, block.device)
             expected = full.to(block.dtype)
@@ -372,6 +359,7 @@ class GradientCapture:
                     "(tied or shared with another module, or used functionally, e.g. a language-model head "
                     f"tied to the embedding). Untie it, or pass exclude=({name!r},)."
                 )
+        return checked
 
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks)."""

@@ -57,6 +57,16 @@ def auto_interval(snapshot_bytes: int, step_bytes: int, budget: float = AUTO_BUD
     return max(AUTO_MIN_INTERVAL, math.ceil(snapshot_bytes / (budget * max(1, step_bytes))))
 
 
+def step_store_bytes(record: StepRecord, storage_dtype: str, other_dims: list[int], kinds: int) -> int:
+    """Bytes of one step in the gradient store of all ranks together: this rank's step file (``record`` in
+    ``storage_dtype``) and the ``kinds`` rows of the layers (projected sizes ``other_dims``) that other ranks keep
+    (under DDP each rank stores its own layers; rank 0 may keep none). float16 rows carry a float32 scale each."""
+    own = sum(v.numel() * v.element_size() for v in record.to_tensors(storage_dtype).values())
+    itemsize = torch.empty(0, dtype=getattr(torch, storage_dtype)).element_size()
+    per_row = sum(dim * itemsize + 4 * (storage_dtype == "float16") for dim in other_dims)
+    return own + record.sample_ids.numel() * kinds * per_row
+
+
 def _snapshot_name(step: int) -> str:
     return f"state_{step:08d}.safetensors"
 
@@ -345,12 +355,11 @@ class CheckpointRecorder:
         self.store.write_snapshot(step, {n: params[n] for group in names for n in group},
                                   _optimizer_state(optimizer, names))
 
-    def after_step(self, record: StepRecord, storage_dtype: str, module: nn.Module) -> None:
-        """Resolve ``interval="auto"`` from the bytes of the first recorded step (this rank's share; a failed
-        manifest write is kept for :meth:`check`)."""
+    def after_step(self, step_bytes: int, module: nn.Module) -> None:
+        """Resolve ``interval="auto"`` from the gradient store's bytes per step, all ranks' layers together
+        (:func:`step_store_bytes`; a failed manifest write is kept for :meth:`check`)."""
         if self.interval != AUTO or not self.enabled or self.error is not None:
             return
-        step_bytes = sum(v.numel() * v.element_size() for v in record.to_tensors(storage_dtype).values())
         names = {n for group in self.store.manifest["groups"] for n in group}
         param_bytes = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n in names)
         self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes)

@@ -1,11 +1,11 @@
 """Checks that the update the optimizer applies is the one the hooks recorded (method.md §2: ``theta_{t+1} =
 theta_t - lr_t sum_z w_z g_z``, with the step's terms read in ``on_before_optimizer_step``).
 
-Three ways a run can break that silently, each refused with what to change:
+Ways a run would break silently, each refused with what to change:
 
 - a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
-  the captured per-sample blocks is not its ``.grad`` (one process: checked once per fit, on the first
-  backward of the first step that is applied);
+  the captured per-sample blocks is not its ``.grad`` (one process: each layer once per fit, on the first
+  backward that reaches it of a step that is applied);
 - gradients changed after the backward by something the callback does not model (clipping in
   ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
   a callback after this one): the gradients the optimizer applied are compared with those of the backward on a
@@ -13,13 +13,15 @@ Three ways a run can break that silently, each refused with what to change:
   scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or Nesterov SGD, whose
   foreach step adds the momentum into ``.grad``);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
-  starts, so a change would drop updates or leave a layer untracked.
+  starts, so a change would drop updates or leave a layer untracked;
+- BatchNorm in train mode, whose batch statistics mix the samples (no per-sample gradient exists).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .capture import GradientCapture, excluded
 from .config import DVEConfig
@@ -41,6 +43,22 @@ def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) 
     return {n: p for n, p in model.named_parameters() if not excluded(n.rpartition(".")[0], config.exclude)}
 
 
+def check_no_batchnorm_training(model: nn.Module) -> None:
+    """Refuse BatchNorm in train mode: its batch statistics mix samples, so per-sample gradients do not exist.
+
+    Raises:
+        UnsupportedError: naming the first such module.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise UnsupportedError(
+                f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
+                "samples of a batch, so a sample's gradient depends on the others and its data value is not "
+                "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
+                "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
+            )
+
+
 def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch.Tensor:
     """``SAMPLED`` evenly spaced flat coordinates of a weight with ``numel`` entries (repeated below ``SAMPLED``),
     computed in integers: a float grid rounds past the end of a weight above 2**24 entries."""
@@ -60,11 +78,12 @@ class StepGuard:
         self.watched = watched
         self._trainable = {name: p.requires_grad for name, p in watched.items()}
         self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in capture.weights().items()}
-        self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))
-        self.blocks_checked = False  # the tied-weight check has run on a step that was applied
+        self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
+        self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
+        self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._first_backward = True  # the next backward is its step's first
-        self._tied_ran = False  # the tied-weight check ran in this step
-        self._tied: UnsupportedError | None = None  # and refused
+        self._tied_seen: set[str] = set()  # layers the check looked at in this step
+        self._tied: UnsupportedError | None = None  # and its refusal
 
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
@@ -75,30 +94,32 @@ class StepGuard:
 
     def after_backward(self, check_blocks: bool) -> None:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
-        backward, until a step is applied, when ``check_blocks`` (one process: ``.grad`` holds this micro-batch's
-        gradient alone), compare the weights' ``.grad`` with the captured blocks; :meth:`before_step` raises."""
+        backward, when ``check_blocks`` (one process: ``.grad`` holds this micro-batch's gradient alone), compare
+        the ``.grad`` of the layers not yet checked on an applied step with their captured blocks (a layer is
+        checked on the first applied step whose first backward reaches it); :meth:`before_step` raises."""
         self._backward = self._sample()
-        if check_blocks and self._first_backward and not self.blocks_checked:
-            self._tied_ran = True
-            try:
-                self.capture.check_blocks_sum_to_grad(loss_scale=1.0)  # ``.grad`` is as scaled as the blocks here
+        if check_blocks and self._first_backward and self.unchecked:
+            try:  # ``.grad`` is as scaled as the blocks here
+                self._tied_seen = self.capture.check_blocks_sum_to_grad(loss_scale=1.0, only=self.unchecked)
             except UnsupportedError as err:
                 self._tied = err
         self._first_backward = False
 
     def before_step(self, skipped: bool) -> None:
-        """Close the step's tied-weight check: it counts only for a step that is applied (an fp16 step the grad
-        scaler skips has overflowed gradients: the next step is checked instead).
+        """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to
+        :meth:`check_applied`, and its tied-weight check counts only for a step that is applied (an fp16 step the
+        grad scaler skips has overflowed gradients: a later step is checked instead).
 
         Raises:
             UnsupportedError: a tracked weight that is tied or used functionally.
         """
-        ran, refused = self._tied_ran, self._tied
-        self._tied_ran, self._tied, self._first_backward = False, None, True
-        if ran and not skipped:
-            self.blocks_checked = True
+        seen, refused = self._tied_seen, self._tied
+        self._tied_seen, self._tied, self._first_backward = set(), None, True
+        self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
+        if not skipped:
             if refused is not None:
                 raise refused
+            self.unchecked -= seen
 
     def check_trainable(self, step: int) -> None:
         """Refuse a parameter frozen or unfrozen since ``fit`` started.
@@ -122,12 +143,14 @@ class StepGuard:
         Raises:
             UnsupportedError: naming the layer, the measured and the modelled factor, and the fix.
         """
-        (names, before), (now, after) = self._backward, self._sample()
-        if names != now or not bool(after.ne(0).any()):
-            return  # .grad gained, lost or zeroed everywhere since (a user's optimizer_step): nothing to compare
+        (names, before), (now, sampled) = self._stepped, self._sample()
+        after = torch.zeros_like(before)  # a gradient set to None since counts as zeroed
+        for i, name in enumerate(names):
+            if name in now:
+                after[i] = sampled[now.index(name)]
         measured = (after * before).sum(1) / before.square().sum(1)
         spread = (after - measured[:, None] * before).norm(dim=1) / after.norm(dim=1).clamp_min(1e-300)
-        compared = before.ne(0).any(1)  # rows with a sampled gradient (a layer zeroed alone is refused)
+        compared = before.ne(0).any(1)  # rows with a sampled gradient
         wrong = compared & ((spread > TOLERANCE) | ((measured - factor).abs() > TOLERANCE * abs(factor)))
         if bool(wrong.any()):
             i = int(wrong.nonzero()[0, 0])
@@ -137,9 +160,11 @@ class StepGuard:
     def _refuse(step: int, name: str, measured: float, factor: float, spread: float) -> None:
         how = (f"times {measured:.6g} where the Trainer's settings give {factor:.6g}" if spread <= TOLERANCE
                else "changed coordinate by coordinate (not by one factor)")
+        skip = (" To skip a step, return None from training_step (nothing is recorded for it)." if measured == 0
+                else "")
         raise UnsupportedError(
             f"step {step}: the gradient the optimizer applied to {name!r} is the backward's {how}: something "
             "changed the gradients after the backward that the callback does not model (clipping in "
             "configure_gradient_clipping, in the LightningModule's on_after_backward or on_before_optimizer_step, "
-            "or another callback), so the recorded update would not be the applied one. Clip with "
-            "Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), which the callback models.")
+            "zeroing them, or another callback), so the recorded update would not be the applied one. Clip with "
+            f"Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), which the callback models.{skip}")

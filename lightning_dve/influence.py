@@ -72,8 +72,10 @@ class DataValueEmbeddings:
             StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
         """
         store = TrajectoryStore.open(path)
-        store.require("status", "complete", "The recording did not finish (the run was interrupted); record again.")
-        store.require("embeddings", "complete", "The backward recursion did not finish; record the run again.")
+        resume = ("resume it with trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk "
+                  "are kept), or record again")
+        store.require("status", "complete", f"The recording did not finish (the run was interrupted): {resume}.")
+        store.require("embeddings", "complete", f"The backward recursion did not finish: {resume}.")
         settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
         if settings is not None and settings.settings_hash() != store.settings_hash:
             recorded = store.manifest["settings"]
@@ -246,7 +248,7 @@ class DataValueEmbeddings:
         return [last for _, last in self.store.manifest.get("segments", [])]
 
     def score(
-        self, test_gradients: dict[str, torch.Tensor], per_step: bool = False, boundary: int | None = None
+        self, test_gradients: dict[str, torch.Tensor], *, per_step: bool = False, boundary: int | None = None
     ) -> InfluenceResult:
         """Scores of every recorded occurrence (or sample) against given projected test gradients.
 

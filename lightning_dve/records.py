@@ -26,6 +26,11 @@ def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) ->
             _scale_key(name, kind): scale}
 
 
+def accumulation_dtype(storage: str) -> torch.dtype:
+    """The dtype stored rows decode to (:func:`decode`), and so of the recursion's accumulators and embeddings."""
+    return torch.float64 if storage == "float64" else torch.float32
+
+
 def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
     """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
     grad = tensors[f"{kind}/{name}"]

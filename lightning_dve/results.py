@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 
 from .errors import ConfigError
+
+
+def _is_index(value: object) -> bool:
+    """Whether ``value`` is an integer (an ``int``, a numpy integer or a 0-d integer tensor)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +66,9 @@ class InfluenceResult:
         Raises:
             ConfigError: if ``k`` is negative or ``test_index`` is not a row of :attr:`scores`.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if isinstance(k, bool) or not _is_index(k) or operator.index(k) < 0:
             raise ConfigError(f"top_k(k={k!r}): k must be an int >= 0 (how many columns to rank each way).")
+        k = operator.index(k)
         rows = self.scores.shape[0]
         if test_index is not None and not -rows <= test_index < rows:
             raise ConfigError(f"top_k(test_index={test_index}) is out of range: the result has {rows} test "

@@ -119,7 +119,8 @@ class TrajectoryStore:
         store._replaces = root.exists() and any(root.iterdir())
         if store._replaces and not overwrite:
             raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
-                             "overwrite=True to replace it, or choose another save_dir.")
+                             "overwrite=True to replace it, choose another save_dir, or continue an interrupted run "
+                             "with trainer.fit(..., ckpt_path=<its Lightning checkpoint>).")
         if not store._replaces:
             store.write_manifest()
         return store

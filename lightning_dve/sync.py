@@ -386,7 +386,8 @@ def _gather_factors(
     comm: Communicator, owned: list[list[str]], layout: AccumulatorLayout, mine: dict[str, torch.Tensor],
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Collective: every group's segment factor, from the rank that owns the group."""
+    """Collective: every group's segment factor, from the rank that owns the group (``dtype``: the accumulators',
+    the same on every rank, so the gathered buffers agree in size)."""
     merged = {}
     for rank, names in enumerate(owned):
         for group in layer_groups(names, layout):

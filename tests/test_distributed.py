@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -73,8 +74,10 @@ def test_two_ranks_equal_single_process(mode: str, tmp_path: Path, single_refere
         assert torch.equal(got["ids"], single_reference["ids"]) and torch.equal(got["steps"], single_reference["steps"])
         torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
         assert (got["ids"] == got["ids"][0]).sum() >= 1
-    # rank 0's save_dir holds everything; rank 1 only wrote its shard below shards/
+    # rank 0's save_dir holds everything; rank 1 only wrote its shard below shards/, and read the store after fit
     store = DataValueEmbeddings.load(tmp_path / f"dve_{mode}").store
+    if mode == "ddp":
+        assert json.loads((tmp_path / "rank1_steps.json").read_text()) == store.steps == list(range(6))
     assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
     assert (tmp_path / f"dve_{mode}" / "shards" / "rank_1" / "manifest.json").is_file()
 
@@ -102,12 +105,15 @@ def test_two_ranks_with_segments_equal_single_process(
 
 
 def assert_ddp_equals_single(tmp_path: Path, *extra: str) -> None:
-    """Run the script on 1 process and on 2 ranks with ``extra`` arguments: same embeddings and scores."""
-    runs = {}
+    """Run the script on 1 process and on 2 ranks with ``extra`` arguments: same embeddings and scores, and the
+    same ``checkpoint_interval="auto"`` (sized on every rank's rows, also when rank 0 keeps no layer)."""
+    runs, intervals = {}, {}
     for mode in ("single", "ddp"):
         proc = run_script(mode, tmp_path / mode, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
+        intervals[mode] = json.loads((tmp_path / mode / f"dve_{mode}" / "checkpoints" / "replay.json").read_text())
+    assert intervals["ddp"]["interval"] == intervals["single"]["interval"]
     assert_same_embeddings(runs["ddp"], runs["single"])
     torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
 
@@ -118,6 +124,13 @@ def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_pa
     still takes part in every collective (the segment factors, the merge) and writes the finished store, which
     rank 1 reads after the train end."""
     assert_ddp_equals_single(tmp_path, "--layout", "full", "--segments", "3")
+
+
+@pytest.mark.slow
+def test_two_ranks_with_projected_float64_segments_equal_single_process(tmp_path: Path) -> None:
+    """Projected rows decode to float32 while training is float64: the segment factors are gathered in the
+    accumulators' dtype on every rank (a training-dtype placeholder on the rank without the group broke gloo)."""
+    assert_ddp_equals_single(tmp_path, "--segments", "3", "--projection-dim", "64")
 
 
 @pytest.mark.slow

@@ -156,3 +156,37 @@ def test_a_checkpoint_of_several_recordings_none_of_them_this_ones_is_refused() 
     assert recording_in(checkpoint, "DVE{c}", Path("/y"))["save_dir"] == "/y"
     with pytest.raises(ConfigError, match=r"holds 2 DataValueEmbedding recordings .*'/x', '/y'.* cannot tell"):
         recording_in(checkpoint, "DVE{c}", Path("/z"))
+
+
+@pytest.mark.parametrize("how", ["zero", "none"])
+def test_a_step_skipped_by_clearing_every_gradient_is_refused(fit: Callable, tmp_path: Path, how: str) -> None:
+    class SkipsStep2(TinyMLP):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if self.trainer.global_step == 2:
+                for p in self.parameters():
+                    if how == "zero":
+                        p.grad.zero_()
+                    else:
+                        p.grad = None
+
+    with pytest.raises(UnsupportedError, match=r"step 2: .* times 0 where .* return None from training_step"):
+        fit(SkipsStep2(), _dve(tmp_path))
+
+
+def test_a_tied_layer_first_reached_after_the_first_step_is_caught(fit: Callable, tmp_path: Path) -> None:
+    """Each layer is checked on the first applied step whose first backward reaches it."""
+
+    class LateTiedHead(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = torch.nn.Linear(16, 10)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 0:
+                return self.loss(batch)
+            hidden = torch.tanh(self.net[0](batch["x"]))
+            extra = self.aux(hidden) + 0.5 * torch.nn.functional.linear(hidden, self.aux.weight)
+            return self.loss(batch) + extra.square().mean()
+
+    with pytest.raises(UnsupportedError, match=r"layer 'aux': .* differs .*tied"):
+        fit(LateTiedHead(), _dve(tmp_path))
