@@ -148,3 +148,22 @@ def test_a_first_fit_with_no_batches_ends_with_an_empty_complete_store(
     assert dve.embeddings.steps == [] and DataValueEmbeddings.load(tmp_path / "dve").steps == []
     assert dve.embeddings.influence(model, test_batch).scores.shape == (12, 0)
     assert dve.embeddings.exact_influence(model, test_batch, dataset=loader.dataset).scores.shape == (12, 0)
+
+
+def test_validate_from_a_checkpoint_of_two_other_recordings_is_not_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """Only a fit resumes: validate, test and predict restore a checkpoint without resuming any recording."""
+
+    class Validated(mlp_cls):
+        def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            return self.loss(batch)
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    two = [DataValueEmbedding(tmp_path / name, projection_dim=k, report=None) for name, k in (("a", 32), ("b", 48))]
+    model = Validated().double()
+    checkpointing_trainer(tmp_path, 1, [*two, ckpts]).fit(model, make_loader())
+    third = DataValueEmbedding(tmp_path / "c", projection_dim=16, report=None)
+    checkpointing_trainer(tmp_path, 1, [third]).validate(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    with pytest.raises(ConfigError, match="holds 2 DataValueEmbedding recordings"):
+        checkpointing_trainer(tmp_path, 2, [third]).fit(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
