@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
 from lightning_dve.store import TrajectoryStore
+from tests.conftest import TinyMLP
 from tests.test_resume_accumulation import checkpointing_trainer
+
+
+class Validated(TinyMLP):
+    """TinyMLP with a validation loss (``trainer.validate`` needs one)."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
 
 
 def _files(root: Path) -> dict[Path, bytes]:
@@ -89,10 +97,6 @@ def test_a_fit_with_nothing_to_train_warns_and_keeps_the_store(
 def test_a_checkpoint_restored_by_validate_is_not_resumed_by_a_later_fit(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
 ) -> None:
-    class Validated(mlp_cls):
-        def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-            return self.loss(batch)
-
     ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, overwrite=True, report=None)
     model = Validated().double()
@@ -154,10 +158,6 @@ def test_validate_from_a_checkpoint_of_two_other_recordings_is_not_refused(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
 ) -> None:
     """Only a fit resumes: validate, test and predict restore a checkpoint without resuming any recording."""
-
-    class Validated(mlp_cls):
-        def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-            return self.loss(batch)
 
     ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     two = [DataValueEmbedding(tmp_path / name, projection_dim=k, report=None) for name, k in (("a", 32), ("b", 48))]
