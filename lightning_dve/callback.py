@@ -229,6 +229,7 @@ class DataValueEmbedding(StepHooks):
         self._capture = capture.GradientCapture(tracked)
         self._capture.attach()
         self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))
+        self._guard.attach(trainer.optimizers[0])
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
         self._embeddings, self._deferred_write = None, None
@@ -307,6 +308,8 @@ class DataValueEmbedding(StepHooks):
     def _release(self) -> None:
         if self._capture is not None:
             self._capture.detach()
+        if self._guard is not None:
+            self._guard.detach()
         if self._recorder is not None:
             self._recorder.store.close()
         if self._writer is not None:  # on an exception: keep what was queued, raise nothing new

@@ -80,10 +80,24 @@ class StepGuard:
         self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in capture.weights().items()}
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
+        self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._first_backward = True  # the next backward is its step's first
         self._tied_seen: set[str] = set()  # layers the check looked at in this step
         self._tied: UnsupportedError | None = None  # and its refusal
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
+        whatever the user does with ``.grad`` afterwards (``zero_grad`` in an ``optimizer_step`` override)."""
+        self.detach()
+        self._hook = optimizer.register_step_post_hook(lambda *_: setattr(self, "_applied", self._sample()))
+
+    def detach(self) -> None:
+        """Remove the step post-hook."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
@@ -116,6 +130,7 @@ class StepGuard:
         seen, refused = self._tied_seen, self._tied
         self._tied_seen, self._tied, self._first_backward = set(), None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
+        self._applied = None
         if not skipped:
             if refused is not None:
                 raise refused
@@ -137,14 +152,17 @@ class StepGuard:
                 "BackboneFinetuning), or exclude those modules.")
 
     def check_applied(self, step: int, factor: float) -> None:
-        """Refuse a step whose applied gradients are not ``factor`` times the backward's (``factor = clip /
-        loss scale``) on the sampled coordinates. Call after the optimizer step, before ``zero_grad``.
+        """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``
+        times the backward's (``factor = clip / loss scale``) on the sampled coordinates. Nothing to compare when
+        ``optimizer.step()`` did not run (a step the grad scaler skips).
 
         Raises:
             UnsupportedError: naming the layer, the measured and the modelled factor, and the fix.
         """
-        (names, before), (now, sampled) = self._stepped, self._sample()
-        after = torch.zeros_like(before)  # a gradient set to None since counts as zeroed
+        if self._applied is None:
+            return
+        (names, before), (now, sampled) = self._stepped, self._applied
+        after = torch.zeros_like(before)  # a gradient set to None before the step counts as zeroed
         for i, name in enumerate(names):
             if name in now:
                 after[i] = sampled[now.index(name)]

@@ -190,3 +190,16 @@ def test_a_tied_layer_first_reached_after_the_first_step_is_caught(fit: Callable
 
     with pytest.raises(UnsupportedError, match=r"layer 'aux': .* differs .*tied"):
         fit(LateTiedHead(), _dve(tmp_path))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradients_freed_after_the_step_are_not_refused(fit: Callable, tmp_path: Path, set_to_none: bool) -> None:
+    """An ``optimizer_step`` override that frees the gradients after stepping: the step consumed the backward's
+    gradients, which the step post-hook sampled."""
+
+    class FreesAfterStep(TinyMLP):
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+            optimizer.step(closure=optimizer_closure)
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    assert fit(FreesAfterStep(), _dve(tmp_path), gradient_clip_val=0.05).global_step == 4
