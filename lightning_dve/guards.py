@@ -153,15 +153,23 @@ class StepGuard:
 
     def check_applied(self, step: int, factor: float) -> None:
         """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``
-        times the backward's (``factor = clip / loss scale``) on the sampled coordinates. Nothing to compare when
-        ``optimizer.step()`` did not run (a step the grad scaler skips).
+        times the backward's (``factor = clip / loss scale``) on the sampled coordinates. The caller leaves out
+        the steps the grad scaler or Lightning skip; nothing to compare for a step without a backward.
 
         Raises:
-            UnsupportedError: naming the layer, the measured and the modelled factor, and the fix.
+            UnsupportedError: naming the layer, the measured and the modelled factor, and the fix; or if the
+                attached optimizer's ``step()`` did not run.
         """
-        if self._applied is None:
+        names, before = self._stepped
+        if not names:
             return
-        (names, before), (now, sampled) = self._stepped, self._applied
+        if self._applied is None:
+            raise UnsupportedError(
+                f"step {step}: the optimizer's step() did not run, or ran on another optimizer than the one fit "
+                "started with: the recorded update would not be the applied one. Keep the optimizer "
+                "configure_optimizers returned, and call optimizer.step(closure=optimizer_closure) in an "
+                "optimizer_step override.")
+        now, sampled = self._applied
         after = torch.zeros_like(before)  # a gradient set to None before the step counts as zeroed
         for i, name in enumerate(names):
             if name in now:

@@ -203,3 +203,12 @@ def test_gradients_freed_after_the_step_are_not_refused(fit: Callable, tmp_path:
             optimizer.zero_grad(set_to_none=set_to_none)
 
     assert fit(FreesAfterStep(), _dve(tmp_path), gradient_clip_val=0.05).global_step == 4
+
+
+def test_an_optimizer_replaced_after_fit_start_is_refused(fit: Callable, tmp_path: Path) -> None:
+    class Replaces(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.strategy.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.1)]
+
+    with pytest.raises(UnsupportedError, match=r"step 0: the optimizer's step\(\) did not run, or ran on another"):
+        fit(TinyMLP(), _dve(tmp_path), callbacks=[Replaces()])
