@@ -7,6 +7,7 @@ attribute declared here in ``__init__`` and ``on_fit_start``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -87,7 +88,6 @@ class StepHooks(pl.Callback):
         hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         self._active_guard().before_step(self._skipped)
-        self._active_guard().check_trainable(trainer.global_step)
         algorithm = callback_setup.clip_algorithm(trainer)
         clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
@@ -135,11 +135,10 @@ class StepHooks(pl.Callback):
             assert self._store is not None
             self._active_writer().append(record)
             self._last_step = record.step
-            if self._recorder is not None:
+            if self._recorder is not None:  # the step's bytes are counted only while "auto" is unresolved
                 others = [dim for name, dim in self._dims.items() if name not in self._assembler.owned]
-                step_bytes = step_store_bytes(record, self._store.manifest["storage_dtype"], others,
-                                              len(self._assembler.kinds))
-                self._recorder.after_step(step_bytes, pl_module)
+                self._recorder.after_step(partial(step_store_bytes, record, self._store.manifest["storage_dtype"],
+                                                  others, len(self._assembler.kinds)), pl_module)
             if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
                 self._active_writer().wait()  # a failed write is raised at the next (agreed) check
                 try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -355,14 +355,15 @@ class CheckpointRecorder:
         self.store.write_snapshot(step, {n: params[n] for group in names for n in group},
                                   _optimizer_state(optimizer, names))
 
-    def after_step(self, step_bytes: int, module: nn.Module) -> None:
+    def after_step(self, step_bytes: Callable[[], int], module: nn.Module) -> None:
         """Resolve ``interval="auto"`` from the gradient store's bytes per step, all ranks' layers together
-        (:func:`step_store_bytes`; a failed manifest write is kept for :meth:`check`)."""
+        (``step_bytes()``, e.g. :func:`step_store_bytes`, called only then: it encodes the step again; a failed
+        manifest write is kept for :meth:`check`)."""
         if self.interval != AUTO or not self.enabled or self.error is not None:
             return
         names = {n for group in self.store.manifest["groups"] for n in group}
         param_bytes = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n in names)
-        self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes)
+        self.interval = auto_interval(param_bytes * (1 + self.store.manifest["state_tensors"]), step_bytes())
         self.store.manifest["interval"] = self.interval
         with self._keeping_errors():
             self.store.write_manifest()

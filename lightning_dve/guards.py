@@ -169,11 +169,10 @@ class StepGuard:
                 "started with: the recorded update would not be the applied one. Keep the optimizer "
                 "configure_optimizers returned, and call optimizer.step(closure=optimizer_closure) in an "
                 "optimizer_step override.")
-        now, sampled = self._applied
-        after = torch.zeros_like(before)  # a gradient set to None before the step counts as zeroed
-        for i, name in enumerate(names):
-            if name in now:
-                after[i] = sampled[now.index(name)]
+        now, after = self._applied
+        if now != names:  # a gradient set to None before the step counts as zeroed
+            rows = dict(zip(now, after))
+            after = torch.stack([rows.get(name, torch.zeros_like(row)) for name, row in zip(names, before)])
         measured = (after * before).sum(1) / before.square().sum(1)
         spread = (after - measured[:, None] * before).norm(dim=1) / after.norm(dim=1).clamp_min(1e-300)
         compared = before.ne(0).any(1)  # rows with a sampled gradient
