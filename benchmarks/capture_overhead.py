@@ -29,6 +29,7 @@ Output: one JSON line per (model, variant) and a summary line per model. ``ratio
     .venv/bin/python benchmarks/capture_overhead.py            # default, ~3 min on 2 cores
     .venv/bin/python benchmarks/capture_overhead.py --quick    # CI smoke, a few seconds
     .venv/bin/python benchmarks/capture_overhead.py --full     # 5 repeats, 24 LM steps, projection 4096
+    .venv/bin/python benchmarks/capture_overhead.py --models lm --lm-steps 96 --dims 1024   # a longer fit
 
 ``benchmarks/step_breakdown.py`` splits the per-step cost into its parts (hooks, bookkeeping, recursion).
     .venv/bin/python benchmarks/capture_overhead.py --models lm --profile   # where the time goes
@@ -49,8 +50,9 @@ from typing import Any
 import _common as C
 
 
-def model_configs(mode: str) -> dict[str, dict[str, Any]]:
-    """Per model: data, batch, steps, projection dims and module kwargs for ``mode``."""
+def model_configs(mode: str, lm_steps: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per model: data, batch, steps, projection dims and module kwargs for ``mode`` (``lm_steps``: the LM's
+    steps instead of the mode's 12 or 24)."""
     if mode == "quick":
         return {
             "mlp": dict(n=256, batch=32, max_steps=-1, dims=[64, None], module={}),
@@ -58,7 +60,7 @@ def model_configs(mode: str) -> dict[str, dict[str, Any]]:
             "lm": dict(n=8, batch=4, max_steps=-1, dims=[64], seq=32,
                        module=dict(width=64, layers=2, heads=2, seq_len=32)),
         }
-    lm_steps = 24 if mode == "full" else 12
+    lm_steps = lm_steps or (24 if mode == "full" else 12)
     return {
         "mlp": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024, None], module={}),
         "cnn": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024], module={}),
@@ -216,6 +218,11 @@ def main() -> None:
     mode.add_argument("--full", action="store_true", help="5 repeats, 24 LM steps, projection 4096 too")
     parser.add_argument("--models", default="mlp,cnn,lm", help="comma-separated subset of mlp,cnn,lm")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--lm-steps", type=int, default=None, help="LM optimizer steps (default 12, --full 24): "
+                        "the one-off costs of a fit (projection set-up, train-end recursion, final snapshot) are "
+                        "spread over more steps")
+    parser.add_argument("--dims", default=None, help="comma-separated projection dims instead of the mode's "
+                        "(an int, or 'exact')")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="always cProfile the LM at projection 1024")
     parser.add_argument("--no-profile", action="store_true", help="never profile (default: profile if the LM "
@@ -227,7 +234,10 @@ def main() -> None:
     C.setup(args.threads)
     mode_name = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or {"quick": 1, "default": 3, "full": 5}[mode_name]
-    configs = model_configs(mode_name)
+    configs = model_configs(mode_name, args.lm_steps)
+    if args.dims:
+        for cfg in configs.values():
+            cfg["dims"] = [None if d == "exact" else int(d) for d in args.dims.split(",")]
     C.emit({"benchmark": "capture_overhead", "kind": "machine", "mode": mode_name, **C.machine(),
             "quiet_threshold": args.quiet, "loadavg_start": C.loadavg()})
     started = time.perf_counter()

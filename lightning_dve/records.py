@@ -34,9 +34,10 @@ def accumulation_dtype(storage: str) -> torch.dtype:
 def decode(name: str, tensors: dict[str, torch.Tensor], kind: str = GRADIENT) -> torch.Tensor:
     """Inverse of :func:`encode`, in float32 (float64 stays float64)."""
     grad = tensors[f"{kind}/{name}"]
-    grad = grad if grad.dtype == torch.float64 else grad.to(torch.float32)
     scale = tensors.get(_scale_key(name, kind))
-    return grad if scale is None else grad * scale.unsqueeze(1)
+    if scale is not None:  # one pass: float16 times the float32 scale promotes to float32
+        return grad * scale.to(torch.float32).unsqueeze(1)
+    return grad if grad.dtype == torch.float64 else grad.to(torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)

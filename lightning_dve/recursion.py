@@ -93,6 +93,16 @@ class BackwardRecursion:
         of = dict(zip(self.layer_order, values.tolist()))
         return torch.cat([torch.full((record.grads[n].shape[1],), of[n], dtype=dtype) for n in group])
 
+    def _row_scale(self, record: StepRecord, rates: dict[str, float], group: list[str], dtype: torch.dtype
+                   ) -> torch.Tensor:
+        """``lr w`` of a record's rows (``rates``: its rate per layer): ``[B, 1]`` when the group's layers share
+        one rate, else ``[B, K]``."""
+        weights = record.weights.to(dtype).unsqueeze(1)
+        shared = {rates[name] for name in group}
+        if len(shared) == 1:
+            return weights * shared.pop()
+        return self._columns(record, group, record.lrs, dtype) * weights
+
     def step(self, record: StepRecord) -> dict[str, torch.Tensor]:
         """Embed one step's occurrences and fold the step into the state (the loops above).
 
@@ -214,14 +224,16 @@ class BackwardRecursion:
             return self._block_momentum(records, scalars, update)
         out: list[dict[str, torch.Tensor]] = [{} for _ in records]
         sizes = [record.sample_ids.numel() for record in records]
+        rates = [dict(zip(self.layer_order, r.lrs.tolist())) for r in records]
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(records[0].grads[group[0]].dtype, torch.float32)
-            grads = torch.cat([_cat(r.grads, group, dtype) for r in records])
-            scale = torch.cat([self._columns(r, group, r.lrs, dtype) * r.weights.to(dtype).unsqueeze(1)
-                               for r in records])  # lr w per row and column: [n, K]
+            grads = _stack([r.grads for r in records], group, dtype)
+            scales = [self._row_scale(r, of, group, dtype) for r, of in zip(records, rates)]
+            width = max(s.shape[1] for s in scales)
+            scale = torch.cat([s.expand(-1, width) for s in scales])  # lr w: [n, 1] or [n, K]
             rows = None
             if self.curvature is Curvature.GGN:
-                rows = torch.cat([_cat(r.curvature, group, dtype) for r in records])
+                rows = _stack([r.curvature for r in records], group, dtype)
             elif self.curvature is Curvature.EMPIRICAL_FISHER:
                 rows = grads
             embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
@@ -319,6 +331,21 @@ def _group_scalars(layer_order: list[str], record: StepRecord, group: list[str])
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
     """A group's rows side by side, ``[B, K]``."""
     return torch.cat([rows[name].to(dtype) for name in group], dim=1)
+
+
+def _stack(rows: list[dict[str, torch.Tensor]], group: list[str], dtype: torch.dtype) -> torch.Tensor:
+    """Several records' rows of a group stacked, ``[n, K]``: one copy of each tensor (``_cat`` of each, then a
+    ``torch.cat``, would copy everything twice)."""
+    widths = [rows[0][name].shape[1] for name in group]
+    out = torch.empty(sum(r[group[0]].shape[0] for r in rows), sum(widths), dtype=dtype)
+    top = 0
+    for record in rows:
+        left, height = 0, record[group[0]].shape[0]
+        for name, width in zip(group, widths):
+            out[top:top + height, left:left + width] = record[name]
+            left += width
+        top += height
+    return out
 
 
 def _cat_vector(values: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:

@@ -36,7 +36,7 @@ def block_sgd(
     Args:
         accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
         grads: ``g [n, K]``, the steps' rows stacked from the latest step.
-        scale: ``lr w`` per row and column, ``[n, K]``.
+        scale: ``lr w`` per row, ``[n, 1]``, or per row and column, ``[n, K]``.
         rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
         sizes: rows of each step, ``B_j``.
         update: fold the block into ``accumulator``.

@@ -235,15 +235,35 @@ def test_orthogonal_checksum_does_not_depend_on_the_thread_count():
     """The QR factor's last bits differ between thread counts (Lightning's DDP launchers set cores / processes),
     so a store recorded under DDP must still load in a one-thread or many-thread process: the checksum covers the
     seeded draw, and the matrices agree to round-off."""
-    side = SideProjection(dim=129, projected_dim=102, seed=derive_seed(0, "head", "in"), orthogonal=True)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
-            torch.set_num_threads(n)
+            torch.set_num_threads(n)  # a fresh side each time: a side keeps its checksum once computed
+            side = SideProjection(dim=129, projected_dim=102, seed=derive_seed(0, "head", "in"), orthogonal=True)
             results.append((side.checksum(), side.matrix()))
     finally:
         torch.set_num_threads(threads)
     assert len({checksum for checksum, _ in results}) == 1
     for _, matrix in results[1:]:
         torch.testing.assert_close(matrix, results[0][1], rtol=0, atol=1e-13)
+
+
+def test_each_side_is_drawn_once_for_its_checksum_and_all_its_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's checksums, the float64 matrix and every dtype's copy come from one draw per side (a wide
+    model's sides were drawn three or four times per fit), and the copies equal the float64 matrix's cast."""
+    draws: list[int | None] = []
+    original = SideProjection._draw
+    monkeypatch.setattr(SideProjection, "_draw", lambda self: draws.append(self.seed) or original(self))
+    layer = LayerProjection.create("fc", 30, 41, 100, seed=3)
+    entry = layer.to_dict()
+    copy = layer.side_matrix("in", torch.float32, torch.device("cpu"))
+    assert len(draws) == 2 and set(draws) == {layer.output.seed, layer.input.seed}
+    assert torch.equal(copy, layer.side_matrix("in", torch.float64, torch.device("cpu")).float())
+    draws.clear()
+    loaded = LayerProjection.from_dict("fc", entry)
+    loaded.side_matrix("out", torch.float32, torch.device("cpu"))
+    assert len(draws) == 2
+    fresh = LayerProjection.create("fc", 30, 41, 100, seed=3)
+    assert torch.equal(loaded.side_matrix("out", torch.float64, torch.device("cpu")),
+                       fresh.output.matrix()) and entry == fresh.to_dict()

@@ -60,6 +60,18 @@ def test_blocks_match_the_explicit_product_and_the_step_by_step_recursion(layout
         torch.testing.assert_close(got_factors[key], factor, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("split", SPLITS)
+def test_blocks_mixing_steps_with_one_rate_and_per_layer_rates_in_a_group(split):
+    """One ``M`` over all layers, where some steps give every layer the same rate (a per-row scale) and others
+    a rate per layer (a per-column one): a block mixing both equals the explicit product and the step-by-step
+    recursion."""
+    shared, per_layer = random_records(seed=3, equal_lrs=True), random_records(seed=3)
+    records = [shared[i] if i % 2 else per_layer[i] for i in range(len(shared))]
+    got, _ = blocked(records, AccumulatorLayout.FULL, split)
+    assert_embeddings_close(got, reference(records, AccumulatorLayout.FULL), ORDER)
+    assert_embeddings_close(got, stepwise(records, AccumulatorLayout.FULL)[0], ORDER)
+
+
 @pytest.mark.parametrize("curvature", [Curvature.GGN, Curvature.NONE])
 @pytest.mark.parametrize("layout", [AccumulatorLayout.PER_LAYER, AccumulatorLayout.FULL])
 @pytest.mark.parametrize("split", SPLITS)
