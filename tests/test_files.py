@@ -147,3 +147,55 @@ def test_a_failed_write_says_what_is_kept_for_each_kind_of_file(tmp_path, monkey
         else:
             lightning_dve.files.write_atomic(path, {"x": torch.ones(2)}, {})
     assert sub == "steps" or "Every step" not in str(info.value)
+
+
+@pytest.mark.parametrize("writer", ["ours", "save_file"])
+def test_reader_returns_what_safetensors_returns(tmp_path, writer):
+    """``read_safetensors`` (one read, views of one buffer) against ``safetensors.torch.load_file``: every dtype,
+    empty and 0-dim tensors, the metadata; the tensors are writable and independent of each other."""
+    path, tensors = tmp_path / "x.safetensors", mixed_tensors()
+    if writer == "ours":
+        lightning_dve.files.write_safetensors(tensors, str(path), {"step": "3"})
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"step": "3"})
+    metadata, got = lightning_dve.files.read_safetensors(path)
+    expected = load_file(str(path))
+    assert metadata == {"step": "3"} and set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    got["b"].add_(1.0)
+    assert torch.equal(got["a"], expected["a"]) and torch.equal(got["b"], expected["b"] + 1.0)
+
+
+def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):
+    """Every prefix of a file is refused with a ``StoreError``; a changed header byte gives a ``StoreError``
+    exactly where ``safetensors`` refuses the bytes too, and otherwise the tensors ``safetensors`` reads from them
+    (a changed name or metadata byte is a valid file), never another exception."""
+    path, probe = tmp_path / "x.safetensors", tmp_path / "probe.safetensors"
+    lightning_dve.files.write_safetensors(mixed_tensors(), str(path), {"settings_hash": "h"})
+    raw = path.read_bytes()
+    for n in range(len(raw)):
+        probe.write_bytes(raw[:n])
+        with pytest.raises(StoreError, match="corrupt or truncated"):
+            lightning_dve.files.read_checked(probe, "h")
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    gen = torch.Generator().manual_seed(0)
+    refused = 0
+    for position, value in torch.randint(0, 256, (600, 2), generator=gen).tolist():
+        changed = bytearray(raw)
+        changed[position * header_end // 256] = value
+        probe.write_bytes(bytes(changed))
+        try:
+            expected = load_file(str(probe))
+        except Exception:  # noqa: BLE001 - safetensors refuses the bytes: so must we
+            refused += 1
+            with pytest.raises(StoreError, match="corrupt or truncated"):
+                lightning_dve.files.read_checked(probe, "h")
+            continue
+        try:
+            got = lightning_dve.files.read_checked(probe, "h")
+        except StoreError as err:  # the metadata changed: the settings check refuses it
+            assert "written with settings" in str(err)
+            continue
+        assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert refused > 100
