@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
@@ -233,7 +232,7 @@ def embed_trajectory(
     dtype: torch.dtype,
     bounds: list[tuple[int, int]] | None = None,
     progress: bool = False,
-    before_disk_use: Callable[[], Any] | None = None,
+    before_disk_use: Callable[[], object] = lambda: None,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
@@ -251,8 +250,7 @@ def embed_trajectory(
         bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
             ``None`` is one segment.
         progress: show a progress bar (rank 0).
-        before_disk_use: called on rank 0 before the store's disk use is counted (to wait for a file still being
-            written into the store, e.g. the final replay snapshot).
+        before_disk_use: rank 0 calls it before it counts the store's disk use (waits for the final snapshot).
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
@@ -296,8 +294,7 @@ def embed_trajectory(
         try:
             store.write_segments(bounds, factors)
             store.manifest["embeddings"] = "complete"
-            if before_disk_use is not None:
-                before_disk_use()
+            before_disk_use()
             store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
         except DVEError as err:
             error = err
