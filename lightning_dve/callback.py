@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -269,23 +268,26 @@ class DataValueEmbedding(StepHooks):
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the recording on every rank, run the backward recursion and write the report."""
-        store, error, self._train_ended = self._active_store(), None, True
+        store, error, replay_error, self._train_ended = self._active_store(), None, None, True
         try:
             self._check_writes()
             self._active_writer().close()  # every queued step is on disk before the store is finished
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
-        with ThreadPoolExecutor(max_workers=1) as pool:  # the final replay snapshot is written during the recursion
-            snapshot = pool.submit(self._final_snapshot, trainer, pl_module, time.perf_counter())
-            sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
-            dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
-            bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
-                      else segment_bounds(len(store.steps), self.config.segments))
-            sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
-                                  progress=trainer.progress_bar_callback is not None, before_disk_use=snapshot.result)
-        replay_error = snapshot.result()
+        try:  # rank 0; only exact replay needs the final snapshot: its failure does not cost the embeddings
+            if self._recorder is not None:
+                self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
+                                      time.perf_counter() - self._train_started)
+        except DVEError as err:
+            replay_error = err
         self._release()
+        sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
+        dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
+        bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
+                  else segment_bounds(len(store.steps), self.config.segments))
+        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
+                              progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
@@ -293,16 +295,6 @@ class DataValueEmbedding(StepHooks):
                                       self.report_config, self.reference, self.describe, self.sample_ids), store.root)
         if replay_error is not None:
             callback_setup.warn_replay_lost(replay_error)
-
-    def _final_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: float) -> DVEError | None:
-        """Rank 0's final replay snapshot and training time; its error is returned, not raised: only exact replay
-        needs the snapshot, so a failure does not cost the embeddings."""
-        try:
-            if self._recorder is not None:
-                self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0], now - self._train_started)
-        except DVEError as err:
-            return err
-        return None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import warnings
 import weakref
@@ -29,7 +28,6 @@ _DTYPE_CODES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", 
                 torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
 _LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
@@ -177,9 +175,11 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
     if not path.is_file():
         raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
                          "Restore the file or record the run again.")
-    try:
-        metadata, tensors = read_safetensors(path)
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError) as err:
+    try:  # one read; safetensors parses and checks the whole file at once (per-tensor reads cost twice as much)
+        data = path.read_bytes()
+        tensors = dict(sorted(load_safetensors(data).items()))  # by name, as safe_open lists them
+        metadata = _metadata(data)
+    except (SafetensorError, ValueError, OSError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
                          "run again, or restore the file from a backup.") from err
     if metadata.get("settings_hash") != settings_hash:
@@ -193,50 +193,10 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
     return tensors
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a safetensors file, read at once: the tensors are views of one buffer.
-
-    One read and no per-tensor call (``safe_open(...).get_tensor`` costs more than a small tensor's copy, and a
-    step file holds a few tensors per layer). Checks what safetensors checks: the header fits the file, every
-    tensor's bytes match its dtype and shape, they follow each other from the header's end to the file's end.
-    A dtype :func:`write_safetensors` does not write itself, or unaligned data, goes through safetensors.
-
-    Raises:
-        ValueError, KeyError, TypeError: if the file is not a complete safetensors file (truncated, corrupt).
-        OSError: if it cannot be read.
-    """
-    with open(path, "rb") as handle:
-        data = bytearray(os.fstat(handle.fileno()).st_size)
-        if handle.readinto(data) != len(data):
-            raise ValueError("the file changed size while it was read")
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else len(data)
-    if len(data) < 8 or 8 + size > len(data):
-        raise ValueError(f"the header ({size} bytes) does not fit in the file ({len(data)} bytes)")
-    header = json.loads(data[8:8 + size])
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, torch.Tensor] = {}
-    end = 0
-    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        dtype, (lo, hi), shape = _CODE_DTYPES.get(info["dtype"]), info["data_offsets"], info["shape"]
-        if dtype is None or (8 + size + lo) % dtype.itemsize:
-            return _metadata_of(metadata), load_safetensors(bytes(data))
-        if lo != end or any(not isinstance(d, int) or d < 0 for d in shape) or \
-                hi - lo != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: bytes {lo}..{hi} do not hold {info['dtype']} {shape} after byte {end}")
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, offset=8 + size + lo, count=(hi - lo) // dtype.itemsize) if hi > lo
-                         else torch.empty(0, dtype=dtype)).reshape(shape)
-        end = hi
-    if 8 + size + end != len(data):
-        raise ValueError(f"the tensors end at byte {8 + size + end} of {len(data)}")
-    return _metadata_of(metadata), tensors
-
-
-def _metadata_of(metadata: Any) -> dict[str, str]:
-    if not isinstance(metadata, dict):
-        raise TypeError("__metadata__ is not a JSON object")
-    return metadata
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (their header, which safetensors has checked)."""
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return header.get("__metadata__") or {}
 
 
 def read_step_header(path: Path) -> tuple[int, list[float], list[float]]:

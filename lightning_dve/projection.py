@@ -58,7 +58,7 @@ class SideProjection:
     projected_dim: int
     seed: int | None
     orthogonal: bool = False
-    _checksum: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)  # memo
+    _checksum: dict[str, str] = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def is_identity(self) -> bool:
@@ -81,10 +81,9 @@ class SideProjection:
         if self.seed is None:
             return torch.eye(self.dim, dtype=torch.float64)
         draw = self._draw()
-        if self.orthogonal:  # the checksum hashes this draw: keep it, so that it is not drawn again for that
-            self._checksum.setdefault("draw", _digest(b"orthogonal:" + draw.numpy().tobytes()))
         if not self.orthogonal:
             return draw / math.sqrt(self.projected_dim)
+        self._checksum.setdefault("value", _digest(b"orthogonal:" + draw.numpy().tobytes()))  # not drawn again
         q, r = torch.linalg.qr(draw.T)
         return (q * torch.sign(torch.diagonal(r))).T * math.sqrt(self.dim / self.projected_dim)
 
@@ -92,23 +91,21 @@ class SideProjection:
         """Return a sha256 prefix that identifies the matrix (identity: a fixed tag).
 
         Gaussian sides hash the matrix bytes; orthogonal sides hash their draw with a tag, because the QR factor's
-        last bits differ between thread counts and CPUs while the draw's do not.
+        last bits differ between thread counts and CPUs while the draw's do not. Computed once per side (also by
+        :meth:`matrix`, from its own draw).
         """
         if self.seed is None:
             return "identity"
-        if "draw" not in self._checksum:
+        if "value" not in self._checksum:
             data = b"orthogonal:" + self._draw().numpy().tobytes() if self.orthogonal else \
                 self.matrix().numpy().tobytes()
-            self._checksum["draw"] = _digest(data)
-        return self._checksum["draw"]
+            self._checksum["value"] = _digest(data)
+        return self._checksum["value"]
 
 
 def _digest(data: bytes) -> str:
+    """A sha256 prefix of ``data``: the checksum of a projection side."""
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _base_key(side: str) -> tuple[torch.dtype, torch.device, str]:
-    return torch.float64, torch.device("cpu"), side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,18 +138,12 @@ class LayerProjection:
         """Return the side's matrix ``[k, d]`` in ``dtype`` on ``device``, or ``None`` for the identity."""
         key = (dtype, device, side)
         if key not in self._cache:
-            base = self.side_matrix(side, torch.float64, torch.device("cpu")) if key != _base_key(side) else None
             proj = self.output if side == "out" else self.input
-            if proj.is_identity:
-                self._cache[key] = None
-            else:  # every copy comes from the one float64 draw
-                self._cache[key] = proj.matrix() if base is None else base.to(device=device, dtype=dtype)
+            self._cache[key] = None if proj.is_identity else proj.matrix().to(device=device, dtype=dtype)
         return self._cache[key]
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the manifest entry: seeds, shapes and checksums of both sides (drawn once with the matrices)."""
-        for side in ("out", "in"):
-            self.side_matrix(side, torch.float64, torch.device("cpu"))
+        """Return the manifest entry: seeds, shapes and checksums of both sides."""
         return {
             side: {"dim": p.dim, "projected_dim": p.projected_dim, "seed": p.seed, "orthogonal": p.orthogonal,
                    "checksum": p.checksum()}
@@ -168,9 +159,7 @@ class LayerProjection:
         """
         sides = {s: SideProjection(data[s]["dim"], data[s]["projected_dim"], data[s]["seed"],
                                    data[s].get("orthogonal", False)) for s in ("out", "in")}
-        layer = cls(sides["out"], sides["in"])
         for side, proj in sides.items():
-            layer.side_matrix(side, torch.float64, torch.device("cpu"))  # drawn once, with its checksum
             if proj.checksum() != data[side]["checksum"]:
                 raise StoreError(
                     f"projection of layer {name!r} ({side} side, seed {proj.seed}) regenerates with checksum "
@@ -178,4 +167,4 @@ class LayerProjection:
                     "with another projection (or another torch random generator). Re-record the run with this "
                     "installation, or score it with the torch version that wrote it."
                 )
-        return layer
+        return cls(sides["out"], sides["in"])

@@ -232,7 +232,6 @@ def embed_trajectory(
     dtype: torch.dtype,
     bounds: list[tuple[int, int]] | None = None,
     progress: bool = False,
-    before_disk_use: Callable[[], object] = lambda: None,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
@@ -250,7 +249,6 @@ def embed_trajectory(
         bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
             ``None`` is one segment.
         progress: show a progress bar (rank 0).
-        before_disk_use: rank 0 calls it before it counts the store's disk use (waits for the final snapshot).
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
@@ -294,7 +292,6 @@ def embed_trajectory(
         try:
             store.write_segments(bounds, factors)
             store.manifest["embeddings"] = "complete"
-            before_disk_use()
             store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
         except DVEError as err:
             error = err

@@ -151,20 +151,38 @@ def test_a_failed_write_says_what_is_kept_for_each_kind_of_file(tmp_path, monkey
 
 @pytest.mark.parametrize("writer", ["ours", "save_file"])
 def test_reader_returns_what_safetensors_returns(tmp_path, writer):
-    """``read_safetensors`` (one read, views of one buffer) against ``safetensors.torch.load_file``: every dtype,
-    empty and 0-dim tensors, the metadata; the tensors are writable and independent of each other."""
+    """``read_checked`` (one read, one ``safetensors.torch.load``) against ``load_file``: every dtype, empty and
+    0-dim tensors; the tensors are writable and independent of each other and of the file's bytes."""
     path, tensors = tmp_path / "x.safetensors", mixed_tensors()
     if writer == "ours":
-        lightning_dve.files.write_safetensors(tensors, str(path), {"step": "3"})
+        lightning_dve.files.write_safetensors(tensors, str(path), {"settings_hash": "h", "step": "3"})
     else:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"step": "3"})
-    metadata, got = lightning_dve.files.read_safetensors(path)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"settings_hash": "h", "step": "3"})
+    got = lightning_dve.files.read_checked(path, "h", step=3)
     expected = load_file(str(path))
-    assert metadata == {"step": "3"} and set(got) == set(expected)
+    assert set(got) == set(expected)
     for name, tensor in expected.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
     got["b"].add_(1.0)
     assert torch.equal(got["a"], expected["a"]) and torch.equal(got["b"], expected["b"] + 1.0)
+
+
+def test_a_small_tensor_kept_from_a_read_does_not_keep_the_file_in_memory(tmp_path):
+    """Callers keep a step's sample ids and weights (the replay caches them for every step): they must not hold
+    the step file's buffer, or a replay keeps the whole gradient store in memory."""
+    import tracemalloc
+
+    path = tmp_path / "x.safetensors"
+    lightning_dve.files.write_safetensors({"ids": torch.arange(4), "grads": torch.randn(4, 2**18)}, str(path),
+                                          {"settings_hash": "h"})
+    tracemalloc.start()
+    try:
+        kept = [lightning_dve.files.read_checked(path, "h")["ids"] for _ in range(3)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 3 and held < 2**20  # each file holds 4 MiB of gradients
 
 
 def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):

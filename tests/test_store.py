@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -365,15 +364,7 @@ def test_an_overwriting_fit_that_trains_nothing_keeps_the_finished_store(fit, ml
     torch.testing.assert_close(DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores, expected)
 
 
-@pytest.mark.parametrize("slow_snapshot", [False, True])
-def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir, monkeypatch, slow_snapshot):
-    """``bytes_total`` counts every file, the final replay snapshot included, which is written while the
-    recursion runs: a snapshot slower than the recursion is waited for before the store is counted."""
-    if slow_snapshot:
-        from lightning_dve.checkpoints import CheckpointRecorder
-
-        finish = CheckpointRecorder.finish
-        monkeypatch.setattr(CheckpointRecorder, "finish", lambda *a, **k: time.sleep(0.5) or finish(*a, **k))
+def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
     fit(mlp_cls(), DataValueEmbedding(save_dir, report=None, segments=2), max_epochs=2)
     manifest = json.loads((save_dir / "manifest.json").read_text())
     size = {sub: sum(p.stat().st_size for p in (save_dir / sub).rglob("*") if p.is_file())
