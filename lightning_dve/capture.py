@@ -326,15 +326,14 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
-    def check_blocks_sum_to_grad(self, loss_scale: float = 1.0, tolerance: float = 1e-2,
-                                 only: set[str] | None = None) -> set[str]:
+    def check_blocks_sum_to_grad(self, tolerance: float = 1e-2, only: set[str] | None = None) -> set[str]:
         """Refuse a layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
 
         The hooks see only what flows through the module's own calls; a weight that is tied to another
         module's or also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient
         the hooks cannot attribute to samples. Valid right after one backward of the whole step (no
-        accumulation, one process), before clipping; ``loss_scale`` is the grad scaler's factor on the loss. Returns
-        the layers checked (of ``only``, default all): those the step reached.
+        accumulation, one process), before clipping and before a grad scaler's unscaling (the hooks saw the same
+        scaled loss). Returns the layers checked (of ``only``, default all): those the step reached.
 
         Raises:
             UnsupportedError: naming the layer, with the relative mismatch.
@@ -350,8 +349,7 @@ class GradientCapture:
             expected = full.to(block.dtype)
             expected = expected if p_out is None else p_out @ expected
             expected = expected if p_in is None else expected @ p_in.T
-            captured = block.sum(dim=0) / loss_scale  # the hooks saw the scaled loss, .grad is unscaled
-            error = float((captured - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
+            error = float((block.sum(dim=0) - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
             if error > tolerance:
                 raise UnsupportedError(
                     f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "

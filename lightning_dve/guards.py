@@ -114,7 +114,7 @@ class StepGuard:
         self._backward = self._sample()
         if check_blocks and self._first_backward and self.unchecked:
             try:  # ``.grad`` is as scaled as the blocks here
-                self._tied_seen = self.capture.check_blocks_sum_to_grad(loss_scale=1.0, only=self.unchecked)
+                self._tied_seen = self.capture.check_blocks_sum_to_grad(only=self.unchecked)
             except UnsupportedError as err:
                 self._tied = err
         self._first_backward = False
