@@ -166,6 +166,25 @@ def test_preconditioned_rows_equal_the_per_example_oracle(projection_dim: int | 
             torch.testing.assert_close(rows[name][i], expected[1].flatten(), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("count", [1, 3, 40])
+def test_rank_one_factors_are_the_bias_corrected_preconditioner_of_a_rank_one_second_moment(count: int) -> None:
+    """Projected mode's ``r c^T`` (``adam_factors``) reproduces ``1 / (sqrt(v / (1 - beta2^t)) + eps)`` exactly (up to
+    ``sqrt(eps)``) when ``v`` is rank 1, bias column included. Oracle: torch's bias-corrected denominator."""
+    from lightning_dve.adam import adam_factors
+
+    gen = torch.Generator().manual_seed(count)
+    layer = nn.Linear(5, 4).to(DTYPE)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-12)
+    rows, cols = torch.rand(4, generator=gen, dtype=DTYPE) + 0.1, torch.rand(6, generator=gen, dtype=DTYPE) + 0.1
+    second = 1e-4 * rows[:, None] * cols[None, :]  # [d_out, d_in + bias]
+    for param, v in ((layer.weight, second[:, :5]), (layer.bias, second[:, 5])):
+        optimizer.state[param] = {"step": torch.tensor(float(count)), "exp_avg": torch.zeros_like(param),
+                                  "exp_avg_sq": v.clone()}
+    r, c = adam_factors(optimizer, {"layer": layer})["layer"]
+    expected = 1.0 / ((second / (1 - 0.999**count)).sqrt() + 1e-12)
+    torch.testing.assert_close(r[:, None] * c[None, :], expected, rtol=1e-4, atol=0)
+
+
 # --- recorded terms ----------------------------------------------------------------------------------------
 
 
@@ -201,6 +220,8 @@ class AdamMLP(TinyMLP):
         if self.kind == "adam_decoupled":  # the same update as AdamW
             return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1,
                                     decoupled_weight_decay=True)
+        if self.kind == "adam_l2":  # L2 decay: lambda theta is added to the clipped gradient
+            return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
         return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.99))
 
 
@@ -218,25 +239,27 @@ def fit_adam(tmp_path: Path, kind: str, projection_dim: int | None, second_momen
     return probe, TrajectoryStore.open(tmp_path / "dve")
 
 
-@pytest.mark.parametrize("kind", ["adamw", "adam", "adam_decoupled", "adamw_max"])
+@pytest.mark.parametrize("kind", ["adamw", "adam", "adam_decoupled", "adamw_max", "adam_l2"])
 def test_recorded_adam_terms_reproduce_the_applied_update(tmp_path: Path, kind: str) -> None:
     """Exact mode, clipping binding: the recorded preconditioner equals torch's ``1 / (sqrt(v / (1 - beta2^t))
     + eps)`` after the step, and ``theta' = (1 - shrink) theta - lr P * m`` with ``m = beta1 m + gain g`` rebuilds
-    the applied update from the recorded terms alone."""
+    the applied update from the recorded terms alone (``g + lambda theta`` under Adam's L2 decay)."""
     probe, store = fit_adam(tmp_path, kind, None)
     layer = store.layer_names.index("net.0")
     momentum = None
     for step, row in enumerate(probe.rows):
         record = store.read_step(step)
-        mu, gain, shrink = (float(record.optim[k][layer]) for k in ("momentum", "gain", "shrink"))
+        terms = ("momentum", "gain", "shrink", "weight_decay")
+        mu, gain, shrink, decay = (float(record.optim[k][layer]) for k in terms)
         assert mu == 0.8 and gain < 0.2  # (1 - beta1) * clip, clipping binds
         precond = record.vectors["precond"]["net.0"].reshape(row["v"].shape)
         torch.testing.assert_close(precond, 1.0 / ((row["v"] / (1 - 0.99 ** row["count"])).sqrt() + 1e-8))
-        contribution = gain * row["grad"]
+        contribution = gain * (row["grad"] + decay * row["theta"])
         momentum = contribution if momentum is None else mu * momentum + contribution
         expected = (1 - shrink) * row["theta"] - float(record.lrs[layer]) * precond * momentum
         torch.testing.assert_close(row["after"], expected, rtol=1e-9, atol=1e-14)
-        assert (shrink > 0) == (kind != "adam")
+        assert (shrink > 0) == (kind not in ("adam", "adam_l2"))
+        assert (decay != 0) == (kind == "adam_l2")
 
 
 def test_adam_with_decoupled_decay_is_modelled_and_replayed_as_adamw(tmp_path: Path) -> None:
@@ -296,6 +319,21 @@ def test_projected_adam_rates_carry_the_first_steps_mean_preconditioner(tmp_path
     assert float(store.read_step(0).lrs[layer]) == pytest.approx(0.01 / (1 - 0.8) * mean, rel=1e-9)
     assert float(store.read_step(1).lrs[layer]) == pytest.approx(0.01 / (1 - 0.8**2), rel=1e-12)
     assert set(store.read_step(1).preconditioned) == set(store.layer_names) and not store.read_step(1).vectors
+
+
+def test_projected_adam_l2_decay_carries_the_previous_steps_mean_preconditioner(tmp_path: Path) -> None:
+    """Projected mode, Adam's L2 decay: the rows carry ``r c^T ~ P_{t-1}`` but ``lambda theta`` does not, so the
+    recorded decay is ``lambda / clip`` times the ``v``-weighted mean of ``P_{t-1}`` (from torch's ``v`` after the
+    previous step), and ``gain * weight_decay`` keeps torch's sign and size."""
+    probe, store = fit_adam(tmp_path, "adam_l2", 1024)
+    layer = store.layer_names.index("net.0")
+    for step in range(1, len(probe.rows)):
+        previous = probe.rows[step - 1]
+        v_hat = previous["v"] / (1 - 0.99 ** previous["count"])
+        mean = float((v_hat / (v_hat.sqrt() + 1e-8)).sum() / v_hat.sum())
+        record = store.read_step(step)
+        clip = float(record.optim["gain"][layer]) / (1 - 0.8)
+        assert float(record.optim["weight_decay"][layer]) == pytest.approx(0.1 * mean / clip, rel=1e-9)
 
 
 # --- fidelity ----------------------------------------------------------------------------------------------

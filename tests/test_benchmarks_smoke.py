@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def test_quick_benchmark_runs_and_prints_json_lines(name: str, tmp_path: Path) -
     if name == "dattri_compare" and importlib.util.find_spec("dattri") is None:
         pytest.skip("dattri is a benchmark-only dependency: pip install dattri==0.3.0")
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick"], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})  # this checkout's package
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert len(records) >= 2 and all("benchmark" in r for r in records)

@@ -21,6 +21,7 @@ from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups, gather_
 from lightning_dve.updates import StepTerms
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -38,7 +39,9 @@ TEARDOWN_ABORT = ("`Trainer.fit` stopped", "terminate called without an active e
 def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``ddp_run.py`` on its own free port (so parallel runs on one machine cannot collide)."""
     for _ in range(2):
-        env = {**os.environ, "MASTER_PORT": str(free_port())}
+        # the script imports lightning_dve from this checkout, not from wherever the package is installed
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONPATH": path}
         proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
                               capture_output=True, text=True, timeout=timeout, env=env)
         if mode != "ddp_spawn" or not all(mark in proc.stderr for mark in TEARDOWN_ABORT):
@@ -231,6 +234,24 @@ def test_sample_ids_beyond_float64_precision_are_gathered_exactly() -> None:
     assembler.add(micro(ids))
     record = assembler.close(step=0, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
     assert record is not None and record.sample_ids.tolist() == ids and record.sample_ids.dtype == torch.int64
+
+
+def test_weights_and_rows_of_several_micro_batches_are_gathered_exactly_in_float64() -> None:
+    """Weights that float32 cannot hold (``w / (n W)`` with an odd micro-batch count, here 1/3 and 1/6) and rows
+    arrive in the record bit for bit, in rank, micro-batch and position order. Oracle: the inputs themselves."""
+    first = MicroBatch(torch.tensor([4, 9]), torch.tensor([1 / 3, 0.1], dtype=torch.float64),
+                       {"a": torch.randn(2, 2, dtype=torch.float64), "b": torch.randn(2, 3, dtype=torch.float64)})
+    second = MicroBatch(torch.tensor([5]), torch.tensor([1 / 6], dtype=torch.float64),
+                        {"a": torch.randn(1, 2, dtype=torch.float64), "b": torch.randn(1, 3, dtype=torch.float64)})
+    assembler = StepAssembler(SingleProcess(), {"a": 2, "b": 3}, ["a", "b"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(first)
+    assembler.add(second)
+    record = assembler.close(step=0, terms=StepTerms(torch.ones(2), {}, {}), epoch=0, last_batch=False)
+    assert record is not None and record.sample_ids.tolist() == [4, 9, 5]
+    assert record.weights.dtype == torch.float64
+    assert torch.equal(record.weights, torch.cat([first.weights, second.weights]))
+    for name in ("a", "b"):
+        assert torch.equal(record.grads[name], torch.cat([first.grads[name], second.grads[name]]))
 
 
 def test_skipped_step_on_every_rank_records_nothing() -> None:

@@ -147,6 +147,21 @@ def test_top_k_returns_highest_and_lowest_mean_scores(trained, test_batch):
     assert everything.scores.numel() == result.scores.shape[1]
 
 
+def test_float64_test_gradients_are_scored_in_float64_against_a_float32_store(trained, test_batch):
+    """Scores are taken in the wider of the two dtypes: float64 test gradients against the (float32) stored
+    embeddings give float64 scores equal to the explicit float64 products ``sum_l g_l e_l^T``, per step."""
+    embeddings = trained.dve.embeddings
+    test = {n: g.double() * (1 + 1e-6) for n, g in embeddings.test_gradients(trained.model, test_batch).items()}
+    result = embeddings.score(test, per_step=True)
+    assert result.scores.dtype == torch.float64
+    columns = []
+    for step in embeddings.steps:
+        _, stored = embeddings.store.read_embeddings(step, embeddings.store.layer_names)
+        assert all(e.dtype == torch.float32 for e in stored.values())
+        columns.append(sum(test[n] @ e.double().T for n, e in stored.items()))
+    torch.testing.assert_close(result.scores, torch.cat(columns, dim=1), rtol=1e-12, atol=1e-15)
+
+
 # --- a store recorded with per-sample loss weights ---------------------------------------------------------
 
 

@@ -35,11 +35,12 @@ class UpdateProbe(L.Callback):
         self.updates.append(pl_module.net[0].weight.detach() - self._before)
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("clip", [None, 0.05, 1e3])
 def test_recorded_learning_rate_times_gradient_is_the_applied_update(
     mlp_cls: type, tmp_path: Path, clip: float | None
 ) -> None:
-    """With a step schedule and (optionally) norm clipping that binds, ``-lr_recorded * grad == update``."""
+    """With a step schedule and (optionally) norm clipping, ``-lr_recorded * grad == update``; a clip value above
+    the gradient norm leaves the rate alone (torch's factor is ``min(1, c / ||g||)``, never above 1)."""
 
     class Scheduled(mlp_cls):
         def configure_optimizers(self):
@@ -58,7 +59,7 @@ def test_recorded_learning_rate_times_gradient_is_the_applied_update(
         torch.testing.assert_close(update, -lrs[step] * grad, rtol=1e-10, atol=1e-15)
         scheduled = 0.5 * 0.7**step
         clipped += bool(lrs[step] < scheduled * (1 - 1e-9))
-    assert clipped == (4 if clip else 0)  # the clip binds on every step at 0.05
+    assert clipped == (4 if clip == 0.05 else 0)  # the clip binds on every step at 0.05, never at 1e3
 
 
 def test_value_clipping_warns_that_it_is_ignored(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
@@ -150,6 +151,10 @@ def test_a_layer_the_step_does_not_reach_is_skipped_as_torch_skips_it(
         assert (float(record.optim["gain"][aux]) == 0.0) == skipped
         assert (float(record.optim["momentum"][aux]) == 1.0) == skipped
         assert bool((record.grads["aux"] == 0).all()) == skipped
+    # the reported learning rate (curves' influence / lr) is the head's param-group rate, 0 where it was skipped
+    group_lr = model.configure_optimizers().param_groups[0]["lr"]
+    expected = torch.tensor([0.0 if step % 2 else group_lr for step in store.steps], dtype=torch.float64)
+    torch.testing.assert_close(dve.embeddings.learning_rates[:, aux].to(torch.float64), expected, rtol=0, atol=0)
     assert dve.embeddings.influence(model, DigitsDict(range(1500, 1504)).batch()).scores.isfinite().all()
 
 

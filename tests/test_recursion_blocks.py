@@ -252,3 +252,35 @@ def test_float32_momentum_blocks_stay_within_round_off_of_float64():
     expected = torch.cat([exact.step(r)["a"] for r in records[::-1]])
     assert got.dtype == torch.float32
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def scheduled_momentum(records: list[StepRecord], seed: int) -> list[StepRecord]:
+    """The same records with a momentum that changes from step to step (a cycled momentum, as OneCycleLR sets it)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for r in records:
+        momentum = 0.3 + 0.65 * torch.rand(2, generator=gen, dtype=torch.float64)
+        lead = {"lead": momentum} if "lead" in r.optim else {}  # Nesterov's lead is the step's own momentum
+        out.append(dataclasses.replace(r, optim={**r.optim, "momentum": momentum, **lead}))
+    return out
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("split", [[6], [2, 4], [1, 2, 3], [3, 1, 2]])
+def test_momentum_blocks_with_a_momentum_schedule_match_the_linearised_dynamics(nesterov, split, momentum_calls):
+    """A velocity change at step ``t`` decays by ``mu_{t+1}``, the next step's momentum, inside a block and across
+    blocks. Oracle: the (theta, velocity) linear system run forward from each occurrence
+    (``tests.test_momentum.linearised_removal``), and the step-by-step recursion."""
+    from tests.test_momentum import linearised_removal
+
+    records = scheduled_momentum(momentum_records(seed=17, nesterov=nesterov), seed=17)
+    run_both(records, AccumulatorLayout.PER_LAYER, split)
+    assert len(momentum_calls) == 2 * len(split)
+    recursion, backward, got, start = BackwardRecursion(ORDER, AccumulatorLayout.PER_LAYER), records[::-1], [], 0
+    for size in split:
+        got.extend(recursion.block(backward[start:start + size]))
+        start += size
+    for record, embedding in zip(backward, got):
+        for z in range(len(record.sample_ids)):
+            expected = linearised_removal(records, record.step, z, [slice(0, 3), slice(3, 5)])
+            torch.testing.assert_close(torch.cat([embedding[k][z] for k in ORDER]), expected, rtol=1e-10, atol=1e-13)

@@ -79,7 +79,8 @@ def test_load_in_a_fresh_process_scores_like_in_process(trained, tmp_path, test_
     out = tmp_path / "scores.safetensors"
     done = subprocess.run([sys.executable, str(script), str(trained.root), str(tmp_path / "model.safetensors"),
                            str(tmp_path / "batch.safetensors"), str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's package
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = load_file(out)
 
