@@ -158,6 +158,13 @@ def clip_factor(optimizer: torch.optim.Optimizer, clip_val: float | None, algori
 
 
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient is finite: a ``GradScaler`` skips the step otherwise (checked after unscaling)."""
-    return all(bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None)
+    """Whether every gradient is finite: a ``GradScaler`` skips the step otherwise (checked after unscaling).
+
+    One host read per device, not one per parameter (each read waits for the device).
+    """
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+    return all(bool(torch.stack(found).all()) for found in flags.values())

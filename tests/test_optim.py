@@ -189,3 +189,20 @@ def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_p
         warnings.filterwarnings("error", message=".*param group.*")
         fit(SameSettings(), DataValueEmbedding(tmp_path / "b", projection_dim=16, report=None))
         fit(ListBetas(), DataValueEmbedding(tmp_path / "c", projection_dim=16, report=None))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_grads_finite_is_false_when_any_gradient_has_a_non_finite_entry(bad: float | None) -> None:
+    """What a ``GradScaler`` skips: one non-finite entry in any parameter's gradient (parameters without a
+    gradient do not count). Oracle: ``torch.isfinite`` over every gradient."""
+    from lightning_dve.optim import grads_finite
+
+    params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4)),
+              torch.nn.Parameter(torch.ones(1))]
+    optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    assert grads_finite(optimizer)  # no gradients at all
+    params[0].grad, params[1].grad = torch.randn(3, 2), torch.randn(4)
+    if bad is not None:
+        params[1].grad[2] = bad
+    expected = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+    assert grads_finite(optimizer) is expected and expected == (bad is None)
