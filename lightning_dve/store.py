@@ -250,8 +250,9 @@ class TrajectoryStore:
         self._scan_steps(after=after, drop=True)
         later = [f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after]
         remove_files([*(self.root / EMBEDDINGS).glob("*.safetensors"), *later])
-        if self.manifest.get("run_id") is not None:  # a new branch: the old run's checkpoints hold up to ``after``
-            self.manifest["run_lineage"] = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
+        if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
+            lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
+            self.manifest["run_lineage"] = [[run, min(kept, after)] for run, kept in lineage]
             self.manifest["run_id"] = uuid.uuid4().hex
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()

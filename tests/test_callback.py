@@ -8,6 +8,7 @@ weights the optimizer actually applied.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -490,6 +491,21 @@ def test_default_layout_resolves_from_the_tracked_sizes_at_each_fit(fit, mlp_cls
     fit(mlp_cls(hidden=128), dve)
     assert dve.config.layout is AccumulatorLayout.PER_LAYER
     assert dve.embeddings.store.manifest["settings"]["layout"] == "per_layer"
+
+
+@pytest.mark.parametrize("returned", [torch.tensor(0.25), torch.full((4, 1), 0.25), torch.full((3,), 0.25)])
+def test_loss_weights_of_another_shape_than_the_batch_are_refused(returned: torch.Tensor) -> None:
+    """Oracle: the batch size. A ``loss_reduction`` callable must give one weight per sample; a scalar (the mean
+    weight), a column or a short vector would broadcast over the batch's per-sample gradients without an error."""
+    from lightning_dve.batches import reduction_weights
+    from lightning_dve.config import LossReduction
+
+    batch = {"x": torch.zeros(4, 2)}
+    shape = re.escape(str(tuple(returned.shape)))
+    with pytest.raises(ConfigError, match=rf"returned shape {shape}; expected \(4,\)"):
+        reduction_weights(LossReduction.WEIGHTS, batch, 4, lambda _: returned)
+    weights = reduction_weights(LossReduction.WEIGHTS, batch, 4, lambda _: torch.full((4,), 0.25))
+    assert weights.dtype == torch.float64 and weights.tolist() == [0.25] * 4
 
 
 def test_check_finite_names_the_layer_and_samples_and_ignores_an_overflowing_sum():

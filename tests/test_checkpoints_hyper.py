@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ from lightning_dve import StoreError
 from lightning_dve import checkpoints, files
 from lightning_dve.checkpoints import HYPER_FILE, CheckpointStore
 from lightning_dve.files import read_json_lines
+from lightning_dve.records import StepRecord
 
 
 def _record(step: int) -> dict[str, Any]:
@@ -299,3 +301,97 @@ def test_a_crashed_run_with_an_int_interval_resumes_with_exact_replay(mlp_cls, m
     assert store.manifest["interval"] == 2 and store.manifest["final_step"] == 12
     assert store.snapshot_steps == list(range(0, 13, 2))
     assert sorted(read_json_lines(store.root / HYPER_FILE)) == list(range(12))
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+@pytest.mark.parametrize("kinds", [1, 2])
+def test_step_bytes_count_the_rows_other_ranks_keep_as_a_step_file_holds_them(storage: str, kinds: int) -> None:
+    """Oracle: the tensors of one step file. Under DDP each rank stores its own layers; the rows of layer ``b`` that
+    another rank keeps (``kinds`` kinds of rows: gradients, and GGN curvature rows) count as many bytes as they take
+    in a step file that holds them, float16's per-row float32 scale included."""
+    gen = torch.Generator().manual_seed(0)
+    rows = {"a": torch.randn(5, 6, generator=gen), "b": torch.randn(5, 12, generator=gen)}
+    extra = {"curvature": rows} if kinds == 2 else {}
+    whole = StepRecord(0, torch.arange(5), torch.full((5,), 0.2, dtype=torch.float64),
+                       torch.tensor([0.1, 0.1], dtype=torch.float64), rows, **extra)
+    own = dataclasses.replace(whole, grads={"a": rows["a"]}, **{k: {"a": rows["a"]} for k in extra})
+    file_bytes = sum(t.numel() * t.element_size() for t in whole.to_tensors(storage).values())
+    assert checkpoints.step_store_bytes(whole, storage, [], kinds) == file_bytes
+    assert checkpoints.step_store_bytes(own, storage, [12], kinds) == file_bytes
+
+
+@pytest.mark.parametrize("snapshot, step", [(1000, 30), (4000, 7), (12345, 11), (80, 1000)])
+def test_auto_interval_is_the_fewest_steps_whose_bytes_cover_a_snapshot_within_the_budget(snapshot: int,
+                                                                                          step: int) -> None:
+    """Oracle: the budget itself. One snapshot per interval costs at most ``AUTO_BUDGET`` of the interval's step
+    bytes, and one step fewer would exceed it (unless the interval is the minimum)."""
+    interval = checkpoints.auto_interval(snapshot, step)
+    assert interval >= checkpoints.AUTO_MIN_INTERVAL
+    assert snapshot <= checkpoints.AUTO_BUDGET * step * interval
+    assert interval == checkpoints.AUTO_MIN_INTERVAL or snapshot > checkpoints.AUTO_BUDGET * step * (interval - 1)
+
+
+@pytest.mark.parametrize("interval", ["auto", 4])
+def test_a_recording_that_starts_after_step_0_snapshots_its_first_step(tmp_path: Path, interval: int | str) -> None:
+    """Oracle: exact replay starts from a snapshot at or before the steps it replays. A resumed fit whose
+    checkpoint folder is gone (deleted to save space, or not copied) records from step 6 on: that first step is
+    snapshotted whatever the interval, and the next due one follows the interval."""
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    recorder = checkpoints.CheckpointRecorder(tmp_path / "checkpoints", interval, "h", resume_after=5)
+    for step in (6, 7):
+        recorder.before_step(step, module, optimizer, {}, 1.0)
+        recorder.check()
+    recorder.before_step(8, module, optimizer, {}, 1.0)
+    recorder.store.close()
+    assert recorder.store.snapshot_steps == ([6] if interval == "auto" else [6, 8])
+
+
+def test_the_training_time_of_a_resumed_recording_adds_up_over_its_fits(tmp_path: Path) -> None:
+    """Oracle: the fits' own training times. A recording interrupted after step 2 and resumed there trained for the
+    first fit's seconds plus the resumed fit's; ``replay.json`` holds their sum, not the last fit's alone."""
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    first = checkpoints.CheckpointRecorder(tmp_path, 2, "h", resume_after=None)
+    for step in range(3):
+        first.before_step(step, module, optimizer, {}, 1.0)
+    first.finish(3, module, optimizer, 2.0)
+    first.store.close()
+    resumed = checkpoints.CheckpointRecorder(tmp_path, 2, "h", resume_after=2)
+    resumed.before_step(3, module, optimizer, {}, 1.0)
+    resumed.finish(4, module, optimizer, 3.0)
+    resumed.store.close()
+    assert CheckpointStore.open(tmp_path).manifest["training_seconds"] == 5.0
+
+
+def test_a_resumed_recording_keeps_the_interval_its_first_fit_resolved(tmp_path: Path) -> None:
+    """Oracle: the first fit's snapshot grid. ``"auto"`` is resolved once, after the first step; a fit resumed after
+    step 7 continues on that grid, so step 8 (the minimum interval) is snapshotted as in an uninterrupted run."""
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    first = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=None)
+    for step in range(8):
+        first.before_step(step, module, optimizer, {}, 1.0)
+        first.after_step(lambda: 10**9, module)  # steps far larger than a snapshot: the minimum interval
+    first.store.close()
+    resumed = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=7)
+    resumed.before_step(8, module, optimizer, {}, 1.0)
+    resumed.store.close()
+    assert resumed.interval == checkpoints.AUTO_MIN_INTERVAL
+    assert resumed.store.snapshot_steps == [0, 8]
+
+
+def test_auto_interval_budgets_the_snapshot_with_the_optimizer_state(tmp_path: Path) -> None:
+    """Oracle: the bytes a snapshot holds, parameters and Adam's two moments, from the optimizer's own state after a
+    step. The interval keeps one such snapshot per interval within the budget of the steps' bytes."""
+    module = torch.nn.Linear(30, 20)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    module(torch.randn(4, 30)).square().sum().backward()
+    optimizer.step()
+    snapshot = sum(t.numel() * t.element_size() for p in module.parameters()
+                   for t in (p, optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]))
+    recorder = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=None)
+    recorder.before_step(1, module, optimizer, {}, 1.0)
+    recorder.after_step(lambda: 100, module)
+    recorder.store.close()
+    assert recorder.interval == checkpoints.auto_interval(snapshot, 100) > checkpoints.AUTO_MIN_INTERVAL

@@ -156,3 +156,32 @@ def test_positions_refuse_ids_outside_the_dataset(digits) -> None:
     assert source.positions(torch.tensor([0, 47])) == [0, 47]
     with pytest.raises(ConfigError, match=r"sample ids \[-1, 48\] are not positions .* \(48 items\)"):
         source.positions(torch.tensor([-1, 48, 3]))
+
+
+class Renumbered(Dataset):
+    """``n`` items whose sample id is not their position (``id = 3 position + 1000``, read from the item)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if not 0 <= position < self.n:
+            raise IndexError(position)
+        return {"x": torch.full((2,), float(position)), "index": 3 * position + 1000}
+
+
+def test_ids_that_are_not_positions_are_found_anywhere_in_a_large_dataset() -> None:
+    """Oracle: each item's own id. Ids that are not positions are mapped by one scan of the dataset, in chunks of
+    items: every item of a dataset larger than a chunk is found, the last of each chunk and the first of the next
+    included, and the batch rebuilt from the ids is the items themselves."""
+    dataset = Renumbered(600)
+    source = BatchSource(TrainingData(dataset, None, "index"))
+    positions = [0, 254, 255, 256, 257, 511, 512, 599]
+    ids = torch.tensor([dataset[p]["index"] for p in positions])
+    assert source.positions(ids) == positions
+    assert torch.equal(source.batch(ids)["index"], ids)
+    every = torch.tensor([dataset[p]["index"] for p in range(600)])
+    assert source.positions(every) == list(range(600))

@@ -330,9 +330,38 @@ def test_a_nan_reference_skips_the_report_with_a_warning(fit, tmp_path):
     assert not report_dir(callback).exists()
 
 
+def test_curve_csv_columns_hold_the_curves_they_are_named_after(tmp_path: Path) -> None:
+    """Oracle: the per-step curve and :func:`curves.smooth` of it. Each column of ``curve.csv`` (and of the W&B
+    table, built from the same rows) holds the quantity its header names; at learning rate 0.1 the raw and per-lr
+    curves, smoothed or not, all differ, so no two columns can be swapped unnoticed."""
+    from lightning_dve import curves
+    from lightning_dve.influence import InfluenceResult
+    from lightning_dve.reporting import Reference, TrainEndReport, write_files
+
+    steps = torch.arange(10).repeat_interleave(2)
+    scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = InfluenceResult(torch.arange(20), steps, scores)
+    config = dataclasses.replace(SMALL, smoothing_fraction=0.3)
+    lrs = torch.linspace(0.1, 0.2, 10, dtype=torch.float64)
+    summary = curves.summarise(result, list(range(10)), [0] * 5 + [1] * 5, lrs, config)
+    report = TrainEndReport(tmp_path / "report", Reference({}, 4, "a test"), "net.0", summary, {}, {})
+    rows = read_csv(write_files(report, {})["curve_csv"])
+    influence = scores.mean(dim=0).reshape(10, 2).mean(dim=1)
+    window = curves.smoothing_window(10, 0.3)
+    expected = {"step": torch.arange(10), "epoch": torch.tensor([0] * 5 + [1] * 5), "lr": lrs,
+                "n_samples": torch.full((10,), 2), "influence": influence, "influence_per_lr": influence / lrs,
+                "influence_smoothed": curves.smooth(influence, window),
+                "influence_per_lr_smoothed": curves.smooth(influence / lrs, window)}
+    assert window > 1 and list(rows[0]) == CURVE_COLUMNS == list(expected)
+    for name, values in expected.items():
+        got = torch.tensor([float(row[name]) for row in rows], dtype=torch.float64)
+        torch.testing.assert_close(got, values.to(torch.float64), rtol=1e-6, atol=0, msg=name)
+
+
 def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp_path):
     """A NaN score (here sample 0's) is ``null`` in summary.json (strict JSON), ``n/a`` in the printed summary,
-    and left out of the TensorBoard histogram, which gets the finite totals."""
+    and left out of the TensorBoard histogram, which gets the finite totals, and of the per-step scalars: a step
+    whose mean influence is undefined logs no point (oracle: the curve's own finite values)."""
     import math
 
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -360,9 +389,14 @@ def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp
     assert "total influence n/a" in text and "id     0  score n/a" in text
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     log_tensorboard(logger, report, {}, 3)
-    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     assert events.Histograms("dve/samples/total_influence")[0].histogram_value.num == 5
+    curve = summary.curve
+    finite = [(s, v) for s, v in zip(curve.steps.tolist(), curve.influence.tolist()) if math.isfinite(v)]
+    assert 0 < len(finite) < len(curve.steps)
+    logged = events.Scalars("dve/curve/influence")
+    assert [(e.step, e.value) for e in logged] == [(s, pytest.approx(v, rel=1e-6)) for s, v in finite]
 
 
 class WarmUpFromZero(ImageMLP):

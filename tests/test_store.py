@@ -5,6 +5,7 @@ Damage is done to a copy of the session's finished recording (``trained`` fixtur
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -375,3 +376,82 @@ def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
     assert manifest["bytes_steps"] == size["steps"] and manifest["bytes_per_step"] == size["steps"] // 8
     assert 0 <= whole - manifest["bytes_total"] < 1024  # the manifest, counted before its last write, grew since
     assert manifest["bytes_total"] > size["steps"] + size["embeddings"] + size["checkpoints"]
+
+
+def test_float16_steps_read_back_each_row_at_the_float16_precision_of_its_own_size(tmp_path: Path) -> None:
+    """Oracle: the appended float32 rows. A float16 store scales each row by its own largest magnitude, so a row a
+    billion times smaller than the step's largest (a sample the model already fits) keeps float16's relative
+    precision, and an all-zero row (a layer a micro-batch did not reach) reads back as zeros, not 0/0 = NaN."""
+    rows = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    rows[1] *= 1e-9
+    rows[2] = 0.0
+    store = TrajectoryStore.create(tmp_path / "dve", {**SMALL, "storage_dtype": "float16"}, overwrite=False)
+    store.append(StepRecord(0, torch.arange(3), torch.full((3,), 1 / 3, dtype=torch.float64),
+                            torch.tensor([0.1], dtype=torch.float64), {"a": rows}))
+    back = TrajectoryStore.open(tmp_path / "dve").read_step(0).grads["a"]
+    assert back.dtype == torch.float32
+    for i in range(2):
+        assert ((back[i] - rows[i]).norm() / rows[i].norm()).item() < 1e-3
+    assert torch.equal(back[2], torch.zeros(64))
+
+
+def test_a_reopened_store_lists_the_applied_learning_rates_its_step_files_hold(tmp_path: Path) -> None:
+    """Oracle: the rates appended. The recursion's rate (``lrs``, a binding clip folded in) and the param group's
+    (``applied_lrs``, which the report's ``influence / lr`` divides by) differ; a store opened mid-recording (an
+    interrupted run, or a resume) rebuilds both lists from its step files."""
+    root = tmp_path / "dve"
+    store = TrajectoryStore.create(root, SMALL, overwrite=False)
+    for step in range(3):
+        store.append(dataclasses.replace(record(step), lrs=torch.tensor([0.1 / (step + 2)], dtype=torch.float64),
+                                         applied_lrs=torch.tensor([0.1], dtype=torch.float64)))
+    for reopened in (TrajectoryStore.open(root), TrajectoryStore.reopen(root, last_step=2)):
+        assert torch.equal(reopened.learning_rates, store.learning_rates)
+        assert torch.equal(reopened.applied_learning_rates, store.applied_learning_rates)
+        assert not torch.equal(reopened.applied_learning_rates, reopened.learning_rates)
+        assert torch.equal(reopened.read_step(1).applied_lrs, torch.tensor([0.1], dtype=torch.float64))
+
+
+def test_a_checkpoint_of_an_earlier_branch_resumes_up_to_the_last_shared_step_only(tmp_path: Path) -> None:
+    """Oracle: the steps both branches share. Run A records steps 0..5; a resume from A's checkpoint after step 3
+    starts branch B, which records steps 4 and 5 anew. A's checkpoint after step 3 still describes the store; A's
+    checkpoint after step 4 would splice B's step 4 into A's trajectory: refused, the store unchanged."""
+    root = tmp_path / "dve"
+    run_a = recorded(root, 6, finish=False).manifest["run_id"]
+    branch = TrajectoryStore.reopen(root, last_step=3, run_id=run_a)
+    for step in (4, 5):
+        branch.append(record(step))
+    before = files_of(root)
+    with pytest.raises(StoreError, match=rf"holds another recording than the checkpoint's .*{run_a} after step 4"):
+        TrajectoryStore.reopen(root, last_step=4, run_id=run_a)
+    assert files_of(root) == before
+    assert TrajectoryStore.reopen(root, last_step=3, run_id=run_a).steps == [0, 1, 2, 3]
+
+
+def test_a_later_branch_that_cuts_further_back_limits_every_earlier_run(tmp_path: Path) -> None:
+    """Oracle: the steps the runs share. Run A records steps 0..9; a resume after step 7 starts branch B (steps 8
+    and 9 anew); a second resume from A's checkpoint after step 3 starts branch C (steps 4..9 anew). A now shares
+    only steps 0..3 with the store: its checkpoint after step 5 would continue A's weights after C's steps 4 and 5
+    (accepted before, A's own branch point being 7), so it is refused; after step 3 it is accepted."""
+    root = tmp_path / "dve"
+    run_a = recorded(root, 10, finish=False).manifest["run_id"]
+    for last, steps in ((7, (8, 9)), (3, range(4, 10))):
+        branch = TrajectoryStore.reopen(root, last_step=last, run_id=run_a)
+        for step in steps:
+            branch.append(record(step))
+    before = files_of(root)
+    with pytest.raises(StoreError, match=rf"holds another recording than the checkpoint's .*{run_a} after step 5"):
+        TrajectoryStore.reopen(root, last_step=5, run_id=run_a)
+    assert files_of(root) == before
+    assert TrajectoryStore.reopen(root, last_step=3, run_id=run_a).steps == [0, 1, 2, 3]
+
+
+def test_a_resume_keeps_the_reference_gradients_taken_up_to_the_checkpoint(tmp_path: Path) -> None:
+    """Oracle: the step each reference was taken after. A boundary reference taken at the weights after step ``s``
+    belongs to every run that reached step ``s``: a resume from a checkpoint after step ``s`` keeps it (the resumed
+    run does not take it again), one from before step ``s`` drops it with the steps it redoes."""
+    root = tmp_path / "dve"
+    recorded(root, 4)  # a reference after step 1
+    TrajectoryStore.reopen(root, last_step=1).append(record(2))
+    assert list(TrajectoryStore.open(root).read_references()) == [1]
+    TrajectoryStore.reopen(root, last_step=0).append(record(1))
+    assert TrajectoryStore.open(root).read_references() == {}

@@ -107,7 +107,18 @@ def test_append_after_close_is_refused(tmp_path: Path, background: bool) -> None
         writer.append(record(0))
 
 
-def test_callback_waits_for_the_writes_at_train_end(fit, mlp_cls, save_dir, monkeypatch) -> None:
+@pytest.fixture
+def background_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback's writer in its worker thread, as on an accelerator: on the CPU the callback writes inline
+    (``test_callback_writes_inline_when_training_on_the_cpu``), where no wait for the queue can be missed."""
+    import lightning_dve.callback
+
+    monkeypatch.setattr(lightning_dve.callback, "StepWriter",
+                        lambda store, **kwargs: StepWriter(store, **{**kwargs, "background": True}))
+
+
+def test_callback_waits_for_the_writes_at_train_end(fit, mlp_cls, save_dir, monkeypatch,
+                                                    background_writer) -> None:
     slow_save_file(monkeypatch, 0.05)
     fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
     store = TrajectoryStore.open(save_dir)
@@ -115,7 +126,7 @@ def test_callback_waits_for_the_writes_at_train_end(fit, mlp_cls, save_dir, monk
     assert len(list((save_dir / "embeddings").glob("*.safetensors"))) == 4
 
 
-def test_checkpoint_state_lists_only_steps_on_disk(fit, mlp_cls, save_dir, monkeypatch) -> None:
+def test_checkpoint_state_lists_only_steps_on_disk(fit, mlp_cls, save_dir, monkeypatch, background_writer) -> None:
     slow_save_file(monkeypatch, 0.05)
     seen: list[tuple[int, list[str]]] = []
     dve = DataValueEmbedding(save_dir, projection_dim=16, report=None)
