@@ -411,36 +411,27 @@ def test_a_reopened_store_lists_the_applied_learning_rates_its_step_files_hold(t
         assert torch.equal(reopened.read_step(1).applied_lrs, torch.tensor([0.1], dtype=torch.float64))
 
 
-def test_a_checkpoint_of_an_earlier_branch_resumes_up_to_the_last_shared_step_only(tmp_path: Path) -> None:
-    """Oracle: the steps both branches share. Run A records steps 0..5; a resume from A's checkpoint after step 3
-    starts branch B, which records steps 4 and 5 anew. A's checkpoint after step 3 still describes the store; A's
-    checkpoint after step 4 would splice B's step 4 into A's trajectory: refused, the store unchanged."""
+@pytest.mark.parametrize("steps, branches, refused", [
+    (6, [(3, (4, 5))], 4),
+    (10, [(7, (8, 9)), (3, range(4, 10))], 5),
+], ids=["one branch", "a later branch cuts further back"])
+def test_a_checkpoint_of_an_earlier_branch_resumes_up_to_the_last_shared_step_only(
+    tmp_path: Path, steps: int, branches: list, refused: int
+) -> None:
+    """Oracle: the steps the runs share. Run A records its steps; each resume from one of A's checkpoints starts a
+    branch that records the later steps anew. A shares only steps 0..3 with the store afterwards: its checkpoint
+    after a later step would splice another branch's steps into A's trajectory, refused with the store unchanged
+    (with two branches, A's own branch point, 7, used to let its checkpoint after step 5 through); after step 3
+    it is accepted."""
     root = tmp_path / "dve"
-    run_a = recorded(root, 6, finish=False).manifest["run_id"]
-    branch = TrajectoryStore.reopen(root, last_step=3, run_id=run_a)
-    for step in (4, 5):
-        branch.append(record(step))
-    before = files_of(root)
-    with pytest.raises(StoreError, match=rf"holds another recording than the checkpoint's .*{run_a} after step 4"):
-        TrajectoryStore.reopen(root, last_step=4, run_id=run_a)
-    assert files_of(root) == before
-    assert TrajectoryStore.reopen(root, last_step=3, run_id=run_a).steps == [0, 1, 2, 3]
-
-
-def test_a_later_branch_that_cuts_further_back_limits_every_earlier_run(tmp_path: Path) -> None:
-    """Oracle: the steps the runs share. Run A records steps 0..9; a resume after step 7 starts branch B (steps 8
-    and 9 anew); a second resume from A's checkpoint after step 3 starts branch C (steps 4..9 anew). A now shares
-    only steps 0..3 with the store: its checkpoint after step 5 would continue A's weights after C's steps 4 and 5
-    (accepted before, A's own branch point being 7), so it is refused; after step 3 it is accepted."""
-    root = tmp_path / "dve"
-    run_a = recorded(root, 10, finish=False).manifest["run_id"]
-    for last, steps in ((7, (8, 9)), (3, range(4, 10))):
+    run_a = recorded(root, steps, finish=False).manifest["run_id"]
+    for last, again in branches:
         branch = TrajectoryStore.reopen(root, last_step=last, run_id=run_a)
-        for step in steps:
+        for step in again:
             branch.append(record(step))
     before = files_of(root)
-    with pytest.raises(StoreError, match=rf"holds another recording than the checkpoint's .*{run_a} after step 5"):
-        TrajectoryStore.reopen(root, last_step=5, run_id=run_a)
+    with pytest.raises(StoreError, match=rf"another recording than the checkpoint's .*{run_a} after step {refused}"):
+        TrajectoryStore.reopen(root, last_step=refused, run_id=run_a)
     assert files_of(root) == before
     assert TrajectoryStore.reopen(root, last_step=3, run_id=run_a).steps == [0, 1, 2, 3]
 
