@@ -252,8 +252,7 @@ class TrajectoryStore:
         remove_files([*(self.root / EMBEDDINGS).glob("*.safetensors"), *later])
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
-            self.manifest["run_lineage"] = [[run, min(kept, after)] for run, kept in lineage]
-            self.manifest["run_id"] = uuid.uuid4().hex
+            self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage], run_id=uuid.uuid4().hex)
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()
         self._resume_after = None  # done (a failed write above is retried by the next write)
