@@ -194,6 +194,13 @@ def test_bad_checkpoint_interval_is_rejected(value):
         DVEConfig(checkpoint_interval=value)
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.0, True, False, "2"])
+def test_bad_segments_is_rejected(value):
+    with pytest.raises(ConfigError, match=rf"segments must be a positive int \(1 = one sequential recursion\); "
+                                          rf"got {re.escape(repr(value))}\."):
+        DVEConfig(segments=value)
+
+
 def test_checkpoint_interval_at_default_keeps_old_hashes():
     old = DVEConfig().to_dict()
     del old["checkpoint_interval"]

@@ -217,6 +217,7 @@ def test_report_config_defaults_and_dict():
     assert config.stage_scale is CurveScale.PER_LR
     assert config.to_dict()["stage_scale"] == "per_lr"
     assert ReportConfig(stage_scale="raw").stage_scale is CurveScale.RAW
+    assert ReportConfig(histogram_bins=512).histogram_bins == 512  # the most W&B holds is allowed
 
 
 @pytest.mark.parametrize(

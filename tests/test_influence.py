@@ -37,6 +37,17 @@ def test_query_module_with_other_shapes(trained, mlp_cls, test_batch):
     assert "'net.2': recorded linear (10, 17), found Linear with exact block (10, 9)" in message
 
 
+def test_query_module_with_a_layer_of_another_kind_and_the_same_block(trained, test_batch):
+    class ConvHead(nn.Module):  # net.2 as a 1x1 Conv2d: block (10, 16 * 1 * 1 + 1), the recorded Linear's (10, 17)
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Conv2d(16, 10, kernel_size=1))
+
+    with pytest.raises(LayerMismatchError, match=r"'net\.2': recorded linear \(10, 17\), found Conv2d with exact "
+                                                 r"block \(10, 17\)"):
+        trained.dve.embeddings.influence(ConvHead(), test_batch, loss_fn=lambda m, b: m.net(b["x"]).sum(1))
+
+
 def test_query_leaves_module_untouched(trained, test_batch):
     model = copy.deepcopy(trained.model)
     model.train()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -16,6 +18,13 @@ def test_row_indexes_tensors_arrays_and_string_lists_of_the_batch_size():
     one = samples.row(batch, 1, 3)
     assert one["x"].tolist() == [2, 3] and one["text"] == "b" and one["scale"] == 2.0 and one["n"] == 1
     assert one["pair"][0].item() == 8 and one["pair"][1] == "tag"
+
+
+def test_row_keeps_tensors_whose_first_dimension_is_not_the_batch_size():
+    batch = {"x": torch.arange(6).reshape(3, 2), "class_weights": torch.tensor([0.5, 2.0]), "mask": torch.ones(4, 3)}
+    one = samples.row(batch, 1, 3)
+    assert one["x"].tolist() == [2, 3]
+    assert one["class_weights"].tolist() == [0.5, 2.0] and one["mask"].shape == (4, 3)  # not rows of the batch
 
 
 def test_row_of_a_namedtuple_batch_is_that_namedtuple():
@@ -38,6 +47,8 @@ def test_view_reads_label_image_and_summary_from_a_dict_sample():
 def test_view_of_tuple_samples_tokens_and_text():
     tokens = samples.view((torch.tensor([5, 6, 7]), torch.tensor(1)), None)
     assert tokens.label == "1" and tokens.image is None and tokens.text == "int64[3]: 5 6 7"
+    assert samples.summarise_tensor(torch.arange(16)).endswith(": " + " ".join(map(str, range(16))))  # all shown
+    assert samples.summarise_tensor(torch.arange(17)).endswith(" 15 ...")  # the 17th is cut
     text = samples.view({"text": "x" * 200, "label": "spam"}, None)
     assert text.label == "spam" and len(text.text) == 120 and text.text.endswith("...")
     flat = samples.view({"x": torch.zeros(64)}, None)
@@ -51,7 +62,9 @@ def test_image_array_accepts_only_image_shapes():
     assert image_array(torch.rand(64)) is None
     assert image_array(torch.rand(2, 2)) is None
     assert image_array(torch.ones(8, 8, dtype=torch.long)) is None
-    constant = image_array(torch.full((4, 4), 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0/0 on the way (NaN cast to uint8 is platform-defined)
+        constant = image_array(torch.full((4, 4), 0.5))
     assert constant is not None and (constant == 0).all()
 
 
@@ -103,6 +116,20 @@ def test_training_samples_reads_a_shuffled_dataset_at_the_ids_positions():
     assert set(found) == {100, 104, 109}  # 999 is not in the data
     assert [found[i].label for i in (100, 104, 109)] == ["0", "1", "0"]
     assert found[104].text.startswith("float32[4] mean 4")
+
+
+class _OtherKeyed(_Keyed):
+    """Like :class:`_Keyed` with ids 200..209."""
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(position), "index": torch.tensor(200 + position)}
+
+
+def test_training_samples_reads_the_first_of_several_training_loaders():
+    first, second = DataLoader(_Keyed(), batch_size=2), DataLoader(_OtherKeyed(), batch_size=2)
+    for loaders in ([first, second], (first, second), {"a": first, "b": second}):
+        assert set(samples.training_samples(loaders, {101, 201}, "index", None, 5, False)) == {101}
+        assert set(samples.find_samples(loaders, {101, 201}, "index", None, 5, False)) == {101}
 
 
 def test_training_samples_scans_a_stream_in_at_most_max_batches():
