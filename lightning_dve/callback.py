@@ -31,7 +31,7 @@ from .config import (
 )
 from .dynamics import plan_boundaries
 from .errors import ConfigError, DVEError
-from .guards import StepGuard, watched_parameters
+from .guards import StepGuard, batchnorm_modules, watched_parameters
 from .influence import DataValueEmbeddings
 from .optim import is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
@@ -132,6 +132,7 @@ class DataValueEmbedding(StepHooks):
         self._writer: StepWriter | None = None  # appends steps to the store in a background thread
         self._capture: capture.GradientCapture | None = None
         self._guard: StepGuard | None = None  # the applied update is the recorded one (guards.py)
+        self._batchnorms: dict[str, torch.nn.Module] = {}  # checked for train mode at every step
         self._factor: float | None = None  # modelled applied/backward gradient ratio of the step (None: unchecked)
         self._assembler: sync.StepAssembler
         self._comm: distributed.Communicator = distributed.SingleProcess()
@@ -230,6 +231,7 @@ class DataValueEmbedding(StepHooks):
         self._capture.attach()
         self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))
         self._guard.attach(trainer.optimizers[0])
+        self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
         self._embeddings, self._deferred_write = None, None

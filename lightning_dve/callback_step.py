@@ -41,6 +41,7 @@ class StepHooks(pl.Callback):
     _recorder: CheckpointRecorder | None
     _capture: capture.GradientCapture | None
     _guard: StepGuard | None
+    _batchnorms: dict[str, torch.nn.Module]
     _assembler: sync.StepAssembler
     _kinds: tuple[str, ...]
     _dims: dict[str, int]
@@ -61,7 +62,7 @@ class StepHooks(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        check_no_batchnorm_training(pl_module)
+        check_no_batchnorm_training(self._batchnorms)
         self._active_guard().check_trainable(trainer.global_step)  # before the forward hooks read the layout
         hooks = self._active_capture()
         hooks.begin(keep_outputs=self._ggn)

@@ -43,14 +43,22 @@ def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) 
     return {n: p for n, p in model.named_parameters() if not excluded(n.rpartition(".")[0], config.exclude)}
 
 
-def check_no_batchnorm_training(model: nn.Module) -> None:
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's BatchNorm modules by name (found once per fit: the per-step check reads only their mode)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, _BatchNorm)}
+
+
+def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
     """Refuse BatchNorm in train mode: its batch statistics mix samples, so per-sample gradients do not exist.
+
+    Args:
+        batchnorms: :func:`batchnorm_modules` of the model.
 
     Raises:
         UnsupportedError: naming the first such module.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.training:
+    for name, module in batchnorms.items():
+        if module.training:
             raise UnsupportedError(
                 f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
                 "samples of a batch, so a sample's gradient depends on the others and its data value is not "
