@@ -589,7 +589,7 @@ def write_synthetic_store(root: Path, layers: dict[str, int], steps: int, batch:
 
 
 def embed_kwargs(segments: int, num_steps: int) -> dict[str, Any]:
-    """Segment arguments for ``sync.embed_trajectory`` in whichever form this version takes.
+    """Segment arguments for ``recursion_ranks.embed_trajectory`` in whichever form this version takes.
 
     ``bounds=`` (``recursion.segment_bounds``) in newer versions, ``segments=`` in older ones; nothing for one
     segment.
@@ -597,9 +597,9 @@ def embed_kwargs(segments: int, num_steps: int) -> dict[str, Any]:
     Raises:
         TypeError: if ``segments > 1`` and this version has no segment-parallel recursion.
     """
-    from lightning_dve import sync
+    from lightning_dve import recursion_ranks
 
-    params = inspect.signature(sync.embed_trajectory).parameters
+    params = inspect.signature(recursion_ranks.embed_trajectory).parameters
     if segments == 1:
         return {}
     if "bounds" in params:

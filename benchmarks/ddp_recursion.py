@@ -4,7 +4,7 @@
    (19 tracked layers x 1024 projected dims, global batch 16, random gradients in the callback's default
    storage dtype) is written into per-rank stores exactly as the callback shards it: the layers are split
    with ``sync.assign_groups`` and each rank's ``StepRecord`` holds only the gradients of the layers it owns.
-   Each configuration runs ``sync.embed_trajectory`` in processes started with ``torch.multiprocessing.spawn``
+   Each configuration runs ``recursion_ranks.embed_trajectory`` in processes started with ``torch.multiprocessing.spawn``
    (gloo on localhost; ``lightning_dve.distributed.ProcessGroup()`` on 2 ranks, ``SingleProcess()`` on 1) with
    ``torch.set_num_threads(1)`` in every process, so both configurations use at most 2 cores. Time is
    barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0; before each repeat the
@@ -113,17 +113,17 @@ class PhaseTimers(C.FunctionTimers):
     """
 
     def __init__(self) -> None:
-        from lightning_dve import sync
+        from lightning_dve import recursion_ranks
         from lightning_dve.recursion import BackwardRecursion
         from lightning_dve.store import TrajectoryStore
 
         super().__init__()
-        for owner, name, label in ((sync, "_merge_embeddings_on_rank_zero", "merge_embeddings_on_rank_zero"),
-                                   (sync, "_gather_factors", "gather_factors"),
+        for owner, name, label in ((recursion_ranks, "_merge_embeddings_on_rank_zero", "merge_embeddings_on_rank_zero"),
+                                   (recursion_ranks, "_gather_factors", "gather_factors"),
                                    (BackwardRecursion, "step", "recursion_step"),
                                    (BackwardRecursion, "block", "recursion_block"),
-                                   (sync, "_write_pending", "write_pending_background"),
-                                   (sync, "gather_embeddings", "gather_embeddings"),
+                                   (recursion_ranks, "_write_pending", "write_pending_background"),
+                                   (recursion_ranks, "gather_embeddings", "gather_embeddings"),
                                    (TrajectoryStore, "read_step", "read_step"),
                                    (TrajectoryStore, "write_embeddings", "write_embeddings"),
                                    (TrajectoryStore, "read_embeddings", "read_embeddings"),
@@ -142,7 +142,7 @@ def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: i
     """One rank: open its store, barrier, ``embed_trajectory``, barrier; write timings and byte counts."""
     _init(rank, world, port)
     C.setup(1)
-    from lightning_dve import distributed, sync
+    from lightning_dve import distributed, recursion_ranks, sync
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.recursion import layer_groups
     from lightning_dve.store import TrajectoryStore
@@ -157,7 +157,7 @@ def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: i
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     phases = PhaseTimers()
-    sync.embed_trajectory(comm, store, AccumulatorLayout.PER_LAYER, owned, dims, torch.float32,
+    recursion_ranks.embed_trajectory(comm, store, AccumulatorLayout.PER_LAYER, owned, dims, torch.float32,
                           **C.embed_kwargs(segments, len(store.steps)))
     cpu = time.process_time() - cpu0
     phases.restore()
@@ -185,9 +185,8 @@ def spawn_ranks(worker: Any, args: tuple[Any, ...], world: int, out: str) -> Non
 
 def run_embed(world: int, roots: list[str], segments: int, args: argparse.Namespace) -> dict[str, Any]:
     def once() -> dict[str, Any]:
-        for root in roots:  # as at a real train end, the embeddings go into an empty directory, not over files
-            for path in Path(root, "embeddings").glob("*.safetensors"):  # of an earlier repeat (ext4 flushes
-                path.unlink()  # a file renamed over another: a cost no real run pays)
+        for root in roots:  # as at a real train end, no embeddings of an earlier repeat are there to delete
+            shutil.rmtree(Path(root, "embeddings"), ignore_errors=True)
         out = tempfile.mkdtemp(prefix="dve_ddp_out_")
         spawn_ranks(embed_worker, (world, free_port(), roots, segments, out), world, out)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]

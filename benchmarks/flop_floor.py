@@ -6,7 +6,7 @@ floating-point operations of
 - one plain training step (forward, backward; the SGD update is elementwise and not counted);
 - the same step with ``capture.GradientCapture`` attached: the difference is the capture's projections and
   per-sample outer products (method.md §3), split by operator;
-- the train-end recursion per step: ``BackwardRecursion.block`` over one block of ``sync.BLOCK_ROWS``
+- the train-end recursion per step: ``BackwardRecursion.block`` over one block of ``recursion_ranks.BLOCK_ROWS``
   occurrences with the layout the callback resolves (``layout="auto"``), divided by the block's steps.
 
 ``floor_fit_ratio = 1 + (capture + recursion) / training`` is the fit ratio the callback cannot go below on any
@@ -62,7 +62,7 @@ def counted(run: Any) -> dict[str, float]:
 
 def floor(kind: str, dim: int, repeats: int, quick: bool) -> dict[str, Any]:
     """Count and time one case; return its JSON record."""
-    from lightning_dve import capture, sync
+    from lightning_dve import capture, recursion_ranks
     from lightning_dve.config import DVEConfig
     from lightning_dve.recursion import BackwardRecursion
     from lightning_dve.store import StepRecord
@@ -90,7 +90,7 @@ def floor(kind: str, dim: int, repeats: int, quick: bool) -> dict[str, Any]:
     with_capture = counted(captured)
     extra = {op: with_capture.get(op, 0.0) - training.get(op, 0.0) for op in with_capture}
     rows = {name: r.to(torch.float32) for name, r in captured().items()}
-    steps = max(1, sync.BLOCK_ROWS // size)
+    steps = max(1, recursion_ranks.BLOCK_ROWS // size)
     lrs = torch.full((len(rows),), 0.01, dtype=torch.float64)
     records = [StepRecord(s, torch.arange(size) + s * size, weights, lrs, rows) for s in reversed(range(steps))]
     layout = config.resolved(sum(t.projection.dim for t in tracked.values())).layout

@@ -9,7 +9,7 @@
 2. ``recursion_scaling``: a synthetic trajectory with the same layer shapes (19 layers x 1024 dims, batch 16,
    random gradients stored in the callback's default storage dtype) is written with
    ``TrajectoryStore.create`` / ``append(StepRecord(...))`` at T0 x {1, 2, 4, 8} steps, and
-   ``sync.embed_trajectory(SingleProcess(), store, PER_LAYER, [layers], dims, float32)`` is timed in a fresh
+   ``recursion_ranks.embed_trajectory(SingleProcess(), store, PER_LAYER, [layers], dims, float32)`` is timed in a fresh
    subprocess per size and repeat, from T0 = 80 steps (1280 occurrences: more than a segment of
    ``recursion.whole_segment_rows`` = 1024 occurrences, which runs as one cheaper block). Memory: ``VmHWM`` (peak RSS) and the peak of ``RssAnon`` sampled every
    2 ms, both as absolute values and as the increase over the process's state just before the recursion
@@ -44,7 +44,7 @@ import torch
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``embed_trajectory`` on an existing store in this (fresh) process; return and print one JSON line."""
     C.setup(args.threads)
-    from lightning_dve import distributed, sync
+    from lightning_dve import distributed, recursion_ranks, sync
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.recursion import layer_groups
     from lightning_dve.store import TrajectoryStore
@@ -74,7 +74,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         store.read_step, store.write_embeddings = timed_read, timed_write  # type: ignore[method-assign]
     before = C.proc_status()
     with C.MemorySampler() as mem, C.Stopwatch() as sw:
-        sync.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned, dims,
+        recursion_ranks.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned, dims,
                               torch.float32, **C.embed_kwargs(args.segments, len(store.steps)))
     after = C.proc_status()
     out = {"wall_s": sw.seconds, "steps": len(store.steps), "vm_hwm": after["VmHWM"], "peak_rss": mem.peak_rss,

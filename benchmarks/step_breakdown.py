@@ -9,7 +9,7 @@ the output-gradient hooks (output projection and the per-sample outer product), 
 scale, copy to CPU) and a residual (hook dispatch, autograd and allocator effects). The per-step bookkeeping of
 the callback (``sync.StepAssembler`` close, ``TrajectoryStore.append``, ``batches.check_finite``, and the
 ``state_key`` that Lightning evaluates as a profiler label on every hook call, ~6 per step) and the
-backward recursion's per-step cost (``recursion.BackwardRecursion.block`` over blocks of ``sync.BLOCK_ROWS``
+backward recursion's per-step cost (``recursion.BackwardRecursion.block`` over blocks of ``recursion_ranks.BLOCK_ROWS``
 occurrences, as the train end runs it, plus ``write_embeddings``) are timed
 on records of the same shapes. Their sum over the plain step estimates the long-run ``fit`` ratio.
 
@@ -99,7 +99,7 @@ def build(kind: str, quick: bool):
 
 def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: bool, quiet: float = 0.0,
               max_wait_s: float = 20.0) -> None:
-    from lightning_dve import batches, capture, distributed, sync
+    from lightning_dve import batches, capture, distributed, recursion_ranks, sync
     from lightning_dve.config import AccumulatorLayout, DVEConfig
     from lightning_dve.recursion import BackwardRecursion
     from lightning_dve.store import TrajectoryStore
@@ -232,13 +232,19 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
             check.append(t1 - t0)
             book.append(t2 - t1)
     records = list(store.iter_backward(2))
-    blocks = list(sync._blocks(iter(records), sync.BLOCK_ROWS, 0))  # streamed blocks, as a long run
+    blocks = list(recursion_ranks._blocks(iter(records), recursion_ranks.BLOCK_ROWS, 0))  # streamed blocks, as a long run
     t2 = time.perf_counter()
     embedded = [e for block in blocks for e in recursion.block(block)]  # every block folded into M: long run
     t3 = time.perf_counter()
+    store.begin_embeddings({name: e.shape[1] for name, e in embedded[0].items()}, next(iter(embedded[0].values())).dtype)
     for record, emb in zip(records, embedded):
         store.write_embeddings(record.step, emb, record.sample_ids)
     t4 = time.perf_counter()
+    for step in (0, 1):  # the two warm-up steps (b rows each), untimed: the store needs every step's rows
+        store.write_embeddings(step, {n: torch.zeros_like(e) for n, e in embedded[0].items()}, torch.arange(b))
+    t5 = time.perf_counter()
+    store.finish_embeddings()
+    t4 += time.perf_counter() - t5
     rec_t, write_t = [(t3 - t2) / len(records)], [(t4 - t3) / len(records)]
     import shutil
 
@@ -259,7 +265,7 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
         "check_finite": ms(statistics.median(check)),
         "assemble_and_store_append": ms(statistics.median(book)),
         "recursion_block_per_step": ms(statistics.median(rec_t)),
-        "recursion_block_rows": sync.BLOCK_ROWS,
+        "recursion_block_rows": recursion_ranks.BLOCK_ROWS,
         "write_embeddings": ms(statistics.median(write_t)),
         "lightning_state_key_6_calls": ms(state_key_s),
     }
@@ -287,7 +293,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
     """Time the callback's own hooks inside real ``Trainer.fit`` runs (``capture_overhead.py``'s setup)."""
     import capture_overhead as co
 
-    from lightning_dve import batches, callback, callback_step, capture, guards, sync
+    from lightning_dve import batches, callback, callback_step, capture, guards, recursion_ranks, sync
     from lightning_dve.store import TrajectoryStore
 
     cfg = co.model_configs("quick" if quick else "default")[kind]
@@ -308,7 +314,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
                                (sync, "agree_on_errors", "sync.agree_on_errors"),
                                (sync.StepAssembler, "close", "sync.StepAssembler.close"),
                                (TrajectoryStore, "append", "store.append"),
-                               (sync, "embed_trajectory", "sync.embed_trajectory")):
+                               (recursion_ranks, "embed_trajectory", "recursion_ranks.embed_trajectory")):
         if hasattr(owner, name):
             timers.wrap(owner, name, label)
     co.one_fit(kind, cfg, ds, "off")

@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
-from . import batches, callback_setup, capture, distributed, reporting, sync
+from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, sync
 from .callback_step import StepHooks
 from .checkpoints import CheckpointRecorder
 from .config import (
@@ -288,7 +288,7 @@ class DataValueEmbedding(StepHooks):
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
-        sync.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
+        recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
                               progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)

@@ -138,6 +138,9 @@ def _kept(path: Path) -> str:
     """What a failed write of ``path`` leaves intact, by the kind of file (a step, an appended log, any other)."""
     if path.parent.name == "steps":
         return f"Every step written before is kept in {path.parent}"
+    if path.parent.name.endswith(".partial"):  # the embeddings, at train end
+        return (f"Every recorded step is kept; the unfinished embeddings in {path.parent} are never read (delete "
+                "that folder to free its space; resuming the fit from its last checkpoint computes them again)")
     if path.suffix == ".jsonl":  # one line per step, appended: a partly written line is cut off again
         return f"Every step written before is kept in {path}"
     return f"{path.name} is unchanged (its previous version, if any, is kept), and so are the files in {path.parent}"
@@ -199,9 +202,10 @@ def _metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def read_step_header(path: Path) -> tuple[int, list[float], list[float]]:
-    """The epoch, learning rates ``[L]`` and applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
-    rates where an earlier version did not write them) of a step file, read without its gradients.
+def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:
+    """The epoch, learning rates ``[L]``, applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
+    rates where an earlier version did not write them) and number of occurrences of a step file, read without
+    its gradients.
 
     Raises:
         StoreError: if the file is corrupt or truncated.
@@ -210,8 +214,9 @@ def read_step_header(path: Path) -> tuple[int, list[float], list[float]]:
         with safe_open(str(path), framework="pt") as handle:
             lrs = handle.get_tensor("lrs").tolist()
             applied = handle.get_tensor("applied_lrs").tolist() if "applied_lrs" in handle.keys() else lrs
-            return int(handle.metadata()["epoch"]), lrs, applied
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+            rows = handle.get_slice("sample_ids").get_shape()[0]
+            return int(handle.metadata()["epoch"]), lrs, applied, int(rows)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
                          "file) to keep the steps before it, or record the run again.") from err
 

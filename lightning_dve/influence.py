@@ -7,6 +7,7 @@ the final parameters.
 
 from __future__ import annotations
 
+import bisect
 import numbers
 import os
 from collections.abc import Callable, Iterator
@@ -28,11 +29,14 @@ from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
 from .results import InfluenceResult, Ranking, columns_result, dot_layers
-from .store import EMBEDDINGS, MANIFEST, STEPS, TrajectoryStore
+from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: Occurrences a query reads from the embeddings at a time (whole steps; more where one step has more).
+CHUNK_ROWS = 8192
 
 
 class DataValueEmbeddings:
@@ -82,11 +86,11 @@ class DataValueEmbeddings:
             diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
             raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
                              "recorded settings, or record a new run with the new ones.")
-        for sub in (STEPS, EMBEDDINGS):
-            missing = [s for s in store.steps if not (Path(path) / sub / f"step_{s:08d}.safetensors").is_file()]
-            if missing:
-                raise StoreError(f"store {path} is missing {len(missing)} {sub} file(s), first for steps "
-                                 f"{missing[:5]}; restore them or record the run again.")
+        missing = [s for s in store.steps if not (Path(path) / STEPS / f"step_{s:08d}.safetensors").is_file()]
+        if missing:
+            raise StoreError(f"store {path} is missing {len(missing)} {STEPS} file(s), first for steps "
+                             f"{missing[:5]}; restore them or record the run again.")
+        store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
         return cls(store, loss_weights)
 
     @property
@@ -288,16 +292,19 @@ class DataValueEmbeddings:
                               "more boundaries.")
 
     def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
-        """:meth:`score` once ``boundary`` and the store are checked."""
+        """:meth:`score` once ``boundary`` and the store are checked: the embeddings stream in chunks of at most
+        :data:`CHUNK_ROWS` occurrences (whole steps), each scored against its segment's carried test gradient."""
         carried = self._carry_back(self._checked(test_gradients), boundary)
+        arrays = self.store.embedding_arrays(self.store.layer_names)
         ids, steps, columns = [], [], []
-        for segment, step in self._segment_of_steps():
+        for segment, lo, hi in self._segment_ranges():
             if segment >= len(carried):
                 break
-            step_ids, embeddings = self.store.read_embeddings(step, self.store.layer_names)
-            columns.append(dot_layers(carried[segment], embeddings))
-            ids.append(step_ids)
-            steps.append(torch.full_like(step_ids, step))
+            for a, b in arrays.chunks(lo, hi, CHUNK_ROWS):
+                chunk_ids, embeddings = arrays.rows(a, b)
+                columns.append(dot_layers(carried[segment], embeddings))
+                ids.append(chunk_ids)
+                steps.append(arrays.row_steps(a, b))
         if not columns:  # nothing recorded (every step skipped)
             empty = torch.zeros(0, dtype=torch.int64)
             return InfluenceResult(empty, empty, torch.zeros(next(iter(carried[-1].values())).shape[0], 0))
@@ -321,14 +328,14 @@ class DataValueEmbeddings:
         self._check_current()
         return self._score(self.test_gradients(module, batch, loss_fn), per_step, boundary)
 
-    def _segment_of_steps(self) -> Iterator[tuple[int, int]]:
-        """``(segment index, step)`` of every recorded step, in order."""
+    def _segment_ranges(self) -> Iterator[tuple[int, int, int]]:
+        """``(segment index, lo, hi)``: each segment's recorded steps are those with index in ``[lo, hi)``."""
         lasts = self.segment_boundaries or [max(self.steps, default=-1)]
-        segment = 0
-        for step in self.steps:
-            while step > lasts[segment]:
-                segment += 1
-            yield segment, step
+        lo = 0
+        for segment, last in enumerate(lasts):
+            hi = bisect.bisect_right(self.steps, last, lo=lo)
+            yield segment, lo, hi
+            lo = hi
 
     def _checked(self, test_gradients: Any) -> dict[str, torch.Tensor]:
         """``test_gradients`` if it is ``{layer: [n, k_l]}`` for every recorded layer, with one row count ``n``.

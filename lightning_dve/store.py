@@ -4,10 +4,11 @@ Layout of a store directory::
 
     manifest.json                      schema version, settings (+ hash), layers and projections, status
     steps/step_00000042.safetensors    one recorded optimizer step (a :class:`StepRecord`)
-    embeddings/step_00000042.safetensors   the embeddings of that step's occurrences
+    embeddings/layer_000.npy           the embeddings of every occurrence for one layer, ``[N, k_l]``, and
+    embeddings/sample_ids.npy          their sample ids ``[N]``, rows in step order (``embedding_arrays``)
 
-Every file is written to a temporary name and renamed, so a file that exists is complete; a run that dies
-keeps every step it finished. Nothing is pickled: tensors are safetensors, metadata is JSON.
+Every file is written to a temporary name (the embeddings: folder) and renamed, so a file that exists is
+complete; a run that dies keeps every step it finished. Nothing is pickled: tensors are safetensors, metadata is JSON.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 
 import torch
 
+from .embedding_arrays import EmbeddingArrays, EmbeddingWriter
 from .errors import StoreError
 from .files import disk_bytes, read_checked, read_json, read_step_header, remove_files, write_atomic, write_text_atomic
 from .records import StepRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: embeddings as one array per layer
 MANIFEST = "manifest.json"
 STEPS = "steps"
 EMBEDDINGS = "embeddings"
@@ -44,29 +46,6 @@ def _layer_summary(layers: list[dict[str, Any]]) -> str:
         f"{e['projection']['in']['checksum']})" for e in layers)
 
 
-def _check_embeddings(path: Path, sample_ids: torch.Tensor | None, embeddings: dict[str, torch.Tensor],
-                      widths: dict[str, int | None], required: Sequence[str]) -> None:
-    """Refuse an embeddings file without 1-D ``sample_ids [B]``, without a ``required`` layer, or with a layer that
-    is not ``[B, k_l]``.
-
-    Raises:
-        StoreError: naming the file, every problem, and the fix.
-    """
-    rows = sample_ids.shape[0] if isinstance(sample_ids, torch.Tensor) and sample_ids.dim() == 1 else None
-    problems = [] if rows is not None else ["no 1-D sample_ids"]
-    problems += [f"layer {name!r} is missing" for name in required if name not in embeddings]
-    for name, block in embeddings.items():
-        fits = block.dim() == 2 and block.shape[0] == rows and widths.get(name) in (None, block.shape[1])
-        if name not in widths:
-            problems.append(f"layer {name!r} is not a tracked layer")
-        elif rows is not None and not fits:
-            problems.append(f"layer {name!r} is {list(block.shape)}, not [{rows}, {widths[name]}] (one row per "
-                            "sample id, the layer's projected width)")
-    if problems:
-        raise StoreError(f"embeddings file {path} does not match the manifest: {'; '.join(problems)}. The file is "
-                         "damaged or from another recording: restore it from a backup, or record the run again.")
-
-
 def _step_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
@@ -79,6 +58,8 @@ class TrajectoryStore:
         self.manifest = manifest
         self._resume_after: int | None = None  # reopened: drop later steps at the first write (reopen)
         self._replaces = False  # created over an earlier store: clear it at the first write (create)
+        self._embedding_writer: EmbeddingWriter | None = None  # between begin_ and finish_embeddings
+        self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first read_embeddings
 
     @property
     def settings_hash(self) -> str:
@@ -115,7 +96,7 @@ class TrajectoryStore:
         root = Path(root)
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
                            "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [],
-                           "applied_lrs": [], **manifest})
+                           "applied_lrs": [], "rows": [], **manifest})
         store._replaces = root.exists() and any(root.iterdir())
         if store._replaces and not overwrite:
             raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
@@ -132,8 +113,9 @@ class TrajectoryStore:
         if not self._replaces:
             return
         (self.root / MANIFEST).unlink(missing_ok=True)
-        remove_files([self.root / SEGMENTS, *(f for sub in (STEPS, EMBEDDINGS, REFERENCES)
+        remove_files([self.root / SEGMENTS, *(f for sub in (STEPS, REFERENCES)
                                               for f in (self.root / sub).glob("*.safetensors"))])
+        self._remove_embeddings()
         ranks = {f"rank_{r}" for r in range(self.manifest.get("world_size", 1))}
         for shard in (s for s in (self.root / SHARDS).glob("rank_*") if s.name not in ranks):
             shutil.rmtree(shard, ignore_errors=True)
@@ -200,7 +182,8 @@ class TrajectoryStore:
                 continue
             entries.append((step, *read_step_header(path)))
         self.manifest.update(steps=[e[0] for e in entries], epochs=[e[1] for e in entries],
-                             lrs=[e[2] for e in entries], applied_lrs=[e[3] for e in entries])
+                             lrs=[e[2] for e in entries], applied_lrs=[e[3] for e in entries],
+                             rows=[e[4] for e in entries])
 
     @classmethod
     def reopen(cls, root: str | os.PathLike[str], last_step: int, layers: list[dict[str, Any]] | None = None,
@@ -249,7 +232,8 @@ class TrajectoryStore:
             return
         self._scan_steps(after=after, drop=True)
         later = [f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after]
-        remove_files([*(self.root / EMBEDDINGS).glob("*.safetensors"), *later])
+        remove_files(later)
+        self._remove_embeddings()
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
             self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage], run_id=uuid.uuid4().hex)
@@ -270,6 +254,7 @@ class TrajectoryStore:
         self.manifest["lrs"].append(record.lrs.tolist())
         applied = record.lrs if record.applied_lrs is None else record.applied_lrs
         self.manifest.setdefault("applied_lrs", []).append(applied.tolist())
+        self.manifest["rows"].append(record.sample_ids.numel())
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
@@ -315,34 +300,76 @@ class TrajectoryStore:
             return self.learning_rates
         return torch.tensor(applied, dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
 
-    def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor) -> None:
-        """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences."""
+    def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype) -> None:
+        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`).
+
+        Raises:
+            StoreError: if the disk cannot hold them.
+        """
         self.truncate_for_resume()
-        tensors = {f"emb/{name}": e.contiguous() for name, e in embeddings.items()}
-        tensors["sample_ids"] = sample_ids.contiguous()
-        write_atomic(self.root / EMBEDDINGS / _step_name(step), tensors, self._metadata(step))
+        self._embedding_arrays = None
+        layers = {name: (position, widths[name]) for position, name in enumerate(self.layer_names) if name in widths}
+        self._embedding_writer = EmbeddingWriter(self.root / EMBEDDINGS, self.settings_hash, layers, dtype,
+                                                 self.steps, self.manifest["rows"])
+
+    def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor],
+                         sample_ids: torch.Tensor | None) -> None:
+        """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences (any of the begun layers) and
+        their ``sample_ids`` (``None``: written already); safe from several threads."""
+        if self._embedding_writer is None:
+            raise StoreError("embeddings are written between begin_embeddings and finish_embeddings only.")
+        self._embedding_writer.write(step, embeddings, sample_ids)
+
+    def finish_embeddings(self) -> None:
+        """Put the written embeddings in place (every step must have been written)."""
+        if self._embedding_writer is not None:
+            self._embedding_writer.finish()
+            self._embedding_writer = None
+
+    def _remove_embeddings(self) -> None:
+        """Delete the embeddings (finished or not) and forget any open arrays."""
+        if self._embedding_writer is not None:
+            self._embedding_writer.close()
+            self._embedding_writer = None
+        self._embedding_arrays = None
+        for folder in (self.root / EMBEDDINGS, self.root / f"{EMBEDDINGS}.partial"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def embedding_arrays(self, layers: Sequence[str] | None = None) -> EmbeddingArrays:
+        """The finished embeddings, memory-mapped and checked against the manifest.
+
+        Args:
+            layers: the layers they must hold; default every tracked layer on rank 0 (merged there), a DDP
+                rank's ``owned_layers`` on the others.
+
+        Raises:
+            StoreError: if they are missing, truncated, damaged, of other settings or another trajectory, or lack
+                one of ``layers``.
+        """
+        held = self.layer_names if self.manifest.get("rank", 0) == 0 else self.manifest["owned_layers"]
+        required = list(held if layers is None else layers)
+        arrays = self._embedding_arrays
+        if arrays is None or not set(required) <= set(arrays.arrays):
+            arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths, required)
+            rows = [b - a for a, b in zip(arrays.offsets, arrays.offsets[1:])]
+            if (arrays.steps, rows) != (self.steps, self.manifest["rows"]):
+                raise StoreError(f"the embeddings in {self.root / EMBEDDINGS} hold {len(rows)} steps of "
+                                 f"{arrays.offsets[-1]} occurrences, the store {len(self.steps)} of "
+                                 f"{sum(self.manifest['rows'])}, or another step or row count at some step: they "
+                                 "belong to another trajectory. Record the run again.")
+            self._embedding_arrays = arrays
+        return arrays
 
     def read_embeddings(
         self, step: int, layers: Sequence[str] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step, checked against the manifest.
-
-        Args:
-            step: a recorded step.
-            layers: the layers the file must hold; default the store's own (a DDP rank's ``owned_layers`` before
-                rank 0 merges them, every tracked layer otherwise). Every layer it holds is checked.
+        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step (``layers``: at least these, as
+        :meth:`embedding_arrays`).
 
         Raises:
-            StoreError: if the file is missing, corrupt, of other settings or of another step, lacks one of
-                ``layers``, or a layer is not ``[B, k_l]`` (one row per sample id, its projected width).
+            StoreError: as :meth:`embedding_arrays`.
         """
-        path = self.root / EMBEDDINGS / _step_name(step)
-        tensors = read_checked(path, self.settings_hash, step=step)
-        ids = tensors.get("sample_ids")
-        embeddings = {k[len("emb/"):]: v for k, v in tensors.items() if k.startswith("emb/")}
-        required = self.manifest.get("owned_layers", self.layer_names) if layers is None else layers
-        _check_embeddings(path, ids, embeddings, self.layer_widths, required)
-        return ids, embeddings  # type: ignore[return-value]  # checked to be a tensor
+        return self.embedding_arrays(layers).step(step)
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
@@ -387,7 +414,7 @@ class TrajectoryStore:
 
     def bytes_on_disk(self, sub: str) -> int:
         """Total size of the files under ``sub`` (``steps`` or ``embeddings``)."""
-        return sum(f.stat().st_size for f in (self.root / sub).glob("*.safetensors"))
+        return disk_bytes([self.root / sub])
 
     def disk_use(self) -> int:
         """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints."""

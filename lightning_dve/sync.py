@@ -1,33 +1,22 @@
-"""One optimizer step over every micro-batch and rank, and the embeddings back on rank 0 (method.md §2).
+"""One optimizer step over every micro-batch and rank (method.md §2).
 
 One optimizer step is one factor over everything that entered it: the micro-batches of gradient accumulation
 and the shards of every data-parallel rank. :class:`StepAssembler` buffers a rank's micro-batches, agrees on
 errors with the other ranks (so one failing rank ends the run instead of deadlocking it), and gathers the
-global step. Each rank keeps only the layer groups it owns, so the recursion is split across ranks;
-:func:`gather_embeddings` brings the owned embeddings back to rank 0.
+global step. Each rank keeps only the layer groups it owns, so the recursion is split across ranks
+(:mod:`~lightning_dve.recursion_ranks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 
 import torch
-from tqdm.auto import tqdm
 
-from .config import AccumulatorLayout, DVEConfig
 from .distributed import Communicator
 from .errors import DVEError, SampleIdError
-from .recursion import BackwardRecursion, layer_groups, whole_segment_rows
-from .store import StepRecord, TrajectoryStore
+from .store import StepRecord
 from .updates import StepTerms
-
-
-BLOCK_ROWS = 256  # occurrences per recursion block (one product by M, one gather to rank 0 per block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,42 +166,6 @@ class StepAssembler:
                             "own occurrence); otherwise fix the ids your batches carry.")
 
 
-def gather_embeddings(
-    comm: Communicator,
-    owned: list[list[str]],
-    dims: dict[str, int],
-    embeddings: list[dict[str, torch.Tensor]],
-    rows: int,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Collective: the other ranks' embeddings of some consecutive occurrences, on rank 0 (``{}`` elsewhere).
-
-    Every rank knows every rank's size from ``owned``, ``dims`` and ``rows``, so nothing is exchanged or padded:
-    each rank sends its layers one after the other, flattened, and rank 0 views each layer of what it receives
-    as one contiguous ``[B, k_l]`` block, whose rows of one step are contiguous too (written as they are).
-
-    Args:
-        comm: communicator.
-        owned: layer names owned by each rank.
-        dims: projected size of every layer.
-        embeddings: this rank's embeddings of its owned layers in consecutive pieces of rows (one per step, say)
-            that add up to ``rows``; not read on rank 0.
-        rows: occurrences in the pieces (``B``), the same on every rank.
-        dtype: accumulation dtype (identical on every rank).
-
-    Returns:
-        On rank 0 ``{layer: [B, k_l]}`` for the layers of every other rank; ``{}`` on the other ranks.
-    """
-    pieces = [piece[n].to(dtype).reshape(-1) for n in owned[comm.rank] for piece in embeddings] if comm.rank else []
-    local = torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
-    parts = comm.send_to_zero(local, [rows * sum(dims[n] for n in names) for names in owned])
-    merged: dict[str, torch.Tensor] = {}
-    for names, flat in zip(owned[1:], parts[1:]):
-        blocks = flat.split([rows * dims[n] for n in names])
-        merged.update((n, block.view(rows, dims[n])) for n, block in zip(names, blocks))
-    return merged
-
-
 def reached_on_any_rank(comm: Communicator, names: list[str], reached: set[str]) -> set[str]:
     """Collective: the layers of ``names`` some rank's hooks reached in this step (``reached``: this rank's ones);
     under DDP every rank's gradient is in ``.grad``."""
@@ -221,177 +174,3 @@ def reached_on_any_rank(comm: Communicator, names: list[str], reached: set[str])
     flags = torch.tensor([[float(name in reached) for name in names]])
     union = torch.cat(comm.all_gather_rows(flags)).amax(dim=0)
     return {name for name, flag in zip(names, union.tolist()) if flag > 0}
-
-
-def embed_trajectory(
-    comm: Communicator,
-    store: TrajectoryStore,
-    layout: AccumulatorLayout,
-    owned: list[list[str]],
-    dims: dict[str, int],
-    dtype: torch.dtype,
-    bounds: list[tuple[int, int]] | None = None,
-    progress: bool = False,
-) -> None:
-    """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
-
-    With several ``bounds`` the trajectory is split into contiguous segments whose recursions run in parallel
-    threads, each from ``M = 0`` (influence checkpointing, method.md §3). The stored embeddings are then
-    segment-local, and the segments' factors ``I - M_seg`` are stored for queries to chain.
-
-    Args:
-        comm: communicator.
-        store: this rank's store (rank 0's is the one users read).
-        layout: accumulation-matrix layout.
-        owned: layer names owned by each rank.
-        dims: projected size of every layer.
-        dtype: accumulation dtype, float32 or wider (identical on every rank).
-        bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
-            ``None`` is one segment.
-        progress: show a progress bar (rank 0).
-    """
-    bounds = bounds or [(0, len(store.steps))]
-    curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
-    errors: list[DVEError] = []  # rank 0's failed writes: the collectives go on, the ranks agree at the end
-    bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
-    # the same on every rank (all groups' widths), so the blocks' collectives match
-    whole = whole_segment_rows([sum(dims[n] for n in group) for group in layer_groups(store.layer_names, layout)],
-                               curvature)
-
-    def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
-        if bounds[segment][0] >= bounds[segment][1]:  # nothing recorded (every step skipped): nothing to embed
-            return {}
-        recursion = BackwardRecursion(store.layer_names, layout, owned[comm.rank], curvature)
-        first = store.steps[bounds[segment][0]]
-        with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block
-            written: list[Future[None]] = []
-            for block in _blocks(store.iter_backward(*bounds[segment]), BLOCK_ROWS, whole):
-                # M after the segment's first step is needed only for a segment factor (segment 0's never is)
-                embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
-                written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
-                                             list(zip(block, embeddings)), merge, errors))
-                if len(written) > 1:
-                    written[-2].result()  # at most one block waits: memory stays bounded; errors surface
-                bar.update(len(block))
-            for future in written:
-                future.result()
-        return recursion.factors() if segment > 0 else {}  # segment 0's factor is never needed
-
-    with bar:
-        if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
-            run(0, merge=comm.world_size > 1)
-            factors: list[dict[str, torch.Tensor]] = [{}]
-        else:
-            with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
-                factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
-            if comm.world_size > 1 and not comm.any(bool(errors)):  # after a failed write, agree below instead
-                _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
-                factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
-    error = errors[0] if errors else None
-    if comm.rank == 0 and error is None:
-        try:
-            store.write_segments(bounds, factors)
-            store.manifest["embeddings"] = "complete"
-            store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
-        except DVEError as err:
-            error = err
-    agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store
-
-
-def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[list[StepRecord]]:
-    """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller).
-
-    A segment of plain-SGD steps with at most ``whole`` occurrences in all is one block
-    (:func:`~lightning_dve.recursion.whole_segment_rows`); otherwise the records read to find out are blocked too.
-    """
-    head: list[StepRecord] = []
-    count = 0
-    for record in records:
-        head.append(record)
-        count += record.sample_ids.numel()
-        if count > whole or record.optim or record.vectors:
-            break
-    else:  # the whole segment fits in one block
-        yield from [head] if head else []
-        return
-    block: list[StepRecord] = []
-    count = 0
-    for record in itertools.chain(head, records):
-        block.append(record)
-        count += record.sample_ids.numel()
-        if count >= rows:
-            yield block
-            block, count = [], 0
-    if block:
-        yield block
-
-
-def _segment_workers(segments: int) -> int:
-    """Threads for the segments: no more than the cores leave room for, given torch's own threads per matmul."""
-    return max(1, min(segments, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
-
-
-def _write_pending(
-    comm: Communicator,
-    store: TrajectoryStore,
-    owned: list[list[str]],
-    dims: dict[str, int],
-    dtype: torch.dtype,
-    pending: list[tuple[StepRecord, dict[str, torch.Tensor]]],
-    merge: bool,
-    errors: list[DVEError],
-) -> None:
-    """Write computed steps' embeddings; with ``merge``, first send the other ranks' to rank 0 in one collective.
-
-    A failed write is appended to ``errors`` and no later step is written, but the collectives still run, so no
-    rank waits for one that has stopped.
-    """
-    if merge:
-        sizes = [record.sample_ids.numel() for record, _ in pending]
-        received = gather_embeddings(comm, owned, dims, [e for _, e in pending], sum(sizes), dtype)
-        if comm.rank != 0:
-            return
-        parts = {name: block.split(sizes) for name, block in received.items()}
-        pending = [(record, {**{n: e[n].to(dtype) for n in owned[0]}, **{n: parts[n][i] for n in parts}})
-                   for i, (record, e) in enumerate(pending)]
-    for record, embeddings in pending:
-        _attempt(errors, partial(store.write_embeddings, record.step, embeddings, record.sample_ids))
-
-
-def _attempt(errors: list[DVEError], write: Callable[[], None]) -> None:
-    """``write()`` unless a write has failed already; keep its error in ``errors`` instead of raising it here."""
-    if errors:
-        return
-    try:
-        write()
-    except DVEError as err:
-        errors.append(err)
-
-
-def _merge_embeddings_on_rank_zero(
-    comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int], dtype: torch.dtype,
-    errors: list[DVEError],
-) -> None:
-    """Collective: replace rank 0's per-step embedding files by the merge of every rank's owned layers (a failed
-    write goes to ``errors``, as in :func:`_write_pending`)."""
-    for step in store.steps:
-        sample_ids, local = store.read_embeddings(step)
-        received = gather_embeddings(comm, owned, dims, [local], sample_ids.numel(), dtype)
-        if comm.rank == 0:
-            merged = {**{n: local[n].to(dtype) for n in owned[0]}, **received}
-            _attempt(errors, partial(store.write_embeddings, step, merged, sample_ids))
-
-
-def _gather_factors(
-    comm: Communicator, owned: list[list[str]], layout: AccumulatorLayout, mine: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Collective: every group's segment factor, from the rank that owns the group (``dtype``: the accumulators',
-    the same on every rank, so the gathered buffers agree in size)."""
-    merged = {}
-    for rank, names in enumerate(owned):
-        for group in layer_groups(names, layout):
-            local = mine.get(group[0], torch.zeros(0, 0, dtype=dtype)) if rank == comm.rank else None
-            parts = comm.all_gather_rows(local if local is not None else torch.zeros(0, 0, dtype=dtype))
-            merged[group[0]] = parts[rank]
-    return merged

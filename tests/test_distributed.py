@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from lightning_dve import DataValueEmbeddings
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError
-from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups, gather_embeddings
+from lightning_dve.recursion_ranks import gather_embeddings
+from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
 from lightning_dve.updates import StepTerms
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"

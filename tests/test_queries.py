@@ -7,6 +7,7 @@ import copy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,33 +118,46 @@ def test_score_refuses_a_boundary_out_of_range(fit, mlp_cls, save_dir, test_batc
 # --- damaged embeddings files ------------------------------------------------------------------------------
 
 
-def rewrite(root: Path, step: int, change) -> None:
-    path = root / "embeddings" / f"step_{step:08d}.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
-    save_file(change(tensors), str(path), metadata=metadata)
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda t: {k: v for k, v in t.items() if k != "emb/net.2"}, r"layer 'net\.2' is missing"),
-    (lambda t: {k: v[:2] if k.startswith("emb/") else v for k, v in t.items()},
-     r"layer 'net\.0' is \[2, 64\], not \[16, 64\] \(one row per sample id"),
-    (lambda t: {**t, "emb/net.2": t["emb/net.2"][:, :3].contiguous()}, r"layer 'net\.2' is \[16, 3\], not \[16, 64\]"),
-    (lambda t: {k: v for k, v in t.items() if k != "sample_ids"}, r"no 1-D sample_ids"),
-    (lambda t: {**t, "emb/head": t["emb/net.2"].clone()}, r"layer 'head' is not a tracked layer"),
-])
-def test_damaged_embeddings_file(trained, tmp_path, test_batch, change, message):
+def damaged_copy(trained, tmp_path, name, change) -> Path:
+    """A copy of the recording whose ``embeddings/<name>`` is ``change(its contents)`` (``None``: deleted)."""
     root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
-    rewrite(root, 2, change)
-    with pytest.raises(StoreError, match=rf"embeddings file .*step_00000002\.safetensors does not match the "
-                                         rf"manifest: {message}.* restore it from a backup, or record the run again"):
+    path = root / "embeddings" / name
+    if name.endswith(".npy"):
+        array = np.load(path)
+        path.unlink()
+        if change is not None:
+            np.save(path, change(array))
+    else:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+        save_file(change(tensors), str(path), metadata=metadata)
+    return root
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("layer_001.npy", None, r"layer_001\.npy is missing"),  # net.2's
+    ("layer_000.npy", lambda a: a[:2], r"layer_000\.npy is \(2, 64\) float32, not \(128, 64\)"),
+    ("layer_001.npy", lambda a: a[:, :3], r"layer_001\.npy is \(128, 3\) float32, not \(128, 64\)"),
+    ("sample_ids.npy", lambda a: a[:, None], r"sample_ids\.npy is \(128, 1\) int64, not \(128,\)"),
+    # no file names a layer now (a foreign layer cannot be in one): a layer file of another dtype instead
+    ("layer_001.npy", lambda a: a.astype(np.int64), r"layer_001\.npy is .*int64"),
+], ids=["layer missing", "rows missing", "other width", "2-D sample ids", "other dtype"])
+def test_damaged_embeddings_file(trained, tmp_path, test_batch, name, change, message):
+    root = damaged_copy(trained, tmp_path, name, change)
+    with pytest.raises(StoreError, match=rf"embeddings file .*embeddings/{message}.* record the run again, or "
+                                         r"restore the folder .* from a backup"):
         DataValueEmbeddings.load(root).influence(trained.model, test_batch)
 
 
-def test_embeddings_file_of_another_step(trained, tmp_path, test_batch):
-    root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
-    shutil.copy(root / "embeddings" / "step_00000001.safetensors", root / "embeddings" / "step_00000003.safetensors")
-    with pytest.raises(StoreError, match=r"step_00000003\.safetensors holds step 1's data, not step 3's"):
+@pytest.mark.parametrize("change", [
+    lambda t: {**t, "steps": torch.tensor([0, 1, 2, 1, 4, 5, 6, 7])},  # step 3's rows labelled step 1
+    lambda t: {**t, "offsets": torch.tensor([0, 16, 32, 40, 64, 80, 96, 112, 128])},  # 8 | 24 rows
+], ids=["steps", "rows"])
+def test_embeddings_file_of_another_step(trained, tmp_path, test_batch, change):
+    """The index must place every step's rows where the store recorded them: rows labelled with another step (or
+    another step's share of the rows) would be scored as that step's."""
+    root = damaged_copy(trained, tmp_path, "index.safetensors", change)
+    with pytest.raises(StoreError, match=r"embeddings in .* belong to another trajectory\. Record the run again"):
         DataValueEmbeddings.load(root).influence(trained.model, test_batch)
 
 

@@ -150,7 +150,7 @@ MEMORY = textwrap.dedent('''
     import resource, sys, torch
     from pathlib import Path
     from lightning_dve.store import StepRecord, TrajectoryStore
-    from lightning_dve.sync import embed_trajectory
+    from lightning_dve.recursion_ranks import embed_trajectory
     from lightning_dve.distributed import SingleProcess
     from lightning_dve.config import AccumulatorLayout
     torch.set_num_threads(1)
@@ -190,14 +190,14 @@ def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Both blockings of the streamed recursion (a short segment in one block, or blocks of ``BLOCK_ROWS``; rows
     of 5 here, so 2 steps per block) against the step-by-step recursion held in memory."""
-    from lightning_dve import sync
+    from lightning_dve import recursion_ranks
     from lightning_dve.config import AccumulatorLayout
     from lightning_dve.distributed import SingleProcess
     from lightning_dve.recursion import BackwardRecursion, segment_bounds
-    from lightning_dve.sync import embed_trajectory
+    from lightning_dve.recursion_ranks import embed_trajectory
 
-    monkeypatch.setattr(sync, "BLOCK_ROWS", 10)
-    monkeypatch.setattr(sync, "whole_segment_rows", lambda widths, curvature: 10**6 if whole else 0)
+    monkeypatch.setattr(recursion_ranks, "BLOCK_ROWS", 10)
+    monkeypatch.setattr(recursion_ranks, "whole_segment_rows", lambda widths, curvature: 10**6 if whole else 0)
     blocks = []
     monkeypatch.setattr(BackwardRecursion, "block", lambda self, records, update=True, _original=BackwardRecursion.block:
                         blocks.append(len(records)) or _original(self, records, update))
@@ -232,7 +232,7 @@ def test_one_block_only_for_short_plain_sgd_segments() -> None:
     with optimizer terms (the momentum form), is cut into blocks of ``rows``."""
     from lightning_dve.config import Curvature
     from lightning_dve.recursion import whole_segment_rows
-    from lightning_dve.sync import _blocks
+    from lightning_dve.recursion_ranks import _blocks
 
     def records(n: int, optim: bool = False) -> list[StepRecord]:
         terms = {"momentum": torch.tensor([0.9])} if optim else {}

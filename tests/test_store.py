@@ -116,29 +116,35 @@ def test_manifest_of_another_schema_version(store_copy):
     manifest = json.loads((store_copy / "manifest.json").read_text())
     manifest["schema_version"] = 999
     (store_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=r"schema 999.*reads schema 1"):
+    with pytest.raises(StoreError, match=r"schema 999.*reads schema 2"):
         DataValueEmbeddings.load(store_copy)
 
 
 # --- missing, truncated or foreign data files --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sub", ["steps", "embeddings"])
-def test_missing_data_file(store_copy, sub):
-    (store_copy / sub / "step_00000003.safetensors").unlink()
-    with pytest.raises(StoreError, match=rf"missing 1 {sub} file\(s\), first for steps \[3\]"):
+@pytest.mark.parametrize("path, message", [
+    ("steps/step_00000003.safetensors", r"missing 1 steps file\(s\), first for steps \[3\]"),
+    ("embeddings/index.safetensors", r"embeddings/index\.safetensors is missing"),
+    ("embeddings/sample_ids.npy", r"embeddings/sample_ids\.npy is missing"),
+], ids=["steps", "embeddings index", "embeddings sample ids"])  # a missing layer file: test_queries
+def test_missing_data_file(store_copy, path, message):
+    (store_copy / path).unlink()
+    with pytest.raises(StoreError, match=rf"{message}.*record the run again"):
         DataValueEmbeddings.load(store_copy)
 
 
 @pytest.mark.parametrize("keep", ["half", "all but 7 bytes", "4 bytes"])
-def test_truncated_embeddings_file_fails_when_scoring(store_copy, trained, test_batch, keep):
-    path = store_copy / "embeddings" / "step_00000002.safetensors"
+def test_truncated_embeddings_file_fails_before_scoring(store_copy, keep):
+    """The arrays are memory-mapped: a truncated one is refused when opened (at load, and by the store read that
+    queries use), never read past its end."""
+    path = store_copy / "embeddings" / "layer_001.npy"
     data = path.read_bytes()
     size = {"half": len(data) // 2, "all but 7 bytes": len(data) - 7, "4 bytes": 4}[keep]
     path.write_bytes(data[:size])
-    embeddings = DataValueEmbeddings.load(store_copy)  # only presence is checked on load
-    with pytest.raises(StoreError, match=r"step_00000002\.safetensors is corrupt or truncated"):
-        embeddings.influence(trained.model, test_batch)
+    for read in (DataValueEmbeddings.load, lambda root: TrajectoryStore.open(root).read_embeddings(2)):
+        with pytest.raises(StoreError, match=r"layer_001\.npy is truncated or corrupt.*record the run again"):
+            read(store_copy)
 
 
 def test_truncated_step_file(store_copy):
@@ -150,14 +156,15 @@ def test_truncated_step_file(store_copy):
         store.read_step(5)
 
 
-def test_file_from_a_run_with_other_settings(store_copy, trained, fit, mlp_cls, tmp_path, test_batch):
+def test_file_from_a_run_with_other_settings(store_copy, fit, mlp_cls, tmp_path):
     other = tmp_path / "other"
     fit(mlp_cls(), DataValueEmbedding(other, projection_dim=64, seed=1), max_epochs=2)
-    for sub in ("embeddings", "steps"):
-        shutil.copy(other / sub / "step_00000006.safetensors", store_copy / sub / "step_00000006.safetensors")
-    embeddings = DataValueEmbeddings.load(store_copy)
-    with pytest.raises(StoreError, match=r"step_00000006\.safetensors was written with settings.*two runs are mixed"):
-        embeddings.influence(trained.model, test_batch)
+    shutil.rmtree(store_copy / "embeddings")
+    shutil.copytree(other / "embeddings", store_copy / "embeddings")  # same steps and shapes, other settings
+    shutil.copy(other / "steps" / "step_00000006.safetensors", store_copy / "steps" / "step_00000006.safetensors")
+    with pytest.raises(StoreError, match=r"embeddings/index\.safetensors was written with settings.*two runs are "
+                                         r"mixed"):
+        DataValueEmbeddings.load(store_copy)
     with pytest.raises(StoreError, match=r"two runs are mixed"):
         TrajectoryStore.open(store_copy).read_step(6)
 
@@ -251,8 +258,10 @@ def recorded(root: Path, steps: int, finish: bool = True, **manifest) -> Traject
         store.append(record(step))
     if finish:
         store.finish_recording({})
+        store.begin_embeddings({"a": 3}, torch.float32)
         for step in range(steps):
             store.write_embeddings(step, {"a": torch.ones(2, 3)}, torch.arange(2))
+        store.finish_embeddings()
         store.write_reference(1, {"a": torch.ones(1, 3)})
         store.write_segments([(0, 1), (1, steps)], [{}, {"a": torch.eye(3)}])
         store.manifest["embeddings"] = "complete"
@@ -298,17 +307,20 @@ def test_overwrite_keeps_the_earlier_store_until_the_first_write(tmp_path):
     assert reopened.manifest["status"] == "recording" and reopened.steps == [0] and reopened.settings_hash == "h2"
 
 
-@pytest.mark.parametrize("write", ["finish_recording", "write_manifest", "write_embeddings", "write_reference",
+@pytest.mark.parametrize("write", ["finish_recording", "write_manifest", "begin_embeddings", "write_reference",
                                    "write_segments", "truncate_for_resume"])
 def test_every_first_write_clears_the_store_it_overwrites(tmp_path, write):
     root = tmp_path / "dve"
     recorded(root, 3)
     store = TrajectoryStore.create(root, SMALL, overwrite=True)
-    args = {"finish_recording": ({},), "write_embeddings": (0, {"a": torch.ones(2, 3)}, torch.arange(2)),
+    args = {"finish_recording": ({},), "begin_embeddings": ({"a": 3}, torch.float32),
             "write_reference": (0, {"a": torch.ones(1, 3)}), "write_segments": ([(0, 0)], [{}])}
+    made = {"begin_embeddings": {f"embeddings.partial/{name}" for name in ("index.safetensors", "layer_000.npy",
+                                                                         "sample_ids.npy")},
+            "write_reference": {"references/step_00000000.safetensors"}}  # by the write itself
     getattr(store, write)(*args.get(write, ()))
     left = {name for name in files_of(root) if name != "manifest.json"}
-    assert left <= {"embeddings/step_00000000.safetensors", "references/step_00000000.safetensors"}
+    assert left == made.get(write, set())
     assert TrajectoryStore.open(root).manifest["run_id"] == store.manifest["run_id"]
 
 

@@ -1,0 +1,245 @@
+"""Embeddings on disk: one memory-mapped array per tracked layer, rows in step order.
+
+The backward recursion (method.md §2) yields one embedding ``e_t(z) [k_l]`` per occurrence and layer. They go to
+``layer_NNN.npy [N, k_l]`` (numpy's ``.npy`` format, read with ``mmap_mode="r"``; nothing is pickled), with the
+occurrences' sample ids in ``sample_ids.npy [N]`` and the row range of every step in ``index.safetensors``. The
+recursion writes a step's rows wherever they fall (``os.pwrite`` at the step's offset, in any order and from
+several threads), into a folder that is renamed into place once every step is written: a folder that exists is
+complete. Queries read contiguous row ranges of many steps at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .files import read_checked, write_atomic, write_error
+
+INDEX = "index.safetensors"
+IDS = "sample_ids.npy"
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
+
+
+def _layer_file(position: int) -> str:
+    return f"layer_{position:03d}.npy"
+
+
+def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> tuple[int, int]:
+    """Create ``path`` as an ``.npy`` file of ``shape`` with its space reserved; return ``(fd, data offset)``.
+
+    Raises:
+        StoreError: if the disk cannot hold it (checked now, before any row is computed).
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(_NUMPY[dtype])), "fortran_order": False,
+              "shape": shape}
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            offset = handle.tell()
+        size = offset + int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize
+        try:
+            os.posix_fallocate(fd, 0, size)  # a full disk fails here, not as a torn array later
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: grow lazily
+                raise
+            os.ftruncate(fd, size)
+        return fd, offset
+    except OSError as err:
+        os.close(fd)
+        raise write_error(path, err) from err
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            if written == 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing to {path}")
+            data, offset = data[written:], offset + written
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+def _bytes(tensor: torch.Tensor, dtype: torch.dtype) -> memoryview:
+    return memoryview(tensor.detach().to("cpu", dtype).contiguous().numpy().reshape(-1)).cast("B")
+
+
+class EmbeddingWriter:
+    """Writes the embeddings of every step into a new folder, then renames it into place (:meth:`finish`)."""
+
+    def __init__(self, folder: Path, settings_hash: str, layers: dict[str, tuple[int, int]], dtype: torch.dtype,
+                 steps: Sequence[int], rows: Sequence[int]) -> None:
+        """Create the arrays for ``steps`` with ``rows`` occurrences each, in ``folder`` + ``.partial``.
+
+        Args:
+            folder: where the finished arrays go (replaced by :meth:`finish`).
+            settings_hash: the store's; the index carries it.
+            layers: ``{layer: (position in the manifest, k_l)}`` of the layers this store holds (a DDP rank's
+                own before rank 0 merges them; every one on rank 0); a layer's file is named by its position.
+            dtype: the embeddings' dtype (the accumulators', float32 or float64).
+            steps, rows: every recorded step and its number of occurrences.
+
+        Raises:
+            StoreError: if the disk cannot hold the arrays.
+        """
+        self.folder, self.dtype = folder, dtype
+        self.layers = list(layers)
+        self.partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)  # an interrupted earlier attempt
+        self.partial.mkdir(parents=True)
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
+        self._slot = {step: (int(offsets[i]), int(rows[i])) for i, step in enumerate(steps)}
+        self._missing = set(steps)
+        total = int(offsets[-1])
+        self._files: list[tuple[Path, int, int, int]] = []  # (path, fd, data offset, bytes per row)
+        try:
+            for position, width in layers.values():
+                self._add(self.partial / _layer_file(position), (total, width), dtype)
+            self._add(self.partial / IDS, (total,), torch.int64)
+            write_atomic(self.partial / INDEX, {"steps": torch.tensor(list(steps), dtype=torch.int64),
+                                                "offsets": torch.from_numpy(offsets)},
+                         {"settings_hash": settings_hash})
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> None:
+        fd, offset = _create_array(path, shape, dtype)
+        self._files.append((path, fd, offset, int(np.prod(shape[1:])) * torch.empty(0, dtype=dtype).element_size()))
+
+    def write(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor | None) -> None:
+        """Write one step's rows: ``{layer: [B, k_l]}`` for any of the layers, and its ``sample_ids [B]`` (``None``:
+        written before).
+
+        Raises:
+            StoreError: if the disk is full, or the rows do not fit the step's slot (a bug, not a user error).
+        """
+        if step not in self._slot:
+            raise StoreError(f"step {step} has no rows in the embeddings being written (steps {min(self._slot)} to "
+                             f"{max(self._slot)}): the store changed during the recursion. Record the run again.")
+        start, count = self._slot[step]
+        blocks = [*(embeddings.get(name) for name in self.layers), sample_ids]
+        for (path, fd, offset, row_bytes), block in zip(self._files, blocks):
+            if block is None:
+                continue
+            dtype = torch.int64 if path.name == IDS else self.dtype
+            shape = (count,) if path.name == IDS else (count, row_bytes // torch.empty(0, dtype=dtype).element_size())
+            if tuple(block.shape) != shape:
+                raise StoreError(f"step {step}'s rows for {path.name} are {tuple(block.shape)}, not {shape} (the "
+                                 "occurrences the store recorded at that step, by the layer's projected width): "
+                                 "the recursion and the store disagree. Record the run again.")
+            data = _bytes(block, dtype)
+            _pwrite_all(fd, data, offset + start * row_bytes, path)
+        self._missing.discard(step)
+
+    def finish(self) -> None:
+        """Flush the arrays and rename the folder into place (replacing an earlier one).
+
+        Raises:
+            StoreError: if a step was never written, or the disk fails.
+        """
+        if self._missing:
+            raise StoreError(f"the embeddings of {len(self._missing)} steps (first: {min(self._missing)}) were "
+                             "never written; the recursion stopped early. Record the run again.")
+        try:
+            for path, fd, _, _ in self._files:
+                os.fsync(fd)
+            self.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(self.partial, self.folder)
+        except OSError as err:
+            raise write_error(self.folder, err) from err
+
+    def close(self) -> None:
+        """Close the files (the folder stays ``.partial``: never read as embeddings)."""
+        for _, fd, _, _ in self._files:
+            os.close(fd)
+        self._files = []
+
+
+class EmbeddingArrays:
+    """Finished embeddings, memory-mapped read-only and checked against the store's manifest."""
+
+    def __init__(self, folder: Path, settings_hash: str, widths: dict[str, int | None],
+                 required: Sequence[str]) -> None:
+        """Open the arrays in ``folder``.
+
+        Args:
+            widths: the manifest's ``{layer: k_l}`` (``None``: not checked).
+            required: the layers to open (each must be there).
+
+        Raises:
+            StoreError: if the folder is missing, an array is truncated, damaged, of another shape or dtype, or
+                the index is of other settings or lacks a ``required`` layer.
+        """
+        self.folder = folder
+        index = read_checked(folder / INDEX, settings_hash)
+        fix = ("The embeddings are damaged or from another recording: record the run again, or restore the "
+               f"folder {folder} from a backup.")
+        steps, offsets = index.get("steps"), index.get("offsets")
+        if steps is None or offsets is None or steps.dim() != 1 or offsets.shape != (len(steps) + 1,):
+            raise StoreError(f"the index {folder / INDEX} is not [T] steps with [T + 1] row offsets. {fix}")
+        self.steps, self.offsets = steps.tolist(), offsets.tolist()
+        self._position = {step: i for i, step in enumerate(self.steps)}
+        total = self.offsets[-1]
+        self.ids = self._load(folder / IDS, (total,), (np.int64,), fix)
+        positions = {name: i for i, name in enumerate(widths)}
+        self.arrays = {name: self._load(folder / _layer_file(positions[name]), (total, widths.get(name)),
+                                        (np.float32, np.float64), fix) for name in required}
+        if len({array.dtype for array in self.arrays.values()}) > 1:
+            raise StoreError(f"the embeddings in {folder} mix dtypes "
+                             f"{ {name: str(a.dtype) for name, a in self.arrays.items()} }. {fix}")
+
+    @staticmethod
+    def _load(path: Path, shape: tuple[int | None, ...], dtypes: tuple[type, ...], fix: str) -> np.ndarray:
+        """``path`` memory-mapped, if it is an ``.npy`` array of ``shape`` (``None``: any size) and one of
+        ``dtypes``."""
+        if not path.is_file():
+            raise StoreError(f"embeddings file {path} is missing. {fix}")
+        try:  # .npy only (no .npz, no pickled objects)
+            array = np.lib.format.open_memmap(path, mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise StoreError(f"embeddings file {path} is truncated or corrupt ({err}). {fix}") from err
+        fits = array.ndim == len(shape) and all(want is None or got == want for got, want in zip(array.shape, shape))
+        if not fits or array.dtype not in dtypes:
+            expected = " or ".join(np.dtype(d).name for d in dtypes)
+            raise StoreError(f"embeddings file {path} is {array.shape} {array.dtype}, not {shape} {expected}. {fix}")
+        return array
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(sample_ids [n], {layer: [n, k_l]})`` of the steps with index in ``[lo, hi)``, copied into memory."""
+        start, stop = self.offsets[lo], self.offsets[hi]
+        return (torch.from_numpy(np.array(self.ids[start:stop])),
+                {name: torch.from_numpy(np.array(array[start:stop])) for name, array in self.arrays.items()})
+
+    def row_steps(self, lo: int, hi: int) -> torch.Tensor:
+        """``[n]``: the step of each row of :meth:`rows` ``(lo, hi)``."""
+        counts = torch.tensor(self.offsets[lo + 1:hi + 1], dtype=torch.int64) - torch.tensor(self.offsets[lo:hi],
+                                                                                            dtype=torch.int64)
+        return torch.tensor(self.steps[lo:hi], dtype=torch.int64).repeat_interleave(counts)
+
+    def chunks(self, lo: int, hi: int, max_rows: int) -> Iterator[tuple[int, int]]:
+        """Split the steps with index in ``[lo, hi)`` into consecutive ranges of at most ``max_rows`` rows each
+        (a range holds at least one step, whatever its rows)."""
+        start = lo
+        for end in range(lo + 1, hi + 1):
+            if end == hi or self.offsets[end + 1] - self.offsets[start] > max_rows:
+                yield start, end
+                start = end
+
+    def step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(sample_ids [B], {layer: [B, k_l]})`` of one step."""
+        if step not in self._position:
+            raise StoreError(f"the embeddings in {self.folder} hold no step {step}: they were computed for another "
+                             "trajectory. Record the run again.")
+        position = self._position[step]
+        return self.rows(position, position + 1)

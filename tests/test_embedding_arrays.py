@@ -1,0 +1,323 @@
+"""The embeddings on disk, one memory-mapped array per layer (``lightning_dve/embedding_arrays.py``): rows written in
+any order read back exactly, queries streamed in chunks score like one-shot ones, and damaged, unfinished or
+unwritable arrays are refused with a ``StoreError`` that says what is wrong and what to do.
+
+Damage covered elsewhere: a missing index or sample ids and a truncated layer file (test_store.py), embeddings of
+other settings (test_store.py), a missing layer file, other shapes and dtypes, and an index of other steps
+(test_queries.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+import lightning_dve.embedding_arrays
+import lightning_dve.influence
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings, StoreError
+from lightning_dve.embedding_arrays import EmbeddingArrays
+from lightning_dve.store import StepRecord, TrajectoryStore
+from tests.conftest import DigitsDict, TinyMLP, run_fit
+from tests.test_store import SMALL, files_of
+
+LAYERS = {"a": 3, "b": 5}  # k_l of each layer, in manifest order (layer_000.npy, layer_001.npy)
+ROWS = [3, 0, 4, 1, 2]  # occurrences of each step (steps 2, 5, 8, ...)
+MANIFEST = {**SMALL, "layers": [{"name": name, "projection": {"out": {"projected_dim": 1}, "in": {"projected_dim": k}}}
+                                for name, k in LAYERS.items()]}
+
+
+def recording(root: Path, rows=ROWS) -> TrajectoryStore:
+    """A finished recording of steps ``2, 5, 8, ...`` with ``rows`` occurrences each, without embeddings."""
+    store = TrajectoryStore.create(root, MANIFEST, overwrite=False)
+    for i, n in enumerate(rows):
+        store.append(StepRecord(2 + 3 * i, torch.arange(n), torch.ones(n, dtype=torch.float64),
+                                torch.full((len(LAYERS),), 0.1, dtype=torch.float64),
+                                {name: torch.zeros(n, k) for name, k in LAYERS.items()}))
+    store.finish_recording({})
+    return store
+
+
+def oracle(store: TrajectoryStore, dtype: torch.dtype, seed: int = 0) -> dict:
+    """``{step: (sample ids [B], {layer: [B, k_l]})}``: distinct ids in no order, random values of ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(sum(store.manifest["rows"]) * 7, generator=gen)[:sum(store.manifest["rows"])]
+    return {step: (step_ids, {name: torch.randn(len(step_ids), k, generator=gen, dtype=torch.float64).to(dtype)
+                              for name, k in LAYERS.items()})
+            for step, step_ids in zip(store.steps, ids.split(store.manifest["rows"]))}
+
+
+def embed(store: TrajectoryStore, data: dict, dtype: torch.dtype, finish: bool = True) -> None:
+    """Write ``data`` as the recursion does: steps in shuffled order from 4 threads; every other step in two writes
+    (a DDP rank's own layer with the ids, then another rank's, merged on rank 0 without them)."""
+    store.begin_embeddings(LAYERS, dtype)
+    order = list(enumerate(data))
+    random.Random(0).shuffle(order)
+
+    def write(item):
+        i, step = item
+        ids, embeddings = data[step]
+        if i % 2:
+            store.write_embeddings(step, {"a": embeddings["a"]}, ids)
+            store.write_embeddings(step, {"b": embeddings["b"]}, None)
+        else:
+            store.write_embeddings(step, embeddings, ids)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(write, order))
+    if finish:
+        store.finish_embeddings()
+
+
+def embedded(root: Path, rows=ROWS, dtype=torch.float32) -> tuple[dict, EmbeddingArrays]:
+    """A recording with its embeddings written (``oracle``), and the arrays of the store opened afresh."""
+    store = recording(root, rows)
+    data = oracle(store, dtype)
+    embed(store, data, dtype)
+    return data, TrajectoryStore.open(root).embedding_arrays()
+
+
+# --- round trip --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_written_in_any_order_from_several_threads_read_back_exactly(tmp_path, dtype):
+    data, arrays = embedded(tmp_path / "dve", dtype=dtype)
+    steps = list(data)
+    for lo in range(len(steps) + 1):
+        for hi in range(lo + 1, len(steps) + 1):
+            ids, embeddings = arrays.rows(lo, hi)
+            assert torch.equal(ids, torch.cat([data[s][0] for s in steps[lo:hi]]))
+            for name in LAYERS:
+                assert embeddings[name].dtype == dtype
+                assert torch.equal(embeddings[name], torch.cat([data[s][1][name] for s in steps[lo:hi]]))
+            assert arrays.row_steps(lo, hi).tolist() == [s for s in steps[lo:hi] for _ in data[s][0]]
+    for step in steps:
+        ids, embeddings = TrajectoryStore.open(tmp_path / "dve").read_embeddings(step)
+        assert torch.equal(ids, data[step][0]) and all(torch.equal(embeddings[n], data[step][1][n]) for n in LAYERS)
+    with pytest.raises(StoreError, match=r"hold no step 3: they were computed for another trajectory"):
+        arrays.step(3)
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 4, 5, 7, 100])
+def test_chunks_are_contiguous_ranges_of_whole_steps_of_at_most_max_rows(tmp_path, max_rows):
+    rows = [3, 0, 4, 1, 0, 0, 6, 2]
+    _, arrays = embedded(tmp_path / "dve", rows)
+    for lo in range(len(rows) + 1):
+        for hi in range(lo, len(rows) + 1):
+            ranges = list(arrays.chunks(lo, hi, max_rows))
+            assert [i for a, b in ranges for i in range(a, b)] == list(range(lo, hi))  # in order, each step once
+            for a, b in ranges:
+                assert a < b and (sum(rows[a:b]) <= max_rows or b == a + 1)  # one step may be larger
+                assert b == hi or sum(rows[a:b + 1]) > max_rows  # as long as allowed: few reads
+
+
+@pytest.mark.parametrize("rows", [[], [0, 0, 0]], ids=["no steps", "steps without rows"])
+def test_a_trajectory_without_rows_reads_back_empty(tmp_path, rows):
+    _, arrays = embedded(tmp_path / "dve", rows)
+    ids, embeddings = arrays.rows(0, len(rows))
+    assert ids.shape == (0,) and {n: e.shape for n, e in embeddings.items()} == {n: (0, k) for n, k in LAYERS.items()}
+    assert list(arrays.chunks(0, len(rows), 1)) == ([(0, len(rows))] if rows else [])
+    for step in arrays.steps:
+        assert arrays.step(step)[0].shape == (0,)
+
+
+def test_row_steps_of_no_steps_is_empty(tmp_path):
+    _, arrays = embedded(tmp_path / "dve")
+    assert arrays.row_steps(2, 2).tolist() == []
+
+
+# --- queries stream the arrays -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+    """3 segments over 8 steps of 16, 16, 16 and 12 occurrences: ``(root, trained model)``."""
+    root = tmp_path_factory.mktemp("segmented") / "dve"
+    model = TinyMLP()
+    run_fit(model, DataValueEmbedding(root, projection_dim=32, report=None, segments=3),
+            DataLoader(DigitsDict(range(60)), batch_size=16), max_epochs=2)
+    return root, model
+
+
+@pytest.mark.parametrize("store", ["one segment", "three segments"])
+def test_a_query_streamed_in_chunks_scores_like_one_read(trained, segmented, test_batch, monkeypatch, store):
+    """Oracle: the same query reading every segment at once. Chunks of 1 row (one step each), of 24 (one step of
+    16, not two), of 40 (two steps) and the default give the same columns, each chunk read at most CHUNK_ROWS rows
+    or one step."""
+    root, model = (trained.root, trained.model) if store == "one segment" else segmented
+    embeddings = DataValueEmbeddings.load(root)
+    rows = embeddings.store.manifest["rows"]
+
+    def query(chunk_rows):
+        monkeypatch.setattr(lightning_dve.influence, "CHUNK_ROWS", chunk_rows)
+        reads.clear()
+        return [embeddings.influence(model, test_batch, per_step=per_step) for per_step in (True, False)]
+
+    real_rows = EmbeddingArrays.rows
+    reads = []
+    monkeypatch.setattr(EmbeddingArrays, "rows", lambda self, lo, hi: reads.append((lo, hi)) or real_rows(self, lo, hi))
+    expected = query(10**9)
+    assert expected[0].steps.tolist() == [s for s, n in zip(embeddings.steps, rows) for _ in range(n)]
+    assert expected[0].scores.abs().max() > 0
+    for chunk_rows in (1, 24, 40, lightning_dve.influence.CHUNK_ROWS):
+        results = query(chunk_rows)
+        assert all(sum(rows[lo:hi]) <= chunk_rows or hi == lo + 1 for lo, hi in reads)
+        for result, reference in zip(results, expected):
+            assert torch.equal(result.sample_ids, reference.sample_ids) and torch.equal(result.steps, reference.steps)
+            torch.testing.assert_close(result.scores, reference.scores, rtol=1e-6, atol=0)
+    assert max(hi - lo for lo, hi in reads) > 1  # the default reads several steps at once
+
+
+# --- damaged arrays ----------------------------------------------------------------------------------------
+
+
+class Unpickled:
+    """Unpickling it creates ``marker``: a pickled array read by mistake leaves a trace."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def garble_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[12:30] = b"x" * 18  # inside the header's dict
+    path.write_bytes(bytes(data))
+
+
+def swap_layers(path: Path) -> None:
+    other = path.with_name("layer_001.npy")
+    tmp = path.with_name("swap")
+    path.rename(tmp)
+    other.rename(path)
+    tmp.rename(other)
+
+
+def as_npz(path: Path) -> None:
+    with path.open("wb") as handle:
+        np.savez(handle, rows=np.zeros((10, 3), np.float32))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (swap_layers, r"layer_000\.npy is \(10, 5\) float32, not \(10, 3\)"),
+    (garble_header, r"layer_000\.npy is truncated or corrupt \(Header does not contain the correct keys"),
+    (lambda path: np.save(path, np.array([Unpickled(path.with_name("unpickled"))] * 30, dtype=object)
+                          .reshape(10, 3), allow_pickle=True), r"layer_000\.npy is truncated or corrupt"),
+    (as_npz, r"layer_000\.npy is truncated or corrupt"),
+], ids=["layers swapped", "garbled header", "pickled objects", "npz archive"])
+def test_a_damaged_layer_file_is_refused_and_nothing_is_unpickled(tmp_path, damage, message):
+    root = tmp_path / "dve"
+    embedded(root)
+    damage(root / "embeddings" / "layer_000.npy")
+    with pytest.raises(StoreError, match=rf"embeddings file .*{message}.*record the run again, or restore the "
+                                         r"folder .*embeddings from a backup"):
+        TrajectoryStore.open(root).embedding_arrays()
+    assert not (root / "embeddings" / "unpickled").exists()
+
+
+def test_every_file_of_the_embeddings_reads_without_pickle(trained):
+    folder = trained.root / "embeddings"
+    assert sorted(p.name for p in folder.iterdir()) == ["index.safetensors", "layer_000.npy", "layer_001.npy",
+                                                        "sample_ids.npy"]
+    total = load_file(folder / "index.safetensors")["offsets"][-1].item()
+    shapes = {p.name: np.load(p, allow_pickle=False).shape for p in folder.glob("*.npy")}
+    assert shapes == {"layer_000.npy": (total, 64), "layer_001.npy": (total, 64), "sample_ids.npy": (total,)}
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [
+    (4, 3),
+    (1, 9),  # as many bytes as 3 x 3
+], ids=["rows of another step", "rows of another width"])
+def test_rows_of_the_wrong_count_for_a_step_are_refused(tmp_path, shape):
+    store = recording(tmp_path / "dve")  # step 2 has 3 occurrences
+    store.begin_embeddings(LAYERS, torch.float32)
+    with pytest.raises(StoreError, match=rf"step 2's rows for layer_000\.npy are {re.escape(str(shape))}, not "
+                                         r"\(3, 3\) \(the occurrences the store recorded at that step.*Record the "
+                                         "run again"):
+        store.write_embeddings(2, {"a": torch.ones(shape)}, torch.arange(3))
+
+
+def test_finishing_before_every_step_is_written_is_refused(tmp_path):
+    store = recording(tmp_path / "dve")
+    data = oracle(store, torch.float32)
+    del data[8]
+    embed(store, data, torch.float32, finish=False)
+    with pytest.raises(StoreError, match=r"embeddings of 1 steps \(first: 8\) were never written; the recursion "
+                                         r"stopped early\. Record the run again"):
+        store.finish_embeddings()
+    assert not any((tmp_path / "dve" / "embeddings").iterdir())
+
+
+def test_an_interrupted_recursion_leaves_only_a_partial_folder_that_the_next_one_replaces(tmp_path):
+    root = tmp_path / "dve"
+    store = recording(root)
+    embed(store, dict(list(oracle(store, torch.float32).items())[:2]), torch.float32, finish=False)  # killed here
+    assert not any((root / "embeddings").iterdir()) and any((root / "embeddings.partial").iterdir())
+    with pytest.raises(StoreError, match=r"embeddings=None, expected 'complete'\. The backward recursion did not "
+                                         r"finish: resume it"):
+        DataValueEmbeddings.load(root)
+    with pytest.raises(StoreError, match=r"embeddings/index\.safetensors is missing.*record the run again"):
+        TrajectoryStore.open(root).embedding_arrays()
+
+    again = TrajectoryStore.open(root)
+    data = oracle(again, torch.float64, seed=1)
+    again.begin_embeddings({"a": 3}, torch.float64)  # one layer this time: nothing of the first attempt may stay
+    for step, (ids, embeddings) in data.items():
+        again.write_embeddings(step, {"a": embeddings["a"]}, ids)
+    again.finish_embeddings()
+    assert sorted(files_of(root / "embeddings")) == ["index.safetensors", "layer_000.npy", "sample_ids.npy"]
+    assert not (root / "embeddings.partial").exists()
+    ids, embeddings = TrajectoryStore.open(root).embedding_arrays(["a"]).rows(0, len(data))
+    assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
+    assert torch.equal(embeddings["a"], torch.cat([d[1]["a"] for d in data.values()]))
+
+
+@pytest.mark.parametrize("call", ["posix_fallocate", "pwrite"], ids=["at creation", "during a write"])
+def test_a_full_disk_fails_the_fit_and_leaves_no_embeddings_to_read(fit, mlp_cls, save_dir, monkeypatch, call):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, call, full)
+    with pytest.raises(StoreError, match=r"embeddings\.partial/layer_000\.npy: the disk is full\..*free space"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
+    monkeypatch.undo()
+    assert not any((save_dir / "embeddings").iterdir())  # nothing renamed into place
+    with pytest.raises(StoreError, match=r"expected 'complete'\. The backward recursion did not finish"):
+        DataValueEmbeddings.load(save_dir)
+    with pytest.raises(StoreError, match=r"embeddings/index\.safetensors is missing"):
+        TrajectoryStore.open(save_dir).embedding_arrays()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+def test_arrays_the_disk_cannot_hold_leave_no_file_open(tmp_path, monkeypatch):
+    """The reserved space of the arrays created before the full one is freed once the folder is removed: no file
+    descriptor keeps it."""
+    store = recording(tmp_path / "dve")
+    real, calls = os.posix_fallocate, []
+
+    def full_at_the_second(fd, offset, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, size)
+
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "posix_fallocate", full_at_the_second)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(StoreError, match=r"layer_001\.npy: the disk is full"):
+        store.begin_embeddings(LAYERS, torch.float32)
+    assert len(os.listdir("/proc/self/fd")) == before
