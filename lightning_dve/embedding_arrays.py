@@ -215,6 +215,11 @@ class EmbeddingArrays:
             raise StoreError(f"embeddings file {path} is {array.shape} {array.dtype}, not {shape} {expected}. {fix}")
         return array
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one occurrence's embeddings over the opened layers."""
+        return sum(array.shape[1] * array.itemsize for array in self.arrays.values())
+
     def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(sample_ids [n], {layer: [n, k_l]})`` of the steps with index in ``[lo, hi)``, copied into memory."""
         start, stop = self.offsets[lo], self.offsets[hi]

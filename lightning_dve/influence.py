@@ -35,8 +35,8 @@ __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-#: Occurrences a query reads from the embeddings at a time (whole steps; more where one step has more).
-CHUNK_ROWS = 8192
+#: Bytes of embeddings a query reads at a time (whole steps: more where one step has more).
+CHUNK_BYTES = 64 * 2**20
 
 
 class DataValueEmbeddings:
@@ -293,14 +293,15 @@ class DataValueEmbeddings:
 
     def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
         """:meth:`score` once ``boundary`` and the store are checked: the embeddings stream in chunks of at most
-        :data:`CHUNK_ROWS` occurrences (whole steps), each scored against its segment's carried test gradient."""
+        :data:`CHUNK_BYTES` (whole steps), each scored against its segment's carried test gradient."""
         carried = self._carry_back(self._checked(test_gradients), boundary)
         arrays = self.store.embedding_arrays(self.store.layer_names)
+        max_rows = max(1, CHUNK_BYTES // max(1, arrays.row_bytes))
         ids, steps, columns = [], [], []
         for segment, lo, hi in self._segment_ranges():
             if segment >= len(carried):
                 break
-            for a, b in arrays.chunks(lo, hi, CHUNK_ROWS):
+            for a, b in arrays.chunks(lo, hi, max_rows):
                 chunk_ids, embeddings = arrays.rows(a, b)
                 columns.append(dot_layers(carried[segment], embeddings))
                 ids.append(chunk_ids)

@@ -152,14 +152,16 @@ def segmented(tmp_path_factory):
 @pytest.mark.parametrize("store", ["one segment", "three segments"])
 def test_a_query_streamed_in_chunks_scores_like_one_read(trained, segmented, test_batch, monkeypatch, store):
     """Oracle: the same query reading every segment at once. Chunks of 1 row (one step each), of 24 (one step of
-    16, not two), of 40 (two steps) and the default give the same columns, each chunk read at most CHUNK_ROWS rows
+    16, not two), of 40 (two steps) and the default give the same columns, each chunk read at most CHUNK_BYTES
     or one step."""
     root, model = (trained.root, trained.model) if store == "one segment" else segmented
     embeddings = DataValueEmbeddings.load(root)
     rows = embeddings.store.manifest["rows"]
+    row_bytes = embeddings.store.embedding_arrays().row_bytes
+    assert row_bytes == 4 * sum(embeddings.store.layer_widths.values())  # float32 rows of every layer
 
     def query(chunk_rows):
-        monkeypatch.setattr(lightning_dve.influence, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(lightning_dve.influence, "CHUNK_BYTES", chunk_rows * row_bytes + row_bytes - 1)
         reads.clear()
         return [embeddings.influence(model, test_batch, per_step=per_step) for per_step in (True, False)]
 
@@ -169,7 +171,7 @@ def test_a_query_streamed_in_chunks_scores_like_one_read(trained, segmented, tes
     expected = query(10**9)
     assert expected[0].steps.tolist() == [s for s, n in zip(embeddings.steps, rows) for _ in range(n)]
     assert expected[0].scores.abs().max() > 0
-    for chunk_rows in (1, 24, 40, lightning_dve.influence.CHUNK_ROWS):
+    for chunk_rows in (1, 24, 40, lightning_dve.influence.CHUNK_BYTES // row_bytes):
         results = query(chunk_rows)
         assert all(sum(rows[lo:hi]) <= chunk_rows or hi == lo + 1 for lo, hi in reads)
         for result, reference in zip(results, expected):
