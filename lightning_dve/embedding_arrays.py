@@ -142,7 +142,7 @@ class EmbeddingWriter:
         self._missing.discard(step)
 
     def finish(self) -> None:
-        """Flush the arrays and rename the folder into place (replacing an earlier one).
+        """Close the arrays and rename the folder into place (replacing an earlier one).
 
         Raises:
             StoreError: if a step was never written, or the disk fails.
@@ -150,9 +150,7 @@ class EmbeddingWriter:
         if self._missing:
             raise StoreError(f"the embeddings of {len(self._missing)} steps (first: {min(self._missing)}) were "
                              "never written; the recursion stopped early. Record the run again.")
-        try:
-            for path, fd, _, _ in self._files:
-                os.fsync(fd)
+        try:  # no fsync, as for every store file: a process that dies keeps what it wrote (not a power cut)
             self.close()
             shutil.rmtree(self.folder, ignore_errors=True)
             os.replace(self.partial, self.folder)
