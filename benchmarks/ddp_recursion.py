@@ -126,7 +126,7 @@ class PhaseTimers(C.FunctionTimers):
                                    (recursion_ranks, "gather_embeddings", "gather_embeddings"),
                                    (TrajectoryStore, "read_step", "read_step"),
                                    (TrajectoryStore, "write_embeddings", "write_embeddings"),
-                                   (TrajectoryStore, "read_embeddings", "read_embeddings"),
+                                   (TrajectoryStore, "embedding_arrays", "embedding_arrays"),
                                    (TrajectoryStore, "write_segments", "write_segments")):
             if hasattr(owner, name):
                 self.wrap(owner, name, label)
@@ -200,7 +200,7 @@ def embeddings_of(root: str) -> dict[int, dict[str, torch.Tensor]]:
     from lightning_dve.store import TrajectoryStore
 
     store = TrajectoryStore.open(root)
-    return {s: store.read_embeddings(s)[1] for s in store.steps}
+    return {s: store.embedding_arrays().step(s)[1] for s in store.steps}
 
 
 def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, steps: int, repeats: int,

@@ -55,23 +55,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     owned = sync.assign_groups(layer_groups(names, AccumulatorLayout.PER_LAYER), dims, 1)
     timers = {"read_s": 0.0, "write_s": 0.0}
     if args.segments == 1:  # break the time down (not thread-safe, so only for the sequential run)
-        read, write = store.read_step, store.write_embeddings
+        def timed(method, key):
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return method(*a, **k)
+                finally:
+                    timers[key] += time.perf_counter() - t
+            return wrapper
 
-        def timed_read(*a, **k):
-            t = time.perf_counter()
-            try:
-                return read(*a, **k)
-            finally:
-                timers["read_s"] += time.perf_counter() - t
-
-        def timed_write(*a, **k):
-            t = time.perf_counter()
-            try:
-                return write(*a, **k)
-            finally:
-                timers["write_s"] += time.perf_counter() - t
-
-        store.read_step, store.write_embeddings = timed_read, timed_write  # type: ignore[method-assign]
+        store.read_step = timed(store.read_step, "read_s")  # type: ignore[method-assign]
+        for name in ("begin_embeddings", "write_embeddings", "finish_embeddings"):  # the arrays' creation too
+            if hasattr(store, name):
+                setattr(store, name, timed(getattr(store, name), "write_s"))
     before = C.proc_status()
     with C.MemorySampler() as mem, C.Stopwatch() as sw:
         recursion_ranks.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned, dims,
@@ -82,9 +78,24 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
            "hwm_before": before["VmHWM"]}
     if args.segments == 1:
         out.update(read_s=timers["read_s"], write_s=timers["write_s"],
-                   compute_s=sw.seconds - timers["read_s"] - timers["write_s"])
+                   compute_s=sw.seconds - timers["read_s"] - timers["write_s"], **query(store))
     print(json.dumps(out), flush=True)
     return out
+
+
+def query(store: Any) -> dict[str, Any]:
+    """Time one query of 16 test points over every occurrence (per sample, ``per_step=False``) and its memory:
+    the peak ``RssAnon`` over the process's state just before (the embeddings are memory-mapped; they stream in
+    chunks of ``influence.CHUNK_BYTES``)."""
+    from lightning_dve.influence import DataValueEmbeddings
+
+    gen = torch.Generator().manual_seed(0)
+    test = {e["name"]: torch.randn(16, e["out_dim"] * e["in_dim"], generator=gen) for e in store.manifest["layers"]}
+    embeddings = DataValueEmbeddings(store)
+    before = C.proc_status()
+    with C.MemorySampler() as mem, C.Stopwatch() as sw:
+        embeddings.score(test, per_step=False)
+    return {"query_s": sw.seconds, "query_peak_anon_increase": mem.peak_anon - before["RssAnon"]}
 
 
 def run_child(store: Path, threads: int, segments: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,6 +153,9 @@ def scaling(args: argparse.Namespace, layers: dict[str, int], batch: int, t0: in
             "read_s": C.stats([x["read_s"] for x in xs])["median"],
             "write_s": C.stats([x["write_s"] for x in xs])["median"],
             "compute_s": C.stats([x["compute_s"] for x in xs])["median"],
+            "query_s": C.stats([x["query_s"] for x in xs])["median"] if "query_s" in xs[0] else None,
+            "query_peak_anon_increase_mb": round(C.stats([x["query_peak_anon_increase"] for x in xs])["median"]
+                                                 / 2**20, 1) if "query_s" in xs[0] else None,
             "peak_rss_mb": round(hwm / 2**20, 1), "peak_anon_mb": round(anon / 2**20, 1),
             "rss_before_mb": round(rss0 / 2**20, 1), "anon_before_mb": round(anon0 / 2**20, 1),
             "peak_rss_increase_mb": round((hwm - rss0) / 2**20, 1),

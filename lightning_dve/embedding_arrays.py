@@ -73,6 +73,16 @@ def _bytes(tensor: torch.Tensor, dtype: torch.dtype) -> memoryview:
     return memoryview(tensor.detach().to("cpu", dtype).contiguous().numpy().reshape(-1)).cast("B")
 
 
+def remove_embeddings(folder: Path) -> None:
+    """Delete the embeddings in ``folder``, finished or not."""
+    for path in (folder, _partial(folder)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _partial(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".partial")
+
+
 class EmbeddingWriter:
     """Writes the embeddings of every step into a new folder, then renames it into place (:meth:`finish`)."""
 
@@ -93,7 +103,7 @@ class EmbeddingWriter:
         """
         self.folder, self.dtype = folder, dtype
         self.layers = list(layers)
-        self.partial = folder.with_name(folder.name + ".partial")
+        self.partial = _partial(folder)
         shutil.rmtree(self.partial, ignore_errors=True)  # an interrupted earlier attempt
         self.partial.mkdir(parents=True)
         offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
@@ -167,13 +177,14 @@ class EmbeddingWriter:
 class EmbeddingArrays:
     """Finished embeddings, memory-mapped read-only and checked against the store's manifest."""
 
-    def __init__(self, folder: Path, settings_hash: str, widths: dict[str, int | None],
-                 required: Sequence[str]) -> None:
+    def __init__(self, folder: Path, settings_hash: str, widths: dict[str, int | None], required: Sequence[str],
+                 steps: Sequence[int], rows: Sequence[int]) -> None:
         """Open the arrays in ``folder``.
 
         Args:
             widths: the manifest's ``{layer: k_l}`` (``None``: not checked).
             required: the layers to open (each must be there).
+            steps, rows: the store's recorded steps and their occurrences; the index must list the same.
 
         Raises:
             StoreError: if the folder is missing, an array is truncated, damaged, of another shape or dtype, or
@@ -183,10 +194,15 @@ class EmbeddingArrays:
         index = read_checked(folder / INDEX, settings_hash)
         fix = ("The embeddings are damaged or from another recording: record the run again, or restore the "
                f"folder {folder} from a backup.")
-        steps, offsets = index.get("steps"), index.get("offsets")
-        if steps is None or offsets is None or steps.dim() != 1 or offsets.shape != (len(steps) + 1,):
+        listed, offsets = index.get("steps"), index.get("offsets")
+        if listed is None or offsets is None or listed.dim() != 1 or offsets.shape != (len(listed) + 1,):
             raise StoreError(f"the index {folder / INDEX} is not [T] steps with [T + 1] row offsets. {fix}")
-        self.steps, self.offsets = steps.tolist(), offsets.tolist()
+        self.steps, self.offsets = listed.tolist(), offsets.tolist()
+        held = [b - a for a, b in zip(self.offsets, self.offsets[1:])]
+        if (self.steps, held) != (list(steps), list(rows)):
+            raise StoreError(f"the embeddings in {folder} hold {len(held)} steps of {self.offsets[-1]} occurrences, "
+                             f"the store {len(steps)} of {sum(rows)}, or another step or row count at some step: "
+                             "they belong to another trajectory. Record the run again.")
         self._position = {step: i for i, step in enumerate(self.steps)}
         total = self.offsets[-1]
         self.ids = self._load(folder / IDS, (total,), (np.int64,), fix)

@@ -204,8 +204,7 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:
     """The epoch, learning rates ``[L]``, applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
-    rates where an earlier version did not write them) and number of occurrences of a step file, read without
-    its gradients.
+    rates where none were written) and number of occurrences of a step file, read without its gradients.
 
     Raises:
         StoreError: if the file is corrupt or truncated.

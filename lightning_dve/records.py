@@ -62,7 +62,7 @@ class StepRecord:
             ``kappa`` and the step's gradient ``batch_grad`` (``adam_second_moment``), else empty.
         applied_lrs: each tracked layer's param-group learning rate ``[L]`` (the schedule's; 0 where the step did
             not reach the layer), for reports: ``lrs`` is the recursion's rate, with clipping and Adam's bias
-            correction folded in. ``None`` in stores of earlier versions (read as ``lrs``).
+            correction folded in. ``None``: not given (read as ``lrs``).
     """
 
     step: int

@@ -234,7 +234,7 @@ def _own_rows(store: TrajectoryStore, step: int, rows: int, names: list[str], di
     collectives still run, and the error is raised when the ranks agree)."""
     if not errors:
         try:
-            return store.read_embeddings(step)[1]
+            return store.embedding_arrays().step(step)[1]
         except DVEError as err:
             errors.append(err)
     return {name: torch.zeros(rows, dims[name], dtype=dtype) for name in names}

@@ -7,8 +7,8 @@ Layout of a store directory::
     embeddings/layer_000.npy           the embeddings of every occurrence for one layer, ``[N, k_l]``, and
     embeddings/sample_ids.npy          their sample ids ``[N]``, rows in step order (``embedding_arrays``)
 
-Every file is written to a temporary name (the embeddings: folder) and renamed, so a file that exists is
-complete; a run that dies keeps every step it finished. Nothing is pickled: tensors are safetensors, metadata is JSON.
+Every file (the embeddings: their folder) is written under a temporary name and renamed, so one that exists is
+complete; a run that dies keeps every step it finished. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .embedding_arrays import EmbeddingArrays, EmbeddingWriter
+from .embedding_arrays import EmbeddingArrays, EmbeddingWriter, remove_embeddings
 from .errors import StoreError
 from .files import disk_bytes, read_checked, read_json, read_step_header, remove_files, write_atomic, write_text_atomic
 from .records import StepRecord
@@ -59,7 +59,7 @@ class TrajectoryStore:
         self._resume_after: int | None = None  # reopened: drop later steps at the first write (reopen)
         self._replaces = False  # created over an earlier store: clear it at the first write (create)
         self._embedding_writer: EmbeddingWriter | None = None  # between begin_ and finish_embeddings
-        self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first read_embeddings
+        self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first embedding_arrays
 
     @property
     def settings_hash(self) -> str:
@@ -163,7 +163,6 @@ class TrajectoryStore:
     def _write_manifest(self) -> None:
         """:meth:`write_manifest` with nothing deferred applied first (its folders made if needed)."""
         (self.root / STEPS).mkdir(parents=True, exist_ok=True)
-        (self.root / EMBEDDINGS).mkdir(exist_ok=True)
         write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
 
     def _scan_steps(self, after: int | None = None, drop: bool = False) -> None:
@@ -253,7 +252,7 @@ class TrajectoryStore:
         self.manifest["epochs"].append(record.epoch)
         self.manifest["lrs"].append(record.lrs.tolist())
         applied = record.lrs if record.applied_lrs is None else record.applied_lrs
-        self.manifest.setdefault("applied_lrs", []).append(applied.tolist())
+        self.manifest["applied_lrs"].append(applied.tolist())
         self.manifest["rows"].append(record.sample_ids.numel())
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
@@ -293,11 +292,9 @@ class TrajectoryStore:
 
     @property
     def applied_learning_rates(self) -> torch.Tensor:
-        """Each tracked layer's param-group learning rate at each recorded step, ``[T, L]`` (``StepRecord.applied_lrs``;
-        :attr:`learning_rates` for a store of an earlier version that did not record them)."""
-        applied = self.manifest.get("applied_lrs")
-        if applied is None or len(applied) != len(self.steps):
-            return self.learning_rates
+        """Each tracked layer's param-group learning rate at each recorded step, ``[T, L]`` (``StepRecord.applied_lrs``,
+        or its ``lrs`` where none were given)."""
+        applied = self.manifest["applied_lrs"]
         return torch.tensor(applied, dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
 
     def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype) -> None:
@@ -324,7 +321,7 @@ class TrajectoryStore:
         """Put the written embeddings in place (every step must have been written)."""
         if self._embedding_writer is not None:
             self._embedding_writer.finish()
-            self._embedding_writer = None
+        self._embedding_writer = None
 
     def _remove_embeddings(self) -> None:
         """Delete the embeddings (finished or not) and forget any open arrays."""
@@ -332,8 +329,7 @@ class TrajectoryStore:
             self._embedding_writer.close()
             self._embedding_writer = None
         self._embedding_arrays = None
-        for folder in (self.root / EMBEDDINGS, self.root / f"{EMBEDDINGS}.partial"):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_embeddings(self.root / EMBEDDINGS)
 
     def embedding_arrays(self, layers: Sequence[str] | None = None) -> EmbeddingArrays:
         """The finished embeddings, memory-mapped and checked against the manifest.
@@ -350,26 +346,10 @@ class TrajectoryStore:
         required = list(held if layers is None else layers)
         arrays = self._embedding_arrays
         if arrays is None or not set(required) <= set(arrays.arrays):
-            arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths, required)
-            rows = [b - a for a, b in zip(arrays.offsets, arrays.offsets[1:])]
-            if (arrays.steps, rows) != (self.steps, self.manifest["rows"]):
-                raise StoreError(f"the embeddings in {self.root / EMBEDDINGS} hold {len(rows)} steps of "
-                                 f"{arrays.offsets[-1]} occurrences, the store {len(self.steps)} of "
-                                 f"{sum(self.manifest['rows'])}, or another step or row count at some step: they "
-                                 "belong to another trajectory. Record the run again.")
+            arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths, required,
+                                     self.steps, self.manifest["rows"])
             self._embedding_arrays = arrays
         return arrays
-
-    def read_embeddings(
-        self, step: int, layers: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(sample_ids [B], {layer: [B, k_l]})`` of one step (``layers``: at least these, as
-        :meth:`embedding_arrays`).
-
-        Raises:
-            StoreError: as :meth:`embedding_arrays`.
-        """
-        return self.embedding_arrays(layers).step(step)
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""

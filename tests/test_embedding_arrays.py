@@ -102,7 +102,7 @@ def test_rows_written_in_any_order_from_several_threads_read_back_exactly(tmp_pa
                 assert torch.equal(embeddings[name], torch.cat([data[s][1][name] for s in steps[lo:hi]]))
             assert arrays.row_steps(lo, hi).tolist() == [s for s in steps[lo:hi] for _ in data[s][0]]
     for step in steps:
-        ids, embeddings = TrajectoryStore.open(tmp_path / "dve").read_embeddings(step)
+        ids, embeddings = TrajectoryStore.open(tmp_path / "dve").embedding_arrays().step(step)
         assert torch.equal(ids, data[step][0]) and all(torch.equal(embeddings[n], data[step][1][n]) for n in LAYERS)
     with pytest.raises(StoreError, match=r"hold no step 3: they were computed for another trajectory"):
         arrays.step(3)
@@ -262,14 +262,14 @@ def test_finishing_before_every_step_is_written_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"embeddings of 1 steps \(first: 8\) were never written; the recursion "
                                          r"stopped early\. Record the run again"):
         store.finish_embeddings()
-    assert not any((tmp_path / "dve" / "embeddings").iterdir())
+    assert not (tmp_path / "dve" / "embeddings").exists()
 
 
 def test_an_interrupted_recursion_leaves_only_a_partial_folder_that_the_next_one_replaces(tmp_path):
     root = tmp_path / "dve"
     store = recording(root)
     embed(store, dict(list(oracle(store, torch.float32).items())[:2]), torch.float32, finish=False)  # killed here
-    assert not any((root / "embeddings").iterdir()) and any((root / "embeddings.partial").iterdir())
+    assert not (root / "embeddings").exists() and any((root / "embeddings.partial").iterdir())
     with pytest.raises(StoreError, match=r"embeddings=None, expected 'complete'\. The backward recursion did not "
                                          r"finish: resume it"):
         DataValueEmbeddings.load(root)
@@ -298,7 +298,7 @@ def test_a_full_disk_fails_the_fit_and_leaves_no_embeddings_to_read(fit, mlp_cls
     with pytest.raises(StoreError, match=r"embeddings\.partial/layer_000\.npy: the disk is full\..*free space"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
     monkeypatch.undo()
-    assert not any((save_dir / "embeddings").iterdir())  # nothing renamed into place
+    assert not (save_dir / "embeddings").exists()  # nothing renamed into place
     with pytest.raises(StoreError, match=r"expected 'complete'\. The backward recursion did not finish"):
         DataValueEmbeddings.load(save_dir)
     with pytest.raises(StoreError, match=r"embeddings/index\.safetensors is missing"):

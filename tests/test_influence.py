@@ -167,7 +167,7 @@ def test_float64_test_gradients_are_scored_in_float64_against_a_float32_store(tr
     assert result.scores.dtype == torch.float64
     columns = []
     for step in embeddings.steps:
-        _, stored = embeddings.store.read_embeddings(step, embeddings.store.layer_names)
+        _, stored = embeddings.store.embedding_arrays(embeddings.store.layer_names).step(step)
         assert all(e.dtype == torch.float32 for e in stored.values())
         columns.append(sum(test[n] @ e.double().T for n, e in stored.items()))
     torch.testing.assert_close(result.scores, torch.cat(columns, dim=1), rtol=1e-12, atol=1e-15)

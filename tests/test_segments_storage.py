@@ -42,9 +42,9 @@ def test_segment_parallel_equals_sequential(mlp_cls: type, fit: Callable, make_l
     assert torch.equal(got.steps, expected.steps) and torch.equal(got.sample_ids, expected.sample_ids)
     torch.testing.assert_close(got.scores, expected.scores, rtol=1e-10, atol=1e-15)
     # the last segment's local embeddings are the final ones; earlier ones differ (they are segment-local)
-    last = sequential.embeddings.store.read_embeddings(7)[1]
-    assert all(torch.allclose(last[n], segmented.embeddings.store.read_embeddings(7)[1][n]) for n in last)
-    first_seq, first_seg = (e.store.read_embeddings(0)[1] for e in (sequential.embeddings, segmented.embeddings))
+    last = sequential.embeddings.store.embedding_arrays().step(7)[1]
+    assert all(torch.allclose(last[n], segmented.embeddings.store.embedding_arrays().step(7)[1][n]) for n in last)
+    first_seq, first_seg = (e.store.embedding_arrays().step(0)[1] for e in (sequential.embeddings, segmented.embeddings))
     assert not all(torch.allclose(first_seq[n], first_seg[n]) for n in first_seq)
 
 
@@ -222,7 +222,7 @@ def test_streamed_recursion_over_a_store_equals_the_in_memory_recursion(tmp_path
     assert sorted(blocks) == sorted(expected_blocks[segments, whole])
     last_segment_first_step = {1: 0, 3: 5}[segments]
     for step in range(last_segment_first_step, 7):  # the last segment's embeddings are final
-        _, streamed = store.read_embeddings(step)
+        _, streamed = store.embedding_arrays().step(step)
         for name in dims:
             torch.testing.assert_close(streamed[name], expected[step][name], rtol=1e-12, atol=1e-14)
 

@@ -142,7 +142,7 @@ def test_truncated_embeddings_file_fails_before_scoring(store_copy, keep):
     data = path.read_bytes()
     size = {"half": len(data) // 2, "all but 7 bytes": len(data) - 7, "4 bytes": 4}[keep]
     path.write_bytes(data[:size])
-    for read in (DataValueEmbeddings.load, lambda root: TrajectoryStore.open(root).read_embeddings(2)):
+    for read in (DataValueEmbeddings.load, lambda root: TrajectoryStore.open(root).embedding_arrays().step(2)):
         with pytest.raises(StoreError, match=r"layer_001\.npy is truncated or corrupt.*record the run again"):
             read(store_copy)
 

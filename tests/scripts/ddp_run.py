@@ -174,7 +174,7 @@ def main() -> None:
         return
     emb = dve.embeddings  # under ddp_spawn, the main process reads rank 0's save_dir
     layers = [entry["name"] for entry in emb.store.manifest["layers"]]
-    per_step = [emb.store.read_embeddings(step)[1] for step in emb.steps]
+    per_step = [emb.store.embedding_arrays().step(step)[1] for step in emb.steps]
     out = {f"emb/{n}": torch.cat([e[n] for e in per_step]) for n in layers}
     if args.mode != "ddp_spawn":  # the spawn parent's model holds float32 copies of the float64 weights
         test = {"x": data.x[100:108], "y": data.y[100:108], "index": torch.arange(100, 108)}
