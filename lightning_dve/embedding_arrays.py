@@ -105,12 +105,16 @@ class EmbeddingWriter:
         self.layers = list(layers)
         self.partial = _partial(folder)
         shutil.rmtree(self.partial, ignore_errors=True)  # an interrupted earlier attempt
-        self.partial.mkdir(parents=True)
+        try:
+            self.partial.mkdir(parents=True)
+        except OSError as err:
+            raise write_error(self.partial, err) from err
         offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
         self._slot = {step: (int(offsets[i]), int(rows[i])) for i, step in enumerate(steps)}
         self._missing = set(steps)
         total = int(offsets[-1])
-        self._files: list[tuple[Path, int, int, int]] = []  # (path, fd, data offset, bytes per row)
+        self._files: list[tuple[Path, int, int, tuple[int, ...], torch.dtype]] = []  # path, fd, data offset, row
+        # shape, dtype
         try:
             for position, width in layers.values():
                 self._add(self.partial / _layer_file(position), (total, width), dtype)
@@ -124,7 +128,7 @@ class EmbeddingWriter:
 
     def _add(self, path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> None:
         fd, offset = _create_array(path, shape, dtype)
-        self._files.append((path, fd, offset, int(np.prod(shape[1:])) * torch.empty(0, dtype=dtype).element_size()))
+        self._files.append((path, fd, offset, shape[1:], dtype))
 
     def write(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor | None) -> None:
         """Write one step's rows: ``{layer: [B, k_l]}`` for any of the layers, and its ``sample_ids [B]`` (``None``:
@@ -138,17 +142,15 @@ class EmbeddingWriter:
                              f"{max(self._slot)}): the store changed during the recursion. Record the run again.")
         start, count = self._slot[step]
         blocks = [*(embeddings.get(name) for name in self.layers), sample_ids]
-        for (path, fd, offset, row_bytes), block in zip(self._files, blocks):
+        for (path, fd, offset, row, dtype), block in zip(self._files, blocks):
             if block is None:
                 continue
-            dtype = torch.int64 if path.name == IDS else self.dtype
-            shape = (count,) if path.name == IDS else (count, row_bytes // torch.empty(0, dtype=dtype).element_size())
-            if tuple(block.shape) != shape:
-                raise StoreError(f"step {step}'s rows for {path.name} are {tuple(block.shape)}, not {shape} (the "
-                                 "occurrences the store recorded at that step, by the layer's projected width): "
+            if tuple(block.shape) != (count, *row):
+                raise StoreError(f"step {step}'s rows for {path.name} are {tuple(block.shape)}, not {(count, *row)} "
+                                 "(the occurrences the store recorded at that step, by the layer's projected width): "
                                  "the recursion and the store disagree. Record the run again.")
-            data = _bytes(block, dtype)
-            _pwrite_all(fd, data, offset + start * row_bytes, path)
+            row_bytes = int(np.prod(row)) * dtype.itemsize
+            _pwrite_all(fd, _bytes(block, dtype), offset + start * row_bytes, path)
         self._missing.discard(step)
 
     def finish(self) -> None:
@@ -169,7 +171,7 @@ class EmbeddingWriter:
 
     def close(self) -> None:
         """Close the files (the folder stays ``.partial``: never read as embeddings)."""
-        for _, fd, _, _ in self._files:
+        for _, fd, *_ in self._files:
             os.close(fd)
         self._files = []
 
