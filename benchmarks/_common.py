@@ -577,14 +577,15 @@ def write_synthetic_store(root: Path, layers: dict[str, int], steps: int, batch:
                           keep: list[str] | None = None, world_size: int = 1, rank: int = 0,
                           layout: str = "per_layer"):
     """Create a complete store of ``steps`` random steps with the package's ``TrajectoryStore``."""
+    from lightning_dve.files import disk_bytes
     from lightning_dve.store import TrajectoryStore
 
     store = TrajectoryStore.create(root, synthetic_manifest(layers, storage_dtype, world_size, rank, keep, layout),
                                    overwrite=True)
     for t in range(steps):
         store.append(synthetic_step(t, layers, batch, keep))
-    store.finish_recording({"bytes_steps": store.bytes_on_disk("steps"),
-                            "bytes_per_step": store.bytes_on_disk("steps") // max(1, steps)})
+    steps_bytes = disk_bytes([store.root / "steps"])
+    store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, steps)})
     return store
 
 

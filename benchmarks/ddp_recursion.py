@@ -4,7 +4,8 @@
    (19 tracked layers x 1024 projected dims, global batch 16, random gradients in the callback's default
    storage dtype) is written into per-rank stores exactly as the callback shards it: the layers are split
    with ``sync.assign_groups`` and each rank's ``StepRecord`` holds only the gradients of the layers it owns.
-   Each configuration runs ``recursion_ranks.embed_trajectory`` in processes started with ``torch.multiprocessing.spawn``
+   Each configuration runs ``recursion_ranks.embed_trajectory`` in processes started with
+   ``torch.multiprocessing.spawn``
    (gloo on localhost; ``lightning_dve.distributed.ProcessGroup()`` on 2 ranks, ``SingleProcess()`` on 1) with
    ``torch.set_num_threads(1)`` in every process, so both configurations use at most 2 cores. Time is
    barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0; before each repeat the
@@ -158,7 +159,7 @@ def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: i
     cpu0 = time.process_time()
     phases = PhaseTimers()
     recursion_ranks.embed_trajectory(comm, store, AccumulatorLayout.PER_LAYER, owned, dims, torch.float32,
-                          **C.embed_kwargs(segments, len(store.steps)))
+                                     **C.embed_kwargs(segments, len(store.steps)))
     cpu = time.process_time() - cpu0
     phases.restore()
     counter.phase = "barrier"

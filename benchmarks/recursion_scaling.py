@@ -70,8 +70,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 setattr(store, name, timed(getattr(store, name), "write_s"))
     before = C.proc_status()
     with C.MemorySampler() as mem, C.Stopwatch() as sw:
-        recursion_ranks.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned, dims,
-                              torch.float32, **C.embed_kwargs(args.segments, len(store.steps)))
+        recursion_ranks.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned,
+                                         dims, torch.float32, **C.embed_kwargs(args.segments, len(store.steps)))
     after = C.proc_status()
     out = {"wall_s": sw.seconds, "steps": len(store.steps), "vm_hwm": after["VmHWM"], "peak_rss": mem.peak_rss,
            "peak_anon": mem.peak_anon, "rss_before": before["VmRSS"], "anon_before": before["RssAnon"],

@@ -232,16 +232,17 @@ def breakdown(kind: str, dim: int | None, iters: int, quick: bool, experiments: 
             check.append(t1 - t0)
             book.append(t2 - t1)
     records = list(store.iter_backward(2))
-    blocks = list(recursion_ranks._blocks(iter(records), recursion_ranks.BLOCK_ROWS, 0))  # streamed blocks, as a long run
+    blocks = list(recursion_ranks._blocks(iter(records), recursion_ranks.BLOCK_ROWS, 0))  # streamed, as a long run
     t2 = time.perf_counter()
     embedded = [e for block in blocks for e in recursion.block(block)]  # every block folded into M: long run
     t3 = time.perf_counter()
-    store.begin_embeddings({name: e.shape[1] for name, e in embedded[0].items()}, next(iter(embedded[0].values())).dtype)
+    first = embedded[0]
+    store.begin_embeddings({name: e.shape[1] for name, e in first.items()}, next(iter(first.values())).dtype)
     for record, emb in zip(records, embedded):
         store.write_embeddings(record.step, emb, record.sample_ids)
     t4 = time.perf_counter()
     for step in (0, 1):  # the two warm-up steps (b rows each), untimed: the store needs every step's rows
-        store.write_embeddings(step, {n: torch.zeros_like(e) for n, e in embedded[0].items()}, torch.arange(b))
+        store.write_embeddings(step, {n: torch.zeros_like(e) for n, e in first.items()}, torch.arange(b))
     t5 = time.perf_counter()
     store.finish_embeddings()
     t4 += time.perf_counter() - t5

@@ -288,8 +288,8 @@ class DataValueEmbedding(StepHooks):
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
-        recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype, bounds,
-                              progress=trainer.progress_bar_callback is not None)
+        recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
+                                         bounds, progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data

@@ -19,6 +19,7 @@ from .capture import TrackedLayer
 from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError, UnsupportedError
+from .files import disk_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
 
@@ -90,7 +91,7 @@ def finish_store(store: TrajectoryStore) -> DVEError | None:
     store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``)."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
-        steps_bytes = store.bytes_on_disk(STEPS)
+        steps_bytes = disk_bytes([store.root / STEPS])
         per_step = steps_bytes // max(1, len(store.steps))
         store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": per_step,
                                 "bytes_total": store.disk_use()})

@@ -111,7 +111,7 @@ class EmbeddingWriter:
             raise write_error(self.partial, err) from err
         offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
         self._slot = {step: (int(offsets[i]), int(rows[i])) for i, step in enumerate(steps)}
-        self._missing = set(steps)
+        self._missing = {(step, name) for step in steps for name in [*layers, IDS]}
         total = int(offsets[-1])
         self._files: list[tuple[Path, int, int, tuple[int, ...], torch.dtype]] = []  # path, fd, data offset, row
         # shape, dtype
@@ -123,7 +123,7 @@ class EmbeddingWriter:
                                                 "offsets": torch.from_numpy(offsets)},
                          {"settings_hash": settings_hash})
         except BaseException:
-            self.close()
+            self.discard()
             raise
 
     def _add(self, path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> None:
@@ -138,11 +138,11 @@ class EmbeddingWriter:
             StoreError: if the disk is full, or the rows do not fit the step's slot (a bug, not a user error).
         """
         if step not in self._slot:
-            raise StoreError(f"step {step} has no rows in the embeddings being written (steps {min(self._slot)} to "
-                             f"{max(self._slot)}): the store changed during the recursion. Record the run again.")
+            raise StoreError(f"step {step} has no rows in the embeddings being written ({len(self._slot)} steps): "
+                             "the store changed during the recursion. Record the run again.")
         start, count = self._slot[step]
-        blocks = [*(embeddings.get(name) for name in self.layers), sample_ids]
-        for (path, fd, offset, row, dtype), block in zip(self._files, blocks):
+        blocks = {**{name: embeddings.get(name) for name in self.layers}, IDS: sample_ids}
+        for (path, fd, offset, row, dtype), (name, block) in zip(self._files, blocks.items()):
             if block is None:
                 continue
             if tuple(block.shape) != (count, *row):
@@ -151,7 +151,7 @@ class EmbeddingWriter:
                                  "the recursion and the store disagree. Record the run again.")
             row_bytes = int(np.prod(row)) * dtype.itemsize
             _pwrite_all(fd, _bytes(block, dtype), offset + start * row_bytes, path)
-        self._missing.discard(step)
+            self._missing.discard((step, name))
 
     def finish(self) -> None:
         """Close the arrays and rename the folder into place (replacing an earlier one).
@@ -160,14 +160,20 @@ class EmbeddingWriter:
             StoreError: if a step was never written, or the disk fails.
         """
         if self._missing:
-            raise StoreError(f"the embeddings of {len(self._missing)} steps (first: {min(self._missing)}) were "
-                             "never written; the recursion stopped early. Record the run again.")
+            step, name = min(self._missing)
+            raise StoreError(f"{len(self._missing)} rows of steps and layers were never written (first: step {step}, "
+                             f"{name}); the recursion stopped early. Record the run again.")
         try:  # no fsync, as for every store file: a process that dies keeps what it wrote (not a power cut)
             self.close()
             shutil.rmtree(self.folder, ignore_errors=True)
             os.replace(self.partial, self.folder)
         except OSError as err:
             raise write_error(self.folder, err) from err
+
+    def discard(self) -> None:
+        """Close the files and delete the unfinished folder (its reserved space is free again)."""
+        self.close()
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
         """Close the files (the folder stays ``.partial``: never read as embeddings)."""
@@ -209,6 +215,10 @@ class EmbeddingArrays:
         total = self.offsets[-1]
         self.ids = self._load(folder / IDS, (total,), (np.int64,), fix)
         positions = {name: i for i, name in enumerate(widths)}
+        unknown = [name for name in required if name not in positions]
+        if unknown:
+            raise StoreError(f"layers {unknown} are not tracked layers of this store (it tracks {list(widths)}); "
+                             "ask for one of those.")
         self.arrays = {name: self._load(folder / _layer_file(positions[name]), (total, widths.get(name)),
                                         (np.float32, np.float64), fix) for name in required}
         if len({array.dtype for array in self.arrays.values()}) > 1:

@@ -139,8 +139,8 @@ def _kept(path: Path) -> str:
     if path.parent.name == "steps":
         return f"Every step written before is kept in {path.parent}"
     if path.parent.name.endswith(".partial"):  # the embeddings, at train end
-        return (f"Every recorded step is kept; the unfinished embeddings in {path.parent} are never read (delete "
-                "that folder to free its space; resuming the fit from its last checkpoint computes them again)")
+        return (f"Every recorded step is kept; the unfinished embeddings in {path.parent} are deleted (resuming the "
+                "fit from its last checkpoint computes them again)")
     if path.suffix == ".jsonl":  # one line per step, appended: a partly written line is cut off again
         return f"Every step written before is kept in {path}"
     return f"{path.name} is unchanged (its previous version, if any, is kept), and so are the files in {path.parent}"

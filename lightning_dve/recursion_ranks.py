@@ -132,7 +132,8 @@ def embed_trajectory(
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     error = errors[0] if errors else None
-    if comm.rank == 0 and error is None:
+    failed = comm.any(error is not None)  # collective: rank 0 finishes only when every rank wrote its part
+    if comm.rank == 0 and not failed:
         try:
             store.finish_embeddings()
             store.write_segments(bounds, factors)
@@ -140,6 +141,8 @@ def embed_trajectory(
             store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
         except DVEError as err:
             error = err
+    if failed or error is not None:
+        store.discard_embeddings()  # closed and deleted: their reserved space is free again
     agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store
 
 

@@ -230,8 +230,7 @@ class TrajectoryStore:
         if after is None:
             return
         self._scan_steps(after=after, drop=True)
-        later = [f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after]
-        remove_files(later)
+        remove_files(f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after)
         self._remove_embeddings()
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
@@ -270,7 +269,7 @@ class TrajectoryStore:
         """Read one recorded step (``epoch``: its epoch if the caller knows it, else looked up)."""
         if epoch is None:
             epoch = dict(zip(self.manifest["steps"], self.manifest["epochs"]))[step]
-        tensors = read_checked(self.root / STEPS / _step_name(step), self.settings_hash)
+        tensors = read_checked(self.root / STEPS / _step_name(step), self.settings_hash, step=step)
         return StepRecord.from_tensors(step, epoch, tensors)
 
     def iter_backward(self, lo: int = 0, hi: int | None = None) -> Iterator[StepRecord]:
@@ -304,7 +303,7 @@ class TrajectoryStore:
             StoreError: if the disk cannot hold them.
         """
         self.truncate_for_resume()
-        self._embedding_arrays = None
+        self.discard_embeddings()
         layers = {name: (position, widths[name]) for position, name in enumerate(self.layer_names) if name in widths}
         self._embedding_writer = EmbeddingWriter(self.root / EMBEDDINGS, self.settings_hash, layers, dtype,
                                                  self.steps, self.manifest["rows"])
@@ -318,17 +317,20 @@ class TrajectoryStore:
         self._embedding_writer.write(step, embeddings, sample_ids)
 
     def finish_embeddings(self) -> None:
-        """Put the written embeddings in place (every step must have been written)."""
+        """Put the written embeddings in place (every step and layer must have been written)."""
         if self._embedding_writer is not None:
             self._embedding_writer.finish()
-        self._embedding_writer = None
+        self._embedding_writer, self._embedding_arrays = None, None
+
+    def discard_embeddings(self) -> None:
+        """Close and delete embeddings being written (a failed recursion), and forget any open arrays."""
+        if self._embedding_writer is not None:
+            self._embedding_writer.discard()
+        self._embedding_writer, self._embedding_arrays = None, None
 
     def _remove_embeddings(self) -> None:
-        """Delete the embeddings (finished or not) and forget any open arrays."""
-        if self._embedding_writer is not None:
-            self._embedding_writer.close()
-            self._embedding_writer = None
-        self._embedding_arrays = None
+        """Delete the embeddings, finished or not."""
+        self.discard_embeddings()
         remove_embeddings(self.root / EMBEDDINGS)
 
     def embedding_arrays(self, layers: Sequence[str] | None = None) -> EmbeddingArrays:
@@ -342,14 +344,12 @@ class TrajectoryStore:
             StoreError: if they are missing, truncated, damaged, of other settings or another trajectory, or lack
                 one of ``layers``.
         """
-        held = self.layer_names if self.manifest.get("rank", 0) == 0 else self.manifest["owned_layers"]
-        required = list(held if layers is None else layers)
-        arrays = self._embedding_arrays
-        if arrays is None or not set(required) <= set(arrays.arrays):
-            arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths, required,
-                                     self.steps, self.manifest["rows"])
-            self._embedding_arrays = arrays
-        return arrays
+        if layers is None:
+            layers = self.layer_names if self.manifest.get("rank", 0) == 0 else self.manifest["owned_layers"]
+        if self._embedding_arrays is None or not set(layers) <= set(self._embedding_arrays.arrays):
+            self._embedding_arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths,
+                                                     list(layers), self.steps, self.manifest["rows"])
+        return self._embedding_arrays
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
@@ -391,10 +391,6 @@ class TrajectoryStore:
         actual = self.manifest.get(status_key)
         if actual != value:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
-
-    def bytes_on_disk(self, sub: str) -> int:
-        """Total size of the files under ``sub`` (``steps`` or ``embeddings``)."""
-        return disk_bytes([self.root / sub])
 
     def disk_use(self) -> int:
         """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints."""

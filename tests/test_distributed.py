@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lightning_dve import DataValueEmbeddings
 from lightning_dve.distributed import SingleProcess
-from lightning_dve.errors import SampleIdError
+from lightning_dve.errors import SampleIdError, StoreError
 from lightning_dve.recursion_ranks import gather_embeddings
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
 from lightning_dve.updates import StepTerms
@@ -188,6 +188,21 @@ def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(t
     assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 1 stops with it
     assert "Connection closed by peer" not in proc.stderr
     assert time.monotonic() - start < 55, "a rank waited for the 60s gloo timeout"
+
+
+@pytest.mark.slow
+def test_a_failed_embedding_write_on_rank_one_with_segments_leaves_rank_zero_no_embeddings(tmp_path: Path) -> None:
+    """With segments every rank writes its own layers before rank 0 merges them; a full disk on rank 1 must not let
+    rank 0 finish a store whose rank-1 layers are zeros (it did: that store loaded and scored without an error)."""
+    proc = run_script("ddp", tmp_path, "--fail-embedding-write", "1", "--fail-embedding-rank", "1", "--segments",
+                      "3", "--epochs", "1", timeout=200)
+    assert proc.returncode != 0
+    assert "embeddings/step_1: the disk is full" in proc.stderr and "Connection closed by peer" not in proc.stderr
+    root = tmp_path / "dve_ddp"
+    assert json.loads((root / "manifest.json").read_text()).get("embeddings") != "complete"
+    assert not [p for p in root.rglob("embeddings*") if p.is_dir()]  # rank 0's and rank 1's deleted, not finished
+    with pytest.raises(StoreError, match="The backward recursion did not finish"):
+        DataValueEmbeddings.load(root)
 
 
 class TwoRanks:

@@ -254,13 +254,22 @@ def test_rows_of_the_wrong_count_for_a_step_are_refused(tmp_path, shape):
         store.write_embeddings(2, {"a": torch.ones(shape)}, torch.arange(3))
 
 
-def test_finishing_before_every_step_is_written_is_refused(tmp_path):
+@pytest.mark.parametrize("gap", ["a step", "a layer of every step"])
+def test_finishing_before_every_step_and_layer_is_written_is_refused(tmp_path, gap):
+    """A step never written, or one layer never written at any step (a DDP rank's layers that never arrived:
+    zeros would be read as embeddings)."""
     store = recording(tmp_path / "dve")
     data = oracle(store, torch.float32)
-    del data[8]
-    embed(store, data, torch.float32, finish=False)
-    with pytest.raises(StoreError, match=r"embeddings of 1 steps \(first: 8\) were never written; the recursion "
-                                         r"stopped early\. Record the run again"):
+    if gap == "a step":
+        del data[8]
+        embed(store, data, torch.float32, finish=False)
+    else:
+        store.begin_embeddings(LAYERS, torch.float32)
+        for step, (ids, embeddings) in data.items():
+            store.write_embeddings(step, {"a": embeddings["a"]}, ids)
+    first = "step 8, a" if gap == "a step" else r"step \d+, b"
+    with pytest.raises(StoreError, match=rf"\d+ rows of steps and layers were never written \(first: {first}\); the "
+                                         r"recursion stopped early\. Record the run again"):
         store.finish_embeddings()
     assert not (tmp_path / "dve" / "embeddings").exists()
 
@@ -299,6 +308,9 @@ def test_a_full_disk_fails_the_fit_and_leaves_no_embeddings_to_read(fit, mlp_cls
         fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
     monkeypatch.undo()
     assert not (save_dir / "embeddings").exists()  # nothing renamed into place
+    assert not (save_dir / "embeddings.partial").exists()  # deleted: its reserved space is free again
+    if Path("/proc/self/fd").is_dir():  # and no descriptor keeps a deleted file's space
+        assert not [p for p in Path("/proc/self/fd").iterdir() if str(save_dir) in os.path.realpath(p)]
     with pytest.raises(StoreError, match=r"expected 'complete'\. The backward recursion did not finish"):
         DataValueEmbeddings.load(save_dir)
     with pytest.raises(StoreError, match=r"embeddings/index\.safetensors is missing"):

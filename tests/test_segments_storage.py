@@ -44,7 +44,8 @@ def test_segment_parallel_equals_sequential(mlp_cls: type, fit: Callable, make_l
     # the last segment's local embeddings are the final ones; earlier ones differ (they are segment-local)
     last = sequential.embeddings.store.embedding_arrays().step(7)[1]
     assert all(torch.allclose(last[n], segmented.embeddings.store.embedding_arrays().step(7)[1][n]) for n in last)
-    first_seq, first_seg = (e.store.embedding_arrays().step(0)[1] for e in (sequential.embeddings, segmented.embeddings))
+    first_seq, first_seg = (e.store.embedding_arrays().step(0)[1]
+                            for e in (sequential.embeddings, segmented.embeddings))
     assert not all(torch.allclose(first_seq[n], first_seg[n]) for n in first_seq)
 
 

@@ -109,12 +109,12 @@ class GlobalBatches:
         return -(-(-(-N_TRAIN // WORLD)) // PER_RANK_BATCH)
 
 
-def fail_embedding_write(step: int) -> None:
-    """Make rank 0's ``write_embeddings`` of ``step`` fail as on a full disk."""
+def fail_embedding_write(step: int, rank: int) -> None:
+    """Make ``rank``'s ``write_embeddings`` of ``step`` fail as on a full disk."""
     original = TrajectoryStore.write_embeddings
 
     def failing(store: TrajectoryStore, at: int, *args: object) -> None:
-        if at == step and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if at == step and int(os.environ.get("LOCAL_RANK", "0")) == rank:
             raise write_error(store.root / "embeddings" / f"step_{at}", OSError(errno.ENOSPC, "No space left on device"))
         original(store, at, *args)
 
@@ -135,10 +135,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--head", choices=["module", "functional", "rank0"], default="module")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
-                        help="rank 0's embedding write of this step fails with a full disk at train end")
+                        help="the embedding write of this step fails with a full disk at train end")
+    parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
     args = parser.parse_args()
     if args.fail_embedding_write >= 0:
-        fail_embedding_write(args.fail_embedding_write)
+        fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
     torch.set_num_threads(1)
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
