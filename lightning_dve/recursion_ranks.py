@@ -92,7 +92,7 @@ def embed_trajectory(
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
-    errors: list[DVEError] = []  # rank 0's failed writes: the collectives go on, the ranks agree at the end
+    errors: list[DVEError] = []  # this rank's failed writes: the collectives go on, the ranks agree at the end
     bar = tqdm(total=len(store.steps), desc="DVE recursion", disable=not progress or comm.rank != 0, leave=False)
     # the same on every rank (all groups' widths), so the blocks' collectives match
     whole = whole_segment_rows([sum(dims[n] for n in group) for group in layer_groups(store.layer_names, layout)],
