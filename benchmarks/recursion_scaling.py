@@ -53,21 +53,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     names = store.layer_names
     dims = {e["name"]: e["out_dim"] * e["in_dim"] for e in store.manifest["layers"]}
     owned = sync.assign_groups(layer_groups(names, AccumulatorLayout.PER_LAYER), dims, 1)
-    timers = {"read_s": 0.0, "write_s": 0.0}
+    timers = C.FunctionTimers()
     if args.segments == 1:  # break the time down (not thread-safe, so only for the sequential run)
-        def timed(method, key):
-            def wrapper(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return method(*a, **k)
-                finally:
-                    timers[key] += time.perf_counter() - t
-            return wrapper
-
-        store.read_step = timed(store.read_step, "read_s")  # type: ignore[method-assign]
+        timers.wrap(store, "read_step", "read_s")
         for name in ("begin_embeddings", "write_embeddings", "finish_embeddings"):  # the arrays' creation too
             if hasattr(store, name):
-                setattr(store, name, timed(getattr(store, name), "write_s"))
+                timers.wrap(store, name, "write_s")
     before = C.proc_status()
     with C.MemorySampler() as mem, C.Stopwatch() as sw:
         recursion_ranks.embed_trajectory(distributed.SingleProcess(), store, AccumulatorLayout.PER_LAYER, owned,
@@ -77,8 +68,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
            "peak_anon": mem.peak_anon, "rss_before": before["VmRSS"], "anon_before": before["RssAnon"],
            "hwm_before": before["VmHWM"]}
     if args.segments == 1:
-        out.update(read_s=timers["read_s"], write_s=timers["write_s"],
-                   compute_s=sw.seconds - timers["read_s"] - timers["write_s"], **query(store))
+        read_s, write_s = timers.total["read_s"], timers.total["write_s"]
+        out.update(read_s=read_s, write_s=write_s, compute_s=sw.seconds - read_s - write_s, **query(store))
     print(json.dumps(out), flush=True)
     return out
 
