@@ -4,8 +4,7 @@ Layout of a store directory::
 
     manifest.json                      schema version, settings (+ hash), layers and projections, status
     steps/step_00000042.safetensors    one recorded optimizer step (a :class:`StepRecord`)
-    embeddings/layer_000.npy           the embeddings of every occurrence for one layer, ``[N, k_l]``, and
-    embeddings/sample_ids.npy          their sample ids ``[N]``, rows in step order (``embedding_arrays``)
+    embeddings/                        one array per layer ``[N, k_l]`` and the sample ids (``embedding_arrays``)
 
 Every file (the embeddings: their folder) is written under a temporary name and renamed, so one that exists is
 complete; a run that dies keeps every step it finished. Nothing is pickled.
@@ -275,8 +274,7 @@ class TrajectoryStore:
     def iter_backward(self, lo: int = 0, hi: int | None = None) -> Iterator[StepRecord]:
         """Yield the recorded steps with index in ``[lo, hi)`` from the last to the first, one file at a time."""
         steps, epochs = self.steps[lo:hi], self.epochs[lo:hi]
-        for step, epoch in zip(reversed(steps), reversed(epochs)):
-            yield self.read_step(step, epoch)
+        return (self.read_step(step, epoch) for step, epoch in zip(reversed(steps), reversed(epochs)))
 
     @property
     def epochs(self) -> list[int]:
@@ -312,8 +310,7 @@ class TrajectoryStore:
                          sample_ids: torch.Tensor | None) -> None:
         """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences (any of the begun layers) and
         their ``sample_ids`` (``None``: written already); safe from several threads."""
-        if self._embedding_writer is None:
-            raise StoreError("embeddings are written between begin_embeddings and finish_embeddings only.")
+        assert self._embedding_writer is not None, "begin_embeddings first"
         self._embedding_writer.write(step, embeddings, sample_ids)
 
     def finish_embeddings(self) -> None:
