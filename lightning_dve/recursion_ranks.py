@@ -229,6 +229,8 @@ def _merge_embeddings_on_rank_zero(
         received = gather_embeddings(comm, owned, dims, [local], rows, dtype)
         if comm.rank == 0:
             _attempt(errors, partial(store.write_embeddings, step, received, None))
+    if comm.rank != 0:
+        store.delete_embeddings()  # sent: rank 0 holds every embedding, a copy here would only take disk space
 
 
 def _own_rows(store: TrajectoryStore, step: int, rows: int, names: list[str], dims: dict[str, int],

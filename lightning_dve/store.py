@@ -114,7 +114,7 @@ class TrajectoryStore:
         (self.root / MANIFEST).unlink(missing_ok=True)
         remove_files([self.root / SEGMENTS, *(f for sub in (STEPS, REFERENCES)
                                               for f in (self.root / sub).glob("*.safetensors"))])
-        self._remove_embeddings()
+        self.delete_embeddings()
         ranks = {f"rank_{r}" for r in range(self.manifest.get("world_size", 1))}
         for shard in (s for s in (self.root / SHARDS).glob("rank_*") if s.name not in ranks):
             shutil.rmtree(shard, ignore_errors=True)
@@ -230,7 +230,7 @@ class TrajectoryStore:
             return
         self._scan_steps(after=after, drop=True)
         remove_files(f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after)
-        self._remove_embeddings()
+        self.delete_embeddings()
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
             self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage], run_id=uuid.uuid4().hex)
@@ -325,7 +325,7 @@ class TrajectoryStore:
             self._embedding_writer.discard()
         self._embedding_writer, self._embedding_arrays = None, None
 
-    def _remove_embeddings(self) -> None:
+    def delete_embeddings(self) -> None:
         """Delete the embeddings, finished or not."""
         self.discard_embeddings()
         remove_embeddings(self.root / EMBEDDINGS)

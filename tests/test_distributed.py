@@ -101,11 +101,14 @@ def test_two_ranks_resumed_from_checkpoint_equal_single_process(
 def test_two_ranks_with_segments_equal_single_process(
     tmp_path: Path, single_reference: dict[str, torch.Tensor]
 ) -> None:
-    """Layer-sharded and segment-parallel recursion at once: the chained scores equal the sequential ones."""
+    """Layer-sharded and segment-parallel recursion at once: the chained scores equal the sequential ones. Rank 1
+    writes its own layers' embeddings, sends them to rank 0 and deletes its copy (rank 0 holds every one)."""
     proc = run_script("ddp", tmp_path, "--segments", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(str(tmp_path / "scores_ddp.safetensors"))
     torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
+    shard = tmp_path / "dve_ddp" / "shards" / "rank_1"
+    assert (shard / "manifest.json").is_file() and not [p for p in shard.glob("embeddings*")]
 
 
 def assert_ddp_equals_single(tmp_path: Path, *extra: str) -> None:
