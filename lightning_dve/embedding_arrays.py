@@ -45,16 +45,24 @@ def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.
             np.lib.format.write_array_header_1_0(handle, header)
             offset = handle.tell()
         size = offset + int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize
-        try:
-            os.posix_fallocate(fd, 0, size)  # a full disk fails here, not as a torn array later
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: grow lazily
-                raise
-            os.ftruncate(fd, size)
+        _reserve(fd, size)
         return fd, offset
     except OSError as err:
         os.close(fd)
         raise write_error(path, err) from err
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes, reserved on disk where the system can (a full disk fails here, not as a torn
+    array later); elsewhere (macOS, file systems without fallocate) a full disk fails at the first write."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:  # no posix_fallocate on this system
+        os.ftruncate(fd, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:

@@ -108,6 +108,24 @@ def test_rows_written_in_any_order_from_several_threads_read_back_exactly(tmp_pa
         arrays.step(3)
 
 
+def _no_fallocate_here(*args):
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+
+@pytest.mark.parametrize("system", ["no posix_fallocate", "fallocate not supported"])
+def test_arrays_without_fallocate_are_grown_and_read_back_exactly(tmp_path, monkeypatch, system):
+    """macOS has no ``posix_fallocate``, and some file systems refuse it: the arrays are then grown to their size
+    (a full disk fails at the first write instead) and read back the same."""
+    if system == "no posix_fallocate":
+        monkeypatch.delattr(lightning_dve.embedding_arrays.os, "posix_fallocate", raising=False)
+    else:
+        monkeypatch.setattr(lightning_dve.embedding_arrays.os, "posix_fallocate", _no_fallocate_here)
+    data, arrays = embedded(tmp_path / "dve")
+    ids, embeddings = arrays.rows(0, len(data))
+    assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
+    assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in data.values()])) for n in LAYERS)
+
+
 @pytest.mark.parametrize("max_rows", [1, 2, 4, 5, 7, 100])
 def test_chunks_are_contiguous_ranges_of_whole_steps_of_at_most_max_rows(tmp_path, max_rows):
     rows = [3, 0, 4, 1, 0, 0, 6, 2]
