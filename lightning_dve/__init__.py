@@ -26,6 +26,7 @@ from .errors import (
     UnsupportedError,
 )
 from .influence import DataValueEmbeddings, InfluenceResult, Ranking
+from .results import EmbeddingMatrix
 
 __all__ = [
     "DEFAULT_PROJECTION_DIM",
@@ -38,6 +39,7 @@ __all__ = [
     "DVEError",
     "DataValueEmbedding",
     "DataValueEmbeddings",
+    "EmbeddingMatrix",
     "GradientError",
     "InfluenceResult",
     "LayerMismatchError",

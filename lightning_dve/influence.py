@@ -28,7 +28,7 @@ from .query_layers import backward_to_layers, check_loss_count, recorded_layers,
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
-from .results import InfluenceResult, Ranking, columns_result, dot_layers
+from .results import EmbeddingMatrix, InfluenceResult, Ranking, columns_result, dot_layers
 from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
@@ -311,6 +311,27 @@ class DataValueEmbeddings:
             return InfluenceResult(empty, empty, torch.zeros(next(iter(carried[-1].values())).shape[0], 0))
         return columns_result(torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1), per_step)
 
+    def embedding_matrix(self) -> EmbeddingMatrix:
+        """Every occurrence's embedding of the final model, in memory: ``N x sum_l k_l`` numbers, where queries
+        stream them. With segments, a segment's stored embeddings are carried to the final model through the later
+        segments' factors, ``e = (I - M_{K-1}) ... (I - M_{s+1}) e_loc`` (method.md §3).
+
+        Raises:
+            StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
+        """
+        self._check_current()
+        arrays = self.store.embedding_arrays(self.store.layer_names)
+        ids, steps, rows = [], [], []
+        for segment, lo, hi in self._segment_ranges():
+            chunk_ids, embeddings = arrays.rows(lo, hi)
+            for factors in self._factors[segment + 1:]:
+                embeddings = self._apply_factors(embeddings, factors, transpose=True)
+            ids.append(chunk_ids)
+            steps.append(arrays.row_steps(lo, hi))
+            rows.append(embeddings)
+        return EmbeddingMatrix(torch.cat(ids), torch.cat(steps),
+                               {name: torch.cat([part[name] for part in rows]) for name in self.store.layer_names})
+
     def influence_at(
         self, boundary: int, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False
     ) -> InfluenceResult:
@@ -363,12 +384,13 @@ class DataValueEmbeddings:
         return carried
 
     def _apply_factors(
-        self, test: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]
+        self, test: dict[str, torch.Tensor], factors: dict[str, torch.Tensor], transpose: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Row vectors times each group's factor: ``g^T (I - M)`` per group."""
+        """Row vectors times each group's factor: ``g^T (I - M)`` per group (``transpose``: ``e^T (I - M)^T``, the
+        column vectors ``(I - M) e``)."""
         out = {}
         for group in layer_groups(self.store.layer_names, self.config.layout):
-            factor = factors[group[0]]
+            factor = factors[group[0]].T if transpose else factors[group[0]]
             rows = torch.cat([test[name].to(factor.dtype) for name in group], dim=1) @ factor
             out.update(zip(group, rows.split([test[name].shape[1] for name in group], dim=1)))
         return out

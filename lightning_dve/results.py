@@ -35,6 +35,22 @@ class Ranking:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbeddingMatrix:
+    """Every recorded occurrence's embedding of the final model, in memory.
+
+    Attributes:
+        sample_ids: ``[N]`` dataset index of each row.
+        steps: ``[N]`` optimizer step of each row.
+        embeddings: ``{layer: [N, k_l]}``; projected test gradients ``g`` score ``sum_l g_l @ embeddings[l].T``,
+            the columns of ``DataValueEmbeddings.score(g, per_step=True)``.
+    """
+
+    sample_ids: torch.Tensor
+    steps: torch.Tensor
+    embeddings: dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
 class InfluenceResult:
     """Influence of training occurrences (or samples) on test points.
 

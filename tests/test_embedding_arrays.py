@@ -198,6 +198,24 @@ def test_a_query_streamed_in_chunks_scores_like_one_read(trained, segmented, tes
     assert max(hi - lo for lo, hi in reads) > 1  # the default reads several steps at once
 
 
+@pytest.mark.parametrize("store", ["one segment", "three segments"])
+def test_the_embedding_matrix_scores_like_a_query(trained, segmented, test_batch, store):
+    """Oracle: ``score(g, per_step=True)``, which carries ``g`` back to each segment, against ``g`` times the
+    matrix's final-model embeddings (with segments: the stored segment-local rows carried forward through the
+    later segments' factors). float32 rows: the two orders of the products agree to round-off."""
+    root, model = (trained.root, trained.model) if store == "one segment" else segmented
+    embeddings = DataValueEmbeddings.load(root)
+    test = embeddings.test_gradients(model, test_batch)
+    expected = embeddings.score(test, per_step=True)
+    matrix = embeddings.embedding_matrix()
+    assert torch.equal(matrix.sample_ids, expected.sample_ids) and torch.equal(matrix.steps, expected.steps)
+    got = sum(test[name] @ e.T for name, e in matrix.embeddings.items())
+    torch.testing.assert_close(got, expected.scores, rtol=1e-4, atol=1e-6 * float(expected.scores.abs().max()))
+    stored = embeddings.store.embedding_arrays().rows(0, len(embeddings.steps))[1]
+    changed = any(not torch.equal(stored[name], matrix.embeddings[name]) for name in stored)
+    assert changed == (store == "three segments")  # only later segments' factors change the stored rows
+
+
 # --- damaged arrays ----------------------------------------------------------------------------------------
 
 
