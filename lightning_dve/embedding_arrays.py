@@ -87,6 +87,15 @@ def remove_embeddings(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _stamp(folder: Path) -> tuple[int, int] | None:
+    """The index file's inode and modification time: a folder renamed into place anew has another."""
+    try:
+        stat = (folder / INDEX).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _partial(folder: Path) -> Path:
     return folder.with_name(folder.name + ".partial")
 
@@ -207,6 +216,7 @@ class EmbeddingArrays:
                 the index is of other settings or lacks a ``required`` layer.
         """
         self.folder = folder
+        self.stamp = _stamp(folder)
         index = read_checked(folder / INDEX, settings_hash)
         fix = ("The embeddings are damaged or from another recording: record the run again, or restore the "
                f"folder {folder} from a backup.")
@@ -248,6 +258,11 @@ class EmbeddingArrays:
             expected = " or ".join(np.dtype(d).name for d in dtypes)
             raise StoreError(f"embeddings file {path} is {array.shape} {array.dtype}, not {shape} {expected}. {fix}")
         return array
+
+    def serves(self, layers: Sequence[str]) -> bool:
+        """Whether these arrays hold ``layers`` and the folder on disk is still the one they map (not replaced by a
+        later recursion, through another handle or process)."""
+        return set(layers) <= set(self.arrays) and _stamp(self.folder) == self.stamp
 
     @property
     def row_bytes(self) -> int:

@@ -343,7 +343,7 @@ class TrajectoryStore:
         """
         if layers is None:
             layers = self.layer_names if self.manifest.get("rank", 0) == 0 else self.manifest["owned_layers"]
-        if self._embedding_arrays is None or not set(layers) <= set(self._embedding_arrays.arrays):
+        if self._embedding_arrays is None or not self._embedding_arrays.serves(layers):
             self._embedding_arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths,
                                                      list(layers), self.steps, self.manifest["rows"])
         return self._embedding_arrays

@@ -108,22 +108,51 @@ def test_rows_written_in_any_order_from_several_threads_read_back_exactly(tmp_pa
         arrays.step(3)
 
 
-def _no_fallocate_here(*args):
-    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-
-
-@pytest.mark.parametrize("system", ["no posix_fallocate", "fallocate not supported"])
+@pytest.mark.parametrize("system", ["no posix_fallocate", "fallocate not supported", "fallocate invalid"])
 def test_arrays_without_fallocate_are_grown_and_read_back_exactly(tmp_path, monkeypatch, system):
-    """macOS has no ``posix_fallocate``, and some file systems refuse it: the arrays are then grown to their size
-    (a full disk fails at the first write instead) and read back the same."""
+    """macOS has no ``posix_fallocate``, and some file systems refuse it (``EOPNOTSUPP``, or ``EINVAL`` as on
+    some network and FUSE file systems): the arrays are then grown to their size (a full disk fails at the first
+    write instead) and read back the same."""
     if system == "no posix_fallocate":
         monkeypatch.delattr(lightning_dve.embedding_arrays.os, "posix_fallocate", raising=False)
     else:
-        monkeypatch.setattr(lightning_dve.embedding_arrays.os, "posix_fallocate", _no_fallocate_here)
+        code = errno.EOPNOTSUPP if system == "fallocate not supported" else errno.EINVAL
+
+        def refused(*args):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(lightning_dve.embedding_arrays.os, "posix_fallocate", refused)
     data, arrays = embedded(tmp_path / "dve")
     ids, embeddings = arrays.rows(0, len(data))
     assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
     assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in data.values()])) for n in LAYERS)
+
+
+def test_rows_written_a_few_bytes_at_a_time_read_back_exactly(tmp_path, monkeypatch):
+    """``pwrite`` may write less than asked (a signal, a pipe-like or network file system): the rest is written
+    after it, at the right offset."""
+    real = os.pwrite
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "pwrite", lambda fd, data, offset: real(fd, data[:5], offset))
+    data, arrays = embedded(tmp_path / "dve", dtype=torch.float64)
+    ids, embeddings = arrays.rows(0, len(data))
+    assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
+    assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in data.values()])) for n in LAYERS)
+
+
+def test_a_pwrite_that_writes_nothing_fails_instead_of_looping(tmp_path, monkeypatch):
+    store = recording(tmp_path / "dve")
+    store.begin_embeddings(LAYERS, torch.float32)
+    calls = []
+
+    def nothing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 100:  # looping: stop the test instead of hanging
+            raise RuntimeError("pwrite called again and again")
+        return 0
+
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "pwrite", nothing)
+    with pytest.raises(StoreError, match=r"layer_000\.npy.*pwrite wrote nothing"):
+        store.write_embeddings(2, oracle(store, torch.float32)[2][1], torch.arange(3))
 
 
 @pytest.mark.parametrize("max_rows", [1, 2, 4, 5, 7, 100])
@@ -265,6 +294,18 @@ def test_a_damaged_layer_file_is_refused_and_nothing_is_unpickled(tmp_path, dama
     assert not (root / "embeddings" / "unpickled").exists()
 
 
+def test_layer_files_of_two_dtypes_are_refused(tmp_path):
+    """One layer file replaced by a float64 copy of the right shape (from a float64 recording, say): the layers
+    would be scored at two precisions."""
+    root = tmp_path / "dve"
+    embedded(root)
+    path = root / "embeddings" / "layer_000.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    with pytest.raises(StoreError, match=r"embeddings in .*embeddings mix dtypes .*'a': 'float64', 'b': 'float32'.*"
+                                         r"record the run again"):
+        TrajectoryStore.open(root).embedding_arrays()
+
+
 def test_every_file_of_the_embeddings_reads_without_pickle(trained):
     folder = trained.root / "embeddings"
     assert sorted(p.name for p in folder.iterdir()) == ["index.safetensors", "layer_000.npy", "layer_001.npy",
@@ -290,10 +331,10 @@ def test_rows_of_the_wrong_count_for_a_step_are_refused(tmp_path, shape):
         store.write_embeddings(2, {"a": torch.ones(shape)}, torch.arange(3))
 
 
-@pytest.mark.parametrize("gap", ["a step", "a layer of every step"])
+@pytest.mark.parametrize("gap", ["a step", "a layer of every step", "the sample ids of every step"])
 def test_finishing_before_every_step_and_layer_is_written_is_refused(tmp_path, gap):
-    """A step never written, or one layer never written at any step (a DDP rank's layers that never arrived:
-    zeros would be read as embeddings)."""
+    """A step never written, one layer never written at any step (a DDP rank's layers that never arrived: zeros
+    would be read as embeddings), or the sample ids never written (every row would read as sample 0)."""
     store = recording(tmp_path / "dve")
     data = oracle(store, torch.float32)
     if gap == "a step":
@@ -302,8 +343,12 @@ def test_finishing_before_every_step_and_layer_is_written_is_refused(tmp_path, g
     else:
         store.begin_embeddings(LAYERS, torch.float32)
         for step, (ids, embeddings) in data.items():
-            store.write_embeddings(step, {"a": embeddings["a"]}, ids)
-    first = "step 8, a" if gap == "a step" else r"step \d+, b"
+            if gap == "a layer of every step":
+                store.write_embeddings(step, {"a": embeddings["a"]}, ids)
+            else:
+                store.write_embeddings(step, embeddings, None)
+    first = {"a step": "step 8, a", "a layer of every step": r"step \d+, b",
+             "the sample ids of every step": r"step \d+, sample_ids\.npy"}[gap]
     with pytest.raises(StoreError, match=rf"\d+ rows of steps and layers were never written \(first: {first}\); the "
                                          r"recursion stopped early\. Record the run again"):
         store.finish_embeddings()
@@ -340,7 +385,10 @@ def test_a_full_disk_fails_the_fit_and_leaves_no_embeddings_to_read(fit, mlp_cls
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(lightning_dve.embedding_arrays.os, call, full)
-    with pytest.raises(StoreError, match=r"embeddings\.partial/layer_000\.npy: the disk is full\..*free space"):
+    with pytest.raises(StoreError, match=r"embeddings\.partial/layer_000\.npy: the disk is full\. Every recorded "
+                                         r"step is kept; the unfinished embeddings in .*embeddings\.partial are "
+                                         r"deleted \(resuming the fit from its last checkpoint computes them "
+                                         r"again\); free space"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
     monkeypatch.undo()
     assert not (save_dir / "embeddings").exists()  # nothing renamed into place
@@ -371,3 +419,96 @@ def test_arrays_the_disk_cannot_hold_leave_no_file_open(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match=r"layer_001\.npy: the disk is full"):
         store.begin_embeddings(LAYERS, torch.float32)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _open_files(root: Path) -> list[str]:
+    return [os.path.realpath(p) for p in Path("/proc/self/fd").iterdir() if str(root) in os.path.realpath(p)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+@pytest.mark.parametrize("attempts", [1, 2], ids=["finished", "begun again after an abandoned attempt"])
+def test_finished_embeddings_leave_no_file_open(tmp_path, attempts):
+    """A recursion begun again in the same process (the first attempt abandoned) and a finished one keep no
+    descriptor of the arrays: none holds the space of a deleted or replaced file."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    for _ in range(attempts - 1):
+        store.begin_embeddings(LAYERS, torch.float32)
+    embed(store, oracle(store, torch.float32), torch.float32)
+    assert _open_files(root) == []
+
+
+@pytest.mark.parametrize("handle", ["same store", "store opened afresh"])
+def test_embeddings_computed_again_replace_the_earlier_ones(tmp_path, handle):
+    """A second recursion over finished embeddings replaces them, also through a store whose arrays were read
+    before, and whether it ran through that store or another handle: every store reads the new rows, never the
+    old ones."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    embed(store, oracle(store, torch.float32), torch.float32)
+    store.embedding_arrays()  # read (opened) before the second recursion
+    again = store if handle == "same store" else TrajectoryStore.open(root)
+    new = oracle(again, torch.float64, seed=1)
+    embed(again, new, torch.float64)
+    for reader in (store, again, TrajectoryStore.open(root)):
+        ids, embeddings = reader.embedding_arrays().rows(0, len(new))
+        assert torch.equal(ids, torch.cat([d[0] for d in new.values()]))
+        assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in new.values()])) for n in LAYERS)
+
+
+@pytest.mark.parametrize("state", ["finished", "unfinished"])
+def test_deleted_embeddings_are_gone_from_disk_and_from_an_open_store(tmp_path, state):
+    """``delete_embeddings`` (a resume, an overwrite) leaves neither the folder nor an unfinished ``.partial``
+    one, and a store whose arrays were open reads them no more."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    embed(store, oracle(store, torch.float32), torch.float32, finish=state == "finished")
+    if state == "finished":
+        store.embedding_arrays()
+    else:
+        store = TrajectoryStore.open(root)  # the process that wrote them died
+    store.delete_embeddings()
+    assert not (root / "embeddings").exists() and not (root / "embeddings.partial").exists()
+    with pytest.raises(StoreError, match=r"embeddings/index\.safetensors is missing"):
+        store.embedding_arrays()
+
+
+def test_a_store_of_some_layers_names_each_file_by_the_layers_manifest_position(tmp_path):
+    """A DDP rank holds only its own layers (here the second): its file is the one that layer has in every
+    store, ``layer_001.npy``, and reads back."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    data = oracle(store, torch.float32)
+    store.begin_embeddings({"b": LAYERS["b"]}, torch.float32)
+    for step, (ids, embeddings) in data.items():
+        store.write_embeddings(step, {"b": embeddings["b"]}, ids)
+    store.finish_embeddings()
+    assert sorted(files_of(root / "embeddings")) == ["index.safetensors", "layer_001.npy", "sample_ids.npy"]
+    ids, embeddings = TrajectoryStore.open(root).embedding_arrays(["b"]).rows(0, len(data))
+    assert torch.equal(embeddings["b"], torch.cat([d[1]["b"] for d in data.values()]))
+
+
+def test_arrays_opened_for_some_layers_open_the_others_when_asked(tmp_path):
+    data, _ = embedded(tmp_path / "dve")
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert list(store.embedding_arrays(["b"]).arrays) == ["b"]
+    ids, embeddings = store.embedding_arrays().rows(0, len(data))
+    assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in data.values()])) for n in LAYERS)
+
+
+def test_a_failed_rename_at_finish_is_refused_and_discarded_cleanly(tmp_path, monkeypatch):
+    """The folder cannot be renamed into place: the error names it, and discarding the attempt afterwards (as the
+    recursion does) closes nothing twice and leaves no embeddings."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    embed(store, oracle(store, torch.float32), torch.float32, finish=False)
+
+    def refused(*args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "replace", refused)
+    with pytest.raises(StoreError, match=r"could not write .*embeddings: the write failed.*Permission denied"):
+        store.finish_embeddings()
+    monkeypatch.undo()
+    store.discard_embeddings()
+    assert not (root / "embeddings").exists() and not (root / "embeddings.partial").exists()

@@ -173,7 +173,8 @@ def test_handle_of_a_store_recorded_again(fit, mlp_cls, save_dir, test_batch):
     grads = old.test_gradients(model, test_batch)
     queries = {"influence": lambda e: e.influence(model, test_batch), "score": lambda e: e.score(grads),
                "influence_at": lambda e: e.influence_at(0, model, test_batch),
-               "exact_influence": lambda e: e.exact_influence(model, test_batch)}
+               "exact_influence": lambda e: e.exact_influence(model, test_batch),
+               "embedding_matrix": lambda e: e.embedding_matrix()}
     for name, query in queries.items():
         for handle in (old, first.embeddings):
             with pytest.raises(StoreError, match=r"was recorded again since this handle was opened .* "

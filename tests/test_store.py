@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from torch.utils.data import DataLoader
@@ -290,6 +291,57 @@ def test_resume_does_not_read_a_corrupt_step_file_after_the_checkpoint(tmp_path)
     (root / "steps" / "step_00000002.safetensors").write_bytes(b"")
     with pytest.raises(StoreError, match=r"step_00000002\.safetensors is corrupt or truncated"):
         TrajectoryStore.reopen(root, last_step=3)
+
+
+def test_a_step_file_whose_sample_ids_are_not_a_list_is_refused_when_reopened(tmp_path):
+    """An interrupted store lists its steps (and their occurrences) from the step files' headers: a file whose
+    ``sample_ids`` is a scalar is damaged, not a crash."""
+    root = tmp_path / "dve"
+    recorded(root, 3, finish=False)
+    path = root / "steps" / "step_00000002.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({**load_file(path), "sample_ids": torch.tensor(4)}, path, metadata)
+    with pytest.raises(StoreError, match=r"step_00000002\.safetensors is corrupt or truncated"):
+        TrajectoryStore.open(root)
+
+
+@pytest.mark.parametrize("reopen", ["open", "reopen"])
+def test_a_store_listed_from_its_step_files_embeds_each_steps_occurrences(tmp_path, reopen):
+    """An interrupted store (opened, or reopened at an earlier checkpoint and continued) knows each step's
+    occurrences from its step files: the embeddings of every step fit and read back."""
+    root = tmp_path / "dve"
+    recorded(root, 4, finish=False)
+    store = TrajectoryStore.open(root) if reopen == "open" else TrajectoryStore.reopen(root, last_step=1)
+    if reopen == "reopen":
+        store.append(dataclasses.replace(record(2), sample_ids=torch.arange(5),
+                                         weights=torch.ones(5, dtype=torch.float64), grads={"a": torch.zeros(5, 3)}))
+    store.finish_recording({})
+    store.begin_embeddings({"a": 3}, torch.float32)
+    counts = [2, 2, 2, 2] if reopen == "open" else [2, 2, 5]
+    for step, n in zip(store.steps, counts):
+        store.write_embeddings(step, {"a": torch.full((n, 3), float(step))}, torch.arange(n))
+    store.finish_embeddings()
+    ids, embeddings = TrajectoryStore.open(root).embedding_arrays().rows(0, len(counts))
+    assert torch.equal(embeddings["a"][:, 0], torch.tensor([float(s) for s, n in enumerate(counts) for _ in range(n)]))
+
+
+def test_a_step_file_copied_over_another_is_refused(tmp_path):
+    """Step 1's file renamed to step 2's name: its gradients would be replayed as step 2's."""
+    root = tmp_path / "dve"
+    recorded(root, 3)
+    shutil.copy(root / "steps" / "step_00000001.safetensors", root / "steps" / "step_00000002.safetensors")
+    with pytest.raises(StoreError, match=r"step_00000002\.safetensors holds step 1's data, not step 2's"):
+        TrajectoryStore.open(root).read_step(2)
+
+
+def test_a_resume_deletes_the_embeddings_of_the_branch_it_leaves(tmp_path):
+    """The finished embeddings belong to steps the resumed run redoes: none are left to read (or to hold disk)."""
+    root = tmp_path / "dve"
+    recorded(root, 4)
+    store = TrajectoryStore.reopen(root, last_step=1)
+    store.append(record(2))
+    assert not (root / "embeddings").exists()
 
 
 def test_overwrite_keeps_the_earlier_store_until_the_first_write(tmp_path):
