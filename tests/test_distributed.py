@@ -194,13 +194,18 @@ def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(t
 
 
 @pytest.mark.slow
-def test_a_failed_embedding_write_on_rank_one_with_segments_leaves_rank_zero_no_embeddings(tmp_path: Path) -> None:
-    """With segments every rank writes its own layers before rank 0 merges them; a full disk on rank 1 must not let
-    rank 0 finish a store whose rank-1 layers are zeros (it did: that store loaded and scored without an error)."""
-    proc = run_script("ddp", tmp_path, "--fail-embedding-write", "1", "--fail-embedding-rank", "1", "--segments",
-                      "3", "--epochs", "1", timeout=200)
-    assert proc.returncode != 0
-    assert "embeddings/step_1: the disk is full" in proc.stderr and "Connection closed by peer" not in proc.stderr
+@pytest.mark.parametrize("failure", ["write", "read"])
+def test_a_failed_embedding_write_or_read_on_rank_one_with_segments_leaves_rank_zero_no_embeddings(
+    tmp_path: Path, failure: str
+) -> None:
+    """With segments every rank writes its own layers, then reads them back to send them to rank 0; a full disk
+    or a failed read on rank 1 must not let rank 0 finish a store whose rank-1 layers are zeros (it did: that
+    store loaded and scored without an error)."""
+    args = (["--fail-embedding-write", "1", "--fail-embedding-rank", "1"] if failure == "write"
+            else ["--fail-embedding-read", "1"])
+    proc = run_script("ddp", tmp_path, *args, "--segments", "3", "--epochs", "1", timeout=200)
+    assert proc.returncode != 0 and "Connection closed by peer" not in proc.stderr
+    assert ("embeddings/step_1: the disk is full" if failure == "write" else "cannot be read (injected)") in proc.stderr
     root = tmp_path / "dve_ddp"
     assert json.loads((root / "manifest.json").read_text()).get("embeddings") != "complete"
     assert not [p for p in root.rglob("embeddings*") if p.is_dir()]  # rank 0's and rank 1's deleted, not finished

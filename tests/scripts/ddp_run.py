@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_dve import DataValueEmbedding
+from lightning_dve.errors import StoreError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
 
@@ -121,6 +122,18 @@ def fail_embedding_write(step: int, rank: int) -> None:
     TrajectoryStore.write_embeddings = failing
 
 
+def fail_embedding_read(rank: int) -> None:
+    """Make ``rank``'s reads of its own embeddings (to send them to rank 0) fail as on a damaged disk."""
+    original = TrajectoryStore.embedding_arrays
+
+    def failing(store: TrajectoryStore, *args: object) -> object:
+        if int(os.environ.get("LOCAL_RANK", "0")) == rank:
+            raise StoreError(f"embeddings in {store.root} cannot be read (injected)")
+        return original(store, *args)
+
+    TrajectoryStore.embedding_arrays = failing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "ddp_spawn"], required=True)
@@ -137,9 +150,13 @@ def main() -> None:
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
+    parser.add_argument("--fail-embedding-read", type=int, default=-1,
+                        help="this rank's read of its own embeddings fails (segments under DDP send them to rank 0)")
     args = parser.parse_args()
     if args.fail_embedding_write >= 0:
         fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
+    if args.fail_embedding_read >= 0:
+        fail_embedding_read(args.fail_embedding_read)
     torch.set_num_threads(1)
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
