@@ -132,7 +132,8 @@ def test_rows_written_a_few_bytes_at_a_time_read_back_exactly(tmp_path, monkeypa
     """``pwrite`` may write less than asked (a signal, a pipe-like or network file system): the rest is written
     after it, at the right offset."""
     real = os.pwrite
-    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "pwrite", lambda fd, data, offset: real(fd, data[:5], offset))
+    monkeypatch.setattr(lightning_dve.embedding_arrays.os, "pwrite",
+                        lambda fd, data, offset: real(fd, data[:5], offset))
     data, arrays = embedded(tmp_path / "dve", dtype=torch.float64)
     ids, embeddings = arrays.rows(0, len(data))
     assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
