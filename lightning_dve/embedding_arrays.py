@@ -55,14 +55,15 @@ def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.
 def _reserve(fd: int, size: int) -> None:
     """Give the file ``size`` bytes, reserved on disk where the system can (a full disk fails here, not as a torn
     array later); elsewhere (macOS, file systems without fallocate) a full disk fails at the first write."""
+    allocate = getattr(os, "posix_fallocate", None)  # none on macOS
     try:
-        os.posix_fallocate(fd, 0, size)
-    except AttributeError:  # no posix_fallocate on this system
-        os.ftruncate(fd, size)
+        if allocate is not None:
+            allocate(fd, 0, size)
+            return
     except OSError as err:
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        os.ftruncate(fd, size)
+    os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -277,8 +278,7 @@ class EmbeddingArrays:
 
     def row_steps(self, lo: int, hi: int) -> torch.Tensor:
         """``[n]``: the step of each row of :meth:`rows` ``(lo, hi)``."""
-        counts = torch.tensor(self.offsets[lo + 1:hi + 1], dtype=torch.int64) - torch.tensor(self.offsets[lo:hi],
-                                                                                            dtype=torch.int64)
+        counts = torch.tensor(self.offsets[lo:hi + 1], dtype=torch.int64).diff()
         return torch.tensor(self.steps[lo:hi], dtype=torch.int64).repeat_interleave(counts)
 
     def chunks(self, lo: int, hi: int, max_rows: int) -> Iterator[tuple[int, int]]:
