@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
 
@@ -25,6 +26,19 @@ from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
+#: Subclasses of DDPStrategy that shard the optimizer state (DeepSpeed) or gather through XLA's own collectives
+#: (named, so that their optional packages need not be installed).
+REFUSED_STRATEGIES = ("DeepSpeedStrategy", "XLAStrategy")
+
+
+def supported_strategy(strategy: pl.strategies.Strategy) -> bool:
+    """Whether ``strategy`` runs on one device, or is DDP (any launcher) with whole weights on every rank.
+
+    FSDP, DeepSpeed and model parallelism shard the weights, their ``.grad`` or the optimizer state that the
+    guards and the optimizer models read; multi-device XLA is untested.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not names & set(REFUSED_STRATEGIES)
 
 
 def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]) -> None:
@@ -203,6 +217,10 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
     if config.adam_second_moment and not (optimizer is not None and is_adam(optimizer)):
         problems.append(f"adam_second_moment=True with {type(optimizer).__name__} (it models the second moment of "
                         "Adam/AdamW; drop the setting)")
+    if not supported_strategy(trainer.strategy):
+        problems.append(f"strategy {type(trainer.strategy).__name__} (use one device or DDP: strategy='ddp', "
+                        "'ddp_spawn', 'ddp_fork'; FSDP, DeepSpeed and model parallelism shard the weights, gradients or "
+                        "optimizer state the recursion reads)")
     if not pl_module.automatic_optimization:
         problems.append("manual optimization (use automatic optimization)")
     if len(trainer.optimizers) != 1:

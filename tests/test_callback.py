@@ -257,6 +257,30 @@ def test_two_optimizers_are_refused(fit, mlp_cls, save_dir):
         fit(TwoOptimizers(), DataValueEmbedding(save_dir))
 
 
+
+def test_sharded_and_model_parallel_strategies_are_refused():
+    # FSDP and model parallelism need a GPU in Lightning, so their real strategy objects are checked directly;
+    # DeepSpeed is a DDPStrategy subclass that shards the optimizer state (not installed here: same MRO by name)
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    from lightning_dve.callback_setup import supported_strategy
+
+    deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})()
+    assert supported_strategy(SingleDeviceStrategy(device=torch.device("cpu")))
+    assert supported_strategy(DDPStrategy(start_method="spawn"))
+    assert not supported_strategy(FSDPStrategy())
+    assert not supported_strategy(ModelParallelStrategy())
+    assert not supported_strategy(deepspeed)
+
+
+def test_a_ddp_subclass_that_shards_the_optimizer_is_refused_by_a_real_trainer(fit, mlp_cls, save_dir):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})(process_group_backend="gloo")
+    with pytest.raises(UnsupportedError, match=r"strategy DeepSpeedStrategy \(use one device or DDP: strategy='ddp'"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir), strategy=deepspeed)
+    assert not (save_dir / "manifest.json").exists()
+
 # --- save_dir ----------------------------------------------------------------------------------------------
 
 
