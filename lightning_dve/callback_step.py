@@ -18,7 +18,7 @@ from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
-from .curvature import check_cross_entropy, sampled_label_grad
+from .curvature import check_autograd_reached, check_cross_entropy, sampled_label_grad
 from .errors import DVEError, GradientError
 from .guards import StepGuard, check_no_batchnorm_training
 from .optim import clip_factor, grads_finite, keeps_grads, sgd_proxy_reason
@@ -74,10 +74,13 @@ class StepHooks(pl.Callback):
         hooks = self._active_capture()
         scaler = callback_setup.grad_scaler(trainer)
         self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
+        if self._ggn:
+            check_autograd_reached(hooks.without_autograd())
         if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
             ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))
+        hooks.start_backward()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # one process: the fit's first backward starts from zeroed gradients (under DDP .grad may be averaged)

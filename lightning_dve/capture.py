@@ -39,7 +39,6 @@ def extra_row_kinds(curvature_rows: bool, preconditioned: bool) -> tuple[str, ..
     return kinds
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrackedLayer:
     """A module whose per-sample gradients are captured, with its spec and projection."""
@@ -145,6 +144,8 @@ class GradientCapture:
         self._rows: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in ROW_KINDS}
         self._preconditioner: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._curvature_pass = False
+        self._backward = False  # the training backward has started: a forward now is a recomputation
+        self._without_autograd: set[str] = set()  # layers called with autograd off in this step
         self._keep_outputs = False
         self._generation = 0
         self.outputs: list[torch.Tensor] = []
@@ -166,6 +167,8 @@ class GradientCapture:
         self._generation += 1  # output hooks of an earlier step become no-ops
         self._active = active
         self._keep_outputs = keep_outputs
+        self._backward = False
+        self._without_autograd = set()
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
@@ -216,20 +219,34 @@ class GradientCapture:
         """Whether the backward of the current step reached at least one tracked layer."""
         return bool(self._blocks)
 
+    def start_backward(self) -> None:
+        """Mark the backward's start: later forwards recompute (checkpointing), kept out of ``outputs``/``logits``."""
+        self._backward = True
+
+    def without_autograd(self) -> set[str]:
+        """Tracked layers that the step called only with autograd off (``torch.no_grad``, or the first forward of
+        activation checkpointing with ``use_reentrant=True``, which autograd reaches only by recomputing it)."""
+        return {name for name in self._without_autograd if not self._inputs[name]}
+
     @torch.no_grad()  # the projected inputs need no graph: autograd records nothing for them
     def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not self._active or not isinstance(output, torch.Tensor):
             return
+        if not output.requires_grad:
+            self._without_autograd.add(layer.name)
+            return
+        recomputed = self._backward or self._curvature_pass
         p_in = layer.projection.side_matrix("in", module.weight.dtype, module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(layer.spec.project_input(module, args, p_in))
         if self._preconditioner:
             p_in_q = self._preconditioner[layer.name][1]
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
-        if self._keep_outputs:
+        if self._keep_outputs and not recomputed:
             self.outputs.append(output)
             self.logits = (output.detach(), None)  # the last output so far; its hook adds the training gradient
-        hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1, self.logits)
+        hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1,
+                       None if recomputed else self.logits)
         output.register_hook(hook)
 
     def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,

@@ -86,3 +86,22 @@ def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch
             "curvature='empirical_fisher' for other losses, or declare per-sample (e.g. class) weights with "
             "loss_reduction=callable."
         )
+
+
+def check_autograd_reached(layers: set[str]) -> None:
+    """Refuse ``'ggn'`` when tracked layers ran only with autograd off before the Gauss-Newton pass.
+
+    That pass differentiates from the logits to the tracked layers' outputs; a layer whose forward ran without
+    autograd (the first forward of ``torch.utils.checkpoint`` with ``use_reentrant=True``, which autograd
+    recomputes only in a full backward) has no output to reach, so its curvature rows would be zeros.
+
+    Raises:
+        UnsupportedError: naming the layers and the fix.
+    """
+    if layers:
+        raise UnsupportedError(
+            f"curvature='ggn' cannot form the Gauss-Newton rows of {sorted(layers)}: the training step called "
+            "them only with autograd off (activation checkpointing with use_reentrant=True, or torch.no_grad), so "
+            "the Gauss-Newton pass cannot reach them. Use torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=False), or curvature='empirical_fisher'."
+        )

@@ -168,7 +168,7 @@ class DataValueEmbeddings:
                 with modes(module, None):  # eval mode, gradients on
                     capture.begin(keep_outputs=True)
                     loss, weights_for = self._test_loss(module, batch, loss_fn)
-                    backward_to_layers(loss, capture)
+                    backward_to_layers(loss, capture, module)
                     return capture.finish(weights_for(capture.batch_size()))
             finally:
                 capture.detach()

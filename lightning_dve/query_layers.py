@@ -96,9 +96,13 @@ def require_autograd() -> None:
                           "queries turn gradients on themselves).")
 
 
-def backward_to_layers(loss: torch.Tensor, capture: GradientCapture) -> None:
+def backward_to_layers(loss: torch.Tensor, capture: GradientCapture, module: nn.Module) -> None:
     """``torch.autograd.grad`` of ``loss`` with respect to the tracked layers' outputs (the capture's hooks collect
     the per-sample blocks; ``.grad`` is untouched).
+
+    A tracked layer that the forward called only with autograd off (activation checkpointing with
+    ``use_reentrant=True``) is reached only by a full backward, which recomputes it: then ``loss.backward()`` runs
+    with every parameter's ``.grad`` put aside and restored.
 
     Raises:
         ConfigError: if ``loss`` does not depend on any tracked layer's output (detached, or computed without
@@ -111,9 +115,27 @@ def backward_to_layers(loss: torch.Tensor, capture: GradientCapture) -> None:
                           "F.cross_entropy(module(batch['x']), batch['y'], reduction='none').")
     if not loss.requires_grad or not capture.outputs:
         raise problem
-    torch.autograd.grad(loss, capture.outputs, allow_unused=True)
+    capture.start_backward()
+    if capture.without_autograd():
+        with _grads_put_aside(module):
+            loss.backward()
+    else:
+        torch.autograd.grad(loss, capture.outputs, allow_unused=True)
     if not capture.captured:
         raise problem
+
+
+@contextlib.contextmanager
+def _grads_put_aside(module: nn.Module) -> Iterator[None]:
+    """Clear every parameter's ``.grad`` for the block and restore it afterwards."""
+    saved = [(param, param.grad) for param in module.parameters()]
+    for param, _ in saved:
+        param.grad = None
+    try:
+        yield
+    finally:
+        for param, grad in saved:
+            param.grad = grad
 
 
 def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
