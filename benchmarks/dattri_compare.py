@@ -55,6 +55,11 @@ Settings:
     .venv/bin/python benchmarks/dattri_compare.py --settings cnn    # the CNN setting only
     .venv/bin/python benchmarks/dattri_compare.py --quick           # CI smoke (small setting, 1 epoch, no repeats)
     .venv/bin/python benchmarks/dattri_compare.py --full            # 5 repeats
+    .venv/bin/python benchmarks/dattri_compare.py --pareto --settings large   # dimension sweep of both
+
+``--pareto`` runs both methods at 64, 256 and 1024 projected dimensions per layer (full ``M``; dattri Kronecker
+at the same total) and pairs each dattri point with lightning_dve's fastest point of equal or better Spearman:
+the target read as "the time to reach dattri's fidelity", whatever dimension either needs.
 
 ``--quick`` runs the ``small`` setting unless ``--settings`` is given (``--quick --settings cnn``: the CNN
 setting for one epoch, one repeat).
@@ -104,6 +109,10 @@ SETTINGS = {
     "cnn": dict(model="cnn", n_train=1437, n_test=360, lr=0.05, batch=32, epochs=3, dtype=torch.float32,
                 n_tsloo_test=16, occurrences=40),
 }
+
+
+#: Per-layer projected dimensions of the ``--pareto`` sweep (layer sides split as each method does).
+PARETO_DIMS = (64, 256, 1024)
 
 
 class Problem:
@@ -285,7 +294,15 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], cfg["occurrences"], seed=0)
     truth, info = tsloo(p, batches, occurrences, p.lr_module().net)
 
-    if name == "small":
+    pareto = getattr(args, "pareto", False) and name in ("small", "large")
+    if pareto:  # a dimension sweep of both methods, paired afterwards by Spearman
+        n_layers = cfg["depth"] + 1
+        methods = {f"lightning_dve projected {k}/layer full": (lambda k=k: run_ours(p, projection_dim=k, layout="full"))
+                   for k in PARETO_DIMS}
+        methods.update({f"dattri kronecker {k * n_layers}": (lambda d=k * n_layers: run_dattri(p, "kronecker", d))
+                        for k in PARETO_DIMS})
+        pairs = []
+    elif name == "small":
         methods = {
             "lightning_dve exact per_layer": lambda: run_ours(p, projection_dim=None, layout="per_layer"),
             "lightning_dve exact full": lambda: run_ours(p, projection_dim=None, layout="full"),
@@ -354,10 +371,13 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
         }
         summary[k] = rec
         C.emit(rec)
+    if pareto:
+        pairs = pareto_pairs(summary)
     for ours, theirs in pairs:
         a, b = runs[ours], runs[theirs]
         ratio = C.ratio_stats([x["total_s"] for x in a], [x["total_s"] for x in b])
-        C.emit({"benchmark": "dattri_compare", "setting": name, "kind": "ratio", "ours": ours, "dattri": theirs,
+        C.emit({"benchmark": "dattri_compare", "setting": name, "kind": "ratio", "pareto": pareto, "ours": ours,
+                "dattri": theirs,
                 "time_ratio_ours_over_dattri": ratio,
                 "spearman": {"ours": summary[ours]["spearman_vs_tsloo"], "dattri": summary[theirs]["spearman_vs_tsloo"]},
                 "plain_fit_s": C.stats(plain),
@@ -365,6 +385,18 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
                 "meets_target": ratio["median_of_paired"] <= 0.2
                 and summary[ours]["spearman_vs_tsloo"] >= summary[theirs]["spearman_vs_tsloo"] - 1e-3,
                 "oracle_s": info["oracle_s"], "replay_vs_trained_max_param_diff": final_diff})
+
+
+def pareto_pairs(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each dattri point with lightning_dve's fastest point (median time) of equal or better Spearman, if any."""
+    ours = sorted((k for k in summary if k.startswith("lightning_dve")), key=lambda k: summary[k]["total_s"]["median"])
+    pairs = []
+    for theirs in (k for k in summary if k.startswith("dattri")):
+        rho = summary[theirs]["spearman_vs_tsloo"]
+        match = next((k for k in ours if summary[k]["spearman_vs_tsloo"] >= rho - 1e-3), None)
+        if match is not None:
+            pairs.append((match, theirs))
+    return pairs
 
 
 def main() -> None:
@@ -375,6 +407,9 @@ def main() -> None:
     parser.add_argument("--settings", default=None, help=f"comma-separated, of {','.join(SETTINGS)} "
                         "(default small,large; --quick: small)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--pareto", action="store_true",
+                        help=f"small/large: both methods at {PARETO_DIMS} per layer (dattri: Kronecker, the same "
+                        "total), each dattri point paired with our fastest of equal or better Spearman")
     parser.add_argument("--threads", type=int, default=2)
     C.add_contention_args(parser)
     args = parser.parse_args()
@@ -389,7 +424,7 @@ def main() -> None:
         return
     mode_name = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or {"quick": 1, "default": 3, "full": 5}[mode_name]
-    C.emit({"benchmark": "dattri_compare", "kind": "machine", "mode": mode_name, **C.machine(),
+    C.emit({"benchmark": "dattri_compare", "kind": "machine", "mode": mode_name, "pareto": args.pareto, **C.machine(),
             "dattri": getattr(dattri, "__version__", "0.3.0"), "quiet_threshold": args.quiet,
             "loadavg_start": C.loadavg()})
     started = time.perf_counter()
