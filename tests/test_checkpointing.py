@@ -84,3 +84,21 @@ def test_the_cross_entropy_check_of_gauss_newton_still_runs_under_checkpointing(
     # a recomputed forward must not take the place of the logits whose training gradient the check reads
     with pytest.raises(UnsupportedError, match=r"needs the training loss to be a softmax cross-entropy"):
         _fit(tmp_path / "dve", CheckpointedMLP(False, loss="mse"), curvature="ggn")
+
+
+@pytest.mark.slow
+def test_exact_replay_through_checkpointing(tmp_path: Path) -> None:
+    # use_reentrant=False replays exactly; the reentrant form hides the checkpointed weights from the functional
+    # replay, whose check of the recorded parameters refuses it, naming the fix
+    def fit_replay(name: str, reentrant: bool | None) -> torch.Tensor:
+        model = CheckpointedMLP(reentrant)
+        dve = DataValueEmbedding(tmp_path / name, projection_dim=None, report=None)
+        H.make_trainer(1, [dve]).fit(model, H.make_loader(H.DigitsDataset(list(range(128))), 32))
+        return dve.embeddings.exact_influence(model, _test_batch(), per_step=True).scores
+
+    expected = fit_replay("plain", None)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(fit_replay("non_reentrant", False), expected, rtol=1e-12, atol=1e-16)
+    with pytest.raises(UnsupportedError, match=r"activation checkpointing with use_reentrant=True.*use "
+                                               r"use_reentrant=False"):
+        fit_replay("reentrant", True)
