@@ -167,8 +167,7 @@ class GradientCapture:
         self._generation += 1  # output hooks of an earlier step become no-ops
         self._active = active
         self._keep_outputs = keep_outputs
-        self._backward = False
-        self._without_autograd = set()
+        self._backward, self._without_autograd = False, set()
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
