@@ -19,7 +19,7 @@ from . import sync
 from .capture import TrackedLayer
 from .config import DVEConfig
 from .distributed import Communicator
-from .errors import ConfigError, DVEError, StoreError, UnsupportedError
+from .errors import ConfigError, DVEError, LossReductionError, StoreError, UnsupportedError
 from .files import disk_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
@@ -153,6 +153,8 @@ def report(write: Callable[[], None], root: Path) -> None:
     except OSError as err:
         rank_zero_warn(f"DataValueEmbedding: the train-end report could not be written ({err}). The embeddings are "
                        f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}).")
+    except LossReductionError as err:  # rank 0's report only: other ranks must not wait for a raise
+        rank_zero_warn(f"DataValueEmbedding: the train-end report is skipped: {err}")
 
 
 def warn_replay_lost(error: DVEError) -> None:

@@ -34,3 +34,7 @@ class StoreError(DVEError, OSError):
 
 class LayerMismatchError(DVEError, ValueError):
     """A query module does not hold the recorded layers with their recorded shapes."""
+
+
+class LossReductionError(ConfigError):
+    """The training loss is not the sum of per-sample losses weighted as ``loss_reduction`` declares."""

@@ -24,7 +24,8 @@ from .config import DVEConfig
 from .errors import ConfigError, StoreError
 from .files import read_json
 from .projection import LayerProjection
-from .query_layers import backward_to_layers, check_loss_count, recorded_layers, require_autograd
+from .query_layers import (backward_to_layers, check_loss_count, check_reduction, recorded_layers,
+                           require_autograd, scalar_loss)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
@@ -140,12 +141,12 @@ class DataValueEmbeddings:
         if not callable(getattr(module, "training_step", None)):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
-        with muted_logging(module):
-            out = module.training_step(batch, 0)
-        loss = out["loss"] if isinstance(out, dict) else out
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn.")
         reduction = self.config.loss_reduction
+        check_reduction(module, batch, reduction, self.loss_weights)
+        with muted_logging(module):
+            loss = scalar_loss(module.training_step(batch, 0))
+        if loss is None:
+            raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn.")
         return loss, lambda n: reduction_weights(reduction, batch, n, self.loss_weights)
 
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:

@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
+from .batches import WeightFn, muted_logging, reduction_weights
 from .capture import GradientCapture, TrackedLayer
-from .errors import ConfigError, LayerMismatchError
+from .config import LossReduction
+from .errors import ConfigError, LayerMismatchError, LossReductionError
 from .projection import LayerProjection
+from .replay_data import batch_rows, split_batch
 
 
 def _set_flag(tensor: Any, flag: bool, saved: list[tuple[torch.Tensor, bool]]) -> None:
@@ -150,3 +153,42 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
                           f"a Tensor[B] with B = {batch_size} (e.g. reduction='none'), not a mean or a "
                           "concatenation.")
     return torch.ones(batch_size, dtype=torch.float64)
+
+
+def scalar_loss(out: Any) -> torch.Tensor | None:
+    """The loss ``training_step`` returned (a scalar tensor, or a dict's ``"loss"``); ``None`` otherwise."""
+    loss = out["loss"] if isinstance(out, dict) else out
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
+def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None) -> None:
+    """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
+    (method.md §2), tested on the batch's first two samples ``a, b``: with ``l_i = L({i}) / w_i({i})``, ``L({a, b})``
+    must be ``w_a l_a + w_b l_b`` under the weights of ``{a, b}`` (within 5 %). A sum declared as a mean, or the
+    reverse, is off by a factor of two here; in the recording it scaled every curvature term and test gradient by
+    the batch size. Samples of weight 0, batches of one sample and steps returning no loss are not checked.
+
+    Raises:
+        LossReductionError: naming the declared reduction, the losses and the factor.
+    """
+    singles = split_batch(batch)[:2]
+    if len(singles) < 2:
+        return
+    pair = batch_rows(batch, slice(0, 2))
+    with torch.no_grad(), muted_logging(module):
+        total, *alone = (scalar_loss(module.training_step(b, 0)) for b in (pair, *singles))
+    single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]
+    if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
+        return
+    terms = [float(w) * float(loss) / sw for w, loss, sw in zip(reduction_weights(reduction, pair, 2, weight_fn),
+                                                                 alone, single_w)]
+    if abs(float(total) - sum(terms)) > 0.05 * sum(map(abs, terms)) + 1e-12:  # False for a NaN loss: unchecked
+        raise LossReductionError(
+            f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
+            f"{reduction.value!r} declares: on the batch's first two samples it gives {float(total):.6g} together "
+            f"and {float(alone[0]):.6g}, {float(alone[1]):.6g} alone, where the declared weights predict "
+            f"{sum(terms):.6g}. The recording used the same weights, so its curvature and test gradients are off by "
+            "that factor and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
+            "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that couples "
+            "the samples (contrastive, batch statistics) has no per-sample data value."
+        )

@@ -212,9 +212,9 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
             "the recorded batches (randomness in training_step such as functional dropout, a dataset or collate_fn "
             "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
-            "a train_loss_fn that is not training's loss, or activation checkpointing with use_reentrant=True, "
-            "which the functional replay cannot differentiate through: use use_reentrant=False). Exact replay is "
-            "refused; influence() still works.")
+            "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own, which "
+            "influence() refuses too, or activation checkpointing with use_reentrant=True, which the "
+            "functional replay cannot differentiate through: use use_reentrant=False). Exact replay is refused.")
 
 
 def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int

@@ -219,28 +219,44 @@ def step_loss_terms(
 
 def split_batch(batch: Any) -> list[Any]:
     """A collated batch as one-sample batches (tensors sliced ``[i:i+1]`` along dim 0, lists indexed)."""
+    n = _batch_size(batch)
+    return [batch_rows(batch, slice(i, i + 1), n) for i in range(n)]
+
+
+def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
+    """The samples ``rows`` of a collated batch of ``n`` samples (found if ``None``): every tensor with ``n`` rows
+    and every list of ``n`` items sliced, other values kept."""
+    n = _batch_size(batch) if n is None else n
+
+    def pick(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x[rows] if x.dim() and x.shape[0] == n else x
+        if isinstance(x, dict):
+            return {k: pick(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
+            return rebuilt(x, (pick(v) for v in x))
+        return x[rows] if isinstance(x, list) and len(x) == n else x
+
+    return pick(batch)
+
+
+def _batch_size(batch: Any) -> int:
+    """The number of samples of a collated batch: the first dimension of its first batched tensor.
+
+    Raises:
+        ConfigError: if no tensor has a batch dimension.
+    """
     def size(x: Any) -> int | None:
         if isinstance(x, torch.Tensor):
             return x.shape[0] if x.dim() else None
         values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
         return next((s for s in map(size, values) if s is not None), None)
 
-    def pick(x: Any, i: int, n: int) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x[i : i + 1] if x.dim() and x.shape[0] == n else x
-        if isinstance(x, dict):
-            return {k: pick(v, i, n) for k, v in x.items()}
-        if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
-            return rebuilt(x, (pick(v, i, n) for v in x))
-        return [x[i]] if isinstance(x, list) and len(x) == n else x
-
     n = size(batch)
     if n is None:
         raise ConfigError(f"cannot split the test batch ({type(batch).__name__}) into samples: no tensor with a "
                           "batch dimension. Pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
-    return [pick(batch, i, n) for i in range(n)]
-
-
+    return n
 
 
 def training_data_of(

@@ -23,6 +23,7 @@ from lightning_dve import (
     DataValueEmbedding,
     DataValueEmbeddings,
     GradientError,
+    LossReductionError,
     SampleIdError,
     StoreError,
     UnsupportedError,
@@ -457,7 +458,7 @@ def test_sum_and_weights_store_the_per_sample_gradients_of_the_mean_path(fit, ml
     test_batch = {**test_batch, "x": test_batch["x"].double()}
     mean_dve, mean_model, mean = run("mean", 0.1, "mean")
     sum_dve, sum_model, summed = run("sum", 0.1 / batch, "sum")
-    w_dve, _, weighted = run("weights", 0.1, sample_weights)
+    w_dve, w_model, weighted = run("weights", 0.1, sample_weights)
 
     first = mean.read_step(0)
     assert first.weights.tolist() == [1 / batch] * batch
@@ -475,7 +476,9 @@ def test_sum_and_weights_store_the_per_sample_gradients_of_the_mean_path(fit, ml
             torch.testing.assert_close(summed.read_step(step).grads[name], g, rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(sum_dve.embeddings.influence(sum_model, test_batch).scores,
                                mean_dve.embeddings.influence(mean_model, test_batch).scores, rtol=1e-6, atol=1e-10)
-    assert math.isfinite(float(w_dve.embeddings.influence(mean_model, test_batch).scores.sum()))
+    assert math.isfinite(float(w_dve.embeddings.influence(w_model, test_batch).scores.sum()))
+    with pytest.raises(LossReductionError, match=r"loss_reduction='weights'"):  # a module with another loss
+        w_dve.embeddings.influence(mean_model, test_batch)
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult, StoreError
+from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult,
+                          LossReductionError, StoreError)
 
 
 def per_sample_ce(module, batch):
@@ -26,6 +27,44 @@ def flags(module):
 
 
 # --- the test loss -----------------------------------------------------------------------------------------
+
+
+LOSSES = {  # training_step's loss of the logits z and labels y
+    "mean": lambda z, y: F.cross_entropy(z, y),
+    "sum": lambda z, y: F.cross_entropy(z, y, reduction="sum"),
+    "coupled": lambda z, y: F.cross_entropy(z, y) + F.cross_entropy(z @ z.T, torch.arange(len(z))),  # contrastive
+}
+
+
+@pytest.mark.parametrize("loss, declared", [("sum", "mean"), ("mean", "sum"), ("coupled", "mean")])
+def test_a_loss_reduction_other_than_the_loss_is_refused(fit, mlp_cls, save_dir, test_batch, loss, declared):
+    # the recording weights each row by the declared reduction: a sum declared as a mean scales the curvature
+    # and the test gradients by the batch size, so the scores would be silently meaningless
+    class Model(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return LOSSES[loss](self(batch["x"]), batch["y"])
+
+    model = Model()
+    dve = DataValueEmbedding(save_dir, loss_reduction=declared, reference=test_batch)
+    with pytest.warns(UserWarning, match=r"report is skipped: training_step's loss is not the sum of per-sample "
+                                         rf"losses weighted as loss_reduction='{declared}' declares"):
+        fit(model, dve)
+    with pytest.raises(LossReductionError, match=r"Record again with the reduction your loss uses"):
+        dve.embeddings.influence(model, test_batch)
+    assert dve.embeddings.influence(model, test_batch, loss_fn=per_sample_ce).scores.shape[0] == 12
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+def test_a_loss_reduction_that_matches_the_loss_is_accepted(fit, mlp_cls, save_dir, test_batch, loss):
+    class Model(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return LOSSES[loss](self(batch["x"]), batch["y"])
+
+    model = Model()
+    dve = DataValueEmbedding(save_dir, loss_reduction=loss, reference=test_batch)
+    fit(model, dve)
+    assert (save_dir / "report" / "summary.json").is_file()
+    assert dve.embeddings.influence(model, test_batch).scores.shape[0] == 12
 
 
 @pytest.mark.parametrize("loss_fn, count", [
