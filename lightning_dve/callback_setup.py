@@ -157,6 +157,16 @@ def report(write: Callable[[], None], root: Path) -> None:
         rank_zero_warn(f"DataValueEmbedding: the train-end report is skipped: {err}")
 
 
+def warn_weights_replaced() -> None:
+    """Say that the weights at train end are not those after the last optimizer step (weight averaging)."""
+    rank_zero_warn("DataValueEmbedding: the tracked weights changed after the last optimizer step (a callback such "
+                   "as StochasticWeightAveraging or an EMA put averaged weights in at train end). The embeddings "
+                   "describe the trained trajectory, whose final weights are those after the last step; the report, "
+                   "the final replay checkpoint and queries of this module use the averaged ones, so exact_influence "
+                   "will refuse them. List DataValueEmbedding before the averaging callback in callbacks= to take "
+                   "the report and the replay checkpoint at the last step's weights.")
+
+
 def warn_replay_lost(error: DVEError) -> None:
     """Say that exact replay is unavailable because the final replay checkpoint failed (the embeddings are fine)."""
     rank_zero_warn(f"DataValueEmbedding: the final replay checkpoint could not be written ({error}); the embeddings "

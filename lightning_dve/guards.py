@@ -89,6 +89,7 @@ class StepGuard:
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
+        self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._first_backward = True  # the next backward is its step's first
@@ -99,7 +100,20 @@ class StepGuard:
         """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
         whatever the user does with ``.grad`` afterwards (``zero_grad`` in an ``optimizer_step`` override)."""
         self.detach()
-        self._hook = optimizer.register_step_post_hook(lambda *_: setattr(self, "_applied", self._sample()))
+        self._hook = optimizer.register_step_post_hook(lambda *_: self._after_step())
+
+    def _after_step(self) -> None:
+        self._applied, self._stepped_weights = self._sample(), self._sample_weights()
+
+    def _sample_weights(self) -> torch.Tensor:
+        """The tracked weights' sampled coordinates, ``[layers, SAMPLED]``."""
+        return torch.stack([w.detach().reshape(-1).index_select(0, self._index[name]).to(torch.float64)
+                            for name, w in self.capture.weights().items()])
+
+    def weights_replaced(self) -> bool:
+        """Whether the tracked weights changed since the last ``optimizer.step()`` (e.g. weight averaging put its
+        average in at train end); ``False`` before any step."""
+        return self._stepped_weights is not None and not torch.equal(self._sample_weights(), self._stepped_weights)
 
     def detach(self) -> None:
         """Remove the step post-hook."""

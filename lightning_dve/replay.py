@@ -213,7 +213,8 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             "the recorded batches (randomness in training_step such as functional dropout, a dataset or collate_fn "
             "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
             "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own, which "
-            "influence() refuses too, or activation checkpointing with use_reentrant=True, which the "
+            "influence() refuses too, weights averaged in at train end by a callback listed before "
+            "DataValueEmbedding, or activation checkpointing with use_reentrant=True, which the "
             "functional replay cannot differentiate through: use use_reentrant=False). Exact replay is refused.")
 
 
@@ -270,7 +271,8 @@ def _check_final(module: nn.Module, final: Params) -> None:
     if deviation > TOLERANCE.get(next(iter(final.values())).dtype, 1e-4):
         raise ConfigError(f"the module's parameters differ from those recorded at the end of training (relative "
                           f"deviation {deviation:.1e}): exact replay scores the final model of the recorded run. Pass "
-                          "the trained module as it was when fit returned.")
+                          "the trained module as it was after its last optimizer step, in its training dtype (weight "
+                          "averaging such as StochasticWeightAveraging or EMA replaces the weights after it).")
 
 
 def replay_scores(replayer: Replayer, target: Callable[[nn.Module], torch.Tensor]

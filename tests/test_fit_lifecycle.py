@@ -1,5 +1,6 @@
 """Fits that do not run the usual way: a checkpoint of other settings, a train end that failed and is finished by
-resuming, a fit with nothing to train, checkpoints restored by validate, a report or replay write that fails."""
+resuming, a fit with nothing to train, checkpoints restored by validate, a report or replay write that fails,
+weights averaged in at train end."""
 
 from __future__ import annotations
 
@@ -167,3 +168,29 @@ def test_validate_from_a_checkpoint_of_two_other_recordings_is_not_refused(
     checkpointing_trainer(tmp_path, 1, [third]).validate(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     with pytest.raises(ConfigError, match="holds 2 DataValueEmbedding recordings"):
         checkpointing_trainer(tmp_path, 2, [third]).fit(model, make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["averaging_first", "dve_first", "no_averaging"])
+def test_weights_averaged_in_at_train_end(fit, tmp_path: Path, test_batch: dict, order: str) -> None:
+    """StochasticWeightAveraging puts its average into the module in its ``on_train_end``. Listed before the callback,
+    the train end sees averaged weights: warned. Listed after, the replay checkpoint holds the last step's weights
+    and a query of the averaged module is refused with the cause named. Without averaging: neither."""
+    import warnings
+
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    model = TinyMLP()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    callbacks = {"averaging_first": [swa, dve], "dve_first": [dve, swa], "no_averaging": [dve]}[order]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, None, max_epochs=3, callbacks=callbacks)
+    warned = [w for w in caught if "tracked weights changed after the last optimizer step" in str(w.message)]
+    assert len(warned) == (order == "averaging_first")
+    if order == "dve_first":
+        with pytest.raises(ConfigError, match=r"after its last optimizer step.*StochasticWeightAveraging"):
+            dve.embeddings.exact_influence(model, test_batch)
+    elif order == "no_averaging":
+        assert dve.embeddings.exact_influence(model, test_batch).scores.shape[0] == 12
