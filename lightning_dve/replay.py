@@ -353,8 +353,9 @@ def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, m
         data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
     if data is None or data.dataset is None:
         raise ConfigError("exact_influence needs the training dataset to rebuild the recorded batches: pass "
-                          "dataset= (required when the embeddings were loaded from disk; after fit it defaults to "
-                          "the training dataloader's dataset).")
+                          "dataset= (required when the embeddings were loaded from disk, or when the training "
+                          "dataloader yields whole batches, batch_size=None; after fit it defaults to the training "
+                          "dataloader's dataset).")
     double = checkpoints.manifest.get("precision") in DOUBLE_PRECISION  # the input conversion of training
     source = BatchSource(data, next(module.parameters()).device, torch.float64 if double else None)
     if train_loss_fn is None:

@@ -262,8 +262,9 @@ def _batch_size(batch: Any) -> int:
 def training_data_of(
     loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None
 ) -> TrainingData | None:
-    """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset)."""
+    """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset, or
+    whose dataset yields whole batches: ``batch_size=None`` turns automatic batching off)."""
     dataset = getattr(loader, "dataset", None)
-    if dataset is None:
+    if dataset is None or (getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None):
         return None
     return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare)

@@ -130,6 +130,25 @@ def test_target_gradients_at_other_parameters_see_them_through_checkpointing(dig
         torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-14)
 
 
+# --- a training loader of whole batches --------------------------------------------------------------------
+
+
+def test_a_loader_of_whole_batches_needs_the_dataset_of_samples(tmp_path: Path, digits) -> None:
+    """``DataLoader(batches, batch_size=None)``: its dataset's items are batches, so replay cannot default to it
+    (it would collate a list of batches); with ``dataset=`` the samples it gives the scores of the usual loader."""
+    train, test = digits
+    usual = DigitsMLP(hidden=8)
+    expected = _fit(tmp_path / "usual", usual, train).embeddings.exact_influence(usual, test.batch(), per_step=True)
+    batches = list(make_loader(train, 16, seed=1))
+    module = DigitsMLP(hidden=8)
+    dve = DataValueEmbedding(tmp_path / "batched", report=None, projection_dim=None, checkpoint_interval=2)
+    make_trainer(1, callbacks=[dve]).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    with pytest.raises(ConfigError, match=r"pass dataset=.*yields whole batches, batch_size=None"):
+        dve.embeddings.exact_influence(module, test.batch())
+    got = dve.embeddings.exact_influence(module, test.batch(), per_step=True, dataset=train).scores
+    torch.testing.assert_close(got, expected.scores, rtol=1e-12, atol=1e-14)
+
+
 # --- sample ids recorded by a callable, after load ---------------------------------------------------------
 
 
