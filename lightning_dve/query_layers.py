@@ -20,7 +20,7 @@ from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
 from .errors import ConfigError, LayerMismatchError, LossReductionError
 from .projection import LayerProjection
-from .replay_data import batch_rows, split_batch
+from .replay_data import batch_rows, count_samples
 
 
 def _set_flag(tensor: Any, flag: bool, saved: list[tuple[torch.Tensor, bool]]) -> None:
@@ -171,10 +171,10 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     Raises:
         LossReductionError: naming the declared reduction, the losses and the factor.
     """
-    singles = split_batch(batch)[:2]
-    if len(singles) < 2:
+    n = count_samples(batch)
+    if n < 2:
         return
-    pair = batch_rows(batch, slice(0, 2))
+    pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
     with torch.no_grad(), muted_logging(module):
         total, *alone = (scalar_loss(module.training_step(b, 0)) for b in (pair, *singles))
     single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]

@@ -219,14 +219,14 @@ def step_loss_terms(
 
 def split_batch(batch: Any) -> list[Any]:
     """A collated batch as one-sample batches (tensors sliced ``[i:i+1]`` along dim 0, lists indexed)."""
-    n = _batch_size(batch)
+    n = count_samples(batch)
     return [batch_rows(batch, slice(i, i + 1), n) for i in range(n)]
 
 
 def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     """The samples ``rows`` of a collated batch of ``n`` samples (found if ``None``): every tensor with ``n`` rows
     and every list of ``n`` items sliced, other values kept."""
-    n = _batch_size(batch) if n is None else n
+    n = count_samples(batch) if n is None else n
 
     def pick(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -240,7 +240,7 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     return pick(batch)
 
 
-def _batch_size(batch: Any) -> int:
+def count_samples(batch: Any) -> int:
     """The number of samples of a collated batch: the first dimension of its first batched tensor.
 
     Raises:
