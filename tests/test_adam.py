@@ -336,6 +336,37 @@ def test_projected_adam_l2_decay_carries_the_previous_steps_mean_preconditioner(
         assert float(record.optim["weight_decay"][layer]) == pytest.approx(0.1 * mean / clip, rel=1e-9)
 
 
+def test_projected_adam_rows_carry_the_preconditioner_of_the_state_before_each_step(tmp_path: Path) -> None:
+    """Projected mode: each step's preconditioned rows are ``P_out (r c^T * G_z) P_in^T`` with ``r c^T`` the rank-1
+    factors of torch's bias-corrected ``v`` after the previous step (ones at step 0). Oracle, summed over the
+    step's samples with their weights: the projection of ``r c^T * grad`` with ``grad`` the batch gradient before
+    clipping (the probe's), next to the plain rows, whose sum is the projection of ``grad`` itself."""
+    from lightning_dve.adam import _rank_one
+
+    probe, store = fit_adam(tmp_path, "adamw", 1024)
+    layer = resolve_layers(TinyMLP().double(), DVEConfig(projection_dim=1024))["net.0"]
+    p_out, p_in = (layer.projection.side_matrix(side, DTYPE, torch.device("cpu")) for side in ("out", "in"))
+
+    def project(block: torch.Tensor) -> torch.Tensor:
+        block = block if p_out is None else p_out @ block
+        return block if p_in is None else block @ p_in.T
+
+    assert len(probe.rows) == len(store.steps) == 4 and (p_out is not None or p_in is not None)
+    for step, row in enumerate(probe.rows):
+        record = store.read_step(step)
+        if step == 0:
+            factors = torch.ones_like(row["grad"])
+        else:
+            before = probe.rows[step - 1]
+            r, c = _rank_one(before["v"] / (1 - 0.99 ** before["count"]), 1e-8)
+            factors = r[:, None] * c[None, :]
+        for rows, block in ((record.grads, row["grad"]), (record.preconditioned, factors * row["grad"])):
+            got = (record.weights.to(DTYPE)[:, None] * rows["net.0"].to(DTYPE)).sum(dim=0)
+            expected = project(block).flatten()
+            assert float((got - expected).norm()) <= 1e-2 * float(expected.norm()), step
+        assert step == 0 or not torch.allclose(factors, torch.ones_like(factors), rtol=0.1)
+
+
 # --- fidelity ----------------------------------------------------------------------------------------------
 
 

@@ -50,8 +50,20 @@ def test_step_curve_averages_rows_like_their_mean_query():
 
 
 def test_step_curve_zero_learning_rate_gives_nan_per_lr():
-    curve = curves.step_curve(occurrences([(0, 1, 0.0), (1, 1, 2.0)]), [0, 1], [0, 0], torch.tensor([0.0, 1.0]))
-    assert math.isnan(curve.influence_per_lr[0]) and curve.influence_per_lr[1] == 2.0
+    for influence in (0.0, 3.0, -3.0):  # undefined, not 0 / 0 = NaN only: never an infinity
+        curve = curves.step_curve(occurrences([(0, 1, influence), (1, 1, 2.0)]), [0, 1], [0, 0],
+                                  torch.tensor([0.0, 1.0]))
+        assert math.isnan(curve.influence_per_lr[0]) and curve.influence_per_lr[1] == 2.0
+
+
+def test_a_recorded_step_without_scored_occurrences_is_undefined_not_zero():
+    """Scores of a subset of the occurrences (here none of step 1's): that step's influence is unknown (NaN, left
+    out of the epoch mean), not a measured 0."""
+    curve = curves.step_curve(occurrences([(0, 1, 2.0), (2, 3, 4.0)]), [0, 1, 2], [0, 0, 0], torch.full((3,), 0.5))
+    assert curve.counts.tolist() == [1, 0, 1] and curve.influence[0] == 2.0 and curve.influence[2] == 4.0
+    assert math.isnan(curve.influence[1]) and math.isnan(curve.influence_per_lr[1])
+    epochs = curves.epoch_curve(curve)
+    assert epochs.influence.tolist() == [3.0] and epochs.influence_per_lr.tolist() == [6.0]
 
 
 def test_step_curve_refuses_a_step_that_was_not_recorded():
@@ -167,6 +179,12 @@ def test_detect_phases_reports_absent_phases_as_none():
     assert curves.detect_phases(torch.arange(2), torch.ones(2)) == Phases(None, None, None)
 
 
+def test_detect_phases_does_not_depend_on_the_curves_offset():
+    """``min_rise`` is a share of the curve's range (max - min), so shifting the whole curve changes nothing."""
+    for offset in (100.0, -100.0):
+        assert curves.detect_phases(STEPS, CURVE + offset) == Phases(warmup_end=16, basin=20, ascent_start=75)
+
+
 def test_detect_phases_ignores_a_rise_below_min_rise():
     small_ascent = torch.cat([WARMUP, BASIN, torch.linspace(1.0, 1.5, 30, dtype=torch.float64)])
     assert curves.detect_phases(STEPS, small_ascent, min_rise=0.1).ascent_start is None
@@ -190,6 +208,15 @@ def test_sample_totals_histogram_and_top_k():
     assert [s.sample_id for s in harmful] == [6, 7, 8]  # ties broken by the smaller id
 
 
+def test_top_k_ties_and_steps_used_do_not_depend_on_the_input_order():
+    ids, totals = torch.tensor([9, 3, 5, 4]), torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    helpful, harmful = curves.top_k_samples(ids, totals, [(0,), (1,), (2,), (3,)], 4)
+    assert [s.sample_id for s in helpful] == [3, 9, 4, 5] and [s.sample_id for s in harmful] == [4, 5, 3, 9]
+    assert [s.steps for s in helpful] == [(1,), (0,), (3,), (2,)]
+    _, _, steps_used = curves.sample_totals(occurrences([(2, 5, 1.0), (0, 6, 1.0), (0, 5, 1.0), (1, 5, 1.0)]))
+    assert steps_used == [(0, 1, 2), (0,)]  # sorted, whatever the order of the occurrences
+
+
 def test_histogram_of_a_constant_uses_a_unit_range():
     counts, edges = curves.histogram(torch.full((3,), 2.0, dtype=torch.float64), 2)
     assert counts.tolist() == [0, 3] and edges.tolist() == [1.5, 2.0, 2.5]
@@ -207,6 +234,20 @@ def test_summarise_uses_the_configured_scale():
                            ReportConfig(early_fraction=0.2, late_fraction=0.3, stage_scale="raw"))
     assert raw.stages[2].mean == pytest.approx(3.0)
     assert [s.sample_id for s in report.helpful] == [100, 101] and [s.sample_id for s in report.harmful] == [120, 121]
+
+
+def test_summarise_finds_the_phases_on_the_smoothed_curve():
+    """Oracle: :func:`detect_phases` of :func:`smooth` of the per-lr curve. On a noisy curve the phases of the raw
+    curve differ (its minimum is a noise spike, its crossings jitter)."""
+    noisy = CURVE + 0.3 * torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = [(t, t, float(v)) for t, v in enumerate(noisy.tolist())]
+    lrs = torch.full((100,), 0.5, dtype=torch.float64)
+    config = ReportConfig(smoothing_fraction=0.05)
+    report = curves.summarise(occurrences(rows), STEPS.tolist(), [0] * 100, lrs, config)
+    window = curves.smoothing_window(100, 0.05)
+    expected = curves.detect_phases(STEPS, curves.smooth(noisy / 0.5, window))
+    assert report.phases == expected and expected != curves.detect_phases(STEPS, noisy / 0.5)
+    torch.testing.assert_close(report.smoothed_per_lr, curves.smooth(noisy / 0.5, window), rtol=1e-12, atol=0)
 
 
 # --- ReportConfig -------------------------------------------------------------------------------------------

@@ -250,6 +250,16 @@ def test_duplicates_elsewhere_are_refused() -> None:
         assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
 
 
+def test_a_duplicate_within_one_rank_is_refused_in_the_last_batch_too() -> None:
+    """Padding repeats a sample on another rank only: id 7 twice in rank 0's own last batch (and once on rank 1)
+    is not padding, so it is refused."""
+    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro([7, 7]))
+    with pytest.raises(SampleIdError, match=r"sample ids \[7\] occur more than once in step 3"):
+        assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=True)
+
+
 def test_sample_ids_beyond_float64_precision_are_gathered_exactly() -> None:
     """Ids travel as two exact 32-bit halves (hashed ids above 2**53 were rounded through float64 before, so two
     distinct ids could be refused as duplicates)."""
@@ -319,3 +329,68 @@ def test_embeddings_of_other_ranks_arrive_on_rank_zero_layer_by_layer() -> None:
     assert set(merged) == {"b", "c"}
     for name in merged:
         torch.testing.assert_close(merged[name], torch.cat(pieces[name]).double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("n", "padded"), [(63, 1), (64, 0)])
+def test_distributed_sampler_padding_warns_only_when_it_repeats_samples(fit, mlp_cls, tmp_path: Path, n: int,
+                                                                       padded: int) -> None:
+    """A ``DistributedSampler`` (rank 0 of 2, given by hand in one process) pads ``n`` samples to an even split: 63
+    repeats one sample, which the fit warns about (naming the count) once; 64 split evenly and nothing is said."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_dve import DataValueEmbedding
+    from tests.conftest import DigitsDict
+
+    dataset = DigitsDict(range(n))
+    loader = DataLoader(dataset, batch_size=16, sampler=DistributedSampler(dataset, num_replicas=2, rank=0,
+                                                                          shuffle=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), loader, max_epochs=2)
+    said = [str(w.message) for w in caught if "DistributedSampler repeats" in str(w.message)]
+    assert said == ([f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
+                     "rank the same count; those copies are trained on, so each is kept as its own occurrence."]
+                    if padded else [])
+
+
+def _communicator_worker(rank: int, port: int) -> None:
+    """One of 2 gloo ranks: each collective of :class:`ProcessGroup`, with shapes that differ across the ranks."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from lightning_dve.distributed import ProcessGroup, communicator
+
+    # a short timeout: a collective that goes wrong fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        comm = communicator()
+        assert isinstance(comm, ProcessGroup) and (comm.rank, comm.world_size) == (rank, 2)
+        assert comm.any(rank == 1) and comm.any(rank == 0) and not comm.any(False)
+        # rank r holds an [r + 1, r + 2] block: every rank gets each block back in its own shape, unpadded
+        blocks = [torch.arange(2.0).reshape(1, 2), -torch.arange(6.0).reshape(2, 3)]
+        parts = comm.all_gather_rows(blocks[rank])
+        assert len(parts) == 2 and all(torch.equal(p, b) for p, b in zip(parts, blocks)), parts
+        numels = [4, 3]
+        got = comm.send_to_zero(torch.arange(numels[rank], dtype=torch.float64) + 10 * rank, numels)
+        assert [g.tolist() for g in got] == ([[0.0, 1.0, 2.0, 3.0], [10.0, 11.0, 12.0]] if rank == 0 else [])
+        if rank == 1:  # refused before anything is sent (rank 0 is not called: it would wait for the bytes)
+            with pytest.raises(ValueError, match="rank 1 would send 2 values to rank 0, which expects 3"):
+                comm.send_to_zero(torch.zeros(2, dtype=torch.float64), numels)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_process_group_collectives_on_two_gloo_ranks() -> None:
+    """The communicator of a 2-process group, without Lightning: ``any`` is true if one rank's flag is,
+    ``all_gather_rows`` returns blocks of other shapes exactly (padding trimmed), ``send_to_zero`` gives rank 0
+    every rank's tensor (its own first), and a rank whose tensor has another size than every rank expects is
+    refused (oracle: the inputs)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_communicator_worker, args=(free_port(),), nprocs=2, join=True)

@@ -195,3 +195,38 @@ def test_weights_averaged_in_at_train_end(fit, tmp_path: Path, test_batch: dict,
             dve.embeddings.exact_influence(model, test_batch)
     elif order == "no_averaging":
         assert dve.embeddings.exact_influence(model, test_batch).scores.shape[0] == 12
+
+
+def test_resuming_a_failed_run_from_an_earlier_checkpoint_with_nothing_to_train_finishes_that_checkpoints_steps(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2-epoch run records 8 steps and fails at its train end; resuming from the epoch-0 checkpoint with
+    ``max_epochs=1`` trains nothing, so the store is finished at that checkpoint: steps 0..3, the embeddings of an
+    uninterrupted 1-epoch run, and the disk use in the manifest counts the step files left on disk."""
+    from lightning_dve import store as store_module
+    from lightning_dve.store import STEPS
+
+    batch = {**test_batch, "x": test_batch["x"].double()}
+    reference_model, reference = mlp_cls().double(), DataValueEmbedding(tmp_path / "reference", projection_dim=32)
+    checkpointing_trainer(tmp_path, 1, [reference]).fit(reference_model, make_loader())
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.TrajectoryStore, "write_embeddings",
+                      lambda *args, **kwargs: (_ for _ in ()).throw(StoreError("cannot write: ENOSPC")))
+        with pytest.raises(StoreError, match="ENOSPC"):
+            checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+                mlp_cls().double(), make_loader())
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(8))
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    model, again = mlp_cls().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    checkpointing_trainer(tmp_path, 1, [again]).fit(model, make_loader(), ckpt_path=epoch0)
+    torch.testing.assert_close(model.net[0].weight, reference_model.net[0].weight, rtol=0, atol=0)
+    assert again.embeddings.steps == list(range(4))
+    torch.testing.assert_close(again.embeddings.influence(model, batch, per_step=True).scores,
+                               reference.embeddings.influence(reference_model, batch, per_step=True).scores,
+                               rtol=1e-10, atol=1e-14)
+    manifest = again.embeddings.store.manifest
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "dve" / STEPS).rglob("*") if p.is_file())
+    assert len(list((tmp_path / "dve" / STEPS).iterdir())) == 4
+    assert (manifest["bytes_steps"], manifest["bytes_per_step"]) == (on_disk, on_disk // 4)

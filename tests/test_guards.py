@@ -212,3 +212,34 @@ def test_an_optimizer_replaced_after_fit_start_is_refused(fit: Callable, tmp_pat
 
     with pytest.raises(UnsupportedError, match=r"step 0: the optimizer's step\(\) did not run, or ran on another"):
         fit(TinyMLP(), _dve(tmp_path), callbacks=[Replaces()])
+
+
+def test_a_change_that_keeps_the_factor_but_not_the_direction_is_refused(fit: Callable, tmp_path: Path) -> None:
+    """A hook that writes into the coordinates whose gradient is exactly zero (the first layer's columns of pixels
+    that are blank in every digit of the batch, e.g. pixel 0): the least-squares factor of the applied gradient
+    against the backward's stays exactly 1, the Trainer's factor, so only its coordinate-wise spread shows that
+    the update is not the recorded one."""
+
+    class FillsZeroGradients(TinyMLP):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            grad = self.net[0].weight.grad
+            assert bool((grad[:, 0] == 0).all())  # pixel 0 is blank in every digit
+            grad.masked_fill_(grad == 0, 1e-3)
+
+    with pytest.raises(UnsupportedError, match=APPLIED + r" changed coordinate by coordinate"):
+        fit(FillsZeroGradients(), _dve(tmp_path))
+
+
+def test_an_optimizer_replaced_during_fit_is_refused_at_its_first_step(fit: Callable, tmp_path: Path) -> None:
+    """The optimizer is swapped for a new one before step 2: the steps before are checked as usual, and step 2 is
+    refused because the optimizer fit started with did not step (the gradients sampled after step 1 do not count
+    for step 2)."""
+
+    class ReplacesAtStep2(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            if trainer.global_step == 2:
+                trainer.strategy.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.1)]
+
+    with pytest.raises(UnsupportedError, match=r"step 2: the optimizer's step\(\) did not run, or ran on another"):
+        fit(TinyMLP(), _dve(tmp_path), callbacks=[ReplacesAtStep2()])

@@ -151,6 +151,9 @@ def test_curve_files_equal_direct_scores_with_the_reference_cap(fit, tmp_path, c
     rows = read_csv(directory / "curve.csv")
     assert list(rows[0]) == CURVE_COLUMNS
     assert [int(r["step"]) for r in rows] == callback.embeddings.steps == list(range(8))
+    # one segment: no intermediate boundary, so no dynamics rows (just the header)
+    assert (directory / "dynamics.csv").read_text().splitlines() == [
+        "boundary,boundary_step,segment,first_step,last_step,influence"]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.1 / (1 + 0.1 * t) for t in range(8)])
     reference = {key: value[:40] for key, value in DigitsDict(range(1500, 1540)).batch().items()}
     reference["x"] = reference["x"].reshape(-1, 1, 8, 8).double()

@@ -292,5 +292,37 @@ def test_report_dynamics_use_reference_gradients_taken_at_each_boundary(
         assert torch.equal(p, q)  # the mid-training reference query left the trajectory untouched
     rows = [line.split(",") for line in (tmp_path / "long" / "report" / "dynamics.csv").read_text().splitlines()[1:]]
     assert [(int(r[0]), int(r[2])) for r in rows] == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    # boundary_step is the boundary's last step; each segment's steps are its recorded ones (4 steps each)
+    assert [(int(r[1]), int(r[3]), int(r[4])) for r in rows] == [(3, 0, 3), (7, 0, 3), (7, 4, 7), (11, 0, 3),
+                                                                 (11, 4, 7), (11, 8, 11)]
     at_first = emb.score(saved[3], per_step=True, boundary=0)
     assert float(rows[0][5]) == pytest.approx(float(at_first.scores.sum()), rel=1e-12)
+
+
+def test_the_boundary_reference_waits_for_a_slow_disk(mlp_cls: type, fit: Callable, make_loader: Callable,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the step files written in the background (as on a GPU; forced here on the CPU), the first one taking a
+    second (a slow disk), and the first boundary right after it (2 steps in 2 segments): the boundary's reference
+    gradient is still taken (once the step before it is on disk), not skipped as if nothing had been recorded."""
+    import time
+    import warnings
+
+    from lightning_dve import callback as callback_module
+    from lightning_dve.writer import StepWriter
+
+    slow_once = TrajectoryStore.append
+
+    def slow_append(store: TrajectoryStore, record: StepRecord) -> None:
+        if record.step == 0:
+            time.sleep(1.0)
+        slow_once(store, record)
+
+    monkeypatch.setattr(TrajectoryStore, "append", slow_append)
+    monkeypatch.setattr(callback_module, "StepWriter", lambda store, **kwargs: StepWriter(store, background=True))
+    model_cls = type("MLPWithValidation", (WithValidation, mlp_cls), {})
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, segments=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*influence report is skipped")
+        fit(model_cls(), dve, make_loader(n=32), make_loader(n=40, batch_size=20, offset=100))
+    assert dve.embeddings.segment_boundaries == [0, 1]
+    assert sorted(dve.embeddings.store.read_references()) == [0]

@@ -31,3 +31,24 @@ def test_weight_shared_by_two_tracked_modules_is_refused(mlp_cls: type, fit: Cal
 
     with pytest.raises(UnsupportedError, match="tied or shared with another module"):
         fit(Shared(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None))
+
+
+def test_a_layer_called_in_one_step_and_used_functionally_in_the_next_is_refused(fit: Callable,
+                                                                                 tmp_path: Path) -> None:
+    """The ``aux`` head is called as a module in step 0 and only used through its weight (``F.linear``) from step
+    1 on: step 1 is refused, as a step of its own (being reached in an earlier step does not count)."""
+    from tests.conftest import TinyMLP
+
+    class CalledThenFunctional(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.Linear(64, 10)
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            x = batch["x"]
+            aux = self.aux(x) if batch_idx == 0 else nn.functional.linear(x, self.aux.weight, self.aux.bias)
+            return self.loss(batch) + aux.square().mean()
+
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None)
+    with pytest.raises(UnsupportedError, match=r"layer 'aux' received a gradient but its forward was never called"):
+        fit(CalledThenFunctional(), dve)
