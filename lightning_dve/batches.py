@@ -88,6 +88,12 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
             )
 
 
+def scalar_loss(out: Any) -> torch.Tensor | None:
+    """The loss ``training_step`` returned (a scalar tensor, or a dict's ``"loss"``); ``None`` otherwise."""
+    loss = out["loss"] if isinstance(out, dict) else out
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
 @contextlib.contextmanager
 def muted_logging(module: nn.Module) -> Iterator[None]:
     """Make ``module.log`` and ``module.log_dict`` no-ops while running ``training_step`` outside a loop."""

@@ -231,8 +231,8 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
                         "Adam/AdamW; drop the setting)")
     if not supported_strategy(trainer.strategy):
         problems.append(f"strategy {type(trainer.strategy).__name__} (use one device or DDP: strategy='ddp', "
-                        "'ddp_spawn', 'ddp_fork'; FSDP, DeepSpeed and model parallelism shard the weights, gradients or "
-                        "optimizer state the recursion reads)")
+                        "'ddp_spawn', 'ddp_fork'; FSDP, DeepSpeed and model parallelism shard the weights, gradients "
+                        "or optimizer state the recursion reads)")
     if not pl_module.automatic_optimization:
         problems.append("manual optimization (use automatic optimization)")
     if len(trainer.optimizers) != 1:

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import WeightFn, modes, muted_logging, reduction_weights
+from .batches import WeightFn, modes, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture
 from .config import DVEConfig
 from .errors import ConfigError, StoreError
 from .files import read_json
 from .projection import LayerProjection
-from .query_layers import (backward_to_layers, check_loss_count, check_reduction, recorded_layers,
-                           require_autograd, scalar_loss)
+from .query_layers import backward_to_layers, check_loss_count, check_reduction, recorded_layers, require_autograd
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms

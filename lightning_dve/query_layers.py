@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .batches import WeightFn, muted_logging, reduction_weights
+from .batches import WeightFn, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
 from .errors import ConfigError, LayerMismatchError, LossReductionError
@@ -153,12 +153,6 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
                           f"a Tensor[B] with B = {batch_size} (e.g. reduction='none'), not a mean or a "
                           "concatenation.")
     return torch.ones(batch_size, dtype=torch.float64)
-
-
-def scalar_loss(out: Any) -> torch.Tensor | None:
-    """The loss ``training_step`` returned (a scalar tensor, or a dict's ``"loss"``); ``None`` otherwise."""
-    loss = out["loss"] if isinstance(out, dict) else out
-    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # the context manager behind torch.func.functional_call
 from torch.utils.data import IterableDataset, default_collate
 
-from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights
+from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, scalar_loss
 from .config import LossReduction
 from .errors import ConfigError, UnsupportedError
 
@@ -204,9 +204,8 @@ def step_loss_terms(
     losses = []
     with muted_logging(module):
         for single in batches:
-            out = module.training_step(single, 0)
-            loss = out["loss"] if isinstance(out, dict) else out
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            loss = scalar_loss(module.training_step(single, 0))
+            if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
             weight = float(reduction_weights(reduction, single, 1, weight_fn)[0])  # 0 / 0 = NaN for no tokens
