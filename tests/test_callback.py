@@ -8,6 +8,7 @@ weights the optimizer actually applied.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 
@@ -280,10 +281,21 @@ def test_sharded_and_model_parallel_strategies_are_refused():
 def test_a_ddp_subclass_that_shards_the_optimizer_is_refused_by_a_real_trainer(fit, mlp_cls, save_dir):
     from lightning.pytorch.strategies import DDPStrategy
 
+    # a one-process DDP run sets the rank variables (LOCAL_RANK, ...) in os.environ and a default process group:
+    # both must go, or a later test's DDP launcher takes itself for an already launched rank and waits forever
+    environ = dict(os.environ)
     deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})(process_group_backend="gloo")
-    with pytest.raises(UnsupportedError, match=r"strategy DeepSpeedStrategy \(use one device or DDP: strategy='ddp'"):
-        fit(mlp_cls(), DataValueEmbedding(save_dir), strategy=deepspeed)
+    try:
+        with pytest.raises(UnsupportedError, match=r"strategy DeepSpeedStrategy \(use one device or DDP: "
+                                                   r"strategy='ddp'"):
+            fit(mlp_cls(), DataValueEmbedding(save_dir), strategy=deepspeed)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     assert not (save_dir / "manifest.json").exists()
+
 
 # --- save_dir ----------------------------------------------------------------------------------------------
 
