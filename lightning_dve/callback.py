@@ -293,6 +293,7 @@ class DataValueEmbedding(StepHooks):
         recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
                                          bounds, progress=trainer.progress_bar_callback is not None)
         if self._comm.rank == 0:
+            callback_setup.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
         callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,

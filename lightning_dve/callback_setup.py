@@ -111,9 +111,16 @@ def finish_store(store: TrajectoryStore) -> DVEError | None:
                                 "bytes_total": store.disk_use()})
     except DVEError as err:
         return err
-    rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
-                   f"{steps_bytes / 2**20:.1f} MiB ({per_step / 2**10:.1f} KiB per step) on rank 0.")
     return None
+
+
+def report_disk_use(store: TrajectoryStore) -> None:
+    """Say what the finished store takes on disk (rank 0's: the whole store once the embeddings are written)."""
+    manifest = store.manifest
+    rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
+                   f"{manifest['bytes_total'] / 2**20:.2f} MiB in all, of which step files "
+                   f"{manifest['bytes_steps'] / 2**20:.2f} MiB ({manifest['bytes_per_step'] / 2**10:.1f} KiB per "
+                   "step), on rank 0.")
 
 
 def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict[str, Any] | None:

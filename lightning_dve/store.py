@@ -291,8 +291,8 @@ class TrajectoryStore:
     def applied_learning_rates(self) -> torch.Tensor:
         """Each tracked layer's param-group learning rate at each recorded step, ``[T, L]`` (``StepRecord.applied_lrs``,
         or its ``lrs`` where none were given)."""
-        applied = self.manifest["applied_lrs"]
-        return torch.tensor(applied, dtype=torch.float64).reshape(len(self.steps), len(self.layer_names))
+        applied = torch.tensor(self.manifest["applied_lrs"], dtype=torch.float64)
+        return applied.reshape(len(self.steps), len(self.layer_names))
 
     def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype) -> None:
         """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`).
@@ -380,11 +380,7 @@ class TrajectoryStore:
         return {int(p.stem.split("_")[1]): read_checked(p, self.settings_hash) for p in paths}
 
     def require(self, status_key: str, value: str, fix: str) -> None:
-        """Raise unless ``manifest[status_key] == value``.
-
-        Raises:
-            StoreError: naming the actual state and ``fix``.
-        """
+        """Raise a :class:`StoreError` naming the actual state and ``fix`` unless ``manifest[status_key] == value``."""
         actual = self.manifest.get(status_key)
         if actual != value:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
@@ -396,5 +392,7 @@ class TrajectoryStore:
 
     def record_disk_use(self) -> None:
         """Write the manifest with the whole store's disk use (``bytes_total``), once the embeddings are written."""
-        self.manifest["bytes_total"] = self.disk_use()
-        self.write_manifest()
+        written = None
+        while written != (total := self.disk_use()):  # the manifest as written included: until its size settles
+            self.manifest["bytes_total"] = written = total
+            self.write_manifest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -438,8 +439,23 @@ def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
     whole = sum(p.stat().st_size for p in save_dir.rglob("*") if p.is_file())
     assert size["embeddings"] > 0 and size["checkpoints"] > 0 and (save_dir / "segments.safetensors").is_file()
     assert manifest["bytes_steps"] == size["steps"] and manifest["bytes_per_step"] == size["steps"] // 8
-    assert 0 <= whole - manifest["bytes_total"] < 1024  # the manifest, counted before its last write, grew since
+    assert manifest["bytes_total"] == whole  # the manifest itself as written included
     assert manifest["bytes_total"] > size["steps"] + size["embeddings"] + size["checkpoints"]
+
+
+def test_train_end_reports_the_whole_stores_disk_use(fit, mlp_cls, save_dir, caplog):
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            fit(mlp_cls(), DataValueEmbedding(save_dir, report=None), max_epochs=2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    manifest = json.loads((save_dir / "manifest.json").read_text())
+    said = [r.getMessage() for r in caplog.records if "DataValueEmbedding: recorded" in r.getMessage()]
+    assert said == [f"DataValueEmbedding: recorded 8 steps in {save_dir}: {manifest['bytes_total'] / 2**20:.2f} MiB "
+                    f"in all, of which step files {manifest['bytes_steps'] / 2**20:.2f} MiB "
+                    f"({manifest['bytes_per_step'] / 2**10:.1f} KiB per step), on rank 0."]
 
 
 def test_float16_steps_read_back_each_row_at_the_float16_precision_of_its_own_size(tmp_path: Path) -> None:
