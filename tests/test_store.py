@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import lightning_dve.files
 import lightning_dve.store
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, StoreError
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, GradientError, StoreError
 from lightning_dve.store import StepRecord, TrajectoryStore
 from tests.conftest import DigitsDict
 
@@ -429,6 +429,21 @@ def test_an_overwriting_fit_that_trains_nothing_keeps_the_finished_store(fit, ml
             limit_train_batches=0)
     assert files_of(save_dir) == before
     torch.testing.assert_close(DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores, expected)
+
+
+def test_an_overwriting_fit_that_fails_in_its_first_step_leaves_a_store_that_says_it_holds_no_step(
+        fit, mlp_cls, save_dir):
+    fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=32, report=None))
+
+    class NaNLoss(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return self.loss(batch) * float("nan")
+
+    with pytest.raises(GradientError):  # the finished store was cleared at this step's first write
+        fit(NaNLoss(), DataValueEmbedding(save_dir, projection_dim=32, overwrite=True, report=None))
+    with pytest.raises(StoreError, match=r"It holds no step: its fit is at its first step or failed there "
+                                         r"\(overwrite=True cleared any earlier store"):
+        DataValueEmbeddings.load(save_dir)
 
 
 def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
