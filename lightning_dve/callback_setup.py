@@ -106,9 +106,8 @@ def finish_store(store: TrajectoryStore) -> DVEError | None:
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
         steps_bytes = disk_bytes([store.root / STEPS])
-        per_step = steps_bytes // max(1, len(store.steps))
-        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": per_step,
-                                "bytes_total": store.disk_use()})
+        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps))})
+        store.record_disk_use()
     except DVEError as err:
         return err
     return None

@@ -76,10 +76,11 @@ class DataValueEmbeddings:
             StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
         """
         store = TrajectoryStore.open(path)
-        resume = ("If that fit is still running, wait for it to return; if it was interrupted, resume it with "
-                  "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk are kept), or "
-                  "record again" if store.steps else "It holds no step: its fit is at its first step or failed there "
-                  "(overwrite=True cleared any earlier store in this save_dir at that step); record again")
+        resume = (("If that fit is still running, wait for it to return; if it was interrupted, resume it with "
+                   "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk are kept), or "
+                   "record again") if store.steps else
+                  ("It holds no step: its fit is at its first step or failed there (overwrite=True cleared any "
+                   "earlier store in this save_dir at that step); record again"))
         store.require("status", "complete", f"The recording did not finish. {resume}.")
         store.require("embeddings", "complete", f"The backward recursion did not finish. {resume}.")
         settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded

@@ -391,7 +391,8 @@ class TrajectoryStore:
         return disk_bytes(self.root / part for part in parts)
 
     def record_disk_use(self) -> None:
-        """Write the manifest with the whole store's disk use (``bytes_total``), once the embeddings are written."""
+        """Write the manifest with the whole store's disk use (``bytes_total``): at train end, and again once the
+        embeddings are written."""
         written = None
         while written != (total := self.disk_use()):  # the manifest as written included: until its size settles
             self.manifest["bytes_total"] = written = total
