@@ -41,9 +41,23 @@ def supported_strategy(strategy: pl.strategies.Strategy) -> bool:
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not names & set(REFUSED_STRATEGIES)
 
 
+def note_untracked(pl_module: pl.LightningModule, modules: dict[str, torch.nn.Module]) -> None:
+    """Name the trainable parameters that no tracked layer holds: they train, but the embeddings, scores and
+    report measure influence through the tracked layers only (method.md §3: the gradient restricted to them)."""
+    held = {id(p) for module in modules.values() for p in module.parameters()}
+    untracked = [name for name, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+    if untracked:
+        more = f" and {len(untracked) - 5} more" if len(untracked) > 5 else ""
+        rank_zero_info(f"DataValueEmbedding: {len(untracked)} trainable parameter(s) are in no tracked layer "
+                       f"({', '.join(untracked[:5])}{more}): they train, but the scores and the report measure "
+                       f"influence through the {len(modules)} tracked layer(s) only.")
+
+
 def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]) -> None:
     """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping, biases
-    in other param groups than their weights (``modules``: the tracked layers)."""
+    in other param groups than their weights (``modules``: the tracked layers); and say which trainable
+    parameters no tracked layer holds (left out by ``layers=`` or ``exclude=``)."""
+    note_untracked(trainer.lightning_module, modules)
     split = split_bias_groups(trainer.optimizers[0], modules)
     if split:
         rank_zero_warn(f"DataValueEmbedding: {'; '.join(f'{k}: {v}' for k, v in split.items())}. The recursion "
@@ -245,6 +259,12 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
         problems.append(f"{len(trainer.optimizers)} optimizers (use exactly one)")
     if str(trainer.precision) not in SUPPORTED_PRECISION:
         problems.append(f"precision={trainer.precision!r} (use '32-true', '64-true', 'bf16-mixed' or '16-mixed')")
+    half = next(((name, p.dtype) for name, p in pl_module.named_parameters()
+                 if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)), None)
+    if half is not None:
+        problems.append(f"half-precision weights (parameter {half[0]!r} is {str(half[1]).removeprefix('torch.')}, so "
+                        "each update is rounded to it; keep the weights in float32 and use precision='bf16-mixed' "
+                        "or '16-mixed' for half-precision compute)")
     if problems:
         raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + " yet: the recorded "
                                "gradients would not match the update the optimizer applied.")

@@ -92,6 +92,7 @@ class StepHooks(pl.Callback):
         hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         self._active_guard().before_step(self._skipped)
+        self._active_guard().read_hyperparameters()
         algorithm = callback_setup.clip_algorithm(trainer)
         clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
@@ -123,6 +124,8 @@ class StepHooks(pl.Callback):
                 raise self._deferred
             if self._terms is not None and self._factor is not None and applied:
                 self._active_guard().check_applied(self._step, self._factor)
+            if self._terms is not None and applied and not self._skipped:
+                self._active_guard().check_hyperparameters(self._step)
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)

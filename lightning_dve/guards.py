@@ -14,6 +14,9 @@ Ways a run would break silently, each refused with what to change:
   foreach step adds the momentum into ``.grad``);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
+- param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
+  ``on_before_optimizer_step`` (e.g. a warm-up set in the LightningModule's ``on_before_optimizer_step``, which
+  runs after the callbacks'): the recorded step would use the rate of the step before;
 - BatchNorm in train mode, whose batch statistics mix the samples (no per-sample gradient exists).
 """
 
@@ -67,6 +70,17 @@ def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
             )
 
 
+#: The param-group settings a step's terms read (optim.py, adam.py); other keys may change inside ``step()``
+#: itself (e.g. an adaptive optimizer's own estimates), which the SGD proxy never read.
+HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas", "eps", "amsgrad")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
+    """Each param group's :data:`HYPERPARAMETERS` it has (tensors as lists)."""
+    return [{key: group[key].detach().cpu().tolist() if isinstance(group[key], torch.Tensor) else group[key]
+             for key in HYPERPARAMETERS if key in group} for group in optimizer.param_groups]
+
+
 def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch.Tensor:
     """``SAMPLED`` evenly spaced flat coordinates of a weight with ``numel`` entries (repeated below ``SAMPLED``),
     computed in integers: a float grid rounds past the end of a weight above 2**24 entries."""
@@ -91,6 +105,9 @@ class StepGuard:
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._read: list[dict[str, object]] | None = None  # hyperparameters read in on_before_optimizer_step
+        self._changed: tuple[int, str, object, object] | None = None  # (group, key, read, applied) of this step
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._first_backward = True  # the next backward is its step's first
         self._tied_seen: set[str] = set()  # layers the check looked at in this step
@@ -100,10 +117,46 @@ class StepGuard:
         """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
         whatever the user does with ``.grad`` afterwards (``zero_grad`` in an ``optimizer_step`` override)."""
         self.detach()
+        self._optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(lambda *_: self._after_step())
+
+    def read_hyperparameters(self) -> None:
+        """Note the param groups' hyperparameters as the step's terms read them (``on_before_optimizer_step``)."""
+        self._changed = None
+        self._read = None if self._optimizer is None else hyperparameters(self._optimizer)
+
+    def _compare_hyperparameters(self) -> None:
+        """Right after ``optimizer.step()`` (its post-hook; a pre-hook would run before Lightning's closure, i.e.
+        before the backward): compare the hyperparameters the step used with those the terms read."""
+        if self._read is None or self._optimizer is None:
+            return
+        for index, (read, now) in enumerate(zip(self._read, hyperparameters(self._optimizer))):
+            for key in read:
+                if key in now and now[key] != read[key]:
+                    self._changed = (index, key, read[key], now[key])
+                    return
+        self._read = None
+
+    def check_hyperparameters(self, step: int) -> None:
+        """Refuse a step whose optimizer hyperparameters changed between ``on_before_optimizer_step`` (where the
+        recorded step's terms are read) and ``optimizer.step()``.
+
+        Raises:
+            UnsupportedError: naming the param group, the hyperparameter, both values and the fix.
+        """
+        changed, self._changed, self._read = self._changed, None, None
+        if changed is not None:
+            group, key, read, now = changed
+            raise UnsupportedError(
+                f"step {step}: param group {group}'s {key!r} was changed from {read!r} to {now!r} after the callback "
+                "read it in on_before_optimizer_step (by the LightningModule's on_before_optimizer_step, which runs "
+                "after the callbacks', or by a callback listed after this one), so the recorded step would not be "
+                "the applied one. Set it before the backward instead (on_train_batch_start, an LR scheduler, or "
+                "before calling optimizer.step(closure=optimizer_closure) in an optimizer_step override).")
 
     def _after_step(self) -> None:
         self._applied, self._stepped_weights = self._sample(), self._sample_weights()
+        self._compare_hyperparameters()
 
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' sampled coordinates, ``[layers, SAMPLED]``."""

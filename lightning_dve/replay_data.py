@@ -67,7 +67,8 @@ class BatchSource:
         self.data = data
         self.collate = data.collate_fn or default_collate
         self.device, self.float_dtype = device, float_dtype  # used where ``data.prepare`` is None
-        self._position: dict[int, int] | None = None
+        self._position: dict[int, int] | None = None  # None: the ids are positions
+        self._checked: set[int] = set()  # ids confirmed to be the positions of their items
 
     def check(self, ids: torch.Tensor) -> None:
         """Refuse a non-indexable dataset or one whose items change between reads (random transforms).
@@ -89,22 +90,47 @@ class BatchSource:
                                        "used none).")
 
     def positions(self, ids: torch.Tensor) -> list[int]:
-        """Dataset positions of recorded sample ids (the id itself when the dataset says so)."""
-        if self._position is None:
-            self._position = self._lookup(ids)
-        if not self._position:
-            return self._in_range([int(i) for i in ids])
-        missing = [int(i) for i in ids if int(i) not in self._position]
-        if missing:
-            raise ConfigError(f"sample ids {missing[:5]} are not in the dataset passed to exact_influence; pass "
-                              "dataset= the training dataset.")
-        return [self._position[int(i)] for i in ids]
-
-    def _in_range(self, positions: list[int]) -> list[int]:
-        """``positions`` if each is one of the dataset's, ``0 <= i < len(dataset)``.
+        """Dataset positions of recorded sample ids: the ids themselves while the dataset says so (each id checked
+        once), else from one scan of the dataset.
 
         Raises:
-            ConfigError: ids outside the dataset, with no ``sample_ids`` to map them (a callable is not saved).
+            ConfigError: ids the dataset does not hold.
+        """
+        if self._position is None and not self._ids_are_positions([int(i) for i in ids]):
+            self._position = self._scan()
+        if self._position is None:
+            return [int(i) for i in ids]
+        missing = [int(i) for i in ids if int(i) not in self._position]
+        if missing:
+            raise ConfigError(f"sample ids {missing[:5]} are not in the dataset exact_influence replays from (the "
+                              "training dataset seen when fit started, or dataset=): training also used other "
+                              "samples, e.g. from dataloaders reloaded per epoch. Pass dataset= a map-style "
+                              "dataset holding every sample the run trained on.")
+        return [self._position[int(i)] for i in ids]
+
+    def _ids_are_positions(self, ids: list[int]) -> bool:
+        """Whether every id is the position of its item. Without ``sample_ids`` that is assumed, and ids outside
+        the dataset are refused; with it, the items at ids not seen before are read and their ids compared
+        (a run's first batch says nothing about the later ones: a ``ConcatDataset`` with gaps in its ids)."""
+        if self.data.sample_ids is None:
+            self._in_range(ids)
+            return True
+        new = sorted(set(ids) - self._checked)
+        if not new:
+            return True
+        if not all(0 <= i < len(self.data.dataset) for i in new):
+            return False
+        with contextlib.suppress(IndexError, KeyError, ValueError):
+            if self._ids_of(new).tolist() == new:
+                self._checked.update(new)
+                return True
+        return False
+
+    def _in_range(self, positions: list[int]) -> None:
+        """Refuse ids outside ``range(len(dataset))`` when there is no ``sample_ids`` to map them.
+
+        Raises:
+            ConfigError: naming the ids (a sample_ids callable is not saved with the store).
         """
         n = len(self.data.dataset)
         outside = [i for i in positions if not 0 <= i < n]
@@ -113,19 +139,13 @@ class BatchSource:
                 f"recorded sample ids {outside[:5]} are not positions in the dataset passed to exact_influence "
                 f"({n} items), and there is no sample_ids to map ids to items (a sample_ids callable is not saved "
                 "with the store). Pass sample_ids= to exact_influence: the callback's key or callable batch -> ids.")
-        return positions
 
     def _ids_of(self, positions: Sequence[int]) -> torch.Tensor:
         batch = self.collate([self.data.dataset[p] for p in positions])
         return extract_sample_ids(batch, self.data.sample_ids, len(positions))
 
-    def _lookup(self, ids: torch.Tensor) -> dict[int, int]:
-        """``{}`` if ids are positions, else ``{id: position}`` from one scan of the dataset."""
-        if self.data.sample_ids is None:
-            return {}
-        with contextlib.suppress(IndexError, KeyError, ValueError):
-            if torch.equal(self._ids_of([int(i) for i in ids]), ids):
-                return {}
+    def _scan(self) -> dict[int, int]:
+        """``{id: position}`` from one scan of the dataset."""
         lookup, n = {}, len(self.data.dataset)
         for lo in range(0, n, 256):
             chunk = list(range(lo, min(n, lo + 256)))

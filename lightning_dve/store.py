@@ -98,7 +98,8 @@ class TrajectoryStore:
                            "applied_lrs": [], "rows": [], **manifest})
         store._replaces = root.exists() and any(root.iterdir())
         if store._replaces and not overwrite:
-            raise StoreError(f"save_dir {root} is not empty: a fresh fit would mix two runs. Pass "
+            raise StoreError(f"save_dir {root} is not empty: each fit records a new run (a second fit of the same "
+                             "Trainer too), and recording it there would mix two runs. Pass "
                              "overwrite=True to replace it, choose another save_dir, or continue an interrupted run "
                              "with trainer.fit(..., ckpt_path=<its Lightning checkpoint>).")
         if not store._replaces:

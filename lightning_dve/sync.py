@@ -163,7 +163,9 @@ class StepAssembler:
             return
         raise SampleIdError(f"sample ids {duplicated.tolist()[:10]} occur more than once in step {step}. If your "
                             "sampler draws with replacement, pass allow_duplicate_ids=True (each copy is then its "
-                            "own occurrence); otherwise fix the ids your batches carry.")
+                            "own occurrence); under DDP without a DistributedSampler (use_distributed_sampler=False) "
+                            "every rank reads the same samples: split them with a DistributedSampler; otherwise fix "
+                            "the ids your batches carry.")
 
 
 def reached_on_any_rank(comm: Communicator, names: list[str], reached: set[str]) -> set[str]:

@@ -7,6 +7,7 @@ weights the optimizer actually applied.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from lightning_dve import (
     UnsupportedError,
 )
 from lightning_dve.store import TrajectoryStore
+from tests.conftest import DigitsDict
 
 
 def step_files(root) -> list[str]:
@@ -231,6 +233,34 @@ def test_half_precision_weights_are_refused(fit, mlp_cls, save_dir):
         fit(mlp_cls(), DataValueEmbedding(save_dir), precision="bf16-true")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_cast_to_half_precision_by_the_user_are_refused(fit, mlp_cls, save_dir, dtype):
+    """A module cast to half precision under the default ``"32-true"``: its updates are rounded (3.6-9.5% off
+    ``lr g`` per parameter on the probe), so it is refused at fit start like ``"bf16-true"``."""
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UnsupportedError, match=rf"half-precision weights \(parameter '[\w.]+' is {name}, so each "
+                                               r"update is rounded to it; keep the weights in float32"):
+        fit(mlp_cls().to(dtype), DataValueEmbedding(save_dir))
+    assert not step_files(save_dir)
+
+
+@pytest.mark.parametrize("layers", [["net.2"], None])
+def test_trainable_parameters_outside_the_tracked_layers_are_named(fit, mlp_cls, save_dir, caplog, layers):
+    """``layers=`` leaving the first Linear out: its weight and bias train unmeasured, and fit says so (once, at
+    its start); with every layer tracked it says nothing."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            fit(mlp_cls(), DataValueEmbedding(save_dir, layers=layers, report=None))
+    finally:
+        logger.removeHandler(caplog.handler)
+    said = [r.getMessage() for r in caplog.records if "in no tracked layer" in r.getMessage()]
+    expected = ["DataValueEmbedding: 2 trainable parameter(s) are in no tracked layer (net.0.weight, net.0.bias): "
+                "they train, but the scores and the report measure influence through the 1 tracked layer(s) only."]
+    assert said == (expected if layers else [])
+
+
 def test_manual_optimization_is_refused(fit, mlp_cls, save_dir):
     class Manual(mlp_cls):
         def __init__(self):
@@ -307,6 +337,14 @@ def test_fresh_fit_into_non_empty_save_dir(fit, mlp_cls, save_dir):
     trainer = fit(mlp_cls(), DataValueEmbedding(save_dir, overwrite=True), limit_train_batches=2)
     assert step_files(save_dir) == ["step_00000000.safetensors", "step_00000001.safetensors"]
     assert TrajectoryStore.open(save_dir).steps == [0, 1] and trainer.global_step == 2
+
+    model, again = mlp_cls(), save_dir.parent / "again"
+    trainer = fit(model, DataValueEmbedding(again))
+    trainer.fit_loop.max_epochs = 2  # a second fit of the same Trainer trains on: a new run to record
+    with pytest.raises(StoreError, match=r"is not empty: each fit records a new run \(a second fit of the same "
+                                         r"Trainer too\).*overwrite=True"):
+        trainer.fit(model, train_dataloaders=DataLoader(DigitsDict(range(64)), batch_size=16))
+    assert TrajectoryStore.open(again).steps == [0, 1, 2, 3] and trainer.global_step == 4
 
     other = save_dir.parent / "other"
     other.mkdir()

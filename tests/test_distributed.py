@@ -246,7 +246,8 @@ def test_duplicates_elsewhere_are_refused() -> None:
     peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
-    with pytest.raises(SampleIdError, match="allow_duplicate_ids=True"):
+    with pytest.raises(SampleIdError, match=r"allow_duplicate_ids=True .*under DDP without a DistributedSampler "
+                                             r"\(use_distributed_sampler=False\) every rank reads the same samples"):
         assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
 
 

@@ -243,3 +243,37 @@ def test_an_optimizer_replaced_during_fit_is_refused_at_its_first_step(fit: Call
 
     with pytest.raises(UnsupportedError, match=r"step 2: the optimizer's step\(\) did not run, or ran on another"):
         fit(TinyMLP(), _dve(tmp_path), callbacks=[ReplacesAtStep2()])
+
+
+def _lr_at(step: int) -> float:
+    return 0.1 if step % 2 == 0 else 0.02
+
+
+class SetsLrLate(TinyMLP):
+    """Sets the step's learning rate in its own ``on_before_optimizer_step``, which Lightning runs after the
+    callbacks': the callback has already read the rate of the step before."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(self.trainer.global_step)
+
+
+class WarmsUpAfterStep(TinyMLP):
+    """Lightning's documented manual warm-up: the rate of the next step is set after ``optimizer.step``."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(self.trainer.global_step + 1)
+
+
+def test_a_learning_rate_changed_after_the_callback_read_it_is_refused(fit: Callable, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match=r"step 1: param group 0's 'lr' was changed from 0.1 to 0.02 after "
+                                               r"the callback read it"):
+        fit(SetsLrLate(), _dve(tmp_path))
+
+
+def test_a_learning_rate_set_after_optimizer_step_is_recorded_at_the_next_step(fit: Callable, tmp_path: Path) -> None:
+    dve = _dve(tmp_path)
+    fit(WarmsUpAfterStep(), dve, max_epochs=2)
+    assert dve.embeddings.learning_rates[:, 0].tolist() == pytest.approx([0.1] + [_lr_at(s) for s in range(1, 8)])

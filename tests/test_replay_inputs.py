@@ -204,3 +204,42 @@ def test_ids_that_are_not_positions_are_found_anywhere_in_a_large_dataset() -> N
     assert torch.equal(source.batch(ids)["index"], ids)
     every = torch.tensor([dataset[p]["index"] for p in range(600)])
     assert source.positions(every) == list(range(600))
+
+
+class Relabelled(Dataset):
+    """``digits`` with the sample id of position ``p`` set to ``ids[p]``."""
+
+    def __init__(self, digits: DigitsDataset, ids: list[int]) -> None:
+        self.digits, self.ids = digits, ids
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {**self.digits[position], "index": torch.tensor(self.ids[position])}
+
+
+def test_ids_are_checked_as_positions_beyond_the_first_batch(digits) -> None:
+    """Oracle: each item's own id. The first ids asked for are positions; later ids are not, whether they lie
+    outside the dataset or inside it at another item: each is found by the scan."""
+    ids = list(range(24)) + [p + 4 for p in range(24, 48)]  # ids 0-23, then 28-51: 28-47 are other positions
+    source = BatchSource(TrainingData(Relabelled(digits[0], ids), None, "index"))
+    assert source.positions(torch.tensor([0, 5, 23])) == [0, 5, 23]
+    assert source.positions(torch.tensor([28, 51, 3])) == [24, 47, 3]
+    assert source.batch(torch.tensor([30, 1]))["index"].tolist() == [30, 1]
+
+
+def test_a_dataset_whose_later_ids_are_not_positions_replays_like_one_whose_ids_are(tmp_path: Path, digits) -> None:
+    """A dataset of two parts (ids 0-23 and 100-123, as a ``ConcatDataset`` of two numbered sets), read in order so
+    the first step's ids are all positions: the scores of the same run whose ids are positions, id for id."""
+    results = {}
+    for name, ids in (("positions", list(range(48))), ("gap", list(range(24)) + list(range(100, 124)))):
+        module = DigitsMLP(hidden=8)
+        dve = DataValueEmbedding(tmp_path / name, report=None, projection_dim=None, checkpoint_interval=2,
+                                 sample_ids="index")
+        loader = torch.utils.data.DataLoader(Relabelled(digits[0], ids), batch_size=16, shuffle=False)
+        make_trainer(1, callbacks=[dve]).fit(module, loader)
+        results[name] = dve.embeddings.exact_influence(module, digits[1].batch(), per_step=True)
+    gap, plain = results["gap"], results["positions"]
+    assert [i if i < 100 else i - 76 for i in gap.sample_ids.tolist()] == plain.sample_ids.tolist()
+    torch.testing.assert_close(gap.scores, plain.scores, rtol=0, atol=0)
