@@ -286,7 +286,8 @@ class DataValueEmbedding(StepHooks):
         except DVEError as err:
             replay_error = err
         self._release()
-        sync.agree_on_errors(self._comm, callback_setup.finish_store(store))  # only once every rank got here
+        final = None if self._guard is None else self._guard.final_weights()
+        sync.agree_on_errors(self._comm, callback_setup.finish_store(store, final))  # once every rank got here
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))

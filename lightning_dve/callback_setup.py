@@ -19,7 +19,7 @@ from . import sync
 from .capture import TrackedLayer
 from .config import DVEConfig
 from .distributed import Communicator
-from .errors import ConfigError, DVEError, LossReductionError, StoreError, UnsupportedError
+from .errors import ConfigError, DVEError, StoreError, UnsupportedError
 from .files import disk_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
@@ -113,14 +113,17 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
                                   state.get("run_id") if manifest["rank"] == 0 else None)  # the checkpoint has rank 0's
 
 
-def finish_store(store: TrajectoryStore) -> DVEError | None:
+def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:
     """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
     the ranks to agree on. ``bytes_steps`` and ``bytes_per_step`` count the step files, ``bytes_total`` the whole
-    store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``)."""
+    store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``);
+    ``final_weights`` are the tracked weights' sampled coordinates after the last step (``StepGuard``), which
+    queries compare with the module they are given."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
         steps_bytes = disk_bytes([store.root / STEPS])
-        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps))})
+        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps)),
+                                "final_weights": final_weights})
         store.record_disk_use()
     except DVEError as err:
         return err
@@ -173,8 +176,6 @@ def report(write: Callable[[], None], root: Path) -> None:
     except OSError as err:
         rank_zero_warn(f"DataValueEmbedding: the train-end report could not be written ({err}). The embeddings are "
                        f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}).")
-    except LossReductionError as err:  # rank 0's report only: other ranks must not wait for a raise
-        rank_zero_warn(f"DataValueEmbedding: the train-end report is skipped: {err}")
 
 
 def warn_weights_replaced() -> None:

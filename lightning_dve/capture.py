@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import layers as layer_specs
 from .config import DVEConfig
@@ -62,35 +61,6 @@ def excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
 
 
-def _own_trainable(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-
-
-def _check_trackable(name: str, module: nn.Module) -> layer_specs.LayerSpec:
-    """Return the spec of a module to track, or raise naming the problem and the fix."""
-    spec = layer_specs.spec_for(module)
-    fix = f"Add {name!r} to `exclude=` to train it without measuring its data value."
-    if spec is None:
-        raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) is not a supported layer type; supported types are "
-            f"{', '.join(layer_specs.supported_types())}. {fix}"
-        )
-    if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
-        raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm or "
-            f"another parametrization): its weight is computed from other parameters, so the captured gradient "
-            f"would not be the gradient of what the optimizer updates. {fix}"
-        )
-    extra = set(_own_trainable(module)) - {"weight", "bias"}
-    if extra or not module.weight.requires_grad:
-        raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(_own_trainable(module))} but "
-            f"capture needs a trainable 'weight' and at most a 'bias'. {fix}"
-        )
-    spec.check(name, module)
-    return spec
-
-
 def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLayer]:
     """Pick the layers to track (``config.layers`` or every supported trainable module, minus excludes).
 
@@ -108,17 +78,18 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
                               f"supported modules it has: {candidates}.")
         names = [n for n in config.layers if not excluded(n, config.exclude)]
     else:
-        if _own_trainable(model):
+        own = layer_specs.own_trainable
+        if own(model):
             raise UnsupportedError(
-                f"{type(model).__name__} itself owns trainable parameters {_own_trainable(model)}; capture tracks "
+                f"{type(model).__name__} itself owns trainable parameters {own(model)}; capture tracks "
                 "submodules only. Move them into a supported submodule (e.g. nn.Linear) or freeze them."
             )
-        owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and _own_trainable(m)]
+        owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and own(m)]
         names = [n for n in dict.fromkeys(owners) if not excluded(n, config.exclude)]
     tracked = {}
     for name in names:
         module = modules[name]
-        spec = _check_trackable(name, module)
+        spec = layer_specs.check_trackable(name, module)
         d_out, d_in = spec.dims(module)
         projection = LayerProjection.create(name, d_out, d_in, config.projection_dim, config.seed)
         tracked[name] = TrackedLayer(name, module, spec, projection)

@@ -163,6 +163,13 @@ class StepGuard:
         return torch.stack([w.detach().reshape(-1).index_select(0, self._index[name]).to(torch.float64)
                             for name, w in self.capture.weights().items()])
 
+    def final_weights(self) -> dict[str, list[float]] | None:
+        """The tracked weights' sampled coordinates (:func:`sampled_coordinates`) after the last ``optimizer.step()``,
+        ``{layer: [SAMPLED]}``; ``None`` before any step."""
+        if self._stepped_weights is None:
+            return None
+        return {name: row.tolist() for name, row in zip(self.capture.weights(), self._stepped_weights)}
+
     def weights_replaced(self) -> bool:
         """Whether the tracked weights changed since the last ``optimizer.step()`` (e.g. weight averaging put its
         average in at train end); ``False`` before any step."""

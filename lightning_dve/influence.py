@@ -24,7 +24,8 @@ from .config import DVEConfig
 from .errors import ConfigError, StoreError
 from .files import read_json
 from .projection import LayerProjection
-from .query_layers import backward_to_layers, check_loss_count, check_reduction, recorded_layers, require_autograd
+from .query_layers import (backward_to_layers, check_loss_count, check_reduction, recorded_layers,
+                           require_autograd, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
@@ -192,6 +193,7 @@ class DataValueEmbeddings:
             StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
         self._check_current()
+        warn_if_not_final(module, self.store.manifest.get("final_weights"))
         return self._score(self.test_gradients(module, batch, loss_fn), per_step, None)
 
     def exact_influence(

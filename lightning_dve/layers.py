@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import UnsupportedError
 
@@ -208,7 +209,7 @@ def _check_embedding(name: str, module: nn.Module) -> None:
 def _embedding_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
     """Input side of an embedding: the one-hot row ``e_idx``, i.e. column ``idx`` of ``P_in`` ([B, P, k_in])."""
     assert isinstance(module, nn.Embedding)
-    idx = args[0].reshape(args[0].shape[0], -1)
+    idx = args[0].reshape(args[0].shape[0], -1).long()  # nn.Embedding also takes int32 ids; one_hot needs int64
     weight = module.weight
     if proj is None:
         rows = F.one_hot(idx, module.num_embeddings).to(weight.dtype)
@@ -285,3 +286,39 @@ def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
         bias = bias if bias is not None else torch.zeros_like(module.bias)
         matrix = torch.cat([matrix, bias.unsqueeze(1)], dim=1)
     return matrix
+
+
+def own_trainable(module: nn.Module) -> list[str]:
+    """Names of the trainable parameters ``module`` holds itself (not its children's)."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def check_trackable(name: str, module: nn.Module) -> LayerSpec:
+    """Return the spec of a module to track, or raise naming the problem and the fix."""
+    spec = spec_for(module)
+    fix = f"Add {name!r} to `exclude=` to train it without measuring its data value."
+    if spec is None:
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) is not a supported layer type; supported types are "
+            f"{', '.join(supported_types())}. {fix}"
+        )
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) is a lazy module whose parameters are not initialised yet "
+            "when fit starts, so its shape is unknown. Run the model once on a batch before trainer.fit (that "
+            f"initialises them), or use a layer with explicit sizes. {fix}"
+        )
+    if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm or "
+            f"another parametrization): its weight is computed from other parameters, so the captured gradient "
+            f"would not be the gradient of what the optimizer updates. {fix}"
+        )
+    extra = set(own_trainable(module)) - {"weight", "bias"}
+    if extra or not module.weight.requires_grad:
+        raise UnsupportedError(
+            f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(own_trainable(module))} but "
+            f"capture needs a trainable 'weight' and at most a 'bias'. {fix}"
+        )
+    spec.check(name, module)
+    return spec

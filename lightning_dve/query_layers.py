@@ -8,6 +8,7 @@ duration only, with each bias set to the layout the recording used (its ``in_dim
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from .batches import WeightFn, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
 from .errors import ConfigError, LayerMismatchError, LossReductionError
+from .guards import sampled_coordinates
 from .projection import LayerProjection
 from .replay_data import batch_rows, count_samples
 
@@ -186,3 +188,28 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
             "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that couples "
             "the samples (contrastive, batch statistics) has no per-sample data value."
         )
+
+
+def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -> None:
+    """Warn when ``module``'s tracked weights are not those the recorded run ended with: ``final``, the sampled
+    coordinates the manifest keeps (``guards.sampled_coordinates``), compared within 4 ulp of ``module``'s dtype.
+
+    The estimate is defined with the test gradient at the final weights (method.md §2); another module (a
+    best-epoch checkpoint, weight averaging, a model trained again) gives test gradients that do not match it.
+    """
+    modules, other = dict(module.named_modules()), []
+    for name, values in (final or {}).items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            continue  # recorded_layers refuses a missing or reshaped layer
+        sample = weight.detach().reshape(-1)[sampled_coordinates(weight.numel(), weight.device)].cpu().double()
+        expected = torch.tensor(values, dtype=torch.float64)
+        if not torch.allclose(sample, expected, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
+            other.append(name)
+    if other:
+        warnings.warn(f"the weights of tracked layers {other[:5]} are not the final weights of the recorded run "
+                      "(e.g. a best-epoch checkpoint loaded by trainer.test(ckpt_path='best'), weight averaging, or "
+                      "another model): the scores use test gradients at these weights, while the embeddings "
+                      "estimate influence on the final model. Query the module as fit left it (or its last "
+                      "checkpoint); influence_at(boundary, ...) takes the weights of an earlier boundary.",
+                      UserWarning, stacklevel=3)

@@ -306,6 +306,8 @@ def test_sharded_and_model_parallel_strategies_are_refused():
     assert not supported_strategy(FSDPStrategy())
     assert not supported_strategy(ModelParallelStrategy())
     assert not supported_strategy(deepspeed)
+    assert not supported_strategy(type("XLAStrategy", (DDPStrategy,), {})())  # multi-device XLA, by name too
+    assert not supported_strategy(type("MyDeepSpeed", (type(deepspeed),), {})())  # a subclass of a refused one
 
 
 def test_a_ddp_subclass_that_shards_the_optimizer_is_refused_by_a_real_trainer(fit, mlp_cls, save_dir):

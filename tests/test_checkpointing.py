@@ -9,6 +9,7 @@ checkpointing (float64, same trajectory): the oracle is the plain run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,3 +97,62 @@ def test_exact_replay_through_reentrant_checkpointing_is_refused(tmp_path: Path)
     with pytest.raises(UnsupportedError, match=r"activation checkpointing with use_reentrant=True.*use "
                                                r"use_reentrant=False"):
         dve.embeddings.exact_influence(model, _test_batch(), per_step=True)
+
+
+class MeasuredMLP(CheckpointedMLP):
+    """The plain digits MLP with an ``aux`` head in the loss of even steps only (odd ones do not call it), whose
+    even steps also call ``aux`` and the whole model once more under ``torch.no_grad`` (``measure``): a metric."""
+
+    def __init__(self, measure: bool) -> None:
+        super().__init__(None)
+        self.measure = measure
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            self.aux = torch.nn.Linear(64, 10, dtype=torch.float64)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx % 2:
+            return super().training_step(batch, batch_idx)
+        if self.measure:
+            with torch.no_grad():
+                self.metric = (self(batch["x"]).argmax(-1) == batch["y"]).double().mean() + self.aux(batch["x"]).mean()
+        extra = 1e-2 * self.aux(batch["x"]).square().mean()  # before the logits: the last tracked output
+        return super().training_step(batch, batch_idx) + extra
+
+
+@pytest.mark.slow
+def test_a_no_grad_forward_beside_the_training_forward_is_not_refused_under_gauss_newton(tmp_path: Path) -> None:
+    """Only a layer that no forward of the step called with autograd on is refused (the reentrant case above): a
+    metric computed under ``torch.no_grad`` besides the loss, in this step or an earlier one, changes nothing."""
+    plain = _fit(tmp_path / "plain", MeasuredMLP(measure=False), curvature="ggn").embeddings
+    measured = _fit(tmp_path / "measured", MeasuredMLP(measure=True), curvature="ggn").embeddings
+    assert set(plain.embedding_matrix().embeddings) == {"net.0", "net.2", "aux"}
+    for name, rows in plain.embedding_matrix().embeddings.items():
+        torch.testing.assert_close(measured.embedding_matrix().embeddings[name], rows, rtol=1e-12, atol=1e-16)
+
+
+class FailsInBackward(torch.autograd.Function):
+    """The identity, whose backward raises (a user's hook failing inside the query's backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("backward failed on purpose")
+
+
+@pytest.mark.slow
+def test_a_failing_full_backward_of_a_query_gives_back_the_grads_it_put_aside(tmp_path: Path) -> None:
+    """Under a reentrant checkpoint the query runs ``loss.backward()`` with ``.grad`` put aside: when that backward
+    raises, the error reaches the caller and every ``.grad`` is as it was."""
+    model = CheckpointedMLP(True)
+    emb = _fit(tmp_path, model).embeddings
+    grads = [torch.full_like(param, 0.5) for param in model.parameters()]
+    for param, grad in zip(model.parameters(), grads):
+        param.grad = grad
+    with pytest.raises(RuntimeError, match="backward failed on purpose"):
+        emb.influence(model, _test_batch(), loss_fn=lambda m, b: F.cross_entropy(FailsInBackward.apply(m(b["x"])),
+                                                                                 b["y"], reduction="none"))
+    assert all(param.grad is grad for param, grad in zip(model.parameters(), grads))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -197,6 +198,23 @@ def test_weights_averaged_in_at_train_end(fit, tmp_path: Path, test_batch: dict,
         assert dve.embeddings.exact_influence(model, test_batch).scores.shape[0] == 12
 
 
+def test_weights_changed_by_one_part_in_a_million_at_train_end_are_warned(fit, tmp_path: Path) -> None:
+    """An EMA of high decay moves the weights little: any change after the last optimizer step is one."""
+    import warnings
+
+    class Nudge(Callback):
+        def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            with torch.no_grad():
+                for param in pl_module.parameters():
+                    param.mul_(1 + 1e-6)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, checkpoint_interval=None)
+        fit(TinyMLP(), None, callbacks=[Nudge(), dve])  # listed before: the callback sees the changed weights
+    assert [w for w in caught if "tracked weights changed after the last optimizer step" in str(w.message)]
+
+
 def test_resuming_a_failed_run_from_an_earlier_checkpoint_with_nothing_to_train_finishes_that_checkpoints_steps(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict,
     monkeypatch: pytest.MonkeyPatch
@@ -217,7 +235,10 @@ def test_resuming_a_failed_run_from_an_earlier_checkpoint_with_nothing_to_train_
         with pytest.raises(StoreError, match="ENOSPC"):
             checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
                 mlp_cls().double(), make_loader())
-    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(8))
+    failed = TrajectoryStore.open(tmp_path / "dve")
+    assert failed.steps == list(range(8))
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "dve").rglob("*") if p.is_file())
+    assert failed.manifest["bytes_total"] == on_disk  # counted when the recording finished, before the recursion
     epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
     model, again = mlp_cls().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=32)
     checkpointing_trainer(tmp_path, 1, [again]).fit(model, make_loader(), ckpt_path=epoch0)

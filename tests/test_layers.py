@@ -340,6 +340,24 @@ def test_embedding_matches_per_example_loop(padding_idx, index_shape):
         assert torch.equal(rows, torch.zeros_like(rows))
 
 
+@pytest.mark.parametrize("projection_dim", [None, 4])
+def test_embedding_with_int32_ids_matches_per_example_loop(projection_dim):
+    """``nn.Embedding`` takes int32 ids as well as int64: the exact mode's one-hot rows must too (it raised a raw
+    ``one_hot is only applicable to index tensor of type LongTensor`` from inside the forward hook)."""
+    torch.manual_seed(16)
+    model = TokenModel(vocab=6, dim=3, d_out=2, padding_idx=0).to(DTYPE)
+    idx = torch.randint(0, 6, (4, 5), dtype=torch.int32)
+    idx[:, 0] = 0
+    target = torch.randn(4, 5, 2, dtype=DTYPE)
+    tracked, capture = make_capture(model, projection_dim=projection_dim)
+    grads = captured_grads(capture, model, idx, target, "mean", batch_weights("mean", 4))
+    expected = captured_grads(capture, model, idx.long(), target, "mean", batch_weights("mean", 4))
+    for name in tracked:
+        torch.testing.assert_close(grads[name], expected[name], atol=0, rtol=0)
+    if projection_dim is None:
+        assert_matches_oracle(model, tracked, grads, idx, target)
+
+
 # --- Kronecker projection (method.md §3) ---------------------------------------------------------------
 
 
@@ -525,6 +543,18 @@ def test_unsupported_layer_named_explicitly_is_refused():
     with pytest.raises(UnsupportedError, match=r"layer '1' \(Conv2d\) uses groups=2.*Add '1' to `exclude=`"):
         resolve_layers(model, DVEConfig(projection_dim=None, layers=("0", "1")))
     assert list(resolve_layers(model, DVEConfig(projection_dim=None, layers=("0",)))) == ["0"]
+
+
+def test_a_lazy_layer_not_yet_initialised_is_refused_naming_it_and_exclude():
+    """A ``LazyLinear`` whose first forward has not run yet has no shape: refused with the layer's name and the
+    fix, not a raw torch ``ValueError`` from the first use of its uninitialised weight."""
+    model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.raises(UnsupportedError,
+                       match=r"layer '0' \(LazyLinear\) is a lazy module.*Run the model once.*exclude"):
+        resolve_layers(model, DVEConfig(projection_dim=None))
+    assert list(resolve_layers(model, DVEConfig(projection_dim=None, exclude=("0",)))) == ["2"]
+    model(torch.randn(2, 5))  # initialised: tracked like a Linear
+    assert list(resolve_layers(model, DVEConfig(projection_dim=None))) == ["0", "2"]
 
 
 def test_embedding_scale_grad_by_freq_is_refused():

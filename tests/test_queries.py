@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,11 @@ def test_a_loss_reduction_other_than_the_loss_is_refused(fit, mlp_cls, save_dir,
     with pytest.raises(LossReductionError, match=r"Record again with the reduction your loss uses"):
         dve.embeddings.influence(model, test_batch)
     assert dve.embeddings.influence(model, test_batch, loss_fn=per_sample_ce).scores.shape[0] == 12
+    pair, single = ({key: value[:n] for key, value in test_batch.items()} for n in (2, 1))
+    if loss != "coupled":  # two samples tell a sum from a mean; on one they are the same loss: not checked
+        with pytest.raises(LossReductionError, match=r"on the batch's first two samples"):
+            dve.embeddings.influence(model, pair)
+        assert dve.embeddings.influence(model, single).scores.shape[0] == 1
 
 
 @pytest.mark.parametrize("loss", ["mean", "sum"])
@@ -65,6 +71,94 @@ def test_a_loss_reduction_that_matches_the_loss_is_accepted(fit, mlp_cls, save_d
     fit(model, dve)
     assert (save_dir / "report" / "summary.json").is_file()
     assert dve.embeddings.influence(model, test_batch).scores.shape[0] == 12
+
+
+@pytest.mark.parametrize("excess, refused", [(0.0, False), (0.02, False), (-0.02, False), (0.1, True),
+                                             (-0.1, True)])
+def test_the_reduction_check_allows_five_percent(mlp_cls, test_batch, excess, refused):
+    """A loss ``(1 + excess (B - 1)) sum_i l_i`` declared as a sum: on the batch's first two samples it is
+    ``1 + excess`` times what the declared weights predict, accepted within the check's 5 % and refused beyond."""
+    from lightning_dve.config import LossReduction
+    from lightning_dve.query_layers import check_reduction
+
+    class Scaled(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return (1 + excess * (len(batch["y"]) - 1)) * LOSSES["sum"](self(batch["x"]), batch["y"])
+
+    if refused:
+        with pytest.raises(LossReductionError, match=r"loss_reduction='sum' declares") as refusal:
+            check_reduction(Scaled(), test_batch, LossReduction.SUM, None)
+        assert isinstance(refusal.value, ConfigError)  # a configuration error, as every other refused setting
+    else:
+        check_reduction(Scaled(), test_batch, LossReduction.SUM, None)
+
+
+def test_samples_the_reduction_check_cannot_weigh_are_not_checked(mlp_cls, test_batch):
+    """A first sample of loss weight 0 (no per-sample loss to divide out), and a ``training_step`` that skips
+    one-sample batches (returns ``None``, as for batch norm): the check passes them by."""
+    from lightning_dve.config import LossReduction
+    from lightning_dve.query_layers import check_reduction
+
+    def weights(batch):  # the batch's first sample weighs nothing
+        return (batch["index"] != test_batch["index"][0]).double()
+
+    class Weighted(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return (weights(batch) * F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")).sum()
+
+    class SkipsSingles(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return None if len(batch["y"]) < 2 else LOSSES["mean"](self(batch["x"]), batch["y"])
+
+    check_reduction(Weighted(), test_batch, LossReduction.WEIGHTS, weights)
+    check_reduction(SkipsSingles(), test_batch, LossReduction.MEAN, None)
+
+
+def test_weights_that_depend_on_the_batch_are_checked_as_the_pairs_own(mlp_cls, test_batch):
+    """A token-mean-like loss: sample ``i`` weighs ``t_i / sum_j t_j`` in its batch (1 alone), with ``t = 1, 2`` on
+    the first two samples, whose per-sample losses are far apart (the first one's is ten times its cross-entropy):
+    each loss must take its own weight in the pair."""
+    from lightning_dve.config import LossReduction
+    from lightning_dve.query_layers import check_reduction
+
+    first = test_batch["index"][0]
+
+    def weights(batch):
+        tokens = 1.0 + (batch["index"] != first).double()
+        return tokens / tokens.sum()
+
+    class TokenMean(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            losses = losses * (1 + 9 * (batch["index"] == first))
+            return (weights(batch) * losses).sum()
+
+    check_reduction(TokenMean(), test_batch, LossReduction.WEIGHTS, weights)
+
+
+def test_a_training_step_returning_a_dict_scores_like_one_returning_the_loss(trained, test_batch):
+    """``training_step`` may return ``{"loss": ..., ...}`` (Lightning's other form): the query takes its loss."""
+
+    class DictOut(type(trained.model)):
+        def training_step(self, batch, batch_idx):
+            return {"loss": self.loss(batch), "batch_size": len(batch["y"])}
+
+    model = DictOut()
+    model.load_state_dict(trained.model.state_dict())
+    expected = trained.dve.embeddings.influence(trained.model, test_batch).scores
+    torch.testing.assert_close(trained.dve.embeddings.influence(model, test_batch).scores, expected, rtol=0, atol=0)
+
+
+def test_a_training_step_returning_per_sample_losses_needs_loss_fn(trained, test_batch):
+    class PerSample(type(trained.model)):
+        def training_step(self, batch, batch_idx):
+            return per_sample_ce(self, batch)
+
+    model = PerSample()
+    model.load_state_dict(trained.model.state_dict())
+    with pytest.raises(ConfigError, match=r"training_step did not return a scalar loss on the test batch; pass "
+                                          r"loss_fn"):
+        trained.dve.embeddings.influence(model, test_batch)
 
 
 @pytest.mark.parametrize("loss_fn, count", [
@@ -107,6 +201,30 @@ def test_query_on_a_frozen_module_scores_like_the_trained_one(trained, test_batc
     torch.testing.assert_close(result.scores, reference.scores)
     assert flags(model) == before and model.training == training
     assert all(p.grad is None for p in model.parameters())
+
+
+def _final_weight_warnings(query) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        query()
+    return [str(w.message) for w in caught if "not the final weights" in str(w.message)]
+
+
+def test_a_module_with_other_weights_than_the_final_ones_is_warned_about(trained, test_batch):
+    """The manifest keeps 64 sampled coordinates per tracked weight after the last step: a module whose weights
+    differ (here net.2 scaled by 1.001, as a best-epoch checkpoint would) is named, through the callback's handle
+    and a loaded one; the trained module, and a copy cast to float64 (exact), are not."""
+    other = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        other.net[2].weight.mul_(1.001)
+    double, double_batch = copy.deepcopy(trained.model).double(), {k: v.double() if v.is_floating_point() else v
+                                                                    for k, v in test_batch.items()}
+    for emb in (trained.dve.embeddings, DataValueEmbeddings.load(trained.root)):
+        assert _final_weight_warnings(lambda: emb.influence(trained.model, test_batch)) == []
+        assert _final_weight_warnings(lambda: emb.influence(double, double_batch)) == []
+        said = _final_weight_warnings(lambda: emb.influence(other, test_batch))
+        assert len(said) == 1 and said[0].startswith("the weights of tracked layers ['net.2'] are not the final "
+                                                     "weights of the recorded run (e.g. a best-epoch checkpoint")
 
 
 def test_frozen_flags_come_back_after_a_layer_mismatch(trained, mlp_cls, test_batch):

@@ -80,6 +80,21 @@ def test_to_device_and_split_batch_keep_namedtuples() -> None:
     assert all(type(s) is Sample for s in singles) and torch.equal(singles[2].idx, torch.tensor([12]))
 
 
+def test_split_batch_slices_only_what_has_one_row_per_sample() -> None:
+    """The batch size is the first batched tensor's rows (a scalar or a string before it does not count); tensors
+    and lists of another length (class weights, a vocabulary) and non-batched values are kept whole."""
+    batch = {"scale": torch.tensor(2.0), "name": "digits", "x": torch.ones(3, 2), "y": torch.arange(3),
+             "class_weights": torch.ones(10), "ids": ["a", "b", "c"], "vocab": ["u", "v"]}
+    singles = split_batch(batch)
+    assert len(singles) == 3
+    for i, single in enumerate(singles):
+        assert single["x"].shape == (1, 2) and torch.equal(single["y"], torch.tensor([i]))
+        assert single["ids"] == [["a", "b", "c"][i]] and single["vocab"] == ["u", "v"]
+        assert single["class_weights"] is batch["class_weights"] and single["scale"] is batch["scale"]
+        assert single["name"] == "digits"
+    assert [s[0].tolist() for s in split_batch((torch.arange(4), torch.zeros(4)))] == [[0], [1], [2], [3]]  # 1-D
+
+
 def test_namedtuple_batches_replay_like_plain_tuples(tmp_path: Path, digits) -> None:
     """A namedtuple batch is rebuilt, moved and split field by field: the same scores as the same run with tuples."""
     train, test = digits
@@ -147,6 +162,19 @@ def test_a_loader_of_whole_batches_needs_the_dataset_of_samples(tmp_path: Path, 
         dve.embeddings.exact_influence(module, test.batch())
     got = dve.embeddings.exact_influence(module, test.batch(), per_step=True, dataset=train).scores
     torch.testing.assert_close(got, expected.scores, rtol=1e-12, atol=1e-14)
+
+
+def test_a_loader_with_a_batch_sampler_is_a_dataset_of_samples(tmp_path: Path, digits) -> None:
+    """``DataLoader(dataset, batch_sampler=...)`` has ``batch_size=None`` yet batches automatically: replay defaults
+    to its dataset, with the scores of passing it."""
+    train, test = digits
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(train), 16, drop_last=False)
+    module = DigitsMLP(hidden=8)
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None, checkpoint_interval=2)
+    make_trainer(1, callbacks=[dve]).fit(module, torch.utils.data.DataLoader(train, batch_sampler=sampler))
+    expected = dve.embeddings.exact_influence(module, test.batch(), per_step=True, dataset=train).scores
+    got = dve.embeddings.exact_influence(module, test.batch(), per_step=True).scores
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # --- sample ids recorded by a callable, after load ---------------------------------------------------------

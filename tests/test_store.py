@@ -458,6 +458,18 @@ def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
     assert manifest["bytes_total"] > size["steps"] + size["embeddings"] + size["checkpoints"]
 
 
+def test_bytes_total_counts_the_shards_of_other_ranks(store_copy):
+    """Rank 0's ``bytes_total`` includes the ``shards`` folder (other ranks' parts of a DDP store; one file here)."""
+    from lightning_dve.store import SHARDS
+
+    shard = store_copy / SHARDS / "rank_1" / "part.bin"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(bytes(4096))
+    TrajectoryStore.open(store_copy).record_disk_use()
+    whole = sum(p.stat().st_size for p in store_copy.rglob("*") if p.is_file())
+    assert json.loads((store_copy / "manifest.json").read_text())["bytes_total"] == whole
+
+
 def test_train_end_reports_the_whole_stores_disk_use(fit, mlp_cls, save_dir, caplog):
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
     logger.addHandler(caplog.handler)
