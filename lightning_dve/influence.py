@@ -24,8 +24,8 @@ from .config import DVEConfig
 from .errors import ConfigError, StoreError
 from .files import read_json
 from .projection import LayerProjection
-from .query_layers import (backward_to_layers, check_loss_count, check_reduction, recorded_layers,
-                           require_autograd, warn_if_not_final)
+from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
+                           recorded_layers, require_autograd, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
@@ -113,6 +113,13 @@ class DataValueEmbeddings:
         manifest; 0 where a step did not reach the layer)."""
         return self.store.applied_learning_rates
 
+    def is_current(self) -> bool:
+        """Whether the store still holds the recording this handle was opened on (one manifest read)."""
+        try:
+            return read_json(self.store.root / MANIFEST).get("run_id") == self._run_id
+        except (OSError, StoreError):
+            return False
+
     def _check_current(self) -> None:
         """Refuse a query when the store was recorded again since this handle was opened (one manifest read).
 
@@ -149,7 +156,10 @@ class DataValueEmbeddings:
         with muted_logging(module):
             loss = scalar_loss(module.training_step(batch, 0))
         if loss is None:
-            raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn.")
+            raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn(module, "
+                              "batch) -> Tensor[B] to the query, or make training_step return the loss on such "
+                              "batches (the train-end report takes its reference loss from training_step and has no "
+                              "loss_fn).")
         return loss, lambda n: reduction_weights(reduction, batch, n, self.loss_weights)
 
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
@@ -299,7 +309,8 @@ class DataValueEmbeddings:
     def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
         """:meth:`score` once ``boundary`` and the store are checked: the embeddings stream in chunks of at most
         :data:`CHUNK_BYTES` (whole steps), each scored against its segment's carried test gradient."""
-        carried = self._carry_back(self._checked(test_gradients), boundary)
+        widths = {name: self.projections[name].dim for name in self.store.layer_names}
+        carried = self._carry_back(check_test_gradients(test_gradients, widths), boundary)
         arrays = self.store.embedding_arrays(self.store.layer_names)
         max_rows = max(1, CHUNK_BYTES // max(1, arrays.row_bytes))
         ids, steps, columns = [], [], []
@@ -363,22 +374,6 @@ class DataValueEmbeddings:
             hi = bisect.bisect_right(self.steps, last, lo=lo)
             yield segment, lo, hi
             lo = hi
-
-    def _checked(self, test_gradients: Any) -> dict[str, torch.Tensor]:
-        """``test_gradients`` if it is ``{layer: [n, k_l]}`` for every recorded layer, with one row count ``n``.
-
-        Raises:
-            ConfigError: naming the expected and the given shapes, and how to build the input.
-        """
-        widths = {name: self.projections[name].dim for name in self.store.layer_names}
-        given = test_gradients if isinstance(test_gradients, dict) else {}
-        shapes = {name: tuple(getattr(given.get(name), "shape", ())) for name in widths}
-        if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or any(
-                len(shapes[name]) != 2 or shapes[name][1] != width for name, width in widths.items()):
-            found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
-            raise ConfigError(f"test_gradients must map every recorded layer to a Tensor[n, k_l] with the same n: "
-                              f"widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
-        return given
 
     def _carry_back(self, test: dict[str, torch.Tensor], boundary: int | None) -> list[dict[str, torch.Tensor]]:
         """Test gradients carried back to each segment up to ``boundary``: ``t_b = g``, ``t_s = t_{s+1} F_{s+1}``."""

@@ -213,3 +213,20 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
                       "estimate influence on the final model. Query the module as fit left it (or its last "
                       "checkpoint); influence_at(boundary, ...) takes the weights of an earlier boundary.",
                       UserWarning, stacklevel=3)
+
+
+def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``test_gradients`` if it is ``{layer: [n, k_l]}`` for every recorded layer (``widths``: ``k_l``), with one
+    row count ``n``.
+
+    Raises:
+        ConfigError: naming the expected and the given shapes, and how to build the input.
+    """
+    given = test_gradients if isinstance(test_gradients, dict) else {}
+    shapes = {name: tuple(getattr(given.get(name), "shape", ())) for name in widths}
+    if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or any(
+            len(shapes[name]) != 2 or shapes[name][1] != width for name, width in widths.items()):
+        found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
+        raise ConfigError(f"test_gradients must map every recorded layer to a Tensor[n, k_l] with the same n: "
+                          f"widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
+    return given

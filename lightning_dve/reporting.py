@@ -217,7 +217,7 @@ def _reference_query(
         return reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source,
                                   show_progress)
     except DVEError as err:
-        rank_zero_warn(f"{skipped} {err}")
+        rank_zero_warn(f"{skipped} {err} (reference: {source})")
         return None
 
 

@@ -188,7 +188,12 @@ def unsharded(loader: Iterable[Any]) -> Iterable[Any]:
     function, no workers).
     """
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
+        # Lightning wraps a loader's own sampler (a subset, weights, ...) in a DistributedSamplerWrapper, whose
+        # ``dataset`` holds it as ``_sampler``: read what that sampler picks, as one process would, not the dataset
+        wrapped = loader.sampler.dataset
+        inner = getattr(wrapped, "_sampler", None) if wrapped is not loader.dataset else None
+        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, sampler=inner,
+                          collate_fn=loader.collate_fn, drop_last=loader.drop_last)
     return loader
 
 

@@ -363,6 +363,19 @@ def test_default_save_dir_is_under_default_root_dir(fit, mlp_cls, tmp_path):
     assert dve.embeddings.store.root == tmp_path / "dve"
 
 
+def test_embeddings_in_a_process_that_ran_no_fit_follow_the_latest_recording(fit, mlp_cls, save_dir, test_batch):
+    """Under ddp_spawn / ddp_notebook every fit runs in child processes: the parent's callback gets no hook, so its
+    cached handle must not outlive the recording it was opened on (it kept the first fit's steps, and every query
+    was refused as 'recorded again'). Here other callback objects stand in for the children's copies."""
+    parent = DataValueEmbedding(save_dir, projection_dim=16)
+    fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16))  # 4 steps
+    assert parent.embeddings.steps == [0, 1, 2, 3]
+    model = mlp_cls()
+    fit(model, DataValueEmbedding(save_dir, projection_dim=16, overwrite=True), max_epochs=2)  # 8 steps
+    assert parent.embeddings.steps == list(range(8))
+    assert parent.embeddings.influence(model, test_batch).scores.shape == (len(test_batch["y"]), 64)
+
+
 # --- what is recorded --------------------------------------------------------------------------------------
 
 

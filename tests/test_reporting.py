@@ -262,6 +262,23 @@ def test_empty_reference_warns_and_writes_nothing(fit, tmp_path):
     assert not (tmp_path / "dve" / "report").exists()
 
 
+def test_a_reference_that_training_step_does_not_score_says_what_to_change(fit, tmp_path):
+    """A reference batch on which training_step returns None: the report has no loss_fn to pass, so the warning
+    must not just say 'pass loss_fn' (it did); it names the reference and the change that applies."""
+
+    class NoneOnReference(ImageMLP):
+        def training_step(self, batch, batch_idx):
+            return None if "reference" in batch else super().training_step(batch, batch_idx)
+
+    train, _ = loaders()
+    reference = {**next(iter(DataLoader(ImageDigits(range(1500, 1510)), batch_size=10))), "reference": torch.ones(10)}
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, reference=reference)
+    with pytest.warns(UserWarning, match=r"report is skipped: .*make training_step return the loss on such batches.*"
+                                         r"\(reference: the `reference` batch\)"):
+        fit(NoneOnReference(), callback, train)
+    assert not (tmp_path / "dve" / "report").exists()
+
+
 def test_report_none_disables_the_report(fit, tmp_path):
     train, val = loaders()
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)

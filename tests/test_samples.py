@@ -107,6 +107,24 @@ class _Stream(torch.utils.data.IterableDataset):
         return (_Keyed()[i] for i in range(10))
 
 
+def test_unsharded_keeps_the_loaders_own_sampler_that_lightning_wrapped():
+    """Under DDP Lightning wraps a loader's own sampler (here a subset of 10 of 30 samples) in a
+    DistributedSamplerWrapper: rank 0's report must read what that sampler picks, as a single process does, not
+    the whole dataset (it did: the reference became all 30 samples, the curves silently another reference's)."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import SubsetRandomSampler
+
+    data = TensorDataset(torch.arange(30))
+    subset = list(range(0, 30, 3))
+    wrapped = DistributedSamplerWrapper(SubsetRandomSampler(subset), num_replicas=2, rank=0, shuffle=False)
+    loader = DataLoader(data, batch_size=4, sampler=wrapped, drop_last=True)
+    seen = [int(v) for (batch,) in samples.unsharded(loader) for v in batch]
+    assert len(seen) == 8 and set(seen) <= set(subset)  # 10 samples in batches of 4, the last partial one dropped
+    full = DataLoader(data, batch_size=4, sampler=DistributedSamplerWrapper(SubsetRandomSampler(subset),
+                                                                            num_replicas=2, rank=0))
+    assert sorted(int(v) for (batch,) in samples.unsharded(full) for v in batch) == subset
+
+
 def test_training_samples_reads_a_shuffled_dataset_at_the_ids_positions():
     """A shuffled loader (a new order on every pass) and ids that are not positions: each wanted id is read from
     the dataset at its position, however few batches the run used."""
