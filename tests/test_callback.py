@@ -12,6 +12,7 @@ import math
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from lightning_dve import (
     UnsupportedError,
 )
 from lightning_dve.store import TrajectoryStore
-from tests.conftest import DigitsDict
+from tests.conftest import DigitsDict, TinyMLP
 
 
 def step_files(root) -> list[str]:
@@ -259,6 +260,51 @@ def test_trainable_parameters_outside_the_tracked_layers_are_named(fit, mlp_cls,
     expected = ["DataValueEmbedding: 2 trainable parameter(s) are in no tracked layer (net.0.weight, net.0.bias): "
                 "they train, but the scores and the report measure influence through the 1 tracked layer(s) only."]
     assert said == (expected if layers else [])
+
+
+def _untracked_said(fit, model: nn.Module, dve: DataValueEmbedding, caplog) -> list[str]:
+    """Fit ``model`` and return what fit said about trainable parameters in no tracked layer."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            fit(model, dve)
+    finally:
+        logger.removeHandler(caplog.handler)
+    return [r.getMessage() for r in caplog.records if "in no tracked layer" in r.getMessage()]
+
+
+class WithExtras(TinyMLP):
+    """TinyMLP with ``extras`` unused trainable scalars (in a ``ParameterList``) and a frozen bfloat16 table."""
+
+    def __init__(self, extras: int) -> None:
+        super().__init__()
+        self.extra = nn.ParameterList(nn.Parameter(torch.zeros(1)) for _ in range(extras))
+        self.table = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16), requires_grad=False)
+
+
+@pytest.mark.parametrize(("extras", "freeze_bias", "named"), [
+    (0, True, "1 trainable parameter(s) are in no tracked layer (net.0.weight)"),
+    (4, False, "6 trainable parameter(s) are in no tracked layer (net.0.weight, net.0.bias, extra.0, extra.1, extra.2 "
+               "and 1 more)"),
+], ids=["one", "past_five"])
+def test_untracked_trainable_parameters_are_counted_and_frozen_ones_left_out(fit, save_dir: Path, caplog,
+                                                                             extras: int, freeze_bias: bool,
+                                                                             named: str) -> None:
+    """Only trainable parameters count (a frozen bias, a frozen bfloat16 table: neither named nor refused as
+    half-precision weights); one is named alone, and past five the rest are counted."""
+    model = WithExtras(extras)
+    model.net[0].bias.requires_grad_(not freeze_bias)
+    said = _untracked_said(fit, model, DataValueEmbedding(save_dir, layers=["net.2"], report=None), caplog)
+    assert said == [f"DataValueEmbedding: {named}: they train, but the scores and the report measure influence "
+                    "through the 1 tracked layer(s) only."]
+
+
+def test_a_frozen_half_precision_parameter_is_neither_refused_nor_named(fit, save_dir: Path, caplog) -> None:
+    """A frozen bfloat16 parameter is never updated, so nothing is rounded: every trainable layer tracked, fit
+    records its steps and says nothing about untracked parameters."""
+    assert _untracked_said(fit, WithExtras(0), DataValueEmbedding(save_dir, report=None), caplog) == []
+    assert step_files(save_dir)
 
 
 def test_manual_optimization_is_refused(fit, mlp_cls, save_dir):

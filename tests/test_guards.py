@@ -277,3 +277,54 @@ def test_a_learning_rate_set_after_optimizer_step_is_recorded_at_the_next_step(f
     dve = _dve(tmp_path)
     fit(WarmsUpAfterStep(), dve, max_epochs=2)
     assert dve.embeddings.learning_rates[:, 0].tolist() == pytest.approx([0.1] + [_lr_at(s) for s in range(1, 8)])
+
+
+class SetsGroupOneLate(TinyMLP):
+    """Two param groups (one per Linear: weight and bias together), SGD with momentum, weight decay and a tensor
+    learning rate; at step 1 its own ``on_before_optimizer_step`` (after the callback's) sets ``key`` of group 1
+    to ``value``: a tensor in place, another value by assignment."""
+
+    def __init__(self, key: str, value: float) -> None:
+        super().__init__()
+        self.key, self.value = key, value
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([{"params": layer.parameters(), "lr": torch.tensor(0.125)}  # a tensor per group
+                                for layer in (self.net[0], self.net[2])], momentum=0.5, weight_decay=0.25)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.trainer.global_step == 1:
+            group = optimizer.param_groups[1]
+            if isinstance(group[self.key], torch.Tensor):
+                group[self.key].fill_(self.value)
+            else:
+                group[self.key] = self.value
+
+
+@pytest.mark.parametrize(("key", "read", "value"), [("lr", 0.125, 0.0625), ("momentum", 0.5, 0.75),
+                                                    ("weight_decay", 0.25, 0.0)])
+def test_any_step_hyperparameter_of_any_group_changed_late_is_refused(fit: Callable, tmp_path: Path, key: str,
+                                                                      read: float, value: float) -> None:
+    """Not the learning rate alone: momentum and weight decay enter the recorded step too; the group is named, and
+    a tensor learning rate changed in place counts (what was read is a copy, not the tensor itself)."""
+    with pytest.raises(UnsupportedError, match=rf"step 1: param group 1's '{key}' was changed from {read} to "
+                                               rf"{value} after the callback read it"):
+        fit(SetsGroupOneLate(key, value), _dve(tmp_path))
+
+
+class SetsBetasLate(TinyMLP):
+    """Adam whose ``betas`` it sets in its own ``on_before_optimizer_step`` at step 1 (after the callback's)."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.trainer.global_step == 1:
+            optimizer.param_groups[0]["betas"] = (0.5, 0.999)
+
+
+def test_adam_betas_changed_late_are_refused(fit: Callable, tmp_path: Path) -> None:
+    """Adam's step terms read ``betas`` (adam.py): a change after the callback read them is refused like ``lr``."""
+    with pytest.raises(UnsupportedError, match=r"step 1: param group 0's 'betas' was changed from \(0\.9, 0\.999\) "
+                                               r"to \(0\.5, 0\.999\)"):
+        fit(SetsBetasLate(), _dve(tmp_path))

@@ -372,3 +372,29 @@ def test_top_k_leaves_nan_scores_out():
     assert by_row.sample_ids.tolist() == [11, 10] and against_row.sample_ids.tolist() == [12, 10]
     none, _ = InfluenceResult(torch.tensor([1]), torch.tensor([-1]), torch.tensor([[float("nan")]])).top_k(3)
     assert none.scores.numel() == 0
+
+
+def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained, test_batch):
+    """Within 4 ulp of the module's dtype: one float32 ulp off every net.0 weight, and a bfloat16 copy of the
+    trained module (up to half a bfloat16 ulp off), are not warned about; 17 float32 ulp off (a further step with a
+    tiny learning rate) is, and the warning points at the line that called ``influence``; every layer that differs
+    is named."""
+    near, off, both = (copy.deepcopy(trained.model) for _ in range(3))
+    half = copy.deepcopy(trained.model).to(torch.bfloat16)
+    half_batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in test_batch.items()}
+    with torch.no_grad():
+        near.net[0].weight.copy_(torch.nextafter(near.net[0].weight, torch.tensor(float("inf"))))
+        off.net[0].weight.mul_(1 + 2e-6)
+        both.net[0].weight.mul_(1.001)
+        both.net[2].weight.mul_(1.001)
+    emb = trained.dve.embeddings
+    assert _final_weight_warnings(lambda: emb.influence(near, test_batch)) == []
+    assert _final_weight_warnings(lambda: emb.influence(half, half_batch)) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb.influence(off, test_batch)
+    said = [w for w in caught if "not the final weights" in str(w.message)]
+    assert len(said) == 1 and str(said[0].message).startswith("the weights of tracked layers ['net.0'] are not")
+    assert said[0].filename == __file__
+    said = _final_weight_warnings(lambda: emb.influence(both, test_batch))
+    assert len(said) == 1 and said[0].startswith("the weights of tracked layers ['net.0', 'net.2'] are not")

@@ -271,3 +271,32 @@ def test_a_dataset_whose_later_ids_are_not_positions_replays_like_one_whose_ids_
     gap, plain = results["gap"], results["positions"]
     assert [i if i < 100 else i - 76 for i in gap.sample_ids.tolist()] == plain.sample_ids.tolist()
     torch.testing.assert_close(gap.scores, plain.scores, rtol=0, atol=0)
+
+
+class CountsReads(Relabelled):
+    """``Relabelled`` counting the items read (``reads``), each read counted before the position is looked up."""
+
+    def __init__(self, digits: DigitsDataset, ids: list[int]) -> None:
+        super().__init__(digits, ids)
+        self.reads = 0
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        self.reads += 1
+        return super().__getitem__(position)
+
+
+def test_each_id_is_checked_as_a_position_once_and_the_dataset_scanned_once(digits) -> None:
+    """Oracle: a count of the items read. Ids that are positions are read once each, whatever the calls that ask for
+    them again; once an id is not a position the dataset is scanned once (48 reads) and the scan answers every
+    later call, ids that are positions included, without reading again."""
+    dataset = CountsReads(digits[0], list(range(24)) + list(range(100, 124)))
+    source = BatchSource(TrainingData(dataset, None, "index"))
+    assert source.positions(torch.tensor([0, 5, 23])) == [0, 5, 23]
+    assert source.positions(torch.tensor([5, 23, 7])) == [5, 23, 7]
+    assert source.positions(torch.tensor([0, 5, 23])) == [0, 5, 23]
+    assert dataset.reads == 4
+    assert source.positions(torch.tensor([100, 123, 1])) == [24, 47, 1]
+    assert dataset.reads == 4 + 48
+    assert source.positions(torch.tensor([2, 101])) == [2, 25]
+    assert source.positions(torch.tensor([3, 4])) == [3, 4]
+    assert dataset.reads == 4 + 48
