@@ -106,8 +106,8 @@ class DataValueEmbedding(StepHooks):
         self.config = DVEConfig(
             projection_dim=projection_dim,
             loss_reduction=LossReduction.WEIGHTS if self._weight_fn else loss_reduction,
-            layers=None if layers is None else tuple(layers),
-            exclude=tuple(exclude),
+            layers=layers,  # DVEConfig refuses a bare string (tuple() would split it into characters)
+            exclude=exclude,
             layout=layout,
             allow_duplicate_ids=allow_duplicate_ids,
             seed=seed,
@@ -121,9 +121,7 @@ class DataValueEmbedding(StepHooks):
         # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state
         keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
         self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash())
-        if not (callable(sample_ids) or isinstance(sample_ids, str)):
-            raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
-                              f"{sample_ids!r}.")
+        callback_setup.check_arguments(sample_ids, report, describe, save_dir, overwrite)
         self.sample_ids = sample_ids
         self.save_dir = save_dir
         self.overwrite = overwrite

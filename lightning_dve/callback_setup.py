@@ -4,6 +4,7 @@ scaler, and each rank's store (created, or the one a checkpoint resumes). Framew
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from . import sync
 from .capture import TrackedLayer
-from .config import DVEConfig
+from .config import DVEConfig, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError, UnsupportedError
 from .files import disk_bytes
@@ -39,6 +40,29 @@ def supported_strategy(strategy: pl.strategies.Strategy) -> bool:
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not names & set(REFUSED_STRATEGIES)
+
+
+def check_arguments(sample_ids: Any, report: Any, describe: Any, save_dir: Any, overwrite: Any) -> None:
+    """Refuse the callback's arguments that :class:`~lightning_dve.config.DVEConfig` does not hold, when it is built
+    (not after training, and not by truthiness: ``overwrite="no"`` is a string, not ``False``).
+
+    Raises:
+        ConfigError: naming the argument, the value and what it must be.
+    """
+    if not (callable(sample_ids) or isinstance(sample_ids, str)):
+        raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
+                          f"{sample_ids!r}.")
+    if report is not None and not isinstance(report, ReportConfig):
+        raise ConfigError(f"report must be a ReportConfig or None (no report); got {report!r}. Use e.g. "
+                          "report=ReportConfig(top_k=5), or leave the default.")
+    if describe is not None and not callable(describe):
+        raise ConfigError(f"describe must be a callable sample -> str or None; got {describe!r}.")
+    if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+        raise ConfigError(f"save_dir must be a path (str or os.PathLike) or None (<trainer.default_root_dir>/dve); "
+                          f"got {save_dir!r}.")
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be a bool (True replaces the store in a non-empty save_dir); got "
+                          f"{overwrite!r}.")
 
 
 def note_untracked(pl_module: pl.LightningModule, modules: dict[str, torch.nn.Module]) -> None:

@@ -192,9 +192,19 @@ class DVEConfig:
         if isinstance(self.exclude, str):
             raise ConfigError(f"exclude must be a sequence of module names, not a string; got {self.exclude!r}. "
                               f"Use exclude=({self.exclude!r},).")
+        if self.exclude is None:
+            raise ConfigError("exclude must be a sequence of module names (fnmatch patterns); got None. Use exclude=() "
+                              "to exclude nothing.")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("layers", "exclude"):
+            bad = [x for x in getattr(self, name) or () if not isinstance(x, str)]
+            if bad:
+                raise ConfigError(f"{name} must hold module names (str); got {bad!r} in {name}="
+                                  f"{getattr(self, name)!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int; got {self.seed!r}.")
+        if not isinstance(self.allow_duplicate_ids, bool):
+            raise ConfigError(f"allow_duplicate_ids must be a bool; got {self.allow_duplicate_ids!r}.")
         if not isinstance(self.adam_second_moment, bool):
             raise ConfigError(f"adam_second_moment must be a bool; got {self.adam_second_moment!r}.")
         if self.adam_second_moment and self.projection_dim is not None:

@@ -29,7 +29,7 @@ from .query_layers import (backward_to_layers, check_loss_count, check_reduction
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
-from .results import EmbeddingMatrix, InfluenceResult, Ranking, columns_result, dot_layers
+from .results import EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, columns_result, dot_layers
 from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
@@ -237,6 +237,7 @@ class DataValueEmbeddings:
             UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
                 random transforms, or the replay does not reproduce the checkpoints).
         """
+        check_per_step(per_step)  # before the replay, not after it
         self._check_current()
         base = self.training_data or TrainingData(None)
         data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,

@@ -272,6 +272,9 @@ def count_samples(batch: Any) -> int:
         return next((s for s in map(size, values) if s is not None), None)
 
     n = size(batch)
+    if n is None and isinstance(batch, torch.utils.data.DataLoader):
+        raise ConfigError("the test batch is a DataLoader; a query takes one collated batch: pass "
+                          "next(iter(loader)), or query each batch of the loader and concatenate the results' scores.")
     if n is None:
         raise ConfigError(f"cannot split the test batch ({type(batch).__name__}) into samples: no tensor with a "
                           "batch dimension. Pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")

@@ -86,7 +86,8 @@ class InfluenceResult:
             raise ConfigError(f"top_k(k={k!r}): k must be an int >= 0 (how many columns to rank each way).")
         k = operator.index(k)
         rows = self.scores.shape[0]
-        if test_index is not None and not -rows <= test_index < rows:
+        if test_index is not None and (isinstance(test_index, bool) or not _is_index(test_index)
+                                       or not -rows <= operator.index(test_index) < rows):
             raise ConfigError(f"top_k(test_index={test_index}) is out of range: the result has {rows} test "
                               f"point(s), so test_index must be in [{-rows}, {rows - 1}], or None for their mean.")
         row = self.scores.mean(dim=0) if test_index is None else self.scores[test_index]
@@ -100,6 +101,13 @@ class InfluenceResult:
         return pick(torch.topk(row[valid], k).indices), pick(torch.topk(-row[valid], k).indices)
 
 
+def check_per_step(per_step: object) -> None:
+    """Refuse a ``per_step`` that is not a bool (a truthy string such as ``"no"`` would select per-step columns)."""
+    if not isinstance(per_step, bool):
+        raise ConfigError(f"per_step must be a bool (True: one column per occurrence, False: per-sample totals); got "
+                          f"{per_step!r}.")
+
+
 def columns_result(
     sample_ids: torch.Tensor, steps: torch.Tensor, scores: torch.Tensor, per_step: bool
 ) -> InfluenceResult:
@@ -111,6 +119,7 @@ def columns_result(
         scores: ``[n, m]``; the totals are ``sum_t scores[:, (t, z)]`` per sample ``z``.
         per_step: keep one column per occurrence.
     """
+    check_per_step(per_step)
     if per_step:
         return InfluenceResult(sample_ids, steps, scores)
     unique, inverse = torch.unique(sample_ids, return_inverse=True)

@@ -214,3 +214,40 @@ def test_auto_layout_is_full_up_to_the_limit_and_per_layer_above():
     for explicit in (AccumulatorLayout.FULL, AccumulatorLayout.PER_LAYER):  # a user's choice is kept at any size
         assert DVEConfig(layout=explicit).resolved(1).layout is explicit
         assert DVEConfig(layout=explicit).resolved(10**6).layout is explicit
+
+
+@pytest.mark.parametrize("field", ["layers", "exclude"])
+def test_callback_refuses_a_string_for_layers_or_exclude(field):
+    """The callback must not split a bare string into characters before DVEConfig sees it."""
+    from lightning_dve import DataValueEmbedding
+
+    with pytest.raises(ConfigError, match=rf"{field} must be a sequence of module names, not a string; got 'net\.0'\. "
+                                          rf"Use {field}=\('net\.0',\)\."):
+        DataValueEmbedding(**{field: "net.0"})
+
+
+@pytest.mark.parametrize("field", ["layers", "exclude"])
+def test_non_string_layer_names_are_refused(field):
+    with pytest.raises(ConfigError, match=rf"{field} must hold module names \(str\); got \[3\]"):
+        DVEConfig(**{field: ["net.0", 3]})
+
+
+def test_exclude_none_is_refused_naming_the_fix():
+    with pytest.raises(ConfigError, match=r"exclude must be a sequence .*got None\. Use exclude=\(\)"):
+        DVEConfig(exclude=None)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"report": True}, r"report must be a ReportConfig or None \(no report\); got True\."),
+    ({"report": {"top_k": 3}}, r"report must be a ReportConfig or None .*got \{'top_k': 3\}"),
+    ({"describe": "label"}, r"describe must be a callable sample -> str or None; got 'label'\."),
+    ({"save_dir": 123}, r"save_dir must be a path \(str or os\.PathLike\) or None .*got 123\."),
+    ({"overwrite": "no"}, r"overwrite must be a bool .*got 'no'\."),
+    ({"allow_duplicate_ids": "no"}, r"allow_duplicate_ids must be a bool; got 'no'\."),
+])
+def test_callback_refuses_arguments_of_the_wrong_type_at_construction(kwargs, message):
+    """Refused when built, not after training (report, describe) nor silently by truthiness (overwrite='no')."""
+    from lightning_dve import DataValueEmbedding
+
+    with pytest.raises(ConfigError, match=message):
+        DataValueEmbedding(**kwargs)

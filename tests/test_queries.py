@@ -4,6 +4,7 @@ damaged embeddings files, a handle of a store recorded again, and bad or NaN ran
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -398,3 +399,26 @@ def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained
     assert said[0].filename == __file__
     said = _final_weight_warnings(lambda: emb.influence(both, test_batch))
     assert len(said) == 1 and said[0].startswith("the weights of tracked layers ['net.0', 'net.2'] are not")
+
+
+@pytest.mark.parametrize("per_step", ["no", "yes", 1, None])
+def test_per_step_must_be_a_bool(per_step):
+    from lightning_dve.results import columns_result
+
+    with pytest.raises(ConfigError, match=rf"per_step must be a bool .*got {re.escape(repr(per_step))}\."):
+        columns_result(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4), per_step)
+
+
+@pytest.mark.parametrize("index", [1.0, "1", True])
+def test_top_k_refuses_a_test_index_that_is_not_an_int(index):
+    result = InfluenceResult(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4))
+    with pytest.raises(ConfigError, match=rf"top_k\(test_index={re.escape(str(index))}\) is out of range"):
+        result.top_k(2, test_index=index)
+
+
+def test_a_dataloader_for_the_test_batch_is_refused_naming_the_fix(trained, test_batch):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader([{k: v[i] for k, v in test_batch.items()} for i in range(4)], batch_size=2)
+    with pytest.raises(ConfigError, match=r"the test batch is a DataLoader; .* pass next\(iter\(loader\)\)"):
+        trained.dve.embeddings.influence(copy.deepcopy(trained.model), loader)
