@@ -87,6 +87,12 @@ def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch
     return torch.arange(SAMPLED, device=device) * (numel - 1) // (SAMPLED - 1)
 
 
+def sampled_entries(tensor: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor``'s entries at its :func:`sampled_coordinates` (``index``: those, precomputed on the step's path)."""
+    index = sampled_coordinates(tensor.numel(), tensor.device) if index is None else index
+    return tensor.detach().reshape(-1).index_select(0, index)
+
+
 class StepGuard:
     """The checks of the module docstring, for one ``fit``.
 
@@ -160,8 +166,8 @@ class StepGuard:
 
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' sampled coordinates, ``[layers, SAMPLED]``."""
-        return torch.stack([w.detach().reshape(-1).index_select(0, self._index[name]).to(torch.float64)
-                            for name, w in self.capture.weights().items()])
+        weights = self.capture.weights().items()
+        return torch.stack([sampled_entries(w, self._index[name]).to(torch.float64) for name, w in weights])
 
     def final_weights(self) -> dict[str, list[float]] | None:
         """The tracked weights' sampled coordinates (:func:`sampled_coordinates`) after the last ``optimizer.step()``,
@@ -184,7 +190,7 @@ class StepGuard:
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
         grads = {name: w.grad for name, w in self.capture.weights().items() if w.grad is not None}
-        rows = [g.detach().reshape(-1).index_select(0, self._index[name]) for name, g in grads.items()]
+        rows = [sampled_entries(g, self._index[name]) for name, g in grads.items()]
         rows = rows if len({r.dtype for r in rows}) <= 1 else [r.double() for r in rows]  # layers in other dtypes
         return list(grads), torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
 

@@ -20,7 +20,7 @@ from .batches import WeightFn, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
 from .errors import ConfigError, LayerMismatchError, LossReductionError
-from .guards import sampled_coordinates
+from .guards import sampled_entries
 from .projection import LayerProjection
 from .replay_data import batch_rows, count_samples
 
@@ -192,7 +192,7 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
 
 def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -> None:
     """Warn when ``module``'s tracked weights are not those the recorded run ended with: ``final``, the sampled
-    coordinates the manifest keeps (``guards.sampled_coordinates``), compared within 4 ulp of ``module``'s dtype.
+    coordinates the manifest keeps (``guards.sampled_entries``), compared within 4 ulp of ``module``'s dtype.
 
     The estimate is defined with the test gradient at the final weights (method.md §2); another module (a
     best-epoch checkpoint, weight averaging, a model trained again) gives test gradients that do not match it.
@@ -202,9 +202,8 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
         weight = getattr(modules.get(name), "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             continue  # recorded_layers refuses a missing or reshaped layer
-        sample = weight.detach().reshape(-1)[sampled_coordinates(weight.numel(), weight.device)].cpu().double()
-        expected = torch.tensor(values, dtype=torch.float64)
-        if not torch.allclose(sample, expected, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
+        found, expected = sampled_entries(weight).cpu().double(), torch.tensor(values, dtype=torch.float64)
+        if not torch.allclose(found, expected, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
             other.append(name)
     if other:
         warnings.warn(f"the weights of tracked layers {other[:5]} are not the final weights of the recorded run "
