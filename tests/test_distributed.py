@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -51,11 +52,24 @@ def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subproc
 
 
 @pytest.fixture(scope="module")
-def single_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    out = tmp_path_factory.mktemp("single")
-    proc = run_script("single", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(str(out / "scores_single.safetensors"))
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ddp_run.py --suite`` once on 1 process and once on 2 ranks: every successful run below shares one start-up
+    of Python, Lightning and the process group per mode (each run in ``OUT/<mode>/<run>``)."""
+    out = tmp_path_factory.mktemp("suite")
+    for mode in ("single", "ddp"):
+        proc = run_script(mode, out / mode, "--suite", timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (out / mode / "stderr.txt").write_text(proc.stderr)
+    return out
+
+
+def scores(suite: Path, mode: str, run: str) -> dict[str, torch.Tensor]:
+    return load_file(str(suite / mode / run / f"scores_{mode}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single_reference(suite: Path) -> dict[str, torch.Tensor]:
+    return scores(suite, "single", "base")
 
 
 def assert_same_embeddings(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -65,86 +79,91 @@ def assert_same_embeddings(got: dict[str, torch.Tensor], ref: dict[str, torch.Te
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-14)
 
 
+def assert_same_scores(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    torch.testing.assert_close(got["scores"], ref["scores"], rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "ddp_spawn"])
-def test_two_ranks_equal_single_process(mode: str, tmp_path: Path, single_reference: dict[str, torch.Tensor]) -> None:
+def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str, torch.Tensor]) -> None:
     """37 samples on 2 ranks: the sampler shuffles, pads one sample, and the last batches are uneven (3+3)."""
-    proc = run_script(mode, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = load_file(str(tmp_path / f"scores_{mode}.safetensors"))
+    got = scores(suite, "ddp", "base")
     assert_same_embeddings(got, single_reference)
-    assert "DistributedSampler repeats 1 sample(s) per epoch" in proc.stderr
-    if mode == "ddp":
-        assert torch.equal(got["ids"], single_reference["ids"]) and torch.equal(got["steps"], single_reference["steps"])
-        torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
-        assert (got["ids"] == got["ids"][0]).sum() >= 1
+    assert "DistributedSampler repeats 1 sample(s) per epoch" in (suite / "ddp" / "stderr.txt").read_text()
+    assert torch.equal(got["ids"], single_reference["ids"]) and torch.equal(got["steps"], single_reference["steps"])
+    assert_same_scores(got, single_reference)
+    assert (got["ids"] == got["ids"][0]).sum() >= 1
     # rank 0's save_dir holds everything; rank 1 only wrote its shard below shards/, and read the store after fit
-    store = DataValueEmbeddings.load(tmp_path / f"dve_{mode}").store
-    if mode == "ddp":
-        assert json.loads((tmp_path / "rank1_steps.json").read_text()) == store.steps == list(range(6))
+    root = suite / "ddp" / "base"
+    store = DataValueEmbeddings.load(root / "dve_ddp").store
+    assert json.loads((root / "rank1_steps.json").read_text()) == store.steps == list(range(6))
     assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
-    assert (tmp_path / f"dve_{mode}" / "shards" / "rank_1" / "manifest.json").is_file()
+    assert (root / "dve_ddp" / "shards" / "rank_1" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_spawn_equals_single_process(tmp_path: Path, single_reference: dict[str, torch.Tensor]) -> None:
+    """The same run under ``ddp_spawn``: the parent process, which ran no fit, reads rank 0's store."""
+    proc = run_script("ddp_spawn", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_embeddings(load_file(str(tmp_path / "scores_ddp_spawn.safetensors")), single_reference)
+    assert "DistributedSampler repeats 1 sample(s) per epoch" in proc.stderr
+    store = DataValueEmbeddings.load(tmp_path / "dve_ddp_spawn").store
+    assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
+    assert (tmp_path / "dve_ddp_spawn" / "shards" / "rank_1" / "manifest.json").is_file()
 
 
 @pytest.mark.slow
 def test_two_ranks_resumed_from_checkpoint_equal_single_process(
-    tmp_path: Path, single_reference: dict[str, torch.Tensor]
+    suite: Path, single_reference: dict[str, torch.Tensor]
 ) -> None:
-    proc = run_script("ddp", tmp_path, "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = load_file(str(tmp_path / "scores_ddp.safetensors"))
+    got = scores(suite, "ddp", "resume")
     assert_same_embeddings(got, single_reference)
-    torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
+    assert_same_scores(got, single_reference)
 
 
 @pytest.mark.slow
 def test_two_ranks_with_segments_equal_single_process(
-    tmp_path: Path, single_reference: dict[str, torch.Tensor]
+    suite: Path, single_reference: dict[str, torch.Tensor]
 ) -> None:
     """Layer-sharded and segment-parallel recursion at once: the chained scores equal the sequential ones. Rank 1
     writes its own layers' embeddings, sends them to rank 0 and deletes its copy (rank 0 holds every one)."""
-    proc = run_script("ddp", tmp_path, "--segments", "3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = load_file(str(tmp_path / "scores_ddp.safetensors"))
-    torch.testing.assert_close(got["scores"], single_reference["scores"], rtol=1e-10, atol=1e-14)
-    shard = tmp_path / "dve_ddp" / "shards" / "rank_1"
+    assert_same_scores(scores(suite, "ddp", "segments"), single_reference)
+    shard = suite / "ddp" / "segments" / "dve_ddp" / "shards" / "rank_1"
     assert (shard / "manifest.json").is_file() and not [p for p in shard.glob("embeddings*")]
 
 
-def assert_ddp_equals_single(tmp_path: Path, *extra: str) -> None:
-    """Run the script on 1 process and on 2 ranks with ``extra`` arguments: same embeddings and scores, and the
-    same ``checkpoint_interval="auto"`` (sized on every rank's rows, also when rank 0 keeps no layer)."""
+def assert_ddp_equals_single(suite: Path, run: str) -> None:
+    """The run on 1 process and on 2 ranks: same embeddings and scores, and the same ``checkpoint_interval="auto"``
+    (sized on every rank's rows, also when rank 0 keeps no layer)."""
     runs, intervals = {}, {}
     for mode in ("single", "ddp"):
-        proc = run_script(mode, tmp_path / mode, *extra)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = load_file(str(tmp_path / mode / f"scores_{mode}.safetensors"))
-        intervals[mode] = json.loads((tmp_path / mode / f"dve_{mode}" / "checkpoints" / "replay.json").read_text())
+        runs[mode] = scores(suite, mode, run)
+        intervals[mode] = json.loads((suite / mode / run / f"dve_{mode}" / "checkpoints" / "replay.json").read_text())
     assert intervals["ddp"]["interval"] == intervals["single"]["interval"]
     assert_same_embeddings(runs["ddp"], runs["single"])
-    torch.testing.assert_close(runs["ddp"]["scores"], runs["single"]["scores"], rtol=1e-10, atol=1e-14)
+    assert_same_scores(runs["ddp"], runs["single"])
 
 
 @pytest.mark.slow
-def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(tmp_path: Path) -> None:
+def test_two_ranks_with_one_full_matrix_and_segments_equal_single_process(suite: Path) -> None:
     """``layout="full"`` is one group (owned by rank 1: ties go to the highest rank), so rank 0 owns no layer: it
     still takes part in every collective (the segment factors, the merge) and writes the finished store, which
     rank 1 reads after the train end."""
-    assert_ddp_equals_single(tmp_path, "--layout", "full", "--segments", "3")
+    assert_ddp_equals_single(suite, "full_segments")
 
 
 @pytest.mark.slow
-def test_two_ranks_with_projected_float64_segments_equal_single_process(tmp_path: Path) -> None:
+def test_two_ranks_with_projected_float64_segments_equal_single_process(suite: Path) -> None:
     """Projected rows decode to float32 while training is float64: the segment factors are gathered in the
     accumulators' dtype on every rank (a training-dtype placeholder on the rank without the group broke gloo)."""
-    assert_ddp_equals_single(tmp_path, "--segments", "3", "--projection-dim", "64")
+    assert_ddp_equals_single(suite, "projected_segments")
 
 
 @pytest.mark.slow
-def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(tmp_path: Path) -> None:
+def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path) -> None:
     """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
     kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""
-    assert_ddp_equals_single(tmp_path, "--curvature", "ggn", "--optimizer", "adamw")
+    assert_ddp_equals_single(suite, "ggn_adamw")
 
 
 @pytest.mark.slow
@@ -154,6 +173,33 @@ def test_padded_sample_is_an_occurrence_per_copy(single_reference: dict[str, tor
     first_epoch = steps < steps.max() // 2 + 1
     counts = torch.bincount(ids[first_epoch])
     assert int((counts == 2).sum()) == 1 and int((counts == 1).sum()) == 36
+
+
+@pytest.mark.slow
+def test_a_head_only_rank_zero_uses_is_recorded(suite: Path) -> None:
+    """Under DDP ``.grad`` holds every rank's gradient: a head that only rank 0's batches use is kept (rank 0
+    reached it), with its embeddings from rank 0's samples."""
+    got = scores(suite, "ddp", "rank0_head")
+    assert "emb/aux" in got and got["emb/aux"].abs().sum() > 0
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(suite: Path) -> None:
+    out = suite / "ddp" / "report"
+    assert (out / "reports.txt").read_text() == "0\n"  # rank 0 only
+    summary = json.loads((out / "dve" / "report" / "summary.json").read_text())
+    assert summary["reference"]["n_samples"] == 30  # the whole validation set, not rank 0's shard
+    assert summary["n_samples"] == 40 and summary["n_steps"] == 8  # both ranks' samples, global steps
+    for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:
+        assert row["label"] is not None  # found in the (unsharded) training data
+    metrics = read_csv(out / "csv" / "version_0" / "metrics.csv")
+    assert [int(r["step"]) for r in metrics if r.get("dve/curve/influence_per_lr")] == list(range(8))
+    assert len([r for r in metrics if r.get("dve/stages/early/share")]) == 1
 
 
 @pytest.mark.slow
@@ -168,16 +214,14 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_weight_used_functionally_is_refused_on_both_ranks_and_a_rank_only_head_is_not(tmp_path: Path) -> None:
+def test_a_weight_used_functionally_is_refused_on_both_ranks(tmp_path: Path) -> None:
     """Under DDP ``.grad`` holds every rank's gradient: a layer whose weight is used without calling it is refused
-    on both ranks (no rank reached it), a head that only rank 0 uses is not (rank 0 reached it)."""
+    on both ranks (no rank reached it)."""
     start = time.monotonic()
-    proc = run_script("ddp", tmp_path / "functional", "--head", "functional", "--epochs", "1", timeout=200)
+    proc = run_script("ddp", tmp_path, "--head", "functional", "--epochs", "1", timeout=200)
     assert proc.returncode != 0 and time.monotonic() - start < 55
     assert proc.stderr.count("layer 'net.4' received a gradient but its forward was never called") >= 2, \
         proc.stderr[-3000:]
-    proc = run_script("ddp", tmp_path / "rank0", "--head", "rank0", "--epochs", "1", timeout=200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -13,9 +13,7 @@ import csv
 import glob
 import importlib.util
 import json
-import os
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -566,36 +564,6 @@ def test_digits_example_smoke(logger, wandb_env, capsys):
     assert f"Report folder: {report}" in printed
     if logger == "wandb":
         assert "W&B run (offline)" in printed and glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
-
-
-# --- DDP ----------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free local port, so parallel DDP runs on one machine cannot collide."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(tmp_path):
-    script = ROOT / "tests" / "scripts" / "ddp_report.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "reports.txt").read_text() == "0\n"  # rank 0 only
-    summary = json.loads((tmp_path / "dve" / "report" / "summary.json").read_text())
-    assert summary["reference"]["n_samples"] == 30  # the whole validation set, not rank 0's shard
-    assert summary["n_samples"] == 40 and summary["n_steps"] == 8  # both ranks' samples, global steps
-    for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:
-        assert row["label"] is not None  # found in the (unsharded) training data
-    metrics = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
-    assert [int(r["step"]) for r in metrics if r.get("dve/curve/influence_per_lr")] == list(range(8))
-    assert len([r for r in metrics if r.get("dve/stages/early/share")]) == 1
 
 
 def test_a_failed_boundary_reference_write_stops_the_fit_at_the_next_check(fit, tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
-"""A 2-rank CPU DDP run (gloo) with the train-end report and a CSVLogger, for tests/test_reporting.py.
-
-    python tests/scripts/ddp_report.py --out DIR
+"""A 2-rank CPU DDP run (gloo) with the train-end report and a CSVLogger: the last run of
+``ddp_run.py --suite --mode ddp`` (tests/test_distributed.py).
 
 Rank 0 writes ``DIR/dve/report/`` and ``DIR/csv/version_0/metrics.csv``; every rank appends its rank to
 ``DIR/reports.txt`` if ``report_train_end`` returned a report there.
@@ -8,9 +7,7 @@ Rank 0 writes ``DIR/dve/report/`` and ``DIR/csv/version_0/metrics.csv``; every r
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -68,20 +65,14 @@ class RecordingReport:
         return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    reporting.report_train_end = RecordingReport(args.out)
-    dve = DataValueEmbedding(save_dir=args.out / "dve", projection_dim=None, overwrite=True,
+def run_report(out: Path) -> None:
+    """The 2-rank fit whose train-end report lands in ``out`` (also run last by ``ddp_run.py --suite``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    reporting.report_train_end = RecordingReport(out)
+    dve = DataValueEmbedding(save_dir=out / "dve", projection_dim=None, overwrite=True,
                              report=ReportConfig(top_k=3, figures=False))
     trainer = L.Trainer(devices=2, accelerator="cpu", strategy=DDPStrategy(timeout=datetime.timedelta(seconds=60)),
                         max_epochs=2, callbacks=[dve], precision="64-true", enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        logger=CSVLogger(save_dir=str(args.out), name="csv", version=0))
+                        logger=CSVLogger(save_dir=str(out), name="csv", version=0))
     trainer.fit(MLP().double(), DataLoader(Digits(0, 40), batch_size=5), DataLoader(Digits(1500, 1530), batch_size=8))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_dve import DataValueEmbedding
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings
 from lightning_dve.errors import StoreError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
@@ -134,10 +134,25 @@ def fail_embedding_read(rank: int) -> None:
     TrajectoryStore.embedding_arrays = failing
 
 
-def main() -> None:
+#: The runs of ``--suite``, each in ``OUT/<name>``: one launch of Python, Lightning and the process group for all
+#: of them (tests/test_distributed.py). ``single`` runs only those that have their own single-process reference.
+SUITE: dict[str, dict[str, object]] = {
+    "base": {},
+    "resume": {"resume": True},
+    "segments": {"segments": 3},
+    "full_segments": {"layout": "full", "segments": 3},
+    "projected_segments": {"segments": 3, "projection_dim": 64},
+    "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
+    "rank0_head": {"head": "rank0", "epochs": 1},
+}
+DDP_ONLY = ("resume", "segments", "rank0_head")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["single", "ddp", "ddp_spawn"], required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--suite", action="store_true", help="every run of SUITE (and, under ddp, the report run)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--projection-dim", type=int, default=0)
@@ -152,12 +167,11 @@ def main() -> None:
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
     parser.add_argument("--fail-embedding-read", type=int, default=-1,
                         help="this rank's read of its own embeddings fails (segments under DDP send them to rank 0)")
-    args = parser.parse_args()
-    if args.fail_embedding_write >= 0:
-        fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
-    if args.fail_embedding_read >= 0:
-        fail_embedding_read(args.fail_embedding_read)
-    torch.set_num_threads(1)
+    return parser.parse_args()
+
+
+def fit(args: argparse.Namespace) -> None:
+    """One run of ``args``: train, then rank 0 (or the ``ddp_spawn`` parent) saves the embeddings and scores."""
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
                              projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments,
@@ -190,15 +204,38 @@ def main() -> None:
     if args.mode == "ddp" and not trainer.is_global_zero:  # rank 1 reads rank 0's save_dir (shared here); its exit
         (args.out / "rank1_steps.json").write_text(json.dumps(dve.embeddings.steps))  # status is not the script's
         return
-    emb = dve.embeddings  # under ddp_spawn, the main process reads rank 0's save_dir
-    layers = [entry["name"] for entry in emb.store.manifest["layers"]]
-    per_step = [emb.store.embedding_arrays().step(step)[1] for step in emb.steps]
+    save_scores(args, dve.embeddings, model, data)
+
+
+def save_scores(args: argparse.Namespace, emb: DataValueEmbeddings, model: MLP, data: Digits) -> None:
+    """Every layer's embeddings, and under ``single``/``ddp`` the per-step scores of 8 test samples."""
+    layers = [entry["name"] for entry in emb.store.manifest["layers"]]  # under ddp_spawn, the main process
+    per_step = [emb.store.embedding_arrays().step(step)[1] for step in emb.steps]  # reads rank 0's save_dir
     out = {f"emb/{n}": torch.cat([e[n] for e in per_step]) for n in layers}
     if args.mode != "ddp_spawn":  # the spawn parent's model holds float32 copies of the float64 weights
         test = {"x": data.x[100:108], "y": data.y[100:108], "index": torch.arange(100, 108)}
         result = emb.influence(model, test, per_step=True)
         out.update(scores=result.scores, steps=result.steps, ids=result.sample_ids)
     save_file(out, str(args.out / f"scores_{args.mode}.safetensors"))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.fail_embedding_write >= 0:
+        fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
+    if args.fail_embedding_read >= 0:
+        fail_embedding_read(args.fail_embedding_read)
+    torch.set_num_threads(1)
+    if not args.suite:
+        fit(args)
+        return
+    for name, overrides in SUITE.items():
+        if args.mode != "single" or name not in DDP_ONLY:
+            fit(argparse.Namespace(**{**vars(args), "out": args.out / name, **overrides}))
+    if args.mode == "ddp":  # last: it wraps the report function of this process
+        from ddp_report import run_report
+
+        run_report(args.out / "report")
 
 
 if __name__ == "__main__":
