@@ -131,8 +131,14 @@ def embed_trajectory(
             if merge_after and not comm.any(bool(errors)):  # after a failed write, agree below instead
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
-    error = errors[0] if errors else None
-    failed = comm.any(error is not None)  # collective: rank 0 finishes only when every rank wrote its part
+    _finish(comm, store, bounds, factors, errors[0] if errors else None)
+
+
+def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, int]],
+            factors: list[dict[str, torch.Tensor]], error: DVEError | None) -> None:
+    """Collective: rank 0 completes the store only when every rank wrote its part; else every rank discards its
+    embeddings and raises the first error (also a barrier: after it every rank may read rank 0's store)."""
+    failed = comm.any(error is not None)
     if comm.rank == 0 and not failed:
         try:
             store.finish_embeddings()
@@ -143,7 +149,7 @@ def embed_trajectory(
             error = err
     if failed or error is not None:
         store.discard_embeddings()  # closed and deleted: their reserved space is free again
-    agree_on_errors(comm, error)  # also a barrier: after it every rank may read rank 0's finished store
+    agree_on_errors(comm, error)
 
 
 def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[list[StepRecord]]:
