@@ -10,7 +10,6 @@ undone at the end of the step, so what leaves this module is the gradient of the
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from . import layers as layer_specs
 from .config import DVEConfig
 from .errors import ConfigError, UnsupportedError
+from .layers import excluded
 from .projection import LayerProjection
 from .transfer import to_host
 
@@ -54,13 +54,6 @@ class TrackedLayer:
                 "projection": self.projection.to_dict()}
 
 
-def excluded(name: str, patterns: tuple[str, ...]) -> bool:
-    """Whether ``name`` or one of its parent modules matches an exclude pattern."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
-
-
 def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLayer]:
     """Pick the layers to track (``config.layers`` or every supported trainable module, minus excludes).
 
@@ -86,6 +79,7 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
             )
         owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and own(m)]
         names = [n for n in dict.fromkeys(owners) if not excluded(n, config.exclude)]
+    layer_specs.refuse_unsupported_types({name: modules[name] for name in names})
     tracked = {}
     for name in names:
         module = modules[name]
@@ -97,6 +91,11 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
         raise ConfigError(f"no layer to track in {type(model).__name__} (layers={config.layers}, "
                           f"exclude={config.exclude}); supported types are {layer_specs.supported_types()}.")
     return tracked
+
+
+def _shared_by(names: tuple[str, ...]) -> str:
+    """A note naming the tracked layers that hold one weight, when there are several (else nothing)."""
+    return f"; tracked layers {', '.join(map(repr, names))} hold this one weight" if len(names) > 1 else ""
 
 
 class GradientCapture:
@@ -338,11 +337,13 @@ class GradientCapture:
             expected = expected if p_in is None else expected @ p_in.T
             error = float((block.sum(dim=0) - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
             if error > tolerance:
+                shared = tuple(other for other, tied in self.layers.items()
+                               if tied.module.weight is layer.module.weight)
                 raise UnsupportedError(
                     f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
                     f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
                     "(tied or shared with another module, or used functionally, e.g. a language-model head "
-                    f"tied to the embedding). Untie it, or pass exclude=({name!r},)."
+                    f"tied to the embedding){_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
                 )
         return checked
 

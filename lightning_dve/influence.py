@@ -139,10 +139,12 @@ class DataValueEmbeddings:
                              f"cached factors; {again}.")
 
     def _test_loss(
-        self, module: nn.Module, batch: Any, loss_fn: LossFn | None
+        self, module: nn.Module, batch: Any, loss_fn: LossFn | None, capture: GradientCapture
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms."""
+        """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms, with the
+        capture begun for its forward (after the reduction check's own forwards, which it must not see)."""
         if loss_fn is not None:
+            capture.begin(keep_outputs=True)
             losses = loss_fn(module, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
@@ -152,7 +154,8 @@ class DataValueEmbeddings:
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
         reduction = self.config.loss_reduction
-        check_reduction(module, batch, reduction, self.loss_weights)
+        check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()))
+        capture.begin(keep_outputs=True)
         with muted_logging(module):
             loss = scalar_loss(module.training_step(batch, 0))
         if loss is None:
@@ -180,8 +183,7 @@ class DataValueEmbeddings:
             capture.attach()
             try:
                 with modes(module, None):  # eval mode, gradients on
-                    capture.begin(keep_outputs=True)
-                    loss, weights_for = self._test_loss(module, batch, loss_fn)
+                    loss, weights_for = self._test_loss(module, batch, loss_fn, capture)
                     backward_to_layers(loss, capture, module)
                     return capture.finish(weights_for(capture.batch_size()))
             finally:

@@ -16,6 +16,7 @@ Exact layouts (projection = identity), which :func:`split_block` maps back to pa
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 
 import torch
@@ -291,6 +292,49 @@ def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
 def own_trainable(module: nn.Module) -> list[str]:
     """Names of the trainable parameters ``module`` holds itself (not its children's)."""
     return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``name`` or one of its parent modules matches an exclude pattern."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+
+def exclude_patterns(names: list[str], keep: list[str]) -> tuple[str, ...]:
+    """``exclude=`` patterns covering every module of ``names`` and none of ``keep``: ``*.<last part>`` (one pattern
+    for that module in every block of a stack), or the exact name where that would leave out a module of ``keep``."""
+    patterns = []
+    for name in names:
+        head, _, last = name.rpartition(".")
+        pattern = f"*.{last}" if head and not any(excluded(other, (f"*.{last}",)) for other in keep) else name
+        if not excluded(name, tuple(patterns)):
+            patterns.append(pattern)
+    return tuple(patterns)
+
+
+def refuse_unsupported_types(modules: dict[str, nn.Module]) -> None:
+    """Refuse, in one message, every module of ``modules`` (the layers to track, by name) whose type has no spec,
+    with ``exclude=`` patterns that leave out all of them and nothing else: a transformer stack has an attention
+    and two LayerNorms in every block, and naming one module per refusal would take a fit per module. A single
+    one is left to :func:`check_trackable`'s message.
+
+    Raises:
+        UnsupportedError: listing the modules and their types, with the ``exclude=`` to pass.
+    """
+    bad = {name: type(module).__name__ for name, module in modules.items() if spec_for(module) is None}
+    if len(bad) < 2:
+        return
+    keep = [name for name in modules if not excluded(name, tuple(bad))]  # a bad module's children go with it
+    listed = ", ".join(f"{name!r} ({kind})" for name, kind in list(bad.items())[:8])
+    more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+    attention = (" (nn.MultiheadAttention also uses its out_proj weight without calling that module: to measure "
+                 "attention, build it from nn.Linear modules)" if "MultiheadAttention" in bad.values() else "")
+    raise UnsupportedError(
+        f"layers {listed}{more} are not of a supported layer type; supported types are "
+        f"{', '.join(supported_types())}. Pass exclude={exclude_patterns(list(bad), keep)!r} to train all "
+        f"{len(bad)} without measuring their data value (fnmatch patterns, children included){attention}."
+    )
 
 
 def check_trackable(name: str, module: nn.Module) -> LayerSpec:

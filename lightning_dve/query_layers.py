@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -157,37 +157,74 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ones(batch_size, dtype=torch.float64)
 
 
-def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None) -> None:
+def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
+                    params: Sequence[torch.Tensor] = ()) -> None:
     """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
     (method.md §2), tested on the batch's first two samples ``a, b``: with ``l_i = L({i}) / w_i({i})``, ``L({a, b})``
-    must be ``w_a l_a + w_b l_b`` under the weights of ``{a, b}`` (within 5 %). A sum declared as a mean, or the
-    reverse, is off by a factor of two here; in the recording it scaled every curvature term and test gradient by
-    the batch size. Samples of weight 0, batches of one sample and steps returning no loss are not checked.
+    must be ``w_a l_a + w_b l_b`` under the weights of ``{a, b}`` (within 5 %), and so must its gradient in
+    ``params`` (the tracked weights). A sum declared as a mean, or the reverse, is off by a factor of two here; in
+    the recording it scaled every curvature term and test gradient by the batch size. The gradients tell apart
+    weights that the loss values cannot, where ``l_a`` and ``l_b`` are alike (a token mean over a padded batch
+    declared as a mean: early in training every sequence's loss is near ``log(vocabulary)``). Samples of weight 0,
+    batches of one sample and steps returning no loss are not checked.
 
     Raises:
-        LossReductionError: naming the declared reduction, the losses and the factor.
+        LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
     """
     n = count_samples(batch)
     if n < 2:
         return
     pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
-    with torch.no_grad(), muted_logging(module):
+    params = [p for p in params if p.requires_grad]
+    with torch.set_grad_enabled(bool(params)), muted_logging(module):
         total, *alone = (scalar_loss(module.training_step(b, 0)) for b in (pair, *singles))
     single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]
     if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
         return
-    terms = [float(w) * float(loss) / sw for w, loss, sw in zip(reduction_weights(reduction, pair, 2, weight_fn),
-                                                                 alone, single_w)]
-    if abs(float(total) - sum(terms)) > 0.05 * sum(map(abs, terms)) + 1e-12:  # False for a NaN loss: unchecked
+    scales = [float(w) / sw for w, sw in zip(reduction_weights(reduction, pair, 2, weight_fn), single_w)]
+    value, values = float(total.detach()), [float(loss.detach()) for loss in alone]
+    terms = [scale * loss for scale, loss in zip(scales, values)]
+    if abs(value - sum(terms)) > 0.05 * sum(map(abs, terms)) + 1e-12:  # False for a NaN loss: unchecked
         raise LossReductionError(
             f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
-            f"{reduction.value!r} declares: on the batch's first two samples it gives {float(total):.6g} together "
-            f"and {float(alone[0]):.6g}, {float(alone[1]):.6g} alone, where the declared weights predict "
-            f"{sum(terms):.6g}. The recording used the same weights, so its curvature and test gradients are off by "
-            "that factor and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
-            "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that couples "
-            "the samples (contrastive, batch statistics) has no per-sample data value."
+            f"{reduction.value!r} declares: on the batch's first two samples it gives {value:.6g} together "
+            f"and {values[0]:.6g}, {values[1]:.6g} alone, where the declared weights predict "
+            f"{sum(terms):.6g}. {_REDUCTION_FIX}"
         )
+    deviation = _gradient_deviation(module, [total, *alone], scales, params)
+    if deviation > 0.05:  # False for NaN: unchecked
+        raise LossReductionError(
+            f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
+            f"{reduction.value!r} declares: on the batch's first two samples the gradient of their joint loss differs "
+            f"by {deviation:.0%} from the declared weights ({scales[0]:.4g}, {scales[1]:.4g} times each one's loss "
+            f"alone) applied to their gradients alone (their loss values happen to agree). A token-level mean over "
+            f"a padded batch (cross_entropy with ignore_index) weighs sequence i by its token count, n_i / sum_j n_j: "
+            f"declare loss_reduction=lambda batch: n / n.sum() with n the batch's token counts. {_REDUCTION_FIX}"
+        )
+
+
+_REDUCTION_FIX = ("The recording used the same weights, so its curvature and test gradients are off by that factor "
+                  "and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
+                  "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that "
+                  "couples the samples (contrastive, batch statistics) has no per-sample data value.")
+
+
+def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: list[float],
+                        params: list[torch.Tensor]) -> float:
+    """``|grad L({a,b}) - sum_i s_i grad L({i})| / sum_i |s_i grad L({i})|`` over ``params`` (0 when nothing to
+    differentiate), for ``losses = [L({a,b}), L({a}), L({b})]`` and ``scales = s``. A full backward with every
+    ``.grad`` put aside, so a reentrant activation checkpoint is recomputed as in training."""
+    if not params or not all(loss.requires_grad for loss in losses):
+        return 0.0
+    flat = []
+    for loss in losses:
+        with _grads_put_aside(module):
+            loss.backward()
+            flat.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
+                                   for p in params]))
+    parts = [scale * grad for scale, grad in zip(scales, flat[1:])]
+    size = float(sum(part.norm() for part in parts))
+    return 0.0 if size == 0 else float((flat[0] - sum(parts)).norm()) / size
 
 
 def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -> None:

@@ -538,6 +538,29 @@ def test_unsupported_layer_is_refused_naming_it_and_exclude(build, layer, reason
         assert layer not in tracked
 
 
+def test_every_unsupported_layer_of_a_transformer_stack_is_named_at_once_with_working_patterns():
+    """A stack of ``nn.TransformerEncoderLayer`` has an attention and two LayerNorms per block: one refusal names
+    them all and gives ``exclude=`` patterns that leave out exactly those (children included), not one module per
+    fit; a pattern that would also leave out a supported layer falls back to the exact names."""
+    stack = nn.Sequential(*(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) for _ in range(2)))
+    model = nn.ModuleDict({"enc": stack, "ln_f": nn.LayerNorm(8), "head": nn.Linear(8, 5)})
+    with pytest.raises(UnsupportedError) as info:
+        resolve_layers(model, DVEConfig(projection_dim=None))
+    message = str(info.value)
+    for block in ("enc.0", "enc.1"):
+        assert f"'{block}.self_attn' (MultiheadAttention)" in message and f"'{block}.norm2' (LayerNorm)" in message
+    assert "exclude=('*.self_attn', '*.norm1', '*.norm2', 'ln_f') to train all 7" in message
+    assert "build it from nn.Linear" in message
+    tracked = resolve_layers(model, DVEConfig(projection_dim=None, exclude=("*.self_attn", "*.norm1", "*.norm2",
+                                                                            "ln_f")))
+    assert list(tracked) == ["enc.0.linear1", "enc.0.linear2", "enc.1.linear1", "enc.1.linear2", "head"]
+
+    model["extra"] = nn.ModuleDict({"norm1": nn.Linear(8, 8)})  # a supported layer under the same last name
+    with pytest.raises(UnsupportedError, match=r"exclude=\('\*\.self_attn', 'enc\.0\.norm1', '\*\.norm2', "
+                                               r"'enc\.1\.norm1', 'ln_f'\)"):
+        resolve_layers(model, DVEConfig(projection_dim=None))
+
+
 def test_unsupported_layer_named_explicitly_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2))
     with pytest.raises(UnsupportedError, match=r"layer '1' \(Conv2d\) uses groups=2.*Add '1' to `exclude=`"):

@@ -52,3 +52,26 @@ def test_a_layer_called_in_one_step_and_used_functionally_in_the_next_is_refused
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None)
     with pytest.raises(UnsupportedError, match=r"layer 'aux' received a gradient but its forward was never called"):
         fit(CalledThenFunctional(), dve)
+
+
+def test_an_lm_head_tied_to_the_embedding_names_both_layers_to_exclude(fit: Callable, tmp_path: Path) -> None:
+    """A GPT-style head ``nn.Linear`` whose weight *is* the embedding's, both called as modules: each module's hooks
+    see only its own calls, so the shared weight is refused, naming both tracked layers; excluding just one (as a
+    message naming one would suggest) leaves the other holding the tied weight, refused again at the next fit."""
+    from tests.conftest import TinyMLP
+
+    class TiedLM(TinyMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.head = nn.Embedding(10, 16), nn.Linear(16, 10, bias=False)
+            self.head.weight = self.tok.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.tok(self.net(x).argmax(dim=1)) + self.net[0](x)))
+
+    with pytest.raises(UnsupportedError, match=r"tracked layers 'tok', 'head' hold this one weight\. Untie it, or "
+                                               r"pass exclude=\('tok', 'head'\)"):
+        fit(TiedLM(), DataValueEmbedding(tmp_path / "both", projection_dim=None, report=None))
+    with pytest.raises(UnsupportedError, match=r"layer 'head': .* pass exclude=\('head',\)"):
+        fit(TiedLM(), DataValueEmbedding(tmp_path / "one", projection_dim=None, report=None, exclude=("tok",)))
+    fit(TiedLM(), DataValueEmbedding(tmp_path / "none", projection_dim=None, report=None, exclude=("tok", "head")))

@@ -1,0 +1,112 @@
+"""Language-model losses over padded sequences: a token-level mean (``cross_entropy`` with ``ignore_index``) weighs
+sequence ``i`` by ``n_i / sum_j n_j``, which the callback must be told (``loss_reduction=callable``).
+
+Declared correctly, the recorded rows are the gradients of each sequence's own mean token loss (checked against a
+per-example backward loop in float64). Declared as the default ``"mean"``, the rows are off by ``B n_i / sum_j n_j``
+while the loss values of two sequences are alike (every loss is near ``log(vocabulary)`` early in training), so a
+check on loss values alone passes it: the reduction check compares gradients too and refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding, LossReductionError
+from lightning_dve.config import LossReduction
+from lightning_dve.layers import gradient_block
+from lightning_dve.query_layers import check_reduction
+from lightning_dve.store import TrajectoryStore
+from tests.helpers import make_trainer
+
+PAD, VOCAB = -100, 11
+
+
+def padded_sequences(n: int, context: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` random token sequences of lengths 2..context, targets padded with :data:`PAD`; the first two have
+    lengths 2 and 8 (far from the batch's mean length)."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        length = (2, context)[i] if i < 2 else int(torch.randint(2, context + 1, (1,), generator=generator))
+        tokens = torch.randint(1, VOCAB, (length + 1,), generator=generator)
+        input_ids = torch.zeros(context, dtype=torch.long)
+        labels = torch.full((context,), PAD, dtype=torch.long)
+        input_ids[:length], labels[:length] = tokens[:-1], tokens[1:]
+        items.append({"input_ids": input_ids, "labels": labels, "index": torch.tensor(i)})
+    return items
+
+
+def token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``n_i / sum_j n_j``: sequence ``i``'s weight in a token-level mean over the batch."""
+    tokens = (batch["labels"] != PAD).sum(dim=1).double()
+    return tokens / tokens.sum()
+
+
+class TokenMeanLM(L.LightningModule):
+    """Embedding -> tanh Linear -> LM head; ``training_step`` is the token-level mean cross-entropy of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.tok, self.fc, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, 16), nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(self.tok(input_ids))))
+
+    def sequence_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B]``: each sequence's mean token loss (the per-sample loss)."""
+        tokens = F.cross_entropy(self(batch["input_ids"]).transpose(1, 2), batch["labels"], ignore_index=PAD,
+                                 reduction="none")
+        return tokens.sum(dim=1) / (batch["labels"] != PAD).sum(dim=1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=PAD)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def collated(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def test_a_token_mean_declared_as_a_mean_is_refused_although_the_losses_agree() -> None:
+    model, batch = TokenMeanLM().double(), collated(padded_sequences(6))
+    params = [model.tok.weight, model.fc.weight, model.head.weight]
+    check_reduction(model, batch, LossReduction.MEAN, None)  # the loss values alone cannot tell (the blind spot)
+    with pytest.raises(LossReductionError, match=r"loss_reduction='mean' declares: on the batch's first two samples "
+                                                 r"the gradient of their joint loss differs by \d+%.*token count"):
+        check_reduction(model, batch, LossReduction.MEAN, None, params)
+    check_reduction(model, batch, LossReduction.WEIGHTS, token_weights, params)  # the right weights pass
+
+
+def test_token_mean_rows_are_each_sequences_gradient_and_a_wrong_reduction_is_refused(tmp_path) -> None:
+    items = padded_sequences(16)
+    loader, test = DataLoader(items, batch_size=8), collated(padded_sequences(6, seed=1))
+    initial, model = TokenMeanLM().double(), TokenMeanLM()
+    right = DataValueEmbedding(tmp_path / "right", projection_dim=None, loss_reduction=token_weights, report=None)
+    make_trainer(1, [right]).fit(model, loader)
+    record, batch = TrajectoryStore.open(tmp_path / "right").read_step(0), collated(items[:8])
+    modules = dict(initial.named_modules())
+    for i in range(8):  # oracle: a per-example backward of each sequence's own mean token loss
+        initial.zero_grad()
+        initial.sequence_losses({key: value[i:i + 1] for key, value in batch.items()}).sum().backward()
+        for name, rows in record.grads.items():
+            torch.testing.assert_close(rows[i], gradient_block(modules[name]).flatten(), rtol=1e-10, atol=1e-12)
+    assert right.embeddings.influence(model, test).scores.shape == (6, 16)
+
+    wrong_model = TokenMeanLM()
+    wrong = DataValueEmbedding(tmp_path / "wrong", projection_dim=None, reference=test)  # loss_reduction="mean"
+    with pytest.warns(UserWarning, match=r"report is skipped: .*gradient of their joint loss"):
+        make_trainer(1, [wrong]).fit(wrong_model, loader)
+    with pytest.raises(LossReductionError, match=r"token count, n_i / sum_j n_j"):
+        wrong.embeddings.influence(wrong_model, test)
