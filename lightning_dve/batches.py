@@ -51,9 +51,9 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
         ids = sample_ids(batch)
     elif isinstance(batch, dict):
         if sample_ids not in batch:
-            raise SampleIdError(f"batch has no key {sample_ids!r} (keys: {sorted(map(str, batch))}). Return the "
-                                f"dataset index under {sample_ids!r} from your Dataset, or pass "
-                                "`sample_ids=callable(batch) -> LongTensor[B]`.")
+            raise SampleIdError(f"batch has no key {sample_ids!r} (keys: {sorted(map(str, batch))}). "
+                                f"{_id_key_hint(batch, batch_size)}Return the dataset index under {sample_ids!r} "
+                                "from your Dataset, or pass `sample_ids=callable(batch) -> LongTensor[B]`.")
         ids = batch[sample_ids]
     else:
         raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
@@ -67,6 +67,19 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
                             "LongTensor. If the ids are right, a tracked layer sees a sequence-first input ([T, B, "
                             "...], e.g. nn.Transformer without batch_first=True): make it batch-first or exclude it.")
     return ids.detach().to("cpu", torch.int64)
+
+
+#: Keys that usually hold dataset indices, suggested when the configured one is missing.
+ID_KEYS = ("index", "idx", "indices", "id", "ids", "sample_id", "sample_ids", "sample_index", "dataset_index")
+
+
+def _id_key_hint(batch: dict, batch_size: int) -> str:
+    """``"If ... pass sample_ids='idx'. "`` for a key of :data:`ID_KEYS` holding one integer per sample, else ``""``."""
+    for key in ID_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.shape == (batch_size,) and not value.is_floating_point():
+            return f"If {key!r} holds the dataset indices, pass `sample_ids={key!r}`. "
+    return ""
 
 
 def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int) -> None:

@@ -48,8 +48,15 @@ def stored_ids(root) -> list[int]:
 
 
 def test_missing_id_key_in_dict_batch(fit, mlp_cls, save_dir):
-    with pytest.raises(SampleIdError, match=r"batch has no key 'idx'"):
+    """The batch's ids are under 'index': the message suggests that key; without such a key it suggests none."""
+    with pytest.raises(SampleIdError, match=r"batch has no key 'idx'.*If 'index' holds the dataset indices, pass "
+                                            r"`sample_ids='index'`"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids="idx"))
+    from lightning_dve.batches import extract_sample_ids
+
+    with pytest.raises(SampleIdError, match=r"batch has no key 'idx' \(keys: \['index', 'x'\]\)\. Return") as info:
+        extract_sample_ids({"x": torch.zeros(2, 3), "index": torch.tensor([0.5, 1.5])}, "idx", 2)  # not integers
+    assert "If " not in str(info.value)
 
 
 def test_tuple_batch_with_key_sample_ids(fit, mlp_cls, save_dir):
