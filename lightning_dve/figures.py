@@ -141,18 +141,22 @@ def to_rgb(figure: Figure) -> np.ndarray:
 def image_array(tensor: torch.Tensor) -> np.ndarray | None:
     """A displayable ``[H, W]`` or ``[H, W, 3|4]`` uint8 array if ``tensor`` looks like an image, else ``None``.
 
-    Image-like: floating point, shape ``[H, W]``, ``[C, H, W]`` or ``[H, W, C]`` with ``C`` in 1, 3, 4 and
-    ``H, W >= 4``. Values are min-max scaled to 0..255.
+    Image-like: floating point or ``uint8`` (pixels as ``read_image`` or ``PILToTensor`` give them; wider integer
+    tensors are token ids), shape ``[H, W]``, ``[C, H, W]`` or ``[H, W, C]`` with ``C`` in 1, 3, 4 and
+    ``H, W >= 4``. Floating-point values are min-max scaled to 0..255; ``uint8`` pixels are kept as they are.
     """
-    if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+    pixels = isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+    if not isinstance(tensor, torch.Tensor) or not (tensor.dtype.is_floating_point or pixels):
         return None
-    array = tensor.detach().to("cpu", torch.float64).numpy()
+    array = tensor.detach().to("cpu", torch.uint8 if pixels else torch.float64).numpy()
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and min(array.shape[1:]) >= 4:
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))) or min(array.shape[:2]) < 4:
         return None
+    if pixels:
+        return np.ascontiguousarray(array)
     low, high = float(array.min()), float(array.max())
     scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
     return (scaled * 255).round().astype(np.uint8)

@@ -2,7 +2,9 @@
 
 - ``WandbLogger``: the curve, epoch and stage tables, ``wandb.plot.line`` charts of the curves, a histogram of
   per-sample influence, top-k tables (with ``wandb.Image`` inputs), the figures and the summary scalars, in
-  one ``log_metrics`` call at the run's current step (never a past ``step=``: W&B would drop those rows).
+  one ``log_metrics`` call: one new row at the run's current W&B step (never a past ``step=``: W&B would drop
+  those rows) whose ``trainer/global_step`` is ``trainer.global_step``, where the other loggers put the summary
+  scalars (without it, W&B's step sync would place the row at the last step the user's metrics logged, or 0).
 - ``TensorBoardLogger``: per-step curve scalars at their training steps, summary scalars, figures, the
   histogram and markdown tables.
 - ``CSVLogger``: per-step curve scalars and summary scalars.
@@ -17,12 +19,12 @@ Only global rank 0 calls this module (through :mod:`lightning_dve.reporting`); i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from . import figures
@@ -109,7 +111,7 @@ def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str,
     """Log the report to every logger of the trainer (see the module docstring for what goes where)."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            log_wandb(logger, report)
+            log_wandb(logger, report, trainer.global_step)
         elif isinstance(logger, TensorBoardLogger):
             log_tensorboard(logger, report, plots, trainer.global_step)
         elif isinstance(logger, CSVLogger):
@@ -121,8 +123,12 @@ def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str,
             logger.log_metrics(summary_scalars(report), step=trainer.global_step)
 
 
-def log_wandb(logger: WandbLogger, report: TrainEndReport) -> None:
-    """Log tables, line charts, histogram, top-k tables, figures and scalars in one ``log_metrics`` call."""
+def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
+    """Log tables, line charts, histogram, top-k tables, figures and scalars in one ``log_metrics`` call.
+
+    ``step`` (the trainer's global step) is the row's ``trainer/global_step``: ``WandbLogger`` logs it as a value,
+    not as W&B's own ``step=``, so the row is never dropped.
+    """
     import wandb
 
     c = report.curves
@@ -151,7 +157,7 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport) -> None:
     for name in ("curve", "epochs", "histogram", "top_k"):
         if f"{name}_png" in report.files:
             metrics[f"dve/figures/{name}"] = wandb.Image(str(report.files[f"{name}_png"]))
-    logger.log_metrics(metrics)
+    logger.log_metrics(metrics, step=step)
 
 
 def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> Any:
@@ -167,23 +173,33 @@ def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> 
 
 
 def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, Figure], step: int) -> None:
-    """Per-step and summary scalars, figures, the per-sample histogram and markdown tables."""
+    """Per-step and summary scalars, figures, the per-sample histogram and markdown tables.
+
+    The writer's tags carry the logger's ``prefix`` as its ``log_metrics`` gives it to the scalars.
+    """
     for curve_step, values in step_scalars(report.curves):
         logger.log_metrics(values, step=curve_step)
     logger.log_metrics(summary_scalars(report), step=step)
-    writer = logger.experiment
+    writer, tag = logger.experiment, _tagger(logger)
     for name, figure in plots.items():
-        writer.add_image(f"dve/figures/{name}", figures.to_rgb(figure), step, dataformats="HWC")
+        writer.add_image(tag(f"dve/figures/{name}"), figures.to_rgb(figure), step, dataformats="HWC")
     totals = report.curves.totals
     finite = totals[torch.isfinite(totals)]
     if finite.numel():  # add_histogram refuses an empty array (every total NaN)
-        writer.add_histogram("dve/samples/total_influence", finite.numpy(), step)
-    writer.add_text("dve/stages", _markdown(STAGE_COLUMNS, stage_rows(report.curves)), step)
+        writer.add_histogram(tag("dve/samples/total_influence"), finite.numpy(), step)
+    writer.add_text(tag("dve/stages"), _markdown(STAGE_COLUMNS, stage_rows(report.curves)), step)
     for name, ranked in (("helpful", report.curves.helpful), ("harmful", report.curves.harmful)):
-        writer.add_text(f"dve/top_k/{name}", _markdown(TOP_K_COLUMNS, top_k_rows(ranked, report.samples)), step)
+        writer.add_text(tag(f"dve/top_k/{name}"), _markdown(TOP_K_COLUMNS, top_k_rows(ranked, report.samples)), step)
     if report.dynamics:
-        writer.add_text("dve/dynamics", _markdown(DYNAMICS_COLUMNS, report.dynamics), step)
+        writer.add_text(tag("dve/dynamics"), _markdown(DYNAMICS_COLUMNS, report.dynamics), step)
     writer.flush()
+
+
+def _tagger(logger: Logger) -> Callable[[str], str]:
+    """``tag -> tag`` with the logger's ``prefix`` joined as its ``log_metrics`` joins it (``pre-dve/...``)."""
+    prefix = getattr(logger, "_prefix", "") or ""
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    return lambda tag: f"{prefix}{join}{tag}" if prefix else tag
 
 
 def _markdown(columns: list[str], rows: list[list[Any]]) -> str:

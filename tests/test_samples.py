@@ -68,6 +68,17 @@ def test_image_array_accepts_only_image_shapes():
     assert constant is not None and (constant == 0).all()
 
 
+
+def test_uint8_pixels_are_an_image_as_they_are():
+    """A ``uint8`` ``[C, H, W]`` input (``read_image``, ``PILToTensor``) is rendered as the image it is, not listed as
+    16 token ids in the top-k tables; its pixel values are kept (no min-max stretch)."""
+    pixels = torch.randint(10, 200, (3, 8, 8), dtype=torch.uint8)
+    shown = samples.view({"x": pixels, "y": torch.tensor(2)}, None)
+    assert shown.image is not None and shown.image.dtype == np.uint8
+    assert np.array_equal(shown.image, pixels.permute(1, 2, 0).numpy())
+    assert np.array_equal(image_array(pixels[:1]), pixels[0].numpy())  # one channel: [H, W]
+    assert image_array(torch.ones(8, 8, dtype=torch.int32)) is None  # wider integers stay token ids
+
 def test_find_samples_with_a_callable_id_and_tuple_batches():
     data = TensorDataset(torch.rand(10, 4), torch.arange(10) % 3, torch.arange(100, 110))
     loader = DataLoader(data, batch_size=4)

@@ -1,0 +1,65 @@
+"""Where the report lands on a dashboard's axes and tags, read back from real loggers' files.
+
+The oracle is the trainer (``trainer.global_step`` when the report is logged) and the tags other loggers of the
+same trainer use; W&B runs are real offline runs, parsed as in :mod:`tests.test_reporting`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding
+from tests.conftest import DigitsDict, TinyMLP
+from tests.test_reporting import SMALL, finished_run_records, item_key, wandb_env  # noqa: F401 -- a fixture
+
+
+def test_wandb_report_row_is_at_the_trainers_global_step(fit, wandb_env):  # noqa: F811 -- the fixture
+    """The report's W&B row carries ``trainer/global_step = trainer.global_step`` (where TensorBoard and CSV put the
+    summary scalars), not whatever step the user's metrics last logged: with nothing logged during training (a
+    ``log_every_n_steps`` longer than the run, no validation) W&B's step sync would put the train-end report at
+    step 0 of every ``trainer/global_step`` panel."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    train = DataLoader(DigitsDict(range(64)), batch_size=16)
+    reference = DigitsDict(range(1500, 1520)).batch()
+    callback = DataValueEmbedding(wandb_env / "dve", projection_dim=16, report=SMALL, reference=reference)
+    logger = WandbLogger(offline=True, save_dir=str(wandb_env), project="dve-test")
+    try:
+        trainer = fit(TinyMLP(), callback, train, max_epochs=2, logger=logger, log_every_n_steps=50)
+        run_dir = Path(logger.experiment.dir).parent
+    finally:
+        wandb.finish()
+    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in finished_run_records(run_dir)
+               if r.WhichOneof("record_type") == "history"]
+    rows = [row for row in history if "dve/total_influence" in row]
+    assert len(rows) == 1 and trainer.global_step == 8
+    assert rows[0]["trainer/global_step"] == trainer.global_step
+
+
+def test_tensorboard_prefix_names_every_tag(tmp_path):
+    """``TensorBoardLogger(prefix=...)`` prefixes the scalars it logs (``pre-dve/...``); the figures, histogram and
+    tables the report writes through the logger's writer carry the same prefix, so one report's tags stay together
+    and apart from another prefixed model's in the same log folder."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from lightning_dve import figures
+    from lightning_dve.reporting_loggers import log_tensorboard
+    from tests.test_reporting_loggers import synthetic_report
+
+    report = synthetic_report(tmp_path)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", prefix="pre")
+    log_tensorboard(logger, report, {"curve": figures.curve_figure(report.curves)}, step=60)
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0,
+                                                                              "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = {kind: set(events.Tags()[kind]) for kind in ("scalars", "images", "histograms", "tensors")}
+    assert "pre-dve/total_influence" in tags["scalars"]
+    assert tags["images"] == {"pre-dve/figures/curve"}
+    assert tags["histograms"] == {"pre-dve/samples/total_influence"}
+    assert {"pre-dve/stages/text_summary", "pre-dve/top_k/helpful/text_summary"} <= tags["tensors"]
+    assert all(tag.startswith("pre-dve/") for kind in tags.values() for tag in kind)
