@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from . import figures
@@ -57,6 +58,31 @@ def curve_rows(report: CurveReport) -> list[list[Any]]:
     columns = (c.steps, c.epochs, c.learning_rates, c.counts, c.influence, c.influence_per_lr, report.smoothed,
                report.smoothed_per_lr)
     return [[clean(v) for v in row] for row in zip(*(col.tolist() for col in columns))]
+
+
+def binned_curve_rows(report: CurveReport, max_rows: int) -> tuple[list[list[Any]], int]:
+    """:func:`curve_rows` in at most ``max_rows`` rows, and the steps per row.
+
+    A longer curve is cut into bins of ``w = ceil(n / max_rows)`` consecutive steps; a bin's row has its first step
+    and epoch, its steps' summed ``n_samples`` and the mean of their other values (undefined ones left out), so a
+    chart drawn from it keeps the whole run (W&B keeps only the first ``wandb.Table.MAX_ROWS`` rows of a table).
+    """
+    rows = curve_rows(report)
+    width = -(-len(rows) // max_rows)
+    if width <= 1:
+        return rows, 1
+    binned = []
+    for lo in range(0, len(rows), width):
+        columns = list(zip(*rows[lo:lo + width]))
+        means = [_mean_of_defined(column) for column in columns[4:]]
+        binned.append([columns[0][0], columns[1][0], _mean_of_defined(columns[2]), sum(columns[3]), *means])
+    return binned, width
+
+
+def _mean_of_defined(values: Iterable[Any]) -> float | None:
+    """The mean of the values that are not ``None`` (undefined), or ``None``."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
 
 
 def epoch_rows(report: CurveReport) -> list[list[Any]]:
@@ -132,7 +158,12 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
     import wandb
 
     c = report.curves
-    curve = wandb.Table(columns=CURVE_COLUMNS, data=curve_rows(c))
+    rows, steps_per_row = binned_curve_rows(c, wandb.Table.MAX_ROWS)
+    if steps_per_row > 1:
+        rank_zero_warn(f"DataValueEmbedding: the curve has {len(c.curve.steps)} steps, more than W&B keeps in a "
+                       f"table ({wandb.Table.MAX_ROWS} rows): the W&B curve shows means over {steps_per_row} steps "
+                       f"per point (`dve/curve/steps_per_row`); every step is in save_dir/report/curve.csv.")
+    curve = wandb.Table(columns=CURVE_COLUMNS, data=rows)
     epochs = wandb.Table(columns=EPOCH_COLUMNS, data=epoch_rows(c))
     counts, edges = c.histogram
     metrics: dict[str, Any] = {
@@ -148,6 +179,7 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
                                                        title="Influence / learning rate per epoch"),
         "dve/stages/table": wandb.Table(columns=STAGE_COLUMNS, data=stage_rows(c)),
         "dve/samples/total_influence": wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy())),
+        "dve/curve/steps_per_row": steps_per_row,
         **summary_scalars(report),
     }
     for name, ranked in (("helpful", c.helpful), ("harmful", c.harmful)):

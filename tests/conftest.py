@@ -136,3 +136,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     model, dve = TinyMLP(), DataValueEmbedding(root, projection_dim=64)
     run_fit(model, dve, max_epochs=2)
     return SimpleNamespace(root=root, model=model, dve=dve)
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep W&B's data, cache and config dirs (artifact staging) under ``tmp_path``; restore the env after."""
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it; this restores it afterwards
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path

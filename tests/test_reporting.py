@@ -88,16 +88,6 @@ def direct_curve(callback: DataValueEmbedding, model: TinyMLP, reference: dict[s
     return means / embeddings.learning_rates[:, 0]
 
 
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep W&B's data, cache and config dirs (artifact staging) under ``tmp_path``; restore the env after."""
-    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / name.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it; this restores it afterwards
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    return tmp_path
-
-
 def wandb_records(run_dir: Path) -> Iterator[Any]:
     """Every protobuf record of an offline run's ``run-*.wandb`` file, in order."""
     from wandb.proto import wandb_internal_pb2

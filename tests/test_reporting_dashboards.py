@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding
 from tests.conftest import DigitsDict, TinyMLP
-from tests.test_reporting import SMALL, finished_run_records, item_key, wandb_env  # noqa: F401 -- a fixture
+from tests.test_reporting import SMALL, finished_run_records, item_key, read_csv, report_dir
 
 
-def test_wandb_report_row_is_at_the_trainers_global_step(fit, wandb_env):  # noqa: F811 -- the fixture
+def test_wandb_report_row_is_at_the_trainers_global_step(fit, wandb_env):
     """The report's W&B row carries ``trainer/global_step = trainer.global_step`` (where TensorBoard and CSV put the
     summary scalars), not whatever step the user's metrics last logged: with nothing logged during training (a
     ``log_every_n_steps`` longer than the run, no validation) W&B's step sync would put the train-end report at
@@ -38,6 +38,39 @@ def test_wandb_report_row_is_at_the_trainers_global_step(fit, wandb_env):  # noq
     rows = [row for row in history if "dve/total_influence" in row]
     assert len(rows) == 1 and trainer.global_step == 8
     assert rows[0]["trainer/global_step"] == trainer.global_step
+
+
+def test_a_curve_longer_than_a_wandb_table_is_binned_not_cut(fit, wandb_env, monkeypatch):
+    """W&B keeps the first ``wandb.Table.MAX_ROWS`` rows of a logged table and drops the rest (10,000: a run of
+    10,500 steps lost its last 500 without a word). Here the limit is 10 for 25 steps: the W&B curve has 9 rows,
+    each the mean of 3 consecutive steps of ``curve.csv`` (the oracle, summed for ``n_samples``), and it says so."""
+    import numpy as np
+    import pytest
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setattr(wandb.Table, "MAX_ROWS", 10)
+    train = DataLoader(DigitsDict(range(100)), batch_size=4)
+    callback = DataValueEmbedding(wandb_env / "dve", projection_dim=16, report=SMALL,
+                                  reference=DigitsDict(range(1500, 1520)).batch())
+    logger = WandbLogger(offline=True, save_dir=str(wandb_env), project="dve-test")
+    try:
+        with pytest.warns(UserWarning, match=r"the curve has 25 steps, more than W&B keeps in a table \(10 rows\): "
+                                             r"the W&B curve shows means over 3 steps per point"):
+            fit(TinyMLP(), callback, train, max_epochs=1, logger=logger)
+        run_dir = Path(logger.experiment.dir).parent
+    finally:
+        wandb.finish()
+    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in finished_run_records(run_dir)
+               if r.WhichOneof("record_type") == "history"]
+    [row] = [row for row in history if "dve/total_influence" in row]
+    assert row["dve/curve/steps_per_row"] == 3
+    table = json.loads((run_dir / "files" / row["dve/curve/table/path"]).read_text())
+    full = np.array([[float(v) for v in r.values()] for r in read_csv(report_dir(callback) / "curve.csv")])
+    assert len(full) == 25 and len(table["data"]) == 9
+    expected = [[*g[0, :2], g[:, 2].mean(), g[:, 3].sum(), *g[:, 4:].mean(axis=0)]
+                for g in (full[lo:lo + 3] for lo in range(0, 25, 3))]
+    np.testing.assert_allclose(np.array(table["data"], dtype=float), np.array(expected), rtol=1e-12)
 
 
 def test_tensorboard_prefix_names_every_tag(tmp_path):
