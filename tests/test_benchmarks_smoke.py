@@ -1,30 +1,52 @@
 """Every benchmark script with a ``--quick`` mode runs and prints JSON lines (a smoke test: no timing is judged;
-the figures come from the full runs, README "Benchmarks")."""
+the figures come from the full runs, README "Benchmarks").
+
+The selected scripts run one after the other in one child process (``tests/script_runner.py``: start-up and the
+torch / Lightning imports once, each script as ``__main__`` with ``--quick`` in its own working directory, with
+its own output and status files); each script's run and output is then checked by its own test.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.script_runner import launch, read_run
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-QUICK = ["capture_overhead", "recursion_scaling", "fidelity", "flop_floor", "ddp_recursion", "step_breakdown",
+# ddp_recursion first: its --quick forks its ranks, best from a process that has not yet run other scripts
+QUICK = ["ddp_recursion", "capture_overhead", "recursion_scaling", "fidelity", "flop_floor", "step_breakdown",
          "dattri_compare"]
+
+
+def available(name: str) -> bool:
+    """dattri is a benchmark-only dependency (``pip install dattri==0.3.0``); the other scripts always run."""
+    return name != "dattri_compare" or importlib.util.find_spec("dattri") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Run the ``--quick`` mode of every script this session selected, in one child process.
+
+    Returns:
+        ``(folder of each script's .stdout / .stderr / .status files, the runner's own stderr)``.
+    """
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    out = tmp_path_factory.mktemp("quick")
+    runs = [{"name": name, "script": str(BENCHMARKS / f"{name}.py"), "args": ["--quick"], "cwd": str(out / name)}
+            for name in QUICK if name in selected and available(name)]
+    return out, launch(runs, out, timeout=300 * max(1, len(runs)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", QUICK)
-def test_quick_benchmark_runs_and_prints_json_lines(name: str, tmp_path: Path) -> None:
-    if name == "dattri_compare" and importlib.util.find_spec("dattri") is None:
+def test_quick_benchmark_runs_and_prints_json_lines(name: str, quick_runs: tuple[Path, str]) -> None:
+    if not available(name):
         pytest.skip("dattri is a benchmark-only dependency: pip install dattri==0.3.0")
-    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick"], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})  # this checkout's package
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    records = [json.loads(line) for line in read_run(quick_runs[0], name, quick_runs[1]).splitlines()
+               if line.strip()]
     assert len(records) >= 2 and all("benchmark" in r for r in records)

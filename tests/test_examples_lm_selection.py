@@ -1,42 +1,65 @@
 """Smoke runs of ``examples/tiny_lm.py`` and ``examples/selection_timing.py`` in their reduced (``--quick``) modes.
 
-Each example runs as a subprocess in ``tmp_path`` (its working directory and ``--out``), with every W&B folder
-pointed into ``tmp_path`` so that nothing lands in the repository or the user's home.
+The runs this session selects run one after the other in one child process (``tests/script_runner.py``: one
+start-up and one import of torch, Lightning and W&B), each as ``__main__`` in its own folder (its working directory
+and ``--out``), with every W&B folder pointed into that folder so that nothing lands in the repository or the
+user's home; each test then checks its own run.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.script_runner import launch, read_run
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+# test -> (script, arguments before --out)
+RUNS = {
+    "test_tiny_lm_quick_with_offline_wandb": ("tiny_lm.py", ["--quick", "--no-progress-bar"]),
+    "test_tiny_lm_quick_mean_of_sequence_means_csv": (
+        "tiny_lm.py", ["--quick", "--logger", "csv", "--loss-weighting", "sequences", "--no-progress-bar"]),
+    "test_selection_timing_quick_with_dvemb_summary": ("selection_timing.py", ["--quick", "--dvemb"]),
+}
 
 
-def run_example(script: str, tmp_path: Path, *args: str, timeout: int = 180) -> str:
-    """Run ``examples/<script>`` with ``args``; return its stdout (fail with the tail of stderr if it fails)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "WANDB_MODE": "offline",
-           "MPLBACKEND": "Agg"}
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        folder = tmp_path / name.lower()
-        folder.mkdir(exist_ok=True)
-        env[name] = str(folder)
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path, env=env)
-    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    return done.stdout
+def example_run(name: str, folder: Path) -> dict:
+    """The runner's spec of test ``name``'s example run in ``folder`` (cwd; ``--out`` is ``folder / "run"``)."""
+    script, args = RUNS[name]
+    env = {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        (folder / variable.lower()).mkdir(parents=True, exist_ok=True)
+        env[variable] = str(folder / variable.lower())
+    return {"name": name, "script": str(EXAMPLES / script), "args": [*args, "--out", str(folder / "run")],
+            "cwd": str(folder), "env": env}
+
+
+@pytest.fixture(scope="module")
+def example_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Run the examples of the selected tests in one child process.
+
+    Returns:
+        ``(folder of the runs' output files and of each run's folder <test name>/, the runner's own stderr)``.
+    """
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    out = tmp_path_factory.mktemp("examples")
+    runs = [example_run(name, out / name) for name in RUNS if name in selected]
+    return out, launch(runs, out, timeout=180 * max(1, len(runs)))
+
+
+def run_example(name: str, example_runs: tuple[Path, str]) -> tuple[str, Path]:
+    """Test ``name``'s run: its stdout (fail with the tail of its output if it failed) and its ``--out``."""
+    out, runner_stderr = example_runs
+    return read_run(out, name, runner_stderr), out / name / "run"
 
 
 @pytest.mark.slow
-def test_tiny_lm_quick_with_offline_wandb(tmp_path):
-    out = tmp_path / "run"
-    printed = run_example("tiny_lm.py", tmp_path, "--quick", "--out", str(out), "--no-progress-bar")
+def test_tiny_lm_quick_with_offline_wandb(example_runs: tuple[Path, str]) -> None:
+    printed, out = run_example("test_tiny_lm_quick_with_offline_wandb", example_runs)
     report = out / "dve" / "report"
     for line in ("W&B run (offline):", f"Report folder: {report}", "Stage summary", "Phases (step):",
                  "Top-5 helpful training sequences:", "Top-5 harmful training sequences:"):
@@ -58,10 +81,8 @@ def test_tiny_lm_quick_with_offline_wandb(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_lm_quick_mean_of_sequence_means_csv(tmp_path):
-    out = tmp_path / "run"
-    printed = run_example("tiny_lm.py", tmp_path, "--quick", "--logger", "csv", "--loss-weighting", "sequences",
-                          "--out", str(out), "--no-progress-bar")
+def test_tiny_lm_quick_mean_of_sequence_means_csv(example_runs: tuple[Path, str]) -> None:
+    printed, out = run_example("test_tiny_lm_quick_mean_of_sequence_means_csv", example_runs)
     for line in ("CSVLogger logs:", "Stage summary", "Top-5 helpful training sequences:"):
         assert line in printed, printed
     manifest = json.loads((out / "dve" / "manifest.json").read_text())
@@ -70,9 +91,8 @@ def test_tiny_lm_quick_mean_of_sequence_means_csv(tmp_path):
 
 
 @pytest.mark.slow
-def test_selection_timing_quick_with_dvemb_summary(tmp_path):
-    out = tmp_path / "run"
-    printed = run_example("selection_timing.py", tmp_path, "--quick", "--dvemb", "--out", str(out))
+def test_selection_timing_quick_with_dvemb_summary(example_runs: tuple[Path, str]) -> None:
+    printed, out = run_example("test_selection_timing_quick_with_dvemb_summary", example_runs)
     assert "held-out loss" in printed and "sel. time (s)" in printed
     for policy in ("never", "always", "early", "late", "early+late", "middle *"):
         assert any(line.startswith(policy + " ") for line in printed.splitlines()), policy
