@@ -98,6 +98,28 @@ def _shared_by(names: tuple[str, ...]) -> str:
     return f"; tracked layers {', '.join(map(repr, names))} hold this one weight" if len(names) > 1 else ""
 
 
+def _checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
+    """``in_side`` ``[B, P, k_in]``, once its batch size and positions ``P`` are checked against the output's (the
+    output gradient's positions are laid out like the output, method.md §3).
+
+    Raises:
+        UnsupportedError: naming the layer, when the module's forward does not apply its type's maths to its input
+            (a subclass that overrides ``forward``, e.g. padding inside it like timm's ``Conv2dSame``).
+    """
+    out_side = layer.spec.project_output_grad(layer.module, output.detach(), None)  # a view: no projection
+    if out_side.shape[:2] != in_side.shape[:2]:
+        kind = type(layer.module).__name__
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({kind}): its input gives {in_side.shape[1]} positions per sample for "
+            f"{in_side.shape[0]} samples as a {layer.spec.kind} with its own settings would compute them, but its "
+            f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
+            f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "
+            f"like timm's Conv2dSame), so its per-sample gradients cannot be formed. Use the plain layer type (for "
+            f"'same' padding: nn.Conv2d(padding=...) or an nn.ZeroPad2d before it), or pass exclude=({layer.name!r},)."
+        )
+    return in_side
+
+
 class GradientCapture:
     """Hooks that collect one step's per-sample blocks ``{layer: [B, k_l]}`` for the tracked layers.
 
@@ -207,7 +229,7 @@ class GradientCapture:
         recomputed = self._backward or self._curvature_pass
         p_in = layer.projection.side_matrix("in", module.weight.dtype, module.weight.device)
         pending = self._inputs[layer.name]
-        pending.append(layer.spec.project_input(module, args, p_in))
+        pending.append(_checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
         if self._preconditioner:
             p_in_q = self._preconditioner[layer.name][1]
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
@@ -343,7 +365,9 @@ class GradientCapture:
                     f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
                     f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
                     "(tied or shared with another module, or used functionally, e.g. a language-model head "
-                    f"tied to the embedding){_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
+                    "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
+                    "forward, e.g. a masked or weight-standardised convolution)"
+                    f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
                 )
         return checked
 

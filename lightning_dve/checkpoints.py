@@ -3,7 +3,7 @@
 Layout under ``save_dir/checkpoints/``::
 
     replay.json                        optimizer kind (or why replay is refused), param groups by parameter name,
-                                       interval, clipping, module modes, training time
+                                       interval, clipping, module modes, frozen parameters, training time
     state_00000000.safetensors         parameters and optimizer state right before step 0 (then every interval,
                                        and after the last step)
     hyper.jsonl                        one JSON line per step, ``{"step": 42, "groups": [...], "clip_factor": c}``:
@@ -308,6 +308,7 @@ class CheckpointRecorder:
         manifest.update(precision=self.precision)
         manifest.update(
             clip=clip,
+            frozen=[name for name, p in module.named_parameters() if not p.requires_grad],
             eval_modules=[name for name, m in module.named_modules() if not m.training],
             dropout_modules=[name for name, m in module.named_modules()
                              if isinstance(m, _DropoutNd) and m.training and m.p > 0],

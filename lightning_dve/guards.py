@@ -17,7 +17,8 @@ Ways a run would break silently, each refused with what to change:
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
   ``on_before_optimizer_step`` (e.g. a warm-up set in the LightningModule's ``on_before_optimizer_step``, which
   runs after the callbacks'): the recorded step would use the rate of the step before;
-- BatchNorm in train mode, whose batch statistics mix the samples (no per-sample gradient exists).
+- BatchNorm in train mode, or without running statistics (``track_running_stats=False``, batch statistics
+  in eval mode too), whose batch statistics mix the samples (no per-sample gradient exists).
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) 
 
 
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's BatchNorm modules by name (found once per fit: the per-step check reads only their mode)."""
+    """The model's BatchNorm modules by name (found once per fit: the per-step check reads only their mode and
+    whether they keep running statistics)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, _BatchNorm)}
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the statistics of the batch it is given: in train mode, and in eval
+    mode too when it keeps no running statistics (``track_running_stats=False``), as ``_BatchNorm.forward`` does."""
+    return module.training or (getattr(module, "running_mean", None) is None
+                               and getattr(module, "running_var", None) is None)
+
+
 def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
-    """Refuse BatchNorm in train mode: its batch statistics mix samples, so per-sample gradients do not exist.
+    """Refuse BatchNorm that uses batch statistics (train mode, or no running statistics in any mode): they mix
+    the samples, so per-sample gradients do not exist.
 
     Args:
         batchnorms: :func:`batchnorm_modules` of the model.
@@ -61,6 +71,8 @@ def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
         UnsupportedError: naming the first such module.
     """
     for name, module in batchnorms.items():
+        if not uses_batch_statistics(module):
+            continue
         if module.training:
             raise UnsupportedError(
                 f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
@@ -68,6 +80,12 @@ def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
                 "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
                 "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
             )
+        raise UnsupportedError(
+            f"module {name!r} ({type(module).__name__}) has track_running_stats=False, so it normalises with the "
+            "statistics of the batch even in eval mode: it mixes the samples of a batch, so a sample's gradient "
+            "depends on the others and its data value is not defined. Use GroupNorm/LayerNorm (excluded from "
+            "tracking), or track_running_stats=True with the module kept in eval mode."
+        )
 
 
 #: The param-group settings a step's terms read (optim.py, adam.py); other keys may change inside ``step()``

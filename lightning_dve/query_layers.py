@@ -157,6 +157,32 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ones(batch_size, dtype=torch.float64)
 
 
+def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None) -> None:
+    """Refuse a ``training_step`` whose loss on one batch differs between two calls: a random
+    one (augmentation drawn with ``torch.rand``, noise or functional dropout in ``training_step``, outside the
+    modules that eval mode turns off) gives a random test loss, and its reduction cannot be checked either. The
+    tolerance, relative 1e-4, leaves room for nondeterministic float kernels (atomics on a GPU).
+
+    Args:
+        first, second: the loss of two calls on the same batch (``None``: no loss returned, not checked).
+
+    Raises:
+        ConfigError: with both values and the fix (``loss_fn=``).
+    """
+    if first is None or second is None:
+        return
+    a, b = float(first.detach()), float(second.detach())
+    if abs(a - b) > 1e-4 * max(abs(a), abs(b)) + 1e-12:  # False for NaN: unchecked
+        raise ConfigError(
+            f"training_step returned {a:.6g} and then {b:.6g} on the same two test samples, in eval mode: it is "
+            "random (e.g. a data augmentation drawn with torch.rand, noise, or F.dropout(..., training=True) in "
+            "training_step), so a test loss taken through it is random too. Pass loss_fn(module, batch) -> "
+            "Tensor[B], the deterministic per-sample test loss, e.g. loss_fn=lambda module, batch: "
+            "F.cross_entropy(module(batch['x']), batch['y'], reduction='none') (the train-end report takes its "
+            "reference loss from training_step: set report=None or make the augmentation depend on "
+            "self.training, which queries turn off).")
+
+
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
                     params: Sequence[torch.Tensor] = ()) -> None:
     """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
@@ -168,8 +194,11 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     declared as a mean: early in training every sequence's loss is near ``log(vocabulary)``). Samples of weight 0,
     batches of one sample and steps returning no loss are not checked.
 
+    A second call on ``{a, b}`` must give the same loss (:func:`check_deterministic`).
+
     Raises:
         LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
+        ConfigError: if ``training_step`` is random.
     """
     n = count_samples(batch)
     if n < 2:
@@ -178,6 +207,9 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         total, *alone = (scalar_loss(module.training_step(b, 0)) for b in (pair, *singles))
+        with torch.no_grad():
+            again = scalar_loss(module.training_step(pair, 0))
+    check_deterministic(total, again)
     single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]
     if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
         return
@@ -206,7 +238,8 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
 _REDUCTION_FIX = ("The recording used the same weights, so its curvature and test gradients are off by that factor "
                   "and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
                   "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that "
-                  "couples the samples (contrastive, batch statistics) has no per-sample data value.")
+                  "couples the samples (contrastive, batch statistics) has no per-sample data value; a random "
+                  "training_step (an augmentation drawn in it) fails this check too: pass loss_fn= to the query.")
 
 
 def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: list[float],

@@ -93,6 +93,9 @@ class Replayer:
         self.kind = OptimizerKind(manifest["kind"])
         self.groups: list[list[str]] = manifest["groups"]
         self.names = [name for group in self.groups for name in group]
+        # frozen parameters (requires_grad=False, fixed for the whole fit by the guards) that the optimizer holds:
+        # training gave them no gradient, so torch skipped them; the replay must not differentiate them either
+        self.trainable = [name for name in self.names if name not in set(manifest.get("frozen", ()))]
         self.clip = manifest.get("clip") or {}
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
@@ -115,15 +118,16 @@ class Replayer:
     def _gradient(
         self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
     ) -> list[torch.Tensor | None]:
-        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter (called
-        inside ``parameters_as(self.module, params)``)."""
+        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
+        a frozen one (called inside ``parameters_as(self.module, params)``)."""
         ids, _ = self.record(step)
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             losses = self.losses(self.module, ids)
         total = (weights.to(losses.dtype) * losses).sum()
-        grads = torch.autograd.grad(total, [params[n] for n in self.names], create_graph=create_graph,
+        grads = torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
                                     allow_unused=True)
-        return clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))
+        of = dict(zip(self.trainable, clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))))
+        return [of.get(name) for name in self.names]  # None for a frozen parameter: its update skips it
 
     def _update(
         self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int
