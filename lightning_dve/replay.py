@@ -95,7 +95,8 @@ class Replayer:
         self.names = [name for group in self.groups for name in group]
         # frozen parameters (requires_grad=False, fixed for the whole fit by the guards) that the optimizer holds:
         # training gave them no gradient, so torch skipped them; the replay must not differentiate them either
-        self.trainable = [name for name in self.names if name not in set(manifest.get("frozen", ()))]
+        frozen = set(manifest.get("frozen", ()))
+        self.trainable = [name for name in self.names if name not in frozen]
         self.clip = manifest.get("clip") or {}
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
