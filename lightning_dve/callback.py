@@ -212,7 +212,7 @@ class DataValueEmbedding(StepHooks):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = self._store_root(trainer)
-        manifest = callback_setup.store_manifest(self.config, tracked, pl_module, self._comm, self._owned)
+        manifest = callback_setup.store_manifest(self.config, tracked, self._comm, self._owned)
         self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows

@@ -4,6 +4,7 @@ scaler, and each rank's store (created, or the one a checkpoint resumes). Framew
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -218,10 +219,16 @@ def warn_replay_lost(error: DVEError) -> None:
                    "and report are complete, but exact_influence will refuse this run.")
 
 
-def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], pl_module: pl.LightningModule,
-                   comm: Communicator, owned: list[list[str]]) -> dict[str, Any]:
-    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes."""
-    training_dtype = str(torch.promote_types(pl_module.dtype, torch.float32)).removeprefix("torch.")
+def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,
+                   owned: list[list[str]]) -> dict[str, Any]:
+    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes.
+
+    The training dtype is the widest of the tracked weights' (float32 at least), not the LightningModule's
+    ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one.
+    """
+    widest = functools.reduce(torch.promote_types, (layer.module.weight.dtype for layer in tracked.values()),
+                              torch.float32)
+    training_dtype = str(widest).removeprefix("torch.")
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
             "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,

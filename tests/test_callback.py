@@ -7,6 +7,7 @@ weights the optimizer actually applied.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -715,3 +716,32 @@ def test_embeddings_before_any_fit_say_where_to_load_them_from():
                                           r"DataValueEmbeddings.load\(save_dir\) \(save_dir=None is "
                                           r"<trainer.default_root_dir>/dve\)"):
         DataValueEmbedding().embeddings
+
+
+def test_layers_made_float64_under_32_true_are_recorded_in_float64(fit, save_dir):
+    """A model whose layers were made float64 one by one (``self.net.double()``) trains in float64 under the default
+    ``"32-true"``, while the LightningModule's ``dtype`` stays float32: exact rows are stored in float64 and equal a
+    per-example backward loop to float64 round-off (they were cast to float32: 5e-8 off)."""
+
+    class Float64Layers(TinyMLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.double())
+
+    model = Float64Layers()
+    model.net.double()
+    start = copy.deepcopy(model.net)
+    train = DataLoader(DigitsDict(range(16)), batch_size=8)
+    dve = DataValueEmbedding(save_dir, projection_dim=None, report=None, checkpoint_interval=None)
+    fit(model, dve, train, max_epochs=1, max_steps=1)
+    assert model.dtype == torch.float32
+    store = TrajectoryStore.open(save_dir)
+    assert store.manifest["dtype"] == "float64" and store.manifest["storage_dtype"] == "float64"
+    record = store.read_step(0)
+    batch = next(iter(train))
+    for i in range(8):
+        start.zero_grad()
+        F.cross_entropy(start(batch["x"][i:i + 1].double()), batch["y"][i:i + 1]).backward()
+        layer = start[0]
+        expected = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).flatten()
+        assert record.grads["net.0"].dtype == torch.float64  # the gradient of sample i's own loss
+        torch.testing.assert_close(record.grads["net.0"][i], expected, rtol=1e-12, atol=1e-15)
