@@ -209,17 +209,39 @@ def smooth(values: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def epoch_curve(curve: InfluenceCurve) -> EpochCurve:
-    """Aggregate a per-step curve by epoch (means of the per-step values, sum of occurrence influence)."""
-    epochs = torch.unique(curve.epochs)
-    rows = [curve.epochs == epoch for epoch in epochs]
+    """Aggregate a per-step curve by epoch (means of the per-step values, sum of occurrence influence).
+
+    One pass over the steps (``O(T)``, not one mask per epoch: many short epochs of a long run stay cheap). NaN
+    values are left out of the means and the total; an epoch without a defined value has a NaN mean.
+    """
+    epochs, inverse = torch.unique(curve.epochs, return_inverse=True)
+    steps = curve.steps.to(torch.int64)
     return EpochCurve(
         epochs=epochs,
-        first_steps=torch.stack([curve.steps[row].min() for row in rows]),
-        last_steps=torch.stack([curve.steps[row].max() for row in rows]),
-        influence=torch.stack([curve.influence[row].nanmean() for row in rows]),
-        influence_per_lr=torch.stack([curve.influence_per_lr[row].nanmean() for row in rows]),
-        total=torch.stack([torch.nansum(curve.influence[row] * curve.counts[row]) for row in rows]),
+        first_steps=_group_reduce(steps, inverse, epochs.numel(), "amin"),
+        last_steps=_group_reduce(steps, inverse, epochs.numel(), "amax"),
+        influence=_group_nanmean(curve.influence, inverse, epochs.numel()),
+        influence_per_lr=_group_nanmean(curve.influence_per_lr, inverse, epochs.numel()),
+        total=_group_nansum(curve.influence * curve.counts, inverse, epochs.numel()),
     )
+
+
+def _group_reduce(values: torch.Tensor, groups: torch.Tensor, n: int, reduce: str) -> torch.Tensor:
+    """``[n]``: ``reduce`` (``"amin"``, ``"amax"``) of ``values`` within each group (every group is non-empty)."""
+    return values.new_zeros(n).scatter_reduce_(0, groups, values, reduce, include_self=False)
+
+
+def _group_nansum(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]``: sum of the non-NaN ``values`` of each group (0 if none), float64."""
+    values = values.to(torch.float64)
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, groups, torch.nan_to_num(values, nan=0.0, posinf=math.inf,
+                                                                                       neginf=-math.inf))
+
+
+def _group_nanmean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]``: mean of the non-NaN ``values`` of each group (NaN if none), float64."""
+    defined = torch.zeros(n, dtype=torch.float64).index_add_(0, groups, (~values.isnan()).to(torch.float64))
+    return torch.where(defined > 0, _group_nansum(values, groups, n) / defined.clamp(min=1), math.nan)
 
 
 def stage_bounds(n_steps: int, early_fraction: float, late_fraction: float) -> tuple[int, int]:

@@ -276,6 +276,10 @@ class EmbeddingArrays:
         return (torch.from_numpy(np.array(self.ids[start:stop])),
                 {name: torch.from_numpy(np.array(array[start:stop])) for name, array in self.arrays.items()})
 
+    def sample_ids(self, lo: int, hi: int) -> torch.Tensor:
+        """``[n]``: the sample id of each row of :meth:`rows` ``(lo, hi)`` (8 bytes a row, without the embeddings)."""
+        return torch.from_numpy(np.array(self.ids[self.offsets[lo]:self.offsets[hi]]))
+
     def row_steps(self, lo: int, hi: int) -> torch.Tensor:
         """``[n]``: the step of each row of :meth:`rows` ``(lo, hi)``."""
         counts = torch.tensor(self.offsets[lo:hi + 1], dtype=torch.int64).diff()

@@ -29,14 +29,16 @@ from .query_layers import (backward_to_layers, check_loss_count, check_reduction
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
-from .results import EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, columns_result, dot_layers
+from .results import (EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, columns_result, dot_layers,
+                      stream_columns)
 from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-#: Bytes of embeddings a query reads at a time (whole steps: more where one step has more).
+#: Bytes of embeddings a query reads at a time, and of their scores (8 per test point and row): whole steps, more
+#: where one step has more. Per-sample totals are summed chunk by chunk, never held per occurrence.
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -311,24 +313,23 @@ class DataValueEmbeddings:
 
     def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
         """:meth:`score` once ``boundary`` and the store are checked: the embeddings stream in chunks of at most
-        :data:`CHUNK_BYTES` (whole steps), each scored against its segment's carried test gradient."""
+        :data:`CHUNK_BYTES` (whole steps; of embeddings, and of the chunk's scores: 8 bytes a test point), each scored
+        against its segment's carried test gradient."""
         widths = {name: self.projections[name].dim for name in self.store.layer_names}
         carried = self._carry_back(check_test_gradients(test_gradients, widths), boundary)
         arrays = self.store.embedding_arrays(self.store.layer_names)
-        max_rows = max(1, CHUNK_BYTES // max(1, arrays.row_bytes))
-        ids, steps, columns = [], [], []
-        for segment, lo, hi in self._segment_ranges():
-            if segment >= len(carried):
-                break
-            for a, b in arrays.chunks(lo, hi, max_rows):
+        n_test = next(iter(carried[-1].values())).shape[0]
+        max_rows = max(1, CHUNK_BYTES // max(1, arrays.row_bytes, 8 * n_test))
+        ranges = [(segment, a, b) for segment, lo, hi in self._segment_ranges() if segment < len(carried)
+                  for a, b in arrays.chunks(lo, hi, max_rows)]
+
+        def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            for segment, a, b in ranges:
                 chunk_ids, embeddings = arrays.rows(a, b)
-                columns.append(dot_layers(carried[segment], embeddings))
-                ids.append(chunk_ids)
-                steps.append(arrays.row_steps(a, b))
-        if not columns:  # nothing recorded (every step skipped)
-            empty = torch.zeros(0, dtype=torch.int64)
-            return InfluenceResult(empty, empty, torch.zeros(next(iter(carried[-1].values())).shape[0], 0))
-        return columns_result(torch.cat(ids), torch.cat(steps), torch.cat(columns, dim=1), per_step)
+                yield chunk_ids, arrays.row_steps(a, b), dot_layers(carried[segment], embeddings)
+
+        all_ids = arrays.sample_ids(0, ranges[-1][2] if ranges else 0)  # segments run from the first step on
+        return stream_columns(chunks(), all_ids, n_test, per_step)
 
     def embedding_matrix(self) -> EmbeddingMatrix:
         """Every occurrence's embedding of the final model, in memory: ``N x sum_l k_l`` numbers, where queries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Iterable
 
 import torch
 
@@ -125,6 +126,61 @@ def columns_result(
     unique, inverse = torch.unique(sample_ids, return_inverse=True)
     totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
     return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+
+
+def stream_columns(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], all_ids: torch.Tensor, n_test: int,
+    per_step: bool,
+) -> InfluenceResult:
+    """:func:`columns_result` over column chunks, holding only the result: per-sample totals are summed chunk by
+    chunk into ``[n_test, N]``, never through the ``[n_test, m]`` occurrence matrix (``m`` grows with the steps).
+
+    Args:
+        chunks: ``(sample_ids [c], steps [c], scores [n_test, c])`` of consecutive columns.
+        all_ids: ``[m]`` sample id of every column the chunks hold (the totals' columns are its unique values).
+        n_test: rows of the result (its scores are ``[n_test, 0]`` float32 when there is no chunk).
+        per_step: keep one column per occurrence.
+    """
+    check_per_step(per_step)
+    return _per_step_columns(chunks, all_ids, n_test) if per_step else _sample_totals(chunks, all_ids, n_test)
+
+
+def _per_step_columns(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], all_ids: torch.Tensor, n_test: int
+) -> InfluenceResult:
+    """One column per occurrence, each chunk copied into the ``[n_test, m]`` result as it comes (no second copy)."""
+    scores, steps, at = None, [], 0
+    for _, chunk_steps, chunk in chunks:
+        if scores is None:
+            scores = chunk.new_empty(n_test, all_ids.numel())
+        scores[:, at:at + chunk.shape[1]] = chunk
+        at += chunk.shape[1]
+        steps.append(chunk_steps)
+        del chunk  # before the next chunk is computed
+    if scores is None:
+        return _empty_result(n_test)
+    return InfluenceResult(all_ids, torch.cat(steps), scores)
+
+
+def _sample_totals(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], all_ids: torch.Tensor, n_test: int
+) -> InfluenceResult:
+    """Per-sample totals ``[n_test, N]`` (ordered by sample id), summed chunk by chunk."""
+    unique, totals = torch.unique(all_ids), None
+    for chunk_ids, _, scores in chunks:
+        if totals is None:
+            totals = scores.new_zeros(n_test, unique.numel())
+        totals.index_add_(1, torch.searchsorted(unique, chunk_ids), scores)
+        del chunk_ids, scores  # before the next chunk is computed
+    if totals is None:
+        return _empty_result(n_test)
+    return InfluenceResult(unique, torch.full_like(unique, -1), totals)
+
+
+def _empty_result(n_test: int) -> InfluenceResult:
+    """A result without columns (nothing recorded: every step skipped)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return InfluenceResult(empty, empty, torch.zeros(n_test, 0))
 
 
 def dot_layers(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
