@@ -29,8 +29,7 @@ from .query_layers import (backward_to_layers, check_loss_count, check_reduction
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
 from .replay_data import split_batch, step_loss_terms
-from .results import (EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, columns_result, dot_layers,
-                      stream_columns)
+from .results import EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, dot_layers, stream_columns
 from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
@@ -249,7 +248,7 @@ class DataValueEmbeddings:
         ids, steps, scores, self.replay_cost = exact_influence_scores(
             self.store, self.config.checkpoint_interval, module, self._replay_target(batch, loss_fn), data,
             train_loss_fn, self.config.loss_reduction, self.loss_weights)
-        return columns_result(ids, steps, scores, per_step)
+        return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
 
     def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
         """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""

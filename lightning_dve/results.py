@@ -109,31 +109,13 @@ def check_per_step(per_step: object) -> None:
                           f"{per_step!r}.")
 
 
-def columns_result(
-    sample_ids: torch.Tensor, steps: torch.Tensor, scores: torch.Tensor, per_step: bool
-) -> InfluenceResult:
-    """Per-occurrence columns, or (``per_step=False``) per-sample totals ordered by sample id.
-
-    Args:
-        sample_ids: ``[m]`` sample id of each occurrence.
-        steps: ``[m]`` optimizer step of each occurrence.
-        scores: ``[n, m]``; the totals are ``sum_t scores[:, (t, z)]`` per sample ``z``.
-        per_step: keep one column per occurrence.
-    """
-    check_per_step(per_step)
-    if per_step:
-        return InfluenceResult(sample_ids, steps, scores)
-    unique, inverse = torch.unique(sample_ids, return_inverse=True)
-    totals = scores.new_zeros(scores.shape[0], unique.numel()).index_add_(1, inverse, scores)
-    return InfluenceResult(unique, torch.full_like(unique, -1), totals)
-
-
 def stream_columns(
     chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], all_ids: torch.Tensor, n_test: int,
     per_step: bool,
 ) -> InfluenceResult:
-    """:func:`columns_result` over column chunks, holding only the result: per-sample totals are summed chunk by
-    chunk into ``[n_test, N]``, never through the ``[n_test, m]`` occurrence matrix (``m`` grows with the steps).
+    """Per-occurrence columns, or (``per_step=False``) per-sample totals ordered by sample id, from column chunks,
+    holding only the result: the totals ``sum_t scores[:, (t, z)]`` are summed chunk by chunk into ``[n_test, N]``,
+    never through the ``[n_test, m]`` occurrence matrix (``m`` grows with the steps).
 
     Args:
         chunks: ``(sample_ids [c], steps [c], scores [n_test, c])`` of consecutive columns.

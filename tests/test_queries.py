@@ -403,10 +403,11 @@ def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained
 
 @pytest.mark.parametrize("per_step", ["no", "yes", 1, None])
 def test_per_step_must_be_a_bool(per_step):
-    from lightning_dve.results import columns_result
+    from lightning_dve.results import stream_columns
 
+    chunk = (torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4))
     with pytest.raises(ConfigError, match=rf"per_step must be a bool .*got {re.escape(repr(per_step))}\."):
-        columns_result(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4), per_step)
+        stream_columns([chunk], chunk[0], 3, per_step)
 
 
 @pytest.mark.parametrize("index", [1.0, "1", True])
