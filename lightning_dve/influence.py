@@ -91,7 +91,8 @@ class DataValueEmbeddings:
             diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
             raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
                              "recorded settings, or record a new run with the new ones.")
-        missing = [s for s in store.steps if not (Path(path) / STEPS / f"step_{s:08d}.safetensors").is_file()]
+        present = {file.name for file in (Path(path) / STEPS).glob("step_*.safetensors")}  # one listing, not T stats
+        missing = [s for s in store.steps if f"step_{s:08d}.safetensors" not in present]
         if missing:
             raise StoreError(f"store {path} is missing {len(missing)} {STEPS} file(s), first for steps "
                              f"{missing[:5]}; restore them or record the run again.")
