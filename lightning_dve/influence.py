@@ -313,8 +313,7 @@ class DataValueEmbeddings:
 
     def _score(self, test_gradients: Any, per_step: bool, boundary: int | None) -> InfluenceResult:
         """:meth:`score` once ``boundary`` and the store are checked: the embeddings stream in chunks of at most
-        :data:`CHUNK_BYTES` (whole steps; of embeddings, and of the chunk's scores: 8 bytes a test point), each scored
-        against its segment's carried test gradient."""
+        :data:`CHUNK_BYTES` (whole steps), each scored against its segment's carried test gradient."""
         widths = {name: self.projections[name].dim for name in self.store.layer_names}
         carried = self._carry_back(check_test_gradients(test_gradients, widths), boundary)
         arrays = self.store.embedding_arrays(self.store.layer_names)
