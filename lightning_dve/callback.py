@@ -202,7 +202,7 @@ class DataValueEmbedding(StepHooks):
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resume, self._resume = self._resume, None  # a refused resume is not retried by a later fit
+        resume, self._resume = callback_setup.store_to_continue(self._resume), None  # a refused one is not retried
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)

@@ -187,6 +187,16 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
     return dict(candidates[0])
 
 
+def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The restored callback state a fit continues: ``None`` when there is none, or when it was saved before this
+    callback opened a store (no run id, no step), which holds nothing to continue. ``LearningRateFinder`` and
+    ``BatchSizeFinder`` (also through ``Tuner``) save such a checkpoint in their ``on_fit_start``, which runs before
+    this callback's, and restore it after their search."""
+    if state is None or (state.get("run_id") is None and int(state.get("last_step", -1)) < 0):
+        return None
+    return state
+
+
 def warn_nothing_recorded(root: Path) -> None:
     """Say that a fit trained no optimizer step (its loop was done, or had no batches): nothing was recorded."""
     rank_zero_warn(f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded in {root} (a "

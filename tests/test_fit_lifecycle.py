@@ -1,6 +1,6 @@
 """Fits that do not run the usual way: a checkpoint of other settings, a train end that failed and is finished by
 resuming, a fit with nothing to train, checkpoints restored by validate, a report or replay write that fails,
-weights averaged in at train end."""
+weights averaged in at train end, tuner callbacks that restore their own checkpoint."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
 from lightning_dve.store import TrajectoryStore
-from tests.conftest import TinyMLP
+from tests.conftest import DigitsDict, TinyMLP
 from tests.test_resume_accumulation import checkpointing_trainer
 
 
@@ -251,3 +251,36 @@ def test_resuming_a_failed_run_from_an_earlier_checkpoint_with_nothing_to_train_
     on_disk = sum(p.stat().st_size for p in (tmp_path / "dve" / STEPS).rglob("*") if p.is_file())
     assert len(list((tmp_path / "dve" / STEPS).iterdir())) == 4
     assert (manifest["bytes_steps"], manifest["bytes_per_step"]) == (on_disk, on_disk // 4)
+
+
+class Batched(TinyMLP):
+    """TinyMLP with its own training loader of ``batch_size`` (``BatchSizeFinder`` changes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 16
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(DigitsDict(range(64)), batch_size=self.batch_size)
+
+
+@pytest.mark.parametrize("finder", ["lr", "batch_size"])
+def test_a_tuner_callback_that_restores_its_checkpoint_leaves_the_recording_of_a_plain_fit(
+    fit, tmp_path: Path, test_batch: dict, finder: str
+) -> None:
+    """``LearningRateFinder`` and ``BatchSizeFinder`` save a checkpoint in their ``on_fit_start`` (run before this
+    callback's), search, and restore it: the callback's state in it was saved before any store existed, so the fit
+    records afresh (it was refused as a resume of other settings) and scores as a plain fit at the same settings."""
+    tuner = (LearningRateFinder(num_training_steps=3, update_attr=False) if finder == "lr"
+             else BatchSizeFinder(max_trials=1, steps_per_trial=1))
+    model, dve = Batched(), DataValueEmbedding(tmp_path / "tuned", projection_dim=None, report=None)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, max_epochs=1, num_sanity_val_steps=0, callbacks=[dve, tuner],
+                      default_root_dir=tmp_path)
+    trainer.fit(model)
+    plain, oracle = Batched(), DataValueEmbedding(tmp_path / "plain", projection_dim=None, report=None)
+    plain.batch_size = model.batch_size
+    fit(plain, oracle, train=plain.train_dataloader())
+    tuned, expected = (d.embeddings.influence(m, test_batch, per_step=True) for d, m in ((dve, model), (oracle, plain)))
+    assert torch.equal(tuned.steps, expected.steps)
+    torch.testing.assert_close(tuned.scores, expected.scores)
