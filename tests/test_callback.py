@@ -58,6 +58,9 @@ def test_missing_id_key_in_dict_batch(fit, mlp_cls, save_dir):
     with pytest.raises(SampleIdError, match=r"batch has no key 'idx' \(keys: \['index', 'x'\]\)\. Return") as info:
         extract_sample_ids({"x": torch.zeros(2, 3), "index": torch.tensor([0.5, 1.5])}, "idx", 2)  # not integers
     assert "If " not in str(info.value)
+    with pytest.raises(SampleIdError, match=r"batch has no key 'idx' \(keys: \['index', 'x'\]\)\. Return") as info:
+        extract_sample_ids({"x": torch.zeros(2, 3), "index": torch.arange(3)}, "idx", 2)  # not one per sample
+    assert "If " not in str(info.value)
 
 
 def test_tuple_batch_with_key_sample_ids(fit, mlp_cls, save_dir):

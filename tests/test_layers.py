@@ -561,6 +561,14 @@ def test_every_unsupported_layer_of_a_transformer_stack_is_named_at_once_with_wo
         resolve_layers(model, DVEConfig(projection_dim=None))
 
 
+def test_two_unsupported_layers_are_named_in_one_refusal():
+    """Two is already several: both modules are named at once with patterns for both, not one per fit."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedError, match=r"layers '1' \(LayerNorm\), '3' \(LayerNorm\) are not of a supported "
+                                               r"layer type.*exclude=\('1', '3'\) to train all 2"):
+        resolve_layers(model, DVEConfig(projection_dim=None))
+
+
 def test_unsupported_layer_named_explicitly_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2))
     with pytest.raises(UnsupportedError, match=r"layer '1' \(Conv2d\) uses groups=2.*Add '1' to `exclude=`"):

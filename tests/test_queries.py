@@ -410,6 +410,26 @@ def test_per_step_must_be_a_bool(per_step):
         stream_columns([chunk], chunk[0], 3, per_step)
 
 
+def test_streamed_totals_add_each_chunk_to_its_own_samples():
+    """Per-sample totals summed chunk by chunk: sample ids that are neither contiguous nor sorted, repeated across
+    chunks; each total is the explicit sum of that sample's columns, and the per-step result is the columns in
+    order."""
+    from lightning_dve.results import stream_columns
+
+    ids, steps = torch.tensor([30, 10, 20, 30, 50]), torch.tensor([0, 0, 1, 1, 2])
+    scores = torch.tensor([[1.0, 2.0, 4.0, 8.0, 16.0], [-1.0, 0.5, 0.25, 3.0, 2.0]], dtype=torch.float64)
+    chunks = [(ids[:2], steps[:2], scores[:, :2]), (ids[2:4], steps[2:4], scores[:, 2:4]),
+              (ids[4:], steps[4:], scores[:, 4:])]
+    totals = stream_columns(iter(chunks), ids, 2, per_step=False)
+    assert totals.sample_ids.tolist() == [10, 20, 30, 50]
+    assert totals.scores.tolist() == [[2.0, 4.0, 1.0 + 8.0, 16.0], [0.5, 0.25, -1.0 + 3.0, 2.0]]
+    columns = stream_columns(iter(chunks), ids, 2, per_step=True)
+    assert torch.equal(columns.sample_ids, ids) and torch.equal(columns.steps, steps)
+    assert torch.equal(columns.scores, scores)
+    empty = stream_columns(iter([]), torch.zeros(0, dtype=torch.int64), 3, per_step=False)
+    assert empty.scores.shape == (3, 0) and empty.sample_ids.numel() == 0
+
+
 @pytest.mark.parametrize("index", [1.0, "1", True])
 def test_top_k_refuses_a_test_index_that_is_not_an_int(index):
     result = InfluenceResult(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4))

@@ -168,3 +168,23 @@ def rows_description(line: str) -> str:
     quoted = re.search(r"  '(.*)'$", line)
     assert quoted is not None, line
     return quoted[1]
+
+
+def test_binned_curve_rows_average_each_bin_over_its_defined_steps() -> None:
+    """7 steps in at most 3 rows: bins of 3, 3 and 1 steps. Each row has its first step and epoch, the mean
+    learning rate of its steps (a schedule changes it inside a bin), the summed counts and the mean of the defined
+    values: step 3 has learning rate 0, so its influence per lr is undefined and left out of its bin's mean (not
+    counted as 0). Oracle: the hand-computed bins of scores ``t + 1`` (one occurrence per step)."""
+    from lightning_dve.reporting_loggers import binned_curve_rows, curve_rows
+
+    lrs = torch.tensor([1.0, 0.5, 0.25, 0.0, 1.0, 2.0, 4.0], dtype=torch.float64)
+    result = InfluenceResult(torch.arange(7), torch.arange(7), torch.arange(1.0, 8.0, dtype=torch.float64)[None])
+    report = curves.summarise(result, list(range(7)), [0, 0, 0, 0, 1, 1, 1], lrs,
+                              ReportConfig(top_k=1, histogram_bins=2, smoothing_fraction=0.0))
+    rows, width = binned_curve_rows(report, 3)
+    assert width == 3 and len(rows) == 3
+    expected = [[0, 0, 1.75 / 3, 3, 2.0, (1.0 + 4.0 + 12.0) / 3],
+                [3, 0, 1.0, 3, 5.0, (5.0 / 1.0 + 6.0 / 2.0) / 2],  # step 3's per-lr value is undefined
+                [6, 1, 4.0, 1, 7.0, 7.0 / 4.0]]
+    assert [v for row in rows for v in row[:6]] == pytest.approx([v for row in expected for v in row], rel=1e-12)
+    assert binned_curve_rows(report, 7) == (curve_rows(report), 1)

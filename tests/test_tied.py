@@ -14,8 +14,10 @@ from tests.conftest import TiedHeadMLP
 
 
 def test_weight_also_used_functionally_is_refused(fit: Callable, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .* by \d+%.*tied.*exclude=\('net.2',\)"):
+    message = r"layer 'net.2': .* differs .* by \d+%.*tied.*exclude=\('net.2',\)"
+    with pytest.raises(UnsupportedError, match=message) as info:
         fit(TiedHeadMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None))
+    assert "hold this one weight" not in str(info.value)  # one tracked layer holds it: no list of sharers
 
 
 def test_weight_shared_by_two_tracked_modules_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
