@@ -175,10 +175,8 @@ class BackwardRecursion:
         transfer = accumulator.neg()
         transfer.diagonal().add_(1)  # A_t = I - M
         step_map = transfer * lr  # A_t Lambda_t
-        if "lead" in columns:
-            velocity = step_map * columns["lead"]
-        else:  # step_map itself unless it is needed again below
-            velocity = step_map.clone() if "direct" in columns else step_map
+        # without Nesterov's lead, S_t starts as A_t Lambda_t itself (its direct term, which reads it, comes with lead)
+        velocity = step_map * columns["lead"] if "lead" in columns else step_map
         if self.velocity_maps[index] is not None:
             velocity.addcmul_(self.velocity_maps[index], self.next_momentum[index])  # + S_{t+1} diag(mu_{t+1})
         direct = velocity * columns["gain"]  # D_t = S_t diag(c_t) (+ A_t Lambda_t diag(clip_t), Nesterov)
