@@ -138,6 +138,7 @@ class DataValueEmbedding(StepHooks):
         self._dims: dict[str, int] = {}
         self._root: Path | None = None
         self._resume: dict[str, Any] | None = None
+        self._fit_pending = False
         self._deferred_write: DVEError | None = None  # rank 0's failed boundary-reference write, for the next check
         self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
         self._step = self._last_step = -1
@@ -186,7 +187,8 @@ class DataValueEmbedding(StepHooks):
             self._writer.wait()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
-                "run_id": None if self._store is None else self._store.manifest.get("run_id")}
+                "run_id": None if self._store is None else self._store.manifest.get("run_id"),
+                "before_fit": self._fit_pending}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
@@ -201,7 +203,11 @@ class DataValueEmbedding(StepHooks):
 
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fit_pending = stage == "fit"  # until on_fit_start: a state saved now is a tuner's (store_to_continue)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_pending = False
         resume, self._resume = callback_setup.store_to_continue(self._resume), None  # a refused one is not retried
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
@@ -307,6 +313,7 @@ class DataValueEmbedding(StepHooks):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
+        self._fit_pending = False
         self._resume = None  # restored by validate/test/predict(ckpt_path=...): not for a later fit
 
     # --- helpers -----------------------------------------------------------------------------------------

@@ -284,3 +284,24 @@ def test_a_tuner_callback_that_restores_its_checkpoint_leaves_the_recording_of_a
     tuned, expected = (d.embeddings.influence(m, test_batch, per_step=True) for d, m in ((dve, model), (oracle, plain)))
     assert torch.equal(tuned.steps, expected.steps)
     torch.testing.assert_close(tuned.scores, expected.scores)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_second_fit_with_a_tuner_callback_records_a_new_run_as_without_it(tmp_path: Path, overwrite: bool) -> None:
+    """In a second fit of the same Trainer the finder's checkpoint (saved in its ``on_fit_start``, before this
+    callback's) holds the first fit's store: the restore must not continue it. As without a finder, the second fit
+    is refused in the non-empty ``save_dir`` (``overwrite=False``) or records only its own steps (``True``); it
+    resumed the first run instead (steps 0-7 in one store, even with ``overwrite=False``)."""
+    model = Batched()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, overwrite=overwrite)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, max_epochs=1, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                      callbacks=[dve, LearningRateFinder(num_training_steps=3, update_attr=False)])
+    trainer.fit(model)
+    trainer.fit_loop.max_epochs = 2
+    if not overwrite:
+        with pytest.raises(StoreError, match="is not empty: each fit records a new run"):
+            trainer.fit(model)
+        return
+    trainer.fit(model)
+    assert dve.embeddings.steps == [4, 5, 6, 7]
