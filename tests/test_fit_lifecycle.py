@@ -305,3 +305,22 @@ def test_a_second_fit_with_a_tuner_callback_records_a_new_run_as_without_it(tmp_
         return
     trainer.fit(model)
     assert dve.embeddings.steps == [4, 5, 6, 7]
+
+
+def test_a_resume_with_a_tuner_callback_is_recorded_as_the_run_lightning_trains(tmp_path: Path) -> None:
+    """``fit(ckpt_path=...)`` with ``LearningRateFinder``: the finder saves its checkpoint before Lightning restores
+    the loops and restores it after the search, so Lightning trains again from step 0 (from the checkpoint's
+    weights). The callback must not append those steps to the store of the checkpoint's run (steps 0-3, then 0-7
+    again): the pending resume is dropped, so the fit records a new run, refused in the non-empty ``save_dir``."""
+    root = tmp_path / "run"
+    common = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, default_root_dir=root)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    Trainer(max_epochs=1, callbacks=[DataValueEmbedding(root / "dve", projection_dim=None, report=None), ckpt],
+            **common).fit(Batched())
+    dve = DataValueEmbedding(root / "dve", projection_dim=None, report=None)
+    trainer = Trainer(max_epochs=2, callbacks=[dve, LearningRateFinder(num_training_steps=3, update_attr=False)],
+                      enable_checkpointing=False, **common)
+    with pytest.raises(StoreError, match="is not empty: each fit records a new run"):
+        trainer.fit(Batched(), ckpt_path=root / "ckpt" / "last.ckpt")
+    assert TrajectoryStore.open(root / "dve").steps == [0, 1, 2, 3]
