@@ -188,15 +188,12 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
 
 
 def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The restored callback state a fit continues: ``None`` when there is none, when it was saved before this
-    callback opened a store (no run id, no step), which holds nothing to continue, or when it was saved by this fit
+    """The restored callback state a fit continues: ``None`` when there is none, or when it was saved by this fit
     before its ``on_fit_start`` (``before_fit``). ``LearningRateFinder`` and ``BatchSizeFinder`` (also through
     ``Tuner``) save a checkpoint in their ``on_fit_start``, which runs before this callback's, and restore it after
-    their search: in a second fit it holds the first fit's store, which the new fit must not continue."""
-    if state is None or state.get("before_fit") or (state.get("run_id") is None
-                                                    and int(state.get("last_step", -1)) < 0):
-        return None
-    return state
+    their search: it holds no store (a first fit) or the first fit's (a second one), which the fit must not
+    continue."""
+    return None if state is None or state.get("before_fit") else state
 
 
 def warn_nothing_recorded(root: Path) -> None:
