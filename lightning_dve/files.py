@@ -86,6 +86,75 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     _replace_atomically(path, lambda tmp: write_safetensors(tensors, str(tmp), metadata))
 
 
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor entries and ``__metadata__``) and where its data starts, from its first
+    bytes only; the entries are checked to cover the rest of the file exactly.
+
+    Raises:
+        StoreError: if the file is missing, or its header is corrupt or does not match its size.
+    """
+    try:
+        with open(path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(length))
+            size = os.fstat(file.fileno()).st_size
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if end != size - 8 - length:
+            raise ValueError(f"its tensors cover {end} bytes of {size - 8 - length}")
+    except (ValueError, OSError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise StoreError(f"store file {path} is missing, corrupt or truncated ({err}). Delete the store and record "
+                         "the run again, or restore the file from a backup.") from err
+    return header, 8 + length
+
+
+def write_concatenated_atomic(path: Path, parts: list[tuple[str, Path, dict[str, Any], int]],
+                              metadata: dict[str, str]) -> None:
+    """Write one safetensors file holding the tensors of several: each ``(prefix, file, its header, its data
+    start)`` part's tensors are named ``prefix + name`` and their bytes copied as they are, by the kernel
+    (``copy_file_range``), never decoded (safetensors reads a tensor at any offset). Atomic as :func:`write_atomic`.
+
+    Raises:
+        StoreError: if the disk is full or the write fails (as :func:`write_atomic`).
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    base = 0
+    for prefix, _, entries, _ in parts:
+        for name, entry in entries.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                header[prefix + name] = {**entry, "data_offsets": [base + start, base + end]}
+        base += max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(tmp: Path) -> None:
+        _write_all(str(tmp), [memoryview(len(text).to_bytes(8, "little") + text)])
+        with open(tmp, "r+b") as out:
+            end = 8 + len(text)
+            for _, source, _, start in parts:
+                with open(source, "rb") as src:
+                    end = _copy_rest(src.fileno(), start, out.fileno(), end)
+
+    _replace_atomically(path, write)
+
+
+def _copy_rest(src: int, offset: int, dst: int, at: int) -> int:
+    """Copy the bytes of file ``src`` from ``offset`` to its end into file ``dst`` at ``at`` (in the kernel where it
+    can); return where they end in ``dst``."""
+    remaining = os.fstat(src).st_size - offset
+    while remaining > 0:
+        try:
+            copied = os.copy_file_range(src, dst, remaining, offset, at)
+        except OSError as err:  # not on this file system (or kernel): copy through memory
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = os.pwrite(dst, os.pread(src, remaining, offset), at)
+        if copied == 0:
+            raise OSError(errno.EIO, "copy_file_range copied nothing")
+        offset, at, remaining = offset + copied, at + copied, remaining - copied
+    return at
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (a manifest) under a temporary name, then rename it into place.
 
@@ -185,6 +254,16 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
     except (SafetensorError, ValueError, OSError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
                          "run again, or restore the file from a backup.") from err
+    check_metadata(path, metadata, settings_hash, step)
+    return tensors
+
+
+def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, step: int | None = None) -> None:
+    """Refuse a store file written with other settings than the manifest's, or holding another step than ``step``.
+
+    Raises:
+        StoreError: naming both and what to do.
+    """
     if metadata.get("settings_hash") != settings_hash:
         raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
                          f"manifest says {settings_hash}: files of two runs are mixed in one directory. Use a "
@@ -193,7 +272,6 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         raise StoreError(f"store file {path} holds step {metadata.get('step')}'s data, not step {step}'s: a file "
                          "of another step was copied or renamed over it (the store is damaged). Restore the file "
                          "from a backup, or record the run again.")
-    return tensors
 
 
 def _metadata(data: bytes) -> dict[str, str]:

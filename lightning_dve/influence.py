@@ -12,7 +12,6 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,10 +90,9 @@ class DataValueEmbeddings:
             diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
             raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
                              "recorded settings, or record a new run with the new ones.")
-        present = {file.name for file in (Path(path) / STEPS).glob("step_*.safetensors")}  # one listing, not T stats
-        missing = [s for s in store.steps if f"step_{s:08d}.safetensors" not in present]
+        missing = store.step_files.missing(store.steps)  # one listing, not T stats
         if missing:
-            raise StoreError(f"store {path} is missing {len(missing)} {STEPS} file(s), first for steps "
+            raise StoreError(f"store {path} is missing the {STEPS} file(s) of {len(missing)} step(s), first of steps "
                              f"{missing[:5]}; restore them or record the run again.")
         store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
         return cls(store, loss_weights)

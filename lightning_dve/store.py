@@ -3,7 +3,7 @@
 Layout of a store directory::
 
     manifest.json                      schema version, settings (+ hash), layers and projections, status
-    steps/step_00000042.safetensors    one recorded optimizer step (a :class:`StepRecord`)
+    steps/                             the recorded optimizer steps (:class:`StepRecord`; ``step_files``)
     embeddings/                        one array per layer ``[N, k_l]`` and the sample ids (``embedding_arrays``)
 
 Every file (the embeddings: their folder) is written under a temporary name and renamed, so one that exists is
@@ -24,8 +24,9 @@ import torch
 
 from .embedding_arrays import EmbeddingArrays, EmbeddingWriter, remove_embeddings
 from .errors import StoreError
-from .files import disk_bytes, read_checked, read_json, read_step_header, remove_files, write_atomic, write_text_atomic
+from .files import disk_bytes, read_checked, read_json, remove_files, write_atomic, write_text_atomic
 from .records import StepRecord
+from .step_files import StepFolder, step_name
 
 SCHEMA_VERSION = 2  # 2: embeddings as one array per layer
 MANIFEST = "manifest.json"
@@ -45,10 +46,6 @@ def _layer_summary(layers: list[dict[str, Any]]) -> str:
         f"{e['projection']['in']['checksum']})" for e in layers)
 
 
-def _step_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
-
-
 class TrajectoryStore:
     """A store directory: create or open it, append steps, read them backwards, hold embeddings."""
 
@@ -59,6 +56,7 @@ class TrajectoryStore:
         self._replaces = False  # created over an earlier store: clear it at the first write (create)
         self._embedding_writer: EmbeddingWriter | None = None  # between begin_ and finish_embeddings
         self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first embedding_arrays
+        self.step_files = StepFolder(self.root / STEPS, manifest["settings_hash"])
 
     @property
     def settings_hash(self) -> str:
@@ -166,23 +164,11 @@ class TrajectoryStore:
         write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
 
     def _scan_steps(self, after: int | None = None, drop: bool = False) -> None:
-        """Rebuild the step list from the step files (complete by construction: they are renamed into place).
-
-        Args:
-            after: leave out the step files after this step, unread (``None`` lists all).
-            drop: delete those files.
-        """
-        entries = []
-        for path in sorted((self.root / STEPS).glob("step_*.safetensors")):
-            step = int(path.stem.split("_")[1])
-            if after is not None and step > after:
-                if drop:
-                    path.unlink()
-                continue
-            entries.append((step, *read_step_header(path)))
-        self.manifest.update(steps=[e[0] for e in entries], epochs=[e[1] for e in entries],
-                             lrs=[e[2] for e in entries], applied_lrs=[e[3] for e in entries],
-                             rows=[e[4] for e in entries])
+        """Rebuild the step list from the step files (:meth:`StepFolder.scan`: ``after`` and ``drop`` as there)."""
+        entries = self.step_files.scan(after, drop)
+        self.manifest.update(steps=[e.step for e in entries], epochs=[e.epoch for e in entries],
+                             lrs=[e.lrs for e in entries], applied_lrs=[e.applied_lrs for e in entries],
+                             rows=[e.rows for e in entries])
 
     @classmethod
     def reopen(cls, root: str | os.PathLike[str], last_step: int, layers: list[dict[str, Any]] | None = None,
@@ -239,14 +225,14 @@ class TrajectoryStore:
         self.write_manifest()
         self._resume_after = None  # done (a failed write above is retried by the next write)
 
-    def _metadata(self, step: int, epoch: int = 0) -> dict[str, str]:
-        return {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash}
+    def _metadata(self, step: int) -> dict[str, str]:
+        return {"step": str(step), "epoch": "0", "settings_hash": self.settings_hash}
 
     def append(self, record: StepRecord) -> None:
         """Persist one step (atomically) and list it (step, epoch, learning rates) in the in-memory manifest."""
         self.truncate_for_resume()
         tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
-        write_atomic(self.root / STEPS / _step_name(record.step), tensors, self._metadata(record.step, record.epoch))
+        self.step_files.write(record.step, record.epoch, tensors)
         self.manifest["steps"].append(record.step)
         self.manifest["epochs"].append(record.epoch)
         self.manifest["lrs"].append(record.lrs.tolist())
@@ -269,8 +255,7 @@ class TrajectoryStore:
         """Read one recorded step (``epoch``: its epoch if the caller knows it, else looked up)."""
         if epoch is None:
             epoch = dict(zip(self.manifest["steps"], self.manifest["epochs"]))[step]
-        tensors = read_checked(self.root / STEPS / _step_name(step), self.settings_hash, step=step)
-        return StepRecord.from_tensors(step, epoch, tensors)
+        return StepRecord.from_tensors(step, epoch, self.step_files.read(step))
 
     def iter_backward(self, lo: int = 0, hi: int | None = None) -> Iterator[StepRecord]:
         """Yield the recorded steps with index in ``[lo, hi)`` from the last to the first, one file at a time."""
@@ -373,7 +358,7 @@ class TrajectoryStore:
         """Persist the report's reference gradient ``{layer: [1, k_l]}`` at the weights after ``step``."""
         self.truncate_for_resume()
         (self.root / REFERENCES).mkdir(exist_ok=True)
-        write_atomic(self.root / REFERENCES / _step_name(step), gradients, self._metadata(step))
+        write_atomic(self.root / REFERENCES / step_name(step), gradients, self._metadata(step))
 
     def read_references(self) -> dict[int, dict[str, torch.Tensor]]:
         """Reference gradients saved during training, by the step after which they were taken."""

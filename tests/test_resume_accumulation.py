@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, step_files
 from lightning_dve.store import TrajectoryStore
 
 
@@ -44,9 +44,14 @@ def checkpointing_trainer(root: Path, epochs: int, callbacks: list) -> L.Trainer
                      callbacks=callbacks)
 
 
+@pytest.mark.parametrize("pack_steps", [256, 3], ids=["loose steps", "packed steps"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(
-    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict, pack_steps: int,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # packed: the crashed run leaves packs of steps 0-2 and 3-5 and loose steps 6, 7; the resume after step 3
+    # rewrites the second pack (step_files.StepFolder.scan)
+    monkeypatch.setattr(step_files, "PACK_STEPS", pack_steps)
     # Models start in float64: Lightning restores a checkpoint before precision="64-true" converts the module,
     # so a float32 module would round the restored float64 weights (a 4e-8 change, not the callback's doing).
     reference_model, reference = mlp_cls().double(), DataValueEmbedding(tmp_path / "reference", projection_dim=32)
@@ -59,6 +64,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
     first = DataValueEmbedding(tmp_path / "resumed", projection_dim=32)
     checkpointing_trainer(tmp_path, 2, [first, ckpts]).fit(mlp_cls().double(), make_loader())
     assert TrajectoryStore.open(tmp_path / "resumed").steps == list(range(8))
+    if pack_steps == 3:
+        assert sorted(p.name for p in (tmp_path / "resumed" / "steps").iterdir()) == [
+            "pack_00000000_00000002.safetensors", "pack_00000003_00000005.safetensors", "step_00000006.safetensors",
+            "step_00000007.safetensors"]
     epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
 
     model, resumed = mlp_cls().double(), DataValueEmbedding(tmp_path / "resumed", projection_dim=32)

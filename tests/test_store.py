@@ -126,7 +126,7 @@ def test_manifest_of_another_schema_version(store_copy):
 
 
 @pytest.mark.parametrize("path, message", [
-    ("steps/step_00000003.safetensors", r"missing 1 steps file\(s\), first for steps \[3\]"),
+    ("steps/step_00000003.safetensors", r"missing the steps file\(s\) of 1 step\(s\), first of steps \[3\]"),
     ("embeddings/index.safetensors", r"embeddings/index\.safetensors is missing"),
     ("embeddings/sample_ids.npy", r"embeddings/sample_ids\.npy is missing"),
 ], ids=["steps", "embeddings index", "embeddings sample ids"])  # a missing layer file: test_queries

@@ -1,0 +1,269 @@
+"""The ``steps/`` folder of a store: one file per recorded step, packed into files of consecutive steps.
+
+Each step is first written as its own file (atomically: a temporary name, then rename), so a run that dies keeps
+every step it finished. Once :data:`PACK_STEPS` loose steps, or :data:`PACK_BYTES` of them, have accumulated,
+they are copied into one pack file (written atomically too) and their loose files deleted: a long run holds one
+file per pack instead of one per step (a run of 100k steps: ~400 files instead of 100k inodes). Layout::
+
+    steps/step_00000042.safetensors            one step: StepRecord tensors; metadata step, epoch, settings_hash
+    steps/pack_00000000_00000255.safetensors   the recorded steps 0..255 (fp16 skipped steps leave gaps): tensors
+                                               "00000042/<name>"; metadata steps, epochs, settings_hash
+
+A run killed between writing a pack and deleting its loose files leaves both; the pack is read (the same bytes)
+and the loose copies are deleted at the next write. A resume inside a pack rewrites it with the steps it keeps
+(new pack first, then the old one deleted); killed in between, the shorter of two packs that start at the same
+step is the one kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import StoreError
+from .files import (check_metadata, read_checked, read_step_header, remove_files, safetensors_header, write_atomic,
+                    write_concatenated_atomic)
+
+#: Loose steps packed into one file once this many have accumulated.
+PACK_STEPS = 256
+#: ... or once their files hold this many bytes (a pack is read back whole into memory when it is written).
+PACK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """What a store lists of one recorded step without reading its gradients.
+
+    Attributes:
+        step: the optimizer step.
+        epoch: its training epoch.
+        lrs: the recursion's rate of each tracked layer ``[L]`` (``StepRecord.lrs``).
+        applied_lrs: the param-group learning rate of each tracked layer ``[L]``.
+        rows: its number of occurrences.
+    """
+
+    step: int
+    epoch: int
+    lrs: list[float]
+    applied_lrs: list[float]
+    rows: int
+
+
+def step_name(step: int) -> str:
+    """File name of one loose step."""
+    return f"step_{step:08d}.safetensors"
+
+
+def _pack_name(first: int, last: int) -> str:
+    return f"pack_{first:08d}_{last:08d}.safetensors"
+
+
+def _pack_range(path: Path) -> tuple[int, int]:
+    _, first, last = path.stem.split("_")
+    return int(first), int(last)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One listing of the folder, resolved: the loose steps and packs to read, and stale leftovers of a crash."""
+
+    loose: dict[int, Path]
+    packs: list[tuple[int, int, Path]]  # (first, last, path), disjoint, in step order
+    stale: list[Path]
+
+    def pack_of(self, step: int) -> Path | None:
+        return next((path for first, last, path in self.packs if first <= step <= last), None)
+
+
+class StepFolder:
+    """Write, list and read the recorded steps of one store (its ``steps/`` folder)."""
+
+    def __init__(self, folder: Path, settings_hash: str) -> None:
+        self.folder = folder
+        self.settings_hash = settings_hash
+        self._loose: list[tuple[int, int]] | None = None  # (step, epoch) written since the last pack; None: unlisted
+        self._loose_bytes = 0
+        self._listing: _Listing | None = None  # for reads (a finished store does not change)
+        self._open_pack: tuple[Path, Any, dict[int, list[str]]] | None = None  # the pack read last
+
+    def _list(self) -> _Listing:
+        """List the folder once and resolve packs against loose files (module docstring)."""
+        loose = {int(p.stem.split("_")[1]): p for p in self.folder.glob("step_*.safetensors")}
+        packs: dict[int, tuple[int, Path]] = {}
+        stale = []
+        for path in sorted(self.folder.glob("pack_*.safetensors")):
+            first, last = _pack_range(path)
+            if first in packs:  # a rewrite killed before the old pack was deleted: sorted, the shorter is kept
+                stale.append(path)
+                continue
+            packs[first] = (last, path)
+        ranges = sorted((first, last, path) for first, (last, path) in packs.items())
+        listing = _Listing(loose, ranges, stale)
+        for step in [s for s in loose if listing.pack_of(s) is not None]:
+            stale.append(loose.pop(step))  # packed before the run was killed
+        return listing
+
+    def missing(self, steps: Iterable[int]) -> list[int]:
+        """The ``steps`` no file holds, from one listing of the folder (no file is read)."""
+        listing = self._list()
+        return [s for s in steps if s not in listing.loose and listing.pack_of(s) is None]
+
+    def scan(self, after: int | None = None, drop: bool = False) -> list[StepEntry]:
+        """The recorded steps in order, from the files' headers (complete by construction: renamed into place).
+
+        Args:
+            after: leave out the steps after this one, unread (``None`` lists all).
+            drop: delete them (rewriting a pack that holds steps on both sides), and the leftovers of a crash.
+
+        Raises:
+            StoreError: if a file is corrupt or truncated.
+        """
+        listing = self._list()
+        if drop:
+            remove_files(listing.stale)
+        entries = []
+        for first, last, path in listing.packs:
+            if after is not None and first > after:
+                if drop:
+                    path.unlink()
+                continue
+            kept = self._pack_entries(path, after)
+            if drop and after is not None and last > after:
+                self._rewrite_pack(path, [e.step for e in kept])
+            entries += kept
+        for step, path in sorted(listing.loose.items()):
+            if after is not None and step > after:
+                if drop:
+                    path.unlink()
+                continue
+            entries.append(StepEntry(step, *read_step_header(path)))
+        entries.sort(key=lambda e: e.step)
+        if drop:  # the folder as the next write finds it
+            self._loose = [(e.step, e.epoch) for e in entries if e.step in listing.loose]
+            self._loose_bytes = sum(listing.loose[s].stat().st_size for s, _ in self._loose)
+        self._listing = self._open_pack = None
+        return entries
+
+    def _pack_entries(self, path: Path, after: int | None) -> list[StepEntry]:
+        """The entries of a pack's steps up to ``after``, from its header and small tensors."""
+        handle, names = self._handle(path)
+        steps, epochs = (_ints(handle.metadata()[key]) for key in ("steps", "epochs"))
+        out = []
+        for step, epoch in zip(steps, epochs):
+            if after is not None and step > after:
+                break
+            lrs = handle.get_tensor(f"{step:08d}/lrs").tolist()
+            key = f"{step:08d}/applied_lrs"
+            applied = handle.get_tensor(key).tolist() if key in names[step] else lrs
+            rows = handle.get_slice(f"{step:08d}/sample_ids").get_shape()[0]
+            out.append(StepEntry(step, epoch, lrs, applied, int(rows)))
+        return out
+
+    def write(self, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one step as a loose file, then pack the loose steps once there are enough.
+
+        Raises:
+            StoreError: if the disk is full or a write fails (every step written before is kept).
+        """
+        if self._loose is None:
+            self.scan(drop=True)  # the loose steps a resumed run continues (and the leftovers of a crash)
+        path = self.folder / step_name(step)
+        write_atomic(path, tensors, {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash})
+        assert self._loose is not None
+        self._loose.append((step, epoch))
+        self._loose_bytes += path.stat().st_size
+        self._listing = None
+        if len(self._loose) >= PACK_STEPS or self._loose_bytes >= PACK_BYTES:
+            self.pack()
+
+    def pack(self) -> None:
+        """Copy the loose steps into one pack file (their bytes, not decoded), then delete them (module docstring).
+
+        Raises:
+            StoreError: if the pack cannot be written; the loose files are kept.
+        """
+        if not self._loose:
+            return
+        steps, epochs = zip(*self._loose)
+        parts = []
+        for step in steps:
+            path = self.folder / step_name(step)
+            header, start = safetensors_header(path)
+            check_metadata(path, header.get("__metadata__") or {}, self.settings_hash, step)
+            parts.append((f"{step:08d}/", path, header, start))
+        write_concatenated_atomic(self.folder / _pack_name(steps[0], steps[-1]), parts,
+                                  {"steps": _text(steps), "epochs": _text(epochs), "settings_hash": self.settings_hash})
+        remove_files(self.folder / step_name(step) for step in steps)
+        self._loose, self._loose_bytes, self._listing = [], 0, None
+
+    def _rewrite_pack(self, path: Path, keep: list[int]) -> None:
+        """Replace a pack by one of only its steps ``keep`` (a resume inside it): the new one first."""
+        handle, names = self._handle(path)
+        metadata = handle.metadata()
+        epochs = dict(zip(_ints(metadata["steps"]), _ints(metadata["epochs"])))
+        self._open_pack = None
+        if keep:
+            tensors = {name: handle.get_tensor(name) for step in keep for name in names[step]}
+            write_atomic(self.folder / _pack_name(keep[0], keep[-1]), tensors,
+                         {"steps": _text(keep), "epochs": _text(epochs[s] for s in keep),
+                          "settings_hash": self.settings_hash})
+        path.unlink()
+
+    def read(self, step: int) -> dict[str, torch.Tensor]:
+        """The tensors of one step, by name (as :meth:`write` was given them).
+
+        Raises:
+            StoreError: if no file holds it, or its file is corrupt, truncated or of another run.
+        """
+        if self._listing is None:
+            self._listing = self._list()
+        pack = self._listing.pack_of(step)
+        if pack is None:
+            return read_checked(self.folder / step_name(step), self.settings_hash, step=step)
+        handle, names = self._handle(pack)
+        if step not in names:
+            raise StoreError(f"store file {pack} does not hold step {step} (it holds steps "
+                             f"{sorted(names)[:3]}...): the store is damaged. Restore the file, or record the run "
+                             "again.")
+        try:
+            return {name.split("/", 1)[1]: handle.get_tensor(name) for name in sorted(names[step])}
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(pack, err) from err
+
+    def _handle(self, path: Path) -> tuple[Any, dict[int, list[str]]]:
+        """The open pack at ``path`` (kept open for the next read) and its tensor names by step, checked against
+        this store's settings."""
+        if self._open_pack is not None and self._open_pack[0] == path:
+            return self._open_pack[1], self._open_pack[2]
+        try:
+            handle = safe_open(str(path), framework="pt")
+            metadata = handle.metadata() or {}
+            names: dict[int, list[str]] = {step: [] for step in _ints(metadata.get("steps", ""))}
+            for name in handle.keys():
+                names[int(name.split("/", 1)[0])].append(name)
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise _corrupt(path, err) from err
+        if metadata.get("settings_hash") != self.settings_hash:
+            raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
+                             f"manifest says {self.settings_hash}: files of two runs are mixed in one directory. Use "
+                             "a fresh save_dir for each run (or overwrite=True).")
+        self._open_pack = (path, handle, names)
+        return handle, names
+
+
+def _corrupt(path: Path, err: Exception) -> StoreError:
+    return StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the run "
+                      "again, or restore the file from a backup.")
+
+
+def _text(values: Iterable[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
