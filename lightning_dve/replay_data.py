@@ -53,6 +53,8 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if is_dataclass_value(a) and type(a) is type(b):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     try:
         return bool(a == b)
     except (RuntimeError, ValueError):  # e.g. numpy arrays
@@ -167,7 +169,7 @@ class BatchSource:
 
 
 def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:
-    """``batch`` with every tensor (in dicts, lists, tuples) moved to ``device`` and its floating tensors converted
+    """``batch`` with every tensor (in dicts, lists, tuples, dataclasses) moved to ``device`` and its floating tensors converted
     to ``float_dtype`` (``None``: unchanged)."""
     if isinstance(batch, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
@@ -176,7 +178,21 @@ def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype 
         return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return rebuilt(batch, (to_device(v, device, float_dtype) for v in batch))
+    if is_dataclass_value(batch):
+        return with_fields(batch, lambda v: to_device(v, device, float_dtype))
     return batch
+
+
+def is_dataclass_value(value: Any) -> bool:
+    """Whether ``value`` is a dataclass instance (a batch type Lightning moves to the device field by field)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def with_fields(value: Any, transform: Callable[[Any], Any]) -> Any:
+    """A copy of the dataclass instance ``value`` with ``transform`` applied to each field that ``__init__`` takes
+    (the others, e.g. computed in ``__post_init__``, are computed again)."""
+    changes = {f.name: transform(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    return dataclasses.replace(value, **changes)
 
 
 def rebuilt(sequence: list[Any] | tuple[Any, ...], items: Iterable[Any]) -> list[Any] | tuple[Any, ...]:
@@ -244,7 +260,7 @@ def split_batch(batch: Any) -> list[Any]:
 
 def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     """The samples ``rows`` of a collated batch of ``n`` samples (found if ``None``): every tensor with ``n`` rows
-    and every list of ``n`` items sliced, other values kept."""
+    and every list of ``n`` items sliced (in dicts, lists, tuples and dataclasses), other values kept."""
     n = count_samples(batch) if n is None else n
 
     def pick(x: Any) -> Any:
@@ -254,6 +270,8 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
             return {k: pick(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
             return rebuilt(x, (pick(v) for v in x))
+        if is_dataclass_value(x):
+            return with_fields(x, pick)
         return x[rows] if isinstance(x, list) and len(x) == n else x
 
     return pick(batch)
@@ -269,6 +287,8 @@ def count_samples(batch: Any) -> int:
         if isinstance(x, torch.Tensor):
             return x.shape[0] if x.dim() else None
         values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        if is_dataclass_value(x):
+            values = [getattr(x, f.name) for f in dataclasses.fields(x)]
         return next((s for s in map(size, values) if s is not None), None)
 
     n = size(batch)
