@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
-from .replay_optim import OptimizerKind, group_hyperparameters, optimizer_kind
+from .replay_optim import OptimizerKind, group_hyperparameters, layout_change, optimizer_kind
 from .files import (LineLog, json_line, read_checked, read_json, read_json_lines, remove_files, write_atomic,
                     write_text_atomic)
 from .store import StepRecord
@@ -277,6 +277,7 @@ class CheckpointRecorder:
         self._started = False
         self._snapshots = False  # whether one snapshot exists (the first step always takes one)
         self.error: DVEError | None = None  # the first failed write, raised on every rank by :meth:`check`
+        self._parameters: list[tuple[str, nn.Parameter]] = []  # the module's, for :func:`layout_change`
         if resume_after is not None and (Path(root) / REPLAY_MANIFEST).is_file():
             self.store = CheckpointStore.reopen(Path(root), resume_after)
             recorded = self.store.manifest.get("interval")  # None: "auto" unresolved yet (after_step resolves it)
@@ -342,6 +343,12 @@ class CheckpointRecorder:
         if not self._started:
             self._start(module, optimizer, clip)
         if not self.enabled:
+            return
+        self._parameters = self._parameters or list(module.named_parameters())
+        refusal = layout_change(step, self.store.manifest, self._parameters, optimizer)
+        if refusal is not None:  # no further checkpoints: exact_influence raises this
+            self.store.manifest.update(refusal=refusal)
+            self.store.write_manifest()
             return
         kind = OptimizerKind(self.store.manifest["kind"])
         self.store.write_hyper(step, {"groups": group_hyperparameters(optimizer, kind), "clip_factor": clip_factor})

@@ -93,7 +93,7 @@ class Replayer:
         self.kind = OptimizerKind(manifest["kind"])
         self.groups: list[list[str]] = manifest["groups"]
         self.names = [name for group in self.groups for name in group]
-        # frozen parameters (requires_grad=False, fixed for the whole fit by the guards) that the optimizer holds:
+        # frozen parameters (requires_grad=False for the whole fit: guards.py, checkpoints.py) that the optimizer holds:
         # training gave them no gradient, so torch skipped them; the replay must not differentiate them either
         frozen = set(manifest.get("frozen", ()))
         self.trainable = [name for name in self.names if name not in frozen]

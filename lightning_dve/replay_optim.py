@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import UnsupportedError
 
@@ -143,3 +144,27 @@ def clip_gradients(
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in present]), 2.0)
     factor = torch.clamp(clip_val / (total + 1e-6), max=1.0)
     return [None if g is None else g * factor for g in grads]
+
+
+def layout_change(step: int, manifest: dict[str, Any], parameters: list[tuple[str, nn.Parameter]],
+                  optimizer: torch.optim.Optimizer) -> str | None:
+    """Why replay cannot follow ``step``: the param groups or the frozen parameters differ from the first step's
+    (``manifest["groups"]``, ``manifest["frozen"]``; the guards fix them for tracked layers only), else ``None``.
+
+    Args:
+        parameters: ``module.named_parameters()`` as a list.
+    """
+    sizes, recorded = [len(g["params"]) for g in optimizer.param_groups], [len(g) for g in manifest["groups"]]
+    if sizes != recorded:
+        return (f"at step {step} the optimizer's param groups changed (parameters per group: {recorded} at the first "
+                f"step, {sizes} now; e.g. optimizer.add_param_group by a BaseFinetuning callback), and the replay "
+                "follows the first step's groups. To use exact_influence, put every parameter in the optimizer from "
+                "the start or fit each stage separately.")
+    frozen = {name for name, p in parameters if not p.requires_grad}
+    changed = sorted(frozen.symmetric_difference(manifest.get("frozen", ())))
+    if changed:
+        return (f"at step {step} parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} were "
+                f"{'frozen' if changed[0] in frozen else 'unfrozen'} since the first step (e.g. by a BaseFinetuning "
+                "callback), and the replay keeps the parameters frozen then constant, the others trained. To use "
+                "exact_influence, freeze or unfreeze between fits.")
+    return None

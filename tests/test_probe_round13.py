@@ -103,3 +103,47 @@ def test_dataclass_batches_query_and_replay(tmp_path: Path, digits, dataclass_it
     exact_ref = emb.exact_influence(module, test_batch, per_step=True, loss_fn=per_sample_loss,
                                     train_loss_fn=per_sample_loss).scores
     torch.testing.assert_close(exact, exact_ref, rtol=1e-10, atol=1e-16)
+
+
+# --- param groups and frozen parameters changed during fit, outside the tracked layers ------------------------
+
+
+class UnfreezeFirstLayer(BaseFinetuning):
+    """Freezes ``net.0`` before training and unfreezes it at epoch 1, by ``add_param_group`` or in place."""
+
+    def __init__(self, add_group: bool) -> None:
+        super().__init__()
+        self.add_group = add_group
+
+    def freeze_before_training(self, pl_module: DigitsMLP) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: DigitsMLP, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 1 and self.add_group:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.05, initial_denom_lr=1.0)
+        elif epoch == 1:
+            self.make_trainable(pl_module.net[0])  # the optimizer holds it from the start
+
+
+class TrainableOnlyMLP(DigitsMLP):
+    """Optimizes only the parameters trainable when the optimizer is made (BaseFinetuning's usual setup)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@pytest.mark.parametrize(("add_group", "message"), [(True, "param groups changed"), (False, r"'net.0.bias', "
+                                                                                             r"'net.0.weight'\] were unfrozen")])
+def test_exact_replay_names_a_layout_changed_outside_the_tracked_layers(tmp_path: Path, digits, add_group: bool,
+                                                                        message: str) -> None:
+    """An excluded backbone unfrozen mid-fit is trained untracked (documented); exact replay, which follows the
+    first step's param groups and frozen set, is refused naming that step and change (before: 'replaying the
+    recorded steps does not reproduce the parameters checkpointed', listing causes that did not apply)."""
+    train, test = digits
+    module = (TrainableOnlyMLP if add_group else DigitsMLP)(hidden=8, lr=0.2)
+    dve = DataValueEmbedding(tmp_path, report=None, projection_dim=None, checkpoint_interval=2, exclude=("net.0",))
+    make_trainer(2, callbacks=[dve, UnfreezeFirstLayer(add_group)]).fit(module, make_loader(train, 16, seed=1))
+    emb = dve.embeddings
+    assert emb.influence(module, test.batch()).scores.shape == (5, 48)  # the estimator is unaffected
+    with pytest.raises(UnsupportedError, match=rf"at step 3 .*{message}"):
+        emb.exact_influence(module, test.batch())
