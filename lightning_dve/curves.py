@@ -292,8 +292,30 @@ def _ratio(part: float, total: float) -> float:
     return part / total if total != 0 else math.nan
 
 
-def sample_totals(result: InfluenceResult) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]:
-    """Total influence of each sample over all its occurrences (rows averaged).
+@dataclasses.dataclass(frozen=True, eq=False)
+class SampleSteps(Sequence[tuple[int, ...]]):
+    """The steps that used each sample, as two tensors; ``self[i]`` is built when asked for (a report shows top-k's).
+
+    Attributes:
+        steps: ``[M]`` step of every occurrence, grouped by sample and increasing within each group.
+        offsets: ``[N + 1]`` group bounds: sample ``i``'s steps are ``steps[offsets[i]:offsets[i + 1]]``.
+    """
+
+    steps: torch.Tensor
+    offsets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, index: int) -> tuple[int, ...]:  # type: ignore[override]  # no slices
+        """The sorted steps (repeats kept) that used the ``index``-th sample."""
+        position = range(len(self))[index]  # IndexError out of range, negative indices allowed
+        low, high = self.offsets[position : position + 2].tolist()
+        return tuple(self.steps[low:high].tolist())
+
+
+def sample_totals(result: InfluenceResult) -> tuple[torch.Tensor, torch.Tensor, SampleSteps]:
+    """Total influence of each sample over all its occurrences (rows averaged); no Python object per sample.
 
     Returns:
         ``(sample_ids [N], totals [N] float64, steps_used)`` with ``steps_used[i]`` the sorted steps that used
@@ -302,9 +324,11 @@ def sample_totals(result: InfluenceResult) -> tuple[torch.Tensor, torch.Tensor, 
     scores = result.scores.to(torch.float64).mean(dim=0)
     ids, inverse = torch.unique(result.sample_ids, return_inverse=True)
     totals = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, inverse, scores)
-    order = torch.argsort(inverse, stable=True)
-    grouped = torch.split(result.steps[order], torch.bincount(inverse, minlength=ids.numel()).tolist())
-    return ids, totals, [tuple(sorted(group.tolist())) for group in grouped]
+    by_step = torch.argsort(result.steps, stable=True)
+    order = by_step[torch.argsort(inverse[by_step], stable=True)]  # by sample, then by step
+    offsets = torch.zeros(ids.numel() + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(inverse, minlength=ids.numel()), 0, out=offsets[1:])
+    return ids, totals, SampleSteps(result.steps[order].to(torch.int64), offsets)
 
 
 def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 import torch
@@ -199,7 +200,7 @@ def test_sample_totals_histogram_and_top_k():
     ids, totals, steps_used = curves.sample_totals(result)
     assert ids.tolist() == [5, 6, 7, 8]
     assert totals.tolist() == [3.0, -1.0, 0.5, 0.5]
-    assert steps_used == [(0, 1), (0, 2), (1,), (2,)]
+    assert list(steps_used) == [(0, 1), (0, 2), (1,), (2,)]
     counts, edges = curves.histogram(totals, 4)
     assert counts.tolist() == [1, 2, 0, 1] and edges.tolist() == [-1.0, 0.0, 1.0, 2.0, 3.0]
     helpful, harmful = curves.top_k_samples(ids, totals, steps_used, 3)
@@ -214,7 +215,61 @@ def test_top_k_ties_and_steps_used_do_not_depend_on_the_input_order():
     assert [s.sample_id for s in helpful] == [3, 9, 4, 5] and [s.sample_id for s in harmful] == [4, 5, 3, 9]
     assert [s.steps for s in helpful] == [(1,), (0,), (3,), (2,)]
     _, _, steps_used = curves.sample_totals(occurrences([(2, 5, 1.0), (0, 6, 1.0), (0, 5, 1.0), (1, 5, 1.0)]))
-    assert steps_used == [(0, 1, 2), (0,)]  # sorted, whatever the order of the occurrences
+    assert list(steps_used) == [(0, 1, 2), (0,)]  # sorted, whatever the order of the occurrences
+
+
+def _sample_totals_oracle(result: InfluenceResult) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, ...]]]:
+    """The former ``sample_totals``: one Python tuple of steps per sample."""
+    scores = result.scores.to(torch.float64).mean(dim=0)
+    ids, inverse = torch.unique(result.sample_ids, return_inverse=True)
+    totals = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, inverse, scores)
+    order = torch.argsort(inverse, stable=True)
+    grouped = torch.split(result.steps[order], torch.bincount(inverse, minlength=ids.numel()).tolist())
+    return ids, totals, [tuple(sorted(group.tolist())) for group in grouped]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sample_totals_and_top_k_match_one_tuple_per_sample(seed):
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(1, 300, (1,), generator=g))
+    ids = torch.randint(0, 40, (m,), generator=g) * 7  # repeated ids, also within one step
+    steps = torch.randint(0, 25, (m,), generator=g)  # unordered, repeated steps
+    scores = torch.randint(-3, 4, (2, m), generator=g).to(torch.float64)  # integers: many tied totals
+    result = InfluenceResult(ids, steps, scores)
+    got, want = curves.sample_totals(result), _sample_totals_oracle(result)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert list(got[2]) == want[2] and len(got[2]) == len(want[2])
+    assert got[2][-1] == want[2][-1]
+    with pytest.raises(IndexError):
+        got[2][len(want[2])]
+    assert curves.top_k_samples(*got, 6) == curves.top_k_samples(*want, 6)
+
+
+def test_summarise_builds_no_python_object_per_sample():
+    """200k samples, 2 occurrences each: the steps of only the top-k samples become Python tuples.
+
+    tracemalloc counts Python objects, not tensor storage: one tuple (and its ints) per sample would take > 20 MB.
+    """
+    n, k = 200_000, 5
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randperm(n, generator=g), torch.randperm(n, generator=g)])
+    steps = torch.arange(2 * n) // 1000 + 1000  # 400 steps, outside the small-int cache
+    result = InfluenceResult(ids, steps, torch.randn(1, 2 * n, generator=g, dtype=torch.float64))
+    n_steps = int(steps[-1]) + 1
+    config = ReportConfig(top_k=k)
+    already = tracemalloc.is_tracing()
+    if not already:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        report = curves.summarise(result, range(n_steps), [0] * n_steps, torch.ones(n_steps), config)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if not already:
+            tracemalloc.stop()
+    assert len(report.helpful) == k and all(len(s.steps) == 2 for s in report.helpful)
+    assert peak < 4 * 2**20, f"summarise allocated {peak / 2**20:.1f} MiB of Python objects"
 
 
 def test_histogram_of_a_constant_uses_a_unit_range():
