@@ -15,7 +15,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from matplotlib.figure import Figure
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import curves, figures, reporting_loggers
 from .config import CurveSource, ReportConfig
@@ -43,29 +40,17 @@ from .reporting_loggers import (
     top_k_rows,
 )
 from .dynamics import DYNAMICS_COLUMNS, boundary_rows
-from .errors import ConfigError, DVEError
+from .errors import DVEError
 from .influence import DataValueEmbeddings, InfluenceResult
+from .reporting_reference import Reference, prepare_batch, reference_gradient, resolve_reference
 from .store import TrajectoryStore
-from .samples import SampleView, training_samples, unsharded
+from .samples import SampleView, training_samples
 
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
 format_summary = reporting_loggers.format_summary  # public here: the examples import it from this module
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """The query of the report.
-
-    Attributes:
-        gradients: ``{layer: [1, k_l]}`` mean projected test-loss gradient of the reference samples.
-        n_samples: how many reference samples were averaged.
-        source: where they came from (for the summary).
-    """
-
-    gradients: dict[str, torch.Tensor]
-    n_samples: int
-    source: str
+__all__ = ["Reference", "TrainEndReport", "format_summary", "prepare_batch", "reference_gradient", "report_train_end",
+           "resolve_reference", "save_boundary_reference", "summary_dict", "write_files"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +193,10 @@ def _reference_query(
         return None
     batches, source = resolve_reference(trainer, reference)
     if batches is None:
-        rank_zero_warn(f"{skipped} no reference set (the trainer ran no validation dataloader and no `reference=` "
-                       "was given). Pass `reference=` (a batch or a DataLoader) to the callback, or define "
-                       "`validation_step` and a validation dataloader.")
+        why = source or "the trainer ran no validation dataloader"
+        rank_zero_warn(f"{skipped} no reference set ({why}, and no `reference=` was given). Pass `reference=` (a "
+                       "batch or a DataLoader) to the callback, or run validation (`validation_step` and a "
+                       "validation dataloader).")
         return None
     prepare = partial(prepare_batch, trainer, pl_module)
     try:
@@ -219,84 +205,6 @@ def _reference_query(
     except DVEError as err:
         rank_zero_warn(f"{skipped} {err} (reference: {source})")
         return None
-
-
-def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any] | None, str]:
-    """The reference batches and a description of their source (``None`` batches if there is none)."""
-    if reference is not None:
-        if isinstance(reference, DataLoader):
-            return unsharded(reference), "the `reference` DataLoader"
-        return [reference], "the `reference` batch"
-    loaders = trainer.val_dataloaders
-    if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-        loaders = trainer.datamodule.val_dataloader()
-    if loaders is None and trainer.lightning_module is not None and is_overridden(
-        "val_dataloader", trainer.lightning_module
-    ):
-        loaders = trainer.lightning_module.val_dataloader()
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        if len(loaders) > 1:
-            rank_zero_info(f"DataValueEmbedding: {len(loaders)} validation dataloaders; the first is the reference.")
-        loaders = loaders[0] if loaders else None
-    if loaders is None:
-        return None, ""
-    return unsharded(loaders), "the validation dataloader"
-
-
-def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
-    """What the training loop does to a batch: precision conversion, the transfer hooks, device.
-
-    The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
-    the others), which calls a DataModule's override instead of the module's, as the training loop does.
-    """
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = module._on_before_batch_transfer(batch, 0)
-    return trainer.strategy.batch_to_device(batch)
-
-
-def reference_gradient(
-    embeddings: DataValueEmbeddings,
-    module: pl.LightningModule,
-    batches: Iterable[Any],
-    prepare: Callable[[Any], Any],
-    max_samples: int,
-    source: str,
-    show_progress: bool,
-) -> Reference:
-    """Mean projected test-loss gradient over the first ``max_samples`` reference samples, ``{layer: [1, k_l]}``.
-
-    ``g_ref = (1/n) sum_i grad l(theta_T, z_i)`` (per-sample gradients of the per-sample loss, projected), which
-    is the gradient of the mean reference loss. ``prepare`` readies a batch for ``module`` (dtype, device).
-
-    Raises:
-        ConfigError: if the reference holds no sample, or its gradient is not finite.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    try:
-        total = len(batches)  # type: ignore[arg-type]
-    except TypeError:  # a generator, or a DataLoader over an IterableDataset without __len__
-        total = None
-    with tqdm(total=total, desc="DVE reference gradient", disable=not show_progress, leave=False) as bar:
-        for batch in batches:
-            grads = embeddings.test_gradients(module, prepare(batch))
-            rows = min(next(iter(grads.values())).shape[0], max_samples - count)
-            for name, grad in grads.items():
-                part = grad[:rows].detach().to("cpu", torch.float64).sum(dim=0, keepdim=True)
-                sums[name] = sums[name] + part if name in sums else part
-            count += rows
-            bar.update(1)
-            if count >= max_samples:
-                break
-    if count == 0:
-        raise ConfigError(f"the reference set ({source}) holds no sample; pass a non-empty `reference=`.")
-    if not all(bool(torch.isfinite(total_grad).all()) for total_grad in sums.values()):
-        raise ConfigError(f"the reference gradient is not finite (NaN or inf) over {count} samples of {source}, e.g. "
-                          "a NaN in the reference or validation data, or a loss that overflows at the final weights. "
-                          "Clean the reference data (or pass a finite `reference=`).")
-    return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
 
 
 def _curve_learning_rates(embeddings: DataValueEmbeddings) -> tuple[str, torch.Tensor]:

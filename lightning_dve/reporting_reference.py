@@ -1,0 +1,175 @@
+"""The report's query: the reference batches (``reference=`` or the validation data) and their mean gradient.
+
+The default reference is the trainer's first validation dataloader, read on global rank 0 through
+:func:`~lightning_dve.samples.unsharded` (every rank's part under DDP) and no further than validation reads it:
+``Trainer(limit_val_batches=...)`` bounds it as it bounds validation, and ``limit_val_batches=0`` (validation off)
+leaves the report without a reference unless ``reference=`` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .influence import DataValueEmbeddings
+from .samples import unsharded
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The query of the report.
+
+    Attributes:
+        gradients: ``{layer: [1, k_l]}`` mean projected test-loss gradient of the reference samples.
+        n_samples: how many reference samples were averaged.
+        source: where they came from (for the summary).
+    """
+
+    gradients: dict[str, torch.Tensor]
+    n_samples: int
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstBatches:
+    """The first ``limit`` batches of ``batches``; its ``len`` is known where that of ``batches`` is.
+
+    Attributes:
+        batches: the loader (or any iterable of batches).
+        limit: how many of its batches to read at most.
+    """
+
+    batches: Iterable[Any]
+    limit: int
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(self.batches, self.limit)
+
+    def __len__(self) -> int:
+        return min(len(self.batches), self.limit)  # type: ignore[arg-type]  # TypeError without a length
+
+
+def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: bool) -> int | None:
+    """How many batches of the unsharded ``loader`` validation reads (``None``: all of them).
+
+    Where Lightning set the validation loop up, that is its count for the first loader, ``trainer.num_val_batches[0]``
+    (``limit_val_batches`` applied to one rank's shard), times ``world_size`` when a ``DistributedSampler`` sharded it
+    (rank 0 reads every rank's part). Otherwise (validation never ran, e.g. ``check_val_every_n_epoch`` beyond the
+    last epoch) ``limit_val_batches`` is applied to ``loader`` as Lightning would: an int caps the batches, a
+    fraction ``f`` keeps ``int(f * len(loader))`` (at least one) where the length is known.
+    """
+    limit = trainer.limit_val_batches
+    counts = trainer.num_val_batches
+    if counts:
+        per_rank = counts[0]
+        return None if per_rank == math.inf else int(per_rank) * (trainer.world_size if sharded else 1)
+    if isinstance(limit, int):
+        return limit
+    try:
+        return max(1, int(limit * len(loader))) if limit < 1.0 else None  # type: ignore[arg-type]
+    except TypeError:  # no length: Lightning allows only 1.0 (or an int) here
+        return None
+
+
+def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any] | None, str]:
+    """The reference batches and a description of their source.
+
+    ``reference=`` (a batch or a loader) is used whole; the validation dataloader up to
+    :func:`validation_batch_limit`. The batches are ``None`` if there is no reference; the description then says why
+    (empty if there is no validation dataloader at all).
+    """
+    if reference is not None:
+        if isinstance(reference, DataLoader):
+            return unsharded(reference), "the `reference` DataLoader"
+        return [reference], "the `reference` batch"
+    if trainer.limit_val_batches == 0:
+        return None, "`Trainer(limit_val_batches=0)` turns validation off"
+    loaders = trainer.val_dataloaders
+    if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
+        loaders = trainer.datamodule.val_dataloader()
+    if loaders is None and trainer.lightning_module is not None and is_overridden(
+        "val_dataloader", trainer.lightning_module
+    ):
+        loaders = trainer.lightning_module.val_dataloader()
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) > 1:
+            rank_zero_info(f"DataValueEmbedding: {len(loaders)} validation dataloaders; the first is the reference.")
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        return None, ""
+    whole = unsharded(loaders)
+    limit = validation_batch_limit(trainer, loaders, sharded=whole is not loaders)
+    try:
+        binding = limit is not None and limit < len(whole)  # type: ignore[arg-type]
+    except TypeError:  # a stream: any limit binds
+        binding = limit is not None
+    if not binding:
+        return whole, "the validation dataloader"
+    return FirstBatches(whole, limit), f"the validation dataloader (its first {limit} batches, `limit_val_batches`)"
+
+
+def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
+    """What the training loop does to a batch: precision conversion, the transfer hooks, device.
+
+    The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
+    the others), which calls a DataModule's override instead of the module's, as the training loop does.
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = module._on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch)
+
+
+def reference_gradient(
+    embeddings: DataValueEmbeddings,
+    module: pl.LightningModule,
+    batches: Iterable[Any],
+    prepare: Callable[[Any], Any],
+    max_samples: int,
+    source: str,
+    show_progress: bool,
+) -> Reference:
+    """Mean projected test-loss gradient over the first ``max_samples`` reference samples, ``{layer: [1, k_l]}``.
+
+    ``g_ref = (1/n) sum_i grad l(theta_T, z_i)`` (per-sample gradients of the per-sample loss, projected), which
+    is the gradient of the mean reference loss. ``prepare`` readies a batch for ``module`` (dtype, device).
+
+    Raises:
+        ConfigError: if the reference holds no sample, or its gradient is not finite.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset without __len__
+        total = None
+    with tqdm(total=total, desc="DVE reference gradient", disable=not show_progress, leave=False) as bar:
+        for batch in batches:
+            grads = embeddings.test_gradients(module, prepare(batch))
+            rows = min(next(iter(grads.values())).shape[0], max_samples - count)
+            for name, grad in grads.items():
+                part = grad[:rows].detach().to("cpu", torch.float64).sum(dim=0, keepdim=True)
+                sums[name] = sums[name] + part if name in sums else part
+            count += rows
+            bar.update(1)
+            if count >= max_samples:
+                break
+    if count == 0:
+        raise ConfigError(f"the reference set ({source}) holds no sample; pass a non-empty `reference=`.")
+    if not all(bool(torch.isfinite(total_grad).all()) for total_grad in sums.values()):
+        raise ConfigError(f"the reference gradient is not finite (NaN or inf) over {count} samples of {source}, e.g. "
+                          "a NaN in the reference or validation data, or a loss that overflows at the final weights. "
+                          "Clean the reference data (or pass a finite `reference=`).")
+    return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)

@@ -1,0 +1,101 @@
+"""The report's reference set with a real Trainer: it reads no more validation batches than validation does."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding
+from lightning_dve.config import ReportConfig
+from lightning_dve.reporting_reference import FirstBatches, validation_batch_limit
+from tests.test_reporting import ImageDigits, ImageMLP, loaders, report_dir
+
+UNCAPPED = ReportConfig(top_k=3, max_reference_samples=10_000, figures=False)  # the validation set has 64 samples
+
+
+class OwnValidation(ImageMLP):
+    """Its own ``val_dataloader`` (4 batches of 16): the trainer's fallback when validation never set it up."""
+
+    def val_dataloader(self) -> DataLoader:
+        return loaders()[1]
+
+
+def reference_of(callback: DataValueEmbedding) -> dict[str, object]:
+    return json.loads((report_dir(callback) / "summary.json").read_text())["reference"]
+
+
+@pytest.mark.parametrize(("limit", "batches"), [(2, 2), (0.75, 3), (1.0, 4), (10, 4)])
+def test_limit_val_batches_bounds_the_reference(fit, tmp_path, limit, batches):
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    trainer = fit(ImageMLP(), callback, train, val, limit_val_batches=limit)
+    assert trainer.num_val_batches == [batches]
+    reference = reference_of(callback)
+    assert reference["n_samples"] == 16 * batches
+    capped = f"the validation dataloader (its first {batches} batches, `limit_val_batches`)"
+    assert reference["source"] == (capped if batches < 4 else "the validation dataloader")
+
+
+def test_max_reference_samples_still_caps_within_the_limit(fit, tmp_path):
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=ReportConfig(max_reference_samples=20))
+    fit(ImageMLP(), callback, train, val, limit_val_batches=3)
+    assert reference_of(callback)["n_samples"] == 20
+
+
+def test_limit_val_batches_zero_leaves_the_report_without_a_reference(fit, tmp_path):
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    with pytest.warns(UserWarning, match=r"no reference set \(`Trainer\(limit_val_batches=0\)` turns validation off"):
+        fit(OwnValidation(), callback, train, val, limit_val_batches=0)
+    assert not report_dir(callback).exists()
+
+
+def test_limit_val_batches_zero_with_a_reference_uses_it(fit, tmp_path):
+    train, _ = loaders()
+    reference = next(iter(DataLoader(ImageDigits(range(1500, 1510)), batch_size=10)))
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED, reference=reference)
+    fit(ImageMLP(), callback, train, limit_val_batches=0)
+    assert reference_of(callback) == {"n_samples": 10, "source": "the `reference` batch"}
+
+
+@pytest.mark.parametrize(("limit", "n_samples"), [(3, 48), (0.5, 32), (1.0, 64)])
+def test_validation_that_never_ran_applies_the_limit_as_lightning_would(fit, tmp_path, limit, n_samples):
+    """``check_val_every_n_epoch`` beyond the last epoch and no sanity check: Lightning never set validation up
+    (``num_val_batches == []``); the module's own ``val_dataloader`` is read with ``limit_val_batches`` applied."""
+    train, _ = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    trainer = fit(OwnValidation(), callback, train, check_val_every_n_epoch=5, limit_val_batches=limit)
+    assert trainer.num_val_batches == [] and trainer.val_dataloaders is None
+    assert reference_of(callback)["n_samples"] == n_samples
+
+
+def test_a_sanity_check_sets_validation_up_with_its_limit(fit, tmp_path):
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    fit(ImageMLP(), callback, train, val, check_val_every_n_epoch=5, num_sanity_val_steps=1, limit_val_batches=3)
+    assert reference_of(callback)["n_samples"] == 48
+
+
+def test_a_sharded_count_is_every_ranks_batches():
+    """Under DDP validation reads ``num_val_batches[0]`` batches on each rank; rank 0's unsharded loader reads them
+    all (the 2-rank run is in tests/test_distributed.py)."""
+    trainer = SimpleNamespace(limit_val_batches=2, num_val_batches=[2], world_size=3)
+    assert validation_batch_limit(trainer, [], sharded=True) == 6
+    assert validation_batch_limit(trainer, [], sharded=False) == 2
+    trainer = SimpleNamespace(limit_val_batches=1.0, num_val_batches=[float("inf")], world_size=2)
+    assert validation_batch_limit(trainer, [], sharded=True) is None
+
+
+def test_first_batches_has_a_length_only_where_its_loader_has_one():
+    assert list(FirstBatches(range(5), 3)) == [0, 1, 2] and len(FirstBatches(range(5), 3)) == 3
+    assert len(FirstBatches(range(2), 3)) == 2
+    stream = FirstBatches(iter(range(5)), 2)
+    with pytest.raises(TypeError):
+        len(stream)
+    assert list(stream) == [0, 1]
+    assert torch.equal(next(iter(FirstBatches([torch.ones(2)], 1))), torch.ones(2))
