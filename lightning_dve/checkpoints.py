@@ -46,15 +46,33 @@ DOUBLE_PRECISION = ("64-true", "64")
 AUTOCAST_PRECISION = "bf16-mixed"
 #: ``checkpoint_interval="auto"`` keeps the checkpoints' disk use under this share of the gradient store's.
 AUTO_BUDGET = 0.1
-#: Fewest steps between ``"auto"`` checkpoints: each is a file write, which a byte budget alone would make every
-#: step or two on small models (0.8 ms per step on a 1 ms MLP step). Replay compute does not depend on it.
+#: Fewest steps between ``"auto"`` checkpoints (each is a file write: 0.8 ms against a 1 ms MLP step).
 AUTO_MIN_INTERVAL = 8
+#: Most states (parameters, optimizer state) a replayed segment holds: a longer one keeps every ~sqrt(n)-th and
+#: replays each stretch between them again, twice the forward steps (:mod:`lightning_dve.replay`).
+SEGMENT_STATES = 64
+#: ``"auto"`` lengthens a short interval up to :data:`SEGMENT_STATES` steps while that many states fit in this.
+AUTO_SEGMENT_BYTES = 256 * 2**20
 
 
-def auto_interval(snapshot_bytes: int, step_bytes: int, budget: float = AUTO_BUDGET) -> int:
-    """Steps between checkpoints so that one checkpoint per interval costs at most ``budget`` of the steps' bytes,
-    and at least :data:`AUTO_MIN_INTERVAL`."""
-    return max(AUTO_MIN_INTERVAL, math.ceil(snapshot_bytes / (budget * max(1, step_bytes))))
+def auto_interval(snapshot_bytes: int, step_bytes: int, budget: float = AUTO_BUDGET,
+                  segment_bytes: int = AUTO_SEGMENT_BYTES) -> int:
+    """Steps between ``"auto"`` checkpoints: the longer of the byte budget and the free length.
+
+    The byte budget is the fewest steps whose store bytes cover one snapshot ``budget`` times,
+    ``ceil(snapshot_bytes / (budget * step_bytes))``. The free length, ``min(SEGMENT_STATES, segment_bytes //
+    snapshot_bytes)`` (at least :data:`AUTO_MIN_INTERVAL`), is the longest segment the replay runs without replaying
+    steps twice: up to it a longer interval costs no compute and fewer files, only replay memory (a segment of ``S``
+    steps holds ``S`` states, ``S * snapshot_bytes <= segment_bytes``, or 8 states of a larger model).
+
+    Args:
+        snapshot_bytes: bytes of one snapshot (parameters and optimizer state).
+        step_bytes: bytes of one step in the gradient store, all ranks together.
+        budget: share of the gradient store's bytes the snapshots may take.
+        segment_bytes: memory the states of one replayed segment may take within the free length.
+    """
+    free = max(AUTO_MIN_INTERVAL, min(SEGMENT_STATES, segment_bytes // max(1, snapshot_bytes)))
+    return max(free, math.ceil(snapshot_bytes / (budget * max(1, step_bytes))))
 
 
 def step_store_bytes(record: StepRecord, storage_dtype: str, other_dims: list[int], kinds: int) -> int:

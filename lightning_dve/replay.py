@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, CheckpointStore
+from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, CheckpointStore
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
@@ -38,8 +38,9 @@ Params = dict[str, torch.Tensor]
 OptState = dict[str, dict[str, torch.Tensor]]
 Adjoint = dict[tuple[str, str], torch.Tensor]
 TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
-#: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state.
-MAX_STATES_IN_MEMORY = 64
+#: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state
+#: (``checkpoint_interval="auto"`` sizes small models' segments up to it).
+MAX_STATES_IN_MEMORY = SEGMENT_STATES
 #: Relative deviation ``||theta_replayed - theta_checkpoint|| / ||theta_checkpoint||`` above which replay is refused.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 #: The same under bf16 autocast: a one-sample forward rounds differently from the batched one (8-bit mantissa).

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_dve import StoreError
-from lightning_dve import checkpoints, files
+from lightning_dve import checkpoints, files, replay
 from lightning_dve.checkpoints import HYPER_FILE, CheckpointStore
 from lightning_dve.files import read_json_lines
 from lightning_dve.records import StepRecord
@@ -320,15 +320,34 @@ def test_step_bytes_count_the_rows_other_ranks_keep_as_a_step_file_holds_them(st
     assert checkpoints.step_store_bytes(own, storage, [12], kinds) == file_bytes
 
 
-@pytest.mark.parametrize("snapshot, step", [(1000, 30), (4000, 7), (12345, 11), (80, 1000)])
+@pytest.mark.parametrize("snapshot, step", [(1000, 30), (4000, 7), (12345, 11), (80, 1000), (10**7, 10**5),
+                                            (10**8, 10**8), (10**9, 10**6)])
 def test_auto_interval_is_the_fewest_steps_whose_bytes_cover_a_snapshot_within_the_budget(snapshot: int,
                                                                                           step: int) -> None:
     """Oracle: the budget itself. One snapshot per interval costs at most ``AUTO_BUDGET`` of the interval's step
-    bytes, and one step fewer would exceed it (unless the interval is the minimum)."""
+    bytes, and one step fewer would exceed it, unless the interval is the free length (the longest segment the
+    replay holds in memory, within ``AUTO_SEGMENT_BYTES``)."""
     interval = checkpoints.auto_interval(snapshot, step)
-    assert interval >= checkpoints.AUTO_MIN_INTERVAL
+    free = max(checkpoints.AUTO_MIN_INTERVAL,
+               min(checkpoints.SEGMENT_STATES, checkpoints.AUTO_SEGMENT_BYTES // snapshot))
+    assert interval >= free
     assert snapshot <= checkpoints.AUTO_BUDGET * step * interval
-    assert interval == checkpoints.AUTO_MIN_INTERVAL or snapshot > checkpoints.AUTO_BUDGET * step * (interval - 1)
+    assert interval == free or snapshot > checkpoints.AUTO_BUDGET * step * (interval - 1)
+
+
+def test_auto_interval_of_a_small_model_is_one_replayed_segment_within_its_memory() -> None:
+    """Oracle: the replay's own limits. Whatever the step bytes, a small model gets ``SEGMENT_STATES`` (64) steps
+    per snapshot, a segment the replay runs forward once (no step replayed twice): 314 snapshots at 20,000 steps,
+    not 2,501; a larger model as many steps as fit ``AUTO_SEGMENT_BYTES``, and never fewer than 8."""
+    huge_steps = 10**12
+    tiny = checkpoints.auto_interval(15_000, huge_steps)  # 1,210 parameters and Adam's two moments, float32
+    assert tiny == checkpoints.SEGMENT_STATES == replay.MAX_STATES_IN_MEMORY == 64
+    assert len(range(0, 20_000, tiny)) + 1 == 314
+    assert tiny * 15_000 <= checkpoints.AUTO_SEGMENT_BYTES
+    assert checkpoints.auto_interval(10 * 2**20, huge_steps) == 25  # 25 states of 10 MiB in 256 MiB
+    assert checkpoints.auto_interval(2**30, huge_steps) == checkpoints.AUTO_MIN_INTERVAL == 8
+    assert checkpoints.auto_interval(15_000, 100) == 1500  # the byte budget, when longer, still decides
+    assert checkpoints.auto_interval(15_000, huge_steps, segment_bytes=15_000 * 40) == 40
 
 
 @pytest.mark.parametrize("interval", ["auto", 4])
@@ -366,19 +385,20 @@ def test_the_training_time_of_a_resumed_recording_adds_up_over_its_fits(tmp_path
 
 def test_a_resumed_recording_keeps_the_interval_its_first_fit_resolved(tmp_path: Path) -> None:
     """Oracle: the first fit's snapshot grid. ``"auto"`` is resolved once, after the first step; a fit resumed after
-    step 7 continues on that grid, so step 8 (the minimum interval) is snapshotted as in an uninterrupted run."""
+    the step before the next due one continues on that grid, so that step is snapshotted as in an uninterrupted run."""
     module = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    interval = checkpoints.auto_interval(8 * 4, 10**9)  # steps far larger than a snapshot: the free length
     first = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=None)
-    for step in range(8):
+    for step in range(interval):
         first.before_step(step, module, optimizer, {}, 1.0)
-        first.after_step(lambda: 10**9, module)  # steps far larger than a snapshot: the minimum interval
+        first.after_step(lambda: 10**9, module)
     first.store.close()
-    resumed = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=7)
-    resumed.before_step(8, module, optimizer, {}, 1.0)
+    resumed = checkpoints.CheckpointRecorder(tmp_path, "auto", "h", resume_after=interval - 1)
+    resumed.before_step(interval, module, optimizer, {}, 1.0)
     resumed.store.close()
-    assert resumed.interval == checkpoints.AUTO_MIN_INTERVAL
-    assert resumed.store.snapshot_steps == [0, 8]
+    assert resumed.interval == interval == checkpoints.SEGMENT_STATES
+    assert resumed.store.snapshot_steps == [0, interval]
 
 
 def test_auto_interval_budgets_the_snapshot_with_the_optimizer_state(tmp_path: Path) -> None:

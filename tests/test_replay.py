@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
 from lightning_dve import replay, replay_optim
-from lightning_dve.checkpoints import AUTO_MIN_INTERVAL, CheckpointStore, auto_interval, parameter_groups
+from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
 from tests import oracles
 from tests.helpers import DigitsDataset, epoch_batches, make_loader, make_trainer, split_indices
@@ -335,6 +335,24 @@ def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, sm
     assert torch.equal(base.steps, torch.full_like(base.sample_ids, -1))
 
 
+def test_the_auto_interval_of_a_small_model_gives_the_scores_of_short_segments(tmp_path: Path, small_data) -> None:
+    """Oracle: the same replay over checkpoints every 2 steps. ``"auto"`` makes the small model's 6 steps one segment
+    (the free length, 64 steps): the same scores and forward steps, from 2 snapshots instead of 4."""
+    setting = SETTINGS["adam l2"]
+    module, dve, _, _, test = _small_fit(tmp_path / "auto", small_data, setting, projection_dim=None)
+    module2, dve2, _, _, _ = _small_fit(tmp_path / "two", small_data, setting, projection_dim=None,
+                                        checkpoint_interval=2)
+    auto = CheckpointStore.open(tmp_path / "auto" / "dve" / "checkpoints")
+    assert auto.manifest["interval"] == SEGMENT_STATES and auto.snapshot_steps == [0, 6]
+    assert CheckpointStore.open(tmp_path / "two" / "dve" / "checkpoints").snapshot_steps == [0, 2, 4, 6]
+    one_segment = dve.embeddings.exact_influence(module, test, per_step=True)
+    assert dve.embeddings.replay_cost.forward_steps == 6
+    short_segments = dve2.embeddings.exact_influence(module2, test, per_step=True)
+    assert dve2.embeddings.replay_cost.forward_steps == 6
+    assert torch.equal(one_segment.sample_ids, short_segments.sample_ids)
+    torch.testing.assert_close(one_segment.scores, short_segments.scores, rtol=1e-12, atol=1e-15)
+
+
 def test_after_load_the_dataset_is_required_and_enough(tmp_path: Path, small_data) -> None:
     module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS["sgd"])
     expected = dve.embeddings.exact_influence(module, test, per_step=True).scores
@@ -362,12 +380,12 @@ def test_auto_interval_and_checkpoint_files(tmp_path: Path, small_data) -> None:
     step_bytes = dve.embeddings.store.manifest["bytes_per_step"]
     params = sum(p.numel() * 8 for p in module.parameters())
     assert manifest["interval"] == auto_interval(3 * params, step_bytes) == max(
-        AUTO_MIN_INTERVAL, math.ceil(3 * params / (0.1 * step_bytes)))
+        SEGMENT_STATES, math.ceil(3 * params / (0.1 * step_bytes)))  # a small model: one segment of 64 steps
     assert checkpoints.snapshot_steps == sorted({0, 6, *range(0, 6, manifest["interval"])})
     assert manifest["final_step"] == 6 and manifest["kind"] == "Adam" and manifest["state_tensors"] == 2
     _, state = checkpoints.read_snapshot(6)
     assert set(state["net.0.weight"]) == {"exp_avg", "exp_avg_sq", "step"}
-    assert auto_interval(10, 1000) == AUTO_MIN_INTERVAL and auto_interval(1000, 10) == 1000
+    assert auto_interval(10, 1000) == SEGMENT_STATES and auto_interval(1000, 10) == 1000
 
 
 def test_resume_drops_later_checkpoints(tmp_path: Path) -> None:
