@@ -57,20 +57,11 @@ AUTO_SEGMENT_BYTES = 256 * 2**20
 
 def auto_interval(snapshot_bytes: int, step_bytes: int, budget: float = AUTO_BUDGET,
                   segment_bytes: int = AUTO_SEGMENT_BYTES) -> int:
-    """Steps between ``"auto"`` checkpoints: the longer of the byte budget and the free length.
-
-    The byte budget is the fewest steps whose store bytes cover one snapshot ``budget`` times,
-    ``ceil(snapshot_bytes / (budget * step_bytes))``. The free length, ``min(SEGMENT_STATES, segment_bytes //
-    snapshot_bytes)`` (at least :data:`AUTO_MIN_INTERVAL`), is the longest segment the replay runs without replaying
-    steps twice: up to it a longer interval costs no compute and fewer files, only replay memory (a segment of ``S``
-    steps holds ``S`` states, ``S * snapshot_bytes <= segment_bytes``, or 8 states of a larger model).
-
-    Args:
-        snapshot_bytes: bytes of one snapshot (parameters and optimizer state).
-        step_bytes: bytes of one step in the gradient store, all ranks together.
-        budget: share of the gradient store's bytes the snapshots may take.
-        segment_bytes: memory the states of one replayed segment may take within the free length.
-    """
+    """Steps between ``"auto"`` checkpoints: the longer of the byte budget, ``ceil(snapshot_bytes / (budget *
+    step_bytes))`` (``step_bytes``: one step in the gradient store, all ranks), and the free length,
+    ``min(SEGMENT_STATES, segment_bytes // snapshot_bytes)`` (at least :data:`AUTO_MIN_INTERVAL`): the longest
+    segment the replay runs without replaying steps twice, so that up to it a longer interval costs no compute and
+    fewer files, only replay memory (a segment of ``S`` steps holds ``S`` snapshots' states)."""
     free = max(AUTO_MIN_INTERVAL, min(SEGMENT_STATES, segment_bytes // max(1, snapshot_bytes)))
     return max(free, math.ceil(snapshot_bytes / (budget * max(1, step_bytes))))
 
@@ -295,7 +286,6 @@ class CheckpointRecorder:
         self._started = False
         self._snapshots = False  # whether one snapshot exists (the first step always takes one)
         self.error: DVEError | None = None  # the first failed write, raised on every rank by :meth:`check`
-        self._parameters: list[tuple[str, nn.Parameter]] = []  # the module's, for :func:`layout_change`
         if resume_after is not None and (Path(root) / REPLAY_MANIFEST).is_file():
             self.store = CheckpointStore.reopen(Path(root), resume_after)
             recorded = self.store.manifest.get("interval")  # None: "auto" unresolved yet (after_step resolves it)
@@ -362,8 +352,7 @@ class CheckpointRecorder:
             self._start(module, optimizer, clip)
         if not self.enabled:
             return
-        self._parameters = self._parameters or list(module.named_parameters())
-        refusal = layout_change(step, self.store.manifest, self._parameters, optimizer)
+        refusal = layout_change(step, self.store.manifest, list(module.named_parameters()), optimizer)
         if refusal is not None:  # no further checkpoints: exact_influence raises this
             self.store.manifest.update(refusal=refusal)
             self.store.write_manifest()

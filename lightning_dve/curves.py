@@ -307,8 +307,7 @@ class SampleSteps(Sequence[tuple[int, ...]]):
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 
-    def __getitem__(self, index: int) -> tuple[int, ...]:  # type: ignore[override]  # no slices
-        """The sorted steps (repeats kept) that used the ``index``-th sample."""
+    def __getitem__(self, index: int) -> tuple[int, ...]:  # type: ignore[override]  # no slices; repeats kept
         position = range(len(self))[index]  # IndexError out of range, negative indices allowed
         low, high = self.offsets[position : position + 2].tolist()
         return tuple(self.steps[low:high].tolist())
