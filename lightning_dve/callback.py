@@ -310,9 +310,13 @@ class DataValueEmbedding(StepHooks):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
+        if self._store is not None:
+            self._store.unlock()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
+        if self._store is not None:
+            self._store.unlock()
         self._fit_pending = False
         self._resume = None  # restored by validate/test/predict(ckpt_path=...): not for a later fit
 

@@ -383,3 +383,4 @@ class LineLog:
         if self._closer is not None:
             self._closer()
         self._fd, self._closer = None, None
+

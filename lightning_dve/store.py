@@ -25,6 +25,7 @@ import torch
 from .embedding_arrays import EmbeddingArrays, EmbeddingWriter, remove_embeddings
 from .errors import StoreError
 from .files import disk_bytes, read_checked, read_json, remove_files, write_atomic, write_text_atomic
+from .folder_lock import LOCK_FILE, FolderLock
 from .records import StepRecord
 from .step_files import StepFolder, step_name
 
@@ -57,6 +58,7 @@ class TrajectoryStore:
         self._embedding_writer: EmbeddingWriter | None = None  # between begin_ and finish_embeddings
         self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first embedding_arrays
         self.step_files = StepFolder(self.root / STEPS, manifest["settings_hash"])
+        self._lock: FolderLock | None = None  # held while recording (create, reopen) until unlock
 
     @property
     def settings_hash(self) -> str:
@@ -94,12 +96,13 @@ class TrajectoryStore:
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
                            "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [],
                            "applied_lrs": [], "rows": [], **manifest})
-        store._replaces = root.exists() and any(root.iterdir())
+        store._replaces = root.exists() and any(p.name != LOCK_FILE for p in root.iterdir())
         if store._replaces and not overwrite:
             raise StoreError(f"save_dir {root} is not empty: each fit records a new run (a second fit of the same "
                              "Trainer too), and recording it there would mix two runs. Pass "
                              "overwrite=True to replace it, choose another save_dir, or continue an interrupted run "
                              "with trainer.fit(..., ckpt_path=<its Lightning checkpoint>).")
+        store._lock = FolderLock(root)
         if not store._replaces:
             store.write_manifest()
         return store
@@ -204,8 +207,14 @@ class TrajectoryStore:
         if last_step >= 0 and last_step not in store.steps:
             raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
                              f"steps: {store.steps[:3]}...{store.steps[-3:]}): resuming would leave a gap. {fix}")
+        store._lock = FolderLock(store.root)
         store._resume_after = last_step
         return store
+
+    def unlock(self) -> None:
+        """End this process's recording into the folder: another fit may record there now."""
+        if self._lock is not None:
+            self._lock.release()
 
     def truncate_for_resume(self) -> None:
         """The deferred part of :meth:`reopen` (drop the steps after the checkpoint's and the embeddings) or of
@@ -372,8 +381,8 @@ class TrajectoryStore:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
 
     def disk_use(self) -> int:
-        """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints."""
-        parts = (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS)
+        """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints, lock."""
+        parts = (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS, LOCK_FILE)
         return disk_bytes(self.root / part for part in parts)
 
     def record_disk_use(self) -> None:

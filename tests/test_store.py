@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 import lightning_dve.files
 import lightning_dve.store
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, GradientError, StoreError
+from lightning_dve.folder_lock import LOCK_FILE
 from lightning_dve.store import StepRecord, TrajectoryStore
 from tests.conftest import DigitsDict
 
@@ -272,7 +273,9 @@ def recorded(root: Path, steps: int, finish: bool = True, **manifest) -> Traject
 
 
 def files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The store's files (without the lock file a recording holds, folder_lock.py)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != LOCK_FILE}
 
 
 def test_resume_does_not_read_a_corrupt_step_file_after_the_checkpoint(tmp_path):

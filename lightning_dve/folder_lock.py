@@ -1,0 +1,66 @@
+"""One recording per store folder: an advisory lock that a second fit into the same ``save_dir`` is refused by.
+
+Two fits recording into one folder at once (parallel W&B sweep agents with one ``save_dir`` and
+``overwrite=True``) would write the same step files over each other: a trajectory of neither run. The lock is a
+POSIX record lock (``lockf``) on ``save_dir/.lock`` (each DDP rank locks its own folder), held from the store's
+creation (or reopening for a resume) until the fit's teardown. The system drops it when the process ends, and a
+forked child (a DataLoader worker) does not inherit it, so a persistent worker never keeps a later fit out; within
+one process it does not exclude (one fit at a time runs there).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import StoreError
+from .files import write_error
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: recordings there are not locked
+    fcntl = None  # type: ignore[assignment]
+
+#: The lock file in a store folder a recording holds (:class:`FolderLock`).
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """An exclusive advisory lock on ``folder/.lock`` for as long as one recording writes there (module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        """Take the lock, writing this process's id and host into the file.
+
+        Raises:
+            StoreError: if another process holds it (naming that process), or the folder cannot be written.
+        """
+        self._closer: Callable[[], None] | None = None
+        if fcntl is None:
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise write_error(folder / LOCK_FILE, err) from err
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise write_error(folder / LOCK_FILE, err) from err
+            raise StoreError(f"{folder} is being recorded by another fit ({holder}): two fits in one save_dir would "
+                             "mix their steps. Give each fit its own save_dir (e.g. one per W&B run, "
+                             "save_dir=f\"dve/{wandb.run.id}\"), or wait for that fit to finish.") from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._closer = weakref.finalize(self, os.close, fd)  # dropped unreleased: closed (and unlocked) then
+
+    def release(self) -> None:
+        """Drop the lock (safe to call twice)."""
+        if self._closer is not None:
+            self._closer()

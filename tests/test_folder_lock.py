@@ -1,0 +1,102 @@
+"""One recording per save_dir: a fit into a folder another process records into is refused, and nothing there
+changes; the lock ends with the fit (teardown, an exception) or its process, and forked workers do not keep it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding, StoreError
+from lightning_dve.folder_lock import LOCK_FILE, FolderLock
+
+HOLD = """
+import sys
+from pathlib import Path
+from lightning_dve.folder_lock import FolderLock
+lock = FolderLock(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+@pytest.fixture
+def holder() -> Iterator[Callable[[Path], subprocess.Popen]]:
+    """``holder(folder)``: another process that holds the folder's lock until the test ends."""
+    processes = []
+
+    def hold(folder: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+        return process
+
+    yield hold
+    for process in processes:
+        process.communicate(timeout=60)
+
+
+def can_lock_elsewhere(folder: Path) -> bool:
+    """Whether another process can take the folder's lock now (the lock FolderLock takes, without importing it)."""
+    code = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+
+@pytest.mark.slow
+def test_a_fit_into_a_folder_another_process_records_into_is_refused_and_changes_nothing(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, save_dir: Path,
+    holder: Callable[[Path], subprocess.Popen]
+) -> None:
+    fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16), make_loader(n=32), max_epochs=1)
+    before = files_of(save_dir)
+    other = holder(save_dir)  # e.g. a parallel sweep agent with the same save_dir
+    with pytest.raises(StoreError, match=rf"{save_dir} is being recorded by another fit \(process {other.pid} on "
+                                         r".*\): two fits in one save_dir would mix their steps\. Give each fit its "
+                                         r"own save_dir"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, overwrite=True), make_loader(n=32),
+            max_epochs=1)
+    assert files_of(save_dir) == before
+    other.communicate(timeout=60)  # that process ends: its lock with it
+    fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=16, overwrite=True), make_loader(n=32), max_epochs=1)
+    assert can_lock_elsewhere(save_dir)
+
+
+def test_the_lock_ends_with_a_failed_fit(mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable,
+                                         save_dir: Path) -> None:
+    class Fails(mlp_cls):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            if self.global_step == 1:
+                raise RuntimeError("user error at step 1")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="user error at step 1"):
+        fit(Fails(), DataValueEmbedding(save_dir, projection_dim=16), make_loader(n=32), max_epochs=1)
+    assert can_lock_elsewhere(save_dir)
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """A DataLoader worker is forked while its fit holds the lock; once the fit releases it, another process can
+    record there even while the worker lives (an ``flock`` would stay with the worker's copy of the descriptor)."""
+    lock = FolderLock(tmp_path)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    try:
+        assert not can_lock_elsewhere(tmp_path)
+        lock.release()
+        assert worker.is_alive() and can_lock_elsewhere(tmp_path)
+    finally:
+        worker.terminate()
+        worker.join()
