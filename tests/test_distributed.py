@@ -119,6 +119,10 @@ def test_two_ranks_resumed_from_checkpoint_equal_single_process(
     got = scores(suite, "ddp", "resume")
     assert_same_embeddings(got, single_reference)
     assert_same_scores(got, single_reference)
+    root = suite / "ddp" / "resume" / "dve_ddp"  # two steps per pack: steps 0-1 before the resume, 2-3 and 4-5 after it
+    for folder in (root / "steps", root / "shards" / "rank_1" / "steps"):
+        assert sorted(p.name for p in folder.iterdir()) == [f"pack_0000000{a}_0000000{a + 1}.safetensors"
+                                                            for a in (0, 2, 4)]
 
 
 @pytest.mark.slow

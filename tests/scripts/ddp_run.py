@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings, step_files
 from lightning_dve.errors import StoreError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
 
+DEFAULT_PACK_STEPS = step_files.PACK_STEPS
 N_TRAIN, PER_RANK_BATCH, WORLD = 37, 8, 2  # 37 samples: DistributedSampler pads one, last batches are uneven
 
 
@@ -138,7 +139,7 @@ def fail_embedding_read(rank: int) -> None:
 #: of them (tests/test_distributed.py). ``single`` runs only those that have their own single-process reference.
 SUITE: dict[str, dict[str, object]] = {
     "base": {},
-    "resume": {"resume": True},
+    "resume": {"resume": True, "pack_steps": 2},  # each rank packs its steps (step_files), the resumed one too
     "segments": {"segments": 3},
     "full_segments": {"layout": "full", "segments": 3},
     "projected_segments": {"segments": 3, "projection_dim": 64},
@@ -161,6 +162,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layout", default="per_layer", help="per_layer: the layers are sharded over the ranks")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
+    parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
     parser.add_argument("--head", choices=["module", "functional", "rank0"], default="module")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
@@ -172,6 +174,7 @@ def parse_args() -> argparse.Namespace:
 
 def fit(args: argparse.Namespace) -> None:
     """One run of ``args``: train, then rank 0 (or the ``ddp_spawn`` parent) saves the embeddings and scores."""
+    step_files.PACK_STEPS = args.pack_steps
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
                              projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments,
