@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
-from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, sync
+from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, reporting_reference, sync
 from .callback_step import StepHooks
 from .checkpoints import CheckpointRecorder
 from .config import (
@@ -251,7 +251,7 @@ class DataValueEmbedding(StepHooks):
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
         self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
         self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
-                                               partial(reporting.prepare_batch, trainer, pl_module))
+                                               partial(reporting_reference.prepare_batch, trainer, pl_module))
         self._train_started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -49,8 +49,6 @@ from .samples import SampleView, training_samples
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
 format_summary = reporting_loggers.format_summary  # public here: the examples import it from this module
-__all__ = ["Reference", "TrainEndReport", "format_summary", "prepare_batch", "reference_gradient", "report_train_end",
-           "resolve_reference", "save_boundary_reference", "summary_dict", "write_files"]
 
 
 @dataclasses.dataclass(frozen=True)

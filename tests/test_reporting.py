@@ -344,7 +344,8 @@ def test_curve_csv_columns_hold_the_curves_they_are_named_after(tmp_path: Path) 
     curves, smoothed or not, all differ, so no two columns can be swapped unnoticed."""
     from lightning_dve import curves
     from lightning_dve.influence import InfluenceResult
-    from lightning_dve.reporting import Reference, TrainEndReport, write_files
+    from lightning_dve.reporting import TrainEndReport, write_files
+    from lightning_dve.reporting_reference import Reference
 
     steps = torch.arange(10).repeat_interleave(2)
     scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -377,7 +378,8 @@ def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp
 
     from lightning_dve import curves
     from lightning_dve.influence import InfluenceResult
-    from lightning_dve.reporting import Reference, TrainEndReport, format_summary, write_files
+    from lightning_dve.reporting import TrainEndReport, format_summary, write_files
+    from lightning_dve.reporting_reference import Reference
     from lightning_dve.reporting_loggers import log_tensorboard
 
     scores = torch.tensor([[math.nan, 1.0, 2.0, -1.0, 3.0, -2.0]], dtype=torch.float64)
@@ -583,7 +585,7 @@ def test_a_datamodule_batch_hook_is_applied_as_in_training(tmp_path):
     replay prepare, as it reaches training's: the replay reproduces the recorded checkpoints only with it."""
     import lightning as L
 
-    from lightning_dve.reporting import prepare_batch
+    from lightning_dve.reporting_reference import prepare_batch
 
     class Rescaled(L.LightningDataModule):
         def train_dataloader(self) -> DataLoader:

@@ -16,7 +16,8 @@ import torch
 from lightning_dve import curves
 from lightning_dve.config import ReportConfig
 from lightning_dve.influence import InfluenceResult
-from lightning_dve.reporting import Reference, TrainEndReport, format_summary, write_files
+from lightning_dve.reporting import TrainEndReport, format_summary, write_files
+from lightning_dve.reporting_reference import Reference
 from lightning_dve.samples import SampleView
 
 # A U-shaped mean influence over 60 steps, two occurrences per step: a warm-up falling from 10 to 1 (steps 0..14),

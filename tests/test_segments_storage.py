@@ -300,7 +300,7 @@ def test_report_dynamics_use_reference_gradients_taken_at_each_boundary(
     short_model = model_cls().double()
     short = DataValueEmbedding(tmp_path / "short", projection_dim=32, storage_dtype="float64")
     fit(short_model, short, make_loader(), val, precision="64-true", max_steps=4)
-    from lightning_dve.reporting import reference_gradient
+    from lightning_dve.reporting_reference import reference_gradient
 
     expected = reference_gradient(short.embeddings, short_model, list(val), lambda b: float64_batch(b), 256, "val",
                                   False)
