@@ -169,8 +169,8 @@ class BatchSource:
 
 
 def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:
-    """``batch`` with every tensor (in dicts, lists, tuples, dataclasses) moved to ``device`` and its floating tensors converted
-    to ``float_dtype`` (``None``: unchanged)."""
+    """``batch`` with every tensor (in dicts, lists, tuples, dataclasses) moved to ``device`` and its floating tensors
+    converted to ``float_dtype`` (``None``: unchanged)."""
     if isinstance(batch, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
         return batch.to(device or batch.device, dtype)
