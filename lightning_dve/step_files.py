@@ -17,6 +17,7 @@ step is the one kept.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,9 @@ class _Listing:
     stale: list[Path]
 
     def pack_of(self, step: int) -> Path | None:
-        return next((path for first, last, path in self.packs if first <= step <= last), None)
+        """The pack whose range holds ``step`` (a binary search: the recursion asks once per step)."""
+        index = bisect.bisect_right(self.packs, step, key=lambda pack: pack[0]) - 1
+        return self.packs[index][2] if index >= 0 and step <= self.packs[index][1] else None
 
 
 class StepFolder:
