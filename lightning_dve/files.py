@@ -142,10 +142,13 @@ def _copy_rest(src: int, offset: int, dst: int, at: int) -> int:
     """Copy the bytes of file ``src`` from ``offset`` to its end into file ``dst`` at ``at`` (in the kernel where it
     can); return where they end in ``dst``."""
     remaining = os.fstat(src).st_size - offset
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
     while remaining > 0:
         try:
-            copied = os.copy_file_range(src, dst, remaining, offset, at)
-        except OSError as err:  # not on this file system (or kernel): copy through memory
+            if kernel_copy is None:
+                raise OSError(errno.ENOSYS, "no copy_file_range on this system")
+            copied = kernel_copy(src, dst, remaining, offset, at)
+        except OSError as err:  # not on this system or file system: copy through memory
             if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             copied = os.pwrite(dst, os.pread(src, remaining, offset), at)
