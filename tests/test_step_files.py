@@ -196,3 +196,100 @@ def test_a_fit_with_packed_steps_scores_like_one_with_loose_steps(
     (tmp_path / "3" / "steps" / "pack_00000003_00000005.safetensors").unlink()
     with pytest.raises(StoreError, match=r"missing the steps file\(s\) of 3 step\(s\), first of steps \[3, 4, 5\]"):
         DataValueEmbeddings.load(tmp_path / "3")
+
+
+def test_a_resume_at_the_last_step_of_a_pack_keeps_the_pack(pack_every_3: None, tmp_path: Path) -> None:
+    """A checkpoint after a pack's last step: the pack holds only kept steps, so it stays as it is (not rewritten
+    over itself, nor deleted)."""
+    files = written(tmp_path / "steps", list(range(8)))
+    assert [e.step for e in files.scan(after=5, drop=True)] == list(range(6))
+    assert names(tmp_path / "steps") == ["pack_00000000_00000002.safetensors", "pack_00000003_00000005.safetensors"]
+    assert_reads(StepFolder(tmp_path / "steps", HASH), list(range(6)))
+
+
+def test_packed_steps_keep_their_applied_learning_rates(pack_every_3: None, tmp_path: Path) -> None:
+    """A step's param-group learning rates (``applied_lrs``, written where they differ from the recursion's rates)
+    are listed from a pack as from a loose file, e.g. when an interrupted run is opened or resumed."""
+    folder = tmp_path / "steps"
+    folder.mkdir()
+    files = StepFolder(folder, HASH)
+    for step in range(4):
+        tensors = step_tensors(step)
+        if step % 2:
+            tensors["applied_lrs"] = torch.tensor([0.5 + step, 0.25], dtype=torch.float64)
+        files.write(step, 0, tensors)
+    assert names(folder)[0] == "pack_00000000_00000002.safetensors"
+    expected = [[0.5 + s, 0.25] if s % 2 else [0.1 * s, 0.2] for s in range(4)]
+    assert [e.applied_lrs for e in StepFolder(folder, HASH).scan()] == expected
+
+
+def test_a_resumed_run_packs_by_the_bytes_of_the_loose_steps_it_continues(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The byte bound of a pack counts the loose steps a resumed run finds on disk, not only those it writes."""
+    monkeypatch.setattr(step_files, "PACK_BYTES", 1400)  # the step files are 472-536 bytes
+    written(tmp_path / "steps", [0, 1])
+    files = StepFolder(tmp_path / "steps", HASH)  # a new process continues the run
+    files.scan(after=1, drop=True)
+    files.write(2, 0, step_tensors(2))
+    assert names(tmp_path / "steps") == ["pack_00000000_00000002.safetensors"]
+
+
+def test_a_pack_rewritten_under_the_same_name_is_read_anew(pack_every_3: None, tmp_path: Path) -> None:
+    """A pack read, then dropped by a resume and recorded again with other data under its name: reads give the
+    new data, not the deleted file's (kept open for the next read)."""
+    files = written(tmp_path / "steps", list(range(6)))
+    assert torch.equal(files.read(4)["lrs"], step_tensors(4)["lrs"])
+    assert files.scan(after=-1, drop=True) == []
+    for step in range(6):
+        files.write(step, 0, {**step_tensors(step), "lrs": torch.tensor([-1.0, float(step)], dtype=torch.float64)})
+    assert names(tmp_path / "steps")[-1] == "pack_00000003_00000005.safetensors"
+    assert files.read(4)["lrs"].tolist() == [-1.0, 4.0]
+
+
+def test_a_pack_spans_the_steps_a_grad_scaler_skipped(pack_every_3: None, tmp_path: Path) -> None:
+    """Skipped steps inside a pack: its name gives the range from its first to its last recorded step."""
+    files = written(tmp_path / "steps", [0, 2, 5, 6])
+    assert names(tmp_path / "steps") == ["pack_00000000_00000005.safetensors", "step_00000006.safetensors"]
+    assert_reads(StepFolder(tmp_path / "steps", HASH), [0, 2, 5, 6])
+    assert files.missing([0, 2, 5, 6, 7]) == [7]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "extended", "another step", "other settings"])
+def test_a_damaged_loose_step_is_not_packed(pack_every_3: None, tmp_path: Path, damage: str) -> None:
+    """Packing copies bytes without decoding them, but checks each loose file as a read would: one whose size does
+    not match its header, copied over another step's name, or of another run is refused (every loose file kept)
+    instead of being packed into a corrupt pack, or as this run's step."""
+    folder = tmp_path / "steps"
+    files = written(folder, [0, 1])
+    path = folder / "step_00000001.safetensors"
+    if damage in ("truncated", "extended"):  # e.g. a power loss after the rename, before the data reached the disk
+        data = path.read_bytes()
+        path.write_bytes(data[:-10] if damage == "truncated" else data + bytes(10))
+        message = r"step_00000001\.safetensors is missing, corrupt or truncated"
+    elif damage == "another step":
+        shutil.copy(folder / "step_00000000.safetensors", path)
+        message = r"step_00000001\.safetensors holds step 0's data, not step 1's"
+    else:
+        (tmp_path / "other").mkdir()
+        StepFolder(tmp_path / "other", "settings-b").write(1, 0, step_tensors(1))
+        shutil.copy(tmp_path / "other" / "step_00000001.safetensors", path)
+        message = r"written with settings settings-b, but the manifest says settings-a"
+    with pytest.raises(StoreError, match=message):
+        files.write(2, 0, step_tensors(2))
+    assert names(folder) == [f"step_0000000{s}.safetensors" for s in range(3)]
+
+
+def test_a_pack_is_whole_when_the_kernel_copies_a_file_in_several_calls(
+    pack_every_3: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``copy_file_range`` may copy less than asked (large files, some file systems): the rest is copied after."""
+    real = files.os.copy_file_range
+
+    def short(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        return real(src, dst, min(count, 100), offset_src, offset_dst)
+
+    monkeypatch.setattr(files.os, "copy_file_range", short)
+    files_ = written(tmp_path / "steps", [0, 1, 2, 3])
+    assert names(tmp_path / "steps")[0] == "pack_00000000_00000002.safetensors"
+    assert_reads(files_, [0, 1, 2, 3])

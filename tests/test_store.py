@@ -128,9 +128,10 @@ def test_manifest_of_another_schema_version(store_copy):
 
 @pytest.mark.parametrize("path, message", [
     ("steps/step_00000003.safetensors", r"missing the steps file\(s\) of 1 step\(s\), first of steps \[3\]"),
+    ("steps/step_00000000.safetensors", r"missing the steps file\(s\) of 1 step\(s\), first of steps \[0\]"),
     ("embeddings/index.safetensors", r"embeddings/index\.safetensors is missing"),
     ("embeddings/sample_ids.npy", r"embeddings/sample_ids\.npy is missing"),
-], ids=["steps", "embeddings index", "embeddings sample ids"])  # a missing layer file: test_queries
+], ids=["steps", "first step", "embeddings index", "embeddings sample ids"])  # a missing layer file: test_queries
 def test_missing_data_file(store_copy, path, message):
     (store_copy / path).unlink()
     with pytest.raises(StoreError, match=rf"{message}.*record the run again"):
