@@ -1,5 +1,5 @@
-"""Probe round 13 (a careful user): dataclass batches in queries and replay, and exact replay of a run whose
-optimizer param groups or frozen parameters changed during ``fit`` in modules left out of the recording.
+"""Dataclass batches in queries and replay, and exact replay of a run whose optimizer param groups or frozen
+parameters changed during ``fit`` in modules left out of the recording (a ``BaseFinetuning`` callback).
 
 Every run is a real Lightning ``fit`` on 48 digits (batch 16) in float64.
 """
