@@ -147,3 +147,20 @@ def test_exact_replay_names_a_layout_changed_outside_the_tracked_layers(tmp_path
     assert emb.influence(module, test.batch()).scores.shape == (5, 48)  # the estimator is unaffected
     with pytest.raises(UnsupportedError, match=rf"at step 3 .*{message}"):
         emb.exact_influence(module, test.batch())
+
+
+@dataclasses.dataclass
+class CountedBatch:
+    """A dataclass batch with a field computed in ``__post_init__`` (``init=False``)."""
+
+    x: torch.Tensor
+    n: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = self.x.shape[0]
+
+
+def test_a_dataclass_field_computed_after_init_is_computed_again() -> None:
+    singles = split_batch(CountedBatch(torch.ones(3, 2)))
+    assert [s.n for s in singles] == [1, 1, 1]
+    assert to_device(CountedBatch(torch.ones(3, 2)), torch.device("cpu"), torch.float64).x.dtype == torch.float64
