@@ -207,6 +207,12 @@ class TrajectoryStore:
         if last_step >= 0 and last_step not in store.steps:
             raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
                              f"steps: {store.steps[:3]}...{store.steps[-3:]}): resuming would leave a gap. {fix}")
+        missing = store.step_files.missing([s for s in store.steps if s <= last_step])  # one listing
+        if missing:  # e.g. an earlier resume from before them, killed while it deleted its later steps
+            raise StoreError(f"{recorded} is missing the {STEPS} file(s) of {len(missing)} step(s) up to the "
+                             f"checkpoint's step {last_step}, first of steps {missing[:5]} (a resume from an earlier "
+                             "checkpoint killed while it deleted its later steps?): resuming would leave a gap. Resume "
+                             "from a checkpoint before them, restore them, or record the run again.")
         store._lock = FolderLock(store.root)
         store._resume_after = last_step
         return store

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import lightning_dve.files
+import lightning_dve.step_files
 import lightning_dve.store
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, GradientError, StoreError
 from lightning_dve.folder_lock import LOCK_FILE
@@ -557,3 +558,33 @@ def test_a_resume_keeps_the_reference_gradients_taken_up_to_the_checkpoint(tmp_p
     assert list(TrajectoryStore.open(root).read_references()) == [1]
     TrajectoryStore.reopen(root, last_step=0).append(record(1))
     assert TrajectoryStore.open(root).read_references() == {}
+
+
+@pytest.mark.parametrize("pack_steps", [256, 3], ids=["loose steps", "packed steps"])
+def test_a_resume_after_a_killed_resume_refuses_the_steps_the_kill_deleted(tmp_path, monkeypatch, pack_steps):
+    """A resume from step 3 killed while it deleted the later steps (packed: after writing the pack of step 3,
+    before deleting the old pack of steps 3-5; loose: after deleting the files of steps 4 and 5) leaves the finished manifest
+    listing steps 0-7, and the Lightning checkpoints after step 5 are still there: a resume from one of them is
+    refused, not continued with steps 4 and 5 silently left out; the killed resume's checkpoint still resumes."""
+    monkeypatch.setattr(lightning_dve.step_files, "PACK_STEPS", pack_steps)
+    root = tmp_path / "dve"
+    recorded(root, 8)
+    if pack_steps == 3:
+        real = lightning_dve.step_files.write_atomic
+
+        def killed(*args):
+            real(*args)
+            raise KeyboardInterrupt  # the process dies here
+
+        monkeypatch.setattr(lightning_dve.step_files, "write_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            TrajectoryStore.reopen(root, last_step=3).append(record(4))
+        monkeypatch.setattr(lightning_dve.step_files, "write_atomic", real)
+    else:
+        for step in (4, 5):
+            (root / "steps" / f"step_0000000{step}.safetensors").unlink()
+    with pytest.raises(StoreError, match=r"missing the steps file\(s\) of 2 step\(s\) up to the checkpoint's step 5, "
+                                         r"first of steps \[4, 5\]"):
+        TrajectoryStore.reopen(root, last_step=5)
+    TrajectoryStore.reopen(root, last_step=3).append(record(4))
+    assert TrajectoryStore.open(root).steps == [0, 1, 2, 3, 4]
