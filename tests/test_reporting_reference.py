@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_dve import DataValueEmbedding
 from lightning_dve.config import ReportConfig
@@ -71,6 +72,21 @@ def test_validation_that_never_ran_applies_the_limit_as_lightning_would(fit, tmp
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
     trainer = fit(OwnValidation(), callback, train, check_val_every_n_epoch=5, limit_val_batches=limit)
     assert trainer.num_val_batches == [] and trainer.val_dataloaders is None
+    assert reference_of(callback)["n_samples"] == n_samples
+
+
+class DigitStream(IterableDataset):
+    """The 64 held-out digits as a stream: no length, so only an int ``limit_val_batches`` bounds it."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(ImageDigits(range(1500, 1564)))
+
+
+@pytest.mark.parametrize(("limit", "n_samples"), [(2, 32), (1.0, 64)])
+def test_a_validation_stream_is_bounded_by_an_int_limit(fit, tmp_path, limit, n_samples):
+    train, _ = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    fit(ImageMLP(), callback, train, DataLoader(DigitStream(), batch_size=16), limit_val_batches=limit)
     assert reference_of(callback)["n_samples"] == n_samples
 
 
