@@ -10,9 +10,10 @@ file per pack instead of one per step (a run of 100k steps: ~400 files instead o
                                                "00000042/<name>"; metadata steps, epochs, settings_hash
 
 A run killed between writing a pack and deleting its loose files leaves both; the pack is read (the same bytes)
-and the loose copies are deleted at the next write. A resume inside a pack rewrites it with the steps it keeps
-(new pack first, then the old one deleted); killed in between, the shorter of two packs that start at the same
-step is the one kept.
+and the loose copies are deleted at the next write. A resume deletes the later steps from the last one back, then
+rewrites a pack it falls inside with the steps it keeps (new pack first, then the old one deleted; killed in
+between, the shorter of two packs that start at the same step is the one kept): killed at any moment, it leaves
+the steps up to some step, never later steps without the ones before them.
 """
 
 from __future__ import annotations
@@ -130,22 +131,15 @@ class StepFolder:
         if drop:
             remove_files(listing.stale)
         entries = []
-        for first, last, path in listing.packs:
-            if after is not None and first > after:
-                if drop:
-                    path.unlink()
-                continue
-            kept = self._pack_entries(path, after)
-            if drop and after is not None and last > after:
-                self._rewrite_pack(path, [e.step for e in kept])
-            entries += kept
+        for first, _, path in listing.packs:
+            if after is None or first <= after:
+                entries += self._pack_entries(path, after)
         for step, path in sorted(listing.loose.items()):
-            if after is not None and step > after:
-                if drop:
-                    path.unlink()
-                continue
-            entries.append(StepEntry(step, *read_step_header(path)))
+            if after is None or step <= after:
+                entries.append(StepEntry(step, *read_step_header(path)))
         entries.sort(key=lambda e: e.step)
+        if drop and after is not None:
+            self._drop_after(listing, after, [e.step for e in entries])
         if drop:  # the folder as the next write finds it
             self._loose = [(e.step, e.epoch) for e in entries if e.step in listing.loose]
             self._loose_bytes = sum(listing.loose[s].stat().st_size for s, _ in self._loose)
@@ -203,6 +197,18 @@ class StepFolder:
                                   {"steps": _text(steps), "epochs": _text(epochs), "settings_hash": self.settings_hash})
         remove_files(self.folder / step_name(step) for step in steps)
         self._loose, self._loose_bytes, self._listing = [], 0, None
+
+    def _drop_after(self, listing: _Listing, after: int, kept: list[int]) -> None:
+        """Delete the steps after ``after``, the last first, then rewrite the pack that holds steps on both sides:
+        killed at any moment, the folder holds steps ``0..k`` (``k >= after``), never a gap that a checkpoint of
+        the earlier branch could resume over."""
+        later = [(step, path) for step, path in listing.loose.items() if step > after]
+        later += [(first, path) for first, _, path in listing.packs if first > after]
+        for _, path in sorted(later, reverse=True):
+            path.unlink()
+        for first, last, path in listing.packs:
+            if first <= after < last:
+                self._rewrite_pack(path, [step for step in kept if first <= step <= last])
 
     def _rewrite_pack(self, path: Path, keep: list[int]) -> None:
         """Replace a pack by one of only its steps ``keep`` (a resume inside it): the new one first."""

@@ -119,6 +119,44 @@ def test_a_resume_killed_while_rewriting_a_pack_reads_the_shorter_pack(pack_ever
     assert names(tmp_path / "steps") == ["pack_00000000_00000002.safetensors", "pack_00000003_00000003.safetensors"]
 
 
+class Killed(BaseException):
+    """The process dying at that moment (nothing after it runs)."""
+
+
+def test_a_resume_killed_while_dropping_later_steps_leaves_a_prefix_of_them(
+    pack_every_3: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Killed before any of its deletions, a resume after step 1 leaves steps 0..k (k >= 1), never a gap: a gap
+    (steps 0, 1, 3..9) let a checkpoint of the earlier branch at step 5 resume over steps 2 missing from its
+    trajectory, silently (seen with real SIGKILLs: the resumed store's scores lacked those steps)."""
+    real_unlink, kills = Path.unlink, 0
+    while True:
+        shutil.rmtree(tmp_path / "steps", ignore_errors=True)
+        written(tmp_path / "steps", list(range(10)))  # packs 0-2, 3-5, 6-8; step 9
+        calls = 0
+
+        def unlink(path: Path, missing_ok: bool = False) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > kills:
+                raise Killed
+            real_unlink(path, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+        try:
+            StepFolder(tmp_path / "steps", HASH).scan(after=1, drop=True)
+        except Killed:
+            pass
+        else:
+            break
+        finally:
+            monkeypatch.setattr(Path, "unlink", real_unlink)
+        steps = [e.step for e in StepFolder(tmp_path / "steps", HASH).scan()]
+        assert steps == list(range(len(steps))) and len(steps) >= 2, f"killed before deletion {kills + 1}: {steps}"
+        kills += 1
+    assert kills == 4 and names(tmp_path / "steps") == ["pack_00000000_00000001.safetensors"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "other settings", "step not in the pack"])
 def test_a_damaged_pack_is_refused(pack_every_3: None, tmp_path: Path, damage: str) -> None:
     written(tmp_path / "steps", [0, 1, 2])
