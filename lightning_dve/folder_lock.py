@@ -10,6 +10,7 @@ one process it does not exclude (one fit at a time runs there).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -56,8 +57,9 @@ class FolderLock:
             raise StoreError(f"{folder} is being recorded by another fit ({holder}): two fits in one save_dir would "
                              "mix their steps. Give each fit its own save_dir (e.g. one per W&B run, "
                              "save_dir=f\"dve/{wandb.run.id}\"), or wait for that fit to finish.") from err
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message above (the lock itself is taken)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._closer = weakref.finalize(self, os.close, fd)  # dropped unreleased: closed (and unlocked) then
 
     def release(self) -> None:

@@ -323,7 +323,9 @@ class DataValueEmbeddings:
         def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             for segment, a, b in ranges:
                 chunk_ids, embeddings = arrays.rows(a, b)
-                yield chunk_ids, arrays.row_steps(a, b), dot_layers(carried[segment], embeddings)
+                scores = dot_layers(carried[segment], embeddings)
+                del embeddings  # before the next chunk is read: one chunk in memory at a time
+                yield chunk_ids, arrays.row_steps(a, b), scores
 
         all_ids = arrays.sample_ids(0, ranges[-1][2] if ranges else 0)  # segments run from the first step on
         return stream_columns(chunks(), all_ids, n_test, per_step)

@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import re
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import lightning_dve.embedding_arrays
 import lightning_dve.influence
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, StoreError
 from lightning_dve.embedding_arrays import EmbeddingArrays
+from lightning_dve.folder_lock import LOCK_FILE
 from lightning_dve.store import StepRecord, TrajectoryStore
 from tests.conftest import DigitsDict, TinyMLP, run_fit
 from tests.test_store import SMALL, files_of
@@ -228,6 +230,26 @@ def test_a_query_streamed_in_chunks_scores_like_one_read(trained, segmented, tes
     assert max(hi - lo for lo, hi in reads) > 1  # the default reads several steps at once
 
 
+@pytest.mark.parametrize("per_step", [True, False])
+def test_a_query_holds_one_chunk_of_embeddings_at_a_time(trained, test_batch, monkeypatch, per_step):
+    """A query's memory is one chunk of embeddings (CHUNK_BYTES) and its result: each chunk is released before the
+    next is read (a chunk kept until the next one's read doubled the peak: 128 MB for 64 MiB chunks)."""
+    embeddings = DataValueEmbeddings.load(trained.root)
+    monkeypatch.setattr(lightning_dve.influence, "CHUNK_BYTES", 1)  # one step per chunk
+    real_rows, live, reads = EmbeddingArrays.rows, [], []
+
+    def rows(self: EmbeddingArrays, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        reads.append([ref() is not None for ref in live])
+        ids, chunk = real_rows(self, lo, hi)
+        live[:] = [weakref.ref(tensor) for tensor in chunk.values()]
+        return ids, chunk
+
+    monkeypatch.setattr(EmbeddingArrays, "rows", rows)
+    embeddings.influence(trained.model, test_batch, per_step=per_step)
+    assert len(reads) == len(embeddings.steps) == 8
+    assert not any(any(alive) for alive in reads)
+
+
 @pytest.mark.parametrize("store", ["one segment", "three segments"])
 def test_the_embedding_matrix_scores_like_a_query(trained, segmented, test_batch, store):
     """Oracle: ``score(g, per_step=True)``, which carries ``g`` back to each segment, against ``g`` times the
@@ -424,7 +446,9 @@ def test_arrays_the_disk_cannot_hold_leave_no_file_open(tmp_path, monkeypatch):
 
 
 def _open_files(root: Path) -> list[str]:
-    return [os.path.realpath(p) for p in Path("/proc/self/fd").iterdir() if str(root) in os.path.realpath(p)]
+    """Files under ``root`` this process holds open, but the lock its recording holds until teardown."""
+    paths = (os.path.realpath(p) for p in Path("/proc/self/fd").iterdir())
+    return [p for p in paths if str(root) in p and not p.endswith(f"/{LOCK_FILE}")]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
