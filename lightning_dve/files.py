@@ -199,6 +199,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def corrupt_error(path: Path, err: Exception) -> StoreError:
+    """The error of a store file that cannot be parsed: which, why, and what to do."""
+    return StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the run "
+                      "again, or restore the file from a backup.")
+
+
 def write_error(path: Path, err: OSError) -> StoreError:
     """The error of a failed store write: what failed, what is kept (:func:`_kept`), and what to do."""
     reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
@@ -255,8 +261,7 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         tensors = dict(sorted(load_safetensors(data).items()))  # by name, as safe_open lists them
         metadata = _metadata(data)
     except (SafetensorError, ValueError, OSError) as err:
-        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the "
-                         "run again, or restore the file from a backup.") from err
+        raise corrupt_error(path, err) from err
     check_metadata(path, metadata, settings_hash, step)
     return tensors
 

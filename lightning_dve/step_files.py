@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import (check_metadata, read_checked, read_step_header, remove_files, safetensors_header, write_atomic,
-                    write_concatenated_atomic)
+from .files import (check_metadata, corrupt_error, read_checked, read_step_header, remove_files, safetensors_header,
+                    write_atomic, write_concatenated_atomic)
 
 #: Loose steps packed into one file once this many have accumulated.
 PACK_STEPS = 256
@@ -242,7 +242,7 @@ class StepFolder:
         try:
             return {name.split("/", 1)[1]: handle.get_tensor(name) for name in sorted(names[step])}
         except (SafetensorError, OSError) as err:
-            raise _corrupt(pack, err) from err
+            raise corrupt_error(pack, err) from err
 
     def _handle(self, path: Path) -> tuple[Any, dict[int, list[str]]]:
         """The open pack at ``path`` (kept open for the next read) and its tensor names by step, checked against
@@ -256,18 +256,13 @@ class StepFolder:
             for name in handle.keys():
                 names[int(name.split("/", 1)[0])].append(name)
         except (SafetensorError, OSError, ValueError, KeyError) as err:
-            raise _corrupt(path, err) from err
+            raise corrupt_error(path, err) from err
         if metadata.get("settings_hash") != self.settings_hash:
             raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
                              f"manifest says {self.settings_hash}: files of two runs are mixed in one directory. Use "
                              "a fresh save_dir for each run (or overwrite=True).")
         self._open_pack = (path, handle, names)
         return handle, names
-
-
-def _corrupt(path: Path, err: Exception) -> StoreError:
-    return StoreError(f"store file {path} is corrupt or truncated ({err}). Delete the store and record the run "
-                      "again, or restore the file from a backup.")
 
 
 def _text(values: Iterable[int]) -> str:
