@@ -10,10 +10,11 @@ file per pack instead of one per step (a run of 100k steps: ~400 files instead o
                                                "00000042/<name>"; metadata steps, epochs, settings_hash
 
 A run killed between writing a pack and deleting its loose files leaves both; the pack is read (the same bytes)
-and the loose copies are deleted at the next write. A resume deletes the later steps from the last one back, then
-rewrites a pack it falls inside with the steps it keeps (new pack first, then the old one deleted; killed in
-between, the shorter of two packs that start at the same step is the one kept): killed at any moment, it leaves
-the steps up to some step, never later steps without the ones before them.
+and the loose copies are deleted at the next write (so is the temporary file of a write that was killed). A
+resume deletes the later steps from the last one back, then rewrites a pack it falls inside with the steps it
+keeps (new pack first, then the old one deleted; killed in between, the shorter of two packs that start at the
+same step is the one kept): killed at any moment, it leaves the steps up to some step, never later steps without
+the ones before them.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class StepFolder:
         """List the folder once and resolve packs against loose files (module docstring)."""
         loose = {int(p.stem.split("_")[1]): p for p in self.folder.glob("step_*.safetensors")}
         packs: dict[int, tuple[int, Path]] = {}
-        stale = []
+        stale = list(self.folder.glob(".*.tmp"))  # the temporary file of a write that was killed
         for path in sorted(self.folder.glob("pack_*.safetensors")):
             first, last = _pack_range(path)
             if first in packs:  # a rewrite killed before the old pack was deleted: sorted, the shorter is kept

@@ -97,6 +97,23 @@ def test_a_run_killed_between_pack_and_delete_keeps_each_step_once(
     assert_reads(files, [0, 1, 2, 3, 4])
 
 
+def test_the_temporary_files_of_killed_writes_are_deleted_at_the_next_write(pack_every_3: None,
+                                                                              tmp_path: Path) -> None:
+    """A SIGKILL during a write leaves its temporary file (up to a pack's 32 MiB); no listing reads it, and the
+    recording's first write (a resume's too) deletes it."""
+    written(tmp_path / "steps", [0, 1, 2, 3])
+    killed = [tmp_path / "steps" / name for name in (".step_00000004.safetensors.tmp",
+                                                      ".pack_00000003_00000005.safetensors.tmp")]
+    for path in killed:
+        path.write_bytes(b"partial")
+    assert_reads(StepFolder(tmp_path / "steps", HASH), [0, 1, 2, 3])
+    assert all(path.exists() for path in killed)  # a reader leaves them
+    resumed = StepFolder(tmp_path / "steps", HASH)
+    resumed.write(4, 1, step_tensors(4))
+    assert not any(path.exists() for path in killed)
+    assert_reads(resumed, [0, 1, 2, 3, 4])
+
+
 def test_a_resume_inside_a_pack_keeps_its_earlier_steps_and_redoes_the_rest(pack_every_3: None, tmp_path: Path) -> None:
     files = written(tmp_path / "steps", list(range(8)))
     kept = files.scan(after=4, drop=True)
