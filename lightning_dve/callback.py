@@ -309,14 +309,10 @@ class DataValueEmbedding(StepHooks):
             callback_setup.warn_replay_lost(replay_error)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release()
-        if self._store is not None:
-            self._store.unlock()
+        self._end_recording()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release()
-        if self._store is not None:
-            self._store.unlock()
+        self._end_recording()
         self._fit_pending = False
         self._resume = None  # restored by validate/test/predict(ckpt_path=...): not for a later fit
 
@@ -331,6 +327,12 @@ class DataValueEmbedding(StepHooks):
             self._recorder.store.close()
         if self._writer is not None:  # on an exception: keep what was queued, raise nothing new
             self._writer.close(raise_error=False)
+
+    def _end_recording(self) -> None:
+        """:meth:`_release`, and let another fit record into this store's folder (``folder_lock``)."""
+        self._release()
+        if self._store is not None:
+            self._store.unlock()
 
     def _store_root(self, trainer: pl.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"

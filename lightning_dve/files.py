@@ -98,13 +98,18 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             length = int.from_bytes(file.read(8), "little")
             header = json.loads(file.read(length))
             size = os.fstat(file.fileno()).st_size
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = _data_end(header)
         if end != size - 8 - length:
             raise ValueError(f"its tensors cover {end} bytes of {size - 8 - length}")
     except (ValueError, OSError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise StoreError(f"store file {path} is missing, corrupt or truncated ({err}). Delete the store and record "
                          "the run again, or restore the file from a backup.") from err
     return header, 8 + length
+
+
+def _data_end(header: dict[str, Any]) -> int:
+    """Bytes of a safetensors file's data that its header's tensor entries cover (they leave no hole)."""
+    return max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
 
 
 def write_concatenated_atomic(path: Path, parts: list[tuple[str, Path, dict[str, Any], int]],
@@ -123,7 +128,7 @@ def write_concatenated_atomic(path: Path, parts: list[tuple[str, Path, dict[str,
             if name != "__metadata__":
                 start, end = entry["data_offsets"]
                 header[prefix + name] = {**entry, "data_offsets": [base + start, base + end]}
-        base += max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+        base += _data_end(entries)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
 
@@ -391,4 +396,3 @@ class LineLog:
         if self._closer is not None:
             self._closer()
         self._fd, self._closer = None, None
-
