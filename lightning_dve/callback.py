@@ -25,6 +25,7 @@ from .config import (
     AccumulatorLayout,
     Curvature,
     DVEConfig,
+    EmbeddingMethod,
     LossReduction,
     ReportConfig,
     StorageDtype,
@@ -79,6 +80,9 @@ class DataValueEmbedding(StepHooks):
             gradient store's) or ``None`` (off). Written on global rank 0 under ``save_dir/checkpoints/``.
         adam_second_moment: with Adam/AdamW in exact mode (``projection_dim=None``), also model each removed
             sample's effect on the second moment ``v`` (the "v pass" of the train-end recursion).
+        embeddings: ``"recursion"`` (the backward recursion, any model) or ``"replay"`` (then replaced, before
+            the report, by embeddings with every update's true curvature,
+            :meth:`DataValueEmbeddings.replay_embeddings`: small models, one process; :class:`EmbeddingMethod`).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class DataValueEmbedding(StepHooks):
         describe: Callable[[Any], str] | None = None,
         checkpoint_interval: int | str | None = "auto",
         adam_second_moment: bool = False,
+        embeddings: str | EmbeddingMethod = "recursion",
     ) -> None:
         self._weight_fn = loss_reduction if callable(loss_reduction) else None
         self.config = DVEConfig(
@@ -117,6 +122,7 @@ class DataValueEmbedding(StepHooks):
             checkpoint_interval=checkpoint_interval,
             adam_second_moment=adam_second_moment,
         )
+        self.embedding_method = callback_setup.embedding_method(embeddings, self.config)
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
         # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state
         keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
@@ -211,6 +217,7 @@ class DataValueEmbedding(StepHooks):
         resume, self._resume = callback_setup.store_to_continue(self._resume), None  # a refused one is not retried
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
+        callback_setup.refuse_replay_on_ranks(self.embedding_method, self._comm.world_size)
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
         self.config = self._requested.resolved(sum(self._dims.values()))
@@ -303,9 +310,11 @@ class DataValueEmbedding(StepHooks):
             callback_setup.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
+            if self.embedding_method is EmbeddingMethod.REPLAY:
+                callback_setup.replay_embeddings(self._embeddings, pl_module, replay_error)
         callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
                                       self.report_config, self.reference, self.describe, self.sample_ids), store.root)
-        if replay_error is not None:
+        if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:
             callback_setup.warn_replay_lost(replay_error)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -19,10 +19,11 @@ import torch
 
 from . import sync
 from .capture import TrackedLayer
-from .config import DVEConfig, ReportConfig
+from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError, UnsupportedError
 from .files import disk_bytes
+from .influence import DataValueEmbeddings
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
 
@@ -226,6 +227,49 @@ def warn_replay_lost(error: DVEError) -> None:
     """Say that exact replay is unavailable because the final replay checkpoint failed (the embeddings are fine)."""
     rank_zero_warn(f"DataValueEmbedding: the final replay checkpoint could not be written ({error}); the embeddings "
                    "and report are complete, but exact_influence will refuse this run.")
+
+
+def embedding_method(value: Any, config: DVEConfig) -> EmbeddingMethod:
+    """The ``embeddings=`` option, refused where replayed embeddings cannot be formed.
+
+    Raises:
+        ConfigError: for an unknown value, or ``"replay"`` without replay checkpoints or with segments.
+    """
+    method = EmbeddingMethod.parse(value)
+    if method is EmbeddingMethod.REPLAY and (config.checkpoint_interval is None or config.segments > 1):
+        raise ConfigError("embeddings='replay' replays training from its checkpoints into the final model's "
+                          f"embeddings; it needs checkpoint_interval (got {config.checkpoint_interval!r}) and "
+                          f"segments=1 (got {config.segments}). Keep those defaults, or use embeddings='recursion'.")
+    return method
+
+
+def refuse_replay_on_ranks(method: EmbeddingMethod, world_size: int) -> None:
+    """Refuse ``embeddings="replay"`` under DDP at the fit's start (nothing recorded yet).
+
+    Raises:
+        ConfigError: naming what to do instead.
+    """
+    if method is EmbeddingMethod.REPLAY and world_size > 1:
+        raise ConfigError(f"embeddings='replay' replays the run on one process, but this fit has {world_size} "
+                          "ranks. Use embeddings='recursion' under DDP (exact_influence scores fixed test points "
+                          "after fit).")
+
+
+def replay_embeddings(embeddings: DataValueEmbeddings, pl_module: pl.LightningModule,
+                      checkpoint_error: DVEError | None) -> None:
+    """``embeddings="replay"`` at train end (rank 0): replace the recursion's embeddings by replayed ones, or keep
+    them with a warning saying why the run could not be replayed."""
+    try:
+        if checkpoint_error is not None:
+            raise checkpoint_error
+        with torch.inference_mode(False), torch.enable_grad():
+            cost = embeddings.replay_embeddings(pl_module)
+    except DVEError as err:
+        rank_zero_warn(f"DataValueEmbedding: embeddings='replay' could not replay this run ({err}); the report and "
+                       "the store keep the recursion's embeddings.")
+        return
+    rank_zero_info(f"DataValueEmbedding: replayed the embeddings in {cost.seconds:.1f} s "
+                   f"({cost.relative:.1f}x the training loop).")
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,

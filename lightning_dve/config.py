@@ -91,6 +91,20 @@ class Curvature(_Option):
     NONE = "none"
 
 
+class EmbeddingMethod(_Option):
+    """How the train-end embeddings are formed (the recorded rows are the same either way).
+
+    ``RECURSION`` is the backward recursion with the chosen :class:`Curvature` (method.md §2): cheap, for any
+    model. ``REPLAY`` then replaces them by replayed ones, each projection row carried back through the actual
+    updates (``DataValueEmbeddings.replay_embeddings``): every step's true curvature and optimizer, at
+    ``sum_l k_l`` vector-Jacobian products per step, for small models; where the run cannot be replayed the
+    recursion's are kept with a warning.
+    """
+
+    RECURSION = "recursion"
+    REPLAY = "replay"
+
+
 class StorageDtype(_Option):
     """Dtype of the per-sample gradients on disk (the accumulation matrices are always float32 or wider).
 

@@ -62,6 +62,11 @@ class FolderLock:
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._closer = weakref.finalize(self, os.close, fd)  # dropped unreleased: closed (and unlocked) then
 
+    @property
+    def held(self) -> bool:
+        """Whether this lock is still held (not released, and taken where locks exist)."""
+        return self._closer is not None and self._closer.alive
+
     def release(self) -> None:
         """Drop the lock (safe to call twice)."""
         if self._closer is not None:

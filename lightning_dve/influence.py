@@ -22,28 +22,27 @@ from .capture import GradientCapture
 from .config import DVEConfig
 from .errors import ConfigError, StoreError
 from .files import read_json
+from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
                            recorded_layers, require_autograd, warn_if_not_final)
 from .recursion import layer_groups
-from .replay import ReplayCost, TrainLossFn, TrainingData, exact_influence_scores
-from .replay_data import split_batch, step_loss_terms
-from .results import EmbeddingMatrix, InfluenceResult, Ranking, check_per_step, dot_layers, stream_columns
+from .replay import ReplayCost, TrainingData
+from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
 from .store import MANIFEST, STEPS, TrajectoryStore
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 #: Bytes of embeddings a query reads at a time, and of their scores (8 per test point and row): whole steps, more
 #: where one step has more. Per-sample totals are summed chunk by chunk, never held per occurrence.
 CHUNK_BYTES = 64 * 2**20
 
 
-class DataValueEmbeddings:
+class DataValueEmbeddings(ReplayQueries):
     """The embeddings of a finished recording, with the projection needed to score test points against them.
 
-    Create with :meth:`load` (any process) or from ``DataValueEmbedding.embeddings`` after ``fit``.
+    Create with :meth:`load` (any process) or from ``DataValueEmbedding.embeddings`` after ``fit``. The queries
+    that replay training (``exact_influence``, ``replay_embeddings``) are :class:`ReplayQueries`'.
     """
 
     def __init__(self, store: TrajectoryStore, loss_weights: WeightFn | None = None) -> None:
@@ -208,58 +207,6 @@ class DataValueEmbeddings:
         warn_if_not_final(module, self.store.manifest.get("final_weights"))
         return self._score(self.test_gradients(module, batch, loss_fn), per_step, None)
 
-    def exact_influence(
-        self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
-        dataset: Any = None, *, collate_fn: Callable[[list[Any]], Any] | None = None,
-        train_loss_fn: TrainLossFn | None = None, sample_ids: str | Callable[[Any], Any] | None = None,
-    ) -> InfluenceResult:
-        """Exact first-order scores by replaying training (same result type and meaning as :meth:`influence`).
-
-        ``scores[i, (t, z)] = -w_{t,z} dl(theta_T, test_i)/dw_{t,z}``: the derivative of the final test loss in
-        the weight of occurrence ``(t, z)``, by reverse-mode differentiation through every later recorded step of
-        the actual optimizer (SGD with momentum, Nesterov, weight decay; Adam, AdamW), learning rates and
-        clipping (:mod:`lightning_dve.replay`). It is the first-order limit of TSLOO, not TSLOO itself. The cost
-        relative to training is in :attr:`replay_cost` afterwards.
-
-        Args:
-            module, batch, loss_fn, per_step: as in :meth:`influence` (without ``loss_fn``, each test sample's
-                loss is ``training_step`` on a one-sample batch divided by its recorded reduction weight).
-            dataset: the training dataset (map-style); default the one seen in ``fit``, required after
-                :meth:`load`. Batches are rebuilt as ``collate_fn([dataset[i] for i in ids])``.
-            collate_fn: default the training dataloader's (after :meth:`load`: ``default_collate``).
-            train_loss_fn: ``(module, batch) -> Tensor[B]`` per-sample training losses (one forward per step);
-                default ``training_step`` on one-sample batches (logging muted), one forward per sample.
-            sample_ids: how dataset items map to the recorded ids, as given to the callback (a dict key, or
-                ``batch -> LongTensor[B]``); default the callback's after ``fit``, after :meth:`load` the recorded
-                key, or, for a callable (not saved), ids are taken as dataset positions.
-
-        Raises:
-            ConfigError: checkpoints were off, no dataset, recorded ids outside it with no ``sample_ids`` to map
-                them, or ``module`` is not the final trained module.
-            UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
-                random transforms, or the replay does not reproduce the checkpoints).
-        """
-        check_per_step(per_step)  # before the replay, not after it
-        self._check_current()
-        base = self.training_data or TrainingData(None)
-        data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
-                            base.sample_ids if sample_ids is None else sample_ids, base.prepare)
-        ids, steps, scores, self.replay_cost = exact_influence_scores(
-            self.store, self.config.checkpoint_interval, module, self._replay_target(batch, loss_fn), data,
-            train_loss_fn, self.config.loss_reduction, self.loss_weights)
-        return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
-
-    def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
-        """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
-        return self._replay_target(batch, None)(module)
-
-    def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
-        """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""
-        if loss_fn is not None:
-            return lambda module: loss_fn(module, batch)
-        singles, reduction = split_batch(batch), self.config.loss_reduction
-        return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights)
-
     @property
     def segment_boundaries(self) -> list[int]:
         """Last optimizer step of each influence-checkpointing segment (one entry when ``segments=1``).
@@ -394,7 +341,8 @@ class DataValueEmbeddings:
         out = {}
         for group in layer_groups(self.store.layer_names, self.config.layout):
             factor = factors[group[0]].T if transpose else factors[group[0]]
-            rows = torch.cat([test[name].to(factor.dtype) for name in group], dim=1) @ factor
+            dtype = torch.promote_types(factor.dtype, test[group[0]].dtype)  # every segment's scores alike
+            rows = torch.cat([test[name].to(dtype) for name in group], dim=1) @ factor.to(dtype)
             out.update(zip(group, rows.split([test[name].shape[1] for name in group], dim=1)))
         return out
 

@@ -143,7 +143,7 @@ def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, 
         try:
             store.finish_embeddings()
             store.write_segments(bounds, factors)
-            store.manifest["embeddings"] = "complete"
+            store.manifest.update(embeddings="complete", embeddings_source="recursion")
             store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk
         except DVEError as err:
             error = err

@@ -45,6 +45,8 @@ MAX_STATES_IN_MEMORY = SEGMENT_STATES
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 #: The same under bf16 autocast: a one-sample forward rounds differently from the batched one (8-bit mantissa).
 AUTOCAST_TOLERANCE = 1e-2
+#: Target rows carried back by one batched vector-Jacobian product (``torch.func.vmap``): bounds its temporaries.
+VJP_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Replayer:
         self.clip = manifest.get("clip") or {}
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
+        self.batched = True  # vector-Jacobian products of many rows under vmap (until an op refuses it)
         self._records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,15 +181,25 @@ class Replayer:
         in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in s_leaves.items() for k in e if k != "step"]
         inputs = [p_leaves[n] if k == "param" else s_leaves[n][k] for n, k in in_keys] + [weights]
         rows = next(iter(adjoint.values())).shape[0]
-        carried: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in in_keys}
-        dweights = []
-        for i in range(rows):
-            got = torch.autograd.grad(outputs, inputs, [adjoint[key][i] for key in keys], retain_graph=i < rows - 1,
-                                      allow_unused=True)
-            for key, value, leaf in zip(in_keys, got, inputs):
-                carried[key].append(torch.zeros_like(leaf) if value is None else value.detach())
-            dweights.append(torch.zeros_like(weights) if got[-1] is None else got[-1].detach())
-        return {key: torch.stack(v) for key, v in carried.items()}, torch.stack(dweights)
+        parts = [self._products(outputs, inputs, [adjoint[key][lo:lo + VJP_ROWS] for key in keys])
+                 for lo in range(0, rows, VJP_ROWS)]
+        joined = [torch.cat(column) for column in zip(*parts)]
+        return dict(zip(in_keys, joined[:-1])), joined[-1]
+
+    def _products(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], vectors: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+        """``v^T d outputs / d inputs`` for each row ``v`` of ``vectors`` (``[n, *shape]`` per output), stacked per
+        input: one ``torch.func.vmap`` over the backward, or one backward per row where vmap cannot run it."""
+        def one(*row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            got = torch.autograd.grad(outputs, inputs, row, retain_graph=True, allow_unused=True)
+            return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(got, inputs))
+        if self.batched:
+            try:
+                return [value.detach() for value in torch.func.vmap(one)(*vectors)]
+            except RuntimeError:  # an op vmap cannot batch (a custom autograd.Function): per row from now on
+                self.batched = False
+        per_row = [one(*(vector[i] for vector in vectors)) for i in range(vectors[0].shape[0])]
+        return [torch.stack(column).detach() for column in zip(*per_row)]
 
 
 # --- segments and the whole run ------------------------------------------------------------------------------
@@ -281,11 +294,24 @@ def _check_final(module: nn.Module, final: Params) -> None:
                           "averaging such as StochasticWeightAveraging or EMA replaces the weights after it).")
 
 
+def final_parameters(replayer: Replayer) -> Params:
+    """The recorded final parameters, after checking that the module holds them (the target is ``L(theta_T)``)."""
+    end_params, _ = replayer.snapshot(replayer.checkpoints.manifest["final_step"])
+    _check_final(replayer.module, end_params)
+    return end_params
+
+
 def replay_scores(replayer: Replayer, target: Callable[[nn.Module], torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ReplayCost]:
+    """:func:`carry_back` of the targets' gradients at the final parameters, ``scores [n, m]`` (module docstring)."""
+    return carry_back(replayer, target_gradients(replayer.module, final_parameters(replayer), target))
+
+
+def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ReplayCost]:
     """``(sample_ids [m], steps [m], scores [n, m], cost)`` of every recorded occurrence, by step then position.
 
-    ``scores[i, (t, z)] = -w_{t,z} dL_i(theta_T)/dw_{t,z}`` (the first-order TSLOO, module docstring).
+    ``scores[i, (t, z)] = -w_{t,z} dL_i(theta_T)/dw_{t,z}`` (the first-order TSLOO, module docstring) for the
+    targets whose gradients ``dL_i/dtheta_T`` are the rows of ``adjoint`` (``{(name, "param"): [n, *shape]}``).
     """
     started = time.perf_counter()
     checkpoints, store = replayer.checkpoints, replayer.store
@@ -297,8 +323,6 @@ def replay_scores(replayer: Replayer, target: Callable[[nn.Module], torch.Tensor
         raise StoreError(f"the first replay checkpoint is before step {bounds[0]} but steps from {steps[0]} are "
                          f"recorded; checkpoint files are missing in {checkpoints.root}. Record the run again.")
     end_params, _ = replayer.snapshot(final_step)
-    _check_final(replayer.module, end_params)
-    adjoint = target_gradients(replayer.module, end_params, target)
     columns: dict[int, torch.Tensor] = {}
     with modes(replayer.module, manifest.get("eval_modules", [])):
         for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
@@ -344,12 +368,10 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
     return checkpoints
 
 
-def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, module: nn.Module,
-                           target: Callable[[nn.Module], torch.Tensor], data: TrainingData | None,
-                           train_loss_fn: TrainLossFn | None, reduction: LossReduction, weight_fn: WeightFn | None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ReplayCost]:
-    """Check that the run can be replayed, then :func:`replay_scores` (arguments as in
-    :meth:`lightning_dve.DataValueEmbeddings.exact_influence`; ``target(module) -> Tensor[n]`` test losses)."""
+def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn.Module, data: TrainingData | None,
+                  train_loss_fn: TrainLossFn | None, reduction: LossReduction, weight_fn: WeightFn | None) -> Replayer:
+    """A :class:`Replayer` of the recorded run, after checking that it can be replayed (arguments as in
+    :meth:`lightning_dve.DataValueEmbeddings.exact_influence`)."""
     checkpoints = open_checkpoints(store.root, interval)
     if data is not None and not (data.sample_ids is None or isinstance(data.sample_ids, str)
                                  or callable(data.sample_ids)):
@@ -358,7 +380,7 @@ def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, m
     if data is not None and data.sample_ids is None:  # after load: the recorded sample_ids key, if it was one
         data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
     if data is None or data.dataset is None:
-        raise ConfigError("exact_influence needs the training dataset to rebuild the recorded batches: pass "
+        raise ConfigError("exact replay needs the training dataset to rebuild the recorded batches: pass "
                           "dataset= (required when the embeddings were loaded from disk, or when the training "
                           "dataloader yields whole batches, batch_size=None; after fit it defaults to the training "
                           "dataloader's dataset).")
@@ -373,4 +395,4 @@ def exact_influence_scores(store: TrajectoryStore, interval: int | str | None, m
     replayer = Replayer(module, store, checkpoints, source, losses, per_sample_forwards=train_loss_fn is None)
     if store.steps:
         source.check(replayer.record(store.steps[0])[0])
-    return replay_scores(replayer, target)
+    return replayer

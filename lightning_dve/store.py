@@ -80,8 +80,7 @@ class TrajectoryStore:
     @property
     def projected_dim(self) -> int:
         """Projected dimensions of all tracked layers together, ``sum_l k_out k_in`` (from the manifest)."""
-        return sum(entry["projection"]["out"]["projected_dim"] * entry["projection"]["in"]["projected_dim"]
-                   for entry in self.manifest["layers"])
+        return sum(self.layer_widths.values())
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], manifest: dict[str, Any], overwrite: bool) -> TrajectoryStore:
@@ -217,6 +216,13 @@ class TrajectoryStore:
         store._resume_after = last_step
         return store
 
+    def lock(self) -> bool:
+        """Take the folder's lock to rewrite a finished store (then :meth:`unlock`); ``False``: held (recording)."""
+        if self._lock is not None and self._lock.held:
+            return False
+        self._lock = FolderLock(self.root)
+        return True
+
     def unlock(self) -> None:
         """End this process's recording into the folder: another fit may record there now."""
         if self._lock is not None:
@@ -307,8 +313,7 @@ class TrajectoryStore:
         self._embedding_writer = EmbeddingWriter(self.root / EMBEDDINGS, self.settings_hash, layers, dtype,
                                                  self.steps, self.manifest["rows"])
 
-    def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor],
-                         sample_ids: torch.Tensor | None) -> None:
+    def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor | None) -> None:
         """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences (any of the begun layers) and
         their ``sample_ids`` (``None``: written already); safe from several threads."""
         assert self._embedding_writer is not None, "begin_embeddings first"

@@ -179,6 +179,26 @@ def test_exact_replay_curve_equals_the_exact_influence_of_the_reference(fit, tmp
     assert not torch.allclose(got, embedded, rtol=1e-3)
 
 
+def test_replayed_embeddings_feed_the_report(fit, tmp_path):
+    """``embeddings="replay"``: the report is written from the replayed embeddings (its curve is theirs), not from
+    the recursion's (the same run with ``embeddings="recursion"`` reports another curve). That the replayed
+    embeddings are exact replay's: ``tests/test_replay_embeddings.py``."""
+    train, val = loaders()
+    reference = {key: value[:40] for key, value in DigitsDict(range(1500, 1540)).batch().items()}
+    reference["x"] = reference["x"].reshape(-1, 1, 8, 8).double()
+    curves = {}
+    for method in ("recursion", "replay"):
+        model = ImageMLP()
+        callback = DataValueEmbedding(tmp_path / method, projection_dim=16, report=SMALL, embeddings=method)
+        fit(model, callback, train, val, max_epochs=2, precision="64-true")
+        model.double()
+        rows = read_csv(report_dir(callback) / "curve.csv")
+        curves[method] = torch.tensor([float(r["influence_per_lr"]) for r in rows], dtype=torch.float64)
+        assert curves[method] == pytest.approx(direct_curve(callback, model, reference), rel=1e-6, abs=1e-12)
+    assert callback.embeddings.store.manifest["embeddings_source"] == "replay"
+    assert not torch.allclose(curves["replay"], curves["recursion"], rtol=1e-2)
+
+
 def test_exact_replay_curve_without_checkpoints_warns_and_uses_the_embeddings(fit, tmp_path):
     train, val = loaders()
     config = dataclasses.replace(SMALL, curve_source="exact_replay")

@@ -1,0 +1,122 @@
+"""Queries that replay training: exact first-order scores, and embeddings with every update's true curvature.
+
+The methods of :class:`~lightning_dve.DataValueEmbeddings` built on :mod:`lightning_dve.replay`: one test target
+carried back through the replayed run (:meth:`ReplayQueries.exact_influence`), or every projection row
+(:meth:`ReplayQueries.replay_embeddings`, :mod:`lightning_dve.replay_embeddings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import WeightFn
+from .config import DVEConfig
+from .projection import LayerProjection
+from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
+from .replay_data import split_batch, step_loss_terms
+from .replay_embeddings import replay_embeddings
+from .results import InfluenceResult, check_per_step, stream_columns
+from .store import TrajectoryStore
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class ReplayQueries:
+    """Replay queries of :class:`~lightning_dve.DataValueEmbeddings` (a mixin over its store and settings)."""
+
+    store: TrajectoryStore
+    config: DVEConfig
+    loss_weights: WeightFn | None
+    projections: dict[str, LayerProjection]
+    training_data: TrainingData | None  # set by the callback after fit
+    replay_cost: ReplayCost | None  # cost of the last replay
+    _check_current: Callable[[], None]
+
+    def exact_influence(
+        self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
+        dataset: Any = None, *, collate_fn: Callable[[list[Any]], Any] | None = None,
+        train_loss_fn: TrainLossFn | None = None, sample_ids: str | Callable[[Any], Any] | None = None,
+    ) -> InfluenceResult:
+        """Exact first-order scores by replaying training (same result type and meaning as :meth:`influence`).
+
+        ``scores[i, (t, z)] = -w_{t,z} dl(theta_T, test_i)/dw_{t,z}``: the derivative of the final test loss in
+        the weight of occurrence ``(t, z)``, by reverse-mode differentiation through every later recorded step of
+        the actual optimizer (SGD with momentum, Nesterov, weight decay; Adam, AdamW), learning rates and
+        clipping (:mod:`lightning_dve.replay`). It is the first-order limit of TSLOO, not TSLOO itself. The cost
+        relative to training is in :attr:`replay_cost` afterwards.
+
+        Args:
+            module, batch, loss_fn, per_step: as in :meth:`influence` (without ``loss_fn``, each test sample's
+                loss is ``training_step`` on a one-sample batch divided by its recorded reduction weight).
+            dataset: the training dataset (map-style); default the one seen in ``fit``, required after
+                :meth:`load`. Batches are rebuilt as ``collate_fn([dataset[i] for i in ids])``.
+            collate_fn: default the training dataloader's (after :meth:`load`: ``default_collate``).
+            train_loss_fn: ``(module, batch) -> Tensor[B]`` per-sample training losses (one forward per step);
+                default ``training_step`` on one-sample batches (logging muted), one forward per sample.
+            sample_ids: how dataset items map to the recorded ids, as given to the callback (a dict key, or
+                ``batch -> LongTensor[B]``); default the callback's after ``fit``, after :meth:`load` the recorded
+                key, or, for a callable (not saved), ids are taken as dataset positions.
+
+        Raises:
+            ConfigError: checkpoints were off, no dataset, recorded ids outside it with no ``sample_ids`` to map
+                them, or ``module`` is not the final trained module.
+            UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
+                random transforms, or the replay does not reproduce the checkpoints).
+        """
+        check_per_step(per_step)  # before the replay, not after it
+        self._check_current()
+        replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
+        ids, steps, scores, self.replay_cost = replay_scores(replayer, self._replay_target(batch, loss_fn))
+        return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
+
+    def replay_embeddings(
+        self, module: nn.Module, dataset: Any = None, *, collate_fn: Callable[[list[Any]], Any] | None = None,
+        train_loss_fn: TrainLossFn | None = None, sample_ids: str | Callable[[Any], Any] | None = None,
+    ) -> ReplayCost:
+        """Replace the embeddings by test-agnostic ones with the true curvature of every recorded update.
+
+        ``e_{t,z} = P Delta theta_T(t, z)``: each projection row carried back through the replayed run as
+        :meth:`exact_influence` carries a test gradient (:mod:`lightning_dve.replay_embeddings`). Afterwards
+        :meth:`influence`, :meth:`score` and :meth:`load` use them; without projection (``projection_dim=None``)
+        :meth:`influence` then equals :meth:`exact_influence`. Costs ``sum_l k_l`` vector-Jacobian products per
+        step: for small models (refused above ~1 GiB of carried rows).
+
+        Args:
+            module, dataset, collate_fn, train_loss_fn, sample_ids: as in :meth:`exact_influence`.
+
+        Returns:
+            the replay's cost against training (also in :attr:`replay_cost`).
+
+        Raises:
+            ConfigError, UnsupportedError, StoreError: as :meth:`exact_influence`; ``ConfigError`` also for a run
+                recorded with ``segments > 1`` or too large (the embeddings on disk are kept).
+        """
+        self._check_current()
+        replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
+        self.replay_cost = replay_embeddings(self.store, replayer, self.projections)
+        return self.replay_cost
+
+    def _replayer(self, module: nn.Module, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,
+                  train_loss_fn: TrainLossFn | None, sample_ids: str | Callable[[Any], Any] | None) -> Replayer:
+        """The recorded run's :class:`~lightning_dve.replay.Replayer`, with the defaults of :meth:`exact_influence`."""
+        base = self.training_data or TrainingData(None)
+        data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
+                            base.sample_ids if sample_ids is None else sample_ids, base.prepare)
+        return make_replayer(self.store, self.config.checkpoint_interval, module, data, train_loss_fn,
+                             self.config.loss_reduction, self.loss_weights)
+
+    def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
+        return self._replay_target(batch, None)(module)
+
+    def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
+        """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""
+        if loss_fn is not None:
+            return lambda module: loss_fn(module, batch)
+        singles, reduction = split_batch(batch), self.config.loss_reduction
+        return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights)
+
