@@ -44,6 +44,8 @@ bf16 autocast in float32 to show the batches and rates are the Trainer's.
 - ``default``: ``DataValueEmbedding()`` with every default (projection 1024 per layer, default curvature, storage,
   ``layout="auto"``): the test-agnostic default; ``default_per_layer`` the same with ``layout="per_layer"``. ``projected_<curvature>``: projection 1024 with the other curvature options. Each
   projected line carries ``ratio_to_unprojected`` (projected Spearman / the same curvature unprojected).
+- ``replayed`` (``--replayed``): the default run's embeddings replaced by ``DataValueEmbeddings.replay_embeddings``
+  (test-agnostic, every update's true curvature), with ``ratio_to_exact_replay`` and the replay's cost.
 
 Each value is the Spearman correlation between the estimator's scores and the truth over the 40 occurrences,
 per test point, averaged over the 16 test points. A ``core`` section (the full run only) keeps the earlier
@@ -58,6 +60,7 @@ benchmark: exact / projected / storage-dtype variants on the core problem (MLP, 
     python benchmarks/fidelity.py            # full matrix + core section, ~10 minutes on 2 cores (shared)
     python benchmarks/fidelity.py --seeds 0,1,2,3,4 --no-core   # the matrix over five seeds, ~16 minutes
     python benchmarks/fidelity.py --quick    # MLP, sgd_lr0.05, 8 occurrences x 4 test points: seconds (CI smoke)
+    python benchmarks/fidelity.py --no-core --replayed    # + replayed embeddings: ~26 minutes (the CNNs' replays)
 """
 
 from __future__ import annotations
@@ -276,7 +279,7 @@ def optimizer_model(dve: DataValueEmbedding, messages: list[str]) -> tuple[str, 
     return ("sgd_proxy_fallback" if messages else "sgd"), terms
 
 
-def run_problem(problem: Problem, lines: list[dict]) -> None:
+def run_problem(problem: Problem, lines: list[dict], replayed: bool = False) -> None:
     started = time.perf_counter()
     base = {"benchmark": "fidelity", "model": problem.model, "setting": problem.name, "seed": SEED_OFFSET}
 
@@ -401,7 +404,8 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
          "layout": settings["layout"], "storage_dtype": dve.embeddings.store.manifest.get("storage_dtype"),
          "optimizer_model": model_kind, "optim_terms": terms, "spearman_vs_tsloo": value,
          "ratio_to_unprojected": round(value / unprojected[default_curvature], 4)})
-    replayed_line(module, dve, problem, rho, out, unprojected.get("exact_replay"))
+    if replayed:
+        replayed_line(module, dve, problem, rho, out, unprojected.get("exact_replay"))
     module, dve, _, _ = problem.fit(checkpoint_interval=None, layout="per_layer")
     result = dve.embeddings.influence(module, problem.test, loss_fn=test_loss, per_step=True)
     out({"estimator": "default_per_layer", "curvature": default_curvature, "layout": "per_layer",
@@ -422,8 +426,8 @@ def run_problem(problem: Problem, lines: list[dict]) -> None:
 
 def replayed_line(module: nn.Module, dve: DataValueEmbedding, problem: Problem, rho: Callable[..., float],
                   out: Callable[[dict[str, Any]], None], exact: float | None) -> None:
-    """``replayed``: the default run's embeddings replaced by ``replay_embeddings`` (test-agnostic, the true
-    curvature of every update through the projection's rows), if this version has it."""
+    """``replayed`` (``--replayed``): the default run's embeddings replaced by ``replay_embeddings`` (test-agnostic,
+    the true curvature of every update through the projection's rows), if this version has it."""
     if not hasattr(dve.embeddings, "replay_embeddings"):
         return
     try:
@@ -554,6 +558,9 @@ def main() -> None:
     parser.add_argument("--occurrences", type=int, default=N_OCCURRENCES)
     parser.add_argument("--test-points", type=int, default=N_TEST)
     parser.add_argument("--no-core", action="store_true", help="skip the core section")
+    parser.add_argument("--replayed", action="store_true",
+                        help="also score the replayed embeddings (replay_embeddings; ~5 s per mlp problem, 1-2 minutes "
+                             "per CNN problem; on with --quick)")
     parser.add_argument("--core-only", action="store_true", help="only the core section")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", default="0",
@@ -567,6 +574,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*gradient_clip.*")
     if args.quick:
         args.models, args.settings, args.occurrences, args.test_points, args.no_core = "mlp", "sgd_lr0.05", 8, 4, True
+        args.replayed = True
     started = time.perf_counter()
     emit({"benchmark": "fidelity", "machine": machine(), "quick": args.quick, "train": N_TRAIN, "batch": BATCH,
           "epochs": EPOCHS, "occurrences": args.occurrences, "test_points": args.test_points, "seeds": args.seeds})
@@ -577,7 +585,7 @@ def main() -> None:
             for name in args.settings.split(","):
                 with tempfile.TemporaryDirectory(prefix="dve_fidelity_") as workdir:
                     run_problem(Problem(model, name, SETTINGS[name], args.occurrences, args.test_points, workdir),
-                                lines)
+                                lines, args.replayed)
     if lines:
         targets(lines)
     if not args.no_core:

@@ -6,7 +6,9 @@ run. Nets: the tanh MLP 64-32-10 (same initial weights as the fidelity benchmark
 tanh, 2x2 max-pool, linear 128->10). Ground truth retrains with torch.optim, its scheduler and clipping, with one
 occurrence dropped (``tests/test_replay.py::tsloo_by_training``). Each line: mean Spearman over the 16 test points
 (each its own target), and the replay's wall time over the fit's (one target = the mean test loss, and 16
-targets), with ``training_step`` per sample (default) or a per-sample ``train_loss_fn``.
+targets), with ``training_step`` per sample (default) or a per-sample ``train_loss_fn``; then the replayed
+embeddings of the same store (``replay_embeddings``, k = 64 per layer: one vector-Jacobian product per projection
+row and step), their cost over the fit's and their Spearman.
 
     python benchmarks/replay_cost.py            # about 2 minutes on 2 cores
 
@@ -78,6 +80,11 @@ def measure(name: str, setting: dict[str, Any], net: str) -> dict[str, Any]:
         start = time.perf_counter()
         fast = emb.exact_influence(module, test, per_step=True, train_loss_fn=per_sample_loss).scores
         fast_s = time.perf_counter() - start
+        start = time.perf_counter()
+        emb.replay_embeddings(module, train_loss_fn=per_sample_loss)  # test-agnostic: then any test point is a dot
+        replayed_s = time.perf_counter() - start
+        replayed = emb.influence(module, test, per_step=True).scores
+        rows = emb.store.projected_dim
         checkpoint_bytes = emb.store.root.joinpath("checkpoints")
         ckpt = sum(p.stat().st_size for p in checkpoint_bytes.glob("state_*.safetensors"))
         steps_bytes = emb.store.manifest["bytes_steps"]
@@ -85,15 +92,18 @@ def measure(name: str, setting: dict[str, Any], net: str) -> dict[str, Any]:
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     columns = [int(offsets[t]) + i for t, i in occurrences]
     truth = tsloo_by_training(initial, batches, setting, occurrences, test)
-    rho, rows = oracles.mean_spearman(scores[:, columns], truth)
+    rho, per_point = oracles.mean_spearman(scores[:, columns], truth)
     return {"benchmark": "replay", "net": net, "setting": name, "spearman_vs_tsloo": round(rho, 4),
-            "spearman_min_test_point": round(min(rows), 4),
+            "spearman_min_test_point": round(min(per_point), 4),
             "max_rel_diff_train_loss_fn": float((fast - scores).abs().max() / scores.abs().max()),
             "fit_s": round(fit_s, 2), "train_loop_s": round(train_loop_s, 2),
             "replay_one_target_s": round(one_target_s, 2), "replay_16_targets_s": round(all_targets_s, 2),
             "replay_16_targets_train_loss_fn_s": round(fast_s, 2),
             "one_target_over_fit": round(one_target_s / fit_s, 2), "16_targets_over_fit": round(all_targets_s / fit_s, 2),
             "16_targets_train_loss_fn_over_fit": round(fast_s / fit_s, 2),
+            "replayed_embeddings_rows": rows, "replayed_embeddings_train_loss_fn_s": round(replayed_s, 2),
+            "replayed_embeddings_over_fit": round(replayed_s / fit_s, 2),
+            "replayed_embeddings_spearman_vs_tsloo": round(oracles.mean_spearman(replayed[:, columns], truth)[0], 4),
             "checkpoint_bytes_over_step_bytes": round(ckpt / steps_bytes, 3)}
 
 

@@ -98,14 +98,15 @@ def replay_embeddings(store: TrajectoryStore, replayer: Replayer, projections: d
 
     Raises:
         ConfigError: if the run is too large or segmented (:func:`_check_size`).
-        UnsupportedError, StoreError: as :func:`lightning_dve.replay.carry_back` (the embeddings on disk are kept).
+        UnsupportedError, StoreError: as :func:`lightning_dve.replay.carry_back`, or ``StoreError`` if another
+            process records into the folder (the embeddings on disk are kept).
     """
     final = final_parameters(replayer)
     _check_size(store, replayer, final)
     adjoint, ranges = projection_rows(replayer.module, projections, final)
-    _, _, scores, cost = carry_back(replayer, adjoint)
-    taken = store.lock()  # one writer of the folder (a fit into it is refused meanwhile)
+    taken = store.lock()  # a fit into the folder is refused while the replay reads it and rewrites the embeddings
     try:
+        _, _, scores, cost = carry_back(replayer, adjoint)
         store.begin_embeddings({name: projections[name].dim for name in ranges},
                                accumulation_dtype(store.manifest["storage_dtype"]))
         stop = 0

@@ -7,7 +7,9 @@ trained with plain SGD on mean cross-entropy; subclass it (``mlp_cls`` fixture) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -146,3 +148,30 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it; this restores it afterwards
     monkeypatch.setenv("WANDB_SILENT", "true")
     return tmp_path
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from lightning_dve.folder_lock import FolderLock
+lock = FolderLock(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+@pytest.fixture
+def holder() -> Iterator[Callable[[Path], subprocess.Popen]]:
+    """``holder(folder)``: another process that holds the folder's lock until the test ends."""
+    processes = []
+
+    def hold(folder: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        processes.append(process)
+        assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+        return process
+
+    yield hold
+    for process in processes:
+        process.communicate(timeout=60)

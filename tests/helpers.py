@@ -6,8 +6,11 @@ oracles in ``tests/oracles.py`` can replay the exact trajectory the Trainer ran.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -177,3 +180,10 @@ def make_trainer(max_epochs: int, callbacks: list | None = None, **kwargs) -> L.
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def can_lock_elsewhere(folder: Path) -> bool:
+    """Whether another process can take the folder's lock now (the lock FolderLock takes, without importing it)."""
+    code = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0

@@ -50,3 +50,6 @@ def test_quick_benchmark_runs_and_prints_json_lines(name: str, quick_runs: tuple
     records = [json.loads(line) for line in read_run(quick_runs[0], name, quick_runs[1]).splitlines()
                if line.strip()]
     assert len(records) >= 2 and all("benchmark" in r for r in records)
+    if name == "fidelity":  # each estimator either scores or says why not: the replayed embeddings must score
+        replayed = [r for r in records if r.get("estimator") == "replayed"]
+        assert [isinstance(r["spearman_vs_tsloo"], float) for r in replayed] == [True], replayed

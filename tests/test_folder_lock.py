@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,40 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding, StoreError
 from lightning_dve.folder_lock import LOCK_FILE, FolderLock
-
-HOLD = """
-import sys
-from pathlib import Path
-from lightning_dve.folder_lock import FolderLock
-lock = FolderLock(Path(sys.argv[1]))
-print("locked", flush=True)
-sys.stdin.read()  # until the test closes stdin
-"""
-
-
-@pytest.fixture
-def holder() -> Iterator[Callable[[Path], subprocess.Popen]]:
-    """``holder(folder)``: another process that holds the folder's lock until the test ends."""
-    processes = []
-
-    def hold(folder: Path) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
-        processes.append(process)
-        assert process.stdout is not None and process.stdout.readline().strip() == "locked"
-        return process
-
-    yield hold
-    for process in processes:
-        process.communicate(timeout=60)
-
-
-def can_lock_elsewhere(folder: Path) -> bool:
-    """Whether another process can take the folder's lock now (the lock FolderLock takes, without importing it)."""
-    code = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
-    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
-
+from tests.helpers import can_lock_elsewhere
 
 def files_of(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_FILE}

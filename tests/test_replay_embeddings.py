@@ -18,8 +18,7 @@ from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings,
                            callback_setup, replay)
 from lightning_dve import replay_embeddings as replay_embeddings_module
 from lightning_dve.layers import parameter_block
-from tests.helpers import DigitsDataset, make_loader, make_trainer, split_indices
-from tests.test_folder_lock import can_lock_elsewhere, holder  # noqa: F401 - holder is a fixture
+from tests.helpers import DigitsDataset, can_lock_elsewhere, make_loader, make_trainer, split_indices
 from tests.test_replay import SETTINGS, ReplayNet, fit_setting
 
 CASES = ["sgd", "sgd momentum dampening decay", "adamw cosine warm-up", "sgd clip norm", "cnn adamw"]
