@@ -251,8 +251,7 @@ def refuse_replay_on_ranks(method: EmbeddingMethod, world_size: int) -> None:
     """
     if method is EmbeddingMethod.REPLAY and world_size > 1:
         raise ConfigError(f"embeddings='replay' replays the run on one process, but this fit has {world_size} "
-                          "ranks. Use embeddings='recursion' under DDP (exact_influence scores fixed test points "
-                          "after fit).")
+                          "ranks. Use embeddings='recursion' under DDP.")
 
 
 def replay_embeddings(embeddings: DataValueEmbeddings, pl_module: pl.LightningModule,
