@@ -218,10 +218,9 @@ class TrajectoryStore:
 
     def lock(self) -> bool:
         """Take the folder's lock to rewrite a finished store (then :meth:`unlock`); ``False``: held (recording)."""
-        if self._lock is not None and self._lock.held:
-            return False
-        self._lock = FolderLock(self.root)
-        return True
+        taken = self._lock is None or not self._lock.held
+        self._lock = FolderLock(self.root) if taken else self._lock
+        return taken
 
     def unlock(self) -> None:
         """End this process's recording into the folder: another fit may record there now."""
@@ -233,8 +232,7 @@ class TrajectoryStore:
         :meth:`create` (clear the store it replaces): once, at the first write; the callback calls it at the first
         optimizer step, with the replay checkpoints' own."""
         self._clear_replaced()
-        after = self._resume_after
-        if after is None:
+        if (after := self._resume_after) is None:
             return
         self._scan_steps(after=after, drop=True)
         remove_files(f for f in (self.root / REFERENCES).glob("*.safetensors") if int(f.stem.split("_")[1]) > after)
@@ -391,15 +389,12 @@ class TrajectoryStore:
         if actual != value:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
 
-    def disk_use(self) -> int:
-        """Bytes of the whole store: manifest, steps, embeddings, segments, references, shards, checkpoints, lock."""
-        parts = (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS, LOCK_FILE)
-        return disk_bytes(self.root / part for part in parts)
-
     def record_disk_use(self) -> None:
-        """Write the manifest with the whole store's disk use (``bytes_total``): at train end, and again once the
-        embeddings are written."""
+        """Write the manifest with the whole store's disk use (``bytes_total``: manifest, steps, embeddings, segments,
+        references, shards, checkpoints, lock): at train end, and again once the embeddings are written."""
+        parts = [self.root / part for part in (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS,
+                                               LOCK_FILE)]
         written = None
-        while written != (total := self.disk_use()):  # the manifest as written included: until its size settles
+        while written != (total := disk_bytes(parts)):  # the manifest as written included: until its size settles
             self.manifest["bytes_total"] = written = total
             self.write_manifest()
