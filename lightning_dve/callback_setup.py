@@ -251,7 +251,8 @@ def refuse_replay_on_ranks(method: EmbeddingMethod, world_size: int) -> None:
     """
     if method is EmbeddingMethod.REPLAY and world_size > 1:
         raise ConfigError(f"embeddings='replay' replays the run on one process, but this fit has {world_size} "
-                          "ranks. Use embeddings='recursion' under DDP.")
+                          "ranks. Use embeddings='recursion' under DDP, and after the fit replace them in one "
+                          "process: DataValueEmbeddings.load(save_dir).replay_embeddings(model, dataset=train_set).")
 
 
 def replay_embeddings(embeddings: DataValueEmbeddings, pl_module: pl.LightningModule,

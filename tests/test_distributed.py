@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_dve import DataValueEmbeddings
+from lightning_dve.checkpoints import CheckpointStore
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError, StoreError
 from lightning_dve.recursion_ranks import gather_embeddings
@@ -168,6 +170,43 @@ def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path
     """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
     kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""
     assert_ddp_equals_single(suite, "ggn_adamw")
+
+
+def replayed_in_one_process(store: Path, copy: Path, optimizer: str) -> dict[str, torch.Tensor]:
+    """Load a copy of ``store`` in this process, with the final weights from its last replay checkpoint: the
+    exact-replay scores, and the scores after ``replay_embeddings`` (which rewrites the copy's embeddings)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_run import MLP, Digits
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    shutil.copytree(store, copy)
+    emb = DataValueEmbeddings.load(copy)
+    checkpoints = CheckpointStore.open(copy / "checkpoints")
+    model = MLP(optimizer=optimizer).double()
+    model.load_state_dict(checkpoints.read_snapshot(checkpoints.snapshot_steps[-1])[0])
+    data = Digits(-1)
+    test = {"x": data.x[100:108], "y": data.y[100:108], "index": torch.arange(100, 108)}
+    exact = emb.exact_influence(model, test, per_step=True, dataset=data).scores
+    emb.replay_embeddings(model, dataset=data)
+    return {"exact": exact, "replayed": DataValueEmbeddings.load(copy).influence(model, test, per_step=True).scores}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("run", "optimizer"), [("base", "sgd"), ("ggn_adamw", "adamw")])
+def test_a_ddp_store_replays_in_one_process_as_the_single_process_store(
+    suite: Path, tmp_path: Path, run: str, optimizer: str
+) -> None:
+    """``embeddings="replay"`` is refused under DDP; the route it names instead: after the 2-rank fit, load rank 0's
+    store in one process and replay it. Rank 0's steps hold the global batches' ids and weights and its checkpoints
+    the (identical) weights, so ``exact_influence`` and the replayed embeddings equal the single-process run's; the
+    replayed scores equal the exact ones (unprojected) and differ from the recursion's."""
+    got = {mode: replayed_in_one_process(suite / mode / run / f"dve_{mode}", tmp_path / mode, optimizer)
+           for mode in ("single", "ddp")}
+    for key in ("exact", "replayed"):
+        torch.testing.assert_close(got["ddp"][key], got["single"][key], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got["ddp"]["replayed"], got["ddp"]["exact"], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(got["ddp"]["exact"], scores(suite, "ddp", run)["scores"], rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -177,7 +177,8 @@ def test_callback_option_refusals(tmp_path: Path, small_data) -> None:
         DataValueEmbedding(tmp_path / "a", embeddings="replay", checkpoint_interval=None)
     with pytest.raises(ConfigError, match=r"segments=1 \(got 2\)"):
         DataValueEmbedding(tmp_path / "a", embeddings="replay", segments=2)
-    with pytest.raises(ConfigError, match="this fit has 2 ranks. Use embeddings='recursion' under DDP"):
+    with pytest.raises(ConfigError, match=r"this fit has 2 ranks. Use embeddings='recursion' under DDP, and after "
+                       r"the fit .*: DataValueEmbeddings.load\(save_dir\).replay_embeddings"):
         callback_setup.refuse_replay_on_ranks(EmbeddingMethod.REPLAY, 2)
     callback_setup.refuse_replay_on_ranks(EmbeddingMethod.RECURSION, 2)
     dataset, test = small_data
