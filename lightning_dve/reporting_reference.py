@@ -17,7 +17,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -82,6 +81,14 @@ def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: 
         return None
 
 
+def _validation_source(trainer: pl.Trainer) -> Any:
+    """The validation dataloader(s) of ``fit`` where validation never set them up: those passed as
+    ``fit(val_dataloaders=...)``, or the DataModule's or module's ``val_dataloader()`` (the order in which Lightning
+    takes them; ``None`` if there are none)."""
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source  # Lightning's record of where they come from
+    return source.dataloader() if source.instance is not None and source.is_defined() else None
+
+
 def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any] | None, str]:
     """The reference batches and a description of their source.
 
@@ -95,13 +102,7 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
         return [reference], "the `reference` batch"
     if trainer.limit_val_batches == 0:
         return None, "`Trainer(limit_val_batches=0)` turns validation off"
-    loaders = trainer.val_dataloaders
-    if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-        loaders = trainer.datamodule.val_dataloader()
-    if loaders is None and trainer.lightning_module is not None and is_overridden(
-        "val_dataloader", trainer.lightning_module
-    ):
-        loaders = trainer.lightning_module.val_dataloader()
+    loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else _validation_source(trainer)
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
     if isinstance(loaders, (list, tuple)):

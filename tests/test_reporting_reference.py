@@ -75,6 +75,20 @@ def test_validation_that_never_ran_applies_the_limit_as_lightning_would(fit, tmp
     assert reference_of(callback)["n_samples"] == n_samples
 
 
+@pytest.mark.parametrize(("limit", "n_samples"), [(3, 48), (1.0, 64)])
+def test_validation_loaders_passed_to_fit_are_the_reference_when_validation_never_ran(fit, tmp_path, limit,
+                                                                                        n_samples):
+    """``trainer.fit(model, train, val)`` with validation never set up (``check_val_every_n_epoch`` beyond the
+    last epoch, no sanity check): the loader given to ``fit`` is the reference, bounded as validation would be."""
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
+    trainer = fit(ImageMLP(), callback, train, val, check_val_every_n_epoch=5, limit_val_batches=limit)
+    assert trainer.num_val_batches == [] and trainer.val_dataloaders is None
+    capped = "the validation dataloader (its first 3 batches, `limit_val_batches`)"
+    assert reference_of(callback) == {"n_samples": n_samples,
+                                      "source": capped if limit == 3 else "the validation dataloader"}
+
+
 class DigitStream(IterableDataset):
     """The 64 held-out digits as a stream: no length, so only an int ``limit_val_batches`` bounds it."""
 
