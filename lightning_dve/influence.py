@@ -20,6 +20,7 @@ from torch import nn
 from .batches import WeightFn, modes, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture
 from .config import DVEConfig
+from .embedding_arrays import EmbeddingArrays
 from .errors import ConfigError, StoreError
 from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
@@ -126,16 +127,38 @@ class DataValueEmbeddings(ReplayQueries):
             StoreError: if the manifest's ``run_id`` is no longer the one this handle (and its cached segment
                 factors) belongs to, or the manifest is gone.
         """
+        replaced = self._replaced()
+        if replaced is not None:
+            raise replaced
+
+    def _replaced(self) -> StoreError | None:
+        """The error of :meth:`_check_current`, or ``None`` while the store holds this handle's recording."""
         path = self.store.root / MANIFEST
         again = f"DataValueEmbeddings.load({str(self.store.root)!r}) again to query the recording there now"
         if not path.is_file():
-            raise StoreError(f"the store at {self.store.root} has no {MANIFEST} any more (deleted or being recorded "
-                             f"again) since this handle was opened; {again}.")
+            return StoreError(f"the store at {self.store.root} has no {MANIFEST} any more (deleted or being "
+                              f"recorded again) since this handle was opened; {again}.")
         run_id = read_json(path).get("run_id")
         if run_id != self._run_id:
-            raise StoreError(f"the store at {self.store.root} was recorded again since this handle was opened (run "
-                             f"{self._run_id}, now {run_id}): its files belong to another run than this handle's "
-                             f"cached factors; {again}.")
+            return StoreError(f"the store at {self.store.root} was recorded again since this handle was opened (run "
+                              f"{self._run_id}, now {run_id}): its files belong to another run than this handle's "
+                              f"cached factors; {again}.")
+        return None
+
+    def _embedding_arrays(self) -> EmbeddingArrays:
+        """Every layer's embeddings, memory-mapped (a query holds the files it opened to its end).
+
+        Raises:
+            StoreError: if they cannot be opened; if the store was recorded again since :meth:`_check_current`
+                (an overwriting fit cleared it meanwhile), that error, with the failed open as its cause.
+        """
+        try:
+            return self.store.embedding_arrays(self.store.layer_names)
+        except StoreError as err:
+            replaced = self._replaced()
+            if replaced is None:
+                raise
+            raise replaced from err
 
     def _test_loss(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None, capture: GradientCapture
@@ -261,7 +284,7 @@ class DataValueEmbeddings(ReplayQueries):
         :data:`CHUNK_BYTES` (whole steps), each scored against its segment's carried test gradient."""
         widths = {name: self.projections[name].dim for name in self.store.layer_names}
         carried = self._carry_back(check_test_gradients(test_gradients, widths), boundary)
-        arrays = self.store.embedding_arrays(self.store.layer_names)
+        arrays = self._embedding_arrays()
         n_test = next(iter(carried[-1].values())).shape[0]
         max_rows = max(1, CHUNK_BYTES // max(1, arrays.row_bytes, 8 * n_test))
         ranges = [(segment, a, b) for segment, lo, hi in self._segment_ranges() if segment < len(carried)
@@ -286,7 +309,7 @@ class DataValueEmbeddings(ReplayQueries):
             StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
         self._check_current()
-        arrays = self.store.embedding_arrays(self.store.layer_names)
+        arrays = self._embedding_arrays()
         ids, steps, rows = [], [], []
         for segment, lo, hi in self._segment_ranges():
             chunk_ids, embeddings = arrays.rows(lo, hi)

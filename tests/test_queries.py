@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult,
                           LossReductionError, StoreError)
+from lightning_dve.store import TrajectoryStore
 
 
 def per_sample_ce(module, batch):
@@ -347,6 +348,30 @@ def test_handle_of_a_store_whose_manifest_is_gone(trained, tmp_path, test_batch)
     (root / "manifest.json").unlink()
     with pytest.raises(StoreError, match=r"has no manifest\.json any more .* DataValueEmbeddings\.load\(.*\) again"):
         embeddings.influence(trained.model, test_batch)
+
+
+@pytest.mark.parametrize("query", ["influence", "embedding_matrix"])
+def test_a_store_recorded_again_between_the_check_and_the_read(trained, tmp_path, test_batch, monkeypatch, query):
+    """A fit with ``overwrite=True`` clears the store right after a query checked it (its first write, the real
+    ``_clear_replaced``): the query says the store was recorded again, not that a file is missing."""
+    root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
+    embeddings = DataValueEmbeddings.load(root)
+    original = TrajectoryStore.embedding_arrays
+
+    def overwritten_first(store: TrajectoryStore, *args: object) -> object:
+        settings = {k: v for k, v in store.manifest.items() if k not in ("run_id", "status", "steps", "rows")}
+        other = TrajectoryStore.create(root, settings, overwrite=True)
+        other.truncate_for_resume()  # the overwriting fit's first write
+        other.unlock()
+        return original(store, *args)
+
+    monkeypatch.setattr(TrajectoryStore, "embedding_arrays", overwritten_first)
+    call = {"influence": lambda: embeddings.influence(trained.model, test_batch),
+            "embedding_matrix": embeddings.embedding_matrix}[query]
+    with pytest.raises(StoreError, match=r"(was recorded again|has no manifest\.json any more) since this handle "
+                                         r"was opened.* DataValueEmbeddings\.load\(.*\) again") as caught:
+        call()
+    assert "embeddings" in str(caught.value.__cause__)  # what the read found, kept as the cause
 
 
 # --- rankings ----------------------------------------------------------------------------------------------
