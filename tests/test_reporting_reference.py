@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -23,6 +24,13 @@ class OwnValidation(ImageMLP):
 
     def val_dataloader(self) -> DataLoader:
         return loaders()[1]
+
+
+class FewValidationSamples(ImageMLP):
+    """Its own ``val_dataloader`` of 5 samples, which loaders given to ``fit`` replace."""
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ImageDigits(range(1500, 1505)), batch_size=5)
 
 
 def reference_of(callback: DataValueEmbedding) -> dict[str, object]:
@@ -75,14 +83,30 @@ def test_validation_that_never_ran_applies_the_limit_as_lightning_would(fit, tmp
     assert reference_of(callback)["n_samples"] == n_samples
 
 
+class Data(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loaders()[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return loaders()[1]
+
+
 @pytest.mark.parametrize(("limit", "n_samples"), [(3, 48), (1.0, 64)])
-def test_validation_loaders_passed_to_fit_are_the_reference_when_validation_never_ran(fit, tmp_path, limit,
-                                                                                        n_samples):
-    """``trainer.fit(model, train, val)`` with validation never set up (``check_val_every_n_epoch`` beyond the
-    last epoch, no sanity check): the loader given to ``fit`` is the reference, bounded as validation would be."""
-    train, val = loaders()
+@pytest.mark.parametrize("given", ["fit", "datamodule"])
+def test_validation_loaders_given_to_fit_are_the_reference_when_validation_never_ran(tmp_path, limit, n_samples,
+                                                                                       given):
+    """``trainer.fit(model, train, val)`` or ``fit(model, datamodule=...)`` with validation never set up
+    (``check_val_every_n_epoch`` beyond the last epoch, no sanity check): the validation loader given to ``fit`` is
+    the reference (as Lightning would take it, though the module defines its own), bounded as validation would be."""
     callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=UNCAPPED)
-    trainer = fit(ImageMLP(), callback, train, val, check_val_every_n_epoch=5, limit_val_batches=limit)
+    trainer = L.Trainer(callbacks=[callback], max_epochs=1, check_val_every_n_epoch=5, limit_val_batches=limit,
+                        num_sanity_val_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    model = FewValidationSamples()
+    if given == "fit":
+        trainer.fit(model, *loaders())
+    else:
+        trainer.fit(model, datamodule=Data())
     assert trainer.num_val_batches == [] and trainer.val_dataloaders is None
     capped = "the validation dataloader (its first 3 batches, `limit_val_batches`)"
     assert reference_of(callback) == {"n_samples": n_samples,
