@@ -77,12 +77,14 @@ class DataValueEmbedding(StepHooks):
         describe: ``sample -> str`` text of a training sample (one row of a batch) for the top-k tables.
         checkpoint_interval: steps between the parameter and optimizer-state checkpoints of exact replay
             (:meth:`DataValueEmbeddings.exact_influence`): an int, ``"auto"`` (disk use at most 10% of the
-            gradient store's) or ``None`` (off). Written on global rank 0 under ``save_dir/checkpoints/``.
+            gradient store's) or ``None`` (off). Written on global rank 0 under ``save_dir/checkpoints/`` (with
+            ``embeddings="replay"`` under DDP, every rank writes its own copy into its shard).
         adam_second_moment: with Adam/AdamW in exact mode (``projection_dim=None``), also model each removed
             sample's effect on the second moment ``v`` (the "v pass" of the train-end recursion).
         embeddings: ``"recursion"`` (the backward recursion, any model) or ``"replay"`` (then replaced, before
             the report, by embeddings with every update's true curvature,
-            :meth:`DataValueEmbeddings.replay_embeddings`: small models, one process; :class:`EmbeddingMethod`).
+            :meth:`DataValueEmbeddings.replay_embeddings`: small models; under DDP each rank carries back the
+            rows of the layers it owns; :class:`EmbeddingMethod`).
     """
 
     def __init__(
@@ -150,7 +152,7 @@ class DataValueEmbedding(StepHooks):
         self._step = self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
         self._boundaries: list[int] = []
-        self._recorder: CheckpointRecorder | None = None  # replay checkpoints (global rank 0)
+        self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
         self._training_data: Any = None
         self._train_started, self._resumed, self._train_ended = 0.0, False, False
         self._batch: Any = None
@@ -217,7 +219,6 @@ class DataValueEmbedding(StepHooks):
         resume, self._resume = callback_setup.store_to_continue(self._resume), None  # a refused one is not retried
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
-        callback_setup.refuse_replay_on_ranks(self.embedding_method, self._comm.world_size)
         tracked = capture.resolve_layers(pl_module, self.config)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
         self.config = self._requested.resolved(sum(self._dims.values()))
@@ -234,9 +235,10 @@ class DataValueEmbedding(StepHooks):
         self._assembler = sync.StepAssembler(self._comm, self._dims, self._owned[self._comm.rank],
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
                                              extra_kinds=self._kinds)
-        if self._comm.rank == 0:  # replay checkpoints: parameters are the same on every rank
+        # replay checkpoints: the parameters are the same on every rank; each rank replays its own layers' rows
+        if self._comm.rank == 0 or self.embedding_method is EmbeddingMethod.REPLAY:
             after = None if resume is None else int(resume.get("last_step", -1))
-            self._recorder = CheckpointRecorder(self._root / CHECKPOINTS, self.config.checkpoint_interval,
+            self._recorder = CheckpointRecorder(self._store.root / CHECKPOINTS, self.config.checkpoint_interval,
                                                 self.config.settings_hash(), after,
                                                 self.sample_ids if isinstance(self.sample_ids, str) else None,
                                                 str(trainer.precision))
@@ -292,7 +294,7 @@ class DataValueEmbedding(StepHooks):
         sync.agree_on_errors(self._comm, error)
         if self._guard is not None and self._guard.weights_replaced():
             callback_setup.warn_weights_replaced()
-        try:  # rank 0; only exact replay needs the final snapshot: its failure does not cost the embeddings
+        try:  # only exact replay needs the final snapshot: its failure does not cost the embeddings
             if self._recorder is not None:
                 self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],
                                       time.perf_counter() - self._train_started)
@@ -310,8 +312,10 @@ class DataValueEmbedding(StepHooks):
             callback_setup.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
-            if self.embedding_method is EmbeddingMethod.REPLAY:
-                callback_setup.replay_embeddings(self._embeddings, pl_module, replay_error)
+        if self.embedding_method is EmbeddingMethod.REPLAY and store.steps:  # (the same steps on every rank)
+            carry = callback_setup.replay_carry(store, pl_module, self.config, self._training_data, self._weight_fn,
+                                                self._capture.layers, replay_error)
+            callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
         callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
                                       self.report_config, self.reference, self.describe, self.sample_ids), store.root)
         if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:

@@ -18,6 +18,7 @@ from torch.utils.data import DistributedSampler
 import torch
 
 from . import sync
+from .batches import WeightFn
 from .capture import TrackedLayer
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
@@ -25,6 +26,9 @@ from .errors import ConfigError, DVEError, StoreError, UnsupportedError
 from .files import disk_bytes
 from .influence import DataValueEmbeddings
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
+from .replay import ReplayCost, TrainingData, make_replayer
+from .replay_embeddings import carried_rows
+from .replay_ranks import CarryFn, replay_on_ranks
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
@@ -243,33 +247,36 @@ def embedding_method(value: Any, config: DVEConfig) -> EmbeddingMethod:
     return method
 
 
-def refuse_replay_on_ranks(method: EmbeddingMethod, world_size: int) -> None:
-    """Refuse ``embeddings="replay"`` under DDP at the fit's start (nothing recorded yet).
-
-    Raises:
-        ConfigError: naming what to do instead.
-    """
-    if method is EmbeddingMethod.REPLAY and world_size > 1:
-        raise ConfigError(f"embeddings='replay' replays the run on one process, but this fit has {world_size} "
-                          "ranks. Use embeddings='recursion' under DDP, and after the fit replace them in one "
-                          "process: DataValueEmbeddings.load(save_dir).replay_embeddings(model, dataset=train_set).")
-
-
-def replay_embeddings(embeddings: DataValueEmbeddings, pl_module: pl.LightningModule,
-                      checkpoint_error: DVEError | None) -> None:
-    """``embeddings="replay"`` at train end (rank 0): replace the recursion's embeddings by replayed ones, or keep
-    them with a warning saying why the run could not be replayed."""
-    try:
+def replay_carry(store: TrajectoryStore, module: pl.LightningModule, config: DVEConfig, data: TrainingData | None,
+                 weight_fn: WeightFn | None, tracked: dict[str, TrackedLayer], checkpoint_error: DVEError | None
+                 ) -> CarryFn:
+    """This rank's part of ``embeddings="replay"``: its layers' projection rows carried back through the run
+    replayed from its own store and checkpoints (the final checkpoint's failed write is the reason it cannot)."""
+    def carry(layers: list[str]) -> tuple[torch.Tensor, dict[str, slice], ReplayCost]:
         if checkpoint_error is not None:
             raise checkpoint_error
-        with torch.inference_mode(False), torch.enable_grad():
-            cost = embeddings.replay_embeddings(pl_module)
-    except DVEError as err:
-        rank_zero_warn(f"DataValueEmbedding: embeddings='replay' could not replay this run ({err}); the report and "
-                       "the store keep the recursion's embeddings.")
+        replayer = make_replayer(store, config.checkpoint_interval, module, data, None, config.loss_reduction,
+                                 weight_fn)
+        return carried_rows(store, replayer, {name: tracked[name].projection for name in layers})
+    return carry
+
+
+def replay_embeddings(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int],
+                      carry: CarryFn, embeddings: DataValueEmbeddings | None) -> None:
+    """``embeddings="replay"`` at train end (collective, every rank its own layers' rows): replace the recursion's
+    embeddings by replayed ones, or keep them with a warning saying why the run could not be replayed."""
+    with torch.inference_mode(False), torch.enable_grad():
+        cost, failure = replay_on_ranks(comm, store, owned, dims, carry)
+    if failure is not None:
+        rank_zero_warn(f"DataValueEmbedding: embeddings='replay' could not replay this run ({failure}); the report "
+                       "and the store keep the recursion's embeddings.")
         return
-    rank_zero_info(f"DataValueEmbedding: replayed the embeddings in {cost.seconds:.1f} s "
-                   f"({cost.relative:.1f}x the training loop).")
+    if embeddings is not None:  # rank 0
+        embeddings.replay_cost = cost
+    share = f", rank 0's share of the rows over {comm.world_size} ranks" if comm.world_size > 1 else ""
+    if cost is not None:
+        rank_zero_info(f"DataValueEmbedding: replayed the embeddings in {cost.seconds:.1f} s "
+                       f"({cost.relative:.1f}x the training loop{share}).")
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,

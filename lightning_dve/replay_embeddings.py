@@ -16,6 +16,8 @@ row and step: ``sum_l k_l`` rows carried back through a replay of the run, for s
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -71,7 +73,7 @@ def projection_rows(module: nn.Module, projections: dict[str, LayerProjection], 
     return adjoint, ranges
 
 
-def _check_size(store: TrajectoryStore, replayer: Replayer, final: dict[str, torch.Tensor]) -> None:
+def _check_size(store: TrajectoryStore, replayer: Replayer, final: dict[str, torch.Tensor], rows: int) -> None:
     """Refuse a replay whose carried rows would not fit :data:`MAX_CARRIED_BYTES` (three copies of the parameters
     at most: Adam's two moments), and a store whose embeddings are segment-local.
 
@@ -83,13 +85,60 @@ def _check_size(store: TrajectoryStore, replayer: Replayer, final: dict[str, tor
                           "replayed embeddings are the final model's. Record it with segments=1 to replay them.")
     numel = sum(final[name].numel() for name in replayer.trainable)
     itemsize = next(iter(final.values())).element_size()
-    rows, occurrences = store.projected_dim, sum(store.manifest["rows"])
+    occurrences = sum(store.manifest["rows"])
     size = rows * (3 * numel + occurrences) * itemsize
     if size > MAX_CARRIED_BYTES:
         raise ConfigError(f"replaying embeddings carries {rows} projection rows over {numel} parameters and "
                           f"{occurrences} occurrences, {size / 2**30:.1f} GiB (limit {MAX_CARRIED_BYTES / 2**30:.0f} "
                           "GiB): it is for small models. Record with a smaller projection_dim, or score fixed test "
                           "points with exact_influence().")
+
+
+def carried_rows(store: TrajectoryStore, replayer: Replayer, projections: dict[str, LayerProjection]
+                 ) -> tuple[torch.Tensor, dict[str, slice], ReplayCost]:
+    """The rows of ``projections`` carried back through the replayed run (module docstring).
+
+    Returns:
+        ``e[j, (t, z)]`` ``[rows, occurrences]`` (the occurrences by step, then position), each layer's row range,
+        and the replay's cost.
+
+    Raises:
+        ConfigError: if the run is too large or segmented (:func:`_check_size`).
+        UnsupportedError, StoreError: as :func:`lightning_dve.replay.carry_back`.
+    """
+    final = final_parameters(replayer)
+    _check_size(store, replayer, final, sum(projection.dim for projection in projections.values()))
+    adjoint, ranges = projection_rows(replayer.module, projections, final)
+    _, _, scores, cost = carry_back(replayer, adjoint)
+    return scores, ranges, cost
+
+
+def step_embeddings(store: TrajectoryStore, scores: torch.Tensor, ranges: dict[str, slice]
+                    ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """``(step, occurrences, {layer: [B, k_l]})`` of :func:`carried_rows`' result, step by step."""
+    stop = 0
+    for step, rows in zip(store.steps, store.manifest["rows"]):
+        start, stop = stop, stop + rows
+        yield step, rows, {name: scores[layer_rows, start:stop].T for name, layer_rows in ranges.items()}
+
+
+def write_replayed(store: TrajectoryStore, widths: dict[str, int],
+                   steps: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> None:
+    """Replace the store's embeddings by ``steps``' ``(step, {layer: [B, k_l]})`` of every layer of ``widths``;
+    if anything fails the earlier embeddings stay.
+
+    Raises:
+        StoreError: a failed write.
+    """
+    store.begin_embeddings(widths, accumulation_dtype(store.manifest["storage_dtype"]))
+    try:
+        for step, embeddings in steps:
+            store.write_embeddings(step, embeddings, store.read_step(step).sample_ids)
+        store.finish_embeddings()
+        store.manifest["embeddings_source"] = "replay"
+        store.record_disk_use()  # writes the manifest
+    finally:
+        store.discard_embeddings()
 
 
 def replay_embeddings(store: TrajectoryStore, replayer: Replayer, projections: dict[str, LayerProjection]
@@ -101,25 +150,12 @@ def replay_embeddings(store: TrajectoryStore, replayer: Replayer, projections: d
         UnsupportedError, StoreError: as :func:`lightning_dve.replay.carry_back`, or ``StoreError`` if another
             process records into the folder (the embeddings on disk are kept).
     """
-    final = final_parameters(replayer)
-    _check_size(store, replayer, final)
-    adjoint, ranges = projection_rows(replayer.module, projections, final)
     taken = store.lock()  # a fit into the folder is refused while the replay reads it and rewrites the embeddings
     try:
-        _, _, scores, cost = carry_back(replayer, adjoint)
-        store.begin_embeddings({name: projections[name].dim for name in ranges},
-                               accumulation_dtype(store.manifest["storage_dtype"]))
-        stop = 0
-        for step in store.steps:  # the scores' columns are the occurrences by step, then position
-            ids = replayer.record(step)[0]
-            start, stop = stop, stop + len(ids)
-            block = scores[:, start:stop]
-            store.write_embeddings(step, {name: block[rows].T for name, rows in ranges.items()}, ids)
-        store.finish_embeddings()
-        store.manifest["embeddings_source"] = "replay"
-        store.record_disk_use()  # writes the manifest
+        scores, ranges, cost = carried_rows(store, replayer, projections)
+        write_replayed(store, {name: projections[name].dim for name in ranges},
+                       ((step, embeddings) for step, _, embeddings in step_embeddings(store, scores, ranges)))
     finally:
-        store.discard_embeddings()
         if taken:
             store.unlock()
     return cost

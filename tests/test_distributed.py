@@ -172,24 +172,20 @@ def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path
     assert_ddp_equals_single(suite, "ggn_adamw")
 
 
-def replayed_in_one_process(store: Path, copy: Path, optimizer: str) -> dict[str, torch.Tensor]:
-    """Load a copy of ``store`` in this process, with the final weights from its last replay checkpoint: the
-    exact-replay scores, and the scores after ``replay_embeddings`` (which rewrites the copy's embeddings)."""
+def in_one_process(store: Path, optimizer: str) -> tuple[DataValueEmbeddings, torch.nn.Module, object, dict]:
+    """``store`` loaded in this process, the script's model with the final weights from the store's last replay
+    checkpoint, its training dataset and test batch."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from ddp_run import MLP, Digits
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    shutil.copytree(store, copy)
-    emb = DataValueEmbeddings.load(copy)
-    checkpoints = CheckpointStore.open(copy / "checkpoints")
+    checkpoints = CheckpointStore.open(store / "checkpoints")
     model = MLP(optimizer=optimizer).double()
     model.load_state_dict(checkpoints.read_snapshot(checkpoints.snapshot_steps[-1])[0])
     data = Digits(-1)
     test = {"x": data.x[100:108], "y": data.y[100:108], "index": torch.arange(100, 108)}
-    exact = emb.exact_influence(model, test, per_step=True, dataset=data).scores
-    emb.replay_embeddings(model, dataset=data)
-    return {"exact": exact, "replayed": DataValueEmbeddings.load(copy).influence(model, test, per_step=True).scores}
+    return DataValueEmbeddings.load(store), model, data, test
 
 
 @pytest.mark.slow
@@ -197,16 +193,55 @@ def replayed_in_one_process(store: Path, copy: Path, optimizer: str) -> dict[str
 def test_a_ddp_store_replays_in_one_process_as_the_single_process_store(
     suite: Path, tmp_path: Path, run: str, optimizer: str
 ) -> None:
-    """``embeddings="replay"`` is refused under DDP; the route it names instead: after the 2-rank fit, load rank 0's
-    store in one process and replay it. Rank 0's steps hold the global batches' ids and weights and its checkpoints
-    the (identical) weights, so ``exact_influence`` and the replayed embeddings equal the single-process run's; the
-    replayed scores equal the exact ones (unprojected) and differ from the recursion's."""
-    got = {mode: replayed_in_one_process(suite / mode / run / f"dve_{mode}", tmp_path / mode, optimizer)
-           for mode in ("single", "ddp")}
+    """After a 2-rank fit one process can replay rank 0's store: its steps hold the global batches' ids and
+    weights and its checkpoints the (identical) weights, so ``exact_influence`` and the replayed embeddings equal
+    the single-process run's; the replayed scores equal the exact ones (unprojected), not the recursion's."""
+    got = {}
+    for mode in ("single", "ddp"):
+        copy = Path(shutil.copytree(suite / mode / run / f"dve_{mode}", tmp_path / mode))
+        emb, model, data, test = in_one_process(copy, optimizer)
+        exact = emb.exact_influence(model, test, per_step=True, dataset=data).scores
+        emb.replay_embeddings(model, dataset=data)
+        got[mode] = {"exact": exact,
+                     "replayed": DataValueEmbeddings.load(copy).influence(model, test, per_step=True).scores}
     for key in ("exact", "replayed"):
         torch.testing.assert_close(got["ddp"][key], got["single"][key], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(got["ddp"]["replayed"], got["ddp"]["exact"], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(got["ddp"]["exact"], scores(suite, "ddp", run)["scores"], rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["replay", "replay_full"])
+def test_replayed_embeddings_at_train_end_on_two_ranks(suite: Path, single_reference: dict[str, torch.Tensor],
+                                                       run: str) -> None:
+    """``embeddings="replay"`` under DDP: each rank replays the run from its own checkpoints and carries back the
+    rows of the layers it owns (per layer: rank 0 two layers, rank 1 one; ``layout="full"``: rank 1 every layer,
+    rank 0 none), and rank 0 writes them all. The same embeddings and scores as one process; unprojected they
+    equal ``exact_influence`` (the oracle), not the recursion's scores."""
+    assert_ddp_equals_single(suite, run)
+    root = suite / "ddp" / run / "dve_ddp"
+    emb, model, data, test = in_one_process(root, "sgd")
+    assert emb.store.manifest["embeddings_source"] == "replay"
+    exact = emb.exact_influence(model, test, per_step=True, dataset=data).scores
+    torch.testing.assert_close(scores(suite, "ddp", run)["scores"], exact, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(exact, single_reference["scores"], rtol=1e-3)
+    assert (root / "shards" / "rank_1" / "checkpoints" / "replay.json").is_file()  # rank 1 replayed its own
+
+
+@pytest.mark.slow
+def test_a_replay_refused_on_one_rank_keeps_the_recursions_embeddings_on_both(
+    suite: Path, single_reference: dict[str, torch.Tensor]
+) -> None:
+    """Rank 1's replay is refused (as for dropout): no rank replaces anything, rank 0 warns with rank 1's reason,
+    and the store holds the recursion's embeddings, equal to the single-process recursion's."""
+    got = scores(suite, "ddp", "replay_refused")
+    assert_same_embeddings(got, single_reference)
+    assert_same_scores(got, single_reference)
+    manifest = json.loads((suite / "ddp" / "replay_refused" / "dve_ddp" / "manifest.json").read_text())
+    assert manifest["embeddings_source"] == "recursion"
+    stderr = " ".join((suite / "ddp" / "stderr.txt").read_text().split())
+    assert ("embeddings='replay' could not replay this run (rank 1: replay refused on this rank (injected)); the "
+            "report and the store keep the recursion's embeddings.") in stderr
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ weights averaged in at train end, tuner callbacks that restore their own checkpo
 from __future__ import annotations
 
 import errno
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,12 +147,20 @@ def test_a_failed_final_replay_checkpoint_keeps_the_embeddings(
         dve.embeddings.exact_influence(model, test_batch)
 
 
+@pytest.mark.parametrize("embeddings", ["recursion", "replay"])
 def test_a_first_fit_with_no_batches_ends_with_an_empty_complete_store(
-    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict,
+    embeddings: str
 ) -> None:
-    dve, model, loader = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None), mlp_cls(), make_loader()
-    with pytest.warns(UserWarning, match="this fit trained no optimizer step"):
+    """Nothing to train: an empty store, no warning but that one (``"replay"`` has nothing to replay)."""
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, report=None, embeddings=embeddings)
+    model, loader = mlp_cls(), make_loader()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fit(model, dve, loader, limit_train_batches=0)
+    assert [str(w.message) for w in caught if "DataValueEmbedding" in str(w.message)] == [
+        f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded in {tmp_path / 'dve'} (a "
+        "store of an earlier fit there is kept as it was)."]
     assert dve.embeddings.steps == [] and DataValueEmbeddings.load(tmp_path / "dve").steps == []
     assert dve.embeddings.influence(model, test_batch).scores.shape == (12, 0)
     assert dve.embeddings.exact_influence(model, test_batch, dataset=loader.dataset).scores.shape == (12, 0)

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, EmbeddingMethod, StoreError,
-                           callback_setup, replay)
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, replay
 from lightning_dve import replay_embeddings as replay_embeddings_module
 from lightning_dve.layers import parameter_block
 from tests.helpers import DigitsDataset, can_lock_elsewhere, make_loader, make_trainer, split_indices
@@ -169,7 +168,7 @@ def test_a_function_vmap_refuses_is_carried_row_by_row(tmp_path: Path, small_dat
 
 
 def test_callback_option_refusals(tmp_path: Path, small_data) -> None:
-    """``embeddings="replay"`` is refused where it cannot run (at construction, or at the fit's start under DDP),
+    """``embeddings="replay"`` is refused where it cannot run (at construction),
     and where the run turns out not to be replayable (dropout) the recursion's embeddings stay, with a warning."""
     with pytest.raises(ConfigError, match=r"allowed values are 'recursion', 'replay'"):
         DataValueEmbedding(tmp_path / "a", embeddings="exact")
@@ -177,10 +176,6 @@ def test_callback_option_refusals(tmp_path: Path, small_data) -> None:
         DataValueEmbedding(tmp_path / "a", embeddings="replay", checkpoint_interval=None)
     with pytest.raises(ConfigError, match=r"segments=1 \(got 2\)"):
         DataValueEmbedding(tmp_path / "a", embeddings="replay", segments=2)
-    with pytest.raises(ConfigError, match=r"this fit has 2 ranks. Use embeddings='recursion' under DDP, and after "
-                       r"the fit .*: DataValueEmbeddings.load\(save_dir\).replay_embeddings"):
-        callback_setup.refuse_replay_on_ranks(EmbeddingMethod.REPLAY, 2)
-    callback_setup.refuse_replay_on_ranks(EmbeddingMethod.RECURSION, 2)
     dataset, test = small_data
     module = ReplayNet(SETTINGS["sgd"], 3, dropout=0.2)
     dve = DataValueEmbedding(tmp_path / "dropout", report=None, projection_dim=64, embeddings="replay")
@@ -190,6 +185,33 @@ def test_callback_option_refusals(tmp_path: Path, small_data) -> None:
     assert dve.embeddings.store.manifest["embeddings_source"] == "recursion"
     module.eval()
     assert dve.embeddings.influence(module, test).scores.abs().sum() > 0
+
+
+def test_a_failed_write_of_the_replayed_embeddings_keeps_the_recursions(tmp_path: Path, small_data,
+                                                                         monkeypatch) -> None:
+    """The disk cannot hold the replayed embeddings (their ``begin_embeddings``, after the recursion's): a warning,
+    and the recursion's embeddings stay complete and readable."""
+    from lightning_dve.store import TrajectoryStore
+
+    begun, original = [], TrajectoryStore.begin_embeddings
+
+    def second_fails(store: TrajectoryStore, *args: Any) -> None:
+        begun.append(store.root)
+        if len(begun) == 2:
+            raise StoreError(f"embeddings in {store.root} do not fit: No space left on device")
+        original(store, *args)
+
+    monkeypatch.setattr(TrajectoryStore, "begin_embeddings", second_fails)
+    dataset, test = small_data
+    module = ReplayNet(SETTINGS["sgd"], 3)
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=64, embeddings="replay")
+    with pytest.warns(UserWarning, match=r"could not replay this run \(embeddings in .* do not fit: No space left "
+                                         r"on device\); the report and the store keep the recursion's embeddings"):
+        make_trainer(1, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
+    assert len(begun) == 2
+    loaded = DataValueEmbeddings.load(tmp_path / "dve")
+    assert loaded.store.manifest["embeddings_source"] == "recursion"
+    assert loaded.influence(module, test).scores.abs().sum() > 0
 
 
 class LockProbe(L.Callback):
@@ -204,8 +226,8 @@ class LockProbe(L.Callback):
 
 def test_replay_keeps_the_fits_lock_and_waits_for_another_process(tmp_path: Path, small_data, holder) -> None:
     """Within a fit the replay reuses the recording's lock (a second lock's release would drop the process's lock:
-    POSIX record locks belong to the process); after fit it takes the lock, and refuses while another process
-    holds it, changing nothing."""
+    POSIX record locks belong to the process); after fit it takes the lock (and replays the same embeddings), and
+    refuses while another process holds it, changing nothing."""
     dataset, test = small_data
     module = ReplayNet(SETTINGS["sgd"], 3)
     dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=16, embeddings="replay")
@@ -214,6 +236,8 @@ def test_replay_keeps_the_fits_lock_and_waits_for_another_process(tmp_path: Path
     assert dve.embeddings.store.manifest["embeddings_source"] == "replay"
     assert probe.free_at_train_end is False and can_lock_elsewhere(tmp_path / "dve")  # released at teardown
     before = dve.embeddings.influence(module, test).scores
+    dve.embeddings.replay_embeddings(module)  # after fit, from the manifest's projections: the train end's result
+    torch.testing.assert_close(dve.embeddings.influence(module, test).scores, before, rtol=1e-9, atol=1e-12)
     holder(tmp_path / "dve")
     with pytest.raises(StoreError, match="is being recorded by another fit"):
         dve.embeddings.replay_embeddings(module)

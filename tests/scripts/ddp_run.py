@@ -11,11 +11,13 @@ Modes: ``single`` (one process over the global batches a 2-rank run sees), ``ddp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import datetime
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -26,8 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings, step_files
-from lightning_dve.errors import StoreError
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings, callback_setup, step_files
+from lightning_dve.errors import StoreError, UnsupportedError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
 
@@ -123,6 +125,24 @@ def fail_embedding_write(step: int, rank: int) -> None:
     TrajectoryStore.write_embeddings = failing
 
 
+@contextlib.contextmanager
+def replay_refused_on(rank: int) -> Iterator[None]:
+    """Within the block, ``rank``'s replay of its layers' rows (``embeddings="replay"``) is refused, as for a
+    model with dropout."""
+    original = callback_setup.make_replayer
+
+    def refused(*args: object) -> object:
+        if int(os.environ.get("LOCAL_RANK", "0")) == rank:
+            raise UnsupportedError("replay refused on this rank (injected)")
+        return original(*args)
+
+    callback_setup.make_replayer = refused
+    try:
+        yield
+    finally:
+        callback_setup.make_replayer = original
+
+
 def fail_embedding_read(rank: int) -> None:
     """Make ``rank``'s reads of its own embeddings (to send them to rank 0) fail as on a damaged disk."""
     original = TrajectoryStore.embedding_arrays
@@ -145,8 +165,11 @@ SUITE: dict[str, dict[str, object]] = {
     "projected_segments": {"segments": 3, "projection_dim": 64},
     "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
     "rank0_head": {"head": "rank0", "epochs": 1},
+    "replay": {"embeddings": "replay"},  # each rank replays its own layers' rows
+    "replay_full": {"embeddings": "replay", "layout": "full"},  # rank 1 replays them all, rank 0 none
+    "replay_refused": {"embeddings": "replay", "refuse_replay_rank": 1},  # both keep the recursion's embeddings
 }
-DDP_ONLY = ("resume", "segments", "rank0_head")
+DDP_ONLY = ("resume", "segments", "rank0_head", "replay_refused")
 
 
 def parse_args() -> argparse.Namespace:
@@ -161,6 +184,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curvature", default="empirical_fisher")
     parser.add_argument("--layout", default="per_layer", help="per_layer: the layers are sharded over the ranks")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--embeddings", choices=["recursion", "replay"], default="recursion")
+    parser.add_argument("--refuse-replay-rank", type=int, default=-1, help="this rank's replay is refused")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
     parser.add_argument("--head", choices=["module", "functional", "rank0"], default="module")
@@ -178,7 +203,7 @@ def fit(args: argparse.Namespace) -> None:
     data = Digits(args.fail_rank)
     dve = DataValueEmbedding(save_dir=args.out / f"dve_{args.mode}", allow_duplicate_ids=args.mode == "single",
                              projection_dim=args.projection_dim or None, overwrite=True, segments=args.segments,
-                             curvature=args.curvature, layout=args.layout)
+                             curvature=args.curvature, layout=args.layout, embeddings=args.embeddings)
     common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu")
@@ -203,7 +228,8 @@ def fit(args: argparse.Namespace) -> None:
         trainer = L.Trainer(**{**common, "callbacks": [dve]}, devices=WORLD, strategy=DDPStrategy(timeout=timeout))
         trainer.fit(model, loader, ckpt_path=next(ckpt_dir.glob("*.ckpt")))
     else:
-        trainer.fit(model, loader)
+        with replay_refused_on(args.refuse_replay_rank):
+            trainer.fit(model, loader)
     if args.mode == "ddp" and not trainer.is_global_zero:  # rank 1 reads rank 0's save_dir (shared here); its exit
         (args.out / "rank1_steps.json").write_text(json.dumps(dve.embeddings.steps))  # status is not the script's
         return
