@@ -273,8 +273,8 @@ def replay_embeddings(comm: Communicator, store: TrajectoryStore, owned: list[li
         return
     if embeddings is not None:  # rank 0
         embeddings.replay_cost = cost
-    share = f", rank 0's share of the rows over {comm.world_size} ranks" if comm.world_size > 1 else ""
     if cost is not None:
+        share = f", rank 0's share of the rows over {comm.world_size} ranks" if comm.world_size > 1 else ""
         rank_zero_info(f"DataValueEmbedding: replayed the embeddings in {cost.seconds:.1f} s "
                        f"({cost.relative:.1f}x the training loop{share}).")
 

@@ -124,16 +124,18 @@ def step_embeddings(store: TrajectoryStore, scores: torch.Tensor, ranges: dict[s
 
 def write_replayed(store: TrajectoryStore, widths: dict[str, int],
                    steps: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> None:
-    """Replace the store's embeddings by ``steps``' ``(step, {layer: [B, k_l]})`` of every layer of ``widths``;
-    if anything fails the earlier embeddings stay.
+    """Replace the store's embeddings by ``steps``' ``(step, {layer: [B, k_l]})`` of every layer of ``widths``, in
+    the store's step order; if anything fails the earlier embeddings stay.
 
     Raises:
         StoreError: a failed write.
     """
+    # the occurrences' ids, as the embeddings being replaced hold them (the step files are not read again)
+    ids = store.embedding_arrays().sample_ids(0, len(store.steps)).split(store.manifest["rows"])
     store.begin_embeddings(widths, accumulation_dtype(store.manifest["storage_dtype"]))
     try:
-        for step, embeddings in steps:
-            store.write_embeddings(step, embeddings, store.read_step(step).sample_ids)
+        for (step, embeddings), step_ids in zip(steps, ids, strict=True):
+            store.write_embeddings(step, embeddings, step_ids)
         store.finish_embeddings()
         store.manifest["embeddings_source"] = "replay"
         store.record_disk_use()  # writes the manifest
