@@ -14,13 +14,18 @@ part of the curvature the default's gap to exact TSLOO comes from:
 - each ``full`` (all layers) and ``per_layer`` (block-diagonal); and two hybrids that split the Hessian:
   ``hessian_in_ggn_across`` (true Hessian inside each layer's block, GGN between layers) and
   ``ggn_in_hessian_across`` (the reverse), and ``ggn_per_layer_x1.5`` (the GGN scaled up, since ``tr H`` is
-  about twice ``tr GGN`` after the first steps: ``trace_ratio`` lines).
+  about twice ``tr GGN`` after the first steps: ``trace_ratio`` lines);
+- the cross-layer *residual* ``(H - GGN)`` between layers (``..._residual_across``; for this two-layer net it is
+  exactly ``delta_2 (x) diag(tanh'(h_1)) (x) x_1``) added to the empirical Fisher, to no curvature, and to
+  ``ggn_sampled_full``: the one-label Monte-Carlo GGN that ``curvature="ggn"`` records; and the same with the
+  residual estimated from ``1 / 16 / 64`` random sign probes per sample (``..._residual_<m>_probes``), the form
+  hooks could record for any architecture with one extra backward pass per probe (:func:`probed_residuals`).
 
 Problem: ``benchmarks/fidelity.py``'s (384 sklearn digits, tanh MLP 64-32-10, batch 32, 3 epochs, the same
 batches, 40 occurrences x 16 test points, truth = float64 replay with one occurrence removed,
 ``tests/oracles.py``), plain SGD at constant learning rates (``--settings``, default ``sgd_lr0.3,sgd_lr0.05``).
-Figures: mean over test points of the Spearman correlation with the truth. ~4 min per setting on 2 cores (36
-exact 2410 x 2410 Hessians).
+Figures: mean over test points of the Spearman correlation with the truth. ~20 min per setting on 2 cores (36
+exact 2410 x 2410 Hessians; the 64 probes of 36 steps; one ``I - lr H`` product over the run per stand-in).
 
     python benchmarks/curvature_limits.py
     python benchmarks/curvature_limits.py --settings sgd_lr0.3
@@ -54,20 +59,67 @@ def block_mask(sizes: Sequence[int]) -> torch.Tensor:
     return mask
 
 
-def ggn_matrices(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]) -> Matrices:
-    """Exact per-class Gauss-Newton matrix of each step's mean loss, over all parameters."""
-    out = []
+def ggn_matrices(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]
+                 ) -> tuple[Matrices, Matrices]:
+    """Per step, over all parameters: the exact per-class Gauss-Newton matrix of the step's mean loss, and its
+    one-label Monte-Carlo estimate as ``curvature="ggn"`` forms it (``J^T v v^T J``, ``v = p - onehot(y~)``,
+    ``y~`` drawn from the model's ``p``; seeded)."""
+    exact, sampled = [], []
+    generator = torch.Generator().manual_seed(0)
     for params, batch in zip(trajectory, batches):
         jac = O.per_sample_logit_jacobians(net, params, batch["x"], "full")[0]  # [B, C, D]
         with torch.no_grad():
             prob = torch.softmax(functional_call(net, params, (batch["x"],)), dim=1)
+        weights = O.sample_weights(batch)
         hess = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
-        out.append(torch.einsum("zcd,zce,zef,z->df", jac, hess, jac, O.sample_weights(batch)))
+        exact.append(torch.einsum("zcd,zce,zef,z->df", jac, hess, jac, weights))
+        labels = torch.multinomial(prob, 1, generator=generator).squeeze(1)
+        rows = torch.einsum("zcd,zc->zd", jac, prob - torch.nn.functional.one_hot(labels, prob.shape[1]).to(prob))
+        sampled.append(rows.T @ (weights[:, None] * rows))
+    return exact, sampled
+
+
+def rademacher(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Independent random signs: a probe with ``E[r r^T] = I``."""
+    return torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+
+
+def probed_residuals(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch], probes: int,
+                     seed: int = 1, draw: Callable[..., torch.Tensor] = rademacher) -> Matrices:
+    """A random-probe estimate of the cross-layer residual of a ``Linear -> act -> Linear`` net, per step: what
+    capture hooks could form with one extra backward pass of activations per probe, for any architecture.
+
+    The residual block between the layers is ``sum_z w delta_2 (x) diag(act'(h_1)) (x) x_1`` (``delta_2`` the
+    sample's loss gradient at the second layer's output). With a probe ``r`` per sample at the second layer's
+    input (``draw``; ``E[r r^T] = I``), ``a = delta_2 (x) r`` (layer 2's gradient block with its input replaced by
+    ``r``) and ``b = (act'(h_1) * r) (x) x_1`` (layer 1's block for a backward seeded with ``r`` there) have ``E[a
+    b^T]`` = that block. Returns ``sum_z w (a b^T + b a^T)`` averaged over ``probes`` independent probes, over the
+    parameters in ``oracles.linear_blocks`` order (``[W_1, b_1, W_2, b_2]``).
+    """
+    act, generator, out = net[1], torch.Generator().manual_seed(seed), []
+    for params, batch in zip(trajectory, batches):
+        x, weights = batch["x"], O.sample_weights(batch)[:, None]
+        h1 = (x @ params["0.weight"].T + params["0.bias"]).detach().requires_grad_()
+        x2 = act(h1)
+        logits = x2 @ params["2.weight"].T + params["2.bias"]
+        losses = torch.nn.functional.cross_entropy(logits, batch["y"], reduction="none")
+        delta2 = torch.autograd.grad(losses.sum(), logits, retain_graph=True)[0]  # per-sample dl/dh2
+        n, first = x.shape[0], params["0.weight"].numel() + params["0.bias"].numel()
+        size = first + params["2.weight"].numel() + params["2.bias"].numel()
+        total = x.new_zeros(size, size)
+        for _ in range(probes):
+            r = draw(x2.shape, generator, x2.dtype)
+            back = torch.autograd.grad(x2, h1, r, retain_graph=True)[0]  # act'(h1) * r, per sample
+            a = torch.cat([x.new_zeros(n, first), (delta2[:, :, None] * r[:, None, :]).reshape(n, -1),
+                           x.new_zeros(n, delta2.shape[1])], 1)  # b_2's input is the constant 1: no probe
+            b = torch.cat([(back[:, :, None] * x[:, None, :]).reshape(n, -1), back, x.new_zeros(n, size - first)], 1)
+            total += ((weights * a).T @ b + (weights * b).T @ a) / probes
+        out.append(total)
     return out
 
 
-def product_scores(curvature: Matrices, grads: Matrices, weights: Matrices, lr: float, test: torch.Tensor,
-                   occurrences: list[O.Occurrence]) -> torch.Tensor:
+def product_scores(curvature: Callable[[int], torch.Tensor], grads: Matrices, weights: Matrices, lr: float,
+                   test: torch.Tensor, occurrences: list[O.Occurrence]) -> torch.Tensor:
     """Scores ``<g_test, lr w (prod_{k>t} (I - lr C_k)) g_{t,z}>`` per test point and occurrence, ``[n, m]``."""
     dim = test.shape[1]
     at_step: dict[int, list[int]] = {}
@@ -77,26 +129,36 @@ def product_scores(curvature: Matrices, grads: Matrices, weights: Matrices, lr: 
     for t in range(len(grads) - 1, -1, -1):
         for position in at_step.get(t, []):
             embeddings[(t, position)] = lr * weights[t][position] * (product @ grads[t][position])
-        product = product @ (torch.eye(dim, dtype=torch.float64) - lr * curvature[t])
+        product = product @ (torch.eye(dim, dtype=torch.float64) - lr * curvature(t))
     return torch.stack([test @ embeddings[o] for o in occurrences], dim=1)
 
 
-def stand_ins(hessian: Matrices, ggn: Matrices, fisher: Matrices, mask: torch.Tensor) -> dict[str, Matrices]:
-    """Every curvature stand-in compared, by name."""
+def stand_ins(hessian: Matrices, ggn: Matrices, sampled: Matrices, fisher: Matrices, probed: dict[int, Matrices],
+              mask: torch.Tensor) -> dict[str, Callable[[int], torch.Tensor]]:
+    """Every curvature stand-in compared, by name: a function of the step (formed one at a time, since all of
+    them together would hold 16 x 36 matrices of 2410^2 float64 numbers)."""
     across = 1.0 - mask
-
-    def each(fn: Callable[[int], torch.Tensor]) -> Matrices:
-        return [fn(k) for k in range(len(hessian))]
-
+    probe_lines = {f"ggn_sampled_full_plus_residual_{m}_probes": (lambda k, m=m: sampled[k] + probed[m][k])
+                   for m in probed}
     return {
-        "hessian_full": hessian, "hessian_per_layer": each(lambda k: hessian[k] * mask),
-        "ggn_full": ggn, "ggn_per_layer": each(lambda k: ggn[k] * mask),
-        "ef_full": fisher, "ef_per_layer": each(lambda k: fisher[k] * mask),
-        "none": each(lambda k: torch.zeros_like(hessian[k])),
-        "hessian_in_ggn_across": each(lambda k: hessian[k] * mask + ggn[k] * across),
-        "ggn_in_hessian_across": each(lambda k: ggn[k] * mask + hessian[k] * across),
-        "ggn_per_layer_x1.5": each(lambda k: 1.5 * ggn[k] * mask),
+        "hessian_full": lambda k: hessian[k], "hessian_per_layer": lambda k: hessian[k] * mask,
+        "ggn_full": lambda k: ggn[k], "ggn_per_layer": lambda k: ggn[k] * mask,
+        "ef_full": lambda k: fisher[k], "ef_per_layer": lambda k: fisher[k] * mask,
+        "none": lambda k: torch.zeros_like(hessian[k]),
+        "hessian_in_ggn_across": lambda k: hessian[k] * mask + ggn[k] * across,
+        "ggn_in_hessian_across": lambda k: ggn[k] * mask + hessian[k] * across,
+        "ggn_per_layer_x1.5": lambda k: 1.5 * ggn[k] * mask,
+        "ef_full_plus_residual_across": lambda k: fisher[k] + (hessian[k] - ggn[k]) * across,
+        "ef_in_hessian_across": lambda k: fisher[k] * mask + hessian[k] * across,
+        "none_plus_residual_across": lambda k: (hessian[k] - ggn[k]) * across,
+        "ggn_sampled_full": lambda k: sampled[k],
+        "ggn_sampled_full_plus_residual_across": lambda k: sampled[k] + (hessian[k] - ggn[k]) * across,
+        **probe_lines,
     }
+
+
+#: Probes per sample of the probed-residual stand-ins.
+PROBES = (1, 16, 64)
 
 
 def run_setting(name: str) -> None:
@@ -117,11 +179,12 @@ def run_setting(name: str) -> None:
              for t in steps]
     weights = [O.sample_weights(b) for b in problem.batches]
     hessian = [O._batch_loss_hessian(net, trajectory[t], problem.batches[t], names) for t in steps]
-    ggn = ggn_matrices(net, trajectory, problem.batches)
+    ggn, sampled = ggn_matrices(net, trajectory, problem.batches)
+    probed = {m: probed_residuals(net, trajectory, problem.batches, m) for m in PROBES}
     fisher = [g.T @ (w[:, None] * g) for g, w in zip(grads, weights)]
     mask = block_mask([sum(trajectory[0][n].numel() for n in block) for block in blocks])
     base = {"benchmark": "curvature_limits", "model": "mlp", "setting": name}
-    for label, curvature in stand_ins(hessian, ggn, fisher, mask).items():
+    for label, curvature in stand_ins(hessian, ggn, sampled, fisher, probed, mask).items():
         scores = product_scores(curvature, grads, weights, lr, test, problem.occurrences)
         emit({**base, "stand_in": label, "spearman_vs_tsloo": round(O.mean_spearman(scores, truth)[0], 4)})
     ratios = [float(torch.trace(h) / torch.trace(g)) for h, g in zip(hessian, ggn)]

@@ -1,0 +1,46 @@
+"""The residual stand-ins of ``benchmarks/curvature_limits.py`` against ``torch.func`` (README, "Which curvature
+would reach 0.85?"): the Hessian minus the Gauss-Newton matrix between the two layers of ``Linear -> tanh ->
+Linear`` is what the probes estimate, and their expectation is that residual exactly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tests import oracles as O
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_probes_expectation_is_the_hessians_residual_between_the_layers() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import curvature_limits as CL
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    params = O.params_of(net)
+    batch = {"x": torch.randn(6, 4, dtype=torch.float64), "y": torch.randint(0, 3, (6,))}
+    names = [n for block in O.linear_blocks(net) for n in block]
+    hessian = O._batch_loss_hessian(net, params, batch, names)
+    ggn = CL.ggn_matrices(net, [params], [batch])[0]
+    across = 1.0 - CL.block_mask([4 * 5 + 5, 5 * 3 + 3])
+    residual = (hessian - ggn[0]) * across
+
+    count = iter(range(5))
+
+    def basis(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """``sqrt(5) e_j`` for every sample, ``j = 0..4`` in turn: five such probes average to ``E[r r^T] = I``."""
+        out = torch.zeros(shape, dtype=dtype)
+        out[:, next(count)] = 5**0.5
+        return out
+
+    expectation = CL.probed_residuals(net, [params], [batch], probes=5, draw=basis)[0]
+    torch.testing.assert_close(expectation, residual, atol=1e-12, rtol=0)
+    assert float(residual.norm()) > 0.05  # a residual to estimate
+    one = CL.probed_residuals(net, [params], [batch], probes=1)[0]  # one sign probe: unbiased, not exact
+    assert float((one - residual).norm()) > 1e-3 and float((one * (1 - across)).abs().max()) == 0.0
