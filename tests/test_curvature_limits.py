@@ -1,6 +1,6 @@
-"""The residual stand-ins of ``benchmarks/curvature_limits.py`` against ``torch.func`` (README, "Which curvature
-would reach 0.85?"): the Hessian minus the Gauss-Newton matrix between the two layers of ``Linear -> tanh ->
-Linear`` is what the probes estimate, and their expectation is that residual exactly."""
+"""The stand-ins of ``benchmarks/curvature_limits.py`` that are not formed by ``torch.func`` directly, against it
+(README, "Which curvature would reach 0.85?"): the probes' expectation is the Hessian minus the Gauss-Newton matrix
+between the two layers of ``Linear -> tanh -> Linear``, and the one-label GGN averages to the per-class one."""
 
 from __future__ import annotations
 
@@ -15,21 +15,26 @@ from tests import oracles as O
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_the_probes_expectation_is_the_hessians_residual_between_the_layers() -> None:
+def problem():  # noqa: ANN201
+    """The benchmark module, a ``4-5-3`` tanh net in float64 with its parameters, and a batch of 6."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import curvature_limits as CL
+        import curvature_limits
     finally:
         sys.path.remove(str(BENCHMARKS))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    params = O.params_of(net)
     batch = {"x": torch.randn(6, 4, dtype=torch.float64), "y": torch.randint(0, 3, (6,))}
+    return curvature_limits, net, O.params_of(net), batch
+
+
+def test_the_probes_expectation_is_the_hessians_residual_between_the_layers() -> None:
+    CL, net, params, batch = problem()
     names = [n for block in O.linear_blocks(net) for n in block]
     hessian = O._batch_loss_hessian(net, params, batch, names)
-    ggn = CL.ggn_matrices(net, [params], [batch])[0]
+    exact_ggn = CL.ggn_matrices(net, [params], [batch])[0][0]
     across = 1.0 - CL.block_mask([4 * 5 + 5, 5 * 3 + 3])
-    residual = (hessian - ggn[0]) * across
+    residual = (hessian - exact_ggn) * across
 
     count = iter(range(5))
 
@@ -44,3 +49,15 @@ def test_the_probes_expectation_is_the_hessians_residual_between_the_layers() ->
     assert float(residual.norm()) > 0.05  # a residual to estimate
     one = CL.probed_residuals(net, [params], [batch], probes=1)[0]  # one sign probe: unbiased, not exact
     assert float((one - residual).norm()) > 1e-3 and float((one * (1 - across)).abs().max()) == 0.0
+
+
+def test_the_one_label_gauss_newton_matrix_averages_to_the_per_class_one() -> None:
+    """2000 draws (one per copy of the step): the mean is within 5 standard errors of the per-class GGN everywhere."""
+    CL, net, params, batch = problem()
+    draws = 2000
+    exact, sampled = CL.ggn_matrices(net, [params] * draws, [batch] * draws)
+    stacked = torch.stack(sampled)
+    error = (stacked.mean(0) - exact[0]).abs()
+    standard_error = stacked.std(0) / draws**0.5
+    assert bool((error <= 5 * standard_error + 1e-12).all())
+    assert float(stacked.std(0).max()) > 0 and len({float(m.norm()) for m in sampled[:10]}) == 10  # random draws
