@@ -24,7 +24,7 @@ part of the curvature the default's gap to exact TSLOO comes from:
 Problem: ``benchmarks/fidelity.py``'s (384 sklearn digits, tanh MLP 64-32-10, batch 32, 3 epochs, the same
 batches, 40 occurrences x 16 test points, truth = float64 replay with one occurrence removed,
 ``tests/oracles.py``), plain SGD at constant learning rates (``--settings``, default ``sgd_lr0.3,sgd_lr0.05``).
-Figures: mean over test points of the Spearman correlation with the truth. ~20 min per setting on 2 cores (36
+Figures: mean over test points of the Spearman correlation with the truth. ~15 min per setting on 2 cores (36
 exact 2410 x 2410 Hessians; the 64 probes of 36 steps; one ``I - lr H`` product over the run per stand-in).
 
     python benchmarks/curvature_limits.py
