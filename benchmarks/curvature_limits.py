@@ -136,7 +136,8 @@ def product_scores(curvature: Callable[[int], torch.Tensor], grads: Matrices, we
 def stand_ins(hessian: Matrices, ggn: Matrices, sampled: Matrices, fisher: Matrices, probed: dict[int, Matrices],
               mask: torch.Tensor) -> dict[str, Callable[[int], torch.Tensor]]:
     """Every curvature stand-in compared, by name: a function of the step (formed one at a time, since all of
-    them together would hold 16 x 36 matrices of 2410^2 float64 numbers)."""
+    them together would hold 18 x 36 matrices of 2410^2 float64 numbers; the probed residuals, 3 x 36, are formed
+    beforehand)."""
     across = 1.0 - mask
     probe_lines = {f"ggn_sampled_full_plus_residual_{m}_probes": (lambda k, m=m: sampled[k] + probed[m][k])
                    for m in probed}
