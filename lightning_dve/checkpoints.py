@@ -30,8 +30,8 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
 from .replay_optim import OptimizerKind, group_hyperparameters, layout_change, optimizer_kind
-from .files import (LineLog, json_line, read_checked, read_json, read_json_lines, remove_files, write_atomic,
-                    write_text_atomic)
+from .files import read_checked, read_json, remove_files, write_atomic, write_text_atomic
+from .line_log import LineLog, json_line, read_json_lines
 from .store import StepRecord
 
 REPLAY_MANIFEST = "replay.json"

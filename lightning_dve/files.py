@@ -5,12 +5,10 @@ Nothing is pickled: tensors are safetensors, metadata the header's text fields.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import warnings
-import weakref
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -236,14 +234,26 @@ def remove_files(paths: Iterable[Path]) -> None:
 
 
 def disk_bytes(paths: Iterable[Path]) -> int:
-    """Total size of the files at ``paths``, and of every file under those that are folders (missing: 0)."""
+    """Total size of the files at ``paths``, and of every file under those that are folders (missing: 0).
+
+    Another rank may be writing under a folder meanwhile (rank 0 counts ``shards/``): a file or folder renamed
+    away between the listing and its size counts 0 (each file is looked at once), never an error.
+    """
     total = 0
     for path in paths:
-        if path.is_file():
-            total += path.stat().st_size
-        elif path.is_dir():
-            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        total += _file_size(path)
+        for folder, _, names in os.walk(path):  # nothing for a file or a missing path; unreadable folders skipped
+            total += sum(_file_size(Path(folder, name)) for name in names)
     return total
+
+
+def _file_size(path: Path) -> int:
+    """The size of the regular file at ``path``; 0 if it is missing (renamed away just now) or not a file."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    return status.st_size if stat.S_ISREG(status.st_mode) else 0
 
 
 def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -309,90 +319,3 @@ def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
                          "file) to keep the steps before it, or record the run again.") from err
-
-
-# --- append-only JSON lines (one record per training step) ------------------------------------------------
-
-_write = os.write  # the appends of a LineLog (a seam for the disk-full tests)
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One line of a JSON-lines file: compact JSON, newline-terminated."""
-    return json.dumps(record, separators=(",", ":")) + "\n"
-
-
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    """The record of one line, or ``None`` if it is not a JSON object with an integer ``step``."""
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and type(record.get("step")) is int else None
-
-
-def read_json_lines(path: Path) -> dict[int, dict[str, Any]]:
-    """Every record of a :class:`LineLog` file by its ``step`` (the last line of a step wins; none if missing).
-
-    A torn last line (a run killed while writing it: no newline at its end) is dropped with a warning.
-
-    Raises:
-        StoreError: if a newline-terminated line is not a record (each line is one write ending in its newline,
-            so that is corruption, not an interrupted run).
-    """
-    if not path.is_file():
-        return {}
-    lines = path.read_bytes().split(b"\n")  # a complete file ends with a newline: its last item is empty
-    torn = lines.pop() != b""
-    records = {}
-    for number, raw in enumerate(lines, start=1):
-        record = _parse_line(raw)
-        if record is None:
-            raise StoreError(f"{path} is corrupt: line {number} is not a JSON record of a step. Record the run "
-                             "again (with a fresh save_dir or overwrite=True).")
-        records[record["step"]] = record
-    if torn:
-        warnings.warn(f"{path}: the last line was incomplete (the run was interrupted while writing it) and is "
-                      "dropped; its step's record is missing.", stacklevel=2)
-    return records
-
-
-class LineLog:
-    """An append-only text file written one line per :meth:`append` (one ``write`` each, no temporary file).
-
-    The file is opened on the first append and kept open (closed by :meth:`close`, or when the log is dropped).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._size = 0  # bytes after the last complete append
-        self._closer: weakref.finalize | None = None
-
-    def append(self, line: str) -> None:
-        """Append ``line`` (newline-terminated).
-
-        Raises:
-            StoreError: if the disk is full or the write fails; a partly written line is cut off again.
-        """
-        data = rest = line.encode()
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-                self._size, self._closer = os.fstat(self._fd).st_size, weakref.finalize(self, os.close, self._fd)
-            while rest:  # one write, unless the system writes less than asked
-                written = _write(self._fd, rest)
-                if written == 0:
-                    raise OSError(errno.EIO, f"write wrote nothing to {self.path}")
-                rest = rest[written:]
-        except OSError as err:
-            if self._fd is not None:  # best effort: a read would drop the torn line anyway
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-            raise write_error(self.path, err) from err
-        self._size += len(data)
-
-    def close(self) -> None:
-        """Close the file (safe to call twice; a later :meth:`append` opens it again)."""
-        if self._closer is not None:
-            self._closer()
-        self._fd, self._closer = None, None

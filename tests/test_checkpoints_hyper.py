@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lightning_dve import StoreError
-from lightning_dve import checkpoints, files, replay
+from lightning_dve import checkpoints, line_log, replay
 from lightning_dve.checkpoints import HYPER_FILE, CheckpointStore
-from lightning_dve.files import read_json_lines
+from lightning_dve.line_log import read_json_lines
 from lightning_dve.records import StepRecord
 
 
@@ -135,7 +135,7 @@ def test_disk_full_keeps_the_lines_written_before(tmp_path: Path, monkeypatch: p
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(files, "_write", full)
+    monkeypatch.setattr(line_log, "_write", full)
     with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full\. Every step written "
                                          r"before is kept .* free space \(or point save_dir elsewhere\)"):
         store.write_hyper(3, _record(3))
@@ -158,7 +158,7 @@ def test_partly_written_line_is_cut_off(tmp_path: Path, monkeypatch: pytest.Monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(fd, bytes(data[:len(data) // 2]))
 
-    monkeypatch.setattr(files, "_write", short)
+    monkeypatch.setattr(line_log, "_write", short)
     with pytest.raises(StoreError, match="the disk is full"):
         store.write_hyper(2, _record(2))
     monkeypatch.undo()
@@ -194,7 +194,7 @@ def test_a_failed_hyperparameter_append_stops_the_fit_at_the_step_end(fit, mlp_c
     from lightning_dve import DataValueEmbedding
     from lightning_dve.store import TrajectoryStore
 
-    write, calls = files._write, []
+    write, calls = line_log._write, []
 
     def full_at_step_3(fd: int, data: bytes) -> int:
         calls.append(1)
@@ -202,7 +202,7 @@ def test_a_failed_hyperparameter_append_stops_the_fit_at_the_step_end(fit, mlp_c
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return write(fd, data)
 
-    monkeypatch.setattr(files, "_write", full_at_step_3)
+    monkeypatch.setattr(line_log, "_write", full_at_step_3)
     with pytest.raises(StoreError, match=r"could not write .*hyper\.jsonl: the disk is full"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, report=None))
     assert TrajectoryStore.open(save_dir).steps == [0, 1, 2]  # step 3 was stopped before it was recorded

@@ -53,6 +53,15 @@ def run_script(mode: str, out: Path, *extra: str, timeout: int = 240) -> subproc
     return proc
 
 
+def rank_tails(stderr: str, chars: int = 2500) -> str:
+    """The end of each rank's output (rank 1's lines carry ``[rank1]:``): a failure shows the first error, not only
+    the other rank's "Connection closed by peer" that follows it."""
+    lines = stderr.splitlines()
+    rank1 = "\n".join(line for line in lines if line.startswith("[rank1]"))
+    rank0 = "\n".join(line for line in lines if not line.startswith("[rank1]"))
+    return f"rank 0 (and the launcher):\n{rank0[-chars:]}\n\nrank 1:\n{rank1[-chars:]}"
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``ddp_run.py --suite`` once on 1 process and once on 2 ranks: every successful run below shares one start-up
@@ -60,7 +69,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("suite")
     for mode in ("single", "ddp"):
         proc = run_script(mode, out / mode, "--suite", timeout=400)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, rank_tails(proc.stderr)
         (out / mode / "stderr.txt").write_text(proc.stderr)
     return out
 
@@ -106,7 +115,7 @@ def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str,
 def test_ddp_spawn_equals_single_process(tmp_path: Path, single_reference: dict[str, torch.Tensor]) -> None:
     """The same run under ``ddp_spawn``: the parent process, which ran no fit, reads rank 0's store."""
     proc = run_script("ddp_spawn", tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, rank_tails(proc.stderr)
     assert_same_embeddings(load_file(str(tmp_path / "scores_ddp_spawn.safetensors")), single_reference)
     assert "DistributedSampler repeats 1 sample(s) per epoch" in proc.stderr
     store = DataValueEmbeddings.load(tmp_path / "dve_ddp_spawn").store

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,3 +219,54 @@ def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):
             continue
         assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
     assert refused > 100
+
+
+@pytest.mark.parametrize("looks", [0, 1, 2])
+def test_disk_bytes_counts_a_file_renamed_away_meanwhile_as_nothing(tmp_path, monkeypatch, looks):
+    """Rank 0 counts ``shards/`` while rank 1 renames its manifest's temporary file into place (a DDP crash seen
+    in CI: ``FileNotFoundError`` between a file's listing and its size). Here the temporary file is listed but
+    gone after ``looks`` looks at it; the count is the other files' (plus its size if it was still there)."""
+    shard = tmp_path / "shards" / "rank_1"
+    shard.mkdir(parents=True)
+    (shard / "manifest.json").write_bytes(b"x" * 10)
+    (shard / ".manifest.json.tmp").write_bytes(b"y" * 7)
+    real_stat, seen = os.stat, []
+
+    def stat(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            seen.append(path)
+            if len(seen) > looks:
+                raise FileNotFoundError(errno.ENOENT, "renamed away", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    total = lightning_dve.files.disk_bytes([tmp_path / "shards", tmp_path / "missing"])
+    assert total in ({10} if looks == 0 else {10, 17}) and seen
+
+
+#: A second process rewriting ``manifest.json`` as ``write_text_atomic`` does (temporary name, then rename) for 2 s.
+REWRITER = """
+import os, sys, time
+path, tmp = sys.argv[1], os.path.join(os.path.dirname(sys.argv[1]), ".manifest.json.tmp")
+end = time.monotonic() + 2.0
+while time.monotonic() < end:
+    with open(tmp, "w") as out:
+        out.write("z" * 100)
+    os.replace(tmp, path)
+"""
+
+
+def test_disk_bytes_never_fails_while_another_process_rewrites_a_file(tmp_path):
+    """The same race with a real second process (before the fix, about one count in five thousand raised): every
+    count succeeds and is the manifest's 100 bytes, or that plus its temporary copy's (0 to 100 bytes)."""
+    (tmp_path / "shards").mkdir()
+    manifest = tmp_path / "shards" / "manifest.json"
+    manifest.write_text("z" * 100)
+    writer = subprocess.Popen([sys.executable, "-c", REWRITER, str(manifest)])
+    counts = set()
+    try:
+        while writer.poll() is None:
+            counts.add(lightning_dve.files.disk_bytes([tmp_path / "shards"]))
+    finally:
+        writer.wait()
+    assert writer.returncode == 0 and len(counts) > 0 and counts <= set(range(100, 201))
