@@ -19,7 +19,10 @@ part of the curvature the default's gap to exact TSLOO comes from:
   exactly ``delta_2 (x) diag(tanh'(h_1)) (x) x_1``) added to the empirical Fisher, to no curvature, and to
   ``ggn_sampled_full``: the one-label Monte-Carlo GGN that ``curvature="ggn"`` records; and the same with the
   residual estimated from ``1 / 16 / 64`` random sign probes per sample (``..._residual_<m>_probes``), the form
-  hooks could record for any architecture with one extra backward pass per probe (:func:`probed_residuals`).
+  hooks could record for any architecture with one extra backward pass per probe (:func:`probed_residuals`);
+- ``--one-row DRAWS`` instead: only which single pseudo-gradient row per sample estimates the GGN best, the
+  sampled label ``curvature="ggn"`` records or a sign / Gaussian mixture of every class with the same
+  expectation (:func:`run_one_row`; ~7 min per setting on 2 cores).
 
 Problem: ``benchmarks/fidelity.py``'s (384 sklearn digits, tanh MLP 64-32-10, batch 32, 3 epochs, the same
 batches, 40 occurrences x 16 test points, truth = float64 replay with one occurrence removed,
@@ -29,6 +32,7 @@ exact 2410 x 2410 Hessians; the 64 probes of 36 steps; one ``I - lr H`` product 
 
     python benchmarks/curvature_limits.py
     python benchmarks/curvature_limits.py --settings sgd_lr0.3
+    python benchmarks/curvature_limits.py --one-row 5
 """
 
 from __future__ import annotations
@@ -59,24 +63,58 @@ def block_mask(sizes: Sequence[int]) -> torch.Tensor:
     return mask
 
 
+def logit_jacobians(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]
+                    ) -> tuple[Matrices, Matrices]:
+    """Per step: the per-sample Jacobians of the logits over all parameters ``[B, C, D]`` and the predictions
+    ``p`` ``[B, C]``."""
+    jacobians, probs = [], []
+    for params, batch in zip(trajectory, batches):
+        jacobians.append(O.per_sample_logit_jacobians(net, params, batch["x"], "full")[0])
+        with torch.no_grad():
+            probs.append(torch.softmax(functional_call(net, params, (batch["x"],)), dim=1))
+    return jacobians, probs
+
+
+def pseudo_gradient_curvatures(jacobians: Matrices, vectors: Matrices, batches: list[O.Batch]) -> Matrices:
+    """Per step ``sum_z w J_z^T v_z v_z^T J_z``: the curvature of one pseudo-gradient row ``J_z^T v_z`` per sample."""
+    out = []
+    for jac, v, batch in zip(jacobians, vectors, batches):
+        rows = torch.einsum("zcd,zc->zd", jac, v)
+        out.append(rows.T @ (O.sample_weights(batch)[:, None] * rows))
+    return out
+
+
+def label_vectors(prob: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``p - onehot(y~)``, ``y~`` drawn from ``p``: the vector ``curvature="ggn"`` records (``E[v v^T] = diag p - p
+    p^T``)."""
+    labels = torch.multinomial(prob, 1, generator=generator).squeeze(1)
+    return prob - torch.nn.functional.one_hot(labels, prob.shape[1]).to(prob)
+
+
+def mixture_vectors(prob: torch.Tensor, generator: torch.Generator, gaussian: bool = False) -> torch.Tensor:
+    """``sum_c s_c sqrt(p_c) (e_c - p)`` with independent signs (or standard normals) ``s_c``: every class in one
+    row, the same expectation ``E[v v^T] = sum_c p_c (e_c - p)(e_c - p)^T = diag p - p p^T``."""
+    signs = (torch.randn(prob.shape, generator=generator, dtype=prob.dtype) if gaussian
+             else rademacher(prob.shape, generator, prob.dtype))
+    root = prob.sqrt()
+    return root * signs - prob * (signs * root).sum(1, keepdim=True)
+
+
 def ggn_matrices(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]
                  ) -> tuple[Matrices, Matrices]:
     """Per step, over all parameters: the exact per-class Gauss-Newton matrix of the step's mean loss, and its
-    one-label Monte-Carlo estimate as ``curvature="ggn"`` forms it (``J^T v v^T J``, ``v = p - onehot(y~)``,
-    ``y~`` drawn from the model's ``p``; seeded)."""
-    exact, sampled = [], []
+    one-label Monte-Carlo estimate as ``curvature="ggn"`` forms it (``J^T v v^T J``, :func:`label_vectors`;
+    seeded)."""
+    jacobians, probs = logit_jacobians(net, trajectory, batches)
     generator = torch.Generator().manual_seed(0)
-    for params, batch in zip(trajectory, batches):
-        jac = O.per_sample_logit_jacobians(net, params, batch["x"], "full")[0]  # [B, C, D]
-        with torch.no_grad():
-            prob = torch.softmax(functional_call(net, params, (batch["x"],)), dim=1)
-        weights = O.sample_weights(batch)
-        hess = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
-        exact.append(torch.einsum("zcd,zce,zef,z->df", jac, hess, jac, weights))
-        labels = torch.multinomial(prob, 1, generator=generator).squeeze(1)
-        rows = torch.einsum("zcd,zc->zd", jac, prob - torch.nn.functional.one_hot(labels, prob.shape[1]).to(prob))
-        sampled.append(rows.T @ (weights[:, None] * rows))
-    return exact, sampled
+    return (exact_ggn(jacobians, probs, batches),
+            pseudo_gradient_curvatures(jacobians, [label_vectors(p, generator) for p in probs], batches))
+
+
+def exact_ggn(jacobians: Matrices, probs: Matrices, batches: list[O.Batch]) -> Matrices:
+    """Per step the per-class Gauss-Newton matrix ``sum_z w J_z^T (diag p_z - p_z p_z^T) J_z``."""
+    return [torch.einsum("zcd,zce,zef,z->df", jac, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], jac,
+                         O.sample_weights(batch)) for jac, p, batch in zip(jacobians, probs, batches)]
 
 
 def rademacher(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -162,32 +200,44 @@ def stand_ins(hessian: Matrices, ggn: Matrices, sampled: Matrices, fisher: Matri
 PROBES = (1, 16, 64)
 
 
-def run_setting(name: str) -> None:
-    """Emit one ``curvature_limits`` line per stand-in, and the trace ratios, for one fidelity setting."""
-    started = time.perf_counter()
+def problem_of(name: str) -> dict:
+    """A fidelity setting's mlp problem replayed in float64: its net, lr, trajectory, batches, occurrences, exact
+    TSLOO, the test gradients, and every step's per-sample gradients and weights."""
     setting = F.SETTINGS[name]
     problem = F.Problem("mlp", name, setting, F.N_OCCURRENCES, F.N_TEST, "/tmp")
     net, lr = problem.module().net.double(), float(setting["lr"])
     lrs = [lr] * len(problem.batches)
     trajectory = O.replay(net, O.params_of(net), problem.batches, lrs, return_trajectory=True)
     x_test, y_test = problem.test64["x"], problem.test64["y"]
-    truth = O.exact_tsloo(net, trajectory, problem.batches, lrs, problem.occurrences, x_test, y_test)
-    test = O.grads_at_test_points(net, trajectory[-1], x_test, y_test, "full")[0]
+    grads = [O.block_grads(net, params, batch["x"], batch["y"], "full")[0]
+             for params, batch in zip(trajectory, problem.batches)]
+    return {"net": net, "lr": lr, "trajectory": trajectory, "batches": problem.batches,
+            "occurrences": problem.occurrences, "grads": grads, "weights": [O.sample_weights(b) for b in problem.batches],
+            "truth": O.exact_tsloo(net, trajectory, problem.batches, lrs, problem.occurrences, x_test, y_test),
+            "test": O.grads_at_test_points(net, trajectory[-1], x_test, y_test, "full")[0]}
+
+
+def spearman_of(run: dict, curvature: Callable[[int], torch.Tensor]) -> float:
+    """Mean Spearman with exact TSLOO of the product with ``curvature`` in place of the step Hessians."""
+    scores = product_scores(curvature, run["grads"], run["weights"], run["lr"], run["test"], run["occurrences"])
+    return round(O.mean_spearman(scores, run["truth"])[0], 4)
+
+
+def run_setting(name: str) -> None:
+    """Emit one ``curvature_limits`` line per stand-in, and the trace ratios, for one fidelity setting."""
+    started = time.perf_counter()
+    run = problem_of(name)
+    net, trajectory, batches = run["net"], run["trajectory"], run["batches"]
     blocks = O.linear_blocks(net)
     names = [n for block in blocks for n in block]
-    steps = range(len(problem.batches))
-    grads = [O.block_grads(net, trajectory[t], problem.batches[t]["x"], problem.batches[t]["y"], "full")[0]
-             for t in steps]
-    weights = [O.sample_weights(b) for b in problem.batches]
-    hessian = [O._batch_loss_hessian(net, trajectory[t], problem.batches[t], names) for t in steps]
-    ggn, sampled = ggn_matrices(net, trajectory, problem.batches)
-    probed = {m: probed_residuals(net, trajectory, problem.batches, m) for m in PROBES}
-    fisher = [g.T @ (w[:, None] * g) for g, w in zip(grads, weights)]
+    hessian = [O._batch_loss_hessian(net, params, batch, names) for params, batch in zip(trajectory, batches)]
+    ggn, sampled = ggn_matrices(net, trajectory, batches)
+    probed = {m: probed_residuals(net, trajectory, batches, m) for m in PROBES}
+    fisher = [g.T @ (w[:, None] * g) for g, w in zip(run["grads"], run["weights"])]
     mask = block_mask([sum(trajectory[0][n].numel() for n in block) for block in blocks])
     base = {"benchmark": "curvature_limits", "model": "mlp", "setting": name}
     for label, curvature in stand_ins(hessian, ggn, sampled, fisher, probed, mask).items():
-        scores = product_scores(curvature, grads, weights, lr, test, problem.occurrences)
-        emit({**base, "stand_in": label, "spearman_vs_tsloo": round(O.mean_spearman(scores, truth)[0], 4)})
+        emit({**base, "stand_in": label, "spearman_vs_tsloo": spearman_of(run, curvature)})
     ratios = [float(torch.trace(h) / torch.trace(g)) for h, g in zip(hessian, ggn)]
     emit({**base, "trace_ratio_hessian_over_ggn": {"first": round(ratios[0], 3),
                                                     "median": round(sorted(ratios)[len(ratios) // 2], 3),
@@ -195,10 +245,31 @@ def run_setting(name: str) -> None:
           "seconds": round(time.perf_counter() - started, 1)})
 
 
+def run_one_row(name: str, draws: int) -> None:
+    """``--one-row``: which single pseudo-gradient row per sample estimates the GGN best (full ``M``): the sampled
+    label that ``curvature="ggn"`` records against a sign or Gaussian mixture of every class (the same
+    expectation), each over ``draws`` seeds, and the exact per-class GGN (C rows per sample) as the limit."""
+    run = problem_of(name)
+    jacobians, probs = logit_jacobians(run["net"], run["trajectory"], run["batches"])
+    base = {"benchmark": "curvature_limits", "model": "mlp", "setting": name, "study": "one_row"}
+    exact = exact_ggn(jacobians, probs, run["batches"])
+    emit({**base, "stand_in": "ggn_full", "spearman_vs_tsloo": spearman_of(run, lambda k: exact[k])})
+    draws_of = {"label": label_vectors, "signs": mixture_vectors,
+                "gaussian": lambda p, g: mixture_vectors(p, g, gaussian=True)}
+    for label, draw in draws_of.items():
+        for seed in range(draws):
+            generator = torch.Generator().manual_seed(100 + seed)
+            curvatures = pseudo_gradient_curvatures(jacobians, [draw(p, generator) for p in probs], run["batches"])
+            emit({**base, "stand_in": f"ggn_one_row_{label}", "seed": seed,
+                  "spearman_vs_tsloo": spearman_of(run, lambda k: curvatures[k])})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="sgd_lr0.3,sgd_lr0.05", help="plain-SGD settings of fidelity.py")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one-row", type=int, default=0, metavar="DRAWS",
+                        help="only the one-row GGN study (run_one_row), over DRAWS seeds of each draw")
     args = parser.parse_args()
     setup(args.threads)
     warnings.filterwarnings("ignore", message=".*functorch.*")
@@ -206,7 +277,7 @@ def main() -> None:
     for name in args.settings.split(","):
         if F.SETTINGS[name].get("optimizer") != "sgd" or set(F.SETTINGS[name]) - {"optimizer", "lr"}:
             raise SystemExit(f"{name}: only plain SGD at a constant learning rate is supported.")
-        run_setting(name)
+        run_one_row(name, args.one_row) if args.one_row else run_setting(name)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,19 @@ def test_the_one_label_gauss_newton_matrix_averages_to_the_per_class_one() -> No
     standard_error = stacked.std(0) / draws**0.5
     assert bool((error <= 5 * standard_error + 1e-12).all())
     assert float(stacked.std(0).max()) > 0 and len({float(m.norm()) for m in sampled[:10]}) == 10  # random draws
+
+
+def test_every_one_row_draw_has_the_cross_entropy_hessian_as_expectation() -> None:
+    """``--one-row``'s draws (the sampled label, the sign and the Gaussian mixture of all classes): over 20000 draws
+    the mean of ``v v^T`` is within 5 standard errors of ``diag p - p p^T`` everywhere, and the draws differ."""
+    CL = problem()[0]
+    prob = torch.softmax(torch.tensor([[2.0, 0.5, -1.0, 0.0]], dtype=torch.float64), dim=1).expand(20000, 4)
+    target = torch.diag(prob[0]) - torch.outer(prob[0], prob[0])
+    draws = {"label": CL.label_vectors, "signs": CL.mixture_vectors,
+             "gaussian": lambda p, g: CL.mixture_vectors(p, g, gaussian=True)}
+    for name, draw in draws.items():
+        v = draw(prob, torch.Generator().manual_seed(3))
+        outer = v[:, :, None] * v[:, None, :]
+        error = (outer.mean(0) - target).abs()
+        assert bool((error <= 5 * outer.std(0) / len(v) ** 0.5 + 1e-12).all()), name
+        assert len({tuple(row.tolist()) for row in v[:50]}) > 1, name
