@@ -211,8 +211,8 @@ def problem_of(name: str) -> dict:
     x_test, y_test = problem.test64["x"], problem.test64["y"]
     grads = [O.block_grads(net, params, batch["x"], batch["y"], "full")[0]
              for params, batch in zip(trajectory, problem.batches)]
-    return {"net": net, "lr": lr, "trajectory": trajectory, "batches": problem.batches,
-            "occurrences": problem.occurrences, "grads": grads, "weights": [O.sample_weights(b) for b in problem.batches],
+    return {"net": net, "lr": lr, "trajectory": trajectory, "batches": problem.batches, "grads": grads,
+            "occurrences": problem.occurrences, "weights": [O.sample_weights(b) for b in problem.batches],
             "truth": O.exact_tsloo(net, trajectory, problem.batches, lrs, problem.occurrences, x_test, y_test),
             "test": O.grads_at_test_points(net, trajectory[-1], x_test, y_test, "full")[0]}
 
@@ -277,7 +277,10 @@ def main() -> None:
     for name in args.settings.split(","):
         if F.SETTINGS[name].get("optimizer") != "sgd" or set(F.SETTINGS[name]) - {"optimizer", "lr"}:
             raise SystemExit(f"{name}: only plain SGD at a constant learning rate is supported.")
-        run_one_row(name, args.one_row) if args.one_row else run_setting(name)
+        if args.one_row:
+            run_one_row(name, args.one_row)
+        else:
+            run_setting(name)
 
 
 if __name__ == "__main__":
