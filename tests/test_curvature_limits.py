@@ -1,6 +1,7 @@
 """The stand-ins of ``benchmarks/curvature_limits.py`` that are not formed by ``torch.func`` directly, against it
 (README, "Which curvature would reach 0.85?"): the probes' expectation is the Hessian minus the Gauss-Newton matrix
-between the two layers of ``Linear -> tanh -> Linear``, and the one-label GGN averages to the per-class one."""
+between the two layers of ``Linear -> tanh -> Linear``, the one-label GGN averages to the per-class one, and every
+one-row draw of ``--one-row`` has the cross-entropy Hessian as its expectation."""
 
 from __future__ import annotations
 
