@@ -22,7 +22,10 @@ part of the curvature the default's gap to exact TSLOO comes from:
   hooks could record for any architecture with one extra backward pass per probe (:func:`probed_residuals`);
 - ``--one-row DRAWS`` instead: only which single pseudo-gradient row per sample estimates the GGN best, the
   sampled label ``curvature="ggn"`` records or a sign / Gaussian mixture of every class with the same
-  expectation (:func:`run_one_row`; ~7 min per setting on 2 cores).
+  expectation (:func:`run_one_row`; ~7 min per setting on 2 cores);
+- ``--ef-variants`` instead: only changes to the empirical Fisher that need no extra backward pass, per-sample or
+  per-step rescaling to the GGN's trace, the centred Fisher, the exact GGN in the last layer's block
+  (:func:`run_ef_variants`; ~4 min per setting).
 
 Problem: ``benchmarks/fidelity.py``'s (384 sklearn digits, tanh MLP 64-32-10, batch 32, 3 epochs, the same
 batches, 40 occurrences x 16 test points, truth = float64 replay with one occurrence removed,
@@ -33,6 +36,7 @@ exact 2410 x 2410 Hessians; the 64 probes of 36 steps; one ``I - lr H`` product 
     python benchmarks/curvature_limits.py
     python benchmarks/curvature_limits.py --settings sgd_lr0.3
     python benchmarks/curvature_limits.py --one-row 5
+    python benchmarks/curvature_limits.py --ef-variants
 """
 
 from __future__ import annotations
@@ -60,6 +64,13 @@ def block_mask(sizes: Sequence[int]) -> torch.Tensor:
     for size in sizes:
         mask[start:start + size, start:start + size] = 1.0
         start += size
+    return mask
+
+
+def last_block_mask(sizes: Sequence[int]) -> torch.Tensor:
+    """``[D, D]`` mask of the last layer's diagonal block only."""
+    mask = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+    mask[-sizes[-1]:, -sizes[-1]:] = 1.0
     return mask
 
 
@@ -98,6 +109,21 @@ def mixture_vectors(prob: torch.Tensor, generator: torch.Generator, gaussian: bo
              else rademacher(prob.shape, generator, prob.dtype))
     root = prob.sqrt()
     return root * signs - prob * (signs * root).sum(1, keepdim=True)
+
+
+def logit_traces(prob: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, in the logits: the Gauss-Newton matrix's trace ``tr(diag p - p p^T) = 1 - |p|^2`` and the
+    empirical Fisher's ``|p - onehot(y)|^2``. Their ratio rescales a Fisher row to the GGN's size with no extra
+    backward pass (``--ef-variants``)."""
+    residual = prob - torch.nn.functional.one_hot(labels, prob.shape[1]).to(prob)
+    return 1 - (prob * prob).sum(1), (residual * residual).sum(1)
+
+
+def centred_fisher(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_z w_z (g_z - m)(g_z - m)^T`` with ``m`` the weighted mean gradient: the per-sample gradients'
+    covariance instead of their second moment."""
+    centred = grads - (weights[:, None] * grads).sum(0) / weights.sum()
+    return centred.T @ (weights[:, None] * centred)
 
 
 def ggn_matrices(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]
@@ -264,12 +290,47 @@ def run_one_row(name: str, draws: int) -> None:
                   "spearman_vs_tsloo": spearman_of(run, lambda k: curvatures[k])})
 
 
+def run_ef_variants(name: str) -> None:
+    """``--ef-variants``: changes to the empirical Fisher that need no extra backward pass (full ``M``): each row
+    rescaled to the GGN's trace in the logits (:func:`logit_traces`; per sample, per sample capped at 1 so it only
+    shrinks, or one factor per step), the centred Fisher (:func:`centred_fisher`), and the exact per-class GGN in
+    the last layer's block, which a linear output layer gives for free (its Jacobian is ``I (x) a``)."""
+    run = problem_of(name)
+    jacobians, probs = logit_jacobians(run["net"], run["trajectory"], run["batches"])
+    exact = exact_ggn(jacobians, probs, run["batches"])
+    traces = [logit_traces(p, b["y"]) for p, b in zip(probs, run["batches"])]
+    grads, weights = run["grads"], run["weights"]
+    sizes = [sum(run["trajectory"][0][n].numel() for n in block) for block in O.linear_blocks(run["net"])]
+    last = last_block_mask(sizes)
+
+    def fisher(k: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        return grads[k].T @ ((weights[k] * scale)[:, None] * grads[k])
+
+    def per_step(k: int) -> float:
+        ggn_trace, fisher_trace = traces[k]
+        return float((weights[k] * ggn_trace).sum() / (weights[k] * fisher_trace).sum())
+
+    variants = {
+        "ggn_full": lambda k: exact[k], "ef_full": fisher,
+        "ef_trace_scaled": lambda k: fisher(k, traces[k][0] / traces[k][1]),
+        "ef_trace_scaled_capped": lambda k: fisher(k, (traces[k][0] / traces[k][1]).clamp(max=1.0)),
+        "ef_trace_scaled_per_step": lambda k: fisher(k, per_step(k)),
+        "ef_centred": lambda k: centred_fisher(grads[k], weights[k]),
+        "ef_with_ggn_last_layer": lambda k: fisher(k) * (1 - last) + exact[k] * last,
+    }
+    base = {"benchmark": "curvature_limits", "model": "mlp", "setting": name, "study": "ef_variants"}
+    for label, curvature in variants.items():
+        emit({**base, "stand_in": label, "spearman_vs_tsloo": spearman_of(run, curvature)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="sgd_lr0.3,sgd_lr0.05", help="plain-SGD settings of fidelity.py")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one-row", type=int, default=0, metavar="DRAWS",
                         help="only the one-row GGN study (run_one_row), over DRAWS seeds of each draw")
+    parser.add_argument("--ef-variants", action="store_true",
+                        help="only the empirical-Fisher variants with no extra backward pass (run_ef_variants)")
     args = parser.parse_args()
     setup(args.threads)
     warnings.filterwarnings("ignore", message=".*functorch.*")
@@ -279,6 +340,8 @@ def main() -> None:
             raise SystemExit(f"{name}: only plain SGD at a constant learning rate is supported.")
         if args.one_row:
             run_one_row(name, args.one_row)
+        elif args.ef_variants:
+            run_ef_variants(name)
         else:
             run_setting(name)
 

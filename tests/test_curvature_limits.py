@@ -1,7 +1,7 @@
 """The stand-ins of ``benchmarks/curvature_limits.py`` that are not formed by ``torch.func`` directly, against it
 (README, "Which curvature would reach 0.85?"): the probes' expectation is the Hessian minus the Gauss-Newton matrix
-between the two layers of ``Linear -> tanh -> Linear``, the one-label GGN averages to the per-class one, and every
-one-row draw of ``--one-row`` has the cross-entropy Hessian as its expectation."""
+between the two layers of ``Linear -> tanh -> Linear``, the one-label GGN averages to the per-class one, every
+one-row draw of ``--one-row`` has the cross-entropy Hessian as its expectation, and ``--ef-variants``' pieces hold."""
 
 from __future__ import annotations
 
@@ -78,3 +78,28 @@ def test_every_one_row_draw_has_the_cross_entropy_hessian_as_expectation() -> No
         error = (outer.mean(0) - target).abs()
         assert bool((error <= 5 * outer.std(0) / len(v) ** 0.5 + 1e-12).all()), name
         assert len({tuple(row.tolist()) for row in v[:50]}) > 1, name
+
+
+def test_the_ef_variants_rescale_to_the_gauss_newton_trace_and_centre_the_gradients() -> None:
+    """``--ef-variants``: the GGN's trace in the logits is the mean squared norm of the row ``curvature="ggn"``
+    records (20000 draws, within 5 standard errors) and the Fisher's is ``|p - onehot(y)|^2``; the centred Fisher is
+    the Fisher less ``(sum w) m m^T`` and ignores a shift of every gradient; the last-layer mask is that block."""
+    CL = problem()[0]
+    prob = torch.softmax(torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 3.0, -2.0]], dtype=torch.float64), dim=1)
+    labels = torch.tensor([1, 2])
+    ggn_trace, fisher_trace = CL.logit_traces(prob, labels)
+    target = torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.float64)
+    torch.testing.assert_close(fisher_trace, (prob - target).square().sum(1), atol=1e-15, rtol=0)
+    for i in range(2):
+        norms = CL.label_vectors(prob[i].expand(20000, 4), torch.Generator().manual_seed(i)).square().sum(1)
+        assert abs(float(norms.mean() - ggn_trace[i])) <= 5 * float(norms.std()) / 20000**0.5
+    assert float(ggn_trace[1] / fisher_trace[1]) > 1.5  # a well-fit sample: the Fisher is the smaller
+
+    grads, weights = torch.randn(6, 5, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    mean = (weights[:, None] * grads).sum(0) / weights.sum()
+    expected = grads.T @ (weights[:, None] * grads) - weights.sum() * torch.outer(mean, mean)
+    torch.testing.assert_close(CL.centred_fisher(grads, weights), expected)
+    torch.testing.assert_close(CL.centred_fisher(grads + torch.randn(5, dtype=torch.float64), weights), expected)
+
+    mask = CL.last_block_mask([3, 2])
+    assert float(mask.sum()) == 4.0 and bool(mask[3:, 3:].all())
