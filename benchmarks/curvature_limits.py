@@ -119,11 +119,15 @@ def logit_traces(prob: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return 1 - (prob * prob).sum(1), (residual * residual).sum(1)
 
 
+def fisher_matrix(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The empirical Fisher of a step, ``sum_z w_z g_z g_z^T`` (``weights`` may carry per-sample factors)."""
+    return grads.T @ (weights[:, None] * grads)
+
+
 def centred_fisher(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_z w_z (g_z - m)(g_z - m)^T`` with ``m`` the weighted mean gradient: the per-sample gradients'
     covariance instead of their second moment."""
-    centred = grads - (weights[:, None] * grads).sum(0) / weights.sum()
-    return centred.T @ (weights[:, None] * centred)
+    return fisher_matrix(grads - (weights[:, None] * grads).sum(0) / weights.sum(), weights)
 
 
 def ggn_matrices(net: torch.nn.Module, trajectory: list[O.Params], batches: list[O.Batch]
@@ -259,7 +263,7 @@ def run_setting(name: str) -> None:
     hessian = [O._batch_loss_hessian(net, params, batch, names) for params, batch in zip(trajectory, batches)]
     ggn, sampled = ggn_matrices(net, trajectory, batches)
     probed = {m: probed_residuals(net, trajectory, batches, m) for m in PROBES}
-    fisher = [g.T @ (w[:, None] * g) for g, w in zip(run["grads"], run["weights"])]
+    fisher = [fisher_matrix(g, w) for g, w in zip(run["grads"], run["weights"])]
     mask = block_mask([sum(trajectory[0][n].numel() for n in block) for block in blocks])
     base = {"benchmark": "curvature_limits", "model": "mlp", "setting": name}
     for label, curvature in stand_ins(hessian, ggn, sampled, fisher, probed, mask).items():
@@ -304,7 +308,7 @@ def run_ef_variants(name: str) -> None:
     last = last_block_mask(sizes)
 
     def fisher(k: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        return grads[k].T @ ((weights[k] * scale)[:, None] * grads[k])
+        return fisher_matrix(grads[k], weights[k] * scale)
 
     def per_step(k: int) -> float:
         ggn_trace, fisher_trace = traces[k]
