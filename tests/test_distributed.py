@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -99,11 +100,14 @@ def rank_tails(stderr: str, chars: int = 2500) -> str:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``ddp_run.py --suite`` once on 1 process and once on 2 ranks: every successful run below shares one start-up
-    of Python, Lightning and the process group per mode (each run in ``OUT/<mode>/<run>``)."""
+    of Python, Lightning and the process group per mode (each run in ``OUT/<mode>/<run>``). The two modes run at
+    once: the single process uses the core that the 2 ranks leave idle while Lightning starts them one by one."""
     out = tmp_path_factory.mktemp("suite")
-    for mode in ("single", "ddp"):
-        proc = run_script(mode, out / mode, "--suite", timeout=400)
-        assert proc.returncode == 0, rank_tails(proc.stderr)
+    modes = ("single", "ddp")
+    with concurrent.futures.ThreadPoolExecutor(len(modes)) as pool:
+        procs = list(pool.map(lambda mode: run_script(mode, out / mode, "--suite", timeout=400), modes))
+    for mode, proc in zip(modes, procs):
+        assert proc.returncode == 0, f"{mode}:\n{rank_tails(proc.stderr)}"
         (out / mode / "stderr.txt").write_text(proc.stderr)
     return out
 
