@@ -74,7 +74,7 @@ def run_ranks(command: list[str], env: dict[str, str], timeout: int) -> subproce
         procs = []
         for rank, (out, err) in enumerate(files):  # to files, not pipes: a rank blocked on a full pipe would hang
             with open(out, "w") as stdout, open(err, "w") as stderr:
-                procs.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True,
+                procs.append(subprocess.Popen(command, stdout=stdout, stderr=stderr,
                                               env={**env, "LOCAL_RANK": str(rank)}))
         deadline = time.monotonic() + timeout
         try:
