@@ -95,8 +95,9 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
                        "bias in its weight's group for exact terms (exact_influence replays every parameter exactly).")
     reason = sgd_proxy_reason(trainer.optimizers[0])
     if reason is not None:
-        rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate "
-                       "(method.md §2 is exact for plain SGD only).")
+        rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate, "
+                       "at the gradients of each step's first closure evaluation (LBFGS evaluates the closure several "
+                       "times); method.md §2 is exact for plain SGD only.")
     if trainer.gradient_clip_val and clip_algorithm(trainer) == "value":
         rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
                        "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")

@@ -49,6 +49,7 @@ class StepHooks(pl.Callback):
     _preconditioned: bool
     _boundaries: list[int]
     _batch: Any
+    _evaluated: bool
     _loss_scale: float
     _skipped: bool
     _factor: float | None
@@ -68,9 +69,11 @@ class StepHooks(pl.Callback):
         hooks.begin(keep_outputs=self._ggn)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch = batch
+        self._batch, self._evaluated = batch, False
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._evaluated:  # the optimizer evaluates its closure again (LBFGS): the step is its first evaluation
+            return
         hooks = self._active_capture()
         scaler = callback_setup.grad_scaler(trainer)
         self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
@@ -83,10 +86,16 @@ class StepHooks(pl.Callback):
         hooks.start_backward()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluated:
+            return
         # one process: the fit's first backward starts from zeroed gradients (under DDP .grad may be averaged)
         self._active_guard().after_backward(check_blocks=self._comm.world_size == 1)
+        self._active_capture().pause()  # a closure evaluated again adds nothing to the rows
+        self._evaluated = True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._terms is not None:  # called after each closure evaluation: the step was read at the first
+            return
         hooks = self._active_capture()
         reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
         hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient

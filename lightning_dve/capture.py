@@ -180,6 +180,12 @@ class GradientCapture:
         """Stop collecting and drop whatever the step collected."""
         self._reset(active=False)
 
+    def pause(self) -> None:
+        """Stop collecting until the next :meth:`begin` and keep what was collected: the rows of the micro-batch's
+        first backward, when the optimizer evaluates its closure again within the step (LBFGS)."""
+        self._generation += 1
+        self._active = False
+
     def set_preconditioner(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Also capture preconditioned rows ``P_out (r * delta) (P_in (c * a))^T`` (``None``: stop).
 

@@ -503,6 +503,44 @@ def test_unmodelled_optimizer_warns_once(fit, mlp_cls, save_dir, make, message):
     assert len(step_files(save_dir)) == 4
 
 
+def test_lbfgs_is_recorded_at_its_first_closure_evaluation(fit, mlp_cls, make_loader, save_dir):
+    """LBFGS evaluates the closure several times per step (here 3): each step's rows are the per-sample
+    gradients at the step's starting weights (a per-example backward loop along a plain LBFGS loop), not their
+    sum over the evaluations (3.0x the gradient before the fix), and the training is the plain loop's."""
+    class Lbfgs(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+    model, reference = Lbfgs(), Lbfgs()
+    with pytest.warns(UserWarning, match="LBFGS is not SGD.*first closure evaluation"):
+        fit(model, DataValueEmbedding(save_dir, projection_dim=None, report=None, checkpoint_interval=None),
+            limit_train_batches=3)
+    store, optimizer = TrajectoryStore.open(save_dir), torch.optim.LBFGS(reference.parameters(), lr=0.1, max_iter=3)
+    linears = {name: m for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    evaluations = []
+    for step, batch in zip(store.steps, make_loader(), strict=False):
+        rows = store.read_step(step).grads
+        for name, layer in linears.items():
+            expected = []
+            for i in range(len(batch["y"])):
+                sample = {key: value[i : i + 1] for key, value in batch.items()}
+                weight, bias = torch.autograd.grad(reference.loss(sample), [layer.weight, layer.bias])
+                expected.append(torch.cat([weight, bias[:, None]], dim=1).flatten())
+            torch.testing.assert_close(rows[name], torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+        def closure(batch=batch):
+            evaluations.append(step)
+            optimizer.zero_grad()
+            loss = reference.loss(batch)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert store.steps == [0, 1, 2] and len(evaluations) == 3 * 3
+    for trained, replayed in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(trained, replayed)
+
+
 @pytest.mark.parametrize("make", [
     lambda p: torch.optim.SGD(p, lr=0.1),
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
