@@ -144,6 +144,7 @@ def fit(problem: F.Problem, extra: list[L.Callback], **dve_kwargs: Any) -> tuple
 
 
 def run(model: str, seed: int, workdir: str) -> dict[str, Any]:
+    """One problem's line: every estimator's Spearman with exact TSLOO, and the checks of the runs."""
     F.SEED_OFFSET = seed
     problem = F.Problem(model, "adamw", F.SETTINGS["adamw"], 40, 16, workdir)
     moments = SecondMoments()

@@ -181,10 +181,8 @@ class GradientCapture:
         self._reset(active=False)
 
     def pause(self) -> None:
-        """Stop collecting until the next :meth:`begin` and keep what was collected: the rows of the micro-batch's
-        first backward, when the optimizer evaluates its closure again within the step (LBFGS)."""
-        self._generation += 1
-        self._active = False
+        """Stop collecting until :meth:`begin`, keeping the rows (an optimizer re-evaluating its closure: LBFGS)."""
+        self._generation, self._active = self._generation + 1, False
 
     def set_preconditioner(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Also capture preconditioned rows ``P_out (r * delta) (P_in (c * a))^T`` (``None``: stop).

@@ -26,7 +26,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         import adam_lag
     finally:
         sys.path.remove(str(BENCHMARKS))
-    adam_lag.F.EPOCHS, epochs = 1, adam_lag.F.EPOCHS
+    epochs = adam_lag.F.EPOCHS
+    adam_lag.F.EPOCHS = 1
     try:
         problem = adam_lag.F.Problem("mlp", "adamw", adam_lag.F.SETTINGS["adamw"], 4, 2,
                                      str(tmp_path_factory.mktemp("adam_lag")))
