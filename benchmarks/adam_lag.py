@@ -19,12 +19,15 @@ projected, so the projection itself plays no part. Estimators, each against the 
   at the same weights);
 - ``rank1_prev_rescaled``: the shipped factor of ``v_{t-1}`` rescaled by the ratio of the layer's ``v``-weighted mean
   ``P`` under ``v_t`` and ``v_{t-1}``: the one correction that could be applied after the backward (a scalar per
-  layer, foldable into the step's rate).
+  layer, foldable into the step's rate);
+- ``default``: the shipped default (``projection_dim=1024``: the MLP's first layer and the CNN heads projected), with
+  ``default_over_exact`` (issue #6's projection ratio as ``fidelity.py`` takes it) and ``default_over_rank1_prev``
+  (the same Adam model with no layer projected: what the projection itself keeps).
 
 The patches live in this process only (never in the package files). Output: one line per problem, then the mean
 over problems per model and overall.
 
-    .venv/bin/python benchmarks/adam_lag.py                     # 3 models x 5 seeds, ~5 min on 2 cores
+    .venv/bin/python benchmarks/adam_lag.py                     # 3 models x 5 seeds, ~4 min on 2 cores
     .venv/bin/python benchmarks/adam_lag.py --models mlp --seeds 0
 """
 
@@ -50,7 +53,7 @@ from lightning_dve.optim import groups_of  # noqa: E402
 from tests import oracles  # noqa: E402
 
 ESTIMATORS = ("exact", "exact_lagged", "rank1_prev", "percoord_prev", "rank1_next", "percoord_next",
-              "rank1_prev_rescaled")
+              "rank1_prev_rescaled", "default", "default_over_exact", "default_over_rank1_prev")
 
 
 class SecondMoments(L.Callback):
@@ -168,6 +171,9 @@ def run(model: str, seed: int, workdir: str) -> dict[str, Any]:
             line[f"{kind}_{source}"] = rho(projected, projected_dve)
     with preconditioner("rescaled", "prev", moments.v_hat):
         line["rank1_prev_rescaled"] = rho(*fit(problem, [], projection_dim=4096)[:2])
+    line["default"] = rho(*fit(problem, [])[:2])
+    for reference in ("exact", "rank1_prev"):
+        line[f"default_over_{reference}"] = round(line["default"] / line[reference], 4)
     trained = dict(projected.net.named_parameters())
     line["same_training"] = all(torch.equal(p, trained[n]) for n, p in module.net.named_parameters())
     line["oracle_vs_trainer_max_diff"] = max(float((final[n] - p.detach().double()).abs().max())
