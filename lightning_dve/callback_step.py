@@ -49,7 +49,7 @@ class StepHooks(pl.Callback):
     _preconditioned: bool
     _boundaries: list[int]
     _batch: Any
-    _evaluated: bool
+    _backwards: int
     _loss_scale: float
     _skipped: bool
     _factor: float | None
@@ -69,10 +69,10 @@ class StepHooks(pl.Callback):
         hooks.begin(keep_outputs=self._ggn)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch, self._evaluated = batch, False
+        self._batch, self._backwards = batch, 0
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._evaluated:  # the optimizer evaluates its closure again (LBFGS): the step is its first evaluation
+        if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
             return
         hooks = self._active_capture()
         scaler = callback_setup.grad_scaler(trainer)
@@ -86,12 +86,12 @@ class StepHooks(pl.Callback):
         hooks.start_backward()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._evaluated:
+        self._backwards += 1
+        if self._backwards > 1:
             return
         # one process: the fit's first backward starts from zeroed gradients (under DDP .grad may be averaged)
         self._active_guard().after_backward(check_blocks=self._comm.world_size == 1)
         self._active_capture().pause()  # a closure evaluated again adds nothing to the rows
-        self._evaluated = True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._terms is not None:  # called after each closure evaluation: the step was read at the first
@@ -132,7 +132,7 @@ class StepHooks(pl.Callback):
             if self._terms is not None and not self._skipped and self._deferred is not None:
                 raise self._deferred
             if self._terms is not None and self._factor is not None and applied:
-                self._active_guard().check_applied(self._step, self._factor)
+                self._active_guard().check_applied(self._step, self._factor, self._backwards)
             if self._terms is not None and applied and not self._skipped:
                 self._active_guard().check_hyperparameters(self._step)
         except DVEError as err:

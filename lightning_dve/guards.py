@@ -257,10 +257,12 @@ class StepGuard:
                 "dropped or trained untracked. Freeze or unfreeze between fits (one fit per stage instead of, e.g., "
                 "BackboneFinetuning), or exclude those modules.")
 
-    def check_applied(self, step: int, factor: float) -> None:
+    def check_applied(self, step: int, factor: float, backwards: int = 1) -> None:
         """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``
         times the backward's (``factor = clip / loss scale``) on the sampled coordinates. The caller leaves out
         the steps the grad scaler or Lightning skip; nothing to compare for a step without a backward.
+        ``backwards``: the micro-batch's backward passes; the first is the recorded one (more: the closure was
+        evaluated again, and the message says so).
 
         Raises:
             UnsupportedError: naming the layer, the measured and the modelled factor, and the fix; or if the
@@ -285,10 +287,17 @@ class StepGuard:
         wrong = compared & ((spread > TOLERANCE) | ((measured - factor).abs() > TOLERANCE * abs(factor)))
         if bool(wrong.any()):
             i = int(wrong.nonzero()[0, 0])
-            self._refuse(step, names[i], float(measured[i]), factor, float(spread[i]))
+            self._refuse(step, names[i], float(measured[i]), factor, float(spread[i]), backwards)
 
     @staticmethod
-    def _refuse(step: int, name: str, measured: float, factor: float, spread: float) -> None:
+    def _refuse(step: int, name: str, measured: float, factor: float, spread: float, backwards: int) -> None:
+        if backwards > 1:
+            raise UnsupportedError(
+                f"step {step}: the training closure ran {backwards} times in this step (an optimizer_step override "
+                "that calls optimizer_closure again, as sharpness-aware minimization does), and the gradient the "
+                f"optimizer applied to {name!r} is not the first evaluation's, which is the one the callback records. "
+                "Evaluate the closure again inside a torch.optim.Optimizer's step(closure) instead (the callback then "
+                "treats that optimizer as plain SGD at the first evaluation, with a warning), or train without it.")
         how = (f"times {measured:.6g} where the Trainer's settings give {factor:.6g}" if spread <= TOLERANCE
                else "changed coordinate by coordinate (not by one factor)")
         skip = (" To skip a step, return None from training_step (nothing is recorded for it)." if measured == 0

@@ -5,6 +5,7 @@ Which optimizers are modelled is decided here; Adam and AdamW terms are in :mod:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from .errors import ConfigError
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
+#: The update functions modelled: a subclass that overrides ``step()`` is not one of them.
+_MODELLED_STEPS = {inspect.unwrap(optimizer.step) for optimizer in (torch.optim.SGD, *_ADAM)}
 
 
 def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
@@ -69,15 +72,17 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
     ``torch.optim.SGD`` with momentum (heavy-ball or Nesterov), dampening, weight decay and ``maximize``, and Adam /
-    AdamW (``maximize`` too) without ``amsgrad`` are modelled (:mod:`lightning_dve.recursion`); other optimizers are
-    treated as SGD with their current learning rate.
+    AdamW (``maximize`` too) without ``amsgrad`` are modelled (:mod:`lightning_dve.recursion`), subclasses too unless
+    they override ``step()``; other optimizers are treated as SGD with their current learning rate.
     """
-    if isinstance(optimizer, torch.optim.SGD):
-        return None
-    if isinstance(optimizer, _ADAM):
-        amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
-        return f"{type(optimizer).__name__} with amsgrad" if amsgrad else None
-    return f"{type(optimizer).__name__} is not SGD, Adam or AdamW"
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, (torch.optim.SGD, *_ADAM)):
+        return f"{name} is not SGD, Adam or AdamW"
+    if inspect.unwrap(type(optimizer).step) not in _MODELLED_STEPS:  # torch wraps step(): compare the functions
+        base = next(b for b in type(optimizer).__mro__ if b in (torch.optim.SGD, *_ADAM))
+        return f"{name} overrides the step() of torch.optim.{base.__name__}"
+    amsgrad = isinstance(optimizer, _ADAM) and any(g.get("amsgrad") for g in optimizer.param_groups)
+    return f"{name} with amsgrad" if amsgrad else None
 
 
 def keeps_grads(optimizer: torch.optim.Optimizer) -> bool:
@@ -120,7 +125,7 @@ def sgd_terms(
     groups = groups_of(optimizer, weights)
     # torch skips a weight without a gradient (rate 0); ``maximize`` steps along +grad (the gradient's sign flips)
     reached = [weight.grad is not None for weight in weights.values()]
-    ascent = isinstance(optimizer, torch.optim.SGD)  # other optimizers are the plain-SGD proxy (warned)
+    ascent = sgd_proxy_reason(optimizer) is None  # other optimizers are the plain-SGD proxy (warned)
     signs = [gradient_sign(group) if ascent else 1.0 for group in groups]
     lrs = torch.tensor([float(g["lr"]) * r for g, r in zip(groups, reached)], dtype=torch.float64)
     if not uses_momentum_or_decay(optimizer) and -1.0 not in signs:

@@ -491,6 +491,9 @@ def _proxy_warnings(record) -> list[str]:
 @pytest.mark.parametrize(("make", "message"), [
     (lambda p: torch.optim.RMSprop(p, lr=1e-3), "RMSprop is not SGD, Adam or AdamW"),
     (lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True), "Adam with amsgrad"),
+    (lambda p: type("StepsItsOwnWay", (torch.optim.AdamW,),  # any override: what it does cannot be known
+                    {"step": lambda self, closure=None: torch.optim.AdamW.step(self, closure)})(p),
+     r"StepsItsOwnWay overrides the step\(\) of torch.optim.Adam"),
 ])
 def test_unmodelled_optimizer_warns_once(fit, mlp_cls, save_dir, make, message):
     class Unmodelled(mlp_cls):
@@ -547,6 +550,7 @@ def test_lbfgs_is_recorded_at_its_first_closure_evaluation(fit, mlp_cls, make_lo
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
     lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
     lambda p: torch.optim.AdamW(p, lr=1e-3),
+    lambda p: type("NamedSGD", (torch.optim.SGD,), {})(p, lr=0.1),  # a subclass that keeps torch's step()
 ])
 def test_modelled_optimizer_does_not_warn(fit, mlp_cls, save_dir, make):
     class Modelled(mlp_cls):

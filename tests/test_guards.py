@@ -328,3 +328,59 @@ def test_adam_betas_changed_late_are_refused(fit: Callable, tmp_path: Path) -> N
     with pytest.raises(UnsupportedError, match=r"step 1: param group 0's 'betas' was changed from \(0\.9, 0\.999\) "
                                                r"to \(0\.5, 0\.999\)"):
         fit(SetsBetasLate(), _dve(tmp_path))
+
+
+class SharpnessAware(TinyMLP):
+    """Sharpness-aware minimisation in ``optimizer_step``: a first closure evaluation at the weights, then the step
+    with the gradient of a second one at weights moved along it."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        optimizer_closure()
+        with torch.no_grad():
+            moves = [0.05 * p.grad for p in self.parameters()]
+            torch._foreach_add_(list(self.parameters()), moves)
+
+        def at_moved_weights() -> torch.Tensor:
+            loss = optimizer_closure()
+            with torch.no_grad():
+                torch._foreach_sub_(list(self.parameters()), moves)
+            return loss
+
+        optimizer.step(closure=at_moved_weights)
+
+
+class SharpnessAwareSGD(torch.optim.SGD):
+    """The same as an optimizer: ``step(closure)`` evaluates the closure at the weights and at the moved ones."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: ANN401 - torch's signature
+        with torch.enable_grad():
+            closure()
+        params = [p for group in self.param_groups for p in group["params"]]
+        moves = [0.05 * p.grad for p in params]
+        torch._foreach_add_(params, moves)
+        with torch.enable_grad():
+            loss = closure()
+        torch._foreach_sub_(params, moves)
+        super().step()
+        return loss
+
+
+def test_a_closure_evaluated_again_in_optimizer_step_is_refused_naming_it(fit: Callable, tmp_path: Path) -> None:
+    """Before the callback recorded only a micro-batch's first backward, such a step silently recorded the sum of
+    both evaluations' gradients while the optimizer applied the second's."""
+    with pytest.raises(UnsupportedError, match=r"step 0: the training closure ran 2 times in this step .*sharpness"
+                                               r".*applied to 'net.0' is not the first evaluation's"):
+        fit(SharpnessAware(), _dve(tmp_path))
+
+
+def test_a_closure_evaluated_again_inside_the_optimizer_is_the_proxy_at_the_first_evaluation(
+        fit: Callable, tmp_path: Path) -> None:
+    class Model(TinyMLP):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return SharpnessAwareSGD(self.parameters(), lr=0.1)
+
+    with pytest.warns(UserWarning, match=r"SharpnessAwareSGD overrides the step\(\) of torch.optim.SGD.*first closure"):
+        dve = _dve(tmp_path)
+        fit(Model(), dve)
+    assert dve.embeddings.steps == [0, 1, 2, 3]
