@@ -157,6 +157,7 @@ class DataValueEmbedding(StepHooks):
         self._train_started, self._resumed, self._train_ended = 0.0, False, False
         self._batch: Any = None
         self._backwards = 0  # the micro-batch's backward passes (more than one: its closure was evaluated again)
+        self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
         self._ggn = False  # Gauss-Newton curvature rows (curvature.py)
         self._kinds: tuple[str, ...] = ()  # the rows a step records besides the gradients

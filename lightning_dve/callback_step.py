@@ -20,7 +20,7 @@ from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import check_autograd_reached, check_cross_entropy, sampled_label_grad
 from .errors import DVEError, GradientError
-from .guards import StepGuard, check_no_batchnorm_training
+from .guards import StepGuard, check_no_batchnorm_training, check_no_inner_backward
 from .optim import clip_factor, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
@@ -50,6 +50,7 @@ class StepHooks(pl.Callback):
     _boundaries: list[int]
     _batch: Any
     _backwards: int
+    _inner_backward: bool
     _loss_scale: float
     _skipped: bool
     _factor: float | None
@@ -69,12 +70,13 @@ class StepHooks(pl.Callback):
         hooks.begin(keep_outputs=self._ggn)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch, self._backwards = batch, 0
+        self._batch, self._backwards, self._inner_backward = batch, 0, False
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
             return
         hooks = self._active_capture()
+        self._inner_backward = hooks.captured  # rows before the training backward: training_step ran one itself
         scaler = callback_setup.grad_scaler(trainer)
         self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
         if self._ggn:
@@ -170,6 +172,8 @@ class StepHooks(pl.Callback):
         ranks, so the applied weight is ``w_i / (n W)``.
         """
         hooks = self._active_capture()
+        step = self._step if self._terms is not None else trainer.global_step
+        check_no_inner_backward(self._inner_backward, step)
         size = hooks.batch_size()
         ids = batches.extract_sample_ids(batch, self.sample_ids, size)
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
@@ -180,7 +184,6 @@ class StepHooks(pl.Callback):
         if self._ggn and hooks.logits is not None and hooks.logits[1] is not None:
             check_cross_entropy(hooks.logits[0], hooks.logits[1], scale)
         grads = hooks.finish(scale)
-        step = self._step if self._terms is not None else trainer.global_step
         try:
             for rows in (grads, *extra.values()):
                 batches.check_finite(rows, ids, step)

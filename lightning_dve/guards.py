@@ -60,6 +60,23 @@ def uses_batch_statistics(module: nn.Module) -> bool:
                                and getattr(module, "running_var", None) is None)
 
 
+def check_no_inner_backward(ran: bool, step: int) -> None:
+    """Refuse a micro-batch whose ``training_step`` ran a backward through the tracked layers before the training
+    backward (``torch.autograd.grad`` of the loss: an input-gradient penalty, a saliency map): the hooks capture
+    that backward, and a penalty's gradient through it is no per-sample outer product.
+
+    Raises:
+        UnsupportedError: if ``ran``, naming the cause and what to do instead.
+    """
+    if ran:
+        raise UnsupportedError(
+            f"step {step}: training_step ran a backward through the tracked layers before the training backward "
+            "(torch.autograd.grad of the loss, e.g. an input-gradient penalty or a saliency map): the per-sample "
+            "gradients the callback records would be that backward's, and a gradient penalty's own gradient is not "
+            "a per-sample block the hooks can form. Take such gradients outside training_step (a saliency map in "
+            "on_train_batch_end or validation_step); a gradient penalty in the training loss is not supported.")
+
+
 def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
     """Refuse BatchNorm that uses batch statistics (train mode, or no running statistics in any mode): they mix
     the samples, so per-sample gradients do not exist.

@@ -384,3 +384,33 @@ def test_a_closure_evaluated_again_inside_the_optimizer_is_the_proxy_at_the_firs
         dve = _dve(tmp_path)
         fit(Model(), dve)
     assert dve.embeddings.steps == [0, 1, 2, 3]
+
+
+class Saliency(TinyMLP):
+    """Takes an input-saliency map of the training loss inside ``training_step`` (a backward through every layer)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch["x"].clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(self(x), batch["y"])
+        (saliency,) = torch.autograd.grad(loss, x, retain_graph=True)
+        self.log("saliency", saliency.abs().mean())
+        return loss
+
+
+class GradientPenalty(TinyMLP):
+    """Adds an input-gradient penalty to the training loss (a double backward)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch["x"].clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(self(x), batch["y"])
+        (slope,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 0.1 * slope.square().sum()
+
+
+@pytest.mark.parametrize("model_cls", [Saliency, GradientPenalty])
+def test_a_backward_inside_training_step_is_refused(model_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """Before, both fitted: the hooks took the inner backward's gradients (and released the projected inputs, so the
+    training backward added nothing), which for the penalty leaves its own gradient out of every recorded row."""
+    with pytest.raises(UnsupportedError, match=r"step 0: training_step ran a backward through the tracked layers "
+                                               r"before the training backward .*penalty"):
+        fit(model_cls(), _dve(tmp_path))
