@@ -14,8 +14,9 @@ from torch import nn
 from .errors import ConfigError
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
+_MODELLED = (torch.optim.SGD, *_ADAM)
 #: The update functions modelled: a subclass that overrides ``step()`` is not one of them.
-_MODELLED_STEPS = {inspect.unwrap(optimizer.step) for optimizer in (torch.optim.SGD, *_ADAM)}
+_MODELLED_STEPS = {inspect.unwrap(optimizer.step) for optimizer in _MODELLED}
 
 
 def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]) -> list[dict[str, Any]]:
@@ -76,10 +77,10 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     they override ``step()``; other optimizers are treated as SGD with their current learning rate.
     """
     name = type(optimizer).__name__
-    if not isinstance(optimizer, (torch.optim.SGD, *_ADAM)):
+    if not isinstance(optimizer, _MODELLED):
         return f"{name} is not SGD, Adam or AdamW"
     if inspect.unwrap(type(optimizer).step) not in _MODELLED_STEPS:  # torch wraps step(): compare the functions
-        base = next(b for b in type(optimizer).__mro__ if b in (torch.optim.SGD, *_ADAM))
+        base = next(b for b in type(optimizer).__mro__ if b in _MODELLED)
         return f"{name} overrides the step() of torch.optim.{base.__name__}"
     amsgrad = isinstance(optimizer, _ADAM) and any(g.get("amsgrad") for g in optimizer.param_groups)
     return f"{name} with amsgrad" if amsgrad else None
