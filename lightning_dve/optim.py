@@ -5,6 +5,7 @@ Which optimizers are modelled is decided here; Adam and AdamW terms are in :mod:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -69,6 +70,13 @@ def split_bias_groups(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Mo
     return out
 
 
+@functools.cache
+def _keeps_torch_step(cls: type) -> bool:
+    """Whether ``cls`` runs torch's own SGD/Adam ``step()`` (torch wraps it at the first instance, so the unwrapped
+    functions are compared; once per class, as every step asks)."""
+    return inspect.unwrap(cls.step) in _MODELLED_STEPS
+
+
 def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` is not modelled (treated as plain SGD), or ``None`` if it is.
 
@@ -79,7 +87,7 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     name = type(optimizer).__name__
     if not isinstance(optimizer, _MODELLED):
         return f"{name} is not SGD, Adam or AdamW"
-    if inspect.unwrap(type(optimizer).step) not in _MODELLED_STEPS:  # torch wraps step(): compare the functions
+    if not _keeps_torch_step(type(optimizer)):
         base = next(b for b in type(optimizer).__mro__ if b in _MODELLED)
         return f"{name} overrides the step() of torch.optim.{base.__name__}"
     amsgrad = isinstance(optimizer, _ADAM) and any(g.get("amsgrad") for g in optimizer.param_groups)

@@ -330,23 +330,26 @@ def test_adam_betas_changed_late_are_refused(fit: Callable, tmp_path: Path) -> N
         fit(SetsBetasLate(), _dve(tmp_path))
 
 
+def second_evaluation(params: list[torch.nn.Parameter], closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Sharpness-aware minimisation's second closure evaluation: at the weights moved by 0.05 times the gradient of
+    the first, which are moved back afterwards (the step then applies the second evaluation's gradient)."""
+    with torch.no_grad():
+        moves = [0.05 * p.grad for p in params]
+        torch._foreach_add_(params, moves)
+    with torch.enable_grad():
+        loss = closure()
+    with torch.no_grad():
+        torch._foreach_sub_(params, moves)
+    return loss
+
+
 class SharpnessAware(TinyMLP):
-    """Sharpness-aware minimisation in ``optimizer_step``: a first closure evaluation at the weights, then the step
-    with the gradient of a second one at weights moved along it."""
+    """Sharpness-aware minimisation in ``optimizer_step``: the closure at the weights, then the step with the gradient
+    of a second evaluation at weights moved along it."""
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         optimizer_closure()
-        with torch.no_grad():
-            moves = [0.05 * p.grad for p in self.parameters()]
-            torch._foreach_add_(list(self.parameters()), moves)
-
-        def at_moved_weights() -> torch.Tensor:
-            loss = optimizer_closure()
-            with torch.no_grad():
-                torch._foreach_sub_(list(self.parameters()), moves)
-            return loss
-
-        optimizer.step(closure=at_moved_weights)
+        optimizer.step(closure=lambda: second_evaluation(list(self.parameters()), optimizer_closure))
 
 
 class SharpnessAwareSGD(torch.optim.SGD):
@@ -356,12 +359,7 @@ class SharpnessAwareSGD(torch.optim.SGD):
     def step(self, closure: Any = None) -> Any:  # noqa: ANN401 - torch's signature
         with torch.enable_grad():
             closure()
-        params = [p for group in self.param_groups for p in group["params"]]
-        moves = [0.05 * p.grad for p in params]
-        torch._foreach_add_(params, moves)
-        with torch.enable_grad():
-            loss = closure()
-        torch._foreach_sub_(params, moves)
+        loss = second_evaluation([p for group in self.param_groups for p in group["params"]], closure)
         super().step()
         return loss
 
