@@ -231,6 +231,8 @@ class DataValueEmbedding(StepHooks):
         manifest = callback_setup.store_manifest(self.config, tracked, self._comm, self._owned)
         self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
+        callback_setup.log_settings(trainer, self._store, sum(self._dims.values()), self.embedding_method,
+                                   self.report_config)
         # exact mode applies Adam's preconditioner per coordinate; projected mode needs the preconditioned rows
         self._preconditioned = is_adam(trainer.optimizers[0]) and not self.config.exact
         self._kinds = capture.extra_row_kinds(self._ggn, self._preconditioned)

@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 import torch
 
-from . import sync
+from . import reporting_loggers, sync
 from .batches import WeightFn
 from .capture import TrackedLayer
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
@@ -206,6 +206,20 @@ def warn_nothing_recorded(root: Path) -> None:
     """Say that a fit trained no optimizer step (its loop was done, or had no batches): nothing was recorded."""
     rank_zero_warn(f"DataValueEmbedding: this fit trained no optimizer step, so nothing was recorded in {root} (a "
                    "store of an earlier fit there is kept as it was).")
+
+
+def log_settings(trainer: pl.Trainer, store: TrajectoryStore, dims: int, method: EmbeddingMethod,
+                 report_config: ReportConfig | None) -> None:
+    """Log the recording's settings (storage dtype resolved), its folder and ``dims``, the width of an embedding,
+    to the trainer's loggers, unless the report does not log to them (``report=None`` or ``log_to_loggers=False``).
+    """
+    if not trainer.is_global_zero or report_config is None or not report_config.log_to_loggers:
+        return
+    manifest = store.manifest
+    settings = {**manifest["settings"], "storage_dtype": manifest["storage_dtype"], "embeddings": method.value,
+                "store": str(store.root), "settings_hash": manifest["settings_hash"],
+                "tracked_layers": len(manifest["layers"]), "embedding_dims": dims}
+    reporting_loggers.log_settings(trainer, settings)
 
 
 def report(write: Callable[[], None], root: Path) -> None:

@@ -10,6 +10,8 @@
 - ``CSVLogger``: per-step curve scalars and summary scalars.
 - Any other logger: the summary scalars.
 
+At fit start, :func:`log_settings` puts the recording's settings in every logger's hyperparameters.
+
 Undefined values (NaN, infinities, a stage with no defined value) become ``None`` in rows and are left out of
 scalars and histograms. :func:`format_summary` turns a ``summary.json`` dict into the text the examples print.
 
@@ -131,6 +133,17 @@ def step_scalars(report: CurveReport) -> Iterable[tuple[int, dict[str, float]]]:
         values = {"dve/curve/influence": raw, "dve/curve/influence_per_lr": per_lr,
                   "dve/curve/influence_per_lr_smoothed": smoothed}
         yield step, {key: value for key, value in values.items() if math.isfinite(value)}
+
+
+def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
+    """Put the recording's ``settings`` under ``dve`` in every logger's hyperparameters.
+
+    W&B: the run config (``dve.projection_dim``, ...), so runs can be filtered and grouped by them; TensorBoard
+    and the CSVLogger: ``hparams.yaml``. Called at fit start, before Lightning logs the module's own
+    hyperparameters, which every logger merges with these.
+    """
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"dve": dict(settings)})
 
 
 def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure]) -> None:

@@ -6,9 +6,11 @@ same trainer use; W&B runs are real offline runs, parsed as in :mod:`tests.test_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from lightning.pytorch.core.saving import load_hparams_from_yaml
 from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding
@@ -96,3 +98,51 @@ def test_tensorboard_prefix_names_every_tag(tmp_path):
     assert tags["histograms"] == {"pre-dve/samples/total_influence"}
     assert {"pre-dve/stages/text_summary", "pre-dve/top_k/helpful/text_summary"} <= tags["tensors"]
     assert all(tag.startswith("pre-dve/") for kind in tags.values() for tag in kind)
+
+
+class _WithHyperparameters(TinyMLP):
+    def __init__(self, hidden: int = 16, lr: float = 0.1) -> None:
+        super().__init__(hidden, lr)
+        self.save_hyperparameters()
+
+
+def test_the_recording_settings_are_in_the_wandb_config_and_hparams_next_to_the_modules(fit, wandb_env):
+    """The W&B run config (read back from the offline run's config records) and the CSVLogger's ``hparams.yaml``
+    hold the recording's settings under ``dve`` (as in the store's manifest, the storage dtype resolved), next to
+    the module's own hyperparameters, which Lightning logs after them."""
+    import wandb
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    train = DataLoader(DigitsDict(range(64)), batch_size=16)
+    reference = DigitsDict(range(1500, 1520)).batch()
+    callback = DataValueEmbedding(wandb_env / "dve", projection_dim=16, report=SMALL, reference=reference)
+    loggers = [WandbLogger(offline=True, save_dir=str(wandb_env), project="dve-test"),
+               CSVLogger(save_dir=str(wandb_env), name="csv")]
+    try:
+        fit(_WithHyperparameters(hidden=12), callback, train, max_epochs=1, logger=loggers)
+        run_dir = Path(loggers[0].experiment.dir).parent
+    finally:
+        wandb.finish()
+    manifest = json.loads((wandb_env / "dve" / "manifest.json").read_text())
+    expected = {**manifest["settings"], "storage_dtype": "float16", "embeddings": "recursion",
+                "store": str(wandb_env / "dve"), "settings_hash": manifest["settings_hash"], "tracked_layers": 2,
+                "embedding_dims": 16 + 16}
+    assert manifest["storage_dtype"] == "float16" and manifest["settings"]["storage_dtype"] == "auto"
+    config = {item_key(i): json.loads(i.value_json) for r in finished_run_records(run_dir)
+              if r.WhichOneof("record_type") == "config" for i in r.config.update}
+    assert config["dve"] == expected
+    assert (config["hidden"], config["lr"]) == (12, 0.1)
+    hparams = load_hparams_from_yaml(Path(loggers[1].log_dir) / "hparams.yaml")
+    assert hparams["dve"] == expected and hparams["hidden"] == 12
+
+
+def test_no_settings_reach_the_loggers_when_the_report_does_not(fit, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    train = DataLoader(DigitsDict(range(32)), batch_size=16)
+    for name, report in (("off", dataclasses.replace(SMALL, log_to_loggers=False)), ("none", None)):
+        logger = CSVLogger(save_dir=str(tmp_path / "csv"), name=name)
+        fit(_WithHyperparameters(), DataValueEmbedding(tmp_path / name, projection_dim=16, report=report), train,
+            max_epochs=1, logger=logger)
+        hparams = load_hparams_from_yaml(Path(logger.log_dir) / "hparams.yaml")
+        assert hparams["hidden"] == 16 and "dve" not in hparams
