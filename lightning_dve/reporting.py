@@ -48,6 +48,8 @@ from .samples import SampleView, training_samples
 
 #: Folder of the report inside the callback's ``save_dir``.
 REPORT_DIR = "report"
+#: The manifest's disk use, in the summary and as ``dve/disk/...`` scalars.
+DISK_KEYS = ("bytes_total", "bytes_steps", "bytes_per_step")
 format_summary = reporting_loggers.format_summary  # public here: the examples import it from this module
 
 
@@ -62,6 +64,8 @@ class TrainEndReport:
         curves: curves, stage summary, phases, histogram and rankings.
         samples: label and rendering of the top-k samples that were found, by sample id.
         files: written files by name (``summary``, ``curve_csv``, ``curve_png``, ...).
+        dynamics: the data value dynamics rows (``segments > 1``).
+        disk: the store's disk use from its manifest (``bytes_total``, ``bytes_steps``, ``bytes_per_step``).
     """
 
     directory: Path
@@ -71,6 +75,7 @@ class TrainEndReport:
     samples: dict[int, SampleView]
     files: dict[str, Path]
     dynamics: list[list[Any]] = dataclasses.field(default_factory=list)
+    disk: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def report_train_end(
@@ -114,8 +119,10 @@ def report_train_end(
             rank_zero_warn(f"DataValueEmbedding: {len(wanted) - len(samples)} of the {len(wanted)} top-k training "
                            "samples were not found in the training dataset (or, for a dataset without positions, "
                            "in one pass of the training dataloader); their label and rendering are left empty.")
+    manifest = embeddings.store.manifest
     report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
-                            boundary_rows(embeddings, query.gradients))
+                            boundary_rows(embeddings, query.gradients),
+                            {key: manifest[key] for key in DISK_KEYS if key in manifest})
     plots = _figures(report) if config.figures else {}
     report.files.update(write_files(report, plots))
     if config.log_to_loggers:
@@ -234,7 +241,7 @@ def _figures(report: TrainEndReport) -> dict[str, Figure]:
 
 
 def summary_dict(report: TrainEndReport) -> dict[str, Any]:
-    """The JSON summary: reference, settings, stage summary, phases, totals and top-k lists."""
+    """The JSON summary: reference, settings, stage summary, phases, totals, top-k lists and disk use."""
     c = report.curves
     return {
         "reference": {"n_samples": report.reference.n_samples, "source": report.reference.source},
@@ -248,6 +255,7 @@ def summary_dict(report: TrainEndReport) -> dict[str, Any]:
                    "ascent_start": c.phases.ascent_start},
         "top_k": {name: [dict(zip(TOP_K_COLUMNS, row)) for row in top_k_rows(ranked, report.samples)]
                   for name, ranked in (("helpful", c.helpful), ("harmful", c.harmful))},
+        "disk": report.disk,
     }
 
 

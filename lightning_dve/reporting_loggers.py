@@ -111,7 +111,7 @@ def top_k_rows(ranked: list[RankedSample], samples: dict[int, SampleView]) -> li
 
 
 def summary_scalars(report: TrainEndReport) -> dict[str, float]:
-    """Scalars under ``dve/``: reference size, total influence, stage shares and means, phase steps."""
+    """Scalars under ``dve/``: reference size, total influence, stage shares and means, phase steps, disk use."""
     c = report.curves
     out: dict[str, float | None] = {"dve/reference/n_samples": float(report.reference.n_samples),
            "dve/total_influence": float(c.totals.sum())}
@@ -122,6 +122,7 @@ def summary_scalars(report: TrainEndReport) -> dict[str, float]:
         step = getattr(c.phases, name)
         if step is not None:
             out[f"dve/phases/{name}_step"] = float(step)
+    out.update({f"dve/disk/{key}": float(value) for key, value in report.disk.items()})
     return {key: value for key, value in out.items() if value is not None and math.isfinite(value)}
 
 

@@ -498,6 +498,10 @@ def test_wandb_offline_run_is_read_back(fit, wandb_env, capsys):
     assert row["dve/reference/n_samples"] == 40
     summary = json.loads((report_dir(callback) / "summary.json").read_text())
     assert row["dve/stages/early/share"] == pytest.approx(summary["stages"][0]["share"])
+    manifest = json.loads((wandb_env / "dve" / "manifest.json").read_text())  # the store's disk use, as measured
+    assert summary["disk"] == {key: manifest[key] for key in ("bytes_total", "bytes_steps", "bytes_per_step")}
+    assert {key: row[f"dve/disk/{key}"] for key in summary["disk"]} == summary["disk"]
+    assert 0 < manifest["bytes_steps"] < manifest["bytes_total"]
     charts = {item_key(i) for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
     assert {"_wandb/visualize/dve/curve/influence", "_wandb/visualize/dve/curve/influence_per_lr",
             "_wandb/visualize/dve/curve/influence_per_lr_smoothed"} <= charts
