@@ -58,7 +58,14 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
     else:
         raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
                             "Pass `sample_ids=callable(batch) -> LongTensor[B]` that returns the dataset indices.")
-    ids = torch.as_tensor(ids)
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as err:  # strings (file names), None, ragged lists
+        first = next(iter(ids), None) if isinstance(ids, (list, tuple)) else ids
+        raise SampleIdError(f"sample ids must be integers (dataset indices); got a {type(ids).__name__} holding "
+                            f"{type(first).__name__} values such as {first!r}. Return the sample's position in the "
+                            "dataset as an int from your Dataset, or pass `sample_ids=callable(batch) -> "
+                            "LongTensor[B]` that maps them to integers.") from err
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
     if ids.shape != (batch_size,):

@@ -79,6 +79,19 @@ def test_float_sample_ids(fit, mlp_cls, save_dir):
         fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"].float()))
 
 
+def test_string_sample_ids_are_refused_naming_them(fit, mlp_cls, save_dir):
+    """File names as ids (the default collate makes them a list of str) get the id error, not torch's."""
+    from lightning_dve.batches import extract_sample_ids
+
+    names = lambda b: [f"img_{i}.png" for i in b["index"].tolist()]  # noqa: E731
+    with pytest.raises(SampleIdError, match=r"must be integers \(dataset indices\); got a list holding str values "
+                                            r"such as 'img_\d+\.png'\. Return the sample's position"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=names))
+    assert not (save_dir / "steps").exists() or not list((save_dir / "steps").iterdir())
+    with pytest.raises(SampleIdError, match=r"got a NoneType holding NoneType values such as None"):
+        extract_sample_ids({"index": None}, "index", 2)
+
+
 def test_sample_ids_of_wrong_length(fit, mlp_cls, save_dir):
     with pytest.raises(SampleIdError, match=r"shape \(15,\) but the batch has 16 samples"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"][:-1]))
