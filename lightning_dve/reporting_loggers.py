@@ -140,11 +140,15 @@ def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
     """Put the recording's ``settings`` under ``dve`` in every logger's hyperparameters.
 
     W&B: the run config (``dve.projection_dim``, ...), so runs can be filtered and grouped by them; TensorBoard
-    and the CSVLogger: ``hparams.yaml``. Called at fit start, before Lightning logs the module's own
-    hyperparameters, which every logger merges with these.
+    and the CSVLogger: ``hparams.yaml`` (TensorBoard's event file gets no hyperparameter summary and no
+    ``hp_metric`` from these: those stay the module's). Called at fit start, before Lightning logs the module's
+    own hyperparameters, which every logger merges with these.
     """
     for logger in trainer.loggers:
-        logger.log_hyperparams({"dve": dict(settings)})
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams({"dve": dict(settings)}, metrics={})
+        else:
+            logger.log_hyperparams({"dve": dict(settings)})
 
 
 def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure]) -> None:

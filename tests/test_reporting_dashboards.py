@@ -146,3 +146,20 @@ def test_no_settings_reach_the_loggers_when_the_report_does_not(fit, tmp_path):
             max_epochs=1, logger=logger)
         hparams = load_hparams_from_yaml(Path(logger.log_dir) / "hparams.yaml")
         assert hparams["hidden"] == 16 and "dve" not in hparams
+
+
+def test_tensorboard_keeps_the_settings_in_hparams_yaml_only(fit, tmp_path):
+    """In TensorBoard the settings go to ``hparams.yaml``; the event file gets no ``hp_metric`` scalar and no
+    hyperparameter summary from them (a module without hyperparameters has none at all)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL,
+                                  reference=DigitsDict(range(1500, 1520)).batch())
+    fit(TinyMLP(), callback, DataLoader(DigitsDict(range(32)), batch_size=16), max_epochs=1, logger=logger)
+    assert load_hparams_from_yaml(Path(logger.log_dir) / "hparams.yaml")["dve"]["projection_dim"] == 16
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert "dve/total_influence" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
+    assert not any(tag.startswith("_hparams_") for tag in events.Tags()["tensors"])
