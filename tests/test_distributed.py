@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.core.saving import load_hparams_from_yaml
 import torch
 from safetensors.torch import load_file
 
@@ -328,6 +329,9 @@ def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(suite:
     metrics = read_csv(out / "csv" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in metrics if r.get("dve/curve/influence_per_lr")] == list(range(8))
     assert len([r for r in metrics if r.get("dve/stages/early/share")]) == 1
+    manifest = json.loads((out / "dve" / "manifest.json").read_text())  # the settings, logged once at fit start
+    settings = load_hparams_from_yaml(out / "csv" / "version_0" / "hparams.yaml")["dve"]
+    assert (settings["settings_hash"], settings["tracked_layers"]) == (manifest["settings_hash"], 2)
 
 
 @pytest.mark.slow
