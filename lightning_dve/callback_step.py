@@ -91,8 +91,9 @@ class StepHooks(pl.Callback):
         self._backwards += 1
         if self._backwards > 1:
             return
-        # one process: the fit's first backward starts from zeroed gradients (under DDP .grad may be averaged)
-        self._active_guard().after_backward(check_blocks=self._comm.world_size == 1)
+        # under DDP .grad holds the ranks' mean after a synchronised backward
+        self._active_guard().after_backward(None if self._comm.world_size == 1
+                                            else partial(sync.mean_over_ranks, self._comm))
         self._active_capture().pause()  # a closure evaluated again adds nothing to the rows
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

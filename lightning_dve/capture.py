@@ -93,11 +93,6 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
     return tracked
 
 
-def _shared_by(names: tuple[str, ...]) -> str:
-    """A note naming the tracked layers that hold one weight, when there are several (else nothing)."""
-    return f"; tracked layers {', '.join(map(repr, names))} hold this one weight" if len(names) > 1 else ""
-
-
 def _checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
     """``in_side`` ``[B, P, k_in]``, once its batch size and positions ``P`` are checked against the output's (the
     output gradient's positions are laid out like the output, method.md §3).
@@ -338,42 +333,10 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
-    def check_blocks_sum_to_grad(self, tolerance: float = 1e-2, only: set[str] | None = None) -> set[str]:
-        """Refuse a layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
-
-        The hooks see only what flows through the module's own calls; a weight that is tied to another
-        module's or also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient
-        the hooks cannot attribute to samples. Valid right after one backward of the whole step (no
-        accumulation, one process), before clipping and before a grad scaler's unscaling (the hooks saw the same
-        scaled loss). Returns the layers checked (of ``only``, default all): those the step reached.
-
-        Raises:
-            UnsupportedError: naming the layer, with the relative mismatch.
-        """
-        checked = set()
-        for name, layer in self.layers.items():
-            block, full = self._blocks.get(name), layer_specs.gradient_block(layer.module)
-            if block is None or full is None or (only is not None and name not in only):
-                continue
-            checked.add(name)
-            p_out = layer.projection.side_matrix("out", block.dtype, block.device)
-            p_in = layer.projection.side_matrix("in", block.dtype, block.device)
-            expected = full.to(block.dtype)
-            expected = expected if p_out is None else p_out @ expected
-            expected = expected if p_in is None else expected @ p_in.T
-            error = float((block.sum(dim=0) - expected.flatten()).norm() / expected.norm().clamp_min(1e-30))
-            if error > tolerance:
-                shared = tuple(other for other, tied in self.layers.items()
-                               if tied.module.weight is layer.module.weight)
-                raise UnsupportedError(
-                    f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
-                    f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
-                    "(tied or shared with another module, or used functionally, e.g. a language-model head "
-                    "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
-                    "forward, e.g. a masked or weight-standardised convolution)"
-                    f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
-                )
-        return checked
+    def block_sums(self) -> dict[str, torch.Tensor | None]:
+        """Each tracked layer's captured blocks summed over the samples (``None``: not reached), in layer order."""
+        return {name: None if block is None else block.sum(dim=0)
+                for name, block in ((name, self._blocks.get(name)) for name in self.layers)}
 
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks)."""

@@ -5,7 +5,7 @@ Ways a run would break silently, each refused with what to change:
 
 - a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
   the captured per-sample blocks is not its ``.grad`` (one process: each layer once per fit, on the first
-  backward that reaches it of a step that is applied);
+  backward that reaches it of a step that is applied; DDP: on the first applied step, against the ranks' mean);
 - gradients changed after the backward by something the callback does not model (clipping in
   ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
   a callback after this one): the gradients the optimizer applied are compared with those of the backward on a
@@ -23,6 +23,8 @@ Ways a run would break silently, each refused with what to change:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -30,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .capture import GradientCapture, excluded
 from .config import DVEConfig
 from .errors import UnsupportedError
+from .layers import gradient_block
 
 #: Coordinates sampled per tracked weight to compare the applied gradient with the backward's.
 SAMPLED = 64
@@ -128,6 +131,68 @@ def sampled_entries(tensor: torch.Tensor, index: torch.Tensor | None = None) -> 
     return tensor.detach().reshape(-1).index_select(0, index)
 
 
+def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, only: set[str] | None = None,
+                             mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> set[str]:
+    """Refuse a tracked layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
+
+    The hooks see only what flows through the module's own calls; a weight that is tied to another module's or
+    also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient the hooks cannot
+    attribute to samples. Valid right after the first backward of a step, before clipping and before a grad
+    scaler's unscaling (the hooks saw the same scaled loss). Under DDP (``mean_over_ranks``, a collective every
+    rank calls alike) ``.grad`` is the ranks' mean after a synchronised backward and this rank's own on a
+    micro-batch of gradient accumulation: either passes.
+
+    Returns:
+        The layers checked (of ``only``, default all): those with a ``.grad`` and blocks.
+
+    Raises:
+        UnsupportedError: naming the layer, with the relative mismatch.
+    """
+    sums = capture.block_sums()
+    means = {} if mean_over_ranks is None else _ranks_means(capture, sums, mean_over_ranks)
+    checked = set()
+    for name, layer in capture.layers.items():
+        full = gradient_block(layer.module)
+        candidates = [s for s in (sums[name], means.get(name)) if s is not None]
+        if not candidates or full is None or (only is not None and name not in only):
+            continue
+        checked.add(name)
+        dtype, device = candidates[0].dtype, candidates[0].device
+        p_out = layer.projection.side_matrix("out", dtype, device)
+        p_in = layer.projection.side_matrix("in", dtype, device)
+        expected = full.to(device, dtype)
+        expected = expected if p_out is None else p_out @ expected
+        expected = (expected if p_in is None else expected @ p_in.T).flatten()
+        error = min(float((s.to(device, dtype) - expected).norm() / expected.norm().clamp_min(1e-30))
+                    for s in candidates)
+        if error > tolerance:
+            shared = tuple(other for other, tied in capture.layers.items() if tied.module.weight is layer.module.weight)
+            raise UnsupportedError(
+                f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
+                f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
+                "(tied or shared with another module, or used functionally, e.g. a language-model head "
+                "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
+                "forward, e.g. a masked or weight-standardised convolution)"
+                f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
+            )
+    return checked
+
+
+def _ranks_means(capture: GradientCapture, sums: dict[str, torch.Tensor | None],
+                 mean_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ranks' mean of each layer's block sum (zeros where a rank did not reach the layer), in one collective
+    over every layer in layer order."""
+    widths = [layer.projection.dim for layer in capture.layers.values()]
+    flat = torch.cat([torch.zeros(w, dtype=torch.float64) if s is None else s.detach().double().cpu()
+                      for s, w in zip(sums.values(), widths)])
+    return dict(zip(capture.layers, mean_over_ranks(flat).split(widths)))
+
+
+def _shared_by(names: tuple[str, ...]) -> str:
+    """A note naming the tracked layers that hold one weight, when there are several (else nothing)."""
+    return f"; tracked layers {', '.join(map(repr, names))} hold this one weight" if len(names) > 1 else ""
+
+
 class StepGuard:
     """The checks of the module docstring, for one ``fit``.
 
@@ -153,6 +218,7 @@ class StepGuard:
         self._first_backward = True  # the next backward is its step's first
         self._tied_seen: set[str] = set()  # layers the check looked at in this step
         self._tied: UnsupportedError | None = None  # and its refusal
+        self._ranks_checked = False  # DDP: the check ran on an applied step (once, on every rank alike)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
@@ -229,15 +295,18 @@ class StepGuard:
         rows = rows if len({r.dtype for r in rows}) <= 1 else [r.double() for r in rows]  # layers in other dtypes
         return list(grads), torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
 
-    def after_backward(self, check_blocks: bool) -> None:
+    def after_backward(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
-        backward, when ``check_blocks`` (one process: ``.grad`` holds this micro-batch's gradient alone), compare
-        the ``.grad`` of the layers not yet checked on an applied step with their captured blocks (a layer is
-        checked on the first applied step whose first backward reaches it); :meth:`before_step` raises."""
+        backward, compare the ``.grad`` of the layers not yet checked on an applied step with their captured
+        blocks (one process: a layer is checked on the first applied step whose first backward reaches it; under
+        DDP, ``mean_over_ranks`` given, a collective: on the first backward of every step until one is applied,
+        every rank alike, the layers some rank reached); :meth:`before_step` raises."""
         self._backward = self._sample()
-        if check_blocks and self._first_backward and self.unchecked:
+        due = self.unchecked if mean_over_ranks is None else not self._ranks_checked
+        if self._first_backward and due:
             try:  # ``.grad`` is as scaled as the blocks here
-                self._tied_seen = self.capture.check_blocks_sum_to_grad(only=self.unchecked)
+                self._tied_seen = check_blocks_sum_to_grad(self.capture, only=self.unchecked,
+                                                           mean_over_ranks=mean_over_ranks)
             except UnsupportedError as err:
                 self._tied = err
         self._first_backward = False
@@ -258,6 +327,7 @@ class StepGuard:
             if refused is not None:
                 raise refused
             self.unchecked -= seen
+            self._ranks_checked = True
 
     def check_trainable(self, step: int) -> None:
         """Refuse a parameter frozen or unfrozen since ``fit`` started.

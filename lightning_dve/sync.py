@@ -176,3 +176,8 @@ def reached_on_any_rank(comm: Communicator, names: list[str], reached: set[str])
     flags = torch.tensor([[float(name in reached) for name in names]])
     union = torch.cat(comm.all_gather_rows(flags)).amax(dim=0)
     return {name for name, flag in zip(names, union.tolist()) if flag > 0}
+
+
+def mean_over_ranks(comm: Communicator, vector: torch.Tensor) -> torch.Tensor:
+    """Collective: the mean over the ranks of each rank's ``vector`` ``[n]`` (what DDP leaves in ``.grad``)."""
+    return torch.cat(comm.all_gather_rows(vector.unsqueeze(0))).mean(dim=0)

@@ -357,6 +357,18 @@ def test_a_weight_used_functionally_is_refused_on_both_ranks(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_tied_weight_is_refused_on_both_ranks(tmp_path: Path) -> None:
+    """A head called as a module and also used functionally: under DDP its ``.grad`` (the ranks' mean) is compared
+    with the ranks' mean of the captured blocks on the first step, and both ranks refuse it (before session 20 the
+    check ran in one process only, and this fit recorded without a word)."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--head", "tied", "--epochs", "1", timeout=200, external=True)
+    assert proc.returncode != 0 and time.monotonic() - start < 55
+    assert proc.stderr.count("layer 'net.4': its weight's gradient differs from the sum of the captured") >= 2, \
+        proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(tmp_path: Path) -> None:
     """Rank 0 writes every embedding at train end; a full disk there used to leave rank 1 in the next collective
     (gloo: "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree."""

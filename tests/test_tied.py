@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_dve import DataValueEmbedding, UnsupportedError
-from tests.conftest import TiedHeadMLP
+from tests.conftest import TiedHeadMLP, TinyMLP
 
 
 def test_weight_also_used_functionally_is_refused(fit: Callable, tmp_path: Path) -> None:
@@ -77,3 +77,37 @@ def test_an_lm_head_tied_to_the_embedding_names_both_layers_to_exclude(fit: Call
     with pytest.raises(UnsupportedError, match=r"layer 'head': .* pass exclude=\('head',\)"):
         fit(TiedLM(), DataValueEmbedding(tmp_path / "one", projection_dim=None, report=None, exclude=("tok",)))
     fit(TiedLM(), DataValueEmbedding(tmp_path / "none", projection_dim=None, report=None, exclude=("tok", "head")))
+
+
+@pytest.mark.parametrize("model", [TinyMLP, TiedHeadMLP], ids=["untied", "tied"])
+@pytest.mark.parametrize("synchronised", [True, False], ids=["synchronised", "accumulating"])
+def test_the_ddp_check_compares_grad_with_the_ranks_mean_or_the_own_sum(model: type, synchronised: bool) -> None:
+    """Two ranks simulated in one process: ``.grad`` is the ranks' mean (DDP after a synchronised backward) or
+    this rank's own (a micro-batch of gradient accumulation, not synchronised); ``mean_over_ranks`` averages this
+    rank's block sums with the other rank's. The untied model passes both ways, the tied head fails both ways."""
+    from lightning_dve.capture import GradientCapture, resolve_layers
+    from lightning_dve.config import DVEConfig
+    from lightning_dve.guards import check_blocks_sum_to_grad
+    from tests.conftest import DigitsDict
+
+    net, batches = model(), [DigitsDict(range(lo, lo + 8)).batch() for lo in (0, 8)]
+    capture = GradientCapture(resolve_layers(net, DVEConfig(projection_dim=32)))
+    capture.attach()
+    sums, grads = [], []
+    for batch in batches:  # rank 1, then rank 0: the capture keeps rank 0's blocks
+        net.zero_grad()
+        capture.begin()
+        net.loss(batch).backward()
+        sums.append(torch.cat(list(capture.block_sums().values())).double())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    other = sums[0]
+    if synchronised:
+        for p, first, second in zip(net.parameters(), *grads):
+            p.grad = (first + second) / 2
+    checked = lambda: check_blocks_sum_to_grad(capture, mean_over_ranks=lambda v: (v + other) / 2)  # noqa: E731
+    if model is TinyMLP:
+        assert checked() == {"net.0", "net.2"}
+    else:
+        with pytest.raises(UnsupportedError, match=r"layer 'net.2': its weight's gradient differs"):
+            checked()
+    capture.detach()

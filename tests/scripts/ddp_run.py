@@ -57,8 +57,8 @@ class Digits(Dataset):
 
 
 class MLP(L.LightningModule):
-    """``--head functional``: the last layer's weight is used without calling it; ``rank0``: an extra ``aux`` head
-    that only rank 0's batches use."""
+    """``--head functional``: the last layer's weight is used without calling it; ``tied``: it is called and also
+    used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module") -> None:
         super().__init__()
@@ -71,6 +71,9 @@ class MLP(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head == "functional":
             return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
+        if self.head == "tied":
+            hidden = self.net[:4](x)
+            return self.net[4](hidden) + nn.functional.linear(hidden.flip(1), self.net[4].weight)
         out = self.net(x)
         return out + self.aux(x) if self.aux is not None and self.global_rank == 0 else out
 
@@ -188,7 +191,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refuse-replay-rank", type=int, default=-1, help="this rank's replay is refused")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
-    parser.add_argument("--head", choices=["module", "functional", "rank0"], default="module")
+    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0"], default="module")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
