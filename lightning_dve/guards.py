@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .capture import GradientCapture, excluded
+from .capture import GradientCapture, TrackedLayer, excluded
 from .config import DVEConfig
 from .errors import UnsupportedError
 from .layers import gradient_block
@@ -157,14 +157,7 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
         if not candidates or full is None or (only is not None and name not in only):
             continue
         checked.add(name)
-        dtype, device = candidates[0].dtype, candidates[0].device
-        p_out = layer.projection.side_matrix("out", dtype, device)
-        p_in = layer.projection.side_matrix("in", dtype, device)
-        expected = full.to(device, dtype)
-        expected = expected if p_out is None else p_out @ expected
-        expected = (expected if p_in is None else expected @ p_in.T).flatten()
-        error = min(float((s.to(device, dtype) - expected).norm() / expected.norm().clamp_min(1e-30))
-                    for s in candidates)
+        error = min(_mismatch(layer, full, block_sum) for block_sum in candidates)
         if error > tolerance:
             shared = tuple(other for other, tied in capture.layers.items() if tied.module.weight is layer.module.weight)
             raise UnsupportedError(
@@ -176,6 +169,16 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
                 f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
             )
     return checked
+
+
+def _mismatch(layer: TrackedLayer, grad: torch.Tensor, block_sum: torch.Tensor) -> float:
+    """Relative difference between a layer's summed blocks and its gradient ``[d_out, d_in]`` projected alike."""
+    p_out = layer.projection.side_matrix("out", block_sum.dtype, block_sum.device)
+    p_in = layer.projection.side_matrix("in", block_sum.dtype, block_sum.device)
+    expected = grad.to(block_sum.device, block_sum.dtype)
+    expected = expected if p_out is None else p_out @ expected
+    expected = (expected if p_in is None else expected @ p_in.T).flatten()
+    return float((block_sum - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def _ranks_means(capture: GradientCapture, sums: dict[str, torch.Tensor | None],
