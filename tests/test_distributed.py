@@ -220,6 +220,23 @@ def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path
     assert_ddp_equals_single(suite, "ggn_adamw")
 
 
+@pytest.mark.slow
+def test_two_ranks_with_gradient_accumulation_equal_single_process(suite: Path) -> None:
+    """``accumulate_grad_batches=2``: a step holds two micro-batches of 8 per rank, and each epoch's last holds one
+    of 3, which Lightning still divides by 2; one process accumulating the global micro-batches (both ranks' j-th)
+    applies the same per-sample weights, 1/32 and 1/12. Rows are ordered by rank, then micro-batch, on 2 ranks and
+    by micro-batch, then rank, in one process: compared by (step, id)."""
+    runs = {mode: scores(suite, mode, "accumulate") for mode in ("single", "ddp")}
+    for run in runs.values():
+        order = torch.argsort(run["steps"] * 1000 + run["ids"], stable=True)
+        run.update({key: value[order] for key, value in run.items() if key.startswith("emb/")},
+                   scores=run["scores"][:, order], steps=run["steps"][order], ids=run["ids"][order])
+    assert torch.equal(runs["ddp"]["ids"], runs["single"]["ids"])
+    assert runs["ddp"]["steps"].unique().tolist() == [0, 1, 2, 3]
+    assert_same_embeddings(runs["ddp"], runs["single"])
+    assert_same_scores(runs["ddp"], runs["single"])
+
+
 def in_one_process(store: Path, optimizer: str) -> tuple[DataValueEmbeddings, torch.nn.Module, object, dict]:
     """``store`` loaded in this process, the script's model with the final weights from the store's last replay
     checkpoint, its training dataset and test batch."""
