@@ -221,11 +221,15 @@ def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path
 
 
 @pytest.mark.slow
-def test_two_ranks_with_gradient_accumulation_equal_single_process(suite: Path) -> None:
+def test_two_ranks_with_gradient_accumulation_and_clipping_equal_single_process(suite: Path) -> None:
     """``accumulate_grad_batches=2``: a step holds two micro-batches of 8 per rank, and each epoch's last holds one
     of 3, which Lightning still divides by 2; one process accumulating the global micro-batches (both ranks' j-th)
-    applies the same per-sample weights, 1/32 and 1/12. Rows are ordered by rank, then micro-batch, on 2 ranks and
+    applies the same per-sample weights, 1/32 and 1/12, and the same norm clipping (``gradient_clip_val=0.1``, on
+    the ranks' mean gradient; it binds at every step). Rows are ordered by rank, then micro-batch, on 2 ranks and
     by micro-batch, then rank, in one process: compared by (step, id)."""
+    hyper = suite / "ddp" / "accumulate" / "dve_ddp" / "checkpoints" / "hyper.jsonl"
+    factors = [json.loads(line)["clip_factor"] for line in hyper.read_text().splitlines()]
+    assert len(factors) == 4 and max(factors) < 0.5
     runs = {mode: scores(suite, mode, "accumulate") for mode in ("single", "ddp")}
     for run in runs.values():
         order = torch.argsort(run["steps"] * 1000 + run["ids"], stable=True)

@@ -168,7 +168,7 @@ SUITE: dict[str, dict[str, object]] = {
     "projected_segments": {"segments": 3, "projection_dim": 64},
     "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
     "rank0_head": {"head": "rank0", "epochs": 1},
-    "accumulate": {"accumulate": 2},  # a step of two micro-batches per rank; each epoch's last holds one
+    "accumulate": {"accumulate": 2, "clip": 0.1},  # two micro-batches a step per rank (an epoch's last: one)
     "replay": {"embeddings": "replay"},  # each rank replays its own layers' rows
     "replay_full": {"embeddings": "replay", "layout": "full"},  # rank 1 replays them all, rank 0 none
     "replay_refused": {"embeddings": "replay", "refuse_replay_rank": 1},  # both keep the recursion's embeddings
@@ -194,6 +194,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
     parser.add_argument("--head", choices=["module", "functional", "tied", "rank0"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
@@ -211,7 +212,7 @@ def fit(args: argparse.Namespace) -> None:
                              curvature=args.curvature, layout=args.layout, embeddings=args.embeddings)
     common = dict(max_epochs=args.epochs, callbacks=[dve], precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  accelerator="cpu", accumulate_grad_batches=args.accumulate)
+                  accelerator="cpu", accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip)
     timeout = datetime.timedelta(seconds=60)
     if args.mode == "single":
         trainer = L.Trainer(devices=1, **common)
