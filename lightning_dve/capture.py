@@ -335,8 +335,7 @@ class GradientCapture:
 
     def block_sums(self) -> dict[str, torch.Tensor | None]:
         """Each tracked layer's captured blocks summed over the samples (``None``: not reached), in layer order."""
-        return {name: None if block is None else block.sum(dim=0)
-                for name, block in ((name, self._blocks.get(name)) for name in self.layers)}
+        return {name: self._blocks[name].sum(dim=0) if name in self._blocks else None for name in self.layers}
 
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks)."""
