@@ -5,7 +5,7 @@ Ways a run would break silently, each refused with what to change:
 
 - a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
   the captured per-sample blocks is not its ``.grad`` (one process: each layer once per fit, on the first
-  backward that reaches it of a step that is applied; DDP: on the first applied step, against the ranks' mean);
+  backward that reaches it of a step that is applied; under DDP against the ranks' mean);
 - gradients changed after the backward by something the callback does not model (clipping in
   ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
   a callback after this one): the gradients the optimizer applied are compared with those of the backward on a
@@ -139,25 +139,24 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
     also used functionally (``F.linear(x, emb.weight)``, GPT-style tied heads) gets gradient the hooks cannot
     attribute to samples. Valid right after the first backward of a step, before clipping and before a grad
     scaler's unscaling (the hooks saw the same scaled loss). Under DDP (``mean_over_ranks``, a collective every
-    rank calls alike) ``.grad`` is the ranks' mean after a synchronised backward and this rank's own on a
-    micro-batch of gradient accumulation: either passes.
+    rank calls alike, with the same ``only``) ``.grad`` is the ranks' mean after a synchronised backward and this
+    rank's own on a micro-batch of gradient accumulation: either passes.
 
     Returns:
-        The layers checked (of ``only``, default all): those with a ``.grad`` and blocks.
+        The layers checked (of ``only``, default all): those the backward reached (DDP: on some rank, the same
+        layers on every rank).
 
     Raises:
         UnsupportedError: naming the layer, with the relative mismatch.
     """
-    sums = capture.block_sums()
-    means = {} if mean_over_ranks is None else _ranks_means(capture, sums, mean_over_ranks)
-    checked = set()
-    for name, layer in capture.layers.items():
-        full = gradient_block(layer.module)
-        candidates = [s for s in (sums[name], means.get(name)) if s is not None]
-        if not candidates or full is None or (only is not None and name not in only):
+    names, sums = [name for name in capture.layers if only is None or name in only], capture.block_sums()
+    means = {} if mean_over_ranks is None else _ranks_means(capture, names, sums, mean_over_ranks)
+    checked = {name for name in names if sums[name] is not None} if mean_over_ranks is None else set(means)
+    for name in (name for name in names if name in checked):
+        layer, full = capture.layers[name], gradient_block(capture.layers[name].module)
+        if full is None:  # DDP, accumulating: another rank's backward reached it, not this one's
             continue
-        checked.add(name)
-        error = min(_mismatch(layer, full, block_sum) for block_sum in candidates)
+        error = min(_mismatch(layer, full, s) for s in (sums[name], means.get(name)) if s is not None)
         if error > tolerance:
             shared = tuple(other for other, tied in capture.layers.items() if tied.module.weight is layer.module.weight)
             raise UnsupportedError(
@@ -181,14 +180,17 @@ def _mismatch(layer: TrackedLayer, grad: torch.Tensor, block_sum: torch.Tensor) 
     return float((block_sum - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
-def _ranks_means(capture: GradientCapture, sums: dict[str, torch.Tensor | None],
+def _ranks_means(capture: GradientCapture, names: list[str], sums: dict[str, torch.Tensor | None],
                  mean_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ranks' mean of each layer's block sum (zeros where a rank did not reach the layer), in one collective
-    over every layer in layer order."""
-    widths = [layer.projection.dim for layer in capture.layers.values()]
-    flat = torch.cat([torch.zeros(w, dtype=torch.float64) if s is None else s.detach().double().cpu()
-                      for s, w in zip(sums.values(), widths)])
-    return dict(zip(capture.layers, mean_over_ranks(flat).split(widths)))
+    """The ranks' mean of the block sums of ``names`` that some rank reached (zeros from the others), in one
+    collective with a reached flag per layer."""
+    widths = [capture.layers[name].projection.dim for name in names]
+    flat = [torch.zeros(w, dtype=torch.float64) if sums[n] is None else sums[n].detach().double().cpu()
+            for n, w in zip(names, widths)]
+    flags = torch.tensor([float(sums[name] is not None) for name in names], dtype=torch.float64)
+    mean = mean_over_ranks(torch.cat([*flat, flags]))
+    reached = mean[len(mean) - len(names):].tolist()
+    return {n: m for n, m, r in zip(names, mean[: len(mean) - len(names)].split(widths), reached) if r > 0}
 
 
 def _shared_by(names: tuple[str, ...]) -> str:
@@ -221,7 +223,6 @@ class StepGuard:
         self._first_backward = True  # the next backward is its step's first
         self._tied_seen: set[str] = set()  # layers the check looked at in this step
         self._tied: UnsupportedError | None = None  # and its refusal
-        self._ranks_checked = False  # DDP: the check ran on an applied step (once, on every rank alike)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
@@ -301,12 +302,10 @@ class StepGuard:
     def after_backward(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
         backward, compare the ``.grad`` of the layers not yet checked on an applied step with their captured
-        blocks (one process: a layer is checked on the first applied step whose first backward reaches it; under
-        DDP, ``mean_over_ranks`` given, a collective: on the first backward of every step until one is applied,
-        every rank alike, the layers some rank reached); :meth:`before_step` raises."""
+        blocks (a layer is checked on the first applied step whose first backward reaches it, under DDP,
+        ``mean_over_ranks`` given, on any rank: a collective on every rank alike); :meth:`before_step` raises."""
         self._backward = self._sample()
-        due = self.unchecked if mean_over_ranks is None else not self._ranks_checked
-        if self._first_backward and due:
+        if self._first_backward and self.unchecked:  # DDP: the same layers on every rank
             try:  # ``.grad`` is as scaled as the blocks here
                 self._tied_seen = check_blocks_sum_to_grad(self.capture, only=self.unchecked,
                                                            mean_over_ranks=mean_over_ranks)
@@ -330,7 +329,6 @@ class StepGuard:
             if refused is not None:
                 raise refused
             self.unchecked -= seen
-            self._ranks_checked = True
 
     def check_trainable(self, step: int) -> None:
         """Refuse a parameter frozen or unfrozen since ``fit`` started.

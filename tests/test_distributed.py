@@ -378,14 +378,16 @@ def test_a_weight_used_functionally_is_refused_on_both_ranks(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_a_tied_weight_is_refused_on_both_ranks(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("head", "layer"), [("tied", "net.4"), ("late_tied", "aux")])
+def test_a_tied_weight_is_refused_on_both_ranks(tmp_path: Path, head: str, layer: str) -> None:
     """A head called as a module and also used functionally: under DDP its ``.grad`` (the ranks' mean) is compared
-    with the ranks' mean of the captured blocks on the first step, and both ranks refuse it (before session 20 the
-    check ran in one process only, and this fit recorded without a word)."""
+    with the ranks' mean of the captured blocks on the first step that reaches it (``late_tied``: the second), and
+    both ranks refuse it (before session 20 the check ran in one process only, and these fits recorded without a
+    word)."""
     start = time.monotonic()
-    proc = run_script("ddp", tmp_path, "--head", "tied", "--epochs", "1", timeout=200, external=True)
+    proc = run_script("ddp", tmp_path, "--head", head, "--epochs", "1", timeout=200, external=True)
     assert proc.returncode != 0 and time.monotonic() - start < 55
-    assert proc.stderr.count("layer 'net.4': its weight's gradient differs from the sum of the captured") >= 2, \
+    assert proc.stderr.count(f"layer '{layer}': its weight's gradient differs from the sum of the captured") >= 2, \
         proc.stderr[-3000:]
 
 

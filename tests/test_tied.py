@@ -79,35 +79,58 @@ def test_an_lm_head_tied_to_the_embedding_names_both_layers_to_exclude(fit: Call
     fit(TiedLM(), DataValueEmbedding(tmp_path / "none", projection_dim=None, report=None, exclude=("tok", "head")))
 
 
-@pytest.mark.parametrize("model", [TinyMLP, TiedHeadMLP], ids=["untied", "tied"])
+class _LateHead(TinyMLP):
+    """TinyMLP with an ``aux`` head used from its second step on; ``tied``: also through ``F.linear``."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.aux, self.tied, self.use_aux = nn.Linear(64, 10), tied, False
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        if not self.use_aux:
+            return super().loss(batch)
+        tied = nn.functional.linear(batch["x"].flip(1), self.aux.weight) if self.tied else 0
+        return super().loss(batch) + (self.aux(batch["x"]) + tied).square().mean()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("synchronised", [True, False], ids=["synchronised", "accumulating"])
-def test_the_ddp_check_compares_grad_with_the_ranks_mean_or_the_own_sum(model: type, synchronised: bool) -> None:
+def test_the_ddp_check_compares_grad_with_the_ranks_mean_or_the_own_sum(tied: bool, synchronised: bool) -> None:
     """Two ranks simulated in one process: ``.grad`` is the ranks' mean (DDP after a synchronised backward) or
     this rank's own (a micro-batch of gradient accumulation, not synchronised); ``mean_over_ranks`` averages this
-    rank's block sums with the other rank's. The untied model passes both ways, the tied head fails both ways."""
+    rank's block sums and reached flags with the other rank's. A head no rank reached in the first step is not
+    checked there; in the next it is, and the tied one fails, both ways."""
     from lightning_dve.capture import GradientCapture, resolve_layers
     from lightning_dve.config import DVEConfig
     from lightning_dve.guards import check_blocks_sum_to_grad
     from tests.conftest import DigitsDict
 
-    net, batches = model(), [DigitsDict(range(lo, lo + 8)).batch() for lo in (0, 8)]
+    net, batches = _LateHead(tied), [DigitsDict(range(lo, lo + 8)).batch() for lo in (0, 8)]
     capture = GradientCapture(resolve_layers(net, DVEConfig(projection_dim=32)))
     capture.attach()
-    sums, grads = [], []
-    for batch in batches:  # rank 1, then rank 0: the capture keeps rank 0's blocks
-        net.zero_grad()
-        capture.begin()
-        net.loss(batch).backward()
-        sums.append(torch.cat(list(capture.block_sums().values())).double())
-        grads.append([p.grad.clone() for p in net.parameters()])
-    other = sums[0]
-    if synchronised:
-        for p, first, second in zip(net.parameters(), *grads):
-            p.grad = (first + second) / 2
-    checked = lambda: check_blocks_sum_to_grad(capture, mean_over_ranks=lambda v: (v + other) / 2)  # noqa: E731
-    if model is TinyMLP:
-        assert checked() == {"net.0", "net.2"}
+
+    def check(only: set[str]) -> set[str]:
+        sums, grads = [], []
+        for batch in batches:  # rank 1, then rank 0: the capture keeps rank 0's blocks
+            net.zero_grad()
+            capture.begin()
+            net.loss(batch).backward()
+            layers = [layer for name, layer in capture.layers.items() if name in only]
+            reached = [capture.block_sums()[layer.name] for layer in layers]
+            flags = torch.tensor([float(s is not None) for s in reached], dtype=torch.float64)
+            sums.append(torch.cat([*(torch.zeros(layer.projection.dim, dtype=torch.float64) if s is None
+                                     else s.double() for s, layer in zip(reached, layers)), flags]))
+            grads.append([p.grad for p in net.parameters()])
+        if synchronised:
+            for p, first, second in zip(net.parameters(), *grads):
+                p.grad = None if first is None else (first + second) / 2
+        return check_blocks_sum_to_grad(capture, only=only, mean_over_ranks=lambda v: (v + sums[0]) / 2)
+
+    assert check({"net.0", "net.2", "aux"}) == {"net.0", "net.2"}  # aux reached by no rank: left unchecked
+    net.use_aux = True
+    if tied:
+        with pytest.raises(UnsupportedError, match=r"layer 'aux': its weight's gradient differs"):
+            check({"aux"})
     else:
-        with pytest.raises(UnsupportedError, match=r"layer 'net.2': its weight's gradient differs"):
-            checked()
+        assert check({"aux"}) == {"aux"}
     capture.detach()

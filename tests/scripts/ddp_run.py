@@ -58,14 +58,16 @@ class Digits(Dataset):
 
 class MLP(L.LightningModule):
     """``--head functional``: the last layer's weight is used without calling it; ``tied``: it is called and also
-    used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use."""
+    used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use;
+    ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module") -> None:
         super().__init__()
         self.optimizer, self.head = optimizer, head
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
-        self.aux = nn.Linear(64, 10) if head == "rank0" else None
+        self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied") else None
+        self.batches = 0
         self.fail_rank = fail_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,9 @@ class MLP(L.LightningModule):
             hidden = self.net[:4](x)
             return self.net[4](hidden) + nn.functional.linear(hidden.flip(1), self.net[4].weight)
         out = self.net(x)
+        if self.head == "late_tied":
+            self.batches += 1
+            return out + self.aux(x) + nn.functional.linear(x.flip(1), self.aux.weight) if self.batches > 1 else out
         return out + self.aux(x) if self.aux is not None and self.global_rank == 0 else out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -192,7 +197,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refuse-replay-rank", type=int, default=-1, help="this rank's replay is refused")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
-    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0"], default="module")
+    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
@@ -219,7 +224,7 @@ def fit(args: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_sampler=GlobalBatches(data))
     else:
         start = "popen" if args.mode == "ddp" else "spawn"
-        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head == "rank0")
+        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head in ("rank0", "late_tied"))
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
     model = MLP(args.fail_rank, args.optimizer, args.head).double()  # float64 before a restore: see test_resume_accumulation.py
