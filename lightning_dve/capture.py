@@ -333,9 +333,9 @@ class GradientCapture:
                     "the layers that are called as modules."
                 )
 
-    def block_sums(self) -> dict[str, torch.Tensor | None]:
-        """Each tracked layer's captured blocks summed over the samples (``None``: not reached), in layer order."""
-        return {name: self._blocks[name].sum(dim=0) if name in self._blocks else None for name in self.layers}
+    def block_sums(self, names: list[str]) -> dict[str, torch.Tensor | None]:
+        """The captured blocks of tracked layers ``names`` summed over the samples (``None``: not reached)."""
+        return {name: self._blocks[name].sum(dim=0) if name in self._blocks else None for name in names}
 
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks)."""

@@ -149,7 +149,8 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
     Raises:
         UnsupportedError: naming the layer, with the relative mismatch.
     """
-    names, sums = [name for name in capture.layers if only is None or name in only], capture.block_sums()
+    names = [name for name in capture.layers if only is None or name in only]
+    sums = capture.block_sums(names)
     means = {} if mean_over_ranks is None else _ranks_means(capture, names, sums, mean_over_ranks)
     checked = {name for name in names if sums[name] is not None} if mean_over_ranks is None else set(means)
     for name in (name for name in names if name in checked):
