@@ -103,7 +103,10 @@ class StepHooks(pl.Callback):
         reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
         hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
-        self._active_guard().before_step(self._skipped)
+        try:  # a tied weight is refused where the ranks agree (on_train_batch_end): under DDP one may refuse alone
+            self._active_guard().before_step(self._skipped)
+        except DVEError as err:
+            self._deferred = err
         self._active_guard().read_hyperparameters()
         algorithm = callback_setup.clip_algorithm(trainer)
         clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)

@@ -392,6 +392,19 @@ def test_a_tied_weight_is_refused_on_both_ranks(tmp_path: Path, head: str, layer
 
 
 @pytest.mark.slow
+def test_a_tied_weight_refused_by_one_rank_stops_both(tmp_path: Path) -> None:
+    """Under gradient accumulation the first micro-batch is not synchronised: with the head's weight also used
+    functionally on rank 1 only, rank 1 alone refuses it, at the step's end where the ranks agree, so rank 0 stops
+    with "another rank failed" instead of losing its peer in DDP's next all-reduce."""
+    proc = run_script("ddp", tmp_path, "--head", "rank1_tied", "--accumulate", "2", "--epochs", "1", timeout=200,
+                      external=True)
+    assert proc.returncode != 0
+    assert "layer 'net.4': its weight's gradient differs from the sum of the captured" in proc.stderr
+    assert "another rank failed in DataValueEmbedding" in proc.stderr, rank_tails(proc.stderr)
+    assert "Connection closed by peer" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(tmp_path: Path) -> None:
     """Rank 0 writes every embedding at train end; a full disk there used to leave rank 1 in the next collective
     (gloo: "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree."""

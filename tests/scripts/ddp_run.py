@@ -59,7 +59,8 @@ class Digits(Dataset):
 class MLP(L.LightningModule):
     """``--head functional``: the last layer's weight is used without calling it; ``tied``: it is called and also
     used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use;
-    ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on."""
+    ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on; ``rank1_tied``: the
+    last layer's weight also used functionally on rank 1 only."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module") -> None:
         super().__init__()
@@ -73,7 +74,7 @@ class MLP(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head == "functional":
             return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
-        if self.head == "tied":
+        if self.head == "tied" or (self.head == "rank1_tied" and self.global_rank == 1):
             hidden = self.net[:4](x)
             return self.net[4](hidden) + nn.functional.linear(hidden.flip(1), self.net[4].weight)
         out = self.net(x)
@@ -197,7 +198,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refuse-replay-rank", type=int, default=-1, help="this rank's replay is refused")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
-    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied"], default="module")
+    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
