@@ -154,7 +154,8 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
     means = {} if mean_over_ranks is None else _ranks_means(capture, names, sums, mean_over_ranks)
     checked = {name for name in names if sums[name] is not None} if mean_over_ranks is None else set(means)
     for name in (name for name in names if name in checked):
-        layer, full = capture.layers[name], gradient_block(capture.layers[name].module)
+        layer = capture.layers[name]
+        full = gradient_block(layer.module)
         if full is None:  # DDP, accumulating: another rank's backward reached it, not this one's
             continue
         error = min(_mismatch(layer, full, s) for s in (sums[name], means.get(name)) if s is not None)
@@ -189,9 +190,8 @@ def _ranks_means(capture: GradientCapture, names: list[str], sums: dict[str, tor
     flat = [torch.zeros(w, dtype=torch.float64) if sums[n] is None else sums[n].detach().double().cpu()
             for n, w in zip(names, widths)]
     flags = torch.tensor([float(sums[name] is not None) for name in names], dtype=torch.float64)
-    mean = mean_over_ranks(torch.cat([*flat, flags]))
-    reached = mean[len(mean) - len(names):].tolist()
-    return {n: m for n, m, r in zip(names, mean[: len(mean) - len(names)].split(widths), reached) if r > 0}
+    means, reached = mean_over_ranks(torch.cat([*flat, flags])).split([sum(widths), len(names)])
+    return {n: m for n, m, r in zip(names, means.split(widths), reached.tolist()) if r > 0}
 
 
 def _shared_by(names: tuple[str, ...]) -> str:
