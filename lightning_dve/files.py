@@ -41,7 +41,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata:
         OSError: if the file cannot be written (disk full, permissions), or the system writes nothing.
     """
     if not all(t.dtype in _DTYPE_CODES for t in tensors.values()):
-        save_file(tensors, filename, metadata=metadata)
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, filename, metadata=metadata)
         return
     header: dict[str, Any] = {"__metadata__": metadata}
     buffers, offset = [], 0

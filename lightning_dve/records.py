@@ -14,16 +14,29 @@ def _scale_key(name: str, kind: str) -> str:
     return f"scale/{name}" if kind == GRADIENT else f"{kind}_scale/{name}"
 
 
-def encode(name: str, grad: torch.Tensor, storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
-    """Rows ``[B, k]`` in the storage dtype; ``float16`` rows are divided by their largest magnitude.
+def encode(rows: dict[str, torch.Tensor], storage: str, kind: str = GRADIENT) -> dict[str, torch.Tensor]:
+    """Rows ``{layer: [B, k_l]}`` in the storage dtype; ``float16`` rows are divided by their layer's largest
+    magnitude in the row.
 
-    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range.
+    The per-row scale (float32) keeps the small gradients of late training out of float16's subnormal range. The
+    layers are scaled together, in a few operations per step rather than per layer (the values are the same).
     """
     if storage != "float16":
-        return {f"{kind}/{name}": grad.to(getattr(torch, storage))}
-    scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
-    return {f"{kind}/{name}": (grad / scale.to(grad.dtype).unsqueeze(1)).to(torch.float16),
-            _scale_key(name, kind): scale}
+        return {f"{kind}/{name}": grad.to(getattr(torch, storage)) for name, grad in rows.items()}
+    if not rows:
+        return {}
+    widths = [grad.shape[1] for grad in rows.values()]
+    matrix = torch.cat(list(rows.values()), dim=1)
+    column_layer = torch.repeat_interleave(torch.arange(len(widths), device=matrix.device),
+                                           torch.tensor(widths, device=matrix.device))
+    magnitude = matrix.new_zeros(matrix.shape[0], len(widths)).scatter_reduce_(
+        1, column_layer.expand(matrix.shape[0], -1), matrix.abs(), "amax")
+    scale = magnitude.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = (matrix / scale.to(matrix.dtype).index_select(1, column_layer)).to(torch.float16)
+    out = {}
+    for (name, block), column in zip(zip(rows, scaled.split(widths, dim=1)), scale.unbind(1)):
+        out[f"{kind}/{name}"], out[_scale_key(name, kind)] = block, column
+    return out
 
 
 def accumulation_dtype(storage: str) -> torch.dtype:
@@ -85,11 +98,10 @@ class StepRecord:
             out["applied_lrs"] = self.applied_lrs
         out.update({f"optim/{name}": value for name, value in self.optim.items()})
         for field, kind in ROW_FILE_KINDS.items():
-            for name, rows in getattr(self, field).items():
-                out.update(encode(name, rows, storage, kind))
+            out.update(encode(getattr(self, field), storage, kind))
         out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items()
                     for name, value in values.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        return out  # made contiguous CPU tensors as they are written (files.write_safetensors)
 
     @classmethod
     def from_tensors(cls, step: int, epoch: int, tensors: dict[str, torch.Tensor]) -> StepRecord:

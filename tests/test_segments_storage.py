@@ -70,11 +70,27 @@ def test_dynamics_at_last_boundary_equal_final_and_intermediate_equal_a_shorter_
 def test_float16_rows_are_scaled_so_late_gradients_do_not_underflow() -> None:
     tiny = torch.randn(4, 256) * 1e-7  # below float16's normal range (6e-5)
     plain = tiny.to(torch.float16).to(torch.float32)
-    scaled = decode("a", encode("a", tiny, "float16"))
+    scaled = decode("a", encode({"a": tiny}, "float16"))
     rel = lambda x: ((x - tiny).norm() / tiny.norm()).item()  # noqa: E731
     assert rel(plain) > 1e-2 and rel(scaled) < 1e-3
-    assert decode("a", encode("a", tiny, "bfloat16")).dtype == torch.float32
-    assert decode("a", encode("a", tiny.double(), "float64")).dtype == torch.float64
+    assert decode("a", encode({"a": tiny}, "bfloat16")).dtype == torch.float32
+    assert decode("a", encode({"a": tiny.double()}, "float64")).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float16_encoding_of_all_layers_at_once_equals_each_layer_on_its_own(dtype: torch.dtype) -> None:
+    """Layers of different widths and magnitudes (one row all zero) scaled together: the same bits as dividing
+    each layer's rows by their own largest magnitude."""
+    generator = torch.Generator().manual_seed(0)
+    rows = {name: torch.randn(5, width, generator=generator, dtype=dtype) * magnitude
+            for name, width, magnitude in (("a", 3, 1e-6), ("b", 17, 1.0), ("c", 1, 1e3))}
+    rows["b"][2] = 0
+    encoded = encode(rows, "float16", "curv")
+    for name, grad in rows.items():
+        scale = grad.abs().amax(dim=1).to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+        assert torch.equal(encoded[f"curv_scale/{name}"], scale)
+        assert torch.equal(encoded[f"curv/{name}"], (grad / scale.to(dtype).unsqueeze(1)).to(torch.float16))
+    assert encoded["curv/b"][2].abs().max() == 0
 
 
 @pytest.mark.parametrize("storage, expected", [("auto", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
@@ -148,7 +164,7 @@ def test_killed_run_keeps_its_completed_steps_and_is_refused_for_queries(tmp_pat
 
 
 MEMORY = textwrap.dedent('''
-    import resource, sys, torch
+    import sys, threading, time, torch
     from pathlib import Path
     from lightning_dve.store import StepRecord, TrajectoryStore
     from lightning_dve.recursion_ranks import embed_trajectory
@@ -168,23 +184,31 @@ MEMORY = textwrap.dedent('''
         store.finish_recording({})
         return store
 
-    def reset_peak():  # Linux >= 4.0: the peak RSS restarts from the current RSS (else it stays: stricter)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+    def anonymous_kib():  # resident anonymous memory: the memory-mapped embeddings' pages are file pages
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
 
-    def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak_growth(run):  # the highest RssAnon over the current while run() runs, sampled every millisecond
+        before, peak, done = anonymous_kib(), [0], threading.Event()
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], anonymous_kib())
+                time.sleep(0.001)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            run()
+        finally:
+            done.set()
+            sampler.join()
+        return max(peak[0], anonymous_kib()) - before
 
     root, sizes = Path(sys.argv[1]), [int(s) for s in sys.argv[2:]]
     stores = [write(root / f"s{steps}", steps) for steps in sizes]  # all written first: one baseline for all
-    before = peak()
     for store in stores:
-        reset_peak()
-        embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [["a", "b"]], {"a": 1024, "b": 1024},
-                         torch.float32)
-        print(max(peak(), before) - before)
+        print(peak_growth(lambda: embed_trajectory(SingleProcess(), store, AccumulatorLayout.PER_LAYER, [["a", "b"]],
+                                                   {"a": 1024, "b": 1024}, torch.float32)))
 ''')
 
 
@@ -193,8 +217,10 @@ def test_recursion_peak_memory_does_not_grow_with_the_trajectory(tmp_path: Path)
     """400 steps of 32 x 2 x 1024 gradients are 52 MB in float16 and 105 MB of float32 embeddings; the
     recursion holds two 4 MB matrices and one step at a time, so its peak must stay far below either.
 
-    One process writes both stores, takes the peak RSS after that as the baseline of both recursions (as a
-    fresh process per size would), then runs 50 steps and 400 steps, restarting the peak before each.
+    One process writes both stores, then runs 50 steps and 400 steps, each measured as the peak growth of its
+    resident anonymous memory (RssAnon, sampled every millisecond): the pages of the memory-mapped embeddings
+    are file pages, which peak RSS counts on some kernels (81 MB at 400 steps on one) and not on others. A
+    recursion that kept every block's embeddings grows by 127 MB there.
     """
     sizes = (50, 400)
     out = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path), *map(str, sizes)], capture_output=True,
