@@ -115,6 +115,13 @@ def _checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch
     return in_side
 
 
+def _input_dtype(module: nn.Module, args: tuple[Any, ...]) -> torch.dtype:
+    """The dtype the input projection runs in: the activation's (bf16 under autocast, so the projection is not
+    converted at every call), or the weight's for integer inputs (embedding ids)."""
+    x = args[0] if args else None
+    return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else module.weight.dtype
+
+
 class GradientCapture:
     """Hooks that collect one step's per-sample blocks ``{layer: [B, k_l]}`` for the tracked layers.
 
@@ -226,7 +233,7 @@ class GradientCapture:
             self._without_autograd.add(layer.name)
             return
         recomputed = self._backward or self._curvature_pass
-        p_in = layer.projection.side_matrix("in", module.weight.dtype, module.weight.device)
+        p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(_checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
         if self._preconditioner:
@@ -293,14 +300,22 @@ class GradientCapture:
         """
         batch = self.batch_size()
         reference = next(iter(self._blocks.values()))
-        inverse = None if weights is None else torch.where(weights != 0, 1.0 / weights.to(torch.float64), 0.0)
-        rows = {}
-        for name, layer in self.layers.items():
-            block = self._rows[kind].get(name)
-            if block is None:
-                block = reference.new_zeros(batch, layer.projection.dim)
-            rows[name] = block if inverse is None else block * inverse.to(block.device, block.dtype).unsqueeze(1)
-        return to_host(rows)
+        dims = {name: layer.projection.dim for name, layer in self.layers.items()}
+        blocks = {name: self._rows[kind].get(name) for name in self.layers}
+        blocks = {name: reference.new_zeros(batch, dims[name]) if block is None else block
+                  for name, block in blocks.items()}
+        if len({block.device for block in blocks.values()}) > 1:  # a model spread over devices: layer by layer
+            return {name: self._scaled(block, weights) for name, block in to_host(blocks).items()}
+        rows = to_host({kind: self._scaled(torch.cat(list(blocks.values()), dim=1), weights)})[kind]
+        return dict(zip(blocks, rows.split(list(dims.values()), dim=1)))  # one multiply and one copy per step
+
+    @staticmethod
+    def _scaled(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """``rows [B, k]`` with row ``i`` divided by ``weights[i]`` (zero where the weight is zero)."""
+        if weights is None:
+            return rows
+        inverse = torch.where(weights != 0, 1.0 / weights.to(torch.float64), 0.0)
+        return rows * inverse.to(rows.device, rows.dtype).unsqueeze(1)
 
     def modules(self) -> dict[str, nn.Module]:
         """The tracked modules, in layer order."""

@@ -128,7 +128,16 @@ def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch
 def sampled_entries(tensor: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor``'s entries at its :func:`sampled_coordinates` (``index``: those, precomputed on the step's path)."""
     index = sampled_coordinates(tensor.numel(), tensor.device) if index is None else index
-    return tensor.detach().reshape(-1).index_select(0, index)
+    return torch.take(tensor.detach(), index)
+
+
+def stacked_float64(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Sampled rows stacked as ``[len(rows), SAMPLED]`` float64 (one conversion when they share a dtype)."""
+    if not rows:
+        return torch.empty(0, SAMPLED, dtype=torch.float64)
+    if len({row.dtype for row in rows}) > 1:  # layers in other dtypes
+        rows = [row.double() for row in rows]
+    return torch.stack(rows).double()
 
 
 def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, only: set[str] | None = None,
@@ -273,7 +282,7 @@ class StepGuard:
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' sampled coordinates, ``[layers, SAMPLED]``."""
         weights = self.capture.weights().items()
-        return torch.stack([sampled_entries(w, self._index[name]).to(torch.float64) for name, w in weights])
+        return stacked_float64([sampled_entries(w, self._index[name]) for name, w in weights])
 
     def final_weights(self) -> dict[str, list[float]] | None:
         """The tracked weights' sampled coordinates (:func:`sampled_coordinates`) after the last ``optimizer.step()``,
@@ -296,9 +305,7 @@ class StepGuard:
     def _sample(self) -> tuple[list[str], torch.Tensor]:
         """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
         grads = {name: w.grad for name, w in self.capture.weights().items() if w.grad is not None}
-        rows = [sampled_entries(g, self._index[name]) for name, g in grads.items()]
-        rows = rows if len({r.dtype for r in rows}) <= 1 else [r.double() for r in rows]  # layers in other dtypes
-        return list(grads), torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
+        return list(grads), stacked_float64([sampled_entries(g, self._index[name]) for name, g in grads.items()])
 
     def after_backward(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
