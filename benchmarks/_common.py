@@ -67,6 +67,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -256,12 +257,13 @@ def dve_callback(**kwargs: Any):
     return DataValueEmbedding(**kwargs)
 
 
-def make_trainer(callbacks: list, max_epochs: int = 1, max_steps: int = -1, precision: str = "32-true", **kw: Any):
-    """A quiet CPU Trainer: no logger, progress bar, checkpointing or model summary."""
+def make_trainer(callbacks: list, max_epochs: int = 1, max_steps: int = -1, precision: str = "32-true",
+                 accelerator: str = "cpu", **kw: Any):
+    """A quiet one-device Trainer (CPU unless ``accelerator``): no logger, progress bar, checkpointing or summary."""
     import lightning as L
 
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -277,8 +279,17 @@ def make_trainer(callbacks: list, max_epochs: int = 1, max_steps: int = -1, prec
     )
 
 
+def device_sync() -> None:
+    """Wait for queued CUDA work (no-op without CUDA), so that a host timestamp closes the device's work too."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
     """Timestamps of the fit phases, from a callback placed first in the list (it runs before the others).
+
+    On a GPU the marks that close a phase (train start, train end) wait for the device first; the per-step marks
+    do not, so ``steady_step_s`` is host time there (use ``train_loop_s``).
 
     ``train_loop_s``: ``on_train_start`` to ``on_train_end`` (all steps, capture included);
     ``fit_s`` is measured outside. A :class:`PhaseTimerEnd` placed last gives the end of ``on_train_end``.
@@ -294,12 +305,14 @@ class PhaseTimer:
                 outer.t["fit_start"] = time.perf_counter()
 
             def on_train_start(self, trainer, pl_module):
+                device_sync()
                 outer.t["train_start"] = time.perf_counter()
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 outer.batch_starts.append(time.perf_counter())
 
             def on_train_end(self, trainer, pl_module):
+                device_sync()
                 outer.t["train_end_begin"] = time.perf_counter()
 
         class Last(L.Callback):
@@ -307,6 +320,7 @@ class PhaseTimer:
                 outer.t["fit_start_done"] = time.perf_counter()
 
             def on_train_end(self, trainer, pl_module):
+                device_sync()
                 outer.t["train_end_done"] = time.perf_counter()
 
         self.t: dict[str, float] = {}

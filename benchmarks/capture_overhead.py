@@ -1,6 +1,6 @@
 """Capture overhead: ``Trainer.fit`` with ``DataValueEmbedding`` over ``fit`` without, same data and seed.
 
-Models (all plain SGD, float32, CPU):
+Models (all plain SGD, float32, on the CPU unless ``--accelerator gpu``):
 
 - ``mlp``: digits (sklearn, bundled) ``64 -> 64 -> 64 -> 10`` tanh MLP, batch 32, one epoch (57 steps);
   projection dims 64 / 256 / 1024 (default) and exact (``projection_dim=None``).
@@ -33,6 +33,11 @@ Output: one JSON line per (model, variant) and a summary line per model. ``ratio
 
 ``benchmarks/step_breakdown.py`` splits the per-step cost into its parts (hooks, bookkeeping, recursion).
     .venv/bin/python benchmarks/capture_overhead.py --models lm --profile   # where the time goes
+    python3 benchmarks/capture_overhead.py --accelerator gpu --threads 16 --lm-steps 96 --repeats 5   # on a GPU
+
+On a GPU the phase marks wait for the device; each record adds ``to_host_s_per_call``, the host's median time
+in the device-to-host copy of a step's rows (with the wait for the step's queued kernels), and ``--lm-batch``
+shows how the per-step host cost of the hooks, which does not grow with the batch, weighs less at larger ones.
 """
 
 from __future__ import annotations
@@ -42,17 +47,19 @@ import cProfile
 import json
 import pstats
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import _common as C
+from lightning_dve import capture
 
 
-def model_configs(mode: str, lm_steps: int | None = None) -> dict[str, dict[str, Any]]:
+def model_configs(mode: str, lm_steps: int | None = None, lm_batch: int = 16) -> dict[str, dict[str, Any]]:
     """Per model: data, batch, steps, projection dims and module kwargs for ``mode`` (``lm_steps``: the LM's
-    steps instead of the mode's 12 or 24)."""
+    steps instead of the mode's 12 or 24; ``lm_batch``: its batch instead of 16)."""
     if mode == "quick":
         return {
             "mlp": dict(n=256, batch=32, max_steps=-1, dims=[64, None], module={}),
@@ -64,7 +71,7 @@ def model_configs(mode: str, lm_steps: int | None = None) -> dict[str, dict[str,
     return {
         "mlp": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024, None], module={}),
         "cnn": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024], module={}),
-        "lm": dict(n=16 * lm_steps, batch=16, max_steps=-1, dims=[64, 256, 1024] + ([4096] if mode == "full" else []),
+        "lm": dict(n=lm_batch * lm_steps, batch=lm_batch, max_steps=-1, dims=[64, 256, 1024] + ([4096] if mode == "full" else []),
                    seq=128, module=dict(width=256, layers=4, heads=4, seq_len=128)),
     }
 
@@ -74,6 +81,28 @@ def dataset(kind: str, cfg: dict[str, Any]) -> C.DictDataset:
         return C.lm_dataset(cfg["n"], cfg["seq"])
     ds = C.digits_dataset(kind)
     return C.DictDataset(ds.x[: cfg["n"]], ds.y[: cfg["n"]])
+
+
+class HostWait:
+    """Time the host spends in ``to_host`` (the device-to-host copies of the step's rows and their one wait)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __enter__(self) -> HostWait:
+        self._original = capture.to_host
+
+        def timed(blocks: dict) -> dict:
+            start = time.perf_counter()
+            out = self._original(blocks)
+            self.calls.append(time.perf_counter() - start)
+            return out
+
+        capture.to_host = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        capture.to_host = self._original
 
 
 def one_fit(kind: str, cfg: dict[str, Any], ds: C.DictDataset, dim: Any, optimizer: str = "sgd") -> dict[str, Any]:
@@ -87,12 +116,15 @@ def one_fit(kind: str, cfg: dict[str, Any], ds: C.DictDataset, dim: Any, optimiz
             kwargs["exclude"] = C.LM_EXCLUDE
         callbacks.append(C.dve_callback(**kwargs))
     timer = C.PhaseTimer()
-    trainer = C.make_trainer(timer.wrap(callbacks), max_epochs=1, max_steps=cfg["max_steps"])
+    trainer = C.make_trainer(timer.wrap(callbacks), max_epochs=1, max_steps=cfg["max_steps"],
+                             accelerator=cfg.get("accelerator", "cpu"))
     loader = C.seeded_loader(ds, cfg["batch"], seed=0)
-    with C.Stopwatch() as sw:
+    with C.Stopwatch() as sw, HostWait() as wait:
         trainer.fit(module, loader)
+        C.device_sync()
     out = {"fit_s": sw.seconds, "train_loop_s": timer.train_loop_s, "train_end_s": timer.train_end_s,
-           "fit_start_s": timer.fit_start_s, "steady_step_s": timer.steady_step_s, "steps": trainer.global_step}
+           "fit_start_s": timer.fit_start_s, "steady_step_s": timer.steady_step_s, "steps": trainer.global_step,
+           "to_host_s_per_call": statistics.median(wait.calls) if wait.calls else None}
     if dim != "off":
         manifest = json.loads((save_dir / "dve" / "manifest.json").read_text())
         out["bytes_per_step"] = manifest.get("bytes_per_step")
@@ -140,6 +172,7 @@ def run_model(kind: str, cfg: dict[str, Any], repeats: int, target: float | None
     base = clean(all_base)
     steps = base[0]["steps"]
     summary = {"benchmark": "capture_overhead", "model": kind, "variant": "off", "steps": steps,
+               "accelerator": cfg["accelerator"],
                "batch": cfg["batch"], "module": cfg["module"], "repeats": repeats,
                "fit_s": C.stats([b["fit_s"] for b in base]),
                "train_loop_s": C.stats([b["train_loop_s"] for b in base]),
@@ -163,6 +196,7 @@ def run_model(kind: str, cfg: dict[str, Any], repeats: int, target: float | None
             "fit_start_s": C.stats([x["fit_start_s"] for x in runs]),
             "steady_step_s": C.stats([x["steady_step_s"] for x in runs]),
             "cpu_s": C.stats([x["cpu_s"] for x in runs]),
+            "to_host_s_per_call": C.stats([x["to_host_s_per_call"] for x in runs]),
             "foreign_load": [x["foreign_load"] for x in all_runs], "attempts": [x["attempts"] for x in all_runs],
             "excluded_disturbed": len(all_runs) - len(runs),
             "ratio": {
@@ -221,9 +255,14 @@ def main() -> None:
     parser.add_argument("--lm-steps", type=int, default=None, help="LM optimizer steps (default 12, --full 24): "
                         "the one-off costs of a fit (projection set-up, train-end recursion, final snapshot) are "
                         "spread over more steps")
+    parser.add_argument("--lm-batch", type=int, default=16, help="LM batch (default 16, the issue's); a larger "
+                        "one shows how the per-step overhead, which does not grow with the batch, shrinks on a GPU")
     parser.add_argument("--dims", default=None, help="comma-separated projection dims instead of the mode's "
                         "(an int, or 'exact')")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu (default) or gpu; on a "
+                        "GPU the phase marks wait for the device, and each record has the host's median time in "
+                        "the device-to-host copy of a step's rows (to_host_s_per_call)")
     parser.add_argument("--profile", action="store_true", help="always cProfile the LM at projection 1024")
     parser.add_argument("--no-profile", action="store_true", help="never profile (default: profile if the LM "
                         "misses its target)")
@@ -234,7 +273,9 @@ def main() -> None:
     C.setup(args.threads)
     mode_name = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or {"quick": 1, "default": 3, "full": 5}[mode_name]
-    configs = model_configs(mode_name, args.lm_steps)
+    configs = model_configs(mode_name, args.lm_steps, args.lm_batch)
+    for cfg in configs.values():
+        cfg["accelerator"] = args.accelerator
     if args.dims:
         for cfg in configs.values():
             cfg["dims"] = [None if d == "exact" else int(d) for d in args.dims.split(",")]
@@ -243,7 +284,8 @@ def main() -> None:
     started = time.perf_counter()
     missed = False
     for kind in args.models.split(","):
-        table = run_model(kind, configs[kind], repeats, 1.10 if kind == "lm" and mode_name != "quick" else None, args)
+        target = 1.10 if kind == "lm" and mode_name != "quick" and args.lm_batch == 16 else None
+        table = run_model(kind, configs[kind], repeats, target, args)
         if kind == "lm" and "1024" in table:
             missed = not table["1024"].get("meets_target", True)
     if (args.profile or (missed and not args.no_profile)) and "lm" in args.models.split(","):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins import MixedPrecision
@@ -20,8 +21,14 @@ from tests.conftest import DigitsDict, TinyMLP
 State = dict[str, torch.Tensor]
 
 
-def fit(tmp: Path, name: str, **trainer_args) -> tuple[TinyMLP, DataValueEmbedding, list[State]]:
-    """Fit the tiny MLP on 96 digits (6 steps) in exact mode; also return the parameters before each step."""
+ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="needs a CUDA device"))]
+
+
+def fit(tmp: Path, name: str, accelerator: str = "cpu", **trainer_args) -> tuple[TinyMLP, DataValueEmbedding,
+                                                                                   list[State]]:
+    """Fit the tiny MLP on 96 digits (6 steps) in exact mode on ``accelerator``; also return the parameters
+    before each step."""
     model = TinyMLP(hidden=16, lr=0.2)
     seen: list[State] = []
 
@@ -30,7 +37,7 @@ def fit(tmp: Path, name: str, **trainer_args) -> tuple[TinyMLP, DataValueEmbeddi
             seen.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
     dve = DataValueEmbedding(tmp / name, projection_dim=None, report=None)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[dve, Weights()],
                         **trainer_args)
     trainer.fit(model, DataLoader(DigitsDict(range(96)), batch_size=16))
@@ -50,11 +57,12 @@ def per_sample_rows(state: State, batch: dict) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_bf16_autocast_rows_and_scores_match_float32(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_bf16_autocast_rows_and_scores_match_float32(tmp_path: Path, accelerator: str) -> None:
     """bf16 autocast (8-bit mantissa): stored rows within 1% of float32 rows at the same weights; influence
-    scores of all occurrences keep a Spearman >= 0.95 against the float32 run."""
-    model16, dve16, seen = fit(tmp_path, "bf16", precision="bf16-mixed")
-    model32, dve32, _ = fit(tmp_path, "fp32")
+    scores of all occurrences keep a Spearman >= 0.95 against the float32 run (on the CPU and on a GPU)."""
+    model16, dve16, seen = fit(tmp_path, "bf16", accelerator, precision="bf16-mixed")
+    model32, dve32, _ = fit(tmp_path, "fp32", accelerator)
     store = TrajectoryStore.open(tmp_path / "bf16")
     data = DigitsDict(range(96))
     for step in (0, 5):
@@ -71,11 +79,14 @@ def test_bf16_autocast_rows_and_scores_match_float32(tmp_path: Path) -> None:
     assert rho >= 0.95, rho
 
 
-def test_fp16_grad_scaler_scale_is_divided_out_and_skipped_steps_are_dropped(tmp_path: Path) -> None:
-    """A CPU GradScaler at 2**22 overflows fp16 for the first steps: those are skipped by torch and absent
-    from the store (``.steps`` has gaps); recorded rows equal float32 per-example gradients within 1%."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
-    model, dve, seen = fit(tmp_path, "fp16", plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_fp16_grad_scaler_scale_is_divided_out_and_skipped_steps_are_dropped(tmp_path: Path,
+                                                                             accelerator: str) -> None:
+    """A GradScaler at 2**22 overflows fp16 for the first steps: those are skipped by torch and absent from the
+    store (``.steps`` has gaps); recorded rows equal float32 per-example gradients within 1% (CPU and GPU)."""
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**22)
+    model, dve, seen = fit(tmp_path, "fp16", accelerator, plugins=[MixedPrecision("16-mixed", device, scaler)])
     applied = [s for s in range(len(seen) - 1) if not torch.equal(seen[s]["net.0.weight"], seen[s + 1]["net.0.weight"])]
     steps = dve.embeddings.steps
     assert 0 < len(steps) < 6 and steps[0] > 0  # some steps were skipped, the rest recorded
