@@ -310,8 +310,11 @@ class DataValueEmbedding(StepHooks):
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
+        need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
+                                            self._dims, dtype, len(bounds))
         recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
-                                         bounds, progress=trainer.progress_bar_callback is not None)
+                                         bounds, progress=trainer.progress_bar_callback is not None,
+                                         device=callback_setup.recursion_device(pl_module.device, need))
         if self._comm.rank == 0:
             callback_setup.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)

@@ -232,6 +232,20 @@ def report(write: Callable[[], None], root: Path) -> None:
                        f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}).")
 
 
+def recursion_device(device: torch.device, need: int) -> torch.device | None:
+    """The training device for the train-end recursion when it is a GPU with room for ``need`` bytes (free, or
+    cached by torch and unused), else ``None``: the CPU, said on rank 0 when the GPU lacks the room."""
+    if device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if need <= free:
+        return device
+    rank_zero_info(f"lightning_dve: the train-end recursion needs about {need / 2**30:.1f} GiB on {device}, where "
+                   f"{free / 2**30:.1f} GiB are free: it runs on the CPU instead (slower, same result). Free GPU "
+                   "memory before train end, or use a smaller projection_dim or layout='per_layer', to keep it there.")
+    return None
+
+
 def warn_weights_replaced() -> None:
     """Say that the weights at train end are not those after the last optimizer step (weight averaging)."""
     rank_zero_warn("DataValueEmbedding: the tracked weights changed after the last optimizer step (a callback such "

@@ -91,6 +91,17 @@ class StepRecord:
     vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
     applied_lrs: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> StepRecord:
+        """The record with the tensors the recursion computes with on ``device``: weights, rows and vectors (the
+        ids, rates and optimizer terms stay on the CPU, where they index and fill the columns)."""
+        def move(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: value.to(device) for name, value in rows.items()}
+
+        return dataclasses.replace(
+            self, weights=self.weights.to(device), grads=move(self.grads), curvature=move(self.curvature),
+            preconditioned=move(self.preconditioned), curvature_preconditioned=move(self.curvature_preconditioned),
+            vectors={kind: move(values) for kind, values in self.vectors.items()})
+
     def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
         out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}

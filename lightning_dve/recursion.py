@@ -64,6 +64,9 @@ class BackwardRecursion:
     (``shrink = lr lambda``). The second-moment channel (``record.vectors["kappa"]``) adds a third map ``V``
     (:meth:`_second_moment_map`): ``e -= V (w v_gain g' * g)`` and ``M_{t-1} -= sum_z V (w v_gain g' * h) h^T``.
 
+    It computes where the records' rows are (:meth:`StepRecord.to`: the training device at train end) and
+    returns embeddings and factors on the CPU, where they are written.
+
     Args:
         layer_order: every tracked layer in manifest order (the order of ``StepRecord.lrs``).
         layout: accumulation-matrix layout, which groups the layers.
@@ -91,7 +94,8 @@ class BackwardRecursion:
     def _columns(self, record: StepRecord, group: list[str], values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-layer values ``[L]`` spread over the group's columns ``[K]``."""
         of = dict(zip(self.layer_order, values.tolist()))
-        return torch.cat([torch.full((record.grads[n].shape[1],), of[n], dtype=dtype) for n in group])
+        device = record.grads[group[0]].device
+        return torch.cat([torch.full((record.grads[n].shape[1],), of[n], dtype=dtype, device=device) for n in group])
 
     def _row_scale(self, record: StepRecord, rates: dict[str, float], group: list[str], dtype: torch.dtype
                    ) -> torch.Tensor:
@@ -125,7 +129,7 @@ class BackwardRecursion:
                 embedding = self._momentum_step(index, record, group, grads, rows, lr)
             else:  # plain SGD records carry no preconditioned rows
                 embedding = self._sgd_step(index, lr * record.weights.to(dtype).unsqueeze(1), grads, rows)
-            out.update(zip(group, embedding.split([record.grads[n].shape[1] for n in group], dim=1)))
+            out.update(zip(group, embedding.cpu().split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
 
     def _curvature_rows(self, record: StepRecord, group: list[str], grads: torch.Tensor) -> torch.Tensor | None:
@@ -242,7 +246,7 @@ class BackwardRecursion:
             embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
                                                             update)
             widths = [records[0].grads[n].shape[1] for n in group]
-            for i, part in enumerate(embedding.split(sizes)):
+            for i, part in enumerate(embedding.cpu().split(sizes)):
                 out[i].update(zip(group, part.split(widths, dim=1)))
         return out
 
@@ -285,9 +289,10 @@ class BackwardRecursion:
                 sources, left, right, terms, sizes, update)
             if update:
                 self.accumulators[index], self.velocity_maps[index] = accumulator, velocity
-                self.next_momentum[index] = torch.full((sources.shape[1],), terms[-1].momentum, dtype=dtype)
+                self.next_momentum[index] = torch.full((sources.shape[1],), terms[-1].momentum, dtype=dtype,
+                                                       device=sources.device)
             widths = [records[0].grads[n].shape[1] for n in group]
-            for i, part in enumerate(embedding.split(sizes)):
+            for i, part in enumerate(embedding.cpu().split(sizes)):
                 out[i].update(zip(group, part.split(widths, dim=1)))
         return out
 
@@ -314,7 +319,8 @@ class BackwardRecursion:
         out = {}
         for group, accumulator in zip(self.groups, self.accumulators):
             if accumulator is not None:
-                out[group[0]] = torch.eye(accumulator.shape[0], dtype=accumulator.dtype) - accumulator
+                out[group[0]] = (torch.eye(accumulator.shape[0], dtype=accumulator.dtype, device=accumulator.device)
+                                 - accumulator).cpu()
         return out
 
 
@@ -340,7 +346,8 @@ def _stack(rows: list[dict[str, torch.Tensor]], group: list[str], dtype: torch.d
     """Several records' rows of a group stacked, ``[n, K]``: one copy of each tensor (``_cat`` of each, then a
     ``torch.cat``, would copy everything twice)."""
     widths = [rows[0][name].shape[1] for name in group]
-    out = torch.empty(sum(r[group[0]].shape[0] for r in rows), sum(widths), dtype=dtype)
+    out = torch.empty(sum(r[group[0]].shape[0] for r in rows), sum(widths), dtype=dtype,
+                      device=rows[0][group[0]].device)
     top = 0
     for record in rows:
         left, height = 0, record[group[0]].shape[0]

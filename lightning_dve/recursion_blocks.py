@@ -48,7 +48,8 @@ def block_sgd(
     if rows is None:  # no curvature: M stays 0 and e = s
         zeros = grads.new_zeros(grads.shape[1], grads.shape[1]) if update and accumulator is None else None
         return scaled, accumulator if zeros is None else zeros
-    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    step_of = torch.repeat_interleave(torch.arange(len(sizes), device=grads.device),
+                                      torch.tensor(sizes, device=grads.device))
     earlier = step_of.unsqueeze(1) > step_of.unsqueeze(0)  # i < j: [n, n]
     embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
     if rows is grads:

@@ -72,6 +72,7 @@ def embed_trajectory(
     dtype: torch.dtype,
     bounds: list[tuple[int, int]] | None = None,
     progress: bool = False,
+    device: torch.device | None = None,
 ) -> None:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
@@ -89,6 +90,8 @@ def embed_trajectory(
         bounds: ``[lo, hi)`` index ranges of the segments (:func:`~lightning_dve.recursion.segment_bounds`);
             ``None`` is one segment.
         progress: show a progress bar (rank 0).
+        device: where the recursion computes (``None``: the CPU): the records go there as they are read, and
+            the embeddings come back to the CPU, where they are written.
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
@@ -105,7 +108,10 @@ def embed_trajectory(
         first = store.steps[bounds[segment][0]]
         with ThreadPoolExecutor(max_workers=1) as writer:  # gathers and writes overlap the next block
             written: list[Future[None]] = []
-            for block in _blocks(store.iter_backward(*bounds[segment]), BLOCK_ROWS, whole):
+            records = store.iter_backward(*bounds[segment])
+            if device is not None:
+                records = (record.to(device) for record in records)
+            for block in _blocks(records, BLOCK_ROWS, whole):
                 # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                 embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
                 written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
@@ -150,6 +156,16 @@ def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, 
     if failed or error is not None:
         store.discard_embeddings()  # closed and deleted: their reserved space is free again
     agree_on_errors(comm, error)
+
+
+def device_bytes(layer_names: list[str], layout: AccumulatorLayout, owned: list[str], dims: dict[str, int],
+                 dtype: torch.dtype, segments: int) -> int:
+    """Memory the recursion of the groups of ``owned`` may hold at once on a device: about eight ``[K, K]``
+    matrices per group (``M``, the momentum form's maps, a block's ``[n, n]`` and ``[n, K]`` products with
+    ``n <= K``), for each segment that runs at the same time."""
+    widths = [sum(dims[n] for n in group) for group in layer_groups(layer_names, layout) if group[0] in owned]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 8 * sum(k * k for k in widths) * itemsize * _segment_workers(segments)
 
 
 def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[list[StepRecord]]:

@@ -18,6 +18,7 @@ import torch
 
 from lightning_dve.config import AccumulatorLayout
 from lightning_dve.recursion import BackwardRecursion
+from lightning_dve.recursion_ranks import device_bytes
 from lightning_dve.store import StepRecord
 
 DTYPE = torch.float64
@@ -279,3 +280,10 @@ def test_string_layout_is_honoured():
     """``AccumulatorLayout`` is a str enum; passing its value ``"full"`` must not silently run per-layer."""
     records = random_records(seed=14)
     assert_embeddings_close(run_package(records, "full"), run_package(records, FULL), list(LAYERS))
+
+
+def test_device_memory_estimate_counts_eight_squared_widths_per_owned_group() -> None:
+    """``device_bytes``: eight ``[K, K]`` matrices per group of the owned layers, in the accumulation dtype."""
+    dims = {"a": 3, "b": 4}
+    assert device_bytes(["a", "b"], AccumulatorLayout.FULL, ["a", "b"], dims, torch.float32, 1) == 8 * 49 * 4
+    assert device_bytes(["a", "b"], AccumulatorLayout.PER_LAYER, ["a"], dims, torch.float64, 1) == 8 * 9 * 8
