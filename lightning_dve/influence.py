@@ -26,7 +26,7 @@ from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
-                           recorded_layers, require_autograd, warn_if_not_final)
+                           on_module_device, recorded_layers, require_autograd, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
@@ -190,9 +190,11 @@ class DataValueEmbeddings(ReplayQueries):
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
 
-        ``module`` runs in eval mode with gradients enabled; its modes, parameters, ``requires_grad`` flags and
-        ``.grad`` are left as they were (gradients are taken with ``torch.autograd.grad`` with respect to the layer
-        outputs; frozen tracked layers are made trainable for the query only).
+        ``batch`` goes to ``module``'s device first, as the Trainer moves a training batch
+        (:func:`~lightning_dve.query_layers.on_module_device`); the gradients come back on the CPU. ``module``
+        runs in eval mode with gradients enabled; its modes, parameters, ``requires_grad`` flags and ``.grad`` are
+        left as they were (gradients are taken with ``torch.autograd.grad`` with respect to the layer outputs;
+        frozen tracked layers are made trainable for the query only).
 
         Raises:
             LayerMismatchError: if ``module`` does not hold the recorded layers.
@@ -200,6 +202,7 @@ class DataValueEmbeddings(ReplayQueries):
                 or ``loss_fn`` does not return one loss per sample of ``batch``.
         """
         require_autograd()
+        batch = on_module_device(module, batch)
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)
             capture.attach()

@@ -62,7 +62,8 @@ CASES = {  # the recursion's paths: blocked SGD, blocked momentum, step by step 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_gpu_fit_records_and_scores_what_the_cpu_fit_does(tmp_path: Path, monkeypatch, case: str) -> None:
     """Stored rows of every step and the influence scores on 8 test digits agree to 1e-9 (float64; only the
-    kernels' summation order differs), and the final weights too; the GPU fit's recursion ran on the GPU."""
+    kernels' summation order differs), and the final weights too; the GPU fit's recursion ran on the GPU, and
+    its query gives those scores with the module on the CPU or on the GPU (the batch stays on the CPU)."""
     devices = []
     embed = recursion_ranks.embed_trajectory
     monkeypatch.setattr(recursion_ranks, "embed_trajectory",
@@ -82,10 +83,11 @@ def test_a_gpu_fit_records_and_scores_what_the_cpu_fit_does(tmp_path: Path, monk
             assert rows.dtype == torch.float64
             torch.testing.assert_close(on_gpu.grads[layer], rows, rtol=1e-9, atol=1e-12)
     test = DigitsDataset(range(1500, 1508), dtype=torch.float64).batch()
-    scores_gpu = dve_gpu.embeddings.influence(model_gpu.cpu(), test).scores
     scores_cpu = dve_cpu.embeddings.influence(model_cpu, test).scores
     assert scores_cpu.abs().max() > 0
-    torch.testing.assert_close(scores_gpu, scores_cpu, rtol=1e-9, atol=1e-12 * float(scores_cpu.abs().max()))
+    for module in (model_gpu.cpu(), model_gpu.cuda()):  # a query on the GPU takes the CPU batch there itself
+        scores = dve_gpu.embeddings.influence(module, test).scores
+        torch.testing.assert_close(scores, scores_cpu, rtol=1e-9, atol=1e-12 * float(scores_cpu.abs().max()))
 
 
 def test_a_recursion_the_gpu_has_no_room_for_runs_on_the_cpu_and_says_so(caplog) -> None:

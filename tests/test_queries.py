@@ -3,22 +3,27 @@ damaged embeddings files, a handle of a store recorded again, and bad or NaN ran
 
 from __future__ import annotations
 
+import collections
 import copy
 import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult,
                           LossReductionError, StoreError)
+from lightning_dve.query_layers import on_module_device
 from lightning_dve.store import TrajectoryStore
+from tests.conftest import TinyMLP
 
 
 def per_sample_ce(module, batch):
@@ -468,3 +473,30 @@ def test_a_dataloader_for_the_test_batch_is_refused_naming_the_fix(trained, test
     loader = DataLoader([{k: v[i] for k, v in test_batch.items()} for i in range(4)], batch_size=2)
     with pytest.raises(ConfigError, match=r"the test batch is a DataLoader; .* pass next\(iter\(loader\)\)"):
         trained.dve.embeddings.influence(copy.deepcopy(trained.model), loader)
+
+
+class RecordingTransfer(TinyMLP):
+    """A LightningModule whose ``transfer_batch_to_device`` override records the devices it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[torch.device] = []
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        self.asked.append(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def test_a_query_batch_goes_to_the_module_device_as_the_trainer_moves_it() -> None:
+    """``on_module_device``: through the LightningModule's (overridable) ``transfer_batch_to_device``, or for a plain
+    module through nested dicts, lists and named tuples; untouched for a module on the CPU. The "meta" device
+    stands in for a GPU (tensors move there on any machine)."""
+    batch = {"x": torch.ones(2, 64), "pair": (torch.zeros(2), [torch.ones(1)]), "name": "kept"}
+    module = RecordingTransfer()
+    assert on_module_device(module, batch) is batch and module.asked == []
+    moved = on_module_device(module.to("meta"), batch)
+    assert module.asked == [torch.device("meta")] and moved["x"].is_meta and moved["pair"][1][0].is_meta
+    Pair = collections.namedtuple("Pair", "x y")
+    plain = on_module_device(nn.Linear(2, 2).to("meta"), {"p": Pair(torch.ones(1), 3), "l": [torch.ones(1)]})
+    assert isinstance(plain["p"], Pair) and plain["p"].x.is_meta and plain["p"].y == 3 and plain["l"][0].is_meta
+    assert batch["x"].device.type == "cpu"  # the caller's batch is not changed
