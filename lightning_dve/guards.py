@@ -36,8 +36,7 @@ from .layers import gradient_block
 
 #: Coordinates sampled per tracked weight to compare the applied gradient with the backward's.
 SAMPLED = 64
-#: Relative tolerance of the applied gradient against ``factor * backward gradient`` (float32 rounding of one
-#: scaling is ~1e-7).
+#: Relative tolerance of the applied gradient against ``factor * backward gradient`` (float32 rounding: ~1e-7).
 TOLERANCE = 1e-4
 
 
@@ -51,8 +50,7 @@ def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) 
 
 
 def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's BatchNorm modules by name (found once per fit: the per-step check reads only their mode and
-    whether they keep running statistics)."""
+    """The model's BatchNorm modules by name (found once per fit; the per-step check reads their mode and stats)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, _BatchNorm)}
 
 
@@ -81,11 +79,8 @@ def check_no_inner_backward(ran: bool, step: int) -> None:
 
 
 def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
-    """Refuse BatchNorm that uses batch statistics (train mode, or no running statistics in any mode): they mix
-    the samples, so per-sample gradients do not exist.
-
-    Args:
-        batchnorms: :func:`batchnorm_modules` of the model.
+    """Refuse BatchNorm (of :func:`batchnorm_modules`) that uses batch statistics (train mode, or no running
+    statistics in any mode): they mix the samples, so per-sample gradients do not exist.
 
     Raises:
         UnsupportedError: naming the first such module.
@@ -127,17 +122,14 @@ def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch
 
 def sampled_entries(tensor: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor``'s entries at its :func:`sampled_coordinates` (``index``: those, precomputed on the step's path)."""
-    index = sampled_coordinates(tensor.numel(), tensor.device) if index is None else index
-    return torch.take(tensor.detach(), index)
+    return torch.take(tensor.detach(), sampled_coordinates(tensor.numel(), tensor.device) if index is None else index)
 
 
 def stacked_float64(rows: list[torch.Tensor]) -> torch.Tensor:
     """Sampled rows stacked as ``[len(rows), SAMPLED]`` float64 (one conversion when they share a dtype)."""
-    if not rows:
-        return torch.empty(0, SAMPLED, dtype=torch.float64)
     if len({row.dtype for row in rows}) > 1:  # layers in other dtypes
         rows = [row.double() for row in rows]
-    return torch.stack(rows).double()
+    return torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
 
 
 def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, only: set[str] | None = None,
