@@ -71,7 +71,8 @@ def model_configs(mode: str, lm_steps: int | None = None, lm_batch: int = 16) ->
     return {
         "mlp": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024, None], module={}),
         "cnn": dict(n=1797, batch=32, max_steps=-1, dims=[64, 256, 1024], module={}),
-        "lm": dict(n=lm_batch * lm_steps, batch=lm_batch, max_steps=-1, dims=[64, 256, 1024] + ([4096] if mode == "full" else []),
+        "lm": dict(n=lm_batch * lm_steps, batch=lm_batch, max_steps=-1,
+                   dims=[64, 256, 1024] + ([4096] if mode == "full" else []),
                    seq=128, module=dict(width=256, layers=4, heads=4, seq_len=128)),
     }
 
