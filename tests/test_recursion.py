@@ -287,3 +287,19 @@ def test_device_memory_estimate_counts_eight_squared_widths_per_owned_group() ->
     dims = {"a": 3, "b": 4}
     assert device_bytes(["a", "b"], AccumulatorLayout.FULL, ["a", "b"], dims, torch.float32, 1) == 8 * 49 * 4
     assert device_bytes(["a", "b"], AccumulatorLayout.PER_LAYER, ["a"], dims, torch.float64, 1) == 8 * 9 * 8
+
+
+def test_a_record_moves_what_the_recursion_computes_with_and_keeps_ids_rates_and_terms_on_the_cpu() -> None:
+    """``StepRecord.to`` (the train-end recursion on a GPU): weights, every kind of rows and the per-coordinate
+    vectors go to the device ("meta" stands in for a GPU here); sample ids, rates and optimizer terms stay."""
+    rows = {"a": torch.ones(2, 3)}
+    record = StepRecord(4, torch.tensor([7, 8]), torch.full((2,), 0.5, dtype=torch.float64),
+                        torch.tensor([0.1], dtype=torch.float64), rows, 1, {"momentum": torch.tensor([0.9])},
+                        curvature=rows, preconditioned=rows, curvature_preconditioned=rows,
+                        vectors={"kappa": {"a": torch.ones(3)}}, applied_lrs=torch.tensor([0.1]))
+    moved = record.to(torch.device("meta"))
+    assert moved.weights.is_meta and moved.vectors["kappa"]["a"].is_meta
+    assert all(getattr(moved, field)["a"].is_meta
+               for field in ("grads", "curvature", "preconditioned", "curvature_preconditioned"))
+    assert not any(t.is_meta for t in (moved.sample_ids, moved.lrs, moved.optim["momentum"], moved.applied_lrs))
+    assert (moved.step, moved.epoch) == (4, 1) and not record.weights.is_meta  # the record itself is unchanged
