@@ -4,7 +4,8 @@
 #   1. the CUDA tests: a GPU fit records and scores what the CPU fit does (float64, exact and projected),
 #      bf16/fp16 autocast on the GPU against float32, the pinned non-blocking copy;
 #   2. the capture overhead on the GPU: the issue #5 models (96 LM steps, 5 repeats), then the LM at batch 256;
-#      torch's default thread count (all cores), as a user's fit has.
+#      torch's default thread count (all cores), as a user's fit has;
+#   3. the host time per step in each of the callback's hooks (step_phases.py, the LM).
 # Run from the repository root:  bash benchmarks/gpu_check.sh   (logs and JSON lines go to ${OUT:-.})
 set -u
 out=${OUT:-.}
@@ -20,3 +21,5 @@ echo "capture_overhead rc=$?"
 python3 benchmarks/capture_overhead.py --accelerator gpu --threads "$threads" --models lm --lm-steps 24 \
     --lm-batch 256 --dims 1024 --repeats 3 --quiet 0 --no-profile > "$out/gpu_capture_batch256.jsonl"
 echo "capture_overhead batch 256 rc=$?"
+python3 benchmarks/step_phases.py --accelerator gpu --threads "$threads" --models lm > "$out/step_phases.jsonl"
+echo "step_phases rc=$?"
