@@ -160,12 +160,13 @@ def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, 
 
 def device_bytes(layer_names: list[str], layout: AccumulatorLayout, owned: list[str], dims: dict[str, int],
                  dtype: torch.dtype, segments: int) -> int:
-    """Memory the recursion of the groups of ``owned`` may hold at once on a device: about eight ``[K, K]``
-    matrices per group (``M``, the momentum form's maps, a block's ``[n, n]`` and ``[n, K]`` products with
-    ``n <= K``), for each segment that runs at the same time."""
+    """Memory the recursion of the groups of ``owned`` may hold at once on a device: about eight ``[m, m]``
+    matrices per group, ``m = max(K, BLOCK_ROWS)`` (``M`` and the momentum form's maps are ``[K, K]``, a block's
+    products ``[n, n]`` and ``[n, K]`` with ``n`` rows, at most ``K`` in one block of a whole segment, else about
+    ``BLOCK_ROWS``), for each segment that runs at the same time."""
     widths = [sum(dims[n] for n in group) for group in layer_groups(layer_names, layout) if group[0] in owned]
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 8 * sum(k * k for k in widths) * itemsize * _segment_workers(segments)
+    return 8 * sum(max(k, BLOCK_ROWS) ** 2 for k in widths) * itemsize * _segment_workers(segments)
 
 
 def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[list[StepRecord]]:

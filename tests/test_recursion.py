@@ -283,10 +283,12 @@ def test_string_layout_is_honoured():
 
 
 def test_device_memory_estimate_counts_eight_squared_widths_per_owned_group() -> None:
-    """``device_bytes``: eight ``[K, K]`` matrices per group of the owned layers, in the accumulation dtype."""
-    dims = {"a": 3, "b": 4}
-    assert device_bytes(["a", "b"], AccumulatorLayout.FULL, ["a", "b"], dims, torch.float32, 1) == 8 * 49 * 4
-    assert device_bytes(["a", "b"], AccumulatorLayout.PER_LAYER, ["a"], dims, torch.float64, 1) == 8 * 9 * 8
+    """``device_bytes``: eight ``[m, m]`` matrices (``m``: the group's width, at least a block's rows) per group of
+    the owned layers, in the accumulation dtype."""
+    dims = {"a": 300, "b": 400}
+    assert device_bytes(["a", "b"], AccumulatorLayout.FULL, ["a", "b"], dims, torch.float32, 1) == 8 * 700**2 * 4
+    assert device_bytes(["a", "b"], AccumulatorLayout.PER_LAYER, ["a"], dims, torch.float64, 1) == 8 * 300**2 * 8
+    assert device_bytes(["a"], AccumulatorLayout.PER_LAYER, ["a"], {"a": 3}, torch.float32, 1) == 8 * 256**2 * 4
 
 
 def test_a_record_moves_what_the_recursion_computes_with_and_keeps_ids_rates_and_terms_on_the_cpu() -> None:
