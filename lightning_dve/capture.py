@@ -301,9 +301,9 @@ class GradientCapture:
         batch = self.batch_size()
         reference = next(iter(self._blocks.values()))
         dims = {name: layer.projection.dim for name, layer in self.layers.items()}
-        blocks = {name: self._rows[kind].get(name) for name in self.layers}
-        blocks = {name: reference.new_zeros(batch, dims[name]) if block is None else block
-                  for name, block in blocks.items()}
+        captured = self._rows[kind]
+        blocks = {name: captured[name] if name in captured else reference.new_zeros(batch, dim)
+                  for name, dim in dims.items()}
         if len({block.device for block in blocks.values()}) > 1:  # a model spread over devices: layer by layer
             return {name: self._scaled(block, weights) for name, block in to_host(blocks).items()}
         rows = to_host({kind: self._scaled(torch.cat(list(blocks.values()), dim=1), weights)})[kind]

@@ -22,7 +22,7 @@ from .config import LossReduction
 from .errors import ConfigError, LayerMismatchError, LossReductionError
 from .guards import sampled_entries
 from .projection import LayerProjection
-from .replay_data import batch_rows, count_samples
+from .replay_data import batch_rows, count_samples, to_device
 
 
 def _set_flag(tensor: Any, flag: bool, saved: list[tuple[torch.Tensor, bool]]) -> None:
@@ -287,26 +287,15 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
 def on_module_device(module: nn.Module, batch: Any) -> Any:
     """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through
     the LightningModule's ``transfer_batch_to_device`` (an override applies), or, for a plain module, every
-    tensor of nested lists, tuples and dicts. Returned as it is when the module is on the CPU."""
+    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.replay_data.to_device`).
+    Returned as it is when the module is on the CPU."""
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type == "cpu":
         return batch
     transfer = getattr(module, "transfer_batch_to_device", None)
     if callable(transfer):
         return transfer(batch, parameter.device, 0)
-    return _to_device(batch, parameter.device)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in its nested dicts, lists and tuples (named ones too) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return type(value)((key, _to_device(item, device)) for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        items = [_to_device(item, device) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
+    return to_device(batch, parameter.device)
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:
