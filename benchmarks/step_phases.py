@@ -15,11 +15,6 @@ the CPU), where it competes with the training thread for the GIL. One JSON line 
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
-import time
-from collections.abc import Callable
-from typing import Any
 
 import _common as C
 import capture_overhead as CO
@@ -40,18 +35,6 @@ TIMED: list[tuple[type, str, str]] = [
 ]
 
 
-def timed(totals: collections.Counter, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` adding its wall time to ``totals[label]``."""
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            totals[label] += time.perf_counter() - start
-    return wrapper
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", default="cpu")
@@ -65,18 +48,16 @@ def main() -> None:
         args.models, args.repeats = "tiny", 1
     C.setup(args.threads)
     C.emit({"benchmark": "step_phases", "kind": "machine", **C.machine()})
-    totals: collections.Counter = collections.Counter()
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in TIMED]
+    timers = C.FunctionTimers()
     for owner, name, label in TIMED:
-        setattr(owner, name, timed(totals, label, getattr(owner, name)))
+        timers.wrap(owner, name, label)
     try:
-        run_models(args, steps, totals)
+        run_models(args, steps, timers)
     finally:  # the timers leave the package as it was (the smoke test runs every script in one process)
-        for owner, name, function in originals:
-            setattr(owner, name, function)
+        timers.restore()
 
 
-def run_models(args: argparse.Namespace, steps: int, totals: collections.Counter) -> None:
+def run_models(args: argparse.Namespace, steps: int, timers: C.FunctionTimers) -> None:
     """Time each model's fits without and with the callback; one JSON line per model."""
     for model in args.models.split(","):
         module = MODELS[model]
@@ -85,14 +66,15 @@ def run_models(args: argparse.Namespace, steps: int, totals: collections.Counter
         ds = CO.dataset("lm", cfg)
         CO.one_fit("lm", cfg, ds, "off")  # warm-up
         CO.one_fit("lm", cfg, ds, 1024)
-        totals.clear()
+        timers.reset()
         pairs = [(CO.one_fit("lm", cfg, ds, "off"), CO.one_fit("lm", cfg, ds, 1024)) for _ in range(args.repeats)]
         recorded = sum(on["steps"] for _, on in pairs)
         C.emit({"benchmark": "step_phases", "model": model, "accelerator": args.accelerator, "k": 1024,
                 "off_ms_per_step": [round(1000 * off["train_loop_s"] / off["steps"], 2) for off, _ in pairs],
                 "on_ms_per_step": [round(1000 * on["train_loop_s"] / on["steps"], 2) for _, on in pairs],
                 "train_end_s": [round(on["train_end_s"], 3) for _, on in pairs],
-                "phase_ms_per_step": {k: round(1000 * v / recorded, 3) for k, v in totals.most_common()}})
+                "phase_ms_per_step": {k: round(1000 * v / recorded, 3)
+                                      for k, v in sorted(timers.total.items(), key=lambda kv: -kv[1])}})
 
 
 if __name__ == "__main__":
