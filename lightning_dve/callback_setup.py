@@ -256,6 +256,14 @@ def warn_weights_replaced() -> None:
                    "the report and the replay checkpoint at the last step's weights.")
 
 
+def warn_unapplied() -> None:
+    """Say that micro-batches whose gradients were reset before any optimizer step are left out of the record."""
+    rank_zero_warn("DataValueEmbedding: the gradients of a training batch were reset (zero_grad) before any optimizer "
+                   "step applied them: an optimizer_step override ran optimizer_closure() without optimizer.step(). "
+                   "That batch changed no weight, so its samples are not recorded at any step. To accumulate "
+                   "gradients over batches instead, use Trainer(accumulate_grad_batches=...).")
+
+
 def warn_replay_lost(error: DVEError) -> None:
     """Say that exact replay is unavailable because the final replay checkpoint failed (the embeddings are fine)."""
     rank_zero_warn(f"DataValueEmbedding: the final replay checkpoint could not be written ({error}); the embeddings "
@@ -387,5 +395,5 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
                         "each update is rounded to it; keep the weights in float32 and use precision='bf16-mixed' "
                         "or '16-mixed' for half-precision compute)")
     if problems:
-        raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + " yet: the recorded "
-                               "gradients would not match the update the optimizer applied.")
+        raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + ". Under these "
+                               "settings the recorded gradients would not match the update the optimizer applied.")

@@ -21,7 +21,7 @@ from .config import DVEConfig, ReportConfig
 from .curvature import check_autograd_reached, check_cross_entropy, sampled_label_grad
 from .errors import DVEError, GradientError
 from .guards import StepGuard, check_no_batchnorm_training, check_no_inner_backward
-from .optim import clip_factor, grads_finite, keeps_grads, sgd_proxy_reason
+from .optim import clip_factor, gradients_reset, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
@@ -76,6 +76,7 @@ class StepHooks(pl.Callback):
         if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
             return
         hooks = self._active_capture()
+        self._drop_reset_micro_batches()
         self._inner_backward = hooks.captured  # rows before the training backward: training_step ran one itself
         scaler = callback_setup.grad_scaler(trainer)
         self._loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
@@ -168,6 +169,19 @@ class StepHooks(pl.Callback):
                                                       self.reference, record.step)
                 except DVEError as err:
                     self._deferred_write = err
+
+    def _drop_reset_micro_batches(self) -> None:
+        """Drop the buffered micro-batches whose gradients a ``zero_grad`` reset before any optimizer step applied
+        them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
+        the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
+        Micro-batches whose gradients are still there (accumulation) stay."""
+        if not self._assembler.pending:
+            return
+        weights = self._active_capture().weights()
+        if gradients_reset([weights[name] for name in self._reached]):
+            callback_setup.warn_unapplied()
+            self._assembler.discard()
+            self._reached, self._deferred = set(), None
 
     def _micro_batch(self, trainer: pl.Trainer, batch: Any) -> sync.MicroBatch:
         """Close one micro-batch: ids, the weight the optimizer applies (method.md §2), per-sample gradients.

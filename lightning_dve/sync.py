@@ -97,6 +97,11 @@ class StepAssembler:
         """Buffer one micro-batch of this rank."""
         self._buffer.append(micro)
 
+    @property
+    def pending(self) -> int:
+        """Samples in the buffered micro-batches, which no step has closed yet."""
+        return sum(micro.sample_ids.numel() for micro in self._buffer)
+
     def discard(self) -> None:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, step_files
 from lightning_dve.store import TrajectoryStore
+from tests.conftest import DigitsDict
 
 
 def scores_of(dve: DataValueEmbedding, model: L.LightningModule, batch: dict) -> torch.Tensor:
@@ -36,6 +38,72 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_twice_the_size(
     for name in first_a.grads:
         torch.testing.assert_close(first_b.grads[name], first_a.grads[name], rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(scores_b, scores_a, rtol=1e-8, atol=1e-13)
+
+
+def records_and_scores(dve: DataValueEmbedding, model: L.LightningModule, batch: dict) -> tuple[list, torch.Tensor]:
+    store = dve.embeddings.store
+    scores = dve.embeddings.influence(model.double(), {**batch, "x": batch["x"].double()}).scores
+    return [store.read_step(step) for step in store.steps], scores
+
+
+def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
+    mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """An ``optimizer_step`` that runs the closure alone on odd batches (no ``optimizer.step()``): the next
+    ``zero_grad`` resets their gradients, so they change nothing. The recording equals a fit that never saw them
+    (rows, weights, rates, scores); before the fix their rows were merged into the next step as applied."""
+    class ClosureOnOddBatches(mlp_cls):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer.step(closure=optimizer_closure) if batch_idx % 2 == 0 else optimizer_closure()
+
+    runs = {}
+    even_batches = DigitsDict([i for i in range(64) if i // 8 % 2 == 0])
+    for name, model, data in (("skipping", ClosureOnOddBatches(), DigitsDict(range(64))),
+                              ("even batches only", mlp_cls(), even_batches)):
+        dve = DataValueEmbedding(tmp_path / name, projection_dim=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, dve, DataLoader(data, batch_size=8), precision="64-true")
+        runs[name] = records_and_scores(dve, model, test_batch), [str(w.message) for w in caught]
+    ((records, scores), warned), ((expected, expected_scores), _) = runs["skipping"], runs["even batches only"]
+    assert [r.step for r in records] == [0, 2, 4, 6] and len(expected) == 4
+    for record, reference in zip(records, expected, strict=True):
+        assert torch.equal(record.sample_ids, reference.sample_ids)
+        torch.testing.assert_close(record.weights, reference.weights)
+        torch.testing.assert_close(record.lrs, reference.lrs)
+        for name, rows in reference.grads.items():
+            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+    assert any("were reset (zero_grad) before any optimizer step applied them" in w for w in warned)
+
+
+def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
+    mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """The same override with an ``optimizer_zero_grad`` that keeps the odd batch's gradient: accumulation by
+    hand, each batch's mean loss applied whole. It equals one batch of twice the size at twice the rate (rows,
+    ``lr * w``, scores)."""
+    class AccumulateByHand(mlp_cls):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer.step(closure=optimizer_closure) if batch_idx % 2 == 1 else optimizer_closure()
+
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            if batch_idx % 2 == 0:
+                optimizer.zero_grad()
+
+    runs = {}
+    for name, model, batch_size in (("by hand", AccumulateByHand(), 8), ("big", mlp_cls(lr=0.2), 16)):
+        dve = DataValueEmbedding(tmp_path / name, projection_dim=None)
+        fit(model, dve, DataLoader(DigitsDict(range(64)), batch_size=batch_size), precision="64-true")
+        runs[name] = records_and_scores(dve, model, test_batch)
+    (records, scores), (expected, expected_scores) = runs["by hand"], runs["big"]
+    assert [r.step for r in records] == [1, 3, 5, 7] and len(expected) == 4
+    for record, reference in zip(records, expected, strict=True):
+        assert torch.equal(record.sample_ids, reference.sample_ids)
+        torch.testing.assert_close(record.weights[:, None] * record.lrs, reference.weights[:, None] * reference.lrs)
+        for name, rows in reference.grads.items():
+            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
 
 
 def checkpointing_trainer(root: Path, epochs: int, callbacks: list) -> L.Trainer:
