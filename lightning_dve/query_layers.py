@@ -19,7 +19,7 @@ from . import layers as layer_specs
 from .batches import WeightFn, muted_logging, reduction_weights, scalar_loss
 from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
-from .errors import ConfigError, LayerMismatchError, LossReductionError
+from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionError
 from .guards import sampled_entries
 from .projection import LayerProjection
 from .replay_data import batch_rows, count_samples, to_device
@@ -183,6 +183,27 @@ def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None)
             "self.training, which queries turn off).")
 
 
+def _single_sample_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
+    """``training_step`` on a batch of one sample, for :func:`check_reduction`.
+
+    Raises:
+        ConfigError: if it fails there (often a ``.squeeze()`` that also drops the batch dimension), naming the
+            check and the fixes.
+    """
+    try:
+        return scalar_loss(module.training_step(batch, 0))
+    except DVEError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"training_step failed on a batch of one sample ({type(err).__name__}: {err}). Queries run it on two "
+            "samples of the batch alone, to check that its loss is the per-sample sum loss_reduction declares "
+            "(method.md §2). Make training_step work on a one-sample batch (e.g. .squeeze(-1) instead of .squeeze(), "
+            "which also drops the batch dimension), or pass loss_fn(module, batch) -> Tensor[B] of per-sample "
+            "losses to the query (the train-end report has no loss_fn: it is skipped)."
+        ) from err
+
+
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
                     params: Sequence[torch.Tensor] = ()) -> None:
     """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
@@ -206,7 +227,8 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
-        total, *alone = (scalar_loss(module.training_step(b, 0)) for b in (pair, *singles))
+        total = scalar_loss(module.training_step(pair, 0))
+        alone = [_single_sample_loss(module, single) for single in singles]
         with torch.no_grad():
             again = scalar_loss(module.training_step(pair, 0))
     check_deterministic(total, again)

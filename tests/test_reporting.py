@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_dve import DataValueEmbedding
+from lightning_dve import ConfigError, DataValueEmbedding
 from lightning_dve.config import ReportConfig
 from lightning_dve.reporting_loggers import CURVE_COLUMNS
 from tests.conftest import DigitsDict, TinyMLP
@@ -285,6 +285,33 @@ def test_a_reference_that_training_step_does_not_score_says_what_to_change(fit, 
                                          r"\(reference: the `reference` batch\)"):
         fit(NoneOnReference(), callback, train)
     assert not (tmp_path / "dve" / "report").exists()
+
+
+def test_a_training_step_that_fails_on_one_sample_skips_the_report_saying_why(fit, tmp_path):
+    """A binary head squeezed with ``.squeeze()`` fails on a one-sample batch, which only the reduction check runs:
+    the finished fit warns, naming the check and the fix, instead of raising torch's error after training (it
+    did); the embeddings are complete, a query raises the same clear error, and ``loss_fn=`` answers it."""
+
+    class SqueezedBinaryHead(ImageMLP):
+        def loss(self, batch):
+            logits = self(batch["x"])[:, 0].squeeze()
+            return F.binary_cross_entropy_with_logits(logits, (batch["y"] < 5).to(logits.dtype))
+
+    train, val = loaders()
+    model, callback = SqueezedBinaryHead(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    with pytest.warns(UserWarning, match=r"report is skipped: training_step failed on a batch of one sample "
+                                         r"\(ValueError: .*\.squeeze\(-1\) instead of \.squeeze\(\)"):
+        fit(model, callback, train, val)
+    assert not (tmp_path / "dve" / "report").exists() and callback.embeddings.store.manifest["embeddings"] == "complete"
+    test = next(iter(val))
+    with pytest.raises(ConfigError, match="training_step failed on a batch of one sample"):
+        callback.embeddings.influence(model, test)
+
+    def per_sample(module, batch):
+        logits = module(batch["x"])[:, 0]
+        return F.binary_cross_entropy_with_logits(logits, (batch["y"] < 5).to(logits.dtype), reduction="none")
+
+    assert callback.embeddings.influence(model, test, loss_fn=per_sample).scores.shape == (16, 64)
 
 
 def test_report_none_disables_the_report(fit, tmp_path):
