@@ -461,6 +461,19 @@ def test_refuses_a_dataset_that_is_not_training_s(recorded, small_data) -> None:
         dve.embeddings.exact_influence(module, small_data[1], dataset=DigitsDataset(range(1700, 1710)))
 
 
+def test_refuses_a_loss_that_depends_on_batch_idx_naming_it(fit, mlp_cls, save_dir, test_batch) -> None:
+    """A ``training_step`` that weighs odd batches double: the replay cannot know ``batch_idx``, and says so."""
+    class OddBatchesDouble(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * (1 + batch_idx % 2)
+
+    model, dve = OddBatchesDouble(), DataValueEmbedding(save_dir, projection_dim=16, report=None)
+    fit(model, dve, precision="64-true")
+    with pytest.raises(UnsupportedError, match=r"does not reproduce the parameters .* a loss whose value or gradient "
+                                               r"depends on batch_idx, which the replay passes as 0"):
+        dve.embeddings.exact_influence(model, {**test_batch, "x": test_batch["x"].double()})
+
+
 def test_refuses_a_module_that_is_not_the_final_one(recorded, small_data) -> None:
     _, module, dve = recorded
     other = copy.deepcopy(module)
