@@ -108,9 +108,9 @@ class Replayer:
 
     def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sample_ids [B], weights [B])`` of a recorded step (weights on the module's device)."""
-        if step not in self._records:
-            record = self.store.read_step(step)
-            self._records[step] = (record.sample_ids, record.weights.to(self.source.device))
+        if step not in self._records:  # the step file's raw tensors: its rows are not needed, so not decoded
+            tensors = self.store.step_files.read(step)
+            self._records[step] = (tensors["sample_ids"], tensors["weights"].to(self.source.device))
         return self._records[step]
 
     def snapshot(self, step: int) -> tuple[Params, OptState]:
