@@ -241,6 +241,17 @@ def test_two_ranks_with_gradient_accumulation_and_clipping_equal_single_process(
     assert_same_scores(runs["ddp"], runs["single"])
 
 
+@pytest.mark.slow
+def test_two_ranks_leave_out_batches_run_without_an_optimizer_step_as_one_process_does(suite: Path) -> None:
+    """An ``optimizer_step`` that runs the closure alone on odd batches: the next ``zero_grad`` resets their
+    gradients, so each rank drops them (they were merged into the next step as applied); the 2-rank recording
+    equals one process's over the same global batches, and holds only the stepped batches' occurrences."""
+    assert_ddp_equals_single(suite, "closure_only_odd")
+    store = DataValueEmbeddings.load(suite / "ddp" / "closure_only_odd" / "dve_ddp").store
+    assert store.manifest["rows"] == [16, 6, 16, 6]  # batches 0 and 2 of each epoch (8 + 8, then 3 + 3 samples)
+    assert "were reset (zero_grad) before any optimizer step" in (suite / "ddp" / "stderr.txt").read_text()
+
+
 def in_one_process(store: Path, optimizer: str) -> tuple[DataValueEmbeddings, torch.nn.Module, object, dict]:
     """``store`` loaded in this process, the script's model with the final weights from the store's last replay
     checkpoint, its training dataset and test batch."""

@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -62,9 +63,10 @@ class MLP(L.LightningModule):
     ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on; ``rank1_tied``: the
     last layer's weight also used functionally on rank 1 only."""
 
-    def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module") -> None:
+    def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module",
+                 closure_only_odd: bool = False) -> None:
         super().__init__()
-        self.optimizer, self.head = optimizer, head
+        self.optimizer, self.head, self.closure_only_odd = optimizer, head, closure_only_odd
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
         self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied") else None
@@ -89,6 +91,12 @@ class MLP(L.LightningModule):
         loss = nn.functional.cross_entropy(self(batch["x"]), batch["y"])
         self.log("train_loss", loss)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.closure_only_odd and batch_idx % 2 == 1:  # no step: the next batch's zero_grad resets its gradient
+            optimizer_closure()
+        else:
+            optimizer.step(closure=optimizer_closure)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":
@@ -175,6 +183,7 @@ SUITE: dict[str, dict[str, object]] = {
     "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
     "rank0_head": {"head": "rank0", "epochs": 1},
     "accumulate": {"accumulate": 2, "clip": 0.1},  # two micro-batches a step per rank (an epoch's last: one)
+    "closure_only_odd": {"closure_only_odd": True},  # odd batches run the closure without optimizer.step()
     "replay": {"embeddings": "replay"},  # each rank replays its own layers' rows
     "replay_full": {"embeddings": "replay", "layout": "full"},  # rank 1 replays them all, rank 0 none
     "replay_refused": {"embeddings": "replay", "refuse_replay_rank": 1},  # both keep the recursion's embeddings
@@ -201,6 +210,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
+    parser.add_argument("--closure-only-odd", action="store_true", help="optimizer_step runs odd batches' closure "
+                        "without optimizer.step()")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
@@ -228,7 +239,7 @@ def fit(args: argparse.Namespace) -> None:
         strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head in ("rank0", "late_tied"))
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
-    model = MLP(args.fail_rank, args.optimizer, args.head).double()  # float64 before a restore: see test_resume_accumulation.py
+    model = MLP(args.fail_rank, args.optimizer, args.head, args.closure_only_odd).double()  # float64 before a restore: see test_resume_accumulation.py
     if args.resume:
         ckpt_dir = args.out / "ckpt"
         first = L.Trainer(**{**common, "max_epochs": 1, "enable_checkpointing": True,
