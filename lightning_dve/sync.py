@@ -98,9 +98,9 @@ class StepAssembler:
         self._buffer.append(micro)
 
     @property
-    def pending(self) -> int:
-        """Samples in the buffered micro-batches, which no step has closed yet."""
-        return sum(micro.sample_ids.numel() for micro in self._buffer)
+    def pending(self) -> bool:
+        """Whether micro-batches are buffered that no step has closed yet."""
+        return bool(self._buffer)
 
     def discard(self) -> None:
         """Drop the buffered micro-batches (a step that was skipped)."""
