@@ -9,9 +9,11 @@ influence and the most helpful and harmful training digits.
     python examples/digits.py                       # offline W&B run (sync later with `wandb sync`)
     python examples/digits.py --logger tensorboard  # or: csv, none
     python examples/digits.py --max-epochs 1 --train-size 200 --val-size 100   # a quick smoke run
+    python examples/digits.py --devices 2           # DDP on 2 CPU processes (gloo); --accelerator gpu for GPUs
 
 Everything lands under ``--out`` (default ``./digits_run``): the store and ``dve/report/`` (CSV, JSON, PNG)
-plus the logger's folder.
+plus the logger's folder. Under DDP (``--devices`` > 1) every rank records its own samples, rank 0's ``dve``
+folder ends up holding the whole run, and only rank 0 reports and prints.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--projection-dim", type=int, default=256, help="projected size per tracked layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
+    parser.add_argument("--devices", type=int, default=1, help="more than 1: DDP, one process per device")
     parser.add_argument("--no-progress-bar", action="store_true", help="quiet run (also hides the report's bar)")
     return parser.parse_args(argv)
 
@@ -119,13 +123,16 @@ def main(argv: list[str] | None = None) -> Path:
     logger = make_logger(args.logger, args.out)
     callback = DataValueEmbedding(save_dir=args.out / "dve", projection_dim=args.projection_dim, overwrite=True,
                                   report=ReportConfig(top_k=10))
-    trainer = L.Trainer(max_epochs=args.max_epochs, accelerator="cpu", devices=1, logger=logger,
+    trainer = L.Trainer(max_epochs=args.max_epochs, accelerator=args.accelerator, devices=args.devices,
+                        strategy="ddp" if args.devices > 1 else "auto", logger=logger,
                         callbacks=[callback], enable_checkpointing=False, enable_model_summary=False,
                         default_root_dir=str(args.out), log_every_n_steps=10,
                         enable_progress_bar=not args.no_progress_bar)
     trainer.fit(DigitsMLP(), DataLoader(train, batch_size=args.batch_size, shuffle=True),
                 DataLoader(val, batch_size=256))
     report = args.out / "dve" / "report"
+    if not trainer.is_global_zero:  # DDP: rank 0 reports and prints
+        return report
     if isinstance(logger, WandbLogger):
         import wandb
 

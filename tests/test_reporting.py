@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import json
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -607,6 +608,22 @@ def test_digits_example_smoke(logger, wandb_env, capsys):
     assert f"Report folder: {report}" in printed
     if logger == "wandb":
         assert "W&B run (offline)" in printed and glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_digits_example_under_ddp_reports_once(wandb_env):
+    """``--devices 2``: two gloo ranks on the CPU (Lightning starts rank 1 as a second run of the script); rank 0's
+    store holds the whole run, and one report, one offline W&B run and one printed summary come out."""
+    out = wandb_env / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "digits.py"), "--devices", "2", "--max-epochs", "1",
+                           "--train-size", "96", "--val-size", "48", "--out", str(out), "--projection-dim", "32",
+                           "--no-progress-bar"], capture_output=True, text=True, timeout=300, cwd=wandb_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Top-5 helpful") == 1 and proc.stdout.count("W&B run (offline)") == 1
+    manifest = json.loads((out / "dve" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["embeddings"] == "complete"
+    assert (out / "dve" / "report" / "summary.json").is_file()
+    assert len(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))) == 1
 
 
 def test_a_failed_boundary_reference_write_stops_the_fit_at_the_next_check(fit, tmp_path, monkeypatch):
