@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .layers import split_block
 from .projection import LayerProjection
 from .records import accumulation_dtype
@@ -136,8 +136,17 @@ def write_replayed(store: TrajectoryStore, widths: dict[str, int],
     try:
         for (step, embeddings), step_ids in zip(steps, ids, strict=True):
             store.write_embeddings(step, embeddings, step_ids)
-        store.finish_embeddings()
-        store.manifest["embeddings_source"] = "replay"
+        # unfinished while the folder is replaced: a process killed there leaves no embeddings under the wrong label
+        before = {key: store.manifest.get(key) for key in ("embeddings", "embeddings_source")}
+        try:
+            store.manifest.update(embeddings=None, embeddings_source="replay")
+            store.write_manifest()
+            store.finish_embeddings()
+        except StoreError:
+            store.manifest.update(before)  # the earlier embeddings stay, and so does their manifest
+            store.write_manifest()
+            raise
+        store.manifest["embeddings"] = "complete"
         store.record_disk_use()  # writes the manifest
     finally:
         store.discard_embeddings()

@@ -214,6 +214,43 @@ def test_a_failed_write_of_the_replayed_embeddings_keeps_the_recursions(tmp_path
     assert loaded.influence(module, test).scores.abs().sum() > 0
 
 
+@pytest.mark.parametrize("fault", ["failed rename", "killed after the rename"])
+def test_replacing_the_embeddings_never_leaves_them_under_the_wrong_label(tmp_path: Path, small_data, monkeypatch,
+                                                                           fault: str) -> None:
+    """``write_replayed`` swaps the recursion's embeddings for the replayed ones. A rename that fails keeps the
+    recursion's, labelled and loadable; a process killed between the rename and the manifest's update (simulated
+    by ``SystemExit`` there) leaves a manifest that calls the embeddings unfinished, so ``load`` refuses them: it
+    used to leave the replayed ones labelled ``"recursion"``."""
+    from lightning_dve.embedding_arrays import EmbeddingWriter
+    from lightning_dve.store import TrajectoryStore
+
+    dataset, test = small_data
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=64)
+    module = ReplayNet(SETTINGS["sgd"], 3)
+    make_trainer(1, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
+    store = dve.embeddings.store
+    widths = {name: array.shape[1] for name, array in store.embedding_arrays().step(store.steps[0])[1].items()}
+    replaced = ((step, {n: torch.zeros(rows, k) for n, k in widths.items()})
+                for step, rows in zip(store.steps, store.manifest["rows"]))
+    if fault == "failed rename":
+        def finish(writer: EmbeddingWriter) -> None:
+            raise StoreError("could not rename: No space left on device")
+        monkeypatch.setattr(EmbeddingWriter, "finish", finish)
+        with pytest.raises(StoreError, match="could not rename"):
+            replay_embeddings_module.write_replayed(store, widths, replaced)
+        assert TrajectoryStore.open(tmp_path / "dve").manifest["embeddings_source"] == "recursion"
+        assert DataValueEmbeddings.load(tmp_path / "dve").influence(module, test).scores.abs().sum() > 0
+    else:
+        def killed(store: TrajectoryStore) -> None:
+            raise SystemExit("killed")
+        monkeypatch.setattr(TrajectoryStore, "record_disk_use", killed)
+        with pytest.raises(SystemExit):
+            replay_embeddings_module.write_replayed(store, widths, replaced)
+        assert TrajectoryStore.open(tmp_path / "dve").manifest["embeddings"] is None
+        with pytest.raises(StoreError, match="embeddings"):
+            DataValueEmbeddings.load(tmp_path / "dve")
+
+
 class LockProbe(L.Callback):
     """Records at train end (after the DataValueEmbedding before it) whether another process could lock the store."""
 
