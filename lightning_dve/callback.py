@@ -228,6 +228,7 @@ class DataValueEmbedding(StepHooks):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = self._store_root(trainer)
+        self._refuse_a_shared_save_dir(trainer)
         manifest = callback_setup.store_manifest(self.config, tracked, self._comm, self._owned)
         self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
@@ -356,3 +357,16 @@ class DataValueEmbedding(StepHooks):
 
     def _store_root(self, trainer: pl.Trainer) -> Path:
         return Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+
+    def _refuse_a_shared_save_dir(self, trainer: pl.Trainer) -> None:
+        """Refuse another ``DataValueEmbedding`` of the trainer recording into the same folder (the folder lock
+        excludes other processes only), on every rank alike.
+
+        Raises:
+            ConfigError: naming the folder.
+        """
+        root = self._store_root(trainer).resolve()
+        if any(isinstance(other, DataValueEmbedding) and other is not self and other._store_root(trainer).resolve()
+               == root for other in trainer.callbacks):
+            raise ConfigError(f"two DataValueEmbedding callbacks of this Trainer would record into {root}: give each "
+                              "its own save_dir (save_dir=None is <trainer.default_root_dir>/dve).")

@@ -519,6 +519,20 @@ def test_unmodelled_optimizer_warns_once(fit, mlp_cls, save_dir, make, message):
     assert len(step_files(save_dir)) == 4
 
 
+def test_two_callbacks_recording_into_one_folder_are_refused_before_anything_is_written(fit, mlp_cls, tmp_path):
+    """The folder lock excludes other processes, not a second callback of the same Trainer: both would write one
+    store (the second with ``overwrite=True`` failed at train end with a message about mixed runs)."""
+    # other settings (Lightning itself refuses two of the same settings: their state keys are the same)
+    for first, second in ((dict(save_dir=tmp_path / "dve"), dict(save_dir=tmp_path / "dve", overwrite=True,
+                                                                  projection_dim=None)),
+                          ({}, dict(layers=["net.0"]))):  # save_dir=None: both <default_root_dir>/dve
+        with pytest.raises(ConfigError, match=r"two DataValueEmbedding callbacks of this Trainer would record into "
+                                              r".*dve: give each its own save_dir"):
+            fit(mlp_cls(), DataValueEmbedding(**first), callbacks=[DataValueEmbedding(**second)],
+                default_root_dir=tmp_path)
+        assert not (tmp_path / "dve").exists()
+
+
 def test_lbfgs_is_recorded_at_its_first_closure_evaluation(fit, mlp_cls, make_loader, save_dir):
     """LBFGS evaluates the closure several times per step (here 3): each step's rows are the per-sample
     gradients at the step's starting weights (a per-example backward loop along a plain LBFGS loop), not their
