@@ -26,7 +26,8 @@ from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
-                           on_module_device, recorded_layers, require_autograd, warn_if_not_final)
+                           on_module_device, recorded_layers, refuse_empty, require_autograd,
+                           warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
@@ -202,6 +203,7 @@ class DataValueEmbeddings(ReplayQueries):
                 or ``loss_fn`` does not return one loss per sample of ``batch``.
         """
         require_autograd()
+        refuse_empty(batch)
         batch = on_module_device(module, batch)
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)

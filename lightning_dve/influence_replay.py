@@ -16,6 +16,7 @@ from torch import nn
 from .batches import WeightFn
 from .config import DVEConfig
 from .projection import LayerProjection
+from .query_layers import refuse_empty
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
 from .replay_data import split_batch, step_loss_terms
 from .replay_embeddings import replay_embeddings
@@ -68,6 +69,7 @@ class ReplayQueries:
                 random transforms, or the replay does not reproduce the checkpoints).
         """
         check_per_step(per_step)  # before the replay, not after it
+        refuse_empty(batch)
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
         ids, steps, scores, self.replay_cost = replay_scores(replayer, self._replay_target(batch, loss_fn))

@@ -306,6 +306,22 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
                       UserWarning, stacklevel=3)
 
 
+def refuse_empty(batch: Any) -> None:
+    """Refuse a test batch of no sample (its first batched tensor has length 0; a batch without one is left to
+    the loss).
+
+    Raises:
+        ConfigError: saying so.
+    """
+    try:
+        empty = batch is not None and count_samples(batch) == 0
+    except ConfigError:
+        return
+    if empty:
+        raise ConfigError("the test batch holds no sample (its first batched tensor has length 0): pass a batch of at "
+                          "least one test sample.")
+
+
 def on_module_device(module: nn.Module, batch: Any) -> Any:
     """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through
     the LightningModule's ``transfer_batch_to_device`` (an override applies), or, for a plain module, every

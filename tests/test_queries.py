@@ -156,6 +156,16 @@ def test_a_training_step_returning_a_dict_scores_like_one_returning_the_loss(tra
     torch.testing.assert_close(trained.dve.embeddings.influence(model, test_batch).scores, expected, rtol=0, atol=0)
 
 
+def test_an_empty_test_batch_is_refused_saying_so(trained, test_batch):
+    """A batch of no sample failed in a layer hook's reshape (``influence``) or in ``torch.stack``
+    (``exact_influence``)."""
+    empty = {key: value[:0] for key, value in test_batch.items()}
+    for query in (trained.dve.embeddings.influence, trained.dve.embeddings.exact_influence,
+                  trained.dve.embeddings.test_gradients):
+        with pytest.raises(ConfigError, match="the test batch holds no sample"):
+            query(trained.model, empty)
+
+
 def test_a_training_step_returning_per_sample_losses_needs_loss_fn(trained, test_batch):
     class PerSample(type(trained.model)):
         def training_step(self, batch, batch_idx):
