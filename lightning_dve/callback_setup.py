@@ -259,9 +259,10 @@ def warn_weights_replaced() -> None:
 def warn_unapplied() -> None:
     """Say that micro-batches whose gradients were reset before any optimizer step are left out of the record."""
     rank_zero_warn("DataValueEmbedding: the gradients of a training batch were reset (zero_grad) before any optimizer "
-                   "step applied them: an optimizer_step override ran optimizer_closure() without optimizer.step(). "
+                   "step applied them (an optimizer_step override that ran optimizer_closure() without "
+                   "optimizer.step(), or a zero_grad in a hook while gradients were being accumulated). "
                    "That batch changed no weight, so its samples are not recorded at any step. To accumulate "
-                   "gradients over batches instead, use Trainer(accumulate_grad_batches=...).")
+                   "gradients over batches, use Trainer(accumulate_grad_batches=...).")
 
 
 def warn_replay_lost(error: DVEError) -> None:

@@ -77,6 +77,32 @@ def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
     assert any("were reset (zero_grad) before any optimizer step applied them" in w for w in warned)
 
 
+def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
+    mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """``accumulate_grad_batches=2`` with a module hook that zeroes the gradients at every batch: each step applies
+    its second micro-batch alone (at half its loss), which a fit on those batches at half the rate equals."""
+    class ZeroGradEveryBatch(mlp_cls):
+        def on_train_batch_start(self, batch, batch_idx):
+            self.optimizers().zero_grad()
+
+    runs = {}
+    odd_batches = DigitsDict([i for i in range(64) if i // 8 % 2 == 1])
+    for name, model, data, accumulate in (("zeroed", ZeroGradEveryBatch(), DigitsDict(range(64)), 2),
+                                          ("odd batches only", mlp_cls(lr=0.05), odd_batches, 1)):
+        dve = DataValueEmbedding(tmp_path / name, projection_dim=None)
+        fit(model, dve, DataLoader(data, batch_size=8), precision="64-true", accumulate_grad_batches=accumulate)
+        runs[name] = records_and_scores(dve, model, test_batch)
+    (records, scores), (expected, expected_scores) = runs["zeroed"], runs["odd batches only"]
+    assert len(records) == len(expected) == 4
+    for record, reference in zip(records, expected, strict=True):
+        assert torch.equal(record.sample_ids, reference.sample_ids)
+        torch.testing.assert_close(record.weights[:, None] * record.lrs, reference.weights[:, None] * reference.lrs)
+        for name, rows in reference.grads.items():
+            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+
+
 def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
     mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
 ) -> None:
