@@ -123,7 +123,7 @@ class BatchSource:
         if not all(0 <= i < len(self.data.dataset) for i in new):
             return False
         with contextlib.suppress(IndexError, KeyError, ValueError):
-            if self._ids_of(new).tolist() == new:
+            if self._ids_of(new) == new:
                 self._checked.update(new)
                 return True
         return False
@@ -142,17 +142,16 @@ class BatchSource:
                 f"({n} items), and there is no sample_ids to map ids to items (a sample_ids callable is not saved "
                 "with the store). Pass sample_ids= to exact_influence: the callback's key or callable batch -> ids.")
 
-    def _ids_of(self, positions: Sequence[int]) -> torch.Tensor:
-        batch = self.collate([self.data.dataset[p] for p in positions])
-        return extract_sample_ids(batch, self.data.sample_ids, len(positions))
+    def _ids_of(self, positions: Sequence[int]) -> list[int]:
+        """The ids of the items at ``positions``, each read from a batch of that item alone: a ``collate_fn`` may
+        reorder a batch (sort it by length), so a batch's ids need not follow its items' order."""
+        return [int(extract_sample_ids(self.collate([self.data.dataset[p]]), self.data.sample_ids, 1)[0])
+                for p in positions]
 
     def _scan(self) -> dict[int, int]:
         """``{id: position}`` from one scan of the dataset."""
-        lookup, n = {}, len(self.data.dataset)
-        for lo in range(0, n, 256):
-            chunk = list(range(lo, min(n, lo + 256)))
-            lookup.update({int(i): p for i, p in zip(self._ids_of(chunk), chunk)})
-        return lookup
+        positions = range(len(self.data.dataset))
+        return dict(zip(self._ids_of(positions), positions))
 
     def batch(self, ids: torch.Tensor) -> Any:
         """``collate_fn([dataset[i] for i in ids])``, prepared as training prepared it."""

@@ -474,6 +474,29 @@ def test_refuses_a_loss_that_depends_on_batch_idx_naming_it(fit, mlp_cls, save_d
         dve.embeddings.exact_influence(model, {**test_batch, "x": test_batch["x"].double()})
 
 
+def test_a_collate_fn_that_reorders_the_batch_maps_ids_to_their_own_samples(tmp_path: Path, small_data) -> None:
+    """A ``collate_fn`` that sorts each batch (here by label, as one sorts sequences by length) and ids that are not
+    positions: the replay finds each id's dataset position from that item alone. It read the ids of collated chunks
+    against the chunk's input order, so with full-batch steps (the same set, the checkpoints still reproduced) every
+    score went to another id, silently; it equals the default collate's run."""
+    dataset, test = small_data
+
+    def sort_by_label(items: list[dict]) -> dict:
+        return torch.utils.data.default_collate(sorted(items, key=lambda item: int(item["y"])))
+
+    scores = []
+    for name, collate in (("default", None), ("sorted", sort_by_label)):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), collate_fn=collate)
+        module = ReplayNet(SETTINGS["sgd"], 3)
+        dve = DataValueEmbedding(tmp_path / name, report=None, projection_dim=16)
+        make_trainer(3, callbacks=[dve]).fit(module, loader)
+        result = dve.embeddings.exact_influence(module, test)
+        scores.append((result.sample_ids, result.scores))
+    (ids, expected), (sorted_ids, got) = scores
+    assert torch.equal(ids, sorted_ids) and not torch.equal(ids, torch.arange(len(ids)))
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
+
+
 def test_refuses_a_module_that_is_not_the_final_one(recorded, small_data) -> None:
     _, module, dve = recorded
     other = copy.deepcopy(module)
