@@ -207,9 +207,20 @@ def parameters_as(module: nn.Module, params: Params) -> Iterator[None]:
 
     The forward *and* every ``torch.autograd.grad`` through it must run inside: activation checkpointing
     (``torch.utils.checkpoint``) recomputes the forward during backward, reading the module's parameters then.
+    ``F.scaled_dot_product_attention`` runs its math kernel there: the fused kernels have no double backward,
+    which the replay takes (the same attention, rounded otherwise).
     """
-    with _reparametrize_module(module, dict(params), tie_weights=True):
+    with _reparametrize_module(module, dict(params), tie_weights=True), _math_attention():
         yield
+
+
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    """``sdpa_kernel(SDPBackend.MATH)`` where this torch has it (2.3 on), else nothing."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:

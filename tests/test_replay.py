@@ -497,6 +497,47 @@ def test_a_collate_fn_that_reorders_the_batch_maps_ids_to_their_own_samples(tmp_
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
 
 
+class DigitAttention(L.LightningModule):
+    """Each digit as 8 tokens of 8 pixels, one causal self-attention layer (2 heads) from ``nn.Linear`` q/k/v, a
+    linear head; attention through ``F.scaled_dot_product_attention`` (``fused``) or written out."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(64, 10)
+        self.fused = fused
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch["x"].reshape(-1, 8, 8)
+        q, k, v = (layer(x).unflatten(-1, (2, 4)).transpose(1, 2) for layer in (self.q, self.k, self.v))  # 2 heads
+        if self.fused:
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            causal = torch.ones(8, 8, dtype=torch.bool).tril()
+            h = torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~causal, -math.inf), dim=-1) @ v
+        return F.cross_entropy(self.head(h.transpose(1, 2).flatten(1)), batch["y"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_scaled_dot_product_attention_is_replayed_through_its_math_kernel(tmp_path: Path, small_data) -> None:
+    """The fused CPU kernel of ``F.scaled_dot_product_attention`` has no double backward, which the replay takes
+    (torch's RuntimeError, and a failed fit with ``embeddings="replay"``); the replay runs its math kernel, and
+    equals the same attention written out."""
+    dataset, test = small_data
+    results = {}
+    for fused in (True, False):
+        module = DigitAttention(fused)
+        dve = DataValueEmbedding(tmp_path / str(fused), report=None, projection_dim=16, embeddings="replay")
+        make_trainer(1, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
+        assert dve.embeddings.store.manifest["embeddings_source"] == "replay"
+        results[fused] = (dve.embeddings.exact_influence(module, test).scores,
+                          dve.embeddings.influence(module, test).scores)
+    for fused, written_out in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(fused, written_out, rtol=1e-8, atol=1e-12)
+
+
 def test_refuses_a_module_that_is_not_the_final_one(recorded, small_data) -> None:
     _, module, dve = recorded
     other = copy.deepcopy(module)
