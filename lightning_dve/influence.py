@@ -27,7 +27,7 @@ from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
                            on_module_device, recorded_layers, refuse_empty, require_autograd,
-                           warn_if_not_final)
+                           uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
@@ -204,6 +204,7 @@ class DataValueEmbeddings(ReplayQueries):
         """
         require_autograd()
         refuse_empty(batch)
+        module = uncompiled(module)
         batch = on_module_device(module, batch)
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)
@@ -232,7 +233,7 @@ class DataValueEmbeddings(ReplayQueries):
             StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
         self._check_current()
-        warn_if_not_final(module, self.store.manifest.get("final_weights"))
+        warn_if_not_final(uncompiled(module), self.store.manifest.get("final_weights"))
         return self._score(self.test_gradients(module, batch, loss_fn), per_step, None)
 
     @property

@@ -16,7 +16,7 @@ from torch import nn
 from .batches import WeightFn
 from .config import DVEConfig
 from .projection import LayerProjection
-from .query_layers import refuse_empty
+from .query_layers import refuse_empty, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
 from .replay_data import split_batch, step_loss_terms
 from .replay_embeddings import replay_embeddings
@@ -108,7 +108,7 @@ class ReplayQueries:
         base = self.training_data or TrainingData(None)
         data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
                             base.sample_ids if sample_ids is None else sample_ids, base.prepare)
-        return make_replayer(self.store, self.config.checkpoint_interval, module, data, train_loss_fn,
+        return make_replayer(self.store, self.config.checkpoint_interval, uncompiled(module), data, train_loss_fn,
                              self.config.loss_reduction, self.loss_weights)
 
     def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:

@@ -282,6 +282,12 @@ def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: l
     return 0.0 if size == 0 else float((flat[0] - sum(parts)).norm()) / size
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` wrapped, whose names are the recorded layers' (else ``module``)."""
+    inner = module._modules.get("_orig_mod")
+    return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else module
+
+
 def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -> None:
     """Warn when ``module``'s tracked weights are not those the recorded run ended with: ``final``, the sampled
     coordinates the manifest keeps (``guards.sampled_entries``), compared within 4 ulp of ``module``'s dtype.

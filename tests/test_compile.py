@@ -33,6 +33,8 @@ def _fit(save_dir: Path, compiled: str | None) -> tuple[dict[str, torch.Tensor],
     H.make_trainer(2, [dve]).fit(fitted, H.make_loader(H.DigitsDataset(list(range(128))), 32))
     test = next(iter(H.make_loader(H.DigitsDataset(list(range(1000, 1008))), 8)))
     scores = dve.embeddings.influence(model, test, per_step=True).scores
+    # the compiled object itself is a query module too (its layers are the module's it wraps)
+    torch.testing.assert_close(dve.embeddings.influence(fitted, test, per_step=True).scores, scores)
     embeddings = dve.embeddings.embedding_matrix().embeddings
     return {name.replace("_orig_mod.", ""): rows.clone() for name, rows in embeddings.items()}, scores
 
