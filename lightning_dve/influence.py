@@ -21,7 +21,7 @@ from .batches import WeightFn, modes, muted_logging, reduction_weights, scalar_l
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, DVEError, StoreError
 from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
@@ -38,6 +38,22 @@ __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 #: Bytes of embeddings a query reads at a time, and of their scores (8 per test point and row): whole steps, more
 #: where one step has more. Per-sample totals are summed chunk by chunk, never held per occurrence.
 CHUNK_BYTES = 64 * 2**20
+
+
+def _check_settings_hash(store: TrajectoryStore) -> None:
+    """Refuse a manifest whose settings are not those its ``settings_hash`` was made from (edited by hand).
+
+    Raises:
+        StoreError: saying so.
+    """
+    try:
+        matches = DVEConfig.from_dict(store.manifest["settings"]).settings_hash() == store.settings_hash
+    except (DVEError, KeyError, TypeError, ValueError):
+        matches = False
+    if not matches:
+        raise StoreError(f"store {store.root} has a damaged manifest: its settings are missing or not the ones its "
+                         f"settings_hash {store.manifest.get('settings_hash')} was made from (edited by hand?). "
+                         "Restore manifest.json, or record the run again.")
 
 
 class DataValueEmbeddings(ReplayQueries):
@@ -85,6 +101,7 @@ class DataValueEmbeddings(ReplayQueries):
                    "earlier store in this save_dir at that step); record again"))
         store.require("status", "complete", f"The recording did not finish. {resume}.")
         store.require("embeddings", "complete", f"The backward recursion did not finish. {resume}.")
+        _check_settings_hash(store)
         settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
         if settings is not None and settings.settings_hash() != store.settings_hash:
             recorded = store.manifest["settings"]

@@ -124,6 +124,22 @@ def test_manifest_of_another_schema_version(store_copy):
         DataValueEmbeddings.load(store_copy)
 
 
+@pytest.mark.parametrize("edit", [{"curvature": "ggn"}, {"projection_dim": 8}, {"seed": 7}, {"layout": "per_layer"}, None],
+                         ids=["curvature", "projection_dim", "seed", "layout", "no settings"])
+def test_manifest_settings_edited_by_hand_are_refused(store_copy, edit):
+    """Settings that are not the ones the manifest's settings_hash was made from: they loaded and answered with
+    the edited settings (a layout edit failed in a query's matrix product)."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    if edit is None:
+        del manifest["settings"]
+    else:
+        manifest["settings"].update(edit)
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"damaged manifest: its settings are missing or not the ones its "
+                                         r"settings_hash \w+ was made from"):
+        DataValueEmbeddings.load(store_copy)
+
+
 # --- missing, truncated or foreign data files --------------------------------------------------------------
 
 
