@@ -124,6 +124,9 @@ class DataValueEmbedding(StepHooks):
             checkpoint_interval=checkpoint_interval,
             adam_second_moment=adam_second_moment,
         )
+        if self._weight_fn is None and self.config.loss_reduction is LossReduction.WEIGHTS:
+            raise ConfigError("loss_reduction='weights' names what a callable gives: pass the callable itself, "
+                              "batch -> Tensor[B] of each sample's weight in the loss.")
         self.embedding_method = callback_setup.embedding_method(embeddings, self.config)
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
         # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state

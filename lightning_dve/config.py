@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import numbers
 from typing import Any
 
 from .errors import ConfigError
@@ -179,6 +180,7 @@ class DVEConfig:
     adam_second_moment: bool = False
 
     def __post_init__(self) -> None:
+        _plain_ints(self, "projection_dim", "segments", "seed", "checkpoint_interval")
         object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction))
         object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout))
         object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype))
@@ -292,6 +294,14 @@ def _check_fraction(name: str, value: Any, low: float, high: float, fix: str) ->
     return float(value)
 
 
+def _plain_ints(config: Any, *names: str) -> None:
+    """Set the fields ``names`` of the frozen ``config`` that hold other integers (``numpy.int64``) to ``int``."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+            object.__setattr__(config, name, int(value))
+
+
 def _check_count(name: str, value: Any, minimum: int) -> None:
     """Raise unless ``value`` is an int ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -351,6 +361,7 @@ class ReportConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale))
         object.__setattr__(self, "curve_source", CurveSource.parse(self.curve_source))
+        _plain_ints(self, "max_reference_samples", "top_k", "histogram_bins")
         _check_count("max_reference_samples", self.max_reference_samples, 1)
         _check_count("top_k", self.top_k, 0)
         _check_count("histogram_bins", self.histogram_bins, 1)

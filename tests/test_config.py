@@ -251,3 +251,32 @@ def test_callback_refuses_arguments_of_the_wrong_type_at_construction(kwargs, me
 
     with pytest.raises(ConfigError, match=message):
         DataValueEmbedding(**kwargs)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    """Counts computed with numpy (``np.int64``) were refused as not an int; they are plain ints in the settings
+    (JSON, hash) and in the report options."""
+    import numpy as np
+
+    from lightning_dve.config import ReportConfig
+
+    config = DVEConfig(projection_dim=np.int64(64), segments=np.int32(2), seed=np.int64(3),
+                       checkpoint_interval=np.int64(5))
+    plain = DVEConfig(projection_dim=64, segments=2, seed=3, checkpoint_interval=5)
+    assert config == plain
+    assert type(config.projection_dim) is int and json.loads(json.dumps(config.to_dict()))["seed"] == 3
+    assert config.settings_hash() == plain.settings_hash()
+    report = ReportConfig(top_k=np.int64(3), max_reference_samples=np.int64(40), histogram_bins=np.int16(8))
+    assert (report.top_k, report.max_reference_samples, report.histogram_bins) == (3, 40, 8)
+    with pytest.raises(ConfigError, match="projection_dim must be a positive int"):
+        DVEConfig(projection_dim=np.int64(0))
+
+
+def test_the_callback_refuses_the_string_weights_asking_for_the_callable():
+    """``"weights"`` is an option's value (what a callable gives), listed among the allowed ones: as a string it
+    passed and the first step failed with a message for queries of a loaded store."""
+    from lightning_dve import DataValueEmbedding
+
+    with pytest.raises(ConfigError, match=r"loss_reduction='weights' names what a callable gives: pass the callable "
+                                          r"itself, batch -> Tensor\[B\]"):
+        DataValueEmbedding(loss_reduction="weights")
