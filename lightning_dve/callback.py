@@ -314,6 +314,8 @@ class DataValueEmbedding(StepHooks):
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
+        if len(bounds) < self.config.segments:
+            callback_setup.warn_fewer_segments(self.config.segments, len(bounds), len(store.steps))
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
                                             self._dims, dtype, len(bounds))
         recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,

@@ -265,6 +265,13 @@ def warn_unapplied() -> None:
                    "gradients over batches, use Trainer(accumulate_grad_batches=...).")
 
 
+def warn_fewer_segments(asked: int, used: int, steps: int) -> None:
+    """Say that the run had too few steps (or segment boundaries) for the ``segments`` asked for."""
+    rank_zero_warn(f"DataValueEmbedding: segments={asked}, but the {steps} recorded step(s) make {used} segment(s), "
+                   f"each of at least one step; the dynamics report has {used} boundaries (the store's settings keep "
+                   f"segments={asked}).")
+
+
 def warn_replay_lost(error: DVEError) -> None:
     """Say that exact replay is unavailable because the final replay checkpoint failed (the embeddings are fine)."""
     rank_zero_warn(f"DataValueEmbedding: the final replay checkpoint could not be written ({error}); the embeddings "

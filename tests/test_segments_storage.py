@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,23 @@ def test_segment_parallel_equals_sequential(mlp_cls: type, fit: Callable, make_l
     first_seq, first_seg = (e.store.embedding_arrays().step(0)[1]
                             for e in (sequential.embeddings, segmented.embeddings))
     assert not all(torch.allclose(first_seq[n], first_seg[n]) for n in first_seq)
+
+
+def test_more_segments_than_steps_warn_and_give_one_segment_per_step(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path
+) -> None:
+    """``segments=10`` over 4 steps: 4 segments of one step each, said in a warning (it was silent)."""
+    with pytest.warns(UserWarning, match=r"segments=10, but the 4 recorded step\(s\) make 4 segment\(s\)"):
+        _, dve = run(mlp_cls, fit, make_loader(), tmp_path / "dve", max_steps=4, segments=10)
+    assert dve.embeddings.segment_boundaries == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "full"])
+def test_segments_as_asked_do_not_warn(mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path,
+                                       layout: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*recorded step.* make \d+ segment")
+        run(mlp_cls, fit, make_loader(), tmp_path / "dve", layout=layout, segments=3)
 
 
 def test_dynamics_at_last_boundary_equal_final_and_intermediate_equal_a_shorter_run(
