@@ -10,6 +10,7 @@ undone at the end of the step, so what leaves this module is the gradient of the
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -233,6 +234,12 @@ class GradientCapture:
             self._without_autograd.add(layer.name)
             return
         recomputed = self._backward or self._curvature_pass
+        if layer.spec.kind == "embedding" and layer_specs.position_lookup(args):
+            warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange("
+                          f"{args[0].numel()}) alone, a position table broadcast across the batch: its rows are filed "
+                          "under positions, not samples. Look positions up per sample, e.g. "
+                          "pos(torch.arange(t).expand(b, t)), or pass exclude=(" + repr(layer.name) + ",).",
+                          stacklevel=2)
         p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(_checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
@@ -358,7 +365,9 @@ class GradientCapture:
         if len(set(sizes.values())) != 1:
             raise UnsupportedError(
                 f"tracked layers saw different batch sizes {sizes}: a tracked layer must see the batch as its "
-                "first dimension. Exclude layers that run on reshaped inputs."
+                "first dimension. Exclude layers that run on reshaped inputs; a position embedding looked up as "
+                "pos(torch.arange(t)) and broadcast across the batch can instead be looked up per sample, "
+                "pos(torch.arange(t).expand(b, t))."
             )
         return next(iter(sizes.values()))
 

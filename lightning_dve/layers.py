@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +220,14 @@ def _embedding_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: to
     if module.padding_idx is not None:
         rows = rows * (idx != module.padding_idx).unsqueeze(-1).to(rows.dtype)
     return rows
+
+
+def position_lookup(args: tuple[Any, ...]) -> bool:
+    """Whether an embedding's ids are ``arange(n)`` in one dimension: a position table looked up once and
+    broadcast across the batch (nanoGPT's ``pos(torch.arange(t))``), whose rows capture files under ``n`` samples."""
+    ids = args[0] if args else None
+    return (isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.numel() > 1
+            and torch.equal(ids, torch.arange(ids.numel(), device=ids.device, dtype=ids.dtype)))
 
 
 register(

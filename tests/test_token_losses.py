@@ -9,6 +9,7 @@ check on loss values alone passes it: the reduction check compares gradients too
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_dve import DataValueEmbedding, LossReductionError
+from lightning_dve import DataValueEmbedding, LossReductionError, UnsupportedError
 from lightning_dve.config import LossReduction
 from lightning_dve.layers import gradient_block
 from lightning_dve.query_layers import check_reduction
@@ -110,3 +111,34 @@ def test_token_mean_rows_are_each_sequences_gradient_and_a_wrong_reduction_is_re
         make_trainer(1, [wrong]).fit(wrong_model, loader)
     with pytest.raises(LossReductionError, match=r"token count, n_i / sum_j n_j"):
         wrong.embeddings.influence(wrong_model, test)
+
+
+class PositionTableLM(TokenMeanLM):
+    """Adds a learned position embedding looked up once over ``arange(t)`` (nanoGPT's form) or per sample."""
+
+    def __init__(self, per_sample: bool) -> None:
+        super().__init__()
+        self.pos, self.per_sample = nn.Embedding(8, 8), per_sample
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids.shape
+        positions = torch.arange(t).expand(b, t) if self.per_sample else torch.arange(t)
+        return self.head(torch.tanh(self.fc(self.tok(input_ids) + self.pos(positions))))
+
+
+def test_a_position_table_broadcast_across_the_batch_is_named_with_the_fix(tmp_path) -> None:
+    """``pos(torch.arange(t))`` gives ``[t, d]`` rows broadcast over the batch: capture would file them under ``t``
+    samples. With batch size ``t`` this was silent (rows 190% off); now a warning names the layer and the per-sample
+    lookup; with another batch size the batch-size error names it too. Looked up per sample, nothing is said."""
+    items = padded_sequences(16)
+    dve = DataValueEmbedding(tmp_path / "equal", projection_dim=None, loss_reduction=token_weights, report=None)
+    with pytest.warns(UserWarning, match=r"layer 'pos' \(Embedding\) was called on the ids arange\(8\) alone.*"
+                                         r"pos\(torch.arange\(t\).expand\(b, t\)\), or pass exclude=\('pos',\)"):
+        make_trainer(1, [dve]).fit(PositionTableLM(per_sample=False), DataLoader(items, batch_size=8))
+    dve = DataValueEmbedding(tmp_path / "other", projection_dim=None, loss_reduction=token_weights, report=None)
+    with pytest.raises(UnsupportedError, match=r"different batch sizes .*'pos': 8.*pos\(torch.arange\(t\)\.expand"):
+        make_trainer(1, [dve]).fit(PositionTableLM(per_sample=False), DataLoader(items, batch_size=4))
+    dve = DataValueEmbedding(tmp_path / "per_sample", projection_dim=None, loss_reduction=token_weights, report=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*position table")
+        make_trainer(1, [dve]).fit(PositionTableLM(per_sample=True), DataLoader(items, batch_size=8))
