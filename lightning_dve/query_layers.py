@@ -251,15 +251,16 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
             f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
             f"{reduction.value!r} declares: on the batch's first two samples the gradient of their joint loss differs "
             f"by {deviation:.0%} from the declared weights ({scales[0]:.4g}, {scales[1]:.4g} times each one's loss "
-            f"alone) applied to their gradients alone (their loss values happen to agree). A token-level mean over "
-            f"a padded batch (cross_entropy with ignore_index) weighs sequence i by its token count, n_i / sum_j n_j: "
-            f"declare loss_reduction=lambda batch: n / n.sum() with n the batch's token counts. {_REDUCTION_FIX}"
+            f"alone) applied to their gradients alone (their loss values happen to agree). {_REDUCTION_FIX}"
         )
 
 
 _REDUCTION_FIX = ("The recording used the same weights, so its curvature and test gradients are off by that factor "
                   "and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
-                  "reduction='sum', 'mean' for a mean over the batch, a callable for other weights); a loss that "
+                  "reduction='sum', 'mean' for a mean over the batch, a callable for other weights: a token-level "
+                  "mean over a padded batch, cross_entropy with ignore_index, weighs sequence i by its token count, "
+                  "n_i / sum_j n_j, so declare loss_reduction=lambda batch: n / n.sum() with n the batch's token "
+                  "counts); a loss that "
                   "couples the samples (contrastive, batch statistics) has no per-sample data value; a random "
                   "training_step (an augmentation drawn in it) fails this check too: pass loss_fn= to the query.")
 

@@ -57,7 +57,8 @@ def test_a_loss_reduction_other_than_the_loss_is_refused(fit, mlp_cls, save_dir,
     with pytest.warns(UserWarning, match=r"report is skipped: training_step's loss is not the sum of per-sample "
                                          rf"losses weighted as loss_reduction='{declared}' declares"):
         fit(model, dve)
-    with pytest.raises(LossReductionError, match=r"Record again with the reduction your loss uses"):
+    with pytest.raises(LossReductionError, match=r"Record again with the reduction your loss uses .*a token-level "
+                                                 r"mean over a padded batch.*n / n.sum\(\)"):
         dve.embeddings.influence(model, test_batch)
     assert dve.embeddings.influence(model, test_batch, loss_fn=per_sample_ce).scores.shape[0] == 12
     pair, single = ({key: value[:n] for key, value in test_batch.items()} for n in (2, 1))
