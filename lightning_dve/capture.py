@@ -64,6 +64,10 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
             parameters would silently go untracked.
     """
     modules = dict(model.named_modules())
+    unmatched = [p for p in config.exclude if not any(excluded(name, (p,)) for name in modules if name)]
+    if unmatched:
+        warnings.warn(f"DataValueEmbedding: exclude patterns {unmatched} match no module of {type(model).__name__} "
+                      f"(a typo?); its modules are named like {[n for n in modules if n][:6]}.", stacklevel=2)
     if config.layers is not None:
         missing = [n for n in config.layers if n not in modules]
         if missing:

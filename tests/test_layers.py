@@ -8,6 +8,8 @@ so exact agreement is checked to ~1e-10.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -595,3 +597,15 @@ def test_embedding_scale_grad_by_freq_is_refused():
     model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True)).to(DTYPE)
     with pytest.raises(UnsupportedError, match=r"layer '0' \(Embedding\).*scale_grad_by_freq.*exclude"):
         resolve_layers(model, DVEConfig(projection_dim=None))
+
+
+def test_an_exclude_pattern_that_matches_no_module_warns_naming_it():
+    """``exclude=("nomatch*",)`` was taken without a word: a typo leaves the layer tracked."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"exclude patterns \['nomatch\*', 'net.2'\] match no module of Sequential "
+                                         r"\(a typo\?\); its modules are named like \['0', '1', '2'\]"):
+        tracked = resolve_layers(net, DVEConfig(exclude=("nomatch*", "net.2", "1")))
+    assert list(tracked) == ["0", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(resolve_layers(net, DVEConfig(exclude=("2",)))) == ["0"]
