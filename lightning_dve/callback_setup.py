@@ -284,7 +284,7 @@ def embedding_method(value: Any, config: DVEConfig) -> EmbeddingMethod:
     Raises:
         ConfigError: for an unknown value, or ``"replay"`` without replay checkpoints or with segments.
     """
-    method = EmbeddingMethod.parse(value)
+    method = EmbeddingMethod.parse(value, "embeddings")
     if method is EmbeddingMethod.REPLAY and (config.checkpoint_interval is None or config.segments > 1):
         raise ConfigError("embeddings='replay' replays training from its checkpoints into the final model's "
                           f"embeddings; it needs checkpoint_interval (got {config.checkpoint_interval!r}) and "

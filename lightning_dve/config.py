@@ -28,8 +28,12 @@ class _Option(str, enum.Enum):
     """A string enum whose constructor error lists every allowed value."""
 
     @classmethod
-    def parse(cls, value: Any) -> _Option:
+    def parse(cls, value: Any, field: str | None = None) -> _Option:
         """Return the member for ``value`` (a member or its string value).
+
+        Args:
+            value: the member or its value.
+            field: the argument's name, for the message.
 
         Raises:
             ConfigError: if ``value`` is not one of the allowed values.
@@ -39,9 +43,10 @@ class _Option(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ConfigError(
-                f"{cls.__name__} got {value!r}; allowed values are {_choices(cls)}."
-            ) from None
+            case = (f" (lower case: {value.lower()!r})" if isinstance(value, str)
+                    and value.lower() in {m.value for m in cls} else "")
+            named = f"{field}: " if field else ""
+            raise ConfigError(f"{named}{cls.__name__} got {value!r}; allowed values are {_choices(cls)}{case}.") from None
 
 
 class LossReduction(_Option):
@@ -181,10 +186,10 @@ class DVEConfig:
 
     def __post_init__(self) -> None:
         _plain_ints(self, "projection_dim", "segments", "seed", "checkpoint_interval")
-        object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction))
-        object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout))
-        object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype))
-        object.__setattr__(self, "curvature", Curvature.parse(self.curvature))
+        object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction, "loss_reduction"))
+        object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout, "layout"))
+        object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype, "storage_dtype"))
+        object.__setattr__(self, "curvature", Curvature.parse(self.curvature, "curvature"))
         interval = self.checkpoint_interval
         if interval not in ("auto", None) and (
             isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
@@ -359,8 +364,8 @@ class ReportConfig:
     curve_source: CurveSource = CurveSource.EMBEDDINGS
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale))
-        object.__setattr__(self, "curve_source", CurveSource.parse(self.curve_source))
+        object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale, "stage_scale"))
+        object.__setattr__(self, "curve_source", CurveSource.parse(self.curve_source, "curve_source"))
         _plain_ints(self, "max_reference_samples", "top_k", "histogram_bins")
         _check_count("max_reference_samples", self.max_reference_samples, 1)
         _check_count("top_k", self.top_k, 0)

@@ -280,3 +280,15 @@ def test_the_callback_refuses_the_string_weights_asking_for_the_callable():
     with pytest.raises(ConfigError, match=r"loss_reduction='weights' names what a callable gives: pass the callable "
                                           r"itself, batch -> Tensor\[B\]"):
         DataValueEmbedding(loss_reduction="weights")
+
+
+def test_a_wrong_option_names_the_argument_and_the_case():
+    from lightning_dve import DataValueEmbedding
+
+    with pytest.raises(ConfigError, match=r"^layout: AccumulatorLayout got 'blocks'; allowed values are .*'full'\.$"):
+        DVEConfig(layout="blocks")
+    with pytest.raises(ConfigError, match=r"^curvature: Curvature got 'GGN'; allowed values are .* \(lower case: "
+                                          r"'ggn'\)\.$"):
+        DVEConfig(curvature="GGN")
+    with pytest.raises(ConfigError, match=r"^embeddings: EmbeddingMethod got 'both'; allowed values are"):
+        DataValueEmbedding(embeddings="both")
