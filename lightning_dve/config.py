@@ -46,7 +46,8 @@ class _Option(str, enum.Enum):
             case = (f" (lower case: {value.lower()!r})" if isinstance(value, str)
                     and value.lower() in {m.value for m in cls} else "")
             named = f"{field}: " if field else ""
-            raise ConfigError(f"{named}{cls.__name__} got {value!r}; allowed values are {_choices(cls)}{case}.") from None
+            raise ConfigError(f"{named}{cls.__name__} got {value!r}; allowed values are {_choices(cls)}{case}."
+                              ) from None
 
 
 class LossReduction(_Option):
