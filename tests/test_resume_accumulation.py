@@ -46,6 +46,16 @@ def records_and_scores(dve: DataValueEmbedding, model: L.LightningModule, batch:
     return [store.read_step(step) for step in store.steps], scores
 
 
+def assert_same_recording(records: list, scores: torch.Tensor, expected: list, expected_scores: torch.Tensor) -> None:
+    """Step by step the same ids, rows and ``lr * w`` (the weight and rate the update applied), and the same scores."""
+    for record, reference in zip(records, expected, strict=True):
+        assert torch.equal(record.sample_ids, reference.sample_ids)
+        torch.testing.assert_close(record.weights[:, None] * record.lrs, reference.weights[:, None] * reference.lrs)
+        for name, rows in reference.grads.items():
+            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+
+
 def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
     mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
 ) -> None:
@@ -67,13 +77,8 @@ def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
         runs[name] = records_and_scores(dve, model, test_batch), [str(w.message) for w in caught]
     ((records, scores), warned), ((expected, expected_scores), _) = runs["skipping"], runs["even batches only"]
     assert [r.step for r in records] == [0, 2, 4, 6] and len(expected) == 4
-    for record, reference in zip(records, expected, strict=True):
-        assert torch.equal(record.sample_ids, reference.sample_ids)
-        torch.testing.assert_close(record.weights, reference.weights)
-        torch.testing.assert_close(record.lrs, reference.lrs)
-        for name, rows in reference.grads.items():
-            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+    assert all(torch.equal(r.weights, e.weights) and torch.equal(r.lrs, e.lrs) for r, e in zip(records, expected))
+    assert_same_recording(records, scores, expected, expected_scores)
     assert any("were reset (zero_grad) before any optimizer step applied them" in w for w in warned)
 
 
@@ -95,12 +100,7 @@ def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
         runs[name] = records_and_scores(dve, model, test_batch)
     (records, scores), (expected, expected_scores) = runs["zeroed"], runs["odd batches only"]
     assert len(records) == len(expected) == 4
-    for record, reference in zip(records, expected, strict=True):
-        assert torch.equal(record.sample_ids, reference.sample_ids)
-        torch.testing.assert_close(record.weights[:, None] * record.lrs, reference.weights[:, None] * reference.lrs)
-        for name, rows in reference.grads.items():
-            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+    assert_same_recording(records, scores, expected, expected_scores)
 
 
 def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
@@ -124,12 +124,7 @@ def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
         runs[name] = records_and_scores(dve, model, test_batch)
     (records, scores), (expected, expected_scores) = runs["by hand"], runs["big"]
     assert [r.step for r in records] == [1, 3, 5, 7] and len(expected) == 4
-    for record, reference in zip(records, expected, strict=True):
-        assert torch.equal(record.sample_ids, reference.sample_ids)
-        torch.testing.assert_close(record.weights[:, None] * record.lrs, reference.weights[:, None] * reference.lrs)
-        for name, rows in reference.grads.items():
-            torch.testing.assert_close(record.grads[name], rows, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(scores, expected_scores, rtol=1e-8, atol=1e-13)
+    assert_same_recording(records, scores, expected, expected_scores)
 
 
 def checkpointing_trainer(root: Path, epochs: int, callbacks: list) -> L.Trainer:
