@@ -303,6 +303,17 @@ def own_trainable(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
+def container_note(modules: dict[str, nn.Module]) -> str:
+    """For refused modules that hold supported layers as well as parameters of their own (a block with a
+    LayerScale ``gamma``): excluding them leaves those layers out too, so name the other fix."""
+    holders = {name: own_trainable(module) for name, module in modules.items()
+               if own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
+    if not holders:
+        return ""
+    return (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
+            f"move the parameters they hold themselves ({holders}) into a submodule of their own and exclude that.")
+
+
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether ``name`` or one of its parent modules matches an exclude pattern."""
     parts = name.split(".")
@@ -343,6 +354,7 @@ def refuse_unsupported_types(modules: dict[str, nn.Module]) -> None:
         f"layers {listed}{more} are not of a supported layer type; supported types are "
         f"{', '.join(supported_types())}. Pass exclude={exclude_patterns(list(bad), keep)!r} to train all "
         f"{len(bad)} without measuring their data value (fnmatch patterns, children included){attention}."
+        f"{container_note({name: modules[name] for name in bad})}"
     )
 
 
@@ -353,7 +365,7 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
     if spec is None:
         raise UnsupportedError(
             f"layer {name!r} ({type(module).__name__}) is not a supported layer type; supported types are "
-            f"{', '.join(supported_types())}. {fix}"
+            f"{', '.join(supported_types())}. {fix}{container_note({name: module})}"
         )
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
         raise UnsupportedError(

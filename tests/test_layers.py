@@ -8,6 +8,7 @@ so exact agreement is checked to ~1e-10.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -609,3 +610,26 @@ def test_an_exclude_pattern_that_matches_no_module_warns_naming_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(resolve_layers(net, DVEConfig(exclude=("2",)))) == ["0"]
+
+
+class ScaledBlock(nn.Module):
+    """A block holding a parameter of its own (LayerScale's ``gamma``) next to a supported layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.gamma = nn.Linear(4, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.fc(x)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_a_block_holding_its_own_parameter_names_the_fix_that_keeps_its_layers(blocks):
+    """Excluding the block (the only exclude the message could name) also leaves its Linear out: the message says
+    so and names moving the block's own parameters into a submodule."""
+    net = nn.Sequential(*[ScaledBlock() for _ in range(blocks)], nn.Linear(4, 2))
+    names = [str(i) for i in range(blocks)]
+    with pytest.raises(UnsupportedError, match=rf"Excluding {re.escape(repr(names))} leaves their supported child "
+                                               r"layers untracked as well; to keep those, move the parameters they "
+                                               r"hold themselves \({'0': \['gamma'\]"):
+        resolve_layers(net, DVEConfig())
