@@ -80,7 +80,9 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
         if own(model):
             raise UnsupportedError(
                 f"{type(model).__name__} itself owns trainable parameters {own(model)}; capture tracks "
-                "submodules only. Move them into a supported submodule (e.g. nn.Linear) or freeze them."
+                "submodules only. Move them into a supported submodule (e.g. nn.Linear), or into a submodule of "
+                "their own passed in exclude= (they then train without a data value, e.g. a per-channel scale), or "
+                "freeze them."
             )
         owners = [n.split(".parametrizations.")[0] for n, m in modules.items() if n and own(m)]
         names = [n for n in dict.fromkeys(owners) if not excluded(n, config.exclude)]

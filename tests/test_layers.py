@@ -633,3 +633,15 @@ def test_a_block_holding_its_own_parameter_names_the_fix_that_keeps_its_layers(b
                                                r"layers untracked as well; to keep those, move the parameters they "
                                                r"hold themselves \({'0': \['gamma'\]"):
         resolve_layers(net, DVEConfig())
+
+
+def test_parameters_the_model_holds_itself_are_refused_naming_both_fixes():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.scale = nn.Linear(4, 2), nn.Parameter(torch.ones(2))
+
+    with pytest.raises(UnsupportedError, match=r"Scaled itself owns trainable parameters \['scale'\]; capture tracks "
+                                               r"submodules only\. Move them into a supported submodule .*or into a "
+                                               r"submodule of their own passed in exclude="):
+        resolve_layers(Scaled(), DVEConfig())
