@@ -256,15 +256,6 @@ def warn_weights_replaced() -> None:
                    "the report and the replay checkpoint at the last step's weights.")
 
 
-def warn_unapplied() -> None:
-    """Say that micro-batches whose gradients were reset before any optimizer step are left out of the record."""
-    rank_zero_warn("DataValueEmbedding: the gradients of a training batch were reset (zero_grad) before any optimizer "
-                   "step applied them (an optimizer_step override that ran optimizer_closure() without "
-                   "optimizer.step(), or a zero_grad in a hook while gradients were being accumulated). "
-                   "That batch changed no weight, so its samples are not recorded at any step. To accumulate "
-                   "gradients over batches, use Trainer(accumulate_grad_batches=...).")
-
-
 def warn_fewer_segments(asked: int, used: int, steps: int) -> None:
     """Say that the run had too few steps (or segment boundaries) for the ``segments`` asked for."""
     rank_zero_warn(f"DataValueEmbedding: segments={asked}, but the {steps} recorded step(s) make {used} segment(s), "

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 import torch
 
@@ -179,7 +180,7 @@ class StepHooks(pl.Callback):
             return
         weights = self._active_capture().weights()
         if gradients_reset([weights[name] for name in self._reached]):
-            callback_setup.warn_unapplied()
+            _warn_unapplied()
             self._assembler.discard()
             self._reached, self._deferred = set(), None
 
@@ -236,3 +237,12 @@ class StepHooks(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
+
+
+def _warn_unapplied() -> None:
+    """Say that micro-batches whose gradients were reset before any optimizer step are left out of the record."""
+    rank_zero_warn("DataValueEmbedding: the gradients of a training batch were reset (zero_grad) before any optimizer "
+                   "step applied them (an optimizer_step override that ran optimizer_closure() without "
+                   "optimizer.step(), or a zero_grad in a hook while gradients were being accumulated). "
+                   "That batch changed no weight, so its samples are not recorded at any step. To accumulate "
+                   "gradients over batches, use Trainer(accumulate_grad_batches=...).")
