@@ -244,8 +244,7 @@ class GradientCapture:
             warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange("
                           f"{args[0].numel()}) alone, a position table broadcast across the batch: its rows are filed "
                           "under positions, not samples. Look positions up per sample, e.g. "
-                          "pos(torch.arange(t).expand(b, t)), or pass exclude=(" + repr(layer.name) + ",).",
-                          stacklevel=2)
+                          f"pos(torch.arange(t).expand(b, t)), or pass exclude=({layer.name!r},).", stacklevel=2)
         p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(_checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))

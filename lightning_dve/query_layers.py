@@ -260,9 +260,9 @@ _REDUCTION_FIX = ("The recording used the same weights, so its curvature and tes
                   "reduction='sum', 'mean' for a mean over the batch, a callable for other weights: a token-level "
                   "mean over a padded batch, cross_entropy with ignore_index, weighs sequence i by its token count, "
                   "n_i / sum_j n_j, so declare loss_reduction=lambda batch: n / n.sum() with n the batch's token "
-                  "counts); a loss that "
-                  "couples the samples (contrastive, batch statistics) has no per-sample data value; a random "
-                  "training_step (an augmentation drawn in it) fails this check too: pass loss_fn= to the query.")
+                  "counts); a loss that couples the samples (contrastive, batch statistics) has no per-sample data "
+                  "value; a random training_step (an augmentation drawn in it) fails this check too: pass loss_fn= to "
+                  "the query.")
 
 
 def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: list[float],
