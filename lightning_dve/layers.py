@@ -375,8 +375,8 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
         )
     if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
         raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm or "
-            f"another parametrization): its weight is computed from other parameters, so the captured gradient "
+            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm, "
+            f"torch.nn.utils.prune's mask or another parametrization): its weight is computed from other parameters, so the captured gradient "
             f"would not be the gradient of what the optimizer updates. {fix}"
         )
     extra = set(own_trainable(module)) - {"weight", "bias"}

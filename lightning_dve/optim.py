@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
 _MODELLED = (torch.optim.SGD, *_ADAM)
@@ -24,8 +24,18 @@ def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]
     """The param group of each tracked weight, in the order of ``weights``.
 
     Raises:
+        UnsupportedError: if a tracked weight is no longer a parameter (pruned or parametrised during ``fit``).
         ConfigError: if a tracked weight is in none of the optimizer's param groups (it is never updated).
     """
+    replaced = [name for name, weight in weights.items() if not isinstance(weight, nn.Parameter)]
+    if replaced:
+        raise UnsupportedError(
+            f"tracked layers {replaced} no longer hold their weight as a parameter: it was replaced during fit by a "
+            "tensor computed from other parameters (torch.nn.utils.prune, which Lightning's ModelPruning callback "
+            "applies at epoch ends, trains 'weight_orig' under a mask; or a parametrization registered during fit). "
+            "The recorded gradients would not be those of what the optimizer updates. Prune in a fit without this "
+            "callback, leave these layers out of the pruning (ModelPruning(parameters_to_prune=...)), or pass "
+            f"exclude={tuple(replaced)!r}.")
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, weight in weights.items() if id(weight) not in group_of]
     if missing:

@@ -333,3 +333,29 @@ def test_a_resume_with_a_tuner_callback_is_recorded_as_the_run_lightning_trains(
     with pytest.raises(StoreError, match="is not empty: each fit records a new run"):
         trainer.fit(Batched(), ckpt_path=root / "ckpt" / "last.ckpt")
     assert TrajectoryStore.open(root / "dve").steps == [0, 1, 2, 3]
+
+
+def test_pruning_during_fit_is_refused_naming_it(fit, tmp_path: Path) -> None:
+    """Lightning's ModelPruning prunes at epoch ends: ``weight`` becomes ``weight_orig`` under a mask, which the
+    optimizer updates. The next step is refused naming pruning (it used to say the layers were in no param group);
+    the steps before it stay readable."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    from lightning_dve import UnsupportedError
+
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, checkpoint_interval=None)
+    pruning = ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    with pytest.raises(UnsupportedError, match=r"\['net\.0', 'net\.2'\] no longer hold their weight as a "
+                                               r"parameter.*ModelPruning.*exclude="):
+        fit(TinyMLP(), dve, max_epochs=2, callbacks=[pruning])
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(4))
+
+
+def test_a_layer_pruned_before_fit_is_refused_at_fit_start(fit, tmp_path: Path) -> None:
+    from lightning_dve import UnsupportedError
+
+    model = TinyMLP()
+    torch.nn.utils.prune.l1_unstructured(model.net[0], "weight", amount=0.3)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, checkpoint_interval=None)
+    with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) has a parametrised weight.*prune.*exclude="):
+        fit(model, dve)
