@@ -17,6 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 import torch
 
 from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, reporting_reference, sync
+from .call_checks import model_tables
 from .callback_step import StepHooks
 from .checkpoints import CheckpointRecorder
 from .config import (
@@ -250,7 +251,7 @@ class DataValueEmbedding(StepHooks):
                                                 self.config.settings_hash(), after,
                                                 self.sample_ids if isinstance(self.sample_ids, str) else None,
                                                 str(trainer.precision))
-        self._capture = capture.GradientCapture(tracked)
+        self._capture = capture.GradientCapture(tracked, model_tables(pl_module))
         self._capture.attach()
         self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))
         self._guard.attach(trainer.optimizers[0])

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import call_checks
 from . import layers as layer_specs
 from .config import DVEConfig
 from .errors import ConfigError, UnsupportedError
@@ -100,28 +101,6 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
     return tracked
 
 
-def _checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
-    """``in_side`` ``[B, P, k_in]``, once its batch size and positions ``P`` are checked against the output's (the
-    output gradient's positions are laid out like the output, method.md §3).
-
-    Raises:
-        UnsupportedError: naming the layer, when the module's forward does not apply its type's maths to its input
-            (a subclass that overrides ``forward``, e.g. padding inside it like timm's ``Conv2dSame``).
-    """
-    out_side = layer.spec.project_output_grad(layer.module, output.detach(), None)  # a view: no projection
-    if out_side.shape[:2] != in_side.shape[:2]:
-        kind = type(layer.module).__name__
-        raise UnsupportedError(
-            f"layer {layer.name!r} ({kind}): its input gives {in_side.shape[1]} positions per sample for "
-            f"{in_side.shape[0]} samples as a {layer.spec.kind} with its own settings would compute them, but its "
-            f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
-            f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "
-            f"like timm's Conv2dSame), so its per-sample gradients cannot be formed. Use the plain layer type (for "
-            f"'same' padding: nn.Conv2d(padding=...) or an nn.ZeroPad2d before it), or pass exclude=({layer.name!r},)."
-        )
-    return in_side
-
-
 def _input_dtype(module: nn.Module, args: tuple[Any, ...]) -> torch.dtype:
     """The dtype the input projection runs in: the activation's (bf16 under autocast, so the projection is not
     converted at every call), or the weight's for integer inputs (embedding ids)."""
@@ -136,8 +115,14 @@ class GradientCapture:
     Hooks do nothing outside ``begin``/``finish``, so validation and prediction are untouched.
     """
 
-    def __init__(self, layers: dict[str, TrackedLayer]) -> None:
+    #: The capture whose curvature pass is running, if any: another callback's capture ignores that backward.
+    curvature_owner: GradientCapture | None = None
+
+    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, int] | None = None) -> None:
         self.layers = layers
+        self._tables = tables or {}  # the model's tables, checked in the first step (call_checks.check_call)
+        self._sizes: dict[str, int] = {}  # each layer's samples per call in this step
+        self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last step's, this one's
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
         self._inputs: dict[str, list[torch.Tensor | None]] = {}
@@ -155,7 +140,8 @@ class GradientCapture:
     def attach(self) -> None:
         """Register the forward hooks (idempotent)."""
         if not self._handles:
-            self._handles = [t.module.register_forward_hook(partial(self._on_forward, t)) for t in self.layers.values()]
+            self._handles = [t.module.register_forward_hook(partial(self._on_forward, t), with_kwargs=True)
+                             for t in self.layers.values()]
 
     def detach(self) -> None:
         """Remove every hook and drop pending state."""
@@ -168,7 +154,8 @@ class GradientCapture:
         self._generation += 1  # output hooks of an earlier step become no-ops
         self._active = active
         self._keep_outputs = keep_outputs
-        self._backward, self._without_autograd = False, set()
+        self._backward, self._without_autograd, self._sizes = False, set(), {}
+        self._aranges = (self._aranges[1], set()) if active else self._aranges
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
@@ -233,21 +220,24 @@ class GradientCapture:
         return {name for name in self._without_autograd if not self._inputs[name]}
 
     @torch.no_grad()  # the projected inputs need no graph: autograd records nothing for them
-    def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    output: Any) -> None:
         if not self._active or not isinstance(output, torch.Tensor):
             return
         if not output.requires_grad:
             self._without_autograd.add(layer.name)
             return
         recomputed = self._backward or self._curvature_pass
+        args = call_checks.call_input(layer, args, kwargs)
+        call_checks.check_call(layer, args[0], self._sizes.get(layer.name), self._tables)
+        self._sizes[layer.name] = args[0].shape[0]
         if layer.spec.kind == "embedding" and layer_specs.position_lookup(args):
-            warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange("
-                          f"{args[0].numel()}) alone, a position table broadcast across the batch: its rows are filed "
-                          "under positions, not samples. Look positions up per sample, e.g. "
-                          f"pos(torch.arange(t).expand(b, t)), or pass exclude=({layer.name!r},).", stacklevel=2)
+            if layer.name in self._aranges[0]:
+                call_checks.warn_position_lookup(layer, args[0].numel())
+            self._aranges[1].add(layer.name)
         p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
-        pending.append(_checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
+        pending.append(call_checks.checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
         if self._preconditioner:
             p_in_q = self._preconditioner[layer.name][1]
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))
@@ -260,7 +250,8 @@ class GradientCapture:
 
     def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,
                         logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:
-        if not self._active or generation != self._generation:
+        owner = GradientCapture.curvature_owner
+        if not self._active or generation != self._generation or owner not in (None, self):
             return
         if logits is not None and logits is self.logits and not self._curvature_pass:  # still the last output
             self.logits = (logits[0], grad.detach())
@@ -295,12 +286,12 @@ class GradientCapture:
         ``begin(keep_outputs=True)``.
         """
         logits = self.outputs[-1]
-        self._curvature_pass = True
+        self._curvature_pass, GradientCapture.curvature_owner = True, self
         try:
             torch.autograd.grad(logits, self.outputs, output_grad(logits.detach()), retain_graph=True,
                                 allow_unused=True)
         finally:
-            self._curvature_pass = False
+            self._curvature_pass, GradientCapture.curvature_owner = False, None
             self.outputs = []
 
     def take(self, kind: str, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -370,7 +361,8 @@ class GradientCapture:
         if len(set(sizes.values())) != 1:
             raise UnsupportedError(
                 f"tracked layers saw different batch sizes {sizes}: a tracked layer must see the batch as its "
-                "first dimension. Exclude layers that run on reshaped inputs; a position embedding looked up as "
+                "first dimension. Exclude layers that run on reshaped inputs or on part of the batch (routing, "
+                "a mixture of experts, some samples under torch.no_grad); a position embedding looked up as "
                 "pos(torch.arange(t)) and broadcast across the batch can instead be looked up per sample, "
                 "pos(torch.arange(t).expand(b, t))."
             )
@@ -388,4 +380,5 @@ class GradientCapture:
         """
         grads = self.take(GRADS, weights)
         self._reset(active=False)
+        self._tables = {}  # checked in the first step only: a buffer replaced later may free its address to another
         return grads

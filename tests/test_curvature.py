@@ -271,3 +271,31 @@ def test_ggn_beats_the_empirical_fisher_against_exact_tsloo(tmp_path: Path) -> N
             torch.testing.assert_close(scores, baseline, rtol=1e-8, atol=1e-12)
     print(f"\nSpearman vs TSLOO: {({c.value: round(r, 3) for c, r in rho.items()})}")
     assert rho[Curvature.GGN] >= 0.85 and rho[Curvature.GGN] > rho[Curvature.EMPIRICAL_FISHER]
+
+
+@pytest.mark.parametrize("ggn_first", [True, False])
+def test_a_ggn_callback_and_another_in_one_trainer_each_record_what_they_record_alone(
+    tmp_path: Path, ggn_first: bool
+) -> None:
+    """The GGN callback's curvature pass is a backward through the tracked layers: the other callback's hooks added
+    its pseudo-gradients to their gradient rows (refused as a tied weight, or as a backward in ``training_step``).
+    Each capture now keeps to its own passes: both stores equal those of a fit with that callback alone."""
+    from tests.conftest import run_fit
+
+    def settings(name: str) -> dict:
+        return dict(projection_dim=None, report=None, checkpoint_interval=None,
+                    curvature="ggn" if name == "ggn" else "empirical_fisher")
+
+    names = ["ggn", "ef"] if ggn_first else ["ef", "ggn"]
+    together = [DataValueEmbedding(tmp_path / "together" / name, **settings(name)) for name in names]
+    run_fit(TinyMLP().double(), together[0], precision="64-true", callbacks=together[1:])
+    for name in names:
+        run_fit(TinyMLP().double(), DataValueEmbedding(tmp_path / "alone" / name, **settings(name)),
+                precision="64-true")
+        both, alone = (TrajectoryStore.open(tmp_path / where / name) for where in ("together", "alone"))
+        assert both.steps == alone.steps == [0, 1, 2, 3]
+        for step in alone.steps:
+            mine, reference = both.read_step(step), alone.read_step(step)
+            for kind in ("grads", "curvature"):
+                for layer, rows in getattr(reference, kind).items():
+                    torch.testing.assert_close(getattr(mine, kind)[layer], rows, rtol=0, atol=0)

@@ -1,0 +1,106 @@
+"""Checks on each call of a tracked layer in a recorded step (the capture's forward hook, :mod:`capture`).
+
+Per-sample blocks are formed per call and summed over a step's calls of a layer (method.md §3), which is right
+only when every call takes the batch as its first dimension. Each check here refuses, or warns about, a call
+whose first dimension is not the step's samples, naming the layer and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from .capture import TrackedLayer
+
+
+def model_tables(model: nn.Module) -> dict[int, int]:
+    """The first-dimension size of each parameter and buffer of ``model`` (of at least one dimension), keyed by the
+    address of its storage, for :func:`check_call`'s ``tables``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return {t.untyped_storage().data_ptr(): t.shape[0] for t in tensors if t.dim() > 0 and t.numel() > 0}
+
+
+def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The call's positional input, also when it was passed by keyword (``lin(input=x)``).
+
+    Raises:
+        UnsupportedError: if the call has no input tensor.
+    """
+    if not args and isinstance(kwargs.get("input"), torch.Tensor):
+        return (kwargs["input"],)
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({type(layer.module).__name__}) was called without an input tensor as its first "
+            f"argument (arguments {sorted(kwargs)}): call it as layer(x), or pass exclude=({layer.name!r},).")
+    return args
+
+
+def check_call(layer: TrackedLayer, x: torch.Tensor, earlier: int | None, tables: dict[int, int]) -> None:
+    """Refuse a call whose first dimension cannot be the step's samples.
+
+    Args:
+        layer: the tracked layer.
+        x: the call's input.
+        earlier: the number of samples of the layer's earlier calls in this step (``None``: none yet).
+        tables: :func:`model_tables` of the model while they are checked, else empty.
+
+    Raises:
+        UnsupportedError: for an unbatched input of a linear layer, a call on no samples or on another number of
+            samples than the layer's earlier calls (a subset of the batch: routing, mixture of experts), or an
+            input that is a whole parameter or buffer of the model (a table shared by every sample).
+    """
+    kind, fix = type(layer.module).__name__, f"pass exclude=({layer.name!r},)"
+    if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2):
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
+            f"needs the batch as the input's first dimension (an input of shape [B, ...]), or {fix}.")
+    if x.shape[0] == 0 or (earlier is not None and x.shape[0] != earlier):
+        after = "" if earlier is None else f" after a call on {earlier} in the same step"
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({kind}) was called on {x.shape[0]} samples{after}: a layer applied to part of "
+            f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
+            f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
+            f"whole batch as its first dimension; {fix} to train it without measuring it.")
+    if tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0]:
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({kind}) was called on a parameter or buffer of the model (shape "
+            f"{tuple(x.shape)}), a table shared by every sample whose output is broadcast across the batch: its "
+            f"first dimension is not the samples, so its rows would be filed under the wrong samples. Expand the "
+            f"table over the batch first, e.g. layer(table.expand(b, *table.shape)), or {fix}.")
+
+
+def warn_position_lookup(layer: TrackedLayer, n: int) -> None:
+    """Warn about an embedding looked up on ``arange(n)`` alone in consecutive steps: a position table broadcast
+    across the batch (nanoGPT's ``pos(torch.arange(t))``), whose rows capture files under ``n`` samples."""
+    warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange({n}) alone "
+                  "in consecutive steps, a position table broadcast across the batch: its rows are filed under "
+                  "positions, not samples. Look positions up per sample, e.g. pos(torch.arange(t).expand(b, t)), or "
+                  f"pass exclude=({layer.name!r},).", stacklevel=3)
+
+
+def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
+    """``in_side`` ``[B, P, k_in]``, once its batch size and positions ``P`` are checked against the output's (the
+    output gradient's positions are laid out like the output, method.md §3).
+
+    Raises:
+        UnsupportedError: naming the layer, when the module's forward does not apply its type's maths to its input
+            (a subclass that overrides ``forward``, e.g. padding inside it like timm's ``Conv2dSame``).
+    """
+    out_side = layer.spec.project_output_grad(layer.module, output.detach(), None)  # a view: no projection
+    if out_side.shape[:2] != in_side.shape[:2]:
+        kind = type(layer.module).__name__
+        raise UnsupportedError(
+            f"layer {layer.name!r} ({kind}): its input gives {in_side.shape[1]} positions per sample for "
+            f"{in_side.shape[0]} samples as a {layer.spec.kind} with its own settings would compute them, but its "
+            f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
+            f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "
+            f"like timm's Conv2dSame), so its per-sample gradients cannot be formed. Use the plain layer type (for "
+            f"'same' padding: nn.Conv2d(padding=...) or an nn.ZeroPad2d before it), or pass exclude=({layer.name!r},)."
+        )
+    return in_side

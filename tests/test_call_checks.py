@@ -1,0 +1,157 @@
+"""Calls of a tracked layer whose first dimension is not the step's samples (``call_checks``): refused with the
+layer and the fix named, where they used to be filed under the wrong samples or fail inside the capture."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding, UnsupportedError
+from lightning_dve.store import TrajectoryStore
+from tests.conftest import DigitsDict, TinyMLP, run_fit
+
+
+class Refined(TinyMLP):
+    """``net.0`` applied to the batch, then again to the samples of id ``routed`` only when the batch holds it (a
+    second pass over some samples): at the step holding that id, a one-sample call after a four-sample one."""
+
+    def __init__(self, routed: int = 5) -> None:
+        super().__init__()
+        self.routed = routed
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        h = self.net[0](batch["x"])
+        mask = batch["index"] == self.routed
+        if mask.any():
+            h = h.index_add(0, mask.nonzero().flatten(), self.net[0](batch["x"][mask]))
+        return F.cross_entropy(self.net[2](torch.tanh(h)), batch["y"])
+
+
+class Experts(TinyMLP):
+    """Two experts in place of ``net.0``, each called on the samples routed to it; every sample goes to the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(64, 16), nn.Linear(64, 16)])
+        self.net[0] = nn.Identity()
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        x, routed = batch["x"], batch["y"] < 10
+        h = torch.zeros(len(x), 16).index_put((routed,), self.experts[0](x[routed]))
+        h = h.index_put((~routed,), self.experts[1](x[~routed]))
+        return F.cross_entropy(self.net[2](torch.tanh(h)), batch["y"])
+
+
+def _dve(root: Path, **kwargs) -> DataValueEmbedding:
+    return DataValueEmbedding(root, projection_dim=None, report=None, checkpoint_interval=None, **kwargs)
+
+
+def test_a_layer_called_again_on_part_of_the_batch_is_refused_at_that_step(tmp_path: Path) -> None:
+    """The one-sample block was broadcast onto every sample's row (0.73 off, silently) when the routing first
+    happened after the first step, which the tied-weight check had already passed; the steps before stay readable."""
+    with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) was called on 1 samples after a call on 4 in "
+                                               r"the same step.*routing.*exclude=\('net\.0',\)"):
+        run_fit(Refined(), _dve(tmp_path / "dve"), train=DataLoader(DigitsDict(range(8)), batch_size=4))
+    assert TrajectoryStore.open(tmp_path / "dve").steps == [0]
+
+
+def test_an_expert_that_gets_no_sample_is_refused_naming_routing(tmp_path: Path) -> None:
+    """A mixture-of-experts layer that gets no sample of a batch failed in a reshape."""
+    with pytest.raises(UnsupportedError, match=r"'experts\.1' \(Linear\) was called on 0 samples: a layer applied "
+                                               r"to part of the batch \(routing, a mixture of experts"):
+        run_fit(Experts(), _dve(tmp_path / "dve"))
+
+
+class TableNet(TinyMLP):
+    """A coordinate table run through ``net.0`` and broadcast across the batch (``expand=False``), or expanded over
+    the batch before it (``expand=True``: per-sample rows, each sample's own)."""
+
+    def __init__(self, expand: bool) -> None:
+        super().__init__()
+        self.expand = expand
+        self.register_buffer("coords", torch.linspace(-1, 1, 4 * 64).reshape(4, 64))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        table = self.coords.expand(len(batch["x"]), 4, 64) if self.expand else self.coords
+        h = self.net[0](batch["x"]) + self.net[0](table).mean(-2)
+        return F.cross_entropy(self.net[2](torch.tanh(h)), batch["y"])
+
+
+def test_a_layer_called_on_a_table_of_the_model_is_refused_and_its_expanded_form_recorded(tmp_path: Path) -> None:
+    """With as many table rows as samples, the table's rows were filed under the samples (up to 112 % off, silently);
+    with another count the batch-size check refused it. Expanded over the batch, each sample's row is its own."""
+    with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) was called on a parameter or buffer of the "
+                                               r"model \(shape \(4, 64\)\).*table\.expand\(b, \*table\.shape\)"):
+        run_fit(TableNet(expand=False), _dve(tmp_path / "broadcast"), train=DataLoader(DigitsDict(range(8)),
+                                                                                        batch_size=4))
+    model = TableNet(expand=True)
+    initial = TableNet(expand=True)
+    initial.load_state_dict(model.state_dict())
+    run_fit(model, _dve(tmp_path / "expanded"), train=DataLoader(DigitsDict(range(4)), batch_size=4))
+    rows = TrajectoryStore.open(tmp_path / "expanded").read_step(0).grads["net.0"]
+    batch = next(iter(DataLoader(DigitsDict(range(4)), batch_size=4)))
+    for i in range(4):  # oracle: a per-example backward
+        initial.zero_grad()
+        initial.loss({key: value[i:i + 1] for key, value in batch.items()}).backward()
+        layer = initial.net[0]
+        expected = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).flatten()
+        torch.testing.assert_close(rows[i].float(), expected, rtol=1e-4, atol=1e-6)
+
+
+class KeywordNet(TinyMLP):
+    """Calls its layers by keyword, ``layer(input=x)``, which hands the forward hook no positional argument."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](input=torch.tanh(self.net[0](input=x)))
+
+
+def test_a_layer_called_by_keyword_is_recorded_as_a_positional_call(tmp_path: Path) -> None:
+    """It failed with an IndexError inside the capture."""
+    run_fit(TinyMLP(), _dve(tmp_path / "positional"))
+    run_fit(KeywordNet(), _dve(tmp_path / "keyword"))
+    positional, keyword = (TrajectoryStore.open(tmp_path / name) for name in ("positional", "keyword"))
+    assert keyword.steps == positional.steps == [0, 1, 2, 3]
+    for step in positional.steps:
+        for name, rows in positional.read_step(step).grads.items():
+            torch.testing.assert_close(keyword.read_step(step).grads[name], rows, rtol=0, atol=0)
+
+
+class UnbatchedNet(TinyMLP):
+    """Runs ``net.0`` on one unbatched vector, a bias shared by every sample."""
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        shift = self.net[0](batch["x"].new_ones(64))
+        return F.cross_entropy(self.net[2](torch.tanh(self.net[0](batch["x"]) + shift)), batch["y"])
+
+
+def test_a_linear_layer_called_on_an_unbatched_input_is_refused(tmp_path: Path) -> None:
+    """It failed in a reshape inside the capture."""
+    with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) was called on an unbatched input of shape "
+                                               r"\(64,\).*\[B, \.\.\.\]"):
+        run_fit(UnbatchedNet(), _dve(tmp_path / "dve"))
+
+
+class SampleTable(TinyMLP):
+    """A learned row per sample, looked up by the batch's ids (the first batch of an unshuffled loader: arange(4))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_sample = nn.Embedding(64, 10)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self(batch["x"]) + self.per_sample(batch["index"]), batch["y"])
+
+
+def test_per_sample_ids_equal_to_arange_in_one_step_are_not_taken_for_a_position_table(tmp_path: Path) -> None:
+    """The position-table warning (``tests/test_token_losses.py``) needs the ids ``arange(n)`` in consecutive steps;
+    per-sample ids are that only in the first batch here, where it used to warn with a wrong fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*position table")
+        run_fit(SampleTable(), _dve(tmp_path / "dve"))
+    assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 1, 2, 3]
