@@ -276,10 +276,13 @@ def embedding_method(value: Any, config: DVEConfig) -> EmbeddingMethod:
         ConfigError: for an unknown value, or ``"replay"`` without replay checkpoints or with segments.
     """
     method = EmbeddingMethod.parse(value, "embeddings")
-    if method is EmbeddingMethod.REPLAY and (config.checkpoint_interval is None or config.segments > 1):
+    unmet = [f"{need} (got {got!r})" for need, got, met in (
+        ("checkpoint_interval", config.checkpoint_interval, config.checkpoint_interval is not None),
+        ("segments=1", config.segments, config.segments == 1)) if not met]
+    if method is EmbeddingMethod.REPLAY and unmet:
         raise ConfigError("embeddings='replay' replays training from its checkpoints into the final model's "
-                          f"embeddings; it needs checkpoint_interval (got {config.checkpoint_interval!r}) and "
-                          f"segments=1 (got {config.segments}). Keep those defaults, or use embeddings='recursion'.")
+                          f"embeddings; it needs {' and '.join(unmet)}. Keep the defaults, or use "
+                          "embeddings='recursion'.")
     return method
 
 

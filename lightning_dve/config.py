@@ -46,8 +46,12 @@ class _Option(str, enum.Enum):
             case = (f" (lower case: {value.lower()!r})" if isinstance(value, str)
                     and value.lower() in {m.value for m in cls} else "")
             named = f"{field}: " if field else ""
-            raise ConfigError(f"{named}{cls.__name__} got {value!r}; allowed values are {_choices(cls)}{case}."
+            raise ConfigError(f"{named}{cls.__name__} got {value!r}; allowed values are {cls._allowed()}{case}."
                               ) from None
+
+    @classmethod
+    def _allowed(cls) -> str:
+        return _choices(cls)
 
 
 class LossReduction(_Option):
@@ -60,6 +64,10 @@ class LossReduction(_Option):
     MEAN = "mean"
     SUM = "sum"
     WEIGHTS = "weights"
+
+    @classmethod
+    def _allowed(cls) -> str:
+        return "'mean', 'sum', or a callable batch -> Tensor[B] of per-sample weights (recorded as 'weights')"
 
 
 class AccumulatorLayout(_Option):

@@ -303,15 +303,19 @@ def own_trainable(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
-def container_note(modules: dict[str, nn.Module]) -> str:
-    """For refused modules that hold supported layers as well as parameters of their own (a block with a
-    LayerScale ``gamma``): excluding them leaves those layers out too, so name the other fix."""
+def refusal_notes(modules: dict[str, nn.Module]) -> str:
+    """What excluding refused modules does not settle. A module holding supported layers as well as parameters of
+    its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix; a BatchNorm
+    must also run in eval mode, which the step checks (``guards.check_no_batchnorm_training``) refuse otherwise."""
     holders = {name: own_trainable(module) for name, module in modules.items()
                if own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
-    if not holders:
-        return ""
-    return (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
-            f"move the parameters they hold themselves ({holders}) into a submodule of their own and exclude that.")
+    norms = [name for name, module in modules.items() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    note = (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
+            f"move the parameters they hold themselves ({holders}) into a submodule of their own and exclude that."
+            if holders else "")
+    return note + (f" Excluded, {norms} must still run in eval mode during training (in train mode BatchNorm mixes "
+                   "the samples of a batch; e.g. call .eval() on them in on_train_epoch_start), or use "
+                   "GroupNorm/LayerNorm." if norms else "")
 
 
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -354,7 +358,7 @@ def refuse_unsupported_types(modules: dict[str, nn.Module]) -> None:
         f"layers {listed}{more} are not of a supported layer type; supported types are "
         f"{', '.join(supported_types())}. Pass exclude={exclude_patterns(list(bad), keep)!r} to train all "
         f"{len(bad)} without measuring their data value (fnmatch patterns, children included){attention}."
-        f"{container_note({name: modules[name] for name in bad})}"
+        f"{refusal_notes({name: modules[name] for name in bad})}"
     )
 
 
@@ -365,7 +369,7 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
     if spec is None:
         raise UnsupportedError(
             f"layer {name!r} ({type(module).__name__}) is not a supported layer type; supported types are "
-            f"{', '.join(supported_types())}. {fix}{container_note({name: module})}"
+            f"{', '.join(supported_types())}. {fix}{refusal_notes({name: module})}"
         )
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
         raise UnsupportedError(
@@ -375,9 +379,9 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
         )
     if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
         raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) has a parametrised weight (weight_norm, spectral_norm, "
-            f"torch.nn.utils.prune's mask or another parametrization): its weight is computed from other parameters, so the captured gradient "
-            f"would not be the gradient of what the optimizer updates. {fix}"
+            f"layer {name!r} ({type(module).__name__}) has a parametrised weight or bias (weight_norm, "
+            f"spectral_norm, torch.nn.utils.prune's mask or another parametrization): it is computed from other "
+            f"parameters, so the captured gradient would not be the gradient of what the optimizer updates. {fix}"
         )
     extra = set(own_trainable(module)) - {"weight", "bias"}
     if extra or not module.weight.requires_grad:

@@ -362,7 +362,8 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
     if manifest.get("dropout_modules"):
         raise UnsupportedError(f"modules {manifest['dropout_modules']} ran dropout in train mode, and the random "
                                "masks are not recorded, so the training steps cannot be replayed exactly. Train "
-                               "with dropout off (p=0 or the modules in eval mode) to use exact_influence.")
+                               "with dropout off (p=0 or the modules in eval mode) to replay the run (exact_influence, "
+                               "embeddings='replay').")
     if manifest.get("final_step") is None:
         raise StoreError(f"the replay checkpoints in {checkpoints.root} have no final state: training did not "
                          "finish. Record the run again.")

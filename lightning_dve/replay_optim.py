@@ -54,7 +54,8 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> OptimizerKind:
     kind = next((k for k in OptimizerKind if type(optimizer) is getattr(torch.optim, k.value)), None)
     if kind is None:
         raise UnsupportedError(f"exact replay models torch.optim {allowed} exactly; the run used {name}. Train with "
-                               "one of those to use exact_influence (influence() works with any optimizer).")
+                               "one of those to replay the run (exact_influence, embeddings='replay'; influence() "
+                               "works with any optimizer).")
     if kind is not OptimizerKind.SGD and any(group.get("amsgrad") for group in optimizer.param_groups):
         raise UnsupportedError(f"{name}(amsgrad=True): its running maximum of the second moment is not "
                                "differentiable in the weights, so exact replay is refused. Use amsgrad=False.")

@@ -107,7 +107,7 @@ def report_train_end(
     query = _reference_query(trainer, pl_module, embeddings, config, reference, show)
     if query is None:
         return None
-    result = _scores(trainer, pl_module, embeddings, config, reference, query)
+    result, config = _scores(trainer, pl_module, embeddings, config, reference, query)
     lr_layer, lrs = _curve_learning_rates(embeddings)
     summary = curves.summarise(result, embeddings.steps, embeddings.epochs, lrs, config)
     wanted = {s.sample_id for s in (*summary.helpful, *summary.harmful)}
@@ -134,10 +134,13 @@ def report_train_end(
 def _scores(
     trainer: pl.Trainer, pl_module: pl.LightningModule, embeddings: DataValueEmbeddings, config: ReportConfig,
     reference: Any, query: Reference,
-) -> InfluenceResult:
+) -> tuple[InfluenceResult, ReportConfig]:
     """Per-step scores of the mean reference loss: one dot product per occurrence, or the exact replay.
 
     A replay that cannot run (checkpoints off, dropout, ...) warns and falls back to the embeddings.
+
+    Returns:
+        The scores, and ``config`` with the curve source they came from (the summary's settings say so).
     """
     if config.curve_source is CurveSource.EXACT_REPLAY:
 
@@ -151,11 +154,12 @@ def _scores(
             return torch.cat(losses)[: query.n_samples].mean().unsqueeze(0)
 
         try:
-            return embeddings.exact_influence(pl_module, None, loss_fn=mean_reference_loss, per_step=True)
+            return embeddings.exact_influence(pl_module, None, loss_fn=mean_reference_loss, per_step=True), config
         except DVEError as err:
             rank_zero_warn(f"DataValueEmbedding: the exact-replay curve is not available ({err}) The report uses the "
                            "embeddings instead.")
-    return embeddings.score(query.gradients, per_step=True)
+    used = dataclasses.replace(config, curve_source=CurveSource.EMBEDDINGS)
+    return embeddings.score(query.gradients, per_step=True), used
 
 
 def save_boundary_reference(

@@ -161,6 +161,19 @@ def test_batchnorm_in_train_mode_is_refused(fit, mlp_cls, save_dir):
     assert len(step_files(save_dir)) == trainer.global_step == 4
 
 
+def test_a_trainable_batchnorm_is_refused_naming_eval_mode_with_the_exclude(fit, mlp_cls, save_dir):
+    """Excluding a BatchNorm with parameters is not enough: the first refusal names eval mode too, so following it
+    does not run into the train-mode refusal above."""
+    class AffineBatchNormMLP(mlp_cls):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+
+    with pytest.raises(UnsupportedError, match=r"'net\.1' \(BatchNorm1d\) is not a supported layer type.*exclude.*"
+                                               r"Excluded, \['net\.1'\] must still run in eval mode"):
+        fit(AffineBatchNormMLP(), DataValueEmbedding(save_dir))
+
+
 def test_untracked_trainable_module_names_it_and_exclude(fit, mlp_cls, save_dir):
     class LayerNormMLP(mlp_cls):
         def __init__(self):

@@ -292,3 +292,6 @@ def test_a_wrong_option_names_the_argument_and_the_case():
         DVEConfig(curvature="GGN")
     with pytest.raises(ConfigError, match=r"^embeddings: EmbeddingMethod got 'both'; allowed values are"):
         DataValueEmbedding(embeddings="both")
+    with pytest.raises(ConfigError, match=r"^loss_reduction: LossReduction got 'avg'; allowed values are 'mean', "
+                                          r"'sum', or a callable batch -> Tensor\[B\] of per-sample weights"):
+        DataValueEmbedding(loss_reduction="avg")  # not "'weights'" as a value to pass: that string is refused

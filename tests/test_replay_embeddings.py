@@ -172,14 +172,17 @@ def test_callback_option_refusals(tmp_path: Path, small_data) -> None:
     and where the run turns out not to be replayable (dropout) the recursion's embeddings stay, with a warning."""
     with pytest.raises(ConfigError, match=r"allowed values are 'recursion', 'replay'"):
         DataValueEmbedding(tmp_path / "a", embeddings="exact")
-    with pytest.raises(ConfigError, match=r"checkpoint_interval \(got None\) and segments=1 \(got 1\)"):
+    with pytest.raises(ConfigError, match=r"it needs checkpoint_interval \(got None\)\. Keep"):  # only what is unmet
         DataValueEmbedding(tmp_path / "a", embeddings="replay", checkpoint_interval=None)
-    with pytest.raises(ConfigError, match=r"segments=1 \(got 2\)"):
+    with pytest.raises(ConfigError, match=r"it needs segments=1 \(got 2\)\. Keep"):
         DataValueEmbedding(tmp_path / "a", embeddings="replay", segments=2)
+    with pytest.raises(ConfigError, match=r"checkpoint_interval \(got None\) and segments=1 \(got 2\)"):
+        DataValueEmbedding(tmp_path / "a", embeddings="replay", segments=2, checkpoint_interval=None)
     dataset, test = small_data
     module = ReplayNet(SETTINGS["sgd"], 3, dropout=0.2)
     dve = DataValueEmbedding(tmp_path / "dropout", report=None, projection_dim=64, embeddings="replay")
-    with pytest.warns(UserWarning, match=r"could not replay this run \(.*ran dropout in train mode.*\); the report "
+    with pytest.warns(UserWarning, match=r"could not replay this run \(.*ran dropout in train mode.*to replay the run "
+                                         r"\(exact_influence, embeddings='replay'\)\.\); the report "
                                          "and the store keep the recursion's embeddings"):
         make_trainer(1, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
     assert dve.embeddings.store.manifest["embeddings_source"] == "recursion"

@@ -169,6 +169,7 @@ def test_exact_replay_curve_equals_the_exact_influence_of_the_reference(fit, tmp
     fit(model, callback, train, val, max_epochs=2, precision="64-true")
     model.double()
     rows = read_csv(report_dir(callback) / "curve.csv")
+    assert json.loads((report_dir(callback) / "summary.json").read_text())["settings"]["curve_source"] == "exact_replay"
     reference = {key: value[:40] for key, value in DigitsDict(range(1500, 1540)).batch().items()}
     reference["x"] = reference["x"].reshape(-1, 1, 8, 8).double()
     exact = callback.embeddings.exact_influence(model, reference, per_step=True)
@@ -207,6 +208,8 @@ def test_exact_replay_curve_without_checkpoints_warns_and_uses_the_embeddings(fi
     with pytest.warns(UserWarning, match="the exact-replay curve is not available .*checkpoint"):
         fit(ImageMLP(), callback, train, val)
     assert (report_dir(callback) / "curve.csv").is_file()
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    assert summary["settings"]["curve_source"] == "embeddings"  # the source used, not the one asked for
 
 
 def test_user_reference_batch_and_describe(fit, tmp_path):
