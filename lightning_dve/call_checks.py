@@ -12,11 +12,57 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
+from . import layers as layer_specs
 from .errors import UnsupportedError
 
 if TYPE_CHECKING:
     from .capture import TrackedLayer
+
+
+class CallChecks:
+    """The checks of one capture's calls, micro-batch by micro-batch: the state they keep between calls.
+
+    A refused call is kept (:meth:`raise_refused` raises it at the step's end, where DDP ranks agree on errors;
+    one rank's batch may be routed otherwise than another's), and its layer's call is not captured.
+    """
+
+    def __init__(self, tables: dict[int, int] | None = None) -> None:
+        self.tables = tables or {}  # the model's tables (model_tables), checked until the first step is taken
+        self.sizes: dict[str, int] = {}  # each layer's samples per call in this micro-batch
+        self.refused: UnsupportedError | None = None
+        self.batch: Any = None  # the micro-batch, whose own ids are not a position table
+        self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last, this micro-batch
+
+    def reset(self, batch: Any = None, begin: bool = False) -> None:
+        """Forget the micro-batch's calls; ``begin``: a new micro-batch starts (``batch``, if known)."""
+        self.sizes, self.refused, self.batch = {}, None, batch
+        self._aranges = (self._aranges[1], set()) if begin else self._aranges
+
+    def input_of(self, layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The call's positional input once its checks pass, else ``None`` (the refusal is kept)."""
+        try:
+            args = call_input(layer, args, kwargs)
+            check_call(layer, args[0], self.sizes, self.tables)
+        except UnsupportedError as err:
+            self.refused = self.refused or err
+            return None
+        self.sizes[layer.name] = args[0].shape[0]
+        if layer.spec.kind == "embedding" and layer_specs.position_lookup(args) and not of_batch(args[0], self.batch):
+            if layer.name in self._aranges[0]:
+                warn_position_lookup(layer, args[0].numel())
+            self._aranges[1].add(layer.name)
+        return args
+
+    def raise_refused(self) -> None:
+        """Raise the micro-batch's first refused call.
+
+        Raises:
+            UnsupportedError: naming the layer, the call and the fix.
+        """
+        if self.refused is not None:
+            raise self.refused
 
 
 def model_tables(model: nn.Module) -> dict[int, int]:
@@ -41,21 +87,21 @@ def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any
     return args
 
 
-def check_call(layer: TrackedLayer, x: torch.Tensor, earlier: int | None, tables: dict[int, int]) -> None:
+def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tables: dict[int, int]) -> None:
     """Refuse a call whose first dimension cannot be the step's samples.
 
     Args:
         layer: the tracked layer.
         x: the call's input.
-        earlier: the number of samples of the layer's earlier calls in this step (``None``: none yet).
+        sizes: the number of samples of each tracked layer's earlier calls in this step.
         tables: :func:`model_tables` of the model while they are checked, else empty.
 
     Raises:
-        UnsupportedError: for an unbatched input of a linear layer, a call on no samples or on another number of
-            samples than the layer's earlier calls (a subset of the batch: routing, mixture of experts), or an
-            input that is a whole parameter or buffer of the model (a table shared by every sample).
+        UnsupportedError: for an unbatched input, a call on no samples or on another number of samples than the
+            layer's earlier calls (a subset of the batch: routing, mixture of experts), or an input that is a
+            whole parameter or buffer of the model (a table shared by every sample) in a batch of several samples.
     """
-    kind, fix = type(layer.module).__name__, f"pass exclude=({layer.name!r},)"
+    kind, fix, earlier = type(layer.module).__name__, f"pass exclude=({layer.name!r},)", sizes.get(layer.name)
     if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2):
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
@@ -67,12 +113,21 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, earlier: int | None, tables
             f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
             f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
             f"whole batch as its first dimension; {fix} to train it without measuring it.")
-    if tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0]:
+    several = x.shape[0] > 1 or any(size > 1 for size in sizes.values())  # one sample: its table is its own
+    if several and tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0]:
+        expand = "table.expand(b, -1)" if x.shape[0] == 1 else "table.expand(b, *table.shape)"
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on a parameter or buffer of the model (shape "
             f"{tuple(x.shape)}), a table shared by every sample whose output is broadcast across the batch: its "
             f"first dimension is not the samples, so its rows would be filed under the wrong samples. Expand the "
-            f"table over the batch first, e.g. layer(table.expand(b, *table.shape)), or {fix}.")
+            f"table over the batch first, e.g. layer({expand}), or {fix}.")
+
+
+def of_batch(x: torch.Tensor, batch: Any) -> bool:
+    """Whether ``x`` shares its storage with a tensor of ``batch`` (dicts, lists and tuples are searched)."""
+    address = x.untyped_storage().data_ptr()
+    return any(isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() == address
+               for leaf in tree_leaves(batch))
 
 
 def warn_position_lookup(layer: TrackedLayer, n: int) -> None:
@@ -81,7 +136,7 @@ def warn_position_lookup(layer: TrackedLayer, n: int) -> None:
     warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange({n}) alone "
                   "in consecutive steps, a position table broadcast across the batch: its rows are filed under "
                   "positions, not samples. Look positions up per sample, e.g. pos(torch.arange(t).expand(b, t)), or "
-                  f"pass exclude=({layer.name!r},).", stacklevel=3)
+                  f"pass exclude=({layer.name!r},).", stacklevel=4)
 
 
 def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:

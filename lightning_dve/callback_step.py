@@ -68,7 +68,7 @@ class StepHooks(pl.Callback):
         check_no_batchnorm_training(self._batchnorms)
         self._active_guard().check_trainable(trainer.global_step)  # before the forward hooks read the layout
         hooks = self._active_capture()
-        hooks.begin(keep_outputs=self._ggn)
+        hooks.begin(keep_outputs=self._ggn, batch=batch)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
         self._batch, self._backwards, self._inner_backward = batch, 0, False
@@ -132,6 +132,7 @@ class StepHooks(pl.Callback):
         applied = outputs or callback_setup.grad_scaler(trainer) is None  # else Lightning skips the optimizer step
         try:
             self._check_writes()
+            hooks.calls.raise_refused()  # a call refused in a forward hook
             if hooks.captured:
                 self._reached |= hooks.reached()
                 self._assembler.add(self._micro_batch(trainer, batch))

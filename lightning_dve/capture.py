@@ -120,9 +120,7 @@ class GradientCapture:
 
     def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, int] | None = None) -> None:
         self.layers = layers
-        self._tables = tables or {}  # the model's tables, checked in the first step (call_checks.check_call)
-        self._sizes: dict[str, int] = {}  # each layer's samples per call in this step
-        self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last step's, this one's
+        self.calls = call_checks.CallChecks(tables)  # each call takes the batch (refusals kept for the step's end)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
         self._inputs: dict[str, list[torch.Tensor | None]] = {}
@@ -154,23 +152,25 @@ class GradientCapture:
         self._generation += 1  # output hooks of an earlier step become no-ops
         self._active = active
         self._keep_outputs = keep_outputs
-        self._backward, self._without_autograd, self._sizes = False, set(), {}
-        self._aranges = (self._aranges[1], set()) if active else self._aranges
+        self._backward, self._without_autograd = False, set()
+        self.calls.reset(begin=active)
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
         self.outputs = []
         self.logits = None
 
-    def begin(self, keep_outputs: bool = False) -> None:
+    def begin(self, keep_outputs: bool = False, batch: Any = None) -> None:
         """Start collecting a step.
 
         Args:
             keep_outputs: also keep the tracked layers' outputs in :attr:`outputs`, for a caller that runs
                 its own ``torch.autograd.grad`` with respect to them (queries, which must not touch ``.grad``),
                 and the last one with its gradient in the training backward in :attr:`logits`.
+            batch: the micro-batch, if known: embedding ids taken from it are per sample, never a position table.
         """
         self._reset(active=True, keep_outputs=keep_outputs)
+        self.calls.batch = batch
 
     def abort(self) -> None:
         """Stop collecting and drop whatever the step collected."""
@@ -222,19 +222,16 @@ class GradientCapture:
     @torch.no_grad()  # the projected inputs need no graph: autograd records nothing for them
     def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:
-        if not self._active or not isinstance(output, torch.Tensor):
+        owner = GradientCapture.curvature_owner  # another capture's curvature pass recomputes (checkpointing)
+        if not self._active or not isinstance(output, torch.Tensor) or owner not in (None, self):
             return
         if not output.requires_grad:
             self._without_autograd.add(layer.name)
             return
         recomputed = self._backward or self._curvature_pass
-        args = call_checks.call_input(layer, args, kwargs)
-        call_checks.check_call(layer, args[0], self._sizes.get(layer.name), self._tables)
-        self._sizes[layer.name] = args[0].shape[0]
-        if layer.spec.kind == "embedding" and layer_specs.position_lookup(args):
-            if layer.name in self._aranges[0]:
-                call_checks.warn_position_lookup(layer, args[0].numel())
-            self._aranges[1].add(layer.name)
+        args = self.calls.input_of(layer, args, kwargs)
+        if args is None:  # refused: raised at the step's end
+            return
         p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
         pending.append(call_checks.checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
@@ -342,6 +339,8 @@ class GradientCapture:
         Raises:
             UnsupportedError: naming the layer and how to exclude it.
         """
+        if self.calls.refused is not None:  # a call was refused: raise_refused says why at the step's end
+            return
         for name, weight in self.weights().items():
             if name not in self._blocks and name not in reached and weight.grad is not None \
                     and bool(weight.grad.ne(0).any()):
@@ -356,7 +355,13 @@ class GradientCapture:
         return {name: self._blocks[name].sum(dim=0) if name in self._blocks else None for name in names}
 
     def batch_size(self) -> int:
-        """Number of samples in the captured step (first dim of the captured blocks)."""
+        """Number of samples in the captured step (first dim of the captured blocks).
+
+        Raises:
+            UnsupportedError: for a refused call (:meth:`CallChecks.raise_refused`), or if the tracked layers saw
+                different batch sizes.
+        """
+        self.calls.raise_refused()
         sizes = {name: block.shape[0] for name, block in self._blocks.items()}
         if len(set(sizes.values())) != 1:
             raise UnsupportedError(
@@ -380,5 +385,5 @@ class GradientCapture:
         """
         grads = self.take(GRADS, weights)
         self._reset(active=False)
-        self._tables = {}  # checked in the first step only: a buffer replaced later may free its address to another
+        self.calls.tables = {}  # checked in the first step only: a buffer replaced later may free its address
         return grads

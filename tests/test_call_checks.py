@@ -104,6 +104,38 @@ def test_a_layer_called_on_a_table_of_the_model_is_refused_and_its_expanded_form
         torch.testing.assert_close(rows[i].float(), expected, rtol=1e-4, atol=1e-6)
 
 
+class PositionIds(TinyMLP):
+    """HF BERT's form: a ``position_ids`` buffer ``[1, max_len]`` sliced to ``[1, t]`` and, with ``expand``, expanded
+    over the batch (``.expand(b, t)``) before its Embedding."""
+
+    def __init__(self, expand: bool) -> None:
+        super().__init__()
+        self.expand, self.pos = expand, nn.Embedding(8, 10)
+        self.register_buffer("position_ids", torch.arange(8).unsqueeze(0))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        ids = self.position_ids[:, :4]
+        ids = ids.expand(len(batch["x"]), -1) if self.expand else ids
+        return F.cross_entropy(self(batch["x"]) + self.pos(ids).mean(1), batch["y"])
+
+
+def test_a_sliced_position_buffer_is_refused_unexpanded_with_the_right_expand_and_fine_for_one_sample(
+    tmp_path: Path
+) -> None:
+    """Unexpanded, the ``[1, t]`` slice is one row broadcast over the batch: refused naming ``expand(b, -1)`` (the
+    fix ``expand(b, *shape)`` would broadcast wrongly). Expanded, or in batches of one sample (micro-batches of one
+    under accumulation), where the table is that sample's own, it is recorded."""
+    with pytest.raises(UnsupportedError, match=r"'pos' \(Embedding\) was called on a parameter or buffer of the "
+                                               r"model \(shape \(1, 4\)\).*layer\(table\.expand\(b, -1\)\)"):
+        run_fit(PositionIds(expand=False), _dve(tmp_path / "unexpanded"))
+    run_fit(PositionIds(expand=True), _dve(tmp_path / "expanded"))
+    one = DataLoader(DigitsDict(range(4)), batch_size=1)
+    run_fit(PositionIds(expand=True), _dve(tmp_path / "one_expanded"), train=one, accumulate_grad_batches=2)
+    run_fit(TableNet(expand=True), _dve(tmp_path / "one_table"), train=one)
+    assert [TrajectoryStore.open(tmp_path / name).steps for name in ("expanded", "one_expanded", "one_table")] == \
+        [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]]
+
+
 class KeywordNet(TinyMLP):
     """Calls its layers by keyword, ``layer(input=x)``, which hands the forward hook no positional argument."""
 
@@ -148,10 +180,14 @@ class SampleTable(TinyMLP):
         return F.cross_entropy(self(batch["x"]) + self.per_sample(batch["index"]), batch["y"])
 
 
-def test_per_sample_ids_equal_to_arange_in_one_step_are_not_taken_for_a_position_table(tmp_path: Path) -> None:
-    """The position-table warning (``tests/test_token_losses.py``) needs the ids ``arange(n)`` in consecutive steps;
-    per-sample ids are that only in the first batch here, where it used to warn with a wrong fix."""
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_per_sample_ids_equal_to_arange_are_not_taken_for_a_position_table(tmp_path: Path, batch_size: int) -> None:
+    """The position-table warning (``tests/test_token_losses.py``) is for ids ``arange(n)`` made in the forward, in
+    consecutive steps; ids of the batch itself are per sample even when they are ``arange(n)`` in the first batch
+    (16) or in every step (64: full-batch training, an auto-decoder's codes), where it used to warn with a wrong
+    fix."""
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*position table")
-        run_fit(SampleTable(), _dve(tmp_path / "dve"))
-    assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 1, 2, 3]
+        run_fit(SampleTable(), _dve(tmp_path / "dve"), train=DataLoader(DigitsDict(range(64)), batch_size=batch_size),
+                max_epochs=2)
+    assert len(TrajectoryStore.open(tmp_path / "dve").steps) == 2 * 64 // batch_size

@@ -6,6 +6,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -375,6 +376,18 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
     assert "batch has no key 'index'" in proc.stderr  # rank 1's own error
     assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 0 stops with it
     assert elapsed < 55, f"took {elapsed:.0f}s: a rank waited for the 60s gloo timeout"
+
+
+@pytest.mark.slow
+def test_a_call_on_part_of_one_ranks_batch_stops_both_ranks_with_its_refusal(tmp_path: Path) -> None:
+    """A tracked layer called again on one sample of rank 1's batch: the refusal is kept from the forward hook for the
+    step's end, where the ranks agree (raised in the hook, rank 0 failed with gloo's "connection closed")."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--head", "rank1_subset", "--epochs", "1", timeout=200, external=True)
+    assert proc.returncode != 0 and time.monotonic() - start < 55
+    assert re.search(r"\[rank1\]: .*UnsupportedError: layer 'net\.4' \(Linear\) was called on 1 samples after a "
+                     r"call on \d+ in the same step", proc.stderr), proc.stderr[-3000:]
+    assert "another rank failed in DataValueEmbedding" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -61,7 +61,8 @@ class MLP(L.LightningModule):
     """``--head functional``: the last layer's weight is used without calling it; ``tied``: it is called and also
     used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use;
     ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on; ``rank1_tied``: the
-    last layer's weight also used functionally on rank 1 only."""
+    last layer's weight also used functionally on rank 1 only; ``rank1_subset``: the last layer called again on
+    the first sample alone in rank 1's third batch."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module",
                  closure_only_odd: bool = False) -> None:
@@ -70,12 +71,15 @@ class MLP(L.LightningModule):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
         self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied") else None
-        self.batches = 0
+        self.batches = self.batch_idx = 0
         self.fail_rank = fail_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head == "functional":
             return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
+        if self.head == "rank1_subset" and self.global_rank == 1 and self.batch_idx == 2:
+            hidden = self.net[:4](x)
+            return self.net[4](hidden) + nn.functional.pad(self.net[4](hidden[:1]), (0, 0, 0, len(x) - 1))
         if self.head == "tied" or (self.head == "rank1_tied" and self.global_rank == 1):
             hidden = self.net[:4](x)
             return self.net[4](hidden) + nn.functional.linear(hidden.flip(1), self.net[4].weight)
@@ -86,6 +90,7 @@ class MLP(L.LightningModule):
         return out + self.aux(x) if self.aux is not None and self.global_rank == 0 else out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.batch_idx = batch_idx
         if batch_idx == 2 and self.global_rank == self.fail_rank:
             batch.pop("index")
         loss = nn.functional.cross_entropy(self(batch["x"]), batch["y"])
@@ -207,7 +212,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refuse-replay-rank", type=int, default=-1, help="this rank's replay is refused")
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
-    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied"], default="module")
+    parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied",
+                                           "rank1_subset"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--closure-only-odd", action="store_true", help="optimizer_step runs odd batches' closure "
