@@ -30,7 +30,7 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
-from .replay_data import BatchSource, TrainingData, checked_losses, parameters_as, step_loss_terms
+from .replay_data import BatchSource, TrainingData, checked_losses, parameters_as, step_total
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import CHECKPOINTS, TrajectoryStore
 
@@ -43,7 +43,7 @@ TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
 MAX_STATES_IN_MEMORY = SEGMENT_STATES
 #: Relative deviation ``||theta_replayed - theta_checkpoint|| / ||theta_checkpoint||`` above which replay is refused.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
-#: The same under bf16 autocast: a one-sample forward rounds differently from the batched one (8-bit mantissa).
+#: The same under bf16 autocast (8-bit mantissa): the replay's batches round otherwise than training's micro-batches.
 AUTOCAST_TOLERANCE = 1e-2
 #: Target rows carried back by one batched vector-Jacobian product (``torch.func.vmap``): bounds its temporaries.
 VJP_ROWS = 64
@@ -84,12 +84,12 @@ class Replayer:
         store: the gradient store (sample ids and weights of every step).
         checkpoints: snapshots and per-step hyperparameters.
         source: rebuilds batches.
-        losses: ``(module, ids) -> Tensor[B]`` per-sample training losses of a recorded step's samples.
+        losses: ``(module, ids, weights, recorded weights) -> sum_z w_z l(theta, z)`` of a recorded step.
         per_sample_forwards: whether ``losses`` runs one forward per sample (reported in the cost).
     """
 
     def __init__(self, module: nn.Module, store: TrajectoryStore, checkpoints: CheckpointStore, source: BatchSource,
-                 losses: Callable[[nn.Module, torch.Tensor], torch.Tensor], per_sample_forwards: bool = True) -> None:
+                 losses: Callable[..., torch.Tensor], per_sample_forwards: bool = True) -> None:
         self.module, self.store, self.checkpoints, self.source, self.losses = module, store, checkpoints, source, losses
         self.per_sample_forwards = per_sample_forwards
         manifest = checkpoints.manifest
@@ -125,10 +125,9 @@ class Replayer:
     ) -> list[torch.Tensor | None]:
         """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
         a frozen one (called inside ``parameters_as(self.module, params)``)."""
-        ids, _ = self.record(step)
+        ids, recorded = self.record(step)
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            losses = self.losses(self.module, ids)
-        total = (weights.to(losses.dtype) * losses).sum()
+            total = self.losses(self.module, ids, weights, recorded)
         grads = torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
                                     allow_unused=True)
         of = dict(zip(self.trainable, clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))))
@@ -386,14 +385,16 @@ def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn
                           "dataset= (required when the embeddings were loaded from disk, or when the training "
                           "dataloader yields whole batches, batch_size=None; after fit it defaults to the training "
                           "dataloader's dataset).")
-    double = checkpoints.manifest.get("precision") in DOUBLE_PRECISION  # the input conversion of training
-    source = BatchSource(data, next(module.parameters()).device, torch.float64 if double else None)
+    precision = checkpoints.manifest.get("precision")  # float64 inputs as training converted them; bf16 autocast
+    source = BatchSource(data, next(module.parameters()).device, torch.float64 if precision in DOUBLE_PRECISION
+                         else None)
     if train_loss_fn is None:
-        def losses(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-            return step_loss_terms(m, source.singles(ids), reduction, weight_fn)
+        def losses(m: nn.Module, ids: torch.Tensor, weights: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+            return step_total(m, source, ids, weights, recorded, reduction, weight_fn, precision == AUTOCAST_PRECISION)
     else:
-        def losses(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-            return checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
+        def losses(m: nn.Module, ids: torch.Tensor, weights: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+            per_sample = checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
+            return (weights.to(per_sample.dtype) * per_sample).sum()
     replayer = Replayer(module, store, checkpoints, source, losses, per_sample_forwards=train_loss_fn is None)
     if store.steps:
         source.check(replayer.record(store.steps[0])[0])

@@ -262,6 +262,34 @@ def step_loss_terms(
     return torch.stack(losses)
 
 
+def step_total(module: nn.Module, source: BatchSource, ids: torch.Tensor, weights: torch.Tensor,
+               recorded: torch.Tensor, reduction: LossReduction, weight_fn: WeightFn | None, batched: bool
+               ) -> torch.Tensor:
+    """``sum_z w_z l(theta, z)`` of a recorded step, from ``training_step`` on one-sample batches (method.md §2).
+
+    With ``batched`` (bf16 autocast) and the recorded weights uniform (a mean or a sum over the step's samples),
+    its value and ``theta``-gradient come from one ``training_step`` on the step's whole batch, the kernels training
+    ran, and only its derivative in the weights from the one-sample losses: ``L_batch + sum_z (w_z - w_rec,z) l_z``.
+    A one-sample forward rounds otherwise under autocast, and where a coordinate's batch gradient nearly cancels,
+    Adam's normalisation turns that rounding into derivatives thousands of times too large.
+
+    Args:
+        weights: the step's occurrence weights (the variables of the influence), ``recorded`` at the recorded run.
+        batched: whether to take the value from the whole batch where the weights allow it.
+    """
+    losses = step_loss_terms(module, source.singles(ids), reduction, weight_fn)
+    total = (weights.to(losses.dtype) * losses).sum()
+    uniform = bool((recorded == recorded[0]).all()) and float(recorded[0]) != 0
+    if not batched or reduction is LossReduction.WEIGHTS or not uniform:
+        return total
+    with muted_logging(module):
+        loss = scalar_loss(module.training_step(source.batch(ids), 0))
+    if loss is None:
+        return total
+    scale = recorded.sum() if reduction is LossReduction.MEAN else recorded[0]
+    return loss * scale.to(loss.dtype) + ((weights - recorded.to(weights)).to(losses.dtype) * losses).sum()
+
+
 def split_batch(batch: Any) -> list[Any]:
     """A collated batch as one-sample batches (tensors sliced ``[i:i+1]`` along dim 0, lists indexed)."""
     n = count_samples(batch)
