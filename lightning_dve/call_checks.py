@@ -101,7 +101,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             layer's earlier calls (a subset of the batch: routing, mixture of experts), or an input that is a
             whole parameter or buffer of the model (a table shared by every sample) in a batch of several samples.
     """
-    kind, fix, earlier = type(layer.module).__name__, f"pass exclude=({layer.name!r},)", sizes.get(layer.name)
+    earlier = sizes.get(layer.name)
+    kind, fix = type(layer.module).__name__, f"pass exclude=({layer.name!r},)"  # for the messages
     if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2):
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
@@ -113,8 +114,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
             f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
             f"whole batch as its first dimension; {fix} to train it without measuring it.")
-    several = x.shape[0] > 1 or any(size > 1 for size in sizes.values())  # one sample: its table is its own
-    if several and tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0]:
+    if tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0] \
+            and (x.shape[0] > 1 or any(size > 1 for size in sizes.values())):  # one sample: its table is its own
         expand = "table.expand(b, -1)" if x.shape[0] == 1 else "table.expand(b, *table.shape)"
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on a parameter or buffer of the model (shape "
