@@ -29,15 +29,15 @@ class CallChecks:
     """
 
     def __init__(self, tables: dict[int, int] | None = None) -> None:
-        self.tables = tables or {}  # the model's tables (model_tables), checked until the first step is taken
+        self.tables = tables or {}  # the model's tables (model_tables), checked in the fit's first micro-batch
         self.sizes: dict[str, int] = {}  # each layer's samples per call in this micro-batch
         self.refused: UnsupportedError | None = None
         self.batch: Any = None  # the micro-batch, whose own ids are not a position table
         self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last, this micro-batch
 
-    def reset(self, batch: Any = None, begin: bool = False) -> None:
-        """Forget the micro-batch's calls; ``begin``: a new micro-batch starts (``batch``, if known)."""
-        self.sizes, self.refused, self.batch = {}, None, batch
+    def reset(self, begin: bool = False) -> None:
+        """Forget the micro-batch's calls; ``begin``: a new micro-batch starts."""
+        self.sizes, self.refused, self.batch = {}, None, None
         self._aranges = (self._aranges[1], set()) if begin else self._aranges
 
     def input_of(self, layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -103,7 +103,7 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
     """
     earlier = sizes.get(layer.name)
     kind, fix = type(layer.module).__name__, f"pass exclude=({layer.name!r},)"  # for the messages
-    if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2):
+    if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2) or (layer.spec.kind == "conv2d" and x.dim() != 4):
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
             f"needs the batch as the input's first dimension (an input of shape [B, ...]), or {fix}.")
@@ -137,7 +137,7 @@ def warn_position_lookup(layer: TrackedLayer, n: int) -> None:
     warnings.warn(f"DataValueEmbedding: layer {layer.name!r} (Embedding) was called on the ids arange({n}) alone "
                   "in consecutive steps, a position table broadcast across the batch: its rows are filed under "
                   "positions, not samples. Look positions up per sample, e.g. pos(torch.arange(t).expand(b, t)), or "
-                  f"pass exclude=({layer.name!r},).", stacklevel=4)
+                  f"pass exclude=({layer.name!r},).", stacklevel=2)
 
 
 def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:

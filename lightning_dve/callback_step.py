@@ -27,6 +27,9 @@ from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
 
+#: A flag next to the layers in the step's reached-on-any-rank exchange: some rank refused a call (call_checks).
+_REFUSED = "<a call was refused>"
+
 
 class StepHooks(pl.Callback):
     """Per-step hooks of :class:`lightning_dve.callback.DataValueEmbedding` (not used on its own)."""
@@ -102,8 +105,11 @@ class StepHooks(pl.Callback):
         if self._terms is not None:  # called after each closure evaluation: the step was read at the first
             return
         hooks = self._active_capture()
-        reached = sync.reached_on_any_rank(self._comm, list(hooks.layers), self._reached | hooks.reached())
-        hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
+        refused = {_REFUSED} if hooks.calls.refused is not None else set()  # its rank raises it at the step's end
+        reached = sync.reached_on_any_rank(self._comm, [*hooks.layers, _REFUSED],
+                                           self._reached | hooks.reached() | refused)
+        if _REFUSED not in reached:  # a refused call leaves its layer uncaptured: not "used functionally"
+            hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         try:  # a tied weight is refused where the ranks agree (on_train_batch_end): under DDP one may refuse alone
             self._active_guard().before_step(self._skipped)

@@ -339,8 +339,6 @@ class GradientCapture:
         Raises:
             UnsupportedError: naming the layer and how to exclude it.
         """
-        if self.calls.refused is not None:  # a call was refused: raise_refused says why at the step's end
-            return
         for name, weight in self.weights().items():
             if name not in self._blocks and name not in reached and weight.grad is not None \
                     and bool(weight.grad.ne(0).any()):
@@ -385,5 +383,5 @@ class GradientCapture:
         """
         grads = self.take(GRADS, weights)
         self._reset(active=False)
-        self.calls.tables = {}  # checked in the first step only: a buffer replaced later may free its address
+        self.calls.tables = {}  # checked in the first micro-batch only: a buffer replaced later may free its address
         return grads

@@ -20,10 +20,6 @@ DEFAULT_PROJECTION_DIM = 1024
 AUTO_FULL_MAX_DIM = 4096
 
 
-def _choices(enum_type: type[enum.Enum]) -> str:
-    return ", ".join(repr(member.value) for member in enum_type)
-
-
 class _Option(str, enum.Enum):
     """A string enum whose constructor error lists every allowed value."""
 
@@ -51,7 +47,8 @@ class _Option(str, enum.Enum):
 
     @classmethod
     def _allowed(cls) -> str:
-        return _choices(cls)
+        """The allowed values as the error message lists them."""
+        return ", ".join(repr(member.value) for member in cls)
 
 
 class LossReduction(_Option):
@@ -67,6 +64,7 @@ class LossReduction(_Option):
 
     @classmethod
     def _allowed(cls) -> str:
+        """``'weights'`` is what a callable records, not a value to pass."""
         return "'mean', 'sum', or a callable batch -> Tensor[B] of per-sample weights (recorded as 'weights')"
 
 

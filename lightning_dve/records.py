@@ -76,6 +76,8 @@ class StepRecord:
         applied_lrs: each tracked layer's param-group learning rate ``[L]`` (the schedule's; 0 where the step did
             not reach the layer), for reports: ``lrs`` is the recursion's rate, with clipping and Adam's bias
             correction folded in. ``None``: not given (read as ``lrs``).
+        batches: each row's micro-batch ``[B]`` (int32, 0, 1, ... in row order over the ranks), so that the exact
+            replay reruns the forwards training ran; ``None``: not recorded (stores of earlier versions).
     """
 
     step: int
@@ -90,6 +92,7 @@ class StepRecord:
     curvature_preconditioned: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
     applied_lrs: torch.Tensor | None = None
+    batches: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> StepRecord:
         """The record with the tensors the recursion computes with on ``device``: weights, rows and vectors (the
@@ -105,8 +108,8 @@ class StepRecord:
     def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
         out = {"sample_ids": self.sample_ids, "weights": self.weights, "lrs": self.lrs}
-        if self.applied_lrs is not None:
-            out["applied_lrs"] = self.applied_lrs
+        out.update({key: value for key, value in (("applied_lrs", self.applied_lrs), ("batches", self.batches))
+                    if value is not None})
         out.update({f"optim/{name}": value for name, value in self.optim.items()})
         for field, kind in ROW_FILE_KINDS.items():
             out.update(encode(getattr(self, field), storage, kind))
@@ -126,7 +129,7 @@ class StepRecord:
                 _, kind, name = key.split("/", 2)
                 vectors.setdefault(kind, {})[name] = value
         return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], rows[GRADIENT], epoch, optim,
-                   vectors=vectors, applied_lrs=tensors.get("applied_lrs"),
+                   vectors=vectors, applied_lrs=tensors.get("applied_lrs"), batches=tensors.get("batches"),
                    **{field: rows[kind] for field, kind in ROW_FILE_KINDS.items() if field != "grads"})
 
 

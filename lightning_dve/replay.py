@@ -30,7 +30,7 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
-from .replay_data import BatchSource, TrainingData, checked_losses, parameters_as, step_total
+from .replay_data import BatchSource, TrainingData, parameters_as, step_losses
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import CHECKPOINTS, TrajectoryStore
 
@@ -84,7 +84,7 @@ class Replayer:
         store: the gradient store (sample ids and weights of every step).
         checkpoints: snapshots and per-step hyperparameters.
         source: rebuilds batches.
-        losses: ``(module, ids, weights, recorded weights) -> sum_z w_z l(theta, z)`` of a recorded step.
+        losses: ``(module, weights, *record(step)) -> sum_z w_z l(theta, z)`` of a recorded step.
         per_sample_forwards: whether ``losses`` runs one forward per sample (reported in the cost).
     """
 
@@ -104,13 +104,15 @@ class Replayer:
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
         self.batched = True  # vector-Jacobian products of many rows under vmap (until an op refuses it)
-        self._records: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._records: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
-    def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sample_ids [B], weights [B])`` of a recorded step (weights on the module's device)."""
+    def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(sample_ids [B], weights [B], micro-batch of each [B] or None)`` of a recorded step (``StepRecord``;
+        weights on the module's device)."""
         if step not in self._records:  # the step file's raw tensors: its rows are not needed, so not decoded
             tensors = self.store.step_files.read(step)
-            self._records[step] = (tensors["sample_ids"], tensors["weights"].to(self.source.device))
+            self._records[step] = (tensors["sample_ids"], tensors["weights"].to(self.source.device),
+                                   tensors.get("batches"))
         return self._records[step]
 
     def snapshot(self, step: int) -> tuple[Params, OptState]:
@@ -125,9 +127,8 @@ class Replayer:
     ) -> list[torch.Tensor | None]:
         """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
         a frozen one (called inside ``parameters_as(self.module, params)``)."""
-        ids, recorded = self.record(step)
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            total = self.losses(self.module, ids, weights, recorded)
+            total = self.losses(self.module, weights, *self.record(step))
         grads = torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
                                     allow_unused=True)
         of = dict(zip(self.trainable, clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))))
@@ -388,13 +389,7 @@ def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn
     precision = checkpoints.manifest.get("precision")  # float64 inputs as training converted them; bf16 autocast
     source = BatchSource(data, next(module.parameters()).device, torch.float64 if precision in DOUBLE_PRECISION
                          else None)
-    if train_loss_fn is None:
-        def losses(m: nn.Module, ids: torch.Tensor, weights: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-            return step_total(m, source, ids, weights, recorded, reduction, weight_fn, precision == AUTOCAST_PRECISION)
-    else:
-        def losses(m: nn.Module, ids: torch.Tensor, weights: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
-            per_sample = checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
-            return (weights.to(per_sample.dtype) * per_sample).sum()
+    losses = step_losses(source, reduction, weight_fn, train_loss_fn, precision == AUTOCAST_PRECISION)
     replayer = Replayer(module, store, checkpoints, source, losses, per_sample_forwards=train_loss_fn is None)
     if store.steps:
         source.check(replayer.record(store.steps[0])[0])

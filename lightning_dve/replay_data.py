@@ -262,32 +262,72 @@ def step_loss_terms(
     return torch.stack(losses)
 
 
+def step_losses(source: BatchSource, reduction: LossReduction, weight_fn: WeightFn | None,
+                train_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, batched: bool
+                ) -> Callable[..., torch.Tensor]:
+    """``(module, weights, ids, recorded weights, micro-batches) -> sum_z w_z l(theta, z)`` of a recorded step:
+    :func:`step_total`, or from ``train_loss_fn``'s per-sample losses on the step's batch (one forward)."""
+    if train_loss_fn is None:
+        return lambda m, weights, ids, *recorded: step_total(m, source, ids, weights, recorded, reduction, weight_fn,
+                                                             batched)
+
+    def from_loss_fn(m: nn.Module, weights: torch.Tensor, ids: torch.Tensor, *_: Any) -> torch.Tensor:
+        per_sample = checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
+        return (weights.to(per_sample.dtype) * per_sample).sum()
+
+    return from_loss_fn
+
+
 def step_total(module: nn.Module, source: BatchSource, ids: torch.Tensor, weights: torch.Tensor,
-               recorded: torch.Tensor, reduction: LossReduction, weight_fn: WeightFn | None, batched: bool
-               ) -> torch.Tensor:
+               recorded: tuple[torch.Tensor, torch.Tensor | None], reduction: LossReduction,
+               weight_fn: WeightFn | None, batched: bool) -> torch.Tensor:
     """``sum_z w_z l(theta, z)`` of a recorded step, from ``training_step`` on one-sample batches (method.md §2).
 
-    With ``batched`` (bf16 autocast) and the recorded weights uniform (a mean or a sum over the step's samples),
-    its value and ``theta``-gradient come from one ``training_step`` on the step's whole batch, the kernels training
-    ran, and only its derivative in the weights from the one-sample losses: ``L_batch + sum_z (w_z - w_rec,z) l_z``.
-    A one-sample forward rounds otherwise under autocast, and where a coordinate's batch gradient nearly cancels,
-    Adam's normalisation turns that rounding into derivatives thousands of times too large.
+    With ``batched`` (bf16 autocast), its value and ``theta``-gradient come from the step's micro-batches as training
+    ran them (:func:`micro_batch_loss`) and only its derivative in the weights from the one-sample losses:
+    ``L_rec + sum_z (w_z - w_rec,z) l_z``. A one-sample forward rounds otherwise under autocast, and where a
+    coordinate's batch gradient nearly cancels, Adam's normalisation turns that into derivatives thousands of
+    times too large.
 
     Args:
-        weights: the step's occurrence weights (the variables of the influence), ``recorded`` at the recorded run.
-        batched: whether to take the value from the whole batch where the weights allow it.
+        weights: the step's occurrence weights (the variables of the influence).
+        recorded: the recorded weights ``w_rec`` and each sample's micro-batch (``StepRecord.batches``, or ``None``).
+        batched: whether to take the value from the micro-batches.
     """
     losses = step_loss_terms(module, source.singles(ids), reduction, weight_fn)
     total = (weights.to(losses.dtype) * losses).sum()
-    uniform = bool((recorded == recorded[0]).all()) and float(recorded[0]) != 0
-    if not batched or reduction is LossReduction.WEIGHTS or not uniform:
+    value = micro_batch_loss(module, source, ids, *recorded, reduction, weight_fn) if batched else None
+    if value is None:
         return total
+    return value + ((weights - recorded[0].to(weights)).to(losses.dtype) * losses).sum()
+
+
+def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, recorded: torch.Tensor,
+                     batches: torch.Tensor | None, reduction: LossReduction, weight_fn: WeightFn | None
+                     ) -> torch.Tensor | None:
+    """``sum_z w_rec,z l(theta, z)`` as training formed it: ``sum_b c_b training_step(b)`` over the step's
+    micro-batches ``b`` (the whole step where they were not recorded), with ``c_b`` the ratio of the recorded
+    weights to the reduction's own in ``b`` (``1 / (n W)`` for ``n`` micro-batches on ``W`` ranks, method.md §2).
+
+    Returns:
+        The loss, or ``None`` where a ratio is not one constant (samples the reduction leaves out excepted) or a
+        ``training_step`` returns no loss.
+    """
+    counts = [len(ids)] if batches is None else torch.unique_consecutive(batches, return_counts=True)[1].tolist()
+    value: torch.Tensor | None = None
     with muted_logging(module):
-        loss = scalar_loss(module.training_step(source.batch(ids), 0))
-    if loss is None:
-        return total
-    scale = recorded.sum() if reduction is LossReduction.MEAN else recorded[0]
-    return loss * scale.to(loss.dtype) + ((weights - recorded.to(weights)).to(losses.dtype) * losses).sum()
+        for rows in torch.arange(len(ids)).split(counts):
+            batch = source.batch(ids[rows])
+            own = reduction_weights(reduction, batch, len(rows), weight_fn)
+            kept = own != 0
+            ratios = recorded[rows].to(own)[kept] / own[kept]
+            if not bool(kept.any()) or not torch.allclose(ratios, ratios[0], rtol=1e-6, atol=0):
+                return None
+            loss = scalar_loss(module.training_step(batch, 0))
+            if loss is None:
+                return None
+            value = loss * float(ratios[0]) if value is None else value + loss * float(ratios[0])
+    return value
 
 
 def split_batch(batch: Any) -> list[Any]:

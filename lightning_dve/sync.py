@@ -132,6 +132,9 @@ class StepAssembler:
         ranks = torch.cat([torch.full((len(m),), r) for r, m in enumerate(metas)])
         meta = torch.cat(metas)
         sample_ids = (meta[:, 0].to(torch.int64) << 32) | meta[:, 1].to(torch.int64)
+        # each row's micro-batch, numbered in row order over the ranks (the forwards training ran: replay.py)
+        micro = ranks * (int(meta[:, 3].max()) + 1) + meta[:, 3].long()
+        batches = torch.unique_consecutive(micro, return_inverse=True)[1]
         self._check_duplicates(sample_ids, ranks, step, last_batch)
         sizes = [self.dims[n] for n in self.layer_names]
         kinds = dict(zip(self.kinds, all_grads.split(sum(sizes), dim=1)))
@@ -140,17 +143,19 @@ class StepAssembler:
         owned = {kind: {n: rows[n] for n in self.owned} for kind, rows in owned.items()}
         vectors = {kind: {n: values[n] for n in self.owned} for kind, values in terms.vectors.items()}
         return StepRecord(step, sample_ids, meta[:, 2], terms.lrs, owned["grads"], epoch, terms.optim, vectors=vectors,
-                          applied_lrs=terms.applied_lrs, **{kind: owned[kind] for kind in self.kinds[1:]})
+                          applied_lrs=terms.applied_lrs, batches=batches.to(torch.int32),
+                          **{kind: owned[kind] for kind in self.kinds[1:]})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's buffered rows: ``[b, 3]`` (id's high and low 32 bits, weight) in float64, exact for every
-        int64 id, and ``[b, kinds * sum k_l]`` rows."""
+        """This rank's buffered rows: ``[b, 4]`` (id's high and low 32 bits, weight, micro-batch) in float64, exact
+        for every int64 id, and ``[b, kinds * sum k_l]`` rows."""
         buffer, self._buffer = self._buffer, []
         meta = [torch.stack([(m.sample_ids >> 32).to(torch.float64), (m.sample_ids & 0xFFFFFFFF).to(torch.float64),
-                             m.weights.to(torch.float64)], dim=1) for m in buffer]
+                             m.weights.to(torch.float64), torch.full((len(m.sample_ids),), float(k))], dim=1)
+                for k, m in enumerate(buffer)]
         grads = [self._row(m) for m in buffer]
         width = sum(self.dims.values()) * len(self.kinds)
-        return (torch.cat([torch.zeros(0, 3, dtype=torch.float64), *meta]),
+        return (torch.cat([torch.zeros(0, 4, dtype=torch.float64), *meta]),
                 torch.cat([torch.zeros(0, width, dtype=self.dtype), *grads]))
 
     def _row(self, micro: MicroBatch) -> torch.Tensor:

@@ -162,11 +162,39 @@ class UnbatchedNet(TinyMLP):
         return F.cross_entropy(self.net[2](torch.tanh(self.net[0](batch["x"]) + shift)), batch["y"])
 
 
-def test_a_linear_layer_called_on_an_unbatched_input_is_refused(tmp_path: Path) -> None:
-    """It failed in a reshape inside the capture."""
-    with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) was called on an unbatched input of shape "
-                                               r"\(64,\).*\[B, \.\.\.\]"):
-        run_fit(UnbatchedNet(), _dve(tmp_path / "dve"))
+class RowByRow(TinyMLP):
+    """Runs the tracked ``net.2`` on one sample's unbatched row at a time (``net.0`` excluded): every tracked call of
+    the micro-batch is refused, so none is captured."""
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        logits = torch.stack([self.net[2](torch.tanh(self.net[0](row))) for row in batch["x"]])
+        return F.cross_entropy(logits, batch["y"])
+
+
+class UnbatchedConv(TinyMLP):
+    """Adds a Conv2d run on the first sample's ``[1, 8, 8]`` image alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 8)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        shift = self.conv(batch["x"][0].reshape(1, 8, 8)).flatten()
+        return F.cross_entropy(self(batch["x"]) + shift, batch["y"])
+
+
+@pytest.mark.parametrize(("model", "exclude", "match"), [
+    (UnbatchedNet, (), r"'net\.0' \(Linear\) was called on an unbatched input of shape \(64,\).*\[B, \.\.\.\]"),
+    (RowByRow, ("net.0",), r"'net\.2' \(Linear\) was called on an unbatched input of shape \(16,\)"),
+    (UnbatchedConv, (), r"'conv' \(Conv2d\) was called on an unbatched input of shape \(1, 8, 8\)"),
+])
+def test_a_layer_called_on_an_unbatched_input_is_refused(tmp_path: Path, model: type, exclude: tuple,
+                                                        match: str) -> None:
+    """It failed in a reshape inside the capture (Linear), or was refused in the forward hook without the layer's
+    name (Conv2d). Where every tracked call of a micro-batch is refused, nothing is captured, and the refusal is
+    still raised (not taken for a skipped micro-batch)."""
+    with pytest.raises(UnsupportedError, match=match):
+        run_fit(model(), _dve(tmp_path / "dve", exclude=exclude))
 
 
 class SampleTable(TinyMLP):

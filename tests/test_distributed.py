@@ -24,6 +24,7 @@ from lightning_dve import DataValueEmbeddings
 from lightning_dve.checkpoints import CheckpointStore
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import SampleIdError, StoreError
+from lightning_dve.records import StepRecord
 from lightning_dve.recursion_ranks import gather_embeddings
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
 from lightning_dve.updates import StepTerms
@@ -379,14 +380,20 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_call_on_part_of_one_ranks_batch_stops_both_ranks_with_its_refusal(tmp_path: Path) -> None:
-    """A tracked layer called again on one sample of rank 1's batch: the refusal is kept from the forward hook for the
-    step's end, where the ranks agree (raised in the hook, rank 0 failed with gloo's "connection closed")."""
+@pytest.mark.parametrize(("head", "refusal"), [
+    ("rank1_subset", r"\[rank1\]: .*UnsupportedError: layer 'net\.4' \(Linear\) was called on 1 samples after a call on "
+                     r"\d+ in the same step"),
+    ("rank0_unbatched", r"\[rank0\]: .*UnsupportedError: layer 'aux' \(Linear\) was called on an unbatched input"),
+])
+def test_a_call_refused_on_one_rank_stops_both_ranks_with_its_refusal(tmp_path: Path, head: str, refusal: str) -> None:
+    """A tracked layer called again on one sample of rank 1's batch, or called by rank 0 alone on an unbatched row:
+    the refusal is kept from the forward hook for the step's end, where the ranks agree (raised in the hook, the
+    other rank failed with gloo's "connection closed"; with the call refused, rank 1 found the layer with a
+    gradient that no rank captured and raised that alone, before the ranks agreed)."""
     start = time.monotonic()
-    proc = run_script("ddp", tmp_path, "--head", "rank1_subset", "--epochs", "1", timeout=200, external=True)
+    proc = run_script("ddp", tmp_path, "--head", head, "--epochs", "1", timeout=200, external=True)
     assert proc.returncode != 0 and time.monotonic() - start < 55
-    assert re.search(r"\[rank1\]: .*UnsupportedError: layer 'net\.4' \(Linear\) was called on 1 samples after a "
-                     r"call on \d+ in the same step", proc.stderr), proc.stderr[-3000:]
+    assert re.search(refusal, proc.stderr), proc.stderr[-3000:]
     assert "another rank failed in DataValueEmbedding" in proc.stderr, proc.stderr[-3000:]
 
 
@@ -483,15 +490,27 @@ def micro(ids: list[int], k: int = 2) -> MicroBatch:
 
 
 def test_padding_duplicates_across_ranks_in_last_batch_are_kept() -> None:
-    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    peer = [torch.tensor([[0.0, 7.0, 0.125, 0.0]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
     record = assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=True)
     assert record is not None and record.sample_ids.tolist() == [7, 7]
 
 
+def test_each_row_is_filed_under_its_micro_batch_in_row_order_over_the_ranks() -> None:
+    """``StepRecord.batches``: the forwards training ran, which the exact replay of bf16 runs reruns (replay_data)."""
+    peer = [torch.tensor([[0.0, 8.0, 0.125, 0.0], [0.0, 9.0, 0.125, 1.0]]), torch.ones(2, 2, dtype=torch.float64)]
+    assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro([1, 2]))
+    assembler.add(micro([3]))
+    record = assembler.close(step=0, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
+    assert record is not None and record.sample_ids.tolist() == [1, 2, 3, 8, 9]
+    assert record.batches.tolist() == [0, 0, 1, 2, 3]
+    assert StepRecord.from_tensors(0, 0, record.to_tensors()).batches.tolist() == [0, 0, 1, 2, 3]
+
+
 def test_duplicates_elsewhere_are_refused() -> None:
-    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    peer = [torch.tensor([[0.0, 7.0, 0.125, 0.0]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7]))
     with pytest.raises(SampleIdError, match=r"allow_duplicate_ids=True .*under DDP without a DistributedSampler "
@@ -502,7 +521,7 @@ def test_duplicates_elsewhere_are_refused() -> None:
 def test_a_duplicate_within_one_rank_is_refused_in_the_last_batch_too() -> None:
     """Padding repeats a sample on another rank only: id 7 twice in rank 0's own last batch (and once on rank 1)
     is not padding, so it is refused."""
-    peer = [torch.tensor([[0.0, 7.0, 0.125]]), torch.ones(1, 2, dtype=torch.float64)]
+    peer = [torch.tensor([[0.0, 7.0, 0.125, 0.0]]), torch.ones(1, 2, dtype=torch.float64)]
     assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
     assembler.add(micro([7, 7]))
     with pytest.raises(SampleIdError, match=r"sample ids \[7\] occur more than once in step 3"):

@@ -62,7 +62,8 @@ class MLP(L.LightningModule):
     used functionally (a second, tied head); ``rank0``: an extra ``aux`` head that only rank 0's batches use;
     ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on; ``rank1_tied``: the
     last layer's weight also used functionally on rank 1 only; ``rank1_subset``: the last layer called again on
-    the first sample alone in rank 1's third batch."""
+    the first sample alone in rank 1's third batch; ``rank0_unbatched``: an ``aux`` head that rank 0 alone calls,
+    on one unbatched row (refused there; no rank captures it)."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module",
                  closure_only_odd: bool = False) -> None:
@@ -70,13 +71,15 @@ class MLP(L.LightningModule):
         self.optimizer, self.head, self.closure_only_odd = optimizer, head, closure_only_odd
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
-        self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied") else None
+        self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied", "rank0_unbatched") else None
         self.batches = self.batch_idx = 0
         self.fail_rank = fail_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head == "functional":
             return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
+        if self.head == "rank0_unbatched":
+            return self.net(x) + (self.aux(x[0]) if self.global_rank == 0 else 0.0)
         if self.head == "rank1_subset" and self.global_rank == 1 and self.batch_idx == 2:
             hidden = self.net[:4](x)
             return self.net[4](hidden) + nn.functional.pad(self.net[4](hidden[:1]), (0, 0, 0, len(x) - 1))
@@ -213,7 +216,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
     parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied",
-                                           "rank1_subset"], default="module")
+                                           "rank1_subset", "rank0_unbatched"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--closure-only-odd", action="store_true", help="optimizer_step runs odd batches' closure "
@@ -242,7 +245,7 @@ def fit(args: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_sampler=GlobalBatches(data))
     else:
         start = "popen" if args.mode == "ddp" else "spawn"
-        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head in ("rank0", "late_tied"))
+        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head in ("rank0", "late_tied", "rank0_unbatched"))
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
     model = MLP(args.fail_rank, args.optimizer, args.head, args.closure_only_odd).double()  # float64 before a restore: see test_resume_accumulation.py
