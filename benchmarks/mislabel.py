@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(C.REPO / "examples"))
 from digits import DigitsMLP  # noqa: E402
@@ -44,18 +44,15 @@ N_TRAIN, N_VAL, BATCH, FLIP = 1437, 360, 32, 0.10
 CALLBACKS = {"default": {}, "ggn": {"curvature": "ggn"}, "none (TracIn)": {"curvature": "none"}}
 
 
-class NoisyDigits(Dataset):
+class NoisyDigits(C.DictDataset):
     """``{"x", "y", "index", "keep"}`` items; ``keep`` 0 zeroes a sample's loss term (the ``mask`` removal)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        self.x, self.y = x, y
+        super().__init__(x, y)
         self.keep = torch.ones(len(y)) if keep is None else keep
 
-    def __len__(self) -> int:
-        return len(self.y)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i], "index": torch.tensor(i), "keep": self.keep[i]}
+        return {**super().__getitem__(i), "keep": self.keep[i]}
 
 
 class FixedOrder:

@@ -108,6 +108,14 @@ def _input_dtype(module: nn.Module, args: tuple[Any, ...]) -> torch.dtype:
     return x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else module.weight.dtype
 
 
+@dataclasses.dataclass
+class CurvaturePass:
+    """The capture whose curvature pass runs (``None``: none), shared by every capture of one model: the others
+    ignore that backward, and the forwards it recomputes (activation checkpointing)."""
+
+    owner: GradientCapture | None = None
+
+
 class GradientCapture:
     """Hooks that collect one step's per-sample blocks ``{layer: [B, k_l]}`` for the tracked layers.
 
@@ -115,11 +123,10 @@ class GradientCapture:
     Hooks do nothing outside ``begin``/``finish``, so validation and prediction are untouched.
     """
 
-    #: The capture whose curvature pass is running, if any: another callback's capture ignores that backward.
-    curvature_owner: GradientCapture | None = None
-
-    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, int] | None = None) -> None:
+    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, int] | None = None,
+                 shared: CurvaturePass | None = None) -> None:
         self.layers = layers
+        self.shared = shared or CurvaturePass()  # with the other captures of the model
         self.calls = call_checks.CallChecks(tables)  # each call takes the batch (refusals kept for the step's end)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
@@ -222,7 +229,7 @@ class GradientCapture:
     @torch.no_grad()  # the projected inputs need no graph: autograd records nothing for them
     def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:
-        owner = GradientCapture.curvature_owner  # another capture's curvature pass recomputes (checkpointing)
+        owner = self.shared.owner  # another capture's curvature pass recomputes it (checkpointing)
         if not self._active or not isinstance(output, torch.Tensor) or owner not in (None, self):
             return
         if not output.requires_grad:
@@ -247,7 +254,7 @@ class GradientCapture:
 
     def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,
                         logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:
-        owner = GradientCapture.curvature_owner
+        owner = self.shared.owner
         if not self._active or generation != self._generation or owner not in (None, self):
             return
         if logits is not None and logits is self.logits and not self._curvature_pass:  # still the last output
@@ -283,12 +290,12 @@ class GradientCapture:
         ``begin(keep_outputs=True)``.
         """
         logits = self.outputs[-1]
-        self._curvature_pass, GradientCapture.curvature_owner = True, self
+        self._curvature_pass, self.shared.owner = True, self
         try:
             torch.autograd.grad(logits, self.outputs, output_grad(logits.detach()), retain_graph=True,
                                 allow_unused=True)
         finally:
-            self._curvature_pass, GradientCapture.curvature_owner = False, None
+            self._curvature_pass, self.shared.owner = False, None
             self.outputs = []
 
     def take(self, kind: str, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -151,7 +151,7 @@ class StepAssembler:
         for every int64 id, and ``[b, kinds * sum k_l]`` rows."""
         buffer, self._buffer = self._buffer, []
         meta = [torch.stack([(m.sample_ids >> 32).to(torch.float64), (m.sample_ids & 0xFFFFFFFF).to(torch.float64),
-                             m.weights.to(torch.float64), torch.full((len(m.sample_ids),), float(k))], dim=1)
+                             m.weights.to(torch.float64), torch.full_like(m.weights, k, dtype=torch.float64)], dim=1)
                 for k, m in enumerate(buffer)]
         grads = [self._row(m) for m in buffer]
         width = sum(self.dims.values()) * len(self.kinds)
