@@ -28,8 +28,8 @@ class CallChecks:
     one rank's batch may be routed otherwise than another's), and its layer's call is not captured.
     """
 
-    def __init__(self, tables: dict[int, int] | None = None) -> None:
-        self.tables = tables or {}  # the model's tables (model_tables), checked in the fit's first micro-batch
+    def __init__(self, tables: dict[int, torch.Tensor] | None = None) -> None:
+        self.tables = tables or {}  # the model's tables (model_tables)
         self.sizes: dict[str, int] = {}  # each layer's samples per call in this micro-batch
         self.refused: UnsupportedError | None = None
         self.batch: Any = None  # the micro-batch, whose own ids are not a position table
@@ -65,11 +65,12 @@ class CallChecks:
             raise self.refused
 
 
-def model_tables(model: nn.Module) -> dict[int, int]:
-    """The first-dimension size of each parameter and buffer of ``model`` (of at least one dimension), keyed by the
-    address of its storage, for :func:`check_call`'s ``tables``."""
+def model_tables(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Each parameter and buffer of ``model`` (of at least one element and dimension), keyed by the address of its
+    storage, for :func:`check_call`'s ``tables``. Held here, a replaced one cannot free its address to another
+    tensor, so the check stays sound for the whole fit."""
     tensors = [*model.parameters(), *model.buffers()]
-    return {t.untyped_storage().data_ptr(): t.shape[0] for t in tensors if t.dim() > 0 and t.numel() > 0}
+    return {t.untyped_storage().data_ptr(): t.detach() for t in tensors if t.dim() > 0 and t.numel() > 0}
 
 
 def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -87,14 +88,14 @@ def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any
     return args
 
 
-def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tables: dict[int, int]) -> None:
+def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tables: dict[int, torch.Tensor]) -> None:
     """Refuse a call whose first dimension cannot be the step's samples.
 
     Args:
         layer: the tracked layer.
         x: the call's input.
         sizes: the number of samples of each tracked layer's earlier calls in this step.
-        tables: :func:`model_tables` of the model while they are checked, else empty.
+        tables: :func:`model_tables` of the model (empty: not checked).
 
     Raises:
         UnsupportedError: for an unbatched input, a call on no samples or on another number of samples than the
@@ -114,7 +115,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
             f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
             f"whole batch as its first dimension; {fix} to train it without measuring it.")
-    if tables and x.stride(0) != 0 and tables.get(x.untyped_storage().data_ptr()) == x.shape[0] \
+    table = tables.get(x.data_ptr() - x.storage_offset() * x.element_size()) if tables and x.stride(0) else None
+    if table is not None and table.shape[0] == x.shape[0] \
             and (x.shape[0] > 1 or any(size > 1 for size in sizes.values())):  # one sample: its table is its own
         expand = "table.expand(b, -1)" if x.shape[0] == 1 else "table.expand(b, *table.shape)"
         raise UnsupportedError(

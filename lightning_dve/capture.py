@@ -123,7 +123,7 @@ class GradientCapture:
     Hooks do nothing outside ``begin``/``finish``, so validation and prediction are untouched.
     """
 
-    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, int] | None = None,
+    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, torch.Tensor] | None = None,
                  shared: CurvaturePass | None = None) -> None:
         self.layers = layers
         self.shared = shared or CurvaturePass()  # with the other captures of the model
@@ -390,5 +390,4 @@ class GradientCapture:
         """
         grads = self.take(GRADS, weights)
         self._reset(active=False)
-        self.calls.tables = {}  # checked in the first micro-batch only: a buffer replaced later may free its address
         return grads

@@ -70,26 +70,34 @@ def test_an_expert_that_gets_no_sample_is_refused_naming_routing(tmp_path: Path)
 
 class TableNet(TinyMLP):
     """A coordinate table run through ``net.0`` and broadcast across the batch (``expand=False``), or expanded over
-    the batch before it (``expand=True``: per-sample rows, each sample's own)."""
+    the batch before it (``expand=True``: per-sample rows, each sample's own); ``from_step``: from that step on."""
 
-    def __init__(self, expand: bool) -> None:
+    def __init__(self, expand: bool, from_step: int = 0) -> None:
         super().__init__()
-        self.expand = expand
+        self.expand, self.from_step = expand, from_step
         self.register_buffer("coords", torch.linspace(-1, 1, 4 * 64).reshape(4, 64))
 
     def loss(self, batch: dict) -> torch.Tensor:
+        if self.global_step < self.from_step:
+            return super().loss(batch)
         table = self.coords.expand(len(batch["x"]), 4, 64) if self.expand else self.coords
         h = self.net[0](batch["x"]) + self.net[0](table).mean(-2)
         return F.cross_entropy(self.net[2](torch.tanh(h)), batch["y"])
 
 
-def test_a_layer_called_on_a_table_of_the_model_is_refused_and_its_expanded_form_recorded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("from_step", [0, 1])
+def test_a_layer_called_on_a_table_of_the_model_is_refused_and_its_expanded_form_recorded(
+    tmp_path: Path, from_step: int
+) -> None:
     """With as many table rows as samples, the table's rows were filed under the samples (up to 112 % off, silently);
-    with another count the batch-size check refused it. Expanded over the batch, each sample's row is its own."""
+    with another count the batch-size check refused it. Checked at every step (a path first taken at step 1 was
+    not seen while the check ran in the first micro-batch only). Expanded over the batch, each sample's row is its
+    own."""
     with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) was called on a parameter or buffer of the "
                                                r"model \(shape \(4, 64\)\).*table\.expand\(b, \*table\.shape\)"):
-        run_fit(TableNet(expand=False), _dve(tmp_path / "broadcast"), train=DataLoader(DigitsDict(range(8)),
-                                                                                        batch_size=4))
+        run_fit(TableNet(expand=False, from_step=from_step), _dve(tmp_path / "broadcast"),
+                train=DataLoader(DigitsDict(range(8)), batch_size=4))
+    assert len(TrajectoryStore.open(tmp_path / "broadcast").steps) == from_step
     model = TableNet(expand=True)
     initial = TableNet(expand=True)
     initial.load_state_dict(model.state_dict())
