@@ -117,7 +117,8 @@ class StepHooks(pl.Callback):
             self._deferred = err
         self._active_guard().read_hyperparameters()
         algorithm = callback_setup.clip_algorithm(trainer)
-        clip = clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
+        # a step the grad scaler skips has an infinite norm (clip factor 0, which decay terms divide by): unused
+        clip = 1.0 if self._skipped else clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
                     and not self._skipped)
         self._factor = clip / self._loss_scale if modelled else None  # .grad was as scaled as the loss then

@@ -25,11 +25,11 @@ ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cu
                                                                      reason="needs a CUDA device"))]
 
 
-def fit(tmp: Path, name: str, accelerator: str = "cpu", **trainer_args) -> tuple[TinyMLP, DataValueEmbedding,
-                                                                                   list[State]]:
-    """Fit the tiny MLP on 96 digits (6 steps) in exact mode on ``accelerator``; also return the parameters
-    before each step."""
-    model = TinyMLP(hidden=16, lr=0.2)
+def fit(tmp: Path, name: str, accelerator: str = "cpu", model: TinyMLP | None = None,
+        **trainer_args) -> tuple[TinyMLP, DataValueEmbedding, list[State]]:
+    """Fit the tiny MLP (or ``model``) on 96 digits (6 steps) in exact mode on ``accelerator``; also return the
+    parameters before each step."""
+    model = TinyMLP(hidden=16, lr=0.2) if model is None else model
     seen: list[State] = []
 
     class Weights(L.Callback):
@@ -100,6 +100,32 @@ def test_fp16_grad_scaler_scale_is_divided_out_and_skipped_steps_are_dropped(tmp
         got = record.grads["net.0"]
         assert (got - expected).norm() / expected.norm() < 0.01
         assert split_block(model.net[0], got[0])["weight"].shape == (16, 64)
+
+
+class DecayMLP(TinyMLP):
+    """TinyMLP trained with SGD momentum and weight decay, or Adam with L2 decay."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__(hidden=16, lr=0.05)
+        self.optimizer = optimizer
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fp16_skipped_steps_under_norm_clipping_with_decay_are_dropped(tmp_path: Path, optimizer: str) -> None:
+    """A step the scaler skips has an infinite gradient norm, so a clip factor of 0, which the momentum SGD and Adam
+    L2 decay terms divide by: the fit failed with a ZeroDivisionError at the first skipped step. Now the skipped
+    steps are dropped and the others recorded, as without clipping."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    _, dve, seen = fit(tmp_path, "fp16", model=DecayMLP(optimizer), gradient_clip_val=0.3,
+                       plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    applied = [s for s in range(len(seen) - 1) if not torch.equal(seen[s]["net.0.weight"], seen[s + 1]["net.0.weight"])]
+    steps = dve.embeddings.steps
+    assert 0 < len(steps) < 6 and steps[0] > 0 and steps[:-1] == applied[: len(steps) - 1]
 
 
 def test_fp16_step_whose_last_micro_batch_returned_none_is_not_recorded(tmp_path: Path) -> None:
