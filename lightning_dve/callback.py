@@ -18,7 +18,7 @@ import torch
 
 from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, reporting_reference, sync
 from .call_checks import model_tables
-from .callback_step import StepHooks
+from .callback_step import StepHooks, summarise_scaler_skips
 from .checkpoints import CheckpointRecorder
 from .config import (
     AUTO_FULL_MAX_DIM,
@@ -167,6 +167,7 @@ class DataValueEmbedding(StepHooks):
         self._kinds: tuple[str, ...] = ()  # the rows a step records besides the gradients
         self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)
+        self._scaler_skips: list[tuple[int, bool]] = []  # the steps it skipped (callback_step)
         self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
         self._reached: set[str] = set()  # layers captured by the step's earlier micro-batches
 
@@ -259,6 +260,7 @@ class DataValueEmbedding(StepHooks):
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
+        self._scaler_skips = []
         self._embeddings, self._deferred_write = None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
@@ -274,6 +276,7 @@ class DataValueEmbedding(StepHooks):
         self._train_started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summarise_scaler_skips(self._scaler_skips)
         self._finish_fit(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import torch
 
@@ -57,6 +57,7 @@ class StepHooks(pl.Callback):
     _inner_backward: bool
     _loss_scale: float
     _skipped: bool
+    _scaler_skips: list[tuple[int, bool]]
     _factor: float | None
     _terms: StepTerms | None
     _step: int
@@ -157,6 +158,8 @@ class StepHooks(pl.Callback):
         if self._terms is None:  # accumulating, or no optimizer step happened
             return
         self._deferred, self._reached = None, set()
+        if self._skipped:  # (step, after an applied step): said at train end (summarise_scaler_skips)
+            self._scaler_skips.append((self._step, self._last_step >= 0))
         if self._skipped or not applied:
             self._assembler.discard()  # not applied: skipped by the scaler, or by Lightning (last micro-batch None)
             self._terms = None
@@ -245,6 +248,25 @@ class StepHooks(pl.Callback):
     def _active_capture(self) -> capture.GradientCapture:
         assert self._capture is not None, "on_fit_start has not run"
         return self._capture
+
+
+def summarise_scaler_skips(skips: list[tuple[int, bool]]) -> None:
+    """Say which steps the grad scaler skipped for non-finite gradients (their samples are not recorded): a warning
+    where a skip came after an applied step, once the loss scale had settled, else an info line.
+
+    Args:
+        skips: ``(step, whether a step had been applied before it)`` of each skipped step.
+    """
+    if not skips:
+        return
+    steps = [step for step, _ in skips]
+    text = (f"DataValueEmbedding: the grad scaler skipped {len(steps)} optimizer step(s) for non-finite gradients "
+            f"(steps {steps[:10]}{' ...' if len(steps) > 10 else ''}); their samples are not recorded.")
+    if any(late for _, late in skips):
+        rank_zero_warn(f"{text} Skips after steps were applied point at non-finite data or losses: a sample with NaN "
+                       "or inf inputs drops every step it is in (fp32 training refuses its gradients, naming it).")
+    else:
+        rank_zero_info(f"{text} (Its first steps calibrate the loss scale.)")
 
 
 def _warn_unapplied() -> None:

@@ -144,3 +144,46 @@ def test_fp16_step_whose_last_micro_batch_returned_none_is_not_recorded(tmp_path
                                                                                          batch_size=16))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no step was applied
     assert TrajectoryStore.open(tmp_path / "dve").steps == []
+
+
+class NaNSample(DigitsDict):
+    """Digits 0..95 with a NaN pixel in sample 40."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i == 40:
+            item = {**item, "x": item["x"].clone()}
+            item["x"][0] = float("nan")
+        return item
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_fp16_skipped_steps_are_said_at_train_end(tmp_path: Path, caplog: pytest.LogCaptureFixture, nan: bool) -> None:
+    """A scaler starting at 2**22 skips its first steps to calibrate its scale: an info line. From 2**4, a sample
+    with a NaN input makes it skip the step it is in, after steps were applied: that was silent (only a gap in
+    ``.steps``); now a warning."""
+    import logging
+    import warnings
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4 if nan else 2.0**22)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[dve],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    data = (NaNSample if nan else DigitsDict)(range(96))
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger=logger.name):
+            warnings.simplefilter("always")
+            trainer.fit(TinyMLP(hidden=16, lr=0.2), DataLoader(data, batch_size=16))
+    finally:
+        logger.removeHandler(caplog.handler)
+    warned = [str(w.message) for w in caught if "the grad scaler skipped" in str(w.message)]
+    assert len(warned) == nan, warned
+    if nan:
+        assert "(steps [2])" in warned[0] and "a sample with NaN or inf inputs" in warned[0]
+        assert dve.embeddings.steps == [0, 1, 3, 4, 5]  # samples 32..47 are in step 2
+    else:
+        assert "skipped 4 optimizer step(s) for non-finite gradients (steps [0, 1, 2, 3])" in caplog.text
+        assert dve.embeddings.steps == [4, 5]
