@@ -8,6 +8,7 @@ whose first dimension is not the step's samples, naming the layer and the fix.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +29,7 @@ class CallChecks:
     one rank's batch may be routed otherwise than another's), and its layer's call is not captured.
     """
 
-    def __init__(self, tables: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(self, tables: dict[int, weakref.ref] | None = None) -> None:
         self.tables = tables or {}  # the model's tables (model_tables)
         self.sizes: dict[str, int] = {}  # each layer's samples per call in this micro-batch
         self.refused: UnsupportedError | None = None
@@ -65,12 +66,12 @@ class CallChecks:
             raise self.refused
 
 
-def model_tables(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Each parameter and buffer of ``model`` (of at least one element and dimension), keyed by the address of its
-    storage, for :func:`check_call`'s ``tables``. Held here, a replaced one cannot free its address to another
-    tensor, so the check stays sound for the whole fit."""
+def model_tables(model: nn.Module) -> dict[int, weakref.ref]:
+    """Weak references to each parameter and buffer of ``model`` (of at least one element and dimension), keyed by
+    the address of its storage, for :func:`check_call`'s ``tables``: one freed or moved since cannot be matched by
+    another tensor at its old address (the check compares the address again), and nothing is kept alive."""
     tensors = [*model.parameters(), *model.buffers()]
-    return {t.untyped_storage().data_ptr(): t.detach() for t in tensors if t.dim() > 0 and t.numel() > 0}
+    return {t.untyped_storage().data_ptr(): weakref.ref(t) for t in tensors if t.dim() > 0 and t.numel() > 0}
 
 
 def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -88,7 +89,7 @@ def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any
     return args
 
 
-def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tables: dict[int, torch.Tensor]) -> None:
+def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tables: dict[int, weakref.ref]) -> None:
     """Refuse a call whose first dimension cannot be the step's samples.
 
     Args:
@@ -115,8 +116,10 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
             f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
             f"whole batch as its first dimension; {fix} to train it without measuring it.")
-    table = tables.get(x.data_ptr() - x.storage_offset() * x.element_size()) if tables and x.stride(0) else None
-    if table is not None and table.shape[0] == x.shape[0] \
+    address = x.data_ptr() - x.storage_offset() * x.element_size()
+    reference = tables.get(address) if tables and x.stride(0) else None
+    table = None if reference is None else reference()
+    if table is not None and table.untyped_storage().data_ptr() == address and table.shape[0] == x.shape[0] \
             and (x.shape[0] > 1 or any(size > 1 for size in sizes.values())):  # one sample: its table is its own
         expand = "table.expand(b, -1)" if x.shape[0] == 1 else "table.expand(b, *table.shape)"
         raise UnsupportedError(

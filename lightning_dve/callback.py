@@ -252,7 +252,7 @@ class DataValueEmbedding(StepHooks):
                                                 self.config.settings_hash(), after,
                                                 self.sample_ids if isinstance(self.sample_ids, str) else None,
                                                 str(trainer.precision))
-        shared = pl_module.__dict__.setdefault("_dve_curvature_pass", capture.CurvaturePass())  # other callbacks'
+        shared = trainer.__dict__.setdefault("_dve_curvature_pass", capture.CurvaturePass())  # the Trainer's others
         self._capture = capture.GradientCapture(tracked, model_tables(pl_module), shared)
         self._capture.attach()
         self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))

@@ -10,6 +10,7 @@ undone at the end of the step, so what leaves this module is the gradient of the
 from __future__ import annotations
 
 import dataclasses
+import weakref
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -110,8 +111,8 @@ def _input_dtype(module: nn.Module, args: tuple[Any, ...]) -> torch.dtype:
 
 @dataclasses.dataclass
 class CurvaturePass:
-    """The capture whose curvature pass runs (``None``: none), shared by every capture of one model: the others
-    ignore that backward, and the forwards it recomputes (activation checkpointing)."""
+    """The capture whose curvature pass runs (``None``: none), shared by the captures of one Trainer's callbacks: the
+    others ignore that backward, and the forwards it recomputes (activation checkpointing)."""
 
     owner: GradientCapture | None = None
 
@@ -123,10 +124,10 @@ class GradientCapture:
     Hooks do nothing outside ``begin``/``finish``, so validation and prediction are untouched.
     """
 
-    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, torch.Tensor] | None = None,
+    def __init__(self, layers: dict[str, TrackedLayer], tables: dict[int, weakref.ref] | None = None,
                  shared: CurvaturePass | None = None) -> None:
         self.layers = layers
-        self.shared = shared or CurvaturePass()  # with the other captures of the model
+        self.shared = shared or CurvaturePass()  # with the Trainer's other captures
         self.calls = call_checks.CallChecks(tables)  # each call takes the batch (refusals kept for the step's end)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._active = False
@@ -152,7 +153,7 @@ class GradientCapture:
         """Remove every hook and drop pending state."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self.calls.tables = [], {}
         self._reset(active=False)
 
     def _reset(self, active: bool, keep_outputs: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -313,6 +314,11 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
         The loss, or ``None`` where a ratio is not one constant (samples the reduction leaves out excepted) or a
         ``training_step`` returns no loss.
     """
+    if batches is None:
+        warnings.warn("DataValueEmbedding: this store's steps do not record their micro-batches (it was written "
+                      "before they were): the bf16 replay runs each step's whole batch at once, which is what "
+                      "training ran only without gradient accumulation and DDP; with either, Adam's scores can be "
+                      "far off. Record the run again for an exact replay.", stacklevel=2)
     counts = [len(ids)] if batches is None else torch.unique_consecutive(batches, return_counts=True)[1].tolist()
     value: torch.Tensor | None = None
     with muted_logging(module):

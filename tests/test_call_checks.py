@@ -227,3 +227,22 @@ def test_per_sample_ids_equal_to_arange_are_not_taken_for_a_position_table(tmp_p
         run_fit(SampleTable(), _dve(tmp_path / "dve"), train=DataLoader(DigitsDict(range(64)), batch_size=batch_size),
                 max_epochs=2)
     assert len(TrajectoryStore.open(tmp_path / "dve").steps) == 2 * 64 // batch_size
+
+
+def test_after_fit_the_model_carries_nothing_of_the_callback_and_its_tables_keep_nothing_alive(
+    tmp_path: Path
+) -> None:
+    """The table check holds weak references only (a strong one kept a replaced 400 MB buffer alive after fit), and
+    the object the callbacks of a Trainer share lives on the Trainer: a module pickled after fit does not need this
+    package to load."""
+    import gc
+    import pickle
+    import weakref
+
+    model = TableNet(expand=True)
+    run_fit(model, _dve(tmp_path / "dve"), train=DataLoader(DigitsDict(range(8)), batch_size=4))
+    old = weakref.ref(model.coords)
+    model.coords = torch.zeros(4, 64)
+    gc.collect()
+    assert old() is None
+    assert b"lightning_dve" not in pickle.dumps(model)

@@ -11,8 +11,10 @@ one occurrence dropped; state is deep-copied when a counterfactual starts from a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, 
 from lightning_dve import replay, replay_optim, step_files
 from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
+from lightning_dve.sync import StepAssembler
 from tests import oracles
 from tests.helpers import DigitsDataset, epoch_batches, make_loader, make_trainer, split_indices
 
@@ -156,7 +159,8 @@ def unrolled_steps(net: nn.Module, steps: list[list[dict]], setting: dict[str, A
     weights = [[(torch.zeros(len(b["y"]), dtype=torch.float64) + torch.as_tensor(own_weights(b)) / len(micro))
                 .requires_grad_(True) for b in micro] for micro in steps]
     state: dict[str, dict] = {k: {} for k in params}
-    hyper = {k: v for k, v in setting.items() if k not in ("optimizer", "lr", "schedule", "clip", "net", "clip_algorithm")}
+    hyper = {k: v for k, v in setting.items()
+             if k not in ("optimizer", "lr", "schedule", "clip", "net", "clip_algorithm")}
     current = dict(params)
     for t, micro in enumerate(steps):
         total = sum((w * F.cross_entropy(functional_call(net, current, (b["x"],)), b["y"], reduction="none")).sum()
@@ -778,17 +782,20 @@ def class_weights(batch: dict) -> torch.Tensor:
     return weight / weight.sum()
 
 
-@pytest.mark.parametrize(("name", "reduction", "accumulate"), [
-    ("adam l2", "mean", 1), ("adamw cosine warm-up", "mean", 1), ("adamw cosine warm-up", "mean", 2),
-    ("adamw cosine warm-up", "sum", 2), ("adamw cosine warm-up", "weights", 1)])
-def test_a_bf16_adam_run_is_replayed_with_the_forwards_training_ran(tmp_path: Path, name: str, reduction: str,
-                                                                    accumulate: int) -> None:
+@pytest.mark.parametrize(("name", "reduction", "accumulate", "old_store"), [
+    ("adam l2", "mean", 1, False), ("adamw cosine warm-up", "mean", 1, False),
+    ("adamw cosine warm-up", "mean", 2, False), ("adamw cosine warm-up", "sum", 2, False),
+    ("adamw cosine warm-up", "weights", 1, False), ("adamw cosine warm-up", "mean", 1, True)])
+def test_a_bf16_adam_run_is_replayed_with_the_forwards_training_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, reduction: str, accumulate: int, old_store: bool
+) -> None:
     """Oracle: the same run unrolled in float32 under the same bf16 autocast, one forward per micro-batch as in
     training (it lands on the trained weights). Replayed from one-sample forwards, which round otherwise under
     autocast, Adam's normalisation of nearly cancelling gradient coordinates gave scores up to 930 times too large
     (Spearman 0.62), or the replay missed its checkpoint; from one forward of a step's whole batch, where training
     accumulated two micro-batches, 1000 times too small. Each step's value now comes from its recorded
-    micro-batches: within 2 %, for a mean, a sum and per-sample weights (``loss_reduction`` callable)."""
+    micro-batches: within 2 %, for a mean, a sum and per-sample weights (``loss_reduction`` callable). A store
+    written before the micro-batches were recorded is replayed from whole batches, with a warning saying so."""
     train, test_indices = split_indices(48, 5, seed=2)
     dataset = DigitsDataset(train, dtype=torch.float32)
     test = DigitsDataset(test_indices, dtype=torch.float32).batch()
@@ -796,6 +803,9 @@ def test_a_bf16_adam_run_is_replayed_with_the_forwards_training_ran(tmp_path: Pa
     loader = make_loader(dataset, batch, seed=1)
     module = ReducedNet(reduction, setting, 2 * len(loader) // accumulate).float()
     initial = copy.deepcopy(module.net)
+    if old_store:  # the step files of earlier versions: no micro-batch of each row
+        close = StepAssembler.close
+        monkeypatch.setattr(StepAssembler, "close", lambda *a, **k: dataclasses.replace(close(*a, **k), batches=None))
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=64, report=None,
                              loss_reduction=class_weights if reduction == "weights" else reduction)
     make_trainer(2, callbacks=[dve], precision="bf16-mixed", accumulate_grad_batches=accumulate).fit(module, loader)
@@ -806,7 +816,10 @@ def test_a_bf16_adam_run_is_replayed_with_the_forwards_training_ran(tmp_path: Pa
                                          setting, test, own)
     for key, value in final.items():
         torch.testing.assert_close(value, dict(module.net.named_parameters())[key].detach(), rtol=1e-3, atol=1e-4)
-    got = dve.embeddings.exact_influence(module, test, per_step=True).scores.double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = dve.embeddings.exact_influence(module, test, per_step=True).scores.double()
+    assert any("do not record their micro-batches" in str(w.message) for w in caught) == old_store
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error < 0.02, error
 
