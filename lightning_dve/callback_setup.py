@@ -276,9 +276,8 @@ def embedding_method(value: Any, config: DVEConfig) -> EmbeddingMethod:
         ConfigError: for an unknown value, or ``"replay"`` without replay checkpoints or with segments.
     """
     method = EmbeddingMethod.parse(value, "embeddings")
-    unmet = [f"{need} (got {got!r})" for need, got, met in (
-        ("checkpoint_interval", config.checkpoint_interval, config.checkpoint_interval is not None),
-        ("segments=1", config.segments, config.segments == 1)) if not met]
+    unmet = [need for need, missing in (("checkpoint_interval (got None)", config.checkpoint_interval is None),
+                                        (f"segments=1 (got {config.segments})", config.segments > 1)) if missing]
     if method is EmbeddingMethod.REPLAY and unmet:
         raise ConfigError("embeddings='replay' replays training from its checkpoints into the final model's "
                           f"embeddings; it needs {' and '.join(unmet)}. Keep the defaults, or use "

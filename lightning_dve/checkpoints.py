@@ -313,8 +313,7 @@ class CheckpointRecorder:
             manifest.update(kind=type(optimizer).__name__, groups=None, refusal=str(err))
         if self.precision not in REPLAYABLE_PRECISION:
             manifest.update(refusal=f"precision={self.precision!r}: fp16 loss scaling (skipped steps) is not replayed. "
-                                    "Train with precision '32-true', '64-true' or 'bf16-mixed' to replay the run "
-                                    "(exact_influence, embeddings='replay').")
+                                    "Train with '32-true', '64-true' or 'bf16-mixed' to replay it.")
         manifest.update(precision=self.precision)
         manifest.update(
             clip=clip,

@@ -18,6 +18,9 @@ DEFAULT_PROJECTION_DIM = 1024
 #: in all (``M`` is then at most 64 MB in float32 and costs at most ``4 K^2`` flops per occurrence), one per
 #: layer above it.
 AUTO_FULL_MAX_DIM = 4096
+#: How an option's error lists its values where not as its members (``'weights'`` is what a callable records).
+_ALLOWED = {"LossReduction": "'mean', 'sum', or a callable batch -> Tensor[B] of per-sample weights (recorded as "
+                             "'weights')"}
 
 
 class _Option(str, enum.Enum):
@@ -48,7 +51,7 @@ class _Option(str, enum.Enum):
     @classmethod
     def _allowed(cls) -> str:
         """The allowed values as the error message lists them."""
-        return ", ".join(repr(member.value) for member in cls)
+        return _ALLOWED.get(cls.__name__) or ", ".join(repr(member.value) for member in cls)
 
 
 class LossReduction(_Option):
@@ -61,11 +64,6 @@ class LossReduction(_Option):
     MEAN = "mean"
     SUM = "sum"
     WEIGHTS = "weights"
-
-    @classmethod
-    def _allowed(cls) -> str:
-        """``'weights'`` is what a callable records, not a value to pass."""
-        return "'mean', 'sum', or a callable batch -> Tensor[B] of per-sample weights (recorded as 'weights')"
 
 
 class AccumulatorLayout(_Option):
