@@ -58,6 +58,7 @@ class StepHooks(pl.Callback):
     _loss_scale: float
     _skipped: bool
     _scaler_skips: list[tuple[int, bool]]
+    _applied_scale: float
     _factor: float | None
     _terms: StepTerms | None
     _step: int
@@ -158,12 +159,13 @@ class StepHooks(pl.Callback):
         if self._terms is None:  # accumulating, or no optimizer step happened
             return
         self._deferred, self._reached = None, set()
-        if self._skipped:  # (step, after an applied step): said at train end (summarise_scaler_skips)
-            self._scaler_skips.append((self._step, self._last_step >= 0))
+        if self._skipped:  # (step, at a loss scale a step was applied at): said at train end (summarise_scaler_skips)
+            self._scaler_skips.append((self._step, self._loss_scale <= self._applied_scale))
         if self._skipped or not applied:
             self._assembler.discard()  # not applied: skipped by the scaler, or by Lightning (last micro-batch None)
             self._terms = None
             return
+        self._applied_scale = max(self._applied_scale, self._loss_scale)
         record = self._assembler.close(self._step, self._terms, trainer.current_epoch, trainer.is_last_batch)
         self._terms = None
         if record is not None:
@@ -252,10 +254,11 @@ class StepHooks(pl.Callback):
 
 def summarise_scaler_skips(skips: list[tuple[int, bool]]) -> None:
     """Say which steps the grad scaler skipped for non-finite gradients (their samples are not recorded): a warning
-    where a skip came after an applied step, once the loss scale had settled, else an info line.
+    where a skip came at a loss scale an earlier step was applied at, else an info line (the scaler calibrating its
+    scale at the start, or a growth of the scale overflowing once).
 
     Args:
-        skips: ``(step, whether a step had been applied before it)`` of each skipped step.
+        skips: ``(step, whether an earlier step was applied at its loss scale or a higher one)`` of each skip.
     """
     if not skips:
         return
@@ -263,10 +266,12 @@ def summarise_scaler_skips(skips: list[tuple[int, bool]]) -> None:
     text = (f"DataValueEmbedding: the grad scaler skipped {len(steps)} optimizer step(s) for non-finite gradients "
             f"(steps {steps[:10]}{' ...' if len(steps) > 10 else ''}); their samples are not recorded.")
     if any(late for _, late in skips):
-        rank_zero_warn(f"{text} Skips after steps were applied point at non-finite data or losses: a sample with NaN "
-                       "or inf inputs drops every step it is in (fp32 training refuses its gradients, naming it).")
+        rank_zero_warn(f"{text} Skips at a loss scale that earlier steps were applied at point at non-finite data or "
+                       "losses: a sample with NaN or inf inputs drops every step it is in (fp32 training refuses its "
+                       "gradients, naming it).")
     else:
-        rank_zero_info(f"{text} (Its first steps calibrate the loss scale.)")
+        rank_zero_info(f"{text} (The scaler calibrates its loss scale at the start, and a growth of the scale may "
+                       "overflow once.)")
 
 
 def _warn_unapplied() -> None:
