@@ -71,7 +71,7 @@ def model_tables(model: nn.Module) -> dict[int, weakref.ref]:
     the address of its storage, for :func:`check_call`'s ``tables``: one freed or moved since cannot be matched by
     another tensor at its old address (the check compares the address again), and nothing is kept alive."""
     tensors = [*model.parameters(), *model.buffers()]
-    return {t.untyped_storage().data_ptr(): weakref.ref(t) for t in tensors if t.dim() > 0 and t.numel() > 0}
+    return {_address(t): weakref.ref(t) for t in tensors if t.dim() > 0 and t.numel() > 0}
 
 
 def call_input(layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -104,24 +104,27 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             whole parameter or buffer of the model (a table shared by every sample) in a batch of several samples.
     """
     earlier = sizes.get(layer.name)
-    kind, fix = type(layer.module).__name__, f"pass exclude=({layer.name!r},)"  # for the messages
     if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2) or (layer.spec.kind == "conv2d" and x.dim() != 4):
+        kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
             f"needs the batch as the input's first dimension (an input of shape [B, ...]), or {fix}.")
     if x.shape[0] == 0 or (earlier is not None and x.shape[0] != earlier):
         after = "" if earlier is None else f" after a call on {earlier} in the same step"
+        kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on {x.shape[0]} samples{after}: a layer applied to part of "
             f"the batch (routing, a mixture of experts, a second pass over some samples) or to a tensor that is not "
             f"the batch cannot have its per-sample gradients formed. Every call of a tracked layer must take the "
             f"whole batch as its first dimension; {fix} to train it without measuring it.")
-    address = x.data_ptr() - x.storage_offset() * x.element_size()
-    reference = tables.get(address) if tables and x.stride(0) else None
+    if not tables or not x.stride(0):  # an expanded input is each sample's own
+        return
+    reference = tables.get(_address(x))
     table = None if reference is None else reference()
-    if table is not None and table.untyped_storage().data_ptr() == address and table.shape[0] == x.shape[0] \
+    if table is not None and _address(table) == _address(x) and table.shape[0] == x.shape[0] \
             and (x.shape[0] > 1 or any(size > 1 for size in sizes.values())):  # one sample: its table is its own
         expand = "table.expand(b, -1)" if x.shape[0] == 1 else "table.expand(b, *table.shape)"
+        kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on a parameter or buffer of the model (shape "
             f"{tuple(x.shape)}), a table shared by every sample whose output is broadcast across the batch: its "
@@ -129,10 +132,20 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             f"table over the batch first, e.g. layer({expand}), or {fix}.")
 
 
+def _named(layer: TrackedLayer) -> tuple[str, str]:
+    """The layer's type and the ``exclude=`` fix, for a refusal's message (made only when one is raised)."""
+    return type(layer.module).__name__, f"pass exclude=({layer.name!r},)"
+
+
+def _address(x: torch.Tensor) -> int:
+    """The address of ``x``'s storage, without making a storage object (the forward hook runs at every call)."""
+    return x.data_ptr() - x.storage_offset() * x.element_size()
+
+
 def of_batch(x: torch.Tensor, batch: Any) -> bool:
     """Whether ``x`` shares its storage with a tensor of ``batch`` (dicts, lists and tuples are searched)."""
-    address = x.untyped_storage().data_ptr()
-    return any(isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() == address
+    address = _address(x)
+    return any(isinstance(leaf, torch.Tensor) and _address(leaf) == address
                for leaf in tree_leaves(batch))
 
 

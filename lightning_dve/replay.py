@@ -30,7 +30,7 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes
-from .replay_data import BatchSource, TrainingData, parameters_as, step_losses
+from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import CHECKPOINTS, TrajectoryStore
 
@@ -84,7 +84,7 @@ class Replayer:
         store: the gradient store (sample ids and weights of every step).
         checkpoints: snapshots and per-step hyperparameters.
         source: rebuilds batches.
-        losses: ``(module, weights, *record(step)) -> sum_z w_z l(theta, z)`` of a recorded step.
+        losses: ``(module, weights, record(step)) -> sum_z w_z l(theta, z)`` of a recorded step.
         per_sample_forwards: whether ``losses`` runs one forward per sample (reported in the cost).
     """
 
@@ -104,9 +104,9 @@ class Replayer:
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
         self.forward_steps = 0
         self.batched = True  # vector-Jacobian products of many rows under vmap (until an op refuses it)
-        self._records: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._records: dict[int, StepSamples] = {}
 
-    def record(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def record(self, step: int) -> StepSamples:
         """``(sample_ids [B], weights [B], micro-batch of each [B] or None)`` of a recorded step (``StepRecord``;
         weights on the module's device)."""
         if step not in self._records:  # the step file's raw tensors: its rows are not needed, so not decoded
@@ -128,7 +128,7 @@ class Replayer:
         """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
         a frozen one (called inside ``parameters_as(self.module, params)``)."""
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            total = self.losses(self.module, weights, *self.record(step))
+            total = self.losses(self.module, weights, self.record(step))
         grads = torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
                                     allow_unused=True)
         of = dict(zip(self.trainable, clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))))

@@ -263,25 +263,28 @@ def step_loss_terms(
     return torch.stack(losses)
 
 
+#: A recorded step's sample ids, weights and micro-batch of each sample (``None`` in stores of earlier versions).
+StepSamples = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 def step_losses(source: BatchSource, reduction: LossReduction, weight_fn: WeightFn | None,
                 train_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, batched: bool
                 ) -> Callable[..., torch.Tensor]:
-    """``(module, weights, ids, recorded weights, micro-batches) -> sum_z w_z l(theta, z)`` of a recorded step:
-    :func:`step_total`, or from ``train_loss_fn``'s per-sample losses on the step's batch (one forward)."""
+    """``(module, weights, record) -> sum_z w_z l(theta, z)`` of a recorded step (``record``: its ids, recorded
+    weights and micro-batches, ``Replayer.record``): :func:`step_total`, or from ``train_loss_fn``'s per-sample
+    losses on the step's batch (one forward)."""
     if train_loss_fn is None:
-        return lambda m, weights, ids, *recorded: step_total(m, source, ids, weights, recorded, reduction, weight_fn,
-                                                             batched)
+        return lambda m, weights, record: step_total(m, source, weights, record, reduction, weight_fn, batched)
 
-    def from_loss_fn(m: nn.Module, weights: torch.Tensor, ids: torch.Tensor, *_: Any) -> torch.Tensor:
-        per_sample = checked_losses(train_loss_fn(m, source.batch(ids)), len(ids), "train_loss_fn")
+    def from_loss_fn(m: nn.Module, weights: torch.Tensor, record: StepSamples) -> torch.Tensor:
+        per_sample = checked_losses(train_loss_fn(m, source.batch(record[0])), len(record[0]), "train_loss_fn")
         return (weights.to(per_sample.dtype) * per_sample).sum()
 
     return from_loss_fn
 
 
-def step_total(module: nn.Module, source: BatchSource, ids: torch.Tensor, weights: torch.Tensor,
-               recorded: tuple[torch.Tensor, torch.Tensor | None], reduction: LossReduction,
-               weight_fn: WeightFn | None, batched: bool) -> torch.Tensor:
+def step_total(module: nn.Module, source: BatchSource, weights: torch.Tensor, record: StepSamples,
+               reduction: LossReduction, weight_fn: WeightFn | None, batched: bool) -> torch.Tensor:
     """``sum_z w_z l(theta, z)`` of a recorded step, from ``training_step`` on one-sample batches (method.md §2).
 
     With ``batched`` (bf16 autocast), its value and ``theta``-gradient come from the step's micro-batches as training
@@ -292,15 +295,17 @@ def step_total(module: nn.Module, source: BatchSource, ids: torch.Tensor, weight
 
     Args:
         weights: the step's occurrence weights (the variables of the influence).
-        recorded: the recorded weights ``w_rec`` and each sample's micro-batch (``StepRecord.batches``, or ``None``).
+        record: the step's sample ids, recorded weights ``w_rec`` and each sample's micro-batch
+            (``StepRecord.batches``, or ``None``).
         batched: whether to take the value from the micro-batches.
     """
+    ids, recorded, batches = record
     losses = step_loss_terms(module, source.singles(ids), reduction, weight_fn)
     total = (weights.to(losses.dtype) * losses).sum()
-    value = micro_batch_loss(module, source, ids, *recorded, reduction, weight_fn) if batched else None
+    value = micro_batch_loss(module, source, ids, recorded, batches, reduction, weight_fn) if batched else None
     if value is None:
         return total
-    return value + ((weights - recorded[0].to(weights)).to(losses.dtype) * losses).sum()
+    return value + ((weights - recorded.to(weights)).to(losses.dtype) * losses).sum()
 
 
 def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, recorded: torch.Tensor,
@@ -315,10 +320,9 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
         ``training_step`` returns no loss.
     """
     if batches is None:
-        warnings.warn("DataValueEmbedding: this store's steps do not record their micro-batches (it was written "
-                      "before they were): the bf16 replay runs each step's whole batch at once, which is what "
-                      "training ran only without gradient accumulation and DDP; with either, Adam's scores can be "
-                      "far off. Record the run again for an exact replay.", stacklevel=2)
+        warnings.warn("DataValueEmbedding: this store's steps do not record their micro-batches (written before "
+                      "they were): the bf16 replay runs each step's whole batch at once, as training did only without "
+                      "accumulation and DDP; with either, Adam's scores can be far off. Record the run again.")
     counts = [len(ids)] if batches is None else torch.unique_consecutive(batches, return_counts=True)[1].tolist()
     value: torch.Tensor | None = None
     with muted_logging(module):
