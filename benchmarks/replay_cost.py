@@ -11,6 +11,7 @@ embeddings of the same store (``replay_embeddings``, k = 64 per layer: one vecto
 row and step), their cost over the fit's and their Spearman.
 
     python benchmarks/replay_cost.py            # about 2 minutes on 2 cores
+    python benchmarks/replay_cost.py --quick    # CI smoke: the MLP at lr 0.05, 4 occurrences
 
 ``replay_scores(setting)`` gives the exact-replay scores ``[16, 1152]`` of every occurrence on this problem, for
 ``benchmarks/fidelity.py``'s matrix (columns by step then batch position, as ``influence(per_step=True)``).
@@ -62,7 +63,7 @@ def replay_scores(setting: dict[str, Any], net: str = "mlp") -> torch.Tensor:
         return dve.embeddings.exact_influence(module, test, per_step=True, train_loss_fn=per_sample_loss).scores
 
 
-def measure(name: str, setting: dict[str, Any], net: str) -> dict[str, Any]:
+def measure(name: str, setting: dict[str, Any], net: str, n_occurrences: int = N_OCCURRENCES) -> dict[str, Any]:
     dataset, test, batches = problem()
     setting = {**setting, "net": net}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +89,7 @@ def measure(name: str, setting: dict[str, Any], net: str) -> dict[str, Any]:
         checkpoint_bytes = emb.store.root.joinpath("checkpoints")
         ckpt = sum(p.stat().st_size for p in checkpoint_bytes.glob("state_*.safetensors"))
         steps_bytes = emb.store.manifest["bytes_steps"]
-    occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], N_OCCURRENCES, 0)
+    occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], n_occurrences, 0)
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     columns = [int(offsets[t]) + i for t, i in occurrences]
     truth = tsloo_by_training(initial, batches, setting, occurrences, test)
@@ -111,13 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nets", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: the MLP at lr 0.05, 4 occurrences")
     args = parser.parse_args()
     setup(args.threads)
     emit({"benchmark": "replay", "machine": machine()})
     start = time.perf_counter()
-    for net in args.nets:
-        for name, setting in SETTINGS.items():
-            emit(measure(name, setting, net))
+    nets, settings = (["mlp"], ["sgd lr 0.05"]) if args.quick else (args.nets, list(SETTINGS))
+    for net in nets:
+        for name in settings:
+            emit(measure(name, SETTINGS[name], net, 4 if args.quick else N_OCCURRENCES))
     emit({"benchmark": "replay", "seconds": round(time.perf_counter() - start, 1)})
 
 

@@ -308,7 +308,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
                                (capture.GradientCapture, "finish", "capture.finish"),
                                (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
                                (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
-                               (callback_step, "check_no_batchnorm_training", "guards.check_no_batchnorm_training"),
+                               (callback_step, "check_no_batchnorm_training", "model_checks.check_no_batchnorm_training"),
                                (guards.StepGuard, "check_applied", "guards.check_applied"),
                                (guards.StepGuard, "check_trainable", "guards.check_trainable"),
                                (batches, "check_finite", "batches.check_finite"),

@@ -157,7 +157,7 @@ def adam_terms(
         else:
             decay_scale = _weighted_preconditioner(moments.previous_v_hat, eps)
         lrs.append(float(group["lr"]) / (1.0 - beta1**moments.count) * scale)
-        terms["momentum"].append(float(beta1))
+        terms["momentum"].append(float(beta1) if moments.count > 1 else 0.0)  # fresh state: no earlier m carried
         terms["gain"].append(gradient_sign(group) * (1.0 - beta1) * clip)  # gain * weight_decay keeps the decay's sign
         terms["weight_decay"].append(0.0 if decoupled else gradient_sign(group) * decay * decay_scale / clip)
         terms["shrink"].append(float(group["lr"]) * decay if decoupled else 0.0)
@@ -194,6 +194,6 @@ def second_moment_terms(
         kappa = torch.where(root > 0, group["lr"] * moments.momentum / (2 * root * (root + group["eps"]) ** 2), 0.0)
         vectors["kappa"][name] = (kappa / ((1 - beta1**moments.count) * (1 - beta2**moments.count))).flatten()
         vectors["batch_grad"][name] = moments.step_grad.flatten()
-        terms["v_decay"].append(float(beta2))
+        terms["v_decay"].append(float(beta2) if moments.count > 1 else 0.0)  # fresh state: no earlier v carried
         terms["v_gain"].append(gradient_sign(group) * 2 * (1 - beta2) * clip)
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in terms.items()}, vectors

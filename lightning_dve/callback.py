@@ -31,10 +31,12 @@ from .config import (
     ReportConfig,
     StorageDtype,
 )
+from .curvature import Probe
 from .dynamics import plan_boundaries
 from .errors import ConfigError, DVEError
-from .guards import StepGuard, batchnorm_modules, watched_parameters
+from .guards import StepGuard
 from .influence import DataValueEmbeddings
+from .model_checks import batchnorm_modules, watched_parameters
 from .optim import is_adam
 from .recursion import bounds_after, layer_groups, segment_bounds
 from .replay_data import training_data_of
@@ -164,6 +166,7 @@ class DataValueEmbedding(StepHooks):
         self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
         self._ggn = False  # Gauss-Newton curvature rows (curvature.py)
+        self._probe: Probe | None = None  # the loss's curvature at the logits in this micro-batch (curvature.py)
         self._kinds: tuple[str, ...] = ()  # the rows a step records besides the gradients
         self._loss_scale = 1.0  # the grad scaler's factor on the loss the hooks see (fp16 AMP)
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)

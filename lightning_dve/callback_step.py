@@ -19,9 +19,11 @@ from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
-from .curvature import check_autograd_reached, check_cross_entropy, sampled_label_grad
+from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
+                        probe_logit_curvature, sampled_label_grad)
 from .errors import DVEError, GradientError
-from .guards import StepGuard, check_no_batchnorm_training, check_no_inner_backward
+from .guards import StepGuard
+from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
 from .optim import clip_factor, gradients_reset, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
@@ -50,6 +52,7 @@ class StepHooks(pl.Callback):
     _kinds: tuple[str, ...]
     _dims: dict[str, int]
     _ggn: bool
+    _probe: Probe | None
     _preconditioned: bool
     _boundaries: list[int]
     _batch: Any
@@ -73,6 +76,7 @@ class StepHooks(pl.Callback):
         check_no_batchnorm_training(self._batchnorms)
         self._active_guard().check_trainable(trainer.global_step)  # before the forward hooks read the layout
         hooks = self._active_capture()
+        check_layers_held(pl_module, hooks.modules(), trainer.global_step)
         hooks.begin(keep_outputs=self._ggn, batch=batch)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
@@ -89,6 +93,7 @@ class StepHooks(pl.Callback):
         if self._ggn:
             check_autograd_reached(hooks.without_autograd())
         if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
+            self._probe = probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)
             ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))
@@ -114,7 +119,7 @@ class StepHooks(pl.Callback):
             hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         try:  # a tied weight is refused where the ranks agree (on_train_batch_end): under DDP one may refuse alone
-            self._active_guard().before_step(self._skipped)
+            self._active_guard().before_step(self._skipped, _REFUSED in reached)
         except DVEError as err:
             self._deferred = err
         self._active_guard().read_hyperparameters()
@@ -215,6 +220,7 @@ class StepHooks(pl.Callback):
                  for kind in self._kinds}
         if self._ggn and hooks.logits is not None and hooks.logits[1] is not None:
             check_cross_entropy(hooks.logits[0], hooks.logits[1], scale)
+            check_logit_curvature(self._probe, scale)
         grads = hooks.finish(scale)
         try:
             for rows in (grads, *extra.values()):

@@ -114,7 +114,7 @@ class CurvaturePass:
     """The capture whose curvature pass runs (``None``: none), shared by the captures of one Trainer's callbacks: the
     others ignore that backward, and the forwards it recomputes (activation checkpointing)."""
 
-    owner: GradientCapture | None = None
+    owner: GradientCapture | object | None = None  # (object: a backward no capture takes, curvature.py)
 
 
 class GradientCapture:

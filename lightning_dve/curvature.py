@@ -8,10 +8,20 @@ matrix of the per-sample loss, without bias, at the cost of one backward pass of
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from .capture import CurvaturePass
+
+#: A probe of the loss's curvature at the logits: ``(logits, v, H v)``, each ``[B, C]``.
+Probe = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def label_uniforms(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
@@ -85,6 +95,80 @@ def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch
             f"that are not probabilities (sum off by {off_sum:.2g}, entries down to {-below:.2g}). Use "
             "curvature='empirical_fisher' for other losses, or declare per-sample (e.g. class) weights with "
             "loss_reduction=callable."
+        )
+
+
+@contextlib.contextmanager
+def _captures_ignoring(shared: CurvaturePass) -> Iterator[None]:
+    """Every capture of the Trainer ignores the backward passes run inside (they are no training backward)."""
+    saved, shared.owner = shared.owner, _IGNORED
+    try:
+        yield
+    finally:
+        shared.owner = saved
+
+
+_IGNORED = object()  # the owner of a backward no capture takes rows from
+
+
+def probe_logit_curvature(loss: torch.Tensor, logits: torch.Tensor, shared: CurvaturePass) -> Probe | None:
+    """The training loss's Hessian in the logits applied to a fixed sign vector ``v``: ``(logits, v, H v)`` by a
+    double backward from ``loss`` to ``logits`` only (``[B, C]`` work; the training graph is kept), for
+    :func:`check_logit_curvature`. ``None`` where it cannot be formed (a loss without a second derivative, or one
+    that does not reach the logits): not checked then.
+    """
+    if logits.dim() != 2:
+        return None
+    signs = torch.randint(0, 2, tuple(logits.shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    v = signs.to(logits.device, logits.dtype)
+    try:
+        with _captures_ignoring(shared):
+            (grad,) = torch.autograd.grad(loss, logits, create_graph=True, allow_unused=True)
+            if grad is None:
+                return None
+            hv = torch.zeros_like(logits) if not grad.requires_grad else torch.autograd.grad(
+                grad, logits, v, retain_graph=True, allow_unused=True)[0]
+    except RuntimeError:  # a custom autograd function without a double backward
+        return None
+    return logits.detach(), v, torch.zeros_like(logits) if hv is None else hv.detach()
+
+
+def check_logit_curvature(probe: Probe | None, weights: torch.Tensor) -> None:
+    """Refuse a training loss whose curvature in the logits is not ``w (diag p - p p^T)``, the one the sampled
+    labels stand for: ``H v`` of :func:`probe_logit_curvature` against ``w (p * v - p (p . v))`` per sample (5 %).
+
+    The gradient check (:func:`check_cross_entropy`) passes a cross-entropy scaled by ``c < 1`` (``0.1 *
+    cross_entropy``; ``KLDivLoss(reduction='mean')``, which also divides by the classes), whose curvature is ``c``
+    times the rows'; such a run's GGN scores were meaningless (Spearman near 0). Terms linear in the logits (label
+    smoothing, soft targets, a mixture of them) keep the curvature and pass.
+
+    Args:
+        probe: :func:`probe_logit_curvature`'s result (``None``: not checked).
+        weights: the weight ``w`` of each sample's loss in that backward ``[B]`` (zero: not checked).
+
+    Raises:
+        UnsupportedError: naming the measured factor and the fixes.
+    """
+    if probe is None:
+        return
+    logits, v, hv = (t.detach().to("cpu", torch.float64) for t in probe)
+    weights = weights.detach().to("cpu", torch.float64)
+    keep = (weights != 0) & torch.isfinite(hv).all(dim=1) & torch.isfinite(logits).all(dim=1)
+    p, v, hv, w = torch.softmax(logits[keep], dim=1), v[keep], hv[keep], weights[keep].unsqueeze(1)
+    expected = w * (p * v - p * (p * v).sum(dim=1, keepdim=True))
+    norm = float(expected.norm())
+    if norm == 0.0:
+        return
+    factor = float((hv * expected).sum()) / norm**2
+    if float((hv - expected).norm()) > 0.05 * norm:
+        raise UnsupportedError(
+            f"curvature='ggn' needs the training loss's curvature in the last tracked layer's output to be a softmax "
+            f"cross-entropy's weighted as loss_reduction says; this loss's is {factor:.3g} times that (measured by a "
+            "double backward at the logits). A cross-entropy scaled by a constant (0.1 * cross_entropy, "
+            "KLDivLoss(reduction='mean'), which also divides by the classes) or a loss with other terms in the "
+            "logits gives Gauss-Newton rows off by that factor. Train the unscaled loss (with the learning rate "
+            "scaled instead, which makes the same SGD run), use KLDivLoss(reduction='batchmean'), declare per-sample "
+            "weights with loss_reduction=callable, or use curvature='empirical_fisher'."
         )
 
 

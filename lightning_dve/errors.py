@@ -38,3 +38,7 @@ class LayerMismatchError(DVEError, ValueError):
 
 class LossReductionError(ConfigError):
     """The training loss is not the sum of per-sample losses weighted as ``loss_reduction`` declares."""
+
+
+class RemoteRankError(DVEError, RuntimeError):
+    """Under DDP, another rank raised; this rank stops too (that rank's traceback names the cause)."""

@@ -3,22 +3,24 @@ theta_t - lr_t sum_z w_z g_z``, with the step's terms read in ``on_before_optimi
 
 Ways a run would break silently, each refused with what to change:
 
-- a weight that also gets gradient outside its module's own calls (tied or functionally used): the sum of
-  the captured per-sample blocks is not its ``.grad`` (one process: each layer once per fit, on the first
-  backward that reaches it of a step that is applied; under DDP against the ranks' mean);
+- a weight that also gets gradient outside its module's own calls (tied or functionally used, or a penalty
+  on it in the loss): the sum of the captured per-sample blocks is not its ``.grad`` (on the first backward
+  that reaches it of a step that is applied, and again after 1, 2, 4, 8, ... applied steps, as a penalty's
+  gradient grows with the weights' distance from where it is zero; under DDP against the ranks' mean);
 - gradients changed after the backward by something the callback does not model (clipping in
   ``configure_gradient_clipping``, the LightningModule's ``on_after_backward`` / ``on_before_optimizer_step``,
   a callback after this one): the gradients the optimizer applied are compared with those of the backward on a
-  fixed sample of coordinates per tracked weight, and must be the same up to the modelled factor ``clip / loss
-  scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or Nesterov SGD, whose
-  foreach step adds the momentum into ``.grad``);
+  fixed sample of coordinates per tracked weight and trained bias, and must be the same up to the modelled
+  factor ``clip / loss scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or
+  Nesterov SGD, whose foreach step adds the momentum into ``.grad``);
+- weights changed outside the optimizer between its steps (a constraint such as ``clamp_`` or a max-norm
+  renormalisation in a hook): the same coordinates of the weights and biases at each step's first backward
+  must be those the last ``optimizer.step()`` left;
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
   ``on_before_optimizer_step`` (e.g. a warm-up set in the LightningModule's ``on_before_optimizer_step``, which
   runs after the callbacks'): the recorded step would use the rate of the step before;
-- BatchNorm in train mode, or without running statistics (``track_running_stats=False``, batch statistics
-  in eval mode too), whose batch statistics mix the samples (no per-sample gradient exists).
 """
 
 from __future__ import annotations
@@ -27,80 +29,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .capture import GradientCapture, TrackedLayer, excluded
-from .config import DVEConfig
+from .capture import GradientCapture, TrackedLayer
 from .errors import UnsupportedError
-from .layers import gradient_block
+from .layers import gradient_block, has_trainable_bias
 
-#: Coordinates sampled per tracked weight to compare the applied gradient with the backward's.
+#: Coordinates sampled per tracked weight (and trained bias) to compare the applied gradient with the backward's.
 SAMPLED = 64
 #: Relative tolerance of the applied gradient against ``factor * backward gradient`` (float32 rounding: ~1e-7).
 TOLERANCE = 1e-4
-
-
-def watched_parameters(model: nn.Module, config: DVEConfig, tracked: list[str]) -> dict[str, nn.Parameter]:
-    """The parameters whose ``requires_grad`` must not change during ``fit``: the tracked layers', and with the
-    default layer selection every parameter outside the excluded modules (one unfrozen later would be
-    trained untracked)."""
-    if config.layers is not None:
-        return {f"{m}.{n}": p for m in tracked for n, p in model.get_submodule(m).named_parameters(recurse=False)}
-    return {n: p for n, p in model.named_parameters() if not excluded(n.rpartition(".")[0], config.exclude)}
-
-
-def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's BatchNorm modules by name (found once per fit; the per-step check reads their mode and stats)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, _BatchNorm)}
-
-
-def uses_batch_statistics(module: nn.Module) -> bool:
-    """Whether a BatchNorm normalises with the statistics of the batch it is given: in train mode, and in eval
-    mode too when it keeps no running statistics (``track_running_stats=False``), as ``_BatchNorm.forward`` does."""
-    return module.training or (getattr(module, "running_mean", None) is None
-                               and getattr(module, "running_var", None) is None)
-
-
-def check_no_inner_backward(ran: bool, step: int) -> None:
-    """Refuse a micro-batch whose ``training_step`` ran a backward through the tracked layers before the training
-    backward (``torch.autograd.grad`` of the loss: an input-gradient penalty, a saliency map): the hooks capture
-    that backward, and a penalty's gradient through it is no per-sample outer product.
-
-    Raises:
-        UnsupportedError: if ``ran``, naming the cause and what to do instead.
-    """
-    if ran:
-        raise UnsupportedError(
-            f"step {step}: training_step ran a backward through the tracked layers before the training backward "
-            "(torch.autograd.grad of the loss, e.g. an input-gradient penalty or a saliency map): the per-sample "
-            "gradients the callback records would be that backward's, and a gradient penalty's own gradient is not "
-            "a per-sample block the hooks can form. Take such gradients outside training_step (a saliency map in "
-            "on_train_batch_end or validation_step); a gradient penalty in the training loss is not supported.")
-
-
-def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
-    """Refuse BatchNorm (of :func:`batchnorm_modules`) that uses batch statistics (train mode, or no running
-    statistics in any mode): they mix the samples, so per-sample gradients do not exist.
-
-    Raises:
-        UnsupportedError: naming the first such module.
-    """
-    for name, module in batchnorms.items():
-        if not uses_batch_statistics(module):
-            continue
-        if module.training:
-            raise UnsupportedError(
-                f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
-                "samples of a batch, so a sample's gradient depends on the others and its data value is not "
-                "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
-                "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
-            )
-        raise UnsupportedError(
-            f"module {name!r} ({type(module).__name__}) has track_running_stats=False, so it normalises with the "
-            "statistics of the batch even in eval mode: it mixes the samples of a batch, so a sample's gradient "
-            "depends on the others and its data value is not defined. Use GroupNorm/LayerNorm (excluded from "
-            "tracking), or track_running_stats=True with the module kept in eval mode."
-        )
 
 
 #: The param-group settings a step's terms read (optim.py, adam.py); other keys may change inside ``step()``
@@ -130,6 +67,17 @@ def stacked_float64(rows: list[torch.Tensor]) -> torch.Tensor:
     if len({row.dtype for row in rows}) > 1:  # layers in other dtypes
         rows = [row.double() for row in rows]
     return torch.stack(rows).double() if rows else torch.empty(0, SAMPLED, dtype=torch.float64)
+
+
+def stepped_tensors(capture: GradientCapture) -> dict[str, nn.Parameter]:
+    """What a step updates in the tracked layers: each one's weight (under the layer's name) and its trained bias
+    (``{layer}.bias``), in layer order."""
+    out = {}
+    for name, layer in capture.layers.items():
+        out[name] = layer.module.weight
+        if has_trainable_bias(layer.module):
+            out[f"{name}.bias"] = layer.module.bias
+    return out
 
 
 def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, only: set[str] | None = None,
@@ -167,8 +115,9 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
                 f"gradients by {error:.0%}: the weight also receives gradient outside the module's own calls "
                 "(tied or shared with another module, or used functionally, e.g. a language-model head "
                 "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
-                "forward, e.g. a masked or weight-standardised convolution)"
-                f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}."
+                "forward, e.g. a masked or weight-standardised convolution), or the loss adds a penalty on it "
+                f"(L2, or L2-SP's distance to the starting weights){_shared_by(shared)}. Untie it, or pass exclude="
+                f"{shared!r}; an L2 penalty belongs in the optimizer's weight_decay, which the callback models."
             )
     return checked
 
@@ -212,11 +161,14 @@ class StepGuard:
         self.capture = capture
         self.watched = watched
         self._trainable = {name: p.requires_grad for name, p in watched.items()}
-        self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in capture.weights().items()}
+        self._tensors = stepped_tensors(capture)
+        self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in self._tensors.items()}
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
+        self._edited: UnsupportedError | None = None  # weights changed since then, seen at this step's backward
+        self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._read: list[dict[str, object]] | None = None  # hyperparameters read in on_before_optimizer_step
@@ -272,16 +224,16 @@ class StepGuard:
         self._compare_hyperparameters()
 
     def _sample_weights(self) -> torch.Tensor:
-        """The tracked weights' sampled coordinates, ``[layers, SAMPLED]``."""
-        weights = self.capture.weights().items()
-        return stacked_float64([sampled_entries(w, self._index[name]) for name, w in weights])
+        """The tracked weights' and trained biases' sampled coordinates, ``[tensors, SAMPLED]``."""
+        return stacked_float64([sampled_entries(w, self._index[name]) for name, w in self._tensors.items()])
 
     def final_weights(self) -> dict[str, list[float]] | None:
         """The tracked weights' sampled coordinates (:func:`sampled_coordinates`) after the last ``optimizer.step()``,
         ``{layer: [SAMPLED]}``; ``None`` before any step."""
         if self._stepped_weights is None:
             return None
-        return {name: row.tolist() for name, row in zip(self.capture.weights(), self._stepped_weights)}
+        rows = zip(self._tensors, self._stepped_weights)
+        return {name: row.tolist() for name, row in rows if name in self.capture.layers}
 
     def weights_replaced(self) -> bool:
         """Whether the tracked weights changed since the last ``optimizer.step()`` (e.g. weight averaging put its
@@ -295,16 +247,20 @@ class StepGuard:
             self._hook = None
 
     def _sample(self) -> tuple[list[str], torch.Tensor]:
-        """The tracked weights that have a ``.grad`` and its sampled coordinates, ``[layers, SAMPLED]``."""
-        grads = {name: w.grad for name, w in self.capture.weights().items() if w.grad is not None}
+        """The tracked weights and trained biases that have a ``.grad``, and its sampled coordinates, ``[tensors,
+        SAMPLED]``."""
+        grads = {name: w.grad for name, w in self._tensors.items() if w.grad is not None}
         return list(grads), stacked_float64([sampled_entries(g, self._index[name]) for name, g in grads.items()])
 
     def after_backward(self, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
         backward, compare the ``.grad`` of the layers not yet checked on an applied step with their captured
         blocks (a layer is checked on the first applied step whose first backward reaches it, under DDP,
-        ``mean_over_ranks`` given, on any rank: a collective on every rank alike); :meth:`before_step` raises."""
+        ``mean_over_ranks`` given, on any rank: a collective on every rank alike), and the weights with those the
+        last ``optimizer.step()`` left (:meth:`_check_unedited`); :meth:`before_step` raises."""
         self._backward = self._sample()
+        if self._first_backward:
+            self._edited = self._check_unedited()
         if self._first_backward and self.unchecked:  # DDP: the same layers on every rank
             try:  # ``.grad`` is as scaled as the blocks here
                 self._tied_seen = check_blocks_sum_to_grad(self.capture, only=self.unchecked,
@@ -313,22 +269,46 @@ class StepGuard:
                 self._tied = err
         self._first_backward = False
 
-    def before_step(self, skipped: bool) -> None:
+    def _check_unedited(self) -> UnsupportedError | None:
+        """The refusal of weights changed outside the optimizer since its last step (a constraint applied in a hook:
+        ``clamp_``, a max-norm renormalisation), else ``None``."""
+        if self._stepped_weights is None:
+            return None
+        now = self._sample_weights()
+        changed = [name for name, a, b in zip(self._tensors, now, self._stepped_weights) if not torch.equal(a, b)]
+        if not changed:
+            return None
+        layers = tuple(dict.fromkeys(name.removesuffix(".bias") for name in changed))
+        return UnsupportedError(
+            f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
+            "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
+            "on_train_batch_end or on_before_zero_grad, a callback that writes weights, or weights loaded during "
+            "fit): the callback records the optimizer's updates only, so its trajectory would not be the trained one. "
+            f"Train with such constraints without this callback, or exclude those layers: exclude={layers!r}.")
+
+    def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to
         :meth:`check_applied`, and its tied-weight check counts only for a step that is applied (an fp16 step the
-        grad scaler skips has overflowed gradients: a later step is checked instead).
+        grad scaler skips has overflowed gradients: a later step is checked instead) and whose calls were all
+        captured (``calls_refused``: a call refused on some rank, raised there, leaves its layer's blocks short).
 
         Raises:
-            UnsupportedError: a tracked weight that is tied or used functionally.
+            UnsupportedError: a tracked weight that is tied or used functionally, or weights changed outside the
+                optimizer since its last step.
         """
-        seen, refused = self._tied_seen, self._tied
-        self._tied_seen, self._tied, self._first_backward = set(), None, True
+        seen, refused, edited = self._tied_seen, self._tied, self._edited
+        self._tied_seen, self._tied, self._edited, self._first_backward = set(), None, None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
         self._applied = None
-        if not skipped:
+        if edited is not None:
+            raise edited
+        if not skipped and not calls_refused:
             if refused is not None:
                 raise refused
             self.unchecked -= seen
+            self._steps += 1
+            if self._steps & (self._steps - 1) == 0:  # a penalty on the weights (L2-SP) grows as they move
+                self.unchecked = set(self.capture.layers)
 
     def check_trainable(self, step: int) -> None:
         """Refuse a parameter frozen or unfrozen since ``fit`` started.

@@ -26,8 +26,8 @@ from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
-                           on_module_device, recorded_layers, refuse_empty, require_autograd,
-                           uncompiled, warn_if_not_final)
+                           check_uncoupled, losses_of_a_pair, on_module_device, recorded_layers, refuse_empty,
+                           require_autograd, uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
@@ -184,11 +184,13 @@ class DataValueEmbeddings(ReplayQueries):
         """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms, with the
         capture begun for its forward (after the reduction check's own forwards, which it must not see)."""
         if loss_fn is not None:
+            pair = losses_of_a_pair(loss_fn, module, batch)  # before the capture, which must not see its forward
             capture.begin(keep_outputs=True)
             losses = loss_fn(module, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
                                   f"{getattr(losses, 'shape', type(losses))}.")
+            check_uncoupled(pair, losses)
             return losses.sum(), partial(check_loss_count, losses)
         if not callable(getattr(module, "training_step", None)):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
@@ -208,16 +210,21 @@ class DataValueEmbeddings(ReplayQueries):
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
 
-        ``batch`` goes to ``module``'s device first, as the Trainer moves a training batch
-        (:func:`~lightning_dve.query_layers.on_module_device`); the gradients come back on the CPU. ``module``
-        runs in eval mode with gradients enabled; its modes, parameters, ``requires_grad`` flags and ``.grad`` are
-        left as they were (gradients are taken with ``torch.autograd.grad`` with respect to the layer outputs;
-        frozen tracked layers are made trainable for the query only).
+        ``batch`` goes to ``module``'s device first (``query_layers.on_module_device``); gradients come back on the
+        CPU. ``module`` runs in eval mode with gradients on (frozen tracked layers made trainable for the query);
+        its modes, parameters, ``requires_grad`` flags and ``.grad`` are left as they were.
+
+        Args:
+            module: the trained module (or one with the same tracked layers).
+            batch: a test batch in the training batch format.
+            loss_fn: ``(module, batch) -> Tensor[n]`` per-sample test losses, each of its own sample alone;
+                default: ``training_step`` with logging muted, split with the recorded loss reduction.
 
         Raises:
             LayerMismatchError: if ``module`` does not hold the recorded layers.
+            LossReductionError: if ``training_step``'s loss is not the recorded reduction of per-sample losses.
             ConfigError: under ``torch.inference_mode()``, if the test loss does not depend on the tracked layers,
-                or ``loss_fn`` does not return one loss per sample of ``batch``.
+                ``loss_fn`` does not return one loss per sample or couples them, or ``training_step`` is random.
         """
         require_autograd()
         refuse_empty(batch)
@@ -240,14 +247,12 @@ class DataValueEmbeddings(ReplayQueries):
         """Scores of every recorded occurrence (or sample) on each test point of ``batch``.
 
         Args:
-            module: the trained module (or one with the same tracked layers).
-            batch: a test batch in the training batch format.
-            loss_fn: ``(module, batch) -> Tensor[n]`` per-sample test losses; default: ``training_step`` with
-                logging muted, split into per-sample terms with the recorded loss reduction.
+            module, batch, loss_fn: as :meth:`test_gradients`.
             per_step: one column per (step, sample) occurrence instead of per-sample totals.
 
         Raises:
             StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
+            LayerMismatchError, LossReductionError, ConfigError: as :meth:`test_gradients`.
         """
         self._check_current()
         warn_if_not_final(uncompiled(module), self.store.manifest.get("final_weights"))

@@ -67,6 +67,7 @@ class ReplayQueries:
                 them, or ``module`` is not the final trained module.
             UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
                 random transforms, or the replay does not reproduce the checkpoints).
+            StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
         """
         check_per_step(per_step)  # before the replay, not after it
         refuse_empty(batch)

@@ -134,8 +134,11 @@ def sgd_terms(
     ``maximize`` (whose gradient enters with its sign flipped: a negative gain, the rates stay positive) it
     scales only the gradient entering the velocity (``gain = clip * (1 - dampening)``); the weight decay, which
     torch dampens but does not clip, is divided by the clip factor so that ``gain * weight_decay`` is applied.
-    Nesterov adds ``lead = momentum`` and ``direct = clip`` (recursion.py, ``BackwardRecursion``). Adam and
-    AdamW: :func:`lightning_dve.adam.adam_terms`.
+    Nesterov adds ``lead = momentum`` and ``direct = clip`` (recursion.py, ``BackwardRecursion``). A buffer torch
+    starts afresh (its first step, or ``optimizer.state`` cleared during fit) carries no earlier velocity
+    (``momentum = 0`` for the recursion's ``mu_t``); a group set to momentum 0 that still holds a buffer applies
+    the gradient directly and keeps the buffer as it is for later steps (``direct = clip``, ``lead = gain = 0``,
+    ``momentum = 1``). Adam and AdamW: :func:`lightning_dve.adam.adam_terms`.
 
     Args:
         modules: the tracked layers by name.
@@ -150,16 +153,22 @@ def sgd_terms(
     if not uses_momentum_or_decay(optimizer) and -1.0 not in signs:
         return lrs * clip, {}
     terms: dict[str, list[float]] = {"momentum": [], "gain": [], "weight_decay": [], "lead": [], "direct": []}
+    direct_steps = False
     for weight, group, sign, on in zip(weights.values(), groups, signs, reached):
-        first = optimizer.state.get(weight, {}).get("momentum_buffer") is None  # torch: no dampening then
+        buffer = optimizer.state.get(weight, {}).get("momentum_buffer")
+        momentum = float(group["momentum"])
+        stale = not momentum and buffer is not None  # torch keeps it unused, for when momentum is set again
         nesterov = bool(group.get("nesterov"))
-        gain = clip * (1.0 if first or not group["momentum"] else 1.0 - float(group["dampening"]))
-        terms["momentum"].append(float(group["momentum"]) if on else 1.0)  # a skipped layer keeps its velocity
-        terms["gain"].append(sign * gain * on)
+        # torch starts a buffer (its first step, or after optimizer.state was cleared) as the gradient, undampened
+        gain = clip * (1.0 if buffer is None or not momentum else 1.0 - float(group["dampening"]))
+        carry = 1.0 if stale or not on else 0.0 if buffer is None else momentum  # a skipped layer keeps its velocity
+        terms["momentum"].append(carry)
+        terms["gain"].append(0.0 if stale else sign * gain * on)
         terms["weight_decay"].append(sign * float(group["weight_decay"]) / clip)  # torch dampens it with the gradient
-        terms["lead"].append(float(group["momentum"]) if nesterov else 1.0)
-        terms["direct"].append(sign * clip * on if nesterov else 0.0)
-    if not any(group.get("nesterov") for group in groups):
+        terms["lead"].append(0.0 if stale else momentum if nesterov else 1.0)
+        terms["direct"].append(sign * clip * on if nesterov or stale else 0.0)
+        direct_steps = direct_steps or nesterov or stale
+    if not direct_steps:
         del terms["lead"], terms["direct"]
     return lrs, {name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}
 

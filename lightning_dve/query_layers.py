@@ -157,6 +157,43 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ones(batch_size, dtype=torch.float64)
 
 
+def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tensor | None:
+    """``loss_fn``'s losses of the batch's first two samples as a batch of their own (without gradients), for
+    :func:`check_uncoupled`; ``None`` where that cannot be asked (fewer than three samples, a batch the rows cannot
+    be taken from, or a ``loss_fn`` that fails on two samples): the check is then skipped, not the query."""
+    try:
+        n = count_samples(batch)
+        if n < 3:
+            return None
+        with torch.no_grad():
+            losses = loss_fn(module, batch_rows(batch, slice(0, 2), n))
+    except Exception:  # noqa: BLE001 -- the query itself runs loss_fn on the whole batch and reports its errors
+        return None
+    return losses.detach() if isinstance(losses, torch.Tensor) and losses.shape == (2,) else None
+
+
+def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
+    """Refuse a ``loss_fn`` whose per-sample losses depend on the batch's other samples: ``pair``
+    (:func:`losses_of_a_pair`) must equal the first two of the whole batch's ``losses``. The query takes a sample's
+    test gradient from its own forward alone, so a coupled loss (contrastive, centred on the batch mean) would give
+    each sample the gradient of every sample's terms through its forward.
+
+    Raises:
+        ConfigError: with both pairs of values and the fix.
+    """
+    if pair is None:
+        return
+    found, alone = losses[:2].detach().double().cpu(), pair.double().cpu()
+    scale = float(losses.detach().abs().max())
+    if not torch.allclose(alone, found, rtol=1e-4, atol=1e-6 * scale):  # False for NaN: refused as coupled
+        raise ConfigError(
+            f"loss_fn's per-sample losses depend on the other samples of the batch: the first two samples' losses are "
+            f"{found.tolist()} in the whole batch and {alone.tolist()} as a batch of their own (a contrastive loss, a "
+            "loss centred on the batch mean, batch statistics in the forward, or a random loss_fn). A test point's "
+            "influence needs its own loss: return losses each of which depends on its sample alone (for a pairwise "
+            "loss, one row per pair in the batch), or use exact_influence, which differentiates each loss itself.")
+
+
 def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None) -> None:
     """Refuse a ``training_step`` whose loss on one batch differs between two calls: a random
     one (augmentation drawn with ``torch.rand``, noise or functional dropout in ``training_step``, outside the

@@ -229,8 +229,10 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
         raise UnsupportedError(
             f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
             f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
-            "the recorded batches (randomness in training_step such as functional dropout, a loss whose value or "
-            "gradient depends on batch_idx, which the replay passes as 0, a dataset or collate_fn "
+            "the recorded batches and optimizer (randomness in training_step such as functional dropout, a loss "
+            "whose value or gradient depends on batch_idx, which the replay passes as 0, or on current_epoch or "
+            "global_step, which it leaves at their final values, the optimizer's state cleared or its momentum "
+            "switched off and on during fit, which influence() models, a dataset or collate_fn "
             "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
             "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own, which "
             "influence() refuses too, weights averaged in at train end by a callback listed before "

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from .distributed import Communicator
-from .errors import DVEError, SampleIdError
+from .errors import RemoteRankError, SampleIdError
 from .store import StepRecord
 from .updates import StepTerms
 
@@ -36,10 +36,6 @@ class MicroBatch:
     weights: torch.Tensor
     grads: dict[str, torch.Tensor]
     extra: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
-
-
-class RemoteRankError(DVEError, RuntimeError):
-    """Another rank raised; this rank stops too (see that rank's traceback for the cause)."""
 
 
 def assign_groups(groups: list[list[str]], dims: dict[str, int], world_size: int) -> list[list[str]]:

@@ -375,7 +375,8 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "batch has no key 'index'" in proc.stderr  # rank 1's own error
-    assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 0 stops with it
+    # rank 0 stops with the exported error the README names
+    assert "lightning_dve.errors.RemoteRankError: another rank failed in DataValueEmbedding" in proc.stderr
     assert elapsed < 55, f"took {elapsed:.0f}s: a rank waited for the 60s gloo timeout"
 
 

@@ -141,13 +141,14 @@ def test_recorded_momentum_terms_reproduce_the_applied_update(tmp_path: Path, mo
     for step, (grad, theta, update) in enumerate(probe.rows):
         record = store.read_step(step)
         mu, gain, decay = (float(record.optim[k][layer]) for k in ("momentum", "gain", "weight_decay"))
-        assert mu == 0.9 and (gain < 1.0)  # clipping binds at 0.05; dampening applies from the second step
+        # the buffer starts at step 0 (nothing carried into it); clipping binds at 0.05; dampening from step 1
+        assert mu == (0.0 if step == 0 else 0.9) and (gain < 1.0)
         contribution = gain * (grad + decay * theta)
         buffer = contribution if buffer is None else mu * buffer + contribution
         applied = buffer
         if "direct" in record.optim:  # Nesterov: p -= lr (g' + mu * buffer), g' = clip grad + lambda theta
             direct, lead = (float(record.optim[k][layer]) for k in ("direct", "lead"))
-            assert direct == gain and lead == mu
+            assert direct == gain and lead == 0.9
             applied = direct * (grad + decay * theta) + lead * buffer
         torch.testing.assert_close(update, -float(record.lrs[layer]) * applied, rtol=1e-9, atol=1e-14)
 

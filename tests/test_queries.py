@@ -200,6 +200,33 @@ def test_loss_that_does_not_depend_on_the_tracked_layers(trained, test_batch, lo
         trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=loss_fn)
 
 
+def centred_ce(module, batch):  # each loss minus the batch mean: they sum to zero
+    losses = per_sample_ce(module, batch)
+    return losses - losses.mean()
+
+
+def in_batch_contrastive(module, batch):  # every other test point is a negative
+    z = F.normalize(module(batch["x"]), dim=1)
+    return F.cross_entropy(z @ z.T / 0.5, torch.arange(len(z)), reduction="none")
+
+
+@pytest.mark.parametrize("loss_fn", [centred_ce, in_batch_contrastive])
+def test_a_loss_fn_whose_losses_couple_the_test_points_is_refused(trained, test_batch, loss_fn):
+    """The query takes each test point's gradient from its own forward: a coupled loss gave each one the gradient
+    of every point's terms (all-zero scores for the centred loss; correlation 0.15 with exact_influence for the
+    contrastive one), silently. exact_influence differentiates each loss by itself and answers."""
+    with pytest.raises(ConfigError, match=r"loss_fn's per-sample losses depend on the other samples of the batch: "
+                                          r"the first two samples' losses are \[.*\] in the whole batch and \[.*\] "
+                                          r"as a batch of their own .*or use exact_influence"):
+        trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=loss_fn)
+
+
+def test_a_loss_fn_of_independent_losses_passes_the_coupling_check(trained, test_batch):
+    """Float32 forwards of two samples and of twelve round differently: that is not coupling."""
+    scores = trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=per_sample_ce).scores
+    assert scores.shape[0] == 12 and bool(scores.abs().sum() > 0)
+
+
 # --- frozen modules ----------------------------------------------------------------------------------------
 
 
