@@ -125,11 +125,11 @@ class StepHooks(pl.Callback):
         self._active_guard().read_hyperparameters()
         algorithm = callback_setup.clip_algorithm(trainer)
         # a step the grad scaler skips has an infinite norm (clip factor 0, which decay terms divide by): unused
-        clip = 1.0 if self._skipped else clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
+        clip, norm = (1.0, 0.0) if self._skipped else clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
         modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
                     and not self._skipped)
         self._factor = clip / self._loss_scale if modelled else None  # .grad was as scaled as the loss then
-        self._terms = step_terms(optimizer, hooks.modules(), clip, self.config)
+        self._terms = step_terms(optimizer, hooks.modules(), clip, self.config, norm)
         self._step = trainer.global_step
         try:  # a resumed run's first step: both stores drop their later steps now (the replay checkpoints below)
             self._active_store().truncate_for_resume()

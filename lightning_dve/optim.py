@@ -173,21 +173,24 @@ def sgd_terms(
     return lrs, {name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}
 
 
-def clip_factor(optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None) -> float:
-    """Factor by which norm clipping will scale this step's update (1 when it does not clip).
+def clip_factor(optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None
+                ) -> tuple[float, float]:
+    """Factor by which norm clipping will scale this step's update (1 when it does not clip), and the gradients'
+    norm where it binds (else 0: :mod:`lightning_dve.clipping` models the factor's own response there).
 
     Lightning clips after ``on_before_optimizer_step``, so the factor is computed here from the same gradients
     and the same rule as ``torch.nn.utils.clip_grad_norm_``: ``min(1, clip_val / (||g|| + 1e-6))``. Folded into
-    the learning rate it makes the recorded step equal the applied one (to first order in the removed sample,
-    whose effect on the norm is neglected). Value clipping is not a scale and returns 1 (the caller warns).
+    the learning rate it makes the recorded step equal the applied one. Value clipping is not a scale and returns
+    1 (the caller warns).
     """
     if not clip_val or algorithm not in (None, "norm"):
-        return 1.0
+        return 1.0, 0.0
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
-        return 1.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]), 2.0)
-    return min(1.0, float(clip_val) / (float(norm) + 1e-6))
+        return 1.0, 0.0
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]), 2.0))
+    factor = min(1.0, float(clip_val) / (norm + 1e-6))
+    return factor, norm if factor < 1.0 else 0.0
 
 
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:

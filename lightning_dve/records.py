@@ -78,6 +78,9 @@ class StepRecord:
             correction folded in. ``None``: not given (read as ``lrs``).
         batches: each row's micro-batch ``[B]`` (int32, 0, 1, ... in row order over the ranks), so that the exact
             replay reruns the forwards training ran; ``None``: not recorded (stores of earlier versions).
+        clip_norm: the gradients' norm over every parameter where norm clipping bound the step, else 0.
+        clip_dots: where it bound, ``g^ . r_z`` per sample over every tracked layer for the gradients (``"grads"``)
+            and curvature rows (``"curvature"``), ``{kind: [B]}`` float64 (:mod:`lightning_dve.clipping`).
     """
 
     step: int
@@ -93,6 +96,8 @@ class StepRecord:
     vectors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
     applied_lrs: torch.Tensor | None = None
     batches: torch.Tensor | None = None
+    clip_norm: float = 0.0
+    clip_dots: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def to(self, device: torch.device) -> StepRecord:
         """The record with the tensors the recursion computes with on ``device``: weights, rows and vectors (the
@@ -103,7 +108,7 @@ class StepRecord:
         return dataclasses.replace(
             self, weights=self.weights.to(device), grads=move(self.grads), curvature=move(self.curvature),
             preconditioned=move(self.preconditioned), curvature_preconditioned=move(self.curvature_preconditioned),
-            vectors={kind: move(values) for kind, values in self.vectors.items()})
+            vectors={kind: move(values) for kind, values in self.vectors.items()}, clip_dots=move(self.clip_dots))
 
     def to_tensors(self, storage: str = "float32") -> dict[str, torch.Tensor]:
         """Flatten to the safetensors dict written on disk, gradients encoded in ``storage`` dtype."""
@@ -115,6 +120,9 @@ class StepRecord:
             out.update(encode(getattr(self, field), storage, kind))
         out.update({f"vec/{kind}/{name}": value for kind, values in self.vectors.items()
                     for name, value in values.items()})
+        if self.clip_norm:
+            out["clip_norm"] = torch.tensor(self.clip_norm, dtype=torch.float64)
+            out.update({f"clip/{kind}": dots for kind, dots in self.clip_dots.items()})
         return out  # made contiguous CPU tensors as they are written (files.write_safetensors)
 
     @classmethod
@@ -128,8 +136,10 @@ class StepRecord:
             if key.startswith("vec/"):
                 _, kind, name = key.split("/", 2)
                 vectors.setdefault(kind, {})[name] = value
+        clip_dots = {k[len("clip/"):]: v for k, v in tensors.items() if k.startswith("clip/")}
         return cls(step, tensors["sample_ids"], tensors["weights"], tensors["lrs"], rows[GRADIENT], epoch, optim,
                    vectors=vectors, applied_lrs=tensors.get("applied_lrs"), batches=tensors.get("batches"),
+                   clip_norm=float(tensors.get("clip_norm", 0.0)), clip_dots=clip_dots,
                    **{field: rows[kind] for field, kind in ROW_FILE_KINDS.items() if field != "grads"})
 
 

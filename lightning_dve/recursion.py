@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from . import clipping
 from .config import AccumulatorLayout, Curvature
 from .recursion_blocks import StepScalars, block_momentum, block_sgd
 from .store import StepRecord
@@ -118,6 +119,7 @@ class BackwardRecursion:
             ``{layer: e [B, k_l]}`` for the layers of :attr:`groups`, in the accumulation dtype.
         """
         out: dict[str, torch.Tensor] = {}
+        record = clipping.projected(record)  # a clipped step's rows off its gradient direction (clipping.py)
         for index, group in enumerate(self.groups):
             dtype = torch.promote_types(record.grads[group[0]].dtype, torch.float32)
             grads = _cat(record.grads, group, dtype)  # g: [B, K]
@@ -195,7 +197,9 @@ class BackwardRecursion:
             return out if second is None else out - (plain * second[1] * weights) @ second[0].T
 
         sources = _cat(record.preconditioned, group, grads.dtype) if record.preconditioned else grads  # P g (Adam)
-        embedding = to_final(grads, sources)  # e = D (w P g) (- V (w v_gain g' * g))
+        # e = D (w P g) (- V (w v_gain g' * g)); the second-moment channel is exact mode's, where the sources are the
+        # gradients themselves, projected on a clipped step (clipping.py) as the change of g' entering v is
+        embedding = to_final(sources, sources)
         accumulator.addcmul_(direct, columns["weight_decay"])
         if second is not None:  # Adam's L2 decay also moves v: - V diag(v_gain g' lambda)
             accumulator.addcmul_(second[0], second[1] * columns["weight_decay"], value=-1)
@@ -205,7 +209,7 @@ class BackwardRecursion:
             accumulator.addmm_(embedding.T, grads)
         elif rows is not None:
             rows_q = _cat(record.curvature_preconditioned, group, grads.dtype) if record.preconditioned else rows
-            accumulator.addmm_(to_final(rows, rows_q).T, rows)
+            accumulator.addmm_(to_final(rows_q, rows_q).T, rows)
         self.velocity_maps[index], self.next_momentum[index] = velocity, columns["momentum"]
         return embedding
 
@@ -224,7 +228,9 @@ class BackwardRecursion:
         Returns:
             The embeddings of each record, ``{layer: e [B, k_l]}``, in the order of ``records``.
         """
+        records = [clipping.projected(record) for record in records]
         if any(record.optim for record in records):
+            records = [clipping.as_momentum_form(record) for record in records]  # plain steps beside clipped ones
             scalars = self._block_scalars(records)
             if scalars is None:
                 return [self.step(record) for record in records]

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from .clipping import clip_dots
 from .distributed import Communicator
 from .errors import RemoteRankError, SampleIdError
 from .store import StepRecord
@@ -139,7 +140,8 @@ class StepAssembler:
         owned = {kind: {n: rows[n] for n in self.owned} for kind, rows in owned.items()}
         vectors = {kind: {n: values[n] for n in self.owned} for kind, values in terms.vectors.items()}
         return StepRecord(step, sample_ids, meta[:, 2], terms.lrs, owned["grads"], epoch, terms.optim, vectors=vectors,
-                          applied_lrs=terms.applied_lrs, batches=batches.to(torch.int32),
+                          applied_lrs=terms.applied_lrs, batches=batches.to(torch.int32), clip_norm=terms.clip_norm,
+                          clip_dots=clip_dots(kinds, meta[:, 2], terms.clip_norm),  # over every layer
                           **{kind: owned[kind] for kind in self.kinds[1:]})
 
     def _local_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,21 +24,24 @@ class StepTerms:
         vectors: per-coordinate terms ``{kind: {layer: [k_l]}}`` (exact-mode Adam, the second-moment channel).
         applied_lrs: each tracked layer's param-group learning rate ``[L]``, 0 where the step does not reach it
             (``StepRecord.applied_lrs``).
+        clip_norm: the gradients' norm where norm clipping binds, else 0 (``StepRecord.clip_norm``).
     """
 
     lrs: torch.Tensor
     optim: dict[str, torch.Tensor]
     vectors: Vectors
     applied_lrs: torch.Tensor | None = None
+    clip_norm: float = 0.0
 
 
 def step_terms(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], clip: float,
-               config: DVEConfig) -> StepTerms:
+               config: DVEConfig, clip_norm: float = 0.0) -> StepTerms:
     """The step's terms for the recursion (recursion.py, ``BackwardRecursion``).
 
     Args:
         modules: the tracked layers by name.
         clip: the factor norm clipping applies to this step's gradient.
+        clip_norm: the gradients' norm where clipping binds, else 0.
         config: the recording's settings (exact mode, ``adam_second_moment``).
     """
     if is_adam(optimizer):
@@ -51,4 +54,4 @@ def step_terms(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Module], 
     weights = [module.weight for module in modules.values()]
     groups = groups_of(optimizer, dict(zip(modules, weights)))
     applied = [float(group["lr"]) * (weight.grad is not None) for group, weight in zip(groups, weights)]
-    return StepTerms(lrs, optim, vectors, torch.tensor(applied, dtype=torch.float64))
+    return StepTerms(lrs, optim, vectors, torch.tensor(applied, dtype=torch.float64), clip_norm)

@@ -1,10 +1,9 @@
 """Edits of the optimizer's state, the weights, the gradients or the layers during ``fit``: modelled exactly
 (``optim.sgd_terms``, ``adam.adam_terms``) or refused (``guards.py``, ``model_checks.py``), never silently wrong.
 
-The bench: one ``nn.Linear`` on digits in float64 with a loss *linear* in the weights (zero Hessian),
-``curvature="none"``, ``projection_dim=None``. The estimate is then the exact first-order TSLOO for any
-modelled optimizer run, and the truth is a retraining with ``torch.optim`` itself with one occurrence's loss
-weight cut by ``eps`` (exact for SGD, whose trajectory is linear in that weight here).
+The bench (``tests/linear_bench.py``) makes the estimate exact: its truth is a retraining with ``torch.optim``
+itself with one occurrence's loss weight cut by ``eps`` (exact for SGD, whose trajectory is linear in that weight
+there).
 """
 
 from __future__ import annotations
@@ -17,26 +16,9 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_dve import DataValueEmbedding, UnsupportedError
-from tests.helpers import load_digits_arrays
-
-BATCH, STEPS_PER_EPOCH, EPOCHS = 16, 3, 3
-Edit = Callable[[int, torch.optim.Optimizer, nn.Linear], None]
-
-
-def _data() -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    x, y = load_digits_arrays()
-    x, y = torch.tensor(x[:56], dtype=torch.float64), torch.tensor(y[:56])
-    train = [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(48)]
-    return train, {"x": x[48:], "y": y[48:], "index": torch.arange(48, 56)}
-
-
-def _losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample losses linear in the weights."""
-    return -out.gather(1, y[:, None])[:, 0] + 0.1 * out.sum(1)
-
+from lightning_dve import UnsupportedError
+from tests.linear_bench import BATCH, STEPS_PER_EPOCH, Bench, Edit, data, fit, retrain
 
 def _sgd_momentum(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
@@ -66,61 +48,6 @@ def _clamp(step: int, optimizer: torch.optim.Optimizer, layer: nn.Linear) -> Non
             layer.weight.clamp_(-0.06, 0.06)
 
 
-class Bench(L.LightningModule):
-    """The linear-loss bench; ``edit`` runs before each step's forward, ``after_backward`` on its gradients."""
-
-    def __init__(self, make_optimizer: Callable[[Any], torch.optim.Optimizer], edit: Edit | None = None,
-                 after_backward: Callable[[nn.Linear], None] | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(64, 10).double()
-        self.make_optimizer, self.edit, self.after_backward = make_optimizer, edit, after_backward
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return _losses(self.lin(batch["x"]), batch["y"]).mean()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.edit is not None:
-            self.edit(self.global_step, self.optimizers().optimizer, self.lin)
-
-    def on_after_backward(self) -> None:
-        if self.after_backward is not None:
-            self.after_backward(self.lin)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.parameters())
-
-
-def _fit(tmp_path: Path, model: L.LightningModule, **kwargs: Any) -> DataValueEmbedding:
-    dve = DataValueEmbedding(tmp_path / "dve", sample_ids="index", projection_dim=None, curvature="none",
-                             report=None, **kwargs)
-    L.Trainer(max_epochs=EPOCHS, callbacks=[dve], logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              enable_model_summary=False).fit(model, DataLoader(_data()[0], batch_size=BATCH))
-    return dve
-
-
-def _retrain(init: dict[str, torch.Tensor], make_optimizer: Callable[[Any], torch.optim.Optimizer], edit: Edit,
-             occurrence: tuple[int, int] | None = None, eps: float = 0.0) -> torch.Tensor:
-    """Test losses after the same run with ``torch.optim``, the loss weight of ``(step, id)`` times ``1 - eps``."""
-    train, test = _data()
-    layer = nn.Linear(64, 10).double()
-    layer.load_state_dict(init)
-    optimizer = make_optimizer(layer.parameters())
-    for step in range(EPOCHS * STEPS_PER_EPOCH):
-        start = (step % STEPS_PER_EPOCH) * BATCH
-        x = torch.stack([s["x"] for s in train[start:start + BATCH]])
-        y = torch.stack([s["y"] for s in train[start:start + BATCH]])
-        edit(step, optimizer, layer)
-        weights = torch.full((BATCH,), 1.0 / BATCH, dtype=torch.float64)
-        if occurrence is not None and occurrence[0] == step:
-            weights[occurrence[1] - start] *= 1 - eps
-        optimizer.zero_grad()
-        (weights * _losses(layer(x), y)).sum().backward()
-        optimizer.step()
-    with torch.no_grad():
-        return _losses(layer(test["x"]), test["y"])
-
-
 @pytest.mark.parametrize("make_optimizer, edit, steps", [
     (_sgd_momentum, _clear_state, range(9)),
     (_sgd_momentum_decay, _momentum_off_in_epoch_1, range(9)),
@@ -136,12 +63,12 @@ def test_optimizer_state_edited_during_fit_is_modelled(tmp_path: Path, make_opti
     model = Bench(make_optimizer, edit)
     init = {k: v.clone() for k, v in model.lin.state_dict().items()}
     adam = make_optimizer is _adam
-    result = _fit(tmp_path, model, adam_second_moment=adam).embeddings.influence(model, _data()[1], per_step=True)
+    result = fit(tmp_path, model, adam_second_moment=adam).embeddings.influence(model, data()[1], per_step=True)
     column = {(int(s), int(i)): j for j, (s, i) in enumerate(zip(result.steps, result.sample_ids))}
     occurrences = [(t, (t % STEPS_PER_EPOCH) * BATCH + k) for t in steps for k in (0, 7)]
     eps = 1e-6 if adam else 1e-3
-    base = _retrain(init, make_optimizer, edit)
-    truth = torch.stack([(_retrain(init, make_optimizer, edit, o, eps) - base) / eps for o in occurrences], 1)
+    base = retrain(init, make_optimizer, edit)
+    truth = torch.stack([(retrain(init, make_optimizer, edit, o, eps) - base) / eps for o in occurrences], 1)
     found = result.scores[:, [column[o] for o in occurrences]].double()
     scale = float(truth.abs().max())
     torch.testing.assert_close(found / scale, truth / scale, rtol=0, atol=1e-3 if adam else 1e-8)
@@ -156,14 +83,14 @@ def test_weights_changed_outside_the_optimizer_are_refused(tmp_path: Path) -> No
     end, after the last step, and the scores were off by 0.96x."""
     with pytest.raises(UnsupportedError, match=r"tracked parameters \['lin'\] changed between optimizer steps "
                                                r"outside the optimizer .*clamp_.*exclude=\('lin',\)"):
-        _fit(tmp_path, Bench(_sgd_momentum, _clamp))
+        fit(tmp_path, Bench(_sgd_momentum, _clamp))
 
 
 def test_a_bias_gradient_changed_after_the_backward_is_refused(tmp_path: Path) -> None:
     """The applied-gradient check sampled only the weights: a bias gradient scaled by 10 went unseen (0.41x off)."""
     with pytest.raises(UnsupportedError, match=r"step 0: the gradient the optimizer applied to 'lin\.bias' is the "
                                                r"backward's times 10 where the Trainer's settings give 1"):
-        _fit(tmp_path, Bench(_sgd_momentum, after_backward=_scale_bias_grad))
+        fit(tmp_path, Bench(_sgd_momentum, after_backward=_scale_bias_grad))
 
 
 class SwapsHead(L.LightningModule):
@@ -189,7 +116,7 @@ def test_a_tracked_layer_replaced_during_fit_is_refused(tmp_path: Path) -> None:
     module held other weights than the run's final ones)."""
     with pytest.raises(UnsupportedError, match=r"step 3: tracked layer 'net\.2' was replaced during fit \(the "
                                                r"model now holds another Linear there\).*exclude=\('net\.2',\)"):
-        _fit(tmp_path, SwapsHead())
+        fit(tmp_path, SwapsHead())
 
 
 class StartingPointPenalty(SwapsHead):
@@ -211,4 +138,4 @@ def test_a_penalty_on_the_weights_in_the_loss_is_refused_once_it_has_a_gradient(
     recorded with every occurrence's score off by up to 22 % (``exact_influence``) without a word."""
     with pytest.raises(UnsupportedError, match=r"layer 'net\.0': its weight's gradient differs from the sum of the "
                                                r"captured per-sample gradients .*a penalty on it.*weight_decay"):
-        _fit(tmp_path, StartingPointPenalty())
+        fit(tmp_path, StartingPointPenalty())
