@@ -360,6 +360,10 @@ class GradientCapture:
         """The captured blocks of tracked layers ``names`` summed over the samples (``None``: not reached)."""
         return {name: self._blocks[name].sum(dim=0) if name in self._blocks else None for name in names}
 
+    def block_mass(self, name: str) -> float:
+        """``sum_z |block_z|`` of a reached layer's captured blocks: what rounding of their sum scales with."""
+        return float(self._blocks[name].norm(dim=1).sum())
+
     def batch_size(self) -> int:
         """Number of samples in the captured step (first dim of the captured blocks).
 

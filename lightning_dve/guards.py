@@ -14,8 +14,9 @@ Ways a run would break silently, each refused with what to change:
   factor ``clip / loss scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or
   Nesterov SGD, whose foreach step adds the momentum into ``.grad``);
 - weights changed outside the optimizer between its steps (a constraint such as ``clamp_`` or a max-norm
-  renormalisation in a hook): the same coordinates of the weights and biases at each step's first backward
-  must be those the last ``optimizer.step()`` left;
+  renormalisation in a hook): the same coordinates of the weights and biases at every backward and before the
+  step must be those the last ``optimizer.step()`` left (an edit in the module's own ``on_before_optimizer_step``,
+  which runs after the callbacks', or of coordinates not sampled, is not seen);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
@@ -81,7 +82,8 @@ def stepped_tensors(capture: GradientCapture) -> dict[str, nn.Parameter]:
 
 
 def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, only: set[str] | None = None,
-                             mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> set[str]:
+                             mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                             again: frozenset[str] = frozenset()) -> set[str]:
     """Refuse a tracked layer whose ``.grad`` is not the sum of its captured blocks (projected alike).
 
     The hooks see only what flows through the module's own calls; a weight that is tied to another module's or
@@ -89,7 +91,10 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
     attribute to samples. Valid right after the first backward of a step, before clipping and before a grad
     scaler's unscaling (the hooks saw the same scaled loss). Under DDP (``mean_over_ranks``, a collective every
     rank calls alike, with the same ``only``) ``.grad`` is the ranks' mean after a synchronised backward and this
-    rank's own on a micro-batch of gradient accumulation: either passes.
+    rank's own on a micro-batch of gradient accumulation: either passes. A layer in ``again`` (checked on an
+    earlier step: the check now looks for a penalty whose gradient has grown) is refused only where the mismatch
+    also exceeds ``tolerance`` of the blocks' mass ``sum_z |block_z|``: near convergence the batch's gradient is
+    far smaller than its samples', and their rounding alone would exceed ``tolerance`` of it.
 
     Returns:
         The layers checked (of ``only``, default all): those the backward reached (DDP: on some rank, the same
@@ -107,8 +112,10 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
         full = gradient_block(layer.module)
         if full is None:  # DDP, accumulating: another rank's backward reached it, not this one's
             continue
-        error = min(_mismatch(layer, full, s) for s in (sums[name], means.get(name)) if s is not None)
-        if error > tolerance:
+        error, scale = min(_mismatch(layer, full, s) for s in (sums[name], means.get(name)) if s is not None)
+        slack = tolerance * capture.block_mass(name) if name in again and name in capture.reached() else 0.0
+        if error > tolerance * scale + slack:
+            error /= max(scale, 1e-30)
             shared = tuple(other for other, tied in capture.layers.items() if tied.module.weight is layer.module.weight)
             raise UnsupportedError(
                 f"layer {name!r}: its weight's gradient differs from the sum of the captured per-sample "
@@ -122,14 +129,14 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
     return checked
 
 
-def _mismatch(layer: TrackedLayer, grad: torch.Tensor, block_sum: torch.Tensor) -> float:
-    """Relative difference between a layer's summed blocks and its gradient ``[d_out, d_in]`` projected alike."""
+def _mismatch(layer: TrackedLayer, grad: torch.Tensor, block_sum: torch.Tensor) -> tuple[float, float]:
+    """``(|summed blocks - gradient|, |gradient|)`` of a layer, its gradient ``[d_out, d_in]`` projected alike."""
     p_out = layer.projection.side_matrix("out", block_sum.dtype, block_sum.device)
     p_in = layer.projection.side_matrix("in", block_sum.dtype, block_sum.device)
     expected = grad.to(block_sum.device, block_sum.dtype)
     expected = expected if p_out is None else p_out @ expected
     expected = (expected if p_in is None else expected @ p_in.T).flatten()
-    return float((block_sum - expected).norm() / expected.norm().clamp_min(1e-30))
+    return float((block_sum - expected).norm()), float(expected.norm())
 
 
 def _ranks_means(capture: GradientCapture, names: list[str], sums: dict[str, torch.Tensor | None],
@@ -174,6 +181,7 @@ class StepGuard:
         self._read: list[dict[str, object]] | None = None  # hyperparameters read in on_before_optimizer_step
         self._changed: tuple[int, str, object, object] | None = None  # (group, key, read, applied) of this step
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
+        self._passed: set[str] = set()  # layers it passed once (checked again for a growing penalty)
         self._first_backward = True  # the next backward is its step's first
         self._tied_seen: set[str] = set()  # layers the check looked at in this step
         self._tied: UnsupportedError | None = None  # and its refusal
@@ -256,15 +264,16 @@ class StepGuard:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
         backward, compare the ``.grad`` of the layers not yet checked on an applied step with their captured
         blocks (a layer is checked on the first applied step whose first backward reaches it, under DDP,
-        ``mean_over_ranks`` given, on any rank: a collective on every rank alike), and the weights with those the
-        last ``optimizer.step()`` left (:meth:`_check_unedited`); :meth:`before_step` raises."""
+        ``mean_over_ranks`` given, on any rank: a collective on every rank alike), and at every backward the
+        weights with those the last ``optimizer.step()`` left (:meth:`_check_unedited`); :meth:`before_step`
+        raises."""
         self._backward = self._sample()
-        if self._first_backward:
-            self._edited = self._check_unedited()
+        self._edited = self._edited or self._check_unedited()
         if self._first_backward and self.unchecked:  # DDP: the same layers on every rank
             try:  # ``.grad`` is as scaled as the blocks here
                 self._tied_seen = check_blocks_sum_to_grad(self.capture, only=self.unchecked,
-                                                           mean_over_ranks=mean_over_ranks)
+                                                           mean_over_ranks=mean_over_ranks,
+                                                           again=frozenset(self._passed))
             except UnsupportedError as err:
                 self._tied = err
         self._first_backward = False
@@ -282,8 +291,8 @@ class StepGuard:
         return UnsupportedError(
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
-            "on_train_batch_end or on_before_zero_grad, a callback that writes weights, or weights loaded during "
-            "fit): the callback records the optimizer's updates only, so its trajectory would not be the trained one. "
+            "on_train_batch_end, on_before_zero_grad or on_after_backward, a callback that writes weights, or weights "
+            "loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be the trained one. "
             f"Train with such constraints without this callback, or exclude those layers: exclude={layers!r}.")
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
@@ -296,7 +305,7 @@ class StepGuard:
             UnsupportedError: a tracked weight that is tied or used functionally, or weights changed outside the
                 optimizer since its last step.
         """
-        seen, refused, edited = self._tied_seen, self._tied, self._edited
+        seen, refused, edited = self._tied_seen, self._tied, self._edited or self._check_unedited()
         self._tied_seen, self._tied, self._edited, self._first_backward = set(), None, None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
         self._applied = None
@@ -306,6 +315,7 @@ class StepGuard:
             if refused is not None:
                 raise refused
             self.unchecked -= seen
+            self._passed |= seen
             self._steps += 1
             if self._steps & (self._steps - 1) == 0:  # a penalty on the weights (L2-SP) grows as they move
                 self.unchecked = set(self.capture.layers)

@@ -174,7 +174,8 @@ def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tenso
 
 def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
     """Refuse a ``loss_fn`` whose per-sample losses depend on the batch's other samples: ``pair``
-    (:func:`losses_of_a_pair`) must equal the first two of the whole batch's ``losses``. The query takes a sample's
+    (:func:`losses_of_a_pair`) must equal the first two of the whole batch's ``losses`` (within 1 % of the largest
+    loss). The query takes a sample's
     test gradient from its own forward alone, so a coupled loss (contrastive, centred on the batch mean) would give
     each sample the gradient of every sample's terms through its forward.
 
@@ -185,7 +186,9 @@ def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
         return
     found, alone = losses[:2].detach().double().cpu(), pair.double().cpu()
     scale = float(losses.detach().abs().max())
-    if not torch.allclose(alone, found, rtol=1e-4, atol=1e-6 * scale):  # False for NaN: refused as coupled
+    # 1 % of the largest loss: reduced-precision matmuls (TF32, set_float32_matmul_precision("medium")) round the
+    # pair's and the batch's forwards apart by ~1e-3; a coupling changes a loss by far more
+    if not torch.allclose(alone, found, rtol=0.0, atol=1e-2 * scale):  # False for NaN: refused as coupled
         raise ConfigError(
             f"loss_fn's per-sample losses depend on the other samples of the batch: the first two samples' losses are "
             f"{found.tolist()} in the whole batch and {alone.tolist()} as a batch of their own (a contrastive loss, a "

@@ -66,7 +66,7 @@ LAYERS, DIMS = ["a", "b"], {"a": 5, "b": 3}
 
 def _records(seed: int, momentum: bool) -> list[StepRecord]:
     """Six steps of four samples, the odd ones clipped (norm 1.3 x the tracked gradient's: untracked parameters
-    have gradient too), with Gauss-Newton rows."""
+    have gradient too), with Gauss-Newton rows; with ``momentum``, momentum terms and preconditioned rows (Adam)."""
     gen = torch.Generator().manual_seed(seed)
     records = []
     for step in range(6):
@@ -79,9 +79,13 @@ def _records(seed: int, momentum: bool) -> list[StepRecord]:
         optim = {} if not momentum else {"momentum": torch.full((2,), 0.9 if step else 0.0, dtype=torch.float64),
                                          "gain": torch.full((2,), 0.8, dtype=torch.float64),
                                          "weight_decay": torch.full((2,), 0.01, dtype=torch.float64)}
+        rank_one = {} if not momentum else {  # Adam's projected mode: rows through its preconditioner too
+            "preconditioned": {n: torch.randn(4, d, generator=gen, dtype=torch.float64) for n, d in DIMS.items()},
+            "curvature_preconditioned": {n: torch.randn(4, d, generator=gen, dtype=torch.float64)
+                                         for n, d in DIMS.items()}}
         records.append(StepRecord(step, torch.arange(4) + 4 * step, weights, torch.full((2,), 0.3, dtype=torch.float64),
                                   grads, optim=optim, curvature=curvature, clip_norm=norm,
-                                  clip_dots=clip_dots(rows, weights, norm)))
+                                  clip_dots=clip_dots(rows, weights, norm), **rank_one))
     return records
 
 

@@ -230,6 +230,22 @@ def test_ggn_refuses_a_cross_entropy_at_another_scale(tmp_path: Path, loss: str,
         ggn_fit(tmp_path, OtherLoss(loss))
 
 
+def test_the_curvature_check_passes_a_batch_of_near_certain_predictions() -> None:
+    """Every sample predicted with a logit margin of 25 in float32: the Hessian is ~1e-11 and the double backward
+    returns rounding alone, which the 5 % test refused as "0.5 times" a cross-entropy's."""
+    from lightning_dve.capture import CurvaturePass
+    from lightning_dve.curvature import check_logit_curvature, probe_logit_curvature
+
+    labels = torch.arange(8) % 4
+    logits = (25.0 * F.one_hot(labels, 4).float()).requires_grad_()
+    weights = torch.full((8,), 1 / 8)
+    check_logit_curvature(probe_logit_curvature(F.cross_entropy(logits, labels), logits, CurvaturePass()), weights)
+    soft = (2.0 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    with pytest.raises(UnsupportedError, match=r"this loss's is 0\.1 times that"):  # the scale is still measured
+        check_logit_curvature(probe_logit_curvature(0.1 * F.cross_entropy(soft, labels), soft, CurvaturePass()),
+                              weights)
+
+
 @pytest.mark.parametrize("loss", ["kl_batchmean", "distillation"])
 def test_ggn_accepts_soft_targets_and_a_distillation_mixture(tmp_path: Path, loss: str) -> None:
     """Terms linear in the logits leave the curvature of a cross-entropy: these pass both loss checks."""

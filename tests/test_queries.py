@@ -221,6 +221,18 @@ def test_a_loss_fn_whose_losses_couple_the_test_points_is_refused(trained, test_
         trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=loss_fn)
 
 
+def test_the_coupling_check_passes_reduced_precision_matmuls(trained, test_batch):
+    """``set_float32_matmul_precision("medium")`` (bf16 products; "high" is TF32 on GPUs) rounds the pair's and the
+    batch's forwards ~6e-4 apart, which a 1e-4 tolerance refused as coupling."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        batch = {**test_batch, "x": test_batch["x"].repeat(6, 1), "y": test_batch["y"].repeat(6)}  # 72 samples
+        assert trained.dve.embeddings.influence(trained.model, batch, loss_fn=per_sample_ce).scores.shape[0] == 72
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def test_a_loss_fn_of_independent_losses_passes_the_coupling_check(trained, test_batch):
     """Float32 forwards of two samples and of twelve round differently: that is not coupling."""
     scores = trained.dve.embeddings.influence(trained.model, test_batch, loss_fn=per_sample_ce).scores
