@@ -8,8 +8,8 @@ Removing occurrence ``z`` changes ``g`` by ``-w_z g_z`` and the applied update b
 so the step moves the weights only along the part of ``g_z`` orthogonal to the batch's gradient; a sample
 aligned with it changes the step's direction, not its length. The same projection acts on a change of the
 gradient through the weights (the curvature's left factor). Folding ``c`` into the rate alone, as the recursion
-did before, drops the ``g^ g^T`` term; on the fidelity problems with clipping binding on 61-86 % of the steps it
-was most of the empirical Fisher's error there (``benchmarks/fidelity.py``, setting ``clip``).
+did before, drops the ``g^ g^T`` term: on the fidelity problems with clipping binding on 61-86 % of the steps
+that cost the test-agnostic estimators 0.09-0.34 of their Spearman (``benchmarks/fidelity.py``, setting ``clip``).
 
 At the step's end every layer's rows are at hand: :func:`clip_dots` keeps ``g^ . r_z`` per sample (over all
 tracked layers, from the projected rows: inner products are kept in expectation). The recursion then projects each
