@@ -11,7 +11,7 @@
    ``TrajectoryStore.create`` / ``append(StepRecord(...))`` at T0 x {1, 2, 4, 8} steps, and
    ``recursion_ranks.embed_trajectory(SingleProcess(), store, PER_LAYER, [layers], dims, float32)`` is timed in a fresh
    subprocess per size and repeat, from T0 = 80 steps (1280 occurrences: more than a segment of
-   ``recursion.whole_segment_rows`` = 1024 occurrences, which runs as one cheaper block). Memory: ``VmHWM`` (peak RSS) and the peak of ``RssAnon`` sampled every
+   ``recursion_ranks.whole_segment_rows`` = 1024 occurrences, which runs as one cheaper block). Memory: ``VmHWM`` (peak RSS) and the peak of ``RssAnon`` sampled every
    2 ms, both as absolute values and as the increase over the process's state just before the recursion
    (torch imported, store opened). **Targets: time linear in T; peak memory at 8x <= 1.2x of 1x.**
 3. ``segments``: the same recursion at 4x with ``segments=2`` (two threads) against ``segments=1``, at 2 torch
@@ -243,7 +243,7 @@ def main() -> None:
     C.setup(args.threads)
     mode_name = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or {"quick": 1, "default": 3, "full": 5}[mode_name]
-    # T0 x batch exceeds the rows a segment may have to run as one block (recursion.whole_segment_rows: 1024 for
+    # T0 x batch exceeds the rows a segment may have to run as one block (recursion_ranks.whole_segment_rows: 1024 for
     # these layers, 256 for --quick's), so every size runs the streamed blocks whose scaling this measures
     t0 = args.t0 or {"quick": 20, "default": 80, "full": 128}[mode_name]
     layers = {f"l{i}": 256 for i in range(4)} if args.quick else {n: 1024 for n in C.LM_LAYERS}

@@ -25,11 +25,6 @@ import torch
 
 from .records import StepRecord
 
-#: Optimizer terms that make a plain-SGD record one step of the momentum form with nothing carried
-#: (``BackwardRecursion``): the form that reads projected rows apart from the curvature's right factor.
-PLAIN_TERMS = {"momentum": 0.0, "gain": 1.0, "weight_decay": 0.0}
-
-
 def clip_dots(rows: dict[str, torch.Tensor], weights: torch.Tensor, norm: float) -> dict[str, torch.Tensor]:
     """``g^ . r_z`` per sample for each kind of rows (``{kind: [B, sum k_l]}`` over every tracked layer, the
     gradients under ``"grads"``), ``g^ = sum_z w_z g_z / norm`` from the gradients; ``{}`` when clipping did not
@@ -44,8 +39,8 @@ def clip_dots(rows: dict[str, torch.Tensor], weights: torch.Tensor, norm: float)
 def projected(record: StepRecord) -> StepRecord:
     """``record`` with its sources and the curvature's left factor projected off the clipped step's gradient
     direction, as the recursion reads them (``preconditioned`` and ``curvature_preconditioned``; the raw rows stay
-    the curvature's right factor). Adam's preconditioned rows are projected with their own direction ``P g^``. A
-    plain-SGD record gets :data:`PLAIN_TERMS`. Unchanged where clipping did not bind or the store predates this."""
+    the curvature's right factor; the plain-SGD and momentum forms both read them). Adam's preconditioned rows are
+    projected with their own direction ``P g^``. Unchanged where clipping did not bind or the store predates this."""
     if not record.clip_norm or "grads" not in record.clip_dots:
         return record
     sources = record.preconditioned or record.grads
@@ -61,15 +56,7 @@ def projected(record: StepRecord) -> StepRecord:
 
     left = record.curvature_preconditioned or record.curvature
     return dataclasses.replace(  # projected once: a record it returns is returned as it is
-        as_momentum_form(record), preconditioned=off(sources, record.clip_dots["grads"]),
+        record, preconditioned=off(sources, record.clip_dots["grads"]),
         curvature_preconditioned=off(left, record.clip_dots["curvature"]) if left else {}, clip_norm=0.0,
         clip_dots={})
 
-
-def as_momentum_form(record: StepRecord) -> StepRecord:
-    """A plain-SGD record as the same step of the momentum form (:data:`PLAIN_TERMS`), so that a block mixing it
-    with projected records runs as one block."""
-    if record.optim:
-        return record
-    return dataclasses.replace(record, optim={key: torch.full_like(record.lrs, value)
-                                              for key, value in PLAIN_TERMS.items()})

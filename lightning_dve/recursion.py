@@ -18,16 +18,13 @@ one for all layers (:class:`~lightning_dve.config.AccumulatorLayout`). ``M`` is 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from . import clipping
 from .config import AccumulatorLayout, Curvature
-from .recursion_blocks import StepScalars, block_momentum, block_sgd
+from .recursion_blocks import StepScalars, block_momentum, block_sgd, group_scalars
 from .store import StepRecord
 
-SCALAR_TERMS = {field.name for field in dataclasses.fields(StepScalars)}
 
 
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
@@ -129,8 +126,9 @@ class BackwardRecursion:
             rows = self._curvature_rows(record, group, grads)
             if record.optim:
                 embedding = self._momentum_step(index, record, group, grads, rows, lr)
-            else:  # plain SGD records carry no preconditioned rows
-                embedding = self._sgd_step(index, lr * record.weights.to(dtype).unsqueeze(1), grads, rows)
+            else:  # plain SGD: preconditioned rows only as a clipped step's projected ones (clipping.py)
+                sources, left = _sources_and_left(record, group, grads, rows)
+                embedding = self._sgd_step(index, lr * record.weights.to(dtype).unsqueeze(1), sources, rows, left)
             out.update(zip(group, embedding.cpu().split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
 
@@ -143,21 +141,25 @@ class BackwardRecursion:
         return _cat(record.curvature, group, grads.dtype)
 
     def _sgd_step(
-        self, index: int, scale: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor | None
+        self, index: int, scale: torch.Tensor, grads: torch.Tensor, rows: torch.Tensor | None,
+        left: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``e = s - M s`` with ``s = lr w g``, then ``M += sum_z lr w (h - M h) h^T`` (in place).
+        """``e = s - M s`` with ``s = lr w g``, then ``M += sum_z lr w (q - M q) h^T`` (in place), ``q = h`` unless
+        ``left`` gives it (a clipped step's projected rows: ``clipping.py``).
 
         Args:
             scale: ``lr w`` per row and column, ``[B, K]`` (or broadcastable).
+            grads: the sources ``g``; ``rows``: the curvature's ``h`` (``None``: none); ``left``: its ``q``.
         """
         accumulator = self.accumulators[index]
         assert accumulator is not None
         scaled = grads * scale
         embedding = torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
-        if rows is grads:
-            accumulator.addmm_(embedding.T, grads)
+        left = rows if left is None else left
+        if left is grads:
+            accumulator.addmm_(embedding.T, rows)
         elif rows is not None:
-            scaled = rows * scale
+            scaled = left * scale
             accumulator.addmm_(torch.addmm(scaled, scaled, accumulator.T, alpha=-1).T, rows)
         return embedding
 
@@ -230,7 +232,6 @@ class BackwardRecursion:
         """
         records = [clipping.projected(record) for record in records]
         if any(record.optim for record in records):
-            records = [clipping.as_momentum_form(record) for record in records]  # plain steps beside clipped ones
             scalars = self._block_scalars(records)
             if scalars is None:
                 return [self.step(record) for record in records]
@@ -249,8 +250,13 @@ class BackwardRecursion:
                 rows = _stack([r.curvature for r in records], group, dtype)
             elif self.curvature is Curvature.EMPIRICAL_FISHER:
                 rows = grads
-            embedding, self.accumulators[index] = block_sgd(self.accumulators[index], grads, scale, rows, sizes,
-                                                            update)
+            sources, left = grads, None
+            if any(r.preconditioned for r in records):  # clipped steps' projected rows (clipping.py)
+                sources = _stack([r.preconditioned or r.grads for r in records], group, dtype)
+                left = sources if rows is grads else None if rows is None else _stack(
+                    [r.curvature_preconditioned or r.curvature for r in records], group, dtype)
+            embedding, self.accumulators[index] = block_sgd(self.accumulators[index], sources, scale, rows, sizes,
+                                                            update, left)
             widths = [records[0].grads[n].shape[1] for n in group]
             for i, part in enumerate(embedding.cpu().split(sizes)):
                 out[i].update(zip(group, part.split(widths, dim=1)))
@@ -265,7 +271,7 @@ class BackwardRecursion:
             following = self.next_momentum[index]
             if following is not None and bool((following != following[0]).any()):
                 return None
-            terms = [_group_scalars(self.layer_order, record, group) for record in records]
+            terms = [group_scalars(self.layer_order, record, group) for record in records]
             scalars = [t for t in terms if t is not None]
             if len(scalars) < len(terms):
                 return None
@@ -330,17 +336,17 @@ class BackwardRecursion:
         return out
 
 
-def _group_scalars(layer_order: list[str], record: StepRecord, group: list[str]) -> StepScalars | None:
-    """A record's rate and optimizer terms for ``group`` as scalars, or ``None`` if a term differs between its layers
-    or is not one of :class:`~lightning_dve.recursion_blocks.StepScalars` (the second-moment channel's)."""
-    values = {}
-    for key, tensor in (("lr", record.lrs), *record.optim.items()):
-        of = dict(zip(layer_order, tensor.tolist()))
-        found = {of[name] for name in group}
-        if len(found) != 1 or key not in SCALAR_TERMS:
-            return None
-        values[key] = found.pop()
-    return StepScalars(**values) if {"momentum", "gain", "weight_decay"} <= set(values) else None
+def _sources_and_left(record: StepRecord, group: list[str], grads: torch.Tensor, rows: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A plain-SGD record's sources and the curvature's left factor (``None``: ``rows`` itself): its gradients, or a
+    clipped step's projected rows (``clipping.projected``; the left factor is then the sources for the empirical
+    Fisher, the projected curvature rows for the Gauss-Newton option)."""
+    if not record.preconditioned:
+        return grads, None
+    sources = _cat(record.preconditioned, group, grads.dtype)
+    if rows is grads:
+        return sources, sources
+    return sources, None if rows is None else _cat(record.curvature_preconditioned, group, grads.dtype)
 
 
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
@@ -367,28 +373,6 @@ def _stack(rows: list[dict[str, torch.Tensor]], group: list[str], dtype: torch.d
 def _cat_vector(values: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
     """A group's per-coordinate values end to end, ``[K]``."""
     return torch.cat([values[name].to(dtype) for name in group])
-
-
-def whole_segment_rows(widths: list[int], curvature: Curvature) -> int:
-    """Most occurrences a segment of plain-SGD steps may have to be embedded as one block.
-
-    One block over the whole segment never multiplies by ``M``: for ``N`` rows of a group of width ``K`` it costs
-    half a Gram matrix (``N^2 K`` flops) and a unit-triangular solve (``N^2 K``, at about two thirds of a matrix
-    product's rate) in :func:`~lightning_dve.recursion_blocks.block_sgd`; with separate curvature rows two half
-    Gram matrices, the solve and one ``[N, N]`` product. Blocks of a few hundred rows cost ``4 N K^2`` (``6 N K^2``)
-    instead. One block breaks even near ``N = 1.6 K`` (``1.1 K``), measured ``1.4 K`` on the dattri benchmark's
-    larger MLP, so it is taken up to ``N = K`` (``K / 2``), with ``K`` the groups' cost-weighted width
-    ``sum K^2 / sum K``. Its ``[N, N]`` and ``[N, sum K]`` matrices are then no larger than the accumulators, so
-    memory stays bounded in the number of steps.
-
-    Args:
-        widths: the width ``K`` of every layer group.
-        curvature: the recursion's curvature.
-    """
-    if not widths or sum(widths) == 0:
-        return 0
-    width = sum(k * k for k in widths) // sum(widths)
-    return width // 2 if curvature is Curvature.GGN else width
 
 
 def bounds_after(steps: list[int], boundary_steps: list[int]) -> list[tuple[int, int]]:

@@ -12,6 +12,8 @@ import dataclasses
 
 import torch
 
+from .records import StepRecord
+
 
 def block_sgd(
     accumulator: torch.Tensor | None,
@@ -20,6 +22,7 @@ def block_sgd(
     rows: torch.Tensor | None,
     sizes: list[int],
     update: bool,
+    left: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain-SGD recursion over a block of ``s`` steps with one product by ``M`` (module docstring).
 
@@ -31,7 +34,8 @@ def block_sgd(
         M_s = M_0 + U^T H
 
     a unit block-lower-triangular solve in the small Gram matrices (``n = sum B_j`` rows), so ``M`` is read
-    twice per block instead of three times per step. For the empirical Fisher ``H = G``, ``R = S`` and ``U = E``.
+    twice per block instead of three times per step. For the empirical Fisher ``R = S`` and ``U = E`` (``H = G``,
+    or the raw gradients where a clipped step's sources are projected: ``clipping.py``).
 
     Args:
         accumulator: ``M_0 [K, K]``, updated in place to ``M_s`` when ``update``; ``None`` is ``M_0 = 0``.
@@ -40,6 +44,8 @@ def block_sgd(
         rows: curvature rows ``h [n, K]`` (``grads`` itself for the empirical Fisher), ``None`` for no curvature.
         sizes: rows of each step, ``B_j``.
         update: fold the block into ``accumulator``.
+        left: the curvature's left factor before scaling where it is not ``rows`` (clipped steps' projected rows;
+            ``grads`` itself for the empirical Fisher then).
 
     Returns:
         The embeddings ``E [n, K]`` and the accumulator (``M_s``, or ``M_0`` when not ``update``).
@@ -52,12 +58,13 @@ def block_sgd(
                                       torch.tensor(sizes, device=grads.device))
     earlier = step_of.unsqueeze(1) > step_of.unsqueeze(0)  # i < j: [n, n]
     embedding = scaled if accumulator is None else torch.addmm(scaled, scaled, accumulator.T, alpha=-1)
-    if rows is grads:
-        lower = _earlier_products(scaled, grads, earlier)
+    left = rows if left is None else left
+    if left is grads:
+        lower = _earlier_products(scaled, rows, earlier)
         lower.diagonal().add_(1)
         updates = embedding = torch.linalg.solve_triangular(lower, embedding, upper=False, unitriangular=True)
     else:
-        scaled_rows = rows * scale
+        scaled_rows = left * scale
         lower = _earlier_products(scaled_rows, rows, earlier)
         lower.diagonal().add_(1)
         updates = scaled_rows if accumulator is None else torch.addmm(scaled_rows, scaled_rows, accumulator.T,
@@ -237,3 +244,20 @@ def block_momentum(
     if not update:
         return torch.cat(out), None, None
     return torch.cat(out), mat.dense(accumulator, velocity, right), vel.dense(accumulator, velocity, right)
+
+
+#: The optimizer terms a block of the momentum form takes as scalars (:class:`StepScalars`' fields).
+SCALAR_TERMS = {field.name for field in dataclasses.fields(StepScalars)}
+
+
+def group_scalars(layer_order: list[str], record: StepRecord, group: list[str]) -> StepScalars | None:
+    """A record's rate and optimizer terms for ``group`` as scalars, or ``None`` if a term differs between its layers
+    or is not one of :class:`~lightning_dve.recursion_blocks.StepScalars` (the second-moment channel's)."""
+    values = {}
+    for key, tensor in (("lr", record.lrs), *record.optim.items()):
+        of = dict(zip(layer_order, tensor.tolist()))
+        found = {of[name] for name in group}
+        if len(found) != 1 or key not in SCALAR_TERMS:
+            return None
+        values[key] = found.pop()
+    return StepScalars(**values) if {"momentum", "gain", "weight_decay"} <= set(values) else None

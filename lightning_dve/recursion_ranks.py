@@ -17,10 +17,10 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from .config import AccumulatorLayout, DVEConfig
+from .config import AccumulatorLayout, Curvature, DVEConfig
 from .distributed import Communicator
 from .errors import DVEError
-from .recursion import BackwardRecursion, layer_groups, whole_segment_rows
+from .recursion import BackwardRecursion, layer_groups
 from .store import StepRecord, TrajectoryStore
 from .sync import agree_on_errors
 
@@ -173,7 +173,7 @@ def _blocks(records: Iterator[StepRecord], rows: int, whole: int) -> Iterator[li
     """Consecutive records grouped into blocks of at least ``rows`` occurrences (the last block may be smaller).
 
     A segment of plain-SGD steps with at most ``whole`` occurrences in all is one block
-    (:func:`~lightning_dve.recursion.whole_segment_rows`); otherwise the records read to find out are blocked too.
+    (:func:`whole_segment_rows`); otherwise the records read to find out are blocked too.
     """
     head: list[StepRecord] = []
     count = 0
@@ -281,3 +281,25 @@ def _gather_factors(
             parts = comm.all_gather_rows(local if local is not None else torch.zeros(0, 0, dtype=dtype))
             merged[group[0]] = parts[rank]
     return merged
+
+
+def whole_segment_rows(widths: list[int], curvature: Curvature) -> int:
+    """Most occurrences a segment of plain-SGD steps may have to be embedded as one block.
+
+    One block over the whole segment never multiplies by ``M``: for ``N`` rows of a group of width ``K`` it costs
+    half a Gram matrix (``N^2 K`` flops) and a unit-triangular solve (``N^2 K``, at about two thirds of a matrix
+    product's rate) in :func:`~lightning_dve.recursion_blocks.block_sgd`; with separate curvature rows two half
+    Gram matrices, the solve and one ``[N, N]`` product. Blocks of a few hundred rows cost ``4 N K^2`` (``6 N K^2``)
+    instead. One block breaks even near ``N = 1.6 K`` (``1.1 K``), measured ``1.4 K`` on the dattri benchmark's
+    larger MLP, so it is taken up to ``N = K`` (``K / 2``), with ``K`` the groups' cost-weighted width
+    ``sum K^2 / sum K``. Its ``[N, N]`` and ``[N, sum K]`` matrices are then no larger than the accumulators, so
+    memory stays bounded in the number of steps.
+
+    Args:
+        widths: the width ``K`` of every layer group.
+        curvature: the recursion's curvature.
+    """
+    if not widths or sum(widths) == 0:
+        return 0
+    width = sum(k * k for k in widths) // sum(widths)
+    return width // 2 if curvature is Curvature.GGN else width

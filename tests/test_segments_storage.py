@@ -295,7 +295,7 @@ def test_one_block_only_for_short_plain_sgd_segments() -> None:
     """A segment is one block while it has at most ``whole`` occurrences of plain-SGD steps; a longer one, or one
     with optimizer terms (the momentum form), is cut into blocks of ``rows``."""
     from lightning_dve.config import Curvature
-    from lightning_dve.recursion import whole_segment_rows
+    from lightning_dve.recursion_ranks import whole_segment_rows
     from lightning_dve.recursion_ranks import _blocks
 
     def records(n: int, optim: bool = False) -> list[StepRecord]:
