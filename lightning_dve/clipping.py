@@ -13,8 +13,8 @@ that cost the test-agnostic estimators 0.09-0.34 of their Spearman (``benchmarks
 
 At the step's end every layer's rows are at hand: :func:`clip_dots` keeps ``g^ . r_z`` per sample (over all
 tracked layers, from the projected rows: inner products are kept in expectation). The recursion then projects each
-layer's rows with :func:`projected` (``r_z - u a_z`` with ``u = sum_z w_z r_z / ||g||``): the tracked part of
-``g^``, with ``||g||`` the norm clipping measured over every parameter.
+layer's rows with :func:`projected` (``r_z - u a_z`` with ``u = sum_z w_z r_z / (||g|| + 1e-6)``, the ``1e-6`` of
+torch's factor): the tracked part of ``g^``, with ``||g||`` the norm clipping measured over every parameter.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def projected(record: StepRecord) -> StepRecord:
     sources = record.preconditioned or record.grads
 
     def off(rows: dict[str, torch.Tensor], dots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``r_z - u a_z`` per layer, ``u = sum_z w_z r_z / ||g||`` of ``sources`` (``P g^`` for Adam's rows)."""
+        """``r_z - u a_z`` per layer, ``u = sum_z w_z r_z / (||g|| + 1e-6)`` of ``sources`` (``P g^`` for Adam's
+        rows): torch's factor is ``C / (||g|| + 1e-6)``, so ``d(c g) = c (dg - g (g^ . dg) / (||g|| + 1e-6))``."""
         out = {}
         for name, values in rows.items():
             weights = record.weights.to(values.device, torch.float64).unsqueeze(1)
-            direction = (weights * sources[name].to(torch.float64)).sum(dim=0) / record.clip_norm
+            direction = (weights * sources[name].to(torch.float64)).sum(dim=0) / (record.clip_norm + 1e-6)
             out[name] = (values.to(torch.float64) - torch.outer(dots.to(values.device), direction)).to(values.dtype)
         return out
 

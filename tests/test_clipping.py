@@ -91,7 +91,8 @@ def _records(seed: int, momentum: bool) -> list[StepRecord]:
 
 def _explicit(records: list[StepRecord], curvature: Curvature) -> list[torch.Tensor]:
     """Plain SGD as the product: ``e_z = lr A_t P_t w g_z``, ``A_{t-1} = A_t (I - lr P_t sum_z w h h^T)`` with
-    ``P_t = I - u u^T``, ``u = sum_z w g_z / ||g||`` on a clipped step (else ``I``); latest step first."""
+    ``P_t = I - g g^T / (n (n + 1e-6))``, ``g = sum_z w g_z`` and ``n`` the norm over every parameter, on a clipped
+    step (torch's factor ``C / (n + 1e-6)``; else ``I``); latest step first."""
     size = sum(DIMS.values())
     transfer, out = torch.eye(size, dtype=torch.float64), []
     for record in reversed(records):
@@ -100,8 +101,8 @@ def _explicit(records: list[StepRecord], curvature: Curvature) -> list[torch.Ten
         w, lr = record.weights.unsqueeze(1), float(record.lrs[0])
         projector = torch.eye(size, dtype=torch.float64)
         if record.clip_norm:
-            u = (w * g).sum(0) / record.clip_norm
-            projector -= torch.outer(u, u)
+            batch = (w * g).sum(0)
+            projector -= torch.outer(batch, batch) / (record.clip_norm * (record.clip_norm + 1e-6))
         out.append(lr * (w * g) @ projector.T @ transfer.T)
         transfer = transfer @ (torch.eye(size, dtype=torch.float64) - lr * projector @ (w * h).T @ h)
     return out
