@@ -248,13 +248,11 @@ def recursion_device(device: torch.device, need: int) -> torch.device | None:
 
 def warn_weights_replaced() -> None:
     """Say that the weights at train end are not those after the last optimizer step (weight averaging)."""
-    rank_zero_warn("DataValueEmbedding: the tracked weights changed after the last optimizer step (a callback such "
-                   "as StochasticWeightAveraging or an EMA put averaged weights in at train end, or a weight "
-                   "constraint ran after the last step; after earlier steps it is refused). The embeddings "
-                   "describe the trained trajectory, whose final weights are those after the last step; the report, "
-                   "the final replay checkpoint and queries of this module use the averaged ones, so exact_influence "
-                   "will refuse them. List DataValueEmbedding before the averaging callback in callbacks= to take "
-                   "the report and the replay checkpoint at the last step's weights.")
+    rank_zero_warn("DataValueEmbedding: the tracked weights changed after the last optimizer step (averaged weights "
+                   "put in at train end by StochasticWeightAveraging or an EMA, or a constraint after that step). The "
+                   "embeddings describe the trained trajectory, which ends at the last step; the report, the final "
+                   "replay checkpoint and queries of this module use the changed weights, so exact_influence refuses "
+                   "them. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
 
 
 def warn_fewer_segments(asked: int, used: int, steps: int) -> None:

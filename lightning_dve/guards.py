@@ -292,8 +292,9 @@ class StepGuard:
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
             "on_train_batch_end, on_before_zero_grad or on_after_backward, a callback that writes weights, or weights "
-            "loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be the trained one. "
-            f"Train with such constraints without this callback, or exclude those layers: exclude={layers!r}.")
+            "loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be "
+            f"the trained one. Train with such constraints without this callback, or exclude those layers: "
+            f"exclude={layers!r}.")
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to

@@ -306,7 +306,7 @@ def own_trainable(module: nn.Module) -> list[str]:
 def refusal_notes(modules: dict[str, nn.Module]) -> str:
     """What excluding refused modules does not settle. A module holding supported layers as well as parameters of
     its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix; a BatchNorm
-    must also run in eval mode, which the step checks (``model_checks.check_no_batchnorm_training``) refuse otherwise."""
+    must also run in eval mode, which ``model_checks.check_no_batchnorm_training`` refuses otherwise."""
     holders = {name: own_trainable(module) for name, module in modules.items()
                if own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
     norms = [name for name, module in modules.items() if isinstance(module, nn.modules.batchnorm._BatchNorm)]

@@ -53,7 +53,8 @@ def test_clipped_steps_score_the_first_order_tsloo(tmp_path: Path, make_optimize
     occurrences = [(t, (t % STEPS_PER_EPOCH) * 16 + k) for t in steps for k in (0, 7)]
     eps = 1e-6  # central differences: clipping makes the run nonlinear in the removed weight
     truth = torch.stack([(retrain(init, make_optimizer, _unedited, o, eps, CLIP)
-                          - retrain(init, make_optimizer, _unedited, o, -eps, CLIP)) / (2 * eps) for o in occurrences], 1)
+                          - retrain(init, make_optimizer, _unedited, o, -eps, CLIP)) / (2 * eps)
+                         for o in occurrences], 1)
     found = result.scores[:, [column[o] for o in occurrences]].double()
     scale = float(truth.abs().max())
     torch.testing.assert_close(found / scale, truth / scale, rtol=0, atol=1e-3 if adam else 1e-6)
@@ -75,7 +76,8 @@ def _records(seed: int, momentum: bool) -> list[StepRecord]:
         weights = torch.rand(4, generator=gen, dtype=torch.float64) / 4
         tracked = torch.cat([(weights[:, None] * grads[n]).sum(0) for n in LAYERS]).norm()
         norm = float(1.3 * tracked) if step % 2 else 0.0
-        rows = {"grads": torch.cat([grads[n] for n in LAYERS], 1), "curvature": torch.cat([curvature[n] for n in LAYERS], 1)}
+        rows = {"grads": torch.cat([grads[n] for n in LAYERS], 1),
+                "curvature": torch.cat([curvature[n] for n in LAYERS], 1)}
         optim = {} if not momentum else {"momentum": torch.full((2,), 0.9 if step else 0.0, dtype=torch.float64),
                                          "gain": torch.full((2,), 0.8, dtype=torch.float64),
                                          "weight_decay": torch.full((2,), 0.01, dtype=torch.float64)}
