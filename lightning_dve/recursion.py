@@ -26,7 +26,6 @@ from .recursion_blocks import StepScalars, block_momentum, block_sgd, group_scal
 from .store import StepRecord
 
 
-
 def layer_groups(layer_names: list[str], layout: AccumulatorLayout) -> list[list[str]]:
     """Groups of layers that share one accumulation matrix (``layout`` resolved, not ``AUTO``)."""
     layout = AccumulatorLayout.parse(layout)
