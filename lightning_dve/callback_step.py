@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
@@ -93,7 +94,9 @@ class StepHooks(pl.Callback):
         if self._ggn:
             check_autograd_reached(hooks.without_autograd())
         if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
-            self._probe = probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)
+            # DDP(static_graph=True) queues its all-reduce in the first backward through its output: not the probe's
+            static = isinstance(trainer.strategy.model, DistributedDataParallel) and trainer.strategy.model.static_graph
+            self._probe = None if static else probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)
             ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))

@@ -287,7 +287,8 @@ class StepGuard:
         changed = [name for name, a, b in zip(self._tensors, now, self._stepped_weights) if not torch.equal(a, b)]
         if not changed:
             return None
-        layers = tuple(dict.fromkeys(name.removesuffix(".bias") for name in changed))
+        layers = tuple(name for name in self.capture.layers  # (a layer may itself be named '...bias')
+                       if name in changed or f"{name}.bias" in changed)
         return UnsupportedError(
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "

@@ -216,6 +216,14 @@ def test_two_ranks_with_projected_float64_segments_equal_single_process(suite: P
 
 
 @pytest.mark.slow
+def test_two_ranks_with_ggn_curvature_under_a_static_graph_equal_single_process(suite: Path) -> None:
+    """``DDPStrategy(static_graph=True)``: DDP's output queues the gradients' all-reduce when a backward passes
+    through it. The GGN loss-curvature probe, a double backward from the loss, did so before the training backward,
+    which then went un-averaged: the ranks' replicas drifted apart, silently. The probe is skipped there."""
+    assert_ddp_equals_single(suite, "ggn_static_graph")
+
+
+@pytest.mark.slow
 def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path) -> None:
     """Gauss-Newton rows are drawn per sample id, so their split over ranks does not change them; with AdamW every
     kind of row (gradients, curvature, both preconditioned) is gathered and kept per rank's layers."""

@@ -189,6 +189,7 @@ SUITE: dict[str, dict[str, object]] = {
     "full_segments": {"layout": "full", "segments": 3},
     "projected_segments": {"segments": 3, "projection_dim": 64},
     "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
+    "ggn_static_graph": {"curvature": "ggn", "static_graph": True},  # DDP's output queues its all-reduce in backward
     "rank0_head": {"head": "rank0", "epochs": 1},
     "accumulate": {"accumulate": 2, "clip": 0.1},  # two micro-batches a step per rank (an epoch's last: one)
     "closure_only_odd": {"closure_only_odd": True},  # odd batches run the closure without optimizer.step()
@@ -219,6 +220,7 @@ def parse_args() -> argparse.Namespace:
                                            "rank1_subset", "rank0_unbatched"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
+    parser.add_argument("--static-graph", action="store_true", help="DDPStrategy(static_graph=True)")
     parser.add_argument("--closure-only-odd", action="store_true", help="optimizer_step runs odd batches' closure "
                         "without optimizer.step()")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
@@ -245,7 +247,8 @@ def fit(args: argparse.Namespace) -> None:
         loader = DataLoader(data, batch_sampler=GlobalBatches(data))
     else:
         start = "popen" if args.mode == "ddp" else "spawn"
-        strategy = DDPStrategy(timeout=timeout, start_method=start, find_unused_parameters=args.head in ("rank0", "late_tied", "rank0_unbatched"))
+        strategy = DDPStrategy(timeout=timeout, start_method=start, static_graph=args.static_graph,
+                               find_unused_parameters=args.head in ("rank0", "late_tied", "rank0_unbatched"))
         trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
     model = MLP(args.fail_rank, args.optimizer, args.head, args.closure_only_odd).double()  # float64 before a restore: see test_resume_accumulation.py
