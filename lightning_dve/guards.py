@@ -14,9 +14,9 @@ Ways a run would break silently, each refused with what to change:
   factor ``clip / loss scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or
   Nesterov SGD, whose foreach step adds the momentum into ``.grad``);
 - weights changed outside the optimizer between its steps (a constraint such as ``clamp_`` or a max-norm
-  renormalisation in a hook): the same coordinates of the weights and biases at every backward and before the
-  step must be those the last ``optimizer.step()`` left (an edit in the module's own ``on_before_optimizer_step``,
-  which runs after the callbacks', or of coordinates not sampled, is not seen);
+  renormalisation in a hook): the same coordinates of the weights and biases before each step must be those the
+  last ``optimizer.step()`` left (an edit in the module's own ``on_before_optimizer_step``, which runs after the
+  callbacks', or of coordinates not sampled, is not seen);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
@@ -174,7 +174,6 @@ class StepGuard:
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
-        self._edited: UnsupportedError | None = None  # weights changed since then, seen at this step's backward
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -264,11 +263,8 @@ class StepGuard:
         """Sample the gradients as the backward left them (before any later change to them). On a step's first
         backward, compare the ``.grad`` of the layers not yet checked on an applied step with their captured
         blocks (a layer is checked on the first applied step whose first backward reaches it, under DDP,
-        ``mean_over_ranks`` given, on any rank: a collective on every rank alike), and at every backward the
-        weights with those the last ``optimizer.step()`` left (:meth:`_check_unedited`); :meth:`before_step`
-        raises."""
+        ``mean_over_ranks`` given, on any rank: a collective on every rank alike); :meth:`before_step` raises."""
         self._backward = self._sample()
-        self._edited = self._edited or self._check_unedited()
         if self._first_backward and self.unchecked:  # DDP: the same layers on every rank
             try:  # ``.grad`` is as scaled as the blocks here
                 self._tied_seen = check_blocks_sum_to_grad(self.capture, only=self.unchecked,
@@ -299,16 +295,18 @@ class StepGuard:
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to
-        :meth:`check_applied`, and its tied-weight check counts only for a step that is applied (an fp16 step the
-        grad scaler skips has overflowed gradients: a later step is checked instead) and whose calls were all
-        captured (``calls_refused``: a call refused on some rank, raised there, leaves its layer's blocks short).
+        :meth:`check_applied`, the weights are compared with those the last step left (:meth:`_check_unedited`: an
+        edit in any earlier hook of this step is still there), and its tied-weight check counts only for a step that
+        is applied (an fp16 step the grad scaler skips has overflowed gradients: a later step is checked instead)
+        and whose calls were all captured (``calls_refused``: a call refused on some rank, raised there, leaves its
+        layer's blocks short).
 
         Raises:
             UnsupportedError: a tracked weight that is tied or used functionally, or weights changed outside the
                 optimizer since its last step.
         """
-        seen, refused, edited = self._tied_seen, self._tied, self._edited or self._check_unedited()
-        self._tied_seen, self._tied, self._edited, self._first_backward = set(), None, None, True
+        seen, refused, edited = self._tied_seen, self._tied, self._check_unedited()
+        self._tied_seen, self._tied, self._first_backward = set(), None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
         self._applied = None
         if edited is not None:

@@ -175,9 +175,8 @@ def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tenso
 def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
     """Refuse a ``loss_fn`` whose per-sample losses depend on the batch's other samples: ``pair``
     (:func:`losses_of_a_pair`) must equal the first two of the whole batch's ``losses`` (within 1 % of the largest
-    loss). The query takes a sample's
-    test gradient from its own forward alone, so a coupled loss (contrastive, centred on the batch mean) would give
-    each sample the gradient of every sample's terms through its forward.
+    loss). The query takes a sample's test gradient from its own forward alone, so a coupled loss (contrastive,
+    centred on the batch mean) would give each sample the gradient of every sample's terms through its forward.
 
     Raises:
         ConfigError: with both pairs of values and the fix.

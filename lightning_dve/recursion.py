@@ -126,7 +126,7 @@ class BackwardRecursion:
             if record.optim:
                 embedding = self._momentum_step(index, record, group, grads, rows, lr)
             else:  # plain SGD: preconditioned rows only as a clipped step's projected ones (clipping.py)
-                sources, left = _sources_and_left(record, group, grads, rows)
+                sources, left = _sources_and_left([record], group, grads, rows)
                 embedding = self._sgd_step(index, lr * record.weights.to(dtype).unsqueeze(1), sources, rows, left)
             out.update(zip(group, embedding.cpu().split([record.grads[n].shape[1] for n in group], dim=1)))
         return out
@@ -249,11 +249,7 @@ class BackwardRecursion:
                 rows = _stack([r.curvature for r in records], group, dtype)
             elif self.curvature is Curvature.EMPIRICAL_FISHER:
                 rows = grads
-            sources, left = grads, None
-            if any(r.preconditioned for r in records):  # clipped steps' projected rows (clipping.py)
-                sources = _stack([r.preconditioned or r.grads for r in records], group, dtype)
-                left = sources if rows is grads else None if rows is None else _stack(
-                    [r.curvature_preconditioned or r.curvature for r in records], group, dtype)
+            sources, left = _sources_and_left(records, group, grads, rows)
             embedding, self.accumulators[index] = block_sgd(self.accumulators[index], sources, scale, rows, sizes,
                                                             update, left)
             widths = [records[0].grads[n].shape[1] for n in group]
@@ -335,17 +331,17 @@ class BackwardRecursion:
         return out
 
 
-def _sources_and_left(record: StepRecord, group: list[str], grads: torch.Tensor, rows: torch.Tensor | None
+def _sources_and_left(records: list[StepRecord], group: list[str], grads: torch.Tensor, rows: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A plain-SGD record's sources and the curvature's left factor (``None``: ``rows`` itself): its gradients, or a
-    clipped step's projected rows (``clipping.projected``; the left factor is then the sources for the empirical
-    Fisher, the projected curvature rows for the Gauss-Newton option)."""
-    if not record.preconditioned:
+    """Plain-SGD records' sources and the curvature's left factor (``None``: ``rows`` itself), stacked: their
+    gradients ``grads``, or clipped steps' projected rows (``clipping.projected``; the left factor is then the
+    sources for the empirical Fisher, the projected curvature rows for the Gauss-Newton option)."""
+    if not any(record.preconditioned for record in records):
         return grads, None
-    sources = _cat(record.preconditioned, group, grads.dtype)
-    if rows is grads:
-        return sources, sources
-    return sources, None if rows is None else _cat(record.curvature_preconditioned, group, grads.dtype)
+    sources = _stack([record.preconditioned or record.grads for record in records], group, grads.dtype)
+    if rows is None or rows is grads:
+        return sources, None if rows is None else sources
+    return sources, _stack([r.curvature_preconditioned or r.curvature for r in records], group, grads.dtype)
 
 
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
