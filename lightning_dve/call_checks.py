@@ -104,7 +104,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
             whole parameter or buffer of the model (a table shared by every sample) in a batch of several samples.
     """
     earlier = sizes.get(layer.name)
-    if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2) or (layer.spec.kind == "conv2d" and x.dim() != 4):
+    rank = layer.spec.input_rank
+    if x.dim() == 0 or (layer.spec.kind == "linear" and x.dim() < 2) or (rank is not None and x.dim() != rank):
         kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
@@ -175,6 +176,7 @@ def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.
             f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
             f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "
             f"like timm's Conv2dSame), so its per-sample gradients cannot be formed. Use the plain layer type (for "
-            f"'same' padding: nn.Conv2d(padding=...) or an nn.ZeroPad2d before it), or pass exclude=({layer.name!r},)."
+            f"'same' padding: nn.Conv2d(padding='same') at stride 1, or an nn.ZeroPad2d before it), or pass "
+            f"exclude=({layer.name!r},)."
         )
     return in_side

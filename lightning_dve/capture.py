@@ -277,8 +277,7 @@ class GradientCapture:
     def _add(self, kind: str, layer: TrackedLayer, grad: torch.Tensor, p_out: torch.Tensor | None,
              in_side: torch.Tensor) -> None:
         """Add ``(P_out delta)(in side)^T`` per sample to the step's rows of ``kind`` (method.md §3)."""
-        out_side = layer.spec.project_output_grad(layer.module, grad.detach(), p_out)
-        block = layer_specs.outer_block(out_side, in_side.detach())
+        block = layer.spec.sample_blocks(layer.module, grad.detach(), p_out, in_side.detach())
         previous = self._rows[kind].get(layer.name)
         self._rows[kind][layer.name] = block if previous is None else previous + block
 

@@ -9,7 +9,7 @@ projection, so that the block ``sum_p (P_out u_p)(P_in v_p)^T`` is one batched m
 Exact layouts (projection = identity), which :func:`split_block` maps back to parameter gradients:
 
 - ``nn.Linear``: ``[d_out, d_in (+1 bias column)]``, i.e. ``[weight | bias]``.
-- ``nn.Conv2d``: ``[C_out, C_in*kh*kw (+1 bias column)]`` (input unfolded into patches).
+- ``nn.Conv1d``, ``nn.Conv2d``: ``[C_out, C_in/groups * prod(kernel) (+1 bias column)]`` (:mod:`.layers_conv`).
 - ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
 """
 
@@ -29,6 +29,7 @@ from .errors import UnsupportedError
 
 InputFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "torch.Tensor | None"], torch.Tensor]
 OutputFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+BlockFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class LayerSpec:
         project_input: ``(module, forward args, P_in [k_in, d_in] or None) -> [B, P, k_in]``.
         project_output_grad: ``(module, grad of output, P_out [k_out, d_out] or None) -> [B, P, k_out]``.
         check: raises :class:`UnsupportedError` for configurations the maths does not cover.
+        block: ``(module, grad of output, P_out or None, input side) -> [B, k_out * k_in]`` where the block is
+            not one outer product over the positions (grouped convolutions); ``None``: :func:`outer_block`.
+        input_rank: the number of dims of a batched input, where the type fixes it (a convolution's).
     """
 
     kind: str
@@ -48,6 +52,22 @@ class LayerSpec:
     project_input: InputFn
     project_output_grad: OutputFn
     check: Callable[[str, nn.Module], None]
+    block: BlockFn | None = None
+    input_rank: int | None = None
+
+    def sample_blocks(self, module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None,
+                      in_side: torch.Tensor) -> torch.Tensor:
+        """Per-sample blocks ``sum_p (P_out u_p)(P_in v_p)^T`` as ``[B, k_out * k_in]`` (method.md §3).
+
+        Args:
+            module: the layer.
+            grad: the gradient of the loss with respect to the layer's output.
+            p_out: the output side's projection ``[k_out, d_out]`` (``None``: identity).
+            in_side: what :attr:`project_input` returned for the same call.
+        """
+        if self.block is not None:
+            return self.block(module, grad, p_out, in_side)
+        return outer_block(self.project_output_grad(module, grad, p_out), in_side)
 
 
 _REGISTRY: dict[type[nn.Module], LayerSpec] = {}
@@ -71,18 +91,18 @@ def supported_types() -> list[str]:
     return sorted(t.__name__ for t in _REGISTRY)
 
 
-def _apply(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+def apply_projection(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     """Multiply the last dim of ``x: [..., d]`` by ``proj: [k, d]`` (identity when ``None``)."""
     return x if proj is None else x @ proj.to(x.dtype).T
 
 
-def _project_input(x: torch.Tensor, has_bias: bool, proj: torch.Tensor | None) -> torch.Tensor:
-    """``P_in [x, 1]`` for ``x: [B, P, d]``: the input with a ones column for the bias, projected.
+def project_input_with_bias(x: torch.Tensor, has_bias: bool, proj: torch.Tensor | None) -> torch.Tensor:
+    """``P_in [x, 1]`` for ``x: [B, ..., d]``: the input with a ones column for the bias, projected.
 
     With a projection the ones column is never materialised: ``P [x, 1] = P[:, :d] x + P[:, d]``.
     """
     if not has_bias:
-        return _apply(x, proj)
+        return apply_projection(x, proj)
     if proj is None:
         return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     proj = proj.to(x.dtype)
@@ -108,12 +128,12 @@ def _check_linear(name: str, module: nn.Module) -> None:
 
 
 def _linear_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
-    return _project_input(_as_positions(args[0]), has_trainable_bias(module), proj)
+    return project_input_with_bias(_as_positions(args[0]), has_trainable_bias(module), proj)
 
 
 def _linear_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     del module
-    return _apply(_as_positions(grad), proj)
+    return apply_projection(_as_positions(grad), proj)
 
 
 register(
@@ -124,63 +144,6 @@ register(
         project_input=_linear_input,
         project_output_grad=_linear_output,
         check=_check_linear,
-    ),
-)
-
-
-# --- nn.Conv2d -------------------------------------------------------------------------------------------
-
-
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    if module.padding == "valid":
-        return (0, 0)
-    if module.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        return (totals[0] // 2, totals[1] // 2)
-    return tuple(module.padding)  # type: ignore[return-value]
-
-
-def _check_conv(name: str, module: nn.Module) -> None:
-    assert isinstance(module, nn.Conv2d)
-    problems = []
-    if module.groups != 1:
-        problems.append(f"groups={module.groups} (only groups=1)")
-    if module.padding_mode != "zeros":
-        problems.append(f"padding_mode={module.padding_mode!r} (only 'zeros')")
-    if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-        problems.append("padding='same' with an even effective kernel (asymmetric padding)")
-    if problems:
-        raise UnsupportedError(
-            f"layer {name!r} (Conv2d) uses {', '.join(problems)}, which per-sample capture does not support. "
-            f"Add {name!r} to `exclude=` (its data value is then not measured) or use a supported configuration."
-        )
-
-
-def _conv_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
-    assert isinstance(module, nn.Conv2d)
-    x = args[0]
-    if x.dim() == 3:
-        raise UnsupportedError("Conv2d called on an unbatched [C, H, W] input; per-sample capture needs [B, C, H, W].")
-    patches = F.unfold(x, module.kernel_size, module.dilation, _conv_padding(module), module.stride)
-    return _project_input(patches.transpose(1, 2), has_trainable_bias(module), proj)
-
-
-def _conv_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
-    del module
-    return _apply(grad.flatten(2).transpose(1, 2), proj)
-
-
-register(
-    nn.Conv2d,
-    LayerSpec(
-        kind="conv2d",
-        dims=lambda m: (
-            m.out_channels,
-            m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(has_trainable_bias(m)),
-        ),
-        project_input=_conv_input,
-        project_output_grad=_conv_output,
-        check=_check_conv,
     ),
 )
 
@@ -391,3 +354,9 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
         )
     spec.check(name, module)
     return spec
+
+
+from .layers_conv import conv_spec  # noqa: E402  (it builds on this module's helpers)
+
+register(nn.Conv1d, conv_spec("conv1d", spatial_dims=1))
+register(nn.Conv2d, conv_spec("conv2d", spatial_dims=2))

@@ -240,14 +240,15 @@ def test_layer_the_backward_never_reaches_gets_zeros():
 # --- nn.Conv2d -----------------------------------------------------------------------------------------
 
 
-def _conv_model(c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
-    ).to(DTYPE)
+def _conv_model(c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool, groups: int = 1,
+                padding_mode: str = "zeros", spatial: int = 2) -> nn.Module:
+    conv = nn.Conv1d if spatial == 1 else nn.Conv2d
+    return nn.Sequential(conv(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                              groups=groups, padding_mode=padding_mode)).to(DTYPE)
 
 
-def _check_conv(model: nn.Module, batch: int, c_in: int, height: int, width: int, kind: str) -> None:
-    x = torch.randn(batch, c_in, height, width, dtype=DTYPE)
+def _check_conv(model: nn.Module, batch: int, c_in: int, *sizes: int, kind: str = "mean") -> None:
+    x = torch.randn(batch, c_in, *sizes, dtype=DTYPE)
     with torch.no_grad():
         target = torch.randn_like(model(x))
     tracked, capture = make_capture(model)
@@ -255,37 +256,57 @@ def _check_conv(model: nn.Module, batch: int, c_in: int, height: int, width: int
     assert_matches_oracle(model, tracked, grads, x, target)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    batch=st.integers(1, 5),
-    c_in=st.integers(1, 3),
-    c_out=st.integers(1, 4),
-    kh=st.integers(1, 3),
-    kw=st.integers(1, 3),
-    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.just("same"), st.just("valid")),
-    extra=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+def _input_size(kernel: int, dilation: int, padding: int | str, padding_mode: str, extra: int) -> int:
+    """A spatial size the convolution accepts: at least its effective kernel, and at least the padding where the
+    padding mode reads the input (reflect needs more than the padding)."""
+    pad = 0 if isinstance(padding, str) else padding
+    size = max(1, dilation * (kernel - 1) + 1 - 2 * pad) + extra
+    return max(size, dilation * (kernel - 1) + 1 if padding_mode != "zeros" else 1, pad + 1)
+
+
+_conv_settings = dict(
+    batch=st.integers(1, 4),
+    group_channels=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    groups=st.sampled_from([1, 1, 2, 3]),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding_mode=st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]),
     bias=st.booleans(),
     kind=st.sampled_from(["mean", "sum", "weights"]),
     seed=st.integers(0, 2**16),
 )
-def test_conv2d_matches_per_example_loop(
-    batch, c_in, c_out, kh, kw, stride, dilation, padding, extra, bias, kind, seed
-):
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.just("same"), st.just("valid")),
+    extra=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    **_conv_settings,
+)
+def test_conv2d_matches_per_example_loop(batch, group_channels, groups, kernel, stride, dilation, padding, extra,
+                                         padding_mode, bias, kind, seed):
+    """Any padding (even kernels under 'same' pad one more zero on the right, as torch does), padding mode, stride,
+    dilation and group count, against the per-example loop."""
     torch.manual_seed(seed)
-    if padding == "same":
-        stride = (1, 1)  # torch refuses padding='same' with stride > 1
-    pads = (0, 0) if isinstance(padding, str) else padding
-    height = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0]) + extra[0]
-    width = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1]) + extra[1]
-    model = _conv_model(c_in, c_out, (kh, kw), stride, padding, dilation, bias)
-    asymmetric = padding == "same" and any(d * (k - 1) % 2 for d, k in zip(dilation, (kh, kw)))
-    if asymmetric:
-        with pytest.raises(UnsupportedError, match=r"'0'.*asymmetric.*exclude="):
-            make_capture(model)
-        return
-    _check_conv(model, batch, c_in, height, width, kind)
+    stride = 1 if padding == "same" else stride  # torch refuses padding='same' with stride > 1
+    sizes = [_input_size(k, dilation, p, padding_mode, e)
+             for k, p, e in zip(kernel, padding if isinstance(padding, tuple) else (padding, padding), extra)]
+    c_in, c_out = group_channels[0] * groups, group_channels[1] * groups
+    model = _conv_model(c_in, c_out, kernel, stride, padding, dilation, bias, groups, padding_mode)
+    _check_conv(model, batch, c_in, *sizes, kind=kind)
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernel=st.integers(1, 4), padding=st.one_of(st.integers(0, 2), st.just("same"), st.just("valid")),
+       extra=st.integers(0, 3), **_conv_settings)
+def test_conv1d_matches_per_example_loop(batch, group_channels, groups, kernel, stride, dilation, padding, extra,
+                                         padding_mode, bias, kind, seed):
+    torch.manual_seed(seed)
+    stride = 1 if padding == "same" else stride
+    c_in, c_out = group_channels[0] * groups, group_channels[1] * groups
+    model = _conv_model(c_in, c_out, kernel, stride, padding, dilation, bias, groups, padding_mode, spatial=1)
+    _check_conv(model, batch, c_in, _input_size(kernel, dilation, padding, padding_mode, extra), kind=kind)
 
 
 @pytest.mark.parametrize(
@@ -296,7 +317,8 @@ def test_conv2d_matches_per_example_loop(
         ((2, 3), (2, 1), (1, 0), (1, 2)),
         (3, 1, "same", 1),
         (3, 1, "same", 2),
-        (2, 1, "same", 2),  # even kernel but even effective size d*(k-1) = 2: symmetric padding, supported
+        (2, 1, "same", 2),  # even kernel but even effective size d*(k-1) = 2: symmetric padding
+        (2, 1, "same", 1),  # odd effective size: one more zero on the right, as torch pads it
         ((1, 3), 1, "same", (3, 1)),
         (3, 1, "valid", 1),
         (1, 1, 0, 1),
@@ -306,7 +328,24 @@ def test_conv2d_matches_per_example_loop(
 def test_conv2d_variants(kernel, stride, padding, dilation, bias):
     torch.manual_seed(5)
     model = _conv_model(2, 3, kernel, stride, padding, dilation, bias)
-    _check_conv(model, 3, 2, 7, 6, "mean")
+    _check_conv(model, 3, 2, 7, 6)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_depthwise_and_grouped_convolutions_match_per_example_loop(padding_mode):
+    """A depthwise convolution (groups = channels, as in MobileNet and ConvNeXt) then a grouped one, with every
+    padding mode: the per-group blocks against the per-example loop."""
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode=padding_mode), nn.Tanh(),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode=padding_mode, bias=False), nn.Tanh(),
+        nn.Flatten(2), nn.Conv1d(6, 6, 3, padding=1, groups=3, padding_mode=padding_mode),  # [B, 6, 5 * 4]
+    ).to(DTYPE)
+    x = torch.randn(3, 4, 5, 4, dtype=DTYPE)
+    target = torch.randn(3, 6, 20, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    grads = captured_grads(capture, model, x, target, "mean", batch_weights("mean", 3))
+    assert_matches_oracle(model, tracked, grads, x, target)
 
 
 def test_conv2d_in_a_cnn_with_inplace_relu():
@@ -396,6 +435,17 @@ def test_kronecker_identity_conv2d():
     x = torch.randn(3, 2, 6, 5, dtype=DTYPE)
     target = torch.randn(3, 5, 3, 3, dtype=DTYPE)
     _check_kronecker(model, x, target, projection_dim=12, kind="mean")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kronecker_identity_grouped_conv1d(bias):
+    """A grouped convolution's block is formed per group before the output side's projection: the projected rows
+    still equal ``(P_out kron P_in) vec(G)`` of the exact per-sample gradient."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv1d(6, 9, 3, padding=1, groups=3, padding_mode="reflect", bias=bias)).to(DTYPE)
+    x = torch.randn(3, 6, 7, dtype=DTYPE)
+    target = torch.randn(3, 9, 7, dtype=DTYPE)
+    _check_kronecker(model, x, target, projection_dim=12, kind="weights")
 
 
 def test_kronecker_identity_embedding():
@@ -518,11 +568,9 @@ class _WithNorm(nn.Module):
     ("build", "layer", "reason"),
     [
         (_frozen_weight, "1", r"capture needs a trainable 'weight'"),
-        (_WithNorm, "norm", r"LayerNorm\) is not a supported layer type; supported types are Conv2d, Embedding, Linear"),
-        (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", r"groups=2 \(only groups=1\)"),
-        (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", r"padding_mode='reflect'"),
-        (lambda: nn.Sequential(nn.Conv2d(2, 4, 2, padding="same")), "0", r"asymmetric padding"),
-        (lambda: nn.Sequential(nn.Conv1d(2, 4, 3)), "0", r"Conv1d\) is not a supported layer type"),
+        (_WithNorm, "norm",
+         r"LayerNorm\) is not a supported layer type; supported types are Conv1d, Conv2d, Embedding, Linear"),
+        (lambda: nn.Sequential(nn.Conv3d(2, 4, 3)), "0", r"Conv3d\) is not a supported layer type"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", r"sparse=True: its weight gets a sparse gradient"),
         (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))), "0", r"parametrised weight"),
@@ -573,8 +621,8 @@ def test_two_unsupported_layers_are_named_in_one_refusal():
 
 
 def test_unsupported_layer_named_explicitly_is_refused():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 1, groups=2))
-    with pytest.raises(UnsupportedError, match=r"layer '1' \(Conv2d\) uses groups=2.*Add '1' to `exclude=`"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4, max_norm=1.0))
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(Embedding\) uses max_norm=1.0.*Add '1' to `exclude=`"):
         resolve_layers(model, DVEConfig(projection_dim=None, layers=("0", "1")))
     assert list(resolve_layers(model, DVEConfig(projection_dim=None, layers=("0",)))) == ["0"]
 

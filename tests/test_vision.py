@@ -224,3 +224,69 @@ def test_vision_setups_match_the_per_example_loop(setup):
             torch.testing.assert_close(block[:, :-1].reshape(sample["weight"].shape), sample["weight"],
                                        rtol=0, atol=1e-10)
             torch.testing.assert_close(block[:, -1], sample["bias"], rtol=0, atol=1e-10)
+
+
+# --- 1-D, depthwise and grouped convolutions, end to end ----------------------------------------------------------
+
+
+class SignalCNN(DigitsCNN):
+    """Digits as 1-D signals ``[B, 1, 64]``: convolutions of the kinds an audio or time-series model uses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(-1, 1, 64))
+
+
+def _signal_net() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv1d(1, 4, 4, padding="same", padding_mode="reflect"), nn.Tanh(),  # even kernel: 1 more on the right
+            nn.Conv1d(4, 4, 3, padding=1, groups=4, padding_mode="circular"), nn.Tanh(),  # depthwise
+            nn.Conv1d(4, 6, 3, stride=2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 31, 10),
+        )
+
+
+def _explicit_product_scores(net: nn.Module, params: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                             lr: float, test: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grad l(theta_T, test) . lr w prod_{k>t} (I - lr H_k) g_{t,z}`` over all parameters as one block, with the
+    empirical Fisher ``H_k = sum_z w g g^T`` of per-sample gradients from ``torch.func`` along a plain-SGD replay
+    (method.md §2, written independently of the package); returns ``[n_test, occurrences]`` and ``theta_T``."""
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(net, p, (x.reshape(1, 1, 64),)), y.reshape(1))
+
+    def flat_grads(p: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(p, batch["x"].double(), batch["y"])
+        return torch.cat([g[name].reshape(len(batch["y"]), -1) for name in p], dim=1)
+
+    rows = []
+    for batch in batches:
+        g = flat_grads(params, batch)
+        rows.append(g)
+        step = -lr * g.mean(0)
+        offsets = torch.cumsum(torch.tensor([0] + [v.numel() for v in params.values()]), 0).tolist()
+        params = {name: v + step[a:b].reshape(v.shape) for (name, v), a, b in zip(params.items(), offsets, offsets[1:])}
+    embeddings = []
+    for t, g_t in enumerate(rows):
+        vectors = lr / len(g_t) * g_t
+        for g_k in rows[t + 1:]:
+            vectors = vectors - lr * ((vectors @ g_k.T) / len(g_k)) @ g_k
+        embeddings.append(vectors)
+    return flat_grads(params, test) @ torch.cat(embeddings).T, params
+
+
+def test_conv1d_depthwise_and_grouped_scores_equal_the_explicit_product(fit, make_loader, save_dir):
+    """A 1-D CNN with reflect / circular padding, an even kernel under 'same', a depthwise and a grouped
+    convolution: exact-mode scores (one full ``M``) equal the explicit product of method.md §2 over every
+    parameter, and the fit's weights the oracle's replay."""
+    module, lr = SignalCNN(_signal_net(), lr=0.1), 0.1
+    initial = {name: p.detach().double().clone() for name, p in module.net.named_parameters()}
+    dve = DataValueEmbedding(save_dir, report=None, projection_dim=None)
+    loader = make_loader(n=32, batch_size=8)
+    fit(module, dve, loader, precision="64-true")
+    test = DigitsDataset(range(1500, 1504)).batch()  # float64, as the 64-true run
+    expected, final = _explicit_product_scores(module.net.double(), initial, list(loader), lr, test)
+    for name, p in module.net.named_parameters():
+        torch.testing.assert_close(p.detach(), final[name], rtol=0, atol=1e-12)
+    scores = dve.embeddings.influence(module, test, per_step=True).scores
+    assert scores.shape == (4, 32) and expected.abs().max() > 1e-6
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-12)
