@@ -172,6 +172,7 @@ class DataValueEmbedding(StepHooks):
         self._skipped = False  # the grad scaler skips this step (non-finite gradients)
         self._scaler_skips: list[tuple[int, bool]] = []  # the steps it skipped (callback_step)
         self._applied_scale = 0.0  # the highest loss scale a step was applied at
+        self._split_biases: set[str] = set()  # layers warned about a bias in another param group (callback_setup)
         self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
         self._reached: set[str] = set()  # layers captured by the step's earlier micro-batches
 
@@ -264,7 +265,7 @@ class DataValueEmbedding(StepHooks):
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
-        self._scaler_skips, self._applied_scale = [], 0.0
+        self._scaler_skips, self._applied_scale, self._split_biases = [], 0.0, set()
         self._embeddings, self._deferred_write = None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit

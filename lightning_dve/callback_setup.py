@@ -84,15 +84,10 @@ def note_untracked(pl_module: pl.LightningModule, modules: dict[str, torch.nn.Mo
 
 
 def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]) -> None:
-    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping, biases
-    in other param groups than their weights (``modules``: the tracked layers); and say which trainable
-    parameters no tracked layer holds (left out by ``layers=`` or ``exclude=``)."""
+    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping (biases
+    in other param groups than their weights: :func:`warn_split_biases`, at each step); and say which trainable
+    parameters no tracked layer holds (``modules``: the tracked layers; left out by ``layers=`` or ``exclude=``)."""
     note_untracked(trainer.lightning_module, modules)
-    split = split_bias_groups(trainer.optimizers[0], modules)
-    if split:
-        rank_zero_warn(f"DataValueEmbedding: {'; '.join(f'{k}: {v}' for k, v in split.items())}. The recursion "
-                       "applies the weight's param group to the whole layer, bias included; put each tracked layer's "
-                       "bias in its weight's group for exact terms (exact_influence replays every parameter exactly).")
     reason = sgd_proxy_reason(trainer.optimizers[0])
     if reason is not None:
         rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate, "
@@ -101,6 +96,19 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
     if trainer.gradient_clip_val and clip_algorithm(trainer) == "value":
         rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
                        "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
+
+
+def warn_split_biases(optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], step: int,
+                      warned: set[str]) -> None:
+    """Warn about tracked layers whose bias is in a param group with other hyperparameters than the weight's, at
+    the first step where it is (a per-group schedule can part them later), once per layer (``warned``, updated)."""
+    split = {name: what for name, what in split_bias_groups(optimizer, modules).items() if name not in warned}
+    if split:
+        warned.update(split)
+        rank_zero_warn(f"DataValueEmbedding: from step {step}, {'; '.join(f'{k}: {v}' for k, v in split.items())}. "
+                       "The recursion applies the weight's param group to the whole layer, bias included; put each "
+                       "tracked layer's bias in its weight's group, with the same schedule, for exact terms "
+                       "(exact_influence replays every parameter exactly).")
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any:

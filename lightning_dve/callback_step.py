@@ -70,6 +70,7 @@ class StepHooks(pl.Callback):
     _reached: set[str]
     _deferred: DVEError | None
     _deferred_write: DVEError | None
+    _split_biases: set[str]
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -125,7 +126,8 @@ class StepHooks(pl.Callback):
             self._active_guard().before_step(self._skipped, _REFUSED in reached)
         except DVEError as err:
             self._deferred = err
-        self._active_guard().read_hyperparameters()
+        if self._active_guard().settings.read():  # the first step's, or changed since the step before
+            callback_setup.warn_split_biases(optimizer, hooks.modules(), trainer.global_step, self._split_biases)
         algorithm = callback_setup.clip_algorithm(trainer)
         # a step the grad scaler skips has an infinite norm (clip factor 0, which decay terms divide by): unused
         clip, norm = (1.0, 0.0) if self._skipped else clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
@@ -160,7 +162,7 @@ class StepHooks(pl.Callback):
             if self._terms is not None and self._factor is not None and applied:
                 self._active_guard().check_applied(self._step, self._factor, self._backwards)
             if self._terms is not None and applied and not self._skipped:
-                self._active_guard().check_hyperparameters(self._step)
+                self._active_guard().settings.check(self._step)
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)

@@ -20,8 +20,7 @@ Ways a run would break silently, each refused with what to change:
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
-  ``on_before_optimizer_step`` (e.g. a warm-up set in the LightningModule's ``on_before_optimizer_step``, which
-  runs after the callbacks'): the recorded step would use the rate of the step before;
+  ``on_before_optimizer_step``: :class:`lightning_dve.hyperparameters.HyperparameterWatch` (:attr:`StepGuard.settings`).
 """
 
 from __future__ import annotations
@@ -33,23 +32,13 @@ from torch import nn
 
 from .capture import GradientCapture, TrackedLayer
 from .errors import UnsupportedError
+from .hyperparameters import HyperparameterWatch
 from .layers import gradient_block, has_trainable_bias
 
 #: Coordinates sampled per tracked weight (and trained bias) to compare the applied gradient with the backward's.
 SAMPLED = 64
 #: Relative tolerance of the applied gradient against ``factor * backward gradient`` (float32 rounding: ~1e-7).
 TOLERANCE = 1e-4
-
-
-#: The param-group settings a step's terms read (optim.py, adam.py); other keys may change inside ``step()``
-#: itself (e.g. an adaptive optimizer's own estimates), which the SGD proxy never read.
-HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas", "eps", "amsgrad")
-
-
-def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
-    """Each param group's :data:`HYPERPARAMETERS` it has (tensors as lists)."""
-    return [{key: group[key].detach().cpu().tolist() if isinstance(group[key], torch.Tensor) else group[key]
-             for key in HYPERPARAMETERS if key in group} for group in optimizer.param_groups]
 
 
 def sampled_coordinates(numel: int, device: torch.device | None = None) -> torch.Tensor:
@@ -176,9 +165,7 @@ class StepGuard:
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._read: list[dict[str, object]] | None = None  # hyperparameters read in on_before_optimizer_step
-        self._changed: tuple[int, str, object, object] | None = None  # (group, key, read, applied) of this step
+        self.settings = HyperparameterWatch()  # the hyperparameters a step read against those it used
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._passed: set[str] = set()  # layers it passed once (checked again for a growing penalty)
         self._first_backward = True  # the next backward is its step's first
@@ -189,46 +176,11 @@ class StepGuard:
         """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
         whatever the user does with ``.grad`` afterwards (``zero_grad`` in an ``optimizer_step`` override)."""
         self.detach()
-        self._optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(lambda *_: self._after_step())
-
-    def read_hyperparameters(self) -> None:
-        """Note the param groups' hyperparameters as the step's terms read them (``on_before_optimizer_step``)."""
-        self._changed = None
-        self._read = None if self._optimizer is None else hyperparameters(self._optimizer)
-
-    def _compare_hyperparameters(self) -> None:
-        """Right after ``optimizer.step()`` (its post-hook; a pre-hook would run before Lightning's closure, i.e.
-        before the backward): compare the hyperparameters the step used with those the terms read."""
-        if self._read is None or self._optimizer is None:
-            return
-        for index, (read, now) in enumerate(zip(self._read, hyperparameters(self._optimizer))):
-            for key in read:
-                if key in now and now[key] != read[key]:
-                    self._changed = (index, key, read[key], now[key])
-                    return
-        self._read = None
-
-    def check_hyperparameters(self, step: int) -> None:
-        """Refuse a step whose optimizer hyperparameters changed between ``on_before_optimizer_step`` (where the
-        recorded step's terms are read) and ``optimizer.step()``.
-
-        Raises:
-            UnsupportedError: naming the param group, the hyperparameter, both values and the fix.
-        """
-        changed, self._changed, self._read = self._changed, None, None
-        if changed is not None:
-            group, key, read, now = changed
-            raise UnsupportedError(
-                f"step {step}: param group {group}'s {key!r} was changed from {read!r} to {now!r} after the callback "
-                "read it in on_before_optimizer_step (by the LightningModule's on_before_optimizer_step, which runs "
-                "after the callbacks', or by a callback listed after this one), so the recorded step would not be "
-                "the applied one. Set it before the backward instead (on_train_batch_start, an LR scheduler, or "
-                "before calling optimizer.step(closure=optimizer_closure) in an optimizer_step override).")
+        self.settings.attach(optimizer)
 
     def _after_step(self) -> None:
         self._applied, self._stepped_weights = self._sample(), self._sample_weights()
-        self._compare_hyperparameters()
 
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' and trained biases' sampled coordinates, ``[tensors, SAMPLED]``."""
@@ -248,7 +200,8 @@ class StepGuard:
         return self._stepped_weights is not None and not torch.equal(self._sample_weights(), self._stepped_weights)
 
     def detach(self) -> None:
-        """Remove the step post-hook."""
+        """Remove the step hooks."""
+        self.settings.detach()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

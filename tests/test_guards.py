@@ -267,6 +267,47 @@ class WarmsUpAfterStep(TinyMLP):
             group["lr"] = _lr_at(self.trainer.global_step + 1)
 
 
+class WarmsUpInAStepPostHook(TinyMLP):
+    """The next step's rate set by a torch step post-hook registered before the callback's hooks (in
+    ``configure_optimizers``): it runs after the update, which used the rate the callback read."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+
+        def next_rate(opt: torch.optim.Optimizer, *_: Any) -> None:
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(self.trainer.global_step + 1)
+
+        optimizer.register_step_post_hook(next_rate)
+        return optimizer
+
+
+def test_a_learning_rate_set_in_a_step_post_hook_is_recorded_at_the_next_step(fit: Callable, tmp_path: Path) -> None:
+    """It was refused as changed after the callback read it (the comparison ran in the callback's own post-hook,
+    after the user's); the values are now noted right before the update."""
+    dve = _dve(tmp_path)
+    fit(WarmsUpInAStepPostHook(), dve, max_epochs=2)
+    assert dve.embeddings.learning_rates[:, 0].tolist() == pytest.approx([0.1] + [_lr_at(s) for s in range(1, 8)])
+
+
+class SetsLrInAStepPreHook(TinyMLP):
+    """Sets the step's rate in a torch step pre-hook registered after the callback attached: before the closure,
+    i.e. before the backward and the callback's read, so the read sees it."""
+
+    def on_train_start(self) -> None:
+        def rate(opt: torch.optim.Optimizer, *_: Any) -> None:
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(self.trainer.global_step)
+
+        self.trainer.optimizers[0].register_step_pre_hook(rate)
+
+
+def test_a_learning_rate_set_in_a_step_pre_hook_is_recorded_at_its_step(fit: Callable, tmp_path: Path) -> None:
+    dve = _dve(tmp_path)
+    fit(SetsLrInAStepPreHook(), dve, max_epochs=2)
+    assert dve.embeddings.learning_rates[:, 0].tolist() == pytest.approx([_lr_at(s) for s in range(8)])
+
+
 def test_a_learning_rate_changed_after_the_callback_read_it_is_refused(fit: Callable, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError, match=r"step 1: param group 0's 'lr' was changed from 0.1 to 0.02 after "
                                                r"the callback read it"):

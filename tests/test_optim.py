@@ -167,8 +167,8 @@ def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_p
             return torch.optim.SGD([{"params": [first.weight, head.weight, head.bias]},
                                     {"params": [first.bias], "lr": 0.01}], lr=0.1)
 
-    with pytest.warns(UserWarning, match=r"net\.0: lr 0\.01 for the bias, 0\.1 for the weight\. The recursion "
-                                         r"applies the weight's param group") as record:
+    with pytest.warns(UserWarning, match=r"from step 0, net\.0: lr 0\.01 for the bias, 0\.1 for the weight\. The "
+                                         r"recursion applies the weight's param group") as record:
         fit(SplitGroups(), DataValueEmbedding(tmp_path / "a", projection_dim=16, report=None))
     assert not any("net.2" in str(w.message) for w in record)
 
@@ -189,6 +189,26 @@ def test_a_bias_in_another_param_group_warns(mlp_cls: type, fit: Callable, tmp_p
         warnings.filterwarnings("error", message=".*param group.*")
         fit(SameSettings(), DataValueEmbedding(tmp_path / "b", projection_dim=16, report=None))
         fit(ListBetas(), DataValueEmbedding(tmp_path / "c", projection_dim=16, report=None))
+
+
+def test_a_bias_group_whose_schedule_parts_it_from_its_weight_later_warns_at_that_step(
+        mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """The same settings when fit starts, a per-group schedule (``LambdaLR``) that lowers the bias group's rate from
+    step 1: it was never warned about (only the settings at fit start were compared), and the scores were up to 16 %
+    off. Now the groups are compared whenever the hyperparameters change, and the first step that parts them is
+    named, once."""
+    class PartedLater(mlp_cls):
+        def configure_optimizers(self):
+            first = self.net[0]
+            rest = [p for n, p in self.named_parameters() if n != "net.0.bias"]
+            optimizer = torch.optim.SGD([{"params": rest}, {"params": [first.bias]}], lr=0.1)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 0.5 ** s])
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    with pytest.warns(UserWarning, match=r"from step 1, net\.0: lr 0\.05 for the bias, 0\.1 for the weight\. The "
+                                         r"recursion applies the weight's param group") as record:
+        fit(PartedLater(), DataValueEmbedding(tmp_path / "a", projection_dim=16, report=None))
+    assert sum("for the bias" in str(w.message) for w in record) == 1
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
