@@ -134,8 +134,11 @@ def muted_logging(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[None]:
     """Train mode except ``eval_modules`` (the modes training ran in); ``None`` means eval mode throughout.
-    Every submodule's mode is restored afterwards."""
+    Every submodule's mode and every buffer is restored afterwards (a replay runs ``training_step`` in train mode,
+    where a module may update a running statistic that only its eval mode uses)."""
     saved = {m: m.training for m in module.modules()}
+    buffers = [(module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], b, b.detach().clone())
+               for name, b in module.named_buffers()]
     module.train(eval_modules is not None)
     named = dict(module.named_modules())
     for name in eval_modules or ():
@@ -146,3 +149,6 @@ def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[Non
     finally:
         for m, training in saved.items():
             m.train(training)
+        with torch.no_grad():
+            for owner, attribute, buffer, value in buffers:  # in place, or assigned anew
+                setattr(owner, attribute, buffer.copy_(value))
