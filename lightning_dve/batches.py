@@ -58,22 +58,56 @@ def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> t
     else:
         raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
                             "Pass `sample_ids=callable(batch) -> LongTensor[B]` that returns the dataset indices.")
+    ids = _as_id_tensor(ids)
+    if ids.shape != (batch_size,):
+        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples (the "
+                            f"first dimension of the tracked layers' inputs); {_count_hint(ids.numel(), batch_size)}")
+    return ids.detach().to("cpu", torch.int64)
+
+
+#: The range of ids the store keeps (int64).
+_ID_RANGE = "-2**63 to 2**63 - 1"
+
+
+def _as_id_tensor(ids: Any) -> torch.Tensor:
+    """``ids`` as an integer tensor whose values fit the store's int64.
+
+    Raises:
+        SampleIdError: for non-integer ids, or integers outside int64 (64-bit hashes as uint64).
+    """
     try:
         ids = torch.as_tensor(ids)
-    except (TypeError, ValueError, RuntimeError) as err:  # strings (file names), None, ragged lists
+    except (TypeError, ValueError, RuntimeError) as err:  # strings (file names), None, ragged lists, big ints
         first = next(iter(ids), None) if isinstance(ids, (list, tuple)) else ids
+        if isinstance(first, int) or "Overflow" in str(err):
+            raise SampleIdError(f"sample ids must fit in int64 ({_ID_RANGE}); got values such as {first!r}. Map "
+                                "them to dataset positions, or pass `sample_ids=callable(batch) -> LongTensor[B]` "
+                                "that does.") from err
         raise SampleIdError(f"sample ids must be integers (dataset indices); got a {type(ids).__name__} holding "
                             f"{type(first).__name__} values such as {first!r}. Return the sample's position in the "
                             "dataset as an int from your Dataset, or pass `sample_ids=callable(batch) -> "
                             "LongTensor[B]` that maps them to integers.") from err
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
-    if ids.shape != (batch_size,):
-        raise SampleIdError(f"sample ids have shape {tuple(ids.shape)} but the batch has {batch_size} samples (the "
-                            "first dimension of the tracked layers' inputs); return one id per sample as a 1-D "
-                            "LongTensor. If the ids are right, a tracked layer sees a sequence-first input ([T, B, "
-                            "...], e.g. nn.Transformer without batch_first=True): make it batch-first or exclude it.")
-    return ids.detach().to("cpu", torch.int64)
+    if ids.dtype == torch.uint64 and bool((ids.cpu().view(torch.int64) < 0).any()):  # 2**63 and above
+        raise SampleIdError(f"sample ids must fit in int64 ({_ID_RANGE}); got uint64 ids of 2**63 or more (64-bit "
+                            "hashes?), which int64 would wrap to negative numbers. Map them to dataset positions, "
+                            "or pass `sample_ids=callable(batch) -> LongTensor[B]` that does.")
+    return ids
+
+
+def _count_hint(n_ids: int, batch_size: int) -> str:
+    """What a number of ids other than the batch's samples points at, and the fix."""
+    if n_ids == batch_size:
+        return "return one id per sample as a 1-D LongTensor (e.g. ids.reshape(-1))."
+    sequence_first = ("If the ids are right, a tracked layer sees a sequence-first input ([T, B, ...], e.g. "
+                      "nn.Transformer without batch_first=True): make it batch-first or exclude it.")
+    if n_ids < batch_size:
+        return f"return one id per sample as a 1-D LongTensor. {sequence_first}"
+    return ("more ids than samples reached the tracked layers: a training_step that drops samples before the model "
+            "(filter the batch, ids included, in the Dataset or collate_fn instead), or one forward per part of the "
+            "batch (one per loader of a CombinedLoader: a layer's calls in a step are summed sample by sample, so "
+            "concatenate the parts and run one forward, as each call must take the whole batch). " + sequence_first)
 
 
 #: Keys that usually hold dataset indices, suggested when the configured one is missing.

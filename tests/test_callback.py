@@ -92,6 +92,33 @@ def test_string_sample_ids_are_refused_naming_them(fit, mlp_cls, save_dir):
         extract_sample_ids({"index": None}, "index", 2)
 
 
+def test_ids_beyond_int64_are_refused_not_wrapped() -> None:
+    """64-bit hashes as numpy uint64 were wrapped to negative int64 ids silently (none of the ids fed appeared in
+    the results), and the same values as Python ints got a self-contradicting "must be integers" message."""
+    import numpy as np
+
+    from lightning_dve.batches import extract_sample_ids
+
+    hashes = np.array([2**63 + 5, 7], dtype=np.uint64)
+    with pytest.raises(SampleIdError, match=r"must fit in int64 .*uint64 ids of 2\*\*63 or more .*would wrap"):
+        extract_sample_ids({"index": hashes}, "index", 2)
+    with pytest.raises(SampleIdError, match=r"must fit in int64 .*such as 9223372036854775813"):
+        extract_sample_ids({"index": [2**63 + 5, 7]}, "index", 2)
+    small = np.array([2**63 - 1, 7], dtype=np.uint64)  # within int64: kept exactly
+    assert extract_sample_ids({"index": small}, "index", 2).tolist() == [2**63 - 1, 7]
+
+
+@pytest.mark.parametrize(("ids", "hint"), [
+    (lambda b: b["index"].reshape(-1, 1), r"shape \(16, 1\) .*ids\.reshape\(-1\)"),
+    (lambda b: torch.cat([b["index"], b["index"] + 1000]), r"shape \(32,\) .*more ids than samples .*CombinedLoader"),
+])
+def test_a_wrong_number_of_ids_names_its_likely_cause(fit, mlp_cls, save_dir, ids, hint):
+    """``[B, 1]`` ids, and two loaders' ids for one forward per loader: the message named only a sequence-first
+    layer, the cause of neither."""
+    with pytest.raises(SampleIdError, match=hint):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=ids))
+
+
 def test_sample_ids_of_wrong_length(fit, mlp_cls, save_dir):
     with pytest.raises(SampleIdError, match=r"shape \(15,\) but the batch has 16 samples"):
         fit(mlp_cls(), DataValueEmbedding(save_dir, sample_ids=lambda b: b["index"][:-1]))
