@@ -168,10 +168,11 @@ def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.
             (a subclass that overrides ``forward``, e.g. padding inside it like timm's ``Conv2dSame``).
     """
     out_side = layer.spec.project_output_grad(layer.module, output.detach(), None)  # a view: no projection
-    if out_side.shape[:2] != in_side.shape[:2]:
+    positions = layer.spec.input_positions(layer.module, in_side)
+    if out_side.shape[:2] != (in_side.shape[0], positions):
         kind = type(layer.module).__name__
         raise UnsupportedError(
-            f"layer {layer.name!r} ({kind}): its input gives {in_side.shape[1]} positions per sample for "
+            f"layer {layer.name!r} ({kind}): its input gives {positions} positions per sample for "
             f"{in_side.shape[0]} samples as a {layer.spec.kind} with its own settings would compute them, but its "
             f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
             f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "

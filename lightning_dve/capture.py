@@ -270,14 +270,16 @@ class GradientCapture:
                 self._inputs_q[layer.name][call] = None
         kind, kind_q = (CURVATURE, CURVATURE_Q) if self._curvature_pass else (GRADS, GRADS_Q)
         p_out = layer.projection.side_matrix("out", grad.dtype, grad.device)
-        self._add(kind, layer, grad, p_out, in_side)
+        p_in = layer.projection.side_matrix("in", in_side.dtype, in_side.device)
+        self._add(kind, layer, grad, (p_out, p_in), in_side)
         if in_q is not None:
-            self._add(kind_q, layer, grad, self._preconditioner[layer.name][0], in_q)
+            self._add(kind_q, layer, grad, self._preconditioner[layer.name], in_q)
 
-    def _add(self, kind: str, layer: TrackedLayer, grad: torch.Tensor, p_out: torch.Tensor | None,
-             in_side: torch.Tensor) -> None:
-        """Add ``(P_out delta)(in side)^T`` per sample to the step's rows of ``kind`` (method.md §3)."""
-        block = layer.spec.sample_blocks(layer.module, grad.detach(), p_out, in_side.detach())
+    def _add(self, kind: str, layer: TrackedLayer, grad: torch.Tensor,
+             sides: tuple[torch.Tensor | None, torch.Tensor | None], in_side: torch.Tensor) -> None:
+        """Add ``(P_out delta)(P_in a)^T`` per sample to the step's rows of ``kind`` (method.md §3), with
+        ``sides = (P_out, P_in)`` (``P_in`` is already in ``in_side`` unless the layer forms its own block)."""
+        block = layer.spec.sample_blocks(layer.module, grad.detach(), sides[0], in_side.detach(), sides[1])
         previous = self._rows[kind].get(layer.name)
         self._rows[kind][layer.name] = block if previous is None else previous + block
 

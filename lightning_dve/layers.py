@@ -29,7 +29,8 @@ from .errors import UnsupportedError
 
 InputFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "torch.Tensor | None"], torch.Tensor]
 OutputFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-BlockFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+BlockFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None"],
+                   torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,11 @@ class LayerSpec:
         project_input: ``(module, forward args, P_in [k_in, d_in] or None) -> [B, P, k_in]``.
         project_output_grad: ``(module, grad of output, P_out [k_out, d_out] or None) -> [B, P, k_out]``.
         check: raises :class:`UnsupportedError` for configurations the maths does not cover.
-        block: ``(module, grad of output, P_out or None, input side) -> [B, k_out * k_in]`` where the block is
-            not one outer product over the positions (grouped convolutions); ``None``: :func:`outer_block`.
+        block: ``(module, grad of output, P_out or None, input side, P_in or None) -> [B, k_out * k_in]`` where
+            the block is not one outer product over the positions (grouped convolutions), whose input side is
+            then the input itself; ``None``: :func:`outer_block` of the two projected sides.
+        positions: ``(module, input side) -> P``, the positions per sample, where the input side is not
+            ``[B, P, k_in]``; ``None``: its second dim.
         input_rank: the number of dims of a batched input, where the type fixes it (a convolution's).
     """
 
@@ -53,10 +57,11 @@ class LayerSpec:
     project_output_grad: OutputFn
     check: Callable[[str, nn.Module], None]
     block: BlockFn | None = None
+    positions: Callable[[nn.Module, torch.Tensor], int] | None = None
     input_rank: int | None = None
 
     def sample_blocks(self, module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None,
-                      in_side: torch.Tensor) -> torch.Tensor:
+                      in_side: torch.Tensor, p_in: torch.Tensor | None) -> torch.Tensor:
         """Per-sample blocks ``sum_p (P_out u_p)(P_in v_p)^T`` as ``[B, k_out * k_in]`` (method.md §3).
 
         Args:
@@ -64,10 +69,16 @@ class LayerSpec:
             grad: the gradient of the loss with respect to the layer's output.
             p_out: the output side's projection ``[k_out, d_out]`` (``None``: identity).
             in_side: what :attr:`project_input` returned for the same call.
+            p_in: the input side's projection ``[k_in, d_in]`` that call was given (already applied to
+                ``in_side`` unless the spec has its own :attr:`block`).
         """
         if self.block is not None:
-            return self.block(module, grad, p_out, in_side)
+            return self.block(module, grad, p_out, in_side, p_in)
         return outer_block(self.project_output_grad(module, grad, p_out), in_side)
+
+    def input_positions(self, module: nn.Module, in_side: torch.Tensor) -> int:
+        """The positions per sample of a call's input side (checked against its output's)."""
+        return in_side.shape[1] if self.positions is None else self.positions(module, in_side)
 
 
 _REGISTRY: dict[type[nn.Module], LayerSpec] = {}

@@ -9,9 +9,10 @@ its per-sample weight gradient is ``sum_p u_p v_p^T`` with ``v_p`` the patch (me
   torch does) is applied with ``F.pad`` first, as torch's own forward does.
 - ``nn.Conv1d`` is unfolded as a convolution over ``[B, C, 1, L]`` with a ``(1, k)`` kernel.
 - Groups: output channel ``o`` of group ``g`` sees only group ``g``'s input channels, so one outer product over
-  the positions does not give the block. The input side keeps the groups apart, ``[B, P, groups, k_in]``, and
-  the block is formed per group before the output side's projection:
-  ``P_out [sum_p u_{p,g}^T (P_in v_{p,g})]_g``, stacked over the groups' output channels.
+  the positions does not give the block. The block is formed per group in the layer's backward, from the input
+  itself (which autograd keeps for the weight's gradient anyway; its patches with the groups apart,
+  ``[B, P, groups, k_in]``, would be ``k_in`` times its size, ten times for a depthwise 3x3), and projected on
+  the output side last: ``P_out [sum_p u_{p,g}^T (P_in v_{p,g})]_g``, stacked over the groups' output channels.
 """
 
 from __future__ import annotations
@@ -56,13 +57,30 @@ def _check_conv(name: str, module: nn.Module) -> None:
     del name, module  # every padding, padding mode, dilation, stride and group count is covered
 
 
-def _conv_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
+def _projected_patches(module: Conv, x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     """``P_in [v_p, 1]`` per position: ``[B, P, k_in]``, or ``[B, P, groups, k_in]`` for a grouped convolution."""
-    assert isinstance(module, Conv)
-    patches = _patches(module, args[0]).transpose(1, 2)  # [B, P, C_in * K]
+    patches = _patches(module, x).transpose(1, 2)  # [B, P, C_in * K]
     if module.groups > 1:
         patches = patches.unflatten(2, (module.groups, -1))
     return project_input_with_bias(patches, has_trainable_bias(module), proj)
+
+
+def _conv_input(module: nn.Module, args: tuple[torch.Tensor, ...], proj: torch.Tensor | None) -> torch.Tensor:
+    """``[B, P, k_in]`` projected patches; a grouped convolution's input itself (its block needs the groups)."""
+    assert isinstance(module, Conv)
+    return args[0].detach() if module.groups > 1 else _projected_patches(module, args[0], proj)
+
+
+def _conv_positions(module: nn.Module, in_side: torch.Tensor) -> int:
+    """Positions per sample of a call's input side: of the projected patches ``[B, P, k_in]``, or the output
+    positions of a grouped convolution's input ``x`` (torch's output size per dim)."""
+    assert isinstance(module, Conv)
+    if module.groups == 1:
+        return in_side.shape[1]
+    x = in_side
+    sizes = [(n + before + after - d * (k - 1) - 1) // s + 1 for n, (before, after), d, k, s in
+             zip(x.shape[2:], _pads(module), module.dilation, module.kernel_size, module.stride)]
+    return math.prod(sizes) if x.dim() == len(sizes) + 2 else -1
 
 
 def _conv_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
@@ -71,15 +89,16 @@ def _conv_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | Non
     return u if module.groups > 1 else apply_projection(u, proj)  # type: ignore[operator]
 
 
-def _conv_block(module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None,
-                in_side: torch.Tensor) -> torch.Tensor:
+def _conv_block(module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None, in_side: torch.Tensor,
+                p_in: torch.Tensor | None) -> torch.Tensor:
     """Per-sample block ``[B, k_out * k_in]``: ``sum_p (P_out u_p)(P_in v_p)^T``, per group when grouped."""
     assert isinstance(module, Conv)
     if module.groups == 1:
         return outer_block(_conv_output(module, grad, p_out), in_side)
     dtype = torch.promote_types(grad.dtype, torch.float32)
+    v = _projected_patches(module, in_side.to(dtype), None if p_in is None else p_in.to(dtype))
     u = _conv_output(module, grad, None).unflatten(2, (module.groups, -1))  # [B, P, groups, C_out / groups]
-    block = torch.einsum("bpgc,bpgk->bgck", u.to(dtype), in_side.to(dtype)).flatten(1, 2)  # [B, C_out, k_in]
+    block = torch.einsum("bpgc,bpgk->bgck", u.to(dtype), v).flatten(1, 2)  # [B, C_out, k_in]
     if p_out is not None:
         block = torch.matmul(p_out.to(dtype), block)
     return block.flatten(1)
@@ -94,4 +113,4 @@ def _conv_dims(module: nn.Module) -> tuple[int, int]:
 def conv_spec(kind: str, spatial_dims: int) -> LayerSpec:
     """The spec of a convolution over ``spatial_dims`` dims (registered by :mod:`.layers`)."""
     return LayerSpec(kind=kind, dims=_conv_dims, project_input=_conv_input, project_output_grad=_conv_output,
-                     check=_check_conv, block=_conv_block, input_rank=spatial_dims + 2)
+                     check=_check_conv, block=_conv_block, positions=_conv_positions, input_rank=spatial_dims + 2)

@@ -173,15 +173,17 @@ class MaskedConv(nn.Conv2d):
         return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
 
 
-def test_conv_subclass_padding_in_forward_is_refused_naming_it():
-    """Was a raw ``RuntimeError`` from ``bmm`` (input patches and output positions differ in number)."""
-    model = nn.Sequential(PadInForwardConv(1, 2, 2), nn.Flatten(), nn.Linear(2 * 64, 3))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_subclass_padding_in_forward_is_refused_naming_it(groups: int):
+    """Was a raw ``RuntimeError`` from ``bmm`` (input patches and output positions differ in number); a grouped
+    one, whose block is formed in the backward from the input, is checked on its output size."""
+    model = nn.Sequential(PadInForwardConv(2, 2, 2, groups=groups), nn.Flatten(), nn.Linear(2 * 64, 3))
     capture = GradientCapture(resolve_layers(model, DVEConfig(projection_dim=None)))
     capture.attach()
     capture.begin()
     with pytest.raises(UnsupportedError, match=r"layer '0' \(PadInForwardConv\).*49 positions.*output has 64.*"
                                                r"Conv2dSame.*exclude=\('0',\)"):
-        model(torch.randn(3, 1, 8, 8))
+        model(torch.randn(3, 2, 8, 8))
 
 
 def test_masked_conv_subclass_is_refused_naming_the_cause(fit, save_dir):
