@@ -309,6 +309,18 @@ def test_conv1d_matches_per_example_loop(batch, group_channels, groups, kernel, 
     _check_conv(model, batch, c_in, _input_size(kernel, dilation, padding, padding_mode, extra), kind=kind)
 
 
+def test_a_depthwise_convolution_keeps_only_its_input_until_the_backward():
+    """Its patches with the groups apart are ``[B, P, C, 10]`` for a 3x3 kernel, ten times the input, held from
+    the forward to the backward; the block is formed in the backward from the input itself instead."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8)).to(DTYPE)
+    _, capture = make_capture(model, projection_dim=64)
+    capture.begin()
+    x = torch.randn(2, 8, 6, 6, dtype=DTYPE, requires_grad=True)
+    model(x)
+    (held,) = capture._inputs["0"]
+    assert held.data_ptr() == x.data_ptr() and held.shape == x.shape
+
+
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "dilation"),
     [
