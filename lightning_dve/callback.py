@@ -341,6 +341,8 @@ class DataValueEmbedding(StepHooks):
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
         callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
                                       self.report_config, self.reference, self.describe, self.sample_ids), store.root)
+        if self.report_config is None and self._comm.rank == 0:  # the report tests the training loss otherwise
+            reporting_reference.check_training_loss(pl_module, self._batch, self._embeddings)
         if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:
             callback_setup.warn_replay_lost(replay_error)
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .batches import modes
+from .errors import ConfigError, DVEError, LossReductionError
 from .influence import DataValueEmbeddings
+from .query_layers import check_reduction
 from .samples import unsharded
 
 
@@ -174,3 +176,21 @@ def reference_gradient(
                           "a NaN in the reference or validation data, or a loss that overflows at the final weights. "
                           "Clean the reference data (or pass a finite `reference=`).")
     return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
+
+
+def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: DataValueEmbeddings | None) -> None:
+    """With the report off, still test ``training_step``'s loss on the last training batch as the report's query
+    would (:func:`~lightning_dve.query_layers.check_reduction`: the declared reduction's weights, no coupling of
+    the samples, method.md §2), in eval mode, and warn: the recording used those weights. A random or failing
+    ``training_step`` is left to the queries."""
+    if embeddings is None or batch is None:
+        return
+    params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
+    try:
+        with modes(pl_module, None):
+            check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params)
+    except LossReductionError as err:
+        rank_zero_warn(f"DataValueEmbedding: {err} (tested at train end on the last training batch, as the report, "
+                       "which is off, would have)")
+    except DVEError:
+        pass

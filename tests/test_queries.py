@@ -550,3 +550,26 @@ def test_a_query_batch_goes_to_the_module_device_as_the_trainer_moves_it() -> No
     plain = on_module_device(nn.Linear(2, 2).to("meta"), {"p": Pair(torch.ones(1), 3), "l": [torch.ones(1)]})
     assert isinstance(plain["p"], Pair) and plain["p"].x.is_meta and plain["p"].y == 3 and plain["l"][0].is_meta
     assert batch["x"].device.type == "cpu"  # the caller's batch is not changed
+
+
+class InBatchNegatives(TinyMLP):
+    """A contrastive loss with in-batch negatives: each sample's term depends on the others in its batch."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        logits = self(batch["x"])
+        similarity = logits @ logits.T / 10.0
+        return F.cross_entropy(similarity, torch.arange(len(logits))) + F.cross_entropy(logits, batch["y"])
+
+
+@pytest.mark.parametrize(("module", "warned"), [(InBatchNegatives, True), (TinyMLP, False)])
+def test_a_training_loss_that_couples_the_samples_warns_with_the_report_off(fit, save_dir, module, warned):
+    """The report's reduction check caught it, but with ``report=None`` (and queries with ``loss_fn=``) nothing
+    did: scores 0.87 off with no warning. The same check now runs on the last training batch when the report is
+    off; a mean loss of independent samples passes it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module(), DataValueEmbedding(save_dir, report=None))
+    messages = [str(w.message) for w in caught if "not the sum of per-sample losses" in str(w.message)]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "tested at train end on the last training batch, as the report, which is off, would have" in messages[0]
