@@ -234,6 +234,7 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             "global_step, which it leaves at their final values, the optimizer's state cleared or its momentum "
             "switched off and on during fit, which influence() models, a dataset or collate_fn "
             "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
+            "that two items of the dataset share (a ConcatDataset of parts numbered from 0 each), or "
             "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own, which "
             "influence() refuses too, weights averaged in at train end by a callback listed before "
             "DataValueEmbedding, or activation checkpointing with use_reentrant=True, which the "

@@ -914,3 +914,29 @@ def test_a_replay_leaves_the_modules_buffers_as_training_left_them(tmp_path: Pat
     first = dve.embeddings.exact_influence(module, test, per_step=True).scores
     torch.testing.assert_close(module.centre.mean, reference.centre.mean, rtol=0, atol=0)
     assert torch.equal(dve.embeddings.exact_influence(module, test, per_step=True).scores, first)
+
+
+class LocallyNumbered(torch.utils.data.Dataset):
+    """Digits ``indices`` whose items carry their position in this part as ``"index"`` (0, 1, ...)."""
+
+    def __init__(self, indices: range) -> None:
+        self.digits = DigitsDataset(indices)
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**self.digits[i], "index": torch.tensor(i)}
+
+
+def test_ids_shared_by_two_items_of_the_dataset_are_named_in_the_refusal(tmp_path: Path) -> None:
+    """A ``ConcatDataset`` of parts numbered from 0 each: the replay takes the ids as positions (the first part's
+    items carry them) and misses the checkpoints; the refusal blamed nondeterminism only, now it names shared ids."""
+    data = torch.utils.data.ConcatDataset([LocallyNumbered(range(0, 16)), LocallyNumbered(range(16, 32))])
+    module = ReplayNet({"optimizer": "sgd", "lr": 0.3}, total_steps=0)
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=64)
+    order = list(range(32))  # each part's ids in steps of their own: no id twice in one step
+    make_trainer(1, callbacks=[dve]).fit(module, torch.utils.data.DataLoader(data, batch_size=8, sampler=order))
+    with pytest.raises(UnsupportedError, match=r"does not reproduce the parameters.*that two items of the dataset "
+                                               r"share \(a ConcatDataset of parts numbered from 0 each\)"):
+        dve.embeddings.exact_influence(module, DigitsDataset(range(1500, 1502)).batch())
