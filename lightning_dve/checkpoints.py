@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import ConfigError, DVEError, StoreError
-from .replay_optim import OptimizerKind, group_hyperparameters, layout_change, optimizer_kind
+from .replay_optim import OptimizerKind, group_hyperparameters, layout_change, mode_change, optimizer_kind
 from .files import read_checked, read_json, remove_files, write_atomic, write_text_atomic
 from .line_log import LineLog, json_line, read_json_lines
 from .store import StepRecord
@@ -352,7 +352,8 @@ class CheckpointRecorder:
             self._start(module, optimizer, clip)
         if not self.enabled:
             return
-        refusal = layout_change(step, self.store.manifest, list(module.named_parameters()), optimizer)
+        refusal = (layout_change(step, self.store.manifest, list(module.named_parameters()), optimizer)
+                   or mode_change(step, self.store.manifest, module))
         if refusal is not None:  # no further checkpoints: exact_influence raises this
             self.store.manifest.update(refusal=refusal)
             self.store.write_manifest()

@@ -169,3 +169,16 @@ def layout_change(step: int, manifest: dict[str, Any], parameters: list[tuple[st
                 "callback), and the replay keeps the parameters frozen then constant, the others trained. To use "
                 "exact_influence, freeze or unfreeze between fits.")
     return None
+
+
+def mode_change(step: int, manifest: dict[str, Any], module: nn.Module) -> str | None:
+    """Why replay cannot follow ``step``: a module's train/eval mode differs from the first step's
+    (``manifest["eval_modules"]``; the replay runs every step in those modes), else ``None``."""
+    now = {name for name, m in module.named_modules() if not m.training}
+    changed = sorted(now.symmetric_difference(manifest.get("eval_modules", now)))
+    if not changed:
+        return None
+    return (f"at step {step} modules {changed[:4]}{' ...' if len(changed) > 4 else ''} were switched to "
+            f"{'eval' if changed[0] in now else 'train'} mode since the first step (e.g. dropout turned on or off "
+            "during fit), and the replay runs every step in the first step's modes. To use exact_influence, keep "
+            "each module's mode fixed during fit.")

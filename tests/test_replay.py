@@ -940,3 +940,23 @@ def test_ids_shared_by_two_items_of_the_dataset_are_named_in_the_refusal(tmp_pat
     with pytest.raises(UnsupportedError, match=r"does not reproduce the parameters.*that two items of the dataset "
                                                r"share \(a ConcatDataset of parts numbered from 0 each\)"):
         dve.embeddings.exact_influence(module, DigitsDataset(range(1500, 1502)).batch())
+
+
+class DropoutFromEpochOne(ReplayNet):
+    """Dropout kept in eval mode in the first epoch and switched on from the second."""
+
+    def __init__(self) -> None:
+        super().__init__({"optimizer": "sgd", "lr": 0.3}, total_steps=0, dropout=0.2)
+
+    def on_train_epoch_start(self) -> None:
+        self.net[2].train(self.current_epoch > 0)
+
+
+def test_a_module_mode_changed_during_fit_is_named_in_the_refusal(tmp_path: Path) -> None:
+    """The replay runs every step in the first step's modes; dropout switched on in the second epoch was refused
+    with the generic "does not reproduce the parameters" message, which named neither dropout nor the step."""
+    module, dve = DropoutFromEpochOne(), DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=64)
+    make_trainer(2, callbacks=[dve]).fit(module, make_loader(DigitsDataset(range(32)), 16, seed=1))
+    with pytest.raises(UnsupportedError, match=r"refused for this run: at step 2 modules \['net\.2'\] were switched "
+                                               r"to train mode since the first step \(e\.g\. dropout"):
+        dve.embeddings.exact_influence(module, DigitsDataset(range(1500, 1502)).batch())
