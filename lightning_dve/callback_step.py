@@ -162,7 +162,7 @@ class StepHooks(pl.Callback):
             if self._terms is not None and self._factor is not None and applied:
                 self._active_guard().check_applied(self._step, self._factor, self._backwards)
             if self._terms is not None and applied and not self._skipped:
-                self._active_guard().settings.check(self._step)
+                self._active_guard().check_update(self._step)
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)

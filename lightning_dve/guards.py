@@ -14,9 +14,9 @@ Ways a run would break silently, each refused with what to change:
   factor ``clip / loss scale`` (not checked for optimizers that are the plain-SGD proxy, value clipping, or
   Nesterov SGD, whose foreach step adds the momentum into ``.grad``);
 - weights changed outside the optimizer between its steps (a constraint such as ``clamp_`` or a max-norm
-  renormalisation in a hook): the same coordinates of the weights and biases before each step must be those the
-  last ``optimizer.step()`` left (an edit in the module's own ``on_before_optimizer_step``, which runs after the
-  callbacks', or of coordinates not sampled, is not seen);
+  renormalisation in a hook): the same coordinates of the weights and biases right before each update (after
+  every hook of the step) must be those the last ``optimizer.step()`` left (an edit of coordinates not sampled is
+  not seen);
 - parameters frozen or unfrozen during ``fit``: the tracked layers and their bias columns are fixed when it
   starts, so a change would drop updates or leave a layer untracked;
 - param-group hyperparameters (the learning rate, momentum, ...) changed after the callback read them in
@@ -165,7 +165,8 @@ class StepGuard:
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self.settings = HyperparameterWatch()  # the hyperparameters a step read against those it used
+        self.settings = HyperparameterWatch(self._before_update)  # the hyperparameters a step read and used
+        self._edited: UnsupportedError | None = None  # weights changed outside the optimizer before this update
         self.unchecked = set(capture.layers)  # layers the tied-weight check has not passed on an applied step
         self._passed: set[str] = set()  # layers it passed once (checked again for a growing penalty)
         self._first_backward = True  # the next backward is its step's first
@@ -227,6 +228,23 @@ class StepGuard:
                 self._tied = err
         self._first_backward = False
 
+    def _before_update(self) -> None:
+        """Right before ``optimizer.step()`` updates (after every hook of the step, the LightningModule's
+        ``on_before_optimizer_step`` included): compare the weights with those the last step left."""
+        self._edited = self._check_unedited()
+
+    def check_update(self, step: int) -> None:
+        """Refuse a step whose update started from weights changed outside the optimizer, or used other
+        hyperparameters than the recorded step read (:class:`HyperparameterWatch`).
+
+        Raises:
+            UnsupportedError: naming the parameters or the hyperparameter, and the fix.
+        """
+        edited, self._edited = self._edited, None
+        if edited is not None:
+            raise edited
+        self.settings.check(step)
+
     def _check_unedited(self) -> UnsupportedError | None:
         """The refusal of weights changed outside the optimizer since its last step (a constraint applied in a hook:
         ``clamp_``, a max-norm renormalisation), else ``None``."""
@@ -241,29 +259,25 @@ class StepGuard:
         return UnsupportedError(
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
-            "on_train_batch_end, on_before_zero_grad or on_after_backward, a callback that writes weights, or weights "
-            "loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be "
+            "on_train_batch_end, on_before_zero_grad, on_after_backward or on_before_optimizer_step, a callback that "
+            "writes weights, or weights loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be "
             f"the trained one. Train with such constraints without this callback, or exclude those layers: "
             f"exclude={layers!r}.")
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to
-        :meth:`check_applied`, the weights are compared with those the last step left (:meth:`_check_unedited`: an
-        edit in any earlier hook of this step is still there), and its tied-weight check counts only for a step that
-        is applied (an fp16 step the grad scaler skips has overflowed gradients: a later step is checked instead)
+        :meth:`check_applied` (the weights are compared with those the last step left right before the update,
+        :meth:`check_update`), and its tied-weight check counts only for a step that is applied (an fp16 step the grad scaler skips has overflowed gradients: a later step is checked instead)
         and whose calls were all captured (``calls_refused``: a call refused on some rank, raised there, leaves its
         layer's blocks short).
 
         Raises:
-            UnsupportedError: a tracked weight that is tied or used functionally, or weights changed outside the
-                optimizer since its last step.
+            UnsupportedError: a tracked weight that is tied or used functionally.
         """
-        seen, refused, edited = self._tied_seen, self._tied, self._check_unedited()
+        seen, refused = self._tied_seen, self._tied
         self._tied_seen, self._tied, self._first_backward = set(), None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
-        self._applied = None
-        if edited is not None:
-            raise edited
+        self._applied, self._edited = None, None
         if not skipped and not calls_refused:
             if refused is not None:
                 raise refused

@@ -3,7 +3,7 @@ is ``theta_{t+1} = theta_t - lr_t sum_z w_z g_z`` with the ``lr_t`` read in ``on
 
 A change between the two (a warm-up set in the LightningModule's ``on_before_optimizer_step``, which runs after
 the callbacks', or by a callback listed after this one) would record the rate of the step before, so it is
-refused. The values the update used are noted right before it: an optimizer step pre-hook wraps the step's
+refused. The values the update used (and the guards' sample of the weights) are noted right before it: an optimizer step pre-hook wraps the step's
 closure (which runs the backward and ``on_before_optimizer_step``) and notes them once it returns, or notes them
 at once when the step has no closure (a grad scaler's ``step``). Changes after the update (a schedule in a step
 post-hook that sets the next step's rate) are not this step's.
@@ -11,6 +11,7 @@ post-hook that sets the next step's rate) are not this step's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,12 +34,17 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> Settings:
 class HyperparameterWatch:
     """Notes the hyperparameters each step read and those its update used; refuses a step where they differ."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_update: Callable[[], None] | None = None) -> None:
+        """Args:
+            before_update: also called right before each update (the guards' sample of the weights).
+        """
+        self._before_update = before_update
         self._optimizer: torch.optim.Optimizer | None = None
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._read: Settings | None = None  # read in on_before_optimizer_step
         self._used: Settings | None = None  # right before the update
         self._last: Settings | None = None  # the previous step's read
+        self._updating = False  # the step's update has begun (its first note is taken)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Note the values each ``optimizer.step()`` uses (a step pre-hook)."""
@@ -57,25 +63,35 @@ class HyperparameterWatch:
         previous step's (always for the first)."""
         if self._optimizer is None:
             return False
-        self._used, self._read = None, hyperparameters(self._optimizer)
+        self._used, self._updating, self._read = None, False, hyperparameters(self._optimizer)
         changed, self._last = self._read != self._last, self._read
         return changed
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        closure = kwargs.get("closure", args[0] if args else None)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer itself
         if not callable(closure):
-            self._used = hyperparameters(optimizer)
+            self._note(optimizer)
             return None
 
-        def noted_closure() -> Any:  # the closure, then the values the update is about to use
+        def noted_closure() -> Any:  # the closure, then what the update is about to use
             result = closure()
-            self._used = hyperparameters(optimizer)
+            self._note(optimizer)
             return result
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": noted_closure}
-        return (noted_closure, *args[1:]), kwargs
+        return (args[0], noted_closure, *args[2:]), kwargs
+
+    def _note(self, optimizer: torch.optim.Optimizer) -> None:
+        """Note the hyperparameters after every evaluation of the closure (the last one's are the update's), and
+        call ``before_update`` at the first note of the step only: an optimizer that evaluates the closure again,
+        or calls its parent's ``step()`` inside its own, may move the weights around that (LBFGS, sharpness-aware
+        minimisation, whose moves there and back round)."""
+        self._used = hyperparameters(optimizer)
+        if not self._updating and self._before_update is not None:
+            self._before_update()
+        self._updating = True
 
     def check(self, step: int) -> None:
         """Refuse a step whose hyperparameters changed between ``on_before_optimizer_step`` (where the recorded

@@ -86,6 +86,48 @@ def test_weights_changed_outside_the_optimizer_are_refused(tmp_path: Path) -> No
         fit(tmp_path, Bench(_sgd_momentum, _clamp))
 
 
+class ClampsBeforeItsStep(Bench):
+    """A max-norm style constraint in the LightningModule's own ``on_before_optimizer_step``, which Lightning runs
+    after the callbacks'."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step > 0:
+            _clamp(self.global_step, optimizer, self.lin)
+
+
+def test_weights_changed_in_the_modules_own_on_before_optimizer_step_are_refused(tmp_path: Path) -> None:
+    """The weights were compared in the callback's ``on_before_optimizer_step``, before the module's own: such an
+    edit was not seen. They are now compared right before the update."""
+    with pytest.raises(UnsupportedError, match=r"tracked parameters \['lin'\] changed between optimizer steps "
+                                               r"outside the optimizer .*on_before_optimizer_step"):
+        fit(tmp_path, ClampsBeforeItsStep(_sgd_momentum))
+
+
+def test_a_learning_rate_changed_late_is_refused_when_the_closure_is_passed_positionally() -> None:
+    """torch's step pre-hooks get the optimizer itself as ``args[0]``: a positional closure was missed (the values
+    were noted before it ran, so the check had nothing to compare and a late change went unrefused)."""
+    from lightning_dve.hyperparameters import HyperparameterWatch
+
+    for positional in (False, True):
+        weight = nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        watch = HyperparameterWatch()
+        watch.attach(optimizer)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = weight.square().sum()
+            loss.backward()
+            watch.read()  # the callback's on_before_optimizer_step
+            optimizer.param_groups[0]["lr"] = 0.05  # the module's, which runs after it
+            return loss
+
+        optimizer.step(closure) if positional else optimizer.step(closure=closure)
+        with pytest.raises(UnsupportedError, match=r"param group 0's 'lr' was changed from 0.1 to 0.05"):
+            watch.check(0)
+        watch.detach()
+
+
 def test_a_bias_gradient_changed_after_the_backward_is_refused(tmp_path: Path) -> None:
     """The applied-gradient check sampled only the weights: a bias gradient scaled by 10 went unseen (0.41x off)."""
     with pytest.raises(UnsupportedError, match=r"step 0: the gradient the optimizer applied to 'lin\.bias' is the "
