@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding, LossReductionError, UnsupportedError
+from tests.conftest import TinyMLP
 from lightning_dve.config import LossReduction
 from lightning_dve.layers import gradient_block
 from lightning_dve.query_layers import check_reduction
@@ -142,3 +143,37 @@ def test_a_position_table_broadcast_across_the_batch_is_named_with_the_fix(tmp_p
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*position table")
         make_trainer(1, [dve]).fit(PositionTableLM(per_sample=True), DataLoader(items, batch_size=8))
+
+
+class RandomlyMasked(TinyMLP):
+    """Drops a random part of each batch inside ``training_step`` (a mask drawn there), a mean over the kept
+    samples, and writes the weights it applied into the batch dict for the declared ``loss_reduction``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws = torch.Generator().manual_seed(3)
+        self.applied: list[torch.Tensor] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+        mask = (torch.rand(len(losses), generator=self.draws) < 0.6).to(losses.dtype)
+        mask[0] = 1.0  # at least one kept sample
+        batch["loss_weights"] = mask / mask.sum()
+        if self.training:  # not the train-end check of the loss (report=None), which runs in eval mode
+            self.applied.append(batch["loss_weights"].detach().clone())
+        return (losses * batch["loss_weights"]).sum()
+
+
+def test_weights_drawn_inside_training_step_are_declared_through_the_batch(fit, save_dir):
+    """A mask drawn in ``training_step`` (random sample dropping, hard-example mining) cannot be computed from the
+    batch before it; the ``loss_reduction`` callable runs after ``training_step``, so weights written into the
+    batch dict there are read as applied. Oracle: the weights the step itself recorded. Left at ``"mean"`` the
+    kept rows came out ``B / kept`` times too large (the curvature scaled by that)."""
+    module = RandomlyMasked()
+    dve = DataValueEmbedding(save_dir, report=None, projection_dim=None, loss_reduction=lambda b: b["loss_weights"])
+    fit(module, dve)
+    store = dve.embeddings.store
+    assert len(store.steps) == len(module.applied) == 4
+    for step, applied in zip(store.steps, module.applied):
+        torch.testing.assert_close(store.read_step(step).weights.to(applied.dtype), applied, rtol=1e-6, atol=0)
+    assert any(bool((applied == 0).any()) for applied in module.applied)
