@@ -101,11 +101,11 @@ def preconditioner(kind: str, source: str, recorded: dict[tuple[str, int], torch
                 out[name] = (torch.ones_like(out[name][0]), torch.ones_like(out[name][1]))
         return out
 
-    def add(self: capture.GradientCapture, kind_: str, layer: Any, grad: torch.Tensor, p_out: Any,
-            in_side: Any) -> None:
+    def add(self: capture.GradientCapture, kind_: str, layer: Any, grad: torch.Tensor, sides: Any,
+            in_side: Any) -> None:  # sides: (P_out, P_in), the latter already in in_side for these layers
         if kind_ != capture.GRADS_Q or layer.name not in per_coordinate:
-            return original_add(self, kind_, layer, grad, p_out, in_side)
-        out_side = layer.spec.project_output_grad(layer.module, grad.detach(), p_out)
+            return original_add(self, kind_, layer, grad, sides, in_side)
+        out_side = layer.spec.project_output_grad(layer.module, grad.detach(), sides[0])
         block = layers.outer_block(out_side, in_side.detach()) * per_coordinate[layer.name].to(grad.dtype)
         previous = self._rows[kind_].get(layer.name)
         self._rows[kind_][layer.name] = block if previous is None else previous + block

@@ -8,6 +8,7 @@ leaves the report without a reference unless ``reference=`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -182,15 +183,22 @@ def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: D
     """With the report off, still test ``training_step``'s loss on the last training batch as the report's query
     would (:func:`~lightning_dve.query_layers.check_reduction`: the declared reduction's weights, no coupling of
     the samples, method.md §2), in eval mode, and warn: the recording used those weights. A random or failing
-    ``training_step`` is left to the queries."""
+    ``training_step`` is left to the queries. Compiled modules run eagerly here (``torch.compile`` leaves hooks out
+    of its guards, so a graph compiled without the capture's hooks would be reused by later queries)."""
     if embeddings is None or batch is None:
         return
     params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
-    try:
-        with modes(pl_module, None):
+    try:  # eagerly: a graph compiled now, with the capture's hooks detached, would be reused by the queries
+        with modes(pl_module, None), _eager():
             check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params)
     except LossReductionError as err:
         rank_zero_warn(f"DataValueEmbedding: {err} (tested at train end on the last training batch, as the report, "
                        "which is off, would have)")
     except DVEError:
         pass
+
+
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Run ``torch.compile``d code eagerly inside (``torch.compiler.set_stance``, torch 2.6 on; else nothing)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
