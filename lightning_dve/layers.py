@@ -9,7 +9,8 @@ projection, so that the block ``sum_p (P_out u_p)(P_in v_p)^T`` is one batched m
 Exact layouts (projection = identity), which :func:`split_block` maps back to parameter gradients:
 
 - ``nn.Linear``: ``[d_out, d_in (+1 bias column)]``, i.e. ``[weight | bias]``.
-- ``nn.Conv1d``, ``nn.Conv2d``: ``[C_out, C_in/groups * prod(kernel) (+1 bias column)]`` (:mod:`.layers_conv`).
+- ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: ``[C_out, C_in/groups * prod(kernel) (+1 bias column)]``
+  (:mod:`.layers_conv`).
 - ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
 """
 
@@ -371,3 +372,4 @@ from .layers_conv import conv_spec  # noqa: E402  (it builds on this module's he
 
 register(nn.Conv1d, conv_spec("conv1d", spatial_dims=1))
 register(nn.Conv2d, conv_spec("conv2d", spatial_dims=2))
+register(nn.Conv3d, conv_spec("conv3d", spatial_dims=3))

@@ -1,4 +1,5 @@
-"""Per-sample gradient maths of convolutions (``nn.Conv1d``, ``nn.Conv2d``), registered by :mod:`.layers`.
+"""Per-sample gradient maths of convolutions (``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``), registered by
+:mod:`.layers`.
 
 A convolution is a linear layer applied at every output position ``p`` to the patch of input under its kernel, so
 its per-sample weight gradient is ``sum_p u_p v_p^T`` with ``v_p`` the patch (method.md §3). The exact block is
@@ -7,7 +8,8 @@ its per-sample weight gradient is ``sum_p u_p v_p^T`` with ``v_p`` the patch (me
 - Padding: zero padding that is the same on both sides goes to the unfold; any other (``padding_mode`` reflect,
   replicate or circular, ``padding="same"`` with an even effective kernel, whose extra zero goes to the right as
   torch does) is applied with ``F.pad`` first, as torch's own forward does.
-- ``nn.Conv1d`` is unfolded as a convolution over ``[B, C, 1, L]`` with a ``(1, k)`` kernel.
+- ``nn.Conv1d`` is unfolded as a convolution over ``[B, C, 1, L]`` with a ``(1, k)`` kernel, ``nn.Conv3d`` by
+  strided windows of the padded input (``F.unfold`` takes two spatial dims only).
 - Groups: output channel ``o`` of group ``g`` sees only group ``g``'s input channels, so one outer product over
   the positions does not give the block. The block is formed per group in the layer's backward, from the input
   itself (which autograd keeps for the weight's gradient anyway; its patches with the groups apart,
@@ -25,7 +27,7 @@ from torch import nn
 
 from .layers import LayerSpec, apply_projection, has_trainable_bias, outer_block, project_input_with_bias
 
-Conv = nn.Conv1d | nn.Conv2d
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 def _pads(module: Conv) -> list[tuple[int, int]]:
@@ -47,10 +49,26 @@ def _patches(module: Conv, x: torch.Tensor) -> torch.Tensor:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x, unfold_padding = F.pad(x, flat, mode=mode), (0,) * len(pads)
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if isinstance(module, nn.Conv3d):
+        if any(unfold_padding):
+            x = F.pad(x, [p for p in reversed(unfold_padding) for _ in (0, 1)])
+        return _windows(x, kernel, dilation, stride)
     if isinstance(module, nn.Conv1d):  # as a 2-D convolution over [B, C, 1, L]
         x, kernel, dilation = x.unsqueeze(2), (1, *kernel), (1, *dilation)
         stride, unfold_padding = (1, *stride), (0, *unfold_padding)
     return F.unfold(x, kernel, dilation, unfold_padding, stride)
+
+
+def _windows(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]
+             ) -> torch.Tensor:
+    """:func:`F.unfold` for any number of spatial dims (``F.unfold`` takes 2): ``x [B, C, *S]`` (padded) to
+    ``[B, C * prod(kernel), P]``, the kernel offsets after the channel, as in the weight."""
+    spatial = len(kernel)
+    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride)):  # a window dim at the end per spatial dim
+        x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]
+    b, c, outputs = x.shape[0], x.shape[1], x.shape[2:2 + spatial]
+    order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]  # [B, C, *K, *S_out]
+    return x.permute(order).reshape(b, c * math.prod(kernel), math.prod(outputs))
 
 
 def _check_conv(name: str, module: nn.Module) -> None:

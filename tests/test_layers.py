@@ -242,7 +242,7 @@ def test_layer_the_backward_never_reaches_gets_zeros():
 
 def _conv_model(c_in: int, c_out: int, kernel, stride, padding, dilation, bias: bool, groups: int = 1,
                 padding_mode: str = "zeros", spatial: int = 2) -> nn.Module:
-    conv = nn.Conv1d if spatial == 1 else nn.Conv2d
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial]
     return nn.Sequential(conv(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias,
                               groups=groups, padding_mode=padding_mode)).to(DTYPE)
 
@@ -319,6 +319,23 @@ def test_a_depthwise_convolution_keeps_only_its_input_until_the_backward():
     model(x)
     (held,) = capture._inputs["0"]
     assert held.data_ptr() == x.data_ptr() and held.shape == x.shape
+
+
+@settings(max_examples=20, deadline=None)
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 3)),
+       padding=st.one_of(st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1)), st.just("same"),
+                         st.just("valid")),
+       extra=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)), **_conv_settings)
+def test_conv3d_matches_per_example_loop(batch, group_channels, groups, kernel, stride, dilation, padding, extra,
+                                         padding_mode, bias, kind, seed):
+    """``F.unfold`` takes two spatial dims; a 3-D convolution's patches come from strided windows instead."""
+    torch.manual_seed(seed)
+    stride = 1 if padding == "same" else stride
+    sizes = [_input_size(k, dilation, p, padding_mode, e)
+             for k, p, e in zip(kernel, padding if isinstance(padding, tuple) else (padding,) * 3, extra)]
+    c_in, c_out = group_channels[0] * groups, group_channels[1] * groups
+    model = _conv_model(c_in, c_out, kernel, stride, padding, dilation, bias, groups, padding_mode, spatial=3)
+    _check_conv(model, batch, c_in, *sizes, kind=kind)
 
 
 @pytest.mark.parametrize(
@@ -581,8 +598,9 @@ class _WithNorm(nn.Module):
     [
         (_frozen_weight, "1", r"capture needs a trainable 'weight'"),
         (_WithNorm, "norm",
-         r"LayerNorm\) is not a supported layer type; supported types are Conv1d, Conv2d, Embedding, Linear"),
-        (lambda: nn.Sequential(nn.Conv3d(2, 4, 3)), "0", r"Conv3d\) is not a supported layer type"),
+         r"LayerNorm\) is not a supported layer type; supported types are Conv1d, Conv2d, Conv3d, Embedding, "
+         r"Linear"),
+        (lambda: nn.Sequential(nn.ConvTranspose2d(2, 4, 3)), "0", r"ConvTranspose2d\) is not a supported layer type"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", r"sparse=True: its weight gets a sparse gradient"),
         (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))), "0", r"parametrised weight"),
