@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LossReduction
-from .errors import ConfigError, GradientError, SampleIdError
+from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 
 IdFn = Callable[[Any], Any]
 WeightFn = Callable[[Any], Any]
@@ -186,3 +186,29 @@ def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[Non
         with torch.no_grad():
             for owner, attribute, buffer, value in buffers:  # in place, or assigned anew
                 setattr(owner, attribute, buffer.copy_(value))
+
+
+@contextlib.contextmanager
+def refusing_dropout(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Refuse the first call of a module in ``names`` (dropout in train mode during training) while replaying: its
+    random masks are not recorded. A dropout module that the forward never calls is not refused.
+
+    Raises:
+        UnsupportedError: at the first such call, naming the module.
+    """
+    def refuse(name: str) -> Callable[..., None]:
+        def hook(dropout: nn.Module, args: Any) -> None:
+            if dropout.training and getattr(dropout, "p", 0) > 0:
+                raise UnsupportedError(
+                    f"module {name!r} ran dropout in train mode, and the random masks are not recorded, so the "
+                    "training steps cannot be replayed exactly. Train with dropout off (p=0 or the module in eval "
+                    "mode) to replay the run (exact_influence, embeddings='replay').")
+        return hook
+
+    named = dict(module.named_modules())
+    handles = [named[name].register_forward_pre_hook(refuse(name)) for name in names if name in named]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

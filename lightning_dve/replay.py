@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, CheckpointStore
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
-from .batches import WeightFn, modes
+from .batches import WeightFn, modes, refusing_dropout
 from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import CHECKPOINTS, TrajectoryStore
@@ -316,6 +316,10 @@ def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torc
 
     ``scores[i, (t, z)] = -w_{t,z} dL_i(theta_T)/dw_{t,z}`` (the first-order TSLOO, module docstring) for the
     targets whose gradients ``dL_i/dtheta_T`` are the rows of ``adjoint`` (``{(name, "param"): [n, *shape]}``).
+
+    Raises:
+        UnsupportedError: a module ran dropout in train mode (:func:`~lightning_dve.batches.refusing_dropout`), or
+            the replay does not land on a checkpoint.
     """
     started = time.perf_counter()
     checkpoints, store = replayer.checkpoints, replayer.store
@@ -328,7 +332,8 @@ def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torc
                          f"recorded; checkpoint files are missing in {checkpoints.root}. Record the run again.")
     end_params, _ = replayer.snapshot(final_step)
     columns: dict[int, torch.Tensor] = {}
-    with modes(replayer.module, manifest.get("eval_modules", [])):
+    with modes(replayer.module, manifest.get("eval_modules", [])), \
+            refusing_dropout(replayer.module, manifest.get("dropout_modules", [])):
         for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
             segment = [s for s in steps if lo <= s < hi]
             start = replayer.snapshot(lo)
@@ -351,7 +356,7 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
 
     Raises:
         ConfigError: if checkpoints were turned off (``checkpoint_interval=None``).
-        UnsupportedError: for an optimizer the replay does not model, or dropout active in training.
+        UnsupportedError: for an optimizer the replay does not model.
         StoreError: if the checkpoints are missing or training did not finish.
     """
     if interval is None:
@@ -362,11 +367,6 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
     manifest = checkpoints.manifest
     if manifest.get("refusal"):
         raise UnsupportedError(f"exact replay is refused for this run: {manifest['refusal']}")
-    if manifest.get("dropout_modules"):
-        raise UnsupportedError(f"modules {manifest['dropout_modules']} ran dropout in train mode, and the random "
-                               "masks are not recorded, so the training steps cannot be replayed exactly. Train "
-                               "with dropout off (p=0 or the modules in eval mode) to replay the run (exact_influence, "
-                               "embeddings='replay').")
     if manifest.get("final_step") is None:
         raise StoreError(f"the replay checkpoints in {checkpoints.root} have no final state: training did not "
                          "finish. Record the run again.")

@@ -724,7 +724,7 @@ def test_refuses_missing_or_unfinished_checkpoints(recorded, small_data, tmp_pat
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"dropout": 0.2}, r"modules \['net.2'\] ran dropout in train mode"),
+    ({"dropout": 0.2}, r"module 'net.2' ran dropout in train mode, and the random masks are not recorded"),
     ({"optimizer": "rmsprop"}, "exact replay is refused for this run: exact replay models torch.optim SGD, Adam, "
                                "AdamW exactly; the run used RMSprop"),
     ({"precision": "16-mixed"}, r"precision='16-mixed': fp16 loss scaling \(skipped steps\) is not replayed"),
@@ -744,6 +744,27 @@ def test_refuses_runs_that_cannot_be_replayed(tmp_path: Path, small_data, kwargs
     make_trainer(2, callbacks=[dve], **trainer_kwargs).fit(module, make_loader(dataset, 16, seed=1))
     with pytest.raises(UnsupportedError, match=match):
         dve.embeddings.exact_influence(module, test)
+
+
+class UnusedDropout(ReplayNet):
+    """:class:`ReplayNet` holding a dropout module in train mode that its forward never calls."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.spare = nn.Dropout(0.5)
+
+
+def test_a_dropout_module_that_is_never_called_is_replayed(tmp_path: Path, small_data) -> None:
+    """Only a dropout module the forward calls is refused: a spare one in train mode leaves the scores of the same
+    run without it (it was refused up front, listed among the modules that ran dropout)."""
+    dataset, test = small_data
+    scores = []
+    for cls in (ReplayNet, UnusedDropout):
+        module = cls(SETTINGS["sgd"], 6)
+        dve = DataValueEmbedding(tmp_path / cls.__name__, projection_dim=64, report=None)
+        make_trainer(2, callbacks=[dve]).fit(module, make_loader(dataset, 16, seed=1))
+        scores.append(dve.embeddings.exact_influence(module, test, per_step=True).scores)
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-9, atol=1e-12)
 
 
 def test_bf16_autocast_run_is_replayed_under_autocast(tmp_path: Path, small_data) -> None:
