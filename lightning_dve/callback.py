@@ -16,7 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
-from . import batches, callback_setup, capture, distributed, recursion_ranks, reporting, reporting_reference, sync
+from . import (batches, callback_setup, callback_store, capture, distributed, recursion_ranks, reporting,
+               reporting_reference, sync)
 from .call_checks import model_tables
 from .callback_step import StepHooks, summarise_scaler_skips
 from .checkpoints import CheckpointRecorder
@@ -219,7 +220,7 @@ class DataValueEmbedding(StepHooks):
         # ``load_state_dict``: resuming must still refuse it rather than start a store afresh (validate, test and
         # predict restore checkpoints too, but resume nothing)
         if trainer.state.fn == TrainerFn.FITTING:
-            self._resume = callback_setup.recording_in(checkpoint, self.state_key, self._store_root(trainer))
+            self._resume = callback_store.recording_in(checkpoint, self.state_key, self._store_root(trainer))
 
     # --- fit lifecycle ---------------------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ class DataValueEmbedding(StepHooks):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_pending = False
-        resume, self._resume = callback_setup.store_to_continue(self._resume), None  # a refused one is not retried
+        resume, self._resume = callback_store.store_to_continue(self._resume), None  # a refused one is not retried
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
@@ -239,8 +240,8 @@ class DataValueEmbedding(StepHooks):
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = self._store_root(trainer)
         self._refuse_a_shared_save_dir(trainer)
-        manifest = callback_setup.store_manifest(self.config, tracked, self._comm, self._owned)
-        self._store = callback_setup.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
+        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned)
+        self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         callback_setup.log_settings(trainer, self._store, sum(self._dims.values()), self.embedding_method,
                                    self.report_config)
@@ -320,7 +321,7 @@ class DataValueEmbedding(StepHooks):
             replay_error = err
         self._release()
         final = None if self._guard is None else self._guard.final_weights()
-        sync.agree_on_errors(self._comm, callback_setup.finish_store(store, final))  # once every rank got here
+        sync.agree_on_errors(self._comm, callback_store.finish_store(store, final))  # once every rank got here
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
@@ -332,7 +333,7 @@ class DataValueEmbedding(StepHooks):
                                          bounds, progress=trainer.progress_bar_callback is not None,
                                          device=callback_setup.recursion_device(pl_module.device, need))
         if self._comm.rank == 0:
-            callback_setup.report_disk_use(store)
+            callback_store.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
         if self.embedding_method is EmbeddingMethod.REPLAY and store.steps:  # (the same steps on every rank)

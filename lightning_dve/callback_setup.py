@@ -1,10 +1,9 @@
 """What the callback reads from and checks on the Trainer: supported setups, warnings, clipping, the grad
-scaler, and each rank's store (created, or the one a checkpoint resumes). Framework glue for
-:mod:`lightning_dve.callback`, nothing else."""
+scaler, the report and replayed embeddings at train end (each rank's store: :mod:`lightning_dve.callback_store`).
+Framework glue for :mod:`lightning_dve.callback`, nothing else."""
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,19 +16,18 @@ from torch.utils.data import DistributedSampler
 
 import torch
 
-from . import reporting_loggers, sync
+from . import reporting_loggers
 from .batches import WeightFn
 from .capture import TrackedLayer
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
-from .errors import ConfigError, DVEError, StoreError, UnsupportedError
-from .files import disk_bytes
+from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .replay import ReplayCost, TrainingData, make_replayer
 from .replay_embeddings import carried_rows
 from .replay_ranks import CarryFn, replay_on_ranks
-from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
+from .store import TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed")
@@ -129,85 +127,6 @@ def warn_sampler_padding(trainer: pl.Trainer) -> None:
     if padded > 0:
         rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
                        "rank the same count; those copies are trained on, so each is kept as its own occurrence.")
-
-
-def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> TrajectoryStore:
-    """Reopen the store a checkpoint points to, after checking it was written with the same setup as ``manifest``
-    (this rank's, as :func:`store_manifest` builds it).
-
-    Raises:
-        ConfigError: if the checkpoint was recorded with other callback settings or another world size.
-        StoreError: if the store tracked other layers or projections, is not the one the checkpoint was saved
-            with (rank 0's ``run_id``), or lacks the checkpoint's last step.
-    """
-    if state.get("settings_hash") != manifest["settings_hash"]:
-        raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
-                          f", this callback has {manifest['settings_hash']}: resuming would mix two recordings. Resume "
-                          "with the same callback arguments, or start a fresh fit without ckpt_path.")
-    if state.get("world_size") != manifest["world_size"]:
-        raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
-                          f"{manifest['world_size']}: the store is sharded by rank. Resume with the same number of "
-                          "devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"],
-                                  state.get("run_id") if manifest["rank"] == 0 else None)  # the checkpoint has rank 0's
-
-
-def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:
-    """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
-    the ranks to agree on. ``bytes_steps`` and ``bytes_per_step`` count the step files, ``bytes_total`` the whole
-    store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``);
-    ``final_weights`` are the tracked weights' sampled coordinates after the last step (``StepGuard``), which
-    queries compare with the module they are given."""
-    try:
-        store.truncate_for_resume()  # a resumed run that recorded nothing new
-        steps_bytes = disk_bytes([store.root / STEPS])
-        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps)),
-                                "final_weights": final_weights})
-        store.record_disk_use()
-    except DVEError as err:
-        return err
-    return None
-
-
-def report_disk_use(store: TrajectoryStore) -> None:
-    """Say what the finished store takes on disk (rank 0's: the whole store once the embeddings are written)."""
-    manifest = store.manifest
-    rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
-                   f"{manifest['bytes_total'] / 2**20:.2f} MiB in all, of which step files "
-                   f"{manifest['bytes_steps'] / 2**20:.2f} MiB ({manifest['bytes_per_step'] / 2**10:.1f} KiB per "
-                   "step), on rank 0.")
-
-
-def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict[str, Any] | None:
-    """The store state a Lightning checkpoint holds for this callback under another state key (other settings),
-    for ``load_state_dict``'s check to refuse; ``None`` when it has this key's (Lightning passes that one) or none.
-
-    A checkpoint of several such callbacks picks the one that recorded into ``root``.
-
-    Raises:
-        ConfigError: if several recordings are candidates and none recorded into ``root``.
-    """
-    states = {key: state for key, state in (checkpoint.get("callbacks") or {}).items()
-              if isinstance(state, dict) and {"settings_hash", "last_step"} <= state.keys()}
-    if state_key in states or not states:
-        return None
-    same_dir = [state for state in states.values() if state.get("save_dir") == str(root)]
-    candidates = same_dir or list(states.values())
-    if len(candidates) > 1:
-        raise ConfigError(f"the checkpoint holds {len(candidates)} DataValueEmbedding recordings (save_dirs "
-                          f"{sorted(str(s.get('save_dir')) for s in candidates)}), none with this callback's settings "
-                          f"or save_dir {root}: resuming cannot tell which one it continues. Resume with the settings "
-                          "and save_dir of one of them, or start a fresh fit without ckpt_path.")
-    return dict(candidates[0])
-
-
-def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The restored callback state a fit continues: ``None`` when there is none, or when it was saved by this fit
-    before its ``on_fit_start`` (``before_fit``). ``LearningRateFinder`` and ``BatchSizeFinder`` (also through
-    ``Tuner``) save a checkpoint in their ``on_fit_start``, which runs before this callback's, and restore it after
-    their search: it holds no store (a first fit) or the first fit's (a second one), which the fit must not
-    continue."""
-    return None if state is None or state.get("before_fit") else state
 
 
 def warn_nothing_recorded(root: Path) -> None:
@@ -322,54 +241,6 @@ def replay_embeddings(comm: Communicator, store: TrajectoryStore, owned: list[li
         share = f", rank 0's share of the rows over {comm.world_size} ranks" if comm.world_size > 1 else ""
         rank_zero_info(f"DataValueEmbedding: replayed the embeddings in {cost.seconds:.1f} s "
                        f"({cost.relative:.1f}x the training loop{share}).")
-
-
-def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,
-                   owned: list[list[str]]) -> dict[str, Any]:
-    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes.
-
-    The training dtype is the widest of the tracked weights' (float32 at least), not the LightningModule's
-    ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one.
-    """
-    widest = functools.reduce(torch.promote_types, (layer.module.weight.dtype for layer in tracked.values()),
-                              torch.float32)
-    training_dtype = str(widest).removeprefix("torch.")
-    return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
-            "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
-            "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
-            "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value}
-
-
-def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,
-                    overwrite: bool) -> TrajectoryStore:
-    """Collective: create (or, after a checkpoint restore, reopen) this rank's store; rank 0's is ``root``.
-
-    Rank 0 checks ``root`` (a non-empty one needs ``overwrite``) before the other ranks create their shards under
-    it; each rank's store clears what it replaces at its own first write. An error on any rank is raised on every
-    rank.
-    """
-    rank_root = root if comm.rank == 0 else root / SHARDS / f"rank_{comm.rank}"
-
-    def attempt() -> tuple[TrajectoryStore | None, DVEError | None]:
-        try:
-            if resume is None:
-                return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
-            recorded = resume.get("save_dir")
-            if recorded is not None and Path(recorded) != root and not (rank_root / MANIFEST).is_file():
-                raise StoreError(f"no store at {root} to resume: the checkpoint's DataValueEmbedding recorded into "
-                                 f"{recorded}. Pass save_dir={recorded!r} (or move that folder here), or start a "
-                                 "fresh fit without ckpt_path.")
-            return resume_store(rank_root, resume, manifest), None
-        except DVEError as err:
-            return None, err
-
-    store, error = attempt() if comm.rank == 0 or resume is not None else (None, None)
-    sync.agree_on_errors(comm, error)  # rank 0 has checked save_dir before the others create their shards
-    if store is None:
-        store, error = attempt()
-    sync.agree_on_errors(comm, error)
-    assert store is not None
-    return store
 
 
 def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, config: DVEConfig) -> None:

@@ -147,7 +147,7 @@ def test_a_tied_weight_is_caught_after_fp16_overflow_steps(fit: Callable, tmp_pa
 
 def test_a_checkpoint_of_several_recordings_none_of_them_this_ones_is_refused() -> None:
     from lightning_dve import ConfigError
-    from lightning_dve.callback_setup import recording_in
+    from lightning_dve.callback_store import recording_in
 
     state = {"settings_hash": "a", "last_step": 3, "world_size": 1, "run_id": "r"}
     checkpoint = {"callbacks": {"DVE{a}": {**state, "save_dir": "/x"}, "DVE{b}": {**state, "save_dir": "/y"},
