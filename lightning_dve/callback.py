@@ -215,7 +215,8 @@ class DataValueEmbedding(StepHooks):
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
         self._resume = dict(state_dict)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         # a recording under other settings has another state key, so Lightning would not pass it to
         # ``load_state_dict``: resuming must still refuse it rather than start a store afresh (validate, test and
         # predict restore checkpoints too, but resume nothing)

@@ -260,16 +260,16 @@ class StepGuard:
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
             "on_train_batch_end, on_before_zero_grad, on_after_backward or on_before_optimizer_step, a callback that "
-            "writes weights, or weights loaded during fit): the callback records the optimizer's updates only, so its trajectory would not be "
-            f"the trained one. Train with such constraints without this callback, or exclude those layers: "
-            f"exclude={layers!r}.")
+            "writes weights, or weights loaded during fit): the callback records the optimizer's updates only, so "
+            "its trajectory would not be the trained one. Train with such constraints without this callback, or "
+            f"exclude those layers: exclude={layers!r}.")
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to
         :meth:`check_applied` (the weights are compared with those the last step left right before the update,
-        :meth:`check_update`), and its tied-weight check counts only for a step that is applied (an fp16 step the grad scaler skips has overflowed gradients: a later step is checked instead)
-        and whose calls were all captured (``calls_refused``: a call refused on some rank, raised there, leaves its
-        layer's blocks short).
+        :meth:`check_update`), and its tied-weight check counts only for a step that is applied (an fp16 step the
+        grad scaler skips has overflowed gradients: a later step is checked instead) and whose calls were all
+        captured (``calls_refused``: a call refused on some rank, raised there, leaves its layer's blocks short).
 
         Raises:
             UnsupportedError: a tracked weight that is tied or used functionally.

@@ -3,10 +3,10 @@ is ``theta_{t+1} = theta_t - lr_t sum_z w_z g_z`` with the ``lr_t`` read in ``on
 
 A change between the two (a warm-up set in the LightningModule's ``on_before_optimizer_step``, which runs after
 the callbacks', or by a callback listed after this one) would record the rate of the step before, so it is
-refused. The values the update used (and the guards' sample of the weights) are noted right before it: an optimizer step pre-hook wraps the step's
-closure (which runs the backward and ``on_before_optimizer_step``) and notes them once it returns, or notes them
-at once when the step has no closure (a grad scaler's ``step``). Changes after the update (a schedule in a step
-post-hook that sets the next step's rate) are not this step's.
+refused. The values the update used (and the guards' sample of the weights) are noted right before it: an
+optimizer step pre-hook wraps the step's closure (which runs the backward and ``on_before_optimizer_step``) and
+notes them once it returns, or notes them at once when the step has no closure (a grad scaler's ``step``).
+Changes after the update (a schedule in a step post-hook that sets the next step's rate) are not this step's.
 """
 
 from __future__ import annotations
