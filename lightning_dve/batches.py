@@ -183,9 +183,21 @@ def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[Non
     finally:
         for m, training in saved.items():
             m.train(training)
-        with torch.no_grad():
-            for owner, attribute, buffer, value in buffers:  # in place, or assigned anew
-                setattr(owner, attribute, buffer.copy_(value))
+        _restore(buffers)
+
+
+def _restore(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -> None:
+    """Put each ``(owner, attribute, buffer, saved value)`` back: the same tensor, written in place where it
+    changed, or the saved copy where it cannot be written (an inference tensor, made under ``trainer.validate``;
+    an expanded view), also where the attribute was assigned anew."""
+    with torch.no_grad():
+        for owner, attribute, buffer, value in buffers:
+            if not torch.equal(buffer, value):
+                try:
+                    buffer.copy_(value)
+                except RuntimeError:
+                    buffer = value
+            setattr(owner, attribute, buffer)
 
 
 @contextlib.contextmanager

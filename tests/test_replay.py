@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
-from lightning_dve import replay, replay_optim, step_files
+from lightning_dve import batches, replay, replay_optim, step_files
 from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
 from lightning_dve.sync import StepAssembler
@@ -935,6 +935,22 @@ def test_a_replay_leaves_the_modules_buffers_as_training_left_them(tmp_path: Pat
     first = dve.embeddings.exact_influence(module, test, per_step=True).scores
     torch.testing.assert_close(module.centre.mean, reference.centre.mean, rtol=0, atol=0)
     assert torch.equal(dve.embeddings.exact_influence(module, test, per_step=True).scores, first)
+
+
+def test_buffers_that_cannot_be_written_in_place_are_restored() -> None:
+    """``modes`` (every query, replay and train-end check) restores buffers by writing into them: an inference
+    tensor (a cache first built under ``trainer.validate``) or an expanded view raised at every query and at train
+    end. Oracle: the very tensors and values before the context."""
+    with torch.inference_mode():
+        cache = torch.arange(3.0)
+    holder, scale, count = nn.Module(), torch.ones(1).expand(4), torch.zeros(())
+    for name, buffer in (("cache", cache), ("scale", scale), ("count", count)):
+        holder.register_buffer(name, buffer)
+    with batches.modes(holder, []):
+        holder.count += 1  # in place
+        holder.cache = torch.ones(3)  # assigned anew, as a lazily rebuilt cache is
+    assert holder.cache is cache and holder.scale is scale and holder.count is count
+    assert torch.equal(cache, torch.arange(3.0)) and float(count) == 0.0 and torch.equal(scale, torch.ones(4))
 
 
 class LocallyNumbered(torch.utils.data.Dataset):
