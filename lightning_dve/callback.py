@@ -163,6 +163,7 @@ class DataValueEmbedding(StepHooks):
         self._training_data: Any = None
         self._train_started, self._resumed, self._train_ended = 0.0, False, False
         self._batch: Any = None
+        self._loss_batch: Any = None  # the last training micro-batch of two samples or more (train-end loss check)
         self._backwards = 0  # the micro-batch's backward passes (more than one: its closure was evaluated again)
         self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)
@@ -267,7 +268,7 @@ class DataValueEmbedding(StepHooks):
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
-        self._scaler_skips, self._applied_scale, self._split_biases = [], 0.0, set()
+        self._scaler_skips, self._applied_scale, self._split_biases, self._loss_batch = [], 0.0, set(), None
         self._embeddings, self._deferred_write = None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
@@ -341,10 +342,12 @@ class DataValueEmbedding(StepHooks):
             carry = callback_setup.replay_carry(store, pl_module, self.config, self._training_data, self._weight_fn,
                                                 self._capture.layers, replay_error)
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
-        callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
-                                      self.report_config, self.reference, self.describe, self.sample_ids), store.root)
-        if self.report_config is None and self._comm.rank == 0:  # the report tests the training loss otherwise
-            reporting_reference.check_training_loss(pl_module, self._batch, self._embeddings)
+        loss_batch, self._loss_batch = self._loss_batch, None
+        if self._comm.rank != 0 or reporting_reference.check_training_loss(
+                pl_module, loss_batch, self._embeddings, report=self.report_config is not None):
+            callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
+                                          self.report_config, self.reference, self.describe, self.sample_ids),
+                                  store.root)
         if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:
             callback_setup.warn_replay_lost(replay_error)
 

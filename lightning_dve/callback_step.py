@@ -71,6 +71,7 @@ class StepHooks(pl.Callback):
     _deferred: DVEError | None
     _deferred_write: DVEError | None
     _split_biases: set[str]
+    _loss_batch: Any
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -218,6 +219,7 @@ class StepHooks(pl.Callback):
         check_no_inner_backward(self._inner_backward, step)
         size = hooks.batch_size()
         ids = batches.extract_sample_ids(batch, self.sample_ids, size)
+        self._loss_batch = batch if size > 1 else self._loss_batch
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation

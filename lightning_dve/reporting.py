@@ -104,7 +104,15 @@ def report_train_end(
     if config is None or embeddings is None or not trainer.is_global_zero:
         return None
     show = trainer.progress_bar_callback is not None
-    query = _reference_query(trainer, pl_module, embeddings, config, reference, show)
+    try:
+        query = _reference_query(trainer, pl_module, embeddings, config, reference, show)
+    except Exception as err:  # noqa: BLE001 -- the user's reference batches through training_step, after the fit
+        rank_zero_warn(f"DataValueEmbedding: the influence report is skipped: training_step failed on the reference "
+                       f"batches ({type(err).__name__}: {err}). The report takes the reference loss from "
+                       "training_step, so the reference batches (the validation dataloader's, or `reference=`) must "
+                       "be in the training batches' format: pass `reference=` (a batch or a DataLoader of them), or "
+                       "report=None. The embeddings are complete.")
+        return None
     if query is None:
         return None
     result, config = _scores(trainer, pl_module, embeddings, config, reference, query)

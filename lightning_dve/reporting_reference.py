@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batches import modes
-from .errors import ConfigError, DVEError, LossReductionError
+from .errors import ConfigError, LossReductionError
 from .influence import DataValueEmbeddings
 from .query_layers import check_reduction
 from .samples import unsharded
@@ -179,23 +179,35 @@ def reference_gradient(
     return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
 
 
-def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: DataValueEmbeddings | None) -> None:
-    """With the report off, still test ``training_step``'s loss on the last training batch as the report's query
-    would (:func:`~lightning_dve.query_layers.check_reduction`: the declared reduction's weights, no coupling of
-    the samples, method.md §2), in eval mode, and warn: the recording used those weights. A random or failing
-    ``training_step`` is left to the queries. Compiled modules run eagerly here (``torch.compile`` leaves hooks out
-    of its guards, so a graph compiled without the capture's hooks would be reused by later queries)."""
+def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: DataValueEmbeddings | None,
+                        report: bool) -> bool:
+    """Test ``training_step``'s loss at train end on a training batch of two samples or more, as a query would
+    (:func:`~lightning_dve.query_layers.check_reduction`: the declared reduction's weights, no coupling of the
+    samples, method.md §2), in eval mode, and warn: the recording used those weights. The report's reference
+    batches may not test it (batches of one sample, or the report off). A ``training_step`` that is random or fails
+    on two samples is left to the queries (said when the report is off). Compiled modules run eagerly here
+    (``torch.compile`` leaves hooks out of its guards: a graph compiled without the capture's hooks would be reused
+    by later queries).
+
+    Returns:
+        ``False`` where the loss is refused (then the report, ``report``, is skipped).
+    """
     if embeddings is None or batch is None:
-        return
+        return True
     params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
     try:  # eagerly: a graph compiled now, with the capture's hooks detached, would be reused by the queries
         with modes(pl_module, None), _eager():
             check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params)
     except LossReductionError as err:
-        rank_zero_warn(f"DataValueEmbedding: {err} (tested at train end on the last training batch, as the report, "
-                       "which is off, would have)")
-    except DVEError:
-        pass
+        skipped = "the influence report is skipped: " if report else ""
+        rank_zero_warn(f"DataValueEmbedding: {skipped}{err} (tested at train end on a training batch)")
+        return False
+    except Exception as err:  # noqa: BLE001 -- an optional check of a finished fit: the queries raise it
+        if not report:
+            rank_zero_info(f"DataValueEmbedding: the train-end check of training_step's loss reduction could not "
+                           f"run on two training samples in eval mode ({type(err).__name__}: {err}); queries check "
+                           "it on their test batches.")
+    return True
 
 
 def _eager() -> contextlib.AbstractContextManager[Any]:

@@ -291,6 +291,63 @@ def test_a_reference_that_training_step_does_not_score_says_what_to_change(fit, 
     assert not (tmp_path / "dve" / "report").exists()
 
 
+class SummedLoss(ImageMLP):
+    """A summed cross-entropy, which the callback's default ``loss_reduction="mean"`` mis-declares."""
+
+    def loss(self, batch):
+        return F.cross_entropy(self(batch["x"]), batch["y"], reduction="sum")
+
+
+def test_a_wrong_reduction_skips_the_report_when_the_reference_batches_hold_one_sample(fit, tmp_path):
+    """The reduction is tested on two samples: with validation batches of one sample the report tested nothing and
+    logged curves 1e8 times too large, silently. It is now tested on the last training batch of two samples or more
+    (here the last training batch holds one)."""
+    train = DataLoader(ImageDigits(range(65)), batch_size=16)
+    val = DataLoader(ImageDigits(range(1500, 1510)), batch_size=1)
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    with pytest.warns(UserWarning, match=r"the influence report is skipped: training_step's loss is not the sum of "
+                                         r"per-sample losses weighted as loss_reduction='mean' .*\(tested at train "
+                                         r"end on a training batch\)"):
+        fit(SummedLoss(), callback, train, val)
+    assert not report_dir(callback).exists() and callback.embeddings.store.manifest["embeddings"] == "complete"
+
+
+class TupleValidation(ImageMLP):
+    """Validation batches are ``(x, y)`` tuples, with their own ``validation_step``; training batches are dicts."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_reference_batches_that_training_step_cannot_take_skip_the_report_saying_why(fit, tmp_path):
+    """The report runs the validation batches through ``training_step``: batches of another format raised torch's
+    TypeError out of the finished fit. Now a warning names the failure and the fix, and the fit returns."""
+    train, _ = loaders()
+    val = DataLoader([(item["x"], item["y"]) for item in ImageDigits(range(1500, 1516))], batch_size=8)
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL)
+    with pytest.warns(UserWarning, match=r"report is skipped: training_step failed on the reference batches "
+                                         r"\(TypeError: .*the validation dataloader's, .*pass `reference=`"):
+        fit(TupleValidation(), callback, train, val)
+    assert not report_dir(callback).exists() and callback.embeddings.store.manifest["embeddings"] == "complete"
+
+
+class FixedBatchContrastive(ImageMLP):
+    """An in-batch contrastive loss written for batches of 16 (its labels are ``arange(16)``)."""
+
+    def loss(self, batch):
+        logits = self(batch["x"])
+        return F.cross_entropy(logits @ logits.T, torch.arange(16))
+
+
+def test_a_training_step_that_fails_on_two_samples_leaves_a_fit_without_report_finished(fit, tmp_path):
+    """With ``report=None`` the train-end check of the loss runs ``training_step`` on two training samples: a loss
+    that only takes full batches raised out of the finished fit. It is an optional check: the fit returns."""
+    train, _ = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+    fit(FixedBatchContrastive(), callback, train)
+    assert callback.embeddings.store.manifest["embeddings"] == "complete"
+
+
 def test_a_training_step_that_fails_on_one_sample_skips_the_report_saying_why(fit, tmp_path):
     """A binary head squeezed with ``.squeeze()`` fails on a one-sample batch, which only the reduction check runs:
     the finished fit warns, naming the check and the fix, instead of raising torch's error after training (it
