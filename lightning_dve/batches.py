@@ -6,6 +6,7 @@ Also :func:`muted_logging`, for running ``training_step`` outside the training l
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -78,13 +79,14 @@ def _as_id_tensor(ids: Any) -> torch.Tensor:
     try:
         ids = torch.as_tensor(ids)
     except (TypeError, ValueError, RuntimeError) as err:  # strings (file names), None, ragged lists, big ints
-        first = next(iter(ids), None) if isinstance(ids, (list, tuple)) else ids
-        if isinstance(first, int) or "Overflow" in str(err):
-            raise SampleIdError(f"sample ids must fit in int64 ({_ID_RANGE}); got values such as {first!r}. Map "
-                                "them to dataset positions, or pass `sample_ids=callable(batch) -> LongTensor[B]` "
-                                "that does.") from err
+        values = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        odd = [v for v in values if not isinstance(v, numbers.Integral)]
+        if not odd and values:  # integers only: one is outside int64
+            big = next((v for v in values if not -2**63 <= int(v) < 2**63), values[0])
+            raise SampleIdError(f"sample ids must fit in int64 ({_ID_RANGE}); got {big!r}. Map them to dataset "
+                                "positions, or pass `sample_ids=callable(batch) -> LongTensor[B]` that does.") from err
         raise SampleIdError(f"sample ids must be integers (dataset indices); got a {type(ids).__name__} holding "
-                            f"{type(first).__name__} values such as {first!r}. Return the sample's position in the "
+                            f"{type(odd[0]).__name__} values such as {odd[0]!r}. Return the sample's position in the "
                             "dataset as an int from your Dataset, or pass `sample_ids=callable(batch) -> "
                             "LongTensor[B]` that maps them to integers.") from err
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:

@@ -102,8 +102,11 @@ def test_ids_beyond_int64_are_refused_not_wrapped() -> None:
     hashes = np.array([2**63 + 5, 7], dtype=np.uint64)
     with pytest.raises(SampleIdError, match=r"must fit in int64 .*uint64 ids of 2\*\*63 or more .*would wrap"):
         extract_sample_ids({"index": hashes}, "index", 2)
-    with pytest.raises(SampleIdError, match=r"must fit in int64 .*such as 9223372036854775813"):
-        extract_sample_ids({"index": [2**63 + 5, 7]}, "index", 2)
+    with pytest.raises(SampleIdError, match=r"must fit in int64 .*got 9223372036854775813\."):
+        extract_sample_ids({"index": [7, 2**63 + 5]}, "index", 2)  # the offending id is named, not the first
+    for mixed, named in (([1, None], "NoneType values such as None"), ([3, "a"], "str values such as 'a'")):
+        with pytest.raises(SampleIdError, match=rf"must be integers \(dataset indices\); got a list holding {named}"):
+            extract_sample_ids({"index": mixed}, "index", 2)  # was called an int64 overflow (the first was an int)
     small = np.array([2**63 - 1, 7], dtype=np.uint64)  # within int64: kept exactly
     assert extract_sample_ids({"index": small}, "index", 2).tolist() == [2**63 - 1, 7]
 
