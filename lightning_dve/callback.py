@@ -243,7 +243,9 @@ class DataValueEmbedding(StepHooks):
         self._root = self._store_root(trainer)
         self._refuse_a_shared_save_dir(trainer)
         manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned)
-        self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume, self.overwrite)
+        scratch = callback_store.fast_dev_run_note(trainer, self._root)  # (its store is replaced each time)
+        self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume,
+                                                     self.overwrite or scratch)
         self._writer = StepWriter(self._store, background=pl_module.device.type != "cpu")
         callback_setup.log_settings(trainer, self._store, sum(self._dims.values()), self.embedding_method,
                                    self.report_config)
@@ -378,7 +380,8 @@ class DataValueEmbedding(StepHooks):
             self._store.unlock()
 
     def _store_root(self, trainer: pl.Trainer) -> Path:
-        return Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+        root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+        return callback_store.fast_dev_run_root(root) if trainer.fast_dev_run else root
 
     def _refuse_a_shared_save_dir(self, trainer: pl.Trainer) -> None:
         """Refuse another ``DataValueEmbedding`` of the trainer recording into the same folder (the folder lock

@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -17,6 +18,25 @@ from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
 from .files import disk_bytes
 from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
+
+
+#: Appended to the store folder's name under ``Trainer(fast_dev_run=...)``.
+FAST_DEV_RUN_SUFFIX = ".fast_dev_run"
+
+
+def fast_dev_run_root(root: Path) -> Path:
+    """The scratch store folder of a ``fast_dev_run`` next to ``root``: a smoke test runs every part of the
+    callback, as Lightning runs the loops, but leaves the store in ``root`` alone (Lightning suppresses logging and
+    checkpointing then), and each one replaces the last."""
+    return root.with_name(root.name + FAST_DEV_RUN_SUFFIX)
+
+
+def fast_dev_run_note(trainer: pl.Trainer, root: Path) -> bool:
+    """Whether this fit is a ``fast_dev_run`` (recording into :func:`fast_dev_run_root`), said on rank 0."""
+    if trainer.fast_dev_run:
+        rank_zero_info(f"DataValueEmbedding: fast_dev_run records into the scratch folder {root}, replaced by each "
+                       "fast_dev_run; the store of save_dir is left as it is.")
+    return bool(trainer.fast_dev_run)
 
 
 def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict[str, Any] | None:

@@ -359,3 +359,18 @@ def test_a_layer_pruned_before_fit_is_refused_at_fit_start(fit, tmp_path: Path) 
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, checkpoint_interval=None)
     with pytest.raises(UnsupportedError, match=r"'net\.0' \(Linear\) has a parametrised weight.*prune.*exclude="):
         fit(model, dve)
+
+
+def test_a_fast_dev_run_records_into_a_scratch_folder_and_leaves_the_store(fit, tmp_path: Path) -> None:
+    """``Trainer(fast_dev_run=True)`` (Lightning suppresses logging and checkpointing then) replaced the store in
+    save_dir by its one step with ``overwrite=True``, and without it left a non-empty folder that refused the real
+    run. It records into ``<save_dir>.fast_dev_run``, replaced by each fast_dev_run."""
+    save_dir = tmp_path / "dve"
+    for _ in range(2):  # the scratch store is replaced without overwrite=True; save_dir is not created
+        fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None), fast_dev_run=True)
+        assert DataValueEmbeddings.load(tmp_path / "dve.fast_dev_run").steps == [0] and not save_dir.exists()
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
+    stored = _files(save_dir)
+    assert DataValueEmbeddings.load(save_dir).steps == [0, 1, 2, 3]
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None, overwrite=True), fast_dev_run=True)
+    assert _files(save_dir) == stored
