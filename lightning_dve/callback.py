@@ -330,7 +330,7 @@ class DataValueEmbedding(StepHooks):
         bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
                   else segment_bounds(len(store.steps), self.config.segments))
         if len(bounds) < self.config.segments:
-            callback_setup.warn_fewer_segments(self.config.segments, len(bounds), len(store.steps))
+            callback_setup.warn_fewer_segments(self.config.segments, len(bounds), store.steps, self._boundaries)
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
                                             self._dims, dtype, len(bounds))
         recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,

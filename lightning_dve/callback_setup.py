@@ -182,11 +182,16 @@ def warn_weights_replaced() -> None:
                    "them. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
 
 
-def warn_fewer_segments(asked: int, used: int, steps: int) -> None:
-    """Say that the run had too few steps (or segment boundaries) for the ``segments`` asked for."""
-    rank_zero_warn(f"DataValueEmbedding: segments={asked}, but the {steps} recorded step(s) make {used} segment(s), "
-                   f"each of at least one step; the dynamics report has {used} boundaries (the store's settings keep "
-                   f"segments={asked}).")
+def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[int]) -> None:
+    """Say that the run had too few ``steps``, or stopped before the segment boundaries ``planned`` at train start,
+    for the ``segments`` asked for."""
+    why = f"the {len(steps)} recorded step(s) make {used} segment(s), each of at least one step"
+    if planned and steps and planned[-1] >= steps[-1]:
+        why = (f"the boundaries were planned at train start (after steps {planned}, from "
+               f"trainer.estimated_stepping_batches), and the run stopped after step {steps[-1]} (EarlyStopping, "
+               f"max_time or a stop in a hook): {used} segment(s)")
+    rank_zero_warn(f"DataValueEmbedding: segments={asked}, but {why}; the dynamics report has {used} boundaries (the "
+                   f"store's settings keep segments={asked}).")
 
 
 def warn_replay_lost(error: DVEError) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
@@ -57,6 +58,27 @@ def test_more_segments_than_steps_warn_and_give_one_segment_per_step(
     with pytest.warns(UserWarning, match=r"segments=10, but the 4 recorded step\(s\) make 4 segment\(s\)"):
         _, dve = run(mlp_cls, fit, make_loader(), tmp_path / "dve", max_steps=4, segments=10)
     assert dve.embeddings.segment_boundaries == [0, 1, 2, 3]
+
+
+class StopAfter(Callback):
+    """Stops the fit after ``steps`` optimizer steps, as EarlyStopping or max_time would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.steps
+
+
+def test_a_run_stopped_before_its_planned_boundaries_says_so(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path
+) -> None:
+    """Boundaries are planned at train start for the 8 steps of two epochs (after step 3); a run stopped after 3
+    steps ends before it (one segment), and the warning said 3 steps make 1 segment, which 3 steps need not."""
+    with pytest.warns(UserWarning, match=r"segments=2, but the boundaries were planned at train start \(after steps "
+                                         r"\[3\], .*the run stopped after step 2 \(EarlyStopping.*: 1 segment\(s\)"):
+        fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=8, segments=2, report=None),
+            make_loader(), max_epochs=2, callbacks=[StopAfter(3)])
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "full"])
