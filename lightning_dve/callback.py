@@ -281,6 +281,8 @@ class DataValueEmbedding(StepHooks):
         callback_setup.warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
         self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
+        if self.config.segments > 1 and not self._boundaries:
+            callback_setup.warn_unplanned_boundaries(self.config.segments)
         self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
                                                partial(reporting_reference.prepare_batch, trainer, pl_module))
         self._train_started = time.perf_counter()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError
 from lightning_dve.records import decode, encode
 from lightning_dve.store import StepRecord, TrajectoryStore
+from tests.conftest import DigitsDict
 
 
 def float64_batch(batch: dict) -> dict:
@@ -58,6 +59,28 @@ def test_more_segments_than_steps_warn_and_give_one_segment_per_step(
     with pytest.warns(UserWarning, match=r"segments=10, but the 4 recorded step\(s\) make 4 segment\(s\)"):
         _, dve = run(mlp_cls, fit, make_loader(), tmp_path / "dve", max_steps=4, segments=10)
     assert dve.embeddings.segment_boundaries == [0, 1, 2, 3]
+
+
+class DigitStream(torch.utils.data.IterableDataset):
+    """Digits 0..31 as a stream: a loader without ``__len__``."""
+
+    def __iter__(self):
+        return iter(DigitsDict(range(32)))
+
+
+@pytest.mark.parametrize("max_steps", [-1, 2])
+def test_boundaries_a_loader_of_unknown_length_cannot_plan_are_warned_about(mlp_cls: type, fit: Callable,
+                                                                          tmp_path: Path, max_steps: int) -> None:
+    """A stream gives no step count at train start: the boundaries are placed at train end, without references
+    at them, so the dynamics had the final model only, silently. ``max_steps`` plans them."""
+    loader = DataLoader(DigitStream(), batch_size=8)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=8, segments=2, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(mlp_cls(), dve, loader, max_steps=max_steps)
+    warned = [w for w in caught if "the boundaries are placed at train end" in str(w.message)]
+    assert len(warned) == int(max_steps == -1) and dve.embeddings.segment_boundaries == ([1, 3] if max_steps < 0
+                                                                                          else [0, 1])
 
 
 class StopAfter(Callback):
