@@ -121,9 +121,14 @@ def clip_algorithm(trainer: pl.Trainer) -> str | None:
 
 
 def warn_sampler_padding(trainer: pl.Trainer) -> None:
-    """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks."""
-    sampler = getattr(trainer.train_dataloader, "sampler", None)
+    """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks, and the copies are
+    trained (not in a last partial batch that the loader's ``drop_last`` drops)."""
+    loader = trainer.train_dataloader
+    sampler = getattr(loader, "sampler", None)
     padded = sampler.total_size - len(sampler.dataset) if isinstance(sampler, DistributedSampler) else 0
+    batch_size = getattr(loader, "batch_size", None)
+    if getattr(loader, "drop_last", False) and batch_size and sampler.num_samples % batch_size:
+        padded = 0  # each rank's copies are its last samples, in the partial batch it drops
     if padded > 0:
         rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "
                        "rank the same count; those copies are trained on, so each is kept as its own occurrence.")

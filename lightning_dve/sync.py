@@ -167,7 +167,8 @@ class StepAssembler:
         if duplicated.numel() == 0 or self.allow_duplicate_ids:
             return
         cross_rank = all(ranks[ids == v].unique().numel() == (ids == v).sum() for v in duplicated)
-        if last_batch and self.comm.world_size > 1 and cross_rank:  # DistributedSampler padding: kept, warned once
+        padding = int((counts[counts > 1] - 1).sum()) < self.comm.world_size  # a DistributedSampler pads fewer
+        if last_batch and self.comm.world_size > 1 and cross_rank and padding:  # padding: kept, warned once
             return
         raise SampleIdError(f"sample ids {duplicated.tolist()[:10]} occur more than once in step {step}. If your "
                             "sampler draws with replacement, pass allow_duplicate_ids=True (each copy is then its "

@@ -527,6 +527,16 @@ def test_duplicates_elsewhere_are_refused() -> None:
         assembler.close(step=3, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=False)
 
 
+def test_more_cross_rank_duplicates_than_padding_are_refused_in_the_last_batch() -> None:
+    """A ``DistributedSampler`` pads fewer than ``world_size`` samples: two ranks reading the same two samples in an
+    epoch of one step (full-batch training without a DistributedSampler) were taken for padding and kept."""
+    peer = [torch.tensor([[0.0, 7.0, 0.125, 0.0], [0.0, 8.0, 0.125, 0.0]]), torch.ones(2, 2, dtype=torch.float64)]
+    assembler = StepAssembler(TwoRanks(peer), {"a": 2}, ["a"], torch.float64, allow_duplicate_ids=False)
+    assembler.add(micro([7, 8]))
+    with pytest.raises(SampleIdError, match=r"sample ids \[7, 8\] occur more than once in step 0"):
+        assembler.close(step=0, terms=StepTerms(torch.ones(1), {}, {}), epoch=0, last_batch=True)
+
+
 def test_a_duplicate_within_one_rank_is_refused_in_the_last_batch_too() -> None:
     """Padding repeats a sample on another rank only: id 7 twice in rank 0's own last batch (and once on rank 1)
     is not padding, so it is refused."""
@@ -608,11 +618,15 @@ def test_embeddings_of_other_ranks_arrive_on_rank_zero_layer_by_layer() -> None:
         torch.testing.assert_close(merged[name], torch.cat(pieces[name]).double(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("n", "padded"), [(63, 1), (64, 0)])
+@pytest.mark.parametrize(("n", "batch", "drop_last", "padded"),
+                         [(63, 16, False, 1), (64, 16, False, 0), (63, 16, True, 1), (63, 10, True, 0)])
 def test_distributed_sampler_padding_warns_only_when_it_repeats_samples(fit, mlp_cls, tmp_path: Path, n: int,
+                                                                       batch: int, drop_last: bool,
                                                                        padded: int) -> None:
     """A ``DistributedSampler`` (rank 0 of 2, given by hand in one process) pads ``n`` samples to an even split: 63
-    repeats one sample, which the fit warns about (naming the count) once; 64 split evenly and nothing is said."""
+    repeats one sample, which the fit warns about (naming the count) once; 64 split evenly and nothing is said;
+    with ``drop_last`` the copy, each rank's last sample, is dropped with the partial batch of 2 of 32 samples in
+    batches of 10 (it was warned about as trained), and kept in batches of 16."""
     import warnings
 
     from torch.utils.data import DataLoader, DistributedSampler
@@ -621,8 +635,8 @@ def test_distributed_sampler_padding_warns_only_when_it_repeats_samples(fit, mlp
     from tests.conftest import DigitsDict
 
     dataset = DigitsDict(range(n))
-    loader = DataLoader(dataset, batch_size=16, sampler=DistributedSampler(dataset, num_replicas=2, rank=0,
-                                                                          shuffle=False))
+    loader = DataLoader(dataset, batch_size=batch, drop_last=drop_last,
+                        sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), loader, max_epochs=2)
