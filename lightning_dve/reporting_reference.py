@@ -68,8 +68,9 @@ def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: 
     Where Lightning set the validation loop up, that is its count for the first loader, ``trainer.num_val_batches[0]``
     (``limit_val_batches`` applied to one rank's shard), times ``world_size`` when a ``DistributedSampler`` sharded it
     (rank 0 reads every rank's part). Otherwise (validation never ran, e.g. ``check_val_every_n_epoch`` beyond the
-    last epoch) ``limit_val_batches`` is applied to ``loader`` as Lightning would: an int caps the batches, a
-    fraction ``f`` keeps ``int(f * len(loader))`` (at least one) where the length is known.
+    last epoch) ``limit_val_batches`` is applied to ``loader`` as Lightning would: an int caps each rank's batches
+    (of its shard, when ``loader`` is or would be sharded), a fraction ``f`` keeps ``int(f * len(loader))`` (at
+    least one) where the length is known.
     """
     limit = trainer.limit_val_batches
     counts = trainer.num_val_batches
@@ -77,11 +78,19 @@ def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: 
         per_rank = counts[0]
         return None if per_rank == math.inf else int(per_rank) * (trainer.world_size if sharded else 1)
     if isinstance(limit, int):
-        return limit
+        return limit * (trainer.world_size if sharded or _would_shard(trainer, loader) else 1)
     try:
         return max(1, int(limit * len(loader))) if limit < 1.0 else None  # type: ignore[arg-type]
     except TypeError:  # no length: Lightning allows only 1.0 (or an int) here
         return None
+
+
+def _would_shard(trainer: pl.Trainer, loader: Iterable[Any]) -> bool:
+    """Whether Lightning gives ``loader`` a ``DistributedSampler`` when it sets validation up (its own test)."""
+    try:
+        return isinstance(loader, DataLoader) and trainer._data_connector._requires_distributed_sampler(loader)
+    except AttributeError:  # another Lightning version: as on one process
+        return False
 
 
 def _validation_source(trainer: pl.Trainer) -> Any:

@@ -359,12 +359,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(suite: Path) -> None:
     out = suite / "ddp" / "report"
-    assert (out / "reports.txt").read_text() == "0\n"  # rank 0 only
+    assert (out / "reports.txt").read_text() == "0\n0\n"  # rank 0 only, in each of the two runs
     summary = json.loads((out / "dve" / "report" / "summary.json").read_text())
     # limit_val_batches=1: each rank validated one batch of 8 of its 15 samples; the reference is those 16 samples
     # (samples 0..15 of the 30), not rank 0's 8 nor the whole set
     assert summary["reference"] == {"n_samples": 16, "source": "the validation dataloader (its first 2 batches, "
                                                                "`limit_val_batches`)"}
+    # the same where validation never ran (check_val_every_n_epoch beyond the last epoch): it was rank 0's 8
+    unvalidated = json.loads((out / "unvalidated" / "dve" / "report" / "summary.json").read_text())
+    assert unvalidated["reference"] == summary["reference"]
     assert summary["n_samples"] == 40 and summary["n_steps"] == 8  # both ranks' samples, global steps
     for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"]:
         assert row["label"] is not None  # found in the (unsharded) training data

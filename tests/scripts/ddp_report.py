@@ -1,4 +1,4 @@
-"""A 2-rank CPU DDP run (gloo) with the train-end report and a CSVLogger: the last run of
+"""2-rank CPU DDP runs (gloo) with the train-end report (one with a CSVLogger, one where validation never ran): the last runs of
 ``ddp_run.py --suite --mode ddp`` (tests/test_distributed.py).
 
 Rank 0 writes ``DIR/dve/report/`` and ``DIR/csv/version_0/metrics.csv``; every rank appends its rank to
@@ -77,3 +77,16 @@ def run_report(out: Path) -> None:
                         limit_val_batches=1, logger=CSVLogger(save_dir=str(out), name="csv", version=0))
     # validation: the first batch of 8 of each rank's 15 samples (1500, 1502, ... and 1501, 1503, ...)
     trainer.fit(MLP().double(), DataLoader(Digits(0, 40), batch_size=5), DataLoader(Digits(1500, 1530), batch_size=8))
+    run_unvalidated_report(out / "unvalidated")
+
+
+def run_unvalidated_report(out: Path) -> None:
+    """The same reference where validation never ran (``check_val_every_n_epoch`` beyond the last epoch): the
+    limit is applied to each rank's shard, as Lightning would (``DIR/unvalidated/dve/report/``)."""
+    dve = DataValueEmbedding(save_dir=out / "dve", projection_dim=16, overwrite=True,
+                             report=ReportConfig(top_k=3, figures=False, log_to_loggers=False))
+    trainer = L.Trainer(devices=2, accelerator="cpu", strategy=DDPStrategy(timeout=datetime.timedelta(seconds=60)),
+                        max_epochs=1, callbacks=[dve], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        check_val_every_n_epoch=3, logger=False, precision="64-true")
+    trainer.fit(MLP().double(), DataLoader(Digits(0, 20), batch_size=5), DataLoader(Digits(1500, 1530), batch_size=8))
