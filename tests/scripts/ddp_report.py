@@ -1,5 +1,5 @@
-"""2-rank CPU DDP runs (gloo) with the train-end report (one with a CSVLogger, one where validation never ran): the last runs of
-``ddp_run.py --suite --mode ddp`` (tests/test_distributed.py).
+"""2-rank CPU DDP runs (gloo) with the train-end report (one with a CSVLogger, one where validation never ran):
+the last runs of ``ddp_run.py --suite --mode ddp`` (tests/test_distributed.py).
 
 Rank 0 writes ``DIR/dve/report/`` and ``DIR/csv/version_0/metrics.csv``; every rank appends its rank to
 ``DIR/reports.txt`` if ``report_train_end`` returned a report there.
