@@ -189,10 +189,11 @@ class DataValueEmbedding(StepHooks):
         Raises:
             ConfigError: if no ``fit`` has finished, or this rank cannot see rank 0's ``save_dir``.
         """
-        if self._embeddings is not None and self._root is None and not self._embeddings.is_current():
+        root = self._root or callback_store.spawned_fit_root(self.save_dir)
+        if self._embeddings is not None and self._root is None and not (
+                self._embeddings.is_current() and self._embeddings.store.root == root):
             self._embeddings = None  # no fit ran here (ddp_spawn runs them in child processes): a later one did
         if self._embeddings is None:
-            root = self._root or (Path(self.save_dir) if self.save_dir is not None else None)
             if root is None or not (root / "manifest.json").is_file():
                 raise ConfigError(f"no embeddings at {root}: call trainer.fit(...) with this callback first. Under "
                                   "DDP they are in rank 0's save_dir (use a shared one on other ranks); after strategy="

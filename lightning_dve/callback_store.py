@@ -4,6 +4,7 @@ completion with the disk use. Framework glue for :mod:`lightning_dve.callback`, 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def fast_dev_run_root(root: Path) -> Path:
     callback, as Lightning runs the loops, but leaves the store in ``root`` alone (Lightning suppresses logging and
     checkpointing then), and each one replaces the last."""
     return root.with_name(root.name + FAST_DEV_RUN_SUFFIX)
+
+
+def spawned_fit_root(save_dir: str | os.PathLike[str] | None) -> Path | None:
+    """Where the last fit recorded when it ran in other processes (``ddp_spawn``), as far as this process can
+    tell: ``save_dir``, or its :func:`fast_dev_run_root` where that store was written later (``None`` without a
+    ``save_dir``)."""
+    if save_dir is None:
+        return None
+    roots = [root for root in (Path(save_dir), fast_dev_run_root(Path(save_dir))) if (root / MANIFEST).is_file()]
+    return max(roots, key=lambda root: (root / MANIFEST).stat().st_mtime_ns, default=Path(save_dir))
 
 
 def fast_dev_run_note(trainer: pl.Trainer, root: Path) -> bool:

@@ -374,3 +374,16 @@ def test_a_fast_dev_run_records_into_a_scratch_folder_and_leaves_the_store(fit, 
     assert DataValueEmbeddings.load(save_dir).steps == [0, 1, 2, 3]
     fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None, overwrite=True), fast_dev_run=True)
     assert _files(save_dir) == stored
+
+
+def test_a_callback_whose_fits_ran_elsewhere_reads_the_last_store_written(fit, tmp_path: Path) -> None:
+    """The parent process of ``ddp_spawn`` runs no hook (its fits run in child processes): its ``embeddings`` came
+    from save_dir even after a fast_dev_run had recorded into the scratch folder. Here the fits run under other
+    callback objects with the same save_dir, and ``parent`` is never fitted."""
+    save_dir, parent = tmp_path / "dve", DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None))
+    assert parent.embeddings.store.root == save_dir and parent.embeddings.steps == [0, 1, 2, 3]
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None), fast_dev_run=True)
+    assert parent.embeddings.store.root == tmp_path / "dve.fast_dev_run" and parent.embeddings.steps == [0]
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=16, report=None, overwrite=True), max_epochs=2)
+    assert parent.embeddings.store.root == save_dir and len(parent.embeddings.steps) == 8
