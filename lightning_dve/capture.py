@@ -77,6 +77,7 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
             raise ConfigError(f"layers {missing} are not modules of {type(model).__name__}; "
                               f"supported modules it has: {candidates}.")
         names = [n for n in config.layers if not excluded(n, config.exclude)]
+        layer_specs.refuse_containers(modules, names)
     else:
         own = layer_specs.own_trainable
         if own(model):

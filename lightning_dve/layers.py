@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import UnsupportedError
+from .errors import ConfigError, UnsupportedError
 
 InputFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "torch.Tensor | None"], torch.Tensor]
 OutputFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -335,6 +335,20 @@ def refuse_unsupported_types(modules: dict[str, nn.Module]) -> None:
         f"{len(bad)} without measuring their data value (fnmatch patterns, children included){attention}."
         f"{refusal_notes({name: modules[name] for name in bad})}"
     )
+
+
+def refuse_containers(modules: dict[str, nn.Module], names: list[str]) -> None:
+    """Refuse a ``layers=`` name that is a container of supported layers (an attention block), naming them.
+
+    Raises:
+        ConfigError: with the ``layers=`` that tracks its supported layers.
+    """
+    for name in names:
+        inner = [f"{name}.{child}" for child, m in modules[name].named_modules() if child and spec_for(m) is not None]
+        if spec_for(modules[name]) is None and not own_trainable(modules[name]) and inner:
+            raise ConfigError(f"layers= names the layers to track themselves, and {name!r} "
+                              f"({type(modules[name]).__name__}) is a container of supported layers: pass "
+                              f"layers={tuple(inner)!r} to track them (or leave layers=None to track every one).")
 
 
 def check_trackable(name: str, module: nn.Module) -> LayerSpec:

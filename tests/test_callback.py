@@ -239,6 +239,14 @@ def test_unknown_layer_name_lists_candidates(fit, mlp_cls, save_dir):
         fit(mlp_cls(), DataValueEmbedding(save_dir, layers=["net.5"]))
 
 
+def test_a_container_named_in_layers_names_its_supported_layers(fit, mlp_cls, save_dir):
+    """``layers=("net",)`` (an nn.Sequential, as an attention block of nn.Linear q/k/v would be): the error told
+    the user to exclude the module they asked to track."""
+    with pytest.raises(ConfigError, match=r"layers= names the layers to track themselves, and 'net' \(Sequential\) "
+                                          r"is a container of supported layers: pass layers=\('net\.0', 'net\.2'\)"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, layers=("net",)))
+
+
 # --- NaN gradients -----------------------------------------------------------------------------------------
 
 
