@@ -81,8 +81,10 @@ def _moments(optimizer: torch.optim.Optimizer, module: nn.Module, group: dict[st
 
 
 def _preconditioner(v_hat: torch.Tensor, eps: float) -> torch.Tensor:
-    """``P = 1 / (sqrt(v_hat) + eps)`` elementwise."""
-    return 1.0 / (v_hat.sqrt() + eps)
+    """``P = 1 / (sqrt(v_hat) + eps)`` elementwise, and 0 where ``v_hat`` is 0: a coordinate with no gradient yet
+    holds still (:func:`lightning_dve.replay_optim.adam_update`), not ``1 / eps`` times a gradient that the step's
+    others cancelled exactly."""
+    return torch.where(v_hat > 0, 1.0 / (v_hat.sqrt() + eps), torch.zeros_like(v_hat))
 
 
 def _weighted_preconditioner(v_hat: torch.Tensor, eps: float) -> float:

@@ -99,7 +99,12 @@ def sgd_update(param: Tensor, grad: Tensor, state: State, h: dict[str, Any]) -> 
 def adam_update(param: Tensor, grad: Tensor, state: State, h: dict[str, Any], decoupled: bool) -> tuple[Tensor, State]:
     """``torch.optim.Adam`` / ``AdamW`` for one parameter, bias-corrected (Kingma & Ba, Alg. 1; Loshchilov &
     Hutter for the decoupled decay): ``m = lerp(m, g, 1 - b1)``, ``v = b2 v + (1 - b2) g^2``,
-    ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)``."""
+    ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)``.
+
+    Where ``v`` is still exactly 0 (no gradient yet, so ``m = 0`` and the update is 0) the update is held: its slope
+    ``1 / eps`` in ``m`` is not the response to a removed sample, which a step's gradients cancelling exactly (bf16
+    rounding) would otherwise scale by ``1 / eps``; that removal moves the update by at most the learning rate.
+    The values are torch's."""
     g = -grad if h["maximize"] else grad
     lr, wd, (beta1, beta2) = h["lr"], h["weight_decay"], h["betas"]
     step = state.get("step")
@@ -117,7 +122,8 @@ def adam_update(param: Tensor, grad: Tensor, state: State, h: dict[str, Any], de
     step_size = lr / (1 - beta1**k)
     denom = (_sqrt_zero_safe(exp_avg_sq) / (1 - beta2**k) ** 0.5).add(h["eps"])
     new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step}
-    return param.addcdiv(exp_avg, denom, value=-step_size), new_state
+    moving = torch.where(exp_avg_sq == 0, exp_avg.detach(), exp_avg)  # held where v = 0 (docstring)
+    return param.addcdiv(moving, denom, value=-step_size), new_state
 
 
 def update(
