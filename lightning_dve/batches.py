@@ -105,7 +105,10 @@ def _count_hint(n_ids: int, batch_size: int) -> str:
     sequence_first = ("If the ids are right, a tracked layer sees a sequence-first input ([T, B, ...], e.g. "
                       "nn.Transformer without batch_first=True): make it batch-first or exclude it.")
     if n_ids < batch_size:
-        return f"return one id per sample as a 1-D LongTensor. {sequence_first}"
+        flattened = (" If they are a multiple, a tracked layer sees the samples' positions flattened into the batch "
+                     "dimension ([B*T, d], e.g. x.view(-1, d) before a head): keep them apart ([B, T, d]; nn.Linear "
+                     "takes any leading dims)." if n_ids and batch_size % n_ids == 0 else "")
+        return f"return one id per sample as a 1-D LongTensor.{flattened} {sequence_first}"
     return ("more ids than samples reached the tracked layers: a training_step that drops samples before the model "
             "(filter the batch, ids included, in the Dataset or collate_fn instead), or one forward per part of the "
             "batch (one per loader of a CombinedLoader: a layer's calls in a step are summed sample by sample, so "

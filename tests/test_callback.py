@@ -144,6 +144,22 @@ def test_a_sequence_first_layer_is_named_in_the_error(fit, mlp_cls, save_dir):
         fit(SequenceFirst(), DataValueEmbedding(save_dir, exclude=("net.0", "net.2")))
 
 
+def test_a_layer_on_flattened_positions_is_named_in_the_error(fit, mlp_cls, save_dir):
+    """A head on ``[B*T, d]`` (positions flattened into the batch, as a language model's ``x.view(-1, d)``) sees
+    ``B*T`` samples: the error named a sequence-first layer only."""
+    class FlattenedHead(mlp_cls):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(x.reshape(-1, 8)).reshape(x.shape[0], 8, 10).mean(1)
+
+    with pytest.raises(SampleIdError, match=r"shape \(16,\) but the batch has 128 samples .* flattened into the "
+                                            r"batch dimension \(\[B\*T, d\]"):
+        fit(FlattenedHead(), DataValueEmbedding(save_dir, exclude=("net",)))
+
+
 def test_duplicate_ids_in_one_step(fit, mlp_cls, make_loader, save_dir):
     drawn = [0, 0, 1, 2, 3, 3, 4, 5]  # a sampler with replacement
     loader = make_loader(n=8, batch_size=8, sampler=drawn)
