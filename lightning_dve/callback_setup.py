@@ -127,7 +127,7 @@ def warn_sampler_padding(trainer: pl.Trainer) -> None:
     sampler = getattr(loader, "sampler", None)
     padded = sampler.total_size - len(sampler.dataset) if isinstance(sampler, DistributedSampler) else 0
     batch_size = getattr(loader, "batch_size", None)
-    if getattr(loader, "drop_last", False) and batch_size and sampler.num_samples % batch_size:
+    if padded > 0 and getattr(loader, "drop_last", False) and batch_size and sampler.num_samples % batch_size:
         padded = 0  # each rank's copies are its last samples, in the partial batch it drops
     if padded > 0:
         rank_zero_warn(f"DataValueEmbedding: the DistributedSampler repeats {padded} sample(s) per epoch to give every "

@@ -649,6 +649,19 @@ def test_distributed_sampler_padding_warns_only_when_it_repeats_samples(fit, mlp
                     if padded else [])
 
 
+def test_a_drop_last_loader_without_a_distributed_sampler_is_not_taken_for_one(fit, mlp_cls, tmp_path: Path) -> None:
+    """The padding check reads a DistributedSampler's ``num_samples`` for ``drop_last`` loaders only where it pads:
+    a plain ``drop_last=True`` loader (SequentialSampler) must train as before."""
+    from torch.utils.data import DataLoader
+
+    from lightning_dve import DataValueEmbedding
+    from tests.conftest import DigitsDict
+
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+    fit(mlp_cls(), callback, DataLoader(DigitsDict(range(40)), batch_size=16, drop_last=True))
+    assert callback.embeddings.steps == [0, 1]
+
+
 def _communicator_worker(rank: int, port: int) -> None:
     """One of 2 gloo ranks: each collective of :class:`ProcessGroup`, with shapes that differ across the ranks."""
     import datetime
