@@ -188,12 +188,12 @@ class StepGuard:
         return stacked_float64([sampled_entries(w, self._index[name]) for name, w in self._tensors.items()])
 
     def final_weights(self) -> dict[str, list[float]] | None:
-        """The tracked weights' sampled coordinates (:func:`sampled_coordinates`) after the last ``optimizer.step()``,
-        ``{layer: [SAMPLED]}``; ``None`` before any step."""
+        """The tracked weights' and trained biases' sampled coordinates (:func:`sampled_coordinates`) after the last
+        ``optimizer.step()``, ``{layer: [SAMPLED], layer.bias: [SAMPLED]}`` (:func:`stepped_tensors`); ``None``
+        before any step."""
         if self._stepped_weights is None:
             return None
-        rows = zip(self._tensors, self._stepped_weights)
-        return {name: row.tolist() for name, row in rows if name in self.capture.layers}
+        return {name: row.tolist() for name, row in zip(self._tensors, self._stepped_weights)}
 
     def weights_replaced(self) -> bool:
         """Whether the tracked weights changed since the last ``optimizer.step()`` (e.g. weight averaging put its

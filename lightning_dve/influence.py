@@ -279,7 +279,8 @@ class DataValueEmbeddings(ReplayQueries):
 
         Args:
             test_gradients: ``{layer: [n, k_l]}`` as returned by :meth:`test_gradients` (any row count), taken at
-                the final weights, or at the weights of ``boundary``.
+                the final weights, or at the weights of ``boundary``; detached (the scores are not differentiable:
+                an autograd graph would keep every streamed chunk of embeddings).
             per_step: one column per occurrence instead of per-sample totals.
             boundary: score the influence on the model at that segment boundary (data value dynamics): only
                 occurrences up to it count; an index into :attr:`segment_boundaries`. ``None`` means the final

@@ -1,8 +1,8 @@
 """The recorded layers in a query module, and the checks of a query's test loss against them.
 
-A query takes test gradients with respect to the tracked layers' outputs, whatever the module's
-``requires_grad`` flags: frozen weights (``LightningModule.freeze()``) are made trainable for the query's
-duration only, with each bias set to the layout the recording used (its ``in_dim`` has a bias column or not).
+A query takes test gradients with respect to the tracked layers' outputs, whatever the module's ``requires_grad``
+flags: frozen weights (``LightningModule.freeze()``) are made trainable for the query's duration only, with each
+bias set to the layout the recording used (its ``in_dim`` has a bias column or not).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionErro
 from .guards import sampled_entries
 from .projection import LayerProjection
 from .replay_data import batch_rows, count_samples, to_device
+from .results import warn_non_finite_rows
 
 
 def _set_flag(tensor: Any, flag: bool, saved: list[tuple[torch.Tensor, bool]]) -> None:
@@ -336,8 +337,9 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
     best-epoch checkpoint, weight averaging, a model trained again) gives test gradients that do not match it.
     """
     modules, other = dict(module.named_modules()), []
-    for name, values in (final or {}).items():
-        weight = getattr(modules.get(name), "weight", None)
+    for name, values in (final or {}).items():  # weights under the layer's name, trained biases as layer.bias
+        owner = name if name in modules else name.removesuffix(".bias")
+        weight = getattr(modules.get(owner), "weight" if owner == name else "bias", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             continue  # recorded_layers refuses a missing or reshaped layer
         found, expected = sampled_entries(weight).cpu().double(), torch.tensor(values, dtype=torch.float64)
@@ -383,8 +385,7 @@ def on_module_device(module: nn.Module, batch: Any) -> Any:
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:
-    """``test_gradients`` if it is ``{layer: [n, k_l]}`` for every recorded layer (``widths``: ``k_l``), with one
-    row count ``n``.
+    """``test_gradients``, detached, if it is ``{layer: [n, k_l]}`` for every recorded layer (``widths``: ``k_l``).
 
     Raises:
         ConfigError: naming the expected and the given shapes, and how to build the input.
@@ -396,4 +397,4 @@ def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[st
         found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
         raise ConfigError(f"test_gradients must map every recorded layer to a Tensor[n, k_l] with the same n: "
                           f"widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
-    return given
+    return warn_non_finite_rows({name: given[name].detach() for name in widths})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -175,3 +176,17 @@ def dot_layers(test: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor
     first = next(iter(embeddings))
     dtype = torch.promote_types(embeddings[first].dtype, test[first].dtype)
     return sum(test[name].to(dtype) @ e.to(dtype).T for name, e in embeddings.items())
+
+
+def warn_non_finite_rows(gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``gradients`` (``{layer: [n, k_l]}``), after a warning naming the test points whose gradient is not finite:
+    their scores are NaN, and :meth:`InfluenceResult.top_k` over the test points' mean then ranks no sample."""
+    rows = torch.zeros(next(iter(gradients.values())).shape[0], dtype=torch.bool)
+    for gradient in gradients.values():
+        rows |= ~torch.isfinite(gradient).all(dim=1).cpu()
+    if bool(rows.any()):
+        warnings.warn(f"test points {rows.nonzero().flatten().tolist()[:10]} have a non-finite test gradient (NaN or "
+                      "inf in their inputs or loss): their scores are NaN, and top_k over the mean of the test points "
+                      "ranks no sample. Drop them, or rank by another test point (top_k(k, test_index=i)).",
+                      UserWarning, stacklevel=4)
+    return gradients

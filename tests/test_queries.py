@@ -314,6 +314,26 @@ def test_query_under_inference_mode(trained, test_batch):
 # --- segment boundaries ------------------------------------------------------------------------------------
 
 
+def test_test_gradients_that_require_grad_are_scored_detached(trained, test_batch):
+    """Hand-built test gradients with ``requires_grad=True``: the scores' autograd graph kept every streamed chunk
+    of embeddings alive (226 MB against one 64 MiB chunk on a 235 MB store). Oracle: the same gradients detached."""
+    emb = trained.dve.embeddings
+    grads = emb.test_gradients(trained.model, test_batch)
+    scored = emb.score({name: g.clone().requires_grad_(True) for name, g in grads.items()})
+    assert not scored.scores.requires_grad and torch.equal(scored.scores, emb.score(grads).scores)
+
+
+def test_a_test_point_with_a_non_finite_gradient_is_named(trained, test_batch):
+    """A NaN in one test input made its scores NaN and ``top_k`` over the test points' mean rank nothing, silently.
+    A warning names the test point; the others' scores are those of the batch without it."""
+    batch = {key: value.clone() for key, value in test_batch.items()}
+    batch["x"][2, 5] = float("nan")
+    with pytest.warns(UserWarning, match=r"test points \[2\] have a non-finite test gradient .*top_k"):
+        result = trained.dve.embeddings.influence(trained.model, batch)
+    assert bool(result.scores[2].isnan().all()) and bool(result.scores[[0, 1, 3]].isfinite().all())
+    assert result.top_k(3)[0].scores.numel() == 0 and result.top_k(3, test_index=0)[0].scores.numel() == 3
+
+
 def test_score_refuses_a_boundary_out_of_range(fit, mlp_cls, save_dir, test_batch):
     model, dve = mlp_cls(), DataValueEmbedding(save_dir, projection_dim=64, report=None, segments=2)
     fit(model, dve)
@@ -479,6 +499,11 @@ def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained
     assert said[0].filename == __file__
     said = _final_weight_warnings(lambda: emb.influence(both, test_batch))
     assert len(said) == 1 and said[0].startswith("the weights of tracked layers ['net.0', 'net.2'] are not")
+    biased = copy.deepcopy(trained.model)  # a bias-only fine-tune: the bias is a column of the layer's block
+    with torch.no_grad():
+        biased.net[2].bias.add_(0.3)
+    said = _final_weight_warnings(lambda: emb.influence(biased, test_batch))
+    assert len(said) == 1 and said[0].startswith("the weights of tracked layers ['net.2.bias'] are not")
 
 
 @pytest.mark.parametrize("per_step", ["no", "yes", 1, None])
