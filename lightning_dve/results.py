@@ -188,5 +188,5 @@ def warn_non_finite_rows(gradients: dict[str, torch.Tensor]) -> dict[str, torch.
         warnings.warn(f"test points {rows.nonzero().flatten().tolist()[:10]} have a non-finite test gradient (NaN or "
                       "inf in their inputs or loss): their scores are NaN, and top_k over the mean of the test points "
                       "ranks no sample. Drop them, or rank by another test point (top_k(k, test_index=i)).",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=5)  # the caller of influence() or score()
     return gradients

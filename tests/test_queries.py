@@ -328,8 +328,9 @@ def test_a_test_point_with_a_non_finite_gradient_is_named(trained, test_batch):
     A warning names the test point; the others' scores are those of the batch without it."""
     batch = {key: value.clone() for key, value in test_batch.items()}
     batch["x"][2, 5] = float("nan")
-    with pytest.warns(UserWarning, match=r"test points \[2\] have a non-finite test gradient .*top_k"):
+    with pytest.warns(UserWarning, match=r"test points \[2\] have a non-finite test gradient .*top_k") as caught:
         result = trained.dve.embeddings.influence(trained.model, batch)
+    assert caught[0].filename == __file__  # the line that called influence
     assert bool(result.scores[2].isnan().all()) and bool(result.scores[[0, 1, 3]].isfinite().all())
     assert result.top_k(3)[0].scores.numel() == 0 and result.top_k(3, test_index=0)[0].scores.numel() == 3
 
