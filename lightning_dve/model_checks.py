@@ -54,11 +54,14 @@ def check_no_inner_backward(ran: bool, step: int) -> None:
     """
     if ran:
         raise UnsupportedError(
-            f"step {step}: training_step ran a backward through the tracked layers before the training backward "
-            "(torch.autograd.grad of the loss, e.g. an input-gradient penalty or a saliency map): the per-sample "
-            "gradients the callback records would be that backward's, and a gradient penalty's own gradient is not "
-            "a per-sample block the hooks can form. Take such gradients outside training_step (a saliency map in "
-            "on_train_batch_end or validation_step); a gradient penalty in the training loss is not supported.")
+            f"step {step}: training_step, or the LightningModule's on_train_batch_start (which runs after this "
+            "callback's, once the step's capture has begun) or a callback listed after DataValueEmbedding, ran a "
+            "backward through the tracked layers before the training backward (torch.autograd.grad of a loss, e.g. "
+            "an input-gradient penalty, adversarial examples or a saliency map): the per-sample gradients the "
+            "callback records would be that backward's, and a gradient penalty's own gradient is not a per-sample "
+            "block the hooks can form. Make adversarial examples in on_after_batch_transfer, before the step "
+            "begins, and take other such gradients after it (a saliency map in on_train_batch_end or "
+            "validation_step); a gradient penalty in the training loss is not supported.")
 
 
 def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:

@@ -450,6 +450,36 @@ class GradientPenalty(TinyMLP):
 def test_a_backward_inside_training_step_is_refused(model_cls: type, fit: Callable, tmp_path: Path) -> None:
     """Before, both fitted: the hooks took the inner backward's gradients (and released the projected inputs, so the
     training backward added nothing), which for the penalty leaves its own gradient out of every recorded row."""
-    with pytest.raises(UnsupportedError, match=r"step 0: training_step ran a backward through the tracked layers "
+    with pytest.raises(UnsupportedError, match=r"step 0: training_step, or the LightningModule's "
+                                               r"on_train_batch_start .* ran a backward through the tracked layers "
                                                r"before the training backward .*penalty"):
         fit(model_cls(), _dve(tmp_path))
+
+
+def _adversarial(module: TinyMLP, batch: dict) -> dict:
+    """FGSM: the batch's inputs moved along the sign of the loss's input gradient (a backward through the model)."""
+    x = batch["x"].clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(torch.nn.functional.cross_entropy(module(x), batch["y"]), x)
+    return {**batch, "x": (x + 0.05 * slope.sign()).detach()}
+
+
+class AdversarialAtBatchStart(TinyMLP):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        batch.update(_adversarial(self, batch))
+
+
+class AdversarialAfterTransfer(TinyMLP):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return _adversarial(self, batch) if self.trainer.training else batch
+
+
+def test_adversarial_examples_are_made_after_transfer_not_at_batch_start(fit: Callable, tmp_path: Path) -> None:
+    """The LightningModule's on_train_batch_start runs after the callback's, once capture has begun: the refusal
+    told such a user to move the backward where it already was (out of training_step). It names that hook now and
+    on_after_batch_transfer, where the same adversarial examples fit."""
+    with pytest.raises(UnsupportedError, match=r"on_train_batch_start \(which runs after this callback's.*Make "
+                                               r"adversarial examples in on_after_batch_transfer"):
+        fit(AdversarialAtBatchStart(), _dve(tmp_path / "start"))
+    callback = _dve(tmp_path / "transfer")
+    fit(AdversarialAfterTransfer(), callback)
+    assert callback.embeddings.steps == [0, 1, 2, 3]
