@@ -5,7 +5,8 @@ Two fits recording into one folder at once (parallel W&B sweep agents with one `
 POSIX record lock (``lockf``) on ``save_dir/.lock`` (each DDP rank locks its own folder), held from the store's
 creation (or reopening for a resume) until the fit's teardown. The system drops it when the process ends, and a
 forked child (a DataLoader worker) does not inherit it, so a persistent worker never keeps a later fit out; within
-one process it does not exclude (one fit at a time runs there).
+one process it does not exclude (one fit at a time runs there), and the locks of one folder share one descriptor,
+closed with the last of them: closing any descriptor of the file drops every lock the process holds on it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ LOCK_FILE = ".lock"
 class FolderLock:
     """An exclusive advisory lock on ``folder/.lock`` for as long as one recording writes there (module docstring)."""
 
+    #: ``{lock file: [descriptor, locks holding it, process id]}`` of this process (module docstring).
+    _shared: dict[str, list[int]] = {}
+
     def __init__(self, folder: Path) -> None:
         """Take the lock, writing this process's id and host into the file.
 
@@ -41,6 +45,12 @@ class FolderLock:
         """
         self._closer: Callable[[], None] | None = None
         if fcntl is None:
+            return
+        key = str((folder / LOCK_FILE).resolve())
+        shared = self._shared.get(key)
+        if shared is not None and shared[2] == os.getpid():  # held in this process already: share its descriptor
+            shared[1] += 1
+            self._closer = weakref.finalize(self, FolderLock._drop, key)
             return
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +70,17 @@ class FolderLock:
         with contextlib.suppress(OSError):  # who holds it, for the message above (the lock itself is taken)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._closer = weakref.finalize(self, os.close, fd)  # dropped unreleased: closed (and unlocked) then
+        self._shared[key] = [fd, 1, os.getpid()]
+        self._closer = weakref.finalize(self, FolderLock._drop, key)  # dropped unreleased: released then
+
+    @staticmethod
+    def _drop(key: str) -> None:
+        """Release one lock of ``key``; the last one closes the descriptor (and so unlocks the file)."""
+        shared = FolderLock._shared[key]
+        shared[1] -= 1
+        if shared[1] == 0:
+            del FolderLock._shared[key]
+            os.close(shared[0])
 
     @property
     def held(self) -> bool:

@@ -233,8 +233,12 @@ def summarise_tensor(value: Any) -> str:
 
 
 def view(sample: Any, describe: Callable[[Any], str] | None) -> SampleView:
-    """Label, text and image of one sample."""
+    """Label, text and image of one sample; a ``describe`` that fails gives its error as the text (the tables
+    show it, and the finished fit's report is kept)."""
     value = _pick(sample, INPUT_KEYS, 0)
     image = image_array(value) if isinstance(value, torch.Tensor) else None
-    text = str(describe(sample)) if describe is not None else summarise_tensor(value)
+    try:
+        text = str(describe(sample)) if describe is not None else summarise_tensor(value)
+    except Exception as err:  # noqa: BLE001 -- the user's describe, after the fit
+        text = f"describe failed: {type(err).__name__}: {err}"[:_TEXT_LIMIT]
     return SampleView(_label_text(_pick(sample, LABEL_KEYS, 1)), text, image)

@@ -66,3 +66,17 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     finally:
         worker.terminate()
         worker.join()
+
+
+def test_a_second_lock_in_the_process_released_keeps_the_first(tmp_path: Path) -> None:
+    """Closing any descriptor of the lock file drops every lock the process holds on it: a second ``FolderLock``
+    of the same folder (a separately loaded handle's ``replay_embeddings`` while the fit still records), released,
+    let another process lock the folder the fit was recording into. The locks now share one descriptor."""
+    first = FolderLock(tmp_path)
+    second = FolderLock(tmp_path / "." / "")
+    second.release()
+    assert first.held and not can_lock_elsewhere(tmp_path)
+    first.release()
+    assert can_lock_elsewhere(tmp_path)
+    FolderLock(tmp_path).release()  # taken afresh once every lock of the folder is gone
+    assert can_lock_elsewhere(tmp_path)

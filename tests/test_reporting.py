@@ -229,6 +229,17 @@ def test_user_reference_batch_and_describe(fit, tmp_path):
         assert row["description"] == f"digit {row['label']} #{row['sample_id']}"
 
 
+def test_a_describe_that_fails_gives_its_error_as_the_text_and_keeps_the_report(fit, tmp_path):
+    """``describe=lambda s: s["text"]`` on samples without that key raised KeyError out of the finished fit, after
+    scanning the whole loader, and no report was written."""
+    train, val = loaders()
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL, describe=lambda s: s["text"])
+    fit(ImageMLP(), callback, train, val)
+    summary = json.loads((report_dir(callback) / "summary.json").read_text())
+    rows = summary["top_k"]["helpful"] + summary["top_k"]["harmful"]
+    assert rows and all(r["description"] == "describe failed: KeyError: 'text'" and r["label"] for r in rows)
+
+
 def test_top_k_samples_are_found_under_gradient_accumulation(fit, tmp_path):
     """Four micro-batches per optimizer step: the top-k scan reads every micro-batch of the run, not one per step
     (which found only the first quarter of the data)."""
