@@ -188,10 +188,15 @@ def warn_weights_replaced() -> None:
 
 
 def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[int]) -> None:
-    """Say that the run had too few ``steps``, or stopped before the segment boundaries ``planned`` at train start,
-    for the ``segments`` asked for."""
+    """Say that the run had too few ``steps``, stopped before the segment boundaries ``planned`` at train start, or
+    recorded no step at some of them, for the ``segments`` asked for."""
     why = f"the {len(steps)} recorded step(s) make {used} segment(s), each of at least one step"
-    if planned and steps and planned[-1] >= steps[-1]:
+    skipped = [step for step in planned if steps and step < steps[-1] and step not in set(steps)]
+    if skipped:
+        why = (f"no step was recorded at the planned boundaries after steps {skipped} (training_step returned None "
+               f"there): {used} segment(s), so the boundary indices of influence_at() shift from the planned ones "
+               "(emb.segment_boundaries lists the steps)")
+    elif planned and steps and planned[-1] >= steps[-1]:
         why = (f"the boundaries were planned at train start (after steps {planned}, from "
                f"trainer.estimated_stepping_batches), and the run stopped after step {steps[-1]} (EarlyStopping, "
                f"max_time or a stop in a hook): {used} segment(s)")

@@ -61,6 +61,20 @@ def test_more_segments_than_steps_warn_and_give_one_segment_per_step(
     assert dve.embeddings.segment_boundaries == [0, 1, 2, 3]
 
 
+def test_a_planned_boundary_with_no_recorded_step_is_named(mlp_cls: type, fit: Callable, make_loader: Callable,
+                                                           tmp_path: Path) -> None:
+    """``training_step`` returned None at the planned boundary (step 3 of 8): the boundary was dropped, shifting the
+    indices ``influence_at`` takes, and the warning only said the steps make fewer segments."""
+    class SkipsStep3(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            return None if self.global_step == 3 else super().training_step(batch, batch_idx)
+
+    with pytest.warns(UserWarning, match=r"segments=2, but no step was recorded at the planned boundaries after "
+                                         r"steps \[3\] .*boundary indices of influence_at\(\) shift"):
+        fit(SkipsStep3(), DataValueEmbedding(tmp_path / "dve", projection_dim=8, segments=2, report=None),
+            make_loader(), max_epochs=2)
+
+
 class DigitStream(torch.utils.data.IterableDataset):
     """Digits 0..31 as a stream: a loader without ``__len__``."""
 
