@@ -7,7 +7,7 @@ its per-sample weight gradient is ``sum_p u_p v_p^T`` with ``v_p`` the patch (me
 
 - Padding: zero padding that is the same on both sides goes to the unfold; any other (``padding_mode`` reflect,
   replicate or circular, ``padding="same"`` with an even effective kernel, whose extra zero goes to the right as
-  torch does) is applied with ``F.pad`` first, as torch's own forward does.
+  torch does), and a ``nn.Conv3d``'s, is applied with ``F.pad`` first, as torch's own forward does.
 - ``nn.Conv1d`` is unfolded as a convolution over ``[B, C, 1, L]`` with a ``(1, k)`` kernel, ``nn.Conv3d`` by
   strided windows of the padded input (``F.unfold`` takes two spatial dims only).
 - Groups: output channel ``o`` of group ``g`` sees only group ``g``'s input channels, so one outer product over
@@ -44,14 +44,13 @@ def _patches(module: Conv, x: torch.Tensor) -> torch.Tensor:
     """The input under the kernel at each output position, ``[B, C_in * prod(kernel), P]`` (channel-major)."""
     pads = _pads(module)
     unfold_padding = tuple(before for before, _ in pads)
-    if module.padding_mode != "zeros" or any(before != after for before, after in pads):
+    padded_here = isinstance(module, nn.Conv3d) or module.padding_mode != "zeros"  # Conv3d: no unfold padding
+    if padded_here or any(before != after for before, after in pads):
         flat = [side for before_after in reversed(pads) for side in before_after]  # F.pad: last dim first
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x, unfold_padding = F.pad(x, flat, mode=mode), (0,) * len(pads)
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if isinstance(module, nn.Conv3d):
-        if any(unfold_padding):
-            x = F.pad(x, [p for p in reversed(unfold_padding) for _ in (0, 1)])
         return _windows(x, kernel, dilation, stride)
     if isinstance(module, nn.Conv1d):  # as a 2-D convolution over [B, C, 1, L]
         x, kernel, dilation = x.unsqueeze(2), (1, *kernel), (1, *dilation)
