@@ -191,7 +191,8 @@ def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[i
     """Say that the run had too few ``steps``, stopped before the segment boundaries ``planned`` at train start, or
     recorded no step at some of them, for the ``segments`` asked for."""
     why = f"the {len(steps)} recorded step(s) make {used} segment(s), each of at least one step"
-    skipped = [step for step in planned if steps and step < steps[-1] and step not in set(steps)]
+    recorded = set(steps)
+    skipped = [step for step in planned if steps and step < steps[-1] and step not in recorded]
     if skipped:
         why = (f"no step was recorded at the planned boundaries after steps {skipped} (training_step returned None "
                f"there): {used} segment(s), so the boundary indices of influence_at() shift from the planned ones "
