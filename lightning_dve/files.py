@@ -1,6 +1,8 @@
 """Store files: safetensors written atomically (temporary name, then rename) and read back with integrity checks.
 
-Nothing is pickled: tensors are safetensors, metadata the header's text fields.
+Nothing is pickled: tensors are safetensors, metadata the header's text fields. Every file this module writes
+holds the CRC32 of its data bytes in its metadata (:data:`CRC_KEY`); reads recompute it, so a file damaged on disk
+or in a copy is refused, not read as other numbers (files without one, written before, are read unchecked).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import errno
 import json
 import os
 import stat
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,10 @@ _DTYPE_CODES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", 
                 torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
 _LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
+#: The metadata key of a file's CRC32 (8 hex digits) of its data bytes, everything after the header.
+CRC_KEY = "crc32"
+#: The metadata key of a file of several groups (a pack of steps): each group's CRC32, comma-separated.
+CRCS_KEY = "crc32s"
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
@@ -35,7 +42,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata:
     The layout ``safetensors.torch.save_file`` writes (tensors ordered by dtype, then name; data 8-byte aligned;
     byte for byte the same file up to the order of the metadata keys, which ``save_file`` does not fix), with
     one ``writev`` instead of its per-tensor copies and checks, which cost more than the write itself for the
-    small per-step files. Other dtypes go through ``save_file``.
+    small per-step files. Other dtypes go through ``save_file``. The metadata gains the data's CRC32
+    (:data:`CRC_KEY`; not for the other dtypes).
 
     Raises:
         OSError: if the file cannot be written (disk full, permissions), or the system writes nothing.
@@ -43,19 +51,69 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata:
     if not all(t.dtype in _DTYPE_CODES for t in tensors.values()):
         save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, filename, metadata=metadata)
         return
-    header: dict[str, Any] = {"__metadata__": metadata}
-    buffers, offset = [], 0
-    for name, tensor in sorted(tensors.items(), key=lambda item: (_LAYOUT_ORDER[item[1].dtype], item[0])):
-        tensor = tensor.detach().cpu().contiguous()
-        array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-        header[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        buffers.append(memoryview(array.reshape(-1)).cast("B"))
-    text = json.dumps(header, separators=(",", ":")).encode()
+    entries, buffers, crcs = _layout([("", tensors)])
+    _write_file(filename, {**metadata, CRC_KEY: crcs[0]}, entries, buffers)
+
+
+def write_groups_atomic(path: Path, groups: list[tuple[str, dict[str, torch.Tensor]]],
+                        metadata: dict[str, str]) -> None:
+    """Write the tensors of several groups (a pack's steps) into one safetensors file, atomically: group after
+    group, each group's tensors named ``prefix + name`` and laid out contiguously, with each group's CRC32 in
+    the metadata (:data:`CRCS_KEY`), as :func:`write_concatenated_atomic` writes them.
+
+    Raises:
+        StoreError: if the disk is full or the write fails (as :func:`write_atomic`).
+    """
+    entries, buffers, crcs = _layout(groups)
+    _replace_atomically(path, lambda tmp: _write_file(str(tmp), {**metadata, CRCS_KEY: ",".join(crcs)}, entries,
+                                                      buffers))
+
+
+def _layout(groups: list[tuple[str, dict[str, torch.Tensor]]]) -> tuple[dict[str, Any], list[memoryview], list[str]]:
+    """Header entries, data buffers and each group's CRC32 of ``(prefix, tensors)`` groups laid out one after the
+    other, each group's tensors in ``save_file``'s order (dtype, then name)."""
+    entries: dict[str, Any] = {}
+    buffers: list[memoryview] = []
+    crcs, offset = [], 0
+    for prefix, tensors in groups:
+        group = []
+        for name, tensor in sorted(tensors.items(), key=lambda item: (_LAYOUT_ORDER[item[1].dtype], item[0])):
+            tensor = tensor.detach().cpu().contiguous()
+            array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+            entries[prefix + name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                                      "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
+            group.append(memoryview(array.reshape(-1)).cast("B"))
+        crcs.append(crc32(group))
+        buffers += group
+    return entries, buffers, crcs
+
+
+def _write_file(filename: str, metadata: dict[str, str], entries: dict[str, Any], buffers: list[memoryview]) -> None:
+    """Write a safetensors file of header ``entries`` and ``metadata``, then the data ``buffers``."""
+    text = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    buffers.insert(0, memoryview(len(text).to_bytes(8, "little") + text))
-    _write_all(filename, buffers)
+    _write_all(filename, [memoryview(len(text).to_bytes(8, "little") + text), *buffers])
+
+
+def crc32(buffers: Iterable[bytes | memoryview]) -> str:
+    """The CRC32 of the concatenated ``buffers``, as 8 hex digits."""
+    value = 0
+    for buffer in buffers:
+        value = zlib.crc32(buffer, value)
+    return f"{value:08x}"
+
+
+def check_crc(path: Path, data: bytes | memoryview, expected: str | None) -> None:
+    """Refuse a file whose data bytes do not have the CRC32 written with them (``None``: a file without one).
+
+    Raises:
+        StoreError: naming the file and what to do.
+    """
+    if expected is not None and (actual := crc32([data])) != expected:
+        raise StoreError(f"store file {path} is corrupt: its data bytes have CRC32 {actual}, not the {expected} "
+                         "written with them (damaged on disk or in a copy). Restore the file from a backup, or "
+                         "record the run again.")
 
 
 def _write_all(filename: str, buffers: list[memoryview]) -> None:
@@ -114,12 +172,14 @@ def write_concatenated_atomic(path: Path, parts: list[tuple[str, Path, dict[str,
                               metadata: dict[str, str]) -> None:
     """Write one safetensors file holding the tensors of several: each ``(prefix, file, its header, its data
     start)`` part's tensors are named ``prefix + name`` and their bytes copied as they are, by the kernel
-    (``copy_file_range``), never decoded (safetensors reads a tensor at any offset). Atomic as :func:`write_atomic`.
+    (``copy_file_range``), never decoded (safetensors reads a tensor at any offset), so each part's CRC32 carries
+    over (:data:`CRCS_KEY`, empty for a part without one). Atomic as :func:`write_atomic`.
 
     Raises:
         StoreError: if the disk is full or the write fails (as :func:`write_atomic`).
     """
-    header: dict[str, Any] = {"__metadata__": metadata}
+    crcs = ",".join((entries.get("__metadata__") or {}).get(CRC_KEY, "") for _, _, entries, _ in parts)
+    header: dict[str, Any] = {"__metadata__": {**metadata, CRCS_KEY: crcs}}
     base = 0
     for prefix, _, entries, _ in parts:
         for name, entry in entries.items():
@@ -265,8 +325,8 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         step: if given, the step the file's metadata must name (a file of one step is never another's).
 
     Raises:
-        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), was written with
-            other settings than the manifest's, or holds another step than ``step``.
+        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), its data do not have their
+            CRC32, it was written with other settings than the manifest's, or holds another step than ``step``.
     """
     if not path.is_file():
         raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "
@@ -274,9 +334,11 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
     try:  # one read; safetensors parses and checks the whole file at once (per-tensor reads cost twice as much)
         data = path.read_bytes()
         tensors = dict(sorted(load_safetensors(data).items()))  # by name, as safe_open lists them
-        metadata = _metadata(data)
+        start = 8 + int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:start]).get("__metadata__") or {}
     except (SafetensorError, ValueError, OSError) as err:
         raise corrupt_error(path, err) from err
+    check_crc(path, memoryview(data)[start:], metadata.get(CRC_KEY))
     check_metadata(path, metadata, settings_hash, step)
     return tensors
 
@@ -295,12 +357,6 @@ def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, ste
         raise StoreError(f"store file {path} holds step {metadata.get('step')}'s data, not step {step}'s: a file "
                          "of another step was copied or renamed over it (the store is damaged). Restore the file "
                          "from a backup, or record the run again.")
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's bytes (their header, which safetensors has checked)."""
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    return header.get("__metadata__") or {}
 
 
 def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:

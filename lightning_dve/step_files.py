@@ -7,7 +7,11 @@ file per pack instead of one per step (a run of 100k steps: ~400 files instead o
 
     steps/step_00000042.safetensors            one step: StepRecord tensors; metadata step, epoch, settings_hash
     steps/pack_00000000_00000255.safetensors   the recorded steps 0..255 (fp16 skipped steps leave gaps): tensors
-                                               "00000042/<name>"; metadata steps, epochs, settings_hash
+                                               "00000042/<name>"; metadata steps, epochs, settings_hash, crc32s
+                                               (each step's CRC32, :data:`~lightning_dve.files.CRC_KEY`)
+
+A pack's tensors of one step are contiguous (its loose file's bytes, copied), so the loose file's CRC32 carries
+over; a read of a step from a pack checks it (packs written before there were checksums are read unchecked).
 
 A run killed between writing a pack and deleting its loose files leaves both; the pack is read (the same bytes)
 and the loose copies are deleted at the next write (so is the temporary file of a write that was killed). A
@@ -20,6 +24,7 @@ the ones before them.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import (check_metadata, corrupt_error, read_checked, read_step_header, remove_files, safetensors_header,
-                    write_atomic, write_concatenated_atomic)
+from .files import (CRCS_KEY, check_crc, check_metadata, corrupt_error, read_checked, read_step_header, remove_files,
+                    safetensors_header, write_atomic, write_concatenated_atomic, write_groups_atomic)
 
 #: Loose steps packed into one file once this many have accumulated.
 PACK_STEPS = 256
@@ -72,6 +77,16 @@ def _pack_range(path: Path) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class _OpenPack:
+    """A pack opened for reading: its path, safetensors handle, tensor names and checksummed byte range by step."""
+
+    path: Path
+    handle: Any
+    names: dict[int, list[str]]
+    checked: dict[int, tuple[str, int, int]]  # step -> (CRC32, first byte, end byte) of its tensors in the file
+
+
+@dataclass(frozen=True)
 class _Listing:
     """One listing of the folder, resolved: the loose steps and packs to read, and stale leftovers of a crash."""
 
@@ -94,7 +109,7 @@ class StepFolder:
         self._loose: list[tuple[int, int]] | None = None  # (step, epoch) written since the last pack; None: unlisted
         self._loose_bytes = 0
         self._listing: _Listing | None = None  # for reads (a finished store does not change)
-        self._open_pack: tuple[Path, Any, dict[int, list[str]]] | None = None  # the pack read last
+        self._open_pack: _OpenPack | None = None  # the pack read last
 
     def _list(self) -> _Listing:
         """List the folder once and resolve packs against loose files (module docstring)."""
@@ -149,7 +164,8 @@ class StepFolder:
 
     def _pack_entries(self, path: Path, after: int | None) -> list[StepEntry]:
         """The entries of a pack's steps up to ``after``, from its header and small tensors."""
-        handle, names = self._handle(path)
+        pack = self._open(path)
+        handle, names = pack.handle, pack.names
         steps, epochs = (_ints(handle.metadata()[key]) for key in ("steps", "epochs"))
         out = []
         for step, epoch in zip(steps, epochs):
@@ -213,15 +229,14 @@ class StepFolder:
 
     def _rewrite_pack(self, path: Path, keep: list[int]) -> None:
         """Replace a pack by one of only its steps ``keep`` (a resume inside it): the new one first."""
-        handle, names = self._handle(path)
-        metadata = handle.metadata()
+        metadata = self._open(path).handle.metadata()
         epochs = dict(zip(_ints(metadata["steps"]), _ints(metadata["epochs"])))
-        self._open_pack = None
         if keep:
-            tensors = {name: handle.get_tensor(name) for step in keep for name in names[step]}
-            write_atomic(self.folder / _pack_name(keep[0], keep[-1]), tensors,
-                         {"steps": _text(keep), "epochs": _text(epochs[s] for s in keep),
-                          "settings_hash": self.settings_hash})
+            groups = [(f"{step:08d}/", self._read_packed(path, step)) for step in keep]
+            write_groups_atomic(self.folder / _pack_name(keep[0], keep[-1]), groups,
+                                {"steps": _text(keep), "epochs": _text(epochs[s] for s in keep),
+                                 "settings_hash": self.settings_hash})
+        self._open_pack = None
         path.unlink()
 
     def read(self, step: int) -> dict[str, torch.Tensor]:
@@ -235,35 +250,56 @@ class StepFolder:
         pack = self._listing.pack_of(step)
         if pack is None:
             return read_checked(self.folder / step_name(step), self.settings_hash, step=step)
-        handle, names = self._handle(pack)
-        if step not in names:
-            raise StoreError(f"store file {pack} does not hold step {step} (it holds steps "
-                             f"{sorted(names)[:3]}...): the store is damaged. Restore the file, or record the run "
+        return self._read_packed(pack, step)
+
+    def _read_packed(self, path: Path, step: int) -> dict[str, torch.Tensor]:
+        """The tensors of one step of the pack at ``path``, its bytes checked against their CRC32 (:meth:`read`)."""
+        pack = self._open(path)
+        if step not in pack.names:
+            raise StoreError(f"store file {path} does not hold step {step} (it holds steps "
+                             f"{sorted(pack.names)[:3]}...): the store is damaged. Restore the file, or record the run "
                              "again.")
         try:
-            return {name.split("/", 1)[1]: handle.get_tensor(name) for name in sorted(names[step])}
+            if step in pack.checked:
+                crc, start, end = pack.checked[step]
+                with open(path, "rb") as file:
+                    check_crc(path, os.pread(file.fileno(), end - start, start), crc)
+            return {name.split("/", 1)[1]: pack.handle.get_tensor(name) for name in sorted(pack.names[step])}
         except (SafetensorError, OSError) as err:
-            raise corrupt_error(pack, err) from err
+            raise corrupt_error(path, err) from err
 
-    def _handle(self, path: Path) -> tuple[Any, dict[int, list[str]]]:
-        """The open pack at ``path`` (kept open for the next read) and its tensor names by step, checked against
-        this store's settings."""
-        if self._open_pack is not None and self._open_pack[0] == path:
-            return self._open_pack[1], self._open_pack[2]
+    def _open(self, path: Path) -> _OpenPack:
+        """The open pack at ``path`` (kept open for the next read), checked against this store's settings."""
+        if self._open_pack is not None and self._open_pack.path == path:
+            return self._open_pack
         try:
             handle = safe_open(str(path), framework="pt")
             metadata = handle.metadata() or {}
             names: dict[int, list[str]] = {step: [] for step in _ints(metadata.get("steps", ""))}
             for name in handle.keys():
                 names[int(name.split("/", 1)[0])].append(name)
+            header, start = safetensors_header(path)
         except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise corrupt_error(path, err) from err
         if metadata.get("settings_hash") != self.settings_hash:
             raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
                              f"manifest says {self.settings_hash}: files of two runs are mixed in one directory. Use "
                              "a fresh save_dir for each run (or overwrite=True).")
-        self._open_pack = (path, handle, names)
-        return handle, names
+        self._open_pack = _OpenPack(path, handle, names, _checked_ranges(header, start, names, metadata))
+        return self._open_pack
+
+
+def _checked_ranges(header: dict[str, Any], start: int, names: dict[int, list[str]],
+                    metadata: dict[str, str]) -> dict[int, tuple[str, int, int]]:
+    """Each step's CRC32 and the file bytes its tensors span (contiguous: :mod:`files` writes a step's tensors
+    together), for the steps of a pack that has checksums."""
+    crcs = metadata.get(CRCS_KEY, "").split(",")
+    out = {}
+    for step, crc in zip(_ints(metadata.get("steps", "")), crcs):
+        offsets = [header[name]["data_offsets"] for name in names[step]]
+        if crc and offsets:
+            out[step] = (crc, start + min(o[0] for o in offsets), start + max(o[1] for o in offsets))
+    return out
 
 
 def _text(values: Iterable[int]) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -34,15 +35,18 @@ def header_and_data(path) -> tuple[dict, bytes]:
 
 
 def test_writer_bytes_equal_safetensors_save_file(tmp_path):
-    """One metadata key: the same bytes as ``save_file``. Several: ``save_file`` orders the metadata keys at
-    random (a hash map), so the parsed headers and the data section are compared."""
+    """The same file as ``save_file`` given the same metadata plus the CRC32 of the data, which ours adds: the
+    same data section and parsed header (``save_file`` orders the metadata keys at random, a hash map; with one
+    key the files are the same bytes). The CRC32 is zlib's of the data section."""
     tensors = mixed_tensors()
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(contiguous, tmp_path / "reference", metadata={"step": "3"})
-    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours"), {"step": "3"})
+    save_file(contiguous, tmp_path / "plain", metadata={"step": "3"})
+    crc = f"{zlib.crc32(header_and_data(tmp_path / 'plain')[1]):08x}"
+    save_file(contiguous, tmp_path / "reference", metadata={"crc32": crc})
+    lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours"), {})
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "reference").read_bytes()
     metadata = {"step": "3", "epoch": "1", "settings_hash": "abc"}
-    save_file(contiguous, tmp_path / "reference3", metadata=metadata)
+    save_file(contiguous, tmp_path / "reference3", metadata={**metadata, "crc32": crc})
     lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours3"), metadata)
     assert header_and_data(tmp_path / "ours3") == header_and_data(tmp_path / "reference3")
     back = load_file(tmp_path / "ours3")
@@ -50,7 +54,7 @@ def test_writer_bytes_equal_safetensors_save_file(tmp_path):
     for name, tensor in tensors.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     with safe_open(str(tmp_path / "ours3"), framework="pt") as handle:
-        assert handle.metadata() == metadata
+        assert handle.metadata() == {**metadata, "crc32": crc}
 
 
 def test_writer_takes_more_tensors_than_one_writev_does(tmp_path, monkeypatch):
@@ -190,7 +194,8 @@ def test_a_small_tensor_kept_from_a_read_does_not_keep_the_file_in_memory(tmp_pa
 def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):
     """Every prefix of a file is refused with a ``StoreError``; a changed header byte gives a ``StoreError``
     exactly where ``safetensors`` refuses the bytes too, and otherwise the tensors ``safetensors`` reads from them
-    (a changed name or metadata byte is a valid file), never another exception."""
+    (a changed name or metadata byte is a valid file; a changed settings hash or checksum is refused), never
+    another exception."""
     path, probe = tmp_path / "x.safetensors", tmp_path / "probe.safetensors"
     lightning_dve.files.write_safetensors(mixed_tensors(), str(path), {"settings_hash": "h"})
     raw = path.read_bytes()
@@ -214,8 +219,8 @@ def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):
             continue
         try:
             got = lightning_dve.files.read_checked(probe, "h")
-        except StoreError as err:  # the metadata changed: the settings check refuses it
-            assert "written with settings" in str(err)
+        except StoreError as err:  # the metadata changed: the settings check or the checksum refuses it
+            assert "written with settings" in str(err) or "its data bytes have CRC32" in str(err)
             continue
         assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
     assert refused > 100

@@ -348,3 +348,70 @@ def test_a_pack_is_whole_when_the_kernel_copies_a_file_in_several_calls(
     files_ = written(tmp_path / "steps", [0, 1, 2, 3])
     assert names(tmp_path / "steps")[0] == "pack_00000000_00000002.safetensors"
     assert_reads(files_, [0, 1, 2, 3])
+
+
+def flip_data_byte(path: Path, step: int | None = None, tensor: str = "grad/net.0") -> None:
+    """Change one byte of a gradient's data (of ``step``'s tensor in a pack) in place: the header stays valid."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    header = files.safetensors_header(path)[0]
+    name = tensor if step is None else f"{step:08d}/{tensor}"
+    raw[start + header[name]["data_offsets"][0] + 1] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_changed_data_byte_is_refused_by_its_checksum_loose_packed_and_rewritten(pack_every_3: None,
+                                                                                    tmp_path: Path) -> None:
+    """Oracle: safetensors itself reads the damaged files as other numbers without complaint. A loose step, a
+    step inside a pack (the other steps of that pack still read bitwise), and a pack rewritten by a resume inside
+    it are each refused with a message naming the file; a resume does not launder a damaged step into a
+    rewritten pack with a fresh checksum."""
+    folder = tmp_path / "steps"
+    written(folder, [0, 1, 2, 3, 4])  # pack 0-2, loose 3 and 4
+    loose, pack = folder / "step_00000004.safetensors", folder / "pack_00000000_00000002.safetensors"
+    flip_data_byte(loose)
+    flip_data_byte(pack, step=1)
+    from safetensors.torch import load_file
+
+    assert not torch.equal(load_file(str(loose))["grad/net.0"], step_tensors(4)["grad/net.0"])
+    assert not torch.equal(load_file(str(pack))["00000001/grad/net.0"], step_tensors(1)["grad/net.0"])
+    reader = StepFolder(folder, HASH)
+    for step, path in ((4, loose), (1, pack)):
+        with pytest.raises(StoreError, match=rf"{path.name} is corrupt: its data bytes have CRC32 \w+, not the "
+                                             r"\w+ written with them \(damaged on disk or in a copy\)"):
+            reader.read(step)
+    for step in (0, 2, 3):
+        assert torch.equal(reader.read(step)["grad/net.0"], step_tensors(step)["grad/net.0"])
+    with pytest.raises(StoreError, match=r"pack_00000000_00000002\.safetensors is corrupt: its data bytes"):
+        StepFolder(folder, HASH).scan(after=1, drop=True)  # a resume keeping step 1: refused, the pack kept
+    assert names(folder) == ["pack_00000000_00000002.safetensors"]  # the later steps, which it redoes, deleted
+    pristine = tmp_path / "pristine"
+    written(pristine, [0, 1, 2])
+    StepFolder(pristine, HASH).scan(after=1, drop=True)  # rewritten as the pack of steps 0-1
+    rewritten = pristine / "pack_00000000_00000001.safetensors"
+    assert_reads(StepFolder(pristine, HASH), [0, 1])
+    flip_data_byte(rewritten, step=0, tensor="weights")
+    with pytest.raises(StoreError, match=r"pack_00000000_00000001\.safetensors is corrupt: its data bytes"):
+        StepFolder(pristine, HASH).read(0)
+    assert torch.equal(StepFolder(pristine, HASH).read(1)["weights"], step_tensors(1)["weights"])
+
+
+def test_packs_and_files_written_without_checksums_are_still_read(pack_every_3: None, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores written before the checksums (no ``crc32`` / ``crc32s`` metadata: safetensors' own writer) read as
+    before, and a resume inside such a pack rewrites it with checksums."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(files, "write_safetensors",
+                        lambda tensors, name, metadata: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                                  name, metadata=metadata))
+    folder = tmp_path / "steps"
+    written(folder, [0, 1, 2, 3])
+    monkeypatch.undo()
+    pack = folder / "pack_00000000_00000002.safetensors"
+    assert files.safetensors_header(pack)[0]["__metadata__"]["crc32s"] == ",,"
+    assert_reads(StepFolder(folder, HASH), [0, 1, 2, 3])
+    StepFolder(folder, HASH).scan(after=1, drop=True)
+    flip_data_byte(folder / "pack_00000000_00000001.safetensors", step=1)
+    with pytest.raises(StoreError, match=r"pack_00000000_00000001\.safetensors is corrupt: its data bytes"):
+        StepFolder(folder, HASH).read(1)

@@ -586,16 +586,16 @@ def test_a_resume_after_a_killed_resume_refuses_the_steps_the_kill_deleted(tmp_p
     root = tmp_path / "dve"
     recorded(root, 8)
     if pack_steps == 3:
-        real = lightning_dve.step_files.write_atomic
+        real = lightning_dve.step_files.write_groups_atomic
 
         def killed(*args):
             real(*args)
             raise KeyboardInterrupt  # the process dies here
 
-        monkeypatch.setattr(lightning_dve.step_files, "write_atomic", killed)
+        monkeypatch.setattr(lightning_dve.step_files, "write_groups_atomic", killed)
         with pytest.raises(KeyboardInterrupt):
             TrajectoryStore.reopen(root, last_step=3).append(record(4))
-        monkeypatch.setattr(lightning_dve.step_files, "write_atomic", real)
+        monkeypatch.setattr(lightning_dve.step_files, "write_groups_atomic", real)
     else:
         for step in (4, 5):
             (root / "steps" / f"step_0000000{step}.safetensors").unlink()
