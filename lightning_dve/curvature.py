@@ -93,7 +93,8 @@ def check_cross_entropy(logits: torch.Tensor, grad: torch.Tensor, weights: torch
             "curvature='ggn' needs the training loss to be a softmax cross-entropy of the last tracked layer's "
             f"output, weighted per sample as loss_reduction says; the gradient at that output implies targets "
             f"that are not probabilities (sum off by {off_sum:.2g}, entries down to {-below:.2g}). Use "
-            "curvature='empirical_fisher' for other losses, or declare per-sample (e.g. class) weights with "
+            "curvature='empirical_fisher' for other losses (curvature='none' for a regression with large residuals, "
+            "where the empirical Fisher diverges), or declare per-sample (e.g. class) weights with "
             "loss_reduction=callable."
         )
 

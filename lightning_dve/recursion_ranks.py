@@ -21,6 +21,7 @@ from .config import AccumulatorLayout, Curvature, DVEConfig
 from .distributed import Communicator
 from .errors import DVEError
 from .recursion import BackwardRecursion, layer_groups
+from .stability import ExpansionWatch
 from .store import StepRecord, TrajectoryStore
 from .sync import agree_on_errors
 
@@ -100,6 +101,8 @@ def embed_trajectory(
     # the same on every rank (all groups' widths), so the blocks' collectives match
     whole = whole_segment_rows([sum(dims[n] for n in group) for group in layer_groups(store.layer_names, layout)],
                                curvature)
+    watch = ExpansionWatch([g for g in layer_groups(store.layer_names, layout) if g[0] in owned[comm.rank]],
+                           store.layer_names, curvature)
 
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
         if bounds[segment][0] >= bounds[segment][1]:  # nothing recorded (every step skipped): nothing to embed
@@ -114,6 +117,8 @@ def embed_trajectory(
             for block in _blocks(records, BLOCK_ROWS, whole):
                 # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                 embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
+                for record, embedding in zip(block, embeddings):
+                    watch.observe(record, embedding)
                 written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
                                              list(zip(block, embeddings)), merge, errors))
                 if len(written) > 1:
@@ -138,6 +143,7 @@ def embed_trajectory(
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     _finish(comm, store, bounds, factors, errors[0] if errors else None)
+    watch.warn(len(store.steps))
 
 
 def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, int]],
