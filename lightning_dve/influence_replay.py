@@ -16,7 +16,7 @@ from torch import nn
 from .batches import WeightFn
 from .config import DVEConfig
 from .projection import LayerProjection
-from .query_layers import refuse_empty, uncompiled
+from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
 from .replay_data import split_batch, step_loss_terms
 from .replay_embeddings import replay_embeddings
@@ -64,7 +64,7 @@ class ReplayQueries:
 
         Raises:
             ConfigError: checkpoints were off, no dataset, recorded ids outside it with no ``sample_ids`` to map
-                them, or ``module`` is not the final trained module.
+                them, ``module`` is not the final trained module, or called under ``torch.inference_mode()``.
             UnsupportedError: the run cannot be replayed exactly (optimizer, dropout, non-indexable dataset,
                 random transforms, or the replay does not reproduce the checkpoints).
             StoreError: if the store was recorded again since this handle was opened, or a file is damaged.
@@ -105,7 +105,9 @@ class ReplayQueries:
 
     def _replayer(self, module: nn.Module, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,
                   train_loss_fn: TrainLossFn | None, sample_ids: str | Callable[[Any], Any] | None) -> Replayer:
-        """The recorded run's :class:`~lightning_dve.replay.Replayer`, with the defaults of :meth:`exact_influence`."""
+        """The recorded run's :class:`~lightning_dve.replay.Replayer`, with the defaults of :meth:`exact_influence`
+        (refused under ``torch.inference_mode()``, before any replay: it differentiates through training)."""
+        require_autograd()
         base = self.training_data or TrainingData(None)
         data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
                             base.sample_ids if sample_ids is None else sample_ids, base.prepare)

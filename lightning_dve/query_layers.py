@@ -97,9 +97,9 @@ def require_autograd() -> None:
         ConfigError: saying to call the query outside ``inference_mode``.
     """
     if torch.is_inference_mode_enabled():
-        raise ConfigError("influence queries take test gradients and need autograd, which torch.inference_mode() "
-                          "turns off: call the query outside the inference_mode block (torch.no_grad() is fine: "
-                          "queries turn gradients on themselves).")
+        raise ConfigError("influence queries and exact replay need autograd, which torch.inference_mode() turns off: "
+                          "call the query outside the inference_mode block (torch.no_grad() is fine), or, in a hook "
+                          "of trainer.test/validate/predict, pass Trainer(inference_mode=False).")
 
 
 def backward_to_layers(loss: torch.Tensor, capture: GradientCapture, module: nn.Module) -> None:

@@ -305,10 +305,20 @@ def test_query_uses_the_recorded_bias_layout(fit, mlp_cls, save_dir, test_batch)
     assert unfrozen.net[2].bias.requires_grad and not model.net[2].bias.requires_grad
 
 
-def test_query_under_inference_mode(trained, test_batch):
+@pytest.mark.parametrize("query", ["influence", "exact_influence", "replay_embeddings"])
+def test_query_under_inference_mode(trained, test_batch, query):
+    """Refused up front with what to do, also for the replays (which raised torch's bare "does not require grad"
+    after the whole forward replay, e.g. in an ``on_test_epoch_end`` under ``trainer.test``); the store is kept."""
+    emb = trained.dve.embeddings
+    before = emb.influence(trained.model, test_batch).scores
     with torch.inference_mode(), pytest.raises(ConfigError, match=r"need autograd, which torch.inference_mode\(\) "
-                                                                  r"turns off: call the query outside"):
-        trained.dve.embeddings.influence(trained.model, test_batch)
+                                                                  r"turns off: call the query outside.*"
+                                                                  r"Trainer\(inference_mode=False\)"):
+        if query == "replay_embeddings":
+            emb.replay_embeddings(trained.model)
+        else:
+            getattr(emb, query)(trained.model, test_batch)
+    assert torch.equal(emb.influence(trained.model, test_batch).scores, before)
 
 
 # --- segment boundaries ------------------------------------------------------------------------------------
