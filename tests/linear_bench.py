@@ -62,8 +62,8 @@ class Bench(L.LightningModule):
 
 def fit(tmp_path: Path, model: L.LightningModule, clip: float | None = None, **kwargs: Any) -> DataValueEmbedding:
     """Record ``model`` on the bench (3 epochs of 3 steps), with ``Trainer(gradient_clip_val=clip)``."""
-    dve = DataValueEmbedding(tmp_path / "dve", sample_ids="index", projection_dim=None, curvature="none",
-                             report=None, **kwargs)
+    dve = DataValueEmbedding(tmp_path / "dve", **{"sample_ids": "index", "projection_dim": None, "curvature": "none",
+                                                   "report": None, **kwargs})
     L.Trainer(max_epochs=EPOCHS, callbacks=[dve], logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, gradient_clip_val=clip).fit(model, DataLoader(data()[0], batch_size=BATCH))
     return dve

@@ -185,6 +185,26 @@ def test_rank_one_factors_are_the_bias_corrected_preconditioner_of_a_rank_one_se
     torch.testing.assert_close(r[:, None] * c[None, :], expected, rtol=1e-4, atol=0)
 
 
+def test_rank_one_factors_of_rows_and_columns_without_second_moment_are_one_over_root_eps() -> None:
+    """A row or column of ``v_hat`` that is all zero (a pixel that is 0 in every digit, an unused class): its factor
+    is ``1 / sqrt(eps)``, so the product of a zero row and a zero column is ``1 / eps``, torch's denominator there,
+    and a zero row against a live column is far smaller. A mutation taking ``eps`` for ``sqrt(eps)`` there made
+    projected AdamW's scores 1e11 times too large and no test saw it. Oracle: the formula of ``_rank_one``'s
+    docstring evaluated by hand."""
+    from lightning_dve.adam import _rank_one
+
+    eps = 1e-8
+    v_hat = torch.tensor([[4.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 9.0]], dtype=DTYPE)
+    r, c = _rank_one(v_hat, eps)
+    norm = v_hat.sum().sqrt()
+    expected_r = 1 / ((v_hat.sum(1) / norm).sqrt() + eps**0.5)
+    expected_c = 1 / ((v_hat.sum(0) / norm).sqrt() + eps**0.5)
+    torch.testing.assert_close(r, expected_r, rtol=1e-12, atol=0)
+    torch.testing.assert_close(c, expected_c, rtol=1e-12, atol=0)
+    assert float(r[1]) == pytest.approx(1e4) and float(r[1] * c[1]) == pytest.approx(1 / eps)
+    assert float(r[1] * c[0]) < 1e4
+
+
 # --- recorded terms ----------------------------------------------------------------------------------------
 
 

@@ -143,3 +143,17 @@ def test_clipped_records_keep_their_projection_on_disk(tmp_path: Path) -> None:
         torch.testing.assert_close(again.clip_dots[kind], dots, rtol=0, atol=0)
     unclipped = _records(2, momentum=False)[0]
     assert not any(k.startswith("clip") for k in unclipped.to_tensors())
+
+
+@pytest.mark.parametrize("curvature", ["none", "empirical_fisher"])
+def test_a_clip_that_never_binds_scores_as_no_clip(tmp_path: Path, curvature: str) -> None:
+    """``gradient_clip_val`` set far above every gradient norm: no step is clipped, so no record carries a clip norm
+    and the scores equal those of the run without clipping (a mutation recording the norm of unclipped steps too
+    changed them by 43 %, Spearman 0.70, and no test saw it)."""
+    scores = []
+    for clip in (None, 1e6):
+        model = Bench(_plain)
+        emb = fit(tmp_path / str(clip), model, clip=clip, curvature=curvature).embeddings
+        assert all(emb.store.read_step(s).clip_norm == 0 for s in emb.steps)
+        scores.append(emb.influence(model, data()[1], per_step=True).scores)
+    assert torch.equal(scores[0], scores[1])
