@@ -242,7 +242,7 @@ class DataValueEmbedding(StepHooks):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = self._store_root(trainer)
-        self._refuse_a_shared_save_dir(trainer)
+        self._refuse_sharing(trainer)
         manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned)
         scratch = callback_store.fast_dev_run_note(trainer, self._root)  # (its store is replaced each time)
         self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume,
@@ -386,15 +386,10 @@ class DataValueEmbedding(StepHooks):
         root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
         return callback_store.fast_dev_run_root(root) if trainer.fast_dev_run else root
 
-    def _refuse_a_shared_save_dir(self, trainer: pl.Trainer) -> None:
-        """Refuse another ``DataValueEmbedding`` of the trainer recording into the same folder (the folder lock
-        excludes other processes only), on every rank alike.
-
-        Raises:
-            ConfigError: naming the folder.
-        """
-        root = self._store_root(trainer).resolve()
-        if any(isinstance(other, DataValueEmbedding) and other is not self and other._store_root(trainer).resolve()
-               == root for other in trainer.callbacks):
-            raise ConfigError(f"two DataValueEmbedding callbacks of this Trainer would record into {root}: give each "
-                              "its own save_dir (save_dir=None is <trainer.default_root_dir>/dve).")
+    def _refuse_sharing(self, trainer: pl.Trainer) -> None:
+        """Refuse another ``DataValueEmbedding`` of the trainer recording into the same folder or logging under the
+        same namespace (:func:`~lightning_dve.callback_setup.refuse_sharing`), on every rank alike."""
+        others = [c for c in trainer.callbacks if isinstance(c, DataValueEmbedding) and c is not self]
+        callback_setup.refuse_sharing(self._store_root(trainer), self.report_config,
+                                      [(other._store_root(trainer), other.report_config) for other in others],
+                                      bool(trainer.loggers))

@@ -140,6 +140,28 @@ def warn_nothing_recorded(root: Path) -> None:
                    "store of an earlier fit there is kept as it was).")
 
 
+def refuse_sharing(root: Path, report: ReportConfig | None, others: list[tuple[Path, ReportConfig | None]],
+                   loggers: bool) -> None:
+    """Refuse a callback whose folder or logging another ``DataValueEmbedding`` of the trainer shares (``others``:
+    their folders and reports): the folder lock excludes other processes only, and two reports under one
+    namespace would write the same logger keys (where the trainer has ``loggers``), the second overwriting the
+    first's dashboards.
+
+    Raises:
+        ConfigError: naming the folder or the namespace, and what to set.
+    """
+    resolved = root.resolve()
+    if any(other.resolve() == resolved for other, _ in others):
+        raise ConfigError(f"two DataValueEmbedding callbacks of this Trainer would record into {resolved}: give each "
+                          "its own save_dir (save_dir=None is <trainer.default_root_dir>/dve).")
+    if loggers and report is not None and report.log_to_loggers and any(
+            other is not None and other.log_to_loggers and other.namespace == report.namespace for _, other in others):
+        raise ConfigError(f"two DataValueEmbedding callbacks of this Trainer would log their reports under the same "
+                          f"keys '{report.namespace}/...' (the second would overwrite the first's dashboards and "
+                          "settings): give each its own report=ReportConfig(namespace=...), e.g. 'dve_a' and "
+                          "'dve_b', or log_to_loggers=False on all but one.")
+
+
 def log_settings(trainer: pl.Trainer, store: TrajectoryStore, dims: int, method: EmbeddingMethod,
                  report_config: ReportConfig | None) -> None:
     """Log the recording's settings (storage dtype resolved), its folder and ``dims``, the width of an embedding,
@@ -151,7 +173,7 @@ def log_settings(trainer: pl.Trainer, store: TrajectoryStore, dims: int, method:
     settings = {**manifest["settings"], "storage_dtype": manifest["storage_dtype"], "embeddings": method.value,
                 "store": str(store.root), "settings_hash": manifest["settings_hash"],
                 "tracked_layers": len(manifest["layers"]), "embedding_dims": dims}
-    reporting_loggers.log_settings(trainer, settings)
+    reporting_loggers.log_settings(trainer, settings, report_config.namespace)
 
 
 def report(write: Callable[[], None], root: Path) -> None:

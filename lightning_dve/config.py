@@ -6,9 +6,9 @@ import dataclasses
 import enum
 import hashlib
 import json
-import numbers
 from typing import Any
 
+from .config_checks import check_count, check_fraction, plain_ints
 from .errors import ConfigError
 
 #: Default Kronecker-projected dimension, counted **per tracked layer** (k_out * k_in <= this).
@@ -190,7 +190,7 @@ class DVEConfig:
     adam_second_moment: bool = False
 
     def __post_init__(self) -> None:
-        _plain_ints(self, "projection_dim", "segments", "seed", "checkpoint_interval")
+        plain_ints(self, "projection_dim", "segments", "seed", "checkpoint_interval")
         object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction, "loss_reduction"))
         object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout, "layout"))
         object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype, "storage_dtype"))
@@ -297,27 +297,6 @@ class CurveScale(_Option):
     PER_LR = "per_lr"
 
 
-def _check_fraction(name: str, value: Any, low: float, high: float, fix: str) -> float:
-    """Return ``value`` as a float if ``low <= value < high``; raise naming the value, the rule and ``fix``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise ConfigError(f"{name} must be a number in [{low}, {high}); got {value!r}. {fix}")
-    return float(value)
-
-
-def _plain_ints(config: Any, *names: str) -> None:
-    """Set the fields ``names`` of the frozen ``config`` that hold other integers (``numpy.int64``) to ``int``."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-            object.__setattr__(config, name, int(value))
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    """Raise unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}.")
-
-
 class CurveSource(_Option):
     """Where the report's per-occurrence scores come from.
 
@@ -352,6 +331,8 @@ class ReportConfig:
         log_to_loggers: also log to ``trainer.loggers`` (files under ``save_dir/report/`` are always written).
         render_samples: look the top-k samples up in the training dataloader to show their label and input.
         curve_source: where the per-occurrence scores of the curves and tables come from (:class:`CurveSource`).
+        namespace: the first part of every logged key (``dve/total_influence``) and of the logged settings; give
+            each callback of one Trainer that logs its own (two with the same one are refused at fit start).
     """
 
     max_reference_samples: int = 512
@@ -367,26 +348,29 @@ class ReportConfig:
     log_to_loggers: bool = True
     render_samples: bool = True
     curve_source: CurveSource = CurveSource.EMBEDDINGS
+    namespace: str = "dve"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_scale", CurveScale.parse(self.stage_scale, "stage_scale"))
         object.__setattr__(self, "curve_source", CurveSource.parse(self.curve_source, "curve_source"))
-        _plain_ints(self, "max_reference_samples", "top_k", "histogram_bins")
-        _check_count("max_reference_samples", self.max_reference_samples, 1)
-        _check_count("top_k", self.top_k, 0)
-        _check_count("histogram_bins", self.histogram_bins, 1)
+        plain_ints(self, "max_reference_samples", "top_k", "histogram_bins")
+        check_count("max_reference_samples", self.max_reference_samples, 1)
+        check_count("top_k", self.top_k, 0)
+        check_count("histogram_bins", self.histogram_bins, 1)
         if self.histogram_bins > 512:
             raise ConfigError(f"histogram_bins must be <= 512 (the most W&B histograms hold); got "
                               f"{self.histogram_bins}. Use fewer bins, e.g. 30.")
         stages = "Use early_fraction + late_fraction < 1, e.g. 0.1 and 0.1."
-        early = _check_fraction("early_fraction", self.early_fraction, 0.0, 1.0, stages)
-        late = _check_fraction("late_fraction", self.late_fraction, 0.0, 1.0, stages)
+        early = check_fraction("early_fraction", self.early_fraction, 0.0, 1.0, stages)
+        late = check_fraction("late_fraction", self.late_fraction, 0.0, 1.0, stages)
         if early + late >= 1.0:
             raise ConfigError(f"early_fraction + late_fraction must be < 1 (the middle stage is the rest); got "
                               f"{early} + {late} = {early + late}. {stages}")
-        _check_fraction("smoothing_fraction", self.smoothing_fraction, 0.0, 1.0, "Use e.g. 0.05, or 0 for none.")
-        _check_fraction("phase_threshold", self.phase_threshold, 0.0, 1.0, "Use e.g. 0.2.")
-        _check_fraction("min_phase_rise", self.min_phase_rise, 0.0, 1.0, "Use e.g. 0.1.")
+        check_fraction("smoothing_fraction", self.smoothing_fraction, 0.0, 1.0, "Use e.g. 0.05, or 0 for none.")
+        check_fraction("phase_threshold", self.phase_threshold, 0.0, 1.0, "Use e.g. 0.2.")
+        check_fraction("min_phase_rise", self.min_phase_rise, 0.0, 1.0, "Use e.g. 0.1.")
+        if not isinstance(self.namespace, str) or not self.namespace or self.namespace != self.namespace.strip(" /"):
+            raise ConfigError(f"namespace must be a non-empty str, e.g. 'dve_clean'; got {self.namespace!r}.")
         for name in ("figures", "log_to_loggers", "render_samples"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool; got {getattr(self, name)!r}.")

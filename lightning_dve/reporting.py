@@ -134,7 +134,7 @@ def report_train_end(
     plots = _figures(report) if config.figures else {}
     report.files.update(write_files(report, plots))
     if config.log_to_loggers:
-        reporting_loggers.log_to_loggers(trainer, report, plots)
+        reporting_loggers.log_to_loggers(trainer, report, plots, config.namespace)
     rank_zero_info(f"DataValueEmbedding: influence report in {report.directory} ({_stage_line(summary)}).")
     return report
 

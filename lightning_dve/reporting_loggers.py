@@ -1,4 +1,5 @@
-"""Show a train-end report on the trainer's loggers: tables, charts, scalars and figures under ``dve/``.
+"""Show a train-end report on the trainer's loggers: tables, charts, scalars and figures under ``dve/``
+(``ReportConfig.namespace``: the keys are built under ``dve/`` and renamed by :func:`under`).
 
 - ``WandbLogger``: the curve, epoch and stage tables, ``wandb.plot.line`` charts of the curves, a histogram of
   per-sample influence, top-k tables (with ``wandb.Image`` inputs), the figures and the summary scalars, in
@@ -136,8 +137,13 @@ def step_scalars(report: CurveReport) -> Iterable[tuple[int, dict[str, float]]]:
         yield step, {key: value for key, value in values.items() if math.isfinite(value)}
 
 
-def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
-    """Put the recording's ``settings`` under ``dve`` in every logger's hyperparameters.
+def under(values: Mapping[str, Any], namespace: str) -> dict[str, Any]:
+    """``values`` with each key's leading ``dve`` replaced by ``namespace``."""
+    return {namespace + key[3:] if key.startswith("dve/") else key: value for key, value in values.items()}
+
+
+def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any], namespace: str = "dve") -> None:
+    """Put the recording's ``settings`` under ``namespace`` in every logger's hyperparameters.
 
     W&B: the run config (``dve.projection_dim``, ...), so runs can be filtered and grouped by them; TensorBoard
     and the CSVLogger: ``hparams.yaml`` (TensorBoard's event file gets no hyperparameter summary and no
@@ -146,28 +152,30 @@ def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any]) -> None:
     """
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams({"dve": dict(settings)}, metrics={})
+            logger.log_hyperparams({namespace: dict(settings)}, metrics={})
         else:
-            logger.log_hyperparams({"dve": dict(settings)})
+            logger.log_hyperparams({namespace: dict(settings)})
 
 
-def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure]) -> None:
-    """Log the report to every logger of the trainer (see the module docstring for what goes where)."""
+def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure], namespace: str = "dve"
+                   ) -> None:
+    """Log the report to every logger of the trainer under ``namespace`` (the module docstring says what goes where).
+    """
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            log_wandb(logger, report, trainer.global_step)
+            log_wandb(logger, report, trainer.global_step, namespace)
         elif isinstance(logger, TensorBoardLogger):
-            log_tensorboard(logger, report, plots, trainer.global_step)
+            log_tensorboard(logger, report, plots, trainer.global_step, namespace)
         elif isinstance(logger, CSVLogger):
             for step, values in step_scalars(report.curves):
-                logger.log_metrics(values, step=step)
-            logger.log_metrics(summary_scalars(report), step=trainer.global_step)
+                logger.log_metrics(under(values, namespace), step=step)
+            logger.log_metrics(under(summary_scalars(report), namespace), step=trainer.global_step)
             logger.save()
         else:
-            logger.log_metrics(summary_scalars(report), step=trainer.global_step)
+            logger.log_metrics(under(summary_scalars(report), namespace), step=trainer.global_step)
 
 
-def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
+def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int, namespace: str = "dve") -> None:
     """Log tables, line charts, histogram, top-k tables, figures and scalars in one ``log_metrics`` call.
 
     ``step`` (the trainer's global step) is the row's ``trainer/global_step``: ``WandbLogger`` logs it as a value,
@@ -180,7 +188,7 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
     if steps_per_row > 1:
         rank_zero_warn(f"DataValueEmbedding: the curve has {len(c.curve.steps)} steps, more than W&B keeps in a "
                        f"table ({wandb.Table.MAX_ROWS} rows): the W&B curve shows means over {steps_per_row} steps "
-                       f"per point (`dve/curve/steps_per_row`); every step is in save_dir/report/curve.csv.")
+                       f"per point (`{namespace}/curve/steps_per_row`); every step is in save_dir/report/curve.csv.")
     curve = wandb.Table(columns=CURVE_COLUMNS, data=rows)
     epochs = wandb.Table(columns=EPOCH_COLUMNS, data=epoch_rows(c))
     counts, edges = c.histogram
@@ -207,7 +215,7 @@ def log_wandb(logger: WandbLogger, report: TrainEndReport, step: int) -> None:
     for name in ("curve", "epochs", "histogram", "top_k"):
         if f"{name}_png" in report.files:
             metrics[f"dve/figures/{name}"] = wandb.Image(str(report.files[f"{name}_png"]))
-    logger.log_metrics(metrics, step=step)
+    logger.log_metrics(under(metrics, namespace), step=step)
 
 
 def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> Any:
@@ -222,15 +230,16 @@ def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> 
     return wandb.Table(columns=[*TOP_K_COLUMNS, "image"], data=data)
 
 
-def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, Figure], step: int) -> None:
-    """Per-step and summary scalars, figures, the per-sample histogram and markdown tables.
+def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, Figure], step: int,
+                    namespace: str = "dve") -> None:
+    """Per-step and summary scalars, figures, the per-sample histogram and markdown tables, under ``namespace``.
 
     The writer's tags carry the logger's ``prefix`` as its ``log_metrics`` gives it to the scalars.
     """
     for curve_step, values in step_scalars(report.curves):
-        logger.log_metrics(values, step=curve_step)
-    logger.log_metrics(summary_scalars(report), step=step)
-    writer, tag = logger.experiment, _tagger(logger)
+        logger.log_metrics(under(values, namespace), step=curve_step)
+    logger.log_metrics(under(summary_scalars(report), namespace), step=step)
+    writer, tag = logger.experiment, _tagger(logger, namespace)
     for name, figure in plots.items():
         writer.add_image(tag(f"dve/figures/{name}"), figures.to_rgb(figure), step, dataformats="HWC")
     totals = report.curves.totals
@@ -245,11 +254,12 @@ def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: di
     writer.flush()
 
 
-def _tagger(logger: Logger) -> Callable[[str], str]:
-    """``tag -> tag`` with the logger's ``prefix`` joined as its ``log_metrics`` joins it (``pre-dve/...``)."""
+def _tagger(logger: Logger, namespace: str) -> Callable[[str], str]:
+    """``dve/... -> namespace/...`` with the logger's ``prefix`` joined as its ``log_metrics`` joins it
+    (``pre-dve/...``)."""
     prefix = getattr(logger, "_prefix", "") or ""
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    return lambda tag: f"{prefix}{join}{tag}" if prefix else tag
+    return lambda tag: f"{prefix}{join}{namespace}{tag[3:]}" if prefix else f"{namespace}{tag[3:]}"
 
 
 def _markdown(columns: list[str], rows: list[list[Any]]) -> str:

@@ -10,10 +10,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 from lightning.pytorch.core.saving import load_hparams_from_yaml
 from torch.utils.data import DataLoader
 
-from lightning_dve import DataValueEmbedding
+from lightning_dve import ConfigError, DataValueEmbedding
 from tests.conftest import DigitsDict, TinyMLP
 from tests.test_reporting import SMALL, finished_run_records, item_key, read_csv, report_dir
 
@@ -75,10 +76,12 @@ def test_a_curve_longer_than_a_wandb_table_is_binned_not_cut(fit, wandb_env, mon
     np.testing.assert_allclose(np.array(table["data"], dtype=float), np.array(expected), rtol=1e-12)
 
 
-def test_tensorboard_prefix_names_every_tag(tmp_path):
+@pytest.mark.parametrize("namespace", ["dve", "dve_b"])
+def test_tensorboard_prefix_names_every_tag(tmp_path, namespace):
     """``TensorBoardLogger(prefix=...)`` prefixes the scalars it logs (``pre-dve/...``); the figures, histogram and
     tables the report writes through the logger's writer carry the same prefix, so one report's tags stay together
-    and apart from another prefixed model's in the same log folder."""
+    and apart from another prefixed model's in the same log folder. A ``ReportConfig.namespace`` replaces ``dve``
+    in every tag."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -88,16 +91,17 @@ def test_tensorboard_prefix_names_every_tag(tmp_path):
 
     report = synthetic_report(tmp_path)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", prefix="pre")
-    log_tensorboard(logger, report, {"curve": figures.curve_figure(report.curves)}, step=60)
+    log_tensorboard(logger, report, {"curve": figures.curve_figure(report.curves)}, step=60, namespace=namespace)
     events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0,
                                                                               "histograms": 0, "tensors": 0})
     events.Reload()
     tags = {kind: set(events.Tags()[kind]) for kind in ("scalars", "images", "histograms", "tensors")}
-    assert "pre-dve/total_influence" in tags["scalars"]
-    assert tags["images"] == {"pre-dve/figures/curve"}
-    assert tags["histograms"] == {"pre-dve/samples/total_influence"}
-    assert {"pre-dve/stages/text_summary", "pre-dve/top_k/helpful/text_summary"} <= tags["tensors"]
-    assert all(tag.startswith("pre-dve/") for kind in tags.values() for tag in kind)
+    assert f"pre-{namespace}/total_influence" in tags["scalars"]
+    assert f"pre-{namespace}/curve/influence" in tags["scalars"]
+    assert tags["images"] == {f"pre-{namespace}/figures/curve"}
+    assert tags["histograms"] == {f"pre-{namespace}/samples/total_influence"}
+    assert {f"pre-{namespace}/stages/text_summary", f"pre-{namespace}/top_k/helpful/text_summary"} <= tags["tensors"]
+    assert all(tag.startswith(f"pre-{namespace}/") for kind in tags.values() for tag in kind)
 
 
 class _WithHyperparameters(TinyMLP):
@@ -163,3 +167,53 @@ def test_tensorboard_keeps_the_settings_in_hparams_yaml_only(fit, tmp_path):
     events.Reload()
     assert "dve/total_influence" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
     assert not any(tag.startswith("_hparams_") for tag in events.Tags()["tensors"])
+
+
+def test_two_callbacks_log_under_their_own_namespaces_and_one_namespace_is_refused(fit, wandb_env):
+    """Two callbacks of one Trainer (e.g. two curvatures side by side) log every key under their own
+    ``ReportConfig(namespace=...)``: read back from the offline W&B run (history and config) and the CSV log, each
+    namespace's total influence is its own ``summary.json``'s. Both under the default namespace wrote the same keys,
+    the second overwriting the first's dashboards silently; that is refused at fit start, before anything is
+    recorded, naming the namespace and the fix (a Trainer without loggers has no keys to share)."""
+    import wandb
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    train = DataLoader(DigitsDict(range(64)), batch_size=16)
+    reference = DigitsDict(range(1500, 1520)).batch()
+
+    def callbacks(*namespaces: str) -> list[DataValueEmbedding]:
+        return [DataValueEmbedding(wandb_env / f"{namespace}_{curvature}", projection_dim=16, curvature=curvature,
+                                   report=dataclasses.replace(SMALL, namespace=namespace), reference=reference)
+                for namespace, curvature in zip(namespaces, ("empirical_fisher", "none"))]
+
+    first, second = callbacks("dve", "dve")
+    with pytest.raises(ConfigError, match=r"under the same keys 'dve/\.\.\.'.*ReportConfig\(namespace=\.\.\.\)"):
+        fit(TinyMLP(), first, train, max_epochs=1, callbacks=[second], logger=CSVLogger(str(wandb_env / "refused")))
+    assert not (wandb_env / "dve_empirical_fisher").exists()
+    fit(TinyMLP(), *callbacks("dve", "dve")[:1], train, max_epochs=1, callbacks=callbacks("dve", "dve")[1:])
+    assert (wandb_env / "dve_none" / "report" / "summary.json").exists()  # no logger: nothing to overwrite
+    loggers = [WandbLogger(offline=True, save_dir=str(wandb_env), project="dve-test"),
+               CSVLogger(save_dir=str(wandb_env), name="csv")]
+    first, second = callbacks("dve_a", "dve_b")
+    try:
+        fit(TinyMLP(), first, train, max_epochs=1, logger=loggers, callbacks=[second])
+        run_dir = Path(loggers[0].experiment.dir).parent
+    finally:
+        wandb.finish()
+    totals = {name: json.loads((report_dir(callback) / "summary.json").read_text())["total_influence"]
+              for name, callback in (("dve_a", first), ("dve_b", second))}
+    assert totals["dve_a"] != totals["dve_b"]
+    records = finished_run_records(run_dir)
+    history = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    config = {item_key(i): json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for i in r.config.update}
+    csv = read_csv(Path(loggers[1].log_dir) / "metrics.csv")
+    for name, total in totals.items():
+        logged = [row[f"{name}/total_influence"] for row in history if f"{name}/total_influence" in row]
+        row = next(r for r in history if f"{name}/total_influence" in r)
+        assert logged == [total] and any(key.startswith(f"{name}/curve/table") for key in row)
+        assert config[name]["store"] == str(wandb_env / f"{name}_{'empirical_fisher' if name == 'dve_a' else 'none'}")
+        assert [float(row[f"{name}/total_influence"]) for row in csv if row.get(f"{name}/total_influence")] == \
+            [pytest.approx(total)]
+    assert not any(key.startswith("dve/") for row in history for key in row) and "dve" not in config
