@@ -230,9 +230,9 @@ def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[i
 def warn_unplanned_boundaries(segments: int) -> None:
     """Say that the segment boundaries cannot be planned at train start (a loader of unknown length)."""
     rank_zero_warn(f"DataValueEmbedding: segments={segments}, but trainer.estimated_stepping_batches is unknown (a "
-                   "training loader without __len__, such as an IterableDataset's), so the boundaries are placed at "
-                   "train end and no reference is taken at them: the dynamics report has the final model only. Set "
-                   "max_steps to plan them at train start.")
+                   "training loader without __len__, such as an IterableDataset's, or no epoch limit: max_epochs=-1 "
+                   "with max_time), so the boundaries are placed at train end and no reference is taken at them: "
+                   "the dynamics report has the final model only. Set max_steps to plan them at train start.")
 
 
 def warn_replay_lost(error: DVEError) -> None:

@@ -384,7 +384,7 @@ def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn
                           f"callback; got {data.sample_ids!r}.")
     if data is not None and data.sample_ids is None:  # after load: the recorded sample_ids key, if it was one
         data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
-    if data is None or data.dataset is None:
+    if data is None or (data.dataset is None and store.steps):  # a fit that trained no step has nothing to rebuild
         raise ConfigError("exact replay needs the training dataset to rebuild the recorded batches: pass "
                           "dataset= (required when the embeddings were loaded from disk, or when the training "
                           "dataloader yields whole batches, batch_size=None; after fit it defaults to the training "

@@ -107,6 +107,17 @@ class StopAfter(Callback):
         trainer.should_stop = trainer.should_stop or trainer.global_step >= self.steps
 
 
+def test_a_fit_without_an_epoch_limit_names_it_as_why_the_boundaries_are_unplanned(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path
+) -> None:
+    """A sized loader with ``max_epochs=-1`` (a ``max_time`` budget, or a stop in a hook) has no step count at train
+    start either; the warning named only loaders without ``__len__``, which this one is not."""
+    with pytest.warns(UserWarning, match=r"segments=2, but trainer\.estimated_stepping_batches is unknown .*no epoch "
+                                         r"limit: max_epochs=-1 with max_time.*Set max_steps"):
+        fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=8, segments=2, report=None),
+            make_loader(), max_epochs=-1, callbacks=[StopAfter(3)])
+
+
 def test_a_run_stopped_before_its_planned_boundaries_says_so(
     mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path
 ) -> None:
