@@ -69,9 +69,15 @@ class ExpansionWatch:
         largest = 0.0
         for group in self.groups:
             rows = torch.cat([rows_of[name].to(torch.float64) for name in group], dim=1)
-            gram = record.weights.to(rows).unsqueeze(1) * (rows @ rows.T)
-            eigenvalues = torch.linalg.eigvals(gram).real if gram.numel() else gram.new_zeros(1)
-            largest = max(largest, max(rates[name] for name in group) * float(eigenvalues.max()))
+            weights = record.weights.to(rows).unsqueeze(1)
+            if not rows.shape[0]:
+                continue
+            if bool((weights >= 0).all()):  # the symmetric form sqrt(w) R R^T sqrt(w): eigvalsh
+                root = rows * weights.sqrt()
+                top = float(torch.linalg.eigvalsh(root @ root.T)[-1])
+            else:
+                top = float(torch.linalg.eigvals(weights * (rows @ rows.T)).real.max())
+            largest = max(largest, max(rates[name] for name in group) * top)
         return largest
 
     def warn(self, total: int) -> None:

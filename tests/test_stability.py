@@ -7,6 +7,7 @@ first-order influence through the recorded dynamics) on the same run.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -33,15 +34,15 @@ def record(rows: dict[str, torch.Tensor], weights: torch.Tensor, lrs: list[float
 @pytest.mark.parametrize("curvature", [Curvature.EMPIRICAL_FISHER, Curvature.GGN])
 def test_the_largest_lr_lambda_is_that_of_the_explicit_step_matrix(curvature: Curvature) -> None:
     """Per group of layers: ``lr * lambda_max`` of the explicit ``sum_z lr w_z h_z h_z^T`` over the group's
-    columns, with positive, zero and negative weights; the rows are the gradients (empirical Fisher) or the
-    records' Gauss-Newton rows."""
+    columns, with positive, zero and negative weights (the general eigenvalues) and with non-negative ones (the
+    symmetric form); the rows are the gradients (empirical Fisher) or the records' Gauss-Newton rows."""
     gen = torch.Generator().manual_seed(0)
     grads = {"a": torch.randn(5, 3, generator=gen), "b": torch.randn(5, 4, generator=gen)}
     ggn = {name: torch.randn(t.shape, generator=gen) for name, t in grads.items()}
-    weights = torch.tensor([0.5, 0.2, 0.0, -0.1, 0.4])
     rows = ggn if curvature is Curvature.GGN else grads
     extra = {"curvature": ggn} if curvature is Curvature.GGN else {}
-    for groups in ([["a", "b"]], [["a"], ["b"]]):
+    for weights, groups in itertools.product([torch.tensor([0.5, 0.2, 0.0, -0.1, 0.4]), torch.full((5,), 0.2)],
+                                             ([["a", "b"]], [["a"], ["b"]])):
         watch = ExpansionWatch(groups, ["a", "b"], curvature)
         expected = 0.0
         for group in groups:
