@@ -1,8 +1,9 @@
 """Store files: safetensors written atomically (temporary name, then rename) and read back with integrity checks.
 
 Nothing is pickled: tensors are safetensors, metadata the header's text fields. Every file this module writes
-holds the CRC32 of its data bytes in its metadata (:data:`CRC_KEY`); reads recompute it, so a file damaged on disk
-or in a copy is refused, not read as other numbers (files without one, written before, are read unchecked).
+holds a CRC32 of its tensor entries (names, dtypes, shapes, offsets: :func:`entries_text`) and data bytes in its
+metadata (:data:`CRC_KEY`); reads recompute it, so a file damaged on disk or in a copy is refused, not read as
+other numbers or without a renamed tensor (files without one, written before, are read unchecked).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _DTYPE_CODES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", 
                 torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                 torch.bool: "BOOL"}
 _LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
-#: The metadata key of a file's CRC32 (8 hex digits) of its data bytes, everything after the header.
+#: The metadata key of a file's CRC32 (8 hex digits) of its tensor entries and data bytes (:func:`entries_text`).
 CRC_KEY = "crc32"
 #: The metadata key of a file of several groups (a pack of steps): each group's CRC32, comma-separated.
 CRCS_KEY = "crc32s"
@@ -42,8 +43,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename: str, metadata:
     The layout ``safetensors.torch.save_file`` writes (tensors ordered by dtype, then name; data 8-byte aligned;
     byte for byte the same file up to the order of the metadata keys, which ``save_file`` does not fix), with
     one ``writev`` instead of its per-tensor copies and checks, which cost more than the write itself for the
-    small per-step files. Other dtypes go through ``save_file``. The metadata gains the data's CRC32
-    (:data:`CRC_KEY`; not for the other dtypes).
+    small per-step files. Other dtypes go through ``save_file``. The metadata gains the CRC32 of the tensor
+    entries and data (:data:`CRC_KEY`; not for the other dtypes).
 
     Raises:
         OSError: if the file cannot be written (disk full, permissions), or the system writes nothing.
@@ -76,7 +77,7 @@ def _layout(groups: list[tuple[str, dict[str, torch.Tensor]]]) -> tuple[dict[str
     buffers: list[memoryview] = []
     crcs, offset = [], 0
     for prefix, tensors in groups:
-        group = []
+        group, start = [], offset
         for name, tensor in sorted(tensors.items(), key=lambda item: (_LAYOUT_ORDER[item[1].dtype], item[0])):
             tensor = tensor.detach().cpu().contiguous()
             array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
@@ -84,9 +85,19 @@ def _layout(groups: list[tuple[str, dict[str, torch.Tensor]]]) -> tuple[dict[str
                                       "data_offsets": [offset, offset + array.nbytes]}
             offset += array.nbytes
             group.append(memoryview(array.reshape(-1)).cast("B"))
-        crcs.append(crc32(group))
+        crcs.append(crc32([entries_text(entries, prefix, start), *group]))
         buffers += group
     return entries, buffers, crcs
+
+
+def entries_text(entries: dict[str, Any], prefix: str = "", start: int = 0) -> bytes:
+    """What a CRC32 covers of a header besides the data: the entries of the tensors named ``prefix...`` (one
+    step of a pack, or every tensor), as canonical JSON of (name without ``prefix``, dtype, shape, offsets from
+    ``start``), so a step's text in a pack is its loose file's."""
+    rows = sorted((name[len(prefix):], entry["dtype"], entry["shape"], entry["data_offsets"][0] - start,
+                   entry["data_offsets"][1] - start)
+                  for name, entry in entries.items() if name != "__metadata__" and name.startswith(prefix))
+    return json.dumps(rows, separators=(",", ":")).encode()
 
 
 def _write_file(filename: str, metadata: dict[str, str], entries: dict[str, Any], buffers: list[memoryview]) -> None:
@@ -104,16 +115,17 @@ def crc32(buffers: Iterable[bytes | memoryview]) -> str:
     return f"{value:08x}"
 
 
-def check_crc(path: Path, data: bytes | memoryview, expected: str | None) -> None:
-    """Refuse a file whose data bytes do not have the CRC32 written with them (``None``: a file without one).
+def check_crc(path: Path, covered: list[bytes | memoryview], expected: str | None) -> None:
+    """Refuse a file whose entries and data (``covered``) do not have the CRC32 written with them (``None``: a
+    file without one).
 
     Raises:
         StoreError: naming the file and what to do.
     """
-    if expected is not None and (actual := crc32([data])) != expected:
-        raise StoreError(f"store file {path} is corrupt: its data bytes have CRC32 {actual}, not the {expected} "
-                         "written with them (damaged on disk or in a copy). Restore the file from a backup, or "
-                         "record the run again.")
+    if expected is not None and (actual := crc32(covered)) != expected:
+        raise StoreError(f"store file {path} is corrupt: its tensor entries and data bytes have CRC32 {actual}, not "
+                         f"the {expected} written with them (damaged on disk or in a copy). Restore the file from a "
+                         "backup, or record the run again.")
 
 
 def _write_all(filename: str, buffers: list[memoryview]) -> None:
@@ -335,10 +347,11 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         data = path.read_bytes()
         tensors = dict(sorted(load_safetensors(data).items()))  # by name, as safe_open lists them
         start = 8 + int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:start]).get("__metadata__") or {}
+        header = json.loads(data[8:start])
+        metadata = header.get("__metadata__") or {}
     except (SafetensorError, ValueError, OSError) as err:
         raise corrupt_error(path, err) from err
-    check_crc(path, memoryview(data)[start:], metadata.get(CRC_KEY))
+    check_crc(path, [entries_text(header), memoryview(data)[start:]], metadata.get(CRC_KEY))
     check_metadata(path, metadata, settings_hash, step)
     return tensors
 

@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import (CRCS_KEY, check_crc, check_metadata, corrupt_error, read_checked, read_step_header, remove_files,
-                    safetensors_header, write_atomic, write_concatenated_atomic, write_groups_atomic)
+from .files import (CRCS_KEY, check_crc, check_metadata, corrupt_error, entries_text, read_checked, read_step_header,
+                    remove_files, safetensors_header, write_atomic, write_concatenated_atomic, write_groups_atomic)
 
 #: Loose steps packed into one file once this many have accumulated.
 PACK_STEPS = 256
@@ -83,7 +83,7 @@ class _OpenPack:
     path: Path
     handle: Any
     names: dict[int, list[str]]
-    checked: dict[int, tuple[str, int, int]]  # step -> (CRC32, first byte, end byte) of its tensors in the file
+    checked: dict[int, tuple[str, bytes, int, int]]  # step -> CRC32, its entries' text, its tensors' bytes [start, end)
 
 
 @dataclass(frozen=True)
@@ -261,12 +261,15 @@ class StepFolder:
                              "again.")
         try:
             if step in pack.checked:
-                crc, start, end = pack.checked[step]
+                crc, text, start, end = pack.checked[step]
                 with open(path, "rb") as file:
-                    check_crc(path, os.pread(file.fileno(), end - start, start), crc)
-            return {name.split("/", 1)[1]: pack.handle.get_tensor(name) for name in sorted(pack.names[step])}
+                    data = os.pread(file.fileno(), end - start, start)
+            tensors = {name.split("/", 1)[1]: pack.handle.get_tensor(name) for name in sorted(pack.names[step])}
         except (SafetensorError, OSError) as err:
             raise corrupt_error(path, err) from err
+        if step in pack.checked:
+            check_crc(path, [text, data], crc)
+        return tensors
 
     def _open(self, path: Path) -> _OpenPack:
         """The open pack at ``path`` (kept open for the next read), checked against this store's settings."""
@@ -290,15 +293,16 @@ class StepFolder:
 
 
 def _checked_ranges(header: dict[str, Any], start: int, names: dict[int, list[str]],
-                    metadata: dict[str, str]) -> dict[int, tuple[str, int, int]]:
-    """Each step's CRC32 and the file bytes its tensors span (contiguous: :mod:`files` writes a step's tensors
-    together), for the steps of a pack that has checksums."""
+                    metadata: dict[str, str]) -> dict[int, tuple[str, bytes, int, int]]:
+    """Each step's CRC32, the text of its tensor entries and the file bytes its tensors span (contiguous:
+    :mod:`files` writes a step's tensors together), for the steps of a pack that has checksums."""
     crcs = metadata.get(CRCS_KEY, "").split(",")
     out = {}
     for step, crc in zip(_ints(metadata.get("steps", "")), crcs):
         offsets = [header[name]["data_offsets"] for name in names[step]]
         if crc and offsets:
-            out[step] = (crc, start + min(o[0] for o in offsets), start + max(o[1] for o in offsets))
+            first, end = min(o[0] for o in offsets), max(o[1] for o in offsets)
+            out[step] = (crc, entries_text(header, f"{step:08d}/", first), start + first, start + end)
     return out
 
 

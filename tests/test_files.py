@@ -35,13 +35,17 @@ def header_and_data(path) -> tuple[dict, bytes]:
 
 
 def test_writer_bytes_equal_safetensors_save_file(tmp_path):
-    """The same file as ``save_file`` given the same metadata plus the CRC32 of the data, which ours adds: the
-    same data section and parsed header (``save_file`` orders the metadata keys at random, a hash map; with one
-    key the files are the same bytes). The CRC32 is zlib's of the data section."""
+    """The same file as ``save_file`` given the same metadata plus the CRC32, which ours adds: the same data
+    section and parsed header (``save_file`` orders the metadata keys at random, a hash map; with one key the
+    files are the same bytes). The CRC32 is zlib's of the tensor entries (sorted ``[name, dtype, shape, start,
+    end]`` as compact JSON) followed by the data section."""
     tensors = mixed_tensors()
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     save_file(contiguous, tmp_path / "plain", metadata={"step": "3"})
-    crc = f"{zlib.crc32(header_and_data(tmp_path / 'plain')[1]):08x}"
+    header, data = header_and_data(tmp_path / "plain")
+    entries = sorted([name, e["dtype"], e["shape"], *e["data_offsets"]] for name, e in header.items()
+                     if name != "__metadata__")
+    crc = f"{zlib.crc32(json.dumps(entries, separators=(',', ':')).encode() + data):08x}"
     save_file(contiguous, tmp_path / "reference", metadata={"crc32": crc})
     lightning_dve.files.write_safetensors(tensors, str(tmp_path / "ours"), {})
     assert (tmp_path / "ours").read_bytes() == (tmp_path / "reference").read_bytes()
@@ -220,7 +224,7 @@ def test_reader_refuses_every_truncation_and_what_safetensors_refuses(tmp_path):
         try:
             got = lightning_dve.files.read_checked(probe, "h")
         except StoreError as err:  # the metadata changed: the settings check or the checksum refuses it
-            assert "written with settings" in str(err) or "its data bytes have CRC32" in str(err)
+            assert "written with settings" in str(err) or "and data bytes have CRC32" in str(err)
             continue
         assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
     assert refused > 100
