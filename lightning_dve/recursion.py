@@ -206,12 +206,11 @@ class BackwardRecursion:
             accumulator.addcmul_(second[0], second[1] * columns["weight_decay"], value=-1)
         if "shrink" in columns:  # decoupled decay: A_{t-1} = A_t diag(1 - lr lambda) - ...
             accumulator.addcmul_(transfer, columns["shrink"])
-        signs = _ascent_signs(columns)
         if rows is grads:
-            accumulator.addmm_(embedding.T, grads if signs is None else grads * signs)
+            accumulator.addmm_(embedding.T, grads)
         elif rows is not None:
             rows_q = _cat(record.curvature_preconditioned, group, grads.dtype) if record.preconditioned else rows
-            accumulator.addmm_(to_final(rows_q, rows_q).T, rows if signs is None else rows * signs)
+            accumulator.addmm_(to_final(rows_q, rows_q).T, rows)
         self.velocity_maps[index], self.next_momentum[index] = velocity, columns["momentum"]
         return embedding
 
@@ -285,12 +284,10 @@ class BackwardRecursion:
             weights = torch.cat([r.weights for r in records]).to(dtype).unsqueeze(1)
             sources = torch.cat([_cat(r.preconditioned or r.grads, group, dtype) for r in records]) * weights
             left = right = None
-            signs = torch.cat([torch.full((size, 1), -1.0 if t.gain < 0 or t.direct < 0 else 1.0, dtype=dtype,
-                                          device=sources.device) for size, t in zip(sizes, terms)])
             if self.curvature is Curvature.EMPIRICAL_FISHER:
-                left, right = sources, torch.cat([_cat(r.grads, group, dtype) for r in records]) * signs
+                left, right = sources, torch.cat([_cat(r.grads, group, dtype) for r in records])
             elif self.curvature is Curvature.GGN:
-                right = torch.cat([_cat(r.curvature, group, dtype) for r in records]) * signs
+                right = torch.cat([_cat(r.curvature, group, dtype) for r in records])
                 left = torch.cat([_cat(r.curvature_preconditioned if r.preconditioned else r.curvature, group, dtype)
                                   for r in records]) * weights
             following = self.next_momentum[index]
@@ -345,17 +342,6 @@ def _sources_and_left(records: list[StepRecord], group: list[str], grads: torch.
     if rows is None or rows is grads:
         return sources, None if rows is None else sources
     return sources, _stack([r.curvature_preconditioned or r.curvature for r in records], group, grads.dtype)
-
-
-def _ascent_signs(columns: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """-1 on the columns of a ``maximize`` param group (a negative gain or direct term: optim.py), else 1; ``None``
-    when no column has one. The curvature stands for the Hessian of the objective the optimizer descends, ``-loss``
-    there, whose rows are ``-h``: the right factor of ``D (w h) h^T`` takes the sign (the left one has it in ``D``).
-    """
-    negative = columns["gain"] < 0
-    if "direct" in columns:
-        negative |= columns["direct"] < 0
-    return torch.where(negative, -1.0, 1.0).to(columns["gain"].dtype) if bool(negative.any()) else None
 
 
 def _cat(rows: dict[str, torch.Tensor], group: list[str], dtype: torch.dtype) -> torch.Tensor:
