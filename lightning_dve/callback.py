@@ -336,9 +336,9 @@ class DataValueEmbedding(StepHooks):
             callback_setup.warn_fewer_segments(self.config.segments, len(bounds), store.steps, self._boundaries)
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
                                             self._dims, dtype, len(bounds))
-        recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims, dtype,
-                                         bounds, progress=trainer.progress_bar_callback is not None,
-                                         device=callback_setup.recursion_device(pl_module.device, need))
+        watch = recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims,
+                                                 dtype, bounds, progress=trainer.progress_bar_callback is not None,
+                                                 device=callback_setup.recursion_device(pl_module.device, need))
         if self._comm.rank == 0:
             callback_store.report_disk_use(store)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
@@ -347,6 +347,8 @@ class DataValueEmbedding(StepHooks):
             carry = callback_setup.replay_carry(store, pl_module, self.config, self._training_data, self._weight_fn,
                                                 self._capture.layers, replay_error)
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
+        if self._comm.rank == 0 and store.manifest.get("embeddings_source") != "replay":  # replayed: exact dynamics
+            watch.warn(store.steps)
         loss_batch, self._loss_batch = self._loss_batch, None
         if self._comm.rank != 0 or reporting_reference.check_training_loss(
                 pl_module, loss_batch, self._embeddings, report=self.report_config is not None):

@@ -74,7 +74,7 @@ def embed_trajectory(
     bounds: list[tuple[int, int]] | None = None,
     progress: bool = False,
     device: torch.device | None = None,
-) -> None:
+) -> ExpansionWatch:
     """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
 
     With several ``bounds`` the trajectory is split into contiguous segments whose recursions run in parallel
@@ -93,6 +93,9 @@ def embed_trajectory(
         progress: show a progress bar (rank 0).
         device: where the recursion computes (``None``: the CPU): the records go there as they are read, and
             the embeddings come back to the CPU, where they are written.
+
+    Returns:
+        what the steps said about the product's stability, every rank's (:mod:`lightning_dve.stability`).
     """
     bounds = bounds or [(0, len(store.steps))]
     curvature = DVEConfig.from_dict(store.manifest["settings"]).curvature
@@ -143,7 +146,21 @@ def embed_trajectory(
                 _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     _finish(comm, store, bounds, factors, errors[0] if errors else None)
-    watch.warn(len(store.steps))
+    return _merged(comm, watch)
+
+
+def _merged(comm: Communicator, watch: ExpansionWatch) -> ExpansionWatch:
+    """Collective: every rank's expanding steps (the largest ratio of each) and non-finite steps in one watch (each
+    rank's rows start with a step -1, so that no rank sends an empty tensor)."""
+    expanding = torch.tensor([(-1.0, 0.0), *watch.expanding.items()], dtype=torch.float64)
+    non_finite = torch.tensor([-1.0, *watch.non_finite], dtype=torch.float64).unsqueeze(1)
+    merged = ExpansionWatch(watch.groups, watch.layer_order, watch.curvature)
+    for rows in comm.all_gather_rows(expanding):
+        for step, ratio in rows[1:].tolist():
+            merged.expanding[int(step)] = max(ratio, merged.expanding.get(int(step), 0.0))
+    gathered = comm.all_gather_rows(non_finite)
+    merged.non_finite = sorted({int(step) for rows in gathered for (step,) in rows[1:].tolist()})
+    return merged
 
 
 def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, int]],

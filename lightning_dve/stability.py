@@ -1,33 +1,47 @@
 """Checks of the recursion's product of step factors: where it expands, the embeddings are not influences.
 
-The embedding of occurrence ``(t, z)`` is ``(prod_{k>t} (I - lr_k H_k)) lr_t w g`` (method.md §2, Thm. 2). With a
-positive semi-definite step curvature ``H_k = sum_z w_z h_z h_z^T`` (the empirical Fisher or the Gauss-Newton
-rows, plain SGD) each factor has eigenvalues ``1 - lr_k lambda`` with ``lambda >= 0``: the product shrinks or keeps a
-direction unless ``lr_k lambda_max(H_k) > 2``, where that factor flips and stretches it. Training itself is
-stable only below that bound for the true Hessian, so a curvature that crosses it overstates the Hessian; the
-empirical Fisher does so when the gradients are large against the loss's curvature (a regression loss with large
-residuals: ``g g^T`` grows with the squared residual, the Hessian does not), and the product then grows
-geometrically, by up to ``1e23`` in a short MSE run (``tests/test_stability.py``).
+The embedding of occurrence ``(t, z)`` is ``(prod_{k>t} F_k) lr_t w g`` (method.md §2, Thm. 2), ``F_k = I - lr_k H_k``
+for plain SGD with the step curvature ``H_k = sum_z w_z h_z h_z^T`` (the empirical Fisher or the Gauss-Newton rows,
+positive semi-definite). ``F_k`` has eigenvalues ``1 - lr_k lambda``: it shrinks or keeps every direction unless
+``a_k = lr_k lambda_max(H_k) > 2``, where it flips and stretches one by ``a_k - 1``. Training on the true Hessian
+is itself unstable beyond that bound, so a curvature that crosses it often overstates the Hessian: the empirical
+Fisher does where the gradients are large against the loss's curvature (a regression with large residuals:
+``g g^T`` grows with the squared residual, the Hessian does not), and the product then grows geometrically, by
+``1e23`` in a short MSE run (``tests/test_stability.py``). With heavy-ball momentum ``mu`` the linear dynamics are
+stable up to ``a = 2 (1 + mu)``, with Nesterov's up to ``2 (1 + mu) / (1 + 2 mu)``; weight decay adds to
+``lambda``, dampening and norm clipping scale the rate, and a clipped step's curvature is the recursion's
+projected one. Adam's steps are not judged.
 
-:class:`ExpansionWatch` computes ``lr_k lambda_max(H_k)`` of every plain-SGD step the recursion reads, per group of
-layers that shares one ``M``, from the ``[B, B]`` Gram matrix of the step's rows (``B^2 K`` flops, against the
-recursion's ``B K^2``), and counts steps whose embeddings are not finite; :meth:`ExpansionWatch.warn` says what was
-found, once, at the end of the recursion.
+:class:`ExpansionWatch` takes ``r_k = a_k / bound_k`` of every judged step, per group of layers that shares one
+``M``, from the ``[B, B]`` Gram matrix of the step's rows (or the ``[K, K]`` one where ``K < B``; no eigenvalues where
+its trace or Frobenius norm already stays below the bound), and names steps whose embeddings are not finite. It warns where the factors
+after a run's first step can stretch an embedding more than :data:`GROWTH_LIMIT` times in all, ``prod (2 r_k - 1)``
+over the steps with ``r_k > 1`` (for plain SGD exactly the product of their largest stretches ``a_k - 1``): one step
+just above the bound is no reason to distrust the run.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from . import clipping
 from .config import Curvature
 from .store import StepRecord
 
-#: ``lr lambda_max`` above which a step factor ``I - lr H`` expands (an eigenvalue below -1).
-EXPANDING = 2.0
+#: The largest stretch of an embedding by the factors after the first step that the watch lets pass silently.
+GROWTH_LIMIT = 10.0
+_ADVICE = {
+    Curvature.EMPIRICAL_FISHER: "The empirical Fisher overstates the loss's Hessian where the gradients are large "
+    "against its curvature (a regression with large residuals): use curvature='none' for such a loss "
+    "(curvature='ggn' for a softmax cross-entropy)",
+    Curvature.GGN: "The steps are large against the loss's own (Gauss-Newton) curvature, beyond where a first-order "
+    "product of step factors holds",
+}
 
 
 @dataclass
@@ -38,67 +52,100 @@ class ExpansionWatch:
         groups: the layer groups whose ``M`` this rank runs.
         layer_order: every tracked layer in manifest order (the order of ``StepRecord.lrs``).
         curvature: the recursion's curvature (``NONE``: the product is the identity, nothing to check).
-        expanding: ``(lr lambda_max, step)`` of each step above :data:`EXPANDING`.
+        expanding: ``{step: r}`` of each step whose factor expands (``r > 1``).
         non_finite: the steps with a non-finite embedding.
     """
 
     groups: list[list[str]]
     layer_order: list[str]
     curvature: Curvature
-    expanding: list[tuple[float, int]] = field(default_factory=list)
+    expanding: dict[int, float] = field(default_factory=dict)
     non_finite: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)  # segments: threads
 
     def observe(self, record: StepRecord, embeddings: dict[str, torch.Tensor]) -> None:
-        """Note ``record``'s largest ``lr lambda_max`` over the groups (plain SGD) and non-finite embeddings."""
-        value = self._largest(record)
+        """Note ``record``'s ratio ``r`` (module docstring) where it exceeds 1, and non-finite embeddings."""
+        ratio = self.ratio(record)
         finite = all(bool(e.isfinite().all()) for e in embeddings.values())
         with self._lock:
-            if value > EXPANDING:
-                self.expanding.append((value, record.step))
+            if ratio > 1.0:
+                self.expanding[record.step] = max(ratio, self.expanding.get(record.step, 0.0))
             if not finite:
                 self.non_finite.append(record.step)
 
-    def _largest(self, record: StepRecord) -> float:
-        """``max over groups of max(rate) lambda_max(sum_z w_z h_z h_z^T)``: the eigenvalues of ``diag(w) R R^T``
-        (``R`` the ``[B, K]`` rows), which are those of the ``[K, K]`` sum; 0 for steps with optimizer terms."""
-        if self.curvature is Curvature.NONE or record.optim or record.preconditioned:
-            return 0.0
-        rows_of = record.curvature if self.curvature is Curvature.GGN else record.grads
+    def ratio(self, record: StepRecord) -> float:
+        """``max over groups of a / bound`` of one step (module docstring); 0 where it is not judged."""
+        if self.curvature is Curvature.NONE or "shrink" in record.optim or record.vectors or record.preconditioned:
+            return 0.0  # Adam (and AdamW's shrink, exact mode's per-coordinate rates)
+        projected = clipping.projected(record)
+        rows_of = projected.curvature_preconditioned if self.curvature is Curvature.GGN else projected.preconditioned
+        rows_of = rows_of or (record.curvature if self.curvature is Curvature.GGN else record.grads)
+        terms = {key: dict(zip(self.layer_order, values.tolist())) for key, values in record.optim.items()}
         rates = dict(zip(self.layer_order, record.lrs.tolist()))
-        largest = 0.0
+        worst = 0.0
         for group in self.groups:
+            scale, decay, bound = zip(*(_layer_terms(terms, rates, name) for name in group))
             rows = torch.cat([rows_of[name].to(torch.float64) for name in group], dim=1)
-            weights = record.weights.to(rows).unsqueeze(1)
-            if not rows.shape[0]:
-                continue
-            if bool((weights >= 0).all()):  # the symmetric form sqrt(w) R R^T sqrt(w): eigvalsh
-                root = rows * weights.sqrt()
-                top = float(torch.linalg.eigvalsh(root @ root.T)[-1])
-            else:
-                top = float(torch.linalg.eigvals(weights * (rows @ rows.T)).real.max())
-            largest = max(largest, max(rates[name] for name in group) * top)
-        return largest
+            enough = min(bound) / max(scale) - max(decay) if max(scale) else math.inf
+            top = _largest_eigenvalue(rows, record.weights.to(rows), enough)
+            worst = max(worst, max(s * (top + d) / b for s, d, b in zip(scale, decay, bound)))
+        return worst
 
-    def warn(self, total: int) -> None:
-        """Warn once about expanding steps and non-finite embeddings, if any, out of ``total`` steps."""
-        if self.expanding:
-            worst, step = max(self.expanding)
-            first = min(s for _, s in self.expanding)
+    def growth(self, first_step: int) -> float:
+        """``prod (2 r - 1)`` over the expanding steps after ``first_step`` (whose factor multiplies nothing)."""
+        return math.prod(2.0 * r - 1.0 for step, r in self.expanding.items() if step != first_step)
+
+    def warn(self, steps: list[int]) -> None:
+        """Warn once if the factors can stretch an embedding beyond :data:`GROWTH_LIMIT`, and about non-finite
+        embeddings, out of the recorded ``steps``."""
+        growth = self.growth(steps[0]) if steps else 1.0
+        if growth > GROWTH_LIMIT:
+            step, worst = max(self.expanding.items(), key=lambda item: item[1])
             warnings.warn(
-                f"curvature={self.curvature.value!r}: at {len(self.expanding)} of {total} steps (first {first}; "
-                f"largest at step {step}, lr * lambda_max = {worst:.3g}) the step factor I - lr H of the recursion "
-                f"has an eigenvalue below -1 (lr * lambda_max > {EXPANDING:g}), so the product over later steps "
-                "stretches and flips the earlier steps' embeddings: their scores can be orders of magnitude too "
-                "large, with arbitrary sign. The curvature overstates the loss's Hessian (the empirical Fisher "
-                "does for large gradients against the curvature, e.g. a regression loss with large residuals). "
-                "Use curvature='none' for such a loss (curvature='ggn' for a softmax cross-entropy), "
-                "emb.exact_influence(...) or embeddings='replay' for exact dynamics, or a smaller learning rate.",
+                f"curvature={self.curvature.value!r}: at {len(self.expanding)} of {len(steps)} steps (first "
+                f"{min(self.expanding)}; largest at step {step}, {worst:.3g} times the bound) the recursion's step "
+                "factor expands (lr * lambda_max beyond 2, or the momentum form's stability bound), and together "
+                f"they can stretch earlier steps' embeddings {growth:.3g}-fold: their scores can be orders of "
+                f"magnitude too large, with arbitrary sign. {_ADVICE[self.curvature]}; exact_influence(...) or "
+                "embeddings='replay' follow the exact dynamics, or train with a smaller learning rate.",
                 stacklevel=2)
         if self.non_finite:
             warnings.warn(
-                f"the embeddings of {len(self.non_finite)} of {total} steps (first {min(self.non_finite)}) are not "
-                "finite (inf or NaN): every score with those occurrences is NaN or inf. The recursion overflowed "
+                f"the embeddings of {len(self.non_finite)} of {len(steps)} steps (first {min(self.non_finite)}) are "
+                "not finite (inf or NaN): every score with those occurrences is NaN or inf. The recursion overflowed "
                 "(see the warning about expanding steps, if any) or the recorded gradients were already too large "
                 "for the storage dtype. Use curvature='none', exact_influence(...), or a float32 store "
                 "(storage_dtype='float32').", stacklevel=2)
+
+
+def _layer_terms(terms: dict[str, dict[str, float]], rates: dict[str, float], name: str
+                 ) -> tuple[float, float, float]:
+    """``(rate, weight decay, bound)`` of one layer's step: the rate on the curvature, the decay added to its
+    eigenvalues and the largest stable ``rate * lambda`` (plain SGD, heavy ball, Nesterov; optim.py's terms)."""
+    if not terms:
+        return rates[name], 0.0, 2.0
+    gain, direct = terms["gain"][name], terms.get("direct", {}).get(name, 0.0)
+    if not gain:  # a layer with no velocity term: the gradient applied directly (or no step)
+        return rates[name] * abs(direct), 0.0, 2.0
+    momentum = terms["momentum"][name]
+    decay = abs(terms["weight_decay"][name])
+    if direct:  # Nesterov: the gradient at rate lr * clip, the velocity on top
+        return rates[name] * abs(direct), decay, 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
+    return rates[name] * abs(gain), decay, 2.0 * (1.0 + momentum)
+
+
+def _largest_eigenvalue(rows: torch.Tensor, weights: torch.Tensor, enough: float) -> float:
+    """``lambda_max(sum_z w_z r_z r_z^T)`` from the smaller of its ``[B, B]`` and ``[K, K]`` forms (symmetric where
+    every weight is non-negative); 0 when its trace or Frobenius norm is at most ``enough`` (then so is it)."""
+    if not rows.numel():
+        return 0.0
+    weights = weights.unsqueeze(1)
+    if bool((weights < 0).any()):
+        return float(torch.linalg.eigvals(weights * (rows @ rows.T)).real.max())
+    root = rows * weights.sqrt()
+    if float(root.square().sum()) <= enough:
+        return 0.0
+    gram = root @ root.T if root.shape[0] <= root.shape[1] else root.T @ root
+    if float(torch.linalg.matrix_norm(gram)) <= enough:  # the Frobenius norm bounds it too, closer
+        return 0.0
+    return float(torch.linalg.eigvalsh(gram)[-1])

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult,
                           LossReductionError, StoreError)
+from lightning_dve import files
 from lightning_dve.query_layers import on_module_device
 from lightning_dve.store import TrajectoryStore
 from tests.conftest import TinyMLP
@@ -364,7 +364,9 @@ def test_score_refuses_a_boundary_out_of_range(fit, mlp_cls, save_dir, test_batc
 
 
 def damaged_copy(trained, tmp_path, name, change) -> Path:
-    """A copy of the recording whose ``embeddings/<name>`` is ``change(its contents)`` (``None``: deleted)."""
+    """A copy of the recording whose ``embeddings/<name>`` is ``change(its contents)`` (``None``: deleted); a
+    safetensors file is written whole, with a valid checksum (``lightning_dve.files``), as a file of another
+    recording would be: the checks below the checksum's see it."""
     root = Path(shutil.copytree(trained.root, tmp_path / "copy"))
     path = root / "embeddings" / name
     if name.endswith(".npy"):
@@ -375,7 +377,8 @@ def damaged_copy(trained, tmp_path, name, change) -> Path:
     else:
         with safe_open(str(path), framework="pt") as handle:
             metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
-        save_file(change(tensors), str(path), metadata=metadata)
+        metadata.pop("crc32")
+        files.write_atomic(path, change(tensors), metadata)  # (the tensors may map the file: a new one)
     return root
 
 
