@@ -341,6 +341,7 @@ class DataValueEmbedding(StepHooks):
                                                  device=callback_setup.recursion_device(pl_module.device, need))
         if self._comm.rank == 0:
             callback_store.report_disk_use(store)
+            callback_setup.clear_report(store.root)
             self._embeddings = DataValueEmbeddings(store, self._weight_fn)
             self._embeddings.training_data = self._training_data
         if self.embedding_method is EmbeddingMethod.REPLAY and store.steps:  # (the same steps on every rank)

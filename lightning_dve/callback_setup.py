@@ -5,6 +5,7 @@ Framework glue for :mod:`lightning_dve.callback`, nothing else."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 import torch
 
-from . import reporting_loggers
+from . import reporting, reporting_loggers
 from .batches import WeightFn
 from .capture import TrackedLayer
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
@@ -174,6 +175,13 @@ def log_settings(trainer: pl.Trainer, store: TrajectoryStore, dims: int, method:
                 "store": str(store.root), "settings_hash": manifest["settings_hash"],
                 "tracked_layers": len(manifest["layers"]), "embedding_dims": dims}
     reporting_loggers.log_settings(trainer, settings, report_config.namespace)
+
+
+def clear_report(root: Path) -> None:
+    """Delete the report of earlier embeddings in the store at ``root`` (a resumed fit's): the folder then holds
+    the current embeddings' report or none, never an earlier one that looks current after a failed or skipped
+    report."""
+    shutil.rmtree(root / reporting.REPORT_DIR, ignore_errors=True)
 
 
 def report(write: Callable[[], None], root: Path) -> None:

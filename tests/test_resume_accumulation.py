@@ -394,3 +394,22 @@ def test_resume_into_another_save_dir_names_the_recorded_one(
                                          r"recorded into .*recorded\. Pass save_dir="):
         checkpointing_trainer(tmp_path, 2, [moved]).fit(mlp_cls().double(), make_loader(),
                                                          ckpt_path=sorted((tmp_path / "ckpt").glob("*.ckpt"))[0])
+
+
+def test_a_resumed_fit_whose_report_is_skipped_leaves_no_earlier_report(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+) -> None:
+    """The report folder belongs to the embeddings it was made from: a resumed fit whose own report fails (here a
+    reference batch that training_step cannot read) or is skipped left the earlier run's report in place,
+    unmarked, next to the new embeddings (found by a helper damaging stores). It is deleted once the new
+    embeddings are written."""
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first = DataValueEmbedding(tmp_path / "dve", projection_dim=32, reference=test_batch)
+    checkpointing_trainer(tmp_path, 1, [first, ckpts]).fit(mlp_cls().double(), make_loader())
+    assert (tmp_path / "dve" / "report" / "summary.json").exists()
+    unreadable = {key: value for key, value in test_batch.items() if key != "y"}
+    resumed = DataValueEmbedding(tmp_path / "dve", projection_dim=32, reference=unreadable)
+    with pytest.warns(UserWarning, match="report"):
+        checkpointing_trainer(tmp_path, 2, [resumed]).fit(mlp_cls().double(), make_loader(),
+                                                          ckpt_path=sorted((tmp_path / "ckpt").glob("*.ckpt"))[0])
+    assert resumed.embeddings.steps == list(range(8)) and not (tmp_path / "dve" / "report").exists()
