@@ -1,5 +1,6 @@
 """Append-only JSON-lines logs (one record per training step, e.g. the replay checkpoints' ``hyper.jsonl``): one
-``write`` per line, no temporary file, and a reader that drops a torn last line."""
+``write`` per line, no temporary file, and a reader that drops a torn last line. Each line carries the CRC32 of
+its record's compact JSON (``"crc32"``, last), checked on reading (lines written before it have none)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,33 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
-from .files import write_error
+from .files import CRC_KEY, crc32, write_error
 
 _write = os.write  # the appends of a LineLog (a seam for the disk-full tests)
 
 
 def json_line(record: dict[str, Any]) -> str:
-    """One line of a JSON-lines file: compact JSON, newline-terminated."""
-    return json.dumps(record, separators=(",", ":")) + "\n"
+    """One line of a JSON-lines file: compact JSON with the CRC32 of the record's own, newline-terminated."""
+    return json.dumps({**record, CRC_KEY: crc32([_compact(record)])}, separators=(",", ":")) + "\n"
 
 
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    """The record of one line, or ``None`` if it is not a JSON object with an integer ``step``."""
+def _compact(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | str:
+    """The record of one line, or why it is none: not a JSON object with an integer ``step``, or a CRC32 that its
+    record does not have (JSON floats and key order survive a parse, so the record's compact JSON is rebuilt)."""
     try:
         record = json.loads(raw)
     except ValueError:
-        return None
-    return record if isinstance(record, dict) and type(record.get("step")) is int else None
+        return "is not a JSON record of a step"
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return "is not a JSON record of a step"
+    expected = record.pop(CRC_KEY, None)
+    if expected is not None and crc32([_compact(record)]) != expected:
+        return "does not have the CRC32 written with it (changed on disk or in a copy)"
+    return record
 
 
 def read_json_lines(path: Path) -> dict[int, dict[str, Any]]:
@@ -38,8 +49,8 @@ def read_json_lines(path: Path) -> dict[int, dict[str, Any]]:
     A torn last line (a run killed while writing it: no newline at its end) is dropped with a warning.
 
     Raises:
-        StoreError: if a newline-terminated line is not a record (each line is one write ending in its newline,
-            so that is corruption, not an interrupted run).
+        StoreError: if a newline-terminated line is not a record or not the record written (each line is one write
+            ending in its newline, so that is corruption, not an interrupted run).
     """
     if not path.is_file():
         return {}
@@ -48,9 +59,9 @@ def read_json_lines(path: Path) -> dict[int, dict[str, Any]]:
     records = {}
     for number, raw in enumerate(lines, start=1):
         record = _parse_line(raw)
-        if record is None:
-            raise StoreError(f"{path} is corrupt: line {number} is not a JSON record of a step. Record the run "
-                             "again (with a fresh save_dir or overwrite=True).")
+        if isinstance(record, str):
+            raise StoreError(f"{path} is corrupt: line {number} {record}. Record the run again (with a fresh "
+                             "save_dir or overwrite=True).")
         records[record["step"]] = record
     if torn:
         warnings.warn(f"{path}: the last line was incomplete (the run was interrupted while writing it) and is "

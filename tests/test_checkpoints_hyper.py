@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ def test_appends_one_line_per_step_and_reads_back_exactly(tmp_path: Path) -> Non
     store.close()
     store.close()  # safe twice
     lines = (tmp_path / HYPER_FILE).read_text().splitlines(keepends=True)
-    assert lines[2] == json.dumps({"step": 2, **_record(2)}, separators=(",", ":")) + "\n"
+    record = json.dumps({"step": 2, **_record(2)}, separators=(",", ":"))
+    assert lines[2] == f'{record[:-1]},"crc32":"{zlib.crc32(record.encode()):08x}"}}\n'  # the CRC32 of the record
     assert _steps(tmp_path) == list(range(6)) and not (tmp_path / "steps").exists()
     opened = CheckpointStore.open(tmp_path)
     for step in range(6):
@@ -109,6 +111,24 @@ def test_corrupt_line_before_the_last_is_refused(tmp_path: Path) -> None:
         CheckpointStore.open(tmp_path).read_hyper(0)
     with pytest.raises(StoreError, match="line 2"):
         CheckpointStore.reopen(tmp_path, last_step=3)
+
+
+def test_a_changed_digit_is_refused_by_the_line_checksum_and_lines_without_one_are_read(tmp_path: Path) -> None:
+    """A learning rate changed by one digit is a valid record: exact replay then refused the run as not
+    reproducing its checkpoints (randomness, dropout, ...), or, below its tolerance, used it (found by a helper
+    damaging stores). Each line's CRC32 names the line instead; lines written before it carry none."""
+    _store(tmp_path, range(4)).close()
+    path = tmp_path / HYPER_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    assert '"lr":0.02,' in lines[2]
+    changed = lines[2].replace('"lr":0.02,', '"lr":0.03,')
+    path.write_text("".join([*lines[:2], changed, *lines[3:]]))
+    with pytest.raises(StoreError, match=r"hyper\.jsonl is corrupt: line 3 does not have the CRC32 written with it"):
+        CheckpointStore.open(tmp_path).read_hyper(0)
+    plain = [json.dumps({k: v for k, v in json.loads(line).items() if k != "crc32"}, separators=(",", ":")) + "\n"
+             for line in lines]
+    path.write_text("".join(plain))
+    assert CheckpointStore.open(tmp_path).read_hyper(2) == _record(2)
 
 
 def test_reopen_keeps_steps_up_to_the_last_and_appends_after_it(tmp_path: Path) -> None:
