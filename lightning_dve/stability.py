@@ -10,14 +10,15 @@ Fisher does where the gradients are large against the loss's curvature (a regres
 ``1e23`` in a short MSE run (``tests/test_stability.py``). With heavy-ball momentum ``mu`` the linear dynamics are
 stable up to ``a = 2 (1 + mu)``, with Nesterov's up to ``2 (1 + mu) / (1 + 2 mu)``; weight decay adds to
 ``lambda``, dampening and norm clipping scale the rate, and a clipped step's curvature is the recursion's
-projected one. Adam's steps are not judged.
+projected one. Adam's steps count as heavy ball with ``beta1`` at the bias-corrected rate on the preconditioned
+curvature ``P^1/2 H P^1/2`` (its ``v`` held, its L2 decay left out).
 
-:class:`ExpansionWatch` takes ``r_k = a_k / bound_k`` of every judged step, per group of layers that shares one
-``M``, from the ``[B, B]`` Gram matrix of the step's rows (or the ``[K, K]`` one where ``K < B``; no eigenvalues where
-its trace or Frobenius norm already stays below the bound), and names steps whose embeddings are not finite. It warns where the factors
-after a run's first step can stretch an embedding more than :data:`GROWTH_LIMIT` times in all, ``prod (2 r_k - 1)``
-over the steps with ``r_k > 1`` (for plain SGD exactly the product of their largest stretches ``a_k - 1``): one step
-just above the bound is no reason to distrust the run.
+:class:`ExpansionWatch` takes ``r_k = a_k / bound_k`` of every step, per group of layers that shares one ``M``,
+from the ``[B, B]`` Gram matrix of the step's rows (or the ``[K, K]`` one where ``K < B``; no eigenvalues where its
+trace or Frobenius norm already stays below the bound), and names steps whose embeddings are not finite. It warns
+where the factors after a run's first step can stretch an embedding more than :data:`GROWTH_LIMIT` times in all,
+``prod (2 r_k - 1)`` over the steps with ``r_k > 1`` (for plain SGD exactly the product of their largest stretches
+``a_k - 1``): one step just above the bound is no reason to distrust the run.
 """
 
 from __future__ import annotations
@@ -75,21 +76,32 @@ class ExpansionWatch:
 
     def ratio(self, record: StepRecord) -> float:
         """``max over groups of a / bound`` of one step (module docstring); 0 where it is not judged."""
-        if self.curvature is Curvature.NONE or "shrink" in record.optim or record.vectors or record.preconditioned:
-            return 0.0  # Adam (and AdamW's shrink, exact mode's per-coordinate rates)
-        projected = clipping.projected(record)
-        rows_of = projected.curvature_preconditioned if self.curvature is Curvature.GGN else projected.preconditioned
-        rows_of = rows_of or (record.curvature if self.curvature is Curvature.GGN else record.grads)
+        if self.curvature is Curvature.NONE:
+            return 0.0
+        left_of, right_of = self._rows(clipping.projected(record), record)
         terms = {key: dict(zip(self.layer_order, values.tolist())) for key, values in record.optim.items()}
         rates = dict(zip(self.layer_order, record.lrs.tolist()))
         worst = 0.0
         for group in self.groups:
             scale, decay, bound = zip(*(_layer_terms(terms, rates, name) for name in group))
-            rows = torch.cat([rows_of[name].to(torch.float64) for name in group], dim=1)
+            right = torch.cat([right_of[name].to(torch.float64) for name in group], dim=1)
+            left = right if left_of is right_of else torch.cat([left_of[name].to(right) for name in group], dim=1)
             enough = min(bound) / max(scale) - max(decay) if max(scale) else math.inf
-            top = _largest_eigenvalue(rows, record.weights.to(rows), enough)
+            top = _largest_eigenvalue(left, right, record.weights.to(right), enough)
             worst = max(worst, max(s * (top + d) / b for s, d, b in zip(scale, decay, bound)))
         return worst
+
+    def _rows(self, projected: StepRecord, record: StepRecord
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The curvature's left and right rows as the recursion takes them: the right ones the raw rows, the left
+        ones a clipped step's projected rows and Adam's preconditioned ``P h`` (exact mode: ``h`` times ``P``)."""
+        ggn = self.curvature is Curvature.GGN
+        right = record.curvature if ggn else record.grads
+        left = (projected.curvature_preconditioned if ggn else projected.preconditioned) or right
+        precond = record.vectors.get("precond")
+        if precond:  # exact-mode Adam: a per-coordinate rate
+            left = {name: rows * precond[name].to(rows) for name, rows in left.items()}
+        return left, right
 
     def growth(self, first_step: int) -> float:
         """``prod (2 r - 1)`` over the expanding steps after ``first_step`` (whose factor multiplies nothing)."""
@@ -121,31 +133,34 @@ class ExpansionWatch:
 def _layer_terms(terms: dict[str, dict[str, float]], rates: dict[str, float], name: str
                  ) -> tuple[float, float, float]:
     """``(rate, weight decay, bound)`` of one layer's step: the rate on the curvature, the decay added to its
-    eigenvalues and the largest stable ``rate * lambda`` (plain SGD, heavy ball, Nesterov; optim.py's terms)."""
+    eigenvalues and the largest stable ``rate * lambda`` (plain SGD, heavy ball, Nesterov; optim.py's terms; Adam
+    as heavy ball with ``beta1`` on its preconditioned curvature, adam.py's terms, its decay left out)."""
     if not terms:
         return rates[name], 0.0, 2.0
     gain, direct = terms["gain"][name], terms.get("direct", {}).get(name, 0.0)
     if not gain:  # a layer with no velocity term: the gradient applied directly (or no step)
         return rates[name] * abs(direct), 0.0, 2.0
     momentum = terms["momentum"][name]
-    decay = abs(terms["weight_decay"][name])
+    decay = 0.0 if "shrink" in terms else abs(terms["weight_decay"][name])  # Adam's L2 decay is preconditioned
     if direct:  # Nesterov: the gradient at rate lr * clip, the velocity on top
         return rates[name] * abs(direct), decay, 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
     return rates[name] * abs(gain), decay, 2.0 * (1.0 + momentum)
 
 
-def _largest_eigenvalue(rows: torch.Tensor, weights: torch.Tensor, enough: float) -> float:
-    """``lambda_max(sum_z w_z r_z r_z^T)`` from the smaller of its ``[B, B]`` and ``[K, K]`` forms (symmetric where
-    every weight is non-negative); 0 when its trace or Frobenius norm is at most ``enough`` (then so is it)."""
-    if not rows.numel():
+def _largest_eigenvalue(left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor, enough: float) -> float:
+    """``lambda_max(sum_z w_z l_z r_z^T)``, its symmetric part where the sides differ (Adam's ``P h`` against
+    ``h``: ``P^1/2 H P^1/2`` up to the rank-1 ``P``'s spread), from the smaller of its ``[B, B]`` and ``[K, K]``
+    forms; 0 when its trace or Frobenius norm is at most ``enough`` (then so is it)."""
+    if not right.numel():
         return 0.0
     weights = weights.unsqueeze(1)
     if bool((weights < 0).any()):
-        return float(torch.linalg.eigvals(weights * (rows @ rows.T)).real.max())
-    root = rows * weights.sqrt()
-    if float(root.square().sum()) <= enough:
+        return float(torch.linalg.eigvals(weights * (right @ left.T)).real.max())
+    if float((weights * left * right).sum()) <= enough:
         return 0.0
-    gram = root @ root.T if root.shape[0] <= root.shape[1] else root.T @ root
+    root_left, root_right = left * weights.sqrt(), right * weights.sqrt()
+    gram = root_right @ root_left.T if right.shape[0] <= right.shape[1] else root_left.T @ root_right
+    gram = (gram + gram.T) / 2
     if float(torch.linalg.matrix_norm(gram)) <= enough:  # the Frobenius norm bounds it too, closer
         return 0.0
     return float(torch.linalg.eigvalsh(gram)[-1])
