@@ -235,9 +235,10 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             "switched off and on during fit, which influence() models, a dataset or collate_fn "
             "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
             "that two items of the dataset share (a ConcatDataset of parts numbered from 0 each), or "
-            "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own, which "
-            "influence() refuses too, weights averaged in at train end by a callback listed before "
-            "DataValueEmbedding, or activation checkpointing with use_reentrant=True, which the "
+            "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own (a "
+            "cross_entropy with ignore_index or class weights left at 'mean': declare loss_reduction=callable; "
+            "influence() refuses it only where its check sees it), weights averaged in at train end by a callback "
+            "listed before DataValueEmbedding, or activation checkpointing with use_reentrant=True, which the "
             "functional replay cannot differentiate through: use use_reentrant=False). Exact replay is refused.")
 
 

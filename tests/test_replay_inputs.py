@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset, default_collate
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, replay
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, UnsupportedError, replay
 from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, to_device
 from tests.helpers import DigitsDataset, DigitsMLP, make_loader, make_trainer, split_indices
 
@@ -300,3 +300,23 @@ def test_each_id_is_checked_as_a_position_once_and_the_dataset_scanned_once(digi
     assert source.positions(torch.tensor([2, 101])) == [2, 25]
     assert source.positions(torch.tensor([3, 4])) == [3, 4]
     assert dataset.reads == 4 + 48
+
+
+def test_an_undeclared_ignore_index_reduction_is_named_where_the_replay_refuses(tmp_path: Path) -> None:
+    """``cross_entropy(ignore_index=...)`` left at ``"mean"`` divides by the labelled samples only, which the
+    default reduction weight ``1/B`` does not: the replay cannot reproduce the checkpoints and refuses. Its message
+    listed the cause as one that influence() "refuses too", which it did not here; it now names this case and the
+    fix (found by a helper with non-standard losses)."""
+    from tests.conftest import DigitsDict, TinyMLP, run_fit
+
+    class Ignoring(TinyMLP):
+        def loss(self, batch: Any) -> torch.Tensor:
+            labels = torch.where(batch["index"] % 3 == 0, torch.full_like(batch["y"], -100), batch["y"])
+            return F.cross_entropy(self(batch["x"]), labels, ignore_index=-100)
+
+    model, dve = Ignoring().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    run_fit(model, dve, precision="64-true")
+    test = {k: v.double() if v.is_floating_point() else v for k, v in DigitsDict(range(1500, 1504)).batch().items()}
+    with pytest.raises(UnsupportedError, match=r"cross_entropy with ignore_index or class weights left at "
+                                               r"'mean': declare loss_reduction=callable"):
+        dve.embeddings.exact_influence(model, test)
