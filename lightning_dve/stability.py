@@ -7,7 +7,7 @@ positive semi-definite). ``F_k`` has eigenvalues ``1 - lr_k lambda``: it shrinks
 is itself unstable beyond that bound, so a curvature that crosses it often overstates the Hessian: the empirical
 Fisher does where the gradients are large against the loss's curvature (a regression with large residuals:
 ``g g^T`` grows with the squared residual, the Hessian does not), and the product then grows geometrically, by
-``1e23`` in a short MSE run (``tests/test_stability.py``). With heavy-ball momentum ``mu`` the linear dynamics are
+``1e24`` in a short MSE run (``tests/test_stability.py``). With heavy-ball momentum ``mu`` the linear dynamics are
 stable up to ``a = 2 (1 + mu)``, with Nesterov's up to ``2 (1 + mu) / (1 + 2 mu)``; weight decay adds to
 ``lambda``, dampening and norm clipping scale the rate, and a clipped step's curvature is the recursion's
 projected one. Adam's steps count as heavy ball with ``beta1`` at the bias-corrected rate on the preconditioned
