@@ -125,7 +125,24 @@ def stream_columns(
         per_step: keep one column per occurrence.
     """
     check_per_step(per_step)
-    return _per_step_columns(chunks, all_ids, n_test) if per_step else _sample_totals(chunks, all_ids, n_test)
+    result = _per_step_columns(chunks, all_ids, n_test) if per_step else _sample_totals(chunks, all_ids, n_test)
+    return _warn_non_finite_columns(result)
+
+
+def _warn_non_finite_columns(result: InfluenceResult) -> InfluenceResult:
+    """``result``, after a warning naming columns whose scores are not finite for test points whose other scores
+    are (a non-finite test gradient spoils its whole row instead: :func:`warn_non_finite_rows`): their embeddings,
+    or the segment factors chained to them, overflowed."""
+    finite = torch.isfinite(result.scores)
+    bad = (~finite[finite.any(dim=1)]).any(dim=0).cpu()
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        warnings.warn(f"{int(bad.sum())} of {bad.numel()} score columns are not finite (first: sample "
+                      f"{int(result.sample_ids[first])}, step {int(result.steps[first])}) for test points whose other "
+                      "scores are: the embeddings or the segment factors chained to them overflowed (see the "
+                      "train-end warning about expanding steps). top_k leaves them out; exact_influence(...) or "
+                      "curvature='none' give finite scores.", UserWarning, stacklevel=4)
+    return result
 
 
 def _per_step_columns(

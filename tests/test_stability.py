@@ -127,11 +127,11 @@ def diabetes(dtype: torch.dtype, rows: slice, scale: float = 0.1) -> list[dict[s
 
 
 def fit_regressor(tmp_path: Path, curvature: str, dtype: torch.dtype = torch.float64, scale: float = 0.1,
-                  samples: int = 96, epochs: int = 3, **optimizer: float
+                  samples: int = 96, epochs: int = 3, segments: int = 1, **optimizer: float
                   ) -> tuple[list[str], DataValueEmbedding, Regressor]:
     model = Regressor(lr=0.01, **optimizer).to(dtype)
     dve = DataValueEmbedding(save_dir=tmp_path / curvature, sample_ids="index", projection_dim=None, report=None,
-                             curvature=curvature, overwrite=True)
+                             curvature=curvature, overwrite=True, segments=segments)
     loader = DataLoader(diabetes(dtype, slice(0, samples), scale), batch_size=16, shuffle=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -172,3 +172,20 @@ def test_embeddings_that_overflow_float32_are_named(tmp_path: Path) -> None:
     arrays = dve.embeddings.store.embedding_arrays()
     _, rows = arrays.rows(0, len(arrays.steps))
     assert not all(bool(r.isfinite().all()) for r in rows.values())
+
+
+def test_scores_that_overflow_where_queries_chain_the_segments_are_named(tmp_path: Path) -> None:
+    """With ``segments=3`` each segment's embeddings stay finite (no train-end warning about them) and the overflow
+    appears where a query chains the segment factors: 40 % of the scores were NaN, silently (found by a reviewer).
+    The query names the columns; a test point's own non-finite gradient is told apart (it spoils its whole row)."""
+    messages, dve, model = fit_regressor(tmp_path, "empirical_fisher", torch.float32, scale=1.0, segments=3)
+    assert any("step factor expands" in m for m in messages)
+    test = {k: torch.stack([d[k] for d in diabetes(torch.float32, slice(300, 308), 1.0)]) for k in ("x", "y", "index")}
+    with pytest.warns(UserWarning, match=r"score columns are not finite \(first: sample \d+, step \d+\) for test "
+                                         r"points whose other scores are"):
+        result = dve.embeddings.influence(model, test, per_step=True)
+    assert not bool(result.scores.isfinite().all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine = fit_regressor(tmp_path / "fine", "none", torch.float32, scale=1.0, segments=3)[1]
+        fine.embeddings.influence(model, test, per_step=True)
