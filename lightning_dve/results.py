@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import sys
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -141,8 +143,17 @@ def _warn_non_finite_columns(result: InfluenceResult) -> InfluenceResult:
                       f"{int(result.sample_ids[first])}, step {int(result.steps[first])}) for test points whose other "
                       "scores are: the embeddings or the segment factors chained to them overflowed (see the "
                       "train-end warning about expanding steps). top_k leaves them out; exact_influence(...) or "
-                      "curvature='none' give finite scores.", UserWarning, stacklevel=4)
+                      "curvature='none' give finite scores.", UserWarning, stacklevel=_outside_level())
     return result
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` of the first caller outside this package, for a warning issued by the function that calls
+    this one (the queries reach it through different depths)."""
+    package, frame, level = str(Path(__file__).parent), sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _per_step_columns(

@@ -182,9 +182,9 @@ def test_scores_that_overflow_where_queries_chain_the_segments_are_named(tmp_pat
     assert any("step factor expands" in m for m in messages)
     test = {k: torch.stack([d[k] for d in diabetes(torch.float32, slice(300, 308), 1.0)]) for k in ("x", "y", "index")}
     with pytest.warns(UserWarning, match=r"score columns are not finite \(first: sample \d+, step \d+\) for test "
-                                         r"points whose other scores are"):
+                                         r"points whose other scores are") as caught:
         result = dve.embeddings.influence(model, test, per_step=True)
-    assert not bool(result.scores.isfinite().all())
+    assert caught[0].filename == __file__ and not bool(result.scores.isfinite().all())  # the line that queried
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fine = fit_regressor(tmp_path / "fine", "none", torch.float32, scale=1.0, segments=3)[1]
