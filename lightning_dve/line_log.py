@@ -1,6 +1,7 @@
 """Append-only JSON-lines logs (one record per training step, e.g. the replay checkpoints' ``hyper.jsonl``): one
 ``write`` per line, no temporary file, and a reader that drops a torn last line. Each line carries the CRC32 of
-its record's compact JSON (``"crc32"``, last), checked on reading (lines written before it have none)."""
+its record's compact JSON (``"crc32"``, last), checked on reading (a file whose first line has none, written
+before, is read unchecked; a resumed one may mix both)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def _compact(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-def _parse_line(raw: bytes) -> dict[str, Any] | str:
+def _parse_line(raw: bytes, checked: bool) -> dict[str, Any] | str:
     """The record of one line, or why it is none: not a JSON object with an integer ``step``, or a CRC32 that its
-    record does not have (JSON floats and key order survive a parse, so the record's compact JSON is rebuilt)."""
+    record does not have, or none where the file's lines have one (``checked``; JSON floats and key order survive
+    a parse, so the record's compact JSON is rebuilt)."""
     try:
         record = json.loads(raw)
     except ValueError:
@@ -38,7 +40,7 @@ def _parse_line(raw: bytes) -> dict[str, Any] | str:
     if not isinstance(record, dict) or type(record.get("step")) is not int:
         return "is not a JSON record of a step"
     expected = record.pop(CRC_KEY, None)
-    if expected is not None and crc32([_compact(record)]) != expected:
+    if (expected is None and checked) or (expected is not None and crc32([_compact(record)]) != expected):
         return "does not have the CRC32 written with it (changed on disk or in a copy)"
     return record
 
@@ -57,8 +59,9 @@ def read_json_lines(path: Path) -> dict[int, dict[str, Any]]:
     lines = path.read_bytes().split(b"\n")  # a complete file ends with a newline: its last item is empty
     torn = lines.pop() != b""
     records = {}
+    checked = bool(lines) and f'"{CRC_KEY}":'.encode() in lines[0]  # (an earlier version's first line has none)
     for number, raw in enumerate(lines, start=1):
-        record = _parse_line(raw)
+        record = _parse_line(raw, checked)
         if isinstance(record, str):
             raise StoreError(f"{path} is corrupt: line {number} {record}. Record the run again (with a fresh "
                              "save_dir or overwrite=True).")

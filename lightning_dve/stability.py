@@ -84,11 +84,14 @@ class ExpansionWatch:
         worst = 0.0
         for group in self.groups:
             scale, decay, bound = zip(*(_layer_terms(terms, rates, name) for name in group))
-            right = torch.cat([right_of[name].to(torch.float64) for name in group], dim=1)
-            left = right if left_of is right_of else torch.cat([left_of[name].to(right) for name in group], dim=1)
-            enough = min(bound) / max(scale) - max(decay) if max(scale) else math.inf
-            top = _largest_eigenvalue(left, right, record.weights.to(right), enough)
-            worst = max(worst, max(s * (top + d) / b for s, d, b in zip(scale, decay, bound)))
+            # the factor is I - S H, S the layers' rates on their columns: lambda(S H) = lambda(S^1/2 H S^1/2)
+            roots = torch.cat([torch.full((right_of[name].shape[1],), rate**0.5, dtype=torch.float64)
+                               for name, rate in zip(group, scale)]).to(right_of[group[0]].device)
+            right = torch.cat([right_of[name].to(torch.float64) for name in group], dim=1) * roots
+            left = right if left_of is right_of else torch.cat([left_of[n].to(right) for n in group], dim=1) * roots
+            shift = max(rate * d for rate, d in zip(scale, decay))
+            top = _largest_eigenvalue(left, right, record.weights.to(right), min(bound) - shift)
+            worst = max(worst, (top + shift) / min(bound))
         return worst
 
     def _rows(self, projected: StepRecord, record: StepRecord
@@ -148,9 +151,10 @@ def _layer_terms(terms: dict[str, dict[str, float]], rates: dict[str, float], na
 
 
 def _largest_eigenvalue(left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor, enough: float) -> float:
-    """``lambda_max(sum_z w_z l_z r_z^T)``, its symmetric part where the sides differ (Adam's ``P h`` against
-    ``h``: ``P^1/2 H P^1/2`` up to the rank-1 ``P``'s spread), from the smaller of its ``[B, B]`` and ``[K, K]``
-    forms; 0 when its trace or Frobenius norm is at most ``enough`` (then so is it)."""
+    """``lambda_max(sum_z w_z l_z r_z^T)``: where the sides are one, from the smaller of its ``[B, B]`` and
+    ``[K, K]`` forms; where they differ (Adam's ``P h`` against ``h``), from the ``[B, B]`` form ``R P R^T``,
+    symmetric for a per-coordinate ``P`` (its symmetric part for the rank-1 ``P`` of projected rows; the
+    ``[K, K]`` form ``P H`` is not). 0 when its trace or Frobenius norm is at most ``enough`` (then so is it)."""
     if not right.numel():
         return 0.0
     weights = weights.unsqueeze(1)
@@ -159,8 +163,11 @@ def _largest_eigenvalue(left: torch.Tensor, right: torch.Tensor, weights: torch.
     if float((weights * left * right).sum()) <= enough:
         return 0.0
     root_left, root_right = left * weights.sqrt(), right * weights.sqrt()
-    gram = root_right @ root_left.T if right.shape[0] <= right.shape[1] else root_left.T @ root_right
-    gram = (gram + gram.T) / 2
+    if left is right and right.shape[0] > right.shape[1]:
+        gram = root_left.T @ root_right
+    else:
+        gram = root_right @ root_left.T
+        gram = gram if left is right else (gram + gram.T) / 2
     if float(torch.linalg.matrix_norm(gram)) <= enough:  # the Frobenius norm bounds it too, closer
         return 0.0
     return float(torch.linalg.eigvalsh(gram)[-1])

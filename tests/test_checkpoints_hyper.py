@@ -127,6 +127,11 @@ def test_a_changed_digit_is_refused_by_the_line_checksum_and_lines_without_one_a
         CheckpointStore.open(tmp_path).read_hyper(0)
     plain = [json.dumps({k: v for k, v in json.loads(line).items() if k != "crc32"}, separators=(",", ":")) + "\n"
              for line in lines]
+    path.write_text("".join([lines[0], plain[1], *lines[2:]]))  # a line stripped of its CRC among checked ones
+    with pytest.raises(StoreError, match=r"line 2 does not have the CRC32 written with it"):
+        CheckpointStore.open(tmp_path).read_hyper(0)
+    path.write_text("".join([*plain[:2], *lines[2:]]))  # an earlier store resumed by this version: read
+    assert CheckpointStore.open(tmp_path).read_hyper(1) == _record(1)
     path.write_text("".join(plain))
     assert CheckpointStore.open(tmp_path).read_hyper(2) == _record(2)
 

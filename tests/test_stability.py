@@ -189,3 +189,27 @@ def test_scores_that_overflow_where_queries_chain_the_segments_are_named(tmp_pat
         warnings.simplefilter("error")
         fine = fit_regressor(tmp_path / "fine", "none", torch.float32, scale=1.0, segments=3)[1]
         fine.embeddings.influence(model, test, per_step=True)
+
+
+def test_layers_of_one_group_at_different_rates_and_adam_with_more_rows_than_columns() -> None:
+    """Oracles: ``lambda_max(S^1/2 H S^1/2) / 2`` with ``S`` each layer's rate on its columns (a backbone at 1e-3
+    and a head at 0.2 in one ``M``: the largest rate times the group's ``lambda_max`` warned on a fine run), and
+    exact-mode Adam's ``lambda_max(P H)`` with 8 rows of 3 columns, from the symmetric ``R P R^T`` (the symmetric
+    part of the ``[K, K]`` form ``P H`` overstated it twofold; both found by a second reviewer)."""
+    gen = torch.Generator().manual_seed(1)
+    grads = {"a": torch.randn(6, 4, generator=gen, dtype=torch.float64),
+             "b": torch.randn(6, 3, generator=gen, dtype=torch.float64)}
+    weights = torch.full((6,), 1.0, dtype=torch.float64)
+    rows = torch.cat([grads["a"], grads["b"]], dim=1)
+    roots = torch.tensor([1e-3] * 4 + [50.0] * 3, dtype=torch.float64).sqrt()
+    expected = float(torch.linalg.eigvalsh((rows * roots).T @ (rows * roots))[-1]) / 2
+    watch = ExpansionWatch([["a", "b"]], ["a", "b"], Curvature.EMPIRICAL_FISHER)
+    assert expected > 1 and watch.ratio(record(grads, weights, [1e-3, 50.0])) == pytest.approx(expected, rel=1e-10)
+    tall = {"a": torch.randn(8, 3, generator=gen, dtype=torch.float64)}
+    precond = torch.tensor([0.1, 1.0, 30.0], dtype=torch.float64)
+    adam = record(tall, torch.ones(8, dtype=torch.float64), [1.0], optim=terms(momentum=0.9, gain=1.0,
+                  weight_decay=0.0, shrink=0.0), vectors={"precond": {"a": precond}})
+    curvature = sum(torch.outer(r, r) for r in tall["a"])
+    top = float(torch.linalg.eigvals(torch.diag(precond) @ curvature).real.max())
+    assert top / 3.8 > 1 and ExpansionWatch([["a"]], ["a"], Curvature.EMPIRICAL_FISHER).ratio(adam) == pytest.approx(
+        top / 3.8, rel=1e-10)
