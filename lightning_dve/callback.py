@@ -257,12 +257,11 @@ class DataValueEmbedding(StepHooks):
                                              getattr(torch, manifest["dtype"]), self.config.allow_duplicate_ids,
                                              extra_kinds=self._kinds)
         # replay checkpoints: the parameters are the same on every rank; each rank replays its own layers' rows
-        if self._comm.rank == 0 or self.embedding_method is EmbeddingMethod.REPLAY:
-            after = None if resume is None else int(resume.get("last_step", -1))
-            self._recorder = CheckpointRecorder(self._store.root / CHECKPOINTS, self.config.checkpoint_interval,
-                                                self.config.settings_hash(), after,
-                                                self.sample_ids if isinstance(self.sample_ids, str) else None,
-                                                str(trainer.precision))
+        wanted = self._comm.rank == 0 or self.embedding_method is EmbeddingMethod.REPLAY
+        self._recorder = callback_store.open_recorder(self._comm, partial(
+            CheckpointRecorder, self._store.root / CHECKPOINTS, self.config.checkpoint_interval,
+            self.config.settings_hash(), None if resume is None else int(resume.get("last_step", -1)),
+            self.sample_ids if isinstance(self.sample_ids, str) else None, str(trainer.precision)) if wanted else None)
         shared = trainer.__dict__.setdefault("_dve_curvature_pass", capture.CurvaturePass())  # the Trainer's others
         self._capture = capture.GradientCapture(tracked, model_tables(pl_module), shared)
         self._capture.attach()

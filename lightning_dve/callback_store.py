@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from . import sync
 from .capture import TrackedLayer
+from .checkpoints import CheckpointRecorder
 from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
@@ -175,3 +177,17 @@ def report_disk_use(store: TrajectoryStore) -> None:
                    f"{manifest['bytes_total'] / 2**20:.2f} MiB in all, of which step files "
                    f"{manifest['bytes_steps'] / 2**20:.2f} MiB ({manifest['bytes_per_step'] / 2**10:.1f} KiB per "
                    "step), on rank 0.")
+
+
+def open_recorder(comm: Communicator, open_: Callable[[], CheckpointRecorder] | None) -> CheckpointRecorder | None:
+    """Collective: ``open_()`` the replay checkpoints' recorder where it is given (rank 0, or every rank under
+    ``embeddings="replay"``); an error on any rank (a damaged ``hyper.jsonl`` of a resumed run) is raised on every
+    rank, so none waits at Lightning's next barrier for one that has stopped."""
+    recorder, error = None, None
+    if open_ is not None:
+        try:
+            recorder = open_()
+        except DVEError as err:
+            error = err
+    sync.agree_on_errors(comm, error)
+    return recorder

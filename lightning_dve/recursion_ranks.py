@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -107,6 +108,16 @@ def embed_trajectory(
     watch = ExpansionWatch([g for g in layer_groups(store.layer_names, layout) if g[0] in owned[comm.rank]],
                            store.layer_names, curvature)
 
+    stopped = threading.Event()  # a rank could not read a step: every rank stops at its next block
+
+    def write(pending: list[tuple[StepRecord, dict[str, torch.Tensor]]] | None, merge: bool) -> None:
+        """In the writer thread, in block order: with ``merge`` the ranks first agree whether one has stopped (one
+        flag per block, before its gather), so none waits in a gather for a rank that could not read its block."""
+        if stopped.is_set() or (merge and comm.any(pending is None)) or pending is None:
+            stopped.set()
+            return
+        _write_pending(comm, store, owned, dims, dtype, pending, merge, errors)
+
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:
         if bounds[segment][0] >= bounds[segment][1]:  # nothing recorded (every step skipped): nothing to embed
             return {}
@@ -117,19 +128,24 @@ def embed_trajectory(
             records = store.iter_backward(*bounds[segment])
             if device is not None:
                 records = (record.to(device) for record in records)
-            for block in _blocks(records, BLOCK_ROWS, whole):
-                # M after the segment's first step is needed only for a segment factor (segment 0's never is)
-                embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
-                for record, embedding in zip(block, embeddings):
-                    watch.observe(record, embedding)
-                written.append(writer.submit(_write_pending, comm, store, owned, dims, dtype,
-                                             list(zip(block, embeddings)), merge, errors))
-                if len(written) > 1:
-                    written[-2].result()  # at most one block waits: memory stays bounded; errors surface
-                bar.update(len(block))
+            try:
+                for block in _blocks(records, BLOCK_ROWS, whole):
+                    if stopped.is_set():
+                        break
+                    # M after the segment's first step is needed only for a segment factor (segment 0's never is)
+                    embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
+                    for record, embedding in zip(block, embeddings):
+                        watch.observe(record, embedding)
+                    written.append(writer.submit(write, list(zip(block, embeddings)), merge))
+                    if len(written) > 1:
+                        written[-2].result()  # at most one block waits: memory stays bounded; errors surface
+                    bar.update(len(block))
+            except DVEError as err:  # a step file that cannot be read (damaged): kept, agreed in _finish
+                errors.append(err)
+                written.append(writer.submit(write, None, merge))
             for future in written:
                 future.result()
-        return recursion.factors() if segment > 0 else {}  # segment 0's factor is never needed
+        return recursion.factors() if segment > 0 and not stopped.is_set() else {}  # segment 0's is never needed
 
     merge_after = len(bounds) > 1 and comm.world_size > 1  # segments under DDP: each rank writes its own layers
     if comm.rank == 0 or merge_after:

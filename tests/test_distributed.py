@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from lightning_dve import DataValueEmbeddings
 from lightning_dve.checkpoints import CheckpointStore
 from lightning_dve.distributed import SingleProcess
-from lightning_dve.errors import SampleIdError, StoreError
+from lightning_dve.errors import RemoteRankError, SampleIdError, StoreError
 from lightning_dve.records import StepRecord
 from lightning_dve.recursion_ranks import gather_embeddings
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
@@ -480,6 +480,20 @@ def test_a_failed_embedding_write_or_read_on_rank_one_with_segments_leaves_rank_
         DataValueEmbeddings.load(root)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_step_file_one_rank_cannot_read_at_train_end_stops_every_rank_at_once(tmp_path: Path, rank: int) -> None:
+    """A damaged step file (its checksum refused) found by one rank's train-end recursion: that rank raised its
+    StoreError and the other waited in the next block's gather until the failing process exited ("Connection
+    closed by peer"), or for the process group's timeout while it lived on (found by a DDP user). The ranks now
+    agree once per block, before its gather: the other rank raises RemoteRankError at once."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--fail-step-read", str(rank), "--epochs", "1", timeout=200, external=True)
+    assert proc.returncode != 0 and "Connection closed by peer" not in proc.stderr
+    assert "cannot be read (injected)" in proc.stderr and "another rank failed in DataValueEmbedding" in proc.stderr
+    assert time.monotonic() - start < 55, "a rank waited for the 60s gloo timeout"
+
+
 class TwoRanks:
     """A stand-in for rank 0 of 2 whose peer sent fixed rows (for the pure assembly logic)."""
 
@@ -702,3 +716,29 @@ def test_process_group_collectives_on_two_gloo_ranks() -> None:
 
     # forked, not spawned: the ranks need no fresh interpreter importing torch again (~9 s on 2 cores)
     mp.start_processes(_communicator_worker, args=(free_port(),), nprocs=2, join=True, start_method="fork")
+
+
+class PeerFailed:
+    """A communicator of rank 1 of 2 whose peer (rank 0) failed: ``any`` is true whatever this rank says."""
+
+    rank, world_size = 1, 2
+
+    def any(self, flag: bool) -> bool:
+        return True
+
+
+def test_a_replay_recorder_that_rank_zero_cannot_open_stops_the_other_ranks(tmp_path: Path) -> None:
+    """Only rank 0 opens the replay checkpoints' recorder; a damaged ``hyper.jsonl`` of a resumed run raised there
+    alone and rank 1 waited at Lightning's next barrier (found by a DDP user). The opening is agreed: rank 0
+    raises its StoreError, the others RemoteRankError."""
+    from lightning_dve.callback_store import open_recorder
+    from lightning_dve.distributed import SingleProcess
+
+    def damaged() -> None:
+        raise StoreError("hyper.jsonl is corrupt (injected)")
+
+    with pytest.raises(StoreError, match="injected"):
+        open_recorder(SingleProcess(), damaged)
+    with pytest.raises(RemoteRankError, match="another rank failed"):
+        open_recorder(PeerFailed(), None)
+    assert open_recorder(SingleProcess(), lambda: "recorder") == "recorder"

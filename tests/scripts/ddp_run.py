@@ -180,6 +180,19 @@ def fail_embedding_read(rank: int) -> None:
     TrajectoryStore.embedding_arrays = failing
 
 
+def fail_step_read(rank: int) -> None:
+    """Make ``rank``'s train-end recursion fail to read its second step file, as on a damaged disk."""
+    original = TrajectoryStore.iter_backward
+
+    def failing(store: TrajectoryStore, *args: object) -> object:
+        for count, record in enumerate(original(store, *args)):
+            if count == 1 and int(os.environ.get("LOCAL_RANK", "0")) == rank:
+                raise StoreError(f"a step file in {store.root} cannot be read (injected)")
+            yield record
+
+    TrajectoryStore.iter_backward = failing
+
+
 #: The runs of ``--suite``, each in ``OUT/<name>``: one launch of Python, Lightning and the process group for all
 #: of them (tests/test_distributed.py). ``single`` runs only those that have their own single-process reference.
 SUITE: dict[str, dict[str, object]] = {
@@ -228,6 +241,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
     parser.add_argument("--fail-embedding-read", type=int, default=-1,
                         help="this rank's read of its own embeddings fails (segments under DDP send them to rank 0)")
+    parser.add_argument("--fail-step-read", type=int, default=-1,
+                        help="this rank's train-end recursion fails to read a step file")
     return parser.parse_args()
 
 
@@ -289,6 +304,8 @@ def main() -> None:
         fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
     if args.fail_embedding_read >= 0:
         fail_embedding_read(args.fail_embedding_read)
+    if args.fail_step_read >= 0:
+        fail_step_read(args.fail_step_read)
     torch.set_num_threads(1)
     if not args.suite:
         fit(args)
