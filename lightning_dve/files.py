@@ -337,8 +337,9 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         step: if given, the step the file's metadata must name (a file of one step is never another's).
 
     Raises:
-        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), its data do not have their
-            CRC32, it was written with other settings than the manifest's, or holds another step than ``step``.
+        StoreError: if the file is missing, cannot be parsed (truncated or corrupt), its tensor entries and data
+            do not have their CRC32, it was written with other settings than the manifest's, or holds another step
+            than ``step``.
     """
     if not path.is_file():
         raise StoreError(f"store file {path} is missing: the store is incomplete (deleted or not copied). "

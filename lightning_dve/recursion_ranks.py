@@ -113,9 +113,12 @@ def embed_trajectory(
     def write(pending: list[tuple[StepRecord, dict[str, torch.Tensor]]] | None, merge: bool) -> None:
         """In the writer thread, in block order: with ``merge`` the ranks first agree whether one has stopped (one
         flag per block, before its gather), so none waits in a gather for a rank that could not read its block."""
-        if stopped.is_set() or (merge and comm.any(pending is None)) or pending is None:
+        if stopped.is_set():
+            return
+        if comm.any(pending is None) if merge else pending is None:  # (merged: the same collective on every rank)
             stopped.set()
             return
+        assert pending is not None
         _write_pending(comm, store, owned, dims, dtype, pending, merge, errors)
 
     def run(segment: int, merge: bool) -> dict[str, torch.Tensor]:

@@ -259,16 +259,14 @@ class StepFolder:
             raise StoreError(f"store file {path} does not hold step {step} (it holds steps "
                              f"{sorted(pack.names)[:3]}...): the store is damaged. Restore the file, or record the run "
                              "again.")
+        checked = pack.checked.get(step)
         try:
-            if step in pack.checked:
-                crc, text, start, end = pack.checked[step]
-                with open(path, "rb") as file:
-                    data = os.pread(file.fileno(), end - start, start)
             tensors = {name.split("/", 1)[1]: pack.handle.get_tensor(name) for name in sorted(pack.names[step])}
+            covered = [checked[1], _pread(path, checked[2], checked[3])] if checked else []
         except (SafetensorError, OSError) as err:
             raise corrupt_error(path, err) from err
-        if step in pack.checked:
-            check_crc(path, [text, data], crc)
+        if checked:
+            check_crc(path, covered, checked[0])
         return tensors
 
     def _open(self, path: Path) -> _OpenPack:
@@ -290,6 +288,12 @@ class StepFolder:
                              "a fresh save_dir for each run (or overwrite=True).")
         self._open_pack = _OpenPack(path, handle, names, _checked_ranges(header, start, names, metadata))
         return self._open_pack
+
+
+def _pread(path: Path, start: int, end: int) -> bytes:
+    """The bytes ``[start, end)`` of the file at ``path``."""
+    with open(path, "rb") as file:
+        return os.pread(file.fileno(), end - start, start)
 
 
 def _checked_ranges(header: dict[str, Any], start: int, names: dict[int, list[str]],
