@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .batch_trees import shallow_copy
 from .config import LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 
@@ -43,21 +44,21 @@ def reduction_weights(
 
 
 def extract_sample_ids(batch: Any, sample_ids: str | IdFn, batch_size: int) -> torch.Tensor:
-    """Read the dataset indices ``[B]`` of a batch (a dict key or a callable).
+    """Read the dataset indices ``[B]`` of a batch (a mapping's key or a callable).
 
     Raises:
         SampleIdError: if the ids are missing, not integers, or not one per sample.
     """
     if callable(sample_ids):
         ids = sample_ids(batch)
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         if sample_ids not in batch:
             raise SampleIdError(f"batch has no key {sample_ids!r} (keys: {sorted(map(str, batch))}). "
                                 f"{_id_key_hint(batch, batch_size)}Return the dataset index under {sample_ids!r} "
                                 "from your Dataset, or pass `sample_ids=callable(batch) -> LongTensor[B]`.")
         ids = batch[sample_ids]
     else:
-        raise SampleIdError(f"batch is a {type(batch).__name__}, not a dict, so key {sample_ids!r} cannot be read. "
+        raise SampleIdError(f"batch is a {type(batch).__name__}, not a mapping, so key {sample_ids!r} cannot be read. "
                             "Pass `sample_ids=callable(batch) -> LongTensor[B]` that returns the dataset indices.")
     ids = _as_id_tensor(ids)
     if ids.shape != (batch_size,):
@@ -90,7 +91,9 @@ def _as_id_tensor(ids: Any) -> torch.Tensor:
                             "dataset as an int from your Dataset, or pass `sample_ids=callable(batch) -> "
                             "LongTensor[B]` that maps them to integers.") from err
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}.")
+        raise SampleIdError(f"sample ids must be integers (dataset indices); got dtype {ids.dtype}. Return the "
+                            "sample's position as an int from your Dataset, or pass `sample_ids=callable(batch) -> "
+                            "LongTensor[B]` that converts them (e.g. batch['index'].long()).")
     if ids.dtype == torch.uint64 and bool((ids.cpu().view(torch.int64) < 0).any()):  # 2**63 and above
         raise SampleIdError(f"sample ids must fit in int64 ({_ID_RANGE}); got uint64 ids of 2**63 or more (64-bit "
                             "hashes?), which int64 would wrap to negative numbers. Map them to dataset positions, "
@@ -107,7 +110,9 @@ def _count_hint(n_ids: int, batch_size: int) -> str:
     if n_ids < batch_size:
         flattened = (" If they are a multiple, a tracked layer sees the samples' positions flattened into the batch "
                      "dimension ([B*T, d], e.g. x.view(-1, d) before a head): keep them apart ([B, T, d]; nn.Linear "
-                     "takes any leading dims)." if n_ids and batch_size % n_ids == 0 else "")
+                     "takes any leading dims), or views of each sample concatenated into one forward "
+                     "(torch.cat([view_a, view_b])): then give each view's ids, torch.cat([ids, ids]), with "
+                     "allow_duplicate_ids=True." if n_ids and batch_size % n_ids == 0 else "")
         return f"return one id per sample as a 1-D LongTensor.{flattened} {sequence_first}"
     return ("more ids than samples reached the tracked layers: a training_step that drops samples before the model "
             "(filter the batch, ids included, in the Dataset or collate_fn instead), or one forward per part of the "
@@ -119,7 +124,7 @@ def _count_hint(n_ids: int, batch_size: int) -> str:
 ID_KEYS = ("index", "idx", "indices", "id", "ids", "sample_id", "sample_ids", "sample_index", "dataset_index")
 
 
-def _id_key_hint(batch: dict, batch_size: int) -> str:
+def _id_key_hint(batch: Mapping[Any, Any], batch_size: int) -> str:
     """``"If ... pass sample_ids='idx'. "`` for a key of :data:`ID_KEYS` holding one integer per sample, else ``""``."""
     for key in ID_KEYS:
         value = batch.get(key)
@@ -145,6 +150,11 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
                 "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
                 "clipping, or remove those samples. Steps before this one are kept in the store."
             )
+
+
+def training_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
+    """``training_step``'s loss (:func:`scalar_loss`) on a shallow copy of ``batch``, which the step may edit."""
+    return scalar_loss(module.training_step(shallow_copy(batch), 0))
 
 
 def scalar_loss(out: Any) -> torch.Tensor | None:

@@ -21,19 +21,10 @@ from . import (batches, callback_setup, callback_store, capture, distributed, re
 from .call_checks import model_tables
 from .callback_step import StepHooks, summarise_scaler_skips
 from .checkpoints import CheckpointRecorder
-from .config import (
-    AUTO_FULL_MAX_DIM,
-    DEFAULT_PROJECTION_DIM,
-    AccumulatorLayout,
-    Curvature,
-    DVEConfig,
-    EmbeddingMethod,
-    LossReduction,
-    ReportConfig,
-    StorageDtype,
-)
+from .config import (AUTO_FULL_MAX_DIM, DEFAULT_PROJECTION_DIM, AccumulatorLayout, Curvature, DVEConfig,
+                     EmbeddingMethod, LossReduction, ReportConfig, StorageDtype)
 from .curvature import Probe
-from .dynamics import plan_boundaries
+from .dynamics import continue_plan
 from .errors import ConfigError, DVEError
 from .guards import StepGuard
 from .influence import DataValueEmbeddings
@@ -133,9 +124,11 @@ class DataValueEmbedding(StepHooks):
                               "batch -> Tensor[B] of each sample's weight in the loss.")
         self.embedding_method = callback_setup.embedding_method(embeddings, self.config)
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
-        # "auto" keys like "per_layer", the earlier default, so checkpoints of earlier versions still find this state
+        # "auto" keys like "per_layer", the earlier default; the save_dir tells apart callbacks of one Trainer whose
+        # settings key alike (a checkpoint keyed without it, of an earlier version, is found by its save_dir)
         keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
-        self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash())
+        self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash(),
+                                                   save_dir=None if save_dir is None else str(save_dir))
         callback_setup.check_arguments(sample_ids, report, describe, save_dir, overwrite)
         self.sample_ids = sample_ids
         self.save_dir = save_dir
@@ -162,7 +155,7 @@ class DataValueEmbedding(StepHooks):
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
         self._training_data: Any = None
         self._train_started, self._resumed, self._train_ended = 0.0, False, False
-        self._batch: Any = None
+        self._batch: Any = None  # the micro-batch as it started (its containers copied: training_step may edit them)
         self._loss_batch: Any = None  # the last training micro-batch of two samples or more (train-end loss check)
         self._backwards = 0  # the micro-batch's backward passes (more than one: its closure was evaluated again)
         self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
@@ -211,7 +204,8 @@ class DataValueEmbedding(StepHooks):
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
                 "run_id": None if self._store is None else self._store.manifest.get("run_id"),
-                "before_fit": self._fit_pending}
+                "before_fit": self._fit_pending, "boundaries": self._boundaries,
+                "open_step": self._step if self._terms is not None else None}  # updated, not yet recorded
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
@@ -233,6 +227,8 @@ class DataValueEmbedding(StepHooks):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_pending = False
         resume, self._resume = callback_store.store_to_continue(self._resume), None  # a refused one is not retried
+        # the checkpoint of ckpt_path, held by Lightning until it has restored the loops (after this hook)
+        callback_store.refuse_unresumable(getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None), resume)
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
@@ -270,6 +266,7 @@ class DataValueEmbedding(StepHooks):
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
+        self._boundaries = [] if resume is None else list(resume.get("boundaries", []))  # kept where passed
         self._scaler_skips, self._applied_scale, self._split_biases, self._loss_batch = [], 0.0, set(), None
         self._embeddings, self._deferred_write = None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
@@ -280,7 +277,8 @@ class DataValueEmbedding(StepHooks):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback_setup.warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
-        self._boundaries = plan_boundaries(trainer.estimated_stepping_batches, self.config.segments)
+        self._boundaries = continue_plan(self._boundaries, self._last_step, trainer.estimated_stepping_batches,
+                                         self.config.segments)
         if self.config.segments > 1 and not self._boundaries:
             callback_setup.warn_unplanned_boundaries(self.config.segments)
         self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
@@ -385,7 +383,8 @@ class DataValueEmbedding(StepHooks):
             self._store.unlock()
 
     def _store_root(self, trainer: pl.Trainer) -> Path:
-        root = Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve"
+        # absolute: a handle, checkpoint or logged path stays this store's after the working directory changes
+        root = (Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve").absolute()
         return callback_store.fast_dev_run_root(root) if trainer.fast_dev_run else root
 
     def _refuse_sharing(self, trainer: pl.Trainer) -> None:

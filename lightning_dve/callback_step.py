@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
+from .batch_trees import shallow_copy
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
@@ -83,7 +84,7 @@ class StepHooks(pl.Callback):
         hooks.begin(keep_outputs=self._ggn, batch=batch)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch, self._backwards, self._inner_backward = batch, 0, False
+        self._batch, self._backwards, self._inner_backward = shallow_copy(batch), 0, False  # the step may pop ids
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
@@ -218,8 +219,8 @@ class StepHooks(pl.Callback):
         step = self._step if self._terms is not None else trainer.global_step
         check_no_inner_backward(self._inner_backward, step)
         size = hooks.batch_size()
-        ids = batches.extract_sample_ids(batch, self.sample_ids, size)
-        self._loss_batch = batch if size > 1 else self._loss_batch
+        ids = batches.extract_sample_ids(self._batch, self.sample_ids, size)  # as the batch started
+        self._loss_batch = self._batch if size > 1 else self._loss_batch
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation

@@ -65,7 +65,8 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
               if isinstance(state, dict) and {"settings_hash", "last_step"} <= state.keys()}
     if state_key in states or not states:
         return None
-    same_dir = [state for state in states.values() if state.get("save_dir") == str(root)]
+    same_dir = [state for state in states.values() if state.get("save_dir") is not None
+                and Path(state["save_dir"]).absolute() == root]
     candidates = same_dir or list(states.values())
     if len(candidates) > 1:
         raise ConfigError(f"the checkpoint holds {len(candidates)} DataValueEmbedding recordings (save_dirs "
@@ -73,6 +74,31 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
                           f"or save_dir {root}: resuming cannot tell which one it continues. Resume with the settings "
                           "and save_dir of one of them, or start a fresh fit without ckpt_path.")
     return dict(candidates[0])
+
+
+def refuse_unresumable(checkpoint: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
+    """Refuse, before anything is opened, a fit from a ``checkpoint`` (``None`` or empty: a fresh fit) it cannot
+    continue exactly: one of weights only, or one saved inside an optimizer step after its update and before this
+    callback recorded the step (saved in ``on_train_batch_end`` by a callback listed before it: the weights are
+    after step N, the callback's ``state`` ends at N - 1).
+
+    Raises:
+        ConfigError: naming the checkpoint's kind and the fix.
+    """
+    if not checkpoint:
+        return
+    if "optimizer_states" not in checkpoint:
+        raise ConfigError("the checkpoint holds the model's weights only (ModelCheckpoint(save_weights_only=True)): "
+                          "a fit cannot resume from it, as it has no optimizer, loop or DataValueEmbedding state. "
+                          "Resume from a full checkpoint, or load the weights into the module (load_state_dict) and "
+                          "start a fresh fit without ckpt_path into an empty save_dir.")
+    step, applied = (state or {}).get("open_step"), checkpoint.get("global_step")
+    if step is not None and applied is not None and applied > step:
+        raise ConfigError(f"the checkpoint was saved during step {step}, after its update was applied and before "
+                          "DataValueEmbedding recorded it (by a callback listed before DataValueEmbedding, in its "
+                          f"on_train_batch_end): resuming from it would leave step {step} out of the recording. "
+                          "Resume from a checkpoint saved at another point (ModelCheckpoint's: Lightning runs it "
+                          "last), and list DataValueEmbedding before callbacks that save in on_train_batch_end.")
 
 
 def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -115,7 +141,7 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
             if resume is None:
                 return TrajectoryStore.create(rank_root, manifest, overwrite=overwrite), None
             recorded = resume.get("save_dir")
-            if recorded is not None and Path(recorded) != root and not (rank_root / MANIFEST).is_file():
+            if recorded is not None and Path(recorded).absolute() != root and not (rank_root / MANIFEST).is_file():
                 raise StoreError(f"no store at {root} to resume: the checkpoint's DataValueEmbedding recorded into "
                                  f"{recorded}. Pass save_dir={recorded!r} (or move that folder here), or start a "
                                  "fresh fit without ckpt_path.")

@@ -29,6 +29,20 @@ def plan_boundaries(total_steps: float, segments: int) -> list[int]:
     return [hi - 1 for _, hi in segment_bounds(int(total_steps), segments)[:-1]]
 
 
+def continue_plan(earlier: list[int], last_step: int, total_steps: float, segments: int) -> list[int]:
+    """Boundaries of a resumed fit: those of the ``earlier`` plan that its steps up to ``last_step`` passed (their
+    references are in the store), then the rest planned over the steps after it.
+
+    A fit resumed with more epochs or steps than the first planned for would otherwise move every boundary, and
+    the ones it has passed would have no reference.
+    """
+    kept = [step for step in earlier if step <= last_step]
+    if not kept:
+        return plan_boundaries(total_steps, segments)
+    later = plan_boundaries(total_steps - (last_step + 1), segments - len(kept))
+    return kept + [last_step + 1 + step for step in later]
+
+
 def dynamics_rows(
     embeddings: DataValueEmbeddings, references: dict[int, dict[str, torch.Tensor]]
 ) -> list[list[float | int]]:

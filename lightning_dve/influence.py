@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import WeightFn, modes, muted_logging, reduction_weights, scalar_loss
+from .batches import WeightFn, modes, muted_logging, reduction_weights, training_loss
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
@@ -199,7 +199,7 @@ class DataValueEmbeddings(ReplayQueries):
         check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()))
         capture.begin(keep_outputs=True)
         with muted_logging(module):
-            loss = scalar_loss(module.training_step(batch, 0))
+            loss = training_loss(module, batch)
         if loss is None:
             raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn(module, "
                               "batch) -> Tensor[B] to the query, or make training_step return the loss on such "

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batch_trees import split_batch
 from .batches import WeightFn
 from .config import DVEConfig
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
-from .replay_data import split_batch, step_loss_terms
+from .replay_data import step_loss_terms
 from .replay_embeddings import replay_embeddings
 from .results import InfluenceResult, check_per_step, stream_columns
 from .store import TrajectoryStore

@@ -376,7 +376,9 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
     if extra or not module.weight.requires_grad:
         raise UnsupportedError(
             f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(own_trainable(module))} but "
-            f"capture needs a trainable 'weight' and at most a 'bias'. {fix}"
+            f"capture needs a trainable 'weight' and at most a 'bias'"
+            f"{'' if extra else ' (a frozen weight with a trained bias: bias-only fine-tuning, BitFit)'}. "
+            f"{fix}"
         )
     spec.check(name, module)
     return spec

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .batches import WeightFn, muted_logging, reduction_weights, scalar_loss
+from .batch_trees import batch_rows, count_samples, to_device
+from .batches import WeightFn, muted_logging, reduction_weights, training_loss
 from .capture import GradientCapture, TrackedLayer
 from .config import LossReduction
 from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionError
 from .guards import sampled_entries
 from .projection import LayerProjection
-from .replay_data import batch_rows, count_samples, to_device
 from .results import warn_non_finite_rows
 
 
@@ -231,7 +231,7 @@ def _single_sample_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
             check and the fixes.
     """
     try:
-        return scalar_loss(module.training_step(batch, 0))
+        return training_loss(module, batch)
     except DVEError:
         raise
     except Exception as err:
@@ -267,10 +267,10 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
-        total = scalar_loss(module.training_step(pair, 0))
+        total = training_loss(module, pair)
         alone = [_single_sample_loss(module, single) for single in singles]
         with torch.no_grad():
-            again = scalar_loss(module.training_step(pair, 0))
+            again = training_loss(module, pair)
     check_deterministic(total, again)
     single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]
     if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
@@ -373,7 +373,7 @@ def refuse_empty(batch: Any) -> None:
 def on_module_device(module: nn.Module, batch: Any) -> Any:
     """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through
     the LightningModule's ``transfer_batch_to_device`` (an override applies), or, for a plain module, every
-    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.replay_data.to_device`).
+    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.batch_trees.to_device`).
     Returned as it is when the module is on the CPU."""
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type == "cpu":

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # the context manager behind torch.func.functional_call
 from torch.utils.data import IterableDataset, default_collate
 
-from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, scalar_loss
+from .batch_trees import same_items, to_device
+from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
 from .errors import ConfigError, UnsupportedError
 
@@ -46,22 +47,6 @@ class TrainingData:
     prepare: Callable[[Any], Any] | None = None
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Whether two dataset items (nested tensors, containers, numbers) are identical."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if is_dataclass_value(a) and type(a) is type(b):
-        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    try:
-        return bool(a == b)
-    except (RuntimeError, ValueError):  # e.g. numpy arrays
-        return bool((a == b).all())
-
-
 class BatchSource:
     """Rebuilds recorded batches from the training dataset, refusing one that cannot be replayed exactly."""
 
@@ -86,7 +71,7 @@ class BatchSource:
                                    "with __getitem__ and __len__), so recorded batches cannot be rebuilt. Pass "
                                    "dataset= a map-style dataset with the same samples.")
         for position in self.positions(ids)[:4]:
-            if not _same(dataset[position], dataset[position]):
+            if not same_items(dataset[position], dataset[position]):
                 raise UnsupportedError(f"dataset[{position}] differs between two reads (a random transform or "
                                        "augmentation): replay cannot rebuild the batches training saw. Pass "
                                        "dataset= the same data without random transforms (only valid if training "
@@ -168,40 +153,6 @@ class BatchSource:
         return to_device(batch, self.device, self.float_dtype)
 
 
-def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:
-    """``batch`` with every tensor (in dicts, lists, tuples, dataclasses) moved to ``device`` and its floating tensors
-    converted to ``float_dtype`` (``None``: unchanged)."""
-    if isinstance(batch, torch.Tensor):
-        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
-        return batch.to(device or batch.device, dtype)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return rebuilt(batch, (to_device(v, device, float_dtype) for v in batch))
-    if is_dataclass_value(batch):
-        return with_fields(batch, lambda v: to_device(v, device, float_dtype))
-    return batch
-
-
-def is_dataclass_value(value: Any) -> bool:
-    """Whether ``value`` is a dataclass instance (a batch type Lightning moves to the device field by field)."""
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
-def with_fields(value: Any, transform: Callable[[Any], Any]) -> Any:
-    """A copy of the dataclass instance ``value`` with ``transform`` applied to each field that ``__init__`` takes
-    (the others, e.g. computed in ``__post_init__``, are computed again)."""
-    changes = {f.name: transform(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    return dataclasses.replace(value, **changes)
-
-
-def rebuilt(sequence: list[Any] | tuple[Any, ...], items: Iterable[Any]) -> list[Any] | tuple[Any, ...]:
-    """A list or tuple of ``sequence``'s type holding ``items``; a namedtuple takes them as positional fields."""
-    if hasattr(sequence, "_fields"):
-        return type(sequence)(*items)
-    return type(sequence)(items)
-
-
 @contextlib.contextmanager
 def parameters_as(module: nn.Module, params: Params) -> Iterator[None]:
     """``module`` with its parameters replaced by ``params`` (the rest unchanged, tied names filled) in the block.
@@ -209,9 +160,11 @@ def parameters_as(module: nn.Module, params: Params) -> Iterator[None]:
     The forward *and* every ``torch.autograd.grad`` through it must run inside: activation checkpointing
     (``torch.utils.checkpoint``) recomputes the forward during backward, reading the module's parameters then.
     ``F.scaled_dot_product_attention`` runs its math kernel there: the fused kernels have no double backward,
-    which the replay takes (the same attention, rounded otherwise).
+    which the replay takes (the same attention, rounded otherwise). A module held under two names (``self.encoder =
+    self.net[0]``) is swapped once per name, so the originals are put back in reverse order: in swap order the last
+    swapped-in value would stay (pytorch/pytorch#164759).
     """
-    with _reparametrize_module(module, dict(params), tie_weights=True), _math_attention():
+    with _reparametrize_module(module, dict(params), tie_weights=True, stack_weights=True), _math_attention():
         yield
 
 
@@ -251,7 +204,7 @@ def step_loss_terms(
     losses = []
     with muted_logging(module):
         for single in batches:
-            loss = scalar_loss(module.training_step(single, 0))
+            loss = training_loss(module, single)
             if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
@@ -333,60 +286,11 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
             ratios = recorded[rows].to(own)[kept] / own[kept]
             if not bool(kept.any()) or not torch.allclose(ratios, ratios[0], rtol=1e-6, atol=0):
                 return None
-            loss = scalar_loss(module.training_step(batch, 0))
+            loss = training_loss(module, batch)
             if loss is None:
                 return None
             value = loss * float(ratios[0]) if value is None else value + loss * float(ratios[0])
     return value
-
-
-def split_batch(batch: Any) -> list[Any]:
-    """A collated batch as one-sample batches (tensors sliced ``[i:i+1]`` along dim 0, lists indexed)."""
-    n = count_samples(batch)
-    return [batch_rows(batch, slice(i, i + 1), n) for i in range(n)]
-
-
-def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
-    """The samples ``rows`` of a collated batch of ``n`` samples (found if ``None``): every tensor with ``n`` rows
-    and every list of ``n`` items sliced (in dicts, lists, tuples and dataclasses), other values kept."""
-    n = count_samples(batch) if n is None else n
-
-    def pick(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x[rows] if x.dim() and x.shape[0] == n else x
-        if isinstance(x, dict):
-            return {k: pick(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in x):
-            return rebuilt(x, (pick(v) for v in x))
-        if is_dataclass_value(x):
-            return with_fields(x, pick)
-        return x[rows] if isinstance(x, list) and len(x) == n else x
-
-    return pick(batch)
-
-
-def count_samples(batch: Any) -> int:
-    """The number of samples of a collated batch: the first dimension of its first batched tensor.
-
-    Raises:
-        ConfigError: if no tensor has a batch dimension.
-    """
-    def size(x: Any) -> int | None:
-        if isinstance(x, torch.Tensor):
-            return x.shape[0] if x.dim() else None
-        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
-        if is_dataclass_value(x):
-            values = [getattr(x, f.name) for f in dataclasses.fields(x)]
-        return next((s for s in map(size, values) if s is not None), None)
-
-    n = size(batch)
-    if n is None and isinstance(batch, torch.utils.data.DataLoader):
-        raise ConfigError("the test batch is a DataLoader; a query takes one collated batch: pass "
-                          "next(iter(loader)), or query each batch of the loader and concatenate the results' scores.")
-    if n is None:
-        raise ConfigError(f"cannot split the test batch ({type(batch).__name__}) into samples: no tensor with a "
-                          "batch dimension. Pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
-    return n
 
 
 def training_data_of(

@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 from tqdm.auto import tqdm
 
+from .batch_trees import rebuilt
 from .errors import ConfigError, DVEError
 from .figures import image_array
-from .replay_data import BatchSource, TrainingData, rebuilt, training_data_of
+from .replay_data import BatchSource, TrainingData, training_data_of
 
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "text")

@@ -51,7 +51,7 @@ class TrajectoryStore:
     """A store directory: create or open it, append steps, read them backwards, hold embeddings."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # a handle keeps its store after the working directory changes
         self.manifest = manifest
         self._resume_after: int | None = None  # reopened: drop later steps at the first write (reopen)
         self._replaces = False  # created over an earlier store: clear it at the first write (create)

@@ -70,7 +70,7 @@ def test_tuple_batch_with_key_sample_ids(fit, mlp_cls, save_dir):
             return F.cross_entropy(self(x), y)
 
     data = DataLoader(TensorDataset(torch.rand(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
-    with pytest.raises(SampleIdError, match=r"not a dict.*sample_ids=callable"):
+    with pytest.raises(SampleIdError, match=r"not a mapping.*sample_ids=callable"):
         fit(TupleMLP(), DataValueEmbedding(save_dir, sample_ids="index"), train=data)
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch.utils.data import Dataset
 
 from lightning_dve import DataValueEmbedding, UnsupportedError
-from lightning_dve.replay_data import split_batch, to_device
+from lightning_dve.batch_trees import split_batch, to_device
 from tests.helpers import DigitsDataset, DigitsMLP, make_loader, make_trainer, split_indices
 
 

@@ -596,7 +596,8 @@ class _WithNorm(nn.Module):
 @pytest.mark.parametrize(
     ("build", "layer", "reason"),
     [
-        (_frozen_weight, "1", r"capture needs a trainable 'weight'"),
+        (_frozen_weight, "1", r"capture needs a trainable 'weight' and at most a 'bias' \(a frozen weight with a "
+                                r"trained bias: bias-only fine-tuning, BitFit\)"),
         (_WithNorm, "norm",
          r"LayerNorm\) is not a supported layer type; supported types are Conv1d, Conv2d, Conv3d, Embedding, "
          r"Linear"),

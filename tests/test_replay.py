@@ -30,8 +30,9 @@ from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
 from lightning_dve import batches, replay, replay_optim, step_files
+from lightning_dve.batch_trees import split_batch
 from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
-from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, step_loss_terms
+from lightning_dve.replay_data import BatchSource, TrainingData, step_loss_terms
 from lightning_dve.sync import StepAssembler
 from tests import oracles
 from tests.helpers import DigitsDataset, epoch_batches, make_loader, make_trainer, split_indices

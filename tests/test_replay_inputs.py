@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset, default_collate
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, UnsupportedError, replay
-from lightning_dve.replay_data import BatchSource, TrainingData, split_batch, to_device
+from lightning_dve.batch_trees import split_batch, to_device
+from lightning_dve.replay_data import BatchSource, TrainingData
 from tests.helpers import DigitsDataset, DigitsMLP, make_loader, make_trainer, split_indices
 
 Sample = namedtuple("Sample", ["x", "y", "idx"])
@@ -320,3 +321,27 @@ def test_an_undeclared_ignore_index_reduction_is_named_where_the_replay_refuses(
     with pytest.raises(UnsupportedError, match=r"cross_entropy with ignore_index or class weights left at "
                                                r"'mean': declare loss_reduction=callable"):
         dve.embeddings.exact_influence(model, test)
+
+
+class AliasedMLP(DigitsMLP):
+    """:class:`DigitsMLP` with its first layer also held as ``self.encoder`` (a common shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = self.net[0]
+
+
+def test_a_layer_held_under_two_names_keeps_its_trained_weights_through_the_replay(tmp_path: Path, digits) -> None:
+    """The replay swaps each parameter name in and out: torch put a layer held under two names back in swap order,
+    leaving it at the replayed (initial) weights; with ``embeddings="replay"`` the fit itself ended with them, its
+    report at the wrong weights, and ``exact_influence`` then blamed weight averaging. Now the trained weights stay,
+    bitwise those of the same fit without the callback."""
+    plain = AliasedMLP()
+    make_trainer(1).fit(plain, make_loader(digits[0], 16, seed=1))
+    module = AliasedMLP()
+    dve = _fit(tmp_path / "dve", module, digits[0], embeddings="replay")
+    trained = {name: p.detach().clone() for name, p in module.named_parameters()}
+    assert all(torch.equal(trained[name], p) for name, p in plain.named_parameters())
+    scores = dve.embeddings.exact_influence(module, digits[1].batch()).scores
+    assert scores.shape == (5, 48) and bool(scores.abs().sum() > 0)
+    assert all(torch.equal(trained[name], p) for name, p in module.named_parameters())

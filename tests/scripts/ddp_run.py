@@ -5,7 +5,7 @@ Run as a script (Lightning's ``ddp`` strategy relaunches ``sys.argv`` for the ot
     python tests/scripts/ddp_run.py --mode ddp --out DIR
 
 Modes: ``single`` (one process over the global batches a 2-rank run sees), ``ddp``, ``ddp_spawn``.
-``--fail-rank R`` drops the id key from rank R's third batch, to test that both ranks stop with an error.
+``--fail-rank R`` drops the id key from rank R's third batch (as it is transferred), to test that both ranks stop with an error.
 """
 
 from __future__ import annotations
@@ -92,10 +92,17 @@ class MLP(L.LightningModule):
             return out + self.aux(x) + nn.functional.linear(x.flip(1), self.aux.weight) if self.batches > 1 else out
         return out + self.aux(x) if self.aux is not None and self.global_rank == 0 else out
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Drops the id key from the failing rank's third training batch, before the callback reads the ids (a
+        ``training_step`` may pop it: the callback reads them as the batch starts)."""
+        if self.trainer.training and self.global_rank == self.fail_rank:
+            self.transfers = getattr(self, "transfers", 0) + 1
+            if self.transfers == 3:
+                batch.pop("index")
+        return batch
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.batch_idx = batch_idx
-        if batch_idx == 2 and self.global_rank == self.fail_rank:
-            batch.pop("index")
         loss = nn.functional.cross_entropy(self(batch["x"]), batch["y"])
         self.log("train_loss", loss)
         return loss

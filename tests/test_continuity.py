@@ -1,0 +1,175 @@
+"""A fit continued later or elsewhere: the segment boundaries of a resumed fit, and a store named by a relative
+path after the working directory changed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
+from lightning_dve.dynamics import continue_plan, plan_boundaries
+from tests.conftest import TinyMLP
+from tests.test_resume_accumulation import checkpointing_trainer
+from tests.test_segments_storage import WithValidation
+
+
+def test_a_resumed_plan_keeps_the_boundaries_passed_and_plans_the_rest_after_them() -> None:
+    assert continue_plan([], -1, 12, 3) == plan_boundaries(12, 3) == [3, 7]  # a first fit
+    assert continue_plan([2, 4], 7, 12, 3) == [2, 4]  # both passed: the resumed fit ends the last segment
+    assert continue_plan([3, 7], 5, 18, 3) == [3, 11]  # one passed: the other splits the 12 steps after step 5
+    assert continue_plan([3, 7], 2, 18, 3) == plan_boundaries(18, 3) == [5, 11]  # none passed: planned afresh
+    assert continue_plan([3, 7], 5, float("inf"), 3) == [3]  # an unknown length plans no more
+
+
+def test_a_fit_resumed_for_more_epochs_keeps_the_boundaries_it_passed_and_their_references(
+    make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """A finished 2-epoch fit (8 steps, boundaries after steps 2 and 4, their references saved) resumed to 3
+    epochs: the resumed fit planned [3, 7] afresh from the 12 steps, so its dynamics report held the final model
+    only (no reference at 3 or 7) while the references at 2 and 4 went unused, without a word. The passed
+    boundaries are kept: dynamics at all three, each boundary's rows the boundary scores of its saved reference."""
+    model_cls = type("MLPWithValidation", (WithValidation, TinyMLP), {})
+    model, val = model_cls().double(), make_loader(n=40, batch_size=20, offset=100)
+
+    def run(epochs: int, ckpt_path: Path | None = None) -> DataValueEmbedding:
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32, segments=3)
+        checkpointing_trainer(tmp_path, epochs, [dve, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(
+            model, make_loader(), val, ckpt_path=ckpt_path)
+        return dve
+
+    assert run(2).embeddings.segment_boundaries == [2, 4, 7]
+    emb = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt").embeddings
+    assert emb.steps == list(range(12)) and emb.segment_boundaries == [2, 4, 11]
+    saved = emb.store.read_references()
+    assert sorted(saved) == [2, 4]
+    rows = [line.split(",") for line in (tmp_path / "dve" / "report" / "dynamics.csv").read_text().splitlines()[1:]]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [(0, 2, 0), (1, 4, 0), (1, 4, 1), (2, 11, 0),
+                                                                 (2, 11, 1), (2, 11, 2)]
+    for boundary, step in enumerate([2, 4]):
+        scores = emb.score(saved[step], per_step=True, boundary=boundary).scores
+        assert sum(float(r[5]) for r in rows if int(r[0]) == boundary) == pytest.approx(float(scores.sum()), rel=1e-9)
+
+
+def test_a_relative_save_dir_stays_with_its_store_when_the_working_directory_changes(
+    fit: Callable, tmp_path: Path, test_batch: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two experiments record into ``save_dir="runs/dve"`` from their own folders: the first one's handles,
+    loaded or from its callback, were refused once the process moved to the second folder ("recorded again"),
+    their store root resolving there. The store root is absolute from fit start and from ``load``."""
+    handles = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        torch.manual_seed(0 if name == "a" else 1)
+        model, dve = TinyMLP(), DataValueEmbedding("runs/dve", projection_dim=16, report=None)
+        fit(model, dve)
+        handles[name] = (model, dve, DataValueEmbeddings.load("runs/dve"))
+    model, dve, loaded = handles["a"]
+    assert dve.embeddings.store.root == loaded.store.root == tmp_path / "a" / "runs" / "dve"
+    monkeypatch.chdir(tmp_path / "b")
+    expected = DataValueEmbeddings.load(tmp_path / "a" / "runs" / "dve").influence(model, test_batch).scores
+    for handle in (loaded, dve.embeddings):
+        torch.testing.assert_close(handle.influence(model, test_batch).scores, expected, rtol=0, atol=0)
+    assert os.getcwd() == str(tmp_path / "b")
+
+
+class SaveAtStep(Callback):
+    """Saves a checkpoint in ``on_train_batch_end`` once ``global_step`` reaches ``step``."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+
+
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["saver listed first", "saver listed after"])
+def test_a_checkpoint_saved_inside_a_step_before_it_was_recorded_is_not_resumed(
+    make_loader: Callable[..., DataLoader], tmp_path: Path, first: bool
+) -> None:
+    """A callback listed before DataValueEmbedding saved a checkpoint in ``on_train_batch_end`` after step 1's
+    update: its weights are after step 1, its recording ends at step 0. Resuming from it trained on from step 2 and
+    silently dropped step 1 from the store. Now it is refused, naming the step, and the store is untouched; the
+    same saver listed after the callback resumes to the uninterrupted run's steps."""
+    path = tmp_path / "inside.ckpt"
+
+    def callbacks() -> list:
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+        return [SaveAtStep(path, 2), dve] if first else [dve, SaveAtStep(path, 2)]
+
+    checkpointing_trainer(tmp_path, 1, callbacks()).fit(TinyMLP().double(), make_loader())
+    before = _store_files(tmp_path / "dve")
+    resumed = callbacks()
+    if first:
+        with pytest.raises(ConfigError, match="saved during step 1, after its update was applied"):
+            checkpointing_trainer(tmp_path, 2, resumed).fit(TinyMLP().double(), make_loader(), ckpt_path=path)
+        assert _store_files(tmp_path / "dve") == before
+    else:
+        checkpointing_trainer(tmp_path, 2, resumed).fit(TinyMLP().double(), make_loader(), ckpt_path=path)
+        assert DataValueEmbeddings.load(tmp_path / "dve").steps == list(range(8))
+
+
+def test_a_weights_only_checkpoint_is_refused_as_such(make_loader: Callable[..., DataLoader], tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_weights_only=True)``: resuming from it was refused as a fresh fit into a non-empty
+    save_dir ("or continue an interrupted run with ckpt_path", which the user had just done)."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_weights_only=True)
+    checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None),
+                                        saver]).fit(TinyMLP().double(), make_loader())
+    before = _store_files(tmp_path / "dve")
+    with pytest.raises(ConfigError, match=r"weights only \(ModelCheckpoint\(save_weights_only=True\)\)"):
+        checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)]).fit(
+            TinyMLP().double(), make_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert _store_files(tmp_path / "dve") == before
+
+
+@pytest.mark.parametrize("other", [dict(layout="per_layer"), dict(embeddings="replay"), {}],
+                         ids=["layout auto and per_layer", "embeddings recursion and replay", "same settings"])
+def test_two_callbacks_whose_settings_key_alike_record_side_by_side(fit: Callable, tmp_path: Path,
+                                                                     other: dict) -> None:
+    """Each with its own save_dir: Lightning refused the Trainer ("more than one stateful callback ... state_key
+    must be unique"), as the state key held the settings only, and "auto" keys like "per_layer"."""
+    first = DataValueEmbedding(tmp_path / "a", projection_dim=16, report=None)
+    second = DataValueEmbedding(tmp_path / "b", projection_dim=16, report=None, **other)
+    assert first.state_key != second.state_key
+    fit(TinyMLP(), first, callbacks=[second])
+    assert first.embeddings.steps == second.embeddings.steps == [0, 1, 2, 3]
+
+
+def test_a_checkpoint_keyed_without_the_save_dir_still_resumes(make_loader: Callable[..., DataLoader],
+                                                                tmp_path: Path, test_batch: dict) -> None:
+    """A checkpoint of an earlier version keys the callback's state by its settings only: Lightning does not pass
+    it to the new key, and the callback finds it by its save_dir; the resumed run equals an uninterrupted one."""
+    def run(root: Path, epochs: int, ckpt_path: Path | None = None) -> tuple[TinyMLP, DataValueEmbedding]:
+        torch.manual_seed(0)
+        model = TinyMLP().double()
+        dve = DataValueEmbedding(root / "dve", projection_dim=16, storage_dtype="float64", report=None)
+        checkpointing_trainer(root, epochs, [dve, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]).fit(
+            model, make_loader(), ckpt_path=ckpt_path)
+        return model, dve
+
+    model, whole = run(tmp_path / "whole", 2)
+    _, first = run(tmp_path / "cut", 1)
+    path = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    old_key = f"DataValueEmbedding{ {'settings_hash': first.config.settings_hash()} !r}"
+    checkpoint["callbacks"] = {old_key if key == first.state_key else key: state
+                               for key, state in checkpoint["callbacks"].items()}
+    torch.save(checkpoint, path)
+    resumed_model, resumed = run(tmp_path / "cut", 2, path)
+    assert resumed.embeddings.steps == whole.embeddings.steps == list(range(8))
+    batch = {key: value.double() if value.is_floating_point() else value for key, value in test_batch.items()}
+    torch.testing.assert_close(resumed.embeddings.influence(resumed_model, batch).scores,
+                               whole.embeddings.influence(model, batch).scores, rtol=1e-12, atol=0)
