@@ -11,7 +11,7 @@ list); :func:`count_samples` and :func:`batch_rows` tell them apart by the items
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -51,12 +51,17 @@ def with_values(mapping: Mapping[Any, Any], transform: Callable[[Any], Any]) -> 
 
 
 def shallow_copy(batch: Any) -> Any:
-    """A new top-level mapping or list of ``batch``'s values (the values themselves shared): a ``training_step``
-    called on it may pop a key (``ids = batch.pop("index")``) without changing the caller's batch or the next
-    call's."""
-    if isinstance(batch, Mapping):
-        return with_values(batch, lambda value: value)
-    return list(batch) if type(batch) is list else batch
+    """A new top-level mapping of ``batch``'s values (the values shared), for :func:`restore_keys`; other batches
+    as they are."""
+    return with_values(batch, lambda value: value) if isinstance(batch, Mapping) else batch
+
+
+def restore_keys(batch: Any, before: Any) -> None:
+    """Put back, in place, the keys of ``before`` (:func:`shallow_copy` of ``batch`` earlier) that ``batch`` no
+    longer has: a ``training_step`` may pop one (``ids = batch.pop("index")`` before ``self.model(**batch)``),
+    while keys it adds or changes (per-sample loss weights written into the batch) stay."""
+    if isinstance(batch, MutableMapping) and isinstance(before, Mapping):
+        batch.update({key: value for key, value in before.items() if key not in batch})
 
 
 def same_items(a: Any, b: Any) -> bool:
@@ -128,26 +133,29 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
 
 def count_samples(batch: Any) -> int:
     """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
-    lists, else of a nested list's (its items' common first dimension, or its length if they have none).
+    lists, else the length of its first nested list of per-sample items that are not tensors (a detection batch's
+    target dicts), else of its first nested list of tensors: their common first dimension (a list-valued field
+    that ``default_collate`` batched), or its length if they have none (ragged per-sample tensors). A list of
+    ``n`` tensors of ``n`` rows each is taken for batched fields.
 
     Raises:
         ConfigError: if no tensor has a batch dimension.
     """
-    def size(x: Any, top: bool, nested: bool) -> int | None:
+    def size(x: Any, top: bool, nested: int) -> int | None:
         if isinstance(x, torch.Tensor):
             return x.shape[0] if x.dim() else None
         if isinstance(x, (list, tuple)) and not top:
-            if not nested:
-                return None
-            fields = _batched_fields(x)
-            return fields if fields is not None else len(x) if any(isinstance(v, torch.Tensor) for v in x) else None
+            tensors = x and all(isinstance(v, torch.Tensor) for v in x)
+            if nested == 1 and x and not tensors and not all(isinstance(v, (str, bytes)) for v in x):
+                return len(x)  # per-sample items a collate_fn keeps (target dicts); strings are no evidence
+            fields = _batched_fields(x) if nested == 2 and tensors else None
+            return fields if fields is not None or nested < 2 or not tensors else len(x)
         values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
         if is_dataclass_value(x):
             values = [getattr(x, f.name) for f in dataclasses.fields(x)]
         return next((s for s in (size(v, False, nested) for v in values) if s is not None), None)
 
-    n = size(batch, True, False)
-    n = size(batch, True, True) if n is None else n
+    n = next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
     if n is None and isinstance(batch, torch.utils.data.DataLoader):
         raise ConfigError("the test batch is a DataLoader; a query takes one collated batch: pass "
                           "next(iter(loader)), or query each batch of the loader and concatenate the results' scores.")

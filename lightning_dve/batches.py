@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import shallow_copy
+from .batch_trees import restore_keys, shallow_copy
 from .config import LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 
@@ -144,17 +144,23 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
     for name, block in grads.items():  # (a sum that overflowed on finite values finds nothing here)
         bad = ~torch.isfinite(block).all(dim=1)
         if bad.any():
-            ids = sample_ids[bad.cpu()].tolist()[:10]
+            ids = sample_ids[bad.cpu()].tolist()
+            listed = f"{ids}" if len(ids) <= 10 else f"{ids[:10]} and {len(ids) - 10} more"
             raise GradientError(
-                f"non-finite per-sample gradient in layer {name!r} at step {step} for sample ids {ids}. Training "
+                f"non-finite per-sample gradient in layer {name!r} at step {step} for sample ids {listed}. Training "
                 "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
                 "clipping, or remove those samples. Steps before this one are kept in the store."
             )
 
 
 def training_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
-    """``training_step``'s loss (:func:`scalar_loss`) on a shallow copy of ``batch``, which the step may edit."""
-    return scalar_loss(module.training_step(shallow_copy(batch), 0))
+    """``training_step``'s loss (:func:`scalar_loss`) on ``batch``, with the keys the step popped put back after it
+    (:func:`~lightning_dve.batch_trees.restore_keys`), for the next call and the caller."""
+    before = shallow_copy(batch)
+    try:
+        return scalar_loss(module.training_step(batch, 0))
+    finally:
+        restore_keys(batch, before)
 
 
 def scalar_loss(out: Any) -> torch.Tensor | None:

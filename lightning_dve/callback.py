@@ -30,7 +30,7 @@ from .guards import StepGuard
 from .influence import DataValueEmbeddings
 from .model_checks import batchnorm_modules, watched_parameters
 from .optim import is_adam
-from .recursion import bounds_after, layer_groups, segment_bounds
+from .recursion import layer_groups
 from .replay_data import training_data_of
 from .records import accumulation_dtype
 from .store import CHECKPOINTS, TrajectoryStore
@@ -152,10 +152,12 @@ class DataValueEmbedding(StepHooks):
         self._step = self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
         self._boundaries: list[int] = []
+        self._planned_steps = -1.0  # the steps they were planned for (trainer.estimated_stepping_batches)
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
         self._training_data: Any = None
         self._train_started, self._resumed, self._train_ended = 0.0, False, False
-        self._batch: Any = None  # the micro-batch as it started (its containers copied: training_step may edit them)
+        self._batch: Any = None
+        self._batch_start: Any = None  # its top level as it started (batch_trees.shallow_copy)
         self._loss_batch: Any = None  # the last training micro-batch of two samples or more (train-end loss check)
         self._backwards = 0  # the micro-batch's backward passes (more than one: its closure was evaluated again)
         self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
@@ -204,8 +206,8 @@ class DataValueEmbedding(StepHooks):
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
                 "run_id": None if self._store is None else self._store.manifest.get("run_id"),
-                "before_fit": self._fit_pending, "boundaries": self._boundaries,
-                "open_step": self._step if self._terms is not None else None}  # updated, not yet recorded
+                "before_fit": self._fit_pending, "boundaries": self._boundaries, "planned_steps": self._planned_steps,
+                "open_step": self._step if self._terms is not None and not self._skipped else None}  # not recorded yet
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
@@ -238,8 +240,10 @@ class DataValueEmbedding(StepHooks):
         groups = layer_groups(list(tracked), self.config.layout)
         self._owned = sync.assign_groups(groups, self._dims, self._comm.world_size)
         self._root = self._store_root(trainer)
-        self._refuse_sharing(trainer)
-        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned)
+        others = [c for c in trainer.callbacks if isinstance(c, DataValueEmbedding) and c is not self]
+        callback_setup.refuse_sharing(self._root, self.report_config, [(c._store_root(trainer), c.report_config)
+                                                                        for c in others], bool(trainer.loggers))
+        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned, str(trainer.precision))
         scratch = callback_store.fast_dev_run_note(trainer, self._root)  # (its store is replaced each time)
         self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume,
                                                      self.overwrite or scratch)
@@ -266,7 +270,8 @@ class DataValueEmbedding(StepHooks):
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
         self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
-        self._boundaries = [] if resume is None else list(resume.get("boundaries", []))  # kept where passed
+        self._boundaries = [] if resume is None else list(resume.get("boundaries", []))  # kept (continue_plan)
+        self._planned_steps = -1.0 if resume is None else float(resume.get("planned_steps", -1.0))
         self._scaler_skips, self._applied_scale, self._split_biases, self._loss_batch = [], 0.0, set(), None
         self._embeddings, self._deferred_write = None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
@@ -277,8 +282,9 @@ class DataValueEmbedding(StepHooks):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback_setup.warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
-        self._boundaries = continue_plan(self._boundaries, self._last_step, trainer.estimated_stepping_batches,
-                                         self.config.segments)
+        self._boundaries = continue_plan(self._boundaries, self._planned_steps, self._last_step,
+                                         trainer.estimated_stepping_batches, self.config.segments)
+        self._planned_steps = float(trainer.estimated_stepping_batches)
         if self.config.segments > 1 and not self._boundaries:
             callback_setup.warn_unplanned_boundaries(self.config.segments)
         self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
@@ -286,7 +292,11 @@ class DataValueEmbedding(StepHooks):
         self._train_started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        summarise_scaler_skips(self._scaler_skips)
+        summarise_scaler_skips(self._scaler_skips, self._applied_scale > 0)
+        if self._resumed_finished_run():  # its checkpoint was saved in the last step: the store stays as it was
+            self._train_ended = True
+            self._release()
+            return
         self._finish_fit(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,14 +307,20 @@ class DataValueEmbedding(StepHooks):
         if self._train_ended:
             return
         replaces = self._comm.any(store.replaces_earlier)  # collective: every rank takes the same branch
-        done = (store.manifest.get("status"), store.manifest.get("embeddings")) == ("complete",) * 2
-        if not replaces and not (self._resumed and done):
+        if not replaces and not self._resumed_finished_run():
             self.on_train_start(trainer, pl_module)  # boundaries, training data
             self._finish_fit(trainer, pl_module)
         else:
             self._release()
         if not self._resumed:
             callback_setup.warn_nothing_recorded(store.root)
+
+    def _resumed_finished_run(self) -> bool:
+        """Collective: whether this fit resumed a store its earlier fit finished and applied no step itself."""
+        store = self._active_store()
+        done = store.manifest.get("status") == "complete" and (
+            self._comm.rank > 0 or store.manifest.get("embeddings") == "complete")  # rank 0 holds the embeddings
+        return not self._comm.any(not (self._resumed and self._applied_scale == 0 and done))  # (no step applied)
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Close the recording on every rank, run the backward recursion and write the report."""
@@ -327,10 +343,7 @@ class DataValueEmbedding(StepHooks):
         final = None if self._guard is None else self._guard.final_weights()
         sync.agree_on_errors(self._comm, callback_store.finish_store(store, final))  # once every rank got here
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
-        bounds = (bounds_after(store.steps, self._boundaries) if self._boundaries
-                  else segment_bounds(len(store.steps), self.config.segments))
-        if len(bounds) < self.config.segments:
-            callback_setup.warn_fewer_segments(self.config.segments, len(bounds), store.steps, self._boundaries)
+        bounds = callback_setup.train_end_bounds(store.steps, self._boundaries, self.config.segments)
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
                                             self._dims, dtype, len(bounds))
         watch = recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims,
@@ -383,14 +396,4 @@ class DataValueEmbedding(StepHooks):
             self._store.unlock()
 
     def _store_root(self, trainer: pl.Trainer) -> Path:
-        # absolute: a handle, checkpoint or logged path stays this store's after the working directory changes
-        root = (Path(self.save_dir) if self.save_dir is not None else Path(trainer.default_root_dir) / "dve").absolute()
-        return callback_store.fast_dev_run_root(root) if trainer.fast_dev_run else root
-
-    def _refuse_sharing(self, trainer: pl.Trainer) -> None:
-        """Refuse another ``DataValueEmbedding`` of the trainer recording into the same folder or logging under the
-        same namespace (:func:`~lightning_dve.callback_setup.refuse_sharing`), on every rank alike."""
-        others = [c for c in trainer.callbacks if isinstance(c, DataValueEmbedding) and c is not self]
-        callback_setup.refuse_sharing(self._store_root(trainer), self.report_config,
-                                      [(other._store_root(trainer), other.report_config) for other in others],
-                                      bool(trainer.loggers))
+        return callback_store.store_root(self.save_dir, trainer)

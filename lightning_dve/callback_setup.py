@@ -25,6 +25,7 @@ from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
+from .recursion import bounds_after, segment_bounds
 from .replay import ReplayCost, TrainingData, make_replayer
 from .replay_embeddings import carried_rows
 from .replay_ranks import CarryFn, replay_on_ranks
@@ -217,6 +218,15 @@ def warn_weights_replaced() -> None:
                    "them. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
 
 
+def train_end_bounds(steps: list[int], planned: list[int], segments: int) -> list[tuple[int, int]]:
+    """The ``[lo, hi)`` index ranges of the train-end recursion's segments: cut after the ``planned`` boundaries
+    that were recorded (evenly where none were planned), with a warning where there are fewer than ``segments``."""
+    bounds = bounds_after(steps, planned) if planned else segment_bounds(len(steps), segments)
+    if len(bounds) < segments:
+        warn_fewer_segments(segments, len(bounds), steps, planned)
+    return bounds
+
+
 def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[int]) -> None:
     """Say that the run had too few ``steps``, stopped before the segment boundaries ``planned`` at train start, or
     recorded no step at some of them, for the ``segments`` asked for."""
@@ -225,7 +235,7 @@ def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[i
     skipped = [step for step in planned if steps and step < steps[-1] and step not in recorded]
     if skipped:
         why = (f"no step was recorded at the planned boundaries after steps {skipped} (training_step returned None "
-               f"there): {used} segment(s), so the boundary indices of influence_at() shift from the planned ones "
+               f"there, or the grad scaler skipped the step): {used} segment(s), so the boundary indices of influence_at() shift from the planned ones "
                "(emb.segment_boundaries lists the steps)")
     elif planned and steps and planned[-1] >= steps[-1]:
         why = (f"the boundaries were planned at train start (after steps {planned}, from "

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
-from .batch_trees import shallow_copy
+from .batch_trees import restore_keys, shallow_copy
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
@@ -58,6 +58,7 @@ class StepHooks(pl.Callback):
     _preconditioned: bool
     _boundaries: list[int]
     _batch: Any
+    _batch_start: Any
     _backwards: int
     _inner_backward: bool
     _loss_scale: float
@@ -84,7 +85,8 @@ class StepHooks(pl.Callback):
         hooks.begin(keep_outputs=self._ggn, batch=batch)
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
-        self._batch, self._backwards, self._inner_backward = shallow_copy(batch), 0, False  # the step may pop ids
+        self._batch, self._backwards, self._inner_backward = batch, 0, False
+        self._batch_start = shallow_copy(batch)  # a training_step may pop the id key: put back where it is read
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
@@ -100,6 +102,7 @@ class StepHooks(pl.Callback):
             # DDP(static_graph=True) queues its all-reduce in the first backward through its output: not the probe's
             static = isinstance(trainer.strategy.model, DistributedDataParallel) and trainer.strategy.model.static_graph
             self._probe = None if static else probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)
+            restore_keys(self._batch, self._batch_start)
             ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))
@@ -219,8 +222,9 @@ class StepHooks(pl.Callback):
         step = self._step if self._terms is not None else trainer.global_step
         check_no_inner_backward(self._inner_backward, step)
         size = hooks.batch_size()
-        ids = batches.extract_sample_ids(self._batch, self.sample_ids, size)  # as the batch started
-        self._loss_batch = self._batch if size > 1 else self._loss_batch
+        restore_keys(batch, self._batch_start)
+        ids = batches.extract_sample_ids(batch, self.sample_ids, size)
+        self._loss_batch = batch if size > 1 else self._loss_batch
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation
@@ -266,20 +270,25 @@ class StepHooks(pl.Callback):
         return self._capture
 
 
-def summarise_scaler_skips(skips: list[tuple[int, bool]]) -> None:
+def summarise_scaler_skips(skips: list[tuple[int, bool]], applied: bool) -> None:
     """Say which steps the grad scaler skipped for non-finite gradients (their samples are not recorded): a warning
-    where a skip came at a loss scale an earlier step was applied at, else an info line (the scaler calibrating its
-    scale at the start, or a growth of the scale overflowing once).
+    where a skip came at a loss scale an earlier step was applied at, or where no step was applied at all, else an
+    info line (the scaler calibrating its scale at the start, or a growth of the scale overflowing once).
 
     Args:
         skips: ``(step, whether an earlier step was applied at its loss scale or a higher one)`` of each skip.
+        applied: whether any step was applied.
     """
     if not skips:
         return
     steps = [step for step, _ in skips]
     text = (f"DataValueEmbedding: the grad scaler skipped {len(steps)} optimizer step(s) for non-finite gradients "
             f"(steps {steps[:10]}{' ...' if len(steps) > 10 else ''}); their samples are not recorded.")
-    if any(late for _, late in skips):
+    if not applied:
+        rank_zero_warn(f"{text} It skipped every step: nothing was trained or recorded. The gradients overflow "
+                       "float16 at every loss scale it tried (non-finite losses or inputs, or values beyond float16's "
+                       "range); train in float32 or precision='bf16-mixed', or find the non-finite values.")
+    elif any(late for _, late in skips):
         rank_zero_warn(f"{text} Skips at a loss scale that earlier steps were applied at point at non-finite data or "
                        "losses: a sample with NaN or inf inputs drops every step it is in (fp32 training refuses its "
                        "gradients, naming it).")

@@ -19,12 +19,18 @@ from .checkpoints import CheckpointRecorder
 from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
-from .files import disk_bytes
-from .store import MANIFEST, SHARDS, STEPS, TrajectoryStore
+from .store import MANIFEST, SHARDS, TrajectoryStore
 
 
 #: Appended to the store folder's name under ``Trainer(fast_dev_run=...)``.
 FAST_DEV_RUN_SUFFIX = ".fast_dev_run"
+
+
+def store_root(save_dir: str | os.PathLike[str] | None, trainer: pl.Trainer) -> Path:
+    """The store folder of a fit: ``save_dir``, or ``<default_root_dir>/dve``, absolute (a handle, checkpoint or
+    logged path stays this store's after the working directory changes); a ``fast_dev_run``'s scratch folder."""
+    root = (Path(save_dir) if save_dir is not None else Path(trainer.default_root_dir) / "dve").absolute()
+    return fast_dev_run_root(root) if trainer.fast_dev_run else root
 
 
 def fast_dev_run_root(root: Path) -> Path:
@@ -111,8 +117,9 @@ def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,
-                   owned: list[list[str]]) -> dict[str, Any]:
-    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes.
+                   owned: list[list[str]], precision: str) -> dict[str, Any]:
+    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes, and the
+    Trainer's ``precision`` (queries convert test batches as it converted the training batches).
 
     The training dtype is the widest of the tracked weights' (float32 at least), not the LightningModule's
     ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one.
@@ -123,7 +130,7 @@ def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Co
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
             "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
-            "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value}
+            "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value, "precision": precision}
 
 
 def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,
@@ -181,15 +188,13 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
 
 def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:
     """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
-    the ranks to agree on. ``bytes_steps`` and ``bytes_per_step`` count the step files, ``bytes_total`` the whole
-    store so far (rank 0's is recounted once the embeddings are written: ``TrajectoryStore.record_disk_use``);
+    the ranks to agree on, with its disk use so far (rank 0's is recounted once the embeddings are written, every
+    rank's step files included: ``TrajectoryStore.record_disk_use``);
     ``final_weights`` are the tracked weights' sampled coordinates after the last step (``StepGuard``), which
     queries compare with the module they are given."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
-        steps_bytes = disk_bytes([store.root / STEPS])
-        store.finish_recording({"bytes_steps": steps_bytes, "bytes_per_step": steps_bytes // max(1, len(store.steps)),
-                                "final_weights": final_weights})
+        store.finish_recording({"final_weights": final_weights})
         store.record_disk_use()
     except DVEError as err:
         return err
@@ -202,7 +207,7 @@ def report_disk_use(store: TrajectoryStore) -> None:
     rank_zero_info(f"DataValueEmbedding: recorded {len(store.steps)} steps in {store.root}: "
                    f"{manifest['bytes_total'] / 2**20:.2f} MiB in all, of which step files "
                    f"{manifest['bytes_steps'] / 2**20:.2f} MiB ({manifest['bytes_per_step'] / 2**10:.1f} KiB per "
-                   "step), on rank 0.")
+                   "step, every rank's).")
 
 
 def open_recorder(comm: Communicator, open_: Callable[[], CheckpointRecorder] | None) -> CheckpointRecorder | None:

@@ -29,13 +29,17 @@ def plan_boundaries(total_steps: float, segments: int) -> list[int]:
     return [hi - 1 for _, hi in segment_bounds(int(total_steps), segments)[:-1]]
 
 
-def continue_plan(earlier: list[int], last_step: int, total_steps: float, segments: int) -> list[int]:
-    """Boundaries of a resumed fit: those of the ``earlier`` plan that its steps up to ``last_step`` passed (their
-    references are in the store), then the rest planned over the steps after it.
+def continue_plan(earlier: list[int], earlier_steps: float, last_step: int, total_steps: float,
+                  segments: int) -> list[int]:
+    """Boundaries of a resumed fit: the ``earlier`` plan, made for ``earlier_steps`` in all, if the fit has as
+    many; else those of it that the steps up to ``last_step`` passed (their references are in the store), then
+    the rest planned over the steps after it.
 
     A fit resumed with more epochs or steps than the first planned for would otherwise move every boundary, and
     the ones it has passed would have no reference.
     """
+    if earlier_steps == total_steps:
+        return list(earlier)
     kept = [step for step in earlier if step <= last_step]
     if not kept:
         return plan_boundaries(total_steps, segments)

@@ -229,7 +229,7 @@ class DataValueEmbeddings(ReplayQueries):
         require_autograd()
         refuse_empty(batch)
         module = uncompiled(module)
-        batch = on_module_device(module, batch)
+        batch = on_module_device(module, batch, self.store.manifest.get("precision"))
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)
             capture.attach()

@@ -19,6 +19,7 @@ from . import layers as layer_specs
 from .batch_trees import batch_rows, count_samples, to_device
 from .batches import WeightFn, muted_logging, reduction_weights, training_loss
 from .capture import GradientCapture, TrackedLayer
+from .checkpoints import DOUBLE_PRECISION
 from .config import LossReduction
 from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionError
 from .guards import sampled_entries
@@ -370,18 +371,17 @@ def refuse_empty(batch: Any) -> None:
                           "least one test sample.")
 
 
-def on_module_device(module: nn.Module, batch: Any) -> Any:
+def on_module_device(module: nn.Module, batch: Any, precision: str | None = None) -> Any:
     """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through
     the LightningModule's ``transfer_batch_to_device`` (an override applies), or, for a plain module, every
-    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.batch_trees.to_device`).
-    Returned as it is when the module is on the CPU."""
+    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.batch_trees.to_device`);
+    where the recorded Trainer ``precision`` was ``"64-true"``, its floating tensors in float64, as that Trainer
+    converted the training batches."""
     parameter = next(module.parameters(), None)
-    if parameter is None or parameter.device.type == "cpu":
-        return batch
     transfer = getattr(module, "transfer_batch_to_device", None)
-    if callable(transfer):
-        return transfer(batch, parameter.device, 0)
-    return to_device(batch, parameter.device)
+    if parameter is not None and parameter.device.type != "cpu":
+        batch = transfer(batch, parameter.device, 0) if callable(transfer) else to_device(batch, parameter.device)
+    return to_device(batch, None, torch.float64) if precision in DOUBLE_PRECISION else batch
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:

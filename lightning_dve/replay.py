@@ -387,9 +387,9 @@ def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn
         data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
     if data is None or (data.dataset is None and store.steps):  # a fit that trained no step has nothing to rebuild
         raise ConfigError("exact replay needs the training dataset to rebuild the recorded batches: pass "
-                          "dataset= (required when the embeddings were loaded from disk, or when the training "
-                          "dataloader yields whole batches, batch_size=None; after fit it defaults to the training "
-                          "dataloader's dataset).")
+                          "dataset= (after load, in the parent process of strategy='ddp_spawn', whose fit ran in "
+                          "child processes, or where the training dataloader yields whole batches, batch_size=None; "
+                          "after fit it defaults to the training dataloader's dataset).")
     precision = checkpoints.manifest.get("precision")  # float64 inputs as training converted them; bf16 autocast
     source = BatchSource(data, next(module.parameters()).device, torch.float64 if precision in DOUBLE_PRECISION
                          else None)

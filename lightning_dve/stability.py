@@ -128,9 +128,8 @@ class ExpansionWatch:
             warnings.warn(
                 f"the embeddings of {len(self.non_finite)} of {len(steps)} steps (first {min(self.non_finite)}) are "
                 "not finite (inf or NaN): every score with those occurrences is NaN or inf. The recursion overflowed "
-                "(see the warning about expanding steps, if any) or the recorded gradients were already too large "
-                "for the storage dtype. Use curvature='none', exact_influence(...), or a float32 store "
-                "(storage_dtype='float32').", stacklevel=2)
+                "(see the warning about expanding steps, if any; the stored rows keep their range in every storage "
+                "dtype). Use curvature='none', exact_influence(...) or embeddings='replay'.", stacklevel=2)
 
 
 def _layer_terms(terms: dict[str, dict[str, float]], rates: dict[str, float], name: str

@@ -98,9 +98,9 @@ class TrajectoryStore:
         store._replaces = root.exists() and any(p.name != LOCK_FILE for p in root.iterdir())
         if store._replaces and not overwrite:
             raise StoreError(f"save_dir {root} is not empty: each fit records a new run (a second fit of the same "
-                             "Trainer too), and recording it there would mix two runs. Pass "
-                             "overwrite=True to replace it, choose another save_dir, or continue an interrupted run "
-                             "with trainer.fit(..., ckpt_path=<its Lightning checkpoint>).")
+                             "Trainer too), and recording it there would mix two runs. Pass overwrite=True to replace "
+                             "it, choose another save_dir, or continue an interrupted run with trainer.fit(..., "
+                             "ckpt_path=<its Lightning checkpoint>).")
         store._lock = FolderLock(root)
         if not store._replaces:
             store.write_manifest()
@@ -390,8 +390,11 @@ class TrajectoryStore:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
 
     def record_disk_use(self) -> None:
-        """Write the manifest with the whole store's disk use (``bytes_total``: manifest, steps, embeddings, segments,
-        references, shards, checkpoints, lock): at train end, and again once the embeddings are written."""
+        """Write the manifest with the step files' disk use (``bytes_steps``, ``bytes_per_step``: every rank's under
+        DDP) and the whole store's (``bytes_total``: manifest, steps, embeddings, segments, references, shards,
+        checkpoints, lock): at train end, and again once the embeddings are written (then every rank's is final)."""
+        steps = disk_bytes([self.root / STEPS, *(self.root / SHARDS).glob(f"rank_*/{STEPS}")])
+        self.manifest.update(bytes_steps=steps, bytes_per_step=steps // max(1, len(self.steps)))
         parts = [self.root / part for part in (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS,
                                                LOCK_FILE)]
         written = None

@@ -128,6 +128,22 @@ def test_fp16_skipped_steps_under_norm_clipping_with_decay_are_dropped(tmp_path:
     assert 0 < len(steps) < 6 and steps[0] > 0 and steps[:-1] == applied[: len(steps) - 1]
 
 
+def test_a_fit_whose_every_step_the_scaler_skips_is_warned_about(tmp_path: Path) -> None:
+    """A loss that overflows float16 at every scale: every step was skipped, yet the fit said only that the scaler
+    "calibrates its loss scale at the start" (an info line) and queries returned empty results."""
+    class Overflowing(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 1e30
+
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    with pytest.warns(UserWarning, match=r"skipped 4 optimizer step\(s\).* It skipped every step: nothing was trained"):
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False, enable_model_summary=False, callbacks=[dve],
+                  plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]).fit(
+            Overflowing(), DataLoader(DigitsDict(range(64)), batch_size=16))
+    assert TrajectoryStore.open(tmp_path / "dve").steps == []
+
+
 def test_fp16_step_whose_last_micro_batch_returned_none_is_not_recorded(tmp_path: Path) -> None:
     """With a grad scaler, Lightning skips the whole optimizer step when the last micro-batch's ``training_step``
     returns None (the earlier micro-batches' gradients are never applied): nothing is recorded for it."""

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_dve import DataValueEmbedding
 from lightning_dve.batch_trees import count_samples, split_batch, to_device
+from tests.conftest import TinyMLP
 from tests.helpers import DigitsDataset, DigitsMLP, EpochPermutationSampler, make_trainer, split_indices
 
 
@@ -34,6 +35,9 @@ def test_a_list_of_one_item_per_sample_is_split_by_sample_not_by_its_items_rows(
         assert all(s["seq"][0] is seq for s, seq in zip(singles, seqs))
     same_length = {"x": [torch.randn(5) for _ in range(3)], "y": torch.arange(3)}  # items' rows (5) are not n
     assert [s["x"][0] is x for s, x in zip(split_batch(same_length), same_length["x"])] == [True] * 3
+    images, targets = [torch.randn(3, 5, 5) for _ in range(4)], [{"boxes": torch.rand(2, 4)} for _ in range(4)]
+    assert count_samples((images, targets)) == 4  # a detection batch: the target dicts, not the channels
+    assert [s[0][0] is image for s, image in zip(split_batch((images, targets)), images)] == [True] * 4
     views = default_collate([{"views": [torch.randn(2), torch.randn(2)]} for _ in range(3)])
     assert count_samples(views) == 3 and [v.shape for v in split_batch(views)[1]["views"]] == [(1, 2), (1, 2)]
 
@@ -91,29 +95,78 @@ def _list_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
             "index": torch.stack([item["index"] for item in items])}
 
 
-def _run(root: Path, module: DigitsMLP, dataset: Dataset, collate: Callable | None, test: Any) -> tuple:
-    """Fit one epoch of 3 steps; the test batch's ``influence`` and ``exact_influence`` scores."""
-    dve = DataValueEmbedding(root, projection_dim=None, checkpoint_interval=2, report=None)
+class WeightingDigits(DigitsMLP):
+    """Writes each sample's loss weight into the batch (the README's recipe for weights known in the step)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+        batch["loss_weights"] = torch.full_like(losses, 1.0 / len(losses))
+        return (batch["loss_weights"] * losses).sum()
+
+
+class FilteringDigits(DigitsMLP):
+    """Drops the zeros from the batch in place, ids included, before the model."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        keep = batch["y"] != 0
+        batch.update({key: batch[key][keep] for key in ("x", "y", "index")})
+        return super().training_step(batch, batch_idx)
+
+
+def _without_zeros(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The zeros dropped, unless there is nothing else (replay collates single items to read their ids)."""
+    return default_collate([item for item in items if item["y"] != 0] or items)
+
+
+def _run(root: Path, module: DigitsMLP, dataset: Dataset, collate: Callable | None, test: Any, **kwargs: Any) -> tuple:
+    """Fit one epoch of 3 steps; the recorded ids and the test batch's ``influence`` and ``exact_influence``."""
+    dve = DataValueEmbedding(root, projection_dim=None, checkpoint_interval=2, report=None, **kwargs)
     loader = DataLoader(dataset, batch_size=16, sampler=EpochPermutationSampler(len(dataset), 1), collate_fn=collate)
     make_trainer(1, callbacks=[dve]).fit(module, loader)
-    emb = dve.embeddings
-    return emb.steps, emb.influence(module, test).scores, emb.exact_influence(module, test).scores
+    result = dve.embeddings.influence(module, test)
+    recorded = list(zip(result.steps.tolist(), result.sample_ids.tolist()))
+    return recorded, result.scores, dve.embeddings.exact_influence(module, test).scores
 
 
-@pytest.mark.parametrize("form", ["list of samples", "UserDict", "popped ids"])
+FORMS = ["list of samples", "UserDict", "popped ids", "weights written by the step", "ids filtered by the step"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_batches_in_other_forms_record_and_score_as_dict_batches(tmp_path: Path, form: str) -> None:
     """Before: ``exact_influence`` on a per-sample list batch returned one row per item of the first sequence (64
     here), the fit of ``UserDict`` batches was refused ("not a dict"), and a ``training_step`` that pops the id key
-    was refused with "batch has no key 'index'"."""
+    was refused with "batch has no key 'index'". The oracle is the run with dict batches (for the filtering step,
+    with the zeros dropped by the loader's ``collate_fn``)."""
     train, test = split_indices(48, 5, seed=2)
     digits, held_out = DigitsDataset(train), DigitsDataset(test).batch()
-    expected = _run(tmp_path / "dict", DigitsMLP(), digits, None, held_out)
-    module, dataset, collate, batch = {
-        "list of samples": (ListDigits(), digits, _list_collate, {**held_out, "x": list(held_out["x"])}),
-        "UserDict": (DigitsMLP(), EncodingDigits(digits), None, Encoding(held_out)),
-        "popped ids": (PoppingDigits(), digits, None, held_out),
+    weights = {"loss_reduction": lambda batch: batch["loss_weights"]}
+    module, dataset, collate, batch, kwargs = {
+        "list of samples": (ListDigits(), digits, _list_collate, {**held_out, "x": list(held_out["x"])}, {}),
+        "UserDict": (DigitsMLP(), EncodingDigits(digits), None, Encoding(held_out), {}),
+        "popped ids": (PoppingDigits(), digits, None, held_out, {}),
+        "weights written by the step": (WeightingDigits(), digits, None, held_out, weights),
+        "ids filtered by the step": (FilteringDigits(), digits, None, held_out, {}),
     }[form]
-    steps, scores, exact = _run(tmp_path / "other", module, dataset, collate, batch)
-    assert steps == expected[0] and scores.shape == exact.shape == (5, 48)
+    oracle_collate = _without_zeros if form == "ids filtered by the step" else None
+    if oracle_collate is not None:  # test points the step keeps (it would drop a zero from the query's pair check)
+        batch = {key: value[held_out["y"] != 0] for key, value in held_out.items()}
+    expected = _run(tmp_path / "dict", DigitsMLP(), digits, oracle_collate, batch if oracle_collate else held_out)
+    recorded, scores, exact = _run(tmp_path / "other", module, dataset, collate, batch, **kwargs)
+    assert recorded == expected[0] and scores.shape == exact.shape == expected[1].shape
+    assert scores.shape == ((5, 48) if oracle_collate is None else (3, 45))  # three zeros among the 48
     torch.testing.assert_close(scores, expected[1], rtol=1e-12, atol=0)
     torch.testing.assert_close(exact, expected[2], rtol=1e-12, atol=0)
+
+
+def test_a_float32_test_batch_is_converted_as_a_64_true_trainer_converted_training_batches(
+    fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """``precision="64-true"`` with float32 data: the Trainer converts each training batch to float64, and the
+    report does too, but ``influence`` on the same float32 test batch failed in the model ("mat1 and mat2 must
+    have the same dtype"). The store records the precision and queries convert as it did."""
+    model, dve = TinyMLP(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+    fit(model, dve, precision="64-true")
+    assert test_batch["x"].dtype == torch.float32 and dve.embeddings.store.manifest["precision"] == "64-true"
+    converted = {key: value.double() if value.is_floating_point() else value for key, value in test_batch.items()}
+    torch.testing.assert_close(dve.embeddings.influence(model, test_batch).scores,
+                               dve.embeddings.influence(model, converted).scores, rtol=0, atol=0)

@@ -808,6 +808,8 @@ def test_check_finite_names_the_layer_and_samples_and_ignores_an_overflowing_sum
         with pytest.raises(GradientError, match=r"layer 'b' at step 3 for sample ids \[6\]"):
             check_finite({"a": torch.zeros(3, 2), "b": rows}, ids, step=3)
     check_finite({}, ids, step=3)
+    with pytest.raises(GradientError, match=r"sample ids \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 2 more\."):
+        check_finite({"a": torch.full((12, 2), float("nan"))}, torch.arange(12), step=0)
 
 
 def test_state_key_of_the_auto_layout_matches_the_earlier_per_layer_default():

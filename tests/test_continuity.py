@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
@@ -22,11 +23,12 @@ from tests.test_segments_storage import WithValidation
 
 
 def test_a_resumed_plan_keeps_the_boundaries_passed_and_plans_the_rest_after_them() -> None:
-    assert continue_plan([], -1, 12, 3) == plan_boundaries(12, 3) == [3, 7]  # a first fit
-    assert continue_plan([2, 4], 7, 12, 3) == [2, 4]  # both passed: the resumed fit ends the last segment
-    assert continue_plan([3, 7], 5, 18, 3) == [3, 11]  # one passed: the other splits the 12 steps after step 5
-    assert continue_plan([3, 7], 2, 18, 3) == plan_boundaries(18, 3) == [5, 11]  # none passed: planned afresh
-    assert continue_plan([3, 7], 5, float("inf"), 3) == [3]  # an unknown length plans no more
+    assert continue_plan([], -1.0, -1, 12, 3) == plan_boundaries(12, 3) == [3, 7]  # a first fit
+    assert continue_plan([3, 7], 12, 4, 12, 3) == [3, 7]  # as many steps as planned: the plan stays whole
+    assert continue_plan([2, 4], 8, 7, 12, 3) == [2, 4]  # both passed: the resumed fit ends the last segment
+    assert continue_plan([3, 7], 12, 5, 18, 3) == [3, 11]  # one passed: the other splits the 12 steps after 5
+    assert continue_plan([3, 7], 12, 2, 18, 3) == plan_boundaries(18, 3) == [5, 11]  # none passed: afresh
+    assert continue_plan([3, 7], 12, 5, float("inf"), 3) == [3]  # an unknown length plans no more
 
 
 def test_a_fit_resumed_for_more_epochs_keeps_the_boundaries_it_passed_and_their_references(
@@ -56,6 +58,27 @@ def test_a_fit_resumed_for_more_epochs_keeps_the_boundaries_it_passed_and_their_
     for boundary, step in enumerate([2, 4]):
         scores = emb.score(saved[step], per_step=True, boundary=boundary).scores
         assert sum(float(r[5]) for r in rows if int(r[0]) == boundary) == pytest.approx(float(scores.sum()), rel=1e-9)
+
+
+def test_a_fit_resumed_with_the_steps_it_planned_keeps_its_whole_plan(make_loader: Callable[..., DataLoader],
+                                                                       tmp_path: Path) -> None:
+    """A 12-step run (3 segments: boundaries after steps 3 and 7) that crashed at step 6, resumed from a checkpoint
+    after step 4: the first version of the resumed plan split the 7 steps after step 4 anew ([3, 8]), away from
+    the uninterrupted run's boundaries that checkpoints are aligned with."""
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            if trainer.global_step == 6:
+                raise RuntimeError("crash")
+
+    def run(callbacks: list, ckpt_path: Path | None = None) -> None:
+        checkpointing_trainer(tmp_path, 3, callbacks).fit(TinyMLP().double(), make_loader(), ckpt_path=ckpt_path)
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="crash"):
+        run([DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, segments=3), Crash(), saver])
+    resumed = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, segments=3)
+    run([resumed], ckpt_path=next((tmp_path / "ckpt").glob("*step=5.ckpt")))
+    assert resumed.embeddings.steps == list(range(12)) and resumed.embeddings.segment_boundaries == [3, 7, 11]
 
 
 def test_a_relative_save_dir_stays_with_its_store_when_the_working_directory_changes(
@@ -96,30 +119,46 @@ def _store_files(root: Path) -> dict[str, bytes]:
     return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
 
-@pytest.mark.parametrize("first", [True, False], ids=["saver listed first", "saver listed after"])
+class OverflowAtStep(TinyMLP):
+    """With ``overflow`` set, its loss overflows float16 at batch 1 (the grad scaler skips that step)."""
+
+    overflow = False
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e8 if batch_idx == 1 and self.overflow else loss
+
+
+@pytest.mark.parametrize("case", ["saver listed first", "saver listed after", "skipped step"])
 def test_a_checkpoint_saved_inside_a_step_before_it_was_recorded_is_not_resumed(
-    make_loader: Callable[..., DataLoader], tmp_path: Path, first: bool
+    make_loader: Callable[..., DataLoader], tmp_path: Path, case: str
 ) -> None:
     """A callback listed before DataValueEmbedding saved a checkpoint in ``on_train_batch_end`` after step 1's
     update: its weights are after step 1, its recording ends at step 0. Resuming from it trained on from step 2 and
     silently dropped step 1 from the store. Now it is refused, naming the step, and the store is untouched; the
-    same saver listed after the callback resumes to the uninterrupted run's steps."""
-    path = tmp_path / "inside.ckpt"
+    same saver listed after the callback, or after a step the grad scaler skipped (nothing to record), resumes to
+    the uninterrupted run's steps."""
+    path, skipped = tmp_path / "inside.ckpt", case == "skipped step"
 
-    def callbacks() -> list:
+    def trainer(epochs: int, saver_first: bool) -> Trainer:
         dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
-        return [SaveAtStep(path, 2), dve] if first else [dve, SaveAtStep(path, 2)]
+        plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if skipped else []
+        return Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path, plugins=plugins,
+                       callbacks=[SaveAtStep(path, 2), dve] if saver_first else [dve, SaveAtStep(path, 2)])
 
-    checkpointing_trainer(tmp_path, 1, callbacks()).fit(TinyMLP().double(), make_loader())
-    before = _store_files(tmp_path / "dve")
-    resumed = callbacks()
-    if first:
+    first = OverflowAtStep()
+    first.overflow = skipped
+    trainer(1, case != "saver listed after").fit(first, make_loader())
+    before, model = _store_files(tmp_path / "dve"), OverflowAtStep()
+    if case == "saver listed first":
         with pytest.raises(ConfigError, match="saved during step 1, after its update was applied"):
-            checkpointing_trainer(tmp_path, 2, resumed).fit(TinyMLP().double(), make_loader(), ckpt_path=path)
+            trainer(2, False).fit(model, make_loader(), ckpt_path=path)
         assert _store_files(tmp_path / "dve") == before
     else:
-        checkpointing_trainer(tmp_path, 2, resumed).fit(TinyMLP().double(), make_loader(), ckpt_path=path)
-        assert DataValueEmbeddings.load(tmp_path / "dve").steps == list(range(8))
+        trainer(2, False).fit(model, make_loader(), ckpt_path=path)
+        recorded = DataValueEmbeddings.load(tmp_path / "dve").steps
+        assert recorded == [step for step in range(8) if step != 1 or not skipped]
 
 
 def test_a_weights_only_checkpoint_is_refused_as_such(make_loader: Callable[..., DataLoader], tmp_path: Path) -> None:
@@ -173,3 +212,20 @@ def test_a_checkpoint_keyed_without_the_save_dir_still_resumes(make_loader: Call
     batch = {key: value.double() if value.is_floating_point() else value for key, value in test_batch.items()}
     torch.testing.assert_close(resumed.embeddings.influence(resumed_model, batch).scores,
                                whole.embeddings.influence(model, batch).scores, rtol=1e-12, atol=0)
+
+
+def test_resuming_a_finished_run_from_its_last_steps_checkpoint_leaves_the_store(
+    make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """``ModelCheckpoint(every_n_train_steps=4)`` saves in the last step (4 steps): resuming from it trains
+    nothing, but Lightning still calls ``on_train_end``, which ran the train end again (a new run id and lineage,
+    the recursion, the report). Now the store stays byte for byte, as from an epoch-end checkpoint."""
+    def run(ckpt_path: Path | None = None) -> None:
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        checkpointing_trainer(tmp_path, 1, [dve, saver]).fit(TinyMLP().double(), make_loader(), ckpt_path=ckpt_path)
+
+    run()
+    before = _store_files(tmp_path / "dve")
+    run(next((tmp_path / "ckpt").glob("*step=4.ckpt")))
+    assert _store_files(tmp_path / "dve") == before

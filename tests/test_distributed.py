@@ -24,6 +24,7 @@ from lightning_dve import DataValueEmbeddings
 from lightning_dve.checkpoints import CheckpointStore
 from lightning_dve.distributed import SingleProcess
 from lightning_dve.errors import RemoteRankError, SampleIdError, StoreError
+from lightning_dve.files import disk_bytes
 from lightning_dve.records import StepRecord
 from lightning_dve.recursion_ranks import gather_embeddings
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
@@ -150,6 +151,9 @@ def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str,
     assert json.loads((root / "rank1_steps.json").read_text()) == store.steps == list(range(6))
     assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
     assert (root / "dve_ddp" / "shards" / "rank_1" / "manifest.json").is_file()
+    # the step files' figures count every rank's (they counted rank 0's only: a tenth of the single-process store's)
+    on_disk = disk_bytes([root / "dve_ddp" / "steps", root / "dve_ddp" / "shards" / "rank_1" / "steps"])
+    assert (store.manifest["bytes_steps"], store.manifest["bytes_per_step"]) == (on_disk, on_disk // 6)
 
 
 @pytest.mark.slow

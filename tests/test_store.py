@@ -503,7 +503,7 @@ def test_train_end_reports_the_whole_stores_disk_use(fit, mlp_cls, save_dir, cap
     said = [r.getMessage() for r in caplog.records if "DataValueEmbedding: recorded" in r.getMessage()]
     assert said == [f"DataValueEmbedding: recorded 8 steps in {save_dir}: {manifest['bytes_total'] / 2**20:.2f} MiB "
                     f"in all, of which step files {manifest['bytes_steps'] / 2**20:.2f} MiB "
-                    f"({manifest['bytes_per_step'] / 2**10:.1f} KiB per step), on rank 0."]
+                    f"({manifest['bytes_per_step'] / 2**10:.1f} KiB per step, every rank's)."]
 
 
 def test_float16_steps_read_back_each_row_at_the_float16_precision_of_its_own_size(tmp_path: Path) -> None:
