@@ -277,7 +277,8 @@ class DataValueEmbedding(StepHooks):
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
         self._terms, self._skipped, self._deferred, self._step, self._reached = None, False, None, -1, set()
-        callback_setup.warn_approximations(trainer, self._capture.modules())
+        callback_setup.warn_approximations(trainer, self._capture.modules(), self.config.adam_second_moment
+                                           or self.embedding_method is EmbeddingMethod.REPLAY)  # v modelled
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback_setup.warn_sampler_padding(trainer)

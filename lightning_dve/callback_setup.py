@@ -83,11 +83,19 @@ def note_untracked(pl_module: pl.LightningModule, modules: dict[str, torch.nn.Mo
                        f"influence through the {len(modules)} tracked layer(s) only.")
 
 
-def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]) -> None:
-    """Warn once about what the recursion models only approximately: non-SGD optimizers, value clipping (biases
-    in other param groups than their weights: :func:`warn_split_biases`, at each step); and say which trainable
-    parameters no tracked layer holds (``modules``: the tracked layers; left out by ``layers=`` or ``exclude=``)."""
+def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module], second_moment: bool) -> None:
+    """Warn once about what the recursion models only approximately: non-SGD optimizers, Adam's second moment
+    without the v pass (``second_moment``), value clipping (biases in other param groups than their weights:
+    :func:`warn_split_biases`, at each step); and say which trainable parameters no tracked layer holds
+    (``modules``: the tracked layers; left out by ``layers=`` or ``exclude=``)."""
     note_untracked(trainer.lightning_module, modules)
+    if is_adam(trainer.optimizers[0]) and not second_moment:
+        rank_zero_warn(f"DataValueEmbedding: {type(trainer.optimizers[0]).__name__}'s second moment v is held fixed "
+                       "when a sample is removed (the single pass). While v holds few batches a removed sample moves "
+                       "it as much as the momentum, so the first steps' scores can have the wrong sign and several "
+                       "times their size, and with them the report's early stage. adam_second_moment=True (exact "
+                       "mode, projection_dim=None) models it; exact_influence(...) and embeddings='replay' follow "
+                       "the exact dynamics.")
     reason = sgd_proxy_reason(trainer.optimizers[0])
     if reason is not None:
         rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate, "

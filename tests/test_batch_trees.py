@@ -143,7 +143,9 @@ def test_batches_in_other_forms_record_and_score_as_dict_batches(tmp_path: Path,
     module, dataset, collate, batch, kwargs = {
         "list of samples": (ListDigits(), digits, _list_collate, {**held_out, "x": list(held_out["x"])}, {}),
         "UserDict": (DigitsMLP(), EncodingDigits(digits), None, Encoding(held_out), {}),
-        "popped ids": (PoppingDigits(), digits, None, held_out, {}),
+        "popped ids": (PoppingDigits(), digits, None, held_out,  # a loss_reduction callable reading the popped key
+                       {"loss_reduction": lambda batch: torch.full(batch["index"].shape, 1 / len(batch["index"]),
+                                                                  dtype=torch.float64)}),
         "weights written by the step": (WeightingDigits(), digits, None, held_out, weights),
         "ids filtered by the step": (FilteringDigits(), digits, None, held_out, {}),
     }[form]
