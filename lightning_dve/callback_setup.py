@@ -243,8 +243,8 @@ def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[i
     skipped = [step for step in planned if steps and step < steps[-1] and step not in recorded]
     if skipped:
         why = (f"no step was recorded at the planned boundaries after steps {skipped} (training_step returned None "
-               f"there, or the grad scaler skipped the step): {used} segment(s), so the boundary indices of influence_at() shift from the planned ones "
-               "(emb.segment_boundaries lists the steps)")
+               f"there, or the grad scaler skipped the step): {used} segment(s), so the boundary indices of "
+               "influence_at() shift from the planned ones (emb.segment_boundaries lists the steps)")
     elif planned and steps and planned[-1] >= steps[-1]:
         why = (f"the boundaries were planned at train start (after steps {planned}, from "
                f"trainer.estimated_stepping_batches), and the run stopped after step {steps[-1]} (EarlyStopping, "

@@ -278,8 +278,7 @@ class TrajectoryStore:
 
     def iter_backward(self, lo: int = 0, hi: int | None = None) -> Iterator[StepRecord]:
         """Yield the recorded steps with index in ``[lo, hi)`` from the last to the first, one file at a time."""
-        steps, epochs = self.steps[lo:hi], self.epochs[lo:hi]
-        return (self.read_step(step, epoch) for step, epoch in zip(reversed(steps), reversed(epochs)))
+        return (self.read_step(s, e) for s, e in zip(reversed(self.steps[lo:hi]), reversed(self.epochs[lo:hi])))
 
     @property
     def epochs(self) -> list[int]:
@@ -355,8 +354,7 @@ class TrajectoryStore:
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
         self.truncate_for_resume()
-        tensors = {f"factor/{s}/{group}": f.contiguous()
-                   for s, fs in enumerate(factors) if s for group, f in fs.items()}
+        tensors = {f"factor/{s}/{g}": f.contiguous() for s, fs in enumerate(factors) if s for g, f in fs.items()}
         if tensors:
             write_atomic(self.root / SEGMENTS, tensors, self._metadata(-1))
         steps = self.steps
@@ -390,9 +388,8 @@ class TrajectoryStore:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
 
     def record_disk_use(self) -> None:
-        """Write the manifest with the step files' disk use (``bytes_steps``, ``bytes_per_step``: every rank's under
-        DDP) and the whole store's (``bytes_total``: manifest, steps, embeddings, segments, references, shards,
-        checkpoints, lock): at train end, and again once the embeddings are written (then every rank's is final)."""
+        """Write the manifest with the disk use of every rank's step files (``bytes_steps``, ``bytes_per_step``) and of
+        the whole store (``bytes_total``): at train end, and once the embeddings are written (every rank's final)."""
         steps = disk_bytes([self.root / STEPS, *(self.root / SHARDS).glob(f"rank_*/{STEPS}")])
         self.manifest.update(bytes_steps=steps, bytes_per_step=steps // max(1, len(self.steps)))
         parts = [self.root / part for part in (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS,

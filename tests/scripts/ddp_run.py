@@ -5,7 +5,8 @@ Run as a script (Lightning's ``ddp`` strategy relaunches ``sys.argv`` for the ot
     python tests/scripts/ddp_run.py --mode ddp --out DIR
 
 Modes: ``single`` (one process over the global batches a 2-rank run sees), ``ddp``, ``ddp_spawn``.
-``--fail-rank R`` drops the id key from rank R's third batch (as it is transferred), to test that both ranks stop with an error.
+``--fail-rank R`` drops the id key from rank R's third batch (as it is transferred), to test that both ranks stop
+with an error.
 """
 
 from __future__ import annotations
