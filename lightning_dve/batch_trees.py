@@ -51,17 +51,23 @@ def with_values(mapping: Mapping[Any, Any], transform: Callable[[Any], Any]) -> 
 
 
 def shallow_copy(batch: Any) -> Any:
-    """A new top-level mapping of ``batch``'s values (the values shared), for :func:`restore_keys`; other batches
-    as they are."""
-    return with_values(batch, lambda value: value) if isinstance(batch, Mapping) else batch
+    """A new top-level mapping or list of ``batch``'s values (the values shared), for a ``training_step`` that
+    edits its batch (``ids = batch.pop("index")``, ``batch["x"] = batch["x"] / 2``); other batches as they are."""
+    if isinstance(batch, Mapping):
+        return with_values(batch, lambda value: value)
+    return list(batch) if type(batch) is list else batch
 
 
-def restore_keys(batch: Any, before: Any) -> None:
-    """Put back, in place, the keys of ``before`` (:func:`shallow_copy` of ``batch`` earlier) that ``batch`` no
-    longer has: a ``training_step`` may pop one (``ids = batch.pop("index")`` before ``self.model(**batch)``),
-    while keys it adds or changes (per-sample loss weights written into the batch) stay."""
-    if isinstance(batch, MutableMapping) and isinstance(before, Mapping):
-        batch.update({key: value for key, value in before.items() if key not in batch})
+def as_started(batch: Any, start: Any) -> Any:
+    """``batch`` after a ``training_step`` that may have edited it, for reading its ids: a mapping with the keys the
+    step popped put back (in place) from ``start`` (its :func:`shallow_copy` as it started), ``start`` for a list
+    the step made shorter or longer; else ``batch``, so ids the step filtered in place with the samples are read
+    as such."""
+    if isinstance(batch, list) and isinstance(start, list) and len(batch) != len(start):
+        return start
+    if isinstance(batch, MutableMapping) and isinstance(start, Mapping):
+        batch.update({key: value for key, value in start.items() if key not in batch})
+    return batch
 
 
 def same_items(a: Any, b: Any) -> bool:
@@ -111,8 +117,10 @@ def _batched_fields(items: list[Any] | tuple[Any, ...]) -> int | None:
 def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     """The samples ``rows`` of a collated batch of ``n`` samples (found if ``None``): every tensor with ``n`` rows
     and every list of ``n`` per-sample items sliced (in mappings, lists, tuples and dataclasses), other values
-    kept."""
+    kept. A list of ``n`` tensors of ``n`` rows each is batched fields, unless the batch's size was found as a
+    list's length (a batch of per-sample lists: :func:`count_samples`)."""
     n = count_samples(batch) if n is None else n
+    listwise = (_sample_count(batch) or (0, False))[1]
 
     def pick(x: Any, top: bool = False) -> Any:
         if isinstance(x, torch.Tensor):
@@ -124,42 +132,48 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
         if not isinstance(x, (list, tuple)):
             return x
         nested = any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) or is_dataclass_value(v) for v in x)
-        if len(x) == n and not hasattr(x, "_fields") and not (top and nested) and _batched_fields(x) != n:
-            return x[rows]  # one item per sample
+        per_sample = listwise or _batched_fields(x) != n
+        if len(x) == n and not hasattr(x, "_fields") and not (top and nested) and per_sample:
+            return x[rows]
         return rebuilt(x, (pick(v) for v in x)) if nested else x
 
     return pick(batch, top=True)
 
 
-def count_samples(batch: Any) -> int:
-    """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
-    lists, else the length of its first nested list of per-sample items that are not tensors (a detection batch's
-    target dicts), else of its first nested list of tensors: their common first dimension (a list-valued field
-    that ``default_collate`` batched), or its length if they have none (ragged per-sample tensors). A list of
-    ``n`` tensors of ``n`` rows each is taken for batched fields.
-
-    Raises:
-        ConfigError: if no tensor has a batch dimension.
-    """
-    def size(x: Any, top: bool, nested: int) -> int | None:
+def _sample_count(batch: Any) -> tuple[int, bool] | None:
+    """``(n, whether n is a nested list's length)`` of :func:`count_samples`; ``None`` if nothing gives it."""
+    def size(x: Any, top: bool, nested: int) -> tuple[int, bool] | None:
         if isinstance(x, torch.Tensor):
-            return x.shape[0] if x.dim() else None
-        if isinstance(x, (list, tuple)) and not top:
-            tensors = x and all(isinstance(v, torch.Tensor) for v in x)
-            if nested == 1 and x and not tensors and not all(isinstance(v, (str, bytes)) for v in x):
-                return len(x)  # per-sample items a collate_fn keeps (target dicts); strings are no evidence
-            fields = _batched_fields(x) if nested == 2 and tensors else None
-            return fields if fields is not None or nested < 2 or not tensors else len(x)
+            return (x.shape[0], False) if x.dim() else None
+        if isinstance(x, (list, tuple)) and not top and not hasattr(x, "_fields"):  # a namedtuple holds fields
+            if nested == 1 and x and all(isinstance(v, (Mapping, list, tuple)) or is_dataclass_value(v) for v in x):
+                return len(x), True  # per-sample records a collate_fn keeps (target dicts); scalars may be metadata
+            if nested < 2 or not x or not all(isinstance(v, torch.Tensor) for v in x):
+                return None
+            fields = _batched_fields(x)
+            return (fields, False) if fields is not None else (len(x), True)
         values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
         if is_dataclass_value(x):
             values = [getattr(x, f.name) for f in dataclasses.fields(x)]
         return next((s for s in (size(v, False, nested) for v in values) if s is not None), None)
 
-    n = next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
-    if n is None and isinstance(batch, torch.utils.data.DataLoader):
+    return next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
+
+
+def count_samples(batch: Any) -> int:
+    """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
+    lists, else the length of its first nested list of records (mappings, lists, tuples, dataclasses: a detection
+    batch's target dicts), else of its first nested list of tensors: their common first dimension (a list-valued
+    field that ``default_collate`` batched), or its length if they have none (ragged per-sample tensors).
+
+    Raises:
+        ConfigError: if no tensor has a batch dimension.
+    """
+    found = _sample_count(batch)
+    if found is None and isinstance(batch, torch.utils.data.DataLoader):
         raise ConfigError("the test batch is a DataLoader; a query takes one collated batch: pass "
                           "next(iter(loader)), or query each batch of the loader and concatenate the results' scores.")
-    if n is None:
+    if found is None:
         raise ConfigError(f"cannot split the test batch ({type(batch).__name__}) into samples: no tensor with a "
                           "batch dimension. Pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
-    return n
+    return found[0]

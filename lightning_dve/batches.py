@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import restore_keys, shallow_copy
+from .batch_trees import as_started, shallow_copy
 from .config import LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 
@@ -153,14 +153,14 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
             )
 
 
-def training_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
-    """``training_step``'s loss (:func:`scalar_loss`) on ``batch``, with the keys the step popped put back after it
-    (:func:`~lightning_dve.batch_trees.restore_keys`), for the next call and the caller."""
-    before = shallow_copy(batch)
-    try:
-        return scalar_loss(module.training_step(batch, 0))
-    finally:
-        restore_keys(batch, before)
+def training_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:
+    """``training_step``'s loss (:func:`scalar_loss`) on a shallow copy of ``batch``, and that copy as the step
+    left it with the keys it popped put back (``as_started``), for a ``loss_reduction`` callable, as training
+    reads it: keys the step adds (per-sample loss weights written into the batch) or reassigns are there, and
+    the caller's batch, and the next call's, stay as they were."""
+    working = shallow_copy(batch)
+    loss = scalar_loss(module.training_step(working, 0))
+    return loss, as_started(working, batch)
 
 
 def scalar_loss(out: Any) -> torch.Tensor | None:

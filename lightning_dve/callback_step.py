@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import batches, callback_setup, capture, distributed, reporting, sync
 from .adam import adam_factors
-from .batch_trees import restore_keys, shallow_copy
+from .batch_trees import as_started, shallow_copy
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
@@ -86,7 +86,7 @@ class StepHooks(pl.Callback):
         if self._preconditioned:
             hooks.set_preconditioner(adam_factors(trainer.optimizers[0], hooks.modules()))
         self._batch, self._backwards, self._inner_backward = batch, 0, False
-        self._batch_start = shallow_copy(batch)  # a training_step may pop the id key: put back where it is read
+        self._batch_start = shallow_copy(batch)  # a training_step may edit the batch: as_started reads it
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._backwards:  # the closure is evaluated again (LBFGS): the step is recorded at its first evaluation
@@ -102,8 +102,8 @@ class StepHooks(pl.Callback):
             # DDP(static_graph=True) queues its all-reduce in the first backward through its output: not the probe's
             static = isinstance(trainer.strategy.model, DistributedDataParallel) and trainer.strategy.model.static_graph
             self._probe = None if static else probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)
-            restore_keys(self._batch, self._batch_start)
-            ids = batches.extract_sample_ids(self._batch, self.sample_ids, hooks.outputs[-1].shape[0])
+            ids = batches.extract_sample_ids(as_started(self._batch, self._batch_start), self.sample_ids,
+                                             hooks.outputs[-1].shape[0])
             hooks.curvature_backward(lambda logits: sampled_label_grad(logits, ids, self.config.seed,
                                                                        trainer.global_step))
         hooks.start_backward()
@@ -222,9 +222,9 @@ class StepHooks(pl.Callback):
         step = self._step if self._terms is not None else trainer.global_step
         check_no_inner_backward(self._inner_backward, step)
         size = hooks.batch_size()
-        restore_keys(batch, self._batch_start)
+        batch = as_started(batch, self._batch_start)
         ids = batches.extract_sample_ids(batch, self.sample_ids, size)
-        self._loss_batch = batch if size > 1 else self._loss_batch
+        self._loss_batch = self._batch_start if size > 1 else self._loss_batch  # before the step's own edits
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation

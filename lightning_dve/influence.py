@@ -199,13 +199,13 @@ class DataValueEmbeddings(ReplayQueries):
         check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()))
         capture.begin(keep_outputs=True)
         with muted_logging(module):
-            loss = training_loss(module, batch)
+            loss, used = training_loss(module, batch)
         if loss is None:
             raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn(module, "
                               "batch) -> Tensor[B] to the query, or make training_step return the loss on such "
                               "batches (the train-end report takes its reference loss from training_step and has no "
                               "loss_fn).")
-        return loss, lambda n: reduction_weights(reduction, batch, n, self.loss_weights)
+        return loss, lambda n: reduction_weights(reduction, used, n, self.loss_weights)
 
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.

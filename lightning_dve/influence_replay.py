@@ -17,7 +17,7 @@ from .batch_trees import split_batch
 from .batches import WeightFn
 from .config import DVEConfig
 from .projection import LayerProjection
-from .query_layers import refuse_empty, require_autograd, uncompiled
+from .query_layers import on_module_device, refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
 from .replay_data import step_loss_terms
 from .replay_embeddings import replay_embeddings
@@ -74,7 +74,8 @@ class ReplayQueries:
         refuse_empty(batch)
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
-        ids, steps, scores, self.replay_cost = replay_scores(replayer, self._replay_target(batch, loss_fn))
+        target = self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), loss_fn)
+        ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
 
     def replay_embeddings(
@@ -117,7 +118,7 @@ class ReplayQueries:
 
     def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
         """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
-        return self._replay_target(batch, None)(module)
+        return self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), None)(module)
 
     def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
         """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""

@@ -224,8 +224,8 @@ def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None)
             "self.training, which queries turn off).")
 
 
-def _single_sample_loss(module: nn.Module, batch: Any) -> torch.Tensor | None:
-    """``training_step`` on a batch of one sample, for :func:`check_reduction`.
+def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:
+    """``training_step`` on a batch of one sample, for :func:`check_reduction` (:func:`training_loss`).
 
     Raises:
         ConfigError: if it fails there (often a ``.squeeze()`` that also drops the batch dimension), naming the
@@ -268,15 +268,15 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
-        total = training_loss(module, pair)
-        alone = [_single_sample_loss(module, single) for single in singles]
+        total, pair_used = training_loss(module, pair)
+        alone, singles_used = zip(*(_single_sample_loss(module, single) for single in singles))
         with torch.no_grad():
-            again = training_loss(module, pair)
+            again, _ = training_loss(module, pair)
     check_deterministic(total, again)
-    single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles]
+    single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles_used]
     if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
         return
-    scales = [float(w) / sw for w, sw in zip(reduction_weights(reduction, pair, 2, weight_fn), single_w)]
+    scales = [float(w) / sw for w, sw in zip(reduction_weights(reduction, pair_used, 2, weight_fn), single_w)]
     value, values = float(total.detach()), [float(loss.detach()) for loss in alone]
     terms = [scale * loss for scale, loss in zip(scales, values)]
     if abs(value - sum(terms)) > 0.05 * sum(map(abs, terms)) + 1e-12:  # False for a NaN loss: unchecked
@@ -372,16 +372,16 @@ def refuse_empty(batch: Any) -> None:
 
 
 def on_module_device(module: nn.Module, batch: Any, precision: str | None = None) -> Any:
-    """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through
-    the LightningModule's ``transfer_batch_to_device`` (an override applies), or, for a plain module, every
-    tensor of nested lists, tuples, dicts and dataclasses (:func:`~lightning_dve.batch_trees.to_device`);
-    where the recorded Trainer ``precision`` was ``"64-true"``, its floating tensors in float64, as that Trainer
-    converted the training batches."""
+    """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through the
+    LightningModule's ``transfer_batch_to_device`` (an override applies), else every tensor in it (``to_device``);
+    after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as that
+    Trainer converted the training batches."""
     parameter = next(module.parameters(), None)
     transfer = getattr(module, "transfer_batch_to_device", None)
     if parameter is not None and parameter.device.type != "cpu":
         batch = transfer(batch, parameter.device, 0) if callable(transfer) else to_device(batch, parameter.device)
-    return to_device(batch, None, torch.float64) if precision in DOUBLE_PRECISION else batch
+    double = parameter is not None and parameter.dtype == torch.float64 and precision in DOUBLE_PRECISION
+    return to_device(batch, None, torch.float64) if double else batch
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:

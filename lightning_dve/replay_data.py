@@ -204,7 +204,7 @@ def step_loss_terms(
     losses = []
     with muted_logging(module):
         for single in batches:
-            loss = training_loss(module, single)
+            loss, single = training_loss(module, single)
             if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
@@ -280,14 +280,11 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
     value: torch.Tensor | None = None
     with muted_logging(module):
         for rows in torch.arange(len(ids)).split(counts):
-            batch = source.batch(ids[rows])
+            loss, batch = training_loss(module, source.batch(ids[rows]))  # the weights it may write into the batch
             own = reduction_weights(reduction, batch, len(rows), weight_fn)
             kept = own != 0
             ratios = recorded[rows].to(own)[kept] / own[kept]
-            if not bool(kept.any()) or not torch.allclose(ratios, ratios[0], rtol=1e-6, atol=0):
-                return None
-            loss = training_loss(module, batch)
-            if loss is None:
+            if loss is None or not bool(kept.any()) or not torch.allclose(ratios, ratios[0], rtol=1e-6, atol=0):
                 return None
             value = loss * float(ratios[0]) if value is None else value + loss * float(ratios[0])
     return value

@@ -7,7 +7,8 @@ the oracle is the same run with plain dict batches, whose trajectory is bitwise 
 
 from __future__ import annotations
 
-from collections import UserDict, defaultdict
+import logging
+from collections import UserDict, defaultdict, namedtuple
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from lightning_dve import DataValueEmbedding
 from lightning_dve.batch_trees import count_samples, split_batch, to_device
-from tests.conftest import TinyMLP
+from tests.conftest import DigitsDict, TinyMLP
 from tests.helpers import DigitsDataset, DigitsMLP, EpochPermutationSampler, make_trainer, split_indices
+
+
+Tokens = namedtuple("Tokens", ["ids", "lengths"])
 
 
 def test_a_list_of_one_item_per_sample_is_split_by_sample_not_by_its_items_rows() -> None:
@@ -38,8 +42,19 @@ def test_a_list_of_one_item_per_sample_is_split_by_sample_not_by_its_items_rows(
     images, targets = [torch.randn(3, 5, 5) for _ in range(4)], [{"boxes": torch.rand(2, 4)} for _ in range(4)]
     assert count_samples((images, targets)) == 4  # a detection batch: the target dicts, not the channels
     assert [s[0][0] is image for s, image in zip(split_batch((images, targets)), images)] == [True] * 4
-    views = default_collate([{"views": [torch.randn(2), torch.randn(2)]} for _ in range(3)])
-    assert count_samples(views) == 3 and [v.shape for v in split_batch(views)[1]["views"]] == [(1, 2), (1, 2)]
+    for metadata in ({"size": (28, 28)}, {"class_weights": [1.0] * 10}, {"special_ids": [0, 1, 2]},
+                     {"classes": ["cat", "dog"]}):
+        assert count_samples({"seqs": seqs, **metadata}) == 3  # scalars in a list are no evidence of samples
+    for n in (2, 3):  # n images of 3 channels, n target dicts: per-sample lists, as the target dicts show
+        images, targets = [torch.randn(3, 5, 5) for _ in range(n)], [{"boxes": torch.rand(2, 4)} for _ in range(n)]
+        singles = split_batch((images, targets))
+        assert len(singles) == n and singles[1][0][0] is images[1] and singles[1][1][0] is targets[1]
+    tokens = Tokens(torch.arange(8).reshape(2, 4), [4, 3])  # a namedtuple holds fields, whatever its length
+    second = split_batch({"inputs": tokens})[1]["inputs"]
+    assert type(second) is Tokens and torch.equal(second.ids, tokens.ids[1:]) and second.lengths == [3]
+    for n in (2, 3):  # default_collate's list field: 2 views of n samples, also where n is 2
+        views = default_collate([{"views": [torch.randn(2), torch.randn(2)]} for _ in range(n)])
+        assert count_samples(views) == n and [v.shape for v in split_batch(views)[1]["views"]] == [(1, 2), (1, 2)]
 
 
 class Encoding(UserDict):
@@ -113,51 +128,85 @@ class FilteringDigits(DigitsMLP):
         return super().training_step(batch, batch_idx)
 
 
+class HalvingDigits(DigitsMLP):
+    """Rescales the inputs inside the step, by assigning to the batch's key."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch["x"] = batch["x"] / 2
+        return super().training_step(batch, batch_idx)
+
+
+class HalvedDigits(DigitsDataset):
+    """The digits with the inputs halved beforehand (the oracle of :class:`HalvingDigits`)."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(indices)
+        self.x = self.x / 2
+
+
 def _without_zeros(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The zeros dropped, unless there is nothing else (replay collates single items to read their ids)."""
     return default_collate([item for item in items if item["y"] != 0] or items)
 
 
 def _run(root: Path, module: DigitsMLP, dataset: Dataset, collate: Callable | None, test: Any, **kwargs: Any) -> tuple:
-    """Fit one epoch of 3 steps; the recorded ids and the test batch's ``influence`` and ``exact_influence``."""
+    """Fit one epoch of 3 steps; the recorded ids and the test batch's ``influence`` (twice) and
+    ``exact_influence``."""
     dve = DataValueEmbedding(root, projection_dim=None, checkpoint_interval=2, report=None, **kwargs)
     loader = DataLoader(dataset, batch_size=16, sampler=EpochPermutationSampler(len(dataset), 1), collate_fn=collate)
-    make_trainer(1, callbacks=[dve]).fit(module, loader)
-    result = dve.embeddings.influence(module, test)
+    make_trainer(1, callbacks=[dve], precision="32-true").fit(module, loader)  # float64 all the same; the batches
+    result = dve.embeddings.influence(module, test)  # reach training_step as given (64-true would copy them)
     recorded = list(zip(result.steps.tolist(), result.sample_ids.tolist()))
-    return recorded, result.scores, dve.embeddings.exact_influence(module, test).scores
+    again = dve.embeddings.influence(module, test).scores  # the step's edits did not reach the test batch
+    return recorded, result.scores, again, dve.embeddings.exact_influence(module, test).scores
 
 
-FORMS = ["list of samples", "UserDict", "popped ids", "weights written by the step", "ids filtered by the step"]
+def _forms(train: list[int], digits: DigitsDataset, held_out: dict) -> dict[str, tuple]:
+    """``{form: ((module, dataset, collate, test batch, callback kwargs), (oracle dataset, collate, test batch))}``;
+    the oracle trains a plain :class:`DigitsMLP` on dict batches."""
+    mean = {"loss_reduction": lambda b: torch.full(b["index"].shape, 1 / len(b["index"]), dtype=torch.float64)}
+    kept = {key: value[held_out["y"] != 0] for key, value in held_out.items()}  # the filtering step keeps them
+    dict_run = (digits, None, held_out)
+    return {
+        "list of samples": ((ListDigits(), digits, _list_collate, {**held_out, "x": list(held_out["x"])}, {}),
+                            dict_run),
+        "UserDict": ((DigitsMLP(), EncodingDigits(digits), None, Encoding(held_out), {}), dict_run),
+        "popped ids": ((PoppingDigits(), digits, None, held_out, mean), dict_run),  # mean: a callable reading the key
+        "weights written by the step": ((WeightingDigits(), digits, None, held_out,
+                                         {"loss_reduction": lambda b: b["loss_weights"]}), dict_run),
+        "ids filtered by the step": ((FilteringDigits(), digits, None, kept, {}), (digits, _without_zeros, kept)),
+        "inputs rescaled by the step": ((HalvingDigits(), digits, None, held_out, {}),
+                                        (HalvedDigits(train), None, {**held_out, "x": held_out["x"] / 2})),
+    }
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_batches_in_other_forms_record_and_score_as_dict_batches(tmp_path: Path, form: str) -> None:
+@pytest.mark.parametrize("form", ["list of samples", "UserDict", "popped ids", "weights written by the step",
+                                  "ids filtered by the step", "inputs rescaled by the step"])
+def test_batches_in_other_forms_record_and_score_as_dict_batches(tmp_path: Path, form: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Before: ``exact_influence`` on a per-sample list batch returned one row per item of the first sequence (64
     here), the fit of ``UserDict`` batches was refused ("not a dict"), and a ``training_step`` that pops the id key
-    was refused with "batch has no key 'index'". The oracle is the run with dict batches (for the filtering step,
-    with the zeros dropped by the loader's ``collate_fn``)."""
+    was refused with "batch has no key 'index'"; a step that rescales ``batch["x"]`` rescaled the test batch at
+    each query. The oracle is the run with plain dict batches (for the filtering step, with the zeros dropped by the
+    loader's ``collate_fn``; for the rescaling step, of digits rescaled beforehand)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger=logger.name)
     train, test = split_indices(48, 5, seed=2)
     digits, held_out = DigitsDataset(train), DigitsDataset(test).batch()
-    weights = {"loss_reduction": lambda batch: batch["loss_weights"]}
-    module, dataset, collate, batch, kwargs = {
-        "list of samples": (ListDigits(), digits, _list_collate, {**held_out, "x": list(held_out["x"])}, {}),
-        "UserDict": (DigitsMLP(), EncodingDigits(digits), None, Encoding(held_out), {}),
-        "popped ids": (PoppingDigits(), digits, None, held_out,  # a loss_reduction callable reading the popped key
-                       {"loss_reduction": lambda batch: torch.full(batch["index"].shape, 1 / len(batch["index"]),
-                                                                  dtype=torch.float64)}),
-        "weights written by the step": (WeightingDigits(), digits, None, held_out, weights),
-        "ids filtered by the step": (FilteringDigits(), digits, None, held_out, {}),
-    }[form]
-    oracle_collate = _without_zeros if form == "ids filtered by the step" else None
-    if oracle_collate is not None:  # test points the step keeps (it would drop a zero from the query's pair check)
-        batch = {key: value[held_out["y"] != 0] for key, value in held_out.items()}
-    expected = _run(tmp_path / "dict", DigitsMLP(), digits, oracle_collate, batch if oracle_collate else held_out)
-    recorded, scores, exact = _run(tmp_path / "other", module, dataset, collate, batch, **kwargs)
+    (module, dataset, collate, batch, kwargs), (oracle_data, oracle_collate, oracle_batch) = _forms(
+        train, digits, held_out)[form]
+    try:
+        expected = _run(tmp_path / "dict", DigitsMLP(), oracle_data, oracle_collate, oracle_batch)
+        recorded, scores, again, exact = _run(tmp_path / "other", module, dataset, collate, batch, **kwargs)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "DataValueEmbedding: recorded" in caplog.text  # the capture works
     assert recorded == expected[0] and scores.shape == exact.shape == expected[1].shape
-    assert scores.shape == ((5, 48) if oracle_collate is None else (3, 45))  # three zeros among the 48
-    torch.testing.assert_close(scores, expected[1], rtol=1e-12, atol=0)
-    torch.testing.assert_close(exact, expected[2], rtol=1e-12, atol=0)
+    assert scores.shape == ((3, 45) if form == "ids filtered by the step" else (5, 48))  # three zeros among the 48
+    for got, want in zip((scores, again, exact), expected[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert "could not run" not in caplog.text  # the train-end check ran on the batch as the step received it
 
 
 def test_a_float32_test_batch_is_converted_as_a_64_true_trainer_converted_training_batches(
@@ -170,5 +219,35 @@ def test_a_float32_test_batch_is_converted_as_a_64_true_trainer_converted_traini
     fit(model, dve, precision="64-true")
     assert test_batch["x"].dtype == torch.float32 and dve.embeddings.store.manifest["precision"] == "64-true"
     converted = {key: value.double() if value.is_floating_point() else value for key, value in test_batch.items()}
-    torch.testing.assert_close(dve.embeddings.influence(model, test_batch).scores,
-                               dve.embeddings.influence(model, converted).scores, rtol=0, atol=0)
+    for query in ("influence", "exact_influence"):
+        torch.testing.assert_close(getattr(dve.embeddings, query)(model, test_batch).scores,
+                                   getattr(dve.embeddings, query)(model, converted).scores, rtol=0, atol=0)
+    model.float()  # as load_from_checkpoint gives it in a later process: its batches stay float32
+    assert dve.embeddings.influence(model, test_batch).scores.shape == (12, 64)
+
+
+class PoppingTuples(TinyMLP):
+    """Reads ``[x, y, index]`` list batches, popping the ids off first."""
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        batch.pop()
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_a_list_batch_whose_step_pops_the_ids_is_read_as_it_started(fit: Callable, tmp_path: Path) -> None:
+    """``sample_ids=lambda b: b[2]`` on ``[x, y, index]`` batches whose step pops the ids: the first version of
+    reading the ids at the step's end failed inside the callable (IndexError); the list as it started is read."""
+    digits = DigitsDict(range(64))
+    items = [digits[i] for i in range(64)]
+    data = TensorDataset(torch.stack([i["x"] for i in items]), torch.stack([i["y"] for i in items]), torch.arange(64))
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, sample_ids=lambda b: b[2])
+    fit(PoppingTuples(), dve, DataLoader(data, batch_size=16))
+    assert dve.embeddings.influence(PoppingTuples(), list(data[:5])).sample_ids.tolist() == list(range(64))
+
+
+def test_gauss_newton_rows_read_the_ids_a_step_popped(fit: Callable, tmp_path: Path) -> None:
+    """``curvature="ggn"`` draws each sample's label from its id in the backward, after ``training_step`` popped
+    the id key: read from the batch as it started, as at the step's end."""
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, curvature="ggn")
+    fit(PoppingDigits().float(), dve, DataLoader(DigitsDict(range(48)), batch_size=16))
+    assert dve.embeddings.steps == [0, 1, 2]

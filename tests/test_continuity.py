@@ -27,6 +27,7 @@ def test_a_resumed_plan_keeps_the_boundaries_passed_and_plans_the_rest_after_the
     assert continue_plan([3, 7], 12, 4, 12, 3) == [3, 7]  # as many steps as planned: the plan stays whole
     assert continue_plan([2, 4], 8, 7, 12, 3) == [2, 4]  # both passed: the resumed fit ends the last segment
     assert continue_plan([3, 7], 12, 5, 18, 3) == [3, 11]  # one passed: the other splits the 12 steps after 5
+    assert continue_plan([3, 7], 12, 3, 18, 3) == [3, 10]  # a checkpoint at a boundary keeps it (its reference)
     assert continue_plan([3, 7], 12, 2, 18, 3) == plan_boundaries(18, 3) == [5, 11]  # none passed: afresh
     assert continue_plan([3, 7], 12, 5, float("inf"), 3) == [3]  # an unknown length plans no more
 
