@@ -51,11 +51,13 @@ def with_values(mapping: Mapping[Any, Any], transform: Callable[[Any], Any]) -> 
 
 
 def shallow_copy(batch: Any) -> Any:
-    """A new top-level mapping or list of ``batch``'s values (the values shared), for a ``training_step`` that
-    edits its batch (``ids = batch.pop("index")``, ``batch["x"] = batch["x"] / 2``); other batches as they are."""
+    """``batch`` with its mappings, lists, tuples and dataclasses copied at every level and its tensors shared, for
+    a ``training_step`` that edits its batch (``ids = batch.pop("index")``, ``batch["inputs"]["x"] = ...``)."""
     if isinstance(batch, Mapping):
-        return with_values(batch, lambda value: value)
-    return list(batch) if type(batch) is list else batch
+        return with_values(batch, shallow_copy)
+    if isinstance(batch, (list, tuple)):
+        return rebuilt(batch, (shallow_copy(value) for value in batch))
+    return with_fields(batch, shallow_copy) if is_dataclass_value(batch) else batch
 
 
 def as_started(batch: Any, start: Any) -> Any:
@@ -120,7 +122,7 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     kept. A list of ``n`` tensors of ``n`` rows each is batched fields, unless the batch's size was found as a
     list's length (a batch of per-sample lists: :func:`count_samples`)."""
     n = count_samples(batch) if n is None else n
-    listwise = (_sample_count(batch) or (0, False))[1]
+    listwise = (_sample_count(batch) or (0, False))[1] or n in _record_list_lengths(batch)
 
     def pick(x: Any, top: bool = False) -> Any:
         if isinstance(x, torch.Tensor):
@@ -133,11 +135,29 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
             return x
         nested = any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) or is_dataclass_value(v) for v in x)
         per_sample = listwise or _batched_fields(x) != n
-        if len(x) == n and not hasattr(x, "_fields") and not (top and nested) and per_sample:
+        if len(x) == n and not hasattr(x, "_fields") and not (top and nested) and per_sample and (
+                nested or isinstance(x, list)):  # a tuple of numbers is metadata (an image size)
             return x[rows]
         return rebuilt(x, (pick(v) for v in x)) if nested else x
 
     return pick(batch, top=True)
+
+
+def _is_records(x: Any) -> bool:
+    """Whether ``x`` is a non-empty list or tuple of records (mappings, lists, tuples, dataclasses): one per sample,
+    as a ``collate_fn`` keeps a detection batch's target dicts."""
+    return (isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and len(x) > 0
+            and all(isinstance(v, (Mapping, list, tuple)) or is_dataclass_value(v) for v in x))
+
+
+def _record_list_lengths(x: Any, top: bool = True) -> set[int]:
+    """The lengths of the lists of records (:func:`_is_records`) nested in a batch."""
+    if not top and _is_records(x):
+        return {len(x)}
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+    if is_dataclass_value(x):
+        values = [getattr(x, f.name) for f in dataclasses.fields(x)]
+    return set().union(*(_record_list_lengths(v, False) for v in values))
 
 
 def _sample_count(batch: Any) -> tuple[int, bool] | None:
@@ -146,8 +166,8 @@ def _sample_count(batch: Any) -> tuple[int, bool] | None:
         if isinstance(x, torch.Tensor):
             return (x.shape[0], False) if x.dim() else None
         if isinstance(x, (list, tuple)) and not top and not hasattr(x, "_fields"):  # a namedtuple holds fields
-            if nested == 1 and x and all(isinstance(v, (Mapping, list, tuple)) or is_dataclass_value(v) for v in x):
-                return len(x), True  # per-sample records a collate_fn keeps (target dicts); scalars may be metadata
+            if nested == 1 and _is_records(x):
+                return len(x), True  # per-sample records; a list of numbers may be metadata
             if nested < 2 or not x or not all(isinstance(v, torch.Tensor) for v in x):
                 return None
             fields = _batched_fields(x)

@@ -49,6 +49,9 @@ def test_a_list_of_one_item_per_sample_is_split_by_sample_not_by_its_items_rows(
         images, targets = [torch.randn(3, 5, 5) for _ in range(n)], [{"boxes": torch.rand(2, 4)} for _ in range(n)]
         singles = split_batch((images, targets))
         assert len(singles) == n and singles[1][0][0] is images[1] and singles[1][1][0] is targets[1]
+        keyed = split_batch({"images": images, "targets": targets, "index": torch.arange(n)})[1]  # n from the ids
+        assert keyed["images"][0] is images[1] and keyed["targets"][0] is targets[1]
+    assert split_batch({"x": torch.ones(2, 3), "size": (28, 28)})[0]["size"] == (28, 28)  # a tuple: metadata
     tokens = Tokens(torch.arange(8).reshape(2, 4), [4, 3])  # a namedtuple holds fields, whatever its length
     second = split_batch({"inputs": tokens})[1]["inputs"]
     assert type(second) is Tokens and torch.equal(second.ids, tokens.ids[1:]) and second.lengths == [3]
@@ -136,6 +139,23 @@ class HalvingDigits(DigitsMLP):
         return super().training_step(batch, batch_idx)
 
 
+class NestedDigits(DigitsDataset):
+    """The digits as ``{"inputs": {"x", "y"}, "index"}``, a model's inputs nested as Hugging Face batches nest them."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return {"inputs": {"x": item["x"], "y": item["y"]}, "index": item["index"]}
+
+
+class NestedEditingDigits(DigitsMLP):
+    """Pops the labels out of the nested inputs and rescales them there, by assignment."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        labels = batch["inputs"].pop("y")
+        batch["inputs"]["x"] = batch["inputs"]["x"] / 2
+        return F.cross_entropy(self(batch["inputs"]["x"]), labels)
+
+
 class HalvedDigits(DigitsDataset):
     """The digits with the inputs halved beforehand (the oracle of :class:`HalvingDigits`)."""
 
@@ -177,11 +197,16 @@ def _forms(train: list[int], digits: DigitsDataset, held_out: dict) -> dict[str,
         "ids filtered by the step": ((FilteringDigits(), digits, None, kept, {}), (digits, _without_zeros, kept)),
         "inputs rescaled by the step": ((HalvingDigits(), digits, None, held_out, {}),
                                         (HalvedDigits(train), None, {**held_out, "x": held_out["x"] / 2})),
+        "nested inputs edited by the step": (
+            (NestedEditingDigits(), NestedDigits(train), None,
+             {"inputs": {"x": held_out["x"], "y": held_out["y"]}, "index": held_out["index"]}, {}),
+            (HalvedDigits(train), None, {**held_out, "x": held_out["x"] / 2})),
     }
 
 
 @pytest.mark.parametrize("form", ["list of samples", "UserDict", "popped ids", "weights written by the step",
-                                  "ids filtered by the step", "inputs rescaled by the step"])
+                                  "ids filtered by the step", "inputs rescaled by the step",
+                                  "nested inputs edited by the step"])
 def test_batches_in_other_forms_record_and_score_as_dict_batches(tmp_path: Path, form: str,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Before: ``exact_influence`` on a per-sample list batch returned one row per item of the first sequence (64
