@@ -124,8 +124,7 @@ class DataValueEmbedding(StepHooks):
                               "batch -> Tensor[B] of each sample's weight in the loss.")
         self.embedding_method = callback_setup.embedding_method(embeddings, self.config)
         self._requested = self.config  # ``config`` is this with the layout resolved at each fit's start
-        # "auto" keys like "per_layer", the earlier default; the save_dir tells apart callbacks of one Trainer whose
-        # settings key alike (a checkpoint keyed without it, of an earlier version, is found by its save_dir)
+        # "auto" keys like "per_layer", the earlier default; the save_dir parts callbacks whose settings key alike
         keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
         self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash(),
                                                    save_dir=None if save_dir is None else str(save_dir))
@@ -219,7 +218,8 @@ class DataValueEmbedding(StepHooks):
         # ``load_state_dict``: resuming must still refuse it rather than start a store afresh (validate, test and
         # predict restore checkpoints too, but resume nothing)
         if trainer.state.fn == TrainerFn.FITTING:
-            self._resume = callback_store.recording_in(checkpoint, self.state_key, self._store_root(trainer))
+            hashes = {self._requested.resolved(dim).settings_hash() for dim in (1, AUTO_FULL_MAX_DIM + 1)}
+            self._resume = callback_store.recording_in(checkpoint, self.state_key, self._store_root(trainer), hashes)
 
     # --- fit lifecycle ---------------------------------------------------------------------------------
 

@@ -58,11 +58,14 @@ def fast_dev_run_note(trainer: pl.Trainer, root: Path) -> bool:
     return bool(trainer.fast_dev_run)
 
 
-def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict[str, Any] | None:
-    """The store state a Lightning checkpoint holds for this callback under another state key (other settings),
-    for ``load_state_dict``'s check to refuse; ``None`` when it has this key's (Lightning passes that one) or none.
+def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path, hashes: set[str]) -> dict[str, Any] | None:
+    """The store state a Lightning checkpoint holds for this callback under another state key (other settings, or
+    an earlier version's key), for the fit to continue or refuse; ``None`` when it has this key's (Lightning passes
+    that one) or none.
 
-    A checkpoint of several such callbacks picks the one that recorded into ``root``.
+    A checkpoint of several such callbacks picks the one that recorded into ``root``, else the one of this
+    callback's settings (``hashes``: under each layout "auto" resolves to), as an earlier version's relative
+    save_dir resumed from another folder needs.
 
     Raises:
         ConfigError: if several recordings are candidates and none recorded into ``root``.
@@ -73,7 +76,8 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path) -> dict
         return None
     same_dir = [state for state in states.values() if state.get("save_dir") is not None
                 and Path(state["save_dir"]).absolute() == root]
-    candidates = same_dir or list(states.values())
+    same_settings = [state for state in states.values() if state.get("settings_hash") in hashes]
+    candidates = same_dir or (same_settings if len(same_settings) == 1 else list(states.values()))
     if len(candidates) > 1:
         raise ConfigError(f"the checkpoint holds {len(candidates)} DataValueEmbedding recordings (save_dirs "
                           f"{sorted(str(s.get('save_dir')) for s in candidates)}), none with this callback's settings "
@@ -182,8 +186,10 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{manifest['world_size']}: the store is sharded by rank. Resume with the same number of "
                           "devices.")
-    return TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"],
-                                  state.get("run_id") if manifest["rank"] == 0 else None)  # the checkpoint has rank 0's
+    run_id = state.get("run_id") if manifest["rank"] == 0 else None  # the checkpoint has rank 0's
+    store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id)
+    store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
+    return store
 
 
 def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:

@@ -122,9 +122,8 @@ class Replayer:
         return ({n: p.to(device) for n, p in params.items()},
                 {n: {k: v if k == "step" else v.to(device) for k, v in e.items()} for n, e in state.items()})
 
-    def _gradient(
-        self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
-    ) -> list[torch.Tensor | None]:
+    def _gradient(self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
+                  ) -> list[torch.Tensor | None]:
         """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
         a frozen one (called inside ``parameters_as(self.module, params)``)."""
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -232,14 +231,15 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
             "the recorded batches and optimizer (randomness in training_step such as functional dropout, a loss "
             "whose value or gradient depends on batch_idx, which the replay passes as 0, or on current_epoch or "
             "global_step, which it leaves at their final values, the optimizer's state cleared or its momentum "
-            "switched off and on during fit, which influence() models, a dataset or collate_fn "
-            "other than training's, sample ids that are not dataset positions without sample_ids= to map them, or "
+            "switched off and on during fit, which influence() models, a dataset or collate_fn other than "
+            "training's, sample ids that are not dataset positions without sample_ids= to map them, or "
             "that two items of the dataset share (a ConcatDataset of parts numbered from 0 each), or "
             "a train_loss_fn that is not training's loss, a loss_reduction other than the loss's own (a "
             "cross_entropy with ignore_index or class weights left at 'mean': declare loss_reduction=callable; "
             "influence() refuses it only where its check sees it), weights averaged in at train end by a callback "
-            "listed before DataValueEmbedding, or activation checkpointing with use_reentrant=True, which the "
-            "functional replay cannot differentiate through: use use_reentrant=False). Exact replay is refused.")
+            "listed before DataValueEmbedding, activation checkpointing with use_reentrant=True (use "
+            "use_reentrant=False), or a resume under precision='64-true' of a module built in float32, whose weights "
+            "Lightning rounded as it loaded the checkpoint: build it in float64). Exact replay is refused.")
 
 
 def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int

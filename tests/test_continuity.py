@@ -3,6 +3,7 @@ path after the working directory changed."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
+from lightning_dve.callback_store import recording_in
 from lightning_dve.dynamics import continue_plan, plan_boundaries
 from tests.conftest import TinyMLP
 from tests.test_resume_accumulation import checkpointing_trainer
@@ -230,3 +232,36 @@ def test_resuming_a_finished_run_from_its_last_steps_checkpoint_leaves_the_store
     before = _store_files(tmp_path / "dve")
     run(next((tmp_path / "ckpt").glob("*step=4.ckpt")))
     assert _store_files(tmp_path / "dve") == before
+
+
+def test_an_earlier_versions_two_recordings_with_relative_save_dirs_are_told_apart_by_their_settings(
+    tmp_path: Path
+) -> None:
+    """A checkpoint of an earlier version keys each callback's state by its settings only, with save_dir as given
+    (relative): resumed from another folder with absolute paths, neither matched by folder and the resume was
+    refused ("cannot tell which one it continues"). The callback's own settings pick its state."""
+    states = {f"DataValueEmbedding{ {'settings_hash': h} !r}": {"settings_hash": h, "last_step": 3, "save_dir": d}
+              for h, d in (("aaaa", "run/dve"), ("bbbb", "run/dve2"))}
+    checkpoint = {"callbacks": states}
+    root = tmp_path / "elsewhere" / "run" / "dve"
+    assert recording_in(checkpoint, "new key", root, {"bbbb"})["save_dir"] == "run/dve2"
+    with pytest.raises(ConfigError, match="holds 2 DataValueEmbedding recordings"):
+        recording_in(checkpoint, "new key", root, {"cccc"})
+
+
+def test_a_store_of_an_earlier_version_resumed_records_the_precision(make_loader: Callable[..., DataLoader],
+                                                                       tmp_path: Path) -> None:
+    """Stores of an earlier version have no "precision" in their manifest; one resumed and finished by this
+    version under 64-true kept none, so its queries did not convert float32 test batches as the Trainer did."""
+    def run(epochs: int, ckpt_path: Path | None = None) -> None:
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+        checkpointing_trainer(tmp_path, epochs, [dve, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(
+            TinyMLP().double(), make_loader(), ckpt_path=ckpt_path)
+
+    run(1)
+    manifest_path = tmp_path / "dve" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["precision"]
+    manifest_path.write_text(json.dumps(manifest))
+    run(2, tmp_path / "ckpt" / "last.ckpt")
+    assert json.loads(manifest_path.read_text())["precision"] == "64-true"

@@ -152,10 +152,10 @@ def test_a_checkpoint_of_several_recordings_none_of_them_this_ones_is_refused() 
     state = {"settings_hash": "a", "last_step": 3, "world_size": 1, "run_id": "r"}
     checkpoint = {"callbacks": {"DVE{a}": {**state, "save_dir": "/x"}, "DVE{b}": {**state, "save_dir": "/y"},
                                 "Other": {"best": 1}}}
-    assert recording_in(checkpoint, "DVE{a}", Path("/z")) is None  # Lightning passes this key's own state
-    assert recording_in(checkpoint, "DVE{c}", Path("/y"))["save_dir"] == "/y"
+    assert recording_in(checkpoint, "DVE{a}", Path("/z"), {"a"}) is None  # Lightning passes this key's own state
+    assert recording_in(checkpoint, "DVE{c}", Path("/y"), {"a"})["save_dir"] == "/y"
     with pytest.raises(ConfigError, match=r"holds 2 DataValueEmbedding recordings .*'/x', '/y'.* cannot tell"):
-        recording_in(checkpoint, "DVE{c}", Path("/z"))
+        recording_in(checkpoint, "DVE{c}", Path("/z"), {"a"})  # both of these settings, neither in this folder
 
 
 @pytest.mark.parametrize("how", ["zero", "none"])
