@@ -101,6 +101,8 @@ def wandb_records(run_dir: Path) -> Iterator[Any]:
             position += block - position % block
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if position + 7 + length > len(data):  # a record wandb-core is still writing: read it next time
+            return
         chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
         if kind in (1, 4):  # FULL, LAST
             record = wandb_internal_pb2.Record()
