@@ -199,10 +199,9 @@ def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
 
 
 def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None) -> None:
-    """Refuse a ``training_step`` whose loss on one batch differs between two calls: a random
-    one (augmentation drawn with ``torch.rand``, noise or functional dropout in ``training_step``, outside the
-    modules that eval mode turns off) gives a random test loss, and its reduction cannot be checked either. The
-    tolerance, relative 1e-4, leaves room for nondeterministic float kernels (atomics on a GPU).
+    """Refuse a ``training_step`` whose loss on one batch differs between two calls (augmentation drawn with
+    ``torch.rand``, noise or functional dropout outside eval-mode modules, an in-place edit of the batch's tensors):
+    its test loss is random and its reduction uncheckable. Tolerance: relative 1e-4 (nondeterministic kernels).
 
     Args:
         first, second: the loss of two calls on the same batch (``None``: no loss returned, not checked).
@@ -217,7 +216,8 @@ def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None)
         raise ConfigError(
             f"training_step returned {a:.6g} and then {b:.6g} on the same two test samples, in eval mode: it is "
             "random (e.g. a data augmentation drawn with torch.rand, noise, or F.dropout(..., training=True) in "
-            "training_step), so a test loss taken through it is random too. Pass loss_fn(module, batch) -> "
+            "training_step) or edits the batch's tensors in place (batch['x'].mul_(0.5): assign a new tensor "
+            "instead), so a test loss taken through it is random too. Pass loss_fn(module, batch) -> "
             "Tensor[B], the deterministic per-sample test loss, e.g. loss_fn=lambda module, batch: "
             "F.cross_entropy(module(batch['x']), batch['y'], reduction='none') (the train-end report takes its "
             "reference loss from training_step: set report=None or make the augmentation depend on "

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from lightning_dve import DataValueEmbedding
+from lightning_dve import ConfigError, DataValueEmbedding
 from lightning_dve.batch_trees import count_samples, split_batch, to_device
 from tests.conftest import DigitsDict, TinyMLP
-from tests.helpers import DigitsDataset, DigitsMLP, EpochPermutationSampler, make_trainer, split_indices
+from tests.helpers import (DigitsDataset, DigitsMLP, EpochPermutationSampler, make_loader, make_trainer,
+                           split_indices)
 
 
 Tokens = namedtuple("Tokens", ["ids", "lengths"])
@@ -276,3 +277,22 @@ def test_gauss_newton_rows_read_the_ids_a_step_popped(fit: Callable, tmp_path: P
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, curvature="ggn")
     fit(PoppingDigits().float(), dve, DataLoader(DigitsDict(range(48)), batch_size=16))
     assert dve.embeddings.steps == [0, 1, 2]
+
+
+class InPlaceDigits(DigitsMLP):
+    """Rescales the batch's input tensor in place (which changes the caller's tensor, as the copy shares it)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        batch["x"].mul_(0.5)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_step_that_edits_the_batchs_tensors_in_place_is_refused_naming_it(tmp_path: Path) -> None:
+    """Queries share the batch's tensors with training_step: an in-place edit changes the loss between the pair
+    check's two calls. The refusal said only "random" (augmentation, noise, dropout); it names the in-place edit."""
+    train, test = split_indices(48, 5, seed=2)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    module = InPlaceDigits()
+    make_trainer(1, callbacks=[dve], precision="32-true").fit(module, make_loader(DigitsDataset(train), 16))
+    with pytest.raises(ConfigError, match=r"edits the batch's tensors in place \(batch\['x'\]\.mul_\(0\.5\)"):
+        dve.embeddings.influence(module, DigitsDataset(test).batch())
