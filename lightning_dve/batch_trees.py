@@ -50,14 +50,22 @@ def with_values(mapping: Mapping[Any, Any], transform: Callable[[Any], Any]) -> 
         return values
 
 
-def shallow_copy(batch: Any) -> Any:
-    """``batch`` with its mappings, lists, tuples and dataclasses copied at every level and its tensors shared, for
-    a ``training_step`` that edits its batch (``ids = batch.pop("index")``, ``batch["inputs"]["x"] = ...``)."""
+def map_tensors(batch: Any, transform: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with its mappings, lists, tuples and dataclasses rebuilt at every level and ``transform`` applied to
+    each tensor (other values kept)."""
+    if isinstance(batch, torch.Tensor):
+        return transform(batch)
     if isinstance(batch, Mapping):
-        return with_values(batch, shallow_copy)
+        return with_values(batch, lambda value: map_tensors(value, transform))
     if isinstance(batch, (list, tuple)):
-        return rebuilt(batch, (shallow_copy(value) for value in batch))
-    return with_fields(batch, shallow_copy) if is_dataclass_value(batch) else batch
+        return rebuilt(batch, (map_tensors(value, transform) for value in batch))
+    return with_fields(batch, lambda value: map_tensors(value, transform)) if is_dataclass_value(batch) else batch
+
+
+def shallow_copy(batch: Any) -> Any:
+    """``batch`` with its containers copied at every level and its tensors shared, for a ``training_step`` that
+    edits its batch (``ids = batch.pop("index")``, ``batch["inputs"]["x"] = ...``)."""
+    return map_tensors(batch, lambda tensor: tensor)
 
 
 def as_started(batch: Any, start: Any) -> Any:
@@ -91,16 +99,11 @@ def same_items(a: Any, b: Any) -> bool:
 def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:
     """``batch`` with every tensor (in mappings, lists, tuples, dataclasses) moved to ``device`` and its floating
     tensors converted to ``float_dtype`` (``None``: unchanged)."""
-    if isinstance(batch, torch.Tensor):
-        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
-        return batch.to(device or batch.device, dtype)
-    if isinstance(batch, Mapping):
-        return with_values(batch, lambda v: to_device(v, device, float_dtype))
-    if isinstance(batch, (list, tuple)):
-        return rebuilt(batch, (to_device(v, device, float_dtype) for v in batch))
-    if is_dataclass_value(batch):
-        return with_fields(batch, lambda v: to_device(v, device, float_dtype))
-    return batch
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device or tensor.device, dtype)
+
+    return map_tensors(batch, move)
 
 
 def split_batch(batch: Any) -> list[Any]:
@@ -143,6 +146,13 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     return pick(batch, top=True)
 
 
+def _children(x: Any) -> Iterable[Any]:
+    """The values a batch's mapping, list, tuple or dataclass ``x`` holds (none for other values)."""
+    if is_dataclass_value(x):
+        return [getattr(x, f.name) for f in dataclasses.fields(x)]
+    return x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+
+
 def _is_records(x: Any) -> bool:
     """Whether ``x`` is a non-empty list or tuple of records (mappings, lists, tuples, dataclasses): one per sample,
     as a ``collate_fn`` keeps a detection batch's target dicts."""
@@ -154,10 +164,7 @@ def _record_list_lengths(x: Any, top: bool = True) -> set[int]:
     """The lengths of the lists of records (:func:`_is_records`) nested in a batch."""
     if not top and _is_records(x):
         return {len(x)}
-    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
-    if is_dataclass_value(x):
-        values = [getattr(x, f.name) for f in dataclasses.fields(x)]
-    return set().union(*(_record_list_lengths(v, False) for v in values))
+    return set().union(*(_record_list_lengths(v, False) for v in _children(x)))
 
 
 def _sample_count(batch: Any) -> tuple[int, bool] | None:
@@ -172,10 +179,7 @@ def _sample_count(batch: Any) -> tuple[int, bool] | None:
                 return None
             fields = _batched_fields(x)
             return (fields, False) if fields is not None else (len(x), True)
-        values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
-        if is_dataclass_value(x):
-            values = [getattr(x, f.name) for f in dataclasses.fields(x)]
-        return next((s for s in (size(v, False, nested) for v in values) if s is not None), None)
+        return next((s for s in (size(v, False, nested) for v in _children(x)) if s is not None), None)
 
     return next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
 
