@@ -1,11 +1,13 @@
 """What a batch tells besides its gradients: sample ids, the loss reduction's per-sample weights, finiteness.
 
-Also :func:`muted_logging`, for running ``training_step`` outside the training loop (queries, replay).
+Also :func:`muted_logging`, for running ``training_step`` outside the training loop (queries, replay), and
+:func:`on_module_device`, the test batch as the training loop would hand it to ``training_step``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -13,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import as_started, shallow_copy
+from .batch_trees import as_started, shallow_copy, to_device
+from .checkpoints import DOUBLE_PRECISION
 from .config import LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
 
@@ -159,8 +162,21 @@ def training_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, A
     reads it: keys the step adds (per-sample loss weights written into the batch) or reassigns are there, and
     the caller's batch, and the next call's, stay as they were."""
     working = shallow_copy(batch)
-    loss = scalar_loss(module.training_step(working, 0))
+    loss = scalar_loss(module.training_step(*step_arguments(module.training_step, working)))
     return loss, as_started(working, batch)
+
+
+def step_arguments(step: Callable[..., Any], batch: Any) -> tuple[Any, ...]:
+    """``(batch, 0)``, or ``(batch,)`` for a ``training_step(self, batch)`` without ``batch_idx``, which Lightning
+    allows: it passes ``batch_idx`` where the signature names it, takes ``*args`` or a second positional argument."""
+    try:
+        parameters = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):  # a signature inspect cannot read: pass batch_idx, as Lightning would
+        return batch, 0
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_index = (len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+                   or any(p.name == "batch_idx" for p in parameters))
+    return (batch, 0) if takes_index else (batch,)
 
 
 def scalar_loss(out: Any) -> torch.Tensor | None:
@@ -245,3 +261,34 @@ def refusing_dropout(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def on_module_device(module: nn.Module, batch: Any, precision: str | None = None) -> Any:
+    """``batch`` as the training loop hands a loader's batch to ``training_step``, on the device of ``module``'s
+    parameters: after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as
+    that Trainer converted the training batches; then a LightningModule's ``on_before_batch_transfer``,
+    ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (its DataModule's where a Trainer holds one), as
+    Lightning treats example inputs (``to_onnx``); a plain module's tensors are moved to its device.
+
+    Raises:
+        ConfigError: if a transfer hook fails on the batch, naming it and the batch it expects.
+    """
+    parameter = next(module.parameters(), None)
+    if batch is None:  # the report's exact replay: its loss_fn reads the reference batches itself
+        return None
+    if parameter is not None and parameter.dtype == torch.float64 and precision in DOUBLE_PRECISION:
+        batch = to_device(batch, None, torch.float64)
+    device = torch.device("cpu") if parameter is None else parameter.device
+    before, transfer = (getattr(module, name, None) for name in ("_on_before_batch_transfer",
+                                                                  "_apply_batch_transfer_handler"))
+    if not (callable(before) and callable(transfer)):
+        return batch if device.type == "cpu" else to_device(batch, device)
+    try:
+        return transfer(before(batch, 0), device, 0)
+    except Exception as err:
+        raise ConfigError(
+            f"the LightningModule's batch transfer hooks (on_before_batch_transfer, transfer_batch_to_device, "
+            f"on_after_batch_transfer) failed on the test batch ({type(err).__name__}: {err}). Queries run them as "
+            "the training loop does, on a batch as the DataLoader yields it: pass such a batch, not one the hooks "
+            "already ran on, and make the hooks work outside fit (a hook reading self.trainer needs the module "
+            "attached to a Trainer).") from err

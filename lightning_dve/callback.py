@@ -107,7 +107,7 @@ class DataValueEmbedding(StepHooks):
         self._weight_fn = loss_reduction if callable(loss_reduction) else None
         self.config = DVEConfig(
             projection_dim=projection_dim,
-            loss_reduction=LossReduction.WEIGHTS if self._weight_fn else loss_reduction,
+            loss_reduction=loss_reduction,
             layers=layers,  # DVEConfig refuses a bare string (tuple() would split it into characters)
             exclude=exclude,
             layout=layout,

@@ -154,7 +154,8 @@ class DVEConfig:
     Attributes:
         projection_dim: Kronecker-projected dimension per tracked layer, or ``None`` for exact per-sample
             gradients (the store then keeps the training dtype).
-        loss_reduction: how the training loss reduces over the batch.
+        loss_reduction: how the training loss reduces over the batch (a callable of per-sample weights is
+            recorded as ``WEIGHTS``).
         layers: names of the modules to track, or ``None`` for every supported module with trainable
             parameters.
         exclude: names (``fnmatch`` patterns) of modules not to track; excluded modules are left untracked
@@ -191,7 +192,8 @@ class DVEConfig:
 
     def __post_init__(self) -> None:
         plain_ints(self, "projection_dim", "segments", "seed", "checkpoint_interval")
-        object.__setattr__(self, "loss_reduction", LossReduction.parse(self.loss_reduction, "loss_reduction"))
+        reduction = LossReduction.WEIGHTS if callable(self.loss_reduction) else self.loss_reduction
+        object.__setattr__(self, "loss_reduction", LossReduction.parse(reduction, "loss_reduction"))
         object.__setattr__(self, "layout", AccumulatorLayout.parse(self.layout, "layout"))
         object.__setattr__(self, "storage_dtype", StorageDtype.parse(self.storage_dtype, "storage_dtype"))
         object.__setattr__(self, "curvature", Curvature.parse(self.curvature, "curvature"))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import WeightFn, modes, muted_logging, reduction_weights, training_loss
+from .batches import WeightFn, modes, muted_logging, on_module_device, reduction_weights, training_loss
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
@@ -26,7 +26,7 @@ from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
-                           check_uncoupled, losses_of_a_pair, on_module_device, recorded_layers, refuse_empty,
+                           check_uncoupled, losses_of_a_pair, recorded_layers, refuse_empty,
                            require_autograd, uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
@@ -210,7 +210,8 @@ class DataValueEmbeddings(ReplayQueries):
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
 
-        ``batch`` goes to ``module``'s device first (``query_layers.on_module_device``); gradients come back on the
+        ``batch`` (as the DataLoader yields it) goes through ``module``'s transfer hooks to its device first
+        (``batches.on_module_device``); gradients come back on the
         CPU. ``module`` runs in eval mode with gradients on (frozen tracked layers made trainable for the query);
         its modes, parameters, ``requires_grad`` flags and ``.grad`` are left as they were.
 

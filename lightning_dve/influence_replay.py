@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .batch_trees import split_batch
-from .batches import WeightFn
+from .batches import WeightFn, on_module_device
 from .config import DVEConfig
 from .projection import LayerProjection
-from .query_layers import on_module_device, refuse_empty, require_autograd, uncompiled
+from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
 from .replay_data import step_loss_terms
 from .replay_embeddings import replay_embeddings

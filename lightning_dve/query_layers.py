@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .batch_trees import batch_rows, count_samples, to_device
+from .batch_trees import batch_rows, count_samples
 from .batches import WeightFn, muted_logging, reduction_weights, training_loss
 from .capture import GradientCapture, TrackedLayer
-from .checkpoints import DOUBLE_PRECISION
 from .config import LossReduction
 from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionError
 from .guards import sampled_entries
@@ -369,19 +368,6 @@ def refuse_empty(batch: Any) -> None:
     if empty:
         raise ConfigError("the test batch holds no sample (its first batched tensor has length 0): pass a batch of at "
                           "least one test sample.")
-
-
-def on_module_device(module: nn.Module, batch: Any, precision: str | None = None) -> Any:
-    """``batch`` on the device of ``module``'s parameters, moved as the Trainer moves a training batch: through the
-    LightningModule's ``transfer_batch_to_device`` (an override applies), else every tensor in it (``to_device``);
-    after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as that
-    Trainer converted the training batches."""
-    parameter = next(module.parameters(), None)
-    transfer = getattr(module, "transfer_batch_to_device", None)
-    if parameter is not None and parameter.device.type != "cpu":
-        batch = transfer(batch, parameter.device, 0) if callable(transfer) else to_device(batch, parameter.device)
-    double = parameter is not None and parameter.dtype == torch.float64 and precision in DOUBLE_PRECISION
-    return to_device(batch, None, torch.float64) if double else batch
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -145,6 +145,12 @@ def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -
     return trainer.strategy.batch_to_device(batch)
 
 
+def convert_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    """A reference batch as the training loop converts a loader's batch before the transfer hooks (precision);
+    the queries run those hooks and move it to the module's device (``batches.on_module_device``)."""
+    return trainer.precision_plugin.convert_input(batch)
+
+
 def reference_gradient(
     embeddings: DataValueEmbeddings,
     module: pl.LightningModule,
@@ -157,7 +163,7 @@ def reference_gradient(
     """Mean projected test-loss gradient over the first ``max_samples`` reference samples, ``{layer: [1, k_l]}``.
 
     ``g_ref = (1/n) sum_i grad l(theta_T, z_i)`` (per-sample gradients of the per-sample loss, projected), which
-    is the gradient of the mean reference loss. ``prepare`` readies a batch for ``module`` (dtype, device).
+    is the gradient of the mean reference loss. ``prepare`` readies a batch for the query (precision).
 
     Raises:
         ConfigError: if the reference holds no sample, or its gradient is not finite.

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, InfluenceResult,
                           LossReductionError, StoreError)
 from lightning_dve import files
-from lightning_dve.query_layers import on_module_device
+from lightning_dve.batches import on_module_device
 from lightning_dve.store import TrajectoryStore
 from tests.conftest import TinyMLP
 
@@ -577,14 +577,15 @@ class RecordingTransfer(TinyMLP):
 
 
 def test_a_query_batch_goes_to_the_module_device_as_the_trainer_moves_it() -> None:
-    """``on_module_device``: through the LightningModule's (overridable) ``transfer_batch_to_device``, or for a plain
-    module through nested dicts, lists and named tuples; untouched for a module on the CPU. The "meta" device
-    stands in for a GPU (tensors move there on any machine)."""
+    """``on_module_device``: through the LightningModule's (overridable) ``transfer_batch_to_device`` to its device,
+    or for a plain module through nested dicts, lists and named tuples (untouched for one on the CPU). The "meta"
+    device stands in for a GPU (tensors move there on any machine)."""
     batch = {"x": torch.ones(2, 64), "pair": (torch.zeros(2), [torch.ones(1)]), "name": "kept"}
     module = RecordingTransfer()
-    assert on_module_device(module, batch) is batch and module.asked == []
+    assert on_module_device(module, batch)["name"] == "kept" and module.asked == [torch.device("cpu")]
     moved = on_module_device(module.to("meta"), batch)
-    assert module.asked == [torch.device("meta")] and moved["x"].is_meta and moved["pair"][1][0].is_meta
+    assert module.asked[1:] == [torch.device("meta")] and moved["x"].is_meta and moved["pair"][1][0].is_meta
+    assert on_module_device(nn.Linear(2, 2), batch) is batch
     Pair = collections.namedtuple("Pair", "x y")
     plain = on_module_device(nn.Linear(2, 2).to("meta"), {"p": Pair(torch.ones(1), 3), "l": [torch.ones(1)]})
     assert isinstance(plain["p"], Pair) and plain["p"].x.is_meta and plain["p"].y == 3 and plain["l"][0].is_meta

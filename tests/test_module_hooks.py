@@ -1,0 +1,130 @@
+"""Queries call the LightningModule as the training loop does: its batch transfer hooks, and a ``training_step``
+without ``batch_idx``. Oracle: the same weights in a module without the convention, given what the loop would have
+handed it (the batch transformed by hand, ``batch_idx`` passed)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, DVEConfig, LossReduction
+from tests.conftest import TinyMLP
+
+
+def rescaled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What :class:`Normalising`'s hooks do to a loader's batch: inputs to ``4x - 1`` under the key ``"x"``."""
+    return {"x": batch["x"] * 4 - 1, "y": batch["y"], "index": batch["index"]}
+
+
+class Normalising(TinyMLP):
+    """Renames the input key before the transfer and rescales the inputs after it (a GPU-side normalisation)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {"pixels": batch["x"], "y": batch["y"], "index": batch["index"]}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {"x": batch["pixels"] * 4 - 1, "y": batch["y"], "index": batch["index"]}
+
+
+class TrainerBound(Normalising):
+    """Augments in ``on_after_batch_transfer`` while training, as Lightning's docs do: reads ``self.trainer``."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        return {**batch, "x": batch["x"] + 0.1} if self.trainer.training else batch
+
+
+class WithoutBatchIndex(TinyMLP):
+    """``training_step(self, batch)``: Lightning passes ``batch_idx`` only where the signature takes it."""
+
+    def training_step(self, batch: Any) -> Any:  # type: ignore[override]
+        return self.loss(batch)
+
+
+def twin(module: TinyMLP) -> TinyMLP:
+    """A plain :class:`TinyMLP` with ``module``'s weights."""
+    plain = TinyMLP()
+    plain.load_state_dict(module.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("projection_dim", [None, 16])
+def test_queries_run_the_transfer_hooks_as_training_did(fit, save_dir, test_batch, projection_dim):
+    """``influence``, ``test_gradients`` and ``exact_influence`` on a loader's batch equal the plain module's on the
+    batch the hooks make of it (before: the hooks were skipped, and the raw inputs scored otherwise, silently)."""
+    model = Normalising()
+    dve = DataValueEmbedding(save_dir, projection_dim=projection_dim, report=None)
+    fit(model, dve, max_epochs=2)
+    plain, emb = twin(model), dve.embeddings
+    hooked, by_hand = emb.influence(model, test_batch).scores, emb.influence(plain, rescaled(test_batch)).scores
+    torch.testing.assert_close(hooked, by_hand, rtol=1e-12, atol=0)
+    assert not torch.allclose(hooked, emb.influence(plain, test_batch).scores, rtol=1e-3, atol=0)  # not a no-op
+    exact = emb.exact_influence(model, test_batch).scores
+    torch.testing.assert_close(exact, emb.exact_influence(plain, rescaled(test_batch)).scores, rtol=1e-12, atol=0)
+    assert set(test_batch) == {"x", "y", "index"}  # the caller's batch is as it was
+
+
+def test_the_report_and_a_query_score_the_reference_alike(fit, save_dir, make_loader):
+    """The report's per-sample totals are the scores of the queries' mean test gradient over the same loader's
+    batches: the hooks run once (the report converts the precision only, the query runs the hooks)."""
+    model = Normalising()
+    dve = DataValueEmbedding(save_dir, projection_dim=None)
+    val = make_loader(n=24, batch_size=12, offset=1500)
+    fit(model, dve, val=val)
+    grads = [dve.embeddings.test_gradients(model, batch) for batch in val]
+    mean = {name: torch.cat([g[name] for g in grads]).mean(0, keepdim=True) for name in grads[0]}
+    expected = dve.embeddings.score(mean)
+    rows = (save_dir / "report" / "sample_totals.csv").read_text().splitlines()[1:]
+    reported = {int(i): float(v) for i, v in (row.split(",") for row in rows)}
+    assert len(reported) == len(expected.sample_ids) == 64
+    for sample, score in zip(expected.sample_ids.tolist(), expected.scores[0].tolist()):
+        assert reported[sample] == pytest.approx(score, rel=1e-5, abs=1e-12)
+
+
+def test_a_hook_that_needs_the_trainer_fails_naming_the_hooks(fit, save_dir, test_batch):
+    """After ``fit`` the module's Trainer is not training (no augmentation); a copy without a Trainer cannot run
+    a hook reading ``self.trainer``: refused naming the hooks and the fix."""
+    model = TrainerBound()
+    dve = DataValueEmbedding(save_dir, projection_dim=None, report=None)
+    fit(model, dve)
+    torch.testing.assert_close(dve.embeddings.influence(model, test_batch).scores,
+                               dve.embeddings.influence(twin(model), rescaled(test_batch)).scores, rtol=1e-12, atol=0)
+    unattached = TrainerBound()
+    unattached.load_state_dict(model.state_dict())
+    with pytest.raises(ConfigError, match="transfer hooks .*failed on the test batch.*attached to a Trainer"):
+        DataValueEmbeddings.load(save_dir).influence(unattached, test_batch)
+
+
+def test_a_training_step_without_batch_idx_is_called_as_lightning_calls_it(fit, save_dir, test_batch, make_loader):
+    """The report is written and the queries score as the same weights with ``batch_idx`` (before: TypeError in
+    every default query, and the report skipped)."""
+    model = WithoutBatchIndex()
+    dve = DataValueEmbedding(save_dir, projection_dim=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, val=make_loader(n=24, batch_size=12, offset=1500))
+    assert not [w for w in caught if "report is skipped" in str(w.message)]
+    assert (save_dir / "report" / "summary.json").is_file()
+    plain, emb = twin(model), dve.embeddings
+    torch.testing.assert_close(emb.influence(model, test_batch).scores, emb.influence(plain, test_batch).scores,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(emb.exact_influence(model, test_batch).scores,
+                               emb.exact_influence(plain, test_batch).scores, rtol=1e-12, atol=0)
+
+
+def test_a_loss_reduction_callable_is_recorded_as_weights_in_dve_config(fit, save_dir, test_batch):
+    """``DVEConfig(loss_reduction=callable)``, as the callback takes it, is ``WEIGHTS`` (before: refused with a
+    message listing a callable as allowed), so ``load(settings=...)`` accepts the store it wrote."""
+    def weights(batch: Any) -> torch.Tensor:
+        return torch.full((len(batch["y"]),), 1.0 / len(batch["y"]))
+
+    assert DVEConfig(loss_reduction=weights).loss_reduction is LossReduction.WEIGHTS
+    fit(TinyMLP(), DataValueEmbedding(save_dir, projection_dim=None, loss_reduction=weights, report=None))
+    loaded = DataValueEmbeddings.load(save_dir, loss_weights=weights,
+                                      settings=DVEConfig(projection_dim=None, loss_reduction=weights))
+    assert loaded.influence(TinyMLP(), test_batch).scores.shape[0] == len(test_batch["y"])
+    with pytest.raises(ConfigError, match="allowed values are 'mean', 'sum', or a callable"):
+        DVEConfig(loss_reduction="median")
