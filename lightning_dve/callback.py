@@ -105,20 +105,11 @@ class DataValueEmbedding(StepHooks):
         embeddings: str | EmbeddingMethod = "recursion",
     ) -> None:
         self._weight_fn = loss_reduction if callable(loss_reduction) else None
-        self.config = DVEConfig(
-            projection_dim=projection_dim,
-            loss_reduction=loss_reduction,
-            layers=layers,  # DVEConfig refuses a bare string (tuple() would split it into characters)
-            exclude=exclude,
-            layout=layout,
-            allow_duplicate_ids=allow_duplicate_ids,
-            seed=seed,
-            storage_dtype=storage_dtype,
-            segments=segments,
-            curvature=curvature,
-            checkpoint_interval=checkpoint_interval,
-            adam_second_moment=adam_second_moment,
-        )
+        self.config = DVEConfig(  # it refuses a bare string for layers (tuple() would split it into characters)
+            projection_dim=projection_dim, loss_reduction=loss_reduction, layers=layers, exclude=exclude,
+            layout=layout, allow_duplicate_ids=allow_duplicate_ids, seed=seed, storage_dtype=storage_dtype,
+            segments=segments, curvature=curvature, checkpoint_interval=checkpoint_interval,
+            adam_second_moment=adam_second_moment)
         if self._weight_fn is None and self.config.loss_reduction is LossReduction.WEIGHTS:
             raise ConfigError("loss_reduction='weights' names what a callable gives: pass the callable itself, "
                               "batch -> Tensor[B] of each sample's weight in the loss.")
@@ -234,6 +225,8 @@ class DataValueEmbedding(StepHooks):
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
+        watched = watched_parameters(pl_module, self.config, list(tracked))
+        callback_setup.refuse_staged_unfreezing(trainer, watched)
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
         self.config = self._requested.resolved(sum(self._dims.values()))
         self._ggn = self.config.curvature is Curvature.GGN
@@ -265,7 +258,7 @@ class DataValueEmbedding(StepHooks):
         shared = trainer.__dict__.setdefault("_dve_curvature_pass", capture.CurvaturePass())  # the Trainer's others
         self._capture = capture.GradientCapture(tracked, model_tables(pl_module), shared)
         self._capture.attach()
-        self._guard = StepGuard(self._capture, watched_parameters(pl_module, self.config, list(tracked)))
+        self._guard = StepGuard(self._capture, watched)
         self._guard.attach(trainer.optimizers[0])
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
@@ -92,8 +93,9 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
     if is_adam(trainer.optimizers[0]) and not second_moment:
         rank_zero_warn(f"DataValueEmbedding: {type(trainer.optimizers[0]).__name__}'s second moment v is held fixed "
                        "when a sample is removed (the single pass). While v holds few batches a removed sample moves "
-                       "it as much as the momentum, so the first steps' scores can have the wrong sign and several "
-                       "times their size, and with them the report's early stage. adam_second_moment=True (exact "
+                       "it as much as the momentum, so the scores of the first steps, and of a layer's first steps "
+                       "where it starts training mid-run (a backbone unfrozen or detached until then), can have the "
+                       "wrong sign and several times their size, and with them the report's early stage. adam_second_moment=True (exact "
                        "mode, projection_dim=None) models it; exact_influence(...) and embeddings='replay' follow "
                        "the exact dynamics.")
     reason = sgd_proxy_reason(trainer.optimizers[0])
@@ -103,7 +105,8 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
                        "times); method.md §2 is exact for plain SGD only.")
     if trainer.gradient_clip_val and clip_algorithm(trainer) == "value":
         rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
-                       "scale of the update; the recursion ignores it. Use 'norm' clipping for an exact step.")
+                       "scale of the update; the recursion ignores it (exact_influence and embeddings='replay' model "
+                       "it exactly). Use 'norm' clipping for an exact step in the recursion.")
 
 
 def warn_split_biases(optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], step: int,
@@ -348,3 +351,22 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
     if problems:
         raise UnsupportedError("DataValueEmbedding does not support " + "; ".join(problems) + ". Under these "
                                "settings the recorded gradients would not match the update the optimizer applied.")
+
+
+def refuse_staged_unfreezing(trainer: pl.Trainer, watched: dict[str, torch.nn.Parameter]) -> None:
+    """Refuse at fit start a ``BaseFinetuning`` callback (``BackboneFinetuning``) that froze watched parameters in
+    its ``setup``: it unfreezes them during fit, which the step guard refuses at that step, after every earlier
+    step was recorded into a store that cannot be used or resumed past it.
+
+    Raises:
+        UnsupportedError: naming the callback, the frozen modules and the fixes.
+    """
+    stager = next((c for c in trainer.callbacks if isinstance(c, BaseFinetuning)), None)
+    frozen = sorted({name.rpartition(".")[0] for name, p in watched.items() if not p.requires_grad})
+    if stager is not None and frozen:
+        raise UnsupportedError(
+            f"{type(stager).__name__} froze modules {frozen[:6]}{' ...' if len(frozen) > 6 else ''} to unfreeze "
+            "them during fit, and the tracked layers are fixed when fit starts: that step would be refused, after "
+            f"every earlier one was recorded. Pass exclude={tuple(frozen)!r} (they then train untracked once "
+            "unfrozen, and the scores measure influence through the other layers), or train each stage in a fit "
+            "of its own without the finetuning callback.")

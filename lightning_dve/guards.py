@@ -296,11 +296,15 @@ class StepGuard:
         changed = [name for name, p in self.watched.items() if p.requires_grad != self._trainable[name]]
         if changed:
             now = "frozen" if not self.watched[changed[0]].requires_grad else "unfrozen"
+            when = ("before this fit's first step, after the callback took them at fit start (a LightningModule's "
+                    "on_fit_start and on_train_start run after the callbacks'): do it in __init__ or setup() "
+                    "instead, or" if self._steps == 0 else
+                    "during fit. Freeze or unfreeze between fits (one fit per stage instead of, e.g., "
+                    "BackboneFinetuning), or")
             raise UnsupportedError(
-                f"step {step}: parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} were {now} during fit. "
-                "The tracked layers and their bias columns are fixed when fit starts, so their updates would be "
-                "dropped or trained untracked. Freeze or unfreeze between fits (one fit per stage instead of, e.g., "
-                "BackboneFinetuning), or exclude those modules.")
+                f"step {step}: parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} were {now} {when} "
+                "exclude those modules. The tracked layers and their bias columns are fixed when fit starts, so "
+                "their updates would be dropped or trained untracked.")
 
     def check_applied(self, step: int, factor: float, backwards: int = 1) -> None:
         """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``

@@ -39,8 +39,10 @@ def groups_of(optimizer: torch.optim.Optimizer, weights: dict[str, nn.Parameter]
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, weight in weights.items() if id(weight) not in group_of]
     if missing:
-        raise ConfigError(f"tracked layers {missing} are not in any optimizer param group, so the optimizer never "
-                          f"updates them; add them to the optimizer or pass exclude={tuple(missing)!r}.")
+        raise ConfigError(f"tracked layers {missing} are not in any optimizer param group (not given to the "
+                          "optimizer, or their group was removed during fit), so the optimizer never updates them; "
+                          f"add them to the optimizer (to freeze them during fit, keep their group with lr=0) or "
+                          f"pass exclude={tuple(missing)!r}.")
     return [group_of[id(weight)] for weight in weights.values()]
 
 

@@ -149,6 +149,18 @@ def test_exact_replay_names_a_layout_changed_outside_the_tracked_layers(tmp_path
         emb.exact_influence(module, test.batch())
 
 
+def test_a_finetuning_callback_that_froze_watched_modules_is_refused_at_fit_start(tmp_path: Path, digits) -> None:
+    """``BaseFinetuning`` froze ``net.0`` in its ``setup`` to unfreeze it at epoch 1, which the step guard refuses
+    at that step: refused before anything is recorded, naming the callback and ``exclude=`` (before: refused at
+    step 3, after two epochs, leaving a store in status 'recording' that neither loads nor resumes past it)."""
+    train, _ = digits
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None)
+    trainer = make_trainer(2, callbacks=[dve, UnfreezeFirstLayer(add_group=False)])
+    with pytest.raises(UnsupportedError, match=r"UnfreezeFirstLayer froze modules \['net.0'\] .*exclude=\('net.0',\)"):
+        trainer.fit(DigitsMLP(hidden=8, lr=0.2), make_loader(train, 16, seed=1))
+    assert trainer.global_step == 0 and not (tmp_path / "dve" / "manifest.json").exists()
+
+
 @dataclasses.dataclass
 class CountedBatch:
     """A dataclass batch with a field computed in ``__post_init__`` (``init=False``)."""

@@ -89,6 +89,21 @@ def test_freezing_a_tracked_layer_during_fit_is_refused(fit: Callable, tmp_path:
         fit(model, _dve(tmp_path), max_epochs=2, callbacks=[FreezeAt(model, names, False)])
 
 
+class FreezeOnTrainStart(TinyMLP):
+    """Freezes its head in ``on_train_start``, after the callbacks' hooks took the layout at fit start."""
+
+    def on_train_start(self) -> None:
+        self.net[2].requires_grad_(False)
+
+
+def test_freezing_in_the_module_s_on_train_start_names_where_to_freeze(fit: Callable, tmp_path: Path) -> None:
+    """Refused at the first step, saying it happened before it and to freeze in ``__init__`` or ``setup()`` (before:
+    'frozen during fit', sending the user to one fit per stage)."""
+    with pytest.raises(UnsupportedError, match=r"step 0: .* were frozen before this fit's first step.*__init__ or "
+                                               r"setup\(\)"):
+        fit(FreezeOnTrainStart(), _dve(tmp_path))
+
+
 def test_unfreezing_an_untracked_layer_during_fit_is_refused(fit: Callable, tmp_path: Path) -> None:
     model = TinyMLP()
     model.net[0].requires_grad_(False)  # frozen at fit start: not tracked

@@ -63,9 +63,35 @@ def test_recorded_learning_rate_times_gradient_is_the_applied_update(
 
 
 def test_value_clipping_warns_that_it_is_ignored(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="gradient_clip_algorithm='value' clips each coordinate"):
+    """The recursion ignores it; the warning names what models it (exact replay and the replayed embeddings)."""
+    with pytest.warns(UserWarning, match="gradient_clip_algorithm='value' clips each coordinate.*recursion ignores it "
+                                         r"\(exact_influence and embeddings='replay' model it exactly\)"):
         fit(mlp_cls(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), gradient_clip_val=0.1,
             gradient_clip_algorithm="value")
+
+
+class DropHeadGroup(L.Callback):
+    """Removes the head's param group at the start of epoch 1 (the head trained in epoch 0)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            del trainer.optimizers[0].param_groups[1]
+
+
+def test_a_param_group_removed_during_fit_is_named_so(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
+    """The message says the group may have been removed during fit and how to freeze instead (before: it read as a
+    setup mistake, though the head had trained)."""
+    from lightning_dve import ConfigError
+
+    class TwoGroups(mlp_cls):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.net[0].parameters()}, {"params": self.net[2].parameters()}],
+                                   lr=0.1)
+
+    with pytest.raises(ConfigError, match=r"tracked layers \['net.2'\] are not in any optimizer param group \(not "
+                                          r"given to the optimizer, or their group was removed during fit\).*lr=0"):
+        fit(TwoGroups(), DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None), max_epochs=2,
+            callbacks=[DropHeadGroup()])
 
 
 def test_tracked_layer_outside_the_optimizer_is_refused(mlp_cls: type, fit: Callable, tmp_path: Path) -> None:
