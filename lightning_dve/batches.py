@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -268,10 +269,11 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
     parameters: after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as
     that Trainer converted the training batches; then a LightningModule's ``on_before_batch_transfer``,
     ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (its DataModule's where a Trainer holds one), as
-    Lightning treats example inputs (``to_onnx``); a plain module's tensors are moved to its device.
+    Lightning treats example inputs (``to_onnx``); a plain module's tensors are moved to its device. Hooks that
+    read ``self.trainer`` in a module without one are left out, with a warning (only the transfer runs).
 
     Raises:
-        ConfigError: if a transfer hook fails on the batch, naming it and the batch it expects.
+        ConfigError: if a transfer hook fails on the batch otherwise, naming it and the batch it expects.
     """
     parameter = next(module.parameters(), None)
     if batch is None:  # the report's exact replay: its loss_fn reads the reference batches itself
@@ -285,10 +287,22 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
         return batch if device.type == "cpu" else to_device(batch, device)
     try:
         return transfer(before(batch, 0), device, 0)
+    except RuntimeError as err:
+        if "not attached to a `Trainer`" not in str(err):  # Lightning's error for self.trainer without one
+            raise _hook_error(err) from err
+        warnings.warn(f"{type(module).__name__}'s batch transfer hooks read self.trainer, and the module is attached "
+                      "to no Trainer: the query leaves on_before_batch_transfer and on_after_batch_transfer out. If "
+                      "they change the inputs beyond training-time augmentation, pass the batch as they make it, or "
+                      "query the module the fit trained (attached).", stacklevel=4)
+        return module.transfer_batch_to_device(batch, device, 0) if device.type != "cpu" else batch
     except Exception as err:
-        raise ConfigError(
-            f"the LightningModule's batch transfer hooks (on_before_batch_transfer, transfer_batch_to_device, "
-            f"on_after_batch_transfer) failed on the test batch ({type(err).__name__}: {err}). Queries run them as "
-            "the training loop does, on a batch as the DataLoader yields it: pass such a batch, not one the hooks "
-            "already ran on, and make the hooks work outside fit (a hook reading self.trainer needs the module "
-            "attached to a Trainer).") from err
+        raise _hook_error(err) from err
+
+
+def _hook_error(err: Exception) -> ConfigError:
+    """The refusal of a transfer hook that failed on a test batch."""
+    return ConfigError(
+        f"the LightningModule's batch transfer hooks (on_before_batch_transfer, transfer_batch_to_device, "
+        f"on_after_batch_transfer) failed on the test batch ({type(err).__name__}: {err}). Queries run them as the "
+        "training loop does, on a batch as the DataLoader yields it: pass such a batch, not one the hooks already "
+        "ran on.")

@@ -84,9 +84,10 @@ def test_the_report_and_a_query_score_the_reference_alike(fit, save_dir, make_lo
         assert reported[sample] == pytest.approx(score, rel=1e-5, abs=1e-12)
 
 
-def test_a_hook_that_needs_the_trainer_fails_naming_the_hooks(fit, save_dir, test_batch):
-    """After ``fit`` the module's Trainer is not training (no augmentation); a copy without a Trainer cannot run
-    a hook reading ``self.trainer``: refused naming the hooks and the fix."""
+def test_hooks_that_read_the_trainer_run_after_fit_and_are_left_out_without_one(fit, save_dir, test_batch):
+    """After ``fit`` the module's Trainer is not training (no augmentation), and the hooks run; a copy attached to
+    no Trainer cannot run a hook reading ``self.trainer``: the query leaves the hooks out with a warning saying
+    so (scored as the batch given). A hook failing otherwise (a batch the hooks already ran on) is refused."""
     model = TrainerBound()
     dve = DataValueEmbedding(save_dir, projection_dim=None, report=None)
     fit(model, dve)
@@ -94,8 +95,14 @@ def test_a_hook_that_needs_the_trainer_fails_naming_the_hooks(fit, save_dir, tes
                                dve.embeddings.influence(twin(model), rescaled(test_batch)).scores, rtol=1e-12, atol=0)
     unattached = TrainerBound()
     unattached.load_state_dict(model.state_dict())
-    with pytest.raises(ConfigError, match="transfer hooks .*failed on the test batch.*attached to a Trainer"):
-        DataValueEmbeddings.load(save_dir).influence(unattached, test_batch)
+    loaded = DataValueEmbeddings.load(save_dir)
+    with pytest.warns(UserWarning, match="TrainerBound's batch transfer hooks read self.trainer, and the module is "
+                                         "attached to no Trainer: the query leaves"):
+        scores = loaded.influence(unattached, test_batch).scores
+    torch.testing.assert_close(scores, loaded.influence(twin(model), test_batch).scores, rtol=1e-12, atol=0)
+    with pytest.raises(ConfigError, match=r"transfer hooks .*failed on the test batch \(KeyError: 'x'\).*not one the "
+                                          "hooks already ran on"):
+        loaded.influence(model, {"pixels": test_batch["x"], "y": test_batch["y"], "index": test_batch["index"]})
 
 
 def test_a_training_step_without_batch_idx_is_called_as_lightning_calls_it(fit, save_dir, test_batch, make_loader):
