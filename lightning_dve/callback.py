@@ -34,6 +34,7 @@ from .recursion import layer_groups
 from .replay_data import training_data_of
 from .records import accumulation_dtype
 from .store import CHECKPOINTS, TrajectoryStore
+from .store_checks import TRAIN_END
 from .updates import StepTerms
 from .writer import StepWriter
 
@@ -312,8 +313,8 @@ class DataValueEmbedding(StepHooks):
     def _resumed_finished_run(self) -> bool:
         """Collective: whether this fit resumed a store its earlier fit finished and applied no step itself."""
         store = self._active_store()
-        done = store.manifest.get("status") == "complete" and (
-            self._comm.rank > 0 or store.manifest.get("embeddings") == "complete")  # rank 0 holds the embeddings
+        done = store.manifest.get("status") == "complete" and (self._comm.rank > 0 or (  # rank 0 holds the embeddings
+            store.manifest.get("embeddings") == "complete" and store.manifest.get(TRAIN_END, "complete") == "complete"))
         return not self._comm.any(not (self._resumed and self._applied_scale == 0 and done))  # (no step applied)
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -362,6 +363,8 @@ class DataValueEmbedding(StepHooks):
                                   store.root)
         if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:
             callback_setup.warn_replay_lost(replay_error)
+        if self._comm.rank == 0:
+            callback_store.finish_train_end(store)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_recording()

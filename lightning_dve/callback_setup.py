@@ -95,9 +95,9 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
                        "when a sample is removed (the single pass). While v holds few batches a removed sample moves "
                        "it as much as the momentum, so the scores of the first steps, and of a layer's first steps "
                        "where it starts training mid-run (a backbone unfrozen or detached until then), can have the "
-                       "wrong sign and several times their size, and with them the report's early stage. adam_second_moment=True (exact "
-                       "mode, projection_dim=None) models it; exact_influence(...) and embeddings='replay' follow "
-                       "the exact dynamics.")
+                       "wrong sign and several times their size, and with them the report's early stage. "
+                       "adam_second_moment=True (exact mode, projection_dim=None) models it; exact_influence(...) and "
+                       "embeddings='replay' follow the exact dynamics.")
     reason = sgd_proxy_reason(trainer.optimizers[0])
     if reason is not None:
         rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate, "

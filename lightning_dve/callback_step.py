@@ -203,8 +203,8 @@ class StepHooks(pl.Callback):
         """Drop the buffered micro-batches whose gradients a ``zero_grad`` reset before any optimizer step applied
         them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
         the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
-        Micro-batches whose gradients are still there (accumulation) stay."""
-        if not self._assembler.pending:
+        Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
+        if not self._assembler.pending or not self._assembler.contributes():
             return
         weights = self._active_capture().weights()
         if gradients_reset([weights[name] for name in self._reached]):

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import sync
 from .capture import TrackedLayer
@@ -20,6 +20,7 @@ from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
 from .store import MANIFEST, SHARDS, TrajectoryStore
+from .store_checks import TRAIN_END
 
 
 #: Appended to the store folder's name under ``Trainer(fast_dev_run=...)``.
@@ -200,11 +201,23 @@ def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] |
     queries compare with the module they are given."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
-        store.finish_recording({"final_weights": final_weights})
+        store.finish_recording({"final_weights": final_weights, TRAIN_END: "pending"})
         store.record_disk_use()
     except DVEError as err:
         return err
     return None
+
+
+def finish_train_end(store: TrajectoryStore) -> None:
+    """Record that the train end is done, the replay and the report included: a fit resumed from a checkpoint
+    of this run leaves the store as it is. Until then such a fit runs the train end again (a kill during the
+    report or the replay left the recursion's embeddings and no sign of what was missing) and ``load`` warns."""
+    store.manifest[TRAIN_END] = "complete"
+    try:
+        store.record_disk_use()  # the manifest is part of bytes_total
+    except StoreError as err:
+        rank_zero_warn(f"DataValueEmbedding: {err}. The embeddings and report are complete in {store.root}, but a "
+                       "fit resumed from this run's checkpoints will run the train end again.")
 
 
 def report_disk_use(store: TrajectoryStore) -> None:

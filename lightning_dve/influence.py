@@ -21,7 +21,7 @@ from .batches import WeightFn, modes, muted_logging, on_module_device, reduction
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
-from .errors import ConfigError, DVEError, StoreError
+from .errors import ConfigError, StoreError
 from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
@@ -31,29 +31,14 @@ from .query_layers import (backward_to_layers, check_loss_count, check_reduction
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
-from .store import MANIFEST, STEPS, TrajectoryStore
+from .store import MANIFEST, TrajectoryStore
+from .store_checks import open_finished
 
 __all__ = ["DataValueEmbeddings", "InfluenceResult", "LossFn", "Ranking"]
 
 #: Bytes of embeddings a query reads at a time, and of their scores (8 per test point and row): whole steps, more
 #: where one step has more. Per-sample totals are summed chunk by chunk, never held per occurrence.
 CHUNK_BYTES = 64 * 2**20
-
-
-def _check_settings_hash(store: TrajectoryStore) -> None:
-    """Refuse a manifest whose settings are not those its ``settings_hash`` was made from (edited by hand).
-
-    Raises:
-        StoreError: saying so.
-    """
-    try:
-        matches = DVEConfig.from_dict(store.manifest["settings"]).settings_hash() == store.settings_hash
-    except (DVEError, KeyError, TypeError, ValueError):
-        matches = False
-    if not matches:
-        raise StoreError(f"store {store.root} has a damaged manifest: its settings are missing or not the ones its "
-                         f"settings_hash {store.manifest.get('settings_hash')} was made from (edited by hand?). "
-                         "Restore manifest.json, or record the run again.")
 
 
 class DataValueEmbeddings(ReplayQueries):
@@ -93,27 +78,7 @@ class DataValueEmbeddings(ReplayQueries):
         Raises:
             StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
         """
-        store = TrajectoryStore.open(path)
-        resume = (("If that fit is still running, wait for it to return; if it was interrupted, resume it with "
-                   "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk are kept), or "
-                   "record again") if store.steps else
-                  ("It holds no step: its fit is at its first step or failed there (overwrite=True cleared any "
-                   "earlier store in this save_dir at that step); record again"))
-        store.require("status", "complete", f"The recording did not finish. {resume}.")
-        store.require("embeddings", "complete", f"The backward recursion did not finish. {resume}.")
-        _check_settings_hash(store)
-        settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
-        if settings is not None and settings.settings_hash() != store.settings_hash:
-            recorded = store.manifest["settings"]
-            diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
-            raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
-                             "recorded settings, or record a new run with the new ones.")
-        missing = store.step_files.missing(store.steps)  # one listing, not T stats
-        if missing:
-            raise StoreError(f"store {path} is missing the {STEPS} file(s) of {len(missing)} step(s), first of steps "
-                             f"{missing[:5]}; restore them or record the run again.")
-        store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
-        return cls(store, loss_weights)
+        return cls(open_finished(path, settings), loss_weights)
 
     @property
     def steps(self) -> list[int]:
@@ -211,9 +176,9 @@ class DataValueEmbeddings(ReplayQueries):
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
 
         ``batch`` (as the DataLoader yields it) goes through ``module``'s transfer hooks to its device first
-        (``batches.on_module_device``); gradients come back on the
-        CPU. ``module`` runs in eval mode with gradients on (frozen tracked layers made trainable for the query);
-        its modes, parameters, ``requires_grad`` flags and ``.grad`` are left as they were.
+        (``batches.on_module_device``); gradients come back on the CPU. ``module`` runs in eval mode with gradients
+        on (frozen tracked layers made trainable for the query); its modes, parameters, ``requires_grad`` flags and
+        ``.grad`` are left as they were.
 
         Args:
             module: the trained module (or one with the same tracked layers).

@@ -41,10 +41,9 @@ CHECKPOINTS = "checkpoints"
 
 def _layer_summary(layers: list[dict[str, Any]]) -> str:
     """``name [d_out x d_in] -> k_out x k_in (out checksum, in checksum)`` per layer, for error messages."""
-    return "; ".join(
-        f"{e['name']} [{e['out_dim']}x{e['in_dim']}] -> {e['projection']['out']['projected_dim']}x"
-        f"{e['projection']['in']['projected_dim']} ({e['projection']['out']['checksum']}, "
-        f"{e['projection']['in']['checksum']})" for e in layers)
+    return "; ".join(f"{e['name']} [{e['out_dim']}x{e['in_dim']}] -> {e['projection']['out']['projected_dim']}x"
+                     f"{e['projection']['in']['projected_dim']} ({e['projection']['out']['checksum']}, "
+                     f"{e['projection']['in']['checksum']})" for e in layers)
 
 
 class TrajectoryStore:
@@ -135,8 +134,7 @@ class TrajectoryStore:
             until: of an interrupted recording, list (and read) only the step files up to this step.
 
         Raises:
-            StoreError: if the manifest is missing, truncated, of another schema, or the recording never
-                finished.
+            StoreError: if the manifest is missing, truncated, of another schema, or the recording never finished.
         """
         path = Path(root) / MANIFEST
         if not path.is_file():
@@ -205,7 +203,9 @@ class TrajectoryStore:
                              f"was overwritten, or resumed from an earlier checkpoint and continued, since. {fix}")
         if last_step >= 0 and last_step not in store.steps:
             raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
-                             f"steps: {store.steps[:3]}...{store.steps[-3:]}): resuming would leave a gap. {fix}")
+                             f"steps: {store.steps[:3]}...{store.steps[-3:]}, after a resume from an earlier "
+                             "checkpoint?): resuming would leave a gap. Resume from a checkpoint at or before its last "
+                             f"step. {fix}")
         missing = store.step_files.missing([s for s in store.steps if s <= last_step])  # one listing
         if missing:  # e.g. an earlier resume from before them, killed while it deleted its later steps
             raise StoreError(f"{recorded} is missing the {STEPS} file(s) of {len(missing)} step(s) up to the "

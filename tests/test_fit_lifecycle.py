@@ -83,6 +83,44 @@ def test_a_failed_train_end_is_finished_by_resuming_from_the_last_checkpoint(
                                rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("stage", ["report", "replay"])
+def test_a_train_end_stopped_after_the_embeddings_is_finished_by_resuming(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """The fit stops (here: an error standing for a kill) in the report, or in ``embeddings="replay"``'s replay,
+    after the recursion's embeddings were written: ``load`` warns that the train end did not finish, and a fit
+    resumed from ``last.ckpt`` runs it again, writing the report and the replayed embeddings (before: the store
+    counted as finished, so the resume left the report missing, or partial, and the recursion's embeddings in
+    place of the requested replay, silently)."""
+    from lightning_dve import callback_setup, reporting
+
+    def settings() -> DataValueEmbedding:
+        return DataValueEmbedding(tmp_path / "dve", projection_dim=None, embeddings=stage == "replay" and "replay"
+                                  or "recursion", reference=DigitsDict(range(1500, 1512)).batch())
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        (tmp_path / "dve" / "report").mkdir(exist_ok=True)
+        (tmp_path / "dve" / "report" / "curve.csv").write_text("step\n")  # what a report writes first
+        raise RuntimeError("stopped")
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(*((reporting, "report_train_end") if stage == "report" else
+                        (callback_setup, "replay_embeddings")), stopped)
+        with pytest.raises(RuntimeError, match="stopped"):
+            checkpointing_trainer(tmp_path, 2, [settings(), ckpts]).fit(mlp_cls().double(), make_loader())
+    with pytest.warns(UserWarning, match="stopped in the train end after writing the recursion's embeddings"):
+        DataValueEmbeddings.load(tmp_path / "dve")
+    again = settings()
+    checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls().double(), make_loader(),
+                                                    ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert (tmp_path / "dve" / "report" / "summary.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DataValueEmbeddings.load(tmp_path / "dve")
+    assert loaded.store.manifest["embeddings_source"] == ("replay" if stage == "replay" else "recursion")
+
+
 def test_a_fit_with_nothing_to_train_warns_and_keeps_the_store(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
 ) -> None:

@@ -103,6 +103,53 @@ def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
     assert_same_recording(records, scores, expected, expected_scores)
 
 
+class DeadFirstInputs(L.LightningModule):
+    """Frozen ``Linear(2, 2)`` at ``-I``, ReLU, tracked ``Linear(2, 3)`` without bias: a sample of positive inputs
+    reaches the head as zeros, so its gradient there is exactly zero (a dead ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.ReLU(),
+                                       torch.nn.Linear(2, 3, bias=False)).double()
+        with torch.no_grad():
+            self.net[0].weight.copy_(-torch.eye(2))
+        self.net[0].weight.requires_grad_(False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+
+def test_a_micro_batch_that_adds_no_gradient_stays_recorded(fit: Callable, tmp_path: Path) -> None:
+    """Under accumulation a first micro-batch whose gradient is exactly zero leaves ``.grad`` at zero, which is not
+    a reset: its samples are recorded in Lightning's window, with zero rows, and nothing warns (before: dropped,
+    with a warning blaming a zero_grad in user code). Oracle: per-example gradients by autograd."""
+    x = torch.tensor([[1.0, 2.0], [-1.0, -0.5], [0.5, 0.3], [-0.2, -1.0]], dtype=torch.float64)  # 0, 2: dead
+    y = torch.tensor([0, 1, 2, 0])
+    data = [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(4)]
+    model, dve = DeadFirstInputs(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    initial = model.net[2].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, DataLoader(data, batch_size=1), accumulate_grad_batches=2)
+    assert not [w for w in caught if "were reset (zero_grad)" in str(w.message)]
+    store = TrajectoryStore.open(tmp_path / "dve")
+    records = [store.read_step(step) for step in store.steps]
+    assert [r.sample_ids.tolist() for r in records] == [[0, 1], [2, 3]]
+    assert all(r.weights.tolist() == [0.5, 0.5] for r in records)
+    weight = initial
+    for record in records:
+        for row, i in zip(record.grads["net.2"], record.sample_ids.tolist()):
+            w = weight.clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(torch.relu(-x[i : i + 1]) @ w.T, y[i : i + 1])
+            torch.testing.assert_close(row, torch.autograd.grad(loss, w)[0].reshape(-1), rtol=1e-12, atol=0)
+        weight = weight - 0.1 * (record.weights[:, None] * record.grads["net.2"]).sum(0).reshape(3, 2)
+    assert not records[0].grads["net.2"][0].any() and not records[1].grads["net.2"][0].any()
+
+
 def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
     mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
 ) -> None:
@@ -273,7 +320,9 @@ def test_resume_into_a_store_without_the_checkpoints_last_step_is_refused(
     state = {k: v for k, v in dve.state_dict().items() if k != "run_id"} | {"last_step": 9}
     again = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
     again.load_state_dict(state)
-    with pytest.raises(StoreError, match=r"continues after step 9, which the store at .* does not hold .* gap"):
+    with pytest.raises(StoreError, match=r"continues after step 9, which the store at .* does not hold .*after a resume "
+                                         r"from an earlier checkpoint\?\): resuming would leave a gap\. Resume from a "
+                                         r"checkpoint at or before its last step"):
         checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader())
 
 

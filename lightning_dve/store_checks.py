@@ -1,0 +1,65 @@
+"""What :meth:`~lightning_dve.DataValueEmbeddings.load` checks of a store before it opens its embeddings: a
+finished recording and recursion, the settings it was recorded with, every step file, and a train end that
+finished (the replay and the report come after the embeddings)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from .config import DVEConfig
+from .errors import DVEError, StoreError
+from .store import STEPS, TrajectoryStore
+
+#: Manifest key of the train end's progress: ``"pending"`` from the finished recording until the replay and the
+#: report are done, then ``"complete"`` (stores of earlier versions have none: finished as before).
+TRAIN_END = "train_end"
+
+
+def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> TrajectoryStore:
+    """The store in ``path`` with its embeddings checked present and whole; warns if its train end did not finish.
+
+    Raises:
+        StoreError: if the store is incomplete, corrupt, or written with other ``settings`` or projection.
+    """
+    store = TrajectoryStore.open(path)
+    resume = (("If that fit is still running, wait for it to return; if it was interrupted, resume it with "
+               "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk are kept), or "
+               "record again") if store.steps else
+              ("It holds no step: its fit is at its first step or failed there (overwrite=True cleared any "
+               "earlier store in this save_dir at that step); record again"))
+    store.require("status", "complete", f"The recording did not finish. {resume}.")
+    store.require("embeddings", "complete", f"The backward recursion did not finish. {resume}.")
+    check_settings_hash(store)
+    settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
+    if settings is not None and settings.settings_hash() != store.settings_hash:
+        recorded = store.manifest["settings"]
+        diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
+        raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
+                         "recorded settings, or record a new run with the new ones.")
+    missing = store.step_files.missing(store.steps)  # one listing, not T stats
+    if missing:
+        raise StoreError(f"store {path} is missing the {STEPS} file(s) of {len(missing)} step(s), first of steps "
+                         f"{missing[:5]}; restore them or record the run again.")
+    store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
+    if store.manifest.get(TRAIN_END) == "pending":
+        warnings.warn(f"store {path}: its fit stopped in the train end after writing the recursion's embeddings, so "
+                      "a requested embeddings='replay' or the report may be missing or partial. Resume it with "
+                      "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) to finish them.", stacklevel=3)
+    return store
+
+
+def check_settings_hash(store: TrajectoryStore) -> None:
+    """Refuse a manifest whose settings are not those its ``settings_hash`` was made from (edited by hand).
+
+    Raises:
+        StoreError: saying so.
+    """
+    try:
+        matches = DVEConfig.from_dict(store.manifest["settings"]).settings_hash() == store.settings_hash
+    except (DVEError, KeyError, TypeError, ValueError):
+        matches = False
+    if not matches:
+        raise StoreError(f"store {store.root} has a damaged manifest: its settings are missing or not the ones its "
+                         f"settings_hash {store.manifest.get('settings_hash')} was made from (edited by hand?). "
+                         "Restore manifest.json, or record the run again.")
