@@ -222,7 +222,9 @@ class DataValueEmbedding(StepHooks):
         self._fit_pending = False
         resume, self._resume = callback_store.store_to_continue(self._resume), None  # a refused one is not retried
         # the checkpoint of ckpt_path, held by Lightning until it has restored the loops (after this hook)
-        callback_store.refuse_unresumable(getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None), resume)
+        loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)
+        callback_store.refuse_unresumable(loaded, resume)
+        callback_store.warn_rounded_resume(loaded, pl_module)
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)

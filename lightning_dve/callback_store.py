@@ -112,6 +112,24 @@ def refuse_unresumable(checkpoint: dict[str, Any] | None, state: dict[str, Any] 
                           "last), and list DataValueEmbedding before callbacks that save in on_train_batch_end.")
 
 
+def warn_rounded_resume(checkpoint: dict[str, Any] | None, module: torch.nn.Module) -> None:
+    """Warn where the module's weights are not the checkpoint's as a resumed fit starts: under
+    ``precision="64-true"`` Lightning loads them into the module before converting it, so a module built in
+    float32 gets them rounded to float32, and the fit continues from other weights than the run it resumes (exact
+    replay of it is then refused at that step, as not reproducing its checkpoints)."""
+    saved = (checkpoint or {}).get("state_dict") or {}
+    changed = [name for name, p in module.named_parameters()
+               if isinstance(saved.get(name), torch.Tensor) and saved[name].dtype == p.dtype
+               and not torch.equal(saved[name].to(p.device), p.detach())]
+    if changed:
+        rank_zero_warn(f"DataValueEmbedding: the resumed module's weights are not the checkpoint's ({changed[:3]}"
+                       f"{' ...' if len(changed) > 3 else ''}). Under precision='64-true' Lightning loads the "
+                       "checkpoint's float64 weights into a module built in float32 before converting it, rounding "
+                       "them (or a callback listed before DataValueEmbedding changed them). The fit goes on from "
+                       "other weights than the run it resumes, and exact_influence / embeddings='replay' of it will be "
+                       "refused. Build the module in float64 (self.double() in __init__) to resume exactly.")
+
+
 def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
     """The restored callback state a fit continues: ``None`` when there is none, or when it was saved by this fit
     before its ``on_fit_start`` (``before_fit``). ``LearningRateFinder`` and ``BatchSizeFinder`` (also through

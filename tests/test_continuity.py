@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,26 @@ def test_a_store_of_an_earlier_version_resumed_records_the_precision(make_loader
     manifest_path.write_text(json.dumps(manifest))
     run(2, tmp_path / "ckpt" / "last.ckpt")
     assert json.loads(manifest_path.read_text())["precision"] == "64-true"
+
+
+@pytest.mark.parametrize("built", ["float32", "float64"])
+def test_a_resume_that_rounds_the_weights_is_warned_about_at_fit_start(make_loader: Callable[..., DataLoader],
+                                                                       tmp_path: Path, built: str) -> None:
+    """Under ``precision="64-true"`` Lightning loads the checkpoint into a module built in float32 before converting
+    it, rounding the weights: the fit warns as it starts, naming the cause and the fix (before: exact replay refused
+    the run later, blaming randomness in ``training_step``). A module built in float64 resumes exactly, silently."""
+    def run(ckpt_path: Path | None = None) -> list[str]:
+        dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        module = TinyMLP() if built == "float32" else TinyMLP().double()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checkpointing_trainer(tmp_path, 1 if ckpt_path is None else 2, [dve, saver]).fit(
+                module, make_loader(), ckpt_path=ckpt_path)
+        return [str(w.message) for w in caught if "weights are not the checkpoint's" in str(w.message)]
+
+    assert run() == []
+    warned = run(tmp_path / "ckpt" / "last.ckpt")
+    assert len(warned) == (built == "float32")
+    if warned:
+        assert "['net.0.weight', 'net.0.bias', 'net.2.weight'] ..." in warned[0] and "self.double()" in warned[0]
