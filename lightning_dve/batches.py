@@ -169,14 +169,14 @@ def training_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, A
 
 def step_arguments(step: Callable[..., Any], batch: Any) -> tuple[Any, ...]:
     """``(batch, 0)``, or ``(batch,)`` for a ``training_step(self, batch)`` without ``batch_idx``, which Lightning
-    allows: it passes ``batch_idx`` where the signature names it, takes ``*args`` or a second positional argument."""
+    allows: it passes ``batch_idx`` positionally where the signature takes a second positional argument or
+    ``*args`` (not a keyword-only ``batch_idx``)."""
     try:
         parameters = inspect.signature(step).parameters.values()
     except (TypeError, ValueError):  # a signature inspect cannot read: pass batch_idx, as Lightning would
         return batch, 0
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    takes_index = (len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
-                   or any(p.name == "batch_idx" for p in parameters))
+    takes_index = len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
     return (batch, 0) if takes_index else (batch,)
 
 
@@ -269,8 +269,9 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
     parameters: after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as
     that Trainer converted the training batches; then a LightningModule's ``on_before_batch_transfer``,
     ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (its DataModule's where a Trainer holds one), as
-    Lightning treats example inputs (``to_onnx``); a plain module's tensors are moved to its device. Hooks that
-    read ``self.trainer`` in a module without one are left out, with a warning (only the transfer runs).
+    Lightning treats example inputs (``to_onnx``), in eval mode, on a copy of the batch's containers; a plain
+    module's tensors are moved to its device. Hooks that read ``self.trainer`` in a module without one are left
+    out, with a warning (only the transfer runs).
 
     Raises:
         ConfigError: if a transfer hook fails on the batch otherwise, naming it and the batch it expects.
@@ -286,7 +287,8 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
     if not (callable(before) and callable(transfer)):
         return batch if device.type == "cpu" else to_device(batch, device)
     try:
-        return transfer(before(batch, 0), device, 0)
+        with modes(module, None):  # eval mode, as queries run: hooks that augment under self.training do not
+            return transfer(before(shallow_copy(batch), 0), device, 0)  # the caller's containers stay as they are
     except RuntimeError as err:
         if "not attached to a `Trainer`" not in str(err):  # Lightning's error for self.trainer without one
             raise _hook_error(err) from err

@@ -44,6 +44,7 @@ class CallChecks:
     def input_of(self, layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         """The call's positional input once its checks pass, else ``None`` (the refusal is kept)."""
         try:
+            check_layout(layer)
             args = call_input(layer, args, kwargs)
             check_call(layer, args[0], self.sizes, self.tables)
         except UnsupportedError as err:
@@ -64,6 +65,22 @@ class CallChecks:
         """
         if self.refused is not None:
             raise self.refused
+
+
+def check_layout(layer: TrackedLayer) -> None:
+    """Refuse a call of a layer whose trainable parameters are no longer those of the recorded layout (its
+    projection's sides: a bias frozen or unfrozen since this micro-batch's start check, by the LightningModule's own
+    ``on_train_batch_start``, which runs after the callbacks').
+
+    Raises:
+        UnsupportedError: naming the layer and where to freeze instead.
+    """
+    if layer.spec.dims(layer.module) != (layer.projection.output.dim, layer.projection.input.dim):
+        raise UnsupportedError(
+            f"layer {layer.name!r}: its parameters were frozen or unfrozen during fit, after the callback checked "
+            "them at this batch's start (in the LightningModule's on_train_batch_start, which runs after the "
+            "callbacks'?). The tracked layers and their bias columns are fixed when fit starts: freeze in __init__ "
+            "or setup(), or exclude the layer.")
 
 
 def model_tables(model: nn.Module) -> dict[int, weakref.ref]:

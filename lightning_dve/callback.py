@@ -229,7 +229,7 @@ class DataValueEmbedding(StepHooks):
         self._comm = distributed.communicator()
         tracked = capture.resolve_layers(pl_module, self.config)
         watched = watched_parameters(pl_module, self.config, list(tracked))
-        callback_setup.refuse_staged_unfreezing(trainer, watched)
+        callback_setup.refuse_staged_unfreezing(trainer, pl_module, watched, list(tracked))
         self._dims = {name: layer.projection.dim for name, layer in tracked.items()}
         self.config = self._requested.resolved(sum(self._dims.values()))
         self._ggn = self.config.curvature is Curvature.GGN
@@ -316,7 +316,7 @@ class DataValueEmbedding(StepHooks):
         """Collective: whether this fit resumed a store its earlier fit finished and applied no step itself."""
         store = self._active_store()
         done = store.manifest.get("status") == "complete" and (self._comm.rank > 0 or (  # rank 0 holds the embeddings
-            store.manifest.get("embeddings") == "complete" and store.manifest.get(TRAIN_END, "complete") == "complete"))
+            store.manifest.get("embeddings") == "complete" and not store.manifest.get(TRAIN_END)))
         return not self._comm.any(not (self._resumed and self._applied_scale == 0 and done))  # (no step applied)
 
     def _finish_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -357,15 +357,15 @@ class DataValueEmbedding(StepHooks):
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
         if self._comm.rank == 0 and store.manifest.get("embeddings_source") != "replay":  # replayed: exact dynamics
             watch.warn(store.steps)
-        loss_batch, self._loss_batch = self._loss_batch, None
+        loss_batch, self._loss_batch, reported = self._loss_batch, None, True
         if self._comm.rank != 0 or reporting_reference.check_training_loss(
                 pl_module, loss_batch, self._embeddings, report=self.report_config is not None):
-            callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
-                                          self.report_config, self.reference, self.describe, self.sample_ids),
-                                  store.root)
+            reported = callback_setup.report(partial(reporting.report_train_end, trainer, pl_module, self._embeddings,
+                                                     self.report_config, self.reference, self.describe,
+                                                     self.sample_ids), store.root)
         if replay_error is not None and self.embedding_method is EmbeddingMethod.RECURSION:
             callback_setup.warn_replay_lost(replay_error)
-        if self._comm.rank == 0:
+        if self._comm.rank == 0 and reported:  # a report cut off by a full disk is written again by a resume
             callback_store.finish_train_end(store)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DistributedSampler
@@ -196,14 +196,17 @@ def clear_report(root: Path) -> None:
     shutil.rmtree(root / reporting.REPORT_DIR, ignore_errors=True)
 
 
-def report(write: Callable[[], None], root: Path) -> None:
+def report(write: Callable[[], None], root: Path) -> bool:
     """Write the train-end report; a failed write (a full disk) warns instead of failing a finished fit: the
-    embeddings are complete by then."""
+    embeddings are complete by then. Returns whether it was not cut off (written, or skipped on purpose)."""
     try:
         write()
     except OSError as err:
         rank_zero_warn(f"DataValueEmbedding: the train-end report could not be written ({err}). The embeddings are "
-                       f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}).")
+                       f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}); a fit resumed "
+                       "from this run's last checkpoint writes the report again.")
+        return False
+    return True
 
 
 def recursion_device(device: torch.device, need: int) -> torch.device | None:
@@ -353,20 +356,31 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
                                "settings the recorded gradients would not match the update the optimizer applied.")
 
 
-def refuse_staged_unfreezing(trainer: pl.Trainer, watched: dict[str, torch.nn.Parameter]) -> None:
-    """Refuse at fit start a ``BaseFinetuning`` callback (``BackboneFinetuning``) that froze watched parameters in
-    its ``setup``: it unfreezes them during fit, which the step guard refuses at that step, after every earlier
-    step was recorded into a store that cannot be used or resumed past it.
+def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             watched: dict[str, torch.nn.Parameter], tracked: list[str]) -> None:
+    """Refuse at fit start a ``BackboneFinetuning`` that froze a watched ``backbone`` it unfreezes during this fit,
+    which the step guard refuses at that step, after every earlier step was recorded into a store that cannot be
+    used or resumed past it; for another ``BaseFinetuning`` callback, whose plan is its own code, name the frozen
+    modules outside the tracked layers that it could unfreeze (a warning).
 
     Raises:
-        UnsupportedError: naming the callback, the frozen modules and the fixes.
+        UnsupportedError: naming the callback, the backbone and the fixes.
     """
-    stager = next((c for c in trainer.callbacks if isinstance(c, BaseFinetuning)), None)
-    frozen = sorted({name.rpartition(".")[0] for name, p in watched.items() if not p.requires_grad})
-    if stager is not None and frozen:
+    stagers = [c for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+    frozen = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad} - set(tracked))
+    held = {id(p) for p in getattr(pl_module, "backbone", torch.nn.Module()).parameters()}  # by identity: aliases
+    backbone = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad and id(p) in held})
+    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning) and (
+        trainer.max_epochs in (None, -1) or c.unfreeze_backbone_at_epoch < trainer.max_epochs)]
+    fix = ("(they then train untracked once unfrozen, and the scores measure influence through the other layers), or "
+           "train each stage in a fit of its own without the finetuning callback.")
+    if unfreezes and backbone:
         raise UnsupportedError(
-            f"{type(stager).__name__} froze modules {frozen[:6]}{' ...' if len(frozen) > 6 else ''} to unfreeze "
-            "them during fit, and the tracked layers are fixed when fit starts: that step would be refused, after "
-            f"every earlier one was recorded. Pass exclude={tuple(frozen)!r} (they then train untracked once "
-            "unfrozen, and the scores measure influence through the other layers), or train each stage in a fit "
-            "of its own without the finetuning callback.")
+            f"BackboneFinetuning froze the backbone ({backbone[:4]}{' ...' if len(backbone) > 4 else ''}) to "
+            f"unfreeze it at epoch {unfreezes[0].unfreeze_backbone_at_epoch}, and the tracked layers are fixed when "
+            f"fit starts: that step would be refused, after every earlier one was recorded. Pass exclude="
+            f"{tuple(backbone)!r} {fix}")
+    if stagers and frozen and not unfreezes:
+        rank_zero_warn(f"DataValueEmbedding: {type(stagers[0]).__name__} is in the Trainer and modules {frozen[:6]}"
+                       f"{' ...' if len(frozen) > 6 else ''} are frozen: if it unfreezes them during fit, that step "
+                       f"will be refused, after every earlier one was recorded. If it will, pass exclude=(...) {fix}")

@@ -219,7 +219,7 @@ def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] |
     queries compare with the module they are given."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
-        store.finish_recording({"final_weights": final_weights, TRAIN_END: "pending"})
+        store.finish_recording({"final_weights": final_weights, TRAIN_END: 1})
         store.record_disk_use()
     except DVEError as err:
         return err
@@ -230,12 +230,12 @@ def finish_train_end(store: TrajectoryStore) -> None:
     """Record that the train end is done, the replay and the report included: a fit resumed from a checkpoint
     of this run leaves the store as it is. Until then such a fit runs the train end again (a kill during the
     report or the replay left the recursion's embeddings and no sign of what was missing) and ``load`` warns."""
-    store.manifest[TRAIN_END] = "complete"
+    store.manifest[TRAIN_END] = 0
     try:
         store.record_disk_use()  # the manifest is part of bytes_total
     except StoreError as err:
-        rank_zero_warn(f"DataValueEmbedding: {err}. The embeddings and report are complete in {store.root}, but a "
-                       "fit resumed from this run's checkpoints will run the train end again.")
+        rank_zero_warn(f"DataValueEmbedding: {err}. The train end is done in {store.root}, but its manifest says "
+                       "otherwise: load warns, and a fit resumed from this run's checkpoints runs it again.")
 
 
 def report_disk_use(store: TrajectoryStore) -> None:

@@ -164,6 +164,7 @@ class StepGuard:
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
+        self._started = False  # whether a micro-batch of this fit passed :meth:`check_trainable`
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self.settings = HyperparameterWatch(self._before_update)  # the hyperparameters a step read and used
         self._edited: UnsupportedError | None = None  # weights changed outside the optimizer before this update
@@ -298,13 +299,14 @@ class StepGuard:
             now = "frozen" if not self.watched[changed[0]].requires_grad else "unfrozen"
             when = ("before this fit's first step, after the callback took them at fit start (a LightningModule's "
                     "on_fit_start and on_train_start run after the callbacks'): do it in __init__ or setup() "
-                    "instead, or" if self._steps == 0 else
+                    "instead, or" if not self._started else
                     "during fit. Freeze or unfreeze between fits (one fit per stage instead of, e.g., "
                     "BackboneFinetuning), or")
             raise UnsupportedError(
                 f"step {step}: parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} were {now} {when} "
                 "exclude those modules. The tracked layers and their bias columns are fixed when fit starts, so "
                 "their updates would be dropped or trained untracked.")
+        self._started = True
 
     def check_applied(self, step: int, factor: float, backwards: int = 1) -> None:
         """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``

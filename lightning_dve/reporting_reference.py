@@ -145,6 +145,19 @@ def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -
     return trainer.strategy.batch_to_device(batch)
 
 
+@contextlib.contextmanager
+def outside_training(trainer: pl.Trainer) -> Iterator[None]:
+    """The Trainer's stage as after ``fit`` (none) while the report scores its reference batches (at train end and
+    at segment boundaries, where it is still training): transfer hooks that augment under
+    ``self.trainer.training`` leave them as the queries after ``fit`` see them."""
+    stage = trainer.state.stage
+    trainer.state.stage = None
+    try:
+        yield
+    finally:
+        trainer.state.stage = stage
+
+
 def convert_batch(trainer: pl.Trainer, batch: Any) -> Any:
     """A reference batch as the training loop converts a loader's batch before the transfer hooks (precision);
     the queries run those hooks and move it to the module's device (``batches.on_module_device``)."""

@@ -11,9 +11,9 @@ from .config import DVEConfig
 from .errors import DVEError, StoreError
 from .store import STEPS, TrajectoryStore
 
-#: Manifest key of the train end's progress: ``"pending"`` from the finished recording until the replay and the
-#: report are done, then ``"complete"`` (stores of earlier versions have none: finished as before).
-TRAIN_END = "train_end"
+#: Manifest key, 1 from the finished recording until the train end's replay and report are done, then 0 (one
+#: digit either way, so the disk use logged before it changes stays exact; earlier versions' stores have none).
+TRAIN_END = "train_end_pending"
 
 
 def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> TrajectoryStore:
@@ -42,7 +42,7 @@ def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> T
         raise StoreError(f"store {path} is missing the {STEPS} file(s) of {len(missing)} step(s), first of steps "
                          f"{missing[:5]}; restore them or record the run again.")
     store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
-    if store.manifest.get(TRAIN_END) == "pending":
+    if store.manifest.get(TRAIN_END):
         warnings.warn(f"store {path}: its fit stopped in the train end after writing the recursion's embeddings, so "
                       "a requested embeddings='replay' or the report may be missing or partial. Resume it with "
                       "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) to finish them.", stacklevel=3)

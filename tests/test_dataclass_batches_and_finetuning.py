@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
 from torch.utils.data import Dataset
 
 from lightning_dve import DataValueEmbedding, UnsupportedError
@@ -149,16 +149,49 @@ def test_exact_replay_names_a_layout_changed_outside_the_tracked_layers(tmp_path
         emb.exact_influence(module, test.batch())
 
 
-def test_a_finetuning_callback_that_froze_watched_modules_is_refused_at_fit_start(tmp_path: Path, digits) -> None:
-    """``BaseFinetuning`` froze ``net.0`` in its ``setup`` to unfreeze it at epoch 1, which the step guard refuses
-    at that step: refused before anything is recorded, naming the callback and ``exclude=`` (before: refused at
-    step 3, after two epochs, leaving a store in status 'recording' that neither loads nor resumes past it)."""
+class BackboneMLP(DigitsMLP):
+    """The digits MLP as ``backbone`` (``Linear(64, 8)``, tanh) and ``head``, for ``BackboneFinetuning``."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8, lr=0.2)
+        self.backbone, self.head = torch.nn.Sequential(self.net[0], self.net[1]), self.net[2]
+        del self.net  # each layer under one name only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_path: Path, digits, epochs: int) -> None:
+    """``BackboneFinetuning`` froze the backbone in its ``setup`` to unfreeze it at epoch 1, which the step guard
+    refuses at that step: refused before anything is recorded, naming ``exclude=`` with its modules (before: refused
+    at step 3, after a whole epoch, leaving a store in status 'recording' that neither loads nor resumes past it).
+    A fit that ends before the unfreeze epoch trains as before."""
     train, _ = digits
     dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None)
-    trainer = make_trainer(2, callbacks=[dve, UnfreezeFirstLayer(add_group=False)])
-    with pytest.raises(UnsupportedError, match=r"UnfreezeFirstLayer froze modules \['net.0'\] .*exclude=\('net.0',\)"):
-        trainer.fit(DigitsMLP(hidden=8, lr=0.2), make_loader(train, 16, seed=1))
+    trainer = make_trainer(epochs, callbacks=[dve, BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    if epochs == 1:
+        trainer.fit(BackboneMLP(), make_loader(train, 16, seed=1))
+        assert dve.embeddings.store.layer_names == ["head"]
+        return
+    with pytest.raises(UnsupportedError, match=r"BackboneFinetuning froze the backbone \(\['backbone.0'\]\) to "
+                                               r"unfreeze it at epoch 1.*exclude=\('backbone.0',\)"):
+        trainer.fit(BackboneMLP(), make_loader(train, 16, seed=1))
     assert trainer.global_step == 0 and not (tmp_path / "dve" / "manifest.json").exists()
+
+
+def test_another_finetuning_callback_with_frozen_modules_warns_at_fit_start(tmp_path: Path, digits) -> None:
+    """A ``BaseFinetuning`` subclass's plan is its own code: the frozen modules outside the tracked layers are named
+    at fit start, and the fit goes on (it is refused at the step that unfreezes them, as before)."""
+    train, _ = digits
+    dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None)
+    with pytest.warns(UserWarning, match=r"UnfreezeFirstLayer is in the Trainer and modules \['net.0'\] are frozen"):
+        with pytest.raises(UnsupportedError, match=r"step 3: .*were unfrozen during fit"):
+            make_trainer(2, callbacks=[dve, UnfreezeFirstLayer(add_group=False)]).fit(
+                DigitsMLP(hidden=8, lr=0.2), make_loader(train, 16, seed=1))
 
 
 @dataclasses.dataclass

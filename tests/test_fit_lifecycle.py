@@ -158,11 +158,15 @@ def test_a_report_that_cannot_be_written_warns_and_keeps_the_embeddings(
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    """The fit warns and ends; the train end stays pending (load warns), so a resume writes the report again."""
     monkeypatch.setattr(reporting, "report_train_end", full_disk)
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
-    with pytest.warns(UserWarning, match=r"report could not be written .*No space left.* embeddings are complete"):
+    with pytest.warns(UserWarning, match=r"report could not be written .*No space left.* embeddings are complete.*"
+                                         "writes the report again"):
         fit(mlp_cls(), dve, make_loader(), make_loader(n=16, offset=100))
     assert dve.embeddings.steps == list(range(4))
+    with pytest.warns(UserWarning, match="the report may be missing or partial"):
+        DataValueEmbeddings.load(tmp_path / "dve")
 
 
 def test_a_failed_final_replay_checkpoint_keeps_the_embeddings(

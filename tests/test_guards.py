@@ -104,6 +104,37 @@ def test_freezing_in_the_module_s_on_train_start_names_where_to_freeze(fit: Call
         fit(FreezeOnTrainStart(), _dve(tmp_path))
 
 
+class FreezeAtFirstBatch(TinyMLP):
+    """Freezes its head at the first micro-batch: in its own ``on_train_batch_start`` (after the callback's check of
+    that batch) or in ``on_after_backward``."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.hook == "on_train_batch_start" and batch_idx == 0:
+            self.net[2].requires_grad_(False)
+
+    def on_after_backward(self) -> None:
+        if self.hook == "on_after_backward":
+            self.net[2].requires_grad_(False)
+
+
+@pytest.mark.parametrize(("hook", "message"), [
+    ("on_train_batch_start", r"layer 'net.2': its parameters were frozen or unfrozen during fit, after the callback "
+                             r"checked them at this batch's start .*freeze in __init__ or setup\(\)"),
+    ("on_after_backward", r"step 0: .* were frozen during fit")])
+def test_freezing_during_the_first_step_is_named_as_during_fit(fit: Callable, tmp_path: Path, hook: str,
+                                                               message: str) -> None:
+    """In the module's ``on_train_batch_start``, after the callback's check: refused at the tracked layer's call,
+    naming it (before: torch's bare 'mat1 and mat2 shapes cannot be multiplied' from the bias column). After the
+    first micro-batch's backward (``accumulate_grad_batches=2``): 'during fit', not 'before this fit's first step'
+    (the first version of that message keyed on applied steps)."""
+    with pytest.raises(UnsupportedError, match=message):
+        fit(FreezeAtFirstBatch(hook), _dve(tmp_path), accumulate_grad_batches=2)
+
+
 def test_unfreezing_an_untracked_layer_during_fit_is_refused(fit: Callable, tmp_path: Path) -> None:
     model = TinyMLP()
     model.net[0].requires_grad_(False)  # frozen at fit start: not tracked

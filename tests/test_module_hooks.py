@@ -37,10 +37,36 @@ class TrainerBound(Normalising):
         return {**batch, "x": batch["x"] + 0.1} if self.trainer.training else batch
 
 
+class AugmentingInPlace(TinyMLP):
+    """Rescales in place of the batch dict (``batch["x"] = ...; return batch``) and adds noise while training,
+    under ``self.training`` before the transfer and ``self.trainer.training`` after it (Lightning's docs)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch["x"] = batch["x"] * 4 - 1
+        if self.training:
+            batch["x"] = batch["x"] + 0.3 * torch.randn_like(batch["x"])
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer.training:
+            batch["x"] = batch["x"] + 0.3 * torch.randn_like(batch["x"])
+        return batch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.loss(batch)
+
+
 class WithoutBatchIndex(TinyMLP):
     """``training_step(self, batch)``: Lightning passes ``batch_idx`` only where the signature takes it."""
 
     def training_step(self, batch: Any) -> Any:  # type: ignore[override]
+        return self.loss(batch)
+
+
+class KeywordOnlyIndex(TinyMLP):
+    """``training_step(self, batch, *, batch_idx=0)``: Lightning passes the batch alone (positional arguments)."""
+
+    def training_step(self, batch: Any, *, batch_idx: int = 0) -> Any:  # type: ignore[override]
         return self.loss(batch)
 
 
@@ -84,6 +110,34 @@ def test_the_report_and_a_query_score_the_reference_alike(fit, save_dir, make_lo
         assert reported[sample] == pytest.approx(score, rel=1e-5, abs=1e-12)
 
 
+def test_hooks_run_once_in_eval_mode_on_a_copy_and_the_report_sees_them_as_after_fit(fit, save_dir, test_batch,
+                                                                                      make_loader):
+    """Hooks that edit the batch dict in place and augment while training: a query runs them in eval mode (the
+    module is left in train mode by ``fit``) on a copy of the containers, so two queries agree, the caller's batch
+    stays as it was, and the scores are the plain module's on the batch transformed once; the report, which runs
+    at train end while the Trainer still trains, scores its reference batches as a query after ``fit`` does
+    (before: random scores, the caller's batch rescaled at each query, and an augmented report reference)."""
+    model = AugmentingInPlace()
+    dve = DataValueEmbedding(save_dir, projection_dim=None)
+    val = make_loader(n=24, batch_size=12, offset=1500)
+    fit(model, dve, val=val)
+    assert model.training
+    caller = {name: value.clone() for name, value in test_batch.items()}
+    first, second = (dve.embeddings.influence(model, test_batch).scores for _ in range(2))
+    assert all(torch.equal(test_batch[name], caller[name]) for name in caller)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, dve.embeddings.influence(twin(model), rescaled(test_batch)).scores, rtol=1e-12,
+                               atol=0)
+    grads = [dve.embeddings.test_gradients(twin(model), rescaled(batch)) for batch in val]
+    mean = {name: torch.cat([g[name] for g in grads]).mean(0, keepdim=True) for name in grads[0]}
+    expected = dve.embeddings.score(mean)
+    rows = (save_dir / "report" / "sample_totals.csv").read_text().splitlines()[1:]
+    reported = {int(i): float(v) for i, v in (row.split(",") for row in rows)}
+    scale = float(expected.scores.abs().max())  # float32 sums in another order: 1e-5 of the largest score
+    for sample, score in zip(expected.sample_ids.tolist(), expected.scores[0].tolist()):
+        assert reported[sample] == pytest.approx(score, rel=1e-5, abs=1e-5 * scale)
+
+
 def test_hooks_that_read_the_trainer_run_after_fit_and_are_left_out_without_one(fit, save_dir, test_batch):
     """After ``fit`` the module's Trainer is not training (no augmentation), and the hooks run; a copy attached to
     no Trainer cannot run a hook reading ``self.trainer``: the query leaves the hooks out with a warning saying
@@ -105,10 +159,12 @@ def test_hooks_that_read_the_trainer_run_after_fit_and_are_left_out_without_one(
         loaded.influence(model, {"pixels": test_batch["x"], "y": test_batch["y"], "index": test_batch["index"]})
 
 
-def test_a_training_step_without_batch_idx_is_called_as_lightning_calls_it(fit, save_dir, test_batch, make_loader):
+@pytest.mark.parametrize("module_cls", [WithoutBatchIndex, KeywordOnlyIndex])
+def test_a_training_step_without_batch_idx_is_called_as_lightning_calls_it(fit, save_dir, test_batch, make_loader,
+                                                                           module_cls):
     """The report is written and the queries score as the same weights with ``batch_idx`` (before: TypeError in
     every default query, and the report skipped)."""
-    model = WithoutBatchIndex()
+    model = module_cls()
     dve = DataValueEmbedding(save_dir, projection_dim=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
