@@ -11,9 +11,11 @@ list); :func:`count_samples` and :func:`batch_rows` tell them apart by the items
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -81,18 +83,28 @@ def as_started(batch: Any, start: Any) -> Any:
 
 
 def same_items(a: Any, b: Any) -> bool:
-    """Whether two dataset items (nested tensors, containers, numbers) are identical."""
+    """Whether two dataset items (nested tensors, arrays, containers, numbers, plain objects) are identical. NaN
+    equals NaN (a missing value read twice), and an object without an ``__eq__`` of its own compares by its
+    attributes (``==`` is identity there, false for two reads of the same item)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(same_items(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_items(x, y) for x, y in zip(a, b))
     if is_dataclass_value(a) and type(a) is type(b):
         return all(same_items(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
+        return same_items(vars(a), vars(b))
     try:
         return bool(a == b)
-    except (RuntimeError, ValueError):  # e.g. numpy arrays
+    except (RuntimeError, ValueError):  # e.g. other array types
         return bool((a == b).all())
 
 

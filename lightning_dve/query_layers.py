@@ -346,7 +346,8 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
         if not torch.allclose(found, expected, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
             other.append(name)
     if other:
-        warnings.warn(f"the weights of tracked layers {other[:5]} are not the final weights of the recorded run "
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ""
+        warnings.warn(f"the weights of tracked layers {other[:5]}{more} are not the final weights of the recorded run "
                       "(e.g. a best-epoch checkpoint loaded by trainer.test(ckpt_path='best'), weight averaging, or "
                       "another model): the scores use test gradients at these weights, while the embeddings "
                       "estimate influence on the final model. Query the module as fit left it (or its last "

@@ -215,8 +215,7 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
     """Refuse a replay that does not land on the checkpoint of ``step``.
 
     Raises:
-        UnsupportedError: with the measured deviation and the likely causes.
-    """
+        UnsupportedError: with the measured deviation and the likely causes."""
     tolerance = AUTOCAST_TOLERANCE if autocast else TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
     deviation = _deviation(replayed, expected)
     if math.isnan(deviation):
@@ -228,18 +227,19 @@ def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> No
         raise UnsupportedError(
             f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
             f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
-            "the recorded batches and optimizer (randomness in training_step such as functional dropout, a loss "
-            "whose value or gradient depends on batch_idx, which the replay passes as 0, or on current_epoch or "
-            "global_step, which it leaves at their final values, the optimizer's state cleared or its momentum "
-            "switched off and on during fit, which influence() models, a dataset or collate_fn other than "
-            "training's (after load, batches rebuilt without the on_*_batch_transfer hooks: pass a collate_fn= that "
-            "applies them), sample ids that are not dataset positions without sample_ids= to map them, or that two "
-            "items of the dataset share (a ConcatDataset of parts numbered from 0 each), or a train_loss_fn that "
-            "is not training's loss, a loss_reduction other than the loss's own (a cross_entropy with ignore_index "
-            "or class weights left at 'mean': declare loss_reduction=callable; influence() refuses it only where its "
-            "check sees it), weights averaged in at train end by a callback listed before DataValueEmbedding, "
-            "activation checkpointing with use_reentrant=True (use use_reentrant=False), or a resume that warned of "
-            "weights not the checkpoint's: 64-true with a module built in float32). Exact replay is refused.")
+            "the recorded batches and optimizer (randomness in training_step such as functional dropout, or in "
+            "items or a collate_fn that the check of a few items missed, a loss whose value or gradient depends on "
+            "batch_idx, which the replay passes as 0, or on current_epoch or global_step, which it leaves at their "
+            "final values, the optimizer's state cleared or its momentum switched off and on during fit, which "
+            "influence() models, a dataset or collate_fn other than training's (after load, batches rebuilt without "
+            "the on_*_batch_transfer hooks: pass a collate_fn= that applies them), sample ids that are not dataset "
+            "positions without sample_ids= to map them, or that two items of the dataset share (a ConcatDataset of "
+            "parts numbered from 0 each), or a train_loss_fn that is not training's loss, a loss_reduction other "
+            "than the loss's own (a cross_entropy with ignore_index or class weights left at 'mean': declare "
+            "loss_reduction=callable; influence() refuses it only where its check sees it), weights averaged in at "
+            "train end by a callback listed before DataValueEmbedding, activation checkpointing with "
+            "use_reentrant=True (use use_reentrant=False), or a resume that warned of other weights). Exact replay "
+            "is refused.")
 
 
 def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int

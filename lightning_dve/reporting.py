@@ -42,8 +42,8 @@ from .reporting_loggers import (
 from .dynamics import DYNAMICS_COLUMNS, boundary_rows
 from .errors import DVEError
 from .influence import DataValueEmbeddings, InfluenceResult
-from .reporting_reference import (Reference, convert_batch, outside_training, reference_gradient,
-                                  resolve_reference)
+from .reporting_reference import (Reference, convert_batch, reference_gradient, resolve_reference,
+                                  trainer_stage)
 from .store import TrajectoryStore
 from .samples import SampleView, training_samples
 
@@ -156,7 +156,7 @@ def _scores(
         def mean_reference_loss(module: torch.nn.Module, _: Any) -> torch.Tensor:
             losses, count = [], 0
             for batch in resolve_reference(trainer, reference)[0] or []:
-                with outside_training(trainer):
+                with trainer_stage(trainer, None):
                     losses.append(embeddings.test_losses(module, convert_batch(trainer, batch)))
                 count += len(losses[-1])
                 if count >= query.n_samples:
@@ -219,7 +219,7 @@ def _reference_query(
         return None
     prepare = partial(convert_batch, trainer)
     try:
-        with outside_training(trainer):
+        with trainer_stage(trainer, None):
             return reference_gradient(embeddings, pl_module, batches, prepare, config.max_reference_samples, source,
                                       show_progress)
     except DVEError as err:

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -135,27 +136,30 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
 
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
-    """What the training loop does to a batch: precision conversion, the transfer hooks, device.
+    """What the training loop does to a batch (precision conversion, the transfer hooks, device), for the replay's
+    rebuilt training batches: with the Trainer's stage as in training, so hooks that read
+    ``self.trainer.training`` do what they did then (after ``fit`` the stage is none).
 
     The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
     the others), which calls a DataModule's override instead of the module's, as the training loop does.
     """
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = module._on_before_batch_transfer(batch, 0)
-    return trainer.strategy.batch_to_device(batch)
+    with trainer_stage(trainer, RunningStage.TRAINING):
+        batch = trainer.precision_plugin.convert_input(batch)
+        return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
 
 
 @contextlib.contextmanager
-def outside_training(trainer: pl.Trainer) -> Iterator[None]:
-    """The Trainer's stage as after ``fit`` (none) while the report scores its reference batches (at train end and
-    at segment boundaries, where it is still training): transfer hooks that augment under
-    ``self.trainer.training`` leave them as the queries after ``fit`` see them."""
-    stage = trainer.state.stage
-    trainer.state.stage = None
+def trainer_stage(trainer: pl.Trainer, stage: RunningStage | None) -> Iterator[None]:
+    """The Trainer in ``stage`` for the block. The report scores its reference batches with none (as after ``fit``,
+    though at train end and at segment boundaries it is still training), so transfer hooks that augment under
+    ``self.trainer.training`` leave them as the queries after ``fit`` see them; the replay rebuilds training
+    batches in ``TRAINING``."""
+    saved = trainer.state.stage
+    trainer.state.stage = stage
     try:
         yield
     finally:
-        trainer.state.stage = stage
+        trainer.state.stage = saved
 
 
 def convert_batch(trainer: pl.Trainer, batch: Any) -> Any:

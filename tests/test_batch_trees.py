@@ -296,3 +296,53 @@ def test_a_step_that_edits_the_batchs_tensors_in_place_is_refused_naming_it(tmp_
     make_trainer(1, callbacks=[dve], precision="32-true").fit(module, make_loader(DigitsDataset(train), 16))
     with pytest.raises(ConfigError, match=r"edits the batch's tensors in place \(batch\['x'\]\.mul_\(0\.5\)"):
         dve.embeddings.influence(module, DigitsDataset(test).batch())
+
+
+class Record:
+    """A plain item class without ``__eq__`` (a custom collate_fn reads it)."""
+
+    def __init__(self, x: torch.Tensor, label: int) -> None:
+        self.x, self.label = x, label
+
+
+def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> None:
+    """Exact replay's read check (``same_items``) took a missing value (NaN != NaN) and a plain object (``==`` is
+    identity) for a random transform and refused deterministic datasets; other values still differ."""
+    import numpy as np
+
+    from lightning_dve.batch_trees import same_items
+
+    nan = float("nan")
+    assert same_items({"x": torch.tensor([nan, 1.0]), "a": np.array([nan, 2.0]), "f": nan},
+                      {"x": torch.tensor([nan, 1.0]), "a": np.array([nan, 2.0]), "f": nan})
+    assert same_items(Record(torch.ones(2), 3), Record(torch.ones(2), 3))
+    assert not same_items(torch.tensor([nan, 1.0]), torch.tensor([nan, 1.5]))
+    assert not same_items(Record(torch.ones(2), 3), Record(torch.ones(2), 4))
+    assert not same_items(np.array([1.0, nan]), np.array([nan, 1.0]))
+    assert same_items(np.array(["a", "b"]), np.array(["a", "b"]))
+
+
+class DoubledWhileTraining(TinyMLP):
+    """Doubles the inputs in ``on_after_batch_transfer`` while the Trainer trains (train-only preprocessing)."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {**batch, "x": batch["x"] * 2} if self.trainer.training else batch
+
+
+class DoubledInTrainMode(TinyMLP):
+    """The same preprocessing inside ``training_step``, in train mode (the replay's mode; queries run in eval)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.loss({**batch, "x": batch["x"] * 2} if self.training else batch)
+
+
+def test_exact_influence_after_fit_rebuilds_batches_as_the_trainer_trained(fit, tmp_path: Path, test_batch) -> None:
+    """The replay's rebuilt training batches go through the transfer hooks with the Trainer's stage as in training
+    (before: after fit it was no longer training, the hook took the other branch, and exact_influence was refused
+    for not reproducing the checkpoints). Oracle: the same preprocessing in training_step under self.training."""
+    scores = []
+    for module in (DoubledWhileTraining(), DoubledInTrainMode()):
+        dve = DataValueEmbedding(tmp_path / type(module).__name__, projection_dim=None, report=None)
+        fit(module.double(), dve, precision="64-true")
+        scores.append(dve.embeddings.exact_influence(module, test_batch, per_step=True).scores)
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-10, atol=1e-15)
