@@ -85,10 +85,13 @@ def as_started(batch: Any, start: Any) -> Any:
 def same_items(a: Any, b: Any) -> bool:
     """Whether two dataset items (nested tensors, arrays, containers, numbers, plain objects) are identical. NaN
     equals NaN (a missing value read twice), and an object without an ``__eq__`` of its own compares by its
-    attributes (``==`` is identity there, false for two reads of the same item)."""
+    attributes (``==`` is identity there, false for two reads of the same item; one object read twice, a cached
+    item, is the same without looking inside)."""
+    if a is b:
+        return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(
-            torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or (
+            (a.is_floating_point() or a.is_complex()) and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(same_items(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -98,7 +101,7 @@ def same_items(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return a.shape == b.shape and a.dtype == b.dtype and bool(
             np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)) and math.isnan(a) and math.isnan(b):
         return True
     if type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
         return same_items(vars(a), vars(b))

@@ -68,14 +68,16 @@ class CallChecks:
 
 
 def check_layout(layer: TrackedLayer) -> None:
-    """Refuse a call of a layer whose trainable parameters are no longer those of the recorded layout (its
-    projection's sides: a bias frozen or unfrozen since this micro-batch's start check, by the LightningModule's own
-    ``on_train_batch_start``, which runs after the callbacks').
+    """Refuse a call of a layer whose trainable parameters are no longer those of the recorded layout (a frozen
+    weight, or a bias frozen or unfrozen, which changes its projection's sides) since this micro-batch's start
+    check: by the LightningModule's own ``on_train_batch_start``, which runs after the callbacks'.
 
     Raises:
         UnsupportedError: naming the layer and where to freeze instead.
     """
-    if layer.spec.dims(layer.module) != (layer.projection.output.dim, layer.projection.input.dim):
+    weight = getattr(layer.module, "weight", None)
+    if (layer.spec.dims(layer.module) != (layer.projection.output.dim, layer.projection.input.dim)
+            or (isinstance(weight, torch.Tensor) and not weight.requires_grad)):
         raise UnsupportedError(
             f"layer {layer.name!r}: its parameters were frozen or unfrozen during fit, after the callback checked "
             "them at this batch's start (in the LightningModule's on_train_batch_start, which runs after the "

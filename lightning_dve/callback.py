@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 import torch
 
@@ -284,8 +284,9 @@ class DataValueEmbedding(StepHooks):
         self._planned_steps = float(trainer.estimated_stepping_batches)
         if self.config.segments > 1 and not self._boundaries:
             callback_setup.warn_unplanned_boundaries(self.config.segments)
-        self._training_data = training_data_of(trainer.train_dataloader, self.sample_ids,
-                                               partial(reporting_reference.prepare_batch, trainer, pl_module))
+        self._training_data = training_data_of(
+            trainer.train_dataloader, self.sample_ids, partial(reporting_reference.prepare_batch, trainer, pl_module),
+            partial(reporting_reference.trainer_stage, trainer, RunningStage.TRAINING))
         self._train_started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -370,8 +370,8 @@ def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
     frozen = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad} - set(tracked))
     held = {id(p) for p in getattr(pl_module, "backbone", torch.nn.Module()).parameters()}  # by identity: aliases
     backbone = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad and id(p) in held})
-    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning) and (
-        trainer.max_epochs in (None, -1) or c.unfreeze_backbone_at_epoch < trainer.max_epochs)]
+    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning)  # within max_epochs (unlimited: warned)
+                 and trainer.max_epochs not in (None, -1) and c.unfreeze_backbone_at_epoch < trainer.max_epochs]
     fix = ("(they then train untracked once unfrozen, and the scores measure influence through the other layers), or "
            "train each stage in a fit of its own without the finetuning callback.")
     if unfreezes and backbone:
@@ -380,7 +380,8 @@ def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
             f"unfreeze it at epoch {unfreezes[0].unfreeze_backbone_at_epoch}, and the tracked layers are fixed when "
             f"fit starts: that step would be refused, after every earlier one was recorded. Pass exclude="
             f"{tuple(backbone)!r} {fix}")
-    if stagers and frozen and not unfreezes:
-        rank_zero_warn(f"DataValueEmbedding: {type(stagers[0]).__name__} is in the Trainer and modules {frozen[:6]}"
-                       f"{' ...' if len(frozen) > 6 else ''} are frozen: if it unfreezes them during fit, that step "
+    if stagers and (frozen or backbone) and not unfreezes:
+        named = sorted(set(frozen) | set(backbone))
+        rank_zero_warn(f"DataValueEmbedding: {type(stagers[0]).__name__} is in the Trainer and modules {named[:6]}"
+                       f"{' ...' if len(named) > 6 else ''} are frozen: if it unfreezes them during fit, that step "
                        f"will be refused, after every earlier one was recorded. If it will, pass exclude=(...) {fix}")

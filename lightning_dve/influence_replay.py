@@ -7,6 +7,7 @@ carried back through the replayed run (:meth:`ReplayQueries.exact_influence`), o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -111,8 +112,9 @@ class ReplayQueries:
         (refused under ``torch.inference_mode()``, before any replay: it differentiates through training)."""
         require_autograd()
         base = self.training_data or TrainingData(None)
-        data = TrainingData(base.dataset if dataset is None else dataset, collate_fn or base.collate_fn,
-                            base.sample_ids if sample_ids is None else sample_ids, base.prepare)
+        data = dataclasses.replace(base, dataset=base.dataset if dataset is None else dataset,
+                                   collate_fn=collate_fn or base.collate_fn,
+                                   sample_ids=base.sample_ids if sample_ids is None else sample_ids)
         return make_replayer(self.store, self.config.checkpoint_interval, uncompiled(module), data, train_loss_fn,
                              self.config.loss_reduction, self.loss_weights)
 

@@ -39,12 +39,15 @@ class TrainingData:
         prepare: what the training loop did to a collated batch (precision conversion, transfer hooks, device);
             ``None`` (after ``load``) moves it to the module's device and converts it as the recorded precision
             did (``"64-true"``: floating tensors to float64).
+        stage: the Trainer's stage as in training, entered around each replayed step's loss (its batches' hooks
+            and ``training_step`` may read ``self.trainer.training``); ``None`` after ``load``.
     """
 
     dataset: Any
     collate_fn: Callable[[list[Any]], Any] | None = None
     sample_ids: str | Callable[[Any], Any] | None = None
     prepare: Callable[[Any], Any] | None = None
+    stage: Callable[[], contextlib.AbstractContextManager[None]] | None = None
 
 
 class BatchSource:
@@ -131,8 +134,17 @@ class BatchSource:
     def _ids_of(self, positions: Sequence[int]) -> list[int]:
         """The ids of the items at ``positions``, each read from a batch of that item alone: a ``collate_fn`` may
         reorder a batch (sort it by length), so a batch's ids need not follow its items' order."""
-        return [int(extract_sample_ids(self.collate([self.data.dataset[p]]), self.data.sample_ids, 1)[0])
-                for p in positions]
+        return [self._id_of(self.collate([self.data.dataset[p]])) for p in positions]
+
+    def _id_of(self, batch: Any) -> int:
+        """A one-sample batch's id, from the collated batch, or where ``sample_ids`` cannot read that (a callable
+        written for the batch type the transfer hooks make), from the batch prepared as training read it."""
+        try:
+            return int(extract_sample_ids(batch, self.data.sample_ids, 1)[0])
+        except Exception:  # noqa: BLE001 -- read as training did; a failure there is raised
+            if self.data.prepare is None:
+                raise
+            return int(extract_sample_ids(self._prepared(batch), self.data.sample_ids, 1)[0])
 
     def _scan(self) -> dict[int, int]:
         """``{id: position}`` from one scan of the dataset."""
@@ -226,14 +238,16 @@ def step_losses(source: BatchSource, reduction: LossReduction, weight_fn: Weight
     """``(module, weights, record) -> sum_z w_z l(theta, z)`` of a recorded step (``record``: its ids, recorded
     weights and micro-batches, ``Replayer.record``): :func:`step_total`, or from ``train_loss_fn``'s per-sample
     losses on the step's batch (one forward)."""
-    if train_loss_fn is None:
-        return lambda m, weights, record: step_total(m, source, weights, record, reduction, weight_fn, batched)
+    stage = source.data.stage or contextlib.nullcontext
 
-    def from_loss_fn(m: nn.Module, weights: torch.Tensor, record: StepSamples) -> torch.Tensor:
-        per_sample = checked_losses(train_loss_fn(m, source.batch(record[0])), len(record[0]), "train_loss_fn")
-        return (weights.to(per_sample.dtype) * per_sample).sum()
+    def step_loss(m: nn.Module, weights: torch.Tensor, record: StepSamples) -> torch.Tensor:
+        with stage():
+            if train_loss_fn is None:
+                return step_total(m, source, weights, record, reduction, weight_fn, batched)
+            per_sample = checked_losses(train_loss_fn(m, source.batch(record[0])), len(record[0]), "train_loss_fn")
+            return (weights.to(per_sample.dtype) * per_sample).sum()
 
-    return from_loss_fn
+    return step_loss
 
 
 def step_total(module: nn.Module, source: BatchSource, weights: torch.Tensor, record: StepSamples,
@@ -291,11 +305,12 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
 
 
 def training_data_of(
-    loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None
+    loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None,
+    stage: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
 ) -> TrainingData | None:
     """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset, or
     whose dataset yields whole batches: ``batch_size=None`` turns automatic batching off)."""
     dataset = getattr(loader, "dataset", None)
     if dataset is None or (getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None):
         return None
-    return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare)
+    return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare, stage)

@@ -137,23 +137,21 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
     """What the training loop does to a batch (precision conversion, the transfer hooks, device), for the replay's
-    rebuilt training batches: with the Trainer's stage as in training, so hooks that read
-    ``self.trainer.training`` do what they did then (after ``fit`` the stage is none).
+    rebuilt training batches (in the Trainer's stage as in training: ``TrainingData.stage``).
 
     The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
     the others), which calls a DataModule's override instead of the module's, as the training loop does.
     """
-    with trainer_stage(trainer, RunningStage.TRAINING):
-        batch = trainer.precision_plugin.convert_input(batch)
-        return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
+    batch = trainer.precision_plugin.convert_input(batch)
+    return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
 
 
 @contextlib.contextmanager
 def trainer_stage(trainer: pl.Trainer, stage: RunningStage | None) -> Iterator[None]:
     """The Trainer in ``stage`` for the block. The report scores its reference batches with none (as after ``fit``,
     though at train end and at segment boundaries it is still training), so transfer hooks that augment under
-    ``self.trainer.training`` leave them as the queries after ``fit`` see them; the replay rebuilds training
-    batches in ``TRAINING``."""
+    ``self.trainer.training`` leave them as the queries after ``fit`` see them; the replay runs training's steps
+    in ``TRAINING``."""
     saved = trainer.state.stage
     trainer.state.stage = stage
     try:

@@ -320,6 +320,11 @@ def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> No
     assert not same_items(Record(torch.ones(2), 3), Record(torch.ones(2), 4))
     assert not same_items(np.array([1.0, nan]), np.array([nan, 1.0]))
     assert same_items(np.array(["a", "b"]), np.array(["a", "b"]))
+    assert same_items({"age": np.float32("nan")}, {"age": np.float32("nan")})  # a numpy scalar
+    assert same_items(torch.tensor([complex(nan, 1)]), torch.tensor([complex(nan, 1)]))
+    cyclic = Record(torch.ones(1), 1)
+    cyclic.owner = [cyclic]  # an item cached by a dataset it refers back to: read twice, the same object
+    assert same_items(cyclic, cyclic)
 
 
 class DoubledWhileTraining(TinyMLP):
@@ -336,12 +341,31 @@ class DoubledInTrainMode(TinyMLP):
         return self.loss({**batch, "x": batch["x"] * 2} if self.training else batch)
 
 
-def test_exact_influence_after_fit_rebuilds_batches_as_the_trainer_trained(fit, tmp_path: Path, test_batch) -> None:
-    """The replay's rebuilt training batches go through the transfer hooks with the Trainer's stage as in training
-    (before: after fit it was no longer training, the hook took the other branch, and exact_influence was refused
-    for not reproducing the checkpoints). Oracle: the same preprocessing in training_step under self.training."""
+class SmoothedWhileTraining(TinyMLP):
+    """Label smoothing in ``training_step`` while the Trainer trains (a shared step that reads the stage)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        smoothing = 0.2 if self.trainer.training else 0.0
+        return F.cross_entropy(self(batch["x"]), batch["y"], label_smoothing=smoothing)
+
+
+class SmoothedInTrainMode(TinyMLP):
+    """The same smoothing under ``self.training``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return F.cross_entropy(self(batch["x"]), batch["y"], label_smoothing=0.2 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("pair", [(DoubledWhileTraining, DoubledInTrainMode),
+                                  (SmoothedWhileTraining, SmoothedInTrainMode)], ids=["hook", "training_step"])
+def test_exact_influence_after_fit_replays_steps_as_the_trainer_trained(fit, tmp_path: Path, test_batch,
+                                                                        pair) -> None:
+    """The replay rebuilds training batches through the transfer hooks and runs training_step with the Trainer's
+    stage as in training (before: after fit it was no longer training, the other branch ran, and exact_influence
+    was refused for not reproducing the checkpoints, while the train-end replay of the same run was accepted).
+    Oracle: the same preprocessing or smoothing under self.training (train mode in replay, eval in queries)."""
     scores = []
-    for module in (DoubledWhileTraining(), DoubledInTrainMode()):
+    for module in (pair[0](), pair[1]()):
         dve = DataValueEmbedding(tmp_path / type(module).__name__, projection_dim=None, report=None)
         fit(module.double(), dve, precision="64-true")
         scores.append(dve.embeddings.exact_influence(module, test_batch, per_step=True).scores)

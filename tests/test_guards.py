@@ -115,6 +115,8 @@ class FreezeAtFirstBatch(TinyMLP):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.hook == "on_train_batch_start" and batch_idx == 0:
             self.net[2].requires_grad_(False)
+        if self.hook == "weight for one batch":  # frozen for the odd batches only: every start check passes
+            self.net[2].weight.requires_grad_(batch_idx % 2 == 0)
 
     def on_after_backward(self) -> None:
         if self.hook == "on_after_backward":
@@ -124,11 +126,13 @@ class FreezeAtFirstBatch(TinyMLP):
 @pytest.mark.parametrize(("hook", "message"), [
     ("on_train_batch_start", r"layer 'net.2': its parameters were frozen or unfrozen during fit, after the callback "
                              r"checked them at this batch's start .*freeze in __init__ or setup\(\)"),
+    ("weight for one batch", r"layer 'net.2': its parameters were frozen or unfrozen during fit"),
     ("on_after_backward", r"step 0: .* were frozen during fit")])
 def test_freezing_during_the_first_step_is_named_as_during_fit(fit: Callable, tmp_path: Path, hook: str,
                                                                message: str) -> None:
     """In the module's ``on_train_batch_start``, after the callback's check: refused at the tracked layer's call,
-    naming it (before: torch's bare 'mat1 and mat2 shapes cannot be multiplied' from the bias column). After the
+    naming it (before: torch's bare 'mat1 and mat2 shapes cannot be multiplied' from the bias column; a weight
+    frozen for one batch at a time and unfrozen before the next start check passed silently). After the
     first micro-batch's backward (``accumulate_grad_batches=2``): 'during fit', not 'before this fit's first step'
     (the first version of that message keyed on applied steps)."""
     with pytest.raises(UnsupportedError, match=message):

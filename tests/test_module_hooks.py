@@ -4,6 +4,7 @@ handed it (the batch transformed by hand, ``batch_idx`` passed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -191,3 +192,36 @@ def test_a_loss_reduction_callable_is_recorded_as_weights_in_dve_config(fit, sav
     assert loaded.influence(TinyMLP(), test_batch).scores.shape[0] == len(test_batch["y"])
     with pytest.raises(ConfigError, match="allowed values are 'mean', 'sum', or a callable"):
         DVEConfig(loss_reduction="median")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The batch type :class:`AsDataclass`'s hook makes of a loader's dict."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+
+class AsDataclass(TinyMLP):
+    """Turns the loader's dict into :class:`Inputs` before the transfer; its ids are ``batch.idx``."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return Inputs(batch["x"], batch["y"], batch["index"])
+
+    def training_step(self, batch: Inputs, batch_idx: int) -> Any:
+        return self.loss({"x": batch.x, "y": batch.y})
+
+
+def test_exact_replay_reads_ids_of_the_batch_type_the_hooks_make(fit, tmp_path, test_batch):
+    """``sample_ids=lambda b: b.idx`` reads the hooked batch, as in training: the replay finds each item's id
+    there when the collated dict has none (before: AttributeError, also failing the fit of embeddings='replay').
+    Oracle: the same run on dict batches with ``sample_ids="index"``."""
+    hooked = DataValueEmbedding(tmp_path / "hooked", projection_dim=None, report=None, sample_ids=lambda b: b.idx)
+    plain = DataValueEmbedding(tmp_path / "plain", projection_dim=None, report=None)
+    models = AsDataclass(), TinyMLP()
+    fit(models[0], hooked)
+    fit(models[1], plain)
+    torch.testing.assert_close(hooked.embeddings.exact_influence(models[0], test_batch, per_step=True).scores,
+                               plain.embeddings.exact_influence(models[1], test_batch, per_step=True).scores,
+                               rtol=1e-6, atol=1e-9)
