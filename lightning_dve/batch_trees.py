@@ -10,8 +10,8 @@ list); :func:`count_samples` and :func:`batch_rows` tell them apart by the items
 
 from __future__ import annotations
 
+import cmath
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -99,16 +99,30 @@ def same_items(a: Any, b: Any) -> bool:
     if is_dataclass_value(a) and type(a) is type(b):
         return all(same_items(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(
-            np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
-    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)) and math.isnan(a) and math.isnan(b):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind == "O":  # e.g. a pandas row: element by element
+            return all(same_items(x, y) for x, y in zip(a.ravel().tolist(), b.ravel().tolist()))
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))  # NaN, NaT
+    if _is_nan(a) and _is_nan(b):
         return True
-    if type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
-        return same_items(vars(a), vars(b))
+    if type(a) is type(b) and type(a).__eq__ is object.__eq__ and (hasattr(a, "__dict__") or hasattr(a, "__slots__")):
+        return same_items(_state(a), _state(b))
     try:
         return bool(a == b)
     except (RuntimeError, ValueError):  # e.g. other array types
         return bool((a == b).all())
+
+
+def _is_nan(x: Any) -> bool:
+    """Whether ``x`` is a NaN number (Python or numpy, real or complex)."""
+    return isinstance(x, (float, complex, np.floating, np.complexfloating)) and cmath.isnan(x)
+
+
+def _state(x: Any) -> dict[str, Any]:
+    """An object's attributes: its ``__dict__`` and ``__slots__``."""
+    slots = [s for cls in type(x).__mro__ for s in getattr(cls, "__slots__", ()) if hasattr(x, s)]
+    return {**getattr(x, "__dict__", {}), **{s: getattr(x, s) for s in slots}}
 
 
 def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:

@@ -81,8 +81,8 @@ def check_layout(layer: TrackedLayer) -> None:
         raise UnsupportedError(
             f"layer {layer.name!r}: its parameters were frozen or unfrozen during fit, after the callback checked "
             "them at this batch's start (in the LightningModule's on_train_batch_start, which runs after the "
-            "callbacks'?). The tracked layers and their bias columns are fixed when fit starts: freeze in __init__ "
-            "or setup(), or exclude the layer.")
+            "callbacks', or in training_step). The tracked layers and their bias columns are fixed when fit "
+            "starts: freeze in __init__ or setup(), or exclude the layer.")
 
 
 def model_tables(model: nn.Module) -> dict[int, weakref.ref]:

@@ -370,8 +370,9 @@ def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
     frozen = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad} - set(tracked))
     held = {id(p) for p in getattr(pl_module, "backbone", torch.nn.Module()).parameters()}  # by identity: aliases
     backbone = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad and id(p) in held})
-    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning)  # within max_epochs (unlimited: warned)
-                 and trainer.max_epochs not in (None, -1) and c.unfreeze_backbone_at_epoch < trainer.max_epochs]
+    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning)  # certain within max_epochs: else warned
+                 and trainer.max_epochs not in (None, -1) and trainer.max_steps in (None, -1)
+                 and c.unfreeze_backbone_at_epoch < trainer.max_epochs]
     fix = ("(they then train untracked once unfrozen, and the scores measure influence through the other layers), or "
            "train each stage in a fit of its own without the finetuning callback.")
     if unfreezes and backbone:

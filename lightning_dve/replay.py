@@ -16,6 +16,7 @@ a vector-Jacobian product of ``U_k`` (a double backward through the gradient); t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -92,18 +93,17 @@ class Replayer:
                  losses: Callable[..., torch.Tensor], per_sample_forwards: bool = True) -> None:
         self.module, self.store, self.checkpoints, self.source, self.losses = module, store, checkpoints, source, losses
         self.per_sample_forwards = per_sample_forwards
+        self.stage = source.data.stage or contextlib.nullcontext  # the Trainer's stage as in training (after fit)
         manifest = checkpoints.manifest
         self.kind = OptimizerKind(manifest["kind"])
         self.groups: list[list[str]] = manifest["groups"]
         self.names = [name for group in self.groups for name in group]
-        # frozen parameters (requires_grad=False for the whole fit: guards.py, checkpoints.py) that the optimizer holds:
-        # training gave them no gradient, so torch skipped them; the replay must not differentiate them either
+        # parameters the optimizer holds, frozen for the whole fit (guards.py): no gradient, skipped here too
         frozen = set(manifest.get("frozen", ()))
         self.trainable = [name for name in self.names if name not in frozen]
         self.clip = manifest.get("clip") or {}
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
-        self.forward_steps = 0
-        self.batched = True  # vector-Jacobian products of many rows under vmap (until an op refuses it)
+        self.forward_steps, self.batched = 0, True  # batched: VJPs of many rows under vmap until an op refuses
         self._records: dict[int, StepSamples] = {}
 
     def record(self, step: int) -> StepSamples:
@@ -149,7 +149,7 @@ class Replayer:
         """``(theta_{t+1}, s_{t+1})`` from ``(theta_t, s_t)``."""
         self.forward_steps += 1
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with parameters_as(self.module, leaves):
+        with self.stage(), parameters_as(self.module, leaves):  # training's stage: checkpointing recomputes too
             grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
         with torch.no_grad():
             detached = [None if g is None else g.detach() for g in grads]
@@ -168,7 +168,7 @@ class Replayer:
         p_leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         s_leaves = {n: {k: v.detach().requires_grad_(k != "step") for k, v in e.items()} for n, e in state.items()}
         weights = self.record(step)[1].to(next(iter(params.values())).dtype).clone().requires_grad_(True)
-        with parameters_as(self.module, p_leaves):  # the double backward may recompute checkpointed activations
+        with self.stage(), parameters_as(self.module, p_leaves):  # the double backward may recompute activations
             return self._carry(p_leaves, s_leaves, weights, step, adjoint)
 
     def _carry(self, p_leaves: Params, s_leaves: OptState, weights: torch.Tensor, step: int, adjoint: Adjoint

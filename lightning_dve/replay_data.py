@@ -39,8 +39,9 @@ class TrainingData:
         prepare: what the training loop did to a collated batch (precision conversion, transfer hooks, device);
             ``None`` (after ``load``) moves it to the module's device and converts it as the recorded precision
             did (``"64-true"``: floating tensors to float64).
-        stage: the Trainer's stage as in training, entered around each replayed step's loss (its batches' hooks
-            and ``training_step`` may read ``self.trainer.training``); ``None`` after ``load``.
+        stage: the Trainer's stage as in training, entered around each replayed step (its batches' hooks,
+            ``training_step`` and a checkpointed forward may read ``self.trainer.training``); ``None`` after
+            ``load``.
     """
 
     dataset: Any
@@ -137,14 +138,22 @@ class BatchSource:
         return [self._id_of(self.collate([self.data.dataset[p]])) for p in positions]
 
     def _id_of(self, batch: Any) -> int:
-        """A one-sample batch's id, from the collated batch, or where ``sample_ids`` cannot read that (a callable
-        written for the batch type the transfer hooks make), from the batch prepared as training read it."""
+        """A one-sample batch's id, read as training read it: from the batch prepared as the training loop did
+        (transfer hooks, in the training stage: a hook may renumber the ids or make the batch type ``sample_ids``
+        reads) where the replay has that preparation (after ``fit``), else from the collated batch.
+
+        Raises:
+            ConfigError: if ``sample_ids`` cannot read the collated batch (after ``load``), naming the fix.
+        """
+        if self.data.prepare is not None:
+            with (self.data.stage or contextlib.nullcontext)():
+                return int(extract_sample_ids(self.data.prepare(batch), self.data.sample_ids, 1)[0])
         try:
             return int(extract_sample_ids(batch, self.data.sample_ids, 1)[0])
-        except Exception:  # noqa: BLE001 -- read as training did; a failure there is raised
-            if self.data.prepare is None:
-                raise
-            return int(extract_sample_ids(self._prepared(batch), self.data.sample_ids, 1)[0])
+        except (AttributeError, TypeError) as err:
+            raise ConfigError(f"sample_ids cannot read the batches the replay rebuilds with collate_fn ({err}): "
+                              "after load they skip the LightningModule's transfer hooks. Pass a collate_fn= that "
+                              "makes the batch training_step saw, or sample_ids= for the collated batch.") from err
 
     def _scan(self) -> dict[int, int]:
         """``{id: position}`` from one scan of the dataset."""
@@ -238,16 +247,14 @@ def step_losses(source: BatchSource, reduction: LossReduction, weight_fn: Weight
     """``(module, weights, record) -> sum_z w_z l(theta, z)`` of a recorded step (``record``: its ids, recorded
     weights and micro-batches, ``Replayer.record``): :func:`step_total`, or from ``train_loss_fn``'s per-sample
     losses on the step's batch (one forward)."""
-    stage = source.data.stage or contextlib.nullcontext
+    if train_loss_fn is None:
+        return lambda m, weights, record: step_total(m, source, weights, record, reduction, weight_fn, batched)
 
-    def step_loss(m: nn.Module, weights: torch.Tensor, record: StepSamples) -> torch.Tensor:
-        with stage():
-            if train_loss_fn is None:
-                return step_total(m, source, weights, record, reduction, weight_fn, batched)
-            per_sample = checked_losses(train_loss_fn(m, source.batch(record[0])), len(record[0]), "train_loss_fn")
-            return (weights.to(per_sample.dtype) * per_sample).sum()
+    def from_loss_fn(m: nn.Module, weights: torch.Tensor, record: StepSamples) -> torch.Tensor:
+        per_sample = checked_losses(train_loss_fn(m, source.batch(record[0])), len(record[0]), "train_loss_fn")
+        return (weights.to(per_sample.dtype) * per_sample).sum()
 
-    return step_loss
+    return from_loss_fn
 
 
 def step_total(module: nn.Module, source: BatchSource, weights: torch.Tensor, record: StepSamples,

@@ -305,6 +305,15 @@ class Record:
         self.x, self.label = x, label
 
 
+class Slotted:
+    """A plain item class with ``__slots__`` (no ``__dict__``)."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a: int) -> None:
+        self.a = a
+
+
 def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> None:
     """Exact replay's read check (``same_items``) took a missing value (NaN != NaN) and a plain object (``==`` is
     identity) for a random transform and refused deterministic datasets; other values still differ."""
@@ -322,6 +331,13 @@ def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> No
     assert same_items(np.array(["a", "b"]), np.array(["a", "b"]))
     assert same_items({"age": np.float32("nan")}, {"age": np.float32("nan")})  # a numpy scalar
     assert same_items(torch.tensor([complex(nan, 1)]), torch.tensor([complex(nan, 1)]))
+    assert same_items(np.array([1, nan, "x"], dtype=object), np.array([1, nan, "x"], dtype=object))  # a pandas row
+    assert not same_items(np.array([1, "y"], dtype=object), np.array([1, "x"], dtype=object))
+    assert same_items(complex("nan"), complex("nan")) and same_items(np.complex128(complex(nan, 1)),
+                                                                     np.complex128(complex(nan, 1)))
+    times = np.array(["NaT", "2020-01-01"], dtype="datetime64[D]")
+    assert same_items(times, times.copy())
+    assert same_items(Slotted(1), Slotted(1)) and not same_items(Slotted(1), Slotted(2))
     cyclic = Record(torch.ones(1), 1)
     cyclic.owner = [cyclic]  # an item cached by a dataset it refers back to: read twice, the same object
     assert same_items(cyclic, cyclic)
@@ -356,8 +372,32 @@ class SmoothedInTrainMode(TinyMLP):
         return F.cross_entropy(self(batch["x"]), batch["y"], label_smoothing=0.2 if self.training else 0.0)
 
 
+class CheckpointedWhileTraining(TinyMLP):
+    """A checkpointed block (``use_reentrant=False``) that shifts its pre-activation while the Trainer trains: the
+    replay's backward recomputes it, and must do so in the training stage too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def block(x: torch.Tensor) -> torch.Tensor:
+            z = self.net[0](x)
+            return torch.tanh(z + 0.5 if self._shifted() else z)
+
+        return self.net[2](torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False))
+
+    def _shifted(self) -> bool:
+        return self.trainer.training
+
+
+class CheckpointedInTrainMode(CheckpointedWhileTraining):
+    """The same shift under ``self.training``."""
+
+    def _shifted(self) -> bool:
+        return self.training
+
+
 @pytest.mark.parametrize("pair", [(DoubledWhileTraining, DoubledInTrainMode),
-                                  (SmoothedWhileTraining, SmoothedInTrainMode)], ids=["hook", "training_step"])
+                                  (SmoothedWhileTraining, SmoothedInTrainMode),
+                                  (CheckpointedWhileTraining, CheckpointedInTrainMode)],
+                         ids=["hook", "training_step", "checkpointed forward"])
 def test_exact_influence_after_fit_replays_steps_as_the_trainer_trained(fit, tmp_path: Path, test_batch,
                                                                         pair) -> None:
     """The replay rebuilds training batches through the transfer hooks and runs training_step with the Trainer's

@@ -183,12 +183,14 @@ def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_p
     assert trainer.global_step == 0 and not (tmp_path / "dve" / "manifest.json").exists()
 
 
-def test_backbone_finetuning_under_max_steps_warns_instead(tmp_path: Path, digits) -> None:
-    """With ``max_epochs`` unlimited (``max_steps`` ends the fit) the unfreeze epoch may never come: a warning
-    names the backbone, and a fit that ends first trains (before: refused though it never reached epoch 10)."""
+@pytest.mark.parametrize("max_epochs", [None, 20])
+def test_backbone_finetuning_under_max_steps_warns_instead(tmp_path: Path, digits, max_epochs: int | None) -> None:
+    """Where ``max_steps`` may end the fit first the unfreeze epoch may never come: a warning names the backbone,
+    and a fit that ends first trains (before: refused though it never reached epoch 10)."""
     train, _ = digits
     dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None)
-    trainer = make_trainer(None, callbacks=[dve, BackboneFinetuning(unfreeze_backbone_at_epoch=10)], max_steps=8)
+    trainer = make_trainer(max_epochs, callbacks=[dve, BackboneFinetuning(unfreeze_backbone_at_epoch=10)],
+                           max_steps=8)
     with pytest.warns(UserWarning, match=r"BackboneFinetuning is in the Trainer and modules \['backbone.0'\]"):
         trainer.fit(BackboneMLP(), make_loader(train, 16, seed=1))
     assert dve.embeddings.steps == list(range(8))

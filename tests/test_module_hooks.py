@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, DVEConfig, LossReduction
-from tests.conftest import TinyMLP
+from tests.conftest import DigitsDict, TinyMLP
 
 
 def rescaled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,3 +225,28 @@ def test_exact_replay_reads_ids_of_the_batch_type_the_hooks_make(fit, tmp_path, 
     torch.testing.assert_close(hooked.embeddings.exact_influence(models[0], test_batch, per_step=True).scores,
                                plain.embeddings.exact_influence(models[1], test_batch, per_step=True).scores,
                                rtol=1e-6, atol=1e-9)
+
+
+class RenumberingIds(TinyMLP):
+    """Maps the loader's positions to the run's ids (``index + 1000``) in ``on_after_batch_transfer``."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {**batch, "index": batch["index"] + 1000}
+
+
+def test_exact_replay_reads_ids_a_hook_renumbers_as_training_did(fit, tmp_path, test_batch):
+    """Training records the hooked ids (1000 + position); the replay reads each item's id from the hooked batch
+    too (before: from the collated one, refusing 'ids not in the dataset', and where the hook permutes ids within
+    a batch, scoring every occurrence as another sample's, silently). Oracle: the plain run, ids shifted."""
+    renumbered = DataValueEmbedding(tmp_path / "renumbered", projection_dim=None, report=None)
+    plain = DataValueEmbedding(tmp_path / "plain", projection_dim=None, report=None)
+    models = RenumberingIds(), TinyMLP()
+    fit(models[0], renumbered)
+    fit(models[1], plain)
+    got = renumbered.embeddings.exact_influence(models[0], test_batch, per_step=True)
+    expected = plain.embeddings.exact_influence(models[1], test_batch, per_step=True)
+    assert got.sample_ids.tolist() == [i + 1000 for i in expected.sample_ids.tolist()]
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-6, atol=1e-9)
+    after_load = DataValueEmbeddings.load(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="sample_ids cannot read the batches the replay rebuilds with collate_fn"):
+        after_load.exact_influence(models[1], test_batch, dataset=DigitsDict(range(64)), sample_ids=lambda b: b.idx)
