@@ -10,8 +10,8 @@ list); :func:`count_samples` and :func:`batch_rows` tell them apart by the items
 
 from __future__ import annotations
 
-import cmath
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -104,8 +104,10 @@ def same_items(a: Any, b: Any) -> bool:
         if a.dtype.kind == "O":  # e.g. a pandas row: element by element
             return all(same_items(x, y) for x, y in zip(a.ravel().tolist(), b.ravel().tolist()))
         return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))  # NaN, NaT
-    if _is_nan(a) and _is_nan(b):
-        return True
+    if isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS):
+        return _same_number(a, b)
+    if isinstance(a, _TIMES) and isinstance(b, _TIMES):
+        return type(a) is type(b) and bool(np.isnat(a) and np.isnat(b) or a == b)
     if type(a) is type(b) and type(a).__eq__ is object.__eq__ and (hasattr(a, "__dict__") or hasattr(a, "__slots__")):
         return same_items(_state(a), _state(b))
     try:
@@ -114,15 +116,25 @@ def same_items(a: Any, b: Any) -> bool:
         return bool((a == b).all())
 
 
-def _is_nan(x: Any) -> bool:
-    """Whether ``x`` is a NaN number (Python or numpy, real or complex)."""
-    return isinstance(x, (float, complex, np.floating, np.complexfloating)) and cmath.isnan(x)
+_NUMBERS = (float, complex, np.floating, np.complexfloating)
+_TIMES = (np.datetime64, np.timedelta64)
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """Real and imaginary parts equal, NaN equal to NaN."""
+    x, y = complex(a), complex(b)
+    return all(p == q or (math.isnan(p) and math.isnan(q)) for p, q in ((x.real, y.real), (x.imag, y.imag)))
 
 
 def _state(x: Any) -> dict[str, Any]:
-    """An object's attributes: its ``__dict__`` and ``__slots__``."""
-    slots = [s for cls in type(x).__mro__ for s in getattr(cls, "__slots__", ()) if hasattr(x, s)]
-    return {**getattr(x, "__dict__", {}), **{s: getattr(x, s) for s in slots}}
+    """An object's attributes: its ``__dict__`` and ``__slots__`` (a single name, private names mangled)."""
+    names = []
+    for cls in type(x).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            private = slot.startswith("__") and not slot.endswith("__")
+            names.append(f"_{cls.__name__.lstrip('_')}{slot}" if private else slot)
+    return {**getattr(x, "__dict__", {}), **{n: getattr(x, n) for n in names if hasattr(x, n)}}
 
 
 def to_device(batch: Any, device: torch.device | None, float_dtype: torch.dtype | None = None) -> Any:

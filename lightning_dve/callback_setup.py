@@ -356,6 +356,18 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
                                "settings the recorded gradients would not match the update the optimizer applied.")
 
 
+def _reaches_epoch(trainer: pl.Trainer, epoch: int) -> bool:
+    """Whether the fit certainly trains in ``epoch``: before ``max_epochs`` and, under ``max_steps``, past that
+    many epochs' optimizer steps (``estimated_stepping_batches`` loads the training loader to count them)."""
+    if trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs:
+        return False
+    if trainer.max_steps in (None, -1):
+        return True
+    trainer.estimated_stepping_batches  # noqa: B018 -- sets num_training_batches
+    steps = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)  # per epoch (inf: no __len__)
+    return trainer.max_steps > epoch * steps  # False for inf (or nan)
+
+
 def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
                              watched: dict[str, torch.nn.Parameter], tracked: list[str]) -> None:
     """Refuse at fit start a ``BackboneFinetuning`` that froze a watched ``backbone`` it unfreezes during this fit,
@@ -370,9 +382,8 @@ def refuse_staged_unfreezing(trainer: pl.Trainer, pl_module: pl.LightningModule,
     frozen = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad} - set(tracked))
     held = {id(p) for p in getattr(pl_module, "backbone", torch.nn.Module()).parameters()}  # by identity: aliases
     backbone = sorted({n.rpartition(".")[0] for n, p in watched.items() if not p.requires_grad and id(p) in held})
-    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning)  # certain within max_epochs: else warned
-                 and trainer.max_epochs not in (None, -1) and trainer.max_steps in (None, -1)
-                 and c.unfreeze_backbone_at_epoch < trainer.max_epochs]
+    unfreezes = [c for c in stagers if isinstance(c, BackboneFinetuning) and backbone and _reaches_epoch(
+        trainer, c.unfreeze_backbone_at_epoch)]  # certain: refused; else warned
     fix = ("(they then train untracked once unfrozen, and the scores measure influence through the other layers), or "
            "train each stage in a fit of its own without the finetuning callback.")
     if unfreezes and backbone:

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, default_collate
 from .batch_trees import same_items, to_device
 from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
-from .errors import ConfigError, UnsupportedError
+from .errors import ConfigError, SampleIdError, UnsupportedError
 
 Params = dict[str, torch.Tensor]
 
@@ -147,10 +147,12 @@ class BatchSource:
         """
         if self.data.prepare is not None:
             with (self.data.stage or contextlib.nullcontext)():
-                return int(extract_sample_ids(self.data.prepare(batch), self.data.sample_ids, 1)[0])
+                hooked = self.data.prepare(batch)
+            with contextlib.suppress(SampleIdError):  # a hook that drops or adds rows: the collated batch's id
+                return int(extract_sample_ids(hooked, self.data.sample_ids, 1)[0])
         try:
             return int(extract_sample_ids(batch, self.data.sample_ids, 1)[0])
-        except (AttributeError, TypeError) as err:
+        except (AttributeError, TypeError, KeyError) as err:
             raise ConfigError(f"sample_ids cannot read the batches the replay rebuilds with collate_fn ({err}): "
                               "after load they skip the LightningModule's transfer hooks. Pass a collate_fn= that "
                               "makes the batch training_step saw, or sample_ids= for the collated batch.") from err

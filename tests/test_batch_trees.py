@@ -314,6 +314,24 @@ class Slotted:
         self.a = a
 
 
+class OneSlot:
+    """``__slots__`` as one name (a string)."""
+
+    __slots__ = "a"
+
+    def __init__(self, a: int) -> None:
+        self.a = a
+
+
+class PrivateSlot:
+    """A private (name-mangled) slot."""
+
+    __slots__ = ("__a",)
+
+    def __init__(self, a: int) -> None:
+        self.__a = a
+
+
 def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> None:
     """Exact replay's read check (``same_items``) took a missing value (NaN != NaN) and a plain object (``==`` is
     identity) for a random transform and refused deterministic datasets; other values still differ."""
@@ -338,6 +356,11 @@ def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> No
     times = np.array(["NaT", "2020-01-01"], dtype="datetime64[D]")
     assert same_items(times, times.copy())
     assert same_items(Slotted(1), Slotted(1)) and not same_items(Slotted(1), Slotted(2))
+    assert not same_items(complex(nan, 1), complex(nan, 2)) and not same_items(nan, complex(nan, 3))
+    assert same_items(np.datetime64("NaT"), np.datetime64("NaT"))
+    assert not same_items(np.datetime64("2020-01-01"), np.datetime64("2020-01-02"))
+    assert not same_items(OneSlot(1), OneSlot(2)) and not same_items(PrivateSlot(1), PrivateSlot(2))
+    assert same_items(PrivateSlot(1), PrivateSlot(1))
     cyclic = Record(torch.ones(1), 1)
     cyclic.owner = [cyclic]  # an item cached by a dataset it refers back to: read twice, the same object
     assert same_items(cyclic, cyclic)

@@ -164,15 +164,18 @@ class BackboneMLP(DigitsMLP):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-@pytest.mark.parametrize("epochs", [2, 1])
-def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_path: Path, digits, epochs: int) -> None:
+@pytest.mark.parametrize(("epochs", "max_steps"), [(2, -1), (1, -1), (3, 1000)])
+def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_path: Path, digits, epochs: int,
+                                                                           max_steps: int) -> None:
     """``BackboneFinetuning`` froze the backbone in its ``setup`` to unfreeze it at epoch 1, which the step guard
     refuses at that step: refused before anything is recorded, naming ``exclude=`` with its modules (before: refused
     at step 3, after a whole epoch, leaving a store in status 'recording' that neither loads nor resumes past it).
-    A fit that ends before the unfreeze epoch trains as before."""
+    A fit that ends before the unfreeze epoch trains as before; a max_steps beyond it (a safety cap) is refused too.
+    """
     train, _ = digits
     dve = DataValueEmbedding(tmp_path / "dve", report=None, projection_dim=None)
-    trainer = make_trainer(epochs, callbacks=[dve, BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    trainer = make_trainer(epochs, callbacks=[dve, BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
+                           max_steps=max_steps)
     if epochs == 1:
         trainer.fit(BackboneMLP(), make_loader(train, 16, seed=1))
         assert dve.embeddings.store.layer_names == ["head"]

@@ -250,3 +250,22 @@ def test_exact_replay_reads_ids_a_hook_renumbers_as_training_did(fit, tmp_path, 
     after_load = DataValueEmbeddings.load(tmp_path / "plain")
     with pytest.raises(ConfigError, match="sample_ids cannot read the batches the replay rebuilds with collate_fn"):
         after_load.exact_influence(models[1], test_batch, dataset=DigitsDict(range(64)), sample_ids=lambda b: b.idx)
+
+
+class DroppingZeros(TinyMLP):
+    """Drops the rows of label 0 in ``on_after_batch_transfer`` (a one-sample batch of one becomes empty)."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        kept = batch["y"] != 0
+        return {key: value[kept] for key, value in batch.items()}
+
+
+def test_exact_replay_reads_the_id_of_an_item_the_hook_drops_from_the_collated_batch(fit, tmp_path, test_batch):
+    """A hook that drops rows leaves a one-sample batch without the id the replay's id scan reads (ids are not
+    positions here: a Subset): it is read from the collated batch (the first version raised SampleIdError)."""
+    from torch.utils.data import DataLoader, Subset
+
+    model, dve = DroppingZeros(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    fit(model, dve, DataLoader(Subset(DigitsDict(range(200)), range(100, 164)), batch_size=16))
+    result = dve.embeddings.exact_influence(model, test_batch)
+    assert set(result.sample_ids.tolist()) <= set(range(100, 164)) and result.scores.shape[1] == len(result.sample_ids)
