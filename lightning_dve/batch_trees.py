@@ -131,7 +131,7 @@ def _state(x: Any) -> dict[str, Any]:
     names = []
     for cls in type(x).__mro__:
         slots = getattr(cls, "__slots__", ())
-        for slot in (slots,) if isinstance(slots, str) else slots:
+        for slot in {slots} if isinstance(slots, str) else set(slots) - {"__weakref__", "__dict__"}:
             private = slot.startswith("__") and not slot.endswith("__")
             names.append(f"_{cls.__name__.lstrip('_')}{slot}" if private else slot)
     return {**getattr(x, "__dict__", {}), **{n: getattr(x, n) for n in names if hasattr(x, n)}}

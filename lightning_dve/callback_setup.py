@@ -358,12 +358,12 @@ def refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule, confi
 
 def _reaches_epoch(trainer: pl.Trainer, epoch: int) -> bool:
     """Whether the fit certainly trains in ``epoch``: before ``max_epochs`` and, under ``max_steps``, past that
-    many epochs' optimizer steps (``estimated_stepping_batches`` loads the training loader to count them)."""
+    many epochs' optimizer steps (the fit loop's ``setup_data`` loads the training loader to count them)."""
     if trainer.max_epochs not in (None, -1) and epoch >= trainer.max_epochs:
         return False
-    if trainer.max_steps in (None, -1):
+    if trainer.max_steps in (None, -1) or epoch == 0:
         return True
-    trainer.estimated_stepping_batches  # noqa: B018 -- sets num_training_batches
+    trainer.fit_loop.setup_data()  # num_training_batches (Lightning's loop calls it again, a no-op then)
     steps = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)  # per epoch (inf: no __len__)
     return trainer.max_steps > epoch * steps  # False for inf (or nan)
 

@@ -132,15 +132,16 @@ class BatchSource:
                 f"({n} items), and there is no sample_ids to map ids to items (a sample_ids callable is not saved "
                 "with the store). Pass sample_ids= to exact_influence: the callback's key or callable batch -> ids.")
 
-    def _ids_of(self, positions: Sequence[int]) -> list[int]:
+    def _ids_of(self, positions: Sequence[int]) -> list[int | None]:
         """The ids of the items at ``positions``, each read from a batch of that item alone: a ``collate_fn`` may
         reorder a batch (sort it by length), so a batch's ids need not follow its items' order."""
         return [self._id_of(self.collate([self.data.dataset[p]])) for p in positions]
 
-    def _id_of(self, batch: Any) -> int:
+    def _id_of(self, batch: Any) -> int | None:
         """A one-sample batch's id, read as training read it: from the batch prepared as the training loop did
         (transfer hooks, in the training stage: a hook may renumber the ids or make the batch type ``sample_ids``
-        reads) where the replay has that preparation (after ``fit``), else from the collated batch.
+        reads) where the replay has that preparation (after ``fit``; ``None`` for an item the hooks drop, which
+        training never recorded), else from the collated batch.
 
         Raises:
             ConfigError: if ``sample_ids`` cannot read the collated batch (after ``load``), naming the fix.
@@ -148,8 +149,10 @@ class BatchSource:
         if self.data.prepare is not None:
             with (self.data.stage or contextlib.nullcontext)():
                 hooked = self.data.prepare(batch)
-            with contextlib.suppress(SampleIdError):  # a hook that drops or adds rows: the collated batch's id
+            try:
                 return int(extract_sample_ids(hooked, self.data.sample_ids, 1)[0])
+            except SampleIdError:  # the hooks dropped the item (or added rows): no id of its own
+                return None
         try:
             return int(extract_sample_ids(batch, self.data.sample_ids, 1)[0])
         except (AttributeError, TypeError, KeyError) as err:
@@ -160,7 +163,7 @@ class BatchSource:
     def _scan(self) -> dict[int, int]:
         """``{id: position}`` from one scan of the dataset."""
         positions = range(len(self.data.dataset))
-        return dict(zip(self._ids_of(positions), positions))
+        return {i: p for i, p in zip(self._ids_of(positions), positions) if i is not None}
 
     def batch(self, ids: torch.Tensor) -> Any:
         """``collate_fn([dataset[i] for i in ids])``, prepared as training prepared it."""

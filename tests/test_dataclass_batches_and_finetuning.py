@@ -164,7 +164,7 @@ class BackboneMLP(DigitsMLP):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-@pytest.mark.parametrize(("epochs", "max_steps"), [(2, -1), (1, -1), (3, 1000)])
+@pytest.mark.parametrize(("epochs", "max_steps"), [(2, -1), (1, -1), (3, 1000), (-1, 1000)])
 def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_path: Path, digits, epochs: int,
                                                                            max_steps: int) -> None:
     """``BackboneFinetuning`` froze the backbone in its ``setup`` to unfreeze it at epoch 1, which the step guard

@@ -269,3 +269,23 @@ def test_exact_replay_reads_the_id_of_an_item_the_hook_drops_from_the_collated_b
     fit(model, dve, DataLoader(Subset(DigitsDict(range(200)), range(100, 164)), batch_size=16))
     result = dve.embeddings.exact_influence(model, test_batch)
     assert set(result.sample_ids.tolist()) <= set(range(100, 164)) and result.scores.shape[1] == len(result.sample_ids)
+
+
+class DroppingZerosAsDataclass(AsDataclass):
+    """:class:`AsDataclass` that also drops the rows of label 0 (after the transfer)."""
+
+    def on_after_batch_transfer(self, batch: Inputs, dataloader_idx: int) -> Any:
+        kept = batch.y != 0
+        return Inputs(batch.x[kept], batch.y[kept], batch.idx[kept])
+
+
+def test_items_the_hooks_drop_are_left_out_of_the_replay_s_id_scan(fit, tmp_path, test_batch):
+    """An item the hooks drop was never trained on: the id scan leaves it out rather than reading the collated
+    batch with a sample_ids written for the hooked type (the first fallback: a ConfigError blaming load)."""
+    from torch.utils.data import DataLoader, Subset
+
+    model = DroppingZerosAsDataclass()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, sample_ids=lambda b: b.idx)
+    fit(model, dve, DataLoader(Subset(DigitsDict(range(200)), range(100, 164)), batch_size=16))
+    result = dve.embeddings.exact_influence(model, test_batch)
+    assert set(result.sample_ids.tolist()) <= set(range(100, 164)) and result.scores.shape[1] == len(result.sample_ids)
