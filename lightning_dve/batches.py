@@ -276,9 +276,9 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
     Raises:
         ConfigError: if a transfer hook fails on the batch otherwise, naming it and the batch it expects.
     """
-    parameter = next(module.parameters(), None)
     if batch is None:  # the report's exact replay: its loss_fn reads the reference batches itself
         return None
+    parameter = next(module.parameters(), None)
     if parameter is not None and parameter.dtype == torch.float64 and precision in DOUBLE_PRECISION:
         batch = to_device(batch, None, torch.float64)
     device = torch.device("cpu") if parameter is None else parameter.device

@@ -204,10 +204,10 @@ class StepHooks(pl.Callback):
         them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
         the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
         Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
-        if not self._assembler.pending or not self._assembler.contributes():
+        if not self._assembler.pending:
             return
-        weights = self._active_capture().weights()
-        if gradients_reset([weights[name] for name in self._reached]):
+        weights = self._active_capture().weights()  # the buffered rows are read only where the gradients look reset
+        if gradients_reset([weights[name] for name in self._reached]) and self._assembler.contributes():
             _warn_unapplied()
             self._assembler.discard()
             self._reached, self._deferred = set(), None

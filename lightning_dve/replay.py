@@ -16,7 +16,6 @@ a vector-Jacobian product of ``U_k`` (a double backward through the gradient); t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -93,7 +92,7 @@ class Replayer:
                  losses: Callable[..., torch.Tensor], per_sample_forwards: bool = True) -> None:
         self.module, self.store, self.checkpoints, self.source, self.losses = module, store, checkpoints, source, losses
         self.per_sample_forwards = per_sample_forwards
-        self.stage = source.data.stage or contextlib.nullcontext  # the Trainer's stage as in training (after fit)
+        self.stage = source.data.stage  # the Trainer's stage as in training (after fit)
         manifest = checkpoints.manifest
         self.kind = OptimizerKind(manifest["kind"])
         self.groups: list[list[str]] = manifest["groups"]

@@ -40,7 +40,7 @@ class TrainingData:
             ``None`` (after ``load``) moves it to the module's device and converts it as the recorded precision
             did (``"64-true"``: floating tensors to float64).
         stage: the Trainer's stage as in training, entered around each replayed step (its batches' hooks,
-            ``training_step`` and a checkpointed forward may read ``self.trainer.training``); ``None`` after
+            ``training_step`` and a checkpointed forward may read ``self.trainer.training``); a no-op after
             ``load``.
     """
 
@@ -48,7 +48,7 @@ class TrainingData:
     collate_fn: Callable[[list[Any]], Any] | None = None
     sample_ids: str | Callable[[Any], Any] | None = None
     prepare: Callable[[Any], Any] | None = None
-    stage: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
 
 class BatchSource:
@@ -147,7 +147,7 @@ class BatchSource:
             ConfigError: if ``sample_ids`` cannot read the collated batch (after ``load``), naming the fix.
         """
         if self.data.prepare is not None:
-            with (self.data.stage or contextlib.nullcontext)():
+            with self.data.stage():
                 hooked = self.data.prepare(batch)
             try:
                 return int(extract_sample_ids(hooked, self.data.sample_ids, 1)[0])
@@ -318,7 +318,7 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
 
 def training_data_of(
     loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None,
-    stage: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+    stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> TrainingData | None:
     """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset, or
     whose dataset yields whole batches: ``batch_size=None`` turns automatic batching off)."""
