@@ -394,10 +394,12 @@ def test_projected_adam_rows_carry_the_preconditioner_of_the_state_before_each_s
 
 @pytest.mark.slow
 def test_adamw_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) -> None:
-    """AdamW(3e-3, weight decay 0.01) on the core fidelity problem (384 digits, 3 epochs, batch 32), exact mode,
-    seed 0. Mean Spearman against exact TSLOO: modelled (single pass, empirical Fisher) 0.729; with the
-    second-moment pass and GGN curvature 0.807; SGD proxy (the same store without the Adam terms) 0.257.
-    Asserted with margin: single pass > 0.7 and > proxy + 0.3; v pass + GGN > 0.78 and above the single pass.
+    """AdamW(3e-3, weight decay 0.01) on the core fidelity problem (384 digits, 3 epochs, batch 32), seed 0: the
+    README's AdamW table. Mean Spearman against exact TSLOO, exact mode: single pass 0.731 (empirical Fisher) /
+    0.841 (GGN); with the second-moment pass 0.822 / 0.889; SGD proxy (the single-pass store without the Adam
+    terms) 0.257; projected (k = 1024 per layer), single pass: 0.708 / 0.791. Asserted with margin: single pass
+    > 0.7 and > proxy + 0.3; v pass + GGN > 0.78; the v pass and GGN each above the single pass with the empirical
+    Fisher; projected above the proxy by 0.3, with GGN above the empirical Fisher.
     """
     from tests import oracles
     from tests.helpers import DigitsDataset, DigitsMLP, epoch_batches, make_loader, make_trainer, split_indices
@@ -416,14 +418,18 @@ def test_adamw_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) -> 
     truth = oracles.trainer_tsloo(AdamW(hidden=32, seed=0).net, batches, make, occurrences, test["x"], test["y"])[0]
     offsets = torch.tensor([0] + [len(b["y"]) for b in batches]).cumsum(0)
     cols = [int(offsets[t]) + i for t, i in occurrences]
-    rho = {}
-    for name, options in {"single": {}, "v_pass": {"adam_second_moment": True, "curvature": "ggn"}}.items():
+    rho, runs = {}, {}
+    configs = {"single": {}, "ggn": {"curvature": "ggn"}, "ef_v_pass": {"adam_second_moment": True},
+               "v_pass": {"adam_second_moment": True, "curvature": "ggn"}, "projected": {"projection_dim": 1024},
+               "projected_ggn": {"projection_dim": 1024, "curvature": "ggn"}}
+    for name, options in configs.items():
         model = AdamW(hidden=32, seed=0)
-        dve = DataValueEmbedding(tmp_path / name, projection_dim=None, report=None, **options)
+        dve = DataValueEmbedding(tmp_path / name, report=None, **{"projection_dim": None, **options})
         make_trainer(3, callbacks=[dve]).fit(model, make_loader(DigitsDataset(train_ids), 32, seed=1))
         rho[name] = oracles.mean_spearman(dve.embeddings.influence(model, test, per_step=True).scores[:, cols],
                                           truth)[0]
-    emb = dve.embeddings
+        runs[name] = dve.embeddings, model
+    emb, model = runs["single"]
     proxy = BackwardRecursion(emb.store.layer_names, AccumulatorLayout.PER_LAYER)
     proxy_embeddings = {r.step: proxy.step(StepRecord(r.step, r.sample_ids, r.weights, r.lrs, r.grads, r.epoch))
                         for r in emb.store.iter_backward()}
@@ -434,6 +440,8 @@ def test_adamw_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) -> 
     print(f"\nAdamW Spearman vs TSLOO: { {k: round(v, 3) for k, v in rho.items()} }")
     assert rho["single"] > 0.7 and rho["single"] > rho["proxy"] + 0.3
     assert rho["v_pass"] > 0.78 and rho["v_pass"] > rho["single"]
+    assert rho["ef_v_pass"] > rho["single"] + 0.02 and rho["ggn"] > rho["single"] + 0.02
+    assert rho["projected"] > rho["proxy"] + 0.3 and rho["projected_ggn"] > rho["projected"]
 
 
 class CancellingPair(L.LightningModule):

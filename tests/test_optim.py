@@ -285,5 +285,5 @@ def test_gradient_ascent_on_a_proper_loss_keeps_its_curvature_sign(tmp_path: Pat
     test = {k: v.double() if v.is_floating_point() else v for k, v in DigitsDict(range(1500, 1508)).batch().items()}
     found = dve.embeddings.influence(model, test, per_step=True).scores
     exact = dve.embeddings.exact_influence(model, test, per_step=True).scores
-    assert float((found - exact).norm() / exact.norm()) < 0.15
+    assert float((found - exact).norm() / exact.norm()) < 0.1  # measured 0.07 / 0.04
     assert sum(spearmanr(f, e).statistic for f, e in zip(found, exact)) / len(found) > 0.95
