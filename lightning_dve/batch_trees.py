@@ -11,7 +11,9 @@ list); :func:`count_samples` and :func:`batch_rows` tell them apart by the items
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -82,13 +84,23 @@ def as_started(batch: Any, start: Any) -> Any:
     return batch
 
 
-def same_items(a: Any, b: Any) -> bool:
+def same_items(a: Any, b: Any, _seen: set[tuple[int, int]] | None = None) -> bool:
     """Whether two dataset items (nested tensors, arrays, containers, numbers, plain objects) are identical. NaN
     equals NaN (a missing value read twice), and an object without an ``__eq__`` of its own compares by its
     attributes (``==`` is identity there, false for two reads of the same item; one object read twice, a cached
-    item, is the same without looking inside)."""
+    item, is the same without looking inside); a bound method by its function and object. A pair met again inside
+    itself (an object referring to itself) counts as the same there."""
     if a is b:
         return True
+    seen = set() if _seen is None else _seen
+    if (id(a), id(b)) in seen:
+        return True
+    seen.add((id(a), id(b)))
+    return _same(a, b, functools.partial(same_items, _seen=seen))
+
+
+def _same(a: Any, b: Any, same_items: Callable[[Any, Any], bool]) -> bool:
+    """:func:`same_items` of ``a is not b``, with ``same_items`` for their parts."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or (
             (a.is_floating_point() or a.is_complex()) and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
@@ -98,12 +110,16 @@ def same_items(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(same_items(x, y) for x, y in zip(a, b))
     if is_dataclass_value(a) and type(a) is type(b):
         return all(same_items(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+    if isinstance(a, (np.ndarray, np.void)) and isinstance(b, (np.ndarray, np.void)):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if a.dtype.names:  # a structured array or record: field by field
+            return all(same_items(a[name], b[name]) for name in a.dtype.names)
         if a.dtype.kind == "O":  # e.g. a pandas row: element by element
             return all(same_items(x, y) for x, y in zip(a.ravel().tolist(), b.ravel().tolist()))
         return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fcmM"))  # NaN, NaT
+    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):  # e.g. a transform bound to the item
+        return a.__func__ is b.__func__ and same_items(a.__self__, b.__self__)
     if isinstance(a, _NUMBERS) and isinstance(b, _NUMBERS):
         return _same_number(a, b)
     if isinstance(a, _TIMES) and isinstance(b, _TIMES):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import as_started, shallow_copy, to_device
+from .batch_trees import as_started, count_samples, map_tensors, shallow_copy, to_device
 from .checkpoints import DOUBLE_PRECISION
 from .config import LossReduction
 from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
@@ -103,6 +103,47 @@ def _as_id_tensor(ids: Any) -> torch.Tensor:
                             "hashes?), which int64 would wrap to negative numbers. Map them to dataset positions, "
                             "or pass `sample_ids=callable(batch) -> LongTensor[B]` that does.")
     return ids
+
+
+def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample_ids: str | IdFn | None
+                    ) -> dict[str, torch.Tensor]:
+    """A query's per-sample rows ``{layer: [m, k]}``, captured in the order of the batch ``training_step`` left
+    (``used``), put back in the order of the test ``batch`` it was given, matched by their ids: a step that sorts
+    or filters its batch in place (training reads the ids at the step's end, as the rows come). Test points the
+    step dropped get rows of zeros, as they get a loss of 0 in :meth:`exact_influence`, with a warning.
+
+    Raises:
+        ConfigError: if the step kept another number of rows than ``batch`` has and no unique ids match them.
+    """
+    n, m = count_samples(batch), next(iter(rows.values())).shape[0]
+    before, after = _ids_or_none(batch, sample_ids, n), _ids_or_none(used, sample_ids, m)
+    if before is None or after is None or torch.equal(before, after):
+        if m != n:
+            raise ConfigError(f"training_step kept {m} of the test batch's {n} samples (it filters its batch), and no "
+                              f"ids {sample_ids!r} in the test batch tell which rows are which test points: include "
+                              "the training batches' id key in the test batch, or pass loss_fn(module, batch) -> "
+                              "Tensor[n] of per-sample test losses.")
+        return rows
+    position = {int(i): p for p, i in enumerate(before.tolist())}
+    if len(position) < n or any(int(i) not in position for i in after.tolist()) or len(set(after.tolist())) < m:
+        raise ConfigError(f"training_step reordered or filtered the test batch, and its ids {sample_ids!r} do not "
+                          "match the rows back to the test points (repeated, or new ids): give each test point a "
+                          "unique id, or pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
+    index = torch.tensor([position[int(i)] for i in after.tolist()], dtype=torch.long)
+    if m < n:
+        warnings.warn(f"training_step dropped {n - m} of the test batch's {n} samples: their scores are 0 (no loss; "
+                      "exact_influence gives them 0 too).", UserWarning, stacklevel=4)
+    return {name: r.new_zeros((n, *r.shape[1:])).index_copy_(0, index.to(r.device), r) for name, r in rows.items()}
+
+
+def _ids_or_none(batch: Any, sample_ids: str | IdFn | None, batch_size: int) -> torch.Tensor | None:
+    """The batch's ids on the CPU (:func:`extract_sample_ids`), or ``None`` where it has none readable."""
+    if sample_ids is None:
+        return None
+    try:
+        return extract_sample_ids(batch, sample_ids, batch_size).cpu()
+    except (SampleIdError, ConfigError, LookupError, TypeError, AttributeError):
+        return None
 
 
 def _count_hint(n_ids: int, batch_size: int) -> str:
@@ -269,7 +310,8 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
     parameters: after a ``"64-true"`` fit (``precision``) its floating tensors in float64 for a float64 module, as
     that Trainer converted the training batches; then a LightningModule's ``on_before_batch_transfer``,
     ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (its DataModule's where a Trainer holds one), as
-    Lightning treats example inputs (``to_onnx``), in eval mode, on a copy of the batch's containers; a plain
+    Lightning treats example inputs (``to_onnx``), in eval mode, on a copy of the batch (tensors too: a hook's
+    in-place ``batch["x"] /= 16`` would reach the caller's tensors, as the CPU transfer returns them); a plain
     module's tensors are moved to its device. Hooks that read ``self.trainer`` in a module without one are left
     out, with a warning (only the transfer runs).
 
@@ -288,7 +330,7 @@ def on_module_device(module: nn.Module, batch: Any, precision: str | None = None
         return batch if device.type == "cpu" else to_device(batch, device)
     try:
         with modes(module, None):  # eval mode, as queries run: hooks that augment under self.training do not
-            return transfer(before(shallow_copy(batch), 0), device, 0)  # the caller's containers stay as they are
+            return transfer(before(map_tensors(batch, torch.Tensor.clone), 0), device, 0)  # the caller's batch stays
     except RuntimeError as err:
         if "not attached to a `Trainer`" not in str(err):  # Lightning's error for self.trainer without one
             raise _hook_error(err) from err

@@ -137,7 +137,6 @@ class DataValueEmbedding(StepHooks):
         self._dims: dict[str, int] = {}
         self._root: Path | None = None
         self._resume: dict[str, Any] | None = None
-        self._fit_pending = False
         self._deferred_write: DVEError | None = None  # rank 0's failed boundary-reference write, for the next check
         self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
         self._step = self._last_step = -1
@@ -146,7 +145,7 @@ class DataValueEmbedding(StepHooks):
         self._planned_steps = -1.0  # the steps they were planned for (trainer.estimated_stepping_batches)
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
         self._training_data: Any = None
-        self._train_started, self._resumed, self._train_ended = 0.0, False, False
+        self._train_started, self._resumed, self._train_ended, self._fit_pending = 0.0, False, False, False
         self._batch: Any = None
         self._batch_start: Any = None  # its top level as it started (batch_trees.shallow_copy)
         self._loss_batch: Any = None  # the last training micro-batch of two samples or more (train-end loss check)
@@ -223,7 +222,7 @@ class DataValueEmbedding(StepHooks):
         resume, self._resume = callback_store.store_to_continue(self._resume), None  # a refused one is not retried
         # the checkpoint of ckpt_path, held by Lightning until it has restored the loops (after this hook)
         loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)
-        callback_store.refuse_unresumable(loaded, resume)
+        callback_store.refuse_unresumable(loaded, resume, 0 if trainer.fit_loop.done else trainer.global_step)
         callback_store.warn_rounded_resume(loaded, pl_module)
         callback_setup.refuse_unsupported(trainer, pl_module, self.config)
         self._comm = distributed.communicator()
@@ -239,7 +238,8 @@ class DataValueEmbedding(StepHooks):
         others = [c for c in trainer.callbacks if isinstance(c, DataValueEmbedding) and c is not self]
         callback_setup.refuse_sharing(self._root, self.report_config, [(c._store_root(trainer), c.report_config)
                                                                         for c in others], bool(trainer.loggers))
-        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned, str(trainer.precision))
+        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned, str(trainer.precision),
+                                                 self.sample_ids if isinstance(self.sample_ids, str) else None)
         scratch = callback_store.fast_dev_run_note(trainer, self._root)  # (its store is replaced each time)
         self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume,
                                                      self.overwrite or scratch)

@@ -206,8 +206,9 @@ class StepHooks(pl.Callback):
         Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
         if not self._assembler.pending:
             return
-        weights = self._active_capture().weights()  # the buffered rows are read only where the gradients look reset
-        if gradients_reset([weights[name] for name in self._reached]) and self._assembler.contributes():
+        modules = self._active_capture().modules()  # the buffered rows are read only where the gradients look reset
+        trained = [p for name in self._reached for p in modules[name].parameters(recurse=False) if p.requires_grad]
+        if gradients_reset(trained) and self._assembler.contributes():  # weights and biases
             _warn_unapplied()
             self._assembler.discard()
             self._reached, self._deferred = set(), None

@@ -87,16 +87,24 @@ def recording_in(checkpoint: dict[str, Any], state_key: str, root: Path, hashes:
     return dict(candidates[0])
 
 
-def refuse_unresumable(checkpoint: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
+def refuse_unresumable(checkpoint: dict[str, Any] | None, state: dict[str, Any] | None, trainer_step: int) -> None:
     """Refuse, before anything is opened, a fit from a ``checkpoint`` (``None`` or empty: a fresh fit) it cannot
     continue exactly: one of weights only, or one saved inside an optimizer step after its update and before this
     callback recorded the step (saved in ``on_train_batch_end`` by a callback listed before it: the weights are
-    after step N, the callback's ``state`` ends at N - 1).
+    after step N, the callback's ``state`` ends at N - 1). A fresh fit of a Trainer that has trained before
+    (``trainer_step``, its global step, above 0) records a new run from its step on, which is warned about.
 
     Raises:
         ConfigError: naming the checkpoint's kind and the fix.
     """
     if not checkpoint:
+        if trainer_step > 0 and state is None:
+            rank_zero_warn(f"DataValueEmbedding: this fit continues a Trainer at global step {trainer_step} (a "
+                           "second trainer.fit of it): it records a new run from that step on, from the weights the "
+                           "earlier fit left, and replaces the earlier store (overwrite=True; refused without it). "
+                           "The earlier steps' occurrences are not in it: per-sample totals leave them out. To score "
+                           "the whole run, train it in one fit, or continue it with trainer.fit(..., ckpt_path=) "
+                           "from a checkpoint of the first fit.")
         return
     if "optimizer_states" not in checkpoint:
         raise ConfigError("the checkpoint holds the model's weights only (ModelCheckpoint(save_weights_only=True)): "
@@ -140,20 +148,26 @@ def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,
-                   owned: list[list[str]], precision: str) -> dict[str, Any]:
-    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes, and the
-    Trainer's ``precision`` (queries convert test batches as it converted the training batches).
+                   owned: list[list[str]], precision: str, sample_ids: str | None) -> dict[str, Any]:
+    """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes, the
+    Trainer's ``precision`` (queries convert test batches as it converted the training batches) and the batches'
+    id key (``None`` for a callable; queries match a test batch's rows by it, ``batches.align_test_rows``).
 
     The training dtype is the widest of the tracked weights' (float32 at least), not the LightningModule's
-    ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one.
+    ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one. The
+    rows are stored in it (``storage_dtype="auto"``) where no side of any layer is projected, whatever
+    ``projection_dim``: they are exact then.
     """
     widest = functools.reduce(torch.promote_types, (layer.module.weight.dtype for layer in tracked.values()),
                               torch.float32)
     training_dtype = str(widest).removeprefix("torch.")
+    exact = all(layer.projection.output.is_identity and layer.projection.input.is_identity
+                for layer in tracked.values())
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
             "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
-            "storage_dtype": config.storage_dtype.resolve(training_dtype, config.exact).value, "precision": precision}
+            "storage_dtype": config.storage_dtype.resolve(training_dtype, exact).value, "precision": precision,
+            "sample_ids": sample_ids}
 
 
 def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,

@@ -239,7 +239,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     Raises:
         StoreError: as :func:`write_atomic`.
     """
-    _replace_atomically(path, lambda tmp: tmp.write_text(text))
+    _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -263,7 +263,7 @@ def read_json(path: Path) -> dict[str, Any]:
         StoreError: if it is truncated or corrupt, or valid JSON but not an object (``null``, a list, ...).
     """
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StoreError(f"{path} is truncated or corrupt ({err}); the store cannot be trusted. Record the run "
                          "again into a fresh save_dir.") from err
@@ -283,8 +283,10 @@ def corrupt_error(path: Path, err: Exception) -> StoreError:
 def write_error(path: Path, err: OSError) -> StoreError:
     """The error of a failed store write: what failed, what is kept (:func:`_kept`), and what to do."""
     reason = "the disk is full" if err.errno == errno.ENOSPC else f"the write failed ({err})"
-    return StoreError(f"could not write {path}: {reason}. {_kept(path)}; free space (or point save_dir "
-                      "elsewhere) and run again.")
+    fix = ("make the folder writable (or point save_dir elsewhere)" if err.errno in (errno.EROFS, errno.EACCES,
+                                                                                     errno.EPERM)
+           else "free space (or point save_dir elsewhere)")
+    return StoreError(f"could not write {path}: {reason}. {_kept(path)}; {fix} and run again.")
 
 
 def _kept(path: Path) -> str:

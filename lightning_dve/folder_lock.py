@@ -1,12 +1,15 @@
 """One recording per store folder: an advisory lock that a second fit into the same ``save_dir`` is refused by.
 
 Two fits recording into one folder at once (parallel W&B sweep agents with one ``save_dir`` and
-``overwrite=True``) would write the same step files over each other: a trajectory of neither run. The lock is a
-POSIX record lock (``lockf``) on ``save_dir/.lock`` (each DDP rank locks its own folder), held from the store's
-creation (or reopening for a resume) until the fit's teardown. The system drops it when the process ends, and a
-forked child (a DataLoader worker) does not inherit it, so a persistent worker never keeps a later fit out; within
-one process it does not exclude (one fit at a time runs there), and the locks of one folder share one descriptor,
-closed with the last of them: closing any descriptor of the file drops every lock the process holds on it.
+``overwrite=True``) would write the same step files over each other: a trajectory of neither run. The lock is an
+``flock`` on ``save_dir/.lock`` (each DDP rank locks its own folder), held from the store's creation (or reopening
+for a resume) until the fit's teardown. It belongs to the lock's open file description, so other code of the
+process that opens and closes the file (a copy of the folder, a W&B artifact of it) leaves it held; a POSIX
+``lockf``, used before session 30, was dropped by any such close. The system drops it when the process and the
+children that share the descriptor (forked DataLoader workers, which end with it) end; released, it is unlocked
+explicitly, so a persistent worker's copy of the descriptor never keeps a later fit out. Within one process it
+does not exclude (one fit at a time runs there): the locks of one folder share one descriptor, unlocked and closed
+with the last of them.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class FolderLock:
         except OSError as err:
             raise write_error(folder / LOCK_FILE, err) from err
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
@@ -75,11 +78,14 @@ class FolderLock:
 
     @staticmethod
     def _drop(key: str) -> None:
-        """Release one lock of ``key``; the last one closes the descriptor (and so unlocks the file)."""
+        """Release one lock of ``key``; the last one unlocks the file (for forked children's copies of the
+        descriptor too) and closes the descriptor."""
         shared = FolderLock._shared[key]
         shared[1] -= 1
         if shared[1] == 0:
             del FolderLock._shared[key]
+            with contextlib.suppress(OSError):
+                fcntl.flock(shared[0], fcntl.LOCK_UN)
             os.close(shared[0])
 
     @property

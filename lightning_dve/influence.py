@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import WeightFn, modes, muted_logging, on_module_device, reduction_weights, training_loss
+from .batches import (IdFn, WeightFn, align_test_rows, modes, muted_logging, on_module_device, reduction_weights,
+                      training_loss)
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
@@ -145,9 +146,10 @@ class DataValueEmbeddings(ReplayQueries):
 
     def _test_loss(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None, capture: GradientCapture
-    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """Return the scalar loss to backpropagate and ``batch_size -> w [B]`` of its per-sample terms, with the
-        capture begun for its forward (after the reduction check's own forwards, which it must not see)."""
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor], Any]:
+        """Return the scalar loss to backpropagate, ``batch_size -> w [B]`` of its per-sample terms, and the batch
+        as ``training_step`` left it (``None`` with ``loss_fn``), with the capture begun for its forward (after the
+        reduction check's own forwards, which it must not see)."""
         if loss_fn is not None:
             pair = losses_of_a_pair(loss_fn, module, batch)  # before the capture, which must not see its forward
             capture.begin(keep_outputs=True)
@@ -156,7 +158,7 @@ class DataValueEmbeddings(ReplayQueries):
                 raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
                                   f"{getattr(losses, 'shape', type(losses))}.")
             check_uncoupled(pair, losses)
-            return losses.sum(), partial(check_loss_count, losses)
+            return losses.sum(), partial(check_loss_count, losses), None
         if not callable(getattr(module, "training_step", None)):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
@@ -170,7 +172,7 @@ class DataValueEmbeddings(ReplayQueries):
                               "batch) -> Tensor[B] to the query, or make training_step return the loss on such "
                               "batches (the train-end report takes its reference loss from training_step and has no "
                               "loss_fn).")
-        return loss, lambda n: reduction_weights(reduction, used, n, self.loss_weights)
+        return loss, lambda n: reduction_weights(reduction, used, n, self.loss_weights), used
 
     def test_gradients(self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
         """Projected per-sample gradients of the test losses at ``module``'s weights, ``{layer: [n, k_l]}``.
@@ -201,11 +203,18 @@ class DataValueEmbeddings(ReplayQueries):
             capture.attach()
             try:
                 with modes(module, None):  # eval mode, gradients on
-                    loss, weights_for = self._test_loss(module, batch, loss_fn, capture)
+                    loss, weights_for, used = self._test_loss(module, batch, loss_fn, capture)
                     backward_to_layers(loss, capture, module)
-                    return capture.finish(weights_for(capture.batch_size()))
+                    rows = capture.finish(weights_for(capture.batch_size()))
             finally:
                 capture.detach()
+        return rows if used is None else align_test_rows(rows, batch, used, self._test_ids())
+
+    def _test_ids(self) -> str | IdFn | None:
+        """How to read a test batch's ids: the callback's ``sample_ids`` after ``fit``, else the recorded key."""
+        data = self.training_data
+        return data.sample_ids if data is not None and data.sample_ids is not None else \
+            self.store.manifest.get("sample_ids")
 
     def influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False

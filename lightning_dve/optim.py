@@ -208,10 +208,10 @@ def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return all(bool(torch.stack(found).all()) for found in flags.values())
 
 
-def gradients_reset(weights: list[torch.Tensor]) -> bool:
-    """Whether none of ``weights`` holds a gradient (``None`` or zeros): a ``zero_grad`` ran since their backward.
+def gradients_reset(params: list[torch.Tensor]) -> bool:
+    """Whether none of ``params`` holds a gradient (``None`` or zeros): a ``zero_grad`` ran since their backward.
 
-    The smallest weight is read first and the scan stops at the first gradient found, so a gradient that is
+    The smallest parameter is read first and the scan stops at the first gradient found, so a gradient that is
     still there usually costs one small read.
     """
-    return not any(w.grad is not None and bool(w.grad.any()) for w in sorted(weights, key=torch.Tensor.numel))
+    return not any(p.grad is not None and bool(p.grad.any()) for p in sorted(params, key=torch.Tensor.numel))

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # the context manager behind torch.func.functional_call
 from torch.utils.data import IterableDataset, default_collate
 
-from .batch_trees import same_items, to_device
+from .batch_trees import count_samples, same_items, to_device
 from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
 from .errors import ConfigError, SampleIdError, UnsupportedError
@@ -151,8 +151,10 @@ class BatchSource:
                 hooked = self.data.prepare(batch)
             try:
                 return int(extract_sample_ids(hooked, self.data.sample_ids, 1)[0])
-            except SampleIdError:  # the hooks dropped the item (or added rows): no id of its own
-                return None
+            except SampleIdError:
+                if _rows(hooked) != 1:  # the hooks dropped the item (or added rows): no id of its own
+                    return None
+                raise  # one sample, but no ids that sample_ids reads (a key it lacks)
         try:
             return int(extract_sample_ids(batch, self.data.sample_ids, 1)[0])
         except (AttributeError, TypeError, KeyError) as err:
@@ -326,3 +328,11 @@ def training_data_of(
     if dataset is None or (getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None):
         return None
     return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare, stage)
+
+
+def _rows(batch: Any) -> int | None:
+    """The samples of a batch (:func:`~lightning_dve.batch_trees.count_samples`), ``None`` if it has none."""
+    try:
+        return count_samples(batch)
+    except ConfigError:
+        return None

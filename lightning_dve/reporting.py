@@ -276,7 +276,7 @@ def summary_dict(report: TrainEndReport) -> dict[str, Any]:
 
 def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> Path:
     """Write a header and rows to ``path``; return ``path``."""
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:  # any locale
         writer = csv.writer(handle)
         writer.writerow(columns)
         writer.writerows(rows)
@@ -306,7 +306,8 @@ def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, P
     summary = summary_dict(report)
     summary["files"] = {name: path.name for name, path in files.items()}
     files["summary"] = directory / "summary.json"
-    files["summary"].write_text(json.dumps(summary, indent=2, allow_nan=False))  # every value is clean()
+    text = json.dumps(summary, indent=2, allow_nan=False)  # every value is clean()
+    files["summary"].write_text(text, encoding="utf-8")
     return files
 
 

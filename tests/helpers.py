@@ -185,5 +185,5 @@ def make_trainer(max_epochs: int, callbacks: list | None = None, **kwargs) -> L.
 def can_lock_elsewhere(folder: Path) -> bool:
     """Whether another process can take the folder's lock now (the lock FolderLock takes, without importing it)."""
     code = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
     return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0

@@ -315,12 +315,22 @@ class Slotted:
 
 
 class OneSlot:
-    """``__slots__`` as one name (a string)."""
+    """``__slots__`` as one name (a string of several letters: not a set of one-letter names)."""
 
-    __slots__ = "a"
+    __slots__ = "pixels"
 
     def __init__(self, a: int) -> None:
-        self.a = a
+        self.pixels = a
+
+
+class SelfReferring:
+    """An item that refers to itself and holds a transform bound to itself (a new bound method at each read)."""
+
+    def __init__(self, a: float) -> None:
+        self.a, self.owner, self.transform = a, self, self.scale
+
+    def scale(self, x: float) -> float:
+        return x * self.a
 
 
 class PrivateSlot:
@@ -364,6 +374,13 @@ def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> No
     cyclic = Record(torch.ones(1), 1)
     cyclic.owner = [cyclic]  # an item cached by a dataset it refers back to: read twice, the same object
     assert same_items(cyclic, cyclic)
+    # session 30: a RecursionError, a bound method read twice and a structured record with NaN taken as random
+    assert same_items(SelfReferring(2.0), SelfReferring(2.0)) and not same_items(SelfReferring(2.0), SelfReferring(3.0))
+    record = np.array([(1.0, nan)], dtype=[("a", "f8"), ("b", "f8")])
+    assert same_items(record, record.copy()) and same_items(record[0], record.copy()[0])
+    other = record.copy()
+    other["a"] = 2.0
+    assert not same_items(record, other) and not same_items(record[0], other[0])
 
 
 class DoubledWhileTraining(TinyMLP):

@@ -186,6 +186,37 @@ def test_backbone_finetuning_of_a_watched_backbone_is_refused_at_fit_start(tmp_p
     assert trainer.global_step == 0 and not (tmp_path / "dve" / "manifest.json").exists()
 
 
+def test_only_the_backbone_is_refused_where_another_module_is_frozen_for_good(tmp_path: Path, digits) -> None:
+    """A module frozen in ``__init__`` outside the backbone is no part of the refusal: it is not named, and with the
+    backbone excluded the fit trains."""
+    class WithFrozenProbe(BackboneMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.probe = torch.nn.Linear(64, 2).requires_grad_(False)
+
+    train, _ = digits
+    with pytest.raises(UnsupportedError, match=r"froze the backbone \(\['backbone.0'\]\) to unfreeze it"):
+        make_trainer(2, callbacks=[DataValueEmbedding(tmp_path / "a", report=None, projection_dim=None),
+                                   BackboneFinetuning(unfreeze_backbone_at_epoch=1)]).fit(
+            WithFrozenProbe(), make_loader(train, 16, seed=1))
+
+
+@pytest.mark.parametrize(("accumulate", "max_steps", "reached"), [(1, 5, False), (1, 6, True), (2, 3, False),
+                                                                  (2, 4, True)])
+def test_an_epoch_is_reached_under_max_steps_only_past_the_earlier_epochs_optimizer_steps(
+        accumulate: int, max_steps: int, reached: bool) -> None:
+    """Five batches an epoch: epoch 1 starts after 5 optimizer steps, or 3 with two micro-batches a step (the
+    last one alone), so a cap of exactly that many ends the fit before it."""
+    from types import SimpleNamespace
+
+    from lightning_dve.callback_setup import _reaches_epoch
+
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=max_steps, num_training_batches=5,
+                              accumulate_grad_batches=accumulate, fit_loop=SimpleNamespace(setup_data=lambda: None))
+    assert _reaches_epoch(trainer, 1) is reached
+    assert _reaches_epoch(trainer, 0) and not _reaches_epoch(SimpleNamespace(**{**vars(trainer), "max_epochs": 1}), 1)
+
+
 @pytest.mark.parametrize("max_epochs", [None, 20])
 def test_backbone_finetuning_under_max_steps_warns_instead(tmp_path: Path, digits, max_epochs: int | None) -> None:
     """Where ``max_steps`` may end the fit first the unfreeze epoch may never come: a warning names the backbone,

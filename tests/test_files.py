@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def test_a_failed_write_says_what_is_kept_for_each_kind_of_file(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(lightning_dve.files, "write_safetensors", full)
-    monkeypatch.setattr(lightning_dve.files.Path, "write_text", lambda self, text: full(None, self, None))
+    monkeypatch.setattr(lightning_dve.files.Path, "write_text", lambda self, text, **kwargs: full(None, self, None))
     (tmp_path / sub).mkdir(exist_ok=True)
     path = tmp_path / sub / name
     with pytest.raises(StoreError, match=rf"could not write .*{name}: the disk is full\. {kept}.* free space") as info:
@@ -279,3 +280,13 @@ def test_disk_bytes_never_fails_while_another_process_rewrites_a_file(tmp_path):
     finally:
         writer.wait()
     assert writer.returncode == 0 and len(counts) > 0 and counts <= set(range(100, 201))
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free space"), (errno.EROFS, "make the folder writable"),
+                                       (errno.EACCES, "make the folder writable")])
+def test_a_failed_write_names_the_fix_of_its_cause(tmp_path: Path, code: int, fix: str) -> None:
+    """A read-only folder was told to free space (before session 30)."""
+    from lightning_dve.files import write_error
+
+    message = str(write_error(tmp_path / "manifest.json", OSError(code, os.strerror(code))))
+    assert f"; {fix} (or point save_dir elsewhere) and run again." in message

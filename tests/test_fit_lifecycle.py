@@ -130,10 +130,19 @@ def test_a_fit_with_nothing_to_train_warns_and_keeps_the_store(
     trainer = checkpointing_trainer(tmp_path, 1, [dve])
     trainer.fit(model, make_loader())
     before = _files(tmp_path / "dve")
-    with pytest.warns(UserWarning, match="this fit trained no optimizer step, so nothing was recorded"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.fit(model, make_loader())
+    said = [str(w.message) for w in caught]
+    assert any("this fit trained no optimizer step, so nothing was recorded" in m for m in said)
+    assert not any("continues a Trainer" in m for m in said)  # it replaces nothing
     assert _files(tmp_path / "dve") == before
     assert dve.embeddings.steps == list(range(4))
+    trainer.fit_loop.max_epochs = 2  # continued with more epochs: a new run from step 4, said (session 30: silent)
+    with pytest.warns(UserWarning, match="this fit continues a Trainer at global step 4 .* The earlier steps' "
+                                         "occurrences are not in it"):
+        trainer.fit(model, make_loader())
+    assert dve.embeddings.steps == [4, 5, 6, 7]
 
 
 def test_a_checkpoint_restored_by_validate_is_not_resumed_by_a_later_fit(

@@ -55,7 +55,8 @@ def test_the_lock_ends_with_a_failed_fit(mlp_cls: type, make_loader: Callable[..
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     """A DataLoader worker is forked while its fit holds the lock; once the fit releases it, another process can
-    record there even while the worker lives (an ``flock`` would stay with the worker's copy of the descriptor)."""
+    record there even while the worker lives (the ``flock`` is unlocked explicitly: closing the descriptor alone
+    would leave it with the worker's copy)."""
     lock = FolderLock(tmp_path)
     worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
     worker.start()
@@ -80,3 +81,16 @@ def test_a_second_lock_in_the_process_released_keeps_the_first(tmp_path: Path) -
     assert can_lock_elsewhere(tmp_path)
     FolderLock(tmp_path).release()  # taken afresh once every lock of the folder is gone
     assert can_lock_elsewhere(tmp_path)
+
+
+def test_the_process_opening_and_closing_the_lock_file_keeps_the_lock(tmp_path: Path) -> None:
+    """A copy of the folder, or an artifact of it, opens and closes ``.lock`` in the fit's process: a POSIX
+    ``lockf`` (before session 30) was dropped by that close, and another process's fit recorded over the first."""
+    import shutil
+
+    lock = FolderLock(tmp_path / "dve")
+    (tmp_path / "dve" / LOCK_FILE).open().close()
+    shutil.copytree(tmp_path / "dve", tmp_path / "backup")
+    assert lock.held and not can_lock_elsewhere(tmp_path / "dve")
+    lock.release()
+    assert can_lock_elsewhere(tmp_path / "dve")

@@ -117,6 +117,8 @@ class FreezeAtFirstBatch(TinyMLP):
             self.net[2].requires_grad_(False)
         if self.hook == "weight for one batch":  # frozen for the odd batches only: every start check passes
             self.net[2].weight.requires_grad_(batch_idx % 2 == 0)
+        if self.hook == "bias" and batch_idx == 1:  # the bias alone: the layout check's dimensions, not its weight
+            self.net[2].bias.requires_grad_(False)
 
     def on_after_backward(self) -> None:
         if self.hook == "on_after_backward":
@@ -127,6 +129,7 @@ class FreezeAtFirstBatch(TinyMLP):
     ("on_train_batch_start", r"layer 'net.2': its parameters were frozen or unfrozen during fit, after the callback "
                              r"checked them at this batch's start .*freeze in __init__ or setup\(\)"),
     ("weight for one batch", r"layer 'net.2': its parameters were frozen or unfrozen during fit"),
+    ("bias", r"layer 'net.2': its parameters were frozen or unfrozen during fit"),
     ("on_after_backward", r"step 0: .* were frozen during fit")])
 def test_freezing_during_the_first_step_is_named_as_during_fit(fit: Callable, tmp_path: Path, hook: str,
                                                                message: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, DVEConfig, LossReduction
+from lightning_dve.errors import SampleIdError
 from tests.conftest import DigitsDict, TinyMLP
 
 
@@ -57,6 +58,17 @@ class AugmentingInPlace(TinyMLP):
         return self.loss(batch)
 
 
+class ScalingTensorsInPlace(TinyMLP):
+    """Divides the inputs in place of their tensor (``batch["x"] /= 16``), harmless in training, where every batch
+    is new; a hook that fails with a ``RuntimeError`` of its own on a batch without ``"y"``."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if "y" not in batch:
+            raise RuntimeError("no labels")
+        batch["x"] /= 16.0
+        return batch
+
+
 class WithoutBatchIndex(TinyMLP):
     """``training_step(self, batch)``: Lightning passes ``batch_idx`` only where the signature takes it."""
 
@@ -69,6 +81,14 @@ class KeywordOnlyIndex(TinyMLP):
 
     def training_step(self, batch: Any, *, batch_idx: int = 0) -> Any:  # type: ignore[override]
         return self.loss(batch)
+
+
+class VariadicStep(TinyMLP):
+    """``training_step(self, *args)``: Lightning passes the batch and ``batch_idx`` positionally."""
+
+    def training_step(self, *args: Any) -> Any:  # type: ignore[override]
+        assert len(args) == 2, args
+        return self.loss(args[0])
 
 
 def twin(module: TinyMLP) -> TinyMLP:
@@ -109,6 +129,26 @@ def test_the_report_and_a_query_score_the_reference_alike(fit, save_dir, make_lo
     assert len(reported) == len(expected.sample_ids) == 64
     for sample, score in zip(expected.sample_ids.tolist(), expected.scores[0].tolist()):
         assert reported[sample] == pytest.approx(score, rel=1e-5, abs=1e-12)
+
+
+def test_the_exact_replay_report_scores_the_reference_as_a_query_after_fit(fit, save_dir, make_loader):
+    """``curve_source="exact_replay"``: the report's reference loss runs the hooks as after ``fit`` (no training
+    stage: its augmentation under ``self.trainer.training`` off) while the replayed steps run in it; the totals are
+    ``exact_influence``'s on the reference after ``fit``, averaged over its points."""
+    from lightning_dve import ReportConfig
+
+    model = TrainerBound()
+    dve = DataValueEmbedding(save_dir, projection_dim=None, report=ReportConfig(curve_source="exact_replay"))
+    val = make_loader(n=24, batch_size=12, offset=1500)
+    fit(model, dve, val=val)
+    batches = list(val)
+    whole = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    expected = dve.embeddings.exact_influence(model, whole)
+    rows = (save_dir / "report" / "sample_totals.csv").read_text().splitlines()[1:]
+    reported = {int(i): float(v) for i, v in (row.split(",") for row in rows)}
+    scale = float(expected.scores.mean(0).abs().max())
+    for sample, score in zip(expected.sample_ids.tolist(), expected.scores.mean(0).tolist()):
+        assert reported[sample] == pytest.approx(score, rel=1e-4, abs=1e-5 * scale)
 
 
 def test_hooks_run_once_in_eval_mode_on_a_copy_and_the_report_sees_them_as_after_fit(fit, save_dir, test_batch,
@@ -160,7 +200,30 @@ def test_hooks_that_read_the_trainer_run_after_fit_and_are_left_out_without_one(
         loaded.influence(model, {"pixels": test_batch["x"], "y": test_batch["y"], "index": test_batch["index"]})
 
 
-@pytest.mark.parametrize("module_cls", [WithoutBatchIndex, KeywordOnlyIndex])
+def test_a_hook_that_edits_tensors_in_place_leaves_the_caller_s_batch_and_the_reference_as_they_were(
+        fit, save_dir, test_batch):
+    """The CPU transfer returns the batch's own tensors: before session 30 each query divided the caller's inputs
+    by 16 again (two queries disagreed), and the report's ``reference=`` batch was divided at every segment
+    boundary and at train end. A hook's own ``RuntimeError`` is refused naming the hooks, not taken for Lightning's
+    missing-Trainer error."""
+    model = ScalingTensorsInPlace()
+    reference = {name: value[:6].clone() for name, value in test_batch.items()}
+    kept = {name: value.clone() for name, value in reference.items()}
+    dve = DataValueEmbedding(save_dir, projection_dim=None, segments=2, reference=reference)
+    fit(model, dve)
+    assert all(torch.equal(reference[name], kept[name]) for name in kept)
+    caller = {name: value.clone() for name, value in test_batch.items()}
+    first, second = (dve.embeddings.influence(model, test_batch).scores for _ in range(2))
+    assert all(torch.equal(test_batch[name], caller[name]) for name in caller)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, dve.embeddings.influence(twin(model), {**test_batch, "x": test_batch["x"] / 16})
+                               .scores, rtol=1e-12, atol=0)
+    with pytest.raises(ConfigError, match=r"transfer hooks .*failed on the test batch \(RuntimeError: no labels\)"):
+        dve.embeddings.influence(model, {"x": test_batch["x"], "index": test_batch["index"]}, loss_fn=lambda m, b:
+                                 m(b["x"]).sum(1))
+
+
+@pytest.mark.parametrize("module_cls", [WithoutBatchIndex, KeywordOnlyIndex, VariadicStep])
 def test_a_training_step_without_batch_idx_is_called_as_lightning_calls_it(fit, save_dir, test_batch, make_loader,
                                                                            module_cls):
     """The report is written and the queries score as the same weights with ``batch_idx`` (before: TypeError in
@@ -250,6 +313,10 @@ def test_exact_replay_reads_ids_a_hook_renumbers_as_training_did(fit, tmp_path, 
     after_load = DataValueEmbeddings.load(tmp_path / "plain")
     with pytest.raises(ConfigError, match="sample_ids cannot read the batches the replay rebuilds with collate_fn"):
         after_load.exact_influence(models[1], test_batch, dataset=DigitsDict(range(64)), sample_ids=lambda b: b.idx)
+    # a key the batches lack is named (before session 30, after fit: every item taken as dropped by the hooks and
+    # the ids refused as 'not in the dataset', whose fix is another dataset)
+    with pytest.raises(SampleIdError, match="batch has no key 'uuid'"):
+        renumbered.embeddings.exact_influence(models[0], test_batch, sample_ids="uuid")
 
 
 class DroppingZeros(TinyMLP):

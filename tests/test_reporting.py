@@ -242,6 +242,31 @@ def test_a_describe_that_fails_gives_its_error_as_the_text_and_keeps_the_report(
     assert rows and all(r["description"] == "describe failed: KeyError: 'text'" and r["label"] for r in rows)
 
 
+NON_ASCII_FIT = r"""
+import sys
+import lightning as L
+from torch.utils.data import DataLoader
+from lightning_dve import DataValueEmbedding
+from tests.conftest import DigitsDict, TinyMLP
+dve = DataValueEmbedding(sys.argv[1], projection_dim=16, reference=DigitsDict(range(1500, 1508)).batch(),
+                         describe=lambda sample: f"Ziffer {int(sample['y'])} \u2013 \u6570\u5b57")
+L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+          enable_model_summary=False, callbacks=[dve]).fit(TinyMLP(), DataLoader(DigitsDict(range(32)), batch_size=8))
+"""
+
+
+@pytest.mark.slow
+def test_a_non_ascii_description_is_written_under_an_ascii_locale(tmp_path):
+    """The report's CSV files were written in the locale's encoding: under ``LC_ALL=C`` a ``describe`` returning
+    "Ziffer 3 – 数字" raised UnicodeEncodeError out of the finished fit (before session 30). They are UTF-8."""
+    env = {**__import__("os").environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", NON_ASCII_FIT, str(tmp_path / "dve")], env=env, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "dve" / "report" / "top_k.csv").read_text(encoding="utf-8")
+    assert "\u2013 \u6570\u5b57" in text
+
+
 def test_top_k_samples_are_found_under_gradient_accumulation(fit, tmp_path):
     """Four micro-batches per optimizer step: the top-k scan reads every micro-batch of the run, not one per step
     (which found only the first quarter of the data)."""

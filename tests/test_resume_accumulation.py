@@ -104,14 +104,14 @@ def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
 
 
 class DeadFirstInputs(L.LightningModule):
-    """Frozen ``Linear(2, 2)`` at ``-I``, ReLU, tracked ``Linear(2, 3)`` without bias: a sample of positive inputs
-    reaches the head as zeros, so its gradient there is exactly zero (a dead ReLU)."""
+    """Frozen ``Linear(2, 2)`` at ``-I``, ReLU, tracked ``Linear(2, 3)`` (without bias unless ``bias``): a sample of
+    positive inputs reaches the head as zeros, so its gradient in the head's weight is exactly zero (a dead ReLU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.ReLU(),
-                                       torch.nn.Linear(2, 3, bias=False)).double()
+                                       torch.nn.Linear(2, 3, bias=bias)).double()
         with torch.no_grad():
             self.net[0].weight.copy_(-torch.eye(2))
         self.net[0].weight.requires_grad_(False)
@@ -123,14 +123,16 @@ class DeadFirstInputs(L.LightningModule):
         return torch.optim.SGD(self.net[2].parameters(), lr=0.1)
 
 
-def test_a_micro_batch_that_adds_no_gradient_stays_recorded(fit: Callable, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_a_micro_batch_that_adds_no_gradient_stays_recorded(fit: Callable, tmp_path: Path, bias: bool) -> None:
     """Under accumulation a first micro-batch whose gradient is exactly zero leaves ``.grad`` at zero, which is not
-    a reset: its samples are recorded in Lightning's window, with zero rows, and nothing warns (before: dropped,
-    with a warning blaming a zero_grad in user code). Oracle: per-example gradients by autograd."""
+    a reset: its samples are recorded in Lightning's window, with zero weight rows, and nothing warns (before:
+    dropped, with a warning blaming a zero_grad in user code; with the head's bias, whose gradient is not zero, until
+    session 30, as only the weights' gradients were read). Oracle: per-example gradients by autograd."""
     x = torch.tensor([[1.0, 2.0], [-1.0, -0.5], [0.5, 0.3], [-0.2, -1.0]], dtype=torch.float64)  # 0, 2: dead
     y = torch.tensor([0, 1, 2, 0])
     data = [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(4)]
-    model, dve = DeadFirstInputs(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    model, dve = DeadFirstInputs(bias), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
     initial = model.net[2].weight.detach().clone()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -140,6 +142,8 @@ def test_a_micro_batch_that_adds_no_gradient_stays_recorded(fit: Callable, tmp_p
     records = [store.read_step(step) for step in store.steps]
     assert [r.sample_ids.tolist() for r in records] == [[0, 1], [2, 3]]
     assert all(r.weights.tolist() == [0.5, 0.5] for r in records)
+    if bias:
+        return  # the rows hold the bias column: the per-example oracle below is for the weight alone
     weight = initial
     for record in records:
         for row, i in zip(record.grads["net.2"], record.sample_ids.tolist()):
@@ -148,6 +152,35 @@ def test_a_micro_batch_that_adds_no_gradient_stays_recorded(fit: Callable, tmp_p
             torch.testing.assert_close(row, torch.autograd.grad(loss, w)[0].reshape(-1), rtol=1e-12, atol=0)
         weight = weight - 0.1 * (record.weights[:, None] * record.grads["net.2"]).sum(0).reshape(3, 2)
     assert not records[0].grads["net.2"][0].any() and not records[1].grads["net.2"][0].any()
+
+
+def test_a_micro_batch_whose_samples_gradients_cancel_stays_recorded(fit: Callable, tmp_path: Path) -> None:
+    """Two samples of the same input with opposite targets on a zero-initialised linear model: their squared
+    errors' gradients cancel, so the micro-batch leaves ``.grad`` at exactly zero though each row is not; it
+    is not a reset (before session 30: dropped with the reset warning)."""
+    class Linear(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1, bias=False).double()
+            torch.nn.init.zeros_(self.lin.weight)
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            return (self.lin(batch["x"]).squeeze(-1) - batch["y"]).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.5, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([1.0, -1.0, 0.3, -0.2], dtype=torch.float64)
+    data = [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(4)]
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Linear(), dve, DataLoader(data, batch_size=2), accumulate_grad_batches=2)
+    assert not [w for w in caught if "were reset (zero_grad)" in str(w.message)]
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert [store.read_step(step).sample_ids.tolist() for step in store.steps] == [[0, 1, 2, 3]]
+    assert store.read_step(store.steps[0]).grads["lin"][:2].abs().sum() > 0
 
 
 def test_micro_batches_accumulated_by_optimizer_step_overrides_stay_recorded(
