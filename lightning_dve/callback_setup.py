@@ -190,21 +190,22 @@ def log_settings(trainer: pl.Trainer, store: TrajectoryStore, dims: int, method:
 
 
 def clear_report(root: Path) -> None:
-    """Delete the report of earlier embeddings in the store at ``root`` (a resumed fit's): the folder then holds
-    the current embeddings' report or none, never an earlier one that looks current after a failed or skipped
-    report."""
+    """Delete the report of earlier embeddings in the store at ``root`` (a resumed fit's): the folder then holds the
+    current embeddings' report or none, never an earlier one that looks current after a failed or skipped one."""
     shutil.rmtree(root / reporting.REPORT_DIR, ignore_errors=True)
 
 
 def report(write: Callable[[], None], root: Path) -> bool:
-    """Write the train-end report; a failed write (a full disk) warns instead of failing a finished fit: the
-    embeddings are complete by then. Returns whether it was not cut off (written, or skipped on purpose)."""
+    """Write (then log) the train-end report; a failure (a full disk) warns instead of failing a finished fit: the
+    embeddings are complete by then. Returns whether it was not cut off (done, or skipped on purpose)."""
     try:
         write()
     except OSError as err:
-        rank_zero_warn(f"DataValueEmbedding: the train-end report could not be written ({err}). The embeddings are "
-                       f"complete in {root}: query them with DataValueEmbeddings.load({str(root)!r}); a fit resumed "
-                       "from this run's last checkpoint writes the report again.")
+        written = (root / reporting.REPORT_DIR / "summary.json").is_file()  # its files come before the logging
+        what = "was written, but logging it to the Trainer's loggers failed" if written else "could not be written"
+        rank_zero_warn(f"DataValueEmbedding: the train-end report {what} ({err}). The embeddings are complete in "
+                       f"{root}: query them with DataValueEmbeddings.load({str(root)!r}); a fit resumed from this "
+                       "run's last checkpoint writes and logs the report again.")
         return False
     return True
 

@@ -171,11 +171,30 @@ def test_a_report_that_cannot_be_written_warns_and_keeps_the_embeddings(
     monkeypatch.setattr(reporting, "report_train_end", full_disk)
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
     with pytest.warns(UserWarning, match=r"report could not be written .*No space left.* embeddings are complete.*"
-                                         "writes the report again"):
+                                         "writes and logs the report again"):
         fit(mlp_cls(), dve, make_loader(), make_loader(n=16, offset=100))
     assert dve.embeddings.steps == list(range(4))
     with pytest.warns(UserWarning, match="the report may be missing or partial"):
         DataValueEmbeddings.load(tmp_path / "dve")
+
+
+def test_a_report_written_whose_logging_fails_is_said_to_be_written(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B staging an artifact in an unwritable HOME: the report's files were written, the logging failed; the
+    warning said the report could not be written (before session 30)."""
+    from lightning_dve import reporting_loggers
+
+    def unwritable_home(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system: '/home/user/.local/share/wandb'")
+
+    monkeypatch.setattr(reporting_loggers, "log_to_loggers", unwritable_home)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    with pytest.warns(UserWarning, match=r"report was written, but logging it to the Trainer's loggers "
+                                         r"failed \(\[Errno 30\] Read-only"):
+        fit(mlp_cls(), dve, make_loader(), make_loader(n=16, offset=100))
+    assert (tmp_path / "dve" / "report" / "summary.json").is_file()
 
 
 def test_a_failed_final_replay_checkpoint_keeps_the_embeddings(
