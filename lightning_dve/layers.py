@@ -12,6 +12,8 @@ Exact layouts (projection = identity), which :func:`split_block` maps back to pa
 - ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``: ``[C_out, C_in/groups * prod(kernel) (+1 bias column)]``
   (:mod:`.layers_conv`).
 - ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
+- ``Conv1D`` of transformers' GPT-2 (``x @ weight + bias``, weight ``[d_in, d_out]``): as ``nn.Linear``, so
+  ``[weight^T | bias]`` (:mod:`.layers_gpt2`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LayerSpec:
         positions: ``(module, input side) -> P``, the positions per sample, where the input side is not
             ``[B, P, k_in]``; ``None``: its second dim.
         input_rank: the number of dims of a batched input, where the type fixes it (a convolution's).
+        transposed: the weight is stored ``[d_in, d_out]``, the transpose of the block's weight part.
     """
 
     kind: str
@@ -60,6 +63,7 @@ class LayerSpec:
     block: BlockFn | None = None
     positions: Callable[[nn.Module, torch.Tensor], int] | None = None
     input_rank: int | None = None
+    transposed: bool = False
 
     def sample_blocks(self, module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None,
                       in_side: torch.Tensor, p_in: torch.Tensor | None) -> torch.Tensor:
@@ -82,11 +86,12 @@ class LayerSpec:
         return in_side.shape[1] if self.positions is None else self.positions(module, in_side)
 
 
-_REGISTRY: dict[type[nn.Module], LayerSpec] = {}
+_REGISTRY: dict[type[nn.Module] | str, LayerSpec] = {}
 
 
-def register(module_type: type[nn.Module], spec: LayerSpec) -> None:
-    """Register the spec of ``module_type`` (subclasses are matched through their MRO)."""
+def register(module_type: type[nn.Module] | str, spec: LayerSpec) -> None:
+    """Register the spec of ``module_type`` (subclasses are matched through their MRO), or of types of that class
+    name (a library that is not a dependency: transformers' ``Conv1D``; the spec's ``check`` confirms the form)."""
     _REGISTRY[module_type] = spec
 
 
@@ -95,12 +100,12 @@ def spec_for(module: nn.Module) -> LayerSpec | None:
     for klass in type(module).__mro__:
         if klass in _REGISTRY:
             return _REGISTRY[klass]
-    return None
+    return _REGISTRY.get(type(module).__name__)
 
 
 def supported_types() -> list[str]:
     """Names of the supported layer types, for error messages."""
-    return sorted(t.__name__ for t in _REGISTRY)
+    return sorted(f"{t} (transformers)" if isinstance(t, str) else t.__name__ for t in _REGISTRY)
 
 
 def apply_projection(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
@@ -148,16 +153,9 @@ def _linear_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | N
     return apply_projection(_as_positions(grad), proj)
 
 
-register(
-    nn.Linear,
-    LayerSpec(
-        kind="linear",
-        dims=lambda m: (m.out_features, m.in_features + int(has_trainable_bias(m))),
-        project_input=_linear_input,
-        project_output_grad=_linear_output,
-        check=_check_linear,
-    ),
-)
+LINEAR = LayerSpec(kind="linear", dims=lambda m: (m.out_features, m.in_features + int(has_trainable_bias(m))),
+                   project_input=_linear_input, project_output_grad=_linear_output, check=_check_linear)
+register(nn.Linear, LINEAR)
 
 
 # --- nn.Embedding ----------------------------------------------------------------------------------------
@@ -213,6 +211,7 @@ register(
         project_input=_embedding_input,
         project_output_grad=_linear_output,
         check=_check_embedding,
+        transposed=True,
     ),
 )
 
@@ -235,12 +234,10 @@ def split_block(module: nn.Module, block: torch.Tensor) -> dict[str, torch.Tenso
     assert spec is not None
     d_out, d_in = spec.dims(module)
     matrix = block.reshape(d_out, d_in)
-    if spec.kind == "embedding":
-        return {"weight": matrix.T}
     out = {}
     bias = has_trainable_bias(module)
     weight = matrix[:, :-1] if bias else matrix
-    out["weight"] = weight.reshape(module.weight.shape)
+    out["weight"] = weight.T if spec.transposed else weight.reshape(module.weight.shape)
     if bias:
         out["bias"] = matrix[:, -1]
     return out
@@ -264,9 +261,7 @@ def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     """
     spec = spec_for(module)
     assert spec is not None
-    if spec.kind == "embedding":
-        return weight.T
-    matrix = weight.reshape(weight.shape[0], -1)
+    matrix = weight.T if spec.transposed else weight.reshape(weight.shape[0], -1)
     if has_trainable_bias(module):
         bias = bias if bias is not None else torch.zeros_like(module.bias)
         matrix = torch.cat([matrix, bias.unsqueeze(1)], dim=1)
@@ -385,7 +380,9 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
 
 
 from .layers_conv import conv_spec  # noqa: E402  (it builds on this module's helpers)
+from .layers_gpt2 import CONV1D_GPT2  # noqa: E402
 
 register(nn.Conv1d, conv_spec("conv1d", spatial_dims=1))
 register(nn.Conv2d, conv_spec("conv2d", spatial_dims=2))
 register(nn.Conv3d, conv_spec("conv3d", spatial_dims=3))
+register("Conv1D", CONV1D_GPT2)

@@ -599,8 +599,8 @@ class _WithNorm(nn.Module):
         (_frozen_weight, "1", r"capture needs a trainable 'weight' and at most a 'bias' \(a frozen weight with a "
                                 r"trained bias: bias-only fine-tuning, BitFit\)"),
         (_WithNorm, "norm",
-         r"LayerNorm\) is not a supported layer type; supported types are Conv1d, Conv2d, Conv3d, Embedding, "
-         r"Linear"),
+         r"LayerNorm\) is not a supported layer type; supported types are Conv1D \(transformers\), Conv1d, Conv2d, "
+         r"Conv3d, Embedding, Linear"),
         (lambda: nn.Sequential(nn.ConvTranspose2d(2, 4, 3)), "0", r"ConvTranspose2d\) is not a supported layer type"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", r"sparse=True: its weight gets a sparse gradient"),
