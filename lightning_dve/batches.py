@@ -116,13 +116,14 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
         ConfigError: if the step kept another number of rows than ``batch`` has and no unique ids match them.
     """
     n, m = count_samples(batch), next(iter(rows.values())).shape[0]
-    before, after = _ids_or_none(batch, sample_ids, n), _ids_or_none(used, sample_ids, m)
+    before, after = ids_or_none(batch, sample_ids, n), ids_or_none(used, sample_ids, m)
     if before is None or after is None or torch.equal(before, after):
         if m != n:
+            fix = ("include the training batches' id key in the test batch" if sample_ids is not None else "give "
+                   "DataValueEmbeddings.load(..., sample_ids=) the callback's sample_ids (a callable is not saved)")
             raise ConfigError(f"training_step kept {m} of the test batch's {n} samples (it filters its batch), and no "
-                              f"ids {sample_ids!r} in the test batch tell which rows are which test points: include "
-                              "the training batches' id key in the test batch, or pass loss_fn(module, batch) -> "
-                              "Tensor[n] of per-sample test losses.")
+                              f"ids in the test batch tell which rows are which test points: {fix}, or pass "
+                              "loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
         return rows
     position = {int(i): p for p, i in enumerate(before.tolist())}
     if len(position) < n or any(int(i) not in position for i in after.tolist()) or len(set(after.tolist())) < m:
@@ -136,7 +137,7 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
     return {name: r.new_zeros((n, *r.shape[1:])).index_copy_(0, index.to(r.device), r) for name, r in rows.items()}
 
 
-def _ids_or_none(batch: Any, sample_ids: str | IdFn | None, batch_size: int) -> torch.Tensor | None:
+def ids_or_none(batch: Any, sample_ids: str | IdFn | None, batch_size: int) -> torch.Tensor | None:
     """The batch's ids on the CPU (:func:`extract_sample_ids`), or ``None`` where it has none readable."""
     if sample_ids is None:
         return None

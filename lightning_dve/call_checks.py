@@ -130,6 +130,13 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
             f"needs the batch as the input's first dimension (an input of shape [B, ...]), or {fix}.")
+    if x.shape[0] == 0 and not any(sizes.values()):  # no layer has seen a sample: the batch itself is empty
+        raise UnsupportedError(
+            f"layer {layer.name!r} was called on a batch of 0 samples: training_step left none of this batch (it "
+            "filters its batch, and kept no sample), whose loss and gradients are then empty (a mean is NaN). Return "
+            "None from training_step for such a batch (one process), or, under DDP, where every rank must take the "
+            "step, skip the forward and return 0 * sum of the parameters (a zero loss that still reaches every "
+            "parameter), or filter the samples in the Dataset or sampler instead.")
     if x.shape[0] == 0 or (earlier is not None and x.shape[0] != earlier):
         after = "" if earlier is None else f" after a call on {earlier} in the same step"
         kind, fix = _named(layer)

@@ -29,7 +29,7 @@ from .errors import ConfigError, DVEError
 from .guards import StepGuard
 from .influence import DataValueEmbeddings
 from .model_checks import batchnorm_modules, watched_parameters
-from .optim import is_adam
+from .optim import GradMarks, is_adam
 from .recursion import layer_groups
 from .replay_data import training_data_of
 from .records import accumulation_dtype
@@ -162,6 +162,7 @@ class DataValueEmbedding(StepHooks):
         self._split_biases: set[str] = set()  # layers warned about a bias in another param group (callback_setup)
         self._deferred: DVEError | None = None  # non-finite rows of a scaled step: an error only if applied
         self._reached: set[str] = set()  # layers captured by the step's earlier micro-batches
+        self._grad_marks: GradMarks = []  # their gradients at the last micro-batch's end (optim.gradients_reset)
 
     @property
     def state_key(self) -> str:

@@ -26,7 +26,7 @@ from .curvature import (Probe, check_autograd_reached, check_cross_entropy, chec
 from .errors import DVEError, GradientError
 from .guards import StepGuard
 from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
-from .optim import clip_factor, gradients_reset, grads_finite, keeps_grads, sgd_proxy_reason
+from .optim import clip_factor, grad_marks, gradients_reset, grads_finite, keeps_grads, sgd_proxy_reason
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
@@ -171,7 +171,10 @@ class StepHooks(pl.Callback):
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
-        if self._terms is None:  # accumulating, or no optimizer step happened
+        if self._terms is None:  # accumulating, or no optimizer step happened: the gradients as they are now
+            modules = hooks.modules()
+            self._grad_marks = grad_marks([p for name in self._reached for p in modules[name].parameters(recurse=False)
+                                           if p.requires_grad])
             return
         self._deferred, self._reached = None, set()
         if self._skipped:  # (step, at a loss scale a step was applied at): said at train end (summarise_scaler_skips)
@@ -204,11 +207,7 @@ class StepHooks(pl.Callback):
         them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
         the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
         Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
-        if not self._assembler.pending:
-            return
-        modules = self._active_capture().modules()  # the buffered rows are read only where the gradients look reset
-        trained = [p for name in self._reached for p in modules[name].parameters(recurse=False) if p.requires_grad]
-        if gradients_reset(trained) and self._assembler.contributes():  # weights and biases
+        if self._assembler.pending and gradients_reset(self._grad_marks):  # weights and biases
             _warn_unapplied()
             self._assembler.discard()
             self._reached, self._deferred = set(), None

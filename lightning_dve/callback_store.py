@@ -189,6 +189,11 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
                 raise StoreError(f"no store at {root} to resume: the checkpoint's DataValueEmbedding recorded into "
                                  f"{recorded}. Pass save_dir={recorded!r} (or move that folder here), or start a "
                                  "fresh fit without ckpt_path.")
+            if comm.rank > 0 and not (rank_root / MANIFEST).is_file():
+                raise StoreError(f"rank {comm.rank} has no shard to resume at {rank_root}: each rank keeps its layers' "
+                                 "steps in its own shard (on its machine's disk). Resume with every rank's shard in "
+                                 "place (the same machines and save_dir as the run), or start a fresh fit without "
+                                 "ckpt_path.")
             return resume_store(rank_root, resume, manifest), None
         except DVEError as err:
             return None, err

@@ -79,13 +79,15 @@ class FolderLock:
     @staticmethod
     def _drop(key: str) -> None:
         """Release one lock of ``key``; the last one unlocks the file (for forked children's copies of the
-        descriptor too) and closes the descriptor."""
+        descriptor too) and closes the descriptor. In a forked child, which shares the parent's lock, it only
+        closes the child's copy: the parent's fit still records."""
         shared = FolderLock._shared[key]
         shared[1] -= 1
         if shared[1] == 0:
             del FolderLock._shared[key]
-            with contextlib.suppress(OSError):
-                fcntl.flock(shared[0], fcntl.LOCK_UN)
+            if shared[2] == os.getpid():
+                with contextlib.suppress(OSError):
+                    fcntl.flock(shared[0], fcntl.LOCK_UN)
             os.close(shared[0])
 
     @property

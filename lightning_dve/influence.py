@@ -26,9 +26,9 @@ from .errors import ConfigError, StoreError
 from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
-from .query_layers import (backward_to_layers, check_loss_count, check_reduction, check_test_gradients,
-                           check_uncoupled, losses_of_a_pair, recorded_layers, refuse_empty,
-                           require_autograd, uncompiled, warn_if_not_final)
+from .loss_checks import check_loss_count, check_reduction, check_uncoupled, losses_of_a_pair
+from .query_layers import (backward_to_layers, check_test_gradients, recorded_layers, refuse_empty, require_autograd,
+                           uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost, TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
@@ -56,6 +56,7 @@ class DataValueEmbeddings(ReplayQueries):
         self._factors = store.read_segments()
         self._run_id = store.manifest.get("run_id")  # the recording the cached factors belong to
         self.training_data: TrainingData | None = None  # set by the callback after fit, for exact_influence
+        self.sample_ids: str | IdFn | None = None  # given to load (the callback's is in training_data)
         self.replay_cost: ReplayCost | None = None  # cost of the last exact_influence
         self.projections = {
             entry["name"]: LayerProjection.from_dict(entry["name"], entry["projection"])
@@ -68,6 +69,7 @@ class DataValueEmbeddings(ReplayQueries):
         path: str | os.PathLike[str],
         loss_weights: WeightFn | None = None,
         settings: DVEConfig | None = None,
+        sample_ids: str | IdFn | None = None,
     ) -> DataValueEmbeddings:
         """Open the embeddings in ``path`` (a ``save_dir``), checking that every file is present.
 
@@ -75,11 +77,15 @@ class DataValueEmbeddings(ReplayQueries):
             path: the callback's ``save_dir``.
             loss_weights: the ``loss_reduction`` callable used in training, if it was one.
             settings: if given, refuse a store written with other settings.
+            sample_ids: how the batches give their ids, as given to the callback: needed where it was a callable
+                (not saved) and ``training_step`` sorts or filters its batch (:meth:`test_ids`).
 
         Raises:
             StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
         """
-        return cls(open_finished(path, settings), loss_weights)
+        embeddings = cls(open_finished(path, settings), loss_weights)
+        embeddings.sample_ids = sample_ids
+        return embeddings
 
     @property
     def steps(self) -> list[int]:
@@ -163,7 +169,7 @@ class DataValueEmbeddings(ReplayQueries):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
         reduction = self.config.loss_reduction
-        check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()))
+        check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()), self.test_ids())
         capture.begin(keep_outputs=True)
         with muted_logging(module):
             loss, used = training_loss(module, batch)
@@ -208,13 +214,15 @@ class DataValueEmbeddings(ReplayQueries):
                     rows = capture.finish(weights_for(capture.batch_size()))
             finally:
                 capture.detach()
-        return rows if used is None else align_test_rows(rows, batch, used, self._test_ids())
+        return rows if used is None else align_test_rows(rows, batch, used, self.test_ids())
 
-    def _test_ids(self) -> str | IdFn | None:
-        """How to read a test batch's ids: the callback's ``sample_ids`` after ``fit``, else the recorded key."""
+    def test_ids(self) -> str | IdFn | None:
+        """How to read a test batch's ids (to match rows that ``training_step`` sorts or filters): the callback's
+        ``sample_ids`` after ``fit``, else the one given to :meth:`load`, else the key the store recorded."""
         data = self.training_data
-        return data.sample_ids if data is not None and data.sample_ids is not None else \
-            self.store.manifest.get("sample_ids")
+        if data is not None and data.sample_ids is not None:
+            return data.sample_ids
+        return self.sample_ids if self.sample_ids is not None else self.store.manifest.get("sample_ids")
 
     def influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False

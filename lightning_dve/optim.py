@@ -208,10 +208,24 @@ def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     return all(bool(torch.stack(found).all()) for found in flags.values())
 
 
-def gradients_reset(params: list[torch.Tensor]) -> bool:
-    """Whether none of ``params`` holds a gradient (``None`` or zeros): a ``zero_grad`` ran since their backward.
+#: Parameters with their ``.grad``'s storage and version at a micro-batch's end (``None``: no gradient).
+GradMarks = list[tuple[torch.Tensor, "tuple[int, int] | None"]]
+
+
+def grad_marks(params: list[torch.Tensor]) -> GradMarks:
+    """Mark ``params``' gradients at the end of a micro-batch whose step is still to come (:func:`gradients_reset`)."""
+    return [(p, None if p.grad is None else (p.grad.data_ptr(), p.grad._version)) for p in params]
+
+
+def gradients_reset(marks: GradMarks) -> bool:
+    """Whether a ``zero_grad`` reset the gradients of ``marks`` since they were marked: none holds a gradient now
+    (``None`` or zeros), and one was set to ``None`` or written in place since. A micro-batch that added nothing (a
+    dead ReLU, samples whose gradients cancel) leaves its zeros as they were marked: not a reset.
 
     The smallest parameter is read first and the scan stops at the first gradient found, so a gradient that is
-    still there usually costs one small read.
+    still there (accumulation) usually costs one small read.
     """
-    return not any(p.grad is not None and bool(p.grad.any()) for p in sorted(params, key=torch.Tensor.numel))
+    if any(p.grad is not None and bool(p.grad.any()) for p, _ in sorted(marks, key=lambda mark: mark[0].numel())):
+        return False
+    return any(mark is not None and (p.grad is None or (p.grad.data_ptr(), p.grad._version) != mark)
+               for p, mark in marks)

@@ -1,4 +1,5 @@
-"""The recorded layers in a query module, and the checks of a query's test loss against them.
+"""The recorded layers in a query module, and the test gradients taken through them (the checks of the test loss
+itself: :mod:`.loss_checks`).
 
 A query takes test gradients with respect to the tracked layers' outputs, whatever the module's ``requires_grad``
 flags: frozen weights (``LightningModule.freeze()``) are made trainable for the query's duration only, with each
@@ -9,18 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .batch_trees import batch_rows, count_samples
-from .batches import WeightFn, muted_logging, reduction_weights, training_loss
+from .batch_trees import count_samples
 from .capture import GradientCapture, TrackedLayer
-from .config import LossReduction
-from .errors import ConfigError, DVEError, LayerMismatchError, LossReductionError
+from .errors import ConfigError, LayerMismatchError
 from .guards import sampled_entries
 from .projection import LayerProjection
 from .results import warn_non_finite_rows
@@ -123,7 +122,7 @@ def backward_to_layers(loss: torch.Tensor, capture: GradientCapture, module: nn.
         raise problem
     capture.start_backward()
     if capture.without_autograd():
-        with _grads_put_aside(module):
+        with grads_put_aside(module):
             loss.backward()
     else:
         torch.autograd.grad(loss, capture.outputs, allow_unused=True)
@@ -132,7 +131,7 @@ def backward_to_layers(loss: torch.Tensor, capture: GradientCapture, module: nn.
 
 
 @contextlib.contextmanager
-def _grads_put_aside(module: nn.Module) -> Iterator[None]:
+def grads_put_aside(module: nn.Module) -> Iterator[None]:
     """Clear every parameter's ``.grad`` for the block and restore it afterwards."""
     saved = [(param, param.grad) for param in module.parameters()]
     for param, _ in saved:
@@ -142,188 +141,6 @@ def _grads_put_aside(module: nn.Module) -> Iterator[None]:
     finally:
         for param, grad in saved:
             param.grad = grad
-
-
-def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Unit weights ``[B]`` of ``loss_fn``'s per-sample losses, once their count is checked against the batch.
-
-    Raises:
-        ConfigError: if ``losses`` does not hold one loss per sample of the batch the tracked layers saw.
-    """
-    if losses.shape[0] != batch_size:
-        raise ConfigError(f"loss_fn returned {losses.shape[0]} losses for a batch of {batch_size} samples (the "
-                          f"batch size the tracked layers saw): it must return one loss per sample of the batch, "
-                          f"a Tensor[B] with B = {batch_size} (e.g. reduction='none'), not a mean or a "
-                          "concatenation.")
-    return torch.ones(batch_size, dtype=torch.float64)
-
-
-def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tensor | None:
-    """``loss_fn``'s losses of the batch's first two samples as a batch of their own (without gradients), for
-    :func:`check_uncoupled`; ``None`` where that cannot be asked (fewer than three samples, a batch the rows cannot
-    be taken from, or a ``loss_fn`` that fails on two samples): the check is then skipped, not the query."""
-    try:
-        n = count_samples(batch)
-        if n < 3:
-            return None
-        with torch.no_grad():
-            losses = loss_fn(module, batch_rows(batch, slice(0, 2), n))
-    except Exception:  # noqa: BLE001 -- the query itself runs loss_fn on the whole batch and reports its errors
-        return None
-    return losses.detach() if isinstance(losses, torch.Tensor) and losses.shape == (2,) else None
-
-
-def check_uncoupled(pair: torch.Tensor | None, losses: torch.Tensor) -> None:
-    """Refuse a ``loss_fn`` whose per-sample losses depend on the batch's other samples: ``pair``
-    (:func:`losses_of_a_pair`) must equal the first two of the whole batch's ``losses`` (within 1 % of the largest
-    loss). The query takes a sample's test gradient from its own forward alone, so a coupled loss (contrastive,
-    centred on the batch mean) would give each sample the gradient of every sample's terms through its forward.
-
-    Raises:
-        ConfigError: with both pairs of values and the fix.
-    """
-    if pair is None:
-        return
-    found, alone = losses[:2].detach().double().cpu(), pair.double().cpu()
-    scale = float(losses.detach().abs().max())
-    # 1 % of the largest loss: reduced-precision matmuls (TF32, set_float32_matmul_precision("medium")) round the
-    # pair's and the batch's forwards apart by ~1e-3; a coupling changes a loss by far more
-    if not torch.allclose(alone, found, rtol=0.0, atol=1e-2 * scale):  # False for NaN: refused as coupled
-        raise ConfigError(
-            f"loss_fn's per-sample losses depend on the other samples of the batch: the first two samples' losses are "
-            f"{found.tolist()} in the whole batch and {alone.tolist()} as a batch of their own (a contrastive loss, a "
-            "loss centred on the batch mean, batch statistics in the forward, or a random loss_fn). A test point's "
-            "influence needs its own loss: return losses each of which depends on its sample alone (for a pairwise "
-            "loss, one row per pair in the batch), or use exact_influence, which differentiates each loss itself.")
-
-
-def check_deterministic(first: torch.Tensor | None, second: torch.Tensor | None) -> None:
-    """Refuse a ``training_step`` whose loss on one batch differs between two calls (augmentation drawn with
-    ``torch.rand``, noise or functional dropout outside eval-mode modules, an in-place edit of the batch's tensors):
-    its test loss is random and its reduction uncheckable. Tolerance: relative 1e-4 (nondeterministic kernels).
-
-    Args:
-        first, second: the loss of two calls on the same batch (``None``: no loss returned, not checked).
-
-    Raises:
-        ConfigError: with both values and the fix (``loss_fn=``).
-    """
-    if first is None or second is None:
-        return
-    a, b = float(first.detach()), float(second.detach())
-    if abs(a - b) > 1e-4 * max(abs(a), abs(b)) + 1e-12:  # False for NaN: unchecked
-        raise ConfigError(
-            f"training_step returned {a:.6g} and then {b:.6g} on the same two test samples, in eval mode: it is "
-            "random (e.g. a data augmentation drawn with torch.rand, noise, or F.dropout(..., training=True) in "
-            "training_step) or edits the batch's tensors in place (batch['x'].mul_(0.5): assign a new tensor "
-            "instead), so a test loss taken through it is random too. Pass loss_fn(module, batch) -> "
-            "Tensor[B], the deterministic per-sample test loss, e.g. loss_fn=lambda module, batch: "
-            "F.cross_entropy(module(batch['x']), batch['y'], reduction='none') (the train-end report takes its "
-            "reference loss from training_step: set report=None or make the augmentation depend on "
-            "self.training, which queries turn off).")
-
-
-def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:
-    """``training_step`` on a batch of one sample, for :func:`check_reduction` (:func:`training_loss`).
-
-    Raises:
-        ConfigError: if it fails there (often a ``.squeeze()`` that also drops the batch dimension), naming the
-            check and the fixes.
-    """
-    try:
-        return training_loss(module, batch)
-    except DVEError:
-        raise
-    except Exception as err:
-        raise ConfigError(
-            f"training_step failed on a batch of one sample ({type(err).__name__}: {err}). Queries run it on two "
-            "samples of the batch alone, to check that its loss is the per-sample sum loss_reduction declares "
-            "(method.md §2). Make training_step work on a one-sample batch (e.g. .squeeze(-1) instead of .squeeze(), "
-            "which also drops the batch dimension), or pass loss_fn(module, batch) -> Tensor[B] of per-sample "
-            "losses to the query (the train-end report has no loss_fn: it is skipped)."
-        ) from err
-
-
-def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
-                    params: Sequence[torch.Tensor] = ()) -> None:
-    """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
-    (method.md §2), tested on the batch's first two samples ``a, b``: with ``l_i = L({i}) / w_i({i})``, ``L({a, b})``
-    must be ``w_a l_a + w_b l_b`` under the weights of ``{a, b}`` (within 5 %), and so must its gradient in
-    ``params`` (the tracked weights). A sum declared as a mean, or the reverse, is off by a factor of two here; in
-    the recording it scaled every curvature term and test gradient by the batch size. A step that drops either
-    sample (it filters its batch) leaves the check undone. The gradients tell apart
-    weights that the loss values cannot, where ``l_a`` and ``l_b`` are alike (a token mean over a padded batch
-    declared as a mean: early in training every sequence's loss is near ``log(vocabulary)``). Samples of weight 0,
-    batches of one sample and steps returning no loss are not checked.
-
-    A second call on ``{a, b}`` must give the same loss (:func:`check_deterministic`).
-
-    Raises:
-        LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
-        ConfigError: if ``training_step`` is random.
-    """
-    n = count_samples(batch)
-    if n < 2:
-        return
-    pair, singles = batch_rows(batch, slice(0, 2), n), [batch_rows(batch, slice(i, i + 1), n) for i in range(2)]
-    params = [p for p in params if p.requires_grad]
-    with torch.set_grad_enabled(bool(params)), muted_logging(module):
-        total, pair_used = training_loss(module, pair)
-        alone, singles_used = zip(*(_single_sample_loss(module, single) for single in singles))
-        with torch.no_grad():
-            again, _ = training_loss(module, pair)
-    check_deterministic(total, again)
-    if count_samples(pair_used) != 2 or any(count_samples(used) != 1 for used in singles_used):
-        return  # the step filters its batch (training reads the ids it keeps): these two do not test the reduction
-    single_w = [float(reduction_weights(reduction, s, 1, weight_fn)[0]) for s in singles_used]
-    if total is None or None in alone or not all(w == w and w != 0 for w in single_w):  # NaN: a 0/0 weight
-        return
-    scales = [float(w) / sw for w, sw in zip(reduction_weights(reduction, pair_used, 2, weight_fn), single_w)]
-    value, values = float(total.detach()), [float(loss.detach()) for loss in alone]
-    terms = [scale * loss for scale, loss in zip(scales, values)]
-    if abs(value - sum(terms)) > 0.05 * sum(map(abs, terms)) + 1e-12:  # False for a NaN loss: unchecked
-        raise LossReductionError(
-            f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
-            f"{reduction.value!r} declares: on the batch's first two samples it gives {value:.6g} together "
-            f"and {values[0]:.6g}, {values[1]:.6g} alone, where the declared weights predict "
-            f"{sum(terms):.6g}. {_REDUCTION_FIX}"
-        )
-    deviation = _gradient_deviation(module, [total, *alone], scales, params)
-    if deviation > 0.05:  # False for NaN: unchecked
-        raise LossReductionError(
-            f"training_step's loss is not the sum of per-sample losses weighted as loss_reduction="
-            f"{reduction.value!r} declares: on the batch's first two samples the gradient of their joint loss differs "
-            f"by {deviation:.0%} from the declared weights ({scales[0]:.4g}, {scales[1]:.4g} times each one's loss "
-            f"alone) applied to their gradients alone (their loss values happen to agree). {_REDUCTION_FIX}"
-        )
-
-
-_REDUCTION_FIX = ("The recording used the same weights, so its curvature and test gradients are off by that factor "
-                  "and its scores are meaningless. Record again with the reduction your loss uses ('sum' for "
-                  "reduction='sum', 'mean' for a mean over the batch, a callable for other weights: a token-level "
-                  "mean over a padded batch, cross_entropy with ignore_index, weighs sequence i by its token count, "
-                  "n_i / sum_j n_j, so declare loss_reduction=lambda batch: n / n.sum() with n the batch's token "
-                  "counts); a loss that couples the samples (contrastive, batch statistics) has no per-sample data "
-                  "value; a random training_step (an augmentation drawn in it) fails this check too: pass loss_fn= to "
-                  "the query.")
-
-
-def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: list[float],
-                        params: list[torch.Tensor]) -> float:
-    """``|grad L({a,b}) - sum_i s_i grad L({i})| / sum_i |s_i grad L({i})|`` over ``params`` (0 when nothing to
-    differentiate), for ``losses = [L({a,b}), L({a}), L({b})]`` and ``scales = s``. A full backward with every
-    ``.grad`` put aside, so a reentrant activation checkpoint is recomputed as in training."""
-    if not params or not all(loss.requires_grad for loss in losses):
-        return 0.0
-    flat = []
-    for loss in losses:
-        with _grads_put_aside(module):
-            loss.backward()
-            flat.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
-                                   for p in params]))
-    parts = [scale * grad for scale, grad in zip(scales, flat[1:])]
-    size = float(sum(part.norm() for part in parts))
-    return 0.0 if size == 0 else float((flat[0] - sum(parts)).norm()) / size
 
 
 def uncompiled(module: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .batches import modes
 from .errors import ConfigError, LossReductionError
 from .influence import DataValueEmbeddings
-from .query_layers import check_reduction
+from .loss_checks import check_reduction
 from .samples import unsharded
 
 
@@ -212,7 +212,7 @@ def reference_gradient(
 def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: DataValueEmbeddings | None,
                         report: bool) -> bool:
     """Test ``training_step``'s loss at train end on a training batch of two samples or more, as a query would
-    (:func:`~lightning_dve.query_layers.check_reduction`: the declared reduction's weights, no coupling of the
+    (:func:`~lightning_dve.loss_checks.check_reduction`: the declared reduction's weights, no coupling of the
     samples, method.md §2), in eval mode, and warn: the recording used those weights. The report's reference
     batches may not test it (batches of one sample, or the report off). A ``training_step`` that is random or fails
     on two samples is left to the queries (said when the report is off). Compiled modules run eagerly here
@@ -227,7 +227,8 @@ def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: D
     params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
     try:  # eagerly: a graph compiled now, with the capture's hooks detached, would be reused by the queries
         with modes(pl_module, None), _eager():
-            check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params)
+            check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params,
+                            embeddings.test_ids())
     except LossReductionError as err:
         skipped = "the influence report is skipped: " if report else ""
         rank_zero_warn(f"DataValueEmbedding: {skipped}{err} (tested at train end on a training batch)")

@@ -103,19 +103,6 @@ class StepAssembler:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []
 
-    def contributes(self) -> bool:
-        """Whether the buffered micro-batches add to the gradient: ``sum_i w_i g_i`` over their samples is not zero
-        in some layer beyond round-off (``1e-5`` of ``sum_i |w_i| |g_i|``). Ones that add nothing (a dead ReLU
-        without bias, weights all 0, samples whose gradients cancel) leave ``.grad`` at zero unreset."""
-        for name in self._buffer[0].grads if self._buffer else ():
-            total, size = 0.0, 0.0
-            for part in self._buffer:
-                rows = part.grads[name].double() * part.weights.to(part.grads[name].device, torch.float64)[:, None]
-                total, size = total + rows.sum(dim=0), size + float(rows.norm(dim=1).sum())
-            if float(torch.as_tensor(total).norm()) > 1e-5 * size:
-                return True
-        return False
-
     def close(self, step: int, terms: StepTerms, epoch: int, last_batch: bool) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 

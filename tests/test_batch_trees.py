@@ -332,6 +332,9 @@ class SelfReferring:
     def scale(self, x: float) -> float:
         return x * self.a
 
+    def shift(self, x: float) -> float:
+        return x + self.a
+
 
 class PrivateSlot:
     """A private (name-mangled) slot."""
@@ -376,6 +379,9 @@ def test_items_read_twice_are_the_same_with_nan_values_and_plain_objects() -> No
     assert same_items(cyclic, cyclic)
     # session 30: a RecursionError, a bound method read twice and a structured record with NaN taken as random
     assert same_items(SelfReferring(2.0), SelfReferring(2.0)) and not same_items(SelfReferring(2.0), SelfReferring(3.0))
+    shifting = SelfReferring(2.0)
+    shifting.transform = shifting.shift  # another method of the same object: a different transform
+    assert not same_items(SelfReferring(2.0), shifting)
     record = np.array([(1.0, nan)], dtype=[("a", "f8"), ("b", "f8")])
     assert same_items(record, record.copy()) and same_items(record[0], record.copy()[0])
     other = record.copy()

@@ -68,6 +68,19 @@ def test_an_expert_that_gets_no_sample_is_refused_naming_routing(tmp_path: Path)
         run_fit(Experts(), _dve(tmp_path / "dve"))
 
 
+def test_a_batch_the_step_filters_to_nothing_is_named_as_such(tmp_path: Path) -> None:
+    """The first tracked layer called on 0 samples: the batch, not a routing (the message named mixtures of
+    experts and exclude=, a fix that leaves nothing to measure, before session 30)."""
+    class DropsEverything(TinyMLP):
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            keep = batch["index"] < 0
+            return F.cross_entropy(self(batch["x"][keep]), batch["y"][keep])
+
+    with pytest.raises(UnsupportedError, match=r"'net\.0' was called on a batch of 0 samples: training_step left "
+                                               r"none of this batch .*return 0 \* sum of the parameters"):
+        run_fit(DropsEverything(), _dve(tmp_path / "dve"))
+
+
 class TableNet(TinyMLP):
     """A coordinate table run through ``net.0`` and broadcast across the batch (``expand=False``), or expanded over
     the batch before it (``expand=True``: per-sample rows, each sample's own); ``from_step``: from that step on."""

@@ -289,3 +289,19 @@ def test_a_resume_that_rounds_the_weights_is_warned_about_at_fit_start(make_load
     assert len(warned) == (built == "float32")
     if warned:
         assert "['net.0.weight', 'net.0.bias', 'net.2.weight'] ..." in warned[0] and "self.double()" in warned[0]
+
+
+def test_a_rank_resumed_without_its_shard_is_told_so(tmp_path: Path) -> None:
+    """Rank 1 of a DDP resume whose shard is not on its disk: the store's own 'no store, point to the save_dir of a
+    finished fit' did not say that each rank needs its own shard (before session 30)."""
+    from lightning_dve.callback_store import open_rank_store
+    from lightning_dve.distributed import SingleProcess
+    from lightning_dve.errors import StoreError
+
+    class RankOne(SingleProcess):  # a rank 1 whose collectives see no other failure
+        rank, world_size = 1, 2
+
+    (tmp_path / "dve").mkdir()
+    with pytest.raises(StoreError, match=r"rank 1 has no shard to resume at .*shards/rank_1: each rank keeps its "
+                                         r"layers' steps in its own shard"):
+        open_rank_store(RankOne(), tmp_path / "dve", {}, {"last_step": 3, "save_dir": str(tmp_path / "dve")}, False)

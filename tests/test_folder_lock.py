@@ -94,3 +94,19 @@ def test_the_process_opening_and_closing_the_lock_file_keeps_the_lock(tmp_path: 
     assert lock.held and not can_lock_elsewhere(tmp_path / "dve")
     lock.release()
     assert can_lock_elsewhere(tmp_path / "dve")
+
+
+def test_a_forked_child_that_releases_its_copy_leaves_the_parent_locked(tmp_path: Path) -> None:
+    """``os.fork()`` copies the lock's registry: a child ending normally runs its finalizer, whose explicit unlock
+    (session 30's flock) unlocked the parent's recording too."""
+    import os
+
+    lock = FolderLock(tmp_path)
+    child = os.fork()
+    if child == 0:  # the child: release its copy, then leave without the parent's test machinery
+        lock.release()
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert lock.held and not can_lock_elsewhere(tmp_path)
+    lock.release()
+    assert can_lock_elsewhere(tmp_path)

@@ -87,7 +87,7 @@ def test_the_reduction_check_allows_five_percent(mlp_cls, test_batch, excess, re
     """A loss ``(1 + excess (B - 1)) sum_i l_i`` declared as a sum: on the batch's first two samples it is
     ``1 + excess`` times what the declared weights predict, accepted within the check's 5 % and refused beyond."""
     from lightning_dve.config import LossReduction
-    from lightning_dve.query_layers import check_reduction
+    from lightning_dve.loss_checks import check_reduction
 
     class Scaled(mlp_cls):
         def training_step(self, batch, batch_idx):
@@ -105,7 +105,7 @@ def test_samples_the_reduction_check_cannot_weigh_are_not_checked(mlp_cls, test_
     """A first sample of loss weight 0 (no per-sample loss to divide out), and a ``training_step`` that skips
     one-sample batches (returns ``None``, as for batch norm): the check passes them by."""
     from lightning_dve.config import LossReduction
-    from lightning_dve.query_layers import check_reduction
+    from lightning_dve.loss_checks import check_reduction
 
     def weights(batch):  # the batch's first sample weighs nothing
         return (batch["index"] != test_batch["index"][0]).double()
@@ -127,7 +127,7 @@ def test_weights_that_depend_on_the_batch_are_checked_as_the_pairs_own(mlp_cls, 
     the first two samples, whose per-sample losses are far apart (the first one's is ten times its cross-entropy):
     each loss must take its own weight in the pair."""
     from lightning_dve.config import LossReduction
-    from lightning_dve.query_layers import check_reduction
+    from lightning_dve.loss_checks import check_reduction
 
     first = test_batch["index"][0]
 

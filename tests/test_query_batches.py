@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings
-from lightning_dve.errors import ConfigError
+from lightning_dve.errors import ConfigError, LossReductionError
 
 
 def _sorting(mlp_cls: type) -> type:
@@ -51,6 +52,42 @@ def test_a_step_that_sorts_its_batch_gives_rows_in_the_test_batchs_order(
                                rtol=1e-5, atol=1e-7)
 
 
+def test_rows_that_ids_cannot_match_back_are_refused() -> None:
+    """A step that repeats rows, or a test batch with one id twice that the step reorders: index_copy_ would
+    drop or misfile rows silently."""
+    from lightning_dve.batches import align_test_rows
+
+    rows = {"a": torch.arange(6.0).reshape(3, 2)}
+    given = {"x": torch.zeros(2, 4), "index": torch.tensor([5, 7])}
+    with pytest.raises(ConfigError, match="do not match the rows back"):
+        align_test_rows(rows, given, {"x": torch.zeros(3, 4), "index": torch.tensor([5, 5, 7])}, "index")
+    twice = {"x": torch.zeros(3, 4), "index": torch.tensor([5, 5, 7])}
+    with pytest.raises(ConfigError, match="do not match the rows back"):
+        align_test_rows(rows, twice, {"x": torch.zeros(3, 4), "index": torch.tensor([7, 5, 5])}, "index")
+    with pytest.raises(ConfigError, match="do not match the rows back"):  # which 5 was dropped?
+        align_test_rows({"a": rows["a"][:2]}, twice, {"x": torch.zeros(2, 4), "index": torch.tensor([7, 5])}, "index")
+    moved = align_test_rows(rows, {**twice, "index": torch.tensor([5, 6, 7])},
+                            {"x": torch.zeros(3, 4), "index": torch.tensor([7, 5, 6])}, "index")
+    torch.testing.assert_close(moved["a"], rows["a"][[1, 2, 0]])
+
+
+def test_a_store_recorded_with_a_sample_ids_callable_takes_it_again_at_load(
+        mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict[str, torch.Tensor]) -> None:
+    """A callable is not saved: after ``load`` a sorting step's rows are matched through ``load(sample_ids=)``,
+    and a filtering step without it is refused naming that fix (before: 'include the id key', already there)."""
+    ids = lambda batch: batch["index"]  # noqa: E731
+    for name, module_cls in (("sorting", _sorting(mlp_cls)), ("filtering", _filtering(mlp_cls))):
+        model, dve = module_cls(), DataValueEmbedding(tmp_path / name, projection_dim=None, report=None, sample_ids=ids)
+        fit(model, dve)
+        if name == "sorting":
+            for emb in (dve.embeddings, DataValueEmbeddings.load(tmp_path / name, sample_ids=ids)):  # after fit too
+                torch.testing.assert_close(emb.influence(model, test_batch, per_step=True).scores,
+                                           _alone(emb, model, test_batch), rtol=1e-5, atol=1e-7)
+            continue
+        with pytest.raises(ConfigError, match=r"load\(\.\.\., sample_ids=\) the callback's sample_ids"):
+            DataValueEmbeddings.load(tmp_path / name).influence(model, test_batch)
+
+
 def test_test_points_a_step_drops_score_zero_in_their_places_with_a_warning(
         mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict[str, torch.Tensor]) -> None:
     model, dve = _filtering(mlp_cls)(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
@@ -82,6 +119,42 @@ def test_a_step_that_drops_one_of_the_last_batchs_first_two_samples_keeps_the_re
     assert (tmp_path / "dve" / "report").is_dir()
 
 
+def _mining_sum(mlp_cls: type) -> type:
+    """Online hard-example mining: keeps the hardest half of its batch in place and returns their SUM."""
+    class MiningSum(mlp_cls):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            with torch.no_grad():
+                per = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            keep = per.topk((len(per) + 1) // 2).indices
+            for key in list(batch):
+                batch[key] = batch[key][keep]
+            return F.cross_entropy(self(batch["x"]), batch["y"], reduction="sum")
+    return MiningSum
+
+
+@pytest.mark.parametrize("declared, refused", [("mean", True), ("sum", False)])
+def test_a_step_that_filters_is_checked_on_a_group_it_keeps_two_of(
+        mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict[str, torch.Tensor], declared: str,
+        refused: bool) -> None:
+    """Each pair keeps one sample, which tests no reduction: the check takes the first four (two kept, found by
+    their ids). A sum declared as the default mean, 8x too large in the recording, was not refused anywhere by
+    a version of session 30 that skipped such pairs; a correct declaration passes (before that version it was
+    refused: the pair was compared with a dropped sample's loss)."""
+    model = _mining_sum(mlp_cls)(lr=0.01)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, loss_reduction=declared)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve)
+    said = [str(w.message) for w in caught if "loss reduction" in str(w.message) or "loss_reduction" in str(w.message)]
+    if not refused:
+        assert not said, said
+        dve.embeddings.influence(model, test_batch)
+        return
+    assert any("on the batch's first 4 samples (the 2 it keeps)" in m for m in said), said
+    with pytest.raises(LossReductionError, match=r"first 4 samples \(the 2 it keeps\) it gives"):
+        dve.embeddings.influence(model, test_batch)
+
+
 def test_rows_no_layer_projects_are_stored_in_the_training_dtype(mlp_cls: type, fit: Callable,
                                                                   tmp_path: Path, test_batch: Any) -> None:
     """``storage_dtype="auto"`` stored float16 for a model whose layers all fit in ``projection_dim`` (exact rows)."""
@@ -92,6 +165,9 @@ def test_rows_no_layer_projects_are_stored_in_the_training_dtype(mlp_cls: type, 
         fit(model, dve, precision="64-true")
         runs[name] = dve.embeddings, model
     assert runs["default"][0].store.manifest["storage_dtype"] == "float64"
+    mixed = DataValueEmbedding(tmp_path / "mixed", projection_dim=100, report=None)  # only the first is projected
+    fit(mlp_cls(hidden=8).double(), mixed, precision="64-true")
+    assert mixed.embeddings.store.manifest["storage_dtype"] == "float16"
     double = {k: v.double() if v.is_floating_point() else v for k, v in test_batch.items()}
     scores = [emb.influence(model, double).scores for emb, model in runs.values()]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=0)

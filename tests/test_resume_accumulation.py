@@ -82,6 +82,47 @@ def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
     assert any("were reset (zero_grad) before any optimizer step applied them" in w for w in warned)
 
 
+@pytest.mark.parametrize("projection_dim", [None, 1])
+def test_a_reset_near_convergence_is_still_a_reset(fit: Callable, tmp_path: Path, projection_dim: int | None) -> None:
+    """Least squares whose two batches share their optimum, trained with closure-only odd batches: once converged
+    a batch's summed gradient is tiny while its samples' are not. A version of session 30 judged "adds nothing"
+    by that sum, and recorded 41 of 60 reset batches as applied; the reset is read from the gradients' storage
+    and version since the micro-batch's end."""
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for _ in range(2):
+        x = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+        noise = torch.randn(4, generator=gen, dtype=torch.float64)
+        q = torch.linalg.qr(x)[0]
+        xs.append(x.float())
+        ys.append((x @ torch.tensor([0.7, -0.3], dtype=torch.float64) + noise - q @ (q.T @ noise)).float())
+    x, y = torch.cat(xs), torch.cat(ys)
+
+    class ClosureOnOddBatches(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1, bias=False)
+            torch.nn.init.zeros_(self.lin.weight)
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            return (self.lin(batch["x"]).squeeze(-1) - batch["y"]).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.3)
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer.step(closure=optimizer_closure) if batch_idx % 2 == 0 else optimizer_closure()
+
+    data = [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(8)]
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=projection_dim, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ClosureOnOddBatches(), dve, DataLoader(data, batch_size=4), max_epochs=40)
+    store = TrajectoryStore.open(tmp_path / "dve")
+    assert all(store.read_step(step).sample_ids.tolist() == [0, 1, 2, 3] for step in store.steps)
+    assert sum("were reset (zero_grad)" in str(w.message) for w in caught) == 39  # every odd batch but the last
+
+
 def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
     mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
 ) -> None:

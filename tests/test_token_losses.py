@@ -23,7 +23,7 @@ from lightning_dve import DataValueEmbedding, LossReductionError, UnsupportedErr
 from tests.conftest import TinyMLP
 from lightning_dve.config import LossReduction
 from lightning_dve.layers import gradient_block
-from lightning_dve.query_layers import check_reduction
+from lightning_dve.loss_checks import check_reduction
 from lightning_dve.store import TrajectoryStore
 from tests.helpers import make_trainer
 
