@@ -115,7 +115,11 @@ class StepHooks(pl.Callback):
         # under DDP .grad holds the ranks' mean after a synchronised backward
         self._active_guard().after_backward(None if self._comm.world_size == 1
                                             else partial(sync.mean_over_ranks, self._comm))
-        self._active_capture().pause()  # a closure evaluated again adds nothing to the rows
+        hooks = self._active_capture()
+        hooks.pause()  # a closure evaluated again adds nothing to the rows
+        modules = hooks.modules()  # the gradients right after the backward, before the module's on_after_backward
+        self._grad_marks = grad_marks([p for name in self._reached | hooks.reached()
+                                       for p in modules[name].parameters(recurse=False) if p.requires_grad])
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._terms is not None:  # called after each closure evaluation: the step was read at the first
@@ -171,10 +175,7 @@ class StepHooks(pl.Callback):
         except DVEError as err:
             error = err
         sync.agree_on_errors(self._comm, error)
-        if self._terms is None:  # accumulating, or no optimizer step happened: the gradients as they are now
-            modules = hooks.modules()
-            self._grad_marks = grad_marks([p for name in self._reached for p in modules[name].parameters(recurse=False)
-                                           if p.requires_grad])
+        if self._terms is None:  # accumulating, or no optimizer step happened
             return
         self._deferred, self._reached = None, set()
         if self._skipped:  # (step, at a loss scale a step was applied at): said at train end (summarise_scaler_skips)
@@ -207,7 +208,7 @@ class StepHooks(pl.Callback):
         them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
         the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
         Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
-        if self._assembler.pending and gradients_reset(self._grad_marks):  # weights and biases
+        if self._assembler.pending and gradients_reset(self._grad_marks, self._assembler.contributes):
             _warn_unapplied()
             self._assembler.discard()
             self._reached, self._deferred = set(), None

@@ -4,7 +4,7 @@ deterministic ``training_step``, and the declared loss reduction (method.md §2)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -138,7 +138,8 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     n = count_samples(batch)
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
-        group = _kept_group(module, batch, n, sample_ids)
+        group = _kept_group(module, batch, n, sample_ids,
+                            lambda rows, size: reduction_weights(reduction, rows, size, weight_fn))
         if group is None:
             return
         size, total, used, kept = group
@@ -173,11 +174,12 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
         )
 
 
-def _kept_group(module: nn.Module, batch: Any, n: int, sample_ids: str | IdFn | None
-                ) -> tuple[int, torch.Tensor | None, Any, list[int]] | None:
+def _kept_group(module: nn.Module, batch: Any, n: int, sample_ids: str | IdFn | None,
+                weigh: Callable[[Any, int], torch.Tensor]) -> tuple[int, torch.Tensor | None, Any, list[int]] | None:
     """The first 2, 4 or 8 samples of ``batch`` of which ``training_step`` keeps two or more: their size, loss, the
     batch as the step left it and the kept samples' positions in its row order (by their ids where they are read;
-    without ids, only a group kept whole, in its order). ``None`` where there is none."""
+    without ids, only a group kept whole whose loss weights, ``weigh``, are in its order: a step that sorts its
+    batch by a weighted property, the length of a sequence, cannot be matched then). ``None`` where there is none."""
     for size in (2, 4, 8):
         if size > n:
             return None
@@ -190,7 +192,8 @@ def _kept_group(module: nn.Module, batch: Any, n: int, sample_ids: str | IdFn | 
             if kept >= 2 and all(int(i) in position for i in ids[1].tolist()):
                 return size, total, used, [position[int(i)] for i in ids[1].tolist()]
         elif kept == size:
-            return size, total, used, list(range(size))
+            return (size, total, used, list(range(size))) if torch.equal(weigh(group, size), weigh(used, size)) \
+                else None
         if kept == size:
             return None  # kept whole, but its ids do not match: not checked
     return None

@@ -103,6 +103,11 @@ class StepAssembler:
         """Drop the buffered micro-batches (a step that was skipped)."""
         self._buffer = []
 
+    def contributes(self) -> bool:
+        """Whether a buffered micro-batch adds to the gradient: a sample of non-zero weight with a non-zero row."""
+        return any(bool(rows[(part.weights != 0).to(rows.device)].any())
+                   for part in self._buffer for rows in part.grads.values())
+
     def close(self, step: int, terms: StepTerms, epoch: int, last_batch: bool) -> StepRecord | None:
         """Collective: gather every rank's micro-batches into the global step's record.
 

@@ -80,18 +80,21 @@ def test_stored_rows_are_the_per_example_gradients(fit: Callable, tmp_path: Path
         torch.testing.assert_close(row, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(("optimizer", "projection_dim", "curvature"), [
-    ("sgd", None, "empirical_fisher"), ("sgd", 64, "ggn"), ("adamw", None, "empirical_fisher"),
-    ("adamw", 64, "empirical_fisher")])
+@pytest.mark.parametrize(("optimizer", "projection_dim", "curvature", "embeddings"), [
+    ("sgd", None, "empirical_fisher", "recursion"), ("sgd", 64, "ggn", "recursion"),
+    ("adamw", None, "empirical_fisher", "recursion"), ("adamw", 64, "empirical_fisher", "recursion"),
+    ("sgd", 64, "empirical_fisher", "replay")])
 def test_a_conv1d_network_scores_as_its_linear_twin(fit: Callable, tmp_path: Path, test_batch: dict,
-                                                    optimizer: str, projection_dim: int | None, curvature: str) -> None:
+                                                    optimizer: str, projection_dim: int | None, curvature: str,
+                                                    embeddings: str) -> None:
     """Momentum and AdamW (its preconditioner maps the weight's second moment into the block layout), exact and
-    projected (the projections are seeded by layer name: the same for both), GGN rows, and exact replay."""
+    projected (the projections are seeded by layer name: the same for both), GGN rows, exact replay and the
+    replayed embeddings (which map each projection row back to the weight's layout)."""
     runs = []
     for linear in (False, True):
         model = TokenNet(linear, optimizer).double()
         dve = DataValueEmbedding(tmp_path / str(linear), projection_dim=projection_dim, report=None,
-                                 curvature=curvature)
+                                 curvature=curvature, embeddings=embeddings)
         fit(model, dve, precision="64-true")
         runs.append((dve.embeddings, model))
     double = {k: v.double() if v.is_floating_point() else v for k, v in test_batch.items()}
@@ -115,3 +118,8 @@ def test_a_module_named_conv1d_of_another_form_is_refused(fit: Callable, tmp_pat
 
     with pytest.raises(UnsupportedError, match="is a Conv1D that is not transformers' GPT-2 Conv1D"):
         fit(Odd(), DataValueEmbedding(tmp_path / "dve", report=None))
+    other = Odd()
+    other.c_fc.nf = 10  # an nf that is not its weight's second dimension, with a bias of nf still
+    other.c_fc.bias = nn.Parameter(torch.zeros(10))
+    with pytest.raises(UnsupportedError, match="is a Conv1D that is not transformers' GPT-2 Conv1D"):
+        fit(other, DataValueEmbedding(tmp_path / "other", report=None))

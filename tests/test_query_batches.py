@@ -119,28 +119,28 @@ def test_a_step_that_drops_one_of_the_last_batchs_first_two_samples_keeps_the_re
     assert (tmp_path / "dve" / "report").is_dir()
 
 
-def _mining_sum(mlp_cls: type) -> type:
-    """Online hard-example mining: keeps the hardest half of its batch in place and returns their SUM."""
+def _mining_sum(mlp_cls: type, share: int = 2) -> type:
+    """Online hard-example mining: keeps the hardest 1/``share`` of its batch in place and returns their SUM."""
     class MiningSum(mlp_cls):
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             with torch.no_grad():
                 per = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
-            keep = per.topk((len(per) + 1) // 2).indices
+            keep = per.topk((len(per) + share - 1) // share).indices
             for key in list(batch):
                 batch[key] = batch[key][keep]
             return F.cross_entropy(self(batch["x"]), batch["y"], reduction="sum")
     return MiningSum
 
 
-@pytest.mark.parametrize("declared, refused", [("mean", True), ("sum", False)])
+@pytest.mark.parametrize("declared, refused, share", [("mean", True, 2), ("sum", False, 2), ("mean", True, 4)])
 def test_a_step_that_filters_is_checked_on_a_group_it_keeps_two_of(
         mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict[str, torch.Tensor], declared: str,
-        refused: bool) -> None:
+        refused: bool, share: int) -> None:
     """Each pair keeps one sample, which tests no reduction: the check takes the first four (two kept, found by
     their ids). A sum declared as the default mean, 8x too large in the recording, was not refused anywhere by
     a version of session 30 that skipped such pairs; a correct declaration passes (before that version it was
     refused: the pair was compared with a dropped sample's loss)."""
-    model = _mining_sum(mlp_cls)(lr=0.01)
+    model = _mining_sum(mlp_cls, share)(lr=0.01)
     dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, loss_reduction=declared)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -150,9 +150,39 @@ def test_a_step_that_filters_is_checked_on_a_group_it_keeps_two_of(
         assert not said, said
         dve.embeddings.influence(model, test_batch)
         return
-    assert any("on the batch's first 4 samples (the 2 it keeps)" in m for m in said), said
-    with pytest.raises(LossReductionError, match=r"first 4 samples \(the 2 it keeps\) it gives"):
+    group = 2 * share  # the first group of which it keeps two
+    assert any(f"on the batch's first {group} samples (the 2 it keeps)" in m for m in said), said
+    with pytest.raises(LossReductionError, match=rf"first {group} samples \(the 2 it keeps\) it gives"):
         dve.embeddings.influence(model, test_batch)
+
+
+def test_a_step_sorting_by_its_weights_is_not_refused_without_ids(
+        mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict[str, torch.Tensor]) -> None:
+    """Samples weighted in the loss (a token mean: weight = token count) and sorted by that weight in the step (as
+    ``pack_padded_sequence(enforce_sorted=True)`` needs), declared correctly: without ids the check compared the
+    sorted batch's weights with the samples' in the caller's order and refused the recording (before session 30)."""
+    class SortedByWeight(mlp_cls):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            order = torch.argsort(batch["w"], descending=True, stable=True)
+            for key in list(batch):
+                batch[key] = batch[key][order]
+            per = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            return (batch["w"] * per).sum() / batch["w"].sum()
+
+    def weighted(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**batch, "w": 1.0 + batch["x"].sum(dim=-1) % 5}
+
+    from torch.utils.data import DataLoader
+
+    from tests.conftest import DigitsDict
+    model = SortedByWeight()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
+                             loss_reduction=lambda batch: batch["w"] / batch["w"].sum())
+    fit(model, dve, DataLoader([weighted(item) for item in DigitsDict(range(64))], batch_size=16))
+    rising = weighted(test_batch)
+    rising = {k: v[torch.argsort(rising["w"])] for k, v in rising.items() if k != "index"}  # the step reverses it
+    assert rising["w"][0] < rising["w"][1]
+    assert dve.embeddings.influence(model, rising).scores.shape[0] == 12
 
 
 def test_rows_no_layer_projects_are_stored_in_the_training_dtype(mlp_cls: type, fit: Callable,

@@ -123,21 +123,49 @@ def test_a_reset_near_convergence_is_still_a_reset(fit: Callable, tmp_path: Path
     assert sum("were reset (zero_grad)" in str(w.message) for w in caught) == 39  # every odd batch but the last
 
 
+class ZeroGradAfterBatch(L.Callback):
+    """Zeroes the gradients of even batches at their end, or (``after_backward``) in its ``on_after_backward``,
+    which runs before this package's where it is listed first."""
+
+    def __init__(self, after_backward: bool = False) -> None:
+        self.after_backward = after_backward
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.after_backward and batch_idx % 2 == 0:
+            trainer.optimizers[0].zero_grad()
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.after_backward and trainer.fit_loop.epoch_loop.batch_idx % 2 == 0:
+            trainer.optimizers[0].zero_grad()
+
+
+@pytest.mark.parametrize("where", ["on_train_batch_start", "on_after_backward", "set_to_none=False",
+                                   "callback on_train_batch_end", "callback on_after_backward, listed first"])
 def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
-    mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict
+    mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict, where: str
 ) -> None:
-    """``accumulate_grad_batches=2`` with a module hook that zeroes the gradients at every batch: each step applies
-    its second micro-batch alone (at half its loss), which a fit on those batches at half the rate equals."""
-    class ZeroGradEveryBatch(mlp_cls):
+    """``accumulate_grad_batches=2`` with a hook that zeroes the gradients of each step's first micro-batch (at
+    the next batch's start, in the module's ``on_after_backward``, in place, or in another callback at the batch's
+    end): each step applies its second micro-batch alone (at half its loss), which a fit on
+    those batches at half the rate equals. (A version of session 30 that marked the gradients at the batch's end,
+    after the module's on_after_backward had zeroed them, recorded the zeroed batches as applied.)"""
+    class Zeroing(mlp_cls):
         def on_train_batch_start(self, batch, batch_idx):
-            self.optimizers().zero_grad()
+            if where in ("on_train_batch_start", "set_to_none=False"):
+                self.optimizers().zero_grad(set_to_none=where != "set_to_none=False")
+
+        def on_after_backward(self):
+            if where == "on_after_backward" and self.trainer.fit_loop.epoch_loop.batch_idx % 2 == 0:
+                self.optimizers().zero_grad()
 
     runs = {}
     odd_batches = DigitsDict([i for i in range(64) if i // 8 % 2 == 1])
-    for name, model, data, accumulate in (("zeroed", ZeroGradEveryBatch(), DigitsDict(range(64)), 2),
+    for name, model, data, accumulate in (("zeroed", Zeroing(), DigitsDict(range(64)), 2),
                                           ("odd batches only", mlp_cls(lr=0.05), odd_batches, 1)):
         dve = DataValueEmbedding(tmp_path / name, projection_dim=None)
-        fit(model, dve, DataLoader(data, batch_size=8), precision="64-true", accumulate_grad_batches=accumulate)
+        zeroing = [ZeroGradAfterBatch("after_backward" in where)] if name == "zeroed" and "callback" in where else []
+        fit(model, None, DataLoader(data, batch_size=8), precision="64-true", accumulate_grad_batches=accumulate,
+            callbacks=[*zeroing, dve])
         runs[name] = records_and_scores(dve, model, test_batch)
     (records, scores), (expected, expected_scores) = runs["zeroed"], runs["odd batches only"]
     assert len(records) == len(expected) == 4
