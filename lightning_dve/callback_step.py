@@ -44,6 +44,7 @@ class StepHooks(pl.Callback):
     reference: Any
     _weight_fn: batches.WeightFn | None
     _comm: distributed.Communicator
+    _zeroed = False  # the micro-batch's gradients were reset before its on_after_backward here (on_after_backward)
     _store: TrajectoryStore | None
     _writer: StepWriter | None
     _recorder: CheckpointRecorder | None
@@ -120,6 +121,9 @@ class StepHooks(pl.Callback):
         modules = hooks.modules()  # the gradients right after the backward, before the module's on_after_backward
         self._grad_marks = grad_marks([p for name in self._reached | hooks.reached()
                                        for p in modules[name].parameters(recurse=False) if p.requires_grad])
+        # none left, though the backward gave rows: a callback listed before this one ran zero_grad in its hook
+        self._zeroed = bool(self._grad_marks) and all(mark is None for _, mark in self._grad_marks) and any(
+            hooks.block_mass(name) > 0 for name in hooks.reached())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._terms is not None:  # called after each closure evaluation: the step was read at the first
@@ -161,7 +165,12 @@ class StepHooks(pl.Callback):
         try:
             self._check_writes()
             hooks.calls.raise_refused()  # a call refused in a forward hook
-            if hooks.captured:
+            if hooks.captured and self._zeroed:  # reset before this callback saw it: no micro-batch so far applies
+                _warn_unapplied()
+                self._assembler.discard()
+                self._reached, self._zeroed = set(), False
+                hooks.abort()
+            elif hooks.captured:
                 self._reached |= hooks.reached()
                 self._assembler.add(self._micro_batch(trainer, batch))
             else:  # skipped micro-batch: training_step returned None

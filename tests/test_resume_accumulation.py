@@ -172,6 +172,29 @@ def test_a_micro_batch_whose_accumulated_gradient_is_zeroed_is_not_recorded(
     assert_same_recording(records, scores, expected, expected_scores)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_stepping_micro_batch_zeroed_by_a_callback_listed_first_is_not_recorded(
+    mlp_cls: type, fit: Callable, tmp_path: Path, accumulate: int
+) -> None:
+    """A callback before this one zeroes the gradients in its ``on_after_backward`` on the micro-batch that steps
+    (odd batches): the optimizer applies nothing, the weights stay, and nothing of that window is recorded (before
+    session 30: recorded as applied, silently, as the guard sampled the zeroed gradients too)."""
+    class ZeroOddBatches(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.fit_loop.epoch_loop.batch_idx % 2 == 1:
+                trainer.optimizers[0].zero_grad()
+
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(mlp_cls(), None, DataLoader(DigitsDict(range(32)), batch_size=8), accumulate_grad_batches=accumulate,
+            callbacks=[ZeroOddBatches(), dve])
+    store = TrajectoryStore.open(tmp_path / "dve")
+    recorded = [store.read_step(step).sample_ids.tolist() for step in store.steps]
+    assert recorded == ([] if accumulate == 2 else [list(range(8)), list(range(16, 24))])
+    assert sum("were reset (zero_grad)" in str(w.message) for w in caught) == 2
+
+
 class DeadFirstInputs(L.LightningModule):
     """Frozen ``Linear(2, 2)`` at ``-I``, ReLU, tracked ``Linear(2, 3)`` (without bias unless ``bias``): a sample of
     positive inputs reaches the head as zeros, so its gradient in the head's weight is exactly zero (a dead ReLU)."""
