@@ -112,9 +112,9 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
                 "(tied or shared with another module, or used functionally, e.g. a language-model head "
                 "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
                 "forward, e.g. a masked or weight-standardised convolution), or the loss adds a penalty on it "
-                f"(L2, or L2-SP's distance to the starting weights){_shared_by(shared)}, or a callback listed before "
-                "DataValueEmbedding changed .grad in its on_after_backward (a zero_grad: list DataValueEmbedding "
-                f"first). Untie it, or pass exclude={shared!r}; an L2 penalty belongs in the optimizer's "
+                "(L2, or L2-SP's distance to the starting weights), or a callback listed before DataValueEmbedding "
+                "changed .grad in its on_after_backward (a zero_grad: list DataValueEmbedding first)"
+                f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}; an L2 penalty belongs in the optimizer's "
                 "weight_decay, which the callback models."
             )
     return checked
