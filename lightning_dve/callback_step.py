@@ -26,7 +26,8 @@ from .curvature import (Probe, check_autograd_reached, check_cross_entropy, chec
 from .errors import DVEError, GradientError
 from .guards import StepGuard
 from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
-from .optim import clip_factor, grad_marks, gradients_reset, grads_finite, keeps_grads, sgd_proxy_reason
+from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, keeps_grads, reset_before_mark,
+                    sgd_proxy_reason)
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
@@ -121,9 +122,8 @@ class StepHooks(pl.Callback):
         modules = hooks.modules()  # the gradients right after the backward, before the module's on_after_backward
         self._grad_marks = grad_marks([p for name in self._reached | hooks.reached()
                                        for p in modules[name].parameters(recurse=False) if p.requires_grad])
-        # none left, though the backward gave rows: a callback listed before this one ran zero_grad in its hook
-        self._zeroed = bool(self._grad_marks) and all(mark is None for _, mark in self._grad_marks) and any(
-            hooks.block_mass(name) > 0 for name in hooks.reached())
+        self._zeroed = reset_before_mark(self._grad_marks, lambda: any(
+            hooks.block_mass(name) > 0 for name in hooks.reached()) or self._assembler.contributes())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._terms is not None:  # called after each closure evaluation: the step was read at the first
@@ -166,9 +166,7 @@ class StepHooks(pl.Callback):
             self._check_writes()
             hooks.calls.raise_refused()  # a call refused in a forward hook
             if hooks.captured and self._zeroed:  # reset before this callback saw it: no micro-batch so far applies
-                _warn_unapplied()
-                self._assembler.discard()
-                self._reached, self._zeroed = set(), False
+                self._drop_unapplied()
                 hooks.abort()
             elif hooks.captured:
                 self._reached |= hooks.reached()
@@ -217,10 +215,14 @@ class StepHooks(pl.Callback):
         them (an ``optimizer_step`` that ran the closure without ``optimizer.step()``), with a warning: merged into
         the next step they would be recorded as applied. Runs after Lightning's ``zero_grad`` of this micro-batch.
         Micro-batches whose gradients are still there (accumulation), or that add none, stay."""
-        if self._assembler.pending and gradients_reset(self._grad_marks, self._assembler.contributes):
-            _warn_unapplied()
-            self._assembler.discard()
-            self._reached, self._deferred = set(), None
+        if self._assembler.pending and gradients_reset(self._grad_marks):
+            self._drop_unapplied()
+
+    def _drop_unapplied(self) -> None:
+        """Drop the buffered micro-batches a ``zero_grad`` reset before any step applied them, with a warning."""
+        _warn_unapplied()
+        self._assembler.discard()
+        self._reached, self._deferred, self._zeroed = set(), None, False
 
     def _micro_batch(self, trainer: pl.Trainer, batch: Any) -> sync.MicroBatch:
         """Close one micro-batch: ids, the weight the optimizer applies (method.md §2), per-sample gradients.

@@ -49,14 +49,15 @@ class DataValueEmbeddings(ReplayQueries):
     that replay training (``exact_influence``, ``replay_embeddings``) are :class:`ReplayQueries`'.
     """
 
-    def __init__(self, store: TrajectoryStore, loss_weights: WeightFn | None = None) -> None:
+    def __init__(self, store: TrajectoryStore, loss_weights: WeightFn | None = None,
+                 sample_ids: str | IdFn | None = None) -> None:
         self.store = store
         self.config = DVEConfig.from_dict(store.manifest["settings"])
         self.loss_weights = loss_weights
         self._factors = store.read_segments()
         self._run_id = store.manifest.get("run_id")  # the recording the cached factors belong to
         self.training_data: TrainingData | None = None  # set by the callback after fit, for exact_influence
-        self.sample_ids: str | IdFn | None = None  # given to load (the callback's is in training_data)
+        self.sample_ids = sample_ids  # given to load (the callback's is in training_data)
         self.replay_cost: ReplayCost | None = None  # cost of the last exact_influence
         self.projections = {
             entry["name"]: LayerProjection.from_dict(entry["name"], entry["projection"])
@@ -83,9 +84,7 @@ class DataValueEmbeddings(ReplayQueries):
         Raises:
             StoreError: if the store is incomplete, corrupt, or written with other settings or projection.
         """
-        embeddings = cls(open_finished(path, settings), loss_weights)
-        embeddings.sample_ids = sample_ids
-        return embeddings
+        return cls(open_finished(path, settings), loss_weights, sample_ids)
 
     @property
     def steps(self) -> list[int]:

@@ -218,18 +218,22 @@ def grad_marks(params: list[torch.Tensor]) -> GradMarks:
     return [(p, None if p.grad is None else (p.grad.data_ptr(), p.grad._version)) for p in params]
 
 
-def gradients_reset(marks: GradMarks, rows_add: Callable[[], bool]) -> bool:
+def gradients_reset(marks: GradMarks) -> bool:
     """Whether a ``zero_grad`` reset the gradients of ``marks`` (:func:`grad_marks`) before a step applied them:
-    none holds a gradient now (``None`` or zeros), and one was set to ``None`` or written in place since the mark;
-    or every one was ``None`` at the mark though the backward gave rows (``rows_add``: a callback listed before this
-    one reset them in its ``on_after_backward``). A micro-batch that added nothing (a dead ReLU, samples whose
-    gradients cancel) leaves its zeros as they were marked: not a reset.
+    none holds a gradient now (``None`` or zeros), and one was set to ``None`` or written in place since the mark.
+    A micro-batch that added nothing (a dead ReLU, samples whose gradients cancel) leaves its zeros as they were
+    marked: not a reset. (Gradients already all ``None`` at the mark: :func:`reset_before_mark`.)
 
     The smallest parameter is read first and the scan stops at the first gradient found, so a gradient that is
     still there (accumulation) usually costs one small read.
     """
     if any(p.grad is not None and bool(p.grad.any()) for p, _ in sorted(marks, key=lambda mark: mark[0].numel())):
         return False
-    if any(mark is not None and (p.grad is None or (p.grad.data_ptr(), p.grad._version) != mark) for p, mark in marks):
-        return True
+    return any(mark is not None and (p.grad is None or (p.grad.data_ptr(), p.grad._version) != mark)
+               for p, mark in marks)
+
+
+def reset_before_mark(marks: GradMarks, rows_add: Callable[[], bool]) -> bool:
+    """Whether the gradients of ``marks`` were all ``None`` when marked, right after a backward that gave rows
+    (``rows_add``): a callback listed before this one reset them in its ``on_after_backward``."""
     return bool(marks) and all(mark is None for _, mark in marks) and rows_add()
