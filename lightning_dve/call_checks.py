@@ -124,8 +124,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
     """
     earlier = sizes.get(layer.name)
     rank = layer.spec.input_rank
-    linear = layer.spec.kind in ("linear", "conv1d_gpt2")
-    if x.dim() == 0 or (linear and x.dim() < 2) or (rank is not None and x.dim() != rank):
+    least = 1 if layer.spec.least_rank is None else layer.spec.least_rank(layer.module)
+    if x.dim() < least or (rank is not None and x.dim() != rank):
         kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "

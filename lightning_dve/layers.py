@@ -14,6 +14,8 @@ Exact layouts (projection = identity), which :func:`split_block` maps back to pa
 - ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
 - ``Conv1D`` of transformers' GPT-2 (``x @ weight + bias``, weight ``[d_in, d_out]``): as ``nn.Linear``, so
   ``[weight^T | bias]`` (:mod:`.layers_gpt2`).
+- ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``: ``[d, 1 (+1 bias column)]``, i.e. ``[weight | bias]`` with the
+  weight flattened to one column (:mod:`.layers_norm`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class LayerSpec:
         positions: ``(module, input side) -> P``, the positions per sample, where the input side is not
             ``[B, P, k_in]``; ``None``: its second dim.
         input_rank: the number of dims of a batched input, where the type fixes it (a convolution's).
+        least_rank: ``module -> the least number of dims of a batched input``, where its settings fix it (a
+            LayerNorm's: one more than its normalised dims).
         transposed: the weight is stored ``[d_in, d_out]``, the transpose of the block's weight part.
     """
 
@@ -63,6 +67,7 @@ class LayerSpec:
     block: BlockFn | None = None
     positions: Callable[[nn.Module, torch.Tensor], int] | None = None
     input_rank: int | None = None
+    least_rank: Callable[[nn.Module], int] | None = None
     transposed: bool = False
 
     def sample_blocks(self, module: nn.Module, grad: torch.Tensor, p_out: torch.Tensor | None,
@@ -154,7 +159,8 @@ def _linear_output(module: nn.Module, grad: torch.Tensor, proj: torch.Tensor | N
 
 
 LINEAR = LayerSpec(kind="linear", dims=lambda m: (m.out_features, m.in_features + int(has_trainable_bias(m))),
-                   project_input=_linear_input, project_output_grad=_linear_output, check=_check_linear)
+                   project_input=_linear_input, project_output_grad=_linear_output, check=_check_linear,
+                   least_rank=lambda m: 2)
 register(nn.Linear, LINEAR)
 
 
@@ -261,7 +267,7 @@ def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     """
     spec = spec_for(module)
     assert spec is not None
-    matrix = weight.T if spec.transposed else weight.reshape(weight.shape[0], -1)
+    matrix = weight.T if spec.transposed else weight.reshape(spec.dims(module)[0], -1)
     if has_trainable_bias(module):
         bias = bias if bias is not None else torch.zeros_like(module.bias)
         matrix = torch.cat([matrix, bias.unsqueeze(1)], dim=1)
@@ -274,18 +280,13 @@ def own_trainable(module: nn.Module) -> list[str]:
 
 
 def refusal_notes(modules: dict[str, nn.Module]) -> str:
-    """What excluding refused modules does not settle. A module holding supported layers as well as parameters of
-    its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix; a BatchNorm
-    must also run in eval mode, which ``model_checks.check_no_batchnorm_training`` refuses otherwise."""
+    """What excluding refused modules does not settle: a module holding supported layers as well as parameters of
+    its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix."""
     holders = {name: own_trainable(module) for name, module in modules.items()
                if own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
-    norms = [name for name, module in modules.items() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    note = (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
+    return (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
             f"move the parameters they hold themselves ({holders}) into a submodule of their own and exclude that."
             if holders else "")
-    return note + (f" Excluded, {norms} must still run in eval mode during training (in train mode BatchNorm mixes "
-                   "the samples of a batch; e.g. call .eval() on them in on_train_epoch_start), or use "
-                   "GroupNorm/LayerNorm." if norms else "")
 
 
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -381,8 +382,11 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
 
 from .layers_conv import conv_spec  # noqa: E402  (it builds on this module's helpers)
 from .layers_gpt2 import CONV1D_GPT2  # noqa: E402
+from .layers_norm import NORM_SPECS  # noqa: E402
 
 register(nn.Conv1d, conv_spec("conv1d", spatial_dims=1))
 register(nn.Conv2d, conv_spec("conv2d", spatial_dims=2))
 register(nn.Conv3d, conv_spec("conv3d", spatial_dims=3))
 register("Conv1D", CONV1D_GPT2)
+for _norm, _norm_spec in NORM_SPECS.items():
+    register(_norm, _norm_spec)

@@ -78,14 +78,14 @@ def check_no_batchnorm_training(batchnorms: dict[str, nn.Module]) -> None:
             raise UnsupportedError(
                 f"module {name!r} ({type(module).__name__}) is in train mode: batch normalisation mixes the "
                 "samples of a batch, so a sample's gradient depends on the others and its data value is not "
-                "defined. Use GroupNorm/LayerNorm (excluded from tracking), or keep BatchNorm in eval mode "
+                "defined. Use GroupNorm/LayerNorm (per-sample, and tracked), or keep BatchNorm in eval mode "
                 "(e.g. call `.eval()` on it in `on_train_epoch_start`)."
             )
         raise UnsupportedError(
             f"module {name!r} ({type(module).__name__}) has track_running_stats=False, so it normalises with the "
             "statistics of the batch even in eval mode: it mixes the samples of a batch, so a sample's gradient "
-            "depends on the others and its data value is not defined. Use GroupNorm/LayerNorm (excluded from "
-            "tracking), or track_running_stats=True with the module kept in eval mode."
+            "depends on the others and its data value is not defined. Use GroupNorm/LayerNorm (per-sample, and "
+            "tracked), or track_running_stats=True with the module kept in eval mode."
         )
 
 

@@ -207,30 +207,47 @@ def test_batchnorm_in_train_mode_is_refused(fit, mlp_cls, save_dir):
     assert len(step_files(save_dir)) == trainer.global_step == 4
 
 
-def test_a_trainable_batchnorm_is_refused_naming_eval_mode_with_the_exclude(fit, mlp_cls, save_dir):
-    """Excluding a BatchNorm with parameters is not enough: the first refusal names eval mode too, so following it
-    does not run into the train-mode refusal above."""
+def test_a_trainable_batchnorm_is_tracked_in_eval_mode_and_refused_with_batch_statistics(fit, mlp_cls, save_dir):
+    """A BatchNorm with parameters is tracked (its running statistics make it per-sample) in eval mode; in train
+    mode it is refused at the batch's start, and when ``training_step`` switches it to train mode after that
+    check, by its forward hook."""
     class AffineBatchNormMLP(mlp_cls):
+        switch = False
+
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
 
-    with pytest.raises(UnsupportedError, match=r"'net\.1' \(BatchNorm1d\) is not a supported layer type.*exclude.*"
-                                               r"Excluded, \['net\.1'\] must still run in eval mode"):
+        def training_step(self, batch, batch_idx):
+            self.net[1].train(self.switch)
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(UnsupportedError, match=r"'net\.1' \(BatchNorm1d\) is in train mode"):
         fit(AffineBatchNormMLP(), DataValueEmbedding(save_dir))
+
+    class EvalBatchNormMLP(AffineBatchNormMLP):
+        def on_train_epoch_start(self):
+            self.net[1].eval()
+
+    fit(EvalBatchNormMLP(), DataValueEmbedding(save_dir, overwrite=True))
+    assert [layer["kind"] for layer in TrajectoryStore.open(save_dir).manifest["layers"]] == \
+        ["linear", "batch_norm", "linear"]
+    with pytest.raises(UnsupportedError, match=r"a tracked BatchNorm1d was called with the statistics of its batch "
+                                               r"\(in train mode"):
+        fit(type("Switched", (EvalBatchNormMLP,), {"switch": True})(), DataValueEmbedding(save_dir, overwrite=True))
 
 
 def test_untracked_trainable_module_names_it_and_exclude(fit, mlp_cls, save_dir):
-    class LayerNormMLP(mlp_cls):
+    class PReLUMLP(mlp_cls):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 10))
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.PReLU(16), nn.Tanh(), nn.Linear(16, 10))
 
-    with pytest.raises(UnsupportedError, match=r"'net\.1' \(LayerNorm\).*exclude="):
-        fit(LayerNormMLP(), DataValueEmbedding(save_dir))
+    with pytest.raises(UnsupportedError, match=r"'net\.1' \(PReLU\).*exclude="):
+        fit(PReLUMLP(), DataValueEmbedding(save_dir))
 
     dve = DataValueEmbedding(save_dir, exclude=("net.1",), overwrite=True)
-    trainer = fit(LayerNormMLP(), dve)
+    trainer = fit(PReLUMLP(), dve)
     assert len(step_files(save_dir)) == trainer.global_step == 4
     assert TrajectoryStore.open(save_dir).layer_names == ["net.0", "net.3"]
 

@@ -583,14 +583,14 @@ def _frozen_weight() -> nn.Module:
     return model
 
 
-class _WithNorm(nn.Module):
+class _WithPReLU(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(3, 3)
-        self.norm = nn.LayerNorm(3)
+        self.act = nn.PReLU(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc(x))
+        return self.act(self.fc(x))
 
 
 @pytest.mark.parametrize(
@@ -598,9 +598,10 @@ class _WithNorm(nn.Module):
     [
         (_frozen_weight, "1", r"capture needs a trainable 'weight' and at most a 'bias' \(a frozen weight with a "
                                 r"trained bias: bias-only fine-tuning, BitFit\)"),
-        (_WithNorm, "norm",
-         r"LayerNorm\) is not a supported layer type; supported types are Conv1D \(transformers\), Conv1d, Conv2d, "
-         r"Conv3d, Embedding, Linear"),
+        (_WithPReLU, "act",
+         r"PReLU\) is not a supported layer type; supported types are BatchNorm1d, BatchNorm2d, BatchNorm3d, "
+         r"Conv1D \(transformers\), Conv1d, Conv2d, Conv3d, Embedding, GroupNorm, LayerNorm, Linear, RMSNorm, "
+         r"SyncBatchNorm"),
         (lambda: nn.Sequential(nn.ConvTranspose2d(2, 4, 3)), "0", r"ConvTranspose2d\) is not a supported layer type"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)), "0", r"max_norm=1\.0"),
         (lambda: nn.Sequential(nn.Embedding(5, 3, sparse=True)), "0", r"sparse=True: its weight gets a sparse gradient"),
@@ -621,32 +622,31 @@ def test_unsupported_layer_is_refused_naming_it_and_exclude(build, layer, reason
 
 
 def test_every_unsupported_layer_of_a_transformer_stack_is_named_at_once_with_working_patterns():
-    """A stack of ``nn.TransformerEncoderLayer`` has an attention and two LayerNorms per block: one refusal names
-    them all and gives ``exclude=`` patterns that leave out exactly those (children included), not one module per
-    fit; a pattern that would also leave out a supported layer falls back to the exact names."""
+    """A stack of ``nn.TransformerEncoderLayer`` has an attention in every block: one refusal names them all and
+    gives ``exclude=`` patterns that leave out exactly those (children included), not one module per fit; a pattern
+    that would also leave out a supported layer falls back to the exact names. Its LayerNorms are tracked."""
     stack = nn.Sequential(*(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) for _ in range(2)))
     model = nn.ModuleDict({"enc": stack, "ln_f": nn.LayerNorm(8), "head": nn.Linear(8, 5)})
     with pytest.raises(UnsupportedError) as info:
         resolve_layers(model, DVEConfig(projection_dim=None))
     message = str(info.value)
     for block in ("enc.0", "enc.1"):
-        assert f"'{block}.self_attn' (MultiheadAttention)" in message and f"'{block}.norm2' (LayerNorm)" in message
-    assert "exclude=('*.self_attn', '*.norm1', '*.norm2', 'ln_f') to train all 7" in message
+        assert f"'{block}.self_attn' (MultiheadAttention)" in message and f"'{block}.norm2'" not in message
+    assert "exclude=('*.self_attn',) to train all 2" in message
     assert "build it from nn.Linear" in message
-    tracked = resolve_layers(model, DVEConfig(projection_dim=None, exclude=("*.self_attn", "*.norm1", "*.norm2",
-                                                                            "ln_f")))
-    assert list(tracked) == ["enc.0.linear1", "enc.0.linear2", "enc.1.linear1", "enc.1.linear2", "head"]
+    tracked = resolve_layers(model, DVEConfig(projection_dim=None, exclude=("*.self_attn",)))
+    assert list(tracked) == [f"enc.{i}.{name}" for i in (0, 1) for name in ("linear1", "linear2", "norm1", "norm2")] \
+        + ["ln_f", "head"]
 
-    model["extra"] = nn.ModuleDict({"norm1": nn.Linear(8, 8)})  # a supported layer under the same last name
-    with pytest.raises(UnsupportedError, match=r"exclude=\('\*\.self_attn', 'enc\.0\.norm1', '\*\.norm2', "
-                                               r"'enc\.1\.norm1', 'ln_f'\)"):
+    model["extra"] = nn.ModuleDict({"self_attn": nn.Linear(8, 8)})  # a supported layer under the same last name
+    with pytest.raises(UnsupportedError, match=r"exclude=\('enc\.0\.self_attn', 'enc\.1\.self_attn'\)"):
         resolve_layers(model, DVEConfig(projection_dim=None))
 
 
 def test_two_unsupported_layers_are_named_in_one_refusal():
     """Two is already several: both modules are named at once with patterns for both, not one per fit."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedError, match=r"layers '1' \(LayerNorm\), '3' \(LayerNorm\) are not of a supported "
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4), nn.Linear(4, 4), nn.PReLU(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedError, match=r"layers '1' \(PReLU\), '3' \(PReLU\) are not of a supported "
                                                r"layer type.*exclude=\('1', '3'\) to train all 2"):
         resolve_layers(model, DVEConfig(projection_dim=None))
 
