@@ -203,6 +203,18 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     return pick(batch, top=True)
 
 
+def combined_parts(batch: Any) -> bool:
+    """Whether ``batch`` holds the batches of several loaders of different sizes (a ``CombinedLoader``'s mapping,
+    list or tuple of collated batches): its samples are theirs together, in an order only ``training_step``
+    knows, so no row of it is a sample that :func:`batch_rows` could take."""
+    parts = list(_children(batch)) if isinstance(batch, (Mapping, list, tuple)) and not hasattr(batch, "_fields") \
+        else []
+    if len(parts) < 2 or not all(isinstance(p, (Mapping, list, tuple)) or is_dataclass_value(p) for p in parts):
+        return False
+    counts = {_sample_count(part) for part in parts}
+    return None not in counts and len(counts) > 1
+
+
 def _children(x: Any) -> Iterable[Any]:
     """The values a batch's mapping, list, tuple or dataclass ``x`` holds (none for other values)."""
     if is_dataclass_value(x):

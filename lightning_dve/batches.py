@@ -117,6 +117,8 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
     """
     n, m = count_samples(batch), next(iter(rows.values())).shape[0]
     before, after = ids_or_none(batch, sample_ids, n), ids_or_none(used, sample_ids, m)
+    if before is None and m != n and (before := ids_or_none(batch, sample_ids, m)) is not None:
+        n = m  # its ids count the samples: several loaders' batches (CombinedLoader) that count_samples cannot
     if before is None or after is None or torch.equal(before, after):
         if m != n:
             fix = ("include the training batches' id key in the test batch" if sample_ids is not None else "give "

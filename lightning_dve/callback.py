@@ -185,7 +185,7 @@ class DataValueEmbedding(StepHooks):
                                   "DDP they are in rank 0's save_dir (use a shared one on other ranks); after strategy="
                                   "'ddp_spawn' the fit ran in child processes: here use DataValueEmbeddings.load("
                                   "save_dir) (save_dir=None is <trainer.default_root_dir>/dve).")
-            self._embeddings = DataValueEmbeddings.load(root, self._weight_fn)
+            self._embeddings = DataValueEmbeddings.load(root, self._weight_fn, sample_ids=self.sample_ids)
             self._embeddings.training_data = self._training_data
         return self._embeddings
 
@@ -351,7 +351,7 @@ class DataValueEmbedding(StepHooks):
         if self._comm.rank == 0:
             callback_store.report_disk_use(store)
             callback_setup.clear_report(store.root)
-            self._embeddings = DataValueEmbeddings(store, self._weight_fn)
+            self._embeddings = DataValueEmbeddings(store, self._weight_fn, self.sample_ids)
             self._embeddings.training_data = self._training_data
         if self.embedding_method is EmbeddingMethod.REPLAY and store.steps:  # (the same steps on every rank)
             carry = callback_setup.replay_carry(store, pl_module, self.config, self._training_data, self._weight_fn,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import batch_rows, count_samples
+from .batch_trees import batch_rows, combined_parts, count_samples
 from .batches import IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
 from .errors import ConfigError, DVEError, LossReductionError
@@ -37,7 +37,7 @@ def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tenso
     be taken from, or a ``loss_fn`` that fails on two samples): the check is then skipped, not the query."""
     try:
         n = count_samples(batch)
-        if n < 3:
+        if n < 3 or combined_parts(batch):
             return None
         with torch.no_grad():
             losses = loss_fn(module, batch_rows(batch, slice(0, 2), n))
@@ -128,13 +128,16 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     alike (a token mean over a padded batch declared as a mean: early in training every sequence's loss is near
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
-    it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample and steps returning no
-    loss. A second call on the group must give the same loss (:func:`check_deterministic`).
+    it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
+    loss and the batches of several loaders of different sizes (:func:`~.batch_trees.combined_parts`). A second
+    call on the group must give the same loss (:func:`check_deterministic`).
 
     Raises:
         LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
         ConfigError: if ``training_step`` is random.
     """
+    if combined_parts(batch):
+        return
     n = count_samples(batch)
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, default_collate
 from .batch_trees import count_samples, same_items, to_device
 from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
-from .errors import ConfigError, SampleIdError, UnsupportedError
+from .errors import ConfigError, DVEError, SampleIdError, UnsupportedError
 
 Params = dict[str, torch.Tensor]
 
@@ -217,6 +217,25 @@ def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:
     return losses
 
 
+def replayed_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:
+    """:func:`~.batches.training_loss` of a batch the replay rebuilt, its failures named as the replay's.
+
+    Raises:
+        ConfigError: where ``training_step`` fails on it, with the ways to give it the batches it expects.
+    """
+    try:
+        return training_loss(module, batch)
+    except DVEError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"training_step failed on a training batch the replay rebuilt ({type(err).__name__}: {err}): the replay "
+            "collates the recorded samples dataset[i] with the training loader's collate_fn, one loader's batch, "
+            "where training batches had another form (several loaders combined, a DataModule's "
+            "on_after_batch_transfer not run here). Pass collate_fn= that builds the batch training_step expects, "
+            "or train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.") from err
+
+
 def step_loss_terms(
     module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None
 ) -> torch.Tensor:
@@ -232,7 +251,7 @@ def step_loss_terms(
     losses = []
     with muted_logging(module):
         for single in batches:
-            loss, single = training_loss(module, single)
+            loss, single = replayed_loss(module, single)
             if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")
@@ -308,7 +327,7 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
     value: torch.Tensor | None = None
     with muted_logging(module):
         for rows in torch.arange(len(ids)).split(counts):
-            loss, batch = training_loss(module, source.batch(ids[rows]))  # the weights it may write into the batch
+            loss, batch = replayed_loss(module, source.batch(ids[rows]))  # the weights it may write into the batch
             own = reduction_weights(reduction, batch, len(rows), weight_fn)
             kept = own != 0
             ratios = recorded[rows].to(own)[kept] / own[kept]

@@ -118,9 +118,12 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else _validation_source(trainer)
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
+    name = "the validation dataloader"
     if isinstance(loaders, (list, tuple)):
         if len(loaders) > 1:
-            rank_zero_info(f"DataValueEmbedding: {len(loaders)} validation dataloaders; the first is the reference.")
+            name = f"the first of {len(loaders)} validation dataloaders"
+            rank_zero_info(f"DataValueEmbedding: {len(loaders)} validation dataloaders; the first is the reference "
+                           "(reference= takes another).")
         loaders = loaders[0] if loaders else None
     if loaders is None:
         return None, ""
@@ -131,8 +134,8 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     except TypeError:  # a stream: any limit binds
         binding = limit is not None
     if not binding:
-        return whole, "the validation dataloader"
-    return FirstBatches(whole, limit), f"the validation dataloader (its first {limit} batches, `limit_val_batches`)"
+        return whole, name
+    return FirstBatches(whole, limit), f"{name} (its first {limit} batches, `limit_val_batches`)"
 
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:

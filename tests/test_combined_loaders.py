@@ -1,0 +1,91 @@
+"""Training on several loaders at once (Lightning's ``CombinedLoader``, or a dict of loaders given to ``fit``): a
+``training_step`` that concatenates their batches into one forward (README), whose samples are those of every
+loader. The train-end loss check cannot split such a batch into samples and skips it (it warned that the loss
+was no sum and skipped the report), a query on a test batch of the same form matches its rows by the callback's
+``sample_ids`` (it was refused as a filtering step), and the replay, which rebuilds one loader's batches, names
+``collate_fn=`` and ``train_loss_fn=`` where ``training_step`` fails on them (a bare ``KeyError``)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from lightning_dve import DataValueEmbedding, ReportConfig
+from lightning_dve.errors import ConfigError
+from tests.conftest import DigitsDict, TinyMLP
+
+
+def joined(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One batch of the loaders' samples, ``a``'s then ``b``'s (a plain batch as it is)."""
+    if "a" not in batch:
+        return batch
+    return {key: torch.cat([batch["a"][key], batch["b"][key]]) for key in ("x", "y", "index")}
+
+
+class TwoLoaders(TinyMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss(joined(batch))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        pass
+
+
+def combined(sizes: tuple[int, int]) -> CombinedLoader:
+    return CombinedLoader({"a": DataLoader(DigitsDict(range(48)), batch_size=sizes[0]),
+                           "b": DataLoader(DigitsDict(range(100, 148)), batch_size=sizes[1])}, mode="min_size")
+
+
+@pytest.fixture(scope="module")
+def two_loaders(tmp_path_factory: pytest.TempPathFactory) -> tuple[TwoLoaders, DataValueEmbedding, Path, list]:
+    from tests.conftest import run_fit
+
+    root = tmp_path_factory.mktemp("combined") / "dve"
+    model = TwoLoaders()
+    dve = DataValueEmbedding(root, projection_dim=None, report=ReportConfig(),
+                             sample_ids=lambda batch: joined(batch)["index"])
+    val = [DataLoader(DigitsDict(range(500, 532)), batch_size=16), DataLoader(DigitsDict(range(600, 640)),
+                                                                             batch_size=8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_fit(model, dve, train=combined((8, 4)), val=val)
+    return model, dve, root, [str(w.message) for w in caught]
+
+
+def test_the_train_end_check_skips_a_batch_of_two_loaders_and_the_report_is_written(two_loaders) -> None:
+    _, _, root, caught = two_loaders
+    assert not [m for m in caught if "loss is not the sum" in m or "report is skipped" in m]
+    summary = json.loads((root / "report" / "summary.json").read_text())
+    assert summary["reference"] == {"n_samples": 32, "source": "the first of 2 validation dataloaders"}
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_a_test_batch_of_two_loaders_scores_as_its_samples_joined(two_loaders, sizes: tuple[int, int]) -> None:
+    model, dve, _, _ = two_loaders
+    first, second = DigitsDict(range(1000, 1000 + sizes[0])), DigitsDict(range(1100, 1100 + sizes[1]))
+    test = {"a": first.batch(), "b": second.batch()}
+    expected = dve.embeddings.influence(model, joined(test), per_step=True).scores
+    torch.testing.assert_close(dve.embeddings.influence(model, test, per_step=True).scores, expected, rtol=0, atol=0)
+
+
+def test_the_replay_names_its_arguments_where_training_step_fails_on_its_batches(
+        two_loaders, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``training_step`` that reads both loaders' batches fails on the replay's batches of one loader."""
+    model, dve, _, _ = two_loaders
+    test = DigitsDict(range(1000, 1006)).batch()
+    losses: Callable = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    monkeypatch.setattr(model, "training_step", lambda batch, batch_idx: model.loss(
+        {key: torch.cat([batch["a"][key], batch["b"][key]]) for key in ("x", "y")}))
+    dataset = DigitsDict(range(200))  # ids 0..199 at their own positions
+    with pytest.raises(ConfigError, match=r"training_step failed on a training batch the replay rebuilt \(KeyError: "
+                                          r"'a'\).*Pass collate_fn=.*or train_loss_fn"):
+        dve.embeddings.exact_influence(model, test, dataset=dataset, loss_fn=losses)
+    result = dve.embeddings.exact_influence(model, test, dataset=dataset, train_loss_fn=losses, loss_fn=losses)
+    assert result.scores.shape == (6, 72) and bool(result.scores.abs().sum() > 0)
