@@ -76,18 +76,25 @@ def training_samples(
     max_batches: int,
     show_progress: bool,
 ) -> dict[int, SampleView]:
-    """The ``wanted`` sample ids of the training data, looked up in its dataset, else scanned in its loader.
+    """The ``wanted`` sample ids of the training data, looked up in its dataset, else scanned in its loader; in
+    each loader's in turn where several were combined (a list or dict of them, a ``CombinedLoader``'s).
 
     A map-style dataset is read at each sample's position (whatever the loader's shuffle or sampler, and every
     rank's samples under DDP). Otherwise :func:`find_samples` scans one pass: of the whole dataset in order if the
     loader shuffles it, else of at most ``max_batches`` batches of the loader. Samples not found are left out.
     """
-    single = _single_loader(loader)
-    found = None if single is None else by_position(training_data_of(single, sample_ids), wanted, describe)
-    if found is not None:
-        return found
-    whole, limit = sequential(single)
-    return find_samples(whole, wanted, sample_ids, describe, max_batches if limit is None else limit, show_progress)
+    found: dict[int, SampleView] = {}
+    for single in _loaders(loader):
+        missing = wanted - found.keys()
+        if not missing:
+            break
+        got = by_position(training_data_of(single, sample_ids), missing, describe)
+        if got is None:
+            whole, limit = sequential(single)
+            got = find_samples(whole, missing, sample_ids, describe, max_batches if limit is None else limit,
+                               show_progress)
+        found.update(got)
+    return found
 
 
 def by_position(
@@ -155,9 +162,6 @@ def find_samples(
 
     Samples that are not found (e.g. on another rank's shard, or a loader that is gone) are left out.
     """
-    loader = _single_loader(loader)
-    if loader is None:
-        return {}
     found: dict[int, SampleView] = {}
     with tqdm(total=len(wanted), desc="DVE top-k samples", disable=not show_progress, leave=False) as bar:
         for batch in itertools.islice(loader, max_batches):
@@ -173,13 +177,12 @@ def find_samples(
     return found
 
 
-def _single_loader(loaders: Any) -> Iterable[Any] | None:
-    """The one training loader (the first of a list or dict of them), over the whole dataset."""
+def _loaders(loaders: Any) -> list[Iterable[Any]]:
+    """The training loaders (every one of a list or dict of them), each over its whole dataset."""
     if isinstance(loaders, Mapping):
         loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    return None if loaders is None else unsharded(loaders)
+    return [unsharded(one) for one in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+            if one is not None]
 
 
 def unsharded(loader: Iterable[Any]) -> Iterable[Any]:

@@ -154,11 +154,14 @@ class _OtherKeyed(_Keyed):
         return {**super().__getitem__(position), "index": torch.tensor(200 + position)}
 
 
-def test_training_samples_reads_the_first_of_several_training_loaders():
+def test_training_samples_reads_every_one_of_several_training_loaders():
+    """Loaders combined (a list, tuple or dict: a ``CombinedLoader``'s): each sample is read from the loader whose
+    dataset holds it; before session 31 only the first was read, and the top-k tables left the others' samples
+    without label or input."""
     first, second = DataLoader(_Keyed(), batch_size=2), DataLoader(_OtherKeyed(), batch_size=2)
     for loaders in ([first, second], (first, second), {"a": first, "b": second}):
-        assert set(samples.training_samples(loaders, {101, 201}, "index", None, 5, False)) == {101}
-        assert set(samples.find_samples(loaders, {101, 201}, "index", None, 5, False)) == {101}
+        assert set(samples.training_samples(loaders, {101, 201}, "index", None, 5, False)) == {101, 201}
+    assert set(samples.find_samples(first, {101, 201}, "index", None, 5, False)) == {101}
 
 
 def test_training_samples_scans_a_stream_in_at_most_max_batches():
