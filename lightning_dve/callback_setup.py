@@ -21,6 +21,7 @@ import torch
 from . import reporting, reporting_loggers
 from .batches import WeightFn
 from .capture import TrackedLayer
+from .checkpoints import CheckpointRecorder
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
@@ -224,13 +225,17 @@ def recursion_device(device: torch.device, need: int) -> torch.device | None:
     return None
 
 
-def warn_weights_replaced() -> None:
-    """Say that the weights at train end are not those after the last optimizer step (weight averaging)."""
-    rank_zero_warn("DataValueEmbedding: the tracked weights changed after the last optimizer step (averaged weights "
-                   "put in at train end by StochasticWeightAveraging or an EMA, or a constraint after that step). The "
-                   "embeddings describe the trained trajectory, which ends at the last step; the report, the final "
-                   "replay checkpoint and queries of this module use the changed weights, so exact_influence refuses "
-                   "them. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
+def warn_weights_replaced(recorder: CheckpointRecorder | None) -> None:
+    """Say that the weights at train end are not those after the last optimizer step (weight averaging), and
+    refuse exact replay of the run, which reproduces the last step's weights, with that reason."""
+    why = ("the tracked weights changed after the last optimizer step (averaged weights put in at train end by "
+           "StochasticWeightAveraging or an EMA, or a constraint after that step)")
+    rank_zero_warn(f"DataValueEmbedding: {why}. The embeddings describe the trained trajectory, which ends at the "
+                   "last step; the report and queries of this module use the changed weights, and exact_influence "
+                   "is refused. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
+    if recorder is not None:  # exact replay lands on the last step's weights, not these
+        recorder.store.manifest.update(refusal=f"{why}. List DataValueEmbedding before the averaging callback in "
+                                               "Trainer(callbacks=...) and fit again.")
 
 
 def train_end_bounds(steps: list[int], planned: list[int], segments: int) -> list[tuple[int, int]]:
