@@ -186,6 +186,30 @@ def warn_position_lookup(layer: TrackedLayer, n: int) -> None:
                   f"pass exclude=({layer.name!r},).", stacklevel=2)
 
 
+def projected_input(layer: TrackedLayer, args: tuple[Any, ...], proj: torch.Tensor | None) -> torch.Tensor:
+    """The layer's input side (:attr:`LayerSpec.project_input`) of a call, for :func:`checked_positions`.
+
+    Raises:
+        UnsupportedError: where the layer type's maths cannot read the input (a subclass that overrides ``forward``,
+            e.g. timm's ``LayerNorm2d``, which normalises a channels-first input after permuting it).
+    """
+    try:
+        return layer.spec.project_input(layer.module, args, proj)
+    except RuntimeError as err:
+        raise UnsupportedError(f"{_not_its_maths(layer)} (its input of shape {tuple(args[0].shape)}: {err})") from err
+
+
+def _not_its_maths(layer: TrackedLayer) -> str:
+    """The refusal of a module whose forward does not apply its type's maths to its input."""
+    kind = type(layer.module).__name__
+    return (f"layer {layer.name!r} ({kind}): its forward does not apply the layer to its input as {kind}'s settings "
+            f"describe (a subclass overriding forward, e.g. padding the input inside it like timm's Conv2dSame, or "
+            f"permuting it like timm's LayerNorm2d), so its per-sample gradients cannot be formed. Use the plain "
+            f"layer type (for 'same' padding: nn.Conv2d(padding='same') at stride 1, or an nn.ZeroPad2d before it; "
+            f"for a channels-first LayerNorm: nn.GroupNorm(1, C) normalises over every channel and position, or "
+            f"permute around an nn.LayerNorm), or pass exclude=({layer.name!r},)")
+
+
 def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.Tensor) -> torch.Tensor:
     """``in_side`` ``[B, P, k_in]``, once its batch size and positions ``P`` are checked against the output's (the
     output gradient's positions are laid out like the output, method.md §3).
@@ -197,14 +221,8 @@ def checked_positions(layer: TrackedLayer, output: torch.Tensor, in_side: torch.
     out_side = layer.spec.project_output_grad(layer.module, output.detach(), None)  # a view: no projection
     positions = layer.spec.input_positions(layer.module, in_side)
     if out_side.shape[:2] != (in_side.shape[0], positions):
-        kind = type(layer.module).__name__
         raise UnsupportedError(
-            f"layer {layer.name!r} ({kind}): its input gives {positions} positions per sample for "
-            f"{in_side.shape[0]} samples as a {layer.spec.kind} with its own settings would compute them, but its "
-            f"output has {out_side.shape[1]} for {out_side.shape[0]}: its forward does not apply the layer to its "
-            f"input as {kind}'s settings describe (a subclass overriding forward, e.g. padding the input inside it "
-            f"like timm's Conv2dSame), so its per-sample gradients cannot be formed. Use the plain layer type (for "
-            f"'same' padding: nn.Conv2d(padding='same') at stride 1, or an nn.ZeroPad2d before it), or pass "
-            f"exclude=({layer.name!r},)."
-        )
+            f"{_not_its_maths(layer)} (its input gives {positions} positions per sample for {in_side.shape[0]} samples "
+            f"as a {layer.spec.kind} with its own settings would compute them, its output {out_side.shape[1]} for "
+            f"{out_side.shape[0]}).")
     return in_side

@@ -243,7 +243,7 @@ class GradientCapture:
             return
         p_in = layer.projection.side_matrix("in", _input_dtype(module, args), module.weight.device)
         pending = self._inputs[layer.name]
-        pending.append(call_checks.checked_positions(layer, output, layer.spec.project_input(module, args, p_in)))
+        pending.append(call_checks.checked_positions(layer, output, call_checks.projected_input(layer, args, p_in)))
         if self._preconditioner:
             p_in_q = self._preconditioner[layer.name][1]
             self._inputs_q[layer.name].append(layer.spec.project_input(module, args, p_in_q))

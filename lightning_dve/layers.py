@@ -362,6 +362,9 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
             "when fit starts, so its shape is unknown. Run the model once on a batch before trainer.fit (that "
             f"initialises them), or use a layer with explicit sizes. {fix}"
         )
+    if not parametrize.is_parametrized(module) and not any(True for _ in module.parameters(recurse=False)):
+        raise UnsupportedError(f"layer {name!r} ({type(module).__name__}) has no parameters of its own (e.g. a "
+                               "LayerNorm with elementwise_affine=False): nothing to track. Leave it out of layers=.")
     if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
         raise UnsupportedError(
             f"layer {name!r} ({type(module).__name__}) has a parametrised weight or bias (weight_norm, "

@@ -89,3 +89,46 @@ def test_the_replay_names_its_arguments_where_training_step_fails_on_its_batches
         dve.embeddings.exact_influence(model, test, dataset=dataset, loss_fn=losses)
     result = dve.embeddings.exact_influence(model, test, dataset=dataset, train_loss_fn=losses, loss_fn=losses)
     assert result.scores.shape == (6, 72) and bool(result.scores.abs().sum() > 0)
+
+
+def _collate(form: str) -> Callable[[list[dict[str, torch.Tensor]]], Any]:
+    """Batches of one loader whose parts have other sizes than its samples: fields of inputs, targets and metadata
+    (``meta``), or a detection batch's per-sample images and target dicts (``det``)."""
+    def collate(items: list[dict[str, torch.Tensor]]) -> Any:
+        x, y, index = (torch.stack([item[key] for item in items]) for key in ("x", "y", "index"))
+        if form == "meta":
+            return {"inputs": {"x": x}, "target": {"y": y, "index": index}, "meta": {"class_weights": torch.ones(10)}}
+        return ([row.view(1, 8, 8) for row in x],
+                [{"labels": label.view(1).repeat(2), "boxes": torch.zeros(2, 4), "index": i}
+                 for label, i in zip(y, index)])
+    return collate
+
+
+class SumDeclaredAsMean(TinyMLP):
+    form = "meta"
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.form == "meta":
+            x, y = batch["inputs"]["x"], batch["target"]["y"]
+        else:
+            x, y = torch.stack(batch[0]).flatten(1), torch.stack([target["labels"][0] for target in batch[1]])
+        return F.cross_entropy(self(x), y, reduction="sum")  # a sum, while loss_reduction stays "mean"
+
+
+@pytest.mark.parametrize("form", ["meta", "det"])
+def test_a_batch_of_one_loader_with_parts_of_other_sizes_is_checked(fit: Callable, tmp_path: Path, form: str) -> None:
+    """Parts that are not alike are no loaders' batches: the train-end check and the query's still catch a sum
+    declared as a mean (the first version of the combined-batch test took them for several loaders' and skipped
+    both checks, silently: a reviewer's finding)."""
+    from lightning_dve.errors import LossReductionError
+
+    ids = (lambda b: b["target"]["index"]) if form == "meta" else (lambda b: torch.stack([t["index"] for t in b[1]]))
+    model = type("Model", (SumDeclaredAsMean,), {"form": form})()
+    dve = DataValueEmbedding(tmp_path / "dve", sample_ids=ids, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, train=DataLoader(DigitsDict(range(24)), batch_size=6, collate_fn=_collate(form)))
+    assert [w for w in caught if "training_step's loss is not the sum of per-sample losses" in str(w.message)]
+    test = _collate(form)([DigitsDict(range(1000, 1006))[i] for i in range(6)])
+    with pytest.raises(LossReductionError, match="loss is not the sum of per-sample losses"):
+        dve.embeddings.influence(model, test)

@@ -113,7 +113,8 @@ class TokenNorm(TinyMLP):
     def __init__(self, optimizer: str = "momentum") -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.embed, self.ln, self.rms, self.head = nn.Linear(16, 12), nn.LayerNorm(12), nn.RMSNorm(12), nn.Linear(12, 10)
+        self.embed, self.ln = nn.Linear(16, 12), nn.LayerNorm(12)
+        self.rms, self.head = nn.RMSNorm(12), nn.Linear(12, 10)
         self.optimizer = optimizer
         del self.net
 
@@ -243,3 +244,28 @@ def test_the_recorded_adam_preconditioner_of_a_layer_norm_is_torchs_in_the_block
         expected = 1.0 / ((v / (1 - 0.99**count)).sqrt() + 1e-8)
         recorded = store.read_step(step).vectors["precond"]["ln"].reshape(12, 2)
         torch.testing.assert_close(recorded, expected, rtol=1e-12, atol=0)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: the input ``[B, C, H, W]`` permuted to channels last, normalised, back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_norm_subclass_with_its_own_forward_and_a_norm_without_parameters_are_refused() -> None:
+    """The hook cannot read a ``LayerNorm2d``'s channels-first input as a LayerNorm's (a raw torch error from the
+    capture before the refusal); a LayerNorm without affine parameters named in ``layers=`` has nothing to track
+    (it was called parametrised)."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), LayerNorm2d(4), nn.Flatten(), nn.Linear(4 * 64, 3))
+    capture = GradientCapture(resolve_layers(model, DVEConfig()))
+    capture.attach()
+    capture.begin()
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(LayerNorm2d\): its forward does not apply the layer "
+                                               r"to its input.*timm's LayerNorm2d.*nn.GroupNorm\(1, C\).*"
+                                               r"exclude=\('1',\)"):
+        model(torch.randn(2, 1, 8, 8))
+    plain = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(LayerNorm\) has no parameters of its own.*Leave it out"):
+        resolve_layers(plain, DVEConfig(layers=("0", "1", "2")))
+    assert list(resolve_layers(plain, DVEConfig())) == ["0", "2"]
