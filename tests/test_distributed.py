@@ -235,6 +235,14 @@ def test_two_ranks_with_ggn_curvature_and_adamw_equal_single_process(suite: Path
 
 
 @pytest.mark.slow
+def test_two_ranks_with_a_layer_norm_and_adamw_equal_single_process(suite: Path) -> None:
+    """A tracked LayerNorm (session 31): its rows and its AdamW state in the block layout, on the rank of its group."""
+    assert_ddp_equals_single(suite, "norms_adamw")
+    store = DataValueEmbeddings.load(suite / "ddp" / "norms_adamw" / "dve_ddp").store
+    assert [layer["kind"] for layer in store.manifest["layers"]] == ["linear"] * 3 + ["layer_norm"]
+
+
+@pytest.mark.slow
 def test_two_ranks_with_gradient_accumulation_and_clipping_equal_single_process(suite: Path) -> None:
     """``accumulate_grad_batches=2``: a step holds two micro-batches of 8 per rank, and each epoch's last holds one
     of 3, which Lightning still divides by 2; one process accumulating the global micro-batches (both ranks' j-th)

@@ -64,7 +64,8 @@ class MLP(L.LightningModule):
     ``late_tied``: an ``aux`` head, called and used functionally, from the second batch on; ``rank1_tied``: the
     last layer's weight also used functionally on rank 1 only; ``rank1_subset``: the last layer called again on
     the first sample alone in rank 1's third batch; ``rank0_unbatched``: an ``aux`` head that rank 0 alone calls,
-    on one unbatched row (refused there; no rank captures it)."""
+    on one unbatched row (refused there; no rank captures it); ``norms``: a LayerNorm ``aux`` on the logits
+    (tracked)."""
 
     def __init__(self, fail_rank: int = -1, optimizer: str = "sgd", head: str = "module",
                  closure_only_odd: bool = False) -> None:
@@ -73,10 +74,13 @@ class MLP(L.LightningModule):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 10))
         self.aux = nn.Linear(64, 10) if head in ("rank0", "late_tied", "rank0_unbatched") else None
+        self.aux = nn.LayerNorm(10) if head == "norms" else self.aux
         self.batches = self.batch_idx = 0
         self.fail_rank = fail_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head == "norms":
+            return self.aux(self.net(x))
         if self.head == "functional":
             return nn.functional.linear(self.net[:4](x), self.net[4].weight, self.net[4].bias)
         if self.head == "rank0_unbatched":
@@ -211,6 +215,7 @@ SUITE: dict[str, dict[str, object]] = {
     "projected_segments": {"segments": 3, "projection_dim": 64},
     "ggn_adamw": {"curvature": "ggn", "optimizer": "adamw"},
     "ggn_static_graph": {"curvature": "ggn", "static_graph": True},  # DDP's output queues its all-reduce in backward
+    "norms_adamw": {"head": "norms", "optimizer": "adamw"},  # a LayerNorm's rows and AdamW state per rank
     "rank0_head": {"head": "rank0", "epochs": 1},
     "accumulate": {"accumulate": 2, "clip": 0.1},  # two micro-batches a step per rank (an epoch's last: one)
     "closure_only_odd": {"closure_only_odd": True},  # odd batches run the closure without optimizer.step()
@@ -238,7 +243,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="stop after 1 epoch, resume from its checkpoint")
     parser.add_argument("--pack-steps", type=int, default=DEFAULT_PACK_STEPS, help="step_files.PACK_STEPS")
     parser.add_argument("--head", choices=["module", "functional", "tied", "rank0", "late_tied", "rank1_tied",
-                                           "rank1_subset", "rank0_unbatched"], default="module")
+                                           "rank1_subset", "rank0_unbatched", "norms"], default="module")
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--static-graph", action="store_true", help="DDPStrategy(static_graph=True)")
