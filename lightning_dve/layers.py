@@ -14,8 +14,8 @@ Exact layouts (projection = identity), which :func:`split_block` maps back to pa
 - ``nn.Embedding``: ``[embedding_dim, num_embeddings]``, the transpose of ``weight``.
 - ``Conv1D`` of transformers' GPT-2 (``x @ weight + bias``, weight ``[d_in, d_out]``): as ``nn.Linear``, so
   ``[weight^T | bias]`` (:mod:`.layers_gpt2`).
-- ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``: ``[d, 1 (+1 bias column)]``, i.e. ``[weight | bias]`` with the
-  weight flattened to one column (:mod:`.layers_norm`).
+- ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, BatchNorm (eval mode): ``[d, 1 (+1 bias column)]``, i.e.
+  ``[weight | bias]`` with the weight flattened to one column (:mod:`.layers_norm`).
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
             "when fit starts, so its shape is unknown. Run the model once on a batch before trainer.fit (that "
             f"initialises them), or use a layer with explicit sizes. {fix}"
         )
-    if not parametrize.is_parametrized(module) and not any(True for _ in module.parameters(recurse=False)):
+    if not parametrize.is_parametrized(module) and next(module.parameters(recurse=False), None) is None:
         raise UnsupportedError(f"layer {name!r} ({type(module).__name__}) has no parameters of its own (e.g. a "
                                "LayerNorm with elementwise_affine=False): nothing to track. Leave it out of layers=.")
     if parametrize.is_parametrized(module) or not isinstance(getattr(module, "weight", None), nn.Parameter):
