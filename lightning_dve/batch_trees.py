@@ -203,31 +203,6 @@ def batch_rows(batch: Any, rows: slice, n: int | None = None) -> Any:
     return pick(batch, top=True)
 
 
-def combined_parts(batch: Any) -> bool:
-    """Whether ``batch`` holds the batches of several loaders of different sizes (a ``CombinedLoader``'s mapping,
-    list or tuple of collated batches): its samples are theirs together, in an order only ``training_step``
-    knows, so no row of it is a sample that :func:`batch_rows` could take. The parts must be alike (mappings of the
-    same keys, sequences of the same length, dataclasses of one type), so a batch of other fields (inputs, targets,
-    metadata, a detection batch's images and target dicts) is not one, whatever their sizes."""
-    parts = list(_children(batch)) if isinstance(batch, (Mapping, list, tuple)) and not hasattr(batch, "_fields") \
-        else []
-    if len(parts) < 2 or len({_shape_of(part) for part in parts}) > 1 or _shape_of(parts[0]) is None:
-        return False
-    counts = {_sample_count(part) for part in parts}
-    return None not in counts and len({count for count, _ in counts}) > 1
-
-
-def _shape_of(part: Any) -> tuple[Any, ...] | None:
-    """What a collated batch's parts share when they come from alike loaders; ``None`` for what is no batch."""
-    if isinstance(part, Mapping):
-        return ("mapping", tuple(sorted(map(str, part))))
-    if is_dataclass_value(part):
-        return ("dataclass", type(part))
-    if isinstance(part, (list, tuple)) and not hasattr(part, "_fields"):
-        return ("sequence", len(part), tuple(type(item) for item in part))
-    return None
-
-
 def _children(x: Any) -> Iterable[Any]:
     """The values a batch's mapping, list, tuple or dataclass ``x`` holds (none for other values)."""
     if is_dataclass_value(x):

@@ -117,9 +117,15 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
     """
     n, m = count_samples(batch), next(iter(rows.values())).shape[0]
     before, after = ids_or_none(batch, sample_ids, n), ids_or_none(used, sample_ids, m)
-    if before is None and m != n and (before := ids_or_none(batch, sample_ids, m)) is not None:
-        n = m  # its ids count the samples: several loaders' batches (CombinedLoader) that count_samples cannot
+    if before is None and m != n and (joined := ids_or_none(batch, sample_ids, m)) is not None \
+            and len(set(joined.tolist())) == m:
+        before, n = joined, m  # its ids count its samples: several loaders' batches, which count_samples cannot
     if before is None or after is None or torch.equal(before, after):
+        if m > n:
+            raise ConfigError(f"training_step's tracked layers saw {m} rows for the test batch's {n} samples (views "
+                              "of each sample concatenated, or several loaders' batches joined, without ids that "
+                              f"tell {m} test points apart): pass loss_fn(module, batch) -> Tensor[n] of per-sample "
+                              "test losses, or query a batch of one view.")
         if m != n:
             fix = ("include the training batches' id key in the test batch" if sample_ids is not None else "give "
                    "DataValueEmbeddings.load(..., sample_ids=) the callback's sample_ids (a callable is not saved)")

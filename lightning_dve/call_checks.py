@@ -191,11 +191,14 @@ def projected_input(layer: TrackedLayer, args: tuple[Any, ...], proj: torch.Tens
 
     Raises:
         UnsupportedError: where the layer type's maths cannot read the input (a subclass that overrides ``forward``,
-            e.g. timm's ``LayerNorm2d``, which normalises a channels-first input after permuting it).
+            e.g. timm's ``LayerNorm2d``, which normalises a channels-first input after permuting it); a device out of
+            memory is raised as it is.
     """
     try:
         return layer.spec.project_input(layer.module, args, proj)
     except RuntimeError as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or "allocate" in str(err):  # out of memory: as it is
+            raise
         raise UnsupportedError(f"{_not_its_maths(layer)} (its input of shape {tuple(args[0].shape)}: {err})") from err
 
 

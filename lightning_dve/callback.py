@@ -148,7 +148,7 @@ class DataValueEmbedding(StepHooks):
         self._train_started, self._resumed, self._train_ended, self._fit_pending = 0.0, False, False, False
         self._batch: Any = None
         self._batch_start: Any = None  # its top level as it started (batch_trees.shallow_copy)
-        self._loss_batch: Any = None  # the last training micro-batch of two samples or more (train-end loss check)
+        self._loss_batch: Any = None  # the last training micro-batch of 2 samples or more, its rows (loss check)
         self._backwards = 0  # the micro-batch's backward passes (more than one: its closure was evaluated again)
         self._inner_backward = False  # its training_step ran a backward through the tracked layers itself
         self._preconditioned = False  # projected Adam: rows through its preconditioner too (adam.py)

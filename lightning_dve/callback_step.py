@@ -236,7 +236,7 @@ class StepHooks(pl.Callback):
         size = hooks.batch_size()
         batch = as_started(batch, self._batch_start)
         ids = batches.extract_sample_ids(batch, self.sample_ids, size)
-        self._loss_batch = self._batch_start if size > 1 else self._loss_batch  # before the step's own edits
+        self._loss_batch = (self._batch_start, size) if size > 1 else self._loss_batch  # before the step's edits
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation

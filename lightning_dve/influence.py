@@ -153,8 +153,8 @@ class DataValueEmbeddings(ReplayQueries):
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None, capture: GradientCapture
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor], Any]:
         """Return the scalar loss to backpropagate, ``batch_size -> w [B]`` of its per-sample terms, and the batch
-        as ``training_step`` left it (``None`` with ``loss_fn``), with the capture begun for its forward (after the
-        reduction check's own forwards, which it must not see)."""
+        as ``training_step`` left it (``None`` with ``loss_fn``), with the capture begun for its forward (after
+        ``loss_fn``'s pair, which it must not see)."""
         if loss_fn is not None:
             pair = losses_of_a_pair(loss_fn, module, batch)  # before the capture, which must not see its forward
             capture.begin(keep_outputs=True)
@@ -168,7 +168,6 @@ class DataValueEmbeddings(ReplayQueries):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
         reduction = self.config.loss_reduction
-        check_reduction(module, batch, reduction, self.loss_weights, list(capture.weights().values()), self.test_ids())
         capture.begin(keep_outputs=True)
         with muted_logging(module):
             loss, used = training_loss(module, batch)
@@ -210,7 +209,11 @@ class DataValueEmbeddings(ReplayQueries):
                 with modes(module, None):  # eval mode, gradients on
                     loss, weights_for, used = self._test_loss(module, batch, loss_fn, capture)
                     backward_to_layers(loss, capture, module)
-                    rows = capture.finish(weights_for(capture.batch_size()))
+                    size = capture.batch_size()
+                    rows = capture.finish(weights_for(size))
+                    if loss_fn is None:  # its own forwards and backwards, which the finished capture does not see
+                        check_reduction(module, batch, self.config.loss_reduction, self.loss_weights,
+                                        list(capture.weights().values()), self.test_ids(), size)
             finally:
                 capture.detach()
         return rows if used is None else align_test_rows(rows, batch, used, self.test_ids())

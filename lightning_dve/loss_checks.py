@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import batch_rows, combined_parts, count_samples
+from .batch_trees import batch_rows, count_samples
 from .batches import IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss
 from .config import LossReduction
 from .errors import ConfigError, DVEError, LossReductionError
@@ -37,7 +37,7 @@ def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tenso
     be taken from, or a ``loss_fn`` that fails on two samples): the check is then skipped, not the query."""
     try:
         n = count_samples(batch)
-        if n < 3 or combined_parts(batch):
+        if n < 3:
             return None
         with torch.no_grad():
             losses = loss_fn(module, batch_rows(batch, slice(0, 2), n))
@@ -118,7 +118,8 @@ def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | N
 
 
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
-                    params: Sequence[torch.Tensor] = (), sample_ids: str | IdFn | None = None) -> None:
+                    params: Sequence[torch.Tensor] = (), sample_ids: str | IdFn | None = None,
+                    rows: int | None = None) -> None:
     """Refuse a ``training_step`` loss that is not ``L = sum_i w_i l_i`` with the recorded reduction's weights
     (method.md §2), tested on a group of the batch's first samples, two (``a, b``) unless the step drops some: with
     ``l_i = L({i}) / w_i({i})``, ``L({a, b})`` must be ``w_a l_a + w_b l_b`` under the weights of ``{a, b}``
@@ -129,16 +130,18 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
     it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
-    loss and the batches of several loaders of different sizes (:func:`~.batch_trees.combined_parts`). A second
-    call on the group must give the same loss (:func:`check_deterministic`).
+    loss and batches of fewer samples than the ``rows`` the tracked layers saw in the whole batch's forward
+    (several loaders' batches joined in ``training_step``, views of each sample concatenated: the batch's first
+    samples are then no group of its rows). A second call on the group must give the same loss
+    (:func:`check_deterministic`).
 
     Raises:
         LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
         ConfigError: if ``training_step`` is random.
     """
-    if combined_parts(batch):
-        return
     n = count_samples(batch)
+    if rows is not None and rows > n:
+        return
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         group = _kept_group(module, batch, n, sample_ids,

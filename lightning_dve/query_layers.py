@@ -177,7 +177,7 @@ def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -
 
 def refuse_empty(batch: Any) -> None:
     """Refuse a test batch of no sample (its first batched tensor has length 0; a batch without one is left to
-    the loss).
+    the loss), or a ``DataLoader`` given as one.
 
     Raises:
         ConfigError: saying so.
@@ -185,6 +185,8 @@ def refuse_empty(batch: Any) -> None:
     try:
         empty = batch is not None and count_samples(batch) == 0
     except ConfigError:
+        if isinstance(batch, torch.utils.data.DataLoader):
+            raise
         return
     if empty:
         raise ConfigError("the test batch holds no sample (its first batched tensor has length 0): pass a batch of at "

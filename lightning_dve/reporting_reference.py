@@ -212,9 +212,10 @@ def reference_gradient(
     return Reference({name: total_grad / count for name, total_grad in sums.items()}, count, source)
 
 
-def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: DataValueEmbeddings | None,
-                        report: bool) -> bool:
-    """Test ``training_step``'s loss at train end on a training batch of two samples or more, as a query would
+def check_training_loss(pl_module: pl.LightningModule, loss_batch: tuple[Any, int] | None,
+                        embeddings: DataValueEmbeddings | None, report: bool) -> bool:
+    """Test ``training_step``'s loss at train end on a training batch of two samples or more (``loss_batch``: the
+    batch and the rows its tracked layers saw in training), as a query would
     (:func:`~lightning_dve.loss_checks.check_reduction`: the declared reduction's weights, no coupling of the
     samples, method.md §2), in eval mode, and warn: the recording used those weights. The report's reference
     batches may not test it (batches of one sample, or the report off). A ``training_step`` that is random or fails
@@ -225,13 +226,14 @@ def check_training_loss(pl_module: pl.LightningModule, batch: Any, embeddings: D
     Returns:
         ``False`` where the loss is refused (then the report, ``report``, is skipped).
     """
-    if embeddings is None or batch is None:
+    if embeddings is None or loss_batch is None:
         return True
+    batch, rows = loss_batch
     params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
     try:  # eagerly: a graph compiled now, with the capture's hooks detached, would be reused by the queries
         with modes(pl_module, None), _eager():
             check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params,
-                            embeddings.test_ids())
+                            embeddings.test_ids(), rows)
     except LossReductionError as err:
         skipped = "the influence report is skipped: " if report else ""
         rank_zero_warn(f"DataValueEmbedding: {skipped}{err} (tested at train end on a training batch)")

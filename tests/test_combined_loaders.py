@@ -132,3 +132,63 @@ def test_a_batch_of_one_loader_with_parts_of_other_sizes_is_checked(fit: Callabl
     test = _collate(form)([DigitsDict(range(1000, 1006))[i] for i in range(6)])
     with pytest.raises(LossReductionError, match="loss is not the sum of per-sample losses"):
         dve.embeddings.influence(model, test)
+
+
+class SemiSupervised(TinyMLP):
+    """A labelled loader (``x, y, index``) and an unlabelled one (``x, index``): cross-entropy on the first's
+    samples, the prediction's entropy on the second's, averaged over all of them in one forward."""
+
+    @staticmethod
+    def losses(module: TinyMLP, batch: dict[str, Any]) -> torch.Tensor:
+        logits = module(torch.cat([batch["lab"]["x"], batch["unl"]["x"]]))
+        labelled = F.cross_entropy(logits[:len(batch["lab"]["y"])], batch["lab"]["y"], reduction="none")
+        log_p = F.log_softmax(logits[len(batch["lab"]["y"]):], dim=1)
+        return torch.cat([labelled, -(log_p.exp() * log_p).sum(dim=1)])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.losses(self, batch).mean()
+
+
+def _unlabelled(indices: range) -> DataLoader:
+    data = DigitsDict(indices)
+    return DataLoader([{"x": data.x[i], "index": data.indices[i]} for i in range(len(data))], batch_size=4)
+
+
+def test_a_labelled_and_an_unlabelled_loader_report_and_query(fit: Callable, tmp_path: Path) -> None:
+    """Loaders of other keys (the usual reason to combine them): no false warning, the report is written, and a
+    test batch of the same form scores as ``loss_fn`` gives its samples' losses (a second review found the first
+    version, which wanted the loaders' batches alike, skipping the report and refusing the query)."""
+    ids = lambda batch: torch.cat([batch["lab"]["index"], batch["unl"]["index"]])  # noqa: E731
+    reference = {"lab": DigitsDict(range(500, 516)).batch(), "unl": next(iter(_unlabelled(range(600, 604))))}
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=ReportConfig(), sample_ids=ids,
+                             reference=reference)  # a batch training_step takes: the validation loader's are not
+    train = CombinedLoader({"lab": DataLoader(DigitsDict(range(48)), batch_size=8),
+                            "unl": _unlabelled(range(100, 148))}, mode="min_size")
+    model = SemiSupervised()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, train=train)
+    assert not [w for w in caught if "loss is not the sum" in str(w.message) or "skipped" in str(w.message)]
+    assert (tmp_path / "dve" / "report" / "summary.json").is_file()
+    test = {"lab": DigitsDict(range(1000, 1003)).batch(), "unl": next(iter(_unlabelled(range(1100, 1104))))}
+    expected = dve.embeddings.influence(model, test, loss_fn=SemiSupervised.losses).scores
+    torch.testing.assert_close(dve.embeddings.influence(model, test).scores, expected)
+
+
+class TwoViews(TinyMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = torch.cat([batch["x"], batch["x"].flip(1)])  # each sample and its mirror image, one forward
+        return F.cross_entropy(self(x), torch.cat([batch["y"], batch["y"]]))
+
+
+def test_a_query_on_two_views_of_each_test_point_is_refused_not_one_row_per_view(fit: Callable, tmp_path: Path,
+                                                                                 test_batch: dict) -> None:
+    """Ids given twice (each view's) match no row to one test point: the query refuses, naming ``loss_fn=``; the
+    first version of the combined-batch retry returned one row per view (12 for 6 test points), silently."""
+    dve = DataValueEmbedding(tmp_path / "dve", sample_ids=lambda b: torch.cat([b["index"], b["index"]]),
+                             allow_duplicate_ids=True, report=None)
+    model = TwoViews()
+    fit(model, dve)
+    with pytest.raises(ConfigError, match=r"saw 24 rows for the test batch's 12 samples \(views of each sample "
+                                          r"concatenated.*pass loss_fn"):
+        dve.embeddings.influence(model, test_batch)

@@ -269,3 +269,25 @@ def test_a_norm_subclass_with_its_own_forward_and_a_norm_without_parameters_are_
     with pytest.raises(UnsupportedError, match=r"layer '1' \(LayerNorm\) has no parameters of its own.*Leave it out"):
         resolve_layers(plain, DVEConfig(layers=("0", "1", "2")))
     assert list(resolve_layers(plain, DVEConfig())) == ["0", "2"]
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "2147483648 bytes")])
+def test_running_out_of_memory_in_the_capture_is_raised_as_it_is(monkeypatch: pytest.MonkeyPatch,
+                                                                   error: RuntimeError) -> None:
+    """Not as a layer whose forward does not apply its maths (a reviewer's finding): Lightning's own handling and
+    the user's fix (a smaller batch) depend on seeing it."""
+    from lightning_dve import layers_norm
+
+    def fail(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise error
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    capture = GradientCapture(resolve_layers(model, DVEConfig()))
+    capture.attach()
+    capture.begin()
+    monkeypatch.setattr(layers_norm, "_features_last", fail)  # in the hook only, after the module's own forward
+    with pytest.raises(type(error), match="allocate") as info:
+        model(torch.randn(2, 3))
+    assert not isinstance(info.value, UnsupportedError)
