@@ -19,7 +19,7 @@ from torch import nn
 from .batch_trees import as_started, count_samples, map_tensors, shallow_copy, to_device
 from .checkpoints import DOUBLE_PRECISION
 from .config import LossReduction
-from .errors import ConfigError, GradientError, SampleIdError, UnsupportedError
+from .errors import ConfigError, DVEError, GradientError, SampleIdError, UnsupportedError
 
 IdFn = Callable[[Any], Any]
 WeightFn = Callable[[Any], Any]
@@ -215,6 +215,20 @@ def training_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, A
     working = shallow_copy(batch)
     loss = scalar_loss(module.training_step(*step_arguments(module.training_step, working)))
     return loss, as_started(working, batch)
+
+
+def training_loss_or_refuse(module: nn.Module, batch: Any, what: str, fix: str) -> tuple[torch.Tensor | None, Any]:
+    """:func:`training_loss` of a batch the package built itself (``what``), its failure named as the package's.
+
+    Raises:
+        ConfigError: ``training_step failed on <what> (<error>). <fix>``, where ``training_step`` fails on it.
+    """
+    try:
+        return training_loss(module, batch)
+    except DVEError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"training_step failed on {what} ({type(err).__name__}: {err}). {fix}") from err
 
 
 def step_arguments(step: Callable[..., Any], batch: Any) -> tuple[Any, ...]:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .batch_trees import batch_rows, count_samples
-from .batches import IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss
+from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss,
+                      training_loss_or_refuse)
 from .config import LossReduction
-from .errors import ConfigError, DVEError, LossReductionError
+from .errors import ConfigError, LossReductionError
 from .query_layers import grads_put_aside
 
 
@@ -103,18 +104,12 @@ def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | N
         ConfigError: if it fails there (often a ``.squeeze()`` that also drops the batch dimension), naming the
             check and the fixes.
     """
-    try:
-        return training_loss(module, batch)
-    except DVEError:
-        raise
-    except Exception as err:
-        raise ConfigError(
-            f"training_step failed on a batch of one sample ({type(err).__name__}: {err}). Queries run it on two "
-            "samples of the batch alone, to check that its loss is the per-sample sum loss_reduction declares "
-            "(method.md §2). Make training_step work on a one-sample batch (e.g. .squeeze(-1) instead of .squeeze(), "
-            "which also drops the batch dimension), or pass loss_fn(module, batch) -> Tensor[B] of per-sample "
-            "losses to the query (the train-end report has no loss_fn: it is skipped)."
-        ) from err
+    return training_loss_or_refuse(
+        module, batch, "a batch of one sample", "Queries run it on two samples of the batch alone, to check that its "
+        "loss is the per-sample sum loss_reduction declares (method.md §2). Make training_step work on a one-sample "
+        "batch (e.g. .squeeze(-1) instead of .squeeze(), which also drops the batch dimension), or pass "
+        "loss_fn(module, batch) -> Tensor[B] of per-sample losses to the query (the train-end report has no "
+        "loss_fn: it is skipped).")
 
 
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,

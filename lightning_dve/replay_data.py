@@ -20,9 +20,9 @@ from torch.nn.utils.stateless import _reparametrize_module  # the context manage
 from torch.utils.data import IterableDataset, default_collate
 
 from .batch_trees import count_samples, same_items, to_device
-from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss
+from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss_or_refuse
 from .config import LossReduction
-from .errors import ConfigError, DVEError, SampleIdError, UnsupportedError
+from .errors import ConfigError, SampleIdError, UnsupportedError
 
 Params = dict[str, torch.Tensor]
 
@@ -223,17 +223,12 @@ def replayed_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, A
     Raises:
         ConfigError: where ``training_step`` fails on it, with the ways to give it the batches it expects.
     """
-    try:
-        return training_loss(module, batch)
-    except DVEError:
-        raise
-    except Exception as err:
-        raise ConfigError(
-            f"training_step failed on a training batch the replay rebuilt ({type(err).__name__}: {err}): the replay "
-            "collates the recorded samples dataset[i] with the training loader's collate_fn, one loader's batch, "
-            "where training batches had another form (several loaders combined, a DataModule's "
-            "on_after_batch_transfer not run here). Pass collate_fn= that builds the batch training_step expects, "
-            "or train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.") from err
+    return training_loss_or_refuse(
+        module, batch, "a training batch the replay rebuilt", "The replay collates the recorded samples dataset[i] "
+        "with the training loader's collate_fn, one loader's batch, where training batches had another form "
+        "(several loaders combined, a DataModule's on_after_batch_transfer not run here). Pass collate_fn= that "
+        "builds the batch training_step expects, or train_loss_fn(module, batch) -> Tensor[B] of per-sample training "
+        "losses.")
 
 
 def step_loss_terms(

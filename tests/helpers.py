@@ -187,3 +187,38 @@ def can_lock_elsewhere(folder: Path) -> bool:
     code = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
     return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True).returncode == 0
+
+
+def check_rows_against_per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                                         projection_dim: int | None) -> list[str]:
+    """Capture one step of ``model`` with a random rank-1 preconditioner ``r c^T`` per layer and check every tracked
+    layer's rows against per-example autograd: ``P_out G_z P_in^T`` and ``P_out (diag(r) G_z diag(c)) P_in^T``
+    (``G_z`` sample ``z``'s block, ``parameter_block``). Returns the tracked layers' kinds."""
+    from lightning_dve.capture import GRADS, GRADS_Q, GradientCapture, resolve_layers
+    from lightning_dve.config import DVEConfig
+    from lightning_dve.layers import parameter_block
+
+    dtype, n = x.dtype, x.shape[0]
+    tracked = resolve_layers(model, DVEConfig(projection_dim=projection_dim))
+    capture = GradientCapture(tracked)
+    capture.attach()
+    factors = {name: tuple(torch.rand(dim, dtype=dtype) + 0.5 for dim in layer.spec.dims(layer.module))
+               for name, layer in tracked.items()}
+    capture.begin()
+    capture.set_preconditioner(factors)
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    ones = torch.ones(n, dtype=dtype)
+    rows, preconditioned = capture.take(GRADS, ones), capture.take(GRADS_Q, ones)
+    capture.detach()
+    for name, layer in tracked.items():
+        p_out, p_in = (layer.projection.side_matrix(side, dtype, x.device) for side in ("out", "in"))
+        r, c = factors[name]
+        for i in range(n):
+            gradients = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                            list(layer.module.parameters()))
+            block = parameter_block(layer.module, *gradients, *([None] * (2 - len(gradients))))
+            for got, expected in ((rows, block), (preconditioned, r[:, None] * block * c[None, :])):
+                expected = expected if p_out is None else p_out @ expected
+                expected = expected if p_in is None else expected @ p_in.T
+                torch.testing.assert_close(got[name][i], expected.flatten(), atol=1e-12, rtol=0)
+    return [layer.spec.kind for layer in tracked.values()]

@@ -9,17 +9,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding
-from lightning_dve.capture import GRADS, GRADS_Q, GradientCapture, resolve_layers
+from lightning_dve.capture import resolve_layers
 from lightning_dve.config import AccumulatorLayout, Curvature, DVEConfig
 from lightning_dve.layers import parameter_block
 from lightning_dve.recursion import BackwardRecursion
 from lightning_dve.store import StepRecord, TrajectoryStore
 from tests.conftest import DigitsDict, TinyMLP
+from tests.helpers import check_rows_against_per_example_grads
 
 DTYPE = torch.float64
 LAYERS = {"a": 3, "b": 2}
@@ -138,33 +138,8 @@ def test_preconditioned_rows_equal_the_per_example_oracle(projection_dim: int | 
     """Rows through ``r c^T``: ``P_out (diag(r) G_z diag(c)) P_in^T`` per sample, next to the plain rows."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
-    tracked = resolve_layers(model, DVEConfig(projection_dim=projection_dim))
-    capture = GradientCapture(tracked)
-    capture.attach()
-    factors = {name: (torch.rand(layer.spec.dims(layer.module)[0], dtype=DTYPE) + 0.5,
-                      torch.rand(layer.spec.dims(layer.module)[1], dtype=DTYPE) + 0.5) for name, layer in tracked.items()}
     x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
-    capture.begin()
-    capture.set_preconditioner(factors)
-    F.cross_entropy(model(x), y, reduction="sum").backward()
-    ones = torch.ones(6, dtype=DTYPE)
-    rows, grads = capture.take(GRADS_Q, ones), capture.take(GRADS, ones)
-    capture.detach()
-    for name, layer in tracked.items():
-        p_out = layer.projection.side_matrix("out", DTYPE, x.device)
-        p_in = layer.projection.side_matrix("in", DTYPE, x.device)
-        r, c = factors[name]
-        for i in range(6):
-            params = list(layer.module.parameters())
-            weight, bias = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
-            block = parameter_block(layer.module, weight, bias)
-            expected = [block, r[:, None] * block * c[None, :]]
-            if p_out is not None:
-                expected = [p_out @ e for e in expected]
-            if p_in is not None:
-                expected = [e @ p_in.T for e in expected]
-            torch.testing.assert_close(grads[name][i], expected[0].flatten(), atol=1e-12, rtol=0)
-            torch.testing.assert_close(rows[name][i], expected[1].flatten(), atol=1e-12, rtol=0)
+    assert check_rows_against_per_example_grads(model, x, y, projection_dim) == ["linear", "linear"]
 
 
 @pytest.mark.parametrize("count", [1, 3, 40])

@@ -19,12 +19,12 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_dve import DataValueEmbedding
-from lightning_dve.capture import GRADS, GRADS_Q, GradientCapture, resolve_layers
+from lightning_dve.capture import GradientCapture, resolve_layers
 from lightning_dve.config import DVEConfig
 from lightning_dve.errors import UnsupportedError
-from lightning_dve.layers import parameter_block
 from lightning_dve.store import TrajectoryStore
 from tests.conftest import TinyMLP
+from tests.helpers import check_rows_against_per_example_grads
 
 DTYPE = torch.float64
 
@@ -66,33 +66,10 @@ def test_captured_rows_are_the_per_example_gradients(projection_dim: int | None)
     diag(c)) P_in^T``, with ``G_z`` the block of sample ``z``'s own backward."""
     torch.manual_seed(0)
     model = Mixed().to(DTYPE)
-    tracked = resolve_layers(model, DVEConfig(projection_dim=projection_dim))
-    kinds = {name: layer.spec.kind for name, layer in tracked.items()}
-    assert kinds == {"a": "linear", "ln": "layer_norm", "ln2": "layer_norm", "c": "conv1d", "gn": "group_norm",
-                     "c2": "conv2d", "gn2": "group_norm", "bn2": "batch_norm", "rms": "rms_norm",
-                     "bn1": "batch_norm", "head": "linear"}
-    capture = GradientCapture(tracked)
-    capture.attach()
-    factors = {name: tuple(torch.rand(dim, dtype=DTYPE) + 0.5 for dim in layer.spec.dims(layer.module))
-               for name, layer in tracked.items()}
-    x, y = torch.randn(5, 7, 5, dtype=DTYPE), torch.randint(0, 3, (5,))
-    capture.begin()
-    capture.set_preconditioner(factors)
-    F.cross_entropy(model(x), y, reduction="sum").backward()
-    ones = torch.ones(5, dtype=DTYPE)
-    rows, preconditioned = capture.take(GRADS, ones), capture.take(GRADS_Q, ones)
-    capture.detach()
-    for name, layer in tracked.items():
-        p_out, p_in = (layer.projection.side_matrix(side, DTYPE, x.device) for side in ("out", "in"))
-        r, c = factors[name]
-        for i in range(5):
-            gradients = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
-                                            list(layer.module.parameters()))
-            block = parameter_block(layer.module, *gradients, *([None] * (2 - len(gradients))))
-            for got, expected in ((rows, block), (preconditioned, r[:, None] * block * c[None, :])):
-                expected = expected if p_out is None else p_out @ expected
-                expected = expected if p_in is None else expected @ p_in.T
-                torch.testing.assert_close(got[name][i], expected.flatten(), atol=1e-12, rtol=0)
+    kinds = check_rows_against_per_example_grads(model, torch.randn(5, 7, 5, dtype=DTYPE), torch.randint(0, 3, (5,)),
+                                                 projection_dim)
+    assert kinds == ["linear", "layer_norm", "layer_norm", "conv1d", "group_norm", "conv2d", "group_norm",
+                     "batch_norm", "rms_norm", "batch_norm", "linear"]
 
 
 def test_a_call_on_an_unbatched_input_is_refused() -> None:
