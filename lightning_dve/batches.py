@@ -117,15 +117,15 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
     """
     n, m = count_samples(batch), next(iter(rows.values())).shape[0]
     before, after = ids_or_none(batch, sample_ids, n), ids_or_none(used, sample_ids, m)
-    if before is None and m != n and (joined := ids_or_none(batch, sample_ids, m)) is not None \
-            and len(set(joined.tolist())) == m:
-        before, n = joined, m  # its ids count its samples: several loaders' batches, which count_samples cannot
+    if before is None and (joined := unique_ids(batch, sample_ids)) is not None and len(joined) != n:
+        before, n = joined, len(joined)  # its ids count its samples: several loaders' batches, which count_samples
     if before is None or after is None or torch.equal(before, after):
         if m > n:
             raise ConfigError(f"training_step's tracked layers saw {m} rows for the test batch's {n} samples (views "
-                              "of each sample concatenated, or several loaders' batches joined, without ids that "
-                              f"tell {m} test points apart): pass loss_fn(module, batch) -> Tensor[n] of per-sample "
-                              "test losses, or query a batch of one view.")
+                              "of each sample concatenated, or several loaders' batches joined without ids that tell "
+                              "their samples apart): a query needs one row per test point. Build the views in "
+                              "training mode only (`if self.training:`; queries run in eval mode), or give each "
+                              "loader's samples their own ids.")
         if m != n:
             fix = ("include the training batches' id key in the test batch" if sample_ids is not None else "give "
                    "DataValueEmbeddings.load(..., sample_ids=) the callback's sample_ids (a callable is not saved)")
@@ -143,6 +143,17 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
         warnings.warn(f"training_step dropped {n - m} of the test batch's {n} samples: their scores are 0 (no loss; "
                       "exact_influence gives them 0 too).", UserWarning, stacklevel=4)
     return {name: r.new_zeros((n, *r.shape[1:])).index_copy_(0, index.to(r.device), r) for name, r in rows.items()}
+
+
+def unique_ids(batch: Any, sample_ids: str | IdFn | None) -> torch.Tensor | None:
+    """The batch's ids on the CPU, however many, where they are readable, integers and unique; else ``None``."""
+    if sample_ids is None:
+        return None
+    try:
+        ids = _as_id_tensor(sample_ids(batch) if callable(sample_ids) else batch[sample_ids]).reshape(-1).cpu()
+    except (SampleIdError, ConfigError, LookupError, TypeError, AttributeError, RuntimeError, ValueError):
+        return None
+    return ids if len(set(ids.tolist())) == len(ids) else None
 
 
 def ids_or_none(batch: Any, sample_ids: str | IdFn | None, batch_size: int) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batch_trees import count_samples
 from .batches import (IdFn, WeightFn, align_test_rows, modes, muted_logging, on_module_device, reduction_weights,
                       training_loss)
 from .capture import GradientCapture
@@ -168,6 +169,7 @@ class DataValueEmbeddings(ReplayQueries):
             raise ConfigError(f"{type(module).__name__} has no training_step; pass loss_fn(module, batch) -> "
                               "Tensor[B] of per-sample test losses.")
         reduction = self.config.loss_reduction
+        count_samples(batch)  # a batch of no samples to tell apart (an iterator of batches): refused before the step
         capture.begin(keep_outputs=True)
         with muted_logging(module):
             loss, used = training_loss(module, batch)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .batch_trees import batch_rows, count_samples
 from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss,
-                      training_loss_or_refuse)
+                      training_loss_or_refuse, unique_ids)
 from .config import LossReduction
 from .errors import ConfigError, LossReductionError
 from .query_layers import grads_put_aside
@@ -125,18 +125,18 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
     it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
-    loss and batches of fewer samples than the ``rows`` the tracked layers saw in the whole batch's forward
-    (several loaders' batches joined in ``training_step``, views of each sample concatenated: the batch's first
-    samples are then no group of its rows). A second call on the group must give the same loss
-    (:func:`check_deterministic`).
+    loss and batches whose tracked layers saw more ``rows`` in the whole batch's forward than it has samples, where
+    its unique ids count other samples than it has (several loaders' batches joined in ``training_step``: its first
+    samples are then no group of its rows; views of each sample, whose ids repeat, are checked). A second call on
+    the group must give the same loss (:func:`check_deterministic`).
 
     Raises:
         LossReductionError: naming the declared reduction, the losses and the factor (or the gradients' deviation).
         ConfigError: if ``training_step`` is random.
     """
     n = count_samples(batch)
-    if rows is not None and rows > n:
-        return
+    if rows is not None and rows > n and (ids := unique_ids(batch, sample_ids)) is not None and len(ids) != n:
+        return  # several loaders' batches joined: their ids count the samples, count_samples one loader's
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         group = _kept_group(module, batch, n, sample_ids,

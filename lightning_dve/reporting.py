@@ -127,7 +127,8 @@ def report_train_end(
         if len(samples) < len(wanted):
             rank_zero_warn(f"DataValueEmbedding: {len(wanted) - len(samples)} of the {len(wanted)} top-k training "
                            "samples were not found in the training dataset (or, for a dataset without positions, "
-                           "in one pass of the training dataloader); their label and rendering are left empty.")
+                           "in one pass of the training dataloader; where several loaders were combined, sample_ids "
+                           "must read one loader's batch too); their label and rendering are left empty.")
     manifest = embeddings.store.manifest
     report = TrainEndReport(embeddings.store.root / REPORT_DIR, query, lr_layer, summary, samples, {},
                             boundary_rows(embeddings, query.gradients),

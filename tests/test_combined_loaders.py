@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from lightning_dve import DataValueEmbedding, ReportConfig
 from lightning_dve.errors import ConfigError
@@ -190,5 +190,87 @@ def test_a_query_on_two_views_of_each_test_point_is_refused_not_one_row_per_view
     model = TwoViews()
     fit(model, dve)
     with pytest.raises(ConfigError, match=r"saw 24 rows for the test batch's 12 samples \(views of each sample "
-                                          r"concatenated.*pass loss_fn"):
+                                          r"concatenated.*one row per test point.*training mode only"):
         dve.embeddings.influence(model, test_batch)
+
+
+class SumOfTwoViews(TwoViews):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = torch.cat([batch["x"], batch["x"].flip(1)])
+        return F.cross_entropy(self(x), torch.cat([batch["y"], batch["y"]]), reduction="sum")
+
+
+def test_two_views_of_each_sample_keep_the_reduction_check(fit: Callable, tmp_path: Path) -> None:
+    """Views concatenated in ``training_step`` leave the batch's samples what its tensors say: a sum declared as
+    a mean is still caught at train end (the second version skipped every batch with more rows than samples)."""
+    dve = DataValueEmbedding(tmp_path / "dve", sample_ids=lambda b: torch.cat([b["index"], b["index"]]),
+                             allow_duplicate_ids=True, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(SumOfTwoViews(), dve)
+    assert [w for w in caught if "training_step's loss is not the sum of per-sample losses" in str(w.message)]
+
+
+class FilteredLoaders(TwoLoaders):
+    """Two loaders joined, the samples of label 0 dropped from each in place (the ids are read at the step's end)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if "a" in batch:
+            for part in ("a", "b"):
+                keep = batch[part]["y"] != 0
+                batch[part] = {key: value[keep] for key, value in batch[part].items()}
+        return self.loss(joined(batch))
+
+
+def test_a_filtering_step_on_two_loaders_matches_the_kept_test_points_by_their_ids(fit: Callable,
+                                                                                   tmp_path: Path) -> None:
+    """The test batch's unique ids (8, of two loaders) tell its points apart although count_samples finds one
+    loader's 4: the rows of the points the step keeps are theirs, the dropped ones' zero (the reviewer's repro was
+    refused as views)."""
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None,
+                             sample_ids=lambda batch: joined(batch)["index"])
+    model = FilteredLoaders()
+    fit(model, dve, train=combined((8, 4)))
+    first, second = DigitsDict(range(150, 154)), DigitsDict(range(160, 164))  # labels 0 1 2 3, 0 9 5 5
+    test = {"a": first.batch(), "b": second.batch()}
+    labels = torch.cat([first.y, second.y])
+    assert bool((labels == 0).any()) and bool((labels != 0).any())
+    with pytest.warns(UserWarning, match=r"training_step dropped \d of the test batch's 8 samples"):
+        rows = dve.embeddings.test_gradients(model, test)
+    kept = {key: value[labels != 0] for key, value in joined(test).items()}
+    expected = dve.embeddings.test_gradients(model, kept, loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["y"],
+                                                                                              reduction="none"))
+    for name, got in rows.items():
+        assert bool((got[labels == 0] == 0).all())
+        torch.testing.assert_close(got[labels != 0], expected[name])
+
+
+class WeightedFirst(TinyMLP):
+    """Batches whose first entry is a batch-level tensor (class weights), then the samples' tensors."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch["x"]), batch["y"], weight=batch["class_weight"], reduction="sum")
+
+
+def _weighted_first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"class_weight": torch.ones(10), **default_collate(items)}
+
+
+def test_a_batch_level_tensor_first_does_not_count_the_samples(fit: Callable, tmp_path: Path) -> None:
+    """``count_samples`` takes the first dimension most of the batch's tensors share, so class weights of 10
+    entries first in a batch of 16 neither hide a sum declared as a mean (the check was skipped as for joined
+    loaders) nor are sliced as samples (a raw error in the user's cross_entropy for a test batch of 8)."""
+    from lightning_dve.batch_trees import count_samples
+    from lightning_dve.errors import LossReductionError
+
+    assert count_samples(_weighted_first([DigitsDict(range(16))[i] for i in range(16)])) == 16
+    dve = DataValueEmbedding(tmp_path / "dve", report=None)
+    model = WeightedFirst()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, train=DataLoader(DigitsDict(range(64)), batch_size=16, collate_fn=_weighted_first))
+    assert [w for w in caught if "training_step's loss is not the sum of per-sample losses" in str(w.message)]
+    for size in (8, 12, 16):
+        with pytest.raises(LossReductionError, match="loss is not the sum of per-sample losses"):
+            dve.embeddings.influence(model, _weighted_first([DigitsDict(range(1000, 1000 + size))[i]
+                                                             for i in range(size)]))

@@ -562,6 +562,10 @@ def test_a_dataloader_for_the_test_batch_is_refused_naming_the_fix(trained, test
     loader = DataLoader([{k: v[i] for k, v in test_batch.items()} for i in range(4)], batch_size=2)
     with pytest.raises(ConfigError, match=r"the test batch is a DataLoader; .* pass next\(iter\(loader\)\)"):
         trained.dve.embeddings.influence(copy.deepcopy(trained.model), loader)
+    # an iterator of batches has no samples either: refused before training_step runs on it (a raw TypeError from
+    # the step once the reduction check ran after the query's forward, session 31)
+    with pytest.raises(ConfigError, match=r"cannot split the test batch \(_SingleProcessDataLoaderIter\)"):
+        trained.dve.embeddings.influence(copy.deepcopy(trained.model), iter(loader))
 
 
 class RecordingTransfer(TinyMLP):
