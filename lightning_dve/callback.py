@@ -331,7 +331,7 @@ class DataValueEmbedding(StepHooks):
             error = err
         sync.agree_on_errors(self._comm, error)
         if self._guard is not None and self._guard.weights_replaced():
-            callback_setup.warn_weights_replaced(self._recorder)
+            callback_store.warn_weights_replaced(self._recorder)
         try:  # only exact replay needs the final snapshot: its failure does not cost the embeddings
             if self._recorder is not None:
                 self._recorder.finish(trainer.global_step, pl_module, trainer.optimizers[0],

@@ -21,7 +21,6 @@ import torch
 from . import reporting, reporting_loggers
 from .batches import WeightFn
 from .capture import TrackedLayer
-from .checkpoints import CheckpointRecorder
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
@@ -223,19 +222,6 @@ def recursion_device(device: torch.device, need: int) -> torch.device | None:
                    f"{free / 2**30:.1f} GiB are free: it runs on the CPU instead (slower, same result). Free GPU "
                    "memory before train end, or use a smaller projection_dim or layout='per_layer', to keep it there.")
     return None
-
-
-def warn_weights_replaced(recorder: CheckpointRecorder | None) -> None:
-    """Say that the weights at train end are not those after the last optimizer step (weight averaging), and
-    refuse exact replay of the run, which reproduces the last step's weights, with that reason."""
-    why = ("the tracked weights changed after the last optimizer step (averaged weights put in at train end by "
-           "StochasticWeightAveraging or an EMA, or a constraint after that step)")
-    rank_zero_warn(f"DataValueEmbedding: {why}. The embeddings describe the trained trajectory, which ends at the "
-                   "last step; the report and queries of this module use the changed weights, and exact_influence "
-                   "is refused. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
-    if recorder is not None:  # exact replay lands on the last step's weights, not these
-        recorder.store.manifest.update(refusal=f"{why}. List DataValueEmbedding before the averaging callback in "
-                                               "Trainer(callbacks=...) and fit again.")
 
 
 def train_end_bounds(steps: list[int], planned: list[int], segments: int) -> list[tuple[int, int]]:

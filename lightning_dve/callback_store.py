@@ -278,3 +278,16 @@ def open_recorder(comm: Communicator, open_: Callable[[], CheckpointRecorder] | 
             error = err
     sync.agree_on_errors(comm, error)
     return recorder
+
+
+def warn_weights_replaced(recorder: CheckpointRecorder | None) -> None:
+    """Say that the weights at train end are not those after the last optimizer step (weight averaging), and
+    refuse exact replay of the run, which reproduces the last step's weights, with that reason."""
+    why = ("the tracked weights changed after the last optimizer step (averaged weights put in at train end by "
+           "StochasticWeightAveraging or an EMA, or a constraint after that step)")
+    rank_zero_warn(f"DataValueEmbedding: {why}. The embeddings describe the trained trajectory, which ends at the "
+                   "last step; the report and queries of this module use the changed weights, and exact_influence "
+                   "is refused. List DataValueEmbedding before the averaging callback to keep the last step's weights.")
+    if recorder is not None:  # exact replay lands on the last step's weights, not these
+        recorder.store.manifest.update(refusal=f"{why}. List DataValueEmbedding before the averaging callback in "
+                                               "Trainer(callbacks=...) and fit again.")
