@@ -238,26 +238,22 @@ def _sample_count(batch: Any) -> tuple[int, bool] | None:
             return (fields, False) if fields is not None else (len(x), True)
         return next((s for s in (size(v, False, nested) for v in _children(x)) if s is not None), None)
 
-    dims = _leading_dims(batch)
-    if dims:  # the first dimension most of them share: a batch-level tensor (class weights) does not count samples
-        return max(dict.fromkeys(dims), key=dims.count), False
-    return next((s for s in (size(batch, True, nested) for nested in range(1, 3)) if s is not None), None)
+    return next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
 
 
-def _leading_dims(x: Any, top: bool = True) -> list[int]:
+def leading_dims(x: Any, top: bool = True) -> list[int]:
     """The first dimensions of the batch's tensors outside nested lists (in mappings, dataclasses, namedtuples and
     the batch's own list or tuple), in order."""
     if isinstance(x, torch.Tensor):
         return [x.shape[0]] if x.dim() else []
     if isinstance(x, (list, tuple)) and not top and not hasattr(x, "_fields"):
         return []
-    return [dim for value in _children(x) for dim in _leading_dims(value, False)]
+    return [dim for value in _children(x) for dim in leading_dims(value, False)]
 
 
 def count_samples(batch: Any) -> int:
-    """The number of samples of a collated batch: the first dimension that most of its batched tensors outside
-    nested lists share (the first of them on a tie: a batch-level tensor, class weights, does not decide it), else
-    the length of its first nested list of records (mappings, lists, tuples, dataclasses: a detection
+    """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
+    lists, else the length of its first nested list of records (mappings, lists, tuples, dataclasses: a detection
     batch's target dicts), else of its first nested list of tensors: their common first dimension (a list-valued
     field that ``default_collate`` batched), or its length if they have none (ragged per-sample tensors).
 

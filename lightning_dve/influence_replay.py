@@ -127,5 +127,5 @@ class ReplayQueries:
         if loss_fn is not None:
             return lambda module: loss_fn(module, batch)
         singles, reduction = split_batch(batch), self.config.loss_reduction
-        return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights)
+        return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
 

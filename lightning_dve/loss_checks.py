@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import batch_rows, count_samples
+from .batch_trees import batch_rows, count_samples, leading_dims
 from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss,
                       training_loss_or_refuse, unique_ids)
 from .config import LossReduction
@@ -125,9 +125,10 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
     it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
-    loss and batches whose tracked layers saw more ``rows`` in the whole batch's forward than it has samples, where
-    its unique ids count other samples than it has (several loaders' batches joined in ``training_step``: its first
-    samples are then no group of its rows; views of each sample, whose ids repeat, are checked). A second call on
+    loss and batches whose tracked layers saw more ``rows`` in the whole batch's forward than it has samples and
+    than any of its tensors has rows, where its unique ids count other samples than it has (several loaders'
+    batches joined in ``training_step``: its first samples are then no group of its rows; views of each sample,
+    whose ids repeat, and a batch-level tensor before the samples' ones are checked as before). A second call on
     the group must give the same loss (:func:`check_deterministic`).
 
     Raises:
@@ -135,7 +136,8 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
         ConfigError: if ``training_step`` is random.
     """
     n = count_samples(batch)
-    if rows is not None and rows > n and (ids := unique_ids(batch, sample_ids)) is not None and len(ids) != n:
+    if rows is not None and rows > n and rows not in leading_dims(batch) \
+            and (ids := unique_ids(batch, sample_ids)) is not None and len(ids) != n:
         return  # several loaders' batches joined: their ids count the samples, count_samples one loader's
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):

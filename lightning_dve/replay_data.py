@@ -217,12 +217,18 @@ def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:
     return losses
 
 
-def replayed_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:
-    """:func:`~.batches.training_loss` of a batch the replay rebuilt, its failures named as the replay's.
+def replayed_loss(module: nn.Module, batch: Any, test: bool = False) -> tuple[torch.Tensor | None, Any]:
+    """:func:`~.batches.training_loss` of a batch the replay rebuilt (``test``: a test point of a query), its
+    failures named as the replay's.
 
     Raises:
         ConfigError: where ``training_step`` fails on it, with the ways to give it the batches it expects.
     """
+    if test:
+        return training_loss_or_refuse(
+            module, batch, "one sample of the test batch", "exact_influence takes each test point's loss from "
+            "training_step on it alone: make training_step work on a one-sample batch (e.g. .squeeze(-1) instead "
+            "of .squeeze()), or pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
     return training_loss_or_refuse(
         module, batch, "a training batch the replay rebuilt", "The replay collates the recorded samples dataset[i] "
         "with the training loader's collate_fn, one loader's batch, where training batches had another form "
@@ -232,12 +238,12 @@ def replayed_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, A
 
 
 def step_loss_terms(
-    module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None
+    module: nn.Module, batches: list[Any], reduction: LossReduction, weight_fn: WeightFn | None, test: bool = False
 ) -> torch.Tensor:
     """Per-sample losses ``l(theta, z)`` ``[B]`` from ``training_step`` on one-sample batches (logging muted):
     each output divided by the one-sample weight of the recorded reduction (1 for a mean or a sum). A sample of
     weight 0 (or ``0 / 0``, e.g. a token mean over no tokens) gets a zero loss: it does not enter the step (as in
-    capture, method.md §2)."""
+    capture, method.md §2). ``test``: the samples are a query's test points (named so where the step fails)."""
     if reduction is LossReduction.WEIGHTS and weight_fn is None:
         raise ConfigError("this store was recorded with per-sample loss weights (a loss_reduction callable), which "
                           "the losses from training_step must be divided by: pass the same callable as "
@@ -246,7 +252,7 @@ def step_loss_terms(
     losses = []
     with muted_logging(module):
         for single in batches:
-            loss, single = replayed_loss(module, single)
+            loss, single = replayed_loss(module, single, test)
             if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
                                   "train_loss_fn(module, batch) -> Tensor[B] of per-sample training losses.")

@@ -201,3 +201,25 @@ def test_rows_no_layer_projects_are_stored_in_the_training_dtype(mlp_cls: type, 
     double = {k: v.double() if v.is_floating_point() else v for k, v in test_batch.items()}
     scores = [emb.influence(model, double).scores for emb, model in runs.values()]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=0)
+
+
+def test_exact_influence_names_the_test_batch_where_training_step_fails_on_one_test_point(
+        mlp_cls: type, fit: Callable, tmp_path: Path, test_batch: dict) -> None:
+    """exact_influence takes each test point's loss from ``training_step`` on it alone; a step that fails on one
+    sample there was reported as failing on 'a training batch the replay rebuilt', advising collate_fn= (a
+    reviewer's finding): the message names the test batch and loss_fn=."""
+    class SqueezesTheBatch(mlp_cls):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if not self.training and len(batch["y"]) == 1:
+                raise RuntimeError("shape mismatch after squeeze()")  # as x.squeeze() of a one-sample batch
+            return super().training_step(batch, batch_idx)
+
+    model = SqueezesTheBatch()
+    dve = DataValueEmbedding(tmp_path / "dve", report=None)
+    fit(model, dve)
+    with pytest.raises(ConfigError, match=r"training_step failed on one sample of the test batch \(RuntimeError: "
+                                          r"shape mismatch.*pass loss_fn"):
+        dve.embeddings.exact_influence(model, test_batch)
+    losses = dve.embeddings.exact_influence(model, test_batch,
+                                            loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"))
+    assert losses.scores.shape[0] == 12
