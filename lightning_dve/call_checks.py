@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import layers as layer_specs
-from .errors import UnsupportedError
+from .errors import DVEError, UnsupportedError
 
 if TYPE_CHECKING:
     from .capture import TrackedLayer
@@ -196,6 +196,8 @@ def projected_input(layer: TrackedLayer, args: tuple[Any, ...], proj: torch.Tens
     """
     try:
         return layer.spec.project_input(layer.module, args, proj)
+    except DVEError:  # a refusal of its own (a BatchNorm switched to batch statistics): as it is
+        raise
     except RuntimeError as err:
         if isinstance(err, torch.cuda.OutOfMemoryError) or "allocate" in str(err):  # out of memory: as it is
             raise

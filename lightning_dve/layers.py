@@ -245,7 +245,7 @@ def split_block(module: nn.Module, block: torch.Tensor) -> dict[str, torch.Tenso
     weight = matrix[:, :-1] if bias else matrix
     out["weight"] = weight.T if spec.transposed else weight.reshape(module.weight.shape)
     if bias:
-        out["bias"] = matrix[:, -1]
+        out["bias"] = matrix[:, -1].reshape(module.bias.shape)
     return out
 
 
@@ -270,7 +270,7 @@ def parameter_block(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     matrix = weight.T if spec.transposed else weight.reshape(spec.dims(module)[0], -1)
     if has_trainable_bias(module):
         bias = bias if bias is not None else torch.zeros_like(module.bias)
-        matrix = torch.cat([matrix, bias.unsqueeze(1)], dim=1)
+        matrix = torch.cat([matrix, bias.reshape(matrix.shape[0], 1)], dim=1)  # a LayerNorm's over several dims
     return matrix
 
 

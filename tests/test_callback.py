@@ -232,7 +232,7 @@ def test_a_trainable_batchnorm_is_tracked_in_eval_mode_and_refused_with_batch_st
     fit(EvalBatchNormMLP(), DataValueEmbedding(save_dir, overwrite=True))
     assert [layer["kind"] for layer in TrajectoryStore.open(save_dir).manifest["layers"]] == \
         ["linear", "batch_norm", "linear"]
-    with pytest.raises(UnsupportedError, match=r"a tracked BatchNorm1d was called with the statistics of its batch "
+    with pytest.raises(UnsupportedError, match=r"^a tracked BatchNorm1d was called with the statistics of its batch "
                                                r"\(in train mode"):
         fit(type("Switched", (EvalBatchNormMLP,), {"switch": True})(), DataValueEmbedding(save_dir, overwrite=True))
 

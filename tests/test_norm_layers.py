@@ -22,6 +22,7 @@ from lightning_dve import DataValueEmbedding
 from lightning_dve.capture import GradientCapture, resolve_layers
 from lightning_dve.config import DVEConfig
 from lightning_dve.errors import UnsupportedError
+from lightning_dve.layers import parameter_block, split_block
 from lightning_dve.store import TrajectoryStore
 from tests.conftest import TinyMLP
 from tests.helpers import check_rows_against_per_example_grads
@@ -31,19 +32,19 @@ DTYPE = torch.float64
 
 class Mixed(nn.Module):
     """Every norm type and input layout: LayerNorm over ``[B, T, 6]``, over two dims ``[B, T, 2, 3]`` without a
-    bias, GroupNorm over a ``Conv1d``'s ``[B, 4, T]`` and a ``Conv2d``'s ``[B, 4, T, 2]``, then BatchNorm2d (eval
+    bias and with one, GroupNorm over a ``Conv1d``'s ``[B, 4, T]`` and a ``Conv2d``'s ``[B, 4, T, 2]``, then BatchNorm2d (eval
     mode, running statistics) on that, RMSNorm, and BatchNorm1d on ``[B, 6]``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.ln = nn.Linear(5, 6), nn.LayerNorm(6)
-        self.ln2 = nn.LayerNorm((2, 3), bias=False)
+        self.ln2, self.ln3 = nn.LayerNorm((2, 3), bias=False), nn.LayerNorm((2, 3))
         self.c, self.gn = nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4)
         self.c2, self.gn2 = nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(4, 4)
         self.bn2, self.rms, self.bn1 = nn.BatchNorm2d(4), nn.RMSNorm(6), nn.BatchNorm1d(6)
         self.head = nn.Linear(6, 3)
         with torch.no_grad():  # weights, biases and running statistics away from their 1 and 0
-            for norm in (self.ln, self.ln2, self.gn, self.gn2, self.bn2, self.rms, self.bn1):
+            for norm in (self.ln, self.ln2, self.ln3, self.gn, self.gn2, self.bn2, self.rms, self.bn1):
                 for parameter in norm.parameters():
                     parameter.normal_()
             for norm in (self.bn1, self.bn2):
@@ -54,6 +55,7 @@ class Mixed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.ln(self.a(x)))  # [B, T, 6]
         h = h + self.ln2(h.unflatten(2, (2, 3))).flatten(2)
+        h = h + self.ln3(h.unflatten(2, (2, 3))).flatten(2)
         c = self.gn(self.c(h[..., :3].transpose(1, 2)))  # [B, 4, T]
         c2 = self.bn2(self.gn2(self.c2(h[..., None, :, :2].flatten(2, 3).unsqueeze(1))))  # [B, 4, T, 2]
         h = h + c.mean(1, keepdim=True).transpose(1, 2) + c2.mean((1, 3))[..., None]
@@ -68,7 +70,7 @@ def test_captured_rows_are_the_per_example_gradients(projection_dim: int | None)
     model = Mixed().to(DTYPE)
     kinds = check_rows_against_per_example_grads(model, torch.randn(5, 7, 5, dtype=DTYPE), torch.randint(0, 3, (5,)),
                                                  projection_dim)
-    assert kinds == ["linear", "layer_norm", "layer_norm", "conv1d", "group_norm", "conv2d", "group_norm",
+    assert kinds == ["linear", "layer_norm", "layer_norm", "layer_norm", "conv1d", "group_norm", "conv2d", "group_norm",
                      "batch_norm", "rms_norm", "batch_norm", "linear"]
 
 
@@ -84,13 +86,23 @@ def test_a_call_on_an_unbatched_input_is_refused() -> None:
         capture.batch_size()
 
 
+def test_a_layer_norms_block_maps_back_to_its_weight_and_bias_of_two_dims() -> None:
+    """``split_block`` inverts ``parameter_block`` for a LayerNorm over ``(2, 3)`` with a bias (its bias column was
+    the ``[2, 1, 3]`` bias unsqueezed: a raw error in the gradient check and Adam's state)."""
+    norm, weight, bias = nn.LayerNorm((2, 3)), torch.randn(2, 3), torch.randn(2, 3)
+    block = parameter_block(norm, weight, bias)
+    assert block.shape == (6, 2)
+    got = split_block(norm, block.flatten())
+    assert torch.equal(got["weight"], weight) and torch.equal(got["bias"], bias)
+
 class TokenNorm(TinyMLP):
-    """Digits as 4 tokens of 16 pixels: ``Linear(16, 12)``, LayerNorm, tanh, token mean, RMSNorm, head."""
+    """Digits as 4 tokens of 16 pixels: ``Linear(16, 12)``, LayerNorm over tokens and features ``[4, 12]`` (a
+    weight and a bias of two dims), tanh, token mean, RMSNorm, head."""
 
     def __init__(self, optimizer: str = "momentum") -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.embed, self.ln = nn.Linear(16, 12), nn.LayerNorm(12)
+        self.embed, self.ln = nn.Linear(16, 12), nn.LayerNorm((4, 12))
         self.rms, self.head = nn.RMSNorm(12), nn.Linear(12, 10)
         self.optimizer = optimizer
         del self.net
@@ -205,7 +217,7 @@ class SecondMoments(L.Callback):
                            batch_idx: int) -> None:
         state = trainer.optimizers[0].state
         weight, bias = pl_module.ln.weight, pl_module.ln.bias
-        v = torch.stack([state[weight]["exp_avg_sq"], state[bias]["exp_avg_sq"]], dim=1)  # [d, 2]: [weight | bias]
+        v = torch.stack([state[weight]["exp_avg_sq"].flatten(), state[bias]["exp_avg_sq"].flatten()], dim=1)  # [d, 2]
         self.rows.append((v.clone(), float(state[weight]["step"])))
 
 
@@ -219,7 +231,7 @@ def test_the_recorded_adam_preconditioner_of_a_layer_norm_is_torchs_in_the_block
     assert [layer["kind"] for layer in store.manifest["layers"]] == ["linear", "layer_norm", "rms_norm", "linear"]
     for step, (v, count) in enumerate(probe.rows):
         expected = 1.0 / ((v / (1 - 0.99**count)).sqrt() + 1e-8)
-        recorded = store.read_step(step).vectors["precond"]["ln"].reshape(12, 2)
+        recorded = store.read_step(step).vectors["precond"]["ln"].reshape(48, 2)  # [weight | bias] columns
         torch.testing.assert_close(recorded, expected, rtol=1e-12, atol=0)
 
 
