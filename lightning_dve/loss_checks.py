@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch_trees import batch_rows, count_samples, leading_dims
-from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss,
-                      training_loss_or_refuse, unique_ids)
+from .batch_trees import batch_rows, count_samples, holds_batches, leading_dims
+from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, read_ids, reduction_weights, training_loss,
+                      training_loss_or_refuse)
 from .config import LossReduction
 from .errors import ConfigError, LossReductionError
 from .query_layers import grads_put_aside
@@ -112,6 +112,16 @@ def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | N
         "loss_fn: it is skipped).")
 
 
+def _joins_loaders(batch: Any, n: int, sample_ids: str | IdFn | None, rows: int | None) -> bool:
+    """Whether ``training_step`` joins several loaders' batches into one forward: ``batch`` holds them
+    (:func:`holds_batches`), its tracked layers saw more ``rows`` than its ``n`` samples and than any of its tensors
+    has, and its ids count other distinct samples than ``n`` (views of each sample repeat theirs)."""
+    if rows is None or rows <= n or rows in leading_dims(batch) or not holds_batches(batch):
+        return False
+    ids = read_ids(batch, sample_ids)
+    return ids is not None and len(set(ids.tolist())) != n
+
+
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
                     params: Sequence[torch.Tensor] = (), sample_ids: str | IdFn | None = None,
                     rows: int | None = None) -> None:
@@ -125,10 +135,9 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
     it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
-    loss and batches whose tracked layers saw more ``rows`` in the whole batch's forward than it has samples and
-    than any of its tensors has rows, where its unique ids count other samples than it has (several loaders'
-    batches joined in ``training_step``: its first samples are then no group of its rows; views of each sample,
-    whose ids repeat, and a batch-level tensor before the samples' ones are checked as before). A second call on
+    loss and several loaders' batches that ``training_step`` joins into one forward (:func:`_joins_loaders`, from
+    the ``rows`` its tracked layers saw: its first samples are then no group of its rows; views of each sample, a
+    batch of several samples per item and a batch-level tensor before the samples' ones are checked). A second call on
     the group must give the same loss (:func:`check_deterministic`).
 
     Raises:
@@ -136,9 +145,8 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
         ConfigError: if ``training_step`` is random.
     """
     n = count_samples(batch)
-    if rows is not None and rows > n and rows not in leading_dims(batch) \
-            and (ids := unique_ids(batch, sample_ids)) is not None and len(ids) != n:
-        return  # several loaders' batches joined: their ids count the samples, count_samples one loader's
+    if _joins_loaders(batch, n, sample_ids, rows):
+        return  # their ids count the samples, count_samples one loader's
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         group = _kept_group(module, batch, n, sample_ids,

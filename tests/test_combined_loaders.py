@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from lightning_dve import DataValueEmbedding, ReportConfig
 from lightning_dve.errors import ConfigError
+from lightning_dve.store import TrajectoryStore
 from tests.conftest import DigitsDict, TinyMLP
 
 
@@ -149,9 +150,9 @@ class SemiSupervised(TinyMLP):
         return self.losses(self, batch).mean()
 
 
-def _unlabelled(indices: range) -> DataLoader:
+def _unlabelled(indices: range, batch_size: int = 4) -> DataLoader:
     data = DigitsDict(indices)
-    return DataLoader([{"x": data.x[i], "index": data.indices[i]} for i in range(len(data))], batch_size=4)
+    return DataLoader([{"x": data.x[i], "index": data.indices[i]} for i in range(len(data))], batch_size=batch_size)
 
 
 def test_a_labelled_and_an_unlabelled_loader_report_and_query(fit: Callable, tmp_path: Path) -> None:
@@ -267,3 +268,58 @@ def test_a_batch_level_tensor_first_is_not_taken_for_joined_loaders(fit: Callabl
     fit(model, dve, train=DataLoader(DigitsDict(range(64)), batch_size=16, collate_fn=_weighted_first))
     with pytest.raises(RuntimeError, match="weight tensor"):
         dve.embeddings.influence(model, _weighted_first([DigitsDict(range(1000, 1016))[i] for i in range(16)]))
+
+
+class SumOverBags(TinyMLP):
+    """Items of 3 samples each (a bag of digits, ids ``[B, 3]``), flattened to ``[3B, 64]`` in the forward."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch["x"].flatten(0, 1)), batch["y"].flatten(), reduction="sum")
+
+
+def _bags(indices: range) -> list[dict[str, torch.Tensor]]:
+    data = DigitsDict(indices)
+    return [{key: value[i:i + 3] for key, value in (("x", data.x), ("y", data.y), ("index", data.indices))}
+            for i in range(0, len(data), 3)]
+
+
+def test_a_batch_of_several_samples_per_item_keeps_the_reduction_check(fit: Callable, tmp_path: Path) -> None:
+    """One loader whose tensors are ``[B, 3, ...]`` (3B rows, 3B unique ids, no tensor of 3B rows) holds no
+    loaders' batches: a sum declared as a mean is caught at train end and by a query, as before session 31 (its
+    skip rule let it through, silently: a reviewer's finding)."""
+    from lightning_dve.errors import LossReductionError
+
+    dve = DataValueEmbedding(tmp_path / "dve", sample_ids=lambda batch: batch["index"].reshape(-1), report=None)
+    model = SumOverBags()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, train=DataLoader(_bags(range(72)), batch_size=4))
+    assert [w for w in caught if "training_step's loss is not the sum of per-sample losses" in str(w.message)]
+    with pytest.raises(LossReductionError, match="loss is not the sum of per-sample losses"):
+        dve.embeddings.influence(model, default_collate(_bags(range(1000, 1012))))
+
+
+class SemiSupervisedViews(SemiSupervised):
+    """:class:`SemiSupervised` with the unlabelled samples twice in the forward: as they are and mirrored."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        unlabelled = batch["unl"]["x"]
+        views = {"lab": batch["lab"], "unl": {"x": torch.cat([unlabelled, unlabelled.flip(1)])}}
+        return self.losses(self, views).mean()
+
+
+def test_views_of_one_loaders_samples_joined_with_another_loaders_are_not_checked(fit: Callable,
+                                                                                 tmp_path: Path) -> None:
+    """Two views of each unlabelled sample next to the labelled ones (FixMatch's form), ids repeated per view: the
+    loaders are joined (20 rows, 12 distinct ids, 4 samples counted), so the check is skipped (it was run on the labelled
+    loader's samples and warned that a correct mean was no sum, which skips the report: a reviewer's finding)."""
+    ids = lambda b: torch.cat([b["lab"]["index"], b["unl"]["index"], b["unl"]["index"]])  # noqa: E731
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, sample_ids=ids,
+                             allow_duplicate_ids=True)
+    train = CombinedLoader({"lab": DataLoader(DigitsDict(range(32)), batch_size=4),
+                            "unl": _unlabelled(range(100, 164), batch_size=8)}, mode="min_size")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(SemiSupervisedViews(), dve, train=train)
+    assert not [w for w in caught if "loss is not the sum" in str(w.message)]
+    assert len(TrajectoryStore.open(tmp_path / "dve").read_step(0).sample_ids) == 20
