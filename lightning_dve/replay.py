@@ -30,7 +30,7 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes, refusing_dropout
-from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses
+from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses, target_gradients
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .store import CHECKPOINTS, TrajectoryStore
 
@@ -267,21 +267,6 @@ def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: l
         for step, (params, state) in zip(reversed(chunk), reversed(states)):
             adjoint, columns[step] = replayer.reverse(params, state, step, adjoint)
     return adjoint
-
-
-def target_gradients(module: nn.Module, params: Params, target: Callable[[nn.Module], torch.Tensor]
-                     ) -> dict[tuple[str, str], torch.Tensor]:
-    """``grad_theta L_i(theta_T)`` for every target row ``i``: ``{(name, "param"): [n, *shape]}`` (eval mode)."""
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-    with modes(module, None), parameters_as(module, leaves):  # grad inside too: checkpointing recomputes there
-        losses = target(module)
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            raise ConfigError("the test loss must be per-sample, a 1-D Tensor[n]; got "
-                              f"{getattr(losses, 'shape', losses)}.")
-        rows = [torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=True, allow_unused=True)
-                for i in range(losses.shape[0])]
-    return {(n, "param"): torch.stack([torch.zeros_like(leaves[n]) if r[j] is None else r[j] for r in rows])
-            for j, n in enumerate(leaves)}
 
 
 def _check_final(module: nn.Module, final: Params) -> None:

@@ -1,4 +1,5 @@
-"""Replay inputs: the training batches rebuilt from the dataset, per-sample losses, the modes training ran in.
+"""Replay inputs: the training batches rebuilt from the dataset, per-sample losses, the test loss's gradient, the
+modes training ran in.
 
 Only what replay needs to call the user's code exactly as training did: ``collate_fn([dataset[i] for i in ids])``
 (refusing datasets that cannot give the same batch twice), ``training_step`` on one-sample batches or a user
@@ -20,7 +21,8 @@ from torch.nn.utils.stateless import _reparametrize_module  # the context manage
 from torch.utils.data import IterableDataset, default_collate
 
 from .batch_trees import count_samples, same_items, to_device
-from .batches import WeightFn, extract_sample_ids, muted_logging, reduction_weights, training_loss_or_refuse
+from .batches import (WeightFn, extract_sample_ids, modes, muted_logging, reduction_weights,
+                      training_loss_or_refuse)
 from .config import LossReduction
 from .errors import ConfigError, SampleIdError, UnsupportedError
 
@@ -203,6 +205,37 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
     except ImportError:
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def target_gradients(module: nn.Module, params: Params, target: Callable[[nn.Module], torch.Tensor]
+                     ) -> dict[tuple[str, str], torch.Tensor]:
+    """``grad_theta L_i(theta_T)`` for every target row ``i``: ``{(name, "param"): [n, *shape]}`` (eval mode)."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    with modes(module, None), parameters_as(module, leaves):  # grad inside too: checkpointing recomputes there
+        losses = target(module)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            raise ConfigError("the test loss must be per-sample, a 1-D Tensor[n]; got "
+                              f"{getattr(losses, 'shape', losses)}.")
+        rows = [_gradient(losses[i], list(leaves.values())) for i in range(losses.shape[0])]
+    return {(n, "param"): torch.stack([torch.zeros_like(leaves[n]) if r[j] is None else r[j] for r in rows])
+            for j, n in enumerate(leaves)}
+
+
+def _gradient(loss: torch.Tensor, leaves: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """``grad loss`` in ``leaves`` (``None`` where it does not reach one).
+
+    Raises:
+        UnsupportedError: if the loss passes through activation checkpointing with ``use_reentrant=True``, which
+            ``torch.autograd.grad`` cannot differentiate (nor can the replay's vector-Jacobian products).
+    """
+    try:
+        return torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        raise UnsupportedError("exact replay cannot differentiate the test loss through activation checkpointing "
+                               "with use_reentrant=True (torch.utils.checkpoint): use use_reentrant=False, which "
+                               "it replays exactly.") from err
 
 
 def checked_losses(losses: Any, n: int, what: str) -> torch.Tensor:

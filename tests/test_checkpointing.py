@@ -99,6 +99,25 @@ def test_exact_replay_through_reentrant_checkpointing_is_refused(tmp_path: Path)
         dve.embeddings.exact_influence(model, _test_batch(), per_step=True)
 
 
+class CheckpointedHidden(CheckpointedMLP):
+    """A reentrant checkpoint around the second layer, whose input (the first layer's output) requires grad."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](checkpoint(self.net[1], self.net[0](x), use_reentrant=True))
+
+
+@pytest.mark.slow
+def test_exact_replay_of_a_test_loss_through_a_reentrant_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Where the test loss's own gradient reaches the reentrant checkpoint first, torch's error (``.grad()`` is
+    incompatible) came out raw (a reviewer's finding): refused, naming the fix."""
+    model = CheckpointedHidden(True)
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    H.make_trainer(1, [dve]).fit(model, H.make_loader(H.DigitsDataset(list(range(64))), 32))
+    with pytest.raises(UnsupportedError, match=r"through activation checkpointing with use_reentrant=True "
+                                               r"\(torch\.utils\.checkpoint\): use use_reentrant=False"):
+        dve.embeddings.exact_influence(model, _test_batch())
+
+
 class MeasuredMLP(CheckpointedMLP):
     """The plain digits MLP with an ``aux`` head in the loss of even steps only (odd ones do not call it), whose
     even steps also call ``aux`` and the whole model once more under ``torch.no_grad`` (``measure``): a metric."""
