@@ -251,12 +251,6 @@ def leading_dims(x: Any, top: bool = True) -> list[int]:
     return [dim for value in _children(x) for dim in leading_dims(value, False)]
 
 
-def holds_batches(batch: Any) -> bool:
-    """Whether ``batch`` holds two or more parts with batched tensors, one of them a container: several loaders'
-    batches (a ``CombinedLoader``'s), not a batch's own tensors."""
-    parts = [part for part in _children(batch) if leading_dims(part)]
-    return len(parts) >= 2 and not all(isinstance(part, torch.Tensor) for part in parts)
-
 def count_samples(batch: Any) -> int:
     """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
     lists, else the length of its first nested list of records (mappings, lists, tuples, dataclasses: a detection

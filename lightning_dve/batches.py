@@ -145,20 +145,15 @@ def align_test_rows(rows: dict[str, torch.Tensor], batch: Any, used: Any, sample
     return {name: r.new_zeros((n, *r.shape[1:])).index_copy_(0, index.to(r.device), r) for name, r in rows.items()}
 
 
-def read_ids(batch: Any, sample_ids: str | IdFn | None) -> torch.Tensor | None:
-    """The batch's ids on the CPU, however many, where they are readable integers; else ``None``."""
+def unique_ids(batch: Any, sample_ids: str | IdFn | None) -> torch.Tensor | None:
+    """The batch's ids on the CPU, however many, where they are readable, integers and unique; else ``None``."""
     if sample_ids is None:
         return None
     try:
-        return _as_id_tensor(sample_ids(batch) if callable(sample_ids) else batch[sample_ids]).reshape(-1).cpu()
+        ids = _as_id_tensor(sample_ids(batch) if callable(sample_ids) else batch[sample_ids]).reshape(-1).cpu()
     except (SampleIdError, ConfigError, LookupError, TypeError, AttributeError, RuntimeError, ValueError):
         return None
-
-
-def unique_ids(batch: Any, sample_ids: str | IdFn | None) -> torch.Tensor | None:
-    """The batch's ids (:func:`read_ids`) where they are unique; else ``None``."""
-    ids = read_ids(batch, sample_ids)
-    return ids if ids is not None and len(set(ids.tolist())) == len(ids) else None
+    return ids if len(set(ids.tolist())) == len(ids) else None
 
 
 def ids_or_none(batch: Any, sample_ids: str | IdFn | None, batch_size: int) -> torch.Tensor | None:

@@ -4,14 +4,15 @@ deterministic ``training_step``, and the declared loss reduction (method.md §2)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batch_trees import batch_rows, count_samples, holds_batches, leading_dims
-from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, read_ids, reduction_weights, training_loss,
+from .batch_trees import batch_rows, count_samples
+from .batches import (IdFn, WeightFn, ids_or_none, muted_logging, reduction_weights, training_loss,
                       training_loss_or_refuse)
 from .config import LossReduction
 from .errors import ConfigError, LossReductionError
@@ -112,14 +113,37 @@ def _single_sample_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | N
         "loss_fn: it is skipped).")
 
 
-def _joins_loaders(batch: Any, n: int, sample_ids: str | IdFn | None, rows: int | None) -> bool:
-    """Whether ``training_step`` joins several loaders' batches into one forward: ``batch`` holds them
-    (:func:`holds_batches`), its tracked layers saw more ``rows`` than its ``n`` samples and than any of its tensors
-    has, and its ids count other distinct samples than ``n`` (views of each sample repeat theirs)."""
-    if rows is None or rows <= n or rows in leading_dims(batch) or not holds_batches(batch):
-        return False
-    ids = read_ids(batch, sample_ids)
-    return ids is not None and len(set(ids.tolist())) != n
+@contextlib.contextmanager
+def _rows_seen(module: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[list[int]]:
+    """The first dimension of the input of every call, in the forwards run inside, of a submodule of ``module``
+    holding one of ``weights`` (the tracked layers: they see the batch as their first dimension)."""
+    tracked, seen = {id(weight) for weight in weights}, []
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor) and x.dim():
+            seen.append(x.shape[0])
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules()
+               if id(getattr(m, "weight", None)) in tracked]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _splits_into_samples(module: nn.Module, batch: Any, n: int, rows: int | None,
+                         weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the batch's first two samples (``batch_rows``) are a part of it in proportion: where its tracked
+    layers saw more ``rows`` than its ``n`` samples (views, items of several samples, tokens as samples), those of
+    the two must see ``2 rows / n``. Several loaders' batches joined in ``training_step`` (a CombinedLoader's) are
+    not: ``count_samples`` reads the first loader's, and the others' parts of other sizes stay whole."""
+    if rows is None or rows <= n or n < 2:
+        return True
+    with _rows_seen(module, weights) as seen, torch.no_grad():
+        training_loss(module, batch_rows(batch, slice(0, 2), n))
+    return bool(seen) and seen[0] * n == 2 * rows
 
 
 def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, weight_fn: WeightFn | None,
@@ -135,9 +159,9 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     ``log(vocabulary)``). A step that filters its batch (hard-example mining) is tested on the first 2, 4 or 8
     samples of which it keeps two or more, the kept ones found by their ids (``sample_ids``); without ids, or where
     it keeps fewer, it is not checked, nor are samples of weight 0, batches of one sample, steps returning no
-    loss and several loaders' batches that ``training_step`` joins into one forward (:func:`_joins_loaders`, from
-    the ``rows`` its tracked layers saw: its first samples are then no group of its rows; views of each sample, a
-    batch of several samples per item and a batch-level tensor before the samples' ones are checked). A second call on
+    loss and batches whose first samples are no part of them in proportion to the ``rows`` their tracked layers saw
+    (:func:`_splits_into_samples`: several loaders' batches joined in ``training_step``; views of each sample,
+    items of several samples and tokens as samples are checked). A second call on
     the group must give the same loss (:func:`check_deterministic`).
 
     Raises:
@@ -145,8 +169,9 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
         ConfigError: if ``training_step`` is random.
     """
     n = count_samples(batch)
-    if _joins_loaders(batch, n, sample_ids, rows):
-        return  # their ids count the samples, count_samples one loader's
+    with muted_logging(module):
+        if not _splits_into_samples(module, batch, n, rows, params):
+            return  # several loaders' batches joined: its first samples are no part of it
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         group = _kept_group(module, batch, n, sample_ids,
