@@ -241,16 +241,6 @@ def _sample_count(batch: Any) -> tuple[int, bool] | None:
     return next((s for s in (size(batch, True, nested) for nested in range(3)) if s is not None), None)
 
 
-def leading_dims(x: Any, top: bool = True) -> list[int]:
-    """The first dimensions of the batch's tensors outside nested lists (in mappings, dataclasses, namedtuples and
-    the batch's own list or tuple), in order."""
-    if isinstance(x, torch.Tensor):
-        return [x.shape[0]] if x.dim() else []
-    if isinstance(x, (list, tuple)) and not top and not hasattr(x, "_fields"):
-        return []
-    return [dim for value in _children(x) for dim in leading_dims(value, False)]
-
-
 def count_samples(batch: Any) -> int:
     """The number of samples of a collated batch: the first dimension of its first batched tensor outside nested
     lists, else the length of its first nested list of records (mappings, lists, tuples, dataclasses: a detection

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset, default_collate
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, UnsupportedError, replay
+from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, UnsupportedError
 from lightning_dve.batch_trees import split_batch, to_device
+from lightning_dve import replay_data
 from lightning_dve.replay_data import BatchSource, TrainingData
 from tests.helpers import DigitsDataset, DigitsMLP, make_loader, make_trainer, split_indices
 
@@ -140,8 +141,8 @@ def test_target_gradients_at_other_parameters_see_them_through_checkpointing(dig
     def target(m: DigitsMLP) -> torch.Tensor:
         return F.cross_entropy(m(test["x"]), test["y"], reduction="none")
 
-    expected = replay.target_gradients(plain, theta, target)
-    got = replay.target_gradients(checkpointed, theta, target)
+    expected = replay_data.target_gradients(plain, theta, target)
+    got = replay_data.target_gradients(checkpointed, theta, target)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-14)
 
