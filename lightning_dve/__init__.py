@@ -1,10 +1,12 @@
 """lightning_dve: data value embeddings (DVEmb) for PyTorch Lightning.
 
 Record per-sample gradients during ``fit`` with :class:`DataValueEmbedding`, then ask which training samples,
-used at which step, shaped the final model with :meth:`DataValueEmbeddings.influence`.
+used at which step, shaped the final model with :meth:`DataValueEmbeddings.influence`. The callback, and with it
+Lightning, is imported at its first use: a process that only loads a store and queries it does not import Lightning.
 """
 
-from .callback import DataValueEmbedding
+from typing import TYPE_CHECKING, Any
+
 from .config import (
     DEFAULT_PROJECTION_DIM,
     AccumulatorLayout,
@@ -30,6 +32,18 @@ from .errors import (
 )
 from .influence import DataValueEmbeddings, InfluenceResult, Ranking
 from .results import EmbeddingMatrix
+
+if TYPE_CHECKING:
+    from .callback import DataValueEmbedding
+
+
+def __getattr__(name: str) -> Any:
+    """``DataValueEmbedding``, imported at first use (PEP 562)."""
+    if name == "DataValueEmbedding":
+        from .callback import DataValueEmbedding
+
+        return DataValueEmbedding
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_PROJECTION_DIM",
