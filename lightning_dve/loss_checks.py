@@ -175,7 +175,7 @@ def check_reduction(module: nn.Module, batch: Any, reduction: LossReduction, wei
     params = [p for p in params if p.requires_grad]
     with torch.set_grad_enabled(bool(params)), muted_logging(module):
         group = _kept_group(module, batch, n, sample_ids,
-                            lambda rows, size: reduction_weights(reduction, rows, size, weight_fn))
+                            lambda part, size: reduction_weights(reduction, part, size, weight_fn))
         if group is None:
             return
         size, total, used, kept = group
