@@ -32,8 +32,8 @@ DTYPE = torch.float64
 
 class Mixed(nn.Module):
     """Every norm type and input layout: LayerNorm over ``[B, T, 6]``, over two dims ``[B, T, 2, 3]`` without a
-    bias and with one, GroupNorm over a ``Conv1d``'s ``[B, 4, T]`` and a ``Conv2d``'s ``[B, 4, T, 2]``, then BatchNorm2d (eval
-    mode, running statistics) on that, RMSNorm, and BatchNorm1d on ``[B, 6]``."""
+    bias and with one, GroupNorm over a ``Conv1d``'s ``[B, 4, T]`` and a ``Conv2d``'s ``[B, 4, T, 2]``, then
+    BatchNorm2d (eval mode, running statistics) on that, RMSNorm, and BatchNorm1d on ``[B, 6]``."""
 
     def __init__(self) -> None:
         super().__init__()
