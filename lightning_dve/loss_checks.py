@@ -5,7 +5,7 @@ deterministic ``training_step``, and the declared loss reduction (method.md §2)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -248,16 +248,36 @@ _REDUCTION_FIX = ("The recording used the same weights, so its curvature and tes
 def _gradient_deviation(module: nn.Module, losses: list[torch.Tensor], scales: list[float],
                         params: list[torch.Tensor]) -> float:
     """``|grad L({a,b}) - sum_i s_i grad L({i})| / sum_i |s_i grad L({i})|`` over ``params`` (0 when nothing to
-    differentiate), for ``losses = [L({a,b}), L({a}), L({b})]`` and ``scales = s``. A full backward with every
-    ``.grad`` put aside, so a reentrant activation checkpoint is recomputed as in training."""
+    differentiate), for ``losses = [L({a,b}), L({a}), L({b})]`` and ``scales = s``. A full backward per loss with
+    every ``.grad`` put aside, so a reentrant activation checkpoint is recomputed as in training. The difference is
+    summed in place, one tensor per parameter (float32 or wider) next to the backward's own ``.grad``, however many
+    losses: a float64 copy of the gradients per loss took 15 times the tracked weights' bytes."""
     if not params or not all(loss.requires_grad for loss in losses):
         return 0.0
-    flat = []
-    for loss in losses:
-        with grads_put_aside(module):
-            loss.backward()
-            flat.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
-                                   for p in params]))
-    parts = [scale * grad for scale, grad in zip(scales, flat[1:])]
-    size = float(sum(part.norm() for part in parts))
-    return 0.0 if size == 0 else float((flat[0] - sum(parts)).norm()) / size
+    residual: list[torch.Tensor | None] = [None] * len(params)
+    size = sum(_add_gradient(module, loss, params, residual, scale) for loss, scale in zip(losses[1:], scales))
+    _add_gradient(module, losses[0], params, residual, -1.0)
+    return 0.0 if size == 0 else _norm(r for r in residual if r is not None) / size
+
+
+def _add_gradient(module: nn.Module, loss: torch.Tensor, params: list[torch.Tensor],
+                  into: list[torch.Tensor | None], scale: float) -> float:
+    """Add ``scale * grad loss`` to ``into`` (per parameter; ``None`` is zero) and return that term's norm."""
+    with grads_put_aside(module):
+        loss.backward()
+        grads = [(k, param.grad.detach()) for k, param in enumerate(params) if param.grad is not None]
+        for k, grad in grads:
+            total = into[k]
+            into[k] = grad.to(_wide(grad), copy=True).mul_(scale) if total is None else total.add_(grad, alpha=scale)
+        return abs(scale) * _norm(grad for _, grad in grads)
+
+
+def _norm(tensors: Iterable[torch.Tensor]) -> float:
+    """The 2-norm of several tensors together, each reduced in float32 or wider."""
+    squares = [torch.linalg.vector_norm(t, dtype=_wide(t)).double().square() for t in tensors]
+    return float(sum(squares)) ** 0.5 if squares else 0.0
+
+
+def _wide(tensor: torch.Tensor) -> torch.dtype:
+    """``tensor``'s dtype, at least float32 (a half-precision gradient's sums keep their precision)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
