@@ -47,6 +47,16 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 AUTOCAST_TOLERANCE = 1e-2
 #: Target rows carried back by one batched vector-Jacobian product (``torch.func.vmap``): bounds its temporaries.
 VJP_ROWS = 64
+#: Adjoint bytes (parameters and optimizer state, all rows) per batched product: a larger model's rows go in smaller
+#: groups, down to one, whose batched double backward runs faster and holds less (``benchmarks/replay_memory.py``).
+VJP_BYTES = 16 * 2**20
+
+
+def vjp_rows(adjoint: Adjoint) -> int:
+    """Rows of ``adjoint`` to carry back per batched product: :data:`VJP_BYTES` over one row's bytes, within
+    ``[1, VJP_ROWS]``."""
+    row = sum(value[0].numel() * value.element_size() for value in adjoint.values())
+    return max(1, min(VJP_ROWS, VJP_BYTES // max(1, row)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +188,9 @@ class Replayer:
         outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in keys]
         in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in s_leaves.items() for k in e if k != "step"]
         inputs = [p_leaves[n] if k == "param" else s_leaves[n][k] for n, k in in_keys] + [weights]
-        rows = next(iter(adjoint.values())).shape[0]
-        parts = [self._products(outputs, inputs, [adjoint[key][lo:lo + VJP_ROWS] for key in keys])
-                 for lo in range(0, rows, VJP_ROWS)]
+        rows, group = next(iter(adjoint.values())).shape[0], vjp_rows(adjoint)
+        parts = [self._products(outputs, inputs, [adjoint[key][lo:lo + group] for key in keys])
+                 for lo in range(0, rows, group)]
         joined = [torch.cat(column) for column in zip(*parts)]
         return dict(zip(in_keys, joined[:-1])), joined[-1]
 

@@ -19,7 +19,7 @@ from tests.script_runner import launch, read_run
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # ddp_recursion first: its --quick forks its ranks, best from a process that has not yet run other scripts
 QUICK = ["ddp_recursion", "capture_overhead", "recursion_scaling", "fidelity", "flop_floor", "step_breakdown",
-         "step_phases", "dattri_compare", "mislabel", "replay_cost", "clip_recursion"]
+         "step_phases", "dattri_compare", "mislabel", "replay_cost", "clip_recursion", "replay_memory"]
 
 
 def available(name: str) -> bool:
@@ -56,6 +56,9 @@ def test_quick_benchmark_runs_and_prints_json_lines(name: str, quick_runs: tuple
     if name == "replay_cost":  # exact replay of the fidelity MLP: first-order exact where the response is linear
         [line] = [r for r in records if "spearman_vs_tsloo" in r]
         assert line["spearman_vs_tsloo"] > 0.9 and line["max_rel_diff_train_loss_fn"] < 1e-6, line
+    if name == "replay_memory":  # every call measured, and train_loss_fn's scores are training_step's
+        calls = [r for r in records if "peak_over_weights" in r]
+        assert len(calls) == 4 and all(r["max_rel_diff_vs_training_step"] < 1e-5 for r in calls), calls
     if name == "mislabel":  # three callbacks of one Trainer (GGN among them) each score every training sample
         auroc = {r["method"]: r["auroc"] for r in records if r.get("part") == "detection"}
         assert {"DVEmb default", "DVEmb ggn", "DVEmb none (TracIn)"} <= auroc.keys(), auroc

@@ -441,6 +441,23 @@ class StreamOfDigits(torch.utils.data.IterableDataset):
         return iter(())
 
 
+def test_targets_carried_back_in_groups_by_their_bytes_give_the_scores_of_one_group(
+        tmp_path: Path, small_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose adjoint rows (weights and AdamW's two moments) pass ``VJP_BYTES`` carries its targets back in
+    groups, down to one row at a time (faster and lighter on larger models: ``benchmarks/replay_memory.py``). Oracle:
+    the same replay with all 5 targets in one batched product; equal to round-off, per step."""
+    module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS["adamw cosine warm-up"])
+    row = sum(3 * p.numel() * p.element_size() for p in module.parameters())
+    assert replay.vjp_rows({("w", "param"): torch.zeros(5, row // 8, dtype=torch.float64)}) == min(
+        replay.VJP_ROWS, replay.VJP_BYTES // row)
+    one_group = dve.embeddings.exact_influence(module, test, per_step=True)
+    for group in (1, 2):
+        monkeypatch.setattr(replay, "VJP_BYTES", group * row)
+        grouped = dve.embeddings.exact_influence(module, test, per_step=True)
+        torch.testing.assert_close(grouped.scores, one_group.scores, rtol=1e-12, atol=1e-15)
+    assert replay.vjp_rows({("w", "param"): torch.zeros(5, 2 * replay.VJP_BYTES)}) == 1
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, small_data):
     """One finished SGD recording to query (copy ``root`` before damaging it)."""
