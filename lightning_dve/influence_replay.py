@@ -8,13 +8,15 @@ carried back through the replayed run (:meth:`ReplayQueries.exact_influence`), o
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batch_trees import split_batch
+from .batch_trees import count_samples, split_batch
 from .batches import WeightFn, on_module_device
 from .config import DVEConfig
 from .projection import LayerProjection
@@ -75,6 +77,8 @@ class ReplayQueries:
         refuse_empty(batch)
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
+        warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), count_samples(batch),
+                                train_loss_fn is None)
         target = self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), loss_fn)
         ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
@@ -129,3 +133,39 @@ class ReplayQueries:
         singles, reduction = split_batch(batch), self.config.loss_reduction
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
 
+
+
+def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, per_sample: bool) -> None:
+    """Warn before an :meth:`~ReplayQueries.exact_influence` whose expected peak memory passes what the module's
+    device has available. The estimate is the scaling ``benchmarks/replay_memory.py`` measured on stacks of linear
+    layers: the trainable weights' bytes times ``4 B + 5 n`` through ``training_step`` on one-sample batches (a
+    gradient graph of the whole model per sample, for the double backward), ``16 + 5 n`` through a batched
+    ``train_loss_fn`` (``B``: the largest recorded step, ``n``: targets)."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    need = weights * ((4 * batch_size if per_sample else 16) + 5 * targets)
+    device = next(module.parameters(), torch.empty(0)).device
+    have = available_bytes(device)
+    if have is None or need <= have:
+        return
+    gib = 2**30
+    lighter = weights * (16 + 5 * targets)
+    advice = ("pass train_loss_fn=(module, batch) -> Tensor[B] per-sample losses (one batched forward per step: "
+              f"about {lighter / gib:.1f} GiB), " if per_sample else "")
+    warnings.warn(f"exact_influence is expected to need about {need / gib:.1f} GiB of {device.type} memory for "
+                  f"{targets} test point(s), recorded batches of up to {batch_size} samples and {weights / gib:.2f} "
+                  f"GiB of trainable weights, and {have / gib:.1f} GiB are available: {advice}query fewer test points "
+                  "per call, or use influence() (README, exact replay: memory).", stacklevel=3)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for this process on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the CPU, the free memory
+    of a CUDA device; ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
-from lightning_dve import batches, replay, replay_optim, step_files
+from lightning_dve import batches, influence_replay, replay, replay_optim, step_files
 from lightning_dve.batch_trees import split_batch
 from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, step_loss_terms
@@ -464,6 +464,35 @@ def recorded(tmp_path_factory, small_data):
     root = tmp_path_factory.mktemp("recorded") / "dve"
     module, dve, _ = fit_setting(root, SETTINGS["sgd"], small_data[0], epochs=2, batch=16)
     return root, module, dve
+
+
+def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_the_lighter_way(
+        recorded, small_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate (benchmarks/replay_memory.py's scaling: the weights' bytes times 4 B + 5 n per sample, 16 + 5 n
+    with a train_loss_fn) against a device that has less: a warning naming train_loss_fn and the two sizes; none
+    where the memory is there, and the scores are the same."""
+    _, module, dve = recorded
+    test = small_data[1]
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    need, lighter = weights * (4 * 16 + 5 * 5), weights * (16 + 5 * 5)
+    assert influence_replay.available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo's MemAvailable
+
+    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly enough: no warning
+        base = dve.embeddings.exact_influence(module, test)
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need - 1)
+    with pytest.warns(UserWarning, match=rf"about {need / 2**30:.1f} GiB of cpu memory for 5 test point.*batches of "
+                      rf"up to 16 samples.*pass train_loss_fn=.*about {lighter / 2**30:.1f} GiB"):
+        warned = dve.embeddings.exact_influence(module, test)
+    torch.testing.assert_close(warned.scores, base.scores, rtol=0, atol=0)
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: lighter - 1)
+    with pytest.warns(UserWarning, match=r"GiB are available: query fewer test points") as seen:
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+    assert "pass train_loss_fn" not in str(seen[0].message)
 
 
 def _damaged(recorded, tmp_path: Path) -> tuple[Path, DataValueEmbeddings]:
