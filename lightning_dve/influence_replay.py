@@ -19,6 +19,7 @@ from torch import nn
 from .batch_trees import count_samples, split_batch
 from .batches import WeightFn, on_module_device
 from .config import DVEConfig
+from .errors import DVEError
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
@@ -52,7 +53,8 @@ class ReplayQueries:
         the weight of occurrence ``(t, z)``, by reverse-mode differentiation through every later recorded step of
         the actual optimizer (SGD with momentum, Nesterov, weight decay; Adam, AdamW), learning rates and
         clipping (:mod:`lightning_dve.replay`). It is the first-order limit of TSLOO, not TSLOO itself. The cost
-        relative to training is in :attr:`replay_cost` afterwards.
+        relative to training is in :attr:`replay_cost` afterwards. It warns first where its expected memory passes
+        what the module's device has available (:func:`warn_if_short_of_memory`).
 
         Args:
             module, batch, loss_fn, per_step: as in :meth:`influence` (without ``loss_fn``, each test sample's
@@ -77,7 +79,7 @@ class ReplayQueries:
         refuse_empty(batch)
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
-        warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), count_samples(batch),
+        warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), _targets(batch),
                                 train_loss_fn is None)
         target = self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), loss_fn)
         ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
@@ -133,6 +135,14 @@ class ReplayQueries:
         singles, reduction = split_batch(batch), self.config.loss_reduction
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
 
+
+def _targets(batch: Any) -> int:
+    """Test points of ``batch``; 1 where it does not split into samples (a ``loss_fn`` that reads no batch, as the
+    report's exact-replay curve, ``batch=None``)."""
+    try:
+        return count_samples(batch)
+    except DVEError:
+        return 1
 
 
 def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, per_sample: bool) -> None:

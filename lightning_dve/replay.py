@@ -47,8 +47,8 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
 AUTOCAST_TOLERANCE = 1e-2
 #: Target rows carried back by one batched vector-Jacobian product (``torch.func.vmap``): bounds its temporaries.
 VJP_ROWS = 64
-#: Adjoint bytes (parameters and optimizer state, all rows) per batched product: a larger model's rows go in smaller
-#: groups, down to one, whose batched double backward runs faster and holds less (``benchmarks/replay_memory.py``).
+#: Adjoint bytes (parameters and optimizer state) per batched product, summed over its rows: a larger model's rows go
+#: in smaller groups, down to one, whose batched double backward runs faster and holds less (``replay_memory.py``).
 VJP_BYTES = 16 * 2**20
 
 
