@@ -25,6 +25,7 @@ from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
+from .influence_replay import available_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .recursion import bounds_after, segment_bounds
 from .replay import ReplayCost, TrainingData, make_replayer
@@ -215,7 +216,7 @@ def recursion_device(device: torch.device, need: int) -> torch.device | None:
     cached by torch and unused), else ``None``: the CPU, said on rank 0 when the GPU lacks the room."""
     if device.type != "cuda":
         return None
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free = available_bytes(device) or 0
     if need <= free:
         return device
     rank_zero_info(f"lightning_dve: the train-end recursion needs about {need / 2**30:.1f} GiB on {device}, where "

@@ -168,10 +168,11 @@ def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, pe
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory free for this process on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the CPU, the free memory
-    of a CUDA device; ``None`` where it cannot be read."""
+    """Memory free for this process on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the CPU; on a CUDA
+    device its free memory and what torch caches unused; ``None`` where it cannot be read."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
         return None
     try:
