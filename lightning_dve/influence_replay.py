@@ -152,13 +152,13 @@ def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, pe
     gradient graph of the whole model per sample, for the double backward), ``16 + 5 n`` through a batched
     ``train_loss_fn`` (``B``: the largest recorded step, ``n``: targets)."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    need = weights * ((4 * batch_size if per_sample else 16) + 5 * targets)
+    lighter = weights * (16 + 5 * targets)
+    need = weights * (4 * batch_size + 5 * targets) if per_sample else lighter
     device = next(module.parameters(), torch.empty(0)).device
     have = available_bytes(device)
     if have is None or need <= have:
         return
     gib = 2**30
-    lighter = weights * (16 + 5 * targets)
     advice = ("pass train_loss_fn=(module, batch) -> Tensor[B] per-sample losses (one batched forward per step: "
               f"about {lighter / gib:.1f} GiB), " if per_sample else "")
     warnings.warn(f"exact_influence is expected to need about {need / gib:.1f} GiB of {device.type} memory for "
