@@ -1,7 +1,8 @@
 """Matplotlib figures of a :class:`~lightning_dve.curves.CurveReport` (Agg canvas, no pyplot state).
 
 Figures are built on ``matplotlib.figure.Figure`` with an explicit Agg canvas, so nothing is registered with
-pyplot and no backend is switched for the user's process.
+pyplot and no backend is switched for the user's process. Each is drawn once (:func:`render`): the PNG file and
+the loggers' images are written from the same pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imsave
 
 from .curves import CurveReport, RankedSample, Stage, stage_bounds
 
@@ -125,17 +127,17 @@ def top_k_figure(helpful: Sequence[RankedSample], harmful: Sequence[RankedSample
     return figure
 
 
-def save_png(figure: Figure, path: Path) -> Path:
-    """Write ``figure`` as a PNG and return ``path``."""
-    figure.savefig(path, format="png")
-    return path
-
-
-def to_rgb(figure: Figure) -> np.ndarray:
-    """Render ``figure`` to a ``[H, W, 3]`` uint8 array (for TensorBoard's ``add_image``)."""
+def render(figure: Figure) -> np.ndarray:
+    """Draw ``figure`` once, to a ``[H, W, 3]`` uint8 array (the PNG file's and TensorBoard's pixels)."""
     canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(image: np.ndarray, path: Path) -> Path:
+    """Write a rendered ``[H, W, 3]`` figure as a PNG and return ``path``."""
+    imsave(path, image, format="png")
+    return path
 
 
 def image_array(tensor: torch.Tensor) -> np.ndarray | None:

@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from matplotlib.figure import Figure
+import numpy as np
 
 from . import curves, figures, reporting_loggers
 from .config import CurveSource, ReportConfig
@@ -244,8 +244,8 @@ def _curve_learning_rates(embeddings: DataValueEmbeddings) -> tuple[str, torch.T
 # --- files ------------------------------------------------------------------------------------------------
 
 
-def _figures(report: TrainEndReport) -> dict[str, Figure]:
-    """The report's figures by name (``top_k`` only when the top-k samples have images)."""
+def _figures(report: TrainEndReport) -> dict[str, np.ndarray]:
+    """The report's figures by name, rendered (``top_k`` only when the top-k samples have images)."""
     plots = {"curve": figures.curve_figure(report.curves), "epochs": figures.epoch_figure(report.curves),
              "histogram": figures.histogram_figure(report.curves)}
     images = {i: view.image for i, view in report.samples.items() if view.image is not None}
@@ -253,7 +253,7 @@ def _figures(report: TrainEndReport) -> dict[str, Figure]:
     grid = figures.top_k_figure(report.curves.helpful, report.curves.harmful, images, labels)
     if grid is not None:
         plots["top_k"] = grid
-    return plots
+    return {name: figures.render(figure) for name, figure in plots.items()}
 
 
 def summary_dict(report: TrainEndReport) -> dict[str, Any]:
@@ -284,7 +284,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> Path:
     return path
 
 
-def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, Path]:
+def write_files(report: TrainEndReport, plots: dict[str, np.ndarray]) -> dict[str, Path]:
     """Write the CSV, JSON and PNG files of the report into ``report.directory``; return them by name."""
     directory, c = report.directory, report.curves
     directory.mkdir(parents=True, exist_ok=True)
@@ -303,7 +303,7 @@ def write_files(report: TrainEndReport, plots: dict[str, Figure]) -> dict[str, P
                                 [[kind, *row] for kind, ranked in (("helpful", c.helpful), ("harmful", c.harmful))
                                  for row in top_k_rows(ranked, report.samples)]),
     }
-    files.update({f"{name}_png": figures.save_png(figure, directory / f"{name}.png") for name, figure in plots.items()})
+    files.update({f"{name}_png": figures.save_png(image, directory / f"{name}.png") for name, image in plots.items()})
     summary = summary_dict(report)
     summary["files"] = {name: path.name for name, path in files.items()}
     files["summary"] = directory / "summary.json"

@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.figure import Figure
 
-from . import figures
 from .curves import CurveReport, RankedSample
 from .dynamics import DYNAMICS_COLUMNS
 from .samples import SampleView
@@ -157,8 +156,8 @@ def log_settings(trainer: pl.Trainer, settings: Mapping[str, Any], namespace: st
             logger.log_hyperparams({namespace: dict(settings)})
 
 
-def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, Figure], namespace: str = "dve"
-                   ) -> None:
+def log_to_loggers(trainer: pl.Trainer, report: TrainEndReport, plots: dict[str, np.ndarray],
+                   namespace: str = "dve") -> None:
     """Log the report to every logger of the trainer under ``namespace`` (the module docstring says what goes where).
     """
     for logger in trainer.loggers:
@@ -230,8 +229,8 @@ def _wandb_top_k(ranked: list[RankedSample], samples: dict[int, SampleView]) -> 
     return wandb.Table(columns=[*TOP_K_COLUMNS, "image"], data=data)
 
 
-def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, Figure], step: int,
-                    namespace: str = "dve") -> None:
+def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: dict[str, np.ndarray],
+                    step: int, namespace: str = "dve") -> None:
     """Per-step and summary scalars, figures, the per-sample histogram and markdown tables, under ``namespace``.
 
     The writer's tags carry the logger's ``prefix`` as its ``log_metrics`` gives it to the scalars.
@@ -240,8 +239,8 @@ def log_tensorboard(logger: TensorBoardLogger, report: TrainEndReport, plots: di
         logger.log_metrics(under(values, namespace), step=curve_step)
     logger.log_metrics(under(summary_scalars(report), namespace), step=step)
     writer, tag = logger.experiment, _tagger(logger, namespace)
-    for name, figure in plots.items():
-        writer.add_image(tag(f"dve/figures/{name}"), figures.to_rgb(figure), step, dataformats="HWC")
+    for name, image in plots.items():
+        writer.add_image(tag(f"dve/figures/{name}"), image, step, dataformats="HWC")
     totals = report.curves.totals
     finite = totals[torch.isfinite(totals)]
     if finite.numel():  # add_histogram refuses an empty array (every total NaN)

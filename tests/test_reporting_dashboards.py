@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lightning.pytorch.core.saving import load_hparams_from_yaml
 from torch.utils.data import DataLoader
@@ -91,7 +92,8 @@ def test_tensorboard_prefix_names_every_tag(tmp_path, namespace):
 
     report = synthetic_report(tmp_path)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", prefix="pre")
-    log_tensorboard(logger, report, {"curve": figures.curve_figure(report.curves)}, step=60, namespace=namespace)
+    curve = figures.render(figures.curve_figure(report.curves))
+    log_tensorboard(logger, report, {"curve": curve}, step=60, namespace=namespace)
     events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0,
                                                                               "histograms": 0, "tensors": 0})
     events.Reload()
@@ -167,6 +169,29 @@ def test_tensorboard_keeps_the_settings_in_hparams_yaml_only(fit, tmp_path):
     events.Reload()
     assert "dve/total_influence" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
     assert not any(tag.startswith("_hparams_") for tag in events.Tags()["tensors"])
+
+
+def test_tensorboard_shows_the_figure_files_pixels(fit, tmp_path):
+    """Each figure is drawn once: the image TensorBoard shows is the report's PNG file, pixel for pixel."""
+    import io
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from matplotlib.image import imread
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    callback = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=SMALL,
+                                  reference=DigitsDict(range(1500, 1520)).batch())
+    fit(TinyMLP(), callback, DataLoader(DigitsDict(range(32)), batch_size=16), max_epochs=1, logger=logger)
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    names = {tag.rsplit("/", 1)[1] for tag in events.Tags()["images"]}
+    assert names == {path.stem for path in report_dir(callback).glob("*.png")} >= {"curve", "epochs", "histogram"}
+    for name in names:
+        [shown] = events.Images(f"dve/figures/{name}")
+        written = imread(report_dir(callback) / f"{name}.png")  # RGBA, opaque, as savefig wrote it
+        assert written.shape[0] > 100 and (written[..., 3] == 1).all()
+        np.testing.assert_array_equal(imread(io.BytesIO(shown.encoded_image_string)), written[..., :3])
 
 
 def test_two_callbacks_log_under_their_own_namespaces_and_one_namespace_is_refused(fit, wandb_env):
