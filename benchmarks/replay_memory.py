@@ -1,15 +1,16 @@
 """Peak memory and time of the exact replay mode (``DataValueEmbeddings.exact_influence``) as the model grows.
 
-A stack of ``depth`` bias-free ``Linear(width, width)`` layers (MSE on random data; 64 samples, batch 16, SGD,
-2 epochs: 8 steps) is fitted once per width with the callback's defaults; then ``exact_influence`` runs for 1 and
-8 test points, through ``training_step`` on one-sample batches (the default) and through a batched per-sample
-``train_loss_fn``. Each line gives the call's peak RSS growth (freed memory trimmed and ``VmHWM`` reset through
-``/proc/self/clear_refs`` before it, so every call is measured alone in one process) over the tracked weights'
-bytes, its wall time over the fit's, and the largest relative difference of its scores from the ``training_step``
-ones of the same targets.
+A stack of ``depth`` bias-free ``Linear(width, width)`` layers (MSE on random data; 64 samples, batch 16 or
+``--batch``, SGD, 2 epochs: 8 steps at batch 16) is fitted once per width with the callback's defaults; then
+``exact_influence`` runs for 1 and 8 test points, through ``training_step`` on one-sample batches (the default)
+and through a batched per-sample ``train_loss_fn``. Each line gives the call's peak RSS growth (freed memory
+trimmed and ``VmHWM`` reset through ``/proc/self/clear_refs`` before it, so every call is measured alone in one
+process) over the tracked weights' bytes, its wall time over the fit's, and the largest relative difference of its
+scores from the ``training_step`` ones of the same targets.
 
     python benchmarks/replay_memory.py            # widths 256, 512, 1024; about 2 minutes on 2 cores
     python benchmarks/replay_memory.py --quick    # CI smoke: width 128
+    python benchmarks/replay_memory.py --widths 512 --batch 64    # memory against the batch size
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def measured(call: Any) -> tuple[Any, float, int]:
     return out, sw.seconds, resident()[1] - before
 
 
-def run_width(width: int, depth: int, save: Path) -> None:
+def run_width(width: int, depth: int, batch: int, save: Path) -> None:
     train = data(width, 64)
     torch.manual_seed(0)
     module = Stack(width, depth)
@@ -81,7 +82,7 @@ def run_width(width: int, depth: int, save: Path) -> None:
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[dve])
     with Stopwatch() as fit:
-        trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=16))
+        trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=batch))
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     for n_test in (1, 8):
         test = torch.utils.data.default_collate(data(width, 64 + n_test)[64:])
@@ -92,9 +93,10 @@ def run_width(width: int, depth: int, save: Path) -> None:
             reference = result.scores if reference is None else reference
             diff = float((result.scores - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
             emit({"benchmark": "replay_memory", "width": width, "depth": depth, "params": weights // 4,
-                  "weights_mib": round(weights / 2**20, 1), "batch": 16, "steps": 8, "test_points": n_test,
-                  "loss": loss, "peak_growth_mib": round(grown / 2**20), "peak_over_weights": round(grown / weights, 1),
-                  "seconds": round(seconds, 2), "over_fit": round(seconds / fit.seconds, 1),
+                  "weights_mib": round(weights / 2**20, 1), "batch": batch, "steps": 2 * -(-64 // batch),
+                  "test_points": n_test, "loss": loss, "peak_growth_mib": round(grown / 2**20),
+                  "peak_over_weights": round(grown / weights, 1), "seconds": round(seconds, 2),
+                  "over_fit": round(seconds / fit.seconds, 1),
                   "max_rel_diff_vs_training_step": diff})
 
 
@@ -102,12 +104,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--widths", default="256,512,1024", help="comma-separated layer widths")
+    parser.add_argument("--batch", type=int, default=16, help="training batch size (64 samples, 2 epochs)")
     args = parser.parse_args()
     setup(args.threads)
     emit({"benchmark": "replay_memory", "kind": "machine", **machine()})
     with tempfile.TemporaryDirectory() as folder:
-        for width in ((128,) if args.quick else (256, 512, 1024)):
-            run_width(width, 4, Path(folder))
+        for width in ((128,) if args.quick else [int(w) for w in args.widths.split(",")]):
+            run_width(width, 4, args.batch, Path(folder))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from .config import DVEConfig
 from .errors import DVEError
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
-from .replay import ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores
+from .replay import (ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores,
+                     samples_per_chunk)
 from .replay_data import step_loss_terms
 from .replay_embeddings import replay_embeddings
 from .results import InfluenceResult, check_per_step, stream_columns
@@ -148,12 +149,14 @@ def _targets(batch: Any) -> int:
 def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, per_sample: bool) -> None:
     """Warn before an :meth:`~ReplayQueries.exact_influence` whose expected peak memory passes what the module's
     device has available. The estimate is the scaling ``benchmarks/replay_memory.py`` measured on stacks of linear
-    layers: the trainable weights' bytes times ``4 B + 5 n`` through ``training_step`` on one-sample batches (a
-    gradient graph of the whole model per sample, for the double backward), ``16 + 5 n`` through a batched
-    ``train_loss_fn`` (``B``: the largest recorded step, ``n``: targets)."""
+    layers: the trainable weights' bytes times ``16 + 5 n`` through a batched ``train_loss_fn``, and through
+    ``training_step`` on one-sample batches ``1.5 + 1.5 n`` more per sample of a chunk (the gradient graphs held for
+    the double backward, :func:`~lightning_dve.replay.samples_per_chunk` of the largest recorded step's ``B``;
+    ``n``: targets)."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     lighter = weights * (16 + 5 * targets)
-    need = weights * (4 * batch_size + 5 * targets) if per_sample else lighter
+    graphs = samples_per_chunk(weights, batch_size) * weights * (3 + 3 * targets) // 2 if per_sample else 0
+    need = lighter + graphs
     device = next(module.parameters(), torch.empty(0)).device
     have = available_bytes(device)
     if have is None or need <= have:

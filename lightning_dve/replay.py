@@ -9,15 +9,17 @@ where ``U_k`` is the optimizer step (SGD with momentum / Nesterov / weight decay
 copies of :mod:`lightning_dve.replay_optim`) with step ``k``'s recorded hyperparameters and clipping, and ``s`` its
 state. The adjoint ``(a_theta, a_s)`` starts at ``(grad L(theta_T), 0)`` and is carried back one step at a time by
 a vector-Jacobian product of ``U_k`` (a double backward through the gradient); the same product gives
-``dL/dw_{k,z}`` for the step's samples. Parameters and optimizer state come from the checkpoints
-(:mod:`lightning_dve.checkpoints`); each segment between two of them is replayed forward from the recorded batches
-(``collate_fn([dataset[i] for i in ids])``) and checked against the next checkpoint.
+``dL/dw_{k,z}`` for the step's samples. Where one ``training_step`` per sample would hold more gradient graphs
+than :data:`SAMPLE_GRAPH_BYTES`, the product goes through the step's gradient ``g`` as a leaf and then the samples
+a chunk at a time (the chain rule through ``g(theta, w)``), so its memory does not grow with the batch.
+Parameters and optimizer state come from the checkpoints (:mod:`lightning_dve.checkpoints`); each segment between
+two of them is replayed forward from the recorded batches (``collate_fn([dataset[i] for i in ids])``) and checked
+against the next checkpoint (:mod:`lightning_dve.replay_checks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,8 +32,10 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes, refusing_dropout
+from .replay_checks import check_final, verify_landing
 from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses, target_gradients
 from .replay_optim import OptimizerKind, clip_gradients, update
+from .replay_vjp import VectorJacobian
 from .store import CHECKPOINTS, TrajectoryStore
 
 Params = dict[str, torch.Tensor]
@@ -41,22 +45,15 @@ TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
 #: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state
 #: (``checkpoint_interval="auto"`` sizes small models' segments up to it).
 MAX_STATES_IN_MEMORY = SEGMENT_STATES
-#: Relative deviation ``||theta_replayed - theta_checkpoint|| / ||theta_checkpoint||`` above which replay is refused.
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
-#: The same under bf16 autocast (8-bit mantissa): the replay's batches round otherwise than training's micro-batches.
-AUTOCAST_TOLERANCE = 1e-2
-#: Target rows carried back by one batched vector-Jacobian product (``torch.func.vmap``): bounds its temporaries.
-VJP_ROWS = 64
-#: Adjoint bytes (parameters and optimizer state) per batched product, summed over its rows: a larger model's rows go
-#: in smaller groups, down to one, whose batched double backward runs faster and holds less (``replay_memory.py``).
-VJP_BYTES = 16 * 2**20
+#: Bytes of per-sample gradient graphs held at once by the double backward of a ``training_step`` replay (about
+#: twice the trainable weights per sample): a larger model's step is carried back in chunks of fewer samples.
+SAMPLE_GRAPH_BYTES = 64 * 2**20
 
 
-def vjp_rows(adjoint: Adjoint) -> int:
-    """Rows of ``adjoint`` to carry back per batched product: :data:`VJP_BYTES` over one row's bytes, within
-    ``[1, VJP_ROWS]``."""
-    row = sum(value[0].numel() * value.element_size() for value in adjoint.values())
-    return max(1, min(VJP_ROWS, VJP_BYTES // max(1, row)))
+def samples_per_chunk(weights: int, samples: int) -> int:
+    """Samples whose ``training_step`` gradient graphs a reverse step holds at once: :data:`SAMPLE_GRAPH_BYTES` over
+    about twice the trainable ``weights``' bytes per sample, within ``[1, samples]``."""
+    return max(1, min(samples, SAMPLE_GRAPH_BYTES // max(1, 2 * weights)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +109,7 @@ class Replayer:
         self.trainable = [name for name in self.names if name not in frozen]
         self.clip = manifest.get("clip") or {}
         self.autocast = manifest.get("precision") == AUTOCAST_PRECISION  # bf16-mixed: replayed under autocast
-        self.forward_steps, self.batched = 0, True  # batched: VJPs of many rows under vmap until an op refuses
+        self.forward_steps, self.products = 0, VectorJacobian()
         self._records: dict[int, StepSamples] = {}
 
     def record(self, step: int) -> StepSamples:
@@ -131,16 +128,25 @@ class Replayer:
         return ({n: p.to(device) for n, p in params.items()},
                 {n: {k: v if k == "step" else v.to(device) for k, v in e.items()} for n, e in state.items()})
 
-    def _gradient(self, params: Params, step: int, weights: torch.Tensor, create_graph: bool
-                  ) -> list[torch.Tensor | None]:
-        """Clipped ``grad_theta sum_z w_z l(theta, z)`` of the step, one entry per optimizer parameter, ``None`` for
-        a frozen one (called inside ``parameters_as(self.module, params)``)."""
+    def _gradient(self, params: Params, step: int, weights: torch.Tensor, create_graph: bool,
+                  rows: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """``grad_theta sum_z w_z l(theta, z)`` over the step's samples (those at positions ``rows``, with ``weights``
+        theirs), one entry per trainable parameter, ``None`` where the loss does not reach it (called inside
+        ``parameters_as(self.module, params)``)."""
+        ids, recorded, batches = self.record(step)
+        record = (ids, recorded, batches) if rows is None else (ids[rows], recorded[rows],
+                                                                 None if batches is None else batches[rows])
         with torch.autocast(self.source.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            total = self.losses(self.module, weights, self.record(step))
-        grads = torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
-                                    allow_unused=True)
-        of = dict(zip(self.trainable, clip_gradients(grads, self.clip.get("value"), self.clip.get("algorithm"))))
-        return [of.get(name) for name in self.names]  # None for a frozen parameter: its update skips it
+            total = self.losses(self.module, weights, record)
+        return list(torch.autograd.grad(total, [params[n] for n in self.trainable], create_graph=create_graph,
+                                        allow_unused=True))
+
+    def _clipped(self, grads: dict[str, torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The update's gradients, clipped as training clipped them, one per optimizer parameter (``None`` for a
+        frozen or unreached one: its update skips it)."""
+        names = list(grads)
+        clipped = clip_gradients([grads[n] for n in names], self.clip.get("value"), self.clip.get("algorithm"))
+        return [dict(zip(names, clipped)).get(name) for name in self.names]
 
     def _update(
         self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int
@@ -161,8 +167,8 @@ class Replayer:
         with self.stage(), parameters_as(self.module, leaves):  # training's stage: checkpointing recomputes too
             grads = self._gradient(leaves, step, self.record(step)[1], create_graph=False)
         with torch.no_grad():
-            detached = [None if g is None else g.detach() for g in grads]
-            new_params, new_state = self._update(leaves, state, detached, step)
+            detached = {n: None if g is None else g.detach() for n, g in zip(self.trainable, grads)}
+            new_params, new_state = self._update(leaves, state, self._clipped(detached), step)
         return {n: p.detach() for n, p in new_params.items()}, new_state
 
     def reverse(self, params: Params, state: OptState, step: int, adjoint: Adjoint) -> tuple[Adjoint, torch.Tensor]:
@@ -182,73 +188,64 @@ class Replayer:
 
     def _carry(self, p_leaves: Params, s_leaves: OptState, weights: torch.Tensor, step: int, adjoint: Adjoint
                ) -> tuple[Adjoint, torch.Tensor]:
-        """:meth:`reverse` on leaf tensors, inside ``parameters_as(self.module, p_leaves)``."""
-        new_params, new_state = self._update(p_leaves, s_leaves, self._gradient(p_leaves, step, weights, True), step)
-        keys = list(adjoint)
-        outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in keys]
-        in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in s_leaves.items() for k in e if k != "step"]
-        inputs = [p_leaves[n] if k == "param" else s_leaves[n][k] for n, k in in_keys] + [weights]
-        rows, group = next(iter(adjoint.values())).shape[0], vjp_rows(adjoint)
-        parts = [self._products(outputs, inputs, [adjoint[key][lo:lo + group] for key in keys])
-                 for lo in range(0, rows, group)]
-        joined = [torch.cat(column) for column in zip(*parts)]
-        return dict(zip(in_keys, joined[:-1])), joined[-1]
+        """:meth:`reverse` on leaf tensors, inside ``parameters_as(self.module, p_leaves)``: one double backward
+        through the step's losses and update, or :meth:`_carry_in_chunks` where the samples' graphs would not fit."""
+        chunks = self._chunks(step, p_leaves)
+        if len(chunks) > 1:
+            return self._carry_in_chunks(p_leaves, s_leaves, weights, step, adjoint, chunks)
+        grads = dict(zip(self.trainable, self._gradient(p_leaves, step, weights, True)))
+        new_params, new_state = self._update(p_leaves, s_leaves, self._clipped(grads), step)
+        in_keys, carried = self._through_update(adjoint, (new_params, new_state), (p_leaves, s_leaves), [weights])
+        return dict(zip(in_keys, carried[:-1])), carried[-1]
 
-    def _products(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], vectors: list[torch.Tensor]
-                  ) -> list[torch.Tensor]:
-        """``v^T d outputs / d inputs`` for each row ``v`` of ``vectors`` (``[n, *shape]`` per output), stacked per
-        input: one ``torch.func.vmap`` over the backward, or one backward per row where vmap cannot run it."""
-        def one(*row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            got = torch.autograd.grad(outputs, inputs, row, retain_graph=True, allow_unused=True)
-            return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(got, inputs))
-        if self.batched:
-            try:
-                return [value.detach() for value in torch.func.vmap(one)(*vectors)]
-            except RuntimeError:  # an op vmap cannot batch (a custom autograd.Function): per row from now on
-                self.batched = False
-        per_row = [one(*(vector[i] for vector in vectors)) for i in range(vectors[0].shape[0])]
-        return [torch.stack(column).detach() for column in zip(*per_row)]
+    def _chunks(self, step: int, params: Params) -> list[torch.Tensor]:
+        """Positions of the step's samples, in chunks of at most :data:`SAMPLE_GRAPH_BYTES` of gradient graphs (one
+        chunk for a batched ``train_loss_fn`` or a bf16 replay, whose losses come from whole micro-batches)."""
+        samples = len(self.record(step)[0])
+        size = sum(params[n].numel() * params[n].element_size() for n in self.trainable)
+        return list(torch.arange(samples).split(samples if not self.per_sample_forwards or self.autocast
+                                                else samples_per_chunk(size, samples)))
 
+    def _carry_in_chunks(self, p_leaves: Params, s_leaves: OptState, weights: torch.Tensor, step: int,
+                         adjoint: Adjoint, chunks: list[torch.Tensor]) -> tuple[Adjoint, torch.Tensor]:
+        """:meth:`_carry` by the chain rule through ``g = sum_z w_z grad l_z(theta)``: ``u = (dU/dg)^T a`` from the
+        update alone, with ``g`` a leaf; then chunk by chunk ``a_theta += sum_z w_z H_z u`` and
+        ``dL/dw_z = grad l_z . u``, one chunk's graphs at a time (memory: the model times the chunk, not the batch).
+        """
+        weights, total = weights.detach(), [None] * len(self.trainable)
+        for rows in chunks:  # the step's gradient, summed as the chunks come
+            for i, part in enumerate(self._gradient(p_leaves, step, weights[rows], False, rows)):
+                if part is not None:
+                    total[i] = part if total[i] is None else total[i] + part
+        reached = [(i, n) for i, n in enumerate(self.trainable) if total[i] is not None]
+        g = {n: total[i].detach().requires_grad_(True) for i, n in reached}
+        new_params, new_state = self._update(p_leaves, s_leaves, self._clipped(g), step)
+        in_keys, carried = self._through_update(adjoint, (new_params, new_state), (p_leaves, s_leaves),
+                                                list(g.values()))
+        out, u = dict(zip(in_keys, carried[:len(in_keys)])), carried[len(in_keys):]
+        columns = []
+        for rows in chunks:
+            w = weights[rows].requires_grad_(True)
+            grads = self._gradient(p_leaves, step, w, True, rows)
+            pairs = [(grads[i], vector) for (i, _), vector in zip(reached, u) if grads[i] is not None]
+            products = self.products([grad for grad, _ in pairs], [p_leaves[n] for n in self.trainable] + [w],
+                                     [vector for _, vector in pairs])
+            for name, product in zip(self.trainable, products):
+                out[(name, "param")] += product
+            columns.append(products[-1])
+        return out, torch.cat(columns, dim=1)
+
+    def _through_update(self, adjoint: Adjoint, after: tuple[Params, OptState], before: tuple[Params, OptState],
+                        extra: list[torch.Tensor]) -> tuple[list[tuple[str, str]], list[torch.Tensor]]:
+        """``a^T d(theta_{t+1}, s_{t+1}) / d(theta_t, s_t, *extra)``: the keys of ``(theta_t, s_t)`` and the
+        products, one ``[n, *shape]`` per key, then one per tensor of ``extra``."""
+        (new_params, new_state), (params, state) = after, before
+        in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in state.items() for k in e if k != "step"]
+        outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in adjoint]
+        inputs = [params[n] if k == "param" else state[n][k] for n, k in in_keys] + extra
+        return in_keys, self.products(outputs, inputs, list(adjoint.values()))
 
 # --- segments and the whole run ------------------------------------------------------------------------------
-
-
-def _deviation(replayed: Params, expected: Params) -> float:
-    """``||replayed - expected|| / ||expected||`` over all parameters."""
-    diff = sum(float((replayed[n].double() - e.double()).square().sum()) for n, e in expected.items())
-    norm = sum(float(e.double().square().sum()) for e in expected.values())
-    return (diff / max(norm, 1e-300)) ** 0.5
-
-
-def _verify(replayed: Params, expected: Params, step: int, autocast: bool) -> None:
-    """Refuse a replay that does not land on the checkpoint of ``step``.
-
-    Raises:
-        UnsupportedError: with the measured deviation and the likely causes."""
-    tolerance = AUTOCAST_TOLERANCE if autocast else TOLERANCE.get(next(iter(expected.values())).dtype, 1e-4)
-    deviation = _deviation(replayed, expected)
-    if math.isnan(deviation):
-        raise UnsupportedError(
-            f"replaying the recorded steps gives NaN parameters before step {step}: a replayed loss or gradient is "
-            "not finite (a train_loss_fn or training_step that returns NaN or inf on a one-sample batch). Pass a "
-            "train_loss_fn(module, batch) -> Tensor[B] of finite per-sample training losses; influence() still works.")
-    if not deviation <= tolerance:
-        raise UnsupportedError(
-            f"replaying the recorded steps does not reproduce the parameters checkpointed before step {step} "
-            f"(relative deviation {deviation:.1e} > {tolerance:.0e}): training was not a deterministic function of "
-            "the recorded batches and optimizer (randomness in training_step such as functional dropout, or in "
-            "items or a collate_fn that the check of a few items missed, a loss whose value or gradient depends on "
-            "batch_idx, which the replay passes as 0, or on current_epoch or global_step, which it leaves at their "
-            "final values, the optimizer's state cleared or its momentum switched off and on during fit, which "
-            "influence() models, a dataset or collate_fn other than training's (after load, batches rebuilt without "
-            "the on_*_batch_transfer hooks: pass a collate_fn= that applies them), sample ids that are not dataset "
-            "positions without sample_ids= to map them, or that two items of the dataset share (a ConcatDataset of "
-            "parts numbered from 0 each), or a train_loss_fn that is not training's loss, a loss_reduction other "
-            "than the loss's own (a cross_entropy with ignore_index or class weights left at 'mean': declare "
-            "loss_reduction=callable; influence() refuses it only where its check sees it), weights averaged in at "
-            "train end by a callback listed before DataValueEmbedding, activation checkpointing with "
-            "use_reentrant=True (use use_reentrant=False), or a resume that warned of other weights). Exact replay "
-            "is refused.")
 
 
 def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int
@@ -270,7 +267,7 @@ def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: l
     :data:`MAX_STATES_IN_MEMORY` keeps every ``ceil(sqrt(n))``-th state and replays each chunk again."""
     stride = 1 if len(steps) <= MAX_STATES_IN_MEMORY else int(len(steps) ** 0.5 + 0.999999)
     kept, (last, _) = _sweep(replayer, start, steps, stride)
-    _verify(last, end, steps[-1] + 1, replayer.autocast)
+    verify_landing(last, end, steps[-1] + 1, replayer.autocast)
     for j in reversed(range(len(kept))):
         chunk = steps[j * stride:(j + 1) * stride]
         states = kept[j:j + 1] if stride == 1 else _sweep(replayer, kept[j], chunk, 1)[0]
@@ -279,24 +276,10 @@ def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: l
     return adjoint
 
 
-def _check_final(module: nn.Module, final: Params) -> None:
-    """Refuse a module whose parameters are not the recorded final ones (the target is ``L(theta_T)``)."""
-    own = dict(module.named_parameters())
-    missing = [n for n in final if n not in own]
-    if missing:
-        raise ConfigError(f"{type(module).__name__} has no parameters {missing[:5]}: pass the module that was trained.")
-    deviation = _deviation({n: own[n].detach() for n in final}, final)
-    if deviation > TOLERANCE.get(next(iter(final.values())).dtype, 1e-4):
-        raise ConfigError(f"the module's parameters differ from those recorded at the end of training (relative "
-                          f"deviation {deviation:.1e}): exact replay scores the final model of the recorded run. Pass "
-                          "the trained module as it was after its last optimizer step, in its training dtype (weight "
-                          "averaging such as StochasticWeightAveraging or EMA replaces the weights after it).")
-
-
 def final_parameters(replayer: Replayer) -> Params:
     """The recorded final parameters, after checking that the module holds them (the target is ``L(theta_T)``)."""
     end_params, _ = replayer.snapshot(replayer.checkpoints.manifest["final_step"])
-    _check_final(replayer.module, end_params)
+    check_final(replayer.module, end_params)
     return end_params
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError
-from lightning_dve import batches, influence_replay, replay, replay_optim, step_files
+from lightning_dve import batches, influence_replay, replay, replay_optim, replay_vjp, step_files
 from lightning_dve.batch_trees import split_batch
 from lightning_dve.checkpoints import SEGMENT_STATES, CheckpointStore, auto_interval, parameter_groups
 from lightning_dve.replay_data import BatchSource, TrainingData, step_loss_terms
@@ -334,6 +334,28 @@ def test_exact_influence_equals_the_unrolled_first_order_oracle(tmp_path: Path, 
     assert cost.steps == 6 and cost.forward_steps == 6 and cost.per_sample_forwards and cost.relative > 0
 
 
+@pytest.mark.parametrize("name", ["sgd momentum dampening decay", "adamw cosine warm-up", "sgd clip norm",
+                                  "sgd momentum clip value"])
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_a_step_carried_back_in_chunks_of_samples_equals_the_unrolled_first_order_oracle(
+        tmp_path: Path, small_data, name: str, per_chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose per-sample gradient graphs pass ``SAMPLE_GRAPH_BYTES`` is carried back a few samples at a time,
+    through the update's gradient as a leaf (clipping and Adam's normalisation act on the whole step's gradient):
+    the same oracle and bound as one double backward over the whole batch."""
+    module, dve, initial, batches, test = _small_fit(tmp_path, small_data, SETTINGS[name])
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    monkeypatch.setattr(replay, "SAMPLE_GRAPH_BYTES", per_chunk * 2 * size)
+    chunked = []
+    carry = replay.Replayer._carry_in_chunks
+    monkeypatch.setattr(replay.Replayer, "_carry_in_chunks",
+                        lambda self, *args: chunked.append(len(args[-1])) or carry(self, *args))
+    expected, _ = unrolled_first_order(initial, batches, SETTINGS[name], test)
+    result = dve.embeddings.exact_influence(module, test, per_step=True)
+    assert chunked == [-(-16 // per_chunk)] * 6  # every step, in chunks of per_chunk of its 16 samples
+    error = float((result.scores - expected).abs().max() / expected.abs().max())
+    assert error < 1e-9, error
+
+
 def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, small_data, monkeypatch) -> None:
     setting = SETTINGS["sgd momentum dampening decay"]
     module, dve, _, _, test = _small_fit(tmp_path, small_data, setting, checkpoint_interval=None)
@@ -448,14 +470,14 @@ def test_targets_carried_back_in_groups_by_their_bytes_give_the_scores_of_one_gr
     the same replay with all 5 targets in one batched product; equal to round-off, per step."""
     module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS["adamw cosine warm-up"])
     row = sum(3 * p.numel() * p.element_size() for p in module.parameters())
-    assert replay.vjp_rows({("w", "param"): torch.zeros(5, row // 8, dtype=torch.float64)}) == min(
-        replay.VJP_ROWS, replay.VJP_BYTES // row)
+    assert replay_vjp.vjp_rows([torch.zeros(5, row // 8, dtype=torch.float64)]) == min(
+        replay_vjp.VJP_ROWS, replay_vjp.VJP_BYTES // row)
     one_group = dve.embeddings.exact_influence(module, test, per_step=True)
     for group in (1, 2):
-        monkeypatch.setattr(replay, "VJP_BYTES", group * row)
+        monkeypatch.setattr(replay_vjp, "VJP_BYTES", group * row)
         grouped = dve.embeddings.exact_influence(module, test, per_step=True)
         torch.testing.assert_close(grouped.scores, one_group.scores, rtol=1e-12, atol=1e-15)
-    assert replay.vjp_rows({("w", "param"): torch.zeros(5, 2 * replay.VJP_BYTES)}) == 1
+    assert replay_vjp.vjp_rows([torch.zeros(5, 2 * replay_vjp.VJP_BYTES)]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -468,13 +490,15 @@ def recorded(tmp_path_factory, small_data):
 
 def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_the_lighter_way(
         recorded, small_data, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The estimate (benchmarks/replay_memory.py's scaling: the weights' bytes times 4 B + 5 n per sample, 16 + 5 n
-    with a train_loss_fn) against a device that has less: a warning naming train_loss_fn and the two sizes; none
-    where the memory is there, and the scores are the same."""
+    """The estimate (benchmarks/replay_memory.py's scaling: the weights' bytes times 16 + 5 n with a train_loss_fn,
+    and 1.5 + 1.5 n more per sample of a chunk through training_step; here the whole step of 16 samples is one chunk)
+    against a device that has less: a warning naming train_loss_fn and the two sizes; none where the memory is
+    there, and the scores are the same."""
     _, module, dve = recorded
     test = small_data[1]
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    need, lighter = weights * (4 * 16 + 5 * 5), weights * (16 + 5 * 5)
+    lighter = weights * (16 + 5 * 5)
+    need = lighter + 16 * weights * (3 + 3 * 5) // 2
     assert influence_replay.available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo's MemAvailable
 
     def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
@@ -493,6 +517,12 @@ def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_t
     with pytest.warns(UserWarning, match=r"GiB are available: query fewer test points") as seen:
         dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
     assert "pass train_loss_fn" not in str(seen[0].message)
+    monkeypatch.setattr(replay, "SAMPLE_GRAPH_BYTES", 2 * 2 * weights)  # a larger model: chunks of 2 samples
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: lighter + 2 * weights * (3 + 3 * 5) // 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunked = dve.embeddings.exact_influence(module, test)
+    torch.testing.assert_close(chunked.scores, base.scores, rtol=1e-10, atol=1e-14)
 
 
 def _damaged(recorded, tmp_path: Path) -> tuple[Path, DataValueEmbeddings]:

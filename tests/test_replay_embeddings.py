@@ -162,7 +162,7 @@ def test_a_function_vmap_refuses_is_carried_row_by_row(tmp_path: Path, small_dat
         final = replay.final_parameters(replayer)
         rows, _ = replay_embeddings_module.projection_rows(module, dve.embeddings.projections, final)
         scores[name] = replay.carry_back(replayer, rows)[2]
-        batched[name] = replayer.batched
+        batched[name] = replayer.products.batched
     assert batched == {"builtin": True, "custom": False}
     torch.testing.assert_close(scores["custom"], scores["builtin"], rtol=1e-10, atol=1e-14)
 
