@@ -32,13 +32,12 @@ from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, C
 from .config import LossReduction
 from .errors import ConfigError, StoreError, UnsupportedError
 from .batches import WeightFn, modes, refusing_dropout
-from .replay_checks import check_final, verify_landing
+from .replay_checks import Params, check_final, verify_landing
 from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses, target_gradients
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .replay_vjp import VectorJacobian
 from .store import CHECKPOINTS, TrajectoryStore
 
-Params = dict[str, torch.Tensor]
 OptState = dict[str, dict[str, torch.Tensor]]
 Adjoint = dict[tuple[str, str], torch.Tensor]
 TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -144,9 +143,9 @@ class Replayer:
     def _clipped(self, grads: dict[str, torch.Tensor | None]) -> list[torch.Tensor | None]:
         """The update's gradients, clipped as training clipped them, one per optimizer parameter (``None`` for a
         frozen or unreached one: its update skips it)."""
-        names = list(grads)
-        clipped = clip_gradients([grads[n] for n in names], self.clip.get("value"), self.clip.get("algorithm"))
-        return [dict(zip(names, clipped)).get(name) for name in self.names]
+        clipped = clip_gradients(list(grads.values()), self.clip.get("value"), self.clip.get("algorithm"))
+        of = dict(zip(grads, clipped))
+        return [of.get(name) for name in self.names]
 
     def _update(
         self, params: Params, state: OptState, grads: list[torch.Tensor | None], step: int
@@ -203,8 +202,8 @@ class Replayer:
         chunk for a batched ``train_loss_fn`` or a bf16 replay, whose losses come from whole micro-batches)."""
         samples = len(self.record(step)[0])
         size = sum(params[n].numel() * params[n].element_size() for n in self.trainable)
-        return list(torch.arange(samples).split(samples if not self.per_sample_forwards or self.autocast
-                                                else samples_per_chunk(size, samples)))
+        per_chunk = samples_per_chunk(size, samples) if self.per_sample_forwards and not self.autocast else samples
+        return list(torch.arange(samples).split(max(1, per_chunk)))
 
     def _carry_in_chunks(self, p_leaves: Params, s_leaves: OptState, weights: torch.Tensor, step: int,
                          adjoint: Adjoint, chunks: list[torch.Tensor]) -> tuple[Adjoint, torch.Tensor]:
@@ -212,11 +211,8 @@ class Replayer:
         update alone, with ``g`` a leaf; then chunk by chunk ``a_theta += sum_z w_z H_z u`` and
         ``dL/dw_z = grad l_z . u``, one chunk's graphs at a time (memory: the model times the chunk, not the batch).
         """
-        weights, total = weights.detach(), [None] * len(self.trainable)
-        for rows in chunks:  # the step's gradient, summed as the chunks come
-            for i, part in enumerate(self._gradient(p_leaves, step, weights[rows], False, rows)):
-                if part is not None:
-                    total[i] = part if total[i] is None else total[i] + part
+        weights = weights.detach()
+        total = self._summed_gradient(p_leaves, step, weights, chunks)
         reached = [(i, n) for i, n in enumerate(self.trainable) if total[i] is not None]
         g = {n: total[i].detach().requires_grad_(True) for i, n in reached}
         new_params, new_state = self._update(p_leaves, s_leaves, self._clipped(g), step)
@@ -234,6 +230,16 @@ class Replayer:
                 out[(name, "param")] += product
             columns.append(products[-1])
         return out, torch.cat(columns, dim=1)
+
+    def _summed_gradient(self, params: Params, step: int, weights: torch.Tensor, chunks: list[torch.Tensor]
+                         ) -> list[torch.Tensor | None]:
+        """:meth:`_gradient` of the whole step without a graph, summed as the chunks come."""
+        total: list[torch.Tensor | None] = [None] * len(self.trainable)
+        for rows in chunks:
+            for i, part in enumerate(self._gradient(params, step, weights[rows], False, rows)):
+                if part is not None:
+                    total[i] = part if total[i] is None else total[i] + part
+        return total
 
     def _through_update(self, adjoint: Adjoint, after: tuple[Params, OptState], before: tuple[Params, OptState],
                         extra: list[torch.Tensor]) -> tuple[list[tuple[str, str]], list[torch.Tensor]]:
