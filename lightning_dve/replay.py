@@ -224,6 +224,9 @@ class Replayer:
             w = weights[rows].requires_grad_(True)
             grads = self._gradient(p_leaves, step, w, True, rows)
             pairs = [(grads[i], vector) for (i, _), vector in zip(reached, u) if grads[i] is not None]
+            if not pairs:  # its losses reach no parameter (a sample outside the step, NaN on its own): 0
+                columns.append(weights.new_zeros(len(next(iter(adjoint.values()))), len(rows)))
+                continue
             products = self.products([grad for grad, _ in pairs], [p_leaves[n] for n in self.trainable] + [w],
                                      [vector for _, vector in pairs])
             for name, product in zip(self.trainable, products):

@@ -718,19 +718,29 @@ def test_zero_weight_samples_replay_as_absent(tmp_path: Path) -> None:
         loaded.exact_influence(module, test, loss_fn=per_sample, dataset=data)
 
 
-def test_a_step_whose_samples_all_have_weight_zero_is_replayed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_step_whose_samples_all_have_weight_zero_is_replayed(tmp_path: Path, chunked: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole batch of weight 0 still gets a (zero) gradient in training, which moves momentum and decay: the replay
-    through ``training_step`` keeps it (and norm clipping of it), as a replay through per-sample losses does."""
+    through ``training_step`` keeps it (and norm clipping of it), as a replay through per-sample losses does, also
+    carried back one sample at a time."""
+    if chunked:
+        monkeypatch.setattr(replay, "SAMPLE_GRAPH_BYTES", 1)
     module, data = WeightedMLP(momentum=0.9, weight_decay=0.01), WeightedDigits(48, lambda i: 16 <= i < 32)
     replayed, reference, _, _ = weighted_replays(tmp_path, data, module, gradient_clip_val=1.0)
     assert bool((replayed.scores[:, replayed.steps == 1] == 0).all())
     torch.testing.assert_close(replayed.scores, reference.scores, rtol=1e-9, atol=1e-12)
 
 
-def test_a_sample_with_no_tokens_replays_as_absent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_sample_with_no_tokens_replays_as_absent(tmp_path: Path, chunked: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Token-mean loss with ignored labels: a sequence whose labels are all ignored has weight 0 in its steps and a
     NaN loss on its own (a mean over no tokens, weight 0 / 0). The replay through ``training_step`` gives it zero
-    scores, and everything else as a replay through finite per-sample losses."""
+    scores, and everything else as a replay through finite per-sample losses; also carried back one sample at a
+    time, where that sample's chunk reaches no parameter."""
+    if chunked:
+        monkeypatch.setattr(replay, "SAMPLE_GRAPH_BYTES", 1)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 5, 8, generator=gen, dtype=torch.float64), torch.randint(0, 4, (32, 5), generator=gen)
     y[0], y[1::2, 3:] = -100, -100  # sequence 0 has no labelled token; others are padded
