@@ -25,11 +25,13 @@ from .config import DVEConfig, EmbeddingMethod, ReportConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .influence_replay import available_bytes
+from .device_memory import available_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .recursion import bounds_after, segment_bounds
-from .replay import ReplayCost, TrainingData, make_replayer
+from .replay import ReplayCost
+from .replay_data import TrainingData
 from .replay_embeddings import carried_rows
+from .replay_setup import make_replayer
 from .replay_ranks import CarryFn, replay_on_ranks
 from .store import TrajectoryStore
 

@@ -47,8 +47,8 @@ AUTOCAST_PRECISION = "bf16-mixed"
 AUTO_BUDGET = 0.1
 #: Fewest steps between ``"auto"`` checkpoints (each is a file write: 0.8 ms against a 1 ms MLP step).
 AUTO_MIN_INTERVAL = 8
-#: Most states (parameters, optimizer state) a replayed segment holds: a longer one keeps every ~sqrt(n)-th and
-#: replays each stretch between them again, twice the forward steps (:mod:`lightning_dve.replay`).
+#: Most states (parameters, optimizer state) a replayed segment holds at once: a longer one keeps every few and
+#: replays each stretch between them again, twice the forward steps or more (:mod:`lightning_dve.replay`).
 SEGMENT_STATES = 64
 #: ``"auto"`` lengthens a short interval up to :data:`SEGMENT_STATES` steps while that many states fit in this.
 AUTO_SEGMENT_BYTES = 256 * 2**20

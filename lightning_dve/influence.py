@@ -31,7 +31,8 @@ from .loss_checks import check_loss_count, check_reduction, check_uncoupled, los
 from .query_layers import (backward_to_layers, check_test_gradients, recorded_layers, refuse_empty, require_autograd,
                            uncompiled, warn_if_not_final)
 from .recursion import layer_groups
-from .replay import ReplayCost, TrainingData
+from .replay import ReplayCost
+from .replay_data import TrainingData
 from .results import EmbeddingMatrix, InfluenceResult, Ranking, dot_layers, stream_columns
 from .store import MANIFEST, TrajectoryStore
 from .store_checks import open_finished

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +18,14 @@ from torch import nn
 from .batch_trees import count_samples, split_batch
 from .batches import WeightFn, on_module_device
 from .config import DVEConfig
+from .device_memory import available_bytes
 from .errors import DVEError
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
-from .replay import (ReplayCost, Replayer, TrainLossFn, TrainingData, make_replayer, replay_scores,
-                     samples_per_chunk)
-from .replay_data import step_loss_terms
+from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
+from .replay_data import TrainingData, step_loss_terms
 from .replay_embeddings import replay_embeddings
+from .replay_setup import make_replayer
 from .results import InfluenceResult, check_per_step, stream_columns
 from .store import TrajectoryStore
 
@@ -168,18 +168,3 @@ def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, pe
                   f"{targets} test point(s), recorded batches of up to {batch_size} samples and {weights / gib:.2f} "
                   f"GiB of trainable weights, and {have / gib:.1f} GiB are available: {advice}query fewer test points "
                   "per call, or use influence() (README, exact replay: memory).", stacklevel=3)
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for this process on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the CPU; on a CUDA
-    device its free memory and what torch caches unused; ``None`` where it cannot be read."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type != "cpu":
-        return None
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None

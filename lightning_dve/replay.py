@@ -22,28 +22,30 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoints import AUTOCAST_PRECISION, DOUBLE_PRECISION, SEGMENT_STATES, CheckpointStore
-from .config import LossReduction
-from .errors import ConfigError, StoreError, UnsupportedError
-from .batches import WeightFn, modes, refusing_dropout
+from .checkpoints import AUTOCAST_PRECISION, SEGMENT_STATES, CheckpointStore
+from .errors import StoreError
+from .batches import modes, refusing_dropout
+from .device_memory import available_bytes
 from .replay_checks import Params, check_final, verify_landing
-from .replay_data import BatchSource, StepSamples, TrainingData, parameters_as, step_losses, target_gradients
+from .replay_data import BatchSource, StepSamples, parameters_as, target_gradients
 from .replay_optim import OptimizerKind, clip_gradients, update
 from .replay_vjp import VectorJacobian
-from .store import CHECKPOINTS, TrajectoryStore
+from .store import TrajectoryStore
 
 OptState = dict[str, dict[str, torch.Tensor]]
 Adjoint = dict[tuple[str, str], torch.Tensor]
 TrainLossFn = Callable[[nn.Module, Any], torch.Tensor]
-#: A segment longer than this is replayed twice (keeping every ~sqrt(n)-th state) instead of keeping every state
-#: (``checkpoint_interval="auto"`` sizes small models' segments up to it).
+#: States (parameters, optimizer state) a replayed segment keeps at once, at most, per level of replaying again: a
+#: longer segment keeps every few and replays each stretch between them again (``checkpoint_interval="auto"`` sizes
+#: small models' segments up to it).
 MAX_STATES_IN_MEMORY = SEGMENT_STATES
+#: Share of the module's device's available memory that a segment's kept states may take.
+STATES_SHARE = 0.5
 #: Bytes of per-sample gradient graphs held at once by the double backward of a ``training_step`` replay (about
 #: twice the trainable weights per sample): a larger model's step is carried back in chunks of fewer samples.
 SAMPLE_GRAPH_BYTES = 64 * 2**20
@@ -257,31 +259,68 @@ class Replayer:
 # --- segments and the whole run ------------------------------------------------------------------------------
 
 
-def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int
+def _sweep(replayer: Replayer, start: tuple[Params, OptState], steps: Sequence[int], stride: int, to_end: bool
            ) -> tuple[list[tuple[Params, OptState]], tuple[Params, OptState]]:
-    """Replay ``steps`` forward from ``start``; keep the state before every ``stride``-th step, return the end."""
+    """Replay ``steps`` forward from ``start``; keep the state before every ``stride``-th step and return the end
+    state (``to_end``), or stop at the last state kept."""
     kept, (params, state) = [], start
-    for i, step in enumerate(steps):
+    last = len(steps) if to_end else (len(steps) - 1) // stride * stride
+    for i, step in enumerate(steps[:last]):
         if i % stride == 0:
             kept.append((params, state))
         params, state = replayer.forward(params, state, step)
+    if not to_end:
+        kept.append((params, state))
     return kept, (params, state)
 
 
+def state_bytes(state: tuple[Params, OptState]) -> int:
+    """Bytes of one replayed state: its parameters and optimizer state."""
+    tensors = [*state[0].values(), *(v for e in state[1].values() for k, v in e.items() if k != "step")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def states_per_level(size: int, steps: int, device: torch.device) -> int:
+    """States of ``size`` bytes to keep per level: the most, within :data:`MAX_STATES_IN_MEMORY`, such that the
+    levels ``d`` that a segment of ``steps`` needs (``keep ** d >= steps``) hold them all in :data:`STATES_SHARE` of
+    the memory available on ``device`` (at least 2: a larger model is replayed more often, never refused)."""
+    have = available_bytes(device)
+    if have is None:
+        return MAX_STATES_IN_MEMORY
+    fit = int(STATES_SHARE * have) // max(1, size)
+    for depth in range(1, steps + 1):
+        keep = min(MAX_STATES_IN_MEMORY, fit // depth)
+        if keep < 2 or keep ** depth >= steps:
+            return max(2, keep)
+    return 2
+
+
 def reverse_segment(replayer: Replayer, start: tuple[Params, OptState], steps: list[int], end: Params,
-                    adjoint: dict[tuple[str, str], torch.Tensor], columns: dict[int, torch.Tensor]
+                    adjoint: dict[tuple[str, str], torch.Tensor], columns: dict[int, torch.Tensor], size: int
                     ) -> dict[tuple[str, str], torch.Tensor]:
     """Replay one segment forward (checked against the checkpoint ``end`` after it), then carry ``adjoint`` back
     through it, writing ``dL/dw`` ``[n, B]`` of every step into ``columns``. A segment longer than
-    :data:`MAX_STATES_IN_MEMORY` keeps every ``ceil(sqrt(n))``-th state and replays each chunk again."""
-    stride = 1 if len(steps) <= MAX_STATES_IN_MEMORY else int(len(steps) ** 0.5 + 0.999999)
-    kept, (last, _) = _sweep(replayer, start, steps, stride)
+    :func:`states_per_level` of states of ``size`` bytes keeps every few states and replays each stretch between
+    them again."""
+    keep = states_per_level(size, len(steps), next(iter(end.values())).device)
+    stride = -(-len(steps) // keep)
+    kept, (last, _) = _sweep(replayer, start, steps, stride, to_end=True)
     verify_landing(last, end, steps[-1] + 1, replayer.autocast)
+    return _reverse_kept(replayer, kept, steps, stride, keep, adjoint, columns)
+
+
+def _reverse_kept(replayer: Replayer, kept: list[tuple[Params, OptState]], steps: list[int], stride: int, keep: int,
+                  adjoint: Adjoint, columns: dict[int, torch.Tensor]) -> Adjoint:
+    """Carry ``adjoint`` back through ``steps`` from the states kept before every ``stride``-th of them: each
+    stretch from its state, replayed again (at most ``keep`` states per level) unless it is one step."""
     for j in reversed(range(len(kept))):
-        chunk = steps[j * stride:(j + 1) * stride]
-        states = kept[j:j + 1] if stride == 1 else _sweep(replayer, kept[j], chunk, 1)[0]
-        for step, (params, state) in zip(reversed(chunk), reversed(states)):
-            adjoint, columns[step] = replayer.reverse(params, state, step, adjoint)
+        state, stretch = kept.pop(), steps[j * stride:(j + 1) * stride]
+        if len(stretch) == 1:
+            adjoint, columns[stretch[0]] = replayer.reverse(*state, stretch[0], adjoint)
+            continue
+        inner = -(-len(stretch) // keep)
+        adjoint = _reverse_kept(replayer, _sweep(replayer, state, stretch, inner, to_end=False)[0], stretch, inner,
+                                keep, adjoint, columns)
     return adjoint
 
 
@@ -317,15 +356,15 @@ def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torc
     if steps and steps[0] < bounds[0]:
         raise StoreError(f"the first replay checkpoint is before step {bounds[0]} but steps from {steps[0]} are "
                          f"recorded; checkpoint files are missing in {checkpoints.root}. Record the run again.")
-    end_params, _ = replayer.snapshot(final_step)
-    columns: dict[int, torch.Tensor] = {}
+    end_params, end_state = replayer.snapshot(final_step)
+    size, columns = state_bytes((end_params, end_state)), {}  # the optimizer's state in full (empty at step 0)
     with modes(replayer.module, manifest.get("eval_modules", [])), \
             refusing_dropout(replayer.module, manifest.get("dropout_modules", [])):
         for lo, hi in reversed(list(zip(bounds[:-1], bounds[1:]))):
             segment = [s for s in steps if lo <= s < hi]
             start = replayer.snapshot(lo)
             if segment:
-                adjoint = reverse_segment(replayer, start, segment, end_params, adjoint, columns)
+                adjoint = reverse_segment(replayer, start, segment, end_params, adjoint, columns, size)
             end_params = start[0]
     cost = ReplayCost(time.perf_counter() - started, float(manifest.get("training_seconds", 0.0)), len(steps),
                       replayer.forward_steps, replayer.per_sample_forwards)
@@ -336,51 +375,3 @@ def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torc
     scores = [(-replayer.record(s)[1].to(columns[s].dtype) * columns[s]).cpu() for s in steps]
     return (torch.cat(ids), torch.cat([torch.full_like(i, s) for i, s in zip(ids, steps)]),
             torch.cat(scores, dim=1), cost)
-
-
-def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
-    """The replay checkpoints of the store at ``root``, refusing a run that cannot be replayed exactly.
-
-    Raises:
-        ConfigError: if checkpoints were turned off (``checkpoint_interval=None``).
-        UnsupportedError: for an optimizer the replay does not model.
-        StoreError: if the checkpoints are missing or training did not finish.
-    """
-    if interval is None:
-        raise ConfigError("this run was recorded with checkpoint_interval=None (no replay checkpoints), so "
-                          "exact_influence cannot replay it. Record it again with checkpoint_interval='auto' (the "
-                          "default) or an int number of steps between checkpoints.")
-    checkpoints = CheckpointStore.open(root / CHECKPOINTS)
-    manifest = checkpoints.manifest
-    if manifest.get("refusal"):
-        raise UnsupportedError(f"exact replay is refused for this run: {manifest['refusal']}")
-    if manifest.get("final_step") is None:
-        raise StoreError(f"the replay checkpoints in {checkpoints.root} have no final state: training did not "
-                         "finish. Record the run again.")
-    return checkpoints
-
-
-def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn.Module, data: TrainingData | None,
-                  train_loss_fn: TrainLossFn | None, reduction: LossReduction, weight_fn: WeightFn | None) -> Replayer:
-    """A :class:`Replayer` of the recorded run, after checking that it can be replayed (arguments as in
-    :meth:`lightning_dve.DataValueEmbeddings.exact_influence`)."""
-    checkpoints = open_checkpoints(store.root, interval)
-    if data is not None and not (data.sample_ids is None or isinstance(data.sample_ids, str)
-                                 or callable(data.sample_ids)):
-        raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B], as given to the "
-                          f"callback; got {data.sample_ids!r}.")
-    if data is not None and data.sample_ids is None:  # after load: the recorded sample_ids key, if it was one
-        data = dataclasses.replace(data, sample_ids=checkpoints.manifest.get("sample_ids"))
-    if data is None or (data.dataset is None and store.steps):  # a fit that trained no step has nothing to rebuild
-        raise ConfigError("exact replay needs the training dataset to rebuild the recorded batches: pass "
-                          "dataset= (after load, in the parent process of strategy='ddp_spawn', whose fit ran in "
-                          "child processes, or where the training dataloader yields whole batches, batch_size=None; "
-                          "after fit it defaults to the training dataloader's dataset).")
-    precision = checkpoints.manifest.get("precision")  # float64 inputs as training converted them; bf16 autocast
-    source = BatchSource(data, next(module.parameters()).device, torch.float64 if precision in DOUBLE_PRECISION
-                         else None)
-    losses = step_losses(source, reduction, weight_fn, train_loss_fn, precision == AUTOCAST_PRECISION)
-    replayer = Replayer(module, store, checkpoints, source, losses, per_sample_forwards=train_loss_fn is None)
-    if store.steps:
-        source.check(replayer.record(store.steps[0])[0])
-    return replayer

@@ -370,11 +370,43 @@ def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, sm
     fast = dve2.embeddings.exact_influence(module2, test, train_loss_fn=per_sample, loss_fn=per_sample)
     assert not dve2.embeddings.replay_cost.per_sample_forwards
     torch.testing.assert_close(fast.scores, base.scores, rtol=1e-10, atol=1e-14)
-    monkeypatch.setattr(replay, "MAX_STATES_IN_MEMORY", 2)  # 6 steps in chunks of 3, each replayed twice
+    monkeypatch.setattr(replay, "MAX_STATES_IN_MEMORY", 2)  # 6 steps: 2 stretches of 3, each replayed as 2 + 1
     chunked = dve2.embeddings.exact_influence(module2, test)
     assert dve2.embeddings.replay_cost.forward_steps == 12
     torch.testing.assert_close(chunked.scores, base.scores, rtol=1e-12, atol=1e-15)
     assert torch.equal(base.steps, torch.full_like(base.sample_ids, -1))
+
+
+def test_a_segment_in_little_memory_keeps_two_states_per_level_and_gives_the_same_scores(
+        tmp_path: Path, small_data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the available memory holds only two of a segment's states (parameters and AdamW's moments), the
+    6-step segment is replayed in three levels of at most two kept states each: 12 forward steps instead of 6,
+    the scores of the replay that kept every state."""
+    module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS["adamw cosine warm-up"],
+                                         checkpoint_interval=6)
+    base = dve.embeddings.exact_influence(module, test, per_step=True)
+    assert dve.embeddings.replay_cost.forward_steps == 6
+    size = sum(3 * p.numel() * p.element_size() for p in module.parameters())  # weights, m and v
+    monkeypatch.setattr(replay, "available_bytes", lambda device: int(2 * size / replay.STATES_SHARE))
+    held, sweep = [], replay._sweep
+    monkeypatch.setattr(replay, "_sweep", lambda *args, **kw: (lambda out: held.append(len(out[0])) or out)(
+        sweep(*args, **kw)))
+    little = dve.embeddings.exact_influence(module, test, per_step=True)
+    assert dve.embeddings.replay_cost.forward_steps == 12 and max(held) == 2
+    torch.testing.assert_close(little.scores, base.scores, rtol=1e-12, atol=1e-15)
+
+
+def test_states_per_level_fit_the_memory_over_the_levels_a_segment_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``keep`` states per level over the ``d`` levels with ``keep ** d >= steps``, all ``d * keep`` within the
+    share of memory; every state when they fit; never fewer than 2."""
+    state = ({"w": torch.zeros(256)}, {"w": {"step": torch.tensor(3.0), "exp_avg": torch.zeros(256)}})
+    assert replay.state_bytes(state) == 2048
+    cpu = torch.device("cpu")
+    for states, steps, keep in ((1000, 40, 64), (1000, 100, 64), (64, 100, 32), (10, 100, 2), (1, 5, 2), (10, 9, 10)):
+        monkeypatch.setattr(replay, "available_bytes", lambda device: int(states * 2048 / replay.STATES_SHARE))
+        assert replay.states_per_level(2048, steps, cpu) == keep, (states, steps)
+    monkeypatch.setattr(replay, "available_bytes", lambda device: None)  # unknown: the most
+    assert replay.states_per_level(2048, 1000, cpu) == replay.MAX_STATES_IN_MEMORY
 
 
 def test_the_auto_interval_of_a_small_model_gives_the_scores_of_short_segments(tmp_path: Path, small_data) -> None:
