@@ -22,17 +22,17 @@ from . import reporting, reporting_loggers
 from .batches import WeightFn
 from .capture import TrackedLayer
 from .config import DVEConfig, EmbeddingMethod, ReportConfig
+from .device_memory import available_bytes
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .device_memory import available_bytes
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
 from .recursion import bounds_after, segment_bounds
 from .replay import ReplayCost
 from .replay_data import TrainingData
 from .replay_embeddings import carried_rows
-from .replay_setup import make_replayer
 from .replay_ranks import CarryFn, replay_on_ranks
+from .replay_setup import make_replayer
 from .store import TrajectoryStore
 
 #: Trainer precisions whose gradients the hooks capture as applied (mixed precision: see the callback).

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import AUTOCAST_PRECISION, SEGMENT_STATES, CheckpointStore
-from .errors import StoreError
 from .batches import modes, refusing_dropout
+from .checkpoints import AUTOCAST_PRECISION, SEGMENT_STATES, CheckpointStore
 from .device_memory import available_bytes
+from .errors import StoreError
 from .replay_checks import Params, check_final, verify_landing
 from .replay_data import BatchSource, StepSamples, parameters_as, target_gradients
 from .replay_optim import OptimizerKind, clip_gradients, update

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-import numpy as np
 
 from . import curves, figures, reporting_loggers
 from .config import CurveSource, ReportConfig
