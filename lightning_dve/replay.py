@@ -176,7 +176,8 @@ class Replayer:
         """Carry the adjoint of ``(theta_{t+1}, s_{t+1})`` back to ``(theta_t, s_t)``.
 
         Args:
-            adjoint: ``{(name, "param") or (name, state key): [n, *shape]}``, one row per target.
+            adjoint: ``{(name, "param") or (name, state key): [n, *shape]}``, one row per target; emptied once
+                carried, so that its rows are freed before the step's per-sample products.
 
         Returns:
             the adjoint at step ``t`` (same form) and ``dL/dw_{t,z}`` ``[n, B]``.
@@ -227,7 +228,7 @@ class Replayer:
             grads = self._gradient(p_leaves, step, w, True, rows)
             pairs = [(grads[i], vector) for (i, _), vector in zip(reached, u) if grads[i] is not None]
             if not pairs:  # its losses reach no parameter (a sample outside the step, NaN on its own): 0
-                columns.append(weights.new_zeros(len(next(iter(adjoint.values()))), len(rows)))
+                columns.append(weights.new_zeros(len(next(iter(out.values()))), len(rows)))
                 continue
             products = self.products([grad for grad, _ in pairs], [p_leaves[n] for n in self.trainable] + [w],
                                      [vector for _, vector in pairs])
@@ -254,7 +255,9 @@ class Replayer:
         in_keys = [(n, "param") for n in self.names] + [(n, k) for n, e in state.items() for k in e if k != "step"]
         outputs = [new_params[n] if k == "param" else new_state[n][k] for n, k in adjoint]
         inputs = [params[n] if k == "param" else state[n][k] for n, k in in_keys] + extra
-        return in_keys, self.products(outputs, inputs, list(adjoint.values()))
+        carried = self.products(outputs, inputs, list(adjoint.values()))
+        adjoint.clear()  # carried (carry_back passes its own copy)
+        return in_keys, carried
 
 # --- segments and the whole run ------------------------------------------------------------------------------
 
@@ -347,7 +350,7 @@ def carry_back(replayer: Replayer, adjoint: Adjoint) -> tuple[torch.Tensor, torc
         UnsupportedError: a module ran dropout in train mode (:func:`~lightning_dve.batches.refusing_dropout`), or
             the replay does not land on a checkpoint.
     """
-    started = time.perf_counter()
+    started, adjoint = time.perf_counter(), dict(adjoint)  # each step's carry empties the adjoint it was given
     checkpoints, store = replayer.checkpoints, replayer.store
     manifest = checkpoints.manifest
     final_step = manifest["final_step"]
