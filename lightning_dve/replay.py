@@ -259,6 +259,7 @@ class Replayer:
         adjoint.clear()  # carried (carry_back passes its own copy)
         return in_keys, carried
 
+
 # --- segments and the whole run ------------------------------------------------------------------------------
 
 
