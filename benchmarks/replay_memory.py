@@ -1,16 +1,17 @@
 """Peak memory and time of the exact replay mode (``DataValueEmbeddings.exact_influence``) as the model grows.
 
 A stack of ``depth`` bias-free ``Linear(width, width)`` layers (MSE on random data; 64 samples, batch 16 or
-``--batch``, SGD, 2 epochs: 8 steps at batch 16) is fitted once per width with the callback's defaults; then
-``exact_influence`` runs for 1 and 8 test points, through ``training_step`` on one-sample batches (the default)
-and through a batched per-sample ``train_loss_fn``. Each line gives the call's peak RSS growth (freed memory
-trimmed and ``VmHWM`` reset through ``/proc/self/clear_refs`` before it, so every call is measured alone in one
-process) over the tracked weights' bytes, its wall time over the fit's, and the largest relative difference of its
-scores from the ``training_step`` ones of the same targets.
+``--batch``, SGD or ``--optimizer adamw``, 2 epochs: 8 steps at batch 16) is fitted once per width with the
+callback's defaults; then ``exact_influence`` runs for 1 and 8 test points, through ``training_step`` on
+one-sample batches (the default) and through a batched per-sample ``train_loss_fn``. Each line gives the call's
+peak RSS growth (freed memory trimmed and ``VmHWM`` reset through ``/proc/self/clear_refs`` before it, so every
+call is measured alone in one process) over the tracked weights' bytes, its wall time over the fit's, and the
+largest relative difference of its scores from the ``training_step`` ones of the same targets.
 
     python benchmarks/replay_memory.py            # widths 256, 512, 1024; about 2 minutes on 2 cores
     python benchmarks/replay_memory.py --quick    # CI smoke: width 128
     python benchmarks/replay_memory.py --widths 512 --batch 64    # memory against the batch size
+    python benchmarks/replay_memory.py --widths 512,1024 --optimizer adamw    # with Adam's two moments
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from lightning_dve import DataValueEmbedding
 
 
 class Stack(L.LightningModule):
-    """``depth`` bias-free ``Linear(width, width)`` layers, MSE loss, plain SGD."""
+    """``depth`` bias-free ``Linear(width, width)`` layers, MSE loss, plain SGD (or AdamW: ``adamw``)."""
 
-    def __init__(self, width: int, depth: int) -> None:
+    def __init__(self, width: int, depth: int, adamw: bool = False) -> None:
         super().__init__()
+        self.adamw = adamw
         self.net = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return nn.functional.mse_loss(self.net(batch["x"]), batch["y"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.adamw:
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
@@ -74,10 +78,10 @@ def measured(call: Any) -> tuple[Any, float, int]:
     return out, sw.seconds, resident()[1] - before
 
 
-def run_width(width: int, depth: int, batch: int, save: Path) -> None:
+def run_width(width: int, depth: int, batch: int, optimizer: str, save: Path) -> None:
     train = data(width, 64)
     torch.manual_seed(0)
-    module = Stack(width, depth)
+    module = Stack(width, depth, adamw=optimizer == "adamw")
     dve = DataValueEmbedding(save_dir=save / f"w{width}", sample_ids="index", report=None)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[dve])
@@ -92,7 +96,8 @@ def run_width(width: int, depth: int, batch: int, save: Path) -> None:
             result, seconds, grown = measured(lambda: dve.embeddings.exact_influence(module, test, **extra))
             reference = result.scores if reference is None else reference
             diff = float((result.scores - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
-            emit({"benchmark": "replay_memory", "width": width, "depth": depth, "params": weights // 4,
+            emit({"benchmark": "replay_memory", "width": width, "depth": depth, "optimizer": optimizer,
+                  "params": weights // 4,
                   "weights_mib": round(weights / 2**20, 1), "batch": batch, "steps": 2 * -(-64 // batch),
                   "test_points": n_test, "loss": loss, "peak_growth_mib": round(grown / 2**20),
                   "peak_over_weights": round(grown / weights, 1), "seconds": round(seconds, 2),
@@ -106,12 +111,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--widths", default="256,512,1024", help="comma-separated layer widths")
     parser.add_argument("--batch", type=int, default=16, help="training batch size (64 samples, 2 epochs)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     args = parser.parse_args()
     setup(args.threads)
     emit({"benchmark": "replay_memory", "kind": "machine", **machine()})
     with tempfile.TemporaryDirectory() as folder:
         for width in ((128,) if args.quick else [int(w) for w in args.widths.split(",")]):
-            run_width(width, 4, args.batch, Path(folder))
+            run_width(width, 4, args.batch, args.optimizer, Path(folder))
 
 
 if __name__ == "__main__":
