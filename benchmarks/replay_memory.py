@@ -1,7 +1,7 @@
 """Peak memory and time of the exact replay mode (``DataValueEmbeddings.exact_influence``) as the model grows.
 
 A stack of ``depth`` bias-free ``Linear(width, width)`` layers (MSE on random data; 64 samples, batch 16 or
-``--batch``, SGD or ``--optimizer adamw``, 2 epochs: 8 steps at batch 16) is fitted once per width with the
+``--batch``, SGD or ``--optimizer momentum|adamw``, 2 epochs: 8 steps at batch 16) is fitted once per width with the
 callback's defaults; then ``exact_influence`` runs for 1 and 8 test points, through ``training_step`` on
 one-sample batches (the default) and through a batched per-sample ``train_loss_fn``. Each line gives the call's
 peak RSS growth (freed memory trimmed and ``VmHWM`` reset through ``/proc/self/clear_refs`` before it, so every
@@ -11,7 +11,7 @@ largest relative difference of its scores from the ``training_step`` ones of the
     python benchmarks/replay_memory.py            # widths 256, 512, 1024; about 2 minutes on 2 cores
     python benchmarks/replay_memory.py --quick    # CI smoke: width 128
     python benchmarks/replay_memory.py --widths 512 --batch 64    # memory against the batch size
-    python benchmarks/replay_memory.py --widths 512,1024 --optimizer adamw    # with Adam's two moments
+    python benchmarks/replay_memory.py --widths 512,1024 --optimizer adamw    # with optimizer state (or momentum)
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ from lightning_dve import DataValueEmbedding
 
 
 class Stack(L.LightningModule):
-    """``depth`` bias-free ``Linear(width, width)`` layers, MSE loss, plain SGD (or AdamW: ``adamw``)."""
+    """``depth`` bias-free ``Linear(width, width)`` layers, MSE loss; plain SGD, SGD with momentum or AdamW."""
 
-    def __init__(self, width: int, depth: int, adamw: bool = False) -> None:
+    def __init__(self, width: int, depth: int, optimizer: str = "sgd") -> None:
         super().__init__()
-        self.adamw = adamw
+        self.optimizer = optimizer
         self.net = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return nn.functional.mse_loss(self.net(batch["x"]), batch["y"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.adamw:
+        if self.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9 if self.optimizer == "momentum" else 0.0)
 
 
 def per_sample_loss(module: Stack, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -81,7 +81,7 @@ def measured(call: Any) -> tuple[Any, float, int]:
 def run_width(width: int, depth: int, batch: int, optimizer: str, save: Path) -> None:
     train = data(width, 64)
     torch.manual_seed(0)
-    module = Stack(width, depth, adamw=optimizer == "adamw")
+    module = Stack(width, depth, optimizer)
     dve = DataValueEmbedding(save_dir=save / f"w{width}", sample_ids="index", report=None)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[dve])
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--widths", default="256,512,1024", help="comma-separated layer widths")
     parser.add_argument("--batch", type=int, default=16, help="training batch size (64 samples, 2 epochs)")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--optimizer", choices=("sgd", "momentum", "adamw"), default="sgd")
     args = parser.parse_args()
     setup(args.threads)
     emit({"benchmark": "replay_memory", "kind": "machine", **machine()})

@@ -24,6 +24,7 @@ from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
 from .replay_data import TrainingData, step_loss_terms
+from .replay_optim import OptimizerKind
 from .replay_embeddings import replay_embeddings
 from .replay_setup import make_replayer
 from .results import InfluenceResult, check_per_step, stream_columns
@@ -81,7 +82,7 @@ class ReplayQueries:
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
         warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), _targets(batch),
-                                train_loss_fn is None)
+                                train_loss_fn is None, optimizer_moments(replayer))
         target = self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), loss_fn)
         ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
@@ -146,15 +147,31 @@ def _targets(batch: Any) -> int:
         return 1
 
 
-def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, per_sample: bool) -> None:
+#: Multiples ``(base, per target)`` of the trainable weights' bytes that exact replay holds with a batched
+#: ``train_loss_fn``, by the optimizer state's tensors per parameter (0: SGD, 1: with momentum, 2: Adam's moments),
+#: as ``benchmarks/replay_memory.py`` measured them on stacks of linear layers.
+REPLAY_MEMORY = {0: (16, 5), 1: (28, 6), 2: (61, 9)}
+
+
+def optimizer_moments(replayer: Replayer) -> int:
+    """Tensors per parameter in the replayed optimizer's state: 2 for Adam, 1 for SGD with momentum, else 0."""
+    if replayer.kind is not OptimizerKind.SGD:
+        return 2
+    steps = replayer.store.steps
+    return int(bool(steps) and any(h["momentum"] for h in replayer.checkpoints.read_hyper(steps[0])["groups"]))
+
+
+def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, per_sample: bool, moments: int
+                            ) -> None:
     """Warn before an :meth:`~ReplayQueries.exact_influence` whose expected peak memory passes what the module's
     device has available. The estimate is the scaling ``benchmarks/replay_memory.py`` measured on stacks of linear
-    layers: the trainable weights' bytes times ``16 + 5 n`` through a batched ``train_loss_fn``, and through
-    ``training_step`` on one-sample batches ``1.5 + 1.5 n`` more per sample of a chunk (the gradient graphs held for
-    the double backward, :func:`~lightning_dve.replay.samples_per_chunk` of the largest recorded step's ``B``;
-    ``n``: targets)."""
+    layers: the trainable weights' bytes times :data:`REPLAY_MEMORY` of the optimizer's ``moments`` (``16 + 5 n``
+    for SGD) through a batched ``train_loss_fn``, and through ``training_step`` on one-sample batches ``1.5 + 1.5 n``
+    more per sample of a chunk (the gradient graphs held for the double backward,
+    :func:`~lightning_dve.replay.samples_per_chunk` of the largest recorded step's ``B``; ``n``: targets)."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    lighter = weights * (16 + 5 * targets)
+    base, per_target = REPLAY_MEMORY[min(moments, 2)]
+    lighter = weights * (base + per_target * targets)
     graphs = samples_per_chunk(weights, batch_size) * weights * (3 + 3 * targets) // 2 if per_sample else 0
     need = lighter + graphs
     device = next(module.parameters(), torch.empty(0)).device

@@ -557,6 +557,28 @@ def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_t
     torch.testing.assert_close(chunked.scores, base.scores, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("name, moments", [("sgd", 0), ("sgd nesterov", 1), ("adam l2", 2)])
+def test_the_memory_estimate_counts_the_optimizers_moments(tmp_path: Path, small_data, name: str, moments: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay holds more per weight with optimizer state to carry (benchmarks/replay_memory.py --optimizer:
+    about 3x under AdamW): the estimate reads the recorded optimizer's moments and uses their row of the table."""
+    module, dve, _, _, test = _small_fit(tmp_path, small_data, SETTINGS[name])
+    assert influence_replay.optimizer_moments(dve.embeddings._replayer(module, None, None, None, None)) == moments
+    base, per_target = influence_replay.REPLAY_MEMORY[moments]
+    need = sum(p.numel() * p.element_size() for p in module.parameters()) * (base + per_target * 5)
+
+    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+    monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need - 1)
+    with pytest.warns(UserWarning, match=rf"about {need / 2**30:.1f} GiB of cpu memory for 5 test point"):
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+
+
 def _damaged(recorded, tmp_path: Path) -> tuple[Path, DataValueEmbeddings]:
     import shutil
 
