@@ -24,8 +24,8 @@ from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
 from .replay_data import TrainingData, step_loss_terms
-from .replay_optim import OptimizerKind
 from .replay_embeddings import replay_embeddings
+from .replay_optim import OptimizerKind
 from .replay_setup import make_replayer
 from .results import InfluenceResult, check_per_step, stream_columns
 from .store import TrajectoryStore
@@ -170,7 +170,7 @@ def warn_if_short_of_memory(module: nn.Module, batch_size: int, targets: int, pe
     more per sample of a chunk (the gradient graphs held for the double backward,
     :func:`~lightning_dve.replay.samples_per_chunk` of the largest recorded step's ``B``; ``n``: targets)."""
     weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    base, per_target = REPLAY_MEMORY[min(moments, 2)]
+    base, per_target = REPLAY_MEMORY[moments]
     lighter = weights * (base + per_target * targets)
     graphs = samples_per_chunk(weights, batch_size) * weights * (3 + 3 * targets) // 2 if per_sample else 0
     need = lighter + graphs
