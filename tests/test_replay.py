@@ -303,6 +303,11 @@ SETTINGS = {
 }
 
 
+def per_sample_loss(m: nn.Module, batch: dict) -> torch.Tensor:
+    """The digits models' per-sample training loss (a batched ``train_loss_fn``)."""
+    return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+
 @pytest.fixture(scope="module")
 def small_data() -> tuple[DigitsDataset, dict]:
     train, test = split_indices(48, 5, seed=2)
@@ -364,10 +369,7 @@ def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, sm
         dve.embeddings.exact_influence(module, test)
     base = dve2.embeddings.exact_influence(module2, test)
 
-    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
-
-    fast = dve2.embeddings.exact_influence(module2, test, train_loss_fn=per_sample, loss_fn=per_sample)
+    fast = dve2.embeddings.exact_influence(module2, test, train_loss_fn=per_sample_loss, loss_fn=per_sample_loss)
     assert not dve2.embeddings.replay_cost.per_sample_forwards
     torch.testing.assert_close(fast.scores, base.scores, rtol=1e-10, atol=1e-14)
     monkeypatch.setattr(replay, "MAX_STATES_IN_MEMORY", 2)  # 6 steps: 2 stretches of 3, each replayed as 2 + 1
@@ -533,9 +535,6 @@ def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_t
     need = lighter + 16 * weights * (3 + 3 * 5) // 2
     assert influence_replay.available_bytes(torch.device("cpu")) > 2**20  # /proc/meminfo's MemAvailable
 
-    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
-
     monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exactly enough: no warning
@@ -547,7 +546,7 @@ def test_a_replay_expected_to_pass_the_available_memory_is_warned_about_naming_t
     torch.testing.assert_close(warned.scores, base.scores, rtol=0, atol=0)
     monkeypatch.setattr(influence_replay, "available_bytes", lambda device: lighter - 1)
     with pytest.warns(UserWarning, match=r"GiB are available: query fewer test points") as seen:
-        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample_loss)
     assert "pass train_loss_fn" not in str(seen[0].message)
     monkeypatch.setattr(replay, "SAMPLE_GRAPH_BYTES", 2 * 2 * weights)  # a larger model: chunks of 2 samples
     monkeypatch.setattr(influence_replay, "available_bytes", lambda device: lighter + 2 * weights * (3 + 3 * 5) // 2)
@@ -567,16 +566,13 @@ def test_the_memory_estimate_counts_the_optimizers_moments(tmp_path: Path, small
     base, per_target = influence_replay.REPLAY_MEMORY[moments]
     need = sum(p.numel() * p.element_size() for p in module.parameters()) * (base + per_target * 5)
 
-    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
-
     monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample_loss)
     monkeypatch.setattr(influence_replay, "available_bytes", lambda device: need - 1)
     with pytest.warns(UserWarning, match=rf"about {need / 2**30:.1f} GiB of cpu memory for 5 test point"):
-        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample)
+        dve.embeddings.exact_influence(module, test, train_loss_fn=per_sample_loss)
 
 
 def _damaged(recorded, tmp_path: Path) -> tuple[Path, DataValueEmbeddings]:
@@ -1029,10 +1025,7 @@ def test_spearman_against_exact_tsloo(tmp_path: Path, net: str, setting: dict[st
     occurrences = oracles.spread_occurrences([len(b["y"]) for b in batches], 40, 0)
     columns = [32 * t + i for t, i in occurrences]  # every batch holds 32 samples (384 = 12 x 32)
 
-    def per_sample(m: nn.Module, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
-
-    scores = dve.embeddings.exact_influence(module, test, per_step=True, train_loss_fn=per_sample).scores
+    scores = dve.embeddings.exact_influence(module, test, per_step=True, train_loss_fn=per_sample_loss).scores
     truth = tsloo_by_training(initial, batches, setting, occurrences, test)
     rho = oracles.mean_spearman(scores[:, columns], truth)[0]
     print(f"\nexact replay, {net} {setting}: mean Spearman vs exact TSLOO {rho:.4f}")
