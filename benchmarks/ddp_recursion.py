@@ -8,9 +8,13 @@
    ``torch.multiprocessing.spawn``
    (gloo on localhost; ``lightning_dve.distributed.ProcessGroup()`` on 2 ranks, ``SingleProcess()`` on 1) with
    ``torch.set_num_threads(1)`` in every process, so both configurations use at most 2 cores. Time is
-   barrier-to-barrier on rank 0, including the merge of the embeddings onto rank 0; before each repeat the
+   barrier-to-barrier on rank 0, including every embedding write; before each repeat the
    embeddings of the previous one are deleted (untimed), so every run writes into an empty ``embeddings/`` as
-   the callback's train end does. The 2-rank embeddings are checked against the 1-rank ones. The time inside
+   the callback's train end does. Rank 1's store is ``shards/rank_1`` under rank 0's, as the callback lays them
+   out, so rank 1 writes its layers' embeddings into rank 0's arrays (both see them); a third configuration keeps
+   the ranks apart as on machines with their own disks (``two_ranks_separate_disks_s``: rank 1 does not join,
+   its embeddings are gathered to rank 0), all three alternating. The 2-rank embeddings are checked against the
+   1-rank ones after every 2-rank run. The time inside
    each phase of ``embed_trajectory`` (the recursion steps, step reads, embedding writes, the merge onto rank 0
    and the gather of segment factors) is reported per rank (``phases_s``; the phases nest: ``merge`` includes
    its reads and writes). **Issue #4 target: 2 ranks <= 0.6x of 1 rank.**
@@ -139,14 +143,28 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
-def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: int, out: str) -> None:
-    """One rank: open its store, barrier, ``embed_trajectory``, barrier; write timings and byte counts."""
+def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: int, out: str,
+                 separate: bool = False) -> None:
+    """One rank: open its store, barrier, ``embed_trajectory``, barrier; write timings and byte counts. With
+    ``separate`` the ranks act as if on machines with their own disks: rank 1 does not join rank 0's embeddings
+    (``recursion_ranks._join_rank_zero``), so they are gathered to rank 0."""
     _init(rank, world, port)
     C.setup(1)
     from lightning_dve import distributed, recursion_ranks, sync
     from lightning_dve.config import AccumulatorLayout
+    from lightning_dve.errors import StoreError
     from lightning_dve.recursion import layer_groups
     from lightning_dve.store import TrajectoryStore
+
+    if separate:
+        begin = TrajectoryStore.begin_embeddings
+
+        def unseen(store: Any, widths: Any, dtype: Any, token: Any = None) -> None:
+            if token is not None and store.manifest.get("rank", 0) > 0:
+                raise StoreError("another machine's disk (benchmark)")
+            begin(store, widths, dtype, token)
+
+        TrajectoryStore.begin_embeddings = unseen
 
     store = TrajectoryStore.open(roots[rank])
     dims = {e["name"]: e["out_dim"] * e["in_dim"] for e in store.manifest["layers"]}
@@ -192,12 +210,13 @@ def spawn_ranks(worker: Any, args: tuple[Any, ...], world: int, out: str) -> Non
             raise
 
 
-def run_embed(world: int, roots: list[str], segments: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_embed(world: int, roots: list[str], segments: int, args: argparse.Namespace,
+              separate: bool = False) -> dict[str, Any]:
     def once() -> dict[str, Any]:
         for root in roots:  # as at a real train end, no embeddings of an earlier repeat are there to delete
             shutil.rmtree(Path(root, "embeddings"), ignore_errors=True)
         out = tempfile.mkdtemp(prefix="dve_ddp_out_")
-        spawn_ranks(embed_worker, (world, free_port(), roots, segments, out), world, out)
+        spawn_ranks(embed_worker, (world, free_port(), roots, segments, out, separate), world, out)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
         shutil.rmtree(out, ignore_errors=True)
         return {"wall_s": max(r["wall_s"] for r in ranks), "ranks": ranks}
@@ -222,18 +241,19 @@ def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, 
     single = str(tmp / "w1" / "rank0")
     C.write_synthetic_store(Path(single), layers, steps, batch, storage)
     owned = sync.assign_groups(layer_groups(list(layers), AccumulatorLayout.PER_LAYER), layers, 2)
-    pair = [str(tmp / "w2" / "rank0"), str(tmp / "w2" / "shards" / "rank_1")]
+    pair = [str(tmp / "w2"), str(tmp / "w2" / "shards" / "rank_1")]  # as the callback lays out the ranks' stores
     for rank, root in enumerate(pair):
         C.write_synthetic_store(Path(root), layers, steps, batch, storage, keep=owned[rank], world_size=2, rank=rank)
-    one, two = [], []
+    one, two, apart, max_diff = [], [], [], 0.0
     for r in range(repeats):
-        order = [(1, [single], one), (2, pair, two)]
-        for world, roots, sink in (order if r % 2 == 0 else order[::-1]):
-            sink.append(run_embed(world, roots, 1, args))
-    ref, got = embeddings_of(single), embeddings_of(pair[0])
-    max_diff = max(float((ref[s][n] - got[s][n]).abs().max()) for s in ref for n in ref[s])
+        order = [(1, [single], one, False), (2, pair, two, False), (2, pair, apart, True)]
+        for world, roots, sink, separate in (order if r % 2 == 0 else order[::-1]):
+            sink.append(run_embed(world, roots, 1, args, separate))
+            if world == 2:
+                ref, got = embeddings_of(single), embeddings_of(pair[0])
+                max_diff = max(max_diff, *(float((ref[s][n] - got[s][n]).abs().max()) for s in ref for n in ref[s]))
     max_ref = max(float(ref[s][n].abs().max()) for s in ref for n in ref[s])
-    embed_bytes = two[0]["ranks"][0]
+    embed_bytes = apart[0]["ranks"][0]
     C.emit({
         "benchmark": "ddp_recursion", "steps": steps, "global_batch": batch, "layers": len(layers),
         "dims_per_layer": sorted(set(layers.values())), "storage_dtype": storage, "torch_threads_per_rank": 1,
@@ -241,6 +261,8 @@ def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, 
         "owned_dims_per_rank": [sum(layers[n] for n in o) for o in owned],
         "one_rank_s": C.stats([x["wall_s"] for x in one]), "two_ranks_s": C.stats([x["wall_s"] for x in two]),
         "ratio": C.ratio_stats([x["wall_s"] for x in two], [x["wall_s"] for x in one]),
+        "two_ranks_separate_disks_s": C.stats([x["wall_s"] for x in apart]),
+        "ratio_separate_disks": C.ratio_stats([x["wall_s"] for x in apart], [x["wall_s"] for x in one]),
         "target": 0.6,
         "meets_target": C.ratio_stats([x["wall_s"] for x in two],
                                       [x["wall_s"] for x in one])["median_of_paired"] <= 0.6,
@@ -248,9 +270,12 @@ def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, 
         "rank_cpu_s_two_ranks": [[round(rk["cpu_s"], 3) for rk in x["ranks"]] for x in two],
         "phases_s_one_rank": {k: round(v, 3) for k, v in one[0]["ranks"][0]["phases_s"].items()},
         "phases_s_two_ranks": [{k: round(v, 3) for k, v in rk["phases_s"].items()} for rk in two[0]["ranks"]],
+        "phases_s_two_ranks_separate_disks": [{k: round(v, 3) for k, v in rk["phases_s"].items()}
+                                              for rk in apart[0]["ranks"]],
         "embeddings_match_one_rank": {"max_abs_diff": max_diff, "max_abs": max_ref},
-        "train_end_bytes_rank0": {"received": embed_bytes["received"], "sent": embed_bytes["sent"],
-                                  "calls": embed_bytes["calls"]},
+        "train_end_bytes_rank0_separate_disks": {"received": embed_bytes["received"], "sent": embed_bytes["sent"],
+                                                 "calls": embed_bytes["calls"]},
+        "train_end_bytes_rank0": {key: two[0]["ranks"][0][key] for key in ("received", "sent", "calls")},
         "foreign_load": [x["foreign_load"] for x in one + two],
     })
 

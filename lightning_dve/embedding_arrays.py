@@ -4,8 +4,9 @@ The backward recursion (method.md §2) yields one embedding ``e_t(z) [k_l]`` per
 ``layer_NNN.npy [N, k_l]`` (numpy's ``.npy`` format, read with ``mmap_mode="r"``; nothing is pickled), with the
 occurrences' sample ids in ``sample_ids.npy [N]`` and the row range of every step in ``index.safetensors``. The
 recursion writes a step's rows wherever they fall (``os.pwrite`` at the step's offset, in any order and from
-several threads), into a folder that is renamed into place once every step is written: a folder that exists is
-complete. Queries read contiguous row ranges of many steps at once.
+several threads, and from other DDP ranks that see the folder: ``EmbeddingWriter.share``), into a folder that is
+renamed into place once every step is written: a folder that exists is complete. Queries read contiguous row
+ranges of many steps at once.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .files import read_checked, write_atomic, write_error
+from .files import read_checked, write_atomic, write_error, write_text_atomic
 
 INDEX = "index.safetensors"
+TOKEN = "ranks.token"  # what a writer shares with the ranks that join it (EmbeddingWriter.share)
 IDS = "sample_ids.npy"
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
 
@@ -31,8 +33,10 @@ def _layer_file(position: int) -> str:
     return f"layer_{position:03d}.npy"
 
 
-def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> tuple[int, int]:
-    """Create ``path`` as an ``.npy`` file of ``shape`` with its space reserved; return ``(fd, data offset)``.
+def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype
+                  ) -> tuple[Path, int, int, tuple[int, ...], torch.dtype]:
+    """Create ``path`` as an ``.npy`` file of ``shape`` with its space reserved; return ``(path, fd, data offset,
+    row shape, dtype)``.
 
     Raises:
         StoreError: if the disk cannot hold it (checked now, before any row is computed).
@@ -46,10 +50,26 @@ def _create_array(path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.
             offset = handle.tell()
         size = offset + int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize
         _reserve(fd, size)
-        return fd, offset
+        return path, fd, offset, shape[1:], dtype
     except OSError as err:
         os.close(fd)
         raise write_error(path, err) from err
+
+
+def _array_header(fd: int, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, tuple[int, ...], torch.dtype]:
+    """``(data offset, row shape, dtype)`` of the ``.npy`` file open at ``fd``, which :func:`_create_array` created
+    with ``shape`` and ``dtype``.
+
+    Raises:
+        StoreError: if it is another array.
+    """
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        np.lib.format.read_magic(handle)
+        found, _, descr = np.lib.format.read_array_header_1_0(handle)
+        offset = handle.tell()
+    if found != shape or descr != np.dtype(_NUMPY[dtype]):
+        raise StoreError(f"found {found} {descr}, not {shape} {np.dtype(_NUMPY[dtype])}")
+    return offset, shape[1:], dtype
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -102,10 +122,11 @@ def _partial(folder: Path) -> Path:
 
 
 class EmbeddingWriter:
-    """Writes the embeddings of every step into a new folder, then renames it into place (:meth:`finish`)."""
+    """Writes the embeddings of every step into a new folder, then renames it into place (:meth:`finish`); or,
+    joined to another rank's writer through the folder they share (:meth:`share`), its layers' rows into it."""
 
     def __init__(self, folder: Path, settings_hash: str, layers: dict[str, tuple[int, int]], dtype: torch.dtype,
-                 steps: Sequence[int], rows: Sequence[int]) -> None:
+                 steps: Sequence[int], rows: Sequence[int], token: int | None = None) -> None:
         """Create the arrays for ``steps`` with ``rows`` occurrences each, in ``folder`` + ``.partial``.
 
         Args:
@@ -115,28 +136,35 @@ class EmbeddingWriter:
                 own before rank 0 merges them; every one on rank 0); a layer's file is named by its position.
             dtype: the embeddings' dtype (the accumulators', float32 or float64).
             steps, rows: every recorded step and its number of occurrences.
+            token: join the unfinished folder another writer shared with this token instead (:meth:`share`):
+                open its arrays of ``layers`` to write their rows; the sample ids and the rename stay its own.
 
         Raises:
-            StoreError: if the disk cannot hold the arrays.
+            StoreError: if the disk cannot hold the arrays; when joining, if the folder does not hold ``token``
+                (another machine's disk) or its arrays are not those of ``layers``.
         """
-        self.folder, self.dtype = folder, dtype
+        self.folder, self.dtype, self.joined = folder, dtype, token is not None
         self.layers = list(layers)
         self.partial = _partial(folder)
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
+        self._slot = {step: (int(offsets[i]), int(rows[i])) for i, step in enumerate(steps)}
+        self._missing = {(step, name) for step in steps for name in [*layers, *([] if self.joined else [IDS])]}
+        self._files: list[tuple[str, Path, int, int, tuple[int, ...], torch.dtype]] = []  # name, path, fd, data
+        # offset, row shape, dtype
+        if token is not None:
+            self._join(layers, dtype, int(offsets[-1]), token)
+            return
         shutil.rmtree(self.partial, ignore_errors=True)  # an interrupted earlier attempt
         try:
             self.partial.mkdir(parents=True)
         except OSError as err:
             raise write_error(self.partial, err) from err
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, dtype=np.int64))]).astype(np.int64)
-        self._slot = {step: (int(offsets[i]), int(rows[i])) for i, step in enumerate(steps)}
-        self._missing = {(step, name) for step in steps for name in [*layers, IDS]}
         total = int(offsets[-1])
-        self._files: list[tuple[Path, int, int, tuple[int, ...], torch.dtype]] = []  # path, fd, data offset, row
-        # shape, dtype
         try:
-            for position, width in layers.values():
-                self._add(self.partial / _layer_file(position), (total, width), dtype)
-            self._add(self.partial / IDS, (total,), torch.int64)
+            for name, (position, width) in layers.items():
+                self._files.append((name, *_create_array(self.partial / _layer_file(position), (total, width),
+                                                         dtype)))
+            self._files.append((IDS, *_create_array(self.partial / IDS, (total,), torch.int64)))
             write_atomic(self.partial / INDEX, {"steps": torch.tensor(list(steps), dtype=torch.int64),
                                                 "offsets": torch.from_numpy(offsets)},
                          {"settings_hash": settings_hash})
@@ -144,9 +172,23 @@ class EmbeddingWriter:
             self.discard()
             raise
 
-    def _add(self, path: Path, shape: tuple[int, int] | tuple[int], dtype: torch.dtype) -> None:
-        fd, offset = _create_array(path, shape, dtype)
-        self._files.append((path, fd, offset, shape[1:], dtype))
+    def _join(self, layers: dict[str, tuple[int, int]], dtype: torch.dtype, total: int, token: int) -> None:
+        """Open the shared folder's arrays of ``layers`` (``[total, k_l]`` of ``dtype``) for writing."""
+        try:
+            if int((self.partial / TOKEN).read_text()) != token:
+                raise StoreError(f"{self.partial} holds another writer's token")
+            for name, (position, width) in layers.items():
+                path = self.partial / _layer_file(position)
+                fd = os.open(path, os.O_RDWR)
+                self._files.append((name, path, fd, *_array_header(fd, (total, width), dtype)))
+        except (OSError, ValueError, StoreError) as err:
+            self.close()
+            raise StoreError(f"cannot join the embeddings being written in {self.partial} ({err})") from err
+
+    def share(self, token: int) -> None:
+        """Leave ``token`` in the unfinished folder, for writers of other processes (DDP ranks) that see the same
+        folder to join it."""
+        write_text_atomic(self.partial / TOKEN, str(token))
 
     def write(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor | None) -> None:
         """Write one step's rows: ``{layer: [B, k_l]}`` for any of the layers, and its ``sample_ids [B]`` (``None``:
@@ -159,8 +201,9 @@ class EmbeddingWriter:
             raise StoreError(f"step {step} has no rows in the embeddings being written ({len(self._slot)} steps): "
                              "the store changed during the recursion. Record the run again.")
         start, count = self._slot[step]
-        blocks = {**{name: embeddings.get(name) for name in self.layers}, IDS: sample_ids}
-        for (path, fd, offset, row, dtype), (name, block) in zip(self._files, blocks.items()):
+        blocks = {**embeddings, IDS: sample_ids}
+        for name, path, fd, offset, row, dtype in self._files:
+            block = blocks.get(name)
             if block is None:
                 continue
             if tuple(block.shape) != (count, *row):
@@ -171,31 +214,41 @@ class EmbeddingWriter:
             _pwrite_all(fd, _bytes(block, dtype), offset + start * row_bytes, path)
             self._missing.discard((step, name))
 
-    def finish(self) -> None:
-        """Close the arrays and rename the folder into place (replacing an earlier one).
+    def finish(self, elsewhere: Sequence[str] = ()) -> None:
+        """Close the arrays and rename the folder into place (replacing an earlier one); a joined writer only
+        closes its arrays.
+
+        Args:
+            elsewhere: layers whose rows the writers that joined this one wrote (their success is agreed on by
+                the caller).
 
         Raises:
             StoreError: if a step was never written, or the disk fails.
         """
-        if self._missing:
-            step, name = min(self._missing)
-            raise StoreError(f"{len(self._missing)} rows of steps and layers were never written (first: step {step}, "
+        missing = sorted((step, name) for step, name in self._missing if name not in elsewhere)
+        if missing:
+            step, name = missing[0]
+            raise StoreError(f"{len(missing)} rows of steps and layers were never written (first: step {step}, "
                              f"{name}); the recursion stopped early. Record the run again.")
         try:  # no fsync, as for every store file: a process that dies keeps what it wrote (not a power cut)
             self.close()
-            shutil.rmtree(self.folder, ignore_errors=True)
-            os.replace(self.partial, self.folder)
+            if not self.joined:
+                (self.partial / TOKEN).unlink(missing_ok=True)
+                shutil.rmtree(self.folder, ignore_errors=True)
+                os.replace(self.partial, self.folder)
         except OSError as err:
             raise write_error(self.folder, err) from err
 
     def discard(self) -> None:
-        """Close the files and delete the unfinished folder (its reserved space is free again)."""
+        """Close the files and delete the unfinished folder (its reserved space is free again); a joined writer
+        leaves the folder to its owner."""
         self.close()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if not self.joined:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def close(self) -> None:
         """Close the files (the folder stays ``.partial``: never read as embeddings)."""
-        for _, fd, *_ in self._files:
+        for _, _, fd, *_ in self._files:
             os.close(fd)
         self._files = []
 

@@ -1,8 +1,9 @@
-"""The train-end backward recursion over segments and ranks, and every embedding written on rank 0 (method.md §2-3).
+"""The train-end backward recursion over segments and ranks, and every embedding in rank 0's arrays (method.md §2-3).
 
 Each rank runs the recursion for the layer groups it owns (:func:`~lightning_dve.sync.assign_groups`), streaming
-its store backwards in blocks; :func:`gather_embeddings` brings the owned embeddings to rank 0, which writes them
-into its store's arrays (:mod:`~lightning_dve.embedding_arrays`). Segments (influence checkpointing) run in
+its store backwards in blocks, and writes their embeddings into rank 0's arrays
+(:mod:`~lightning_dve.embedding_arrays`) where it sees them (:func:`_join_rank_zero`); elsewhere
+:func:`gather_embeddings` brings them to rank 0, which writes them. Segments (influence checkpointing) run in
 parallel threads, each from ``M = 0``, and their factors ``I - M_seg`` are stored for queries to chain.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import AccumulatorLayout, Curvature, DVEConfig
 from .distributed import Communicator
-from .errors import DVEError
+from .errors import DVEError, StoreError
 from .recursion import BackwardRecursion, layer_groups
 from .stability import ExpansionWatch
 from .store import StepRecord, TrajectoryStore
@@ -76,7 +78,7 @@ def embed_trajectory(
     progress: bool = False,
     device: torch.device | None = None,
 ) -> ExpansionWatch:
-    """Collective: run the backward recursion on this rank's layer groups; rank 0 writes every embedding.
+    """Collective: run the backward recursion on this rank's layer groups; every embedding ends in rank 0's store.
 
     With several ``bounds`` the trajectory is split into contiguous segments whose recursions run in parallel
     threads, each from ``M = 0`` (influence checkpointing, method.md §3). The stored embeddings are then
@@ -150,22 +152,52 @@ def embed_trajectory(
                 future.result()
         return recursion.factors() if segment > 0 and not stopped.is_set() else {}  # segment 0's is never needed
 
-    merge_after = len(bounds) > 1 and comm.world_size > 1  # segments under DDP: each rank writes its own layers
-    if comm.rank == 0 or merge_after:
-        names = store.layer_names if comm.rank == 0 else owned[comm.rank]
-        _attempt(errors, partial(store.begin_embeddings, {name: dims[name] for name in names}, dtype))
+    token = secrets.randbelow(2**62) + 1 if comm.world_size > 1 else None  # rank 0's, for the ranks that see it
+    if comm.rank == 0:
+        _attempt(errors, partial(store.begin_embeddings, {n: dims[n] for n in store.layer_names}, dtype, token))
+    shared = token is not None and _join_rank_zero(comm, store, owned[comm.rank], dims, dtype, token, errors)
+    merge_after = len(bounds) > 1 and comm.world_size > 1 and not shared  # each rank writes its layers, then merges
+    if merge_after and comm.rank > 0:
+        _attempt(errors, partial(store.begin_embeddings, {name: dims[name] for name in owned[comm.rank]}, dtype))
     with bar:
         if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
-            run(0, merge=comm.world_size > 1)
+            run(0, merge=comm.world_size > 1 and not shared)
             factors: list[dict[str, torch.Tensor]] = [{}]
         else:
             with ThreadPoolExecutor(max_workers=_segment_workers(len(bounds))) as pool:
                 factors = list(pool.map(lambda segment: run(segment, merge=False), range(len(bounds))))
-            if merge_after and not comm.any(bool(errors)):  # after a failed write, agree below instead
-                _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
+            if comm.world_size > 1 and not comm.any(bool(errors)):  # after a failed write, agree below instead
+                if merge_after:
+                    _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
-    _finish(comm, store, bounds, factors, errors[0] if errors else None)
+    if shared and comm.rank > 0:
+        _attempt(errors, store.finish_embeddings)  # closed, every row written
+    elsewhere = [name for names in owned[1:] for name in names] if shared else []
+    _finish(comm, store, bounds, factors, errors[0] if errors else None, elsewhere)
     return _merged(comm, watch)
+
+
+def _join_rank_zero(comm: Communicator, store: TrajectoryStore, names: list[str], dims: dict[str, int],
+                    dtype: torch.dtype, token: int, errors: list[DVEError]) -> bool:
+    """Collective: whether every rank writes its own layers' embeddings (``names``) straight into rank 0's arrays.
+
+    They can where every rank sees rank 0's folder (one machine, or a shared file system), found by the random
+    ``token`` rank 0 left in it. That saves sending every other rank's embeddings to rank 0 and rank 0's writes of
+    them (``python benchmarks/ddp_recursion.py``). Elsewhere (each machine its own disk) they are gathered to rank 0.
+    """
+    token = token if comm.rank == 0 and not errors else 0
+    token = int(comm.all_gather_rows(torch.tensor([[token]], dtype=torch.int64))[0][0, 0])
+    joined = comm.rank == 0 or token != 0
+    if comm.rank > 0 and joined:
+        try:
+            store.begin_embeddings({name: dims[name] for name in names}, dtype, token)
+        except StoreError:
+            joined = False  # another machine's disk
+    if comm.any(not joined):
+        if comm.rank > 0:
+            store.discard_embeddings()  # closes this rank's files of rank 0's arrays, if it opened them
+        return False
+    return True
 
 
 def _merged(comm: Communicator, watch: ExpansionWatch) -> ExpansionWatch:
@@ -183,13 +215,14 @@ def _merged(comm: Communicator, watch: ExpansionWatch) -> ExpansionWatch:
 
 
 def _finish(comm: Communicator, store: TrajectoryStore, bounds: list[tuple[int, int]],
-            factors: list[dict[str, torch.Tensor]], error: DVEError | None) -> None:
-    """Collective: rank 0 completes the store only when every rank wrote its part; else every rank discards its
-    embeddings and raises the first error (also a barrier: after it every rank may read rank 0's store)."""
+            factors: list[dict[str, torch.Tensor]], error: DVEError | None, elsewhere: list[str]) -> None:
+    """Collective: rank 0 completes the store only when every rank wrote its part (``elsewhere``: the layers the
+    other ranks wrote into its arrays themselves); else every rank discards its embeddings and raises the first
+    error (also a barrier: after it every rank may read rank 0's store)."""
     failed = comm.any(error is not None)
     if comm.rank == 0 and not failed:
         try:
-            store.finish_embeddings()
+            store.finish_embeddings(elsewhere)
             store.write_segments(bounds, factors)
             store.manifest.update(embeddings="complete", embeddings_source="recursion")
             store.record_disk_use()  # the whole store's bytes_total, now that the embeddings are on disk

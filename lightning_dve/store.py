@@ -252,12 +252,10 @@ class TrajectoryStore:
         self.truncate_for_resume()
         tensors = record.to_tensors(self.manifest.get("storage_dtype", "float32"))
         self.step_files.write(record.step, record.epoch, tensors)
-        self.manifest["steps"].append(record.step)
-        self.manifest["epochs"].append(record.epoch)
-        self.manifest["lrs"].append(record.lrs.tolist())
         applied = record.lrs if record.applied_lrs is None else record.applied_lrs
-        self.manifest["applied_lrs"].append(applied.tolist())
-        self.manifest["rows"].append(record.sample_ids.numel())
+        for key, value in (("steps", record.step), ("epochs", record.epoch), ("lrs", record.lrs.tolist()),
+                           ("applied_lrs", applied.tolist()), ("rows", record.sample_ids.numel())):
+            self.manifest[key].append(value)
 
     def finish_recording(self, extra: dict[str, Any]) -> None:
         """Mark the trajectory complete and record ``extra`` (e.g. disk usage) in the manifest."""
@@ -298,17 +296,23 @@ class TrajectoryStore:
         applied = torch.tensor(self.manifest["applied_lrs"], dtype=torch.float64)
         return applied.reshape(len(self.steps), len(self.layer_names))
 
-    def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype) -> None:
-        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`).
+    def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype, token: int | None = None) -> None:
+        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`). With a
+        ``token`` (DDP), rank 0's store leaves it in the unfinished folder, and another rank's shard joins the arrays
+        of the folder holding it instead, for its layers' rows (:meth:`EmbeddingWriter.share`).
 
         Raises:
-            StoreError: if the disk cannot hold them.
-        """
-        self.truncate_for_resume()
-        self.discard_embeddings()
+            StoreError: if the disk cannot hold them, or a shard does not see rank 0's folder holding ``token``."""
+        joins = token is not None and self.manifest.get("rank", 0) > 0
+        if not joins:
+            self.truncate_for_resume()
+            self.discard_embeddings()
         layers = {name: (position, widths[name]) for position, name in enumerate(self.layer_names) if name in widths}
-        self._embedding_writer = EmbeddingWriter(self.root / EMBEDDINGS, self.settings_hash, layers, dtype,
-                                                 self.steps, self.manifest["rows"])
+        root = self.root.parents[1] if joins else self.root  # a shard is rank 0's shards/rank_N
+        self._embedding_writer = EmbeddingWriter(root / EMBEDDINGS, self.settings_hash, layers, dtype, self.steps,
+                                                 self.manifest["rows"], token if joins else None)
+        if token is not None and not joins:
+            self._embedding_writer.share(token)
 
     def write_embeddings(self, step: int, embeddings: dict[str, torch.Tensor], sample_ids: torch.Tensor | None) -> None:
         """Persist the embeddings ``{layer: [B, k_l]}`` of one step's occurrences (any of the begun layers) and
@@ -316,10 +320,10 @@ class TrajectoryStore:
         assert self._embedding_writer is not None, "begin_embeddings first"
         self._embedding_writer.write(step, embeddings, sample_ids)
 
-    def finish_embeddings(self) -> None:
-        """Put the written embeddings in place (every step and layer must have been written)."""
+    def finish_embeddings(self, elsewhere: Sequence[str] = ()) -> None:
+        """Put the written embeddings in place (every row written, but those of ``elsewhere``: by joined ranks)."""
         if self._embedding_writer is not None:
-            self._embedding_writer.finish()
+            self._embedding_writer.finish(elsewhere)
         self._embedding_writer, self._embedding_arrays = None, None
 
     def discard_embeddings(self) -> None:
@@ -392,9 +396,9 @@ class TrajectoryStore:
         the whole store (``bytes_total``): at train end, and once the embeddings are written (every rank's final)."""
         steps = disk_bytes([self.root / STEPS, *(self.root / SHARDS).glob(f"rank_*/{STEPS}")])
         self.manifest.update(bytes_steps=steps, bytes_per_step=steps // max(1, len(self.steps)))
-        parts = [self.root / part for part in (MANIFEST, STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS,
-                                               LOCK_FILE)]
-        written = None
-        while written != (total := disk_bytes(parts)):  # the manifest as written included: until its size settles
+        rest = disk_bytes([self.root / part for part in (STEPS, EMBEDDINGS, SEGMENTS, REFERENCES, SHARDS, CHECKPOINTS,
+                                                         LOCK_FILE)])
+        written = None  # the manifest as written included: until its size settles
+        while written != (total := rest + disk_bytes([self.root / MANIFEST])):
             self.manifest["bytes_total"] = written = total
             self.write_manifest()

@@ -42,7 +42,8 @@ class MicroBatch:
 def assign_groups(groups: list[list[str]], dims: dict[str, int], world_size: int) -> list[list[str]]:
     """Split layer groups over ranks, largest recursion cost (``K^2``) first to the least loaded rank.
 
-    Ties go to the highest rank, so rank 0, which also writes every embedding, gets the smaller share.
+    Ties go to the highest rank, so rank 0, which also writes the sample ids and finishes the store (and,
+    without a shared disk, writes every embedding), gets the smaller share.
 
     Returns:
         The layer names owned by each rank (identical on every rank).

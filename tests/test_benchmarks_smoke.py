@@ -53,6 +53,11 @@ def test_quick_benchmark_runs_and_prints_json_lines(name: str, quick_runs: tuple
     if name == "fidelity":  # each estimator either scores or says why not: the replayed embeddings must score
         replayed = [r for r in records if r.get("estimator") == "replayed"]
         assert [isinstance(r["spearman_vs_tsloo"], float) for r in replayed] == [True], replayed
+    if name == "ddp_recursion":  # 2 ranks embed as one does; only ranks apart (own disks) send rank 0 embeddings
+        [line] = [r for r in records if "ratio_separate_disks" in r]
+        assert line["embeddings_match_one_rank"]["max_abs_diff"] == 0.0, line
+        received = line["train_end_bytes_rank0"]["received"]["embed"]
+        assert received < 200 < line["train_end_bytes_rank0_separate_disks"]["received"]["embed"], line
     if name == "replay_cost":  # exact replay of the fidelity MLP: first-order exact where the response is linear
         [line] = [r for r in records if "spearman_vs_tsloo" in r]
         assert line["spearman_vs_tsloo"] > 0.9 and line["max_rel_diff_train_loss_fn"] < 1e-6, line

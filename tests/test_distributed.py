@@ -164,6 +164,32 @@ def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str,
     # the step files' figures count every rank's (they counted rank 0's only: a tenth of the single-process store's)
     on_disk = disk_bytes([root / "dve_ddp" / "steps", root / "dve_ddp" / "shards" / "rank_1" / "steps"])
     assert (store.manifest["bytes_steps"], store.manifest["bytes_per_step"]) == (on_disk, on_disk // 6)
+    # both ranks see this folder, so each wrote its own layers' embeddings into rank 0's arrays: nothing gathered
+    assert [gathers(root, rank) for rank in (0, 1)] == [0, 0]
+    assert sorted(p.name for p in (root / "dve_ddp" / "embeddings").iterdir()) == [
+        "index.safetensors", "layer_000.npy", "layer_001.npy", "layer_002.npy", "sample_ids.npy"]
+
+
+def gathers(run: Path, rank: int) -> int:
+    """The train end's gathers of embeddings to rank 0 on ``rank`` (``ddp_run.separate_disks``)."""
+    return int((run / f"gathers_rank{rank}.txt").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["gathered", "segments_gathered"])
+def test_two_ranks_that_do_not_share_a_disk_gather_the_embeddings_to_rank_zero(
+    suite: Path, single_reference: dict[str, torch.Tensor], run: str
+) -> None:
+    """Where rank 1 cannot see rank 0's embeddings folder (each machine its own disk), rank 1's embeddings go to
+    rank 0 in collectives (with segments: written on rank 1 first, then read back and sent, then deleted there):
+    the same embeddings and scores as one process."""
+    got = scores(suite, "ddp", run)
+    if run == "gathered":
+        assert_same_embeddings(got, single_reference)
+    assert_same_scores(got, single_reference)
+    assert min(gathers(suite / "ddp" / run, rank) for rank in (0, 1)) > 0
+    shard = suite / "ddp" / run / "dve_ddp" / "shards" / "rank_1"
+    assert (shard / "manifest.json").is_file() and not [p for p in shard.glob("embeddings*")]
 
 
 @pytest.mark.slow
@@ -196,10 +222,11 @@ def test_two_ranks_with_segments_equal_single_process(
     suite: Path, single_reference: dict[str, torch.Tensor]
 ) -> None:
     """Layer-sharded and segment-parallel recursion at once: the chained scores equal the sequential ones. Rank 1
-    writes its own layers' embeddings, sends them to rank 0 and deletes its copy (rank 0 holds every one)."""
+    writes its own layers' embeddings into rank 0's arrays (both see them) and keeps no copy."""
     assert_same_scores(scores(suite, "ddp", "segments"), single_reference)
     shard = suite / "ddp" / "segments" / "dve_ddp" / "shards" / "rank_1"
     assert (shard / "manifest.json").is_file() and not [p for p in shard.glob("embeddings*")]
+    assert [gathers(suite / "ddp" / "segments", rank) for rank in (0, 1)] == [0, 0]
 
 
 def assert_ddp_equals_single(suite: Path, run: str) -> None:
@@ -491,7 +518,7 @@ def test_a_failed_embedding_write_or_read_on_rank_one_with_segments_leaves_rank_
     or a failed read on rank 1 must not let rank 0 finish a store whose rank-1 layers are zeros (it did: that
     store loaded and scored without an error)."""
     args = (["--fail-embedding-write", "1", "--fail-embedding-rank", "1"] if failure == "write"
-            else ["--fail-embedding-read", "1"])
+            else ["--fail-embedding-read", "1", "--separate-disks"])
     proc = run_script("ddp", tmp_path, *args, "--segments", "3", "--epochs", "1", timeout=200, external=True)
     assert proc.returncode != 0 and "Connection closed by peer" not in proc.stderr
     assert ("embeddings/step_1: the disk is full" if failure == "write" else "cannot be read (injected)") in proc.stderr

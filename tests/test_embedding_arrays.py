@@ -38,9 +38,10 @@ MANIFEST = {**SMALL, "layers": [{"name": name, "projection": {"out": {"projected
                                 for name, k in LAYERS.items()]}
 
 
-def recording(root: Path, rows=ROWS) -> TrajectoryStore:
-    """A finished recording of steps ``2, 5, 8, ...`` with ``rows`` occurrences each, without embeddings."""
-    store = TrajectoryStore.create(root, MANIFEST, overwrite=False)
+def recording(root: Path, rows=ROWS, rank: int = 0) -> TrajectoryStore:
+    """A finished recording of steps ``2, 5, 8, ...`` with ``rows`` occurrences each, without embeddings (a DDP
+    shard of ``rank`` > 0 goes under ``root/shards/rank_N``)."""
+    store = TrajectoryStore.create(root, {**MANIFEST, "rank": rank}, overwrite=False)
     for i, n in enumerate(rows):
         store.append(StepRecord(2 + 3 * i, torch.arange(n), torch.ones(n, dtype=torch.float64),
                                 torch.full((len(LAYERS),), 0.1, dtype=torch.float64),
@@ -538,3 +539,42 @@ def test_a_failed_rename_at_finish_is_refused_and_discarded_cleanly(tmp_path, mo
     monkeypatch.undo()
     store.discard_embeddings()
     assert not (root / "embeddings").exists() and not (root / "embeddings.partial").exists()
+
+
+def test_a_rank_that_sees_rank_zeros_folder_writes_its_own_layers_into_rank_zeros_arrays(tmp_path):
+    """DDP on one machine (or a shared file system): rank 1's shard joins the arrays rank 0 is writing, through the
+    token rank 0 left in the unfinished folder, and writes its own layer's rows there; rank 0 finishes them with
+    that layer written elsewhere, and the token is gone. Another token (a stale folder on another machine's disk),
+    another width, or a shard that left rows unwritten are refused; a joined writer discarded leaves rank 0's
+    folder in place."""
+    root = tmp_path / "dve"
+    store = recording(root)
+    shard = recording(root / "shards" / "rank_1", rank=1)
+    data = oracle(store, torch.float64)
+    with pytest.raises(StoreError, match=r"cannot join the embeddings being written in .*embeddings\.partial"):
+        shard.begin_embeddings({"b": LAYERS["b"]}, torch.float64, 12345)  # rank 0 has not begun: no folder
+    token = 12345
+    store.begin_embeddings(LAYERS, torch.float64, token)
+    with pytest.raises(StoreError, match=r"embeddings\.partial \(.*holds another writer's token\)"):
+        shard.begin_embeddings({"b": LAYERS["b"]}, torch.float64, token + 1)
+    with pytest.raises(StoreError, match=r"found \(10, 5\) float64, not \(10, 4\) float64"):
+        shard.begin_embeddings({"b": 4}, torch.float64, token)
+    shard.begin_embeddings({"b": LAYERS["b"]}, torch.float64, token)
+    shard.write_embeddings(2, {"b": data[2][1]["b"]}, data[2][0])
+    with pytest.raises(StoreError, match=r"4 rows of steps and layers were never written \(first: step 5, b\)"):
+        shard.finish_embeddings()
+    shard.discard_embeddings()
+    assert (root / "embeddings.partial" / "layer_001.npy").is_file()
+    shard.begin_embeddings({"b": LAYERS["b"]}, torch.float64, token)
+    for step, (ids, embeddings) in data.items():
+        store.write_embeddings(step, {"a": embeddings["a"]}, ids)
+        shard.write_embeddings(step, {"b": embeddings["b"]}, ids)  # (the ids are rank 0's to write)
+    shard.finish_embeddings()
+    with pytest.raises(StoreError, match=r"5 rows of steps and layers were never written \(first: step 2, b\)"):
+        store.finish_embeddings()
+    store.finish_embeddings(elsewhere=["b"])
+    assert sorted(files_of(root / "embeddings")) == ["index.safetensors", "layer_000.npy", "layer_001.npy",
+                                                     "sample_ids.npy"]
+    ids, embeddings = TrajectoryStore.open(root).embedding_arrays().rows(0, len(data))
+    assert torch.equal(ids, torch.cat([d[0] for d in data.values()]))
+    assert all(torch.equal(embeddings[n], torch.cat([d[1][n] for d in data.values()])) for n in LAYERS)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings, callback_setup, step_files
+from lightning_dve import DataValueEmbedding, DataValueEmbeddings, callback_setup, recursion_ranks, step_files
 from lightning_dve.errors import StoreError, UnsupportedError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
@@ -180,6 +180,32 @@ def replay_refused_on(rank: int) -> Iterator[None]:
         callback_setup.make_replayer = original
 
 
+@contextlib.contextmanager
+def separate_disks(separate: bool) -> Iterator[None]:
+    """Within the block (if ``separate``), no rank but 0 sees rank 0's embeddings as it writes them, as when each
+    machine has its own disk: every rank's embeddings are gathered to rank 0. Counts the gathers in ``GATHERS``."""
+    original, gather = TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings
+
+    def unseen(store: TrajectoryStore, widths: object, dtype: object, token: object = None) -> None:
+        if token is not None and separate and store.manifest.get("rank", 0) > 0:
+            raise StoreError("rank 0's embeddings are on another machine's disk (injected)")
+        original(store, widths, dtype, token)
+
+    def counted(*args: object) -> object:
+        GATHERS[0] += 1
+        return gather(*args)
+
+    GATHERS[0] = 0
+    TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings = unseen, counted
+    try:
+        yield
+    finally:
+        TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings = original, gather
+
+
+GATHERS = [0]  # the train end's gathers of embeddings to rank 0 in the last fit (separate_disks)
+
+
 def fail_embedding_read(rank: int) -> None:
     """Make ``rank``'s reads of its own embeddings (to send them to rank 0) fail as on a damaged disk."""
     original = TrajectoryStore.embedding_arrays
@@ -222,8 +248,10 @@ SUITE: dict[str, dict[str, object]] = {
     "replay": {"embeddings": "replay"},  # each rank replays its own layers' rows
     "replay_full": {"embeddings": "replay", "layout": "full"},  # rank 1 replays them all, rank 0 none
     "replay_refused": {"embeddings": "replay", "refuse_replay_rank": 1},  # both keep the recursion's embeddings
+    "gathered": {"separate_disks": True},  # rank 1's embeddings sent to rank 0, as between machines
+    "segments_gathered": {"segments": 3, "separate_disks": True},  # rank 1 writes its own, then sends them
 }
-DDP_ONLY = ("resume", "segments", "rank0_head", "replay_refused")
+DDP_ONLY = ("resume", "segments", "rank0_head", "replay_refused", "gathered", "segments_gathered")
 
 
 def parse_args() -> argparse.Namespace:
@@ -254,6 +282,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
     parser.add_argument("--fail-embedding-read", type=int, default=-1,
                         help="this rank's read of its own embeddings fails (segments under DDP send them to rank 0)")
+    parser.add_argument("--separate-disks", action="store_true", help="rank 1 cannot see rank 0's embeddings")
     parser.add_argument("--fail-step-read", type=int, default=-1,
                         help="this rank's train-end recursion fails to read a step file")
     return parser.parse_args()
@@ -291,8 +320,10 @@ def fit(args: argparse.Namespace) -> None:
         trainer = L.Trainer(**{**common, "callbacks": [dve]}, devices=WORLD, strategy=DDPStrategy(timeout=timeout))
         trainer.fit(model, loader, ckpt_path=next(ckpt_dir.glob("*.ckpt")))
     else:
-        with replay_refused_on(args.refuse_replay_rank):
+        with replay_refused_on(args.refuse_replay_rank), separate_disks(args.separate_disks):
             trainer.fit(model, loader)
+        if args.mode == "ddp":
+            (args.out / f"gathers_rank{trainer.global_rank}.txt").write_text(str(GATHERS[0]))
     if args.mode == "ddp" and not trainer.is_global_zero:  # rank 1 reads rank 0's save_dir (shared here); its exit
         (args.out / "rank1_steps.json").write_text(json.dumps(dve.embeddings.steps))  # status is not the script's
         return
