@@ -236,7 +236,7 @@ def test_replacing_the_embeddings_never_leaves_them_under_the_wrong_label(tmp_pa
     replaced = ((step, {n: torch.zeros(rows, k) for n, k in widths.items()})
                 for step, rows in zip(store.steps, store.manifest["rows"]))
     if fault == "failed rename":
-        def finish(writer: EmbeddingWriter) -> None:
+        def finish(writer: EmbeddingWriter, elsewhere: object = ()) -> None:
             raise StoreError("could not rename: No space left on device")
         monkeypatch.setattr(EmbeddingWriter, "finish", finish)
         with pytest.raises(StoreError, match="could not rename"):
