@@ -27,7 +27,8 @@ Settings:
 
 - ``small`` (float64): 384 digits, ``64-32-10`` tanh MLP, SGD lr 0.1, batch 32, 3 epochs (36 steps); the
   ``tests/test_fidelity.py`` case. Methods: exact (lightning_dve ``projection_dim=None`` with per-layer and full
-  ``M``; dattri ``factorization_type="none"``, dense ``M`` over all 2410 parameters), and projected
+  ``M``, and full ``M`` with ``storage_dtype="float32"``: the float64 model's rows stored, and the recursion run,
+  in float32; dattri ``factorization_type="none"``, dense ``M`` over all 2410 parameters), and projected
   (lightning_dve default 1024 per layer, per-layer and full ``M``; dattri ``"kronecker"`` with ``proj_dim=2048``,
   i.e. 32 x 32 per layer).
 - ``large`` (float32): 1437 train / 360 test digits, ``64-256-256-10`` tanh MLP, SGD lr 0.1, batch 32, 3 epochs
@@ -306,6 +307,8 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
         methods = {
             "lightning_dve exact per_layer": lambda: run_ours(p, projection_dim=None, layout="per_layer"),
             "lightning_dve exact full": lambda: run_ours(p, projection_dim=None, layout="full"),
+            "lightning_dve exact full float32": lambda: run_ours(p, projection_dim=None, layout="full",
+                                                                  storage_dtype="float32"),
             "dattri exact (none)": lambda: run_dattri(p, "none", None),
             "lightning_dve projected 1024/layer": lambda: run_ours(p, layout="per_layer"),
             "lightning_dve projected 1024/layer full": lambda: run_ours(p, layout="full"),
@@ -313,6 +316,7 @@ def compare(name: str, args: argparse.Namespace, repeats: int, epochs: int | Non
         }
         pairs = [("lightning_dve exact per_layer", "dattri exact (none)"),
                  ("lightning_dve exact full", "dattri exact (none)"),
+                 ("lightning_dve exact full float32", "dattri exact (none)"),
                  ("lightning_dve projected 1024/layer", "dattri kronecker 2048"),
                  ("lightning_dve projected 1024/layer full", "dattri kronecker 2048")]
     elif name == "large":

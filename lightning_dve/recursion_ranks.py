@@ -139,8 +139,7 @@ def embed_trajectory(
                         break
                     # M after the segment's first step is needed only for a segment factor (segment 0's never is)
                     embeddings = recursion.block(block, update=segment > 0 or block[-1].step != first)
-                    for record, embedding in zip(block, embeddings):
-                        watch.observe(record, embedding)
+                    watch.observe(block, embeddings)
                     written.append(writer.submit(write, list(zip(block, embeddings)), merge))
                     if len(written) > 1:
                         written[-2].result()  # at most one block waits: memory stays bounded; errors surface

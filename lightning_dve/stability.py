@@ -64,15 +64,20 @@ class ExpansionWatch:
     non_finite: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)  # segments: threads
 
-    def observe(self, record: StepRecord, embeddings: dict[str, torch.Tensor]) -> None:
-        """Note ``record``'s ratio ``r`` (module docstring) where it exceeds 1, and non-finite embeddings."""
-        ratio = self.ratio(record)
-        finite = all(bool(e.isfinite().all()) for e in embeddings.values())
+    def observe(self, records: list[StepRecord], embeddings: list[dict[str, torch.Tensor]]) -> None:
+        """Note each of ``records``' ratio ``r`` (module docstring) where it exceeds 1, and the steps whose
+        ``embeddings`` (``{layer: [B, k_l]}`` of each record) are not finite, checked a layer at a time."""
+        ratios = [self.ratio(record) for record in records]
+        sizes = [record.sample_ids.numel() for record in records]
+        finite = torch.ones(sum(sizes), dtype=torch.bool)
+        for name in embeddings[0] if embeddings else ():
+            finite &= torch.cat([e[name] for e in embeddings]).isfinite().all(dim=1).cpu()
+        steps = [record.step for record, rows in zip(records, finite.split(sizes)) if not bool(rows.all())]
         with self._lock:
-            if ratio > 1.0:
-                self.expanding[record.step] = max(ratio, self.expanding.get(record.step, 0.0))
-            if not finite:
-                self.non_finite.append(record.step)
+            for record, ratio in zip(records, ratios):
+                if ratio > 1.0:
+                    self.expanding[record.step] = max(ratio, self.expanding.get(record.step, 0.0))
+            self.non_finite.extend(steps)
 
     def ratio(self, record: StepRecord) -> float:
         """``max over groups of a / bound`` of one step (module docstring); 0 where it is not judged."""

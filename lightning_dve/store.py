@@ -161,7 +161,8 @@ class TrajectoryStore:
     def _write_manifest(self) -> None:
         """:meth:`write_manifest` with nothing deferred applied first (its folders made if needed)."""
         (self.root / STEPS).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))
+        lines = (f"{json.dumps(k)}: {json.dumps(value, sort_keys=True)}" for k, value in sorted(self.manifest.items()))
+        write_text_atomic(self.root / MANIFEST, "{\n  " + ",\n  ".join(lines) + "\n}\n")  # a key a line: C encoder
 
     def _scan_steps(self, after: int | None = None, drop: bool = False) -> None:
         """Rebuild the step list from the step files (:meth:`StepFolder.scan`: ``after`` and ``drop`` as there)."""
@@ -297,12 +298,10 @@ class TrajectoryStore:
         return applied.reshape(len(self.steps), len(self.layer_names))
 
     def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype, token: int | None = None) -> None:
-        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`). With a
+        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`); with a
         ``token`` (DDP), rank 0's store leaves it in the unfinished folder, and another rank's shard joins the arrays
-        of the folder holding it instead, for its layers' rows (:meth:`EmbeddingWriter.share`).
-
-        Raises:
-            StoreError: if the disk cannot hold them, or a shard does not see rank 0's folder holding ``token``."""
+        of the folder holding it instead (:meth:`EmbeddingWriter.share`). Raises a :class:`StoreError` if the disk
+        cannot hold them, or a shard does not see rank 0's folder holding ``token``."""
         joins = token is not None and self.manifest.get("rank", 0) > 0
         if not joins:
             self.truncate_for_resume()
@@ -387,8 +386,7 @@ class TrajectoryStore:
 
     def require(self, status_key: str, value: str, fix: str) -> None:
         """Raise a :class:`StoreError` naming the actual state and ``fix`` unless ``manifest[status_key] == value``."""
-        actual = self.manifest.get(status_key)
-        if actual != value:
+        if (actual := self.manifest.get(status_key)) != value:
             raise StoreError(f"store {self.root} has {status_key}={actual!r}, expected {value!r}. {fix}")
 
     def record_disk_use(self) -> None:

@@ -170,8 +170,9 @@ def test_embeddings_that_overflow_float32_are_named(tmp_path: Path) -> None:
     non_finite = [m for m in messages if "are not finite" in m]
     assert len(non_finite) == 1 and "every score with those occurrences is NaN or inf" in non_finite[0], messages
     arrays = dve.embeddings.store.embedding_arrays()
-    _, rows = arrays.rows(0, len(arrays.steps))
-    assert not all(bool(r.isfinite().all()) for r in rows.values())
+    bad = [step for i, step in enumerate(arrays.steps)
+           if not all(bool(r.isfinite().all()) for r in arrays.rows(i, i + 1)[1].values())]
+    assert bad and f"the embeddings of {len(bad)} of {len(arrays.steps)} steps (first {bad[0]})" in non_finite[0]
 
 
 def test_scores_that_overflow_where_queries_chain_the_segments_are_named(tmp_path: Path) -> None:
