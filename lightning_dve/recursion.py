@@ -87,6 +87,7 @@ class BackwardRecursion:
         self.next_momentum: list[torch.Tensor | None] = [None] * len(self.groups)  # mu_{t+1} per column
         self.second_moment_maps: list[torch.Tensor | None] = [None] * len(self.groups)  # V_{t+1} per group (Adam)
         self.next_decay: list[torch.Tensor | None] = [None] * len(self.groups)  # beta2_{t+1} per column
+        self._spare: list[list[torch.Tensor]] = [[] for _ in self.groups]  # [K, K] to reuse (_work)
 
     def _columns(self, record: StepRecord, group: list[str], values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-layer values ``[L]`` spread over the group's columns ``[K]``."""
@@ -178,15 +179,19 @@ class BackwardRecursion:
         if "precond" in record.vectors:  # exact-mode Adam: the rate of each coordinate is lr P
             lr = lr * _cat_vector(record.vectors["precond"], group, grads.dtype)
         # [K, K] maps, each made once and then updated in place (K = 2410 in float64 for exact-mode Adam on the
-        # fidelity MLP: every extra temporary is another pass over 46 MB)
-        transfer = accumulator.neg()
+        # fidelity MLP: every extra temporary is another pass over 46 MB), into matrices earlier steps left
+        # (:meth:`_work`)
+        transfer = torch.neg(accumulator, out=self._work(index, accumulator))
         transfer.diagonal().add_(1)  # A_t = I - M
-        step_map = transfer * lr  # A_t Lambda_t
+        step_map = torch.mul(transfer, lr, out=self._work(index, accumulator))  # A_t Lambda_t
         # without Nesterov's lead, S_t starts as A_t Lambda_t itself (its direct term, which reads it, comes with lead)
-        velocity = step_map * columns["lead"] if "lead" in columns else step_map
-        if self.velocity_maps[index] is not None:
-            velocity.addcmul_(self.velocity_maps[index], self.next_momentum[index])  # + S_{t+1} diag(mu_{t+1})
-        direct = velocity * columns["gain"]  # D_t = S_t diag(c_t) (+ A_t Lambda_t diag(clip_t), Nesterov)
+        velocity = (torch.mul(step_map, columns["lead"], out=self._work(index, accumulator)) if "lead" in columns
+                    else step_map)
+        following = self.velocity_maps[index]
+        if following is not None:
+            velocity.addcmul_(following, self.next_momentum[index])  # + S_{t+1} diag(mu_{t+1})
+        # D_t = S_t diag(c_t) (+ A_t Lambda_t diag(clip_t), Nesterov)
+        direct = torch.mul(velocity, columns["gain"], out=self._work(index, accumulator))
         if "direct" in columns:
             direct.addcmul_(step_map, columns["direct"])
         weights = record.weights.to(grads.dtype).unsqueeze(1)
@@ -212,7 +217,16 @@ class BackwardRecursion:
             rows_q = _cat(record.curvature_preconditioned, group, grads.dtype) if record.preconditioned else rows
             accumulator.addmm_(to_final(rows_q, rows_q).T, rows)
         self.velocity_maps[index], self.next_momentum[index] = velocity, columns["momentum"]
+        done = (transfer, direct, following, step_map)  # S_{t+1} is read for the last time above
+        self._spare[index] += [m for m in done if m is not None and m is not velocity]
         return embedding
+
+    def _work(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """A matrix of ``like``'s shape for group ``index``: one an earlier step of the momentum form left, else new
+        (a new ``[K, K]`` of 46 MB is faulted into memory page by page, ~10 ms on the CPU: more than a pass over
+        it)."""
+        spare = self._spare[index]
+        return spare.pop() if spare else torch.empty_like(like)
 
     def block(self, records: list[StepRecord], update: bool = True) -> list[dict[str, torch.Tensor]]:
         """Embed several consecutive steps at once; equal to :meth:`step` on each, latest first (round-off).
@@ -311,9 +325,10 @@ class BackwardRecursion:
         if "kappa" not in record.vectors:
             return None
         kappa = _cat_vector(record.vectors["kappa"], group, transfer.dtype)
-        second = transfer * kappa
-        if self.second_moment_maps[index] is not None:
-            second.addcmul_(self.second_moment_maps[index], self.next_decay[index])
+        second = torch.mul(transfer, kappa, out=self._work(index, transfer))
+        if (following := self.second_moment_maps[index]) is not None:
+            second.addcmul_(following, self.next_decay[index])
+            self._spare[index].append(following)
         self.second_moment_maps[index], self.next_decay[index] = second, columns["v_decay"]
         batch_grad = _cat_vector(record.vectors["batch_grad"], group, transfer.dtype)
         return second, batch_grad * columns["v_gain"]

@@ -19,7 +19,8 @@ from tests.script_runner import launch, read_run
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # ddp_recursion first: its --quick forks its ranks, best from a process that has not yet run other scripts
 QUICK = ["ddp_recursion", "capture_overhead", "recursion_scaling", "fidelity", "flop_floor", "step_breakdown",
-         "step_phases", "dattri_compare", "mislabel", "replay_cost", "clip_recursion", "replay_memory"]
+         "step_phases", "dattri_compare", "mislabel", "replay_cost", "clip_recursion", "replay_memory",
+         "momentum_recursion"]
 
 
 def available(name: str) -> bool:
