@@ -514,9 +514,10 @@ def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(t
 def test_a_failed_embedding_write_or_read_on_rank_one_with_segments_leaves_rank_zero_no_embeddings(
     tmp_path: Path, failure: str
 ) -> None:
-    """With segments every rank writes its own layers, then reads them back to send them to rank 0; a full disk
-    or a failed read on rank 1 must not let rank 0 finish a store whose rank-1 layers are zeros (it did: that
-    store loaded and scored without an error)."""
+    """With segments every rank writes its own layers (into rank 0's arrays where it sees them; on separate disks
+    into its own, then reads them back to send them to rank 0); a full disk, or a failed read on rank 1's disk,
+    must not let rank 0 finish a store whose rank-1 layers are zeros (it did: that store loaded and scored without
+    an error)."""
     args = (["--fail-embedding-write", "1", "--fail-embedding-rank", "1"] if failure == "write"
             else ["--fail-embedding-read", "1", "--separate-disks"])
     proc = run_script("ddp", tmp_path, *args, "--segments", "3", "--epochs", "1", timeout=200, external=True)
