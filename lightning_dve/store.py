@@ -298,18 +298,17 @@ class TrajectoryStore:
         return applied.reshape(len(self.steps), len(self.layer_names))
 
     def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype, token: int | None = None) -> None:
-        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`); with a
-        ``token`` (DDP), rank 0's store leaves it in the unfinished folder, and another rank's shard joins the arrays
-        of the folder holding it instead (:meth:`EmbeddingWriter.share`). Raises a :class:`StoreError` if the disk
-        cannot hold them, or a shard does not see rank 0's folder holding ``token``."""
+        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`). With a DDP
+        ``token``, rank 0's store leaves it in the unfinished folder, and another rank's shard joins the arrays of the
+        folder holding it instead (or raises a :class:`StoreError`, as where the disk cannot hold them)."""
         joins = token is not None and self.manifest.get("rank", 0) > 0
         if not joins:
             self.truncate_for_resume()
             self.discard_embeddings()
         layers = {name: (position, widths[name]) for position, name in enumerate(self.layer_names) if name in widths}
-        root = self.root.parents[1] if joins else self.root  # a shard is rank 0's shards/rank_N
-        self._embedding_writer = EmbeddingWriter(root / EMBEDDINGS, self.settings_hash, layers, dtype, self.steps,
-                                                 self.manifest["rows"], token if joins else None)
+        self._embedding_writer = EmbeddingWriter(  # a shard's folder is rank 0's shards/rank_N
+            (self.root.parents[1] if joins else self.root) / EMBEDDINGS, self.settings_hash, layers, dtype,
+            self.steps, self.manifest["rows"], token if joins else None)
         if token is not None and not joins:
             self._embedding_writer.share(token)
 

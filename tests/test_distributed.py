@@ -497,16 +497,21 @@ def test_a_tied_weight_refused_by_one_rank_stops_both(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failed_embedding_write_on_rank_zero_stops_both_ranks_with_its_error(tmp_path: Path) -> None:
-    """Rank 0 writes every embedding at train end; a full disk there used to leave rank 1 in the next collective
-    (gloo: "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failed_embedding_write_on_one_rank_stops_both_ranks_with_its_error(tmp_path: Path, rank: int) -> None:
+    """A full disk at train end, on rank 0 (which writes every embedding where the disks are apart) or on rank 1
+    (writing its layers into rank 0's arrays): rank 0's used to leave rank 1 in the next collective (gloo:
+    "connection closed"; NCCL: a hang until the timeout). The ranks keep their collectives going and agree, and
+    rank 0 finishes no embeddings."""
     start = time.monotonic()
-    proc = run_script("ddp", tmp_path, "--fail-embedding-write", "1", "--epochs", "1", timeout=200, external=True)
+    proc = run_script("ddp", tmp_path, "--fail-embedding-write", "1", "--fail-embedding-rank", str(rank), "--epochs",
+                      "1", timeout=200, external=True)
     assert proc.returncode != 0
-    assert "embeddings/step_1: the disk is full" in proc.stderr  # rank 0's own error
-    assert "another rank failed in DataValueEmbedding" in proc.stderr  # rank 1 stops with it
+    assert "embeddings/step_1: the disk is full" in proc.stderr  # the failing rank's own error
+    assert "another rank failed in DataValueEmbedding" in proc.stderr  # the other rank stops with it
     assert "Connection closed by peer" not in proc.stderr
     assert time.monotonic() - start < 55, "a rank waited for the 60s gloo timeout"
+    assert not [p for p in (tmp_path / "dve_ddp").rglob("embeddings*") if p.is_dir()]
 
 
 @pytest.mark.slow
