@@ -276,7 +276,7 @@ def ddp_recursion(args: argparse.Namespace, layers: dict[str, int], batch: int, 
         "train_end_bytes_rank0_separate_disks": {"received": embed_bytes["received"], "sent": embed_bytes["sent"],
                                                  "calls": embed_bytes["calls"]},
         "train_end_bytes_rank0": {key: two[0]["ranks"][0][key] for key in ("received", "sent", "calls")},
-        "foreign_load": [x["foreign_load"] for x in one + two],
+        "foreign_load": [x["foreign_load"] for x in one + two + apart],
     })
 
 
