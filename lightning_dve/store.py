@@ -298,9 +298,8 @@ class TrajectoryStore:
         return applied.reshape(len(self.steps), len(self.layer_names))
 
     def begin_embeddings(self, widths: dict[str, int], dtype: torch.dtype, token: int | None = None) -> None:
-        """Create the embedding arrays ``{layer: k_l}`` for every recorded step (:class:`EmbeddingWriter`). With a DDP
-        ``token``, rank 0's store leaves it in the unfinished folder, and another rank's shard joins the arrays of the
-        folder holding it instead (or raises a :class:`StoreError`, as where the disk cannot hold them)."""
+        """Create the embedding arrays ``{layer: k_l}`` of every step (:class:`EmbeddingWriter`): rank 0 leaves a DDP
+        ``token`` in them, another rank's shard joins the arrays holding it (else, or on a full disk, StoreError)."""
         joins = token is not None and self.manifest.get("rank", 0) > 0
         if not joins:
             self.truncate_for_resume()
