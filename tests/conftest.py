@@ -7,6 +7,7 @@ trained with plain SGD on mean cross-entropy; subclass it (``mlp_cls`` fixture) 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,34 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.helpers import DigitsDataset
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist's workers (addopts: ``-n auto``)
+if WORKERS > 1:  # the cores shared out: two workers of 2 threads each on 2 cores spin against each other (2x slower)
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and the scripts the tests start
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses a module-scoped fixture (built once per worker that runs a test of the module)."""
+    return any(definition.scope == "module" for definitions in item._fixtureinfo.name2fixturedefs.values()
+               for definition in definitions)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the tests that share a module-scoped fixture on one worker and run them first, then the other slow
+    tests, then the rest.
+
+    With ``--dist loadgroup --no-loadscope-reorder`` (addopts) the workers take the work in this order, so the long
+    units (a DDP launch, the example and benchmark scripts) start at once and the short tests fill the end evenly.
+    """
+    shared = [item for item in items if _shares_a_module_fixture(item)]
+    for item in shared:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    shared_ids = {id(item) for item in shared}
+    # stable: a module's shared tests stay together and in order
+    items.sort(key=lambda item: 0 if id(item) in shared_ids else 1 if item.get_closest_marker("slow") else 2)
 
 
 class DigitsDict(DigitsDataset):
