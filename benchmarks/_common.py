@@ -37,8 +37,10 @@ from torch import nn  # noqa: E402
 
 
 def setup(threads: int) -> None:
-    """Fix the intra-op thread count and silence Lightning's info lines and loader warnings."""
-    torch.set_num_threads(threads)
+    """Fix the intra-op thread count (at most ``OMP_NUM_THREADS`` where that is set: the test suite's workers
+    share the cores out) and silence Lightning's info lines and loader warnings."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning",
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.ERROR)
