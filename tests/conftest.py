@@ -3,6 +3,9 @@
 Items are ``{"x": float32 [64], "y": long, "index": long}`` where ``index`` is the digit's index in sklearn's
 ``load_digits`` (a stable sample id). The MLP is ``net = Linear(64, hidden) -> Tanh -> Linear(hidden, 10)``
 trained with plain SGD on mean cross-entropy; subclass it (``mlp_cls`` fixture) to vary one hook.
+
+The suite runs on pytest-xdist workers (``pyproject.toml`` addopts); the hooks below set how many, their threads,
+the order of the tests and which tests share a worker.
 """
 
 from __future__ import annotations
