@@ -1,8 +1,8 @@
 """End-to-end fidelity of DataValueEmbedding against float64 ground truth (``tests/oracles.py``).
 
 Setting: 384 real digits (sklearn), a 64-32-10 tanh MLP, plain SGD lr 0.1, batch 32, 3 epochs (36 steps, 1152
-occurrences), a new seeded permutation each epoch; 16 held-out test points. Run with ``pytest -s`` to see the
-measured figures.
+occurrences), a new seeded permutation each epoch; 16 held-out test points. Run with ``pytest -n0 -s`` to see
+the measured figures (workers do not pass printed output on).
 
 The oracle is checked on its own first (replay vs a torch training loop, vmap gradients vs a per-example loop,
 three forms of the product agree, and the product with the true Hessian equals the finite-difference derivative
