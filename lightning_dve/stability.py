@@ -66,13 +66,13 @@ class ExpansionWatch:
 
     def observe(self, records: list[StepRecord], embeddings: list[dict[str, torch.Tensor]]) -> None:
         """Note each of ``records``' ratio ``r`` (module docstring) where it exceeds 1, and the steps whose
-        ``embeddings`` (``{layer: [B, k_l]}`` of each record) are not finite, checked a layer at a time."""
+        ``embeddings`` (``{layer: [B, k_l]}`` of each record) are not finite."""
         ratios = [self.ratio(record) for record in records]
-        sizes = [record.sample_ids.numel() for record in records]
-        finite = torch.ones(sum(sizes), dtype=torch.bool)
-        for name in embeddings[0] if embeddings else ():
-            finite &= torch.cat([e[name] for e in embeddings]).isfinite().all(dim=1).cpu()
-        steps = [record.step for record, rows in zip(records, finite.split(sizes)) if not bool(rows.all())]
+        # one pass, no copy: a float64 sum is finite exactly where every value is (float32 rows cannot overflow it;
+        # float64 ones only beyond 1e308, where every score with them overflows too)
+        sums = [rows.sum(dtype=torch.float64) for e in embeddings for rows in e.values()]
+        finite = torch.stack(sums).isfinite().cpu().split([len(e) for e in embeddings]) if sums else ()
+        steps = [record.step for record, ok in zip(records, finite) if not bool(ok.all())]
         with self._lock:
             for record, ratio in zip(records, ratios):
                 if ratio > 1.0:
