@@ -69,7 +69,7 @@ class ExpansionWatch:
         ``embeddings`` (``{layer: [B, k_l]}`` of each record) are not finite."""
         ratios = [self.ratio(record) for record in records]
         # one pass, no copy: a float64 sum is finite exactly where every value is (float32 rows cannot overflow it;
-        # float64 ones only beyond 1e308, where every score with them overflows too)
+        # float64 rows only where their sum passes 1e308)
         sums = [rows.sum(dtype=torch.float64) for e in embeddings for rows in e.values()]
         finite = torch.stack(sums).isfinite().cpu().split([len(e) for e in embeddings]) if sums else ()
         steps = [record.step for record, ok in zip(records, finite) if not bool(ok.all())]

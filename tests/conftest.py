@@ -55,12 +55,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     With ``--dist loadgroup --no-loadscope-reorder`` (addopts) the workers take the work in this order, so the long
     units (a DDP launch, the example and benchmark scripts) start at once and the short tests fill the end evenly.
     """
-    shared = [item for item in items if _shares_a_module_fixture(item)]
-    for item in shared:
-        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    shared_ids = {id(item) for item in shared}
+    for item in items:
+        if _shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     # stable: a module's shared tests stay together and in order
-    items.sort(key=lambda item: 0 if id(item) in shared_ids else 1 if item.get_closest_marker("slow") else 2)
+    items.sort(key=lambda item: 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow")
+               else 2)
 
 
 class DigitsDict(DigitsDataset):
