@@ -147,7 +147,7 @@ def embed_worker(rank: int, world: int, port: int, roots: list[str], segments: i
                  separate: bool = False) -> None:
     """One rank: open its store, barrier, ``embed_trajectory``, barrier; write timings and byte counts. With
     ``separate`` the ranks act as if on machines with their own disks: rank 1 does not join rank 0's embeddings
-    (``recursion_ranks._join_rank_zero``), so they are gathered to rank 0."""
+    (``recursion_ranks.join_rank_zero``), so they are gathered to rank 0."""
     _init(rank, world, port)
     C.setup(1)
     from lightning_dve import distributed, recursion_ranks, sync

@@ -2,7 +2,7 @@
 
 Each rank runs the recursion for the layer groups it owns (:func:`~lightning_dve.sync.assign_groups`), streaming
 its store backwards in blocks, and writes their embeddings into rank 0's arrays
-(:mod:`~lightning_dve.embedding_arrays`) where it sees them (:func:`_join_rank_zero`); elsewhere
+(:mod:`~lightning_dve.embedding_arrays`) where it sees them (:func:`join_rank_zero`); elsewhere
 :func:`gather_embeddings` brings them to rank 0, which writes them. Segments (influence checkpointing) run in
 parallel threads, each from ``M = 0``, and their factors ``I - M_seg`` are stored for queries to chain.
 """
@@ -153,11 +153,11 @@ def embed_trajectory(
 
     token = secrets.randbelow(2**62) + 1 if comm.world_size > 1 else None  # rank 0's, for the ranks that see it
     if comm.rank == 0:
-        _attempt(errors, partial(store.begin_embeddings, {n: dims[n] for n in store.layer_names}, dtype, token))
-    shared = token is not None and _join_rank_zero(comm, store, owned[comm.rank], dims, dtype, token, errors)
+        attempt(errors, partial(store.begin_embeddings, {n: dims[n] for n in store.layer_names}, dtype, token))
+    shared = token is not None and join_rank_zero(comm, store, owned[comm.rank], dims, dtype, token, errors)
     merge_after = len(bounds) > 1 and comm.world_size > 1 and not shared  # each rank writes its layers, then merges
     if merge_after and comm.rank > 0:
-        _attempt(errors, partial(store.begin_embeddings, {name: dims[name] for name in owned[comm.rank]}, dtype))
+        attempt(errors, partial(store.begin_embeddings, {name: dims[name] for name in owned[comm.rank]}, dtype))
     with bar:
         if len(bounds) == 1:  # no factors needed: the single segment's embeddings are final
             run(0, merge=comm.world_size > 1 and not shared)
@@ -170,14 +170,14 @@ def embed_trajectory(
                     _merge_embeddings_on_rank_zero(comm, store, owned, dims, dtype, errors)
                 factors = [{}] + [_gather_factors(comm, owned, layout, f, dtype) for f in factors[1:]]
     if shared and comm.rank > 0:
-        _attempt(errors, store.finish_embeddings)  # closed, every row written
+        attempt(errors, store.finish_embeddings)  # closed, every row written
     elsewhere = [name for names in owned[1:] for name in names] if shared else []
     _finish(comm, store, bounds, factors, errors[0] if errors else None, elsewhere)
     return _merged(comm, watch)
 
 
-def _join_rank_zero(comm: Communicator, store: TrajectoryStore, names: list[str], dims: dict[str, int],
-                    dtype: torch.dtype, token: int, errors: list[DVEError]) -> bool:
+def join_rank_zero(comm: Communicator, store: TrajectoryStore, names: list[str], dims: dict[str, int],
+                   dtype: torch.dtype, token: int, errors: list[DVEError]) -> bool:
     """Collective: whether every rank writes its own layers' embeddings (``names``) straight into rank 0's arrays.
 
     They can where every rank sees rank 0's folder (one machine, or a shared file system), found by the random
@@ -300,10 +300,10 @@ def _write_pending(
         pending = [(record, {**{n: e[n].to(dtype) for n in owned[0]}, **{n: parts[n][i] for n in parts}})
                    for i, (record, e) in enumerate(pending)]
     for record, embeddings in pending:
-        _attempt(errors, partial(store.write_embeddings, record.step, embeddings, record.sample_ids))
+        attempt(errors, partial(store.write_embeddings, record.step, embeddings, record.sample_ids))
 
 
-def _attempt(errors: list[DVEError], write: Callable[[], None]) -> None:
+def attempt(errors: list[DVEError], write: Callable[[], None]) -> None:
     """``write()`` unless a write has failed already; keep its error in ``errors`` instead of raising it here."""
     if errors:
         return
@@ -320,12 +320,12 @@ def _merge_embeddings_on_rank_zero(
     """Collective: write every other rank's owned layers into rank 0's embeddings, step by step (a failed write
     goes to ``errors``, as in :func:`_write_pending`)."""
     if comm.rank != 0:
-        _attempt(errors, store.finish_embeddings)  # its own layers, then read back to send them
+        attempt(errors, store.finish_embeddings)  # its own layers, then read back to send them
     for step, rows in zip(store.steps, store.manifest["rows"]):
         local = _own_rows(store, step, rows, owned[comm.rank], dims, dtype, errors) if comm.rank != 0 else {}
         received = gather_embeddings(comm, owned, dims, [local], rows, dtype)
         if comm.rank == 0:
-            _attempt(errors, partial(store.write_embeddings, step, received, None))
+            attempt(errors, partial(store.write_embeddings, step, received, None))
     if comm.rank != 0:
         store.delete_embeddings()  # sent: rank 0 holds every embedding, a copy here would only take disk space
 

@@ -16,7 +16,7 @@ row and step: ``sum_l k_l`` rows carried back through a replay of the run, for s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -130,26 +130,45 @@ def write_replayed(store: TrajectoryStore, widths: dict[str, int],
     Raises:
         StoreError: a failed write.
     """
-    # the occurrences' ids, as the embeddings being replaced hold them (the step files are not read again)
-    ids = store.embedding_arrays().sample_ids(0, len(store.steps)).split(store.manifest["rows"])
-    store.begin_embeddings(widths, accumulation_dtype(store.manifest["storage_dtype"]))
+    ids = begin_replayed(store, widths)
     try:
         for (step, embeddings), step_ids in zip(steps, ids, strict=True):
             store.write_embeddings(step, embeddings, step_ids)
-        # unfinished while the folder is replaced: a process killed there leaves no embeddings under the wrong label
-        before = {key: store.manifest.get(key) for key in ("embeddings", "embeddings_source")}
-        try:
-            store.manifest.update(embeddings=None, embeddings_source="replay")
-            store.write_manifest()
-            store.finish_embeddings()
-        except StoreError:
-            store.manifest.update(before)  # the earlier embeddings stay, and so does their manifest
-            store.write_manifest()
-            raise
-        store.manifest["embeddings"] = "complete"
-        store.record_disk_use()  # writes the manifest
+        finish_replayed(store)
     finally:
         store.discard_embeddings()
+
+
+def begin_replayed(store: TrajectoryStore, widths: dict[str, int], token: int | None = None) -> list[torch.Tensor]:
+    """Begin the replayed embeddings of ``widths``' layers (beside the earlier ones, which stay until
+    :func:`finish_replayed`; ``token``: other DDP ranks may join them, :meth:`TrajectoryStore.begin_embeddings`).
+
+    Returns:
+        each step's sample ids, as the embeddings being replaced hold them (the step files are not read again).
+    """
+    ids = list(store.embedding_arrays().sample_ids(0, len(store.steps)).split(store.manifest["rows"]))
+    store.begin_embeddings(widths, accumulation_dtype(store.manifest["storage_dtype"]), token)
+    return ids
+
+
+def finish_replayed(store: TrajectoryStore, elsewhere: Sequence[str] = ()) -> None:
+    """Put the replayed embeddings in place and label them, every row written (``elsewhere``'s by other ranks).
+
+    Raises:
+        StoreError: a failed write; the earlier embeddings and their manifest stay.
+    """
+    # unfinished while the folder is replaced: a process killed there leaves no embeddings under the wrong label
+    before = {key: store.manifest.get(key) for key in ("embeddings", "embeddings_source")}
+    try:
+        store.manifest.update(embeddings=None, embeddings_source="replay")
+        store.write_manifest()
+        store.finish_embeddings(elsewhere)
+    except StoreError:
+        store.manifest.update(before)  # the earlier embeddings stay, and so does their manifest
+        store.write_manifest()
+        raise
+    store.manifest["embeddings"] = "complete"
+    store.record_disk_use()  # writes the manifest
 
 
 def replay_embeddings(store: TrajectoryStore, replayer: Replayer, projections: dict[str, LayerProjection]

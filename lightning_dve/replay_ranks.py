@@ -1,24 +1,29 @@
-"""Replayed embeddings at train end, on one process or spread over the DDP ranks, written on rank 0.
+"""Replayed embeddings at train end, on one process or spread over the DDP ranks, put in place by rank 0.
 
 The layer groups are already spread over the ranks for the recursion (:func:`~lightning_dve.sync.assign_groups`);
 the replay of the projection rows (:mod:`~lightning_dve.replay_embeddings`) splits the same way: each rank replays
 the run from its own replay checkpoints (the parameters and the recorded global batches are the same on every
-rank) and carries back only the rows of its layers, and :func:`~lightning_dve.recursion_ranks.gather_embeddings`
-brings them to rank 0 step by step. A failure on any rank leaves the recursion's embeddings on every rank.
+rank) and carries back only the rows of its layers. As the recursion's (:mod:`~lightning_dve.recursion_ranks`),
+each rank writes them into rank 0's arrays where it sees them; elsewhere
+:func:`~lightning_dve.recursion_ranks.gather_embeddings` brings them to rank 0 step by step. A failure on any
+rank leaves the recursion's embeddings on every rank.
 """
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
 from .distributed import Communicator
 from .errors import DVEError
 from .records import accumulation_dtype
-from .recursion_ranks import gather_embeddings
+from .recursion_ranks import attempt, gather_embeddings, join_rank_zero
 from .replay import ReplayCost
-from .replay_embeddings import step_embeddings, write_replayed
+from .replay_embeddings import begin_replayed, finish_replayed, step_embeddings
 from .store import TrajectoryStore
 
 #: ``layers -> (rows [rows, occurrences], each layer's row range, cost)``: this rank's carried rows
@@ -40,29 +45,56 @@ def replay_on_ranks(comm: Communicator, store: TrajectoryStore, owned: list[list
 
     Returns:
         this rank's replay cost (``None`` where it owns no layer or the replay failed), and why the recursion's
-        embeddings stay (``None`` when they were replaced): every failed rank's error, or rank 0's failed write
-        (its message on rank 0 only).
+        embeddings stay (``None`` when they were replaced): every failed rank's error.
     """
     scores, ranges, cost, failure = torch.zeros(0, 0), {}, None, ""
     try:
         if owned[comm.rank]:
             scores, ranges, cost = carry(owned[comm.rank])
     except DVEError as err:
-        failure = f"rank {comm.rank}: {err}" if comm.world_size > 1 else str(err)
-    failures = [text for text in _gather_text(comm, failure) if text]
-    if failures:
-        return None, "; ".join(failures)
-    blocks = _gathered(comm, store, owned, dims, scores, ranges)
-    try:
-        if comm.rank == 0:
-            write_replayed(store, dims, blocks)
-    except DVEError as err:
         failure = str(err)
-    finally:
-        for _ in blocks:  # the other ranks are still sending: finish the collectives
-            pass
-    comm.any(bool(failure))  # a barrier: once it returns, every rank may read rank 0's store
-    return (None, failure) if failure else (cost, None)
+    failures = _failures(comm, failure)
+    if not failures:
+        failures = _write(comm, store, owned, dims, scores, ranges)
+    return (None, "; ".join(failures)) if failures else (cost, None)
+
+
+def _write(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int],
+           scores: torch.Tensor, ranges: dict[str, slice]) -> list[str]:
+    """Collective: the carried rows written as every layer's embeddings in rank 0's arrays, and put in place there.
+
+    Returns:
+        every failed rank's error (then the earlier embeddings stay); ``[]`` once they are in place.
+    """
+    errors: list[DVEError] = []
+    ids: list[torch.Tensor] = []
+    token = secrets.randbelow(2**62) + 1 if comm.world_size > 1 else None  # rank 0's, for the ranks that see it
+    if comm.rank == 0:
+        attempt(errors, lambda: ids.extend(begin_replayed(store, dims, token)))
+    dtype = accumulation_dtype(store.manifest["storage_dtype"])
+    shared = token is not None and join_rank_zero(comm, store, owned[comm.rank], dims, dtype, token, errors)
+    steps = (((step, mine) for step, _, mine in step_embeddings(store, scores, ranges)) if shared
+             else _gathered(comm, store, owned, dims, scores, ranges))
+    for (step, embeddings), step_ids in zip(steps, ids or itertools.repeat(None)):  # runs every gather to its end
+        attempt(errors, partial(store.write_embeddings, step, embeddings, step_ids))
+    if shared and comm.rank > 0:
+        attempt(errors, store.finish_embeddings)  # closed, every row written
+    failures = _failures(comm, str(errors[0]) if errors else "")
+    if comm.rank == 0 and not failures:
+        try:
+            finish_replayed(store, [name for names in owned[1:] for name in names] if shared else [])
+        except DVEError as err:
+            failures = [str(err)]
+    if comm.any(bool(failures)):  # also a barrier: once it returns, every rank may read rank 0's store
+        store.discard_embeddings()
+        failures = failures or ["rank 0 could not put the replayed embeddings in place"]
+    return failures
+
+
+def _failures(comm: Communicator, failure: str) -> list[str]:
+    """Collective: every rank's non-empty ``failure``, named by its rank under DDP."""
+    texts = _gather_text(comm, failure)
+    return [text if comm.world_size == 1 else f"rank {rank}: {text}" for rank, text in enumerate(texts) if text]
 
 
 def _gathered(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int],

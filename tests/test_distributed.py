@@ -170,9 +170,10 @@ def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str,
         "index.safetensors", "layer_000.npy", "layer_001.npy", "layer_002.npy", "sample_ids.npy"]
 
 
-def gathers(run: Path, rank: int) -> int:
-    """The train end's gathers of embeddings to rank 0 on ``rank`` (``ddp_run.separate_disks``)."""
-    return int((run / f"gathers_rank{rank}.txt").read_text())
+def gathers(run: Path, rank: int, kind: str = "recursion") -> int:
+    """The train end's gathers of the recursion's or the replayed (``kind``) embeddings to rank 0 on ``rank``
+    (``ddp_run.separate_disks``)."""
+    return int(json.loads((run / f"gathers_rank{rank}.json").read_text())[kind])
 
 
 @pytest.mark.slow
@@ -229,13 +230,13 @@ def test_two_ranks_with_segments_equal_single_process(
     assert [gathers(suite / "ddp" / "segments", rank) for rank in (0, 1)] == [0, 0]
 
 
-def assert_ddp_equals_single(suite: Path, run: str) -> None:
-    """The run on 1 process and on 2 ranks: same embeddings and scores, and the same ``checkpoint_interval="auto"``
-    (sized on every rank's rows, also when rank 0 keeps no layer)."""
+def assert_ddp_equals_single(suite: Path, run: str, single: str | None = None) -> None:
+    """The run on 2 ranks and on 1 process (``single``'s run there, default the same): same embeddings and scores,
+    and the same ``checkpoint_interval="auto"`` (sized on every rank's rows, also when rank 0 keeps no layer)."""
     runs, intervals = {}, {}
-    for mode in ("single", "ddp"):
-        runs[mode] = scores(suite, mode, run)
-        intervals[mode] = json.loads((suite / mode / run / f"dve_{mode}" / "checkpoints" / "replay.json").read_text())
+    for mode, name in (("single", single or run), ("ddp", run)):
+        runs[mode] = scores(suite, mode, name)
+        intervals[mode] = json.loads((suite / mode / name / f"dve_{mode}" / "checkpoints" / "replay.json").read_text())
     assert intervals["ddp"]["interval"] == intervals["single"]["interval"]
     assert_same_embeddings(runs["ddp"], runs["single"])
     assert_same_scores(runs["ddp"], runs["single"])
@@ -350,14 +351,17 @@ def test_a_ddp_store_replays_in_one_process_as_the_single_process_store(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["replay", "replay_full"])
+@pytest.mark.parametrize("run", ["replay", "replay_full", "replay_gathered"])
 def test_replayed_embeddings_at_train_end_on_two_ranks(suite: Path, single_reference: dict[str, torch.Tensor],
                                                        run: str) -> None:
     """``embeddings="replay"`` under DDP: each rank replays the run from its own checkpoints and carries back the
     rows of the layers it owns (per layer: rank 0 two layers, rank 1 one; ``layout="full"``: rank 1 every layer,
-    rank 0 none), and rank 0 writes them all. The same embeddings and scores as one process; unprojected they
-    equal ``exact_influence`` (the oracle), not the recursion's scores."""
-    assert_ddp_equals_single(suite, run)
+    rank 0 none) and writes them into rank 0's arrays, or, where it cannot see them (``replay_gathered``, as on
+    separate disks), sends them to rank 0, which writes them. The same embeddings and scores as one process;
+    unprojected they equal ``exact_influence`` (the oracle), not the recursion's scores."""
+    assert_ddp_equals_single(suite, run, "replay" if run == "replay_gathered" else None)
+    sent = [gathers(suite / "ddp" / run, rank, "replay") for rank in (0, 1)]
+    assert min(sent) > 0 if run == "replay_gathered" else sent == [0, 0]
     root = suite / "ddp" / run / "dve_ddp"
     emb, model, data, test = in_one_process(root, "sgd")
     assert emb.store.manifest["embeddings_source"] == "replay"
@@ -381,6 +385,28 @@ def test_a_replay_refused_on_one_rank_keeps_the_recursions_embeddings_on_both(
     stderr = " ".join((suite / "ddp" / "stderr.txt").read_text().split())
     assert ("embeddings='replay' could not replay this run (rank 1: replay refused on this rank (injected)); the "
             "report and the store keep the recursion's embeddings.") in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failed_replay_write_on_one_rank_keeps_the_recursions_embeddings_on_both(tmp_path: Path, rank: int) -> None:
+    """A full disk while the ranks write the replayed embeddings into rank 0's arrays (rank 1 its own layers): the
+    fit finishes, rank 0 warns with the failed rank's error, and the store keeps the recursion's embeddings, whole
+    and labelled as such (the replayed ones, unprojected, would equal ``exact_influence``)."""
+    proc = run_script("ddp", tmp_path, "--embeddings", "replay", "--fail-embedding-write", "1",
+                      "--fail-embedding-rank", str(rank), "--fail-embedding-call", "2", timeout=200, external=True)
+    assert proc.returncode == 0, rank_tails(proc.stderr)
+    stderr = " ".join(proc.stderr.split())
+    assert f"embeddings='replay' could not replay this run (rank {rank}: " in stderr
+    assert "embeddings/step_1: the disk is full" in stderr and "the store keep the recursion's embeddings" in stderr
+    root = tmp_path / "dve_ddp"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert (manifest["embeddings"], manifest["embeddings_source"]) == ("complete", "recursion")
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("embeddings")) == ["embeddings"]
+    emb, model, data, test = in_one_process(root, "sgd")
+    exact = emb.exact_influence(model, test, per_step=True, dataset=data).scores
+    recorded = load_file(str(tmp_path / "scores_ddp.safetensors"))["scores"]
+    assert recorded.isfinite().all() and not torch.allclose(recorded, exact, rtol=1e-3)
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings, callback_setup, recursion_ranks, step_files
+from lightning_dve import (DataValueEmbedding, DataValueEmbeddings, callback_setup, recursion_ranks, replay_ranks,
+                           step_files)
 from lightning_dve.errors import StoreError, UnsupportedError
 from lightning_dve.files import write_error
 from lightning_dve.store import TrajectoryStore
@@ -150,12 +151,14 @@ class GlobalBatches:
         return -(-(-(-N_TRAIN // WORLD)) // PER_RANK_BATCH)
 
 
-def fail_embedding_write(step: int, rank: int) -> None:
-    """Make ``rank``'s ``write_embeddings`` of ``step`` fail as on a full disk."""
-    original = TrajectoryStore.write_embeddings
+def fail_embedding_write(step: int, rank: int, call: int = 1) -> None:
+    """Make ``rank``'s ``call``-th ``write_embeddings`` of ``step`` fail as on a full disk (2: the replayed
+    embeddings' write, after the recursion's)."""
+    original, calls = TrajectoryStore.write_embeddings, [0]
 
     def failing(store: TrajectoryStore, at: int, *args: object) -> None:
-        if at == step and int(os.environ.get("LOCAL_RANK", "0")) == rank:
+        calls[0] += at == step
+        if at == step and calls[0] == call and int(os.environ.get("LOCAL_RANK", "0")) == rank:
             raise write_error(store.root / "embeddings" / f"step_{at}", OSError(errno.ENOSPC, "No space left on device"))
         original(store, at, *args)
 
@@ -183,27 +186,36 @@ def replay_refused_on(rank: int) -> Iterator[None]:
 @contextlib.contextmanager
 def separate_disks(separate: bool) -> Iterator[None]:
     """Within the block (if ``separate``), no rank but 0 sees rank 0's embeddings as it writes them, as when each
-    machine has its own disk: every rank's embeddings are gathered to rank 0. Counts the gathers in ``GATHERS``."""
-    original, gather = TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings
+    machine has its own disk: every rank's embeddings are gathered to rank 0. Counts the gathers of the recursion's
+    and of the replayed embeddings in ``GATHERS``."""
+    original = TrajectoryStore.begin_embeddings
+    modules = {"recursion": recursion_ranks, "replay": replay_ranks}
+    gathers = {kind: module.gather_embeddings for kind, module in modules.items()}
 
     def unseen(store: TrajectoryStore, widths: object, dtype: object, token: object = None) -> None:
         if token is not None and separate and store.manifest.get("rank", 0) > 0:
             raise StoreError("rank 0's embeddings are on another machine's disk (injected)")
         original(store, widths, dtype, token)
 
-    def counted(*args: object) -> object:
-        GATHERS[0] += 1
-        return gather(*args)
+    def counted(kind: str) -> object:
+        def gather(*args: object) -> object:
+            GATHERS[kind] += 1
+            return gathers[kind](*args)
+        return gather
 
-    GATHERS[0] = 0
-    TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings = unseen, counted
+    GATHERS.update(recursion=0, replay=0)
+    TrajectoryStore.begin_embeddings = unseen
+    for kind, module in modules.items():
+        module.gather_embeddings = counted(kind)
     try:
         yield
     finally:
-        TrajectoryStore.begin_embeddings, recursion_ranks.gather_embeddings = original, gather
+        TrajectoryStore.begin_embeddings = original
+        for kind, module in modules.items():
+            module.gather_embeddings = gathers[kind]
 
 
-GATHERS = [0]  # the train end's gathers of embeddings to rank 0 in the last fit (separate_disks)
+GATHERS = {"recursion": 0, "replay": 0}  # the train end's gathers of embeddings to rank 0 in the last fit
 
 
 def fail_embedding_read(rank: int) -> None:
@@ -248,10 +260,12 @@ SUITE: dict[str, dict[str, object]] = {
     "replay": {"embeddings": "replay"},  # each rank replays its own layers' rows
     "replay_full": {"embeddings": "replay", "layout": "full"},  # rank 1 replays them all, rank 0 none
     "replay_refused": {"embeddings": "replay", "refuse_replay_rank": 1},  # both keep the recursion's embeddings
+    "replay_gathered": {"embeddings": "replay", "separate_disks": True},  # rank 1's replayed rows sent to rank 0
     "gathered": {"separate_disks": True},  # rank 1's embeddings sent to rank 0, as between machines
     "segments_gathered": {"segments": 3, "separate_disks": True},  # rank 1 writes its own, then sends them
 }
-DDP_ONLY = ("resume", "segments", "rank0_head", "replay_refused", "gathered", "segments_gathered")
+DDP_ONLY = ("resume", "segments", "rank0_head", "replay_refused", "gathered", "segments_gathered",
+            "replay_gathered")
 
 
 def parse_args() -> argparse.Namespace:
@@ -280,6 +294,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
                         help="the embedding write of this step fails with a full disk at train end")
     parser.add_argument("--fail-embedding-rank", type=int, default=0, help="on this rank")
+    parser.add_argument("--fail-embedding-call", type=int, default=1, help="at the step's n-th write (2: the replay's)")
     parser.add_argument("--fail-embedding-read", type=int, default=-1,
                         help="this rank's read of its own embeddings fails (segments under DDP send them to rank 0)")
     parser.add_argument("--separate-disks", action="store_true", help="rank 1 cannot see rank 0's embeddings")
@@ -323,7 +338,7 @@ def fit(args: argparse.Namespace) -> None:
         with replay_refused_on(args.refuse_replay_rank), separate_disks(args.separate_disks):
             trainer.fit(model, loader)
         if args.mode == "ddp":
-            (args.out / f"gathers_rank{trainer.global_rank}.txt").write_text(str(GATHERS[0]))
+            (args.out / f"gathers_rank{trainer.global_rank}.json").write_text(json.dumps(GATHERS))
     if args.mode == "ddp" and not trainer.is_global_zero:  # rank 1 reads rank 0's save_dir (shared here); its exit
         (args.out / "rank1_steps.json").write_text(json.dumps(dve.embeddings.steps))  # status is not the script's
         return
@@ -345,7 +360,7 @@ def save_scores(args: argparse.Namespace, emb: DataValueEmbeddings, model: MLP, 
 def main() -> None:
     args = parse_args()
     if args.fail_embedding_write >= 0:
-        fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank)
+        fail_embedding_write(args.fail_embedding_write, args.fail_embedding_rank, args.fail_embedding_call)
     if args.fail_embedding_read >= 0:
         fail_embedding_read(args.fail_embedding_read)
     if args.fail_step_read >= 0:
