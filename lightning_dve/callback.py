@@ -121,9 +121,7 @@ class DataValueEmbedding(StepHooks):
         self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash(),
                                                    save_dir=None if save_dir is None else str(save_dir))
         callback_setup.check_arguments(sample_ids, report, describe, save_dir, overwrite)
-        self.sample_ids = sample_ids
-        self.save_dir = save_dir
-        self.overwrite = overwrite
+        self.sample_ids, self.save_dir, self.overwrite = sample_ids, save_dir, overwrite
         self.report_config, self.reference, self.describe = report, reference, describe
         self._store: TrajectoryStore | None = None
         self._writer: StepWriter | None = None  # appends steps to the store in a background thread
@@ -141,6 +139,7 @@ class DataValueEmbedding(StepHooks):
         self._terms: StepTerms | None = None  # set by an optimizer step, consumed when the step is closed
         self._step = self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
+        self._fit_error: BaseException | None = None  # what this callback's last fit raised
         self._boundaries: list[int] = []
         self._planned_steps = -1.0  # the steps they were planned for (trainer.estimated_stepping_batches)
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
@@ -173,9 +172,10 @@ class DataValueEmbedding(StepHooks):
         """The embeddings of the last finished ``fit`` (on any rank: read from rank 0's ``save_dir``).
 
         Raises:
-            ConfigError: if no ``fit`` has finished, or this rank cannot see rank 0's ``save_dir``.
+            ConfigError: if no ``fit`` has finished (the last one failed), or this rank cannot see rank 0's ``save_dir``.
         """
         root = self._root or callback_store.spawned_fit_root(self.save_dir)
+        callback_store.refuse_after_failed_fit(root, self._fit_error if self._embeddings is None else None)
         if self._embeddings is not None and self._root is None and not (
                 self._embeddings.is_current() and self._embeddings.store.root == root):
             self._embeddings = None  # no fit ran here (ddp_spawn runs them in child processes): a later one did
@@ -270,7 +270,7 @@ class DataValueEmbedding(StepHooks):
         self._boundaries = [] if resume is None else list(resume.get("boundaries", []))  # kept (continue_plan)
         self._planned_steps = -1.0 if resume is None else float(resume.get("planned_steps", -1.0))
         self._scaler_skips, self._applied_scale, self._split_biases, self._loss_batch = [], 0.0, set(), None
-        self._embeddings, self._deferred_write = None, None
+        self._embeddings, self._deferred_write, self._fit_error = None, None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
         # a fit that failed inside a step leaves that step's state behind: none of it belongs to this fit
         self._terms, self._skipped, self._deferred, self._step, self._reached = None, False, None, -1, set()
@@ -371,12 +371,12 @@ class DataValueEmbedding(StepHooks):
             callback_store.finish_train_end(store)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._fit_error = exception if trainer.state.fn == TrainerFn.FITTING else self._fit_error
         self._end_recording()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._end_recording()
-        self._fit_pending = False
-        self._resume = None  # restored by validate/test/predict(ckpt_path=...): not for a later fit
+        self._end_recording()  # a restored resume (validate/test/predict(ckpt_path=...)) is not for a later fit
+        self._fit_pending, self._resume = False, None
 
     # --- helpers -----------------------------------------------------------------------------------------
 

@@ -51,6 +51,20 @@ def spawned_fit_root(save_dir: str | os.PathLike[str] | None) -> Path | None:
     return max(roots, key=lambda root: (root / MANIFEST).stat().st_mtime_ns, default=Path(save_dir))
 
 
+def refuse_after_failed_fit(root: Path | None, error: BaseException | None) -> None:
+    """Refuse ``callback.embeddings`` after a fit that raised ``error`` before it wrote its embeddings: ``root``
+    then holds an earlier fit's store (an ``overwrite=True`` fit clears it at its first write) or an unfinished one.
+
+    Raises:
+        ConfigError: naming the failure and how to read what the folder holds.
+    """
+    if error is not None:
+        raise ConfigError(f"this callback's last fit failed ({type(error).__name__}: {error}) before it wrote its "
+                          f"embeddings, so {root} holds an earlier fit's store or an unfinished one, not that fit's. "
+                          "Fix the failure and fit again (or resume it with ckpt_path=...); "
+                          "DataValueEmbeddings.load(save_dir) reads whatever the folder holds.")
+
+
 def fast_dev_run_note(trainer: pl.Trainer, root: Path) -> bool:
     """Whether this fit is a ``fast_dev_run`` (recording into :func:`fast_dev_run_root`), said on rank 0."""
     if trainer.fast_dev_run:

@@ -128,6 +128,11 @@ class StepFolder:
             stale.append(loose.pop(step))  # packed before the run was killed
         return listing
 
+    def listed_steps(self) -> list[int]:
+        """The steps the files hold by their names, from one listing of the folder (no file is read)."""
+        listing = self._list()
+        return sorted({*listing.loose, *(s for first, last, _ in listing.packs for s in range(first, last + 1))})
+
     def missing(self, steps: Iterable[int]) -> list[int]:
         """The ``steps`` no file holds, from one listing of the folder (no file is read)."""
         listing = self._list()

@@ -127,17 +127,17 @@ class TrajectoryStore:
         return self._replaces
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], until: int | None = None) -> TrajectoryStore:
+    def open(cls, root: str | os.PathLike[str], until: int | None = None, scan: bool = True) -> TrajectoryStore:
         """Open an existing store and validate its manifest.
 
         Args:
-            until: of an interrupted recording, list (and read) only the step files up to this step.
+            until: of an unfinished recording, list (and read) only the step files up to this step.
+            scan: list an unfinished recording's steps from its step files (``False``: as its manifest lists them).
 
         Raises:
             StoreError: if the manifest is missing, truncated, of another schema, or the recording never finished.
         """
-        path = Path(root) / MANIFEST
-        if not path.is_file():
+        if not (path := Path(root) / MANIFEST).is_file():
             raise StoreError(f"no store at {root}: {MANIFEST} is missing. Point to the save_dir of a finished fit.")
         manifest = read_json(path)
         if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("format") != "lightning_dve":
@@ -145,7 +145,7 @@ class TrajectoryStore:
                              f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "
                              "lightning_dve version that wrote it.")
         store = cls(Path(root), manifest)
-        if manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
+        if scan and manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
             store._scan_steps(until)
         return store
 

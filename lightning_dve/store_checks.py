@@ -22,10 +22,12 @@ def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> T
     Raises:
         StoreError: if the store is incomplete, corrupt, or written with other ``settings`` or projection.
     """
-    store = TrajectoryStore.open(path)
+    # not read while unfinished: a running fit packs its step files and deletes them as they are read
+    store = TrajectoryStore.open(path, scan=False)
+    steps = store.steps if store.manifest.get("status") == "complete" else store.step_files.listed_steps()
     resume = (("If that fit is still running, wait for it to return; if it was interrupted, resume it with "
                "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) (its steps on disk are kept), or "
-               "record again") if store.steps else
+               "record again") if steps else
               ("It holds no step: its fit is at its first step or failed there (overwrite=True cleared any "
                "earlier store in this save_dir at that step); record again"))
     store.require("status", "complete", f"The recording did not finish. {resume}.")

@@ -26,8 +26,10 @@ from torch.utils.data import DataLoader
 import lightning_dve.files
 import lightning_dve.step_files
 import lightning_dve.store
-from lightning_dve import DataValueEmbedding, DataValueEmbeddings, DVEConfig, GradientError, StoreError
+from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, DVEConfig, GradientError,
+                          StoreError)
 from lightning_dve.folder_lock import LOCK_FILE
+from lightning_dve.step_files import step_name
 from lightning_dve.store import StepRecord, TrajectoryStore
 from tests.conftest import DigitsDict
 
@@ -218,6 +220,23 @@ def test_store_whose_recording_did_not_finish(fit, mlp_cls, save_dir):
     assert len(list((save_dir / "steps").glob("*.safetensors"))) == 2
     with pytest.raises(StoreError, match=r"status='recording', expected 'complete'.*did not finish"):
         DataValueEmbeddings.load(save_dir)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_loading_a_store_whose_fit_is_still_recording_reads_no_step_file(tmp_path, damage):
+    """A fit still recording packs its step files and deletes the loose ones: a load listed them and read each one,
+    so one deleted meanwhile gave torch's "unable to open file", and one caught mid-write "corrupt or truncated ...
+    record again" (an audit, racing a load against an overwriting fit). Unfinished, the store is refused as
+    unfinished, from the files' names alone."""
+    recorded(tmp_path, 3, finish=False)
+    step = tmp_path / "steps" / step_name(1)
+    step.unlink() if damage == "deleted" else step.write_bytes(step.read_bytes()[:40])
+    with pytest.raises(StoreError, match=r"The recording did not finish\. If that fit is still running, wait for it"):
+        DataValueEmbeddings.load(tmp_path)
+    for path in (tmp_path / "steps").iterdir():
+        path.unlink()
+    with pytest.raises(StoreError, match=r"did not finish\. It holds no step"):
+        DataValueEmbeddings.load(tmp_path)
 
 
 def test_disk_full_during_append(fit, mlp_cls, save_dir, monkeypatch):
@@ -465,6 +484,29 @@ def test_an_overwriting_fit_that_fails_in_its_first_step_leaves_a_store_that_say
     with pytest.raises(StoreError, match=r"It holds no step: its fit is at its first step or failed there "
                                          r"\(overwrite=True cleared any earlier store"):
         DataValueEmbeddings.load(save_dir)
+
+
+def test_a_fit_that_fails_before_its_first_write_keeps_the_store_and_its_callback_serves_none(
+        fit, mlp_cls, save_dir, test_batch):
+    """A second fit of the same callback (``overwrite=True``) that fails in its first ``training_step``, before
+    anything is written, keeps the first fit's store; its ``embeddings`` used to load that store and return it
+    as this fit's, silently (an audit). They now name the failure; ``load`` still reads the folder."""
+    model, dve = mlp_cls(), DataValueEmbedding(save_dir, projection_dim=32, overwrite=True, report=None)
+    fit(model, dve)
+    expected = dve.embeddings.influence(model, test_batch).scores
+
+    class Fails(mlp_cls):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(Fails(), dve)
+    with pytest.raises(ConfigError, match=r"last fit failed \(RuntimeError: boom\) before it wrote its embeddings, "
+                                          r"so .* holds an earlier fit's store or an unfinished one"):
+        dve.embeddings
+    torch.testing.assert_close(DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores, expected)
+    fit(model, dve)  # a fit that finishes serves its own again
+    assert dve.embeddings.steps == list(range(4))
 
 
 def test_bytes_total_is_the_whole_store(fit, mlp_cls, save_dir):
