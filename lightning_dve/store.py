@@ -355,11 +355,11 @@ class TrajectoryStore:
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
         """Persist the segment factors ``I - M_seg`` (segments 1..K-1; segment 0's is never needed)."""
         self.truncate_for_resume()
+        segments = [[self.steps[lo], self.steps[hi - 1]] for lo, hi in bounds if hi > lo]
         tensors = {f"factor/{s}/{g}": f.contiguous() for s, fs in enumerate(factors) if s for g, f in fs.items()}
-        if tensors:
-            write_atomic(self.root / SEGMENTS, tensors, self._metadata(-1))
-        steps = self.steps
-        self.manifest["segments"] = [[steps[lo], steps[hi - 1]] for lo, hi in bounds if hi > lo]
+        if tensors:  # with the bounds they are for: a manifest whose segments were edited is refused (store_checks)
+            write_atomic(self.root / SEGMENTS, tensors, {**self._metadata(-1), "segments": json.dumps(segments)})
+        self.manifest["segments"] = segments
 
     def read_segments(self) -> list[dict[str, torch.Tensor]]:
         """Segment factors by segment index, ``{group: I - M_seg}`` (segment 0 empty)."""

@@ -4,12 +4,14 @@ finished (the replay and the report come after the embeddings)."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 from .config import DVEConfig
 from .errors import DVEError, StoreError
-from .store import STEPS, TrajectoryStore
+from .files import safetensors_header
+from .store import SEGMENTS, STEPS, TrajectoryStore
 
 #: Manifest key, 1 from the finished recording until the train end's replay and report are done, then 0 (one
 #: digit either way, so the disk use logged before it changes stays exact; earlier versions' stores have none).
@@ -33,6 +35,7 @@ def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> T
     store.require("status", "complete", f"The recording did not finish. {resume}.")
     store.require("embeddings", "complete", f"The backward recursion did not finish. {resume}.")
     check_settings_hash(store)
+    check_segments(store)
     settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
     if settings is not None and settings.settings_hash() != store.settings_hash:
         recorded = store.manifest["settings"]
@@ -65,3 +68,20 @@ def check_settings_hash(store: TrajectoryStore) -> None:
         raise StoreError(f"store {store.root} has a damaged manifest: its settings are missing or not the ones its "
                          f"settings_hash {store.manifest.get('settings_hash')} was made from (edited by hand?). "
                          "Restore manifest.json, or record the run again.")
+
+
+def check_segments(store: TrajectoryStore) -> None:
+    """Refuse a manifest whose segments are not those its segment factors were written for (edited by hand: the
+    queries chain the factors at the manifest's boundaries). Stores written before session 37 do not name them.
+
+    Raises:
+        StoreError: saying so.
+    """
+    segments, path = store.manifest.get("segments") or [], store.root / SEGMENTS
+    if len(segments) < 2 or not path.is_file():  # (a missing factors file is refused where they are read)
+        return
+    written = (safetensors_header(path)[0].get("__metadata__") or {}).get("segments")
+    if written is not None and json.loads(written) != segments:
+        raise StoreError(f"store {store.root} has a damaged manifest: its segments {segments} are not the ones its "
+                         f"segment factors were written for, {json.loads(written)} (edited by hand?). Restore "
+                         "manifest.json, or record the run again.")

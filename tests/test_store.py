@@ -142,6 +142,21 @@ def test_manifest_settings_edited_by_hand_are_refused(store_copy, edit):
         DataValueEmbeddings.load(store_copy)
 
 
+def test_manifest_segments_edited_by_hand_are_refused(fit, mlp_cls, save_dir, test_batch):
+    """The queries chain the segment factors at the manifest's boundaries, which the settings hash does not cover:
+    boundaries edited by hand loaded and changed every score, silently (an audit). The factors' file names the
+    boundaries it was written for."""
+    model = mlp_cls()
+    fit(model, DataValueEmbedding(save_dir, projection_dim=32, segments=2, report=None), max_epochs=2)
+    manifest = json.loads((save_dir / "manifest.json").read_text())
+    assert manifest["segments"] == [[0, 3], [4, 7]]
+    DataValueEmbeddings.load(save_dir).influence(model, test_batch)
+    (save_dir / "manifest.json").write_text(json.dumps({**manifest, "segments": [[0, 4], [5, 7]]}))
+    with pytest.raises(StoreError, match=r"damaged manifest: its segments \[\[0, 4\], \[5, 7\]\] are not the ones its "
+                                         r"segment factors were written for, \[\[0, 3\], \[4, 7\]\]"):
+        DataValueEmbeddings.load(save_dir)
+
+
 # --- missing, truncated or foreign data files --------------------------------------------------------------
 
 
