@@ -194,16 +194,17 @@ def refuse_empty(batch: Any) -> None:
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:
-    """``test_gradients``, detached, if it is ``{layer: [n, k_l]}`` for every recorded layer (``widths``: ``k_l``).
+    """``test_gradients``, detached, if it is ``{layer: [n, k_l]}`` for every recorded layer (``widths``: ``k_l``)
+    and no other (another store's layer names: a mix-up that would score silently without them).
 
     Raises:
         ConfigError: naming the expected and the given shapes, and how to build the input.
     """
     given = test_gradients if isinstance(test_gradients, dict) else {}
     shapes = {name: tuple(getattr(given.get(name), "shape", ())) for name in widths}
-    if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or any(
+    if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or set(given) - set(widths) or any(
             len(shapes[name]) != 2 or shapes[name][1] != width for name, width in widths.items()):
         found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
-        raise ConfigError(f"test_gradients must map every recorded layer to a Tensor[n, k_l] with the same n: "
-                          f"widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
+        raise ConfigError(f"test_gradients must map every recorded layer, and no other key, to a Tensor[n, k_l] with "
+                          f"the same n: widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
     return warn_non_finite_rows({name: given[name].detach() for name in widths})

@@ -130,9 +130,10 @@ def test_score_refuses_test_gradients_of_other_shapes(trained, test_batch):
            "wrong width": {**grads, first: grads[first][:, :-1]},
            "1-D row": {k: v[0] for k, v in grads.items()},
            "row counts differ": {**grads, first: grads[first][:2]},
+           "another layer too": {**grads, "head.extra": grads[first]},
            "not a dict": list(grads.values())}
     for case, value in bad.items():
-        with pytest.raises(ConfigError, match=r"test_gradients must map every recorded layer to a Tensor\[n, k_l\] "
+        with pytest.raises(ConfigError, match=r"test_gradients must map every recorded layer, and no other key, to a "
                                               r".* Build it with test_gradients\(module, batch\)"):
             embeddings.score(value)
     assert embeddings.score(grads).scores.shape[0] == len(test_batch["y"])
