@@ -262,10 +262,16 @@ def _tagger(logger: Logger, namespace: str) -> Callable[[str], str]:
 
 
 def _markdown(columns: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table (TensorBoard renders text summaries as markdown)."""
+    """A markdown table (TensorBoard renders text summaries as markdown); a cell's ``|`` and line breaks (a
+    ``describe`` text or a text input of several lines) would end its cell or row: ``/`` and ``⏎`` instead."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join("" if v is None else str(v).replace("|", "/") for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """One markdown table cell's text (:func:`_markdown`)."""
+    return "" if value is None else "⏎".join(str(value).replace("|", "/").splitlines())
 
 
 def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:

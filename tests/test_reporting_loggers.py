@@ -83,6 +83,29 @@ def test_tensorboard_holds_the_smoothed_per_lr_curve_and_the_phase_steps(tmp_pat
         assert written[name] == getattr(phases, name)
 
 
+def test_tensorboard_top_k_tables_keep_one_row_per_sample_whatever_the_text(tmp_path: Path) -> None:
+    """A sample's text of several lines (a ``describe`` text, a text input) ended its markdown row: TensorBoard
+    showed each continuation as a row of its own, the text under ``rank`` (an audit). Rendered here by
+    TensorBoard's own text plugin: one row per sample, the lines joined by ``⏎``, a ``|`` as ``/``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.text import text_plugin
+    from tensorboard.util import tensor_util
+
+    from lightning_dve.reporting_loggers import log_tensorboard
+
+    texts = {i: SampleView(str(i % 10), f"line one of {i}\nline two | end\r\nthree", None) for i in range(2 * N_STEPS)}
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    log_tensorboard(logger, synthetic_report(tmp_path, samples=texts), {}, step=N_STEPS)
+    events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    for name in ("helpful", "harmful"):
+        proto = events.Tensors(f"dve/top_k/{name}/text_summary")[0].tensor_proto
+        html = text_plugin.text_array_to_html(tensor_util.make_ndarray(proto), True)
+        assert html.count("<tr>") == 1 + 1 + 3, html  # the plugin's outer table, the header, top_k=3 samples
+        assert len(re.findall(r"line one of \d+⏎line two / end⏎three", html)) == 3, html
+
+
 def test_csv_logger_holds_the_phase_steps_and_the_smoothed_per_lr_curve(tmp_path: Path) -> None:
     """The same through a real CSVLogger's ``metrics.csv``: one row per recorded step with the three curves, and
     one summary row at the trainer's step with the phase steps."""
