@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
+from matplotlib.ticker import MaxNLocator
 
 from .curves import CurveReport, RankedSample, Stage, stage_bounds
 
@@ -79,6 +80,7 @@ def epoch_figure(report: CurveReport) -> Figure:
     axes.plot(report.epochs.epochs.numpy(), report.epochs.influence_per_lr.numpy(), marker="o")
     axes.axhline(0.0, color="black", linewidth=0.5)
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks between epochs (0.2, 0.4, ...)
     axes.set_ylabel("mean influence / learning rate")
     axes.set_title("Influence per epoch")
     return figure

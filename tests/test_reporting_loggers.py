@@ -212,3 +212,13 @@ def test_binned_curve_rows_average_each_bin_over_its_defined_steps() -> None:
                 [6, 1, 4.0, 1, 7.0, 7.0 / 4.0]]
     assert [v for row in rows for v in row[:6]] == pytest.approx([v for row in expected for v in row], rel=1e-12)
     assert binned_curve_rows(report, 7) == (curve_rows(report), 1)
+
+
+def test_the_epoch_figure_ticks_whole_epochs_only(tmp_path: Path) -> None:
+    """Three epochs were ticked 0, 0.25, 0.5, ... (an audit): the epoch axis has integer ticks."""
+    from lightning_dve import figures
+
+    figure = figures.epoch_figure(synthetic_report(tmp_path).curves)
+    figures.render(figure)
+    ticks = figure.axes[0].get_xticks()
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
