@@ -21,6 +21,11 @@ from .errors import DVEError, UnsupportedError
 if TYPE_CHECKING:
     from .capture import TrackedLayer
 
+#: Micro-batches at the fit's start whose tracked layers' inputs are compared (:meth:`CallChecks.input_of`).
+PROBED = 3
+
+Print = tuple[float, ...] | None  # :func:`fingerprint`
+
 
 class CallChecks:
     """The checks of one capture's calls, micro-batch by micro-batch: the state they keep between calls.
@@ -35,11 +40,17 @@ class CallChecks:
         self.refused: UnsupportedError | None = None
         self.batch: Any = None  # the micro-batch, whose own ids are not a position table
         self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last, this micro-batch
+        # the first micro-batches' inputs of each layer's calls and ("") of the micro-batch itself: last, this one
+        self._prints: tuple[dict[str, list[Print]], ...] = ({}, {})
+        self._probed = 0
 
     def reset(self, begin: bool = False) -> None:
         """Forget the micro-batch's calls; ``begin``: a new micro-batch starts."""
         self.sizes, self.refused, self.batch = {}, None, None
         self._aranges = (self._aranges[1], set()) if begin else self._aranges
+        if begin and self._probed <= PROBED:
+            warn_tables(*self._prints)
+            self._prints, self._probed = (self._prints[1], {}), self._probed + 1
 
     def input_of(self, layer: TrackedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         """The call's positional input once its checks pass, else ``None`` (the refusal is kept)."""
@@ -55,6 +66,9 @@ class CallChecks:
             if layer.name in self._aranges[0]:
                 warn_position_lookup(layer, args[0].numel())
             self._aranges[1].add(layer.name)
+        if 0 < self._probed <= PROBED and layer.spec.kind != "embedding" and args[0].stride(0):  # (expanded: its own)
+            self._prints[1].setdefault("", [fingerprint(tree_leaves(self.batch))])
+            self._prints[1].setdefault(layer.name, []).append(fingerprint([args[0]], rows_alike=True))
         return args
 
     def raise_refused(self) -> None:
@@ -175,6 +189,32 @@ def of_batch(x: torch.Tensor, batch: Any) -> bool:
     address = _address(x)
     return any(isinstance(leaf, torch.Tensor) and _address(leaf) == address
                for leaf in tree_leaves(batch))
+
+
+def fingerprint(tensors: list[Any], rows_alike: bool = False) -> Print:
+    """The float64 sum and sum of squares of every tensor's values, to tell equal inputs apart from others
+    (``None`` for an input whose samples are all alike, each sample's own copy, with ``rows_alike``)."""
+    tensors = [t.detach() for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
+    if rows_alike and all(t.shape[0] < 2 or bool((t == t[:1]).all()) for t in tensors):
+        return None
+    wide = [t.to(torch.float64) for t in tensors]
+    return tuple(float(v) for t in wide for v in (t.sum(), t.square().sum()))
+
+
+def warn_tables(last: dict[str, list[Print]], this: dict[str, list[Print]]) -> None:
+    """Warn about tracked layers whose input to a call was the same in two micro-batches of different samples: a
+    table shared by every sample (a coordinate grid or positions computed in the forward from a buffer) whose
+    output is broadcast across the batch, so its rows would be filed under samples (a parameter or buffer passed
+    as it is is refused by :func:`check_call`)."""
+    if "" not in last or last.get("") == this.get(""):  # the same micro-batch again (full-batch training)
+        return
+    for name, prints in this.items():
+        if name and any(value is not None and value == other for value, other in zip(prints, last.get(name, []))):
+            warnings.warn(f"DataValueEmbedding: layer {name!r} got the same input in two micro-batches of different "
+                          "samples: a table shared by every sample (a grid or positions computed in the forward), "
+                          "whose output is broadcast across the batch? Its per-sample rows would be filed under the "
+                          "table's rows, not the samples. Apply it per sample (expand the table over the batch "
+                          f"first: table.expand(b, *table.shape)), or pass exclude=({name!r},).", stacklevel=2)
 
 
 def warn_position_lookup(layer: TrackedLayer, n: int) -> None:

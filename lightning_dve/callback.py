@@ -172,7 +172,7 @@ class DataValueEmbedding(StepHooks):
         """The embeddings of the last finished ``fit`` (on any rank: read from rank 0's ``save_dir``).
 
         Raises:
-            ConfigError: if no ``fit`` has finished (the last one failed), or this rank cannot see rank 0's ``save_dir``.
+            ConfigError: if no ``fit`` has finished (the last failed), or this rank cannot see rank 0's save_dir.
         """
         root = self._root or callback_store.spawned_fit_root(self.save_dir)
         callback_store.refuse_after_failed_fit(root, self._fit_error if self._embeddings is None else None)
