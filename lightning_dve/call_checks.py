@@ -192,13 +192,14 @@ def of_batch(x: torch.Tensor, batch: Any) -> bool:
 
 
 def fingerprint(tensors: list[Any], rows_alike: bool = False) -> Print:
-    """The float64 sum and sum of squares of every tensor's values, to tell equal inputs apart from others
-    (``None`` for an input whose samples are all alike, each sample's own copy, with ``rows_alike``)."""
+    """The float64 sum, sum of squares and sum weighted by position of every tensor's values, to tell equal inputs
+    apart from others (one-hot rows of other labels have the same sums) (``None`` for an input whose samples are
+    all alike, each sample's own copy, with ``rows_alike``)."""
     tensors = [t.detach() for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
     if rows_alike and all(t.shape[0] < 2 or bool((t == t[:1]).all()) for t in tensors):
         return None
-    wide = [t.to(torch.float64) for t in tensors]
-    return tuple(float(v) for t in wide for v in (t.sum(), t.square().sum()))
+    flat = [t.reshape(-1).to(torch.float64) for t in tensors]
+    return tuple(float(v) for t in flat for v in (t.sum(), t.square().sum(), t @ torch.arange(len(t)).to(t)))
 
 
 def warn_tables(last: dict[str, list[Print]], this: dict[str, list[Print]]) -> None:

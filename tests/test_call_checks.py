@@ -153,7 +153,21 @@ def test_a_table_computed_in_the_forward_is_named_in_a_warning(tmp_path: Path) -
                 max_epochs=4)
         run_fit(ComputedTable(one_row=True), _dve(tmp_path / "row"), train=DataLoader(DigitsDict(range(12)),
                                                                                      batch_size=4))
+        run_fit(LabelInput(), _dve(tmp_path / "labels"), train=DataLoader(DigitsDict(range(12)), batch_size=4))
     assert not [w for w in caught if "got the same input" in str(w.message)]
+
+
+class LabelInput(TinyMLP):
+    """A tracked layer on the batch's one-hot labels: digits 0-3, 4-7 and 8, 9, 0, 1 in batches of 4 have the same
+    sum and sum of squares (4), different samples all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label = nn.Linear(10, 10)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        hint = self.label(F.one_hot(batch["y"], 10).to(batch["x"].dtype))
+        return F.cross_entropy(self(batch["x"]) + hint, batch["y"])
 
 
 class PositionIds(TinyMLP):
