@@ -23,11 +23,11 @@ from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
                         probe_logit_curvature, sampled_label_grad)
-from .errors import DVEError, GradientError
+from .errors import DVEError, GradientError, UnsupportedError
 from .guards import StepGuard
 from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
 from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, keeps_grads, reset_before_mark,
-                    sgd_proxy_reason)
+                    sgd_proxy_reason, uses_momentum_or_decay)
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
 from .writer import StepWriter
@@ -139,6 +139,11 @@ class StepHooks(pl.Callback):
             self._active_guard().before_step(self._skipped, _REFUSED in reached)
         except DVEError as err:
             self._deferred = err
+        if self.config.segments > 1 and uses_momentum_or_decay(optimizer):  # turned on during fit (refused at start)
+            self._deferred = self._deferred or UnsupportedError(
+                f"segments={self.config.segments} with optimizer state (SGD momentum, weight decay, Adam), turned on "
+                f"during fit at step {trainer.global_step} (a hook or a schedule): each segment's recursion starts "
+                "without it, so the scores would drop its carry across segments. Use segments=1.")
         if self._active_guard().settings.read():  # the first step's, or changed since the step before
             callback_setup.warn_split_biases(optimizer, hooks.modules(), trainer.global_step, self._split_biases)
         algorithm = callback_setup.clip_algorithm(trainer)

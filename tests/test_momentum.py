@@ -163,6 +163,28 @@ def test_segments_with_momentum_are_refused(tmp_path: Path) -> None:
         trainer.fit(MomentumMLP(), DataLoader(DigitsDict(range(64)), batch_size=16))
 
 
+class MomentumFromStep2(TinyMLP):
+    """Plain SGD at fit start, momentum 0.9 from step 2 on (set by the module's own hook)."""
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.trainer.global_step == 2:
+            self.trainer.optimizers[0].param_groups[0]["momentum"] = 0.9
+
+
+def test_momentum_turned_on_during_a_fit_with_segments_is_refused_at_that_step(tmp_path: Path) -> None:
+    """Refused at fit start only, momentum set by a hook at step 5 was recorded with segments=3, and each
+    segment's recursion dropped its carry: scores 55 % off exact_influence, silently (an audit)."""
+    from lightning_dve import UnsupportedError
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[DataValueEmbedding(tmp_path / "dve", segments=3, report=None)])
+    with pytest.raises(UnsupportedError, match=r"segments=3 with optimizer state \(SGD momentum, weight decay, "
+                                               r"Adam\), turned on during fit at step 2 .*Use segments=1"):
+        trainer.fit(MomentumFromStep2(), DataLoader(DigitsDict(range(64)), batch_size=16))
+    assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 1]
+
+
 @pytest.mark.slow
 def test_momentum_model_beats_the_sgd_proxy_against_exact_tsloo(tmp_path: Path) -> None:
     """SGD momentum 0.9 (weight decay 1e-3) on the core fidelity problem (384 digits, 3 epochs), exact mode.
