@@ -26,7 +26,7 @@ from .curvature import (Probe, check_autograd_reached, check_cross_entropy, chec
 from .errors import DVEError, GradientError, UnsupportedError
 from .guards import StepGuard
 from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
-from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, keeps_grads, reset_before_mark,
+from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, reset_before_mark,
                     sgd_proxy_reason, uses_momentum_or_decay)
 from .store import TrajectoryStore
 from .updates import StepTerms, step_terms
@@ -149,8 +149,7 @@ class StepHooks(pl.Callback):
         algorithm = callback_setup.clip_algorithm(trainer)
         # a step the grad scaler skips has an infinite norm (clip factor 0, which decay terms divide by): unused
         clip, norm = (1.0, 0.0) if self._skipped else clip_factor(optimizer, trainer.gradient_clip_val, algorithm)
-        modelled = (algorithm != "value" and sgd_proxy_reason(optimizer) is None and keeps_grads(optimizer)
-                    and not self._skipped)
+        modelled = algorithm != "value" and sgd_proxy_reason(optimizer) is None and not self._skipped
         self._factor = clip / self._loss_scale if modelled else None  # .grad was as scaled as the loss then
         self._terms = step_terms(optimizer, hooks.modules(), clip, self.config, norm)
         self._step = trainer.global_step

@@ -164,6 +164,7 @@ class StepGuard:
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
         self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
+        self._ran = False  # whether ``optimizer.step()`` ran since :meth:`before_step`
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._started = False  # whether a micro-batch of this fit passed :meth:`check_trainable`
@@ -177,14 +178,16 @@ class StepGuard:
         self._tied: UnsupportedError | None = None  # and its refusal
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Sample the gradients right after each ``optimizer.step()`` (a step post-hook): what the step consumed,
-        whatever the user does with ``.grad`` afterwards (``zero_grad`` in an ``optimizer_step`` override)."""
+        """Sample the weights right after each ``optimizer.step()`` (a step post-hook) and the gradients right
+        before its update (:meth:`_before_update`): what the step consumed, whatever the step does with ``.grad``
+        (torch's foreach Nesterov SGD adds the momentum into it) or the user afterwards (``zero_grad`` in an
+        ``optimizer_step`` override)."""
         self.detach()
         self._hook = optimizer.register_step_post_hook(lambda *_: self._after_step())
         self.settings.attach(optimizer)
 
     def _after_step(self) -> None:
-        self._applied, self._stepped_weights = self._sample(), self._sample_weights()
+        self._ran, self._stepped_weights = True, self._sample_weights()
 
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' and trained biases' sampled coordinates, ``[tensors, SAMPLED]``."""
@@ -233,8 +236,9 @@ class StepGuard:
 
     def _before_update(self) -> None:
         """Right before ``optimizer.step()`` updates (after every hook of the step, the LightningModule's
-        ``on_before_optimizer_step`` included): compare the weights with those the last step left."""
-        self._edited = self._check_unedited()
+        ``on_before_optimizer_step`` included): compare the weights with those the last step left, and sample the
+        gradients the update consumes."""
+        self._edited, self._applied = self._check_unedited(), self._sample()
 
     def check_update(self, step: int) -> None:
         """Refuse a step whose update started from weights changed outside the optimizer, or used other
@@ -280,7 +284,7 @@ class StepGuard:
         seen, refused = self._tied_seen, self._tied
         self._tied_seen, self._tied, self._first_backward = set(), None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
-        self._applied, self._edited = None, None
+        self._applied, self._edited, self._ran = None, None, False
         if not skipped and not calls_refused:
             if refused is not None:
                 raise refused
@@ -311,7 +315,7 @@ class StepGuard:
         self._started = True
 
     def check_applied(self, step: int, factor: float, backwards: int = 1) -> None:
-        """Refuse a step whose applied gradients (sampled by the step post-hook, :meth:`attach`) are not ``factor``
+        """Refuse a step whose applied gradients (sampled right before its update, :meth:`attach`) are not ``factor``
         times the backward's (``factor = clip / loss scale``) on the sampled coordinates. The caller leaves out
         the steps the grad scaler or Lightning skip; nothing to compare for a step without a backward.
         ``backwards``: the micro-batch's backward passes; the first is the recorded one (more: the closure was
@@ -324,7 +328,7 @@ class StepGuard:
         names, before = self._stepped
         if not names:
             return
-        if self._applied is None:
+        if self._applied is None or not self._ran:
             raise UnsupportedError(
                 f"step {step}: the optimizer's step() did not run, or ran on another optimizer than the one fit "
                 "started with: the recorded update would not be the applied one. Keep the optimizer "

@@ -107,12 +107,6 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
     return f"{name} with amsgrad" if amsgrad else None
 
 
-def keeps_grads(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer.step()`` leaves ``.grad`` as it found it (``guards.py`` compares it after the step):
-    not so torch's foreach Nesterov SGD (the default on GPUs), which adds the momentum into ``.grad`` in place."""
-    return not (isinstance(optimizer, torch.optim.SGD) and any(g.get("nesterov") for g in optimizer.param_groups))
-
-
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is a modelled Adam or AdamW."""
     return isinstance(optimizer, _ADAM) and sgd_proxy_reason(optimizer) is None
