@@ -120,7 +120,7 @@ class DataValueEmbedding(StepHooks):
         keyed = self.config.resolved(AUTO_FULL_MAX_DIM + 1)
         self._state_key = self._generate_state_key(settings_hash=keyed.settings_hash(),
                                                    save_dir=None if save_dir is None else str(save_dir))
-        callback_setup.check_arguments(sample_ids, report, describe, save_dir, overwrite)
+        callback_setup.check_arguments(sample_ids, report, describe, save_dir, overwrite, reference)
         self.sample_ids, self.save_dir, self.overwrite = sample_ids, save_dir, overwrite
         self.report_config, self.reference, self.describe = report, reference, describe
         self._store: TrajectoryStore | None = None

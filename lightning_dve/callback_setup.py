@@ -4,6 +4,7 @@ Framework glue for :mod:`lightning_dve.callback`, nothing else."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 from collections.abc import Callable
@@ -52,24 +53,29 @@ def supported_strategy(strategy: pl.strategies.Strategy) -> bool:
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not names & set(REFUSED_STRATEGIES)
 
 
-def check_arguments(sample_ids: Any, report: Any, describe: Any, save_dir: Any, overwrite: Any) -> None:
+def check_arguments(sample_ids: Any, report: Any, describe: Any, save_dir: Any, overwrite: Any, reference: Any
+                    ) -> None:
     """Refuse the callback's arguments that :class:`~lightning_dve.config.DVEConfig` does not hold, when it is built
     (not after training, and not by truthiness: ``overwrite="no"`` is a string, not ``False``).
 
     Raises:
         ConfigError: naming the argument, the value and what it must be.
     """
-    if not (callable(sample_ids) or isinstance(sample_ids, str)):
+    if not (callable(sample_ids) or isinstance(sample_ids, str) and sample_ids):
         raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B]; got "
                           f"{sample_ids!r}.")
+    if isinstance(reference, (str, bytes, numbers.Number)):  # (a string would be iterated as characters)
+        raise ConfigError(f"reference must be a batch as the training loader yields one, a DataLoader or another "
+                          f"iterable of batches, or None (the validation dataloader); got {reference!r}.")
     if report is not None and not isinstance(report, ReportConfig):
         raise ConfigError(f"report must be a ReportConfig or None (no report); got {report!r}. Use e.g. "
                           "report=ReportConfig(top_k=5), or leave the default.")
     if describe is not None and not callable(describe):
         raise ConfigError(f"describe must be a callable sample -> str or None; got {describe!r}.")
-    if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+    if save_dir is not None and not (isinstance(save_dir, (str, os.PathLike)) and os.fspath(save_dir)):
+        empty = " (an empty one would be the working directory itself)" if save_dir == "" else ""
         raise ConfigError(f"save_dir must be a path (str or os.PathLike) or None (<trainer.default_root_dir>/dve); "
-                          f"got {save_dir!r}.")
+                          f"got {save_dir!r}{empty}.")
     if not isinstance(overwrite, bool):
         raise ConfigError(f"overwrite must be a bool (True replaces the store in a non-empty save_dir); got "
                           f"{overwrite!r}.")

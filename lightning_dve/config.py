@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from .config_checks import check_count, check_fraction, plain_ints
+from .config_checks import check_count, check_fraction, module_names, plain_ints
 from .errors import ConfigError
 
 #: Default Kronecker-projected dimension, counted **per tracked layer** (k_out * k_in <= this).
@@ -212,23 +212,10 @@ class DVEConfig:
                 f"projection_dim must be a positive int (per-layer projected size) or None (exact gradients); "
                 f"got {self.projection_dim!r}."
             )
-        if self.layers is not None:
-            if isinstance(self.layers, str):
-                raise ConfigError(f"layers must be a sequence of module names, not a string; got {self.layers!r}. "
-                                  f"Use layers=({self.layers!r},).")
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.exclude, str):
-            raise ConfigError(f"exclude must be a sequence of module names, not a string; got {self.exclude!r}. "
-                              f"Use exclude=({self.exclude!r},).")
-        if self.exclude is None:
-            raise ConfigError("exclude must be a sequence of module names (fnmatch patterns); got None. Use exclude=() "
-                              "to exclude nothing.")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        for name in ("layers", "exclude"):
-            bad = [x for x in getattr(self, name) or () if not isinstance(x, str)]
-            if bad:
-                raise ConfigError(f"{name} must hold module names (str); got {bad!r} in {name}="
-                                  f"{getattr(self, name)!r}.")
+        if self.layers is not None:  # (repeats dropped: the settings hash is the same for the same layers)
+            object.__setattr__(self, "layers", module_names("layers", self.layers, "Pass layers=None to track every "
+                                                            "supported layer."))
+        object.__setattr__(self, "exclude", module_names("exclude", self.exclude, ""))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int; got {self.seed!r}.")
         if not isinstance(self.allow_duplicate_ids, bool):

@@ -83,7 +83,7 @@ CONFIGS = [
     DVEConfig(),
     DVEConfig(projection_dim=None, loss_reduction="sum", layers=("net.0", "net.2"), exclude=("head*",),
               layout="full", allow_duplicate_ids=True, seed=17),
-    DVEConfig(projection_dim=3, loss_reduction=LossReduction.WEIGHTS, layers=(), seed=-4),
+    DVEConfig(projection_dim=3, loss_reduction=LossReduction.WEIGHTS, layers=("net.1",), seed=-4),
 ]
 
 
@@ -131,7 +131,7 @@ def test_from_dict_validates_values():
 VARIANTS = {
     "projection_dim": [None, 1023, 1],
     "loss_reduction": ["sum", "weights"],
-    "layers": [(), ("net.0",), ("net.0", "net.2"), ("net.2", "net.0")],
+    "layers": [("net.0",), ("net.0", "net.2"), ("net.2", "net.0")],
     "exclude": [("net.0",), ("net.*",)],
     "layout": ["full"],
     "allow_duplicate_ids": [True],
@@ -230,6 +230,32 @@ def test_callback_refuses_a_string_for_layers_or_exclude(field):
 def test_non_string_layer_names_are_refused(field):
     with pytest.raises(ConfigError, match=rf"{field} must hold module names \(str\); got \[3\]"):
         DVEConfig(**{field: ["net.0", 3]})
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"layers": 5}, r"layers must be a sequence of module names \(a list or tuple of str\); got 5\. Pass layers=None"),
+    ({"exclude": 5}, r"exclude must be a sequence of module names \(a list or tuple of str\); got 5\. Use exclude=\(\)"),
+    ({"exclude": {"net.0": 1}}, r"exclude must be a sequence .*got \{'net\.0': 1\}"),
+    ({"layers": {"net.0"}}, r"layers must be a sequence .*got \{'net\.0'\}"),
+    ({"layers": []}, r"layers=\[\] names no module\. Pass layers=None to track every supported layer"),
+    ({"sample_ids": ""}, r"sample_ids must be a dict key \(str\) or a callable .*got ''"),
+    ({"save_dir": ""}, r"save_dir must be a path .*got '' \(an empty one would be the working directory itself\)"),
+    ({"reference": 5}, r"reference must be a batch as the training loader yields one, a DataLoader .*got 5"),
+    ({"reference": "val"}, r"reference must be a batch .*got 'val'"),
+])
+def test_the_callback_refuses_malformed_arguments_when_it_is_built(kwargs, message):
+    """Found by an audit: a bare TypeError (layers=5), a dict's keys taken as names, and arguments refused only at
+    fit start or the first step (layers=[], sample_ids=""), at train end with a misleading hint (reference=5), or
+    never (save_dir="" recorded into the working directory itself, beside the user's files)."""
+    from lightning_dve import DataValueEmbedding
+
+    with pytest.raises(ConfigError, match=message):
+        DataValueEmbedding(**kwargs)
+
+
+def test_repeated_layer_names_are_one_layer_with_one_settings_hash():
+    assert DVEConfig(layers=["net.0", "net.0", "net.2"]).layers == ("net.0", "net.2")
+    assert (DVEConfig(layers=("net.0", "net.0")).settings_hash() == DVEConfig(layers=("net.0",)).settings_hash())
 
 
 def test_exclude_none_is_refused_naming_the_fix():
