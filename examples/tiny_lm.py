@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_dve import DataValueEmbedding
 from lightning_dve.config import ReportConfig
-from lightning_dve.reporting import format_summary
+from lightning_dve.reporting import format_summary, top_k_heading
 
 #: Standard-library modules whose source is the corpus (small, pure Python, present in every CPython 3).
 MODULES = ("textwrap", "heapq", "string", "fnmatch", "colorsys", "bisect", "shlex", "glob")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> Path:
     print("\n".join(text[:first_top]))  # reference, stage summary, phases; the top-k follow with their text
     texts = {int(i): t for i, t in zip(train.indices.tolist(), train.texts)}
     for name, rows in summary["top_k"].items():
-        print(f"Top-{min(5, len(rows))} {name} training sequences:")
+        print(top_k_heading(name, min(5, len(rows)), "training sequences"))
         for r in rows[:5]:
             print(f"  #{r['rank']} id {r['sample_id']:>5}  score {r['score']:+.3e}  steps [{r['steps']}]  "
                   f"{snippet(texts[int(r['sample_id'])])!r}")

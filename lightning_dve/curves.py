@@ -345,12 +345,12 @@ def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tens
 def top_k_samples(
     sample_ids: torch.Tensor, totals: torch.Tensor, steps_used: Sequence[tuple[int, ...]], k: int
 ) -> tuple[list[RankedSample], list[RankedSample]]:
-    """The ``k`` most helpful (highest total) and ``k`` most harmful (lowest total) samples, best first.
+    """The ``k`` most helpful (highest total) and ``k`` most harmful (lowest total) samples, best first: helpful
+    ones with a positive total only, harmful ones with a negative total only (fewer than ``k`` where fewer samples
+    are: a sample that helped is not listed as harmful because others helped more).
 
     Ties are broken by the smaller sample id.
     """
-    k = min(k, sample_ids.numel())
-
     def ranked(order: torch.Tensor) -> list[RankedSample]:
         return [RankedSample(rank, int(sample_ids[i]), tuple(steps_used[i]), float(totals[i]))
                 for rank, i in enumerate(order[:k].tolist(), start=1)]
@@ -358,7 +358,7 @@ def top_k_samples(
     by_id = torch.argsort(sample_ids, stable=True)
     helpful = by_id[torch.argsort(-totals[by_id], stable=True)]
     harmful = by_id[torch.argsort(totals[by_id], stable=True)]
-    return ranked(helpful), ranked(harmful)
+    return ranked(helpful[totals[helpful] > 0]), ranked(harmful[totals[harmful] < 0])
 
 
 def summarise(

@@ -52,6 +52,7 @@ REPORT_DIR = "report"
 #: The manifest's disk use, in the summary and as ``dve/disk/...`` scalars.
 DISK_KEYS = ("bytes_total", "bytes_steps", "bytes_per_step")
 format_summary = reporting_loggers.format_summary  # public here: the examples import it from this module
+top_k_heading = reporting_loggers.top_k_heading
 
 
 @dataclasses.dataclass(frozen=True)

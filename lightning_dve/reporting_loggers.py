@@ -286,11 +286,17 @@ def format_summary(summary: Mapping[str, Any], k: int = 5) -> str:
     lines.append(f"Phases (step): warm-up end {phases['warmup_end']}, basin {phases['basin']}, ascent start "
                  f"{phases['ascent_start']}")
     for name, rows in summary["top_k"].items():
-        lines.append(f"Top-{min(k, len(rows))} {name} training samples:")
+        lines.append(top_k_heading(name, min(k, len(rows)), "training samples"))
         lines += [f"  #{r['rank']} id {r['sample_id']:>5}  score {_number(r['score'])}  label {r['label']}  steps "
                   f"[{r['steps']}]" + (f"  {r['description'][:60]!r}" if r.get("description") else "")
                   for r in rows[:k]]
     return "\n".join(lines)
+
+
+def top_k_heading(name: str, count: int, what: str) -> str:
+    """The heading of a printed top-k list of ``count`` rows of ``what``, saying why it is empty."""
+    none = "" if count else f" none (no total influence is {'above' if name == 'helpful' else 'below'} 0)"
+    return f"Top-{count} {name} {what}:{none}"
 
 
 def _percent(value: float | None, signed: bool = True) -> str:

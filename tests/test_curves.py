@@ -206,14 +206,17 @@ def test_sample_totals_histogram_and_top_k():
     helpful, harmful = curves.top_k_samples(ids, totals, steps_used, 3)
     assert [(s.rank, s.sample_id, s.score, s.steps) for s in helpful] == [(1, 5, 3.0, (0, 1)), (2, 7, 0.5, (1,)),
                                                                           (3, 8, 0.5, (2,))]
-    assert [s.sample_id for s in harmful] == [6, 7, 8]  # ties broken by the smaller id
+    assert [s.sample_id for s in harmful] == [6]  # 7 and 8 helped (0.5): not harmful, however few harmed
+    helpful, harmful = curves.top_k_samples(ids, -totals, steps_used, 3)
+    assert [s.sample_id for s in harmful] == [5, 7, 8] and [s.sample_id for s in helpful] == [6]  # ties: smaller id
+    assert curves.top_k_samples(ids, torch.zeros(4, dtype=torch.float64), steps_used, 3) == ([], [])
 
 
 def test_top_k_ties_and_steps_used_do_not_depend_on_the_input_order():
     ids, totals = torch.tensor([9, 3, 5, 4]), torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
     helpful, harmful = curves.top_k_samples(ids, totals, [(0,), (1,), (2,), (3,)], 4)
-    assert [s.sample_id for s in helpful] == [3, 9, 4, 5] and [s.sample_id for s in harmful] == [4, 5, 3, 9]
-    assert [s.steps for s in helpful] == [(1,), (0,), (3,), (2,)]
+    assert [s.sample_id for s in helpful] == [3, 9] and [s.sample_id for s in harmful] == [4, 5]
+    assert [s.steps for s in helpful] == [(1,), (0,)] and [s.steps for s in harmful] == [(3,), (2,)]
     _, _, steps_used = curves.sample_totals(occurrences([(2, 5, 1.0), (0, 6, 1.0), (0, 5, 1.0), (1, 5, 1.0)]))
     assert list(steps_used) == [(0, 1, 2), (0,)]  # sorted, whatever the order of the occurrences
 
@@ -288,7 +291,7 @@ def test_summarise_uses_the_configured_scale():
     raw = curves.summarise(occurrences(rows), STEPS.tolist(), [0] * 100, lrs,
                            ReportConfig(early_fraction=0.2, late_fraction=0.3, stage_scale="raw"))
     assert raw.stages[2].mean == pytest.approx(3.0)
-    assert [s.sample_id for s in report.helpful] == [100, 101] and [s.sample_id for s in report.harmful] == [120, 121]
+    assert [s.sample_id for s in report.helpful] == [100, 101] and report.harmful == []  # every total is positive
 
 
 def test_summarise_finds_the_phases_on_the_smoothed_curve():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,12 +62,15 @@ def run_example(name: str, example_runs: tuple[Path, str]) -> tuple[str, Path]:
 def test_tiny_lm_quick_with_offline_wandb(example_runs: tuple[Path, str]) -> None:
     printed, out = run_example("test_tiny_lm_quick_with_offline_wandb", example_runs)
     report = out / "dve" / "report"
-    for line in ("W&B run (offline):", f"Report folder: {report}", "Stage summary", "Phases (step):",
-                 "Top-5 helpful training sequences:", "Top-5 harmful training sequences:"):
+    for line in ("W&B run (offline):", f"Report folder: {report}", "Stage summary", "Phases (step):"):
         assert line in printed, printed
+    assert re.search(r"Top-\d helpful training sequences:", printed) and re.search(r"Top-\d harmful training "
+                                                                                 r"sequences:", printed), printed
     assert (report / "summary.json").is_file() and (report / "curve.png").is_file()
     summary = json.loads((report / "summary.json").read_text())
     assert summary["n_steps"] == 12 and summary["n_samples"] == 96
+    assert all(r["score"] > 0 for r in summary["top_k"]["helpful"]) and summary["top_k"]["helpful"]
+    assert all(r["score"] < 0 for r in summary["top_k"]["harmful"]) and summary["top_k"]["harmful"]
     assert [s["stage"] for s in summary["stages"]] == ["early", "middle", "late"]
     # the describe= text of every top-k sequence reached the summary and the W&B top-k table
     assert all(row["description"] for row in summary["top_k"]["helpful"] + summary["top_k"]["harmful"])

@@ -514,8 +514,9 @@ def test_curve_csv_columns_hold_the_curves_they_are_named_after(tmp_path: Path) 
 
 
 def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp_path):
-    """A NaN score (here sample 0's) is ``null`` in summary.json (strict JSON), ``n/a`` in the printed summary,
-    and left out of the TensorBoard histogram, which gets the finite totals, and of the per-step scalars: a step
+    """A NaN score (here sample 0's) makes the total ``null`` in summary.json (strict JSON) and ``n/a`` in the
+    printed summary; the sample is in neither top-k list (it neither helped nor harmed), and is left out of the
+    TensorBoard histogram, which gets the finite totals, and of the per-step scalars: a step
     whose mean influence is undefined logs no point (oracle: the curve's own finite values)."""
     import math
 
@@ -540,9 +541,10 @@ def test_non_finite_values_are_null_in_the_files_and_left_out_of_tensorboard(tmp
 
     written = json.loads(files["summary"].read_text(), parse_constant=refuse)
     assert written["total_influence"] is None
-    assert [r["score"] for r in written["top_k"]["helpful"] if r["sample_id"] == 0] == [None]
+    ranked = written["top_k"]["helpful"] + written["top_k"]["harmful"]
+    assert sorted(r["sample_id"] for r in ranked) == [1, 2, 3, 4, 5]  # neither helped nor harmed: NaN left out
     text = format_summary(written, k=6)
-    assert "total influence n/a" in text and "id     0  score n/a" in text
+    assert "total influence n/a" in text and "id     0" not in text
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     log_tensorboard(logger, report, {}, 3)
     events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})

@@ -29,12 +29,13 @@ LR = 0.25  # not 1: the per-lr curves are 4 times the raw ones, so no raw curve 
 
 
 def synthetic_report(directory: Path, config: ReportConfig | None = None, scale: float = 1.0,
-                     samples: dict[int, SampleView] | None = None) -> TrainEndReport:
+                     samples: dict[int, SampleView] | None = None, spread: float = 0.5) -> TrainEndReport:
     """A report of the U-shaped curve times ``scale``: step ``t``'s two occurrences (samples ``2t`` and
-    ``2t + 1``) score ``scale * (SHAPE[t] -/+ 0.5)``, so their mean is ``scale * SHAPE[t]``; learning rate ``LR``
-    throughout, epochs of 20 steps."""
+    ``2t + 1``) score ``scale * (SHAPE[t] -/+ spread)``, so their mean is ``scale * SHAPE[t]`` (``spread`` above
+    10: every even sample harmed, every odd one helped); learning rate ``LR`` throughout, epochs of 20 steps."""
     steps = torch.arange(N_STEPS).repeat_interleave(2)
-    scores = (SHAPE.repeat_interleave(2) + torch.tensor([-0.5, 0.5], dtype=torch.float64).repeat(N_STEPS))[None]
+    offsets = torch.tensor([-spread, spread], dtype=torch.float64).repeat(N_STEPS)
+    scores = (SHAPE.repeat_interleave(2) + offsets)[None]
     result = InfluenceResult(torch.arange(2 * N_STEPS), steps, scale * scores)
     config = config or ReportConfig(top_k=3, histogram_bins=8, smoothing_fraction=0.1)
     summary = curves.summarise(result, list(range(N_STEPS)), [t // 20 for t in range(N_STEPS)],
@@ -96,7 +97,7 @@ def test_tensorboard_top_k_tables_keep_one_row_per_sample_whatever_the_text(tmp_
 
     texts = {i: SampleView(str(i % 10), f"line one of {i}\nline two | end\r\nthree", None) for i in range(2 * N_STEPS)}
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
-    log_tensorboard(logger, synthetic_report(tmp_path, samples=texts), {}, step=N_STEPS)
+    log_tensorboard(logger, synthetic_report(tmp_path, samples=texts, spread=12.0), {}, step=N_STEPS)
     events = event_accumulator.EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     events.Reload()
     for name in ("helpful", "harmful"):
@@ -143,7 +144,8 @@ def test_printed_summary_shows_the_values_of_summary_json(tmp_path: Path) -> Non
     text_of_best = "a long description " * 6
     config = ReportConfig(top_k=4, histogram_bins=8, smoothing_fraction=0.1, early_fraction=0.0,
                           late_fraction=0.25, stage_scale="raw")
-    report = synthetic_report(tmp_path, config, scale=1e-6, samples={1: SampleView("7", text_of_best, None)})
+    report = synthetic_report(tmp_path, config, scale=1e-6, samples={1: SampleView("7", text_of_best, None)},
+                              spread=12.0)
     summary = json.loads(write_files(report, {})["summary"].read_text())
     assert summary["top_k"]["helpful"][0]["sample_id"] == 1 and len(summary["top_k"]["helpful"]) == 4
 
