@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from .batches import WeightFn, on_module_device
 from .config import DVEConfig
 from .device_memory import available_bytes
 from .errors import DVEError
+from .loss_checks import check_loss_count
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
@@ -133,9 +135,18 @@ class ReplayQueries:
     def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
         """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""
         if loss_fn is not None:
-            return lambda module: loss_fn(module, batch)
+            return partial(_counted_losses, loss_fn, batch, _targets(batch) if batch is not None else None)
         singles, reduction = split_batch(batch), self.config.loss_reduction
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
+
+
+def _counted_losses(loss_fn: LossFn, batch: Any, count: int | None, module: nn.Module) -> torch.Tensor:
+    """``loss_fn(module, batch)``, refused (as :meth:`influence` refuses it) where it does not hold one loss per
+    sample of a batch of several (``count``; ``None``: not checked)."""
+    losses = loss_fn(module, batch)
+    if count is not None and count > 1 and isinstance(losses, torch.Tensor) and losses.dim() == 1:
+        check_loss_count(losses, count)
+    return losses
 
 
 def _targets(batch: Any) -> int:

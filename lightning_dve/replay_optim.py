@@ -87,7 +87,7 @@ def sgd_update(param: Tensor, grad: Tensor, state: State, h: dict[str, Any]) -> 
     g = -grad if h["maximize"] else grad
     if h["weight_decay"] != 0:
         g = g.add(param, alpha=h["weight_decay"])
-    new_state: State = {}
+    new_state: State = dict(state)  # a buffer stays as it is while momentum is 0, as torch keeps it
     if h["momentum"] != 0:
         buf = state.get("momentum_buffer")
         buf = g if buf is None else buf.mul(h["momentum"]).add(g, alpha=1 - h["dampening"])

@@ -28,8 +28,8 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
     """
     if interval is None:
         raise ConfigError("this run was recorded with checkpoint_interval=None (no replay checkpoints), so "
-                          "exact_influence cannot replay it. Record it again with checkpoint_interval='auto' (the "
-                          "default) or an int number of steps between checkpoints.")
+                          "exact_influence and replay_embeddings cannot replay it. Record it again with "
+                          "checkpoint_interval='auto' (the default) or an int number of steps between checkpoints.")
     checkpoints = CheckpointStore.open(root / CHECKPOINTS)
     manifest = checkpoints.manifest
     if manifest.get("refusal"):
@@ -45,6 +45,11 @@ def make_replayer(store: TrajectoryStore, interval: int | str | None, module: nn
     """A :class:`Replayer` of the recorded run, after checking that it can be replayed (arguments as in
     :meth:`lightning_dve.DataValueEmbeddings.exact_influence`)."""
     checkpoints = open_checkpoints(store.root, interval)
+    sparse = [name for name, m in module.named_modules() if getattr(m, "sparse", False) is True
+              and any(p.requires_grad for p in m.parameters(recurse=False))]
+    if sparse:  # (tracked layers refuse sparse=True at fit start; untracked ones are trained all the same)
+        raise UnsupportedError(f"modules {sparse} train with sparse gradients (sparse=True), which the replay's "
+                               "vector-Jacobian products cannot carry. Train them with sparse=False to replay the run.")
     if data is not None and not (data.sample_ids is None or isinstance(data.sample_ids, str)
                                  or callable(data.sample_ids)):
         raise ConfigError(f"sample_ids must be a dict key (str) or a callable batch -> LongTensor[B], as given to the "

@@ -45,7 +45,8 @@ WARMUP = 5
 
 def make_optimizer(params: Any, setting: dict[str, Any]) -> torch.optim.Optimizer:
     """``setting["optimizer"]`` in sgd / adam / adamw with the remaining optimizer keyword arguments."""
-    kwargs = {k: v for k, v in setting.items() if k not in ("optimizer", "schedule", "clip", "net", "clip_algorithm")}
+    kwargs = {k: v for k, v in setting.items()
+              if k not in ("optimizer", "schedule", "clip", "net", "clip_algorithm", "momentum_off")}
     return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[setting["optimizer"]](
         params, **kwargs)
 
@@ -91,6 +92,11 @@ class ReplayNet(L.LightningModule):
         loss = F.cross_entropy(self(batch["x"]), batch["y"])
         self.log("train_loss", loss)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if "momentum_off" in self.setting:  # those steps without momentum (torch keeps the buffer meanwhile)
+            off = self.global_step in self.setting["momentum_off"]
+            self.trainer.optimizers[0].param_groups[0]["momentum"] = 0.0 if off else self.setting["momentum"]
 
     def configure_optimizers(self) -> Any:
         optimizer = make_optimizer(self.parameters(), self.setting)
@@ -163,14 +169,15 @@ def unrolled_steps(net: nn.Module, steps: list[list[dict]], setting: dict[str, A
                 .requires_grad_(True) for b in micro] for micro in steps]
     state: dict[str, dict] = {k: {} for k in params}
     hyper = {k: v for k, v in setting.items()
-             if k not in ("optimizer", "lr", "schedule", "clip", "net", "clip_algorithm")}
+             if k not in ("optimizer", "lr", "schedule", "clip", "net", "clip_algorithm", "momentum_off")}
     current = dict(params)
     for t, micro in enumerate(steps):
+        h = {**hyper, "momentum": 0.0} if t in setting.get("momentum_off", ()) else hyper
         total = sum((w * F.cross_entropy(functional_call(net, current, (b["x"],)), b["y"], reduction="none")).sum()
                     for w, b in zip(weights[t], micro))
         grads = _clip(list(torch.autograd.grad(total, list(current.values()), create_graph=True)), setting)
         lr = setting["lr"] * lr_factor(setting, t, len(steps))
-        current = {k: _oracle_step(current[k], g, state[k], hyper, setting["optimizer"], lr)
+        current = {k: _oracle_step(current[k], g, state[k], h, setting["optimizer"], lr)
                    for k, g in zip(current, grads)}
     test_losses = F.cross_entropy(functional_call(net, current, (test["x"],)), test["y"], reduction="none")
     flat = [w for micro in weights for w in micro]
@@ -235,6 +242,7 @@ OPTIMIZERS = {
     "sgd momentum dampening decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
     "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
     "sgd maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, maximize=True),
+    "sgd momentum off and on": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),  # off at steps 5-9 (the test)
     "adam l2": lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.01),
     "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
 }
@@ -243,8 +251,10 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_functional_optimizers_reproduce_torch(name: str, dtype: torch.dtype) -> None:
-    """Same values as torch.optim over 15 steps, with a parameter row that never gets gradient (Adam's v = 0)
-    and a second parameter skipped (no gradient) at some steps, as torch skips it."""
+    """Same values and state as torch.optim over 15 steps, with a parameter row that never gets gradient (Adam's
+    v = 0) and a second parameter skipped (no gradient) at some steps, as torch skips it; and momentum turned off
+    for some steps, where torch keeps the buffer for when it is on again (the replay dropped it: a KeyError in
+    exact_influence, found by an audit)."""
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=g, dtype=dtype, requires_grad=True),
               torch.randn(5, generator=g, dtype=dtype, requires_grad=True)]
@@ -256,12 +266,15 @@ def test_functional_optimizers_reproduce_torch(name: str, dtype: torch.dtype) ->
         grads = [torch.randn(4, 3, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype)]
         grads[0][0] = 0
         grads[1] = None if step % 4 == 1 else grads[1]
+        if name == "sgd momentum off and on":
+            optimizer.param_groups[0]["momentum"] = 0.0 if 5 <= step < 10 else 0.9
         hyper = replay_optim.group_hyperparameters(optimizer, kind)[0]
         for p, grad in zip(params, grads):
             p.grad = None if grad is None else grad.clone()
         optimizer.step()
         for i, grad in enumerate(grads):
             mine[i], states[i] = replay_optim.update(kind, mine[i], grad, states[i], hyper)
+        assert [set(state) for state in states] == [set(optimizer.state[p]) for p in params], step
     for p, m in zip(params, mine):
         torch.testing.assert_close(m, p.detach(), rtol=0, atol=0)
 
@@ -294,6 +307,8 @@ SETTINGS = {
     "sgd momentum dampening decay": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.1,
                                      "weight_decay": 0.01},
     "sgd nesterov": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+    # off, then on again with the buffer torch kept (the replay dropped it: a KeyError, found by an audit)
+    "sgd momentum off at steps 2-3": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "momentum_off": (2, 3)},
     "adam l2": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 1e-3},
     "adamw cosine warm-up": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine"},
     "sgd clip norm": {"optimizer": "sgd", "lr": 0.3, "clip": 0.3},
@@ -377,6 +392,9 @@ def test_train_loss_fn_and_sqrt_segments_give_the_same_scores(tmp_path: Path, sm
     assert dve2.embeddings.replay_cost.forward_steps == 12
     torch.testing.assert_close(chunked.scores, base.scores, rtol=1e-12, atol=1e-15)
     assert torch.equal(base.steps, torch.full_like(base.sample_ids, -1))
+    doubled = lambda m, b: torch.cat([per_sample_loss(m, b)] * 2)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"loss_fn returned 10 losses for a batch of 5 samples"):
+        dve2.embeddings.exact_influence(module2, test, loss_fn=doubled)  # scored 10 rows (an audit); influence refuses
 
 
 def test_a_segment_in_little_memory_keeps_two_states_per_level_and_gives_the_same_scores(

@@ -346,3 +346,29 @@ def test_a_layer_held_under_two_names_keeps_its_trained_weights_through_the_repl
     scores = dve.embeddings.exact_influence(module, digits[1].batch()).scores
     assert scores.shape == (5, 48) and bool(scores.abs().sum() > 0)
     assert all(torch.equal(trained[name], p) for name, p in module.named_parameters())
+
+
+# --- sparse gradients --------------------------------------------------------------------------------------
+
+
+class SparseOffsetMLP(DigitsMLP):
+    """:class:`DigitsMLP` plus an untracked ``nn.Embedding(sparse=True)`` logit offset (row 0 for every sample)."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8)
+        self.offset = torch.nn.Embedding(1, 10, sparse=True, dtype=torch.float64)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        offset = self.offset(torch.zeros_like(batch["y"]))
+        return F.cross_entropy(self(batch["x"]) + offset, batch["y"])
+
+
+def test_an_untracked_module_with_sparse_gradients_is_refused_by_exact_replay(tmp_path: Path, digits) -> None:
+    """Its sparse gradient failed inside the replay's vector-Jacobian product with torch's NotImplementedError
+    (an audit): refused, naming the module and the fix."""
+    train, test = digits
+    module = SparseOffsetMLP()
+    dve = _fit(tmp_path / "dve", module, train, exclude=("offset",))
+    with pytest.raises(UnsupportedError, match=r"modules \['offset'\] train with sparse gradients \(sparse=True\).*"
+                                               r"sparse=False"):
+        dve.embeddings.exact_influence(module, test.batch())
