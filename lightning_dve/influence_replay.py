@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from .batches import WeightFn, on_module_device
 from .config import DVEConfig
 from .device_memory import available_bytes
 from .errors import DVEError
-from .loss_checks import check_loss_count
 from .projection import LayerProjection
 from .query_layers import refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
@@ -62,7 +60,9 @@ class ReplayQueries:
 
         Args:
             module, batch, loss_fn, per_step: as in :meth:`influence` (without ``loss_fn``, each test sample's
-                loss is ``training_step`` on a one-sample batch divided by its recorded reduction weight).
+                loss is ``training_step`` on a one-sample batch divided by its recorded reduction weight); each of
+                ``loss_fn``'s losses is differentiated by itself, so it may return any number of targets, not one
+                per test sample (e.g. the batch's mean loss as one target: one row of scores).
             dataset: the training dataset (map-style); default the one seen in ``fit``, required after
                 :meth:`load`. Batches are rebuilt as ``collate_fn([dataset[i] for i in ids])``.
             collate_fn: default the training dataloader's (after :meth:`load`: ``default_collate``).
@@ -135,18 +135,9 @@ class ReplayQueries:
     def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
         """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""
         if loss_fn is not None:
-            return partial(_counted_losses, loss_fn, batch, _targets(batch) if batch is not None else None)
+            return lambda module: loss_fn(module, batch)
         singles, reduction = split_batch(batch), self.config.loss_reduction
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
-
-
-def _counted_losses(loss_fn: LossFn, batch: Any, count: int | None, module: nn.Module) -> torch.Tensor:
-    """``loss_fn(module, batch)``, refused (as :meth:`influence` refuses it) where it does not hold one loss per
-    sample of a batch of several (``count``; ``None``: not checked)."""
-    losses = loss_fn(module, batch)
-    if count is not None and count > 1 and isinstance(losses, torch.Tensor) and losses.dim() == 1:
-        check_loss_count(losses, count)
-    return losses
 
 
 def _targets(batch: Any) -> int:

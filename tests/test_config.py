@@ -234,7 +234,8 @@ def test_non_string_layer_names_are_refused(field):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"layers": 5}, r"layers must be a sequence of module names \(a list or tuple of str\); got 5\. Pass layers=None"),
-    ({"exclude": 5}, r"exclude must be a sequence of module names \(a list or tuple of str\); got 5\. Use exclude=\(\)"),
+    ({"exclude": 5}, r"exclude must be a sequence of module names \(a list or tuple of str\); got 5\. Use "
+                     r"exclude=\(\)"),
     ({"exclude": {"net.0": 1}}, r"exclude must be a sequence .*got \{'net\.0': 1\}"),
     ({"layers": {"net.0"}}, r"layers must be a sequence .*got \{'net\.0'\}"),
     ({"layers": []}, r"layers=\[\] names no module\. Pass layers=None to track every supported layer"),
