@@ -39,6 +39,7 @@ class CallChecks:
         self.sizes: dict[str, int] = {}  # each layer's samples per call in this micro-batch
         self.refused: UnsupportedError | None = None
         self.batch: Any = None  # the micro-batch, whose own ids are not a position table
+        self.counts: dict[str, int] = {}  # each layer's calls in this micro-batch, the last one's last (curvature.py)
         self._aranges: tuple[set[str], set[str]] = (set(), set())  # embeddings on arange(n): last, this micro-batch
         # the first micro-batches' inputs of each layer's calls and ("") of the micro-batch itself: last, this one
         self._prints: tuple[dict[str, list[Print]], ...] = ({}, {})
@@ -46,7 +47,7 @@ class CallChecks:
 
     def reset(self, begin: bool = False) -> None:
         """Forget the micro-batch's calls; ``begin``: a new micro-batch starts."""
-        self.sizes, self.refused, self.batch = {}, None, None
+        self.sizes, self.refused, self.batch, self.counts = {}, None, None, {}
         self._aranges = (self._aranges[1], set()) if begin else self._aranges
         if begin and self._probed <= PROBED:
             warn_tables(*self._prints)
@@ -62,6 +63,7 @@ class CallChecks:
             self.refused = self.refused or err
             return None
         self.sizes[layer.name] = args[0].shape[0]
+        self.counts[layer.name] = self.counts.pop(layer.name, 0) + 1  # (popped: the last called is the last key)
         if layer.spec.kind == "embedding" and layer_specs.position_lookup(args) and not of_batch(args[0], self.batch):
             if layer.name in self._aranges[0]:
                 warn_position_lookup(layer, args[0].numel())

@@ -22,7 +22,7 @@ from .batch_trees import as_started, shallow_copy
 from .checkpoints import CheckpointRecorder, step_store_bytes
 from .config import DVEConfig, ReportConfig
 from .curvature import (Probe, check_autograd_reached, check_cross_entropy, check_logit_curvature,
-                        probe_logit_curvature, sampled_label_grad)
+                        check_single_logits, probe_logit_curvature, sampled_label_grad)
 from .errors import DVEError, GradientError, UnsupportedError
 from .guards import StepGuard
 from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
@@ -101,6 +101,7 @@ class StepHooks(pl.Callback):
         if self._ggn:
             check_autograd_reached(hooks.without_autograd())
         if self._ggn and hooks.outputs:  # Gauss-Newton rows from labels drawn from the model (curvature.py)
+            hooks.calls.refused = hooks.calls.refused or check_single_logits(hooks.calls.counts)
             # DDP(static_graph=True) queues its all-reduce in the first backward through its output: not the probe's
             static = isinstance(trainer.strategy.model, DistributedDataParallel) and trainer.strategy.model.static_graph
             self._probe = None if static else probe_logit_curvature(loss, hooks.outputs[-1], hooks.shared)

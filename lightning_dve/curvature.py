@@ -112,6 +112,20 @@ def _captures_ignoring(shared: CurvaturePass) -> Iterator[None]:
 _IGNORED = object()  # the owner of a backward no capture takes rows from
 
 
+def check_single_logits(counts: dict[str, int]) -> UnsupportedError | None:
+    """The refusal of ``curvature="ggn"`` where the last tracked layer (the logits) was called more than once in the
+    micro-batch (``counts``: each layer's calls, the last called last): the curvature pass starts from its last
+    output only, so a loss over several of its calls (two views of each sample, a model applied twice) would keep
+    that call's curvature alone, silently (an audit: 0.49 of the trace)."""
+    name, calls = next(reversed(counts.items()), ("", 0))
+    if calls < 2:
+        return None
+    return UnsupportedError(f"curvature='ggn' takes the softmax cross-entropy of one output of the last tracked layer "
+                            f"per micro-batch, and {name!r} was called {calls} times (several views of each sample, "
+                            "or a model applied twice): the curvature of its other calls would be left out. Use "
+                            "curvature='empirical_fisher' (the default), which takes every call.")
+
+
 def probe_logit_curvature(loss: torch.Tensor, logits: torch.Tensor, shared: CurvaturePass) -> Probe | None:
     """The training loss's Hessian in the logits applied to a fixed sign vector ``v``: ``(logits, v, H v)`` by a
     double backward from ``loss`` to ``logits`` only (``[B, C]`` work; the training graph is kept), for

@@ -220,6 +220,22 @@ def test_ggn_refuses_a_loss_that_is_not_a_softmax_cross_entropy(tmp_path: Path) 
     assert not list((tmp_path / "dve" / "steps").glob("*.safetensors"))  # refused before anything is recorded
 
 
+class TwoViews(TinyMLP):
+    """The mean of two cross-entropies, of each sample and of its mirror image: the logits layer called twice."""
+
+    def loss(self, batch):
+        return sum(F.cross_entropy(self(x), batch["y"]) for x in (batch["x"], batch["x"].flip(1))) / 2
+
+
+def test_ggn_refuses_a_loss_over_several_calls_of_the_logits_layer(tmp_path: Path) -> None:
+    """The curvature pass starts from the last call's output: the first view's curvature was left out, silently
+    (the stored rows were the second view's alone, 0.49 of the trace; an audit). The empirical Fisher takes both."""
+    with pytest.raises(UnsupportedError, match=r"curvature='ggn' takes the softmax cross-entropy of one output of the "
+                                               r"last tracked layer per micro-batch, and 'net\.2' was called 2 times"):
+        ggn_fit(tmp_path, TwoViews(hidden=8))
+    assert not list((tmp_path / "dve" / "steps").glob("*.safetensors"))
+
+
 @pytest.mark.parametrize("loss, factor", [("scaled", "0.1"), ("kl_mean", "0.1")])
 def test_ggn_refuses_a_cross_entropy_at_another_scale(tmp_path: Path, loss: str, factor: str) -> None:
     """Its gradient at the logits implies probability targets, so the gradient check passed it; the Gauss-Newton
