@@ -198,24 +198,36 @@ def _id_key_hint(batch: Mapping[Any, Any], batch_size: int) -> str:
     return ""
 
 
-def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int) -> None:
-    """Refuse NaN or infinite per-sample gradients, naming the layer, step and samples.
+def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step: int, narrow: bool = False
+                 ) -> None:
+    """Refuse NaN or infinite per-sample gradients, naming the layer, step and samples; with ``narrow`` (a storage
+    dtype narrower than float64) also float64 values beyond float32's range, which it would store as inf or NaN.
 
     Raises:
-        GradientError: if any captured value is not finite.
+        GradientError: if any captured value is not finite (or not finite in the storage).
     """
-    if not grads or bool(torch.isfinite(torch.stack([block.sum() for block in grads.values()])).all()):
-        return  # one reduction per layer in the common case: a NaN or infinity makes its block's sum non-finite
-    for name, block in grads.items():  # (a sum that overflowed on finite values finds nothing here)
-        bad = ~torch.isfinite(block).all(dim=1)
+    wide = narrow and any(block.dtype == torch.float64 for block in grads.values())
+    peak = (lambda block: torch.linalg.vector_norm(block, float("inf"))) if wide else torch.sum
+    if not grads or bool((torch.stack([peak(block) for block in grads.values()]).abs() <= FLOAT32_MAX).all()):
+        return  # one reduction per layer (a sum; float64 rows into a narrower storage: their largest magnitude)
+    for name, block in grads.items():  # (a large sum of finite values within the storage's range finds nothing)
+        finite = torch.isfinite(block).all(dim=1)
+        bad = ~finite | (block.abs() > FLOAT32_MAX).any(dim=1) if wide else ~finite
         if bad.any():
             ids = sample_ids[bad.cpu()].tolist()
             listed = f"{ids}" if len(ids) <= 10 else f"{ids[:10]} and {len(ids) - 10} more"
+            what = "non-finite" if not bool(finite[bad].all()) else (
+                "float32-overflowing (stored as inf or NaN in the narrower storage_dtype: storage_dtype='float64' "
+                "keeps it)")
             raise GradientError(
-                f"non-finite per-sample gradient in layer {name!r} at step {step} for sample ids {listed}. Training "
+                f"{what} per-sample gradient in layer {name!r} at step {step} for sample ids {listed}. Training "
                 "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
                 "clipping, or remove those samples. Steps before this one are kept in the store."
             )
+
+
+#: The largest float32: float64 rows beyond it overflow in every narrower storage dtype (:func:`check_finite`).
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def training_loss(module: nn.Module, batch: Any) -> tuple[torch.Tensor | None, Any]:

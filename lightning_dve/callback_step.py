@@ -252,8 +252,9 @@ class StepHooks(pl.Callback):
             check_logit_curvature(self._probe, scale)
         grads = hooks.finish(scale)
         try:
+            narrow = self._active_store().manifest["storage_dtype"] != "float64"  # (float64 rows overflow there)
             for rows in (grads, *extra.values()):
-                batches.check_finite(rows, ids, step)
+                batches.check_finite(rows, ids, step, narrow)
         except GradientError as err:
             if callback_setup.grad_scaler(trainer) is None:
                 raise

@@ -829,6 +829,25 @@ def test_check_finite_names_the_layer_and_samples_and_ignores_an_overflowing_sum
         check_finite({"a": torch.full((12, 2), float("nan"))}, torch.arange(12), step=0)
 
 
+def test_float64_rows_beyond_float32_are_refused_for_a_narrower_storage():
+    """A finite float64 gradient of 1e39 was stored as NaN (float16, whose float32 row scale overflows) or inf
+    (float32, bfloat16), and the embeddings' warning blamed the recursion (an audit). With ``narrow`` (any storage
+    dtype but float64) such rows are refused at their step, naming them; float64 storage keeps them."""
+    from lightning_dve.batches import check_finite
+
+    ids, rows = torch.tensor([5, 6, 7]), torch.zeros(3, 4, dtype=torch.float64)
+    rows[2, 1] = -1e39
+    check_finite({"a": rows}, ids, step=3)  # float64 storage
+    with pytest.raises(GradientError, match=r"float32-overflowing \(stored as inf or NaN in the narrower "
+                                            r"storage_dtype: storage_dtype='float64' keeps it\) per-sample gradient "
+                                            r"in layer 'a' at step 3 for sample ids \[7\]"):
+        check_finite({"a": rows}, ids, step=3, narrow=True)
+    rows[0, 0] = float("nan")
+    with pytest.raises(GradientError, match=r"non-finite per-sample gradient in layer 'a' .*sample ids \[5, 7\]"):
+        check_finite({"a": rows}, ids, step=3, narrow=True)
+    check_finite({"a": torch.full((3, 4), 3e38)}, ids, step=3, narrow=True)  # float32 rows: within range
+
+
 def test_state_key_of_the_auto_layout_matches_the_earlier_per_layer_default():
     """Lightning finds a callback's state in a checkpoint by ``state_key``: a checkpoint written when
     ``"per_layer"`` was the default must still resume a callback created with today's defaults."""
