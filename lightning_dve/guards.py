@@ -163,8 +163,7 @@ class StepGuard:
         self._index = {name: sampled_coordinates(w.numel(), w.device) for name, w in self._tensors.items()}
         self._backward: tuple[list[str], torch.Tensor] = ([], torch.empty(0, SAMPLED))  # sampled in this step
         self._stepped = self._backward  # what the step being applied sampled (:meth:`before_step`)
-        self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed
-        self._ran = False  # whether ``optimizer.step()`` ran since :meth:`before_step`
+        self._applied: tuple[list[str], torch.Tensor] | None = None  # what ``optimizer.step()`` consumed (its run)
         self._stepped_weights: torch.Tensor | None = None  # sampled weights after the last ``optimizer.step()``
         self._steps = 0  # applied steps (the tied-weight check runs again after 1, 2, 4, 8, ... of them)
         self._started = False  # whether a micro-batch of this fit passed :meth:`check_trainable`
@@ -187,7 +186,7 @@ class StepGuard:
         self.settings.attach(optimizer)
 
     def _after_step(self) -> None:
-        self._ran, self._stepped_weights = True, self._sample_weights()
+        self._stepped_weights = self._sample_weights()
 
     def _sample_weights(self) -> torch.Tensor:
         """The tracked weights' and trained biases' sampled coordinates, ``[tensors, SAMPLED]``."""
@@ -284,7 +283,7 @@ class StepGuard:
         seen, refused = self._tied_seen, self._tied
         self._tied_seen, self._tied, self._first_backward = set(), None, True
         self._stepped, self._backward = self._backward, ([], torch.empty(0, SAMPLED))  # a step without backward: none
-        self._applied, self._edited, self._ran = None, None, False
+        self._applied, self._edited = None, None
         if not skipped and not calls_refused:
             if refused is not None:
                 raise refused
@@ -328,7 +327,7 @@ class StepGuard:
         names, before = self._stepped
         if not names:
             return
-        if self._applied is None or not self._ran:
+        if self._applied is None:  # sampled inside the attached optimizer's step() only
             raise UnsupportedError(
                 f"step {step}: the optimizer's step() did not run, or ran on another optimizer than the one fit "
                 "started with: the recorded update would not be the applied one. Keep the optimizer "
