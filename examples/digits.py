@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> Path:
                         enable_progress_bar=not args.no_progress_bar)
     trainer.fit(DigitsMLP(), DataLoader(train, batch_size=args.batch_size, shuffle=True),
                 DataLoader(val, batch_size=256))
+    if torch.distributed.is_initialized():  # before a rank exits: gloo's threads can abort a process left with it
+        torch.distributed.destroy_process_group()
     report = args.out / "dve" / "report"
     if not trainer.is_global_zero:  # DDP: rank 0 reports and prints
         return report
