@@ -28,8 +28,8 @@ from .files import read_json
 from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .loss_checks import check_loss_count, check_reduction, check_uncoupled, losses_of_a_pair
-from .query_layers import (backward_to_layers, check_test_gradients, recorded_layers, refuse_empty, require_autograd,
-                           uncompiled, warn_if_not_final)
+from .query_layers import (backward_to_layers, check_test_gradients, dtype_refusal, recorded_layers, refuse_empty,
+                           require_autograd, uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost
 from .replay_data import TrainingData
@@ -210,7 +210,13 @@ class DataValueEmbeddings(ReplayQueries):
             capture.attach()
             try:
                 with modes(module, None):  # eval mode, gradients on
-                    loss, weights_for, used = self._test_loss(module, batch, loss_fn, capture)
+                    try:
+                        loss, weights_for, used = self._test_loss(module, batch, loss_fn, capture)
+                    except RuntimeError as err:
+                        refusal = dtype_refusal(err, module, batch)
+                        if refusal is None:
+                            raise
+                        raise refusal from err
                     backward_to_layers(loss, capture, module)
                     size = capture.batch_size()
                     rows = capture.finish(weights_for(size))

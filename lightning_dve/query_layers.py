@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import layers as layer_specs
-from .batch_trees import count_samples
+from .batch_trees import count_samples, map_tensors
 from .capture import GradientCapture, TrackedLayer
 from .errors import ConfigError, LayerMismatchError
 from .guards import sampled_entries
@@ -191,6 +191,28 @@ def refuse_empty(batch: Any) -> None:
     if empty:
         raise ConfigError("the test batch holds no sample (its first batched tensor has length 0): pass a batch of at "
                           "least one test sample.")
+
+
+def dtype_refusal(err: RuntimeError, module: nn.Module, batch: Any) -> ConfigError | None:
+    """The refusal of a test batch whose floating tensors are not in the module's dtype, where the forward failed
+    with torch's dtype error (``err``) on it; ``None`` for any other failure.
+
+    A float64 module trained on float64 batches (``model.double()`` without ``precision="64-true"``) and queried
+    with a float32 batch fails in its first layer with "mat1 and mat2 must have the same dtype", which names
+    neither the batch nor the fix.
+    """
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if parameter is None or not any(word in str(err) for word in ("dtype", "scalar type")):
+        return None
+    found: set[torch.dtype] = set()
+    map_tensors(batch, lambda t: found.add(t.dtype) or t)
+    other = sorted(str(d).removeprefix("torch.") for d in found if d.is_floating_point and d != parameter.dtype)
+    if not other:
+        return None
+    wanted = str(parameter.dtype).removeprefix("torch.")
+    return ConfigError(f"the test batch holds {' and '.join(other)} tensors while the module's weights are {wanted}, "
+                       f"and its forward failed on them ({err}). Pass the test batch in the dtype training used "
+                       f"(e.g. x.to(torch.{wanted}) for each floating input), as the training loader made it.")
 
 
 def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -167,6 +167,20 @@ def test_an_empty_test_batch_is_refused_saying_so(trained, test_batch):
             query(trained.model, empty)
 
 
+def test_a_test_batch_in_another_float_dtype_is_refused_naming_both_dtypes(trained, test_batch):
+    """A float64 batch for the float32 module failed in its first layer with torch's "mat1 and mat2 must have the
+    same dtype", naming neither the batch nor the fix; other failures of the forward stay torch's own."""
+    double = dict(test_batch, x=test_batch["x"].double())
+    for loss_fn in (None, per_sample_ce):
+        with pytest.raises(ConfigError, match=r"the test batch holds float64 tensors while the module's weights are "
+                                              r"float32.*must have the same dtype.*x\.to\(torch\.float32\)"):
+            trained.dve.embeddings.influence(trained.model, double, loss_fn=loss_fn)
+    narrow = dict(test_batch, x=test_batch["x"][:, :10])
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as caught:
+        trained.dve.embeddings.influence(trained.model, narrow)
+    assert not isinstance(caught.value, ConfigError)
+
+
 def test_a_training_step_returning_per_sample_losses_needs_loss_fn(trained, test_batch):
     class PerSample(type(trained.model)):
         def training_step(self, batch, batch_idx):
