@@ -306,7 +306,7 @@ def lightning_breakdown(kind: str, dim: int | None, repeats: int, quick: bool, q
     for owner, name, label in ((capture.GradientCapture, "_on_forward", "capture.forward_hooks"),
                                (capture.GradientCapture, "_on_output_grad", "capture.output_grad_hooks"),
                                (capture.GradientCapture, "finish", "capture.finish"),
-                               (capture.GradientCapture, "check_all_reached", "capture.check_all_reached"),
+                               (callback_step, "check_all_reached", "model_checks.check_all_reached"),
                                (capture.GradientCapture, "check_blocks_sum_to_grad", "capture.check_blocks_sum_to_grad"),
                                (callback_step, "check_no_batchnorm_training", "model_checks.check_no_batchnorm_training"),
                                (guards.StepGuard, "check_applied", "guards.check_applied"),

@@ -25,7 +25,7 @@ from .curvature import (Probe, check_autograd_reached, check_cross_entropy, chec
                         check_single_logits, probe_logit_curvature, sampled_label_grad)
 from .errors import DVEError, GradientError, UnsupportedError
 from .guards import StepGuard
-from .model_checks import check_layers_held, check_no_batchnorm_training, check_no_inner_backward
+from .model_checks import check_all_reached, check_layers_held, check_no_batchnorm_training, check_no_inner_backward
 from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, reset_before_mark,
                     sgd_proxy_reason, uses_momentum_or_decay)
 from .store import TrajectoryStore
@@ -134,7 +134,7 @@ class StepHooks(pl.Callback):
         reached = sync.reached_on_any_rank(self._comm, [*hooks.layers, _REFUSED],
                                            self._reached | hooks.reached() | refused)
         if _REFUSED not in reached:  # a refused call leaves its layer uncaptured: not "used functionally"
-            hooks.check_all_reached(reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
+            check_all_reached(hooks, reached)  # a layer reached by no micro-batch of any rank, yet with a gradient
         self._skipped = callback_setup.grad_scaler(trainer) is not None and not grads_finite(optimizer)
         try:  # a tied weight is refused where the ranks agree (on_train_batch_end): under DDP one may refuse alone
             self._active_guard().before_step(self._skipped, _REFUSED in reached)

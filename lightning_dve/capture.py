@@ -142,6 +142,7 @@ class GradientCapture:
         self._keep_outputs = False
         self._generation = 0
         self.outputs: list[torch.Tensor] = []
+        self._output_hooks: list[torch.utils.hooks.RemovableHandle] = []  # on this step's tracked outputs
         self.logits: tuple[torch.Tensor, torch.Tensor | None] | None = None  # last output and its training grad
 
     def attach(self) -> None:
@@ -166,7 +167,7 @@ class GradientCapture:
         self._inputs = {name: [] for name in self.layers}
         self._inputs_q = {name: [] for name in self.layers}
         self._rows = {kind: {} for kind in ROW_KINDS}
-        self.outputs = []
+        self.outputs, self._output_hooks = [], []
         self.logits = None
 
     def begin(self, keep_outputs: bool = False, batch: Any = None) -> None:
@@ -222,6 +223,15 @@ class GradientCapture:
     def start_backward(self) -> None:
         """Mark the backward's start: later forwards recompute (checkpointing), kept out of ``outputs``/``logits``."""
         self._backward = True
+        self._hooks_last()
+
+    def _hooks_last(self) -> None:
+        """Move each output hook after the hooks the model put on that output since (``h.register_hook(lambda g:
+        g * s)``, gradient scaling or reversal), so that it reads the gradient they hand on, as ``.grad`` does."""
+        for handle in self._output_hooks:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and len(hooks) > 1 and handle.id in hooks:
+                hooks[handle.id] = hooks.pop(handle.id)  # autograd calls them in the dict's order
 
     def without_autograd(self) -> set[str]:
         """Tracked layers that the step called only with autograd off (``torch.no_grad``, or the first forward of
@@ -252,7 +262,7 @@ class GradientCapture:
             self.logits = (output.detach(), None)  # the last output so far; its hook adds the training gradient
         hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1,
                        None if recomputed else self.logits)
-        output.register_hook(hook)
+        self._output_hooks.append(output.register_hook(hook))
 
     def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,
                         logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:
@@ -293,6 +303,7 @@ class GradientCapture:
         ``begin(keep_outputs=True)``.
         """
         logits = self.outputs[-1]
+        self._hooks_last()
         self._curvature_pass, self.shared.owner = True, self
         try:
             torch.autograd.grad(logits, self.outputs, output_grad(logits.detach()), retain_graph=True,
@@ -338,25 +349,6 @@ class GradientCapture:
     def reached(self) -> set[str]:
         """The tracked layers whose blocks the current micro-batch captured."""
         return set(self._blocks)
-
-    def check_all_reached(self, reached: set[str] | frozenset[str] = frozenset()) -> None:
-        """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it, in this
-        micro-batch or in ``reached`` (the step's other micro-batches and ranks).
-
-        This happens when a model uses a layer's weight functionally (e.g. ``nn.MultiheadAttention`` calls
-        ``out_proj.weight`` without calling ``out_proj``).
-
-        Raises:
-            UnsupportedError: naming the layer and how to exclude it.
-        """
-        for name, weight in self.weights().items():
-            if name not in self._blocks and name not in reached and weight.grad is not None \
-                    and bool(weight.grad.ne(0).any()):
-                raise UnsupportedError(
-                    f"layer {name!r} received a gradient but its forward was never called: the model uses its "
-                    f"weight directly (functionally), which capture cannot see. Pass exclude=({name!r},) and track "
-                    "the layers that are called as modules."
-                )
 
     def block_sums(self, names: list[str]) -> dict[str, torch.Tensor | None]:
         """The captured blocks of tracked layers ``names`` summed over the samples (``None``: not reached)."""

@@ -112,8 +112,10 @@ def check_blocks_sum_to_grad(capture: GradientCapture, tolerance: float = 1e-2, 
                 "(tied or shared with another module, or used functionally, e.g. a language-model head "
                 "tied to the embedding), or the module's forward uses a function of it (a subclass overriding "
                 "forward, e.g. a masked or weight-standardised convolution), or the loss adds a penalty on it "
-                "(L2, or L2-SP's distance to the starting weights), or a callback listed before DataValueEmbedding "
-                "changed .grad in its on_after_backward (a zero_grad: list DataValueEmbedding first)"
+                "(L2, or L2-SP's distance to the starting weights), or a hook on the weight's gradient "
+                "(weight.register_hook, e.g. a mask that trains some rows only: mask the layer's output instead), "
+                "or a callback listed before DataValueEmbedding changed .grad in its on_after_backward (a "
+                "zero_grad: list DataValueEmbedding first)"
                 f"{_shared_by(shared)}. Untie it, or pass exclude={shared!r}; an L2 penalty belongs in the optimizer's "
                 "weight_decay, which the callback models."
             )

@@ -7,7 +7,9 @@ Ways a run would break silently, each refused with what to change:
 - a backward through the tracked layers inside ``training_step`` (an input-gradient penalty), which the hooks
   would capture as the step's;
 - a tracked layer replaced by another module during ``fit`` (a new head assigned in a hook): the hooks stay on
-  the old module, and the new one would be trained untracked.
+  the old module, and the new one would be trained untracked;
+- a tracked layer's weight used functionally, never through the module's call (``nn.MultiheadAttention``'s
+  ``out_proj``), which the hooks cannot see.
 
 The parameters whose ``requires_grad`` must not change (:func:`watched_parameters`) are compared at each step
 by ``guards.StepGuard.check_trainable``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .capture import excluded
+from .capture import GradientCapture, excluded
 from .config import DVEConfig
 from .errors import UnsupportedError
 
@@ -107,3 +109,23 @@ def check_layers_held(model: nn.Module, layers: dict[str, nn.Module], step: int)
                 "the module fit started with, so the new one would be trained untracked and the recorded trajectory "
                 "would not be the trained one. Change the model's layers between fits (one fit per stage), or "
                 f"exclude this module: exclude=({name!r},).")
+
+
+def check_all_reached(capture: GradientCapture, reached: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse a tracked layer whose weight got a gradient although its forward hook never captured it, in this
+    micro-batch or in ``reached`` (the step's other micro-batches and ranks).
+
+    This happens when a model uses a layer's weight functionally (e.g. ``nn.MultiheadAttention`` calls
+    ``out_proj.weight`` without calling ``out_proj``).
+
+    Raises:
+        UnsupportedError: naming the layer and how to exclude it.
+    """
+    seen = capture.reached() | reached
+    for name, weight in capture.weights().items():
+        if name not in seen and weight.grad is not None and bool(weight.grad.ne(0).any()):
+            raise UnsupportedError(
+                f"layer {name!r} received a gradient but its forward was never called: the model uses its "
+                f"weight directly (functionally), which capture cannot see. Pass exclude=({name!r},) and track "
+                "the layers that are called as modules."
+            )

@@ -551,3 +551,33 @@ def test_adversarial_examples_are_made_after_transfer_not_at_batch_start(fit: Ca
     callback = _dve(tmp_path / "transfer")
     fit(AdversarialAfterTransfer(), callback)
     assert callback.embeddings.steps == [0, 1, 2, 3]
+
+
+class ScalesItsHiddenGradient(TinyMLP):
+    """Rescales the first layer's output gradient with a tensor hook while training (gradient scaling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[0](x)
+        if self.training:
+            hidden.register_hook(lambda g: g * 0.1)
+        return self.net[2](self.net[1](hidden))
+
+
+class MasksItsHeadGradient(TinyMLP):
+    """Trains only the head's first five rows through a hook on its weight's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mask = torch.zeros(10, 1)
+        mask[:5] = 1.0
+        self.net[2].weight.register_hook(lambda g: g * mask)
+
+
+def test_a_gradient_hook_on_a_tracked_output_is_recorded_and_one_on_its_weight_is_refused_naming_it(
+        fit: Callable, tmp_path: Path) -> None:
+    """The output hook's gradient is what the rows hold (refused at step 0 as a tied weight before, while a hook
+    that started later went unseen); a hook on the weight's own gradient cannot be recorded per sample: named."""
+    fit(ScalesItsHiddenGradient(), _dve(tmp_path / "output"))  # the weight check passes: rows sum to .grad
+    with pytest.raises(UnsupportedError, match=r"layer 'net.2': .* differs .*a hook on the weight's gradient "
+                                               r"\(weight.register_hook"):
+        fit(MasksItsHeadGradient(), _dve(tmp_path / "weight"))

@@ -202,6 +202,41 @@ def test_module_called_twice_sums_both_calls(tokens):
     assert_matches_oracle(model, tracked, grads, x, target)
 
 
+class ScaledOutput(nn.Module):
+    """A Linear whose output gradient the model rescales per feature with its own tensor hook, registered in the
+    forward after the capture's (gradient scaling; the negative factor reverses, as in domain adaptation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+        self.scale = torch.tensor([-1.0, 0.1, 1.0, 2.0], dtype=DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        h.register_hook(lambda g: g * self.scale)
+        return self.head(torch.tanh(h))
+
+
+def test_a_gradient_hook_of_the_model_on_a_tracked_output_acts_before_the_rows_are_taken():
+    """The rows hold the gradient the model's own output hook hands on, as ``.grad`` does (before, the capture's
+    hook, registered first, read it unscaled: rows off by the hook's factors, silently where the weight check did
+    not run)."""
+    torch.manual_seed(5)
+    model = ScaledOutput().to(DTYPE)
+    x, target = torch.randn(6, 5, dtype=DTYPE), torch.randn(6, 3, dtype=DTYPE)
+    tracked, capture = make_capture(model)
+    weights = batch_weights("mean", 6)
+    capture.begin()
+    loss = reduce_loss(per_sample_loss(model(x), target), "mean", weights)
+    capture.start_backward()  # the training loop's on_before_backward
+    loss.backward()
+    grads = capture.finish(weights)
+    assert_matches_oracle(model, tracked, grads, x, target)
+    total = split_block(model.hidden, (weights.unsqueeze(1) * grads["hidden"]).sum(0))
+    torch.testing.assert_close(total["weight"], model.hidden.weight.grad, atol=ATOL, rtol=0)
+
+
 def test_custom_weight_vector_including_zero():
     """A weighted loss: dividing by w_i recovers grad l_i; a sample with w_i = 0 gets a zero gradient."""
     torch.manual_seed(3)
