@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
@@ -31,7 +31,6 @@ from .influence import DataValueEmbeddings
 from .model_checks import batchnorm_modules, watched_parameters
 from .optim import GradMarks, is_adam
 from .recursion import layer_groups
-from .replay_data import training_data_of
 from .records import accumulation_dtype
 from .store import CHECKPOINTS, TrajectoryStore
 from .store_checks import TRAIN_END
@@ -285,9 +284,7 @@ class DataValueEmbedding(StepHooks):
         self._planned_steps = float(trainer.estimated_stepping_batches)
         if self.config.segments > 1 and not self._boundaries:
             callback_setup.warn_unplanned_boundaries(self.config.segments)
-        self._training_data = training_data_of(
-            trainer.train_dataloader, self.sample_ids, partial(reporting_reference.prepare_batch, trainer, pl_module),
-            partial(reporting_reference.trainer_stage, trainer, RunningStage.TRAINING))
+        self._training_data = reporting_reference.fit_training_data(trainer, pl_module, self.sample_ids)
         self._train_started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .batch_trees import count_samples
-from .batches import (IdFn, WeightFn, align_test_rows, modes, muted_logging, on_module_device, reduction_weights,
+from .batches import (IdFn, WeightFn, align_test_rows, modes, muted_logging, reduction_weights,
                       training_loss)
 from .capture import GradientCapture
 from .config import DVEConfig
@@ -204,7 +204,7 @@ class DataValueEmbeddings(ReplayQueries):
         require_autograd()
         refuse_empty(batch)
         module = uncompiled(module)
-        batch = on_module_device(module, batch, self.store.manifest.get("precision"))
+        batch = self.on_device(module, batch)
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)
             capture.attach()

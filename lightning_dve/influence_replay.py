@@ -7,6 +7,7 @@ carried back through the replayed run (:meth:`ReplayQueries.exact_influence`), o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class ReplayQueries:
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
         warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), _targets(batch),
                                 train_loss_fn is None, optimizer_moments(replayer))
-        target = self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), loss_fn)
+        target = self._replay_target(self.on_device(module, batch), loss_fn)
         ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
 
@@ -130,7 +131,13 @@ class ReplayQueries:
 
     def test_losses(self, module: nn.Module, batch: Any) -> torch.Tensor:
         """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
-        return self._replay_target(on_module_device(module, batch, self.store.manifest.get("precision")), None)(module)
+        return self._replay_target(self.on_device(module, batch), None)(module)
+
+    def on_device(self, module: nn.Module, batch: Any) -> Any:
+        """``batch`` as the training loop hands one to ``training_step`` (``batches.on_module_device``), through the
+        fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``."""
+        with (self.training_data.hooks if self.training_data is not None else contextlib.nullcontext)():
+            return on_module_device(module, batch, self.store.manifest.get("precision"))
 
     def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:
         """``module -> Tensor[n]`` per-sample test losses for :meth:`exact_influence`."""

@@ -281,12 +281,16 @@ def own_trainable(module: nn.Module) -> list[str]:
 
 def refusal_notes(modules: dict[str, nn.Module]) -> str:
     """What excluding refused modules does not settle: a module holding supported layers as well as parameters of
-    its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix."""
-    holders = {name: own_trainable(module) for name, module in modules.items()
-               if own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
+    its own (a block with a LayerScale ``gamma``) leaves those layers out too, so name the other fix; for
+    ``nn.MultiheadAttention``, whose parameters cannot move, building attention from ``nn.Linear`` modules."""
+    attention = [name for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)]
+    holders = {name: own_trainable(module) for name, module in modules.items() if name not in attention
+               and own_trainable(module) and any(spec_for(child) for child in module.modules() if child is not module)}
     return (f" Excluding {sorted(holders)} leaves their supported child layers untracked as well; to keep those, "
             f"move the parameters they hold themselves ({holders}) into a submodule of their own and exclude that."
-            if holders else "")
+            if holders else "") + (" nn.MultiheadAttention also uses its out_proj weight without calling that "
+                                   "module, so out_proj cannot be tracked alone: to measure attention, build it from "
+                                   "nn.Linear modules." if attention else "")
 
 
 def excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -323,12 +327,10 @@ def refuse_unsupported_types(modules: dict[str, nn.Module]) -> None:
     keep = [name for name in modules if not excluded(name, tuple(bad))]  # a bad module's children go with it
     listed = ", ".join(f"{name!r} ({kind})" for name, kind in list(bad.items())[:8])
     more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-    attention = (" (nn.MultiheadAttention also uses its out_proj weight without calling that module: to measure "
-                 "attention, build it from nn.Linear modules)" if "MultiheadAttention" in bad.values() else "")
     raise UnsupportedError(
         f"layers {listed}{more} are not of a supported layer type; supported types are "
         f"{', '.join(supported_types())}. Pass exclude={exclude_patterns(list(bad), keep)!r} to train all "
-        f"{len(bad)} without measuring their data value (fnmatch patterns, children included){attention}."
+        f"{len(bad)} without measuring their data value (fnmatch patterns, children included)."
         f"{refusal_notes({name: modules[name] for name in bad})}"
     )
 
@@ -371,10 +373,13 @@ def check_trackable(name: str, module: nn.Module) -> LayerSpec:
             f"spectral_norm, torch.nn.utils.prune's mask or another parametrization): it is computed from other "
             f"parameters, so the captured gradient would not be the gradient of what the optimizer updates. {fix}"
         )
-    extra = set(own_trainable(module)) - {"weight", "bias"}
+    extra = set(trained := own_trainable(module)) - {"weight", "bias"}
+    if not trained:
+        raise UnsupportedError(f"layer {name!r} ({type(module).__name__}) is frozen (no parameter of it trains): it "
+                               "has no data value to measure. Leave it out of layers=.")
     if extra or not module.weight.requires_grad:
         raise UnsupportedError(
-            f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(own_trainable(module))} but "
+            f"layer {name!r} ({type(module).__name__}) trains parameters {sorted(trained)} but "
             f"capture needs a trainable 'weight' and at most a 'bias'"
             f"{'' if extra else ' (a frozen weight with a trained bias: bias-only fine-tuning, BitFit)'}. "
             f"{fix}"

@@ -44,6 +44,8 @@ class TrainingData:
         stage: the Trainer's stage as in training, entered around each replayed step (its batches' hooks,
             ``training_step`` and a checkpointed forward may read ``self.trainer.training``); a no-op after
             ``load``.
+        hooks: the fit's batch transfer hooks in place, entered around a query's (a later ``trainer.test``
+            dispatches them to its own DataModule); a no-op after ``load``.
     """
 
     dataset: Any
@@ -51,6 +53,7 @@ class TrainingData:
     sample_ids: str | Callable[[Any], Any] | None = None
     prepare: Callable[[Any], Any] | None = None
     stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
 
 class BatchSource:
@@ -374,13 +377,14 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
 def training_data_of(
     loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None,
     stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> TrainingData | None:
     """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset, or
     whose dataset yields whole batches: ``batch_size=None`` turns automatic batching off)."""
     dataset = getattr(loader, "dataset", None)
     if dataset is None or (getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", 1) is None):
         return None
-    return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare, stage)
+    return TrainingData(dataset, getattr(loader, "collate_fn", None), sample_ids, prepare, stage, hooks)
 
 
 def _rows(batch: Any) -> int | None:

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from .batches import modes
 from .errors import ConfigError, LossReductionError
 from .influence import DataValueEmbeddings
 from .loss_checks import check_reduction
+from .replay_data import TrainingData, training_data_of
 from .samples import unsharded
 
 
@@ -138,15 +140,56 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     return FirstBatches(whole, limit), f"{name} (its first {limit} batches, `limit_val_batches`)"
 
 
-def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Any:
+def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
+                  hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> Any:
     """What the training loop does to a batch (precision conversion, the transfer hooks, device), for the replay's
     rebuilt training batches (in the Trainer's stage as in training: ``TrainingData.stage``).
 
     The transfer hooks go through Lightning's dispatch (``_on_before_batch_transfer``, and ``batch_to_device`` for
-    the others), which calls a DataModule's override instead of the module's, as the training loop does.
+    the others), which calls a DataModule's override instead of the module's, as the training loop does; ``hooks``
+    puts the fit's dispatch in place (:func:`fit_batch_hooks`).
     """
     batch = trainer.precision_plugin.convert_input(batch)
-    return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
+    with hooks():
+        return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
+
+
+def fit_training_data(trainer: pl.Trainer, module: pl.LightningModule,
+                      sample_ids: str | Callable[[Any], Any] | None) -> TrainingData | None:
+    """Where the replay rebuilds this fit's training batches from, and how the queries prepare a test batch: the
+    training loader's dataset and ``collate_fn``, prepared through the fit's batch transfer hooks in the training
+    stage (``None`` for a loader without a dataset of samples)."""
+    hooks = partial(fit_batch_hooks, trainer, datahook_selector(trainer), trainer.datamodule)
+    return training_data_of(trainer.train_dataloader, sample_ids, partial(prepare_batch, trainer, module, hooks=hooks),
+                            partial(trainer_stage, trainer, RunningStage.TRAINING), hooks)
+
+
+def datahook_selector(trainer: pl.Trainer) -> object | None:
+    """The object by which the Trainer dispatches a module's batch transfer hooks now (Lightning's private
+    ``_DataHookSelector``; ``None`` where this Lightning has none)."""
+    return getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+
+
+@contextlib.contextmanager
+def fit_batch_hooks(trainer: pl.Trainer, selector: object | None,
+                    datamodule: pl.LightningDataModule | None) -> Iterator[None]:
+    """The fit's batch transfer hooks for the block: its hook dispatch (``selector``, :func:`datahook_selector`
+    during ``fit``) and its DataModule.
+
+    Lightning dispatches a LightningModule's transfer hooks to the DataModule of the Trainer's latest ``fit``,
+    ``validate``, ``test`` or ``predict`` call: a ``trainer.test(model, dataloaders=...)`` after ``fit`` would
+    leave a fit's DataModule hooks out of the queries and the replay (scores 0.4 off, silently, and the replay
+    refused), and ``trainer.test(datamodule=other)`` would run the other one's.
+    """
+    connector, saved = getattr(trainer, "_data_connector", None), (datahook_selector(trainer), trainer.datamodule)
+    if selector is None or saved[0] is None:
+        yield
+        return
+    connector._datahook_selector, trainer.datamodule = selector, datamodule
+    try:
+        yield
+    finally:
+        connector._datahook_selector, trainer.datamodule = saved
 
 
 @contextlib.contextmanager

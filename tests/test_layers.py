@@ -693,6 +693,28 @@ def test_unsupported_layer_named_explicitly_is_refused():
     assert list(resolve_layers(model, DVEConfig(projection_dim=None, layers=("0",)))) == ["0"]
 
 
+def test_a_single_multihead_attention_is_refused_with_the_fix_that_applies_to_it():
+    """One ``nn.MultiheadAttention`` was told to move its ``in_proj_weight`` into a submodule of its own so that
+    ``out_proj`` stays tracked, which torch's module does not allow (and ``out_proj`` is used functionally)."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True), "head": nn.Linear(8, 3)})
+    with pytest.raises(UnsupportedError) as info:
+        resolve_layers(model, DVEConfig(projection_dim=None))
+    message = str(info.value)
+    assert "Add 'attn' to `exclude=`" in message and "build it from nn.Linear modules" in message
+    assert "into a submodule of their own" not in message
+
+
+def test_a_frozen_layer_named_in_layers_is_refused_as_frozen():
+    """Its message was the one for a frozen weight with a trained bias (BitFit), with the bias frozen too."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    with pytest.raises(UnsupportedError, match=r"layer '1' \(Linear\) is frozen \(no parameter of it trains\)"):
+        resolve_layers(model, DVEConfig(projection_dim=None, layers=("0", "1")))
+    model[1].bias.requires_grad_(True)
+    with pytest.raises(UnsupportedError, match=r"trains parameters \['bias'\].*a frozen weight with a trained bias"):
+        resolve_layers(model, DVEConfig(projection_dim=None, layers=("0", "1")))
+
+
 def test_a_lazy_layer_not_yet_initialised_is_refused_naming_it_and_exclude():
     """A ``LazyLinear`` whose first forward has not run yet has no shape: refused with the layer's name and the
     fix, not a raw torch ``ValueError`` from the first use of its uninitialised weight."""

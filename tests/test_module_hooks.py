@@ -8,8 +8,10 @@ import dataclasses
 import warnings
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, DVEConfig, LossReduction
 from lightning_dve.errors import SampleIdError
@@ -112,6 +114,49 @@ def test_queries_run_the_transfer_hooks_as_training_did(fit, save_dir, test_batc
     exact = emb.exact_influence(model, test_batch).scores
     torch.testing.assert_close(exact, emb.exact_influence(plain, rescaled(test_batch)).scores, rtol=1e-12, atol=0)
     assert set(test_batch) == {"x", "y", "index"}  # the caller's batch is as it was
+
+
+class RescalingData(L.LightningDataModule):
+    """Training digits 0..63 rescaled by ``scale`` in ``on_after_batch_transfer`` (a normalisation kept in the
+    DataModule); test digits 1500..1511."""
+
+    scale = 3.0
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(DigitsDict(range(64)), batch_size=16)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(DigitsDict(range(1500, 1512)), batch_size=6)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {**batch, "x": batch["x"] * self.scale}
+
+
+class Tested(TinyMLP):
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("test_loss", self.loss(batch))
+
+
+def test_queries_keep_the_fit_s_datamodule_hooks_after_trainer_test(save_dir, test_batch):
+    """Lightning dispatches the transfer hooks to the DataModule of the Trainer's latest fit, validate, test or
+    predict call: a ``trainer.test(dataloaders=...)`` after fit left the fit DataModule's rescaling out of the
+    queries (scores 0.4 off, silently) and of the replay (refused), and ``test(datamodule=other)`` ran the other's.
+    Oracle: the scores of the same queries before the test call, which equal the rescaled batch's on a plain twin."""
+    model, dve = Tested(), DataValueEmbedding(save_dir, projection_dim=None, report=None)
+    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=2)
+    trainer.fit(model, datamodule=RescalingData())
+    emb = dve.embeddings
+    before, exact = emb.influence(model, test_batch).scores, emb.exact_influence(model, test_batch).scores
+    by_hand = {**test_batch, "x": test_batch["x"] * 3.0}
+    torch.testing.assert_close(before, emb.influence(twin(model), by_hand).scores, rtol=1e-12, atol=0)
+    other = type("Unscaled", (RescalingData,), {"scale": 1.0})
+    for call in (lambda: trainer.test(model, dataloaders=RescalingData().test_dataloader(), verbose=False),
+                 lambda: trainer.test(model, datamodule=other(), verbose=False)):
+        call()
+        torch.testing.assert_close(emb.influence(model, test_batch).scores, before, rtol=0, atol=0)
+        torch.testing.assert_close(emb.exact_influence(model, test_batch).scores, exact, rtol=0, atol=0)
+    assert isinstance(trainer.datamodule, other)  # as Lightning left it
 
 
 def test_the_report_and_a_query_score_the_reference_alike(fit, save_dir, make_loader):
