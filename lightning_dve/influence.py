@@ -29,7 +29,7 @@ from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .loss_checks import check_loss_count, check_reduction, check_uncoupled, losses_of_a_pair
 from .query_layers import (backward_to_layers, check_test_gradients, dtype_refusal, recorded_layers, refuse_empty,
-                           require_autograd, uncompiled, warn_if_not_final)
+                           refuse_uncaptured, require_autograd, uncompiled, warn_if_not_final)
 from .recursion import layer_groups
 from .replay import ReplayCost
 from .replay_data import TrainingData
@@ -161,6 +161,7 @@ class DataValueEmbeddings(ReplayQueries):
             pair = losses_of_a_pair(loss_fn, module, batch)  # before the capture, which must not see its forward
             capture.begin(keep_outputs=True)
             losses = loss_fn(module, batch)
+            refuse_uncaptured(capture)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ConfigError(f"loss_fn must return per-sample losses as a 1-D Tensor[B]; got "
                                   f"{getattr(losses, 'shape', type(losses))}.")
@@ -174,6 +175,7 @@ class DataValueEmbeddings(ReplayQueries):
         capture.begin(keep_outputs=True)
         with muted_logging(module):
             loss, used = training_loss(module, batch)
+        refuse_uncaptured(capture)
         if loss is None:
             raise ConfigError("training_step did not return a scalar loss on the test batch; pass loss_fn(module, "
                               "batch) -> Tensor[B] to the query, or make training_step return the loss on such "
@@ -249,8 +251,9 @@ class DataValueEmbeddings(ReplayQueries):
             LayerMismatchError, LossReductionError, ConfigError: as :meth:`test_gradients`.
         """
         self._check_current()
+        grads = self.test_gradients(module, batch, loss_fn)  # another model's layers: refused, not warned about
         warn_if_not_final(uncompiled(module), self.store.manifest.get("final_weights"))
-        return self._score(self.test_gradients(module, batch, loss_fn), per_step, None)
+        return self._score(grads, per_step, None)
 
     @property
     def segment_boundaries(self) -> list[int]:

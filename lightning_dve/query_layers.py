@@ -193,6 +193,20 @@ def refuse_empty(batch: Any) -> None:
                           "least one test sample.")
 
 
+def refuse_uncaptured(capture: GradientCapture) -> None:
+    """Refuse a test batch whose forward called a tracked layer in a way capture refuses: above all a single
+    dataset item ``dataset[i]`` without its batch dimension, which would otherwise be refused as a loss that
+    does not depend on the tracked layers, or as a ``loss_fn`` of the wrong shape.
+
+    Raises:
+        ConfigError: with the capture's refusal, and how to pass a batch.
+    """
+    if capture.calls.refused is not None:
+        raise ConfigError(f"the test batch cannot be scored: {capture.calls.refused} Pass a batch of samples as the "
+                          "training loader yields them: one dataset item as default_collate([dataset[i]]), or with "
+                          "its inputs' batch dimension added (x[None]).") from capture.calls.refused
+
+
 def dtype_refusal(err: RuntimeError, module: nn.Module, batch: Any) -> ConfigError | None:
     """The refusal of a test batch whose floating tensors are not in the module's dtype, where the forward failed
     with torch's dtype error (``err``) on it; ``None`` for any other failure.
@@ -225,8 +239,10 @@ def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[st
     given = test_gradients if isinstance(test_gradients, dict) else {}
     shapes = {name: tuple(getattr(given.get(name), "shape", ())) for name in widths}
     if len({s[0] for s in shapes.values() if len(s) == 2}) != 1 or set(given) - set(widths) or any(
-            len(shapes[name]) != 2 or shapes[name][1] != width for name, width in widths.items()):
-        found = {n: tuple(getattr(v, "shape", ())) for n, v in given.items()} if given else type(test_gradients)
+            len(shapes[name]) != 2 or shapes[name][1] != width or not isinstance(given[name], torch.Tensor)
+            for name, width in widths.items()):
+        found = {n: (type(v).__name__, tuple(getattr(v, "shape", ()))) for n, v in given.items()} if given \
+            else type(test_gradients)
         raise ConfigError(f"test_gradients must map every recorded layer, and no other key, to a Tensor[n, k_l] with "
                           f"the same n: widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
     return warn_non_finite_rows({name: given[name].detach() for name in widths})

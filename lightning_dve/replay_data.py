@@ -264,7 +264,8 @@ def replayed_loss(module: nn.Module, batch: Any, test: bool = False) -> tuple[to
         return training_loss_or_refuse(
             module, batch, "one sample of the test batch", "exact_influence takes each test point's loss from "
             "training_step on it alone: make training_step work on a one-sample batch (e.g. .squeeze(-1) instead "
-            "of .squeeze()), or pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses.")
+            "of .squeeze()), or pass loss_fn(module, batch) -> Tensor[n] of per-sample test losses. A single "
+            "dataset item dataset[i] has no batch dimension: pass default_collate([dataset[i]]).")
     return training_loss_or_refuse(
         module, batch, "a training batch the replay rebuilt", "The replay collates the recorded samples dataset[i] "
         "with the training loader's collate_fn, one loader's batch, where training batches had another form "

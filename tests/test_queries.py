@@ -167,6 +167,21 @@ def test_an_empty_test_batch_is_refused_saying_so(trained, test_batch):
             query(trained.model, empty)
 
 
+def test_a_single_dataset_item_as_the_test_batch_is_refused_naming_the_missing_batch_dimension(trained, test_batch):
+    """``influence(model, dataset[i])``: the first layer saw ``x`` of shape ``[64]``; the query said the loss did not
+    depend on the tracked layers (or, with ``loss_fn``, that it returned the wrong shape)."""
+    item = {key: value[0] for key, value in test_batch.items()}
+    for loss_fn in (None, per_sample_ce):
+        with pytest.raises(ConfigError, match=r"the test batch cannot be scored: layer 'net.0' \(Linear\) was "
+                                              r"called on an unbatched input of shape \(64,\).*default_collate"):
+            trained.dve.embeddings.influence(trained.model, item, loss_fn=loss_fn)
+    with pytest.raises(ConfigError, match=r"A single dataset item dataset\[i\] has no batch dimension"):
+        trained.dve.embeddings.exact_influence(trained.model, item)
+    one = {key: value[:1] for key, value in test_batch.items()}  # the batch of that one sample is scored
+    torch.testing.assert_close(trained.dve.embeddings.influence(trained.model, one).scores,
+                               trained.dve.embeddings.influence(trained.model, test_batch).scores[:1])
+
+
 def test_a_test_batch_in_another_float_dtype_is_refused_naming_both_dtypes(trained, test_batch):
     """A float64 batch for the float32 module failed in its first layer with torch's "mat1 and mat2 must have the
     same dtype", naming neither the batch nor the fix; other failures of the forward stay torch's own."""
