@@ -16,15 +16,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 import torch
 
-from . import (batches, callback_setup, callback_store, capture, distributed, recursion_ranks, reporting,
-               reporting_reference, sync)
+from . import (batches, callback_segments, callback_setup, callback_store, capture, distributed, recursion_ranks,
+               reporting, reporting_reference, sync)
 from .call_checks import model_tables
 from .callback_step import StepHooks, summarise_scaler_skips
 from .checkpoints import CheckpointRecorder
 from .config import (AUTO_FULL_MAX_DIM, DEFAULT_PROJECTION_DIM, AccumulatorLayout, Curvature, DVEConfig,
                      EmbeddingMethod, LossReduction, ReportConfig, StorageDtype)
 from .curvature import Probe
-from .dynamics import continue_plan
 from .errors import ConfigError, DVEError
 from .guards import StepGuard
 from .influence import DataValueEmbeddings
@@ -279,11 +278,9 @@ class DataValueEmbedding(StepHooks):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         callback_setup.warn_sampler_padding(trainer)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
-        self._boundaries = continue_plan(self._boundaries, self._planned_steps, self._last_step,
-                                         trainer.estimated_stepping_batches, self.config.segments)
+        self._boundaries = callback_segments.plan_at_train_start(trainer, self._boundaries, self._planned_steps,
+                                                                 self._last_step, self.config.segments)
         self._planned_steps = float(trainer.estimated_stepping_batches)
-        if self.config.segments > 1 and not self._boundaries:
-            callback_setup.warn_unplanned_boundaries(self.config.segments)
         self._training_data = reporting_reference.fit_training_data(trainer, pl_module, self.sample_ids)
         self._train_started = time.perf_counter()
 
@@ -339,7 +336,7 @@ class DataValueEmbedding(StepHooks):
         final = None if self._guard is None else self._guard.final_weights()
         sync.agree_on_errors(self._comm, callback_store.finish_store(store, final))  # once every rank got here
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
-        bounds = callback_setup.train_end_bounds(store.steps, self._boundaries, self.config.segments)
+        bounds = callback_segments.train_end_bounds(store.steps, self._boundaries, self.config.segments)
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],
                                             self._dims, dtype, len(bounds))
         watch = recursion_ranks.embed_trajectory(self._comm, store, self.config.layout, self._owned, self._dims,

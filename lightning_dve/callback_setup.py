@@ -28,7 +28,6 @@ from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
 from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
-from .recursion import bounds_after, segment_bounds
 from .replay import ReplayCost
 from .replay_data import TrainingData
 from .replay_embeddings import carried_rows
@@ -231,41 +230,6 @@ def recursion_device(device: torch.device, need: int) -> torch.device | None:
                    f"{free / 2**30:.1f} GiB are free: it runs on the CPU instead (slower, same result). Free GPU "
                    "memory before train end, or use a smaller projection_dim or layout='per_layer', to keep it there.")
     return None
-
-
-def train_end_bounds(steps: list[int], planned: list[int], segments: int) -> list[tuple[int, int]]:
-    """The ``[lo, hi)`` index ranges of the train-end recursion's segments: cut after the ``planned`` boundaries
-    that were recorded (evenly where none were planned), with a warning where there are fewer than ``segments``."""
-    bounds = bounds_after(steps, planned) if planned else segment_bounds(len(steps), segments)
-    if len(bounds) < segments:
-        warn_fewer_segments(segments, len(bounds), steps, planned)
-    return bounds
-
-
-def warn_fewer_segments(asked: int, used: int, steps: list[int], planned: list[int]) -> None:
-    """Say that the run had too few ``steps``, stopped before the segment boundaries ``planned`` at train start, or
-    recorded no step at some of them, for the ``segments`` asked for."""
-    why = f"the {len(steps)} recorded step(s) make {used} segment(s), each of at least one step"
-    recorded = set(steps)
-    skipped = [step for step in planned if steps and step < steps[-1] and step not in recorded]
-    if skipped:
-        why = (f"no step was recorded at the planned boundaries after steps {skipped} (training_step returned None "
-               f"there, or the grad scaler skipped the step): {used} segment(s), so the boundary indices of "
-               "influence_at() shift from the planned ones (emb.segment_boundaries lists the steps)")
-    elif planned and steps and planned[-1] >= steps[-1]:
-        why = (f"the boundaries were planned at train start (after steps {planned}, from "
-               f"trainer.estimated_stepping_batches), and the run stopped after step {steps[-1]} (EarlyStopping, "
-               f"max_time or a stop in a hook): {used} segment(s)")
-    rank_zero_warn(f"DataValueEmbedding: segments={asked}, but {why}; the dynamics report has {used} boundaries (the "
-                   f"store's settings keep segments={asked}).")
-
-
-def warn_unplanned_boundaries(segments: int) -> None:
-    """Say that the segment boundaries cannot be planned at train start (a loader of unknown length)."""
-    rank_zero_warn(f"DataValueEmbedding: segments={segments}, but trainer.estimated_stepping_batches is unknown (a "
-                   "training loader without __len__, such as an IterableDataset's, or no epoch limit: max_epochs=-1 "
-                   "with max_time), so the boundaries are placed at train end and no reference is taken at them: "
-                   "the dynamics report has the final model only. Set max_steps to plan them at train start.")
 
 
 def warn_replay_lost(error: DVEError) -> None:

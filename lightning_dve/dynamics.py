@@ -30,14 +30,18 @@ def plan_boundaries(total_steps: float, segments: int) -> list[int]:
 
 
 def continue_plan(earlier: list[int], earlier_steps: float, last_step: int, total_steps: float,
-                  segments: int) -> list[int]:
+                  segments: int, first_step: int = 0) -> list[int]:
     """Boundaries of a resumed fit: the ``earlier`` plan, made for ``earlier_steps`` in all, if the fit has as
     many; else those of it that the steps up to ``last_step`` passed (their references are in the store), then
-    the rest planned over the steps after it.
+    the rest planned over the steps after it. A store of no step yet (``last_step < 0``) that starts at step
+    ``first_step`` (a fit resumed from a checkpoint without one, or a later fit of the same Trainer) plans over
+    the steps from there.
 
     A fit resumed with more epochs or steps than the first planned for would otherwise move every boundary, and
     the ones it has passed would have no reference.
     """
+    if last_step < 0 < first_step:
+        return [first_step + step for step in plan_boundaries(total_steps - first_step, segments)]
     if earlier_steps == total_steps:
         return list(earlier)
     kept = [step for step in earlier if step <= last_step]

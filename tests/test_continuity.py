@@ -4,6 +4,7 @@ path after the working directory changed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,33 @@ def test_a_resumed_plan_keeps_the_boundaries_passed_and_plans_the_rest_after_the
     assert continue_plan([3, 7], 12, 3, 18, 3) == [3, 10]  # a checkpoint at a boundary keeps it (its reference)
     assert continue_plan([3, 7], 12, 2, 18, 3) == plan_boundaries(18, 3) == [5, 11]  # none passed: afresh
     assert continue_plan([3, 7], 12, 5, float("inf"), 3) == [3]  # an unknown length plans no more
+    assert continue_plan([], -1.0, -1, 24, 2, first_step=12) == [17]  # a store from step 12: over its own steps
+
+
+def test_a_store_that_starts_at_a_later_step_plans_its_segments_over_its_steps_and_says_so(
+    make_loader: Callable[..., DataLoader], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A later fit of the same Trainer with ``overwrite=True`` (like a checkpoint resumed without this callback's
+    store) records from step 4: the plan over steps 0..11 put its first boundary before the store's first step,
+    so the recursion ran as one segment and the warning blamed training_step returning None. Now the boundaries
+    split the store's own steps, and an info line says which steps are not recorded."""
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None, overwrite=True, segments=2)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, callbacks=[dve])
+    model, loader = TinyMLP(), make_loader()
+    trainer.fit(model, loader)
+    trainer.fit_loop.max_epochs = 3
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger=logger.name):
+            warnings.simplefilter("always")
+            trainer.fit(model, loader)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert dve.embeddings.steps == list(range(4, 12)) and dve.embeddings.segment_boundaries == [7, 11]
+    assert not [w for w in caught if "segments=2, but" in str(w.message)]
+    assert "recording starts at step 4" in caplog.text and "steps 0-3 are not recorded" in caplog.text
 
 
 def test_a_fit_resumed_for_more_epochs_keeps_the_boundaries_it_passed_and_their_references(
