@@ -353,6 +353,12 @@ class DataValueEmbedding(StepHooks):
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
         if self._comm.rank == 0 and store.manifest.get("embeddings_source") != "replay":  # replayed: exact dynamics
             watch.warn(store.steps)
+        # every rank waits for rank 0 to clear the train-end marker: a load there would warn of a cut-off fit
+        sync.agreed(self._comm, partial(self._report, trainer, pl_module, store, replay_error))
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, store: TrajectoryStore,
+                replay_error: DVEError | None) -> None:
+        """Write the train-end report on rank 0 and mark the store's train end done."""
         loss_batch, self._loss_batch, reported = self._loss_batch, None, True
         if self._comm.rank != 0 or reporting_reference.check_training_loss(
                 pl_module, loss_batch, self._embeddings, report=self.report_config is not None):

@@ -158,7 +158,9 @@ def test_two_ranks_equal_single_process(suite: Path, single_reference: dict[str,
     # rank 0's save_dir holds everything; rank 1 only wrote its shard below shards/, and read the store after fit
     root = suite / "ddp" / "base"
     store = DataValueEmbeddings.load(root / "dve_ddp").store
-    assert json.loads((root / "rank1_steps.json").read_text()) == store.steps == list(range(6))
+    # after rank 0 finished the train end: the marker of a cut-off train end was still set there and warned of
+    assert json.loads((root / "rank1_steps.json").read_text()) == {"steps": list(range(6)), "warnings": []}
+    assert store.steps == list(range(6))
     assert store.manifest["world_size"] == 2 and store.manifest["rank"] == 0
     assert (root / "dve_ddp" / "shards" / "rank_1" / "manifest.json").is_file()
     # the step files' figures count every rank's (they counted rank 0's only: a tenth of the single-process store's)

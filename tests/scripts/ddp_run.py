@@ -18,6 +18,7 @@ import datetime
 import errno
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,7 +341,11 @@ def fit(args: argparse.Namespace) -> None:
         if args.mode == "ddp":
             (args.out / f"gathers_rank{trainer.global_rank}.json").write_text(json.dumps(GATHERS))
     if args.mode == "ddp" and not trainer.is_global_zero:  # rank 1 reads rank 0's save_dir (shared here); its exit
-        (args.out / "rank1_steps.json").write_text(json.dumps(dve.embeddings.steps))  # status is not the script's
+        with warnings.catch_warnings(record=True) as caught:  # status is not the script's
+            warnings.simplefilter("always")
+            steps = dve.embeddings.steps
+        read = {"steps": steps, "warnings": [str(w.message) for w in caught]}
+        (args.out / "rank1_steps.json").write_text(json.dumps(read))
         return
     save_scores(args, dve.embeddings, model, data)
 
