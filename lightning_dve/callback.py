@@ -276,7 +276,7 @@ class DataValueEmbedding(StepHooks):
                                            or self.embedding_method is EmbeddingMethod.REPLAY)  # v modelled
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callback_setup.warn_sampler_padding(trainer)
+        callback_setup.check_rank_loaders(trainer, self._comm)
         # segment boundaries are fixed now, so checkpoints can be aligned and the report can take references there
         self._boundaries = callback_segments.plan_at_train_start(trainer, self._boundaries, self._planned_steps,
                                                                  self._last_step, self.config.segments)

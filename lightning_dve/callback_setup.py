@@ -141,6 +141,28 @@ def clip_algorithm(trainer: pl.Trainer) -> str | None:
     return None if algorithm is None else str(getattr(algorithm, "value", algorithm))
 
 
+def check_rank_loaders(trainer: pl.Trainer, comm: Communicator) -> None:
+    """Collective: refuse training loaders of different lengths on the ranks, then :func:`warn_sampler_padding`.
+
+    Every rank takes every optimizer step under DDP: a rank with more batches waits in the gradient all-reduce,
+    or in the callback's agreement at the step's end, until the process group times out (30 minutes by default),
+    with a traceback into this package.
+
+    Raises:
+        ConfigError: naming each rank's number of batches and the fix.
+    """
+    if comm.world_size > 1:
+        mine = torch.tensor([[float(trainer.num_training_batches)]], dtype=torch.float64)
+        counts = [float(count.item()) for count in comm.all_gather_rows(mine)]
+        if len(set(counts)) > 1:
+            raise ConfigError(f"the ranks' training loaders have different numbers of batches per epoch ({counts}, "
+                              "by rank): under DDP every rank takes every optimizer step, so the run would hang "
+                              "where one rank runs out. Keep Lightning's DistributedSampler "
+                              "(use_distributed_sampler=True, the default), or give every rank's sampler as many "
+                              "samples (drop_last=True where the remainder differs).")
+    warn_sampler_padding(trainer)
+
+
 def warn_sampler_padding(trainer: pl.Trainer) -> None:
     """Warn (once per fit) when a ``DistributedSampler`` repeats samples to even out the ranks, and the copies are
     trained (not in a last partial batch that the loader's ``drop_last`` drops)."""

@@ -469,6 +469,20 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_training_loaders_of_different_lengths_on_the_ranks_are_refused_at_train_start(tmp_path: Path) -> None:
+    """Rank 0 with 3 batches, rank 1 with 2 (``use_distributed_sampler=False``): the ranks hung, each in another
+    collective (rank 0 in DDP's backward, rank 1 in the callback's train end), until gloo's timeout."""
+    start = time.monotonic()
+    proc = run_script("ddp", tmp_path, "--unequal-batches", "--epochs", "1", timeout=200, external=True)
+    assert proc.returncode != 0
+    refusal = r"ConfigError: the ranks' training loaders have different numbers of batches per epoch \(\[3.0, 2.0\]"
+    for rank in (0, 1):
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("[rank1]") == (rank == 1)]
+        assert re.search(refusal, "\n".join(lines)), rank_tails(proc.stderr)
+    assert time.monotonic() - start < 55, "a rank waited for the 60s gloo timeout"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("head", "refusal"), [
     ("rank1_subset", r"\[rank1\]: .*UnsupportedError: layer 'net\.4' \(Linear\) was called on 1 samples after a call on "
                      r"\d+ in the same step"),

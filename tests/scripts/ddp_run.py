@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_dve import (DataValueEmbedding, DataValueEmbeddings, callback_setup, recursion_ranks, replay_ranks,
                            step_files)
@@ -290,6 +290,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--accumulate", type=int, default=1, help="accumulate_grad_batches (single: global batches)")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (norm clipping)")
     parser.add_argument("--static-graph", action="store_true", help="DDPStrategy(static_graph=True)")
+    parser.add_argument("--unequal-batches", action="store_true", help="rank 0's loader has 3 batches, rank 1's 2")
     parser.add_argument("--closure-only-odd", action="store_true", help="optimizer_step runs odd batches' closure "
                         "without optimizer.step()")
     parser.add_argument("--fail-embedding-write", type=int, default=-1,
@@ -322,8 +323,12 @@ def fit(args: argparse.Namespace) -> None:
         start = "popen" if args.mode == "ddp" else "spawn"
         strategy = DDPStrategy(timeout=timeout, start_method=start, static_graph=args.static_graph,
                                find_unused_parameters=args.head in ("rank0", "late_tied", "rank0_unbatched"))
-        trainer = L.Trainer(devices=WORLD, strategy=strategy, **common)
+        trainer = L.Trainer(devices=WORLD, strategy=strategy, use_distributed_sampler=not args.unequal_batches,
+                            **common)
         loader = DataLoader(data, batch_size=PER_RANK_BATCH, shuffle=False)
+        if args.unequal_batches:  # samples 0..23 on rank 0, 24..36 on rank 1
+            part = range(24) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else range(24, N_TRAIN)
+            loader = DataLoader(Subset(data, part), batch_size=PER_RANK_BATCH)
     model = MLP(args.fail_rank, args.optimizer, args.head, args.closure_only_odd).double()  # float64 before a restore: see test_resume_accumulation.py
     if args.resume:
         ckpt_dir = args.out / "ckpt"
