@@ -81,7 +81,8 @@ class InfluenceResult:
                 mean over test points.
 
         Returns:
-            ``(helpful, harmful)``: highest scores first, then lowest scores first.
+            ``(helpful, harmful)``: highest scores first, then lowest scores first; tied scores in column order
+            (by sample id, or by step and sample id).
 
         Raises:
             ConfigError: if ``k`` is negative or ``test_index`` is not a row of :attr:`scores`.
@@ -102,7 +103,8 @@ class InfluenceResult:
             columns = valid[order]
             return Ranking(self.sample_ids[columns], self.steps[columns], row[columns])
 
-        return pick(torch.topk(row[valid], k).indices), pick(torch.topk(-row[valid], k).indices)
+        return (pick(torch.sort(row[valid], descending=True, stable=True).indices[:k]),
+                pick(torch.sort(row[valid], stable=True).indices[:k]))
 
 
 def check_per_step(per_step: object) -> None:

@@ -518,6 +518,17 @@ def test_top_k_leaves_nan_scores_out():
     assert none.scores.numel() == 0
 
 
+def test_top_k_ranks_tied_scores_in_column_order():
+    """``torch.topk`` ordered tied columns as its algorithm happened to (e.g. 31, 0, 1, ... on 32 zeros), so two
+    rankings of equal scores could differ between runs and machines."""
+    scores = torch.zeros(2, 40, dtype=torch.float64)
+    scores[:, 5], scores[:, 30] = 1.0, -1.0
+    result = InfluenceResult(torch.arange(100, 140), torch.full((40,), -1), scores)
+    helpful, harmful = result.top_k(6)
+    assert helpful.sample_ids.tolist() == [105, 100, 101, 102, 103, 104]
+    assert harmful.sample_ids.tolist() == [130, 100, 101, 102, 103, 104]
+
+
 def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained, test_batch):
     """Within 4 ulp of the module's dtype: one float32 ulp off every net.0 weight, and a bfloat16 copy of the
     trained module (up to half a bfloat16 ulp off), are not warned about; 17 float32 ulp off (a further step with a
