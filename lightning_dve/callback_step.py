@@ -319,6 +319,7 @@ def _warn_unapplied() -> None:
     """Say that micro-batches whose gradients were reset before any optimizer step are left out of the record."""
     rank_zero_warn("DataValueEmbedding: the gradients of a training batch were reset (zero_grad) before any optimizer "
                    "step applied them (an optimizer_step override that ran optimizer_closure() without "
-                   "optimizer.step(), or a zero_grad in a hook while gradients were being accumulated). "
+                   "optimizer.step(), a zero_grad in a hook while gradients were being accumulated, or an epoch "
+                   "ended inside an accumulation window: on_train_batch_start returned -1, or a stop was asked). "
                    "That batch changed no weight, so its samples are not recorded at any step. To accumulate "
                    "gradients over batches, use Trainer(accumulate_grad_batches=...).")

@@ -82,6 +82,29 @@ def test_a_batch_whose_gradient_was_reset_unapplied_is_not_recorded(
     assert any("were reset (zero_grad) before any optimizer step applied them" in w for w in warned)
 
 
+def test_an_epoch_ended_inside_an_accumulation_window_drops_its_pending_micro_batch_saying_why(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], fit: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """``on_train_batch_start`` returning -1 at batch 3 of the first epoch (windows of two): batch 2 was accumulated
+    and never applied. It is left out (the replay of the recording lands on the checkpoints, which it refuses
+    otherwise), and the warning names the early end of the epoch (it named an optimizer_step override or a
+    zero_grad in a hook)."""
+    class EndsFirstEpochEarly(mlp_cls):
+        def on_train_batch_start(self, batch: dict, batch_idx: int) -> int | None:
+            return -1 if self.current_epoch == 0 and batch_idx == 3 else None
+
+    model, dve = EndsFirstEpochEarly(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, dve, make_loader(n=64, batch_size=8), max_epochs=2, precision="64-true", accumulate_grad_batches=2)
+    store = dve.embeddings.store
+    windows = [list(range(16))] + [list(range(16 * w, 16 * w + 16)) for w in range(4)]  # batch 2 of epoch 0: none
+    assert [store.read_step(step).sample_ids.tolist() for step in store.steps] == windows
+    assert any("an epoch ended inside an accumulation window: on_train_batch_start returned -1" in str(w.message)
+               for w in caught)
+    assert dve.embeddings.exact_influence(model, {**test_batch, "x": test_batch["x"].double()}).scores.shape[0] == 12
+
+
 @pytest.mark.parametrize("projection_dim", [None, 1])
 def test_a_reset_near_convergence_is_still_a_reset(fit: Callable, tmp_path: Path, projection_dim: int | None) -> None:
     """Least squares whose two batches share their optimum, trained with closure-only odd batches: once converged
