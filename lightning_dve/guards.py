@@ -267,8 +267,9 @@ class StepGuard:
         return UnsupportedError(
             f"tracked parameters {changed[:4]}{' ...' if len(changed) > 4 else ''} changed between optimizer steps "
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
-            "on_train_batch_end, on_before_zero_grad, on_after_backward or on_before_optimizer_step, a callback that "
-            "writes weights, or weights loaded during fit): the callback records the optimizer's updates only, so "
+            "on_train_batch_end, on_before_zero_grad, on_after_backward, on_before_optimizer_step or an optimizer_step "
+            "override after optimizer.step(), a callback that writes weights, or weights loaded during fit): the "
+            "callback records the optimizer's updates only, so "
             "its trajectory would not be the trained one. Train with such constraints without this callback, or "
             f"exclude those layers: exclude={layers!r}.")
 

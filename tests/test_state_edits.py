@@ -103,6 +103,22 @@ def test_weights_changed_in_the_modules_own_on_before_optimizer_step_are_refused
         fit(tmp_path, ClampsBeforeItsStep(_sgd_momentum))
 
 
+class ClampsAfterItsStep(Bench):
+    """WGAN-style weight clipping after ``optimizer.step()`` in an ``optimizer_step`` override."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        _clamp(1, optimizer, self.lin)
+
+
+def test_weights_changed_in_an_optimizer_step_override_are_refused_naming_it(tmp_path: Path) -> None:
+    """Refused at the next step; the message listed the hooks only, not the override that did it."""
+    with pytest.raises(UnsupportedError, match=r"tracked parameters \['lin'\] changed between optimizer steps "
+                                               r"outside the optimizer .*an optimizer_step override after "
+                                               r"optimizer\.step\(\)"):
+        fit(tmp_path, ClampsAfterItsStep(_sgd_momentum))
+
+
 def test_a_learning_rate_changed_late_is_refused_when_the_closure_is_passed_positionally() -> None:
     """torch's step pre-hooks get the optimizer itself as ``args[0]``: a positional closure was missed (the values
     were noted before it ran, so the check had nothing to compare and a late change went unrefused)."""
