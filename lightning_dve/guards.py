@@ -269,9 +269,8 @@ class StepGuard:
             "outside the optimizer (a constraint such as clamp_ or a max-norm renormalisation in on_train_batch_start, "
             "on_train_batch_end, on_before_zero_grad, on_after_backward, on_before_optimizer_step or an optimizer_step "
             "override after optimizer.step(), a callback that writes weights, or weights loaded during fit): the "
-            "callback records the optimizer's updates only, so "
-            "its trajectory would not be the trained one. Train with such constraints without this callback, or "
-            f"exclude those layers: exclude={layers!r}.")
+            "callback records the optimizer's updates only, so its trajectory would not be the trained one. Train "
+            f"with such constraints without this callback, or exclude those layers: exclude={layers!r}.")
 
     def before_step(self, skipped: bool, calls_refused: bool = False) -> None:
         """Close the step's backward (``on_before_optimizer_step``): its sampled gradients go to

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .batch_trees import count_samples
-from .batches import (IdFn, WeightFn, align_test_rows, modes, muted_logging, reduction_weights,
-                      training_loss)
+from .batches import IdFn, WeightFn, align_test_rows, modes, muted_logging, reduction_weights, training_loss
 from .capture import GradientCapture
 from .config import DVEConfig
 from .embedding_arrays import EmbeddingArrays
