@@ -27,7 +27,8 @@ from .device_memory import available_bytes
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
-from .optim import is_adam, sgd_proxy_reason, split_bias_groups, uses_momentum_or_decay
+from .optim import (is_adam, narrow_tensor_hyperparameters, sgd_proxy_reason, split_bias_groups,
+                    uses_momentum_or_decay)
 from .replay import ReplayCost
 from .replay_data import TrainingData
 from .replay_embeddings import carried_rows
@@ -111,6 +112,12 @@ def warn_approximations(trainer: pl.Trainer, modules: dict[str, torch.nn.Module]
         rank_zero_warn(f"DataValueEmbedding: {reason}; it is treated as plain SGD with its current learning rate, "
                        "at the gradients of each step's first closure evaluation (LBFGS evaluates the closure several "
                        "times); method.md §2 is exact for plain SGD only.")
+    narrow = narrow_tensor_hyperparameters(trainer.optimizers[0])
+    if narrow:
+        rank_zero_warn(f"DataValueEmbedding: the optimizer's {narrow} are tensors of a narrower dtype than the weights "
+                       "(e.g. float32 betas on float64 weights), which torch computes with in that dtype: "
+                       "exact_influence and embeddings='replay' replay them as floats and will refuse this run as "
+                       "not reproduced. Pass them as Python floats (the scores of influence() are not affected).")
     if trainer.gradient_clip_val and clip_algorithm(trainer) == "value":
         rank_zero_warn("DataValueEmbedding: gradient_clip_algorithm='value' clips each coordinate, which is not a "
                        "scale of the update; the recursion ignores it (exact_influence and embeddings='replay' model "

@@ -54,8 +54,11 @@ def verify_landing(replayed: Params, expected: Params, step: int, autocast: bool
             "than the loss's own (a cross_entropy with ignore_index or class weights left at 'mean': declare "
             "loss_reduction=callable; influence() refuses it only where its check sees it), weights averaged in at "
             "train end by a callback listed before DataValueEmbedding, activation checkpointing with "
-            "use_reentrant=True (use use_reentrant=False), or a resume that warned of other weights). Exact replay "
-            "is refused.")
+            "use_reentrant=True (use use_reentrant=False), a resume that warned of other weights, float32 tensor "
+            "hyperparameters on float64 weights (pass floats), or a sample's loss that depends on the other samples "
+            "of its batch, which the replay forms one sample at a time (padding to the batch's longest sequence "
+            "that the model pools over: pass train_loss_fn(module, batch) -> Tensor[B] of the per-sample losses "
+            "of the whole batch)). Exact replay is refused.")
 
 
 def check_final(module: nn.Module, final: Params) -> None:

@@ -287,3 +287,30 @@ def test_gradient_ascent_on_a_proper_loss_keeps_its_curvature_sign(tmp_path: Pat
     exact = dve.embeddings.exact_influence(model, test, per_step=True).scores
     assert float((found - exact).norm() / exact.norm()) < 0.1  # measured 0.07 / 0.04
     assert sum(spearmanr(f, e).statistic for f, e in zip(found, exact)) / len(found) > 0.95
+
+
+def test_hyperparameter_tensors_narrower_than_the_weights_are_warned_about_naming_them(
+    mlp_cls: type, fit: Callable, tmp_path: Path
+) -> None:
+    """``Adam(betas=(torch.tensor(0.9), torch.tensor(0.999)))`` on float64 weights: torch computes the bias
+    corrections in float32, the replay in float64, so ``exact_influence`` refused the run as "not a deterministic
+    function of the recorded batches", naming a dozen causes but not this one."""
+    from lightning_dve.optim import narrow_tensor_hyperparameters
+
+    weights = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+    narrow = torch.optim.Adam(weights, betas=(torch.tensor(0.9), torch.tensor(0.999)), lr=torch.tensor(1e-3))
+    assert narrow_tensor_hyperparameters(narrow) == ["lr", "betas"]
+    wide = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
+    assert narrow_tensor_hyperparameters(torch.optim.Adam(weights, betas=wide)) == []
+    assert narrow_tensor_hyperparameters(torch.optim.Adam(weights, betas=(0.9, 0.999))) == []
+
+    class TensorBetas(mlp_cls):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TensorBetas(), DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None),
+            precision="64-true")
+    assert any("the optimizer's ['betas'] are tensors of a narrower dtype than the weights" in str(w.message)
+               for w in caught)

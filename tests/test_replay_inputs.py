@@ -372,3 +372,59 @@ def test_an_untracked_module_with_sparse_gradients_is_refused_by_exact_replay(tm
     with pytest.raises(UnsupportedError, match=r"modules \['offset'\] train with sparse gradients \(sparse=True\).*"
                                                r"sparse=False"):
         dve.embeddings.exact_influence(module, test.batch())
+
+
+class Sequences(Dataset):
+    """Token sequences of 2 to 8 ids, labelled by their sum mod 3."""
+
+    def __init__(self, n: int, offset: int = 0) -> None:
+        generator = torch.Generator().manual_seed(offset)
+        self.items = []
+        for i in range(n):
+            ids = torch.randint(1, 30, (int(torch.randint(2, 9, (1,), generator=generator)),), generator=generator)
+            self.items.append({"ids": ids, "y": int(ids.sum()) % 3, "index": i + offset})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def pad_to_longest(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    ids = torch.nn.utils.rnn.pad_sequence([item["ids"] for item in items], batch_first=True)
+    return {"ids": ids, "y": torch.tensor([item["y"] for item in items]),
+            "index": torch.tensor([item["index"] for item in items])}
+
+
+class PoolsOverPadding(DigitsMLP):
+    """Mean-pools embeddings over every position, padding included: a sample's loss depends on its batch."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8, lr=0.5)
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Embedding(30, 8, padding_idx=0), torch.nn.Linear(8, 3)).double()
+
+    def per_sample(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = torch.tanh(self.net[0](batch["ids"]).mean(1))
+        return F.cross_entropy(self.net[1](pooled), batch["y"], reduction="none")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.per_sample(batch).mean()
+
+
+def test_a_loss_coupled_by_padding_to_the_batch_is_refused_naming_train_loss_fn_that_takes_the_batch(
+        tmp_path: Path) -> None:
+    """The replay forms each sample's loss alone, padded to its own length: the landing check refused with a
+    dozen causes, none of them this one, and not the fix that works (a batched ``train_loss_fn``)."""
+    model = PoolsOverPadding()
+    dve = DataValueEmbedding(tmp_path / "dve", projection_dim=None, report=None)
+    make_trainer(2, [dve]).fit(model, torch.utils.data.DataLoader(Sequences(24), batch_size=8,
+                                                                 collate_fn=pad_to_longest))
+    test = pad_to_longest([Sequences(4, offset=100)[i] for i in range(4)])
+    loss_fn = lambda module, batch: module.per_sample(batch)  # noqa: E731
+    with pytest.raises(UnsupportedError, match=r"a sample's loss that depends on the other samples of its batch.*"
+                                               r"pass train_loss_fn\(module, batch\) -> Tensor\[B\]"):
+        dve.embeddings.exact_influence(model, test, loss_fn=loss_fn)
+    result = dve.embeddings.exact_influence(model, test, loss_fn=loss_fn, train_loss_fn=loss_fn)
+    assert result.scores.shape == (4, 24) and bool(result.scores.abs().sum() > 0)
