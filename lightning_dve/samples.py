@@ -143,10 +143,11 @@ def _position(source: BatchSource, sample_id: int) -> list[int]:
 def sequential(loader: Iterable[Any]) -> tuple[Iterable[Any], int | None]:
     """``(loader, None)``, or for a ``DataLoader`` that shuffles or shards positions ``range(len(dataset))``
     ``(a sequential loader over its whole dataset, its number of batches)`` (same batch size and collate function,
-    no workers). Another sampler's keys may not be positions: its loader is read as it is."""
+    no workers; ``batch_size=None`` for a dataset of whole batches, which a batch size of 1 would wrap in a list).
+    Another sampler's keys may not be positions: its loader is read as it is."""
     if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, (RandomSampler, DistributedSampler)):
         return loader, None
-    whole = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
+    whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
     return whole, len(whole)
 
 

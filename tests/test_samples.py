@@ -177,3 +177,22 @@ def test_sequential_reads_a_shuffled_loader_in_order_and_keeps_other_loaders():
     assert limit == 3 and [b["index"].tolist() for b in whole][0] == [100, 101, 102, 103]
     plain = DataLoader(_Keyed(), batch_size=4)
     assert samples.sequential(plain) == (plain, None)
+
+
+class _WholeBatches(torch.utils.data.Dataset):
+    """Four batches of four samples each, ids ``100 + 4k .. 103 + 4k``, as items."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.zeros(4, 2), "index": torch.arange(100 + 4 * k, 104 + 4 * k)}
+
+
+def test_a_shuffled_loader_of_whole_batches_is_read_in_order_as_whole_batches():
+    """``DataLoader(batches, batch_size=None, shuffle=True)``: the sequential copy took batch size 1, so each read
+    batch was a list around one batch dict, no id was read, and the report found none of its top-k samples."""
+    shuffled = DataLoader(_WholeBatches(), batch_size=None, shuffle=True)
+    whole, limit = samples.sequential(shuffled)
+    assert limit == 4 and [b["index"].tolist()[0] for b in whole] == [100, 104, 108, 112]
+    assert set(samples.training_samples(shuffled, {100, 109, 115}, "index", None, 10, False)) == {100, 109, 115}
