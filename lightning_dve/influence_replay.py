@@ -42,6 +42,7 @@ class ReplayQueries:
     loss_weights: WeightFn | None
     projections: dict[str, LayerProjection]
     training_data: TrainingData | None  # set by the callback after fit
+    sample_ids: str | Callable[[Any], Any] | None  # the callback's, or given to load
     replay_cost: ReplayCost | None  # cost of the last replay
     _check_current: Callable[[], None]
 
@@ -122,7 +123,7 @@ class ReplayQueries:
         """The recorded run's :class:`~lightning_dve.replay.Replayer`, with the defaults of :meth:`exact_influence`
         (refused under ``torch.inference_mode()``, before any replay: it differentiates through training)."""
         require_autograd()
-        base = self.training_data or TrainingData(None)
+        base = self.training_data or TrainingData(None, sample_ids=self.sample_ids)  # (combined loaders: none)
         data = dataclasses.replace(base, dataset=base.dataset if dataset is None else dataset,
                                    collate_fn=collate_fn or base.collate_fn,
                                    sample_ids=base.sample_ids if sample_ids is None else sample_ids)

@@ -198,6 +198,10 @@ def test_after_load_callable_ids_need_sample_ids(tmp_path: Path, digits) -> None
         got = loaded.exact_influence(module, test.batch(), per_step=True, dataset=train, sample_ids=sample_ids)
         assert torch.equal(got.sample_ids, expected.sample_ids)
         torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0)
+    # the callable given to load serves the replay too (it served the queries only: the ids were taken as positions)
+    reloaded = DataValueEmbeddings.load(tmp_path / "dve", sample_ids=lambda b: b["index"])
+    got = reloaded.exact_influence(module, test.batch(), per_step=True, dataset=train)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=0)
 
 
 def test_positions_refuse_ids_outside_the_dataset(digits) -> None:
