@@ -145,7 +145,8 @@ def check_call(layer: TrackedLayer, x: torch.Tensor, sizes: dict[str, int], tabl
         kind, fix = _named(layer)
         raise UnsupportedError(
             f"layer {layer.name!r} ({kind}) was called on an unbatched input of shape {tuple(x.shape)}: capture "
-            f"needs the batch as the input's first dimension (an input of shape [B, ...]), or {fix}.")
+            f"needs the batch as the input's first dimension (an input of shape [B, ...]; a DataLoader with "
+            f"batch_size=None over single samples hands them over unbatched), or {fix}.")
     if x.shape[0] == 0 and not any(sizes.values()):  # no layer has seen a sample: the batch itself is empty
         raise UnsupportedError(
             f"layer {layer.name!r} was called on a batch of 0 samples: training_step left none of this batch (it "

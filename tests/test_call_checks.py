@@ -250,7 +250,8 @@ class UnbatchedConv(TinyMLP):
 
 
 @pytest.mark.parametrize(("model", "exclude", "match"), [
-    (UnbatchedNet, (), r"'net\.0' \(Linear\) was called on an unbatched input of shape \(64,\).*\[B, \.\.\.\]"),
+    (UnbatchedNet, (), r"'net\.0' \(Linear\) was called on an unbatched input of shape \(64,\).*\[B, \.\.\.\]; a "
+                       r"DataLoader with batch_size=None over single samples"),
     (RowByRow, ("net.0",), r"'net\.2' \(Linear\) was called on an unbatched input of shape \(16,\)"),
     (UnbatchedConv, (), r"'conv' \(Conv2d\) was called on an unbatched input of shape \(1, 8, 8\)"),
 ])
