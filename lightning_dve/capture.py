@@ -262,7 +262,11 @@ class GradientCapture:
             self.logits = (output.detach(), None)  # the last output so far; its hook adds the training gradient
         hook = partial(self._on_output_grad, layer, self._generation, len(pending) - 1,
                        None if recomputed else self.logits)
-        self._output_hooks.append(output.register_hook(hook))
+        if self._backward and output.grad_fn is not None:  # recomputed in the backward (reentrant checkpointing):
+            at = output.output_nr  # its node's pre-hook sees the gradient after the tensor's hooks, added later
+            output.grad_fn.register_prehook(lambda grads: None if grads[at] is None else hook(grads[at]))
+        else:
+            self._output_hooks.append(output.register_hook(hook))
 
     def _on_output_grad(self, layer: TrackedLayer, generation: int, call: int,
                         logits: tuple[torch.Tensor, None] | None, grad: torch.Tensor) -> None:

@@ -137,7 +137,8 @@ class ReplayQueries:
     def on_device(self, module: nn.Module, batch: Any) -> Any:
         """``batch`` as the training loop hands one to ``training_step`` (``batches.on_module_device``), through the
         fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``."""
-        with (self.training_data.hooks if self.training_data is not None else contextlib.nullcontext)():
+        with (self.training_data.hooks if self.training_data is not None else contextlib.nullcontext)(
+                uncompiled(module)):
             return on_module_device(module, batch, self.store.manifest.get("precision"))
 
     def _replay_target(self, batch: Any, loss_fn: LossFn | None) -> Callable[[nn.Module], torch.Tensor]:

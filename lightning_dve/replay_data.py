@@ -44,8 +44,8 @@ class TrainingData:
         stage: the Trainer's stage as in training, entered around each replayed step (its batches' hooks,
             ``training_step`` and a checkpointed forward may read ``self.trainer.training``); a no-op after
             ``load``.
-        hooks: the fit's batch transfer hooks in place, entered around a query's (a later ``trainer.test``
-            dispatches them to its own DataModule); a no-op after ``load``.
+        hooks: ``module -> context``: the fit's batch transfer hooks in place for a query of ``module`` (a later
+            ``trainer.test`` dispatches them to its own DataModule); a no-op after ``load``.
     """
 
     dataset: Any
@@ -53,7 +53,7 @@ class TrainingData:
     sample_ids: str | Callable[[Any], Any] | None = None
     prepare: Callable[[Any], Any] | None = None
     stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
-    hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    hooks: Callable[[Any], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
 
 class BatchSource:
@@ -378,7 +378,7 @@ def micro_batch_loss(module: nn.Module, source: BatchSource, ids: torch.Tensor, 
 def training_data_of(
     loader: Any, sample_ids: str | Callable[[Any], Any] | None, prepare: Callable[[Any], Any] | None = None,
     stage: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
-    hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    hooks: Callable[[Any], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> TrainingData | None:
     """The dataset and ``collate_fn`` of a training ``DataLoader`` (``None`` for anything without a dataset, or
     whose dataset yields whole batches: ``batch_size=None`` turns automatic batching off)."""

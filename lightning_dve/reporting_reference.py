@@ -141,7 +141,7 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
 
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
-                  hooks: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> Any:
+                  hooks: Callable[[Any], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> Any:
     """What the training loop does to a batch (precision conversion, the transfer hooks, device), for the replay's
     rebuilt training batches (in the Trainer's stage as in training: ``TrainingData.stage``).
 
@@ -150,7 +150,7 @@ def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
     puts the fit's dispatch in place (:func:`fit_batch_hooks`).
     """
     batch = trainer.precision_plugin.convert_input(batch)
-    with hooks():
+    with hooks(module):
         return trainer.strategy.batch_to_device(module._on_before_batch_transfer(batch, 0))
 
 
@@ -171,10 +171,11 @@ def datahook_selector(trainer: pl.Trainer) -> object | None:
 
 
 @contextlib.contextmanager
-def fit_batch_hooks(trainer: pl.Trainer, selector: object | None,
-                    datamodule: pl.LightningDataModule | None) -> Iterator[None]:
-    """The fit's batch transfer hooks for the block: its hook dispatch (``selector``, :func:`datahook_selector`
-    during ``fit``) and its DataModule.
+def fit_batch_hooks(trainer: pl.Trainer, selector: object | None, datamodule: pl.LightningDataModule | None,
+                    module: Any) -> Iterator[None]:
+    """The fit's batch transfer hooks for the block, where ``module`` is the module the fit trained: its hook
+    dispatch (``selector``, :func:`datahook_selector` during ``fit``) and its DataModule. Another module (one a
+    later ``trainer.test`` attached) keeps the Trainer's dispatch, which Lightning checks against its class.
 
     Lightning dispatches a LightningModule's transfer hooks to the DataModule of the Trainer's latest ``fit``,
     ``validate``, ``test`` or ``predict`` call: a ``trainer.test(model, dataloaders=...)`` after ``fit`` would
@@ -182,7 +183,7 @@ def fit_batch_hooks(trainer: pl.Trainer, selector: object | None,
     refused), and ``trainer.test(datamodule=other)`` would run the other one's.
     """
     connector, saved = getattr(trainer, "_data_connector", None), (datahook_selector(trainer), trainer.datamodule)
-    if selector is None or saved[0] is None:
+    if selector is None or saved[0] is None or getattr(selector, "model", None) is not module:
         yield
         return
     connector._datahook_selector, trainer.datamodule = selector, datamodule
