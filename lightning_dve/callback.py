@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -183,7 +184,10 @@ class DataValueEmbedding(StepHooks):
                                   "DDP they are in rank 0's save_dir (use a shared one on other ranks); after strategy="
                                   "'ddp_spawn' the fit ran in child processes: here use DataValueEmbeddings.load("
                                   "save_dir) (save_dir=None is <trainer.default_root_dir>/dve).")
-            self._embeddings = DataValueEmbeddings.load(root, self._weight_fn, sample_ids=self.sample_ids)
+            with warnings.catch_warnings():  # another rank's fit returns while rank 0 reports, its marker still set
+                if self._comm.rank > 0 and self._train_ended:
+                    warnings.filterwarnings("ignore", message=".*its fit stopped in the train end")
+                self._embeddings = DataValueEmbeddings.load(root, self._weight_fn, sample_ids=self.sample_ids)
             self._embeddings.training_data = self._training_data
         return self._embeddings
 
@@ -353,12 +357,6 @@ class DataValueEmbedding(StepHooks):
             callback_setup.replay_embeddings(self._comm, store, self._owned, self._dims, carry, self._embeddings)
         if self._comm.rank == 0 and store.manifest.get("embeddings_source") != "replay":  # replayed: exact dynamics
             watch.warn(store.steps)
-        # every rank waits for rank 0 to clear the train-end marker: a load there would warn of a cut-off fit
-        sync.agreed(self._comm, partial(self._report, trainer, pl_module, store, replay_error))
-
-    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, store: TrajectoryStore,
-                replay_error: DVEError | None) -> None:
-        """Write the train-end report on rank 0 and mark the store's train end done."""
         loss_batch, self._loss_batch, reported = self._loss_batch, None, True
         if self._comm.rank != 0 or reporting_reference.check_training_loss(
                 pl_module, loss_batch, self._embeddings, report=self.report_config is not None):

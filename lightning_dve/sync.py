@@ -10,7 +10,6 @@ global step. Each rank keeps only the layer groups it owns, so the recursion is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 
@@ -70,16 +69,6 @@ def agree_on_errors(comm: Communicator, error: BaseException | None) -> None:
     if failed:
         raise RemoteRankError("another rank failed in DataValueEmbedding; this rank stops too. The cause is in "
                               "that rank's traceback.")
-
-
-def agreed(comm: Communicator, run: Callable[[], None]) -> None:
-    """Collective: ``run()`` on every rank, then :func:`agree_on_errors` on what it raised, so no rank returns
-    before every other has run it."""
-    try:
-        run()
-    except Exception as err:
-        agree_on_errors(comm, err)
-    agree_on_errors(comm, None)
 
 
 class StepAssembler:
