@@ -110,12 +110,15 @@ def sgd_proxy_reason(optimizer: torch.optim.Optimizer) -> str | None:
 def narrow_tensor_hyperparameters(optimizer: torch.optim.Optimizer) -> list[str]:
     """Hyperparameters given as tensors of a floating dtype narrower than their group's parameters
     (``betas=(torch.tensor(0.9), torch.tensor(0.999))`` on float64 weights): torch then computes with them in
-    that dtype (Adam's bias corrections in float32), which the replay's Python floats do not reproduce."""
+    that dtype (Adam's bias corrections in float32), which the replay's Python floats do not reproduce. A tensor
+    ``lr`` is not one of them: torch scales by it in the weights' dtype."""
     narrow = []
     for group in optimizer.param_groups:
         widest = max((p.dtype.itemsize for p in group["params"] if p.is_floating_point()), default=0)
         for name, value in group.items():
-            values = value if isinstance(value, (tuple, list)) and name != "params" else (value,)
+            if name in ("params", "lr"):
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
             if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype.itemsize < widest
                    for v in values) and name not in narrow:
                 narrow.append(name)

@@ -207,6 +207,9 @@ def refuse_uncaptured(capture: GradientCapture) -> None:
                           "its inputs' batch dimension added (x[None]).") from capture.calls.refused
 
 
+_TORCH_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
 def dtype_refusal(err: RuntimeError, module: nn.Module, batch: Any) -> ConfigError | None:
     """The refusal of a test batch whose floating tensors are not in the module's dtype, where the forward failed
     with torch's dtype error (``err``) on it; ``None`` for any other failure.
@@ -220,9 +223,10 @@ def dtype_refusal(err: RuntimeError, module: nn.Module, batch: Any) -> ConfigErr
         return None
     found: set[torch.dtype] = set()
     map_tensors(batch, lambda t: found.add(t.dtype) or t)
-    other = sorted(str(d).removeprefix("torch.") for d in found if d.is_floating_point and d != parameter.dtype)
-    if not other:
+    named = [d for d in found if d.is_floating_point and d != parameter.dtype and _TORCH_NAMES.get(d, "?") in str(err)]
+    if not named or _TORCH_NAMES.get(parameter.dtype, "?") not in str(err):  # the error is about other dtypes
         return None
+    other = sorted(str(d).removeprefix("torch.") for d in named)
     wanted = str(parameter.dtype).removeprefix("torch.")
     return ConfigError(f"the test batch holds {' and '.join(other)} tensors while the module's weights are {wanted}, "
                        f"and its forward failed on them ({err}). Pass the test batch in the dtype training used "

@@ -103,8 +103,17 @@ class InfluenceResult:
             columns = valid[order]
             return Ranking(self.sample_ids[columns], self.steps[columns], row[columns])
 
-        return (pick(torch.sort(row[valid], descending=True, stable=True).indices[:k]),
-                pick(torch.sort(row[valid], stable=True).indices[:k]))
+        return pick(_first_k(row[valid], k, True)), pick(_first_k(row[valid], k, False))
+
+
+def _first_k(values: torch.Tensor, k: int, highest: bool) -> torch.Tensor:
+    """Positions of the ``k`` highest (or lowest) ``values``, ties in position order: ``topk`` for the ``k``-th
+    value, then a stable sort of the values at least as far out (a full sort of 10^7 columns took 9 times as long)."""
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    kth = torch.topk(values, k, largest=highest).values[-1]
+    candidates = (values >= kth if highest else values <= kth).nonzero().squeeze(1)
+    return candidates[torch.sort(values[candidates], descending=highest, stable=True).indices[:k]]
 
 
 def check_per_step(per_step: object) -> None:

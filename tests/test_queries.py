@@ -190,6 +190,11 @@ def test_a_test_batch_in_another_float_dtype_is_refused_naming_both_dtypes(train
         with pytest.raises(ConfigError, match=r"the test batch holds float64 tensors while the module's weights are "
                                               r"float32.*must have the same dtype.*x\.to\(torch\.float32\)"):
             trained.dve.embeddings.influence(trained.model, double, loss_fn=loss_fn)
+    from lightning_dve.query_layers import dtype_refusal  # an error about other dtypes is not blamed on the batch
+
+    extra = dict(test_batch, weights=torch.ones(12, dtype=torch.float64))
+    assert dtype_refusal(RuntimeError("expected scalar type Long but found Int"), trained.model, extra) is None
+    assert dtype_refusal(RuntimeError("must have the same dtype, but got Double and Float"), trained.model, extra)
     narrow = dict(test_batch, x=test_batch["x"][:, :10])
     with pytest.raises(RuntimeError, match="cannot be multiplied") as caught:
         trained.dve.embeddings.influence(trained.model, narrow)
