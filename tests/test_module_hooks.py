@@ -160,14 +160,12 @@ def test_queries_keep_the_fit_s_datamodule_hooks_after_trainer_test(save_dir, te
 
 
 def test_a_module_of_another_class_tested_on_the_fit_s_trainer_is_queried_with_the_trainer_s_hooks(
-        save_dir, test_batch):
+        fit, save_dir, test_batch):
     """The fit's dispatch is put back for the module the fit trained only: for another one that a later
     ``trainer.test`` attached (an evaluation subclass), Lightning checks the dispatch against the module's class,
     and the fit's sent its hooks to a DataModule that does not exist (``TypeError``)."""
     model, dve = Tested(), DataValueEmbedding(save_dir, projection_dim=None, report=None)
-    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1)
-    trainer.fit(model, DataLoader(DigitsDict(range(64)), batch_size=16))
+    trainer = fit(model, dve)
     evaluated = type("Evaluated", (Tested,), {})()
     evaluated.load_state_dict(model.state_dict())
     before = dve.embeddings.influence(evaluated, test_batch).scores
