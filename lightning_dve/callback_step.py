@@ -25,6 +25,7 @@ from .curvature import (Probe, check_autograd_reached, check_cross_entropy, chec
                         check_single_logits, probe_logit_curvature, sampled_label_grad)
 from .errors import DVEError, GradientError, UnsupportedError
 from .guards import StepGuard
+from .loss_checks import check_finite_weights
 from .model_checks import check_all_reached, check_layers_held, check_no_batchnorm_training, check_no_inner_backward
 from .optim import (clip_factor, grad_marks, gradients_reset, grads_finite, reset_before_mark,
                     sgd_proxy_reason, uses_momentum_or_decay)
@@ -243,6 +244,7 @@ class StepHooks(pl.Callback):
         ids = batches.extract_sample_ids(batch, self.sample_ids, size)
         self._loss_batch = (self._batch_start, size) if size > 1 else self._loss_batch  # before the step's edits
         local = batches.reduction_weights(self.config.loss_reduction, batch, size, self._weight_fn)
+        check_finite_weights(local, ids, step)
         accumulation = trainer.accumulate_grad_batches
         scale = local * self._loss_scale / accumulation
         extra = {kind: hooks.take(kind, scale if kind == capture.GRADS_Q else None)

@@ -20,7 +20,7 @@ from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
 from .store import MANIFEST, SHARDS, TrajectoryStore
-from .store_checks import TRAIN_END
+from .store_checks import TRAIN_END, settings_changes
 
 
 #: Appended to the store folder's name under ``Trainer(fast_dev_run=...)``.
@@ -221,6 +221,18 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
     return store
 
 
+def _changes(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The callback settings that differ from those of the checkpoint's recording, as text for a refusal (read from
+    the store at ``root`` where it holds that recording; else nothing)."""
+    try:
+        recorded = TrajectoryStore.open(root, scan=False).manifest
+    except (DVEError, OSError, ValueError):
+        return ""
+    if recorded.get("settings_hash") != state.get("settings_hash") or "settings" not in recorded:
+        return ""
+    return f" (recorded, requested: {settings_changes(recorded['settings'], manifest['settings'])})"
+
+
 def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> TrajectoryStore:
     """Reopen the store a checkpoint points to, after checking it was written with the same setup as ``manifest``
     (this rank's, as :func:`store_manifest` builds it).
@@ -232,14 +244,16 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
     """
     if state.get("settings_hash") != manifest["settings_hash"]:
         raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
-                          f", this callback has {manifest['settings_hash']}: resuming would mix two recordings. Resume "
-                          "with the same callback arguments, or start a fresh fit without ckpt_path.")
+                          f", this callback has {manifest['settings_hash']}{_changes(root, state, manifest)}: resuming "
+                          "would mix two recordings. Resume with the same callback arguments, or start a fresh fit "
+                          "without ckpt_path.")
     if state.get("world_size") != manifest["world_size"]:
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{manifest['world_size']}: the store is sharded by rank. Resume with the same number of "
                           "devices.")
     run_id = state.get("run_id") if manifest["rank"] == 0 else None  # the checkpoint has rank 0's
-    store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id)
+    store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id,
+                                   state.get("recorded_steps"))  # None: a checkpoint of an earlier version
     store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
     return store
 

@@ -104,6 +104,10 @@ class HyperparameterWatch:
         if read is None or used is None:
             return
         for index, (before, now) in enumerate(zip(read, used)):
+            if nans := [key for key, value in now.items() if value != value]:  # NaN: unequal to itself
+                raise UnsupportedError(f"step {step}: param group {index}'s {nans[0]!r} is NaN, so the update and the "
+                                       "recorded step are undefined. Fix the value set or the LR scheduler that set it "
+                                       "(e.g. a lambda dividing by zero).")
             for key in before:
                 if key in now and now[key] != before[key]:
                     raise UnsupportedError(

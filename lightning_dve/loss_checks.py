@@ -33,6 +33,22 @@ def check_loss_count(losses: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ones(batch_size, dtype=torch.float64)
 
 
+def check_finite_weights(weights: torch.Tensor, ids: torch.Tensor, step: int) -> None:
+    """Refuse NaN or infinite per-sample loss weights ``w_i`` from a ``loss_reduction`` callable (they would make the
+    rows, or the recursion's ``w_i g_i`` terms, non-finite and be blamed on the gradients).
+
+    Raises:
+        ConfigError: naming the step, the samples and a fix for the usual cause (an empty mask's ``0 / 0``).
+    """
+    bad = ~torch.isfinite(weights)
+    if bool(bad.any()):
+        raise ConfigError(f"the loss_reduction callable returned {int(bad.sum())} non-finite weight(s) at step {step} "
+                          f"(e.g. {float(weights[bad][0])}) for sample ids {ids[bad][:8].tolist()}: a weight like "
+                          "mask / mask.sum() is NaN when a batch's mask is empty. Return finite weights (0 for a "
+                          "sample the loss leaves out; e.g. mask / mask.sum().clamp_min(1)). Steps before this one "
+                          "are kept in the store.")
+
+
 def losses_of_a_pair(loss_fn: Any, module: nn.Module, batch: Any) -> torch.Tensor | None:
     """``loss_fn``'s losses of the batch's first two samples as a batch of their own (without gradients), for
     :func:`check_uncoupled`; ``None`` where that cannot be asked (fewer than three samples, a batch the rows cannot

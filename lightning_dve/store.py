@@ -28,6 +28,7 @@ from .files import disk_bytes, read_checked, read_json, remove_files, write_atom
 from .folder_lock import LOCK_FILE, FolderLock
 from .records import StepRecord
 from .step_files import StepFolder, step_name
+from .store_resume import check_resumable
 
 SCHEMA_VERSION = 2  # 2: embeddings as one array per layer
 MANIFEST = "manifest.json"
@@ -37,13 +38,6 @@ SHARDS = "shards"
 SEGMENTS = "segments.safetensors"
 REFERENCES = "references"
 CHECKPOINTS = "checkpoints"
-
-
-def _layer_summary(layers: list[dict[str, Any]]) -> str:
-    """``name [d_out x d_in] -> k_out x k_in (out checksum, in checksum)`` per layer, for error messages."""
-    return "; ".join(f"{e['name']} [{e['out_dim']}x{e['in_dim']}] -> {e['projection']['out']['projected_dim']}x"
-                     f"{e['projection']['in']['projected_dim']} ({e['projection']['out']['checksum']}, "
-                     f"{e['projection']['in']['checksum']})" for e in layers)
 
 
 class TrajectoryStore:
@@ -88,9 +82,12 @@ class TrajectoryStore:
         so a fit that trains nothing keeps it.
 
         Raises:
-            StoreError: if ``root`` already holds files and ``overwrite`` is False.
+            StoreError: if ``root`` already holds files and ``overwrite`` is False, or it or a parent is a file.
         """
         root = Path(root)
+        if blocker := next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None):
+            raise StoreError(f"save_dir {root} cannot be a folder: {blocker} is a file. Point save_dir to a folder (it "
+                             "is made if missing).")
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
                            "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [],
                            "applied_lrs": [], "rows": [], **manifest})
@@ -135,7 +132,8 @@ class TrajectoryStore:
             scan: list an unfinished recording's steps from its step files (``False``: as its manifest lists them).
 
         Raises:
-            StoreError: if the manifest is missing, truncated, of another schema, or the recording never finished.
+            StoreError: if the manifest is missing, truncated, of another schema, lacks a key, or the recording never
+                finished.
         """
         if not (path := Path(root) / MANIFEST).is_file():
             raise StoreError(f"no store at {root}: {MANIFEST} is missing. Point to the save_dir of a finished fit.")
@@ -144,6 +142,9 @@ class TrajectoryStore:
             raise StoreError(f"{path} has schema {manifest.get('schema_version')!r} (format "
                              f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "
                              "lightning_dve version that wrote it.")
+        if missing := [key for key in ("settings_hash", "layers", "steps", "rows") if key not in manifest]:
+            raise StoreError(f"{path} lacks the key(s) {missing} (edited or damaged): restore it from a backup or "
+                             "record the run again.")
         store = cls(Path(root), manifest)
         if scan and manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
             store._scan_steps(until)
@@ -173,7 +174,7 @@ class TrajectoryStore:
 
     @classmethod
     def reopen(cls, root: str | os.PathLike[str], last_step: int, layers: list[dict[str, Any]] | None = None,
-               run_id: str | None = None) -> TrajectoryStore:
+               run_id: str | None = None, recorded_steps: int | None = None) -> TrajectoryStore:
         """Reopen a store to continue recording after ``last_step`` (resume from a checkpoint).
 
         Steps after ``last_step``, which the resumed run redoes, are deleted, and so are the embeddings, but only
@@ -184,35 +185,14 @@ class TrajectoryStore:
             layers: the resuming run's manifest layer entries (names, shapes, projection seeds and checksums).
             run_id: the ``run_id`` of the store the checkpoint was saved with (``None``: not checked); a checkpoint
                 of an earlier branch of this store is accepted up to the last step the branches share.
+            recorded_steps: how many steps the checkpoint's fit recorded up to ``last_step`` (``None``: not checked).
 
         Raises:
-            StoreError: if the store recorded other ``layers``, is another fit's (``run_id``) or does not hold
-                ``last_step``; nothing in it has changed then.
+            StoreError: if the store recorded other ``layers``, is another fit's (``run_id``) or lacks a step up
+                to ``last_step``; nothing in it has changed then.
         """
         store = cls.open(root, until=last_step)  # the later step files are deleted unread (a torn one too)
-        recorded = f"the store at {store.root}"
-        fix = "Resume into the save_dir the checkpoint was recorded in, or start a fresh fit without ckpt_path."
-        if layers is not None and store.manifest["layers"] != layers:
-            raise StoreError(f"{recorded} recorded layers {_layer_summary(store.manifest['layers'])}, the resumed run "
-                             f"tracks {_layer_summary(layers)}: resuming would mix two projections or models in one "
-                             "trajectory. Resume with the model, callback settings and lightning_dve version that "
-                             "started the run, or start a fresh fit without ckpt_path.")
-        shared = dict(store.manifest.get("run_lineage", []))  # earlier run ids: the last step each still holds
-        if run_id is not None and run_id != store.manifest.get("run_id") and last_step > shared.get(run_id, -2):
-            raise StoreError(f"{recorded} holds another recording than the checkpoint's (store run "
-                             f"{store.manifest.get('run_id')}, checkpoint run {run_id} after step {last_step}): it "
-                             f"was overwritten, or resumed from an earlier checkpoint and continued, since. {fix}")
-        if last_step >= 0 and last_step not in store.steps:
-            raise StoreError(f"the checkpoint continues after step {last_step}, which {recorded} does not hold (its "
-                             f"steps: {store.steps[:3]}...{store.steps[-3:]}, after a resume from an earlier "
-                             "checkpoint?): resuming would leave a gap. Resume from a checkpoint at or before its last "
-                             f"step. {fix}")
-        missing = store.step_files.missing([s for s in store.steps if s <= last_step])  # one listing
-        if missing:  # e.g. an earlier resume from before them, killed while it deleted its later steps
-            raise StoreError(f"{recorded} is missing the {STEPS} file(s) of {len(missing)} step(s) up to the "
-                             f"checkpoint's step {last_step}, first of steps {missing[:5]} (a resume from an earlier "
-                             "checkpoint killed while it deleted its later steps?): resuming would leave a gap. Resume "
-                             "from a checkpoint before them, restore them, or record the run again.")
+        check_resumable(store, last_step, layers, run_id, recorded_steps)
         store._lock = FolderLock(store.root)
         store._resume_after = last_step
         return store

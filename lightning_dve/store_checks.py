@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from typing import Any
 
 from .config import DVEConfig
 from .errors import DVEError, StoreError
@@ -16,6 +17,12 @@ from .store import SEGMENTS, STEPS, TrajectoryStore
 #: Manifest key, 1 from the finished recording until the train end's replay and report are done, then 0 (one
 #: digit either way, so the disk use logged before it changes stays exact; earlier versions' stores have none).
 TRAIN_END = "train_end_pending"
+
+
+def settings_changes(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (recorded, requested)}`` for each of the ``requested`` settings (``DVEConfig.to_dict``) that differs
+    from the ``recorded`` ones."""
+    return {k: (recorded.get(k), v) for k, v in requested.items() if recorded.get(k) != v}
 
 
 def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> TrajectoryStore:
@@ -38,8 +45,7 @@ def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> T
     check_segments(store)
     settings = None if settings is None else settings.resolved(store.projected_dim)  # "auto" as recorded
     if settings is not None and settings.settings_hash() != store.settings_hash:
-        recorded = store.manifest["settings"]
-        diff = {k: (recorded.get(k), v) for k, v in settings.to_dict().items() if recorded.get(k) != v}
+        diff = settings_changes(store.manifest["settings"], settings.to_dict())
         raise StoreError(f"store {path} was written with other settings (recorded, requested): {diff}. Use the "
                          "recorded settings, or record a new run with the new ones.")
     missing = store.step_files.missing(store.steps)  # one listing, not T stats

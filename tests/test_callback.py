@@ -759,6 +759,48 @@ def test_sum_and_weights_store_the_per_sample_gradients_of_the_mean_path(fit, ml
         w_dve.embeddings.influence(mean_model, test_batch)
 
 
+@pytest.mark.parametrize("empty", [True, False], ids=["empty mask: 0 / 0", "an infinite weight"])
+def test_non_finite_loss_weights_are_refused_by_name_and_keep_the_earlier_steps(fit, mlp_cls, save_dir, empty):
+    """A masked loss whose mask is empty at step 2 gives NaN weights (``mask / mask.sum()``): until session 39 that
+    was blamed on the gradients ("training diverged"); an infinite weight with a finite loss reached the train end's
+    recursion and failed there in torch's eigh (an audit of session 39)."""
+
+    def weights(batch):
+        mask = torch.ones(len(batch["y"]), dtype=torch.float64)
+        hit = batch["index"] == 32  # the first sample of step 2's batch (no shuffle)
+        if empty and bool(hit.any()):
+            mask[:] = 0
+        return mask / mask.sum() if empty else torch.where(hit, math.inf, 1 / len(mask))
+
+    class Masked(mlp_cls):
+        def loss(self, batch):
+            losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            return (losses * weights(batch).to(losses.dtype)).nansum() if empty else losses.mean()
+
+    dve = DataValueEmbedding(save_dir, loss_reduction=weights, projection_dim=64)
+    message = (r"the loss_reduction callable returned (16|1) non-finite weight\(s\) at step 2 \(e\.g\. (nan|inf)\) for "
+               r"sample ids \[32.*mask / mask\.sum\(\) is NaN when a batch's mask is empty\. Return finite weights")
+    with pytest.raises(ConfigError, match=message):
+        fit(Masked(), dve, max_epochs=1)
+    assert TrajectoryStore.open(save_dir).steps == [0, 1]
+
+
+def test_a_nan_learning_rate_is_refused_as_nan_not_as_a_late_change(fit, mlp_cls, save_dir):
+    """A schedule that reaches NaN at step 2: the check of late hyperparameter changes compared NaN with NaN and said
+    "'lr' was changed from nan to nan after the callback read it" (an audit of session 39)."""
+
+    class NanSchedule(mlp_cls):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: math.nan if step >= 2 else 1.0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    with pytest.raises(UnsupportedError, match=r"step 2: param group 0's 'lr' is NaN, so the update and the recorded "
+                                               r"step are undefined\. Fix the value set or the LR scheduler"):
+        fit(NanSchedule(), DataValueEmbedding(save_dir, projection_dim=64), max_epochs=1)
+    assert TrajectoryStore.open(save_dir).steps == [0, 1]
+
+
 # --- lifecycle ---------------------------------------------------------------------------------------------
 
 

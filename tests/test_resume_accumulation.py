@@ -364,6 +364,32 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
                                                 per_step=True).scores, expected, rtol=1e-9, atol=1e-13)
 
 
+def test_a_resume_into_a_store_that_lost_a_step_file_before_the_checkpoint_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """An interrupted store lists its steps from its step files: one deleted before the checkpoint's step left a
+    gap that the resume filled silently, step 1's samples gone from every score (an audit of session 39). The
+    checkpoint now says how many steps its fit recorded."""
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == 6:
+                raise RuntimeError("the machine went down")
+
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="went down"):
+        checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts,
+                                            Crash()]).fit(mlp_cls().double(), make_loader())
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(6))
+    (tmp_path / "dve" / "steps" / "step_00000001.safetensors").unlink()
+    epoch0 = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]  # after step 3
+    with pytest.raises(StoreError, match=r"holds 3 steps up to the checkpoint's step 3, of the 4 its fit recorded "
+                                         r"\(absent: steps \[1\]\): their steps files were deleted or lost"):
+        checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
+            mlp_cls().double(), make_loader(), ckpt_path=epoch0)
+    assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 2, 3, 4, 5]  # nothing else lost
+
+
 def test_resume_with_other_settings_is_refused(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
 ) -> None:
@@ -375,7 +401,9 @@ def test_resume_with_other_settings_is_refused(
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     (key,) = [k for k in state if "DataValueEmbedding" in k]
     other.load_state_dict(state[key])  # as Lightning would if the state key matched
-    with pytest.raises(ConfigError, match="recorded with settings .* resuming would mix two recordings"):
+    # the setting that changed is named (until session 39 only the two hashes were)
+    with pytest.raises(ConfigError, match=r"recorded with settings \w+, this callback has \w+ \(recorded, requested: "
+                                          r"\{'seed': \(0, 1\)\}\): resuming would mix two recordings"):
         checkpointing_trainer(tmp_path, 2, [other]).fit(mlp_cls(), make_loader())
 
 

@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,29 @@ def test_manifest_of_another_schema_version(store_copy):
     (store_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=r"schema 999.*reads schema 2"):
         DataValueEmbeddings.load(store_copy)
+
+
+@pytest.mark.parametrize("key", ["layers", "rows", "settings_hash", "steps"])
+def test_a_manifest_without_a_key_is_refused_as_damaged(store_copy, key):
+    """Each gave a bare KeyError (an audit of session 39)."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    del manifest[key]
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"manifest\.json lacks the key\(s\) \['{key}'\] \(edited or damaged\): "
+                                         "restore it from a backup or record the run again"):
+        DataValueEmbeddings.load(store_copy)
+
+
+@pytest.mark.parametrize("parent", [False, True], ids=["save_dir", "its parent"])
+def test_a_save_dir_that_is_a_file_is_refused_by_name(fit, mlp_cls, tmp_path, parent):
+    """A file as save_dir gave pathlib's bare NotADirectoryError; a file as its parent, advice to free disk space."""
+    (tmp_path / "taken").write_text("a file")
+    save_dir = tmp_path / "taken" / "dve" if parent else tmp_path / "taken"
+    taken = re.escape(str(tmp_path / "taken"))
+    with pytest.raises(StoreError, match=rf"save_dir {re.escape(str(save_dir))} cannot be a folder: {taken} is a "
+                                         r"file\. Point save_dir to a folder"):
+        fit(mlp_cls(), DataValueEmbedding(save_dir, projection_dim=32))
+    assert (tmp_path / "taken").read_text() == "a file"
 
 
 @pytest.mark.parametrize("edit", [{"curvature": "ggn"}, {"projection_dim": 8}, {"seed": 7}, {"layout": "per_layer"}, None],
