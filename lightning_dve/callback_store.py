@@ -238,7 +238,7 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
     (this rank's, as :func:`store_manifest` builds it).
 
     Raises:
-        ConfigError: if the checkpoint was recorded with other callback settings or another world size.
+        ConfigError: if the checkpoint was recorded with other callback settings, sample ids or world size.
         StoreError: if the store tracked other layers or projections, is not the one the checkpoint was saved
             with (rank 0's ``run_id``), or lacks the checkpoint's last step.
     """
@@ -255,7 +255,17 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
     store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id,
                                    state.get("recorded_steps"))  # None: a checkpoint of an earlier version
     store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
+    if (recorded := store.manifest.get("sample_ids", manifest["sample_ids"])) != manifest["sample_ids"]:
+        store.unlock()  # (``None``: a callable's, whose ids cannot be compared)
+        raise ConfigError(f"the checkpoint's recording read the sample ids {_id_source(recorded)}, this callback "
+                          f"{_id_source(manifest['sample_ids'])}: resuming would file later steps under other ids "
+                          "(a sample's scores split between two). Resume with the sample_ids the run started with, or "
+                          "start a fresh fit without ckpt_path.")
     return store
+
+
+def _id_source(key: str | None) -> str:
+    return "through a callable" if key is None else f"from the batch key {key!r}"
 
 
 def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:

@@ -390,6 +390,27 @@ def test_a_resume_into_a_store_that_lost_a_step_file_before_the_checkpoint_is_re
     assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 2, 3, 4, 5]  # nothing else lost
 
 
+def test_a_resume_with_other_sample_ids_is_refused(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
+) -> None:
+    """``sample_ids`` is not in the settings hash: a resume reading the ids through a callable (or another key) was
+    accepted and filed the later steps under the new ids, each sample's scores split between two columns (an
+    audit of session 39). Two callables cannot be compared (README)."""
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls(), make_loader())
+    ckpt = sorted((tmp_path / "ckpt").glob("*.ckpt"))[0]
+    other = DataValueEmbedding(tmp_path / "dve", projection_dim=32, sample_ids=lambda batch: batch["index"] + 5000)
+    with pytest.raises(ConfigError, match=r"the checkpoint's recording read the sample ids from the batch key "
+                                          r"'index', this callback through a callable: resuming would file later steps "
+                                          r"under other ids"):
+        checkpointing_trainer(tmp_path, 2, [other]).fit(mlp_cls(), make_loader(), ckpt_path=ckpt)
+    assert TrajectoryStore.open(tmp_path / "dve").steps == list(range(4))
+    again = DataValueEmbedding(tmp_path / "dve", projection_dim=32)  # the folder's lock was released
+    checkpointing_trainer(tmp_path, 2, [again]).fit(mlp_cls(), make_loader(), ckpt_path=ckpt)
+    assert again.embeddings.steps == list(range(8))
+
+
 def test_resume_with_other_settings_is_refused(
     mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path
 ) -> None:
