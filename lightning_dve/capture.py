@@ -98,8 +98,12 @@ def resolve_layers(model: nn.Module, config: DVEConfig) -> dict[str, TrackedLaye
         projection = LayerProjection.create(name, d_out, d_in, config.projection_dim, config.seed)
         tracked[name] = TrackedLayer(name, module, spec, projection)
     if not tracked:
-        raise ConfigError(f"no layer to track in {type(model).__name__} (layers={config.layers}, "
-                          f"exclude={config.exclude}); supported types are {layer_specs.supported_types()}.")
+        known = [n for n, m in modules.items() if n and layer_specs.spec_for(m) is not None]
+        frozen = [n for n in known if not any(p.requires_grad for p in modules[n].parameters(recurse=False))]
+        raise ConfigError(f"no layer to track in {type(model).__name__} (layers={config.layers}, exclude="
+                          f"{config.exclude}; frozen supported layers: {frozen or 'none'}): the callback values the "
+                          "training of supported layers that train. Unfreeze one, or change layers=/exclude=; "
+                          f"supported types are {layer_specs.supported_types()}.")
     return tracked
 
 

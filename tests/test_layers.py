@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_dve.capture import GradientCapture, resolve_layers
 from lightning_dve.config import DVEConfig
-from lightning_dve.errors import UnsupportedError
+from lightning_dve.errors import ConfigError, UnsupportedError
 from lightning_dve.layers import split_block
 
 DTYPE = torch.float64
@@ -235,6 +235,16 @@ def test_a_gradient_hook_of_the_model_on_a_tracked_output_acts_before_the_rows_a
     assert_matches_oracle(model, tracked, grads, x, target)
     total = split_block(model.hidden, (weights.unsqueeze(1) * grads["hidden"]).sum(0))
     torch.testing.assert_close(total["weight"], model.hidden.weight.grad, atol=ATOL, rtol=0)
+
+
+def test_a_model_with_no_trainable_supported_layer_is_refused_naming_the_frozen_ones():
+    """The refusal listed the supported types only, though the Linear it needed was there and frozen (an audit of
+    session 39)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"no layer to track in Sequential \(layers=None, exclude=\('2',\); frozen "
+                                          r"supported layers: \['0'\]\): .* Unfreeze one, or change layers=/exclude="):
+        resolve_layers(model, DVEConfig(exclude=("2",)))
 
 
 def test_custom_weight_vector_including_zero():
