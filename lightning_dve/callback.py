@@ -198,8 +198,8 @@ class DataValueEmbedding(StepHooks):
             self._writer.wait()
         return {"save_dir": None if self._root is None else str(self._root), "last_step": self._last_step,
                 "settings_hash": self.config.settings_hash(), "world_size": self._comm.world_size,
-                "run_id": None if self._store is None else self._store.manifest.get("run_id"), "recorded_steps":
-                    None if self._store is None else sum(s <= self._last_step for s in self._store.steps),
+                "run_id": None if self._store is None else self._store.manifest.get("run_id"),
+                "recorded_steps": None if self._store is None else sum(s <= self._last_step for s in self._store.steps),
                 "before_fit": self._fit_pending, "boundaries": self._boundaries, "planned_steps": self._planned_steps,
                 "open_step": self._step if self._terms is not None and not self._skipped else None}  # not recorded yet
 

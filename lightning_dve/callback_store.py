@@ -226,11 +226,10 @@ def _changes(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> str
     the store at ``root`` where it holds that recording; else nothing)."""
     try:
         recorded = TrajectoryStore.open(root, scan=False).manifest
-    except (DVEError, OSError, ValueError):
+        same = recorded["settings_hash"] == state.get("settings_hash")
+        return f" (recorded, requested: {settings_changes(recorded['settings'], manifest['settings'])})" if same else ""
+    except (DVEError, OSError, ValueError, KeyError, AttributeError):  # no store, or a damaged one: the hashes only
         return ""
-    if recorded.get("settings_hash") != state.get("settings_hash") or "settings" not in recorded:
-        return ""
-    return f" (recorded, requested: {settings_changes(recorded['settings'], manifest['settings'])})"
 
 
 def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> TrajectoryStore:
@@ -255,8 +254,9 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
     store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id,
                                    state.get("recorded_steps"))  # None: a checkpoint of an earlier version
     store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
+    # the id key (``None``: a callable, whose ids cannot be compared); a store of an earlier version has none
     if (recorded := store.manifest.get("sample_ids", manifest["sample_ids"])) != manifest["sample_ids"]:
-        store.unlock()  # (``None``: a callable's, whose ids cannot be compared)
+        store.unlock()
         raise ConfigError(f"the checkpoint's recording read the sample ids {_id_source(recorded)}, this callback "
                           f"{_id_source(manifest['sample_ids'])}: resuming would file later steps under other ids "
                           "(a sample's scores split between two). Resume with the sample_ids the run started with, or "
@@ -265,6 +265,7 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
 
 
 def _id_source(key: str | None) -> str:
+    """How a store's or a callback's sample ids are read, for a message."""
     return "through a callable" if key is None else f"from the batch key {key!r}"
 
 

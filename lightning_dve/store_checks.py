@@ -9,7 +9,7 @@ import os
 import warnings
 from typing import Any
 
-from .config import DVEConfig
+from .config import ADDED_FIELDS, DVEConfig
 from .errors import DVEError, StoreError
 from .files import safetensors_header
 from .store import SEGMENTS, STEPS, TrajectoryStore
@@ -21,8 +21,11 @@ TRAIN_END = "train_end_pending"
 
 def settings_changes(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{setting: (recorded, requested)}`` for each of the ``requested`` settings (``DVEConfig.to_dict``) that differs
-    from the ``recorded`` ones."""
-    return {k: (recorded.get(k), v) for k, v in requested.items() if recorded.get(k) != v}
+    from the ``recorded`` ones; a setting added after a store's version (:data:`ADDED_FIELDS`) that it lacks differs
+    only where it is requested off its default."""
+    defaults = DVEConfig().to_dict()
+    lacked = {k for k in ADDED_FIELDS if k not in recorded and requested.get(k) == defaults[k]}  # as recorded then
+    return {k: (recorded.get(k), v) for k, v in requested.items() if k not in lacked and recorded.get(k) != v}
 
 
 def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> TrajectoryStore:

@@ -51,9 +51,9 @@ def check_resumable(store: TrajectoryStore, last_step: int, layers: list[dict[st
     held = [s for s in store.steps if s <= last_step]
     if len(held) < (recorded_steps or 0):  # fewer than its fit recorded (a skipped fp16 step has no file)
         raise StoreError(f"{recorded} holds {len(held)} steps up to the checkpoint's step {last_step}, of the "
-                         f"{recorded_steps} its fit recorded (absent: steps "
-                         f"{sorted(set(range(last_step + 1)) - set(held))[:5]}): their {folder} files were deleted "
-                         "or lost, and resuming would leave a gap. Restore them, or record the run again.")
+                         f"{recorded_steps} its fit recorded: {recorded_steps - len(held)} {folder} file(s) were "
+                         "deleted or lost, and resuming would leave a gap. Restore them, resume from a checkpoint "
+                         "before the gap, or record the run again.")
     missing = store.step_files.missing(held)  # one listing
     if missing:  # e.g. an earlier resume from before them, killed while it deleted its later steps
         raise StoreError(f"{recorded} is missing the {folder} file(s) of {len(missing)} step(s) up to the "

@@ -144,6 +144,30 @@ def test_a_learning_rate_changed_late_is_refused_when_the_closure_is_passed_posi
         watch.detach()
 
 
+def test_a_nan_inside_a_tuple_hyperparameter_is_refused_as_nan() -> None:
+    """``betas=(0.9, nan)`` passed: a tuple holding the same NaN object compares equal to itself (a review of session
+    39); a NaN lr is refused end to end in ``tests/test_callback.py``."""
+    from lightning_dve.hyperparameters import HyperparameterWatch
+
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    optimizer.param_groups[0]["betas"] = (0.9, float("nan"))  # past Adam's own argument check
+    watch = HyperparameterWatch()
+    watch.attach(optimizer)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = weight.square().sum()
+        loss.backward()
+        watch.read()
+        return loss
+
+    optimizer.step(closure=closure)
+    with pytest.raises(UnsupportedError, match=r"step 0: param group 0's 'betas' is NaN"):
+        watch.check(0)
+    watch.detach()
+
+
 def test_a_bias_gradient_changed_after_the_backward_is_refused(tmp_path: Path) -> None:
     """The applied-gradient check sampled only the weights: a bias gradient scaled by 10 went unseen (0.41x off)."""
     with pytest.raises(UnsupportedError, match=r"step 0: the gradient the optimizer applied to 'lin\.bias' is the "

@@ -127,6 +127,17 @@ def test_manifest_of_another_schema_version(store_copy):
         DataValueEmbeddings.load(store_copy)
 
 
+def test_the_settings_named_as_changed_leave_out_those_an_earlier_version_lacks_at_their_default():
+    """A store of an earlier version lacks the settings added since: a resume refused for another seed also named
+    curvature, checkpoint_interval and adam_second_moment as changed from None (a review of session 39)."""
+    from lightning_dve.config import ADDED_FIELDS
+    from lightning_dve.store_checks import settings_changes
+
+    recorded = {k: v for k, v in DVEConfig(seed=0).to_dict().items() if k not in ADDED_FIELDS}
+    assert settings_changes(recorded, DVEConfig(seed=1).to_dict()) == {"seed": (0, 1)}
+    assert settings_changes(recorded, DVEConfig(curvature="ggn").to_dict()) == {"curvature": (None, "ggn")}
+
+
 @pytest.mark.parametrize("key", ["layers", "rows", "settings_hash", "steps"])
 def test_a_manifest_without_a_key_is_refused_as_damaged(store_copy, key):
     """Each gave a bare KeyError (an audit of session 39)."""
