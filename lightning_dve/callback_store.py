@@ -316,6 +316,9 @@ def open_recorder(comm: Communicator, open_: Callable[[], CheckpointRecorder] | 
         except DVEError as err:
             error = err
     sync.agree_on_errors(comm, error)
+    if recorder is not None and (lost := recorder.store.manifest.get("lost")):  # a resume whose folder was lost
+        rank_zero_warn(f"DataValueEmbedding: {lost}. The recording itself continues; exact_influence and "
+                       "embeddings=\"replay\" of this run are refused.")
     return recorder
 
 

@@ -273,8 +273,7 @@ class CheckpointRecorder:
             ``None`` (off: only ``replay.json`` is written, so that queries can say how to turn them on).
         settings_hash: the store's settings hash (stamped into every snapshot).
         resume_after: continue an earlier recording after this step (``None``: a fresh one).
-        sample_ids: the callback's ``sample_ids`` key (kept so that queries after ``load`` can map ids to
-            dataset positions), ``None`` for a callable.
+        sample_ids: the callback's ``sample_ids`` key (``load``'s queries map ids to positions; ``None``: a callable).
         precision: the trainer's precision (bf16 autocast is replayed under autocast; fp16 is refused).
     """
 
@@ -291,9 +290,12 @@ class CheckpointRecorder:
             self.interval = self.store.manifest.get("requested_interval", interval) if recorded is None else recorded
             self._started = True
             self._snapshots = bool(self.store.snapshot_steps)
-        else:
+        else:  # resumed after a step with no replay.json (its folder deleted): recorded, but cannot be replayed
+            lost = (f"the replay checkpoints up to step {resume_after} were lost before the fit resumed after it (no "
+                    f"{REPLAY_MANIFEST} in {root}). Restore that folder and resume again, or record the run again, to "
+                    "replay it") if resume_after is not None and resume_after >= 0 and interval is not None else None
             self.store = CheckpointStore.create(Path(root), {"settings_hash": settings_hash, "sample_ids": sample_ids,
-                                                             "requested_interval": interval,
+                                                             "requested_interval": interval, "lost": lost,
                                                              "interval": None if interval == AUTO else interval})
 
     @property
@@ -306,8 +308,7 @@ class CheckpointRecorder:
         try:
             kind = optimizer_kind(optimizer)
             moments = 2 if kind is not OptimizerKind.SGD else int(any(g["momentum"] for g in optimizer.param_groups))
-            manifest.update(kind=kind.value, groups=parameter_groups(module, optimizer), refusal=None,
-                            state_tensors=moments)
+            manifest.update(kind=kind.value, groups=parameter_groups(module, optimizer), state_tensors=moments)
         except DVEError as err:
             manifest.update(kind=type(optimizer).__name__, groups=None, refusal=str(err))
         if self.precision not in REPLAYABLE_PRECISION:
@@ -315,8 +316,7 @@ class CheckpointRecorder:
                                     "Train with '32-true', '64-true' or 'bf16-mixed' to replay it.")
         manifest.update(precision=self.precision)
         manifest.update(
-            clip=clip,
-            frozen=[name for name, p in module.named_parameters() if not p.requires_grad],
+            clip=clip, frozen=[name for name, p in module.named_parameters() if not p.requires_grad],
             eval_modules=[name for name, m in module.named_modules() if not m.training],
             dropout_modules=[name for name, m in module.named_modules()
                              if isinstance(m, _DropoutNd) and m.training and m.p > 0],

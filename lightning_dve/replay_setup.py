@@ -32,8 +32,8 @@ def open_checkpoints(root: Path, interval: int | str | None) -> CheckpointStore:
                           "checkpoint_interval='auto' (the default) or an int number of steps between checkpoints.")
     checkpoints = CheckpointStore.open(root / CHECKPOINTS)
     manifest = checkpoints.manifest
-    if manifest.get("refusal"):
-        raise UnsupportedError(f"exact replay is refused for this run: {manifest['refusal']}")
+    if why := manifest.get("refusal") or manifest.get("lost"):
+        raise UnsupportedError(f"exact replay is refused for this run: {why}")
     if manifest.get("final_step") is None:
         raise StoreError(f"the replay checkpoints in {checkpoints.root} have no final state: training did not "
                          "finish. Record the run again.")

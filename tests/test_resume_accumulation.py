@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, step_files
+from lightning_dve import (ConfigError, DataValueEmbedding, DataValueEmbeddings, StoreError, UnsupportedError,
+                           step_files)
 from lightning_dve.store import TrajectoryStore
 from tests.conftest import DigitsDict
 
@@ -390,6 +392,25 @@ def test_a_resume_into_a_store_that_lost_a_step_file_before_the_checkpoint_is_re
         checkpointing_trainer(tmp_path, 2, [DataValueEmbedding(tmp_path / "dve", projection_dim=32)]).fit(
             mlp_cls().double(), make_loader(), ckpt_path=epoch0)
     assert TrajectoryStore.open(tmp_path / "dve").steps == [0, 2, 3, 4, 5]  # nothing else lost
+
+
+def test_a_resume_whose_replay_checkpoints_were_deleted_warns_and_refuses_exact_replay_by_that_cause(
+    mlp_cls: type, make_loader: Callable[..., DataLoader], tmp_path: Path, test_batch: dict
+) -> None:
+    """With ``checkpoints/`` deleted, a resume started a fresh replay record after the checkpoint's step, silently;
+    ``exact_influence`` then failed on "hyper.jsonl has no line for step 0" (an audit of session 39)."""
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    checkpointing_trainer(tmp_path, 1, [DataValueEmbedding(tmp_path / "dve", projection_dim=32), ckpts]).fit(
+        mlp_cls().double(), make_loader())
+    shutil.rmtree(tmp_path / "dve" / "checkpoints")
+    model, resumed = mlp_cls().double(), DataValueEmbedding(tmp_path / "dve", projection_dim=32)
+    lost = r"the replay checkpoints up to step 3 were lost before the fit resumed after it \(no replay\.json in "
+    with pytest.warns(UserWarning, match=lost + r".*The recording itself continues"):
+        checkpointing_trainer(tmp_path, 2, [resumed]).fit(model, make_loader(),
+                                                          ckpt_path=sorted((tmp_path / "ckpt").glob("*.ckpt"))[0])
+    assert resumed.embeddings.steps == list(range(8))
+    with pytest.raises(UnsupportedError, match="exact replay is refused for this run: " + lost):
+        resumed.embeddings.exact_influence(model, {**test_batch, "x": test_batch["x"].double()})
 
 
 def test_a_resume_with_other_sample_ids_is_refused(
