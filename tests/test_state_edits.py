@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_dve import UnsupportedError
+from lightning_dve.hyperparameters import HyperparameterWatch
 from tests.linear_bench import BATCH, STEPS_PER_EPOCH, Bench, Edit, data, fit, retrain
 
 def _sgd_momentum(params: Any) -> torch.optim.Optimizer:
@@ -119,39 +120,10 @@ def test_weights_changed_in_an_optimizer_step_override_are_refused_naming_it(tmp
         fit(tmp_path, ClampsAfterItsStep(_sgd_momentum))
 
 
-def test_a_learning_rate_changed_late_is_refused_when_the_closure_is_passed_positionally() -> None:
-    """torch's step pre-hooks get the optimizer itself as ``args[0]``: a positional closure was missed (the values
-    were noted before it ran, so the check had nothing to compare and a late change went unrefused)."""
-    from lightning_dve.hyperparameters import HyperparameterWatch
-
-    for positional in (False, True):
-        weight = nn.Parameter(torch.ones(2))
-        optimizer = torch.optim.SGD([weight], lr=0.1)
-        watch = HyperparameterWatch()
-        watch.attach(optimizer)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = weight.square().sum()
-            loss.backward()
-            watch.read()  # the callback's on_before_optimizer_step
-            optimizer.param_groups[0]["lr"] = 0.05  # the module's, which runs after it
-            return loss
-
-        optimizer.step(closure) if positional else optimizer.step(closure=closure)
-        with pytest.raises(UnsupportedError, match=r"param group 0's 'lr' was changed from 0.1 to 0.05"):
-            watch.check(0)
-        watch.detach()
-
-
-def test_a_nan_inside_a_tuple_hyperparameter_is_refused_as_nan() -> None:
-    """``betas=(0.9, nan)`` passed: a tuple holding the same NaN object compares equal to itself (a review of session
-    39); a NaN lr is refused end to end in ``tests/test_callback.py``."""
-    from lightning_dve.hyperparameters import HyperparameterWatch
-
-    weight = nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.Adam([weight], lr=0.1)
-    optimizer.param_groups[0]["betas"] = (0.9, float("nan"))  # past Adam's own argument check
+def _watched_step(optimizer: torch.optim.Optimizer, weight: nn.Parameter, positional: bool = False,
+                  edit: Callable[[], None] = lambda: None) -> HyperparameterWatch:
+    """One ``optimizer.step(closure)`` under a ``HyperparameterWatch`` that reads the hyperparameters where the
+    callback's ``on_before_optimizer_step`` does, then ``edit()`` (the module's hook, which runs after it)."""
     watch = HyperparameterWatch()
     watch.attach(optimizer)
 
@@ -160,9 +132,32 @@ def test_a_nan_inside_a_tuple_hyperparameter_is_refused_as_nan() -> None:
         loss = weight.square().sum()
         loss.backward()
         watch.read()
+        edit()
         return loss
 
-    optimizer.step(closure=closure)
+    optimizer.step(closure) if positional else optimizer.step(closure=closure)
+    return watch
+
+
+def test_a_learning_rate_changed_late_is_refused_when_the_closure_is_passed_positionally() -> None:
+    """torch's step pre-hooks get the optimizer itself as ``args[0]``: a positional closure was missed (the values
+    were noted before it ran, so the check had nothing to compare and a late change went unrefused)."""
+    for positional in (False, True):
+        weight = nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        watch = _watched_step(optimizer, weight, positional, lambda: optimizer.param_groups[0].update(lr=0.05))
+        with pytest.raises(UnsupportedError, match=r"param group 0's 'lr' was changed from 0.1 to 0.05"):
+            watch.check(0)
+        watch.detach()
+
+
+def test_a_nan_inside_a_tuple_hyperparameter_is_refused_as_nan() -> None:
+    """``betas=(0.9, nan)`` passed: a tuple holding the same NaN object compares equal to itself (a review of session
+    39); a NaN lr is refused end to end in ``tests/test_callback.py``."""
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    optimizer.param_groups[0]["betas"] = (0.9, float("nan"))  # past Adam's own argument check
+    watch = _watched_step(optimizer, weight)
     with pytest.raises(UnsupportedError, match=r"step 0: param group 0's 'betas' is NaN"):
         watch.check(0)
     watch.detach()
