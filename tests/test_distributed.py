@@ -829,6 +829,7 @@ def test_a_replay_recorder_that_rank_zero_cannot_open_stops_the_other_ranks(tmp_
     alone and rank 1 waited at Lightning's next barrier (found by a DDP user). The opening is agreed: rank 0
     raises its StoreError, the others RemoteRankError."""
     from lightning_dve.callback_store import open_recorder
+    from lightning_dve.checkpoints import CheckpointRecorder
     from lightning_dve.distributed import SingleProcess
 
     def damaged() -> None:
@@ -838,4 +839,5 @@ def test_a_replay_recorder_that_rank_zero_cannot_open_stops_the_other_ranks(tmp_
         open_recorder(SingleProcess(), damaged)
     with pytest.raises(RemoteRankError, match="another rank failed"):
         open_recorder(PeerFailed(), None)
-    assert open_recorder(SingleProcess(), lambda: "recorder") == "recorder"
+    recorder = CheckpointRecorder(tmp_path / "checkpoints", "auto", "h", None)
+    assert open_recorder(SingleProcess(), lambda: recorder) is recorder
