@@ -31,7 +31,7 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> Settings:
              for key in HYPERPARAMETERS if key in group} for group in optimizer.param_groups]
 
 
-def _values(value: object) -> tuple[object, ...]:
+def values_of(value: object) -> tuple[object, ...]:
     """A hyperparameter's values: a tuple's or list's items (``betas``), else the value itself."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
@@ -109,7 +109,7 @@ class HyperparameterWatch:
         if read is None or used is None:
             return
         for index, (before, now) in enumerate(zip(read, used)):
-            if nans := [key for key, value in now.items() if any(v != v for v in _values(value))]:  # NaN != NaN
+            if nans := [key for key, value in now.items() if any(v != v for v in values_of(value))]:  # NaN != NaN
                 raise UnsupportedError(f"step {step}: param group {index}'s {nans[0]!r} is NaN, so the update and the "
                                        "recorded step are undefined. Fix the value set or the LR scheduler that set it "
                                        "(e.g. a lambda dividing by zero).")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedError
+from .hyperparameters import values_of
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW)
 _MODELLED = (torch.optim.SGD, *_ADAM)
@@ -118,9 +119,8 @@ def narrow_tensor_hyperparameters(optimizer: torch.optim.Optimizer) -> list[str]
         for name, value in group.items():
             if name in ("params", "lr"):
                 continue
-            values = value if isinstance(value, (tuple, list)) else (value,)
             if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype.itemsize < widest
-                   for v in values) and name not in narrow:
+                   for v in values_of(value)) and name not in narrow:
                 narrow.append(name)
     return narrow
 
