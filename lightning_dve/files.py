@@ -34,6 +34,9 @@ _LAYOUT_ORDER = {dtype: rank for rank, dtype in enumerate(_DTYPE_CODES)}
 CRC_KEY = "crc32"
 #: The metadata key of a file of several groups (a pack of steps): each group's CRC32, comma-separated.
 CRCS_KEY = "crc32s"
+#: The metadata key of the recording (the manifest's ``run_id``) a step file belongs to; of a pack, its steps'
+#: run ids, comma-separated.
+RUN_KEY, RUNS_KEY = "run_id", "run_ids"
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
@@ -331,7 +334,13 @@ def _file_size(path: Path) -> int:
 
 
 def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dict[str, torch.Tensor]:
-    """Read a store file, refusing a missing, corrupt or foreign one.
+    """Read a store file, refusing a missing, corrupt or foreign one (:func:`read_checked_metadata`)."""
+    return read_checked_metadata(path, settings_hash, step)[0]
+
+
+def read_checked_metadata(path: Path, settings_hash: str,
+                          step: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a store file, refusing a missing, corrupt or foreign one: its tensors and its metadata.
 
     Args:
         path: the file.
@@ -356,7 +365,7 @@ def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dic
         raise corrupt_error(path, err) from err
     check_crc(path, [entries_text(header), memoryview(data)[start:]], metadata.get(CRC_KEY))
     check_metadata(path, metadata, settings_hash, step)
-    return tensors
+    return tensors, metadata
 
 
 def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, step: int | None = None) -> None:
@@ -375,9 +384,10 @@ def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, ste
                          "from a backup, or record the run again.")
 
 
-def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:
+def read_step_header(path: Path) -> tuple[int, list[float], list[float], int, str | None]:
     """The epoch, learning rates ``[L]``, applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
-    rates where none were written) and number of occurrences of a step file, read without its gradients.
+    rates where none were written), number of occurrences and run id (``None`` in files written before run ids)
+    of a step file, read without its gradients.
 
     Raises:
         StoreError: if the file is corrupt or truncated.
@@ -387,7 +397,8 @@ def read_step_header(path: Path) -> tuple[int, list[float], list[float], int]:
             lrs = handle.get_tensor("lrs").tolist()
             applied = handle.get_tensor("applied_lrs").tolist() if "applied_lrs" in handle.keys() else lrs
             rows = handle.get_slice("sample_ids").get_shape()[0]
-            return int(handle.metadata()["epoch"]), lrs, applied, int(rows)
+            metadata = handle.metadata()
+            return int(metadata["epoch"]), lrs, applied, int(rows), metadata.get(RUN_KEY)
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
         raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
                          "file) to keep the steps before it, or record the run again.") from err

@@ -5,13 +5,16 @@ every step it finished. Once :data:`PACK_STEPS` loose steps, or :data:`PACK_BYTE
 they are copied into one pack file (written atomically too) and their loose files deleted: a long run holds one
 file per pack instead of one per step (a run of 100k steps: ~400 files instead of 100k inodes). Layout::
 
-    steps/step_00000042.safetensors            one step: StepRecord tensors; metadata step, epoch, settings_hash
+    steps/step_00000042.safetensors            one step: StepRecord tensors; metadata step, epoch, settings_hash,
+                                               run_id
     steps/pack_00000000_00000255.safetensors   the recorded steps 0..255 (fp16 skipped steps leave gaps): tensors
                                                "00000042/<name>"; metadata steps, epochs, settings_hash, crc32s
-                                               (each step's CRC32, :data:`~lightning_dve.files.CRC_KEY`)
+                                               (each step's CRC32, :data:`~lightning_dve.files.CRC_KEY`), run_ids
 
 A pack's tensors of one step are contiguous (its loose file's bytes, copied), so the loose file's CRC32 carries
 over; a read of a step from a pack checks it (packs written before there were checksums are read unchecked).
+Each step carries the run id of the recording that wrote it (:class:`RunIds`), so a step file of another fit
+with the same settings, copied into the folder, is refused where it is listed or read.
 
 A run killed between writing a pack and deleting its loose files leaves both; the pack is read (the same bytes)
 and the loose copies are deleted at the next write (so is the temporary file of a write that was killed). A
@@ -34,8 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
-from .files import (CRCS_KEY, check_crc, check_metadata, corrupt_error, entries_text, read_checked, read_step_header,
-                    remove_files, safetensors_header, write_atomic, write_concatenated_atomic, write_groups_atomic)
+from .files import (CRCS_KEY, RUN_KEY, RUNS_KEY, check_crc, check_metadata, corrupt_error, entries_text,
+                    read_checked_metadata, read_step_header, remove_files, safetensors_header, write_atomic,
+                    write_concatenated_atomic, write_groups_atomic)
 
 #: Loose steps packed into one file once this many have accumulated.
 PACK_STEPS = 256
@@ -62,6 +66,40 @@ class StepEntry:
     rows: int
 
 
+@dataclass(frozen=True)
+class RunIds:
+    """The recordings whose steps a store holds (its manifest's ``run_id`` and ``run_lineage``): its own run's at
+    any step, and an earlier branch's (before a resume from an earlier checkpoint) up to the last step the branches
+    share. Steps and manifests written before run ids were recorded carry none and are not checked.
+
+    Attributes:
+        current: the run id of the recording that writes now.
+        shared: ``(run id, last step it shares)`` of each earlier branch.
+    """
+
+    current: str | None = None
+    shared: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> RunIds:
+        """The run ids a store's manifest lists."""
+        lineage = manifest.get("run_lineage", [])
+        return cls(manifest.get("run_id"), tuple((str(run), int(last)) for run, last in lineage))
+
+    def check(self, path: Path, run: str | None, step: int) -> None:
+        """Refuse step ``step`` of the file at ``path``, written by recording ``run``, if this store does not hold it.
+
+        Raises:
+            StoreError: naming both runs and what to do.
+        """
+        if not run or not self.current or run == self.current or step <= dict(self.shared).get(run, -1):
+            return
+        raise StoreError(f"store file {path} holds step {step} of another recording (run {run}; this store records "
+                         f"run {self.current}, and earlier branches {[list(b) for b in self.shared]}): a step file of "
+                         "another fit with the same settings was copied into its folder. Put back this run's own "
+                         "file, resume from a checkpoint before that step, or record the run again.")
+
+
 def step_name(step: int) -> str:
     """File name of one loose step."""
     return f"step_{step:08d}.safetensors"
@@ -83,6 +121,7 @@ class _OpenPack:
     path: Path
     handle: Any
     names: dict[int, list[str]]
+    runs: dict[int, str]  # step -> run id ("" or none: written before run ids)
     checked: dict[int, tuple[str, bytes, int, int]]  # step -> CRC32, its entries' text, its tensors' bytes [start, end)
 
 
@@ -103,9 +142,10 @@ class _Listing:
 class StepFolder:
     """Write, list and read the recorded steps of one store (its ``steps/`` folder)."""
 
-    def __init__(self, folder: Path, settings_hash: str) -> None:
+    def __init__(self, folder: Path, settings_hash: str, runs: RunIds = RunIds()) -> None:
         self.folder = folder
         self.settings_hash = settings_hash
+        self.runs = runs  # the store's; a resume's new branch replaces it
         self._loose: list[tuple[int, int]] | None = None  # (step, epoch) written since the last pack; None: unlisted
         self._loose_bytes = 0
         self._listing: _Listing | None = None  # for reads (a finished store does not change)
@@ -157,7 +197,9 @@ class StepFolder:
                 entries += self._pack_entries(path, after)
         for step, path in sorted(listing.loose.items()):
             if after is None or step <= after:
-                entries.append(StepEntry(step, *read_step_header(path)))
+                *header, run = read_step_header(path)
+                self.runs.check(path, run, step)
+                entries.append(StepEntry(step, *header))
         entries.sort(key=lambda e: e.step)
         if drop and after is not None:
             self._drop_after(listing, after, [e.step for e in entries])
@@ -176,6 +218,7 @@ class StepFolder:
         for step, epoch in zip(steps, epochs):
             if after is not None and step > after:
                 break
+            self.runs.check(path, pack.runs.get(step), step)
             lrs = handle.get_tensor(f"{step:08d}/lrs").tolist()
             key = f"{step:08d}/applied_lrs"
             applied = handle.get_tensor(key).tolist() if key in names[step] else lrs
@@ -192,7 +235,8 @@ class StepFolder:
         if self._loose is None:
             self.scan(drop=True)  # the loose steps a resumed run continues (and the leftovers of a crash)
         path = self.folder / step_name(step)
-        write_atomic(path, tensors, {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash})
+        metadata = {"step": str(step), "epoch": str(epoch), "settings_hash": self.settings_hash}
+        write_atomic(path, tensors, {**metadata, RUN_KEY: self.runs.current} if self.runs.current else metadata)
         assert self._loose is not None
         self._loose.append((step, epoch))
         self._loose_bytes += path.stat().st_size
@@ -209,14 +253,18 @@ class StepFolder:
         if not self._loose:
             return
         steps, epochs = zip(*self._loose)
-        parts = []
+        parts, runs = [], []
         for step in steps:
             path = self.folder / step_name(step)
             header, start = safetensors_header(path)
-            check_metadata(path, header.get("__metadata__") or {}, self.settings_hash, step)
+            metadata = header.get("__metadata__") or {}
+            check_metadata(path, metadata, self.settings_hash, step)
+            self.runs.check(path, metadata.get(RUN_KEY), step)
             parts.append((f"{step:08d}/", path, header, start))
+            runs.append(metadata.get(RUN_KEY, ""))
         write_concatenated_atomic(self.folder / _pack_name(steps[0], steps[-1]), parts,
-                                  {"steps": _text(steps), "epochs": _text(epochs), "settings_hash": self.settings_hash})
+                                  {"steps": _text(steps), "epochs": _text(epochs), "settings_hash": self.settings_hash,
+                                   RUNS_KEY: ",".join(runs)})
         remove_files(self.folder / step_name(step) for step in steps)
         self._loose, self._loose_bytes, self._listing = [], 0, None
 
@@ -234,13 +282,14 @@ class StepFolder:
 
     def _rewrite_pack(self, path: Path, keep: list[int]) -> None:
         """Replace a pack by one of only its steps ``keep`` (a resume inside it): the new one first."""
-        metadata = self._open(path).handle.metadata()
-        epochs = dict(zip(_ints(metadata["steps"]), _ints(metadata["epochs"])))
+        pack = self._open(path)
+        epochs = dict(zip(_ints(pack.handle.metadata()["steps"]), _ints(pack.handle.metadata()["epochs"])))
         if keep:
             groups = [(f"{step:08d}/", self._read_packed(path, step)) for step in keep]
             write_groups_atomic(self.folder / _pack_name(keep[0], keep[-1]), groups,
                                 {"steps": _text(keep), "epochs": _text(epochs[s] for s in keep),
-                                 "settings_hash": self.settings_hash})
+                                 "settings_hash": self.settings_hash,
+                                 RUNS_KEY: ",".join(pack.runs.get(s, "") for s in keep)})
         self._open_pack = None
         path.unlink()
 
@@ -254,7 +303,9 @@ class StepFolder:
             self._listing = self._list()
         pack = self._listing.pack_of(step)
         if pack is None:
-            return read_checked(self.folder / step_name(step), self.settings_hash, step=step)
+            tensors, metadata = read_checked_metadata(path := self.folder / step_name(step), self.settings_hash, step)
+            self.runs.check(path, metadata.get(RUN_KEY), step)
+            return tensors
         return self._read_packed(pack, step)
 
     def _read_packed(self, path: Path, step: int) -> dict[str, torch.Tensor]:
@@ -264,6 +315,7 @@ class StepFolder:
             raise StoreError(f"store file {path} does not hold step {step} (it holds steps "
                              f"{sorted(pack.names)[:3]}...): the store is damaged. Restore the file, or record the run "
                              "again.")
+        self.runs.check(path, pack.runs.get(step), step)
         checked = pack.checked.get(step)
         try:
             tensors = {name.split("/", 1)[1]: pack.handle.get_tensor(name) for name in sorted(pack.names[step])}
@@ -291,7 +343,8 @@ class StepFolder:
             raise StoreError(f"store file {path} was written with settings {metadata.get('settings_hash')}, but the "
                              f"manifest says {self.settings_hash}: files of two runs are mixed in one directory. Use "
                              "a fresh save_dir for each run (or overwrite=True).")
-        self._open_pack = _OpenPack(path, handle, names, _checked_ranges(header, start, names, metadata))
+        runs = dict(zip(_ints(metadata.get("steps", "")), metadata.get(RUNS_KEY, "").split(",")))
+        self._open_pack = _OpenPack(path, handle, names, runs, _checked_ranges(header, start, names, metadata))
         return self._open_pack
 
 

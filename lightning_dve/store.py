@@ -27,7 +27,7 @@ from .errors import StoreError
 from .files import disk_bytes, read_checked, read_json, remove_files, write_atomic, write_text_atomic
 from .folder_lock import LOCK_FILE, FolderLock
 from .records import StepRecord
-from .step_files import StepFolder, step_name
+from .step_files import RunIds, StepFolder, step_name
 from .store_resume import check_resumable
 
 SCHEMA_VERSION = 2  # 2: embeddings as one array per layer
@@ -50,7 +50,7 @@ class TrajectoryStore:
         self._replaces = False  # created over an earlier store: clear it at the first write (create)
         self._embedding_writer: EmbeddingWriter | None = None  # between begin_ and finish_embeddings
         self._embedding_arrays: EmbeddingArrays | None = None  # opened by the first embedding_arrays
-        self.step_files = StepFolder(self.root / STEPS, manifest["settings_hash"])
+        self.step_files = StepFolder(self.root / STEPS, manifest["settings_hash"], RunIds.of(manifest))
         self._lock: FolderLock | None = None  # held while recording (create, reopen) until unlock
 
     @property
@@ -221,6 +221,7 @@ class TrajectoryStore:
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
             self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage], run_id=uuid.uuid4().hex)
+            self.step_files.runs = RunIds.of(self.manifest)
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()
         self._resume_after = None  # done (a failed write above is retried by the next write)

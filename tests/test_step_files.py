@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding, DataValueEmbeddings, StoreError, files, step_files
-from lightning_dve.step_files import StepFolder
+from lightning_dve.step_files import RunIds, StepFolder
 
 HASH = "settings-a"
 
@@ -37,9 +37,9 @@ def pack_every_3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(step_files, "PACK_STEPS", 3)
 
 
-def written(folder: Path, steps: list[int]) -> StepFolder:
+def written(folder: Path, steps: list[int], runs: RunIds = RunIds()) -> StepFolder:
     folder.mkdir(parents=True, exist_ok=True)
-    files = StepFolder(folder, HASH)
+    files = StepFolder(folder, HASH, runs)
     for step in steps:
         files.write(step, step // 4, step_tensors(step))
     return files
@@ -172,6 +172,34 @@ def test_a_resume_killed_while_dropping_later_steps_leaves_a_prefix_of_them(
         assert steps == list(range(len(steps))) and len(steps) >= 2, f"killed before deletion {kills + 1}: {steps}"
         kills += 1
     assert kills == 4 and names(tmp_path / "steps") == ["pack_00000000_00000001.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["loose", "pack"])
+def test_a_step_of_another_recording_with_the_same_settings_is_refused(pack_every_3: None, tmp_path: Path,
+                                                                       where: str) -> None:
+    mine, other = RunIds("run-b", (("run-a", 1),)), RunIds("run-x")  # run-b continues run-a after its step 1
+    written(tmp_path / "a", [0, 1, 2], RunIds("run-a"))
+    written(tmp_path / "x", [0, 1, 2, 3], other)
+    folder = tmp_path / "steps"
+    shutil.copytree(tmp_path / "a", folder)  # run-a's pack of steps 0-2; run-b drops step 2 and records 2-3 anew
+    files = StepFolder(folder, HASH, RunIds("run-a"))
+    files.scan(after=1, drop=True)
+    files.runs = mine
+    for step in (2, 3):
+        files.write(step, 0, step_tensors(step))
+    assert_reads(StepFolder(folder, HASH, mine), [0, 1, 2, 3])  # run-a's steps 0-1 in a pack, run-b's loose
+    src, dst = (("step_00000003.safetensors",) * 2 if where == "loose"
+                else ("pack_00000000_00000002.safetensors", "pack_00000000_00000001.safetensors"))
+    shutil.copy(tmp_path / "x" / src, folder / dst)  # another fit's file, the same settings and step numbers
+    message = r"holds step \d of another recording \(run run-x; this store records run run-b.*copied into its folder"
+    for use in (lambda f: f.read(3 if where == "loose" else 1), lambda f: f.scan()):
+        with pytest.raises(StoreError, match=message):
+            use(StepFolder(folder, HASH, mine))
+    written(tmp_path / "a2", [2], RunIds("run-a"))
+    shutil.copy(tmp_path / "a2" / "step_00000002.safetensors", folder)  # run-a's step 2: after the share
+    with pytest.raises(StoreError, match=r"holds step 2 of another recording \(run run-a"):
+        StepFolder(folder, HASH, mine).read(2)
+    assert StepFolder(folder, HASH).read(2)  # a store of an earlier version, without run ids: not checked
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other settings", "step not in the pack"])

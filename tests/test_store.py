@@ -242,6 +242,19 @@ def test_file_from_a_run_with_other_settings(store_copy, fit, mlp_cls, tmp_path)
         TrajectoryStore.open(store_copy).read_step(6)
 
 
+def test_a_step_file_of_another_fit_with_the_same_settings_is_refused(store_copy, fit, mlp_cls, tmp_path):
+    """Same settings, same step numbers: only the run id tells the files apart (accepted before session 40)."""
+    other = tmp_path / "other"
+    fit(mlp_cls(), DataValueEmbedding(other, projection_dim=64), max_epochs=2)
+    assert TrajectoryStore.open(other).settings_hash == TrajectoryStore.open(store_copy).settings_hash
+    shutil.copy(other / "steps" / step_name(6), store_copy / "steps" / step_name(6))
+    with pytest.raises(StoreError, match=r"step_00000006\.safetensors holds step 6 of another recording \(run "
+                                         r"\w+; this store records run \w+.*Put back this run's own file"):
+        TrajectoryStore.open(store_copy).read_step(6)
+    assert torch.equal(TrajectoryStore.open(store_copy).read_step(5).sample_ids,
+                       TrajectoryStore.open(other).read_step(5).sample_ids)  # the same batches: only the run differs
+
+
 def test_load_with_other_settings_lists_the_differences(trained):
     with pytest.raises(StoreError, match=r"other settings.*'projection_dim': \(64, 32\)") as info:
         DataValueEmbeddings.load(trained.root, settings=DVEConfig(projection_dim=32))
