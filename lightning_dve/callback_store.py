@@ -213,12 +213,23 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
             return None, err
 
     store, error = attempt() if comm.rank == 0 or resume is not None else (None, None)
-    sync.agree_on_errors(comm, error)  # rank 0 has checked save_dir before the others create their shards
+    _agree(comm, store, error)  # rank 0 has checked save_dir before the others create their shards
     if store is None:
         store, error = attempt()
-    sync.agree_on_errors(comm, error)
+    _agree(comm, store, error)
     assert store is not None
     return store
+
+
+def _agree(comm: Communicator, store: TrajectoryStore | None, error: DVEError | None) -> None:
+    """:func:`sync.agree_on_errors`, letting go of this rank's store folder (its lock) when any rank failed, so that
+    a next fit in this process (a notebook's) can record there."""
+    try:
+        sync.agree_on_errors(comm, error)
+    except DVEError:
+        if store is not None:
+            store.unlock()
+        raise
 
 
 def _changes(root: Path, state: dict[str, Any], manifest: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from .recursion_ranks import attempt, gather_embeddings, join_rank_zero
 from .replay import ReplayCost
 from .replay_embeddings import begin_replayed, finish_replayed, step_embeddings
 from .store import TrajectoryStore
+from .sync import rank_failures
 
 #: ``layers -> (rows [rows, occurrences], each layer's row range, cost)``: this rank's carried rows
 #: (:func:`~lightning_dve.replay_embeddings.carried_rows` with its own store, checkpoints and module).
@@ -53,7 +54,7 @@ def replay_on_ranks(comm: Communicator, store: TrajectoryStore, owned: list[list
             scores, ranges, cost = carry(owned[comm.rank])
     except DVEError as err:
         failure = str(err)
-    failures = _failures(comm, failure)
+    failures = rank_failures(comm, failure)
     if not failures:
         failures = _write(comm, store, owned, dims, scores, ranges)
     return (None, "; ".join(failures)) if failures else (cost, None)
@@ -79,7 +80,7 @@ def _write(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], d
         attempt(errors, partial(store.write_embeddings, step, embeddings, step_ids))
     if shared and comm.rank > 0:
         attempt(errors, store.finish_embeddings)  # closed, every row written
-    failures = _failures(comm, str(errors[0]) if errors else "")
+    failures = rank_failures(comm, str(errors[0]) if errors else "")
     if comm.rank == 0 and not failures:
         try:
             finish_replayed(store, [name for names in owned[1:] for name in names] if shared else [])
@@ -91,12 +92,6 @@ def _write(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], d
     return failures
 
 
-def _failures(comm: Communicator, failure: str) -> list[str]:
-    """Collective: every rank's non-empty ``failure``, named by its rank under DDP."""
-    texts = _gather_text(comm, failure)
-    return [text if comm.world_size == 1 else f"rank {rank}: {text}" for rank, text in enumerate(texts) if text]
-
-
 def _gathered(comm: Communicator, store: TrajectoryStore, owned: list[list[str]], dims: dict[str, int],
               scores: torch.Tensor, ranges: dict[str, slice]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Collective (run it to its end on every rank): ``(step, {layer: [B, k_l]})`` of every layer, on rank 0."""
@@ -106,8 +101,3 @@ def _gathered(comm: Communicator, store: TrajectoryStore, owned: list[list[str]]
         if comm.rank == 0:
             yield step, {**mine, **received}
 
-
-def _gather_text(comm: Communicator, text: str) -> list[str]:
-    """Collective: every rank's ``text``, indexed by rank."""
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8).reshape(1, -1)
-    return [bytes(part.reshape(-1).tolist()).decode() for part in comm.all_gather_rows(data)]

@@ -58,17 +58,32 @@ def assign_groups(groups: list[list[str]], dims: dict[str, int], world_size: int
 
 
 def agree_on_errors(comm: Communicator, error: BaseException | None) -> None:
-    """Collective: raise on every rank if any rank had an error (the failing rank raises its own).
+    """Collective: raise on every rank if any rank had an error (the failing rank raises its own; the others a
+    :class:`RemoteRankError` naming each failed rank and its error, one more gather on that path only).
 
     Raises:
         RemoteRankError: on ranks that did not fail themselves.
     """
-    failed = comm.any(error is not None)
+    if not comm.any(error is not None):
+        return
+    failures = rank_failures(comm, "" if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    if failed:
-        raise RemoteRankError("another rank failed in DataValueEmbedding; this rank stops too. The cause is in "
-                              "that rank's traceback.")
+    causes = "; ".join(text if len(text) <= 400 else text[:400] + "..." for text in failures)
+    raise RemoteRankError(f"another rank failed in DataValueEmbedding ({causes}); this rank stops too. That rank's "
+                          "traceback has the whole error.")
+
+
+def rank_failures(comm: Communicator, failure: str) -> list[str]:
+    """Collective: every rank's non-empty ``failure``, named by its rank under DDP."""
+    texts = _gather_text(comm, failure)
+    return [text if comm.world_size == 1 else f"rank {rank}: {text}" for rank, text in enumerate(texts) if text]
+
+
+def _gather_text(comm: Communicator, text: str) -> list[str]:
+    """Collective: every rank's ``text``, indexed by rank."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8).reshape(1, -1)
+    return [bytes(part.reshape(-1).tolist()).decode(errors="replace") for part in comm.all_gather_rows(data)]
 
 
 class StepAssembler:

@@ -222,3 +222,19 @@ def check_rows_against_per_example_grads(model: nn.Module, x: torch.Tensor, y: t
                 expected = expected if p_in is None else expected @ p_in.T
                 torch.testing.assert_close(got[name][i], expected.flatten(), atol=1e-12, rtol=0)
     return [layer.spec.kind for layer in tracked.values()]
+
+
+class PeerFailed:
+    """A communicator of rank 1 of 2 whose peer (rank 0) failed: ``any`` is true whatever this rank says, and rank
+    0's error text comes first in a gather."""
+
+    rank, world_size = 1, 2
+
+    def __init__(self, error: str = "StoreError: hyper.jsonl is corrupt (injected)") -> None:
+        self.error = error
+
+    def any(self, flag: bool) -> bool:
+        return True
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.tensor(list(self.error.encode()), dtype=torch.uint8).reshape(1, -1), tensor]

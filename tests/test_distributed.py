@@ -29,6 +29,7 @@ from lightning_dve.records import StepRecord
 from lightning_dve.recursion_ranks import gather_embeddings
 from lightning_dve.sync import MicroBatch, StepAssembler, assign_groups
 from lightning_dve.updates import StepTerms
+from tests.helpers import PeerFailed
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"
 FORKS = Path(__file__).parent / "rank_forks.py"
@@ -463,8 +464,9 @@ def test_one_failing_rank_stops_both_without_deadlock(tmp_path: Path) -> None:
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "batch has no key 'index'" in proc.stderr  # rank 1's own error
-    # rank 0 stops with the exported error the README names
-    assert "lightning_dve.errors.RemoteRankError: another rank failed in DataValueEmbedding" in proc.stderr
+    # rank 0 stops with the exported error the README names, naming rank 1 and its error (since session 40)
+    assert re.search(r"lightning_dve\.errors\.RemoteRankError: another rank failed in DataValueEmbedding \(rank 1: "
+                     r"SampleIdError: .*batch has no key 'index'", proc.stderr), rank_tails(proc.stderr)
     assert elapsed < 55, f"took {elapsed:.0f}s: a rank waited for the 60s gloo timeout"
 
 
@@ -815,15 +817,6 @@ def test_process_group_collectives_on_two_gloo_ranks() -> None:
     mp.start_processes(_communicator_worker, args=(free_port(),), nprocs=2, join=True, start_method="fork")
 
 
-class PeerFailed:
-    """A communicator of rank 1 of 2 whose peer (rank 0) failed: ``any`` is true whatever this rank says."""
-
-    rank, world_size = 1, 2
-
-    def any(self, flag: bool) -> bool:
-        return True
-
-
 def test_a_replay_recorder_that_rank_zero_cannot_open_stops_the_other_ranks(tmp_path: Path) -> None:
     """Only rank 0 opens the replay checkpoints' recorder; a damaged ``hyper.jsonl`` of a resumed run raised there
     alone and rank 1 waited at Lightning's next barrier (found by a DDP user). The opening is agreed: rank 0
@@ -837,7 +830,8 @@ def test_a_replay_recorder_that_rank_zero_cannot_open_stops_the_other_ranks(tmp_
 
     with pytest.raises(StoreError, match="injected"):
         open_recorder(SingleProcess(), damaged)
-    with pytest.raises(RemoteRankError, match="another rank failed"):
+    with pytest.raises(RemoteRankError, match=r"another rank failed in DataValueEmbedding \(rank 0: StoreError: "
+                                              r"hyper\.jsonl is corrupt \(injected\)\); this rank stops too"):
         open_recorder(PeerFailed(), None)
     recorder = CheckpointRecorder(tmp_path / "checkpoints", "auto", "h", None)
     assert open_recorder(SingleProcess(), lambda: recorder) is recorder

@@ -14,8 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding, StoreError
+from lightning_dve.errors import RemoteRankError
+from lightning_dve.store import TrajectoryStore
 from lightning_dve.folder_lock import LOCK_FILE, FolderLock
-from tests.helpers import can_lock_elsewhere
+from tests.helpers import PeerFailed, can_lock_elsewhere
 
 def files_of(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_FILE}
@@ -51,6 +53,31 @@ def test_the_lock_ends_with_a_failed_fit(mlp_cls: type, make_loader: Callable[..
     with pytest.raises(RuntimeError, match="user error at step 1"):
         fit(Fails(), DataValueEmbedding(save_dir, projection_dim=16), make_loader(n=32), max_epochs=1)
     assert can_lock_elsewhere(save_dir)
+
+
+class OtherRankFails(PeerFailed):
+    """Rank 0's view of a 2-rank run whose rank 1 fails every check (``distributed.Communicator``)."""
+
+    rank = 0
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return super().all_gather_rows(tensor)[::-1]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_the_lock_ends_when_another_rank_fails_to_open_its_store(tmp_path: Path, resume: bool) -> None:
+    """Rank 0 opened (and locked) its store, rank 1 failed (its shard missing on resume, or unwritable): rank 0's
+    lock was held until its process ended (before session 40), refusing a next fit of a notebook into save_dir."""
+    from lightning_dve.callback_store import open_rank_store
+
+    manifest = {"settings_hash": "h", "layers": [], "world_size": 2, "rank": 0, "precision": "32-true",
+                "sample_ids": "index"}
+    if resume:
+        TrajectoryStore.create(tmp_path, manifest, overwrite=False).unlock()
+    state = {"settings_hash": "h", "world_size": 2, "last_step": -1} if resume else None
+    with pytest.raises(RemoteRankError, match=r"another rank failed in DataValueEmbedding \(rank 1: StoreError: no "):
+        open_rank_store(OtherRankFails("StoreError: no shard"), tmp_path, manifest, state, overwrite=False)
+    assert can_lock_elsewhere(tmp_path)
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
