@@ -230,15 +230,19 @@ def _reference_query(
 
 
 def _curve_learning_rates(embeddings: DataValueEmbeddings) -> tuple[str, torch.Tensor]:
-    """The first tracked layer's learning rate per step ``[T]`` (warn if layers used different rates); at a step that
-    did not reach it (rate 0) the first layer's that moved."""
+    """The first tracked layer's learning rate per step ``[T]``; at a step where it is 0 (its param group's rate
+    was 0, or the step did not reach it), the first layer's that moved (0 where none did: the curve is undefined
+    there). Warns where layers used different rates, naming the steps divided by another layer's."""
     lrs = embeddings.learning_rates
     name = embeddings.store.layer_names[0]
     moved = lrs != 0
     rate = lrs.gather(1, moved.to(torch.int8).argmax(dim=1, keepdim=True))
     if lrs.shape[1] > 1 and not bool((torch.isclose(lrs, rate.expand_as(lrs)) | ~moved).all()):
+        other = [s for s, row in zip(embeddings.steps, (~moved[:, 0] & moved.any(dim=1)).tolist()) if row]
+        at = (f" ({len(other)} step(s), first {other[:3]}, where its rate was 0 while other layers moved: by the "
+              "rate of the first layer that did)") if other else ""
         rank_zero_warn(f"DataValueEmbedding: tracked layers used different learning rates; the influence curve is "
-                       f"divided by the learning rate of the first tracked layer, {name!r}.")
+                       f"divided by the learning rate of the first tracked layer, {name!r}{at}.")
     return name, rate[:, 0]
 
 

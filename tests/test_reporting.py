@@ -781,16 +781,23 @@ def test_curve_rates_skip_layers_a_step_did_not_reach():
 
     from lightning_dve.reporting import _curve_learning_rates
 
-    def embeddings(lrs: list[list[float]]) -> SimpleNamespace:
+    def embeddings(lrs: list[list[float]], steps: list[int] | None = None) -> SimpleNamespace:
         return SimpleNamespace(learning_rates=torch.tensor(lrs, dtype=torch.float64),
-                               store=SimpleNamespace(layer_names=["aux", "net"]))
+                               steps=steps or list(range(len(lrs))), store=SimpleNamespace(layer_names=["aux", "net"]))
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         name, rates = _curve_learning_rates(embeddings([[0.1, 0.1], [0.0, 0.1], [0.05, 0.05]]))
     assert name == "aux" and rates.tolist() == [0.1, 0.1, 0.05]
-    with pytest.warns(UserWarning, match="tracked layers used different learning rates"):
+    with pytest.warns(UserWarning, match=r"tracked layers used different learning rates; the influence curve is "
+                                         r"divided by the learning rate of the first tracked layer, 'aux'\.$"):
         _curve_learning_rates(embeddings([[0.1, 0.2], [0.1, 0.2]]))
+    # a warm-up from 0 of the first layer's group only (an audit of session 40): the steps divided by another's rate
+    # are named; a step where no layer moved stays undefined
+    with pytest.warns(UserWarning, match=r"'aux' \(2 step\(s\), first \[3, 4\], where its rate was 0 while other "
+                                         r"layers moved: by the rate of the first layer that did\)"):
+        _, rates = _curve_learning_rates(embeddings([[0.0, 0.0], [0.0, 0.2], [0.0, 0.2], [0.1, 0.2]], [2, 3, 4, 5]))
+    assert rates.tolist() == [0.0, 0.2, 0.2, 0.1]
 
 
 @pytest.mark.parametrize("optimizer, clip", [("adamw", None), ("adamw_projected", None), ("sgd", 0.05)])
