@@ -29,6 +29,7 @@ from .errors import ConfigError, DVEError, UnsupportedError
 from .influence import DataValueEmbeddings
 from .optim import (is_adam, narrow_tensor_hyperparameters, sgd_proxy_reason, split_bias_groups,
                     uses_momentum_or_decay)
+from .query_layers import eager
 from .replay import ReplayCost
 from .replay_data import TrainingData
 from .replay_embeddings import carried_rows
@@ -301,7 +302,7 @@ def replay_embeddings(comm: Communicator, store: TrajectoryStore, owned: list[li
                       carry: CarryFn, embeddings: DataValueEmbeddings | None) -> None:
     """``embeddings="replay"`` at train end (collective, every rank its own layers' rows): replace the recursion's
     embeddings by replayed ones, or keep them with a warning saying why the run could not be replayed."""
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), eager():  # compiled submodules: their double backward
         cost, failure = replay_on_ranks(comm, store, owned, dims, carry)
     if failure is not None:
         rank_zero_warn(f"DataValueEmbedding: embeddings='replay' could not replay this run ({failure}); the report "

@@ -22,7 +22,7 @@ from .config import DVEConfig
 from .device_memory import available_bytes
 from .errors import DVEError
 from .projection import LayerProjection
-from .query_layers import refuse_empty, require_autograd, uncompiled
+from .query_layers import eager, refuse_empty, require_autograd, uncompiled
 from .replay import ReplayCost, Replayer, TrainLossFn, replay_scores, samples_per_chunk
 from .replay_data import TrainingData, step_loss_terms
 from .replay_embeddings import replay_embeddings
@@ -88,7 +88,8 @@ class ReplayQueries:
         warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), _targets(batch),
                                 train_loss_fn is None, optimizer_moments(replayer))
         target = self._replay_target(self.on_device(module, batch), loss_fn)
-        ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
+        with eager():  # compiled submodules too: the replay differentiates their backward
+            ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
 
     def replay_embeddings(
@@ -115,7 +116,8 @@ class ReplayQueries:
         """
         self._check_current()
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
-        self.replay_cost = replay_embeddings(self.store, replayer, self.projections)
+        with eager():  # as in exact_influence
+            self.replay_cost = replay_embeddings(self.store, replayer, self.projections)
         return self.replay_cost
 
     def _replayer(self, module: nn.Module, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None,

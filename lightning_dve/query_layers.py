@@ -250,3 +250,10 @@ def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[st
         raise ConfigError(f"test_gradients must map every recorded layer, and no other key, to a Tensor[n, k_l] with "
                           f"the same n: widths k_l {widths}; got {found}. Build it with test_gradients(module, batch).")
     return warn_non_finite_rows({name: given[name].detach() for name in widths})
+
+
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """Run ``torch.compile``d code eagerly inside (``torch.compiler.set_stance``, torch 2.6 on; else nothing): a
+    compiled graph is differentiated once only (no double backward), and leaves hooks out of its guards."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")

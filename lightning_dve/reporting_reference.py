@@ -27,6 +27,7 @@ from .batches import modes
 from .errors import ConfigError, LossReductionError
 from .influence import DataValueEmbeddings
 from .loss_checks import check_reduction
+from .query_layers import eager
 from .replay_data import TrainingData, training_data_of
 from .samples import unsharded
 
@@ -275,7 +276,7 @@ def check_training_loss(pl_module: pl.LightningModule, loss_batch: tuple[Any, in
     batch, rows = loss_batch
     params = [pl_module.get_submodule(name).weight for name in embeddings.store.layer_names]
     try:  # eagerly: a graph compiled now, with the capture's hooks detached, would be reused by the queries
-        with modes(pl_module, None), _eager():
+        with modes(pl_module, None), eager():
             check_reduction(pl_module, batch, embeddings.config.loss_reduction, embeddings.loss_weights, params,
                             embeddings.test_ids(), rows)
     except LossReductionError as err:
@@ -289,8 +290,3 @@ def check_training_loss(pl_module: pl.LightningModule, loss_batch: tuple[Any, in
                            "it on their test batches.")
     return True
 
-
-def _eager() -> contextlib.AbstractContextManager[Any]:
-    """Run ``torch.compile``d code eagerly inside (``torch.compiler.set_stance``, torch 2.6 on; else nothing)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
