@@ -72,38 +72,49 @@ class InfluenceResult:
     def top_k(self, k: int = 10, test_index: int | None = None) -> tuple[Ranking, Ranking]:
         """The ``k`` most helpful and the ``k`` most harmful columns.
 
-        Columns whose score is NaN (for the mean: NaN for any test point) are left out of both rankings, so
-        either may hold fewer than ``k`` columns.
+        Helpful columns have a positive score, harmful ones a negative score (a column that helped is not listed as
+        harmful because others helped more, as in the report's top-k tables). Columns whose score is NaN (for the
+        mean: NaN for any test point) are in neither. Either ranking may hold fewer than ``k`` columns.
 
         Args:
-            k: how many of each (``>= 0``; fewer when there are fewer columns).
-            test_index: rank by that test point's row (``-n_test <= test_index < n_test``); ``None`` ranks by the
-                mean over test points.
+            k: how many of each (``>= 0``; fewer when there are fewer columns of that sign).
+            test_index: rank by that test point's row (an int, ``-n_test <= test_index < n_test``); ``None`` ranks
+                by the mean over test points.
 
         Returns:
-            ``(helpful, harmful)``: highest scores first, then lowest scores first; tied scores in column order
-            (by sample id, or by step and sample id).
+            ``(helpful, harmful)``: highest positive scores first, then lowest negative scores first; tied scores in
+            column order (by sample id, or by step and sample id).
 
         Raises:
             ConfigError: if ``k`` is negative or ``test_index`` is not a row of :attr:`scores`.
         """
         if isinstance(k, bool) or not _is_index(k) or operator.index(k) < 0:
             raise ConfigError(f"top_k(k={k!r}): k must be an int >= 0 (how many columns to rank each way).")
-        k = operator.index(k)
-        rows = self.scores.shape[0]
-        if test_index is not None and (isinstance(test_index, bool) or not _is_index(test_index)
-                                       or not -rows <= operator.index(test_index) < rows):
-            raise ConfigError(f"top_k(test_index={test_index}) is out of range: the result has {rows} test "
-                              f"point(s), so test_index must be in [{-rows}, {rows - 1}], or None for their mean.")
-        row = self.scores.mean(dim=0) if test_index is None else self.scores[test_index]
+        row = self.scores.mean(dim=0) if test_index is None else self.scores[self._row_index(test_index)]
         valid = (~row.isnan()).nonzero().squeeze(1)  # [m'] columns with a score
-        k = min(k, valid.numel())
 
-        def pick(order: torch.Tensor) -> Ranking:
-            columns = valid[order]
+        def pick(sign: int) -> Ranking:
+            signed = valid[row[valid] * sign > 0]
+            columns = signed[_first_k(row[signed], min(operator.index(k), signed.numel()), sign > 0)]
             return Ranking(self.sample_ids[columns], self.steps[columns], row[columns])
 
-        return pick(_first_k(row[valid], k, True)), pick(_first_k(row[valid], k, False))
+        return pick(1), pick(-1)
+
+    def _row_index(self, test_index: object) -> int:
+        """``test_index`` as a row of :attr:`scores`.
+
+        Raises:
+            ConfigError: if it is not an int, or out of range.
+        """
+        rows = self.scores.shape[0]
+        if isinstance(test_index, bool) or not _is_index(test_index) or (
+                isinstance(test_index, torch.Tensor) and test_index.dim() > 0):
+            raise ConfigError(f"top_k(test_index={test_index!r}): test_index must be an int (a row of scores) or "
+                              "None for the mean over the test points.")
+        if not -rows <= operator.index(test_index) < rows:
+            raise ConfigError(f"top_k(test_index={test_index!r}) is out of range: the result has {rows} test "
+                              f"point(s), so test_index must be in [{-rows}, {rows - 1}], or None for their mean.")
+        return operator.index(test_index)
 
 
 def _first_k(values: torch.Tensor, k: int, highest: bool) -> torch.Tensor:

@@ -147,20 +147,21 @@ def test_top_k_returns_highest_and_lowest_mean_scores(trained, test_batch):
     result = trained.dve.embeddings.influence(trained.model, test_batch, per_step=True)
     mean = result.scores.mean(dim=0)
     order = torch.argsort(mean, descending=True)
+    assert (mean[order[:5]] > 0).all() and (mean[order.flip(0)[:5]] < 0).all()  # five of each sign
     helpful, harmful = result.top_k(5)
     torch.testing.assert_close(helpful.scores, mean[order[:5]])
     torch.testing.assert_close(harmful.scores, mean[order.flip(0)[:5]])
     assert helpful.sample_ids.tolist() == result.sample_ids[order[:5]].tolist()
     assert helpful.steps.tolist() == result.steps[order[:5]].tolist()
     assert harmful.sample_ids.tolist() == result.sample_ids[order.flip(0)[:5]].tolist()
-    assert helpful.scores[0] >= helpful.scores[-1] >= harmful.scores[-1] >= harmful.scores[0]
+    assert helpful.scores[0] >= helpful.scores[-1] > 0 > harmful.scores[-1] >= harmful.scores[0]
 
     row = result.scores[7]
     by_row, _ = result.top_k(3, test_index=7)
     torch.testing.assert_close(by_row.scores, torch.sort(row, descending=True).values[:3])
 
-    everything, _ = result.top_k(10_000)
-    assert everything.scores.numel() == result.scores.shape[1]
+    everything, against = result.top_k(10_000)  # every column of each sign
+    assert (everything.scores.numel(), against.scores.numel()) == (int((mean > 0).sum()), int((mean < 0).sum()))
 
 
 def test_float64_test_gradients_are_scored_in_float64_against_a_float32_store(trained, test_batch):

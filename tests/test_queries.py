@@ -516,9 +516,9 @@ def test_top_k_leaves_nan_scores_out():
     scores = torch.tensor([[1.0, float("nan"), -2.0, 0.5], [1.0, 3.0, -2.0, float("nan")]])
     result = InfluenceResult(torch.tensor([10, 11, 12, 13]), torch.full((4,), -1), scores)
     helpful, harmful = result.top_k(4)
-    assert helpful.sample_ids.tolist() == [10, 12] and harmful.sample_ids.tolist() == [12, 10]
+    assert helpful.sample_ids.tolist() == [10] and harmful.sample_ids.tolist() == [12]
     by_row, against_row = result.top_k(2, test_index=1)
-    assert by_row.sample_ids.tolist() == [11, 10] and against_row.sample_ids.tolist() == [12, 10]
+    assert by_row.sample_ids.tolist() == [11, 10] and against_row.sample_ids.tolist() == [12]
     none, _ = InfluenceResult(torch.tensor([1]), torch.tensor([-1]), torch.tensor([[float("nan")]])).top_k(3)
     assert none.scores.numel() == 0
 
@@ -527,11 +527,26 @@ def test_top_k_ranks_tied_scores_in_column_order():
     """``torch.topk`` ordered tied columns as its algorithm happened to (e.g. 31, 0, 1, ... on 32 zeros), so two
     rankings of equal scores could differ between runs and machines."""
     scores = torch.zeros(2, 40, dtype=torch.float64)
+    scores[:, ::2], scores[:, 1::2] = 0.5, -0.5  # 20 tied positive columns, 20 tied negative ones
     scores[:, 5], scores[:, 30] = 1.0, -1.0
     result = InfluenceResult(torch.arange(100, 140), torch.full((40,), -1), scores)
     helpful, harmful = result.top_k(6)
-    assert helpful.sample_ids.tolist() == [105, 100, 101, 102, 103, 104]
-    assert harmful.sample_ids.tolist() == [130, 100, 101, 102, 103, 104]
+    assert helpful.sample_ids.tolist() == [105, 100, 102, 104, 106, 108]
+    assert harmful.sample_ids.tolist() == [130, 101, 103, 107, 109, 111]
+
+
+def test_top_k_lists_helpful_columns_only_as_helpful_and_harmful_only_as_harmful():
+    """Until session 40 the rankings were the highest and lowest scores whatever their sign (an audit): with
+    every score positive, "harmful" listed samples that helped, and with k >= n every sample was in both."""
+    result = InfluenceResult(torch.tensor([10, 11, 12, 13]), torch.full((4,), -1),
+                             torch.tensor([[0.3, 0.15, 0.0, 0.2], [0.3, 0.15, 0.0, -0.2]]))
+    helpful, harmful = result.top_k(3)
+    assert helpful.sample_ids.tolist() == [10, 11] and helpful.scores.tolist() == pytest.approx([0.3, 0.15])
+    assert harmful.sample_ids.numel() == 0  # the mean of 13 is 0: in neither, as 12
+    helpful, harmful = result.top_k(10, test_index=1)
+    assert helpful.sample_ids.tolist() == [10, 11] and harmful.sample_ids.tolist() == [13]
+    negated = InfluenceResult(result.sample_ids, result.steps, -result.scores)
+    assert negated.top_k(10)[0].sample_ids.numel() == 0 and negated.top_k(10)[1].sample_ids.tolist() == [10, 11]
 
 
 def test_final_weights_are_compared_within_a_few_ulp_of_the_module_dtype(trained, test_batch):
@@ -594,11 +609,15 @@ def test_streamed_totals_add_each_chunk_to_its_own_samples():
     assert empty.scores.shape == (3, 0) and empty.sample_ids.numel() == 0
 
 
-@pytest.mark.parametrize("index", [1.0, "1", True])
+@pytest.mark.parametrize("index", [1.0, "1", True, torch.tensor([1]), torch.tensor([[0]])])
 def test_top_k_refuses_a_test_index_that_is_not_an_int(index):
+    """A float or a string was refused as out of range, naming it as an int in range (``"1"`` as 1); a one-element
+    tensor passed the check and failed in indexing with torch's IndexError (until session 40, an audit)."""
     result = InfluenceResult(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.randn(3, 4))
-    with pytest.raises(ConfigError, match=rf"top_k\(test_index={re.escape(str(index))}\) is out of range"):
+    with pytest.raises(ConfigError, match=rf"top_k\(test_index={re.escape(repr(index))}\): test_index must be an "
+                                          r"int \(a row of scores\) or None"):
         result.top_k(2, test_index=index)
+    assert torch.equal(result.top_k(2, test_index=torch.tensor(1))[0].scores, result.top_k(2, test_index=1)[0].scores)
 
 
 def test_a_dataloader_for_the_test_batch_is_refused_naming_the_fix(trained, test_batch):
