@@ -186,7 +186,7 @@ class DataValueEmbedding(StepHooks):
                                   "save_dir) (save_dir=None is <trainer.default_root_dir>/dve).")
             with warnings.catch_warnings():  # another rank's fit returns while rank 0 reports, its marker still set
                 if self._comm.rank > 0 and self._train_ended:
-                    warnings.filterwarnings("ignore", message=".*its fit stopped in the train end")
+                    warnings.filterwarnings("ignore", message=".*its fit had not finished its train end")
                 self._embeddings = DataValueEmbeddings.load(root, self._weight_fn, sample_ids=self.sample_ids)
             self._embeddings.training_data = self._training_data
         return self._embeddings

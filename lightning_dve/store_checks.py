@@ -57,9 +57,11 @@ def open_finished(path: str | os.PathLike[str], settings: DVEConfig | None) -> T
                          f"{missing[:5]}; restore them or record the run again.")
     store.embedding_arrays(store.layer_names)  # present, whole and of this trajectory
     if store.manifest.get(TRAIN_END):
-        warnings.warn(f"store {path}: its fit stopped in the train end after writing the recursion's embeddings, so "
-                      "a requested embeddings='replay' or the report may be missing or partial. Resume it with "
-                      "trainer.fit(..., ckpt_path=<a Lightning checkpoint of that run>) to finish them.", stacklevel=3)
+        warnings.warn(f"store {path}: its fit had not finished its train end after writing the recursion's "
+                      "embeddings (it is still running there, or it stopped there), so a requested "
+                      "embeddings='replay' or the report may be missing or partial. If that fit is still running, "
+                      "wait for it to return and load again; if it stopped, resume it with trainer.fit(..., "
+                      "ckpt_path=<a Lightning checkpoint of that run>) to finish them.", stacklevel=3)
     return store
 
 
