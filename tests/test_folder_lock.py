@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from lightning_dve import DataValueEmbedding, StoreError
 from lightning_dve.errors import RemoteRankError
-from lightning_dve.store import TrajectoryStore
 from lightning_dve.folder_lock import LOCK_FILE, FolderLock
+from lightning_dve.store import TrajectoryStore
 from tests.helpers import PeerFailed, can_lock_elsewhere
 
 def files_of(folder: Path) -> dict[Path, bytes]:
