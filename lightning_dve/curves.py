@@ -390,7 +390,8 @@ def summarise(
         smoothed_per_lr=smoothed_per_lr,
         epochs=epoch_curve(curve),
         stages=stage_summary(curve.steps, chosen, config.early_fraction, config.late_fraction),
-        phases=detect_phases(curve.steps, chosen_smoothed, config.phase_threshold, config.min_phase_rise),
+        phases=detect_phases(curve.steps, chosen_smoothed.masked_fill(chosen.isnan(), math.nan),  # defined steps only
+                             config.phase_threshold, config.min_phase_rise),
         sample_ids=ids,
         totals=totals,
         histogram=histogram(totals, config.histogram_bins),

@@ -308,6 +308,19 @@ def test_summarise_finds_the_phases_on_the_smoothed_curve():
     torch.testing.assert_close(report.smoothed_per_lr, curves.smooth(noisy / 0.5, window), rtol=1e-12, atol=0)
 
 
+def test_phases_are_found_at_steps_where_the_curve_is_defined():
+    """The smoothed curve has a value at a step of learning rate 0 (its neighbours' mean), where the per-lr curve
+    itself is undefined: the basin was reported there (until session 40), at a step the curve does not show."""
+    rows = [(t, t, abs(t - 20.0)) for t in range(100)]  # a V, lowest at step 20
+    lrs = torch.full((100,), 0.5, dtype=torch.float64)
+    lrs[20] = 0.0
+    report = curves.summarise(occurrences(rows), STEPS.tolist(), [0] * 100, lrs, ReportConfig(smoothing_fraction=0.05))
+    per_lr = report.curve.influence_per_lr
+    assert per_lr[20].isnan() and not report.smoothed_per_lr[20].isnan()
+    expected = curves.detect_phases(STEPS, report.smoothed_per_lr.masked_fill(per_lr.isnan(), math.nan))
+    assert report.phases == expected and expected.basin != 20 and not per_lr[expected.basin].isnan()
+
+
 # --- ReportConfig -------------------------------------------------------------------------------------------
 
 
