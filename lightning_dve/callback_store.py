@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
 from .store import MANIFEST, SHARDS, TrajectoryStore
 from .store_checks import TRAIN_END, settings_changes
+from .store_resume import SHARED_RUN_ID
 
 
 #: Appended to the store folder's name under ``Trainer(fast_dev_run=...)``.
@@ -193,6 +195,8 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
     rank.
     """
     rank_root = root if comm.rank == 0 else root / SHARDS / f"rank_{comm.rank}"
+    if resume is None:  # one run id for every rank's store: a resume checks each shard against the checkpoint's
+        manifest = {**manifest, "run_id": sync.rank_zero_text(comm, uuid.uuid4().hex), SHARED_RUN_ID: True}
 
     def attempt() -> tuple[TrajectoryStore | None, DVEError | None]:
         try:
@@ -223,7 +227,7 @@ def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], re
 
 def _agree(comm: Communicator, store: TrajectoryStore | None, error: DVEError | None) -> None:
     """:func:`sync.agree_on_errors`, letting go of this rank's store folder (its lock) when any rank failed, so that
-    a next fit in this process (a notebook's) can record there."""
+    a next fit in this process (a notebook's) can record there (with ``overwrite=True``, as after any failed fit)."""
     try:
         sync.agree_on_errors(comm, error)
     except DVEError:
@@ -250,7 +254,7 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
     Raises:
         ConfigError: if the checkpoint was recorded with other callback settings, sample ids or world size.
         StoreError: if the store tracked other layers or projections, is not the one the checkpoint was saved
-            with (rank 0's ``run_id``), or lacks the checkpoint's last step.
+            with (its ``run_id``, every rank's store's since session 40), or lacks the checkpoint's last step.
     """
     if state.get("settings_hash") != manifest["settings_hash"]:
         raise ConfigError(f"the checkpoint's DataValueEmbedding was recorded with settings {state.get('settings_hash')}"
@@ -261,8 +265,7 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
         raise ConfigError(f"the checkpoint was recorded on {state.get('world_size')} process(es), this run has "
                           f"{manifest['world_size']}: the store is sharded by rank. Resume with the same number of "
                           "devices.")
-    run_id = state.get("run_id") if manifest["rank"] == 0 else None  # the checkpoint has rank 0's
-    store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], run_id,
+    store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], state.get("run_id"),
                                    state.get("recorded_steps"))  # None: a checkpoint of an earlier version
     store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
     # the id key (``None``: a callable, whose ids cannot be compared); a store of an earlier version has none

@@ -28,7 +28,7 @@ from .files import disk_bytes, read_checked, read_json, remove_files, write_atom
 from .folder_lock import LOCK_FILE, FolderLock
 from .records import StepRecord
 from .step_files import RunIds, StepFolder, step_name
-from .store_resume import check_resumable
+from .store_resume import branch_run_id, check_resumable
 
 SCHEMA_VERSION = 2  # 2: embeddings as one array per layer
 MANIFEST = "manifest.json"
@@ -220,7 +220,8 @@ class TrajectoryStore:
         self.delete_embeddings()
         if self.manifest.get("run_id") is not None:  # a new branch: every earlier run now shares up to ``after``
             lineage = [*self.manifest.get("run_lineage", []), [self.manifest["run_id"], after]]
-            self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage], run_id=uuid.uuid4().hex)
+            self.manifest.update(run_lineage=[[run, min(k, after)] for run, k in lineage],
+                                 run_id=branch_run_id(self.manifest["run_id"], after))
             self.step_files.runs = RunIds.of(self.manifest)
         self.manifest.update(status="recording", embeddings=None)
         self.write_manifest()

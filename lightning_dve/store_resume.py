@@ -3,12 +3,23 @@ same layers and projections, the same recording (its run id), and every step up 
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError
 
 if TYPE_CHECKING:
     from .store import TrajectoryStore
+
+#: Manifest key: the store's run id is its recording's, the same on every DDP rank (since session 40; before,
+#: each rank's shard drew its own, and only rank 0's was checked on resume).
+SHARED_RUN_ID = "shared_run_id"
+
+
+def branch_run_id(run_id: str, after: int) -> str:
+    """The run id of the branch that continues the recording ``run_id`` after step ``after`` (a resume): derived,
+    not drawn, so that every DDP rank's store, each resumed by its own rank, names the branch alike."""
+    return hashlib.sha256(f"{run_id}/{after}".encode()).hexdigest()[:32]
 
 
 def _layer_summary(layers: list[dict[str, Any]]) -> str:
@@ -39,6 +50,8 @@ def check_resumable(store: TrajectoryStore, last_step: int, layers: list[dict[st
                          "trajectory. Resume with the model, callback settings and lightning_dve version that "
                          "started the run, or start a fresh fit without ckpt_path.")
     shared = dict(store.manifest.get("run_lineage", []))  # earlier run ids: the last step each still holds
+    if store.manifest.get("rank", 0) > 0 and not store.manifest.get(SHARED_RUN_ID):
+        run_id = None  # a shard of an earlier version: its own run id, not the checkpoint's (rank 0's)
     if run_id is not None and run_id != store.manifest.get("run_id") and last_step > shared.get(run_id, -2):
         raise StoreError(f"{recorded} holds another recording than the checkpoint's (store run "
                          f"{store.manifest.get('run_id')}, checkpoint run {run_id} after step {last_step}): it "

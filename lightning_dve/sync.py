@@ -74,6 +74,11 @@ def agree_on_errors(comm: Communicator, error: BaseException | None) -> None:
                           "traceback has the whole error.")
 
 
+def rank_zero_text(comm: Communicator, text: str) -> str:
+    """Collective: rank 0's ``text`` on every rank (e.g. the run id it drew)."""
+    return _gather_text(comm, text)[0]
+
+
 def rank_failures(comm: Communicator, failure: str) -> list[str]:
     """Collective: every rank's non-empty ``failure``, named by its rank under DDP."""
     texts = _gather_text(comm, failure)

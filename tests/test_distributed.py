@@ -219,6 +219,10 @@ def test_two_ranks_resumed_from_checkpoint_equal_single_process(
     for folder in (root / "steps", root / "shards" / "rank_1" / "steps"):
         assert sorted(p.name for p in folder.iterdir()) == [f"pack_0000000{a}_0000000{a + 1}.safetensors"
                                                             for a in (0, 2, 4)]
+    # one run id on both ranks, the resumed branch's too (each rank derives it), so a resume checks every shard
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (root, root / "shards" / "rank_1")]
+    assert [(m["run_id"], m["run_lineage"], m["shared_run_id"]) for m in manifests] == [
+        (manifests[0]["run_id"], manifests[0]["run_lineage"], True)] * 2 and len(manifests[0]["run_lineage"]) == 1
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@ changes; the lock ends with the fit (teardown, an exception) or its process, and
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -56,9 +58,17 @@ def test_the_lock_ends_with_a_failed_fit(mlp_cls: type, make_loader: Callable[..
 
 
 class OtherRankFails(PeerFailed):
-    """Rank 0's view of a 2-rank run whose rank 1 fails every check (``distributed.Communicator``)."""
+    """Rank 0's view of a 2-rank run whose rank 1 fails at the ``at``-th agreement (``distributed.Communicator``)."""
 
     rank = 0
+
+    def __init__(self, error: str, at: int) -> None:
+        super().__init__(error)
+        self.left = at
+
+    def any(self, flag: bool) -> bool:
+        self.left -= 1
+        return flag or self.left == 0
 
     def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return super().all_gather_rows(tensor)[::-1]
@@ -66,8 +76,9 @@ class OtherRankFails(PeerFailed):
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_the_lock_ends_when_another_rank_fails_to_open_its_store(tmp_path: Path, resume: bool) -> None:
-    """Rank 0 opened (and locked) its store, rank 1 failed (its shard missing on resume, or unwritable): rank 0's
-    lock was held until its process ended (before session 40), refusing a next fit of a notebook into save_dir."""
+    """Rank 0 opened (and locked) its store, rank 1 failed (its shard missing on resume, where every rank opens its
+    store in the first round; or unwritable in a fresh fit, where the other ranks open theirs in the second): rank
+    0's lock was held until its process ended (before session 40), refusing a next fit of a notebook into save_dir."""
     from lightning_dve.callback_store import open_rank_store
 
     manifest = {"settings_hash": "h", "layers": [], "world_size": 2, "rank": 0, "precision": "32-true",
@@ -76,8 +87,51 @@ def test_the_lock_ends_when_another_rank_fails_to_open_its_store(tmp_path: Path,
         TrajectoryStore.create(tmp_path, manifest, overwrite=False).unlock()
     state = {"settings_hash": "h", "world_size": 2, "last_step": -1} if resume else None
     with pytest.raises(RemoteRankError, match=r"another rank failed in DataValueEmbedding \(rank 1: StoreError: no "):
-        open_rank_store(OtherRankFails("StoreError: no shard"), tmp_path, manifest, state, overwrite=False)
+        open_rank_store(OtherRankFails("StoreError: no shard", at=1 if resume else 2), tmp_path, manifest, state,
+                        overwrite=False)
     assert can_lock_elsewhere(tmp_path)
+
+
+class RankOne:
+    """Rank 1's view of a 2-rank run where no rank fails, rank 0 holding ``text`` in a gather."""
+
+    rank, world_size = 1, 2
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.tensor(list(self.text.encode()), dtype=torch.uint8).reshape(1, -1), tensor]
+
+
+def test_a_ddp_shard_of_another_recording_is_refused_on_resume(tmp_path: Path) -> None:
+    """Each rank's shard drew its own run id, and only rank 0's was checked against the checkpoint: rank 1's shard
+    of another recording with the same settings (another machine's, on a multi-node resume) was continued
+    silently, its steps mixed into the trajectory (a session-40 audit: embeddings off by 4e-3 against a largest
+    value of 1.1e-2). Every rank's store now holds rank 0's run id, and a resume checks each against the
+    checkpoint's; a shard of an earlier version (without ``shared_run_id``) is not checked, as before."""
+    from lightning_dve.callback_store import open_rank_store, resume_store
+
+    manifest = {"settings_hash": "h", "layers": [], "world_size": 2, "rank": 1, "precision": "32-true",
+                "sample_ids": "index"}
+    for root, run in ((tmp_path / "a", "run-a"), (tmp_path / "x", "run-x")):
+        open_rank_store(RankOne(run), root, manifest, None, overwrite=False).unlock()
+    shard = tmp_path / "a" / "shards" / "rank_1"
+    assert json.loads((shard / "manifest.json").read_text())["run_id"] == "run-a"
+    state = {"settings_hash": "h", "world_size": 2, "last_step": -1, "run_id": "run-a"}
+    resume_store(shard, state, manifest).unlock()
+    shutil.rmtree(shard)
+    shutil.copytree(tmp_path / "x" / "shards" / "rank_1", shard)  # another recording's shard, the same settings
+    with pytest.raises(StoreError, match=r"shards/rank_1 holds another recording than the checkpoint's \(store "
+                                         r"run run-x, checkpoint run run-a after step -1\)"):
+        resume_store(shard, state, manifest)
+    old = json.loads((shard / "manifest.json").read_text())
+    del old["shared_run_id"]
+    (shard / "manifest.json").write_text(json.dumps(old))
+    resume_store(shard, state, manifest).unlock()
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
