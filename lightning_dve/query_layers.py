@@ -254,6 +254,7 @@ def check_test_gradients(test_gradients: Any, widths: dict[str, int]) -> dict[st
 
 def eager() -> contextlib.AbstractContextManager[Any]:
     """Run ``torch.compile``d code eagerly inside (``torch.compiler.set_stance``, torch 2.6 on; else nothing): a
-    compiled graph is differentiated once only (no double backward), and leaves hooks out of its guards."""
+    compiled graph is differentiated once only (no double backward), and leaves hooks out of its guards. The stance
+    is set by the call: use it in a ``with`` statement at once."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")

@@ -108,7 +108,7 @@ class InfluenceResult:
         """
         rows = self.scores.shape[0]
         if isinstance(test_index, bool) or not _is_index(test_index) or (
-                isinstance(test_index, torch.Tensor) and test_index.dim() > 0):
+                isinstance(test_index, torch.Tensor) and (test_index.dim() > 0 or test_index.dtype == torch.bool)):
             raise ConfigError(f"top_k(test_index={test_index!r}): test_index must be an int (a row of scores) or "
                               "None for the mean over the test points.")
         if not -rows <= operator.index(test_index) < rows:

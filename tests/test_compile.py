@@ -64,7 +64,8 @@ def test_the_exact_replay_runs_a_compiled_model_eagerly(tmp_path: Path) -> None:
     """The replay differentiates the training backward, which a compiled graph cannot (aot_autograd has no double
     backward): until session 40, ``embeddings="replay"`` failed the fit and ``exact_influence`` raised torch's
     error, for a compiled submodule and a compiled LightningModule alike (an audit). Both run compiled code eagerly
-    now (one context, ``query_layers.eager``), and equal the eager run's."""
+    now, in one context (``query_layers.eager``); this runs the submodule (the LightningModule case, checked by the
+    session's review, takes minutes to compile on 2 cores), and its replay equals the eager run's."""
     eager, eager_scores = _fit(tmp_path / "eager", None, replay=True)
     rows, scores = _fit(tmp_path / "compiled", "submodule", replay=True)
     for name, expected in eager.items():

@@ -609,7 +609,7 @@ def test_streamed_totals_add_each_chunk_to_its_own_samples():
     assert empty.scores.shape == (3, 0) and empty.sample_ids.numel() == 0
 
 
-@pytest.mark.parametrize("index", [1.0, "1", True, torch.tensor([1]), torch.tensor([[0]])])
+@pytest.mark.parametrize("index", [1.0, "1", True, torch.tensor(True), torch.tensor([1]), torch.tensor([[0]])])
 def test_top_k_refuses_a_test_index_that_is_not_an_int(index):
     """A float or a string was refused as out of range, naming it as an int in range (``"1"`` as 1); a one-element
     tensor passed the check and failed in indexing with torch's IndexError (until session 40, an audit)."""
