@@ -385,17 +385,10 @@ def summarise(
     ids, totals, steps_used = sample_totals(result)
     helpful, harmful = top_k_samples(ids, totals, steps_used, config.top_k)
     return CurveReport(
-        curve=curve,
-        smoothed=smoothed,
-        smoothed_per_lr=smoothed_per_lr,
-        epochs=epoch_curve(curve),
+        curve=curve, smoothed=smoothed, smoothed_per_lr=smoothed_per_lr, epochs=epoch_curve(curve),
         stages=stage_summary(curve.steps, chosen, config.early_fraction, config.late_fraction),
         phases=detect_phases(curve.steps, chosen_smoothed.masked_fill(chosen.isnan(), math.nan),  # defined steps only
                              config.phase_threshold, config.min_phase_rise),
-        sample_ids=ids,
-        totals=totals,
-        histogram=histogram(totals, config.histogram_bins),
-        helpful=helpful,
-        harmful=harmful,
-        config=config,
+        sample_ids=ids, totals=totals, histogram=histogram(totals, config.histogram_bins),
+        helpful=helpful, harmful=harmful, config=config,
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -383,22 +383,3 @@ def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, ste
                          "of another step was copied or renamed over it (the store is damaged). Restore the file "
                          "from a backup, or record the run again.")
 
-
-def read_step_header(path: Path) -> tuple[int, list[float], list[float], int, str | None]:
-    """The epoch, learning rates ``[L]``, applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
-    rates where none were written), number of occurrences and run id (``None`` in files written before run ids)
-    of a step file, read without its gradients.
-
-    Raises:
-        StoreError: if the file is corrupt or truncated.
-    """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            lrs = handle.get_tensor("lrs").tolist()
-            applied = handle.get_tensor("applied_lrs").tolist() if "applied_lrs" in handle.keys() else lrs
-            rows = handle.get_slice("sample_ids").get_shape()[0]
-            metadata = handle.metadata()
-            return int(metadata["epoch"]), lrs, applied, int(rows), metadata.get(RUN_KEY)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
-        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
-                         "file) to keep the steps before it, or record the run again.") from err

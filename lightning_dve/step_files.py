@@ -38,8 +38,8 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import StoreError
 from .files import (CRCS_KEY, RUN_KEY, RUNS_KEY, check_crc, check_metadata, corrupt_error, entries_text,
-                    read_checked_metadata, read_step_header, remove_files, safetensors_header, write_atomic,
-                    write_concatenated_atomic, write_groups_atomic)
+                    read_checked_metadata, remove_files, safetensors_header, write_atomic, write_concatenated_atomic,
+                    write_groups_atomic)
 
 #: Loose steps packed into one file once this many have accumulated.
 PACK_STEPS = 256
@@ -98,6 +98,26 @@ class RunIds:
                          f"run {self.current}, and earlier branches {[list(b) for b in self.shared]}): a step file of "
                          "another fit with the same settings was copied into its folder. Put back this run's own "
                          "file, resume from a checkpoint before that step, or record the run again.")
+
+
+def read_step_header(path: Path) -> tuple[int, list[float], list[float], int, str | None]:
+    """The epoch, learning rates ``[L]``, applied learning rates ``[L]`` (``StepRecord.applied_lrs``; the
+    rates where none were written), number of occurrences and run id (``None`` in files written before run ids)
+    of a step file, read without its gradients.
+
+    Raises:
+        StoreError: if the file is corrupt or truncated.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            lrs = handle.get_tensor("lrs").tolist()
+            applied = handle.get_tensor("applied_lrs").tolist() if "applied_lrs" in handle.keys() else lrs
+            rows = handle.get_slice("sample_ids").get_shape()[0]
+            metadata = handle.metadata()
+            return int(metadata["epoch"]), lrs, applied, int(rows), metadata.get(RUN_KEY)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise StoreError(f"store file {path} is corrupt or truncated ({err}). Delete it (and every later step "
+                         "file) to keep the steps before it, or record the run again.") from err
 
 
 def step_name(step: int) -> str:
