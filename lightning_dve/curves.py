@@ -23,6 +23,7 @@ from .config import CurveScale, ReportConfig
 from .errors import ConfigError
 from .influence import InfluenceResult
 from .phases import Phases, detect_phases
+from .results import first_k
 
 
 class Stage(str, enum.Enum):
@@ -351,14 +352,15 @@ def top_k_samples(
 
     Ties are broken by the smaller sample id.
     """
-    def ranked(order: torch.Tensor) -> list[RankedSample]:
-        return [RankedSample(rank, int(sample_ids[i]), tuple(steps_used[i]), float(totals[i]))
-                for rank, i in enumerate(order[:k].tolist(), start=1)]
-
     by_id = torch.argsort(sample_ids, stable=True)
-    helpful = by_id[torch.argsort(-totals[by_id], stable=True)]
-    harmful = by_id[torch.argsort(totals[by_id], stable=True)]
-    return ranked(helpful[totals[helpful] > 0]), ranked(harmful[totals[harmful] < 0])
+
+    def ranked(sign: int) -> list[RankedSample]:
+        signed = by_id[totals[by_id] * sign > 0]
+        order = signed[first_k(totals[signed], min(k, signed.numel()), highest=sign > 0)]
+        return [RankedSample(rank, int(sample_ids[i]), tuple(steps_used[i]), float(totals[i]))
+                for rank, i in enumerate(order.tolist(), start=1)]
+
+    return ranked(1), ranked(-1)
 
 
 def summarise(

@@ -95,7 +95,7 @@ class InfluenceResult:
 
         def pick(sign: int) -> Ranking:
             signed = valid[row[valid] * sign > 0]
-            columns = signed[_first_k(row[signed], min(operator.index(k), signed.numel()), sign > 0)]
+            columns = signed[first_k(row[signed], min(operator.index(k), signed.numel()), sign > 0)]
             return Ranking(self.sample_ids[columns], self.steps[columns], row[columns])
 
         return pick(1), pick(-1)
@@ -117,7 +117,7 @@ class InfluenceResult:
         return operator.index(test_index)
 
 
-def _first_k(values: torch.Tensor, k: int, highest: bool) -> torch.Tensor:
+def first_k(values: torch.Tensor, k: int, highest: bool) -> torch.Tensor:
     """Positions of the ``k`` highest (or lowest) ``values``, ties in position order: ``topk`` for the ``k``-th
     value, then a stable sort of the values at least as far out (a full sort of 10^7 columns took 9 times as long)."""
     if k == 0:
