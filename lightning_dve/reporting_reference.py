@@ -66,8 +66,8 @@ class FirstBatches:
         return min(len(self.batches), self.limit)  # type: ignore[arg-type]  # TypeError without a length
 
 
-def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: bool) -> int | None:
-    """How many batches of the unsharded ``loader`` validation reads (``None``: all of them).
+def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: bool) -> tuple[int | None, int]:
+    """How many batches of the unsharded ``loader`` validation reads (``None``: all of them), and over how many ranks.
 
     Where Lightning set the validation loop up, that is its count for the first loader, ``trainer.num_val_batches[0]``
     (``limit_val_batches`` applied to one rank's shard), times ``world_size`` when a ``DistributedSampler`` sharded it
@@ -79,14 +79,15 @@ def validation_batch_limit(trainer: pl.Trainer, loader: Iterable[Any], sharded: 
     limit = trainer.limit_val_batches
     counts = trainer.num_val_batches
     if counts:
-        per_rank = counts[0]
-        return None if per_rank == math.inf else int(per_rank) * (trainer.world_size if sharded else 1)
+        ranks = trainer.world_size if sharded else 1
+        return (None if counts[0] == math.inf else int(counts[0]) * ranks), ranks
     if isinstance(limit, int):
-        return limit * (trainer.world_size if sharded or _would_shard(trainer, loader) else 1)
+        ranks = trainer.world_size if sharded or _would_shard(trainer, loader) else 1
+        return limit * ranks, ranks
     try:
-        return max(1, int(limit * len(loader))) if limit < 1.0 else None  # type: ignore[arg-type]
+        return (max(1, int(limit * len(loader))) if limit < 1.0 else None), 1  # type: ignore[arg-type]
     except TypeError:  # no length: Lightning allows only 1.0 (or an int) here
-        return None
+        return None, 1
 
 
 def _would_shard(trainer: pl.Trainer, loader: Iterable[Any]) -> bool:
@@ -131,14 +132,15 @@ def resolve_reference(trainer: pl.Trainer, reference: Any) -> tuple[Iterable[Any
     if loaders is None:
         return None, ""
     whole = unsharded(loaders)
-    limit = validation_batch_limit(trainer, loaders, sharded=whole is not loaders)
+    limit, ranks = validation_batch_limit(trainer, loaders, sharded=whole is not loaders)
     try:
         binding = limit is not None and limit < len(whole)  # type: ignore[arg-type]
     except TypeError:  # a stream: any limit binds
         binding = limit is not None
     if not binding:
         return whole, name
-    return FirstBatches(whole, limit), f"{name} (its first {limit} batches, `limit_val_batches`)"
+    per_rank = f": {limit // ranks} on each of {ranks} ranks" if ranks > 1 else ""
+    return FirstBatches(whole, limit), f"{name} (its first {limit} batches{per_rank}, `limit_val_batches`)"
 
 
 def prepare_batch(trainer: pl.Trainer, module: pl.LightningModule, batch: Any,

@@ -445,8 +445,8 @@ def test_two_rank_ddp_run_reports_once_on_rank_zero_with_every_ranks_data(suite:
     summary = json.loads((out / "dve" / "report" / "summary.json").read_text())
     # limit_val_batches=1: each rank validated one batch of 8 of its 15 samples; the reference is those 16 samples
     # (samples 0..15 of the 30), not rank 0's 8 nor the whole set
-    assert summary["reference"] == {"n_samples": 16, "source": "the validation dataloader (its first 2 batches, "
-                                                               "`limit_val_batches`)"}
+    assert summary["reference"] == {"n_samples": 16, "source": "the validation dataloader (its first 2 batches: 1 "
+                                                               "on each of 2 ranks, `limit_val_batches`)"}
     # the same where validation never ran (check_val_every_n_epoch beyond the last epoch): it was rank 0's 8
     unvalidated = json.loads((out / "unvalidated" / "dve" / "report" / "summary.json").read_text())
     assert unvalidated["reference"] == summary["reference"]

@@ -139,10 +139,10 @@ def test_a_sharded_count_is_every_ranks_batches():
     """Under DDP validation reads ``num_val_batches[0]`` batches on each rank; rank 0's unsharded loader reads them
     all (the 2-rank run is in tests/test_distributed.py)."""
     trainer = SimpleNamespace(limit_val_batches=2, num_val_batches=[2], world_size=3)
-    assert validation_batch_limit(trainer, [], sharded=True) == 6
-    assert validation_batch_limit(trainer, [], sharded=False) == 2
+    assert validation_batch_limit(trainer, [], sharded=True) == (6, 3)
+    assert validation_batch_limit(trainer, [], sharded=False) == (2, 1)
     trainer = SimpleNamespace(limit_val_batches=1.0, num_val_batches=[float("inf")], world_size=2)
-    assert validation_batch_limit(trainer, [], sharded=True) is None
+    assert validation_batch_limit(trainer, [], sharded=True) == (None, 2)
 
 
 def test_first_batches_has_a_length_only_where_its_loader_has_one():
