@@ -139,7 +139,7 @@ class DataValueEmbedding(StepHooks):
         self._step = self._last_step = -1
         self._embeddings: DataValueEmbeddings | None = None
         self._fit_error: BaseException | None = None  # what this callback's last fit raised
-        self._boundaries: list[int] = []
+        self._boundaries, self._boundary_weights = [], {}  # segment boundaries (steps) and the weights there
         self._planned_steps = -1.0  # the steps they were planned for (trainer.estimated_stepping_batches)
         self._recorder: CheckpointRecorder | None = None  # replay checkpoints (rank 0; every rank with "replay")
         self._training_data: Any = None
@@ -201,7 +201,8 @@ class DataValueEmbedding(StepHooks):
                 "run_id": None if self._store is None else self._store.manifest.get("run_id"),
                 "recorded_steps": None if self._store is None else sum(s <= self._last_step for s in self._store.steps),
                 "before_fit": self._fit_pending, "boundaries": self._boundaries, "planned_steps": self._planned_steps,
-                "open_step": self._step if self._terms is not None and not self._skipped else None}  # not recorded yet
+                "boundary_weights": self._boundary_weights, "open_step": self._step  # a step not recorded yet
+                if self._terms is not None and not self._skipped else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's store state; ``on_fit_start`` continues that store."""
@@ -269,9 +270,9 @@ class DataValueEmbedding(StepHooks):
         self._guard.attach(trainer.optimizers[0])
         self._batchnorms = batchnorm_modules(pl_module)
         # a later fit starts afresh; a resumed one continues after the checkpoint's last step
-        self._last_step = -1 if resume is None else int(resume.get("last_step", -1))
-        self._boundaries = [] if resume is None else list(resume.get("boundaries", []))  # kept (continue_plan)
-        self._planned_steps = -1.0 if resume is None else float(resume.get("planned_steps", -1.0))
+        was = resume or {}  # the checkpoint's: its boundaries are kept (continue_plan), with their weights by step
+        self._last_step, self._planned_steps = int(was.get("last_step", -1)), float(was.get("planned_steps", -1.0))
+        self._boundaries, self._boundary_weights = list(was.get("boundaries", [])), {**was.get("boundary_weights", {})}
         self._scaler_skips, self._applied_scale, self._split_biases, self._loss_batch = [], 0.0, set(), None
         self._embeddings, self._deferred_write, self._fit_error = None, None, None
         self._resumed, self._train_ended, self._train_started = resume is not None, False, time.perf_counter()
@@ -339,7 +340,7 @@ class DataValueEmbedding(StepHooks):
             replay_error = err
         self._release()
         final = None if self._guard is None else self._guard.final_weights()
-        sync.agree_on_errors(self._comm, callback_store.finish_store(store, final))  # once every rank got here
+        sync.agree_on_errors(self._comm, callback_store.finish_store(store, final, self._boundary_weights))  # all here
         dtype = accumulation_dtype(store.manifest["storage_dtype"])  # as on one process, whatever the ranks
         bounds = callback_segments.train_end_bounds(store.steps, self._boundaries, self.config.segments)
         need = recursion_ranks.device_bytes(store.layer_names, self.config.layout, self._owned[self._comm.rank],

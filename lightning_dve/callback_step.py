@@ -60,6 +60,7 @@ class StepHooks(pl.Callback):
     _probe: Probe | None
     _preconditioned: bool
     _boundaries: list[int]
+    _boundary_weights: dict[str, dict[str, list[float]] | None]
     _batch: Any
     _batch_start: Any
     _backwards: int
@@ -209,6 +210,8 @@ class StepHooks(pl.Callback):
                 self._recorder.after_step(partial(step_store_bytes, record, self._store.manifest["storage_dtype"],
                                                   others, len(self._assembler.kinds)), pl_module)
             if record.step in self._boundaries:  # rare: let the store catch up, then take the boundary reference
+                assert self._guard is not None
+                self._boundary_weights[str(record.step)] = self._guard.final_weights()  # for influence_at's check
                 self._active_writer().wait()  # a failed write is raised at the next (agreed) check
                 try:  # rank 0 only: a failed write is raised at the next check, where the ranks agree
                     reporting.save_boundary_reference(trainer, pl_module, self._store, self.report_config,

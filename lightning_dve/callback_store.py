@@ -283,15 +283,18 @@ def _id_source(key: str | None) -> str:
     return "through a callable" if key is None else f"from the batch key {key!r}"
 
 
-def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None) -> DVEError | None:
+def finish_store(store: TrajectoryStore, final_weights: dict[str, list[float]] | None,
+                 boundary_weights: dict[str, dict[str, list[float]] | None]) -> DVEError | None:
     """Mark this rank's store complete with its disk use and report it; return the error instead of raising it, for
     the ranks to agree on, with its disk use so far (rank 0's is recounted once the embeddings are written, every
     rank's step files included: ``TrajectoryStore.record_disk_use``);
-    ``final_weights`` are the tracked weights' sampled coordinates after the last step (``StepGuard``), which
-    queries compare with the module they are given."""
+    ``final_weights`` are the tracked weights' sampled coordinates after the last step (``StepGuard``),
+    ``boundary_weights`` theirs at the segment boundaries (by step), which queries compare with the module they are
+    given."""
     try:
         store.truncate_for_resume()  # a resumed run that recorded nothing new
-        store.finish_recording({"final_weights": final_weights, TRAIN_END: 1})
+        store.finish_recording({"final_weights": final_weights, "boundary_weights": boundary_weights,
+                                TRAIN_END: 1})
         store.record_disk_use()
     except DVEError as err:
         return err

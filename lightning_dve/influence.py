@@ -28,7 +28,7 @@ from .influence_replay import LossFn, ReplayQueries
 from .projection import LayerProjection
 from .loss_checks import check_loss_count, check_reduction, check_uncoupled, losses_of_a_pair
 from .query_layers import (backward_to_layers, check_test_gradients, dtype_refusal, recorded_layers, refuse_empty,
-                           refuse_uncaptured, require_autograd, uncompiled, warn_if_not_final)
+                           refuse_uncaptured, require_autograd, uncompiled, warn_if_moved)
 from .recursion import layer_groups
 from .replay import ReplayCost
 from .replay_data import TrainingData
@@ -251,7 +251,7 @@ class DataValueEmbeddings(ReplayQueries):
         """
         self._check_current()
         grads = self.test_gradients(module, batch, loss_fn)  # another model's layers: refused, not warned about
-        warn_if_not_final(uncompiled(module), self.store.manifest.get("final_weights"))
+        warn_if_moved(uncompiled(module), self.store.manifest)
         return self._score(grads, per_step, None)
 
     @property
@@ -353,7 +353,8 @@ class DataValueEmbeddings(ReplayQueries):
 
         Args:
             boundary: index into :attr:`segment_boundaries`.
-            module: the model with the weights it had at that boundary (e.g. loaded from a checkpoint).
+            module: the model with the weights it had at that boundary (e.g. loaded from a checkpoint; other
+                weights are warned about where the store kept that boundary's).
             batch, loss_fn, per_step: as in :meth:`influence`.
 
         Raises:
@@ -362,7 +363,9 @@ class DataValueEmbeddings(ReplayQueries):
         """
         self._check_boundary(boundary)
         self._check_current()
-        return self._score(self.test_gradients(module, batch, loss_fn), per_step, boundary)
+        grads = self.test_gradients(module, batch, loss_fn)
+        warn_if_moved(uncompiled(module), self.store.manifest, boundary)
+        return self._score(grads, per_step, boundary)
 
     def _segment_ranges(self) -> Iterator[tuple[int, int, int]]:
         """``(segment index, lo, hi)``: each segment's recorded steps are those with index in ``[lo, hi)``."""

@@ -149,30 +149,59 @@ def uncompiled(module: nn.Module) -> nn.Module:
     return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else module
 
 
-def warn_if_not_final(module: nn.Module, final: dict[str, list[float]] | None) -> None:
-    """Warn when ``module``'s tracked weights are not those the recorded run ended with: ``final``, the sampled
-    coordinates the manifest keeps (``guards.sampled_entries``), compared within 4 ulp of ``module``'s dtype.
-
-    The estimate is defined with the test gradient at the final weights (method.md §2); another module (a
-    best-epoch checkpoint, weight averaging, a model trained again) gives test gradients that do not match it.
-    """
+def changed_weights(module: nn.Module, expected: dict[str, list[float]]) -> list[str]:
+    """The tracked tensors of ``module`` whose sampled coordinates (``guards.sampled_entries``) differ from
+    ``expected`` by more than 4 ulp of their dtype (weights under the layer's name, trained biases as layer.bias)."""
     modules, other = dict(module.named_modules()), []
-    for name, values in (final or {}).items():  # weights under the layer's name, trained biases as layer.bias
+    for name, values in expected.items():
         owner = name if name in modules else name.removesuffix(".bias")
         weight = getattr(modules.get(owner), "weight" if owner == name else "bias", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             continue  # recorded_layers refuses a missing or reshaped layer
-        found, expected = sampled_entries(weight).cpu().double(), torch.tensor(values, dtype=torch.float64)
-        if not torch.allclose(found, expected, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
+        found, expected_values = sampled_entries(weight).cpu().double(), torch.tensor(values, dtype=torch.float64)
+        if not torch.allclose(found, expected_values, rtol=4 * torch.finfo(weight.dtype).eps, atol=0):
             other.append(name)
-    if other:
-        more = f" and {len(other) - 5} more" if len(other) > 5 else ""
-        warnings.warn(f"the weights of tracked layers {other[:5]}{more} are not the final weights of the recorded run "
-                      "(e.g. a best-epoch checkpoint loaded by trainer.test(ckpt_path='best'), weight averaging, or "
-                      "another model): the scores use test gradients at these weights, while the embeddings "
-                      "estimate influence on the final model. Query the module as fit left it (or its last "
-                      "checkpoint); influence_at(boundary, ...) takes the weights of an earlier boundary.",
-                      UserWarning, stacklevel=3)
+    return other
+
+
+def warn_if_moved(module: nn.Module, manifest: dict[str, Any], boundary: int | None = None) -> None:
+    """Warn when ``module``'s tracked weights are not those the recorded run had at segment ``boundary`` (its index;
+    ``None`` or the last: the final weights), as the manifest keeps them (``final_weights``, ``boundary_weights``).
+
+    The estimate is defined with the test gradient at the final weights (method.md §2), the dynamics at their
+    boundary's weights (§3); another module (a best-epoch checkpoint, weight averaging, a model trained again, the
+    final model given for an earlier boundary) gives test gradients that do not match them.
+    """
+    lasts, saved = [last for _, last in manifest.get("segments", [])], manifest.get("boundary_weights") or {}
+    if boundary is not None and boundary < len(lasts) - 1:
+        if other := changed_weights(module, saved.get(str(lasts[boundary])) or {}):
+            warnings.warn(_boundary_message(other, boundary, lasts[boundary]), UserWarning, stacklevel=3)
+    elif other := changed_weights(module, manifest.get("final_weights") or {}):
+        kept = {b: saved[str(last)] for b, last in enumerate(lasts[:-1]) if str(last) in saved}
+        at = next((b for b, weights in kept.items() if not changed_weights(module, weights)), None)
+        warnings.warn(_final_message(other, at), UserWarning, stacklevel=3)
+
+
+def _named(layers: list[str]) -> str:
+    return f"the weights of tracked layers {layers[:5]}{f' and {len(layers) - 5} more' if len(layers) > 5 else ''}"
+
+
+def _final_message(other: list[str], boundary: int | None) -> str:
+    """The warning for a query module that is not at the final weights (at those of ``boundary`` if not ``None``)."""
+    fix = ("influence_at(boundary, ...) takes the weights of an earlier boundary" if boundary is None else
+           f"these are the weights at segment boundary {boundary}, which influence_at({boundary}, ...) scores")
+    return (f"{_named(other)} are not the final weights of the recorded run (e.g. a best-epoch checkpoint loaded by "
+            "trainer.test(ckpt_path='best'), weight averaging, or another model): the scores use test gradients at "
+            "these weights, while the embeddings estimate influence on the final model. Query the module as fit "
+            f"left it (or its last checkpoint); {fix}.")
+
+
+def _boundary_message(other: list[str], boundary: int, step: int) -> str:
+    """The warning for an ``influence_at(boundary, ...)`` module that is not at the boundary's weights."""
+    return (f"{_named(other)} are not those of the recorded run at segment boundary {boundary} (after step {step}): "
+            f"influence_at({boundary}, ...) scores the occurrences up to that step against test gradients at these "
+            "weights, while the dynamics are defined at the boundary's weights. Pass the model as it was after step "
+            f"{step}: a checkpoint saved at global_step == {step + 1} (ModelCheckpoint(every_n_train_steps=...)).")
 
 
 def refuse_empty(batch: Any) -> None:

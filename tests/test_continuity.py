@@ -111,6 +111,8 @@ def test_a_fit_resumed_with_the_steps_it_planned_keeps_its_whole_plan(make_loade
     resumed = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None, segments=3)
     run([resumed], ckpt_path=next((tmp_path / "ckpt").glob("*step=5.ckpt")))
     assert resumed.embeddings.steps == list(range(12)) and resumed.embeddings.segment_boundaries == [3, 7, 11]
+    # the weights at boundary 3, passed before the checkpoint, came with it (influence_at's check)
+    assert sorted(resumed.embeddings.store.manifest["boundary_weights"]) == ["3", "7"]
 
 
 def test_a_relative_save_dir_stays_with_its_store_when_the_working_directory_changes(

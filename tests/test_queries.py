@@ -686,11 +686,11 @@ def test_a_training_loss_that_couples_the_samples_warns_with_the_report_off(fit,
 def test_the_not_final_warning_counts_the_layers_it_does_not_name() -> None:
     """Six changed weights and biases: five named and 'and 1 more' (before: the sixth went unmentioned)."""
     from lightning_dve.guards import sampled_entries
-    from lightning_dve.query_layers import warn_if_not_final
+    from lightning_dve.query_layers import warn_if_moved
 
     module = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3))
     final = {name: (sampled_entries(p.detach()).double() + 1).tolist() for name, p in
              (("0", module[0].weight), ("0.bias", module[0].bias), ("1", module[1].weight),
               ("1.bias", module[1].bias), ("2", module[2].weight), ("2.bias", module[2].bias))}
     with pytest.warns(UserWarning, match=r"tracked layers \['0', '0.bias', '1', '1.bias', '2'\] and 1 more are not"):
-        warn_if_not_final(module, final)
+        warn_if_moved(module, {"final_weights": final})

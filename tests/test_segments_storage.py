@@ -148,11 +148,37 @@ def test_dynamics_at_last_boundary_equal_final_and_intermediate_equal_a_shorter_
     boundary_step = emb.segment_boundaries[1]
     short_model, short = run(mlp_cls, fit, make_loader(), tmp_path / "short", max_steps=boundary_step + 1)
     expected = short.embeddings.influence(short_model, batch, per_step=True)
-    got = emb.influence_at(1, short_model, batch, per_step=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model at boundary 1 is not warned about there
+        got = emb.influence_at(1, short_model, batch, per_step=True)
     assert got.steps.max().item() == boundary_step
     torch.testing.assert_close(got.scores, expected.scores, rtol=1e-10, atol=1e-15)
     with pytest.raises(ConfigError, match="boundary 4 is out of range: this store has 4"):
         emb.influence_at(4, model, batch)
+
+
+def test_a_model_at_other_weights_than_its_boundarys_is_warned_about(
+    mlp_cls: type, fit: Callable, make_loader: Callable, tmp_path: Path, test_batch: dict
+) -> None:
+    """The weights at each segment boundary are kept (sampled coordinates, as the final ones): the final model given
+    to ``influence_at`` for an earlier boundary, or the boundary's model to ``influence``, is warned about, naming
+    the fix. Until session 41 neither was (silently other scores: the test gradients at other weights)."""
+    batch = float64_batch(test_batch)
+    model, dve = run(mlp_cls, fit, make_loader(), tmp_path / "long", segments=4)
+    emb = dve.embeddings
+    step = emb.segment_boundaries[1]
+    assert sorted(map(int, emb.store.manifest["boundary_weights"])) == emb.segment_boundaries[:-1]
+    with pytest.warns(UserWarning, match=rf"are not those of the recorded run at segment boundary 1 \(after step "
+                                         rf"{step}\).*checkpoint saved at global_step == {step + 1}"):
+        emb.influence_at(1, model, batch)
+    short_model, _ = run(mlp_cls, fit, make_loader(), tmp_path / "short", max_steps=step + 1)
+    with pytest.warns(UserWarning, match=r"are not the final weights.*these are the weights at segment boundary 1, "
+                                         r"which influence_at\(1, \.\.\.\) scores"):
+        emb.influence(short_model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb.influence_at(3, model, batch)  # the last boundary is the final model
+        emb.influence(model, batch)
 
 
 def test_float16_rows_are_scaled_so_late_gradients_do_not_underflow() -> None:
