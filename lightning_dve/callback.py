@@ -243,7 +243,7 @@ class DataValueEmbedding(StepHooks):
         others = [c for c in trainer.callbacks if isinstance(c, DataValueEmbedding) and c is not self]
         callback_setup.refuse_sharing(self._root, self.report_config, [(c._store_root(trainer), c.report_config)
                                                                         for c in others], bool(trainer.loggers))
-        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned, str(trainer.precision),
+        manifest = callback_store.store_manifest(self.config, tracked, self._comm, self._owned, trainer,
                                                  self.sample_ids if isinstance(self.sample_ids, str) else None)
         scratch = callback_store.fast_dev_run_note(trainer, self._root)  # (its store is replaced each time)
         self._store = callback_store.open_rank_store(self._comm, self._root, manifest, resume,

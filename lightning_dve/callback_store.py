@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from . import sync
 from .capture import TrackedLayer
@@ -164,10 +165,11 @@ def store_to_continue(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Communicator,
-                   owned: list[list[str]], precision: str, sample_ids: str | None) -> dict[str, Any]:
+                   owned: list[list[str]], trainer: pl.Trainer, sample_ids: str | None) -> dict[str, Any]:
     """The store manifest: settings (layout resolved), layers and projections, this rank's share, dtypes, the
-    Trainer's ``precision`` (queries convert test batches as it converted the training batches) and the batches'
-    id key (``None`` for a callable; queries match a test batch's rows by it, ``batches.align_test_rows``).
+    Trainer's ``precision`` (queries convert test batches as it converted the training batches), the batch transfer
+    hooks its DataModule overrides (:func:`datamodule_hooks`) and the batches' id key (``None`` for a callable;
+    queries match a test batch's rows by it, ``batches.align_test_rows``).
 
     The training dtype is the widest of the tracked weights' (float32 at least), not the LightningModule's
     ``dtype``, which ``"32-true"`` leaves at float32 for a model whose layers were made float64 one by one. The
@@ -182,8 +184,17 @@ def store_manifest(config: DVEConfig, tracked: dict[str, TrackedLayer], comm: Co
     return {"settings": config.to_dict(), "settings_hash": config.settings_hash(),
             "layers": [layer.describe() for layer in tracked.values()], "world_size": comm.world_size,
             "rank": comm.rank, "owned_layers": owned[comm.rank], "dtype": training_dtype,
-            "storage_dtype": config.storage_dtype.resolve(training_dtype, exact).value, "precision": precision,
+            "storage_dtype": config.storage_dtype.resolve(training_dtype, exact).value,
+            "precision": str(trainer.precision), "datamodule_hooks": datamodule_hooks(trainer),
             "sample_ids": sample_ids}
+
+
+def datamodule_hooks(trainer: pl.Trainer) -> list[str]:
+    """The batch transfer hooks that the fit's ``LightningDataModule`` overrides: Lightning runs them on every training
+    batch, and a handle from ``DataValueEmbeddings.load`` cannot (it warns at its first query)."""
+    hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+    datamodule = trainer.datamodule
+    return [] if datamodule is None else [h for h in hooks if is_overridden(h, datamodule, pl.LightningDataModule)]
 
 
 def open_rank_store(comm: Communicator, root: Path, manifest: dict[str, Any], resume: dict[str, Any] | None,

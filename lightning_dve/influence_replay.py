@@ -28,7 +28,7 @@ from .replay_data import TrainingData, step_loss_terms
 from .replay_embeddings import replay_embeddings
 from .replay_optim import OptimizerKind
 from .replay_setup import make_replayer
-from .results import InfluenceResult, check_per_step, stream_columns
+from .results import InfluenceResult, check_per_step, outside_level, stream_columns
 from .store import TrajectoryStore
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -45,6 +45,7 @@ class ReplayQueries:
     sample_ids: str | Callable[[Any], Any] | None  # the callback's, or given to load
     replay_cost: ReplayCost | None  # cost of the last replay
     _check_current: Callable[[], None]
+    _hooks_warned = False  # whether a query after load warned of the fit's DataModule hooks (:meth:`on_device`)
 
     def exact_influence(
         self, module: nn.Module, batch: Any, loss_fn: LossFn | None = None, per_step: bool = False,
@@ -138,7 +139,19 @@ class ReplayQueries:
 
     def on_device(self, module: nn.Module, batch: Any) -> Any:
         """``batch`` as the training loop hands one to ``training_step`` (``batches.on_module_device``), through the
-        fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``."""
+        fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``; after :meth:`load`, through the module's
+        own, with a warning (once) where the fit's DataModule had such hooks, which the handle cannot run."""
+        hooks = self.store.manifest.get("datamodule_hooks")
+        if hooks and self.training_data is None and not self._hooks_warned and _without_datamodule(module):
+            self._hooks_warned = True
+            warnings.warn(f"the recorded fit ran its LightningDataModule's {hooks} on every training batch, which a "
+                          "handle from DataValueEmbeddings.load() cannot run for a module attached to no Trainer with "
+                          "that DataModule: test batches reach training_step through the LightningModule's transfer "
+                          "hooks only (a KeyError, or inputs the DataModule would have changed, scored as they are). "
+                          "Apply those hooks to the batch before the query (batch = datamodule.on_after_batch_transfer("
+                          "batch, 0)) or pass loss_fn=; exact_influence and replay_embeddings take a collate_fn= that "
+                          "applies them. This warning is given once per handle.", UserWarning,
+                          stacklevel=outside_level())
         with (self.training_data.hooks if self.training_data is not None else contextlib.nullcontext)(
                 uncompiled(module)):
             return on_module_device(module, batch, self.store.manifest.get("precision"))
@@ -149,6 +162,12 @@ class ReplayQueries:
             return lambda module: loss_fn(module, batch)
         singles, reduction = split_batch(batch), self.config.loss_reduction
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
+
+
+def _without_datamodule(module: nn.Module) -> bool:
+    """Whether Lightning would run no DataModule's transfer hooks for ``module``: it is attached to no Trainer, or to
+    one without a DataModule (``batches.on_module_device`` goes through the Trainer's dispatch)."""
+    return getattr(getattr(module, "_trainer", None), "datamodule", None) is None
 
 
 def _targets(batch: Any) -> int:

@@ -165,11 +165,11 @@ def _warn_non_finite_columns(result: InfluenceResult) -> InfluenceResult:
                       f"{int(result.sample_ids[first])}, step {int(result.steps[first])}) for test points whose other "
                       "scores are: the embeddings or the segment factors chained to them overflowed (see the "
                       "train-end warning about expanding steps). top_k leaves them out; exact_influence(...) or "
-                      "curvature='none' give finite scores.", UserWarning, stacklevel=_outside_level())
+                      "curvature='none' give finite scores.", UserWarning, stacklevel=outside_level())
     return result
 
 
-def _outside_level() -> int:
+def outside_level() -> int:
     """The ``stacklevel`` of the first caller outside this package, for a warning issued by the function that calls
     this one (the queries reach it through different depths)."""
     package, frame, level = str(Path(__file__).parent), sys._getframe(2), 2

@@ -159,6 +159,47 @@ def test_queries_keep_the_fit_s_datamodule_hooks_after_trainer_test(save_dir, te
     assert isinstance(trainer.datamodule, other)  # as Lightning left it
 
 
+def test_a_handle_from_load_warns_once_that_it_cannot_run_the_fit_s_datamodule_hooks(save_dir, test_batch):
+    """The fit's DataModule rescaled every training batch in ``on_after_batch_transfer``; a handle from ``load``
+    queried with a module attached to no Trainer (as in a new process) scored the raw batch: silently other scores
+    (the fit's handle, which runs the hooks, is the oracle). The manifest names the hooks; the loaded handle warns
+    once, and the batch rescaled by hand scores as the fit's handle does. The module the fit trained, still attached
+    to its Trainer, gets the DataModule's hooks through Lightning's dispatch: no warning. Nor is a DataModule
+    without such hooks warned about."""
+    model, dve = Tested(), DataValueEmbedding(save_dir, projection_dim=None, report=None)
+    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1)
+    trainer.fit(model, datamodule=RescalingData())
+    assert dve.embeddings.store.manifest["datamodule_hooks"] == ["on_after_batch_transfer"]
+    fitted = dve.embeddings.influence(model, test_batch).scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attached = DataValueEmbeddings.load(save_dir).influence(model, test_batch).scores
+    torch.testing.assert_close(attached, fitted, rtol=1e-12, atol=0)
+    detached, loaded = Tested(), DataValueEmbeddings.load(save_dir)
+    detached.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match=r"fit ran its LightningDataModule's \['on_after_batch_transfer'\] on every "
+                                         r"training batch, which a handle from DataValueEmbeddings.load\(\) cannot run"
+                                         r".*given once per handle") as caught:
+        raw = loaded.influence(detached, test_batch).scores
+    assert [w.filename for w in caught if "LightningDataModule" in str(w.message)] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per handle
+        by_hand = loaded.influence(detached, {**test_batch, "x": test_batch["x"] * 3.0}).scores
+    torch.testing.assert_close(by_hand, fitted, rtol=1e-12, atol=0)
+    assert not torch.allclose(raw, fitted, rtol=1e-3, atol=0)
+    plain = type("Plain", (L.LightningDataModule,), {"train_dataloader": RescalingData.train_dataloader})
+    trainer = L.Trainer(callbacks=[DataValueEmbedding(save_dir, projection_dim=None, report=None, overwrite=True)],
+                        accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, max_epochs=1)
+    second = Tested()
+    trainer.fit(second, datamodule=plain())
+    detached.load_state_dict(second.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataValueEmbeddings.load(save_dir).influence(detached, test_batch)
+
+
 def test_a_module_of_another_class_tested_on_the_fit_s_trainer_is_queried_with_the_trainer_s_hooks(
         fit, save_dir, test_batch):
     """The fit's dispatch is put back for the module the fit trained only: for another one that a later
