@@ -80,15 +80,16 @@ def _layout(groups: list[tuple[str, dict[str, torch.Tensor]]]) -> tuple[dict[str
     buffers: list[memoryview] = []
     crcs, offset = [], 0
     for prefix, tensors in groups:
-        group, start = [], offset
+        group, own, start = [], {}, offset
         for name, tensor in sorted(tensors.items(), key=lambda item: (_LAYOUT_ORDER[item[1].dtype], item[0])):
             tensor = tensor.detach().cpu().contiguous()
             array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-            entries[prefix + name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
-                                      "data_offsets": [offset, offset + array.nbytes]}
+            own[prefix + name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                                  "data_offsets": [offset, offset + array.nbytes]}
             offset += array.nbytes
             group.append(memoryview(array.reshape(-1)).cast("B"))
-        crcs.append(crc32([entries_text(entries, prefix, start), *group]))
+        crcs.append(crc32([entries_text(own, prefix, start), *group]))  # this group's entries only: linear in a pack
+        entries.update(own)
         buffers += group
     return entries, buffers, crcs
 

@@ -384,7 +384,8 @@ def _checked_ranges(header: dict[str, Any], start: int, names: dict[int, list[st
         offsets = [header[name]["data_offsets"] for name in names[step]]
         if crc and offsets:
             first, end = min(o[0] for o in offsets), max(o[1] for o in offsets)
-            out[step] = (crc, entries_text(header, f"{step:08d}/", first), start + first, start + end)
+            own = {name: header[name] for name in names[step]}  # not the whole header per step: linear in a pack
+            out[step] = (crc, entries_text(own, f"{step:08d}/", first), start + first, start + end)
     return out
 
 

@@ -188,6 +188,8 @@ class StepAssembler:
         return torch.cat([rows[kind][n].to(self.dtype) for kind in self.kinds for n in self.layer_names], dim=1)
 
     def _check_duplicates(self, ids: torch.Tensor, ranks: torch.Tensor, step: int, last_batch: bool) -> None:
+        if self.allow_duplicate_ids or len(set(ids.tolist())) == ids.numel():  # no id twice: nothing to check
+            return
         values, counts = torch.unique(ids, return_counts=True)
         duplicated = values[counts > 1]
         if duplicated.numel() == 0 or self.allow_duplicate_ids:
