@@ -193,9 +193,9 @@ def test_float16_rows_are_scaled_so_late_gradients_do_not_underflow() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_float16_encoding_divides_each_layers_rows_by_their_own_largest_magnitude(dtype: torch.dtype) -> None:
-    """Layers of different widths and magnitudes (one row all zero): the same bits as dividing each layer's rows by
-    their own largest magnitude. (Until session 41 the layers were scaled together through one concatenation and
-    an ``amax`` scatter, 6 ms a step for the LM's 28 layers on one thread; now 1 ms.)"""
+    """Layers of different widths and dtypes and magnitudes (one row all zero, one NaN), scaled together through
+    one concatenation and an ``amax`` scatter: the same bits as dividing each layer's rows by their own largest
+    magnitude, in the dtype the layers promote to."""
     generator = torch.Generator().manual_seed(0)
     rows = {name: torch.randn(5, width, generator=generator, dtype=dtype) * magnitude
             for name, width, magnitude in (("a", 3, 1e-6), ("b", 17, 1.0), ("c", 1, 1e3))}
