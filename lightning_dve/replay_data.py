@@ -25,6 +25,7 @@ from .batches import (WeightFn, extract_sample_ids, modes, muted_logging, reduct
                       training_loss_or_refuse)
 from .config import LossReduction
 from .errors import ConfigError, SampleIdError, UnsupportedError
+from .sample_losses import vmapped_losses
 
 Params = dict[str, torch.Tensor]
 
@@ -287,8 +288,10 @@ def step_loss_terms(
                           "`loss_weights=` to DataValueEmbeddings.load, or per-sample losses directly, "
                           "`train_loss_fn=` for the replayed training steps and `loss_fn=` for the test losses.")
     losses = []
-    with muted_logging(module):
-        for single in batches:
+    with muted_logging(module):  # a mean or a sum weighs a one-sample batch's loss 1: vmapped where it can be
+        vmapped = None if reduction is LossReduction.WEIGHTS else vmapped_losses(
+            module, batches, lambda single: replayed_loss(module, single, test)[0])
+        for single in batches if vmapped is None else []:
             loss, single = replayed_loss(module, single, test)
             if loss is None:
                 raise ConfigError("training_step did not return a scalar loss on a one-sample batch; pass "
@@ -298,7 +301,7 @@ def step_loss_terms(
                 losses.append(loss / weight)
             else:  # not in the step: zero, tied to the parameters as in training unless its own loss is NaN
                 losses.append(loss * 0.0 if bool(torch.isfinite(loss)) else loss.new_zeros((), requires_grad=True))
-    return torch.stack(losses)
+    return torch.stack(losses) if vmapped is None else vmapped
 
 
 #: A recorded step's sample ids, weights and micro-batch of each sample (``None`` in stores of earlier versions).
