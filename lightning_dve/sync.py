@@ -192,8 +192,6 @@ class StepAssembler:
             return
         values, counts = torch.unique(ids, return_counts=True)
         duplicated = values[counts > 1]
-        if duplicated.numel() == 0 or self.allow_duplicate_ids:
-            return
         cross_rank = all(ranks[ids == v].unique().numel() == (ids == v).sum() for v in duplicated)
         padding = int((counts[counts > 1] - 1).sum()) < self.comm.world_size  # a DistributedSampler pads fewer
         if last_batch and self.comm.world_size > 1 and cross_rank and padding:  # padding: kept, warned once
