@@ -295,23 +295,25 @@ def modes(module: nn.Module, eval_modules: Sequence[str] | None) -> Iterator[Non
     """Train mode except ``eval_modules`` (the modes training ran in); ``None`` means eval mode throughout.
     Every submodule's mode and every buffer is restored afterwards (a replay runs ``training_step`` in train mode,
     where a module may update a running statistic that only its eval mode uses)."""
-    saved = {m: m.training for m in module.modules()}
-    buffers = [(module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], b, b.detach().clone())
-               for name, b in module.named_buffers()]
+    saved, buffers = {m: m.training for m in module.modules()}, saved_buffers(module)
     module.train(eval_modules is not None)
-    named = dict(module.named_modules())
     for name in eval_modules or ():
-        named[name].eval()
+        module.get_submodule(name).eval()
     try:
         with torch.enable_grad():
             yield
     finally:
         for m, training in saved.items():
             m.train(training)
-        _restore(buffers)
+        restore_buffers(buffers)
 
 
-def _restore(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -> None:
+def saved_buffers(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """Each buffer as ``(owner, attribute, buffer, a copy of its value)``, for :func:`restore_buffers`."""
+    return [(m, k, b, b.detach().clone()) for m in module.modules() for k, b in m._buffers.items() if b is not None]
+
+
+def restore_buffers(buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -> None:
     """Put each ``(owner, attribute, buffer, saved value)`` back: the same tensor, written in place where it
     changed, or the saved copy where it cannot be written (an inference tensor, made under ``trainer.validate``;
     an expanded view), also where the attribute was assigned anew."""
