@@ -139,14 +139,15 @@ class ReplayQueries:
 
     def on_device(self, module: nn.Module, batch: Any) -> Any:
         """``batch`` as the training loop hands one to ``training_step`` (``batches.on_module_device``), through the
-        fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``; after :meth:`load`, through the module's
-        own, with a warning (once) where the fit's DataModule had such hooks, which the handle cannot run."""
+        fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``; after :meth:`load` (or a fit whose loader
+        held no dataset of samples), through the module's own, with a warning (once) where the fit's DataModule had
+        such hooks, which the handle cannot run."""
         hooks = self.store.manifest.get("datamodule_hooks")
         if hooks and self.training_data is None and not self._hooks_warned and _without_datamodule(module):
             self._hooks_warned = True
-            warnings.warn(f"the recorded fit ran its LightningDataModule's {hooks} on every training batch, which a "
-                          "handle from DataValueEmbeddings.load() cannot run for a module attached to no Trainer with "
-                          "that DataModule: test batches reach training_step through the LightningModule's transfer "
+            warnings.warn(f"the recorded fit ran its LightningDataModule's {hooks} on every training batch, which this "
+                          "handle (from DataValueEmbeddings.load(), or of a fit whose loader held no dataset of "
+                          "samples) cannot run for a module attached to no Trainer with that DataModule: test batches reach training_step through the LightningModule's transfer "
                           "hooks only (a KeyError, or inputs the DataModule would have changed, scored as they are). "
                           "Apply those hooks to the batch before the query (batch = datamodule.on_after_batch_transfer("
                           "batch, 0)) or pass loss_fn=; exact_influence and replay_embeddings take a collate_fn= that "

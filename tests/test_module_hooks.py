@@ -137,6 +137,33 @@ class Tested(TinyMLP):
         self.log("test_loss", self.loss(batch))
 
 
+class WholeBatchData(RescalingData):
+    """:class:`RescalingData` whose loader yields whole batches (``batch_size=None``): no dataset of samples."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(list(DataLoader(DigitsDict(range(64)), batch_size=16)), batch_size=None)
+
+
+def test_a_fit_handle_without_training_samples_warns_once_for_a_module_outside_the_trainer(save_dir, test_batch):
+    """A fit whose DataModule's loader yields whole batches leaves the handle no training data, and with it no way to
+    run the DataModule's hooks for a module attached to no Trainer: it warns once as a loaded handle does, and the
+    batch rescaled by hand scores as the trained module, still attached to the Trainer, does (the oracle)."""
+    model, dve = Tested(), DataValueEmbedding(save_dir, projection_dim=None, report=None)
+    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1)
+    trainer.fit(model, datamodule=WholeBatchData())
+    assert dve.embeddings.training_data is None
+    fitted = dve.embeddings.influence(model, test_batch).scores
+    detached = Tested()
+    detached.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match=r"or of a fit whose loader held no dataset of samples\) cannot run"):
+        dve.embeddings.influence(detached, test_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per handle
+        by_hand = dve.embeddings.influence(detached, {**test_batch, "x": test_batch["x"] * 3.0}).scores
+    torch.testing.assert_close(by_hand, fitted, rtol=1e-12, atol=0)
+
+
 def test_queries_keep_the_fit_s_datamodule_hooks_after_trainer_test(save_dir, test_batch):
     """Lightning dispatches the transfer hooks to the DataModule of the Trainer's latest fit, validate, test or
     predict call: a ``trainer.test(dataloaders=...)`` after fit left the fit DataModule's rescaling out of the
@@ -179,7 +206,8 @@ def test_a_handle_from_load_warns_once_that_it_cannot_run_the_fit_s_datamodule_h
     detached, loaded = Tested(), DataValueEmbeddings.load(save_dir)
     detached.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match=r"fit ran its LightningDataModule's \['on_after_batch_transfer'\] on every "
-                                         r"training batch, which a handle from DataValueEmbeddings.load\(\) cannot run"
+                                         r"training batch, which this handle \(from DataValueEmbeddings.load\(\), or "
+                                         r"of a fit whose loader held no dataset of samples\) cannot run"
                                          r".*given once per handle") as caught:
         raw = loaded.influence(detached, test_batch).scores
     assert [w.filename for w in caught if "LightningDataModule" in str(w.message)] == [__file__]
