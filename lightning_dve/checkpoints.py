@@ -158,12 +158,14 @@ class CheckpointStore:
         at the first write, so a resumed fit that trains no further changes nothing.
 
         ``hyper.jsonl`` is read now (a torn last line is dropped with a warning) and rewritten at that write
-        (temporary file, then rename) with the lines of steps ``<= last_step`` only.
+        (temporary file, then rename) with the lines of steps ``<= last_step`` only; a later step's refusal now.
 
         Raises:
             StoreError: as :meth:`open`, or if ``hyper.jsonl`` is corrupt before its last line.
         """
         store = cls.open(root)
+        if (refused_at := store.manifest.get("refusal_step")) is not None and refused_at > last_step:
+            store.manifest.update(refusal=None, refusal_step=None)  # a step of the branch this resume replaces
         path = store.root / HYPER_FILE
         kept = [r for r in read_json_lines(path).values() if r["step"] <= last_step] if path.is_file() else None
         store._resume_after = (last_step, kept)
@@ -354,7 +356,7 @@ class CheckpointRecorder:
         refusal = (layout_change(step, self.store.manifest, list(module.named_parameters()), optimizer)
                    or mode_change(step, self.store.manifest, module))
         if refusal is not None:  # no further checkpoints: exact_influence raises this
-            self.store.manifest.update(refusal=refusal)
+            self.store.manifest.update(refusal=refusal, refusal_step=step)
             self.store.write_manifest()
             return
         kind = OptimizerKind(self.store.manifest["kind"])

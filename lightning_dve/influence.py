@@ -205,7 +205,7 @@ class DataValueEmbeddings(ReplayQueries):
         require_autograd()
         refuse_empty(batch)
         module = uncompiled(module)
-        batch = self.on_device(module, batch)
+        batch = self.on_device(module, batch, warn=loss_fn is None)
         with recorded_layers(module, self.store.manifest["layers"], self.projections) as tracked:
             capture = GradientCapture(tracked)
             capture.attach()

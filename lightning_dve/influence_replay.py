@@ -88,7 +88,7 @@ class ReplayQueries:
         replayer = self._replayer(module, dataset, collate_fn, train_loss_fn, sample_ids)
         warn_if_short_of_memory(module, max(self.store.manifest.get("rows", ()), default=1), _targets(batch),
                                 train_loss_fn is None, optimizer_moments(replayer))
-        target = self._replay_target(self.on_device(module, batch), loss_fn)
+        target = self._replay_target(self.on_device(module, batch, warn=loss_fn is None), loss_fn)
         with eager():  # compiled submodules too: the replay differentiates their backward
             ids, steps, scores, self.replay_cost = replay_scores(replayer, target)
         return stream_columns([(ids, steps, scores)], ids, scores.shape[0], per_step)
@@ -137,21 +137,26 @@ class ReplayQueries:
         """Per-sample test losses ``[n]`` as the queries define them (``training_step`` split by the reduction)."""
         return self._replay_target(self.on_device(module, batch), None)(module)
 
-    def on_device(self, module: nn.Module, batch: Any) -> Any:
+    def on_device(self, module: nn.Module, batch: Any, warn: bool = True) -> Any:
         """``batch`` as the training loop hands one to ``training_step`` (``batches.on_module_device``), through the
         fit's batch transfer hooks (``TrainingData.hooks``) after ``fit``; after :meth:`load` (or a fit whose loader
         held no dataset of samples), through the module's own, with a warning (once) where the fit's DataModule had
-        such hooks, which the handle cannot run."""
+        such hooks, which the handle cannot run and Lightning's dispatch for ``module`` does not reach; not where
+        the caller's ``loss_fn`` takes the batch (``warn=False``), as the warning advises."""
         hooks = self.store.manifest.get("datamodule_hooks")
-        if hooks and self.training_data is None and not self._hooks_warned and _without_datamodule(module):
+        if (warn and hooks and self.training_data is None and not self._hooks_warned
+                and not _dispatched_to_datamodule(module, hooks)):
             self._hooks_warned = True
-            warnings.warn(f"the recorded fit ran its LightningDataModule's {hooks} on every training batch, which this "
-                          "handle (from DataValueEmbeddings.load(), or of a fit whose loader held no dataset of "
-                          "samples) cannot run for a module attached to no Trainer with that DataModule: test batches reach training_step through the LightningModule's transfer "
-                          "hooks only (a KeyError, or inputs the DataModule would have changed, scored as they are). "
-                          "Apply those hooks to the batch before the query (batch = datamodule.on_after_batch_transfer("
-                          "batch, 0)) or pass loss_fn=; exact_influence and replay_embeddings take a collate_fn= that "
-                          "applies them. This warning is given once per handle.", UserWarning,
+            warnings.warn(f"the recorded fit ran its LightningDataModule's {hooks} on every training batch, which "
+                          "this handle (from DataValueEmbeddings.load(), or of a fit whose loader held no dataset of "
+                          "samples) cannot run, and the module's Trainer does not hand them to that DataModule (the "
+                          "module is attached to none, or a later trainer.test, validate or predict call left it "
+                          "out): test batches reach training_step through the LightningModule's transfer hooks only "
+                          "(a KeyError, or inputs the DataModule would have changed, scored as they are). Apply "
+                          "those hooks to the batch before the query (batch = "
+                          "datamodule.on_after_batch_transfer(batch, 0)) or pass loss_fn=; exact_influence and "
+                          "replay_embeddings take a collate_fn= that applies them to the training batches. This "
+                          "warning is given once per handle.", UserWarning,
                           stacklevel=outside_level())
         with (self.training_data.hooks if self.training_data is not None else contextlib.nullcontext)(
                 uncompiled(module)):
@@ -165,10 +170,16 @@ class ReplayQueries:
         return lambda module: step_loss_terms(module, singles, reduction, self.loss_weights, test=True)
 
 
-def _without_datamodule(module: nn.Module) -> bool:
-    """Whether Lightning would run no DataModule's transfer hooks for ``module``: it is attached to no Trainer, or to
-    one without a DataModule (``batches.on_module_device`` goes through the Trainer's dispatch)."""
-    return getattr(getattr(module, "_trainer", None), "datamodule", None) is None
+def _dispatched_to_datamodule(module: nn.Module, hooks: list[str]) -> bool:
+    """Whether Lightning runs a DataModule's ``hooks`` for ``module`` (``batches.on_module_device`` goes through the
+    Trainer's dispatch): as ``LightningModule._call_batch_hook`` decides, by the Trainer's hook selector of its latest
+    ``fit``, ``validate``, ``test`` or ``predict`` call, not by ``trainer.datamodule``, which a later call without a
+    DataModule leaves in place."""
+    trainer = getattr(module, "_trainer", None)
+    selector = getattr(getattr(trainer, "_data_connector", None), "_datahook_selector", None)
+    if getattr(selector, "datamodule", None) is None:
+        return False
+    return not any(isinstance(selector.get_instance(hook), type(module)) for hook in hooks)
 
 
 def _targets(batch: Any) -> int:

@@ -137,6 +137,32 @@ class Tested(TinyMLP):
         self.log("test_loss", self.loss(batch))
 
 
+def test_a_loaded_handle_warns_where_a_later_test_call_took_the_datamodule_out_of_the_dispatch(save_dir, test_batch):
+    """A ``trainer.test(dataloaders=...)`` after fit leaves ``trainer.datamodule`` set but hands the transfer hooks
+    back to the module: the loaded handle, queried with the trained module still attached, scored the raw batch and
+    did not warn (the check read ``trainer.datamodule``). It now warns, except where a ``loss_fn`` takes the batch,
+    as the warning advises: rescaling there gives the fit handle's scores (the oracle)."""
+    model, dve = Tested(), DataValueEmbedding(save_dir, projection_dim=None, report=None)
+    trainer = L.Trainer(callbacks=[dve], accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1)
+    trainer.fit(model, datamodule=RescalingData())
+    fitted = dve.embeddings.influence(model, test_batch).scores
+    trainer.test(model, dataloaders=DataLoader(DigitsDict(range(1500, 1512)), batch_size=6), verbose=False)
+    assert trainer.datamodule is not None
+    loaded, detached = DataValueEmbeddings.load(save_dir), Tested()
+    detached.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rescaled_by_loss_fn = loaded.influence(model, test_batch, loss_fn=lambda m, b: torch.nn.functional.cross_entropy(
+            m(b["x"] * 3.0), b["y"], reduction="none")).scores
+        DataValueEmbeddings.load(save_dir).influence(detached, test_batch, loss_fn=lambda m, b: m(b["x"]).sum(1))
+    scale = float(fitted.abs().max())  # float32: the loss_fn's per-sample losses round otherwise than the split mean
+    torch.testing.assert_close(rescaled_by_loss_fn, fitted, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.warns(UserWarning, match=r"fit ran its LightningDataModule's \['on_after_batch_transfer'\]"):
+        raw = loaded.influence(model, test_batch).scores
+    assert not torch.allclose(raw, fitted, rtol=1e-3, atol=0)
+
+
 class WholeBatchData(RescalingData):
     """:class:`RescalingData` whose loader yields whole batches (``batch_size=None``): no dataset of samples."""
 

@@ -1152,3 +1152,40 @@ def test_a_module_mode_changed_during_fit_is_named_in_the_refusal(tmp_path: Path
     with pytest.raises(UnsupportedError, match=r"refused for this run: at step 2 modules \['net\.2'\] were switched "
                                                r"to train mode since the first step \(e\.g\. dropout"):
         dve.embeddings.exact_influence(module, DigitsDataset(range(1500, 1502)).batch())
+
+
+class DropoutKeptOff(ReplayNet):
+    """:class:`DropoutFromEpochOne` with the dropout left in eval mode throughout (the fix of that run)."""
+
+    def __init__(self) -> None:
+        super().__init__({"optimizer": "sgd", "lr": 0.3}, total_steps=0, dropout=0.2)
+
+    def on_train_epoch_start(self) -> None:
+        self.net[2].eval()
+
+
+def test_a_refusal_of_an_abandoned_branch_is_dropped_when_the_fit_resumes_before_it(tmp_path: Path) -> None:
+    """Dropout switched on at step 2 refused exact replay; the run resumed from its epoch-0 checkpoint (after step 1)
+    with the dropout kept off trains no such step, but the branch it replaced left the refusal in the replay
+    manifest: exact replay stayed refused. Oracle: an uninterrupted fit with the dropout kept off, whose scores the
+    resumed run's equal. A refusal at or before the resume point still holds (resumed from the epoch-1 checkpoint)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    loader, test = make_loader(DigitsDataset(range(32)), 16, seed=1), DigitsDataset(range(1500, 1502)).batch()
+
+    def fit(module: ReplayNet, root: str, epochs: int = 2, **kwargs: Any) -> DataValueEmbedding:
+        dve = DataValueEmbedding(tmp_path / root, report=None, projection_dim=64)
+        saving = ModelCheckpoint(dirpath=tmp_path / f"ckpt_{root}", save_top_k=-1)
+        make_trainer(epochs, callbacks=[dve, saving], enable_checkpointing=True).fit(module, loader, **kwargs)
+        return dve
+
+    fit(DropoutFromEpochOne(), "dve")
+    first, last = sorted((tmp_path / "ckpt_dve").glob("epoch=*.ckpt"))
+    continued = DropoutFromEpochOne()
+    with pytest.raises(UnsupportedError, match=r"refused for this run: at step 2 modules \['net\.2'\] were switched"):
+        fit(continued, "dve", 3, ckpt_path=last).embeddings.exact_influence(continued, test)
+    resumed = DropoutKeptOff()
+    scores = fit(resumed, "dve", ckpt_path=first).embeddings.exact_influence(resumed, test).scores
+    straight = DropoutKeptOff()
+    oracle = fit(straight, "straight").embeddings.exact_influence(straight, test).scores
+    torch.testing.assert_close(scores, oracle, rtol=1e-9, atol=1e-12)
