@@ -28,7 +28,8 @@ def encode(rows: dict[str, torch.Tensor], storage: str, kind: str = GRADIENT) ->
         return {f"{kind}/{name}": grad.to(getattr(torch, storage)) for name, grad in rows.items()}
     if not rows:
         return {}
-    dtype = functools.reduce(torch.promote_types, (grad.dtype for grad in rows.values()))  # what a concat would be
+    # what a concat would be, float32 at least: float16's 0 for the scale of a zero row gave NaN
+    dtype = functools.reduce(torch.promote_types, (grad.dtype for grad in rows.values()), torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     out = {}
     for name, grad in rows.items():

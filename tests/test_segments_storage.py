@@ -210,6 +210,8 @@ def test_float16_encoding_divides_each_layers_rows_by_their_own_largest_magnitud
     assert torch.equal(mixed["grad/a"], encode({"a": rows["a"].to(torch.bfloat16).to(dtype)}, "float16")["grad/a"])
     rows["c"][1] = float("nan")
     assert encode(rows, "float16")["scale/c"][1].isnan()  # a NaN row stays NaN (refused before it is stored)
+    half = encode({"a": rows["b"].to(torch.float16)}, "float16")  # half rows: a zero row's scale is no 0 in them
+    torch.testing.assert_close(decode("a", half), rows["b"].to(torch.float16).to(torch.float32), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("storage, expected", [("auto", "float16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
