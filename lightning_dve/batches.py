@@ -221,9 +221,9 @@ def check_finite(grads: dict[str, torch.Tensor], sample_ids: torch.Tensor, step:
                 "keeps it)")
             raise GradientError(
                 f"{what} per-sample gradient in layer {name!r} at step {step} for sample ids {listed}. Training "
-                "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient "
-                "clipping, or remove those samples. Steps before this one are kept in the store."
-            )
+                "diverged or a sample produced an invalid loss; lower the learning rate, enable gradient clipping, "
+                "or remove those samples. Steps before this one are kept in the store: resume from a Lightning "
+                "checkpoint saved before it (trainer.fit(..., ckpt_path=...)) to record on from there.")
 
 
 #: The largest float32: float64 rows beyond it overflow in every narrower storage dtype (:func:`check_finite`).

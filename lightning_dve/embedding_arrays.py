@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .files import read_checked, write_atomic, write_error, write_text_atomic
+from .files import RUN_KEY, read_checked, write_atomic, write_error, write_text_atomic
 
 INDEX = "index.safetensors"
 TOKEN = "ranks.token"  # what a writer shares with the ranks that join it (EmbeddingWriter.share)
@@ -126,7 +126,8 @@ class EmbeddingWriter:
     joined to another rank's writer through the folder they share (:meth:`share`), its layers' rows into it."""
 
     def __init__(self, folder: Path, settings_hash: str, layers: dict[str, tuple[int, int]], dtype: torch.dtype,
-                 steps: Sequence[int], rows: Sequence[int], token: int | None = None) -> None:
+                 steps: Sequence[int], rows: Sequence[int], token: int | None = None, run_id: str | None = None
+                 ) -> None:
         """Create the arrays for ``steps`` with ``rows`` occurrences each, in ``folder`` + ``.partial``.
 
         Args:
@@ -138,6 +139,7 @@ class EmbeddingWriter:
             steps, rows: every recorded step and its number of occurrences.
             token: join the unfinished folder another writer shared with this token instead (:meth:`share`):
                 open its arrays of ``layers`` to write their rows; the sample ids and the rename stay its own.
+            run_id: the recording's run id (the store manifest's), which the index carries too.
 
         Raises:
             StoreError: if the disk cannot hold the arrays; when joining, if the folder does not hold ``token``
@@ -167,7 +169,7 @@ class EmbeddingWriter:
             self._files.append((IDS, *_create_array(self.partial / IDS, (total,), torch.int64)))
             write_atomic(self.partial / INDEX, {"steps": torch.tensor(list(steps), dtype=torch.int64),
                                                 "offsets": torch.from_numpy(offsets)},
-                         {"settings_hash": settings_hash})
+                         {"settings_hash": settings_hash, **({RUN_KEY: run_id} if run_id else {})})
         except BaseException:
             self.discard()
             raise
@@ -257,13 +259,15 @@ class EmbeddingArrays:
     """Finished embeddings, memory-mapped read-only and checked against the store's manifest."""
 
     def __init__(self, folder: Path, settings_hash: str, widths: dict[str, int | None], required: Sequence[str],
-                 steps: Sequence[int], rows: Sequence[int]) -> None:
+                 steps: Sequence[int], rows: Sequence[int], run_id: str | None = None) -> None:
         """Open the arrays in ``folder``.
 
         Args:
             widths: the manifest's ``{layer: k_l}`` (``None``: not checked).
             required: the layers to open (each must be there).
             steps, rows: the store's recorded steps and their occurrences; the index must list the same.
+            run_id: the store's recording, which the index must name where it names one (another recording's
+                embeddings of the same settings and steps, copied in, were read as this one's).
 
         Raises:
             StoreError: if the folder is missing, an array is truncated, damaged, of another shape or dtype, or
@@ -271,7 +275,7 @@ class EmbeddingArrays:
         """
         self.folder = folder
         self.stamp = _stamp(folder)
-        index = read_checked(folder / INDEX, settings_hash)
+        index = read_checked(folder / INDEX, settings_hash, run_id=run_id)
         fix = ("The embeddings are damaged or from another recording: record the run again, or restore the "
                f"folder {folder} from a backup.")
         listed, offsets = index.get("steps"), index.get("offsets")

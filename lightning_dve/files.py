@@ -334,19 +334,21 @@ def _file_size(path: Path) -> int:
     return status.st_size if stat.S_ISREG(status.st_mode) else 0
 
 
-def read_checked(path: Path, settings_hash: str, step: int | None = None) -> dict[str, torch.Tensor]:
+def read_checked(path: Path, settings_hash: str, step: int | None = None,
+                 run_id: str | None = None) -> dict[str, torch.Tensor]:
     """Read a store file, refusing a missing, corrupt or foreign one (:func:`read_checked_metadata`)."""
-    return read_checked_metadata(path, settings_hash, step)[0]
+    return read_checked_metadata(path, settings_hash, step, run_id)[0]
 
 
-def read_checked_metadata(path: Path, settings_hash: str,
-                          step: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checked_metadata(path: Path, settings_hash: str, step: int | None = None,
+                          run_id: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a store file, refusing a missing, corrupt or foreign one: its tensors and its metadata.
 
     Args:
         path: the file.
         settings_hash: the manifest's; the file's metadata must hold the same.
         step: if given, the step the file's metadata must name (a file of one step is never another's).
+        run_id: if given, the recording the file's metadata must name where it names one (:data:`RUN_KEY`).
 
     Raises:
         StoreError: if the file is missing, cannot be parsed (truncated or corrupt), its tensor entries and data
@@ -365,12 +367,14 @@ def read_checked_metadata(path: Path, settings_hash: str,
     except (SafetensorError, ValueError, OSError) as err:
         raise corrupt_error(path, err) from err
     check_crc(path, [entries_text(header), memoryview(data)[start:]], metadata.get(CRC_KEY))
-    check_metadata(path, metadata, settings_hash, step)
+    check_metadata(path, metadata, settings_hash, step, run_id)
     return tensors, metadata
 
 
-def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, step: int | None = None) -> None:
-    """Refuse a store file written with other settings than the manifest's, or holding another step than ``step``.
+def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, step: int | None = None,
+                   run_id: str | None = None) -> None:
+    """Refuse a store file written with other settings than the manifest's, holding another step than ``step``,
+    or written by another recording than ``run_id``.
 
     Raises:
         StoreError: naming both and what to do.
@@ -383,4 +387,8 @@ def check_metadata(path: Path, metadata: dict[str, str], settings_hash: str, ste
         raise StoreError(f"store file {path} holds step {metadata.get('step')}'s data, not step {step}'s: a file "
                          "of another step was copied or renamed over it (the store is damaged). Restore the file "
                          "from a backup, or record the run again.")
+    if run_id is not None and metadata.get(RUN_KEY, run_id) != run_id:
+        raise StoreError(f"store file {path} was written by another recording (run {metadata[RUN_KEY]}) than its "
+                         f"manifest's (run {run_id}), with the same settings: files of two runs are mixed in one "
+                         "directory. Restore the file from this run's backup, or record the run again.")
 

@@ -24,8 +24,9 @@ import torch
 
 from .embedding_arrays import EmbeddingArrays, EmbeddingWriter, remove_embeddings
 from .errors import StoreError
-from .files import disk_bytes, read_checked, read_json, remove_files, write_atomic, write_text_atomic
+from .files import RUN_KEY, disk_bytes, read_checked, read_json, remove_files, write_atomic, write_text_atomic
 from .folder_lock import LOCK_FILE, FolderLock
+from .manifest_checks import LAYERS_CHECKSUM, check_manifest, layers_checksum
 from .records import StepRecord
 from .step_files import RunIds, StepFolder, step_name
 from .store_resume import branch_run_id, check_resumable
@@ -90,7 +91,8 @@ class TrajectoryStore:
                              "is made if missing).")
         store = cls(root, {"format": "lightning_dve", "schema_version": SCHEMA_VERSION, "status": "recording",
                            "run_id": uuid.uuid4().hex, "steps": [], "epochs": [], "lrs": [],
-                           "applied_lrs": [], "rows": [], **manifest})
+                           "applied_lrs": [], "rows": [], **manifest,
+                           LAYERS_CHECKSUM: layers_checksum(manifest["layers"])})
         store._replaces = root.exists() and any(p.name != LOCK_FILE for p in root.iterdir())
         if store._replaces and not overwrite:
             raise StoreError(f"save_dir {root} is not empty: each fit records a new run (a second fit of the same "
@@ -132,8 +134,8 @@ class TrajectoryStore:
             scan: list an unfinished recording's steps from its step files (``False``: as its manifest lists them).
 
         Raises:
-            StoreError: if the manifest is missing, truncated, of another schema, lacks a key, or the recording never
-                finished.
+            StoreError: if the manifest is missing, truncated, of another schema, lacks a key or holds one of another
+                type (:func:`~lightning_dve.manifest_checks.check_manifest`), or the recording never finished.
         """
         if not (path := Path(root) / MANIFEST).is_file():
             raise StoreError(f"no store at {root}: {MANIFEST} is missing. Point to the save_dir of a finished fit.")
@@ -142,9 +144,7 @@ class TrajectoryStore:
             raise StoreError(f"{path} has schema {manifest.get('schema_version')!r} (format "
                              f"{manifest.get('format')!r}); this version reads schema {SCHEMA_VERSION}. Use the "
                              "lightning_dve version that wrote it.")
-        if missing := [key for key in ("settings_hash", "layers", "steps", "rows") if key not in manifest]:
-            raise StoreError(f"{path} lacks the key(s) {missing} (edited or damaged): restore it from a backup or "
-                             "record the run again.")
+        check_manifest(path, manifest)
         store = cls(Path(root), manifest)
         if scan and manifest.get("status") == "recording":  # interrupted (or running): list the steps it completed
             store._scan_steps(until)
@@ -289,7 +289,7 @@ class TrajectoryStore:
         layers = {name: (position, widths[name]) for position, name in enumerate(self.layer_names) if name in widths}
         self._embedding_writer = EmbeddingWriter(  # a shard's folder is rank 0's shards/rank_N
             (self.root.parents[1] if joins else self.root) / EMBEDDINGS, self.settings_hash, layers, dtype,
-            self.steps, self.manifest["rows"], token if joins else None)
+            self.steps, self.manifest["rows"], token if joins else None, self.manifest.get("run_id"))
         if token is not None and not joins:
             self._embedding_writer.share(token)
 
@@ -331,7 +331,8 @@ class TrajectoryStore:
             layers = self.layer_names if self.manifest.get("rank", 0) == 0 else self.manifest["owned_layers"]
         if self._embedding_arrays is None or not self._embedding_arrays.serves(layers):
             self._embedding_arrays = EmbeddingArrays(self.root / EMBEDDINGS, self.settings_hash, self.layer_widths,
-                                                     list(layers), self.steps, self.manifest["rows"])
+                                                     list(layers), self.steps, self.manifest["rows"],
+                                                     self.manifest.get("run_id"))
         return self._embedding_arrays
 
     def write_segments(self, bounds: list[tuple[int, int]], factors: list[dict[str, torch.Tensor]]) -> None:
@@ -340,7 +341,10 @@ class TrajectoryStore:
         segments = [[self.steps[lo], self.steps[hi - 1]] for lo, hi in bounds if hi > lo]
         tensors = {f"factor/{s}/{g}": f.contiguous() for s, fs in enumerate(factors) if s for g, f in fs.items()}
         if tensors:  # with the bounds they are for: a manifest whose segments were edited is refused (store_checks)
-            write_atomic(self.root / SEGMENTS, tensors, {**self._metadata(-1), "segments": json.dumps(segments)})
+            write_atomic(self.root / SEGMENTS, tensors, {**self._metadata(-1), "segments": json.dumps(segments),
+                                                         RUN_KEY: self.manifest.get("run_id") or ""})
+        else:  # one segment: an earlier train end's factors (before a resume) would contradict it
+            remove_files([self.root / SEGMENTS])
         self.manifest["segments"] = segments
 
     def read_segments(self) -> list[dict[str, torch.Tensor]]:
@@ -348,7 +352,8 @@ class TrajectoryStore:
         segments = self.manifest.get("segments") or [[None, None]]
         factors: list[dict[str, torch.Tensor]] = [{} for _ in segments]
         if len(segments) > 1:
-            for key, tensor in read_checked(self.root / SEGMENTS, self.settings_hash).items():
+            for key, tensor in read_checked(self.root / SEGMENTS, self.settings_hash,
+                                            run_id=self.manifest.get("run_id")).items():
                 _, seg, group = key.split("/", 2)
                 factors[int(seg)][group] = tensor
         return factors

@@ -83,13 +83,14 @@ def check_settings_hash(store: TrajectoryStore) -> None:
 
 def check_segments(store: TrajectoryStore) -> None:
     """Refuse a manifest whose segments are not those its segment factors were written for (edited by hand: the
-    queries chain the factors at the manifest's boundaries). Stores written before session 37 do not name them.
+    queries chain the factors at the manifest's boundaries; with fewer than two segments, or none named, they leave
+    the factors out). Stores written before session 37 do not name them.
 
     Raises:
         StoreError: saying so.
     """
-    segments, path = store.manifest.get("segments") or [], store.root / SEGMENTS
-    if len(segments) < 2 or not path.is_file():  # (a missing factors file is refused where they are read)
+    segments, path = store.manifest.get("segments"), store.root / SEGMENTS
+    if not path.is_file():  # (a missing factors file is refused where they are read)
         return
     written = (safetensors_header(path)[0].get("__metadata__") or {}).get("segments")
     if written is not None and json.loads(written) != segments:

@@ -291,7 +291,8 @@ def test_nan_gradient_raises_and_keeps_earlier_steps(fit, mlp_cls, save_dir):
 
     model = NanAtStep2()
     with pytest.raises(GradientError, match=r"non-finite per-sample gradient in layer 'net\.\d' at step \d+ for "
-                                            r"sample ids \[32, 33, .*Steps before this one are kept"):
+                                            r"sample ids \[32, 33, .*Steps before this one are kept in the "
+                                            r"store: resume from a Lightning checkpoint saved before it"):
         fit(model, DataValueEmbedding(save_dir))
     assert step_files(save_dir) == ["step_00000000.safetensors", "step_00000001.safetensors"]
     assert TrajectoryStore.open(save_dir).manifest["status"] == "recording"

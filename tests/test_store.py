@@ -149,6 +149,33 @@ def test_a_manifest_without_a_key_is_refused_as_damaged(store_copy, key):
         DataValueEmbeddings.load(store_copy)
 
 
+def _in_dim(manifest: dict) -> None:
+    manifest["layers"][0]["in_dim"] -= 1
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda m: m.update(rows="8"), "rows is not a list of ints"),
+    (lambda m: m.update(steps=None), "steps is not a list of ints"),
+    (lambda m: m.update(segments=None), r"segments is not a list of \[first, last\] step pairs"),
+    (lambda m: m.update(final_weights="x"), "final_weights is not a mapping or null"),
+    (lambda m: m.update(layers=m["layers"][::-1]), "its layer entries are not the ones written with it"),
+    (_in_dim, "its layer entries are not the ones written with it"),
+    (lambda m: m["layers"][0]["projection"]["in"].pop("dim"), "its layer entries are not the ones written with it"),
+    (lambda m: m["layers"][0].pop("name"), "layers is not a non-empty list of named layer entries"),
+    (lambda m: m.update(layers=[m["layers"][0]] * 2), "layers names a layer twice"),
+], ids=["rows", "steps", "segments", "final_weights", "layer order", "in_dim", "projection", "name", "a layer twice"])
+def test_a_manifest_with_a_key_of_another_shape_is_refused_as_damaged(store_copy, edit, named):
+    """Such edits failed later in a query with a bare TypeError or KeyError, or with a refusal naming another cause
+    (an ``in_dim`` edited: "parameters frozen or unfrozen during fit"; a helper's audit of session 42). The layer
+    entries are checked against a checksum written with them."""
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    edit(manifest)
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"manifest\.json is not the manifest its store wrote: {named}.*\(edited or "
+                                         "damaged\): restore it from a backup or record the run again"):
+        DataValueEmbeddings.load(store_copy)
+
+
 @pytest.mark.parametrize("parent", [False, True], ids=["save_dir", "its parent"])
 def test_a_save_dir_that_is_a_file_is_refused_by_name(fit, mlp_cls, tmp_path, parent):
     """A file as save_dir gave pathlib's bare NotADirectoryError; a file as its parent, advice to free disk space."""
@@ -177,17 +204,21 @@ def test_manifest_settings_edited_by_hand_are_refused(store_copy, edit):
         DataValueEmbeddings.load(store_copy)
 
 
-def test_manifest_segments_edited_by_hand_are_refused(fit, mlp_cls, save_dir, test_batch):
+@pytest.mark.parametrize("edited, named", [([[0, 4], [5, 7]], r"\[\[0, 4\], \[5, 7\]\]"), ([[0, 7]], r"\[\[0, 7\]\]"),
+                                           (None, "None")], ids=["moved", "one", "deleted"])
+def test_manifest_segments_edited_by_hand_are_refused(fit, mlp_cls, save_dir, test_batch, edited, named):
     """The queries chain the segment factors at the manifest's boundaries, which the settings hash does not cover:
     boundaries edited by hand loaded and changed every score, silently (an audit). The factors' file names the
-    boundaries it was written for."""
+    boundaries it was written for. One segment, or none named (the key deleted), left the factors out of every
+    score, silently, until session 42 (a helper's audit: the first segment's columns 0.05 off)."""
     model = mlp_cls()
     fit(model, DataValueEmbedding(save_dir, projection_dim=32, segments=2, report=None), max_epochs=2)
     manifest = json.loads((save_dir / "manifest.json").read_text())
     assert manifest["segments"] == [[0, 3], [4, 7]]
     DataValueEmbeddings.load(save_dir).influence(model, test_batch)
-    (save_dir / "manifest.json").write_text(json.dumps({**manifest, "segments": [[0, 4], [5, 7]]}))
-    with pytest.raises(StoreError, match=r"damaged manifest: its segments \[\[0, 4\], \[5, 7\]\] are not the ones its "
+    manifest = {**manifest, "segments": edited} if edited else {k: v for k, v in manifest.items() if k != "segments"}
+    (save_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"damaged manifest: its segments {named} are not the ones its "
                                          r"segment factors were written for, \[\[0, 3\], \[4, 7\]\]"):
         DataValueEmbeddings.load(save_dir)
 
@@ -253,6 +284,26 @@ def test_a_step_file_of_another_fit_with_the_same_settings_is_refused(store_copy
         TrajectoryStore.open(store_copy).read_step(6)
     assert torch.equal(TrajectoryStore.open(store_copy).read_step(5).sample_ids,
                        TrajectoryStore.open(other).read_step(5).sample_ids)  # the same batches: only the run differs
+
+
+def test_embeddings_and_segment_factors_of_another_fit_with_the_same_settings_are_refused(fit, mlp_cls, tmp_path):
+    """Same settings, same steps and shapes, another model: the other fit's embeddings folder or segment factors,
+    copied in, were read as this store's and changed every score, silently (a helper's audit of session 42; the
+    step files were checked since session 40). Both now name the recording that wrote them."""
+    runs = {name: tmp_path / name for name in ("this", "other")}
+    for seed, root in enumerate(runs.values()):
+        fit(mlp_cls(seed=seed), DataValueEmbedding(root, projection_dim=64, segments=2, report=None), max_epochs=2)
+    copy = Path(shutil.copytree(runs["this"], tmp_path / "copy"))
+    DataValueEmbeddings.load(copy)
+    shutil.copy(runs["other"] / "segments.safetensors", copy / "segments.safetensors")
+    with pytest.raises(StoreError, match=r"segments\.safetensors was written by another recording \(run \w+\) than "
+                                         r"its manifest's \(run \w+\), with the same settings"):
+        DataValueEmbeddings.load(copy).influence_at(0, mlp_cls(), DigitsDict(range(8)).batch())
+    shutil.copy(runs["this"] / "segments.safetensors", copy / "segments.safetensors")
+    shutil.rmtree(copy / "embeddings")
+    shutil.copytree(runs["other"] / "embeddings", copy / "embeddings")
+    with pytest.raises(StoreError, match=r"index\.safetensors was written by another recording"):
+        DataValueEmbeddings.load(copy)
 
 
 def test_load_with_other_settings_lists_the_differences(trained):
