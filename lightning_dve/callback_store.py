@@ -320,8 +320,9 @@ def finish_train_end(store: TrajectoryStore) -> None:
     try:
         store.record_disk_use()  # the manifest is part of bytes_total
     except StoreError as err:
-        rank_zero_warn(f"DataValueEmbedding: {str(err).rstrip('.')}. The train end is done in {store.root}, but its manifest says "
-                       "otherwise: load warns, and a fit resumed from this run's checkpoints runs it again.")
+        rank_zero_warn(f"DataValueEmbedding: {str(err).rstrip('.')}. The train end is done in {store.root}, but its "
+                       "manifest says otherwise: load warns, and a fit resumed from this run's checkpoints runs it "
+                       "again.")
 
 
 def report_disk_use(store: TrajectoryStore) -> None:
