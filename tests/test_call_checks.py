@@ -305,3 +305,18 @@ def test_after_fit_the_model_carries_nothing_of_the_callback_and_its_tables_keep
     gc.collect()
     assert old() is None
     assert b"lightning_dve" not in pickle.dumps(model)
+
+
+def test_a_fingerprint_tells_equal_inputs_from_reordered_or_relabelled_ones() -> None:
+    """The probe of the first micro-batches (:func:`call_checks.fingerprint`): a copy of an input matches, its rows
+    reordered or one-hot rows of other labels (the same sums) do not; rows all alike give none. Oracle: equality of
+    the tensors themselves."""
+    from lightning_dve.call_checks import fingerprint
+
+    x = torch.randn(6, 4, 33)
+    labels = F.one_hot(torch.tensor([0, 1, 2, 3]), 10).float()
+    assert fingerprint([x]) == fingerprint([x.clone()]) and fingerprint([x]) != fingerprint([x[[1, 0, 2, 3, 4, 5]]])
+    assert fingerprint([labels]) != fingerprint([F.one_hot(torch.tensor([4, 5, 6, 7]), 10).float()])
+    assert fingerprint([x[:1].repeat(6, 1, 1)], rows_alike=True) is None
+    assert fingerprint([x.to(torch.bfloat16)]) == fingerprint([x.to(torch.bfloat16)])
+    assert fingerprint([torch.arange(6), x]) != fingerprint([torch.arange(1, 7), x])
