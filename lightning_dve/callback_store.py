@@ -21,6 +21,7 @@ from .checkpoints import CheckpointRecorder
 from .config import DVEConfig
 from .distributed import Communicator
 from .errors import ConfigError, DVEError, StoreError
+from .manifest_checks import LAYERS_CHECKSUM, layers_checksum
 from .store import MANIFEST, SHARDS, TrajectoryStore
 from .store_checks import TRAIN_END, settings_changes
 from .store_resume import SHARED_RUN_ID
@@ -278,7 +279,9 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
                           "devices.")
     store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], state.get("run_id"),
                                    state.get("recorded_steps"))  # None: a checkpoint of an earlier version
-    store.manifest.setdefault("precision", manifest["precision"])  # a store of an earlier version has none
+    for key in ("precision", "datamodule_hooks"):  # a store of an earlier version has none
+        store.manifest.setdefault(key, manifest[key])
+    store.manifest.setdefault(LAYERS_CHECKSUM, layers_checksum(store.manifest["layers"]))
     # the id key (``None``: a callable, whose ids cannot be compared); a store of an earlier version has none
     if (recorded := store.manifest.get("sample_ids", manifest["sample_ids"])) != manifest["sample_ids"]:
         store.unlock()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_dve import ConfigError, DataValueEmbedding, DataValueEmbeddings
 from lightning_dve.callback_store import recording_in
 from lightning_dve.dynamics import continue_plan, plan_boundaries
+from lightning_dve.manifest_checks import layers_checksum
 from tests.conftest import TinyMLP
 from tests.test_resume_accumulation import checkpointing_trainer
 from tests.test_segments_storage import WithValidation
@@ -283,7 +284,9 @@ def test_an_earlier_versions_two_recordings_with_relative_save_dirs_are_told_apa
 def test_a_store_of_an_earlier_version_resumed_records_the_precision(make_loader: Callable[..., DataLoader],
                                                                        tmp_path: Path) -> None:
     """Stores of an earlier version have no "precision" in their manifest; one resumed and finished by this
-    version under 64-true kept none, so its queries did not convert float32 test batches as the Trainer did."""
+    version under 64-true kept none, so its queries did not convert float32 test batches as the Trainer did. Nor
+    did it get the DataModule's hooks (session 41) or its layer entries' checksum (session 42), which it records
+    now too."""
     def run(epochs: int, ckpt_path: Path | None = None) -> None:
         dve = DataValueEmbedding(tmp_path / "dve", projection_dim=16, report=None)
         checkpointing_trainer(tmp_path, epochs, [dve, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(
@@ -292,10 +295,13 @@ def test_a_store_of_an_earlier_version_resumed_records_the_precision(make_loader
     run(1)
     manifest_path = tmp_path / "dve" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    del manifest["precision"]
+    for key in ("precision", "datamodule_hooks", "layers_checksum"):
+        del manifest[key]
     manifest_path.write_text(json.dumps(manifest))
     run(2, tmp_path / "ckpt" / "last.ckpt")
-    assert json.loads(manifest_path.read_text())["precision"] == "64-true"
+    resumed = json.loads(manifest_path.read_text())
+    assert (resumed["precision"], resumed["datamodule_hooks"]) == ("64-true", [])
+    assert resumed["layers_checksum"] == layers_checksum(resumed["layers"])
 
 
 @pytest.mark.parametrize("built", ["float32", "float64"])
