@@ -279,7 +279,7 @@ def resume_store(root: Path, state: dict[str, Any], manifest: dict[str, Any]) ->
                           "devices.")
     store = TrajectoryStore.reopen(root, int(state.get("last_step", -1)), manifest["layers"], state.get("run_id"),
                                    state.get("recorded_steps"))  # None: a checkpoint of an earlier version
-    for key in ("precision", "datamodule_hooks"):  # a store of an earlier version has none
+    for key in {"precision", "datamodule_hooks"} & manifest.keys():  # a store of an earlier version has none
         store.manifest.setdefault(key, manifest[key])
     store.manifest.setdefault(LAYERS_CHECKSUM, layers_checksum(store.manifest["layers"]))
     # the id key (``None``: a callable, whose ids cannot be compared); a store of an earlier version has none

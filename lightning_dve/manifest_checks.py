@@ -38,8 +38,7 @@ def _layer(entry: Any) -> bool:
 
 
 _SHAPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "layers": ("a non-empty list of named layer entries", lambda v: isinstance(v, list) and bool(v)
-               and all(map(_layer, v))),
+    "layers": ("a list of named layer entries", lambda v: isinstance(v, list) and all(map(_layer, v))),
     "steps": ("a list of ints", _ints),
     "rows": ("a list of ints", _ints),
     "segments": ("a list of [first, last] step pairs", lambda v: isinstance(v, list) and all(

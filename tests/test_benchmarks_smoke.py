@@ -20,7 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # ddp_recursion first: its --quick forks its ranks, best from a process that has not yet run other scripts
 QUICK = ["ddp_recursion", "capture_overhead", "recursion_scaling", "fidelity", "flop_floor", "step_breakdown",
          "step_phases", "dattri_compare", "mislabel", "replay_cost", "clip_recursion", "replay_memory",
-         "momentum_recursion"]
+         "momentum_recursion", "call_probe"]
 
 
 def available(name: str) -> bool:

@@ -161,7 +161,7 @@ def _in_dim(manifest: dict) -> None:
     (lambda m: m.update(layers=m["layers"][::-1]), "its layer entries are not the ones written with it"),
     (_in_dim, "its layer entries are not the ones written with it"),
     (lambda m: m["layers"][0]["projection"]["in"].pop("dim"), "its layer entries are not the ones written with it"),
-    (lambda m: m["layers"][0].pop("name"), "layers is not a non-empty list of named layer entries"),
+    (lambda m: m["layers"][0].pop("name"), "layers is not a list of named layer entries"),
     (lambda m: m.update(layers=[m["layers"][0]] * 2), "layers names a layer twice"),
 ], ids=["rows", "steps", "segments", "final_weights", "layer order", "in_dim", "projection", "name", "a layer twice"])
 def test_a_manifest_with_a_key_of_another_shape_is_refused_as_damaged(store_copy, edit, named):
