@@ -147,18 +147,16 @@ class CheckpointStore:
                              "without them. Record it again with checkpoint_interval='auto' (the default).")
         old = Path(root) / OLD_HYPER_STEPS
         if not (Path(root) / HYPER_FILE).is_file() and any(old.glob("step_*.json")):
-            raise StoreError(f"the replay checkpoints in {root} were written by an older version of lightning_dve "
-                             f"(per-step hyperparameter files in {old}, no {HYPER_FILE}), which this one does not "
-                             "read: record the run again.")
+            raise StoreError(f"the replay checkpoints in {root} were written by an older version (per-step files in "
+                             f"{old}, no {HYPER_FILE}), which this lightning_dve does not read: record the run again.")
         return cls(Path(root), read_json(path))
 
     @classmethod
     def reopen(cls, root: Path, last_step: int) -> CheckpointStore:
         """Continue after ``last_step`` (resume): later snapshots and hyperparameters are dropped, as in the store,
-        at the first write, so a resumed fit that trains no further changes nothing.
-
-        ``hyper.jsonl`` is read now (a torn last line is dropped with a warning) and rewritten at that write
-        (temporary file, then rename) with the lines of steps ``<= last_step`` only; a later step's refusal now.
+        at the first write, so a resumed fit that trains no further changes nothing. ``hyper.jsonl`` is read now (a
+        torn last line is dropped with a warning) and rewritten at that write (temporary file, then rename) with the
+        lines of steps ``<= last_step`` only; a later step's refusal is dropped now.
 
         Raises:
             StoreError: as :meth:`open`, or if ``hyper.jsonl`` is corrupt before its last line.
@@ -316,9 +314,9 @@ class CheckpointRecorder:
         if self.precision not in REPLAYABLE_PRECISION:
             manifest.update(refusal=f"precision={self.precision!r}: fp16 loss scaling (skipped steps) is not replayed. "
                                     "Train with '32-true', '64-true' or 'bf16-mixed' to replay it.")
-        manifest.update(precision=self.precision)
         manifest.update(
-            clip=clip, frozen=[name for name, p in module.named_parameters() if not p.requires_grad],
+            precision=self.precision, clip=clip,
+            frozen=[name for name, p in module.named_parameters() if not p.requires_grad],
             eval_modules=[name for name, m in module.named_modules() if not m.training],
             dropout_modules=[name for name, m in module.named_modules()
                              if isinstance(m, _DropoutNd) and m.training and m.p > 0],
