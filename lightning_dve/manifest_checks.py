@@ -29,6 +29,7 @@ def layers_checksum(layers: list[dict[str, Any]]) -> str:
 
 
 def _ints(value: Any) -> bool:
+    """Whether ``value`` is a list of ints."""
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
@@ -61,12 +62,17 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         raise StoreError(f"{path} lacks the key(s) {missing} {fix}")
     wrong = [f"{key} is not {shape}" for key, (shape, valid) in _SHAPES.items()
              if key in manifest and not valid(manifest[key])]
-    names = [entry["name"] for entry in manifest["layers"]] if "layers" not in " ".join(wrong) else []
-    if len(set(names)) < len(names):
-        wrong.append(f"layers names a layer twice ({names})")
-    if not wrong and manifest.get("status") == "complete" and len(manifest["steps"]) != len(manifest["rows"]):
-        wrong.append(f"steps lists {len(manifest['steps'])} steps and rows {len(manifest['rows'])}")
-    if not wrong and (written := manifest.get(LAYERS_CHECKSUM)) not in (None, layers_checksum(manifest["layers"])):
-        wrong.append(f"its layer entries are not the ones written with it (checksum {written})")
-    if wrong:
+    if wrong := wrong or _inconsistencies(manifest):
         raise StoreError(f"{path} is not the manifest its store wrote: {'; '.join(wrong)} {fix}")
+
+
+def _inconsistencies(manifest: dict[str, Any]) -> list[str]:
+    """What contradicts itself in a manifest whose keys are of their types: a layer named twice, a step count that
+    is not the row counts', layer entries that are not those written with it."""
+    names = [entry["name"] for entry in manifest["layers"]]
+    out = [f"layers names a layer twice ({names})"] if len(set(names)) < len(names) else []
+    if manifest.get("status") == "complete" and len(manifest["steps"]) != len(manifest["rows"]):
+        out.append(f"steps lists {len(manifest['steps'])} steps and rows {len(manifest['rows'])}")
+    if (written := manifest.get(LAYERS_CHECKSUM)) not in (None, layers_checksum(manifest["layers"])):
+        out.append(f"its layer entries are not the ones written with it (checksum {written})")
+    return out
